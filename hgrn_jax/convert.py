@@ -1,0 +1,241 @@
+"""Load weights trained with the reference PyTorch code into our Flax NNX modules.
+
+Sources:
+
+- ``hgru-pytorch`` (the layers behind the paper's numbers): :func:`from_hgru_pytorch` for
+  ``Hgru1d``, ``BiHgru1d``, ``Hgru2d`` and ``BiHgru2d``.
+- ``flash-linear-attention`` (fla): :func:`from_fla_hgrn_attention` for ``HGRNAttention`` and
+  :func:`from_fla_hgrn_lm` for ``HGRNForCausalLM``.
+
+``state_dict`` arguments map the reference's parameter names to arrays (NumPy, or anything
+``np.asarray`` accepts, e.g. ``{k: v.numpy() for k, v in module.state_dict().items()}``).
+PyTorch's ``Linear.weight`` is (out, in); our kernels are (in, out). The reference layers are
+time-major; ours are batch-major: transpose inputs with ``x.transpose(1, 0, 2)`` (1-D) or
+``x.transpose(2, 0, 1, 3)`` (2-D grids (H, W, B, d) -> (B, H, W, d)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
+from hgrn_jax.nn.hgru import HGRU, HGRU2D
+from hgrn_jax.nn.lm import HGRNLM, LMConfig
+
+Transform = Callable[[np.ndarray], np.ndarray]
+# Our parameter path (tuple of attribute names / indices) -> (reference name, transform).
+Mapping_ = dict[tuple[Any, ...], tuple[str, Transform]]
+
+HGRU_CLASSES = ("Hgru1d", "BiHgru1d", "Hgru2d", "BiHgru2d")
+
+
+class ConversionError(ValueError):
+    """A state dict or constructor that does not fit the module it should load into."""
+
+
+def _identity(w: np.ndarray) -> np.ndarray:
+    return w
+
+
+def _transpose(w: np.ndarray) -> np.ndarray:
+    return w.T
+
+
+def _flatten(w: np.ndarray) -> np.ndarray:
+    return w.reshape(-1)
+
+
+def _deinterleave(w: np.ndarray) -> np.ndarray:
+    """Rows (2k, 2k+1) = (Re, Im) of channel k  ->  [all Re rows | all Im rows]."""
+    return np.concatenate([w[0::2], w[1::2]], axis=0)
+
+
+def _linear(ours: tuple, theirs: str, *, bias: bool, rows: Transform = _identity) -> Mapping_:
+    mapping: Mapping_ = {ours + ("kernel",): (f"{theirs}.weight", lambda w: rows(w).T)}
+    if bias:
+        mapping[ours + ("bias",)] = (f"{theirs}.bias", rows)
+    return mapping
+
+
+def _load(module: nnx.Module, mapping: Mapping_, state_dict: Mapping[str, Any],
+          dtype: jnp.dtype, *, aliases: Mapping[str, str] | None = None) -> nnx.Module:
+    """Copy ``state_dict`` into ``module``'s parameters through ``mapping``, checking every name
+    and shape. ``aliases`` names extra entries that must equal another entry (tied weights)."""
+    aliases = dict(aliases or {})
+    expected = {theirs for theirs, _ in mapping.values()}
+    given = set(state_dict)
+    missing = sorted(expected - given)
+    unexpected = sorted(given - expected - set(aliases))
+    if missing:
+        raise ConversionError(f"state_dict is missing parameter(s): {', '.join(missing)}")
+    if unexpected:
+        raise ConversionError(
+            f"state_dict has unexpected parameter(s): {', '.join(unexpected)} "
+            f"(expected exactly: {', '.join(sorted(expected))})")
+    for alias, target in aliases.items():
+        if alias in state_dict and not np.array_equal(np.asarray(state_dict[alias]),
+                                                      np.asarray(state_dict[target])):
+            raise ConversionError(f"{alias} should be tied to {target} but differs from it")
+
+    flat = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    for path, (theirs, transform) in mapping.items():
+        if path not in flat:
+            raise AssertionError(f"converter bug: module has no parameter {'.'.join(map(str, path))}")
+        value = transform(np.asarray(state_dict[theirs]))
+        variable = flat[path]
+        if value.shape != variable.shape:
+            raise ConversionError(
+                f"parameter {theirs} has shape {np.asarray(state_dict[theirs]).shape}, which does "
+                f"not fit {'.'.join(map(str, path))} {variable.shape} of the module built from "
+                "the constructor (PyTorch Linear weights are (out, in); check the width arguments)")
+        variable.set_value(jnp.asarray(value, dtype))
+    unset = sorted(".".join(map(str, p)) for p in flat if p not in mapping)
+    if unset:
+        raise AssertionError(f"converter bug: parameters left at their initial values: {unset}")
+    return module
+
+
+def _require(constructor: Mapping[str, Any], key: str, allowed: tuple, what: str) -> None:
+    if key in constructor and constructor[key] not in allowed:
+        raise ConversionError(f"{what}: {key}={constructor[key]!r} is not supported "
+                              f"(supported: {', '.join(map(repr, allowed))})")
+
+
+def _features(constructor: Mapping[str, Any], key: str, what: str) -> int:
+    if key not in constructor:
+        raise ConversionError(f"{what}: constructor needs {key!r}")
+    return int(constructor[key])
+
+
+def from_hgru_pytorch(class_name: str, constructor: Mapping[str, Any],
+                      state_dict: Mapping[str, Any], dtype: jnp.dtype = jnp.float32
+                      ) -> HGRU | HGRU2D:
+    """An :class:`HGRU` / :class:`HGRU2D` holding the weights of an hgru-pytorch layer.
+
+    Args:
+      class_name: ``"Hgru1d"``, ``"BiHgru1d"``, ``"Hgru2d"`` or ``"BiHgru2d"``.
+      constructor: the reference constructor's keyword arguments (``embed_dim``, ``act_fun``,
+        ``causal``, ``bias``; ``use_triton`` is ignored).
+      state_dict: reference parameter name -> array.
+      dtype: parameter dtype (float64 needs ``jax_enable_x64``).
+
+    Returns:
+      A module called as ``module(x, lower_bound)`` with batch-major ``x``: (B, L, d) for the 1-D
+      classes, (B, H, W, d) for the 2-D ones.
+    """
+    if class_name not in HGRU_CLASSES:
+        raise ConversionError(f"unknown hgru-pytorch class {class_name!r}; "
+                              f"expected one of {', '.join(HGRU_CLASSES)}")
+    d = _features(constructor, "embed_dim", class_name)
+    _require(constructor, "act_fun", ("silu", "swish"), class_name)
+    causal = bool(constructor.get("causal", False))
+    bias = bool(constructor.get("bias", True)) if class_name == "Hgru1d" else True
+    rngs = nnx.Rngs(0)
+    common = dict(use_bias=bias, param_dtype=dtype, rngs=rngs)
+    if class_name == "Hgru1d":
+        module = HGRU(d, bidirectional=not causal, separate_phases=False, **common)
+    elif class_name == "BiHgru1d":
+        module = HGRU(d, bidirectional=True, separate_phases=True, **common)
+    elif class_name == "Hgru2d":
+        module = HGRU2D(d, causal=causal, separate_phases=False, **common)
+    else:  # BiHgru2d ignores its causal argument.
+        module = HGRU2D(d, causal=False, separate_phases=True, **common)
+    mapping: Mapping_ = {}
+    mapping |= _linear(("input_proj",), "input_proj", bias=bias, rows=_deinterleave)
+    for name in ("lambda_proj", "gate", "out_proj"):
+        mapping |= _linear((name,), name, bias=bias)
+    mapping[("norm", "scale")] = ("norm.weight", _identity)
+    mapping[("norm", "bias")] = ("norm.bias", _identity)
+    if class_name.startswith("Bi"):
+        mapping[("theta",)] = ("theta_forward", _flatten)
+        mapping[("theta_reverse",)] = ("theta_reverse", _flatten)
+    else:
+        mapping[("theta",)] = ("theta", _flatten)
+    return _load(module, mapping, state_dict, dtype)
+
+
+def from_fla_hgrn_attention(constructor: Mapping[str, Any], state_dict: Mapping[str, Any],
+                            dtype: jnp.dtype = jnp.float32) -> FlaHGRNAttention:
+    """A :class:`FlaHGRNAttention` holding the weights of fla's ``HGRNAttention``.
+
+    ``constructor`` holds ``hidden_size``, ``expand_ratio``, ``norm_eps`` and ``layer_idx``
+    (layer 0 ignores its lower bound, as in fla). Short convolutions are not supported. The
+    module is called as ``module(x, lower_bound=None, mask=None)`` on (B, T, d) inputs.
+    """
+    what = "HGRNAttention"
+    d = _features(constructor, "hidden_size", what)
+    _require(constructor, "use_short_conv", (False,), what)
+    _require(constructor, "elementwise_affine", (True,), what)
+    layer_idx = constructor.get("layer_idx")
+    module = FlaHGRNAttention(
+        d, expand_ratio=int(constructor.get("expand_ratio", 1)),
+        use_lower_bound=layer_idx is not None and int(layer_idx) > 0,
+        norm_epsilon=float(constructor.get("norm_eps", 1e-5)), param_dtype=dtype,
+        rngs=nnx.Rngs(0))
+    return _load(module, _fla_attention_mapping((), ""), state_dict, dtype)
+
+
+def _fla_attention_mapping(ours: tuple, prefix: str) -> Mapping_:
+    mapping: Mapping_ = {}
+    for name in ("i_proj", "f_proj", "g_proj", "o_proj"):
+        mapping |= _linear(ours + (name,), prefix + name, bias=False)
+    mapping[ours + ("g_norm", "scale")] = (prefix + "g_norm.weight", _identity)
+    return mapping
+
+
+def fla_lm_config(config: Mapping[str, Any]) -> LMConfig:
+    """The :class:`LMConfig` of an fla ``HGRNConfig`` (given as its keyword arguments)."""
+    what = "HGRNConfig"
+    _require(config, "use_short_conv", (False,), what)
+    _require(config, "expand_ratio", (1, None), what)
+    _require(config, "elementwise_affine", (True,), what)
+    d = _features(config, "hidden_size", what)
+    hidden = config.get("intermediate_size")
+    if hidden is None:
+        # fla's default: 2/3 of hidden_ratio * d, rounded up to a multiple of 256.
+        hidden = int(d * config.get("hidden_ratio", 4) * 2 / 3)
+        hidden = 256 * ((hidden + 255) // 256)
+    return LMConfig.fla(
+        vocab_size=_features(config, "vocab_size", what),
+        features=d,
+        num_layers=_features(config, "num_hidden_layers", what),
+        glu_hidden=int(hidden),
+        glu_activation=str(config.get("hidden_act", "swish")),
+        use_lower_bound=bool(config.get("use_lower_bound", True)),
+        norm_epsilon=float(config.get("norm_eps", 1e-6)),
+        mixer_norm_epsilon=float(config.get("norm_eps", 1e-6)),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+
+
+def from_fla_hgrn_lm(config: Mapping[str, Any], state_dict: Mapping[str, Any],
+                     dtype: jnp.dtype = jnp.float32) -> HGRNLM:
+    """An :class:`HGRNLM` holding the weights of fla's ``HGRNForCausalLM``.
+
+    ``config`` is the ``HGRNConfig`` keyword arguments. The result is called as ``lm(ids)``
+    (ids (B, T) -> logits (B, T, V)) and decodes with ``lm.init_cache(B)`` / ``lm.step``.
+    """
+    lm_config = fla_lm_config(config)
+    module = HGRNLM(lm_config, param_dtype=dtype, rngs=nnx.Rngs(0))
+    mapping: Mapping_ = {("embed", "embedding"): ("model.embeddings.weight", _identity)}
+    if lm_config.use_lower_bound:
+        mapping[("lower_bounds", "param")] = ("model.lower_bounds", _identity)
+    for k in range(lm_config.num_layers):
+        theirs, ours = f"model.layers.{k}.", ("blocks", k)
+        mapping[ours + ("norm1", "scale")] = (theirs + "attn_norm.weight", _identity)
+        mapping[ours + ("norm2", "scale")] = (theirs + "mlp_norm.weight", _identity)
+        mapping |= _fla_attention_mapping(ours + ("mixer",), theirs + "attn.")
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            mapping |= _linear(ours + ("mlp", name), theirs + f"mlp.{name}", bias=False)
+    mapping[("final_norm", "scale")] = ("model.norm.weight", _identity)
+    aliases = {}
+    if lm_config.tie_embeddings:
+        aliases["lm_head.weight"] = "model.embeddings.weight"
+    else:
+        mapping[("lm_head", "kernel")] = ("lm_head.weight", _transpose)
+    return _load(module, mapping, state_dict, dtype, aliases=aliases)

@@ -1,0 +1,14 @@
+"""Flax NNX modules of HGRN: token mixers, channel mixers, lower bounds, blocks and models."""
+
+from hgrn_jax.nn.blocks import ResidualBlock
+from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
+from hgrn_jax.nn.glu import GLU
+from hgrn_jax.nn.hgru import HGRU, HGRU2D
+from hgrn_jax.nn.lm import HGRNLM, LMConfig
+from hgrn_jax.nn.lower_bounds import LowerBounds, lower_bounds
+from hgrn_jax.nn.norms import ScaleFreeRMSNorm, make_norm
+
+__all__ = [
+    "FlaHGRNAttention", "GLU", "HGRNLM", "HGRU", "HGRU2D", "LMConfig", "LowerBounds",
+    "ResidualBlock", "ScaleFreeRMSNorm", "lower_bounds", "make_norm",
+]

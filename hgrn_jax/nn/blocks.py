@@ -1,0 +1,34 @@
+"""The pre-norm residual block shared by every HGRN model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+
+
+class ResidualBlock(nnx.Module):
+    """``x + drop(mixer(norm1(x), bound, **kw))`` then ``x + drop(mlp(norm2(x)))``.
+
+    ``mixer`` is an HGRU-style token mixer called as ``mixer(x, lower_bound, **kwargs)`` and
+    ``mlp`` a channel mixer (``GLU``). The reference LRA stack writes these as two separate
+    residual blocks with their own norms, which is the same computation.
+    """
+
+    def __init__(self, mixer: nnx.Module, mlp: nnx.Module, norm1: nnx.Module, norm2: nnx.Module,
+                 *, dropout: float = 0.0, rngs: nnx.Rngs):
+        self.mixer, self.mlp = mixer, mlp
+        self.norm1, self.norm2 = norm1, norm2
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array, lower_bound: Any = 0.0, **mixer_kwargs) -> jax.Array:
+        x = x + self.dropout(self.mixer(self.norm1(x), lower_bound, **mixer_kwargs))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+    def step(self, x: jax.Array, state: jax.Array, lower_bound: Any = 0.0
+             ) -> tuple[jax.Array, jax.Array]:
+        """Causal streaming through the block; ``state`` is the mixer's recurrent state."""
+        y, state = self.mixer.step(self.norm1(x), state, lower_bound)
+        x = x + self.dropout(y)
+        return x + self.dropout(self.mlp(self.norm2(x))), state

@@ -1,0 +1,225 @@
+"""HGRU token mixers: the gated complex linear recurrence of HGRN, in 1-D and 2-D.
+
+The maths (DESIGN.md section 3.1), per channel k < d, with gamma the layer's lower bound::
+
+    u   = silu(input_proj(x))                      (B, ..., 2d): [real block | imaginary block]
+    lam = gamma + (1 - gamma) * sigmoid(lambda_proj(x))
+    h_t = lam_t * exp(i theta) * h_{t-1} + (1 - lam_t) * (u_re + i u_im)_t
+    y   = out_proj( LayerNorm([Re h | Im h]) * silu(gate(x)) )
+
+Our ``input_proj`` emits the real parts first and the imaginary parts second; the reference
+interleaves them (even rows real, odd rows imaginary) and :mod:`hgrn_jax.convert` permutes its
+rows. ``HGRU`` scans a (B, L, d) sequence causally or in both directions; ``HGRU2D`` scans a
+(B, H, W, d) grid along rows and columns. Scans in several directions share ``lam`` and the input
+and are summed before the norm, as in the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hgrn_jax.nn.initializers import axes_metadata, dense, logical, phase_init
+from hgrn_jax.ops import linear_recurrence
+
+Direction = Literal["forward", "reverse"]
+
+
+def _accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+class _HGRUBase(nnx.Module):
+    """Projections, gates, norm and output shared by the 1-D and 2-D mixers.
+
+    Args:
+      features: model width d.
+      num_phases: 1 for a shared theta, 2 for separate forward/reverse thetas (``theta``,
+        ``theta_reverse``).
+      complex_valued: the paper's complex recurrence (True) or the real-valued ablation.
+      norm_before_gate: the reference code's order (True) or the paper's text (gate, then norm).
+      use_forget_gate: False gives the ablation without a data-dependent forget gate: lam is
+        the lower bound alone (see :meth:`decay_and_input`).
+      use_bias: biases on the four projections (the LayerNorm always has one).
+      method: the :func:`hgrn_jax.ops.linear_recurrence` method.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        num_phases: int = 1,
+        complex_valued: bool = True,
+        norm_before_gate: bool = True,
+        use_forget_gate: bool = True,
+        use_bias: bool = True,
+        norm_epsilon: float = 1e-5,
+        method: str = "auto",
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.features = features
+        self.complex_valued = complex_valued
+        self.norm_before_gate = norm_before_gate
+        self.use_forget_gate = use_forget_gate
+        self.method = method
+        self.dtype = dtype
+        width = 2 * features if complex_valued else features
+        common = dict(rngs=rngs, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
+        self.input_proj = dense(features, width, ("embed", "rnn"), **common)
+        self.lambda_proj = dense(features, features, ("embed", "rnn"), **common)
+        self.gate = dense(features, width, ("embed", "rnn"), **common)
+        self.out_proj = dense(width, features, ("rnn", "embed"), **common)
+        self.norm = nnx.LayerNorm(
+            width,
+            epsilon=norm_epsilon,
+            use_fast_variance=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            scale_metadata=axes_metadata(("rnn",)),
+            bias_metadata=axes_metadata(("rnn",)),
+            rngs=rngs,
+        )
+        if complex_valued:
+            init = logical(phase_init(features), ("rnn",))
+            self.theta = nnx.Param(init(rngs.params(), (features,), param_dtype))
+            if num_phases == 2:
+                self.theta_reverse = nnx.Param(init(rngs.params(), (features,), param_dtype))
+            elif num_phases != 1:
+                raise ValueError(f"num_phases must be 1 or 2; got {num_phases}")
+        self.num_phases = num_phases
+
+    def decay_and_input(
+        self, x: jax.Array, lower_bound: jax.Array | float
+    ) -> tuple[jax.Array, jax.Array]:
+        """The real decay ``lam`` (..., d) and the gated input ``(1 - lam) * c``, both in the
+        accumulation dtype (float32, or float64 for float64 inputs).
+
+        ``c`` is complex (..., d) for the complex recurrence, real otherwise. Without the forget
+        gate (the ablation), ``lam`` is the lower bound alone and the input gate stays ``1 - lam``.
+        """
+        acc = _accumulation_dtype(x.dtype)
+        u = nnx.silu(self.input_proj(x)).astype(acc)
+        if self.complex_valued:
+            d = self.features
+            c = jax.lax.complex(u[..., :d], u[..., d:])
+        else:
+            c = u
+        gamma = jnp.asarray(lower_bound, acc)
+        if self.use_forget_gate:
+            mu = nnx.sigmoid(self.lambda_proj(x).astype(acc))
+            lam = gamma + (1.0 - gamma) * mu
+        else:
+            lam = jnp.broadcast_to(gamma, x.shape[:-1] + (self.features,))
+        return lam, (1.0 - lam) * c
+
+    def decay(self, lam: jax.Array, direction: Direction) -> jax.Array:
+        """``lam * exp(i theta)`` with the phase of that scan direction (``lam`` when real)."""
+        if not self.complex_valued:
+            return lam
+        theta = self.theta if direction == "forward" or self.num_phases == 1 else self.theta_reverse
+        theta = theta[...].astype(lam.dtype)
+        return jax.lax.complex(lam * jnp.cos(theta), lam * jnp.sin(theta))
+
+    def scan(self, a: jax.Array, b: jax.Array, direction: Direction, axis: int = -2, h0=None,
+             return_last_state: bool = False):
+        """One recurrence along ``axis`` of (..., d) arrays."""
+        a = jnp.moveaxis(a, axis, -2)
+        b = jnp.moveaxis(b, axis, -2)
+        out = linear_recurrence(
+            a, b, h0, reverse=direction == "reverse", method=self.method,
+            return_last_state=return_last_state,
+        )
+        if return_last_state:
+            return jnp.moveaxis(out[0], -2, axis), out[1]
+        return jnp.moveaxis(out, -2, axis)
+
+    def output(self, h: jax.Array, x: jax.Array) -> jax.Array:
+        """Norm, output gate and projection of the summed states ``h`` (..., d)."""
+        feats = jnp.concatenate([h.real, h.imag], axis=-1) if self.complex_valued else h
+        feats = feats.astype(self.dtype or x.dtype)
+        gate = nnx.silu(self.gate(x))
+        if self.norm_before_gate:
+            y = self.norm(feats) * gate
+        else:
+            y = self.norm(feats * gate)
+        return self.out_proj(y)
+
+
+class HGRU(_HGRUBase):
+    """1-D HGRU over (B, L, d) sequences.
+
+    ``bidirectional=False`` is the causal mixer (the reference ``Hgru1d(causal=True)``).
+    ``bidirectional=True`` adds a reverse scan over the same decays and inputs; with
+    ``separate_phases=True`` the reverse scan has its own theta (``BiHgru1d``, the paper's LRA and
+    ImageNet runs), otherwise both share one (``Hgru1d(causal=False)``).
+
+    Call ``layer(x, lower_bound)`` with ``x`` (B, L, d) and ``lower_bound`` a scalar or (d,);
+    returns (B, L, d).
+    """
+
+    def __init__(self, features: int, *, bidirectional: bool = False, separate_phases: bool = True,
+                 **kwargs):
+        num_phases = 2 if bidirectional and separate_phases else 1
+        super().__init__(features, num_phases=num_phases, **kwargs)
+        self.bidirectional = bidirectional
+
+    def __call__(self, x: jax.Array, lower_bound: jax.Array | float = 0.0) -> jax.Array:
+        lam, b = self.decay_and_input(x, lower_bound)
+        h = self.scan(self.decay(lam, "forward"), b, "forward")
+        if self.bidirectional:
+            h = h + self.scan(self.decay(lam, "reverse"), b, "reverse")
+        return self.output(h, x)
+
+    def step(self, x: jax.Array, state: jax.Array, lower_bound: jax.Array | float = 0.0
+             ) -> tuple[jax.Array, jax.Array]:
+        """Causal streaming: ``x`` (B, T, d) continuing from ``state`` (B, d) (complex when the
+        recurrence is). Returns the outputs (B, T, d) and the state after the last token."""
+        if self.bidirectional:
+            raise ValueError("step() needs a causal HGRU (bidirectional=False)")
+        lam, b = self.decay_and_input(x, lower_bound)
+        h, last = self.scan(self.decay(lam, "forward"), b, "forward", h0=state,
+                            return_last_state=True)
+        return self.output(h, x), last
+
+    def init_state(self, batch_size: int) -> jax.Array:
+        """The zero recurrent state (B, d) for :meth:`step`."""
+        dtype = _accumulation_dtype(self.dtype or jnp.float32)
+        if self.complex_valued:
+            dtype = jnp.promote_types(dtype, jnp.complex64)
+        return jnp.zeros((batch_size, self.features), dtype)
+
+
+class HGRU2D(_HGRUBase):
+    """2-D HGRU over (B, H, W, d) grids.
+
+    ``causal=True``: a forward scan down the rows (along H, each column separately) plus a forward
+    scan along each row (along W); the reference ``Hgru2d(causal=True)``. ``causal=False``: the
+    four scans (H and W, each both ways); with ``separate_phases`` the forward scans use ``theta``
+    and the reverse scans ``theta_reverse`` (``BiHgru2d``, the paper's LRA runs), otherwise all four
+    share ``theta`` (``Hgru2d(causal=False)``).
+
+    Call ``layer(x, lower_bound)``; returns (B, H, W, d).
+    """
+
+    def __init__(self, features: int, *, causal: bool = False, separate_phases: bool = True,
+                 **kwargs):
+        num_phases = 2 if not causal and separate_phases else 1
+        super().__init__(features, num_phases=num_phases, **kwargs)
+        self.causal = causal
+
+    def __call__(self, x: jax.Array, lower_bound: jax.Array | float = 0.0) -> jax.Array:
+        if x.ndim != 4:
+            raise ValueError(f"HGRU2D expects (batch, H, W, d); got shape {x.shape}")
+        lam, b = self.decay_and_input(x, lower_bound)
+        directions: tuple[Direction, ...] = ("forward",) if self.causal else ("forward", "reverse")
+        h = 0.0
+        for direction in directions:
+            a = self.decay(lam, direction)
+            for axis in (1, 2):
+                h = h + self.scan(a, b, direction, axis=axis)
+        return self.output(h, x)

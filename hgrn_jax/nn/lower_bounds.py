@@ -1,0 +1,60 @@
+"""Per-layer forget-gate lower bounds from one (num_layers, d) parameter (DESIGN.md 3.2)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hgrn_jax.nn.initializers import logical
+
+Scheme = Literal["lra", "lm"]
+
+
+def lower_bounds(param: jax.Array, scheme: Scheme = "lra") -> jax.Array:
+    """Bounds gamma (num_layers, d) from the model's parameter Gamma (num_layers, d).
+
+    With P = softmax(Gamma) over layers (axis 0), separately per channel:
+
+    - ``"lra"`` (the LRA and ImageNet code): gamma_k = sum_{i<k} P_i, an exclusive cumulative sum;
+      gamma_0 = 0 and the last row of P is unused.
+    - ``"lm"`` (the fairseq WikiText-103 LM and fla): gamma_k = sum_{i<=k} P_i - P_0; gamma_0 = 0
+      and row 0 of P is the unused slack.
+
+    Both increase with depth, so upper layers keep longer memories.
+    """
+    p = jax.nn.softmax(param, axis=0)
+    if scheme == "lra":
+        return jnp.cumsum(p, axis=0) - p
+    if scheme == "lm":
+        return jnp.cumsum(p, axis=0) - p[:1]
+    raise ValueError(f"unknown lower-bound scheme {scheme!r}; use 'lra' or 'lm'")
+
+
+class LowerBounds(nnx.Module):
+    """The model-level parameter Gamma (num_layers, d), initialised to ones as in the reference.
+
+    Calling it returns the per-layer bounds (num_layers, d), or zeros when ``enabled=False`` (the
+    paper's ablation without lower bounds; the parameter is then not created).
+    ``dtype`` is the dtype the bounds are computed in (fla computes them in float32 even in a
+    float64 model).
+    """
+
+    def __init__(self, num_layers: int, features: int, *, scheme: Scheme = "lra",
+                 enabled: bool = True, dtype: jnp.dtype | None = None,
+                 param_dtype: jnp.dtype = jnp.float32):
+        self.num_layers, self.features = num_layers, features
+        self.scheme, self.enabled, self.dtype = scheme, enabled, dtype
+        if enabled:
+            init = logical(nnx.initializers.ones, ("layers", "rnn"))
+            self.param = nnx.Param(init(None, (num_layers, features), param_dtype))
+
+    def __call__(self) -> jax.Array:
+        if not self.enabled:
+            return jnp.zeros((self.num_layers, self.features), self.dtype or jnp.float32)
+        param = self.param[...]
+        if self.dtype is not None:
+            param = param.astype(self.dtype)
+        return lower_bounds(param, self.scheme)

@@ -1,0 +1,49 @@
+"""Normalisation layers used by the HGRN models, built from one name."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hgrn_jax.nn.initializers import axes_metadata
+
+NormKind = Literal["layer", "rms", "batch", "sync_batch", "scale_free_rms"]
+
+
+class ScaleFreeRMSNorm(nnx.Module):
+    """``x / sqrt(mean(x^2) + eps)`` with no parameters (the ImageNet model's final norm)."""
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = epsilon
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        return y.astype(x.dtype)
+
+
+def make_norm(kind: NormKind, features: int, *, epsilon: float = 1e-5,
+              dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+              axis_name: str | None = None, rngs: nnx.Rngs) -> nnx.Module:
+    """A norm over the last axis of (..., features) activations.
+
+    ``"batch"`` and ``"sync_batch"`` are BatchNorm over every axis but the last. Under ``jax.jit``
+    over a global (sharded) batch the statistics are global already, so ``"sync_batch"`` differs
+    from ``"batch"`` only inside ``shard_map``/``pmap``, where ``axis_name`` names the replica axis.
+    """
+    meta = dict(scale_metadata=axes_metadata(("embed",)), bias_metadata=axes_metadata(("embed",)))
+    common = dict(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if kind == "layer":
+        return nnx.LayerNorm(features, use_fast_variance=False, **common, **meta)
+    if kind == "rms":
+        return nnx.RMSNorm(features, scale_metadata=axes_metadata(("embed",)), **common)
+    if kind in ("batch", "sync_batch"):
+        return nnx.BatchNorm(features, momentum=0.9, use_fast_variance=False,
+                             axis_name=axis_name if kind == "sync_batch" else None,
+                             **common, **meta)
+    if kind == "scale_free_rms":
+        return ScaleFreeRMSNorm(epsilon)
+    raise ValueError(f"unknown norm {kind!r}; choose layer, rms, batch, sync_batch or scale_free_rms")

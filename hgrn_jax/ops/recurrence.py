@@ -1,0 +1,210 @@
+"""The first-order linear recurrence ``h_t = a_t * h_{t-1} + x_t``.
+
+Arrays are ``(..., length, channels)``: any number of leading (batch) axes, then time, then
+channels. ``a`` and ``x`` may be real or complex. Whatever the input precision, states are
+accumulated in float32 (complex64 for complex inputs) or wider, and returned in the dtype of
+``x`` (promoted with ``a``) unless ``out_dtype`` says otherwise.
+
+Every method shares one custom VJP whose backward pass is itself a linear recurrence run in the
+opposite time direction over the saved ``a`` and ``h``:
+
+    d_t   = g_t + a_{t+1} * d_{t+1}        (the gradient flowing into h_t; reverse time)
+    dx_t  = d_t
+    da_t  = d_t * h_{t-1}                  (h_{-1} = h0)
+    dh0   = a_0 * d_0
+
+so differentiating costs two passes over O(B*L*D) memory and never stores the intermediate
+levels of a parallel scan. JAX's cotangents are transposes, not adjoints, so no conjugates
+appear for complex inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Method = Literal["auto", "sequential", "associative", "chunked"]
+METHODS: tuple[str, ...] = ("sequential", "associative", "chunked")
+
+_TIME_AXIS = -2
+_DEFAULT_CHUNK = 64
+
+
+def default_method(length: int, platform: str | None = None) -> str:
+    """The method ``method="auto"`` picks.
+
+    Measured by ``benchmarks/scan.py``: on CPU the chunked scan is the fastest for long
+    sequences (it streams over memory while each chunk is a short parallel scan), and
+    ``lax.scan`` wins for short ones where the chunking overhead dominates. On GPU and TPU
+    the chunked scan keeps the sequential part to ``length / chunk`` steps.
+    """
+    platform = platform or jax.default_backend()
+    if platform == "cpu" and length <= 256:
+        return "sequential"
+    return "chunked"
+
+
+def _accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return jnp.promote_types(dtype, jnp.complex64)
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def linear_recurrence(
+    a: jax.Array,
+    x: jax.Array,
+    h0: jax.Array | None = None,
+    *,
+    reverse: bool = False,
+    method: Method = "auto",
+    return_last_state: bool = False,
+    chunk_size: int = _DEFAULT_CHUNK,
+    out_dtype: jnp.dtype | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """All states of ``h_t = a_t * h_{t-1} + x_t`` along the time axis.
+
+    Args:
+      a: decays, ``(..., L, C)`` or anything that broadcasts to ``x``'s shape.
+      x: inputs, ``(..., L, C)``, real or complex.
+      h0: initial state ``(..., C)``; zeros when omitted. With ``reverse=True`` it is the state
+        after the last step (``h_L``).
+      reverse: run from ``t = L-1`` down to 0: ``h_t = a_t * h_{t+1} + x_t``.
+      method: ``"sequential"`` (``lax.scan``), ``"associative"`` (``lax.associative_scan``),
+        ``"chunked"`` (parallel inside chunks of ``chunk_size``, carried across chunks) or
+        ``"auto"`` (see :func:`default_method`).
+      return_last_state: also return the final state ``(..., C)`` (``h_{L-1}``, or ``h_0`` when
+        ``reverse``), for streaming.
+      chunk_size: chunk length of the chunked method.
+      out_dtype: dtype of the result; the promoted input dtype by default.
+
+    Returns:
+      ``h`` with ``x``'s shape, and the final state when ``return_last_state``.
+    """
+    a, x = jnp.asarray(a), jnp.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"x must be (..., length, channels); got shape {x.shape}")
+    dtype = jnp.result_type(a, x) if h0 is None else jnp.result_type(a, x, h0)
+    out_dtype = out_dtype or dtype
+    acc = _accumulation_dtype(dtype)
+    a = jnp.broadcast_to(a, x.shape).astype(acc)
+    x = x.astype(acc)
+    state_shape = x.shape[:-2] + x.shape[-1:]
+    if h0 is None:
+        h0 = jnp.zeros(state_shape, acc)
+    else:
+        if h0.shape != state_shape:
+            raise ValueError(f"h0 must have shape {state_shape}; got {h0.shape}")
+        h0 = jnp.asarray(h0).astype(acc)
+    if method == "auto":
+        method = default_method(x.shape[_TIME_AXIS])
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {('auto',) + METHODS}")
+    h = _recurrence(a, x, h0, reverse, method, chunk_size)
+    out = h.astype(out_dtype)
+    if return_last_state:
+        last = h[..., 0, :] if reverse else h[..., -1, :]
+        return out, last.astype(out_dtype)
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _recurrence(a, x, h0, reverse, method, chunk_size):
+    return _scan(a, x, h0, reverse, method, chunk_size)
+
+
+def _recurrence_fwd(a, x, h0, reverse, method, chunk_size):
+    h = _scan(a, x, h0, reverse, method, chunk_size)
+    return h, (a, h, h0)
+
+
+def _recurrence_bwd(reverse, method, chunk_size, residuals, g):
+    a, h, h0 = residuals
+    zeros = jnp.zeros_like(a[..., :1, :])
+    if not reverse:
+        a_next = jnp.concatenate([a[..., 1:, :], zeros], axis=_TIME_AXIS)
+        d = _scan(a_next, g, jnp.zeros_like(h0), True, method, chunk_size)
+        h_prev = jnp.concatenate([h0[..., None, :], h[..., :-1, :]], axis=_TIME_AXIS)
+        dh0 = a[..., 0, :] * d[..., 0, :]
+    else:
+        a_prev = jnp.concatenate([zeros, a[..., :-1, :]], axis=_TIME_AXIS)
+        d = _scan(a_prev, g, jnp.zeros_like(h0), False, method, chunk_size)
+        h_prev = jnp.concatenate([h[..., 1:, :], h0[..., None, :]], axis=_TIME_AXIS)
+        dh0 = a[..., -1, :] * d[..., -1, :]
+    return d * h_prev, d, dh0
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+def _scan(a, x, h0, reverse, method, chunk_size):
+    if method == "sequential":
+        return _sequential(a, x, h0, reverse)
+    if method == "associative":
+        return _associative(a, x, h0, reverse)
+    return _chunked(a, x, h0, reverse, chunk_size)
+
+
+def _sequential(a, x, h0, reverse):
+    def step(h, ax):
+        a_t, x_t = ax
+        h = a_t * h + x_t
+        return h, h
+
+    a_tm = jnp.moveaxis(a, _TIME_AXIS, 0)
+    x_tm = jnp.moveaxis(x, _TIME_AXIS, 0)
+    _, h = jax.lax.scan(step, h0, (a_tm, x_tm), reverse=reverse, unroll=8)
+    return jnp.moveaxis(h, 0, _TIME_AXIS)
+
+
+def _combine(left, right):
+    """Compose two affine maps h -> a*h + x, ``left`` applied first."""
+    a_l, x_l = left
+    a_r, x_r = right
+    return a_r * a_l, a_r * x_l + x_r
+
+
+def _fold_initial_state(a, x, h0, reverse):
+    """Add the initial state's contribution to the first step (last step when reversed)."""
+    idx = -1 if reverse else 0
+    first = a[..., idx, :] * h0 + x[..., idx, :]
+    return x.at[..., idx, :].set(first)
+
+
+def _associative(a, x, h0, reverse):
+    x = _fold_initial_state(a, x, h0, reverse)
+    _, h = jax.lax.associative_scan(_combine, (a, x), reverse=reverse, axis=x.ndim + _TIME_AXIS)
+    return h
+
+
+def _chunked(a, x, h0, reverse, chunk_size):
+    length, channels = x.shape[-2:]
+    chunk = max(1, min(chunk_size, length))
+    num_chunks = -(-length // chunk)
+    pad = num_chunks * chunk - length
+    if pad:
+        # Identity steps (a = 1, x = 0) at the end carry h0 through unchanged when reversed and
+        # are dropped afterwards in either direction.
+        widths = [(0, 0)] * (x.ndim - 2) + [(0, pad), (0, 0)]
+        a = jnp.pad(a, widths, constant_values=1)
+        x = jnp.pad(x, widths)
+    lead = x.shape[:-2]
+    a_c = a.reshape(lead + (num_chunks, chunk, channels))
+    x_c = x.reshape(lead + (num_chunks, chunk, channels))
+    time_axis = a_c.ndim - 2
+    # Within each chunk, with a zero carry in: cumulative decay and local states.
+    decay, local = jax.lax.associative_scan(_combine, (a_c, x_c), reverse=reverse, axis=time_axis)
+    edge = 0 if reverse else -1
+    chunk_decay = jnp.moveaxis(decay[..., edge, :], -2, 0)  # (num_chunks, ..., C)
+    chunk_state = jnp.moveaxis(local[..., edge, :], -2, 0)
+
+    def carry_step(h, inputs):
+        decay_k, state_k = inputs
+        return decay_k * h + state_k, h
+
+    _, carry_in = jax.lax.scan(carry_step, h0, (chunk_decay, chunk_state), reverse=reverse)
+    carry_in = jnp.moveaxis(carry_in, 0, -2)[..., None, :]  # (..., num_chunks, 1, C)
+    h = local + decay * carry_in
+    return h.reshape(lead + (num_chunks * chunk, channels))[..., :length, :]

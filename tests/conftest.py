@@ -1,0 +1,50 @@
+"""Test set-up: 8 simulated CPU devices (set before JAX initialises) and the golden data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN_DIR = Path(os.environ.get("HGRN_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
+
+
+class GoldenCase:
+    """One golden case: ``arrays`` (the .npz), ``meta`` (the .json) and the reference params."""
+
+    def __init__(self, name: str):
+        npz, meta = GOLDEN_DIR / f"{name}.npz", GOLDEN_DIR / f"{name}.json"
+        if not npz.exists():
+            raise FileNotFoundError(
+                f"golden case {npz} not found: put the reference data in ../shared/golden "
+                "or point HGRN_GOLDEN_DIR at it")
+        with np.load(npz) as data:
+            self.arrays = {k: data[k] for k in data.files}
+        self.meta = json.loads(meta.read_text())
+        self.name = name
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        return {k[len("param/"):]: v for k, v in self.arrays.items() if k.startswith("param/")}
+
+
+@pytest.fixture(scope="session")
+def golden():
+    cache: dict[str, GoldenCase] = {}
+
+    def load(name: str) -> GoldenCase:
+        if name not in cache:
+            cache[name] = GoldenCase(name)
+        return cache[name]
+
+    return load
