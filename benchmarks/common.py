@@ -1,0 +1,99 @@
+"""Shared helpers for the benchmark scripts: timing, compiled memory, machine info, JSON results.
+
+Use from a script in ``benchmarks/`` (run as ``python benchmarks/<name>.py``)::
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.common import time_fn, temp_bytes, write_results
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform as py_platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def time_fn(fn: Callable[..., Any], *args: Any, reps: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Wall-clock seconds of ``fn(*args)`` (typically a jitted function), blocking on the result.
+
+    The first ``warmup`` calls (compilation included) are not counted. Returns the ``median``,
+    ``min`` and ``max`` over ``reps`` timed calls.
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def temp_bytes(fn: Callable[..., Any], *args: Any) -> int | None:
+    """Temporary buffer bytes XLA allocates for ``jax.jit(fn)(*args)`` (excludes arguments and
+    outputs), from the compiled memory analysis; None where the backend does not report it."""
+    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+    if analysis is None:
+        return None
+    return int(analysis.temp_size_in_bytes)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return py_platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the numbers were measured: platform, device kind and count, CPU, versions, date."""
+    device = jax.devices()[0]
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "jax_version": jax.__version__,
+        "python_version": py_platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_results(name: str, rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> Path:
+    """Write ``{"machine": ..., "meta": meta, "rows": rows}`` to
+    ``benchmarks/results/<name>_<platform>.json`` and return the path."""
+    machine = machine_info()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}_{machine['platform']}.json"
+    payload = {"machine": machine, "meta": meta or {}, "rows": rows}
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A plain-text table of ``columns`` from ``rows`` (floats with 3 significant digits)."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}"
+        return "-" if value is None else str(value)
+
+    cells = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c)
+              for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
