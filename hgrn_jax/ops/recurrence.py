@@ -93,7 +93,9 @@ def linear_recurrence(
     x = x.astype(acc)
     state_shape = x.shape[:-2] + x.shape[-1:]
     if h0 is None:
-        h0 = jnp.zeros(state_shape, acc)
+        # zeros_like keeps x's batch sharding (a replicated carry breaks lax.scan on an
+        # Explicit mesh).
+        h0 = jnp.zeros_like(x[..., 0, :])
     else:
         if h0.shape != state_shape:
             raise ValueError(f"h0 must have shape {state_shape}; got {h0.shape}")
