@@ -1,6 +1,8 @@
 """Flax NNX modules of HGRN: token mixers, channel mixers, lower bounds, blocks and models."""
 
 from hgrn_jax.nn.blocks import ResidualBlock
+from hgrn_jax.nn.classifier import ClassifierConfig, HGRNClassifier
+from hgrn_jax.nn.embeddings import sinusoidal_positions
 from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
 from hgrn_jax.nn.glu import GLU
 from hgrn_jax.nn.hgru import HGRU, HGRU2D
@@ -9,6 +11,7 @@ from hgrn_jax.nn.lower_bounds import LowerBounds, lower_bounds
 from hgrn_jax.nn.norms import ScaleFreeRMSNorm, make_norm
 
 __all__ = [
+    "ClassifierConfig", "HGRNClassifier", "sinusoidal_positions",
     "FlaHGRNAttention", "GLU", "HGRNLM", "HGRU", "HGRU2D", "LMConfig", "LowerBounds",
     "ResidualBlock", "ScaleFreeRMSNorm", "lower_bounds", "make_norm",
 ]

@@ -1,0 +1,283 @@
+"""The Long Range Arena classifier: encoder, pre-norm HGRU + GLU stack, masked mean pool, head.
+
+One class covers the six LRA tasks of the paper (DESIGN.md 3.3-3.4): token embedding (ListOps,
+Text, Retrieval) or linear pixel encoder (Image, Pathfinder, Path-X), optional fixed sinusoidal
+positions with their own dropout, a 1-D bidirectional or 2-D four-scan HGRU mixer, Layer- or
+BatchNorm, mean pooling over valid positions and a linear head; ``dual=True`` is the Retrieval
+model that encodes two documents with one encoder and classifies ``[u, v, u - v, u * v]``.
+
+Padding. ``mask`` (B, L) marks real tokens with 1. Padded steps become identity steps of every
+scan (decay 1, input 0), so a state passes through padding unchanged and a reverse scan starts
+at the last real token with a zero state: the real positions see exactly the unpadded sequence,
+wherever the padding sits. BatchNorm computes its training statistics over real positions only,
+and the pool averages real positions only. Extra padding therefore leaves the logits unchanged
+in eval and in train mode (up to float32 rounding; dropout aside). The reference code masks only
+the pool, so its reverse scans see the padding; on unpadded inputs both compute the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hgrn_jax.nn.blocks import ResidualBlock
+from hgrn_jax.nn.embeddings import sinusoidal_positions
+from hgrn_jax.nn.glu import GLU
+from hgrn_jax.nn.hgru import HGRU, HGRU2D
+from hgrn_jax.nn.initializers import dense, logical
+from hgrn_jax.nn.lower_bounds import LowerBounds
+from hgrn_jax.nn.norms import make_norm
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    """Everything that defines an :class:`HGRNClassifier` (DESIGN.md 3.4 has each task's values).
+
+    encoder: ``"embed"`` for token ids (needs ``vocab_size``) or ``"linear"`` for float inputs
+      with ``input_channels`` channels.
+    mixer: ``"1d"`` (bidirectional HGRU over the sequence) or ``"2d"`` (four scans over the
+      ``grid_shape`` = (H, W) grid; inputs are in raster order, L = H * W).
+    separate_phases: a theta per scan direction (the paper's runs) or one shared theta (ablation).
+    norm: ``"layer"``, ``"batch"`` or ``"sync_batch"`` (``axis_name`` names the replica axis
+      inside ``shard_map``; under ``jax.jit`` over a global batch, BatchNorm is already global).
+    glu_expand: GLU hidden width = ``glu_expand * features``.
+    dropout: residual dropout; ``position_dropout`` follows the position encoding.
+    dual: the Retrieval model (two documents, one encoder, ``[u, v, u - v, u * v]`` head).
+    method: the :func:`hgrn_jax.ops.linear_recurrence` method.
+    """
+
+    num_classes: int = 10
+    features: int = 128
+    num_layers: int = 6
+    glu_expand: int = 1
+    glu_activation: str = "silu"
+    glu_bias: bool = True
+    encoder: Literal["embed", "linear"] = "embed"
+    vocab_size: int | None = None
+    input_channels: int | None = None
+    mixer: Literal["1d", "2d"] = "1d"
+    grid_shape: tuple[int, int] | None = None
+    separate_phases: bool = True
+    complex_valued: bool = True
+    use_lower_bound: bool = True
+    use_forget_gate: bool = True
+    norm_before_gate: bool = True
+    mixer_bias: bool = True
+    norm: Literal["layer", "batch", "sync_batch"] = "batch"
+    norm_epsilon: float = 1e-5
+    axis_name: str | None = None
+    dropout: float = 0.0
+    position_encoding: bool = False
+    position_dropout: float = 0.1
+    pooling: Literal["mean"] = "mean"
+    dual: bool = False
+    method: str = "auto"
+
+    def __post_init__(self):
+        if self.encoder == "embed" and not self.vocab_size:
+            raise ValueError("encoder='embed' needs vocab_size (the number of token ids)")
+        if self.encoder == "linear" and not self.input_channels:
+            raise ValueError("encoder='linear' needs input_channels (e.g. 1 for grey, 3 for RGB)")
+        if self.encoder not in ("embed", "linear"):
+            raise ValueError(f"unknown encoder {self.encoder!r}; use 'embed' or 'linear'")
+        if self.mixer not in ("1d", "2d"):
+            raise ValueError(f"unknown mixer {self.mixer!r}; use '1d' or '2d'")
+        if self.mixer == "2d" and (self.grid_shape is None or len(self.grid_shape) != 2):
+            raise ValueError("mixer='2d' needs grid_shape=(H, W), e.g. (32, 32) for LRA Image")
+        if self.norm not in ("layer", "batch", "sync_batch"):
+            raise ValueError(f"unknown norm {self.norm!r}; use 'layer', 'batch' or 'sync_batch'")
+        if self.pooling != "mean":
+            raise ValueError(f"unknown pooling {self.pooling!r}; only 'mean' is implemented")
+
+
+def _identity_at_padding(a: jax.Array, b: jax.Array, mask: jax.Array | None
+                         ) -> tuple[jax.Array, jax.Array]:
+    """Decay 1 and input 0 where ``mask`` (B, ...) is False: the state passes through unchanged."""
+    if mask is None:
+        return a, b
+    valid = mask[..., None]
+    return jnp.where(valid, a, jnp.ones_like(a)), jnp.where(valid, b, jnp.zeros_like(b))
+
+
+class MaskedHGRU(HGRU):
+    """:class:`HGRU` whose call takes a padding ``mask`` (B, L): ``layer(x, bound, mask=mask)``."""
+
+    def __call__(self, x: jax.Array, lower_bound: jax.Array | float = 0.0,
+                 mask: jax.Array | None = None) -> jax.Array:
+        lam, b = self.decay_and_input(x, lower_bound)
+        directions = ("forward", "reverse") if self.bidirectional else ("forward",)
+        h = 0.0
+        for direction in directions:
+            a, bm = _identity_at_padding(self.decay(lam, direction), b, mask)
+            h = h + self.scan(a, bm, direction)
+        return self.output(h, x)
+
+
+class MaskedHGRU2D(HGRU2D):
+    """:class:`HGRU2D` whose call takes a padding ``mask`` (B, H, W)."""
+
+    def __call__(self, x: jax.Array, lower_bound: jax.Array | float = 0.0,
+                 mask: jax.Array | None = None) -> jax.Array:
+        if x.ndim != 4:
+            raise ValueError(f"HGRU2D expects (batch, H, W, d); got shape {x.shape}")
+        lam, b = self.decay_and_input(x, lower_bound)
+        directions = ("forward",) if self.causal else ("forward", "reverse")
+        h = 0.0
+        for direction in directions:
+            a, bm = _identity_at_padding(self.decay(lam, direction), b, mask)
+            for axis in (1, 2):
+                h = h + self.scan(a, bm, direction, axis=axis)
+        return self.output(h, x)
+
+
+def apply_norm(norm: nnx.Module, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``norm(x)``; BatchNorm's batch statistics only count positions where ``mask`` is True."""
+    if mask is not None and isinstance(norm, nnx.BatchNorm):
+        return norm(x, mask=jnp.broadcast_to(mask[..., None], x.shape))
+    return norm(x)
+
+
+class MaskedResidualBlock(ResidualBlock):
+    """:class:`ResidualBlock` that threads a padding mask to its mixer and BatchNorms."""
+
+    def __call__(self, x: jax.Array, lower_bound=0.0, mask: jax.Array | None = None) -> jax.Array:
+        x = x + self.dropout(self.mixer(apply_norm(self.norm1, x, mask), lower_bound, mask=mask))
+        return x + self.dropout(self.mlp(apply_norm(self.norm2, x, mask)))
+
+
+def masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Mean of (B, ..., d) over every axis but the first and last, counting only ``mask`` (B, ...)
+    positions (accumulated in float32). Returns (B, d) in ``x``'s dtype."""
+    axes = tuple(range(1, x.ndim - 1))
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    if mask is None:
+        return jnp.mean(x32, axis=axes).astype(x.dtype)
+    valid = mask[..., None]
+    total = jnp.sum(jnp.where(valid, x32, 0.0), axis=axes)
+    count = jnp.maximum(jnp.sum(valid, axis=axes), 1).astype(x32.dtype)
+    return (total / count).astype(x.dtype)
+
+
+class HGRNClassifier(nnx.Module):
+    """LRA classifier: ``model(inputs, mask=None) -> logits (B, num_classes)``.
+
+    inputs: token ids (B, L) int for ``encoder="embed"``; floats (B, L, C) (or (B, L) when C = 1)
+    for ``encoder="linear"``. With ``mixer="2d"``, L = H * W in raster order. mask: (B, L), 1 (or
+    True) for real tokens, 0 for padding; None means no padding.
+
+    Retrieval (``dual=True``): ``model(inputs, mask, inputs2, mask2)`` with the two documents of
+    each pair, both (B, L); they pass through one encoder as a batch of 2B (so BatchNorm sees
+    both), each is pooled, and the head classifies ``[u, v, u - v, u * v]``.
+
+    Train/eval: ``model.train()`` / ``model.eval()`` switch dropout and BatchNorm statistics.
+    """
+
+    def __init__(self, config: ClassifierConfig, *, dtype: jnp.dtype | None = None,
+                 param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = dtype
+        c, d = config, config.features
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if c.encoder == "embed":
+            self.encoder = nnx.Embed(
+                c.vocab_size, d,
+                embedding_init=logical(nnx.initializers.normal(1.0), ("vocab", "embed")), **common)
+        else:
+            self.encoder = dense(c.input_channels, d, (None, "embed"), **common)
+        self.position_dropout = nnx.Dropout(c.position_dropout if c.position_encoding else 0.0,
+                                            rngs=rngs)
+        self.lower_bounds = LowerBounds(c.num_layers, d, scheme="lra", enabled=c.use_lower_bound,
+                                        param_dtype=param_dtype)
+        self.blocks = nnx.List([
+            MaskedResidualBlock(
+                self._mixer(common),
+                GLU(d, c.glu_expand * d, act=c.glu_activation, use_bias=c.glu_bias, **common),
+                self._norm(common), self._norm(common),
+                dropout=c.dropout, rngs=rngs)
+            for _ in range(c.num_layers)])
+        self.final_norm = self._norm(common)
+        if c.dual:
+            self.pair_proj = dense(4 * d, d, ("mlp", "embed"), **common)
+            self.head = dense(d, c.num_classes, ("embed", "classes"), **common)
+        else:
+            self.head = dense(d, c.num_classes, ("embed", "classes"), **common)
+
+    def _norm(self, common: dict) -> nnx.Module:
+        c = self.config
+        return make_norm(c.norm, c.features, epsilon=c.norm_epsilon, axis_name=c.axis_name, **common)
+
+    def _mixer(self, common: dict) -> nnx.Module:
+        c = self.config
+        kwargs = dict(separate_phases=c.separate_phases, complex_valued=c.complex_valued,
+                      use_forget_gate=c.use_forget_gate, norm_before_gate=c.norm_before_gate,
+                      use_bias=c.mixer_bias, method=c.method, **common)
+        if c.mixer == "1d":
+            return MaskedHGRU(c.features, bidirectional=True, **kwargs)
+        return MaskedHGRU2D(c.features, causal=False, **kwargs)
+
+    def _check_inputs(self, inputs: jax.Array, mask: jax.Array | None, name: str
+                      ) -> tuple[jax.Array, jax.Array | None]:
+        c = self.config
+        if c.encoder == "embed":
+            if inputs.ndim != 2 or not jnp.issubdtype(inputs.dtype, jnp.integer):
+                raise ValueError(f"{name}: encoder='embed' takes integer token ids (batch, length); "
+                                 f"got {inputs.dtype} {inputs.shape}")
+        else:
+            if inputs.ndim == 2 and c.input_channels == 1:
+                inputs = inputs[..., None]
+            if inputs.ndim != 3 or inputs.shape[-1] != c.input_channels:
+                raise ValueError(f"{name}: encoder='linear' takes floats (batch, length, "
+                                 f"{c.input_channels}); got shape {inputs.shape}")
+        if c.mixer == "2d" and inputs.shape[1] != c.grid_shape[0] * c.grid_shape[1]:
+            raise ValueError(f"{name}: length {inputs.shape[1]} is not H * W for grid_shape "
+                             f"{c.grid_shape}; pass inputs in raster order of that grid")
+        if mask is not None:
+            if mask.shape != inputs.shape[:2]:
+                raise ValueError(f"{name}: mask must be (batch, length) = {inputs.shape[:2]}; "
+                                 f"got {mask.shape}")
+            mask = mask.astype(bool)
+        return inputs, mask
+
+    def encode(self, inputs: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Pooled features (B, d) of one batch of sequences (see the class docstring)."""
+        c = self.config
+        inputs, mask = self._check_inputs(inputs, mask, "inputs")
+        x = self.encoder(inputs if c.encoder == "embed" else inputs.astype(self.dtype or jnp.float32))
+        if c.position_encoding:
+            x = x + sinusoidal_positions(x.shape[1], c.features, x.dtype)
+            x = self.position_dropout(x)
+        if c.mixer == "2d":
+            grid = (x.shape[0], *c.grid_shape)
+            x = x.reshape(*grid, c.features)
+            mask = None if mask is None else mask.reshape(grid)
+        bounds = self.lower_bounds()
+        for k, block in enumerate(self.blocks):
+            x = block(x, bounds[k], mask=mask)
+        x = apply_norm(self.final_norm, x, mask)
+        return masked_mean(x, mask)
+
+    def __call__(self, inputs: jax.Array, mask: jax.Array | None = None,
+                 inputs2: jax.Array | None = None, mask2: jax.Array | None = None) -> jax.Array:
+        if not self.config.dual:
+            if inputs2 is not None:
+                raise ValueError("inputs2 is only for the Retrieval model; set dual=True")
+            return self.head(self.encode(inputs, mask))
+        if inputs2 is None:
+            raise ValueError("the dual (Retrieval) model needs both documents: "
+                             "model(inputs, mask, inputs2, mask2)")
+        if inputs.shape != inputs2.shape:
+            raise ValueError(f"both documents must have the same shape (pad them to one length); "
+                             f"got {inputs.shape} and {inputs2.shape}")
+        if (mask is None) != (mask2 is None):
+            ones = jnp.ones(inputs.shape[:2], bool)
+            mask = ones if mask is None else mask
+            mask2 = ones if mask2 is None else mask2
+        both = jnp.concatenate([inputs, inputs2], axis=0)
+        both_mask = None if mask is None else jnp.concatenate([mask, mask2], axis=0)
+        u, v = jnp.split(self.encode(both, both_mask), 2, axis=0)
+        features = jnp.concatenate([u, v, u - v, u * v], axis=-1)
+        return self.head(nnx.gelu(self.pair_proj(features), approximate=False))
