@@ -1,0 +1,348 @@
+"""Device mesh, logical-axis rules, and shardings for model state and batches.
+
+One device, a GPU node and a TPU pod slice run the same code: a mesh with axes
+``("data", "fsdp", "model")`` (sizes of 1 switch an axis off), parameters named with logical axes
+(``embed``, ``rnn``, ``mlp``, ``vocab``, ``layers``, ``classes``; activations ``batch``,
+``length``) and :data:`LOGICAL_AXIS_RULES`, the one table that maps logical names to mesh axes.
+
+Typical use (the train loop lives in :mod:`hgrn_jax.training`)::
+
+    mesh = make_mesh(data=-1, fsdp=2, model=1)
+    model, optimizer = create_sharded(lambda: make_model_and_optimizer(seed), mesh)
+    graphdef, state = nnx.split((model, optimizer))
+    state_sh = state_shardings(state, mesh)
+
+    def train_step(state, batch):            # graphdef is static: closed over, not traced
+        model, optimizer = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), loss
+
+    step = jit_step(train_step, in_shardings=(state_sh, batch_sharding(mesh, 2)),
+                    out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
+    state, loss = step(state, shard_batch(local_batch, mesh))
+
+Multi-host: call :func:`maybe_initialize_distributed` before anything touches a device; every
+process then runs the same program and feeds only its own rows to :func:`shard_batch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "model")
+
+MeshAxes = str | tuple[str, ...] | None
+
+# The one table of logical-axis rules. Logical names not listed here are an error (a typo, or a
+# new name that needs a rule); ``None`` means replicated.
+LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("rnn", "model"),
+    ("mlp", "model"),
+    ("vocab", "model"),
+    ("layers", None),
+    ("classes", None),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mesh
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the ``data``, ``fsdp`` and ``model`` mesh axes; one of them may be -1 ("the rest").
+
+    ``data`` replicates parameters and splits the batch; ``fsdp`` splits the batch and also the
+    ``embed`` dimension of parameters and optimizer state (ZeRO-3 style); ``model`` splits the
+    ``rnn``/``mlp``/``vocab`` dimensions (tensor parallelism).
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    model: int = 1
+
+    def axis_sizes(self, num_devices: int) -> tuple[int, int, int]:
+        """The three axis sizes for ``num_devices`` devices, with -1 resolved."""
+        sizes = (self.data, self.fsdp, self.model)
+        named = ", ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes))
+        if sum(s == -1 for s in sizes) > 1:
+            raise ValueError(f"mesh {named}: at most one axis may be -1 (the rest); "
+                             "give the others explicit sizes")
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"mesh {named}: axis sizes must be positive or -1")
+        known = math.prod(s for s in sizes if s != -1)
+        if num_devices % known != 0:
+            raise ValueError(f"mesh {named} needs a multiple of {known} devices but there are "
+                             f"{num_devices}; choose axis sizes whose product divides {num_devices}")
+        if -1 in sizes:
+            sizes = tuple(num_devices // known if s == -1 else s for s in sizes)
+        elif known != num_devices:
+            raise ValueError(f"mesh {named} uses {known} devices but there are {num_devices}; "
+                             "set one axis to -1 to use the rest, or pass devices=")
+        return sizes  # type: ignore[return-value]
+
+    def make(self, devices: Sequence[jax.Device] | None = None) -> Mesh:
+        """Build the mesh over ``devices`` (default: every device of every process)."""
+        devices = list(jax.devices() if devices is None else devices)
+        sizes = self.axis_sizes(len(devices))
+        # Auto axes: the compiler propagates shardings through the model from the explicit
+        # in/out shardings we give jax.jit. Explicit axes (sharding in types) would make every
+        # op's output sharding part of its type and reject ops whose sharding is ambiguous
+        # (e.g. contractions over two sharded dimensions, scans over complex pairs), which would
+        # force annotations into every layer. Auto keeps the model code mesh-agnostic and is the
+        # mode pjit always had; switch to Explicit only with per-layer annotations.
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                             devices=devices)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``("data", "fsdp", "model")`` mesh with Auto axis types; see :class:`MeshConfig`."""
+    return MeshConfig(data, fsdp, model).make(devices)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The fully replicated sharding on ``mesh`` (scalars, metrics, small state)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+# ----------------------------------------------------------------------------------------------
+# Logical axes -> mesh axes
+# ----------------------------------------------------------------------------------------------
+
+
+def _mesh_axes_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_to_mesh_spec(
+    logical_axes: Sequence[str | None],
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES,
+) -> PartitionSpec:
+    """The PartitionSpec for an array whose dimensions have logical names ``logical_axes``.
+
+    With ``shape`` and ``mesh``, a dimension whose size is not a multiple of the product of its
+    mesh axes' sizes stays replicated (so tiny models run on any mesh). A mesh axis already used
+    by an earlier dimension is not used again.
+    """
+    table: Mapping[str, MeshAxes] = dict(rules)
+    if shape is not None and len(shape) != len(logical_axes):
+        raise ValueError(f"logical axes {tuple(logical_axes)} name {len(logical_axes)} dimensions "
+                         f"but the array has shape {tuple(shape)}; fix the parameter's axis names")
+    used: set[str] = set()
+    spec: list[MeshAxes] = []
+    for dim, name in enumerate(logical_axes):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise ValueError(f"logical axis {name!r} has no rule; add it to "
+                             f"hgrn_jax.sharding.LOGICAL_AXIS_RULES (known: {sorted(table)})")
+        axes = tuple(a for a in _mesh_axes_tuple(table[name]) if a not in used)
+        if mesh is not None:
+            unknown = [a for a in axes if a not in mesh.shape]
+            if unknown:
+                raise ValueError(f"rule {name!r} -> {unknown} names axes the mesh lacks "
+                                 f"(mesh axes: {tuple(mesh.axis_names)})")
+            if shape is not None and shape[dim] % math.prod(mesh.shape[a] for a in axes) != 0:
+                axes = ()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def logical_sharding(logical_axes: Sequence[str | None], mesh: Mesh,
+                     shape: Sequence[int] | None = None) -> NamedSharding:
+    """:func:`logical_to_mesh_spec` as a NamedSharding on ``mesh``."""
+    return NamedSharding(mesh, logical_to_mesh_spec(logical_axes, shape, mesh))
+
+
+def _variable_spec(variable: nnx.Variable, mesh: Mesh,
+                   rules: Sequence[tuple[str, MeshAxes]]) -> PartitionSpec:
+    names = variable.get_metadata().get("out_sharding")
+    value = variable.get_value()
+    shape = getattr(value, "shape", None)
+    if not names or shape is None:
+        return PartitionSpec()
+    return logical_to_mesh_spec(names, shape, mesh, rules)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh,
+                    rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES) -> Any:
+    """NamedShardings for every array leaf of an nnx state (or any pytree of Variables).
+
+    A Variable with logical names (``out_sharding`` metadata) is placed by the rules; that
+    includes ``nnx.Optimizer`` moments, which copy their parameter's metadata and so follow its
+    sharding. Everything else (BatchNorm statistics, step counters, RNG keys, plain arrays) is
+    replicated. The result has the structure of ``abstract_state`` (Variables hold shardings), so
+    it can be given to ``jax.jit`` as in/out shardings of that state. Works on concrete or
+    abstract (``nnx.eval_shape``) state alike.
+    """
+
+    def to_sharding(leaf):
+        if isinstance(leaf, nnx.Variable):
+            return leaf.replace(NamedSharding(mesh, _variable_spec(leaf, mesh, rules)))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(to_sharding, abstract_state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def abstract_with_shardings(state: Any, mesh: Mesh) -> Any:
+    """``state`` as ``jax.ShapeDtypeStruct`` leaves carrying their target shardings.
+
+    This is the target to restore an Orbax checkpoint onto ``mesh``
+    (``checkpointer.restore(path, abstract_with_shardings(abstract_state, mesh))``).
+    """
+    shardings = state_shardings(state, mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        state, shardings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded construction and jitted steps
+# ----------------------------------------------------------------------------------------------
+
+
+def create_sharded(factory: Callable[[], Any], mesh: Mesh) -> Any:
+    """Build ``factory()`` (a module, or e.g. a ``(model, optimizer)`` tuple) directly sharded.
+
+    ``nnx.eval_shape`` gives the state's shapes without allocating; the state is then created by
+    a ``jax.jit`` whose ``out_shardings`` are :func:`state_shardings`, so every device only ever
+    holds its own shards. ``factory`` takes no arguments and must be deterministic (create its
+    ``nnx.Rngs`` from a fixed seed inside), since it runs once abstractly and once under jit.
+    """
+    # Outside the mesh context: under one, eval_shape would read logical names as mesh axes.
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(factory))
+    shardings = state_shardings(abstract_state, mesh)
+
+    @jax.jit(out_shardings=shardings)
+    def init():
+        return nnx.split(factory())[1]
+
+    with jax.set_mesh(mesh):
+        state = init()
+    return nnx.merge(graphdef, state)
+
+
+def create_sharded_model(factory: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
+    """A model built by ``factory()`` with every parameter created in its shards on ``mesh``."""
+    return create_sharded(factory, mesh)
+
+
+def jit_step(fn: Callable, in_shardings: Any, out_shardings: Any,
+             donate_argnums: int | Sequence[int] = (), **jit_kwargs) -> Callable:
+    """``jax.jit`` with explicit shardings (what ``pjit`` was) and donated state buffers.
+
+    ``fn`` takes pure state (``nnx.split``'s second half) and arrays; close over the graphdef
+    (it is static Python structure, not traced) and ``nnx.merge`` inside. Donating the state
+    argument lets XLA update parameters and optimizer moments in place.
+    """
+    return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                   donate_argnums=donate_argnums, **jit_kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------
+
+
+def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    return _mesh_axes_tuple(dict(LOGICAL_AXIS_RULES)["batch"])
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Shard the leading (batch) dimension of an ``ndim``-D array over ``data`` and ``fsdp``.
+
+    The default ``ndim=1`` spec ``P(("data", "fsdp"))`` also serves as a ``jax.jit`` sharding for
+    arrays of any rank (trailing dimensions replicated), e.g. for a whole dict of batch arrays.
+    """
+    if ndim < 1:
+        raise ValueError("a batch array needs a leading batch dimension; got a scalar")
+    return NamedSharding(mesh, PartitionSpec(_batch_axes(mesh), *([None] * (ndim - 1))))
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch is split (the product of the ``data`` and ``fsdp`` sizes)."""
+    return math.prod(mesh.shape[a] for a in _batch_axes(mesh))
+
+
+def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
+    """Global batch arrays from this process's rows (a pytree of (B_local, ...) arrays).
+
+    Each process passes its own contiguous slice of the global batch, process ``p`` holding rows
+    ``[p * B_local, (p + 1) * B_local)``; on one process that is the whole batch. The global
+    batch ``B_local * process_count`` must be a multiple of :func:`num_batch_shards`.
+    """
+    shards = num_batch_shards(mesh)
+    processes = jax.process_count()
+
+    def to_global(x):
+        x = np.asarray(x)
+        if x.ndim < 1:
+            raise ValueError("shard_batch needs arrays with a leading batch dimension; "
+                             f"got a scalar {x!r}")
+        if (x.shape[0] * processes) % shards != 0:
+            raise ValueError(
+                f"global batch of {x.shape[0] * processes} rows ({x.shape[0]} per process x "
+                f"{processes}) does not split over the {shards} data*fsdp shards of the mesh; "
+                f"use a global batch size that is a multiple of {shards}")
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+
+    return jax.tree.map(to_global, local_batch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-host
+# ----------------------------------------------------------------------------------------------
+
+
+def maybe_initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    auto: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> bool:
+    """Call ``jax.distributed.initialize`` when this run is multi-process; True if it is.
+
+    Multi-process when any of: explicit arguments; the environment variables
+    ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``; ``auto=True`` or
+    ``HGRN_DISTRIBUTED=1``, which call ``initialize()`` with no arguments so JAX detects the
+    cluster itself (TPU pods, SLURM, Open MPI). Must run before anything touches a device.
+    Calling it again after a successful initialisation is a no-op.
+    """
+    env = os.environ if env is None else env
+    if jax.distributed.is_initialized():
+        return True
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and env.get("JAX_PROCESS_ID"):
+        process_id = int(env["JAX_PROCESS_ID"])
+    auto = auto or env.get("HGRN_DISTRIBUTED", "").lower() in ("1", "true", "yes", "auto")
+    if coordinator_address is None and num_processes is None and process_id is None and not auto:
+        return False
+    if num_processes == 1:
+        return False
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+    return True

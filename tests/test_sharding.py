@@ -1,0 +1,204 @@
+"""Sharding over the 8 simulated devices: same training step on every mesh, rules applied,
+checkpoints restored across meshes, and the mesh/batch helpers' errors."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from hgrn_jax import sharding as sh
+from hgrn_jax.nn import HGRNLM, LMConfig
+
+MESHES = {"8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2), "1x1x1": (1, 1, 1)}
+
+# Every sharded dimension is even, so each rule really splits it on the (2, 2, 2) mesh.
+LM_CONFIG = LMConfig(vocab_size=32, features=8, num_layers=2, glu_hidden=16)
+BATCH, LENGTH = 8, 6
+
+
+def mesh_of(name: str) -> jax.sharding.Mesh:
+    data, fsdp, model = MESHES[name]
+    return sh.make_mesh(data, fsdp, model, devices=jax.devices()[: data * fsdp * model])
+
+
+def lm_and_optimizer() -> tuple[HGRNLM, nnx.Optimizer]:
+    model = HGRNLM(LM_CONFIG, rngs=nnx.Rngs(0))
+    return model, nnx.Optimizer(model, optax.adamw(1e-2, weight_decay=0.1), wrt=nnx.Param)
+
+
+def lm_batch() -> dict[str, np.ndarray]:
+    ids = np.random.default_rng(0).integers(0, LM_CONFIG.vocab_size, (BATCH, LENGTH + 1))
+    return {"inputs": ids[:, :-1].astype(np.int32), "targets": ids[:, 1:].astype(np.int32)}
+
+
+def lm_loss(model: HGRNLM, batch: dict[str, jax.Array]) -> jax.Array:
+    logits = model(batch["inputs"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
+
+def sharded_train_step(factory: Callable, loss_fn: Callable, batch: dict, mesh
+                       ) -> tuple[nnx.GraphDef, nnx.State, jax.Array]:
+    """One optimizer step on ``mesh`` the way the runner does it; returns the new state."""
+    model, optimizer = sh.create_sharded(factory, mesh)
+    model.train()
+    graphdef, state = nnx.split((model, optimizer))
+    state_sh = sh.state_shardings(state, mesh)
+
+    def step(state, batch):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), loss
+
+    jitted = sh.jit_step(step, in_shardings=(state_sh, sh.batch_sharding(mesh)),
+                         out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=0)
+    new_state, loss = jitted(state, sh.shard_batch(batch, mesh))
+    return graphdef, new_state, loss
+
+
+def as_numpy(state) -> dict[str, np.ndarray]:
+    """Leaves keyed by their path (typed PRNG keys as their raw key data)."""
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    out = {}
+    for path, leaf in leaves:
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        out[jax.tree_util.keystr(path)] = np.asarray(jax.device_get(leaf))
+    return out
+
+
+def assert_same_step(results: dict[str, tuple[float, dict]]) -> None:
+    """Losses and every state leaf agree across meshes within 1e-5 relative.
+
+    Meshes only change the order of float32 reductions (rounding ~1e-7 relative); the adamw
+    update is lr * m / sqrt(v) ~ lr * sign(g) at step one, so it is insensitive to such rounding.
+    """
+    (ref_name, (ref_loss, ref_state)), *others = results.items()
+    for name, (loss, state) in others:
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=f"{name} vs {ref_name}")
+        assert state.keys() == ref_state.keys()
+        for key, ref in ref_state.items():
+            np.testing.assert_allclose(state[key], ref, rtol=1e-5, atol=1e-7,
+                                       err_msg=f"{key}: {name} vs {ref_name}")
+
+
+@pytest.fixture(scope="module")
+def lm_steps() -> dict[str, tuple[nnx.GraphDef, nnx.State, jax.Array]]:
+    batch = lm_batch()
+    return {name: sharded_train_step(lm_and_optimizer, lm_loss, batch, mesh_of(name))
+            for name in MESHES}
+
+
+def test_lm_step_is_the_same_on_every_mesh(lm_steps):
+    results = {name: (float(loss), as_numpy(state)) for name, (_, state, loss) in lm_steps.items()}
+    assert_same_step(results)
+    # The step did move the parameters (so the comparison above is not vacuous).
+    initial = as_numpy(nnx.state(lm_and_optimizer()))
+    key = "[0]['blocks'][0]['mlp']['up_proj']['kernel'].value"
+    assert key in initial
+    assert np.abs(results["8x1x1"][1][key] - initial[key]).max() > 1e-3
+
+
+def test_lm_parameters_are_sharded_by_the_rules(lm_steps):
+    _, state, _ = lm_steps["2x2x2"]
+    model_state, optimizer_state = state[0], state[1]
+    block = model_state["blocks"][0]
+    expected = {
+        "embedding": (model_state["embed"]["embedding"], P("model", "fsdp")),  # (vocab, embed)
+        "input_proj": (block["mixer"]["input_proj"]["kernel"], P("fsdp", "model")),  # embed, rnn
+        "out_proj": (block["mixer"]["out_proj"]["kernel"], P("model", "fsdp")),  # rnn, embed
+        "theta": (block["mixer"]["theta"], P("model")),
+        "gate_proj": (block["mlp"]["gate_proj"]["kernel"], P("fsdp", "model")),  # embed, mlp
+        "down_proj bias": (block["mlp"]["down_proj"]["bias"], P("fsdp")),
+        "norm scale": (block["norm1"]["scale"], P("fsdp")),
+        "lower bounds": (model_state["lower_bounds"]["param"], P(None, "model")),  # layers, rnn
+        "adam mu": (optimizer_state["opt_state"][0]["mu"]["blocks"][0]["mlp"]["gate_proj"]["kernel"],
+                    P("fsdp", "model")),
+        "adam nu": (optimizer_state["opt_state"][0]["nu"]["embed"]["embedding"], P("model", "fsdp")),
+        "adam count": (optimizer_state["opt_state"][0]["count"], P()),
+        "step": (optimizer_state["step"], P()),
+    }
+    for name, (variable, spec) in expected.items():
+        array = variable.get_value()
+        assert array.sharding.spec == spec, name
+        if spec != P():
+            shard = array.addressable_shards[0].data.shape
+            assert np.prod(shard) < np.prod(array.shape), f"{name} is not actually split"
+
+
+def test_checkpoint_from_2x2x2_restores_onto_other_meshes(lm_steps, tmp_path):
+    _, state, _ = lm_steps["2x2x2"]
+    params = nnx.state(state, nnx.Param)  # what we restore: parameters and optimizer moments
+    saved = {"params": params, "opt": nnx.state(state[1], nnx.optimizer.OptState)}
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", saved)
+    checkpointer.wait_until_finished()
+    expected = as_numpy(saved)
+    for name in ("8x1x1", "1x1x1"):
+        mesh = mesh_of(name)
+        target = sh.abstract_with_shardings(saved, mesh)
+        restored = checkpointer.restore(tmp_path / "ckpt", target)
+        got = as_numpy(restored)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{key} on {name}")
+        kernel = restored["params"][0]["blocks"][0]["mlp"]["gate_proj"]["kernel"].get_value()
+        assert kernel.sharding.mesh.devices.size == mesh.devices.size
+        assert kernel.sharding.spec == sh.logical_to_mesh_spec(("embed", "mlp"), kernel.shape, mesh)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules, meshes and batches
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rules_fall_back_to_replicated_when_a_size_does_not_divide():
+    mesh = sh.make_mesh(2, 2, 2)
+    assert sh.logical_to_mesh_spec(("embed", "mlp"), (8, 16), mesh) == P("fsdp", "model")
+    assert sh.logical_to_mesh_spec(("embed", "mlp"), (7, 16), mesh) == P(None, "model")
+    assert sh.logical_to_mesh_spec(("batch", "length", "embed"), (6, 3, 8), mesh) == \
+        P(None, None, "fsdp")  # 6 rows do not split 4 ways
+    assert sh.logical_to_mesh_spec(("batch", None), (8, 3), mesh) == P(("data", "fsdp"), None)
+    assert sh.logical_to_mesh_spec(("layers", "classes"), (2, 2), mesh) == P(None, None)
+    with pytest.raises(ValueError, match="add it to hgrn_jax.sharding.LOGICAL_AXIS_RULES"):
+        sh.logical_to_mesh_spec(("heads",), (4,), mesh)
+    with pytest.raises(ValueError, match="name 2 dimensions but the array has shape"):
+        sh.logical_to_mesh_spec(("embed", "mlp"), (8,), mesh)
+
+
+def test_make_mesh_resolves_the_rest_and_explains_bad_sizes():
+    mesh = sh.make_mesh(data=-1, fsdp=2, model=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "model": 2}
+    assert mesh.axis_types == (jax.sharding.AxisType.Auto,) * 3
+    assert sh.MeshConfig(fsdp=-1, data=1).axis_sizes(8) == (1, 8, 1)
+    with pytest.raises(ValueError, match="product divides 8"):
+        sh.make_mesh(data=3)
+    with pytest.raises(ValueError, match="at most one axis may be -1"):
+        sh.make_mesh(data=-1, fsdp=-1)
+    with pytest.raises(ValueError, match="set one axis to -1"):
+        sh.make_mesh(data=2, fsdp=2, model=1)
+
+
+def test_shard_batch_splits_rows_over_data_and_fsdp():
+    mesh = sh.make_mesh(2, 2, 2)
+    batch = {"x": np.arange(8 * 3, dtype=np.float32).reshape(8, 3), "y": np.arange(8)}
+    out = sh.shard_batch(batch, mesh)
+    assert out["x"].sharding.spec == P(("data", "fsdp"), None)
+    assert {s.data.shape for s in out["x"].addressable_shards} == {(2, 3)}
+    np.testing.assert_array_equal(np.asarray(out["x"]), batch["x"])
+    np.testing.assert_array_equal(np.asarray(out["y"]), batch["y"])
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sh.shard_batch({"x": np.zeros((6, 3))}, mesh)
+
+
+def test_maybe_initialize_distributed_is_a_no_op_without_a_request():
+    assert sh.maybe_initialize_distributed(env={}) is False
+    assert sh.maybe_initialize_distributed(env={"JAX_NUM_PROCESSES": "1"}) is False
