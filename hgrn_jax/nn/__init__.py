@@ -6,12 +6,14 @@ from hgrn_jax.nn.embeddings import sinusoidal_positions
 from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
 from hgrn_jax.nn.glu import GLU
 from hgrn_jax.nn.hgru import HGRU, HGRU2D
+from hgrn_jax.nn.image import HGRNImageClassifier, ImageConfig
 from hgrn_jax.nn.lm import HGRNLM, LMConfig
 from hgrn_jax.nn.lower_bounds import LowerBounds, lower_bounds
 from hgrn_jax.nn.norms import ScaleFreeRMSNorm, make_norm
 
 __all__ = [
-    "ClassifierConfig", "HGRNClassifier", "sinusoidal_positions",
+    "ClassifierConfig", "HGRNClassifier", "HGRNImageClassifier", "ImageConfig",
+    "sinusoidal_positions",
     "FlaHGRNAttention", "GLU", "HGRNLM", "HGRU", "HGRU2D", "LMConfig", "LowerBounds",
     "ResidualBlock", "ScaleFreeRMSNorm", "lower_bounds", "make_norm",
 ]
