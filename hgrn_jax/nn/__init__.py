@@ -4,6 +4,7 @@ from hgrn_jax.nn.blocks import ResidualBlock
 from hgrn_jax.nn.classifier import ClassifierConfig, HGRNClassifier
 from hgrn_jax.nn.embeddings import sinusoidal_positions
 from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
+from hgrn_jax.nn.generate import generate, sample_token
 from hgrn_jax.nn.glu import GLU
 from hgrn_jax.nn.hgru import HGRU, HGRU2D
 from hgrn_jax.nn.image import HGRNImageClassifier, ImageConfig
@@ -13,7 +14,7 @@ from hgrn_jax.nn.norms import ScaleFreeRMSNorm, make_norm
 
 __all__ = [
     "ClassifierConfig", "HGRNClassifier", "HGRNImageClassifier", "ImageConfig",
-    "sinusoidal_positions",
+    "generate", "sample_token", "sinusoidal_positions",
     "FlaHGRNAttention", "GLU", "HGRNLM", "HGRU", "HGRU2D", "LMConfig", "LowerBounds",
     "ResidualBlock", "ScaleFreeRMSNorm", "lower_bounds", "make_norm",
 ]

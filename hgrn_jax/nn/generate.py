@@ -1,0 +1,83 @@
+"""Autoregressive generation from :class:`~hgrn_jax.nn.HGRNLM` with its recurrent cache.
+
+The prompt is consumed in one ``lm.step`` (prefill); every new token is one more ``lm.step`` on a
+(B, 1) input inside a ``lax.scan``, so the whole generation is one compiled program and each token
+costs the same whatever the context length.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array | float,
+                 top_k: int | None = None, greedy: bool = False) -> jax.Array:
+    """Next token ids (B,) from logits (B, vocab).
+
+    ``greedy``: the argmax. Otherwise a draw from ``softmax(logits / temperature)`` restricted to
+    the ``top_k`` largest logits when ``top_k`` is given (``top_k=1`` is the argmax).
+    """
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy"))
+def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Array, rng: jax.Array,
+              temperature: jax.Array, *, max_new_tokens: int, top_k: int | None, greedy: bool
+              ) -> jax.Array:
+    model = nnx.merge(graphdef, state)
+    model.eval()  # a copy: the caller's model keeps its mode
+    logits, cache = model.step(prompt_ids, model.init_cache(prompt_ids.shape[0]))
+    keys = jax.random.split(rng, max_new_tokens)
+    first = sample_token(logits[:, -1], keys[0], temperature, top_k, greedy)
+
+    def decode(carry, key):
+        token, cache = carry
+        logits, cache = model.step(token[:, None], cache)
+        token = sample_token(logits[:, 0], key, temperature, top_k, greedy)
+        return (token, cache), token
+
+    _, rest = jax.lax.scan(decode, (first, cache), keys[1:])
+    new = jnp.concatenate([first[:, None], rest.T], axis=1)
+    return jnp.concatenate([prompt_ids.astype(jnp.int32), new], axis=1)
+
+
+def generate(model: nnx.Module, prompt_ids: jax.Array, max_new_tokens: int, *,
+             rng: jax.Array | None = None, temperature: float = 1.0, top_k: int | None = None,
+             greedy: bool = False) -> jax.Array:
+    """Continue ``prompt_ids`` (B, T) by ``max_new_tokens`` tokens; returns (B, T + new) int32.
+
+    ``model`` is an :class:`~hgrn_jax.nn.HGRNLM` (anything with ``init_cache(B)`` and
+    ``step(ids, cache) -> (logits, cache)``); it runs in eval mode (no dropout). ``greedy=True``
+    takes the argmax; otherwise tokens are drawn with ``temperature`` (and ``top_k``) using the
+    JAX key ``rng``. Compiled once per model structure, prompt shape and ``max_new_tokens``.
+    """
+    prompt_ids = jnp.asarray(prompt_ids)
+    if prompt_ids.ndim != 2 or prompt_ids.shape[1] == 0:
+        raise ValueError(f"prompt_ids must be (batch, length >= 1) token ids; got shape "
+                         f"{prompt_ids.shape} (start an empty prompt with a BOS token)")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
+    if max_new_tokens == 0:
+        return prompt_ids.astype(jnp.int32)
+    if not greedy:
+        if rng is None:
+            raise ValueError("sampling needs rng=jax.random.key(seed) (or pass greedy=True)")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0; got {temperature} (use greedy=True for "
+                             "argmax decoding)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None; got {top_k}")
+    rng = jax.random.key(0) if rng is None else rng
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, prompt_ids, rng, jnp.float32(temperature),
+                     max_new_tokens=max_new_tokens, top_k=top_k, greedy=greedy)
