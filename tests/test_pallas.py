@@ -1,0 +1,153 @@
+"""The Pallas recurrence kernel (interpret mode on CPU) against a float64 NumPy loop, its
+gradients through ``linear_recurrence``'s custom VJP, and its GPU/TPU lowerings."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hgrn_jax.ops import linear_recurrence
+from hgrn_jax.ops.pallas_recurrence import pallas_recurrence
+
+# float32 accumulation over <= 40 steps with |a| <= 1 and O(1) inputs: rounding errors stay
+# within a few ulps of the O(1..10) states, far below 1e-5.
+F32_ATOL = 1e-5
+
+
+def reference(a, x, h0, reverse):
+    """float64 (complex128) loop; returns all states and the final state."""
+    a, x = np.asarray(a, np.complex128), np.asarray(x, np.complex128)
+    h = np.broadcast_to(np.asarray(h0, np.complex128), x.shape[:-2] + x.shape[-1:]).copy()
+    out = np.zeros_like(x)
+    length = x.shape[-2]
+    for t in (reversed(range(length)) if reverse else range(length)):
+        h = a[..., t, :] * h + x[..., t, :]
+        out[..., t, :] = h
+    return out, h
+
+
+def make_inputs(shape, complex_valued, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(0.6, 1.0, shape)
+    x = rng.normal(size=shape)
+    h0 = rng.normal(size=shape[:-2] + shape[-1:])
+    if complex_valued:
+        a = a * np.exp(1j * rng.uniform(-1, 1, shape))
+        x = x + 1j * rng.normal(size=shape)
+        h0 = h0 + 1j * rng.normal(size=h0.shape)
+        return a.astype(np.complex64), x.astype(np.complex64), h0.astype(np.complex64)
+    return a.astype(np.float32), x.astype(np.float32), h0.astype(np.float32)
+
+
+# L = 37 and C = 20 divide neither the time block (16) nor the channel tile (8), so both axes are
+# padded and the last tile of each is partial; B = 2 gives two batch programs.
+SHAPE = (2, 37, 20)
+SCHEDULE_BLOCKS = {
+    "tiled": dict(schedule="tiled", block_length=16, block_channels=8),
+    "streaming": dict(schedule="streaming", block_channels=8),
+}
+
+
+@pytest.mark.parametrize("schedule", ["tiled", "streaming"])
+@pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_matches_float64_loop_with_h0_and_padding(schedule, complex_valued, reverse):
+    a, x, h0 = make_inputs(SHAPE, complex_valued)
+    h, last = pallas_recurrence(a, x, h0, reverse=reverse, **SCHEDULE_BLOCKS[schedule])
+    want, want_last = reference(a, x, h0, reverse)
+    assert h.shape == SHAPE and last.shape == (2, 20)
+    assert h.dtype == a.dtype and last.dtype == a.dtype
+    np.testing.assert_allclose(np.asarray(h), want, atol=F32_ATOL, rtol=F32_ATOL)
+    np.testing.assert_allclose(np.asarray(last), want_last, atol=F32_ATOL, rtol=F32_ATOL)
+
+
+@pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_linear_recurrence_method_pallas(complex_valued, reverse):
+    """Default tiles, two leading axes, a broadcast decay and the last state."""
+    a, x, h0 = make_inputs((2, 3, 29, 5), complex_valued, seed=1)
+    a = a[0, 0, 0]  # (C,): one decay per channel, broadcast over batch and time
+    h, last = linear_recurrence(a, x, h0, reverse=reverse, method="pallas",
+                                return_last_state=True)
+    want, want_last = reference(np.broadcast_to(a, x.shape), x, h0, reverse)
+    np.testing.assert_allclose(np.asarray(h), want, atol=F32_ATOL, rtol=F32_ATOL)
+    np.testing.assert_allclose(np.asarray(last), want_last, atol=F32_ATOL, rtol=F32_ATOL)
+
+
+@pytest.mark.parametrize("schedule", ["tiled", "streaming"])
+def test_bf16_inputs_accumulate_in_float32(schedule):
+    a, x, _ = make_inputs(SHAPE, False, seed=2)
+    a16, x16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(x, jnp.bfloat16)
+    # The exact recurrence over the bf16-rounded inputs.
+    want, _ = reference(np.asarray(a16, np.float64), np.asarray(x16, np.float64), 0.0, False)
+    blocks = dict(SCHEDULE_BLOCKS[schedule], block_length=32) if schedule == "tiled" else \
+        SCHEDULE_BLOCKS[schedule]
+    # States written in float32: only float32 rounding on top of the bf16 inputs, so the
+    # accumulation did not happen in bf16 (which would be off by ~1e-2 here).
+    h32, last = pallas_recurrence(a16, x16, out_dtype=jnp.float32, **blocks)
+    assert h32.dtype == jnp.float32 and last.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(h32), want.real, atol=F32_ATOL, rtol=F32_ATOL)
+    # States written in bf16 by default: one bf16 rounding of each state (relative 2^-8).
+    h16, _ = pallas_recurrence(a16, x16, **blocks)
+    assert h16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(h16, np.float64), want.real, rtol=2 ** -8, atol=1e-6)
+
+
+def scan_recurrence(a, x, h0, reverse):
+    """Plain ``lax.scan``: JAX autodiff of it is the gradient reference."""
+    def step(h, ax):
+        h = ax[0] * h + ax[1]
+        return h, h
+
+    _, h = jax.lax.scan(step, h0, (jnp.moveaxis(a, -2, 0), jnp.moveaxis(x, -2, 0)),
+                        reverse=reverse)
+    return jnp.moveaxis(h, 0, -2)
+
+
+@pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_gradients_match_autodiff_of_scan(complex_valued, reverse):
+    a, x, h0 = make_inputs((2, 19, 6), complex_valued, seed=3)
+    w = np.random.default_rng(4).normal(size=x.shape).astype(np.float32)
+
+    def loss(fn, a, x, h0):
+        h = fn(a, x, h0)
+        return jnp.sum(jnp.real(h) * w) + jnp.sum(jnp.imag(h) * w[..., ::-1, :])
+
+    pallas = functools.partial(linear_recurrence, reverse=reverse, method="pallas")
+    scan = functools.partial(scan_recurrence, reverse=reverse)
+    got = jax.grad(functools.partial(loss, pallas), argnums=(0, 1, 2))(a, x, h0)
+    want = jax.grad(functools.partial(loss, scan), argnums=(0, 1, 2))(a, x, h0)
+    for g, w_ in zip(got, want):
+        assert g.dtype == w_.dtype
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w_), atol=1e-4, rtol=1e-4)
+
+
+def lowered_text(fn, platform, *args):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.complex64])
+def test_lowers_for_tpu_and_gpu(dtype):
+    """The tiled schedule lowers through Mosaic (TPU) and the streaming one through Triton (GPU),
+    at channel counts and lengths that need padding."""
+    spec = jax.ShapeDtypeStruct((2, 100, 300), dtype)
+    tiled = functools.partial(pallas_recurrence, schedule="tiled", interpret=False)
+    streaming = functools.partial(pallas_recurrence, schedule="streaming", interpret=False,
+                                  reverse=True)
+    assert "tpu_custom_call" in lowered_text(tiled, "tpu", spec, spec)
+    assert "triton" in lowered_text(streaming, "cuda", spec, spec)
+
+
+def test_bad_blocks_and_shapes_name_the_fix():
+    a, x, h0 = make_inputs((1, 8, 4), False)
+    with pytest.raises(ValueError, match="block_length must be a multiple of 8"):
+        pallas_recurrence(a, x, block_length=12)
+    with pytest.raises(ValueError, match=r"h0 must have shape \(1, 4\)"):
+        pallas_recurrence(a, x, h0[:, :2])
+    with pytest.raises(ValueError, match="unknown schedule"):
+        pallas_recurrence(a, x, schedule="blocked")
