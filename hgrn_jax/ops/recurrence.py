@@ -26,8 +26,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Method = Literal["auto", "sequential", "associative", "chunked"]
-METHODS: tuple[str, ...] = ("sequential", "associative", "chunked")
+Method = Literal["auto", "sequential", "associative", "chunked", "pallas"]
+METHODS: tuple[str, ...] = ("sequential", "associative", "chunked", "pallas")
 
 _TIME_AXIS = -2
 _DEFAULT_CHUNK = 64
@@ -73,8 +73,9 @@ def linear_recurrence(
         after the last step (``h_L``).
       reverse: run from ``t = L-1`` down to 0: ``h_t = a_t * h_{t+1} + x_t``.
       method: ``"sequential"`` (``lax.scan``), ``"associative"`` (``lax.associative_scan``),
-        ``"chunked"`` (parallel inside chunks of ``chunk_size``, carried across chunks) or
-        ``"auto"`` (see :func:`default_method`).
+        ``"chunked"`` (parallel inside chunks of ``chunk_size``, carried across chunks),
+        ``"pallas"`` (a one-pass Pallas kernel, :mod:`hgrn_jax.ops.pallas_recurrence`;
+        interpreted on CPU) or ``"auto"`` (see :func:`default_method`).
       return_last_state: also return the final state ``(..., C)`` (``h_{L-1}``, or ``h_0`` when
         ``reverse``), for streaming.
       chunk_size: chunk length of the chunked method.
@@ -146,6 +147,10 @@ def _scan(a, x, h0, reverse, method, chunk_size):
         return _sequential(a, x, h0, reverse)
     if method == "associative":
         return _associative(a, x, h0, reverse)
+    if method == "pallas":
+        from hgrn_jax.ops.pallas_recurrence import pallas_scan
+
+        return pallas_scan(a, x, h0, reverse)
     return _chunked(a, x, h0, reverse, chunk_size)
 
 
