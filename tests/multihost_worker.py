@@ -1,0 +1,101 @@
+"""One process of the multi-host test: an LM training step on a (2, 2, 2) mesh over all devices.
+
+Run as ``python tests/multihost_worker.py --process-id I --num-processes N --port P --out F``:
+each process gets ``8 / N`` simulated CPU devices, joins the loopback coordinator with the gloo
+CPU collectives, feeds only its own rows of the global batch, and process 0 writes the loss and
+every updated state leaf to ``F`` (.npz). ``tests/test_multihost.py`` imports
+:func:`train_step_outputs` to compute the same step in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+TOTAL_DEVICES = 8
+
+
+def _configure_jax(num_processes: int) -> None:
+    """Must run before JAX creates its backend."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", TOTAL_DEVICES // num_processes)
+    if num_processes > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def train_step_outputs() -> dict:
+    """Loss and every leaf of the (model, optimizer) state after one adamw step, as numpy arrays
+    gathered from all processes; the same on every process."""
+    import jax
+    import numpy as np
+    import optax
+    from flax import nnx
+    from jax.experimental import multihost_utils
+
+    from hgrn_jax import sharding as sh
+    from hgrn_jax.nn import HGRNLM, LMConfig
+
+    config = LMConfig(vocab_size=32, features=8, num_layers=2, glu_hidden=16)
+    global_batch, length = 8, 6
+
+    def factory():
+        model = HGRNLM(config, rngs=nnx.Rngs(0))
+        return model, nnx.Optimizer(model, optax.adamw(1e-2, weight_decay=0.1), wrt=nnx.Param)
+
+    def loss_fn(model, batch):
+        logits = model(batch["inputs"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
+    mesh = sh.make_mesh(data=2, fsdp=2, model=2)
+    graphdef, state = nnx.split(sh.create_sharded(factory, mesh))
+    state_sh = sh.state_shardings(state, mesh)
+
+    def step(state, batch):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), loss
+
+    jitted = sh.jit_step(step, in_shardings=(state_sh, sh.batch_sharding(mesh)),
+                         out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=0)
+
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (global_batch, length + 1))
+    rows = global_batch // jax.process_count()
+    mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+    local = {"inputs": ids[mine, :-1].astype(np.int32), "targets": ids[mine, 1:].astype(np.int32)}
+    new_state, loss = jitted(state, sh.shard_batch(local, mesh))
+
+    arrays = nnx.state(new_state, nnx.Param, nnx.optimizer.OptState)
+    outputs = {"loss": np.asarray(multihost_utils.process_allgather(loss, tiled=True))}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(arrays):
+        outputs[jax.tree_util.keystr(path)] = np.asarray(
+            multihost_utils.process_allgather(leaf, tiled=True))
+    return outputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--process-id", type=int, required=True)
+    parser.add_argument("--num-processes", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    _configure_jax(args.num_processes)
+    import jax
+    import numpy as np
+
+    from hgrn_jax import sharding as sh
+
+    sh.maybe_initialize_distributed(coordinator_address=f"127.0.0.1:{args.port}",
+                                    num_processes=args.num_processes, process_id=args.process_id)
+    assert jax.process_count() == args.num_processes and jax.device_count() == TOTAL_DEVICES
+    outputs = train_step_outputs()
+    if jax.process_index() == 0:
+        np.savez(args.out, **outputs)
+
+
+if __name__ == "__main__":
+    main()
