@@ -1,0 +1,338 @@
+"""ListOps (Long Range Arena): a generator, the release's TSV layout, a reader and a tokenizer.
+
+The LRA specification of the task (Tay et al. 2021, after Nangia & Bowman 2018):
+
+- An expression is a tree. A leaf is a value 0-9; an inner node applies one of four operators to
+  2 to ``max_args`` (10) arguments: ``[MIN``, ``[MAX``, ``[MED`` (the median, truncated to an
+  integer: the median of 1 and 4 is 2) and ``[SM`` (sum modulo 10). A node is closed by ``]``.
+- At each depth below ``max_depth`` (10) a node is an operator with probability 0.25 and a value
+  otherwise; at ``max_depth`` it is a value. The root is at depth 1, so values sit at depth <= 10.
+- The length of an expression is its number of operator, value and ``]`` tokens (no brackets).
+  Only expressions with ``min_length < length < max_length`` are kept (500 and 2000 in LRA).
+- Expressions are deduplicated and split, in generation order, into 96,000 train, 2,000
+  validation and 2,000 test examples. The target is the value of the expression, a class 0-9.
+- Files: ``basic_train.tsv``, ``basic_val.tsv``, ``basic_test.tsv``; a header ``Source<TAB>Target``
+  and one ``source<TAB>target`` row per example. The source writes every operator node as
+  left-nested pairs in parentheses: ``[MAX 2 9 ]`` is ``( ( ( [MAX 2 ) 9 ) ] )``.
+
+Generation here is deterministic from a seed (Python's ``random.Random``); it cannot reproduce
+the release's examples, only its distribution.
+
+The tokenizer follows the HGRN/S4 LRA pipeline: parentheses are dropped, each remaining
+whitespace-separated token is one id, an end token closes every sequence, sequences are
+truncated to ``seq_len`` (end token included) and padded with id 0. The vocabulary is fixed
+(``<pad>`` 0, ``<unk>`` 1, ``<eos>`` 2, then the 15 release tokens); the reference builds it
+from the training file in frequency order, so its ids differ from ours but the set is the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+
+from hgrn_jax.data.lra_tsv import MalformedRowError, find_file, parse_int_label, read_tsv
+
+OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
+END = "]"
+VALUES = tuple(range(10))
+OPERATOR_PROBABILITY = 0.25
+SPLITS = ("train", "val", "test")
+NUM_CLASSES = 10
+
+Tree = Union[int, tuple[str, tuple["Tree", ...]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ListOpsSpec:
+    """What to generate. Defaults are the LRA release's settings."""
+
+    min_length: int = 500
+    max_length: int = 2000
+    max_depth: int = 10
+    max_args: int = 10
+    num_train: int = 96_000
+    num_val: int = 2_000
+    num_test: int = 2_000
+
+    def __post_init__(self):
+        if not 0 <= self.min_length < self.max_length - 1:
+            raise ValueError(f"need 0 <= min_length < max_length - 1; got {self.min_length}, "
+                             f"{self.max_length}")
+        if self.max_depth < 2 or self.max_args < 2:
+            raise ValueError("max_depth and max_args must be at least 2")
+
+    def split_sizes(self) -> dict[str, int]:
+        return {"train": self.num_train, "val": self.num_val, "test": self.num_test}
+
+
+# ----------------------------------------------------------------------------- trees
+
+
+def evaluate(tree: Tree) -> int:
+    """The value 0-9 of an expression tree."""
+    if isinstance(tree, int):
+        return tree
+    op, args = tree
+    values = [evaluate(a) for a in args]
+    if op == "[MIN":
+        return min(values)
+    if op == "[MAX":
+        return max(values)
+    if op == "[MED":
+        return int(statistics.median(values))
+    if op == "[SM":
+        return sum(values) % 10
+    raise ValueError(f"unknown ListOps operator {op!r}")
+
+
+def to_source(tree: Tree) -> str:
+    """The release's text of an expression (left-nested parenthesised pairs)."""
+    if isinstance(tree, int):
+        return str(tree)
+    op, args = tree
+    text = f"( {op} {to_source(args[0])} )"
+    for arg in args[1:]:
+        text = f"( {text} {to_source(arg)} )"
+    return f"( {text} {END} )"
+
+
+def parse_source(source: str) -> Tree:
+    """The tree of a source string (release layout, or the same tokens without parentheses)."""
+    stack: list[tuple[str, list[Tree]]] = []
+    result: Tree | None = None
+    for token in source.split():
+        if token in ("(", ")"):
+            continue
+        if token in OPERATORS:
+            stack.append((token, []))
+        elif token == END:
+            if not stack:
+                raise ValueError(f"unbalanced {END!r} in ListOps source {source[:80]!r}")
+            op, args = stack.pop()
+            node: Tree = (op, tuple(args))
+            if stack:
+                stack[-1][1].append(node)
+            else:
+                result = node
+        elif token.isdigit() and len(token) == 1:
+            if stack:
+                stack[-1][1].append(int(token))
+            else:
+                result = int(token)
+        else:
+            raise ValueError(f"unknown token {token!r} in ListOps source {source[:80]!r}")
+    if stack or result is None:
+        raise ValueError(f"incomplete ListOps source {source[:80]!r}")
+    return result
+
+
+def tree_length(tree: Tree) -> int:
+    """Operator, value and end tokens of a tree (the length LRA filters on)."""
+    if isinstance(tree, int):
+        return 1
+    return 2 + sum(tree_length(a) for a in tree[1])
+
+
+class _TooLong(Exception):
+    pass
+
+
+def _random_tree(rng: random.Random, spec: ListOpsSpec) -> Tree | None:
+    """One random tree following the spec, or None once it grows past ``max_length`` tokens
+    (the draw is then abandoned: it would be rejected anyway)."""
+    budget = [spec.max_length]
+
+    def spend(n: int) -> None:
+        budget[0] -= n
+        if budget[0] <= 0:
+            raise _TooLong
+
+    def grow(depth: int) -> Tree:
+        if depth < spec.max_depth and rng.random() < OPERATOR_PROBABILITY:
+            spend(2)
+            op = rng.choice(OPERATORS)
+            num_args = rng.randint(2, spec.max_args)
+            return op, tuple(grow(depth + 1) for _ in range(num_args))
+        spend(1)
+        return rng.choice(VALUES)
+
+    try:
+        return grow(1)
+    except _TooLong:
+        return None
+
+
+def generate(spec: ListOpsSpec, seed: int, *, max_draws: int | None = None
+             ) -> dict[str, list[tuple[str, int]]]:
+    """Deduplicated (source, target) examples per split, deterministic from ``seed``."""
+    total = sum(spec.split_sizes().values())
+    max_draws = max_draws or 2000 * total + 100_000
+    rng = random.Random(seed)
+    examples: dict[str, int] = {}
+    draws = 0
+    while len(examples) < total:
+        draws += 1
+        if draws > max_draws:
+            raise RuntimeError(
+                f"only {len(examples)} distinct ListOps expressions with {spec.min_length} < "
+                f"length < {spec.max_length} after {max_draws} draws; widen the length range "
+                "or ask for fewer examples")
+        tree = _random_tree(rng, spec)
+        if tree is None or not spec.min_length < tree_length(tree) < spec.max_length:
+            continue
+        source = to_source(tree)
+        if source not in examples:
+            examples[source] = evaluate(tree)
+    items = list(examples.items())
+    out, start = {}, 0
+    for split, size in spec.split_sizes().items():
+        out[split] = items[start:start + size]
+        start += size
+    return out
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def split_filename(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown ListOps split {split!r}; use one of {SPLITS}")
+    return f"basic_{split}.tsv"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename, so readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_tsv(folder: str | Path, examples: dict[str, Sequence[tuple[str, int]]]) -> None:
+    """``basic_{split}.tsv`` files with the release's header and rows."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in examples.items():
+        lines = ["Source\tTarget"] + [f"{source}\t{target}" for source, target in rows]
+        _atomic_write(folder / split_filename(split), "\n".join(lines) + "\n")
+
+
+def generated_folder(cache_dir: str | Path, spec: ListOpsSpec, seed: int) -> Path:
+    """The cache folder of one (spec, seed): ``cache_dir/listops-<hash>``."""
+    key = json.dumps({"spec": dataclasses.asdict(spec), "seed": seed}, sort_keys=True)
+    return Path(cache_dir) / f"listops-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def ensure_generated(cache_dir: str | Path, spec: ListOpsSpec, seed: int) -> Path:
+    """The folder holding generated ``basic_*.tsv`` for (spec, seed), generating it if absent.
+
+    Several processes may call this at once: each writes identical files atomically.
+    """
+    folder = generated_folder(cache_dir, spec, seed)
+    if all((folder / split_filename(s)).is_file() for s in SPLITS):
+        return folder
+    write_tsv(folder, generate(spec, seed))
+    _atomic_write(folder / "spec.json",
+                  json.dumps({"spec": dataclasses.asdict(spec), "seed": seed}, indent=1) + "\n")
+    return folder
+
+
+def find_release_file(lra_dir: str | Path, split: str) -> Path:
+    """``basic_{split}.tsv`` in ``lra_dir`` or its ``listops-1000``/``listops`` subfolder."""
+    lra_dir = Path(lra_dir)
+    return find_file([lra_dir, lra_dir / "listops-1000", lra_dir / "listops"],
+                     split_filename(split), what="the LRA release's ListOps files",
+                     config_key="data.lra_dir")
+
+
+def read_examples(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """Sources and targets (int32, 0-9) of one ``basic_*.tsv``; errors name file and line."""
+    rows = read_tsv(path, ("Source", "Target"))
+    sources = [row.fields[0] for row in rows]
+    labels = np.array([parse_int_label(row.fields[1], path, row.line, NUM_CLASSES)
+                       for row in rows], np.int32)
+    return sources, labels
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+class ListOpsTokenizer:
+    """Source strings -> int32 ids: parentheses dropped, an end token, padding id 0."""
+
+    SPECIALS = ("<pad>", "<unk>", "<eos>")
+    TOKENS = tuple(str(v) for v in VALUES) + OPERATORS + (END,)
+    pad_id, unk_id, eos_id = 0, 1, 2
+
+    def __init__(self):
+        self.vocab = {tok: i for i, tok in enumerate(self.SPECIALS + self.TOKENS)}
+        # Fast path: every release token becomes one character, looked up in a byte table.
+        self._shorthand = {op: chr(ord("a") + i) for i, op in enumerate(OPERATORS)}
+        self._shorthand[END] = "z"
+        table = np.full(256, self.unk_id, np.int32)
+        for tok in self.TOKENS:
+            table[ord(self._shorthand.get(tok, tok))] = self.vocab[tok]
+        self._table = table
+        self._known = frozenset(self.TOKENS)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def tokenize(self, source: str) -> list[str]:
+        return [t for t in source.split() if t not in ("(", ")")]
+
+    def _ids(self, source: str) -> np.ndarray:
+        tokens = self.tokenize(source)
+        if self._known.issuperset(tokens):
+            compact = "".join(self._shorthand.get(t, t) for t in tokens)
+            return self._table[np.frombuffer(compact.encode("ascii"), np.uint8)]
+        return np.array([self.vocab.get(t, self.unk_id) for t in tokens], np.int32)
+
+    def encode(self, sources: Sequence[str], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """ids (N, seq_len) int32 and lengths (N,) int32 (end token included, <= seq_len)."""
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2; got {seq_len}")
+        ids = np.zeros((len(sources), seq_len), np.int32)
+        lengths = np.zeros(len(sources), np.int32)
+        for i, source in enumerate(sources):
+            tokens = self._ids(source)[: seq_len - 1]
+            n = len(tokens)
+            ids[i, :n] = tokens
+            ids[i, n] = self.eos_id
+            lengths[i] = n + 1
+        return ids, lengths
+
+    def decode(self, ids: np.ndarray) -> str:
+        inverse = {i: t for t, i in self.vocab.items()}
+        return " ".join(inverse[int(i)] for i in ids if int(i) not in (self.pad_id, self.eos_id))
+
+
+def load_split(folder_or_file: str | Path, split: str, seq_len: int,
+               tokenizer: ListOpsTokenizer | None = None) -> dict[str, np.ndarray]:
+    """One split encoded: ``inputs`` (N, seq_len) int32, ``lengths`` (N,), ``labels`` (N,).
+
+    ``folder_or_file`` is a folder with ``basic_{split}.tsv`` (generated or the release) or the
+    file itself.
+    """
+    path = Path(folder_or_file)
+    if path.is_dir():
+        path = path / split_filename(split)
+    sources, labels = read_examples(path)
+    if not sources:
+        raise MalformedRowError(f"{path}: no examples")
+    ids, lengths = (tokenizer or ListOpsTokenizer()).encode(sources, seq_len)
+    return {"inputs": ids, "lengths": lengths, "labels": labels}
