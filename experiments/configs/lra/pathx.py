@@ -1,0 +1,20 @@
+"""LRA Path-X (DESIGN.md 3.4): 2-D HGRN, 6 layers, d 64, sync BN, 128 x 128 grey pixels; 97.50%.
+
+No position encoding. The release reader (``pathfinder128`` in ``data.lra_dir``) arrives with
+issue 5; ``tiny`` uses generated 16 x 16 path images (as Pathfinder's ``tiny``).
+"""
+
+from experiments.configs import common
+from experiments.configs.lra import pathfinder
+
+PATH = "experiments/configs/lra/pathx.py"
+
+
+def get_config(preset: str | None = None):
+    c = common.lra_config(
+        "pathx", mixer="2d", layers=6, features=64, glu_expand=1, norm="sync_batch",
+        batch_size=16, learning_rate=7.5e-4, weight_decay=0.0, dropout=0.0,
+        warmup_steps=150_000, decay_steps=500_000, epochs=100, paper_accuracy=97.50,
+        position_encoding=False)
+    c = pathfinder._pathfinder_data(c, size=128)
+    return common.finish(c, preset, {"tiny": pathfinder.tiny}, PATH)
