@@ -1,0 +1,1 @@
+"""Experiment entry points: configs, ``python -m experiments.train`` and the report."""

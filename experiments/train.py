@@ -1,0 +1,126 @@
+"""Train one experiment: ``python -m experiments.train --config=FILE[:PRESET] --workdir=DIR``.
+
+Overrides: ``--config.key=value`` (e.g. ``--config.batch_size=64 --config.optimizer.learning_rate=1e-3``);
+an unknown key or a value of the wrong type stops at once with a message naming the key.
+Running the same command on the same workdir resumes from its newest checkpoint.
+
+Multi-host (TPU pods, GPU clusters): run the same command on every host. The coordinator
+address, number of processes and process id come from ``--coordinator_address``,
+``--num_processes``, ``--process_id`` or the environment (``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; ``HGRN_DISTRIBUTED=1`` lets JAX detect the cluster).
+
+CPU testing: ``HGRN_NUM_CPU_DEVICES=N`` simulates N CPU devices; multi-process CPU runs use the
+gloo collectives.
+
+Exit codes: 0 finished, or preempted by SIGTERM after saving a checkpoint (the message says
+which; rerun to resume); 1 the loss became NaN/inf (the message gives the step); 2 a bad flag,
+config value or missing data (the message names the fix).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, optionally with a preset: path.py[:PRESET].",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics, results).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 for multi-host runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_TRACEBACK = flags.DEFINE_bool("traceback", False,
+                               "Show full tracebacks instead of one-line error messages.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+EXIT_NONFINITE = 1
+EXIT_USAGE = 2
+
+
+def _configure_jax() -> None:
+    """Settings that must precede JAX's backend initialisation."""
+    import jax
+
+    num_cpu = os.environ.get("HGRN_NUM_CPU_DEVICES")
+    if num_cpu:
+        jax.config.update("jax_num_cpu_devices", int(num_cpu))
+    multi_process = (_NUM_PROCESSES.value or int(os.environ.get("JAX_NUM_PROCESSES", "1"))) > 1
+    if multi_process and os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+    from hgrn_jax import sharding
+
+    sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                          _PROCESS_ID.value)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with config-override errors as one line naming the key."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        _fail(f"{error}\nPass --helpshort to see the flags.", EXIT_USAGE)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        # ml_collections reports an unknown --config.key as an AttributeError/KeyError whose
+        # text is the quoted key, sometimes with a suggestion; make it one readable line.
+        text = str(error.args[0] if error.args else error)
+        text = " ".join(text.replace("\\n", "\n").split()).replace("\\'", "").replace("'", "")
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        key = text.split()[0].strip("\"") if text else ""
+        text = text.strip("\"")
+        culprit = next((o for o in overrides if key and o.endswith("." + key)), None)
+        culprit = culprit or next((o for o in overrides if key and key in o), "--config.?")
+        if isinstance(error, (AttributeError, KeyError)):
+            _fail(f"unknown config key {culprit} ({text}); the keys are those of the config "
+                  "file (a previous run's config.json lists them)", EXIT_USAGE)
+        _fail(f"bad value for {culprit}: {text}", EXIT_USAGE)
+    return []
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; options look like --config.key=value", EXIT_USAGE)
+    if not flags.FLAGS["verbosity"].present:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
+    _configure_jax()
+
+    from hgrn_jax.training.loop import (PREEMPTED_EXIT_CODE, NonFiniteLossError, Preempted,
+                                        train_and_evaluate)
+
+    config = _CONFIG.value
+    try:
+        results = train_and_evaluate(config, _WORKDIR.value)
+    except Preempted as preempted:
+        print(str(preempted), file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except NonFiniteLossError as error:
+        if _TRACEBACK.value:
+            raise
+        _fail(str(error), EXIT_NONFINITE)
+    except (ValueError, FileNotFoundError, KeyError, AttributeError) as error:
+        if _TRACEBACK.value:
+            raise
+        _fail(f"{type(error).__name__}: {error} (rerun with --traceback for details)", EXIT_USAGE)
+    metric = results["metric"]
+    print(f"{results['task']}: best val {metric} {results['best_val']:.4f}, "
+          f"test {metric} {results['test']:.4f} (paper {results['paper']}), "
+          f"{results['steps']} steps, {results['wall_time_s']:.1f} s", flush=True)
+
+
+def run() -> None:
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,120 @@
+"""What a run writes to its folder: config, metrics (JSON lines and TensorBoard), results, and
+the progress bar. Only process 0 writes; the other processes get no-op writers.
+
+Files in the workdir:
+  config.json     the resolved config
+  metrics.jsonl   one JSON object per logged train step and per evaluation:
+                  {"step", "split": "train" | "val" | "test", "loss", "accuracy" | "perplexity",
+                   "lr", "steps_per_sec", ...}
+  tensorboard/    event files (tag "<split>/<metric>")
+  results.json    the final numbers (see :func:`write_results`)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "__array__"):
+        value = np.asarray(value)
+        return value.item() if value.ndim == 0 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """Appends metrics to ``metrics.jsonl`` and TensorBoard; a no-op unless ``enabled``."""
+
+    def __init__(self, workdir: str | Path, *, enabled: bool = True):
+        self.enabled = enabled
+        self.workdir = Path(workdir)
+        self._tb = None
+        self._jsonl = None
+        if enabled:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+            from tensorboardX import SummaryWriter  # heavy import, only on the writing process
+
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+
+    def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+        """One record: ``{"step": step, "split": split, **metrics}``."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), "split": split, **_jsonable(metrics)}
+        self._jsonl.write(json.dumps(record, sort_keys=True) + "\n")
+        self._jsonl.flush()
+        for name, value in metrics.items():
+            if isinstance(value, (int, float, np.generic)) and math.isfinite(float(value)):
+                self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+class ProgressBar:
+    """A tqdm bar over the training steps showing loss, steps/s and the time left.
+
+    Quiet when stderr is not a terminal or ``enabled`` is False (other processes).
+    """
+
+    def __init__(self, total: int, initial: int, *, enabled: bool = True):
+        self._bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                             smoothing=0.1)
+
+    def update(self, steps: int, **postfix: float) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+            if postfix:
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the bar."""
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def write_config(workdir: str | Path, config: Any) -> None:
+    """The resolved config as ``config.json``."""
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    write_json(Path(workdir) / "config.json", as_dict)
+
+
+def write_results(workdir: str | Path, results: dict[str, Any]) -> None:
+    """``results.json``: task, metric, best_val, test, paper, steps, wall_time_s, num_params,
+    devices, process_count (and anything else in ``results``)."""
+    write_json(Path(workdir) / "results.json", results)

@@ -1,0 +1,345 @@
+"""``train_and_evaluate(config, workdir)``: the whole run, resumable and preemption-safe.
+
+Steps: build the task and a sharded train state; resume from the newest readable checkpoint in
+``workdir/checkpoints`` (the data position is the saved step); train with logging; evaluate the
+whole validation split every ``eval_every`` steps and checkpoint with the validation metric (the
+best one is kept); checkpoint every ``checkpoint_every`` steps; at the end evaluate the test split
+with the best validation checkpoint and write ``results.json``.
+
+Stopping:
+- SIGTERM (preemption): the current step finishes, a checkpoint is written, and
+  :class:`Preempted` is raised; ``experiments.train`` turns it into exit code
+  :data:`PREEMPTED_EXIT_CODE`. Running the same command again resumes from that step.
+- A NaN/inf loss or gradient: :class:`NonFiniteLossError` naming the first bad step; nothing
+  after the last healthy checkpoint is saved.
+
+Accuracy is reported in percent (as the paper's tables); perplexity as exp(mean token loss).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+from hgrn_jax import sharding
+from hgrn_jax.training import optim
+from hgrn_jax.training.checkpoint import Checkpoints
+from hgrn_jax.training.logging import MetricsWriter, ProgressBar, write_config, write_results
+from hgrn_jax.training.state import (TrainState, abstract_checkpoint_tree, count_params,
+                                     create_train_state, from_checkpoint_tree, to_checkpoint_tree)
+from hgrn_jax.training.steps import (jit_eval_step, jit_train_step, make_eval_step,
+                                     make_train_step)
+
+PREEMPTED_EXIT_CODE = 0
+"""Exit code of ``experiments.train`` after a SIGTERM: the checkpoint is safe; rerun to resume."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss or gradient became NaN or infinite."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint at ``step`` was written."""
+
+    def __init__(self, step: int, workdir: str | Path):
+        self.step, self.workdir = step, workdir
+        super().__init__(f"preempted (SIGTERM): saved a checkpoint at step {step} in {workdir}; "
+                         "run the same command again to resume")
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def summarize(sums: dict[str, float], metric: str) -> dict[str, float]:
+    """Loss and the task metric from summed ``loss_sum``, ``weight`` (and ``correct``)."""
+    weight = float(sums["weight"])
+    if weight <= 0:
+        raise ValueError("evaluation saw no examples with weight > 0; check the split's data")
+    out = {"loss": float(sums["loss_sum"]) / weight}
+    if metric == "accuracy":
+        out["accuracy"] = 100.0 * float(sums["correct"]) / weight
+    elif metric == "perplexity":
+        out["perplexity"] = math.exp(min(out["loss"], 700.0))
+    else:
+        raise ValueError(f"unknown task metric {metric!r}; use 'accuracy' or 'perplexity'")
+    return out
+
+
+def _add_sums(total: dict[str, float] | None, sums: dict[str, Any]) -> dict[str, float]:
+    sums = {k: np.asarray(v, np.float64) for k, v in jax.device_get(sums).items()}
+    if total is None:
+        return {k: float(v) for k, v in sums.items()}
+    return {k: total[k] + float(sums[k]) for k in total}
+
+
+# ----------------------------------------------------------------------------------------------
+# Preemption
+# ----------------------------------------------------------------------------------------------
+
+
+class _SigtermFlag:
+    """Sets a flag on SIGTERM (main thread only) and restores the previous handler on exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_SigtermFlag":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        del signum, frame
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self) -> bool:
+        """True when any process got SIGTERM (all processes must stop at the same step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self.requested))
+        return bool(np.any(flags))
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+
+def _config_int(config: Any, key: str, default: int) -> int:
+    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
+    return int(value)
+
+
+def _check_batch_size(config: Any, mesh) -> None:
+    shards, processes = sharding.num_batch_shards(mesh), jax.process_count()
+    if config.batch_size % processes:
+        raise ValueError(f"batch_size={config.batch_size} must be a multiple of the number of "
+                         f"processes ({processes}); set --config.batch_size accordingly")
+    if config.batch_size % shards:
+        raise ValueError(f"batch_size={config.batch_size} does not split over the mesh's {shards} "
+                         "batch shards (data x fsdp); change --config.batch_size or --config.mesh.*")
+
+
+def resolve_task(config: Any) -> Any:
+    """The task of ``config.task``: a name known to :func:`hgrn_jax.training.tasks.get_task`,
+    or ``"package.module:factory"`` for a user-defined task (``factory(config) -> Task``)."""
+    name = str(config.task)
+    if ":" in name:
+        import importlib
+
+        module_name, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"config.task={name!r}: cannot import {attr!r} from {module_name!r} "
+                             f"({error}); use a task name or 'module:factory'") from error
+        return factory(config)
+    from hgrn_jax.training.tasks import get_task
+
+    return get_task(config)
+
+
+class _Run:
+    """The state and helpers of one call of :func:`train_and_evaluate`."""
+
+    def __init__(self, config: Any, workdir: str | Path, task: Any = None):
+        self.config = config
+        self.workdir = Path(workdir)
+        self.primary = jax.process_index() == 0
+        self.task = task if task is not None else resolve_task(config)
+        mesh_cfg = config.get("mesh", {}) if hasattr(config, "get") else {}
+        self.mesh = sharding.make_mesh(int(mesh_cfg.get("data", -1)), int(mesh_cfg.get("fsdp", 1)),
+                                       int(mesh_cfg.get("model", 1)))
+        _check_batch_size(config, self.mesh)
+        self.schedule = None
+
+        def make_tx(params):
+            tx, self.schedule = optim.make_optimizer(config, params)
+            return tx
+
+        self.graphdef, self.tx, self.state, self.shardings = create_train_state(
+            self.task.build_model, make_tx, int(config.seed), self.mesh)
+        self.num_params = count_params(self.state.params)
+        accumulate = int(dict(config.optimizer).get("accumulate_steps", 1) or 1)
+        self.train_step = jit_train_step(
+            make_train_step(self.graphdef, self.tx, self.task.loss_fn, self.schedule,
+                            accumulate_steps=accumulate), self.shardings, self.mesh)
+        self.eval_step = jit_eval_step(make_eval_step(self.graphdef, self.task.loss_fn),
+                                       self.shardings, self.mesh)
+        self.metric = self.task.metric
+        self.best_mode = "max" if self.metric == "accuracy" else "min"
+        self.best_key = f"val_{self.metric}"
+        self.checkpoints = Checkpoints(self.workdir / "checkpoints",
+                                       keep=_config_int(config, "keep_checkpoints", 2),
+                                       best_metric=self.best_key, best_mode=self.best_mode)
+        self.ckpt_target = abstract_checkpoint_tree(
+            jax.eval_shape(lambda s: s, self.state), self.shardings)
+        self.writer = MetricsWriter(self.workdir, enabled=self.primary)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def restore(self, step: int | None = None) -> tuple[TrainState, dict] | None:
+        """The newest readable checkpoint (or ``step``) as ``(state, meta)``."""
+        if step is None:
+            found = self.checkpoints.restore_latest(self.ckpt_target)
+            if found is None:
+                return None
+            _, tree, meta = found
+        else:
+            tree, meta = self.checkpoints.restore(step, self.ckpt_target)
+        return from_checkpoint_tree(tree, self.state), meta
+
+    def save(self, state: TrainState, meta: dict, metrics: dict | None = None) -> None:
+        self.check_finite(state)
+        step = int(jax.device_get(state.step))
+        self.checkpoints.save(step, to_checkpoint_tree(state), meta, metrics)
+
+    @staticmethod
+    def check_finite(state: TrainState) -> None:
+        bad = int(jax.device_get(state.nonfinite_step))
+        if bad >= 0:
+            raise NonFiniteLossError(
+                f"the training loss or gradient became NaN/inf at step {bad}; stopping (the last "
+                "checkpoint before it is kept). Lower optimizer.learning_rate, enable "
+                "optimizer.grad_clip_norm, or use dtype='float32'")
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def evaluate(self, state: TrainState, split: str) -> dict[str, float]:
+        total = None
+        with jax.set_mesh(self.mesh):
+            for batch in self.task.eval_batches(split, jax.process_index(), jax.process_count()):
+                sums = self.eval_step(state.params, state.model_state,
+                                      sharding.shard_batch(batch, self.mesh))
+                total = _add_sums(total, sums)
+        if total is None:
+            raise ValueError(f"the {split!r} split yielded no batches; check the data folder")
+        return summarize(total, self.metric)
+
+
+def _train_batches(task, start: int) -> Iterator[dict]:
+    return iter(task.train_batches(start, jax.process_index(), jax.process_count()))
+
+
+def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> dict[str, Any]:
+    """Train, evaluate and report one run; resumes if ``workdir`` holds checkpoints.
+
+    ``task`` overrides :func:`resolve_task` (tests and notebooks pass their own). Returns the results written to ``workdir/results.json``. Raises :class:`Preempted` after a
+    SIGTERM (checkpoint saved) and :class:`NonFiniteLossError` when the loss diverges.
+    """
+    workdir = Path(workdir)
+    run = _Run(config, workdir, task)
+    if run.primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_config(workdir, config)
+
+    total_steps = int(config.num_train_steps)
+    eval_every = max(_config_int(config, "eval_every", total_steps), 1)
+    ckpt_every = max(_config_int(config, "checkpoint_every", eval_every), 1)
+    log_every = max(_config_int(config, "log_every", 50), 1)
+
+    state, meta = run.state, {"step": 0, "wall_time_s": 0.0}
+    restored = run.restore()
+    if restored is not None:
+        state, meta = restored
+    start = int(meta["step"])
+    wall_before = float(meta.get("wall_time_s", 0.0))
+    t_start = time.time()
+
+    def bookkeeping(step: int) -> dict:
+        return {"step": step, "wall_time_s": wall_before + time.time() - t_start,
+                "task": run.task.name}
+
+    bar = ProgressBar(total_steps, start, enabled=run.primary)
+    if start > 0:
+        bar.write(f"resuming from step {start} in {workdir}")
+    pending: list[dict] = []
+    t_log, steps_since_log = time.time(), 0
+    try:
+        with _SigtermFlag() as sigterm, jax.set_mesh(run.mesh):
+            batches = _train_batches(run.task, start)
+            for step in range(start, total_steps):
+                batch = sharding.shard_batch(next(batches), run.mesh)
+                state, metrics = run.train_step(state, batch)
+                pending.append(metrics)
+                done, steps_since_log = step + 1, steps_since_log + 1
+                last = done == total_steps
+
+                if done % log_every == 0 or last:
+                    run.check_finite(state)
+                    host = jax.device_get(pending)
+                    rate = steps_since_log / max(time.time() - t_log, 1e-9)
+                    record = {"loss": float(np.mean([m["loss"] for m in host])),
+                              "lr": float(host[-1]["lr"]),
+                              "grad_norm": float(host[-1]["grad_norm"]),
+                              "steps_per_sec": rate}
+                    if run.metric == "accuracy" and "correct" in host[-1]:
+                        weight = sum(float(m["weight"]) for m in host)
+                        record["accuracy"] = 100.0 * sum(float(m["correct"]) for m in host) / max(
+                            weight, 1e-9)
+                    run.writer.write(done, "train", record)
+                    bar.update(steps_since_log, loss=record["loss"], lr=record["lr"])
+                    pending, t_log, steps_since_log = [], time.time(), 0
+
+                if done % eval_every == 0 or last:
+                    run.check_finite(state)
+                    val = run.evaluate(state, "val")
+                    run.writer.write(done, "val", val)
+                    bar.write(f"step {done}: val " + ", ".join(f"{k} {v:.4f}"
+                                                               for k, v in val.items()))
+                    run.save(state, bookkeeping(done), {run.best_key: val[run.metric]})
+                elif done % ckpt_every == 0:
+                    run.save(state, bookkeeping(done))
+
+                if sigterm.agreed() and not last:
+                    if done % eval_every and done % ckpt_every:
+                        run.save(state, bookkeeping(done))
+                    raise Preempted(done, workdir)
+    finally:
+        bar.close()
+        run.checkpoints.wait()
+
+    wall = wall_before + (time.time() - t_start if start < total_steps else 0.0)
+    best_step = run.checkpoints.best_step()
+    if best_step is None:
+        raise RuntimeError(f"no checkpoint with a validation metric in {workdir}/checkpoints")
+    best_state, _ = run.restore(best_step)
+    best_val = run.checkpoints.metrics(best_step)[run.best_key]
+    test = run.evaluate(best_state, "test")
+    run.writer.write(total_steps, "test", {**test, "best_step": best_step})
+    paper = config.get("paper", {}) if hasattr(config, "get") else {}
+    results = {
+        "task": run.task.name,
+        "metric": run.metric,
+        "best_val": best_val,
+        "best_step": best_step,
+        "test": test[run.metric],
+        "test_loss": test["loss"],
+        "paper": paper.get("value") if hasattr(paper, "get") else None,
+        "steps": total_steps,
+        "wall_time_s": wall,
+        "num_params": run.num_params,
+        "devices": jax.device_count(),
+        "process_count": jax.process_count(),
+    }
+    if run.primary:
+        write_results(workdir, results)
+    run.writer.close()
+    run.checkpoints.close()
+    return results

@@ -1,0 +1,153 @@
+"""Optimizers, learning-rate schedules and weight-decay masks from a run's config.
+
+Schedules take the optimizer step (the number of updates already applied, starting at 0) and
+return the learning rate of the next update:
+
+- ``cosine``: the reference LRA trainer's linear warmup from 0 to ``lr`` over ``warmup_steps``,
+  then a half cosine from ``lr`` down to ``min_lr`` at ``decay_steps`` (counted from step 0, warmup
+  included), and ``min_lr`` after that.
+- ``inverse_sqrt``: fairseq's ``lr * min(step / warmup, sqrt(warmup / step))``.
+- ``constant``: ``lr`` (after an optional linear warmup).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Schedule = Callable[[jax.Array | int], jax.Array]
+
+SCHEDULES = ("cosine", "inverse_sqrt", "constant")
+OPTIMIZERS = ("adamw", "adam", "sgd", "lamb")
+WEIGHT_DECAY_MASKS = ("all", "no_bias_norm")
+
+# Parameters whose path contains one of these names are "norm-like" and never decayed under
+# ``no_bias_norm``: biases, norm scales, HGRU's phase and the lower-bound matrix.
+_NO_DECAY_NAMES = ("bias", "scale", "theta", "lower_bounds")
+
+
+def _warmup_factor(step: jax.Array, warmup_steps: int) -> jax.Array:
+    if warmup_steps <= 0:
+        return jnp.ones_like(step)
+    return jnp.minimum(step / warmup_steps, 1.0)
+
+
+def cosine_with_warmup(learning_rate: float, warmup_steps: int, decay_steps: int,
+                       min_lr: float = 0.0) -> Schedule:
+    """Linear warmup to ``learning_rate``, then cosine to ``min_lr`` at ``decay_steps``."""
+    if decay_steps < warmup_steps:
+        raise ValueError(f"schedule.decay_steps ({decay_steps}) must be >= schedule.warmup_steps "
+                         f"({warmup_steps})")
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        progress = (step - warmup_steps) / max(decay_steps - warmup_steps, 1)
+        progress = jnp.clip(progress, 0.0, 1.0)
+        cosine = min_lr + (learning_rate - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(step < warmup_steps, learning_rate * _warmup_factor(step, warmup_steps),
+                         cosine)
+
+    return schedule
+
+
+def inverse_sqrt(learning_rate: float, warmup_steps: int) -> Schedule:
+    """fairseq's ``inverse_sqrt``: ``lr * min(step / warmup, sqrt(warmup / step))`` (0 at step 0)."""
+    if warmup_steps <= 0:
+        raise ValueError("schedule.warmup_steps must be > 0 for the inverse_sqrt schedule")
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        decay = jnp.sqrt(warmup_steps / jnp.maximum(step, 1.0))
+        return learning_rate * jnp.minimum(step / warmup_steps, decay)
+
+    return schedule
+
+
+def constant(learning_rate: float, warmup_steps: int = 0) -> Schedule:
+    """``learning_rate``, reached by a linear warmup over ``warmup_steps`` when that is > 0."""
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        return learning_rate * _warmup_factor(step, warmup_steps)
+
+    return schedule
+
+
+def make_schedule(schedule_config: Any, learning_rate: float) -> Schedule:
+    """The schedule named by ``schedule_config.name`` (a ConfigDict or dict)."""
+    cfg = dict(schedule_config)
+    name = cfg.get("name", "constant")
+    warmup = int(cfg.get("warmup_steps", 0))
+    if name == "cosine":
+        return cosine_with_warmup(learning_rate, warmup, int(cfg["decay_steps"]),
+                                  float(cfg.get("min_lr", 0.0)))
+    if name == "inverse_sqrt":
+        return inverse_sqrt(learning_rate, warmup)
+    if name == "constant":
+        return constant(learning_rate, warmup)
+    raise ValueError(f"unknown schedule.name {name!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def _path_names(path: tuple) -> list[str]:
+    names = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                names.append(str(getattr(key, attr)))
+                break
+    return names
+
+
+def weight_decay_mask(params: Any, mode: str = "all") -> Any:
+    """A pytree of bools like ``params``: True where weight decay applies.
+
+    ``"all"`` decays every parameter (the paper's LRA and LM recipes); ``"no_bias_norm"`` leaves
+    out biases, norm scales, every parameter with fewer than 2 dimensions (HGRU's theta) and the
+    lower-bound matrix (DeiT's recipe for ImageNet).
+    """
+    if mode == "all":
+        return jax.tree.map(lambda _: True, params)
+    if mode != "no_bias_norm":
+        raise ValueError(f"unknown optimizer.weight_decay_mask {mode!r}; choose one of "
+                         f"{', '.join(WEIGHT_DECAY_MASKS)}")
+
+    def decays(path, leaf) -> bool:
+        names = _path_names(path)
+        return jnp.ndim(leaf) >= 2 and not any(n in _NO_DECAY_NAMES for n in names)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config: Any, params: Any) -> tuple[optax.GradientTransformation, Schedule]:
+    """The optax transformation for ``config.optimizer`` / ``config.schedule``, and the schedule.
+
+    Gradient clipping by global norm comes first when ``optimizer.grad_clip_norm > 0``. Gradient
+    accumulation (``optimizer.accumulate_steps``) is done by the train step itself, which splits
+    each global batch into micro-batches, so the optimizer always sees one update per step.
+    """
+    opt = dict(config.optimizer)
+    name = opt.get("name", "adamw")
+    lr = float(opt["learning_rate"])
+    schedule = make_schedule(config.schedule, lr)
+    b1, b2, eps = float(opt.get("b1", 0.9)), float(opt.get("b2", 0.999)), float(opt.get("eps", 1e-8))
+    weight_decay = float(opt.get("weight_decay", 0.0))
+    mask = weight_decay_mask(params, opt.get("weight_decay_mask", "all"))
+    if name == "adamw":
+        tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
+    elif name == "adam":
+        tx = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
+    elif name == "lamb":
+        tx = optax.lamb(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
+    elif name == "sgd":
+        tx = optax.chain(optax.add_decayed_weights(weight_decay, mask),
+                         optax.sgd(schedule, momentum=float(opt.get("momentum", 0.9)) or None))
+    else:
+        raise ValueError(f"unknown optimizer.name {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    clip = float(opt.get("grad_clip_norm", 0.0))
+    if clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+    return tx, schedule

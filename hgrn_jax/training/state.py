@@ -1,0 +1,136 @@
+"""The train state as pure pytrees (for ``jax.jit`` with explicit shardings and donation).
+
+A model is split once into its static ``graphdef`` and three pytrees of variables: ``params``
+(``nnx.Param``), ``model_state`` (everything else: BatchNorm statistics, dropout RNG streams) and
+the optimizer state. :class:`TrainState` holds them with the step counter and the first step
+whose loss or gradients were not finite (-1 while training is healthy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from hgrn_jax import sharding
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training.
+
+    step: int32 scalar, optimizer updates applied so far (= index of the next training batch).
+    params: ``nnx.State`` of the model's ``nnx.Param`` variables.
+    model_state: ``nnx.State`` of the model's other variables (BatchNorm stats, RNG streams).
+    opt_state: the optax state for ``params``.
+    nonfinite_step: int32 scalar, the first step whose loss or gradient norm was NaN/inf, or -1.
+    """
+
+    step: jax.Array
+    params: Any
+    model_state: Any
+    opt_state: Any
+    nonfinite_step: jax.Array
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
+    """``(graphdef, params, model_state)`` of a module."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def merge_model(graphdef: nnx.GraphDef, params: Any, model_state: Any) -> nnx.Module:
+    """The module rebuilt from :func:`split_model`'s parts."""
+    return nnx.merge(graphdef, params, model_state)
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a params pytree (concrete or abstract)."""
+    return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(params)))
+
+
+def create_train_state(
+    build_model: Callable[[nnx.Rngs], nnx.Module],
+    make_tx: Callable[[Any], optax.GradientTransformation],
+    seed: int,
+    mesh: Mesh,
+) -> tuple[nnx.GraphDef, optax.GradientTransformation, TrainState, Any]:
+    """Build the train state directly in its shards on ``mesh``.
+
+    ``build_model(rngs)`` makes the model; ``make_tx(abstract_params)`` the optimizer (it may
+    read parameter paths and shapes, e.g. for weight-decay masks). Shapes come from
+    ``nnx.eval_shape`` first, then one ``jax.jit`` with ``out_shardings`` creates the values,
+    so no device ever holds more than its shards.
+
+    Returns ``(graphdef, tx, state, state_shardings)``.
+    """
+
+    def build() -> nnx.Module:
+        return build_model(nnx.Rngs(seed))
+
+    graphdef, abstract_params, _ = split_model(nnx.eval_shape(build))
+    tx = make_tx(abstract_params)
+
+    def init() -> TrainState:
+        _, params, model_state = split_model(build())
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                          opt_state=tx.init(params), nonfinite_step=jnp.full((), -1, jnp.int32))
+
+    abstract_state = jax.eval_shape(init)
+    shardings = sharding.state_shardings(abstract_state, mesh)
+    with jax.set_mesh(mesh):
+        state = jax.jit(init, out_shardings=shardings)()
+    return graphdef, tx, state, shardings
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint form: typed PRNG keys become their raw uint32 data (Orbax stores plain arrays).
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def to_checkpoint_tree(state: TrainState) -> Any:
+    """``state`` with every typed PRNG key array replaced by ``jax.random.key_data`` of it."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
+
+
+def abstract_checkpoint_tree(abstract_state: TrainState, shardings: Any) -> Any:
+    """The restore target (ShapeDtypeStructs with shardings) matching :func:`to_checkpoint_tree`."""
+
+    def target(x, s):
+        if _is_key(x):
+            data = jax.eval_shape(jax.random.key_data, x)
+            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=s)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+    return jax.tree.map(target, abstract_state, shardings)
+
+
+def from_checkpoint_tree(restored: Any, like: TrainState) -> TrainState:
+    """Undo :func:`to_checkpoint_tree`, taking key implementations from ``like``."""
+
+    def back(x, ref):
+        if _is_key(ref):
+            return jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
+        return x
+
+    return jax.tree.map(back, restored, like)
+
+
+def all_finite(tree: Any) -> bool:
+    """True when every floating-point leaf of ``tree`` is finite (one host sync)."""
+    leaves = [x for x in jax.tree.leaves(tree)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return True
+    return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(
+        leaves))

@@ -1,0 +1,131 @@
+"""Jitted train and eval steps over :class:`~hgrn_jax.training.state.TrainState`.
+
+The loss function is the task's: ``loss_fn(model, batch, train=...) -> (mean_loss, sums)`` with
+``sums`` holding per-batch metric sums (``loss_sum``, ``weight`` and, for classifiers,
+``correct``). Batches are dicts of global arrays sharded along axis 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from hgrn_jax import sharding
+from hgrn_jax.training.state import TrainState, merge_model, split_model
+
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def _micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    """(B, ...) arrays -> (k, B/k, ...); micro-batch j takes rows j, j+k, ... so that every
+    device keeps its own rows (the batch axis is sharded in contiguous blocks)."""
+
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into "
+                             f"optimizer.accumulate_steps={k} micro-batches; make batch_size a "
+                             f"multiple of {k}")
+        return jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0)
+
+    return jax.tree.map(split, batch)
+
+
+def _select(pred: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key):
+        return new  # RNG stream keys never change during training (only their counters do)
+    return jnp.where(pred, new, old)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn,
+                    schedule: Callable, *, accumulate_steps: int = 1
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """``train_step(state, batch) -> (state, metrics)`` (not yet jitted; see :func:`jit_train_step`).
+
+    With ``accumulate_steps = k > 1`` the batch is split into k micro-batches whose gradients are
+    averaged (``lax.scan``: activations of one micro-batch live at a time) before one update.
+    If the loss or the gradient norm is not finite, the state is left unchanged except for
+    ``nonfinite_step``, which records the first such step; the loop stops on it.
+    """
+
+    def loss_and_state(params, model_state, batch):
+        # Fresh Variables at this trace level: BatchNorm and RNG counters are updated in place.
+        params, model_state = jax.tree.map(lambda x: x, (params, model_state))
+        model = merge_model(graphdef, params, model_state)
+        model.train()
+        loss, sums = loss_fn(model, batch, train=True)
+        _, _, new_model_state = split_model(model)
+        return loss, (sums, new_model_state)
+
+    grad_fn = jax.value_and_grad(loss_and_state, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        if accumulate_steps == 1:
+            (loss, (sums, model_state)), grads = grad_fn(state.params, state.model_state, batch)
+        else:
+            def body(carry, micro):
+                grad_sum, loss_sum, model_state, sum_acc = carry
+                (loss, (sums, model_state)), grads = grad_fn(state.params, model_state, micro)
+                grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+                sum_acc = jax.tree.map(jnp.add, sum_acc, sums)
+                return (grad_sum, loss_sum + loss, model_state, sum_acc), None
+
+            micro = _micro_batches(batch, accumulate_steps)
+            first = jax.tree.map(lambda x: x[0], micro)
+            sums_shape = jax.eval_shape(grad_fn, state.params, state.model_state, first)[0][1][0]
+            zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+            init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
+                    state.model_state, zeros(sums_shape))
+            (grad_sum, loss_sum, model_state, sums), _ = jax.lax.scan(body, init, micro)
+            grads = jax.tree.map(lambda g: g / accumulate_steps, grad_sum)
+            loss = loss_sum / accumulate_steps
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        healthy = finite & (state.nonfinite_step < 0)
+        updated = TrainState(step=state.step + 1, params=params, model_state=model_state,
+                             opt_state=opt_state, nonfinite_step=state.nonfinite_step)
+        kept = state.replace(step=state.step + 1)
+        new_state = jax.tree.map(lambda new, old: _select(healthy, new, old), updated, kept)
+        new_state = new_state.replace(nonfinite_step=jnp.where(
+            (state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step))
+        metrics = dict(sums, loss=loss, grad_norm=grad_norm, lr=schedule(state.step))
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn
+                   ) -> Callable[[Any, Any, dict], dict[str, jax.Array]]:
+    """``eval_step(params, model_state, batch) -> sums`` in evaluation mode (no dropout,
+    BatchNorm running statistics)."""
+
+    def eval_step(params, model_state, batch):
+        model = merge_model(graphdef, params, model_state)
+        model.eval()
+        _, sums = loss_fn(model, batch, train=False)
+        return sums
+
+    return eval_step
+
+
+def jit_train_step(train_step: Callable, state_shardings: Any, mesh: Mesh) -> Callable:
+    """``train_step`` jitted with explicit shardings; the state argument is donated."""
+    return sharding.jit_step(
+        train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def jit_eval_step(eval_step: Callable, state_shardings: Any, mesh: Mesh) -> Callable:
+    """``eval_step`` jitted with the params/model-state shardings of ``state_shardings``."""
+    return sharding.jit_step(
+        eval_step, in_shardings=(state_shardings.params, state_shardings.model_state,
+                                 sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh))

@@ -1,0 +1,309 @@
+"""The training runner: schedules, weight-decay masks, accumulation, checkpoints and resumption
+(SIGKILL, SIGTERM, corrupt checkpoints), the NaN stop and config-flag errors.
+
+Runs use ``tests/toy_task.py`` (a tiny classifier with BatchNorm and dropout on synthetic data);
+subprocess runs go through ``python -m experiments.train`` on 8 simulated CPU devices.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from hgrn_jax.nn import HGRNLM, LMConfig
+from hgrn_jax.training import optim
+from hgrn_jax.training.checkpoint import CheckpointFallbackWarning
+from hgrn_jax.training.loop import NonFiniteLossError, train_and_evaluate
+from hgrn_jax.training.state import create_train_state
+from hgrn_jax.training.steps import make_train_step
+from hgrn_jax import sharding
+
+sys.path.insert(0, str(Path(__file__).parent))
+from toy_task import ToyTask, toy_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_CONFIG = REPO / "tests" / "toy_task.py"
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules, masks, optimizer options
+# ----------------------------------------------------------------------------------------------
+
+
+def _values(schedule, steps):
+    return np.array([float(schedule(s)) for s in steps])
+
+
+def test_cosine_schedule_warms_up_linearly_then_decays_to_min_lr():
+    schedule = optim.cosine_with_warmup(1.0, warmup_steps=10, decay_steps=110, min_lr=0.1)
+    got = _values(schedule, [0, 5, 10, 60, 110, 500])
+    # Half-way through the cosine the rate is the mean of lr and min_lr.
+    np.testing.assert_allclose(got, [0.0, 0.5, 1.0, 0.55, 0.1, 0.1], atol=1e-6)
+
+
+def test_inverse_sqrt_schedule_is_fairseqs():
+    schedule = optim.inverse_sqrt(2.0, warmup_steps=4)
+    got = _values(schedule, [0, 1, 4, 16, 64])
+    np.testing.assert_allclose(got, [0.0, 0.5, 2.0, 1.0, 0.5], atol=1e-6)
+
+
+def test_constant_schedule_and_unknown_name():
+    np.testing.assert_allclose(_values(optim.constant(3e-4, warmup_steps=2), [0, 1, 2, 9]),
+                               [0.0, 1.5e-4, 3e-4, 3e-4], rtol=1e-6)
+    with pytest.raises(ValueError, match="schedule.name"):
+        optim.make_schedule({"name": "linear"}, 1.0)
+
+
+def _tiny_lm_params():
+    lm = nnx.eval_shape(lambda: HGRNLM(LMConfig(vocab_size=11, features=8, num_layers=2,
+                                                glu_hidden=16), rngs=nnx.Rngs(0)))
+    return nnx.split(lm, nnx.Param, ...)[1]
+
+
+def _flat_mask(mask) -> dict[str, bool]:
+    return {"/".join(optim._path_names(path)).removesuffix("/value"): bool(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(mask)}
+
+
+def test_weight_decay_mask_excludes_biases_norms_and_1d_params():
+    params = _tiny_lm_params()
+    assert all(_flat_mask(optim.weight_decay_mask(params, "all")).values())
+    mask = _flat_mask(optim.weight_decay_mask(params, "no_bias_norm"))
+    decayed = {k for k, v in mask.items() if v}
+    assert "embed/embedding" in decayed
+    assert "blocks/0/mixer/input_proj/kernel" in decayed
+    assert "blocks/1/mlp/down_proj/kernel" in decayed
+    for kept in ["blocks/0/mixer/input_proj/bias", "blocks/0/mixer/theta",
+                 "blocks/0/norm1/scale", "final_norm/bias", "lower_bounds/param"]:
+        assert mask[kept] is False, kept
+    with pytest.raises(ValueError, match="weight_decay_mask"):
+        optim.weight_decay_mask(params, "none")
+
+
+def _opt_config(**optimizer):
+    config = toy_config()
+    config.optimizer.update(optimizer)
+    config.schedule.update(name="constant", warmup_steps=0)
+    return config
+
+
+def test_adamw_decays_only_masked_parameters():
+    params = {"kernel": nnx.Param(jnp.ones((2, 2))), "bias": nnx.Param(jnp.ones((2,)))}
+    tx, _ = optim.make_optimizer(_opt_config(learning_rate=0.1, weight_decay=0.5,
+                                             weight_decay_mask="no_bias_norm"), params)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new["kernel"][...], 1.0 - 0.1 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(new["bias"][...], 1.0, rtol=0)
+
+
+def test_gradient_clipping_bounds_the_update():
+    params = {"w": jnp.zeros((4,))}
+    tx, _ = optim.make_optimizer(_opt_config(name="sgd", momentum=0.0, learning_rate=1.0,
+                                             weight_decay=0.0, grad_clip_norm=2.0), params)
+    updates, _ = tx.update({"w": jnp.full((4,), 100.0)}, tx.init(params), params)
+    np.testing.assert_allclose(optax.tree.norm(updates), 2.0, rtol=1e-6)
+
+
+class _LinearTask:
+    """Least squares on fixed data: no BatchNorm or dropout, so accumulation is exact."""
+
+    name, metric = "linear", "accuracy"
+
+    def build_model(self, rngs):
+        return nnx.Linear(3, 2, rngs=rngs)
+
+    def loss_fn(self, model, batch, *, train):
+        err = model(batch["x"]) - batch["y"]
+        loss_sum = jnp.sum(err ** 2)
+        return loss_sum / batch["x"].shape[0], {"loss_sum": loss_sum,
+                                                "weight": jnp.float32(batch["x"].shape[0])}
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    config = _opt_config(learning_rate=0.1)
+    mesh = sharding.make_mesh(-1, 1, 1)
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(16, 3)).astype(np.float32),
+             "y": rng.normal(size=(16, 2)).astype(np.float32)}
+    params = []
+    for k in (1, 4):
+        task = _LinearTask()
+        graphdef, tx, state, _ = create_train_state(
+            task.build_model, lambda p: optim.make_optimizer(config, p)[0], 0, mesh)
+        step = jax.jit(make_train_step(graphdef, tx, task.loss_fn, optim.constant(0.1),
+                                       accumulate_steps=k))
+        with jax.set_mesh(mesh):
+            for _ in range(2):
+                state, metrics = step(state, sharding.shard_batch(batch, mesh))
+        params.append(jax.device_get(state.params))
+    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs in this process: NaN stop, corrupt checkpoint fallback
+# ----------------------------------------------------------------------------------------------
+
+
+def _checkpoint_params(workdir: Path, step: int) -> list[np.ndarray]:
+    restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+    return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
+
+
+def test_nan_loss_stops_with_the_step_and_writes_no_nan_checkpoint(tmp_path):
+    config = toy_config()
+    config.data.nan_at_step = 7
+    with pytest.raises(NonFiniteLossError, match="at step 7"):
+        train_and_evaluate(config, tmp_path, task=ToyTask(config))
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and max(steps) <= 7
+    for step in steps:
+        assert all(np.isfinite(x).all() for x in _checkpoint_params(tmp_path, step))
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    config = toy_config()
+    reference = train_and_evaluate(config, tmp_path / "ref", task=ToyTask(config))
+    final = _checkpoint_params(tmp_path / "ref", 12)
+
+    run = tmp_path / "run"
+    train_and_evaluate(config, run, task=ToyTask(config))
+    # Truncate every data file of the newest checkpoint (step 12), as a crash mid-write would.
+    for path in (run / "checkpoints" / "12" / "state").rglob("*"):
+        if path.is_file() and path.name not in ("commit_success.txt",):
+            path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 3])
+    with pytest.warns(CheckpointFallbackWarning, match="step 12.*falling back"):
+        results = train_and_evaluate(config, run, task=ToyTask(config))
+    # Training resumed at step 9, redid steps 10-12 and reached the same parameters.
+    for a, b in zip(final, _checkpoint_params(run, 12)):
+        np.testing.assert_array_equal(a, b)
+    assert results["test"] == reference["test"]
+    assert results["best_val"] == reference["best_val"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Subprocess runs of `python -m experiments.train`
+# ----------------------------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", HGRN_NUM_CPU_DEVICES="8",
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _train_command(workdir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "experiments.train", f"--config={TOY_CONFIG}",
+            f"--workdir={workdir}", *overrides]
+
+
+SLOW = ("--config.data.sleep_per_step=0.25",)
+
+
+def _run(workdir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_train_command(workdir, *overrides), cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _start_and_wait_for_checkpoint(workdir: Path, *overrides: str) -> subprocess.Popen:
+    proc = subprocess.Popen(_train_command(workdir, *SLOW, *overrides), cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = workdir / "checkpoints" / "3"
+    deadline = time.time() + 240
+    while not first.is_dir():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before its first checkpoint:\n{proc.stderr.read()}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("no checkpoint appeared within 240 s")
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    _run(workdir)
+    return workdir
+
+
+def _assert_same_final_params(workdir: Path, reference: Path) -> None:
+    for a, b in zip(_checkpoint_params(reference, 12), _checkpoint_params(workdir, 12),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_run_writes_the_contract_files(uninterrupted):
+    import json
+
+    results = json.loads((uninterrupted / "results.json").read_text())
+    assert {"task", "metric", "best_val", "test", "paper", "steps", "wall_time_s", "num_params",
+            "devices", "process_count"} <= set(results)
+    assert results["steps"] == 12 and results["devices"] == 8 and results["process_count"] == 1
+    config = json.loads((uninterrupted / "config.json").read_text())
+    assert config["num_train_steps"] == 12
+    records = [json.loads(line)
+               for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "val"] == [6, 12]
+    assert {"loss", "lr", "steps_per_sec", "accuracy"} <= set(records[0])
+    assert records[-1]["split"] == "test" and records[-1]["accuracy"] == results["test"]
+    assert list((uninterrupted / "tensorboard").iterdir())
+
+
+def test_sigkill_then_rerun_gives_bitwise_the_uninterrupted_parameters(tmp_path, uninterrupted):
+    proc = _start_and_wait_for_checkpoint(tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "results.json").exists()
+    resumed = _run(tmp_path)
+    assert re.search(r"resuming from step \d+", resumed.stderr)
+    _assert_same_final_params(tmp_path, uninterrupted)
+
+
+def test_sigterm_saves_exits_cleanly_and_resumes_from_that_step(tmp_path, uninterrupted):
+    proc = _start_and_wait_for_checkpoint(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    match = re.search(r"preempted \(SIGTERM\): saved a checkpoint at step (\d+)", stderr)
+    assert match, stderr[-3000:]
+    step = int(match.group(1))
+    assert 3 <= step < 12 and (tmp_path / "checkpoints" / str(step)).is_dir()
+    resumed = _run(tmp_path)
+    assert f"resuming from step {step}" in resumed.stderr
+    _assert_same_final_params(tmp_path, uninterrupted)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.num_trainsteps=5", r"unknown config key --config.num_trainsteps .*num_train_steps"),
+    ("--config.optimizer.lr=5", r"unknown config key --config.optimizer.lr"),
+    ("--config.batch_size=abc", r"--config.batch_size=abc: invalid literal for int"),
+])
+def test_bad_config_override_fails_at_once_naming_the_key(tmp_path, override, expected):
+    proc = _run(tmp_path, override, check=False)
+    assert proc.returncode == 2
+    assert re.search(expected, proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
