@@ -1,0 +1,277 @@
+"""Tasks: batch layout, resumable training order, exact evaluation coverage, losses."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hgrn_jax.data import listops
+from hgrn_jax.training import tasks
+
+CONFIGS = ["lra.listops", "lra.text", "lra.retrieval", "lra.image", "lra.pathfinder",
+           "lra.pathx", "imagenet.tiny", "lm.wikitext103"]
+# Expected batch layout of each tiny preset: key -> (shape without the batch axis, dtype).
+LAYOUTS = {
+    "lra.listops": {"inputs": ((64,), np.int32), "mask": ((64,), np.bool_)},
+    "lra.text": {"inputs": ((128,), np.int32), "mask": ((128,), np.bool_)},
+    "lra.retrieval": {"inputs": ((64,), np.int32), "mask": ((64,), np.bool_),
+                      "inputs2": ((64,), np.int32), "mask2": ((64,), np.bool_)},
+    "lra.image": {"inputs": ((64, 3), np.float32)},
+    "lra.pathfinder": {"inputs": ((256, 1), np.float32)},
+    "lra.pathx": {"inputs": ((256, 1), np.float32)},
+    "imagenet.tiny": {"images": ((28, 28, 3), np.float32)},
+    "lm.wikitext103": {"ids": ((65,), np.int32)},
+}
+NUM_CLASSES = {"lra.listops": 10, "lra.text": 2, "lra.retrieval": 2, "lra.image": 4,
+               "lra.pathfinder": 2, "lra.pathx": 2, "imagenet.tiny": 10}
+
+
+def tiny_config(name: str, tmp_path_factory=None, **data):
+    config = importlib.import_module(f"experiments.configs.{name}").get_config("tiny")
+    with config.unlocked():
+        if tmp_path_factory is not None:
+            config.data.cache_dir = str(tmp_path_factory)
+        for key, value in data.items():
+            config.data[key] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def task_of(cache_dir):
+    made = {}
+
+    def get(name):
+        if name not in made:
+            made[name] = tasks.get_task(tiny_config(name, cache_dir))
+        return made[name]
+
+    return get
+
+
+def concat(batches):
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def assert_batches_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_batch_layout_and_labels(name, task_of):
+    task = task_of(name)
+    batch = next(task.train_batches(0, 0, 1))
+    size = task.config.batch_size
+    expected = dict(LAYOUTS[name], weight=((), np.float32))
+    if name in NUM_CLASSES:
+        expected["labels"] = ((), np.int32)
+    assert set(batch) == set(expected)
+    for key, (shape, dtype) in expected.items():
+        assert batch[key].shape == (size, *shape), key
+        assert batch[key].dtype == dtype, key
+    np.testing.assert_array_equal(batch["weight"], 1.0)
+    if name in NUM_CLASSES:
+        labels = task.examples("train")["labels"]
+        assert labels.min() == 0 and labels.max() == NUM_CLASSES[name] - 1
+    if "mask" in batch:  # padding is exactly where the mask is off
+        assert np.all(batch["inputs"][~batch["mask"]] == 0)
+        assert np.all(batch["mask"].sum(1) >= 1)
+    if "ids" in batch:
+        assert batch["ids"].max() < task.config.model.vocab_size
+
+
+@pytest.mark.parametrize("name", ["lra.listops", "lra.retrieval", "lm.wikitext103"])
+def test_train_batches_resume_exactly_across_epochs(name, task_of, cache_dir):
+    config = tiny_config(name, cache_dir)
+    config.batch_size = 128 if name != "lm.wikitext103" else 256
+    task = tasks.get_task(config)
+    per_epoch = task.steps_per_epoch()
+    assert 2 <= per_epoch <= 40
+    uninterrupted = list(itertools.islice(task.train_batches(0, 0, 1), 2 * per_epoch + 1))
+    for step in (1, per_epoch - 1, per_epoch, 2 * per_epoch):
+        resumed = next(tasks.get_task(config).train_batches(step, 0, 1))  # a fresh task
+        assert_batches_equal(resumed, uninterrupted[step])
+    # Consecutive epochs visit the examples in different orders; each epoch has no repeats.
+    first = concat(uninterrupted[:per_epoch])
+    second = concat(uninterrupted[per_epoch:2 * per_epoch])
+    key = "ids" if "ids" in first else "inputs"
+    assert not np.array_equal(first[key], second[key])
+    assert len(np.unique(first[key], axis=0)) == len(first[key])
+
+
+def test_train_batches_depend_on_the_seed(task_of, cache_dir):
+    config = tiny_config("lra.listops", cache_dir)
+    config.seed = 1
+    other = next(tasks.get_task(config).train_batches(0, 0, 1))
+    same = next(task_of("lra.listops").train_batches(0, 0, 1))
+    assert not np.array_equal(other["inputs"], same["inputs"])
+
+
+@pytest.mark.parametrize("name", ["lra.listops", "lra.image", "lm.wikitext103"])
+def test_process_slices_make_up_the_global_batch(name, task_of):
+    task = task_of(name)
+    whole = list(itertools.islice(task.train_batches(5, 0, 1), 2))
+    parts = [list(itertools.islice(task.train_batches(5, p, 2), 2)) for p in range(2)]
+    for k in range(2):
+        assert_batches_equal(concat([parts[0][k], parts[1][k]]), whole[k])
+
+
+@pytest.mark.parametrize("name", ["lra.listops", "lra.retrieval", "lra.pathfinder",
+                                  "imagenet.tiny", "lm.wikitext103"])
+def test_eval_covers_every_example_once_over_two_processes(name, cache_dir):
+    config = tiny_config(name, cache_dir)
+    config.eval_batch_size = 24  # does not divide the split: the last batch is padded
+    task = tasks.get_task(config)
+    n = task.num_examples("val")
+    assert n % 24
+    streams = [list(task.eval_batches("val", p, 2)) for p in range(2)]
+    assert len(streams[0]) == len(streams[1]) == -(-n // 24)
+    global_batches = [concat([a, b]) for a, b in zip(*streams)]
+    for batch in global_batches:
+        assert all(v.shape[0] == 24 for v in batch.values())  # fixed shape, padded last batch
+    seen = concat(global_batches)
+    valid = seen.pop("weight") == 1.0
+    assert valid.sum() == n and not valid[n:].any()
+    expected = task._batch(task.examples("val"), np.arange(n))
+    assert_batches_equal({k: v[valid] for k, v in seen.items()}, expected)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_loss_fn_runs_and_ignores_padding_rows(name, task_of):
+    task = task_of(name)
+    model = task.build_model(nnx.Rngs(0))
+    batches = task.eval_batches("val", 0, 1)
+    batch, other = next(batches), next(batches)
+    half = len(batch["weight"]) // 2
+    # Two batches that agree on their first half; the second halves differ but weigh 0.
+    padded = [{k: np.concatenate([batch[k][:half], source[k][half:]]) for k in batch}
+              for source in (batch, other)]
+    for b in padded:
+        b["weight"][half:] = 0.0
+
+    @nnx.jit
+    def evaluate(model, batch):
+        return task.loss_fn(model, batch, train=False)
+
+    stats_before = jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
+    (loss, sums), (loss2, sums2) = evaluate(model, padded[0]), evaluate(model, padded[1])
+    assert np.isfinite(float(loss))
+    # Eval-mode BatchNorm, per-sequence mixing: rows do not interact, padding rows count 0.
+    np.testing.assert_allclose(float(loss), float(loss2), rtol=2e-5)
+    np.testing.assert_allclose(float(sums["loss_sum"]), float(sums2["loss_sum"]), rtol=2e-5)
+    tokens = 64 if name == "lm.wikitext103" else 1
+    assert float(sums["weight"]) == half * tokens
+    np.testing.assert_allclose(float(sums["loss_sum"]) / float(sums["weight"]), float(loss),
+                               rtol=1e-6)
+    if task.metric == "accuracy":
+        assert set(sums) == {"loss_sum", "weight", "correct"}
+        assert 0 <= float(sums["correct"]) <= half
+        assert float(sums["correct"]) == float(sums2["correct"])
+        # An untrained model is near chance: loss close to log(K).
+        assert abs(float(loss) - np.log(NUM_CLASSES[name])) < 1.5
+    else:
+        assert task.metric == "perplexity" and set(sums) == {"loss_sum", "weight"}
+        assert abs(float(loss) - np.log(256)) < 1.5
+    # Evaluation leaves BatchNorm statistics alone.
+    jax.tree.map(np.testing.assert_array_equal, stats_before,
+                 jax.tree.map(np.array, nnx.state(model, nnx.BatchStat)))
+
+
+@pytest.mark.parametrize("name", ["lra.listops", "lra.retrieval", "lra.image", "imagenet.tiny",
+                                  "lm.wikitext103"])
+def test_training_loss_has_gradients_and_updates_batchnorm(name, task_of):
+    task = task_of(name)
+    model = task.build_model(nnx.Rngs(0))
+    stats_before = jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
+
+    @nnx.jit
+    def grad_norm(model, batch):
+        grads = nnx.grad(lambda m: task.loss_fn(m, batch, train=True)[0])(model)
+        return jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads)))
+
+    assert 0 < float(grad_norm(model, next(task.train_batches(0, 0, 1)))) < 1e3
+    stats_after = jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
+    has_batchnorm = task.config.model.get("norm", "layer") in ("batch", "sync_batch")
+    assert bool(jax.tree.leaves(stats_before)) == has_batchnorm
+    for before, after in zip(jax.tree.leaves(stats_before), jax.tree.leaves(stats_after)):
+        assert not np.allclose(before, after)  # training mode used the batch statistics
+
+
+def test_classification_loss_matches_a_direct_computation():
+    logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    labels = jnp.array([0, 1])
+    weight = jnp.array([1.0, 1.0])
+    log_p = jax.nn.log_softmax(logits)
+    loss, sums = tasks.classification_loss(logits, labels, weight)
+    np.testing.assert_allclose(loss, -(log_p[0, 0] + log_p[1, 1]) / 2, rtol=1e-6)
+    assert float(sums["correct"]) == 1.0
+    smoothed, _ = tasks.classification_loss(logits, labels, weight, label_smoothing=0.1)
+    target = jnp.full((2, 3), 0.1 / 3).at[jnp.arange(2), labels].add(0.9)
+    np.testing.assert_allclose(smoothed, -jnp.mean(jnp.sum(target * log_p, -1)), rtol=1e-6)
+
+
+def test_listops_release_source_reads_the_tsv_layout(tmp_path, cache_dir):
+    """Generated files in a release folder go through the release reader unchanged."""
+    generated_cfg = tiny_config("lra.listops", cache_dir)
+    generated = tasks.get_task(generated_cfg)
+    spec_folder = next(p for p in cache_dir.iterdir() if p.name.startswith("listops-"))
+    release = tmp_path / "lra_release" / "listops-1000"
+    release.mkdir(parents=True)
+    for split in listops.SPLITS:
+        name = listops.split_filename(split)
+        (release / name).write_bytes((spec_folder / name).read_bytes())
+    config = tiny_config("lra.listops", cache_dir, source="release",
+                         lra_dir=str(tmp_path / "lra_release"))
+    task = tasks.get_task(config)
+    for split in listops.SPLITS:
+        for key in ("inputs", "lengths", "labels"):
+            np.testing.assert_array_equal(task.examples(split)[key],
+                                          generated.examples(split)[key])
+
+
+def test_missing_data_errors_name_the_fix(tmp_path):
+    listops_paper = importlib.import_module("experiments.configs.lra.listops").get_config()
+    with pytest.raises(FileNotFoundError, match=r"--config.data.lra_dir=.*source=generated"):
+        tasks.get_task(listops_paper)
+    with listops_paper.unlocked():
+        listops_paper.data.lra_dir = str(tmp_path)
+    task = tasks.get_task(listops_paper)
+    with pytest.raises(FileNotFoundError, match=r"basic_train.tsv not found.*data.lra_dir"):
+        next(task.train_batches(0, 0, 1))
+    for name in ["lra.text", "lra.retrieval", "lra.image", "lra.pathfinder", "lra.pathx",
+                 "imagenet.small", "lm.wikitext103"]:
+        paper = importlib.import_module(f"experiments.configs.{name}").get_config()
+        with pytest.raises(tasks.DataUnavailableError, match="--config.data.source=synthetic"):
+            tasks.get_task(paper)
+
+
+def test_config_errors_name_the_key(cache_dir):
+    config = tiny_config("lra.listops", cache_dir)
+    with config.unlocked():
+        config.model.num_layer = 3
+    with pytest.raises(ValueError, match=r"config.model.num_layer is not a field"):
+        tasks.build_model(config, nnx.Rngs(0))
+    config = tiny_config("lra.listops", cache_dir)
+    config.data.source = "tfds"
+    with pytest.raises(ValueError, match=r"data.source 'tfds' is not available.*release"):
+        tasks.get_task(config)
+    config = tiny_config("lra.listops", cache_dir)
+    config.task = "cifar"
+    with pytest.raises(ValueError, match="unknown config.task 'cifar'"):
+        tasks.get_task(config)
+    config = tiny_config("lra.listops", cache_dir)
+    config.batch_size = 30
+    with pytest.raises(ValueError, match=r"batch_size 30 must be a positive multiple .* \(4\)"):
+        next(tasks.get_task(config).train_batches(0, 0, 4))
