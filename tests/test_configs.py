@@ -1,0 +1,165 @@
+"""Every experiment config against the paper's settings (DESIGN.md section 3.4, transcribed)."""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from hgrn_jax.training import tasks
+
+# DESIGN.md 3.4, LRA table: model, layers, d, GLU expand, norm, batch, lr, wd, dropout,
+# warmup / schedule steps, epochs, length, paper accuracy.
+LRA_TABLE = {
+    #             mixer layers  d  glu  norm         batch  lr     wd    drop warmup   steps  ep  length  acc
+    "listops":    ("1d", 6, 32, 1, "sync_batch", 128, 5e-4, 0.01, 0.0, 5_000, 50_000, 50, 2048, 59.95),
+    "text":       ("1d", 4, 128, 1, "sync_batch", 32, 5e-3, 0.0, 0.1, 10_000, 50_000, 32, 4096, 88.14),
+    "retrieval":  ("1d", 2, 64, 2, "batch", 64, 5e-3, 0.0, 0.0, 312, 50_000, 20, 4000, 94.23),
+    "image":      ("2d", 6, 512, 1, "batch", 50, 3e-3, 0.0, 0.0, 30_000, 50_000, 100, 32 * 32, 88.69),
+    "pathfinder": ("2d", 6, 128, 1, "batch", 128, 2e-3, 0.0, 0.0, 50_000, 500_000, 200, 32 * 32, 92.92),
+    "pathx":      ("2d", 6, 64, 1, "sync_batch", 16, 7.5e-4, 0.0, 0.0, 150_000, 500_000, 100, 128 * 128, 97.50),
+}
+LRA_AVERAGE = 86.91
+# Reference train-set sizes behind num_train_steps = epochs * (size // batch).
+LRA_TRAIN_SIZES = {"listops": 96_000, "text": 25_000, "retrieval": 147_086, "image": 45_000,
+                   "pathfinder": 160_000, "pathx": 160_000}
+# ImageNet rows: d, layers, parameters, top-1.
+IMAGENET_TABLE = {"tiny": (192, 12, 6_107_560, 74.40), "small": (384, 12, 23_715_688, 80.09)}
+
+ALL_CONFIGS = [f"lra.{t}" for t in LRA_TABLE] + ["imagenet.tiny", "imagenet.small",
+                                                 "lm.wikitext103"]
+
+
+def load(name: str, preset: str | None = None):
+    return importlib.import_module(f"experiments.configs.{name}").get_config(preset)
+
+
+def abstract_params(config) -> int:
+    model = nnx.eval_shape(lambda: tasks.build_model(config, nnx.Rngs(0)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("task", list(LRA_TABLE))
+def test_lra_configs_match_the_paper_table(task):
+    (mixer, layers, d, glu, norm, batch, lr, wd, dropout, warmup, steps, epochs, length,
+     accuracy) = LRA_TABLE[task]
+    c = load(f"lra.{task}")
+    assert c.task == task
+    m = c.model
+    assert (m.mixer, m.num_layers, m.features, m.glu_expand, m.norm) == (mixer, layers, d, glu,
+                                                                           norm)
+    assert m.dropout == dropout
+    assert c.batch_size == batch and c.epochs == epochs and c.data.seq_len == length
+    assert c.num_train_steps == epochs * (LRA_TRAIN_SIZES[task] // batch)
+    assert c.optimizer.name == "adamw" and c.optimizer.weight_decay_mask == "all"
+    assert c.optimizer.learning_rate == pytest.approx(lr)
+    assert c.optimizer.weight_decay == pytest.approx(wd)
+    assert c.optimizer.grad_clip_norm == 0.0
+    assert (c.schedule.name, c.schedule.warmup_steps, c.schedule.decay_steps) == ("cosine",
+                                                                                  warmup, steps)
+    assert c.dtype == "float32" and c.label_smoothing == 0.0
+    assert c.paper.metric == "accuracy" and c.paper.value == pytest.approx(accuracy)
+    # Encoders and positions (DESIGN.md 3.3): tokens for the text tasks, pixels for the
+    # 2-D ones; sinusoidal positions except for Pathfinder and Path-X.
+    assert m.encoder == ("embed" if mixer == "1d" else "linear")
+    assert m.position_encoding == (task not in ("pathfinder", "pathx"))
+    if mixer == "2d":
+        side = int(length ** 0.5)
+        assert tuple(m.grid_shape) == (side, side)
+        assert m.input_channels == (3 if task == "image" else 1)
+    assert m.get("dual", False) == (task == "retrieval")
+    assert m.num_classes == (10 if task in ("listops", "image") else 2)
+    for switch in ("use_lower_bound", "complex_valued", "separate_phases", "use_forget_gate"):
+        assert m[switch] is True
+
+
+def test_lra_average_of_the_paper_rows():
+    rows = [load(f"lra.{t}").paper.value for t in LRA_TABLE]
+    assert np.mean(rows) == pytest.approx(LRA_AVERAGE, abs=0.005)
+
+
+@pytest.mark.parametrize("size", list(IMAGENET_TABLE))
+def test_imagenet_configs_follow_deit(size):
+    d, layers, params, top1 = IMAGENET_TABLE[size]
+    c = load(f"imagenet.{size}")
+    assert (c.model.features, c.model.num_layers, c.model.patch_size) == (d, layers, 14)
+    assert tuple(c.model.image_size) == (224, 224) and c.model.num_classes == 1000
+    assert (c.batch_size, c.epochs) == (2048, 300)
+    assert c.num_train_steps == 300 * (1_281_167 // 2048)
+    assert c.optimizer.name == "adamw" and c.optimizer.learning_rate == pytest.approx(2e-3)
+    assert c.optimizer.weight_decay == pytest.approx(0.05)
+    assert c.optimizer.weight_decay_mask == "no_bias_norm"
+    assert c.optimizer.grad_clip_norm == 5.0
+    assert c.schedule.name == "cosine" and c.schedule.decay_steps == c.num_train_steps
+    assert c.label_smoothing == pytest.approx(0.1)
+    aug = c.data.augment
+    assert (aug.mixup, aug.cutmix, aug.random_erasing) == (0.8, 1.0, 0.25)
+    assert aug.randaugment.startswith("rand-m9")
+    assert c.paper.value == pytest.approx(top1) and c.paper.num_params == params
+    assert abstract_params(c) == params  # the paper's exact parameter count
+
+
+def test_wikitext103_config_follows_the_paper():
+    c = load("lm.wikitext103")
+    m = c.model
+    assert (m.num_layers, m.features, m.glu_hidden, m.glu_activation, m.norm) == (
+        6, 512, 1024, "none", "layer")
+    assert m.tie_embeddings and m.vocab_size == 50_264
+    assert c.data.seq_len == 512 and c.batch_size * c.data.seq_len == 65_536
+    assert c.num_train_steps == 100_000
+    assert (c.optimizer.name, c.optimizer.b1, c.optimizer.b2) == ("adamw", 0.9, 0.98)
+    assert c.optimizer.weight_decay == pytest.approx(0.2)
+    assert c.optimizer.learning_rate == pytest.approx(5e-4)
+    assert (c.schedule.name, c.schedule.warmup_steps) == ("inverse_sqrt", 8_000)
+    assert c.paper.metric == "perplexity"
+    assert (c.paper.value, c.paper.val_value) == (24.82, 24.14)
+    assert abstract_params(c) == pytest.approx(46.25e6, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_every_preset_builds_its_model(name):
+    paper = load(name)
+    assert abstract_params(paper) > 0
+    tiny = load(name, "tiny")
+    model = tasks.build_model(tiny, nnx.Rngs(0))  # a real (small) model
+    assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) < 200_000
+    assert tiny.data.source in ("generated", "synthetic")
+    assert tiny.num_train_steps <= 300 and tiny.batch_size <= 64
+    assert tiny.schedule.decay_steps == tiny.num_train_steps
+    task = tasks.get_task(tiny)  # the tiny data exist without downloads
+    assert task.name == paper.task
+
+
+# Where each ablation switch shows in the built model.
+ABLATIONS = {
+    "use_lower_bound": lambda m: m.lower_bounds.enabled,
+    "complex_valued": lambda m: m.blocks[0].mixer.complex_valued,
+    "separate_phases": lambda m: m.blocks[0].mixer.num_phases == 2,
+    "use_forget_gate": lambda m: m.blocks[0].mixer.use_forget_gate,
+}
+
+
+@pytest.mark.parametrize("name", ["lra.listops", "lra.image", "imagenet.tiny", "lm.wikitext103"])
+@pytest.mark.parametrize("switch", list(ABLATIONS))
+def test_ablation_switches_reach_the_model(name, switch):
+    config = load(name, "tiny")
+    if switch not in config.model:
+        assert name == "lm.wikitext103" and switch == "separate_phases"  # causal: one direction
+        return
+    assert config.model[switch] is True
+    build = lambda: tasks.build_model(config, nnx.Rngs(0))  # noqa: E731
+    assert ABLATIONS[switch](nnx.eval_shape(build)) is True
+    config.model[switch] = False
+    assert ABLATIONS[switch](nnx.eval_shape(build)) is False
+
+
+def test_unknown_presets_and_keys_fail_clearly():
+    with pytest.raises(ValueError, match=r"unknown preset 'huge' for experiments/configs/lra/"
+                                         r"text.py; choose one of: tiny"):
+        load("lra.text", "huge")
+    config = load("lra.listops")
+    with pytest.raises(AttributeError, match="learning_rat"):
+        config.optimizer.learning_rat = 1.0  # locked: typos cannot add keys
