@@ -15,12 +15,14 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from hgrn_jax import sharding as sh
-from hgrn_jax.nn import HGRNLM, LMConfig
+from hgrn_jax.nn import ClassifierConfig, HGRNClassifier, HGRNLM, LMConfig
 
 MESHES = {"8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2), "1x1x1": (1, 1, 1)}
 
 # Every sharded dimension is even, so each rule really splits it on the (2, 2, 2) mesh.
 LM_CONFIG = LMConfig(vocab_size=32, features=8, num_layers=2, glu_hidden=16)
+CLASSIFIER_CONFIG = ClassifierConfig(num_classes=3, features=8, num_layers=1, glu_expand=2,
+                                     encoder="embed", vocab_size=16, norm="batch")
 BATCH, LENGTH = 8, 6
 
 
@@ -29,9 +31,18 @@ def mesh_of(name: str) -> jax.sharding.Mesh:
     return sh.make_mesh(data, fsdp, model, devices=jax.devices()[: data * fsdp * model])
 
 
+def adamw() -> optax.GradientTransformation:
+    """AdamW whose first step is lr * g / (|g| + eps). Biases just before a BatchNorm have a
+    gradient that is zero up to float32 noise (~1e-8, the norm removes any constant shift); with
+    the default eps = 1e-8 Adam would turn that noise into +-lr steps that differ between
+    meshes. eps = 1e-3 keeps those steps below 1e-7, while the real gradients (mostly
+    1e-3 to 1e-1 here) still take steps of a good fraction of lr."""
+    return optax.adamw(1e-2, eps=1e-3, weight_decay=0.1)
+
+
 def lm_and_optimizer() -> tuple[HGRNLM, nnx.Optimizer]:
     model = HGRNLM(LM_CONFIG, rngs=nnx.Rngs(0))
-    return model, nnx.Optimizer(model, optax.adamw(1e-2, weight_decay=0.1), wrt=nnx.Param)
+    return model, nnx.Optimizer(model, adamw(), wrt=nnx.Param)
 
 
 def lm_batch() -> dict[str, np.ndarray]:
@@ -42,6 +53,24 @@ def lm_batch() -> dict[str, np.ndarray]:
 def lm_loss(model: HGRNLM, batch: dict[str, jax.Array]) -> jax.Array:
     logits = model(batch["inputs"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
+
+def classifier_and_optimizer() -> tuple[HGRNClassifier, nnx.Optimizer]:
+    model = HGRNClassifier(CLASSIFIER_CONFIG, rngs=nnx.Rngs(1))
+    return model, nnx.Optimizer(model, adamw(), wrt=nnx.Param)
+
+
+def classifier_batch() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(2, LENGTH + 1, BATCH)  # padded on the right
+    return {"inputs": rng.integers(0, CLASSIFIER_CONFIG.vocab_size, (BATCH, LENGTH)).astype(np.int32),
+            "mask": (np.arange(LENGTH)[None, :] < lengths[:, None]).astype(np.int32),
+            "labels": rng.integers(0, CLASSIFIER_CONFIG.num_classes, BATCH).astype(np.int32)}
+
+
+def classifier_loss(model: HGRNClassifier, batch: dict[str, jax.Array]) -> jax.Array:
+    logits = model(batch["inputs"], mask=batch["mask"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
 
 
 def sharded_train_step(factory: Callable, loss_fn: Callable, batch: dict, mesh
@@ -78,8 +107,8 @@ def as_numpy(state) -> dict[str, np.ndarray]:
 def assert_same_step(results: dict[str, tuple[float, dict]]) -> None:
     """Losses and every state leaf agree across meshes within 1e-5 relative.
 
-    Meshes only change the order of float32 reductions (rounding ~1e-7 relative); the adamw
-    update is lr * m / sqrt(v) ~ lr * sign(g) at step one, so it is insensitive to such rounding.
+    Meshes only change the order of float32 reductions (rounding ~1e-7 relative), and the first
+    AdamW step is insensitive to it (see :func:`adamw`).
     """
     (ref_name, (ref_loss, ref_state)), *others = results.items()
     for name, (loss, state) in others:
@@ -134,25 +163,60 @@ def test_lm_parameters_are_sharded_by_the_rules(lm_steps):
             assert np.prod(shard) < np.prod(array.shape), f"{name} is not actually split"
 
 
-def test_checkpoint_from_2x2x2_restores_onto_other_meshes(lm_steps, tmp_path):
-    _, state, _ = lm_steps["2x2x2"]
-    params = nnx.state(state, nnx.Param)  # what we restore: parameters and optimizer moments
-    saved = {"params": params, "opt": nnx.state(state[1], nnx.optimizer.OptState)}
+@pytest.fixture(scope="module")
+def classifier_steps() -> dict[str, tuple[nnx.GraphDef, nnx.State, jax.Array]]:
+    batch = classifier_batch()
+    return {name: sharded_train_step(classifier_and_optimizer, classifier_loss, batch,
+                                     mesh_of(name))
+            for name in MESHES}
+
+
+def test_batchnorm_classifier_step_is_the_same_on_every_mesh(classifier_steps):
+    results = {name: (float(loss), as_numpy(state))
+               for name, (_, state, loss) in classifier_steps.items()}
+    assert_same_step(results)
+    # BatchNorm's running statistics were updated from the global batch, identically everywhere.
+    initial = as_numpy(nnx.state(classifier_and_optimizer()))
+    key = "[0]['blocks'][0]['norm1']['mean'].value"
+    assert key in initial
+    assert np.abs(results["2x2x2"][1][key] - initial[key]).max() > 1e-3
+
+
+def test_classifier_state_is_sharded_by_the_rules(classifier_steps):
+    _, state, _ = classifier_steps["2x2x2"]
+    block = state[0]["blocks"][0]
+    expected = {
+        "bn scale": (block["norm1"]["scale"], P("fsdp")),
+        "bn running mean": (block["norm1"]["mean"], P()),
+        "bn running var": (block["norm2"]["var"], P()),
+        "theta_reverse": (block["mixer"]["theta_reverse"], P("model")),
+        "glu up": (block["mlp"]["up_proj"]["kernel"], P("fsdp", "model")),
+        "head": (state[0]["head"]["kernel"], P("fsdp", None)),  # (embed, classes): 3 classes
+        "encoder": (state[0]["encoder"]["embedding"], P("model", "fsdp")),
+    }
+    for name, (variable, spec) in expected.items():
+        assert variable.get_value().sharding.spec == spec, name
+
+
+def test_checkpoint_from_2x2x2_restores_onto_other_meshes(lm_steps, classifier_steps, tmp_path):
+    # Whole states: parameters, AdamW moments and counters, BatchNorm statistics, RNG keys.
+    saved = {"lm": lm_steps["2x2x2"][1], "classifier": classifier_steps["2x2x2"][1]}
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp_path / "ckpt", saved)
     checkpointer.wait_until_finished()
     expected = as_numpy(saved)
     for name in ("8x1x1", "1x1x1"):
         mesh = mesh_of(name)
-        target = sh.abstract_with_shardings(saved, mesh)
-        restored = checkpointer.restore(tmp_path / "ckpt", target)
+        restored = checkpointer.restore(tmp_path / "ckpt", sh.abstract_with_shardings(saved, mesh))
         got = as_numpy(restored)
         assert got.keys() == expected.keys()
         for key in expected:
             np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{key} on {name}")
-        kernel = restored["params"][0]["blocks"][0]["mlp"]["gate_proj"]["kernel"].get_value()
-        assert kernel.sharding.mesh.devices.size == mesh.devices.size
-        assert kernel.sharding.spec == sh.logical_to_mesh_spec(("embed", "mlp"), kernel.shape, mesh)
+        for leaf, target in zip(jax.tree.leaves(restored),
+                                jax.tree.leaves(sh.state_shardings(saved, mesh))):
+            assert leaf.sharding == target
+        model, _ = nnx.merge(lm_steps[name][0], restored["lm"])
+        assert model.embed.embedding.get_value().sharding.mesh.devices.size == mesh.devices.size
 
 
 # ---------------------------------------------------------------------------------------------
