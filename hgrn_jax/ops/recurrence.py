@@ -125,6 +125,7 @@ def _recurrence_fwd(a, x, h0, reverse, method, chunk_size):
 
 def _recurrence_bwd(reverse, method, chunk_size, residuals, g):
     a, h, h0 = residuals
+    g = jnp.asarray(g)  # jax.vjp passes NumPy cotangents through as they are
     zeros = jnp.zeros_like(a[..., :1, :])
     if not reverse:
         a_next = jnp.concatenate([a[..., 1:, :], zeros], axis=_TIME_AXIS)
