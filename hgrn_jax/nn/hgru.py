@@ -24,6 +24,7 @@ from flax import nnx
 
 from hgrn_jax.nn.initializers import axes_metadata, dense, logical, phase_init
 from hgrn_jax.ops import linear_recurrence
+from hgrn_jax.ops.sequence_parallel import sharded_linear_recurrence
 
 Direction = Literal["forward", "reverse"]
 
@@ -45,6 +46,10 @@ class _HGRUBase(nnx.Module):
         the lower bound alone (see :meth:`decay_and_input`).
       use_bias: biases on the four projections (the LayerNorm always has one).
       method: the :func:`hgrn_jax.ops.linear_recurrence` method.
+      sequence_axis: a mesh axis to split the sequence over (sequence parallelism, see
+        :mod:`hgrn_jax.ops.sequence_parallel`): scans along array axis 1 (time for ``HGRU``, rows
+        for ``HGRU2D``) then run sharded over that axis of the mesh set by ``jax.set_mesh``; the
+        length must be a multiple of the axis size. ``step()`` decoding stays unsharded.
     """
 
     def __init__(
@@ -58,6 +63,7 @@ class _HGRUBase(nnx.Module):
         use_bias: bool = True,
         norm_epsilon: float = 1e-5,
         method: str = "auto",
+        sequence_axis: str | None = None,
         dtype: jnp.dtype | None = None,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -67,6 +73,7 @@ class _HGRUBase(nnx.Module):
         self.norm_before_gate = norm_before_gate
         self.use_forget_gate = use_forget_gate
         self.method = method
+        self.sequence_axis = sequence_axis
         self.dtype = dtype
         width = 2 * features if complex_valued else features
         common = dict(rngs=rngs, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
@@ -128,8 +135,13 @@ class _HGRUBase(nnx.Module):
     def scan(self, a: jax.Array, b: jax.Array, direction: Direction, axis: int = -2, h0=None,
              return_last_state: bool = False):
         """One recurrence along ``axis`` of (..., d) arrays."""
+        sharded = self.sequence_axis is not None and axis % a.ndim == 1 and not return_last_state
         a = jnp.moveaxis(a, axis, -2)
         b = jnp.moveaxis(b, axis, -2)
+        if sharded:
+            h = sharded_linear_recurrence(a, b, h0, axis_name=self.sequence_axis,
+                                          reverse=direction == "reverse", method=self.method)
+            return jnp.moveaxis(h, -2, axis)
         out = linear_recurrence(
             a, b, h0, reverse=direction == "reverse", method=self.method,
             return_last_state=return_last_state,

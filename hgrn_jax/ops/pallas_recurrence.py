@@ -134,6 +134,15 @@ def _streaming_kernel(*refs, parts: int, reverse: bool, length: int, unroll: int
         last[...] = c
 
 
+def _out_shapes(like: jax.Array, shape, out_dtype, acc, parts: int) -> list:
+    """States then final states; under ``shard_map`` they vary over the manual axes ``like``
+    varies over."""
+    mat = jax.typeof(like).manual_axis_type
+    batch, _, channels = shape
+    return ([jax.ShapeDtypeStruct(shape, out_dtype, manual_axis_type=mat)] * parts
+            + [jax.ShapeDtypeStruct((batch, 1, channels), acc, manual_axis_type=mat)] * parts)
+
+
 def _tiled_call(a_parts, x_parts, h0_parts, *, reverse, block_length, block_channels, group,
                 acc, out_dtype, interpret):
     batch, length, channels = x_parts[0].shape
@@ -156,8 +165,7 @@ def _tiled_call(a_parts, x_parts, h0_parts, *, reverse, block_length, block_chan
         grid=grid,
         in_specs=[tile] * (2 * parts) + [state] * parts,
         out_specs=[tile] * parts + [state] * parts,
-        out_shape=[jax.ShapeDtypeStruct((batch, length, channels), out_dtype)] * parts
-        + [jax.ShapeDtypeStruct((batch, 1, channels), acc)] * parts,
+        out_shape=_out_shapes(x_parts[0], (batch, length, channels), out_dtype, acc, parts),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
@@ -182,8 +190,7 @@ def _streaming_call(a_parts, x_parts, h0_parts, *, reverse, block_channels, acc,
         grid=grid,
         in_specs=[column] * (2 * parts) + [state] * parts,
         out_specs=[column] * parts + [state] * parts,
-        out_shape=[jax.ShapeDtypeStruct((batch, length, channels), out_dtype)] * parts
-        + [jax.ShapeDtypeStruct((batch, 1, channels), acc)] * parts,
+        out_shape=_out_shapes(x_parts[0], (batch, length, channels), out_dtype, acc, parts),
         compiler_params=pltriton.CompilerParams(num_warps=max(1, block_channels // 32),
                                                 num_stages=1),
         interpret=interpret,

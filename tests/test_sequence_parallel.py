@@ -1,0 +1,146 @@
+"""Sequence parallelism on the 8 simulated devices: the time axis split over a mesh axis gives
+the unsharded recurrence, gradients included, and so does an HGRU layer built with it."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+from hgrn_jax.nn import HGRU, HGRU2D
+from hgrn_jax.ops import linear_recurrence
+from hgrn_jax.ops.sequence_parallel import sharded_linear_recurrence
+
+# The sharded result differs from the unsharded one only in how the state entering each shard is
+# rounded (D_k * h + S_k instead of step by step): a few float32 ulps of the O(1..10) states and
+# of the O(10..100) gradients.
+RTOL, ATOL = 1e-5, 2e-6
+
+
+def assert_close(got, want, scale=1.0):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=RTOL, atol=ATOL * scale)
+
+
+MESHES = {
+    "8-auto": ((8,), ("seq",), AxisType.Auto),
+    "8-explicit": ((8,), ("seq",), AxisType.Explicit),
+    "2x4-explicit": ((2, 4), ("data", "seq"), AxisType.Explicit),
+}
+
+
+def make_mesh(name):
+    shape, names, kind = MESHES[name]
+    return jax.make_mesh(shape, names, axis_types=(kind,) * len(shape))
+
+
+def make_inputs(complex_valued, shape=(4, 32, 6), seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(0.6, 1.0, shape)
+    x = rng.normal(size=shape)
+    h0 = rng.normal(size=shape[:1] + shape[2:])
+    if complex_valued:
+        a = a * np.exp(1j * rng.uniform(-1, 1, shape))
+        x = x + 1j * rng.normal(size=shape)
+        dtype = np.complex64
+    else:
+        dtype = np.float32
+    return tuple(jnp.asarray(v, dtype) for v in (a, x, h0))
+
+
+def loss(recurrence, a, x, h0):
+    """Uses every state and the final state, real and imaginary parts."""
+    h, last = recurrence(a, x, h0)
+    w = jnp.arange(h.shape[-1], dtype=jnp.float32)
+    return jnp.sum(jnp.sin(jnp.real(h)) + jnp.imag(h) * w) + jnp.sum(jnp.cos(jnp.real(last)) * w)
+
+
+@pytest.mark.parametrize("mesh_name, complex_valued, reverse", [
+    ("8-auto", False, False),
+    ("8-auto", True, True),
+    ("8-explicit", True, False),
+    ("2x4-explicit", False, True),
+    ("2x4-explicit", True, False),
+])
+def test_equals_unsharded_with_gradients(mesh_name, complex_valued, reverse):
+    a, x, h0 = make_inputs(complex_valued)
+    kwargs = dict(reverse=reverse, method="sequential", return_last_state=True)
+    unsharded = functools.partial(linear_recurrence, **kwargs)
+    mesh = make_mesh(mesh_name)
+    sharded = functools.partial(sharded_linear_recurrence, axis_name="seq", **kwargs)
+    want_h, want_last = unsharded(a, x, h0)
+    want_grads = jax.grad(functools.partial(loss, unsharded), argnums=(0, 1, 2))(a, x, h0)
+    with jax.set_mesh(mesh):
+        if "data" in mesh.axis_names:
+            a, x, h0 = (jax.device_put(v, P("data")) for v in (a, x, h0))
+        h, last = jax.jit(sharded)(a, x, h0)
+        grads = jax.jit(jax.grad(functools.partial(loss, sharded), argnums=(0, 1, 2)))(a, x, h0)
+    assert h.sharding.spec[1] == "seq"  # the states stay split over the sequence axis
+    if "data" in mesh.axis_names:
+        assert h.sharding.spec[0] == "data"  # and the batch keeps its own sharding
+    assert_close(h, want_h)
+    assert_close(last, want_last)
+    for g, w in zip(grads, want_grads):
+        assert g.dtype == w.dtype
+        assert_close(g, w, scale=10.0)
+
+
+def test_pallas_local_scans_broadcast_decay_and_no_h0():
+    """Each shard's scans through the Pallas kernel (interpreted), a (C,) decay, zero h0."""
+    a, x, _ = make_inputs(False, shape=(2, 16, 5), seed=1)
+    a = a[0, 0]
+    mesh = make_mesh("8-explicit")
+    sharded = functools.partial(sharded_linear_recurrence, axis_name="seq", method="pallas")
+    with jax.set_mesh(mesh):
+        h = jax.jit(sharded)(a, x)
+        da = jax.jit(jax.grad(lambda a, x: jnp.sum(sharded(a, x) ** 2)))(a, x)
+    assert_close(h, linear_recurrence(a, x))
+    want_da = jax.grad(lambda a, x: jnp.sum(linear_recurrence(a, x) ** 2))(a, x)
+    assert_close(da, want_da, scale=10.0)
+
+
+def test_errors_name_the_fix():
+    a, x, _ = make_inputs(False, shape=(1, 12, 3))
+    with pytest.raises(ValueError, match="needs a mesh with that axis.*jax.set_mesh"):
+        sharded_linear_recurrence(a, x, axis_name="seq")
+    with jax.set_mesh(make_mesh("8-explicit")):
+        with pytest.raises(ValueError, match="not a multiple of the 8 devices.*pad the sequence"):
+            sharded_linear_recurrence(a, x, axis_name="seq")
+
+
+def hgru_loss(layer, x):
+    return jnp.sum(layer(x, 0.3) ** 2)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
+def test_hgru_layer_with_sequence_axis_equals_unsharded(bidirectional):
+    layer = HGRU(8, bidirectional=bidirectional, method="sequential", rngs=nnx.Rngs(0))
+    x0 = x = jax.random.normal(jax.random.key(1), (2, 16, 8))
+    want = layer(x, 0.3)
+    want_grads = nnx.grad(hgru_loss)(layer, x)
+    layer.sequence_axis = "seq"
+    with jax.set_mesh(make_mesh("2x4-explicit")):
+        x = jax.device_put(x, P("data"))
+        got = nnx.jit(lambda layer, x: layer(x, 0.3))(layer, x)
+        grads = nnx.jit(nnx.grad(hgru_loss))(layer, x)
+    assert_close(got, want)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        assert_close(g, w, scale=10.0)
+    if not bidirectional:  # step() decodes unsharded with the same layer
+        y, _ = layer.step(x0[:, :3], layer.init_state(2), 0.3)
+        assert_close(y, want[:, :3])
+
+
+def test_hgru2d_rows_sharded_equals_unsharded():
+    layer = HGRU2D(4, causal=False, method="sequential", rngs=nnx.Rngs(2))
+    x = jax.random.normal(jax.random.key(3), (1, 8, 3, 4))
+    want = layer(x, 0.2)
+    layer.sequence_axis = "seq"
+    with jax.set_mesh(make_mesh("8-auto")):
+        got = nnx.jit(lambda layer, x: layer(x, 0.2))(layer, x)
+    assert_close(got, want)
