@@ -103,8 +103,8 @@ def tiny_schedule(c: ml_collections.ConfigDict, *, steps: int, batch_size: int,
     c.optimizer.learning_rate = learning_rate
     c.schedule.warmup_steps = warmup_steps
     c.schedule.decay_steps = steps
-    c.eval_every = steps
-    c.checkpoint_every = steps
+    c.eval_every = max(steps // 4, 1)
+    c.checkpoint_every = max(steps // 4, 1)
     c.log_every = max(steps // 10, 1)
     c.mesh.data = -1
 

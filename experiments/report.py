@@ -1,0 +1,294 @@
+"""The paper's tables with our runs beside them, and a plot of the training curves.
+
+``python -m experiments.report DIR... [--png PATH] [--markdown PATH]`` finds every
+``results.json`` under the folders (a run's workdir, as written by ``experiments.train``), prints
+three markdown tables (Long Range Arena with its average, ImageNet-1k, WikiText-103) with the
+paper's numbers (from the paper-setting configs) and each run's test result at its best
+validation step, and writes the runs' loss and accuracy/perplexity against step (from each
+``metrics.jsonl``) to a PNG (default ``DIR/curves.png`` of the first folder).
+
+Runs on generated or synthetic data (the ``tiny`` presets) are marked as such: their numbers
+show that the pipeline works, not how the model compares with the paper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
+LRA_NAMES = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image",
+             "pathfinder": "Pathfinder", "pathx": "Path-X"}
+IMAGENET_SIZES = {192: "HGRN-Tiny", 384: "HGRN-Small"}
+
+
+@dataclass
+class Run:
+    """One finished run: its folder, results.json, config.json (if any) and metric records."""
+
+    path: Path
+    results: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def task(self) -> str:
+        return str(self.results.get("task", "?"))
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+    @property
+    def generated_data(self) -> bool:
+        source = self.config.get("data", {}).get("source")
+        return source in ("generated", "synthetic")
+
+    @property
+    def model_width(self) -> int | None:
+        return self.config.get("model", {}).get("features")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); was the run interrupted while "
+                         "writing it?") from None
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl records; a truncated last line (a killed run) is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def find_runs(folders: list[str | Path]) -> list[Run]:
+    """Every run (a folder with results.json) under ``folders``, sorted by path."""
+    runs = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.exists():
+            raise FileNotFoundError(f"{folder} does not exist; pass run folders (workdirs of "
+                                    "experiments.train) or folders that contain them")
+        for results_path in sorted(folder.rglob("results.json")):
+            run_dir = results_path.parent
+            config_path = run_dir / "config.json"
+            runs.append(Run(
+                path=run_dir,
+                results=_read_json(results_path),
+                config=_read_json(config_path) if config_path.is_file() else {},
+                records=_read_records(run_dir / "metrics.jsonl")))
+    return sorted(runs, key=lambda r: str(r.path))
+
+
+# ----------------------------------------------------------------------------- paper numbers
+
+
+def _paper(module: str) -> dict[str, Any]:
+    config = importlib.import_module(f"experiments.configs.{module}").get_config()
+    return config.paper.to_dict()
+
+
+def paper_numbers() -> dict[str, dict[str, Any]]:
+    """The paper's numbers, read from the paper-setting configs (one source of truth)."""
+    numbers = {task: _paper(f"lra.{task}") for task in LRA_TASKS}
+    numbers["imagenet-tiny"] = _paper("imagenet.tiny")
+    numbers["imagenet-small"] = _paper("imagenet.small")
+    numbers["wikitext103"] = _paper("lm.wikitext103")
+    return numbers
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+
+
+def _note(run: Run) -> str:
+    return f"{run.label}" + (" (generated data)" if run.generated_data else "")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def lra_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
+    """ListOps ... Path-X and the average: paper accuracy and each run's test/val accuracy."""
+    header = ["Task", "Paper acc. (%)", "Ours test (%)", "Ours best val (%)", "Steps", "Run"]
+    rows, ours = [], {}
+    for task in LRA_TASKS:
+        task_runs = [r for r in runs if r.task == task]
+        if not task_runs:
+            rows.append([LRA_NAMES[task], _fmt(paper[task]["value"]), "—", "—", "—", "—"])
+        for run in task_runs:
+            rows.append([LRA_NAMES[task], _fmt(paper[task]["value"]), _fmt(run.results.get("test")),
+                         _fmt(run.results.get("best_val")), str(run.results.get("steps", "—")),
+                         _note(run)])
+            ours.setdefault(task, run.results.get("test"))
+    paper_avg = sum(paper[t]["value"] for t in LRA_TASKS) / len(LRA_TASKS)
+    if len(ours) == len(LRA_TASKS) and all(v is not None for v in ours.values()):
+        our_avg = _fmt(sum(float(v) for v in ours.values()) / len(LRA_TASKS))
+    else:
+        our_avg = f"— ({len(ours)}/{len(LRA_TASKS)} tasks run)"
+    rows.append(["**Average**", _fmt(paper_avg), our_avg, "", "", ""])
+    return "### Long Range Arena (accuracy)\n\n" + _table(header, rows)
+
+
+def imagenet_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
+    header = ["Model", "Paper params", "Paper top-1 (%)", "Ours params", "Ours top-1 (%)",
+              "Ours best val (%)", "Run"]
+    rows = []
+    for width, name in IMAGENET_SIZES.items():
+        ref = paper[f"imagenet-{name.split('-')[1].lower()}"]
+        matching = [r for r in runs if r.task == "imagenet" and r.model_width == width]
+        base = [name, f"{ref['num_params'] / 1e6:.2f}M", _fmt(ref["value"])]
+        if not matching:
+            rows.append(base + ["—", "—", "—", "—"])
+        for run in matching:
+            rows.append(base + [f"{run.results.get('num_params', 0) / 1e6:.2f}M",
+                                _fmt(run.results.get("test")), _fmt(run.results.get("best_val")),
+                                _note(run)])
+    for run in runs:
+        if run.task == "imagenet" and run.model_width not in IMAGENET_SIZES:
+            rows.append([f"other (d={run.model_width})", "—", "—",
+                         f"{run.results.get('num_params', 0) / 1e6:.2f}M",
+                         _fmt(run.results.get("test")), _fmt(run.results.get("best_val")),
+                         _note(run)])
+    return "### ImageNet-1k (top-1 accuracy)\n\n" + _table(header, rows)
+
+
+def wikitext_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
+    ref = paper["wikitext103"]
+    header = ["Model", "Paper val ppl", "Paper test ppl", "Ours val ppl", "Ours test ppl",
+              "Steps", "Run"]
+    base = ["HGRN (6 layers, d 512)", _fmt(ref["val_value"]), _fmt(ref["value"])]
+    lm_runs = [r for r in runs if r.task == "wikitext103"]
+    rows = [base + ["—", "—", "—", "—"]] if not lm_runs else []
+    for run in lm_runs:
+        rows.append(base + [_fmt(run.results.get("best_val")), _fmt(run.results.get("test")),
+                            str(run.results.get("steps", "—")), _note(run)])
+    return "### WikiText-103 (perplexity, lower is better)\n\n" + _table(header, rows)
+
+
+def other_table(runs: list[Run]) -> str | None:
+    known = set(LRA_TASKS) | {"imagenet", "wikitext103"}
+    others = [r for r in runs if r.task not in known]
+    if not others:
+        return None
+    rows = [[r.task, str(r.results.get("metric")), _fmt(r.results.get("test")),
+             _fmt(r.results.get("best_val")), _note(r)] for r in others]
+    return "### Other runs\n\n" + _table(["Task", "Metric", "Test", "Best val", "Run"], rows)
+
+
+def markdown_report(runs: list[Run]) -> str:
+    paper = paper_numbers()
+    parts = [lra_table(runs, paper), imagenet_table(runs, paper), wikitext_table(runs, paper)]
+    extra = other_table(runs)
+    if extra:
+        parts.append(extra)
+    return "\n\n".join(parts) + "\n"
+
+
+# ----------------------------------------------------------------------------- curves
+
+
+def plot_curves(runs: list[Run], path: str | Path) -> Path:
+    """Loss and accuracy (or perplexity) against step, one colour per run; train solid, val
+    dashed with markers. Returns the PNG's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["loss", "accuracy"]
+    if any(r.results.get("metric") == "perplexity" for r in runs):
+        metrics.append("perplexity")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, run in enumerate(runs):
+        colour = colours[i % len(colours)]
+        for ax, metric in zip(axes[0], metrics):
+            for split, style in (("train", "-"), ("val", "--")):
+                points = [(r["step"], r[metric]) for r in run.records
+                          if r.get("split") == split and isinstance(r.get(metric), (int, float))]
+                if points:
+                    steps, values = zip(*sorted(points))
+                    ax.plot(steps, values, style, color=colour,
+                            marker="o" if split == "val" else None, markersize=3,
+                            label=f"{run.label} ({split})")
+    for ax, metric in zip(axes[0], metrics):
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric + (" (%)" if metric == "accuracy" else ""))
+        if metric == "perplexity":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=7,
+                   frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(labels) // 4), 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.report",
+        description="Print the paper's tables beside the runs found under DIR... and plot their "
+                    "training curves.")
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="run folders or their parents")
+    parser.add_argument("--png", default=None,
+                        help="where to write the curves (default: DIR/curves.png, first DIR)")
+    parser.add_argument("--markdown", default=None, help="also write the tables to this file")
+    args = parser.parse_args(argv)
+    try:
+        runs = find_runs(args.dirs)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not runs:
+        print(f"error: no results.json under {', '.join(args.dirs)}; finish a run with "
+              "python -m experiments.train first", file=sys.stderr)
+        return 2
+    report = markdown_report(runs)
+    print(report)
+    if args.markdown:
+        Path(args.markdown).write_text(report)
+    png = plot_curves(runs, args.png or Path(args.dirs[0]) / "curves.png")
+    print(f"training curves: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""experiments.report on fabricated run folders: the markdown tables and the curves PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments import report
+
+LRA_TEST = {"listops": 50.0, "text": 80.0, "retrieval": 90.0, "image": 85.0, "pathfinder": 88.0,
+            "pathx": 91.0}
+
+
+def make_run(folder: Path, task: str, test: float, *, metric: str = "accuracy",
+             source: str = "release", features: int = 32, truncated: bool = False) -> Path:
+    folder.mkdir(parents=True)
+    results = {"task": task, "metric": metric, "best_val": test + 1.0, "best_step": 40,
+               "test": test, "paper": 0.0, "steps": 40, "wall_time_s": 1.0,
+               "num_params": 6_107_560 if task == "imagenet" else 1000, "devices": 1,
+               "process_count": 1}
+    (folder / "results.json").write_text(json.dumps(results))
+    (folder / "config.json").write_text(json.dumps(
+        {"task": task, "data": {"source": source}, "model": {"features": features}}))
+    lines = []
+    for step in (10, 20, 30, 40):
+        value = {"accuracy": 10.0 + step} if metric == "accuracy" else {"perplexity": 100.0 / step}
+        lines.append(json.dumps({"step": step, "split": "train", "loss": 2.0 / step, **value}))
+        if step % 20 == 0:
+            lines.append(json.dumps({"step": step, "split": "val", "loss": 2.5 / step, **value}))
+    text = "\n".join(lines) + "\n"
+    if truncated:
+        text += '{"step": 50, "split": "tra'  # a run killed mid-write
+    (folder / "metrics.jsonl").write_text(text)
+    return folder
+
+
+def row(markdown: str, first_cell: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines()
+            if line.startswith(f"| {first_cell} ")]
+
+
+def test_tables_put_our_numbers_beside_the_paper(tmp_path, capsys):
+    for task, acc in LRA_TEST.items():
+        make_run(tmp_path / "lra" / task, task, acc)
+    make_run(tmp_path / "imagenet" / "tiny", "imagenet", 70.5, features=192, truncated=True)
+    make_run(tmp_path / "imagenet" / "odd", "imagenet", 12.0, features=48, source="synthetic")
+    make_run(tmp_path / "lm", "wikitext103", 30.5, metric="perplexity")
+    png = tmp_path / "out" / "curves.png"
+    assert report.main([str(tmp_path / "lra"), str(tmp_path / "imagenet"), str(tmp_path / "lm"),
+                        "--png", str(png), "--markdown", str(tmp_path / "report.md")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("### Long Range Arena")
+    assert (tmp_path / "report.md").read_text() in out
+
+    listops_row, = row(out, "ListOps")
+    assert listops_row[1:5] == ["59.95", "50.00", "51.00", "40"]
+    pathx_row, = row(out, "Path-X")
+    assert pathx_row[1:3] == ["97.50", "91.00"]
+    average, = row(out, "**Average**")
+    assert average[1] == "86.91"
+    assert average[2] == f"{sum(LRA_TEST.values()) / 6:.2f}"
+
+    tiny_row, = row(out, "HGRN-Tiny")
+    assert tiny_row[1:5] == ["6.11M", "74.40", "6.11M", "70.50"]
+    small_row, = row(out, "HGRN-Small")
+    assert small_row[1:4] == ["23.72M", "80.09", "—"]
+    odd_row, = row(out, "other (d=48)")
+    assert odd_row[4] == "12.00" and odd_row[-1].endswith("(generated data)")
+
+    lm_row, = row(out, "HGRN (6 layers, d 512)")
+    assert lm_row[1:5] == ["24.14", "24.82", "31.50", "30.50"]
+
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert f"training curves: {png}" in out
+
+
+def test_partial_lra_average_and_default_png(tmp_path, capsys):
+    make_run(tmp_path / "runs" / "a", "listops", 33.0, source="generated")
+    assert report.main([str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    average, = row(out, "**Average**")
+    assert average[2] == "— (1/6 tasks run)"
+    listops_row, = row(out, "ListOps")
+    assert listops_row[-1].endswith("(generated data)")
+    text_row, = row(out, "Text")
+    assert text_row[1:3] == ["88.14", "—"]
+    assert (tmp_path / "runs" / "curves.png").is_file()
+
+
+def test_curves_read_metrics_and_skip_a_truncated_line(tmp_path):
+    run_dir = make_run(tmp_path / "r", "listops", 20.0, truncated=True)
+    run, = report.find_runs([tmp_path])
+    assert run.path == run_dir and len(run.records) == 6
+    assert [r["step"] for r in run.records if r["split"] == "val"] == [20, 40]
+
+
+def test_missing_folders_and_empty_folders_fail_clearly(tmp_path, capsys):
+    assert report.main([str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert report.main([str(tmp_path)]) == 2
+    assert "no results.json under" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text("{")
+    with pytest.raises(ValueError, match="results.json is not valid JSON"):
+        report.find_runs([tmp_path])
