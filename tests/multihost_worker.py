@@ -1,9 +1,11 @@
 """One process of the multi-host test: an LM training step on a (2, 2, 2) mesh over all devices.
 
-Run as ``python tests/multihost_worker.py --process-id I --num-processes N --port P --out F``:
-each process gets ``8 / N`` simulated CPU devices, joins the loopback coordinator with the gloo
-CPU collectives, feeds only its own rows of the global batch, and process 0 writes the loss and
-every updated state leaf to ``F`` (.npz). ``tests/test_multihost.py`` imports
+Run as ``python tests/multihost_worker.py --out F`` with ``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set, as a cluster launcher would: each process gets
+``8 / N`` simulated CPU devices, joins the coordinator through
+:func:`hgrn_jax.sharding.maybe_initialize_distributed` with the gloo CPU collectives, feeds only
+its own rows of the global batch, and process 0 writes the loss and every updated state leaf to
+``F`` (.npz). ``tests/test_multihost.py`` imports
 :func:`train_step_outputs` to compute the same step in one process.
 """
 
@@ -77,21 +79,18 @@ def train_step_outputs() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--process-id", type=int, required=True)
-    parser.add_argument("--num-processes", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    _configure_jax(args.num_processes)
+    num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    _configure_jax(num_processes)
     import jax
     import numpy as np
 
     from hgrn_jax import sharding as sh
 
-    sh.maybe_initialize_distributed(coordinator_address=f"127.0.0.1:{args.port}",
-                                    num_processes=args.num_processes, process_id=args.process_id)
-    assert jax.process_count() == args.num_processes and jax.device_count() == TOTAL_DEVICES
+    assert sh.maybe_initialize_distributed()  # reads the JAX_* variables
+    assert jax.process_count() == num_processes and jax.device_count() == TOTAL_DEVICES
     outputs = train_step_outputs()
     if jax.process_index() == 0:
         np.savez(args.out, **outputs)

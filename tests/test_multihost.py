@@ -33,13 +33,13 @@ def _load_worker():
 
 def _run_two_processes(out: Path) -> None:
     port = _free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(HERE.parent)}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(HERE.parent),
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
     env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen(
-        [sys.executable, str(WORKER), "--process-id", str(i), "--num-processes", "2",
-         "--port", str(port), "--out", str(out)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(WORKER), "--out", str(out)],
+                              env={**env, "JAX_PROCESS_ID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
     logs = []
     try:
         for proc in procs:
