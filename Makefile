@@ -19,8 +19,12 @@ $(STAMP): requirements.txt pyproject.toml
 test: venv
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) tests
 
+# Tiny ListOps end to end on CPU: generate the data (once), train (resumes if interrupted), report.
+DEMO_RUN ?= runs/demo-listops
 demo: venv
-	$(BIN)/python -m hgrn_jax.demo
+	$(BIN)/python -m hgrn_jax.data.listops --spec=tiny --cache_dir=cache
+	$(BIN)/python -m experiments.train --config=experiments/configs/lra/listops.py:tiny --workdir=$(DEMO_RUN)
+	$(BIN)/python -m experiments.report $(DEMO_RUN)
 
 bench: venv
 	$(BIN)/python benchmarks/scan.py

@@ -70,6 +70,12 @@ class ListOpsSpec:
         if self.max_depth < 2 or self.max_args < 2:
             raise ValueError("max_depth and max_args must be at least 2")
 
+    @classmethod
+    def tiny(cls) -> "ListOpsSpec":
+        """A small, shallow set for seconds-long CPU runs (the ``tiny`` preset, ``make demo``)."""
+        return cls(min_length=8, max_length=60, max_depth=4, max_args=10,
+                   num_train=4_000, num_val=256, num_test=256)
+
     def split_sizes(self) -> dict[str, int]:
         return {"train": self.num_train, "val": self.num_val, "test": self.num_test}
 
@@ -336,3 +342,46 @@ def load_split(folder_or_file: str | Path, split: str, seq_len: int,
         raise MalformedRowError(f"{path}: no examples")
     ids, lengths = (tokenizer or ListOpsTokenizer()).encode(sources, seq_len)
     return {"inputs": ids, "lengths": lengths, "labels": labels}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m hgrn_jax.data.listops``: write a generated set in the release's layout."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m hgrn_jax.data.listops",
+        description="Generate ListOps (LRA specification) as basic_{train,val,test}.tsv.")
+    parser.add_argument("--spec", choices=("lra", "tiny"), default="lra",
+                        help="lra: the release's sizes and lengths; tiny: the tiny preset's")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="write the files into this folder (use it as data.lra_dir)")
+    where.add_argument("--cache_dir", help="write into CACHE_DIR/listops-<hash> as the tasks do "
+                                           "(nothing to do if it exists)")
+    parser.add_argument("--seed", type=int, default=0)
+    for name in ("min_length", "max_length", "max_depth", "max_args", "num_train", "num_val",
+                 "num_test"):
+        parser.add_argument(f"--{name}", type=int, default=None, help="override the spec")
+    args = parser.parse_args(argv)
+    spec = ListOpsSpec.tiny() if args.spec == "tiny" else ListOpsSpec()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(spec)
+                 if getattr(args, f.name) is not None}
+    spec = dataclasses.replace(spec, **overrides)
+    if args.out:
+        write_tsv(args.out, generate(spec, args.seed))
+        folder = Path(args.out)
+    else:
+        present = generated_folder(args.cache_dir, spec, args.seed)
+        existed = all((present / split_filename(s)).is_file() for s in SPLITS)
+        folder = ensure_generated(args.cache_dir, spec, args.seed)
+        if existed:
+            print(f"ListOps already generated in {folder}")
+            return
+    sizes = ", ".join(f"{n} {s}" for s, n in spec.split_sizes().items())
+    print(f"ListOps ({sizes}; {spec.min_length} < length < {spec.max_length}) in {folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,7 @@ of the same specification into ``data.cache_dir`` first (see :mod:`hgrn_jax.data
 """
 
 from experiments.configs import common
-from hgrn_jax.data.listops import ListOpsTokenizer
+from hgrn_jax.data.listops import ListOpsSpec, ListOpsTokenizer
 
 PATH = "experiments/configs/lra/listops.py"
 
@@ -37,10 +37,12 @@ def _tiny(c):
     c.model.features = 32
     c.data.source = "generated"
     c.data.seq_len = 64
-    c.data.min_length = 8
-    c.data.max_length = 60
-    c.data.max_depth = 4
-    c.data.train_examples = 4_000
-    c.data.val_examples = 256
-    c.data.test_examples = 256
+    spec = ListOpsSpec.tiny()  # what `python -m hgrn_jax.data.listops --spec=tiny` writes
+    c.data.min_length = spec.min_length
+    c.data.max_length = spec.max_length
+    c.data.max_depth = spec.max_depth
+    c.data.max_args = spec.max_args
+    c.data.train_examples = spec.num_train
+    c.data.val_examples = spec.num_val
+    c.data.test_examples = spec.num_test
     common.tiny_schedule(c, steps=200, batch_size=32, learning_rate=3e-3)
