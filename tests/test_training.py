@@ -7,8 +7,10 @@ subprocess runs go through ``python -m experiments.train`` on 8 simulated CPU de
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,24 +179,56 @@ def test_nan_loss_stops_with_the_step_and_writes_no_nan_checkpoint(tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, dict]:
+    """A complete toy run in this process (8 devices, as the subprocess runs use)."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
     config = toy_config()
-    reference = train_and_evaluate(config, tmp_path / "ref", task=ToyTask(config))
-    final = _checkpoint_params(tmp_path / "ref", 12)
+    return workdir, train_and_evaluate(config, workdir, task=ToyTask(config))
 
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupted):
+    reference, reference_results = uninterrupted
     run = tmp_path / "run"
-    train_and_evaluate(config, run, task=ToyTask(config))
+    shutil.copytree(reference, run)
     # Truncate every data file of the newest checkpoint (step 12), as a crash mid-write would.
     for path in (run / "checkpoints" / "12" / "state").rglob("*"):
-        if path.is_file() and path.name not in ("commit_success.txt",):
-            path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 3])
+        if path.is_file() and path.name != "commit_success.txt":
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    config = toy_config()
     with pytest.warns(CheckpointFallbackWarning, match="step 12.*falling back"):
         results = train_and_evaluate(config, run, task=ToyTask(config))
     # Training resumed at step 9, redid steps 10-12 and reached the same parameters.
-    for a, b in zip(final, _checkpoint_params(run, 12)):
+    _assert_same_final_params(run, reference)
+    assert results["test"] == reference_results["test"]
+    assert results["best_val"] == reference_results["best_val"]
+
+
+def test_run_writes_the_contract_files(uninterrupted):
+    workdir, returned = uninterrupted
+    results = json.loads((workdir / "results.json").read_text())
+    assert results == pytest.approx(returned)
+    assert {"task", "metric", "best_val", "test", "paper", "steps", "wall_time_s", "num_params",
+            "devices", "process_count"} <= set(results)
+    assert results["steps"] == 12 and results["devices"] == 8 and results["process_count"] == 1
+    assert results["paper"] == 50.0 and results["metric"] == "accuracy"
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["num_train_steps"] == 12 and config["optimizer"]["name"] == "adamw"
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6, 8, 10, 12]
+    assert [r["step"] for r in records if r["split"] == "val"] == [6, 12]
+    assert {"loss", "lr", "steps_per_sec", "accuracy"} <= set(records[0])
+    assert records[-1]["split"] == "test" and records[-1]["accuracy"] == results["test"]
+    assert any((workdir / "tensorboard").iterdir())
+    # The latest 2 checkpoints and the best validation one are kept.
+    kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept[-2:] == [9, 12] and results["best_step"] in kept
+
+
+def _assert_same_final_params(workdir: Path, reference: Path) -> None:
+    for a, b in zip(_checkpoint_params(reference, 12), _checkpoint_params(workdir, 12),
+                    strict=True):
         np.testing.assert_array_equal(a, b)
-    assert results["test"] == reference["test"]
-    assert results["best_val"] == reference["best_val"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,14 +260,17 @@ def _run(workdir: Path, *overrides: str, check: bool = True) -> subprocess.Compl
     return proc
 
 
-def _start_and_wait_for_checkpoint(workdir: Path, *overrides: str) -> subprocess.Popen:
-    proc = subprocess.Popen(_train_command(workdir, *SLOW, *overrides), cwd=REPO, env=_env(),
+def _start_and_wait_for_new_checkpoint(workdir: Path) -> subprocess.Popen:
+    """Start a slow run and return once it has written a checkpoint that was not there before."""
+    folder = workdir / "checkpoints"
+    before = set(folder.iterdir()) if folder.is_dir() else set()
+    proc = subprocess.Popen(_train_command(workdir, *SLOW), cwd=REPO, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = workdir / "checkpoints" / "3"
     deadline = time.time() + 240
-    while not first.is_dir():
+    while not any(p.name.isdigit() for p in (set(folder.iterdir()) if folder.is_dir() else set())
+                  - before):
         if proc.poll() is not None:
-            raise AssertionError(f"run ended before its first checkpoint:\n{proc.stderr.read()}")
+            raise AssertionError(f"run ended before a new checkpoint:\n{proc.stderr.read()}")
         if time.time() > deadline:
             proc.kill()
             raise AssertionError("no checkpoint appeared within 240 s")
@@ -241,59 +278,32 @@ def _start_and_wait_for_checkpoint(workdir: Path, *overrides: str) -> subprocess
     return proc
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    _run(workdir)
-    return workdir
-
-
-def _assert_same_final_params(workdir: Path, reference: Path) -> None:
-    for a, b in zip(_checkpoint_params(reference, 12), _checkpoint_params(workdir, 12),
-                    strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_run_writes_the_contract_files(uninterrupted):
-    import json
-
-    results = json.loads((uninterrupted / "results.json").read_text())
-    assert {"task", "metric", "best_val", "test", "paper", "steps", "wall_time_s", "num_params",
-            "devices", "process_count"} <= set(results)
-    assert results["steps"] == 12 and results["devices"] == 8 and results["process_count"] == 1
-    config = json.loads((uninterrupted / "config.json").read_text())
-    assert config["num_train_steps"] == 12
-    records = [json.loads(line)
-               for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["split"] == "val"] == [6, 12]
-    assert {"loss", "lr", "steps_per_sec", "accuracy"} <= set(records[0])
-    assert records[-1]["split"] == "test" and records[-1]["accuracy"] == results["test"]
-    assert list((uninterrupted / "tensorboard").iterdir())
-
-
-def test_sigkill_then_rerun_gives_bitwise_the_uninterrupted_parameters(tmp_path, uninterrupted):
-    proc = _start_and_wait_for_checkpoint(tmp_path)
+def test_sigkill_and_sigterm_then_rerun_give_bitwise_the_uninterrupted_parameters(
+        tmp_path, uninterrupted):
+    # 1. Killed without warning after its first checkpoint.
+    proc = _start_and_wait_for_new_checkpoint(tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "results.json").exists()
-    resumed = _run(tmp_path)
-    assert re.search(r"resuming from step \d+", resumed.stderr)
-    _assert_same_final_params(tmp_path, uninterrupted)
-
-
-def test_sigterm_saves_exits_cleanly_and_resumes_from_that_step(tmp_path, uninterrupted):
-    proc = _start_and_wait_for_checkpoint(tmp_path)
+    # 2. The same command resumes; SIGTERM (preemption) once it has checkpointed again: it
+    #    finishes the step, saves, and exits cleanly saying where it stopped.
+    proc = _start_and_wait_for_new_checkpoint(tmp_path)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
+    assert re.search(r"resuming from step \d+", stderr), stderr[-3000:]
     assert proc.returncode == 0, stderr[-3000:]
     match = re.search(r"preempted \(SIGTERM\): saved a checkpoint at step (\d+)", stderr)
     assert match, stderr[-3000:]
     step = int(match.group(1))
-    assert 3 <= step < 12 and (tmp_path / "checkpoints" / str(step)).is_dir()
+    assert 3 < step < 12 and (tmp_path / "checkpoints" / str(step)).is_dir()
+    assert not (tmp_path / "results.json").exists()
+    # 3. The same command again continues from that step and finishes.
     resumed = _run(tmp_path)
     assert f"resuming from step {step}" in resumed.stderr
-    _assert_same_final_params(tmp_path, uninterrupted)
+    _assert_same_final_params(tmp_path, uninterrupted[0])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["test"] == uninterrupted[1]["test"]
 
 
 @pytest.mark.parametrize("override, expected", [
