@@ -1,0 +1,355 @@
+"""The paper's models: LRA classifier, ImageNet classifier, language model and generation.
+
+Tolerances. float32 decoding against the full forward pass: both compute the same recurrence,
+one token at a time or over the whole sequence (possibly in another association order), so they
+agree to float32 rounding; the issue asks for a relative error under 1e-5. Padding invariance:
+padded steps are exact identity steps, so only the association order of the recurrence over a
+longer sequence can differ: 1e-5 relative. bf16 activations: each bf16 rounding has relative
+error 2^-9 ~ 2e-3; a few roundings per layer through 2 layers and the head leave a few 1e-3 of
+the logits' scale (measured: under 1e-2), so we require 3e-2 of the float32 logits' scale, far
+below the O(1) error of a wrong computation.
+
+Speed: every model call goes through one jitted ``apply`` and the tests share model sizes and
+input shapes, so most calls hit the compilation cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hgrn_jax import convert
+from hgrn_jax.nn import (HGRNLM, ClassifierConfig, HGRNClassifier, HGRNImageClassifier,
+                         ImageConfig, LMConfig, generate, sinusoidal_positions)
+
+F32_DECODE_RTOL = 1e-5
+BF16_RTOL = 3e-2
+PAD = dict(rtol=1e-5, atol=1e-6)
+
+apply = nnx.jit(lambda model, *args: model(*args))
+step = nnx.jit(lambda model, ids, cache: model.step(ids, cache))
+encode = nnx.jit(lambda model, ids, mask: model.encode(ids, mask))
+
+
+def _param_count(module_factory) -> int:
+    abstract = nnx.eval_shape(module_factory)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+def _rel_err(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+def _ids(key: int, shape, vocab: int) -> jax.Array:
+    return jax.random.randint(jax.random.key(key), shape, 0, vocab)
+
+
+def _lengths_mask(lengths, length: int) -> jax.Array:
+    return jnp.arange(length)[None, :] < jnp.asarray(lengths)[:, None]
+
+
+def _padded(ids, mask, extra: int, fill: int):
+    """``ids`` with its padding overwritten by ``fill`` and ``extra`` more padded steps."""
+    b = ids.shape[0]
+    return (jnp.concatenate([jnp.where(mask, ids, fill), jnp.full((b, extra), fill)], axis=1),
+            jnp.concatenate([mask, jnp.zeros((b, extra), bool)], axis=1))
+
+
+# Shared sizes: width 8, 2 layers; text batches (3, 10) padded to (3, 16).
+VOCAB, CLASSES = 13, 3
+IDS = _ids(1, (3, 10), VOCAB)
+MASK = _lengths_mask([4, 10, 7], 10)
+PADDED_IDS, PADDED_MASK = _padded(IDS, MASK, 6, 5)
+
+
+def _text_config(**overrides) -> ClassifierConfig:
+    base = dict(num_classes=CLASSES, features=8, num_layers=2, vocab_size=VOCAB, norm="batch",
+                position_encoding=True, glu_expand=2)
+    return ClassifierConfig(**(base | overrides))
+
+
+def _image2d_config(**overrides) -> ClassifierConfig:
+    base = dict(num_classes=4, features=8, num_layers=2, encoder="linear", input_channels=3,
+                mixer="2d", grid_shape=(3, 4), norm="batch")
+    return ClassifierConfig(**(base | overrides))
+
+
+def _imagenet_config() -> ImageConfig:
+    return ImageConfig.tiny(image_size=(28, 42), features=8, num_layers=2, num_classes=5)
+
+
+def _lm_config(**overrides) -> LMConfig:
+    return LMConfig(**(dict(vocab_size=29, features=8, num_layers=2, glu_hidden=16) | overrides))
+
+
+def _eval(model: nnx.Module) -> nnx.Module:
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def text_model() -> HGRNClassifier:
+    return _eval(HGRNClassifier(_text_config(), rngs=nnx.Rngs(0)))
+
+
+@pytest.fixture(scope="module")
+def untied_lm() -> HGRNLM:
+    # Untied: a tied random model's argmax is mostly the last token, a weak check.
+    return HGRNLM(_lm_config(tie_embeddings=False), rngs=nnx.Rngs(3))
+
+
+# ------------------------------------------------------------------------ shapes and dtypes
+
+
+def test_classifier_1d_shapes_dtypes_and_bf16(text_model):
+    logits = apply(text_model, IDS, MASK)
+    assert logits.shape == (3, CLASSES) and logits.dtype == jnp.float32
+    assert text_model.blocks[0].mixer.theta_reverse.shape == (8,)
+    assert text_model.lower_bounds.param.shape == (2, 8)
+    assert text_model.blocks[0].mlp.gate_proj.kernel.shape == (8, 16)
+
+    bf16 = _eval(HGRNClassifier(_text_config(), dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    logits16 = apply(bf16, IDS, MASK)
+    assert logits16.dtype == jnp.bfloat16
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
+    assert _rel_err(logits16, logits) < BF16_RTOL
+
+
+def test_retrieval_dual_shapes_and_one_shared_encoder():
+    model = _eval(HGRNClassifier(_text_config(num_classes=2, dual=True), rngs=nnx.Rngs(0)))
+    other, other_mask = _ids(2, (3, 10), VOCAB), _lengths_mask([10, 2, 6], 10)
+    logits = apply(model, IDS, MASK, other, other_mask)
+    assert logits.shape == (3, 2) and logits.dtype == jnp.float32
+    assert model.pair_proj.kernel.shape == (4 * 8, 8)
+    # One encoder: each document's features are what encode() gives it alone (eval mode).
+    u, v = encode(model, IDS, MASK), encode(model, other, other_mask)
+    expected = model.head(nnx.gelu(model.pair_proj(jnp.concatenate([u, v, u - v, u * v], -1)),
+                                   approximate=False))
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+    # Padding either document does not change the logits.
+    padded_other, padded_other_mask = _padded(other, other_mask, 6, 1)
+    np.testing.assert_allclose(
+        apply(model, PADDED_IDS, PADDED_MASK, padded_other, padded_other_mask), logits, **PAD)
+
+
+def test_image_classifier_shapes_dtypes_and_bf16():
+    images = jax.random.normal(jax.random.key(5), (2, 28, 42, 3))
+    model = HGRNImageClassifier(_imagenet_config(), rngs=nnx.Rngs(0))
+    logits = apply(model, images)
+    assert logits.shape == (2, 5) and logits.dtype == jnp.float32
+    assert model.patch_embed.kernel.shape == (14 * 14 * 3, 8)
+    assert model.blocks[0].mixer.bidirectional and model.blocks[0].mixer.num_phases == 2
+    bf16 = HGRNImageClassifier(_imagenet_config(), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    logits16 = apply(bf16, images)
+    assert logits16.dtype == jnp.bfloat16
+    assert _rel_err(logits16, logits) < BF16_RTOL
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_lm_shapes(tie):
+    lm = HGRNLM(_lm_config(tie_embeddings=tie), rngs=nnx.Rngs(0))
+    logits = apply(lm, _ids(6, (2, 12), 29))
+    assert logits.shape == (2, 12, 29) and logits.dtype == jnp.float32
+    assert hasattr(lm, "lm_head") != tie
+
+
+def test_lm_bf16_activations_stay_close_to_float32():
+    ids = _ids(6, (2, 12), 29)
+    lm16 = HGRNLM(_lm_config(), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    out16 = apply(lm16, ids)
+    assert out16.dtype == jnp.bfloat16
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(lm16, nnx.Param)))
+    assert _rel_err(out16, apply(HGRNLM(_lm_config(), rngs=nnx.Rngs(0)), ids)) < BF16_RTOL
+
+
+# ------------------------------------------------------------------------ parameter counts
+
+
+def test_paper_parameter_counts():
+    assert _param_count(lambda: HGRNLM(LMConfig(), rngs=nnx.Rngs(0))) == 46_247_936
+    assert _param_count(lambda: HGRNImageClassifier(ImageConfig.tiny(), rngs=nnx.Rngs(0))) \
+        == 6_107_560
+    assert _param_count(lambda: HGRNImageClassifier(ImageConfig.small(), rngs=nnx.Rngs(0))) \
+        == 23_715_688
+
+
+def test_ablation_switches_change_the_parameters():
+    def count(**overrides):
+        return _param_count(lambda: HGRNClassifier(_text_config(**overrides), rngs=nnx.Rngs(0)))
+
+    full, d, layers = count(), 8, 2
+    assert full - count(separate_phases=False) == layers * d       # theta_reverse per layer
+    assert full - count(use_lower_bound=False) == layers * d       # the (layers, d) Gamma
+    # real: input_proj and gate d->d (2d^2 + 2d fewer), out_proj d->d (d^2), norm over d (2d),
+    # no thetas (2d)
+    assert full - count(complex_valued=False) == layers * (3 * d * d + 6 * d)
+    for overrides in (dict(separate_phases=False), dict(complex_valued=False),
+                      dict(use_forget_gate=False)):
+        model = _eval(HGRNClassifier(_text_config(**overrides), rngs=nnx.Rngs(0)))
+        assert np.all(np.isfinite(apply(model, IDS, MASK)))
+
+
+# ------------------------------------------------------------------------ padding
+
+
+def test_extra_padding_leaves_logits_unchanged_in_eval(text_model):
+    reference = apply(text_model, IDS, MASK)
+    np.testing.assert_allclose(apply(text_model, PADDED_IDS, PADDED_MASK), reference, **PAD)
+    # A genuinely shorter sequence (no mask at all) agrees with its padded version.
+    np.testing.assert_allclose(apply(text_model, IDS[:1, :4]), reference[:1], **PAD)
+
+
+def test_padding_is_invisible_to_batchnorm_statistics_in_train_mode():
+    model = HGRNClassifier(_text_config(position_dropout=0.0), rngs=nnx.Rngs(0))
+    model.train()  # dropout is 0: train mode differs from eval only by the batch statistics
+    reference = apply(model, IDS, MASK)
+    padded = apply(model, PADDED_IDS, PADDED_MASK)
+    np.testing.assert_allclose(padded, reference, **PAD)
+    running_mean = nnx.state(model, nnx.BatchStat)["final_norm"]["mean"][...]
+    assert not np.allclose(running_mean, 0.0)  # the running statistics were updated
+
+
+def test_padding_content_is_ignored_by_the_2d_model():
+    model = _eval(HGRNClassifier(_image2d_config(), rngs=nnx.Rngs(0)))
+    pixels = jax.random.normal(jax.random.key(10), (2, 12, 3))
+    mask = _lengths_mask([12, 8], 12)
+    noise = 100.0 * jax.random.normal(jax.random.key(11), pixels.shape)
+    reference = apply(model, pixels, mask)
+    assert reference.shape == (2, 4)
+    scrambled = jnp.where(mask[..., None], pixels, noise)
+    np.testing.assert_allclose(apply(model, scrambled, mask), reference, **PAD)
+
+
+# ------------------------------------------------------------------------ user errors
+
+
+def test_classifier_errors_name_the_fix(text_model):
+    with pytest.raises(ValueError, match="needs vocab_size"):
+        ClassifierConfig(encoder="embed")
+    with pytest.raises(ValueError, match=r"grid_shape=\(H, W\)"):
+        ClassifierConfig(encoder="linear", input_channels=1, mixer="2d")
+    with pytest.raises(ValueError, match="integer token ids"):
+        text_model(jnp.ones((1, 5, 3)))
+    with pytest.raises(ValueError, match="mask must be"):
+        text_model(IDS, MASK[:, :5])
+    with pytest.raises(ValueError, match="set dual=True"):
+        text_model(IDS, None, IDS)
+    image2d = HGRNClassifier(_image2d_config(), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"not H \* W"):
+        image2d(jnp.ones((1, 10, 3)))
+    dual = HGRNClassifier(_text_config(dual=True), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="needs both documents"):
+        dual(IDS)
+    with pytest.raises(ValueError, match="channels-last"):
+        HGRNImageClassifier(_imagenet_config(), rngs=nnx.Rngs(0))(jnp.ones((1, 3, 28, 42)))
+
+
+def test_sinusoidal_positions_values():
+    pe = sinusoidal_positions(5, 6)
+    t, j = 3, 2  # pair j uses the frequency 10000^(-2j/d)
+    assert pe.shape == (5, 6)
+    np.testing.assert_allclose(pe[t, 2 * j], math.sin(t * 10000 ** (-2 * j / 6)), rtol=1e-6)
+    np.testing.assert_allclose(pe[t, 2 * j + 1], math.cos(t * 10000 ** (-2 * j / 6)), rtol=1e-6)
+    assert sinusoidal_positions(4, 5).shape == (4, 5)
+
+
+# ------------------------------------------------------------------------ language model
+
+
+def test_lm_is_causal(untied_lm):
+    ids = _ids(14, (2, 12), 29)
+    changed = ids.at[:, 7].set((ids[:, 7] + 1) % 29)
+    a, b = apply(untied_lm, ids), apply(untied_lm, changed)
+    np.testing.assert_array_equal(a[:, :7], b[:, :7])
+    assert not np.allclose(a[:, 7:], b[:, 7:])
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(complex_valued=False)], ids=["paper", "real"])
+def test_decoding_token_by_token_equals_the_full_pass(overrides):
+    lm = HGRNLM(_lm_config(**overrides), rngs=nnx.Rngs(0))
+    ids = _ids(15, (2, 12), 29)
+    full = apply(lm, ids)
+    for prefill in (0, 7):
+        cache = lm.init_cache(2)
+        outputs = []
+        if prefill:
+            logits, cache = step(lm, ids[:, :prefill], cache)
+            outputs.append(logits)
+        for t in range(prefill, ids.shape[1]):
+            logits, cache = step(lm, ids[:, t:t + 1], cache)
+            outputs.append(logits)
+        assert _rel_err(jnp.concatenate(outputs, axis=1), full) < F32_DECODE_RTOL
+
+
+def test_converted_fla_lm_decodes_the_golden_logits(golden):
+    case = golden("fla_hgrn_lm")
+    lm = convert.from_fla_hgrn_lm(case.meta["constructor"]["HGRNConfig"], case.params)
+    ids = jnp.asarray(case.arrays["input"])
+    prefill = case.meta["prefill_len"]
+    graphdef, state = nnx.split(lm)
+
+    @jax.jit
+    def teacher_forced(state, ids):
+        model = nnx.merge(graphdef, state)
+        _, cache = model.step(ids[:, :prefill], model.init_cache(ids.shape[0]))
+
+        def body(cache, token):
+            logits, cache = model.step(token[:, None], cache)
+            return cache, logits[:, 0]
+
+        _, logits = jax.lax.scan(body, cache, ids[:, prefill:].T)
+        return logits.transpose(1, 0, 2)
+
+    np.testing.assert_allclose(teacher_forced(state, ids), case.arrays["output/decode_logits"],
+                               atol=5e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------ generation
+
+PROMPT = _ids(19, (2, 5), 29)
+
+
+def _ranks_of_generated(lm: HGRNLM, out: jax.Array, prompt_len: int) -> jax.Array:
+    """For each generated token, how many tokens the full forward pass scored higher."""
+    logits = apply(lm, out[:, :-1])[:, prompt_len - 1:]
+    chosen = jnp.take_along_axis(logits, out[:, prompt_len:, None], axis=-1)
+    return jnp.sum(logits > chosen, axis=-1)
+
+
+def test_greedy_generation_is_argmax_decoding(untied_lm):
+    out = generate(untied_lm, PROMPT, 7, greedy=True)
+    assert out.shape == (2, 12) and out.dtype == jnp.int32
+    np.testing.assert_array_equal(out[:, :5], PROMPT)
+    np.testing.assert_array_equal(generate(untied_lm, PROMPT, 7, greedy=True), out)
+    # The model is causal, so one forward pass over the output gives every step's logits.
+    assert np.all(_ranks_of_generated(untied_lm, out, 5) == 0)
+    assert len(np.unique(np.asarray(out[:, 5:]))) > 1  # not a trivial repetition
+    top1 = generate(untied_lm, PROMPT, 7, rng=jax.random.key(0), temperature=0.7, top_k=1)
+    np.testing.assert_array_equal(top1, out)
+
+
+def test_sampling_stays_in_vocab_and_in_the_top_k(untied_lm):
+    samples = generate(untied_lm, PROMPT, 7, rng=jax.random.key(1), temperature=1.5)
+    assert samples.shape == (2, 12)
+    assert np.all((samples >= 0) & (samples < 29))
+    assert not np.array_equal(
+        samples, generate(untied_lm, PROMPT, 7, rng=jax.random.key(2), temperature=1.5))
+    top3 = generate(untied_lm, PROMPT, 7, rng=jax.random.key(3), top_k=3)
+    ranks = _ranks_of_generated(untied_lm, top3, 5)
+    assert np.all(ranks < 3) and np.any(ranks > 0)
+
+
+def test_generate_errors_name_the_fix(untied_lm):
+    with pytest.raises(ValueError, match="BOS"):
+        generate(untied_lm, jnp.zeros((1, 0), jnp.int32), 3, greedy=True)
+    with pytest.raises(ValueError, match="needs rng"):
+        generate(untied_lm, PROMPT, 3)
+    with pytest.raises(ValueError, match="greedy=True"):
+        generate(untied_lm, PROMPT, 3, rng=jax.random.key(0), temperature=0.0)
+    np.testing.assert_array_equal(generate(untied_lm, PROMPT, 0), PROMPT)
