@@ -287,12 +287,18 @@ def num_batch_shards(mesh: Mesh) -> int:
 def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
     """Global batch arrays from this process's rows (a pytree of (B_local, ...) arrays).
 
-    Each process passes its own contiguous slice of the global batch, process ``p`` holding rows
-    ``[p * B_local, (p + 1) * B_local)``; on one process that is the whole batch. The global
-    batch ``B_local * process_count`` must be a multiple of :func:`num_batch_shards`.
+    Each process passes its own B_local rows, a different slice of the global batch of
+    ``B_local * process_count`` rows (on one process: the whole batch). Where a process's rows
+    land in the global batch follows the mesh's device order; with :func:`make_mesh` on CPU and
+    GPU hosts, process ``p`` holds rows ``[p * B_local, (p + 1) * B_local)``. The global batch
+    must be a multiple of :func:`num_batch_shards`.
     """
     shards = num_batch_shards(mesh)
     processes = jax.process_count()
+    if shards % processes != 0:
+        raise ValueError(
+            f"the mesh splits the batch {shards} ways over {processes} processes, so processes "
+            "would have to feed identical rows; make data*fsdp a multiple of the process count")
 
     def to_global(x):
         x = np.asarray(x)

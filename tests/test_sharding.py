@@ -263,6 +263,19 @@ def test_shard_batch_splits_rows_over_data_and_fsdp():
         sh.shard_batch({"x": np.zeros((6, 3))}, mesh)
 
 
+def test_raw_optax_moments_follow_their_parameters():
+    """The runner's pattern: optax state of an ``nnx.State`` of params keeps their axis names."""
+    mesh = sh.make_mesh(2, 2, 2)
+    params = nnx.state(nnx.eval_shape(lambda: HGRNLM(LM_CONFIG, rngs=nnx.Rngs(0))), nnx.Param)
+    opt_state = jax.eval_shape(optax.adamw(1e-3).init, params)
+    shardings = sh.state_shardings({"params": params, "opt": opt_state}, mesh)
+    kernel = shardings["params"]["blocks"][1]["mixer"]["out_proj"]["kernel"].get_value()
+    assert kernel.spec == P("model", "fsdp")
+    for moment in (shardings["opt"][0].mu, shardings["opt"][0].nu):
+        assert moment["blocks"][1]["mixer"]["out_proj"]["kernel"].get_value() == kernel
+    assert shardings["opt"][0].count.spec == P()
+
+
 def test_maybe_initialize_distributed_is_a_no_op_without_a_request():
     assert sh.maybe_initialize_distributed(env={}) is False
     assert sh.maybe_initialize_distributed(env={"JAX_NUM_PROCESSES": "1"}) is False
