@@ -1,0 +1,302 @@
+"""Behaviour of the HGRN layers beyond the golden parity tests.
+
+Exactness: a layer's output at one position is computed from the inputs it depends on by a
+fixed sequence of operations (per-position projections and norms, and scans whose combination
+tree does not depend on the values), so positions the perturbation cannot reach must be
+bit-identical, not merely close; positions it reaches must change.
+"""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from hgrn_jax.nn import GLU, HGRNLM, HGRU, HGRU2D, FlaHGRNAttention, LMConfig, LowerBounds
+from hgrn_jax.nn import lower_bounds
+
+D = 8
+SEQ = (3, 12, D)  # one shape per kind keeps the eager op cache warm across tests
+GRID = (3, 5, 6, D)
+LOGICAL_AXES = {"embed", "rnn", "mlp", "vocab", "layers", "classes"}
+
+
+def inputs(shape, seed=0, dtype=jnp.float32) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+def perturbed(x: jax.Array, index) -> jax.Array:
+    return x.at[index].add(3.0)
+
+
+def changed(y0: jax.Array, y1: jax.Array) -> np.ndarray:
+    """Positions (all axes but the last) where any feature differs at all."""
+    return np.any(np.asarray(y0) != np.asarray(y1), axis=-1)
+
+
+# ------------------------------------------------------------------ reach of a perturbation
+
+
+@pytest.mark.parametrize("method", ["sequential", "associative", "chunked"])
+def test_causal_hgru_ignores_the_future(method):
+    layer = HGRU(D, method=method, rngs=nnx.Rngs(0))
+    x = inputs(SEQ)
+    t0 = 6
+    y0, y1 = layer(x, 0.5), layer(perturbed(x, (slice(None), slice(t0 + 1, None))), 0.5)
+    np.testing.assert_array_equal(y1[:, : t0 + 1], y0[:, : t0 + 1])
+    assert changed(y0, y1)[:, t0 + 1:].all()
+
+
+@pytest.mark.parametrize("separate_phases", [True, False], ids=["separate", "shared"])
+def test_bidirectional_hgru_sees_both_ways(separate_phases):
+    layer = HGRU(D, bidirectional=True, separate_phases=separate_phases, rngs=nnx.Rngs(0))
+    x = inputs(SEQ)
+    y0, y1 = layer(x, 0.5), layer(perturbed(x, (slice(None), 6)), 0.5)
+    assert changed(y0, y1).all()
+
+
+def test_causal_hgru2d_reaches_down_and_right():
+    layer = HGRU2D(D, causal=True, rngs=nnx.Rngs(0))
+    x = inputs(GRID)
+    i0, j0 = 2, 3
+    diff = changed(layer(x, 0.5), layer(perturbed(x, (1, i0, j0)), 0.5))
+    np.testing.assert_array_equal(diff[[0, 2]], False)
+    diff = diff[1]
+    expected = np.zeros((5, 6), bool)
+    expected[i0:, j0] = True  # the scan down each column
+    expected[i0, j0:] = True  # the scan along each row
+    np.testing.assert_array_equal(diff, expected)
+
+
+@pytest.mark.parametrize("separate_phases", [True, False], ids=["separate", "shared"])
+def test_four_scan_hgru2d_reaches_the_whole_row_and_column(separate_phases):
+    layer = HGRU2D(D, causal=False, separate_phases=separate_phases, rngs=nnx.Rngs(0))
+    x = inputs(GRID)
+    i0, j0 = 2, 3
+    diff = changed(layer(x, 0.5), layer(perturbed(x, (1, i0, j0)), 0.5))
+    np.testing.assert_array_equal(diff[[0, 2]], False)
+    diff = diff[1]
+    expected = np.zeros((5, 6), bool)
+    expected[:, j0] = True
+    expected[i0, :] = True
+    np.testing.assert_array_equal(diff, expected)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: HGRU(D, rngs=nnx.Rngs(0)),
+    lambda: HGRU(D, bidirectional=True, rngs=nnx.Rngs(0)),
+    lambda: HGRU2D(D, rngs=nnx.Rngs(0)),
+], ids=["causal", "bidirectional", "2d"])
+def test_batch_elements_are_independent(make):
+    layer = make()
+    x = inputs(GRID if isinstance(layer, HGRU2D) else SEQ)
+    y0, y1 = layer(x, 0.5), layer(perturbed(x, 1), 0.5)
+    np.testing.assert_array_equal(y1[0], y0[0])
+    np.testing.assert_array_equal(y1[2], y0[2])
+    assert changed(y0[1], y1[1]).all()
+
+
+# ------------------------------------------------------------------ variants and options
+
+
+def test_real_valued_variant():
+    layer = HGRU(D, bidirectional=True, complex_valued=False, rngs=nnx.Rngs(0))
+    assert not hasattr(layer, "theta") and not hasattr(layer, "theta_reverse")
+    shapes = {"/".join(map(str, path)): value.shape
+              for path, value in nnx.to_flat_state(nnx.state(layer, nnx.Param))}
+    assert shapes == {
+        "input_proj/kernel": (D, D), "input_proj/bias": (D,),
+        "lambda_proj/kernel": (D, D), "lambda_proj/bias": (D,),
+        "gate/kernel": (D, D), "gate/bias": (D,),
+        "out_proj/kernel": (D, D), "out_proj/bias": (D,),
+        "norm/scale": (D,), "norm/bias": (D,),
+    }
+    y = layer(inputs(SEQ), 0.5)
+    chex.assert_shape(y, SEQ)
+    chex.assert_tree_all_finite(y)
+    assert HGRU(D, rngs=nnx.Rngs(0)).input_proj.kernel.shape == (D, 2 * D)
+
+
+def test_norm_before_gate_changes_the_output():
+    x = inputs(SEQ)
+    norm_first = HGRU(D, norm_before_gate=True, rngs=nnx.Rngs(0))
+    gate_first = HGRU(D, norm_before_gate=False, rngs=nnx.Rngs(0))
+    chex.assert_trees_all_equal(nnx.state(norm_first), nnx.state(gate_first))
+    y_norm_first, y_gate_first = norm_first(x), gate_first(x)
+    assert np.abs(y_norm_first - y_gate_first).max() > 1e-2
+
+
+def test_without_forget_gate_the_decay_is_the_lower_bound():
+    layer = HGRU(D, use_forget_gate=False, rngs=nnx.Rngs(0))
+    x = inputs(SEQ)
+    # lambda_proj is unused ...
+    y = layer(x, 0.5)
+    layer.lambda_proj.kernel[...] = layer.lambda_proj.kernel[...] + 1.0
+    np.testing.assert_array_equal(layer(x, 0.5), y)
+    # ... and with a zero bound there is no memory: each output sees only its own token.
+    diff = changed(layer(x, 0.0), layer(perturbed(x, (slice(None), 5)), 0.0))
+    np.testing.assert_array_equal(diff, np.arange(12)[None, :].repeat(3, 0) == 5)
+    # A bound of 0.5 is the constant decay 0.5 * exp(i theta) with input (1 - 0.5) c.
+    lam, b = layer.decay_and_input(x, 0.5)
+    np.testing.assert_array_equal(lam, np.full(SEQ, 0.5, np.float32))
+    u = nnx.silu(layer.input_proj(x))
+    np.testing.assert_allclose(b, 0.5 * jax.lax.complex(u[..., :D], u[..., D:]), rtol=1e-6)
+
+
+def test_lower_bound_may_be_a_vector():
+    layer = HGRU(D, rngs=nnx.Rngs(0))
+    x = inputs(SEQ)
+    np.testing.assert_allclose(layer(x, jnp.full((D,), 0.3)), layer(x, 0.3), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ initialisation
+
+
+@pytest.mark.parametrize("make", [
+    lambda: HGRU(64, rngs=nnx.Rngs(0)),
+    lambda: HGRU(64, bidirectional=True, rngs=nnx.Rngs(1)),
+    lambda: HGRU2D(64, rngs=nnx.Rngs(2)),
+], ids=["causal", "bidirectional", "2d"])
+def test_theta_is_10000_to_the_minus_2j_over_d(make):
+    layer = make()
+    expected = 10000.0 ** (-2.0 * np.arange(64) / 64)
+    np.testing.assert_allclose(layer.theta[...], expected, rtol=1e-6)
+    if layer.num_phases == 2:
+        np.testing.assert_allclose(layer.theta_reverse[...], expected, rtol=1e-6)
+
+
+def test_linear_layers_use_the_pytorch_default_init():
+    """PyTorch's nn.Linear: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    layer = HGRU(64, rngs=nnx.Rngs(0))
+    for name in ("input_proj", "lambda_proj", "gate", "out_proj"):
+        linear = getattr(layer, name)
+        fan_in = linear.kernel.shape[0]
+        bound = 1.0 / math.sqrt(fan_in)
+        kernel, bias = np.asarray(linear.kernel[...]), np.asarray(linear.bias[...])
+        assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound, name
+        # Uniform on [-bound, bound]: fills the interval, standard deviation bound / sqrt(3).
+        assert np.abs(kernel).max() > 0.95 * bound, name
+        np.testing.assert_allclose(kernel.std(), bound / math.sqrt(3), rtol=0.05, err_msg=name)
+    np.testing.assert_array_equal(layer.norm.scale[...], np.ones(128))
+    np.testing.assert_array_equal(layer.norm.bias[...], np.zeros(128))
+
+
+TINY_LM = LMConfig(vocab_size=32, features=D, num_layers=2, glu_hidden=16)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: HGRU(D, bidirectional=True, rngs=nnx.Rngs(0)),
+    lambda: HGRU(D, complex_valued=False, use_bias=False, rngs=nnx.Rngs(0)),
+    lambda: HGRU2D(D, rngs=nnx.Rngs(0)),
+    lambda: GLU(D, 16, rngs=nnx.Rngs(0)),
+    lambda: FlaHGRNAttention(D, expand_ratio=2, rngs=nnx.Rngs(0)),
+    lambda: HGRNLM(TINY_LM, rngs=nnx.Rngs(0)),
+    lambda: HGRNLM(LMConfig.fla(vocab_size=32, features=D, num_layers=2, glu_hidden=16),
+                   rngs=nnx.Rngs(0)),
+], ids=["hgru", "hgru_real", "hgru2d", "glu", "fla_attention", "lm", "fla_lm"])
+def test_every_parameter_has_logical_axis_names(make):
+    model = make()
+    params = nnx.state(model, nnx.Param)
+    specs = dict(nnx.to_flat_state(nnx.get_partition_spec(params)))
+    assert specs
+    for path, param in nnx.to_flat_state(params):
+        spec = specs[path].get_value()
+        assert isinstance(spec, PartitionSpec), path
+        assert len(spec) == param.ndim, (path, spec, param.shape)
+        assert set(spec) <= LOGICAL_AXES, (path, spec)
+
+
+# ------------------------------------------------------------------ streaming, precision, gradients
+
+
+@pytest.mark.parametrize("complex_valued", [True, False], ids=["complex", "real"])
+def test_step_streaming_equals_the_full_call(complex_valued):
+    layer = HGRU(D, complex_valued=complex_valued, rngs=nnx.Rngs(0))
+    x = inputs(SEQ)
+    bound = jnp.linspace(0.1, 0.6, D)
+    state = layer.init_state(3)
+    chex.assert_shape(state, (3, D))
+    assert jnp.iscomplexobj(state) == complex_valued
+    outputs = []
+    for start, stop in ((0, 5), (5, 6), (6, 12)):  # a prefill, one token, the rest
+        y, state = layer.step(x[:, start:stop], state, bound)
+        outputs.append(y)
+    np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), layer(x, bound),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_step_needs_a_causal_layer():
+    layer = HGRU(D, bidirectional=True, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"step\(\) needs a causal HGRU"):
+        layer.step(inputs((1, 3, D)), layer.init_state(1))
+
+
+def test_hgru2d_needs_a_grid():
+    with pytest.raises(ValueError, match=r"HGRU2D expects \(batch, H, W, d\); got shape"):
+        HGRU2D(D, rngs=nnx.Rngs(0))(inputs((1, 12, D)))
+
+
+@pytest.mark.parametrize("make", [
+    lambda dtype: HGRU(D, bidirectional=True, dtype=dtype, rngs=nnx.Rngs(0)),
+    lambda dtype: HGRU2D(D, dtype=dtype, rngs=nnx.Rngs(0)),
+], ids=["hgru", "hgru2d"])
+def test_bfloat16_activations_stay_close_to_float32(make):
+    """bf16 activations, float32 parameters: bf16 keeps 8 significant bits (rounding error
+    2^-9 = 0.2% per operation); about ten roundings in sequence (input, four projections, SiLUs,
+    the norm, the gate product) put the output within a few percent of its scale. The
+    recurrence itself accumulates in float32. We allow 5% of the largest float32 output."""
+    layer16, layer32 = make(jnp.bfloat16), make(None)
+    chex.assert_trees_all_equal(nnx.state(layer16, nnx.Param), nnx.state(layer32, nnx.Param))
+    chex.assert_type(jax.tree.leaves(nnx.state(layer16, nnx.Param)), jnp.float32)
+    shape = GRID if isinstance(layer16, HGRU2D) else SEQ
+    x = inputs(shape)
+    y16, y32 = layer16(x.astype(jnp.bfloat16), 0.5), layer32(x, 0.5)
+    chex.assert_type(y16, jnp.bfloat16)
+    scale = float(jnp.abs(y32).max())
+    np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=0.05 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: HGRU(D, bidirectional=True, rngs=nnx.Rngs(0)),
+    lambda: HGRU(D, complex_valued=False, norm_before_gate=False, rngs=nnx.Rngs(0)),
+    lambda: HGRU2D(D, rngs=nnx.Rngs(0)),
+], ids=["hgru", "hgru_real_gate_first", "hgru2d"])
+def test_gradients_are_finite(make):
+    layer = make()
+    x = inputs(GRID if isinstance(layer, HGRU2D) else SEQ)
+    bound = jnp.full((D,), 0.9)
+
+    def loss(layer, x, bound):
+        return jnp.mean(layer(x, bound) ** 2)
+
+    grads, dx, dbound = nnx.jit(nnx.grad(loss, argnums=(0, 1, 2)))(layer, x, bound)
+    leaves = jax.tree.leaves(grads) + [dx, dbound]
+    chex.assert_tree_all_finite(leaves)
+    assert all(np.abs(leaf).max() > 0 for leaf in leaves)
+
+
+# ------------------------------------------------------------------ lower bounds
+
+
+def test_lower_bounds_schemes():
+    param = inputs((4, D))
+    p = np.asarray(jax.nn.softmax(param, axis=0), np.float64)
+    np.testing.assert_allclose(lower_bounds(param, "lra"), np.cumsum(p, 0) - p, atol=1e-6)
+    np.testing.assert_allclose(lower_bounds(param, "lm"), np.cumsum(p, 0) - p[:1], atol=1e-6)
+    for scheme in ("lra", "lm"):
+        bounds = np.asarray(lower_bounds(param, scheme))
+        np.testing.assert_array_equal(bounds[0], 0)
+        assert np.all(np.diff(bounds, axis=0) >= 0) and bounds.max() < 1
+
+
+def test_lower_bounds_scheme_errors():
+    with pytest.raises(ValueError, match=r"unknown lower-bound scheme 'fairseq'; use 'lra' or 'lm'"):
+        lower_bounds(jnp.ones((3, D)), "fairseq")
+    with pytest.raises(ValueError, match=r"unknown lower-bound scheme 'LRA'"):
+        LowerBounds(3, D, scheme="LRA")()
