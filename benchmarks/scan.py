@@ -1,0 +1,183 @@
+"""Speed and memory of ``linear_recurrence``: every method against the memory floor.
+
+    python benchmarks/scan.py [--lengths 1024 4096 16384] [--dtype float32|bfloat16] [--complex]
+
+For (B, L, D) = (8, L, 512) it times, jitted, median of ``--reps`` runs after a warm-up:
+
+- ``floor``: one elementwise pass over the same bytes as the forward recurrence (reads ``a`` and
+  ``x``, writes one array: ``a * x + 1``). No scan can be faster than this.
+- ``forward`` and ``forward+backward`` (a VJP with a fixed cotangent) of each method, and of two
+  baselines without our custom VJP: JAX differentiating straight through
+  ``jax.lax.associative_scan`` and through ``jax.lax.scan``.
+
+and reports times, ratios to the floor, and the temporary memory XLA allocates for the
+forward+backward step (``compile().memory_analysis().temp_size_in_bytes``; inputs and outputs
+excluded). Results go to ``benchmarks/results/scan_<platform>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import format_table, time_fn, write_results  # noqa: E402
+from hgrn_jax.ops import METHODS, default_method, linear_recurrence  # noqa: E402
+
+BASELINES = ("associative_autodiff", "scan_autodiff")
+
+
+def _combine(left, right):
+    a_l, x_l = left
+    a_r, x_r = right
+    return a_r * a_l, a_r * x_l + x_r
+
+
+def associative_autodiff(a: jax.Array, x: jax.Array) -> jax.Array:
+    """h = scan(a, x) by ``lax.associative_scan``, differentiated by JAX itself. (B, L, D)."""
+    return jax.lax.associative_scan(_combine, (a, x), axis=1)[1]
+
+
+def scan_autodiff(a: jax.Array, x: jax.Array) -> jax.Array:
+    """h = scan(a, x) by ``lax.scan`` over time, differentiated by JAX itself. (B, L, D)."""
+
+    def step(h, inputs):
+        a_t, x_t = inputs
+        h = a_t * h + x_t
+        return h, h
+
+    h0 = jnp.zeros_like(x[:, 0])
+    _, h = jax.lax.scan(step, h0, (jnp.swapaxes(a, 0, 1), jnp.swapaxes(x, 0, 1)))
+    return jnp.swapaxes(h, 0, 1)
+
+
+def recurrence_fn(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The forward function called ``name``: a ``linear_recurrence`` method or a baseline."""
+    if name == "associative_autodiff":
+        return associative_autodiff
+    if name == "scan_autodiff":
+        return scan_autodiff
+    return lambda a, x: linear_recurrence(a, x, method=name)
+
+
+def forward_backward(fn: Callable) -> Callable:
+    """(a, x, cotangent) -> (da, dx): one forward and one backward pass."""
+
+    def step(a, x, cotangent):
+        _, vjp = jax.vjp(fn, a, x)
+        return vjp(cotangent)
+
+    return step
+
+
+def make_inputs(batch: int, length: int, channels: int, dtype: jnp.dtype, complex_valued: bool,
+                seed: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Decays with modulus in [0.9, 1), standard normal inputs and cotangent, (B, L, D)."""
+    keys = jax.random.split(jax.random.key(seed), 6)
+    shape = (batch, length, channels)
+    a = jax.random.uniform(keys[0], shape, jnp.float32, 0.9, 1.0)
+    x = jax.random.normal(keys[1], shape, jnp.float32)
+    g = jax.random.normal(keys[2], shape, jnp.float32)
+    if complex_valued:
+        a = a * jnp.exp(1j * jax.random.uniform(keys[3], shape, jnp.float32, -np.pi, np.pi))
+        x = jax.lax.complex(x, jax.random.normal(keys[4], shape, jnp.float32))
+        g = jax.lax.complex(g, jax.random.normal(keys[5], shape, jnp.float32))
+        return a, x, g
+    return a.astype(dtype), x.astype(dtype), g.astype(dtype)
+
+
+def compiled(fn: Callable, *args: Any):
+    return jax.jit(fn).lower(*args).compile()
+
+
+def temp_bytes(executable) -> int | None:
+    analysis = executable.memory_analysis()
+    return None if analysis is None else int(analysis.temp_size_in_bytes)
+
+
+def measure_length(length: int, args: argparse.Namespace, names: list[str]) -> list[dict]:
+    dtype = jnp.dtype(args.dtype)
+    a, x, g = make_inputs(args.batch, length, args.channels, dtype, args.complex)
+    floor = time_fn(compiled(lambda a, x: a * x + 1, a, x), a, x, reps=args.reps)["median"]
+    rows = [dict(length=length, method="floor", forward_s=floor, forward_ratio=1.0)]
+    for name in names:
+        fn = recurrence_fn(name)
+        fwd = compiled(fn, a, x)
+        fwd_bwd = compiled(forward_backward(fn), a, x, g)
+        t_fwd = time_fn(fwd, a, x, reps=args.reps)["median"]
+        t_fwd_bwd = time_fn(fwd_bwd, a, x, g, reps=args.reps)["median"]
+        row = dict(length=length, method=name, forward_s=t_fwd, forward_ratio=t_fwd / floor,
+                   fwd_bwd_s=t_fwd_bwd, fwd_bwd_ratio=t_fwd_bwd / floor,
+                   fwd_bwd_temp_mib=_mib(temp_bytes(fwd_bwd)))
+        rows.append(row)
+        print(f"  L={length} {name}: fwd {t_fwd * 1e3:.1f} ms, fwd+bwd {t_fwd_bwd * 1e3:.1f} ms",
+              flush=True)
+    return rows
+
+
+def _mib(n: int | None) -> float | None:
+    return None if n is None else n / 2 ** 20
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--complex", action="store_true",
+                        help="complex64 decays and inputs (needs --dtype float32)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--channels", type=int, default=512)
+    parser.add_argument("--reps", type=int, default=5, help="timed runs after one warm-up")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="linear_recurrence methods (default: all but 'pallas' on CPU, "
+                             "where Pallas only runs in its slow interpreter)")
+    parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
+    args = parser.parse_args(argv)
+    if args.complex and args.dtype != "float32":
+        parser.error("--complex runs in complex64; drop --dtype bfloat16 (there is no complex "
+                     "bfloat16)")
+    platform = jax.default_backend()
+    methods = args.methods or [m for m in METHODS if not (m == "pallas" and platform == "cpu")]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    names = methods + list(BASELINES)
+    kind = "complex64" if args.complex else args.dtype
+    print(f"linear_recurrence on {platform} ({jax.devices()[0].device_kind}), "
+          f"B={args.batch} D={args.channels} {kind}; median of {args.reps} runs", flush=True)
+
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    rows: list[dict] = []
+    for length in args.lengths:
+        rows += measure_length(length, args, names)
+
+    columns = ["length", "method", "forward_s", "forward_ratio", "fwd_bwd_s", "fwd_bwd_ratio",
+               "fwd_bwd_temp_mib"]
+    print()
+    print(format_table(rows, columns))
+    print("\nratios are to 'floor' (a * x + 1 over the same arrays); temp = XLA temporary "
+          "buffers of one forward+backward step")
+    print("auto picks: " + ", ".join(f"L={length}: {default_method(length, platform)}"
+                                     for length in args.lengths))
+    if not args.no_write:
+        meta = dict(batch=args.batch, channels=args.channels, dtype=kind, reps=args.reps,
+                    lengths=args.lengths, methods=methods, baselines=list(BASELINES),
+                    floor="a * x + 1 (reads a and x, writes one array)",
+                    auto_picks={str(n): default_method(n, platform) for n in args.lengths},
+                    load_average_before=load_before,
+                    load_average_after=os.getloadavg() if hasattr(os, "getloadavg") else None)
+        suffix = "" if kind == "float32" else f"_{kind}"
+        path = write_results(f"scan{suffix}", rows, meta)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
