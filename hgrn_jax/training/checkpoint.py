@@ -8,12 +8,22 @@ with the best value is kept besides the latest ``keep`` ones.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+
+def _drop_untracked_metric_notice(record: logging.LogRecord) -> bool:
+    # Orbax warns on every save without metrics once a metric is tracked; ours are deliberate
+    # (periodic checkpoints between evaluations).
+    return not str(record.msg).startswith("Requested `tracked_metric`")
+
+
+logging.getLogger("absl").addFilter(_drop_untracked_metric_notice)
 
 
 class CheckpointFallbackWarning(RuntimeWarning):

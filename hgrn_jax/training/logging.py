@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,9 @@ class ProgressBar:
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+            # A terminal that reports 0 columns (some pseudo-terminals) gets the default width.
+            width = shutil.get_terminal_size().columns or 100
+            self._bar = tqdm(total=total, initial=initial, unit="step", ncols=min(width, 120),
                              smoothing=0.1)
 
     def update(self, steps: int, **postfix: float) -> None:
@@ -106,6 +109,28 @@ class ProgressBar:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_changes(workdir: str | Path, config: Any) -> list[str]:
+    """Keys whose values differ from the ``config.json`` already in ``workdir`` (as
+    ``"key: old -> new"``); empty when there is none or nothing changed."""
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        return []
+    old = _flatten(json.loads(path.read_text()))
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    new = _flatten(json.loads(json.dumps(_jsonable(as_dict))))
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 
 
 def write_config(workdir: str | Path, config: Any) -> None:

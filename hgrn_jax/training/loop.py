@@ -22,6 +22,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,7 +32,8 @@ import numpy as np
 from hgrn_jax import sharding
 from hgrn_jax.training import optim
 from hgrn_jax.training.checkpoint import Checkpoints
-from hgrn_jax.training.logging import MetricsWriter, ProgressBar, write_config, write_results
+from hgrn_jax.training.logging import (MetricsWriter, ProgressBar, config_changes, write_config,
+                                      write_results)
 from hgrn_jax.training.state import (TrainState, abstract_checkpoint_tree, count_params,
                                      create_train_state, from_checkpoint_tree, to_checkpoint_tree)
 from hgrn_jax.training.steps import (jit_eval_step, jit_train_step, make_eval_step,
@@ -39,6 +41,10 @@ from hgrn_jax.training.steps import (jit_eval_step, jit_train_step, make_eval_st
 
 PREEMPTED_EXIT_CODE = 0
 """Exit code of ``experiments.train`` after a SIGTERM: the checkpoint is safe; rerun to resume."""
+
+
+PREEMPTION_CHECK_EVERY = 10
+"""In multi-process runs, how often (in steps) the processes agree on whether to stop."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -106,10 +112,17 @@ class _SigtermFlag:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    def agreed(self) -> bool:
-        """True when any process got SIGTERM (all processes must stop at the same step)."""
+    def agreed(self, step: int) -> bool:
+        """True when any process got SIGTERM, decided identically on every process.
+
+        One process checks its flag after every step. Several processes must stop at the same
+        step, so they compare flags (a small all-gather, which waits for the devices) every
+        :data:`PREEMPTION_CHECK_EVERY` steps only, keeping the step pipeline full in between.
+        """
         if jax.process_count() == 1:
             return self.requested
+        if step % PREEMPTION_CHECK_EVERY:
+            return False
         from jax.experimental import multihost_utils
 
         flags = multihost_utils.process_allgather(np.int32(self.requested))
@@ -247,6 +260,10 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
     run = _Run(config, workdir, task)
     if run.primary:
         workdir.mkdir(parents=True, exist_ok=True)
+        changes = config_changes(workdir, config)
+        if changes:
+            warnings.warn(f"{workdir} holds a run with another config; resuming it with the new "
+                          "values: " + "; ".join(changes), stacklevel=2)
         write_config(workdir, config)
 
     total_steps = int(config.num_train_steps)
@@ -307,7 +324,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
                 elif done % ckpt_every == 0:
                     run.save(state, bookkeeping(done))
 
-                if sigterm.agreed() and not last:
+                if sigterm.agreed(done) and not last:
                     if done % eval_every and done % ckpt_every:
                         run.save(state, bookkeeping(done))
                     raise Preempted(done, workdir)
