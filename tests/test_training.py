@@ -27,14 +27,15 @@ from flax import nnx
 
 from hgrn_jax.nn import HGRNLM, LMConfig
 from hgrn_jax.training import optim
-from hgrn_jax.training.checkpoint import CheckpointFallbackWarning
-from hgrn_jax.training.loop import NonFiniteLossError, train_and_evaluate
-from hgrn_jax.training.state import create_train_state
+from hgrn_jax.training.checkpoint import CheckpointFallbackWarning, Checkpoints
+from hgrn_jax.training.loop import NonFiniteLossError, _Run, train_and_evaluate
+from hgrn_jax.training.state import create_train_state, merge_model
 from hgrn_jax.training.steps import make_train_step
 from hgrn_jax import sharding
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toy_task import ToyTask, toy_config  # noqa: E402
+from toy_task import _examples as toy_examples  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_CONFIG = REPO / "tests" / "toy_task.py"
@@ -155,6 +156,44 @@ def test_gradient_accumulation_matches_one_big_batch():
         params.append(jax.device_get(state.params))
     for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
+    tree = {"w": jnp.arange(3.0)}
+    for mode, best in (("max", 2), ("min", 3)):
+        checkpoints = Checkpoints(tmp_path / mode, keep=2, best_metric="val_accuracy",
+                                  best_mode=mode)
+        for step, value in zip(range(1, 6), [0.5, 0.9, 0.1, None, 0.3]):
+            metrics = None if value is None else {"val_accuracy": value}
+            checkpoints.save(step, jax.tree.map(lambda x: x * step, tree), {"step": step}, metrics)
+        checkpoints.wait()
+        assert checkpoints.all_steps() == sorted({best, 4, 5})
+        assert checkpoints.best_step() == best
+        restored, meta = checkpoints.restore(best, jax.eval_shape(lambda: tree))
+        np.testing.assert_array_equal(restored["w"], np.arange(3.0) * best)
+        assert meta == {"step": best}
+        checkpoints.close()
+
+
+def test_evaluation_is_exact_whatever_the_eval_batch_size(tmp_path):
+    """20 examples in batches of 8 or 24 (padded, masked rows) give the numbers of one
+    unpadded pass over the split."""
+    results = []
+    for batch_size in (8, 24):
+        config = toy_config()
+        config.batch_size = batch_size
+        run = _Run(config, tmp_path / str(batch_size), ToyTask(config))
+        results.append(run.evaluate(run.state, "val"))
+    model = merge_model(run.graphdef, run.state.params, run.state.model_state)
+    model.eval()
+    examples = toy_examples(1, 20)
+    logits = model(jnp.asarray(examples["inputs"]))
+    correct = np.asarray(jnp.argmax(logits, -1)) == examples["labels"]
+    accuracy = 100.0 * correct.sum() / correct.size
+    loss = float(optax.softmax_cross_entropy_with_integer_labels(logits, examples["labels"]).mean())
+    for result in results:
+        assert result["accuracy"] == accuracy
+        assert result["loss"] == pytest.approx(loss, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
