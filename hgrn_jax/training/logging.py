@@ -85,6 +85,7 @@ class ProgressBar:
 
     def __init__(self, total: int, initial: int, *, enabled: bool = True):
         self._bar = None
+        self.enabled = enabled
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -100,10 +101,10 @@ class ProgressBar:
                 self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
 
     def write(self, message: str) -> None:
-        """Print a line without breaking the bar."""
+        """Print a line (process 0 only) without breaking the bar."""
         if self._bar is not None:
             self._bar.write(message)
-        else:
+        elif self.enabled:
             print(message, file=sys.stderr, flush=True)
 
     def close(self) -> None:
