@@ -28,7 +28,7 @@ from flax import nnx
 from hgrn_jax.nn import HGRNLM, LMConfig
 from hgrn_jax.training import optim
 from hgrn_jax.training.checkpoint import CheckpointFallbackWarning, Checkpoints
-from hgrn_jax.training.loop import NonFiniteLossError, _Run, train_and_evaluate
+from hgrn_jax.training.loop import NonFiniteLossError, Run, train_and_evaluate
 from hgrn_jax.training.state import create_train_state, merge_model
 from hgrn_jax.training.steps import make_train_step
 from hgrn_jax import sharding
@@ -182,7 +182,7 @@ def test_evaluation_is_exact_whatever_the_eval_batch_size(tmp_path):
     for batch_size in (8, 24):
         config = toy_config()
         config.batch_size = batch_size
-        run = _Run(config, tmp_path / str(batch_size), ToyTask(config))
+        run = Run(config, tmp_path / str(batch_size), ToyTask(config))
         results.append(run.evaluate(run.state, "val"))
     model = merge_model(run.graphdef, run.state.params, run.state.model_state)
     model.eval()

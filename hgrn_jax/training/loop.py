@@ -168,8 +168,9 @@ def resolve_task(config: Any) -> Any:
     return get_task(config)
 
 
-class _Run:
-    """The state and helpers of one call of :func:`train_and_evaluate`."""
+class Run:
+    """One run's task, mesh, sharded initial state, jitted steps, checkpoints and writer
+    (what :func:`train_and_evaluate` drives; tests use it to evaluate a state directly)."""
 
     def __init__(self, config: Any, workdir: str | Path, task: Any = None):
         self.config = config
@@ -253,11 +254,12 @@ def _train_batches(task, start: int) -> Iterator[dict]:
 def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> dict[str, Any]:
     """Train, evaluate and report one run; resumes if ``workdir`` holds checkpoints.
 
-    ``task`` overrides :func:`resolve_task` (tests and notebooks pass their own). Returns the results written to ``workdir/results.json``. Raises :class:`Preempted` after a
-    SIGTERM (checkpoint saved) and :class:`NonFiniteLossError` when the loss diverges.
+    ``task`` overrides :func:`resolve_task` (tests and notebooks pass their own). Returns the
+    results written to ``workdir/results.json``. Raises :class:`Preempted` after a SIGTERM
+    (checkpoint saved) and :class:`NonFiniteLossError` when the loss diverges.
     """
     workdir = Path(workdir)
-    run = _Run(config, workdir, task)
+    run = Run(config, workdir, task)
     if run.primary:
         workdir.mkdir(parents=True, exist_ok=True)
         changes = config_changes(workdir, config)
