@@ -23,8 +23,8 @@ LAYOUTS = {
     "lra.retrieval": {"inputs": ((64,), np.int32), "mask": ((64,), np.bool_),
                       "inputs2": ((64,), np.int32), "mask2": ((64,), np.bool_)},
     "lra.image": {"inputs": ((64, 3), np.float32)},
-    "lra.pathfinder": {"inputs": ((256, 1), np.float32)},
-    "lra.pathx": {"inputs": ((256, 1), np.float32)},
+    "lra.pathfinder": {"inputs": ((144, 1), np.float32)},
+    "lra.pathx": {"inputs": ((144, 1), np.float32)},
     "imagenet.tiny": {"images": ((28, 28, 3), np.float32)},
     "lm.wikitext103": {"ids": ((65,), np.int32)},
 }

@@ -1,7 +1,7 @@
 """LRA Pathfinder (DESIGN.md 3.4): 2-D HGRN, 6 layers, d 128, BN, 32 x 32 grey pixels; 92.92%.
 
 No position encoding (as the paper's run). The release reader (``pathfinder32`` in
-``data.lra_dir``) arrives with issue 5; ``tiny`` uses generated 16 x 16 path images.
+``data.lra_dir``) arrives with issue 5; ``tiny`` uses generated 12 x 12 path images.
 """
 
 from experiments.configs import common
@@ -34,14 +34,14 @@ def _pathfinder_data(c, size: int):
 
 
 def tiny(c):
-    """Shared with Path-X: a 2-layer d-32 model on generated 16 x 16 path images."""
+    """Shared with Path-X: a 2-layer d-32 model on generated 12 x 12 path images."""
     c.model.num_layers = 2
     c.model.features = 32
-    c.model.grid_shape = (16, 16)
+    c.model.grid_shape = (12, 12)
     c.data.source = "synthetic"
-    c.data.image_size = 16
-    c.data.seq_len = 256
-    c.data.path_length = 12
+    c.data.image_size = 12
+    c.data.seq_len = 144
+    c.data.path_length = 8
     c.data.train_examples = 2_000
     c.data.val_examples = 256
     c.data.test_examples = 256
