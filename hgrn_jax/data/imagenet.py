@@ -1,0 +1,247 @@
+"""ImageNet-1k (tfds ``imagenet2012``): DeiT's training augmentations and centre-crop evaluation.
+
+Preparation (once, from the two archives in ``data.manual_dir``) writes tfds's ``array_record``
+format, whose random access lets each process read exactly the records of its shard:
+
+    python -m hgrn_jax.data.imagenet --manual_dir=DIR_WITH_TARS --tfds_dir=TFDS_DIR
+
+Per example (PIL, the library timm's DeiT pipeline uses, bicubic resampling):
+- train: random resized crop (scale 0.08-1, aspect 3/4-4/3, timm's 10 tries then a centre
+  crop), horizontal flip (p 0.5), normalisation with the ImageNet statistics, random erasing
+  (p ``random_erasing``, per-pixel normal noise, area 2%-1/3, log-aspect in log(0.3)-log(3.3));
+- eval: resize the short side to ``image_size / 0.875`` (256), centre crop ``image_size``.
+Per batch (numpy): Mixup (alpha ``mixup``) or CutMix (alpha ``cutmix``), one chosen per batch
+with probability ``mixup_switch_prob`` for CutMix, pairing each image with the batch reversed;
+soft targets with label smoothing folded in (timm's ``Mixup``).
+Not implemented: RandAugment (``rand-m9-mstd0.5-inc1``) and colour jitter (which DeiT's timm
+pipeline turns off when RandAugment is on); see docs/data.md.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from hgrn_jax.data import tfds_io
+from hgrn_jax.data.errors import BadDataReport, DatasetMissingError
+
+NAME = "imagenet2012"
+NUM_CLASSES = 1000
+TFDS_SPLITS = {"train": "train", "val": "validation", "test": "validation"}
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+CROP_PCT = 0.875
+ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+
+
+# ----------------------------------------------------------------------------- per image
+
+
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3], dtype=np.uint8)
+
+
+def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
+                        scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+    """uint8 (H, W, 3) -> (size, size, 3): a random area/aspect crop resized bicubically."""
+    h, w = image.shape[:2]
+    area = h * w
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(rng.integers(0, h - ch + 1))
+            left = int(rng.integers(0, w - cw + 1))
+            return _resize(image[top:top + ch, left:left + cw], size, size)
+    # Fallback: the central crop of the whole image clamped to the aspect range.
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return _resize(image[top:top + ch, left:left + cw], size, size)
+
+
+def centre_crop(image: np.ndarray, size: int, crop_pct: float = CROP_PCT) -> np.ndarray:
+    """Resize the short side to ``size / crop_pct`` (bicubic), then the central size x size."""
+    h, w = image.shape[:2]
+    short = int(math.floor(size / crop_pct))
+    if h <= w:
+        nh, nw = short, max(int(round(w * short / h)), short)
+    else:
+        nw, nh = short, max(int(round(h * short / w)), short)
+    resized = _resize(image, nw, nh)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return resized[top:top + size, left:left + size]
+
+
+def random_erase(image: np.ndarray, rng: np.random.Generator, probability: float,
+                 area: tuple[float, float] = (0.02, 1 / 3),
+                 log_ratio: tuple[float, float] = (math.log(0.3), math.log(1 / 0.3))
+                 ) -> np.ndarray:
+    """timm's RandomErasing(mode="pixel", max_count=1) on a normalised float image (H, W, C)."""
+    if rng.random() >= probability:
+        return image
+    h, w, c = image.shape
+    for _ in range(10):
+        target = rng.uniform(*area) * h * w
+        aspect = math.exp(rng.uniform(*log_ratio))
+        eh = int(round(math.sqrt(target * aspect)))
+        ew = int(round(math.sqrt(target / aspect)))
+        if eh < h and ew < w:
+            top = int(rng.integers(0, h - eh + 1))
+            left = int(rng.integers(0, w - ew + 1))
+            image = image.copy()
+            image[top:top + eh, left:left + ew] = rng.standard_normal((eh, ew, c))
+            return image
+    return image
+
+
+def normalise(images: np.ndarray) -> np.ndarray:
+    """uint8 (..., 3) -> float32 normalised with the ImageNet mean and std."""
+    return (images.astype(np.float32) / 255.0 - MEAN) / STD
+
+
+def train_image(image: np.ndarray, size: int, rng: np.random.Generator,
+                random_erasing: float) -> np.ndarray:
+    """One training image: crop, flip, normalise, erase -> float32 (size, size, 3)."""
+    out = random_resized_crop(_as_rgb(image), size, rng)
+    if rng.random() < 0.5:
+        out = out[:, ::-1]
+    return random_erase(normalise(out), rng, random_erasing)
+
+
+def eval_image(image: np.ndarray, size: int) -> np.ndarray:
+    return normalise(centre_crop(_as_rgb(image), size))
+
+
+# ----------------------------------------------------------------------------- per batch
+
+
+def smooth_one_hot(labels: np.ndarray, num_classes: int, smoothing: float) -> np.ndarray:
+    off = smoothing / num_classes
+    targets = np.full((len(labels), num_classes), off, np.float32)
+    targets[np.arange(len(labels)), labels] = 1.0 - smoothing + off
+    return targets
+
+
+def mixup_cutmix(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator, *,
+                 num_classes: int, mixup_alpha: float, cutmix_alpha: float,
+                 switch_prob: float, label_smoothing: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """timm's batch-mode Mixup/CutMix: images (B, H, W, C) float32, labels (B,) int.
+
+    Returns mixed images and soft targets (B, num_classes). Each image is mixed with its mirror in
+    the batch (``images[::-1]``) with weight ``lam`` ~ Beta(alpha, alpha); CutMix pastes a box of
+    area ``1 - lam`` and corrects ``lam`` to the pasted area.
+    """
+    targets = smooth_one_hot(labels, num_classes, label_smoothing)
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    if alpha <= 0:
+        return images, targets
+    lam = float(rng.beta(alpha, alpha))
+    mixed = images.copy()
+    if use_cutmix:
+        _, h, w, _ = images.shape
+        cut = math.sqrt(1.0 - lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+        y0, y1 = np.clip([cy - ch // 2, cy + ch // 2], 0, h)
+        x0, x1 = np.clip([cx - cw // 2, cx + cw // 2], 0, w)
+        mixed[:, y0:y1, x0:x1] = images[::-1, y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        mixed = lam * images + (1.0 - lam) * images[::-1]
+    return mixed.astype(np.float32), (lam * targets + (1.0 - lam) * targets[::-1]).astype(
+        np.float32)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class ImageNetSource:
+    """Random access to prepared ImageNet records: ``len`` and ``read(rows)``."""
+
+    def __init__(self, split: str, tfds_dir: str):
+        self.split = TFDS_SPLITS[split]
+        self.source = tfds_io.data_source(NAME, self.split, tfds_dir)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def read(self, rows: Sequence[int], report: BadDataReport
+             ) -> list[tuple[np.ndarray, int] | None]:
+        """(image uint8 (H, W, 3), label) per row; None (and a report entry) for bad records."""
+        out: list[tuple[np.ndarray, int] | None] = []
+        for row in rows:
+            where = f"tfds {NAME} {self.split} record {int(row)}"
+            try:
+                record: dict[str, Any] = self.source[int(row)]
+                image = np.asarray(record["image"])
+                label = int(record["label"])
+            except Exception as error:  # a corrupt record: any decoder error
+                report.add(where, 0, f"unreadable record ({type(error).__name__}: {error})")
+                out.append(None)
+                continue
+            if image.size == 0 or image.ndim not in (2, 3):
+                report.add(where, 0, f"empty or malformed image of shape {image.shape}")
+                out.append(None)
+            elif not 0 <= label < NUM_CLASSES:
+                report.add(where, 0, f"label {label} not in 0..{NUM_CLASSES - 1}")
+                out.append(None)
+            else:
+                out.append((image, label))
+        return out
+
+
+def prepare(tfds_dir: str, manual_dir: str) -> None:
+    """Build tfds ``imagenet2012`` in the array_record format from the archives in manual_dir."""
+    import tensorflow_datasets as tfds
+
+    missing = [a for a in ARCHIVES if not (Path(manual_dir) / a).is_file()]
+    if missing:
+        raise DatasetMissingError(
+            f"{', '.join(missing)} not in data.manual_dir={manual_dir!r}: download the ILSVRC2012 "
+            "training and validation archives (image-net.org, after registering) into that "
+            "folder")
+    builder = tfds.builder(NAME, data_dir=tfds_dir or None, file_format="array_record")
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m hgrn_jax.data.imagenet",
+                                     description=prepare.__doc__)
+    parser.add_argument("--manual_dir", required=True)
+    parser.add_argument("--tfds_dir", required=True)
+    args = parser.parse_args(argv)
+    prepare(args.tfds_dir, args.manual_dir)
+    print(f"imagenet2012 prepared in {args.tfds_dir}; train with "
+          f"--config.data.tfds_dir={args.tfds_dir}")
+
+
+if __name__ == "__main__":
+    main()

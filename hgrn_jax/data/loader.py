@@ -1,0 +1,144 @@
+"""Deterministic, resumable, per-process loading of prepared arrays.
+
+Real datasets are prepared once into fixed-shape ``.npy`` arrays under ``data.cache_dir`` (token
+ids, pixels, labels) and opened memory-mapped, so every process of a multi-host run reads only
+the rows of its own shard and never re-tokenises or re-decodes. ImageNet, too large for this,
+reads records by index from tfds's random-access data source instead.
+
+The order is the tasks' (``hgrn_jax.training.tasks``): epoch ``e`` visits the training rows in
+``default_rng((seed, e)).permutation(n)``; step ``s`` takes global batch ``s mod (n // B)`` of
+epoch ``s // (n // B)``, and process ``p`` of ``P`` takes its ``B / P`` rows of it. The loader's
+whole position is therefore the step, which the training loop saves in every checkpoint:
+``train_batches(start_step=s)`` after a restart yields exactly what an uninterrupted run yields.
+Random augmentations draw from :func:`batch_rng` ``(seed, step)`` for the *global* batch and keep
+the process's slice, so they, too, are exact on resumption and independent of the process count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DONE = "DONE"
+
+
+# ----------------------------------------------------------------------------- order
+
+
+def process_slice(batch_size: int, process_index: int, process_count: int) -> slice:
+    """The rows ``[p * B / P, (p + 1) * B / P)`` of a global batch that process ``p`` owns."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if batch_size <= 0 or batch_size % process_count:
+        raise ValueError(f"batch size {batch_size} must be a positive multiple of the number of "
+                         f"processes ({process_count})")
+    local = batch_size // process_count
+    return slice(process_index * local, (process_index + 1) * local)
+
+
+def train_rows(seed: int, step: int, num_examples: int, batch_size: int,
+               process_index: int = 0, process_count: int = 1) -> np.ndarray:
+    """Indices (B / P,) of the training examples process ``p`` reads at ``step``."""
+    per_epoch = num_examples // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"{num_examples} training examples are fewer than batch size "
+                         f"{batch_size}")
+    epoch, k = divmod(step, per_epoch)
+    order = np.random.default_rng((seed, epoch)).permutation(num_examples)
+    return order[k * batch_size:(k + 1) * batch_size][
+        process_slice(batch_size, process_index, process_count)]
+
+
+def eval_rows(num_examples: int, batch_size: int, process_index: int = 0,
+              process_count: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per evaluation batch: (indices (B / P,), valid (B / P,) bool); padding rows repeat row 0."""
+    sl = process_slice(batch_size, process_index, process_count)
+    out = []
+    for start in range(0, num_examples, batch_size):
+        rows = np.arange(start, start + batch_size)[sl]
+        valid = rows < num_examples
+        out.append((np.where(valid, rows, 0), valid))
+    return out
+
+
+def batch_rng(seed: int, step: int, stream: int = 0) -> np.random.Generator:
+    """The generator of a global training batch's augmentations: a pure function of its args."""
+    return np.random.default_rng((int(seed), int(step), int(stream), 0x5EED))
+
+
+# ----------------------------------------------------------------------------- caches
+
+
+def fingerprint(paths: list[Path] | tuple[Path, ...]) -> list[list[Any]]:
+    """(name, size, mtime) of files: a prepared cache is rebuilt when its sources change."""
+    out = []
+    for path in paths:
+        stat = Path(path).stat()
+        out.append([str(path), stat.st_size, int(stat.st_mtime)])
+    return out
+
+
+def cache_folder(cache_dir: str | Path, name: str, key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return Path(cache_dir) / f"{name}-{digest[:12]}"
+
+
+def prepared(cache_dir: str | Path, name: str, key: dict[str, Any],
+             build: Callable[[Path], None]) -> Path:
+    """The folder ``cache_dir/name-<hash of key>`` holding prepared arrays, built on first use.
+
+    ``build(folder)`` writes the arrays into an empty temporary folder that is then renamed into
+    place, so a crash never leaves a half-prepared cache and several processes may race safely.
+    """
+    folder = cache_folder(cache_dir, name, key)
+    if (folder / DONE).is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
+    try:
+        build(tmp)
+        (tmp / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True, default=str))
+        (tmp / DONE).write_text("")
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished first (or a stale, unfinished folder)
+            if not (folder / DONE).is_file():
+                shutil.rmtree(folder, ignore_errors=True)
+                os.rename(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def save_arrays(folder: Path, prefix: str, arrays: dict[str, np.ndarray]) -> None:
+    for key, value in arrays.items():
+        np.save(folder / f"{prefix}.{key}.npy", value, allow_pickle=False)
+
+
+def load_arrays(folder: Path, prefix: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Memory-mapped arrays ``folder/prefix.<key>.npy`` (read-only)."""
+    return {key: np.load(folder / f"{prefix}.{key}.npy", mmap_mode="r") for key in keys}
+
+
+def encode_bytes(texts: list[bytes], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 documents as byte ids (N, seq_len) uint8 (0 = padding) and lengths (N,) int32.
+
+    Documents are truncated to ``seq_len`` bytes. NUL bytes (never in the corpora) would read
+    as padding.
+    """
+    ids = np.zeros((len(texts), seq_len), np.uint8)
+    lengths = np.zeros(len(texts), np.int32)
+    for i, text in enumerate(texts):
+        row = np.frombuffer(text[:seq_len], np.uint8)
+        ids[i, :len(row)] = row
+        lengths[i] = len(row)
+    return ids, lengths

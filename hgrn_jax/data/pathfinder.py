@@ -1,0 +1,129 @@
+"""LRA Pathfinder (32 x 32) and Path-X (128 x 128) from the release's PNG folders.
+
+Layout: ``pathfinder{32,128}/curv_contour_length_14/{imgs,metadata}``. Each ``metadata/<k>.npy``
+is a *text* file (despite its name); a line ``imgs/<k> sample_<i>.png <i> <label> ...`` names an
+image relative to ``curv_contour_length_14/`` and its label (0 / 1). Metadata files are read in
+numeric order, lines in file order. The examples are split 80/10/10 into train/val/test by a
+permutation with seed 42 (numpy's generator; the S4-derived reference used torch's, so the exact
+membership differs). Pixels are grey uint8; the task normalises them to mean 0.5 / std 0.5 of
+[0, 1], i.e. ``x / 127.5 - 1``. Decoded once into ``cache_dir/pathfinder<res>-<hash>/``.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from hgrn_jax.data import loader, release
+from hgrn_jax.data.errors import BadDataReport
+
+LEVEL = "curv_contour_length_14"
+NUM_CLASSES = 2
+SPLIT_SEED = 42
+KEYS = ("pixels", "labels")
+
+
+def find_root(lra_dir: str, resolution: int) -> Path:
+    return release.find_release_path(
+        lra_dir, f"pathfinder{resolution}/{LEVEL}",
+        what=f"{'Path-X' if resolution == 128 else 'Pathfinder'} ({resolution} x {resolution})")
+
+
+def _metadata_files(root: Path) -> list[Path]:
+    files = list((root / "metadata").glob("*.npy"))
+    return sorted(files, key=lambda p: (int(p.stem) if p.stem.isdigit() else 1 << 62, p.name))
+
+
+def read_metadata(root: Path, report: BadDataReport) -> list[tuple[Path, int, Path, int]]:
+    """(image path, label, metadata file, line) of every well-formed metadata line."""
+    samples = []
+    for meta in _metadata_files(root):
+        try:
+            text = meta.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            report.add(meta, 0, f"unreadable metadata file (it should be text): {error}")
+            continue
+        for line, content in enumerate(text.splitlines(), start=1):
+            fields = content.split()
+            if not fields:
+                continue
+            if len(fields) < 4:
+                report.add(meta, line, f"expected at least 4 fields (folder, file, index, "
+                                       f"label); got {len(fields)}")
+                continue
+            try:
+                label = int(fields[3])
+            except ValueError:
+                report.add(meta, line, f"label {fields[3]!r} is not an integer")
+                continue
+            if not 0 <= label < NUM_CLASSES:
+                report.add(meta, line, f"label {label} not in 0..{NUM_CLASSES - 1}")
+                continue
+            samples.append((root / fields[0] / fields[1], label, meta, line))
+    return samples
+
+
+def _decode(path: Path, resolution: int) -> np.ndarray | str:
+    """The grey image (resolution, resolution) uint8, or the reason it cannot be used."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if path.stat().st_size == 0:
+            return "empty image file"
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("L"), np.uint8)
+    except FileNotFoundError:
+        return "image file missing"
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        return f"unreadable image ({type(error).__name__})"
+    if pixels.shape != (resolution, resolution):
+        return f"image of shape {pixels.shape}, expected ({resolution}, {resolution})"
+    return pixels
+
+
+def _build(folder: Path, root: Path, resolution: int, skip_bad_rows: bool, workers: int) -> None:
+    report = BadDataReport(str(root))
+    samples = read_metadata(root, report)
+    with ThreadPoolExecutor(workers) as pool:
+        decoded = list(pool.map(lambda s: _decode(s[0], resolution), samples, chunksize=256))
+    for (path, _, meta, line), result in zip(samples, decoded):
+        if isinstance(result, str):
+            report.add(meta, line, f"{path}: {result}")
+    report.finish(skip_bad_rows)
+    kept = [(s, d) for s, d in zip(samples, decoded) if not isinstance(d, str)]
+    if not kept:
+        raise ValueError(f"no Pathfinder examples under {root} (metadata/*.npy lists none)")
+    n = len(kept)
+    num_test = num_val = int(0.1 * n)
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    parts = {"train": order[:n - num_val - num_test], "val": order[n - num_val - num_test:
+                                                                   n - num_test],
+             "test": order[n - num_test:]}
+    labels = np.array([s[1] for s, _ in kept], np.int32)
+    for split, rows in parts.items():
+        rows = np.sort(rows)
+        pixels = np.lib.format.open_memmap(folder / f"{split}.pixels.npy", "w+", np.uint8,
+                                           (len(rows), resolution, resolution, 1))
+        for i, row in enumerate(rows):
+            pixels[i, :, :, 0] = kept[row][1]
+        pixels.flush()
+        del pixels
+        loader.save_arrays(folder, split, {"labels": labels[rows]})
+
+
+def load_split(split: str, *, lra_dir: str, cache_dir: str, resolution: int,
+               skip_bad_rows: bool = False, workers: int = 8) -> dict[str, np.ndarray]:
+    """``pixels`` (N, res, res, 1) uint8 and ``labels`` (N,) int32 in {0, 1} of train|val|test."""
+    root = find_root(lra_dir, resolution)
+    metadata = _metadata_files(root)
+    if not metadata:
+        raise release.DatasetMissingError(
+            f"no metadata/*.npy files in {root}: unpack the LRA release's pathfinder"
+            f"{resolution} folder completely (imgs/ and metadata/)")
+    key = {"dataset": f"pathfinder{resolution}", "metadata": loader.fingerprint(metadata),
+           "split_seed": SPLIT_SEED, "skip_bad_rows": skip_bad_rows}
+    folder = loader.prepared(cache_dir, f"pathfinder{resolution}", key,
+                             lambda f: _build(f, root, resolution, skip_bad_rows, workers))
+    return loader.load_arrays(folder, split, KEYS)

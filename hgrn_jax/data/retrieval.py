@@ -1,0 +1,109 @@
+"""LRA Retrieval: AAN citation pairs from the release's ``tsv_data/new_aan_pairs.*.tsv``.
+
+Each file has no header; a row is ``label, id1, id2, text1, text2`` separated by tabs. Texts may
+be wrapped in double quotes with tabs and newlines inside them (CSV quoting: ``""`` is a quote
+within a quoted field), which must not split the row. Labels are 0 / 1 (written ``1`` or ``1.0``).
+Each document becomes its UTF-8 bytes (0 is padding) truncated to ``seq_len`` (4,000) bytes.
+Splits: train = ``.train``, val = ``.eval``, test = ``.test``. Prepared once into
+``cache_dir/aan-<hash>/`` as memory-mapped arrays.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from hgrn_jax.data import loader, release
+from hgrn_jax.data.errors import BadDataReport
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+FILES = {"train": "new_aan_pairs.train.tsv", "val": "new_aan_pairs.eval.tsv",
+         "test": "new_aan_pairs.test.tsv"}
+COLUMNS = ("label", "id1", "id2", "text1", "text2")
+NUM_CLASSES = 2
+KEYS = ("inputs", "lengths", "inputs2", "lengths2", "labels")
+
+
+def find_file(lra_dir: str, split: str) -> Path:
+    return release.find_release_path(lra_dir, f"tsv_data/{FILES[split]}",
+                                     what=f"the AAN retrieval {split} file")
+
+
+def parse_rows(path: Path, report: BadDataReport) -> Iterator[tuple[int, bytes, bytes]]:
+    """(label, text1, text2) of every good row; bad rows go to ``report`` with their line."""
+    with path.open(newline="", encoding="utf-8", errors="strict") as f:
+        reader = csv.reader(f, delimiter="\t", quotechar='"', doublequote=True, strict=False)
+        line = 1
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except (csv.Error, UnicodeDecodeError) as error:
+                report.add(path, line, f"unreadable row ({error})")
+                return
+            start, line = line, reader.line_num + 1
+            if not fields:
+                continue
+            if len(fields) != len(COLUMNS):
+                report.add(path, start, f"expected {len(COLUMNS)} tab-separated fields "
+                                        f"({', '.join(COLUMNS)}); got {len(fields)}")
+                continue
+            try:
+                label = float(fields[0])
+            except ValueError:
+                report.add(path, start, f"label {fields[0]!r} is not a number")
+                continue
+            if label not in (0.0, 1.0):
+                report.add(path, start, f"label {fields[0]!r} not in 0..{NUM_CLASSES - 1}")
+                continue
+            text1, text2 = fields[3].encode("utf-8"), fields[4].encode("utf-8")
+            if not text1.strip() or not text2.strip():
+                report.add(path, start, "empty document")
+                continue
+            yield int(label), text1, text2
+
+
+def _build(folder: Path, path: Path, seq_len: int, skip_bad_rows: bool) -> None:
+    report = BadDataReport(str(path))
+    count = sum(1 for _ in parse_rows(path, report))
+    report.finish(skip_bad_rows)
+    if count == 0:
+        report.add(path, 0, "no examples")
+        report.finish(False)
+    arrays = {
+        "inputs": np.lib.format.open_memmap(folder / "data.inputs.npy", "w+", np.uint8,
+                                            (count, seq_len)),
+        "inputs2": np.lib.format.open_memmap(folder / "data.inputs2.npy", "w+", np.uint8,
+                                             (count, seq_len)),
+    }
+    lengths = np.zeros((2, count), np.int32)
+    labels = np.zeros(count, np.int32)
+    for i, (label, text1, text2) in enumerate(parse_rows(path, BadDataReport(str(path)))):
+        labels[i] = label
+        for j, (key, text) in enumerate((("inputs", text1), ("inputs2", text2))):
+            row = np.frombuffer(text[:seq_len], np.uint8)
+            arrays[key][i, :len(row)] = row
+            lengths[j, i] = len(row)
+    for array in arrays.values():
+        array.flush()
+    del arrays
+    loader.save_arrays(folder, "data", {"lengths": lengths[0], "lengths2": lengths[1],
+                                        "labels": labels})
+
+
+def load_split(split: str, *, lra_dir: str, cache_dir: str, seq_len: int,
+               skip_bad_rows: bool = False) -> dict[str, np.ndarray]:
+    """``inputs``/``inputs2`` (N, seq_len) uint8, ``lengths``/``lengths2`` (N,) int32,
+    ``labels`` (N,) int32 in {0, 1}."""
+    path = find_file(lra_dir, split)
+    key = {"dataset": "aan", "files": loader.fingerprint([path.resolve()]), "seq_len": seq_len,
+           "skip_bad_rows": skip_bad_rows}
+    folder = loader.prepared(cache_dir, "aan", key,
+                             lambda f: _build(f, path, seq_len, skip_bad_rows))
+    return loader.load_arrays(folder, "data", KEYS)

@@ -1,0 +1,136 @@
+"""WikiText-103 for language modelling: token files, a local tokenizer, 512-token blocks.
+
+Files: ``wiki.{train,valid,test}.tokens`` in ``data.wikitext_dir`` (or its ``wikitext-103/``
+subfolder), as unpacked from ``wikitext-103-v1.zip``. Each line is stripped, tokenised, and
+closed by an end-of-line token (fairseq's preprocessing: every line, empty ones included, ends
+with ``</s>``); the whole split is one token stream cut into blocks of ``seq_len + 1`` tokens
+with stride ``seq_len`` (the model predicts tokens 1..seq_len of each block).
+
+Tokenizers (``data.tokenizer_path``), never downloaded:
+- a ``tokenizer.json`` file (or a folder holding one) loadable by the ``tokenizers`` package, e.g.
+  GPT-2's; the end-of-line token is ``<|endoftext|>``;
+- a folder with GPT-2's original BPE files ``encoder.json`` + ``vocab.bpe`` (fairseq's names) or
+  ``vocab.json`` + ``merges.txt``;
+- ``bytes``: UTF-8 bytes (vocabulary 256, no file), each line closed by ``\\n``.
+Token streams are prepared once into ``cache_dir/wikitext-<hash>/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from hgrn_jax.data import loader
+from hgrn_jax.data.errors import DatasetMissingError
+
+FILES = {"train": "wiki.train.tokens", "val": "wiki.valid.tokens", "test": "wiki.test.tokens"}
+BYTES = "bytes"
+EOS_TOKEN = "<|endoftext|>"
+CHUNK_LINES = 20_000
+
+
+def find_file(wikitext_dir: str, split: str) -> Path:
+    name = FILES[split]
+    base = Path(wikitext_dir) if wikitext_dir else None
+    tried = [base / name, base / "wikitext-103" / name] if base else []
+    for path in tried:
+        if path.is_file():
+            return path
+    looked = ", ".join(map(str, tried)) or "nowhere: data.wikitext_dir is empty"
+    raise DatasetMissingError(
+        f"WikiText-103 {name} not found (looked for {looked}): unpack wikitext-103-v1.zip and set "
+        f"--config.data.wikitext_dir=FOLDER to the folder holding wiki.train.tokens, "
+        f"wiki.valid.tokens and wiki.test.tokens")
+
+
+def _tokenizer_files(tokenizer_path: str) -> list[Path]:
+    path = Path(tokenizer_path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        for names in (("tokenizer.json",), ("encoder.json", "vocab.bpe"),
+                      ("vocab.json", "merges.txt")):
+            if all((path / n).is_file() for n in names):
+                return [path / n for n in names]
+    raise DatasetMissingError(
+        f"no tokenizer at data.tokenizer_path={tokenizer_path!r}: point it at GPT-2's "
+        "tokenizer.json (loadable by the `tokenizers` package), at a folder with GPT-2's "
+        "encoder.json + vocab.bpe or vocab.json + merges.txt, or use "
+        "--config.data.tokenizer_path=bytes for the byte-level tokenizer (vocabulary 256)")
+
+
+class LineTokenizer:
+    """Lines of text -> one token stream, each line closed by the end-of-line id."""
+
+    def __init__(self, tokenizer_path: str):
+        self.path = tokenizer_path
+        if tokenizer_path == BYTES:
+            self.files: list[Path] = []
+            self.vocab_size, self.eos_id = 256, ord("\n")
+            self._encode: Callable[[list[str]], list[list[int]]] = lambda lines: [
+                list(line.encode("utf-8")) for line in lines]
+            return
+        self.files = _tokenizer_files(tokenizer_path)
+        from tokenizers import ByteLevelBPETokenizer, Tokenizer
+
+        if len(self.files) == 1:
+            tok = Tokenizer.from_file(str(self.files[0]))
+        else:
+            tok = ByteLevelBPETokenizer(str(self.files[0]), str(self.files[1]))
+        eos = tok.token_to_id(EOS_TOKEN)
+        if eos is None:
+            raise ValueError(f"the tokenizer at {tokenizer_path} has no {EOS_TOKEN} token; use "
+                             "GPT-2's tokenizer or --config.data.tokenizer_path=bytes")
+        self.vocab_size, self.eos_id = tok.get_vocab_size(), eos
+        self._encode = lambda lines: [e.ids for e in tok.encode_batch(lines)]
+
+    def encode_lines(self, lines: list[str]) -> np.ndarray:
+        """(T,) int64 ids of the stripped lines, each followed by ``eos_id``."""
+        pieces = []
+        for ids in self._encode([line.strip() for line in lines]):
+            pieces.append(np.asarray(ids + [self.eos_id], np.int64))
+        return np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint16 if self.vocab_size <= 1 << 16 else np.int32)
+
+
+def _build(folder: Path, path: Path, tokenizer: LineTokenizer) -> None:
+    chunks = []
+    with path.open(encoding="utf-8") as f:
+        lines: list[str] = []
+        for line in f:
+            lines.append(line)
+            if len(lines) == CHUNK_LINES:
+                chunks.append(tokenizer.encode_lines(lines).astype(tokenizer.dtype))
+                lines = []
+        chunks.append(tokenizer.encode_lines(lines).astype(tokenizer.dtype))
+    tokens = np.concatenate(chunks)
+    loader.save_arrays(folder, "data", {"tokens": tokens})
+
+
+def load_tokens(split: str, *, wikitext_dir: str, tokenizer_path: str, cache_dir: str
+                ) -> tuple[np.ndarray, LineTokenizer]:
+    """The split's token stream (T,) (uint16 or int32, memory-mapped) and its tokenizer."""
+    path = find_file(wikitext_dir, split)
+    tokenizer = LineTokenizer(tokenizer_path)
+    key = {"dataset": "wikitext103", "file": loader.fingerprint([path.resolve()]),
+           "tokenizer": BYTES if tokenizer_path == BYTES else
+           loader.fingerprint([p.resolve() for p in tokenizer.files])}
+    folder = loader.prepared(cache_dir, "wikitext", key, lambda f: _build(f, path, tokenizer))
+    return loader.load_arrays(folder, "data", ("tokens",))["tokens"], tokenizer
+
+
+def blocks(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """Blocks (N, seq_len + 1) of the stream with stride ``seq_len`` (a view, no copy).
+
+    Block ``i`` is ``tokens[i * seq_len : (i + 1) * seq_len + 1]``; the tail shorter than a block
+    is dropped.
+    """
+    num = (len(tokens) - 1) // seq_len
+    if num < 1:
+        raise ValueError(f"{len(tokens)} tokens are fewer than data.seq_len + 1 = {seq_len + 1}")
+    return np.lib.stride_tricks.sliding_window_view(tokens, seq_len + 1)[::seq_len][:num]

@@ -1,0 +1,335 @@
+"""Real-data pipelines on release-layout fixtures: ListOps, AAN, Pathfinder / Path-X, WikiText-103.
+
+Every pipeline: documented shapes, dtypes, label ranges and split sizes; bad rows reported with
+file and line (or skipped with data.skip_bad_rows); two simulated processes see every example
+exactly once per epoch and in evaluation; resumption is exact.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data_fixtures as fx
+from hgrn_jax.data import errors, loader, release, retrieval, wikitext
+from hgrn_jax.training import real_data, tasks
+
+
+def config_of(name: str, **data):
+    """The tiny preset of ``experiments.configs.<name>`` with ``data`` keys overridden."""
+    config = importlib.import_module(f"experiments.configs.{name}").get_config("tiny")
+    for key, value in data.items():
+        config.data[key] = value
+    return config
+
+
+def take(iterator, n):
+    return list(itertools.islice(iterator, n))
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+# ----------------------------------------------------------------------------- release folder
+
+
+@pytest.mark.parametrize("nesting", ["", "lra_release", "lra_release/lra_release"])
+def test_release_folder_is_found_nested_or_not(tmp_path, nesting):
+    fx.write_aan(tmp_path / nesting)
+    path = retrieval.find_file(str(tmp_path), "val")
+    assert path == tmp_path / nesting / "tsv_data" / "new_aan_pairs.eval.tsv"
+
+
+def test_missing_release_names_what_to_put_where(tmp_path):
+    with pytest.raises(errors.DatasetMissingError,
+                       match=r"lra_release/tsv_data/new_aan_pairs.train.tsv.*--config.data.lra_dir"):
+        retrieval.find_file(str(tmp_path), "train")
+    with pytest.raises(errors.DatasetMissingError, match=r"set --config.data.lra_dir=FOLDER"):
+        release.find_release_path("", "pathfinder32", what="Pathfinder")
+    config = config_of("lra.retrieval", source="release", lra_dir=str(tmp_path))
+    with pytest.raises(tasks.DataUnavailableError, match=r"new_aan_pairs.*source=synthetic"):
+        tasks.get_task(config)
+
+
+# ----------------------------------------------------------------------------- ListOps
+
+
+def test_listops_release_nested_shapes_and_labels(tmp_path):
+    fx.write_listops(tmp_path / "lra_release" / "lra_release", rows=6)
+    config = config_of("lra.listops", source="release", lra_dir=str(tmp_path), seq_len=12)
+    task = tasks.get_task(config)
+    assert isinstance(task, real_data.ListOpsReleaseTask)
+    examples = task.examples("val")
+    assert examples["inputs"].shape == (6, 12) and examples["inputs"].dtype == np.uint8
+    np.testing.assert_array_equal(examples["labels"], [3, 3, 3, 3, 4, 5])
+    np.testing.assert_array_equal(examples["lengths"], [5] * 6)  # [MAX v 3 ] <eos>
+
+
+def test_listops_bad_rows_are_reported_or_skipped(tmp_path):
+    folder = fx.write_listops(tmp_path, rows=6, extra="( [MAX 1 ] )\t12\njust one field\n")
+    config = config_of("lra.listops", source="release", lra_dir=str(tmp_path), seq_len=12)
+    with pytest.raises(errors.BadDataError) as info:
+        tasks.get_task(config).examples("train")
+    message = str(info.value)
+    assert "2 bad example(s)" in message
+    assert f"{folder / 'basic_train.tsv'}:8: label '12' is not a class in 0..9" in message
+    assert f"{folder / 'basic_train.tsv'}:9: expected 2 tab-separated fields; got 1" in message
+    assert "--config.data.skip_bad_rows=True" in message
+    config.data.skip_bad_rows = True
+    with pytest.warns(UserWarning, match="2 bad example"):
+        assert tasks.get_task(config).num_examples("train") == 6
+
+
+# ----------------------------------------------------------------------------- AAN
+
+
+def test_aan_quoted_texts_keep_their_rows(tmp_path):
+    fx.write_aan(tmp_path, rows_per_split=8)
+    config = config_of("lra.retrieval", source="release", lra_dir=str(tmp_path),
+                       cache_dir=str(tmp_path / "cache"), seq_len=32)
+    config.batch_size = 4
+    task = tasks.get_task(config)
+    assert isinstance(task, real_data.AanTask)
+    examples = task.examples("train")
+    for key in ("inputs", "inputs2"):
+        assert examples[key].shape == (8, 32) and examples[key].dtype == np.uint8
+    np.testing.assert_array_equal(examples["labels"], [1, 0, 1, 0] * 2)
+    doc = lambda key, i: bytes(examples[key][i][:examples[key.replace("inputs", "lengths")][i]])
+    assert doc("inputs", 0) == b'He said "hi"\tand left.'
+    assert doc("inputs2", 1) == b"tab\tinside\tquotes"
+    assert doc("inputs", 2) == b"line one\nline two"
+    assert doc("inputs", 3) == b'mid "quote" stays'
+    batch = next(task.train_batches(0, 0, 1))
+    assert batch["inputs"].dtype == np.int32 and batch["mask"].dtype == bool
+    assert batch["inputs2"].shape == (config.batch_size, 32)
+    assert set(np.unique(batch["labels"])) <= {0, 1}
+
+
+def test_aan_truncates_to_seq_len_bytes(tmp_path):
+    fx.write_aan(tmp_path, rows_per_split=4)
+    examples = retrieval.load_split("train", lra_dir=str(tmp_path), cache_dir=str(tmp_path / "c"),
+                                    seq_len=8)
+    assert bytes(examples["inputs"][0]) == b'He said '
+    np.testing.assert_array_equal(examples["lengths"], [8, 8, 8, 8])
+    np.testing.assert_array_equal(examples["lengths2"], [8, 8, 1, 2])
+
+
+def test_aan_bad_rows_name_file_and_line(tmp_path):
+    bad = ("x\ta\tb\tt1\tt2\n" "2\ta\tb\tt1\tt2\n" "only\tthree\tfields\n" "1\ta\tb\t\tt2\n"
+           '1\ta\tb\t"unterminated\tt2\n1\tc\td\te\tf\n')
+    folder = fx.write_aan(tmp_path, rows_per_split=8, extra={"train": bad})
+    path = folder / "new_aan_pairs.train.tsv"
+    # 8 good rows take 10 lines (row 3 of each 4 holds a newline inside quotes).
+    with pytest.raises(errors.BadDataError) as info:
+        retrieval.load_split("train", lra_dir=str(tmp_path), cache_dir=str(tmp_path / "c"),
+                             seq_len=16)
+    message = str(info.value)
+    assert "5 bad example(s)" in message
+    assert f"{path}:11: label 'x' is not a number" in message
+    assert f"{path}:12: label '2' not in 0..1" in message
+    assert f"{path}:13: expected 5 tab-separated fields" in message
+    assert f"{path}:14: empty document" in message
+    assert f"{path}:15: expected 5 tab-separated fields" in message  # the unclosed quote
+    with pytest.warns(UserWarning, match="5 bad example"):
+        examples = retrieval.load_split("train", lra_dir=str(tmp_path),
+                                        cache_dir=str(tmp_path / "c"), seq_len=16,
+                                        skip_bad_rows=True)
+    assert len(examples["labels"]) == 8
+
+
+def test_prepared_cache_is_reused_and_rebuilt_when_the_file_changes(tmp_path):
+    fx.write_aan(tmp_path, rows_per_split=4)
+    cache = tmp_path / "cache"
+    retrieval.load_split("test", lra_dir=str(tmp_path), cache_dir=str(cache), seq_len=8)
+    retrieval.load_split("test", lra_dir=str(tmp_path), cache_dir=str(cache), seq_len=8)
+    assert len(list(cache.iterdir())) == 1
+    path = tmp_path / "tsv_data" / "new_aan_pairs.test.tsv"
+    path.write_text(path.read_text() + fx.aan_line(fx.AAN_ROWS[0]))
+    examples = retrieval.load_split("test", lra_dir=str(tmp_path), cache_dir=str(cache),
+                                    seq_len=8)
+    assert len(examples["labels"]) == 5 and len(list(cache.iterdir())) == 2
+
+
+# ----------------------------------------------------------------------------- Pathfinder
+
+
+def pathfinder_config(tmp_path, task="lra.pathfinder", resolution=32, **data):
+    config = config_of(task, source="release", lra_dir=str(tmp_path),
+                       cache_dir=str(tmp_path / "cache"), image_size=resolution,
+                       seq_len=resolution * resolution, **data)
+    config.model.grid_shape = (resolution, resolution)
+    config.batch_size = 4
+    config.eval_batch_size = 3
+    return config
+
+
+def grey_values(batch) -> np.ndarray:
+    """The example id of each row: fixture image i is constant grey i, i.e. x = i / 127.5 - 1."""
+    return np.round((batch["inputs"][:, 0, 0] + 1.0) * 127.5).astype(int)
+
+
+def test_pathfinder_split_sizes_values_and_labels(tmp_path):
+    fx.write_pathfinder(tmp_path, 32, count=40)
+    task = tasks.get_task(pathfinder_config(tmp_path))
+    assert isinstance(task, real_data.PathfinderTask)
+    sizes = {s: task.num_examples(s) for s in ("train", "val", "test")}
+    assert sizes == {"train": 32, "val": 4, "test": 4}  # 80 / 10 / 10
+    seen = np.concatenate([task.examples(s)["pixels"][:, 0, 0, 0] for s in sizes])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(40))
+    for split in sizes:
+        examples = task.examples(split)
+        assert examples["pixels"].dtype == np.uint8
+        assert examples["pixels"].shape == (sizes[split], 32, 32, 1)
+        np.testing.assert_array_equal(examples["labels"], examples["pixels"][:, 0, 0, 0] % 2)
+    batch = next(task.train_batches(0, 0, 1))
+    assert batch["inputs"].shape == (4, 1024, 1) and batch["inputs"].dtype == np.float32
+    np.testing.assert_allclose(batch["inputs"][:, 0, 0], grey_values(batch) / 127.5 - 1.0)
+
+
+def test_two_processes_see_each_example_once_per_epoch_and_in_eval(tmp_path):
+    fx.write_pathfinder(tmp_path, 32, count=40)
+    task = tasks.get_task(pathfinder_config(tmp_path))
+    train_ids = set(task.examples("train")["pixels"][:, 0, 0, 0].tolist())
+    steps = task.steps_per_epoch()  # 32 // 4
+    for epoch in range(2):
+        seen = []
+        for process in (0, 1):
+            for batch in take(task.train_batches(epoch * steps, process, 2), steps):
+                assert batch["inputs"].shape[0] == 2
+                seen.extend(grey_values(batch).tolist())
+        assert sorted(seen) == sorted(train_ids)
+    for split in ("val", "test"):
+        seen = []
+        for process in (0, 1):
+            with pytest.raises(ValueError, match="multiple of the number of processes"):
+                next(task.eval_batches(split, process, 2))  # eval_batch_size 3 is odd
+        task.config.eval_batch_size = 2
+        for process in (0, 1):
+            for batch in task.eval_batches(split, process, 2):
+                seen.extend(grey_values(batch)[batch["weight"] > 0].tolist())
+        assert sorted(seen) == sorted(task.examples(split)["pixels"][:, 0, 0, 0].tolist())
+        task.config.eval_batch_size = 3
+
+
+def test_training_order_resumes_exactly_and_matches_the_loader(tmp_path):
+    fx.write_pathfinder(tmp_path, 32, count=40)
+    task = tasks.get_task(pathfinder_config(tmp_path))
+    uninterrupted = take(task.train_batches(0, 1, 2), 20)  # 2.5 epochs
+    resumed = take(tasks.get_task(pathfinder_config(tmp_path)).train_batches(13, 1, 2), 7)
+    assert_batches_equal(uninterrupted[13:], resumed)
+    n = task.num_examples("train")
+    for step in (0, 9, 17):
+        rows = loader.train_rows(task.config.seed, step, n, 4, 1, 2)
+        np.testing.assert_array_equal(task.examples("train")["pixels"][rows, 0, 0, 0],
+                                      grey_values(uninterrupted[step]))
+
+
+def test_pathfinder_bad_images_and_metadata_are_reported(tmp_path):
+    base = fx.write_pathfinder(tmp_path, 32, count=20, empty_image=True, bad_lines=[
+        "imgs/0 missing.png 5 1 1.5", "imgs/0 sample_0.png 0 7 1.5", "too short"])
+    config = pathfinder_config(tmp_path)
+    with pytest.raises(errors.BadDataError) as info:
+        tasks.get_task(config).examples("train")
+    meta = base / "metadata" / "1.npy"
+    message = str(info.value)
+    assert "4 bad example(s)" in message
+    assert f"{meta}:11: {base}/imgs/0/sample_empty.png: empty image file" in message
+    assert f"{meta}:12: {base}/imgs/0/missing.png: image file missing" in message
+    assert f"{meta}:13: label 7 not in 0..1" in message
+    assert f"{meta}:14: expected at least 4 fields" in message
+    config.data.skip_bad_rows = True
+    with pytest.warns(UserWarning, match="4 bad example"):
+        task = tasks.get_task(config)
+        assert sum(task.num_examples(s) for s in ("train", "val", "test")) == 20
+
+
+def test_pathx_reads_128_pixel_images(tmp_path):
+    fx.write_pathfinder(tmp_path, 128, count=10)
+    config = pathfinder_config(tmp_path, task="lra.pathx", resolution=128)
+    config.batch_size = 2
+    task = tasks.get_task(config)
+    assert task.examples("train")["pixels"].shape == (8, 128, 128, 1)
+    batch = next(task.train_batches(0, 0, 1))
+    assert batch["inputs"].shape == (2, 128 * 128, 1)
+    config.data.image_size = 32
+    with pytest.raises(ValueError, match="data.image_size must be 128"):
+        tasks.get_task(config)
+
+
+# ----------------------------------------------------------------------------- WikiText-103
+
+
+def test_wikitext_bpe_blocks_and_line_ends(tmp_path):
+    folder = fx.write_wikitext(tmp_path / "wikitext-103")
+    tokenizer_path = fx.write_bpe_tokenizer(tmp_path / "tokenizer.json")
+    config = config_of("lm.wikitext103", source="release", wikitext_dir=str(tmp_path),
+                       tokenizer_path=str(tokenizer_path), cache_dir=str(tmp_path / "cache"),
+                       seq_len=16)
+    config.model.vocab_size = 320
+    task = tasks.get_task(config)
+    assert isinstance(task, real_data.WikiTextTask)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    eos = tok.token_to_id("<|endoftext|>")
+    expected = []
+    for line in (folder / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines():
+        expected += tok.encode(line.strip()).ids + [eos]
+    blocks = task.examples("val")["ids"]
+    num = (len(expected) - 1) // 16
+    assert blocks.shape == (num, 17)
+    np.testing.assert_array_equal(blocks[1], expected[16:33])
+    batch = next(task.eval_batches("val", 0, 1))
+    assert batch["ids"].dtype == np.int32 and batch["ids"].shape == (config.batch_size, 17)
+    assert batch["ids"].max() < 320
+    config.model.vocab_size = 256
+    with pytest.raises(ValueError, match=r"vocab_size 256 is smaller .* \(320\)"):
+        tasks.get_task(config)
+
+
+def test_wikitext_byte_tokenizer_needs_no_file(tmp_path):
+    folder = fx.write_wikitext(tmp_path)
+    tokens, tokenizer = wikitext.load_tokens("test", wikitext_dir=str(folder),
+                                             tokenizer_path="bytes",
+                                             cache_dir=str(tmp_path / "cache"))
+    text = "".join(line.strip() + "\n" for line in
+                   (folder / "wiki.test.tokens").read_text(encoding="utf-8").splitlines())
+    assert tokenizer.vocab_size == 256
+    assert bytes(np.asarray(tokens, np.uint8)) == text.encode("utf-8")
+
+
+def test_wikitext_missing_files_name_the_fix(tmp_path):
+    with pytest.raises(errors.DatasetMissingError, match=r"--config.data.wikitext_dir=FOLDER"):
+        wikitext.find_file(str(tmp_path), "train")
+    fx.write_wikitext(tmp_path)
+    with pytest.raises(errors.DatasetMissingError, match=r"tokenizer_path=bytes"):
+        wikitext.LineTokenizer(str(tmp_path / "no_tokenizer.json"))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_retrieval_trains_end_to_end_on_the_release_fixture(tmp_path):
+    from hgrn_jax.training.loop import train_and_evaluate
+
+    fx.write_aan(tmp_path / "lra_release", rows_per_split=16)
+    config = config_of("lra.retrieval", source="release", lra_dir=str(tmp_path),
+                       cache_dir=str(tmp_path / "cache"), seq_len=16)
+    config.batch_size = 8
+    config.eval_batch_size = 8
+    config.num_train_steps = 4
+    config.eval_every = 4
+    config.checkpoint_every = 4
+    results = train_and_evaluate(config, tmp_path / "run")
+    assert results["steps"] == 4 and 0.0 <= results["test"] <= 100.0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["task"] == "retrieval"

@@ -1,0 +1,251 @@
+"""tfds pipelines on ``tfds.testing.mock_data``: IMDB, CIFAR-10, ImageNet-1k."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+
+import numpy as np
+import pytest
+
+tfds = pytest.importorskip("tensorflow_datasets")  # pinned in requirements.txt
+
+from hgrn_jax.data import cifar, errors, imagenet  # noqa: E402
+from hgrn_jax.training import real_data, tasks  # noqa: E402
+
+MOCK_EXAMPLES = 20
+
+
+def config_of(name: str, tmp_path, **data):
+    config = importlib.import_module(f"experiments.configs.{name}").get_config("tiny")
+    config.data.source = "tfds"
+    config.data.cache_dir = str(tmp_path / "cache")
+    for key, value in data.items():
+        config.data[key] = value
+    config.batch_size = 4
+    config.eval_batch_size = 4
+    return config
+
+
+def take(iterator, n):
+    return list(itertools.islice(iterator, n))
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def eval_coverage(task, split, processes=2) -> int:
+    """Weighted rows over all processes (each example must count once)."""
+    return int(sum(b["weight"].sum() for p in range(processes)
+                   for b in task.eval_batches(split, p, processes)))
+
+
+@pytest.fixture
+def mock():
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+        yield
+
+
+# ----------------------------------------------------------------------------- IMDB
+
+
+def test_imdb_bytes_labels_and_splits(tmp_path, mock):
+    task = tasks.get_task(config_of("lra.text", tmp_path, seq_len=64))
+    assert isinstance(task, real_data.ImdbTask)
+    assert [task.num_examples(s) for s in ("train", "val", "test")] == [MOCK_EXAMPLES] * 3
+    val, test = task.examples("val"), task.examples("test")
+    np.testing.assert_array_equal(val["inputs"], test["inputs"])  # IMDB test serves as val
+    train = task.examples("train")
+    assert train["inputs"].shape == (MOCK_EXAMPLES, 64) and train["inputs"].dtype == np.uint8
+    assert set(np.unique(train["labels"])) <= {0, 1}
+    batch = next(task.train_batches(0, 0, 1))
+    assert batch["inputs"].shape == (4, 64) and batch["inputs"].dtype == np.int32
+    np.testing.assert_array_equal(batch["mask"].sum(1), (batch["inputs"] > 0).sum(1))
+    assert eval_coverage(task, "val") == MOCK_EXAMPLES
+
+
+def test_imdb_empty_review_is_reported(tmp_path):
+    def fake(self, split, **kwargs):
+        import tensorflow as tf
+
+        return tf.data.Dataset.from_tensor_slices(
+            {"text": [b"good film", b"  ", b"bad"], "label": np.array([1, 0, 0], np.int64)})
+
+    with tfds.testing.mock_data(as_dataset_fn=fake):
+        task = tasks.get_task(config_of("lra.text", tmp_path, seq_len=16))
+        with pytest.raises(errors.BadDataError, match=r"imdb_reviews train example 1: empty"):
+            task.examples("train")
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+
+
+def cifar_config(tmp_path, **data):
+    data = {"augment": True, **data}  # the tiny preset turns augmentation off
+    config = config_of("lra.image", tmp_path, image_size=32, seq_len=1024, **data)
+    config.model.grid_shape = (32, 32)
+    config.model.num_classes = 10
+    return config
+
+
+def test_cifar_splits_pixels_and_normalisation(tmp_path, mock):
+    task = tasks.get_task(cifar_config(tmp_path))
+    assert isinstance(task, real_data.CifarTask)
+    sizes = [task.num_examples(s) for s in ("train", "val", "test")]
+    assert sizes == [18, 2, MOCK_EXAMPLES]  # 90 / 10 of train, all of test
+    train = task.examples("train")
+    assert train["pixels"].shape == (18, 32, 32, 3) and train["pixels"].dtype == np.uint8
+    assert train["labels"].min() >= 0 and train["labels"].max() < 10
+    batch = next(task.eval_batches("test", 0, 1))
+    expected = (task.examples("test")["pixels"][:4] / 255.0 - cifar.MEAN) / cifar.STD
+    np.testing.assert_allclose(batch["inputs"], expected.reshape(4, 1024, 3), atol=1e-5)
+    assert eval_coverage(task, "test") == MOCK_EXAMPLES
+
+
+def test_cifar_grayscale_option(tmp_path, mock):
+    config = cifar_config(tmp_path, grayscale=True)
+    with pytest.raises(ValueError, match="input_channels=1"):
+        tasks.get_task(config)
+    config.model.input_channels = 1
+    task = tasks.get_task(config)
+    batch = next(task.eval_batches("val", 0, 1))
+    pixels = task.examples("val")["pixels"][:1].astype(np.float32) / 255.0
+    luma = pixels @ np.array([0.299, 0.587, 0.114], np.float32)
+    assert batch["inputs"].shape == (4, 1024, 1)
+    np.testing.assert_allclose(batch["inputs"][0, :, 0],
+                               ((luma - 122.6 / 255) / (61.0 / 255)).ravel(), atol=1e-4)
+
+
+def test_crop_and_flip():
+    pixels = np.arange(2 * 6 * 6 * 1, dtype=np.uint8).reshape(2, 6, 6, 1) + 1
+    centred = cifar.crop_flip(pixels, np.array([4, 4]), np.array([4, 4]),
+                              np.array([False, True]))
+    np.testing.assert_array_equal(centred[0], pixels[0])
+    np.testing.assert_array_equal(centred[1], pixels[1, :, ::-1])
+    corner = cifar.crop_flip(pixels, np.array([0, 8]), np.array([0, 8]),
+                             np.array([False, False]))
+    assert (corner[0, :4] == 0).all() and (corner[0, :, :4] == 0).all()
+    np.testing.assert_array_equal(corner[0, 4:, 4:], pixels[0, :2, :2])
+    np.testing.assert_array_equal(corner[1, :2, :2], pixels[1, 4:, 4:])
+
+
+def test_cifar_augmented_batches_resume_and_ignore_the_process_count(tmp_path, mock):
+    task = tasks.get_task(cifar_config(tmp_path))
+    uninterrupted = take(task.train_batches(0, 0, 1), 6)
+    assert_batches_equal(uninterrupted[4:], take(task.train_batches(4, 0, 1), 2))
+    halves = [take(task.train_batches(0, p, 2), 6) for p in (0, 1)]
+    for whole, a, b in zip(uninterrupted, *halves):
+        np.testing.assert_array_equal(whole["inputs"],
+                                      np.concatenate([a["inputs"], b["inputs"]]))
+    config = cifar_config(tmp_path, augment=False)
+    plain = next(tasks.get_task(config).train_batches(0, 0, 1))
+    assert not np.array_equal(plain["inputs"], uninterrupted[0]["inputs"])
+    np.testing.assert_array_equal(plain["labels"], uninterrupted[0]["labels"])
+
+
+def test_cifar_label_out_of_range_is_reported(tmp_path):
+    def fake(self, split, **kwargs):
+        import tensorflow as tf
+
+        return tf.data.Dataset.from_tensor_slices(
+            {"image": np.zeros((3, 32, 32, 3), np.uint8), "label": np.array([0, 12, 3])})
+
+    with tfds.testing.mock_data(as_dataset_fn=fake):
+        config = cifar_config(tmp_path)
+        with pytest.raises(errors.BadDataError, match=r"cifar10 train example 1: label 12 not"):
+            tasks.get_task(config).examples("train")
+        config.data.skip_bad_rows = True
+        with pytest.warns(UserWarning, match="2 bad example"):  # one in train, one in test
+            assert tasks.get_task(config).num_examples("test") == 2
+
+
+def test_missing_tfds_data_names_the_fix(tmp_path):
+    config = config_of("lra.image", tmp_path, image_size=32, seq_len=1024,
+                       tfds_dir=str(tmp_path / "tfds"))
+    with pytest.raises(tasks.DataUnavailableError,
+                       match=r"'cifar10' is not prepared .*download_and_prepare.*tfds_dir"):
+        tasks.get_task(config)
+    with pytest.raises(errors.DatasetMissingError, match="ILSVRC2012_img_train.tar"):
+        imagenet.prepare(str(tmp_path / "tfds"), str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- ImageNet
+
+
+def imagenet_config(tmp_path):
+    config = config_of("imagenet.tiny", tmp_path)
+    config.model.num_classes = 1000
+    return config
+
+
+def test_imagenet_batches_shapes_targets_and_resume(tmp_path, mock):
+    task = tasks.get_task(imagenet_config(tmp_path))
+    assert isinstance(task, real_data.ImageNetTfdsTask)
+    size = task.config.data.image_size
+    batches = take(task.train_batches(0, 0, 1), 3)
+    batch = batches[0]
+    assert batch["images"].shape == (4, size, size, 3) and batch["images"].dtype == np.float32
+    assert batch["targets"].shape == (4, 1000) and batch["targets"].dtype == np.float32
+    np.testing.assert_allclose(batch["targets"].sum(1), 1.0, rtol=1e-5)
+    assert batch["labels"].min() >= 0 and batch["labels"].max() < 1000
+    assert_batches_equal(batches[2:], take(task.train_batches(2, 0, 1), 1))
+    assert eval_coverage(task, "val") == MOCK_EXAMPLES
+    eval_batch = next(task.eval_batches("val", 0, 1))
+    assert "targets" not in eval_batch and eval_batch["images"].shape == (4, size, size, 3)
+
+
+def test_imagenet_image_transforms():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    assert imagenet.random_resized_crop(image, 16, rng).shape == (16, 16, 3)
+    assert imagenet.centre_crop(image, 16).shape == (16, 16, 3)
+    flat = np.full((300, 200, 3), 128, np.uint8)
+    np.testing.assert_allclose(imagenet.eval_image(flat, 224),
+                               np.broadcast_to((128 / 255 - imagenet.MEAN) / imagenet.STD,
+                                               (224, 224, 3)), atol=1e-5)
+    erased = imagenet.random_erase(np.zeros((32, 32, 3), np.float32), rng, probability=1.0)
+    changed = (erased != 0).any(-1).mean()
+    assert 0.01 < changed < 0.4  # area 2% .. 1/3
+
+
+def test_mixup_and_cutmix_mix_images_and_targets_alike():
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((4, 8, 8, 3)).astype(np.float32)
+    labels = np.array([0, 1, 2, 3])
+    mixed, targets = imagenet.mixup_cutmix(
+        images, labels, np.random.default_rng(1), num_classes=5, mixup_alpha=0.8,
+        cutmix_alpha=0.0, switch_prob=0.5, label_smoothing=0.0)
+    lam = targets[0, 0]
+    np.testing.assert_allclose(targets[0, 3], 1 - lam, rtol=1e-6)
+    np.testing.assert_allclose(mixed, lam * images + (1 - lam) * images[::-1], rtol=1e-5,
+                               atol=1e-6)
+    mixed, targets = imagenet.mixup_cutmix(
+        images, labels, np.random.default_rng(2), num_classes=5, mixup_alpha=0.0,
+        cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1)
+    pasted = (mixed[0] != images[0]).any(-1).mean()
+    np.testing.assert_allclose(targets[0, 0] - 0.02, 0.9 * (1 - pasted), rtol=1e-5)
+    np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-6)
+
+
+def test_imagenet_bad_records_are_reported():
+    class Broken(dict):
+        def __getitem__(self, key):
+            raise ValueError("corrupt JPEG")
+
+    source = object.__new__(imagenet.ImageNetSource)
+    source.split = "train"
+    source.source = [{"image": np.zeros((4, 4, 3), np.uint8), "label": 7},
+                     {"image": np.zeros((0, 4, 3), np.uint8), "label": 1},
+                     {"image": np.zeros((4, 4, 3), np.uint8), "label": 1000}, Broken()]
+    report = errors.BadDataReport("imagenet")
+    records = source.read([0, 1, 2, 3], report)
+    assert records[0][1] == 7 and records[1:] == [None, None, None]
+    message = report.message()
+    assert "record 1: empty or malformed image" in message
+    assert "record 2: label 1000 not in 0..999" in message
+    assert "record 3: unreadable record (ValueError: corrupt JPEG)" in message
