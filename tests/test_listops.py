@@ -184,3 +184,13 @@ def test_impossible_spec_fails_clearly():
     narrow = listops.ListOpsSpec(min_length=0, max_length=3, num_train=20, num_val=0, num_test=0)
     with pytest.raises(RuntimeError, match="widen the length range"):
         listops.generate(narrow, seed=0, max_draws=2000)
+
+
+def test_tokenizer_fast_path_equals_token_by_token_lookup(generated):
+    tok = listops.ListOpsTokenizer()
+    sources = [s for s, _ in generated["train"][:50]]
+    ids, lengths = tok.encode(sources, seq_len=400)
+    for row, n, source in zip(ids, lengths, sources):
+        expected = [tok.vocab[t] for t in source.split() if t not in ("(", ")")][:399]
+        assert row[:n].tolist() == expected + [tok.eos_id]
+        assert not row[n:].any()

@@ -285,14 +285,14 @@ class ListOpsTokenizer:
 
     def __init__(self):
         self.vocab = {tok: i for i, tok in enumerate(self.SPECIALS + self.TOKENS)}
-        # Fast path: every release token becomes one character, looked up in a byte table.
-        self._shorthand = {op: chr(ord("a") + i) for i, op in enumerate(OPERATORS)}
-        self._shorthand[END] = "z"
+        # Fast path: each multi-character release token becomes one control character (never in
+        # a source), the whole string is split at C speed and looked up in a byte table.
+        self._shorthand = {tok: chr(1 + i) for i, tok in enumerate(OPERATORS + (END,))}
         table = np.full(256, self.unk_id, np.int32)
         for tok in self.TOKENS:
             table[ord(self._shorthand.get(tok, tok))] = self.vocab[tok]
+        table[[ord("("), ord(")")]] = -1  # dropped
         self._table = table
-        self._known = frozenset(self.TOKENS)
 
     @property
     def vocab_size(self) -> int:
@@ -302,11 +302,16 @@ class ListOpsTokenizer:
         return [t for t in source.split() if t not in ("(", ")")]
 
     def _ids(self, source: str) -> np.ndarray:
-        tokens = self.tokenize(source)
-        if self._known.issuperset(tokens):
-            compact = "".join(self._shorthand.get(t, t) for t in tokens)
-            return self._table[np.frombuffer(compact.encode("ascii"), np.uint8)]
-        return np.array([self.vocab.get(t, self.unk_id) for t in tokens], np.int32)
+        compact = source
+        for tok, char in self._shorthand.items():
+            compact = compact.replace(tok, char)
+        tokens = compact.split()
+        joined = "".join(tokens)
+        if len(joined) == len(tokens) and joined.isascii():  # every token one character
+            ids = self._table[np.frombuffer(joined.encode("ascii"), np.uint8)]
+            return ids[ids >= 0]
+        return np.array([self.vocab.get(t, self.unk_id) for t in self.tokenize(source)],
+                        np.int32)
 
     def encode(self, sources: Sequence[str], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         """ids (N, seq_len) int32 and lengths (N,) int32 (end token included, <= seq_len)."""
