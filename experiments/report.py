@@ -4,7 +4,7 @@
 ``results.json`` under the folders (a run's workdir, as written by ``experiments.train``), prints
 three markdown tables (Long Range Arena with its average, ImageNet-1k, WikiText-103) with the
 paper's numbers (from the paper-setting configs) and each run's test result at its best
-validation step, and writes the runs' loss and accuracy/perplexity against step (from each
+validation step (the LRA average uses the first run of each task, in path order), and writes the runs' loss and accuracy/perplexity against step (from each
 ``metrics.jsonl``) to a PNG (default ``DIR/curves.png`` of the first folder).
 
 Runs on generated or synthetic data (the ``tiny`` presets) are marked as such: their numbers
@@ -217,6 +217,15 @@ def markdown_report(runs: list[Run]) -> str:
 # ----------------------------------------------------------------------------- curves
 
 
+def _metric_value(record: dict[str, Any], metric: str) -> float | None:
+    """``record[metric]``; train records of LM runs carry the loss only: perplexity = exp(loss)."""
+    value = record.get(metric)
+    if value is None and metric == "perplexity" and "accuracy" not in record:
+        loss = record.get("loss")
+        value = math.exp(min(loss, 700.0)) if isinstance(loss, (int, float)) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def plot_curves(runs: list[Run], path: str | Path) -> Path:
     """Loss and accuracy (or perplexity) against step, one colour per run; train solid, val
     dashed with markers. Returns the PNG's path."""
@@ -233,21 +242,29 @@ def plot_curves(runs: list[Run], path: str | Path) -> Path:
     for i, run in enumerate(runs):
         colour = colours[i % len(colours)]
         for ax, metric in zip(axes[0], metrics):
+            labelled = False
             for split, style in (("train", "-"), ("val", "--")):
-                points = [(r["step"], r[metric]) for r in run.records
-                          if r.get("split") == split and isinstance(r.get(metric), (int, float))]
+                points = [(r["step"], value) for r in run.records
+                          if r.get("split") == split
+                          and (value := _metric_value(r, metric)) is not None]
                 if points:
                     steps, values = zip(*sorted(points))
                     ax.plot(steps, values, style, color=colour,
                             marker="o" if split == "val" else None, markersize=3,
-                            label=f"{run.label} ({split})")
+                            label=None if labelled else run.label)
+                    labelled = True
     for ax, metric in zip(axes[0], metrics):
+        ax.set_title(f"{metric}: train solid, validation dashed", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel(metric + (" (%)" if metric == "accuracy" else ""))
         if metric == "perplexity":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    by_label = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            by_label.setdefault(label, handle)
+    handles, labels = list(by_label.values()), list(by_label)
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=7,
                    frameon=False)

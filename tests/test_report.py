@@ -106,3 +106,10 @@ def test_missing_folders_and_empty_folders_fail_clearly(tmp_path, capsys):
     (tmp_path / "bad" / "results.json").write_text("{")
     with pytest.raises(ValueError, match="results.json is not valid JSON"):
         report.find_runs([tmp_path])
+
+
+def test_lm_train_records_plot_perplexity_from_the_loss():
+    assert report._metric_value({"loss": 2.0}, "perplexity") == pytest.approx(7.389056)
+    assert report._metric_value({"loss": 2.0, "perplexity": 5.0}, "perplexity") == 5.0
+    assert report._metric_value({"loss": 2.0, "accuracy": 40.0}, "perplexity") is None
+    assert report._metric_value({"loss": 2.0}, "accuracy") is None
