@@ -241,6 +241,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, unin
     _assert_same_final_params(run, reference)
     assert results["test"] == reference_results["test"]
     assert results["best_val"] == reference_results["best_val"]
+    # Records of the lost steps were replaced, not duplicated.
+    assert _logged_steps(run) == _logged_steps(reference)
 
 
 def test_run_writes_the_contract_files(uninterrupted):
@@ -262,6 +264,14 @@ def test_run_writes_the_contract_files(uninterrupted):
     # The latest 2 checkpoints and the best validation one are kept.
     kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert kept[-2:] == [9, 12] and results["best_step"] in kept
+
+
+def _logged_steps(workdir: Path) -> dict[str, list[int]]:
+    steps: dict[str, list[int]] = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        steps.setdefault(record["split"], []).append(record["step"])
+    return steps
 
 
 def _assert_same_final_params(workdir: Path, reference: Path) -> None:
@@ -343,6 +353,7 @@ def test_sigkill_and_sigterm_then_rerun_give_bitwise_the_uninterrupted_parameter
     _assert_same_final_params(tmp_path, uninterrupted[0])
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["test"] == uninterrupted[1]["test"]
+    assert _logged_steps(tmp_path) == _logged_steps(uninterrupted[0])
 
 
 @pytest.mark.parametrize("override, expected", [

@@ -59,6 +59,26 @@ class MetricsWriter:
 
             self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
 
+    def rewind(self, step: int) -> None:
+        """Forget records after ``step`` (written by a run that died before its next checkpoint
+        and is now resumed from ``step``) and the final test records (written again at the end)."""
+        if not self.enabled:
+            return
+        path = self.workdir / "metrics.jsonl"
+        self._jsonl.close()
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if record.get("step", 0) <= step and record.get("split") != "test":
+                kept.append(line)
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+        self._jsonl = open(path, "a", encoding="utf-8")
+
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
         """One record: ``{"step": step, "split": split, **metrics}``."""
         if not self.enabled:

@@ -278,6 +278,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
     if restored is not None:
         state, meta = restored
     start = int(meta["step"])
+    run.writer.rewind(start)
     wall_before = float(meta.get("wall_time_s", 0.0))
     t_start = time.time()
 
