@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 from flax import nnx
+
+from hgrn_jax.nn.remat import remat_block
+
+
+def _with_remat(call):
+    """Run ``call`` under :func:`remat_block` when the block's ``remat`` policy is set."""
+    @functools.wraps(call)
+    def dispatch(self, *args, **kwargs):
+        if getattr(self, "remat", None) is None:
+            return call(self, *args, **kwargs)
+        return remat_block(call, self.remat)(self, *args, **kwargs)
+
+    return dispatch
 
 
 class ResidualBlock(nnx.Module):
@@ -14,14 +28,24 @@ class ResidualBlock(nnx.Module):
     ``mixer`` is an HGRU-style token mixer called as ``mixer(x, lower_bound, **kwargs)`` and
     ``mlp`` a channel mixer (``GLU``). The reference LRA stack writes these as two separate
     residual blocks with their own norms, which is the same computation.
+
+    ``remat``: None, or a policy of :mod:`hgrn_jax.nn.remat` (``"nothing"``, ``"dots"``, ...)
+    under which ``__call__`` is recomputed in the backward pass; subclasses' ``__call__`` too.
     """
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__call__" in cls.__dict__:
+            cls.__call__ = _with_remat(cls.__dict__["__call__"])
+
     def __init__(self, mixer: nnx.Module, mlp: nnx.Module, norm1: nnx.Module, norm2: nnx.Module,
-                 *, dropout: float = 0.0, rngs: nnx.Rngs):
+                 *, dropout: float = 0.0, remat: Any = None, rngs: nnx.Rngs):
         self.mixer, self.mlp = mixer, mlp
+        self.remat = remat
         self.norm1, self.norm2 = norm1, norm2
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
+    @_with_remat
     def __call__(self, x: jax.Array, lower_bound: Any = 0.0, **mixer_kwargs) -> jax.Array:
         x = x + self.dropout(self.mixer(self.norm1(x), lower_bound, **mixer_kwargs))
         return x + self.dropout(self.mlp(self.norm2(x)))
