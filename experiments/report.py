@@ -4,8 +4,9 @@
 ``results.json`` under the folders (a run's workdir, as written by ``experiments.train``), prints
 three markdown tables (Long Range Arena with its average, ImageNet-1k, WikiText-103) with the
 paper's numbers (from the paper-setting configs) and each run's test result at its best
-validation step (the LRA average uses the first run of each task, in path order), and writes the runs' loss and accuracy/perplexity against step (from each
-``metrics.jsonl``) to a PNG (default ``DIR/curves.png`` of the first folder).
+validation step (the LRA average uses the first run of each task, in path order), and writes the
+runs' loss and accuracy/perplexity against step (from each ``metrics.jsonl``) to a PNG (default
+``DIR/curves.png`` of the first folder).
 
 Runs on generated or synthetic data (the ``tiny`` presets) are marked as such: their numbers
 show that the pipeline works, not how the model compares with the paper.

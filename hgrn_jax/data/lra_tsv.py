@@ -80,9 +80,10 @@ def read_tsv(path: str | Path, columns: Sequence[str], *, header: bool = True) -
             if not fields:  # a blank line, e.g. the file's trailing newline twice
                 continue
             if len(fields) != width:
+                expected = ", ".join(names if header else columns)
                 raise MalformedRowError(
                     f"{path}:{reader.line_num}: expected {width} tab-separated fields "
-                    f"({', '.join(columns) if not header else ', '.join(names)}); got {len(fields)}")
+                    f"({expected}); got {len(fields)}")
             rows.append(TsvRow(reader.line_num, tuple(fields[i] for i in picks)))
     return rows
 

@@ -4,7 +4,7 @@ These are placeholders, not the paper's data: they let every model family (LRA 1
 Retrieval, ImageNet, the LM) run end to end in seconds on a CPU with nothing to download. Each
 keeps the *shape* of its real counterpart (byte documents, pixel grids, document pairs, RGB
 images cut into 14x14 patches, a byte corpus) and has labels a model can learn. The real input
-pipelines (IMDB, AAN, CIFAR-10, Pathfinder, ImageNet, WikiText-103) come with issue 5.
+pipelines (IMDB, AAN, CIFAR-10, Pathfinder, ImageNet, WikiText-103) are issue 5's readers.
 
 Every function is a pure function of its arguments: the same ``seed`` gives the same arrays.
 """
@@ -134,7 +134,8 @@ def colour_images(num: int, *, size: int = 28, num_classes: int = 10, seed: Seed
         h, w = rng.integers(size // 2, size + 1, 2)
         r, c = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
         shade = rng.uniform(0.7, 1.0)
-        images[i, r:r + h, c:c + w] = 0.7 * shade * palette[label] + 0.3 * images[i, r:r + h, c:c + w]
+        patch = images[i, r:r + h, c:c + w]
+        images[i, r:r + h, c:c + w] = 0.7 * shade * palette[label] + 0.3 * patch
     return images.astype(np.float32), labels
 
 

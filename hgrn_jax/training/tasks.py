@@ -23,7 +23,8 @@ Data: ListOps reads the LRA release's TSV files (``data.source="release"``, ``da
 generates a set of the same specification (``"generated"``, cached in ``data.cache_dir``). Every
 task also runs on the small generated stand-ins of :mod:`hgrn_jax.data.synthetic`
 (``"synthetic"``). The real readers for IMDB, AAN, CIFAR-10, Pathfinder, ImageNet and WikiText-103
-come with issue 5; asking for them now is a clear error naming the alternative.
+(issue 5) are subclasses in :mod:`hgrn_jax.training.real_data`, which :func:`get_task` consults
+first; the classes here raise a clear error naming the alternative for those sources.
 """
 
 from __future__ import annotations
@@ -275,7 +276,7 @@ class Task:
     def _unavailable(self, what: str) -> DataUnavailableError:
         return DataUnavailableError(
             f"task {self.name!r} with data.source={self.config.data.source!r} needs {what}; "
-            "that reader arrives with issue 5. For now run the generated stand-in with "
+            "its reader is in hgrn_jax.training.real_data. Or run the generated stand-in with "
             "--config.data.source=synthetic (or the :tiny preset).")
 
 

@@ -2,7 +2,7 @@
 
 DeiT's recipe: 300 epochs, batch 2048, AdamW lr 2e-3 wd 0.05 (no decay on biases and norms),
 cosine schedule with 5 warmup epochs down to 1e-5, label smoothing 0.1, grad clip 5, and the
-augmentations recorded in ``data.augment`` (implemented with the real pipeline, issue 5).
+augmentations in ``data.augment`` (applied by the real pipeline, ``hgrn_jax.data.imagenet``).
 The ``tiny`` preset trains a 2-layer model on generated 28 x 28 colour images (4 patches of 14).
 """
 

@@ -3,9 +3,9 @@
 
 fairseq's recipe: 512-token samples, 65,536 tokens per update (128 samples), 100k updates,
 AdamW betas (0.9, 0.98) wd 0.2, lr 5e-4 with the inverse-sqrt schedule and 8k warmup, GPT-2 BPE
-vocabulary of 50,264 entries. The WikiText-103 reader (``data.wikitext_dir`` with the GPT-2 BPE
-files at ``data.tokenizer_path``) arrives with issue 5; ``tiny`` trains a byte-level model on a
-generated arithmetic corpus.
+vocabulary of 50,264 entries. The release (``data.wikitext_dir``, GPT-2 BPE files at
+``data.tokenizer_path``) is read by ``hgrn_jax.training.real_data``; ``tiny`` trains a byte-level
+model on a generated arithmetic corpus.
 """
 
 import ml_collections

@@ -1,8 +1,8 @@
 """LRA Image (CIFAR-10 RGB, DESIGN.md 3.4): 2-D HGRN, 6 layers, d 512, BN, 32 x 32 pixels; 88.69%.
 
 The paper's run reads RGB pixels (not the usual grey sequence) with crop and flip augmentation.
-The CIFAR-10 pipeline (tfds ``cifar10`` in ``data.tfds_dir``) arrives with issue 5; ``tiny`` uses
-generated 8 x 8 images whose label is the bright quadrant.
+CIFAR-10 (tfds ``cifar10`` in ``data.tfds_dir``) is read by ``hgrn_jax.training.real_data``;
+``tiny`` uses generated 8 x 8 images whose label is the bright quadrant.
 """
 
 from experiments.configs import common

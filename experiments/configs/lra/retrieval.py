@@ -1,8 +1,9 @@
 """LRA Retrieval (AAN pairs, DESIGN.md 3.4): 1-D HGRN, 2 layers, d 64, GLU x2, BN, 4,000 bytes
 per document; 94.23%.
 
-Token ids are bytes (1-255; 0 is padding). The release reader (``tsv_data/new_aan_pairs.*.tsv`` in
-``data.lra_dir``) arrives with issue 5; ``tiny`` uses generated pairs that share a pattern or not.
+Token ids are bytes (1-255; 0 is padding). The release's ``tsv_data/new_aan_pairs.*.tsv`` (in
+``data.lra_dir``) are read by ``hgrn_jax.training.real_data``; ``tiny`` uses generated pairs that
+share a pattern or not.
 """
 
 from experiments.configs import common

@@ -1,7 +1,7 @@
 """LRA Text (IMDB bytes, DESIGN.md 3.4): 1-D HGRN, 4 layers, d 128, sync BN, 4,096 bytes; 88.14%.
 
-Token ids are the document's bytes (1-255; 0 is padding). The real IMDB pipeline (tfds
-``imdb_reviews`` in ``data.tfds_dir``) arrives with issue 5; ``tiny`` uses generated documents.
+Token ids are the document's bytes (1-255; 0 is padding). The real data (tfds ``imdb_reviews`` in
+``data.tfds_dir``) are read by ``hgrn_jax.training.real_data``; ``tiny`` uses generated documents.
 """
 
 from experiments.configs import common
