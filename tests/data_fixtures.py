@@ -44,7 +44,7 @@ def write_pathfinder(root: Path, resolution: int = 32, count: int = 20, *,
                      bad_lines: list[str] = (), empty_image: bool = False) -> Path:
     """``pathfinder<res>/curv_contour_length_14/{imgs/0,metadata}`` with text ``.npy`` metadata.
 
-    Image i is constant grey ``i`` with label ``i % 2`` (two metadata files, 0.npy and 1.npy).
+    Image i is constant grey ``i % 256`` with label ``i % 2`` (two metadata files, 0.npy and 1.npy).
     """
     from PIL import Image
 
@@ -53,7 +53,7 @@ def write_pathfinder(root: Path, resolution: int = 32, count: int = 20, *,
     (base / "metadata").mkdir(parents=True, exist_ok=True)
     lines: dict[int, list[str]] = {0: [], 1: []}
     for i in range(count):
-        pixels = np.full((resolution, resolution), i, np.uint8)
+        pixels = np.full((resolution, resolution), i % 256, np.uint8)
         Image.fromarray(pixels, "L").save(base / "imgs" / "0" / f"sample_{i}.png")
         lines[i * 2 // count].append(f"imgs/0 sample_{i}.png {i} {i % 2} 1.5 3 2")
     if empty_image:

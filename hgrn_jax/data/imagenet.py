@@ -7,14 +7,14 @@ format, whose random access lets each process read exactly the records of its sh
 
 Per example (PIL, the library timm's DeiT pipeline uses, bicubic resampling):
 - train: random resized crop (scale 0.08-1, aspect 3/4-4/3, timm's 10 tries then a centre
-  crop), horizontal flip (p 0.5), normalisation with the ImageNet statistics, random erasing
-  (p ``random_erasing``, per-pixel normal noise, area 2%-1/3, log-aspect in log(0.3)-log(3.3));
+  crop), horizontal flip (p 0.5), RandAugment (``randaugment``, :mod:`hgrn_jax.data.randaugment`),
+  normalisation with the ImageNet statistics, random erasing (p ``random_erasing``, per-pixel
+  normal noise, area 2%-1/3, log-aspect in log(0.3)-log(3.3));
 - eval: resize the short side to ``image_size / 0.875`` (256), centre crop ``image_size``.
 Per batch (numpy): Mixup (alpha ``mixup``) or CutMix (alpha ``cutmix``), one chosen per batch
 with probability ``mixup_switch_prob`` for CutMix, pairing each image with the batch reversed;
 soft targets with label smoothing folded in (timm's ``Mixup``).
-Not implemented: RandAugment (``rand-m9-mstd0.5-inc1``) and colour jitter (which DeiT's timm
-pipeline turns off when RandAugment is on); see docs/data.md.
+Colour jitter is not applied: timm turns it off when RandAugment is on (DeiT's setting).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hgrn_jax.data import tfds_io
+from hgrn_jax.data import randaugment, tfds_io
 from hgrn_jax.data.errors import BadDataReport, DatasetMissingError
 
 NAME = "imagenet2012"
@@ -123,11 +123,13 @@ def normalise(images: np.ndarray) -> np.ndarray:
 
 
 def train_image(image: np.ndarray, size: int, rng: np.random.Generator,
-                random_erasing: float) -> np.ndarray:
-    """One training image: crop, flip, normalise, erase -> float32 (size, size, 3)."""
+                random_erasing: float, policy: randaugment.Policy | None = None) -> np.ndarray:
+    """One training image: crop, flip, RandAugment, normalise, erase -> float32 (size, size, 3)."""
     out = random_resized_crop(_as_rgb(image), size, rng)
     if rng.random() < 0.5:
-        out = out[:, ::-1]
+        out = np.ascontiguousarray(out[:, ::-1])
+    if policy is not None:
+        out = randaugment.rand_augment(out, policy, rng)
     return random_erase(normalise(out), rng, random_erasing)
 
 
@@ -190,29 +192,27 @@ class ImageNetSource:
     def __len__(self) -> int:
         return len(self.source)
 
+    def read_one(self, row: int, report: BadDataReport) -> tuple[np.ndarray, int] | None:
+        """(image uint8 (H, W, 3), label) of a record; None (and a report entry) if bad."""
+        where = f"tfds {NAME} {self.split} record {int(row)}"
+        try:
+            record: dict[str, Any] = self.source[int(row)]
+            image = np.asarray(record["image"])
+            label = int(record["label"])
+        except Exception as error:  # a corrupt record: any decoder error
+            report.add(where, 0, f"unreadable record ({type(error).__name__}: {error})")
+            return None
+        if image.size == 0 or image.ndim not in (2, 3):
+            report.add(where, 0, f"empty or malformed image of shape {image.shape}")
+            return None
+        if not 0 <= label < NUM_CLASSES:
+            report.add(where, 0, f"label {label} not in 0..{NUM_CLASSES - 1}")
+            return None
+        return image, label
+
     def read(self, rows: Sequence[int], report: BadDataReport
              ) -> list[tuple[np.ndarray, int] | None]:
-        """(image uint8 (H, W, 3), label) per row; None (and a report entry) for bad records."""
-        out: list[tuple[np.ndarray, int] | None] = []
-        for row in rows:
-            where = f"tfds {NAME} {self.split} record {int(row)}"
-            try:
-                record: dict[str, Any] = self.source[int(row)]
-                image = np.asarray(record["image"])
-                label = int(record["label"])
-            except Exception as error:  # a corrupt record: any decoder error
-                report.add(where, 0, f"unreadable record ({type(error).__name__}: {error})")
-                out.append(None)
-                continue
-            if image.size == 0 or image.ndim not in (2, 3):
-                report.add(where, 0, f"empty or malformed image of shape {image.shape}")
-                out.append(None)
-            elif not 0 <= label < NUM_CLASSES:
-                report.add(where, 0, f"label {label} not in 0..{NUM_CLASSES - 1}")
-                out.append(None)
-            else:
-                out.append((image, label))
-        return out
+        return [self.read_one(row, report) for row in rows]
 
 
 def prepare(tfds_dir: str, manual_dir: str) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 
 import jax
@@ -190,24 +192,39 @@ class ImageNetTfdsTask(base.ImageNetTask):
     def _load(self, split):
         return {"index": np.arange(len(self._sources(split)))}
 
-    def _read(self, split: str, rows: np.ndarray) -> tuple[list, np.ndarray]:
+    def _images(self, split: str, rows: np.ndarray, transform
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Read and transform ``rows`` on a thread pool (PIL and tf decoding release the GIL).
+
+        ``transform(i, image)`` -> float32 (S, S, 3) for row i. Returns images (R, S, S, 3),
+        labels (R,) and readable (R,) bool (bad records are zeros, reported or fatal).
+        """
+        if getattr(self, "_pool", None) is None:
+            workers = int(self.config.data.get("workers", 0)) or os.cpu_count() or 1
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="imagenet")
+        size = self.config.data.image_size
+        images = np.zeros((len(rows), size, size, 3), np.float32)
+        labels = np.zeros(len(rows), np.int32)
+        valid = np.zeros(len(rows), bool)
         report = BadDataReport(f"tfds imagenet2012 {split}")
-        records = self._sources(split).read(rows, report)
+        source = self._sources(split)
+
+        def work(i: int) -> None:
+            record = source.read_one(rows[i], report)
+            if record is not None:
+                images[i] = transform(i, record[0])
+                labels[i], valid[i] = record[1], True
+
+        list(self._pool.map(work, range(len(rows))))
         report.finish(_skip(self.config))
-        valid = np.array([r is not None for r in records])
-        return records, valid
+        return images, labels, valid
 
     def _batch(self, examples, rows):  # evaluation batches (val / test)
         from hgrn_jax.data import imagenet
 
         size = self.config.data.image_size
-        records, valid = self._read(self._eval_split, rows)
-        images = np.zeros((len(rows), size, size, 3), np.float32)
-        labels = np.zeros(len(rows), np.int32)
-        for i, record in enumerate(records):
-            if record is not None:
-                images[i] = imagenet.eval_image(record[0], size)
-                labels[i] = record[1]
+        images, labels, valid = self._images(
+            self._eval_split, rows, lambda i, image: imagenet.eval_image(image, size))
         return {"images": images, "labels": labels, "readable": valid}
 
     def eval_batches(self, split, process_index=0, process_count=1):
@@ -218,25 +235,20 @@ class ImageNetTfdsTask(base.ImageNetTask):
 
     def train_batches(self, start_step: int, process_index: int = 0, process_count: int = 1
                       ) -> Iterator[Batch]:
-        from hgrn_jax.data import imagenet
+        from hgrn_jax.data import imagenet, randaugment
 
         c = self.config
         size, aug = c.data.image_size, c.data.augment
+        policy = randaugment.Policy.parse(aug.randaugment) if aug.randaugment else None
         local = loader.process_slice(c.batch_size, process_index, process_count)
         n = self.num_examples("train")
         for step in itertools.count(start_step):
             rows = loader.train_rows(c.seed, step, n, c.batch_size, process_index, process_count)
             rng = loader.batch_rng(c.seed, step)
             seeds = rng.integers(0, 2**63 - 1, c.batch_size)[local]
-            records, valid = self._read("train", rows)
-            images = np.zeros((len(rows), size, size, 3), np.float32)
-            labels = np.zeros(len(rows), np.int32)
-            for i, record in enumerate(records):
-                if record is not None:
-                    images[i] = imagenet.train_image(record[0], size,
-                                                     np.random.default_rng(seeds[i]),
-                                                     aug.random_erasing)
-                    labels[i] = record[1]
+            images, labels, valid = self._images("train", rows, lambda i, image: (
+                imagenet.train_image(image, size, np.random.default_rng(seeds[i]),
+                                     aug.random_erasing, policy)))
             images, targets = imagenet.mixup_cutmix(
                 images, labels, rng, num_classes=c.model.num_classes, mixup_alpha=aug.mixup,
                 cutmix_alpha=aug.cutmix, switch_prob=aug.mixup_switch_prob,
