@@ -145,6 +145,7 @@ def imagenet_config(*, features: int, paper_top1: float, paper_params: int
     c.data.augment = ml_collections.ConfigDict(dict(
         mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5, randaugment="rand-m9-mstd0.5-inc1",
         random_erasing=0.25, color_jitter=0.4, interpolation="bicubic"))
+    c.data.workers = -1  # ImageNet batch-building processes (-1: one per CPU; 0: threads)
     c.batch_size = 2048
     c.epochs = 300
     steps_per_epoch = IMAGENET_TRAIN_EXAMPLES // c.batch_size
