@@ -2,7 +2,8 @@
 
 Runs each task's ``train_batches`` (and ``eval_batches``) at the paper's sequence lengths and
 batch sizes on generated fixtures in the release layouts (``tests/data_fixtures.py`` style) and on
-``tfds.testing.mock_data`` for IMDB, CIFAR-10 and ImageNet, after a first batch that prepares the
+``tfds.testing.mock_data`` for IMDB and CIFAR-10, and on ImageNet prepared by tfds from small
+archives of 500 x 375 JPEGs (threads, and 2 worker processes), after a first batch that prepares the
 cache (timed separately as ``prepare_s``). Writes ``benchmarks/results/input_<platform>.json``.
 
     python benchmarks/input.py [--seconds 2]
@@ -90,10 +91,24 @@ def tfds_cases(tmp: Path):
     yield "text (IMDB mock, 4096)", config_of("lra.text", cache_dir=str(tmp / "cache"))
     yield "image (CIFAR-10 mock, crop+flip)", config_of("lra.image",
                                                         cache_dir=str(tmp / "cache"))
-    config = config_of("imagenet.tiny", cache_dir=str(tmp / "cache"))
-    config.batch_size = 32
-    config.eval_batch_size = 32
-    yield "imagenet (mock, 224, DeiT aug)", config
+
+
+def imagenet_cases(tmp: Path):
+    """ImageNet prepared by tfds from archives of 500 x 375 JPEGs (the typical ImageNet size)."""
+    import data_fixtures as fx
+    from hgrn_jax.data import imagenet
+
+    fx.write_imagenet_archives(tmp / "manual", synsets=("n01440764", "n01443537"),
+                               per_class=64, num_val=64, width=500, height=375)
+    imagenet.prepare(str(tmp / "tfds"), str(tmp / "manual"))
+    for workers in (0, 2):
+        config = config_of("imagenet.tiny", tfds_dir=str(tmp / "tfds"), workers=workers)
+        config.model.num_classes = 1000
+        config.data.image_size = 224  # DeiT's crop (the loader does not build the model)
+        config.batch_size = 32
+        config.eval_batch_size = 32
+        what = "threads" if workers == 0 else f"{workers} worker processes"
+        yield f"imagenet (JPEG, DeiT aug, {what})", config
 
 
 def measure(name, config, seconds) -> dict:
@@ -130,6 +145,8 @@ def main() -> None:
         with tfds.testing.mock_data(num_examples=256):
             for name, config in tfds_cases(Path(tmp)):
                 rows.append(measure(name, config, args.seconds))
+        for name, config in imagenet_cases(Path(tmp)):
+            rows.append(measure(name, config, args.seconds))
     path = write_results("input", rows, {"seconds": args.seconds, "note": (
         "one process, fixtures / tfds mock data in a temporary folder (page cache warm); "
         "prepare_s = first batch, cache preparation included")})

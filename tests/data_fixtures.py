@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +92,34 @@ def write_bpe_tokenizer(path: Path, vocab_size: int = 320) -> Path:
     tok.train_from_iterator(WIKI_LINES * 10, trainer)
     tok.save(str(path))
     return path
+
+
+def jpeg(seed: int, width: int = 40, height: int = 30) -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def add_to_tar(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_imagenet_archives(folder: Path, synsets=("n01440764", "n01443537"), per_class=4,
+                            num_val=6, width=40, height=30) -> None:
+    """ILSVRC2012_img_{train,val}.tar in the real layout: a tar of per-synset tars, and JPEGs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / "ILSVRC2012_img_train.tar", "w") as outer:
+        for c, synset in enumerate(synsets):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as tar:
+                for i in range(per_class):
+                    add_to_tar(tar, f"{synset}_{i}.JPEG", jpeg(10 * c + i, width, height))
+            add_to_tar(outer, f"{synset}.tar", inner.getvalue())
+    with tarfile.open(folder / "ILSVRC2012_img_val.tar", "w") as tar:
+        for i in range(num_val):
+            add_to_tar(tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg(100 + i, height, width + 20))

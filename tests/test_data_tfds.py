@@ -10,6 +10,7 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")  # pinned in requirements.txt
 
+import data_fixtures as fx  # noqa: E402
 from hgrn_jax.data import cifar, errors, imagenet  # noqa: E402
 from hgrn_jax.training import real_data, tasks  # noqa: E402
 
@@ -177,8 +178,8 @@ def test_missing_tfds_data_names_the_fix(tmp_path):
 # ----------------------------------------------------------------------------- ImageNet
 
 
-def imagenet_config(tmp_path):
-    config = config_of("imagenet.tiny", tmp_path)
+def imagenet_config(tmp_path, **data):
+    config = config_of("imagenet.tiny", tmp_path, **{"workers": 0, **data})
     config.model.num_classes = 1000
     return config
 
@@ -249,3 +250,23 @@ def test_imagenet_bad_records_are_reported():
     assert "record 1: empty or malformed image" in message
     assert "record 2: label 1000 not in 0..999" in message
     assert "record 3: unreadable record (ValueError: corrupt JPEG)" in message
+
+
+# ----------------------------------------------------------------------------- real ImageNet files
+
+
+def test_imagenet_prepared_from_archives_and_built_in_worker_processes(tmp_path):
+    """The prepare command on archives in the real layout, then reading without any mock; the
+    worker-process loader yields exactly the in-process batches."""
+    fx.write_imagenet_archives(tmp_path / "manual")
+    imagenet.main(["--manual_dir", str(tmp_path / "manual"), "--tfds_dir", str(tmp_path / "t")])
+    config = imagenet_config(tmp_path, tfds_dir=str(tmp_path / "t"))
+    config.batch_size = 4
+    task = tasks.get_task(config)
+    assert [task.num_examples(s) for s in ("train", "val")] == [8, 6]
+    train_labels = sorted(task._source("train").read_one(i, None)[1] for i in range(8))
+    assert train_labels == [0] * 4 + [1] * 4  # the synsets' indices in tfds's label list
+    assert eval_coverage(task, "val") == 6
+    in_process = take(task.train_batches(1, 1, 2), 3)
+    config.data.workers = 2
+    assert_batches_equal(in_process, take(tasks.get_task(config).train_batches(1, 1, 2), 3))

@@ -19,13 +19,15 @@ Colour jitter is not applied: timm turns it off when RandAugment is on (DeiT's s
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from hgrn_jax.data import randaugment, tfds_io
+from hgrn_jax.data import loader, randaugment, tfds_io
 from hgrn_jax.data.errors import BadDataReport, DatasetMissingError
 
 NAME = "imagenet2012"
@@ -213,6 +215,101 @@ class ImageNetSource:
     def read(self, rows: Sequence[int], report: BadDataReport
              ) -> list[tuple[np.ndarray, int] | None]:
         return [self.read_one(row, report) for row in rows]
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """Everything a (possibly separate worker) process needs to build one process-local batch."""
+
+    tfds_dir: str
+    image_size: int
+    seed: int = 0
+    batch_size: int = 1
+    process_index: int = 0
+    process_count: int = 1
+    num_classes: int = NUM_CLASSES
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    random_erasing: float = 0.25
+    randaugment: str = "rand-m9-mstd0.5-inc1"
+    skip_bad_rows: bool = False
+
+
+_OPEN_SOURCES: dict[tuple[str, str], ImageNetSource] = {}
+
+
+def open_source(split: str, tfds_dir: str) -> ImageNetSource:
+    """The (per-process cached) source of a split."""
+    key = (split, tfds_dir)
+    if key not in _OPEN_SOURCES:
+        _OPEN_SOURCES[key] = ImageNetSource(split, tfds_dir)
+    return _OPEN_SOURCES[key]
+
+
+def read_transformed(split: str, rows: np.ndarray, spec: BatchSpec, transform,
+                     pool: Executor | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read ``rows`` and ``transform(i, image)`` them, on ``pool`` threads when given.
+
+    Returns images (R, S, S, 3) float32, labels (R,) int32 and readable (R,) bool; bad records
+    are zeros and are reported (fatal unless ``spec.skip_bad_rows``).
+    """
+    size = spec.image_size
+    images = np.zeros((len(rows), size, size, 3), np.float32)
+    labels = np.zeros(len(rows), np.int32)
+    valid = np.zeros(len(rows), bool)
+    report = BadDataReport(f"tfds {NAME} {TFDS_SPLITS[split]}")
+    source = open_source(split, spec.tfds_dir)
+
+    def work(i: int) -> None:
+        record = source.read_one(rows[i], report)
+        if record is not None:
+            images[i] = transform(i, record[0])
+            labels[i], valid[i] = record[1], True
+
+    list(pool.map(work, range(len(rows))) if pool else map(work, range(len(rows))))
+    report.finish(spec.skip_bad_rows)
+    return images, labels, valid
+
+
+def train_batch(spec: BatchSpec, num_examples: int, step: int, pool: Executor | None = None
+                ) -> dict[str, np.ndarray]:
+    """The process-local training batch of ``step``: a pure function of (spec, step).
+
+    Keys: ``images`` (B/P, S, S, 3) float32, ``labels`` (B/P,) int32, ``targets`` (B/P, 1000)
+    float32 (Mixup/CutMix and label smoothing), ``weight`` (B/P,) float32 (0 for bad records).
+    """
+    rows = loader.train_rows(spec.seed, step, num_examples, spec.batch_size,
+                             spec.process_index, spec.process_count)
+    local = loader.process_slice(spec.batch_size, spec.process_index, spec.process_count)
+    rng = loader.batch_rng(spec.seed, step)
+    seeds = rng.integers(0, 2**63 - 1, spec.batch_size)[local]
+    policy = randaugment.Policy.parse(spec.randaugment) if spec.randaugment else None
+    images, labels, valid = read_transformed("train", rows, spec, lambda i, image: train_image(
+        image, spec.image_size, np.random.default_rng(seeds[i]), spec.random_erasing, policy),
+        pool)
+    images, targets = mixup_cutmix(
+        images, labels, rng, num_classes=spec.num_classes, mixup_alpha=spec.mixup,
+        cutmix_alpha=spec.cutmix, switch_prob=spec.switch_prob,
+        label_smoothing=spec.label_smoothing)
+    return {"images": images, "labels": labels, "targets": targets,
+            "weight": valid.astype(np.float32)}
+
+
+def eval_batch(spec: BatchSpec, split: str, rows: np.ndarray, pool: Executor | None = None
+               ) -> dict[str, np.ndarray]:
+    """Centre-cropped ``images``, ``labels`` and ``readable`` of ``rows`` of val / test."""
+    images, labels, valid = read_transformed(
+        split, rows, spec, lambda i, image: eval_image(image, spec.image_size), pool)
+    return {"images": images, "labels": labels, "readable": valid}
+
+
+# ----------------------------------------------------------------------------- preparation
 
 
 def prepare(tfds_dir: str, manual_dir: str) -> None:

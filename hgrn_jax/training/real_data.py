@@ -11,10 +11,12 @@ Retrieval ``release`` (AAN), Image ``tfds`` (CIFAR-10, crop + flip), Pathfinder 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
+import multiprocessing
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from collections.abc import Iterator
 
 import jax
@@ -171,61 +173,51 @@ class CifarTask(base.PixelTask):
 
 
 class ImageNetTfdsTask(base.ImageNetTask):
-    """ImageNet-1k from tfds's array_record source: DeiT's training pipeline, centre-crop eval."""
+    """ImageNet-1k from tfds's array_record source: DeiT's training pipeline, centre-crop eval.
+
+    ``data.workers`` > 0 builds training batches of upcoming steps in that many worker processes
+    (each opens the data source itself; a batch is a pure function of its step, so the result
+    is the same as in-process); 0 works in this process on a thread pool; -1 = one worker per CPU.
+    """
 
     def _check_source(self) -> None:
         if self.config.model.num_classes != 1000:
             raise ValueError("ImageNet-1k has 1000 classes: set config.model.num_classes=1000 "
                              f"(got {self.config.model.num_classes})")
         with _missing_is_unavailable():
-            self._sources("train")
+            self._source("train")
 
-    def _sources(self, split):
+    def _source(self, split: str):
         from hgrn_jax.data import imagenet
 
-        if not hasattr(self, "_open"):
-            self._open = {}
-        if split not in self._open:
-            self._open[split] = imagenet.ImageNetSource(split, self.config.data.tfds_dir)
-        return self._open[split]
+        return imagenet.open_source(split, self.config.data.tfds_dir)
+
+    def _spec(self, process_index: int = 0, process_count: int = 1):
+        from hgrn_jax.data import imagenet
+
+        c = self.config
+        aug = c.data.augment
+        return imagenet.BatchSpec(
+            tfds_dir=c.data.tfds_dir, image_size=int(c.data.image_size), seed=int(c.seed),
+            batch_size=int(c.batch_size), process_index=process_index,
+            process_count=process_count, num_classes=int(c.model.num_classes),
+            mixup=float(aug.mixup), cutmix=float(aug.cutmix),
+            switch_prob=float(aug.mixup_switch_prob), label_smoothing=float(c.label_smoothing),
+            random_erasing=float(aug.random_erasing), randaugment=str(aug.randaugment or ""),
+            skip_bad_rows=_skip(c))
+
+    def _threads(self) -> ThreadPoolExecutor:
+        if getattr(self, "_pool", None) is None:
+            self._pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="imagenet")
+        return self._pool
 
     def _load(self, split):
-        return {"index": np.arange(len(self._sources(split)))}
-
-    def _images(self, split: str, rows: np.ndarray, transform
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Read and transform ``rows`` on a thread pool (PIL and tf decoding release the GIL).
-
-        ``transform(i, image)`` -> float32 (S, S, 3) for row i. Returns images (R, S, S, 3),
-        labels (R,) and readable (R,) bool (bad records are zeros, reported or fatal).
-        """
-        if getattr(self, "_pool", None) is None:
-            workers = int(self.config.data.get("workers", 0)) or os.cpu_count() or 1
-            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="imagenet")
-        size = self.config.data.image_size
-        images = np.zeros((len(rows), size, size, 3), np.float32)
-        labels = np.zeros(len(rows), np.int32)
-        valid = np.zeros(len(rows), bool)
-        report = BadDataReport(f"tfds imagenet2012 {split}")
-        source = self._sources(split)
-
-        def work(i: int) -> None:
-            record = source.read_one(rows[i], report)
-            if record is not None:
-                images[i] = transform(i, record[0])
-                labels[i], valid[i] = record[1], True
-
-        list(self._pool.map(work, range(len(rows))))
-        report.finish(_skip(self.config))
-        return images, labels, valid
+        return {"index": np.arange(len(self._source(split)))}
 
     def _batch(self, examples, rows):  # evaluation batches (val / test)
         from hgrn_jax.data import imagenet
 
-        size = self.config.data.image_size
-        images, labels, valid = self._images(
-            self._eval_split, rows, lambda i, image: imagenet.eval_image(image, size))
-        return {"images": images, "labels": labels, "readable": valid}
+        return imagenet.eval_batch(self._spec(), self._eval_split, rows, self._threads())
 
     def eval_batches(self, split, process_index=0, process_count=1):
         self._eval_split = split
@@ -235,26 +227,25 @@ class ImageNetTfdsTask(base.ImageNetTask):
 
     def train_batches(self, start_step: int, process_index: int = 0, process_count: int = 1
                       ) -> Iterator[Batch]:
-        from hgrn_jax.data import imagenet, randaugment
+        from hgrn_jax.data import imagenet
 
-        c = self.config
-        size, aug = c.data.image_size, c.data.augment
-        policy = randaugment.Policy.parse(aug.randaugment) if aug.randaugment else None
-        local = loader.process_slice(c.batch_size, process_index, process_count)
+        spec = self._spec(process_index, process_count)
+        loader.process_slice(spec.batch_size, process_index, process_count)  # validates
         n = self.num_examples("train")
-        for step in itertools.count(start_step):
-            rows = loader.train_rows(c.seed, step, n, c.batch_size, process_index, process_count)
-            rng = loader.batch_rng(c.seed, step)
-            seeds = rng.integers(0, 2**63 - 1, c.batch_size)[local]
-            images, labels, valid = self._images("train", rows, lambda i, image: (
-                imagenet.train_image(image, size, np.random.default_rng(seeds[i]),
-                                     aug.random_erasing, policy)))
-            images, targets = imagenet.mixup_cutmix(
-                images, labels, rng, num_classes=c.model.num_classes, mixup_alpha=aug.mixup,
-                cutmix_alpha=aug.cutmix, switch_prob=aug.mixup_switch_prob,
-                label_smoothing=c.label_smoothing)
-            yield {"images": images, "labels": labels, "targets": targets,
-                   "weight": valid.astype(np.float32)}
+        workers = int(self.config.data.get("workers", 0))
+        workers = os.cpu_count() or 1 if workers < 0 else workers
+        if workers == 0:
+            for step in itertools.count(start_step):
+                yield imagenet.train_batch(spec, n, step, self._threads())
+            return
+        context = multiprocessing.get_context("spawn")  # never fork a process running JAX
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            steps = itertools.count(start_step)
+            pending = collections.deque()
+            while True:
+                while len(pending) < 2 * workers:
+                    pending.append(pool.submit(imagenet.train_batch, spec, n, next(steps)))
+                yield pending.popleft().result()
 
     def loss_fn(self, model, batch, *, train):
         if "targets" not in batch:
