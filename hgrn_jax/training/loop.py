@@ -35,7 +35,8 @@ from hgrn_jax.training.checkpoint import Checkpoints
 from hgrn_jax.training.logging import (MetricsWriter, ProgressBar, config_changes, write_config,
                                       write_results)
 from hgrn_jax.training.state import (TrainState, abstract_checkpoint_tree, count_params,
-                                     create_train_state, from_checkpoint_tree, to_checkpoint_tree)
+                                     create_train_state, from_checkpoint_tree, release_buffers,
+                                     to_checkpoint_tree)
 from hgrn_jax.training.steps import (jit_eval_step, jit_train_step, make_eval_step,
                                      make_train_step)
 
@@ -78,13 +79,6 @@ def summarize(sums: dict[str, float], metric: str) -> dict[str, float]:
     else:
         raise ValueError(f"unknown task metric {metric!r}; use 'accuracy' or 'perplexity'")
     return out
-
-
-def _add_sums(total: dict[str, float] | None, sums: dict[str, Any]) -> dict[str, float]:
-    sums = {k: np.asarray(v, np.float64) for k, v in jax.device_get(sums).items()}
-    if total is None:
-        return {k: float(v) for k, v in sums.items()}
-    return {k: total[k] + float(sums[k]) for k in total}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,14 +230,18 @@ class Run:
     # -- evaluation ----------------------------------------------------------------------------
 
     def evaluate(self, state: TrainState, split: str) -> dict[str, float]:
-        total = None
+        """Loss and metric over the whole ``split``: per-batch sums (kept on the devices until
+        the end, so batches are dispatched without waiting) added up in float64."""
+        per_batch = []
         with jax.set_mesh(self.mesh):
             for batch in self.task.eval_batches(split, jax.process_index(), jax.process_count()):
-                sums = self.eval_step(state.params, state.model_state,
-                                      sharding.shard_batch(batch, self.mesh))
-                total = _add_sums(total, sums)
-        if total is None:
+                per_batch.append(self.eval_step(state.params, state.model_state,
+                                                sharding.shard_batch(batch, self.mesh)))
+        if not per_batch:
             raise ValueError(f"the {split!r} split yielded no batches; check the data folder")
+        per_batch = jax.device_get(per_batch)
+        total = {key: float(np.sum([np.float64(sums[key]) for sums in per_batch]))
+                 for key in per_batch[0]}
         return summarize(total, self.metric)
 
 
@@ -277,6 +275,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
     restored = run.restore()
     if restored is not None:
         state, meta = restored
+        release_buffers(run.state)  # the fresh initial state is not needed: free its memory
     start = int(meta["step"])
     run.writer.rewind(start)
     wall_before = float(meta.get("wall_time_s", 0.0))

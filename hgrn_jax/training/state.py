@@ -126,11 +126,9 @@ def from_checkpoint_tree(restored: Any, like: TrainState) -> TrainState:
     return jax.tree.map(back, restored, like)
 
 
-def all_finite(tree: Any) -> bool:
-    """True when every floating-point leaf of ``tree`` is finite (one host sync)."""
-    leaves = [x for x in jax.tree.leaves(tree)
-              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
-    if not leaves:
-        return True
-    return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(
-        leaves))
+def release_buffers(state: TrainState) -> None:
+    """Free the device memory of ``state``'s arrays, except its (tiny) PRNG keys, which stay
+    usable as the key-type reference of :func:`from_checkpoint_tree`."""
+    for leaf in jax.tree.leaves(state):
+        if isinstance(leaf, jax.Array) and not _is_key(leaf) and not leaf.is_deleted():
+            leaf.delete()
