@@ -195,6 +195,26 @@ def test_ablation_switches_change_the_parameters():
         assert np.all(np.isfinite(apply(model, IDS, MASK)))
 
 
+def test_sync_batchnorm_inside_shard_map_equals_global_batchnorm_under_jit():
+    """Under jit over a global batch BatchNorm is global; inside shard_map, "sync_batch" with
+    ``axis_name`` gives the same statistics and plain per-replica BatchNorm does not."""
+    ids = _ids(21, (8, 10), VOCAB)
+    reference = apply(HGRNClassifier(_text_config(position_encoding=False), rngs=nnx.Rngs(0)), ids)
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def per_replica(norm, axis_name):
+        model = HGRNClassifier(_text_config(position_encoding=False, norm=norm,
+                                            axis_name=axis_name), rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        spec = jax.sharding.PartitionSpec
+        return jax.jit(jax.shard_map(lambda state, ids: nnx.merge(graphdef, state)(ids),
+                                     mesh=mesh, in_specs=(spec(), spec("data")),
+                                     out_specs=spec("data")))(state, ids)
+
+    np.testing.assert_allclose(per_replica("sync_batch", "data"), reference, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(per_replica("batch", None), reference, atol=1e-3)
+
+
 # ------------------------------------------------------------------------ padding
 
 
@@ -234,6 +254,9 @@ def test_classifier_errors_name_the_fix(text_model):
         ClassifierConfig(encoder="embed")
     with pytest.raises(ValueError, match=r"grid_shape=\(H, W\)"):
         ClassifierConfig(encoder="linear", input_channels=1, mixer="2d")
+    from_config_file = _image2d_config(grid_shape=[3, 4])  # a list becomes a hashable tuple
+    assert from_config_file.grid_shape == (3, 4)
+    assert hash(from_config_file) == hash(_image2d_config())
     with pytest.raises(ValueError, match="integer token ids"):
         text_model(jnp.ones((1, 5, 3)))
     with pytest.raises(ValueError, match="mask must be"):

@@ -13,6 +13,11 @@ wherever the padding sits. BatchNorm computes its training statistics over real 
 and the pool averages real positions only. Extra padding therefore leaves the logits unchanged
 in eval and in train mode (up to float32 rounding; dropout aside). The reference code masks only
 the pool, so its reverse scans see the padding; on unpadded inputs both compute the same thing.
+
+Synchronised BatchNorm: under ``jax.jit`` over a global batch, ``"batch"`` statistics are global
+already. Inside ``shard_map``, ``norm="sync_batch"`` with ``axis_name`` averages the replicas'
+statistics (Flax's ``pmean``); with padding, each replica's masked mean gets equal weight, which
+is the global masked mean only when the replicas hold equally many real tokens.
 """
 
 from __future__ import annotations
@@ -78,6 +83,8 @@ class ClassifierConfig:
     method: str = "auto"
 
     def __post_init__(self):
+        if self.grid_shape is not None:  # lists (from a config file) -> a hashable tuple
+            object.__setattr__(self, "grid_shape", tuple(int(n) for n in self.grid_shape))
         if self.encoder == "embed" and not self.vocab_size:
             raise ValueError("encoder='embed' needs vocab_size (the number of token ids)")
         if self.encoder == "linear" and not self.input_channels:
@@ -208,7 +215,8 @@ class HGRNClassifier(nnx.Module):
 
     def _norm(self, common: dict) -> nnx.Module:
         c = self.config
-        return make_norm(c.norm, c.features, epsilon=c.norm_epsilon, axis_name=c.axis_name, **common)
+        return make_norm(c.norm, c.features, epsilon=c.norm_epsilon, axis_name=c.axis_name,
+                         **common)
 
     def _mixer(self, common: dict) -> nnx.Module:
         c = self.config
@@ -224,8 +232,8 @@ class HGRNClassifier(nnx.Module):
         c = self.config
         if c.encoder == "embed":
             if inputs.ndim != 2 or not jnp.issubdtype(inputs.dtype, jnp.integer):
-                raise ValueError(f"{name}: encoder='embed' takes integer token ids (batch, length); "
-                                 f"got {inputs.dtype} {inputs.shape}")
+                raise ValueError(f"{name}: encoder='embed' takes integer token ids "
+                                 f"(batch, length); got {inputs.dtype} {inputs.shape}")
         else:
             if inputs.ndim == 2 and c.input_channels == 1:
                 inputs = inputs[..., None]
@@ -246,7 +254,9 @@ class HGRNClassifier(nnx.Module):
         """Pooled features (B, d) of one batch of sequences (see the class docstring)."""
         c = self.config
         inputs, mask = self._check_inputs(inputs, mask, "inputs")
-        x = self.encoder(inputs if c.encoder == "embed" else inputs.astype(self.dtype or jnp.float32))
+        if c.encoder == "linear":
+            inputs = inputs.astype(self.dtype or jnp.float32)
+        x = self.encoder(inputs)
         if c.position_encoding:
             x = x + sinusoidal_positions(x.shape[1], c.features, x.dtype)
             x = self.position_dropout(x)

@@ -54,6 +54,7 @@ class ImageConfig:
     method: str = "auto"
 
     def __post_init__(self):
+        object.__setattr__(self, "image_size", tuple(int(n) for n in self.image_size))
         h, w = self.image_size
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size "
