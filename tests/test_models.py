@@ -376,3 +376,11 @@ def test_generate_errors_name_the_fix(untied_lm):
     with pytest.raises(ValueError, match="greedy=True"):
         generate(untied_lm, PROMPT, 3, rng=jax.random.key(0), temperature=0.0)
     np.testing.assert_array_equal(generate(untied_lm, PROMPT, 0), PROMPT)
+
+
+def test_generate_runs_the_model_in_eval_mode():
+    lm = HGRNLM(_lm_config(tie_embeddings=False, dropout=0.5), rngs=nnx.Rngs(3))
+    out = generate(lm, PROMPT, 4, greedy=True)  # lm is in train mode: dropout would be active
+    assert not lm.embed_dropout.deterministic     # the caller's model keeps its mode
+    lm.eval()
+    assert np.all(_ranks_of_generated(lm, out, 5) == 0)
