@@ -28,7 +28,7 @@ from flax import nnx
 from hgrn_jax.nn import HGRNLM, LMConfig
 from hgrn_jax.training import optim
 from hgrn_jax.training.checkpoint import CheckpointFallbackWarning, Checkpoints
-from hgrn_jax.training.loop import NonFiniteLossError, Run, train_and_evaluate
+from hgrn_jax.training.loop import NonFiniteLossError, Run, resolve_task, train_and_evaluate
 from hgrn_jax.training.state import create_train_state, merge_model
 from hgrn_jax.training.steps import make_train_step
 from hgrn_jax import sharding
@@ -194,6 +194,14 @@ def test_evaluation_is_exact_whatever_the_eval_batch_size(tmp_path):
     for result in results:
         assert result["accuracy"] == accuracy
         assert result["loss"] == pytest.approx(loss, rel=1e-6)
+
+
+def test_tasks_by_module_path_and_a_clear_error_for_a_wrong_one():
+    config = toy_config()
+    assert isinstance(resolve_task(config), ToyTask)  # config.task = "toy_task:make_task"
+    config.task = "toy_task:no_such_factory"
+    with pytest.raises(ValueError, match="cannot import 'no_such_factory' from 'toy_task'"):
+        resolve_task(config)
 
 
 # ----------------------------------------------------------------------------------------------
