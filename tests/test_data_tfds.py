@@ -270,3 +270,20 @@ def test_imagenet_prepared_from_archives_and_built_in_worker_processes(tmp_path)
     in_process = take(task.train_batches(1, 1, 2), 3)
     config.data.workers = 2
     assert_batches_equal(in_process, take(tasks.get_task(config).train_batches(1, 1, 2), 3))
+
+
+def test_imagenet_soft_target_loss_equals_label_smoothing_without_mixing(tmp_path, mock):
+    from flax import nnx
+
+    task = tasks.get_task(imagenet_config(tmp_path))
+    batch = next(task.eval_batches("val", 0, 1))
+    batch["weight"][-1] = 0.0
+    soft = dict(batch, targets=imagenet.smooth_one_hot(batch["labels"], 1000, 0.1))
+    model = task.build_model(nnx.Rngs(0))
+    loss, sums = task.loss_fn(model, soft, train=False)
+    hard_loss, hard_sums = tasks.classification_loss(
+        model(batch["images"]), batch["labels"], batch["weight"], label_smoothing=0.1)
+    np.testing.assert_allclose(float(loss), float(hard_loss), rtol=1e-5)
+    for key in ("loss_sum", "weight", "correct"):
+        np.testing.assert_allclose(float(sums[key]), float(hard_sums[key]), rtol=1e-5)
+    assert float(sums["weight"]) == 3.0
