@@ -39,8 +39,8 @@ def default_method(length: int, platform: str | None = None) -> str:
     On CPU, ``"sequential"`` at every length. Measured by ``benchmarks/scan.py`` (B=8, D=512,
     float32 and complex64, L = 1024 to 16384; ``benchmarks/results/scan_cpu.json``): ``lax.scan``
     was the fastest method forward and forward+backward at every length, about 2x faster than
-    ``"chunked"`` and ``"associative"`` (e.g. L=16384 float32: forward 1.6 s vs 3.0 s and 3.8 s;
-    forward+backward 4.6 s vs 6.8 s and 7.0 s). A CPU runs one step over all B*D channels at
+    ``"chunked"`` and ``"associative"`` (e.g. L=16384 float32: forward 1.5 s vs 2.9 s and 3.4 s;
+    forward+backward 3.9 s vs 6.8 s and 7.1 s). A CPU runs one step over all B*D channels at
     memory speed, so the parallel scans' extra passes over memory cost more than they save.
     On GPU and TPU the chunked scan keeps the sequential part to ``length / chunk`` steps.
     """
