@@ -363,3 +363,53 @@ def test_real_batches_fit_their_models(tmp_path, what):
     assert np.isfinite(float(loss)) and 0 < float(norm) < 1e3
     expected = 4 * 32 if what == "wikitext" else 4  # tokens or rows
     assert float(sums["weight"]) == expected
+
+
+def test_two_real_processes_see_each_example_once(tmp_path):
+    """Two JAX processes (loopback coordinator, gloo) read their shards of the same fixture and
+    assemble global batches with make_array_from_process_local_data: each epoch and each eval
+    split covers every example exactly once, and the global batches are the one-process ones."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import data_multihost_worker as worker
+
+    fx.write_pathfinder(tmp_path, 32, count=40)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(here.parent),
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
+    env.pop("XLA_FLAGS", None)
+    out = tmp_path / "global.npz"
+    procs = [subprocess.Popen([sys.executable, str(here / "data_multihost_worker.py"),
+                               "--lra_dir", str(tmp_path), "--out", str(out)],
+                              env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [proc.communicate(timeout=240)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for i, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"process {i} failed:\n{log[-4000:]}"
+    with np.load(out) as data:
+        seen = {k: data[k] for k in data.files}
+    task = tasks.get_task(worker.pathfinder_config(str(tmp_path)))
+    train_ids = sorted(task.examples("train")["pixels"][:, 0, 0, 0].tolist())
+    for epoch in range(2):
+        ids = np.concatenate([seen[f"train/{s}"] for s in range(4 * epoch, 4 * epoch + 4)])
+        assert sorted(ids.tolist()) == train_ids
+    for step, batch in enumerate(take(task.train_batches(0, 0, 1), worker.TRAIN_STEPS)):
+        np.testing.assert_array_equal(seen[f"train/{step}"], worker.example_ids(batch))
+    for split in ("val", "test"):
+        keys = sorted(k for k in seen if k.startswith(f"{split}/") and k.endswith("/ids"))
+        ids = np.concatenate([seen[k] for k in keys])
+        weight = np.concatenate([seen[k.replace("/ids", "/weight")] for k in keys])
+        assert sorted(ids[weight > 0].tolist()) == sorted(
+            task.examples(split)["pixels"][:, 0, 0, 0].tolist())
