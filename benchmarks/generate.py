@@ -3,7 +3,8 @@
 
 For each context length: prefill the context (untimed compile, one timed run), then decode
 ``--steps`` tokens greedily inside one jitted ``lax.scan`` and report the time per token (median
-over ``--reps`` runs). The HGRN LM keeps one (B, d) state per layer, so its cost per token should
+and min over ``--reps`` runs; all configurations are timed round-robin, so a shared machine's
+background load hits them alike). Batch 1. The HGRN LM keeps one (B, d) state per layer, so its cost per token should
 not depend on the context; the Transformer attends over a preallocated KV cache of length
 context + steps, so its cost grows with the context. Both models have the same width, depth,
 GLU and tied vocabulary; the Transformer has no position encoding (it does not change the cost).
@@ -15,10 +16,13 @@ GLU and tied vocabulary; the Transformer has no position encoding (it does not c
 from __future__ import annotations
 
 import argparse
+import functools
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +30,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import format_table, time_fn, write_results  # noqa: E402
+from benchmarks.common import format_table, write_results  # noqa: E402
 from hgrn_jax.nn import GLU, HGRNLM, LMConfig  # noqa: E402
 from hgrn_jax.nn.initializers import dense  # noqa: E402
 
@@ -158,8 +162,12 @@ def _cache_bytes(cache) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
 
 
-def bench_model(name: str, model: nnx.Module, context: int, steps: int, reps: int,
-                init_cache, prefill_kwargs: dict) -> dict:
+def prepare(name: str, model: nnx.Module, context: int, steps: int, init_cache,
+            prefill_kwargs: dict) -> tuple[dict, Callable[[], jax.Array]]:
+    """Prefill a random context (compiled first, then one timed run) and compile the decode.
+
+    Returns the row so far and a function that decodes ``steps`` tokens from that state.
+    """
     graphdef, state = nnx.split(model)
     ids = jax.random.randint(jax.random.key(context), (1, context), 0, 1000)
 
@@ -177,17 +185,30 @@ def bench_model(name: str, model: nnx.Module, context: int, steps: int, reps: in
     prefill_s = time.perf_counter() - start
     token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     decode = _decode_fn(steps)
-    timing = time_fn(lambda: decode(graphdef, state, cache, token), reps=reps, warmup=1)
-    return {"model": name, "context": context, "ms_per_token": 1e3 * timing["median"] / steps,
-            "ms_per_token_min": 1e3 * timing["min"] / steps, "prefill_s": prefill_s,
-            "cache_MiB": _cache_bytes(cache) / 2**20}
+    run = functools.partial(decode, graphdef, state, cache, token)
+    jax.block_until_ready(run())  # compile
+    row = {"model": name, "context": context, "prefill_s": prefill_s,
+           "cache_MiB": _cache_bytes(cache) / 2**20}
+    return row, run
+
+
+def time_round_robin(runs: list[Callable[[], jax.Array]], reps: int) -> list[list[float]]:
+    """Seconds of each run, ``reps`` times, interleaved so that every configuration sees the
+    same background load (the machine may be shared)."""
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(reps):
+        for i, run in enumerate(runs):
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            times[i].append(time.perf_counter() - start)
+    return times
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", default="128,1024,8192")
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed per run")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--features", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--heads", type=int, default=8)
@@ -207,21 +228,27 @@ def main(argv: list[str] | None = None) -> None:
                                 args.glu_hidden, rngs=nnx.Rngs(0))
     params = {name: sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
               for name, m in (("hgrn", hgrn), ("transformer", transformer))}
-    rows = []
+    rows, runs = [], []
     for context in contexts:
-        rows.append(bench_model("hgrn", hgrn, context, args.steps, args.reps,
-                                lambda: hgrn.init_cache(1), {}))
-        rows.append(bench_model("transformer", transformer, context, args.steps, args.reps,
-                                lambda: transformer.init_cache(1, context - 1, args.steps + 1),
-                                {"kv_chunk": args.kv_chunk}))
-        print(format_table(rows[-2:], list(rows[-1])), flush=True)
+        for name, model, init_cache, kwargs in (
+                ("hgrn", hgrn, lambda: hgrn.init_cache(1), {}),
+                ("transformer", transformer,
+                 lambda: transformer.init_cache(1, context - 1, args.steps + 1),
+                 {"kv_chunk": args.kv_chunk})):
+            row, run = prepare(name, model, context, args.steps, init_cache, kwargs)
+            rows.append(row)
+            runs.append(run)
+            print(f"prepared {name} at context {context}", flush=True)
+    for row, seconds in zip(rows, time_round_robin(runs, args.reps)):
+        row["ms_per_token"] = 1e3 * statistics.median(seconds) / args.steps
+        row["ms_per_token_min"] = 1e3 * min(seconds) / args.steps
     columns = ["model", "context", "ms_per_token", "ms_per_token_min", "prefill_s", "cache_MiB"]
     print(format_table(rows, columns))
     if not args.no_write:
         meta = dict(vars(args), parameters=params, batch=1,
-                    note="ms_per_token: median over reps of (time of --steps greedy decode "
-                         "steps in one jitted lax.scan) / steps; prefill_s: one run after "
-                         "compilation")
+                    note="ms_per_token: median (and min) over reps of (time of --steps greedy "
+                         "decode steps in one jitted lax.scan) / steps, all configurations "
+                         "timed round-robin; prefill_s: one run after compilation")
         print("wrote", write_results(args.name, rows, meta))
 
 
