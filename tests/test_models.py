@@ -26,6 +26,7 @@ from flax import nnx
 from hgrn_jax import convert
 from hgrn_jax.nn import (HGRNLM, ClassifierConfig, HGRNClassifier, HGRNImageClassifier,
                          ImageConfig, LMConfig, generate, sinusoidal_positions)
+from hgrn_jax.nn.image import patchify
 
 F32_DECODE_RTOL = 1e-5
 BF16_RTOL = 3e-2
@@ -149,6 +150,17 @@ def test_image_classifier_shapes_dtypes_and_bf16():
     logits16 = apply(bf16, images)
     assert logits16.dtype == jnp.bfloat16
     assert _rel_err(logits16, logits) < BF16_RTOL
+
+
+def test_patch_embedding_is_a_stride_14_convolution():
+    model = HGRNImageClassifier(_imagenet_config(), rngs=nnx.Rngs(0))
+    images = jax.random.normal(jax.random.key(22), (2, 28, 42, 3))
+    kernel = model.patch_embed.kernel[...].reshape(14, 14, 3, 8)          # HWIO
+    conv = jax.lax.conv_general_dilated(images, kernel, (14, 14), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    expected = conv.reshape(2, 2 * 3, 8) + model.patch_embed.bias[...]   # raster order
+    np.testing.assert_allclose(model.patch_embed(patchify(images, 14)), expected,
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("tie", [True, False])
