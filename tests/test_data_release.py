@@ -413,3 +413,13 @@ def test_two_real_processes_see_each_example_once(tmp_path):
         weight = np.concatenate([seen[k.replace("/ids", "/weight")] for k in keys])
         assert sorted(ids[weight > 0].tolist()) == sorted(
             task.examples(split)["pixels"][:, 0, 0, 0].tolist())
+
+
+def test_prepare_command_fills_the_cache(tmp_path):
+    from hgrn_jax.data import prepare
+
+    fx.write_aan(tmp_path / "lra_release", rows_per_split=8)
+    config = config_of("lra.retrieval", source="release", lra_dir=str(tmp_path),
+                       cache_dir=str(tmp_path / "cache"), seq_len=16)
+    assert prepare.prepare(config) == {"train": 8, "val": 8, "test": 8}
+    assert len(list((tmp_path / "cache").glob("aan-*/DONE"))) == 3

@@ -63,7 +63,7 @@ def _build(folder: Path, tfds_dir: str, skip_bad_rows: bool) -> None:
 def load_split(split: str, *, tfds_dir: str, cache_dir: str, skip_bad_rows: bool = False
                ) -> dict[str, np.ndarray]:
     """``pixels`` (N, 32, 32, 3) uint8 and ``labels`` (N,) int32 in 0..9 of train | val | test."""
-    key = {"dataset": NAME, "tfds_dir": str(Path(tfds_dir).resolve()) if tfds_dir else "",
+    key = {"dataset": NAME, "files": tfds_io.fingerprint(NAME, tfds_dir),
            "split_seed": SPLIT_SEED, "val_fraction": VAL_FRACTION,
            "skip_bad_rows": skip_bad_rows}
     folder = loader.prepared(cache_dir, "cifar10", key,

@@ -44,8 +44,8 @@ def load_split(split: str, *, tfds_dir: str, cache_dir: str, seq_len: int,
     ``split`` is train | val | test (val and test are both IMDB's test split).
     """
     tfds_split = TFDS_SPLITS[split]
-    key = {"dataset": NAME, "split": tfds_split, "tfds_dir": str(Path(tfds_dir).resolve())
-           if tfds_dir else "", "seq_len": seq_len, "skip_bad_rows": skip_bad_rows}
+    key = {"dataset": NAME, "split": tfds_split, "files": tfds_io.fingerprint(NAME, tfds_dir),
+           "seq_len": seq_len, "skip_bad_rows": skip_bad_rows}
     folder = loader.prepared(cache_dir, "imdb", key, lambda f: _build(
         f, tfds_split, tfds_dir, seq_len, skip_bad_rows))
     return loader.load_arrays(folder, "data", KEYS)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hgrn_jax.data import loader
 from hgrn_jax.data.errors import DatasetMissingError
 
 
@@ -23,6 +25,13 @@ def builder(name: str, tfds_dir: str):
     import tensorflow_datasets as tfds
 
     return tfds.builder(name, data_dir=tfds_dir or None)
+
+
+def fingerprint(name: str, tfds_dir: str) -> list:
+    """Identity of the prepared files of ``name`` (their dataset_info.json), for cache keys."""
+    folder = Path(tfds_dir or Path.home() / "tensorflow_datasets") / name
+    infos = sorted(folder.glob("**/dataset_info.json")) if folder.is_dir() else []
+    return [str(folder.resolve())] + loader.fingerprint(infos)
 
 
 def iterate(name: str, split: str, tfds_dir: str) -> Iterator[dict[str, Any]]:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hgrn_jax.data import loader
-from hgrn_jax.data.errors import BadDataReport, DatasetMissingError
+from hgrn_jax.data.errors import DatasetMissingError
 from hgrn_jax.training import tasks as base
 
 Batch = dict[str, np.ndarray]

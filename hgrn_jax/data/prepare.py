@@ -1,0 +1,44 @@
+"""Prepare a config's dataset once, ahead of training (``python -m hgrn_jax.data.prepare``).
+
+Reads the sources the config points at and writes the fixed-shape arrays into
+``data.cache_dir`` (the first training run would do the same), so they can be checked, timed,
+and copied to every host of a pod before training starts. Bad rows are reported exactly as in
+training. Usage, with the same config flags as ``experiments.train``::
+
+    python -m hgrn_jax.data.prepare --config=experiments/configs/lra/retrieval.py \\
+        --config.data.lra_dir=LRA_DIR --config.data.cache_dir=CACHE
+
+ImageNet is prepared by ``python -m hgrn_jax.data.imagenet`` (tfds's array_record files).
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].")
+flags.mark_flags_as_required(["config"])
+
+
+def prepare(config) -> dict[str, int]:
+    """Examples per split after preparing every split of ``config``'s dataset."""
+    from hgrn_jax.training import tasks
+
+    task = tasks.get_task(config)
+    return {split: task.num_examples(split) for split in ("train", "val", "test")}
+
+
+def main(argv) -> None:
+    del argv
+    config = _CONFIG.value
+    start = time.perf_counter()
+    sizes = prepare(config)
+    print(f"{config.task} ({config.data.source}) prepared in {config.data.cache_dir} in "
+          f"{time.perf_counter() - start:.1f} s: " +
+          ", ".join(f"{n} {split}" for split, n in sizes.items()))
+
+
+if __name__ == "__main__":
+    app.run(main)
