@@ -9,9 +9,6 @@ For (B, L, D) = (8, L, 512) it times, jitted, median of ``--reps`` runs after a 
 - ``forward`` and ``forward+backward`` (a VJP with a fixed cotangent) of each method, and of two
   baselines without our custom VJP: JAX differentiating straight through
   ``jax.lax.associative_scan`` and through ``jax.lax.scan``;
-- ``inplace_loop``, a candidate that is not (yet) a library method: a ``fori_loop`` over time
-  that reads and writes the batch-major arrays in place (no transposes, no concatenations),
-  with a custom VJP that saves only ``h`` and runs the same kind of loop backwards.
 
 and reports times, ratios to the floor, and the temporary memory XLA allocates for the
 forward+backward step (``compile().memory_analysis().temp_size_in_bytes``; inputs and outputs
@@ -36,7 +33,6 @@ from benchmarks.common import format_table, time_fn, write_results  # noqa: E402
 from hgrn_jax.ops import METHODS, default_method, linear_recurrence  # noqa: E402
 
 BASELINES = ("associative_autodiff", "scan_autodiff")
-CANDIDATES = ("inplace_loop",)
 
 
 def _combine(left, right):
@@ -63,68 +59,12 @@ def scan_autodiff(a: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.swapaxes(h, 0, 1)
 
 
-def _loop_forward(a: jax.Array, x: jax.Array, h0: jax.Array) -> jax.Array:
-    """All states, one time step per loop iteration, written in place into (B, L, D)."""
-
-    def body(t, carry):
-        h, states = carry
-        h = _at(a, t) * h + _at(x, t)
-        return h, jax.lax.dynamic_update_index_in_dim(states, h, t, axis=1)
-
-    _, states = jax.lax.fori_loop(0, x.shape[1], body, (h0, jnp.zeros_like(x)), unroll=8)
-    return states
-
-
-def _at(array: jax.Array, t) -> jax.Array:
-    return jax.lax.dynamic_index_in_dim(array, t, axis=1, keepdims=False)
-
-
-@jax.custom_vjp
-def _inplace_loop(a: jax.Array, x: jax.Array, h0: jax.Array) -> jax.Array:
-    return _loop_forward(a, x, h0)
-
-
-def _inplace_loop_fwd(a, x, h0):
-    h = _loop_forward(a, x, h0)
-    return h, (a, h, h0)
-
-
-def _inplace_loop_bwd(residuals, g):
-    """d_t = g_t + a_{t+1} d_{t+1}; dx_t = d_t; da_t = d_t h_{t-1}; dh0 = a_0 d_0."""
-    a, h, h0 = residuals
-    length = a.shape[1]
-
-    def body(i, carry):
-        t = length - 1 - i
-        a_d, da, dx = carry  # a_d = a_{t+1} * d_{t+1}
-        d = _at(g, t) + a_d
-        h_prev = jnp.where(t > 0, _at(h, jnp.maximum(t - 1, 0)), h0)
-        da = jax.lax.dynamic_update_index_in_dim(da, d * h_prev, t, axis=1)
-        dx = jax.lax.dynamic_update_index_in_dim(dx, d, t, axis=1)
-        return _at(a, t) * d, da, dx
-
-    zeros = jnp.zeros_like(a)
-    dh0, da, dx = jax.lax.fori_loop(0, length, body, (jnp.zeros_like(h0), zeros, zeros),
-                                    unroll=8)
-    return da, dx, dh0
-
-
-_inplace_loop.defvjp(_inplace_loop_fwd, _inplace_loop_bwd)
-
-
-def inplace_loop(a: jax.Array, x: jax.Array) -> jax.Array:
-    """Candidate: the forward recurrence as an in-place time loop with a custom VJP. (B, L, D)."""
-    return _inplace_loop(a, x, jnp.zeros_like(x[:, 0]))
-
-
 def recurrence_fn(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """The forward function called ``name``: a ``linear_recurrence`` method or a baseline."""
     if name == "associative_autodiff":
         return associative_autodiff
     if name == "scan_autodiff":
         return scan_autodiff
-    if name == "inplace_loop":
-        return inplace_loop
     return lambda a, x: linear_recurrence(a, x, method=name)
 
 
@@ -209,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    names = methods + list(BASELINES) + list(CANDIDATES)
+    names = methods + list(BASELINES)
     kind = "complex64" if args.complex else args.dtype
     print(f"linear_recurrence on {platform} ({jax.devices()[0].device_kind}), "
           f"B={args.batch} D={args.channels} {kind}; median of {args.reps} runs", flush=True)
@@ -230,7 +170,6 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_write:
         meta = dict(batch=args.batch, channels=args.channels, dtype=kind, reps=args.reps,
                     lengths=args.lengths, methods=methods, baselines=list(BASELINES),
-                    candidates=list(CANDIDATES),
                     floor="a * x + 1 (reads a and x, writes one array)",
                     auto_picks={str(n): default_method(n, platform) for n in args.lengths},
                     load_average_before=load_before,

@@ -37,11 +37,11 @@ def default_method(length: int, platform: str | None = None) -> str:
     """The method ``method="auto"`` picks.
 
     On CPU, ``"sequential"`` at every length. Measured by ``benchmarks/scan.py`` (B=8, D=512,
-    float32 and complex64, L = 1024 to 16384; ``benchmarks/results/scan_cpu.json``): ``lax.scan``
-    was the fastest method forward and forward+backward at every length, about 2x faster than
-    ``"chunked"`` and ``"associative"`` (e.g. L=16384 float32: forward 1.5 s vs 2.9 s and 3.4 s;
-    forward+backward 3.9 s vs 6.8 s and 7.1 s). A CPU runs one step over all B*D channels at
-    memory speed, so the parallel scans' extra passes over memory cost more than they save.
+    float32 and complex64, L = 1024 to 16384; ``benchmarks/results/scan_cpu.json``): the
+    in-place time loop is the fastest method forward and forward+backward at every length,
+    2-3x faster than ``"chunked"`` and ``"associative"``, and its gradient step needs the least
+    temporary memory (one array). A CPU runs one step over all B*D channels at memory speed,
+    so the parallel scans' extra passes over memory cost more than they save.
     On GPU and TPU the chunked scan keeps the sequential part to ``length / chunk`` steps.
     """
     platform = platform or jax.default_backend()
@@ -75,7 +75,7 @@ def linear_recurrence(
       h0: initial state ``(..., C)``; zeros when omitted. With ``reverse=True`` it is the state
         after the last step (``h_L``).
       reverse: run from ``t = L-1`` down to 0: ``h_t = a_t * h_{t+1} + x_t``.
-      method: ``"sequential"`` (``lax.scan``), ``"associative"`` (``lax.associative_scan``),
+      method: ``"sequential"`` (an in-place loop over time), ``"associative"`` (``lax.associative_scan``),
         ``"chunked"`` (parallel inside chunks of ``chunk_size``, carried across chunks),
         ``"pallas"`` (a one-pass Pallas kernel, :mod:`hgrn_jax.ops.pallas_recurrence`;
         interpreted on CPU) or ``"auto"`` (see :func:`default_method`).
@@ -128,7 +128,9 @@ def _recurrence_fwd(a, x, h0, reverse, method, chunk_size):
 
 def _recurrence_bwd(reverse, method, chunk_size, residuals, g):
     a, h, h0 = residuals
-    g = jnp.asarray(g)  # jax.vjp passes NumPy cotangents through as they are
+    g = jnp.asarray(g, h.dtype)  # jax.vjp passes NumPy cotangents through as they are
+    if method == "sequential":
+        return _sequential_backward(a, h, h0, g, reverse)
     zeros = jnp.zeros_like(a[..., :1, :])
     if not reverse:
         a_next = jnp.concatenate([a[..., 1:, :], zeros], axis=_TIME_AXIS)
@@ -158,16 +160,59 @@ def _scan(a, x, h0, reverse, method, chunk_size):
     return _chunked(a, x, h0, reverse, chunk_size)
 
 
-def _sequential(a, x, h0, reverse):
-    def step(h, ax):
-        a_t, x_t = ax
-        h = a_t * h + x_t
-        return h, h
+def _time_index(i, length: int, reverse: bool):
+    """The time step visited at loop iteration ``i``."""
+    return length - 1 - i if reverse else i
 
-    a_tm = jnp.moveaxis(a, _TIME_AXIS, 0)
-    x_tm = jnp.moveaxis(x, _TIME_AXIS, 0)
-    _, h = jax.lax.scan(step, h0, (a_tm, x_tm), reverse=reverse, unroll=8)
-    return jnp.moveaxis(h, 0, _TIME_AXIS)
+
+def _at(array: jax.Array, t) -> jax.Array:
+    """``array[..., t, :]`` for a traced ``t``."""
+    return jax.lax.dynamic_index_in_dim(array, t, axis=array.ndim + _TIME_AXIS, keepdims=False)
+
+
+def _put(array: jax.Array, value: jax.Array, t) -> jax.Array:
+    """``array.at[..., t, :].set(value)``, in place inside a loop."""
+    return jax.lax.dynamic_update_index_in_dim(array, value, t, axis=array.ndim + _TIME_AXIS)
+
+
+def _sequential(a, x, h0, reverse):
+    """One step per loop iteration, reading and writing the batch-major arrays in place.
+
+    Unlike ``lax.scan`` over a time-major copy, this needs no transposes: XLA updates the output
+    buffer in place, so the only memory is the result itself.
+    """
+    length = x.shape[_TIME_AXIS]
+
+    def body(i, carry):
+        h, states = carry
+        t = _time_index(i, length, reverse)
+        h = _at(a, t) * h + _at(x, t)
+        return h, _put(states, h, t)
+
+    _, states = jax.lax.fori_loop(0, length, body, (h0, jnp.zeros_like(x)), unroll=8)
+    return states
+
+
+def _sequential_backward(a, h, h0, g, reverse):
+    """The custom VJP's backward pass as one in-place loop over reverse time.
+
+    Carries ``a_{t+1} d_{t+1}`` (``a_{t-1} d_{t-1}`` when ``reverse``) so that no shifted copies
+    of ``a`` or ``h`` are made. Returns (da, dx, dh0).
+    """
+    length = h.shape[_TIME_AXIS]
+
+    def body(i, carry):
+        flowing, da, dx = carry
+        t = _time_index(i, length, not reverse)
+        d = _at(g, t) + flowing
+        prev = t + 1 if reverse else t - 1
+        at_edge = prev == (length if reverse else -1)
+        h_prev = jnp.where(at_edge, h0, _at(h, jnp.clip(prev, 0, length - 1)))
+        return _at(a, t) * d, _put(da, d * h_prev, t), _put(dx, d, t)
+
+    zeros = jnp.zeros_like(h)
+    dh0, da, dx = jax.lax.fori_loop(0, length, body, (jnp.zeros_like(h0), zeros, zeros), unroll=8)
+    return da, dx, dh0
 
 
 def _combine(left, right):
