@@ -287,3 +287,17 @@ def test_imagenet_soft_target_loss_equals_label_smoothing_without_mixing(tmp_pat
     for key in ("loss_sum", "weight", "correct"):
         np.testing.assert_allclose(float(sums[key]), float(hard_sums[key]), rtol=1e-5)
     assert float(sums["weight"]) == 3.0
+
+
+def test_imagenet_trains_end_to_end_on_mock_data(tmp_path, mock):
+    """Mixup/CutMix soft targets through the training loop's jitted step and evaluation."""
+    from hgrn_jax.training.loop import train_and_evaluate
+
+    config = imagenet_config(tmp_path)
+    config.batch_size = 8  # 8 simulated devices
+    config.eval_batch_size = 8
+    config.num_train_steps = 2
+    config.eval_every = 2
+    config.checkpoint_every = 2
+    results = train_and_evaluate(config, tmp_path / "run")
+    assert results["steps"] == 2 and np.isfinite(results["test"])
