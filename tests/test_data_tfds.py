@@ -7,12 +7,11 @@ import itertools
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
-tfds = pytest.importorskip("tensorflow_datasets")  # pinned in requirements.txt
-
-import data_fixtures as fx  # noqa: E402
-from hgrn_jax.data import cifar, errors, imagenet  # noqa: E402
-from hgrn_jax.training import real_data, tasks  # noqa: E402
+import data_fixtures as fx
+from hgrn_jax.data import cifar, errors, imagenet
+from hgrn_jax.training import real_data, tasks
 
 MOCK_EXAMPLES = 20
 
