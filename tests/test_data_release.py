@@ -412,3 +412,17 @@ def test_prepare_command_fills_the_cache(tmp_path):
                        cache_dir=str(tmp_path / "cache"), seq_len=16)
     assert prepare.prepare(config) == {"train": 8, "val": 8, "test": 8}
     assert len(list((tmp_path / "cache").glob("aan-*/DONE"))) == 3
+
+
+def test_gpt2_vocab_and_merges_files_tokenize_like_tokenizer_json(tmp_path):
+    from tokenizers import Tokenizer
+
+    path = fx.write_bpe_tokenizer(tmp_path / "tokenizer.json")
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    Tokenizer.from_file(str(path)).model.save(str(folder))  # vocab.json + merges.txt
+    lines = list(fx.WIKI_LINES)
+    from_json = wikitext.LineTokenizer(str(path))
+    from_files = wikitext.LineTokenizer(str(folder))
+    assert from_files.eos_id == from_json.eos_id
+    np.testing.assert_array_equal(from_files.encode_lines(lines), from_json.encode_lines(lines))
