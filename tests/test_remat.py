@@ -32,11 +32,13 @@ def grads_and_state(model, loss_fn, *inputs):
 
 
 def assert_trees_close(got, want):
-    """Recomputed blocks are fused differently by XLA: float32 reassociation, a few ulps."""
+    """Recomputed blocks are fused differently by XLA: float32 reassociation, a few ulps of the
+    O(0.01..1) values; gradients that are mathematically zero (a bias just before BatchNorm)
+    are rounding noise of ~1e-6, hence the absolute tolerance."""
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         if jnp.issubdtype(g.dtype, jax.dtypes.prng_key):
             g, w = jax.random.key_data(g), jax.random.key_data(w)
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
 
 def test_lm_gradients_unchanged(policy="nothing"):
