@@ -56,7 +56,7 @@ def test_lm_gradients_unchanged(policy="nothing"):
 
 
 def test_classifier_with_batchnorm_mask_and_dropout_unchanged():
-    """A ResidualBlock subclass (MaskedResidualBlock) with BatchNorm statistics, a padding mask
+    """The LRA classifier's blocks with BatchNorm statistics, a padding mask
     and dropout: same gradients, same updated statistics and RNG counters."""
     config = ClassifierConfig(num_classes=3, features=8, num_layers=2, encoder="linear",
                               input_channels=1, mixer="1d", norm="batch",

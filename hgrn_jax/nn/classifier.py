@@ -35,7 +35,7 @@ from hgrn_jax.nn.glu import GLU
 from hgrn_jax.nn.hgru import HGRU, HGRU2D
 from hgrn_jax.nn.initializers import dense, logical
 from hgrn_jax.nn.lower_bounds import LowerBounds
-from hgrn_jax.nn.norms import make_norm
+from hgrn_jax.nn.norms import apply_norm, make_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +53,9 @@ class ClassifierConfig:
     dropout: residual dropout; ``position_dropout`` follows the position encoding.
     dual: the Retrieval model (two documents, one encoder, ``[u, v, u - v, u * v]`` head).
     method: the :func:`hgrn_jax.ops.linear_recurrence` method.
+    remat: a :mod:`hgrn_jax.nn.remat` policy name per block (None: off).
+    sequence_axis: a mesh axis to split the sequence (1-D) or the grid rows (2-D) over
+      (:mod:`hgrn_jax.ops.sequence_parallel`).
     """
 
     num_classes: int = 10
@@ -81,6 +84,8 @@ class ClassifierConfig:
     pooling: Literal["mean"] = "mean"
     dual: bool = False
     method: str = "auto"
+    remat: str | None = None
+    sequence_axis: str | None = None
 
     def __post_init__(self):
         if self.grid_shape is not None:  # lists (from a config file) -> a hashable tuple
@@ -99,61 +104,6 @@ class ClassifierConfig:
             raise ValueError(f"unknown norm {self.norm!r}; use 'layer', 'batch' or 'sync_batch'")
         if self.pooling != "mean":
             raise ValueError(f"unknown pooling {self.pooling!r}; only 'mean' is implemented")
-
-
-def _identity_at_padding(a: jax.Array, b: jax.Array, mask: jax.Array | None
-                         ) -> tuple[jax.Array, jax.Array]:
-    """Decay 1 and input 0 where ``mask`` (B, ...) is False: the state passes through unchanged."""
-    if mask is None:
-        return a, b
-    valid = mask[..., None]
-    return jnp.where(valid, a, jnp.ones_like(a)), jnp.where(valid, b, jnp.zeros_like(b))
-
-
-class MaskedHGRU(HGRU):
-    """:class:`HGRU` whose call takes a padding ``mask`` (B, L): ``layer(x, bound, mask=mask)``."""
-
-    def __call__(self, x: jax.Array, lower_bound: jax.Array | float = 0.0,
-                 mask: jax.Array | None = None) -> jax.Array:
-        lam, b = self.decay_and_input(x, lower_bound)
-        directions = ("forward", "reverse") if self.bidirectional else ("forward",)
-        h = 0.0
-        for direction in directions:
-            a, bm = _identity_at_padding(self.decay(lam, direction), b, mask)
-            h = h + self.scan(a, bm, direction)
-        return self.output(h, x)
-
-
-class MaskedHGRU2D(HGRU2D):
-    """:class:`HGRU2D` whose call takes a padding ``mask`` (B, H, W)."""
-
-    def __call__(self, x: jax.Array, lower_bound: jax.Array | float = 0.0,
-                 mask: jax.Array | None = None) -> jax.Array:
-        if x.ndim != 4:
-            raise ValueError(f"HGRU2D expects (batch, H, W, d); got shape {x.shape}")
-        lam, b = self.decay_and_input(x, lower_bound)
-        directions = ("forward",) if self.causal else ("forward", "reverse")
-        h = 0.0
-        for direction in directions:
-            a, bm = _identity_at_padding(self.decay(lam, direction), b, mask)
-            for axis in (1, 2):
-                h = h + self.scan(a, bm, direction, axis=axis)
-        return self.output(h, x)
-
-
-def apply_norm(norm: nnx.Module, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """``norm(x)``; BatchNorm's batch statistics only count positions where ``mask`` is True."""
-    if mask is not None and isinstance(norm, nnx.BatchNorm):
-        return norm(x, mask=jnp.broadcast_to(mask[..., None], x.shape))
-    return norm(x)
-
-
-class MaskedResidualBlock(ResidualBlock):
-    """:class:`ResidualBlock` that threads a padding mask to its mixer and BatchNorms."""
-
-    def __call__(self, x: jax.Array, lower_bound=0.0, mask: jax.Array | None = None) -> jax.Array:
-        x = x + self.dropout(self.mixer(apply_norm(self.norm1, x, mask), lower_bound, mask=mask))
-        return x + self.dropout(self.mlp(apply_norm(self.norm2, x, mask)))
 
 
 def masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -200,11 +150,11 @@ class HGRNClassifier(nnx.Module):
         self.lower_bounds = LowerBounds(c.num_layers, d, scheme="lra", enabled=c.use_lower_bound,
                                         param_dtype=param_dtype)
         self.blocks = nnx.List([
-            MaskedResidualBlock(
+            ResidualBlock(
                 self._mixer(common),
                 GLU(d, c.glu_expand * d, act=c.glu_activation, use_bias=c.glu_bias, **common),
                 self._norm(common), self._norm(common),
-                dropout=c.dropout, rngs=rngs)
+                dropout=c.dropout, remat=c.remat, rngs=rngs)
             for _ in range(c.num_layers)])
         self.final_norm = self._norm(common)
         if c.dual:
@@ -222,10 +172,11 @@ class HGRNClassifier(nnx.Module):
         c = self.config
         kwargs = dict(separate_phases=c.separate_phases, complex_valued=c.complex_valued,
                       use_forget_gate=c.use_forget_gate, norm_before_gate=c.norm_before_gate,
-                      use_bias=c.mixer_bias, method=c.method, **common)
+                      use_bias=c.mixer_bias, method=c.method, sequence_axis=c.sequence_axis,
+                      **common)
         if c.mixer == "1d":
-            return MaskedHGRU(c.features, bidirectional=True, **kwargs)
-        return MaskedHGRU2D(c.features, causal=False, **kwargs)
+            return HGRU(c.features, bidirectional=True, **kwargs)
+        return HGRU2D(c.features, causal=False, **kwargs)
 
     def _check_inputs(self, inputs: jax.Array, mask: jax.Array | None, name: str
                       ) -> tuple[jax.Array, jax.Array | None]:

@@ -124,6 +124,17 @@ class _HGRUBase(nnx.Module):
             lam = jnp.broadcast_to(gamma, x.shape[:-1] + (self.features,))
         return lam, (1.0 - lam) * c
 
+    @staticmethod
+    def identity_at_padding(a: jax.Array, b: jax.Array, mask: jax.Array | None
+                            ) -> tuple[jax.Array, jax.Array]:
+        """Decay 1 and input 0 where ``mask`` (B, ...) is False, so a state passes through padding
+        unchanged and a reverse scan starts at the last real token with the state it would have
+        without the padding."""
+        if mask is None:
+            return a, b
+        valid = mask.astype(bool)[..., None]
+        return jnp.where(valid, a, jnp.ones_like(a)), jnp.where(valid, b, jnp.zeros_like(b))
+
     def decay(self, lam: jax.Array, direction: Direction) -> jax.Array:
         """``lam * exp(i theta)`` with the phase of that scan direction (``lam`` when real)."""
         if not self.complex_valued:
@@ -180,11 +191,19 @@ class HGRU(_HGRUBase):
         super().__init__(features, num_phases=num_phases, **kwargs)
         self.bidirectional = bidirectional
 
-    def __call__(self, x: jax.Array, lower_bound: jax.Array | float = 0.0) -> jax.Array:
+    def __call__(self, x: jax.Array, lower_bound: jax.Array | float = 0.0,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """``x`` (B, L, d), ``mask`` (B, L) with 1 for real tokens (None: no padding) -> (B, L, d).
+
+        Padded steps are identity steps of every scan: real positions see exactly the unpadded
+        sequence, wherever the padding sits."""
         lam, b = self.decay_and_input(x, lower_bound)
-        h = self.scan(self.decay(lam, "forward"), b, "forward")
-        if self.bidirectional:
-            h = h + self.scan(self.decay(lam, "reverse"), b, "reverse")
+        directions: tuple[Direction, ...] = (
+            ("forward", "reverse") if self.bidirectional else ("forward",))
+        h = 0.0
+        for direction in directions:
+            a, b_dir = self.identity_at_padding(self.decay(lam, direction), b, mask)
+            h = h + self.scan(a, b_dir, direction)
         return self.output(h, x)
 
     def step(self, x: jax.Array, state: jax.Array, lower_bound: jax.Array | float = 0.0
@@ -224,14 +243,16 @@ class HGRU2D(_HGRUBase):
         super().__init__(features, num_phases=num_phases, **kwargs)
         self.causal = causal
 
-    def __call__(self, x: jax.Array, lower_bound: jax.Array | float = 0.0) -> jax.Array:
+    def __call__(self, x: jax.Array, lower_bound: jax.Array | float = 0.0,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """``x`` (B, H, W, d), ``mask`` (B, H, W) with 1 for real cells -> (B, H, W, d)."""
         if x.ndim != 4:
             raise ValueError(f"HGRU2D expects (batch, H, W, d); got shape {x.shape}")
         lam, b = self.decay_and_input(x, lower_bound)
         directions: tuple[Direction, ...] = ("forward",) if self.causal else ("forward", "reverse")
         h = 0.0
         for direction in directions:
-            a = self.decay(lam, direction)
+            a, b_dir = self.identity_at_padding(self.decay(lam, direction), b, mask)
             for axis in (1, 2):
-                h = h + self.scan(a, b, direction, axis=axis)
+                h = h + self.scan(a, b_dir, direction, axis=axis)
         return self.output(h, x)

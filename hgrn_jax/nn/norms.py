@@ -47,3 +47,11 @@ def make_norm(kind: NormKind, features: int, *, epsilon: float = 1e-5,
     if kind == "scale_free_rms":
         return ScaleFreeRMSNorm(epsilon)
     raise ValueError(f"unknown norm {kind!r}; choose layer, rms, batch, sync_batch or scale_free_rms")
+
+
+def apply_norm(norm: nnx.Module, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """``norm(x)`` on (B, ..., d); BatchNorm's batch statistics count only positions where
+    ``mask`` (B, ...) is true, so padding does not shift them."""
+    if mask is not None and isinstance(norm, nnx.BatchNorm):
+        return norm(x, mask=jnp.broadcast_to(mask.astype(bool)[..., None], x.shape))
+    return norm(x)
