@@ -76,7 +76,7 @@ def lra_config(task: str, *, mixer: str, layers: int, features: int, glu_expand:
     c.model = ml_collections.ConfigDict(dict(
         num_classes=10, features=features, num_layers=layers, glu_expand=glu_expand,
         mixer=mixer, norm=norm, dropout=dropout, position_encoding=position_encoding,
-        position_dropout=0.1, method="auto",  # the linear_recurrence method
+        position_dropout=0.1, method="auto", remat=None, sequence_axis=None,  # the linear_recurrence method
         # Ablation switches (the paper's ablation rows flip these).
         use_lower_bound=True, complex_valued=True, separate_phases=True, use_forget_gate=True))
     c.batch_size = batch_size
@@ -133,7 +133,7 @@ def imagenet_config(*, features: int, paper_top1: float, paper_params: int
     c = base_config("imagenet")
     c.model = ml_collections.ConfigDict(dict(
         num_classes=1000, image_size=(224, 224), patch_size=14, in_channels=3,
-        features=features, num_layers=12, glu_expand=2, norm="layer", dropout=0.0, method="auto",
+        features=features, num_layers=12, glu_expand=2, norm="layer", dropout=0.0, method="auto", remat=None, sequence_axis=None,
         # Ablation switches (the paper's ablation rows flip these).
         use_lower_bound=True, complex_valued=True, separate_phases=True, use_forget_gate=True))
     c.data.source = "tfds"

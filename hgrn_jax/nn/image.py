@@ -29,7 +29,8 @@ class ImageConfig:
     """Everything that defines an :class:`HGRNImageClassifier`; presets :meth:`tiny`, :meth:`small`.
 
     ``head_norm_epsilon``: the reference divides by ``rms + 1e-8``; ``rsqrt(mean(x^2) + 1e-16)``
-    is the same to float32 rounding whenever the rms is far above 1e-8.
+    is the same to float32 rounding whenever the rms is far above 1e-8. ``remat`` and
+    ``sequence_axis`` as in :class:`~hgrn_jax.nn.ClassifierConfig`.
     """
 
     num_classes: int = 1000
@@ -52,6 +53,8 @@ class ImageConfig:
     head_norm_epsilon: float = 1e-16
     dropout: float = 0.0
     method: str = "auto"
+    remat: str | None = None
+    sequence_axis: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", tuple(int(n) for n in self.image_size))
@@ -102,11 +105,11 @@ class HGRNImageClassifier(nnx.Module):
                 HGRU(d, bidirectional=True, separate_phases=c.separate_phases,
                      complex_valued=c.complex_valued, use_forget_gate=c.use_forget_gate,
                      norm_before_gate=c.norm_before_gate, use_bias=c.mixer_bias,
-                     method=c.method, **common),
+                     method=c.method, sequence_axis=c.sequence_axis, **common),
                 GLU(d, c.glu_expand * d, act=c.glu_activation, use_bias=c.glu_bias, **common),
                 make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
                 make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
-                dropout=c.dropout, rngs=rngs)
+                dropout=c.dropout, remat=c.remat, rngs=rngs)
             for _ in range(c.num_layers)])
         self.head_norm = make_norm("scale_free_rms", d, epsilon=c.head_norm_epsilon, **common)
         self.head = dense(d, c.num_classes, ("embed", "classes"), **common)

@@ -28,7 +28,11 @@ Cache = tuple[jax.Array, ...]
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
-    """Everything that defines an :class:`HGRNLM`. Defaults are the paper's WikiText-103 model."""
+    """Everything that defines an :class:`HGRNLM`. Defaults are the paper's WikiText-103 model.
+
+    ``remat``: a :mod:`hgrn_jax.nn.remat` policy name per block (None: off). ``sequence_axis``: a
+    mesh axis to split the sequence over (:mod:`hgrn_jax.ops.sequence_parallel`; hgru mixers).
+    """
 
     vocab_size: int = 50264
     features: int = 512
@@ -50,6 +54,8 @@ class LMConfig:
     lower_bound_dtype: str | None = None
     dropout: float = 0.0
     method: str = "auto"
+    remat: str | None = None
+    sequence_axis: str | None = None
 
     @classmethod
     def fla(cls, **overrides) -> "LMConfig":
@@ -90,7 +96,7 @@ class HGRNLM(nnx.Module):
                 GLU(d, c.glu_hidden, act=c.glu_activation, use_bias=c.glu_bias, **common),
                 make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
                 make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
-                dropout=c.dropout, rngs=rngs))
+                dropout=c.dropout, remat=c.remat, rngs=rngs))
         self.blocks = nnx.List(blocks)
         self.final_norm = make_norm(c.norm, d, epsilon=c.norm_epsilon, **common)
         self.embed_dropout = nnx.Dropout(c.dropout, rngs=rngs)
@@ -100,6 +106,8 @@ class HGRNLM(nnx.Module):
     def _mixer(self, layer: int, common: dict) -> nnx.Module:
         c = self.config
         if c.mixer == "fla":
+            if c.sequence_axis is not None:
+                raise ValueError("sequence_axis (sequence parallelism) needs mixer='hgru'")
             # fla's first layer ignores its (zero) bound; log(0) would also poison gradients.
             return FlaHGRNAttention(c.features, use_lower_bound=c.use_lower_bound and layer > 0,
                                     norm_epsilon=c.mixer_norm_epsilon, method=c.method, **common)
@@ -107,7 +115,7 @@ class HGRNLM(nnx.Module):
             return HGRU(c.features, bidirectional=False, complex_valued=c.complex_valued,
                         use_forget_gate=c.use_forget_gate, norm_before_gate=c.norm_before_gate,
                         use_bias=c.mixer_bias, norm_epsilon=c.mixer_norm_epsilon,
-                        method=c.method, **common)
+                        method=c.method, sequence_axis=c.sequence_axis, **common)
         raise ValueError(f"unknown mixer {c.mixer!r}; use 'hgru' or 'fla'")
 
     def _embed(self, ids: jax.Array) -> jax.Array:

@@ -19,7 +19,7 @@ def get_config(preset: str | None = None):
     c = common.base_config("wikitext103")
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=50_264, features=512, num_layers=6, glu_hidden=1024, glu_activation="none",
-        norm="layer", tie_embeddings=True, scale_embeddings=True, dropout=0.0, method="auto",
+        norm="layer", tie_embeddings=True, scale_embeddings=True, dropout=0.0, method="auto", remat=None, sequence_axis=None,
         # Ablation switches (the paper's ablation rows flip these).
         use_lower_bound=True, complex_valued=True, use_forget_gate=True))
     c.data.source = "release"
