@@ -4,7 +4,8 @@ These are placeholders, not the paper's data: they let every model family (LRA 1
 Retrieval, ImageNet, the LM) run end to end in seconds on a CPU with nothing to download. Each
 keeps the *shape* of its real counterpart (byte documents, pixel grids, document pairs, RGB
 images cut into 14x14 patches, a byte corpus) and has labels a model can learn. The real input
-pipelines (IMDB, AAN, CIFAR-10, Pathfinder, ImageNet, WikiText-103) are issue 5's readers.
+pipelines (IMDB, AAN, CIFAR-10, Pathfinder, ImageNet, WikiText-103) live in the other modules
+of this package.
 
 Every function is a pure function of its arguments: the same ``seed`` gives the same arrays.
 """

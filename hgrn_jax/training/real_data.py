@@ -1,4 +1,4 @@
-"""Tasks on the real datasets (issue 5): the readers of :mod:`hgrn_jax.data` behind the Task API.
+"""Tasks on the real datasets: the readers of :mod:`hgrn_jax.data` behind the Task API.
 
 :func:`task_class` picks, from ``config.task`` and ``config.data.source``, a subclass of the task
 in :mod:`hgrn_jax.training.tasks` whose data come from the LRA release, tfds or WikiText-103

@@ -23,7 +23,7 @@ Data: ListOps reads the LRA release's TSV files (``data.source="release"``, ``da
 generates a set of the same specification (``"generated"``, cached in ``data.cache_dir``). Every
 task also runs on the small generated stand-ins of :mod:`hgrn_jax.data.synthetic`
 (``"synthetic"``). The real readers for IMDB, AAN, CIFAR-10, Pathfinder, ImageNet and WikiText-103
-(issue 5) are subclasses in :mod:`hgrn_jax.training.real_data`, which :func:`get_task` consults
+are subclasses in :mod:`hgrn_jax.training.real_data`, which :func:`get_task` consults
 first; the classes here raise a clear error naming the alternative for those sources.
 """
 
@@ -487,6 +487,6 @@ def get_task(config) -> Task:
     """The :class:`Task` of ``config.task``; errors name the config key to fix."""
     if config.task not in _TASK_CLASSES:
         raise ValueError(f"unknown config.task {config.task!r}; choose one of {', '.join(TASKS)}")
-    from hgrn_jax.training import real_data  # the real datasets' readers (issue 5)
+    from hgrn_jax.training import real_data  # the real datasets' readers
 
     return (real_data.task_class(config) or _TASK_CLASSES[config.task])(config)
