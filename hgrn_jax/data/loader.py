@@ -16,6 +16,8 @@ the process's slice, so they, too, are exact on resumption and independent of th
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import json
 import os
@@ -33,13 +35,16 @@ DONE = "DONE"
 # ----------------------------------------------------------------------------- order
 
 
-def process_slice(batch_size: int, process_index: int, process_count: int) -> slice:
-    """The rows ``[p * B / P, (p + 1) * B / P)`` of a global batch that process ``p`` owns."""
+def process_slice(batch_size: int, process_index: int, process_count: int,
+                  config_key: str = "batch_size") -> slice:
+    """The rows ``[p * B / P, (p + 1) * B / P)`` of a global batch that process ``p`` owns.
+
+    ``config_key`` names the setting to change in the error for a batch that does not split."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if batch_size <= 0 or batch_size % process_count:
-        raise ValueError(f"batch size {batch_size} must be a positive multiple of the number of "
-                         f"processes ({process_count})")
+        raise ValueError(f"{config_key} {batch_size} must be a positive multiple of the number "
+                         f"of processes ({process_count}); set --config.{config_key}")
     local = batch_size // process_count
     return slice(process_index * local, (process_index + 1) * local)
 
@@ -52,15 +57,25 @@ def train_rows(seed: int, step: int, num_examples: int, batch_size: int,
         raise ValueError(f"{num_examples} training examples are fewer than batch size "
                          f"{batch_size}")
     epoch, k = divmod(step, per_epoch)
-    order = np.random.default_rng((seed, epoch)).permutation(num_examples)
+    order = epoch_order(seed, epoch, num_examples)
     return order[k * batch_size:(k + 1) * batch_size][
         process_slice(batch_size, process_index, process_count)]
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The permutation (num_examples,) of the training examples in ``epoch`` (cached: every
+    step of an epoch reads the same one)."""
+    order = np.random.default_rng((seed, epoch)).permutation(num_examples)
+    order.flags.writeable = False
+    return order
+
+
 def eval_rows(num_examples: int, batch_size: int, process_index: int = 0,
-              process_count: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+              process_count: int = 1, config_key: str = "batch_size"
+              ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per evaluation batch: (indices (B / P,), valid (B / P,) bool); padding rows repeat row 0."""
-    sl = process_slice(batch_size, process_index, process_count)
+    sl = process_slice(batch_size, process_index, process_count, config_key)
     out = []
     for start in range(0, num_examples, batch_size):
         rows = np.arange(start, start + batch_size)[sl]

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hgrn_jax.data import listops, synthetic
+from hgrn_jax.data import listops, loader, synthetic
 from hgrn_jax.nn.classifier import ClassifierConfig, HGRNClassifier
 from hgrn_jax.nn.image import HGRNImageClassifier, ImageConfig
 from hgrn_jax.nn.lm import HGRNLM, LMConfig
@@ -166,7 +166,6 @@ class Task:
         self.config = config
         self.name: str = config.task
         self._examples: dict[str, dict[str, np.ndarray]] = {}
-        self._epoch_order: tuple[int, np.ndarray] | None = None
         source = config.data.source
         if source not in self.sources:
             raise ValueError(f"data.source {source!r} is not available for task {self.name!r}; "
@@ -208,36 +207,19 @@ class Task:
     def steps_per_epoch(self) -> int:
         return self.num_examples("train") // self.config.batch_size
 
-    def _local_rows(self, batch_size: int, process_index: int, process_count: int,
-                    what: str) -> tuple[int, int]:
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        if batch_size <= 0 or batch_size % process_count:
-            raise ValueError(f"{what} {batch_size} must be a positive multiple of the number of "
-                             f"processes ({process_count}); set --config.{what}")
-        local = batch_size // process_count
-        return process_index * local, (process_index + 1) * local
-
-    def _order(self, epoch: int, n: int) -> np.ndarray:
-        if self._epoch_order is None or self._epoch_order[0] != epoch:
-            rng = np.random.default_rng((self.config.seed, epoch))
-            self._epoch_order = (epoch, rng.permutation(n))
-        return self._epoch_order[1]
-
     def train_batches(self, start_step: int, process_index: int = 0, process_count: int = 1
                       ) -> Iterator[Batch]:
         """Process-local training batches for steps start_step, start_step + 1, ... (endless)."""
         batch_size = self.config.batch_size
-        lo, hi = self._local_rows(batch_size, process_index, process_count, "batch_size")
+        loader.process_slice(batch_size, process_index, process_count)  # fail before loading
         examples = self.examples("train")
         n = self.num_examples("train")
         if n < batch_size:
             raise ValueError(f"the {self.name} training split has {n} examples, fewer than "
                              f"batch_size {batch_size}; lower --config.batch_size")
-        per_epoch = n // batch_size
         for step in itertools.count(start_step):
-            epoch, k = divmod(step, per_epoch)
-            rows = self._order(epoch, n)[k * batch_size:(k + 1) * batch_size][lo:hi]
+            rows = loader.train_rows(self.config.seed, step, n, batch_size, process_index,
+                                     process_count)
             batch = self._batch(examples, rows)
             batch["weight"] = np.ones(len(rows), np.float32)
             yield batch
@@ -248,14 +230,12 @@ class Task:
         if split not in EVAL_SPLITS:
             raise ValueError(f"unknown evaluation split {split!r}; use 'val' or 'test'")
         batch_size = self.config.eval_batch_size or self.config.batch_size
-        lo, hi = self._local_rows(batch_size, process_index, process_count,
-                                  "eval_batch_size")
+        loader.process_slice(batch_size, process_index, process_count, "eval_batch_size")
         examples = self.examples(split)
         n = self.num_examples(split)
-        for start in range(0, n, batch_size):
-            rows = np.arange(start, start + batch_size)[lo:hi]
-            valid = rows < n
-            batch = self._batch(examples, np.where(valid, rows, 0))
+        for rows, valid in loader.eval_rows(n, batch_size, process_index, process_count,
+                                            "eval_batch_size"):
+            batch = self._batch(examples, rows)
             batch["weight"] = valid.astype(np.float32)
             yield batch
 
