@@ -1,8 +1,11 @@
-"""Small datasets in the layouts of the real releases, written by the data tests."""
+"""Small datasets in the layouts of the real releases, written by the data tests, and the tiny
+configs that read them."""
 
 from __future__ import annotations
 
+import importlib
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -123,3 +126,70 @@ def write_imagenet_archives(folder: Path, synsets=("n01440764", "n01443537"), pe
     with tarfile.open(folder / "ILSVRC2012_img_val.tar", "w") as tar:
         for i in range(num_val):
             add_to_tar(tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg(100 + i, height, width + 20))
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def tiny_config(name: str, **data):
+    """The tiny preset of ``experiments.configs.<name>`` with ``data`` keys overridden."""
+    config = importlib.import_module(f"experiments.configs.{name}").get_config("tiny")
+    for key, value in data.items():
+        config.data[key] = value
+    return config
+
+
+def tfds_config(name: str, tmp_path: Path, **data):
+    """The tiny preset reading tfds (``tfds.testing.mock_data``), batches of 4."""
+    config = tiny_config(name, **{"source": "tfds", "cache_dir": str(tmp_path / "cache"), **data})
+    config.batch_size = 4
+    config.eval_batch_size = 4
+    return config
+
+
+def cifar_config(tmp_path: Path, **data):
+    """LRA Image on (mock) CIFAR-10: 32 x 32 RGB, 10 classes, crop + flip unless overridden."""
+    data = {"augment": True, **data}  # the tiny preset turns augmentation off
+    config = tfds_config("lra.image", tmp_path, image_size=32, seq_len=1024, **data)
+    config.model.grid_shape = (32, 32)
+    config.model.num_classes = 10
+    return config
+
+
+def imagenet_config(tmp_path: Path, name: str = "imagenet.tiny", **data):
+    """An ImageNet tiny preset on (mock) tfds ``imagenet2012``, built in threads."""
+    config = tfds_config(name, tmp_path, **{"workers": 0, **data})
+    config.model.num_classes = 1000
+    return config
+
+
+def pathfinder_config(tmp_path: Path, task: str = "lra.pathfinder", resolution: int = 32,
+                      **data):
+    """Pathfinder / Path-X on the :func:`write_pathfinder` fixture under ``tmp_path``."""
+    config = tiny_config(task, source="release", lra_dir=str(tmp_path),
+                         cache_dir=str(tmp_path / "cache"), image_size=resolution,
+                         seq_len=resolution * resolution, **data)
+    config.model.grid_shape = (resolution, resolution)
+    config.batch_size = 4
+    config.eval_batch_size = 3
+    return config
+
+
+def train_briefly(config, workdir: Path, steps: int = 3, batch_size: int = 8) -> dict:
+    """``train_and_evaluate`` for ``steps`` steps (one evaluation and checkpoint at the end);
+    checks ``workdir/results.json``: the step count, finite metrics, accuracies in [0, 100]."""
+    from hgrn_jax.training.loop import train_and_evaluate
+
+    config.batch_size = batch_size  # a multiple of the 8 simulated devices
+    config.eval_batch_size = batch_size
+    config.num_train_steps = steps
+    config.eval_every = steps
+    config.checkpoint_every = steps
+    results = train_and_evaluate(config, workdir)
+    written = json.loads((workdir / "results.json").read_text())
+    assert written["steps"] == results["steps"] == steps and written["task"] == config.task
+    for key in ("test", "best_val", "test_loss"):
+        assert np.isfinite(written[key]), (key, written[key])
+    if written["metric"] == "accuracy":
+        assert 0.0 <= written["test"] <= 100.0 and 0.0 <= written["best_val"] <= 100.0
+    return written

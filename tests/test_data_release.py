@@ -7,25 +7,16 @@ exactly once per epoch and in evaluation; resumption is exact.
 
 from __future__ import annotations
 
-import importlib
 import itertools
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import data_fixtures as fx
+from data_fixtures import pathfinder_config, tiny_config as config_of
 from hgrn_jax.data import errors, loader, release, retrieval, wikitext
 from hgrn_jax.training import real_data, tasks
-
-
-def config_of(name: str, **data):
-    """The tiny preset of ``experiments.configs.<name>`` with ``data`` keys overridden."""
-    config = importlib.import_module(f"experiments.configs.{name}").get_config("tiny")
-    for key, value in data.items():
-        config.data[key] = value
-    return config
 
 
 def take(iterator, n):
@@ -161,16 +152,6 @@ def test_prepared_cache_is_reused_and_rebuilt_when_the_file_changes(tmp_path):
 
 
 # ----------------------------------------------------------------------------- Pathfinder
-
-
-def pathfinder_config(tmp_path, task="lra.pathfinder", resolution=32, **data):
-    config = config_of(task, source="release", lra_dir=str(tmp_path),
-                       cache_dir=str(tmp_path / "cache"), image_size=resolution,
-                       seq_len=resolution * resolution, **data)
-    config.model.grid_shape = (resolution, resolution)
-    config.batch_size = 4
-    config.eval_batch_size = 3
-    return config
 
 
 def grey_values(batch) -> np.ndarray:
@@ -333,25 +314,12 @@ def fixture_config(what: str, tmp_path):
         config = config_of("lm.wikitext103", source="release", wikitext_dir=str(tmp_path),
                            tokenizer_path="bytes", cache_dir=str(tmp_path / "cache"),
                            seq_len=32)
-    config.batch_size = 8
-    config.eval_batch_size = 8
-    config.num_train_steps = 3
-    config.eval_every = 3
-    config.checkpoint_every = 3
     return config
 
 
 @pytest.mark.parametrize("what", ["retrieval", "pathfinder", "wikitext"])
 def test_trains_end_to_end_on_the_release_fixture(tmp_path, what):
-    from hgrn_jax.training.loop import train_and_evaluate
-
-    config = fixture_config(what, tmp_path)
-    results = train_and_evaluate(config, tmp_path / "run")
-    assert results["steps"] == 3 and results["task"] == config.task
-    assert np.isfinite(results["test"]) and np.isfinite(results["best_val"])
-    if results["metric"] == "accuracy":
-        assert 0.0 <= results["test"] <= 100.0
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 3
+    fx.train_briefly(fixture_config(what, tmp_path), tmp_path / "run", steps=3)
 
 
 def test_two_real_processes_see_each_example_once(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import itertools
 
 import numpy as np
@@ -10,21 +9,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 import data_fixtures as fx
+from data_fixtures import cifar_config, imagenet_config, tfds_config as config_of
 from hgrn_jax.data import cifar, errors, imagenet
 from hgrn_jax.training import real_data, tasks
 
 MOCK_EXAMPLES = 20
-
-
-def config_of(name: str, tmp_path, **data):
-    config = importlib.import_module(f"experiments.configs.{name}").get_config("tiny")
-    config.data.source = "tfds"
-    config.data.cache_dir = str(tmp_path / "cache")
-    for key, value in data.items():
-        config.data[key] = value
-    config.batch_size = 4
-    config.eval_batch_size = 4
-    return config
 
 
 def take(iterator, n):
@@ -83,14 +72,6 @@ def test_imdb_empty_review_is_reported(tmp_path):
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
-
-
-def cifar_config(tmp_path, **data):
-    data = {"augment": True, **data}  # the tiny preset turns augmentation off
-    config = config_of("lra.image", tmp_path, image_size=32, seq_len=1024, **data)
-    config.model.grid_shape = (32, 32)
-    config.model.num_classes = 10
-    return config
 
 
 def test_cifar_splits_pixels_and_normalisation(tmp_path, mock):
@@ -175,12 +156,6 @@ def test_missing_tfds_data_names_the_fix(tmp_path):
 
 
 # ----------------------------------------------------------------------------- ImageNet
-
-
-def imagenet_config(tmp_path, **data):
-    config = config_of("imagenet.tiny", tmp_path, **{"workers": 0, **data})
-    config.model.num_classes = 1000
-    return config
 
 
 def test_imagenet_batches_shapes_targets_and_resume(tmp_path, mock):
@@ -290,13 +265,4 @@ def test_imagenet_soft_target_loss_equals_label_smoothing_without_mixing(tmp_pat
 
 def test_imagenet_trains_end_to_end_on_mock_data(tmp_path, mock):
     """Mixup/CutMix soft targets through the training loop's jitted step and evaluation."""
-    from hgrn_jax.training.loop import train_and_evaluate
-
-    config = imagenet_config(tmp_path)
-    config.batch_size = 8  # 8 simulated devices
-    config.eval_batch_size = 8
-    config.num_train_steps = 2
-    config.eval_every = 2
-    config.checkpoint_every = 2
-    results = train_and_evaluate(config, tmp_path / "run")
-    assert results["steps"] == 2 and np.isfinite(results["test"])
+    fx.train_briefly(imagenet_config(tmp_path), tmp_path / "run", steps=2)
