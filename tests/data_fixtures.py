@@ -4,6 +4,7 @@ configs that read them."""
 from __future__ import annotations
 
 import importlib
+import itertools
 import io
 import json
 import tarfile
@@ -193,3 +194,17 @@ def train_briefly(config, workdir: Path, steps: int = 3, batch_size: int = 8) ->
     if written["metric"] == "accuracy":
         assert 0.0 <= written["test"] <= 100.0 and 0.0 <= written["best_val"] <= 100.0
     return written
+
+
+def take(iterator, n: int) -> list:
+    """The first ``n`` items of ``iterator``."""
+    return list(itertools.islice(iterator, n))
+
+
+def assert_batch_lists_equal(a: list[dict], b: list[dict]) -> None:
+    """Two lists of batches hold the same keys and exactly the same arrays."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)

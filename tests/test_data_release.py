@@ -7,28 +7,16 @@ exactly once per epoch and in evaluation; resumption is exact.
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import data_fixtures as fx
+from data_fixtures import assert_batch_lists_equal, take
 from data_fixtures import pathfinder_config, tiny_config as config_of
 from hgrn_jax.data import errors, loader, release, retrieval, wikitext
 from hgrn_jax.training import real_data, tasks
-
-
-def take(iterator, n):
-    return list(itertools.islice(iterator, n))
-
-
-def assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key])
 
 
 # ----------------------------------------------------------------------------- release folder
@@ -207,7 +195,7 @@ def test_training_order_resumes_exactly_and_matches_the_loader(tmp_path):
     task = tasks.get_task(pathfinder_config(tmp_path))
     uninterrupted = take(task.train_batches(0, 1, 2), 20)  # 2.5 epochs
     resumed = take(tasks.get_task(pathfinder_config(tmp_path)).train_batches(13, 1, 2), 7)
-    assert_batches_equal(uninterrupted[13:], resumed)
+    assert_batch_lists_equal(uninterrupted[13:], resumed)
     n = task.num_examples("train")
     for step in (0, 9, 17):
         rows = loader.train_rows(task.config.seed, step, n, 4, 1, 2)

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 import data_fixtures as fx
+from data_fixtures import assert_batch_lists_equal, take
 from data_fixtures import cifar_config, imagenet_config, tfds_config as config_of
 from hgrn_jax.data import cifar, errors, imagenet
 from hgrn_jax.training import real_data, tasks
 
 MOCK_EXAMPLES = 20
-
-
-def take(iterator, n):
-    return list(itertools.islice(iterator, n))
-
-
-def assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key])
 
 
 def eval_coverage(task, split, processes=2) -> int:
@@ -118,7 +106,7 @@ def test_crop_and_flip():
 def test_cifar_augmented_batches_resume_and_ignore_the_process_count(tmp_path, mock):
     task = tasks.get_task(cifar_config(tmp_path))
     uninterrupted = take(task.train_batches(0, 0, 1), 6)
-    assert_batches_equal(uninterrupted[4:], take(task.train_batches(4, 0, 1), 2))
+    assert_batch_lists_equal(uninterrupted[4:], take(task.train_batches(4, 0, 1), 2))
     halves = [take(task.train_batches(0, p, 2), 6) for p in (0, 1)]
     for whole, a, b in zip(uninterrupted, *halves):
         np.testing.assert_array_equal(whole["inputs"],
@@ -168,7 +156,7 @@ def test_imagenet_batches_shapes_targets_and_resume(tmp_path, mock):
     assert batch["targets"].shape == (4, 1000) and batch["targets"].dtype == np.float32
     np.testing.assert_allclose(batch["targets"].sum(1), 1.0, rtol=1e-5)
     assert batch["labels"].min() >= 0 and batch["labels"].max() < 1000
-    assert_batches_equal(batches[2:], take(task.train_batches(2, 0, 1), 1))
+    assert_batch_lists_equal(batches[2:], take(task.train_batches(2, 0, 1), 1))
     assert eval_coverage(task, "val") == MOCK_EXAMPLES
     eval_batch = next(task.eval_batches("val", 0, 1))
     assert "targets" not in eval_batch and eval_batch["images"].shape == (4, size, size, 3)
@@ -243,7 +231,7 @@ def test_imagenet_prepared_from_archives_and_built_in_worker_processes(tmp_path)
     assert eval_coverage(task, "val") == 6
     in_process = take(task.train_batches(1, 1, 2), 3)
     config.data.workers = 2
-    assert_batches_equal(in_process, take(tasks.get_task(config).train_batches(1, 1, 2), 3))
+    assert_batch_lists_equal(in_process, take(tasks.get_task(config).train_batches(1, 1, 2), 3))
 
 
 def test_imagenet_soft_target_loss_equals_label_smoothing_without_mixing(tmp_path, mock):
