@@ -243,9 +243,13 @@ class BatchSpec:
 _OPEN_SOURCES: dict[tuple[str, str], ImageNetSource] = {}
 
 
-def open_source(split: str, tfds_dir: str) -> ImageNetSource:
-    """The (per-process cached) source of a split."""
+def open_source(split: str, tfds_dir: str, *, reopen: bool = False) -> ImageNetSource:
+    """The (per-process cached) source of a split. ``reopen`` drops a cached one and opens the
+    split anew: a task checks its data at creation, so data removed or replaced since (or a
+    source opened under ``tfds.testing.mock_data``) is never served from the cache."""
     key = (split, tfds_dir)
+    if reopen:
+        _OPEN_SOURCES.pop(key, None)
     if key not in _OPEN_SOURCES:
         _OPEN_SOURCES[key] = ImageNetSource(split, tfds_dir)
     return _OPEN_SOURCES[key]

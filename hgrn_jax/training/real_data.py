@@ -185,12 +185,12 @@ class ImageNetTfdsTask(base.ImageNetTask):
             raise ValueError("ImageNet-1k has 1000 classes: set config.model.num_classes=1000 "
                              f"(got {self.config.model.num_classes})")
         with _missing_is_unavailable():
-            self._source("train")
+            self._source("train", reopen=True)
 
-    def _source(self, split: str):
+    def _source(self, split: str, reopen: bool = False):
         from hgrn_jax.data import imagenet
 
-        return imagenet.open_source(split, self.config.data.tfds_dir)
+        return imagenet.open_source(split, self.config.data.tfds_dir, reopen=reopen)
 
     def _spec(self, process_index: int = 0, process_count: int = 1):
         from hgrn_jax.data import imagenet
