@@ -38,6 +38,7 @@ def train_step_outputs() -> dict:
 
     from hgrn_jax import sharding as sh
     from hgrn_jax.nn import HGRNLM, LMConfig
+    from sharded_step import sharded_train_step
 
     config = LMConfig(vocab_size=32, features=8, num_layers=2, glu_hidden=16)
     global_batch, length = 8, 6
@@ -50,24 +51,12 @@ def train_step_outputs() -> dict:
         logits = model(batch["inputs"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
 
-    mesh = sh.make_mesh(data=2, fsdp=2, model=2)
-    graphdef, state = nnx.split(sh.create_sharded(factory, mesh))
-    state_sh = sh.state_shardings(state, mesh)
-
-    def step(state, batch):
-        model, optimizer = nnx.merge(graphdef, state)
-        loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
-        optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), loss
-
-    jitted = sh.jit_step(step, in_shardings=(state_sh, sh.batch_sharding(mesh)),
-                         out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=0)
-
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (global_batch, length + 1))
     rows = global_batch // jax.process_count()
     mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
     local = {"inputs": ids[mine, :-1].astype(np.int32), "targets": ids[mine, 1:].astype(np.int32)}
-    new_state, loss = jitted(state, sh.shard_batch(local, mesh))
+    mesh = sh.make_mesh(data=2, fsdp=2, model=2)
+    _, new_state, loss = sharded_train_step(factory, loss_fn, local, mesh)
 
     arrays = nnx.state(new_state, nnx.Param, nnx.optimizer.OptState)
     outputs = {"loss": np.asarray(multihost_utils.process_allgather(loss, tiled=True))}

@@ -3,8 +3,6 @@ checkpoints restored across meshes, and the mesh/batch helpers' errors."""
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from hgrn_jax import sharding as sh
 from hgrn_jax.nn import ClassifierConfig, HGRNClassifier, HGRNLM, LMConfig
+from sharded_step import sharded_train_step
 
 MESHES = {"8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2), "1x1x1": (1, 1, 1)}
 
@@ -71,26 +70,6 @@ def classifier_batch() -> dict[str, np.ndarray]:
 def classifier_loss(model: HGRNClassifier, batch: dict[str, jax.Array]) -> jax.Array:
     logits = model(batch["inputs"], mask=batch["mask"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
-
-
-def sharded_train_step(factory: Callable, loss_fn: Callable, batch: dict, mesh
-                       ) -> tuple[nnx.GraphDef, nnx.State, jax.Array]:
-    """One optimizer step on ``mesh`` the way the runner does it; returns the new state."""
-    model, optimizer = sh.create_sharded(factory, mesh)
-    model.train()
-    graphdef, state = nnx.split((model, optimizer))
-    state_sh = sh.state_shardings(state, mesh)
-
-    def step(state, batch):
-        model, optimizer = nnx.merge(graphdef, state)
-        loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
-        optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), loss
-
-    jitted = sh.jit_step(step, in_shardings=(state_sh, sh.batch_sharding(mesh)),
-                         out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=0)
-    new_state, loss = jitted(state, sh.shard_batch(batch, mesh))
-    return graphdef, new_state, loss
 
 
 def as_numpy(state) -> dict[str, np.ndarray]:

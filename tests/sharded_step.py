@@ -1,0 +1,33 @@
+"""One sharded optimizer step the way the runner builds it, shared by the sharding tests and the
+multi-host worker (which imports it after configuring JAX, so this module imports JAX lazily)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+def sharded_train_step(factory: Callable, loss_fn: Callable, batch: dict, mesh
+                       ) -> tuple[nnx.GraphDef, nnx.State, jax.Array]:
+    """One optimizer step on ``mesh`` the way the runner does it; returns the new state.
+
+    ``batch`` holds this process's rows of the global batch.
+    """
+    from flax import nnx
+
+    from hgrn_jax import sharding as sh
+
+    model, optimizer = sh.create_sharded(factory, mesh)
+    model.train()
+    graphdef, state = nnx.split((model, optimizer))
+    state_sh = sh.state_shardings(state, mesh)
+
+    def step(state, batch):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), loss
+
+    jitted = sh.jit_step(step, in_shardings=(state_sh, sh.batch_sharding(mesh)),
+                         out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=0)
+    new_state, loss = jitted(state, sh.shard_batch(batch, mesh))
+    return graphdef, new_state, loss
