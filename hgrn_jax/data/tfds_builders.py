@@ -1,0 +1,418 @@
+"""tfds builders for the LRA release (ListOps, Retrieval, Pathfinder / Path-X) and WikiText-103.
+
+Each builder reads a manual folder (``data.lra_dir`` or ``data.wikitext_dir``), runs the same
+readers as the ``.npy`` path (:func:`listops_release.load_split`, :func:`retrieval.load_split`,
+:func:`pathfinder.load_split`, :func:`wikitext.load_tokens` + :func:`wikitext.blocks`, so there is
+one tokenisation), and writes fixed-shape examples in tfds's ``array_record`` format into
+``data.tfds_dir``: pod hosts read their own rows by index (``as_data_source``) and never
+re-tokenise or re-decode. Prepared with the training config::
+
+    python -m hgrn_jax.data.prepare --config=experiments/configs/lra/listops.py \\
+        --config.data.lra_dir=LRA_DIR --config.data.tfds_dir=TFDS_DIR
+
+Datasets (``<tfds_dir>/<name>/<config>/<version>/``), splits ``train`` / ``validation`` / ``test``
+(the tasks' train / val / test), in the order of the source files:
+
+=================  ==========================  ===================================================
+name               configs                     features
+=================  ==========================  ===================================================
+``lra_listops``    ``len<seq_len>``            ``inputs`` (L,) uint16, ``lengths`` (), ``labels`` 10
+``lra_retrieval``  ``len<seq_len>``            ``inputs``, ``inputs2`` (L,) uint16, ``lengths``,
+                                               ``lengths2`` (), ``labels`` 2 classes
+``lra_pathfinder`` ``res32``, ``res128``       ``pixels`` (R, R, 1) uint8, ``labels`` 2 classes
+``wikitext103``    ``{gpt2,bytes}_block<L>``   ``ids`` (L + 1,) uint16 (blocks with stride L)
+=================  ==========================  ===================================================
+
+A config prepared with ``data.skip_bad_rows=True`` carries the suffix ``_skipbad`` (bad rows are
+reported, then left out), so it is only read by runs that skip bad rows too. Lengths are int32,
+labels are tfds ``ClassLabel`` (read back as int32, like the ``.npy`` path's arrays).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from hgrn_jax.data import listops, listops_release, pathfinder, release, retrieval, wikitext
+from hgrn_jax.data.errors import DatasetMissingError
+
+TFDS_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+VERSION = "1.0.0"
+RELEASE_NOTES = {VERSION: "First release: the readers of hgrn_jax.data, fixed-shape arrays."}
+LRA_LAYOUT = """\
+Unpack lra_release.gz (google-research/long-range-arena, "Dataset Setup") and pass the folder as
+the manual folder (data.lra_dir; the lra_release/ level may be doubled or absent):
+  lra_release/listops-1000/basic_{train,val,test}.tsv
+  lra_release/tsv_data/new_aan_pairs.{train,eval,test}.tsv
+  lra_release/pathfinder32/curv_contour_length_14/{imgs,metadata}
+  lra_release/pathfinder128/curv_contour_length_14/{imgs,metadata}
+"""
+WIKITEXT_LAYOUT = """\
+Unpack wikitext-103-v1.zip and pass the folder holding wiki.{train,valid,test}.tokens (or its
+parent with wikitext-103/) as the manual folder (data.wikitext_dir); the GPT-2 BPE tokenizer is a
+local file (data.tokenizer_path: tokenizer.json, or a folder with encoder.json + vocab.bpe or
+vocab.json + merges.txt), or `bytes`.
+"""
+
+
+@dataclasses.dataclass(eq=False)
+class SourceConfig(tfds.core.BuilderConfig):
+    """A builder config: what shapes the prepared arrays (its name says the same)."""
+
+    seq_len: int = 0                # ListOps / Retrieval: ids per document; WikiText: block
+    resolution: int = 0             # Pathfinder: 32 or 128
+    tokenizer: str = ""             # WikiText: "gpt2" or "bytes"
+    skip_bad_rows: bool = False
+
+
+def _named(prefix: str, skip_bad_rows: bool, **fields) -> SourceConfig:
+    name = prefix + ("_skipbad" if skip_bad_rows else "")
+    return SourceConfig(name=name, skip_bad_rows=skip_bad_rows, **fields)
+
+
+def _ids(shape: tuple[int, ...], dtype=np.uint16) -> tfds.features.Tensor:
+    """A fixed-shape integer array stored as raw bytes (compact; no varint lists). Token ids
+    are uint16: the vocabularies are built from the data when preparing, after the features are
+    declared, and stay below 65,536 (checked when writing)."""
+    return tfds.features.Tensor(shape=shape, dtype=dtype, encoding=tfds.features.Encoding.BYTES)
+
+
+def _scalar() -> tfds.features.Tensor:
+    return tfds.features.Tensor(shape=(), dtype=np.int32)
+
+
+def _rows(arrays: dict[str, np.ndarray], features: tfds.features.FeaturesDict
+          ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(index, example) of every row of same-length arrays, in order, in the features' dtypes
+    (a value that does not fit its feature's dtype is an error, never wrapped around)."""
+    dtypes = {key: np.dtype(features[key].np_dtype) for key in arrays}
+    for key, value in arrays.items():
+        kind = np.iinfo(dtypes[key])
+        if len(value) and (np.min(value) < kind.min or np.max(value) > kind.max):
+            raise ValueError(f"{key} values {np.min(value)}..{np.max(value)} do not fit the "
+                             f"builder's {dtypes[key]} feature")
+    for i in range(len(next(iter(arrays.values())))):
+        yield i, {key: np.asarray(value[i]).astype(dtypes[key], copy=False)
+                  for key, value in arrays.items()}
+
+
+class _SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Shared by the builders: versions, no shuffling (source order), a scratch folder for the
+    readers' ``.npy`` caches during preparation (removed afterwards)."""
+
+    VERSION = tfds.core.Version(VERSION)
+    RELEASE_NOTES = RELEASE_NOTES
+    MANUAL_DOWNLOAD_INSTRUCTIONS = LRA_LAYOUT
+    _scratch: Path | None = None
+    tokenizer_path: str = ""  # WikiText's tokenizer; read when preparing only
+
+    def _dataset_info(self, features: dict[str, Any], description: str,
+                      homepage: str) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, description=description,
+                                     features=tfds.features.FeaturesDict(features),
+                                     homepage=homepage, disable_shuffling=True,
+                                     metadata=tfds.core.MetadataDict())
+
+    def download_and_prepare(self, *args, **kwargs) -> None:
+        root = Path(self.data_dir_root)
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root, prefix=f".{self.name}-scratch-") as scratch:
+            self._scratch = Path(scratch)
+            try:
+                super().download_and_prepare(*args, **kwargs)
+            finally:
+                self._scratch = None
+
+    def _split_generators(self, dl_manager):
+        manual = str(dl_manager.manual_dir)
+        return {name: self._generate_examples(manual, split)
+                for split, name in TFDS_SPLITS.items()}
+
+    def _load(self, manual_dir: str, split: str) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _generate_examples(self, manual_dir: str, split: str):
+        yield from _rows(self._load(manual_dir, split), self.info.features)
+
+
+class LraListops(_SourceBuilder):
+    """LRA ListOps from ``listops-1000/basic_*.tsv``, tokenised as the reference."""
+
+    BUILDER_CONFIGS = [_named("len2048", False, seq_len=2048)]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        length = self.builder_config.seq_len
+        return self._dataset_info(
+            {"inputs": _ids((length,)), "lengths": _scalar(),
+             "labels": tfds.features.ClassLabel(num_classes=listops.NUM_CLASSES)},
+            "LRA ListOps: token ids (end token included, 0 = padding), lengths, labels 0-9.",
+            "https://github.com/google-research/long-range-arena")
+
+    def _load(self, manual_dir, split):
+        c = self.builder_config
+        return listops_release.load_split(split, lra_dir=manual_dir, seq_len=c.seq_len,
+                                          skip_bad_rows=c.skip_bad_rows)
+
+
+class LraRetrieval(_SourceBuilder):
+    """LRA Retrieval: AAN pairs from ``tsv_data/new_aan_pairs.*.tsv`` as UTF-8 bytes."""
+
+    BUILDER_CONFIGS = [_named("len4000", False, seq_len=4000)]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        length = self.builder_config.seq_len
+        return self._dataset_info(
+            {"inputs": _ids((length,)), "lengths": _scalar(), "inputs2": _ids((length,)),
+             "lengths2": _scalar(),
+             "labels": tfds.features.ClassLabel(num_classes=retrieval.NUM_CLASSES)},
+            "LRA Retrieval (AAN): two byte documents per example, lengths, label 0/1.",
+            "https://github.com/google-research/long-range-arena")
+
+    def _load(self, manual_dir, split):
+        c = self.builder_config
+        return retrieval.load_split(split, lra_dir=manual_dir, cache_dir=str(self._scratch),
+                                    seq_len=c.seq_len, skip_bad_rows=c.skip_bad_rows)
+
+
+class LraPathfinder(_SourceBuilder):
+    """LRA Pathfinder (``res32``) and Path-X (``res128``): grey PNGs, 80/10/10 split, seed 42."""
+
+    BUILDER_CONFIGS = [_named(f"res{r}", False, resolution=r) for r in (32, 128)]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        r = self.builder_config.resolution
+        return self._dataset_info(
+            {"pixels": _ids((r, r, 1), np.uint8),
+             "labels": tfds.features.ClassLabel(num_classes=pathfinder.NUM_CLASSES)},
+            "LRA Pathfinder / Path-X (curv_contour_length_14): grey pixels, label 0/1.",
+            "https://github.com/google-research/long-range-arena")
+
+    def _load(self, manual_dir, split):
+        c = self.builder_config
+        return pathfinder.load_split(split, lra_dir=manual_dir, cache_dir=str(self._scratch),
+                                     resolution=c.resolution, skip_bad_rows=c.skip_bad_rows)
+
+
+class Wikitext103(_SourceBuilder):
+    """WikiText-103 in blocks of ``seq_len + 1`` tokens with stride ``seq_len`` (GPT-2 BPE or
+    bytes); the tokenizer's vocabulary size, end-of-line id and file hashes are in the metadata."""
+
+    MANUAL_DOWNLOAD_INSTRUCTIONS = WIKITEXT_LAYOUT
+    BUILDER_CONFIGS = [_named(f"{t}_block512", False, seq_len=512, tokenizer=t)
+                       for t in ("gpt2", "bytes")]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self._dataset_info(
+            {"ids": _ids((self.builder_config.seq_len + 1,), np.uint16)},
+            "WikiText-103: each line stripped, tokenised and closed by an end-of-line token; "
+            "the split's token stream cut into blocks of seq_len + 1 with stride seq_len.",
+            "https://blog.salesforceairesearch.com/the-wikitext-long-term-dependency-"
+            "language-modeling-dataset/")
+
+    def _load(self, manual_dir, split):
+        c = self.builder_config
+        tokens, tokenizer = wikitext.load_tokens(
+            split, wikitext_dir=manual_dir, tokenizer_path=self.tokenizer_path,
+            cache_dir=str(self._scratch))
+        if tokenizer.dtype != np.uint16:
+            raise ValueError(f"the tokenizer at {self.tokenizer_path} has {tokenizer.vocab_size} "
+                             "ids, more than the uint16 blocks of this builder hold")
+        self.info.metadata.update(tokenizer_metadata(tokenizer))
+        return {"ids": wikitext.blocks(tokens, c.seq_len)}
+
+
+BUILDERS: dict[str, type[_SourceBuilder]] = {
+    "listops": LraListops, "retrieval": LraRetrieval, "pathfinder": LraPathfinder,
+    "pathx": LraPathfinder, "wikitext103": Wikitext103}
+
+
+def tokenizer_metadata(tokenizer: wikitext.LineTokenizer) -> dict[str, Any]:
+    """What identifies a WikiText tokenizer: vocabulary, end-of-line id, files' SHA-256."""
+    import hashlib
+
+    return {"vocab_size": int(tokenizer.vocab_size), "eos_id": int(tokenizer.eos_id),
+            "tokenizer_files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                                for p in tokenizer.files}}
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def handles(config) -> bool:
+    """Whether ``config``'s dataset has a builder here (the release sources of these tasks)."""
+    return config.data.source == "release" and config.task in BUILDERS
+
+
+def builder_config(config) -> SourceConfig:
+    """The builder config matching an experiment config's data settings."""
+    data, task = config.data, config.task
+    skip = bool(data.get("skip_bad_rows", False))
+    if task in ("listops", "retrieval"):
+        wanted = _named(f"len{int(data.seq_len)}", skip, seq_len=int(data.seq_len))
+    elif task in ("pathfinder", "pathx"):
+        resolution = 32 if task == "pathfinder" else 128
+        wanted = _named(f"res{resolution}", skip, resolution=resolution)
+    else:
+        kind = wikitext.BYTES if data.tokenizer_path == wikitext.BYTES else "gpt2"
+        wanted = _named(f"{kind}_block{int(data.seq_len)}", skip, seq_len=int(data.seq_len),
+                        tokenizer=kind)
+    for known in BUILDERS[task].BUILDER_CONFIGS:
+        if known.name == wanted.name:  # tfds refuses a second config object of a known name
+            return known
+    return wanted
+
+
+def manual_dir(config) -> str:
+    return str(config.data.wikitext_dir if config.task == "wikitext103" else config.data.lra_dir)
+
+
+def builder(config) -> _SourceBuilder:
+    """The builder of ``config``'s dataset in ``data.tfds_dir`` (array_record format)."""
+    if not config.data.tfds_dir:
+        raise ValueError("set --config.data.tfds_dir=FOLDER: the tfds data folder to prepare "
+                         "into and read from")
+    b = BUILDERS[config.task](config=builder_config(config), data_dir=config.data.tfds_dir,
+                              file_format="array_record")
+    b.tokenizer_path = str(config.data.get("tokenizer_path", ""))
+    return b
+
+
+def prepare_command(config) -> str:
+    """The command preparing ``config``'s dataset (the paper config's file; its flags)."""
+    if config.task == "wikitext103":
+        source = (f"lm/wikitext103.py --config.data.wikitext_dir=WIKI_DIR "
+                  f"--config.data.tokenizer_path={config.data.tokenizer_path or 'TOKENIZER'}")
+    else:
+        source = f"lra/{config.task}.py --config.data.lra_dir=LRA_DIR"
+    return (f"python -m hgrn_jax.data.prepare --config=experiments/configs/{source} "
+            f"--config.data.tfds_dir={config.data.tfds_dir or 'TFDS_DIR'}")
+
+
+def is_prepared(config) -> bool:
+    return bool(config.data.tfds_dir) and builder(config).is_prepared()
+
+
+def _check_sources(config) -> None:
+    """Raise :class:`DatasetMissingError` (layout included) before tfds starts when the manual
+    folder lacks a split's file."""
+    folder = manual_dir(config)
+    try:
+        if config.task == "wikitext103":
+            for split in TFDS_SPLITS:
+                wikitext.find_file(folder, split)
+            wikitext.LineTokenizer(config.data.tokenizer_path)
+        elif config.task == "listops":
+            for split in TFDS_SPLITS:
+                listops_release.find_file(folder, split)
+        elif config.task == "retrieval":
+            for split in TFDS_SPLITS:
+                retrieval.find_file(folder, split)
+        else:
+            pathfinder.find_root(folder, builder_config(config).resolution)
+    except DatasetMissingError as error:
+        layout = WIKITEXT_LAYOUT if config.task == "wikitext103" else LRA_LAYOUT
+        raise DatasetMissingError(f"{error}\n{layout}") from error
+
+
+def prepare(config) -> _SourceBuilder:
+    """Build ``config``'s dataset into ``data.tfds_dir`` from its manual folder (once: a
+    prepared dataset is reused). Returns the builder."""
+    _check_sources(config)
+    b = builder(config)
+    b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir(config)))
+    return b
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class RecordColumns:
+    """Random access to the records of a prepared split, shared by its :class:`Column` s.
+
+    Reading ``rows`` fetches exactly those records (one process reads only its shard) and keeps
+    them until other rows are asked for, so the columns of one batch read each record once.
+    """
+
+    def __init__(self, source, dtypes: dict[str, np.dtype]):
+        self.source = source
+        self.dtypes = dtypes
+        self._rows: tuple[int, ...] | None = None
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """``{key: (len(rows), ...) array}`` of the records at ``rows``."""
+        key = tuple(int(r) for r in rows)
+        if key != self._rows:
+            records = self.source.__getitems__(list(key)) if key else []
+            self._arrays = {
+                name: (np.stack([np.asarray(r[name]) for r in records]).astype(dtype, copy=False)
+                       if records else np.zeros(0, dtype))
+                for name, dtype in self.dtypes.items()}
+            self._rows = key
+        return self._arrays
+
+
+class Column:
+    """One feature of a prepared split as an array-like: ``len``, ``column[rows]``,
+    ``np.asarray(column)`` (every row)."""
+
+    def __init__(self, records: RecordColumns, name: str):
+        self.records, self.name = records, name
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, slice):
+            return self.records.read(np.arange(len(self))[rows])[self.name]
+        rows_array = np.asarray(rows)
+        if rows_array.ndim == 0:
+            return self.records.read(rows_array[None])[self.name][0]
+        return self.records.read(rows_array)[self.name]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        values = self[:]
+        return values if dtype is None else values.astype(dtype)
+
+
+def _missing(config, reason: str) -> DatasetMissingError:
+    layout = WIKITEXT_LAYOUT if config.task == "wikitext103" else LRA_LAYOUT
+    return DatasetMissingError(
+        f"{config.task}: {reason}. Prepare it once from the manual folder with the training "
+        f"run's config flags:\n  {prepare_command(config)}\n{layout}(see docs/data.md)")
+
+
+def open_split(config, split: str) -> dict[str, Column]:
+    """The prepared ``split`` (train | val | test) of ``config``'s dataset as columns keyed like
+    the ``.npy`` path's arrays (same dtypes). Raises :class:`DatasetMissingError` naming the
+    layout and the prepare command when it is not prepared in ``data.tfds_dir``."""
+    if not config.data.tfds_dir:
+        raise _missing(config, "data.tfds_dir is empty")
+    b = builder(config)
+    if not b.is_prepared():
+        raise _missing(config, f"no prepared tfds dataset {b.name}/{b.builder_config.name} in "
+                               f"data.tfds_dir={config.data.tfds_dir}")
+    try:
+        source = b.as_data_source(split=TFDS_SPLITS[split])
+    except (AssertionError, FileNotFoundError, ValueError, NotImplementedError) as error:
+        raise _missing(config, f"{b.name}/{b.builder_config.name} in {config.data.tfds_dir} is "
+                               f"not readable in the array_record format ({error})") from error
+    dtypes = {name: np.dtype(np.int32) if feature.np_dtype == np.int64 else np.dtype(feature.np_dtype)
+              for name, feature in b.info.features.items()}
+    records = RecordColumns(source, dtypes)
+    return {name: Column(records, name) for name in dtypes}
+
+
+def metadata(config) -> dict[str, Any]:
+    """The prepared dataset's metadata (WikiText: ``vocab_size``, ``eos_id``, tokenizer files)."""
+    return dict(builder(config).info.metadata or {})
