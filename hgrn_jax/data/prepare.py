@@ -8,7 +8,10 @@ training. Usage, with the same config flags as ``experiments.train``::
     python -m hgrn_jax.data.prepare --config=experiments/configs/lra/retrieval.py \\
         --config.data.lra_dir=LRA_DIR --config.data.cache_dir=CACHE
 
-ImageNet is prepared by ``python -m hgrn_jax.data.imagenet`` (tfds's array_record files).
+ListOps, Retrieval, Pathfinder, Path-X and WikiText-103 with ``data.tfds_dir`` set are built as
+tfds datasets (array_record) into that folder instead, from ``data.lra_dir`` /
+``data.wikitext_dir`` as the manual folder (:mod:`hgrn_jax.data.tfds_builders`); training then
+reads them from there. ImageNet is prepared by ``python -m hgrn_jax.data.imagenet``.
 """
 
 from __future__ import annotations
@@ -26,8 +29,18 @@ def prepare(config) -> dict[str, int]:
     """Examples per split after preparing every split of ``config``'s dataset."""
     from hgrn_jax.training import tasks
 
+    if _into_tfds(config):
+        from hgrn_jax.data import tfds_builders
+
+        tfds_builders.prepare(config)
     task = tasks.get_task(config)
     return {split: task.num_examples(split) for split in ("train", "val", "test")}
+
+
+def _into_tfds(config) -> bool:
+    from hgrn_jax.data import tfds_builders
+
+    return bool(config.data.tfds_dir) and tfds_builders.handles(config)
 
 
 def main(argv) -> None:
@@ -35,7 +48,8 @@ def main(argv) -> None:
     config = _CONFIG.value
     start = time.perf_counter()
     sizes = prepare(config)
-    print(f"{config.task} ({config.data.source}) prepared in {config.data.cache_dir} in "
+    where = config.data.tfds_dir if _into_tfds(config) else config.data.cache_dir
+    print(f"{config.task} ({config.data.source}) prepared in {where} in "
           f"{time.perf_counter() - start:.1f} s: " +
           ", ".join(f"{n} {split}" for split, n in sizes.items()))
 

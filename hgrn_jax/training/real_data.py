@@ -54,12 +54,15 @@ class ListOpsReleaseTask(base.TokenClassificationTask):
         from hgrn_jax.data import listops_release
 
         data = self.config.data
-        return listops_release.load_split(split, lra_dir=data.lra_dir, seq_len=data.seq_len,
-                                          skip_bad_rows=_skip(self.config))
+        options = dict(lra_dir=data.lra_dir, seq_len=data.seq_len,
+                       skip_bad_rows=_skip(self.config), cache_dir=data.cache_dir)
+        vocab = listops_release.vocabulary(**options)
+        base.check_vocab_size(self.config, len(vocab), "the ListOps training file's")
+        return listops_release.load_split(split, **options)
 
 
 class ImdbTask(base.TokenClassificationTask):
-    """LRA Text on IMDB reviews (tfds ``imdb_reviews``): byte ids, 4,096 per review."""
+    """LRA Text on IMDB reviews (tfds ``imdb_reviews``): character ids, 4,096 per review."""
 
     def _check_source(self) -> None:
         from hgrn_jax.data import text, tfds_io
@@ -71,12 +74,15 @@ class ImdbTask(base.TokenClassificationTask):
         from hgrn_jax.data import text
 
         data = self.config.data
-        return text.load_split(split, tfds_dir=data.tfds_dir, cache_dir=data.cache_dir,
-                               seq_len=data.seq_len, skip_bad_rows=_skip(self.config))
+        options = dict(tfds_dir=data.tfds_dir, cache_dir=data.cache_dir, seq_len=data.seq_len,
+                       skip_bad_rows=_skip(self.config))
+        vocab = text.vocabulary(**options)
+        base.check_vocab_size(self.config, len(vocab), "the IMDB training reviews' character")
+        return text.load_split(split, **options)
 
 
 class AanTask(base.RetrievalTask):
-    """LRA Retrieval on the AAN pairs of the release: byte ids, 4,000 per document."""
+    """LRA Retrieval on the AAN pairs of the release: character ids, 4,000 per document."""
 
     def _check_source(self) -> None:
         from hgrn_jax.data import retrieval
@@ -89,8 +95,11 @@ class AanTask(base.RetrievalTask):
         from hgrn_jax.data import retrieval
 
         data = self.config.data
-        return retrieval.load_split(split, lra_dir=data.lra_dir, cache_dir=data.cache_dir,
-                                    seq_len=data.seq_len, skip_bad_rows=_skip(self.config))
+        options = dict(lra_dir=data.lra_dir, cache_dir=data.cache_dir, seq_len=data.seq_len,
+                       skip_bad_rows=_skip(self.config))
+        vocab = retrieval.vocabulary(**options)
+        base.check_vocab_size(self.config, len(vocab), "the AAN training documents' character")
+        return retrieval.load_split(split, **options)
 
 
 class PathfinderTask(base.PixelTask):
@@ -103,13 +112,16 @@ class PathfinderTask(base.PixelTask):
     def _check_source(self) -> None:
         from hgrn_jax.data import pathfinder
 
+        self._check_image_config()
+        with _missing_is_unavailable():
+            pathfinder.find_root(self.config.data.lra_dir, self.resolution)
+
+    def _check_image_config(self) -> None:
         if self.config.data.image_size != self.resolution:
             raise ValueError(f"data.image_size must be {self.resolution} for the release's "
                              f"{self.name} images; got {self.config.data.image_size}")
         if self.config.model.input_channels != 1:
             raise ValueError("Pathfinder images are grey: set config.model.input_channels=1")
-        with _missing_is_unavailable():
-            pathfinder.find_root(self.config.data.lra_dir, self.resolution)
 
     def _load(self, split):
         from hgrn_jax.data import pathfinder
@@ -300,5 +312,11 @@ _REAL = {
 
 
 def task_class(config) -> type[base.Task] | None:
-    """The real-data task of ``(config.task, config.data.source)``, or None (not real data)."""
-    return _REAL.get((config.task, config.data.source))
+    """The real-data task of ``(config.task, config.data.source)``, or None (not real data).
+
+    Release datasets prepared as tfds data in ``data.tfds_dir`` are read from there
+    (:mod:`hgrn_jax.training.real_data_tfds`)."""
+    from hgrn_jax.training import real_data_tfds
+
+    return (real_data_tfds.prepared_task_class(config)
+            or _REAL.get((config.task, config.data.source)))
