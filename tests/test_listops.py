@@ -100,7 +100,7 @@ def test_release_text_layout_and_operator_semantics():
     tree = ("[MAX", (2, 9, ("[MIN", (4, 7)), 0))
     source = listops.to_source(tree)
     assert listops.parse_source(source) == tree
-    assert listops.tree_length(tree) == len(listops.ListOpsTokenizer().tokenize(source)) == 9
+    assert listops.tree_length(tree) == len(listops.tokenize(source)) == 9
     assert listops.evaluate(tree) == 9
     assert listops.evaluate(("[MED", (1, 4))) == 2          # median 2.5, truncated
     assert listops.evaluate(("[MED", (1, 4, 8))) == 4
@@ -125,25 +125,26 @@ def test_tsv_layout_is_read_back_by_the_reader(tmp_path, generated):
 
 
 def test_tokenizer_ids_padding_end_token_and_truncation():
-    tok = listops.ListOpsTokenizer()
-    assert tok.vocab_size == 18 and tok.pad_id == 0
     source = "( ( ( [MAX 2 ) 9 ) ] )"
+    tok = listops.ListOpsTokenizer.fit([source, "( ( [SM 1 ) ] )"], seq_len=8)
+    assert tok.vocab_size == 3 + 6 and tok.pad_id == 0  # specials, X [MAX [SM 1 2 9
     ids, lengths = tok.encode([source, "( ( [SM 1 ) ] )"], seq_len=8)
     assert ids.dtype == np.int32 and ids.shape == (2, 8)
     assert lengths.tolist() == [5, 4]
     assert ids[0, :5].tolist() == [tok.vocab["[MAX"], tok.vocab["2"], tok.vocab["9"],
-                                   tok.vocab["]"], tok.eos_id]
+                                   tok.vocab["X"], tok.eos_id]
     assert ids[0, 5:].tolist() == [0, 0, 0]
     assert tok.decode(ids[0]) == "[MAX 2 9 ]"
     ids, lengths = tok.encode([source], seq_len=3)               # truncated, end token kept
     assert ids[0].tolist() == [tok.vocab["[MAX"], tok.vocab["2"], tok.eos_id]
-    ids, _ = tok.encode(["( [FIRST 3 ] )"], seq_len=4)            # unknown token -> <unk>
-    assert ids[0].tolist() == [tok.unk_id, tok.vocab["3"], tok.vocab["]"], tok.eos_id]
+    ids, _ = tok.encode(["( [FIRST 3 ] )"], seq_len=4)            # unknown tokens -> <unk>
+    assert ids[0].tolist() == [tok.unk_id, tok.unk_id, tok.vocab["X"], tok.eos_id]
 
 
 def test_load_split_of_a_release_style_file(tmp_path):
     rows = ["( ( ( [MAX 2 ) 9 ) ] )\t9", "( ( ( ( [MED 1 ) 4 ) 8 ) ] )\t4"]
-    (tmp_path / "basic_test.tsv").write_text("Source\tTarget\n" + "\n".join(rows) + "\n")
+    for split in ("train", "test"):  # the vocabulary comes from the training file
+        (tmp_path / f"basic_{split}.tsv").write_text("Source\tTarget\n" + "\n".join(rows) + "\n")
     data = listops.load_split(tmp_path, "test", seq_len=16)
     assert data["inputs"].shape == (2, 16) and data["labels"].tolist() == [9, 4]
     assert data["lengths"].tolist() == [5, 6]
@@ -186,11 +187,11 @@ def test_impossible_spec_fails_clearly():
         listops.generate(narrow, seed=0, max_draws=2000)
 
 
-def test_tokenizer_fast_path_equals_token_by_token_lookup(generated):
-    tok = listops.ListOpsTokenizer()
+def test_tokenizer_equals_token_by_token_lookup(generated):
     sources = [s for s, _ in generated["train"][:50]]
+    tok = listops.ListOpsTokenizer.fit(sources, seq_len=400)
     ids, lengths = tok.encode(sources, seq_len=400)
     for row, n, source in zip(ids, lengths, sources):
-        expected = [tok.vocab[t] for t in source.split() if t not in ("(", ")")][:399]
-        assert row[:n].tolist() == expected + [tok.eos_id]
+        words = [{"]": "X"}.get(t, t) for t in source.split() if t not in ("(", ")")][:399]
+        assert row[:n].tolist() == [tok.vocab[t] for t in words] + [tok.eos_id]
         assert not row[n:].any()

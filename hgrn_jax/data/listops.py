@@ -18,16 +18,18 @@ The LRA specification of the task (Tay et al. 2021, after Nangia & Bowman 2018):
 Generation here is deterministic from a seed (Python's ``random.Random``); it cannot reproduce
 the release's examples, only its distribution.
 
-The tokenizer follows the HGRN/S4 LRA pipeline: parentheses are dropped, each remaining
-whitespace-separated token is one id, an end token closes every sequence, sequences are
-truncated to ``seq_len`` (end token included) and padded with id 0. The vocabulary is fixed
-(``<pad>`` 0, ``<unk>`` 1, ``<eos>`` 2, then the 15 release tokens); the reference builds it
-from the training file in frequency order, so its ids differ from ours but the set is the same.
+The tokenizer is the reference's (OpenNLPLab/lra ``src/dataloaders/datasets.py``,
+``listops_tokenizer`` and class ``ListOps``): parentheses are deleted, ``]`` is renamed ``X``, the
+rest is split at whitespace; the vocabulary is built from the *training* file's tokens (each
+example truncated to ``seq_len - 1`` tokens) in torchtext's order (:mod:`hgrn_jax.data.vocab`:
+``<pad>`` 0, ``<unk>`` 1, ``<eos>`` 2, then by descending count); every sequence is its first
+``seq_len - 1`` ids and ``<eos>``, padded with 0. On the release that is 18 ids.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -40,6 +42,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from hgrn_jax.data.lra_tsv import MalformedRowError, find_file, parse_int_label, read_tsv
+from hgrn_jax.data.vocab import EOS_ID, PAD_ID, SPECIALS, UNK_ID, Vocabulary, count_tokens, pack
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
@@ -275,61 +278,65 @@ def read_examples(path: str | Path) -> tuple[list[str], np.ndarray]:
 
 # ----------------------------------------------------------------------------- tokenizer
 
+# LRA's own tokenizer keeps alphanumeric characters only, so the reference deletes parentheses
+# and writes the end of an operator, ``]``, as ``X``.
+_TRANSLATION = {ord("]"): "X", ord("("): None, ord(")"): None}
+END_TOKEN = "X"
+# The release's vocabulary: the specials, 10 values, 4 operators and the end token.
+VOCAB_SIZE = len(SPECIALS) + len(VALUES) + len(OPERATORS) + 1
+
+
+def tokenize(source: str) -> list[str]:
+    """The reference's tokens of a source: ``( ( [MAX 2 ) ] )`` -> ``['[MAX', '2', 'X']``."""
+    return source.translate(_TRANSLATION).split()
+
 
 class ListOpsTokenizer:
-    """Source strings -> int32 ids: parentheses dropped, an end token, padding id 0."""
+    """Source strings -> ids of a vocabulary built from the training sources (the reference's)."""
 
-    SPECIALS = ("<pad>", "<unk>", "<eos>")
-    TOKENS = tuple(str(v) for v in VALUES) + OPERATORS + (END,)
-    pad_id, unk_id, eos_id = 0, 1, 2
+    pad_id, unk_id, eos_id = PAD_ID, UNK_ID, EOS_ID
+    tokenize = staticmethod(tokenize)
 
-    def __init__(self):
-        self.vocab = {tok: i for i, tok in enumerate(self.SPECIALS + self.TOKENS)}
-        # Fast path: each multi-character release token becomes one control character (never in
-        # a source), the whole string is split at C speed and looked up in a byte table.
-        self._shorthand = {tok: chr(1 + i) for i, tok in enumerate(OPERATORS + (END,))}
-        table = np.full(256, self.unk_id, np.int32)
-        for tok in self.TOKENS:
-            table[ord(self._shorthand.get(tok, tok))] = self.vocab[tok]
-        table[[ord("("), ord(")")]] = -1  # dropped
-        self._table = table
+    def __init__(self, vocabulary: Vocabulary):
+        self.vocabulary = vocabulary
+
+    @classmethod
+    def fit(cls, train_sources: Sequence[str], seq_len: int) -> "ListOpsTokenizer":
+        """The tokenizer whose vocabulary counts the training sources' first seq_len - 1 tokens."""
+        return cls(Vocabulary.from_counts(count_tokens(map(tokenize, train_sources),
+                                                       seq_len - 1)))
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        """token -> id (a missing token is ``<unk>``)."""
+        return self.vocabulary.index
 
     @property
     def vocab_size(self) -> int:
-        return len(self.vocab)
+        return len(self.vocabulary)
 
-    def tokenize(self, source: str) -> list[str]:
-        return [t for t in source.split() if t not in ("(", ")")]
-
-    def _ids(self, source: str) -> np.ndarray:
-        compact = source
-        for tok, char in self._shorthand.items():
-            compact = compact.replace(tok, char)
-        tokens = compact.split()
-        joined = "".join(tokens)
-        if len(joined) == len(tokens) and joined.isascii():  # every token one character
-            ids = self._table[np.frombuffer(joined.encode("ascii"), np.uint8)]
-            return ids[ids >= 0]
-        return np.array([self.vocab.get(t, self.unk_id) for t in self.tokenize(source)],
-                        np.int32)
-
-    def encode(self, sources: Sequence[str], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """ids (N, seq_len) int32 and lengths (N,) int32 (end token included, <= seq_len)."""
-        if seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2; got {seq_len}")
-        ids = np.zeros((len(sources), seq_len), np.int32)
-        lengths = np.zeros(len(sources), np.int32)
-        for i, source in enumerate(sources):
-            tokens = self._ids(source)[: seq_len - 1]
-            n = len(tokens)
-            ids[i, :n] = tokens
-            ids[i, n] = self.eos_id
-            lengths[i] = n + 1
-        return ids, lengths
+    def encode(self, sources: Sequence[str], seq_len: int, dtype=np.int32
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """ids (N, seq_len) and lengths (N,) int32 (end token included, <= seq_len)."""
+        rows = (self.vocabulary.ids(tokenize(s)[:seq_len - 1]) for s in sources)
+        return pack(rows, len(sources), seq_len, dtype)
 
     def decode(self, ids: np.ndarray) -> str:
-        inverse = {i: t for t, i in self.vocab.items()}
-        return " ".join(inverse[int(i)] for i in ids if int(i) not in (self.pad_id, self.eos_id))
+        """The source's tokens without parentheses (``X`` written ``]``), specials dropped."""
+        words = [self.vocabulary.tokens[int(i)] for i in ids if int(i) not in (PAD_ID, EOS_ID)]
+        return " ".join(END if w == END_TOKEN else w for w in words)
+
+
+@functools.lru_cache(maxsize=4)
+def _fit_file(path: str, size: int, mtime_ns: int, seq_len: int) -> ListOpsTokenizer:
+    sources, _ = read_examples(path)
+    return ListOpsTokenizer.fit(sources, seq_len)
+
+
+def fit_file(train_file: str | Path, seq_len: int) -> ListOpsTokenizer:
+    """The tokenizer of a ``basic_train.tsv`` (cached while the file is unchanged)."""
+    stat = Path(train_file).stat()
+    return _fit_file(str(train_file), stat.st_size, stat.st_mtime_ns, seq_len)
 
 
 def load_split(folder_or_file: str | Path, split: str, seq_len: int,
@@ -337,7 +344,8 @@ def load_split(folder_or_file: str | Path, split: str, seq_len: int,
     """One split encoded: ``inputs`` (N, seq_len) int32, ``lengths`` (N,), ``labels`` (N,).
 
     ``folder_or_file`` is a folder with ``basic_{split}.tsv`` (generated or the release) or the
-    file itself.
+    file itself. Without ``tokenizer``, the vocabulary is built from ``basic_train.tsv`` next to
+    it, as the reference does.
     """
     path = Path(folder_or_file)
     if path.is_dir():
@@ -345,7 +353,8 @@ def load_split(folder_or_file: str | Path, split: str, seq_len: int,
     sources, labels = read_examples(path)
     if not sources:
         raise MalformedRowError(f"{path}: no examples")
-    ids, lengths = (tokenizer or ListOpsTokenizer()).encode(sources, seq_len)
+    tokenizer = tokenizer or fit_file(path.parent / split_filename("train"), seq_len)
+    ids, lengths = tokenizer.encode(sources, seq_len)
     return {"inputs": ids, "lengths": lengths, "labels": labels}
 
 

@@ -1,18 +1,23 @@
 """The LRA release's ListOps files read row by row, bad rows counted (``data.skip_bad_rows``).
 
 ``listops-1000/basic_{train,val,test}.tsv`` is found whether the release is nested or not; rows
-are tokenised by :class:`hgrn_jax.data.listops.ListOpsTokenizer` (the reference's tokenisation).
+are tokenised by :class:`hgrn_jax.data.listops.ListOpsTokenizer` (the reference's tokenisation)
+with the vocabulary of the training file's good rows. With a ``cache_dir`` the vocabulary
+(``listops-vocab-<hash>/vocab.json``) and each split's ids (``listops-<hash>/``, keyed on the file
+and the vocabulary's fingerprint, with a copy of ``vocab.json``) are prepared once.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 from pathlib import Path
 
 import numpy as np
 
-from hgrn_jax.data import listops, release
+from hgrn_jax.data import listops, loader, release
 from hgrn_jax.data.errors import BadDataReport
+from hgrn_jax.data.vocab import Vocabulary
 
 
 def find_file(lra_dir: str, split: str) -> Path:
@@ -57,15 +62,59 @@ def read_rows(path: Path, report: BadDataReport) -> tuple[list[str], np.ndarray]
     return sources, np.array(labels, np.int32)
 
 
-def load_split(split: str, *, lra_dir: str, seq_len: int, skip_bad_rows: bool = False
-               ) -> dict[str, np.ndarray]:
-    """``inputs`` (N, seq_len) uint8 ids (end token included), ``lengths``, ``labels``."""
-    path = find_file(lra_dir, split)
+def _good_rows(path: Path, skip_bad_rows: bool) -> tuple[list[str], np.ndarray]:
     report = BadDataReport(str(path))
     sources, labels = read_rows(path, report)
     report.finish(skip_bad_rows)
     if not sources:
         report.add(path, 0, "no examples")
         report.finish(False)
-    ids, lengths = listops.ListOpsTokenizer().encode(sources, seq_len)
-    return {"inputs": ids.astype(np.uint8), "lengths": lengths, "labels": labels}
+    return sources, labels
+
+
+@functools.lru_cache(maxsize=4)
+def _fit(path: Path, fingerprint: str, seq_len: int, skip_bad_rows: bool) -> Vocabulary:
+    sources, _ = _good_rows(path, skip_bad_rows)
+    return listops.ListOpsTokenizer.fit(sources, seq_len).vocabulary
+
+
+def vocabulary(*, lra_dir: str, seq_len: int, skip_bad_rows: bool = False, cache_dir: str = ""
+               ) -> Vocabulary:
+    """The vocabulary of ``basic_train.tsv`` (ids of the examples encoded at ``seq_len``)."""
+    path = find_file(lra_dir, "train")
+    fingerprint = str(loader.fingerprint([path.resolve()]))
+    if not cache_dir:
+        return _fit(path, fingerprint, seq_len, skip_bad_rows)
+    key = {"dataset": "listops-vocab", "train": fingerprint, "seq_len": seq_len,
+           "skip_bad_rows": skip_bad_rows}
+    folder = loader.prepared(cache_dir, "listops-vocab", key, lambda f: _fit(
+        path, fingerprint, seq_len, skip_bad_rows).save(f / "vocab.json"))
+    return Vocabulary.load(folder / "vocab.json")
+
+
+def _encode(path: Path, seq_len: int, skip_bad_rows: bool, vocab: Vocabulary
+            ) -> dict[str, np.ndarray]:
+    sources, labels = _good_rows(path, skip_bad_rows)
+    ids, lengths = listops.ListOpsTokenizer(vocab).encode(sources, seq_len, vocab.dtype)
+    return {"inputs": ids, "lengths": lengths, "labels": labels}
+
+
+def load_split(split: str, *, lra_dir: str, seq_len: int, skip_bad_rows: bool = False,
+               cache_dir: str = "") -> dict[str, np.ndarray]:
+    """``inputs`` (N, seq_len) uint8 ids (end token included), ``lengths``, ``labels``.
+
+    Without ``cache_dir`` everything is computed in memory (the vocabulary once per process)."""
+    vocab = vocabulary(lra_dir=lra_dir, seq_len=seq_len, skip_bad_rows=skip_bad_rows,
+                       cache_dir=cache_dir)
+    path = find_file(lra_dir, split)
+    if not cache_dir:
+        return _encode(path, seq_len, skip_bad_rows, vocab)
+    key = {"dataset": "listops", "files": loader.fingerprint([path.resolve()]),
+           "seq_len": seq_len, "vocab": vocab.fingerprint, "skip_bad_rows": skip_bad_rows}
+
+    def build(folder: Path) -> None:
+        loader.save_arrays(folder, "data", _encode(path, seq_len, skip_bad_rows, vocab))
+        vocab.save(folder / "vocab.json")
+
+    folder = loader.prepared(cache_dir, "listops", key, build)
+    return loader.load_arrays(folder, "data", ("inputs", "lengths", "labels"))

@@ -260,6 +260,13 @@ class Task:
             "--config.data.source=synthetic (or the :tiny preset).")
 
 
+def check_vocab_size(config, size: int, what: str) -> None:
+    """Token ids of the data run up to ``size - 1``: the embedding needs that many rows."""
+    if size > config.model.vocab_size:
+        raise ValueError(f"config.model.vocab_size {config.model.vocab_size} is smaller than "
+                         f"{what} vocabulary ({size} ids); set --config.model.vocab_size={size}")
+
+
 def _token_batch(ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ids = ids.astype(np.int32)
     mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
@@ -276,11 +283,6 @@ class TokenClassificationTask(Task):
         self.sources = ("release", "generated") if config.task == "listops" else ("tfds",
                                                                                    "synthetic")
         super().__init__(config)
-        if config.task == "listops":
-            needed = listops.ListOpsTokenizer().vocab_size
-            if config.model.vocab_size < needed:
-                raise ValueError(f"config.model.vocab_size {config.model.vocab_size} is smaller "
-                                 f"than the ListOps vocabulary ({needed})")
 
     def _check_source(self) -> None:
         data = self.config.data
@@ -305,11 +307,15 @@ class TokenClassificationTask(Task):
                     num_train=data.train_examples, num_val=data.val_examples,
                     num_test=data.test_examples)
                 folder = listops.ensure_generated(data.cache_dir, spec, int(data.generator_seed))
-            encoded = listops.load_split(folder, split, data.seq_len)
-            encoded["inputs"] = encoded["inputs"].astype(np.uint8)  # 18 ids: a quarter the memory
+            folder = folder if folder.is_dir() else folder.parent
+            tokenizer = listops.fit_file(folder / listops.split_filename("train"), data.seq_len)
+            check_vocab_size(self.config, tokenizer.vocab_size, "the ListOps training file's")
+            encoded = listops.load_split(folder, split, data.seq_len, tokenizer)
+            encoded["inputs"] = encoded["inputs"].astype(tokenizer.vocabulary.dtype)
             return encoded
         docs, lengths, labels = synthetic.keyword_documents(
             self._split_size(split), max_bytes=data.seq_len, seed=self._split_seed(split))
+        check_vocab_size(self.config, 256, "the generated documents' byte")
         return {"inputs": docs, "lengths": lengths, "labels": labels}
 
     def _batch(self, examples, rows):
@@ -333,6 +339,7 @@ class RetrievalTask(Task):
         data = self.config.data
         docs1, docs2, labels = synthetic.pattern_pair_documents(
             self._split_size(split), length=data.seq_len, seed=self._split_seed(split))
+        check_vocab_size(self.config, 256, "the generated documents' byte")
         n, length = docs1.shape
         lengths = np.full(n, length, np.int32)
         return {"inputs": docs1, "lengths": lengths, "inputs2": docs2, "lengths2": lengths,

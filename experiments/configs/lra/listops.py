@@ -6,7 +6,7 @@ of the same specification into ``data.cache_dir`` first (see :mod:`hgrn_jax.data
 """
 
 from experiments.configs import common
-from hgrn_jax.data.listops import ListOpsSpec, ListOpsTokenizer
+from hgrn_jax.data.listops import VOCAB_SIZE, ListOpsSpec
 
 PATH = "experiments/configs/lra/listops.py"
 
@@ -18,7 +18,7 @@ def get_config(preset: str | None = None):
         warmup_steps=5_000, decay_steps=50_000, epochs=50, paper_accuracy=59.95,
         position_encoding=True)
     c.model.encoder = "embed"
-    c.model.vocab_size = ListOpsTokenizer().vocab_size
+    c.model.vocab_size = VOCAB_SIZE  # the reference's vocabulary of the release: 18 ids
     c.data.source = "release"
     c.data.seq_len = 2048
     # The generator's specification (used with source="generated"): LRA's values.
