@@ -83,24 +83,35 @@ def test_aan_quoted_texts_keep_their_rows(tmp_path):
     for key in ("inputs", "inputs2"):
         assert examples[key].shape == (8, 32) and examples[key].dtype == np.uint8
     np.testing.assert_array_equal(examples["labels"], [1, 0, 1, 0] * 2)
-    doc = lambda key, i: bytes(examples[key][i][:examples[key.replace("inputs", "lengths")][i]])
-    assert doc("inputs", 0) == b'He said "hi"\tand left.'
-    assert doc("inputs2", 1) == b"tab\tinside\tquotes"
-    assert doc("inputs", 2) == b"line one\nline two"
-    assert doc("inputs", 3) == b'mid "quote" stays'
+    vocab = retrieval.vocabulary(lra_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"),
+                                 seq_len=32)
+    assert examples[key].max() < len(vocab) <= config.model.vocab_size
+    doc = lambda key, i: decode(vocab, examples[key][i], examples[key.replace("inputs",
+                                                                              "lengths")][i])
+    assert doc("inputs", 0) == 'He said "hi"\tand left.'
+    assert doc("inputs2", 1) == "tab\tinside\tquotes"
+    assert doc("inputs", 2) == "line one\nline two"
+    assert doc("inputs", 3) == 'mid "quote" stays'
     batch = next(task.train_batches(0, 0, 1))
     assert batch["inputs"].dtype == np.int32 and batch["mask"].dtype == bool
     assert batch["inputs2"].shape == (config.batch_size, 32)
     assert set(np.unique(batch["labels"])) <= {0, 1}
 
 
-def test_aan_truncates_to_seq_len_bytes(tmp_path):
+def decode(vocab, ids, length) -> str:
+    """The characters of a document's ids, which end in ``<eos>`` and are padded with 0."""
+    assert ids[length - 1] == vocab.index["<eos>"] and not ids[length:].any()
+    return "".join(vocab.tokens[i] for i in ids[:length - 1])
+
+
+def test_aan_truncates_to_seq_len_characters_with_the_end_token(tmp_path):
     fx.write_aan(tmp_path, rows_per_split=4)
     examples = retrieval.load_split("train", lra_dir=str(tmp_path), cache_dir=str(tmp_path / "c"),
                                     seq_len=8)
-    assert bytes(examples["inputs"][0]) == b'He said '
+    vocab = retrieval.vocabulary(lra_dir=str(tmp_path), cache_dir=str(tmp_path / "c"), seq_len=8)
+    assert decode(vocab, examples["inputs"][0], 8) == "He said"
     np.testing.assert_array_equal(examples["lengths"], [8, 8, 8, 8])
-    np.testing.assert_array_equal(examples["lengths2"], [8, 8, 1, 2])
+    np.testing.assert_array_equal(examples["lengths2"], [8, 8, 2, 3])
 
 
 def test_aan_bad_rows_name_file_and_line(tmp_path):
@@ -131,12 +142,13 @@ def test_prepared_cache_is_reused_and_rebuilt_when_the_file_changes(tmp_path):
     cache = tmp_path / "cache"
     retrieval.load_split("test", lra_dir=str(tmp_path), cache_dir=str(cache), seq_len=8)
     retrieval.load_split("test", lra_dir=str(tmp_path), cache_dir=str(cache), seq_len=8)
-    assert len(list(cache.iterdir())) == 1
+    folders = lambda: sorted(p.name.rsplit("-", 1)[0] for p in cache.iterdir())  # noqa: E731
+    assert folders() == ["aan", "aan-vocab"]  # the training file's vocabulary, the test ids
     path = tmp_path / "tsv_data" / "new_aan_pairs.test.tsv"
     path.write_text(path.read_text() + fx.aan_line(fx.AAN_ROWS[0]))
     examples = retrieval.load_split("test", lra_dir=str(tmp_path), cache_dir=str(cache),
                                     seq_len=8)
-    assert len(examples["labels"]) == 5 and len(list(cache.iterdir())) == 2
+    assert len(examples["labels"]) == 5 and folders() == ["aan", "aan", "aan-vocab"]
 
 
 # ----------------------------------------------------------------------------- Pathfinder
@@ -367,7 +379,8 @@ def test_prepare_command_fills_the_cache(tmp_path):
     config = config_of("lra.retrieval", source="release", lra_dir=str(tmp_path),
                        cache_dir=str(tmp_path / "cache"), seq_len=16)
     assert prepare.prepare(config) == {"train": 8, "val": 8, "test": 8}
-    assert len(list((tmp_path / "cache").glob("aan-*/DONE"))) == 3
+    assert len(list((tmp_path / "cache").glob("aan-????????????/DONE"))) == 3
+    assert len(list((tmp_path / "cache").glob("aan-vocab-*/DONE"))) == 1
 
 
 def test_gpt2_vocab_and_merges_files_tokenize_like_tokenizer_json(tmp_path):
