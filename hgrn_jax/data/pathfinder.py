@@ -2,10 +2,16 @@
 
 Layout: ``pathfinder{32,128}/curv_contour_length_14/{imgs,metadata}``. Each ``metadata/<k>.npy``
 is a *text* file (despite its name); a line ``imgs/<k> sample_<i>.png <i> <label> ...`` names an
-image relative to ``curv_contour_length_14/`` and its label (0 / 1). Metadata files are read in
-numeric order, lines in file order. The examples are split 80/10/10 into train/val/test by a
-permutation with seed 42 (numpy's generator; the S4-derived reference used torch's, so the exact
-membership differs). Pixels are grey uint8; the task normalises them to mean 0.5 / std 0.5 of
+image relative to ``curv_contour_length_14/`` and its label (0 / 1).
+
+Order and split are the reference's (OpenNLPLab/lra ``src/dataloaders/datasets.py``,
+``PathFinderDataset`` and ``PathFinder.setup``): metadata files in numeric order of their stem,
+lines in file order, one example per line (200,000 in the release); val and test get
+``int(0.1 * n)`` examples each, train the rest, by ``torch.utils.data.random_split`` with
+``torch.Generator().manual_seed(42)``, reproduced exactly in numpy (:mod:`hgrn_jax.data.splits`).
+The split is drawn over every metadata line, so an example skipped as bad
+(``data.skip_bad_rows``) leaves the others in the reference's splits. Each split keeps the
+permutation's order. Pixels are grey uint8; the task normalises them to mean 0.5 / std 0.5 of
 [0, 1], i.e. ``x / 127.5 - 1``. Decoded once into ``cache_dir/pathfinder<res>-<hash>/``.
 """
 
@@ -16,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from hgrn_jax.data import loader, release
+from hgrn_jax.data import loader, release, splits
 from hgrn_jax.data.errors import BadDataReport
 
 LEVEL = "curv_contour_length_14"
 NUM_CLASSES = 2
 SPLIT_SEED = 42
+VAL_FRACTION = TEST_FRACTION = 0.1
 KEYS = ("pixels", "labels")
 
 
@@ -36,9 +43,13 @@ def _metadata_files(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: (int(p.stem) if p.stem.isdigit() else 1 << 62, p.name))
 
 
-def read_metadata(root: Path, report: BadDataReport) -> list[tuple[Path, int, Path, int]]:
-    """(image path, label, metadata file, line) of every well-formed metadata line."""
+def read_metadata(root: Path, report: BadDataReport
+                  ) -> tuple[list[tuple[Path, int, Path, int, int]], int]:
+    """The well-formed metadata lines as (image path, label, metadata file, line, position) and
+    the number of example lines (the reference's dataset size); ``position`` numbers the
+    non-blank lines in the reference's order, malformed ones included."""
     samples = []
+    position = 0
     for meta in _metadata_files(root):
         try:
             text = meta.read_text(encoding="utf-8")
@@ -49,6 +60,7 @@ def read_metadata(root: Path, report: BadDataReport) -> list[tuple[Path, int, Pa
             fields = content.split()
             if not fields:
                 continue
+            position += 1
             if len(fields) < 4:
                 report.add(meta, line, f"expected at least 4 fields (folder, file, index, "
                                        f"label); got {len(fields)}")
@@ -61,8 +73,16 @@ def read_metadata(root: Path, report: BadDataReport) -> list[tuple[Path, int, Pa
             if not 0 <= label < NUM_CLASSES:
                 report.add(meta, line, f"label {label} not in 0..{NUM_CLASSES - 1}")
                 continue
-            samples.append((root / fields[0] / fields[1], label, meta, line))
-    return samples
+            samples.append((root / fields[0] / fields[1], label, meta, line, position - 1))
+    return samples, position
+
+
+def split_positions(n: int) -> dict[str, np.ndarray]:
+    """The reference's 80/10/10 split of ``n`` examples: positions per split, in its order."""
+    num_val, num_test = int(VAL_FRACTION * n), int(TEST_FRACTION * n)
+    train, val, test = splits.random_split(n, [n - num_val - num_test, num_val, num_test],
+                                           SPLIT_SEED)
+    return {"train": train, "val": val, "test": test}
 
 
 def _decode(path: Path, resolution: int) -> np.ndarray | str:
@@ -85,32 +105,29 @@ def _decode(path: Path, resolution: int) -> np.ndarray | str:
 
 def _build(folder: Path, root: Path, resolution: int, skip_bad_rows: bool, workers: int) -> None:
     report = BadDataReport(str(root))
-    samples = read_metadata(root, report)
+    samples, n = read_metadata(root, report)
     with ThreadPoolExecutor(workers) as pool:
         decoded = list(pool.map(lambda s: _decode(s[0], resolution), samples, chunksize=256))
-    for (path, _, meta, line), result in zip(samples, decoded):
+    pixels_at: dict[int, np.ndarray] = {}
+    labels_at: dict[int, int] = {}
+    for (path, label, meta, line, position), result in zip(samples, decoded):
         if isinstance(result, str):
             report.add(meta, line, f"{path}: {result}")
+        else:
+            pixels_at[position], labels_at[position] = result, label
     report.finish(skip_bad_rows)
-    kept = [(s, d) for s, d in zip(samples, decoded) if not isinstance(d, str)]
-    if not kept:
+    if not pixels_at:
         raise ValueError(f"no Pathfinder examples under {root} (metadata/*.npy lists none)")
-    n = len(kept)
-    num_test = num_val = int(0.1 * n)
-    order = np.random.default_rng(SPLIT_SEED).permutation(n)
-    parts = {"train": order[:n - num_val - num_test], "val": order[n - num_val - num_test:
-                                                                   n - num_test],
-             "test": order[n - num_test:]}
-    labels = np.array([s[1] for s, _ in kept], np.int32)
-    for split, rows in parts.items():
-        rows = np.sort(rows)
+    for split, positions in split_positions(n).items():
+        rows = [p for p in positions.tolist() if p in pixels_at]
         pixels = np.lib.format.open_memmap(folder / f"{split}.pixels.npy", "w+", np.uint8,
                                            (len(rows), resolution, resolution, 1))
-        for i, row in enumerate(rows):
-            pixels[i, :, :, 0] = kept[row][1]
+        for i, position in enumerate(rows):
+            pixels[i, :, :, 0] = pixels_at[position]
         pixels.flush()
         del pixels
-        loader.save_arrays(folder, split, {"labels": labels[rows]})
+        loader.save_arrays(folder, split, {"labels": np.array([labels_at[p] for p in rows],
+                                                              np.int32)})
 
 
 def load_split(split: str, *, lra_dir: str, cache_dir: str, resolution: int,
@@ -123,7 +140,8 @@ def load_split(split: str, *, lra_dir: str, cache_dir: str, resolution: int,
             f"no metadata/*.npy files in {root}: unpack the LRA release's pathfinder"
             f"{resolution} folder completely (imgs/ and metadata/)")
     key = {"dataset": f"pathfinder{resolution}", "metadata": loader.fingerprint(metadata),
-           "split_seed": SPLIT_SEED, "skip_bad_rows": skip_bad_rows}
+           "split": "torch_random_split", "split_seed": SPLIT_SEED,
+           "skip_bad_rows": skip_bad_rows}
     folder = loader.prepared(cache_dir, f"pathfinder{resolution}", key,
                              lambda f: _build(f, root, resolution, skip_bad_rows, workers))
     return loader.load_arrays(folder, split, KEYS)
