@@ -142,18 +142,3 @@ def save_arrays(folder: Path, prefix: str, arrays: dict[str, np.ndarray]) -> Non
 def load_arrays(folder: Path, prefix: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Memory-mapped arrays ``folder/prefix.<key>.npy`` (read-only)."""
     return {key: np.load(folder / f"{prefix}.{key}.npy", mmap_mode="r") for key in keys}
-
-
-def encode_bytes(texts: list[bytes], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """UTF-8 documents as byte ids (N, seq_len) uint8 (0 = padding) and lengths (N,) int32.
-
-    Documents are truncated to ``seq_len`` bytes. NUL bytes (never in the corpora) would read
-    as padding.
-    """
-    ids = np.zeros((len(texts), seq_len), np.uint8)
-    lengths = np.zeros(len(texts), np.int32)
-    for i, text in enumerate(texts):
-        row = np.frombuffer(text[:seq_len], np.uint8)
-        ids[i, :len(row)] = row
-        lengths[i] = len(row)
-    return ids, lengths
