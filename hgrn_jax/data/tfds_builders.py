@@ -23,14 +23,18 @@ name               configs                     features
 ``wikitext103``    ``{gpt2,bytes}_block<L>``   ``ids`` (L + 1,) uint16 (blocks with stride L)
 =================  ==========================  ===================================================
 
-A config prepared with ``data.skip_bad_rows=True`` carries the suffix ``_skipbad`` (bad rows are
+The metadata (``metadata.json``) records the vocabulary the ids were encoded with (ListOps,
+Retrieval: built from the training split; WikiText: the tokenizer's size, end-of-line id and
+files' SHA-256). A config prepared with ``data.skip_bad_rows=True`` carries the suffix ``_skipbad`` (bad rows are
 reported, then left out), so it is only read by runs that skip bad rows too. Lengths are int32,
 labels are tfds ``ClassLabel`` (read back as int32, like the ``.npy`` path's arrays).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,6 +160,8 @@ class LraListops(_SourceBuilder):
 
     def _load(self, manual_dir, split):
         c = self.builder_config
+        self.info.metadata.update(vocabulary_metadata(listops_release.vocabulary(
+            lra_dir=manual_dir, seq_len=c.seq_len, skip_bad_rows=c.skip_bad_rows)))
         return listops_release.load_split(split, lra_dir=manual_dir, seq_len=c.seq_len,
                                           skip_bad_rows=c.skip_bad_rows)
 
@@ -176,6 +182,9 @@ class LraRetrieval(_SourceBuilder):
 
     def _load(self, manual_dir, split):
         c = self.builder_config
+        self.info.metadata.update(vocabulary_metadata(retrieval.vocabulary(
+            lra_dir=manual_dir, cache_dir=str(self._scratch), seq_len=c.seq_len,
+            skip_bad_rows=c.skip_bad_rows)))
         return retrieval.load_split(split, lra_dir=manual_dir, cache_dir=str(self._scratch),
                                     seq_len=c.seq_len, skip_bad_rows=c.skip_bad_rows)
 
@@ -232,6 +241,12 @@ BUILDERS: dict[str, type[_SourceBuilder]] = {
     "pathx": LraPathfinder, "wikitext103": Wikitext103}
 
 
+def vocabulary_metadata(vocabulary) -> dict[str, Any]:
+    """The vocabulary the ids were encoded with (built from the training split): its size and
+    tokens, so hosts reading the prepared data need no release file to check or decode ids."""
+    return {"vocab_size": len(vocabulary), "vocabulary": list(vocabulary.tokens)}
+
+
 def tokenizer_metadata(tokenizer: wikitext.LineTokenizer) -> dict[str, Any]:
     """What identifies a WikiText tokenizer: vocabulary, end-of-line id, files' SHA-256."""
     import hashlib
@@ -268,6 +283,23 @@ def builder_config(config) -> SourceConfig:
     return wanted
 
 
+class _CustomConfigFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Using custom data configuration")
+
+
+@contextlib.contextmanager
+def _quiet_custom_config():
+    """Drop tfds's warning for configs named after the data settings (``len12`` ...): every
+    such config is custom by design, and the warning would repeat at each open."""
+    absl_logger, quiet = logging.getLogger("absl"), _CustomConfigFilter()
+    absl_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(quiet)
+
+
 def manual_dir(config) -> str:
     return str(config.data.wikitext_dir if config.task == "wikitext103" else config.data.lra_dir)
 
@@ -277,8 +309,9 @@ def builder(config) -> _SourceBuilder:
     if not config.data.tfds_dir:
         raise ValueError("set --config.data.tfds_dir=FOLDER: the tfds data folder to prepare "
                          "into and read from")
-    b = BUILDERS[config.task](config=builder_config(config), data_dir=config.data.tfds_dir,
-                              file_format="array_record")
+    with _quiet_custom_config():
+        b = BUILDERS[config.task](config=builder_config(config), data_dir=config.data.tfds_dir,
+                                  file_format="array_record")
     b.tokenizer_path = str(config.data.get("tokenizer_path", ""))
     return b
 
@@ -414,5 +447,6 @@ def open_split(config, split: str) -> dict[str, Column]:
 
 
 def metadata(config) -> dict[str, Any]:
-    """The prepared dataset's metadata (WikiText: ``vocab_size``, ``eos_id``, tokenizer files)."""
+    """The prepared dataset's metadata: ``vocab_size`` (ListOps, Retrieval: and ``vocabulary``,
+    the tokens by id; WikiText: and ``eos_id``, ``tokenizer_files``); empty for Pathfinder."""
     return dict(builder(config).info.metadata or {})

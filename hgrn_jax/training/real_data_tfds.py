@@ -16,14 +16,22 @@ from hgrn_jax.training import tasks as base
 
 
 class _PreparedTfds:
-    """Mixin: examples come from the prepared tfds dataset of the config (checked at creation)."""
+    """Mixin: examples come from the prepared tfds dataset of the config, checked at creation
+    (present; the model's vocabulary holds the prepared ids)."""
 
     config: object
     _examples: dict
 
     def _check_source(self) -> None:
+        from hgrn_jax.data import tfds_builders
+
         with real_data._missing_is_unavailable():
             self._examples["train"] = self._load("train")
+        vocab_size = tfds_builders.metadata(self.config).get("vocab_size")
+        if vocab_size is not None and int(vocab_size) > self.config.model.vocab_size:
+            raise ValueError(f"config.model.vocab_size {self.config.model.vocab_size} is smaller "
+                             f"than the prepared data's vocabulary ({vocab_size} ids); set "
+                             f"--config.model.vocab_size={vocab_size}")
 
     def _load(self, split):
         from hgrn_jax.data import tfds_builders
@@ -49,16 +57,6 @@ class PathfinderTfdsTask(_PreparedTfds, real_data.PathfinderTask):
 
 class WikiTextTfdsTask(_PreparedTfds, base.LanguageModelTask):
     """WikiText-103 blocks from tfds ``wikitext103`` (``{gpt2,bytes}_block<seq_len>``)."""
-
-    def _check_source(self) -> None:
-        from hgrn_jax.data import tfds_builders
-
-        super()._check_source()
-        vocab_size = int(tfds_builders.metadata(self.config)["vocab_size"])
-        if vocab_size > self.config.model.vocab_size:
-            raise ValueError(f"config.model.vocab_size {self.config.model.vocab_size} is smaller "
-                             f"than the prepared tokenizer's vocabulary ({vocab_size}); set "
-                             f"--config.model.vocab_size={vocab_size} or larger")
 
 
 _PREPARED = {"listops": ListOpsTfdsTask, "retrieval": AanTfdsTask,
