@@ -1,0 +1,238 @@
+"""tfds builders of the LRA release and WikiText-103 (``hgrn_jax.data.tfds_builders``).
+
+Each builder prepares the release-layout fixtures into a temporary ``data.tfds_dir`` through
+``python -m hgrn_jax.data.prepare``'s function; the arrays read back (by the tasks, from the
+array_record files) equal the ``.npy`` path's for the same fixture, so tokenisation and decoding
+stay one code path. Also: split sizes, shapes and dtypes, which task a config gets (tfds data
+win, the release files are the fallback), per-process reads of only the process's rows, bad rows,
+a missing dataset's message, and tiny presets training from the tfds data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data_fixtures as fx
+from data_fixtures import assert_batch_lists_equal, take
+from hgrn_jax.data import errors, listops_release, loader, prepare, retrieval, tfds_builders
+from hgrn_jax.training import real_data, real_data_tfds, tasks
+
+
+def release_and_tfds_tasks(config):
+    """(task reading the prepared tfds data, task reading the release files via .npy)."""
+    sizes = prepare.prepare(config)
+    from_tfds = tasks.get_task(config)
+    npy_config = config.copy_and_resolve_references()
+    npy_config.data.tfds_dir = ""
+    from_npy = tasks.get_task(npy_config)
+    assert sizes == {s: from_npy.num_examples(s) for s in ("train", "val", "test")}
+    return from_tfds, from_npy
+
+
+def assert_same_examples(from_tfds, from_npy, shapes: dict[str, tuple]) -> None:
+    for split in ("train", "val", "test"):
+        expected = from_npy.examples(split)
+        got = from_tfds.examples(split)
+        assert got.keys() == expected.keys()
+        for key, array in expected.items():
+            read = np.asarray(got[key])
+            # Token ids are uint16 in tfds (vocabularies are built while preparing), uint8 or
+            # uint16 in the .npy arrays; everything else has the same dtype.
+            assert (read.dtype == array.dtype or key.startswith("inputs")
+                    and read.dtype == np.uint16 and array.dtype.kind == "u"), (split, key)
+            assert read.shape[1:] == shapes[key], (split, key)
+            np.testing.assert_array_equal(read, array, err_msg=f"{split} {key}")
+
+
+def listops_config(tmp_path: Path, rows: int = 8):
+    fx.write_listops(tmp_path / "lra_release" / "lra_release", rows=rows)  # nested release
+    config = fx.tiny_config("lra.listops", source="release", lra_dir=str(tmp_path), seq_len=12,
+                            tfds_dir=str(tmp_path / "tfds"), cache_dir=str(tmp_path / "cache"))
+    config.batch_size = config.eval_batch_size = 4
+    return config
+
+
+def wikitext_config(tmp_path: Path, tokenizer: str):
+    fx.write_wikitext(tmp_path / "wiki" / "wikitext-103")
+    if tokenizer != "bytes":
+        tokenizer = str(fx.write_bpe_tokenizer(tmp_path / "tokenizer.json"))
+    config = fx.tiny_config("lm.wikitext103", source="release", wikitext_dir=str(tmp_path / "wiki"),
+                            tokenizer_path=tokenizer, seq_len=16, tfds_dir=str(tmp_path / "tfds"),
+                            cache_dir=str(tmp_path / "cache"))
+    config.model.vocab_size = 320
+    return config
+
+
+# ----------------------------------------------------------------------------- each builder
+
+
+def test_listops_prepared_once_read_back_like_the_release(tmp_path):
+    config = listops_config(tmp_path)
+    from_tfds, from_npy = release_and_tfds_tasks(config)
+    assert isinstance(from_tfds, real_data_tfds.ListOpsTfdsTask)
+    assert isinstance(from_npy, real_data.ListOpsReleaseTask)
+    folder = tmp_path / "tfds" / "lra_listops" / "len12" / "1.0.0"
+    assert sorted(p.name for p in folder.glob("*.array_record*")) == [
+        f"lra_listops-{s}.array_record-00000-of-00001" for s in ("test", "train", "validation")]
+    assert not list((tmp_path / "tfds").glob(".lra_listops-scratch-*"))  # scratch removed
+    assert_same_examples(from_tfds, from_npy, {"inputs": (12,), "lengths": (), "labels": ()})
+    vocab = listops_release.vocabulary(lra_dir=str(tmp_path), seq_len=12)
+    assert tfds_builders.metadata(config)["vocabulary"] == list(vocab.tokens)
+    # Batches, resumption: the base task's, on the tfds columns.
+    assert_batch_lists_equal(take(from_tfds.train_batches(0), 3), take(from_npy.train_batches(0), 3))
+    assert_batch_lists_equal(take(from_tfds.train_batches(0), 3)[2:],
+                             take(from_tfds.train_batches(2), 1))
+    assert_batch_lists_equal(list(from_tfds.eval_batches("val")),
+                             list(from_npy.eval_batches("val")))
+
+
+def test_retrieval_quoted_texts_read_back_like_the_release(tmp_path):
+    fx.write_aan(tmp_path, rows_per_split=8)
+    config = fx.tiny_config("lra.retrieval", source="release", lra_dir=str(tmp_path), seq_len=32,
+                            tfds_dir=str(tmp_path / "tfds"), cache_dir=str(tmp_path / "cache"))
+    from_tfds, from_npy = release_and_tfds_tasks(config)
+    assert isinstance(from_tfds, real_data_tfds.AanTfdsTask)
+    assert [from_tfds.num_examples(s) for s in ("train", "val", "test")] == [8, 8, 8]
+    assert_same_examples(from_tfds, from_npy, {"inputs": (32,), "inputs2": (32,),
+                                               "lengths": (), "lengths2": (), "labels": ()})
+    vocab = retrieval.vocabulary(lra_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"),
+                                 seq_len=32)
+    meta = tfds_builders.metadata(config)
+    assert meta["vocabulary"] == list(vocab.tokens) and meta["vocab_size"] == len(vocab)
+    config.model.vocab_size = len(vocab) - 1
+    with pytest.raises(ValueError, match=rf"smaller than the prepared data's vocabulary "
+                                         rf"\({len(vocab)} ids\)"):
+        tasks.get_task(config)
+
+
+@pytest.mark.parametrize("task,resolution,count,sizes", [
+    ("lra.pathfinder", 32, 20, [16, 2, 2]), ("lra.pathx", 128, 10, [8, 1, 1])])
+def test_pathfinder_and_pathx_read_back_like_the_release(tmp_path, task, resolution, count,
+                                                         sizes):
+    fx.write_pathfinder(tmp_path, resolution, count=count)
+    config = fx.pathfinder_config(tmp_path, task=task, resolution=resolution,
+                                  tfds_dir=str(tmp_path / "tfds"))
+    from_tfds, from_npy = release_and_tfds_tasks(config)
+    assert isinstance(from_tfds, real_data_tfds.PathfinderTfdsTask)
+    assert (tmp_path / "tfds" / "lra_pathfinder" / f"res{resolution}" / "1.0.0").is_dir()
+    assert [from_tfds.num_examples(s) for s in ("train", "val", "test")] == sizes
+    assert_same_examples(from_tfds, from_npy, {"pixels": (resolution, resolution, 1),
+                                               "labels": ()})
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+def test_wikitext_blocks_read_back_like_the_release(tmp_path, tokenizer):
+    config = wikitext_config(tmp_path, tokenizer)
+    from_tfds, from_npy = release_and_tfds_tasks(config)
+    assert isinstance(from_tfds, real_data_tfds.WikiTextTfdsTask)
+    name = "bytes_block16" if tokenizer == "bytes" else "gpt2_block16"
+    assert (tmp_path / "tfds" / "wikitext103" / name / "1.0.0").is_dir()
+    assert_same_examples(from_tfds, from_npy, {"ids": (17,)})
+    meta = tfds_builders.metadata(config)
+    assert meta["vocab_size"] == (256 if tokenizer == "bytes" else 320)
+    assert list(meta["tokenizer_files"]) == ([] if tokenizer == "bytes" else ["tokenizer.json"])
+    if tokenizer == "bpe":
+        config.model.vocab_size = 256
+        with pytest.raises(ValueError, match=r"vocab_size 256 is smaller .* \(320 ids\)"):
+            tasks.get_task(config)
+
+
+# ----------------------------------------------------------------------------- which task
+
+
+def test_release_files_are_the_fallback_until_tfds_data_are_prepared(tmp_path):
+    config = listops_config(tmp_path)
+    assert isinstance(tasks.get_task(config), real_data.ListOpsReleaseTask)  # not prepared yet
+    config.data.tfds_dir = ""
+    assert isinstance(tasks.get_task(config), real_data.ListOpsReleaseTask)
+    config.data.tfds_dir = str(tmp_path / "tfds")
+    prepare.prepare(config)
+    assert isinstance(tasks.get_task(config), real_data_tfds.ListOpsTfdsTask)
+    config.data.lra_dir = ""  # the pod hosts need only the prepared data
+    assert isinstance(tasks.get_task(config), real_data_tfds.ListOpsTfdsTask)
+    config.data.seq_len = 10  # another builder config: not prepared
+    assert not tfds_builders.is_prepared(config)
+
+
+class RecordingSource:
+    """A data source that records which rows are read."""
+
+    def __init__(self, source):
+        self.source, self.read = source, []
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitems__(self, rows):
+        self.read.extend(rows)
+        return self.source.__getitems__(rows)
+
+
+def test_each_process_reads_only_its_rows(tmp_path):
+    config = listops_config(tmp_path)
+    prepare.prepare(config)
+    whole = take(tasks.get_task(config).train_batches(0), 2)
+    for p in range(2):
+        task = tasks.get_task(config)
+        records = task.examples("train")["inputs"].records
+        records.source = spy = RecordingSource(records.source)
+        for step, batch in enumerate(take(task.train_batches(0, p, 2), 2)):
+            np.testing.assert_array_equal(batch["inputs"], whole[step]["inputs"][2 * p:2 * p + 2])
+        own_rows = [int(r) for step in range(2)
+                    for r in loader.train_rows(config.seed, step, 8, 4, p, 2)]
+        assert spy.read == own_rows  # one read per batch (all columns), of its own rows only
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_missing_prepared_data_names_the_layout_and_the_command(tmp_path):
+    config = listops_config(tmp_path)
+    config.data.lra_dir = ""
+    with pytest.raises(errors.DatasetMissingError) as info:
+        tfds_builders.open_split(config, "train")
+    message = str(info.value)
+    assert "no prepared tfds dataset lra_listops/len12" in message
+    assert ("python -m hgrn_jax.data.prepare --config=experiments/configs/lra/listops.py "
+            f"--config.data.lra_dir=LRA_DIR --config.data.tfds_dir={tmp_path / 'tfds'}") in message
+    assert "listops-1000/basic_{train,val,test}.tsv" in message
+    with pytest.raises(tasks.DataUnavailableError, match=r"hgrn_jax.data.prepare.*"):
+        tasks.get_task(config)
+    config.data.lra_dir = str(tmp_path / "nowhere")
+    with pytest.raises(errors.DatasetMissingError, match=r"(?s)basic_train.tsv.*tsv_data/new_aan"):
+        prepare.prepare(config)
+    wiki = wikitext_config(tmp_path, "bytes")
+    wiki.data.wikitext_dir = ""
+    with pytest.raises(errors.DatasetMissingError,
+                       match=r"(?s)lm/wikitext103.py .*tokenizer_path=bytes.*wiki.\{train"):
+        tfds_builders.open_split(wiki, "val")
+
+
+def test_bad_rows_stop_preparation_unless_skipped(tmp_path):
+    folder = fx.write_listops(tmp_path, rows=6, extra="( [MAX 1 ] )\t12\n")
+    config = fx.tiny_config("lra.listops", source="release", lra_dir=str(tmp_path), seq_len=12,
+                            tfds_dir=str(tmp_path / "tfds"))
+    with pytest.raises(errors.BadDataError, match=f"{folder / 'basic_train.tsv'}:8: label '12'"):
+        prepare.prepare(config)
+    assert not tfds_builders.is_prepared(config)
+    config.data.skip_bad_rows = True
+    with pytest.warns(UserWarning, match="1 bad example"):
+        assert prepare.prepare(config)["train"] == 6
+    assert (tmp_path / "tfds" / "lra_listops" / "len12_skipbad").is_dir()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("what", ["listops", "wikitext"])
+def test_tiny_preset_trains_from_the_tfds_data(tmp_path, what):
+    config = (listops_config(tmp_path, rows=16) if what == "listops"
+              else wikitext_config(tmp_path, "bytes"))
+    prepare.prepare(config)
+    config.data.lra_dir = config.data.wikitext_dir = ""  # read the tfds data only
+    assert isinstance(tasks.get_task(config), real_data_tfds.ListOpsTfdsTask
+                      if what == "listops" else real_data_tfds.WikiTextTfdsTask)
+    fx.train_briefly(config, tmp_path / "run", steps=2)
