@@ -28,10 +28,8 @@ class _PreparedTfds:
         with real_data._missing_is_unavailable():
             self._examples["train"] = self._load("train")
         vocab_size = tfds_builders.metadata(self.config).get("vocab_size")
-        if vocab_size is not None and int(vocab_size) > self.config.model.vocab_size:
-            raise ValueError(f"config.model.vocab_size {self.config.model.vocab_size} is smaller "
-                             f"than the prepared data's vocabulary ({vocab_size} ids); set "
-                             f"--config.model.vocab_size={vocab_size}")
+        if vocab_size is not None:
+            base.check_vocab_size(self.config, int(vocab_size), "the prepared data's")
 
     def _load(self, split):
         from hgrn_jax.data import tfds_builders
