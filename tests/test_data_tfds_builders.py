@@ -82,9 +82,9 @@ def test_listops_prepared_once_read_back_like_the_release(tmp_path):
     vocab = listops_release.vocabulary(lra_dir=str(tmp_path), seq_len=12)
     assert tfds_builders.metadata(config)["vocabulary"] == list(vocab.tokens)
     # Batches, resumption: the base task's, on the tfds columns.
-    assert_batch_lists_equal(take(from_tfds.train_batches(0), 3), take(from_npy.train_batches(0), 3))
-    assert_batch_lists_equal(take(from_tfds.train_batches(0), 3)[2:],
-                             take(from_tfds.train_batches(2), 1))
+    first_three = take(from_tfds.train_batches(0), 3)
+    assert_batch_lists_equal(first_three, take(from_npy.train_batches(0), 3))
+    assert_batch_lists_equal(first_three[2:], take(from_tfds.train_batches(2), 1))
     assert_batch_lists_equal(list(from_tfds.eval_batches("val")),
                              list(from_npy.eval_batches("val")))
 

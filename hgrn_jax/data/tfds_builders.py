@@ -25,9 +25,10 @@ name               configs                     features
 
 The metadata (``metadata.json``) records the vocabulary the ids were encoded with (ListOps,
 Retrieval: built from the training split; WikiText: the tokenizer's size, end-of-line id and
-files' SHA-256). A config prepared with ``data.skip_bad_rows=True`` carries the suffix ``_skipbad`` (bad rows are
-reported, then left out), so it is only read by runs that skip bad rows too. Lengths are int32,
-labels are tfds ``ClassLabel`` (read back as int32, like the ``.npy`` path's arrays).
+files' SHA-256). A config prepared with ``data.skip_bad_rows=True`` carries the suffix
+``_skipbad`` (bad rows are reported, then left out), so it is only read by runs that skip bad
+rows too. Lengths are int32, labels are tfds ``ClassLabel`` (read back as int32, like the
+``.npy`` path's arrays); token ids are uint16 (the ``.npy`` path's uint8 or uint16).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from hgrn_jax.data import listops, listops_release, pathfinder, release, retrieval, wikitext
+from hgrn_jax.data import listops, listops_release, pathfinder, retrieval, wikitext
 from hgrn_jax.data.errors import DatasetMissingError
 
 TFDS_SPLITS = {"train": "train", "val": "validation", "test": "test"}
@@ -97,8 +98,10 @@ def _rows(arrays: dict[str, np.ndarray], features: tfds.features.FeaturesDict
     (a value that does not fit its feature's dtype is an error, never wrapped around)."""
     dtypes = {key: np.dtype(features[key].np_dtype) for key in arrays}
     for key, value in arrays.items():
+        if np.can_cast(value.dtype, dtypes[key]) or not len(value):
+            continue
         kind = np.iinfo(dtypes[key])
-        if len(value) and (np.min(value) < kind.min or np.max(value) > kind.max):
+        if np.min(value) < kind.min or np.max(value) > kind.max:
             raise ValueError(f"{key} values {np.min(value)}..{np.max(value)} do not fit the "
                              f"builder's {dtypes[key]} feature")
     for i in range(len(next(iter(arrays.values())))):
@@ -440,8 +443,8 @@ def open_split(config, split: str) -> dict[str, Column]:
     except (AssertionError, FileNotFoundError, ValueError, NotImplementedError) as error:
         raise _missing(config, f"{b.name}/{b.builder_config.name} in {config.data.tfds_dir} is "
                                f"not readable in the array_record format ({error})") from error
-    dtypes = {name: np.dtype(np.int32) if feature.np_dtype == np.int64 else np.dtype(feature.np_dtype)
-              for name, feature in b.info.features.items()}
+    dtypes = {name: np.dtype(np.int32 if feature.np_dtype == np.int64 else feature.np_dtype)
+              for name, feature in b.info.features.items()}  # ClassLabel: int64 -> int32
     records = RecordColumns(source, dtypes)
     return {name: Column(records, name) for name in dtypes}
 
