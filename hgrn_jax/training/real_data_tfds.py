@@ -11,6 +11,8 @@ batches, order, resumption and metrics are the base tasks'.
 
 from __future__ import annotations
 
+import logging
+
 from hgrn_jax.training import real_data
 from hgrn_jax.training import tasks as base
 
@@ -79,4 +81,6 @@ def prepared_task_class(config) -> type[base.Task] | None:
     source_dir = tfds_builders.manual_dir(config)
     if tfds_builders.is_prepared(config) or not source_dir:
         return _PREPARED[config.task]
+    logging.info("%s: no prepared tfds data in data.tfds_dir=%s; reading the release files in %s",
+                 config.task, config.data.tfds_dir, source_dir)
     return None
