@@ -45,7 +45,8 @@ def test_missing_release_names_what_to_put_where(tmp_path):
 
 def test_listops_release_nested_shapes_and_labels(tmp_path):
     fx.write_listops(tmp_path / "lra_release" / "lra_release", rows=6)
-    config = config_of("lra.listops", source="release", lra_dir=str(tmp_path), seq_len=12)
+    config = config_of("lra.listops", source="release", lra_dir=str(tmp_path), seq_len=12,
+                       cache_dir=str(tmp_path / "cache"))
     task = tasks.get_task(config)
     assert isinstance(task, real_data.ListOpsReleaseTask)
     examples = task.examples("val")
@@ -56,7 +57,8 @@ def test_listops_release_nested_shapes_and_labels(tmp_path):
 
 def test_listops_bad_rows_are_reported_or_skipped(tmp_path):
     folder = fx.write_listops(tmp_path, rows=6, extra="( [MAX 1 ] )\t12\njust one field\n")
-    config = config_of("lra.listops", source="release", lra_dir=str(tmp_path), seq_len=12)
+    config = config_of("lra.listops", source="release", lra_dir=str(tmp_path), seq_len=12,
+                       cache_dir=str(tmp_path / "cache"))
     with pytest.raises(errors.BadDataError) as info:
         tasks.get_task(config).examples("train")
     message = str(info.value)
