@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from hgrn_jax.ops import linear_recurrence
-from hgrn_jax.ops.pallas_recurrence import pallas_recurrence
+from hgrn_jax.ops.pallas_recurrence import (StreamingOptions, pallas_linear_recurrence,
+                                            pallas_recurrence, streaming_options)
 
 # float32 accumulation over <= 40 steps with |a| <= 1 and O(1) inputs: rounding errors stay
 # within a few ulps of the O(1..10) states, far below 1e-5.
@@ -127,6 +128,88 @@ def test_gradients_match_autodiff_of_scan(complex_valued, reverse):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w_), atol=1e-4, rtol=1e-4)
 
 
+# Chunk lengths for the streaming schedule's two-pass form: 10 does not divide L = 37 (a short
+# last chunk), 1 is one step per chunk, 37 is one chunk (the one-pass form).
+CHUNK_LENGTHS = [10, 1, 37]
+
+
+@pytest.mark.parametrize("chunk_length", CHUNK_LENGTHS)
+@pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_streaming_time_chunks_match_float64_loop(chunk_length, complex_valued, reverse):
+    a, x, h0 = make_inputs(SHAPE, complex_valued, seed=5)
+    with streaming_options(chunk_length=chunk_length, unroll=4):
+        h, last = pallas_recurrence(a, x, h0, reverse=reverse, **SCHEDULE_BLOCKS["streaming"])
+    want, want_last = reference(a, x, h0, reverse)
+    np.testing.assert_allclose(np.asarray(h), want, atol=F32_ATOL, rtol=F32_ATOL)
+    np.testing.assert_allclose(np.asarray(last), want_last, atol=F32_ATOL, rtol=F32_ATOL)
+
+
+@pytest.mark.parametrize("chunk_length", CHUNK_LENGTHS)
+@pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_streaming_fused_backward_matches_autodiff_of_scan(chunk_length, complex_valued,
+                                                           reverse):
+    """The fused backward kernel (da, dx and dh0 in one pass per chunk) against JAX autodiff
+    of lax.scan, with channels (6) that do not fill the 8-channel block."""
+    a, x, h0 = make_inputs((2, 37, 6), complex_valued, seed=6)
+    w = np.random.default_rng(7).normal(size=x.shape).astype(np.float32)
+
+    def loss(fn, a, x, h0):
+        h = fn(a, x, h0)
+        return jnp.sum(jnp.real(h) * w) + jnp.sum(jnp.imag(h) * w[..., ::-1, :])
+
+    pallas = functools.partial(pallas_linear_recurrence, reverse=reverse, schedule="streaming")
+    with streaming_options(chunk_length=chunk_length, unroll=4, block_channels=8):
+        got = jax.grad(functools.partial(loss, pallas), argnums=(0, 1, 2))(a, x, h0)
+    want = jax.grad(functools.partial(loss, functools.partial(scan_recurrence, reverse=reverse)),
+                    argnums=(0, 1, 2))(a, x, h0)
+    for name, g, w_ in zip(("da", "dx", "dh0"), got, want):
+        assert g.dtype == w_.dtype and g.shape == w_.shape, name
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w_), atol=1e-4, rtol=1e-4,
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("schedule", ["tiled", "streaming"])
+def test_bf16_gradients_accumulate_in_float32(schedule):
+    """bf16 a and x go into the kernels as they are; the gradients come back in bf16 and
+    equal the float64 gradients of the bf16-rounded inputs to bf16 precision (an accumulation
+    in bf16 over 37 steps would be off by several bf16 ulps)."""
+    a, x, _ = make_inputs(SHAPE, False, seed=8)
+    a16, x16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(x, jnp.bfloat16)
+    w = np.random.default_rng(9).normal(size=SHAPE)
+
+    def loss(fn, a, x):
+        return jnp.sum(fn(a, x).astype(jnp.float32) * w)
+
+    pallas = functools.partial(linear_recurrence, method="pallas", out_dtype=jnp.float32)
+    with streaming_options(chunk_length=10, block_channels=8):
+        if schedule == "streaming":
+            pallas = functools.partial(pallas_linear_recurrence, schedule="streaming",
+                                       out_dtype=jnp.float32)
+        da, dx = jax.grad(functools.partial(loss, pallas), argnums=(0, 1))(a16, x16)
+    assert da.dtype == dx.dtype == jnp.bfloat16
+    with jax.enable_x64(True):
+        exact = jax.grad(functools.partial(loss, lambda a, x: scan_recurrence(
+            a, x, jnp.zeros(x.shape[:1] + x.shape[2:], jnp.float64), False)), argnums=(0, 1))(
+            jnp.asarray(a16, jnp.float64), jnp.asarray(x16, jnp.float64))
+    for got, want in zip((da, dx), exact):
+        np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want),
+                                   rtol=2 ** -7, atol=2 ** -7 * np.abs(np.asarray(want)).max())
+
+
+def test_streaming_chunking_defaults():
+    """Enough (row, channel, chunk) chains in flight, chunks of at least 128 steps, one pass
+    when the sequence is short; an explicit chunk length wins."""
+    options = StreamingOptions()
+    assert options.chunking(8 * 512, 100) == (100, 1)
+    assert options.chunking(8 * 512, 4096) == (128, 32)
+    assert options.chunking(8 * 512, 16384) == (128, 128)
+    assert options.chunking(8 * 512, 65536) == (512, 128)
+    assert options.chunking(1 << 20, 65536) == (65536, 1)  # already enough chains
+    assert StreamingOptions(chunk_length=1000).chunking(8, 4096) == (1000, 5)
+
+
 def lowered_text(fn, platform, *args):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
@@ -141,6 +224,21 @@ def test_lowers_for_tpu_and_gpu(dtype):
                                   reverse=True)
     assert "tpu_custom_call" in lowered_text(tiled, "tpu", spec, spec)
     assert "triton" in lowered_text(streaming, "cuda", spec, spec)
+
+
+def test_streaming_chunks_and_fused_backward_lower_for_gpu():
+    """The two-pass forward (summaries, then states) and the fused backward lower to Triton
+    kernels: four named kernels in the gradient of one call."""
+    spec = jax.ShapeDtypeStruct((2, 1000, 64), jnp.float32)
+
+    def grads(a, x):
+        fn = functools.partial(pallas_linear_recurrence, schedule="streaming", interpret=False)
+        return jax.vjp(fn, a, x)[1](x)
+
+    with streaming_options(chunk_length=96):
+        text = lowered_text(grads, "cuda", spec, spec)
+    for kernel in ("forward_summary", "forward", "backward_summary", "backward"):
+        assert f"linear_recurrence_{kernel}" in text, kernel
 
 
 def test_bad_blocks_and_shapes_name_the_fix():

@@ -17,13 +17,28 @@ Two schedules of the same arithmetic, picked by platform:
     loads and stores are whole register tiles.
 
 ``"streaming"`` (GPU through Triton)
-    grid ``(batch, channel tiles)``; each program walks the whole time axis with its carry in
-    registers, loading and storing one contiguous row of ``block_channels`` values per step.
-    Triton runs grid programs concurrently, so the carry cannot cross grid steps there.
+    grid ``(batch, channel tiles, time chunks)``; each program walks its chunk of the time axis
+    with its carry in registers, loading and storing one contiguous row of ``block_channels``
+    values per step. Triton runs grid programs concurrently, so the carry cannot cross grid
+    steps: with one chunk (short sequences, or many batch rows and channels) the kernel is one
+    pass over the data; with several, a first pass reads ``a`` and ``x`` once to summarise each
+    chunk (its final state from a zero start and the product of its decays), the chunks' carries
+    are chained on the small ``(batch, chunks, channels)`` summaries, and a second pass rescans
+    each chunk from its carry and writes the states: 5 array passes instead of 3, bought for
+    ``chunks`` times more parallel programs when ``batch * channels`` alone cannot keep the GPU's
+    memory system busy.
+
+The backward pass (:func:`pallas_linear_recurrence`'s custom VJP) on the streaming schedule is one
+fused kernel of the same shape: walking time the other way it reads ``a``, the cotangent and the
+saved states and writes ``da`` and ``dx`` (5 array passes, the minimum), chunked the same way.
+The tiled schedule's backward is the generic one of :mod:`hgrn_jax.ops.recurrence` (a reverse
+run of the forward kernel on shifted decays).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
 from typing import Literal, Sequence
@@ -33,12 +48,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 Schedule = Literal["tiled", "streaming"]
+Parts = tuple[jax.Array, ...]  # a real value (1-tuple) or a complex one as (real, imag)
 SCHEDULES: tuple[str, ...] = ("tiled", "streaming")
 
 _MAX_TILED_CHANNELS = 512
 _TILED_LENGTH = 256
 _STREAMING_CHANNELS = 32
-_STREAMING_UNROLL = 8
 _LANES = 128
 
 
@@ -69,8 +84,9 @@ def _step(a: Sequence[jax.Array], x: Sequence[jax.Array], h: Sequence[jax.Array]
     return ar * hr - ai * hi + xr, ar * hi + ai * hr + xi
 
 
-def _split_refs(refs, parts: int):
-    return [refs[k * parts:(k + 1) * parts] for k in range(5)]
+def _split_refs(refs, parts: int, count: int = 5):
+    """``refs`` in ``count`` groups of ``parts`` (1 real, 2 complex) refs each."""
+    return [refs[k * parts:(k + 1) * parts] for k in range(count)]
 
 
 def _tiled_kernel(*refs, parts: int, reverse: bool, block_length: int, group: int, acc):
@@ -105,33 +121,137 @@ def _tiled_kernel(*refs, parts: int, reverse: bool, block_length: int, group: in
         last[...] = c
 
 
-def _streaming_kernel(*refs, parts: int, reverse: bool, length: int, unroll: int, acc):
-    """The whole time axis of one (batch row, channel tile), one row per step."""
-    a_refs, x_refs, h0_refs, h_refs, last_refs = _split_refs(refs, parts)
+def _mul(p: Parts, q: Parts) -> Parts:
+    """Product of two real (1-tuple) or complex ((real, imag) pair) values."""
+    if len(p) == 1:
+        return (p[0] * q[0],)
+    (pr, pi), (qr, qi) = p, q
+    return pr * qr - pi * qi, pr * qi + pi * qr
+
+
+def _add(p: Parts, q: Parts) -> Parts:
+    return tuple(u + v for u, v in zip(p, q))
+
+
+def _chunk_rows(length: int, chunk_length: int):
+    """First row and number of rows of this program's time chunk (grid axis 2)."""
+    start = pl.program_id(2) * chunk_length
+    if length % chunk_length == 0:
+        return start, chunk_length
+    return start, jnp.minimum(chunk_length, length - start)
+
+
+def _walk(step, carry, *, start, rows, reverse: bool, unroll: int):
+    """``carry = step(t, carry)`` over the chunk's rows in time order (or reversed).
+
+    Unrolled by hand (Triton's loop lowering takes no unroll): the loads of a group do not
+    depend on the carry, so they can be issued ahead of its serial chain.
+    """
+    def time(i):
+        return start + rows - 1 - i if reverse else start + i
+
+    def group(g, carry):
+        for k in range(unroll):
+            carry = step(time(g * unroll + k), carry)
+        return carry
+
+    groups = rows // unroll
+    carry = jax.lax.fori_loop(0, groups, group, carry)
+    if isinstance(rows, int):
+        for i in range(groups * unroll, rows):
+            carry = step(time(i), carry)
+        return carry
+    return jax.lax.fori_loop(groups * unroll, rows, lambda i, c: step(time(i), c), carry)
+
+
+def _load(refs, t, acc) -> Parts:
+    return tuple(r[pl.ds(t, 1), :].astype(acc) for r in refs)
+
+
+def _store(refs, t, values: Parts) -> None:
+    for r, v in zip(refs, values):
+        r[pl.ds(t, 1), :] = v.astype(r.dtype)
+
+
+def _store_block(refs, values: Parts) -> None:
+    for r, v in zip(refs, values):
+        r[...] = v.astype(r.dtype)
+
+
+def _identity(like, parts: int, acc) -> tuple[Parts, Parts]:
+    """Zero state and unit decay, shaped like one ``(1, block_channels)`` row."""
+    zeros = tuple(jnp.zeros(like.shape, acc) for _ in range(parts))
+    return zeros, (jnp.ones(like.shape, acc),) + zeros[1:]
+
+
+def _forward_summary_kernel(*refs, parts, reverse, length, chunk_length, unroll, acc):
+    """Per chunk: the final state from a zero start and the product of the decays."""
+    a_refs, x_refs, last_refs, decay_refs = _split_refs(refs, parts, 4)
+    start, rows = _chunk_rows(length, chunk_length)
 
     def step(t, carry):
-        row = (pl.ds(t, 1), slice(None))
-        a = [r[row].astype(acc) for r in a_refs]
-        x = [r[row].astype(acc) for r in x_refs]
-        carry = _step(a, x, carry)
-        for ref, c in zip(h_refs, carry):
-            ref[row] = c.astype(ref.dtype)
-        return carry
+        h, decay = carry
+        a = _load(a_refs, t, acc)
+        return _add(_mul(a, h), _load(x_refs, t, acc)), _mul(a, decay)
 
-    # Unrolled by hand (Triton's loop lowering takes no unroll): the loads of a group do not
-    # depend on the carry, so they can be issued ahead of its serial chain.
-    def step_group(g, carry):
-        for k in range(unroll):
-            i = g * unroll + k
-            carry = step(length - 1 - i if reverse else i, carry)
-        return carry
+    h, decay = _walk(step, _identity(last_refs[0], parts, acc), start=start, rows=rows,
+                     reverse=reverse, unroll=unroll)
+    _store_block(last_refs, h)
+    _store_block(decay_refs, decay)
 
-    carry = tuple(h0[...].astype(acc) for h0 in h0_refs)
-    carry = jax.lax.fori_loop(0, length // unroll, step_group, carry)
-    for i in range(length - length % unroll, length):
-        carry = step(length - 1 - i if reverse else i, carry)
-    for last, c in zip(last_refs, carry):
-        last[...] = c
+
+def _forward_kernel(*refs, parts, reverse, length, chunk_length, unroll, acc):
+    """Per chunk, from its carried-in state: every state, and the chunk's final state."""
+    a_refs, x_refs, init_refs, h_refs, last_refs = _split_refs(refs, parts, 5)
+    start, rows = _chunk_rows(length, chunk_length)
+
+    def step(t, h):
+        h = _add(_mul(_load(a_refs, t, acc), h), _load(x_refs, t, acc))
+        _store(h_refs, t, h)
+        return h
+
+    h = tuple(r[...].astype(acc) for r in init_refs)
+    _store_block(last_refs, _walk(step, h, start=start, rows=rows, reverse=reverse,
+                                  unroll=unroll))
+
+
+def _backward_summary_kernel(*refs, parts, reverse, length, chunk_length, unroll, acc):
+    """Per chunk, walking against the forward direction: the flowing gradient ``a_t * d_t``
+    left at the chunk's far edge from a zero start, and the product of the decays."""
+    a_refs, g_refs, flow_refs, decay_refs = _split_refs(refs, parts, 4)
+    start, rows = _chunk_rows(length, chunk_length)
+
+    def step(t, carry):
+        flow, decay = carry
+        a = _load(a_refs, t, acc)
+        return _mul(a, _add(_load(g_refs, t, acc), flow)), _mul(a, decay)
+
+    flow, decay = _walk(step, _identity(flow_refs[0], parts, acc), start=start, rows=rows,
+                        reverse=not reverse, unroll=unroll)
+    _store_block(flow_refs, flow)
+    _store_block(decay_refs, decay)
+
+
+def _backward_kernel(*refs, parts, reverse, length, chunk_length, unroll, acc):
+    """Per chunk, from the gradient flowing in: ``dx_t = d_t``, ``da_t = d_t * h_{t-1}`` and
+    the gradient flowing out (``dh0`` for the chunk holding the first step)."""
+    a_refs, g_refs, h_refs, h0_refs, flow_in_refs, da_refs, dx_refs, flow_out_refs = \
+        _split_refs(refs, parts, 8)
+    start, rows = _chunk_rows(length, chunk_length)
+    offset, edge = (1, length - 1) if reverse else (-1, 0)
+    h0 = tuple(r[...].astype(acc) for r in h0_refs)
+
+    def step(t, flow):
+        d = _add(_load(g_refs, t, acc), flow)
+        h_prev = _load(h_refs, jnp.clip(t + offset, 0, length - 1), acc)
+        h_prev = tuple(jnp.where(t == edge, s, v) for s, v in zip(h0, h_prev))
+        _store(dx_refs, t, d)
+        _store(da_refs, t, _mul(d, h_prev))
+        return _mul(_load(a_refs, t, acc), d)
+
+    flow = tuple(r[...].astype(acc) for r in flow_in_refs)
+    _store_block(flow_out_refs, _walk(step, flow, start=start, rows=rows, reverse=not reverse,
+                                      unroll=unroll))
 
 
 def _out_shapes(like: jax.Array, shape, out_dtype, acc, parts: int) -> list:
@@ -174,33 +294,299 @@ def _tiled_call(a_parts, x_parts, h0_parts, *, reverse, block_length, block_chan
     return out[:parts], out[parts:]
 
 
-def _streaming_call(a_parts, x_parts, h0_parts, *, reverse, block_channels, acc, out_dtype,
-                    interpret):
-    batch, length, channels = x_parts[0].shape
-    parts = len(x_parts)
-    grid = (batch, channels // block_channels)
-    column = pl.BlockSpec((pl.squeezed, length, block_channels), lambda b, c: (b, 0, c))
-    state = pl.BlockSpec((pl.squeezed, 1, block_channels), lambda b, c: (b, 0, c))
-    kernel = functools.partial(_streaming_kernel, parts=parts, reverse=reverse, length=length,
-                               unroll=_STREAMING_UNROLL, acc=acc)
+@dataclasses.dataclass(frozen=True)
+class StreamingOptions:
+    """Launch parameters of the streaming (GPU) schedule.
+
+    Attributes:
+      block_channels: channels per program (a power of two on GPU); by default 32, one warp
+        with one channel per thread.
+      chunk_length: time steps per program; by default the whole sequence when
+        ``batch * channels >= min_parallel_chains`` already, else the sequence is split into
+        chunks of at least ``min_chunk_length`` steps until it is (see the module docstring).
+      unroll: time steps per loop iteration.
+      num_warps: warps per program; by default one per 32 channels.
+      num_stages: Triton software-pipelining stages.
+      min_parallel_chains: how many independent (row, channel, chunk) chains to aim for.
+      min_chunk_length: the shortest chunk the default splitting makes.
+    """
+
+    block_channels: int | None = None
+    chunk_length: int | None = None
+    unroll: int = 8
+    num_warps: int | None = None
+    num_stages: int = 1
+    # Measured on an H100 (benchmarks/results/pallas_gpu_gpu.json, B=8, D=512, float32): more
+    # chains in flight win until chunks get short; 2^19 chains of >= 128 steps was the fastest
+    # variant forward+backward at L = 4k and 16k (1.24x and 1.28x faster than 2^16 of >= 256).
+    min_parallel_chains: int = 1 << 19
+    min_chunk_length: int = 128
+
+    def chunking(self, chains: int, length: int) -> tuple[int, int]:
+        """``(chunk_length, num_chunks)`` for ``chains`` = batch * padded channels."""
+        if self.chunk_length is not None:
+            chunk = max(1, min(self.chunk_length, length))
+        else:
+            wanted = -(-self.min_parallel_chains // max(chains, 1))
+            most = max(1, length // self.min_chunk_length)
+            chunk = -(-length // max(1, min(wanted, most)))
+            chunk = min(length, _round_up(chunk, self.unroll))
+        return chunk, -(-length // chunk)
+
+
+_streaming_defaults = StreamingOptions()
+
+
+@contextlib.contextmanager
+def streaming_options(**overrides):
+    """Override :class:`StreamingOptions` fields for kernels traced inside the block (for
+    tuning, e.g. ``benchmarks/recurrence.py --sweep``): functions jitted and first called
+    inside see the overrides."""
+    global _streaming_defaults
+    saved = _streaming_defaults
+    _streaming_defaults = dataclasses.replace(saved, **overrides)
+    try:
+        yield _streaming_defaults
+    finally:
+        _streaming_defaults = saved
+
+
+_STREAMING_KERNELS = {
+    "forward_summary": (_forward_summary_kernel, ("column", "column"), ("chunk", "chunk")),
+    "forward": (_forward_kernel, ("column", "column", "chunk"), ("column", "chunk")),
+    "backward_summary": (_backward_summary_kernel, ("column", "column"), ("chunk", "chunk")),
+    "backward": (_backward_kernel, ("column", "column", "column", "state", "chunk"),
+                 ("column", "column", "chunk")),
+}
+
+
+def _streaming_call(name: str, inputs: Sequence[Sequence[jax.Array]], out_dtypes, *, reverse,
+                    chunk_length, num_chunks, options: StreamingOptions, acc, interpret):
+    """Run one streaming kernel. ``inputs``: one list of parts per array of the kernel's
+    signature; ``out_dtypes``: the dtype of each output array's parts (``None``: ``acc``).
+    Array kinds: ``column`` (B, L, C) walked in time, ``chunk`` (B, chunks, C) one row per
+    chunk, ``state`` (B, 1, C) shared by all chunks."""
+    kernel, in_kinds, out_kinds = _STREAMING_KERNELS[name]
+    parts = len(inputs[0])
+    like = inputs[0][0]
+    batch, length, channels = like.shape
+    block = options.block_channels
+    specs = {
+        "column": pl.BlockSpec((pl.squeezed, length, block), lambda b, c, k: (b, 0, c)),
+        "chunk": pl.BlockSpec((pl.squeezed, 1, block), lambda b, c, k: (b, k, c)),
+        "state": pl.BlockSpec((pl.squeezed, 1, block), lambda b, c, k: (b, 0, c)),
+    }
+    shapes = {"column": (batch, length, channels), "chunk": (batch, num_chunks, channels)}
+    mat = jax.typeof(like).manual_axis_type
+    out_shape = [jax.ShapeDtypeStruct(shapes[kind], dtype or acc, manual_axis_type=mat)
+                 for kind, dtype in zip(out_kinds, out_dtypes) for _ in range(parts)]
     from jax.experimental.pallas import triton as pltriton
 
     out = pl.pallas_call(
-        kernel,
-        grid=grid,
-        in_specs=[column] * (2 * parts) + [state] * parts,
-        out_specs=[column] * parts + [state] * parts,
-        out_shape=_out_shapes(x_parts[0], (batch, length, channels), out_dtype, acc, parts),
-        compiler_params=pltriton.CompilerParams(num_warps=max(1, block_channels // 32),
-                                                num_stages=1),
+        functools.partial(kernel, parts=parts, reverse=reverse, length=length,
+                          chunk_length=chunk_length, unroll=options.unroll, acc=acc),
+        grid=(batch, channels // block, num_chunks),
+        in_specs=[specs[kind] for kind, array in zip(in_kinds, inputs) for _ in array],
+        out_specs=[specs[kind] for kind in out_kinds for _ in range(parts)],
+        out_shape=out_shape,
+        compiler_params=pltriton.CompilerParams(
+            num_warps=options.num_warps or max(1, block // 32), num_stages=options.num_stages),
         interpret=interpret,
-        name="linear_recurrence_streaming",
-    )(*a_parts, *x_parts, *h0_parts)
-    return out[:parts], out[parts:]
+        name=f"linear_recurrence_{name}",
+    )(*[p for array in inputs for p in array])
+    return [list(out[k * parts:(k + 1) * parts]) for k in range(len(out_kinds))]
+
+
+def _to_value(parts: Sequence[jax.Array]) -> jax.Array:
+    return jax.lax.complex(*parts) if len(parts) == 2 else parts[0]
+
+
+def _to_parts(value: jax.Array, parts: int) -> list[jax.Array]:
+    return [jnp.real(value), jnp.imag(value)] if parts == 2 else [value]
+
+
+def _chain_chunks(last_parts, decay_parts, init_parts, reverse: bool) -> list[jax.Array]:
+    """The carry entering each chunk, ``(B, chunks, C)``, from the chunks' summaries (their
+    final carries from a zero start and their decay products, in time order) and the carry
+    entering the first chunk walked (``init``, ``(B, 1, C)``)."""
+    last, decay, init = (_to_value(p) for p in (last_parts, decay_parts, init_parts))
+
+    def compose(first, then):
+        return then[0] * first[0], then[0] * first[1] + then[1]
+
+    decay, last = jax.lax.associative_scan(compose, (decay, last), reverse=reverse, axis=1)
+    after = decay * init + last  # the carry leaving each chunk
+    if reverse:
+        carry_in = jnp.concatenate([after[:, 1:], init], axis=1)
+    else:
+        carry_in = jnp.concatenate([init, after[:, :-1]], axis=1)
+    return _to_parts(carry_in, len(init_parts))
+
+
+def _streaming_forward(a_parts, x_parts, h0_parts, *, reverse, acc, out_dtype, interpret,
+                       options: StreamingOptions):
+    """States (B, L, C) parts and final state (B, 1, C) parts; C a multiple of the block."""
+    batch, length, channels = x_parts[0].shape
+    chunk_length, num_chunks = options.chunking(batch * channels, length)
+    call = functools.partial(_streaming_call, reverse=reverse, chunk_length=chunk_length,
+                             num_chunks=num_chunks, options=options, acc=acc,
+                             interpret=interpret)
+    carry_in = h0_parts
+    if num_chunks > 1:
+        last, decay = call("forward_summary", [a_parts, x_parts], [None, None])
+        carry_in = _chain_chunks(last, decay, h0_parts, reverse)
+    h, last = call("forward", [a_parts, x_parts, carry_in], [out_dtype, None])
+    edge = 0 if reverse else num_chunks - 1
+    return h, [p[:, edge:edge + 1] for p in last]
+
+
+def _streaming_backward(a_parts, g_parts, h_parts, h0_parts, *, reverse, acc, interpret,
+                        options: StreamingOptions, da_dtype, dx_dtype):
+    """``(da, dx, dh0)`` parts of :func:`pallas_linear_recurrence` (channels padded)."""
+    batch, length, channels = g_parts[0].shape
+    chunk_length, num_chunks = options.chunking(batch * channels, length)
+    call = functools.partial(_streaming_call, reverse=reverse, chunk_length=chunk_length,
+                             num_chunks=num_chunks, options=options, acc=acc,
+                             interpret=interpret)
+    zeros = [jnp.zeros_like(p, dtype=acc) for p in h0_parts]
+    flow_in = zeros
+    if num_chunks > 1:
+        flow, decay = call("backward_summary", [a_parts, g_parts], [None, None])
+        flow_in = _chain_chunks(flow, decay, zeros, not reverse)
+    da, dx, flow_out = call("backward", [a_parts, g_parts, h_parts, h0_parts, flow_in],
+                            [da_dtype, dx_dtype, None])
+    edge = num_chunks - 1 if reverse else 0
+    return da, dx, [p[:, edge:edge + 1] for p in flow_out]
 
 
 def _as_parts(v: jax.Array, is_complex: bool) -> list[jax.Array]:
     return [jnp.real(v), jnp.imag(v)] if is_complex else [v]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How ``(..., L, C)`` arrays become the kernels' ``(B, L', C')`` real parts and back:
+    leading axes flattened into B, complex values split into (real, imag), time padded to
+    ``padded_length`` and channels to ``padded_channels``."""
+
+    shape: tuple[int, ...]
+    is_complex: bool
+    padded_length: int
+    padded_channels: int
+
+    @property
+    def batch(self) -> int:
+        return math.prod(self.shape[:-2])
+
+    def split(self, value: jax.Array, fill: float = 0.0) -> list[jax.Array]:
+        """``(..., L, C)`` -> parts ``(B, L', C')``, padded with ``fill`` (imaginary: 0)."""
+        length, channels = self.shape[-2:]
+        parts = _as_parts(value, self.is_complex)
+        widths = [(0, 0), (0, self.padded_length - length), (0, self.padded_channels - channels)]
+        return [jnp.pad(p.reshape(self.batch, length, channels), widths,
+                        constant_values=fill if k == 0 else 0) for k, p in enumerate(parts)]
+
+    def split_state(self, value: jax.Array, dtype) -> list[jax.Array]:
+        """``(..., C)`` -> parts ``(B, 1, C')`` in ``dtype``."""
+        channels = self.shape[-1]
+        return [jnp.pad(p.reshape(self.batch, 1, channels).astype(dtype),
+                        [(0, 0), (0, 0), (0, self.padded_channels - channels)])
+                for p in _as_parts(value, self.is_complex)]
+
+    def merge(self, parts: Sequence[jax.Array], dtype) -> jax.Array:
+        length, channels = self.shape[-2:]
+        parts = [p[:, :length, :channels].reshape(self.shape) for p in parts]
+        return (jax.lax.complex(*parts) if self.is_complex else parts[0]).astype(dtype)
+
+    def merge_state(self, parts: Sequence[jax.Array], dtype=None) -> jax.Array:
+        channels = self.shape[-1]
+        parts = [p[:, 0, :channels].reshape(self.shape[:-2] + (channels,)) for p in parts]
+        value = jax.lax.complex(*parts) if self.is_complex else parts[0]
+        return value if dtype is None else value.astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The resolved schedule, tiles and layout of one call."""
+
+    schedule: str
+    interpret: bool
+    layout: _Layout
+    acc: jnp.dtype
+    block_channels: int
+    block_length: int = 0
+    group: int = 0
+    streaming: StreamingOptions | None = None
+
+
+def _plan(x_shape, dtypes, *, is_complex, schedule, block_length, block_channels, interpret
+          ) -> _Plan:
+    platform = _default_platform()
+    interpret = platform == "cpu" if interpret is None else interpret
+    schedule = schedule or ("streaming" if platform == "gpu" else "tiled")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+    if schedule == "tiled" and platform == "gpu" and not interpret:
+        raise ValueError("the tiled schedule carries state across grid steps, which Triton runs "
+                         "concurrently: use schedule='streaming' on GPU")
+    acc = jnp.promote_types(_real_dtype(jnp.result_type(*dtypes)), jnp.float32)
+    part_dtypes = [_real_dtype(d) for d in dtypes]
+    length, channels = x_shape[-2:]
+    if schedule == "tiled":
+        group = _group_rows(part_dtypes)
+        block_length = block_length or min(_TILED_LENGTH, _round_up(length, group))
+        if block_length % group:
+            raise ValueError(f"block_length must be a multiple of {group} for these dtypes; "
+                             f"got {block_length}")
+        block_channels = block_channels or min(_MAX_TILED_CHANNELS, _round_up(channels, _LANES))
+        layout = _Layout(tuple(x_shape), is_complex, _round_up(length, block_length),
+                         _round_up(channels, block_channels))
+        return _Plan(schedule, interpret, layout, acc, block_channels,
+                     block_length=block_length, group=group)
+    options = _streaming_defaults
+    block_channels = (block_channels or options.block_channels
+                      or min(_STREAMING_CHANNELS, pl.next_power_of_2(channels)))
+    if not interpret and block_channels & (block_channels - 1):
+        raise ValueError(f"block_channels must be a power of two on GPU; got {block_channels}")
+    options = dataclasses.replace(options, block_channels=block_channels)
+    layout = _Layout(tuple(x_shape), is_complex, length, _round_up(channels, block_channels))
+    return _Plan(schedule, interpret, layout, acc, block_channels, streaming=options)
+
+
+def _check_inputs(a, x, h0, out_dtype):
+    """Broadcast ``a``, fill ``h0``, and return ``(a, x, h0, dtype, out_dtype, is_complex)``."""
+    a, x = jnp.asarray(a), jnp.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"x must be (..., length, channels); got shape {x.shape}")
+    a = jnp.broadcast_to(a, x.shape)
+    dtype = jnp.result_type(a, x) if h0 is None else jnp.result_type(a, x, h0)
+    is_complex = jnp.issubdtype(dtype, jnp.complexfloating)
+    out_dtype = jnp.dtype(out_dtype or dtype)
+    if is_complex and not jnp.issubdtype(out_dtype, jnp.complexfloating):
+        raise ValueError(f"out_dtype must be complex for complex inputs; got {out_dtype}")
+    state_shape = x.shape[:-2] + x.shape[-1:]
+    if h0 is None:
+        h0 = jnp.zeros(state_shape, dtype)
+    elif h0.shape != state_shape:
+        raise ValueError(f"h0 must have shape {state_shape}; got {h0.shape}")
+    return a, x, jnp.asarray(h0), dtype, out_dtype, is_complex
+
+
+def _forward(plan: _Plan, a, x, h0, reverse: bool, out_dtype) -> tuple[jax.Array, jax.Array]:
+    layout, acc = plan.layout, plan.acc
+    a_parts, x_parts = layout.split(a, fill=1.0), layout.split(x)  # pads: a = 1, x = 0
+    h0_parts = layout.split_state(h0, acc)
+    part_dtype = _real_dtype(out_dtype)
+    if plan.schedule == "tiled":
+        h_parts, last_parts = _tiled_call(
+            a_parts, x_parts, h0_parts, reverse=reverse, block_length=plan.block_length,
+            block_channels=plan.block_channels, group=plan.group, acc=acc,
+            out_dtype=part_dtype, interpret=plan.interpret)
+    else:
+        h_parts, last_parts = _streaming_forward(
+            a_parts, x_parts, h0_parts, reverse=reverse, acc=acc, out_dtype=part_dtype,
+            interpret=plan.interpret, options=plan.streaming)
+    return layout.merge(h_parts, out_dtype), layout.merge_state(last_parts)
 
 
 def pallas_recurrence(
@@ -217,6 +603,9 @@ def pallas_recurrence(
 ) -> tuple[jax.Array, jax.Array]:
     """All states and the final state of ``h_t = a_t * h_{t-1} + x_t``, by a Pallas kernel.
 
+    Not differentiable by itself: :func:`pallas_linear_recurrence` (and
+    ``linear_recurrence(method="pallas")``) add the backward kernel.
+
     Args:
       a: decays ``(..., L, C)`` (or broadcastable to ``x``), real or complex, any float dtype.
       x: inputs ``(..., L, C)``.
@@ -230,91 +619,76 @@ def pallas_recurrence(
       block_length: time rows per tile of the tiled schedule (a multiple of 8, or of 16 for
         16-bit inputs); ``L`` is padded up to a multiple of it.
       block_channels: channels per program; ``C`` is padded up to a multiple of it (on GPU it
-        must be a power of two).
+        must be a power of two). Further streaming options: :func:`streaming_options`.
       interpret: run the Pallas interpreter; by default exactly when the backend is CPU.
 
     Returns:
       ``(h, last)``: the states ``(..., L, C)`` in ``out_dtype`` and the final state ``(..., C)``
       in the accumulation dtype (``h_{L-1}``, or ``h_0`` when ``reverse``).
     """
-    a, x = jnp.asarray(a), jnp.asarray(x)
-    if x.ndim < 2:
-        raise ValueError(f"x must be (..., length, channels); got shape {x.shape}")
-    a = jnp.broadcast_to(a, x.shape)
-    dtype = jnp.result_type(a, x) if h0 is None else jnp.result_type(a, x, h0)
-    is_complex = jnp.issubdtype(dtype, jnp.complexfloating)
-    acc = jnp.promote_types(_real_dtype(dtype), jnp.float32)
-    out_dtype = jnp.dtype(out_dtype or dtype)
-    if is_complex and not jnp.issubdtype(out_dtype, jnp.complexfloating):
-        raise ValueError(f"out_dtype must be complex for complex inputs; got {out_dtype}")
-    platform = _default_platform()
-    interpret = platform == "cpu" if interpret is None else interpret
-    schedule = schedule or ("streaming" if platform == "gpu" else "tiled")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
-    if schedule == "tiled" and platform == "gpu" and not interpret:
-        raise ValueError("the tiled schedule carries state across grid steps, which Triton runs "
-                         "concurrently: use schedule='streaming' on GPU")
-
-    lead, (length, channels) = x.shape[:-2], x.shape[-2:]
-    batch = math.prod(lead)
-    state_shape = lead + (channels,)
-    if h0 is None:
-        h0 = jnp.zeros(state_shape, dtype)
-    elif h0.shape != state_shape:
-        raise ValueError(f"h0 must have shape {state_shape}; got {h0.shape}")
-
-    a_parts = [p.reshape(batch, length, channels) for p in _as_parts(a, is_complex)]
-    x_parts = [p.reshape(batch, length, channels) for p in _as_parts(x, is_complex)]
-    h0_parts = [p.reshape(batch, 1, channels).astype(acc) for p in _as_parts(h0, is_complex)]
-
-    if schedule == "tiled":
-        group = _group_rows([p.dtype for p in a_parts + x_parts])
-        block_length = block_length or min(_TILED_LENGTH, _round_up(length, group))
-        if block_length % group:
-            raise ValueError(f"block_length must be a multiple of {group} for these dtypes; "
-                             f"got {block_length}")
-        block_channels = block_channels or min(_MAX_TILED_CHANNELS, _round_up(channels, _LANES))
-        padded_length = _round_up(length, block_length)
-    else:
-        block_channels = block_channels or min(_STREAMING_CHANNELS, pl.next_power_of_2(channels))
-        if not interpret and block_channels & (block_channels - 1):
-            raise ValueError(f"block_channels must be a power of two on GPU; got {block_channels}")
-        padded_length = length
-    padded_channels = _round_up(channels, block_channels)
-
-    # Identity steps (a = 1, x = 0) after the end leave the carry unchanged in either
-    # direction, so the final state is exact; padded channels are dropped.
-    def pad(parts, value, time=True):
-        widths = [(0, 0), (0, padded_length - length if time else 0),
-                  (0, padded_channels - channels)]
-        return [jnp.pad(p, widths, constant_values=value) for p in parts]
-
-    a_parts = pad(a_parts[:1], 1) + pad(a_parts[1:], 0)  # a = 1 + 0i
-    x_parts = pad(x_parts, 0)
-    h0_parts = pad(h0_parts, 0, time=False)
-
-    part_dtype = _real_dtype(out_dtype)
-    common = dict(reverse=reverse, block_channels=block_channels, acc=acc,
-                  out_dtype=part_dtype, interpret=interpret)
-    if schedule == "tiled":
-        h_parts, last_parts = _tiled_call(a_parts, x_parts, h0_parts, block_length=block_length,
-                                          group=group, **common)
-    else:
-        h_parts, last_parts = _streaming_call(a_parts, x_parts, h0_parts, **common)
-
-    h_parts = [p[:, :length, :channels].reshape(x.shape) for p in h_parts]
-    last_parts = [p[:, 0, :channels].reshape(state_shape) for p in last_parts]
-    if is_complex:
-        h = jax.lax.complex(*h_parts).astype(out_dtype)
-        last = jax.lax.complex(*last_parts)
-    else:
-        h, last = h_parts[0], last_parts[0]
-    return h, last
+    a, x, h0, dtype, out_dtype, is_complex = _check_inputs(a, x, h0, out_dtype)
+    plan = _plan(x.shape, [a.dtype, x.dtype], is_complex=is_complex, schedule=schedule,
+                 block_length=block_length, block_channels=block_channels, interpret=interpret)
+    return _forward(plan, a, x, h0, reverse, out_dtype)
 
 
-def pallas_scan(a: jax.Array, x: jax.Array, h0: jax.Array, reverse: bool) -> jax.Array:
-    """The states of :func:`pallas_recurrence` in ``x``'s dtype: the ``method="pallas"`` body
-    of :func:`hgrn_jax.ops.linear_recurrence`."""
-    h, _ = pallas_recurrence(a, x, h0, reverse=reverse, out_dtype=x.dtype)
-    return h
+def pallas_linear_recurrence(
+    a: jax.Array,
+    x: jax.Array,
+    h0: jax.Array | None = None,
+    *,
+    reverse: bool = False,
+    out_dtype: jnp.dtype | None = None,
+    schedule: Schedule | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """The states of :func:`pallas_recurrence`, differentiable: the ``method="pallas"`` body of
+    :func:`hgrn_jax.ops.linear_recurrence`.
+
+    Inputs are used in their own dtype (a bf16 ``a`` and ``x`` are read as bf16 and accumulated
+    in float32 inside the kernel, with no conversion passes); the states are returned, and saved
+    for the backward pass, in ``out_dtype``. The gradients ``(da, dx, dh0)`` come in the dtypes
+    of ``a``, ``x`` and ``h0``.
+    """
+    a, x, h0, dtype, out_dtype, is_complex = _check_inputs(a, x, h0, out_dtype)
+    plan = _plan(x.shape, [a.dtype, x.dtype], is_complex=is_complex, schedule=schedule,
+                 block_length=None, block_channels=None, interpret=interpret)
+    return _differentiable(a, x, h0, reverse, out_dtype, plan)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _differentiable(a, x, h0, reverse, out_dtype, plan):
+    return _forward(plan, a, x, h0, reverse, out_dtype)[0]
+
+
+def _differentiable_fwd(a, x, h0, reverse, out_dtype, plan):
+    h = _forward(plan, a, x, h0, reverse, out_dtype)[0]
+    # x itself is not needed: an empty array of its dtype says what dx must be.
+    return h, (a, jnp.zeros((0,), x.dtype), h, h0)
+
+
+def _differentiable_bwd(reverse, out_dtype, plan, residuals, g):
+    a, x_like, h, h0 = residuals
+    x_dtype = x_like.dtype
+    g = jnp.asarray(g, h.dtype)
+    if plan.schedule == "tiled":
+        from hgrn_jax.ops.recurrence import shifted_backward
+
+        acc = plan.acc if not plan.layout.is_complex else jnp.promote_types(plan.acc,
+                                                                           jnp.complex64)
+
+        def scan(a, x, h0, reverse):
+            return _forward(plan, a, x, h0, reverse, acc)[0]
+
+        da, dx, dh0 = shifted_backward(scan, a.astype(acc), h.astype(acc), h0.astype(acc),
+                                       g.astype(acc), reverse)
+        return da.astype(a.dtype), dx.astype(x_dtype), dh0.astype(h0.dtype)
+    layout, acc = plan.layout, plan.acc
+    da, dx, dh0 = _streaming_backward(
+        layout.split(a, fill=1.0), layout.split(g), layout.split(h), layout.split_state(h0, acc),
+        reverse=reverse, acc=acc, interpret=plan.interpret, options=plan.streaming,
+        da_dtype=_real_dtype(a.dtype), dx_dtype=_real_dtype(x_dtype))
+    return layout.merge(da, a.dtype), layout.merge(dx, x_dtype), layout.merge_state(dh0, h0.dtype)
+
+
+_differentiable.defvjp(_differentiable_fwd, _differentiable_bwd)

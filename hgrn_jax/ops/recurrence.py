@@ -5,8 +5,9 @@ channels. ``a`` and ``x`` may be real or complex. Whatever the input precision, 
 accumulated in float32 (complex64 for complex inputs) or wider, and returned in the dtype of
 ``x`` (promoted with ``a``) unless ``out_dtype`` says otherwise.
 
-Every method shares one custom VJP whose backward pass is itself a linear recurrence run in the
-opposite time direction over the saved ``a`` and ``h``:
+Every method has a custom VJP whose backward pass is itself a linear recurrence run in the
+opposite time direction over the saved ``a`` and ``h`` (for ``"pallas"``, one fused kernel:
+:mod:`hgrn_jax.ops.pallas_recurrence`):
 
     d_t   = g_t + a_{t+1} * d_{t+1}        (the gradient flowing into h_t; reverse time)
     dx_t  = d_t
@@ -31,23 +32,35 @@ METHODS: tuple[str, ...] = ("sequential", "associative", "chunked", "pallas")
 
 _TIME_AXIS = -2
 _DEFAULT_CHUNK = 64
+GPU_PALLAS_MIN_LENGTH = 2048
 
 
 def default_method(length: int, platform: str | None = None) -> str:
     """The method ``method="auto"`` picks.
 
-    On CPU, ``"sequential"`` at every length. Measured by ``benchmarks/scan.py`` (B=8, D=512,
+    CPU: ``"sequential"`` at every length. Measured by ``benchmarks/scan.py`` (B=8, D=512,
     float32 and complex64, L = 1024 to 16384; ``benchmarks/results/scan_cpu.json``): the
     in-place time loop is the fastest method forward and forward+backward at every length,
     2-3x faster than ``"chunked"`` and ``"associative"``, and its gradient step needs the least
     temporary memory (one array). A CPU runs one step over all B*D channels at memory speed,
     so the parallel scans' extra passes over memory cost more than they save.
-    On GPU and TPU the chunked scan keeps the sequential part to ``length / chunk`` steps.
+
+    GPU: ``"pallas"`` from ``GPU_PALLAS_MIN_LENGTH`` steps, ``"associative"`` below. Measured
+    on an H100 by ``benchmarks/peers_gpu.py`` (``benchmarks/results/peers_gpu.json``): at
+    L = 4k to 64k the Pallas kernel is the fastest forward+backward (float32 and bfloat16); at
+    L = 1k, where the whole pass takes ~0.3 ms, XLA's single fused associative scan beats its
+    three launches. ``"chunked"`` (a loop over chunks) and ``"sequential"`` (a loop over steps)
+    are 5-100x slower there: each loop iteration is a kernel launch.
+
+    TPU: ``"associative"`` (not measured on a TPU; it has no per-step loop, the cost that
+    sinks the looped methods on a GPU).
     """
     platform = platform or jax.default_backend()
     if platform == "cpu":
         return "sequential"
-    return "chunked"
+    if platform in ("gpu", "cuda", "rocm") and length >= GPU_PALLAS_MIN_LENGTH:
+        return "pallas"
+    return "associative"
 
 
 def _accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -93,22 +106,26 @@ def linear_recurrence(
     dtype = jnp.result_type(a, x) if h0 is None else jnp.result_type(a, x, h0)
     out_dtype = out_dtype or dtype
     acc = _accumulation_dtype(dtype)
-    a = jnp.broadcast_to(a, x.shape).astype(acc)
-    x = x.astype(acc)
-    state_shape = x.shape[:-2] + x.shape[-1:]
-    if h0 is None:
-        # zeros_like keeps x's batch sharding (a replicated carry breaks lax.scan on an
-        # Explicit mesh).
-        h0 = jnp.zeros_like(x[..., 0, :])
-    else:
-        if h0.shape != state_shape:
-            raise ValueError(f"h0 must have shape {state_shape}; got {h0.shape}")
-        h0 = jnp.asarray(h0).astype(acc)
     if method == "auto":
         method = default_method(x.shape[_TIME_AXIS])
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {('auto',) + METHODS}")
-    h = _recurrence(a, x, h0, reverse, method, chunk_size)
+    state_shape = x.shape[:-2] + x.shape[-1:]
+    if h0 is not None and h0.shape != state_shape:
+        raise ValueError(f"h0 must have shape {state_shape}; got {h0.shape}")
+    if method == "pallas":
+        # The kernel reads a and x in their own dtype and accumulates in float32 inside.
+        from hgrn_jax.ops.pallas_recurrence import pallas_linear_recurrence
+
+        h0 = None if h0 is None else jnp.asarray(h0).astype(acc)
+        h = pallas_linear_recurrence(a, x, h0, reverse=reverse, out_dtype=out_dtype)
+    else:
+        a = jnp.broadcast_to(a, x.shape).astype(acc)
+        x = x.astype(acc)
+        # zeros_like keeps x's batch sharding (a replicated carry breaks lax.scan on an
+        # Explicit mesh).
+        h0 = jnp.zeros_like(x[..., 0, :]) if h0 is None else jnp.asarray(h0).astype(acc)
+        h = _recurrence(a, x, h0, reverse, method, chunk_size)
     out = h.astype(out_dtype)
     if return_last_state:
         last = h[..., 0, :] if reverse else h[..., -1, :]
@@ -131,15 +148,22 @@ def _recurrence_bwd(reverse, method, chunk_size, residuals, g):
     g = jnp.asarray(g, h.dtype)  # jax.vjp passes NumPy cotangents through as they are
     if method == "sequential":
         return _sequential_backward(a, h, h0, g, reverse)
+    scan = functools.partial(_scan, method=method, chunk_size=chunk_size)
+    return shifted_backward(scan, a, h, h0, g, reverse)
+
+
+def shifted_backward(scan, a, h, h0, g, reverse: bool):
+    """``(da, dx, dh0)`` of the recurrence by ``scan(a, x, h0, reverse) -> h`` run in the
+    opposite time direction over the decays shifted by one step (see the module docstring)."""
     zeros = jnp.zeros_like(a[..., :1, :])
     if not reverse:
         a_next = jnp.concatenate([a[..., 1:, :], zeros], axis=_TIME_AXIS)
-        d = _scan(a_next, g, jnp.zeros_like(h0), True, method, chunk_size)
+        d = scan(a_next, g, jnp.zeros_like(h0), True)
         h_prev = jnp.concatenate([h0[..., None, :], h[..., :-1, :]], axis=_TIME_AXIS)
         dh0 = a[..., 0, :] * d[..., 0, :]
     else:
         a_prev = jnp.concatenate([zeros, a[..., :-1, :]], axis=_TIME_AXIS)
-        d = _scan(a_prev, g, jnp.zeros_like(h0), False, method, chunk_size)
+        d = scan(a_prev, g, jnp.zeros_like(h0), False)
         h_prev = jnp.concatenate([h[..., 1:, :], h0[..., None, :]], axis=_TIME_AXIS)
         dh0 = a[..., -1, :] * d[..., -1, :]
     return d * h_prev, d, dh0
@@ -153,10 +177,6 @@ def _scan(a, x, h0, reverse, method, chunk_size):
         return _sequential(a, x, h0, reverse)
     if method == "associative":
         return _associative(a, x, h0, reverse)
-    if method == "pallas":
-        from hgrn_jax.ops.pallas_recurrence import pallas_scan
-
-        return pallas_scan(a, x, h0, reverse)
     return _chunked(a, x, h0, reverse, chunk_size)
 
 
