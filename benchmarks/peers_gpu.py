@@ -4,6 +4,8 @@
     python benchmarks/peers_gpu.py [--lengths 1024 4096 16384 65536] [--dtypes float32 bfloat16]
                                    [--methods sequential associative chunked pallas]
                                    [--layer-lengths 1024 4096 16384] [--reps 5]
+                                   [--layer-methods pallas chunked] [--deadline SECONDS]
+                                   [--max-sequential-length 16384]
     python benchmarks/peers_gpu.py --dry-run-jax             # our side only, tiny L, any backend
 
 Kernels, (B, L, D) = (8, L, 512), the same data on both sides (fla takes the log gate g = log a):
@@ -17,7 +19,10 @@ best copy bandwidth measured in this run by a large device copy in PyTorch and i
 Layer: our ``FlaHGRNAttention`` (weights converted from fla's) against ``fla.layers.HGRNAttention``
 (hidden 1024, batch 8), forward+backward with respect to the input and every weight.
 Before timing, outputs of both sides are compared on one shape (max relative error printed).
-Results: ``benchmarks/results/peers_gpu.json``.
+Results (rewritten after every row, so a run stopped early keeps what it measured):
+``benchmarks/results/peers_gpu.json``. ``--deadline`` stops starting new shapes after that many
+seconds; ``"sequential"`` (one step per loop iteration, a launch-bound loop on a GPU) is only
+timed up to ``--max-sequential-length``.
 """
 
 from __future__ import annotations
@@ -143,7 +148,12 @@ def check_kernels(methods: list[str], length: int = 1024) -> None:
     theirs = {name: fla_kernel_passes(name, tx, tg, None)["forward"]().float().cpu().numpy()
               for name in FLA_KERNELS}
     for method in methods:
-        ours = jax_passes(method)["forward"](a, x)
+        try:
+            ours = jax_passes(method)["forward"](a, x)
+        except Exception as error:  # report and go on: one broken method must not stop the run
+            print(f"check L={length} float32 {method}: FAILED {type(error).__name__}: {error}",
+                  flush=True)
+            continue
         errors = ", ".join(f"{name} {max_relative_error(ours, o):.2e}" for name, o in theirs.items())
         print(f"check L={length} float32 {method}: max relative error vs {errors}", flush=True)
 
@@ -214,6 +224,18 @@ def check_layer(length: int = 1024) -> None:
     print(f"check layer L={length} float32: max relative error vs fla {error:.2e}", flush=True)
 
 
+def timed(timer: Callable, *args: Any, **kwargs: Any) -> float | None:
+    """``timer(*args)`` in seconds (its median when it returns a dict), or None, after
+    printing the error, when the timed function fails: one broken implementation must not stop
+    the rest of the run."""
+    try:
+        result = timer(*args, **kwargs)
+    except Exception as error:
+        print(f"FAILED {type(error).__name__}: {str(error)[:2000]}", flush=True)
+        return None
+    return result["median"] if isinstance(result, dict) else result
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """``x_fla_best``: each row's time over the best fla time at the same test point."""
     best: dict[tuple, float] = {}
@@ -232,7 +254,15 @@ def main() -> None:
     parser.add_argument("--layer-lengths", type=int, nargs="+", default=list(LAYER_LENGTHS))
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--layer-methods", nargs="+", default=["pallas", "chunked"],
+                        choices=list(METHODS))
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--deadline", type=float, default=float("inf"),
+                        help="seconds after which no new shape is started")
+    parser.add_argument("--max-sequential-length", type=int, default=16384)
+    parser.add_argument("--torch-tf32", action="store_true",
+                        help="let PyTorch use TF32 for float32 matmuls, as JAX does by default "
+                             "on GPU (without it, float32 layer rows compare TF32 with float32)")
     parser.add_argument("--dry-run-jax", action="store_true",
                         help="time only our side at tiny lengths on any backend; write nothing")
     args = parser.parse_args()
@@ -240,11 +270,20 @@ def main() -> None:
     if with_peers and (missing := missing_requirements()):
         print(f"peers_gpu: skipped, missing {'; '.join(missing)}. To measure, {HOW_TO_RUN}")
         return
+    if with_peers and args.torch_tf32:
+        import torch
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if args.dry_run_jax:
         args.lengths, args.layer_lengths, args.reps = [256], [128], 1
     else:
         check_kernels(args.methods)
         check_layer()
+
+    started = time.perf_counter()
+
+    def out_of_time() -> bool:
+        return time.perf_counter() - started > args.deadline
 
     bandwidths = copy_bandwidths(args.reps, with_peers, COPY_BYTES if with_peers else 1 << 26)
     bandwidth = max(bandwidths.values())
@@ -260,27 +299,48 @@ def main() -> None:
             row["x_floor"] = seconds * 1e3 / row["floor_ms"]
         rows.append(row)
         print(format_table([row], list(row)).splitlines()[-1], flush=True)
+        if with_peers:
+            add_ratios(rows)
+            write_results("peers", rows, meta)
+
+    meta = {"batch": BATCH, "channels": CHANNELS, "layer_hidden": LAYER_HIDDEN,
+            "copy_bandwidth_GBps": {k: v / 1e9 for k, v in bandwidths.items()},
+            "floor": "(3 forward [+ 5 backward]) * B*L*D*itemsize / best copy bandwidth",
+            "torch_tf32": bool(args.torch_tf32)}
+    if with_peers:
+        import fla
+        import torch
+        meta.update(fla=getattr(fla, "__version__", "?"), torch=torch.__version__,
+                    gpu=torch.cuda.get_device_name())
 
     for dtype_name in args.dtypes:
         itemsize = jnp.dtype(dtype_name).itemsize
         for length in args.lengths:
+            if out_of_time():
+                print(f"deadline: skipping kernels at {dtype_name} L={length}", flush=True)
+                continue
             data = kernel_inputs(length, dtype_name)
             a, x, dy = (jnp.asarray(data[k], dtype_name) for k in ("a", "x", "dy"))
             arrays_bytes = BATCH * length * CHANNELS * itemsize
             for method in args.methods:
+                if method == "sequential" and length > args.max_sequential_length:
+                    continue
                 for pass_name, fn in jax_passes(method).items():
                     inputs = (a, x) if pass_name == "forward" else (a, x, dy)
-                    seconds = time_fn(fn, *inputs, reps=args.reps)["median"]
-                    add("kernel", method, dtype_name, length, pass_name, seconds,
-                        ARRAYS[pass_name] * arrays_bytes)
+                    seconds = timed(time_fn, fn, *inputs, reps=args.reps)
+                    if seconds is not None:
+                        add("kernel", method, dtype_name, length, pass_name, seconds,
+                            ARRAYS[pass_name] * arrays_bytes)
             del a, x, dy
             if with_peers:
                 tx, tdy = to_torch(data["x"], dtype_name), to_torch(data["dy"], dtype_name)
                 tg = to_torch(np.log(data["a"]), dtype_name)
                 for name in FLA_KERNELS:
                     for pass_name, fn in fla_kernel_passes(name, tx, tg, tdy).items():
-                        add("kernel", name, dtype_name, length, pass_name,
-                            time_torch(fn, args.reps), ARRAYS[pass_name] * arrays_bytes)
+                        seconds = timed(time_torch, fn, args.reps)
+                        if seconds is not None:
+                            add("kernel", name, dtype_name, length, pass_name, seconds,
+                                ARRAYS[pass_name] * arrays_bytes)
                 del tx, tg, tdy
 
         hidden = LAYER_HIDDEN if with_peers else 64
@@ -289,21 +349,27 @@ def main() -> None:
         ours = our_layer(hidden, dtype_name,
                          state_dict_of(theirs["chunk"]) if with_peers else None)
         for length in args.layer_lengths:
+            if out_of_time():
+                print(f"deadline: skipping the layer at {dtype_name} L={length}", flush=True)
+                continue
             rng = np.random.default_rng(length)
             x = rng.standard_normal((BATCH, length, hidden), np.float32)
             dy = rng.standard_normal((BATCH, length, hidden), np.float32)
             jx, jdy = jnp.asarray(x, dtype_name), jnp.asarray(dy, dtype_name)
-            for method in args.methods:
+            for method in args.layer_methods:
                 passes = our_layer_passes(ours, method)
-                add("layer", method, dtype_name, length, "forward+backward",
-                    time_fn(passes["forward+backward"], jx, jdy, reps=args.reps)["median"], None)
+                seconds = timed(time_fn, passes["forward+backward"], jx, jdy, reps=args.reps)
+                if seconds is not None:
+                    add("layer", method, dtype_name, length, "forward+backward", seconds, None)
             del jx, jdy
             if with_peers:
                 tx, tdy = to_torch(x, dtype_name), to_torch(dy, dtype_name)
                 for mode, layer in theirs.items():
                     fn = fla_layer_passes(layer, tx, tdy)["forward+backward"]
-                    add("layer", f"fla_{mode}", dtype_name, length, "forward+backward",
-                        time_torch(fn, args.reps), None)
+                    seconds = timed(time_torch, fn, args.reps)
+                    if seconds is not None:
+                        add("layer", f"fla_{mode}", dtype_name, length, "forward+backward",
+                            seconds, None)
                 del tx, tdy
 
     add_ratios(rows)
@@ -312,11 +378,6 @@ def main() -> None:
     if args.dry_run_jax:
         print("dry run: nothing written")
         return
-    meta = {"batch": BATCH, "channels": CHANNELS, "layer_hidden": LAYER_HIDDEN,
-            "copy_bandwidth_GBps": {k: v / 1e9 for k, v in bandwidths.items()},
-            "floor": "(3 forward [+ 5 backward]) * B*L*D*itemsize / best copy bandwidth",
-            "fla": __import__("fla").__version__, "torch": __import__("torch").__version__,
-            "gpu": __import__("torch").cuda.get_device_name()}
     print("wrote", write_results("peers", rows, meta))
 
 

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Every GPU measurement in one go, for a machine lent for a few minutes (see README, Results):
+#   bash benchmarks/gpu_session.sh        # results: benchmarks/results/*_gpu.json, logs in $OUT
+# Each step has its own time limit, so one slow or failing step leaves the others' results.
+# fla (flash-linear-attention 0.6.0 + fla-core) is installed from wheels in .whl/ when present.
+set -u
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+OUT=${OUT:-/tmp/hgrn_gpu_session}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+log() { echo "=== $(date +%T) $*"; }
+
+log environment
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+if ls .whl/fla_core-*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/hgrn_site \
+    .whl/fla_core-*.whl .whl/flash_linear_attention-*.whl && export PYTHONPATH=/tmp/hgrn_site
+fi
+smoke='from flax import nnx; from hgrn_jax.nn import HGRNLM, LMConfig
+HGRNLM(LMConfig(vocab_size=16, features=16, num_layers=1, glu_hidden=16), rngs=nnx.Rngs(0))'
+if ! $PY -c "$smoke" && ls .whl/flax-*.whl >/dev/null 2>&1; then
+  log "installed flax cannot build our modules: using the pinned flax wheel"
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/hgrn_flax .whl/flax-*.whl
+  export PYTHONPATH=/tmp/hgrn_flax:${PYTHONPATH:-}
+fi
+$PY -c "import jax, flax, sys; print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+$PY -c "import torch, triton, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', getattr(fla, '__version__', '?'))"
+
+step() {
+  local name=$1 limit=$2; shift 2
+  log "$name (limit ${limit} s): $*"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  log "$name: exit ${PIPESTATUS[0]}"
+}
+step pallas 100 $PY benchmarks/pallas_gpu.py --reps 5
+step peers 200 $PY benchmarks/peers_gpu.py --reps 5 --deadline 150
+step lm 110 $PY benchmarks/train_throughput.py --full --lengths 1024 4096 16384 \
+  --methods pallas chunked --reps 3
+step lra 70 $PY benchmarks/train_throughput.py --task lra --full --lengths 1024 4096 16384 \
+  --methods pallas chunked --reps 3
+tar czf "$OUT/results.tar.gz" benchmarks/results/*_gpu.json
+log done
