@@ -4,6 +4,7 @@ gradients through ``linear_recurrence``'s custom VJP, and its GPU/TPU lowerings.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -196,6 +197,27 @@ def test_bf16_gradients_accumulate_in_float32(schedule):
     for got, want in zip((da, dx), exact):
         np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want),
                                    rtol=2 ** -7, atol=2 ** -7 * np.abs(np.asarray(want)).max())
+
+
+@pytest.mark.parametrize("schedule", ["tiled", "streaming"])
+def test_real_decay_with_complex_inputs_gets_a_real_gradient(schedule):
+    """A real ``a`` in a complex recurrence: its cotangent is the real part (what JAX's
+    real-to-complex conversion transposes to), with no complex-to-real cast warning."""
+    _, x, h0 = make_inputs((2, 19, 6), True, seed=10)
+    a = np.random.default_rng(11).uniform(0.6, 1.0, x.shape).astype(np.float32)
+
+    def loss(fn, a, x, h0):
+        return jnp.sum(jnp.abs(fn(a, x, h0)) ** 2)
+
+    pallas = functools.partial(pallas_linear_recurrence, schedule=schedule)
+    with streaming_options(chunk_length=7, block_channels=8), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = jax.grad(functools.partial(loss, pallas), argnums=(0, 1, 2))(a, x, h0)
+    want = jax.grad(functools.partial(loss, lambda a, x, h0: scan_recurrence(
+        a.astype(jnp.complex64), x, h0, False)), argnums=(0, 1, 2))(a, x, h0)
+    assert got[0].dtype == jnp.float32
+    for g, w_ in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w_), atol=1e-4, rtol=1e-4)
 
 
 def test_streaming_chunking_defaults():

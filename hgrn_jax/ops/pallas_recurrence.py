@@ -494,15 +494,22 @@ class _Layout:
                 for p in _as_parts(value, self.is_complex)]
 
     def merge(self, parts: Sequence[jax.Array], dtype) -> jax.Array:
+        """Parts -> ``(..., L, C)`` in ``dtype`` (the real part alone when ``dtype`` is real:
+        the cotangent of a real input of a complex recurrence)."""
         length, channels = self.shape[-2:]
         parts = [p[:, :length, :channels].reshape(self.shape) for p in parts]
-        return (jax.lax.complex(*parts) if self.is_complex else parts[0]).astype(dtype)
+        if self.is_complex and jnp.issubdtype(dtype, jnp.complexfloating):
+            return jax.lax.complex(*parts).astype(dtype)
+        return parts[0].astype(dtype)
 
     def merge_state(self, parts: Sequence[jax.Array], dtype=None) -> jax.Array:
         channels = self.shape[-1]
         parts = [p[:, 0, :channels].reshape(self.shape[:-2] + (channels,)) for p in parts]
-        value = jax.lax.complex(*parts) if self.is_complex else parts[0]
-        return value if dtype is None else value.astype(dtype)
+        if dtype is None:
+            return jax.lax.complex(*parts) if self.is_complex else parts[0]
+        if self.is_complex and jnp.issubdtype(dtype, jnp.complexfloating):
+            return jax.lax.complex(*parts).astype(dtype)
+        return parts[0].astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -672,7 +679,7 @@ def _differentiable_bwd(reverse, out_dtype, plan, residuals, g):
     x_dtype = x_like.dtype
     g = jnp.asarray(g, h.dtype)
     if plan.schedule == "tiled":
-        from hgrn_jax.ops.recurrence import shifted_backward
+        from hgrn_jax.ops.recurrence import _cotangent, shifted_backward
 
         acc = plan.acc if not plan.layout.is_complex else jnp.promote_types(plan.acc,
                                                                            jnp.complex64)
@@ -682,7 +689,7 @@ def _differentiable_bwd(reverse, out_dtype, plan, residuals, g):
 
         da, dx, dh0 = shifted_backward(scan, a.astype(acc), h.astype(acc), h0.astype(acc),
                                        g.astype(acc), reverse)
-        return da.astype(a.dtype), dx.astype(x_dtype), dh0.astype(h0.dtype)
+        return _cotangent(da, a.dtype), _cotangent(dx, x_dtype), _cotangent(dh0, h0.dtype)
     layout, acc = plan.layout, plan.acc
     da, dx, dh0 = _streaming_backward(
         layout.split(a, fill=1.0), layout.split(g), layout.split(h), layout.split_state(h0, acc),
