@@ -162,6 +162,28 @@ def test_imagenet_batches_shapes_targets_and_resume(tmp_path, mock):
     assert "targets" not in eval_batch and eval_batch["images"].shape == (4, size, size, 3)
 
 
+def test_imagenet_mixup_groups_ignore_the_process_count(tmp_path, mock):
+    """Mixup/CutMix mix within groups of the global batch with per-group draws: two processes'
+    halves are exactly the one-process batch; a group that would straddle processes is an
+    error naming the setting."""
+    config = imagenet_config(tmp_path)
+    config.data.augment.mixup_group_size = 2
+    task = tasks.get_task(config)
+    whole = take(task.train_batches(0, 0, 1), 2)
+    halves = [take(task.train_batches(0, p, 2), 2) for p in (0, 1)]
+    for batch, a, b in zip(whole, *halves):
+        for key in ("images", "targets", "labels"):
+            np.testing.assert_array_equal(batch[key], np.concatenate([a[key], b[key]]))
+    # Each group's targets are a mix of that group's own labels only.
+    targets, labels = whole[0]["targets"], whole[0]["labels"]
+    for group in (slice(0, 2), slice(2, 4)):
+        mass = targets[group].sum(0)
+        assert mass[np.unique(labels[group])].sum() > 2 * (1 - 0.1) - 1e-5
+    config.data.augment.mixup_group_size = 4
+    with pytest.raises(ValueError, match="mixup_group_size 4 must divide the per-process batch"):
+        next(tasks.get_task(config).train_batches(0, 0, 2))
+
+
 def test_imagenet_image_transforms():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)

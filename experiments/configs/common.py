@@ -143,7 +143,8 @@ def imagenet_config(*, features: int, paper_top1: float, paper_params: int
     c.data.val_examples = 1_000   # generated stand-in (source="synthetic") only
     c.data.test_examples = 1_000
     c.data.augment = ml_collections.ConfigDict(dict(
-        mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5, randaugment="rand-m9-mstd0.5-inc1",
+        mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5, mixup_group_size=128,
+        randaugment="rand-m9-mstd0.5-inc1",
         random_erasing=0.25, color_jitter=0.4, interpolation="bicubic"))
     c.data.workers = -1  # ImageNet batch-building processes (-1: one per CPU; 0: threads)
     c.batch_size = 2048
@@ -183,3 +184,4 @@ def imagenet_tiny(c: ml_collections.ConfigDict) -> None:
     c.dtype = "float32"
     tiny_schedule(c, steps=120, batch_size=32, learning_rate=3e-3)
     c.schedule.min_lr = 0.0
+    c.data.augment.mixup_group_size = 2  # divides any per-host share of a small batch

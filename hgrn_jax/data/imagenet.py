@@ -11,9 +11,12 @@ Per example (PIL, the library timm's DeiT pipeline uses, bicubic resampling):
   normalisation with the ImageNet statistics, random erasing (p ``random_erasing``, per-pixel
   normal noise, area 2%-1/3, log-aspect in log(0.3)-log(3.3));
 - eval: resize the short side to ``image_size / 0.875`` (256), centre crop ``image_size``.
-Per batch (numpy): Mixup (alpha ``mixup``) or CutMix (alpha ``cutmix``), one chosen per batch
-with probability ``mixup_switch_prob`` for CutMix, pairing each image with the batch reversed;
-soft targets with label smoothing folded in (timm's ``Mixup``).
+Per group of ``mixup_group_size`` rows of the global batch (default 128, DeiT's per-GPU batch;
+numpy): Mixup (alpha ``mixup``) or CutMix (alpha ``cutmix``), one chosen per group with
+probability ``mixup_switch_prob`` for CutMix, pairing each image with the group reversed; soft
+targets with label smoothing folded in (timm's ``Mixup`` in batch mode, which mixes each GPU's
+batch). The groups and their random draws depend on the global batch only, so a run's batches
+are the same on any number of hosts.
 Colour jitter is not applied: timm turns it off when RandAugment is on (DeiT's setting).
 """
 
@@ -220,6 +223,11 @@ class ImageNetSource:
 # ----------------------------------------------------------------------------- batches
 
 
+# DeiT's per-GPU batch (1,024 over 8 GPUs): the reference mixes each GPU's batch with its mirror.
+MIXUP_GROUP_SIZE = 128
+_MIXUP_STREAM = 1 << 20  # batch_rng streams of the mixing groups (0 is the per-image seeds')
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchSpec:
     """Everything a (possibly separate worker) process needs to build one process-local batch."""
@@ -238,6 +246,20 @@ class BatchSpec:
     random_erasing: float = 0.25
     randaugment: str = "rand-m9-mstd0.5-inc1"
     skip_bad_rows: bool = False
+    mixup_group_size: int = MIXUP_GROUP_SIZE
+
+    def mixup_group(self) -> int:
+        """Rows of the global batch mixed together (at most the batch; must divide each
+        process's share so that no group straddles two processes)."""
+        group = min(self.mixup_group_size, self.batch_size)
+        local = self.batch_size // self.process_count
+        if group <= 0 or local % group:
+            raise ValueError(
+                f"data.augment.mixup_group_size {self.mixup_group_size} must divide the "
+                f"per-process batch ({local} = batch_size {self.batch_size} / "
+                f"{self.process_count} processes); set --config.data.augment.mixup_group_size "
+                f"to a divisor of {local}")
+        return group
 
 
 _OPEN_SOURCES: dict[tuple[str, str], ImageNetSource] = {}
@@ -297,10 +319,18 @@ def train_batch(spec: BatchSpec, num_examples: int, step: int, pool: Executor | 
     images, labels, valid = read_transformed("train", rows, spec, lambda i, image: train_image(
         image, spec.image_size, np.random.default_rng(seeds[i]), spec.random_erasing, policy),
         pool)
-    images, targets = mixup_cutmix(
-        images, labels, rng, num_classes=spec.num_classes, mixup_alpha=spec.mixup,
-        cutmix_alpha=spec.cutmix, switch_prob=spec.switch_prob,
-        label_smoothing=spec.label_smoothing)
+    # Mixup/CutMix within fixed groups of the global batch, each with its own draws: the same
+    # global batch whatever the number of processes (timm mixes each GPU's batch instead).
+    group = spec.mixup_group()
+    targets = np.zeros((len(labels), spec.num_classes), np.float32)
+    for start in range(0, len(labels), group):
+        rows = slice(start, start + group)
+        group_index = (local.start + start) // group
+        group_rng = loader.batch_rng(spec.seed, step, _MIXUP_STREAM + group_index)
+        images[rows], targets[rows] = mixup_cutmix(
+            images[rows], labels[rows], group_rng, num_classes=spec.num_classes,
+            mixup_alpha=spec.mixup, cutmix_alpha=spec.cutmix, switch_prob=spec.switch_prob,
+            label_smoothing=spec.label_smoothing)
     return {"images": images, "labels": labels, "targets": targets,
             "weight": valid.astype(np.float32)}
 

@@ -216,7 +216,8 @@ class ImageNetTfdsTask(base.ImageNetTask):
             mixup=float(aug.mixup), cutmix=float(aug.cutmix),
             switch_prob=float(aug.mixup_switch_prob), label_smoothing=float(c.label_smoothing),
             random_erasing=float(aug.random_erasing), randaugment=str(aug.randaugment or ""),
-            skip_bad_rows=_skip(c))
+            skip_bad_rows=_skip(c),
+            mixup_group_size=int(aug.get("mixup_group_size", imagenet.MIXUP_GROUP_SIZE)))
 
     def _threads(self) -> ThreadPoolExecutor:
         if getattr(self, "_pool", None) is None:
