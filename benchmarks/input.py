@@ -4,7 +4,11 @@ Runs each task's ``train_batches`` (and ``eval_batches``) at the paper's sequenc
 batch sizes on generated fixtures in the release layouts (``tests/data_fixtures.py`` style) and on
 ``tfds.testing.mock_data`` for IMDB and CIFAR-10, and on ImageNet prepared by tfds from small
 archives of 500 x 375 JPEGs (threads, and 2 worker processes), after a first batch that prepares the
-cache (timed separately as ``prepare_s``). Writes ``benchmarks/results/input_<platform>.json``.
+cache (timed separately as ``prepare_s``). The release datasets (ListOps, Retrieval, Pathfinder,
+Path-X, WikiText-103) are measured twice in the same run: from their ``.npy`` caches and from the
+same fixture prepared into tfds data (``hgrn_jax.data.prepare`` with ``data.tfds_dir``, timed as
+``tfds_prepare_s``; rows ``... tfds``, with ``vs_npy`` = their examples/s over the ``.npy`` row's).
+Writes ``benchmarks/results/input_<platform>.json``.
 
     python benchmarks/input.py [--seconds 2]
 """
@@ -66,14 +70,17 @@ def cases(tmp: Path, rng):
     from hgrn_jax.data import listops
 
     lra = tmp / "lra_release"
+    # Validation splits span at least two eval batches: the tfds columns keep the last batch's
+    # records, so cycling one batch would time a cache hit, not a read.
     listops.write_tsv(lra / "listops-1000", listops.generate(
-        listops.ListOpsSpec(min_length=500, max_length=2000, num_train=256, num_val=64,
+        listops.ListOpsSpec(min_length=500, max_length=2000, num_train=256, num_val=256,
                             num_test=64), seed=0))
-    yield "listops (release, 2048)", config_of("lra.listops", lra_dir=str(tmp))
+    yield "listops (release, 2048)", config_of("lra.listops", lra_dir=str(tmp),
+                                               cache_dir=str(tmp / "cache"))
     write_aan(lra, 256, 4500, rng)
     yield "retrieval (AAN, 2 x 4000)", config_of("lra.retrieval", lra_dir=str(tmp),
                                                  cache_dir=str(tmp / "cache"))
-    fx.write_pathfinder(lra, 32, count=1000)
+    fx.write_pathfinder(lra, 32, count=2560)
     yield "pathfinder (32 x 32)", config_of("lra.pathfinder", lra_dir=str(tmp),
                                             cache_dir=str(tmp / "cache"))
     fx.write_pathfinder(lra, 128, count=200)
@@ -126,6 +133,28 @@ def measure(name, config, seconds) -> dict:
     return row
 
 
+def measure_prepared_tfds(name, config, tfds_dir: Path, seconds, npy_row) -> dict:
+    """The release pipeline ``name`` again, from its fixture prepared into tfds data in
+    ``tfds_dir`` (array_record, read by index like a pod host does)."""
+    from hgrn_jax.data import prepare
+    from hgrn_jax.training import real_data_tfds, tasks
+
+    config = config.copy_and_resolve_references()
+    config.data.tfds_dir = str(tfds_dir)
+    start = time.perf_counter()
+    prepare.prepare(config)
+    prepare_s = time.perf_counter() - start
+    assert real_data_tfds.prepared_task_class(config) is not None, name
+    assert type(tasks.get_task(config)).__module__ == real_data_tfds.__name__, name
+    row = measure(name.replace(")", ", tfds)"), config, seconds)
+    row["tfds_prepare_s"] = round(prepare_s, 3)
+    row["vs_npy"] = {part: round(row[part]["examples_per_s"] / npy_row[part]["examples_per_s"], 4)
+                     for part in ("train", "eval")}
+    print(f"{'':36s} tfds / npy: train {row['vs_npy']['train']:.3g}, eval "
+          f"{row['vs_npy']['eval']:.3g}; tfds prepare {row['tfds_prepare_s']} s", flush=True)
+    return row
+
+
 def _cycle(task, batch):
     while True:
         yield from task.eval_batches("val", 0, 1)
@@ -140,6 +169,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, config in cases(Path(tmp), rng):
             rows.append(measure(name, config, args.seconds))
+            rows.append(measure_prepared_tfds(name, config, Path(tmp) / "tfds", args.seconds,
+                                              rows[-1]))
         import tensorflow_datasets as tfds
 
         with tfds.testing.mock_data(num_examples=256):
@@ -149,7 +180,9 @@ def main() -> None:
             rows.append(measure(name, config, args.seconds))
     path = write_results("input", rows, {"seconds": args.seconds, "note": (
         "one process, fixtures / tfds mock data in a temporary folder (page cache warm); "
-        "prepare_s = first batch, cache preparation included")})
+        "prepare_s = first batch, cache preparation included; tfds rows: the release fixture "
+        "prepared into tfds data (array_record) first (tfds_prepare_s), vs_npy = examples/s "
+        "over the .npy row's of the same run")})
     print(f"wrote {path}")
 
 
