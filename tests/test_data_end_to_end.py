@@ -2,14 +2,18 @@
 
 Through ``train_and_evaluate`` (jitted steps on the 8 simulated devices, evaluation, checkpoint,
 ``results.json``): ListOps on a release-layout TSV, Text on mock IMDB, Image on mock CIFAR-10 (RGB
-with crop and flip) and Path-X on 128 x 128 PNGs in the ``pathfinder128`` layout. Retrieval,
+with crop and flip, and the grey variant) and Path-X on 128 x 128 PNGs in the ``pathfinder128``
+layout. Retrieval,
 Pathfinder, WikiText-103 and ImageNet (whose ``small`` tiny preset is ``tiny``'s) train end to end
-in ``test_data_release.py`` / ``test_data_tfds.py``; the grey CIFAR variant's batches are checked
-there too.
+in ``test_data_release.py`` / ``test_data_tfds.py``; the grey CIFAR variant's normalisation is
+checked there too.
 """
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -42,6 +46,23 @@ def test_image_on_mock_cifar10(tmp_path, mock):
     config = fx.cifar_config(tmp_path)
     assert isinstance(tasks.get_task(config), real_data.CifarTask)
     fx.train_briefly(config, tmp_path / "run", steps=2)
+
+
+def test_grayscale_image_on_mock_cifar10(tmp_path, mock):
+    """LRA's grey variant (``data.grayscale=True``, ``model.input_channels=1``): one channel in
+    the batches and in the model's pixel encoder, finite training and evaluation losses."""
+    config = fx.cifar_config(tmp_path, grayscale=True)
+    config.model.input_channels = 1
+    task = tasks.get_task(config)
+    assert isinstance(task, real_data.CifarTask)
+    batch = next(task.train_batches(0))
+    assert batch["inputs"].shape == (4, 32 * 32, 1) and batch["inputs"].dtype == np.float32
+    fx.train_briefly(config, tmp_path / "run", steps=2)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    train_losses = [r["loss"] for r in logged if r["split"] == "train"]
+    assert train_losses and np.all(np.isfinite(train_losses))
+    written = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert written["model"]["input_channels"] == 1 and written["data"]["grayscale"] is True
 
 
 def test_pathx_on_pathfinder128_pngs(tmp_path):
