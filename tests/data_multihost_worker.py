@@ -1,11 +1,14 @@
-"""One process of the two-process data test: Pathfinder batches assembled into global arrays.
+"""One process of the two-process data tests: Pathfinder batches assembled into global arrays.
 
-Run as ``python tests/data_multihost_worker.py --lra_dir D --out F`` with
-``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` (2) and ``JAX_PROCESS_ID`` set. Each process has
-4 simulated CPU devices, prepares the shared cache (racing the other process), reads only its own
-rows, and builds every global batch with ``jax.make_array_from_process_local_data`` on a
-``data`` mesh axis over all 8 devices; process 0 writes the example ids (fixture image i is grey
-i) of every global training and evaluation batch to ``F`` (.npz).
+Run as ``python tests/data_multihost_worker.py --lra_dir D [--tfds_dir T] --out F`` with
+``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` (2) and ``JAX_PROCESS_ID`` set
+(:func:`run_two_processes` does that). Each process has 4 simulated CPU devices, reads only its own
+rows (from the release through the shared ``.npy`` cache, which the processes race to prepare; or,
+with ``--tfds_dir``, from the prepared tfds data), and builds every global batch with
+``jax.make_array_from_process_local_data`` on a ``data`` mesh axis over all 8 devices; process 0
+writes the example ids (fixture image i is grey i) of every global training and evaluation batch
+to ``F`` (.npz), and the name of its task class as ``task``. With ``--tfds_dir`` each process ``p``
+also writes the record indices it read from each split's data source to ``F.reads<p>.npz``.
 """
 
 from __future__ import annotations
@@ -13,15 +16,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 TRAIN_STEPS = 8  # two epochs of 32 examples in batches of 8
 
 
-def pathfinder_config(lra_dir: str):
+def pathfinder_config(lra_dir: str, tfds_dir: str = ""):
     config = importlib.import_module("experiments.configs.lra.pathfinder").get_config("tiny")
     config.data.source = "release"
     config.data.lra_dir = lra_dir
-    config.data.cache_dir = os.path.join(lra_dir, "cache")
+    config.data.tfds_dir = tfds_dir
+    config.data.cache_dir = os.path.join(lra_dir or tfds_dir, "cache")
     config.data.image_size = 32
     config.data.seq_len = 1024
     config.model.grid_shape = (32, 32)
@@ -36,9 +44,55 @@ def example_ids(batch) -> "np.ndarray":
     return np.round((batch["inputs"][:, 0, 0] + 1.0) * 127.5).astype(np.int32)
 
 
+class RecordingSource:
+    """Wraps a tfds data source; lists the record indices read through it."""
+
+    def __init__(self, source, read: list):
+        self.source, self.read = source, read
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitems__(self, rows):
+        self.read.extend(int(r) for r in rows)
+        return self.source.__getitems__(rows)
+
+
+def run_two_processes(out: Path, lra_dir: str, tfds_dir: str = "", timeout: float = 240
+                      ) -> dict[str, "np.ndarray"]:
+    """Run this worker as two JAX processes (loopback coordinator, gloo) and return what
+    process 0 wrote to ``out``; fails with a process's log when one exits with an error."""
+    import numpy as np
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(here.parent),
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
+    env.pop("XLA_FLAGS", None)
+    command = [sys.executable, str(here / "data_multihost_worker.py"), "--lra_dir", lra_dir,
+               "--tfds_dir", tfds_dir, "--out", str(out)]
+    procs = [subprocess.Popen(command, env={**env, "JAX_PROCESS_ID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for i, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"process {i} failed:\n{log[-4000:]}"
+    with np.load(out) as data:
+        return {k: data[k] for k in data.files}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lra_dir", required=True)
+    parser.add_argument("--tfds_dir", default="")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -58,7 +112,12 @@ def main() -> None:
     from hgrn_jax.training import tasks
 
     index, count = jax.process_index(), jax.process_count()
-    task = tasks.get_task(pathfinder_config(args.lra_dir))
+    task = tasks.get_task(pathfinder_config(args.lra_dir, args.tfds_dir))
+    reads: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    if args.tfds_dir:
+        for split, read in reads.items():
+            records = task.examples(split)["pixels"].records
+            records.source = RecordingSource(records.source, read)
     sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data"))
 
     def gather(local: np.ndarray) -> np.ndarray:
@@ -74,8 +133,11 @@ def main() -> None:
         for k, batch in enumerate(task.eval_batches(split, index, count)):
             out[f"{split}/{k}/ids"] = gather(example_ids(batch))
             out[f"{split}/{k}/weight"] = gather(batch["weight"])
+    if args.tfds_dir:
+        np.savez(f"{args.out}.reads{index}.npz", **{k: np.array(v, np.int64)
+                                                    for k, v in reads.items()})
     if index == 0:
-        np.savez(args.out, **out)
+        np.savez(args.out, task=np.array(type(task).__name__), **out)
 
 
 if __name__ == "__main__":

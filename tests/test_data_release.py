@@ -7,8 +7,6 @@ exactly once per epoch and in evaluation; resumption is exact.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -328,37 +326,10 @@ def test_two_real_processes_see_each_example_once(tmp_path):
     """Two JAX processes (loopback coordinator, gloo) read their shards of the same fixture and
     assemble global batches with make_array_from_process_local_data: each epoch and each eval
     split covers every example exactly once, and the global batches are the one-process ones."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
     import data_multihost_worker as worker
 
     fx.write_pathfinder(tmp_path, 32, count=40)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    here = Path(__file__).resolve().parent
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(here.parent),
-           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
-    env.pop("XLA_FLAGS", None)
-    out = tmp_path / "global.npz"
-    procs = [subprocess.Popen([sys.executable, str(here / "data_multihost_worker.py"),
-                               "--lra_dir", str(tmp_path), "--out", str(out)],
-                              env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        logs = [proc.communicate(timeout=240)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for i, (proc, log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"process {i} failed:\n{log[-4000:]}"
-    with np.load(out) as data:
-        seen = {k: data[k] for k in data.files}
+    seen = worker.run_two_processes(tmp_path / "global.npz", str(tmp_path))
     task = tasks.get_task(worker.pathfinder_config(str(tmp_path)))
     train_ids = sorted(task.examples("train")["pixels"][:, 0, 0, 0].tolist())
     for epoch in range(2):

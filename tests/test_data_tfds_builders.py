@@ -4,8 +4,9 @@ Each builder prepares the release-layout fixtures into a temporary ``data.tfds_d
 ``python -m hgrn_jax.data.prepare``'s function; the arrays read back (by the tasks, from the
 array_record files) equal the ``.npy`` path's for the same fixture, so tokenisation and decoding
 stay one code path. Also: split sizes, shapes and dtypes, which task a config gets (tfds data
-win, the release files are the fallback), per-process reads of only the process's rows, bad rows,
-a missing dataset's message, and tiny presets training from the tfds data.
+win, the release files are the fallback), per-process reads of only the process's rows (also in
+two real JAX processes assembling global batches), bad rows, a missing dataset's message, and tiny
+presets training from the tfds data.
 """
 
 from __future__ import annotations
@@ -184,6 +185,49 @@ def test_each_process_reads_only_its_rows(tmp_path):
         own_rows = [int(r) for step in range(2)
                     for r in loader.train_rows(config.seed, step, 8, 4, p, 2)]
         assert spy.read == own_rows  # one read per batch (all columns), of its own rows only
+
+
+def test_two_real_processes_read_the_prepared_data_each_example_once(tmp_path):
+    """Two JAX processes (loopback coordinator, gloo) read a prepared tfds Pathfinder and build
+    global batches with make_array_from_process_local_data: the global batches are the
+    one-process ones (each training example of a batch once, each epoch covering every example
+    once), each evaluation split is covered exactly once, and each process fetched from the
+    array_record source only the records of its own half of each batch."""
+    import data_multihost_worker as worker
+
+    fx.write_pathfinder(tmp_path / "release", 32, count=40)
+    tfds_dir = str(tmp_path / "tfds")
+    prepare.prepare(worker.pathfinder_config(str(tmp_path / "release"), tfds_dir))
+    # No release folder: the processes can only read the tfds data.
+    seen = worker.run_two_processes(tmp_path / "global.npz", "", tfds_dir)
+    assert str(seen.pop("task")) == "PathfinderTfdsTask"
+    config = worker.pathfinder_config("", tfds_dir)
+    task = tasks.get_task(config)
+    assert isinstance(task, real_data_tfds.PathfinderTfdsTask)
+    ids = {split: np.asarray(task.examples(split)["pixels"])[:, 0, 0, 0].astype(np.int32)
+           for split in ("train", "val", "test")}
+    assert sorted(np.concatenate(list(ids.values())).tolist()) == list(range(40))
+    steps_per_epoch = 32 // 8
+    for step, batch in enumerate(take(task.train_batches(0, 0, 1), worker.TRAIN_STEPS)):
+        np.testing.assert_array_equal(seen[f"train/{step}"], worker.example_ids(batch))
+        assert len(set(seen[f"train/{step}"].tolist())) == 8
+    for epoch in range(worker.TRAIN_STEPS // steps_per_epoch):
+        steps = range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
+        epoch_ids = np.concatenate([seen[f"train/{s}"] for s in steps])
+        assert sorted(epoch_ids.tolist()) == sorted(ids["train"].tolist())
+    for split in ("val", "test"):
+        keys = sorted(k for k in seen if k.startswith(f"{split}/") and k.endswith("/ids"))
+        got = np.concatenate([seen[k] for k in keys])
+        weight = np.concatenate([seen[k.replace("/ids", "/weight")] for k in keys])
+        assert sorted(got[weight > 0].tolist()) == sorted(ids[split].tolist())
+    for p in range(2):
+        with np.load(tmp_path / f"global.npz.reads{p}.npz") as reads:
+            expected = [r for step in range(worker.TRAIN_STEPS)
+                        for r in loader.train_rows(config.seed, step, 32, 8, p, 2)]
+            assert reads["train"].tolist() == [int(r) for r in expected]
+            for split in ("val", "test"):
+                own = [int(r) for rows, _ in loader.eval_rows(4, 8, p, 2) for r in rows]
+                assert reads[split].tolist() == own
 
 
 # ----------------------------------------------------------------------------- errors
