@@ -1,8 +1,8 @@
 """A Pallas kernel for the linear recurrence ``h_t = a_t * h_{t-1} + x_t``.
 
-One pass over the data: every element of ``a`` and ``x`` is read once and every state written
-once, the time axis is walked sequentially inside the kernel while batch rows and channel tiles
-run in parallel, and states are accumulated in float32 (float64 for float64 inputs) whatever the
+Every element of ``a`` and ``x`` is read once (twice when the GPU schedule below splits time
+into chunks) and every state written once, the time axis is walked sequentially inside the
+kernel while batch rows and channel tiles run in parallel, and states are accumulated in float32 (float64 for float64 inputs) whatever the
 input dtype. Complex recurrences are carried as (real, imaginary) pairs of real arrays.
 
 Two schedules of the same arithmetic, picked by platform:
@@ -316,9 +316,9 @@ class StreamingOptions:
     unroll: int = 8
     num_warps: int | None = None
     num_stages: int = 1
-    # Measured on an H100 (benchmarks/results/pallas_gpu_gpu.json, B=8, D=512, float32): more
+    # Measured on an H100 (benchmarks/results/pallas_sweep_gpu.json, B=8, D=512, float32): more
     # chains in flight win until chunks get short; 2^19 chains of >= 128 steps was the fastest
-    # variant forward+backward at L = 4k and 16k (1.24x and 1.28x faster than 2^16 of >= 256).
+    # variant forward+backward at L = 4k and 16k (1.21x and 1.28x faster than 2^16 of >= 256).
     min_parallel_chains: int = 1 << 19
     min_chunk_length: int = 128
 
@@ -340,8 +340,8 @@ _streaming_defaults = StreamingOptions()
 @contextlib.contextmanager
 def streaming_options(**overrides):
     """Override :class:`StreamingOptions` fields for kernels traced inside the block (for
-    tuning, e.g. ``benchmarks/recurrence.py --sweep``): functions jitted and first called
-    inside see the overrides."""
+    tuning, as ``benchmarks/pallas_gpu.py`` does): functions jitted and first called inside see
+    the overrides (a function already traced keeps the options it was traced with)."""
     global _streaming_defaults
     saved = _streaming_defaults
     _streaming_defaults = dataclasses.replace(saved, **overrides)
