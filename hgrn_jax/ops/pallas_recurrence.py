@@ -459,6 +459,14 @@ def _streaming_backward(a_parts, g_parts, h_parts, h0_parts, *, reverse, acc, in
     return da, dx, [p[:, edge:edge + 1] for p in flow_out]
 
 
+def _cotangent(value: jax.Array, dtype) -> jax.Array:
+    """``value`` as the cotangent of a ``dtype`` input: the real part for a real input of a
+    complex recurrence (the transpose of the real-to-complex conversion)."""
+    if jnp.iscomplexobj(value) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        value = jnp.real(value)
+    return value.astype(dtype)
+
+
 def _as_parts(v: jax.Array, is_complex: bool) -> list[jax.Array]:
     return [jnp.real(v), jnp.imag(v)] if is_complex else [v]
 
@@ -494,22 +502,24 @@ class _Layout:
                 for p in _as_parts(value, self.is_complex)]
 
     def merge(self, parts: Sequence[jax.Array], dtype) -> jax.Array:
-        """Parts -> ``(..., L, C)`` in ``dtype`` (the real part alone when ``dtype`` is real:
-        the cotangent of a real input of a complex recurrence)."""
+        """Parts ``(B, L', C')`` -> ``(..., L, C)`` in ``dtype``."""
         length, channels = self.shape[-2:]
-        parts = [p[:, :length, :channels].reshape(self.shape) for p in parts]
-        if self.is_complex and jnp.issubdtype(dtype, jnp.complexfloating):
-            return jax.lax.complex(*parts).astype(dtype)
-        return parts[0].astype(dtype)
+        return self._join([p[:, :length, :channels].reshape(self.shape) for p in parts], dtype)
 
     def merge_state(self, parts: Sequence[jax.Array], dtype=None) -> jax.Array:
+        """Parts ``(B, 1, C')`` -> ``(..., C)`` in ``dtype`` (the parts' own when None)."""
         channels = self.shape[-1]
-        parts = [p[:, 0, :channels].reshape(self.shape[:-2] + (channels,)) for p in parts]
-        if dtype is None:
-            return jax.lax.complex(*parts) if self.is_complex else parts[0]
-        if self.is_complex and jnp.issubdtype(dtype, jnp.complexfloating):
-            return jax.lax.complex(*parts).astype(dtype)
-        return parts[0].astype(dtype)
+        shape = self.shape[:-2] + (channels,)
+        return self._join([p[:, 0, :channels].reshape(shape) for p in parts], dtype)
+
+    def _join(self, parts: Sequence[jax.Array], dtype=None) -> jax.Array:
+        """One array from its parts; the real part alone when ``dtype`` is real (the cotangent
+        of a real input of a complex recurrence)."""
+        if self.is_complex and (dtype is None or jnp.issubdtype(dtype, jnp.complexfloating)):
+            value = jax.lax.complex(*parts)
+        else:
+            value = parts[0]
+        return value if dtype is None else value.astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -679,7 +689,7 @@ def _differentiable_bwd(reverse, out_dtype, plan, residuals, g):
     x_dtype = x_like.dtype
     g = jnp.asarray(g, h.dtype)
     if plan.schedule == "tiled":
-        from hgrn_jax.ops.recurrence import _cotangent, shifted_backward
+        from hgrn_jax.ops.recurrence import shifted_backward
 
         acc = plan.acc if not plan.layout.is_complex else jnp.promote_types(plan.acc,
                                                                            jnp.complex64)

@@ -121,15 +121,10 @@ def linear_recurrence(
         if jax.default_backend() == "cpu":  # the Pallas interpreter is slow on 16-bit refs
             a, x = jnp.asarray(a).astype(acc), x.astype(acc)
         h = pallas_linear_recurrence(a, x, h0, reverse=reverse, out_dtype=out_dtype)
-    elif method == "sequential":
-        # Converted up front: on CPU a 16-bit state buffer is not updated in place inside the
-        # loop (quadratic time: 1.8 s instead of 14 ms at L=1k), and per-step conversions of
-        # the inputs cost more than one conversion pass (24 ms against 14 ms).
-        h0 = jnp.zeros_like(x[..., 0, :], dtype=acc) if h0 is None else \
-            jnp.asarray(h0).astype(acc)
-        h = _sequential_recurrence(jnp.broadcast_to(a, x.shape).astype(acc), x.astype(acc), h0,
-                                   reverse, jnp.dtype(acc))
     else:
+        # Converted up front, measured: on CPU a 16-bit state buffer is not updated in place
+        # inside the sequential loop (quadratic time: 1.8 s instead of 14 ms at L=1k), and
+        # per-step conversions of the inputs cost more than one pass (24 ms against 14 ms).
         a = jnp.broadcast_to(a, x.shape).astype(acc)
         x = x.astype(acc)
         # zeros_like keeps x's batch sharding (a replicated carry breaks lax.scan on an
@@ -156,6 +151,8 @@ def _recurrence_fwd(a, x, h0, reverse, method, chunk_size):
 def _recurrence_bwd(reverse, method, chunk_size, residuals, g):
     a, h, h0 = residuals
     g = jnp.asarray(g, h.dtype)  # jax.vjp passes NumPy cotangents through as they are
+    if method == "sequential":
+        return _sequential_backward(a, h, h0, g, reverse)
     scan = functools.partial(_scan, method=method, chunk_size=chunk_size)
     return shifted_backward(scan, a, h, h0, g, reverse)
 
@@ -181,6 +178,8 @@ _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 def _scan(a, x, h0, reverse, method, chunk_size):
+    if method == "sequential":
+        return _sequential(a, x, h0, reverse)
     if method == "associative":
         return _associative(a, x, h0, reverse)
     return _chunked(a, x, h0, reverse, chunk_size)
@@ -201,79 +200,43 @@ def _put(array: jax.Array, value: jax.Array, t) -> jax.Array:
     return jax.lax.dynamic_update_index_in_dim(array, value, t, axis=array.ndim + _TIME_AXIS)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _sequential_recurrence(a, x, h0, reverse, out_dtype):
-    """The ``"sequential"`` method: ``a`` and ``x`` ``(..., L, C)`` in their own dtypes, ``h0``
-    in the accumulation dtype; states returned (and saved for the backward pass) in
-    ``out_dtype``."""
-    return _sequential(a, x, h0, reverse, out_dtype)
-
-
-def _sequential_fwd(a, x, h0, reverse, out_dtype):
-    h = _sequential(a, x, h0, reverse, out_dtype)
-    # x itself is not needed: an empty array of its dtype says what dx must be.
-    return h, (a, jnp.zeros((0,), x.dtype), h, h0)
-
-
-def _sequential_bwd(reverse, out_dtype, residuals, g):
-    a, x_like, h, h0 = residuals
-    return _sequential_backward(a, h, h0, jnp.asarray(g, h.dtype), reverse, x_like.dtype)
-
-
-_sequential_recurrence.defvjp(_sequential_fwd, _sequential_bwd)
-
-
-def _sequential(a, x, h0, reverse, out_dtype):
+def _sequential(a, x, h0, reverse):
     """One step per loop iteration, reading and writing the batch-major arrays in place.
 
     Unlike ``lax.scan`` over a time-major copy, this needs no transposes: XLA updates the output
-    buffer in place, so the only memory is the result itself. Each step converts its row of
-    ``a`` and ``x`` to the accumulation dtype (``h0``'s) and its state to ``out_dtype``.
+    buffer in place, so the only memory is the result itself.
     """
     length = x.shape[_TIME_AXIS]
-    acc = h0.dtype
 
     def body(i, carry):
         h, states = carry
         t = _time_index(i, length, reverse)
-        h = _at(a, t).astype(acc) * h + _at(x, t).astype(acc)
-        return h, _put(states, h.astype(out_dtype), t)
+        h = _at(a, t) * h + _at(x, t)
+        return h, _put(states, h, t)
 
-    states = jnp.zeros_like(x, dtype=out_dtype)
-    _, states = jax.lax.fori_loop(0, length, body, (h0, states), unroll=8)
+    _, states = jax.lax.fori_loop(0, length, body, (h0, jnp.zeros_like(x)), unroll=8)
     return states
 
 
-def _cotangent(value: jax.Array, dtype) -> jax.Array:
-    """``value`` as the cotangent of a ``dtype`` input: the real part for a real input of a
-    complex recurrence (the transpose of the real-to-complex conversion)."""
-    if jnp.iscomplexobj(value) and not jnp.issubdtype(dtype, jnp.complexfloating):
-        value = jnp.real(value)
-    return value.astype(dtype)
-
-
-def _sequential_backward(a, h, h0, g, reverse, x_dtype):
-    """The backward pass of :func:`_sequential_recurrence` as one in-place loop over reverse
-    time, accumulating in ``h0``'s dtype.
+def _sequential_backward(a, h, h0, g, reverse):
+    """The custom VJP's backward pass as one in-place loop over reverse time.
 
     Carries ``a_{t+1} d_{t+1}`` (``a_{t-1} d_{t-1}`` when ``reverse``) so that no shifted copies
-    of ``a`` or ``h`` are made. Returns (da, dx, dh0) in the dtypes of ``a``, ``x`` and ``h0``.
+    of ``a`` or ``h`` are made. Returns (da, dx, dh0).
     """
     length = h.shape[_TIME_AXIS]
-    acc = h0.dtype
 
     def body(i, carry):
         flowing, da, dx = carry
         t = _time_index(i, length, not reverse)
-        d = _at(g, t).astype(acc) + flowing
+        d = _at(g, t) + flowing
         prev = t + 1 if reverse else t - 1
         at_edge = prev == (length if reverse else -1)
-        h_prev = jnp.where(at_edge, h0, _at(h, jnp.clip(prev, 0, length - 1)).astype(acc))
-        return (_at(a, t).astype(acc) * d, _put(da, _cotangent(d * h_prev, da.dtype), t),
-                _put(dx, _cotangent(d, dx.dtype), t))
+        h_prev = jnp.where(at_edge, h0, _at(h, jnp.clip(prev, 0, length - 1)))
+        return _at(a, t) * d, _put(da, d * h_prev, t), _put(dx, d, t)
 
-    carry = (jnp.zeros_like(h0), jnp.zeros_like(a), jnp.zeros_like(a, dtype=x_dtype))
-    dh0, da, dx = jax.lax.fori_loop(0, length, body, carry, unroll=8)
+    zeros = jnp.zeros_like(h)
+    dh0, da, dx = jax.lax.fori_loop(0, length, body, (jnp.zeros_like(h0), zeros, zeros), unroll=8)
     return da, dx, dh0
 
 
