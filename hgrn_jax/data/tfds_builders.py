@@ -170,7 +170,7 @@ class LraListops(_SourceBuilder):
 
 
 class LraRetrieval(_SourceBuilder):
-    """LRA Retrieval: AAN pairs from ``tsv_data/new_aan_pairs.*.tsv`` as UTF-8 bytes."""
+    """LRA Retrieval: AAN pairs from ``tsv_data/new_aan_pairs.*.tsv`` as character ids."""
 
     BUILDER_CONFIGS = [_named("len4000", False, seq_len=4000)]
 
@@ -180,7 +180,7 @@ class LraRetrieval(_SourceBuilder):
             {"inputs": _ids((length,)), "lengths": _scalar(), "inputs2": _ids((length,)),
              "lengths2": _scalar(),
              "labels": tfds.features.ClassLabel(num_classes=retrieval.NUM_CLASSES)},
-            "LRA Retrieval (AAN): two byte documents per example, lengths, label 0/1.",
+            "LRA Retrieval (AAN): two documents of character ids per example, lengths, label 0/1.",
             "https://github.com/google-research/long-range-arena")
 
     def _load(self, manual_dir, split):

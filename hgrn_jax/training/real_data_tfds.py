@@ -44,7 +44,7 @@ class ListOpsTfdsTask(_PreparedTfds, base.TokenClassificationTask):
 
 
 class AanTfdsTask(_PreparedTfds, base.RetrievalTask):
-    """Retrieval from tfds ``lra_retrieval`` (the AAN pairs as bytes)."""
+    """Retrieval from tfds ``lra_retrieval`` (the AAN pairs as character ids)."""
 
 
 class PathfinderTfdsTask(_PreparedTfds, real_data.PathfinderTask):
