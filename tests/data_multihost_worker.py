@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -64,27 +62,11 @@ def run_two_processes(out: Path, lra_dir: str, tfds_dir: str = "", timeout: floa
     process 0 wrote to ``out``; fails with a process's log when one exits with an error."""
     import numpy as np
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    here = Path(__file__).resolve().parent
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(here.parent),
-           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
-    env.pop("XLA_FLAGS", None)
-    command = [sys.executable, str(here / "data_multihost_worker.py"), "--lra_dir", lra_dir,
+    from two_processes import run_two_processes as launch
+
+    command = [sys.executable, str(Path(__file__).resolve()), "--lra_dir", lra_dir,
                "--tfds_dir", tfds_dir, "--out", str(out)]
-    procs = [subprocess.Popen(command, env={**env, "JAX_PROCESS_ID": str(i)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    try:
-        logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for i, (proc, log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"process {i} failed:\n{log[-4000:]}"
+    launch(command, timeout=timeout)
     with np.load(out) as data:
         return {k: data[k] for k in data.files}
 

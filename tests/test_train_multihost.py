@@ -9,34 +9,18 @@ the environment, each process feeding only its rows of the global batch.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from two_processes import REPO, cpu_env, run_two_processes
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = "experiments/configs/lra/listops.py:tiny"
 # Short run: 8 steps, one evaluation in the middle and one at the end, small eval splits.
-OVERRIDES = ("--config.model.num_layers=1", "--config.num_train_steps=8", "--config.eval_every=4", "--config.checkpoint_every=4",
-             "--config.log_every=2", "--config.data.val_examples=40",
+OVERRIDES = ("--config.model.num_layers=1", "--config.num_train_steps=8", "--config.eval_every=4",
+             "--config.checkpoint_every=4", "--config.log_every=2", "--config.data.val_examples=40",
              "--config.data.test_examples=40", "--config.data.train_examples=400")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("JAX_") and k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", HGRN_NUM_CPU_DEVICES=str(devices), PYTHONPATH=str(REPO),
-               **extra)
-    return env
 
 
 def _command(workdir: Path, cache: Path) -> list[str]:
@@ -51,20 +35,12 @@ def cache(tmp_path_factory) -> Path:
 
 def test_two_processes_give_the_results_of_one_process_with_all_devices(tmp_path, cache):
     single = tmp_path / "single"
-    proc = subprocess.run(_command(single, cache), cwd=REPO, env=_env(8), capture_output=True,
-                          text=True, timeout=400)
+    proc = subprocess.run(_command(single, cache), cwd=REPO, capture_output=True, text=True,
+                          env=cpu_env(HGRN_NUM_CPU_DEVICES="8"), timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     multi = tmp_path / "multi"
-    port = _free_port()
-    workers = [subprocess.Popen(
-        _command(multi, cache), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                            JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
-        for i in range(2)]
-    outputs = [w.communicate(timeout=400) for w in workers]
-    for worker, (_, stderr) in zip(workers, outputs):
-        assert worker.returncode == 0, stderr[-3000:]
+    run_two_processes(_command(multi, cache), timeout=400, cwd=REPO, HGRN_NUM_CPU_DEVICES="4")
 
     one = json.loads((single / "results.json").read_text())
     two = json.loads((multi / "results.json").read_text())

@@ -1,0 +1,47 @@
+"""Run a command as two JAX processes on one machine (the multi-host tests): a loopback
+coordinator, CPU devices, each process told its id through ``JAX_PROCESS_ID``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    """This environment without its ``JAX_*`` settings and ``XLA_FLAGS`` (the parent's 8
+    simulated devices), on CPU, with the repository importable, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def run_two_processes(command: list[str], *, timeout: float, cwd: Path | None = None,
+                      **extra_env: str) -> list[str]:
+    """Run ``command`` as processes 0 and 1 and return their logs (stdout and stderr); fails
+    with the log of a process that exits with an error, and kills any left on a timeout."""
+    port = free_port()
+    procs = [subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=cpu_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                    JAX_PROCESS_ID=str(i), **extra_env))
+        for i in range(2)]
+    try:
+        logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for i, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"process {i} failed:\n{log[-4000:]}"
+    return logs
