@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = Path(os.environ.get("HGRN_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
+GOLDEN_DIR = Path(os.environ.get("HGRN_GOLDEN_DIR", REPO / "tests" / "golden"))
 
 
 class GoldenCase:
@@ -26,8 +26,8 @@ class GoldenCase:
         npz, meta = GOLDEN_DIR / f"{name}.npz", GOLDEN_DIR / f"{name}.json"
         if not npz.exists():
             raise FileNotFoundError(
-                f"golden case {npz} not found: put the reference data in ../shared/golden "
-                "or point HGRN_GOLDEN_DIR at it")
+                f"golden case {npz} not found: the repo ships them in tests/golden; "
+                "HGRN_GOLDEN_DIR must name a folder with the same case files")
         with np.load(npz) as data:
             self.arrays = {k: data[k] for k in data.files}
         self.meta = json.loads(meta.read_text())

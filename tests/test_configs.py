@@ -1,4 +1,4 @@
-"""Every experiment config against the paper's settings (DESIGN.md section 3.4, transcribed)."""
+"""Every experiment config against the paper's settings (docs/design.md section 3.4, transcribed)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from flax import nnx
 
 from hgrn_jax.training import tasks
 
-# DESIGN.md 3.4, LRA table: model, layers, d, GLU expand, norm, batch, lr, wd, dropout,
+# docs/design.md 3.4, LRA table: model, layers, d, GLU expand, norm, batch, lr, wd, dropout,
 # warmup / schedule steps, epochs, length, paper accuracy.
 LRA_TABLE = {
     #             mixer layers  d  glu  norm         batch  lr     wd    drop warmup   steps  ep  length  acc
@@ -62,7 +62,7 @@ def test_lra_configs_match_the_paper_table(task):
                                                                                   warmup, steps)
     assert c.dtype == "float32" and c.label_smoothing == 0.0
     assert c.paper.metric == "accuracy" and c.paper.value == pytest.approx(accuracy)
-    # Encoders and positions (DESIGN.md 3.3): tokens for the text tasks, pixels for the
+    # Encoders and positions (docs/design.md 3.3): tokens for the text tasks, pixels for the
     # 2-D ones; sinusoidal positions except for Pathfinder and Path-X.
     assert m.encoder == ("embed" if mixer == "1d" else "linear")
     assert m.position_encoding == (task not in ("pathfinder", "pathx"))

@@ -1,4 +1,4 @@
-"""Parity with the reference PyTorch code through hgrn_jax.convert (../shared/golden).
+"""Parity with the reference PyTorch code through hgrn_jax.convert (tests/golden).
 
 Every shape and constructor argument comes from the files. The reference layers are time-major;
 the tests transpose the inputs to our batch-major API and the outputs back.

@@ -1,7 +1,7 @@
 """Shared defaults and helpers of the experiment configs (one file per row of the paper's tables).
 
 Each config file defines ``get_config(preset=None)``: no preset gives the paper's setting
-(DESIGN.md section 3.4), ``tiny`` a run that finishes in well under a minute on a 2-core CPU with
+(docs/design.md section 3.4), ``tiny`` a run that finishes in well under a minute on a 2-core CPU with
 generated data, and any other name is an error listing the presets. The schema is the runner
 contract's (``task``, ``seed``, ``model``, ``data``, ``batch_size``, ``num_train_steps``,
 ``epochs``, ``optimizer``, ``schedule``, ``eval_every``, ``checkpoint_every``, ``log_every``,
@@ -70,7 +70,7 @@ def lra_config(task: str, *, mixer: str, layers: int, features: int, glu_expand:
                batch_size: int, learning_rate: float, weight_decay: float, dropout: float,
                warmup_steps: int, decay_steps: int, epochs: int, paper_accuracy: float,
                position_encoding: bool) -> ml_collections.ConfigDict:
-    """An LRA row of DESIGN.md 3.4: AdamW on all parameters, cosine with linear warmup, fp32,
+    """An LRA row of docs/design.md 3.4: AdamW on all parameters, cosine with linear warmup, fp32,
     no clipping, mean pooling; ``num_train_steps`` = epochs over the reference's train set."""
     c = base_config(task)
     c.model = ml_collections.ConfigDict(dict(

@@ -1,6 +1,6 @@
 """The Long Range Arena classifier: encoder, pre-norm HGRU + GLU stack, masked mean pool, head.
 
-One class covers the six LRA tasks of the paper (DESIGN.md 3.3-3.4): token embedding (ListOps,
+One class covers the six LRA tasks of the paper (docs/design.md 3.3-3.4): token embedding (ListOps,
 Text, Retrieval) or linear pixel encoder (Image, Pathfinder, Path-X), optional fixed sinusoidal
 positions with their own dropout, a 1-D bidirectional or 2-D four-scan HGRU mixer, Layer- or
 BatchNorm, mean pooling over valid positions and a linear head; ``dual=True`` is the Retrieval
@@ -40,7 +40,7 @@ from hgrn_jax.nn.norms import apply_norm, make_norm
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierConfig:
-    """Everything that defines an :class:`HGRNClassifier` (DESIGN.md 3.4 has each task's values).
+    """Everything that defines an :class:`HGRNClassifier` (docs/design.md 3.4 has each task's values).
 
     encoder: ``"embed"`` for token ids (needs ``vocab_size``) or ``"linear"`` for float inputs
       with ``input_channels`` channels.

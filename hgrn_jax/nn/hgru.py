@@ -1,6 +1,6 @@
 """HGRU token mixers: the gated complex linear recurrence of HGRN, in 1-D and 2-D.
 
-The maths (DESIGN.md section 3.1), per channel k < d, with gamma the layer's lower bound::
+The maths (docs/design.md section 3.1), per channel k < d, with gamma the layer's lower bound::
 
     u   = silu(input_proj(x))                      (B, ..., 2d): [real block | imaginary block]
     lam = gamma + (1 - gamma) * sigmoid(lambda_proj(x))

@@ -1,4 +1,4 @@
-"""Per-layer forget-gate lower bounds from one (num_layers, d) parameter (DESIGN.md 3.2)."""
+"""Per-layer forget-gate lower bounds from one (num_layers, d) parameter (docs/design.md 3.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ImageNet-1k, HGRN-Small (DESIGN.md 3.4): d 384 x 12 layers, 23.72M parameters; 80.09% top-1.
+"""ImageNet-1k, HGRN-Small (docs/design.md 3.4): d 384 x 12 layers, 23.72M parameters; 80.09% top-1.
 
 DeiT's recipe as :mod:`experiments.configs.imagenet.tiny`; ``tiny`` is the same generated-data
 preset.

@@ -1,4 +1,4 @@
-"""ImageNet-1k, HGRN-Tiny (DESIGN.md 3.4): d 192 x 12 layers, 6.11M parameters; 74.40% top-1.
+"""ImageNet-1k, HGRN-Tiny (docs/design.md 3.4): d 192 x 12 layers, 6.11M parameters; 74.40% top-1.
 
 DeiT's recipe: 300 epochs, batch 2048, AdamW lr 2e-3 wd 0.05 (no decay on biases and norms),
 cosine schedule with 5 warmup epochs down to 1e-5, label smoothing 0.1, grad clip 5, and the

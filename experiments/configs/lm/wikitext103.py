@@ -1,4 +1,4 @@
-"""WikiText-103 language model (DESIGN.md 3.4): 6 layers, d 512, 46.25M parameters; perplexity
+"""WikiText-103 language model (docs/design.md 3.4): 6 layers, d 512, 46.25M parameters; perplexity
 24.14 (validation) / 24.82 (test).
 
 fairseq's recipe: 512-token samples, 65,536 tokens per update (128 samples), 100k updates,

@@ -1,4 +1,4 @@
-"""LRA Image (CIFAR-10 RGB, DESIGN.md 3.4): 2-D HGRN, 6 layers, d 512, BN, 32 x 32 pixels; 88.69%.
+"""LRA Image (CIFAR-10 RGB, docs/design.md 3.4): 2-D HGRN, 6 layers, d 512, BN, 32 x 32 pixels; 88.69%.
 
 The paper's run reads RGB pixels (not the usual grey sequence) with crop and flip augmentation.
 CIFAR-10 (tfds ``cifar10`` in ``data.tfds_dir``) is read by ``hgrn_jax.training.real_data``;

@@ -1,4 +1,4 @@
-"""LRA ListOps (DESIGN.md 3.4): 1-D HGRN, 6 layers, d 32, sync BatchNorm, 2,048 tokens; 59.95%.
+"""LRA ListOps (docs/design.md 3.4): 1-D HGRN, 6 layers, d 32, sync BatchNorm, 2,048 tokens; 59.95%.
 
 Data: ``source="release"`` reads the LRA release's ``basic_{train,val,test}.tsv`` from
 ``data.lra_dir`` (the ``listops-1000`` folder or its parent); ``source="generated"`` writes a set

@@ -1,4 +1,4 @@
-"""LRA Pathfinder (DESIGN.md 3.4): 2-D HGRN, 6 layers, d 128, BN, 32 x 32 grey pixels; 92.92%.
+"""LRA Pathfinder (docs/design.md 3.4): 2-D HGRN, 6 layers, d 128, BN, 32 x 32 grey pixels; 92.92%.
 
 No position encoding (as the paper's run). The release's ``pathfinder32`` images (in
 ``data.lra_dir``) are read by ``hgrn_jax.training.real_data``; ``tiny`` uses generated 12 x 12

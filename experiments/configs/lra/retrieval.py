@@ -1,4 +1,4 @@
-"""LRA Retrieval (AAN pairs, DESIGN.md 3.4): 1-D HGRN, 2 layers, d 64, GLU x2, BN, 4,000
+"""LRA Retrieval (AAN pairs, docs/design.md 3.4): 1-D HGRN, 2 layers, d 64, GLU x2, BN, 4,000
 characters per document; 94.23%.
 
 Token ids are the reference's character vocabulary of the training documents (pad 0, unk 1, eos 2,

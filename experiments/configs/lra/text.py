@@ -1,4 +1,4 @@
-"""LRA Text (IMDB characters, DESIGN.md 3.4): 1-D HGRN, 4 layers, d 128, sync BN, 4,096
+"""LRA Text (IMDB characters, docs/design.md 3.4): 1-D HGRN, 4 layers, d 128, sync BN, 4,096
 characters; 88.14%.
 
 Token ids are the reference's character vocabulary of the training reviews (pad 0, unk 1, eos 2,
