@@ -11,23 +11,91 @@ any leading (batch) axes, then time, heads and the head width. States are ``(...
 (key index first; fla's cache stores the transpose ``(..., H, V, K)``). Whatever the input
 precision, states accumulate in float32 or wider; outputs come back in the inputs' dtype unless
 ``out_dtype`` says otherwise.
+
+Three forward methods compute the same thing; all of them split time into chunks of
+``chunk_size`` steps and also return the state entering each chunk (the "boundary states",
+``(N, chunks + 1, K, V)`` with the last state at the end):
+
+``"sequential"``
+    a ``lax.scan`` over time (nested: chunks outside, steps inside), one rank-1 update per step.
+``"chunked"``
+    the matmul form. Inside a chunk, with ``b_i = g_0 + ... + g_i`` (per key channel)::
+
+        o_i = scale * [ (q_i * exp(b_i)) @ S_in + sum_{j<=i} (q_i * exp(b_i - b_j)) . k_j  v_j ]
+
+    The products ``exp(b_i - b_j)`` are never formed as ``exp(b_i) * exp(-b_j)`` (which overflows
+    once a chunk's decays sum below -88 in float32). The chunk is cut into sub-chunks of
+    ``_SUB_CHUNK`` steps: for a query in sub-chunk ``I`` and a key in an earlier sub-chunk,
+    ``exp(b_i - b_j) = exp(b_i - r_I) * exp(r_I - b_j)`` with ``r_I`` the cumulative decay at the
+    end of sub-chunk ``I - 1``, so both factors lie in ``[0, 1]`` and each is at least the product
+    (neither underflows before the product does); pairs inside one sub-chunk use the exact
+    pairwise ``exp(b_i - b_j)``, masked to ``j <= i`` before the exponential. The chunk's states
+    are passed on by a scan over chunks: ``S_out = exp(b_end) * S_in + (k * exp(b_end - b)) @ v``.
+``"pallas"``
+    one Pallas kernel (Triton on GPU; the Pallas interpreter elsewhere) per (row, head,
+    value-block): the state stays in registers while the kernel walks time, reading every input
+    once and writing every output once, and stores the state at each chunk boundary.
+
+All methods share one custom VJP (the chunked matmul form run backwards), which keeps only the
+inputs and the boundary states: the adjoint state ``D`` (``dL/dS``) is carried across chunks by a
+reverse scan and everything inside a chunk is recomputed from its entering state, so no
+``(N, L, K, V)`` tensor of per-step states is ever stored. Inside a chunk::
+
+    dq_i = scale * [ exp(b_i) * (S_in @ do_i) + sum_{j<=i} (do_i . v_j) exp(b_i - b_j) k_j ]
+    dk_j = scale * sum_{i>=j} (do_i . v_j) exp(b_i - b_j) q_i + exp(b_end - b_j) * (D_out @ v_j)
+    dv_j = scale * sum_{i>=j} A_ij do_i + (k_j * exp(b_end - b_j)) @ D_out
+    dg_s = sum_{t>=s in chunk} (q_t dq_t - k_t dk_t) + sum_v (D_out * S_out)
+    D_in = exp(b_end) * D_out + scale * (q * exp(b))^T @ do          (dh0 = D_in of chunk 0)
+
+where ``A`` is the forward's intra-chunk score matrix. ``dg`` sums over at most one chunk, so
+nothing cancels over long sequences.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import functools
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
-MatrixMethod = Literal["auto", "sequential"]
-MATRIX_METHODS: tuple[str, ...] = ("sequential",)
+MatrixMethod = Literal["auto", "sequential", "chunked", "pallas"]
+MATRIX_METHODS: tuple[str, ...] = ("sequential", "chunked", "pallas")
+
+DEFAULT_CHUNK_SIZE = 64
+_SUB_CHUNK = 16
+_PALLAS_VALUE_BLOCK = 32
 
 
 def default_matrix_method(length: int, platform: str | None = None) -> str:
-    """The method ``method="auto"`` picks for :func:`matrix_recurrence`."""
-    del length, platform
-    return "sequential"
+    """The method ``method="auto"`` picks for :func:`matrix_recurrence`.
+
+    CPU: ``"chunked"`` from ``CPU_CHUNKED_MIN_LENGTH`` steps, ``"sequential"`` below; measured by
+    ``benchmarks/matrix_recurrence.py`` (``benchmarks/results/matrix_recurrence_cpu.json``, see
+    its docstring for the numbers). The sequential scan does ``K*V`` work per step but pays a
+    loop iteration per step; the chunked form does more arithmetic (``C`` extra key products per
+    step) in large matmuls. ``"pallas"`` runs in the Pallas interpreter on CPU: a correctness
+    path, never picked.
+
+    GPU: ``"pallas"`` (not measured yet: ``benchmarks/gpu_session.sh`` measures it). The kernel
+    reads each input once and writes each output once with the state in registers, the least
+    memory traffic possible; the chunked form in XLA writes its ``(C, C)`` score matrices and
+    the ``(16, 16, K)`` pairwise decays of every sub-chunk to memory (about 20 times the bytes of
+    ``q``), and the sequential scan launches a kernel per step.
+
+    TPU: ``"chunked"`` (not measured): its matmuls suit the MXU, the Pallas kernel is written for
+    Triton's register model, and the scan pays a loop iteration per step.
+    """
+    platform = platform or jax.default_backend()
+    if platform == "cpu":
+        return "chunked" if length >= CPU_CHUNKED_MIN_LENGTH else "sequential"
+    if platform in ("gpu", "cuda", "rocm"):
+        return "pallas"
+    return "chunked"
+
+
+CPU_CHUNKED_MIN_LENGTH = 256
 
 
 def _check_shapes(q, k, v, log_decay, h0) -> tuple[int, ...]:
@@ -48,18 +116,6 @@ def _check_shapes(q, k, v, log_decay, h0) -> tuple[int, ...]:
     return state_shape
 
 
-def _sequential(q, k, v, log_decay, h0, scale):
-    """Time-major scan: ``q, k, g`` (L, B, H, K), ``v`` (L, B, H, V), ``h0`` (B, H, K, V)."""
-
-    def step(state, inputs):
-        q_t, k_t, v_t, g_t = inputs
-        state = jnp.exp(g_t)[..., None] * state + k_t[..., None] * v_t[..., None, :]
-        return state, scale * jnp.einsum("bhk,bhkv->bhv", q_t, state)
-
-    last, o = jax.lax.scan(step, h0, (q, k, v, log_decay))
-    return o, last
-
-
 def matrix_recurrence(
     q: jax.Array,
     k: jax.Array,
@@ -71,6 +127,7 @@ def matrix_recurrence(
     method: MatrixMethod = "auto",
     return_last_state: bool = False,
     out_dtype: jnp.dtype | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Outputs of the HGRN2 recurrence ``S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T``.
 
@@ -78,12 +135,17 @@ def matrix_recurrence(
       q: queries ``(..., L, H, K)`` (HGRN2's output gate).
       k: keys ``(..., L, H, K)`` (HGRN2's ``1 - lambda``).
       v: values ``(..., L, H, V)`` (HGRN2's input).
-      log_decay: log forget gates ``(..., L, H, K)``, ``<= 0``.
+      log_decay: log forget gates ``(..., L, H, K)``, ``<= 0`` (``"chunked"`` relies on it for
+        its stability; very negative values, down to ``-inf``, are fine).
       h0: initial state ``(..., H, K, V)``; zeros when omitted.
       scale: the constant ``c`` in ``o_t = c * q_t S_t`` (1 for hgru2-pytorch, ``1/sqrt(K)`` for fla).
-      method: ``"sequential"`` (a scan over time) or ``"auto"``.
+      method: ``"sequential"``, ``"chunked"``, ``"pallas"`` (see the module docstring) or
+        ``"auto"`` (:func:`default_matrix_method`).
       return_last_state: also return the state after the last step, ``(..., H, K, V)``.
       out_dtype: dtype of ``o``; the promoted input dtype by default.
+      chunk_size: steps per chunk: the interval of the boundary states kept for the backward
+        pass (memory ``(..., H, L / chunk_size, K, V)``) and the chunked method's block. A
+        multiple of 16 or at most 16.
 
     Returns:
       ``o`` of shape ``(..., L, H, V)``, and the last state (float32 or wider) when
@@ -98,17 +160,298 @@ def matrix_recurrence(
         method = default_matrix_method(q.shape[-3])
     if method not in MATRIX_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {('auto',) + MATRIX_METHODS}")
+    if chunk_size < 1 or (chunk_size > _SUB_CHUNK and chunk_size % _SUB_CHUNK):
+        raise ValueError(f"chunk_size must be a multiple of {_SUB_CHUNK} or at most "
+                         f"{_SUB_CHUNK}; got {chunk_size}")
 
     batch_shape = q.shape[:-3]
-    length = q.shape[-3]
+    length, heads, key_dim = q.shape[-3:]
+    value_dim = v.shape[-1]
+    if length == 0:
+        o = jnp.zeros(v.shape, out_dtype)
+        last = jnp.zeros(state_shape, acc) if h0 is None else jnp.asarray(h0).astype(acc)
+        return (o, last) if return_last_state else o
+    chunk = min(chunk_size, length)
+    num_chunks = -(-length // chunk)
+    pad = num_chunks * chunk - length
 
-    def time_major(t):
-        t = t.astype(acc).reshape((-1,) + t.shape[-3:])
-        return jnp.moveaxis(t, 1, 0)
+    def rows(t):
+        """(..., L, H, W) -> (N, L_padded, W): one row per (batch, head); padded steps are
+        identities (k = 0, decay 1) and are dropped afterwards."""
+        t = jnp.moveaxis(t.astype(acc), -2, -3).reshape((-1, length, t.shape[-1]))
+        return jnp.pad(t, ((0, 0), (0, pad), (0, 0))) if pad else t
 
-    h0 = (jnp.zeros(state_shape, acc) if h0 is None else jnp.asarray(h0).astype(acc))
-    h0 = h0.reshape((-1,) + h0.shape[-3:])
-    o, last = _sequential(*(time_major(t) for t in (q, k, v, log_decay)), h0, scale)
-    o = jnp.moveaxis(o, 0, 1).reshape(batch_shape + (length,) + v.shape[-2:]).astype(out_dtype)
+    h0 = jnp.zeros(state_shape, acc) if h0 is None else jnp.asarray(h0).astype(acc)
+    h0 = h0.reshape((-1, key_dim, value_dim))
+    o, last = _matrix_recurrence(*(rows(t) for t in (q, k, v, log_decay)), h0,
+                                 float(scale), method, chunk)
+    o = o[:, :length].reshape(batch_shape + (heads, length, value_dim))
+    o = jnp.moveaxis(o, -3, -2).astype(out_dtype)
     last = last.reshape(state_shape)
     return (o, last) if return_last_state else o
+
+
+# --- the differentiable core on rows: q, k, g (N, T, K), v (N, T, V), h0 (N, K, V), T = chunks * C
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _matrix_recurrence(q, k, v, g, h0, scale, method, chunk):
+    o, bounds = _forward(q, k, v, g, h0, scale, method, chunk)
+    return o, bounds[:, -1]
+
+
+def _forward(q, k, v, g, h0, scale, method, chunk):
+    """``o`` (N, T, V) and the boundary states (N, chunks + 1, K, V)."""
+    if method == "sequential":
+        return _sequential(q, k, v, g, h0, scale, chunk)
+    if method == "chunked":
+        return _chunked(q, k, v, g, h0, scale, chunk)
+    return _pallas(q, k, v, g, h0, scale, chunk)
+
+
+def _matrix_recurrence_fwd(q, k, v, g, h0, scale, method, chunk):
+    o, bounds = _forward(q, k, v, g, h0, scale, method, chunk)
+    return (o, bounds[:, -1]), (q, k, v, g, bounds)
+
+
+def _matrix_recurrence_bwd(scale, method, chunk, residuals, cotangents):
+    del method
+    q, k, v, g, bounds = residuals
+    do, dlast = (jnp.asarray(c, q.dtype) for c in cotangents)
+    return _chunked_backward(q, k, v, g, bounds, do, dlast, scale, chunk)
+
+
+_matrix_recurrence.defvjp(_matrix_recurrence_fwd, _matrix_recurrence_bwd)
+
+
+def _sequential(q, k, v, g, h0, scale, chunk):
+    """Scan over chunks, and over the steps of each chunk inside."""
+    num_chunks = q.shape[1] // chunk
+
+    def by_chunk(t):  # (N, T, W) -> (chunks, C, N, W)
+        return jnp.moveaxis(t.reshape((t.shape[0], num_chunks, chunk, t.shape[-1])), 0, 2)
+
+    def step(state, inputs):
+        q_t, k_t, v_t, g_t = inputs
+        state = jnp.exp(g_t)[..., None] * state + k_t[..., None] * v_t[..., None, :]
+        return state, scale * jnp.einsum("nk,nkv->nv", q_t, state)
+
+    def chunk_step(state, inputs):
+        last, o = jax.lax.scan(step, state, inputs)
+        return last, (o, state)
+
+    last, (o, entering) = jax.lax.scan(chunk_step, h0, tuple(by_chunk(t) for t in (q, k, v, g)))
+    o = jnp.moveaxis(o, 2, 0).reshape(q.shape[:2] + v.shape[-1:])
+    bounds = jnp.concatenate([jnp.moveaxis(entering, 0, 1), last[:, None]], axis=1)
+    return o, bounds
+
+
+class _Decays(NamedTuple):
+    """Decay factors of chunks, from the within-chunk cumulative log decays ``b`` (..., C, K).
+
+    With ``c`` the sub-chunk length, ``I`` a sub-chunk and ``r_I`` the value of ``b`` just
+    before it (0 for the first): ``within`` ``exp(b_i - r_I)`` (..., I, c, K); ``cross``
+    ``exp(r_I - b_j)`` for keys ``j`` before sub-chunk ``I``, else 0 (..., I, C, K); ``pairs``
+    ``exp(b_i - b_j)`` for ``j <= i`` in one sub-chunk, else 0 (..., I, c, c, K); ``from_start``
+    ``exp(b_i)``, ``to_end`` ``exp(b_end - b_j)`` (..., C, K); ``total`` ``exp(b_end)`` (..., K).
+    Every factor is ``exp`` of a number ``<= 0``.
+    """
+
+    within: jax.Array
+    cross: jax.Array
+    pairs: jax.Array
+    from_start: jax.Array
+    to_end: jax.Array
+    total: jax.Array
+
+
+def _decays(g: jax.Array) -> _Decays:
+    chunk = g.shape[-2]
+    sub = min(chunk, _SUB_CHUNK)
+    num_sub = chunk // sub
+    b = jnp.cumsum(g, axis=-2)
+    b_sub = _split(b, num_sub)
+    ref = jnp.concatenate([jnp.zeros_like(b[..., :1, :]), b[..., sub - 1:-1:sub, :]], axis=-2)
+    key_pos = jnp.arange(chunk)
+    before = (key_pos[None, :] < sub * jnp.arange(num_sub)[:, None])[..., None]  # (I, C, 1)
+    cross = jnp.where(before, ref[..., :, None, :] - b[..., None, :, :], -jnp.inf)
+    causal = (key_pos[:sub, None] >= key_pos[None, :sub])[..., None]  # (c, c, 1)
+    pairs = jnp.where(causal, b_sub[..., :, None, :] - b_sub[..., None, :, :], -jnp.inf)
+    end = b[..., -1:, :]
+    return _Decays(within=jnp.exp(b_sub - ref[..., None, :]), cross=jnp.exp(cross),
+                   pairs=jnp.exp(pairs), from_start=jnp.exp(b), to_end=jnp.exp(end - b),
+                   total=jnp.exp(end[..., 0, :]))
+
+
+def _split(x: jax.Array, num_sub: int) -> jax.Array:
+    """(..., C, W) -> (..., I, c, W)."""
+    return x.reshape(x.shape[:-2] + (num_sub, x.shape[-2] // num_sub, x.shape[-1]))
+
+
+def _diagonal_blocks(m: jax.Array, num_sub: int) -> jax.Array:
+    """The ``(c, c)`` diagonal blocks of ``m`` (..., C, C): (..., I, c, c)."""
+    sub = m.shape[-1] // num_sub
+    blocks = m.reshape(m.shape[:-2] + (num_sub, sub, num_sub, sub))
+    return jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)
+
+
+def _scores(x, y, d: _Decays) -> jax.Array:
+    """``A_ij = sum_k x_ik y_jk exp(b_ik - b_jk)`` for ``j <= i``, else 0: (..., C, C)."""
+    num_sub, sub = d.within.shape[-3:-1]
+    x_sub, y_sub = _split(x, num_sub), _split(y, num_sub)
+    earlier = jnp.einsum("...Iik,...Ijk->...Iij", x_sub * d.within, y[..., None, :, :] * d.cross)
+    diagonal = jnp.einsum("...Iik,...Ijk,...Iijk->...Iij", x_sub, y_sub, d.pairs)
+    placed = jnp.einsum("...Iij,IJ->...IiJj", diagonal, jnp.eye(num_sub, dtype=x.dtype))
+    shape = earlier.shape[:-3] + (num_sub * sub, num_sub * sub)
+    return earlier.reshape(shape) + placed.reshape(shape)
+
+
+def _weighted_keys(m, y, d: _Decays) -> jax.Array:
+    """``X_ik = sum_{j<=i} m_ij y_jk exp(b_ik - b_jk)`` (..., C, K); ``m`` (..., C, C) is read
+    on and below the diagonal only."""
+    num_sub = d.within.shape[-3]
+    m_sub = _split(m, num_sub)
+    earlier = d.within * jnp.einsum("...Iij,...Ijk->...Iik", m_sub, y[..., None, :, :] * d.cross)
+    diagonal = jnp.einsum("...Iij,...Ijk,...Iijk->...Iik", _diagonal_blocks(m, num_sub),
+                          _split(y, num_sub), d.pairs)
+    return (earlier + diagonal).reshape(y.shape)
+
+
+def _weighted_queries(m, w, d: _Decays) -> jax.Array:
+    """``Z_jk = sum_{i>=j} m_ij w_ik exp(b_ik - b_jk)`` (..., C, K); ``m`` (..., C, C) is read
+    on and below the diagonal only."""
+    num_sub = d.within.shape[-3]
+    m_sub = _split(m, num_sub)
+    w_sub = _split(w, num_sub)
+    earlier = jnp.sum(jnp.einsum("...Iij,...Iik->...Ijk", m_sub, w_sub * d.within) * d.cross,
+                      axis=-3)
+    diagonal = jnp.einsum("...Iij,...Iik,...Iijk->...Ijk", _diagonal_blocks(m, num_sub), w_sub,
+                          d.pairs)
+    return earlier + diagonal.reshape(w.shape)
+
+
+def _by_chunk(t: jax.Array, chunk: int) -> jax.Array:
+    """(N, T, W) -> (N, chunks, C, W)."""
+    return t.reshape((t.shape[0], t.shape[1] // chunk, chunk, t.shape[-1]))
+
+
+def _chunked(q, k, v, g, h0, scale, chunk):
+    """The matmul form (module docstring): intra-chunk scores, then a scan over chunk states."""
+    qc, kc, vc, gc = (_by_chunk(t, chunk) for t in (q, k, v, g))
+    d = _decays(gc)
+    intra = jnp.einsum("ncij,ncjv->nciv", _scores(qc, kc, d), vc)
+    local = jnp.einsum("ncjk,ncjv->nckv", kc * d.to_end, vc)
+
+    def pass_on(state, inputs):
+        total, local_state = inputs
+        return total[..., None] * state + local_state, state
+
+    last, entering = jax.lax.scan(pass_on, h0, (jnp.moveaxis(d.total, 1, 0),
+                                                jnp.moveaxis(local, 1, 0)))
+    entering = jnp.moveaxis(entering, 0, 1)
+    inter = jnp.einsum("ncik,nckv->nciv", qc * d.from_start, entering)
+    o = (scale * (intra + inter)).reshape(q.shape[:2] + v.shape[-1:])
+    return o, jnp.concatenate([entering, last[:, None]], axis=1)
+
+
+def _chunked_backward(q, k, v, g, bounds, do, dlast, scale, chunk):
+    """Gradients ``(dq, dk, dv, dg, dh0)`` from the inputs and the boundary states only."""
+    qc, kc, vc, gc, doc = (_by_chunk(t, chunk) for t in (q, k, v, g, do))
+    d = _decays(gc)
+    entering, leaving = bounds[:, :-1], bounds[:, 1:]
+    from_outputs = scale * jnp.einsum("ncik,nciv->nckv", qc * d.from_start, doc)
+
+    def pass_back(adjoint, inputs):
+        total, from_outputs_c = inputs
+        return total[..., None] * adjoint + from_outputs_c, adjoint
+
+    dh0, adjoint_out = jax.lax.scan(
+        pass_back, dlast, (jnp.moveaxis(d.total, 1, 0), jnp.moveaxis(from_outputs, 1, 0)),
+        reverse=True)
+    adjoint_out = jnp.moveaxis(adjoint_out, 0, 1)  # dL/dS at each chunk's end (N, chunks, K, V)
+
+    scores = _scores(qc, kc, d)
+    products = jnp.einsum("nciv,ncjv->ncij", doc, vc)
+    dq = scale * (d.from_start * jnp.einsum("nckv,nciv->ncik", entering, doc)
+                  + _weighted_keys(products, kc, d))
+    dk = (scale * _weighted_queries(products, qc, d)
+          + d.to_end * jnp.einsum("nckv,ncjv->ncjk", adjoint_out, vc))
+    dv = (scale * jnp.einsum("ncij,nciv->ncjv", scores, doc)
+          + jnp.einsum("ncjk,nckv->ncjv", kc * d.to_end, adjoint_out))
+    from_cumulative = qc * dq - kc * dk
+    dg = (jnp.flip(jnp.cumsum(jnp.flip(from_cumulative, -2), axis=-2), -2)
+          + jnp.sum(adjoint_out * leaving, axis=-1)[:, :, None, :])
+    return tuple(t.reshape(t.shape[:1] + (-1,) + t.shape[-1:]) for t in (dq, dk, dv, dg)) + (dh0,)
+
+
+# --- Pallas
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _pallas_kernel(q_ref, k_ref, g_ref, v_ref, h0_ref, o_ref, bounds_ref, *, chunk, num_chunks,
+                   key_dim, scale, acc):
+    """One (row, value block): ``q, k, g`` refs (K, T) read a column per step, ``v``/``o``
+    (T, BV) a row per step; the state (K, BV) is the loop carry, stored at chunk boundaries into
+    ``bounds`` ((chunks + 1) * K, BV)."""
+
+    def column(ref, t):
+        return ref[:, pl.ds(t, 1)].astype(acc)
+
+    def chunk_body(c, state):
+        bounds_ref[pl.ds(pl.multiple_of(c * key_dim, key_dim), key_dim), :] = state
+
+        def step(i, state):
+            t = c * chunk + i
+            v_t = v_ref[pl.ds(t, 1), :].astype(acc)
+            state = jnp.exp(column(g_ref, t)) * state + column(k_ref, t) * v_t
+            o_t = scale * jnp.sum(column(q_ref, t) * state, axis=0, keepdims=True)
+            o_ref[pl.ds(t, 1), :] = o_t.astype(o_ref.dtype)
+            return state
+
+        return jax.lax.fori_loop(0, chunk, step, state)
+
+    state = jax.lax.fori_loop(0, num_chunks, chunk_body, h0_ref[...].astype(acc))
+    bounds_ref[pl.ds(num_chunks * key_dim, key_dim), :] = state
+
+
+def _pallas(q, k, v, g, h0, scale, chunk, *, interpret: bool | None = None):
+    """The Pallas kernel on rows; key and value widths padded to powers of two (Triton blocks)."""
+    from jax.experimental.pallas import triton as pltriton
+
+    rows, length, key_dim = q.shape
+    value_dim = v.shape[-1]
+    acc = q.dtype
+    num_chunks = length // chunk
+    k_pad = _next_power_of_two(key_dim) - key_dim
+    block = min(_PALLAS_VALUE_BLOCK, _next_power_of_two(value_dim))
+    value_padded = -(-value_dim // block) * block
+    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+
+    def keys(t):  # (N, T, K) -> (N, K_pad, T)
+        return jnp.pad(jnp.swapaxes(t, 1, 2), ((0, 0), (0, k_pad), (0, 0)))
+
+    v_p = jnp.pad(v, ((0, 0), (0, 0), (0, value_padded - value_dim)))
+    h0_p = jnp.pad(h0, ((0, 0), (0, k_pad), (0, value_padded - value_dim)))
+    key_padded = key_dim + k_pad
+    column_spec = pl.BlockSpec((pl.squeezed, key_padded, length), lambda n, j: (n, 0, 0))
+    row_spec = pl.BlockSpec((pl.squeezed, length, block), lambda n, j: (n, 0, j))
+    state_spec = pl.BlockSpec((pl.squeezed, key_padded, block), lambda n, j: (n, 0, j))
+    bounds_spec = pl.BlockSpec((pl.squeezed, (num_chunks + 1) * key_padded, block),
+                               lambda n, j: (n, 0, j))
+    o, bounds = pl.pallas_call(
+        functools.partial(_pallas_kernel, chunk=chunk, num_chunks=num_chunks,
+                          key_dim=key_padded, scale=scale, acc=acc),
+        grid=(rows, value_padded // block),
+        in_specs=[column_spec, column_spec, column_spec, row_spec, state_spec],
+        out_specs=[row_spec, bounds_spec],
+        out_shape=[jax.ShapeDtypeStruct((rows, length, value_padded), acc),
+                   jax.ShapeDtypeStruct((rows, (num_chunks + 1) * key_padded, value_padded), acc)],
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="matrix_recurrence_forward",
+    )(keys(q), keys(k), keys(g), v_p, h0_p)
+    bounds = bounds.reshape(rows, num_chunks + 1, key_padded, value_padded)
+    return o[..., :value_dim], bounds[:, :, :key_dim, :value_dim]
