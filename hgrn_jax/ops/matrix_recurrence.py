@@ -36,10 +36,13 @@ Three forward methods compute the same thing; all of them split time into chunks
     value-block): the state stays in registers while the kernel walks time, reading every input
     once and writing every output once, and stores the state at each chunk boundary.
 
-All methods share one custom VJP (the chunked matmul form run backwards), which keeps only the
-inputs and the boundary states: the adjoint state ``D`` (``dL/dS``) is carried across chunks by a
-reverse scan and everything inside a chunk is recomputed from its entering state, so no
-``(N, L, K, V)`` tensor of per-step states is ever stored. Inside a chunk::
+All methods share one custom VJP, which keeps only the inputs and the boundary states: the
+adjoint state ``D`` (``dL/dS``) is carried across chunks from the last one back, and everything
+inside a chunk is recomputed from its entering state, so no ``(N, L, K, V)`` tensor of per-step
+states is ever stored. The backward arithmetic takes the forward's form: ``"sequential"`` walks
+each chunk's steps (recomputing its ``C`` states, then the adjoint recurrence back over them,
+see :func:`_sequential_backward`); ``"chunked"`` and ``"pallas"`` use the matmul form, inside a
+chunk::
 
     dq_i = scale * [ exp(b_i) * (S_in @ do_i) + sum_{j<=i} (do_i . v_j) exp(b_i - b_j) k_j ]
     dk_j = scale * sum_{i>=j} (do_i . v_j) exp(b_i - b_j) q_i + exp(b_end - b_j) * (D_out @ v_j)
@@ -71,31 +74,32 @@ _PALLAS_VALUE_BLOCK = 32
 def default_matrix_method(length: int, platform: str | None = None) -> str:
     """The method ``method="auto"`` picks for :func:`matrix_recurrence`.
 
-    CPU: ``"chunked"`` from ``CPU_CHUNKED_MIN_LENGTH`` steps, ``"sequential"`` below; measured by
-    ``benchmarks/matrix_recurrence.py`` (``benchmarks/results/matrix_recurrence_cpu.json``, see
-    its docstring for the numbers). The sequential scan does ``K*V`` work per step but pays a
-    loop iteration per step; the chunked form does more arithmetic (``C`` extra key products per
-    step) in large matmuls. ``"pallas"`` runs in the Pallas interpreter on CPU: a correctness
-    path, never picked.
+    CPU: ``"sequential"`` at every length. Measured by ``benchmarks/matrix_recurrence.py``
+    (``benchmarks/results/matrix_recurrence_cpu.json``; B=2, H=4, K=V=32, L=256 to 4096, and
+    B=1, H=2, K=V=128): the scan is the fastest forward and, with its step-by-step backward, the
+    fastest forward+backward at every size, several times faster than ``"chunked"``. A CPU does
+    one step's ``K*V`` rank-1 update at full speed; the chunked form adds ``~C/2 + 16`` extra
+    multiply-adds and an ``exp`` per step and key channel (the pairwise decays), which costs more
+    than the loop iterations it saves. ``"pallas"`` runs in the Pallas interpreter on CPU (a
+    correctness path).
 
     GPU: ``"pallas"`` (not measured yet: ``benchmarks/gpu_session.sh`` measures it). The kernel
     reads each input once and writes each output once with the state in registers, the least
-    memory traffic possible; the chunked form in XLA writes its ``(C, C)`` score matrices and
-    the ``(16, 16, K)`` pairwise decays of every sub-chunk to memory (about 20 times the bytes of
-    ``q``), and the sequential scan launches a kernel per step.
+    memory traffic possible, in one launch; the chunked form in XLA writes its ``(C, C)`` score
+    matrices and the ``(16, 16, K)`` pairwise decays of every sub-chunk to memory (about 20
+    times the bytes of ``q``), and the sequential scan launches kernels per step. Its backward
+    is the chunked one (a few large fused XLA ops), not the step-by-step scan.
 
-    TPU: ``"chunked"`` (not measured): its matmuls suit the MXU, the Pallas kernel is written for
-    Triton's register model, and the scan pays a loop iteration per step.
+    TPU: ``"chunked"`` (not measured): its matmuls suit the MXU, the Pallas kernel is written
+    for Triton's register model, and the scan pays a loop iteration per step.
     """
+    del length  # no measured crossover with the length yet
     platform = platform or jax.default_backend()
     if platform == "cpu":
-        return "chunked" if length >= CPU_CHUNKED_MIN_LENGTH else "sequential"
+        return "sequential"
     if platform in ("gpu", "cuda", "rocm"):
         return "pallas"
     return "chunked"
-
-
-CPU_CHUNKED_MIN_LENGTH = 256
 
 
 def _check_shapes(q, k, v, log_decay, h0) -> tuple[int, ...]:
@@ -135,8 +139,8 @@ def matrix_recurrence(
       q: queries ``(..., L, H, K)`` (HGRN2's output gate).
       k: keys ``(..., L, H, K)`` (HGRN2's ``1 - lambda``).
       v: values ``(..., L, H, V)`` (HGRN2's input).
-      log_decay: log forget gates ``(..., L, H, K)``, ``<= 0`` (``"chunked"`` relies on it for
-        its stability; very negative values, down to ``-inf``, are fine).
+      log_decay: log forget gates ``(..., L, H, K)``, finite and ``<= 0`` (the chunked form
+        relies on it for its stability; very negative values are fine).
       h0: initial state ``(..., H, K, V)``; zeros when omitted.
       scale: the constant ``c`` in ``o_t = c * q_t S_t`` (1 for hgru2-pytorch, ``1/sqrt(K)`` for fla).
       method: ``"sequential"``, ``"chunked"``, ``"pallas"`` (see the module docstring) or
@@ -171,7 +175,10 @@ def matrix_recurrence(
         o = jnp.zeros(v.shape, out_dtype)
         last = jnp.zeros(state_shape, acc) if h0 is None else jnp.asarray(h0).astype(acc)
         return (o, last) if return_last_state else o
-    chunk = min(chunk_size, length)
+    if chunk_size <= _SUB_CHUNK or length <= _SUB_CHUNK:
+        chunk = min(chunk_size, length)
+    else:  # a short sequence is one chunk, padded to whole sub-chunks
+        chunk = min(chunk_size, -(-length // _SUB_CHUNK) * _SUB_CHUNK)
     num_chunks = -(-length // chunk)
     pad = num_chunks * chunk - length
 
@@ -215,35 +222,84 @@ def _matrix_recurrence_fwd(q, k, v, g, h0, scale, method, chunk):
 
 
 def _matrix_recurrence_bwd(scale, method, chunk, residuals, cotangents):
-    del method
     q, k, v, g, bounds = residuals
     do, dlast = (jnp.asarray(c, q.dtype) for c in cotangents)
-    return _chunked_backward(q, k, v, g, bounds, do, dlast, scale, chunk)
+    backward = _sequential_backward if method == "sequential" else _chunked_backward
+    return backward(q, k, v, g, bounds, do, dlast, scale, chunk)
 
 
 _matrix_recurrence.defvjp(_matrix_recurrence_fwd, _matrix_recurrence_bwd)
 
 
+def _time_major_chunks(t: jax.Array, chunk: int) -> jax.Array:
+    """(N, T, W) -> (chunks, C, N, W)."""
+    return jnp.moveaxis(t.reshape((t.shape[0], t.shape[1] // chunk, chunk, t.shape[-1])), 0, 2)
+
+
+def _from_time_major_chunks(t: jax.Array) -> jax.Array:
+    """(chunks, C, N, W) -> (N, T, W)."""
+    return jnp.moveaxis(t, 2, 0).reshape((t.shape[2], -1, t.shape[-1]))
+
+
+def _step(state, k_t, v_t, g_t):
+    return jnp.exp(g_t)[..., None] * state + k_t[..., None] * v_t[..., None, :]
+
+
 def _sequential(q, k, v, g, h0, scale, chunk):
     """Scan over chunks, and over the steps of each chunk inside."""
-    num_chunks = q.shape[1] // chunk
-
-    def by_chunk(t):  # (N, T, W) -> (chunks, C, N, W)
-        return jnp.moveaxis(t.reshape((t.shape[0], num_chunks, chunk, t.shape[-1])), 0, 2)
 
     def step(state, inputs):
         q_t, k_t, v_t, g_t = inputs
-        state = jnp.exp(g_t)[..., None] * state + k_t[..., None] * v_t[..., None, :]
+        state = _step(state, k_t, v_t, g_t)
         return state, scale * jnp.einsum("nk,nkv->nv", q_t, state)
 
     def chunk_step(state, inputs):
         last, o = jax.lax.scan(step, state, inputs)
         return last, (o, state)
 
-    last, (o, entering) = jax.lax.scan(chunk_step, h0, tuple(by_chunk(t) for t in (q, k, v, g)))
-    o = jnp.moveaxis(o, 2, 0).reshape(q.shape[:2] + v.shape[-1:])
+    last, (o, entering) = jax.lax.scan(
+        chunk_step, h0, tuple(_time_major_chunks(t, chunk) for t in (q, k, v, g)))
     bounds = jnp.concatenate([jnp.moveaxis(entering, 0, 1), last[:, None]], axis=1)
-    return o, bounds
+    return _from_time_major_chunks(o), bounds
+
+
+def _sequential_backward(q, k, v, g, bounds, do, dlast, scale, chunk):
+    """The adjoint recurrence step by step, chunk by chunk from the last: each chunk's C states
+    are recomputed from its entering state (memory ``(C, N, K, V)``), then walked back with the
+    adjoint ``D`` (``dL/dS_t``)::
+
+        D += scale * q_t do_t^T;  dq_t = scale * S_t do_t;  dk_t = D v_t;  dv_t = D^T k_t
+        dg_t = exp(g_t) * sum_v D * S_{t-1};  D = exp(g_t) * D        (dh0: the final D)
+    """
+
+    def chunk_step(adjoint, inputs):
+        q_c, k_c, v_c, g_c, do_c, entering = inputs
+
+        def forward(state, step_inputs):
+            state = _step(state, *step_inputs)
+            return state, state
+
+        _, states = jax.lax.scan(forward, entering, (k_c, v_c, g_c))
+        previous = jnp.concatenate([entering[None], states[:-1]], axis=0)
+
+        def backward(adjoint, step_inputs):
+            q_t, k_t, v_t, g_t, do_t, state, previous_t = step_inputs
+            adjoint = adjoint + scale * q_t[..., None] * do_t[..., None, :]
+            dq_t = scale * jnp.einsum("nkv,nv->nk", state, do_t)
+            dk_t = jnp.einsum("nkv,nv->nk", adjoint, v_t)
+            dv_t = jnp.einsum("nkv,nk->nv", adjoint, k_t)
+            decay = jnp.exp(g_t)
+            dg_t = decay * jnp.sum(adjoint * previous_t, axis=-1)
+            return decay[..., None] * adjoint, (dq_t, dk_t, dv_t, dg_t)
+
+        adjoint, grads = jax.lax.scan(
+            backward, adjoint, (q_c, k_c, v_c, g_c, do_c, states, previous), reverse=True)
+        return adjoint, grads
+
+    chunks = tuple(_time_major_chunks(t, chunk) for t in (q, k, v, g, do))
+    dh0, grads = jax.lax.scan(chunk_step, dlast, chunks + (jnp.moveaxis(bounds[:, :-1], 1, 0),),
+                              reverse=True)
+    return tuple(_from_time_major_chunks(t) for t in grads) + (dh0,)
 
 
 class _Decays(NamedTuple):
@@ -300,7 +356,9 @@ def _scores(x, y, d: _Decays) -> jax.Array:
     num_sub, sub = d.within.shape[-3:-1]
     x_sub, y_sub = _split(x, num_sub), _split(y, num_sub)
     earlier = jnp.einsum("...Iik,...Ijk->...Iij", x_sub * d.within, y[..., None, :, :] * d.cross)
-    diagonal = jnp.einsum("...Iik,...Ijk,...Iijk->...Iij", x_sub, y_sub, d.pairs)
+    # Three-operand products as broadcast-multiply-sum: 3x faster than einsum's pairwise
+    # contraction on CPU (measured), and the same on accelerators once fused.
+    diagonal = jnp.sum(x_sub[..., :, None, :] * y_sub[..., None, :, :] * d.pairs, axis=-1)
     placed = jnp.einsum("...Iij,IJ->...IiJj", diagonal, jnp.eye(num_sub, dtype=x.dtype))
     shape = earlier.shape[:-3] + (num_sub * sub, num_sub * sub)
     return earlier.reshape(shape) + placed.reshape(shape)
@@ -312,8 +370,8 @@ def _weighted_keys(m, y, d: _Decays) -> jax.Array:
     num_sub = d.within.shape[-3]
     m_sub = _split(m, num_sub)
     earlier = d.within * jnp.einsum("...Iij,...Ijk->...Iik", m_sub, y[..., None, :, :] * d.cross)
-    diagonal = jnp.einsum("...Iij,...Ijk,...Iijk->...Iik", _diagonal_blocks(m, num_sub),
-                          _split(y, num_sub), d.pairs)
+    diagonal = jnp.sum(_diagonal_blocks(m, num_sub)[..., None]
+                       * _split(y, num_sub)[..., None, :, :] * d.pairs, axis=-2)
     return (earlier + diagonal).reshape(y.shape)
 
 
@@ -325,8 +383,8 @@ def _weighted_queries(m, w, d: _Decays) -> jax.Array:
     w_sub = _split(w, num_sub)
     earlier = jnp.sum(jnp.einsum("...Iij,...Iik->...Ijk", m_sub, w_sub * d.within) * d.cross,
                       axis=-3)
-    diagonal = jnp.einsum("...Iij,...Iik,...Iijk->...Ijk", _diagonal_blocks(m, num_sub), w_sub,
-                          d.pairs)
+    diagonal = jnp.sum(_diagonal_blocks(m, num_sub)[..., None] * w_sub[..., :, None, :]
+                       * d.pairs, axis=-3)
     return earlier + diagonal.reshape(w.shape)
 
 

@@ -1,0 +1,280 @@
+"""HGRN2's matrix recurrence: every method's values and gradients against a float64 NumPy loop
+(with a hand-written adjoint) and JAX autodiff of a plain ``lax.scan``; bf16 accumulation; a
+4096-step sequence whose cumulative decays underflow; the Pallas kernel's Triton lowering;
+shape errors."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hgrn_jax.ops import MATRIX_METHODS, default_matrix_method, matrix_recurrence
+from hgrn_jax.ops.matrix_recurrence import _pallas
+
+# float64 throughout: the methods differ only in the order of float64 roundings over <= 45 steps
+# of O(1) values, ~1e-15 relative; 1e-11 leaves room and still catches any wrong term.
+F64_TOL = 1e-11
+
+
+def loop_reference(q, k, v, g, h0, scale):
+    """float64 loop over time on (B..., L, H, ·) arrays; returns o, the last state and all
+    states (..., L, H, K, V)."""
+    q, k, v, g = (np.asarray(t, np.float64) for t in (q, k, v, g))
+    state = np.array(h0, np.float64)
+    o = np.zeros(v.shape)
+    states = np.zeros(q.shape + v.shape[-1:])
+    for t in range(q.shape[-3]):
+        state = (np.exp(g[..., t, :, :])[..., None] * state
+                 + k[..., t, :, :, None] * v[..., t, :, None, :])
+        states[..., t, :, :, :] = state
+        o[..., t, :, :] = scale * np.einsum("...hk,...hkv->...hv", q[..., t, :, :], state)
+    return o, state, states
+
+
+def loop_adjoint(q, k, v, g, h0, scale, do, dlast):
+    """float64 gradients of ``sum(o * do) + sum(last * dlast)`` by the adjoint recurrence
+    ``D_{t-1} = exp(g_t) D_t + scale * q_{t-1} do_{t-1}^T`` (D = dL/dS), walked back in time."""
+    q, k, v, g, do = (np.asarray(t, np.float64) for t in (q, k, v, g, do))
+    _, _, states = loop_reference(q, k, v, g, h0, scale)
+    adjoint = np.array(dlast, np.float64)
+    dq, dk, dg = (np.zeros(q.shape) for _ in range(3))
+    dv = np.zeros(v.shape)
+    for t in reversed(range(q.shape[-3])):
+        at = (Ellipsis, t, slice(None), slice(None))
+        adjoint = adjoint + scale * q[at][..., None] * do[at][..., None, :]
+        previous = states[..., t - 1, :, :, :] if t else np.asarray(h0, np.float64)
+        dq[at] = scale * np.einsum("...kv,...v->...k", states[..., t, :, :, :], do[at])
+        dk[at] = np.einsum("...kv,...v->...k", adjoint, v[at])
+        dv[at] = np.einsum("...kv,...k->...v", adjoint, k[at])
+        dg[at] = np.exp(g[at]) * np.sum(adjoint * previous, axis=-1)
+        adjoint = np.exp(g[at])[..., None] * adjoint
+    return dq, dk, dv, dg, adjoint
+
+
+def scan_reference(q, k, v, g, h0, scale):
+    """A plain ``lax.scan`` on (B, L, H, ·) arrays: JAX autodiff of it is a gradient reference."""
+    def step(state, inputs):
+        q_t, k_t, v_t, g_t = inputs
+        state = jnp.exp(g_t)[..., None] * state + k_t[..., None] * v_t[..., None, :]
+        return state, scale * jnp.einsum("bhk,bhkv->bhv", q_t, state)
+
+    last, o = jax.lax.scan(step, h0, tuple(jnp.moveaxis(t, 1, 0) for t in (q, k, v, g)))
+    return jnp.moveaxis(o, 0, 1), last
+
+
+def make_inputs(batch_shape, length, heads, key_dim, value_dim, seed=0, log_decay_scale=3.0):
+    """q, k, v, log_decay, h0 in float64; forget gates spread over (0.05, 1), scaled in log space
+    so some steps decay hard (log_decay down to ~ -9)."""
+    rng = np.random.default_rng(seed)
+    qk = batch_shape + (length, heads, key_dim)
+    q = rng.normal(size=qk)
+    k = rng.normal(size=qk)
+    v = rng.normal(size=batch_shape + (length, heads, value_dim))
+    g = log_decay_scale * np.log(rng.uniform(0.05, 1.0, qk))
+    h0 = rng.normal(size=batch_shape + (heads, key_dim, value_dim))
+    return q, k, v, g, h0
+
+
+# (method, chunk_size, length). For the chunked form: 16 with L = 45 (3 chunks, the last one
+# ragged, one sub-chunk each); 32 with L = 45 (2 sub-chunks per chunk: the cross-sub-chunk
+# factors); 8 (chunks shorter than a sub-chunk); the default 64 with L = 37 (one chunk padded to
+# 48 = 3 sub-chunks). The other methods' chunks only set where boundary states are stored.
+CHUNKINGS = [("chunked", 16, 45), ("chunked", 32, 45), ("chunked", 8, 45), ("chunked", 64, 37),
+             ("sequential", 16, 45), ("pallas", 16, 45)]
+
+
+@pytest.mark.parametrize("method,chunk_size,length", CHUNKINGS)
+def test_values_match_float64_loop(method, chunk_size, length):
+    """Two leading axes, 3 heads, K = 5 != V = 7, h0 and the last state."""
+    q, k, v, g, h0 = make_inputs((2, 1), length, 3, 5, 7, seed=chunk_size)
+    with jax.enable_x64(True):
+        o, last = matrix_recurrence(q, k, v, g, h0, scale=0.7, method=method,
+                                    return_last_state=True, chunk_size=chunk_size)
+    want, want_last, _ = loop_reference(q, k, v, g, h0, 0.7)
+    assert o.shape == (2, 1, length, 3, 7) and last.shape == (2, 1, 3, 5, 7)
+    assert o.dtype == last.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(o), want, rtol=F64_TOL, atol=F64_TOL)
+    np.testing.assert_allclose(np.asarray(last), want_last, rtol=F64_TOL, atol=F64_TOL)
+
+
+@pytest.mark.parametrize("method", MATRIX_METHODS)
+def test_gradients_match_float64_adjoint_and_autodiff(method, chunk_size=32):
+    """Gradients for q, k, v, log_decay and h0 of a loss on o and on the last state (45 steps:
+    two chunks of two sub-chunks, the last chunk ragged) against the float64 adjoint loop and
+    autodiff of lax.scan."""
+    q, k, v, g, h0 = make_inputs((2,), 45, 2, 4, 6, seed=10 + chunk_size)
+    rng = np.random.default_rng(3)
+    do = rng.normal(size=v.shape)
+    dlast = rng.normal(size=h0.shape)
+
+    def loss(fn, *args):
+        o, last = fn(*args)
+        return jnp.sum(o * do) + jnp.sum(last * dlast)
+
+    ours = functools.partial(matrix_recurrence, scale=0.4, method=method,
+                             return_last_state=True, chunk_size=chunk_size)
+    with jax.enable_x64(True):
+        got = jax.grad(functools.partial(loss, ours), argnums=range(5))(q, k, v, g, h0)
+        autodiff = jax.grad(functools.partial(loss, functools.partial(scan_reference, scale=0.4)),
+                            argnums=range(5))(q, k, v, g, h0)
+    adjoint = loop_adjoint(q, k, v, g, h0, 0.4, do, dlast)
+    for name, ours_, loop_, auto_ in zip(("dq", "dk", "dv", "dlog_decay", "dh0"), got, adjoint,
+                                         autodiff):
+        assert ours_.shape == loop_.shape and ours_.dtype == jnp.float64, name
+        np.testing.assert_allclose(np.asarray(ours_), loop_, rtol=F64_TOL, atol=F64_TOL,
+                                   err_msg=name)
+        np.testing.assert_allclose(np.asarray(auto_), loop_, rtol=F64_TOL, atol=F64_TOL,
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("method", MATRIX_METHODS)
+def test_without_h0_or_last_state_float32(method):
+    """Defaults: zero h0, no last state, float32 in and out, the scale; float32 accumulation over
+    40 contracting steps of O(1) values: a few ulps of the O(1..10) outputs, below 2e-5."""
+    q, k, v, g, _ = make_inputs((3,), 40, 2, 8, 4, seed=5)
+    o = matrix_recurrence(*(t.astype(np.float32) for t in (q, k, v, g)), scale=0.25,
+                          method=method, chunk_size=16)
+    want, _, _ = loop_reference(*(t.astype(np.float32) for t in (q, k, v, g)),
+                                np.zeros((3, 2, 8, 4)), 0.25)
+    assert o.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(o), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("method", MATRIX_METHODS)
+def test_bf16_inputs_accumulate_in_float32(method):
+    """bf16 in: outputs in bf16 by default, states and gradients accumulated in float32."""
+    q, k, v, g, h0 = make_inputs((2,), 33, 2, 4, 4, seed=7, log_decay_scale=0.5)
+    q16, k16, v16, g16 = (jnp.asarray(t, jnp.bfloat16) for t in (q, k, v, g))
+    exact, exact_last, _ = loop_reference(*(np.asarray(t, np.float64)
+                                            for t in (q16, k16, v16, g16)), h0, 1.0)
+    o16, last = matrix_recurrence(q16, k16, v16, g16, h0.astype(np.float32), method=method,
+                                  return_last_state=True, chunk_size=16)
+    assert o16.dtype == jnp.bfloat16 and last.dtype == jnp.float32
+    # One bf16 rounding of each output (relative 2^-8), nothing accumulated in bf16 (33 steps
+    # of bf16 accumulation would be off by several bf16 ulps).
+    np.testing.assert_allclose(np.asarray(o16, np.float64), exact, rtol=2 ** -8,
+                               atol=2 ** -8 * np.abs(exact).max() / 8)
+    # The last state never went through bf16: float32 rounding only.
+    np.testing.assert_allclose(np.asarray(last), exact_last, rtol=1e-5, atol=1e-5)
+    o32 = matrix_recurrence(q16, k16, v16, g16, h0.astype(np.float32), method=method,
+                            out_dtype=jnp.float32, chunk_size=16)
+    assert o32.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(o32), exact, rtol=1e-5, atol=1e-5)
+
+    w = np.random.default_rng(8).normal(size=v.shape)
+
+    def loss(q, k, v, g):
+        o = matrix_recurrence(q, k, v, g, h0.astype(np.float32), method=method,
+                              out_dtype=jnp.float32, chunk_size=16)
+        return jnp.sum(o * w)
+
+    grads = jax.grad(loss, argnums=range(4))(q16, k16, v16, g16)
+    exact_grads = loop_adjoint(*(np.asarray(t, np.float64) for t in (q16, k16, v16, g16)), h0,
+                               1.0, w, np.zeros(h0.shape))
+    for name, got, want in zip(("dq", "dk", "dv", "dlog_decay"), grads, exact_grads):
+        assert got.dtype == jnp.bfloat16, name
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2 ** -7,
+                                   atol=2 ** -7 * np.abs(want).max(), err_msg=name)
+
+
+def long_inputs(length=4096, seed=11):
+    """B = 1, H = 2, K = V = 8; log forget gates log sigmoid(f), f ~ N(0, 3): per-step log decays
+    down to ~ -12, so the cumulative decay exp(sum g) underflows within a few dozen steps."""
+    rng = np.random.default_rng(seed)
+    shape = (1, length, 2, 8)
+    g = -np.logaddexp(0.0, -3.0 * rng.normal(size=shape))  # log sigmoid
+    k = 1.0 - np.exp(g)
+    q = rng.normal(size=shape)
+    v = rng.normal(size=shape)
+    return tuple(t.astype(np.float32) for t in (q, k, v, g))
+
+
+def test_long_sequence_chunked_matches_sequential_where_cumulative_decay_underflows():
+    """L = 4096: the chunked method's values and gradients equal the sequential scan's (and the
+    float64 loop's) to float32 precision, although the naive factors exp(+-cumsum g) are 0 / inf.
+
+    Tolerance 2e-4 relative to the largest value: inside a chunk of 64 steps the cumulative log
+    decay reaches |b| ~ 200, whose float32 rounding (|b| * 2^-24 ~ 1e-5) is the relative error of
+    each factor exp(b_i - b_j); sums of up to 64 such terms and float32 accumulation over the
+    contracting recurrence keep the result within ~1e-4 of the largest |value|. A wrong or
+    overflowing term (inf/nan, or a missing decay) is off by O(1).
+    """
+    q, k, v, g = long_inputs()
+    cumulative = np.cumsum(g, axis=1)
+    with np.errstate(over="ignore"):
+        assert np.exp(cumulative).min() == 0.0 and np.isinf(np.exp(-cumulative)).any()
+    w = np.random.default_rng(12).normal(size=v.shape).astype(np.float32)
+
+    def loss(method, q, k, v, g):
+        return jnp.sum(matrix_recurrence(q, k, v, g, method=method) * w)
+
+    results = {}
+    for method in ("chunked", "sequential"):
+        o = matrix_recurrence(q, k, v, g, method=method)
+        grads = jax.grad(functools.partial(loss, method), argnums=range(4))(q, k, v, g)
+        results[method] = (o,) + tuple(grads)
+    with jax.enable_x64(True):
+        args64 = tuple(jnp.asarray(t, jnp.float64) for t in (q, k, v, g))
+        h0 = jnp.zeros((1, 2, 8, 8), jnp.float64)
+
+        def loss64(*args):
+            return jnp.sum(scan_reference(*args, h0, 1.0)[0] * w)
+
+        exact = (scan_reference(*args64, h0, 1.0)[0],) + tuple(
+            jax.grad(loss64, argnums=range(4))(*args64))
+    names = ("o", "dq", "dk", "dv", "dlog_decay")
+    for name, chunked, sequential, want in zip(names, results["chunked"], results["sequential"],
+                                               exact):
+        want = np.asarray(want)
+        tol = 2e-4 * np.abs(want).max()
+        assert np.isfinite(np.asarray(chunked)).all(), name
+        np.testing.assert_allclose(np.asarray(chunked), np.asarray(sequential), rtol=0, atol=tol,
+                                   err_msg=name)
+        np.testing.assert_allclose(np.asarray(chunked), want, rtol=0, atol=tol, err_msg=name)
+
+
+def test_pallas_kernel_lowers_for_gpu():
+    """The kernel lowers through Triton at key and value widths that need padding to powers of
+    two and several value blocks."""
+    rows, length, key_dim, value_dim = 6, 64, 20, 40
+    keys = jax.ShapeDtypeStruct((rows, length, key_dim), jnp.float32)
+    values = jax.ShapeDtypeStruct((rows, length, value_dim), jnp.float32)
+    state = jax.ShapeDtypeStruct((rows, key_dim, value_dim), jnp.float32)
+    kernel = functools.partial(_pallas, scale=0.5, chunk=16, interpret=False)
+    text = jax.jit(kernel).trace(keys, keys, values, keys, state).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text and "matrix_recurrence_forward" in text
+
+
+def test_auto_picks_a_method_everywhere():
+    for platform in ("cpu", "gpu", "tpu"):
+        for length in (1, 255, 256, 100_000):
+            assert default_matrix_method(length, platform) in MATRIX_METHODS
+    assert default_matrix_method(4096, "gpu") == "pallas"
+    q, k, v, g, _ = make_inputs((1,), 20, 1, 2, 3, seed=13)
+    with jax.enable_x64(True):
+        auto = matrix_recurrence(q, k, v, g)
+    np.testing.assert_allclose(np.asarray(auto), loop_reference(q, k, v, g, np.zeros((1, 1, 2, 3)),
+                                                                1.0)[0], rtol=F64_TOL, atol=F64_TOL)
+
+
+def test_bad_shapes_and_arguments_name_the_fix():
+    q, k, v, g, h0 = (np.asarray(t, np.float32) for t in make_inputs((2,), 8, 3, 4, 5))
+    with pytest.raises(ValueError, match=r"q must be \(\.\.\., length, heads, key_dim\)"):
+        matrix_recurrence(q[0, 0], k[0, 0], v[0, 0], g[0, 0])
+    with pytest.raises(ValueError, match=r"log_decay \(2, 8, 3, 3\)"):
+        matrix_recurrence(q, k, v, g[..., :3])
+    with pytest.raises(ValueError, match=r"v must be \(\.\.\., length, heads, value_dim\) with "
+                                         r"q's leading axes \(2, 8, 3\)"):
+        matrix_recurrence(q, k, v[:, :7], g)
+    with pytest.raises(ValueError, match=r"h0 must have shape \(2, 3, 4, 5\)"):
+        matrix_recurrence(q, k, v, g, h0[..., :3, :])
+    with pytest.raises(ValueError, match="unknown method 'parallel'"):
+        matrix_recurrence(q, k, v, g, method="parallel")
+    with pytest.raises(ValueError, match="chunk_size must be a multiple of 16 or at most 16; "
+                                         "got 40"):
+        matrix_recurrence(q, k, v, g, chunk_size=40)
