@@ -33,6 +33,10 @@ step() {
   log "$name: exit ${PIPESTATUS[0]}"
 }
 step pallas 100 $PY benchmarks/pallas_gpu.py --reps 5
+# HGRN2's matrix recurrence: every method (the Pallas kernel compiled for the first time here,
+# checked against the scan first), HGRN's recurrence, causal attention, and fla's chunk_gla
+# when fla imports.
+step matrix 150 $PY benchmarks/matrix_recurrence.py --reps 5
 step peers 200 $PY benchmarks/peers_gpu.py --reps 5 --deadline 150
 step lm 110 $PY benchmarks/train_throughput.py --full --lengths 1024 4096 16384 \
   --methods pallas chunked --reps 3

@@ -1,0 +1,245 @@
+"""HGRN2's matrix recurrence per method against HGRN's recurrence and softmax attention.
+
+    python benchmarks/matrix_recurrence.py [--sizes 2x1024x4x32x32 ...] [--methods ...]
+                                           [--dtype float32] [--reps 5] [--no-fla]
+
+For each size ``BxLxHxKxV`` it times (median of ``--reps`` after a warm-up, jitted) the forward
+pass and the forward+backward pass (a VJP with a fixed cotangent, gradients for every input) of
+
+- ``matrix_recurrence(q, k, v, log_decay, method=m)`` for every method (``"pallas"`` runs in the
+  Pallas interpreter on CPU: a correctness path, timed only at the smallest size);
+- ``hgrn``: HGRN's ``linear_recurrence(a, x)`` (its ``"auto"`` method) over ``B x L x (H*V)``,
+  the same number of output channels;
+- ``attention``: ``jax.nn.dot_product_attention(q, k, v, is_causal=True)`` with the same
+  ``(B, L, H, K)`` queries and keys (values ``V`` wide), XLA's implementation;
+- on a CUDA GPU, when ``fla`` imports: fla's ``chunk_gla`` on the same data in PyTorch
+  (``fla_chunk_gla``), guarded: an import or call failure is printed and the row skipped.
+
+``ms`` is the fastest of the timed calls (``median_ms`` the median): on a shared machine other
+load only ever adds time, so the minimum is the steadiest estimate. ``x_attention`` and ``x_hgrn``
+are each row's ``ms`` divided by the attention or HGRN ``ms`` at the same size and pass, measured
+in the same run. Results:
+``benchmarks/results/matrix_recurrence_<platform>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import format_table, time_fn, write_results  # noqa: E402
+from hgrn_jax.ops import MATRIX_METHODS, default_matrix_method, linear_recurrence  # noqa: E402
+from hgrn_jax.ops import matrix_recurrence  # noqa: E402
+
+CPU_SIZES = ("2x256x4x32x32", "2x1024x4x32x32", "2x4096x4x32x32", "1x1024x2x128x128")
+ACCELERATOR_SIZES = ("8x1024x4x64x64", "8x4096x4x64x64", "4x16384x4x64x64", "8x4096x8x128x128")
+CPU_PALLAS_MAX_TOKENS = 1024  # the interpreter takes ~1 ms per step
+
+
+def parse_size(text: str) -> tuple[int, int, int, int, int]:
+    parts = tuple(int(p) for p in text.lower().split("x"))
+    if len(parts) != 5:
+        raise SystemExit(f"--sizes {text!r}: expected BxLxHxKxV, e.g. 2x1024x4x32x32")
+    return parts  # type: ignore[return-value]
+
+
+def make_inputs(size, dtype, seed: int = 0) -> dict[str, jax.Array]:
+    batch, length, heads, key_dim, value_dim = size
+    keys = jax.random.split(jax.random.key(seed), 6)
+    qk_shape, v_shape = (batch, length, heads, key_dim), (batch, length, heads, value_dim)
+    forget = jax.nn.sigmoid(jax.random.normal(keys[2], qk_shape) + 2.0)
+    return {
+        "q": jax.random.normal(keys[0], qk_shape, dtype),
+        "k": (1.0 - forget).astype(dtype),
+        "v": jax.random.normal(keys[1], v_shape, dtype),
+        "log_decay": jnp.log(forget).astype(dtype),
+        "do": jax.random.normal(keys[3], v_shape, dtype),
+        "a": jax.random.uniform(keys[4], (batch, length, heads * value_dim), dtype, 0.9, 1.0),
+        "x": jax.random.normal(keys[5], (batch, length, heads * value_dim), dtype),
+    }
+
+
+def passes(forward: Callable, num_inputs: int) -> dict[str, Callable]:
+    def forward_backward(*args):
+        out, vjp = jax.vjp(forward, *args[:num_inputs])
+        return vjp(args[num_inputs])
+
+    return {"forward": jax.jit(forward), "forward+backward": jax.jit(forward_backward)}
+
+
+def jax_candidates(methods, scale: float) -> dict[str, tuple[Callable, tuple[str, ...]]]:
+    candidates: dict[str, tuple[Callable, tuple[str, ...]]] = {}
+    for method in methods:
+        candidates[method] = (
+            lambda q, k, v, g, method=method: matrix_recurrence(q, k, v, g, scale=scale,
+                                                                method=method),
+            ("q", "k", "v", "log_decay"))
+    candidates["hgrn"] = (lambda a, x: linear_recurrence(a, x), ("a", "x"))
+    candidates["attention"] = (
+        lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+        ("q", "k", "v"))
+    return candidates
+
+
+def fla_passes(data: dict[str, jax.Array], scale: float) -> dict[str, Callable[[], Any]] | None:
+    """fla's chunk_gla on the same data (CUDA, PyTorch), or None when it cannot run here."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return None
+        from fla.ops.gla import chunk_gla
+    except Exception as error:  # fla's import pulls in triton, einops, transformers
+        print(f"fla chunk_gla unavailable ({type(error).__name__}: {error}): no fla rows")
+        return None
+
+    def to_torch(name):
+        return torch.from_numpy(np.asarray(data[name], np.float32)).cuda().to(
+            getattr(torch, str(data[name].dtype)))
+
+    q, k, v, g, do = (to_torch(n) for n in ("q", "k", "v", "log_decay", "do"))
+
+    def forward():
+        with torch.no_grad():
+            return chunk_gla(q, k, v, g, scale=scale)[0]
+
+    def forward_backward():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, g)]
+        o = chunk_gla(*leaves, scale=scale)[0]
+        return torch.autograd.grad(o, leaves, do)
+
+    def timed(fn):
+        def run():
+            fn()
+            torch.cuda.synchronize()
+        return run
+
+    return {"forward": timed(forward), "forward+backward": timed(forward_backward),
+            "raw_forward": forward}
+
+
+def agreement(methods, size, dtype, fla_runs: bool) -> dict[str, float]:
+    """Max |difference| of each method's output and gradients from ``"sequential"``'s (and from
+    fla's chunk_gla when it runs), at ``size``: the compiled kernels' correctness where the
+    tests (CPU, Pallas interpreter) cannot reach."""
+    data = make_inputs(size, dtype, seed=1)
+    scale = size[3] ** -0.5
+
+    def outputs(method):
+        def forward(q, k, v, g):
+            return matrix_recurrence(q, k, v, g, scale=scale, method=method)
+
+        o, vjp = jax.vjp(forward, *(data[n] for n in ("q", "k", "v", "log_decay")))
+        return [np.asarray(t, np.float64) for t in (o, *vjp(data["do"]))]
+
+    reference = outputs("sequential")
+    result = {}
+    for method in methods:
+        if method != "sequential":
+            result[method] = max(float(np.abs(a - b).max()) for a, b in zip(outputs(method),
+                                                                            reference))
+    if fla_runs:
+        fla = fla_passes(data, scale)
+        if fla is not None:
+            o = np.asarray(fla["raw_forward"]().float().cpu().numpy(), np.float64)
+            result["fla_chunk_gla_forward"] = float(np.abs(o - reference[0]).max())
+    return result
+
+
+def time_python(fn: Callable[[], Any], reps: int) -> float:
+    """Fastest of ``reps`` calls after a warm-up (``fn`` synchronises the device itself)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.min(times))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+")
+    parser.add_argument("--methods", nargs="+", default=list(MATRIX_METHODS),
+                        choices=list(MATRIX_METHODS))
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no-fla", action="store_true")
+    args = parser.parse_args()
+    platform = jax.default_backend()
+    sizes = [parse_size(s) for s in
+             (args.sizes or (CPU_SIZES if platform == "cpu" else ACCELERATOR_SIZES))]
+    dtype = jnp.dtype(args.dtype)
+
+    checks = {}
+    if platform != "cpu":
+        checks = agreement(args.methods, sizes[0], dtype, not args.no_fla)
+        print("max |difference| from sequential (outputs and gradients):", checks, flush=True)
+
+    rows: list[dict[str, Any]] = []
+    for size in sizes:
+        batch, length, heads, key_dim, value_dim = size
+        scale = key_dim ** -0.5
+        data = make_inputs(size, dtype)
+        size_rows = []
+        for name, (forward, names) in jax_candidates(args.methods, scale).items():
+            if name == "pallas" and platform == "cpu" and batch * length > CPU_PALLAS_MAX_TOKENS:
+                continue
+            for pass_name, fn in passes(forward, len(names)).items():
+                inputs = [data[n] for n in names]
+                if pass_name == "forward+backward":
+                    inputs.append(jnp.ones_like(data["x"]) if name == "hgrn" else data["do"])
+                try:
+                    timing = time_fn(fn, *inputs, reps=args.reps)
+                except Exception as error:  # e.g. out of memory at the largest size
+                    print(f"{name} {pass_name} {size}: {type(error).__name__}: {error}")
+                    continue
+                size_rows.append({"size": "x".join(map(str, size)), "method": name,
+                                  "pass": pass_name, "ms": timing["min"] * 1e3,
+                                  "median_ms": timing["median"] * 1e3})
+                print(format_table([size_rows[-1]], list(size_rows[-1])).splitlines()[-1],
+                      flush=True)
+        if platform == "gpu" and not args.no_fla:
+            fla = fla_passes(data, scale)
+            for pass_name, fn in (fla or {}).items():
+                if pass_name == "raw_forward":
+                    continue
+                try:
+                    seconds = time_python(fn, args.reps)
+                except Exception as error:
+                    print(f"fla_chunk_gla {pass_name}: {type(error).__name__}: {error}")
+                    continue
+                size_rows.append({"size": "x".join(map(str, size)), "method": "fla_chunk_gla",
+                                  "pass": pass_name, "ms": seconds * 1e3,
+                                  "median_ms": seconds * 1e3})
+        for reference in ("attention", "hgrn"):
+            base = {r["pass"]: r["ms"] for r in size_rows if r["method"] == reference}
+            for row in size_rows:
+                row[f"x_{reference}"] = row["ms"] / base[row["pass"]] if row["pass"] in base \
+                    else None
+        for row in size_rows:
+            row["auto"] = default_matrix_method(length) if row["method"] in MATRIX_METHODS \
+                else None
+        rows.extend(size_rows)
+
+    columns = ["size", "method", "pass", "ms", "median_ms", "x_attention", "x_hgrn"]
+    print(format_table(rows, columns))
+    meta = {"sizes": "BxLxHxKxV", "dtype": args.dtype, "scale": "1/sqrt(K)",
+            "hgrn": "linear_recurrence (method auto) over B x L x (H*V)",
+            "attention": "jax.nn.dot_product_attention(is_causal=True), XLA",
+            "auto": {f"L={s[1]}": default_matrix_method(s[1]) for s in sizes},
+            "pallas": "Pallas interpreter on CPU" if platform == "cpu" else "compiled kernel",
+            "max_abs_difference_from_sequential": checks}
+    print("wrote", write_results("matrix_recurrence", rows, meta))
+
+
+if __name__ == "__main__":
+    main()
