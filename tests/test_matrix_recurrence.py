@@ -197,11 +197,11 @@ def test_long_sequence_chunked_matches_sequential_where_cumulative_decay_underfl
     """L = 4096: the chunked method's values and gradients equal the sequential scan's (and the
     float64 loop's) to float32 precision, although the naive factors exp(+-cumsum g) are 0 / inf.
 
-    Tolerance 2e-4 relative to the largest value: inside a chunk of 64 steps the cumulative log
+    Tolerance 5e-5 relative to the largest value: inside a chunk of 64 steps the cumulative log
     decay reaches |b| ~ 200, whose float32 rounding (|b| * 2^-24 ~ 1e-5) is the relative error of
-    each factor exp(b_i - b_j); sums of up to 64 such terms and float32 accumulation over the
-    contracting recurrence keep the result within ~1e-4 of the largest |value|. A wrong or
-    overflowing term (inf/nan, or a missing decay) is off by O(1).
+    each factor exp(b_i - b_j); the recurrence contracts, so these errors do not grow with L
+    (measured: chunked within 5.5e-6 of the largest |value| in every output, sequential within
+    3e-7 of float64). A wrong or overflowing term (inf/nan, or a missing decay) is off by O(1).
     """
     q, k, v, g = long_inputs()
     cumulative = np.cumsum(g, axis=1)
@@ -230,7 +230,7 @@ def test_long_sequence_chunked_matches_sequential_where_cumulative_decay_underfl
     for name, chunked, sequential, want in zip(names, results["chunked"], results["sequential"],
                                                exact):
         want = np.asarray(want)
-        tol = 2e-4 * np.abs(want).max()
+        tol = 5e-5 * np.abs(want).max()
         assert np.isfinite(np.asarray(chunked)).all(), name
         np.testing.assert_allclose(np.asarray(chunked), np.asarray(sequential), rtol=0, atol=tol,
                                    err_msg=name)

@@ -35,14 +35,16 @@ Three forward methods compute the same thing; all of them split time into chunks
     ``exp(b_i - b_j)`` is exact to that relative error: ~1e-5 when a chunk's decays sum to -200;
     a smaller ``chunk_size`` tightens it. The other methods multiply step by step.
 ``"pallas"``
-    one Pallas kernel (Triton on GPU; the Pallas interpreter elsewhere) per (row, head,
-    value-block): the state stays in registers while the kernel walks time, reading every input
-    once and writing every output once, and stores the state at each chunk boundary.
+    one Pallas kernel (Triton on GPU; the Pallas interpreter elsewhere), one program per
+    (batch row and head, block of 32 value channels): the state stays in registers while the
+    program walks time, reading every input once and writing every output once, and stores the
+    state at each chunk boundary. (Inputs reach it in the accumulation dtype: 16-bit inputs are
+    converted by XLA first.)
 
 All methods share one custom VJP, which keeps only the inputs and the boundary states: the
-adjoint state ``D`` (``dL/dS``) is carried across chunks from the last one back, and everything
-inside a chunk is recomputed from its entering state, so no ``(N, L, K, V)`` tensor of per-step
-states is ever stored. The backward arithmetic takes the forward's form: ``"sequential"`` scans the
+adjoint state ``D`` (``dL/dS``) is carried from the last chunk back, and the states inside a
+chunk are recomputed (from the chunk's entering state, or by scanning again), so no
+``(N, L, K, V)`` tensor of per-step states is ever stored. The backward arithmetic takes the forward's form: ``"sequential"`` scans the
 steps (:func:`_sequential_backward`: the states forward again for ``dq``, the adjoint back for
 ``dk`` and ``dv``, ``dg`` from the formula below); ``"chunked"`` and ``"pallas"`` use the matmul
 form, inside a chunk::
