@@ -25,6 +25,7 @@ in the same run. Results:
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -106,14 +107,17 @@ def fla_passes(data: dict[str, jax.Array], scale: float) -> dict[str, Callable[[
             getattr(torch, str(data[name].dtype)))
 
     q, k, v, g, do = (to_torch(n) for n in ("q", "k", "v", "log_decay", "do"))
+    # Our (B, T, H, K) layout; some fla versions default to head-first (B, H, T, K).
+    layout = ({"head_first": False}
+              if "head_first" in inspect.signature(chunk_gla).parameters else {})
 
     def forward():
         with torch.no_grad():
-            return chunk_gla(q, k, v, g, scale=scale)[0]
+            return chunk_gla(q, k, v, g, scale=scale, **layout)[0]
 
     def forward_backward():
         leaves = [t.detach().requires_grad_() for t in (q, k, v, g)]
-        o = chunk_gla(*leaves, scale=scale)[0]
+        o = chunk_gla(*leaves, scale=scale, **layout)[0]
         return torch.autograd.grad(o, leaves, do)
 
     def timed(fn):
