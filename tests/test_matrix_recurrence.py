@@ -181,6 +181,21 @@ def test_bf16_inputs_accumulate_in_float32(method):
                                    atol=2 ** -7 * np.abs(want).max(), err_msg=name)
 
 
+def test_scale_may_be_traced_and_differentiated():
+    """``scale`` as a traced argument under jit, and its gradient: d/dc sum(o * w) = sum(o/c * w)."""
+    q, k, v, g, h0 = make_inputs((1,), 20, 2, 3, 4, seed=14)
+    w = np.random.default_rng(15).normal(size=v.shape)
+
+    def loss(scale):
+        return jnp.sum(matrix_recurrence(q, k, v, g, h0, scale=scale, method="sequential") * w)
+
+    with jax.enable_x64(True):
+        value, grad = jax.jit(jax.value_and_grad(loss))(jnp.float64(0.3))
+    want, _, _ = loop_reference(q, k, v, g, h0, 1.0)
+    np.testing.assert_allclose(float(value), 0.3 * np.sum(want * w), rtol=F64_TOL)
+    np.testing.assert_allclose(float(grad), np.sum(want * w), rtol=F64_TOL)
+
+
 def long_inputs(length=4096, seed=11):
     """B = 1, H = 2, K = V = 8; log forget gates log sigmoid(f), f ~ N(0, 3): per-step log decays
     down to ~ -12, so the cumulative decay exp(sum g) underflows within a few dozen steps."""

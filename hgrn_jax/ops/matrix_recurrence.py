@@ -147,7 +147,8 @@ def matrix_recurrence(
       log_decay: log forget gates ``(..., L, H, K)``, finite and ``<= 0`` (the chunked form
         relies on it for its stability; very negative values are fine).
       h0: initial state ``(..., H, K, V)``; zeros when omitted.
-      scale: the constant ``c`` in ``o_t = c * q_t S_t`` (1 for hgru2-pytorch, ``1/sqrt(K)`` for fla).
+      scale: the constant ``c`` in ``o_t = c * q_t S_t`` (1 for hgru2-pytorch, ``1/sqrt(K)`` for
+        fla); a number or a scalar array (differentiable).
       method: ``"sequential"``, ``"chunked"``, ``"pallas"`` (see the module docstring) or
         ``"auto"`` (:func:`default_matrix_method`).
       return_last_state: also return the state after the last step, ``(..., H, K, V)``.
@@ -195,10 +196,12 @@ def matrix_recurrence(
 
     h0 = jnp.zeros(state_shape, acc) if h0 is None else jnp.asarray(h0).astype(acc)
     h0 = h0.reshape((-1, key_dim, value_dim))
-    o, last = _matrix_recurrence(*(rows(t) for t in (q, k, v, log_decay)), h0,
-                                 float(scale), method, chunk)
+    # The core runs unscaled; scaling its output outside lets autodiff carry ``scale`` (which
+    # may be traced) into every gradient.
+    o, last = _matrix_recurrence(*(rows(t) for t in (q, k, v, log_decay)), h0, 1.0, method,
+                                 chunk)
     o = o[:, :length].reshape(batch_shape + (heads, length, value_dim))
-    o = jnp.moveaxis(o, -3, -2).astype(out_dtype)
+    o = (jnp.moveaxis(o, -3, -2) * jnp.asarray(scale, acc)).astype(out_dtype)
     last = last.reshape(state_shape)
     return (o, last) if return_last_state else o
 
