@@ -293,3 +293,39 @@ def test_bad_shapes_and_arguments_name_the_fix():
     with pytest.raises(ValueError, match="chunk_size must be a multiple of 16 or at most 16; "
                                          "got 40"):
         matrix_recurrence(q, k, v, g, chunk_size=40)
+
+
+@pytest.mark.parametrize("method", MATRIX_METHODS)
+def test_every_method_reproduces_official_hgrn2_1d(golden, method):
+    """hgru2-pytorch's ``Hgru2_1d`` (golden ``official_hgrn2_1d``, float64) with its recurrence
+    done by each method: the projections and LayerNorm written out here, every shape and the
+    head width read from the case (README, "HGRN2 cases")."""
+    case = golden("official_hgrn2_1d")
+    p = case.params
+    key_dim = case.meta["derived"]["head_k_dim"]
+    x = case.arrays["input"]  # (L, B, d) time-major
+    width = x.shape[-1]
+    heads = width // key_dim
+
+    def layer(lower_bound):
+        u, a, f = np.split(x @ p["in_proj.weight"].T + p["in_proj.bias"], 3, axis=-1)
+        value = jax.nn.silu(u)
+        query = jax.nn.sigmoid(a)
+        forget = lower_bound + (1 - lower_bound) * jax.nn.sigmoid(f)
+
+        def by_head(t):  # (L, B, d) -> (B, L, H, K)
+            return jnp.swapaxes(t, 0, 1).reshape(t.shape[1], t.shape[0], heads, -1)
+
+        o = matrix_recurrence(by_head(query), by_head(1 - forget), by_head(value),
+                              by_head(jnp.log(forget)), method=method, chunk_size=16)
+        o = jnp.swapaxes(o.reshape(o.shape[:2] + (width,)), 0, 1)
+        mean = o.mean(-1, keepdims=True)
+        normed = (o - mean) / jnp.sqrt(((o - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
+        normed = normed * p["norm.weight"] + p["norm.bias"]
+        return normed @ p["out_proj.weight"].T + p["out_proj.bias"]
+
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(np.asarray(layer(case.arrays["lower_bound"])),
+                                   case.arrays["output"], atol=1e-10, rtol=0)
+        np.testing.assert_allclose(np.asarray(layer(0.0)), case.arrays["output/lb0"], atol=1e-10,
+                                   rtol=0)
