@@ -66,7 +66,6 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 MatrixMethod = Literal["auto", "sequential", "chunked", "pallas"]
 MATRIX_METHODS: tuple[str, ...] = ("sequential", "chunked", "pallas")
@@ -464,6 +463,7 @@ def _pallas_kernel(q_ref, k_ref, g_ref, v_ref, h0_ref, o_ref, bounds_ref, *, chu
     """One (row, value block): ``q, k, g`` refs (K, T) read a column per step, ``v``/``o``
     (T, BV) a row per step; the state (K, BV) is the loop carry, stored at chunk boundaries into
     ``bounds`` ((chunks + 1) * K, BV)."""
+    from jax.experimental import pallas as pl
 
     def column(ref, t):
         return ref[:, pl.ds(t, 1)].astype(acc)
@@ -487,6 +487,7 @@ def _pallas_kernel(q_ref, k_ref, g_ref, v_ref, h0_ref, o_ref, bounds_ref, *, chu
 
 def _pallas(q, k, v, g, h0, scale, chunk, *, interpret: bool | None = None):
     """The Pallas kernel on rows; key and value widths padded to powers of two (Triton blocks)."""
+    from jax.experimental import pallas as pl  # on use: importing hgrn_jax.ops skips Pallas
     from jax.experimental.pallas import triton as pltriton
 
     rows, length, key_dim = q.shape
