@@ -44,7 +44,7 @@ def default_method(length: int, platform: str | None = None) -> str:
     """The method ``method="auto"`` picks.
 
     CPU: ``"sequential"`` at every length. Measured by ``benchmarks/scan.py`` (B=8, D=512,
-    float32 and complex64, L = 1024 to 16384; ``benchmarks/results/scan_cpu.json``): the
+    float32 and complex64, L = 1024 to 16384, ``--methods sequential associative chunked``): the
     in-place time loop is the fastest method forward and forward+backward at every length,
     2-3x faster than ``"chunked"`` and ``"associative"``, and its gradient step needs the least
     temporary memory (one array). A CPU runs one step over all B*D channels at memory speed,
@@ -61,11 +61,12 @@ def default_method(length: int, platform: str | None = None) -> str:
     ``a`` and ``x`` per direction with the carry kept in on-chip memory across time blocks. Not
     timed on a TPU (none was available); reasoned from memory traffic and checked in Pallas's
     TPU interpret mode (``tests/test_pallas.py``: values and gradients against float64 loops,
-    real and complex, ragged lengths). Forward+backward moves ~11 array passes, ~3.7x the floor's 3 (forward 3;
-    backward: the shifted decays 2, the reverse kernel 3, ``da = d * h_prev`` 3) against ~31x
-    the floor's bytes for ``"associative"`` (XLA's cost analysis of the compiled
-    forward+backward at (8, 4096, 512), log2(L) levels each way) and a loop iteration per step
-    for ``"sequential"``. Should Mosaic reject the kernel on some TPU generation, pass
+    real and complex, ragged lengths). Its forward+backward moves ~11 array passes, ~3.7x the
+    floor's 3 (forward 3; backward: the shifted decays 2, the reverse kernel 3,
+    ``da = d * h_prev`` 3), against ~31x the floor's bytes for ``"associative"`` (XLA's cost
+    analysis of the compiled forward+backward at (8, 4096, 512): log2(L) levels each way) and
+    a loop iteration per step for ``"sequential"``. Should Mosaic reject the kernel on some TPU
+    generation, pass
     ``method="associative"``.
     """
     platform = platform or jax.default_backend()
