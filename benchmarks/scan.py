@@ -1,18 +1,24 @@
 """Speed and memory of ``linear_recurrence``: every method against the memory floor.
 
-    python benchmarks/scan.py [--lengths 1024 4096 16384] [--dtype float32|bfloat16] [--complex]
+    python benchmarks/scan.py [--lengths 1024 4096 16384] [--kinds float32 complex64]
+                              [--methods auto sequential ...] [--reps 5]
 
-For (B, L, D) = (8, L, 512) it times, jitted, median of ``--reps`` runs after a warm-up:
+For (B, L, D) = (8, L, 512) and each kind (float32, complex64, bfloat16) it times, jitted:
 
 - ``floor``: one elementwise pass over the same bytes as the forward recurrence (reads ``a`` and
-  ``x``, writes one array: ``a * x + 1``). No scan can be faster than this.
-- ``forward`` and ``forward+backward`` (a VJP with a fixed cotangent) of each method, and of two
-  baselines without our custom VJP: JAX differentiating straight through
-  ``jax.lax.associative_scan`` and through ``jax.lax.scan``;
+  ``x``, writes one array: ``a * x + x``). No scan can be faster than this.
+- ``forward`` and ``forward+backward`` (a VJP with a fixed cotangent) of each method (``auto``
+  is what ``method="auto"`` picks here), and of two baselines without our custom VJP: JAX
+  differentiating straight through ``jax.lax.associative_scan`` and through ``jax.lax.scan``.
 
-and reports times, ratios to the floor, and the temporary memory XLA allocates for the
-forward+backward step (``compile().memory_analysis().temp_size_in_bytes``; inputs and outputs
-excluded). Results go to ``benchmarks/results/scan_<platform>.json``.
+The machine may be shared, so every ratio comes from one run: all functions are compiled first,
+then each of ``--reps`` rounds times the floor and every function once, interleaved, and the
+ratios use the best (minimum) time of each; ``spread`` (max / min over the rounds) shows the
+noise. Forward+backward of ``auto`` should be within ``TARGET_RATIO`` of the floor (the physical
+floor is ~2.7: the forward reads a, x and writes h; the backward reads a, h, dh and writes da, dx).
+Also reported: the temporary memory XLA allocates for the forward+backward step
+(``compile().memory_analysis().temp_size_in_bytes``; inputs and outputs excluded). Results go to
+``benchmarks/results/scan_<platform>.json`` (``scan_<kind>_<platform>.json`` when one kind).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,10 +36,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import format_table, time_fn, write_results  # noqa: E402
+from benchmarks.common import format_table, write_results  # noqa: E402
 from hgrn_jax.ops import METHODS, default_method, linear_recurrence  # noqa: E402
 
 BASELINES = ("associative_autodiff", "scan_autodiff")
+TARGET_RATIO = 3.0
+KINDS = ("float32", "complex64", "bfloat16")
 
 
 def _combine(left, right):
@@ -65,7 +74,7 @@ def recurrence_fn(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
         return associative_autodiff
     if name == "scan_autodiff":
         return scan_autodiff
-    return lambda a, x: linear_recurrence(a, x, method=name)
+    return lambda a, x: linear_recurrence(a, x, method=name)  # "auto" included
 
 
 def forward_backward(fn: Callable) -> Callable:
@@ -103,22 +112,49 @@ def temp_bytes(executable) -> int | None:
     return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
-def measure_length(length: int, args: argparse.Namespace, names: list[str]) -> list[dict]:
-    dtype = jnp.dtype(args.dtype)
-    a, x, g = make_inputs(args.batch, length, args.channels, dtype, args.complex)
-    floor = time_fn(compiled(lambda a, x: a * x + 1, a, x), a, x, reps=args.reps)["median"]
-    rows = [dict(length=length, method="floor", forward_s=floor, forward_ratio=1.0)]
+def floor_pass(a: jax.Array, x: jax.Array) -> jax.Array:
+    """One elementwise pass over the forward's bytes: reads a and x, writes one array."""
+    return a * x + x
+
+
+def measure_length(length: int, kind: str, args: argparse.Namespace, names: list[str]
+                   ) -> list[dict]:
+    """Rows for one length and kind: every function compiled, then timed interleaved."""
+    dtype = jnp.dtype("float32" if kind == "complex64" else kind)
+    a, x, g = make_inputs(args.batch, length, args.channels, dtype, kind == "complex64")
+    calls = {("floor", "forward"): (compiled(floor_pass, a, x), (a, x))}
+    temps = {}
     for name in names:
         fn = recurrence_fn(name)
-        fwd = compiled(fn, a, x)
+        calls[(name, "forward")] = (compiled(fn, a, x), (a, x))
         fwd_bwd = compiled(forward_backward(fn), a, x, g)
-        t_fwd = time_fn(fwd, a, x, reps=args.reps)["median"]
-        t_fwd_bwd = time_fn(fwd_bwd, a, x, g, reps=args.reps)["median"]
-        row = dict(length=length, method=name, forward_s=t_fwd, forward_ratio=t_fwd / floor,
+        calls[(name, "fwd_bwd")] = (fwd_bwd, (a, x, g))
+        temps[name] = _mib(temp_bytes(fwd_bwd))
+    for call, call_args in calls.values():  # warm-up
+        jax.block_until_ready(call(*call_args))
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
+    for _ in range(args.reps):
+        for key, (call, call_args) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call(*call_args))
+            times[key].append(time.perf_counter() - start)
+    best = {key: min(t) for key, t in times.items()}
+    spread = {key: max(t) / min(t) for key, t in times.items()}
+    floor = best[("floor", "forward")]
+    rows = [dict(kind=kind, length=length, method="floor", forward_s=floor, forward_ratio=1.0,
+                 forward_spread=spread[("floor", "forward")])]
+    for name in names:
+        t_fwd, t_fwd_bwd = best[(name, "forward")], best[(name, "fwd_bwd")]
+        row = dict(kind=kind, length=length, method=name, forward_s=t_fwd,
+                   forward_ratio=t_fwd / floor, forward_spread=spread[(name, "forward")],
                    fwd_bwd_s=t_fwd_bwd, fwd_bwd_ratio=t_fwd_bwd / floor,
-                   fwd_bwd_temp_mib=_mib(temp_bytes(fwd_bwd)))
+                   fwd_bwd_spread=spread[(name, "fwd_bwd")], fwd_bwd_temp_mib=temps[name])
+        if name == "auto":
+            row["method"] = f"auto ({default_method(length)})"
+            row["within_target"] = t_fwd_bwd / floor <= TARGET_RATIO
         rows.append(row)
-        print(f"  L={length} {name}: fwd {t_fwd * 1e3:.1f} ms, fwd+bwd {t_fwd_bwd * 1e3:.1f} ms",
+        print(f"  {kind} L={length} {name}: fwd {t_fwd * 1e3:.1f} ms, fwd+bwd "
+              f"{t_fwd_bwd * 1e3:.1f} ms ({t_fwd_bwd / floor:.2f}x floor {floor * 1e3:.1f} ms)",
               flush=True)
     return rows
 
@@ -130,51 +166,65 @@ def _mib(n: int | None) -> float | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=["float32", "complex64"],
+                        help="element types, each measured in the same run")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="one real kind (shorthand for --kinds DTYPE)")
     parser.add_argument("--complex", action="store_true",
-                        help="complex64 decays and inputs (needs --dtype float32)")
+                        help="complex64 only (shorthand for --kinds complex64)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--channels", type=int, default=512)
-    parser.add_argument("--reps", type=int, default=5, help="timed runs after one warm-up")
+    parser.add_argument("--reps", type=int, default=5,
+                        help="timed rounds after one warm-up (best of them is reported)")
     parser.add_argument("--methods", nargs="+", default=None,
-                        help="linear_recurrence methods (default: all but 'pallas' on CPU, "
-                             "where Pallas only runs in its slow interpreter)")
+                        help="linear_recurrence methods, 'auto' included (default: auto and all "
+                             "but 'pallas' on CPU, where Pallas only runs in its slow "
+                             "interpreter)")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="skip the two JAX-autodiff baselines")
     parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     args = parser.parse_args(argv)
-    if args.complex and args.dtype != "float32":
+    if args.complex and args.dtype == "bfloat16":
         parser.error("--complex runs in complex64; drop --dtype bfloat16 (there is no complex "
                      "bfloat16)")
+    kinds = ["complex64"] if args.complex else [args.dtype] if args.dtype else args.kinds
     platform = jax.default_backend()
-    methods = args.methods or [m for m in METHODS if not (m == "pallas" and platform == "cpu")]
-    unknown = sorted(set(methods) - set(METHODS))
+    methods = args.methods or ["auto"] + [m for m in METHODS
+                                          if not (m == "pallas" and platform == "cpu")]
+    unknown = sorted(set(methods) - set(METHODS) - {"auto"})
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    names = methods + list(BASELINES)
-    kind = "complex64" if args.complex else args.dtype
+        parser.error(f"unknown methods {unknown}; choose from {['auto', *METHODS]}")
+    names = methods + ([] if args.no_baselines else list(BASELINES))
     print(f"linear_recurrence on {platform} ({jax.devices()[0].device_kind}), "
-          f"B={args.batch} D={args.channels} {kind}; median of {args.reps} runs", flush=True)
+          f"B={args.batch} D={args.channels} {' '.join(kinds)}; best of {args.reps} interleaved "
+          "rounds", flush=True)
 
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows: list[dict] = []
-    for length in args.lengths:
-        rows += measure_length(length, args, names)
+    for kind in kinds:
+        for length in args.lengths:
+            rows += measure_length(length, kind, args, names)
 
-    columns = ["length", "method", "forward_s", "forward_ratio", "fwd_bwd_s", "fwd_bwd_ratio",
-               "fwd_bwd_temp_mib"]
+    columns = ["kind", "length", "method", "forward_s", "forward_ratio", "fwd_bwd_s",
+               "fwd_bwd_ratio", "fwd_bwd_spread", "fwd_bwd_temp_mib"]
     print()
     print(format_table(rows, columns))
-    print("\nratios are to 'floor' (a * x + 1 over the same arrays); temp = XLA temporary "
-          "buffers of one forward+backward step")
+    print(f"\nratios are to 'floor' (a * x + x over the same arrays), best of {args.reps} "
+          "interleaved rounds; spread = slowest / fastest round; temp = XLA temporary buffers of "
+          f"one forward+backward step. Target: auto's fwd+bwd <= {TARGET_RATIO}x the floor.")
     print("auto picks: " + ", ".join(f"L={length}: {default_method(length, platform)}"
                                      for length in args.lengths))
     if not args.no_write:
-        meta = dict(batch=args.batch, channels=args.channels, dtype=kind, reps=args.reps,
-                    lengths=args.lengths, methods=methods, baselines=list(BASELINES),
-                    floor="a * x + 1 (reads a and x, writes one array)",
+        meta = dict(batch=args.batch, channels=args.channels, kinds=kinds, reps=args.reps,
+                    lengths=args.lengths, methods=methods,
+                    baselines=[] if args.no_baselines else list(BASELINES),
+                    floor="a * x + x (reads a and x, writes one array)",
+                    timing="best of reps interleaved rounds (floor and every function once per "
+                           "round); spread = max / min", target_ratio=TARGET_RATIO,
                     auto_picks={str(n): default_method(n, platform) for n in args.lengths},
                     load_average_before=load_before,
                     load_average_after=os.getloadavg() if hasattr(os, "getloadavg") else None)
-        suffix = "" if kind == "float32" else f"_{kind}"
+        suffix = "" if len(kinds) > 1 or kinds == ["float32"] else f"_{kinds[0]}"
         path = write_results(f"scan{suffix}", rows, meta)
         print(f"wrote {path}")
 

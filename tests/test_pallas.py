@@ -271,3 +271,74 @@ def test_bad_blocks_and_shapes_name_the_fix():
         pallas_recurrence(a, x, h0[:, :2])
     with pytest.raises(ValueError, match="unknown schedule"):
         pallas_recurrence(a, x, schedule="blocked")
+
+
+# TPU interpret mode: the tiled (Mosaic) schedule run on CPU with the TPU's memories simulated.
+# Default channel tiles (C = 20 padded to one 128-lane tile, as on a TPU), buffers the kernel
+# reads before writing are NaN (so a carry read before it is set would show), and the parallel
+# grid axes are visited in a random order (so a carry that leaked across batch rows or channel
+# tiles would show). L = 37 with 16-step time blocks: three blocks, the last one ragged, so the
+# carry crosses two grid steps of the sequential axis.
+def tpu_interpret():
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.InterpretParams(random_seed=0, uninitialized_memory="nan")
+
+
+@pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_tpu_interpret_mode_matches_float64_loop(complex_valued, reverse):
+    a, x, h0 = make_inputs(SHAPE, complex_valued, seed=8)
+    h, last = pallas_recurrence(a, x, h0, reverse=reverse, schedule="tiled", block_length=16,
+                                interpret=tpu_interpret())
+    want, want_last = reference(a, x, h0, reverse)
+    assert h.dtype == a.dtype
+    np.testing.assert_allclose(np.asarray(h), want, atol=F32_ATOL, rtol=F32_ATOL)
+    np.testing.assert_allclose(np.asarray(last), want_last, atol=F32_ATOL, rtol=F32_ATOL)
+
+
+def reference_gradients(a, x, h0, w, reverse):
+    """float64 (complex128) gradients of ``sum(Re(h) w)`` by the backward loop of
+    :mod:`hgrn_jax.ops.recurrence`'s docstring: d_t = g_t + a_{t+1} d_{t+1}, dx = d,
+    da_t = d_t h_{t-1}, dh0 = a_0 d_0 (transposes: no conjugates)."""
+    a, x, h0 = (np.asarray(v, np.complex128) for v in (a, x, h0))
+    h, _ = reference(a, x, h0, reverse)
+    steps = list(range(x.shape[-2]))
+    order = steps if reverse else steps[::-1]  # against the forward direction
+    d = np.zeros_like(x)
+    flow = np.zeros_like(h0)
+    for t in order:
+        d[..., t, :] = w[..., t, :] + flow
+        flow = a[..., t, :] * d[..., t, :]
+    prev = np.concatenate([h[..., 1:, :], h0[..., None, :]], -2) if reverse else \
+        np.concatenate([h0[..., None, :], h[..., :-1, :]], -2)
+    return d * prev, d, flow
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_tpu_interpret_mode_gradients_match_float64_loop(complex_valued, reverse):
+    """Values and (da, dx, dh0) of ``pallas_linear_recurrence`` on the tiled schedule in TPU
+    interpret mode: L = 300 is two 256-step time blocks, the second one ragged."""
+    a, x, h0 = make_inputs((2, 300, 20), complex_valued, seed=9)
+    w = np.random.default_rng(10).normal(size=x.shape).astype(np.float32)
+    fn = functools.partial(pallas_linear_recurrence, reverse=reverse, schedule="tiled",
+                           interpret=tpu_interpret())
+    h, vjp = jax.vjp(fn, a, x, h0)
+    got = vjp(jnp.asarray(w, h.dtype))
+    np.testing.assert_allclose(np.asarray(h), reference(a, x, h0, reverse)[0], atol=1e-4,
+                               rtol=1e-4)
+    want = reference_gradients(a, x, h0, w, reverse)
+    for name, g, w_ in zip(("da", "dx", "dh0"), got, want):
+        assert g.dtype == a.dtype and g.shape == w_.shape, name
+        w_ = w_ if complex_valued else w_.real
+        # 300 float32 steps with |a| < 1: the gradients sum up to ~1/(1 - |a|) ~ 10 terms of
+        # O(1..10); 1e-4 is ~100 float32 ulps of them.
+        np.testing.assert_allclose(np.asarray(g), w_, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_tpu_interpret_mode_runs_only_the_tiled_schedule():
+    a, x, _ = make_inputs((1, 8, 4), False)
+    with pytest.raises(ValueError, match="use schedule='tiled'"):
+        pallas_recurrence(a, x, schedule="streaming", interpret=tpu_interpret())

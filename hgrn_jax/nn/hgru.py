@@ -24,13 +24,10 @@ from flax import nnx
 
 from hgrn_jax.nn.initializers import axes_metadata, dense, logical, phase_init
 from hgrn_jax.ops import linear_recurrence
+from hgrn_jax.ops.common import accumulation_dtype
 from hgrn_jax.ops.sequence_parallel import sharded_linear_recurrence
 
 Direction = Literal["forward", "reverse"]
-
-
-def _accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 class _HGRUBase(nnx.Module):
@@ -109,7 +106,7 @@ class _HGRUBase(nnx.Module):
         ``c`` is complex (..., d) for the complex recurrence, real otherwise. Without the forget
         gate (the ablation), ``lam`` is the lower bound alone and the input gate stays ``1 - lam``.
         """
-        acc = _accumulation_dtype(x.dtype)
+        acc = accumulation_dtype(x.dtype)
         u = nnx.silu(self.input_proj(x)).astype(acc)
         if self.complex_valued:
             d = self.features
@@ -219,7 +216,7 @@ class HGRU(_HGRUBase):
 
     def init_state(self, batch_size: int) -> jax.Array:
         """The zero recurrent state (B, d) for :meth:`step`."""
-        dtype = _accumulation_dtype(self.dtype or jnp.float32)
+        dtype = accumulation_dtype(self.dtype or jnp.float32)
         if self.complex_valued:
             dtype = jnp.promote_types(dtype, jnp.complex64)
         return jnp.zeros((batch_size, self.features), dtype)

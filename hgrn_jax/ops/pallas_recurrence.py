@@ -41,11 +41,13 @@ import contextlib
 import dataclasses
 import functools
 import math
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from hgrn_jax.ops.common import accumulation_dtype, check_inputs, chain_carries, shifted_backward
 
 Schedule = Literal["tiled", "streaming"]
 Parts = tuple[jax.Array, ...]  # a real value (1-tuple) or a complex one as (real, imag)
@@ -406,20 +408,11 @@ def _to_parts(value: jax.Array, parts: int) -> list[jax.Array]:
 
 
 def _chain_chunks(last_parts, decay_parts, init_parts, reverse: bool) -> list[jax.Array]:
-    """The carry entering each chunk, ``(B, chunks, C)``, from the chunks' summaries (their
-    final carries from a zero start and their decay products, in time order) and the carry
-    entering the first chunk walked (``init``, ``(B, 1, C)``)."""
+    """The carry entering each chunk, ``(B, chunks, C)`` parts, from the chunks' summaries
+    (their final carries from a zero start and their decay products, in time order) and the
+    carry entering the first chunk walked (``init``, ``(B, 1, C)``)."""
     last, decay, init = (_to_value(p) for p in (last_parts, decay_parts, init_parts))
-
-    def compose(first, then):
-        return then[0] * first[0], then[0] * first[1] + then[1]
-
-    decay, last = jax.lax.associative_scan(compose, (decay, last), reverse=reverse, axis=1)
-    after = decay * init + last  # the carry leaving each chunk
-    if reverse:
-        carry_in = jnp.concatenate([after[:, 1:], init], axis=1)
-    else:
-        carry_in = jnp.concatenate([init, after[:, :-1]], axis=1)
+    carry_in, _ = chain_carries(decay, last, init, reverse=reverse, axis=1)
     return _to_parts(carry_in, len(init_parts))
 
 
@@ -527,7 +520,7 @@ class _Plan:
     """The resolved schedule, tiles and layout of one call."""
 
     schedule: str
-    interpret: bool
+    interpret: Any  # bool, or a pltpu.InterpretParams
     layout: _Layout
     acc: jnp.dtype
     block_channels: int
@@ -540,7 +533,11 @@ def _plan(x_shape, dtypes, *, is_complex, schedule, block_length, block_channels
           ) -> _Plan:
     platform = _default_platform()
     interpret = platform == "cpu" if interpret is None else interpret
-    schedule = schedule or ("streaming" if platform == "gpu" else "tiled")
+    tpu_interpret = not isinstance(interpret, bool)  # a pltpu.InterpretParams
+    schedule = schedule or ("streaming" if platform == "gpu" and not tpu_interpret else "tiled")
+    if tpu_interpret and schedule != "tiled":
+        raise ValueError("TPU interpret mode (interpret=pltpu.InterpretParams(...)) runs the TPU "
+                         f"schedule: use schedule='tiled', not {schedule!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
     if schedule == "tiled" and platform == "gpu" and not interpret:
@@ -572,20 +569,14 @@ def _plan(x_shape, dtypes, *, is_complex, schedule, block_length, block_channels
 
 def _check_inputs(a, x, h0, out_dtype):
     """Broadcast ``a``, fill ``h0``, and return ``(a, x, h0, dtype, out_dtype, is_complex)``."""
-    a, x = jnp.asarray(a), jnp.asarray(x)
-    if x.ndim < 2:
-        raise ValueError(f"x must be (..., length, channels); got shape {x.shape}")
+    a, x, dtype = check_inputs(a, x, h0)
     a = jnp.broadcast_to(a, x.shape)
-    dtype = jnp.result_type(a, x) if h0 is None else jnp.result_type(a, x, h0)
     is_complex = jnp.issubdtype(dtype, jnp.complexfloating)
     out_dtype = jnp.dtype(out_dtype or dtype)
     if is_complex and not jnp.issubdtype(out_dtype, jnp.complexfloating):
         raise ValueError(f"out_dtype must be complex for complex inputs; got {out_dtype}")
-    state_shape = x.shape[:-2] + x.shape[-1:]
     if h0 is None:
-        h0 = jnp.zeros(state_shape, dtype)
-    elif h0.shape != state_shape:
-        raise ValueError(f"h0 must have shape {state_shape}; got {h0.shape}")
+        h0 = jnp.zeros(x.shape[:-2] + x.shape[-1:], dtype)
     return a, x, jnp.asarray(h0), dtype, out_dtype, is_complex
 
 
@@ -616,7 +607,7 @@ def pallas_recurrence(
     schedule: Schedule | None = None,
     block_length: int | None = None,
     block_channels: int | None = None,
-    interpret: bool | None = None,
+    interpret: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
     """All states and the final state of ``h_t = a_t * h_{t-1} + x_t``, by a Pallas kernel.
 
@@ -637,7 +628,11 @@ def pallas_recurrence(
         16-bit inputs); ``L`` is padded up to a multiple of it.
       block_channels: channels per program; ``C`` is padded up to a multiple of it (on GPU it
         must be a power of two). Further streaming options: :func:`streaming_options`.
-      interpret: run the Pallas interpreter; by default exactly when the backend is CPU.
+      interpret: run the Pallas interpreter; by default exactly when the backend is CPU. A
+        ``jax.experimental.pallas.tpu.InterpretParams`` runs the tiled (TPU) schedule in
+        Pallas's TPU interpret mode: on CPU, with the TPU's memory spaces, the sequential time
+        axis and uninitialised (NaN) buffers simulated, so the Mosaic schedule is checked
+        beyond lowering.
 
     Returns:
       ``(h, last)``: the states ``(..., L, C)`` in ``out_dtype`` and the final state ``(..., C)``
@@ -657,7 +652,7 @@ def pallas_linear_recurrence(
     reverse: bool = False,
     out_dtype: jnp.dtype | None = None,
     schedule: Schedule | None = None,
-    interpret: bool | None = None,
+    interpret: Any = None,
 ) -> jax.Array:
     """The states of :func:`pallas_recurrence`, differentiable: the ``method="pallas"`` body of
     :func:`hgrn_jax.ops.linear_recurrence`.
@@ -665,7 +660,7 @@ def pallas_linear_recurrence(
     Inputs are used in their own dtype (a bf16 ``a`` and ``x`` are read as bf16 and accumulated
     in float32 inside the kernel, with no conversion passes); the states are returned, and saved
     for the backward pass, in ``out_dtype``. The gradients ``(da, dx, dh0)`` come in the dtypes
-    of ``a``, ``x`` and ``h0``.
+    of ``a``, ``x`` and ``h0``. ``schedule`` and ``interpret`` as in :func:`pallas_recurrence`.
     """
     a, x, h0, dtype, out_dtype, is_complex = _check_inputs(a, x, h0, out_dtype)
     plan = _plan(x.shape, [a.dtype, x.dtype], is_complex=is_complex, schedule=schedule,
@@ -689,10 +684,7 @@ def _differentiable_bwd(reverse, out_dtype, plan, residuals, g):
     x_dtype = x_like.dtype
     g = jnp.asarray(g, h.dtype)
     if plan.schedule == "tiled":
-        from hgrn_jax.ops.recurrence import shifted_backward
-
-        acc = plan.acc if not plan.layout.is_complex else jnp.promote_types(plan.acc,
-                                                                           jnp.complex64)
+        acc = accumulation_dtype(jnp.result_type(plan.acc, a.dtype, h.dtype))
 
         def scan(a, x, h0, reverse):
             return _forward(plan, a, x, h0, reverse, acc)[0]

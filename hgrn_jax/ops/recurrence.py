@@ -27,6 +27,11 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from hgrn_jax.ops.common import accumulation_dtype, check_inputs, chain_carries, shifted_backward
+from hgrn_jax.ops.pallas_recurrence import pallas_linear_recurrence
+
+__all__ = ["METHODS", "Method", "default_method", "linear_recurrence", "shifted_backward"]
+
 Method = Literal["auto", "sequential", "associative", "chunked", "pallas"]
 METHODS: tuple[str, ...] = ("sequential", "associative", "chunked", "pallas")
 
@@ -39,7 +44,7 @@ def default_method(length: int, platform: str | None = None) -> str:
     """The method ``method="auto"`` picks.
 
     CPU: ``"sequential"`` at every length. Measured by ``benchmarks/scan.py`` (B=8, D=512,
-    float32 and complex64, L = 1024 to 16384; ``benchmarks/results/scan_cpu.json``): the
+    float32 and complex64, L = 1024 to 16384, ``--methods sequential associative chunked``): the
     in-place time loop is the fastest method forward and forward+backward at every length,
     2-3x faster than ``"chunked"`` and ``"associative"``, and its gradient step needs the least
     temporary memory (one array). A CPU runs one step over all B*D channels at memory speed,
@@ -52,21 +57,26 @@ def default_method(length: int, platform: str | None = None) -> str:
     three launches. ``"chunked"`` (a loop over chunks) and ``"sequential"`` (a loop over steps)
     are 5-100x slower there: each loop iteration is a kernel launch.
 
-    TPU: ``"associative"`` (not measured on a TPU; it has no per-step loop, the cost that
-    sinks the looped methods on a GPU).
+    TPU: ``"pallas"`` at every length: the kernel's tiled schedule (Mosaic), one pass over
+    ``a`` and ``x`` per direction with the carry kept in on-chip memory across time blocks. Not
+    timed on a TPU (none was available); reasoned from memory traffic and checked in Pallas's
+    TPU interpret mode (``tests/test_pallas.py``: values and gradients against float64 loops,
+    real and complex, ragged lengths). Its forward+backward moves ~11 array passes, ~3.7x the
+    floor's 3 (forward 3; backward: the shifted decays 2, the reverse kernel 3,
+    ``da = d * h_prev`` 3), against ~31x the floor's bytes for ``"associative"`` (XLA's cost
+    analysis of the compiled forward+backward at (8, 4096, 512): log2(L) levels each way) and
+    a loop iteration per step for ``"sequential"``. Should Mosaic reject the kernel on some TPU
+    generation, pass
+    ``method="associative"``.
     """
     platform = platform or jax.default_backend()
     if platform == "cpu":
         return "sequential"
+    if platform == "tpu":
+        return "pallas"
     if platform in ("gpu", "cuda", "rocm") and length >= GPU_PALLAS_MIN_LENGTH:
         return "pallas"
     return "associative"
-
-
-def _accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        return jnp.promote_types(dtype, jnp.complex64)
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def linear_recurrence(
@@ -100,23 +110,15 @@ def linear_recurrence(
     Returns:
       ``h`` with ``x``'s shape, and the final state when ``return_last_state``.
     """
-    a, x = jnp.asarray(a), jnp.asarray(x)
-    if x.ndim < 2:
-        raise ValueError(f"x must be (..., length, channels); got shape {x.shape}")
-    dtype = jnp.result_type(a, x) if h0 is None else jnp.result_type(a, x, h0)
+    a, x, dtype = check_inputs(a, x, h0)
     out_dtype = out_dtype or dtype
-    acc = _accumulation_dtype(dtype)
+    acc = accumulation_dtype(dtype)
     if method == "auto":
         method = default_method(x.shape[_TIME_AXIS])
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {('auto',) + METHODS}")
-    state_shape = x.shape[:-2] + x.shape[-1:]
-    if h0 is not None and h0.shape != state_shape:
-        raise ValueError(f"h0 must have shape {state_shape}; got {h0.shape}")
     if method == "pallas":
         # The kernel reads a and x in their own dtype and accumulates in float32 inside.
-        from hgrn_jax.ops.pallas_recurrence import pallas_linear_recurrence
-
         h0 = None if h0 is None else jnp.asarray(h0).astype(acc)
         if jax.default_backend() == "cpu":  # the Pallas interpreter is slow on 16-bit refs
             a, x = jnp.asarray(a).astype(acc), x.astype(acc)
@@ -155,23 +157,6 @@ def _recurrence_bwd(reverse, method, chunk_size, residuals, g):
         return _sequential_backward(a, h, h0, g, reverse)
     scan = functools.partial(_scan, method=method, chunk_size=chunk_size)
     return shifted_backward(scan, a, h, h0, g, reverse)
-
-
-def shifted_backward(scan, a, h, h0, g, reverse: bool):
-    """``(da, dx, dh0)`` of the recurrence by ``scan(a, x, h0, reverse) -> h`` run in the
-    opposite time direction over the decays shifted by one step (see the module docstring)."""
-    zeros = jnp.zeros_like(a[..., :1, :])
-    if not reverse:
-        a_next = jnp.concatenate([a[..., 1:, :], zeros], axis=_TIME_AXIS)
-        d = scan(a_next, g, jnp.zeros_like(h0), True)
-        h_prev = jnp.concatenate([h0[..., None, :], h[..., :-1, :]], axis=_TIME_AXIS)
-        dh0 = a[..., 0, :] * d[..., 0, :]
-    else:
-        a_prev = jnp.concatenate([zeros, a[..., :-1, :]], axis=_TIME_AXIS)
-        d = scan(a_prev, g, jnp.zeros_like(h0), False)
-        h_prev = jnp.concatenate([h[..., 1:, :], h0[..., None, :]], axis=_TIME_AXIS)
-        dh0 = a[..., -1, :] * d[..., -1, :]
-    return d * h_prev, d, dh0
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -278,14 +263,8 @@ def _chunked(a, x, h0, reverse, chunk_size):
     # Within each chunk, with a zero carry in: cumulative decay and local states.
     decay, local = jax.lax.associative_scan(_combine, (a_c, x_c), reverse=reverse, axis=time_axis)
     edge = 0 if reverse else -1
-    chunk_decay = jnp.moveaxis(decay[..., edge, :], -2, 0)  # (num_chunks, ..., C)
-    chunk_state = jnp.moveaxis(local[..., edge, :], -2, 0)
-
-    def carry_step(h, inputs):
-        decay_k, state_k = inputs
-        return decay_k * h + state_k, h
-
-    _, carry_in = jax.lax.scan(carry_step, h0, (chunk_decay, chunk_state), reverse=reverse)
-    carry_in = jnp.moveaxis(carry_in, 0, -2)[..., None, :]  # (..., num_chunks, 1, C)
+    carry_in, _ = chain_carries(decay[..., edge, :], local[..., edge, :], h0, reverse=reverse,
+                                axis=-2)
+    carry_in = carry_in[..., None, :]  # (..., num_chunks, 1, C)
     h = local + decay * carry_in
     return h.reshape(lead + (num_chunks * chunk, channels))[..., :length, :]

@@ -25,13 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from hgrn_jax.ops.common import accumulation_dtype, chain_carries, check_inputs, state_shape
 from hgrn_jax.ops.recurrence import linear_recurrence
-
-
-def _accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        return jnp.promote_types(dtype, jnp.complex64)
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _resolve_mesh(mesh, axis_name: str):
@@ -58,20 +53,6 @@ def _time_sharded_spec(x: jax.Array, axis_name: str) -> list:
     return spec
 
 
-def _carries(decays, finals, h0, reverse):
-    """Exclusive scan over the shards' affine maps ``h -> D_k h + S_k``.
-
-    Args: ``decays``, ``finals`` (n, ..., C); ``h0`` (..., C).
-    Returns: the state entering each shard (n, ..., C) and the state after all of them.
-    """
-    def step(h, shard):
-        decay, final = shard
-        return decay * h + final, h
-
-    last, carry_in = jax.lax.scan(step, h0, (decays, finals), reverse=reverse)
-    return carry_in, last
-
-
 def _local(a, x, h0, *, axis_name, reverse, method, chunk_size, out_dtype):
     acc = h0.dtype
     _, final = linear_recurrence(a, x, reverse=reverse, method=method, chunk_size=chunk_size,
@@ -80,7 +61,7 @@ def _local(a, x, h0, *, axis_name, reverse, method, chunk_size, out_dtype):
     # Every shard gets all pairs and computes the same carries and final state.
     decays = jax.lax.all_gather(decay, axis_name, to="varying")
     finals = jax.lax.all_gather(final, axis_name, to="varying")
-    carry_in, last = _carries(decays, finals, h0, reverse)
+    carry_in, last = chain_carries(decays, finals, h0, reverse=reverse)
     carry = carry_in[jax.lax.axis_index(axis_name)]
     h = linear_recurrence(a, x, carry, reverse=reverse, method=method, chunk_size=chunk_size,
                           out_dtype=out_dtype)
@@ -117,22 +98,16 @@ def sharded_linear_recurrence(
       ``(..., C)`` when ``return_last_state``.
     """
     mesh = _resolve_mesh(mesh, axis_name)
-    a, x = jnp.asarray(a), jnp.asarray(x)
-    if x.ndim < 2:
-        raise ValueError(f"x must be (..., length, channels); got shape {x.shape}")
+    a, x, dtype = check_inputs(a, x, h0)
     shards, length = mesh.shape[axis_name], x.shape[-2]
     if length % shards:
         raise ValueError(
             f"sequence length {length} is not a multiple of the {shards} devices on mesh axis "
             f"{axis_name!r}: pad the sequence to a multiple of {shards}")
-    dtype = jnp.result_type(a, x) if h0 is None else jnp.result_type(a, x, h0)
-    acc = _accumulation_dtype(dtype)
+    acc = accumulation_dtype(dtype)
     out_dtype = out_dtype or dtype
-    state_shape = x.shape[:-2] + x.shape[-1:]
-    if h0 is not None and h0.shape != state_shape:
-        raise ValueError(f"h0 must have shape {state_shape}; got {h0.shape}")
     a = jnp.broadcast_to(a, x.shape)
-    h0 = jnp.zeros(state_shape, acc) if h0 is None else jnp.asarray(h0).astype(acc)
+    h0 = jnp.zeros(state_shape(x), acc) if h0 is None else jnp.asarray(h0).astype(acc)
     # Explicit mesh axes are made manual too, with the inputs' own specs (a batch sharded over
     # `data` stays so); Auto axes stay automatic.
     explicit = _explicit_axes(mesh)

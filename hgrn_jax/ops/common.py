@@ -1,0 +1,102 @@
+"""Maths shared by every implementation of ``h_t = a_t * h_{t-1} + x_t``.
+
+The accumulation dtype, the checks of the ``(a, x, h0)`` arguments, and the chaining of carries
+across consecutive pieces of the time axis (chunks of one scan, or shards of a sharded one).
+Imports nothing else of ``hgrn_jax``, so every recurrence module can import it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """The dtype states are accumulated in: float32 (complex64 for complex inputs) or the
+    input dtype when wider (float64, complex128)."""
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return jnp.promote_types(dtype, jnp.complex64)
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def check_inputs(a, x, h0=None) -> tuple[jax.Array, jax.Array, jnp.dtype]:
+    """``a`` and ``x`` as arrays and the promoted dtype of ``(a, x, h0)``.
+
+    Raises ``ValueError`` naming the problem when ``x`` is not ``(..., length, channels)`` or
+    ``h0`` is not ``(..., channels)`` with ``x``'s leading axes.
+    """
+    a, x = jnp.asarray(a), jnp.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"x must be (..., length, channels); got shape {x.shape}")
+    shape = state_shape(x)
+    if h0 is not None and jnp.shape(h0) != shape:
+        raise ValueError(f"h0 must have shape {shape}; got {jnp.shape(h0)}")
+    dtype = jnp.result_type(a, x) if h0 is None else jnp.result_type(a, x, h0)
+    return a, x, dtype
+
+
+def state_shape(x: jax.Array) -> tuple[int, ...]:
+    """The shape of one state, ``(..., C)``, of ``x`` ``(..., L, C)``."""
+    return x.shape[:-2] + x.shape[-1:]
+
+
+def chain_carries(decays: jax.Array, finals: jax.Array, h0: jax.Array, *, reverse: bool,
+                  axis: int = 0) -> tuple[jax.Array, jax.Array]:
+    """The state entering each of ``n`` consecutive pieces of a recurrence, and the state after
+    all of them.
+
+    Over one piece the recurrence is the affine map ``h -> D_k * h + S_k``, with ``D_k`` the
+    product of the piece's decays and ``S_k`` its final state from a zero start. This is the
+    exclusive scan of those maps from ``h0``, by ``lax.associative_scan`` (log-depth: no loop of
+    ``n`` steps, which on a GPU would be ``n`` launches).
+
+    Args:
+      decays, finals: ``D_k`` and ``S_k`` stacked along ``axis`` in time order (``n`` pieces).
+      h0: the state entering the first piece walked (the last one when ``reverse``), shaped
+        like one slice of ``decays`` along ``axis`` (size 1 or removed: both are accepted).
+      reverse: walk the pieces from the last to the first.
+      axis: the pieces' axis.
+
+    Returns:
+      ``(carry_in, last)``: ``carry_in`` shaped like ``decays``, ``last`` like ``h0``.
+    """
+    axis = axis % decays.ndim
+    init = h0 if h0.ndim == decays.ndim else jnp.expand_dims(h0, axis)
+
+    def compose(first, then):
+        return then[0] * first[0], then[0] * first[1] + then[1]
+
+    decay, final = jax.lax.associative_scan(compose, (decays, finals), reverse=reverse, axis=axis)
+    after = decay * init + final  # the state leaving each piece
+    n = decays.shape[axis]
+    if reverse:
+        carry_in = jnp.concatenate([jax.lax.slice_in_dim(after, 1, n, axis=axis), init], axis)
+        last = jax.lax.slice_in_dim(after, 0, 1, axis=axis)
+    else:
+        carry_in = jnp.concatenate([init, jax.lax.slice_in_dim(after, 0, n - 1, axis=axis)],
+                                   axis)
+        last = jax.lax.slice_in_dim(after, n - 1, n, axis=axis)
+    return carry_in, last.reshape(h0.shape)
+
+
+def shifted_backward(scan, a, h, h0, g, reverse: bool):
+    """``(da, dx, dh0)`` of the recurrence, by ``scan(a, x, h0, reverse) -> h`` (any forward
+    implementation) run in the opposite time direction over the decays shifted by one step::
+
+        d_t  = g_t + a_{t+1} * d_{t+1}     (reverse time; a_{t-1} and forward time when reversed)
+        dx_t = d_t,   da_t = d_t * h_{t-1} (h_{-1} = h0),   dh0 = a_0 * d_0
+
+    ``a``, ``h``, ``g``: ``(..., L, C)``; ``h0``: ``(..., C)``.
+    """
+    zeros = jnp.zeros_like(a[..., :1, :])
+    if not reverse:
+        a_next = jnp.concatenate([a[..., 1:, :], zeros], axis=-2)
+        d = scan(a_next, g, jnp.zeros_like(h0), True)
+        h_prev = jnp.concatenate([h0[..., None, :], h[..., :-1, :]], axis=-2)
+        dh0 = a[..., 0, :] * d[..., 0, :]
+    else:
+        a_prev = jnp.concatenate([zeros, a[..., :-1, :]], axis=-2)
+        d = scan(a_prev, g, jnp.zeros_like(h0), False)
+        h_prev = jnp.concatenate([h[..., 1:, :], h0[..., None, :]], axis=-2)
+        dh0 = a[..., -1, :] * d[..., -1, :]
+    return d * h_prev, d, dh0
