@@ -94,10 +94,10 @@ class _MatrixMixer(nnx.Module):
                                  return_last_state=return_last_state)
 
     def _finish(self, o: jax.Array, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        if mask is not None:
-            o = jnp.where(_valid(mask, x.shape[-2]), o, 0.0)
-        o = o.reshape(o.shape[:-2] + (-1,)).astype(self.dtype or x.dtype)
-        return self.output(o, x)
+        y = self.output(o.reshape(o.shape[:-2] + (-1,)).astype(self.dtype or x.dtype), x)
+        if mask is None:
+            return y
+        return jnp.where(_valid(mask, x.shape[-2])[..., 0], y, jnp.zeros_like(y))
 
     def __call__(self, x: jax.Array, lower_bound: jax.Array | float | None = None,
                  mask: jax.Array | None = None) -> jax.Array:
