@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
-from hgrn_jax.nn.hgrn2 import HGRN2, FlaHGRN2Attention
+from hgrn_jax.nn.hgrn2 import HGRN2, HGRN2D, FlaHGRN2Attention
 from hgrn_jax.nn.hgru import HGRU, HGRU2D
 from hgrn_jax.nn.lm import HGRNLM, LMConfig
 from hgrn_jax.nn.mixers import MixerConfig
@@ -38,7 +38,7 @@ Transform = Callable[[np.ndarray], np.ndarray]
 Mapping_ = dict[tuple[Any, ...], tuple[str, Transform]]
 
 HGRU_CLASSES = ("Hgru1d", "BiHgru1d", "Hgru2d", "BiHgru2d")
-HGRU2_CLASSES = ("Hgru2_1d", "BiHgru2_1d")
+HGRU2_CLASSES = ("Hgru2_1d", "BiHgru2_1d", "Hgru2_2d_parallel")
 
 
 class ConversionError(ValueError):
@@ -264,11 +264,13 @@ def _load_fla_lm(lm_config: LMConfig, attention_mapping: Callable[[tuple, str], 
 
 
 def from_hgru2_pytorch(class_name: str, constructor: Mapping[str, Any],
-                       state_dict: Mapping[str, Any], dtype: jnp.dtype = jnp.float32) -> HGRN2:
-    """An :class:`HGRN2` holding the weights of an hgru2-pytorch layer.
+                       state_dict: Mapping[str, Any], dtype: jnp.dtype = jnp.float32
+                       ) -> HGRN2 | HGRN2D:
+    """An :class:`HGRN2` (:class:`HGRN2D` for grids) holding the weights of an hgru2-pytorch layer.
 
     Args:
-      class_name: ``"Hgru2_1d"`` (causal) or ``"BiHgru2_1d"`` (forward + reverse scans).
+      class_name: ``"Hgru2_1d"`` (causal), ``"BiHgru2_1d"`` (forward + reverse scans) or
+        ``"Hgru2_2d_parallel"`` (four scans over a grid; not covered by the golden cases).
       constructor: the reference constructor's keyword arguments (``embed_dim``,
         ``expand_ratio``, ``act_fun``, ``uv_act_fun``, ``use_norm``, ``bias``, ``norm_type``,
         ``use_fla``; ``chunk_size`` is ignored).
@@ -277,9 +279,12 @@ def from_hgru2_pytorch(class_name: str, constructor: Mapping[str, Any],
 
     Returns:
       A module called as ``module(x, lower_bound)`` with batch-major ``x`` (B, L, d) (the
-      reference is time-major: ``x.transpose(1, 0, 2)``) and ``lower_bound`` (d,) or a scalar.
+      reference is time-major: ``x.transpose(1, 0, 2)``), or (B, H, W, d) for the 2-D class
+      (the reference's (H, W, B, d): ``x.transpose(2, 0, 1, 3)``), and ``lower_bound`` (d,) or a
+      scalar.
 
-    Only ``expand_ratio < 16`` is supported: there the reference runs an exact scan. From 16 on it
+    For the 1-D classes only ``expand_ratio < 16`` is supported: there the reference runs an
+    exact scan. From 16 on it
     runs chunked Triton kernels that clamp the per-step log forget gate at -3 and need the length
     to be a multiple of the chunk, a different computation that was never checked against ours.
     """
@@ -293,7 +298,7 @@ def from_hgru2_pytorch(class_name: str, constructor: Mapping[str, Any],
     _require(constructor, "use_norm", (True,), class_name)
     _require(constructor, "norm_type", ("layernorm",), class_name)
     _require(constructor, "use_fla", (False,), class_name)
-    if not 1 <= expand_ratio < 16:
+    if expand_ratio < 1 or (expand_ratio >= 16 and class_name != "Hgru2_2d_parallel"):
         raise ConversionError(
             f"{class_name}: expand_ratio={expand_ratio} is not supported (supported: 1 to 15, "
             "where the reference runs its exact scan; from 16 on it runs chunked Triton kernels "
@@ -302,8 +307,11 @@ def from_hgru2_pytorch(class_name: str, constructor: Mapping[str, Any],
         raise ConversionError(f"{class_name}: embed_dim={d} is not a multiple of "
                               f"expand_ratio={expand_ratio}")
     bias = bool(constructor.get("bias", True))
-    module = HGRN2(d, expand_ratio=expand_ratio, bidirectional=class_name == "BiHgru2_1d",
-                   use_bias=bias, param_dtype=dtype, rngs=nnx.Rngs(0))
+    common = dict(expand_ratio=expand_ratio, use_bias=bias, param_dtype=dtype, rngs=nnx.Rngs(0))
+    if class_name == "Hgru2_2d_parallel":
+        module = HGRN2D(d, **common)
+    else:
+        module = HGRN2(d, bidirectional=class_name == "BiHgru2_1d", **common)
     mapping: Mapping_ = {}
     for name in ("in_proj", "out_proj"):
         mapping |= _linear((name,), name, bias=bias)

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import data_fixtures as fx
-from hgrn_jax.nn import HGRN2
+from hgrn_jax.nn import HGRN2, HGRN2D
 from hgrn_jax.training import tasks
 
 # task: batch, d, layers, norm, lr, wd, dropout, warmup, schedule steps, GLU, expand, epochs,
@@ -23,8 +23,12 @@ RUN_LRA = {
     "listops": (128, 64, 5, "sync_batch", 5e-4, 0, 0, 5000, 50000, 1, 4, 50, True, 0, 60.52),
     "text": (64, 128, 4, "layer", 5e-3, 0, 0.1, 10000, 50000, 1, 8, 40, False, 0, 88.97),
     "retrieval": (128, 256, 2, "sync_batch", 5e-3, 0, 0, 312, 50000, 2, 2, 20, True, 1, 95.07),
+    "image": (64, 512, 6, "sync_batch", 3e-3, 0, 0, 30000, 50000, 1, 2, 75, True, 0, 89.33),
+    "pathfinder": (128, 128, 6, "batch", 2e-3, 0, 0, 50000, 500000, 1, 2, 100, False, 0, 93.95),
 }
-TRAIN_SIZES = {"listops": 96_000, "text": 25_000, "retrieval": 147_086}
+TRAIN_SIZES = {"listops": 96_000, "text": 25_000, "retrieval": 147_086, "image": 45_000,
+               "pathfinder": 160_000}
+SCANS = {"image": "2d", "pathfinder": "2d"}
 
 
 def load(name: str, preset: str | None = None):
@@ -39,8 +43,9 @@ def test_hgrn2_lra_configs_follow_run_lra(task):
     hgrn = importlib.import_module(f"experiments.configs.lra.{task}").get_config()
     m = c.model
     assert c.task == task and c.data.to_dict() == hgrn.data.to_dict()  # the HGRN row's data
+    scan = SCANS.get(task, "1d")
     assert (m.mixer.kind, m.mixer.layout, m.mixer.scan, m.mixer.expand_ratio) == (
-        "hgrn2", "official", "1d", expand)
+        "hgrn2", "official", scan, expand)
     assert (m.features, m.num_layers, m.norm, m.glu_expand, m.dropout) == (d, layers, norm, glu,
                                                                             dropout)
     assert m.position_encoding is positions and m.use_lower_bound is True
@@ -53,7 +58,7 @@ def test_hgrn2_lra_configs_follow_run_lra(task):
     assert c.dtype == "bfloat16" and c.paper.value == pytest.approx(accuracy)
     model = nnx.eval_shape(lambda: tasks.build_model(c, nnx.Rngs(0)))
     mixer = model.blocks[0].mixer
-    assert isinstance(mixer, HGRN2) and mixer.bidirectional
+    assert isinstance(mixer, HGRN2D if scan == "2d" else HGRN2) and mixer.bidirectional
     assert (mixer.num_heads, mixer.key_dim) == (d // expand, expand)
 
 
@@ -71,7 +76,8 @@ def test_hgrn2_wikitext103_config_follows_script_lm():
     assert isinstance(mixer, HGRN2) and not mixer.bidirectional and mixer.num_heads == 4
 
 
-@pytest.mark.parametrize("name", ["listops", "text", "retrieval", "wikitext103"])
+@pytest.mark.parametrize("name", ["listops", "text", "retrieval", "image", "pathfinder",
+                                  "wikitext103"])
 def test_hgrn2_tiny_presets_build_small_hgrn2_models(name):
     tiny = load(name, "tiny")
     model = tasks.build_model(tiny, nnx.Rngs(0))

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hgrn_jax.nn import (HGRN2, HGRNLM, ClassifierConfig, FlaHGRN2Attention, HGRNClassifier,
-                         HGRNImageClassifier, ImageConfig, LMConfig, MixerConfig, generate)
+from hgrn_jax.nn import (HGRN2, HGRN2D, HGRNLM, ClassifierConfig, FlaHGRN2Attention,
+                         HGRNClassifier, HGRNImageClassifier, ImageConfig, LMConfig, MixerConfig,
+                         generate)
 from hgrn_jax.nn import remat as remat_module
 
 D, L, B = 16, 11, 2
@@ -93,6 +94,23 @@ def test_padding_is_skipped_like_fla_unpadding(layout, bidirectional):
     np.testing.assert_allclose(got[1, mask[1]], alone[0], **TOL)
     np.testing.assert_array_equal(got[1, ~mask[1]], 0.0)
     np.testing.assert_allclose(got[0], layer(x, BOUND)[0], **TOL)
+
+
+def test_grid_mixer_reaches_exactly_the_row_and_column_and_skips_padding():
+    layer = HGRN2D(D, expand_ratio=4, rngs=nnx.Rngs(0))
+    grid = jax.random.normal(jax.random.key(4), (B, 5, 7, D))
+    i0, j0 = 2, 3
+    changed = jnp.abs(layer(grid.at[:, i0, j0].add(1.0), BOUND) - layer(grid, BOUND)).max(-1)
+    reach = np.zeros((5, 7), bool)
+    reach[i0, :] = reach[:, j0] = True
+    assert bool(jnp.all(changed[:, ~reach] == 0)) and bool(jnp.all(changed[:, reach] > 0))
+    # Padding the grid with a last column of masked cells leaves the real cells unchanged.
+    mask = np.ones((B, 5, 8), bool)
+    mask[:, :, -1] = False
+    padded = jnp.concatenate([grid, jnp.ones((B, 5, 1, D))], axis=2)
+    got = layer(padded, BOUND, mask=jnp.asarray(mask))
+    np.testing.assert_allclose(got[:, :, :7], layer(grid, BOUND), **TOL)
+    np.testing.assert_array_equal(got[:, :, 7], 0.0)
 
 
 def test_one_wide_heads_are_hgrns_real_scan():
@@ -170,6 +188,15 @@ def test_classifier_with_hgrn2_ignores_padding_and_has_finite_gradients(layout):
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
+def test_lra_2d_classifier_with_hgrn2():
+    config = ClassifierConfig(num_classes=3, features=D, num_layers=2, encoder="linear",
+                              input_channels=1, norm="batch", grid_shape=(4, 4),
+                              mixer=MixerConfig(kind="hgrn2", scan="2d", expand_ratio=4))
+    model = HGRNClassifier(config, rngs=nnx.Rngs(0))
+    assert isinstance(model.blocks[0].mixer, HGRN2D)
+    assert model(jnp.ones((B, 16))).shape == (B, 3)
+
+
 def test_image_classifier_with_hgrn2():
     config = ImageConfig(image_size=(28, 28), features=D, num_layers=2, num_classes=5,
                          mixer=dict(kind="hgrn2", expand_ratio=8))
@@ -184,8 +211,8 @@ def test_image_classifier_with_hgrn2():
 def test_mixer_config_errors_name_the_fix():
     with pytest.raises(ValueError, match="unknown mixer kind 'hgrn3'"):
         MixerConfig(kind="hgrn3")
-    with pytest.raises(ValueError, match="scan='2d' needs kind='hgrn'"):
-        MixerConfig(kind="hgrn2", scan="2d")
+    with pytest.raises(ValueError, match="scan='2d' needs layout='official'"):
+        MixerConfig(kind="hgrn2", layout="fla", scan="2d")
     with pytest.raises(ValueError, match="expand_ratio is an HGRN2 / fla option"):
         MixerConfig(expand_ratio=4)
     with pytest.raises(ValueError, match="features 16 must be a multiple of expand_ratio 5"):

@@ -6,7 +6,7 @@ from hgrn_jax.nn.embeddings import sinusoidal_positions
 from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
 from hgrn_jax.nn.generate import generate, sample_token
 from hgrn_jax.nn.glu import GLU
-from hgrn_jax.nn.hgrn2 import HGRN2, FlaHGRN2Attention
+from hgrn_jax.nn.hgrn2 import HGRN2, HGRN2D, FlaHGRN2Attention
 from hgrn_jax.nn.hgru import HGRU, HGRU2D
 from hgrn_jax.nn.image import HGRNImageClassifier, ImageConfig
 from hgrn_jax.nn.lm import HGRNLM, LMConfig
@@ -17,7 +17,7 @@ from hgrn_jax.nn.norms import ScaleFreeRMSNorm, make_norm
 __all__ = [
     "ClassifierConfig", "HGRNClassifier", "HGRNImageClassifier", "ImageConfig",
     "generate", "sample_token", "sinusoidal_positions",
-    "FlaHGRNAttention", "FlaHGRN2Attention", "GLU", "HGRN2", "HGRNLM", "HGRU", "HGRU2D",
-    "LMConfig", "LowerBounds", "MixerConfig", "make_mixer",
+    "FlaHGRNAttention", "FlaHGRN2Attention", "GLU", "HGRN2", "HGRN2D", "HGRNLM", "HGRU",
+    "HGRU2D", "LMConfig", "LowerBounds", "MixerConfig", "make_mixer",
     "ResidualBlock", "ScaleFreeRMSNorm", "lower_bounds", "make_norm",
 ]

@@ -236,4 +236,33 @@ class FlaHGRN2Attention(_MatrixMixer):
         return self.o_proj(self.g_norm(o))
 
 
-__all__ = ["HGRN2", "FlaHGRN2Attention"]
+class HGRN2D(HGRN2):
+    """hgru2-pytorch's ``Hgru2_2d_parallel`` over (B, H, W, d) grids (the LRA Image and
+    Pathfinder layer of the HGRN2 runs): the parameters, gates and readout of :class:`HGRN2`,
+    with four scans sharing q, k, v and lambda (down and up each column, right and left along
+    each row) whose outputs are summed before the norm, as the reference sums their states.
+    Always bidirectional; ``mask`` (B, H, W) skips padded cells and zeroes their outputs.
+    """
+
+    def __init__(self, features: int, **kwargs):
+        super().__init__(features, bidirectional=True, **kwargs)
+
+    def __call__(self, x: jax.Array, lower_bound: jax.Array | float | None = None,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """``x`` (B, H, W, d), ``lower_bound`` a scalar or (d,) -> (B, H, W, d)."""
+        if x.ndim != 4:
+            raise ValueError(f"HGRN2D expects (batch, H, W, d); got shape {x.shape}")
+        q, k, v, g = self._inputs(x, lower_bound, mask)   # (B, H, W, heads, K or V)
+        flip = lambda t: jnp.flip(t, axis=-3)  # noqa: E731
+        o = 0.0
+        for axis in (1, 2):  # H (each column), then W (each row): time is axis -3 of the scan
+            lines = [jnp.moveaxis(t, axis, -3) for t in (q, k, v, g)]
+            both = self._scan(*lines) + flip(self._scan(*map(flip, lines)))
+            o = o + jnp.moveaxis(both, -3, axis)
+        return self._finish(o, x, mask)
+
+    def step(self, *args, **kwargs):
+        raise ValueError("HGRN2D is bidirectional over a grid; step() needs a causal 1-D mixer")
+
+
+__all__ = ["HGRN2", "HGRN2D", "FlaHGRN2Attention"]

@@ -12,6 +12,7 @@ kind        layout      scan  module
 ==========  ==========  ====  ==========================================================
 ``hgrn``    official    1d    :class:`~hgrn_jax.nn.HGRU` (hgru-pytorch ``Hgru1d``/``BiHgru1d``)
 ``hgrn``    official    2d    :class:`~hgrn_jax.nn.HGRU2D` (``Hgru2d``/``BiHgru2d``)
+``hgrn2``   official    2d    :class:`~hgrn_jax.nn.HGRN2D` (``Hgru2_2d_parallel``, bidirectional)
 ``hgrn``    fla         1d    :class:`~hgrn_jax.nn.FlaHGRNAttention` (causal only)
 ``hgrn2``   official    1d    :class:`~hgrn_jax.nn.HGRN2` (hgru2-pytorch ``Hgru2_1d``/``BiHgru2_1d``)
 ``hgrn2``   fla         1d    :class:`~hgrn_jax.nn.FlaHGRN2Attention` (fla ``HGRN2Attention``)
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
-from hgrn_jax.nn.hgrn2 import HGRN2, FlaHGRN2Attention
+from hgrn_jax.nn.hgrn2 import HGRN2, HGRN2D, FlaHGRN2Attention
 from hgrn_jax.nn.hgru import HGRU, HGRU2D
 
 KINDS = ("hgrn", "hgrn2")
@@ -44,7 +45,7 @@ class MixerConfig:
     kind: ``"hgrn"`` (HGRN's elementwise recurrence) or ``"hgrn2"`` (matrix state per head).
     layout: ``"official"`` (the authors' hgru-pytorch / hgru2-pytorch layers) or ``"fla"`` (the
       flash-linear-attention layers): parameter names, activations, scale and norm differ.
-    scan: ``"1d"`` over the sequence or ``"2d"`` over an (H, W) grid (HGRN official only).
+    scan: ``"1d"`` over the sequence or ``"2d"`` over an (H, W) grid (official layouts only).
     expand_ratio: HGRN2's head width K (d / K heads with K x V states); fla HGRN's width
       multiplier. None: hgrn 1, hgrn2 official 2 (hgru2-pytorch's default), hgrn2 fla 128 (fla's).
     complex_valued, separate_phases, use_forget_gate, norm_before_gate: HGRN official's options
@@ -76,9 +77,9 @@ class MixerConfig:
             if value not in allowed:
                 raise ValueError(f"unknown mixer {name} {value!r}; use one of "
                                  f"{', '.join(map(repr, allowed))}")
-        if self.scan == "2d" and (self.kind, self.layout) != ("hgrn", "official"):
-            raise ValueError(f"scan='2d' needs kind='hgrn', layout='official'; got kind="
-                             f"{self.kind!r}, layout={self.layout!r} (their mixers are 1-D)")
+        if self.scan == "2d" and self.layout != "official":
+            raise ValueError(f"scan='2d' needs layout='official'; got kind={self.kind!r}, "
+                             f"layout={self.layout!r} (fla's mixers are 1-D)")
         if self.sequence_axis is not None and (self.kind, self.layout) != ("hgrn", "official"):
             raise ValueError("sequence_axis (sequence parallelism) needs the hgru mixer "
                              "(kind='hgrn', layout='official'); got kind="
@@ -144,6 +145,12 @@ def make_mixer(config: MixerConfig, features: int, *, causal: bool, use_lower_bo
                                 use_lower_bound=use_lower_bound,
                                 norm_epsilon=config.norm_epsilon, **common)
     if key == ("hgrn2", "official"):
+        if config.scan == "2d":
+            if causal:
+                raise ValueError("kind='hgrn2' with scan='2d' is bidirectional only "
+                                 "(hgru2-pytorch's Hgru2_2d_parallel)")
+            return HGRN2D(features, expand_ratio=config.resolved_expand_ratio,
+                          use_bias=config.use_bias, norm_epsilon=config.norm_epsilon, **common)
         return HGRN2(features, expand_ratio=config.resolved_expand_ratio, bidirectional=not causal,
                      use_bias=config.use_bias, norm_epsilon=config.norm_epsilon, **common)
     return FlaHGRN2Attention(features, expand_ratio=config.resolved_expand_ratio,

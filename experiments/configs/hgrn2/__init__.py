@@ -1,4 +1,4 @@
-"""HGRN2 experiment configs (arXiv 2404.07904): the LRA 1-D rows and WikiText-103.
+"""HGRN2 experiment configs (arXiv 2404.07904): five LRA rows and WikiText-103.
 
 Sources, cited per value in each file:
 
@@ -20,6 +20,7 @@ so that ``hgrn2_1d`` is the bidirectional ``BiHgru2_1d`` and that ``encoder="pos
 sinusoidal positions (``"id"``: none) are inferences, from the release branch's encoder registry
 (``"position"``: ``PositionalEncoder``, ``"id"``: identity) and from the HGRN1 runs. The HGRN2
 WikiText-103 architectures (``hgrn2_lm_outproduct_*`` in ``OpenNLPLab/fairseq-evo``) and the
-paper's WikiText-103 perplexity could not be read either. The 2-D LRA rows (Image, Pathfinder,
-Path-X use ``hgrn2_2d``) have no config: our HGRN2 mixer is 1-D.
+paper's WikiText-103 perplexity could not be read either. Path-X runs ``Hgru2_2d_series``
+(``use_series=True``), which we do not have, so it has no config; Image and Pathfinder use
+``Hgru2_2d_parallel`` (our ``HGRN2D``), which no golden case covers.
 """

@@ -1,4 +1,9 @@
-"""The HGRN2 LRA rows that our mixers support (the 1-D tasks), built on the HGRN rows' data.
+"""The HGRN2 LRA rows that our mixers support, built on the HGRN rows' data.
+
+ListOps, Text and Retrieval use the 1-D ``hgrn2_1d`` (our bidirectional :class:`HGRN2`), Image and
+Pathfinder the 2-D ``hgrn2_2d`` with ``use_series=False`` (hgru2-pytorch's ``Hgru2_2d_parallel``,
+our :class:`HGRN2D`). Path-X runs ``use_series=True`` (``Hgru2_2d_series``), which we do not
+have: no Path-X config.
 
 Each ``get_config`` starts from the HGRN config of the same task (its data source, sequence
 length, vocabulary and encoder stay) and applies the HGRN2 run's model and optimisation settings
@@ -28,6 +33,15 @@ SETTINGS: dict[str, dict[str, Any]] = {
                       learning_rate=5e-3, weight_decay=0.0, dropout=0.0, warmup_steps=312,
                       decay_steps=50_000, glu_expand=2, expand_ratio=2, epochs=20,
                       position_encoding=True, grad_clip_norm=1.0, paper_accuracy=95.07),
+    # "cifar"; its training_epochs entry is 75 with a commented-out 100.
+    "image": dict(batch_size=64, features=512, num_layers=6, norm="sync_batch",
+                  learning_rate=3e-3, weight_decay=0.0, dropout=0.0, warmup_steps=30_000,
+                  decay_steps=50_000, glu_expand=1, expand_ratio=2, epochs=75,
+                  position_encoding=True, grad_clip_norm=0.0, paper_accuracy=89.33),
+    "pathfinder": dict(batch_size=128, features=128, num_layers=6, norm="batch",
+                       learning_rate=2e-3, weight_decay=0.0, dropout=0.0, warmup_steps=50_000,
+                       decay_steps=500_000, glu_expand=1, expand_ratio=2, epochs=100,
+                       position_encoding=False, grad_clip_norm=0.0, paper_accuracy=93.95),
 }
 
 
