@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
 
     hgrn = HGRNLM(LMConfig(vocab_size=args.vocab, features=args.features,
-                           num_layers=args.layers, glu_hidden=args.glu_hidden),
+                           num_layers=args.layers, glu_expand=args.glu_hidden / args.features),
                   rngs=nnx.Rngs(0))
     transformer = TransformerLM(args.vocab, args.features, args.layers, args.heads,
                                 args.glu_hidden, rngs=nnx.Rngs(0))

@@ -41,7 +41,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.common import format_table, write_results  # noqa: E402
-from hgrn_jax.nn import HGRNLM, LMConfig  # noqa: E402
+from hgrn_jax.nn import HGRNLM, LMConfig, MixerConfig  # noqa: E402
 from hgrn_jax.nn.classifier import ClassifierConfig, HGRNClassifier  # noqa: E402
 from hgrn_jax.nn.remat import set_remat  # noqa: E402
 
@@ -57,7 +57,7 @@ def grid_shape(length: int) -> tuple[int, int]:
 
 def pathx_setup(length: int, dtype):
     config = ClassifierConfig(num_classes=2, features=64, num_layers=6, glu_expand=1,
-                              encoder="linear", input_channels=1, mixer="2d",
+                              encoder="linear", input_channels=1, mixer=MixerConfig(scan="2d"),
                               grid_shape=grid_shape(length), norm="batch")
     build = lambda: HGRNClassifier(config, dtype=dtype, rngs=nnx.Rngs(0))  # noqa: E731
     batch = (jax.ShapeDtypeStruct((PATHX_BATCH, length), jnp.float32),

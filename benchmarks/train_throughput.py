@@ -36,10 +36,11 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.common import format_table, time_fn, write_results  # noqa: E402
 from hgrn_jax.nn import GLU, HGRNLM, LMConfig  # noqa: E402
+from hgrn_jax.nn.glu import glu_width  # noqa: E402
 from hgrn_jax.nn.classifier import ClassifierConfig, HGRNClassifier  # noqa: E402
 
-SMALL = dict(vocab_size=1024, features=128, num_layers=2, glu_hidden=256)
-FULL = dict(vocab_size=50264, features=512, num_layers=6, glu_hidden=1024)
+SMALL = dict(vocab_size=1024, features=128, num_layers=2, glu_expand=2)
+FULL = dict(vocab_size=50264, features=512, num_layers=6, glu_expand=2)
 SMALL_LENGTHS, FULL_LENGTHS = (512, 1024, 2048, 4096), (512, 1024, 2048, 4096, 8192, 16384)
 LRA_TEXT = dict(vocab_size=135, features=128, num_layers=4, num_classes=2)
 SMALL_LRA = dict(vocab_size=135, features=32, num_layers=2, num_classes=2)
@@ -84,7 +85,8 @@ class TransformerLM(nnx.Module):
     def __init__(self, config: LMConfig, *, dtype=None, rngs: nnx.Rngs):
         d = config.features
         self.embed = nnx.Embed(config.vocab_size, d, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([TransformerBlock(d, config.glu_hidden, dtype=dtype, rngs=rngs,
+        self.layers = nnx.List([TransformerBlock(d, glu_width(config.glu_expand, d), dtype=dtype,
+                                                 rngs=rngs,
                                                  act=config.glu_activation)
                                 for _ in range(config.num_layers)])
         self.final_norm = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
@@ -103,7 +105,7 @@ class TransformerClassifier(nnx.Module):
     def __init__(self, config: ClassifierConfig, *, dtype=None, rngs: nnx.Rngs):
         d = config.features
         self.embed = nnx.Embed(config.vocab_size, d, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([TransformerBlock(d, config.glu_expand * d, dtype=dtype,
+        self.layers = nnx.List([TransformerBlock(d, glu_width(config.glu_expand, d), dtype=dtype,
                                                  rngs=rngs, causal=False)
                                 for _ in range(config.num_layers)])
         self.final_norm = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
@@ -151,19 +153,24 @@ def parameter_count(model: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+def with_method(config, method: str):
+    """``config`` with its mixer's recurrence method set to ``method``."""
+    return dataclasses.replace(config, mixer=dataclasses.replace(config.mixer, method=method))
+
+
 def builders(args, dtype) -> tuple[dict, dict, object, int]:
     """``({row name: model factory}, sizes, loss, vocabulary size)`` for the task."""
     if args.task == "lm":
         sizes = FULL if args.full else SMALL
         config = LMConfig(**sizes)
-        models = {f"hgrn[{m}]": (lambda m=m: HGRNLM(dataclasses.replace(config, method=m),
+        models = {f"hgrn[{m}]": (lambda m=m: HGRNLM(with_method(config, m),
                                                     dtype=dtype, rngs=nnx.Rngs(0)))
                   for m in args.methods}
         models["transformer"] = lambda: TransformerLM(config, dtype=dtype, rngs=nnx.Rngs(0))
         return models, sizes, next_token_loss, config.vocab_size
     sizes = LRA_TEXT if args.full else SMALL_LRA
-    config = ClassifierConfig(**sizes, encoder="embed", mixer="1d", norm="batch")
-    models = {f"hgrn[{m}]": (lambda m=m: HGRNClassifier(dataclasses.replace(config, method=m),
+    config = ClassifierConfig(**sizes, encoder="embed", norm="batch")
+    models = {f"hgrn[{m}]": (lambda m=m: HGRNClassifier(with_method(config, m),
                                                         dtype=dtype, rngs=nnx.Rngs(0)))
               for m in args.methods}
     models["transformer"] = lambda: TransformerClassifier(config, dtype=dtype, rngs=nnx.Rngs(0))

@@ -6,6 +6,10 @@ Sources:
   ``Hgru1d``, ``BiHgru1d``, ``Hgru2d`` and ``BiHgru2d``.
 - ``flash-linear-attention`` (fla): :func:`from_fla_hgrn_attention` for ``HGRNAttention`` and
   :func:`from_fla_hgrn_lm` for ``HGRNForCausalLM``.
+- HGRN2: :func:`from_hgru2_pytorch` for hgru2-pytorch's ``Hgru2_1d`` / ``BiHgru2_1d``,
+  :func:`from_fla_hgrn2_attention` for fla's ``HGRN2Attention`` and :func:`from_fla_hgrn2_lm` for
+  ``HGRN2ForCausalLM``. Recurrent states are (B, H, K, V), key index first; fla's cache stores
+  (B, H, V, K): transpose the last two axes to compare.
 
 ``state_dict`` arguments map the reference's parameter names to arrays (NumPy, or anything
 ``np.asarray`` accepts, e.g. ``{k: v.numpy() for k, v in module.state_dict().items()}``).
@@ -24,14 +28,17 @@ import numpy as np
 from flax import nnx
 
 from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
+from hgrn_jax.nn.hgrn2 import HGRN2, HGRN2D, FlaHGRN2Attention
 from hgrn_jax.nn.hgru import HGRU, HGRU2D
 from hgrn_jax.nn.lm import HGRNLM, LMConfig
+from hgrn_jax.nn.mixers import MixerConfig
 
 Transform = Callable[[np.ndarray], np.ndarray]
 # Our parameter path (tuple of attribute names / indices) -> (reference name, transform).
 Mapping_ = dict[tuple[Any, ...], tuple[str, Transform]]
 
 HGRU_CLASSES = ("Hgru1d", "BiHgru1d", "Hgru2d", "BiHgru2d")
+HGRU2_CLASSES = ("Hgru2_1d", "BiHgru2_1d", "Hgru2_2d_parallel")
 
 
 class ConversionError(ValueError):
@@ -188,6 +195,16 @@ def _fla_attention_mapping(ours: tuple, prefix: str) -> Mapping_:
     return mapping
 
 
+def _fla_glu_expand(config: Mapping[str, Any], d: int) -> float:
+    """GLU hidden / d of an fla config: ``intermediate_size``, or fla's default of 2/3 of
+    ``hidden_ratio * d`` rounded up to a multiple of 256."""
+    hidden = config.get("intermediate_size")
+    if hidden is None:
+        hidden = int(d * config.get("hidden_ratio", 4) * 2 / 3)
+        hidden = 256 * ((hidden + 255) // 256)
+    return int(hidden) / d
+
+
 def fla_lm_config(config: Mapping[str, Any]) -> LMConfig:
     """The :class:`LMConfig` of an fla ``HGRNConfig`` (given as its keyword arguments)."""
     what = "HGRNConfig"
@@ -195,20 +212,17 @@ def fla_lm_config(config: Mapping[str, Any]) -> LMConfig:
     _require(config, "expand_ratio", (1, None), what)
     _require(config, "elementwise_affine", (True,), what)
     d = _features(config, "hidden_size", what)
-    hidden = config.get("intermediate_size")
-    if hidden is None:
-        # fla's default: 2/3 of hidden_ratio * d, rounded up to a multiple of 256.
-        hidden = int(d * config.get("hidden_ratio", 4) * 2 / 3)
-        hidden = 256 * ((hidden + 255) // 256)
+    norm_eps = float(config.get("norm_eps", 1e-6))
     return LMConfig.fla(
         vocab_size=_features(config, "vocab_size", what),
         features=d,
         num_layers=_features(config, "num_hidden_layers", what),
-        glu_hidden=int(hidden),
+        glu_expand=_fla_glu_expand(config, d),
         glu_activation=str(config.get("hidden_act", "swish")),
         use_lower_bound=bool(config.get("use_lower_bound", True)),
-        norm_epsilon=float(config.get("norm_eps", 1e-6)),
-        mixer_norm_epsilon=float(config.get("norm_eps", 1e-6)),
+        norm_epsilon=norm_eps,
+        mixer=MixerConfig(kind="hgrn", layout="fla", complex_valued=False, use_bias=False,
+                          norm_epsilon=norm_eps),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
 
@@ -220,7 +234,12 @@ def from_fla_hgrn_lm(config: Mapping[str, Any], state_dict: Mapping[str, Any],
     ``config`` is the ``HGRNConfig`` keyword arguments. The result is called as ``lm(ids)``
     (ids (B, T) -> logits (B, T, V)) and decodes with ``lm.init_cache(B)`` / ``lm.step``.
     """
-    lm_config = fla_lm_config(config)
+    return _load_fla_lm(fla_lm_config(config), _fla_attention_mapping, state_dict, dtype)
+
+
+def _load_fla_lm(lm_config: LMConfig, attention_mapping: Callable[[tuple, str], Mapping_],
+                 state_dict: Mapping[str, Any], dtype: jnp.dtype) -> HGRNLM:
+    """fla's ``*ForCausalLM`` layout (shared by HGRN and HGRN2) loaded into an :class:`HGRNLM`."""
     module = HGRNLM(lm_config, param_dtype=dtype, rngs=nnx.Rngs(0))
     mapping: Mapping_ = {("embed", "embedding"): ("model.embeddings.weight", _identity)}
     if lm_config.use_lower_bound:
@@ -229,7 +248,7 @@ def from_fla_hgrn_lm(config: Mapping[str, Any], state_dict: Mapping[str, Any],
         theirs, ours = f"model.layers.{k}.", ("blocks", k)
         mapping[ours + ("norm1", "scale")] = (theirs + "attn_norm.weight", _identity)
         mapping[ours + ("norm2", "scale")] = (theirs + "mlp_norm.weight", _identity)
-        mapping |= _fla_attention_mapping(ours + ("mixer",), theirs + "attn.")
+        mapping |= attention_mapping(ours + ("mixer",), theirs + "attn.")
         for name in ("gate_proj", "up_proj", "down_proj"):
             mapping |= _linear(ours + ("mlp", name), theirs + f"mlp.{name}", bias=False)
     mapping[("final_norm", "scale")] = ("model.norm.weight", _identity)
@@ -239,3 +258,145 @@ def from_fla_hgrn_lm(config: Mapping[str, Any], state_dict: Mapping[str, Any],
     else:
         mapping[("lm_head", "kernel")] = ("lm_head.weight", _transpose)
     return _load(module, mapping, state_dict, dtype, aliases=aliases)
+
+
+# ----------------------------------------------------------------------------------- HGRN2
+
+
+def from_hgru2_pytorch(class_name: str, constructor: Mapping[str, Any],
+                       state_dict: Mapping[str, Any], dtype: jnp.dtype = jnp.float32
+                       ) -> HGRN2 | HGRN2D:
+    """An :class:`HGRN2` (:class:`HGRN2D` for grids) holding the weights of an hgru2-pytorch layer.
+
+    Args:
+      class_name: ``"Hgru2_1d"`` (causal), ``"BiHgru2_1d"`` (forward + reverse scans) or
+        ``"Hgru2_2d_parallel"`` (four scans over a grid; not covered by the golden cases).
+      constructor: the reference constructor's keyword arguments (``embed_dim``,
+        ``expand_ratio``, ``act_fun``, ``uv_act_fun``, ``use_norm``, ``bias``, ``norm_type``,
+        ``use_fla``; ``chunk_size`` is ignored).
+      state_dict: reference parameter name -> array.
+      dtype: parameter dtype (float64 needs ``jax_enable_x64``).
+
+    Returns:
+      A module called as ``module(x, lower_bound)`` with batch-major ``x`` (B, L, d) (the
+      reference is time-major: ``x.transpose(1, 0, 2)``), or (B, H, W, d) for the 2-D class
+      (the reference's (H, W, B, d): ``x.transpose(2, 0, 1, 3)``), and ``lower_bound`` (d,) or a
+      scalar.
+
+    For the 1-D classes only ``expand_ratio < 16`` is supported: there the reference runs an
+    exact scan. From 16 on it
+    runs chunked Triton kernels that clamp the per-step log forget gate at -3 and need the length
+    to be a multiple of the chunk, a different computation that was never checked against ours.
+    """
+    if class_name not in HGRU2_CLASSES:
+        raise ConversionError(f"unknown hgru2-pytorch class {class_name!r}; "
+                              f"expected one of {', '.join(HGRU2_CLASSES)}")
+    d = _features(constructor, "embed_dim", class_name)
+    expand_ratio = int(constructor.get("expand_ratio", 2))
+    _require(constructor, "act_fun", ("silu", "swish"), class_name)
+    _require(constructor, "uv_act_fun", ("sigmoid",), class_name)
+    _require(constructor, "use_norm", (True,), class_name)
+    _require(constructor, "norm_type", ("layernorm",), class_name)
+    _require(constructor, "use_fla", (False,), class_name)
+    if expand_ratio < 1 or (expand_ratio >= 16 and class_name != "Hgru2_2d_parallel"):
+        raise ConversionError(
+            f"{class_name}: expand_ratio={expand_ratio} is not supported (supported: 1 to 15, "
+            "where the reference runs its exact scan; from 16 on it runs chunked Triton kernels "
+            "that clamp log forget gates at -3)")
+    if d % expand_ratio:
+        raise ConversionError(f"{class_name}: embed_dim={d} is not a multiple of "
+                              f"expand_ratio={expand_ratio}")
+    bias = bool(constructor.get("bias", True))
+    common = dict(expand_ratio=expand_ratio, use_bias=bias, param_dtype=dtype, rngs=nnx.Rngs(0))
+    if class_name == "Hgru2_2d_parallel":
+        module = HGRN2D(d, **common)
+    else:
+        module = HGRN2(d, bidirectional=class_name == "BiHgru2_1d", **common)
+    mapping: Mapping_ = {}
+    for name in ("in_proj", "out_proj"):
+        mapping |= _linear((name,), name, bias=bias)
+    mapping[("norm", "scale")] = ("norm.weight", _identity)
+    mapping[("norm", "bias")] = ("norm.bias", _identity)
+    return _load(module, mapping, state_dict, dtype)
+
+
+def _fla_hgrn2_heads(config: Mapping[str, Any], d: int, what: str) -> int:
+    """fla's key width K: ``expand_ratio`` when given (it wins), else ``d // num_heads``."""
+    expand_ratio, num_heads = config.get("expand_ratio", 128), config.get("num_heads")
+    if expand_ratio is None:
+        if not num_heads:
+            raise ConversionError(f"{what}: one of expand_ratio or num_heads must be given")
+        expand_ratio = d // int(num_heads)
+    expand_ratio = int(expand_ratio)
+    if expand_ratio < 1 or d % expand_ratio:
+        raise ConversionError(f"{what}: hidden_size={d} is not a multiple of "
+                              f"expand_ratio={expand_ratio} (the key width of a head)")
+    return expand_ratio
+
+
+def from_fla_hgrn2_attention(constructor: Mapping[str, Any], state_dict: Mapping[str, Any],
+                             dtype: jnp.dtype = jnp.float32) -> FlaHGRN2Attention:
+    """A :class:`FlaHGRN2Attention` holding the weights of fla's ``HGRN2Attention``.
+
+    ``constructor`` holds ``hidden_size``, ``expand_ratio`` or ``num_heads``, and ``layer_idx``
+    (layer 0 ignores its lower bound, as in fla); ``norm_eps`` is accepted and, as in fla, not
+    used (the output norm's eps is 1e-5); ``mode`` only picks fla's kernel. Short convolutions are
+    not supported. The module is called as ``module(x, lower_bound=None, mask=None)`` on (B, T, d)
+    inputs; its recurrent state is (B, H, K, V), the transpose of fla's cache entry.
+    """
+    what = "HGRN2Attention"
+    d = _features(constructor, "hidden_size", what)
+    _require(constructor, "use_short_conv", (False,), what)
+    _require(constructor, "elementwise_affine", (True,), what)
+    expand_ratio = _fla_hgrn2_heads(constructor, d, what)
+    layer_idx = constructor.get("layer_idx")
+    module = FlaHGRN2Attention(
+        d, expand_ratio=expand_ratio,
+        use_lower_bound=layer_idx is not None and int(layer_idx) > 0,
+        param_dtype=dtype, rngs=nnx.Rngs(0))
+    return _load(module, _fla_hgrn2_attention_mapping((), ""), state_dict, dtype)
+
+
+def _fla_hgrn2_attention_mapping(ours: tuple, prefix: str) -> Mapping_:
+    mapping: Mapping_ = {}
+    for name in ("q_proj", "f_proj", "i_proj", "o_proj"):
+        mapping |= _linear(ours + (name,), prefix + name, bias=False)
+    mapping[ours + ("g_norm", "scale")] = (prefix + "g_norm.weight", _identity)
+    return mapping
+
+
+def fla_hgrn2_lm_config(config: Mapping[str, Any]) -> LMConfig:
+    """The :class:`LMConfig` of an fla ``HGRN2Config`` (given as its keyword arguments)."""
+    what = "HGRN2Config"
+    _require(config, "use_short_conv", (False,), what)
+    _require(config, "elementwise_affine", (True,), what)
+    _require(config, "attn", (None,), what)  # hybrid softmax-attention layers
+    _require(config, "attnres_block_size", (None,), what)
+    _require(config, "use_l2warp", (False,), what)
+    d = _features(config, "hidden_size", what)
+    expand_ratio = _fla_hgrn2_heads(config, d, what)
+    return LMConfig.fla(
+        kind="hgrn2",
+        vocab_size=_features(config, "vocab_size", what),
+        features=d,
+        num_layers=_features(config, "num_hidden_layers", what),
+        glu_expand=_fla_glu_expand(config, d),
+        glu_activation=str(config.get("hidden_act", "swish")),
+        use_lower_bound=bool(config.get("use_lower_bound", True)),
+        norm_epsilon=float(config.get("norm_eps", 1e-6)),
+        mixer=MixerConfig(kind="hgrn2", layout="fla", expand_ratio=expand_ratio, use_bias=False,
+                          norm_epsilon=1e-5),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+
+
+def from_fla_hgrn2_lm(config: Mapping[str, Any], state_dict: Mapping[str, Any],
+                      dtype: jnp.dtype = jnp.float32) -> HGRNLM:
+    """An :class:`HGRNLM` with HGRN2 mixers holding the weights of fla's ``HGRN2ForCausalLM``.
+
+    ``config`` is the ``HGRN2Config`` keyword arguments. The result is called as ``lm(ids)``
+    (ids (B, T) -> logits (B, T, V)) and decodes with ``lm.init_cache(B)`` / ``lm.step(ids,
+    cache)``; each layer's cache entry is (B, H, K, V), the transpose of fla's.
+    """
+    return _load_fla_lm(fla_hgrn2_lm_config(config), _fla_hgrn2_attention_mapping, state_dict,
+                        dtype)

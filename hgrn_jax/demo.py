@@ -17,7 +17,7 @@ from hgrn_jax.nn import HGRNLM, LMConfig
 
 
 def main() -> None:
-    config = LMConfig(vocab_size=256, features=64, num_layers=4, glu_hidden=128)
+    config = LMConfig(vocab_size=256, features=64, num_layers=4, glu_expand=2)
     model = HGRNLM(config, rngs=nnx.Rngs(0))
     ids = jax.random.randint(jax.random.key(1), (4, 512), 0, config.vocab_size)
     num_params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -49,8 +49,9 @@ def test_lra_configs_match_the_paper_table(task):
     c = load(f"lra.{task}")
     assert c.task == task
     m = c.model
-    assert (m.mixer, m.num_layers, m.features, m.glu_expand, m.norm) == (mixer, layers, d, glu,
-                                                                           norm)
+    assert (m.mixer.scan, m.num_layers, m.features, m.glu_expand, m.norm) == (mixer, layers, d,
+                                                                                glu, norm)
+    assert (m.mixer.kind, m.mixer.layout) == ("hgrn", "official")
     assert m.dropout == dropout
     assert c.batch_size == batch and c.epochs == epochs and c.data.seq_len == length
     assert c.num_train_steps == epochs * (LRA_TRAIN_SIZES[task] // batch)
@@ -73,7 +74,7 @@ def test_lra_configs_match_the_paper_table(task):
     assert m.get("dual", False) == (task == "retrieval")
     assert m.num_classes == (10 if task in ("listops", "image") else 2)
     for switch in ("use_lower_bound", "complex_valued", "separate_phases", "use_forget_gate"):
-        assert m[switch] is True
+        assert _switches(m)[switch] is True
 
 
 def test_lra_average_of_the_paper_rows():
@@ -105,7 +106,7 @@ def test_imagenet_configs_follow_deit(size):
 def test_wikitext103_config_follows_the_paper():
     c = load("lm.wikitext103")
     m = c.model
-    assert (m.num_layers, m.features, m.glu_hidden, m.glu_activation, m.norm) == (
+    assert (m.num_layers, m.features, m.glu_expand * m.features, m.glu_activation, m.norm) == (
         6, 512, 1024, "none", "layer")
     assert m.tie_embeddings and m.vocab_size == 50_264
     assert c.data.seq_len == 512 and c.batch_size * c.data.seq_len == 65_536
@@ -142,17 +143,24 @@ ABLATIONS = {
 }
 
 
+def _switches(model_config):
+    """Where each ablation switch lives in a config: the model (lower bounds) or its mixer."""
+    return {"use_lower_bound": model_config.use_lower_bound,
+            **{k: v for k, v in model_config.mixer.items() if k in ABLATIONS}}
+
+
 @pytest.mark.parametrize("name", ["lra.listops", "lra.image", "imagenet.tiny", "lm.wikitext103"])
 @pytest.mark.parametrize("switch", list(ABLATIONS))
 def test_ablation_switches_reach_the_model(name, switch):
     config = load(name, "tiny")
-    if switch not in config.model:
+    if switch not in _switches(config.model):
         assert name == "lm.wikitext103" and switch == "separate_phases"  # causal: one direction
         return
-    assert config.model[switch] is True
+    assert _switches(config.model)[switch] is True
     build = lambda: tasks.build_model(config, nnx.Rngs(0))  # noqa: E731
     assert ABLATIONS[switch](nnx.eval_shape(build)) is True
-    config.model[switch] = False
+    owner = config.model if switch == "use_lower_bound" else config.model.mixer
+    owner[switch] = False
     assert ABLATIONS[switch](nnx.eval_shape(build)) is False
 
 

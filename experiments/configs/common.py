@@ -66,7 +66,27 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     return c
 
 
-def lra_config(task: str, *, mixer: str, layers: int, features: int, glu_expand: int, norm: str,
+def hgrn_mixer(scan: str = "1d") -> ml_collections.ConfigDict:
+    """The ``model.mixer`` of the paper's HGRN rows (:class:`hgrn_jax.nn.MixerConfig` fields).
+
+    The ablation switches (the paper's ablation rows flip ``complex_valued``, ``separate_phases``
+    and ``use_forget_gate``) live here; ``use_lower_bound`` is a model field. ``expand_ratio`` is
+    None (HGRN has none) so that ``--config.model.mixer.expand_ratio=8`` can set it for HGRN2.
+    """
+    return ml_collections.ConfigDict(dict(
+        kind="hgrn", layout="official", scan=scan, expand_ratio=None, complex_valued=True,
+        separate_phases=True, use_forget_gate=True, method="auto", sequence_axis=None))
+
+
+def use_hgrn2(c: ml_collections.ConfigDict, expand_ratio: int) -> None:
+    """Switch ``c.model.mixer`` to hgru2-pytorch's HGRN2 layer with heads of width
+    ``expand_ratio`` (the HGRU-only switches stay, ignored by HGRN2)."""
+    c.model.mixer.kind = "hgrn2"
+    c.model.mixer.layout = "official"
+    c.model.mixer.expand_ratio = expand_ratio
+
+
+def lra_config(task: str, *, scan: str, layers: int, features: int, glu_expand: int, norm: str,
                batch_size: int, learning_rate: float, weight_decay: float, dropout: float,
                warmup_steps: int, decay_steps: int, epochs: int, paper_accuracy: float,
                position_encoding: bool) -> ml_collections.ConfigDict:
@@ -75,10 +95,8 @@ def lra_config(task: str, *, mixer: str, layers: int, features: int, glu_expand:
     c = base_config(task)
     c.model = ml_collections.ConfigDict(dict(
         num_classes=10, features=features, num_layers=layers, glu_expand=glu_expand,
-        mixer=mixer, norm=norm, dropout=dropout, position_encoding=position_encoding,
-        position_dropout=0.1, method="auto", remat=None, sequence_axis=None,  # the linear_recurrence method
-        # Ablation switches (the paper's ablation rows flip these).
-        use_lower_bound=True, complex_valued=True, separate_phases=True, use_forget_gate=True))
+        mixer=hgrn_mixer(scan), norm=norm, dropout=dropout, position_encoding=position_encoding,
+        position_dropout=0.1, remat=None, use_lower_bound=True))
     c.batch_size = batch_size
     steps_per_epoch = LRA_TRAIN_EXAMPLES[task] // batch_size
     c.epochs = epochs
@@ -132,10 +150,9 @@ def imagenet_config(*, features: int, paper_top1: float, paper_params: int
     """An ImageNet-1k row: the paper's image model with DeiT's training recipe."""
     c = base_config("imagenet")
     c.model = ml_collections.ConfigDict(dict(
-        num_classes=1000, image_size=(224, 224), patch_size=14, in_channels=3,
-        features=features, num_layers=12, glu_expand=2, norm="layer", dropout=0.0, method="auto", remat=None, sequence_axis=None,
-        # Ablation switches (the paper's ablation rows flip these).
-        use_lower_bound=True, complex_valued=True, separate_phases=True, use_forget_gate=True))
+        num_classes=1000, image_size=(224, 224), patch_size=14, input_channels=3,
+        features=features, num_layers=12, glu_expand=2, norm="layer", dropout=0.0, remat=None,
+        mixer=hgrn_mixer("1d"), use_lower_bound=True))
     c.data.source = "tfds"
     c.data.image_size = 224
     c.data.seq_len = (224 // 14) ** 2

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 from flax import nnx
 
 from hgrn_jax.nn.norms import apply_norm
-from hgrn_jax.nn.remat import remat_block
+from hgrn_jax.nn.remat import RematModule, with_remat
 
 
-def _with_remat(call):
-    """Run ``call`` under :func:`remat_block` when the block's ``remat`` policy is set."""
-    @functools.wraps(call)
-    def dispatch(self, *args, **kwargs):
-        if getattr(self, "remat", None) is None:
-            return call(self, *args, **kwargs)
-        return remat_block(call, self.remat)(self, *args, **kwargs)
-
-    return dispatch
-
-
-class ResidualBlock(nnx.Module):
+class ResidualBlock(RematModule):
     """``x + drop(mixer(norm1(x), bound, mask))`` then ``x + drop(mlp(norm2(x)))``.
 
     ``mixer`` is an HGRU-style token mixer called as ``mixer(x, lower_bound)`` (or with
@@ -42,7 +30,7 @@ class ResidualBlock(nnx.Module):
         self.norm1, self.norm2 = norm1, norm2
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
-    @_with_remat
+    @with_remat
     def __call__(self, x: jax.Array, lower_bound: Any = 0.0, mask: jax.Array | None = None
                  ) -> jax.Array:
         """``x`` (B, ..., d), ``mask`` (B, ...) or None -> (B, ..., d)."""

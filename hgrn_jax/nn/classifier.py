@@ -2,8 +2,8 @@
 
 One class covers the six LRA tasks of the paper (docs/design.md 3.3-3.4): token embedding (ListOps,
 Text, Retrieval) or linear pixel encoder (Image, Pathfinder, Path-X), optional fixed sinusoidal
-positions with their own dropout, a 1-D bidirectional or 2-D four-scan HGRU mixer, Layer- or
-BatchNorm, mean pooling over valid positions and a linear head; ``dual=True`` is the Retrieval
+positions with their own dropout, a bidirectional token mixer (a 1-D or 2-D four-scan HGRU, or
+HGRN2: :class:`~hgrn_jax.nn.MixerConfig`), Layer- or BatchNorm, mean pooling over valid positions and a linear head; ``dual=True`` is the Retrieval
 model that encodes two documents with one encoder and classifies ``[u, v, u - v, u * v]``.
 
 Padding. ``mask`` (B, L) marks real tokens with 1. Padded steps become identity steps of every
@@ -23,6 +23,7 @@ is the global masked mean only when the replicas hold equally many real tokens.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Literal
 
 import jax
@@ -31,10 +32,11 @@ from flax import nnx
 
 from hgrn_jax.nn.blocks import ResidualBlock
 from hgrn_jax.nn.embeddings import sinusoidal_positions
-from hgrn_jax.nn.glu import GLU
-from hgrn_jax.nn.hgru import HGRU, HGRU2D
+from hgrn_jax.nn.glu import GLU, glu_width
 from hgrn_jax.nn.initializers import dense, logical
 from hgrn_jax.nn.lower_bounds import LowerBounds
+from hgrn_jax.nn.mixers import (LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields,
+                                 make_mixer)
 from hgrn_jax.nn.norms import apply_norm, make_norm
 
 
@@ -44,37 +46,34 @@ class ClassifierConfig:
 
     encoder: ``"embed"`` for token ids (needs ``vocab_size``) or ``"linear"`` for float inputs
       with ``input_channels`` channels.
-    mixer: ``"1d"`` (bidirectional HGRU over the sequence) or ``"2d"`` (four scans over the
-      ``grid_shape`` = (H, W) grid; inputs are in raster order, L = H * W).
-    separate_phases: a theta per scan direction (the paper's runs) or one shared theta (ablation).
+    mixer: the token mixer (:class:`~hgrn_jax.nn.MixerConfig`, or its fields as a dict), run in
+      both directions. ``MixerConfig(scan="2d")`` scans the ``grid_shape`` = (H, W) grid (inputs in
+      raster order, L = H * W); ``MixerConfig(kind="hgrn2", expand_ratio=...)`` is HGRN2.
+    use_lower_bound: the per-layer forget-gate lower bounds (off: the paper's ablation).
     norm: ``"layer"``, ``"batch"`` or ``"sync_batch"`` (``axis_name`` names the replica axis
       inside ``shard_map``; under ``jax.jit`` over a global batch, BatchNorm is already global).
-    glu_expand: GLU hidden width = ``glu_expand * features``.
+    glu_expand: GLU hidden width = ``round(glu_expand * features)``.
     dropout: residual dropout; ``position_dropout`` follows the position encoding.
     dual: the Retrieval model (two documents, one encoder, ``[u, v, u - v, u * v]`` head).
-    method: the :func:`hgrn_jax.ops.linear_recurrence` method.
     remat: a :mod:`hgrn_jax.nn.remat` policy name per block (None: off).
-    sequence_axis: a mesh axis to split the sequence (1-D) or the grid rows (2-D) over
-      (:mod:`hgrn_jax.ops.sequence_parallel`).
+
+    Deprecated (a DeprecationWarning; they move into ``mixer``): ``mixer="1d" | "2d"`` (now
+    ``MixerConfig(scan=...)``), ``separate_phases``, ``complex_valued``, ``use_forget_gate``,
+    ``norm_before_gate``, ``mixer_bias`` (``use_bias``), ``method``, ``sequence_axis``.
     """
 
     num_classes: int = 10
     features: int = 128
     num_layers: int = 6
-    glu_expand: int = 1
+    glu_expand: float = 1
     glu_activation: str = "silu"
     glu_bias: bool = True
     encoder: Literal["embed", "linear"] = "embed"
     vocab_size: int | None = None
     input_channels: int | None = None
-    mixer: Literal["1d", "2d"] = "1d"
+    mixer: MixerConfig = MixerConfig()
     grid_shape: tuple[int, int] | None = None
-    separate_phases: bool = True
-    complex_valued: bool = True
     use_lower_bound: bool = True
-    use_forget_gate: bool = True
-    norm_before_gate: bool = True
-    mixer_bias: bool = True
     norm: Literal["layer", "batch", "sync_batch"] = "batch"
     norm_epsilon: float = 1e-5
     axis_name: str | None = None
@@ -83,23 +82,38 @@ class ClassifierConfig:
     position_dropout: float = 0.1
     pooling: Literal["mean"] = "mean"
     dual: bool = False
-    method: str = "auto"
     remat: str | None = None
+    # Deprecated aliases of MixerConfig fields (None: not given).
+    separate_phases: bool | None = None
+    complex_valued: bool | None = None
+    use_forget_gate: bool | None = None
+    norm_before_gate: bool | None = None
+    mixer_bias: bool | None = None
+    method: str | None = None
     sequence_axis: str | None = None
 
     def __post_init__(self):
         if self.grid_shape is not None:  # lists (from a config file) -> a hashable tuple
             object.__setattr__(self, "grid_shape", tuple(int(n) for n in self.grid_shape))
+        mixer = self.mixer
+        if isinstance(mixer, str):
+            if mixer not in ("1d", "2d"):
+                raise ValueError(f"unknown mixer {mixer!r}; use MixerConfig(scan='1d' | '2d')")
+            warnings.warn(f"ClassifierConfig(mixer={mixer!r}) is deprecated; use "
+                          f"ClassifierConfig(mixer=MixerConfig(scan={mixer!r}))",
+                          DeprecationWarning, stacklevel=3)
+            mixer = MixerConfig(scan=mixer)
+        object.__setattr__(self, "mixer", MixerConfig.coerce(mixer, "ClassifierConfig"))
+        object.__setattr__(self, "mixer", fold_legacy_fields(self, LEGACY_MIXER_FIELDS,
+                                                             "ClassifierConfig"))
         if self.encoder == "embed" and not self.vocab_size:
             raise ValueError("encoder='embed' needs vocab_size (the number of token ids)")
         if self.encoder == "linear" and not self.input_channels:
             raise ValueError("encoder='linear' needs input_channels (e.g. 1 for grey, 3 for RGB)")
         if self.encoder not in ("embed", "linear"):
             raise ValueError(f"unknown encoder {self.encoder!r}; use 'embed' or 'linear'")
-        if self.mixer not in ("1d", "2d"):
-            raise ValueError(f"unknown mixer {self.mixer!r}; use '1d' or '2d'")
-        if self.mixer == "2d" and (self.grid_shape is None or len(self.grid_shape) != 2):
-            raise ValueError("mixer='2d' needs grid_shape=(H, W), e.g. (32, 32) for LRA Image")
+        if self.mixer.scan == "2d" and (self.grid_shape is None or len(self.grid_shape) != 2):
+            raise ValueError("mixer scan='2d' needs grid_shape=(H, W), e.g. (32, 32) for LRA Image")
         if self.norm not in ("layer", "batch", "sync_batch"):
             raise ValueError(f"unknown norm {self.norm!r}; use 'layer', 'batch' or 'sync_batch'")
         if self.pooling != "mean":
@@ -123,7 +137,7 @@ class HGRNClassifier(nnx.Module):
     """LRA classifier: ``model(inputs, mask=None) -> logits (B, num_classes)``.
 
     inputs: token ids (B, L) int for ``encoder="embed"``; floats (B, L, C) (or (B, L) when C = 1)
-    for ``encoder="linear"``. With ``mixer="2d"``, L = H * W in raster order. mask: (B, L), 1 (or
+    for ``encoder="linear"``. With a 2-D mixer, L = H * W in raster order. mask: (B, L), 1 (or
     True) for real tokens, 0 for padding; None means no padding.
 
     Retrieval (``dual=True``): ``model(inputs, mask, inputs2, mask2)`` with the two documents of
@@ -151,11 +165,13 @@ class HGRNClassifier(nnx.Module):
                                         param_dtype=param_dtype)
         self.blocks = nnx.List([
             ResidualBlock(
-                self._mixer(common),
-                GLU(d, c.glu_expand * d, act=c.glu_activation, use_bias=c.glu_bias, **common),
+                make_mixer(c.mixer, d, causal=False, use_lower_bound=c.use_lower_bound and k > 0,
+                           **common),
+                GLU(d, glu_width(c.glu_expand, d), act=c.glu_activation, use_bias=c.glu_bias,
+                    **common),
                 self._norm(common), self._norm(common),
                 dropout=c.dropout, remat=c.remat, rngs=rngs)
-            for _ in range(c.num_layers)])
+            for k in range(c.num_layers)])
         self.final_norm = self._norm(common)
         if c.dual:
             self.pair_proj = dense(4 * d, d, ("mlp", "embed"), **common)
@@ -167,16 +183,6 @@ class HGRNClassifier(nnx.Module):
         c = self.config
         return make_norm(c.norm, c.features, epsilon=c.norm_epsilon, axis_name=c.axis_name,
                          **common)
-
-    def _mixer(self, common: dict) -> nnx.Module:
-        c = self.config
-        kwargs = dict(separate_phases=c.separate_phases, complex_valued=c.complex_valued,
-                      use_forget_gate=c.use_forget_gate, norm_before_gate=c.norm_before_gate,
-                      use_bias=c.mixer_bias, method=c.method, sequence_axis=c.sequence_axis,
-                      **common)
-        if c.mixer == "1d":
-            return HGRU(c.features, bidirectional=True, **kwargs)
-        return HGRU2D(c.features, causal=False, **kwargs)
 
     def _check_inputs(self, inputs: jax.Array, mask: jax.Array | None, name: str
                       ) -> tuple[jax.Array, jax.Array | None]:
@@ -191,7 +197,7 @@ class HGRNClassifier(nnx.Module):
             if inputs.ndim != 3 or inputs.shape[-1] != c.input_channels:
                 raise ValueError(f"{name}: encoder='linear' takes floats (batch, length, "
                                  f"{c.input_channels}); got shape {inputs.shape}")
-        if c.mixer == "2d" and inputs.shape[1] != c.grid_shape[0] * c.grid_shape[1]:
+        if c.mixer.scan == "2d" and inputs.shape[1] != c.grid_shape[0] * c.grid_shape[1]:
             raise ValueError(f"{name}: length {inputs.shape[1]} is not H * W for grid_shape "
                              f"{c.grid_shape}; pass inputs in raster order of that grid")
         if mask is not None:
@@ -211,7 +217,7 @@ class HGRNClassifier(nnx.Module):
         if c.position_encoding:
             x = x + sinusoidal_positions(x.shape[1], c.features, x.dtype)
             x = self.position_dropout(x)
-        if c.mixer == "2d":
+        if c.mixer.scan == "2d":
             grid = (x.shape[0], *c.grid_shape)
             x = x.reshape(*grid, c.features)
             mask = None if mask is None else mask.reshape(grid)

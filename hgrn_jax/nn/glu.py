@@ -28,6 +28,11 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array] | None:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
 
 
+def glu_width(glu_expand: float, features: int) -> int:
+    """The GLU hidden width of a model: ``round(glu_expand * features)``, at least 1."""
+    return max(int(round(glu_expand * features)), 1)
+
+
 class GLU(nnx.Module):
     """``out_proj(act(gate_proj x) * up_proj x)``: (..., d) -> (..., d) through ``hidden`` units.
 

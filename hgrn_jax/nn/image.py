@@ -11,16 +11,18 @@ paper's 6,107,560 (Tiny) and 23,715,688 (Small) parameters.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from hgrn_jax.nn.blocks import ResidualBlock
-from hgrn_jax.nn.glu import GLU
-from hgrn_jax.nn.hgru import HGRU
+from hgrn_jax.nn.glu import GLU, glu_width
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import LowerBounds
+from hgrn_jax.nn.mixers import (LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields,
+                                 make_mixer)
 from hgrn_jax.nn.norms import make_norm
 
 
@@ -28,36 +30,57 @@ from hgrn_jax.nn.norms import make_norm
 class ImageConfig:
     """Everything that defines an :class:`HGRNImageClassifier`; presets :meth:`tiny`, :meth:`small`.
 
-    ``head_norm_epsilon``: the reference divides by ``rms + 1e-8``; ``rsqrt(mean(x^2) + 1e-16)``
-    is the same to float32 rounding whenever the rms is far above 1e-8. ``remat`` and
-    ``sequence_axis`` as in :class:`~hgrn_jax.nn.ClassifierConfig`.
+    ``mixer``: the token mixer (:class:`~hgrn_jax.nn.MixerConfig` or a dict of its fields; 1-D,
+    run in both directions over the patches in raster order). ``glu_expand``: GLU hidden width
+    ``round(glu_expand * features)``. ``head_norm_epsilon``: the reference divides by
+    ``rms + 1e-8``; ``rsqrt(mean(x^2) + 1e-16)`` is the same to float32 rounding whenever the rms
+    is far above 1e-8. ``remat`` as in :class:`~hgrn_jax.nn.ClassifierConfig`.
+
+    Deprecated (a DeprecationWarning): ``in_channels`` (now ``input_channels``, as in
+    :class:`~hgrn_jax.nn.ClassifierConfig`) and the flat mixer fields ``separate_phases``,
+    ``complex_valued``, ``use_forget_gate``, ``norm_before_gate``, ``mixer_bias``, ``method``,
+    ``sequence_axis`` (now in ``mixer``).
     """
 
     num_classes: int = 1000
     image_size: tuple[int, int] = (224, 224)
     patch_size: int = 14
-    in_channels: int = 3
+    input_channels: int = 3
     features: int = 192
     num_layers: int = 12
-    glu_expand: int = 2
+    glu_expand: float = 2
     glu_activation: str = "silu"
     glu_bias: bool = True
-    separate_phases: bool = True
-    complex_valued: bool = True
+    mixer: MixerConfig = MixerConfig()
     use_lower_bound: bool = True
-    use_forget_gate: bool = True
-    norm_before_gate: bool = True
-    mixer_bias: bool = True
     norm: str = "layer"
     norm_epsilon: float = 1e-5
     head_norm_epsilon: float = 1e-16
     dropout: float = 0.0
-    method: str = "auto"
     remat: str | None = None
+    # Deprecated aliases (None: not given).
+    in_channels: int | None = None
+    separate_phases: bool | None = None
+    complex_valued: bool | None = None
+    use_forget_gate: bool | None = None
+    norm_before_gate: bool | None = None
+    mixer_bias: bool | None = None
+    method: str | None = None
     sequence_axis: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", tuple(int(n) for n in self.image_size))
+        if self.in_channels is not None:
+            warnings.warn("ImageConfig(in_channels=...) is deprecated; use input_channels "
+                          "(the name ClassifierConfig uses)", DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "input_channels", self.in_channels)
+            object.__setattr__(self, "in_channels", None)
+        object.__setattr__(self, "mixer", MixerConfig.coerce(self.mixer, "ImageConfig"))
+        object.__setattr__(self, "mixer", fold_legacy_fields(self, LEGACY_MIXER_FIELDS,
+                                                             "ImageConfig"))
+        if self.mixer.scan != "1d":
+            raise ValueError("ImageConfig scans the patches in raster order: mixer scan must "
+                             f"be '1d'; got {self.mixer.scan!r}")
         h, w = self.image_size
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size "
@@ -96,27 +119,26 @@ class HGRNImageClassifier(nnx.Module):
         self.dtype = dtype
         c, d = config, config.features
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        patch_dim = c.patch_size * c.patch_size * c.in_channels
+        patch_dim = c.patch_size * c.patch_size * c.input_channels
         self.patch_embed = dense(patch_dim, d, (None, "embed"), **common)
         self.lower_bounds = LowerBounds(c.num_layers, d, scheme="lra", enabled=c.use_lower_bound,
                                         param_dtype=param_dtype)
         self.blocks = nnx.List([
             ResidualBlock(
-                HGRU(d, bidirectional=True, separate_phases=c.separate_phases,
-                     complex_valued=c.complex_valued, use_forget_gate=c.use_forget_gate,
-                     norm_before_gate=c.norm_before_gate, use_bias=c.mixer_bias,
-                     method=c.method, sequence_axis=c.sequence_axis, **common),
-                GLU(d, c.glu_expand * d, act=c.glu_activation, use_bias=c.glu_bias, **common),
+                make_mixer(c.mixer, d, causal=False, use_lower_bound=c.use_lower_bound and k > 0,
+                           **common),
+                GLU(d, glu_width(c.glu_expand, d), act=c.glu_activation, use_bias=c.glu_bias,
+                    **common),
                 make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
                 make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
                 dropout=c.dropout, remat=c.remat, rngs=rngs)
-            for _ in range(c.num_layers)])
+            for k in range(c.num_layers)])
         self.head_norm = make_norm("scale_free_rms", d, epsilon=c.head_norm_epsilon, **common)
         self.head = dense(d, c.num_classes, ("embed", "classes"), **common)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         c = self.config
-        expected = (*c.image_size, c.in_channels)
+        expected = (*c.image_size, c.input_channels)
         if images.ndim != 4 or images.shape[1:] != expected:
             raise ValueError(f"images must be (batch, {expected[0]}, {expected[1]}, "
                              f"{expected[2]}) channels-last; got {images.shape} (transpose NCHW "

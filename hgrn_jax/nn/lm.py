@@ -1,14 +1,17 @@
 """HGRN causal language model with constant-cost recurrent decoding.
 
 One class covers the paper's WikiText-103 model (complex HGRU mixers, LayerNorm, bilinear GLU,
-embedding scaled by sqrt(d) and tied to the output) and fla's ``HGRNForCausalLM`` (real mixers,
-RMSNorm, SwiGLU, untied head): see :class:`LMConfig` and its presets.
+embedding scaled by sqrt(d) and tied to the output), its HGRN2 version (``MixerConfig(kind=
+"hgrn2")``) and fla's ``HGRNForCausalLM`` / ``HGRN2ForCausalLM`` (RMSNorm, SwiGLU, untied head):
+see :class:`LMConfig` and its presets. The recurrent cache holds one state per layer: (B, d) for
+HGRU mixers, (B, H, K, V) for HGRN2.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Literal
 
 import jax
@@ -16,11 +19,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hgrn_jax.nn.blocks import ResidualBlock
-from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
-from hgrn_jax.nn.glu import GLU
-from hgrn_jax.nn.hgru import HGRU
+from hgrn_jax.nn.glu import GLU, glu_width
 from hgrn_jax.nn.initializers import dense, logical
 from hgrn_jax.nn.lower_bounds import LowerBounds
+from hgrn_jax.nn.mixers import (LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields,
+                                 make_mixer)
 from hgrn_jax.nn.norms import make_norm
 
 Cache = tuple[jax.Array, ...]
@@ -30,22 +33,25 @@ Cache = tuple[jax.Array, ...]
 class LMConfig:
     """Everything that defines an :class:`HGRNLM`. Defaults are the paper's WikiText-103 model.
 
-    ``remat``: a :mod:`hgrn_jax.nn.remat` policy name per block (None: off). ``sequence_axis``: a
-    mesh axis to split the sequence over (:mod:`hgrn_jax.ops.sequence_parallel`; hgru mixers).
+    ``mixer``: the token mixer (:class:`~hgrn_jax.nn.MixerConfig` or a dict of its fields), run
+    causally; ``MixerConfig(kind="hgrn2", ...)`` gives the HGRN2 LM. ``glu_expand``: GLU hidden
+    width ``round(glu_expand * features)``. ``remat``: a :mod:`hgrn_jax.nn.remat` policy name per
+    block (None: off).
+
+    Deprecated (a DeprecationWarning): ``glu_hidden`` (now ``glu_expand = glu_hidden /
+    features``, the name the classifiers use), ``mixer="hgru" | "fla"`` (now
+    ``MixerConfig(layout="official" | "fla")``), ``mixer_norm_epsilon`` (now
+    ``MixerConfig.norm_epsilon``) and the flat mixer fields ``complex_valued``,
+    ``use_forget_gate``, ``norm_before_gate``, ``mixer_bias``, ``method``, ``sequence_axis``.
     """
 
     vocab_size: int = 50264
     features: int = 512
     num_layers: int = 6
-    glu_hidden: int = 1024
+    glu_expand: float = 2
     glu_activation: str = "none"
     glu_bias: bool = True
-    mixer: Literal["hgru", "fla"] = "hgru"
-    complex_valued: bool = True
-    use_forget_gate: bool = True
-    norm_before_gate: bool = True
-    mixer_bias: bool = True
-    mixer_norm_epsilon: float = 1e-5
+    mixer: MixerConfig = MixerConfig()
     norm: Literal["layer", "rms"] = "layer"
     norm_epsilon: float = 1e-5
     scale_embeddings: bool = True
@@ -53,16 +59,55 @@ class LMConfig:
     use_lower_bound: bool = True
     lower_bound_dtype: str | None = None
     dropout: float = 0.0
-    method: str = "auto"
     remat: str | None = None
+    # Deprecated aliases (None: not given).
+    glu_hidden: int | None = None
+    complex_valued: bool | None = None
+    use_forget_gate: bool | None = None
+    norm_before_gate: bool | None = None
+    mixer_bias: bool | None = None
+    mixer_norm_epsilon: float | None = None
+    method: str | None = None
     sequence_axis: str | None = None
 
+    def __post_init__(self):
+        if self.glu_hidden is not None:
+            warnings.warn("LMConfig(glu_hidden=...) is deprecated; use glu_expand = hidden / "
+                          "features (the name ClassifierConfig and ImageConfig use)",
+                          DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "glu_expand", self.glu_hidden / self.features)
+            object.__setattr__(self, "glu_hidden", None)
+        mixer = self.mixer
+        if isinstance(mixer, str):
+            layouts = {"hgru": "official", "fla": "fla"}
+            if mixer not in layouts:
+                raise ValueError(f"unknown mixer {mixer!r}; use MixerConfig(layout='official' | "
+                                 "'fla')")
+            warnings.warn(f"LMConfig(mixer={mixer!r}) is deprecated; use LMConfig(mixer="
+                          f"MixerConfig(layout={layouts[mixer]!r}))", DeprecationWarning,
+                          stacklevel=3)
+            mixer = MixerConfig(layout=layouts[mixer])
+        object.__setattr__(self, "mixer", MixerConfig.coerce(mixer, "LMConfig"))
+        object.__setattr__(self, "mixer", fold_legacy_fields(
+            self, {**LEGACY_MIXER_FIELDS, "mixer_norm_epsilon": "norm_epsilon"}, "LMConfig"))
+        if self.mixer.scan != "1d":
+            raise ValueError(f"the LM is 1-D: mixer scan must be '1d'; got {self.mixer.scan!r}")
+
     @classmethod
-    def fla(cls, **overrides) -> "LMConfig":
-        """fla's ``HGRNForCausalLM`` layout (real mixers, RMSNorm, SwiGLU, untied head)."""
-        base = dict(mixer="fla", complex_valued=False, glu_activation="silu", glu_bias=False,
-                    mixer_bias=False, norm="rms", norm_epsilon=1e-6, mixer_norm_epsilon=1e-6,
-                    scale_embeddings=False, tie_embeddings=False, lower_bound_dtype="float32")
+    def fla(cls, kind: str = "hgrn", **overrides) -> "LMConfig":
+        """fla's ``HGRNForCausalLM`` (``kind="hgrn"``) or ``HGRN2ForCausalLM`` (``"hgrn2"``)
+        layout: RMSNorm, SwiGLU, untied head, float32 lower bounds; the fla mixers have no
+        biases. fla's HGRN mixer norm uses ``norm_eps`` (1e-6); HGRN2's always 1e-5."""
+        if kind == "hgrn":
+            mixer = MixerConfig(kind="hgrn", layout="fla", complex_valued=False, use_bias=False,
+                                norm_epsilon=1e-6)
+        elif kind == "hgrn2":
+            mixer = MixerConfig(kind="hgrn2", layout="fla", use_bias=False, norm_epsilon=1e-5)
+        else:
+            raise ValueError(f"unknown kind {kind!r}; use 'hgrn' or 'hgrn2'")
+        base = dict(mixer=mixer, glu_activation="silu", glu_bias=False, norm="rms",
+                    norm_epsilon=1e-6, scale_embeddings=False, tie_embeddings=False,
+                    lower_bound_dtype="float32")
         base.update(overrides)
         return cls(**base)
 
@@ -92,8 +137,11 @@ class HGRNLM(nnx.Module):
         blocks = []
         for k in range(c.num_layers):
             blocks.append(ResidualBlock(
-                self._mixer(k, common),
-                GLU(d, c.glu_hidden, act=c.glu_activation, use_bias=c.glu_bias, **common),
+                # fla's first layer ignores its (zero) bound; log(0) would also poison gradients.
+                make_mixer(c.mixer, d, causal=True, use_lower_bound=c.use_lower_bound and k > 0,
+                           **common),
+                GLU(d, glu_width(c.glu_expand, d), act=c.glu_activation, use_bias=c.glu_bias,
+                    **common),
                 make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
                 make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
                 dropout=c.dropout, remat=c.remat, rngs=rngs))
@@ -102,21 +150,6 @@ class HGRNLM(nnx.Module):
         self.embed_dropout = nnx.Dropout(c.dropout, rngs=rngs)
         if not c.tie_embeddings:
             self.lm_head = dense(d, c.vocab_size, ("embed", "vocab"), use_bias=False, **common)
-
-    def _mixer(self, layer: int, common: dict) -> nnx.Module:
-        c = self.config
-        if c.mixer == "fla":
-            if c.sequence_axis is not None:
-                raise ValueError("sequence_axis (sequence parallelism) needs mixer='hgru'")
-            # fla's first layer ignores its (zero) bound; log(0) would also poison gradients.
-            return FlaHGRNAttention(c.features, use_lower_bound=c.use_lower_bound and layer > 0,
-                                    norm_epsilon=c.mixer_norm_epsilon, method=c.method, **common)
-        if c.mixer == "hgru":
-            return HGRU(c.features, bidirectional=False, complex_valued=c.complex_valued,
-                        use_forget_gate=c.use_forget_gate, norm_before_gate=c.norm_before_gate,
-                        use_bias=c.mixer_bias, norm_epsilon=c.mixer_norm_epsilon,
-                        method=c.method, sequence_axis=c.sequence_axis, **common)
-        raise ValueError(f"unknown mixer {c.mixer!r}; use 'hgru' or 'fla'")
 
     def _embed(self, ids: jax.Array) -> jax.Array:
         x = self.embed(ids)

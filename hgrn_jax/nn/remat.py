@@ -16,8 +16,10 @@ saves. Policies, by name:
     keep everything: the same memory as no remat (for comparisons).
 
 Usage: ``ResidualBlock(..., remat="nothing")``, or switch a built model with
-``set_remat(model, "nothing")`` (every :class:`~hgrn_jax.nn.ResidualBlock` inside it, subclasses
-included); ``set_remat(model, None)`` turns it off.
+``set_remat(model, "nothing")`` (every :class:`RematModule` inside it, such as each
+:class:`~hgrn_jax.nn.ResidualBlock`); ``set_remat(model, None)`` turns it off. Modules opt in by
+subclassing :class:`RematModule` and decorating their ``__call__`` with :func:`with_remat`, so
+this module needs no import of the blocks (the dependency runs blocks -> remat only).
 
 On CPU, XLA's ``cse_barrier_expander`` pass strips the optimisation barriers that keep the
 recomputation apart, CSE merges it back into the forward pass, and remat saves nothing; run
@@ -28,6 +30,8 @@ with ``XLA_FLAGS=--xla_disable_hlo_passes=cse_barrier_expander`` to get the GPU/
 from __future__ import annotations
 
 from typing import Any, Callable
+
+import functools
 
 import jax
 from flax import nnx
@@ -67,15 +71,31 @@ def remat_block(block_call: Callable[..., Any], policy: str | Policy = "nothing"
     return call
 
 
-def set_remat(model: nnx.Module, policy: str | Policy | None) -> int:
-    """Set ``policy`` (None: off) on every residual block of ``model``; returns how many."""
-    from hgrn_jax.nn.blocks import ResidualBlock
+class RematModule(nnx.Module):
+    """A module whose :func:`with_remat`-decorated call is recomputed under ``self.remat``."""
 
+    remat: str | Policy | None = None
+
+
+def with_remat(call: Callable[..., Any]) -> Callable[..., Any]:
+    """Run the method ``call`` under :func:`remat_block` when ``self.remat`` is set."""
+    @functools.wraps(call)
+    def dispatch(self, *args, **kwargs):
+        if getattr(self, "remat", None) is None:
+            return call(self, *args, **kwargs)
+        return remat_block(call, self.remat)(self, *args, **kwargs)
+
+    return dispatch
+
+
+def set_remat(model: nnx.Module, policy: str | Policy | None) -> int:
+    """Set ``policy`` (None: off) on every :class:`RematModule` (residual block) of ``model``;
+    returns how many."""
     if policy is not None:
         resolve_policy(policy)
     count = 0
     for _, module in nnx.iter_graph(model):
-        if isinstance(module, ResidualBlock):
+        if isinstance(module, RematModule):
             module.remat = policy
             count += 1
     return count

@@ -17,11 +17,12 @@ PATH = "experiments/configs/lm/wikitext103.py"
 
 def get_config(preset: str | None = None):
     c = common.base_config("wikitext103")
+    mixer = common.hgrn_mixer("1d")
+    del mixer["separate_phases"]  # causal: one direction
     c.model = ml_collections.ConfigDict(dict(
-        vocab_size=50_264, features=512, num_layers=6, glu_hidden=1024, glu_activation="none",
-        norm="layer", tie_embeddings=True, scale_embeddings=True, dropout=0.0, method="auto", remat=None, sequence_axis=None,
-        # Ablation switches (the paper's ablation rows flip these).
-        use_lower_bound=True, complex_valued=True, use_forget_gate=True))
+        vocab_size=50_264, features=512, num_layers=6, glu_expand=2, glu_activation="none",
+        norm="layer", tie_embeddings=True, scale_embeddings=True, dropout=0.0, remat=None,
+        mixer=mixer, use_lower_bound=True))  # GLU hidden 2 x 512 = 1024
     c.data.source = "release"
     c.data.seq_len = 512
     c.data.train_bytes = 1_000_000  # generated stand-in corpus (source="synthetic") only
@@ -48,7 +49,6 @@ def _tiny(c):
     c.model.vocab_size = 256
     c.model.features = 32
     c.model.num_layers = 2
-    c.model.glu_hidden = 64
     c.data.source = "synthetic"
     c.data.seq_len = 64
     c.data.train_bytes = 200_000

@@ -15,7 +15,7 @@ PATH = "experiments/configs/lra/text.py"
 
 def get_config(preset: str | None = None):
     c = common.lra_config(
-        "text", mixer="1d", layers=4, features=128, glu_expand=1, norm="sync_batch",
+        "text", scan="1d", layers=4, features=128, glu_expand=1, norm="sync_batch",
         batch_size=32, learning_rate=5e-3, weight_decay=0.0, dropout=0.1,
         warmup_steps=10_000, decay_steps=50_000, epochs=32, paper_accuracy=88.14,
         position_encoding=True)

@@ -1,0 +1,10 @@
+"""HGRN2 on LRA Image (arXiv 2404.07904; 2-D, ``Hgru2_2d_parallel``); settings and sources in
+:mod:`experiments.configs.hgrn2.lra` (``SETTINGS["image"]``), data as in ``lra/image.py``."""
+
+from experiments.configs.hgrn2.lra import hgrn2_lra_config
+
+PATH = "experiments/configs/hgrn2/image.py"
+
+
+def get_config(preset: str | None = None):
+    return hgrn2_lra_config("image", preset, PATH)

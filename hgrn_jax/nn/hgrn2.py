@@ -1,0 +1,268 @@
+"""HGRN2 token mixers: HGRN's gated recurrence with a matrix state per head (state expansion).
+
+Per head, with key width K, value width V and the layer's lower bound gamma on the key channels::
+
+    S_t = diag(lambda_t) S_{t-1} + k_t v_t^T         S: (K, V), S_{-1} = 0
+    o_t = c * q_t^T S_t                              o: (V,)
+    k_t = 1 - lambda_t,  lambda_t = gamma + (1 - gamma) sigmoid(f_t)
+
+(docs/design.md and tests/golden/README.md, "HGRN2 cases"). The output gate plays the query, one
+minus the forget gate the key, the input the value. Channels are split into heads in contiguous
+blocks (head-major): channel ``c`` of q, k and lambda is head ``c // K``, key index ``c % K``.
+
+Two layouts of the same recurrence:
+
+- :class:`HGRN2` is hgru2-pytorch's ``Hgru2_1d`` / ``BiHgru2_1d``: one fused input projection
+  d -> 3d in blocks ``[u | output gate | forget gate]``, value ``silu(u)``, query
+  ``sigmoid(output gate)``, ``c = 1``, LayerNorm over the d outputs, biases, ``out_proj``;
+  ``K = V = expand_ratio`` and d / expand_ratio heads.
+- :class:`FlaHGRN2Attention` is fla's ``HGRN2Attention``: ``q_proj`` / ``f_proj`` / ``i_proj`` /
+  ``o_proj`` without biases, query ``silu(q_proj x)``, plain value ``i_proj x``, the lower bound
+  applied in log space (``logaddexp(log gamma, log1p(-gamma) + log sigmoid f)``) and only when
+  ``use_lower_bound`` (fla: ``layer_idx > 0``), ``c = 1 / sqrt(K)``, RMSNorm over the head outputs
+  with eps 1e-5 (fla never passes its ``norm_eps`` to that norm), ``o_proj``.
+
+Bidirectional mixers run a second scan over the reversed sequence with the same q, k, v and
+lambda, and add the two outputs before the norm: because the readout is linear in the state this
+is the same as summing the two scans' states (what ``BiHgru2_1d`` does, and how HGRU's
+bidirectional mixers combine directions), and the norm then sees the combined context. Both
+scans include the current token, so it is counted twice, as in the reference.
+
+Padding (``mask`` (B, L), 1 = token): a padded step has key 0 and decay 1, i.e. it is skipped,
+and its output is 0. With left padding (and for holes, by the same argument) this is exactly
+fla's unpadding, where each row's tokens form one sequence from a zero state and padded positions
+output 0; a reverse scan likewise starts at the last real token from a zero state.
+
+Recurrent decoding: ``init_state(B)`` gives the zero state (B, H, K, V) (key index first; fla's
+cache stores the transpose (B, H, V, K)) and ``step(x, state, lower_bound)`` continues a causal
+mixer over any number of tokens, equal to the full pass.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hgrn_jax.nn.initializers import axes_metadata, dense
+from hgrn_jax.ops import matrix_recurrence
+
+
+def _accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _heads(x: jax.Array, width: int) -> jax.Array:
+    """(..., H * width) -> (..., H, width): contiguous, head-major channel blocks."""
+    return x.reshape(x.shape[:-1] + (x.shape[-1] // width, width))
+
+
+def _valid(mask: jax.Array, length: int) -> jax.Array:
+    """The last ``length`` steps of ``mask`` (B, T) as booleans (B, length, 1, 1)."""
+    return mask[..., -length:].astype(bool)[..., None, None]
+
+
+class _MatrixMixer(nnx.Module):
+    """The recurrence, its directions, padding and streaming; subclasses make q, k, v, log lambda."""
+
+    num_heads: int
+    key_dim: int
+    value_dim: int
+    scale: float
+    bidirectional: bool
+    method: str
+    dtype: jnp.dtype | None
+
+    def gates(self, x: jax.Array, lower_bound) -> tuple[jax.Array, ...]:
+        """``q, k, log_decay`` (B, L, H, K) and ``v`` (B, L, H, V) in the accumulation dtype."""
+        raise NotImplementedError
+
+    def output(self, o: jax.Array, x: jax.Array) -> jax.Array:
+        """Norm and output projection of the head outputs ``o`` (B, L, H * V)."""
+        raise NotImplementedError
+
+    def _inputs(self, x, lower_bound, mask):
+        q, k, v, g = self.gates(x, lower_bound)
+        if mask is not None:
+            valid = _valid(mask, x.shape[-2])
+            k = jnp.where(valid, k, 0.0)
+            g = jnp.where(valid, g, 0.0)
+        return q, k, v, g
+
+    def _scan(self, q, k, v, g, h0=None, return_last_state=False):
+        return matrix_recurrence(q, k, v, g, h0, scale=self.scale, method=self.method,
+                                 return_last_state=return_last_state)
+
+    def _finish(self, o: jax.Array, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        y = self.output(o.reshape(o.shape[:-2] + (-1,)).astype(self.dtype or x.dtype), x)
+        if mask is None:
+            return y
+        return jnp.where(_valid(mask, x.shape[-2])[..., 0], y, jnp.zeros_like(y))
+
+    def __call__(self, x: jax.Array, lower_bound: jax.Array | float | None = None,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """``x`` (B, L, d), ``lower_bound`` a scalar or (H * K,), ``mask`` (B, L) with 1 for real
+        tokens (None: no padding) -> (B, L, d)."""
+        q, k, v, g = self._inputs(x, lower_bound, mask)
+        o = self._scan(q, k, v, g)
+        if self.bidirectional:
+            flip = lambda t: jnp.flip(t, axis=-3)  # noqa: E731
+            o = o + flip(self._scan(flip(q), flip(k), flip(v), flip(g)))
+        return self._finish(o, x, mask)
+
+    def step(self, x: jax.Array, state: jax.Array, lower_bound: jax.Array | float | None = None,
+             mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Causal streaming: ``x`` (B, T, d) continuing from ``state`` (B, H, K, V). Returns the
+        outputs (B, T, d) and the state after the last token (padded steps leave it unchanged)."""
+        if self.bidirectional:
+            raise ValueError("step() needs a causal mixer (bidirectional=False)")
+        q, k, v, g = self._inputs(x, lower_bound, mask)
+        o, last = self._scan(q, k, v, g, h0=state, return_last_state=True)
+        return self._finish(o, x, mask), last
+
+    def init_state(self, batch_size: int) -> jax.Array:
+        """The zero recurrent state (B, H, K, V) for :meth:`step`."""
+        return jnp.zeros((batch_size, self.num_heads, self.key_dim, self.value_dim),
+                         _accumulation_dtype(self.dtype or jnp.float32))
+
+
+class HGRN2(_MatrixMixer):
+    """hgru2-pytorch's HGRN2 layer (``Hgru2_1d``; ``BiHgru2_1d`` with ``bidirectional=True``).
+
+    Args:
+      features: model width d, a multiple of ``expand_ratio``.
+      expand_ratio: the head width K = V; d / expand_ratio heads, each with a K x K state.
+      bidirectional: add a reverse scan (see the module docstring).
+      use_bias: biases on ``in_proj`` and ``out_proj`` (the LayerNorm always has one).
+      method: the :func:`hgrn_jax.ops.matrix_recurrence` method.
+
+    Call ``layer(x, lower_bound)`` with ``x`` (B, L, d) and ``lower_bound`` a scalar or (d,) acting
+    on the forget-gate (key) channels; returns (B, L, d).
+    """
+
+    def __init__(self, features: int, *, expand_ratio: int = 2, bidirectional: bool = False,
+                 use_bias: bool = True, norm_epsilon: float = 1e-5, method: str = "auto",
+                 dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+                 rngs: nnx.Rngs):
+        if expand_ratio < 1 or features % expand_ratio:
+            raise ValueError(f"HGRN2: features {features} must be a multiple of expand_ratio "
+                             f"{expand_ratio} (the head width)")
+        self.features = features
+        self.num_heads = features // expand_ratio
+        self.key_dim = self.value_dim = expand_ratio
+        self.scale = 1.0
+        self.bidirectional = bidirectional
+        self.method = method
+        self.dtype = dtype
+        common = dict(rngs=rngs, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
+        self.in_proj = dense(features, 3 * features, ("embed", "rnn"), **common)
+        self.out_proj = dense(features, features, ("rnn", "embed"), **common)
+        self.norm = nnx.LayerNorm(
+            features, epsilon=norm_epsilon, use_fast_variance=False, dtype=dtype,
+            param_dtype=param_dtype, scale_metadata=axes_metadata(("rnn",)),
+            bias_metadata=axes_metadata(("rnn",)), rngs=rngs)
+
+    def gates(self, x, lower_bound):
+        acc = _accumulation_dtype(x.dtype)
+        u, a, f = jnp.split(self.in_proj(x).astype(acc), 3, axis=-1)
+        gamma = jnp.asarray(0.0 if lower_bound is None else lower_bound, acc)
+        lam = gamma + (1.0 - gamma) * nnx.sigmoid(f)
+        k = _heads(1.0 - lam, self.key_dim)
+        return (_heads(nnx.sigmoid(a), self.key_dim), k, _heads(nnx.silu(u), self.value_dim),
+                _heads(jnp.log(lam), self.key_dim))
+
+    def output(self, o, x):
+        return self.out_proj(self.norm(o))
+
+
+class FlaHGRN2Attention(_MatrixMixer):
+    """fla's ``HGRN2Attention``: ``layer(x, lower_bound=None, mask=None)`` on (B, T, d) inputs.
+
+    Args:
+      features: model width d (fla's ``hidden_size``).
+      expand_ratio: the key width K per head (fla's ``expand_ratio``); H = d // K heads, value
+        width V = d // H. ``num_heads`` instead gives K = d // num_heads (fla's rule: a given
+        ``expand_ratio`` wins).
+      use_lower_bound: apply the lower bound (fla: ``layer_idx > 0``; its first layer ignores it).
+      norm_epsilon: eps of the output RMSNorm; fla's layer always uses 1e-5.
+      bidirectional: add a reverse scan (not in fla; see the module docstring).
+    """
+
+    def __init__(self, features: int, *, expand_ratio: int | None = 128,
+                 num_heads: int | None = None, use_lower_bound: bool = True,
+                 bidirectional: bool = False, norm_epsilon: float = 1e-5, method: str = "auto",
+                 dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+                 rngs: nnx.Rngs):
+        if expand_ratio is None:
+            if not num_heads:
+                raise ValueError("FlaHGRN2Attention needs expand_ratio or num_heads")
+            expand_ratio = features // num_heads
+        heads = features // expand_ratio if expand_ratio else 0
+        if heads < 1 or features % heads:
+            raise ValueError(f"FlaHGRN2Attention: features {features} must split into "
+                             f"features // expand_ratio = {heads} heads of equal value width")
+        self.features = features
+        self.num_heads, self.key_dim, self.value_dim = heads, expand_ratio, features // heads
+        self.scale = expand_ratio ** -0.5
+        self.use_lower_bound = use_lower_bound
+        self.bidirectional = bidirectional
+        self.method = method
+        self.dtype = dtype
+        forget_dim = heads * expand_ratio
+        common = dict(rngs=rngs, use_bias=False, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = dense(features, forget_dim, ("embed", "rnn"), **common)
+        self.f_proj = dense(features, forget_dim, ("embed", "rnn"), **common)
+        self.i_proj = dense(features, features, ("embed", "rnn"), **common)
+        self.o_proj = dense(features, features, ("rnn", "embed"), **common)
+        self.g_norm = nnx.RMSNorm(features, epsilon=norm_epsilon, dtype=dtype,
+                                  param_dtype=param_dtype,
+                                  scale_metadata=axes_metadata(("rnn",)), rngs=rngs)
+
+    def gates(self, x, lower_bound):
+        acc = _accumulation_dtype(x.dtype)
+        g = jax.nn.log_sigmoid(self.f_proj(x).astype(acc))
+        if self.use_lower_bound and lower_bound is not None:
+            # fla evaluates log(gamma) and log1p(-gamma) in the bound's own dtype (float32 in its
+            # LM), then promotes; doing the same keeps the last bits.
+            gamma = jnp.asarray(lower_bound)
+            g = jnp.logaddexp(jnp.log(gamma).astype(acc), jnp.log1p(-gamma).astype(acc) + g)
+        k = 1.0 - jnp.exp(g)
+        q = nnx.silu(self.q_proj(x).astype(acc))
+        v = self.i_proj(x).astype(acc)
+        return (_heads(q, self.key_dim), _heads(k, self.key_dim), _heads(v, self.value_dim),
+                _heads(g, self.key_dim))
+
+    def output(self, o, x):
+        return self.o_proj(self.g_norm(o))
+
+
+class HGRN2D(HGRN2):
+    """hgru2-pytorch's ``Hgru2_2d_parallel`` over (B, H, W, d) grids (the LRA Image and
+    Pathfinder layer of the HGRN2 runs): the parameters, gates and readout of :class:`HGRN2`,
+    with four scans sharing q, k, v and lambda (down and up each column, right and left along
+    each row) whose outputs are summed before the norm, as the reference sums their states.
+    Always bidirectional; ``mask`` (B, H, W) skips padded cells and zeroes their outputs.
+    """
+
+    def __init__(self, features: int, **kwargs):
+        super().__init__(features, bidirectional=True, **kwargs)
+
+    def __call__(self, x: jax.Array, lower_bound: jax.Array | float | None = None,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """``x`` (B, H, W, d), ``lower_bound`` a scalar or (d,) -> (B, H, W, d)."""
+        if x.ndim != 4:
+            raise ValueError(f"HGRN2D expects (batch, H, W, d); got shape {x.shape}")
+        q, k, v, g = self._inputs(x, lower_bound, mask)   # (B, H, W, heads, K or V)
+        flip = lambda t: jnp.flip(t, axis=-3)  # noqa: E731
+        o = 0.0
+        for axis in (1, 2):  # H (each column), then W (each row): time is axis -3 of the scan
+            lines = [jnp.moveaxis(t, axis, -3) for t in (q, k, v, g)]
+            both = self._scan(*lines) + flip(self._scan(*map(flip, lines)))
+            o = o + jnp.moveaxis(both, -3, axis)
+        return self._finish(o, x, mask)
+
+    def step(self, *args, **kwargs):
+        raise ValueError("HGRN2D is bidirectional over a grid; step() needs a causal 1-D mixer")
+
+
+__all__ = ["HGRN2", "HGRN2D", "FlaHGRN2Attention"]

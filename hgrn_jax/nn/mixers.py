@@ -1,0 +1,189 @@
+"""One token-mixer choice for every model: :class:`MixerConfig` and :func:`make_mixer`.
+
+:class:`~hgrn_jax.nn.ClassifierConfig`, :class:`~hgrn_jax.nn.ImageConfig` and
+:class:`~hgrn_jax.nn.LMConfig` each hold one ``mixer: MixerConfig``; the model decides only the
+direction (the LM is causal, the classifiers bidirectional). In experiment configs the mixer is a
+nested dict, e.g. ``--config.model.mixer.kind=hgrn2 --config.model.mixer.expand_ratio=8``.
+
+Which module each choice builds:
+
+==========  ==========  ====  ==========================================================
+kind        layout      scan  module
+==========  ==========  ====  ==========================================================
+``hgrn``    official    1d    :class:`~hgrn_jax.nn.HGRU` (hgru-pytorch ``Hgru1d``/``BiHgru1d``)
+``hgrn``    official    2d    :class:`~hgrn_jax.nn.HGRU2D` (``Hgru2d``/``BiHgru2d``)
+``hgrn2``   official    2d    :class:`~hgrn_jax.nn.HGRN2D` (``Hgru2_2d_parallel``, bidirectional)
+``hgrn``    fla         1d    :class:`~hgrn_jax.nn.FlaHGRNAttention` (causal only)
+``hgrn2``   official    1d    :class:`~hgrn_jax.nn.HGRN2` (hgru2-pytorch ``Hgru2_1d``/``BiHgru2_1d``)
+``hgrn2``   fla         1d    :class:`~hgrn_jax.nn.FlaHGRN2Attention` (fla ``HGRN2Attention``)
+==========  ==========  ====  ==========================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import jax.numpy as jnp
+from flax import nnx
+
+from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
+from hgrn_jax.nn.hgrn2 import HGRN2, HGRN2D, FlaHGRN2Attention
+from hgrn_jax.nn.hgru import HGRU, HGRU2D
+
+KINDS = ("hgrn", "hgrn2")
+LAYOUTS = ("official", "fla")
+SCANS = ("1d", "2d")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerConfig:
+    """The token mixer of a model.
+
+    kind: ``"hgrn"`` (HGRN's elementwise recurrence) or ``"hgrn2"`` (matrix state per head).
+    layout: ``"official"`` (the authors' hgru-pytorch / hgru2-pytorch layers) or ``"fla"`` (the
+      flash-linear-attention layers): parameter names, activations, scale and norm differ.
+    scan: ``"1d"`` over the sequence or ``"2d"`` over an (H, W) grid (official layouts only).
+    expand_ratio: HGRN2's head width K (d / K heads with K x V states); fla HGRN's width
+      multiplier. None: hgrn 1, hgrn2 official 2 (hgru2-pytorch's default), hgrn2 fla 128 (fla's).
+    complex_valued, separate_phases, use_forget_gate, norm_before_gate: HGRN official's options
+      (the paper's ablations); other mixers ignore them.
+    use_bias: biases on the projections of the official layouts (fla's layers have none).
+    norm_epsilon: the mixer's inner norm (fla HGRN2's is always 1e-5; fla HGRN's is its norm_eps).
+    method: the recurrence method (:func:`~hgrn_jax.ops.linear_recurrence` or
+      :func:`~hgrn_jax.ops.matrix_recurrence`).
+    sequence_axis: a mesh axis to split the sequence over (HGRN official only,
+      :mod:`hgrn_jax.ops.sequence_parallel`).
+    """
+
+    kind: Literal["hgrn", "hgrn2"] = "hgrn"
+    layout: Literal["official", "fla"] = "official"
+    scan: Literal["1d", "2d"] = "1d"
+    expand_ratio: int | None = None
+    complex_valued: bool = True
+    separate_phases: bool = True
+    use_forget_gate: bool = True
+    norm_before_gate: bool = True
+    use_bias: bool = True
+    norm_epsilon: float = 1e-5
+    method: str = "auto"
+    sequence_axis: str | None = None
+
+    def __post_init__(self):
+        for name, value, allowed in (("kind", self.kind, KINDS), ("layout", self.layout, LAYOUTS),
+                                     ("scan", self.scan, SCANS)):
+            if value not in allowed:
+                raise ValueError(f"unknown mixer {name} {value!r}; use one of "
+                                 f"{', '.join(map(repr, allowed))}")
+        if self.scan == "2d" and self.layout != "official":
+            raise ValueError(f"scan='2d' needs layout='official'; got kind={self.kind!r}, "
+                             f"layout={self.layout!r} (fla's mixers are 1-D)")
+        if self.sequence_axis is not None and (self.kind, self.layout) != ("hgrn", "official"):
+            raise ValueError("sequence_axis (sequence parallelism) needs the hgru mixer "
+                             "(kind='hgrn', layout='official'); got kind="
+                             f"{self.kind!r}, layout={self.layout!r}")
+        if self.expand_ratio is not None and self.expand_ratio < 1:
+            raise ValueError(f"expand_ratio must be >= 1 or None; got {self.expand_ratio}")
+        if (self.kind, self.layout) == ("hgrn", "official") and self.expand_ratio not in (None, 1):
+            raise ValueError("expand_ratio is an HGRN2 / fla option; HGRN official has none "
+                             f"(got {self.expand_ratio})")
+
+    @property
+    def resolved_expand_ratio(self) -> int:
+        """``expand_ratio`` with the kind's default filled in."""
+        if self.expand_ratio is not None:
+            return self.expand_ratio
+        if self.kind == "hgrn2":
+            return 2 if self.layout == "official" else 128
+        return 1
+
+    @classmethod
+    def coerce(cls, value: MixerConfig | Mapping[str, Any] | None, where: str) -> MixerConfig:
+        """A MixerConfig from itself, None (the default) or a dict (experiment configs)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"{where}.mixer.{unknown[0]} is not a MixerConfig field; valid "
+                                 f"fields: {', '.join(sorted(known))}")
+            return cls(**value)
+        raise TypeError(f"{where}.mixer must be a MixerConfig or a dict; got {value!r}")
+
+
+def make_mixer(config: MixerConfig, features: int, *, causal: bool, use_lower_bound: bool,
+               dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs) -> nnx.Module:
+    """The token mixer of ``config`` at width ``features``.
+
+    ``causal``: a forward scan only (LMs) or both directions (classifiers). ``use_lower_bound``:
+    whether this layer applies its bound; the fla layouts compute ``log(gamma)``, so they must skip
+    a bound that is exactly 0 (the first layer, as fla does).
+    """
+    common = dict(method=config.method, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    key = (config.kind, config.layout)
+    if key == ("hgrn", "official"):
+        options = dict(separate_phases=config.separate_phases,
+                       complex_valued=config.complex_valued,
+                       use_forget_gate=config.use_forget_gate,
+                       norm_before_gate=config.norm_before_gate, use_bias=config.use_bias,
+                       norm_epsilon=config.norm_epsilon, sequence_axis=config.sequence_axis,
+                       **common)
+        if config.scan == "2d":
+            return HGRU2D(features, causal=causal, **options)
+        return HGRU(features, bidirectional=not causal, **options)
+    if key == ("hgrn", "fla"):
+        if not causal:
+            raise ValueError("kind='hgrn', layout='fla' is causal only (fla's HGRNAttention); "
+                             "use layout='official' or kind='hgrn2' for a bidirectional mixer")
+        return FlaHGRNAttention(features, expand_ratio=config.resolved_expand_ratio,
+                                use_lower_bound=use_lower_bound,
+                                norm_epsilon=config.norm_epsilon, **common)
+    if key == ("hgrn2", "official"):
+        if config.scan == "2d":
+            if causal:
+                raise ValueError("kind='hgrn2' with scan='2d' is bidirectional only "
+                                 "(hgru2-pytorch's Hgru2_2d_parallel)")
+            return HGRN2D(features, expand_ratio=config.resolved_expand_ratio,
+                          use_bias=config.use_bias, norm_epsilon=config.norm_epsilon, **common)
+        return HGRN2(features, expand_ratio=config.resolved_expand_ratio, bidirectional=not causal,
+                     use_bias=config.use_bias, norm_epsilon=config.norm_epsilon, **common)
+    return FlaHGRN2Attention(features, expand_ratio=config.resolved_expand_ratio,
+                             use_lower_bound=use_lower_bound, bidirectional=not causal,
+                             norm_epsilon=config.norm_epsilon, **common)
+
+
+# Deprecated flat model-config fields -> their MixerConfig field.
+LEGACY_MIXER_FIELDS = {
+    "separate_phases": "separate_phases", "complex_valued": "complex_valued",
+    "use_forget_gate": "use_forget_gate", "norm_before_gate": "norm_before_gate",
+    "mixer_bias": "use_bias", "method": "method", "sequence_axis": "sequence_axis",
+}
+
+
+def fold_legacy_fields(config: Any, renames: Mapping[str, str], where: str) -> MixerConfig:
+    """``config.mixer`` updated with deprecated flat fields of a model config (then cleared).
+
+    ``renames`` maps each old model-config field to its :class:`MixerConfig` field. Each one that
+    is set (not None) warns once with the new spelling.
+    """
+    mixer = config.mixer
+    updates = {}
+    for old, new in renames.items():
+        value = getattr(config, old, None)  # not every model has every old field
+        if value is None:
+            continue
+        warnings.warn(f"{where}({old}=...) is deprecated; use {where}(mixer=MixerConfig({new}="
+                      f"...)) (in experiment configs: model.mixer.{new})", DeprecationWarning,
+                      stacklevel=4)
+        updates[new] = value
+        object.__setattr__(config, old, None)
+    return dataclasses.replace(mixer, **updates) if updates else mixer
+
+
+__all__ = ["MixerConfig", "make_mixer", "KINDS", "LAYOUTS", "SCANS"]

@@ -1,0 +1,99 @@
+"""The HGRN2 experiment configs against their sources (experiments/configs/hgrn2/__init__.py).
+
+The table below is transcribed from OpenNLPLab/HGRN2 ``run_lra.py`` (b154c396) and the paper's LRA
+table (the repo's figures/lra.png), independently of the config files.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import data_fixtures as fx
+from hgrn_jax.nn import HGRN2, HGRN2D
+from hgrn_jax.training import tasks
+
+# task: batch, d, layers, norm, lr, wd, dropout, warmup, schedule steps, GLU, expand, epochs,
+#       positions, clip, accuracy
+RUN_LRA = {
+    "listops": (128, 64, 5, "sync_batch", 5e-4, 0, 0, 5000, 50000, 1, 4, 50, True, 0, 60.52),
+    "text": (64, 128, 4, "layer", 5e-3, 0, 0.1, 10000, 50000, 1, 8, 40, False, 0, 88.97),
+    "retrieval": (128, 256, 2, "sync_batch", 5e-3, 0, 0, 312, 50000, 2, 2, 20, True, 1, 95.07),
+    "image": (64, 512, 6, "sync_batch", 3e-3, 0, 0, 30000, 50000, 1, 2, 75, True, 0, 89.33),
+    "pathfinder": (128, 128, 6, "batch", 2e-3, 0, 0, 50000, 500000, 1, 2, 100, False, 0, 93.95),
+}
+TRAIN_SIZES = {"listops": 96_000, "text": 25_000, "retrieval": 147_086, "image": 45_000,
+               "pathfinder": 160_000}
+SCANS = {"image": "2d", "pathfinder": "2d"}
+
+
+def load(name: str, preset: str | None = None):
+    return importlib.import_module(f"experiments.configs.hgrn2.{name}").get_config(preset)
+
+
+@pytest.mark.parametrize("task", list(RUN_LRA))
+def test_hgrn2_lra_configs_follow_run_lra(task):
+    (batch, d, layers, norm, lr, wd, dropout, warmup, steps, glu, expand, epochs, positions, clip,
+     accuracy) = RUN_LRA[task]
+    c = load(task)
+    hgrn = importlib.import_module(f"experiments.configs.lra.{task}").get_config()
+    m = c.model
+    assert c.task == task and c.data.to_dict() == hgrn.data.to_dict()  # the HGRN row's data
+    scan = SCANS.get(task, "1d")
+    assert (m.mixer.kind, m.mixer.layout, m.mixer.scan, m.mixer.expand_ratio) == (
+        "hgrn2", "official", scan, expand)
+    assert (m.features, m.num_layers, m.norm, m.glu_expand, m.dropout) == (d, layers, norm, glu,
+                                                                            dropout)
+    assert m.position_encoding is positions and m.use_lower_bound is True
+    assert (c.batch_size, c.epochs) == (batch, epochs)
+    assert c.num_train_steps == epochs * (TRAIN_SIZES[task] // batch)
+    assert c.optimizer.learning_rate == pytest.approx(lr)
+    assert c.optimizer.weight_decay == wd and c.optimizer.grad_clip_norm == clip
+    assert (c.schedule.name, c.schedule.warmup_steps, c.schedule.decay_steps) == (
+        "cosine", warmup, steps)
+    assert c.dtype == "bfloat16" and c.paper.value == pytest.approx(accuracy)
+    model = nnx.eval_shape(lambda: tasks.build_model(c, nnx.Rngs(0)))
+    mixer = model.blocks[0].mixer
+    assert isinstance(mixer, HGRN2D if scan == "2d" else HGRN2) and mixer.bidirectional
+    assert (mixer.num_heads, mixer.key_dim) == (d // expand, expand)
+
+
+def test_hgrn2_wikitext103_config_follows_script_lm():
+    c = load("wikitext103")
+    m = c.model
+    assert (m.mixer.kind, m.mixer.expand_ratio, m.num_layers, m.features) == ("hgrn2", 128, 6, 512)
+    assert m.tie_embeddings and m.dropout == 0.1
+    assert c.batch_size * c.data.seq_len == 128 * 512 and c.num_train_steps == 50_000
+    assert (c.optimizer.b1, c.optimizer.b2, c.optimizer.learning_rate) == (0.9, 0.98, 5e-4)
+    assert (c.optimizer.weight_decay, c.optimizer.grad_clip_norm) == (0.1, 1.0)
+    assert (c.schedule.name, c.schedule.warmup_steps) == ("inverse_sqrt", 4_000)
+    model = nnx.eval_shape(lambda: tasks.build_model(c, nnx.Rngs(0)))
+    mixer = model.blocks[0].mixer
+    assert isinstance(mixer, HGRN2) and not mixer.bidirectional and mixer.num_heads == 4
+
+
+@pytest.mark.parametrize("name", ["listops", "text", "retrieval", "image", "pathfinder",
+                                  "wikitext103"])
+def test_hgrn2_tiny_presets_build_small_hgrn2_models(name):
+    tiny = load(name, "tiny")
+    model = tasks.build_model(tiny, nnx.Rngs(0))
+    assert all(isinstance(block.mixer, HGRN2) for block in model.blocks)
+    assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) < 200_000
+    assert tiny.data.source in ("generated", "synthetic")
+    assert tiny.num_train_steps <= 300 and tiny.batch_size <= 64
+    assert tasks.get_task(tiny).name == tiny.task
+    with pytest.raises(ValueError, match=r"unknown preset 'huge' for experiments/configs/hgrn2/"):
+        load(name, "huge")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["listops", "wikitext103"])
+def test_hgrn2_tiny_trains_end_to_end(tmp_path, name):
+    config = load(name, "tiny")
+    config.data.cache_dir = str(tmp_path / "cache")
+    written = fx.train_briefly(config, tmp_path / "run", steps=4)
+    assert np.isfinite(written["test_loss"])

@@ -1,0 +1,146 @@
+"""HGRN2 parity with hgru2-pytorch and fla through hgrn_jax.convert (tests/golden, "HGRN2 cases").
+
+Every shape, head count and constructor argument comes from the files. The official layer is
+time-major; the test transposes its input to our batch-major API and the output back. fla's states
+are (B, H, V, K); ours are (B, H, K, V), so the test transposes ours.
+
+Tolerances (tests/golden/README.md, "Suggested comparison (HGRN2)"): in float64 the port and the
+reference compute the same operations, so they agree to rounding (~1e-14; we allow 1e-9), except
+the fla LM, whose lower bounds and their logs fla computes in float32 (1e-6). In float32, fla's own
+float32 run passes atol 5e-5 / rtol 1e-5 with at least 7x margin.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hgrn_jax import convert
+
+F32 = dict(atol=5e-5, rtol=1e-5)
+F64 = dict(atol=1e-9, rtol=0)
+PRECISIONS = {"float32": (jnp.float32, F32), "float64": (jnp.float64, F64)}
+
+
+@pytest.fixture(params=sorted(PRECISIONS))
+def precision(request):
+    dtype, tol = PRECISIONS[request.param]
+    with jax.enable_x64(dtype == jnp.float64):
+        yield dtype, tol
+
+
+def _fla_layout(state) -> np.ndarray:
+    """Our (..., H, K, V) state as fla's cache stores it, (..., H, V, K)."""
+    return np.swapaxes(np.asarray(state), -1, -2)
+
+
+def test_official_hgrn2_1d(golden, precision):
+    dtype, tol = precision
+    case = golden("official_hgrn2_1d")
+    constructor = case.meta["constructor"]
+    layer = convert.from_hgru2_pytorch(case.meta["source"]["class"], constructor, case.params,
+                                       dtype=dtype)
+    derived = case.meta["derived"]
+    assert (layer.num_heads, layer.key_dim, layer.value_dim) == (
+        derived["num_heads"], derived["head_k_dim"], derived["head_v_dim"])
+    x = jnp.asarray(case.arrays["input"].transpose(1, 0, 2), dtype)   # (n, b, d) -> (b, n, d)
+    bound = jnp.asarray(case.arrays["lower_bound"], dtype)
+    out = jax.jit(lambda m, x, b: m(x, b))(layer, x, bound)
+    assert out.dtype == dtype
+    np.testing.assert_allclose(np.asarray(out).transpose(1, 0, 2), case.arrays["output"], **tol)
+    np.testing.assert_allclose(np.asarray(layer(x)).transpose(1, 0, 2),
+                               case.arrays["output/lb0"], **tol)
+
+
+def test_fla_hgrn2_attention(golden, precision):
+    dtype, tol = precision
+    case = golden("fla_hgrn2_attention")
+    constructor = case.meta["constructor"]
+    layer = convert.from_fla_hgrn2_attention(constructor, case.params, dtype=dtype)
+    x = jnp.asarray(case.arrays["input"], dtype)
+    bound = jnp.asarray(case.arrays["lower_bound"], dtype)
+    mask = jnp.asarray(case.arrays["attention_mask"], dtype)
+    np.testing.assert_allclose(layer(x, lower_bound=bound), case.arrays["output"], **tol)
+    masked = layer(x, lower_bound=bound, mask=mask)
+    np.testing.assert_allclose(masked, case.arrays["output/masked"], **tol)
+    assert np.all(np.asarray(masked)[np.asarray(mask) == 0] == 0)  # padding outputs exactly 0
+    _, last = layer.step(x, layer.init_state(x.shape[0]), bound)
+    np.testing.assert_allclose(_fla_layout(last), case.arrays["output/final_state"], **tol)
+    first = convert.from_fla_hgrn2_attention(dict(constructor, layer_idx=0), case.params,
+                                             dtype=dtype)
+    np.testing.assert_allclose(first(x, lower_bound=bound), case.arrays["output/layer_idx0"],
+                               **tol)
+
+
+def test_fla_hgrn2_lm(golden, precision):
+    dtype, tol = precision
+    if dtype == jnp.float64:
+        tol = dict(atol=1e-6, rtol=0)  # fla's float32 lower bounds; see the module docstring
+    case = golden("fla_hgrn2_lm")
+    lm = convert.from_fla_hgrn2_lm(case.meta["constructor"]["HGRN2Config"], case.params,
+                                   dtype=dtype)
+    ids = jnp.asarray(case.arrays["input"])
+    np.testing.assert_allclose(lm(ids), case.arrays["output"], **tol)
+    np.testing.assert_allclose(lm.lower_bounds(), case.arrays["output/lower_bounds_used"],
+                               atol=3e-7, rtol=0)
+
+    prefill = case.meta["prefill_len"]
+    step = jax.jit(lambda m, ids, cache: m.step(ids, cache))
+    logits, cache = step(lm, ids[:, :prefill], lm.init_cache(ids.shape[0]))
+    np.testing.assert_allclose(logits, case.arrays["output"][:, :prefill], **tol)
+    decoded = []
+    for t in range(prefill, ids.shape[1]):
+        logits, cache = step(lm, ids[:, t:t + 1], cache)
+        decoded.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(decoded, axis=1),
+                               case.arrays["output/decode_logits"], **tol)
+    for k, state in enumerate(cache):
+        np.testing.assert_allclose(_fla_layout(state), case.arrays[f"output/recurrent_state/{k}"],
+                                   **tol)
+
+
+# ----------------------------------------------------------------- converter errors
+
+
+def test_hgru2_converter_errors(golden):
+    case = golden("official_hgrn2_1d")
+    cls, ctor, params = case.meta["source"]["class"], case.meta["constructor"], dict(case.params)
+    missing = {k: v for k, v in params.items() if k != "norm.bias"}
+    with pytest.raises(convert.ConversionError, match=r"missing parameter\(s\): norm.bias"):
+        convert.from_hgru2_pytorch(cls, ctor, missing)
+    with pytest.raises(convert.ConversionError, match=r"unexpected parameter\(s\): .*in_proj.bias"):
+        convert.from_hgru2_pytorch(cls, dict(ctor, bias=False), params)
+    wrong = dict(params, **{"in_proj.weight": params["in_proj.weight"][:-1]})
+    with pytest.raises(convert.ConversionError, match=r"in_proj.weight has shape"):
+        convert.from_hgru2_pytorch(cls, ctor, wrong)
+    with pytest.raises(convert.ConversionError, match="unknown hgru2-pytorch class 'Hgru2_2d'"):
+        convert.from_hgru2_pytorch("Hgru2_2d", ctor, params)
+    with pytest.raises(convert.ConversionError, match="uv_act_fun='relu' is not supported"):
+        convert.from_hgru2_pytorch(cls, dict(ctor, uv_act_fun="relu"), params)
+    with pytest.raises(convert.ConversionError, match="expand_ratio=16 is not supported"):
+        convert.from_hgru2_pytorch(cls, dict(ctor, expand_ratio=16), params)
+
+
+def test_fla_hgrn2_converter_errors(golden):
+    case = golden("fla_hgrn2_attention")
+    ctor, params = case.meta["constructor"], dict(case.params)
+    with pytest.raises(convert.ConversionError, match="use_short_conv=True is not supported"):
+        convert.from_fla_hgrn2_attention(dict(ctor, use_short_conv=True), params)
+    with pytest.raises(convert.ConversionError, match=r"unexpected parameter\(s\): g_proj.weight"):
+        convert.from_fla_hgrn2_attention(ctor, dict(params, **{"g_proj.weight": params[
+            "q_proj.weight"]}))
+    # A different head split changes q_proj / f_proj widths only when H * K != d; K must divide d.
+    with pytest.raises(convert.ConversionError, match="not a multiple of expand_ratio"):
+        convert.from_fla_hgrn2_attention(dict(ctor, expand_ratio=ctor["hidden_size"] + 1), params)
+
+    lm_case = golden("fla_hgrn2_lm")
+    lm_ctor, lm_params = lm_case.meta["constructor"]["HGRN2Config"], dict(lm_case.params)
+    bad = dict(lm_params)
+    bad["model.layers.1.attn.q_proj.weight"] = bad["model.layers.1.attn.q_proj.weight"][:-1]
+    with pytest.raises(convert.ConversionError, match=r"model.layers.1.attn.q_proj.weight"):
+        convert.from_fla_hgrn2_lm(lm_ctor, bad)
+    with pytest.raises(convert.ConversionError, match=r"missing parameter\(s\): lm_head.weight"):
+        convert.from_fla_hgrn2_lm(lm_ctor, {k: v for k, v in lm_params.items()
+                                            if k != "lm_head.weight"})

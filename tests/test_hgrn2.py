@@ -1,0 +1,251 @@
+"""HGRN2 mixers and the shared mixer choice: causality, reach, padding, decoding, models, grads.
+
+Float32 comparisons of one computation done two ways (chunked decoding vs one pass, padded vs
+unpadded) allow 1e-5: the same float32 operations in a different grouping differ by a few ulps
+of outputs of size ~1.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hgrn_jax.nn import (HGRN2, HGRN2D, HGRNLM, ClassifierConfig, FlaHGRN2Attention,
+                         HGRNClassifier, HGRNImageClassifier, ImageConfig, LMConfig, MixerConfig,
+                         generate)
+from hgrn_jax.nn import remat as remat_module
+
+D, L, B = 16, 11, 2
+TOL = dict(atol=1e-5, rtol=1e-5)
+LAYOUTS = {
+    "official": lambda **kw: HGRN2(D, expand_ratio=4, rngs=nnx.Rngs(0), **kw),
+    "fla": lambda **kw: FlaHGRN2Attention(D, expand_ratio=4, rngs=nnx.Rngs(0), **kw),
+}
+BOUND = jnp.linspace(0.1, 0.8, D)
+
+
+def _x(seed: int = 1, length: int = L) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), (B, length, D))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_causal_mixer_ignores_the_future_and_bidirectional_sees_it(layout):
+    x = _x()
+    t0 = L // 2
+    later = x.at[:, t0 + 1:].add(1.0)
+    causal = LAYOUTS[layout]()
+    np.testing.assert_array_equal(causal(later, BOUND)[:, :t0 + 1], causal(x, BOUND)[:, :t0 + 1])
+    assert float(jnp.abs(causal(later, BOUND) - causal(x, BOUND))[:, t0 + 1:].max()) > 1e-2
+    both = LAYOUTS[layout](bidirectional=True)
+    assert float(jnp.abs(both(later, BOUND) - both(x, BOUND))[:, 0].max()) > 1e-3
+    # Batch rows stay independent.
+    row1 = x.at[1].add(1.0)
+    np.testing.assert_array_equal(both(row1, BOUND)[0], both(x, BOUND)[0])
+
+
+def test_bidirectional_is_the_sum_of_both_scans_before_the_norm():
+    x = _x()
+    layer = LAYOUTS["official"](bidirectional=True)
+    q, k, v, g = layer.gates(x, BOUND)
+    fwd = layer._scan(q, k, v, g)
+    rev = jnp.flip(layer._scan(*(jnp.flip(t, axis=1) for t in (q, k, v, g))), axis=1)
+    want = layer.output((fwd + rev).reshape(B, L, D), x)
+    np.testing.assert_allclose(layer(x, BOUND), want, **TOL)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_step_equals_the_full_pass(layout):
+    x = _x()
+    layer = LAYOUTS[layout]()
+    full = layer(x, BOUND)
+    state = layer.init_state(B)
+    assert state.shape == (B, layer.num_heads, layer.key_dim, layer.value_dim)
+    outs = []
+    for start, stop in ((0, 5), (5, 6), (6, L)):  # a prefill, one token, the rest
+        y, state = layer.step(x[:, start:stop], state, BOUND)
+        outs.append(y)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, **TOL)
+    _, last = layer.step(x, layer.init_state(B), BOUND)
+    np.testing.assert_allclose(state, last, **TOL)
+    with pytest.raises(ValueError, match="step\\(\\) needs a causal mixer"):
+        LAYOUTS[layout](bidirectional=True).step(x, state, BOUND)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_padding_is_skipped_like_fla_unpadding(layout, bidirectional):
+    """Row 1 padded left (and right when bidirectional) gives, on its tokens, exactly the run on
+    the unpadded tokens, and 0 at the padding."""
+    layer = LAYOUTS[layout](bidirectional=bidirectional)
+    x = _x(length=L + 5)
+    mask = np.ones((B, L + 5), bool)
+    mask[1, :3] = False
+    if bidirectional:
+        mask[1, -2:] = False
+    got = layer(x, BOUND, mask=jnp.asarray(mask))
+    alone = layer(x[1:, mask[1]], BOUND)
+    np.testing.assert_allclose(got[1, mask[1]], alone[0], **TOL)
+    np.testing.assert_array_equal(got[1, ~mask[1]], 0.0)
+    np.testing.assert_allclose(got[0], layer(x, BOUND)[0], **TOL)
+
+
+def test_grid_mixer_reaches_exactly_the_row_and_column_and_skips_padding():
+    layer = HGRN2D(D, expand_ratio=4, rngs=nnx.Rngs(0))
+    grid = jax.random.normal(jax.random.key(4), (B, 5, 7, D))
+    i0, j0 = 2, 3
+    changed = jnp.abs(layer(grid.at[:, i0, j0].add(1.0), BOUND) - layer(grid, BOUND)).max(-1)
+    reach = np.zeros((5, 7), bool)
+    reach[i0, :] = reach[:, j0] = True
+    assert bool(jnp.all(changed[:, ~reach] == 0)) and bool(jnp.all(changed[:, reach] > 0))
+    # Padding the grid with a last column of masked cells leaves the real cells unchanged.
+    mask = np.ones((B, 5, 8), bool)
+    mask[:, :, -1] = False
+    padded = jnp.concatenate([grid, jnp.ones((B, 5, 1, D))], axis=2)
+    got = layer(padded, BOUND, mask=jnp.asarray(mask))
+    np.testing.assert_allclose(got[:, :, :7], layer(grid, BOUND), **TOL)
+    np.testing.assert_array_equal(got[:, :, 7], 0.0)
+
+
+def test_one_wide_heads_are_hgrns_real_scan():
+    """With K = V = 1 the state is one number per channel: h_t = lam h_{t-1} + (1 - lam) v."""
+    layer = HGRN2(D, expand_ratio=1, rngs=nnx.Rngs(0))
+    x = _x()
+    q, k, v, g = (t[..., 0] for t in layer.gates(x, BOUND))
+    h, hs = jnp.zeros((B, D)), []
+    for t in range(L):
+        h = jnp.exp(g[:, t]) * h + k[:, t] * v[:, t]
+        hs.append(q[:, t] * h)
+    np.testing.assert_allclose(layer(x, BOUND), layer.output(jnp.stack(hs, 1), x), **TOL)
+
+
+def test_every_parameter_has_logical_axes():
+    for make in LAYOUTS.values():
+        for path, param in nnx.to_flat_state(nnx.state(make(), nnx.Param)):
+            names = param.get_metadata().get("out_sharding") or param.get_metadata().get(
+                "sharding_names")
+            assert names is not None and len(names) == param.ndim, path
+
+
+# --------------------------------------------------------------------------- models
+
+
+HGRN2_MIXERS = {
+    "official": MixerConfig(kind="hgrn2", expand_ratio=4),
+    "fla": MixerConfig(kind="hgrn2", layout="fla", expand_ratio=4, use_bias=False),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(HGRN2_MIXERS))
+def test_lm_with_hgrn2_decodes_like_its_forward_pass_and_trains(layout):
+    config = LMConfig(vocab_size=23, features=D, num_layers=2, mixer=HGRN2_MIXERS[layout])
+    lm = HGRNLM(config, rngs=nnx.Rngs(0))
+    kind = HGRN2 if layout == "official" else FlaHGRN2Attention
+    assert all(isinstance(block.mixer, kind) for block in lm.blocks)
+    ids = jax.random.randint(jax.random.key(2), (B, 9), 0, 23)
+    full = lm(ids)
+    assert full.shape == (B, 9, 23)
+    logits, cache = lm.step(ids[:, :4], lm.init_cache(B))
+    steps = [logits]
+    for t in range(4, 9):
+        logits, cache = lm.step(ids[:, t:t + 1], cache)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, **TOL)
+    # Greedy generation continues with the arg-max of the full pass at every position.
+    out = generate(lm, ids[:, :4], 5, greedy=True)
+    np.testing.assert_array_equal(out[:, 5:], jnp.argmax(lm(out)[:, 4:-1], -1))
+
+    def loss(model):
+        return jnp.mean(jax.nn.log_softmax(model(ids))[..., 0])
+
+    grads = nnx.grad(loss)(lm)
+    leaves = jax.tree.leaves(grads)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert float(jnp.abs(grads["lower_bounds"]["param"][...]).max()) > 0
+
+
+@pytest.mark.parametrize("layout", list(HGRN2_MIXERS))
+def test_classifier_with_hgrn2_ignores_padding_and_has_finite_gradients(layout):
+    config = ClassifierConfig(num_classes=3, features=D, num_layers=2, encoder="embed",
+                              vocab_size=13, norm="layer", mixer=HGRN2_MIXERS[layout])
+    model = HGRNClassifier(config, rngs=nnx.Rngs(0))
+    assert all(isinstance(b.mixer, (HGRN2, FlaHGRN2Attention)) and b.mixer.bidirectional
+               for b in model.blocks)
+    ids = jax.random.randint(jax.random.key(3), (B, 7), 1, 13)
+    padded = jnp.concatenate([ids, jnp.zeros((B, 4), ids.dtype)], axis=1)
+    mask = jnp.arange(11)[None, :] < 7
+    logits = model(ids)
+    assert logits.shape == (B, 3)
+    np.testing.assert_allclose(model(padded, jnp.broadcast_to(mask, (B, 11))), logits, **TOL)
+    grads = nnx.grad(lambda m: jnp.sum(m(ids) ** 2))(model)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_lra_2d_classifier_with_hgrn2():
+    config = ClassifierConfig(num_classes=3, features=D, num_layers=2, encoder="linear",
+                              input_channels=1, norm="batch", grid_shape=(4, 4),
+                              mixer=MixerConfig(kind="hgrn2", scan="2d", expand_ratio=4))
+    model = HGRNClassifier(config, rngs=nnx.Rngs(0))
+    assert isinstance(model.blocks[0].mixer, HGRN2D)
+    assert model(jnp.ones((B, 16))).shape == (B, 3)
+
+
+def test_image_classifier_with_hgrn2():
+    config = ImageConfig(image_size=(28, 28), features=D, num_layers=2, num_classes=5,
+                         mixer=dict(kind="hgrn2", expand_ratio=8))
+    model = HGRNImageClassifier(config, rngs=nnx.Rngs(0))
+    assert isinstance(model.blocks[0].mixer, HGRN2) and model.blocks[0].mixer.num_heads == 2
+    assert model(jnp.ones((B, 28, 28, 3))).shape == (B, 5)
+
+
+# --------------------------------------------------------------------------- the mixer choice
+
+
+def test_mixer_config_errors_name_the_fix():
+    with pytest.raises(ValueError, match="unknown mixer kind 'hgrn3'"):
+        MixerConfig(kind="hgrn3")
+    with pytest.raises(ValueError, match="scan='2d' needs layout='official'"):
+        MixerConfig(kind="hgrn2", layout="fla", scan="2d")
+    with pytest.raises(ValueError, match="expand_ratio is an HGRN2 / fla option"):
+        MixerConfig(expand_ratio=4)
+    with pytest.raises(ValueError, match="features 16 must be a multiple of expand_ratio 5"):
+        HGRNLM(LMConfig(vocab_size=5, features=16, num_layers=1,
+                        mixer=MixerConfig(kind="hgrn2", expand_ratio=5)), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"ClassifierConfig.mixer.expand is not a MixerConfig"):
+        ClassifierConfig(vocab_size=5, mixer={"kind": "hgrn2", "expand": 4})
+    with pytest.raises(ValueError, match="causal only"):
+        HGRNClassifier(ClassifierConfig(vocab_size=5, features=8, num_layers=1,
+                                        mixer=MixerConfig(layout="fla")), rngs=nnx.Rngs(0))
+
+
+def test_old_field_names_still_work_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match=r"mixer=MixerConfig\(scan='2d'\)"):
+        old = ClassifierConfig(encoder="linear", input_channels=1, mixer="2d", grid_shape=(4, 4))
+    assert old.mixer == MixerConfig(scan="2d")
+    with pytest.warns(DeprecationWarning, match=r"MixerConfig\(complex_valued=...\)"):
+        old = ClassifierConfig(vocab_size=5, complex_valued=False, mixer_bias=False)
+    assert (old.mixer.complex_valued, old.mixer.use_bias, old.complex_valued) == (False, False,
+                                                                                 None)
+    with pytest.warns(DeprecationWarning, match="use input_channels"):
+        image = ImageConfig(in_channels=1)
+    assert image.input_channels == 1 and image.in_channels is None
+    with pytest.warns(DeprecationWarning, match="use glu_expand"):
+        lm = LMConfig(features=8, glu_hidden=24, mixer="fla", mixer_norm_epsilon=1e-6)
+    assert lm.glu_expand == 3 and lm.mixer.layout == "fla" and lm.mixer.norm_epsilon == 1e-6
+    # dataclasses.replace keeps the folded mixer.
+    assert dataclasses.replace(lm, features=16).mixer == lm.mixer
+
+
+def test_remat_does_not_import_the_blocks():
+    tree = ast.parse(inspect.getsource(remat_module))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names}
+    assert not any(name and name.startswith("hgrn_jax.nn.blocks") for name in imported)
