@@ -67,6 +67,8 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from hgrn_jax.ops.common import accumulation_dtype
+
 MatrixMethod = Literal["auto", "sequential", "chunked", "pallas"]
 MATRIX_METHODS: tuple[str, ...] = ("sequential", "chunked", "pallas")
 
@@ -164,7 +166,7 @@ def matrix_recurrence(
     state_shape = _check_shapes(q, k, v, log_decay, h0)
     dtype = jnp.result_type(q, k, v, log_decay)
     out_dtype = out_dtype or dtype
-    acc = jnp.promote_types(dtype, jnp.float32)
+    acc = accumulation_dtype(dtype)
     if method == "auto":
         method = default_matrix_method(q.shape[-3])
     if method not in MATRIX_METHODS:
