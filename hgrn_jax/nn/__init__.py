@@ -1,6 +1,7 @@
 """Flax NNX modules of HGRN: token mixers, channel mixers, lower bounds, blocks and models."""
 
 from hgrn_jax.nn.blocks import ResidualBlock
+from hgrn_jax.nn.checks import checked_token_ids
 from hgrn_jax.nn.classifier import ClassifierConfig, HGRNClassifier
 from hgrn_jax.nn.embeddings import sinusoidal_positions
 from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
@@ -13,7 +14,7 @@ from hgrn_jax.nn.lower_bounds import LowerBounds, lower_bounds
 from hgrn_jax.nn.norms import ScaleFreeRMSNorm, make_norm
 
 __all__ = [
-    "ClassifierConfig", "HGRNClassifier", "HGRNImageClassifier", "ImageConfig",
+    "checked_token_ids", "ClassifierConfig", "HGRNClassifier", "HGRNImageClassifier", "ImageConfig",
     "generate", "sample_token", "sinusoidal_positions",
     "FlaHGRNAttention", "GLU", "HGRNLM", "HGRU", "HGRU2D", "LMConfig", "LowerBounds",
     "ResidualBlock", "ScaleFreeRMSNorm", "lower_bounds", "make_norm",

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hgrn_jax.nn.blocks import ResidualBlock
+from hgrn_jax.nn.checks import check_length, check_token_ids
 from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
 from hgrn_jax.nn.glu import GLU
 from hgrn_jax.nn.hgru import HGRU
@@ -119,6 +120,10 @@ class HGRNLM(nnx.Module):
         raise ValueError(f"unknown mixer {c.mixer!r}; use 'hgru' or 'fla'")
 
     def _embed(self, ids: jax.Array) -> jax.Array:
+        if ids.ndim != 2:
+            raise ValueError(f"ids: expected token ids (batch, length); got shape {ids.shape}")
+        check_length(ids.shape, "token ids (batch, length)", "ids")
+        check_token_ids(ids, self.config.vocab_size, "ids")
         x = self.embed(ids)
         if self.config.scale_embeddings:
             x = x * math.sqrt(self.config.features)
