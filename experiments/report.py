@@ -329,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not runs:
-        print(f"error: no usable results.json under {', '.join(args.dirs)}; finish a run with "
-              "python -m experiments.train first", file=sys.stderr)
+        print(f"error: no results.json under {', '.join(args.dirs)} (or none usable, see the "
+              "warnings); finish a run with python -m experiments.train first", file=sys.stderr)
         return 2
     report = markdown_report(runs)
     print(report)
