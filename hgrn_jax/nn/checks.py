@@ -57,9 +57,12 @@ def check_token_ids(ids: jax.Array, vocab_size: int, name: str = "ids") -> None:
         return
     if np.size(ids) == 0:
         return
-    if isinstance(ids, jax.Array):  # sharded arrays too: reduce on the devices
-        low, high = int(jnp.min(ids)), int(jnp.max(ids))
-    else:
+    if isinstance(ids, jax.Array) and not ids.is_fully_addressable:
+        low, high = jnp.min(ids), jnp.max(ids)  # reduced on the devices
+        if isinstance(low, jax.core.Tracer):  # a global constant inside a trace: unknowable
+            return
+        low, high = int(low), int(high)
+    else:  # a concrete array (also one closed over by a jitted function)
         values = np.asarray(ids)
         low, high = int(values.min()), int(values.max())
     if high >= vocab_size or low < 0:
