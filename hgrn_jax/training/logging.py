@@ -134,6 +134,28 @@ class ProgressBar:
             self._bar.close()
 
 
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_changes(workdir: str | Path, config: Any) -> list[str]:
+    """Keys whose values differ from the ``config.json`` already in ``workdir`` (as
+    ``"key: old -> new"``); empty when there is none or nothing changed."""
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        return []
+    old = _flatten(json.loads(path.read_text()))
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    new = _flatten(json.loads(json.dumps(_jsonable(as_dict))))
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
 def write_config(workdir: str | Path, config: Any) -> None:
     """The resolved config as ``config.json``."""
     as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)

@@ -30,6 +30,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from hgrn_jax.training.logging import _flatten, _jsonable
+
 LOCK_NAME = "run.lock"
 RESUME_CHOICES = ("auto", "force", "restart")
 
@@ -175,18 +177,7 @@ class WorkdirLock:
 # ----------------------------------------------------------------------------- the config
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
 def _plain(config: Any) -> dict[str, Any]:
-    from hgrn_jax.training.logging import _jsonable
-
     as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     return json.loads(json.dumps(_jsonable(as_dict)))
 
