@@ -498,6 +498,7 @@ def _listops_release(folder: Path) -> Path:
     return release
 
 
+@pytest.mark.slow
 def test_a_broken_test_file_stops_before_training(tmp_path):
     from experiments.configs.lra import listops as listops_config
 
