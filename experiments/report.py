@@ -8,6 +8,10 @@ validation step (the LRA average uses the first run of each task, in path order)
 runs' loss and accuracy/perplexity against step (from each ``metrics.jsonl``) to a PNG (default
 ``DIR/curves.png`` of the first folder).
 
+A run whose results.json is corrupt or incomplete is left out with a warning and the others are
+reported; when the default PNG place cannot be written (a read-only run folder) the curves go to
+the temporary folder instead, and the message says where.
+
 Runs on generated or synthetic data (the ``tiny`` presets) are marked as such: their numbers
 show that the pipeline works, not how the model compares with the paper.
 """
@@ -18,7 +22,9 @@ import argparse
 import importlib
 import json
 import math
+import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +62,7 @@ class Run:
         return self.config.get("model", {}).get("features")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -79,8 +85,36 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def find_runs(folders: list[str | Path]) -> list[Run]:
-    """Every run (a folder with results.json) under ``folders``, sorted by path."""
+REQUIRED_RESULTS = ("task", "metric", "test")
+
+
+class BrokenRunError(ValueError):
+    """A run folder whose results.json (or config.json) cannot be used."""
+
+
+def _read_run(run_dir: Path) -> Run:
+    results_path, config_path = run_dir / "results.json", run_dir / "config.json"
+    try:
+        results = _read_json(results_path)
+        config = _read_json(config_path) if config_path.is_file() else {}
+    except OSError as error:
+        raise BrokenRunError(f"{error.filename or run_dir} cannot be read ({error.strerror})"
+                             ) from None
+    if not isinstance(results, dict) or any(key not in results for key in REQUIRED_RESULTS):
+        raise BrokenRunError(f"{results_path} lacks {', '.join(REQUIRED_RESULTS)} (holds "
+                             f"{json.dumps(results)[:80]}); was it written by experiments.train?")
+    if not isinstance(config, dict):
+        raise BrokenRunError(f"{config_path} does not hold a config (a JSON object)")
+    return Run(path=run_dir, results=results, config=config,
+               records=_read_records(run_dir / "metrics.jsonl"))
+
+
+def find_runs(folders: list[str | Path], *, skip_broken: bool = False) -> list[Run]:
+    """Every run (a folder with results.json) under ``folders``, sorted by path.
+
+    A run whose results.json or config.json is corrupt, empty or incomplete raises ValueError
+    naming the file, or with ``skip_broken`` is left out with a warning on stderr.
+    """
     runs = []
     for folder in folders:
         folder = Path(folder)
@@ -88,13 +122,12 @@ def find_runs(folders: list[str | Path]) -> list[Run]:
             raise FileNotFoundError(f"{folder} does not exist; pass run folders (workdirs of "
                                     "experiments.train) or folders that contain them")
         for results_path in sorted(folder.rglob("results.json")):
-            run_dir = results_path.parent
-            config_path = run_dir / "config.json"
-            runs.append(Run(
-                path=run_dir,
-                results=_read_json(results_path),
-                config=_read_json(config_path) if config_path.is_file() else {},
-                records=_read_records(run_dir / "metrics.jsonl")))
+            try:
+                runs.append(_read_run(results_path.parent))
+            except ValueError as error:
+                if not skip_broken:
+                    raise
+                print(f"warning: skipping {results_path.parent}: {error}", file=sys.stderr)
     return sorted(runs, key=lambda r: str(r.path))
 
 
@@ -291,20 +324,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
     try:
-        runs = find_runs(args.dirs)
+        runs = find_runs(args.dirs, skip_broken=True)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not runs:
-        print(f"error: no results.json under {', '.join(args.dirs)}; finish a run with "
-              "python -m experiments.train first", file=sys.stderr)
+        print(f"error: no results.json under {', '.join(args.dirs)} (or none usable, see the "
+              "warnings); finish a run with python -m experiments.train first", file=sys.stderr)
         return 2
     report = markdown_report(runs)
     print(report)
     if args.markdown:
-        Path(args.markdown).write_text(report)
-    png = plot_curves(runs, args.png or Path(args.dirs[0]) / "curves.png")
-    print(f"training curves: {png}")
+        try:
+            Path(args.markdown).write_text(report)
+        except OSError as error:
+            print(f"error: cannot write --markdown {args.markdown} ({error.strerror}); choose a "
+                  "writable path", file=sys.stderr)
+            return 2
+    png = Path(args.png) if args.png else Path(args.dirs[0]) / "curves.png"
+    try:
+        written = plot_curves(runs, png)
+    except OSError as error:
+        if args.png:
+            print(f"error: cannot write --png {png} ({error.strerror}); choose a writable path",
+                  file=sys.stderr)
+            return 2
+        fallback = Path(tempfile.gettempdir()) / f"hgrn-report-{os.getpid()}-curves.png"
+        written = plot_curves(runs, fallback)
+        print(f"warning: cannot write {png} ({error.strerror}); wrote the curves to {written} "
+              "instead (choose the place with --png PATH)", file=sys.stderr)
+    print(f"training curves: {written}")
     return 0
 
 

@@ -13,8 +13,18 @@ CPU testing: ``HGRN_NUM_CPU_DEVICES=N`` simulates N CPU devices; multi-process C
 gloo collectives.
 
 Exit codes: 0 finished, or preempted by SIGTERM after saving a checkpoint (the message says
-which; rerun to resume); 1 the loss became NaN/inf (the message gives the step); 2 a bad flag,
-config value or missing data (the message names the fix).
+which; rerun to resume); 1 the loss became NaN/inf (the message gives the step); 2 a user error:
+a bad flag, config file or value, missing or malformed data, a workdir that is in use (another
+run holds ``workdir/run.lock``), not writable or holds a run with an incompatible config (see
+``--config.resume``), or a checkpoint that cannot be read. User errors print one line naming the
+file or key and the fix; ``--traceback`` shows the full traceback instead.
+
+Resuming: the workdir's config.json is compared with the new config. Changes to the model, the
+data's shapes, the task or the optimizer's structure stop the run (exit 2, keys listed) unless
+``--config.resume=restart`` (move the previous run into ``workdir/previous-<time>/`` and start
+again) or ``--config.resume=force`` (resume anyway; still refused if the checkpoint's arrays do
+not fit). Other changes (more steps, evaluation/log/checkpoint frequency, ...) are listed in a
+warning and used.
 """
 
 from __future__ import annotations
@@ -58,9 +68,22 @@ def _configure_jax() -> None:
                                           _PROCESS_ID.value)
 
 
+def _one_line(message: str) -> str:
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
 def _fail(message: str, code: int) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    print(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def _check_config_file() -> None:
+    """Stop with one line when the --config file does not exist."""
+    path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]
+    if not os.path.isfile(path):
+        _fail(f"config file {path} not found (--config={path}); pass "
+              "--config=path/to/config.py[:PRESET], e.g. experiments/configs/lra/listops.py:tiny",
+              EXIT_USAGE)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -68,7 +91,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
-        _fail(f"{error}\nPass --helpshort to see the flags.", EXIT_USAGE)
+        text = str(error)
+        # A config file's own error (e.g. an unknown preset) is the useful part of absl's text.
+        cause = next((line.strip() for line in reversed(text.splitlines())
+                      if "Error: " in line), None)
+        _fail(f"{cause or text} (pass --helpshort to see the flags)", EXIT_USAGE)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         # ml_collections reports an unknown --config.key as an AttributeError/KeyError whose
         # text is the quoted key, sometimes with a suggestion; make it one readable line.
@@ -89,15 +116,21 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; options look like --config.key=value", EXIT_USAGE)
+    _check_config_file()
     if not flags.FLAGS["verbosity"].present:
         from absl import logging as absl_logging
 
         absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     _configure_jax()
 
+    from hgrn_jax.training.agreement import StoppedByProcessZero
+    from hgrn_jax.training.checkpoint import CheckpointError
     from hgrn_jax.training.loop import (PREEMPTED_EXIT_CODE, NonFiniteLossError, Preempted,
                                         train_and_evaluate)
+    from hgrn_jax.training.workdir import WorkdirError
 
+    user_errors = (ValueError, OSError, KeyError, AttributeError, WorkdirError, CheckpointError,
+                   StoppedByProcessZero)
     config = _CONFIG.value
     try:
         results = train_and_evaluate(config, _WORKDIR.value)
@@ -108,7 +141,7 @@ def main(argv: list[str]) -> None:
         if _TRACEBACK.value:
             raise
         _fail(str(error), EXIT_NONFINITE)
-    except (ValueError, FileNotFoundError, KeyError, AttributeError) as error:
+    except user_errors as error:
         if _TRACEBACK.value:
             raise
         _fail(f"{type(error).__name__}: {error} (rerun with --traceback for details)", EXIT_USAGE)

@@ -45,6 +45,7 @@ def toy_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 3
     c.log_every = 2
     c.keep_checkpoints = 2
+    c.resume = "auto"
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
     c.dtype = "float32"
     c.paper = ml_collections.ConfigDict(dict(metric="accuracy", value=50.0))

@@ -60,6 +60,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     c.checkpoint_every = 1000
     c.log_every = 50
     c.keep_checkpoints = 2
+    c.resume = "auto"  # on a changed config: "auto" refuses model/data/optimizer changes; see train.py
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
     c.dtype = "float32"
     c.paper = ml_collections.ConfigDict(dict(metric="accuracy", value=0.0))

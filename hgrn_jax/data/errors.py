@@ -22,14 +22,19 @@ class BadDataReport:
     """Collects bad examples of one dataset: ``(file, line, reason)``, line 0 meaning none.
 
     ``finish(skip)`` raises :class:`BadDataError` listing them unless ``skip`` is true, in which
-    case it warns with the same list and the examples stay out of the data.
+    case it warns with the same list and the examples stay out of the data. Problems added with
+    ``skippable=False`` (a bad header, a file with no examples left) make the data unusable
+    whatever ``skip`` says, so for them ``data.skip_bad_rows`` is neither applied nor suggested.
     """
 
     dataset: str
     problems: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
+    fatal: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
 
-    def add(self, file: str | Path, line: int, reason: str) -> None:
+    def add(self, file: str | Path, line: int, reason: str, *, skippable: bool = True) -> None:
         self.problems.append((str(file), int(line), reason))
+        if not skippable:
+            self.fatal.append(self.problems[-1])
 
     def __len__(self) -> int:
         return len(self.problems)
@@ -45,6 +50,9 @@ class BadDataReport:
     def finish(self, skip: bool) -> None:
         if not self.problems:
             return
+        if self.fatal:
+            raise BadDataError(self.message() + "\nfix the file: skipping rows cannot help here "
+                               "(" + self.fatal[0][2] + ")")
         if not skip:
             raise BadDataError(self.message() + "\nfix the data, or skip these examples with "
                                "--config.data.skip_bad_rows=True")

@@ -41,6 +41,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
+from hgrn_jax.data import loader
 from hgrn_jax.data.lra_tsv import MalformedRowError, find_file, parse_int_label, read_tsv
 from hgrn_jax.data.vocab import EOS_ID, PAD_ID, SPECIALS, UNK_ID, Vocabulary, count_tokens, pack
 
@@ -222,6 +223,7 @@ def _atomic_write(path: Path, text: str) -> None:
     """Write via a temporary file and a rename, so readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
+        loader.follow_umask(tmp)
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -17,6 +17,7 @@ import numpy as np
 
 from hgrn_jax.data import listops, loader, release
 from hgrn_jax.data.errors import BadDataReport
+from hgrn_jax.data.lra_tsv import decoded_lines, undecodable
 from hgrn_jax.data.vocab import Vocabulary
 
 
@@ -34,31 +35,37 @@ def find_file(lra_dir: str, split: str) -> Path:
 def read_rows(path: Path, report: BadDataReport) -> tuple[list[str], np.ndarray]:
     """Sources and labels (int32, 0-9) of the good rows; bad ones go to ``report``."""
     sources, labels = [], []
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if header is None or "Source" not in header or "Target" not in header:
-            report.add(path, 1, f"header {header} must name the columns Source<TAB>Target")
-            return [], np.zeros(0, np.int32)
-        src, tgt = header.index("Source"), header.index("Target")
-        for fields in reader:
-            line = reader.line_num
-            if not fields:
-                continue
-            if len(fields) != len(header):
-                report.add(path, line, f"expected {len(header)} tab-separated fields; got "
-                                       f"{len(fields)}")
-                continue
-            value = fields[tgt].strip()
-            if not (value.isdigit() and 0 <= int(value) < listops.NUM_CLASSES):
-                report.add(path, line, f"label {fields[tgt]!r} is not a class in "
-                                       f"0..{listops.NUM_CLASSES - 1}")
-                continue
-            if not fields[src].strip():
-                report.add(path, line, "empty expression")
-                continue
-            sources.append(fields[src])
-            labels.append(int(value))
+
+    def bad_bytes(line: int, error: UnicodeDecodeError) -> None:
+        report.add(path, line, undecodable(path, line, error).split(": ", 1)[1])
+
+    # One reader over the decoded lines: a BOM dropped, bad bytes reported by line.
+    reader = csv.reader(decoded_lines(path, bad_bytes), delimiter="\t",
+                        quoting=csv.QUOTE_NONE)
+    header = next(reader, None)
+    if header is None or "Source" not in header or "Target" not in header:
+        report.add(path, 1, f"header {header} must name the columns Source<TAB>Target",
+                   skippable=False)
+        return [], np.zeros(0, np.int32)
+    src, tgt = header.index("Source"), header.index("Target")
+    for fields in reader:
+        line = reader.line_num
+        if not fields:
+            continue
+        if len(fields) != len(header):
+            report.add(path, line, f"expected {len(header)} tab-separated fields; got "
+                                   f"{len(fields)}")
+            continue
+        value = fields[tgt].strip()
+        if not (value.isdigit() and 0 <= int(value) < listops.NUM_CLASSES):
+            report.add(path, line, f"label {fields[tgt]!r} is not a class in "
+                                   f"0..{listops.NUM_CLASSES - 1}")
+            continue
+        if not fields[src].strip():
+            report.add(path, line, "empty expression")
+            continue
+        sources.append(fields[src])
+        labels.append(int(value))
     return sources, np.array(labels, np.int32)
 
 
@@ -67,7 +74,7 @@ def _good_rows(path: Path, skip_bad_rows: bool) -> tuple[list[str], np.ndarray]:
     sources, labels = read_rows(path, report)
     report.finish(skip_bad_rows)
     if not sources:
-        report.add(path, 0, "no examples")
+        report.add(path, 0, "no examples", skippable=False)
         report.finish(False)
     return sources, labels
 

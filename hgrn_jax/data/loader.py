@@ -101,6 +101,24 @@ def fingerprint(paths: list[Path] | tuple[Path, ...]) -> list[list[Any]]:
     return out
 
 
+def current_umask() -> int:
+    """The process's umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | Path, *, directory: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would (tempfile's are 0600/0700)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def cache_folder(cache_dir: str | Path, name: str, key: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     return Path(cache_dir) / f"{name}-{digest[:12]}"
@@ -119,6 +137,7 @@ def prepared(cache_dir: str | Path, name: str, key: dict[str, Any],
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
     try:
+        follow_umask(tmp, directory=True)
         build(tmp)
         (tmp / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True, default=str))
         (tmp / DONE).write_text("")

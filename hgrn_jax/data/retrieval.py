@@ -24,6 +24,7 @@ import numpy as np
 
 from hgrn_jax.data import loader, release
 from hgrn_jax.data.errors import BadDataReport
+from hgrn_jax.data.lra_tsv import decoded_lines, undecodable
 from hgrn_jax.data.vocab import CharEncoder, Vocabulary, char_vocabulary, write_row
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -42,37 +43,42 @@ def find_file(lra_dir: str, split: str) -> Path:
 
 def parse_rows(path: Path, report: BadDataReport) -> Iterator[tuple[int, str, str]]:
     """(label, text1, text2) of every good row; bad rows go to ``report`` with their line."""
-    with path.open(newline="", encoding="utf-8", errors="strict") as f:
-        reader = csv.reader(f, delimiter="\t", quotechar='"', doublequote=True, strict=False)
-        line = 1
-        while True:
-            try:
-                fields = next(reader)
-            except StopIteration:
-                return
-            except (csv.Error, UnicodeDecodeError) as error:
-                report.add(path, line, f"unreadable row ({error})")
-                return
-            start, line = line, reader.line_num + 1
-            if not fields:
-                continue
-            if len(fields) != len(COLUMNS):
-                report.add(path, start, f"expected {len(COLUMNS)} tab-separated fields "
-                                        f"({', '.join(COLUMNS)}); got {len(fields)}")
-                continue
-            try:
-                label = float(fields[0])
-            except ValueError:
-                report.add(path, start, f"label {fields[0]!r} is not a number")
-                continue
-            if label not in (0.0, 1.0):
-                report.add(path, start, f"label {fields[0]!r} not in 0..{NUM_CLASSES - 1}")
-                continue
-            text1, text2 = fields[3], fields[4]
-            if not text1.strip() or not text2.strip():
-                report.add(path, start, "empty document")
-                continue
-            yield int(label), text1, text2
+
+    def bad_bytes(number: int, error: UnicodeDecodeError) -> None:
+        report.add(path, number, undecodable(path, number, error).split(": ", 1)[1])
+
+    reader = csv.reader(decoded_lines(path, bad_bytes), delimiter="\t", quotechar='"',
+                        doublequote=True, strict=False)
+    line = 1
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            report.add(path, line, f"unreadable row ({error}); the rows after it cannot be "
+                                   "read either", skippable=False)
+            return
+        start, line = line, reader.line_num + 1
+        if not fields:
+            continue
+        if len(fields) != len(COLUMNS):
+            report.add(path, start, f"expected {len(COLUMNS)} tab-separated fields "
+                                    f"({', '.join(COLUMNS)}); got {len(fields)}")
+            continue
+        try:
+            label = float(fields[0])
+        except ValueError:
+            report.add(path, start, f"label {fields[0]!r} is not a number")
+            continue
+        if label not in (0.0, 1.0):
+            report.add(path, start, f"label {fields[0]!r} not in 0..{NUM_CLASSES - 1}")
+            continue
+        text1, text2 = fields[3], fields[4]
+        if not text1.strip() or not text2.strip():
+            report.add(path, start, "empty document")
+            continue
+        yield int(label), text1, text2
 
 
 def _good_rows(path: Path, skip_bad_rows: bool) -> Iterator[tuple[int, str, str]]:

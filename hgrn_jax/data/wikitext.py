@@ -100,13 +100,19 @@ class LineTokenizer:
 
 def _build(folder: Path, path: Path, tokenizer: LineTokenizer) -> None:
     chunks = []
+    number = 0
     with path.open(encoding="utf-8") as f:
         lines: list[str] = []
-        for line in f:
-            lines.append(line)
-            if len(lines) == CHUNK_LINES:
-                chunks.append(tokenizer.encode_lines(lines).astype(tokenizer.dtype))
-                lines = []
+        try:
+            for number, line in enumerate(f, start=1):
+                lines.append(line)
+                if len(lines) == CHUNK_LINES:
+                    chunks.append(tokenizer.encode_lines(lines).astype(tokenizer.dtype))
+                    lines = []
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not valid UTF-8 after line {number} ({error.reason}); "
+                             "re-save the file as UTF-8 or point data.wikitext_dir at the "
+                             "release") from None
         chunks.append(tokenizer.encode_lines(lines).astype(tokenizer.dtype))
     tokens = np.concatenate(chunks)
     loader.save_arrays(folder, "data", {"tokens": tokens})

@@ -1,6 +1,7 @@
 """Flax NNX modules of HGRN and HGRN2: token mixers, channel mixers, lower bounds, blocks, models."""
 
 from hgrn_jax.nn.blocks import ResidualBlock
+from hgrn_jax.nn.checks import checked_token_ids
 from hgrn_jax.nn.classifier import ClassifierConfig, HGRNClassifier
 from hgrn_jax.nn.embeddings import sinusoidal_positions
 from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
@@ -15,7 +16,7 @@ from hgrn_jax.nn.mixers import MixerConfig, make_mixer
 from hgrn_jax.nn.norms import ScaleFreeRMSNorm, make_norm
 
 __all__ = [
-    "ClassifierConfig", "HGRNClassifier", "HGRNImageClassifier", "ImageConfig",
+    "checked_token_ids", "ClassifierConfig", "HGRNClassifier", "HGRNImageClassifier", "ImageConfig",
     "generate", "sample_token", "sinusoidal_positions",
     "FlaHGRNAttention", "FlaHGRN2Attention", "GLU", "HGRN2", "HGRN2D", "HGRNLM", "HGRU",
     "HGRU2D", "LMConfig", "LowerBounds", "MixerConfig", "make_mixer",

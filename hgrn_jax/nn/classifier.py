@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hgrn_jax.nn.blocks import ResidualBlock
+from hgrn_jax.nn.checks import check_length, check_token_ids
 from hgrn_jax.nn.embeddings import sinusoidal_positions
 from hgrn_jax.nn.glu import GLU, glu_width
 from hgrn_jax.nn.initializers import dense, logical
@@ -191,12 +192,15 @@ class HGRNClassifier(nnx.Module):
             if inputs.ndim != 2 or not jnp.issubdtype(inputs.dtype, jnp.integer):
                 raise ValueError(f"{name}: encoder='embed' takes integer token ids "
                                  f"(batch, length); got {inputs.dtype} {inputs.shape}")
+            check_length(inputs.shape, "token ids (batch, length)", name)
+            check_token_ids(inputs, c.vocab_size, name)
         else:
             if inputs.ndim == 2 and c.input_channels == 1:
                 inputs = inputs[..., None]
             if inputs.ndim != 3 or inputs.shape[-1] != c.input_channels:
                 raise ValueError(f"{name}: encoder='linear' takes floats (batch, length, "
                                  f"{c.input_channels}); got shape {inputs.shape}")
+            check_length(inputs.shape, f"floats (batch, length, {c.input_channels})", name)
         if c.mixer.scan == "2d" and inputs.shape[1] != c.grid_shape[0] * c.grid_shape[1]:
             raise ValueError(f"{name}: length {inputs.shape[1]} is not H * W for grid_shape "
                              f"{c.grid_shape}; pass inputs in raster order of that grid")

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hgrn_jax.nn.checks import check_token_ids
+
 
 def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array | float,
                  top_k: int | None = None, greedy: bool = False) -> jax.Array:
@@ -65,6 +67,9 @@ def generate(model: nnx.Module, prompt_ids: jax.Array, max_new_tokens: int, *,
     if prompt_ids.ndim != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be (batch, length >= 1) token ids; got shape "
                          f"{prompt_ids.shape} (start an empty prompt with a BOS token)")
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab_size:
+        check_token_ids(prompt_ids, int(vocab_size), "prompt_ids")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
     if max_new_tokens == 0:

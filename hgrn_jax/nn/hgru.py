@@ -97,6 +97,15 @@ class _HGRUBase(nnx.Module):
                 raise ValueError(f"num_phases must be 1 or 2; got {num_phases}")
         self.num_phases = num_phases
 
+    def check_input(self, x: jax.Array, layout: str) -> None:
+        """ValueError naming the expected shape for a wrong rank, width or an empty axis;
+        ``layout`` is e.g. ``"(batch, length, d)"``."""
+        rank = layout.count(",") + 1
+        if x.ndim != rank or x.shape[-1] != self.features or 0 in x.shape[1:-1]:
+            raise ValueError(f"{type(self).__name__} expects {layout}; got shape "
+                             f"{tuple(x.shape)} (this layer has d = {self.features}, and every "
+                             "axis after the batch must be non-empty)")
+
     def decay_and_input(
         self, x: jax.Array, lower_bound: jax.Array | float
     ) -> tuple[jax.Array, jax.Array]:
@@ -194,6 +203,7 @@ class HGRU(_HGRUBase):
 
         Padded steps are identity steps of every scan: real positions see exactly the unpadded
         sequence, wherever the padding sits."""
+        self.check_input(x, "(batch, length, d)")
         lam, b = self.decay_and_input(x, lower_bound)
         directions: tuple[Direction, ...] = (
             ("forward", "reverse") if self.bidirectional else ("forward",))
@@ -209,6 +219,7 @@ class HGRU(_HGRUBase):
         recurrence is). Returns the outputs (B, T, d) and the state after the last token."""
         if self.bidirectional:
             raise ValueError("step() needs a causal HGRU (bidirectional=False)")
+        self.check_input(x, "(batch, length, d)")
         lam, b = self.decay_and_input(x, lower_bound)
         h, last = self.scan(self.decay(lam, "forward"), b, "forward", h0=state,
                             return_last_state=True)
@@ -243,8 +254,7 @@ class HGRU2D(_HGRUBase):
     def __call__(self, x: jax.Array, lower_bound: jax.Array | float = 0.0,
                  mask: jax.Array | None = None) -> jax.Array:
         """``x`` (B, H, W, d), ``mask`` (B, H, W) with 1 for real cells -> (B, H, W, d)."""
-        if x.ndim != 4:
-            raise ValueError(f"HGRU2D expects (batch, H, W, d); got shape {x.shape}")
+        self.check_input(x, "(batch, H, W, d)")
         lam, b = self.decay_and_input(x, lower_bound)
         directions: tuple[Direction, ...] = ("forward",) if self.causal else ("forward", "reverse")
         h = 0.0

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hgrn_jax.nn.blocks import ResidualBlock
+from hgrn_jax.nn.checks import check_length, check_token_ids
 from hgrn_jax.nn.glu import GLU, glu_width
 from hgrn_jax.nn.initializers import dense, logical
 from hgrn_jax.nn.lower_bounds import LowerBounds
@@ -152,6 +153,10 @@ class HGRNLM(nnx.Module):
             self.lm_head = dense(d, c.vocab_size, ("embed", "vocab"), use_bias=False, **common)
 
     def _embed(self, ids: jax.Array) -> jax.Array:
+        if ids.ndim != 2:
+            raise ValueError(f"ids: expected token ids (batch, length); got shape {ids.shape}")
+        check_length(ids.shape, "token ids (batch, length)", "ids")
+        check_token_ids(ids, self.config.vocab_size, "ids")
         x = self.embed(ids)
         if self.config.scale_embeddings:
             x = x * math.sqrt(self.config.features)

@@ -4,17 +4,37 @@ Each checkpoint is a step folder with two items: ``state`` (the train state's ar
 directly into their shardings) and ``meta`` (JSON: the next step, i.e. the data position, and
 run bookkeeping). Checkpoints saved after an evaluation carry the validation metric, and the one
 with the best value is kept besides the latest ``keep`` ones.
+
+Restoring never deletes. Once Orbax has committed a step, its files' checksums are recorded
+(:mod:`hgrn_jax.training.integrity`); on restore a checkpoint is classified:
+
+- damaged (missing or truncated files, a failed checksum, or, without checksums, a failed
+  restore): moved into ``<directory>.damaged/<step>`` with a :class:`CheckpointFallbackWarning`,
+  and the next older one is tried;
+- unreadable for another reason (permissions, I/O): :class:`CheckpointUnreadableError`;
+- holding other array names/shapes/dtypes than the new model and optimizer:
+  :class:`CheckpointMismatchError`. In the last two cases nothing is touched.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from hgrn_jax.training import agreement, integrity
+from hgrn_jax.training.integrity import (CheckpointError, CheckpointUnreadableError,
+                                         DamagedCheckpointError)
+
+__all__ = ["CheckpointError", "CheckpointFallbackWarning", "CheckpointMismatchError",
+           "CheckpointUnreadableError", "CheckpointUnverifiedWarning", "Checkpoints",
+           "DamagedCheckpointError"]
 
 
 def _drop_untracked_metric_notice(record: logging.LogRecord) -> bool:
@@ -27,7 +47,29 @@ logging.getLogger("absl").addFilter(_drop_untracked_metric_notice)
 
 
 class CheckpointFallbackWarning(RuntimeWarning):
-    """A checkpoint could not be read and an older one is used instead."""
+    """A checkpoint was damaged: it was moved aside and an older one is used instead."""
+
+
+class CheckpointUnverifiedWarning(RuntimeWarning):
+    """A checkpoint without recorded checksums is restored unverified."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint's arrays do not fit the model/optimizer built from the new config."""
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``"params/embed/embedding" -> (shape, dtype)`` of every array leaf of ``tree``."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key_name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+            for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
 class Checkpoints:
@@ -64,43 +106,163 @@ class Checkpoints:
             cleanup_tmp_directories=True,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"),
-                                             options=options)
+        self.async_save = async_save
+        self.primary = jax.process_index() == 0
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
 
     def all_steps(self) -> list[int]:
         """Steps of the finished checkpoints, ascending."""
         return sorted(self.manager.all_steps())
 
+    def step_folder(self, step: int) -> Path:
+        return self.directory / str(step)
+
     def save(self, step: int, tree: Any, meta: dict, metrics: dict[str, float] | None = None
              ) -> None:
-        """Start saving ``tree`` (arrays) and ``meta`` (JSON) as checkpoint ``step``."""
+        """Start saving ``tree`` (arrays) and ``meta`` (JSON) as checkpoint ``step``.
+
+        Orbax finishes the previous asynchronous save first; its checksums are recorded then."""
+        self.manager.wait_until_finished()
+        self.record_checksums()
         args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args, metrics=metrics, force=True)
+        if not self.async_save:
+            self.record_checksums()
+
+    def record_checksums(self) -> None:
+        """Write the integrity manifest of every finished checkpoint that lacks one (process 0;
+        call only when no save is in flight, so that only committed folders are hashed)."""
+        if not self.primary:
+            return
+        for step in self.all_steps():
+            folder = self.step_folder(step)
+            if folder.is_dir() and not integrity.has_manifest(folder):
+                try:
+                    integrity.write_manifest(folder)
+                except OSError as error:  # the run goes on; this checkpoint stays unverified
+                    warnings.warn(f"could not record the checksums of {folder} ({error}); it will "
+                                  "be restored unverified", RuntimeWarning, stacklevel=2)
+
+    def check_structure(self, step: int, target: Any) -> None:
+        """Raise :class:`CheckpointMismatchError` when checkpoint ``step`` holds arrays of other
+        names, shapes or dtypes than ``target`` (a changed model or optimizer)."""
+        try:
+            stored = self.manager.item_metadata(step)["state"]
+        except Exception as error:  # noqa: BLE001 (unreadable metadata: damaged)
+            raise integrity.DamagedCheckpointError(
+                f"{self.step_folder(step)}: its array metadata cannot be read "
+                f"({type(error).__name__}: {str(error)[:200]})") from None
+        stored_tree = getattr(stored, "tree", stored)
+        if stored_tree is None:
+            raise integrity.DamagedCheckpointError(
+                f"{self.step_folder(step)}: its array metadata is missing")
+        have = _shapes(stored_tree)
+        want = _shapes(target)
+        problems = [f"{key}: missing in the checkpoint" for key in sorted(set(want) - set(have))]
+        problems += [f"{key}: not in the new model/optimizer" for key in sorted(set(have) - set(want))]
+        problems += [f"{key}: checkpoint {have[key]}, now {want[key]}"
+                     for key in sorted(set(have) & set(want)) if have[key] != want[key]]
+        if problems:
+            listed = "; ".join(problems[:4]) + (f"; ... ({len(problems)} in all)"
+                                                 if len(problems) > 4 else "")
+            raise CheckpointMismatchError(
+                f"checkpoint {self.step_folder(step)} holds a different model or optimizer state "
+                f"({listed}); resume with the config it was saved with, or use a new --workdir")
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict]:
-        """Checkpoint ``step`` as ``(tree, meta)``; ``target`` gives shapes, dtypes, shardings."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                  meta=ocp.args.JsonRestore())
-        restored = self.manager.restore(step, args=args)
-        return restored.state, dict(restored.meta)
+        """Checkpoint ``step`` as ``(tree, meta)``; ``target`` gives shapes, dtypes, shardings.
+
+        The files are first checked against their checksums; a damaged checkpoint is moved
+        aside (:meth:`move_aside`) and :class:`DamagedCheckpointError` raised. Unreadable files
+        raise :class:`CheckpointUnreadableError`, a changed structure
+        :class:`CheckpointMismatchError`; in both cases nothing is touched.
+        """
+        self.wait()
+        code, error = 0, None
+        if self.primary:
+            try:
+                checked = integrity.verify(self.step_folder(step))
+                if isinstance(checked, integrity.Unverified):
+                    warnings.warn(f"checkpoint at step {step}: {checked.reason}; restoring it "
+                                  "unverified", CheckpointUnverifiedWarning, stacklevel=3)
+                self.check_structure(step, target)
+            except integrity.DamagedCheckpointError as damaged:
+                code, error = 1, damaged
+            except integrity.CheckpointError as stop:
+                code, error = 2, stop
+        code = agreement.broadcast_code(code)
+        if code == 1:
+            raise self._moved(step, error)
+        if code == 2:
+            raise error if error is not None else agreement.StoppedByProcessZero(
+                f"process 0 cannot use checkpoint {step}; its log gives the reason")
+        verified = self.primary and integrity.has_manifest(self.step_folder(step))
+        failure = None
+        try:
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                      meta=ocp.args.JsonRestore())
+            restored = self.manager.restore(step, args=args)
+        except Exception as exc:  # noqa: BLE001 (classified below)
+            failure = exc
+        if not agreement.any_process(failure is not None):
+            return restored.state, dict(restored.meta)
+        text = f"{type(failure).__name__}: {str(failure)[:300]}" if failure else "on another process"
+        local_unreadable = isinstance(failure, OSError) or "PERMISSION_DENIED" in text
+        if agreement.any_process(local_unreadable):
+            if isinstance(failure, OSError):
+                raise integrity.classify_os_error(failure, self.step_folder(step)) from None
+            raise integrity.CheckpointUnreadableError(
+                f"cannot read checkpoint {self.step_folder(step)} ({text[:200]}); give this user "
+                "read access to it (or fix the file system) and run again") from None
+        if agreement.broadcast_code(int(verified)):
+            raise integrity.CheckpointError(
+                f"checkpoint {self.step_folder(step)} passes its checksums but does not restore "
+                f"({text}); nothing was changed. Rerun with --traceback and report it") from None
+        raise self._moved(step, integrity.DamagedCheckpointError(
+            f"{self.step_folder(step)} does not restore ({text})"))
+
+    def _moved(self, step: int, error: BaseException | None) -> integrity.DamagedCheckpointError:
+        """Move checkpoint ``step`` aside (process 0), warn, and return the error to raise."""
+        reason = str(error) if error is not None else "damaged (process 0's log says why)"
+        destination = self.move_aside(step)
+        warnings.warn(f"checkpoint at step {step} in {self.directory} is damaged ({reason}); "
+                      f"moved it to {destination} (kept, not deleted); falling back to the "
+                      "previous checkpoint", CheckpointFallbackWarning, stacklevel=3)
+        return integrity.DamagedCheckpointError(f"checkpoint at step {step}: {reason}; moved "
+                                                f"to {destination}")
+
+    def move_aside(self, step: int) -> Path:
+        """Rename checkpoint ``step`` into ``<directory>.damaged/`` (process 0) and forget it.
+        Returns the new folder."""
+        aside = self.directory.with_name(self.directory.name + ".damaged")
+        destination = aside / str(step)
+        suffix = 1
+        while destination.exists():
+            suffix += 1
+            destination = aside / f"{step}.{suffix}"
+        if self.primary:
+            aside.mkdir(parents=True, exist_ok=True)
+            os.rename(self.step_folder(step), destination)
+        agreement.broadcast_code(0)  # the others wait for the rename before re-listing
+        self.manager.reload()
+        return destination
 
     def restore_latest(self, target: Any) -> tuple[int, Any, dict] | None:
-        """The newest readable checkpoint as ``(step, tree, meta)``, or None if there is none.
+        """The newest usable checkpoint as ``(step, tree, meta)``, or None if there is none.
 
-        A checkpoint that fails to load (half-written, truncated or corrupt files) is reported
-        with a :class:`CheckpointFallbackWarning`, deleted (so the step can be saved again), and
-        the previous one is tried.
+        A damaged checkpoint (half-written, truncated, failing its checksums) is reported with a
+        :class:`CheckpointFallbackWarning`, moved aside (never deleted) and the previous one is
+        tried. Unreadable or structurally different checkpoints stop the search (see
+        :meth:`restore`).
         """
         self.wait()
         for step in reversed(self.all_steps()):
             try:
                 tree, meta = self.restore(step, target)
-            except Exception as error:  # noqa: BLE001 (any read failure means "unusable")
-                warnings.warn(
-                    f"checkpoint at step {step} in {self.directory} is unreadable "
-                    f"({type(error).__name__}: {str(error)[:300]}); falling back to the "
-                    "previous checkpoint", CheckpointFallbackWarning, stacklevel=2)
-                self.manager.delete(step)
+            except integrity.DamagedCheckpointError:
                 continue
             return step, tree, meta
         return None
@@ -121,9 +283,11 @@ class Checkpoints:
         return max(scored, key=lambda item: (sign * item[1], item[0]))[0]
 
     def wait(self) -> None:
-        """Block until pending asynchronous saves are written."""
+        """Block until pending asynchronous saves are written and their checksums recorded."""
         self.manager.wait_until_finished()
+        self.record_checksums()
 
     def close(self) -> None:
-        """Finish pending saves and release the manager's resources."""
+        """Finish pending saves, record their checksums, release the manager's resources."""
+        self.wait()
         self.manager.close()

@@ -55,9 +55,6 @@ class MetricsWriter:
         if enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
-            from tensorboardX import SummaryWriter  # heavy import, only on the writing process
-
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
 
     def rewind(self, step: int) -> None:
         """Forget records after ``step`` (written by a run that died before its next checkpoint
@@ -86,6 +83,10 @@ class MetricsWriter:
         record = {"step": int(step), "split": split, **_jsonable(metrics)}
         self._jsonl.write(json.dumps(record, sort_keys=True) + "\n")
         self._jsonl.flush()
+        if self._tb is None:  # created at the first record: a run that stops early adds no file
+            from tensorboardX import SummaryWriter  # heavy import, only on the writing process
+
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
         for name, value in metrics.items():
             if isinstance(value, (int, float, np.generic)) and math.isfinite(float(value)):
                 self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
@@ -94,7 +95,8 @@ class MetricsWriter:
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
-            self._tb.close()
+            if self._tb is not None:
+                self._tb.close()
 
 
 class ProgressBar:

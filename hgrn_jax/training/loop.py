@@ -1,7 +1,10 @@
 """``train_and_evaluate(config, workdir)``: the whole run, resumable and preemption-safe.
 
-Steps: build the task and a sharded train state; resume from the newest readable checkpoint in
-``workdir/checkpoints`` (the data position is the saved step); train with logging; evaluate the
+Steps: lock the workdir and compare its config.json with the new config
+(:mod:`hgrn_jax.training.workdir`); build the task and a sharded train state; resume from the
+newest usable checkpoint in ``workdir/checkpoints`` (the data position is the saved step; damaged
+checkpoints are moved aside, see :mod:`hgrn_jax.training.checkpoint`); open and validate every
+split (:mod:`hgrn_jax.training.preflight`); train with logging; evaluate the
 whole validation split every ``eval_every`` steps and checkpoint with the validation metric (the
 best one is kept); checkpoint every ``checkpoint_every`` steps; at the end evaluate the test split
 with the best validation checkpoint and write ``results.json``.
@@ -24,21 +27,22 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import numpy as np
 
 from hgrn_jax import sharding
-from hgrn_jax.training import optim
-from hgrn_jax.training.checkpoint import Checkpoints
-from hgrn_jax.training.logging import (MetricsWriter, ProgressBar, config_changes, write_config,
-                                      write_results)
+from hgrn_jax.training import agreement, optim, preflight
+from hgrn_jax.training.checkpoint import Checkpoints, CheckpointError, DamagedCheckpointError
+from hgrn_jax.training.logging import MetricsWriter, ProgressBar, write_config, write_results
 from hgrn_jax.training.state import (TrainState, abstract_checkpoint_tree, count_params,
                                      create_train_state, from_checkpoint_tree, release_buffers,
                                      to_checkpoint_tree)
 from hgrn_jax.training.steps import (jit_eval_step, jit_train_step, make_eval_step,
                                      make_train_step)
+from hgrn_jax.training.workdir import (ConfigChangeWarning, WorkdirError, WorkdirLock,
+                                       check_resume, not_writable)
 
 PREEMPTED_EXIT_CODE = 0
 """Exit code of ``experiments.train`` after a SIGTERM: the checkpoint is safe; rerun to resume."""
@@ -245,8 +249,48 @@ class Run:
         return summarize(total, self.metric)
 
 
-def _train_batches(task, start: int) -> Iterator[dict]:
-    return iter(task.train_batches(start, jax.process_index(), jax.process_count()))
+def _restore_best(run: Run, workdir: Path) -> tuple[int, TrainState]:
+    """The best validation checkpoint; a damaged one is moved aside and the next best used."""
+    while True:
+        best_step = run.checkpoints.best_step()
+        if best_step is None:
+            raise CheckpointError(
+                f"no usable checkpoint with a validation metric in {workdir}/checkpoints (damaged "
+                f"ones are kept in {workdir}/checkpoints.damaged); run again with a larger "
+                "--config.num_train_steps to evaluate and checkpoint again")
+        try:
+            best_state, _ = run.restore(best_step)
+        except DamagedCheckpointError:
+            continue
+        return best_step, best_state
+
+
+def check_run_lengths(config: Any) -> None:
+    """Raise ValueError naming the key when a step count or frequency is not positive."""
+    for key in ("num_train_steps", "eval_every", "checkpoint_every", "log_every"):
+        value = _config_int(config, key, 1)
+        if value < 1:
+            raise ValueError(f"config.{key}={value} must be at least 1; set --config.{key}")
+
+
+def prepare_workdir(workdir: Path, config: Any) -> WorkdirLock:
+    """Lock ``workdir`` (process 0, before anything is written), check that its run may continue
+    with ``config`` and write ``config.json``; the other processes learn the outcome."""
+    lock, error = WorkdirLock(workdir), None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+            for line in check_resume(workdir, config):
+                warnings.warn(line, ConfigChangeWarning, stacklevel=3)
+            try:
+                write_config(workdir, config)
+            except OSError as os_error:
+                raise not_writable(workdir / "config.json", os_error) from None
+        except (WorkdirError, ValueError, OSError) as failure:
+            lock.release()
+            error = failure
+    agreement.share_outcome(error, f"preparing {workdir}")
+    return lock
 
 
 def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> dict[str, Any]:
@@ -254,17 +298,23 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
 
     ``task`` overrides :func:`resolve_task` (tests and notebooks pass their own). Returns the
     results written to ``workdir/results.json``. Raises :class:`Preempted` after a SIGTERM
-    (checkpoint saved) and :class:`NonFiniteLossError` when the loss diverges.
+    (checkpoint saved) and :class:`NonFiniteLossError` when the loss diverges; user errors
+    (config, data, workdir, checkpoints) raise ValueError, OSError,
+    :class:`~hgrn_jax.training.workdir.WorkdirError` or
+    :class:`~hgrn_jax.training.checkpoint.CheckpointError` with a message naming the fix.
+    The workdir is locked for the whole run (:class:`~hgrn_jax.training.workdir.WorkdirLock`).
     """
     workdir = Path(workdir)
+    check_run_lengths(config)
+    lock = prepare_workdir(workdir, config)
+    try:
+        return _train_and_evaluate(config, workdir, task)
+    finally:
+        lock.release()
+
+
+def _train_and_evaluate(config: Any, workdir: Path, task: Any) -> dict[str, Any]:
     run = Run(config, workdir, task)
-    if run.primary:
-        workdir.mkdir(parents=True, exist_ok=True)
-        changes = config_changes(workdir, config)
-        if changes:
-            warnings.warn(f"{workdir} holds a run with another config; resuming it with the new "
-                          "values: " + "; ".join(changes), stacklevel=2)
-        write_config(workdir, config)
 
     total_steps = int(config.num_train_steps)
     eval_every = max(_config_int(config, "eval_every", total_steps), 1)
@@ -288,11 +338,11 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
     bar = ProgressBar(total_steps, start, enabled=run.primary)
     if start > 0:
         bar.write(f"resuming from step {start} in {workdir}")
+    batches = preflight.open_splits(run.task, config, start)
     pending: list[dict] = []
     t_log, steps_since_log = time.time(), 0
     try:
         with _SigtermFlag() as sigterm, jax.set_mesh(run.mesh):
-            batches = _train_batches(run.task, start)
             for step in range(start, total_steps):
                 batch = sharding.shard_batch(next(batches), run.mesh)
                 state, metrics = run.train_step(state, batch)
@@ -335,10 +385,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
         run.checkpoints.wait()
 
     wall = wall_before + (time.time() - t_start if start < total_steps else 0.0)
-    best_step = run.checkpoints.best_step()
-    if best_step is None:
-        raise RuntimeError(f"no checkpoint with a validation metric in {workdir}/checkpoints")
-    best_state, _ = run.restore(best_step)
+    best_step, best_state = _restore_best(run, workdir)
     best_val = run.checkpoints.metrics(best_step)[run.best_key]
     test = run.evaluate(best_state, "test")
     run.writer.write(total_steps, "test", {**test, "best_step": best_step})

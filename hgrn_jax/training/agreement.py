@@ -1,0 +1,43 @@
+"""Decisions that every process of a multi-host run must take identically.
+
+Process 0 alone looks at the workdir (the lock, config.json, checkpoint checksums) and writes;
+the others learn its outcome through a small collective, so that no process goes on training
+while another has stopped.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+
+class StoppedByProcessZero(RuntimeError):
+    """Process 0 refused to go on (its log has the reason); raised on the other processes."""
+
+
+def broadcast_code(code: int) -> int:
+    """Process 0's ``code`` on every process (``code`` is ignored on the others)."""
+    if jax.process_count() == 1:
+        return int(code)
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def share_outcome(error: BaseException | None, what: str) -> None:
+    """Re-raise process 0's ``error`` there and stop the others with
+    :class:`StoppedByProcessZero`; return quietly on every process when process 0 succeeded."""
+    failed = broadcast_code(int(error is not None))
+    if error is not None:
+        raise error
+    if failed:
+        raise StoppedByProcessZero(f"process 0 stopped while {what}; its log gives the reason")

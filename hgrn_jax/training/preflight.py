@@ -1,0 +1,82 @@
+"""Checks that run before the first training step, so a bad input never costs a run.
+
+:func:`open_splits` opens every split through the task interface (the first training batch at the
+resume step, the first batch of ``val`` and ``test``), so a missing or malformed validation or
+test file stops the run before training rather than at the first evaluation or after the last
+step; :func:`check_token_ids` checks the token ids of every split against the model's vocabulary.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+TOKEN_KEYS = ("inputs", "inputs2", "ids")
+
+
+def _model_vocab_size(config: Any) -> int | None:
+    model = config.get("model", {}) if hasattr(config, "get") else {}
+    if not hasattr(model, "get"):
+        return None
+    if model.get("encoder", "embed") != "embed":
+        return None
+    size = model.get("vocab_size")
+    return int(size) if size else None
+
+
+def check_token_ids(arrays: dict[str, Any], vocab_size: int, where: str) -> None:
+    """Raise ValueError when an integer token array of ``arrays`` leaves ``[0, vocab_size)``."""
+    for key in TOKEN_KEYS:
+        values = arrays.get(key)
+        if values is None or not np.issubdtype(np.asarray(values[:0]).dtype, np.integer):
+            continue
+        if len(values) == 0:
+            continue
+        low, high = int(np.min(values)), int(np.max(values))
+        if low < 0 or high >= vocab_size:
+            bad = high if high >= vocab_size else low
+            raise ValueError(
+                f"{where}: token id {bad} in {key!r} is outside [0, {vocab_size}) "
+                f"(config.model.vocab_size={vocab_size}); set --config.model.vocab_size to "
+                "the data's vocabulary size or re-prepare the data with this vocabulary")
+
+
+def open_splits(task: Any, config: Any, start_step: int) -> Iterator[dict]:
+    """Open and validate train, val and test; return the training batches from ``start_step``.
+
+    Raises whatever the task's readers raise for a missing or malformed split (their messages
+    name the file), ValueError for an empty evaluation split or out-of-vocabulary ids.
+    """
+    index, count = jax.process_index(), jax.process_count()
+    vocab_size = _model_vocab_size(config)
+    train = iter(task.train_batches(start_step, index, count))
+    first = next(train)
+    for split in ("val", "test"):
+        batch = next(iter(task.eval_batches(split, index, count)), None)
+        if batch is None:
+            raise ValueError(f"the {split!r} split of task {getattr(task, 'name', '?')!r} has no "
+                             "examples; check its data files")
+        if vocab_size is not None:
+            check_token_ids(batch, vocab_size, f"the first {split} batch")
+            check_token_ids(_whole_split(task, split), vocab_size, f"the {split} split")
+    if vocab_size is not None:
+        check_token_ids(first, vocab_size, "the first training batch")
+        check_token_ids(_whole_split(task, "train"), vocab_size, "the train split")
+    return itertools.chain([first], train)
+
+
+def _whole_split(task: Any, split: str) -> dict:
+    """All examples of ``split`` where the task keeps them as arrays (already loaded by the
+    first batch), else nothing."""
+    examples = getattr(task, "examples", None)
+    if examples is None:
+        return {}
+    try:
+        arrays = examples(split)
+    except Exception:  # noqa: BLE001 (tasks that stream their data: the batch was checked)
+        return {}
+    return arrays if isinstance(arrays, dict) else {}

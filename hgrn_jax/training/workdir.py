@@ -1,0 +1,297 @@
+"""One run per workdir, and what a rerun may change: the lock and the config comparison.
+
+The lock: ``workdir/run.lock`` (JSON: host, pid, start time, command) is created exclusively by
+process 0 before anything else is written to the workdir, and removed when the run ends. A second
+run on the same workdir stops at once with :class:`WorkdirInUseError` naming the holder. A lock
+left by a dead process on the same host is taken over with a :class:`StaleLockWarning`; a lock
+held from another host cannot be checked, so the message says how to clear it.
+
+The config: on a rerun, the workdir's ``config.json`` is compared with the new config
+(:func:`compare_configs`). Keys that change the model, the data's shapes, the task or the
+optimizer's state structure refuse the resume (:class:`ConfigChangedError`) unless
+``config.resume`` says otherwise:
+
+- ``"auto"`` (default): resume; refuse structural changes; list the others in a warning.
+- ``"force"``: resume with the new values anyway (still refused, touching nothing, if the
+  checkpoint's arrays no longer fit the model or optimizer).
+- ``"restart"``: keep the previous run (config, checkpoints, metrics, results) in
+  ``workdir/previous-<UTC time>/`` and start again from step 0 with the new config.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import secrets
+import socket
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from hgrn_jax.training.logging import _flatten, _jsonable
+
+LOCK_NAME = "run.lock"
+RESUME_CHOICES = ("auto", "force", "restart")
+
+# Keys whose change never matters to the saved state or the data position.
+HARMLESS_KEYS = ("num_train_steps", "epochs", "eval_every", "checkpoint_every", "log_every",
+                 "keep_checkpoints", "eval_batch_size", "resume")
+HARMLESS_PREFIXES = ("mesh.", "paper.")
+# Model keys that change neither parameters nor their shapes (how, not what, is computed).
+MODEL_HARMLESS = ("model.dropout", "model.position_dropout", "model.method", "model.remat",
+                  "model.sequence_axis")
+# Keys that change the data's shapes or the examples behind a step, the task, or the optimizer
+# state's structure. Every other model.* key counts too.
+STRUCTURAL_KEYS = ("task", "batch_size", "data.source", "data.seq_len", "data.image_size",
+                   "data.grayscale", "data.tokenizer_path", "data.path_length",
+                   "data.train_examples", "data.min_length", "data.max_length",
+                   "data.max_depth", "data.max_args", "data.generator_seed",
+                   "optimizer.name", "optimizer.accumulate_steps", "optimizer.weight_decay_mask")
+# Keys whose structure matters only when they switch between zero and non-zero.
+ZERO_SWITCH_KEYS = ("optimizer.grad_clip_norm",)
+
+
+class WorkdirError(RuntimeError):
+    """The workdir cannot be used as asked; the message says why and what to do."""
+
+
+class WorkdirInUseError(WorkdirError):
+    """Another run holds the workdir's lock."""
+
+
+class WorkdirNotWritableError(WorkdirError):
+    """The workdir (or its parent) cannot be written."""
+
+
+class ConfigChangedError(WorkdirError):
+    """The new config changes keys that its checkpoints cannot continue with."""
+
+
+class StaleLockWarning(RuntimeWarning):
+    """The workdir's lock was left by a process that is gone; it was taken over."""
+
+
+class ConfigChangeWarning(UserWarning):
+    """A resumed run uses some new config values (listed)."""
+
+
+def not_writable(path: str | Path, error: OSError) -> WorkdirNotWritableError:
+    reason = error.strerror or type(error).__name__
+    return WorkdirNotWritableError(
+        f"cannot write to {path} ({reason}); choose a writable --workdir or fix its permissions")
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
+            f"{holder.get('start_time', '?')}")
+
+
+class WorkdirLock:
+    """The lock of one workdir, taken with :meth:`acquire` and dropped with :meth:`release`."""
+
+    def __init__(self, workdir: str | Path):
+        self.workdir = Path(workdir)
+        self.path = self.workdir / LOCK_NAME
+        self.token = secrets.token_hex(8)
+        self.held = False
+
+    def acquire(self) -> "WorkdirLock":
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise not_writable(self.workdir, error) from None
+        record = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                      timespec="seconds"),
+                  "command": " ".join(sys.argv), "token": self.token}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            except OSError as error:
+                raise not_writable(self.workdir, error) from None
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(record, indent=1) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self.held = True
+            return self
+        raise WorkdirInUseError(f"{self.workdir} is being locked by another run at this moment; "
+                                "wait for it or use another --workdir")
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return  # released meanwhile: try again
+        except (OSError, ValueError):
+            holder = {}
+        same_host = holder.get("host") == socket.gethostname()
+        pid = holder.get("pid")
+        if not (same_host and isinstance(pid, int) and not _process_alive(pid)):
+            how = ("if no run is using it any more" if same_host or not holder
+                   else "if that run is gone (it is on another host, so this cannot be checked)")
+            raise WorkdirInUseError(
+                f"{self.workdir} is in use by another run ({_describe(holder)}; lock file "
+                f"{self.path}); wait for it to finish or use another --workdir; {how}, delete "
+                f"{self.path}")
+        stale = self.path.with_name(f"{LOCK_NAME}.stale-{pid}-{secrets.token_hex(4)}")
+        try:
+            os.rename(self.path, stale)  # atomic: of two runs taking over, one wins
+        except FileNotFoundError:
+            return
+        stale.unlink(missing_ok=True)
+        warnings.warn(f"{self.path} was left by a run that is gone ({_describe(holder)}); "
+                      "taking it over", StaleLockWarning, stacklevel=3)
+
+    def release(self) -> None:
+        """Remove the lock file if it is still ours."""
+        if not self.held:
+            return
+        self.held = False
+        try:
+            holder = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if holder.get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- the config
+
+
+def _plain(config: Any) -> dict[str, Any]:
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return json.loads(json.dumps(_jsonable(as_dict)))
+
+
+def is_structural(key: str, old: Any, new: Any) -> bool:
+    """Whether changing ``key`` from ``old`` to ``new`` changes the model, the data's shapes or
+    examples, the task or the optimizer state's structure."""
+    if key in STRUCTURAL_KEYS:
+        return True
+    if key in ZERO_SWITCH_KEYS:
+        return (not old) != (not new)
+    return key.startswith("model.") and key not in MODEL_HARMLESS
+
+
+def is_harmless(key: str) -> bool:
+    return key in HARMLESS_KEYS or key.startswith(HARMLESS_PREFIXES)
+
+
+def compare_configs(old: dict[str, Any], new: Any) -> tuple[list[str], list[str], list[str]]:
+    """``(structural, harmless, other)`` changes between a saved ``config.json`` dict and the
+    new config, each as ``"key: old -> new"``."""
+    old_flat, new_flat = _flatten(old), _flatten(_plain(new))
+    structural, harmless, other = [], [], []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        before, after = old_flat.get(key), new_flat.get(key)
+        if before == after:
+            continue
+        line = f"{key}: {before!r} -> {after!r}"
+        if is_harmless(key):
+            harmless.append(line)
+        elif is_structural(key, before, after):
+            structural.append(line)
+        else:
+            other.append(line)
+    return structural, harmless, other
+
+
+def resume_choice(config: Any) -> str:
+    value = str(config.get("resume", "auto") if hasattr(config, "get") else "auto")
+    if value not in RESUME_CHOICES:
+        raise ValueError(f"--config.resume={value!r} is not one of {', '.join(RESUME_CHOICES)}")
+    return value
+
+
+def read_saved_config(workdir: str | Path) -> dict[str, Any] | None:
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise WorkdirError(f"{path} cannot be read ({error}); use another --workdir, or move "
+                           "that file away if you know the run it belongs to") from None
+    if not isinstance(saved, dict):
+        raise WorkdirError(f"{path} does not hold a config (a JSON object); use another --workdir")
+    return saved
+
+
+def has_previous_run(workdir: str | Path) -> bool:
+    workdir = Path(workdir)
+    return any((workdir / name).exists() for name in ("config.json", "checkpoints"))
+
+
+PREVIOUS_RUN_ENTRIES = ("config.json", "checkpoints", "checkpoints.damaged", "metrics.jsonl",
+                        "tensorboard", "results.json", "curves.png")
+
+
+def archive_previous_run(workdir: str | Path) -> Path:
+    """Move the previous run's files into ``workdir/previous-<UTC time>/`` (nothing deleted)."""
+    workdir = Path(workdir)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder = workdir / f"previous-{stamp}"
+    suffix = 1
+    while folder.exists():
+        suffix += 1
+        folder = workdir / f"previous-{stamp}-{suffix}"
+    folder.mkdir()
+    for name in PREVIOUS_RUN_ENTRIES:
+        if (workdir / name).exists():
+            os.rename(workdir / name, folder / name)
+    return folder
+
+
+def check_resume(workdir: str | Path, config: Any) -> list[str]:
+    """Decide whether the run in ``workdir`` may continue with ``config`` (process 0, before
+    anything of the new run is written). Returns lines describing what happened (for the log).
+
+    Raises :class:`ConfigChangedError` on structural changes with ``resume="auto"``.
+    """
+    workdir = Path(workdir)
+    choice = resume_choice(config)
+    saved = read_saved_config(workdir)
+    if choice == "restart":
+        if has_previous_run(workdir):
+            folder = archive_previous_run(workdir)
+            return [f"--config.resume=restart: the previous run in {workdir} was moved to "
+                    f"{folder}; starting again from step 0"]
+        return []
+    if saved is None:
+        return []
+    structural, harmless, other = compare_configs(saved, config)
+    if structural and choice == "auto":
+        raise ConfigChangedError(
+            f"{workdir / 'config.json'} holds a run whose checkpoints cannot continue with the "
+            f"new values ({', '.join(structural)}); nothing was changed. Use a new --workdir, "
+            "or --config.resume=restart to keep that run in a previous-<time>/ folder of this "
+            "workdir and start again, or --config.resume=force to try resuming anyway")
+    lines = []
+    if structural:
+        lines.append("resuming with changed model/data/optimizer settings "
+                     "(--config.resume=force): " + "; ".join(structural))
+    if other:
+        lines.append("resuming with new values that change training from here on: "
+                     + "; ".join(other))
+    if harmless:
+        lines.append("resuming with new run settings: " + "; ".join(harmless))
+    return lines

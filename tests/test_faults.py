@@ -1,0 +1,747 @@
+"""Faults a user's run must survive (issue 10): each test reproduces one fault that lost work or
+gave a silent wrong answer, and checks the safe behaviour.
+
+Checkpoints: restore never deletes; damaged ones (flipped bytes, truncated or missing files) are
+moved aside and the next older one is used; unreadable ones and a changed model stop the run
+touching nothing. Workdirs: one run at a time (a lock), config changes checked on resume.
+Inputs: every split opened before the first step, token ids checked, readable errors. The
+permission cases run their file access as the unprivileged user ``nobody`` (a forked child that
+drops root) or, when the suite is not root, as the current user; the classification of
+permission and I/O errors is also tested with injected errors.
+
+New names are imported inside the tests, so that on code without them each test fails on its
+own rather than the whole module failing to import.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from hgrn_jax.training.loop import train_and_evaluate
+
+sys.path.insert(0, str(Path(__file__).parent))
+from toy_task import ToyTask, toy_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_CONFIG = REPO / "tests" / "toy_task.py"
+LISTOPS_CONFIG = REPO / "experiments" / "configs" / "lra" / "listops.py"
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _config(**changes):
+    config = toy_config()
+    config.keep_checkpoints = 3  # steps 6, 9 and 12 stay: there is an older one to fall back to
+    for key, value in changes.items():
+        target = config
+        *path, last = key.split(".")
+        for part in path:
+            target = target[part]
+        target[last] = value
+    return config
+
+
+def _run(config, workdir: Path) -> dict:
+    return train_and_evaluate(config, workdir, task=ToyTask(config))
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` (relative path -> digest)."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _params(folder: Path) -> list[np.ndarray]:
+    restored = ocp.StandardCheckpointer().restore(folder / "state")
+    return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
+
+
+def _largest_array_file(step_folder: Path) -> Path:
+    files = [p for p in (step_folder / "state").rglob("*") if p.is_file()
+             and p.name not in ("_METADATA", "_sharding", "commit_success.txt")]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _flip_bytes(path: Path, count: int = 400) -> None:
+    data = bytearray(path.read_bytes())
+    positions = np.random.default_rng(0).choice(len(data), size=min(count, len(data)),
+                                                replace=False)
+    for i in positions:
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, dict]:
+    """A complete toy run keeping checkpoints 6, 9 and 12."""
+    workdir = tmp_path_factory.mktemp("finished")
+    return workdir, _run(_config(), workdir)
+
+
+@pytest.fixture
+def copy_of_finished(finished, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    return run
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", HGRN_NUM_CPU_DEVICES="8",
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _train(config_file: Path | str, workdir: Path | str, *overrides: str
+           ) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "experiments.train", f"--config={config_file}",
+               f"--workdir={workdir}", *overrides]
+    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def _assert_one_line_usage_error(proc: subprocess.CompletedProcess, *patterns: str) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr[-3000:]
+    for pattern in patterns:
+        assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+def _as_unprivileged(action) -> str:
+    """Run ``action()`` (pure Python file access, no JAX) as a user that permissions bind:
+    ``nobody`` in a forked child when this process is root, else this process. Returns
+    ``"ok"`` or ``"<ExceptionClass>: <message>"``."""
+    def outcome() -> str:
+        try:
+            action()
+        except Exception as error:  # noqa: BLE001 (reported to the test)
+            return f"{type(error).__name__}: {error}"
+        return "ok"
+
+    if os.geteuid() != 0:
+        return outcome()
+    read, write = os.pipe()
+    with warnings.catch_warnings():  # the child runs no JAX code: fork's caveat does not apply
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: drop root, act, report, leave without cleanup handlers
+        try:
+            os.close(read)
+            os.setgid(65534)
+            os.setuid(65534)
+            text = outcome()
+        except BaseException as error:  # noqa: BLE001
+            text = f"child failed: {error!r}"
+        os.write(write, text.encode())
+        os._exit(0)
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 65536):
+        chunks.append(chunk)
+    os.close(read)
+    os.waitpid(pid, 0)
+    return b"".join(chunks).decode()
+
+
+@pytest.fixture
+def shared_tmp():
+    """A temporary folder the unprivileged user can enter (pytest's tmp_path is 0700)."""
+    folder = Path(tempfile.mkdtemp(prefix="hgrn-faults-"))
+    os.chmod(folder, 0o755)
+    yield folder
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    shutil.rmtree(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: never deleted; damaged ones moved aside; flipped bytes detected
+# ----------------------------------------------------------------------------------------------
+
+
+def test_changed_structure_refuses_and_leaves_the_run_byte_identical(copy_of_finished):
+    from hgrn_jax.training.workdir import ConfigChangedError
+
+    run = copy_of_finished
+    before = _tree_digest(run)
+    with pytest.raises(ConfigChangedError) as caught:
+        _run(_config(**{"model.features": 64}), run)
+    message = str(caught.value)
+    assert "model.features: 16 -> 64" in message
+    assert "--workdir" in message and "--config.resume=restart" in message
+    assert "\n" not in message
+    assert _tree_digest(run) == before  # checkpoints, results.json, metrics: untouched
+    assert not (run / "run.lock").exists()
+
+
+def test_resume_force_with_arrays_that_no_longer_fit_touches_nothing(copy_of_finished):
+    from hgrn_jax.training.checkpoint import CheckpointMismatchError
+
+    run = copy_of_finished
+    before = _tree_digest(run / "checkpoints")
+    with pytest.raises(CheckpointMismatchError, match=r"embedding.*\(16, 16\).*\(16, 32\)"):
+        _run(_config(**{"model.features": 32, "resume": "force"}), run)
+    assert _tree_digest(run / "checkpoints") == before
+    assert not (run / "checkpoints.damaged").exists()
+
+
+def test_harmless_changes_are_allowed_and_listed(copy_of_finished, finished):
+    run = copy_of_finished
+    with pytest.warns(UserWarning, match=r"num_train_steps: 12 -> 15"):
+        results = _run(_config(num_train_steps=15, log_every=3), run)
+    assert results["steps"] == 15 and _steps(run)[-1] == 15
+    kept = sorted(set(_steps(run)) & {6, 9, 12})  # the old checkpoints Orbax keeps: unchanged
+    assert kept
+    for step in kept:
+        np.testing.assert_array_equal(
+            np.concatenate([x.ravel() for x in _params(run / "checkpoints" / str(step))]),
+            np.concatenate([x.ravel() for x in _params(finished[0] / "checkpoints" / str(step))]))
+
+
+def test_resume_restart_keeps_the_previous_run_and_starts_again(copy_of_finished):
+    run = copy_of_finished
+    before = _tree_digest(run / "checkpoints")
+    results = _run(_config(**{"model.features": 8, "resume": "restart"}), run)
+    previous, = run.glob("previous-*")
+    assert _tree_digest(previous / "checkpoints") == before
+    assert (previous / "results.json").is_file() and (previous / "config.json").is_file()
+    assert json.loads((run / "config.json").read_text())["model"]["features"] == 8
+    assert results["steps"] == 12
+
+
+def test_flipped_bytes_fall_back_to_the_previous_checkpoint_without_a_nan_stop(
+        copy_of_finished, finished):
+    run = copy_of_finished
+    _flip_bytes(_largest_array_file(run / "checkpoints" / "12"))
+    damaged_digest = _tree_digest(run / "checkpoints" / "12")
+    with pytest.warns(RuntimeWarning, match=r"step 12.*moved it to .*checkpoints\.damaged"):
+        results = _run(_config(), run)
+    # Kept, renamed, bytes as found; training resumed at step 9 and redid steps 10-12.
+    assert _tree_digest(run / "checkpoints.damaged" / "12") == damaged_digest
+    for a, b in zip(_params(run / "checkpoints" / "12"),
+                    _params(finished[0] / "checkpoints" / "12"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert results["test"] == finished[1]["test"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "remove_file"])
+def test_truncated_or_missing_files_are_moved_aside_not_deleted(copy_of_finished, finished,
+                                                                damage):
+    run = copy_of_finished
+    target = _largest_array_file(run / "checkpoints" / "12")
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 3])
+    else:
+        target.unlink()
+    with pytest.warns(RuntimeWarning, match="step 12.*falling back"):
+        results = _run(_config(), run)
+    assert (run / "checkpoints.damaged" / "12" / "state").is_dir()
+    assert results["test"] == finished[1]["test"]
+
+
+def test_damaged_best_checkpoint_at_the_end_uses_the_next_best(copy_of_finished, finished):
+    run = copy_of_finished
+    six = run / "checkpoints" / "6"
+    # Checkpoint 6 claims the best validation accuracy, and its arrays are damaged.
+    metrics_file = six / "metrics" / "metrics"
+    metrics_file.write_text(json.dumps({"val_accuracy": 99.0}))
+    _flip_bytes(_largest_array_file(six))
+    with pytest.warns(RuntimeWarning, match=r"step 6 .*damaged"):
+        results = _run(_config(), run)
+    assert (run / "checkpoints.damaged" / "6").is_dir()
+    assert results["best_step"] == 12 and results["test"] == finished[1]["test"]
+    assert json.loads((run / "results.json").read_text())["best_step"] == 12
+
+
+def test_checksums_are_recorded_only_for_committed_checkpoints(tmp_path):
+    from hgrn_jax.training import integrity
+    from hgrn_jax.training.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(tmp_path / "ckpt", keep=3)
+    tree = {"w": jnp.arange(1000.0)}
+    checkpoints.save(1, tree, {"step": 1})
+    checkpoints.save(2, tree, {"step": 2})  # waits for step 1, then records its checksums
+    assert integrity.has_manifest(tmp_path / "ckpt" / "1")
+    checkpoints.wait()
+    assert integrity.has_manifest(tmp_path / "ckpt" / "2")
+    manifest = json.loads((tmp_path / "ckpt" / "2" / integrity.MANIFEST).read_text())
+    assert any(name.startswith("state/") for name in manifest["files"])
+    assert isinstance(integrity.verify(tmp_path / "ckpt" / "2"), integrity.Verified)
+    _flip_bytes(_largest_array_file(tmp_path / "ckpt" / "2"), count=1)
+    with pytest.raises(integrity.DamagedCheckpointError, match="checksum"):
+        integrity.verify(tmp_path / "ckpt" / "2")
+    checkpoints.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Unreadable checkpoints: exit 2, one line, nothing touched
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error, expected", [
+    (PermissionError(errno.EACCES, "Permission denied"), "CheckpointUnreadableError"),
+    (OSError(errno.EIO, "Input/output error"), "CheckpointUnreadableError"),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory"), "DamagedCheckpointError"),
+])
+def test_os_errors_are_classified(error, expected):
+    from hgrn_jax.training import integrity
+
+    assert type(integrity.classify_os_error(error, "/x/state/d/1")).__name__ == expected
+
+
+def test_injected_permission_error_stops_the_restore_touching_nothing(copy_of_finished,
+                                                                      monkeypatch):
+    from hgrn_jax.training import integrity
+    from hgrn_jax.training.checkpoint import CheckpointUnreadableError
+
+    run = copy_of_finished
+    before = _tree_digest(run)
+    real_digest = integrity._digest
+
+    def digest(path):
+        if "/12/state/" in str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_digest(path)
+
+    monkeypatch.setattr(integrity, "_digest", digest)
+    with pytest.raises(CheckpointUnreadableError, match=r"permission denied.*read access"):
+        _run(_config(), run)
+    assert _tree_digest(run) == before
+    assert not (run / "checkpoints.damaged").exists() and not (run / "run.lock").exists()
+
+
+def test_unreadable_checkpoint_file_as_an_unprivileged_user(shared_tmp, finished):
+    from hgrn_jax.training import integrity
+
+    folder = shared_tmp / "12"
+    shutil.copytree(finished[0] / "checkpoints" / "12", folder)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    secret = _largest_array_file(folder)
+    os.chmod(secret, 0o000)
+    outcome = _as_unprivileged(lambda: integrity.verify(folder))
+    assert outcome.startswith("CheckpointUnreadableError"), outcome
+    assert str(secret) in outcome and "permission denied" in outcome
+    os.chmod(secret, 0o644)
+    assert _as_unprivileged(lambda: integrity.verify(folder)) == "ok"
+
+
+# ----------------------------------------------------------------------------------------------
+# One run per workdir
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def other_process():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _write_lock(workdir: Path, **holder) -> Path:
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = workdir / "run.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "start_time": "2026-01-01T00:00:00",
+                                **holder}))
+    return lock
+
+
+def test_a_held_lock_stops_a_second_run_before_it_writes_anything(tmp_path, other_process):
+    from hgrn_jax.training.workdir import WorkdirInUseError
+
+    lock = _write_lock(tmp_path, pid=other_process.pid)
+    with pytest.raises(WorkdirInUseError, match=rf"in use by another run .*pid {other_process.pid}"):
+        _run(_config(), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]
+    assert json.loads(lock.read_text())["pid"] == other_process.pid
+
+
+def test_a_lock_from_another_host_says_how_to_clear_it(tmp_path):
+    from hgrn_jax.training.workdir import WorkdirInUseError
+
+    lock = _write_lock(tmp_path, host="some-other-host", pid=1)
+    with pytest.raises(WorkdirInUseError, match=rf"host some-other-host.*delete {re.escape(str(lock))}"):
+        _run(_config(), tmp_path)
+
+
+def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _write_lock(tmp_path, pid=dead.pid)
+    with pytest.warns(RuntimeWarning, match=rf"left by a run that is gone .*pid {dead.pid}"):
+        results = _run(_config(num_train_steps=6), tmp_path)
+    assert results["steps"] == 6
+    assert not (tmp_path / "run.lock").exists()  # released at the end
+
+
+def test_the_lock_is_released_after_a_failed_run(tmp_path):
+    from hgrn_jax.training.loop import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError):
+        _run(_config(**{"data.nan_at_step": 2}), tmp_path)
+    assert not (tmp_path / "run.lock").exists()
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_the_second_fails_naming_the_holder(tmp_path):
+    first = subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", f"--config={TOY_CONFIG}",
+         f"--workdir={tmp_path}", "--config.data.sleep_per_step=0.3"],
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run.lock").exists():
+            assert first.poll() is None, first.stderr.read()
+            assert time.time() < deadline, "the first run never took the lock"
+            time.sleep(0.05)
+        second = _train(TOY_CONFIG, tmp_path, "--config.optimizer.learning_rate=0.5")
+        _assert_one_line_usage_error(second, rf"in use by another run .*pid {first.pid}")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["optimizer"]["learning_rate"] == 0.01  # the first run's, not the second's
+
+
+def test_lock_outcome_reaches_every_process(monkeypatch):
+    from hgrn_jax.training import agreement
+
+    # Process 1's view: process 0 failed to take the lock (broadcast says 1).
+    monkeypatch.setattr(agreement, "broadcast_code", lambda code: 1)
+    with pytest.raises(agreement.StoppedByProcessZero, match="process 0 stopped"):
+        agreement.share_outcome(None, "preparing /w")
+    monkeypatch.setattr(agreement, "broadcast_code", lambda code: 0)
+    agreement.share_outcome(None, "preparing /w")  # process 0 succeeded: everyone goes on
+
+
+def test_an_unwritable_workdir_is_named(shared_tmp, monkeypatch):
+    from hgrn_jax.training.workdir import WorkdirLock, WorkdirNotWritableError
+
+    read_only = shared_tmp / "read_only"
+    read_only.mkdir()
+    os.chmod(read_only, 0o555)
+    outcome = _as_unprivileged(lambda: WorkdirLock(read_only).acquire())
+    assert outcome.startswith("WorkdirNotWritableError"), outcome
+    assert f"cannot write to {read_only}" in outcome and "writable --workdir" in outcome
+    # The same classification with an injected error (runs as root too).
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(WorkdirNotWritableError, match="Read-only file system"):
+        WorkdirLock(shared_tmp / "elsewhere").acquire()
+
+
+# ----------------------------------------------------------------------------------------------
+# Every split opened before the first step
+# ----------------------------------------------------------------------------------------------
+
+
+def test_an_empty_test_split_stops_before_training(tmp_path):
+    with pytest.raises(ValueError, match="'test' split .* has no examples"):
+        _run(_config(**{"data.num_test": 0}), tmp_path)
+    assert not (tmp_path / "checkpoints").exists() or not _steps(tmp_path)
+
+
+def test_out_of_vocabulary_data_stops_before_training(tmp_path):
+    config = _config()
+    config.model.vocab_size = 8  # the toy data's ids run to 15
+    with pytest.raises(ValueError, match=r"token id 15 .* outside \[0, 8\).*vocab_size"):
+        _run(config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists() or not _steps(tmp_path)
+
+
+def _listops_release(folder: Path) -> Path:
+    """A small ListOps release (generated rows in the release's layout) under ``folder``."""
+    from hgrn_jax.data import listops
+
+    generated = listops.ensure_generated(folder / "gen", listops.ListOpsSpec.tiny(), 0)
+    release = folder / "lra" / "listops-1000"
+    shutil.copytree(generated, release)
+    return release
+
+
+@pytest.mark.slow
+def test_a_broken_test_file_stops_before_training(tmp_path):
+    from experiments.configs.lra import listops as listops_config
+
+    release = _listops_release(tmp_path)
+    (release / "basic_test.tsv").write_bytes(bytes(range(256)) * 4)
+    config = listops_config.get_config("tiny")
+    config.unlock()
+    config.data.source = "release"
+    config.data.lra_dir = str(release.parent)
+    config.data.cache_dir = str(tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"basic_test\.tsv:1: binary data"):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not _steps(tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: token ids, empty sequences, widths
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models():
+    from hgrn_jax.nn import HGRNLM, ClassifierConfig, HGRNClassifier, LMConfig
+
+    classifier = HGRNClassifier(ClassifierConfig(num_classes=3, features=8, num_layers=1,
+                                                 vocab_size=10, norm="layer"), rngs=nnx.Rngs(0))
+    lm = HGRNLM(LMConfig(vocab_size=16, features=8, num_layers=1), rngs=nnx.Rngs(0))
+    return classifier, lm
+
+
+@pytest.mark.parametrize("bad", [10, 11, -1])
+def test_classifier_rejects_ids_outside_the_vocabulary(models, bad):
+    classifier, _ = models
+    with pytest.raises(ValueError, match=rf"token id {bad} is outside \[0, 10\).*vocab_size=10"):
+        classifier(jnp.array([[1, bad, 2]]))
+    assert np.isfinite(np.asarray(classifier(jnp.array([[1, 9, 0]])))).all()
+
+
+def test_lm_and_generate_reject_ids_outside_the_vocabulary(models):
+    from hgrn_jax.nn import generate
+
+    _, lm = models
+    with pytest.raises(ValueError, match=r"token id 16 is outside \[0, 16\)"):
+        lm(jnp.array([[1, 16]]))
+    with pytest.raises(ValueError, match=r"token id -1 is outside \[0, 16\)"):
+        lm.step(jnp.array([[-1]]), lm.init_cache(1))
+    with pytest.raises(ValueError, match=r"prompt_ids: token id 16"):
+        generate(lm, jnp.array([[1, 16]]), max_new_tokens=3, rng=jax.random.key(0))
+
+
+def test_checked_mode_catches_bad_ids_under_jit(models):
+    from jax.experimental import checkify
+
+    from hgrn_jax.nn import checked_token_ids
+
+    classifier, _ = models
+    graphdef, state = nnx.split(classifier)
+
+    def forward(state, ids):
+        return nnx.merge(graphdef, state)(ids)
+
+    # Unchecked, jit cannot see the values: an id >= vocab_size gives NaN (documented).
+    assert np.isnan(np.asarray(jax.jit(forward)(state, jnp.array([[1, 12, 2]])))).all()
+    with checked_token_ids():
+        checked = jax.jit(checkify.checkify(forward))
+        error, _ = checked(state, jnp.array([[1, 12, 2]]))
+    with pytest.raises(checkify.JaxRuntimeError, match=r"token id 12 is outside \[0, 10\)"):
+        error.throw()
+    error, logits = checked(state, jnp.array([[1, 9, 2]]))
+    assert error.get() is None and np.isfinite(np.asarray(logits)).all()
+
+
+def test_empty_sequences_and_wrong_widths_name_the_expected_shape(models):
+    from hgrn_jax.nn import HGRU, HGRU2D
+
+    classifier, lm = models
+    with pytest.raises(ValueError, match=r"length 0; expected token ids \(batch, length\)"):
+        classifier(jnp.zeros((2, 0), jnp.int32))
+    with pytest.raises(ValueError, match=r"length 0; expected token ids \(batch, length\)"):
+        lm(jnp.zeros((2, 0), jnp.int32))
+    layer = HGRU(8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"HGRU expects \(batch, length, d\); got shape "
+                                         r"\(1, 4, 5\) \(this layer has d = 8"):
+        layer(jnp.ones((1, 4, 5)))
+    with pytest.raises(ValueError, match=r"expects \(batch, length, d\); got shape \(1, 0, 8\)"):
+        layer(jnp.ones((1, 0, 8)))
+    grid = HGRU2D(8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"HGRU2D expects \(batch, H, W, d\); got shape "
+                                         r"\(1, 2, 2, 5\) \(this layer has d = 8"):
+        grid(jnp.ones((1, 2, 2, 5)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data readers
+# ----------------------------------------------------------------------------------------------
+
+GOOD_ROWS = "Source\tTarget\n" + "".join(f"( [MAX {i} 3 ] )\t{max(i, 3)}\n" for i in range(6))
+
+
+def _release_with_train(tmp_path: Path, train: bytes) -> str:
+    folder = tmp_path / "lra" / "listops-1000"
+    folder.mkdir(parents=True)
+    for split in ("train", "val", "test"):
+        (folder / f"basic_{split}.tsv").write_bytes(train if split == "train"
+                                                    else GOOD_ROWS.encode())
+    return str(folder.parent)
+
+
+def test_a_utf8_bom_in_the_header_is_ignored(tmp_path):
+    from hgrn_jax.data import listops_release, lra_tsv
+
+    lra_dir = _release_with_train(tmp_path, b"\xef\xbb\xbf" + GOOD_ROWS.encode())
+    data = listops_release.load_split("train", lra_dir=lra_dir, seq_len=32)
+    assert len(data["labels"]) == 6
+    rows = lra_tsv.read_tsv(Path(lra_dir) / "listops-1000" / "basic_train.tsv",
+                            ("Source", "Target"))
+    assert len(rows) == 6
+
+
+def test_undecodable_bytes_name_file_and_line_and_can_be_skipped(tmp_path):
+    from hgrn_jax.data import listops_release
+    from hgrn_jax.data.errors import BadDataError
+
+    lra_dir = _release_with_train(tmp_path, GOOD_ROWS.encode().replace(b"[MAX 2", b"[MAX \xff2"))
+    with pytest.raises(BadDataError, match=r"(?s)basic_train\.tsv:4: not valid UTF-8.*"
+                                           r"skip_bad_rows=True"):
+        listops_release.load_split("train", lra_dir=lra_dir, seq_len=32)
+    with pytest.warns(UserWarning, match=r"basic_train\.tsv:4"):
+        data = listops_release.load_split("train", lra_dir=lra_dir, seq_len=32,
+                                          skip_bad_rows=True)
+    assert len(data["labels"]) == 5
+
+
+def test_a_binary_file_is_named_and_skipping_is_not_suggested(tmp_path):
+    from hgrn_jax.data import listops_release
+
+    lra_dir = _release_with_train(tmp_path, bytes(range(256)) * 8)
+    for skip in (False, True):
+        with pytest.raises(ValueError, match=r"basic_train\.tsv:1: binary data") as caught:
+            listops_release.load_split("train", lra_dir=lra_dir, seq_len=32, skip_bad_rows=skip)
+        assert "skip_bad_rows" not in str(caught.value)
+
+
+def test_a_bad_header_does_not_suggest_skipping(tmp_path):
+    from hgrn_jax.data import listops_release
+    from hgrn_jax.data.errors import BadDataError
+
+    lra_dir = _release_with_train(tmp_path, GOOD_ROWS.replace("Source", "Src").encode())
+    for skip in (False, True):
+        with pytest.raises(BadDataError, match="must name the columns") as caught:
+            listops_release.load_split("train", lra_dir=lra_dir, seq_len=32, skip_bad_rows=skip)
+        assert "--config.data.skip_bad_rows=True" not in str(caught.value)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_generated_data_and_caches_follow_the_umask(tmp_path, mask):
+    from hgrn_jax.data import listops, loader
+
+    previous = os.umask(mask)
+    try:
+        folder = listops.ensure_generated(tmp_path / "gen", listops.ListOpsSpec.tiny(), 0)
+        cache = loader.prepared(tmp_path / "cache", "x", {"k": 1},
+                                lambda f: loader.save_arrays(f, "data", {"a": np.zeros(3)}))
+    finally:
+        os.umask(previous)
+    for path in [*folder.iterdir(), *cache.iterdir()]:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+    assert cache.stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def _results(folder: Path, text: str) -> None:
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(text)
+
+
+def test_report_skips_broken_runs_and_reports_the_others(tmp_path, capsys):
+    from experiments import report
+
+    good = {"task": "listops", "metric": "accuracy", "best_val": 51.0, "test": 50.0,
+            "steps": 40, "paper": 59.95}
+    _results(tmp_path / "a_corrupt", '{"task": "listops", "te')
+    _results(tmp_path / "b_empty", "{}")
+    _results(tmp_path / "c_list", "[]")
+    _results(tmp_path / "d_good", json.dumps(good))
+    assert report.main([str(tmp_path), "--png", str(tmp_path / "curves.png")]) == 0
+    captured = capsys.readouterr()
+    for name in ("a_corrupt", "b_empty", "c_list"):
+        assert re.search(rf"warning: skipping .*{name}", captured.err), captured.err
+        assert name not in captured.out
+    assert "| ListOps | 59.95 | 50.00 | 51.00 | 40 |" in captured.out
+
+
+def test_report_with_an_unwritable_run_folder_writes_the_curves_elsewhere(tmp_path, capsys):
+    from experiments import report
+
+    good = {"task": "listops", "metric": "accuracy", "best_val": 51.0, "test": 50.0, "steps": 4}
+    _results(tmp_path / "run", json.dumps(good))
+    (tmp_path / "curves.png").mkdir()  # the default place cannot be written (even by root)
+    assert report.main([str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    written = re.search(r"training curves: (\S+)", captured.out).group(1)
+    assert Path(written).is_file() and Path(written).parent == Path(tempfile.gettempdir())
+    assert f"cannot write {tmp_path / 'curves.png'}" in captured.err
+    Path(written).unlink()
+    # An explicit --png that cannot be written: exit 2 naming it.
+    assert report.main([str(tmp_path), "--png", str(tmp_path / "curves.png")]) == 2
+    assert "cannot write --png" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: every user error is exit 2 and one line
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_command_line_user_errors_are_one_line_with_exit_code_2(tmp_path, finished):
+    listops_tiny = f"{LISTOPS_CONFIG}:tiny"
+    release = _listops_release(tmp_path / "data")
+    (release / "basic_val.tsv").write_bytes(bytes(range(256)) * 4)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    cases = [
+        (("nope.py", tmp_path / "w1"), [r"config file nope\.py not found"]),
+        ((f"{LISTOPS_CONFIG}:huge", tmp_path / "w2"), [r"unknown preset 'huge'", "tiny"]),
+        ((listops_tiny, tmp_path / "w3", "--config.num_train_steps=0"),
+         [r"config\.num_train_steps=0 must be at least 1"]),
+        ((listops_tiny, a_file / "run"), [rf"cannot write to {re.escape(str(a_file))}",
+                                          "writable --workdir"]),
+        ((listops_tiny, tmp_path / "w4", "--config.data.source=release",
+          f"--config.data.lra_dir={release.parent}", f"--config.data.cache_dir={tmp_path}/c"),
+         [r"basic_val\.tsv:1: binary data"]),
+        ((TOY_CONFIG, run, "--config.model.features=64"),
+         [r"model\.features: 16 -> 64", r"--config\.resume=restart"]),
+    ]
+    before = _tree_digest(run)
+    for args, patterns in cases:
+        _assert_one_line_usage_error(_train(*args), *patterns)
+    assert _tree_digest(run) == before
+    assert not (tmp_path / "w3").exists() or not (tmp_path / "w3" / "checkpoints").exists()
