@@ -59,7 +59,9 @@ def _configure_jax() -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    # In a multi-process run every process may fail; the index says which one spoke.
+    who = f"process {os.environ['JAX_PROCESS_ID']}: " if os.environ.get("JAX_PROCESS_ID") else ""
+    print(f"error: {who}{message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
@@ -94,7 +96,12 @@ def main(argv: list[str]) -> None:
 
         absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     _configure_jax()
+    import jax
 
+    from hgrn_jax.training import podlog
+
+    primary = jax.process_index() == 0
+    podlog.quiet_secondary_processes(jax.process_index())
     from hgrn_jax.training.loop import (PREEMPTED_EXIT_CODE, NonFiniteLossError, Preempted,
                                         train_and_evaluate)
 
@@ -102,7 +109,8 @@ def main(argv: list[str]) -> None:
     try:
         results = train_and_evaluate(config, _WORKDIR.value)
     except Preempted as preempted:
-        print(str(preempted), file=sys.stderr, flush=True)
+        if primary:
+            print(str(preempted), file=sys.stderr, flush=True)
         sys.exit(PREEMPTED_EXIT_CODE)
     except NonFiniteLossError as error:
         if _TRACEBACK.value:
@@ -112,6 +120,8 @@ def main(argv: list[str]) -> None:
         if _TRACEBACK.value:
             raise
         _fail(f"{type(error).__name__}: {error} (rerun with --traceback for details)", EXIT_USAGE)
+    if not primary:
+        return
     metric = results["metric"]
     print(f"{results['task']}: best val {metric} {results['best_val']:.4f}, "
           f"test {metric} {results['test']:.4f} (paper {results['paper']}), "

@@ -30,10 +30,9 @@ import jax
 import numpy as np
 
 from hgrn_jax import sharding
-from hgrn_jax.training import optim
+from hgrn_jax.training import optim, podlog, watchdog
 from hgrn_jax.training.checkpoint import Checkpoints
-from hgrn_jax.training.logging import (MetricsWriter, ProgressBar, config_changes, write_config,
-                                      write_results)
+from hgrn_jax.training.logging import MetricsWriter, config_changes, write_config, write_results
 from hgrn_jax.training.state import (TrainState, abstract_checkpoint_tree, count_params,
                                      create_train_state, from_checkpoint_tree, release_buffers,
                                      to_checkpoint_tree)
@@ -245,6 +244,16 @@ class Run:
         return summarize(total, self.metric)
 
 
+def _startup_summary(run: Run, start: int, total_steps: int) -> list[str]:
+    sizes = {split: run.task.num_examples(split) for split in ("train", "val", "test")}
+    return podlog.startup_summary(
+        task=run.task.name, source=str(run.config.data.source), sizes=sizes,
+        num_params=run.num_params, mesh_shape=dict(run.mesh.shape),
+        process_count=jax.process_count(), device_count=jax.device_count(),
+        local_device_count=jax.local_device_count(), platform=jax.devices()[0].platform,
+        start_step=start, total_steps=total_steps, workdir=run.workdir)
+
+
 def _train_batches(task, start: int) -> Iterator[dict]:
     return iter(task.train_batches(start, jax.process_index(), jax.process_count()))
 
@@ -256,7 +265,15 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
     results written to ``workdir/results.json``. Raises :class:`Preempted` after a SIGTERM
     (checkpoint saved) and :class:`NonFiniteLossError` when the loss diverges.
     """
-    workdir = Path(workdir)
+    # The SIGTERM handler is installed before anything else, so that a preemption notice that
+    # arrives while the model is built or compiled is not fatal: it stops the run at the
+    # first step at which the processes compare their flags.
+    with _SigtermFlag() as sigterm:
+        return _train_and_evaluate(config, Path(workdir), task, sigterm)
+
+
+def _train_and_evaluate(config: Any, workdir: Path, task: Any, sigterm: _SigtermFlag
+                        ) -> dict[str, Any]:
     run = Run(config, workdir, task)
     if run.primary:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -285,17 +302,20 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
         return {"step": step, "wall_time_s": wall_before + time.time() - t_start,
                 "task": run.task.name}
 
-    bar = ProgressBar(total_steps, start, enabled=run.primary)
-    if start > 0:
-        bar.write(f"resuming from step {start} in {workdir}")
+    bar = podlog.progress(total_steps, start, enabled=run.primary)
+    if run.primary:
+        for line in _startup_summary(run, start, total_steps):
+            bar.write(line)
     pending: list[dict] = []
     t_log, steps_since_log = time.time(), 0
     try:
-        with _SigtermFlag() as sigterm, jax.set_mesh(run.mesh):
+        with jax.set_mesh(run.mesh), watchdog.Guard(
+                jax.process_index(), jax.process_count()) as guard:
             batches = _train_batches(run.task, start)
             for step in range(start, total_steps):
                 batch = sharding.shard_batch(next(batches), run.mesh)
                 state, metrics = run.train_step(state, batch)
+                guard.beat(step + 1)
                 pending.append(metrics)
                 done, steps_since_log = step + 1, steps_since_log + 1
                 last = done == total_steps
@@ -318,6 +338,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
 
                 if done % eval_every == 0 or last:
                     run.check_finite(state)
+                    guard.pause()  # an evaluation takes as long as it takes; peers still watched
                     val = run.evaluate(state, "val")
                     run.writer.write(done, "val", val)
                     bar.write(f"step {done}: val " + ", ".join(f"{k} {v:.4f}"
