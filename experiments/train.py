@@ -10,7 +10,10 @@ address, number of processes and process id come from ``--coordinator_address``,
 ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; ``HGRN_DISTRIBUTED=1`` lets JAX detect the cluster).
 
 CPU testing: ``HGRN_NUM_CPU_DEVICES=N`` simulates N CPU devices; multi-process CPU runs use the
-gloo collectives.
+gloo collectives; ``python -m experiments.launch --num_processes=4 --devices_per_process=2 --
+<these flags>`` runs a whole pod on one machine (docs/pods.md). Failure detection:
+``HGRN_HEARTBEAT_TIMEOUT_S``, ``HGRN_SHUTDOWN_TIMEOUT_S``, ``HGRN_STEP_TIMEOUT_S``
+(:mod:`hgrn_jax.training.watchdog`); a process that loses a peer exits with code 3.
 
 Exit codes: 0 finished, or preempted by SIGTERM after saving a checkpoint (the message says
 which; rerun to resume); 1 the loss became NaN/inf (the message gives the step); 2 a bad flag,
