@@ -11,6 +11,7 @@ import logging
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -131,6 +132,24 @@ def test_peer_monitor_names_the_lost_process():
     assert messages and messages[0].startswith("error: process 1: lost process 2 (no heartbeat")
     assert "run the same command again to resume" in messages[0]
     assert watchdog.PeerMonitor(0, 3, live_nodes=lambda ids: [0]).lost() == [1, 2]
+
+
+def test_peer_monitor_stopped_while_asking_reports_nothing():
+    """The service answers once every live process has asked; a process that has left training
+    is missing from the answer given after it exits, and this one stopped by then."""
+    answer, messages = threading.Event(), []
+
+    def live_nodes(ids):
+        answer.wait(5)
+        return [0]
+
+    monitor = watchdog.PeerMonitor(0, 2, live_nodes=live_nodes, poll_s=0.01,
+                                   on_lost=messages.append).start()
+    time.sleep(0.1)
+    monitor.stop()
+    answer.set()
+    time.sleep(0.1)
+    assert messages == []
 
 
 def test_step_watchdog_fires_only_when_armed_and_stalled():

@@ -83,11 +83,16 @@ class PeerMonitor:
             try:
                 lost = self.lost()
             except Exception as error:  # noqa: BLE001 (the service itself is gone)
+                if self._stop.is_set():
+                    return
                 self.on_lost(f"error: process {self.process_index}: the coordination service "
                              f"stopped answering ({type(error).__name__}: {str(error)[:200]}); "
                              "process 0 is probably lost. Rerun the same command to resume.")
                 return
-            if lost:
+            # The service's answer waits until every live process has asked too, so a process
+            # that left the training loop (and stopped asking) is seen as gone only once it has
+            # exited: by then this process has left the loop as well, and stop() was called.
+            if lost and not self._stop.is_set():
                 self.on_lost(self.message(lost))
                 return
 
