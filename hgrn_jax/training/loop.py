@@ -245,9 +245,12 @@ class Run:
 
 
 def _startup_summary(run: Run, start: int, total_steps: int) -> list[str]:
-    sizes = {split: run.task.num_examples(split) for split in ("train", "val", "test")}
+    count = getattr(run.task, "num_examples", None)  # user-defined tasks may not count
+    sizes = {split: count(split) for split in ("train", "val", "test")} if callable(count) else {}
+    data = run.config.get("data", None) if hasattr(run.config, "get") else None
+    source = data.get("source", "unknown") if hasattr(data, "get") else "unknown"
     return podlog.startup_summary(
-        task=run.task.name, source=str(run.config.data.source), sizes=sizes,
+        task=run.task.name, source=str(source), sizes=sizes,
         num_params=run.num_params, mesh_shape=dict(run.mesh.shape),
         process_count=jax.process_count(), device_count=jax.device_count(),
         local_device_count=jax.local_device_count(), platform=jax.devices()[0].platform,

@@ -73,11 +73,12 @@ def startup_summary(*, task: str, source: str, sizes: Mapping[str, int], num_par
                     local_device_count: int, platform: str, start_step: int, total_steps: int,
                     workdir: Any) -> list[str]:
     """The start-up lines of a run (see the module docstring)."""
-    split_sizes = ", ".join(f"{split} {n:,}" for split, n in sizes.items())
+    split_sizes = (" (" + ", ".join(f"{split} {n:,}" for split, n in sizes.items())
+                   + " examples)") if sizes else ""
     mesh = " x ".join(f"{axis}={size}" for axis, size in mesh_shape.items())
     resume = f"resuming from step {start_step}" if start_step else "starting at step 0"
     return [
-        f"task {task}: data source {source!r} ({split_sizes} examples)",
+        f"task {task}: data source {source!r}{split_sizes}",
         f"model: {num_params:,} parameters; mesh {mesh}",
         f"{process_count} process{'es' if process_count > 1 else ''} x {local_device_count} "
         f"{platform} devices = {device_count} devices",
