@@ -10,7 +10,10 @@ address, number of processes and process id come from ``--coordinator_address``,
 ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; ``HGRN_DISTRIBUTED=1`` lets JAX detect the cluster).
 
 CPU testing: ``HGRN_NUM_CPU_DEVICES=N`` simulates N CPU devices; multi-process CPU runs use the
-gloo collectives.
+gloo collectives; ``python -m experiments.launch --num_processes=4 --devices_per_process=2 --
+<these flags>`` runs a whole pod on one machine (docs/pods.md). Failure detection:
+``HGRN_HEARTBEAT_TIMEOUT_S``, ``HGRN_SHUTDOWN_TIMEOUT_S``, ``HGRN_STEP_TIMEOUT_S``
+(:mod:`hgrn_jax.training.watchdog`); a process that loses a peer exits with code 3.
 
 Exit codes: 0 finished, or preempted by SIGTERM after saving a checkpoint (the message says
 which; rerun to resume); 1 the loss became NaN/inf (the message gives the step); 2 a user error:
@@ -73,7 +76,9 @@ def _one_line(message: str) -> str:
 
 
 def _fail(message: str, code: int) -> None:
-    print(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
+    # In a multi-process run every process may fail; the index says which one spoke.
+    who = f"process {os.environ['JAX_PROCESS_ID']}: " if os.environ.get("JAX_PROCESS_ID") else ""
+    print(f"error: {who}{_one_line(message)}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
@@ -122,6 +127,12 @@ def main(argv: list[str]) -> None:
 
         absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     _configure_jax()
+    import jax
+
+    from hgrn_jax.training import podlog
+
+    primary = jax.process_index() == 0
+    podlog.quiet_secondary_processes(jax.process_index())
 
     from hgrn_jax.training.agreement import StoppedByProcessZero
     from hgrn_jax.training.checkpoint import CheckpointError
@@ -135,7 +146,8 @@ def main(argv: list[str]) -> None:
     try:
         results = train_and_evaluate(config, _WORKDIR.value)
     except Preempted as preempted:
-        print(str(preempted), file=sys.stderr, flush=True)
+        if primary:
+            print(str(preempted), file=sys.stderr, flush=True)
         sys.exit(PREEMPTED_EXIT_CODE)
     except NonFiniteLossError as error:
         if _TRACEBACK.value:
@@ -145,6 +157,8 @@ def main(argv: list[str]) -> None:
         if _TRACEBACK.value:
             raise
         _fail(f"{type(error).__name__}: {error} (rerun with --traceback for details)", EXIT_USAGE)
+    if not primary:
+        return
     metric = results["metric"]
     print(f"{results['task']}: best val {metric} {results['best_val']:.4f}, "
           f"test {metric} {results['test']:.4f} (paper {results['paper']}), "

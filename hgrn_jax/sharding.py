@@ -327,6 +327,8 @@ def maybe_initialize_distributed(
     *,
     auto: bool = False,
     env: Mapping[str, str] | None = None,
+    heartbeat_timeout_s: int | None = None,
+    shutdown_timeout_s: int | None = None,
 ) -> bool:
     """Call ``jax.distributed.initialize`` when this run is multi-process; True if it is.
 
@@ -335,6 +337,12 @@ def maybe_initialize_distributed(
     ``HGRN_DISTRIBUTED=1``, which call ``initialize()`` with no arguments so JAX detects the
     cluster itself (TPU pods, SLURM, Open MPI). Must run before anything touches a device.
     Calling it again after a successful initialisation is a no-op.
+
+    Failure detection: the coordination service declares a process dead when it has sent no
+    heartbeat for ``heartbeat_timeout_s`` (``HGRN_HEARTBEAT_TIMEOUT_S``; JAX's default, 100 s,
+    when unset) and then stops every other process with an error naming it;
+    ``shutdown_timeout_s`` (``HGRN_SHUTDOWN_TIMEOUT_S``; default 300 s) bounds how long an exiting
+    process waits for the others at the shutdown barrier.
     """
     env = os.environ if env is None else env
     if jax.distributed.is_initialized():
@@ -349,6 +357,13 @@ def maybe_initialize_distributed(
         return False
     if num_processes == 1:
         return False
+    timeouts = {}
+    heartbeat = heartbeat_timeout_s or int(env.get("HGRN_HEARTBEAT_TIMEOUT_S", 0) or 0)
+    if heartbeat:
+        timeouts["heartbeat_timeout_seconds"] = heartbeat
+    shutdown = shutdown_timeout_s or int(env.get("HGRN_SHUTDOWN_TIMEOUT_S", 0) or 0)
+    if shutdown:
+        timeouts["shutdown_timeout_seconds"] = shutdown
     jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+                               num_processes=num_processes, process_id=process_id, **timeouts)
     return True

@@ -33,9 +33,9 @@ import jax
 import numpy as np
 
 from hgrn_jax import sharding
-from hgrn_jax.training import agreement, optim, preflight
+from hgrn_jax.training import agreement, optim, podlog, preflight, watchdog
 from hgrn_jax.training.checkpoint import Checkpoints, CheckpointError, DamagedCheckpointError
-from hgrn_jax.training.logging import MetricsWriter, ProgressBar, write_config, write_results
+from hgrn_jax.training.logging import MetricsWriter, write_config, write_results
 from hgrn_jax.training.state import (TrainState, abstract_checkpoint_tree, count_params,
                                      create_train_state, from_checkpoint_tree, release_buffers,
                                      to_checkpoint_tree)
@@ -293,6 +293,19 @@ def prepare_workdir(workdir: Path, config: Any) -> WorkdirLock:
     return lock
 
 
+def _startup_summary(run: Run, start: int, total_steps: int) -> list[str]:
+    count = getattr(run.task, "num_examples", None)  # user-defined tasks may not count
+    sizes = {split: count(split) for split in ("train", "val", "test")} if callable(count) else {}
+    data = run.config.get("data", None) if hasattr(run.config, "get") else None
+    source = data.get("source", "unknown") if hasattr(data, "get") else "unknown"
+    return podlog.startup_summary(
+        task=run.task.name, source=str(source), sizes=sizes,
+        num_params=run.num_params, mesh_shape=dict(run.mesh.shape),
+        process_count=jax.process_count(), device_count=jax.device_count(),
+        local_device_count=jax.local_device_count(), platform=jax.devices()[0].platform,
+        start_step=start, total_steps=total_steps, workdir=run.workdir)
+
+
 def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> dict[str, Any]:
     """Train, evaluate and report one run; resumes if ``workdir`` holds checkpoints.
 
@@ -306,14 +319,19 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
     """
     workdir = Path(workdir)
     check_run_lengths(config)
-    lock = prepare_workdir(workdir, config)
-    try:
-        return _train_and_evaluate(config, workdir, task)
-    finally:
-        lock.release()
+    # The SIGTERM handler is installed before anything else, so that a preemption notice that
+    # arrives while the model is built or compiled is not fatal: it stops the run at the
+    # first step at which the processes compare their flags.
+    with _SigtermFlag() as sigterm:
+        lock = prepare_workdir(workdir, config)
+        try:
+            return _train_and_evaluate(config, workdir, task, sigterm)
+        finally:
+            lock.release()
 
 
-def _train_and_evaluate(config: Any, workdir: Path, task: Any) -> dict[str, Any]:
+def _train_and_evaluate(config: Any, workdir: Path, task: Any, sigterm: _SigtermFlag
+                        ) -> dict[str, Any]:
     run = Run(config, workdir, task)
 
     total_steps = int(config.num_train_steps)
@@ -335,17 +353,20 @@ def _train_and_evaluate(config: Any, workdir: Path, task: Any) -> dict[str, Any]
         return {"step": step, "wall_time_s": wall_before + time.time() - t_start,
                 "task": run.task.name}
 
-    bar = ProgressBar(total_steps, start, enabled=run.primary)
-    if start > 0:
-        bar.write(f"resuming from step {start} in {workdir}")
+    bar = podlog.progress(total_steps, start, enabled=run.primary)
+    if run.primary:
+        for line in _startup_summary(run, start, total_steps):
+            bar.write(line)
     batches = preflight.open_splits(run.task, config, start)
     pending: list[dict] = []
     t_log, steps_since_log = time.time(), 0
     try:
-        with _SigtermFlag() as sigterm, jax.set_mesh(run.mesh):
+        with jax.set_mesh(run.mesh), watchdog.Guard(
+                jax.process_index(), jax.process_count()) as guard:
             for step in range(start, total_steps):
                 batch = sharding.shard_batch(next(batches), run.mesh)
                 state, metrics = run.train_step(state, batch)
+                guard.beat(step + 1)
                 pending.append(metrics)
                 done, steps_since_log = step + 1, steps_since_log + 1
                 last = done == total_steps
@@ -368,6 +389,7 @@ def _train_and_evaluate(config: Any, workdir: Path, task: Any) -> dict[str, Any]
 
                 if done % eval_every == 0 or last:
                     run.check_finite(state)
+                    guard.pause()  # an evaluation takes as long as it takes; peers still watched
                     val = run.evaluate(state, "val")
                     run.writer.write(done, "val", val)
                     bar.write(f"step {done}: val " + ", ".join(f"{k} {v:.4f}"

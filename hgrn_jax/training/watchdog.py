@@ -1,0 +1,185 @@
+"""Failure detection for multi-process runs: a lost peer and a stalled step end the run, never hang.
+
+Two background threads, both no-ops in a single-process run:
+
+- :class:`PeerMonitor` asks the coordination service every ``poll_s`` which processes are alive.
+  The service declares a process dead after ``heartbeat_timeout`` seconds without a heartbeat
+  (see :func:`hgrn_jax.sharding.maybe_initialize_distributed`); the monitor then prints one line
+  naming the lost processes and exits. JAX itself also terminates the surviving processes once the
+  service reports the failure (a ``Terminating process because the JAX distributed service
+  detected fatal errors`` abort naming ``Task N``); the monitor's line is the readable one.
+- :class:`StepWatchdog` ends the process when no training step has finished for ``timeout_s``
+  seconds (a peer that is alive but stuck, a collective that never completes). The clock starts
+  after the first step (which compiles), and each beat resets it.
+
+The exit code is :data:`EXIT_LOST_PEER`; the last complete checkpoint stays on disk, and running
+the same command again resumes from it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import Callable, Sequence
+
+EXIT_LOST_PEER = 3
+"""Exit code of a process that stopped because a peer process was lost or the step stalled."""
+
+DEFAULT_STEP_TIMEOUT_S = 1800.0
+"""Step watchdog limit when ``HGRN_STEP_TIMEOUT_S`` is unset: longer than any evaluation or
+checkpoint of the paper configurations on a pod slice, so it only fires on a real stall."""
+
+
+def _exit_with(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+    os._exit(EXIT_LOST_PEER)  # the main thread may be blocked in a collective forever
+
+
+def _live_nodes_of_client() -> Callable[[Sequence[int]], Sequence[int]] | None:
+    from jax._src import distributed  # the coordination client has no public accessor
+
+    client = distributed.global_state.client
+    if client is None:
+        return None
+    return lambda ids: list(client.get_live_nodes(list(ids)))
+
+
+class PeerMonitor:
+    """Polls the coordination service for live processes; on a loss calls ``on_lost(message)``.
+
+    Args:
+      process_index, process_count: this process and how many there are.
+      live_nodes: ``ids -> live ids`` (default: the JAX coordination client's
+        ``get_live_nodes``); tests pass their own.
+      poll_s: seconds between polls.
+      on_lost: called with the message (default: print it and exit with
+        :data:`EXIT_LOST_PEER`).
+    """
+
+    def __init__(self, process_index: int, process_count: int, *,
+                 live_nodes: Callable[[Sequence[int]], Sequence[int]] | None = None,
+                 poll_s: float = 1.0, on_lost: Callable[[str], None] = _exit_with):
+        self.process_index, self.process_count = process_index, process_count
+        self._live_nodes = live_nodes
+        self.poll_s, self.on_lost = poll_s, on_lost
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def lost(self) -> list[int]:
+        """The processes the coordination service no longer counts as alive."""
+        everyone = range(self.process_count)
+        return sorted(set(everyone) - set(self._live_nodes(everyone)))
+
+    def message(self, lost: Sequence[int]) -> str:
+        names = ", ".join(map(str, lost))
+        return (f"error: process {self.process_index}: lost process{'es' if len(lost) > 1 else ''}"
+                f" {names} (no heartbeat: killed, crashed or preempted); stopping. The last "
+                "complete checkpoint is kept: run the same command again to resume from it.")
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                lost = self.lost()
+            except Exception as error:  # noqa: BLE001 (the service itself is gone)
+                if self._stop.is_set():
+                    return
+                self.on_lost(f"error: process {self.process_index}: the coordination service "
+                             f"stopped answering ({type(error).__name__}: {str(error)[:200]}); "
+                             "process 0 is probably lost. Rerun the same command to resume.")
+                return
+            # The service's answer waits until every live process has asked too, so a process
+            # that left the training loop (and stopped asking) is seen as gone only once it has
+            # exited: by then this process has left the loop as well, and stop() was called.
+            if lost and not self._stop.is_set():
+                self.on_lost(self.message(lost))
+                return
+
+    def start(self) -> "PeerMonitor":
+        if self.process_count > 1:
+            if self._live_nodes is None:
+                self._live_nodes = _live_nodes_of_client()
+            if self._live_nodes is not None:
+                self._thread = threading.Thread(target=self._watch, name="peer-monitor",
+                                                daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class StepWatchdog:
+    """Calls ``on_stall(message)`` when :meth:`beat` has not been called for ``timeout_s``.
+
+    Armed by the first :meth:`beat` (the first step compiles, which may take long); ``paused``
+    stops the clock for phases with their own duration (a whole evaluation, a checkpoint).
+    """
+
+    def __init__(self, timeout_s: float, process_index: int = 0, *,
+                 on_stall: Callable[[str], None] = _exit_with, poll_s: float | None = None):
+        if timeout_s <= 0:
+            raise ValueError(f"step timeout must be positive, got {timeout_s}")
+        self.timeout_s, self.process_index, self.on_stall = timeout_s, process_index, on_stall
+        self.poll_s = poll_s if poll_s is not None else min(1.0, timeout_s / 4)
+        self._last: float | None = None
+        self._step = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self, step: int) -> None:
+        """Step ``step`` finished (was dispatched); restart the clock."""
+        self._step, self._last = step, time.monotonic()
+
+    def pause(self) -> None:
+        """Stop the clock until the next :meth:`beat`."""
+        self._last = None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            last = self._last
+            if last is not None and time.monotonic() - last > self.timeout_s:
+                self.on_stall(
+                    f"error: process {self.process_index}: no training step finished in "
+                    f"{self.timeout_s:.0f} s after step {self._step}; a peer process is stuck "
+                    "or lost, stopping. Raise HGRN_STEP_TIMEOUT_S if steps are this slow. The "
+                    "last complete checkpoint is kept: run the same command again to resume.")
+                return
+
+    def start(self) -> "StepWatchdog":
+        self._thread = threading.Thread(target=self._watch, name="step-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Guard:
+    """Both monitors for one run (a no-op with one process): ``beat`` after every step,
+    ``pause`` before a long phase, used as a context manager around training."""
+
+    def __init__(self, process_index: int, process_count: int,
+                 step_timeout_s: float | None = None):
+        self.active = process_count > 1
+        if step_timeout_s is None:
+            step_timeout_s = float(os.environ.get("HGRN_STEP_TIMEOUT_S", DEFAULT_STEP_TIMEOUT_S))
+        self.peers = PeerMonitor(process_index, process_count)
+        self.steps = StepWatchdog(step_timeout_s, process_index)
+
+    def __enter__(self) -> "Guard":
+        if self.active:
+            self.peers.start()
+            self.steps.start()
+        return self
+
+    def beat(self, step: int) -> None:
+        self.steps.beat(step)
+
+    def pause(self) -> None:
+        self.steps.pause()
+
+    def __exit__(self, *exc) -> None:
+        self.peers.stop()
+        self.steps.stop()

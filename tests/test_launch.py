@@ -1,0 +1,232 @@
+"""The pod launcher, the failure monitors and the pod logs, without JAX processes (seconds).
+
+The real multi-process runs are in tests/test_pod.py; here the launcher runs small Python
+programs, and the monitors get fake clocks and fake coordination services.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import launch
+from hgrn_jax.data import loader
+from hgrn_jax.training import podlog, watchdog
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_process_env_sets_the_coordinator_and_devices_and_keeps_other_settings():
+    base = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/d",
+            "JAX_COMPILATION_CACHE_DIR": "/c", "JAX_LOCAL_DEVICE_IDS": "0", "HOME": "/h",
+            "HGRN_STEP_TIMEOUT_S": "5"}
+    env = launch.process_env(base, 2, 4, 3, 1234)
+    assert env["JAX_COORDINATOR_ADDRESS"] == "127.0.0.1:1234"
+    assert (env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"]) == ("4", "2")
+    assert env["JAX_NUM_CPU_DEVICES"] == env["HGRN_NUM_CPU_DEVICES"] == "3"
+    assert env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] == "gloo"
+    assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/d"
+    assert "JAX_LOCAL_DEVICE_IDS" not in env
+    assert env["JAX_COMPILATION_CACHE_DIR"] == "/c" and env["HOME"] == "/h"
+    assert env["HGRN_STEP_TIMEOUT_S"] == "5"  # the user's choice wins over the launcher's default
+    assert env["HGRN_HEARTBEAT_TIMEOUT_S"] == str(launch.HEARTBEAT_TIMEOUT_S)
+
+
+def test_train_command_and_exit_descriptions():
+    assert launch.train_command(["--config=c.py", "--workdir=w"]) == [
+        sys.executable, "-m", "experiments.train", "--config=c.py", "--workdir=w"]
+    assert launch.train_command(["python3", "x.py", "--a"]) == [sys.executable, "x.py", "--a"]
+    assert launch.train_command(["./tool", "--a"]) == ["./tool", "--a"]
+    assert launch.describe_exit(3) == "exit code 3"
+    assert launch.describe_exit(-9) == "killed by SIGKILL"
+
+
+def test_parse_args_requires_the_train_arguments(capsys):
+    args, rest = launch.parse_args(["--num_processes=4", "--devices_per_process=2", "--",
+                                    "--config=x"])
+    assert (args.num_processes, args.devices_per_process, rest) == (4, 2, ["--config=x"])
+    with pytest.raises(SystemExit) as exit_info:
+        launch.parse_args(["--num_processes=4", "--devices_per_process=2"])
+    assert exit_info.value.code == 2
+    assert "give the experiments.train arguments after --" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        launch.parse_args(["--num_processes=0", "--devices_per_process=2", "--", "--x"])
+
+
+# Each process says hello on stdout and stderr; process 1 then fails with exit code 3 while the
+# others wait for a signal and report it.
+CHILD = r"""
+import os, signal, sys, time
+me = int(os.environ["JAX_PROCESS_ID"])
+def stop(signum, frame):
+    print(f"got {signal.Signals(signum).name}", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+print(f"hello from {me} of {os.environ['JAX_NUM_PROCESSES']}", flush=True)
+print(f"devices {os.environ['JAX_NUM_CPU_DEVICES']}", file=sys.stderr, flush=True)
+if me == int(os.environ.get("FAIL", -1)):
+    sys.exit(3)
+time.sleep(60)
+"""
+
+
+def test_a_failing_process_is_named_and_the_others_are_stopped(monkeypatch, tmp_path):
+    monkeypatch.setattr(launch, "LOST_PEER_GRACE_S", 0.5)
+    monkeypatch.setattr(launch, "STOP_GRACE_S", 5.0)
+    monkeypatch.setenv("FAIL", "1")
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    out, err = io.StringIO(), io.StringIO()
+    pod = launch.Pod(launch.train_command(["python", str(script)]), 3, 2, stdout=out, stderr=err)
+    code = pod.wait()
+    assert code == 3
+    text = err.getvalue()
+    assert "[launch] process 1 failed (exit code 3); waiting up to 0 s for processes 0, 2" in text
+    assert "[launch] processes 0, 2 still running; stopping them" in text
+    assert "[launch] FAILED: process 1 (exit code 3)" in text
+    assert "[1] devices 2" in text
+    lines = out.getvalue().splitlines()
+    for i in range(3):
+        assert f"[{i}] hello from {i} of 3" in lines
+    assert "[0] got SIGTERM" in lines and "[2] got SIGTERM" in lines
+
+
+def test_the_launcher_forwards_sigterm_and_exits_0_when_all_do(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.launch", "--num_processes=2",
+                             "--devices_per_process=1", "--", "python", str(script)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    while len([line for line in lines if "hello from" in line]) < 2:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        lines.append(line.strip())
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "[launch] forwarding SIGTERM to every process" in err
+    assert {"[0] got SIGTERM", "[1] got SIGTERM"} <= set(out.split("\n"))
+
+
+def test_peer_monitor_names_the_lost_process():
+    messages = []
+    monitor = watchdog.PeerMonitor(1, 4, live_nodes=lambda ids: [0, 1, 3], poll_s=0.01,
+                                   on_lost=messages.append)
+    monitor.start()
+    deadline = time.monotonic() + 5
+    while not messages and time.monotonic() < deadline:
+        time.sleep(0.01)
+    monitor.stop()
+    assert messages and messages[0].startswith("error: process 1: lost process 2 (no heartbeat")
+    assert "run the same command again to resume" in messages[0]
+    assert watchdog.PeerMonitor(0, 3, live_nodes=lambda ids: [0]).lost() == [1, 2]
+
+
+def test_peer_monitor_stopped_while_asking_reports_nothing():
+    """The service answers once every live process has asked; a process that has left training
+    is missing from the answer given after it exits, and this one stopped by then."""
+    answer, messages = threading.Event(), []
+
+    def live_nodes(ids):
+        answer.wait(5)
+        return [0]
+
+    monitor = watchdog.PeerMonitor(0, 2, live_nodes=live_nodes, poll_s=0.01,
+                                   on_lost=messages.append).start()
+    time.sleep(0.1)
+    monitor.stop()
+    answer.set()
+    time.sleep(0.1)
+    assert messages == []
+
+
+def test_step_watchdog_fires_only_when_armed_and_stalled():
+    messages = []
+    dog = watchdog.StepWatchdog(0.2, 3, on_stall=messages.append, poll_s=0.02).start()
+    time.sleep(0.4)
+    assert messages == []  # not armed before the first step (which compiles)
+    dog.beat(7)
+    dog.pause()
+    time.sleep(0.4)
+    assert messages == []  # paused (an evaluation)
+    dog.beat(8)
+    time.sleep(0.6)
+    dog.stop()
+    assert len(messages) == 1
+    assert messages[0].startswith("error: process 3: no training step finished in 0 s after "
+                                  "step 8")
+    with pytest.raises(ValueError, match="positive"):
+        watchdog.StepWatchdog(0)
+
+
+def test_guard_is_inert_in_one_process():
+    with watchdog.Guard(0, 1, step_timeout_s=0.01) as guard:
+        guard.beat(1)
+        time.sleep(0.05)
+    assert not guard.active
+
+
+def test_plain_progress_lines_and_start_up_summary():
+    stream = io.StringIO()
+    bar = podlog.PlainProgress(100, 20, stream=stream)
+    bar._t0 -= 10.0  # 10 s for the 20 steps below: 2 steps/s, 60 steps left
+    bar.update(20, loss=1.23456, lr=0.1)
+    bar.write("step 40: val loss 1.0000")
+    assert stream.getvalue().splitlines() == [
+        "step 40/100  loss 1.2346  2.00 steps/s  30s left", "step 40: val loss 1.0000"]
+    silent = io.StringIO()
+    podlog.PlainProgress(10, 0, enabled=False, stream=silent).update(1, loss=1.0)
+    assert silent.getvalue() == ""
+    assert [podlog.format_duration(s) for s in (5, 125, 7300)] == ["5s", "2m05s", "2h01m"]
+    lines = podlog.startup_summary(
+        task="listops", source="release", sizes={"train": 96000, "val": 2000, "test": 2000},
+        num_params=11850, mesh_shape={"data": 2, "fsdp": 2, "model": 2}, process_count=4,
+        device_count=8, local_device_count=2, platform="tpu", start_step=300, total_steps=1000,
+        workdir="/runs/x")
+    assert lines == [
+        "task listops: data source 'release' (train 96,000, val 2,000, test 2,000 examples)",
+        "model: 11,850 parameters; mesh data=2 x fsdp=2 x model=2",
+        "4 processes x 2 tpu devices = 8 devices",
+        "resuming from step 300 of 1000 in /runs/x"]
+
+
+def test_secondary_processes_prefix_their_warnings(capsys):
+    previous, root = warnings.showwarning, logging.getLogger()
+    level, formatters = root.level, [h.formatter for h in root.handlers]
+    try:
+        podlog.quiet_secondary_processes(2)
+        warnings.warn("checkpoint is slow", RuntimeWarning, stacklevel=1)
+    finally:
+        warnings.showwarning = previous
+        root.setLevel(level)
+        for handler, formatter in zip(root.handlers, formatters):
+            handler.setFormatter(formatter)
+    err = capsys.readouterr().err
+    assert err.startswith("[process 2] ") and "RuntimeWarning: checkpoint is slow" in err
+
+
+def test_each_process_reads_only_its_share():
+    """The rows each of 4 processes loads are disjoint and together are the one-process batch."""
+    for step in (0, 5):
+        whole = loader.train_rows(0, step, 400, 32, 0, 1)
+        shares = [loader.train_rows(0, step, 400, 32, p, 4) for p in range(4)]
+        assert all(len(s) == 8 for s in shares)
+        np.testing.assert_array_equal(np.concatenate(shares), whole)
+    whole = loader.eval_rows(40, 32, 0, 1)
+    shares = [loader.eval_rows(40, 32, p, 4) for p in range(4)]
+    for batch, (rows, valid) in enumerate(whole):  # every eval batch, padding included
+        np.testing.assert_array_equal(np.concatenate([s[batch][0] for s in shares]), rows)
+        np.testing.assert_array_equal(np.concatenate([s[batch][1] for s in shares]), valid)
+    assert sum(int(v.sum()) for s in shares for _, v in s) == 40  # each example once
