@@ -18,6 +18,10 @@ import importlib
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 TRAIN_STEPS = 8  # two epochs of 32 examples in batches of 8
 

@@ -3,7 +3,12 @@ multi-host worker (which imports it after configuring JAX, so this module import
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import jax
+    from flax import nnx
 
 
 def sharded_train_step(factory: Callable, loss_fn: Callable, batch: dict, mesh

@@ -37,7 +37,7 @@ import random
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Sequence
 
 import numpy as np
 
@@ -51,7 +51,7 @@ OPERATOR_PROBABILITY = 0.25
 SPLITS = ("train", "val", "test")
 NUM_CLASSES = 10
 
-Tree = Union[int, tuple[str, tuple["Tree", ...]]]
+Tree = int | tuple[str, tuple["Tree", ...]]
 
 
 @dataclasses.dataclass(frozen=True)
