@@ -95,7 +95,7 @@ def main() -> None:
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from hgrn_jax.training import tasks
+    from hgrn_jax import tasks
 
     index, count = jax.process_index(), jax.process_count()
     task = tasks.get_task(pathfinder_config(args.lra_dir, args.tfds_dir))

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from hgrn_jax.data import listops
-from hgrn_jax.training import tasks
+from hgrn_jax import tasks
 
 CONFIGS = ["lra.listops", "lra.text", "lra.retrieval", "lra.image", "lra.pathfinder",
            "lra.pathx", "imagenet.tiny", "lm.wikitext103"]
