@@ -29,6 +29,7 @@ def mock():
         yield
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_listops_release(tmp_path):
     release = tmp_path / "lra_release"
     fx.write_listops(release / "lra_release", rows=16)  # the archive's nested layout
@@ -38,18 +39,21 @@ def test_listops_release(tmp_path):
     fx.train_briefly(config, tmp_path / "run")
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_text_on_mock_imdb(tmp_path, mock):
     config = fx.tfds_config("lra.text", tmp_path, seq_len=64)
     assert isinstance(tasks.get_task(config), text_task.ImdbTfds)
     fx.train_briefly(config, tmp_path / "run")
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_image_on_mock_cifar10(tmp_path, mock):
     config = fx.cifar_config(tmp_path)
     assert isinstance(tasks.get_task(config), image_task.Cifar10Tfds)
     fx.train_briefly(config, tmp_path / "run", steps=2)
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_grayscale_image_on_mock_cifar10(tmp_path, mock):
     """LRA's grey variant (``data.grayscale=True``, ``model.input_channels=1``): one channel in
     the batches and in the model's pixel encoder, finite training and evaluation losses."""
@@ -67,6 +71,7 @@ def test_grayscale_image_on_mock_cifar10(tmp_path, mock):
     assert written["model"]["input_channels"] == 1 and written["data"]["grayscale"] is True
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_pathx_on_pathfinder128_pngs(tmp_path):
     fx.write_pathfinder(tmp_path, 128, count=16)
     config = fx.pathfinder_config(tmp_path, task="lra.pathx", resolution=128)

@@ -320,11 +320,13 @@ def fixture_config(what: str, tmp_path):
     return config
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 @pytest.mark.parametrize("what", ["retrieval", "pathfinder", "wikitext"])
 def test_trains_end_to_end_on_the_release_fixture(tmp_path, what):
     fx.train_briefly(fixture_config(what, tmp_path), tmp_path / "run", steps=3)
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_two_real_processes_see_each_example_once(tmp_path):
     """Two JAX processes (loopback coordinator, gloo) read their shards of the same fixture and
     assemble global batches with make_array_from_process_local_data: each epoch and each eval

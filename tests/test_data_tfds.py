@@ -274,6 +274,7 @@ def test_imagenet_soft_target_loss_equals_label_smoothing_without_mixing(tmp_pat
     assert float(sums["weight"]) == 3.0
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_imagenet_trains_end_to_end_on_mock_data(tmp_path, mock):
     """Mixup/CutMix soft targets through the training loop's jitted step and evaluation."""
     fx.train_briefly(imagenet_config(tmp_path), tmp_path / "run", steps=2)

@@ -191,6 +191,7 @@ def test_each_process_reads_only_its_rows(tmp_path):
         assert spy.read == own_rows  # one read per batch (all columns), of its own rows only
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_two_real_processes_read_the_prepared_data_each_example_once(tmp_path):
     """Two JAX processes (loopback coordinator, gloo) read a prepared tfds Pathfinder and build
     global batches with make_array_from_process_local_data: the global batches are the
@@ -275,6 +276,7 @@ def test_bad_rows_stop_preparation_unless_skipped(tmp_path):
 # ----------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 @pytest.mark.parametrize("what", ["listops", "wikitext"])
 def test_tiny_preset_trains_from_the_tfds_data(tmp_path, what):
     config = (listops_config(tmp_path, rows=16) if what == "listops"
