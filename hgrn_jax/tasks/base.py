@@ -314,6 +314,8 @@ class PixelTask(ArrayTask):
     native_size: ClassVar[int] = 0
     stand_in_size: ClassVar[int] = 0
     channels: ClassVar[int] = 1
+    images: ClassVar[str] = "these images"
+    """The images in error messages ("the release's pathfinder32 images")."""
 
     @classmethod
     def image_size(cls, config) -> int:
@@ -324,8 +326,8 @@ class PixelTask(ArrayTask):
         config = super().derive(config)
         size = cls.image_size(config)
         if config.data.image_size and int(config.data.image_size) != size:
-            raise ValueError(f"data.image_size must be {size} for {cls.__doc__.split(':')[0]}"
-                             f"; got {config.data.image_size} (or 0: the source's size)")
+            raise ValueError(f"data.image_size must be {size} for {cls.images}; got "
+                             f"{config.data.image_size} (or 0: the source's size)")
         config.data.image_size = size
         settle(config, "model.grid_shape", (size, size),
                f"data.image_size {size} (the grid is image_size x image_size)")

@@ -40,6 +40,7 @@ class Cifar10Tfds(ImageTask):
 
     reads = frozenset({"tfds_dir"})
     native_size = 32
+    images = "CIFAR-10's images (32 x 32)"
     num_classes = cifar.NUM_CLASSES
 
     @classmethod

@@ -33,10 +33,11 @@ class PathfinderTask(PixelTask):
 
 
 class PathfinderRelease(PathfinderTask):
-    """the release's pathfinder32 images: PNGs split 80/10/10 as the reference."""
+    """The release's pathfinder32 PNGs, split 80/10/10 as the reference."""
 
     reads = frozenset({"lra_dir", "tfds_dir"})
     native_size: ClassVar[int] = 32
+    images = "the release's pathfinder32 images"
 
     @property
     def resolution(self) -> int:
@@ -53,9 +54,10 @@ class PathfinderRelease(PathfinderTask):
 
 
 class PathXRelease(PathfinderRelease):
-    """the release's pathfinder128 images (Path-X): PNGs split 80/10/10 as the reference."""
+    """The release's pathfinder128 PNGs (Path-X), split 80/10/10 as the reference."""
 
     native_size = 128
+    images = "the release's pathfinder128 images (Path-X)"
 
 
 def _tfds(config_file: str, resolution: int) -> TfdsRelease:
@@ -64,21 +66,22 @@ def _tfds(config_file: str, resolution: int) -> TfdsRelease:
 
 
 class PathfinderPrepared(PreparedTfds, PathfinderRelease):
-    """the tfds dataset lra_pathfinder/res32."""
+    """The tfds dataset ``lra_pathfinder/res32``."""
 
     tfds_release = _tfds("experiments/configs/lra/pathfinder.py", 32)
     reads = frozenset({"tfds_dir", "lra_dir"})
 
 
 class PathXPrepared(PathfinderPrepared):
-    """the tfds dataset lra_pathfinder/res128."""
+    """The tfds dataset ``lra_pathfinder/res128``."""
 
     tfds_release = _tfds("experiments/configs/lra/pathx.py", 128)
     native_size = 128
+    images = PathXRelease.images
 
 
 class PathfinderSynthetic(PathfinderTask):
-    """generated path images."""
+    """Generated grey images with or without a path joining two dots."""
 
     stand_in_size = 12
 
