@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from two_processes import run_two_processes
 
 HERE = Path(__file__).resolve().parent
