@@ -205,7 +205,7 @@ def test_two_real_processes_read_the_prepared_data_each_example_once(tmp_path):
     prepare.prepare(worker.pathfinder_config(str(tmp_path / "release"), tfds_dir))
     # No release folder: the processes can only read the tfds data.
     seen = worker.run_two_processes(tmp_path / "global.npz", "", tfds_dir)
-    assert str(seen.pop("task")) == "PathfinderTfdsTask"
+    assert str(seen.pop("task")) == "PathfinderPrepared"  # the prepared tfds reader
     config = worker.pathfinder_config("", tfds_dir)
     task = tasks.get_task(config)
     assert isinstance(task, pathfinder_task.PathfinderPrepared)
