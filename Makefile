@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test test-fast lint demo bench clean
 
 venv: $(STAMP)
 
@@ -16,8 +16,18 @@ $(STAMP): requirements.txt pyproject.toml
 	  || $(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
+# Everything (CI): unit tests, end-to-end training runs and multi-process tests.
 test: venv
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) tests
+
+# The unit tests only (the edit-test loop): skips the tests marked slow (over ~20 s each).
+test-fast: venv
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" tests
+
+# ruff's lint rules and formatting check (configured in pyproject.toml; pinned in requirements.txt).
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Tiny ListOps end to end on CPU: generate the data (once), train (resumes if interrupted), report.
 DEMO_RUN ?= runs/demo-listops

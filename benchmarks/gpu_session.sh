@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one go, for a machine lent for a few minutes (see README, Results):
+# Every GPU measurement in one go, for a machine lent for a few minutes (see benchmarks/README.md):
 #   bash benchmarks/gpu_session.sh        # results: benchmarks/results/*_gpu.json, logs in $OUT
 # Each step has its own time limit, so one slow or failing step leaves the others' results.
 # fla (flash-linear-attention 0.6.0 + fla-core) is installed from wheels in .whl/ when present.

@@ -6,7 +6,7 @@ batch sizes on generated fixtures in the release layouts (``tests/data_fixtures.
 archives of 500 x 375 JPEGs (threads, and 2 worker processes), after a first batch that prepares the
 cache (timed separately as ``prepare_s``). The release datasets (ListOps, Retrieval, Pathfinder,
 Path-X, WikiText-103) are measured twice in the same run: from their ``.npy`` caches and from the
-same fixture prepared into tfds data (``hgrn_jax.data.prepare`` with ``data.tfds_dir``, timed as
+same fixture prepared into tfds data (``experiments.prepare`` with ``data.tfds_dir``, timed as
 ``tfds_prepare_s``; rows ``... tfds``, with ``vs_npy`` = their examples/s over the ``.npy`` row's).
 Writes ``benchmarks/results/input_<platform>.json``.
 
@@ -119,7 +119,7 @@ def imagenet_cases(tmp: Path):
 
 
 def measure(name, config, seconds) -> dict:
-    from hgrn_jax.training import tasks
+    from hgrn_jax import tasks
 
     task = tasks.get_task(config)
     batch = config.eval_batch_size or config.batch_size
@@ -136,16 +136,16 @@ def measure(name, config, seconds) -> dict:
 def measure_prepared_tfds(name, config, tfds_dir: Path, seconds, npy_row) -> dict:
     """The release pipeline ``name`` again, from its fixture prepared into tfds data in
     ``tfds_dir`` (array_record, read by index like a pod host does)."""
-    from hgrn_jax.data import prepare
-    from hgrn_jax.training import real_data_tfds, tasks
+    from experiments import prepare
+    from hgrn_jax import tasks
+    from hgrn_jax.tasks.base import PreparedTfds
 
     config = config.copy_and_resolve_references()
     config.data.tfds_dir = str(tfds_dir)
     start = time.perf_counter()
     prepare.prepare(config)
     prepare_s = time.perf_counter() - start
-    assert real_data_tfds.prepared_task_class(config) is not None, name
-    assert type(tasks.get_task(config)).__module__ == real_data_tfds.__name__, name
+    assert isinstance(tasks.get_task(config), PreparedTfds), name
     row = measure(name.replace(")", ", tfds)"), config, seconds)
     row["tfds_prepare_s"] = round(prepare_s, 3)
     row["vs_npy"] = {part: round(row[part]["examples_per_s"] / npy_row[part]["examples_per_s"], 4)

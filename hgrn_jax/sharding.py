@@ -18,8 +18,8 @@ Typical use (the train loop lives in :mod:`hgrn_jax.training`)::
         optimizer.update(model, grads)
         return nnx.state((model, optimizer)), loss
 
-    step = jit_step(train_step, in_shardings=(state_sh, batch_sharding(mesh, 2)),
-                    out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
+    step = jax.jit(train_step, in_shardings=(state_sh, batch_sharding(mesh, 2)),
+                   out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
     state, loss = step(state, shard_batch(local_batch, mesh))
 
 Multi-host: call :func:`maybe_initialize_distributed` before anything touches a device; every
@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -168,12 +169,6 @@ def logical_to_mesh_spec(
     return PartitionSpec(*spec)
 
 
-def logical_sharding(logical_axes: Sequence[str | None], mesh: Mesh,
-                     shape: Sequence[int] | None = None) -> NamedSharding:
-    """:func:`logical_to_mesh_spec` as a NamedSharding on ``mesh``."""
-    return NamedSharding(mesh, logical_to_mesh_spec(logical_axes, shape, mesh))
-
-
 def _variable_spec(variable: nnx.Variable, mesh: Mesh,
                    rules: Sequence[tuple[str, MeshAxes]]) -> PartitionSpec:
     names = variable.get_metadata().get("out_sharding")
@@ -221,42 +216,36 @@ def abstract_with_shardings(state: Any, mesh: Mesh) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
+def init_sharded(init: Callable[[], Any], mesh: Mesh) -> tuple[Any, Any]:
+    """``(init(), shardings)`` with ``init()``'s pytree created directly in its shards.
+
+    ``jax.eval_shape`` gives the pytree's shapes without allocating, :func:`state_shardings` its
+    shardings; one ``jax.jit`` with those ``out_shardings`` then creates the values, so every
+    device only ever holds its own shards. ``init`` takes no arguments and must be deterministic,
+    since it runs once abstractly and once under jit.
+    """
+    # Outside the mesh context: under one, eval_shape would read logical names as mesh axes.
+    shardings = state_shardings(jax.eval_shape(init), mesh)
+    with jax.set_mesh(mesh):
+        return jax.jit(init, out_shardings=shardings)(), shardings
+
+
 def create_sharded(factory: Callable[[], Any], mesh: Mesh) -> Any:
     """Build ``factory()`` (a module, or e.g. a ``(model, optimizer)`` tuple) directly sharded.
 
-    ``nnx.eval_shape`` gives the state's shapes without allocating; the state is then created by
-    a ``jax.jit`` whose ``out_shardings`` are :func:`state_shardings`, so every device only ever
-    holds its own shards. ``factory`` takes no arguments and must be deterministic (create its
-    ``nnx.Rngs`` from a fixed seed inside), since it runs once abstractly and once under jit.
+    ``factory`` takes no arguments and must be deterministic (create its ``nnx.Rngs`` from a
+    fixed seed inside); see :func:`init_sharded`.
     """
-    # Outside the mesh context: under one, eval_shape would read logical names as mesh axes.
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(factory))
-    shardings = state_shardings(abstract_state, mesh)
-
-    @jax.jit(out_shardings=shardings)
-    def init():
-        return nnx.split(factory())[1]
-
-    with jax.set_mesh(mesh):
-        state = init()
+    graphdef, _ = nnx.split(nnx.eval_shape(factory))
+    state, _ = init_sharded(lambda: nnx.split(factory())[1], mesh)
     return nnx.merge(graphdef, state)
 
 
 def create_sharded_model(factory: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
-    """A model built by ``factory()`` with every parameter created in its shards on ``mesh``."""
+    """Deprecated alias of :func:`create_sharded`."""
+    warnings.warn("sharding.create_sharded_model is deprecated; use sharding.create_sharded",
+                  DeprecationWarning, stacklevel=2)
     return create_sharded(factory, mesh)
-
-
-def jit_step(fn: Callable, in_shardings: Any, out_shardings: Any,
-             donate_argnums: int | Sequence[int] = (), **jit_kwargs) -> Callable:
-    """``jax.jit`` with explicit shardings (what ``pjit`` was) and donated state buffers.
-
-    ``fn`` takes pure state (``nnx.split``'s second half) and arrays; close over the graphdef
-    (it is static Python structure, not traced) and ``nnx.merge`` inside. Donating the state
-    argument lets XLA update parameters and optimizer moments in place.
-    """
-    return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
-                   donate_argnums=donate_argnums, **jit_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

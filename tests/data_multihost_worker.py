@@ -18,6 +18,10 @@ import importlib
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 TRAIN_STEPS = 8  # two epochs of 32 examples in batches of 8
 
@@ -91,7 +95,7 @@ def main() -> None:
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from hgrn_jax.training import tasks
+    from hgrn_jax import tasks
 
     index, count = jax.process_index(), jax.process_count()
     task = tasks.get_task(pathfinder_config(args.lra_dir, args.tfds_dir))

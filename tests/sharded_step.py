@@ -3,7 +3,12 @@ multi-host worker (which imports it after configuring JAX, so this module import
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import jax
+    from flax import nnx
 
 
 def sharded_train_step(factory: Callable, loss_fn: Callable, batch: dict, mesh
@@ -12,6 +17,7 @@ def sharded_train_step(factory: Callable, loss_fn: Callable, batch: dict, mesh
 
     ``batch`` holds this process's rows of the global batch.
     """
+    import jax
     from flax import nnx
 
     from hgrn_jax import sharding as sh
@@ -27,7 +33,7 @@ def sharded_train_step(factory: Callable, loss_fn: Callable, batch: dict, mesh
         optimizer.update(model, grads)
         return nnx.state((model, optimizer)), loss
 
-    jitted = sh.jit_step(step, in_shardings=(state_sh, sh.batch_sharding(mesh)),
-                         out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=0)
+    jitted = jax.jit(step, in_shardings=(state_sh, sh.batch_sharding(mesh)),
+                     out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=0)
     new_state, loss = jitted(state, sh.shard_batch(batch, mesh))
     return graphdef, new_state, loss

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hgrn_jax.training import tasks
+from hgrn_jax import tasks
 
 # docs/design.md 3.4, LRA table: model, layers, d, GLU expand, norm, batch, lr, wd, dropout,
 # warmup / schedule steps, epochs, length, paper accuracy.

@@ -18,7 +18,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 import data_fixtures as fx
-from hgrn_jax.training import real_data, tasks
+from hgrn_jax import tasks
+from hgrn_jax.tasks import (
+    image as image_task, listops as listops_task, pathfinder as pathfinder_task, text as text_task)
 
 
 @pytest.fixture
@@ -27,34 +29,38 @@ def mock():
         yield
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_listops_release(tmp_path):
     release = tmp_path / "lra_release"
     fx.write_listops(release / "lra_release", rows=16)  # the archive's nested layout
     config = fx.tiny_config("lra.listops", source="release", lra_dir=str(release),
                             cache_dir=str(tmp_path / "cache"))
-    assert isinstance(tasks.get_task(config), real_data.ListOpsReleaseTask)
+    assert isinstance(tasks.get_task(config), listops_task.ListOpsRelease)
     fx.train_briefly(config, tmp_path / "run")
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_text_on_mock_imdb(tmp_path, mock):
     config = fx.tfds_config("lra.text", tmp_path, seq_len=64)
-    assert isinstance(tasks.get_task(config), real_data.ImdbTask)
+    assert isinstance(tasks.get_task(config), text_task.ImdbTfds)
     fx.train_briefly(config, tmp_path / "run")
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_image_on_mock_cifar10(tmp_path, mock):
     config = fx.cifar_config(tmp_path)
-    assert isinstance(tasks.get_task(config), real_data.CifarTask)
+    assert isinstance(tasks.get_task(config), image_task.Cifar10Tfds)
     fx.train_briefly(config, tmp_path / "run", steps=2)
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_grayscale_image_on_mock_cifar10(tmp_path, mock):
     """LRA's grey variant (``data.grayscale=True``, ``model.input_channels=1``): one channel in
     the batches and in the model's pixel encoder, finite training and evaluation losses."""
     config = fx.cifar_config(tmp_path, grayscale=True)
     config.model.input_channels = 1
     task = tasks.get_task(config)
-    assert isinstance(task, real_data.CifarTask)
+    assert isinstance(task, image_task.Cifar10Tfds)
     batch = next(task.train_batches(0))
     assert batch["inputs"].shape == (4, 32 * 32, 1) and batch["inputs"].dtype == np.float32
     fx.train_briefly(config, tmp_path / "run", steps=2)
@@ -65,11 +71,12 @@ def test_grayscale_image_on_mock_cifar10(tmp_path, mock):
     assert written["model"]["input_channels"] == 1 and written["data"]["grayscale"] is True
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_pathx_on_pathfinder128_pngs(tmp_path):
     fx.write_pathfinder(tmp_path, 128, count=16)
     config = fx.pathfinder_config(tmp_path, task="lra.pathx", resolution=128)
     config.model.features = 8  # 16,384 pixels a row: keep the run a few seconds long
-    assert isinstance(tasks.get_task(config), real_data.PathfinderTask)
+    assert isinstance(tasks.get_task(config), pathfinder_task.PathfinderRelease)
     fx.train_briefly(config, tmp_path / "run", steps=2)
 
 

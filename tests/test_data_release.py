@@ -14,7 +14,10 @@ import data_fixtures as fx
 from data_fixtures import assert_batch_lists_equal, take
 from data_fixtures import pathfinder_config, tiny_config as config_of
 from hgrn_jax.data import errors, loader, release, retrieval, wikitext
-from hgrn_jax.training import real_data, tasks
+from hgrn_jax import tasks
+from hgrn_jax.tasks import (
+    listops as listops_task, pathfinder as pathfinder_task, retrieval as retrieval_task,
+    wikitext103 as wikitext_task)
 
 
 # ----------------------------------------------------------------------------- release folder
@@ -46,7 +49,7 @@ def test_listops_release_nested_shapes_and_labels(tmp_path):
     config = config_of("lra.listops", source="release", lra_dir=str(tmp_path), seq_len=12,
                        cache_dir=str(tmp_path / "cache"))
     task = tasks.get_task(config)
-    assert isinstance(task, real_data.ListOpsReleaseTask)
+    assert isinstance(task, listops_task.ListOpsRelease)
     examples = task.examples("val")
     assert examples["inputs"].shape == (6, 12) and examples["inputs"].dtype == np.uint8
     np.testing.assert_array_equal(examples["labels"], [3, 3, 3, 3, 4, 5])
@@ -78,7 +81,7 @@ def test_aan_quoted_texts_keep_their_rows(tmp_path):
                        cache_dir=str(tmp_path / "cache"), seq_len=32)
     config.batch_size = 4
     task = tasks.get_task(config)
-    assert isinstance(task, real_data.AanTask)
+    assert isinstance(task, retrieval_task.AanRelease)
     examples = task.examples("train")
     for key in ("inputs", "inputs2"):
         assert examples[key].shape == (8, 32) and examples[key].dtype == np.uint8
@@ -162,7 +165,7 @@ def grey_values(batch) -> np.ndarray:
 def test_pathfinder_split_sizes_values_and_labels(tmp_path):
     fx.write_pathfinder(tmp_path, 32, count=40)
     task = tasks.get_task(pathfinder_config(tmp_path))
-    assert isinstance(task, real_data.PathfinderTask)
+    assert isinstance(task, pathfinder_task.PathfinderRelease)
     sizes = {s: task.num_examples(s) for s in ("train", "val", "test")}
     assert sizes == {"train": 32, "val": 4, "test": 4}  # 80 / 10 / 10
     seen = np.concatenate([task.examples(s)["pixels"][:, 0, 0, 0] for s in sizes])
@@ -258,7 +261,7 @@ def test_wikitext_bpe_blocks_and_line_ends(tmp_path):
                        seq_len=16)
     config.model.vocab_size = 320
     task = tasks.get_task(config)
-    assert isinstance(task, real_data.WikiTextTask)
+    assert isinstance(task, wikitext_task.WikiTextRelease)
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_path))
@@ -317,11 +320,13 @@ def fixture_config(what: str, tmp_path):
     return config
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 @pytest.mark.parametrize("what", ["retrieval", "pathfinder", "wikitext"])
 def test_trains_end_to_end_on_the_release_fixture(tmp_path, what):
     fx.train_briefly(fixture_config(what, tmp_path), tmp_path / "run", steps=3)
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_two_real_processes_see_each_example_once(tmp_path):
     """Two JAX processes (loopback coordinator, gloo) read their shards of the same fixture and
     assemble global batches with make_array_from_process_local_data: each epoch and each eval
@@ -346,7 +351,7 @@ def test_two_real_processes_see_each_example_once(tmp_path):
 
 
 def test_prepare_command_fills_the_cache(tmp_path):
-    from hgrn_jax.data import prepare
+    from experiments import prepare
 
     fx.write_aan(tmp_path / "lra_release", rows_per_split=8)
     config = config_of("lra.retrieval", source="release", lra_dir=str(tmp_path),

@@ -11,7 +11,8 @@ import data_fixtures as fx
 from data_fixtures import assert_batch_lists_equal, take
 from data_fixtures import cifar_config, imagenet_config, tfds_config as config_of
 from hgrn_jax.data import cifar, errors, imagenet
-from hgrn_jax.training import real_data, tasks
+from hgrn_jax import tasks
+from hgrn_jax.tasks import image as image_task, imagenet as imagenet_task, text as text_task
 
 MOCK_EXAMPLES = 20
 
@@ -33,7 +34,7 @@ def mock():
 
 def test_imdb_bytes_labels_and_splits(tmp_path, mock):
     task = tasks.get_task(config_of("lra.text", tmp_path, seq_len=64))
-    assert isinstance(task, real_data.ImdbTask)
+    assert isinstance(task, text_task.ImdbTfds)
     assert [task.num_examples(s) for s in ("train", "val", "test")] == [MOCK_EXAMPLES] * 3
     val, test = task.examples("val"), task.examples("test")
     np.testing.assert_array_equal(val["inputs"], test["inputs"])  # IMDB test serves as val
@@ -64,7 +65,7 @@ def test_imdb_empty_review_is_reported(tmp_path):
 
 def test_cifar_splits_pixels_and_normalisation(tmp_path, mock):
     task = tasks.get_task(cifar_config(tmp_path))
-    assert isinstance(task, real_data.CifarTask)
+    assert isinstance(task, image_task.Cifar10Tfds)
     sizes = [task.num_examples(s) for s in ("train", "val", "test")]
     assert sizes == [18, 2, MOCK_EXAMPLES]  # 90 / 10 of train, all of test
     train = task.examples("train")
@@ -148,7 +149,7 @@ def test_missing_tfds_data_names_the_fix(tmp_path):
 
 def test_imagenet_batches_shapes_targets_and_resume(tmp_path, mock):
     task = tasks.get_task(imagenet_config(tmp_path))
-    assert isinstance(task, real_data.ImageNetTfdsTask)
+    assert isinstance(task, imagenet_task.ImageNetTfds)
     size = task.config.data.image_size
     batches = take(task.train_batches(0, 0, 1), 3)
     batch = batches[0]
@@ -273,6 +274,7 @@ def test_imagenet_soft_target_loss_equals_label_smoothing_without_mixing(tmp_pat
     assert float(sums["weight"]) == 3.0
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_imagenet_trains_end_to_end_on_mock_data(tmp_path, mock):
     """Mixup/CutMix soft targets through the training loop's jitted step and evaluation."""
     fx.train_briefly(imagenet_config(tmp_path), tmp_path / "run", steps=2)

@@ -1,7 +1,7 @@
 """tfds builders of the LRA release and WikiText-103 (``hgrn_jax.data.tfds_builders``).
 
 Each builder prepares the release-layout fixtures into a temporary ``data.tfds_dir`` through
-``python -m hgrn_jax.data.prepare``'s function; the arrays read back (by the tasks, from the
+``python -m experiments.prepare``'s function; the arrays read back (by the tasks, from the
 array_record files) equal the ``.npy`` path's for the same fixture, so tokenisation and decoding
 stay one code path. Also: split sizes, shapes and dtypes, which task a config gets (tfds data
 win, the release files are the fallback), per-process reads of only the process's rows (also in
@@ -18,8 +18,12 @@ import pytest
 
 import data_fixtures as fx
 from data_fixtures import assert_batch_lists_equal, take
-from hgrn_jax.data import errors, listops_release, loader, prepare, retrieval, tfds_builders
-from hgrn_jax.training import real_data, real_data_tfds, tasks
+from experiments import prepare
+from hgrn_jax.data import errors, listops_release, loader, retrieval
+from hgrn_jax import tasks
+from hgrn_jax.tasks import (
+    listops as listops_task, pathfinder as pathfinder_task, retrieval as retrieval_task,
+    wikitext103 as wikitext_task)
 
 
 def release_and_tfds_tasks(config):
@@ -73,15 +77,15 @@ def wikitext_config(tmp_path: Path, tokenizer: str):
 def test_listops_prepared_once_read_back_like_the_release(tmp_path):
     config = listops_config(tmp_path)
     from_tfds, from_npy = release_and_tfds_tasks(config)
-    assert isinstance(from_tfds, real_data_tfds.ListOpsTfdsTask)
-    assert isinstance(from_npy, real_data.ListOpsReleaseTask)
+    assert isinstance(from_tfds, listops_task.ListOpsPrepared)
+    assert isinstance(from_npy, listops_task.ListOpsRelease)
     folder = tmp_path / "tfds" / "lra_listops" / "len12" / "1.0.0"
     assert sorted(p.name for p in folder.glob("*.array_record*")) == [
         f"lra_listops-{s}.array_record-00000-of-00001" for s in ("test", "train", "validation")]
     assert not list((tmp_path / "tfds").glob(".lra_listops-scratch-*"))  # scratch removed
     assert_same_examples(from_tfds, from_npy, {"inputs": (12,), "lengths": (), "labels": ()})
     vocab = listops_release.vocabulary(lra_dir=str(tmp_path), seq_len=12)
-    assert tfds_builders.metadata(config)["vocabulary"] == list(vocab.tokens)
+    assert tasks.tfds_release(config).metadata(config)["vocabulary"] == list(vocab.tokens)
     # Batches, resumption: the base task's, on the tfds columns.
     first_three = take(from_tfds.train_batches(0), 3)
     assert_batch_lists_equal(first_three, take(from_npy.train_batches(0), 3))
@@ -95,13 +99,13 @@ def test_retrieval_quoted_texts_read_back_like_the_release(tmp_path):
     config = fx.tiny_config("lra.retrieval", source="release", lra_dir=str(tmp_path), seq_len=32,
                             tfds_dir=str(tmp_path / "tfds"), cache_dir=str(tmp_path / "cache"))
     from_tfds, from_npy = release_and_tfds_tasks(config)
-    assert isinstance(from_tfds, real_data_tfds.AanTfdsTask)
+    assert isinstance(from_tfds, retrieval_task.AanPrepared)
     assert [from_tfds.num_examples(s) for s in ("train", "val", "test")] == [8, 8, 8]
     assert_same_examples(from_tfds, from_npy, {"inputs": (32,), "inputs2": (32,),
                                                "lengths": (), "lengths2": (), "labels": ()})
     vocab = retrieval.vocabulary(lra_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"),
                                  seq_len=32)
-    meta = tfds_builders.metadata(config)
+    meta = tasks.tfds_release(config).metadata(config)
     assert meta["vocabulary"] == list(vocab.tokens) and meta["vocab_size"] == len(vocab)
     config.model.vocab_size = len(vocab) - 1
     with pytest.raises(ValueError, match=rf"smaller than the prepared data's vocabulary "
@@ -117,7 +121,7 @@ def test_pathfinder_and_pathx_read_back_like_the_release(tmp_path, task, resolut
     config = fx.pathfinder_config(tmp_path, task=task, resolution=resolution,
                                   tfds_dir=str(tmp_path / "tfds"))
     from_tfds, from_npy = release_and_tfds_tasks(config)
-    assert isinstance(from_tfds, real_data_tfds.PathfinderTfdsTask)
+    assert isinstance(from_tfds, pathfinder_task.PathfinderPrepared)
     assert (tmp_path / "tfds" / "lra_pathfinder" / f"res{resolution}" / "1.0.0").is_dir()
     assert [from_tfds.num_examples(s) for s in ("train", "val", "test")] == sizes
     assert_same_examples(from_tfds, from_npy, {"pixels": (resolution, resolution, 1),
@@ -128,11 +132,11 @@ def test_pathfinder_and_pathx_read_back_like_the_release(tmp_path, task, resolut
 def test_wikitext_blocks_read_back_like_the_release(tmp_path, tokenizer):
     config = wikitext_config(tmp_path, tokenizer)
     from_tfds, from_npy = release_and_tfds_tasks(config)
-    assert isinstance(from_tfds, real_data_tfds.WikiTextTfdsTask)
+    assert isinstance(from_tfds, wikitext_task.WikiTextPrepared)
     name = "bytes_block16" if tokenizer == "bytes" else "gpt2_block16"
     assert (tmp_path / "tfds" / "wikitext103" / name / "1.0.0").is_dir()
     assert_same_examples(from_tfds, from_npy, {"ids": (17,)})
-    meta = tfds_builders.metadata(config)
+    meta = tasks.tfds_release(config).metadata(config)
     assert meta["vocab_size"] == (256 if tokenizer == "bytes" else 320)
     assert list(meta["tokenizer_files"]) == ([] if tokenizer == "bytes" else ["tokenizer.json"])
     if tokenizer == "bpe":
@@ -146,16 +150,16 @@ def test_wikitext_blocks_read_back_like_the_release(tmp_path, tokenizer):
 
 def test_release_files_are_the_fallback_until_tfds_data_are_prepared(tmp_path):
     config = listops_config(tmp_path)
-    assert isinstance(tasks.get_task(config), real_data.ListOpsReleaseTask)  # not prepared yet
+    assert isinstance(tasks.get_task(config), listops_task.ListOpsRelease)  # not prepared yet
     config.data.tfds_dir = ""
-    assert isinstance(tasks.get_task(config), real_data.ListOpsReleaseTask)
+    assert isinstance(tasks.get_task(config), listops_task.ListOpsRelease)
     config.data.tfds_dir = str(tmp_path / "tfds")
     prepare.prepare(config)
-    assert isinstance(tasks.get_task(config), real_data_tfds.ListOpsTfdsTask)
+    assert isinstance(tasks.get_task(config), listops_task.ListOpsPrepared)
     config.data.lra_dir = ""  # the pod hosts need only the prepared data
-    assert isinstance(tasks.get_task(config), real_data_tfds.ListOpsTfdsTask)
+    assert isinstance(tasks.get_task(config), listops_task.ListOpsPrepared)
     config.data.seq_len = 10  # another builder config: not prepared
-    assert not tfds_builders.is_prepared(config)
+    assert not tasks.tfds_release(config).is_prepared(config)
 
 
 class RecordingSource:
@@ -187,6 +191,7 @@ def test_each_process_reads_only_its_rows(tmp_path):
         assert spy.read == own_rows  # one read per batch (all columns), of its own rows only
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_two_real_processes_read_the_prepared_data_each_example_once(tmp_path):
     """Two JAX processes (loopback coordinator, gloo) read a prepared tfds Pathfinder and build
     global batches with make_array_from_process_local_data: the global batches are the
@@ -200,10 +205,10 @@ def test_two_real_processes_read_the_prepared_data_each_example_once(tmp_path):
     prepare.prepare(worker.pathfinder_config(str(tmp_path / "release"), tfds_dir))
     # No release folder: the processes can only read the tfds data.
     seen = worker.run_two_processes(tmp_path / "global.npz", "", tfds_dir)
-    assert str(seen.pop("task")) == "PathfinderTfdsTask"
+    assert str(seen.pop("task")) == "PathfinderPrepared"  # the prepared tfds reader
     config = worker.pathfinder_config("", tfds_dir)
     task = tasks.get_task(config)
-    assert isinstance(task, real_data_tfds.PathfinderTfdsTask)
+    assert isinstance(task, pathfinder_task.PathfinderPrepared)
     ids = {split: np.asarray(task.examples(split)["pixels"])[:, 0, 0, 0].astype(np.int32)
            for split in ("train", "val", "test")}
     assert sorted(np.concatenate(list(ids.values())).tolist()) == list(range(40))
@@ -237,13 +242,13 @@ def test_missing_prepared_data_names_the_layout_and_the_command(tmp_path):
     config = listops_config(tmp_path)
     config.data.lra_dir = ""
     with pytest.raises(errors.DatasetMissingError) as info:
-        tfds_builders.open_split(config, "train")
+        tasks.tfds_release(config).open_split(config, "train")
     message = str(info.value)
     assert "no prepared tfds dataset lra_listops/len12" in message
-    assert ("python -m hgrn_jax.data.prepare --config=experiments/configs/lra/listops.py "
+    assert ("python -m experiments.prepare --config=experiments/configs/lra/listops.py "
             f"--config.data.lra_dir=LRA_DIR --config.data.tfds_dir={tmp_path / 'tfds'}") in message
     assert "listops-1000/basic_{train,val,test}.tsv" in message
-    with pytest.raises(tasks.DataUnavailableError, match=r"hgrn_jax.data.prepare.*"):
+    with pytest.raises(tasks.DataUnavailableError, match=r"experiments.prepare.*"):
         tasks.get_task(config)
     config.data.lra_dir = str(tmp_path / "nowhere")
     with pytest.raises(errors.DatasetMissingError, match=r"(?s)basic_train.tsv.*tsv_data/new_aan"):
@@ -252,7 +257,7 @@ def test_missing_prepared_data_names_the_layout_and_the_command(tmp_path):
     wiki.data.wikitext_dir = ""
     with pytest.raises(errors.DatasetMissingError,
                        match=r"(?s)lm/wikitext103.py .*tokenizer_path=bytes.*wiki.\{train"):
-        tfds_builders.open_split(wiki, "val")
+        tasks.tfds_release(wiki).open_split(wiki, "val")
 
 
 def test_bad_rows_stop_preparation_unless_skipped(tmp_path):
@@ -261,7 +266,7 @@ def test_bad_rows_stop_preparation_unless_skipped(tmp_path):
                             tfds_dir=str(tmp_path / "tfds"))
     with pytest.raises(errors.BadDataError, match=f"{folder / 'basic_train.tsv'}:8: label '12'"):
         prepare.prepare(config)
-    assert not tfds_builders.is_prepared(config)
+    assert not tasks.tfds_release(config).is_prepared(config)
     config.data.skip_bad_rows = True
     with pytest.warns(UserWarning, match="1 bad example"):
         assert prepare.prepare(config)["train"] == 6
@@ -271,12 +276,13 @@ def test_bad_rows_stop_preparation_unless_skipped(tmp_path):
 # ----------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 @pytest.mark.parametrize("what", ["listops", "wikitext"])
 def test_tiny_preset_trains_from_the_tfds_data(tmp_path, what):
     config = (listops_config(tmp_path, rows=16) if what == "listops"
               else wikitext_config(tmp_path, "bytes"))
     prepare.prepare(config)
     config.data.lra_dir = config.data.wikitext_dir = ""  # read the tfds data only
-    assert isinstance(tasks.get_task(config), real_data_tfds.ListOpsTfdsTask
-                      if what == "listops" else real_data_tfds.WikiTextTfdsTask)
+    assert isinstance(tasks.get_task(config), listops_task.ListOpsPrepared
+                      if what == "listops" else wikitext_task.WikiTextPrepared)
     fx.train_briefly(config, tmp_path / "run", steps=2)

@@ -5,8 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hgrn_jax.data import listops
-from hgrn_jax.data.lra_tsv import MalformedRowError, read_tsv
+from hgrn_jax.data import listops, listops_release, retrieval
+from hgrn_jax.data.errors import BadDataError, BadDataReport
+
+def read_examples(path):
+    """Sources and labels of one ``basic_*.tsv`` through the one ListOps reader; a bad row is an
+    error naming the file and line."""
+    report = BadDataReport(str(path))
+    sources, labels = listops_release.read_rows(path, report)
+    report.finish(skip=False)
+    return sources, labels
+
 
 SPEC = listops.ListOpsSpec(min_length=20, max_length=300, num_train=240, num_val=30, num_test=30)
 OP_NAMES = {"[MIN": "MIN", "[MAX": "MAX", "[MED": "MED", "[SM": "SM"}
@@ -114,7 +123,7 @@ def test_tsv_layout_is_read_back_by_the_reader(tmp_path, generated):
     lines = text.splitlines()
     assert lines[0] == "Source\tTarget" and len(lines) == 6
     assert all(len(line.split("\t")) == 2 for line in lines[1:])
-    sources, labels = listops.read_examples(folder / "basic_train.tsv")
+    sources, labels = read_examples(folder / "basic_train.tsv")
     expected = listops.generate(small, seed=0)["train"]
     assert sources == [s for s, _ in expected]
     np.testing.assert_array_equal(labels, [t for _, t in expected])
@@ -145,7 +154,7 @@ def test_load_split_of_a_release_style_file(tmp_path):
     rows = ["( ( ( [MAX 2 ) 9 ) ] )\t9", "( ( ( ( [MED 1 ) 4 ) 8 ) ] )\t4"]
     for split in ("train", "test"):  # the vocabulary comes from the training file
         (tmp_path / f"basic_{split}.tsv").write_text("Source\tTarget\n" + "\n".join(rows) + "\n")
-    data = listops.load_split(tmp_path, "test", seq_len=16)
+    data = listops_release.load_split("test", lra_dir=str(tmp_path), seq_len=16)
     assert data["inputs"].shape == (2, 16) and data["labels"].tolist() == [9, 4]
     assert data["lengths"].tolist() == [5, 6]
 
@@ -153,32 +162,33 @@ def test_load_split_of_a_release_style_file(tmp_path):
 def test_malformed_rows_name_file_and_line(tmp_path):
     path = tmp_path / "basic_train.tsv"
     path.write_text("Source\tTarget\n( [MAX 1 ] )\t1\n( [MAX 2 ] )\t2\textra\n")
-    with pytest.raises(MalformedRowError, match=r"basic_train.tsv:3: expected 2"):
-        listops.read_examples(path)
+    with pytest.raises(BadDataError, match=r"basic_train.tsv:3: expected 2"):
+        read_examples(path)
     path.write_text("Source\tTarget\n( [MAX 1 ] )\t1\n( [MIN 2 ] )\tseven\n")
-    with pytest.raises(MalformedRowError, match=r"basic_train.tsv:3: label 'seven'"):
-        listops.read_examples(path)
+    with pytest.raises(BadDataError, match=r"basic_train.tsv:3: label 'seven'"):
+        read_examples(path)
     path.write_text("Source\tTarget\n( [MAX 1 ] )\t12\n")
-    with pytest.raises(MalformedRowError, match=r"basic_train.tsv:2: .*0..9"):
-        listops.read_examples(path)
+    with pytest.raises(BadDataError, match=r"basic_train.tsv:2: .*0..9"):
+        read_examples(path)
     path.write_text("Input\tOutput\n1\t1\n")
-    with pytest.raises(MalformedRowError, match=r"basic_train.tsv:1: header"):
-        listops.read_examples(path)
+    with pytest.raises(BadDataError, match=r"basic_train.tsv:1: header"):
+        read_examples(path)
 
 
 def test_read_tsv_without_header_picks_columns(tmp_path):
     path = tmp_path / "pairs.tsv"
     path.write_text("1\ta\tb\tx y\tz\n0\tc\td\tu\tv\n")
-    rows = read_tsv(path, ("label", "id1", "id2", "text1", "text2"), header=False)
-    assert [r.line for r in rows] == [1, 2] and rows[0].fields[3] == "x y"
+    report = BadDataReport(str(path))
+    rows = list(retrieval.parse_rows(path, report))  # the headerless TSV reader (Retrieval)
+    assert not report.problems and [r[0] for r in rows] == [1, 0] and rows[0][1] == "x y"
 
 
 def test_missing_release_files_name_the_folder_to_provide(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"basic_val.tsv not found.*--config.data.lra_dir"):
-        listops.find_release_file(tmp_path, "val")
+        listops_release.find_file(str(tmp_path), "val")
     (tmp_path / "listops-1000").mkdir()
     (tmp_path / "listops-1000" / "basic_val.tsv").write_text("Source\tTarget\n")
-    assert listops.find_release_file(tmp_path, "val").parent.name == "listops-1000"
+    assert listops_release.find_file(str(tmp_path), "val").parent.name == "listops-1000"
 
 
 def test_impossible_spec_fails_clearly():

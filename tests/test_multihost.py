@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from two_processes import run_two_processes
 
 HERE = Path(__file__).resolve().parent
@@ -23,6 +24,7 @@ def _load_worker():
     return module
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_two_processes_compute_the_same_step_as_one(tmp_path):
     out = tmp_path / "two_processes.npz"
     run_two_processes([sys.executable, str(WORKER), "--out", str(out)], timeout=TIMEOUT_S)

@@ -105,6 +105,7 @@ def lm_steps() -> dict[str, tuple[nnx.GraphDef, nnx.State, jax.Array]]:
             for name in MESHES}
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_lm_step_is_the_same_on_every_mesh(lm_steps):
     results = {name: (float(loss), as_numpy(state)) for name, (_, state, loss) in lm_steps.items()}
     assert_same_step(results)
@@ -115,6 +116,7 @@ def test_lm_step_is_the_same_on_every_mesh(lm_steps):
     assert np.abs(results["8x1x1"][1][key] - initial[key]).max() > 1e-3
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_lm_parameters_are_sharded_by_the_rules(lm_steps):
     _, state, _ = lm_steps["2x2x2"]
     model_state, optimizer_state = state[0], state[1]
@@ -150,6 +152,7 @@ def classifier_steps() -> dict[str, tuple[nnx.GraphDef, nnx.State, jax.Array]]:
             for name in MESHES}
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_batchnorm_classifier_step_is_the_same_on_every_mesh(classifier_steps):
     results = {name: (float(loss), as_numpy(state))
                for name, (_, state, loss) in classifier_steps.items()}
@@ -161,6 +164,7 @@ def test_batchnorm_classifier_step_is_the_same_on_every_mesh(classifier_steps):
     assert np.abs(results["2x2x2"][1][key] - initial[key]).max() > 1e-3
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_classifier_state_is_sharded_by_the_rules(classifier_steps):
     _, state, _ = classifier_steps["2x2x2"]
     block = state[0]["blocks"][0]
@@ -177,6 +181,7 @@ def test_classifier_state_is_sharded_by_the_rules(classifier_steps):
         assert variable.get_value().sharding.spec == spec, name
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_checkpoint_from_2x2x2_restores_onto_other_meshes(lm_steps, classifier_steps, tmp_path):
     # Whole states: parameters, AdamW moments and counters, BatchNorm statistics, RNG keys.
     saved = {"lm": lm_steps["2x2x2"][1], "classifier": classifier_steps["2x2x2"][1]}

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from hgrn_jax.data import listops
-from hgrn_jax.training import tasks
+from hgrn_jax import tasks
 
 CONFIGS = ["lra.listops", "lra.text", "lra.retrieval", "lra.image", "lra.pathfinder",
            "lra.pathx", "imagenet.tiny", "lm.wikitext103"]
@@ -276,3 +276,84 @@ def test_config_errors_name_the_key(cache_dir):
     config.batch_size = 30
     with pytest.raises(ValueError, match=r"batch_size 30 must be a positive multiple .* \(4\)"):
         next(tasks.get_task(config).train_batches(0, 0, 4))
+
+
+# ----------------------------------------------------------------------------- derived settings
+
+# Each tiny preset switched to its real data by one flag: (source, derived settings).
+REAL_SOURCES = {
+    "lra.image": ("tfds", {"data.image_size": 32, "model.grid_shape": (32, 32),
+                           "data.seq_len": 1024, "model.num_classes": 10,
+                           "model.input_channels": 3}),
+    "lra.pathfinder": ("release", {"data.image_size": 32, "model.grid_shape": (32, 32),
+                                   "data.seq_len": 1024, "model.input_channels": 1}),
+    "lra.pathx": ("release", {"data.image_size": 128, "model.grid_shape": (128, 128),
+                              "data.seq_len": 128 * 128}),
+    "imagenet.tiny": ("tfds", {"model.num_classes": 1000, "data.seq_len": 4,
+                               "model.image_size": (28, 28)}),
+    "lra.listops": ("release", {"model.vocab_size": 18, "data.seq_len": 64}),
+}
+
+
+def _setting(config, key):
+    section, name = key.split(".")
+    value = config[section][name]
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+@pytest.mark.parametrize("name", list(REAL_SOURCES))
+def test_one_flag_switches_a_tiny_preset_to_its_real_data(name):
+    source, expected = REAL_SOURCES[name]
+    config = tiny_config(name)
+    config.data.source = source
+    derived = tasks.dataset(config).derive(config)
+    assert {key: _setting(derived, key) for key in expected} == expected
+    assert tasks.model_config(config) is not None  # the model of the real data builds
+    if name in ("lra.image", "lra.pathfinder", "lra.pathx"):  # the stand-ins' own sizes
+        tiny = tasks.dataset(tiny_config(name)).derive(tiny_config(name))
+        assert tiny.data.image_size == (8 if name == "lra.image" else 12)
+        assert tuple(tiny.model.grid_shape) == (tiny.data.image_size,) * 2
+
+
+def test_explicit_settings_that_disagree_with_the_data_name_the_fix():
+    config = tiny_config("lra.pathfinder", source="release")
+    config.model.grid_shape = (12, 12)
+    with pytest.raises(ValueError, match=r"grid_shape=\(12, 12\) disagrees .*"
+                                         r"--config.model.grid_shape=\(32, 32\), or 0"):
+        tasks.model_config(config)
+    config = tiny_config("lra.image", source="tfds")
+    config.model.num_classes = 4
+    with pytest.raises(ValueError, match=r"num_classes=4 disagrees with the 10 classes"):
+        tasks.model_config(config)
+    config = tiny_config("lra.pathx", source="release")
+    config.data.image_size = 12
+    with pytest.raises(ValueError, match="data.image_size must be 128"):
+        tasks.model_config(config)
+
+
+@pytest.mark.parametrize(("name", "key"), [("lra.pathfinder", "lra_dir"),
+                                           ("lra.text", "tfds_dir"),
+                                           ("lm.wikitext103", "wikitext_dir"),
+                                           ("imagenet.tiny", "tfds_dir")])
+def test_a_folder_the_source_does_not_read_is_an_error(tmp_path, name, key):
+    config = tiny_config(name, tmp_path, **{key: str(tmp_path)})
+    with pytest.raises(ValueError, match=rf"config.data.{key}=.* is not read by "
+                                         r"data.source='synthetic' .*remove --config.data"):
+        tasks.get_task(config)
+
+
+def test_generated_listops_reads_through_the_release_reader(tmp_path):
+    config = tiny_config("lra.listops", tmp_path)
+    config.data.lra_dir = str(tmp_path)
+    with pytest.raises(ValueError, match=r"data.lra_dir=.*not read by data.source='generated'"):
+        tasks.get_task(config)
+    task = tasks.get_task(tiny_config("lra.listops", tmp_path))
+    assert isinstance(task, tasks.listops.ListOpsGenerated)
+    assert task.examples("val")["inputs"].dtype == np.uint8  # the release reader's ids
+
+
+def test_every_registered_task_satisfies_the_protocol(tmp_path):
+    for name in CONFIGS:
+        task = tasks.get_task(tiny_config(name, tmp_path))
+        assert isinstance(task, tasks.Task), name
+        assert task.name == tasks.dataset(task.config).name

@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 import data_fixtures as fx
 from hgrn_jax.data import listops, listops_release, pathfinder, retrieval, splits, text, vocab
 from hgrn_jax.data.vocab import EOS_ID, UNK_ID, Vocabulary
-from hgrn_jax.training import tasks
+from hgrn_jax import tasks
 
 SPECIALS = ["<pad>", "<unk>", "<eos>"]
 

@@ -33,6 +33,7 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("listops-cache")
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_two_processes_give_the_results_of_one_process_with_all_devices(tmp_path, cache):
     single = tmp_path / "single"
     proc = subprocess.run(_command(single, cache), cwd=REPO, capture_output=True, text=True,

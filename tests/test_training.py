@@ -234,6 +234,7 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, dict]:
     return workdir, train_and_evaluate(config, workdir, task=ToyTask(config))
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupted):
     reference, reference_results = uninterrupted
     run = tmp_path / "run"
@@ -253,6 +254,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, unin
     assert _logged_steps(run) == _logged_steps(reference)
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_run_writes_the_contract_files(uninterrupted):
     workdir, returned = uninterrupted
     results = json.loads((workdir / "results.json").read_text())
@@ -335,6 +337,7 @@ def _start_and_wait_for_new_checkpoint(workdir: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_sigkill_and_sigterm_then_rerun_give_bitwise_the_uninterrupted_parameters(
         tmp_path, uninterrupted):
     # 1. Killed without warning after its first checkpoint.

@@ -37,12 +37,10 @@ import random
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Sequence
 
 import numpy as np
 
-from hgrn_jax.data import loader
-from hgrn_jax.data.lra_tsv import MalformedRowError, find_file, parse_int_label, read_tsv
 from hgrn_jax.data.vocab import EOS_ID, PAD_ID, SPECIALS, UNK_ID, Vocabulary, count_tokens, pack
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
@@ -52,7 +50,7 @@ OPERATOR_PROBABILITY = 0.25
 SPLITS = ("train", "val", "test")
 NUM_CLASSES = 10
 
-Tree = Union[int, tuple[str, tuple["Tree", ...]]]
+Tree = int | tuple[str, tuple["Tree", ...]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,23 +259,6 @@ def ensure_generated(cache_dir: str | Path, spec: ListOpsSpec, seed: int) -> Pat
     return folder
 
 
-def find_release_file(lra_dir: str | Path, split: str) -> Path:
-    """``basic_{split}.tsv`` in ``lra_dir`` or its ``listops-1000``/``listops`` subfolder."""
-    lra_dir = Path(lra_dir)
-    return find_file([lra_dir, lra_dir / "listops-1000", lra_dir / "listops"],
-                     split_filename(split), what="the LRA release's ListOps files",
-                     config_key="data.lra_dir")
-
-
-def read_examples(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """Sources and targets (int32, 0-9) of one ``basic_*.tsv``; errors name file and line."""
-    rows = read_tsv(path, ("Source", "Target"))
-    sources = [row.fields[0] for row in rows]
-    labels = np.array([parse_int_label(row.fields[1], path, row.line, NUM_CLASSES)
-                       for row in rows], np.int32)
-    return sources, labels
-
-
 # ----------------------------------------------------------------------------- tokenizer
 
 # LRA's own tokenizer keeps alphanumeric characters only, so the reference deletes parentheses
@@ -327,37 +308,6 @@ class ListOpsTokenizer:
         """The source's tokens without parentheses (``X`` written ``]``), specials dropped."""
         words = [self.vocabulary.tokens[int(i)] for i in ids if int(i) not in (PAD_ID, EOS_ID)]
         return " ".join(END if w == END_TOKEN else w for w in words)
-
-
-@functools.lru_cache(maxsize=4)
-def _fit_file(path: str, size: int, mtime_ns: int, seq_len: int) -> ListOpsTokenizer:
-    sources, _ = read_examples(path)
-    return ListOpsTokenizer.fit(sources, seq_len)
-
-
-def fit_file(train_file: str | Path, seq_len: int) -> ListOpsTokenizer:
-    """The tokenizer of a ``basic_train.tsv`` (cached while the file is unchanged)."""
-    stat = Path(train_file).stat()
-    return _fit_file(str(train_file), stat.st_size, stat.st_mtime_ns, seq_len)
-
-
-def load_split(folder_or_file: str | Path, split: str, seq_len: int,
-               tokenizer: ListOpsTokenizer | None = None) -> dict[str, np.ndarray]:
-    """One split encoded: ``inputs`` (N, seq_len) int32, ``lengths`` (N,), ``labels`` (N,).
-
-    ``folder_or_file`` is a folder with ``basic_{split}.tsv`` (generated or the release) or the
-    file itself. Without ``tokenizer``, the vocabulary is built from ``basic_train.tsv`` next to
-    it, as the reference does.
-    """
-    path = Path(folder_or_file)
-    if path.is_dir():
-        path = path / split_filename(split)
-    sources, labels = read_examples(path)
-    if not sources:
-        raise MalformedRowError(f"{path}: no examples")
-    tokenizer = tokenizer or fit_file(path.parent / split_filename("train"), seq_len)
-    ids, lengths = tokenizer.encode(sources, seq_len)
-    return {"inputs": ids, "lengths": lengths, "labels": labels}
 
 
 # ----------------------------------------------------------------------------- command line

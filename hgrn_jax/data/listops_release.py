@@ -17,7 +17,7 @@ import numpy as np
 
 from hgrn_jax.data import listops, loader, release
 from hgrn_jax.data.errors import BadDataReport
-from hgrn_jax.data.lra_tsv import decoded_lines, undecodable
+from hgrn_jax.data.text_lines import decoded_lines, undecodable
 from hgrn_jax.data.vocab import Vocabulary
 
 

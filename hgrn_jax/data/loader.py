@@ -5,7 +5,7 @@ ids, pixels, labels) and opened memory-mapped, so every process of a multi-host 
 the rows of its own shard and never re-tokenises or re-decodes. ImageNet, too large for this,
 reads records by index from tfds's random-access data source instead.
 
-The order is the tasks' (``hgrn_jax.training.tasks``): epoch ``e`` visits the training rows in
+The order (every task of ``hgrn_jax.tasks`` uses it): epoch ``e`` visits the training rows in
 ``default_rng((seed, e)).permutation(n)``; step ``s`` takes global batch ``s mod (n // B)`` of
 epoch ``s // (n // B)``, and process ``p`` of ``P`` takes its ``B / P`` rows of it. The loader's
 whole position is therefore the step, which the training loop saves in every checkpoint:

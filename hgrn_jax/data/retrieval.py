@@ -24,7 +24,7 @@ import numpy as np
 
 from hgrn_jax.data import loader, release
 from hgrn_jax.data.errors import BadDataReport
-from hgrn_jax.data.lra_tsv import decoded_lines, undecodable
+from hgrn_jax.data.text_lines import decoded_lines, undecodable
 from hgrn_jax.data.vocab import CharEncoder, Vocabulary, char_vocabulary, write_row
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))

@@ -12,12 +12,12 @@ Every function is a pure function of its arguments: the same ``seed`` gives the 
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Sequence
 
 import numpy as np
 
 # Anything np.random.default_rng accepts as a seed: an int or a sequence of ints.
-Seed = Union[int, Sequence[int]]
+Seed = int | Sequence[int]
 
 # ----------------------------------------------------------------------------- 2-D pixel tasks
 

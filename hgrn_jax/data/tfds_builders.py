@@ -1,14 +1,12 @@
 """tfds builders for the LRA release (ListOps, Retrieval, Pathfinder / Path-X) and WikiText-103.
 
-Each builder reads a manual folder (``data.lra_dir`` or ``data.wikitext_dir``), runs the same
-readers as the ``.npy`` path (:func:`listops_release.load_split`, :func:`retrieval.load_split`,
+Each builder reads a manual folder (the LRA release or WikiText-103), runs the same readers as
+the ``.npy`` path (:func:`listops_release.load_split`, :func:`retrieval.load_split`,
 :func:`pathfinder.load_split`, :func:`wikitext.load_tokens` + :func:`wikitext.blocks`, so there is
-one tokenisation), and writes fixed-shape examples in tfds's ``array_record`` format into
-``data.tfds_dir``: pod hosts read their own rows by index (``as_data_source``) and never
-re-tokenise or re-decode. Prepared with the training config::
-
-    python -m hgrn_jax.data.prepare --config=experiments/configs/lra/listops.py \\
-        --config.data.lra_dir=LRA_DIR --config.data.tfds_dir=TFDS_DIR
+one tokenisation), and writes fixed-shape examples in tfds's ``array_record`` format into a tfds
+data folder: pod hosts read their own rows by index (``as_data_source``) and never re-tokenise or
+re-decode. The functions take explicit arguments (dataset, folders, shape settings); the
+experiment runner's ``python -m experiments.prepare`` maps a training config onto them.
 
 Datasets (``<tfds_dir>/<name>/<config>/<version>/``), splits ``train`` / ``validation`` / ``test``
 (the tasks' train / val / test), in the order of the source files:
@@ -241,7 +239,8 @@ class Wikitext103(_SourceBuilder):
 
 BUILDERS: dict[str, type[_SourceBuilder]] = {
     "listops": LraListops, "retrieval": LraRetrieval, "pathfinder": LraPathfinder,
-    "pathx": LraPathfinder, "wikitext103": Wikitext103}
+    "wikitext103": Wikitext103}
+"""The datasets with a builder (Pathfinder's ``res128`` config is Path-X)."""
 
 
 def vocabulary_metadata(vocabulary) -> dict[str, Any]:
@@ -262,25 +261,26 @@ def tokenizer_metadata(tokenizer: wikitext.LineTokenizer) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- configs
 
 
-def handles(config) -> bool:
-    """Whether ``config``'s dataset has a builder here (the release sources of these tasks)."""
-    return config.data.source == "release" and config.task in BUILDERS
+def _known(dataset: str) -> type[_SourceBuilder]:
+    if dataset not in BUILDERS:
+        raise ValueError(f"no tfds builder for {dataset!r}; known: {', '.join(BUILDERS)}")
+    return BUILDERS[dataset]
 
 
-def builder_config(config) -> SourceConfig:
-    """The builder config matching an experiment config's data settings."""
-    data, task = config.data, config.task
-    skip = bool(data.get("skip_bad_rows", False))
-    if task in ("listops", "retrieval"):
-        wanted = _named(f"len{int(data.seq_len)}", skip, seq_len=int(data.seq_len))
-    elif task in ("pathfinder", "pathx"):
-        resolution = 32 if task == "pathfinder" else 128
-        wanted = _named(f"res{resolution}", skip, resolution=resolution)
+def source_config(dataset: str, *, seq_len: int = 0, resolution: int = 0,
+                  tokenizer_path: str = "", skip_bad_rows: bool = False) -> SourceConfig:
+    """The builder config of ``dataset`` for these settings: ``seq_len`` (ListOps, Retrieval:
+    ids per document; WikiText-103: block length), ``resolution`` (Pathfinder: 32 or 128),
+    ``tokenizer_path`` (WikiText-103: ``bytes`` or GPT-2 BPE files)."""
+    if dataset in ("listops", "retrieval"):
+        wanted = _named(f"len{int(seq_len)}", skip_bad_rows, seq_len=int(seq_len))
+    elif dataset == "pathfinder":
+        wanted = _named(f"res{int(resolution)}", skip_bad_rows, resolution=int(resolution))
     else:
-        kind = wikitext.BYTES if data.tokenizer_path == wikitext.BYTES else "gpt2"
-        wanted = _named(f"{kind}_block{int(data.seq_len)}", skip, seq_len=int(data.seq_len),
+        kind = wikitext.BYTES if tokenizer_path == wikitext.BYTES else "gpt2"
+        wanted = _named(f"{kind}_block{int(seq_len)}", skip_bad_rows, seq_len=int(seq_len),
                         tokenizer=kind)
-    for known in BUILDERS[task].BUILDER_CONFIGS:
+    for known in _known(dataset).BUILDER_CONFIGS:
         if known.name == wanted.name:  # tfds refuses a second config object of a known name
             return known
     return wanted
@@ -303,66 +303,45 @@ def _quiet_custom_config():
         absl_logger.removeFilter(quiet)
 
 
-def manual_dir(config) -> str:
-    return str(config.data.wikitext_dir if config.task == "wikitext103" else config.data.lra_dir)
+def layout(dataset: str) -> str:
+    """What the manual folder of ``dataset`` must hold."""
+    return _known(dataset).MANUAL_DOWNLOAD_INSTRUCTIONS
 
 
-def builder(config) -> _SourceBuilder:
-    """The builder of ``config``'s dataset in ``data.tfds_dir`` (array_record format)."""
-    if not config.data.tfds_dir:
-        raise ValueError("set --config.data.tfds_dir=FOLDER: the tfds data folder to prepare "
-                         "into and read from")
+def builder(dataset: str, tfds_dir: str, config: SourceConfig, *, tokenizer_path: str = ""
+            ) -> _SourceBuilder:
+    """The builder of ``dataset`` with ``config`` in ``tfds_dir`` (array_record format);
+    ``tokenizer_path`` is read when preparing WikiText-103 only."""
     with _quiet_custom_config():
-        b = BUILDERS[config.task](config=builder_config(config), data_dir=config.data.tfds_dir,
-                                  file_format="array_record")
-    b.tokenizer_path = str(config.data.get("tokenizer_path", ""))
+        b = _known(dataset)(config=config, data_dir=tfds_dir, file_format="array_record")
+    b.tokenizer_path = str(tokenizer_path)
     return b
 
 
-def prepare_command(config) -> str:
-    """The command preparing ``config``'s dataset (the paper config's file; its flags)."""
-    if config.task == "wikitext103":
-        source = (f"lm/wikitext103.py --config.data.wikitext_dir=WIKI_DIR "
-                  f"--config.data.tokenizer_path={config.data.tokenizer_path or 'TOKENIZER'}")
-    else:
-        source = f"lra/{config.task}.py --config.data.lra_dir=LRA_DIR"
-    return (f"python -m hgrn_jax.data.prepare --config=experiments/configs/{source} "
-            f"--config.data.tfds_dir={config.data.tfds_dir or 'TFDS_DIR'}")
-
-
-def is_prepared(config) -> bool:
-    return bool(config.data.tfds_dir) and builder(config).is_prepared()
-
-
-def _check_sources(config) -> None:
+def check_sources(dataset: str, manual_dir: str, *, resolution: int = 0,
+                  tokenizer_path: str = "") -> None:
     """Raise :class:`DatasetMissingError` (layout included) before tfds starts when the manual
     folder lacks a split's file."""
-    folder = manual_dir(config)
     try:
-        if config.task == "wikitext103":
+        if dataset == "wikitext103":
             for split in TFDS_SPLITS:
-                wikitext.find_file(folder, split)
-            wikitext.LineTokenizer(config.data.tokenizer_path)
-        elif config.task == "listops":
+                wikitext.find_file(manual_dir, split)
+            wikitext.LineTokenizer(tokenizer_path)
+        elif dataset == "listops":
             for split in TFDS_SPLITS:
-                listops_release.find_file(folder, split)
-        elif config.task == "retrieval":
+                listops_release.find_file(manual_dir, split)
+        elif dataset == "retrieval":
             for split in TFDS_SPLITS:
-                retrieval.find_file(folder, split)
+                retrieval.find_file(manual_dir, split)
         else:
-            pathfinder.find_root(folder, builder_config(config).resolution)
+            pathfinder.find_root(manual_dir, resolution)
     except DatasetMissingError as error:
-        layout = WIKITEXT_LAYOUT if config.task == "wikitext103" else LRA_LAYOUT
-        raise DatasetMissingError(f"{error}\n{layout}") from error
+        raise DatasetMissingError(f"{error}\n{layout(dataset)}") from error
 
 
-def prepare(config) -> _SourceBuilder:
-    """Build ``config``'s dataset into ``data.tfds_dir`` from its manual folder (once: a
-    prepared dataset is reused). Returns the builder."""
-    _check_sources(config)
-    b = builder(config)
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir(config)))
+def prepare(b: _SourceBuilder, manual_dir: str) -> _SourceBuilder:
+    """Build ``b``'s dataset from ``manual_dir`` (once: a prepared dataset is reused)."""
+    b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return b
 
 
@@ -421,35 +400,25 @@ class Column:
         return values if dtype is None else values.astype(dtype)
 
 
-def _missing(config, reason: str) -> DatasetMissingError:
-    layout = WIKITEXT_LAYOUT if config.task == "wikitext103" else LRA_LAYOUT
-    return DatasetMissingError(
-        f"{config.task}: {reason}. Prepare it once from the manual folder with the training "
-        f"run's config flags:\n  {prepare_command(config)}\n{layout}(see docs/data.md)")
-
-
-def open_split(config, split: str) -> dict[str, Column]:
-    """The prepared ``split`` (train | val | test) of ``config``'s dataset as columns keyed like
-    the ``.npy`` path's arrays (same dtypes). Raises :class:`DatasetMissingError` naming the
-    layout and the prepare command when it is not prepared in ``data.tfds_dir``."""
-    if not config.data.tfds_dir:
-        raise _missing(config, "data.tfds_dir is empty")
-    b = builder(config)
+def open_split(b: _SourceBuilder, split: str) -> dict[str, Column]:
+    """The prepared ``split`` (train | val | test) of ``b`` as columns keyed like the ``.npy``
+    path's arrays (same dtypes). Raises :class:`DatasetMissingError` saying what is missing."""
+    where = f"{b.name}/{b.builder_config.name} in {b.data_dir_root}"
     if not b.is_prepared():
-        raise _missing(config, f"no prepared tfds dataset {b.name}/{b.builder_config.name} in "
-                               f"data.tfds_dir={config.data.tfds_dir}")
+        raise DatasetMissingError(f"no prepared tfds dataset {b.name}/{b.builder_config.name} "
+                                  f"in data.tfds_dir={b.data_dir_root}")
     try:
         source = b.as_data_source(split=TFDS_SPLITS[split])
     except (AssertionError, FileNotFoundError, ValueError, NotImplementedError) as error:
-        raise _missing(config, f"{b.name}/{b.builder_config.name} in {config.data.tfds_dir} is "
-                               f"not readable in the array_record format ({error})") from error
+        raise DatasetMissingError(f"{where} is not readable in the array_record format "
+                                  f"({error})") from error
     dtypes = {name: np.dtype(np.int32 if feature.np_dtype == np.int64 else feature.np_dtype)
               for name, feature in b.info.features.items()}  # ClassLabel: int64 -> int32
     records = RecordColumns(source, dtypes)
     return {name: Column(records, name) for name in dtypes}
 
 
-def metadata(config) -> dict[str, Any]:
+def metadata(b: _SourceBuilder) -> dict[str, Any]:
     """The prepared dataset's metadata: ``vocab_size`` (ListOps, Retrieval: and ``vocabulary``,
     the tokens by id; WikiText: and ``eos_id``, ``tokenizer_files``); empty for Pathfinder."""
-    return dict(builder(config).info.metadata or {})
+    return dict(b.info.metadata or {})

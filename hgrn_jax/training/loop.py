@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from hgrn_jax import sharding
+from hgrn_jax.tasks.protocol import Task
 from hgrn_jax.training import agreement, optim, podlog, preflight, watchdog
 from hgrn_jax.training.checkpoint import Checkpoints, CheckpointError, DamagedCheckpointError
 from hgrn_jax.training.logging import MetricsWriter, write_config, write_results
@@ -147,9 +148,9 @@ def _check_batch_size(config: Any, mesh) -> None:
                          "batch shards (data x fsdp); change --config.batch_size or --config.mesh.*")
 
 
-def resolve_task(config: Any) -> Any:
-    """The task of ``config.task``: a name known to :func:`hgrn_jax.training.tasks.get_task`,
-    or ``"package.module:factory"`` for a user-defined task (``factory(config) -> Task``)."""
+def resolve_task(config: Any) -> Task:
+    """The task of ``config.task``: a name in :data:`hgrn_jax.tasks.registry.DATASETS`, or
+    ``"package.module:factory"`` for a user-defined task (``factory(config) -> Task``)."""
     name = str(config.task)
     if ":" in name:
         import importlib
@@ -161,7 +162,7 @@ def resolve_task(config: Any) -> Any:
             raise ValueError(f"config.task={name!r}: cannot import {attr!r} from {module_name!r} "
                              f"({error}); use a task name or 'module:factory'") from error
         return factory(config)
-    from hgrn_jax.training.tasks import get_task
+    from hgrn_jax.tasks import get_task
 
     return get_task(config)
 
@@ -170,7 +171,7 @@ class Run:
     """One run's task, mesh, sharded initial state, jitted steps, checkpoints and writer
     (what :func:`train_and_evaluate` drives; tests use it to evaluate a state directly)."""
 
-    def __init__(self, config: Any, workdir: str | Path, task: Any = None):
+    def __init__(self, config: Any, workdir: str | Path, task: Task | None = None):
         self.config = config
         self.workdir = Path(workdir)
         self.primary = jax.process_index() == 0

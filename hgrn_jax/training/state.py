@@ -63,9 +63,9 @@ def create_train_state(
     """Build the train state directly in its shards on ``mesh``.
 
     ``build_model(rngs)`` makes the model; ``make_tx(abstract_params)`` the optimizer (it may
-    read parameter paths and shapes, e.g. for weight-decay masks). Shapes come from
-    ``nnx.eval_shape`` first, then one ``jax.jit`` with ``out_shardings`` creates the values,
-    so no device ever holds more than its shards.
+    read parameter paths and shapes, e.g. for weight-decay masks). The state is created in its
+    shards by :func:`hgrn_jax.sharding.init_sharded`, so no device ever holds more than its
+    shards.
 
     Returns ``(graphdef, tx, state, state_shardings)``.
     """
@@ -81,10 +81,7 @@ def create_train_state(
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                           opt_state=tx.init(params), nonfinite_step=jnp.full((), -1, jnp.int32))
 
-    abstract_state = jax.eval_shape(init)
-    shardings = sharding.state_shardings(abstract_state, mesh)
-    with jax.set_mesh(mesh):
-        state = jax.jit(init, out_shardings=shardings)()
+    state, shardings = sharding.init_sharded(init, mesh)
     return graphdef, tx, state, shardings
 
 

@@ -118,14 +118,14 @@ def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn
 
 def jit_train_step(train_step: Callable, state_shardings: Any, mesh: Mesh) -> Callable:
     """``train_step`` jitted with explicit shardings; the state argument is donated."""
-    return sharding.jit_step(
+    return jax.jit(
         train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def jit_eval_step(eval_step: Callable, state_shardings: Any, mesh: Mesh) -> Callable:
     """``eval_step`` jitted with the params/model-state shardings of ``state_shardings``."""
-    return sharding.jit_step(
+    return jax.jit(
         eval_step, in_shardings=(state_shardings.params, state_shardings.model_state,
                                  sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh))

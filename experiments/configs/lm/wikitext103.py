@@ -4,7 +4,7 @@
 fairseq's recipe: 512-token samples, 65,536 tokens per update (128 samples), 100k updates,
 AdamW betas (0.9, 0.98) wd 0.2, lr 5e-4 with the inverse-sqrt schedule and 8k warmup, GPT-2 BPE
 vocabulary of 50,264 entries. The release (``data.wikitext_dir``, GPT-2 BPE files at
-``data.tokenizer_path``) is read by ``hgrn_jax.training.real_data``; ``tiny`` trains a byte-level
+``data.tokenizer_path``) is read by ``hgrn_jax.tasks``; ``tiny`` trains a byte-level
 model on a generated arithmetic corpus.
 """
 
@@ -46,7 +46,7 @@ def get_config(preset: str | None = None):
 
 
 def _tiny(c):
-    c.model.vocab_size = 256
+    c.model.vocab_size = 0  # from the data: 256 bytes here, the tokenizer's with source=release
     c.model.features = 32
     c.model.num_layers = 2
     c.data.source = "synthetic"

@@ -1,7 +1,7 @@
 """LRA Image (CIFAR-10 RGB, docs/design.md 3.4): 2-D HGRN, 6 layers, d 512, BN, 32 x 32 pixels; 88.69%.
 
 The paper's run reads RGB pixels (not the usual grey sequence) with crop and flip augmentation.
-CIFAR-10 (tfds ``cifar10`` in ``data.tfds_dir``) is read by ``hgrn_jax.training.real_data``;
+CIFAR-10 (tfds ``cifar10`` in ``data.tfds_dir``) is read by ``hgrn_jax.tasks``;
 ``tiny`` uses generated 8 x 8 images whose label is the bright quadrant.
 """
 
@@ -33,11 +33,13 @@ def get_config(preset: str | None = None):
 def _tiny(c):
     c.model.num_layers = 2
     c.model.features = 32
-    c.model.num_classes = 4
-    c.model.grid_shape = (8, 8)
+    # Derived from the source (0 / ()): 8 x 8 images of 4 classes here, CIFAR-10's 32 x 32 and
+    # 10 classes with --config.data.source=tfds.
+    c.model.num_classes = 0
+    c.model.grid_shape = ()
     c.data.source = "synthetic"
-    c.data.image_size = 8
-    c.data.seq_len = 64
+    c.data.image_size = 0
+    c.data.seq_len = 0
     c.data.augment = False
     c.data.train_examples = 2_000
     c.data.val_examples = 256

@@ -1,7 +1,7 @@
 """LRA Pathfinder (docs/design.md 3.4): 2-D HGRN, 6 layers, d 128, BN, 32 x 32 grey pixels; 92.92%.
 
 No position encoding (as the paper's run). The release's ``pathfinder32`` images (in
-``data.lra_dir``) are read by ``hgrn_jax.training.real_data``; ``tiny`` uses generated 12 x 12
+``data.lra_dir``) are read by ``hgrn_jax.tasks``; ``tiny`` uses generated 12 x 12
 path images.
 """
 
@@ -38,10 +38,12 @@ def tiny(c):
     """Shared with Path-X: a 2-layer d-32 model on generated 12 x 12 path images."""
     c.model.num_layers = 2
     c.model.features = 32
-    c.model.grid_shape = (12, 12)
+    # Derived from the source (0 / ()): 12 x 12 generated images here, the release's 32 x 32
+    # (Path-X: 128 x 128) with --config.data.source=release.
+    c.model.grid_shape = ()
     c.data.source = "synthetic"
-    c.data.image_size = 12
-    c.data.seq_len = 144
+    c.data.image_size = 0
+    c.data.seq_len = 0
     c.data.path_length = 8
     c.data.train_examples = 2_000
     c.data.val_examples = 256

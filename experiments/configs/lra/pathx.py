@@ -1,7 +1,7 @@
 """LRA Path-X (docs/design.md 3.4): 2-D HGRN, 6 layers, d 64, sync BN, 128 x 128 grey pixels; 97.50%.
 
 No position encoding. The release's ``pathfinder128`` images (in ``data.lra_dir``) are read by
-``hgrn_jax.training.real_data``; ``tiny`` uses generated 12 x 12 path images (as Pathfinder's).
+``hgrn_jax.tasks``; ``tiny`` uses generated 12 x 12 path images (as Pathfinder's).
 """
 
 from experiments.configs import common

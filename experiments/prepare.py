@@ -1,11 +1,11 @@
-"""Prepare a config's dataset once, ahead of training (``python -m hgrn_jax.data.prepare``).
+"""Prepare a config's dataset once, ahead of training (``python -m experiments.prepare``).
 
 Reads the sources the config points at and writes the fixed-shape arrays into
 ``data.cache_dir`` (the first training run would do the same), so they can be checked, timed,
 and copied to every host of a pod before training starts. Bad rows are reported exactly as in
 training. Usage, with the same config flags as ``experiments.train``::
 
-    python -m hgrn_jax.data.prepare --config=experiments/configs/lra/retrieval.py \\
+    python -m experiments.prepare --config=experiments/configs/lra/retrieval.py \\
         --config.data.lra_dir=LRA_DIR --config.data.cache_dir=CACHE
 
 ListOps, Retrieval, Pathfinder, Path-X and WikiText-103 with ``data.tfds_dir`` set are built as
@@ -27,20 +27,19 @@ flags.mark_flags_as_required(["config"])
 
 def prepare(config) -> dict[str, int]:
     """Examples per split after preparing every split of ``config``'s dataset."""
-    from hgrn_jax.training import tasks
+    from hgrn_jax import tasks
 
     if _into_tfds(config):
-        from hgrn_jax.data import tfds_builders
-
-        tfds_builders.prepare(config)
+        tasks.tfds_release(config).prepare(config)
     task = tasks.get_task(config)
     return {split: task.num_examples(split) for split in ("train", "val", "test")}
 
 
 def _into_tfds(config) -> bool:
-    from hgrn_jax.data import tfds_builders
+    from hgrn_jax import tasks
 
-    return bool(config.data.tfds_dir) and tfds_builders.handles(config)
+    return (bool(config.data.tfds_dir) and config.data.source in ("release", "prepared")
+            and tasks.dataset(config).tfds is not None)
 
 
 def main(argv) -> None:

@@ -1,0 +1,152 @@
+"""ImageNet-1k classification with DeiT's training recipe (images (B, H, W, 3), 1000 classes).
+
+=============  ====================================================  =========================
+source         data                                                  reads
+=============  ====================================================  =========================
+``tfds``       tfds ``imagenet2012`` (array_record) in ``tfds_dir``  ``tfds_dir``, ``manual_dir``
+               (prepared by ``python -m hgrn_jax.data.imagenet``)
+``synthetic``  generated colour images, one colour per class         (none)
+=============  ====================================================  =========================
+
+``model.image_size`` and ``data.seq_len`` (patches per image) follow from ``data.image_size``;
+``model.num_classes`` 0 takes the source's (1000; 10 for the stand-in).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import multiprocessing
+import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+import numpy as np
+
+from hgrn_jax.data import imagenet, loader, synthetic
+from hgrn_jax.tasks import models
+from hgrn_jax.tasks.base import ArrayTask, Batch, Dataset, mode, settle, skip_bad_rows
+from hgrn_jax.tasks.losses import soft_target_loss
+
+SYNTHETIC_CLASSES = 10
+
+
+class ImageNetTask(ArrayTask):
+    """Images normalised with the ImageNet statistics (DeiT's input normalisation)."""
+
+    model_kind = models.IMAGE
+
+    @classmethod
+    def classes(cls, config) -> int:
+        return imagenet.NUM_CLASSES
+
+    @classmethod
+    def derive(cls, config):
+        config = super().derive(config)
+        size = int(config.data.image_size)
+        settle(config, "model.image_size", (size, size), f"data.image_size {size}")
+        patch = int(config.model.get("patch_size", 14))
+        settle(config, "data.seq_len", (size // patch) ** 2,
+               f"{size} x {size} images in patches of {patch}")
+        classes = cls.classes(config)
+        settle(config, "model.num_classes", classes, f"the {classes} classes of the data")
+        return config
+
+    def _forward(self, model, batch):
+        return model(batch["images"])
+
+
+class ImageNetSynthetic(ImageNetTask):
+    """Generated colour images of ``data.image_size``."""
+
+    @classmethod
+    def classes(cls, config) -> int:
+        return int(config.model.num_classes) or SYNTHETIC_CLASSES  # the stand-in draws any
+
+    def _load(self, split):
+        images, labels = synthetic.colour_images(
+            self._split_size(split), size=self.config.data.image_size,
+            num_classes=self.config.model.num_classes, seed=self._split_seed(split))
+        return {"pixels": np.round(images * 255).astype(np.uint8), "labels": labels}
+
+    def _batch(self, examples, rows):
+        images = examples["pixels"][rows].astype(np.float32) / 255.0
+        return {"images": (images - imagenet.MEAN) / imagenet.STD,
+                "labels": examples["labels"][rows]}
+
+
+class ImageNetTfds(ImageNetTask):
+    """ImageNet-1k from tfds's array_record source: DeiT's training pipeline, centre-crop eval.
+
+    ``data.workers`` > 0 builds training batches of upcoming steps in that many worker processes
+    (each opens the data source itself; a batch is a pure function of its step, so the result
+    is the same as in-process); 0 works in this process on a thread pool; -1 = one worker per CPU.
+    """
+
+    reads = frozenset({"tfds_dir", "manual_dir"})
+
+    def _check_source(self) -> None:
+        self._source("train", reopen=True)
+
+    def _source(self, split: str, reopen: bool = False):
+        return imagenet.open_source(split, self.config.data.tfds_dir, reopen=reopen)
+
+    def _spec(self, process_index: int = 0, process_count: int = 1) -> imagenet.BatchSpec:
+        c = self.config
+        aug = c.data.augment
+        return imagenet.BatchSpec(
+            tfds_dir=c.data.tfds_dir, image_size=int(c.data.image_size), seed=int(c.seed),
+            batch_size=int(c.batch_size), process_index=process_index,
+            process_count=process_count, num_classes=int(c.model.num_classes),
+            mixup=float(aug.mixup), cutmix=float(aug.cutmix),
+            switch_prob=float(aug.mixup_switch_prob), label_smoothing=float(c.label_smoothing),
+            random_erasing=float(aug.random_erasing), randaugment=str(aug.randaugment or ""),
+            skip_bad_rows=skip_bad_rows(c),
+            mixup_group_size=int(aug.get("mixup_group_size", imagenet.MIXUP_GROUP_SIZE)))
+
+    def _threads(self) -> ThreadPoolExecutor:
+        if getattr(self, "_pool", None) is None:
+            self._pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="imagenet")
+        return self._pool
+
+    def _load(self, split):
+        return {"index": np.arange(len(self._source(split)))}
+
+    def _batch(self, examples, rows):  # evaluation batches (val / test)
+        return imagenet.eval_batch(self._spec(), self._eval_split, rows, self._threads())
+
+    def eval_batches(self, split, process_index=0, process_count=1):
+        self._eval_split = split
+        for batch in super().eval_batches(split, process_index, process_count):
+            batch["weight"] = batch["weight"] * batch.pop("readable")
+            yield batch
+
+    def train_batches(self, start_step: int, process_index: int = 0, process_count: int = 1
+                      ) -> Iterator[Batch]:
+        spec = self._spec(process_index, process_count)
+        loader.process_slice(spec.batch_size, process_index, process_count)  # validates
+        n = self.num_examples("train")
+        workers = int(self.config.data.get("workers", 0))
+        workers = os.cpu_count() or 1 if workers < 0 else workers
+        if workers == 0:
+            for step in itertools.count(start_step):
+                yield imagenet.train_batch(spec, n, step, self._threads())
+            return
+        context = multiprocessing.get_context("spawn")  # never fork a process running JAX
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            steps = itertools.count(start_step)
+            pending = collections.deque()
+            while True:
+                while len(pending) < 2 * workers:
+                    pending.append(pool.submit(imagenet.train_batch, spec, n, next(steps)))
+                yield pending.popleft().result()
+
+    def loss_fn(self, model, batch, *, train):
+        if "targets" not in batch:  # evaluation: hard labels
+            return super().loss_fn(model, batch, train=train)
+        logits = self._forward(mode(model, train), batch)
+        return soft_target_loss(logits, batch["targets"], batch["labels"], batch["weight"])
+
+
+DATASET = Dataset("imagenet", models.IMAGE,
+                  sources={"tfds": ImageNetTfds, "synthetic": ImageNetSynthetic})

@@ -1,0 +1,54 @@
+"""The :class:`Task` protocol: everything the training loop asks of an experiment.
+
+A task owns its data, model and loss. The loop (:mod:`hgrn_jax.training.loop`) uses only the
+members below, so any object with them trains (``config.task="package.module:factory"`` loads
+one; ``tests/toy_task.py`` is a minimal example).
+
+Batches are dicts of numpy arrays with a leading batch dimension: this process's rows of the
+global batch. Training batches are a pure function of ``(seed, step)`` (so a resumed run sees the
+same data); evaluation batches cover the split exactly once over all processes, padding rows
+carrying ``weight`` 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+import jax
+import numpy as np
+from flax import nnx
+
+Batch = dict[str, np.ndarray]
+Metrics = dict[str, jax.Array]
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What :func:`hgrn_jax.training.loop.train_and_evaluate` needs of an experiment."""
+
+    name: str
+    """Shown in logs and ``results.json``."""
+
+    metric: str
+    """``"accuracy"`` (higher is better; ``loss_fn`` sums ``correct``) or ``"perplexity"``."""
+
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        """A fresh model (float32 parameters)."""
+        ...
+
+    def train_batches(self, start_step: int, process_index: int = 0, process_count: int = 1
+                      ) -> Iterator[Batch]:
+        """Process-local batches of steps ``start_step, start_step + 1, ...`` (endless)."""
+        ...
+
+    def eval_batches(self, split: str, process_index: int = 0, process_count: int = 1
+                     ) -> Iterator[Batch]:
+        """Process-local batches covering ``split`` (``"val"`` or ``"test"``) once."""
+        ...
+
+    def loss_fn(self, model: nnx.Module, batch: dict, *, train: bool
+                ) -> tuple[jax.Array, Metrics]:
+        """``(mean loss, sums)``; sums hold ``loss_sum``, ``weight`` (and ``correct``), so that
+        evaluation is exact when summed over batches."""
+        ...

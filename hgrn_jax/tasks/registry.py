@@ -1,0 +1,61 @@
+"""The registry: ``config.task`` -> its :class:`~hgrn_jax.tasks.base.Dataset` (one line each).
+
+The only place where task names are looked up. Adding a dataset is one module defining its
+``Dataset`` and one line here (docs/tasks.md walks through an example).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax import nnx
+
+from hgrn_jax.tasks import base, image, imagenet, listops, pathfinder, retrieval, text, wikitext103
+from hgrn_jax.tasks.base import ArrayTask, Dataset
+
+DATASETS: dict[str, Dataset] = {d.name: d for d in (
+    listops.DATASET,
+    text.DATASET,
+    retrieval.DATASET,
+    image.DATASET,
+    pathfinder.PATHFINDER,
+    pathfinder.PATHX,
+    imagenet.DATASET,
+    wikitext103.DATASET,
+)}
+TASKS = tuple(DATASETS)
+
+
+def dataset(config) -> Dataset:
+    """The registry entry of ``config.task``; an unknown name lists the known ones."""
+    if config.task not in DATASETS:
+        raise ValueError(f"unknown config.task {config.task!r}; choose one of "
+                         f"{', '.join(TASKS)}")
+    return DATASETS[config.task]
+
+
+def get_task(config) -> ArrayTask:
+    """The task of ``config.task`` reading ``config.data.source``; errors name the key to fix."""
+    return dataset(config).task(config)
+
+
+def model_config(config) -> Any:
+    """The model dataclass of ``config`` with the derived settings of its source filled in."""
+    entry = dataset(config)
+    return base.model_config(entry.derive(config), entry.model)
+
+
+def build_model(config, rngs: nnx.Rngs) -> nnx.Module:
+    """The model of ``config`` (activations in ``config.dtype``, float32 parameters), built
+    without reading data (a vocabulary taken from the data needs ``get_task(config)``)."""
+    entry = dataset(config)
+    return base.build_model(entry.derive(config), entry.model, rngs)
+
+
+def tfds_release(config) -> base.TfdsRelease:
+    """How ``config``'s dataset is prepared as tfds data; an error if it has no builder."""
+    entry = dataset(config)
+    if entry.tfds is None:
+        raise ValueError(f"task {entry.name!r} has no tfds builder to prepare; "
+                         f"{', '.join(n for n, d in DATASETS.items() if d.tfds)} have one")
+    return entry.tfds

@@ -1,0 +1,112 @@
+"""WikiText-103 language modelling: next-token prediction on blocks of ``seq_len + 1`` tokens.
+
+=============  =================================================================  ==============
+source         data                                                               reads
+=============  =================================================================  ==============
+``release``    ``wiki.{train,valid,test}.tokens`` in ``data.wikitext_dir``,       ``wikitext_dir``
+               GPT-2 BPE files (or ``bytes``) at ``data.tokenizer_path``           ``tokenizer_path``
+               (prepared tfds data when in ``data.tfds_dir``)                     ``tfds_dir``
+``prepared``   the tfds dataset ``wikitext103`` (``{gpt2,bytes}_block<L>``)       ``tfds_dir``
+``synthetic``  a generated arithmetic corpus of bytes                             (none)
+=============  =================================================================  ==============
+
+``model.vocab_size`` 0 takes the tokenizer's vocabulary (256 for the synthetic bytes).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from hgrn_jax.data import synthetic, wikitext
+from hgrn_jax.tasks import models
+from hgrn_jax.tasks.base import (ArrayTask, Dataset, PreparedTfds, ReleaseOrPrepared, TfdsRelease,
+                                 mode)
+from hgrn_jax.tasks.losses import next_token_loss
+
+
+class LanguageModelTask(ArrayTask):
+    """Next-token prediction on consecutive windows of ``seq_len + 1`` tokens (``ids``)."""
+
+    metric = "perplexity"
+    model_kind = models.LM
+
+    def _batch(self, examples, rows):
+        return {"ids": np.asarray(examples["ids"][rows]).astype(np.int32)}
+
+    def loss_fn(self, model, batch, *, train):
+        ids = batch["ids"]
+        logits = mode(model, train)(ids[:, :-1])
+        weight = jnp.broadcast_to(batch["weight"][:, None], ids[:, 1:].shape)
+        return next_token_loss(logits, ids[:, 1:], weight)
+
+
+class WikiTextRelease(LanguageModelTask):
+    """The release's token files, tokenised once into ``data.cache_dir``."""
+
+    reads = frozenset({"wikitext_dir", "tokenizer_path", "tfds_dir"})
+
+    def _check_source(self) -> None:
+        data = self.config.data
+        for split in ("train", "val", "test"):
+            wikitext.find_file(data.wikitext_dir, split)
+        tokenizer = wikitext.LineTokenizer(data.tokenizer_path)
+        if not self.config.model.vocab_size:
+            self.config.model.vocab_size = tokenizer.vocab_size
+        if tokenizer.vocab_size > self.config.model.vocab_size:
+            raise ValueError(f"config.model.vocab_size {self.config.model.vocab_size} is smaller "
+                             f"than the tokenizer's vocabulary ({tokenizer.vocab_size}); set "
+                             f"--config.model.vocab_size={tokenizer.vocab_size} or larger")
+
+    def _load(self, split):
+        data = self.config.data
+        tokens, _ = wikitext.load_tokens(split, wikitext_dir=data.wikitext_dir,
+                                         tokenizer_path=data.tokenizer_path,
+                                         cache_dir=data.cache_dir)
+        return {"ids": wikitext.blocks(tokens, int(data.seq_len))}
+
+
+TFDS = TfdsRelease("wikitext103", "wikitext_dir",
+                   lambda config: {"seq_len": int(config.data.seq_len),
+                                   "tokenizer_path": str(config.data.tokenizer_path)},
+                   "experiments/configs/lm/wikitext103.py")
+
+
+class WikiTextPrepared(PreparedTfds, LanguageModelTask):
+    """The tfds dataset ``wikitext103`` (``{gpt2,bytes}_block<seq_len>``)."""
+
+    tfds_release = TFDS
+    reads = frozenset({"tfds_dir", "wikitext_dir", "tokenizer_path"})
+
+
+class WikiTextSynthetic(LanguageModelTask):
+    """A generated arithmetic corpus of bytes (``data.train_bytes`` / ``data.eval_bytes``)."""
+
+    @classmethod
+    def derive(cls, config):
+        config = super().derive(config)
+        if not config.model.vocab_size:
+            config.model.vocab_size = 256
+        return config
+
+    def _load(self, split):
+        data = self.config.data
+        size = data.train_bytes if split == "train" else data.eval_bytes
+        corpus = synthetic.arithmetic_corpus(int(size), seed=self._split_seed(split))
+        if corpus.max() >= self.config.model.vocab_size:
+            raise ValueError(f"config.model.vocab_size {self.config.model.vocab_size} is too "
+                             "small for a byte corpus; use 256")
+        t = int(data.seq_len)
+        num = (len(corpus) - 1) // t
+        if num < 1:
+            raise ValueError(f"the {split} corpus ({len(corpus)} tokens) is shorter than "
+                             f"data.seq_len + 1 = {t + 1}")
+        windows = np.lib.stride_tricks.sliding_window_view(corpus, t + 1)[::t][:num]
+        return {"ids": np.ascontiguousarray(windows)}
+
+
+DATASET = Dataset(
+    "wikitext103", models.LM,
+    sources={"release": ReleaseOrPrepared(WikiTextRelease, WikiTextPrepared),
+             "prepared": WikiTextPrepared, "synthetic": WikiTextSynthetic},
+    tfds=TFDS)
