@@ -14,8 +14,9 @@ import os
 import platform as py_platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
@@ -68,11 +69,13 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "jax_version": jax.__version__,
         "python_version": py_platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 
-def write_results(name: str, rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> Path:
+def write_results(
+    name: str, rows: list[dict[str, Any]], meta: dict[str, Any] | None = None
+) -> Path:
     """Write ``{"machine": ..., "meta": meta, "rows": rows}`` to
     ``benchmarks/results/<name>_<platform>.json`` and return the path."""
     machine = machine_info()
@@ -92,8 +95,9 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
         return "-" if value is None else str(value)
 
     cells = [[cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c)
-              for i, c in enumerate(columns)]
+    widths = [
+        max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)
+    ]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
     return "\n".join(lines)

@@ -21,8 +21,8 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +30,9 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import format_table, write_results  # noqa: E402
-from hgrn_jax.nn import GLU, HGRNLM, LMConfig  # noqa: E402
-from hgrn_jax.nn.initializers import dense  # noqa: E402
+from benchmarks.common import format_table, write_results
+from hgrn_jax.nn import GLU, HGRNLM, LMConfig
+from hgrn_jax.nn.initializers import dense
 
 
 def attention_scores(q: jax.Array, k: jax.Array) -> jax.Array:
@@ -84,12 +84,18 @@ class TransformerLayer(nnx.Module):
         k_new = jax.lax.dynamic_update_slice(cache["k_new"], k, (0, 0, n_new, 0))
         v_new = jax.lax.dynamic_update_slice(cache["v_new"], v, (0, 0, n_new, 0))
         filled = jnp.arange(k_new.shape[2]) <= n_new
-        scores = jnp.concatenate([attention_scores(q, cache["k_ctx"]),
-                                  jnp.where(filled, attention_scores(q, k_new), -jnp.inf)], -1)
+        scores = jnp.concatenate(
+            [
+                attention_scores(q, cache["k_ctx"]),
+                jnp.where(filled, attention_scores(q, k_new), -jnp.inf),
+            ],
+            -1,
+        )
         p = jax.nn.softmax(scores, axis=-1)
         c = cache["k_ctx"].shape[2]
-        y = (jnp.einsum("bhts,bhsd->bhtd", p[..., :c], cache["v_ctx"])
-             + jnp.einsum("bhts,bhsd->bhtd", p[..., c:], v_new))
+        y = jnp.einsum("bhts,bhsd->bhtd", p[..., :c], cache["v_ctx"]) + jnp.einsum(
+            "bhts,bhsd->bhtd", p[..., c:], v_new
+        )
         return self._finish(x, y), dict(cache, k_new=k_new, v_new=v_new)
 
     def _qkv(self, x: jax.Array) -> list[jax.Array]:
@@ -110,20 +116,26 @@ class TransformerLM(nnx.Module):
     ``step(ids, cache)`` decodes one token.
     """
 
-    def __init__(self, vocab: int, d: int, layers: int, heads: int, glu_hidden: int, *,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, vocab: int, d: int, layers: int, heads: int, glu_hidden: int, *, rngs: nnx.Rngs
+    ):
         self.d, self.heads = d, heads
         self.embed = nnx.Embed(vocab, d, rngs=rngs)
-        self.layers = nnx.List([TransformerLayer(d, heads, glu_hidden, rngs=rngs)
-                                for _ in range(layers)])
+        self.layers = nnx.List(
+            [TransformerLayer(d, heads, glu_hidden, rngs=rngs) for _ in range(layers)]
+        )
         self.final_norm = nnx.LayerNorm(d, rngs=rngs)
 
     def init_cache(self, batch: int, context: int, new_tokens: int):
         def zeros(length):
             return jnp.zeros((batch, self.heads, length, self.d // self.heads))
 
-        layer = dict(k_ctx=zeros(context), v_ctx=zeros(context),
-                     k_new=zeros(new_tokens), v_new=zeros(new_tokens))
+        layer = dict(
+            k_ctx=zeros(context),
+            v_ctx=zeros(context),
+            k_new=zeros(new_tokens),
+            v_new=zeros(new_tokens),
+        )
         return tuple(dict(layer) for _ in self.layers), jnp.int32(0)
 
     def step(self, ids: jax.Array, cache, kv_chunk: int | None = None):
@@ -162,8 +174,9 @@ def _cache_bytes(cache) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
 
 
-def prepare(name: str, model: nnx.Module, context: int, steps: int, init_cache,
-            prefill_kwargs: dict) -> tuple[dict, Callable[[], jax.Array]]:
+def prepare(
+    name: str, model: nnx.Module, context: int, steps: int, init_cache, prefill_kwargs: dict
+) -> tuple[dict, Callable[[], jax.Array]]:
     """Prefill a random context (compiled first, then one timed run) and compile the decode.
 
     Returns the row so far and a function that decodes ``steps`` tokens from that state.
@@ -187,8 +200,12 @@ def prepare(name: str, model: nnx.Module, context: int, steps: int, init_cache,
     decode = _decode_fn(steps)
     run = functools.partial(decode, graphdef, state, cache, token)
     jax.block_until_ready(run())  # compile
-    row = {"model": name, "context": context, "prefill_s": prefill_s,
-           "cache_MiB": _cache_bytes(cache) / 2**20}
+    row = {
+        "model": name,
+        "context": context,
+        "prefill_s": prefill_s,
+        "cache_MiB": _cache_bytes(cache) / 2**20,
+    }
     return row, run
 
 
@@ -215,26 +232,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--glu-hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=50264)
     parser.add_argument("--kv-chunk", type=int, default=1024, help="Transformer prefill chunk")
-    parser.add_argument("--name", default="generate",
-                        help="results file benchmarks/results/<name>_<platform>.json")
+    parser.add_argument(
+        "--name", default="generate", help="results file benchmarks/results/<name>_<platform>.json"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     args = parser.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
 
-    hgrn = HGRNLM(LMConfig(vocab_size=args.vocab, features=args.features,
-                           num_layers=args.layers, glu_expand=args.glu_hidden / args.features),
-                  rngs=nnx.Rngs(0))
-    transformer = TransformerLM(args.vocab, args.features, args.layers, args.heads,
-                                args.glu_hidden, rngs=nnx.Rngs(0))
-    params = {name: sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
-              for name, m in (("hgrn", hgrn), ("transformer", transformer))}
+    hgrn = HGRNLM(
+        LMConfig(
+            vocab_size=args.vocab,
+            features=args.features,
+            num_layers=args.layers,
+            glu_expand=args.glu_hidden / args.features,
+        ),
+        rngs=nnx.Rngs(0),
+    )
+    transformer = TransformerLM(
+        args.vocab, args.features, args.layers, args.heads, args.glu_hidden, rngs=nnx.Rngs(0)
+    )
+    params = {
+        name: sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+        for name, m in (("hgrn", hgrn), ("transformer", transformer))
+    }
     rows, runs = [], []
     for context in contexts:
         for name, model, init_cache, kwargs in (
-                ("hgrn", hgrn, lambda: hgrn.init_cache(1), {}),
-                ("transformer", transformer,
-                 lambda: transformer.init_cache(1, context - 1, args.steps + 1),
-                 {"kv_chunk": args.kv_chunk})):
+            ("hgrn", hgrn, lambda: hgrn.init_cache(1), {}),
+            (
+                "transformer",
+                transformer,
+                lambda: transformer.init_cache(1, context - 1, args.steps + 1),
+                {"kv_chunk": args.kv_chunk},
+            ),
+        ):
             row, run = prepare(name, model, context, args.steps, init_cache, kwargs)
             rows.append(row)
             runs.append(run)
@@ -245,10 +276,14 @@ def main(argv: list[str] | None = None) -> None:
     columns = ["model", "context", "ms_per_token", "ms_per_token_min", "prefill_s", "cache_MiB"]
     print(format_table(rows, columns))
     if not args.no_write:
-        meta = dict(vars(args), parameters=params, batch=1,
-                    note="ms_per_token: median (and min) over reps of (time of --steps greedy "
-                         "decode steps in one jitted lax.scan) / steps, all configurations "
-                         "timed round-robin; prefill_s: one run after compilation")
+        meta = dict(
+            vars(args),
+            parameters=params,
+            batch=1,
+            note="ms_per_token: median (and min) over reps of (time of --steps greedy "
+            "decode steps in one jitted lax.scan) / steps, all configurations "
+            "timed round-robin; prefill_s: one run after compilation",
+        )
         print("wrote", write_results(args.name, rows, meta))
 
 

@@ -28,18 +28,23 @@ import argparse
 import inspect
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from benchmarks.common import format_table, time_fn, write_results  # noqa: E402
-from hgrn_jax.ops import MATRIX_METHODS, default_matrix_method, linear_recurrence  # noqa: E402
-from hgrn_jax.ops import matrix_recurrence  # noqa: E402
+from benchmarks.common import format_table, time_fn, write_results
+from hgrn_jax.ops import (
+    MATRIX_METHODS,
+    default_matrix_method,
+    linear_recurrence,
+    matrix_recurrence,
+)
 
 CPU_SIZES = ("2x256x4x32x32", "2x1024x4x32x32", "2x4096x4x32x32", "1x1024x2x128x128")
 ACCELERATOR_SIZES = ("8x1024x4x64x64", "8x4096x4x64x64", "4x16384x4x64x64", "8x4096x8x128x128")
@@ -81,13 +86,16 @@ def jax_candidates(methods, scale: float) -> dict[str, tuple[Callable, tuple[str
     candidates: dict[str, tuple[Callable, tuple[str, ...]]] = {}
     for method in methods:
         candidates[method] = (
-            lambda q, k, v, g, method=method: matrix_recurrence(q, k, v, g, scale=scale,
-                                                                method=method),
-            ("q", "k", "v", "log_decay"))
+            lambda q, k, v, g, method=method: matrix_recurrence(
+                q, k, v, g, scale=scale, method=method
+            ),
+            ("q", "k", "v", "log_decay"),
+        )
     candidates["hgrn"] = (lambda a, x: linear_recurrence(a, x), ("a", "x"))
     candidates["attention"] = (
         lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
-        ("q", "k", "v"))
+        ("q", "k", "v"),
+    )
     return candidates
 
 
@@ -95,6 +103,7 @@ def fla_passes(data: dict[str, jax.Array], scale: float) -> dict[str, Callable[[
     """fla's chunk_gla on the same data (CUDA, PyTorch), or None when it cannot run here."""
     try:
         import torch
+
         if not torch.cuda.is_available():
             return None
         from fla.ops.gla import chunk_gla
@@ -103,13 +112,17 @@ def fla_passes(data: dict[str, jax.Array], scale: float) -> dict[str, Callable[[
         return None
 
     def to_torch(name):
-        return torch.from_numpy(np.asarray(data[name], np.float32)).cuda().to(
-            getattr(torch, str(data[name].dtype)))
+        return (
+            torch.from_numpy(np.asarray(data[name], np.float32))
+            .cuda()
+            .to(getattr(torch, str(data[name].dtype)))
+        )
 
     q, k, v, g, do = (to_torch(n) for n in ("q", "k", "v", "log_decay", "do"))
     # Our (B, T, H, K) layout; some fla versions default to head-first (B, H, T, K).
-    layout = ({"head_first": False}
-              if "head_first" in inspect.signature(chunk_gla).parameters else {})
+    layout = (
+        {"head_first": False} if "head_first" in inspect.signature(chunk_gla).parameters else {}
+    )
 
     def forward():
         with torch.no_grad():
@@ -124,10 +137,14 @@ def fla_passes(data: dict[str, jax.Array], scale: float) -> dict[str, Callable[[
         def run():
             fn()
             torch.cuda.synchronize()
+
         return run
 
-    return {"forward": timed(forward), "forward+backward": timed(forward_backward),
-            "raw_forward": forward}
+    return {
+        "forward": timed(forward),
+        "forward+backward": timed(forward_backward),
+        "raw_forward": forward,
+    }
 
 
 def agreement(methods, size, dtype, fla_runs: bool) -> dict[str, float]:
@@ -148,8 +165,9 @@ def agreement(methods, size, dtype, fla_runs: bool) -> dict[str, float]:
     result = {}
     for method in methods:
         if method != "sequential":
-            result[method] = max(float(np.abs(a - b).max()) for a, b in zip(outputs(method),
-                                                                            reference))
+            result[method] = max(
+                float(np.abs(a - b).max()) for a, b in zip(outputs(method), reference)
+            )
     if fla_runs:
         fla = fla_passes(data, scale)
         if fla is not None:
@@ -172,15 +190,18 @@ def time_python(fn: Callable[[], Any], reps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+")
-    parser.add_argument("--methods", nargs="+", default=list(MATRIX_METHODS),
-                        choices=list(MATRIX_METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=list(MATRIX_METHODS), choices=list(MATRIX_METHODS)
+    )
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-fla", action="store_true")
     args = parser.parse_args()
     platform = jax.default_backend()
-    sizes = [parse_size(s) for s in
-             (args.sizes or (CPU_SIZES if platform == "cpu" else ACCELERATOR_SIZES))]
+    sizes = [
+        parse_size(s)
+        for s in (args.sizes or (CPU_SIZES if platform == "cpu" else ACCELERATOR_SIZES))
+    ]
     dtype = jnp.dtype(args.dtype)
 
     checks = {}
@@ -191,7 +212,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for size in sizes:
         batch, length, heads, key_dim, value_dim = size
-        scale = key_dim ** -0.5
+        scale = key_dim**-0.5
         data = make_inputs(size, dtype)
         size_rows = []
         for name, (forward, names) in jax_candidates(args.methods, scale).items():
@@ -206,11 +227,18 @@ def main() -> None:
                 except Exception as error:  # e.g. out of memory at the largest size
                     print(f"{name} {pass_name} {size}: {type(error).__name__}: {error}")
                     continue
-                size_rows.append({"size": "x".join(map(str, size)), "method": name,
-                                  "pass": pass_name, "ms": timing["min"] * 1e3,
-                                  "median_ms": timing["median"] * 1e3})
-                print(format_table([size_rows[-1]], list(size_rows[-1])).splitlines()[-1],
-                      flush=True)
+                size_rows.append(
+                    {
+                        "size": "x".join(map(str, size)),
+                        "method": name,
+                        "pass": pass_name,
+                        "ms": timing["min"] * 1e3,
+                        "median_ms": timing["median"] * 1e3,
+                    }
+                )
+                print(
+                    format_table([size_rows[-1]], list(size_rows[-1])).splitlines()[-1], flush=True
+                )
         if platform == "gpu" and not args.no_fla:
             fla = fla_passes(data, scale)
             for pass_name, fn in (fla or {}).items():
@@ -221,27 +249,37 @@ def main() -> None:
                 except Exception as error:
                     print(f"fla_chunk_gla {pass_name}: {type(error).__name__}: {error}")
                     continue
-                size_rows.append({"size": "x".join(map(str, size)), "method": "fla_chunk_gla",
-                                  "pass": pass_name, "ms": seconds * 1e3,
-                                  "median_ms": seconds * 1e3})
+                size_rows.append(
+                    {
+                        "size": "x".join(map(str, size)),
+                        "method": "fla_chunk_gla",
+                        "pass": pass_name,
+                        "ms": seconds * 1e3,
+                        "median_ms": seconds * 1e3,
+                    }
+                )
         for reference in ("attention", "hgrn"):
             base = {r["pass"]: r["ms"] for r in size_rows if r["method"] == reference}
             for row in size_rows:
-                row[f"x_{reference}"] = row["ms"] / base[row["pass"]] if row["pass"] in base \
-                    else None
+                row[f"x_{reference}"] = (
+                    row["ms"] / base[row["pass"]] if row["pass"] in base else None
+                )
         for row in size_rows:
-            row["auto"] = default_matrix_method(length) if row["method"] in MATRIX_METHODS \
-                else None
+            row["auto"] = default_matrix_method(length) if row["method"] in MATRIX_METHODS else None
         rows.extend(size_rows)
 
     columns = ["size", "method", "pass", "ms", "median_ms", "x_attention", "x_hgrn"]
     print(format_table(rows, columns))
-    meta = {"sizes": "BxLxHxKxV", "dtype": args.dtype, "scale": "1/sqrt(K)",
-            "hgrn": "linear_recurrence (method auto) over B x L x (H*V)",
-            "attention": "jax.nn.dot_product_attention(is_causal=True), XLA",
-            "auto": {f"L={s[1]}": default_matrix_method(s[1]) for s in sizes},
-            "pallas": "Pallas interpreter on CPU" if platform == "cpu" else "compiled kernel",
-            "max_abs_difference_from_sequential": checks}
+    meta = {
+        "sizes": "BxLxHxKxV",
+        "dtype": args.dtype,
+        "scale": "1/sqrt(K)",
+        "hgrn": "linear_recurrence (method auto) over B x L x (H*V)",
+        "attention": "jax.nn.dot_product_attention(is_causal=True), XLA",
+        "auto": {f"L={s[1]}": default_matrix_method(s[1]) for s in sizes},
+        "pallas": "Pallas interpreter on CPU" if platform == "cpu" else "compiled kernel",
+        "max_abs_difference_from_sequential": checks,
+    }
     print("wrote", write_results("matrix_recurrence", rows, meta))
 
 

@@ -28,22 +28,25 @@ import os
 import sys
 from pathlib import Path
 
-if all(importlib.util.find_spec(m) is None
-       for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_disable_hlo_passes=cse_barrier_expander").strip()
+if all(
+    importlib.util.find_spec(m) is None
+    for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")
+):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_disable_hlo_passes=cse_barrier_expander"
+    ).strip()
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
 
-from benchmarks.common import format_table, write_results  # noqa: E402
-from hgrn_jax.nn import HGRNLM, LMConfig, MixerConfig  # noqa: E402
-from hgrn_jax.nn.classifier import ClassifierConfig, HGRNClassifier  # noqa: E402
-from hgrn_jax.nn.remat import set_remat  # noqa: E402
+from benchmarks.common import format_table, write_results
+from hgrn_jax.nn import HGRNLM, LMConfig, MixerConfig
+from hgrn_jax.nn.classifier import ClassifierConfig, HGRNClassifier
+from hgrn_jax.nn.remat import set_remat
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 PATHX_BATCH, LM_BATCH = 16, 1
@@ -56,12 +59,22 @@ def grid_shape(length: int) -> tuple[int, int]:
 
 
 def pathx_setup(length: int, dtype):
-    config = ClassifierConfig(num_classes=2, features=64, num_layers=6, glu_expand=1,
-                              encoder="linear", input_channels=1, mixer=MixerConfig(scan="2d"),
-                              grid_shape=grid_shape(length), norm="batch")
-    build = lambda: HGRNClassifier(config, dtype=dtype, rngs=nnx.Rngs(0))  # noqa: E731
-    batch = (jax.ShapeDtypeStruct((PATHX_BATCH, length), jnp.float32),
-             jax.ShapeDtypeStruct((PATHX_BATCH,), jnp.int32))
+    config = ClassifierConfig(
+        num_classes=2,
+        features=64,
+        num_layers=6,
+        glu_expand=1,
+        encoder="linear",
+        input_channels=1,
+        mixer=MixerConfig(scan="2d"),
+        grid_shape=grid_shape(length),
+        norm="batch",
+    )
+    build = lambda: HGRNClassifier(config, dtype=dtype, rngs=nnx.Rngs(0))
+    batch = (
+        jax.ShapeDtypeStruct((PATHX_BATCH, length), jnp.float32),
+        jax.ShapeDtypeStruct((PATHX_BATCH,), jnp.int32),
+    )
 
     def loss(model, pixels, labels):
         logits = model(pixels).astype(jnp.float32)
@@ -71,7 +84,7 @@ def pathx_setup(length: int, dtype):
 
 
 def lm_setup(length: int, dtype):
-    build = lambda: HGRNLM(LMConfig(), dtype=dtype, rngs=nnx.Rngs(0))  # noqa: E731
+    build = lambda: HGRNLM(LMConfig(), dtype=dtype, rngs=nnx.Rngs(0))
     batch = (jax.ShapeDtypeStruct((LM_BATCH, length + 1), jnp.int32),)
 
     def loss(model, ids):
@@ -100,9 +113,11 @@ def grad_step_memory(build, batch, loss_fn, remat: str | None) -> dict[str, int]
         return jax.grad(loss, has_aux=True)(params)
 
     analysis = jax.jit(step).lower(params, rest, *batch).compile().memory_analysis()
-    out = {"temp_bytes": int(analysis.temp_size_in_bytes),
-           "argument_bytes": int(analysis.argument_size_in_bytes),
-           "output_bytes": int(analysis.output_size_in_bytes)}
+    out = {
+        "temp_bytes": int(analysis.temp_size_in_bytes),
+        "argument_bytes": int(analysis.argument_size_in_bytes),
+        "output_bytes": int(analysis.output_size_in_bytes),
+    }
     out["peak_bytes"] = sum(out.values())
     return out
 
@@ -111,8 +126,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS))
     parser.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
-    parser.add_argument("--remat", nargs="+", default=["none", "nothing"],
-                        help="policies of hgrn_jax.nn.remat, or 'none'")
+    parser.add_argument(
+        "--remat",
+        nargs="+",
+        default=["none", "nothing"],
+        help="policies of hgrn_jax.nn.remat, or 'none'",
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     dtype = None if args.dtype == "float32" else jnp.bfloat16
@@ -124,22 +143,36 @@ def main() -> None:
             for length in args.lengths:
                 build, batch, loss = SETUPS[model_name](length, dtype)
                 memory = grad_step_memory(build, batch, loss, None if remat == "none" else remat)
-                row = {"model": model_name, "remat": remat, "dtype": args.dtype,
-                       "length": length, **memory,
-                       "peak_MiB": memory["peak_bytes"] / 2**20,
-                       "temp_MiB": memory["temp_bytes"] / 2**20}
+                row = {
+                    "model": model_name,
+                    "remat": remat,
+                    "dtype": args.dtype,
+                    "length": length,
+                    **memory,
+                    "peak_MiB": memory["peak_bytes"] / 2**20,
+                    "temp_MiB": memory["temp_bytes"] / 2**20,
+                }
                 if previous is not None:  # growth per added token: constant when linear
-                    row["KiB_per_token"] = ((memory["peak_bytes"] - previous["peak_bytes"])
-                                            / (length - previous["length"]) / 1024)
+                    row["KiB_per_token"] = (
+                        (memory["peak_bytes"] - previous["peak_bytes"])
+                        / (length - previous["length"])
+                        / 1024
+                    )
                 previous = {"length": length, **memory}
                 rows.append(row)
-                print(format_table([row], ["model", "remat", "length", "peak_MiB", "temp_MiB",
-                                           "KiB_per_token"]).splitlines()[-1], flush=True)
+                print(
+                    format_table(
+                        [row], ["model", "remat", "length", "peak_MiB", "temp_MiB", "KiB_per_token"]
+                    ).splitlines()[-1],
+                    flush=True,
+                )
     columns = ["model", "remat", "dtype", "length", "peak_MiB", "temp_MiB", "KiB_per_token"]
     print(format_table(rows, columns))
-    meta = {"batch": {"pathx": PATHX_BATCH, "lm": LM_BATCH},
-            "peak": "temp + argument + output bytes of the compiled grad step",
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    meta = {
+        "batch": {"pathx": PATHX_BATCH, "lm": LM_BATCH},
+        "peak": "temp + argument + output bytes of the compiled grad step",
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
     print("wrote", write_results("memory", rows, meta))
 
 

@@ -32,28 +32,31 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with PyTorch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from benchmarks.common import format_table, time_fn, write_results  # noqa: E402
-from benchmarks.recurrence import jax_passes  # noqa: E402
-from hgrn_jax.ops import METHODS  # noqa: E402
+from benchmarks.common import format_table, time_fn, write_results
+from benchmarks.recurrence import jax_passes
+from hgrn_jax.ops import METHODS
 
 BATCH, CHANNELS, LAYER_HIDDEN = 8, 512, 1024
 LENGTHS, LAYER_LENGTHS = (1024, 4096, 16384, 65536), (1024, 4096, 16384)
 ARRAYS = {"forward": 3, "forward+backward": 8}
 COPY_BYTES = 1 << 30
 FLA_KERNELS = ("fla_chunk", "fla_fused_recurrent")
-HOW_TO_RUN = ("run it on a CUDA machine with torch + triton and jax[cuda]: "
-              "pip install flash-linear-attention==0.6.0 --no-deps && python benchmarks/peers_gpu.py")
+HOW_TO_RUN = (
+    "run it on a CUDA machine with torch + triton and jax[cuda]: "
+    "pip install flash-linear-attention==0.6.0 --no-deps && python benchmarks/peers_gpu.py"
+)
 
 
 def missing_requirements() -> list[str]:
@@ -61,12 +64,13 @@ def missing_requirements() -> list[str]:
     missing = []
     try:
         import torch
+
         if not torch.cuda.is_available():
             missing.append("a CUDA GPU visible to PyTorch")
     except ImportError:
         missing.append("torch")
     try:
-        import fla.layers  # noqa: F401
+        import fla.layers
         import fla.ops.hgrn  # noqa: F401
     except Exception as error:  # fla's import pulls in triton, einops, transformers
         missing.append(f"fla ({type(error).__name__}: {error})")
@@ -78,6 +82,7 @@ def missing_requirements() -> list[str]:
 def time_torch(fn: Callable[[], Any], reps: int) -> float:
     """Median wall-clock seconds of ``fn()`` on the GPU, synchronising around each call."""
     import torch
+
     fn()  # warm-up: Triton autotuning and compilation
     torch.cuda.synchronize()
     times = []
@@ -96,6 +101,7 @@ def copy_bandwidths(reps: int, with_torch: bool, nbytes: int = COPY_BYTES) -> di
     del x
     if with_torch:
         import torch
+
         src = torch.ones(nbytes // 4, device="cuda")
         dst = torch.empty_like(src)
         result["torch"] = 2 * nbytes / time_torch(lambda: dst.copy_(src), reps)
@@ -110,18 +116,23 @@ def kernel_inputs(length: int, dtype_name: str, seed: int = 0) -> dict[str, np.n
     a = rng.uniform(0.9, 1.0, shape).astype(np.float32)
     # Round to the benchmark dtype once so both sides see the same numbers.
     a = np.asarray(jnp.asarray(a, dtype_name).astype(jnp.float32))
-    return {"a": a, "x": rng.standard_normal(shape, np.float32),
-            "dy": rng.standard_normal(shape, np.float32)}
+    return {
+        "a": a,
+        "x": rng.standard_normal(shape, np.float32),
+        "dy": rng.standard_normal(shape, np.float32),
+    }
 
 
 def to_torch(array: np.ndarray, dtype_name: str):
     import torch
+
     return torch.from_numpy(np.ascontiguousarray(array)).cuda().to(getattr(torch, dtype_name))
 
 
 def fla_kernel_passes(name: str, x, g, dy) -> dict[str, Callable[[], Any]]:
     import torch
     from fla.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn
+
     kernel = chunk_hgrn if name == "fla_chunk" else fused_recurrent_hgrn
 
     def forward():
@@ -145,16 +156,22 @@ def check_kernels(methods: list[str], length: int = 1024) -> None:
     data = kernel_inputs(length, "float32")
     a, x = jnp.asarray(data["a"]), jnp.asarray(data["x"])
     tx, tg = to_torch(data["x"], "float32"), to_torch(np.log(data["a"]), "float32")
-    theirs = {name: fla_kernel_passes(name, tx, tg, None)["forward"]().float().cpu().numpy()
-              for name in FLA_KERNELS}
+    theirs = {
+        name: fla_kernel_passes(name, tx, tg, None)["forward"]().float().cpu().numpy()
+        for name in FLA_KERNELS
+    }
     for method in methods:
         try:
             ours = jax_passes(method)["forward"](a, x)
         except Exception as error:  # report and go on: one broken method must not stop the run
-            print(f"check L={length} float32 {method}: FAILED {type(error).__name__}: {error}",
-                  flush=True)
+            print(
+                f"check L={length} float32 {method}: FAILED {type(error).__name__}: {error}",
+                flush=True,
+            )
             continue
-        errors = ", ".join(f"{name} {max_relative_error(ours, o):.2e}" for name, o in theirs.items())
+        errors = ", ".join(
+            f"{name} {max_relative_error(ours, o):.2e}" for name, o in theirs.items()
+        )
         print(f"check L={length} float32 {method}: max relative error vs {errors}", flush=True)
 
 
@@ -162,10 +179,10 @@ def our_layer(hidden: int, dtype_name: str, state_dict: dict[str, np.ndarray] | 
     """Our FlaHGRNAttention (first layer: no lower bound), from fla's weights when given."""
     from hgrn_jax.convert import from_fla_hgrn_attention
     from hgrn_jax.nn import FlaHGRNAttention
+
     dtype = jnp.dtype(dtype_name)
     if state_dict is None:
-        return FlaHGRNAttention(hidden, use_lower_bound=False, param_dtype=dtype,
-                                rngs=nnx.Rngs(0))
+        return FlaHGRNAttention(hidden, use_lower_bound=False, param_dtype=dtype, rngs=nnx.Rngs(0))
     constructor = {"hidden_size": hidden, "expand_ratio": 1, "layer_idx": 0}
     return from_fla_hgrn_attention(constructor, state_dict, dtype)
 
@@ -181,20 +198,27 @@ def our_layer_passes(layer, method: str) -> dict[str, Callable]:
         return jax.vjp(forward, params, x)[1](dy)
 
     fwd, fwd_bwd = jax.jit(forward), jax.jit(forward_backward)
-    return {"forward": lambda x: fwd(params, x),
-            "forward+backward": lambda x, dy: fwd_bwd(params, x, dy)}
+    return {
+        "forward": lambda x: fwd(params, x),
+        "forward+backward": lambda x, dy: fwd_bwd(params, x, dy),
+    }
 
 
 def fla_layer(hidden: int, dtype_name: str, mode: str):
     import torch
     from fla.layers import HGRNAttention
+
     torch.manual_seed(0)
-    return HGRNAttention(mode=mode, hidden_size=hidden, layer_idx=0).cuda().to(
-        getattr(torch, dtype_name))
+    return (
+        HGRNAttention(mode=mode, hidden_size=hidden, layer_idx=0)
+        .cuda()
+        .to(getattr(torch, dtype_name))
+    )
 
 
 def fla_layer_passes(layer, x, dy) -> dict[str, Callable[[], Any]]:
     import torch
+
     weights = list(layer.parameters())
 
     def forward():
@@ -215,6 +239,7 @@ def state_dict_of(layer) -> dict[str, np.ndarray]:
 def check_layer(length: int = 1024) -> None:
     """Print the max relative error of our layer (fla's weights) against fla's, float32."""
     import torch
+
     theirs = fla_layer(LAYER_HIDDEN, "float32", "chunk")
     ours = our_layer(LAYER_HIDDEN, "float32", state_dict_of(theirs))
     x = np.random.default_rng(1).standard_normal((BATCH, length, LAYER_HIDDEN), np.float32)
@@ -254,17 +279,28 @@ def main() -> None:
     parser.add_argument("--layer-lengths", type=int, nargs="+", default=list(LAYER_LENGTHS))
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--layer-methods", nargs="+", default=["pallas", "chunked"],
-                        choices=list(METHODS))
+    parser.add_argument(
+        "--layer-methods", nargs="+", default=["pallas", "chunked"], choices=list(METHODS)
+    )
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--deadline", type=float, default=float("inf"),
-                        help="seconds after which no new shape is started")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=float("inf"),
+        help="seconds after which no new shape is started",
+    )
     parser.add_argument("--max-sequential-length", type=int, default=16384)
-    parser.add_argument("--torch-tf32", action="store_true",
-                        help="let PyTorch use TF32 for float32 matmuls, as JAX does by default "
-                             "on GPU (without it, float32 layer rows compare TF32 with float32)")
-    parser.add_argument("--dry-run-jax", action="store_true",
-                        help="time only our side at tiny lengths on any backend; write nothing")
+    parser.add_argument(
+        "--torch-tf32",
+        action="store_true",
+        help="let PyTorch use TF32 for float32 matmuls, as JAX does by default "
+        "on GPU (without it, float32 layer rows compare TF32 with float32)",
+    )
+    parser.add_argument(
+        "--dry-run-jax",
+        action="store_true",
+        help="time only our side at tiny lengths on any backend; write nothing",
+    )
     args = parser.parse_args()
     with_peers = not args.dry_run_jax
     if with_peers and (missing := missing_requirements()):
@@ -272,6 +308,7 @@ def main() -> None:
         return
     if with_peers and args.torch_tf32:
         import torch
+
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if args.dry_run_jax:
@@ -290,10 +327,25 @@ def main() -> None:
     print("copy bandwidth GB/s: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in bandwidths.items()))
     rows: list[dict[str, Any]] = []
 
-    def add(bench: str, impl: str, dtype_name: str, length: int, pass_name: str, seconds: float,
-            floor_bytes: int | None) -> None:
-        row = {"bench": bench, "impl": impl, "dtype": dtype_name, "length": length,
-               "pass": pass_name, "ms": seconds * 1e3, "floor_ms": None, "x_floor": None}
+    def add(
+        bench: str,
+        impl: str,
+        dtype_name: str,
+        length: int,
+        pass_name: str,
+        seconds: float,
+        floor_bytes: int | None,
+    ) -> None:
+        row = {
+            "bench": bench,
+            "impl": impl,
+            "dtype": dtype_name,
+            "length": length,
+            "pass": pass_name,
+            "ms": seconds * 1e3,
+            "floor_ms": None,
+            "x_floor": None,
+        }
         if floor_bytes is not None:
             row["floor_ms"] = floor_bytes / bandwidth * 1e3
             row["x_floor"] = seconds * 1e3 / row["floor_ms"]
@@ -303,15 +355,23 @@ def main() -> None:
             add_ratios(rows)
             write_results("peers", rows, meta)
 
-    meta = {"batch": BATCH, "channels": CHANNELS, "layer_hidden": LAYER_HIDDEN,
-            "copy_bandwidth_GBps": {k: v / 1e9 for k, v in bandwidths.items()},
-            "floor": "(3 forward [+ 5 backward]) * B*L*D*itemsize / best copy bandwidth",
-            "torch_tf32": bool(args.torch_tf32)}
+    meta = {
+        "batch": BATCH,
+        "channels": CHANNELS,
+        "layer_hidden": LAYER_HIDDEN,
+        "copy_bandwidth_GBps": {k: v / 1e9 for k, v in bandwidths.items()},
+        "floor": "(3 forward [+ 5 backward]) * B*L*D*itemsize / best copy bandwidth",
+        "torch_tf32": bool(args.torch_tf32),
+    }
     if with_peers:
         import fla
         import torch
-        meta.update(fla=getattr(fla, "__version__", "?"), torch=torch.__version__,
-                    gpu=torch.cuda.get_device_name())
+
+        meta.update(
+            fla=getattr(fla, "__version__", "?"),
+            torch=torch.__version__,
+            gpu=torch.cuda.get_device_name(),
+        )
 
     for dtype_name in args.dtypes:
         itemsize = jnp.dtype(dtype_name).itemsize
@@ -329,8 +389,15 @@ def main() -> None:
                     inputs = (a, x) if pass_name == "forward" else (a, x, dy)
                     seconds = timed(time_fn, fn, *inputs, reps=args.reps)
                     if seconds is not None:
-                        add("kernel", method, dtype_name, length, pass_name, seconds,
-                            ARRAYS[pass_name] * arrays_bytes)
+                        add(
+                            "kernel",
+                            method,
+                            dtype_name,
+                            length,
+                            pass_name,
+                            seconds,
+                            ARRAYS[pass_name] * arrays_bytes,
+                        )
             del a, x, dy
             if with_peers:
                 tx, tdy = to_torch(data["x"], dtype_name), to_torch(data["dy"], dtype_name)
@@ -339,15 +406,24 @@ def main() -> None:
                     for pass_name, fn in fla_kernel_passes(name, tx, tg, tdy).items():
                         seconds = timed(time_torch, fn, args.reps)
                         if seconds is not None:
-                            add("kernel", name, dtype_name, length, pass_name, seconds,
-                                ARRAYS[pass_name] * arrays_bytes)
+                            add(
+                                "kernel",
+                                name,
+                                dtype_name,
+                                length,
+                                pass_name,
+                                seconds,
+                                ARRAYS[pass_name] * arrays_bytes,
+                            )
                 del tx, tg, tdy
 
         hidden = LAYER_HIDDEN if with_peers else 64
-        theirs = {mode: fla_layer(hidden, dtype_name, mode)
-                  for mode in ("chunk", "fused_recurrent")} if with_peers else {}
-        ours = our_layer(hidden, dtype_name,
-                         state_dict_of(theirs["chunk"]) if with_peers else None)
+        theirs = (
+            {mode: fla_layer(hidden, dtype_name, mode) for mode in ("chunk", "fused_recurrent")}
+            if with_peers
+            else {}
+        )
+        ours = our_layer(hidden, dtype_name, state_dict_of(theirs["chunk"]) if with_peers else None)
         for length in args.layer_lengths:
             if out_of_time():
                 print(f"deadline: skipping the layer at {dtype_name} L={length}", flush=True)
@@ -368,13 +444,24 @@ def main() -> None:
                     fn = fla_layer_passes(layer, tx, tdy)["forward+backward"]
                     seconds = timed(time_torch, fn, args.reps)
                     if seconds is not None:
-                        add("layer", f"fla_{mode}", dtype_name, length, "forward+backward",
-                            seconds, None)
+                        add(
+                            "layer",
+                            f"fla_{mode}",
+                            dtype_name,
+                            length,
+                            "forward+backward",
+                            seconds,
+                            None,
+                        )
                 del tx, tdy
 
     add_ratios(rows)
-    print(format_table(rows, ["bench", "impl", "dtype", "length", "pass", "ms", "floor_ms",
-                              "x_floor", "x_fla_best"]))
+    print(
+        format_table(
+            rows,
+            ["bench", "impl", "dtype", "length", "pass", "ms", "floor_ms", "x_floor", "x_fla_best"],
+        )
+    )
     if args.dry_run_jax:
         print("dry run: nothing written")
         return

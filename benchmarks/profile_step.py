@@ -28,26 +28,26 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-from benchmarks.common import format_table, write_results  # noqa: E402
-from benchmarks.train_throughput import (LRA_TEXT, SMALL, SMALL_LRA, builders,  # noqa: E402
-                                         train_step_fn)
-from hgrn_jax.nn import HGRU, HGRU2D  # noqa: E402
-from hgrn_jax.ops import linear_recurrence  # noqa: E402
+from benchmarks.common import format_table, write_results
+from benchmarks.train_throughput import LRA_TEXT, SMALL, SMALL_LRA, builders, train_step_fn
+from hgrn_jax.nn import HGRU, HGRU2D
+from hgrn_jax.ops import linear_recurrence
 
 STAGES = ("projections", "gates", "scans", "layer")
 
 
-def stage_fn(mixer: nnx.Module, stage: str, directions: tuple[str, ...], axes: tuple[int, ...]
-             ) -> Callable:
+def stage_fn(
+    mixer: nnx.Module, stage: str, directions: tuple[str, ...], axes: tuple[int, ...]
+) -> Callable:
     """``(params, x) -> array``: the mixer computed up to ``stage`` (see the module docstring)."""
     graphdef, state = nnx.split(mixer)
 
@@ -82,9 +82,15 @@ def scans_only(shape, directions, axes) -> tuple[Callable, tuple]:
         h = 0.0
         for direction in directions:
             for axis in axes:
-                h = h + jnp.moveaxis(linear_recurrence(
-                    jnp.moveaxis(a, axis, -2), jnp.moveaxis(x, axis, -2),
-                    reverse=direction == "reverse"), -2, axis)
+                h = h + jnp.moveaxis(
+                    linear_recurrence(
+                        jnp.moveaxis(a, axis, -2),
+                        jnp.moveaxis(x, axis, -2),
+                        reverse=direction == "reverse",
+                    ),
+                    -2,
+                    axis,
+                )
         return jnp.sum(jnp.abs(h))
 
     return jax.jit(jax.grad(run, argnums=(0, 1))), (a, x)
@@ -131,17 +137,22 @@ def profile(model_name: str, length: int, reps: int) -> list[dict]:
     rows = []
     previous = 0.0
     for name, (seconds, spread) in timed.items():
-        row = dict(model=model_name, length=length, part=name, ms=seconds * 1e3,
-                   spread=spread)
+        row = dict(model=model_name, length=length, part=name, ms=seconds * 1e3, spread=spread)
         if name in STAGES:
             row["stage_ms"] = (seconds - previous) * 1e3
             previous = seconds
         rows.append(row)
     if "train step" in timed:
         step_s = timed["train step"][0]
-        rows.append(dict(model=model_name, length=length, part="mixers_share",
-                         ms=layers * timed["layer"][0] * 1e3,
-                         share=layers * timed["layer"][0] / step_s))
+        rows.append(
+            dict(
+                model=model_name,
+                length=length,
+                part="mixers_share",
+                ms=layers * timed["layer"][0] * 1e3,
+                share=layers * timed["layer"][0] / step_s,
+            )
+        )
     for row in rows:
         if row["part"] in STAGES or row["part"] == "scans alone":
             row["share_of_layer"] = row.get("stage_ms", row["ms"]) / (timed["layer"][0] * 1e3)
@@ -151,8 +162,12 @@ def profile(model_name: str, length: int, reps: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--models", nargs="+", default=["lra_text", "lm", "2d_mixer"],
-                        choices=["lra_text", "lm", "2d_mixer"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["lra_text", "lm", "2d_mixer"],
+        choices=["lra_text", "lm", "2d_mixer"],
+    )
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -160,11 +175,31 @@ def main() -> None:
     for model_name in args.models:
         for length in args.lengths:
             rows += profile(model_name, length, args.reps)
-            print(format_table(rows[-8:], ["model", "length", "part", "ms", "stage_ms",
-                                           "share_of_layer", "share", "spread"]), flush=True)
-    meta = dict(lra_text=dict(SMALL_LRA, batch=8, full_size=LRA_TEXT), lm=dict(SMALL, batch=1),
-                stages=list(STAGES), reps=args.reps, timing="best of reps interleaved rounds",
-                load_average_before=load_before, load_average_after=os.getloadavg())
+            print(
+                format_table(
+                    rows[-8:],
+                    [
+                        "model",
+                        "length",
+                        "part",
+                        "ms",
+                        "stage_ms",
+                        "share_of_layer",
+                        "share",
+                        "spread",
+                    ],
+                ),
+                flush=True,
+            )
+    meta = dict(
+        lra_text=dict(SMALL_LRA, batch=8, full_size=LRA_TEXT),
+        lm=dict(SMALL, batch=1),
+        stages=list(STAGES),
+        reps=args.reps,
+        timing="best of reps interleaved rounds",
+        load_average_before=load_before,
+        load_average_after=os.getloadavg(),
+    )
     print("wrote", write_results("profile_step", rows, meta))
 
 

@@ -24,17 +24,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from benchmarks.common import format_table, time_fn, write_results  # noqa: E402
-from hgrn_jax.ops import METHODS, linear_recurrence  # noqa: E402
+from benchmarks.common import format_table, time_fn, write_results
+from hgrn_jax.ops import METHODS, linear_recurrence
 
 BATCH, CHANNELS = 8, 512
 ACCELERATOR_LENGTHS = (1024, 4096, 16384, 65536)
@@ -148,8 +149,15 @@ def main() -> None:
     def add(method, dtype_name, length, pass_name, seconds, itemsize):
         arrays = FORWARD_ARRAYS + (BACKWARD_ARRAYS if pass_name == "forward+backward" else 0)
         floor = arrays * BATCH * length * CHANNELS * itemsize / bandwidth
-        row = {"method": method, "dtype": dtype_name, "length": length, "pass": pass_name,
-               "ms": seconds * 1e3, "floor_ms": floor * 1e3, "x_floor": seconds / floor}
+        row = {
+            "method": method,
+            "dtype": dtype_name,
+            "length": length,
+            "pass": pass_name,
+            "ms": seconds * 1e3,
+            "floor_ms": floor * 1e3,
+            "x_floor": seconds / floor,
+        }
         rows.append(row)
         print(format_table([row], list(row)).splitlines()[-1], flush=True)
 
@@ -168,18 +176,24 @@ def main() -> None:
                     add(method, dtype_name, length, pass_name, seconds, dtype.itemsize)
             if torch_impls is not None:
                 torch, impls = torch_impls
-                as_torch = lambda v: torch.from_numpy(np.asarray(v, np.float32)).to(  # noqa: E731
-                    getattr(torch, dtype_name))
+                as_torch = lambda v: torch.from_numpy(np.asarray(v, np.float32)).to(
+                    getattr(torch, dtype_name)
+                )
                 ta, tx, tg = as_torch(a), as_torch(x), as_torch(g)
                 for name, fn in impls.items():
-                    for pass_name, seconds in time_torch(torch, fn, ta, tx, tg,
-                                                         max(1, args.reps // 2)).items():
+                    for pass_name, seconds in time_torch(
+                        torch, fn, ta, tx, tg, max(1, args.reps // 2)
+                    ).items():
                         add(name, dtype_name, length, pass_name, seconds, dtype.itemsize)
 
     print(format_table(rows, ["method", "dtype", "length", "pass", "ms", "floor_ms", "x_floor"]))
-    meta = {"batch": BATCH, "channels": CHANNELS, "copy_bandwidth_GBps": bandwidth / 1e9,
-            "floor": "(3 forward + 5 backward arrays) * B*L*D*itemsize / copy bandwidth",
-            "pallas": "Pallas interpreter on CPU" if platform == "cpu" else "compiled kernel"}
+    meta = {
+        "batch": BATCH,
+        "channels": CHANNELS,
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "floor": "(3 forward + 5 backward arrays) * B*L*D*itemsize / copy bandwidth",
+        "pallas": "Pallas interpreter on CPU" if platform == "cpu" else "compiled kernel",
+    }
     print("wrote", write_results("recurrence", rows, meta))
 
 

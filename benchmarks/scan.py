@@ -27,17 +27,18 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from benchmarks.common import format_table, write_results  # noqa: E402
-from hgrn_jax.ops import METHODS, default_method, linear_recurrence  # noqa: E402
+from benchmarks.common import format_table, write_results
+from hgrn_jax.ops import METHODS, default_method, linear_recurrence
 
 BASELINES = ("associative_autodiff", "scan_autodiff")
 TARGET_RATIO = 3.0
@@ -87,8 +88,9 @@ def forward_backward(fn: Callable) -> Callable:
     return step
 
 
-def make_inputs(batch: int, length: int, channels: int, dtype: jnp.dtype, complex_valued: bool,
-                seed: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+def make_inputs(
+    batch: int, length: int, channels: int, dtype: jnp.dtype, complex_valued: bool, seed: int = 0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Decays with modulus in [0.9, 1), standard normal inputs and cotangent, (B, L, D)."""
     keys = jax.random.split(jax.random.key(seed), 6)
     shape = (batch, length, channels)
@@ -117,8 +119,9 @@ def floor_pass(a: jax.Array, x: jax.Array) -> jax.Array:
     return a * x + x
 
 
-def measure_length(length: int, kind: str, args: argparse.Namespace, names: list[str]
-                   ) -> list[dict]:
+def measure_length(
+    length: int, kind: str, args: argparse.Namespace, names: list[str]
+) -> list[dict]:
     """Rows for one length and kind: every function compiled, then timed interleaved."""
     dtype = jnp.dtype("float32" if kind == "complex64" else kind)
     a, x, g = make_inputs(args.batch, length, args.channels, dtype, kind == "complex64")
@@ -141,63 +144,105 @@ def measure_length(length: int, kind: str, args: argparse.Namespace, names: list
     best = {key: min(t) for key, t in times.items()}
     spread = {key: max(t) / min(t) for key, t in times.items()}
     floor = best[("floor", "forward")]
-    rows = [dict(kind=kind, length=length, method="floor", forward_s=floor, forward_ratio=1.0,
-                 forward_spread=spread[("floor", "forward")])]
+    rows = [
+        dict(
+            kind=kind,
+            length=length,
+            method="floor",
+            forward_s=floor,
+            forward_ratio=1.0,
+            forward_spread=spread[("floor", "forward")],
+        )
+    ]
     for name in names:
         t_fwd, t_fwd_bwd = best[(name, "forward")], best[(name, "fwd_bwd")]
-        row = dict(kind=kind, length=length, method=name, forward_s=t_fwd,
-                   forward_ratio=t_fwd / floor, forward_spread=spread[(name, "forward")],
-                   fwd_bwd_s=t_fwd_bwd, fwd_bwd_ratio=t_fwd_bwd / floor,
-                   fwd_bwd_spread=spread[(name, "fwd_bwd")], fwd_bwd_temp_mib=temps[name])
+        row = dict(
+            kind=kind,
+            length=length,
+            method=name,
+            forward_s=t_fwd,
+            forward_ratio=t_fwd / floor,
+            forward_spread=spread[(name, "forward")],
+            fwd_bwd_s=t_fwd_bwd,
+            fwd_bwd_ratio=t_fwd_bwd / floor,
+            fwd_bwd_spread=spread[(name, "fwd_bwd")],
+            fwd_bwd_temp_mib=temps[name],
+        )
         if name == "auto":
             row["method"] = f"auto ({default_method(length)})"
             row["within_target"] = t_fwd_bwd / floor <= TARGET_RATIO
         rows.append(row)
-        print(f"  {kind} L={length} {name}: fwd {t_fwd * 1e3:.1f} ms, fwd+bwd "
-              f"{t_fwd_bwd * 1e3:.1f} ms ({t_fwd_bwd / floor:.2f}x floor {floor * 1e3:.1f} ms)",
-              flush=True)
+        print(
+            f"  {kind} L={length} {name}: fwd {t_fwd * 1e3:.1f} ms, fwd+bwd "
+            f"{t_fwd_bwd * 1e3:.1f} ms ({t_fwd_bwd / floor:.2f}x floor {floor * 1e3:.1f} ms)",
+            flush=True,
+        )
     return rows
 
 
 def _mib(n: int | None) -> float | None:
-    return None if n is None else n / 2 ** 20
+    return None if n is None else n / 2**20
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=["float32", "complex64"],
-                        help="element types, each measured in the same run")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="one real kind (shorthand for --kinds DTYPE)")
-    parser.add_argument("--complex", action="store_true",
-                        help="complex64 only (shorthand for --kinds complex64)")
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=KINDS,
+        default=["float32", "complex64"],
+        help="element types, each measured in the same run",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="one real kind (shorthand for --kinds DTYPE)",
+    )
+    parser.add_argument(
+        "--complex", action="store_true", help="complex64 only (shorthand for --kinds complex64)"
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--channels", type=int, default=512)
-    parser.add_argument("--reps", type=int, default=5,
-                        help="timed rounds after one warm-up (best of them is reported)")
-    parser.add_argument("--methods", nargs="+", default=None,
-                        help="linear_recurrence methods, 'auto' included (default: auto and all "
-                             "but 'pallas' on CPU, where Pallas only runs in its slow "
-                             "interpreter)")
-    parser.add_argument("--no-baselines", action="store_true",
-                        help="skip the two JAX-autodiff baselines")
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=5,
+        help="timed rounds after one warm-up (best of them is reported)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="linear_recurrence methods, 'auto' included (default: auto and all "
+        "but 'pallas' on CPU, where Pallas only runs in its slow "
+        "interpreter)",
+    )
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="skip the two JAX-autodiff baselines"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     args = parser.parse_args(argv)
     if args.complex and args.dtype == "bfloat16":
-        parser.error("--complex runs in complex64; drop --dtype bfloat16 (there is no complex "
-                     "bfloat16)")
+        parser.error(
+            "--complex runs in complex64; drop --dtype bfloat16 (there is no complex bfloat16)"
+        )
     kinds = ["complex64"] if args.complex else [args.dtype] if args.dtype else args.kinds
     platform = jax.default_backend()
-    methods = args.methods or ["auto"] + [m for m in METHODS
-                                          if not (m == "pallas" and platform == "cpu")]
+    methods = args.methods or ["auto"] + [
+        m for m in METHODS if not (m == "pallas" and platform == "cpu")
+    ]
     unknown = sorted(set(methods) - set(METHODS) - {"auto"})
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {['auto', *METHODS]}")
     names = methods + ([] if args.no_baselines else list(BASELINES))
-    print(f"linear_recurrence on {platform} ({jax.devices()[0].device_kind}), "
-          f"B={args.batch} D={args.channels} {' '.join(kinds)}; best of {args.reps} interleaved "
-          "rounds", flush=True)
+    print(
+        f"linear_recurrence on {platform} ({jax.devices()[0].device_kind}), "
+        f"B={args.batch} D={args.channels} {' '.join(kinds)}; best of {args.reps} interleaved "
+        "rounds",
+        flush=True,
+    )
 
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows: list[dict] = []
@@ -205,25 +250,45 @@ def main(argv: list[str] | None = None) -> None:
         for length in args.lengths:
             rows += measure_length(length, kind, args, names)
 
-    columns = ["kind", "length", "method", "forward_s", "forward_ratio", "fwd_bwd_s",
-               "fwd_bwd_ratio", "fwd_bwd_spread", "fwd_bwd_temp_mib"]
+    columns = [
+        "kind",
+        "length",
+        "method",
+        "forward_s",
+        "forward_ratio",
+        "fwd_bwd_s",
+        "fwd_bwd_ratio",
+        "fwd_bwd_spread",
+        "fwd_bwd_temp_mib",
+    ]
     print()
     print(format_table(rows, columns))
-    print(f"\nratios are to 'floor' (a * x + x over the same arrays), best of {args.reps} "
-          "interleaved rounds; spread = slowest / fastest round; temp = XLA temporary buffers of "
-          f"one forward+backward step. Target: auto's fwd+bwd <= {TARGET_RATIO}x the floor.")
-    print("auto picks: " + ", ".join(f"L={length}: {default_method(length, platform)}"
-                                     for length in args.lengths))
+    print(
+        f"\nratios are to 'floor' (a * x + x over the same arrays), best of {args.reps} "
+        "interleaved rounds; spread = slowest / fastest round; temp = XLA temporary buffers of "
+        f"one forward+backward step. Target: auto's fwd+bwd <= {TARGET_RATIO}x the floor."
+    )
+    print(
+        "auto picks: "
+        + ", ".join(f"L={length}: {default_method(length, platform)}" for length in args.lengths)
+    )
     if not args.no_write:
-        meta = dict(batch=args.batch, channels=args.channels, kinds=kinds, reps=args.reps,
-                    lengths=args.lengths, methods=methods,
-                    baselines=[] if args.no_baselines else list(BASELINES),
-                    floor="a * x + x (reads a and x, writes one array)",
-                    timing="best of reps interleaved rounds (floor and every function once per "
-                           "round); spread = max / min", target_ratio=TARGET_RATIO,
-                    auto_picks={str(n): default_method(n, platform) for n in args.lengths},
-                    load_average_before=load_before,
-                    load_average_after=os.getloadavg() if hasattr(os, "getloadavg") else None)
+        meta = dict(
+            batch=args.batch,
+            channels=args.channels,
+            kinds=kinds,
+            reps=args.reps,
+            lengths=args.lengths,
+            methods=methods,
+            baselines=[] if args.no_baselines else list(BASELINES),
+            floor="a * x + x (reads a and x, writes one array)",
+            timing="best of reps interleaved rounds (floor and every function once per "
+            "round); spread = max / min",
+            target_ratio=TARGET_RATIO,
+            auto_picks={str(n): default_method(n, platform) for n in args.lengths},
+            load_average_before=load_before,
+            load_average_after=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        )
         suffix = "" if len(kinds) > 1 or kinds == ["float32"] else f"_{kinds[0]}"
         path = write_results(f"scan{suffix}", rows, meta)
         print(f"wrote {path}")

@@ -29,15 +29,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
 
-from benchmarks.common import format_table, time_fn, write_results  # noqa: E402
-from hgrn_jax.nn import GLU, HGRNLM, LMConfig  # noqa: E402
-from hgrn_jax.nn.glu import glu_width  # noqa: E402
-from hgrn_jax.nn.classifier import ClassifierConfig, HGRNClassifier  # noqa: E402
+from benchmarks.common import format_table, time_fn, write_results
+from hgrn_jax.nn import GLU, HGRNLM, LMConfig
+from hgrn_jax.nn.classifier import ClassifierConfig, HGRNClassifier
+from hgrn_jax.nn.glu import glu_width
 
 SMALL = dict(vocab_size=1024, features=128, num_layers=2, glu_expand=2)
 FULL = dict(vocab_size=50264, features=512, num_layers=6, glu_expand=2)
@@ -58,8 +58,9 @@ class CausalAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, length, d = x.shape
-        q, k, v = jnp.split(self.qkv(x).reshape(batch, length, 3 * self.heads, d // self.heads),
-                            3, axis=2)
+        q, k, v = jnp.split(
+            self.qkv(x).reshape(batch, length, 3 * self.heads, d // self.heads), 3, axis=2
+        )
         y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out(y.reshape(batch, length, d))
 
@@ -67,8 +68,16 @@ class CausalAttention(nnx.Module):
 class TransformerBlock(nnx.Module):
     """``x + attention(norm(x))`` then ``x + glu(norm(x))``."""
 
-    def __init__(self, d: int, glu_hidden: int, *, dtype, rngs: nnx.Rngs, causal: bool = True,
-                 act: str = "silu"):
+    def __init__(
+        self,
+        d: int,
+        glu_hidden: int,
+        *,
+        dtype,
+        rngs: nnx.Rngs,
+        causal: bool = True,
+        act: str = "silu",
+    ):
         self.norm1 = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
         self.attention = CausalAttention(d, dtype=dtype, rngs=rngs, causal=causal)
         self.norm2 = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
@@ -85,12 +94,20 @@ class TransformerLM(nnx.Module):
     def __init__(self, config: LMConfig, *, dtype=None, rngs: nnx.Rngs):
         d = config.features
         self.embed = nnx.Embed(config.vocab_size, d, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([TransformerBlock(d, glu_width(config.glu_expand, d), dtype=dtype,
-                                                 rngs=rngs,
-                                                 act=config.glu_activation)
-                                for _ in range(config.num_layers)])
+        self.layers = nnx.List(
+            [
+                TransformerBlock(
+                    d,
+                    glu_width(config.glu_expand, d),
+                    dtype=dtype,
+                    rngs=rngs,
+                    act=config.glu_activation,
+                )
+                for _ in range(config.num_layers)
+            ]
+        )
         self.final_norm = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
-        self.scale = d ** 0.5
+        self.scale = d**0.5
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         x = self.embed(ids) * self.scale
@@ -105,9 +122,14 @@ class TransformerClassifier(nnx.Module):
     def __init__(self, config: ClassifierConfig, *, dtype=None, rngs: nnx.Rngs):
         d = config.features
         self.embed = nnx.Embed(config.vocab_size, d, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([TransformerBlock(d, glu_width(config.glu_expand, d), dtype=dtype,
-                                                 rngs=rngs, causal=False)
-                                for _ in range(config.num_layers)])
+        self.layers = nnx.List(
+            [
+                TransformerBlock(
+                    d, glu_width(config.glu_expand, d), dtype=dtype, rngs=rngs, causal=False
+                )
+                for _ in range(config.num_layers)
+            ]
+        )
         self.final_norm = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
         self.head = nnx.Linear(d, config.num_classes, dtype=dtype, rngs=rngs)
 
@@ -163,16 +185,22 @@ def builders(args, dtype) -> tuple[dict, dict, object, int]:
     if args.task == "lm":
         sizes = FULL if args.full else SMALL
         config = LMConfig(**sizes)
-        models = {f"hgrn[{m}]": (lambda m=m: HGRNLM(with_method(config, m),
-                                                    dtype=dtype, rngs=nnx.Rngs(0)))
-                  for m in args.methods}
+        models = {
+            f"hgrn[{m}]": (
+                lambda m=m: HGRNLM(with_method(config, m), dtype=dtype, rngs=nnx.Rngs(0))
+            )
+            for m in args.methods
+        }
         models["transformer"] = lambda: TransformerLM(config, dtype=dtype, rngs=nnx.Rngs(0))
         return models, sizes, next_token_loss, config.vocab_size
     sizes = LRA_TEXT if args.full else SMALL_LRA
     config = ClassifierConfig(**sizes, encoder="embed", norm="batch")
-    models = {f"hgrn[{m}]": (lambda m=m: HGRNClassifier(with_method(config, m),
-                                                        dtype=dtype, rngs=nnx.Rngs(0)))
-              for m in args.methods}
+    models = {
+        f"hgrn[{m}]": (
+            lambda m=m: HGRNClassifier(with_method(config, m), dtype=dtype, rngs=nnx.Rngs(0))
+        )
+        for m in args.methods
+    }
     models["transformer"] = lambda: TransformerClassifier(config, dtype=dtype, rngs=nnx.Rngs(0))
     return models, sizes, classification_loss, config.vocab_size
 
@@ -185,19 +213,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="default 1 (lm) or 8 (lra)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--methods", nargs="+", default=["auto"],
-                        help="recurrence methods: one HGRN row each")
+    parser.add_argument(
+        "--methods", nargs="+", default=["auto"], help="recurrence methods: one HGRN row each"
+    )
     args = parser.parse_args()
     batch = args.batch or (1 if args.task == "lm" else 8)
     lengths = args.lengths or (FULL_LENGTHS if args.full else SMALL_LENGTHS)
     dtype = None if args.dtype == "float32" else jnp.bfloat16
     models, sizes, loss, vocab_size = builders(args, dtype)
-    name = "train_throughput" + ("_full" if args.full else "") + (
-        "_lra" if args.task == "lra" else "")
-    meta = {"task": args.task, "config": sizes, "batch": batch, "dtype": args.dtype,
-            "parameters": {}, "attention": "jax.nn.dot_product_attention, head size "
-            f"{HEAD_DIM}, {'causal' if args.task == 'lm' else 'non-causal'}",
-            "step": "loss + grad + AdamW update, jitted"}
+    name = (
+        "train_throughput" + ("_full" if args.full else "") + ("_lra" if args.task == "lra" else "")
+    )
+    meta = {
+        "task": args.task,
+        "config": sizes,
+        "batch": batch,
+        "dtype": args.dtype,
+        "parameters": {},
+        "attention": "jax.nn.dot_product_attention, head size "
+        f"{HEAD_DIM}, {'causal' if args.task == 'lm' else 'non-causal'}",
+        "step": "loss + grad + AdamW update, jitted",
+    }
     rows: list[dict] = []
     for length in lengths:
         ids = jax.random.randint(jax.random.key(length), (batch, length + 1), 0, vocab_size)
@@ -209,27 +245,41 @@ def main() -> None:
                 memory = step.lower(*state, ids).compile().memory_analysis()
                 seconds = time_fn(step, *state, ids, reps=args.reps)["median"]
             except Exception as error:  # e.g. out of memory: report it and go on
-                print(f"{model_name} L={length}: FAILED {type(error).__name__}: "
-                      f"{str(error)[:1000]}", flush=True)
+                print(
+                    f"{model_name} L={length}: FAILED {type(error).__name__}: {str(error)[:1000]}",
+                    flush=True,
+                )
                 continue
-            peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
-                    + memory.output_size_in_bytes)
-            row = {"model": model_name, "length": length, "step_ms": seconds * 1e3,
-                   "tokens_per_s": batch * length / seconds, "peak_MiB": peak / 2**20}
+            peak = (
+                memory.temp_size_in_bytes
+                + memory.argument_size_in_bytes
+                + memory.output_size_in_bytes
+            )
+            row = {
+                "model": model_name,
+                "length": length,
+                "step_ms": seconds * 1e3,
+                "tokens_per_s": batch * length / seconds,
+                "peak_MiB": peak / 2**20,
+            }
             rows.append(row)
             print(format_table([row], list(row)).splitlines()[-1], flush=True)
             add_speedups(rows)
             write_results(name, rows, meta)
-    print(format_table(rows, ["model", "length", "step_ms", "tokens_per_s", "peak_MiB",
-                              "x_transformer"]))
+    print(
+        format_table(
+            rows, ["model", "length", "step_ms", "tokens_per_s", "peak_MiB", "x_transformer"]
+        )
+    )
     print("wrote", write_results(name, rows, meta))
 
 
 def add_speedups(rows: list[dict]) -> None:
     """``x_transformer``: each row's tokens/s over the Transformer's at the same length."""
     for row in rows:
-        other = next((r for r in rows if r["length"] == row["length"]
-                      and r["model"] == "transformer"), None)
+        other = next(
+            (r for r in rows if r["length"] == row["length"] and r["model"] == "transformer"), None
+        )
         row["x_transformer"] = row["tokens_per_s"] / other["tokens_per_s"] if other else None
 
 

@@ -30,7 +30,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Sequence
+from collections.abc import Sequence
+from typing import IO
 
 LOST_PEER_GRACE_S = 60.0
 """How long the surviving processes get to exit on their own after one fails."""
@@ -53,16 +54,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_env(base: dict[str, str], process_id: int, num_processes: int,
-                devices_per_process: int, port: int) -> dict[str, str]:
+def process_env(
+    base: dict[str, str], process_id: int, num_processes: int, devices_per_process: int, port: int
+) -> dict[str, str]:
     """The environment of process ``process_id``: ``base`` plus the coordinator, process count
     and id, CPU devices and the gloo collectives. A simulated device count in ``XLA_FLAGS`` and
     ``JAX_LOCAL_DEVICE_IDS`` (which would clash) are dropped; other settings (e.g.
     ``JAX_COMPILATION_CACHE_DIR``, ``HGRN_HEARTBEAT_TIMEOUT_S``, ``HGRN_STEP_TIMEOUT_S``) pass.
     """
     env = {k: v for k, v in base.items() if k != "JAX_LOCAL_DEVICE_IDS"}
-    flags = [f for f in env.pop("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        f
+        for f in env.pop("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     if flags:
         env["XLA_FLAGS"] = " ".join(flags)
     env.update(
@@ -101,9 +106,16 @@ def _pump(stream: IO[str], out: IO[str], prefix: str, lock: threading.Lock) -> N
 class Pod:
     """``num_processes`` child processes running ``command``, their output pumped with prefixes."""
 
-    def __init__(self, command: Sequence[str], num_processes: int, devices_per_process: int,
-                 *, cwd: str | None = None, stdout: IO[str] = sys.stdout,
-                 stderr: IO[str] = sys.stderr):
+    def __init__(
+        self,
+        command: Sequence[str],
+        num_processes: int,
+        devices_per_process: int,
+        *,
+        cwd: str | None = None,
+        stdout: IO[str] = sys.stdout,
+        stderr: IO[str] = sys.stderr,
+    ):
         self.command = list(command)
         self.num_processes = num_processes
         port = free_port()
@@ -113,18 +125,27 @@ class Pod:
         self._pumps: list[threading.Thread] = []
         for i in range(num_processes):
             proc = subprocess.Popen(
-                self.command, cwd=cwd, text=True, bufsize=1, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, start_new_session=True,  # signals come from us only
-                env=process_env(dict(os.environ), i, num_processes, devices_per_process, port))
+                self.command,
+                cwd=cwd,
+                text=True,
+                bufsize=1,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # signals come from us only
+                env=process_env(dict(os.environ), i, num_processes, devices_per_process, port),
+            )
             self.procs.append(proc)
             for stream, out in ((proc.stdout, stdout), (proc.stderr, stderr)):
-                pump = threading.Thread(target=_pump, args=(stream, out, f"[{i}] ", self._lock),
-                                        daemon=True)
+                pump = threading.Thread(
+                    target=_pump, args=(stream, out, f"[{i}] ", self._lock), daemon=True
+                )
                 pump.start()
                 self._pumps.append(pump)
-        self.say(f"started {num_processes} processes x {devices_per_process} devices, "
-                 f"coordinator 127.0.0.1:{port}; pids "
-                 + ", ".join(f"{i}={p.pid}" for i, p in enumerate(self.procs)))
+        self.say(
+            f"started {num_processes} processes x {devices_per_process} devices, "
+            f"coordinator 127.0.0.1:{port}; pids "
+            + ", ".join(f"{i}={p.pid}" for i, p in enumerate(self.procs))
+        )
 
     def say(self, message: str) -> None:
         with self._lock:
@@ -151,17 +172,26 @@ class Pod:
         failed: int | None = None
         while self._running():
             time.sleep(0.1)
-            failures = [i for i, p in enumerate(self.procs)
-                        if p.returncode is not None and p.returncode != 0]
+            failures = [
+                i
+                for i, p in enumerate(self.procs)
+                if p.returncode is not None and p.returncode != 0
+            ]
             if failures:
                 failed = failures[0]
                 break
         if failed is not None:
             code = self.procs[failed].returncode
             others = self._running()
-            self.say(f"process {failed} failed ({describe_exit(code)})"
-                     + (f"; waiting up to {LOST_PEER_GRACE_S:.0f} s for processes "
-                        f"{', '.join(map(str, others))} to stop" if others else ""))
+            self.say(
+                f"process {failed} failed ({describe_exit(code)})"
+                + (
+                    f"; waiting up to {LOST_PEER_GRACE_S:.0f} s for processes "
+                    f"{', '.join(map(str, others))} to stop"
+                    if others
+                    else ""
+                )
+            )
             if not self._wait_all(time.monotonic() + LOST_PEER_GRACE_S):
                 stuck = self._running()
                 self.say(f"processes {', '.join(map(str, stuck))} still running; stopping them")
@@ -197,22 +227,27 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     rest: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, rest = argv[:cut], argv[cut + 1:]
+        argv, rest = argv[:cut], argv[cut + 1 :]
     parser = argparse.ArgumentParser(
         prog="python -m experiments.launch",
         description="Run a multi-process (pod) job on this machine: N processes x D CPU devices.",
         epilog="Example: python -m experiments.launch --num_processes=4 --devices_per_process=2 "
-               "-- --config=experiments/configs/lra/listops.py:tiny --workdir=runs/pod")
-    parser.add_argument("--num_processes", type=int, required=True,
-                        help="number of processes (simulated hosts)")
-    parser.add_argument("--devices_per_process", type=int, required=True,
-                        help="CPU devices each process sees")
+        "-- --config=experiments/configs/lra/listops.py:tiny --workdir=runs/pod",
+    )
+    parser.add_argument(
+        "--num_processes", type=int, required=True, help="number of processes (simulated hosts)"
+    )
+    parser.add_argument(
+        "--devices_per_process", type=int, required=True, help="CPU devices each process sees"
+    )
     args = parser.parse_args(argv)
     if args.num_processes < 1 or args.devices_per_process < 1:
         parser.error("--num_processes and --devices_per_process must be at least 1")
     if not rest:
-        parser.error("give the experiments.train arguments after --, e.g. "
-                     "-- --config=experiments/configs/lra/listops.py:tiny --workdir=runs/pod")
+        parser.error(
+            "give the experiments.train arguments after --, e.g. "
+            "-- --config=experiments/configs/lra/listops.py:tiny --workdir=runs/pod"
+        )
     return args, rest
 
 

@@ -38,8 +38,11 @@ def prepare(config) -> dict[str, int]:
 def _into_tfds(config) -> bool:
     from hgrn_jax import tasks
 
-    return (bool(config.data.tfds_dir) and config.data.source in ("release", "prepared")
-            and tasks.dataset(config).tfds is not None)
+    return (
+        bool(config.data.tfds_dir)
+        and config.data.source in ("release", "prepared")
+        and tasks.dataset(config).tfds is not None
+    )
 
 
 def main(argv) -> None:
@@ -48,9 +51,11 @@ def main(argv) -> None:
     start = time.perf_counter()
     sizes = prepare(config)
     where = config.data.tfds_dir if _into_tfds(config) else config.data.cache_dir
-    print(f"{config.task} ({config.data.source}) prepared in {where} in "
-          f"{time.perf_counter() - start:.1f} s: " +
-          ", ".join(f"{n} {split}" for split, n in sizes.items()))
+    print(
+        f"{config.task} ({config.data.source}) prepared in {where} in "
+        f"{time.perf_counter() - start:.1f} s: "
+        + ", ".join(f"{n} {split}" for split, n in sizes.items())
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,14 @@ from pathlib import Path
 from typing import Any
 
 LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
-LRA_NAMES = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image",
-             "pathfinder": "Pathfinder", "pathx": "Path-X"}
+LRA_NAMES = {
+    "listops": "ListOps",
+    "text": "Text",
+    "retrieval": "Retrieval",
+    "image": "Image",
+    "pathfinder": "Pathfinder",
+    "pathx": "Path-X",
+}
 IMAGENET_SIZES = {192: "HGRN-Tiny", 384: "HGRN-Small"}
 
 
@@ -66,8 +72,9 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); was the run interrupted while "
-                         "writing it?") from None
+        raise ValueError(
+            f"{path} is not valid JSON ({error}); was the run interrupted while writing it?"
+        ) from None
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
@@ -98,15 +105,22 @@ def _read_run(run_dir: Path) -> Run:
         results = _read_json(results_path)
         config = _read_json(config_path) if config_path.is_file() else {}
     except OSError as error:
-        raise BrokenRunError(f"{error.filename or run_dir} cannot be read ({error.strerror})"
-                             ) from None
+        raise BrokenRunError(
+            f"{error.filename or run_dir} cannot be read ({error.strerror})"
+        ) from None
     if not isinstance(results, dict) or any(key not in results for key in REQUIRED_RESULTS):
-        raise BrokenRunError(f"{results_path} lacks {', '.join(REQUIRED_RESULTS)} (holds "
-                             f"{json.dumps(results)[:80]}); was it written by experiments.train?")
+        raise BrokenRunError(
+            f"{results_path} lacks {', '.join(REQUIRED_RESULTS)} (holds "
+            f"{json.dumps(results)[:80]}); was it written by experiments.train?"
+        )
     if not isinstance(config, dict):
         raise BrokenRunError(f"{config_path} does not hold a config (a JSON object)")
-    return Run(path=run_dir, results=results, config=config,
-               records=_read_records(run_dir / "metrics.jsonl"))
+    return Run(
+        path=run_dir,
+        results=results,
+        config=config,
+        records=_read_records(run_dir / "metrics.jsonl"),
+    )
 
 
 def find_runs(folders: list[str | Path], *, skip_broken: bool = False) -> list[Run]:
@@ -119,8 +133,10 @@ def find_runs(folders: list[str | Path], *, skip_broken: bool = False) -> list[R
     for folder in folders:
         folder = Path(folder)
         if not folder.exists():
-            raise FileNotFoundError(f"{folder} does not exist; pass run folders (workdirs of "
-                                    "experiments.train) or folders that contain them")
+            raise FileNotFoundError(
+                f"{folder} does not exist; pass run folders (workdirs of "
+                "experiments.train) or folders that contain them"
+            )
         for results_path in sorted(folder.rglob("results.json")):
             try:
                 runs.append(_read_run(results_path.parent))
@@ -180,9 +196,16 @@ def lra_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
         if not task_runs:
             rows.append([LRA_NAMES[task], _fmt(paper[task]["value"]), "—", "—", "—", "—"])
         for run in task_runs:
-            rows.append([LRA_NAMES[task], _fmt(paper[task]["value"]), _fmt(run.results.get("test")),
-                         _fmt(run.results.get("best_val")), str(run.results.get("steps", "—")),
-                         _note(run)])
+            rows.append(
+                [
+                    LRA_NAMES[task],
+                    _fmt(paper[task]["value"]),
+                    _fmt(run.results.get("test")),
+                    _fmt(run.results.get("best_val")),
+                    str(run.results.get("steps", "—")),
+                    _note(run),
+                ]
+            )
             ours.setdefault(task, run.results.get("test"))
     paper_avg = sum(paper[t]["value"] for t in LRA_TASKS) / len(LRA_TASKS)
     if len(ours) == len(LRA_TASKS) and all(v is not None for v in ours.values()):
@@ -194,8 +217,15 @@ def lra_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
 
 
 def imagenet_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
-    header = ["Model", "Paper params", "Paper top-1 (%)", "Ours params", "Ours top-1 (%)",
-              "Ours best val (%)", "Run"]
+    header = [
+        "Model",
+        "Paper params",
+        "Paper top-1 (%)",
+        "Ours params",
+        "Ours top-1 (%)",
+        "Ours best val (%)",
+        "Run",
+    ]
     rows = []
     for width, name in IMAGENET_SIZES.items():
         ref = paper[f"imagenet-{name.split('-')[1].lower()}"]
@@ -204,28 +234,55 @@ def imagenet_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
         if not matching:
             rows.append(base + ["—", "—", "—", "—"])
         for run in matching:
-            rows.append(base + [f"{run.results.get('num_params', 0) / 1e6:.2f}M",
-                                _fmt(run.results.get("test")), _fmt(run.results.get("best_val")),
-                                _note(run)])
+            rows.append(
+                base
+                + [
+                    f"{run.results.get('num_params', 0) / 1e6:.2f}M",
+                    _fmt(run.results.get("test")),
+                    _fmt(run.results.get("best_val")),
+                    _note(run),
+                ]
+            )
     for run in runs:
         if run.task == "imagenet" and run.model_width not in IMAGENET_SIZES:
-            rows.append([f"other (d={run.model_width})", "—", "—",
-                         f"{run.results.get('num_params', 0) / 1e6:.2f}M",
-                         _fmt(run.results.get("test")), _fmt(run.results.get("best_val")),
-                         _note(run)])
+            rows.append(
+                [
+                    f"other (d={run.model_width})",
+                    "—",
+                    "—",
+                    f"{run.results.get('num_params', 0) / 1e6:.2f}M",
+                    _fmt(run.results.get("test")),
+                    _fmt(run.results.get("best_val")),
+                    _note(run),
+                ]
+            )
     return "### ImageNet-1k (top-1 accuracy)\n\n" + _table(header, rows)
 
 
 def wikitext_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
     ref = paper["wikitext103"]
-    header = ["Model", "Paper val ppl", "Paper test ppl", "Ours val ppl", "Ours test ppl",
-              "Steps", "Run"]
+    header = [
+        "Model",
+        "Paper val ppl",
+        "Paper test ppl",
+        "Ours val ppl",
+        "Ours test ppl",
+        "Steps",
+        "Run",
+    ]
     base = ["HGRN (6 layers, d 512)", _fmt(ref["val_value"]), _fmt(ref["value"])]
     lm_runs = [r for r in runs if r.task == "wikitext103"]
     rows = [base + ["—", "—", "—", "—"]] if not lm_runs else []
     for run in lm_runs:
-        rows.append(base + [_fmt(run.results.get("best_val")), _fmt(run.results.get("test")),
-                            str(run.results.get("steps", "—")), _note(run)])
+        rows.append(
+            base
+            + [
+                _fmt(run.results.get("best_val")),
+                _fmt(run.results.get("test")),
+                str(run.results.get("steps", "—")),
+                _note(run),
+            ]
+        )
     return "### WikiText-103 (perplexity, lower is better)\n\n" + _table(header, rows)
 
 
@@ -234,8 +291,16 @@ def other_table(runs: list[Run]) -> str | None:
     others = [r for r in runs if r.task not in known]
     if not others:
         return None
-    rows = [[r.task, str(r.results.get("metric")), _fmt(r.results.get("test")),
-             _fmt(r.results.get("best_val")), _note(r)] for r in others]
+    rows = [
+        [
+            r.task,
+            str(r.results.get("metric")),
+            _fmt(r.results.get("test")),
+            _fmt(r.results.get("best_val")),
+            _note(r),
+        ]
+        for r in others
+    ]
     return "### Other runs\n\n" + _table(["Task", "Metric", "Test", "Best val", "Run"], rows)
 
 
@@ -278,14 +343,22 @@ def plot_curves(runs: list[Run], path: str | Path) -> Path:
         for ax, metric in zip(axes[0], metrics):
             labelled = False
             for split, style in (("train", "-"), ("val", "--")):
-                points = [(r["step"], value) for r in run.records
-                          if r.get("split") == split
-                          and (value := _metric_value(r, metric)) is not None]
+                points = [
+                    (r["step"], value)
+                    for r in run.records
+                    if r.get("split") == split and (value := _metric_value(r, metric)) is not None
+                ]
                 if points:
                     steps, values = zip(*sorted(points))
-                    ax.plot(steps, values, style, color=colour,
-                            marker="o" if split == "val" else None, markersize=3,
-                            label=None if labelled else run.label)
+                    ax.plot(
+                        steps,
+                        values,
+                        style,
+                        color=colour,
+                        marker="o" if split == "val" else None,
+                        markersize=3,
+                        label=None if labelled else run.label,
+                    )
                     labelled = True
     for ax, metric in zip(axes[0], metrics):
         ax.set_title(f"{metric}: train solid, validation dashed", fontsize=9)
@@ -300,8 +373,9 @@ def plot_curves(runs: list[Run], path: str | Path) -> Path:
             by_label.setdefault(label, handle)
     handles, labels = list(by_label.values()), list(by_label)
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=7,
-                   frameon=False)
+        fig.legend(
+            handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=7, frameon=False
+        )
     fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(labels) // 4), 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -317,10 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.report",
         description="Print the paper's tables beside the runs found under DIR... and plot their "
-                    "training curves.")
+        "training curves.",
+    )
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run folders or their parents")
-    parser.add_argument("--png", default=None,
-                        help="where to write the curves (default: DIR/curves.png, first DIR)")
+    parser.add_argument(
+        "--png", default=None, help="where to write the curves (default: DIR/curves.png, first DIR)"
+    )
     parser.add_argument("--markdown", default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
     try:
@@ -329,8 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not runs:
-        print(f"error: no results.json under {', '.join(args.dirs)} (or none usable, see the "
-              "warnings); finish a run with python -m experiments.train first", file=sys.stderr)
+        print(
+            f"error: no results.json under {', '.join(args.dirs)} (or none usable, see the "
+            "warnings); finish a run with python -m experiments.train first",
+            file=sys.stderr,
+        )
         return 2
     report = markdown_report(runs)
     print(report)
@@ -338,21 +417,29 @@ def main(argv: list[str] | None = None) -> int:
         try:
             Path(args.markdown).write_text(report)
         except OSError as error:
-            print(f"error: cannot write --markdown {args.markdown} ({error.strerror}); choose a "
-                  "writable path", file=sys.stderr)
+            print(
+                f"error: cannot write --markdown {args.markdown} ({error.strerror}); choose a "
+                "writable path",
+                file=sys.stderr,
+            )
             return 2
     png = Path(args.png) if args.png else Path(args.dirs[0]) / "curves.png"
     try:
         written = plot_curves(runs, png)
     except OSError as error:
         if args.png:
-            print(f"error: cannot write --png {png} ({error.strerror}); choose a writable path",
-                  file=sys.stderr)
+            print(
+                f"error: cannot write --png {png} ({error.strerror}); choose a writable path",
+                file=sys.stderr,
+            )
             return 2
         fallback = Path(tempfile.gettempdir()) / f"hgrn-report-{os.getpid()}-curves.png"
         written = plot_curves(runs, fallback)
-        print(f"warning: cannot write {png} ({error.strerror}); wrote the curves to {written} "
-              "instead (choose the place with --png PATH)", file=sys.stderr)
+        print(
+            f"warning: cannot write {png} ({error.strerror}); wrote the curves to {written} "
+            "instead (choose the place with --png PATH)",
+            file=sys.stderr,
+        )
     print(f"training curves: {written}")
     return 0
 

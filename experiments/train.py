@@ -39,15 +39,20 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, optionally with a preset: path.py[:PRESET].",
-    lock_config=True)
+    "config",
+    None,
+    "Experiment config file, optionally with a preset: path.py[:PRESET].",
+    lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics, results).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 for multi-host runs.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for multi-host runs."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_TRACEBACK = flags.DEFINE_bool("traceback", False,
-                               "Show full tracebacks instead of one-line error messages.")
+_TRACEBACK = flags.DEFINE_bool(
+    "traceback", False, "Show full tracebacks instead of one-line error messages."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_NONFINITE = 1
@@ -67,8 +72,9 @@ def _configure_jax() -> None:
 
     from hgrn_jax import sharding
 
-    sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                          _PROCESS_ID.value)
+    sharding.maybe_initialize_distributed(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    )
 
 
 def _one_line(message: str) -> str:
@@ -86,9 +92,11 @@ def _check_config_file() -> None:
     """Stop with one line when the --config file does not exist."""
     path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]
     if not os.path.isfile(path):
-        _fail(f"config file {path} not found (--config={path}); pass "
-              "--config=path/to/config.py[:PRESET], e.g. experiments/configs/lra/listops.py:tiny",
-              EXIT_USAGE)
+        _fail(
+            f"config file {path} not found (--config={path}); pass "
+            "--config=path/to/config.py[:PRESET], e.g. experiments/configs/lra/listops.py:tiny",
+            EXIT_USAGE,
+        )
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -98,8 +106,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as error:
         text = str(error)
         # A config file's own error (e.g. an unknown preset) is the useful part of absl's text.
-        cause = next((line.strip() for line in reversed(text.splitlines())
-                      if "Error: " in line), None)
+        cause = next(
+            (line.strip() for line in reversed(text.splitlines()) if "Error: " in line), None
+        )
         _fail(f"{cause or text} (pass --helpshort to see the flags)", EXIT_USAGE)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         # ml_collections reports an unknown --config.key as an AttributeError/KeyError whose
@@ -107,13 +116,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
         text = str(error.args[0] if error.args else error)
         text = " ".join(text.replace("\\n", "\n").split()).replace("\\'", "").replace("'", "")
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        key = text.split()[0].strip("\"") if text else ""
-        text = text.strip("\"")
+        key = text.split()[0].strip('"') if text else ""
+        text = text.strip('"')
         culprit = next((o for o in overrides if key and o.endswith("." + key)), None)
         culprit = culprit or next((o for o in overrides if key and key in o), "--config.?")
         if isinstance(error, (AttributeError, KeyError)):
-            _fail(f"unknown config key {culprit} ({text}); the keys are those of the config "
-                  "file (a previous run's config.json lists them)", EXIT_USAGE)
+            _fail(
+                f"unknown config key {culprit} ({text}); the keys are those of the config "
+                "file (a previous run's config.json lists them)",
+                EXIT_USAGE,
+            )
         _fail(f"bad value for {culprit}: {text}", EXIT_USAGE)
     return []
 
@@ -136,12 +148,23 @@ def main(argv: list[str]) -> None:
 
     from hgrn_jax.training.agreement import StoppedByProcessZero
     from hgrn_jax.training.checkpoint import CheckpointError
-    from hgrn_jax.training.loop import (PREEMPTED_EXIT_CODE, NonFiniteLossError, Preempted,
-                                        train_and_evaluate)
+    from hgrn_jax.training.loop import (
+        PREEMPTED_EXIT_CODE,
+        NonFiniteLossError,
+        Preempted,
+        train_and_evaluate,
+    )
     from hgrn_jax.training.workdir import WorkdirError
 
-    user_errors = (ValueError, OSError, KeyError, AttributeError, WorkdirError, CheckpointError,
-                   StoppedByProcessZero)
+    user_errors = (
+        ValueError,
+        OSError,
+        KeyError,
+        AttributeError,
+        WorkdirError,
+        CheckpointError,
+        StoppedByProcessZero,
+    )
     config = _CONFIG.value
     try:
         results = train_and_evaluate(config, _WORKDIR.value)
@@ -160,9 +183,12 @@ def main(argv: list[str]) -> None:
     if not primary:
         return
     metric = results["metric"]
-    print(f"{results['task']}: best val {metric} {results['best_val']:.4f}, "
-          f"test {metric} {results['test']:.4f} (paper {results['paper']}), "
-          f"{results['steps']} steps, {results['wall_time_s']:.1f} s", flush=True)
+    print(
+        f"{results['task']}: best val {metric} {results['best_val']:.4f}, "
+        f"test {metric} {results['test']:.4f} (paper {results['paper']}), "
+        f"{results['steps']} steps, {results['wall_time_s']:.1f} s",
+        flush=True,
+    )
 
 
 def run() -> None:

@@ -69,8 +69,14 @@ def _linear(ours: tuple, theirs: str, *, bias: bool, rows: Transform = _identity
     return mapping
 
 
-def _load(module: nnx.Module, mapping: Mapping_, state_dict: Mapping[str, Any],
-          dtype: jnp.dtype, *, aliases: Mapping[str, str] | None = None) -> nnx.Module:
+def _load(
+    module: nnx.Module,
+    mapping: Mapping_,
+    state_dict: Mapping[str, Any],
+    dtype: jnp.dtype,
+    *,
+    aliases: Mapping[str, str] | None = None,
+) -> nnx.Module:
     """Copy ``state_dict`` into ``module``'s parameters through ``mapping``, checking every name
     and shape. ``aliases`` names extra entries that must equal another entry (tied weights)."""
     aliases = dict(aliases or {})
@@ -83,23 +89,28 @@ def _load(module: nnx.Module, mapping: Mapping_, state_dict: Mapping[str, Any],
     if unexpected:
         raise ConversionError(
             f"state_dict has unexpected parameter(s): {', '.join(unexpected)} "
-            f"(expected exactly: {', '.join(sorted(expected))})")
+            f"(expected exactly: {', '.join(sorted(expected))})"
+        )
     for alias, target in aliases.items():
-        if alias in state_dict and not np.array_equal(np.asarray(state_dict[alias]),
-                                                      np.asarray(state_dict[target])):
+        if alias in state_dict and not np.array_equal(
+            np.asarray(state_dict[alias]), np.asarray(state_dict[target])
+        ):
             raise ConversionError(f"{alias} should be tied to {target} but differs from it")
 
     flat = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
     for path, (theirs, transform) in mapping.items():
         if path not in flat:
-            raise AssertionError(f"converter bug: module has no parameter {'.'.join(map(str, path))}")
+            raise AssertionError(
+                f"converter bug: module has no parameter {'.'.join(map(str, path))}"
+            )
         value = transform(np.asarray(state_dict[theirs]))
         variable = flat[path]
         if value.shape != variable.shape:
             raise ConversionError(
                 f"parameter {theirs} has shape {np.asarray(state_dict[theirs]).shape}, which does "
                 f"not fit {'.'.join(map(str, path))} {variable.shape} of the module built from "
-                "the constructor (PyTorch Linear weights are (out, in); check the width arguments)")
+                "the constructor (PyTorch Linear weights are (out, in); check the width arguments)"
+            )
         variable.set_value(jnp.asarray(value, dtype))
     unset = sorted(".".join(map(str, p)) for p in flat if p not in mapping)
     if unset:
@@ -109,8 +120,10 @@ def _load(module: nnx.Module, mapping: Mapping_, state_dict: Mapping[str, Any],
 
 def _require(constructor: Mapping[str, Any], key: str, allowed: tuple, what: str) -> None:
     if key in constructor and constructor[key] not in allowed:
-        raise ConversionError(f"{what}: {key}={constructor[key]!r} is not supported "
-                              f"(supported: {', '.join(map(repr, allowed))})")
+        raise ConversionError(
+            f"{what}: {key}={constructor[key]!r} is not supported "
+            f"(supported: {', '.join(map(repr, allowed))})"
+        )
 
 
 def _features(constructor: Mapping[str, Any], key: str, what: str) -> int:
@@ -119,9 +132,12 @@ def _features(constructor: Mapping[str, Any], key: str, what: str) -> int:
     return int(constructor[key])
 
 
-def from_hgru_pytorch(class_name: str, constructor: Mapping[str, Any],
-                      state_dict: Mapping[str, Any], dtype: jnp.dtype = jnp.float32
-                      ) -> HGRU | HGRU2D:
+def from_hgru_pytorch(
+    class_name: str,
+    constructor: Mapping[str, Any],
+    state_dict: Mapping[str, Any],
+    dtype: jnp.dtype = jnp.float32,
+) -> HGRU | HGRU2D:
     """An :class:`HGRU` / :class:`HGRU2D` holding the weights of an hgru-pytorch layer.
 
     Args:
@@ -136,8 +152,9 @@ def from_hgru_pytorch(class_name: str, constructor: Mapping[str, Any],
       classes, (B, H, W, d) for the 2-D ones.
     """
     if class_name not in HGRU_CLASSES:
-        raise ConversionError(f"unknown hgru-pytorch class {class_name!r}; "
-                              f"expected one of {', '.join(HGRU_CLASSES)}")
+        raise ConversionError(
+            f"unknown hgru-pytorch class {class_name!r}; expected one of {', '.join(HGRU_CLASSES)}"
+        )
     d = _features(constructor, "embed_dim", class_name)
     _require(constructor, "act_fun", ("silu", "swish"), class_name)
     causal = bool(constructor.get("causal", False))
@@ -166,8 +183,9 @@ def from_hgru_pytorch(class_name: str, constructor: Mapping[str, Any],
     return _load(module, mapping, state_dict, dtype)
 
 
-def from_fla_hgrn_attention(constructor: Mapping[str, Any], state_dict: Mapping[str, Any],
-                            dtype: jnp.dtype = jnp.float32) -> FlaHGRNAttention:
+def from_fla_hgrn_attention(
+    constructor: Mapping[str, Any], state_dict: Mapping[str, Any], dtype: jnp.dtype = jnp.float32
+) -> FlaHGRNAttention:
     """A :class:`FlaHGRNAttention` holding the weights of fla's ``HGRNAttention``.
 
     ``constructor`` holds ``hidden_size``, ``expand_ratio``, ``norm_eps`` and ``layer_idx``
@@ -180,10 +198,13 @@ def from_fla_hgrn_attention(constructor: Mapping[str, Any], state_dict: Mapping[
     _require(constructor, "elementwise_affine", (True,), what)
     layer_idx = constructor.get("layer_idx")
     module = FlaHGRNAttention(
-        d, expand_ratio=int(constructor.get("expand_ratio", 1)),
+        d,
+        expand_ratio=int(constructor.get("expand_ratio", 1)),
         use_lower_bound=layer_idx is not None and int(layer_idx) > 0,
-        norm_epsilon=float(constructor.get("norm_eps", 1e-5)), param_dtype=dtype,
-        rngs=nnx.Rngs(0))
+        norm_epsilon=float(constructor.get("norm_eps", 1e-5)),
+        param_dtype=dtype,
+        rngs=nnx.Rngs(0),
+    )
     return _load(module, _fla_attention_mapping((), ""), state_dict, dtype)
 
 
@@ -221,14 +242,16 @@ def fla_lm_config(config: Mapping[str, Any]) -> LMConfig:
         glu_activation=str(config.get("hidden_act", "swish")),
         use_lower_bound=bool(config.get("use_lower_bound", True)),
         norm_epsilon=norm_eps,
-        mixer=MixerConfig(kind="hgrn", layout="fla", complex_valued=False, use_bias=False,
-                          norm_epsilon=norm_eps),
+        mixer=MixerConfig(
+            kind="hgrn", layout="fla", complex_valued=False, use_bias=False, norm_epsilon=norm_eps
+        ),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
 
 
-def from_fla_hgrn_lm(config: Mapping[str, Any], state_dict: Mapping[str, Any],
-                     dtype: jnp.dtype = jnp.float32) -> HGRNLM:
+def from_fla_hgrn_lm(
+    config: Mapping[str, Any], state_dict: Mapping[str, Any], dtype: jnp.dtype = jnp.float32
+) -> HGRNLM:
     """An :class:`HGRNLM` holding the weights of fla's ``HGRNForCausalLM``.
 
     ``config`` is the ``HGRNConfig`` keyword arguments. The result is called as ``lm(ids)``
@@ -237,8 +260,12 @@ def from_fla_hgrn_lm(config: Mapping[str, Any], state_dict: Mapping[str, Any],
     return _load_fla_lm(fla_lm_config(config), _fla_attention_mapping, state_dict, dtype)
 
 
-def _load_fla_lm(lm_config: LMConfig, attention_mapping: Callable[[tuple, str], Mapping_],
-                 state_dict: Mapping[str, Any], dtype: jnp.dtype) -> HGRNLM:
+def _load_fla_lm(
+    lm_config: LMConfig,
+    attention_mapping: Callable[[tuple, str], Mapping_],
+    state_dict: Mapping[str, Any],
+    dtype: jnp.dtype,
+) -> HGRNLM:
     """fla's ``*ForCausalLM`` layout (shared by HGRN and HGRN2) loaded into an :class:`HGRNLM`."""
     module = HGRNLM(lm_config, param_dtype=dtype, rngs=nnx.Rngs(0))
     mapping: Mapping_ = {("embed", "embedding"): ("model.embeddings.weight", _identity)}
@@ -263,9 +290,12 @@ def _load_fla_lm(lm_config: LMConfig, attention_mapping: Callable[[tuple, str], 
 # ----------------------------------------------------------------------------------- HGRN2
 
 
-def from_hgru2_pytorch(class_name: str, constructor: Mapping[str, Any],
-                       state_dict: Mapping[str, Any], dtype: jnp.dtype = jnp.float32
-                       ) -> HGRN2 | HGRN2D:
+def from_hgru2_pytorch(
+    class_name: str,
+    constructor: Mapping[str, Any],
+    state_dict: Mapping[str, Any],
+    dtype: jnp.dtype = jnp.float32,
+) -> HGRN2 | HGRN2D:
     """An :class:`HGRN2` (:class:`HGRN2D` for grids) holding the weights of an hgru2-pytorch layer.
 
     Args:
@@ -289,8 +319,10 @@ def from_hgru2_pytorch(class_name: str, constructor: Mapping[str, Any],
     to be a multiple of the chunk, a different computation that was never checked against ours.
     """
     if class_name not in HGRU2_CLASSES:
-        raise ConversionError(f"unknown hgru2-pytorch class {class_name!r}; "
-                              f"expected one of {', '.join(HGRU2_CLASSES)}")
+        raise ConversionError(
+            f"unknown hgru2-pytorch class {class_name!r}; "
+            f"expected one of {', '.join(HGRU2_CLASSES)}"
+        )
     d = _features(constructor, "embed_dim", class_name)
     expand_ratio = int(constructor.get("expand_ratio", 2))
     _require(constructor, "act_fun", ("silu", "swish"), class_name)
@@ -302,10 +334,12 @@ def from_hgru2_pytorch(class_name: str, constructor: Mapping[str, Any],
         raise ConversionError(
             f"{class_name}: expand_ratio={expand_ratio} is not supported (supported: 1 to 15, "
             "where the reference runs its exact scan; from 16 on it runs chunked Triton kernels "
-            "that clamp log forget gates at -3)")
+            "that clamp log forget gates at -3)"
+        )
     if d % expand_ratio:
-        raise ConversionError(f"{class_name}: embed_dim={d} is not a multiple of "
-                              f"expand_ratio={expand_ratio}")
+        raise ConversionError(
+            f"{class_name}: embed_dim={d} is not a multiple of expand_ratio={expand_ratio}"
+        )
     bias = bool(constructor.get("bias", True))
     common = dict(expand_ratio=expand_ratio, use_bias=bias, param_dtype=dtype, rngs=nnx.Rngs(0))
     if class_name == "Hgru2_2d_parallel":
@@ -329,13 +363,16 @@ def _fla_hgrn2_heads(config: Mapping[str, Any], d: int, what: str) -> int:
         expand_ratio = d // int(num_heads)
     expand_ratio = int(expand_ratio)
     if expand_ratio < 1 or d % expand_ratio:
-        raise ConversionError(f"{what}: hidden_size={d} is not a multiple of "
-                              f"expand_ratio={expand_ratio} (the key width of a head)")
+        raise ConversionError(
+            f"{what}: hidden_size={d} is not a multiple of "
+            f"expand_ratio={expand_ratio} (the key width of a head)"
+        )
     return expand_ratio
 
 
-def from_fla_hgrn2_attention(constructor: Mapping[str, Any], state_dict: Mapping[str, Any],
-                             dtype: jnp.dtype = jnp.float32) -> FlaHGRN2Attention:
+def from_fla_hgrn2_attention(
+    constructor: Mapping[str, Any], state_dict: Mapping[str, Any], dtype: jnp.dtype = jnp.float32
+) -> FlaHGRN2Attention:
     """A :class:`FlaHGRN2Attention` holding the weights of fla's ``HGRN2Attention``.
 
     ``constructor`` holds ``hidden_size``, ``expand_ratio`` or ``num_heads``, and ``layer_idx``
@@ -351,9 +388,12 @@ def from_fla_hgrn2_attention(constructor: Mapping[str, Any], state_dict: Mapping
     expand_ratio = _fla_hgrn2_heads(constructor, d, what)
     layer_idx = constructor.get("layer_idx")
     module = FlaHGRN2Attention(
-        d, expand_ratio=expand_ratio,
+        d,
+        expand_ratio=expand_ratio,
         use_lower_bound=layer_idx is not None and int(layer_idx) > 0,
-        param_dtype=dtype, rngs=nnx.Rngs(0))
+        param_dtype=dtype,
+        rngs=nnx.Rngs(0),
+    )
     return _load(module, _fla_hgrn2_attention_mapping((), ""), state_dict, dtype)
 
 
@@ -384,19 +424,22 @@ def fla_hgrn2_lm_config(config: Mapping[str, Any]) -> LMConfig:
         glu_activation=str(config.get("hidden_act", "swish")),
         use_lower_bound=bool(config.get("use_lower_bound", True)),
         norm_epsilon=float(config.get("norm_eps", 1e-6)),
-        mixer=MixerConfig(kind="hgrn2", layout="fla", expand_ratio=expand_ratio, use_bias=False,
-                          norm_epsilon=1e-5),
+        mixer=MixerConfig(
+            kind="hgrn2", layout="fla", expand_ratio=expand_ratio, use_bias=False, norm_epsilon=1e-5
+        ),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
 
 
-def from_fla_hgrn2_lm(config: Mapping[str, Any], state_dict: Mapping[str, Any],
-                      dtype: jnp.dtype = jnp.float32) -> HGRNLM:
+def from_fla_hgrn2_lm(
+    config: Mapping[str, Any], state_dict: Mapping[str, Any], dtype: jnp.dtype = jnp.float32
+) -> HGRNLM:
     """An :class:`HGRNLM` with HGRN2 mixers holding the weights of fla's ``HGRN2ForCausalLM``.
 
     ``config`` is the ``HGRN2Config`` keyword arguments. The result is called as ``lm(ids)``
     (ids (B, T) -> logits (B, T, V)) and decodes with ``lm.init_cache(B)`` / ``lm.step(ids,
     cache)``; each layer's cache entry is (B, H, K, V), the transpose of fla's.
     """
-    return _load_fla_lm(fla_hgrn2_lm_config(config), _fla_hgrn2_attention_mapping, state_dict,
-                        dtype)
+    return _load_fla_lm(
+        fla_hgrn2_lm_config(config), _fla_hgrn2_attention_mapping, state_dict, dtype
+    )

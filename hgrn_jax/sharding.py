@@ -32,7 +32,8 @@ import dataclasses
 import math
 import os
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -80,19 +81,25 @@ class MeshConfig:
         sizes = (self.data, self.fsdp, self.model)
         named = ", ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes))
         if sum(s == -1 for s in sizes) > 1:
-            raise ValueError(f"mesh {named}: at most one axis may be -1 (the rest); "
-                             "give the others explicit sizes")
+            raise ValueError(
+                f"mesh {named}: at most one axis may be -1 (the rest); "
+                "give the others explicit sizes"
+            )
         if any(s == 0 or s < -1 for s in sizes):
             raise ValueError(f"mesh {named}: axis sizes must be positive or -1")
         known = math.prod(s for s in sizes if s != -1)
         if num_devices % known != 0:
-            raise ValueError(f"mesh {named} needs a multiple of {known} devices but there are "
-                             f"{num_devices}; choose axis sizes whose product divides {num_devices}")
+            raise ValueError(
+                f"mesh {named} needs a multiple of {known} devices but there are "
+                f"{num_devices}; choose axis sizes whose product divides {num_devices}"
+            )
         if -1 in sizes:
             sizes = tuple(num_devices // known if s == -1 else s for s in sizes)
         elif known != num_devices:
-            raise ValueError(f"mesh {named} uses {known} devices but there are {num_devices}; "
-                             "set one axis to -1 to use the rest, or pass devices=")
+            raise ValueError(
+                f"mesh {named} uses {known} devices but there are {num_devices}; "
+                "set one axis to -1 to use the rest, or pass devices="
+            )
         return sizes  # type: ignore[return-value]
 
     def make(self, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -105,12 +112,14 @@ class MeshConfig:
         # (e.g. contractions over two sharded dimensions, scans over complex pairs), which would
         # force annotations into every layer. Auto keeps the model code mesh-agnostic and is the
         # mode pjit always had; switch to Explicit only with per-layer annotations.
-        return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                             devices=devices)
+        return jax.make_mesh(
+            sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+        )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    data: int = -1, fsdp: int = 1, model: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """A ``("data", "fsdp", "model")`` mesh with Auto axis types; see :class:`MeshConfig`."""
     return MeshConfig(data, fsdp, model).make(devices)
 
@@ -145,8 +154,10 @@ def logical_to_mesh_spec(
     """
     table: Mapping[str, MeshAxes] = dict(rules)
     if shape is not None and len(shape) != len(logical_axes):
-        raise ValueError(f"logical axes {tuple(logical_axes)} name {len(logical_axes)} dimensions "
-                         f"but the array has shape {tuple(shape)}; fix the parameter's axis names")
+        raise ValueError(
+            f"logical axes {tuple(logical_axes)} name {len(logical_axes)} dimensions "
+            f"but the array has shape {tuple(shape)}; fix the parameter's axis names"
+        )
     used: set[str] = set()
     spec: list[MeshAxes] = []
     for dim, name in enumerate(logical_axes):
@@ -154,14 +165,18 @@ def logical_to_mesh_spec(
             spec.append(None)
             continue
         if name not in table:
-            raise ValueError(f"logical axis {name!r} has no rule; add it to "
-                             f"hgrn_jax.sharding.LOGICAL_AXIS_RULES (known: {sorted(table)})")
+            raise ValueError(
+                f"logical axis {name!r} has no rule; add it to "
+                f"hgrn_jax.sharding.LOGICAL_AXIS_RULES (known: {sorted(table)})"
+            )
         axes = tuple(a for a in _mesh_axes_tuple(table[name]) if a not in used)
         if mesh is not None:
             unknown = [a for a in axes if a not in mesh.shape]
             if unknown:
-                raise ValueError(f"rule {name!r} -> {unknown} names axes the mesh lacks "
-                                 f"(mesh axes: {tuple(mesh.axis_names)})")
+                raise ValueError(
+                    f"rule {name!r} -> {unknown} names axes the mesh lacks "
+                    f"(mesh axes: {tuple(mesh.axis_names)})"
+                )
             if shape is not None and shape[dim] % math.prod(mesh.shape[a] for a in axes) != 0:
                 axes = ()
         used.update(axes)
@@ -169,8 +184,9 @@ def logical_to_mesh_spec(
     return PartitionSpec(*spec)
 
 
-def _variable_spec(variable: nnx.Variable, mesh: Mesh,
-                   rules: Sequence[tuple[str, MeshAxes]]) -> PartitionSpec:
+def _variable_spec(
+    variable: nnx.Variable, mesh: Mesh, rules: Sequence[tuple[str, MeshAxes]]
+) -> PartitionSpec:
     names = variable.get_metadata().get("out_sharding")
     value = variable.get_value()
     shape = getattr(value, "shape", None)
@@ -179,8 +195,9 @@ def _variable_spec(variable: nnx.Variable, mesh: Mesh,
     return logical_to_mesh_spec(names, shape, mesh, rules)
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh,
-                    rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES) -> Any:
+def state_shardings(
+    abstract_state: Any, mesh: Mesh, rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES
+) -> Any:
     """NamedShardings for every array leaf of an nnx state (or any pytree of Variables).
 
     A Variable with logical names (``out_sharding`` metadata) is placed by the rules; that
@@ -196,8 +213,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh,
             return leaf.replace(NamedSharding(mesh, _variable_spec(leaf, mesh, rules)))
         return NamedSharding(mesh, PartitionSpec())
 
-    return jax.tree.map(to_sharding, abstract_state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(to_sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def abstract_with_shardings(state: Any, mesh: Mesh) -> Any:
@@ -207,8 +223,9 @@ def abstract_with_shardings(state: Any, mesh: Mesh) -> Any:
     (``checkpointer.restore(path, abstract_with_shardings(abstract_state, mesh))``).
     """
     shardings = state_shardings(state, mesh)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        state, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,8 +260,11 @@ def create_sharded(factory: Callable[[], Any], mesh: Mesh) -> Any:
 
 def create_sharded_model(factory: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
     """Deprecated alias of :func:`create_sharded`."""
-    warnings.warn("sharding.create_sharded_model is deprecated; use sharding.create_sharded",
-                  DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "sharding.create_sharded_model is deprecated; use sharding.create_sharded",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return create_sharded(factory, mesh)
 
 
@@ -287,18 +307,21 @@ def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
     if shards % processes != 0:
         raise ValueError(
             f"the mesh splits the batch {shards} ways over {processes} processes, so processes "
-            "would have to feed identical rows; make data*fsdp a multiple of the process count")
+            "would have to feed identical rows; make data*fsdp a multiple of the process count"
+        )
 
     def to_global(x):
         x = np.asarray(x)
         if x.ndim < 1:
-            raise ValueError("shard_batch needs arrays with a leading batch dimension; "
-                             f"got a scalar {x!r}")
+            raise ValueError(
+                f"shard_batch needs arrays with a leading batch dimension; got a scalar {x!r}"
+            )
         if (x.shape[0] * processes) % shards != 0:
             raise ValueError(
                 f"global batch of {x.shape[0] * processes} rows ({x.shape[0]} per process x "
                 f"{processes}) does not split over the {shards} data*fsdp shards of the mesh; "
-                f"use a global batch size that is a multiple of {shards}")
+                f"use a global batch size that is a multiple of {shards}"
+            )
         return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
 
     return jax.tree.map(to_global, local_batch)
@@ -353,6 +376,10 @@ def maybe_initialize_distributed(
     shutdown = shutdown_timeout_s or int(env.get("HGRN_SHUTDOWN_TIMEOUT_S", 0) or 0)
     if shutdown:
         timeouts["shutdown_timeout_seconds"] = shutdown
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id, **timeouts)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        **timeouts,
+    )
     return True

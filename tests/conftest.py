@@ -8,7 +8,7 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
@@ -27,7 +27,8 @@ class GoldenCase:
         if not npz.exists():
             raise FileNotFoundError(
                 f"golden case {npz} not found: the repo ships them in tests/golden; "
-                "HGRN_GOLDEN_DIR must name a folder with the same case files")
+                "HGRN_GOLDEN_DIR must name a folder with the same case files"
+            )
         with np.load(npz) as data:
             self.arrays = {k: data[k] for k in data.files}
         self.meta = json.loads(meta.read_text())
@@ -35,7 +36,7 @@ class GoldenCase:
 
     @property
     def params(self) -> dict[str, np.ndarray]:
-        return {k[len("param/"):]: v for k, v in self.arrays.items() if k.startswith("param/")}
+        return {k[len("param/") :]: v for k, v in self.arrays.items() if k.startswith("param/")}
 
 
 @pytest.fixture(scope="session")

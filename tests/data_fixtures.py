@@ -4,8 +4,8 @@ configs that read them."""
 from __future__ import annotations
 
 import importlib
-import itertools
 import io
+import itertools
 import json
 import tarfile
 from pathlib import Path
@@ -40,14 +40,21 @@ def write_listops(root: Path, rows: int = 6, extra: str = "") -> Path:
     folder = root / "listops-1000"
     folder.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val", "test"):
-        lines = ["Source\tTarget"] + [f"( ( ( [MAX {i % 10} ) 3 ) ] )\t{max(i % 10, 3)}"
-                                      for i in range(rows)]
+        lines = ["Source\tTarget"] + [
+            f"( ( ( [MAX {i % 10} ) 3 ) ] )\t{max(i % 10, 3)}" for i in range(rows)
+        ]
         (folder / f"basic_{split}.tsv").write_text("\n".join(lines) + "\n" + extra)
     return folder
 
 
-def write_pathfinder(root: Path, resolution: int = 32, count: int = 20, *,
-                     bad_lines: list[str] = (), empty_image: bool = False) -> Path:
+def write_pathfinder(
+    root: Path,
+    resolution: int = 32,
+    count: int = 20,
+    *,
+    bad_lines: list[str] = (),
+    empty_image: bool = False,
+) -> Path:
     """``pathfinder<res>/curv_contour_length_14/{imgs/0,metadata}`` with text ``.npy`` metadata.
 
     Image i is constant grey ``i % 256`` with label ``i % 2`` (two metadata files, 0.npy and 1.npy).
@@ -71,9 +78,14 @@ def write_pathfinder(root: Path, resolution: int = 32, count: int = 20, *,
     return base
 
 
-WIKI_LINES = [" = Valkyria Chronicles III = ", "", " Senjō no Valkyria 3 : <unk> Chronicles ( "
-              "Japanese : 戦場のヴァルキュリア3 ) is a tactical role @-@ playing video game . ",
-              " It was released in January 2011 in Japan . ", ""]
+WIKI_LINES = [
+    " = Valkyria Chronicles III = ",
+    "",
+    " Senjō no Valkyria 3 : <unk> Chronicles ( "
+    "Japanese : 戦場のヴァルキュリア3 ) is a tactical role @-@ playing video game . ",
+    " It was released in January 2011 in Japan . ",
+    "",
+]
 
 
 def write_wikitext(folder: Path, repeats: int = 20) -> Path:
@@ -91,8 +103,11 @@ def write_bpe_tokenizer(path: Path, vocab_size: int = 320) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(WIKI_LINES * 10, trainer)
     tok.save(str(path))
     return path
@@ -113,8 +128,9 @@ def add_to_tar(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_imagenet_archives(folder: Path, synsets=("n01440764", "n01443537"), per_class=4,
-                            num_val=6, width=40, height=30) -> None:
+def write_imagenet_archives(
+    folder: Path, synsets=("n01440764", "n01443537"), per_class=4, num_val=6, width=40, height=30
+) -> None:
     """ILSVRC2012_img_{train,val}.tar in the real layout: a tar of per-synset tars, and JPEGs."""
     folder.mkdir(parents=True, exist_ok=True)
     with tarfile.open(folder / "ILSVRC2012_img_train.tar", "w") as outer:
@@ -164,12 +180,17 @@ def imagenet_config(tmp_path: Path, name: str = "imagenet.tiny", **data):
     return config
 
 
-def pathfinder_config(tmp_path: Path, task: str = "lra.pathfinder", resolution: int = 32,
-                      **data):
+def pathfinder_config(tmp_path: Path, task: str = "lra.pathfinder", resolution: int = 32, **data):
     """Pathfinder / Path-X on the :func:`write_pathfinder` fixture under ``tmp_path``."""
-    config = tiny_config(task, source="release", lra_dir=str(tmp_path),
-                         cache_dir=str(tmp_path / "cache"), image_size=resolution,
-                         seq_len=resolution * resolution, **data)
+    config = tiny_config(
+        task,
+        source="release",
+        lra_dir=str(tmp_path),
+        cache_dir=str(tmp_path / "cache"),
+        image_size=resolution,
+        seq_len=resolution * resolution,
+        **data,
+    )
     config.model.grid_shape = (resolution, resolution)
     config.batch_size = 4
     config.eval_batch_size = 3

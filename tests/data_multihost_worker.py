@@ -40,7 +40,7 @@ def pathfinder_config(lra_dir: str, tfds_dir: str = ""):
     return config
 
 
-def example_ids(batch) -> "np.ndarray":
+def example_ids(batch) -> np.ndarray:
     import numpy as np
 
     return np.round((batch["inputs"][:, 0, 0] + 1.0) * 127.5).astype(np.int32)
@@ -60,16 +60,24 @@ class RecordingSource:
         return self.source.__getitems__(rows)
 
 
-def run_two_processes(out: Path, lra_dir: str, tfds_dir: str = "", timeout: float = 240
-                      ) -> dict[str, "np.ndarray"]:
+def run_two_processes(
+    out: Path, lra_dir: str, tfds_dir: str = "", timeout: float = 240
+) -> dict[str, np.ndarray]:
     """Run this worker as two JAX processes (loopback coordinator, gloo) and return what
     process 0 wrote to ``out``; fails with a process's log when one exits with an error."""
     import numpy as np
-
     from two_processes import run_two_processes as launch
 
-    command = [sys.executable, str(Path(__file__).resolve()), "--lra_dir", lra_dir,
-               "--tfds_dir", tfds_dir, "--out", str(out)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--lra_dir",
+        lra_dir,
+        "--tfds_dir",
+        tfds_dir,
+        "--out",
+        str(out),
+    ]
     launch(command, timeout=timeout)
     with np.load(out) as data:
         return {k: data[k] for k in data.files}
@@ -112,16 +120,18 @@ def main() -> None:
         return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
     out = {}
-    for step, batch in enumerate(itertools.islice(task.train_batches(0, index, count),
-                                                  TRAIN_STEPS)):
+    for step, batch in enumerate(
+        itertools.islice(task.train_batches(0, index, count), TRAIN_STEPS)
+    ):
         out[f"train/{step}"] = gather(example_ids(batch))
     for split in ("val", "test"):
         for k, batch in enumerate(task.eval_batches(split, index, count)):
             out[f"{split}/{k}/ids"] = gather(example_ids(batch))
             out[f"{split}/{k}/weight"] = gather(batch["weight"])
     if args.tfds_dir:
-        np.savez(f"{args.out}.reads{index}.npz", **{k: np.array(v, np.int64)
-                                                    for k, v in reads.items()})
+        np.savez(
+            f"{args.out}.reads{index}.npz", **{k: np.array(v, np.int64) for k, v in reads.items()}
+        )
     if index == 0:
         np.savez(args.out, task=np.array(type(task).__name__), **out)
 

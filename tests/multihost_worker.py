@@ -35,10 +35,10 @@ def train_step_outputs() -> dict:
     import optax
     from flax import nnx
     from jax.experimental import multihost_utils
+    from sharded_step import sharded_train_step
 
     from hgrn_jax import sharding as sh
     from hgrn_jax.nn import HGRNLM, LMConfig
-    from sharded_step import sharded_train_step
 
     config = LMConfig(vocab_size=32, features=8, num_layers=2, glu_hidden=16)
     global_batch, length = 8, 6
@@ -62,7 +62,8 @@ def train_step_outputs() -> dict:
     outputs = {"loss": np.asarray(multihost_utils.process_allgather(loss, tiled=True))}
     for path, leaf in jax.tree_util.tree_leaves_with_path(arrays):
         outputs[jax.tree_util.keystr(path)] = np.asarray(
-            multihost_utils.process_allgather(leaf, tiled=True))
+            multihost_utils.process_allgather(leaf, tiled=True)
+        )
     return outputs
 
 

@@ -33,15 +33,33 @@ def launcher_env() -> dict[str, str]:
 class Launch:
     """``python -m experiments.launch`` in the background, its output in files."""
 
-    def __init__(self, folder: Path, num_processes: int, devices_per_process: int,
-                 args: list[str], name: str = "launch"):
+    def __init__(
+        self,
+        folder: Path,
+        num_processes: int,
+        devices_per_process: int,
+        args: list[str],
+        name: str = "launch",
+    ):
         folder.mkdir(parents=True, exist_ok=True)
         self.out_path, self.err_path = folder / f"{name}.out", folder / f"{name}.err"
         self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "experiments.launch", f"--num_processes={num_processes}",
-             f"--devices_per_process={devices_per_process}", "--", *args],
-            cwd=REPO, env=launcher_env(), stdout=self._out, stderr=self._err, text=True)
+            [
+                sys.executable,
+                "-m",
+                "experiments.launch",
+                f"--num_processes={num_processes}",
+                f"--devices_per_process={devices_per_process}",
+                "--",
+                *args,
+            ],
+            cwd=REPO,
+            env=launcher_env(),
+            stdout=self._out,
+            stderr=self._err,
+            text=True,
+        )
 
     @property
     def stderr(self) -> str:
@@ -73,8 +91,9 @@ class Launch:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"the launch did not finish in {timeout} s:\n"
-                                 f"{self.stderr[-4000:]}") from None
+            raise AssertionError(
+                f"the launch did not finish in {timeout} s:\n{self.stderr[-4000:]}"
+            ) from None
         finally:
             self._out.close()
             self._err.close()
@@ -88,8 +107,16 @@ class Launch:
                 self.proc.kill()
 
 
-def run_launch(folder: Path, num_processes: int, devices_per_process: int, args: list[str],
-               *, timeout: float = 600, name: str = "launch", expect: int | None = 0) -> Launch:
+def run_launch(
+    folder: Path,
+    num_processes: int,
+    devices_per_process: int,
+    args: list[str],
+    *,
+    timeout: float = 600,
+    name: str = "launch",
+    expect: int | None = 0,
+) -> Launch:
     launch = Launch(folder, num_processes, devices_per_process, args, name)
     code = launch.wait(timeout)
     if expect is not None:
@@ -100,7 +127,7 @@ def run_launch(folder: Path, num_processes: int, devices_per_process: int, args:
 def process_lines(text: str, index: int) -> list[str]:
     """The lines process ``index`` printed (without the ``[index] `` prefix)."""
     prefix = f"[{index}] "
-    return [line[len(prefix):] for line in text.splitlines() if line.startswith(prefix)]
+    return [line[len(prefix) :] for line in text.splitlines() if line.startswith(prefix)]
 
 
 def docs_local_command() -> list[str]:
@@ -112,7 +139,7 @@ def docs_local_command() -> list[str]:
     words = shlex.split(block[1].replace("\\\n", " "))
     assert words[:3] == ["python", "-m", "experiments.launch"], words
     cut = words.index("--")
-    return words[3:cut], words[cut + 1:]
+    return words[3:cut], words[cut + 1 :]
 
 
 def with_flag(args: list[str], flag: str, value: str) -> list[str]:
@@ -128,13 +155,14 @@ def load_config(spec: str, overrides: list[str]):
     module_spec.loader.exec_module(module)
     config = module.get_config(preset or None)
     for override in overrides:
-        key, _, value = override[len("--config."):].partition("=")
+        key, _, value = override[len("--config.") :].partition("=")
         *parents, leaf = key.split(".")
         node = config
         for parent in parents:
             node = node[parent]
-        node[leaf] = type(node[leaf])(json.loads(value) if not isinstance(node[leaf], str)
-                                      else value)
+        node[leaf] = type(node[leaf])(
+            json.loads(value) if not isinstance(node[leaf], str) else value
+        )
     return config
 
 
@@ -152,14 +180,17 @@ def truncate_run(source: Path, target: Path, step: int) -> Path:
 def flat_arrays(tree) -> dict[str, np.ndarray]:
     """``{"a/b/0/value": array}`` for every leaf of ``tree``, whatever its containers (dicts,
     dataclasses, nnx states) so that a train state and its restored checkpoint compare by name."""
+
     def name(entry) -> str:
         for attr in ("key", "name", "idx"):
             if hasattr(entry, attr):
                 return str(getattr(entry, attr))
         return str(entry)
 
-    return {"/".join(name(e) for e in path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        "/".join(name(e) for e in path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def checkpoint_arrays(workdir: Path, step: int) -> dict[str, np.ndarray]:
@@ -169,11 +200,15 @@ def checkpoint_arrays(workdir: Path, step: int) -> dict[str, np.ndarray]:
     path = (workdir / "checkpoints" / str(step) / "state").absolute()
     checkpointer = ocp.StandardCheckpointer()
     metadata = checkpointer.metadata(path)
-    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree",
-                   getattr(metadata, "item_metadata", metadata))
+    tree = getattr(
+        getattr(metadata, "item_metadata", metadata),
+        "tree",
+        getattr(metadata, "item_metadata", metadata),
+    )
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device),
-                          tree)
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device), tree
+    )
     return flat_arrays(checkpointer.restore(path, target))
 
 
@@ -204,8 +239,14 @@ def max_rel_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 
 def gauge_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     """The largest absolute difference of the :data:`GAUGE` parameters (not moments)."""
-    return max((float(np.max(np.abs(a[k] - b[k]))) for k in a
-                if GAUGE.search(k) and k.startswith("params/")), default=0.0)
+    return max(
+        (
+            float(np.max(np.abs(a[k] - b[k])))
+            for k in a
+            if GAUGE.search(k) and k.startswith("params/")
+        ),
+        default=0.0,
+    )
 
 
 def train_records(workdir: Path, split: str = "train") -> list[dict]:

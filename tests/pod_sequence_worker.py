@@ -38,8 +38,9 @@ from hgrn_jax.ops.sequence_parallel import sharded_linear_recurrence  # noqa: E4
 
 
 def global_array(value: np.ndarray, mesh: Mesh, spec: P) -> jax.Array:
-    return jax.make_array_from_callback(value.shape, NamedSharding(mesh, spec),
-                                        lambda index: value[index])
+    return jax.make_array_from_callback(
+        value.shape, NamedSharding(mesh, spec), lambda index: value[index]
+    )
 
 
 def replicate(value: jax.Array, mesh: Mesh) -> jax.Array:
@@ -62,7 +63,7 @@ def max_rel(got, want) -> float:
 def recurrence_errors(mesh: Mesh) -> dict[str, float]:
     rng = np.random.default_rng(0)
     shape = (2, 8, 3)  # (batch, L, C): L split 2 ways over "seq", batch 2 ways over "batch"
-    a = (rng.uniform(0.5, 0.99, shape) * np.exp(1j * rng.uniform(-1, 1, shape)))
+    a = rng.uniform(0.5, 0.99, shape) * np.exp(1j * rng.uniform(-1, 1, shape))
     x = rng.normal(size=shape) + 1j * rng.normal(size=shape)
     h0 = rng.normal(size=shape[:1] + shape[2:]) + 0j
     w = rng.normal(size=shape)
@@ -89,8 +90,14 @@ def recurrence_errors(mesh: Mesh) -> dict[str, float]:
 
 def lm_losses(mesh: Mesh | None, steps: int = 4) -> list[float]:
     """Training losses of a tiny LM (float32), sequence-parallel over "seq" when ``mesh``."""
-    config = LMConfig(vocab_size=32, features=8, num_layers=1, glu_hidden=16, method="sequential",
-                      sequence_axis="seq" if mesh is not None else None)
+    config = LMConfig(
+        vocab_size=32,
+        features=8,
+        num_layers=1,
+        glu_hidden=16,
+        method="sequential",
+        sequence_axis="seq" if mesh is not None else None,
+    )
     model = HGRNLM(config, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=nnx.Param)
     ids = np.random.default_rng(1).integers(0, 32, (4, 17)).astype(np.int32)
@@ -133,8 +140,11 @@ def main() -> None:
     assert seq_processes == [{0}, {1}], seq_processes  # "seq" crosses the process boundary
     with jax.default_device(jax.local_devices()[0]):
         reference = lm_losses(None)
-    result = {"errors": recurrence_errors(mesh), "lm_sharded": lm_losses(mesh),
-              "lm_reference": reference}
+    result = {
+        "errors": recurrence_errors(mesh),
+        "lm_sharded": lm_losses(mesh),
+        "lm_reference": reference,
+    }
     if jax.process_index() == 0:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

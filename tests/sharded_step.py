@@ -11,8 +11,9 @@ if TYPE_CHECKING:
     from flax import nnx
 
 
-def sharded_train_step(factory: Callable, loss_fn: Callable, batch: dict, mesh
-                       ) -> tuple[nnx.GraphDef, nnx.State, jax.Array]:
+def sharded_train_step(
+    factory: Callable, loss_fn: Callable, batch: dict, mesh
+) -> tuple[nnx.GraphDef, nnx.State, jax.Array]:
     """One optimizer step on ``mesh`` the way the runner does it; returns the new state.
 
     ``batch`` holds this process's rows of the global batch.
@@ -33,7 +34,11 @@ def sharded_train_step(factory: Callable, loss_fn: Callable, batch: dict, mesh
         optimizer.update(model, grads)
         return nnx.state((model, optimizer)), loss
 
-    jitted = jax.jit(step, in_shardings=(state_sh, sh.batch_sharding(mesh)),
-                     out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=0)
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_sh, sh.batch_sharding(mesh)),
+        out_shardings=(state_sh, sh.replicated(mesh)),
+        donate_argnums=0,
+    )
     new_state, loss = jitted(state, sh.shard_batch(batch, mesh))
     return graphdef, new_state, loss

@@ -15,22 +15,61 @@ from hgrn_jax import tasks
 # warmup / schedule steps, epochs, length, paper accuracy.
 LRA_TABLE = {
     #             mixer layers  d  glu  norm         batch  lr     wd    drop warmup   steps  ep  length  acc
-    "listops":    ("1d", 6, 32, 1, "sync_batch", 128, 5e-4, 0.01, 0.0, 5_000, 50_000, 50, 2048, 59.95),
-    "text":       ("1d", 4, 128, 1, "sync_batch", 32, 5e-3, 0.0, 0.1, 10_000, 50_000, 32, 4096, 88.14),
-    "retrieval":  ("1d", 2, 64, 2, "batch", 64, 5e-3, 0.0, 0.0, 312, 50_000, 20, 4000, 94.23),
-    "image":      ("2d", 6, 512, 1, "batch", 50, 3e-3, 0.0, 0.0, 30_000, 50_000, 100, 32 * 32, 88.69),
-    "pathfinder": ("2d", 6, 128, 1, "batch", 128, 2e-3, 0.0, 0.0, 50_000, 500_000, 200, 32 * 32, 92.92),
-    "pathx":      ("2d", 6, 64, 1, "sync_batch", 16, 7.5e-4, 0.0, 0.0, 150_000, 500_000, 100, 128 * 128, 97.50),
+    "listops": ("1d", 6, 32, 1, "sync_batch", 128, 5e-4, 0.01, 0.0, 5_000, 50_000, 50, 2048, 59.95),
+    "text": ("1d", 4, 128, 1, "sync_batch", 32, 5e-3, 0.0, 0.1, 10_000, 50_000, 32, 4096, 88.14),
+    "retrieval": ("1d", 2, 64, 2, "batch", 64, 5e-3, 0.0, 0.0, 312, 50_000, 20, 4000, 94.23),
+    "image": ("2d", 6, 512, 1, "batch", 50, 3e-3, 0.0, 0.0, 30_000, 50_000, 100, 32 * 32, 88.69),
+    "pathfinder": (
+        "2d",
+        6,
+        128,
+        1,
+        "batch",
+        128,
+        2e-3,
+        0.0,
+        0.0,
+        50_000,
+        500_000,
+        200,
+        32 * 32,
+        92.92,
+    ),
+    "pathx": (
+        "2d",
+        6,
+        64,
+        1,
+        "sync_batch",
+        16,
+        7.5e-4,
+        0.0,
+        0.0,
+        150_000,
+        500_000,
+        100,
+        128 * 128,
+        97.50,
+    ),
 }
 LRA_AVERAGE = 86.91
 # Reference train-set sizes behind num_train_steps = epochs * (size // batch).
-LRA_TRAIN_SIZES = {"listops": 96_000, "text": 25_000, "retrieval": 147_086, "image": 45_000,
-                   "pathfinder": 160_000, "pathx": 160_000}
+LRA_TRAIN_SIZES = {
+    "listops": 96_000,
+    "text": 25_000,
+    "retrieval": 147_086,
+    "image": 45_000,
+    "pathfinder": 160_000,
+    "pathx": 160_000,
+}
 # ImageNet rows: d, layers, parameters, top-1.
 IMAGENET_TABLE = {"tiny": (192, 12, 6_107_560, 74.40), "small": (384, 12, 23_715_688, 80.09)}
 
-ALL_CONFIGS = [f"lra.{t}" for t in LRA_TABLE] + ["imagenet.tiny", "imagenet.small",
-                                                 "lm.wikitext103"]
+ALL_CONFIGS = [f"lra.{t}" for t in LRA_TABLE] + [
+    "imagenet.tiny",
+    "imagenet.small",
+    "lm.wikitext103",
+]
 
 
 def load(name: str, preset: str | None = None):
@@ -44,13 +83,32 @@ def abstract_params(config) -> int:
 
 @pytest.mark.parametrize("task", list(LRA_TABLE))
 def test_lra_configs_match_the_paper_table(task):
-    (mixer, layers, d, glu, norm, batch, lr, wd, dropout, warmup, steps, epochs, length,
-     accuracy) = LRA_TABLE[task]
+    (
+        mixer,
+        layers,
+        d,
+        glu,
+        norm,
+        batch,
+        lr,
+        wd,
+        dropout,
+        warmup,
+        steps,
+        epochs,
+        length,
+        accuracy,
+    ) = LRA_TABLE[task]
     c = load(f"lra.{task}")
     assert c.task == task
     m = c.model
-    assert (m.mixer.scan, m.num_layers, m.features, m.glu_expand, m.norm) == (mixer, layers, d,
-                                                                                glu, norm)
+    assert (m.mixer.scan, m.num_layers, m.features, m.glu_expand, m.norm) == (
+        mixer,
+        layers,
+        d,
+        glu,
+        norm,
+    )
     assert (m.mixer.kind, m.mixer.layout) == ("hgrn", "official")
     assert m.dropout == dropout
     assert c.batch_size == batch and c.epochs == epochs and c.data.seq_len == length
@@ -59,8 +117,11 @@ def test_lra_configs_match_the_paper_table(task):
     assert c.optimizer.learning_rate == pytest.approx(lr)
     assert c.optimizer.weight_decay == pytest.approx(wd)
     assert c.optimizer.grad_clip_norm == 0.0
-    assert (c.schedule.name, c.schedule.warmup_steps, c.schedule.decay_steps) == ("cosine",
-                                                                                  warmup, steps)
+    assert (c.schedule.name, c.schedule.warmup_steps, c.schedule.decay_steps) == (
+        "cosine",
+        warmup,
+        steps,
+    )
     assert c.dtype == "float32" and c.label_smoothing == 0.0
     assert c.paper.metric == "accuracy" and c.paper.value == pytest.approx(accuracy)
     # Encoders and positions (docs/design.md 3.3): tokens for the text tasks, pixels for the
@@ -68,7 +129,7 @@ def test_lra_configs_match_the_paper_table(task):
     assert m.encoder == ("embed" if mixer == "1d" else "linear")
     assert m.position_encoding == (task not in ("pathfinder", "pathx"))
     if mixer == "2d":
-        side = int(length ** 0.5)
+        side = int(length**0.5)
         assert tuple(m.grid_shape) == (side, side)
         assert m.input_channels == (3 if task == "image" else 1)
     assert m.get("dual", False) == (task == "retrieval")
@@ -107,7 +168,12 @@ def test_wikitext103_config_follows_the_paper():
     c = load("lm.wikitext103")
     m = c.model
     assert (m.num_layers, m.features, m.glu_expand * m.features, m.glu_activation, m.norm) == (
-        6, 512, 1024, "none", "layer")
+        6,
+        512,
+        1024,
+        "none",
+        "layer",
+    )
     assert m.tie_embeddings and m.vocab_size == 50_264
     assert c.data.seq_len == 512 and c.batch_size * c.data.seq_len == 65_536
     assert c.num_train_steps == 100_000
@@ -145,8 +211,10 @@ ABLATIONS = {
 
 def _switches(model_config):
     """Where each ablation switch lives in a config: the model (lower bounds) or its mixer."""
-    return {"use_lower_bound": model_config.use_lower_bound,
-            **{k: v for k, v in model_config.mixer.items() if k in ABLATIONS}}
+    return {
+        "use_lower_bound": model_config.use_lower_bound,
+        **{k: v for k, v in model_config.mixer.items() if k in ABLATIONS},
+    }
 
 
 @pytest.mark.parametrize("name", ["lra.listops", "lra.image", "imagenet.tiny", "lm.wikitext103"])
@@ -157,7 +225,7 @@ def test_ablation_switches_reach_the_model(name, switch):
         assert name == "lm.wikitext103" and switch == "separate_phases"  # causal: one direction
         return
     assert _switches(config.model)[switch] is True
-    build = lambda: tasks.build_model(config, nnx.Rngs(0))  # noqa: E731
+    build = lambda: tasks.build_model(config, nnx.Rngs(0))
     assert ABLATIONS[switch](nnx.eval_shape(build)) is True
     owner = config.model if switch == "use_lower_bound" else config.model.mixer
     owner[switch] = False
@@ -165,8 +233,11 @@ def test_ablation_switches_reach_the_model(name, switch):
 
 
 def test_unknown_presets_and_keys_fail_clearly():
-    with pytest.raises(ValueError, match=r"unknown preset 'huge' for experiments/configs/lra/"
-                                         r"text.py; choose one of: tiny"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown preset 'huge' for experiments/configs/lra/"
+        r"text.py; choose one of: tiny",
+    ):
         load("lra.text", "huge")
     config = load("lra.listops")
     with pytest.raises(AttributeError, match="learning_rat"):

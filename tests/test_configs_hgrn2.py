@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import importlib
 
+import data_fixtures as fx
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-import data_fixtures as fx
 from hgrn_jax.nn import HGRN2, HGRN2D
 from hgrn_jax.training import tasks
 
@@ -26,8 +26,13 @@ RUN_LRA = {
     "image": (64, 512, 6, "sync_batch", 3e-3, 0, 0, 30000, 50000, 1, 2, 75, True, 0, 89.33),
     "pathfinder": (128, 128, 6, "batch", 2e-3, 0, 0, 50000, 500000, 1, 2, 100, False, 0, 93.95),
 }
-TRAIN_SIZES = {"listops": 96_000, "text": 25_000, "retrieval": 147_086, "image": 45_000,
-               "pathfinder": 160_000}
+TRAIN_SIZES = {
+    "listops": 96_000,
+    "text": 25_000,
+    "retrieval": 147_086,
+    "image": 45_000,
+    "pathfinder": 160_000,
+}
 SCANS = {"image": "2d", "pathfinder": "2d"}
 
 
@@ -37,24 +42,51 @@ def load(name: str, preset: str | None = None):
 
 @pytest.mark.parametrize("task", list(RUN_LRA))
 def test_hgrn2_lra_configs_follow_run_lra(task):
-    (batch, d, layers, norm, lr, wd, dropout, warmup, steps, glu, expand, epochs, positions, clip,
-     accuracy) = RUN_LRA[task]
+    (
+        batch,
+        d,
+        layers,
+        norm,
+        lr,
+        wd,
+        dropout,
+        warmup,
+        steps,
+        glu,
+        expand,
+        epochs,
+        positions,
+        clip,
+        accuracy,
+    ) = RUN_LRA[task]
     c = load(task)
     hgrn = importlib.import_module(f"experiments.configs.lra.{task}").get_config()
     m = c.model
     assert c.task == task and c.data.to_dict() == hgrn.data.to_dict()  # the HGRN row's data
     scan = SCANS.get(task, "1d")
     assert (m.mixer.kind, m.mixer.layout, m.mixer.scan, m.mixer.expand_ratio) == (
-        "hgrn2", "official", scan, expand)
-    assert (m.features, m.num_layers, m.norm, m.glu_expand, m.dropout) == (d, layers, norm, glu,
-                                                                            dropout)
+        "hgrn2",
+        "official",
+        scan,
+        expand,
+    )
+    assert (m.features, m.num_layers, m.norm, m.glu_expand, m.dropout) == (
+        d,
+        layers,
+        norm,
+        glu,
+        dropout,
+    )
     assert m.position_encoding is positions and m.use_lower_bound is True
     assert (c.batch_size, c.epochs) == (batch, epochs)
     assert c.num_train_steps == epochs * (TRAIN_SIZES[task] // batch)
     assert c.optimizer.learning_rate == pytest.approx(lr)
     assert c.optimizer.weight_decay == wd and c.optimizer.grad_clip_norm == clip
     assert (c.schedule.name, c.schedule.warmup_steps, c.schedule.decay_steps) == (
-        "cosine", warmup, steps)
+        "cosine",
+        warmup,
+        steps,
+    )
     assert c.dtype == "bfloat16" and c.paper.value == pytest.approx(accuracy)
     model = nnx.eval_shape(lambda: tasks.build_model(c, nnx.Rngs(0)))
     mixer = model.blocks[0].mixer
@@ -76,8 +108,9 @@ def test_hgrn2_wikitext103_config_follows_script_lm():
     assert isinstance(mixer, HGRN2) and not mixer.bidirectional and mixer.num_heads == 4
 
 
-@pytest.mark.parametrize("name", ["listops", "text", "retrieval", "image", "pathfinder",
-                                  "wikitext103"])
+@pytest.mark.parametrize(
+    "name", ["listops", "text", "retrieval", "image", "pathfinder", "wikitext103"]
+)
 def test_hgrn2_tiny_presets_build_small_hgrn2_models(name):
     tiny = load(name, "tiny")
     model = tasks.build_model(tiny, nnx.Rngs(0))

@@ -11,8 +11,9 @@ from hgrn_jax.data.randaugment import Policy
 
 
 def test_policy_parsing():
-    assert Policy.parse("rand-m9-mstd0.5-inc1") == Policy(magnitude=9.0, num_ops=2,
-                                                           magnitude_std=0.5, increasing=True)
+    assert Policy.parse("rand-m9-mstd0.5-inc1") == Policy(
+        magnitude=9.0, num_ops=2, magnitude_std=0.5, increasing=True
+    )
     assert Policy.parse("rand-n3-m5") == Policy(magnitude=5.0, num_ops=3)
     with pytest.raises(ValueError, match="must start with 'rand-'"):
         Policy.parse("auto-m9")
@@ -21,8 +22,9 @@ def test_policy_parsing():
 
 
 def apply(name, image, level, increasing=True, seed=0):
-    out = randaugment._apply(name, Image.fromarray(image), level,
-                             np.random.default_rng(seed), increasing)
+    out = randaugment._apply(
+        name, Image.fromarray(image), level, np.random.default_rng(seed), increasing
+    )
     return np.asarray(out.convert("RGB"))
 
 
@@ -36,8 +38,9 @@ def test_operations_do_what_their_names_say():
     solarized = apply("Solarize", image, 0.5)  # increasing: threshold 128
     np.testing.assert_array_equal(solarized, np.where(image >= 128, 255 - image, image))
     added = apply("SolarizeAdd", image, 0.5)  # +55 below 128
-    np.testing.assert_array_equal(added, np.where(image < 128, np.minimum(image.astype(int) + 55,
-                                                                          255), image))
+    np.testing.assert_array_equal(
+        added, np.where(image < 128, np.minimum(image.astype(int) + 55, 255), image)
+    )
     np.testing.assert_array_equal(apply("Brightness", image, 0.0), image)  # factor 1
     shifted = apply("TranslateXRel", np.full((16, 16, 3), 7, np.uint8), 1.0)
     filled = (shifted == np.array(randaugment.FILL, np.uint8)).all(-1)
@@ -49,8 +52,10 @@ def test_operations_do_what_their_names_say():
 def test_rand_augment_is_a_function_of_the_generator():
     image = np.random.default_rng(1).integers(0, 256, (24, 20, 3), dtype=np.uint8)
     policy = Policy.parse("rand-m9-mstd0.5-inc1")
-    outs = [randaugment.rand_augment(image, policy, np.random.default_rng(seed))
-            for seed in (5, 5, 6, 7, 8, 9)]
+    outs = [
+        randaugment.rand_augment(image, policy, np.random.default_rng(seed))
+        for seed in (5, 5, 6, 7, 8, 9)
+    ]
     np.testing.assert_array_equal(outs[0], outs[1])
     assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outs)
     assert any(not np.array_equal(o, image) for o in outs[2:])

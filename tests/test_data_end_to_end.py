@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import json
 
+import data_fixtures as fx
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import data_fixtures as fx
 from hgrn_jax import tasks
-from hgrn_jax.tasks import (
-    image as image_task, listops as listops_task, pathfinder as pathfinder_task, text as text_task)
+from hgrn_jax.tasks import image as image_task
+from hgrn_jax.tasks import listops as listops_task
+from hgrn_jax.tasks import pathfinder as pathfinder_task
+from hgrn_jax.tasks import text as text_task
 
 
 @pytest.fixture
@@ -33,8 +35,9 @@ def mock():
 def test_listops_release(tmp_path):
     release = tmp_path / "lra_release"
     fx.write_listops(release / "lra_release", rows=16)  # the archive's nested layout
-    config = fx.tiny_config("lra.listops", source="release", lra_dir=str(release),
-                            cache_dir=str(tmp_path / "cache"))
+    config = fx.tiny_config(
+        "lra.listops", source="release", lra_dir=str(release), cache_dir=str(tmp_path / "cache")
+    )
     assert isinstance(tasks.get_task(config), listops_task.ListOpsRelease)
     fx.train_briefly(config, tmp_path / "run")
 

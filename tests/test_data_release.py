@@ -7,18 +7,18 @@ exactly once per epoch and in evaluation; resumption is exact.
 
 from __future__ import annotations
 
+import data_fixtures as fx
 import numpy as np
 import pytest
+from data_fixtures import assert_batch_lists_equal, pathfinder_config, take
+from data_fixtures import tiny_config as config_of
 
-import data_fixtures as fx
-from data_fixtures import assert_batch_lists_equal, take
-from data_fixtures import pathfinder_config, tiny_config as config_of
-from hgrn_jax.data import errors, loader, release, retrieval, wikitext
 from hgrn_jax import tasks
-from hgrn_jax.tasks import (
-    listops as listops_task, pathfinder as pathfinder_task, retrieval as retrieval_task,
-    wikitext103 as wikitext_task)
-
+from hgrn_jax.data import errors, loader, release, retrieval, wikitext
+from hgrn_jax.tasks import listops as listops_task
+from hgrn_jax.tasks import pathfinder as pathfinder_task
+from hgrn_jax.tasks import retrieval as retrieval_task
+from hgrn_jax.tasks import wikitext103 as wikitext_task
 
 # ----------------------------------------------------------------------------- release folder
 
@@ -31,8 +31,10 @@ def test_release_folder_is_found_nested_or_not(tmp_path, nesting):
 
 
 def test_missing_release_names_what_to_put_where(tmp_path):
-    with pytest.raises(errors.DatasetMissingError,
-                       match=r"lra_release/tsv_data/new_aan_pairs.train.tsv.*--config.data.lra_dir"):
+    with pytest.raises(
+        errors.DatasetMissingError,
+        match=r"lra_release/tsv_data/new_aan_pairs.train.tsv.*--config.data.lra_dir",
+    ):
         retrieval.find_file(str(tmp_path), "train")
     with pytest.raises(errors.DatasetMissingError, match=r"set --config.data.lra_dir=FOLDER"):
         release.find_release_path("", "pathfinder32", what="Pathfinder")
@@ -46,8 +48,13 @@ def test_missing_release_names_what_to_put_where(tmp_path):
 
 def test_listops_release_nested_shapes_and_labels(tmp_path):
     fx.write_listops(tmp_path / "lra_release" / "lra_release", rows=6)
-    config = config_of("lra.listops", source="release", lra_dir=str(tmp_path), seq_len=12,
-                       cache_dir=str(tmp_path / "cache"))
+    config = config_of(
+        "lra.listops",
+        source="release",
+        lra_dir=str(tmp_path),
+        seq_len=12,
+        cache_dir=str(tmp_path / "cache"),
+    )
     task = tasks.get_task(config)
     assert isinstance(task, listops_task.ListOpsRelease)
     examples = task.examples("val")
@@ -58,8 +65,13 @@ def test_listops_release_nested_shapes_and_labels(tmp_path):
 
 def test_listops_bad_rows_are_reported_or_skipped(tmp_path):
     folder = fx.write_listops(tmp_path, rows=6, extra="( [MAX 1 ] )\t12\njust one field\n")
-    config = config_of("lra.listops", source="release", lra_dir=str(tmp_path), seq_len=12,
-                       cache_dir=str(tmp_path / "cache"))
+    config = config_of(
+        "lra.listops",
+        source="release",
+        lra_dir=str(tmp_path),
+        seq_len=12,
+        cache_dir=str(tmp_path / "cache"),
+    )
     with pytest.raises(errors.BadDataError) as info:
         tasks.get_task(config).examples("train")
     message = str(info.value)
@@ -77,8 +89,13 @@ def test_listops_bad_rows_are_reported_or_skipped(tmp_path):
 
 def test_aan_quoted_texts_keep_their_rows(tmp_path):
     fx.write_aan(tmp_path, rows_per_split=8)
-    config = config_of("lra.retrieval", source="release", lra_dir=str(tmp_path),
-                       cache_dir=str(tmp_path / "cache"), seq_len=32)
+    config = config_of(
+        "lra.retrieval",
+        source="release",
+        lra_dir=str(tmp_path),
+        cache_dir=str(tmp_path / "cache"),
+        seq_len=32,
+    )
     config.batch_size = 4
     task = tasks.get_task(config)
     assert isinstance(task, retrieval_task.AanRelease)
@@ -86,11 +103,13 @@ def test_aan_quoted_texts_keep_their_rows(tmp_path):
     for key in ("inputs", "inputs2"):
         assert examples[key].shape == (8, 32) and examples[key].dtype == np.uint8
     np.testing.assert_array_equal(examples["labels"], [1, 0, 1, 0] * 2)
-    vocab = retrieval.vocabulary(lra_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"),
-                                 seq_len=32)
+    vocab = retrieval.vocabulary(
+        lra_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"), seq_len=32
+    )
     assert examples[key].max() < len(vocab) <= config.model.vocab_size
-    doc = lambda key, i: decode(vocab, examples[key][i], examples[key.replace("inputs",
-                                                                              "lengths")][i])
+    doc = lambda key, i: decode(
+        vocab, examples[key][i], examples[key.replace("inputs", "lengths")][i]
+    )
     assert doc("inputs", 0) == 'He said "hi"\tand left.'
     assert doc("inputs2", 1) == "tab\tinside\tquotes"
     assert doc("inputs", 2) == "line one\nline two"
@@ -104,13 +123,14 @@ def test_aan_quoted_texts_keep_their_rows(tmp_path):
 def decode(vocab, ids, length) -> str:
     """The characters of a document's ids, which end in ``<eos>`` and are padded with 0."""
     assert ids[length - 1] == vocab.index["<eos>"] and not ids[length:].any()
-    return "".join(vocab.tokens[i] for i in ids[:length - 1])
+    return "".join(vocab.tokens[i] for i in ids[: length - 1])
 
 
 def test_aan_truncates_to_seq_len_characters_with_the_end_token(tmp_path):
     fx.write_aan(tmp_path, rows_per_split=4)
-    examples = retrieval.load_split("train", lra_dir=str(tmp_path), cache_dir=str(tmp_path / "c"),
-                                    seq_len=8)
+    examples = retrieval.load_split(
+        "train", lra_dir=str(tmp_path), cache_dir=str(tmp_path / "c"), seq_len=8
+    )
     vocab = retrieval.vocabulary(lra_dir=str(tmp_path), cache_dir=str(tmp_path / "c"), seq_len=8)
     assert decode(vocab, examples["inputs"][0], 8) == "He said"
     np.testing.assert_array_equal(examples["lengths"], [8, 8, 8, 8])
@@ -118,14 +138,20 @@ def test_aan_truncates_to_seq_len_characters_with_the_end_token(tmp_path):
 
 
 def test_aan_bad_rows_name_file_and_line(tmp_path):
-    bad = ("x\ta\tb\tt1\tt2\n" "2\ta\tb\tt1\tt2\n" "only\tthree\tfields\n" "1\ta\tb\t\tt2\n"
-           '1\ta\tb\t"unterminated\tt2\n1\tc\td\te\tf\n')
+    bad = (
+        "x\ta\tb\tt1\tt2\n"
+        "2\ta\tb\tt1\tt2\n"
+        "only\tthree\tfields\n"
+        "1\ta\tb\t\tt2\n"
+        '1\ta\tb\t"unterminated\tt2\n1\tc\td\te\tf\n'
+    )
     folder = fx.write_aan(tmp_path, rows_per_split=8, extra={"train": bad})
     path = folder / "new_aan_pairs.train.tsv"
     # 8 good rows take 10 lines (row 3 of each 4 holds a newline inside quotes).
     with pytest.raises(errors.BadDataError) as info:
-        retrieval.load_split("train", lra_dir=str(tmp_path), cache_dir=str(tmp_path / "c"),
-                             seq_len=16)
+        retrieval.load_split(
+            "train", lra_dir=str(tmp_path), cache_dir=str(tmp_path / "c"), seq_len=16
+        )
     message = str(info.value)
     assert "5 bad example(s)" in message
     assert f"{path}:11: label 'x' is not a number" in message
@@ -134,9 +160,13 @@ def test_aan_bad_rows_name_file_and_line(tmp_path):
     assert f"{path}:14: empty document" in message
     assert f"{path}:15: expected 5 tab-separated fields" in message  # the unclosed quote
     with pytest.warns(UserWarning, match="5 bad example"):
-        examples = retrieval.load_split("train", lra_dir=str(tmp_path),
-                                        cache_dir=str(tmp_path / "c"), seq_len=16,
-                                        skip_bad_rows=True)
+        examples = retrieval.load_split(
+            "train",
+            lra_dir=str(tmp_path),
+            cache_dir=str(tmp_path / "c"),
+            seq_len=16,
+            skip_bad_rows=True,
+        )
     assert len(examples["labels"]) == 8
 
 
@@ -145,12 +175,11 @@ def test_prepared_cache_is_reused_and_rebuilt_when_the_file_changes(tmp_path):
     cache = tmp_path / "cache"
     retrieval.load_split("test", lra_dir=str(tmp_path), cache_dir=str(cache), seq_len=8)
     retrieval.load_split("test", lra_dir=str(tmp_path), cache_dir=str(cache), seq_len=8)
-    folders = lambda: sorted(p.name.rsplit("-", 1)[0] for p in cache.iterdir())  # noqa: E731
+    folders = lambda: sorted(p.name.rsplit("-", 1)[0] for p in cache.iterdir())
     assert folders() == ["aan", "aan-vocab"]  # the training file's vocabulary, the test ids
     path = tmp_path / "tsv_data" / "new_aan_pairs.test.tsv"
     path.write_text(path.read_text() + fx.aan_line(fx.AAN_ROWS[0]))
-    examples = retrieval.load_split("test", lra_dir=str(tmp_path), cache_dir=str(cache),
-                                    seq_len=8)
+    examples = retrieval.load_split("test", lra_dir=str(tmp_path), cache_dir=str(cache), seq_len=8)
     assert len(examples["labels"]) == 5 and folders() == ["aan", "aan", "aan-vocab"]
 
 
@@ -214,13 +243,19 @@ def test_training_order_resumes_exactly_and_matches_the_loader(tmp_path):
     n = task.num_examples("train")
     for step in (0, 9, 17):
         rows = loader.train_rows(task.config.seed, step, n, 4, 1, 2)
-        np.testing.assert_array_equal(task.examples("train")["pixels"][rows, 0, 0, 0],
-                                      grey_values(uninterrupted[step]))
+        np.testing.assert_array_equal(
+            task.examples("train")["pixels"][rows, 0, 0, 0], grey_values(uninterrupted[step])
+        )
 
 
 def test_pathfinder_bad_images_and_metadata_are_reported(tmp_path):
-    base = fx.write_pathfinder(tmp_path, 32, count=20, empty_image=True, bad_lines=[
-        "imgs/0 missing.png 5 1 1.5", "imgs/0 sample_0.png 0 7 1.5", "too short"])
+    base = fx.write_pathfinder(
+        tmp_path,
+        32,
+        count=20,
+        empty_image=True,
+        bad_lines=["imgs/0 missing.png 5 1 1.5", "imgs/0 sample_0.png 0 7 1.5", "too short"],
+    )
     config = pathfinder_config(tmp_path)
     with pytest.raises(errors.BadDataError) as info:
         tasks.get_task(config).examples("train")
@@ -256,9 +291,14 @@ def test_pathx_reads_128_pixel_images(tmp_path):
 def test_wikitext_bpe_blocks_and_line_ends(tmp_path):
     folder = fx.write_wikitext(tmp_path / "wikitext-103")
     tokenizer_path = fx.write_bpe_tokenizer(tmp_path / "tokenizer.json")
-    config = config_of("lm.wikitext103", source="release", wikitext_dir=str(tmp_path),
-                       tokenizer_path=str(tokenizer_path), cache_dir=str(tmp_path / "cache"),
-                       seq_len=16)
+    config = config_of(
+        "lm.wikitext103",
+        source="release",
+        wikitext_dir=str(tmp_path),
+        tokenizer_path=str(tokenizer_path),
+        cache_dir=str(tmp_path / "cache"),
+        seq_len=16,
+    )
     config.model.vocab_size = 320
     task = tasks.get_task(config)
     assert isinstance(task, wikitext_task.WikiTextRelease)
@@ -283,11 +323,13 @@ def test_wikitext_bpe_blocks_and_line_ends(tmp_path):
 
 def test_wikitext_byte_tokenizer_needs_no_file(tmp_path):
     folder = fx.write_wikitext(tmp_path)
-    tokens, tokenizer = wikitext.load_tokens("test", wikitext_dir=str(folder),
-                                             tokenizer_path="bytes",
-                                             cache_dir=str(tmp_path / "cache"))
-    text = "".join(line.strip() + "\n" for line in
-                   (folder / "wiki.test.tokens").read_text(encoding="utf-8").splitlines())
+    tokens, tokenizer = wikitext.load_tokens(
+        "test", wikitext_dir=str(folder), tokenizer_path="bytes", cache_dir=str(tmp_path / "cache")
+    )
+    text = "".join(
+        line.strip() + "\n"
+        for line in (folder / "wiki.test.tokens").read_text(encoding="utf-8").splitlines()
+    )
     assert tokenizer.vocab_size == 256
     assert bytes(np.asarray(tokens, np.uint8)) == text.encode("utf-8")
 
@@ -307,16 +349,26 @@ def fixture_config(what: str, tmp_path):
     """A tiny run of each real-data family on its release-layout fixture."""
     if what == "retrieval":
         fx.write_aan(tmp_path / "lra_release", rows_per_split=16)
-        config = config_of("lra.retrieval", source="release", lra_dir=str(tmp_path),
-                           cache_dir=str(tmp_path / "cache"), seq_len=16)
+        config = config_of(
+            "lra.retrieval",
+            source="release",
+            lra_dir=str(tmp_path),
+            cache_dir=str(tmp_path / "cache"),
+            seq_len=16,
+        )
     elif what == "pathfinder":
         fx.write_pathfinder(tmp_path, 32, count=40)
         config = pathfinder_config(tmp_path)
     else:
         fx.write_wikitext(tmp_path)
-        config = config_of("lm.wikitext103", source="release", wikitext_dir=str(tmp_path),
-                           tokenizer_path="bytes", cache_dir=str(tmp_path / "cache"),
-                           seq_len=32)
+        config = config_of(
+            "lm.wikitext103",
+            source="release",
+            wikitext_dir=str(tmp_path),
+            tokenizer_path="bytes",
+            cache_dir=str(tmp_path / "cache"),
+            seq_len=32,
+        )
     return config
 
 
@@ -347,15 +399,21 @@ def test_two_real_processes_see_each_example_once(tmp_path):
         ids = np.concatenate([seen[k] for k in keys])
         weight = np.concatenate([seen[k.replace("/ids", "/weight")] for k in keys])
         assert sorted(ids[weight > 0].tolist()) == sorted(
-            task.examples(split)["pixels"][:, 0, 0, 0].tolist())
+            task.examples(split)["pixels"][:, 0, 0, 0].tolist()
+        )
 
 
 def test_prepare_command_fills_the_cache(tmp_path):
     from experiments import prepare
 
     fx.write_aan(tmp_path / "lra_release", rows_per_split=8)
-    config = config_of("lra.retrieval", source="release", lra_dir=str(tmp_path),
-                       cache_dir=str(tmp_path / "cache"), seq_len=16)
+    config = config_of(
+        "lra.retrieval",
+        source="release",
+        lra_dir=str(tmp_path),
+        cache_dir=str(tmp_path / "cache"),
+        seq_len=16,
+    )
     assert prepare.prepare(config) == {"train": 8, "val": 8, "test": 8}
     assert len(list((tmp_path / "cache").glob("aan-????????????/DONE"))) == 3
     assert len(list((tmp_path / "cache").glob("aan-vocab-*/DONE"))) == 1

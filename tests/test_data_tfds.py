@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
-
+import data_fixtures as fx
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from data_fixtures import assert_batch_lists_equal, cifar_config, imagenet_config, take
+from data_fixtures import tfds_config as config_of
 
-import data_fixtures as fx
-from data_fixtures import assert_batch_lists_equal, take
-from data_fixtures import cifar_config, imagenet_config, tfds_config as config_of
-from hgrn_jax.data import cifar, errors, imagenet
 from hgrn_jax import tasks
-from hgrn_jax.tasks import image as image_task, imagenet as imagenet_task, text as text_task
+from hgrn_jax.data import cifar, errors, imagenet
+from hgrn_jax.tasks import image as image_task
+from hgrn_jax.tasks import imagenet as imagenet_task
+from hgrn_jax.tasks import text as text_task
 
 MOCK_EXAMPLES = 20
 
 
 def eval_coverage(task, split, processes=2) -> int:
     """Weighted rows over all processes (each example must count once)."""
-    return int(sum(b["weight"].sum() for p in range(processes)
-                   for b in task.eval_batches(split, p, processes)))
+    return int(
+        sum(
+            b["weight"].sum()
+            for p in range(processes)
+            for b in task.eval_batches(split, p, processes)
+        )
+    )
 
 
 @pytest.fixture
@@ -52,7 +58,8 @@ def test_imdb_empty_review_is_reported(tmp_path):
         import tensorflow as tf
 
         return tf.data.Dataset.from_tensor_slices(
-            {"text": [b"good film", b"  ", b"bad"], "label": np.array([1, 0, 0], np.int64)})
+            {"text": [b"good film", b"  ", b"bad"], "label": np.array([1, 0, 0], np.int64)}
+        )
 
     with tfds.testing.mock_data(as_dataset_fn=fake):
         task = tasks.get_task(config_of("lra.text", tmp_path, seq_len=16))
@@ -87,18 +94,17 @@ def test_cifar_grayscale_option(tmp_path, mock):
     pixels = task.examples("val")["pixels"][:1].astype(np.float32) / 255.0
     luma = pixels @ np.array([0.299, 0.587, 0.114], np.float32)
     assert batch["inputs"].shape == (4, 1024, 1)
-    np.testing.assert_allclose(batch["inputs"][0, :, 0],
-                               ((luma - 122.6 / 255) / (61.0 / 255)).ravel(), atol=1e-4)
+    np.testing.assert_allclose(
+        batch["inputs"][0, :, 0], ((luma - 122.6 / 255) / (61.0 / 255)).ravel(), atol=1e-4
+    )
 
 
 def test_crop_and_flip():
     pixels = np.arange(2 * 6 * 6 * 1, dtype=np.uint8).reshape(2, 6, 6, 1) + 1
-    centred = cifar.crop_flip(pixels, np.array([4, 4]), np.array([4, 4]),
-                              np.array([False, True]))
+    centred = cifar.crop_flip(pixels, np.array([4, 4]), np.array([4, 4]), np.array([False, True]))
     np.testing.assert_array_equal(centred[0], pixels[0])
     np.testing.assert_array_equal(centred[1], pixels[1, :, ::-1])
-    corner = cifar.crop_flip(pixels, np.array([0, 8]), np.array([0, 8]),
-                             np.array([False, False]))
+    corner = cifar.crop_flip(pixels, np.array([0, 8]), np.array([0, 8]), np.array([False, False]))
     assert (corner[0, :4] == 0).all() and (corner[0, :, :4] == 0).all()
     np.testing.assert_array_equal(corner[0, 4:, 4:], pixels[0, :2, :2])
     np.testing.assert_array_equal(corner[1, :2, :2], pixels[1, 4:, 4:])
@@ -110,8 +116,7 @@ def test_cifar_augmented_batches_resume_and_ignore_the_process_count(tmp_path, m
     assert_batch_lists_equal(uninterrupted[4:], take(task.train_batches(4, 0, 1), 2))
     halves = [take(task.train_batches(0, p, 2), 6) for p in (0, 1)]
     for whole, a, b in zip(uninterrupted, *halves):
-        np.testing.assert_array_equal(whole["inputs"],
-                                      np.concatenate([a["inputs"], b["inputs"]]))
+        np.testing.assert_array_equal(whole["inputs"], np.concatenate([a["inputs"], b["inputs"]]))
     config = cifar_config(tmp_path, augment=False)
     plain = next(tasks.get_task(config).train_batches(0, 0, 1))
     assert not np.array_equal(plain["inputs"], uninterrupted[0]["inputs"])
@@ -123,7 +128,8 @@ def test_cifar_label_out_of_range_is_reported(tmp_path):
         import tensorflow as tf
 
         return tf.data.Dataset.from_tensor_slices(
-            {"image": np.zeros((3, 32, 32, 3), np.uint8), "label": np.array([0, 12, 3])})
+            {"image": np.zeros((3, 32, 32, 3), np.uint8), "label": np.array([0, 12, 3])}
+        )
 
     with tfds.testing.mock_data(as_dataset_fn=fake):
         config = cifar_config(tmp_path)
@@ -135,10 +141,13 @@ def test_cifar_label_out_of_range_is_reported(tmp_path):
 
 
 def test_missing_tfds_data_names_the_fix(tmp_path):
-    config = config_of("lra.image", tmp_path, image_size=32, seq_len=1024,
-                       tfds_dir=str(tmp_path / "tfds"))
-    with pytest.raises(tasks.DataUnavailableError,
-                       match=r"'cifar10' is not prepared .*download_and_prepare.*tfds_dir"):
+    config = config_of(
+        "lra.image", tmp_path, image_size=32, seq_len=1024, tfds_dir=str(tmp_path / "tfds")
+    )
+    with pytest.raises(
+        tasks.DataUnavailableError,
+        match=r"'cifar10' is not prepared .*download_and_prepare.*tfds_dir",
+    ):
         tasks.get_task(config)
     with pytest.raises(errors.DatasetMissingError, match="ILSVRC2012_img_train.tar"):
         imagenet.prepare(str(tmp_path / "tfds"), str(tmp_path))
@@ -191,9 +200,11 @@ def test_imagenet_image_transforms():
     assert imagenet.random_resized_crop(image, 16, rng).shape == (16, 16, 3)
     assert imagenet.centre_crop(image, 16).shape == (16, 16, 3)
     flat = np.full((300, 200, 3), 128, np.uint8)
-    np.testing.assert_allclose(imagenet.eval_image(flat, 224),
-                               np.broadcast_to((128 / 255 - imagenet.MEAN) / imagenet.STD,
-                                               (224, 224, 3)), atol=1e-5)
+    np.testing.assert_allclose(
+        imagenet.eval_image(flat, 224),
+        np.broadcast_to((128 / 255 - imagenet.MEAN) / imagenet.STD, (224, 224, 3)),
+        atol=1e-5,
+    )
     erased = imagenet.random_erase(np.zeros((32, 32, 3), np.float32), rng, probability=1.0)
     changed = (erased != 0).any(-1).mean()
     assert 0.01 < changed < 0.4  # area 2% .. 1/3
@@ -204,15 +215,28 @@ def test_mixup_and_cutmix_mix_images_and_targets_alike():
     images = rng.standard_normal((4, 8, 8, 3)).astype(np.float32)
     labels = np.array([0, 1, 2, 3])
     mixed, targets = imagenet.mixup_cutmix(
-        images, labels, np.random.default_rng(1), num_classes=5, mixup_alpha=0.8,
-        cutmix_alpha=0.0, switch_prob=0.5, label_smoothing=0.0)
+        images,
+        labels,
+        np.random.default_rng(1),
+        num_classes=5,
+        mixup_alpha=0.8,
+        cutmix_alpha=0.0,
+        switch_prob=0.5,
+        label_smoothing=0.0,
+    )
     lam = targets[0, 0]
     np.testing.assert_allclose(targets[0, 3], 1 - lam, rtol=1e-6)
-    np.testing.assert_allclose(mixed, lam * images + (1 - lam) * images[::-1], rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(mixed, lam * images + (1 - lam) * images[::-1], rtol=1e-5, atol=1e-6)
     mixed, targets = imagenet.mixup_cutmix(
-        images, labels, np.random.default_rng(2), num_classes=5, mixup_alpha=0.0,
-        cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1)
+        images,
+        labels,
+        np.random.default_rng(2),
+        num_classes=5,
+        mixup_alpha=0.0,
+        cutmix_alpha=1.0,
+        switch_prob=0.5,
+        label_smoothing=0.1,
+    )
     pasted = (mixed[0] != images[0]).any(-1).mean()
     np.testing.assert_allclose(targets[0, 0] - 0.02, 0.9 * (1 - pasted), rtol=1e-5)
     np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-6)
@@ -225,9 +249,12 @@ def test_imagenet_bad_records_are_reported():
 
     source = object.__new__(imagenet.ImageNetSource)
     source.split = "train"
-    source.source = [{"image": np.zeros((4, 4, 3), np.uint8), "label": 7},
-                     {"image": np.zeros((0, 4, 3), np.uint8), "label": 1},
-                     {"image": np.zeros((4, 4, 3), np.uint8), "label": 1000}, Broken()]
+    source.source = [
+        {"image": np.zeros((4, 4, 3), np.uint8), "label": 7},
+        {"image": np.zeros((0, 4, 3), np.uint8), "label": 1},
+        {"image": np.zeros((4, 4, 3), np.uint8), "label": 1000},
+        Broken(),
+    ]
     report = errors.BadDataReport("imagenet")
     records = source.read([0, 1, 2, 3], report)
     assert records[0][1] == 7 and records[1:] == [None, None, None]
@@ -267,7 +294,8 @@ def test_imagenet_soft_target_loss_equals_label_smoothing_without_mixing(tmp_pat
     model = task.build_model(nnx.Rngs(0))
     loss, sums = task.loss_fn(model, soft, train=False)
     hard_loss, hard_sums = tasks.classification_loss(
-        model(batch["images"]), batch["labels"], batch["weight"], label_smoothing=0.1)
+        model(batch["images"]), batch["labels"], batch["weight"], label_smoothing=0.1
+    )
     np.testing.assert_allclose(float(loss), float(hard_loss), rtol=1e-5)
     for key in ("loss_sum", "weight", "correct"):
         np.testing.assert_allclose(float(sums[key]), float(hard_sums[key]), rtol=1e-5)

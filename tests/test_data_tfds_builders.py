@@ -13,17 +13,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import data_fixtures as fx
 import numpy as np
 import pytest
-
-import data_fixtures as fx
 from data_fixtures import assert_batch_lists_equal, take
+
 from experiments import prepare
-from hgrn_jax.data import errors, listops_release, loader, retrieval
 from hgrn_jax import tasks
-from hgrn_jax.tasks import (
-    listops as listops_task, pathfinder as pathfinder_task, retrieval as retrieval_task,
-    wikitext103 as wikitext_task)
+from hgrn_jax.data import errors, listops_release, loader, retrieval
+from hgrn_jax.tasks import listops as listops_task
+from hgrn_jax.tasks import pathfinder as pathfinder_task
+from hgrn_jax.tasks import retrieval as retrieval_task
+from hgrn_jax.tasks import wikitext103 as wikitext_task
 
 
 def release_and_tfds_tasks(config):
@@ -46,16 +47,26 @@ def assert_same_examples(from_tfds, from_npy, shapes: dict[str, tuple]) -> None:
             read = np.asarray(got[key])
             # Token ids are uint16 in tfds (vocabularies are built while preparing), uint8 or
             # uint16 in the .npy arrays; everything else has the same dtype.
-            assert (read.dtype == array.dtype or key.startswith("inputs")
-                    and read.dtype == np.uint16 and array.dtype.kind == "u"), (split, key)
+            assert (
+                read.dtype == array.dtype
+                or key.startswith("inputs")
+                and read.dtype == np.uint16
+                and array.dtype.kind == "u"
+            ), (split, key)
             assert read.shape[1:] == shapes[key], (split, key)
             np.testing.assert_array_equal(read, array, err_msg=f"{split} {key}")
 
 
 def listops_config(tmp_path: Path, rows: int = 8):
     fx.write_listops(tmp_path / "lra_release" / "lra_release", rows=rows)  # nested release
-    config = fx.tiny_config("lra.listops", source="release", lra_dir=str(tmp_path), seq_len=12,
-                            tfds_dir=str(tmp_path / "tfds"), cache_dir=str(tmp_path / "cache"))
+    config = fx.tiny_config(
+        "lra.listops",
+        source="release",
+        lra_dir=str(tmp_path),
+        seq_len=12,
+        tfds_dir=str(tmp_path / "tfds"),
+        cache_dir=str(tmp_path / "cache"),
+    )
     config.batch_size = config.eval_batch_size = 4
     return config
 
@@ -64,9 +75,15 @@ def wikitext_config(tmp_path: Path, tokenizer: str):
     fx.write_wikitext(tmp_path / "wiki" / "wikitext-103")
     if tokenizer != "bytes":
         tokenizer = str(fx.write_bpe_tokenizer(tmp_path / "tokenizer.json"))
-    config = fx.tiny_config("lm.wikitext103", source="release", wikitext_dir=str(tmp_path / "wiki"),
-                            tokenizer_path=tokenizer, seq_len=16, tfds_dir=str(tmp_path / "tfds"),
-                            cache_dir=str(tmp_path / "cache"))
+    config = fx.tiny_config(
+        "lm.wikitext103",
+        source="release",
+        wikitext_dir=str(tmp_path / "wiki"),
+        tokenizer_path=tokenizer,
+        seq_len=16,
+        tfds_dir=str(tmp_path / "tfds"),
+        cache_dir=str(tmp_path / "cache"),
+    )
     config.model.vocab_size = 320
     return config
 
@@ -81,7 +98,8 @@ def test_listops_prepared_once_read_back_like_the_release(tmp_path):
     assert isinstance(from_npy, listops_task.ListOpsRelease)
     folder = tmp_path / "tfds" / "lra_listops" / "len12" / "1.0.0"
     assert sorted(p.name for p in folder.glob("*.array_record*")) == [
-        f"lra_listops-{s}.array_record-00000-of-00001" for s in ("test", "train", "validation")]
+        f"lra_listops-{s}.array_record-00000-of-00001" for s in ("test", "train", "validation")
+    ]
     assert not list((tmp_path / "tfds").glob(".lra_listops-scratch-*"))  # scratch removed
     assert_same_examples(from_tfds, from_npy, {"inputs": (12,), "lengths": (), "labels": ()})
     vocab = listops_release.vocabulary(lra_dir=str(tmp_path), seq_len=12)
@@ -90,42 +108,57 @@ def test_listops_prepared_once_read_back_like_the_release(tmp_path):
     first_three = take(from_tfds.train_batches(0), 3)
     assert_batch_lists_equal(first_three, take(from_npy.train_batches(0), 3))
     assert_batch_lists_equal(first_three[2:], take(from_tfds.train_batches(2), 1))
-    assert_batch_lists_equal(list(from_tfds.eval_batches("val")),
-                             list(from_npy.eval_batches("val")))
+    assert_batch_lists_equal(
+        list(from_tfds.eval_batches("val")), list(from_npy.eval_batches("val"))
+    )
 
 
 def test_retrieval_quoted_texts_read_back_like_the_release(tmp_path):
     fx.write_aan(tmp_path, rows_per_split=8)
-    config = fx.tiny_config("lra.retrieval", source="release", lra_dir=str(tmp_path), seq_len=32,
-                            tfds_dir=str(tmp_path / "tfds"), cache_dir=str(tmp_path / "cache"))
+    config = fx.tiny_config(
+        "lra.retrieval",
+        source="release",
+        lra_dir=str(tmp_path),
+        seq_len=32,
+        tfds_dir=str(tmp_path / "tfds"),
+        cache_dir=str(tmp_path / "cache"),
+    )
     from_tfds, from_npy = release_and_tfds_tasks(config)
     assert isinstance(from_tfds, retrieval_task.AanPrepared)
     assert [from_tfds.num_examples(s) for s in ("train", "val", "test")] == [8, 8, 8]
-    assert_same_examples(from_tfds, from_npy, {"inputs": (32,), "inputs2": (32,),
-                                               "lengths": (), "lengths2": (), "labels": ()})
-    vocab = retrieval.vocabulary(lra_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"),
-                                 seq_len=32)
+    assert_same_examples(
+        from_tfds,
+        from_npy,
+        {"inputs": (32,), "inputs2": (32,), "lengths": (), "lengths2": (), "labels": ()},
+    )
+    vocab = retrieval.vocabulary(
+        lra_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"), seq_len=32
+    )
     meta = tasks.tfds_release(config).metadata(config)
     assert meta["vocabulary"] == list(vocab.tokens) and meta["vocab_size"] == len(vocab)
     config.model.vocab_size = len(vocab) - 1
-    with pytest.raises(ValueError, match=rf"smaller than the prepared data's vocabulary "
-                                         rf"\({len(vocab)} ids\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"smaller than the prepared data's vocabulary "
+        rf"\({len(vocab)} ids\)",
+    ):
         tasks.get_task(config)
 
 
-@pytest.mark.parametrize("task,resolution,count,sizes", [
-    ("lra.pathfinder", 32, 20, [16, 2, 2]), ("lra.pathx", 128, 10, [8, 1, 1])])
-def test_pathfinder_and_pathx_read_back_like_the_release(tmp_path, task, resolution, count,
-                                                         sizes):
+@pytest.mark.parametrize(
+    "task,resolution,count,sizes",
+    [("lra.pathfinder", 32, 20, [16, 2, 2]), ("lra.pathx", 128, 10, [8, 1, 1])],
+)
+def test_pathfinder_and_pathx_read_back_like_the_release(tmp_path, task, resolution, count, sizes):
     fx.write_pathfinder(tmp_path, resolution, count=count)
-    config = fx.pathfinder_config(tmp_path, task=task, resolution=resolution,
-                                  tfds_dir=str(tmp_path / "tfds"))
+    config = fx.pathfinder_config(
+        tmp_path, task=task, resolution=resolution, tfds_dir=str(tmp_path / "tfds")
+    )
     from_tfds, from_npy = release_and_tfds_tasks(config)
     assert isinstance(from_tfds, pathfinder_task.PathfinderPrepared)
     assert (tmp_path / "tfds" / "lra_pathfinder" / f"res{resolution}" / "1.0.0").is_dir()
     assert [from_tfds.num_examples(s) for s in ("train", "val", "test")] == sizes
-    assert_same_examples(from_tfds, from_npy, {"pixels": (resolution, resolution, 1),
-                                               "labels": ()})
+    assert_same_examples(from_tfds, from_npy, {"pixels": (resolution, resolution, 1), "labels": ()})
 
 
 @pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
@@ -185,9 +218,10 @@ def test_each_process_reads_only_its_rows(tmp_path):
         records = task.examples("train")["inputs"].records
         records.source = spy = RecordingSource(records.source)
         for step, batch in enumerate(take(task.train_batches(0, p, 2), 2)):
-            np.testing.assert_array_equal(batch["inputs"], whole[step]["inputs"][2 * p:2 * p + 2])
-        own_rows = [int(r) for step in range(2)
-                    for r in loader.train_rows(config.seed, step, 8, 4, p, 2)]
+            np.testing.assert_array_equal(batch["inputs"], whole[step]["inputs"][2 * p : 2 * p + 2])
+        own_rows = [
+            int(r) for step in range(2) for r in loader.train_rows(config.seed, step, 8, 4, p, 2)
+        ]
         assert spy.read == own_rows  # one read per batch (all columns), of its own rows only
 
 
@@ -209,8 +243,10 @@ def test_two_real_processes_read_the_prepared_data_each_example_once(tmp_path):
     config = worker.pathfinder_config("", tfds_dir)
     task = tasks.get_task(config)
     assert isinstance(task, pathfinder_task.PathfinderPrepared)
-    ids = {split: np.asarray(task.examples(split)["pixels"])[:, 0, 0, 0].astype(np.int32)
-           for split in ("train", "val", "test")}
+    ids = {
+        split: np.asarray(task.examples(split)["pixels"])[:, 0, 0, 0].astype(np.int32)
+        for split in ("train", "val", "test")
+    }
     assert sorted(np.concatenate(list(ids.values())).tolist()) == list(range(40))
     steps_per_epoch = 32 // 8
     for step, batch in enumerate(take(task.train_batches(0, 0, 1), worker.TRAIN_STEPS)):
@@ -227,8 +263,11 @@ def test_two_real_processes_read_the_prepared_data_each_example_once(tmp_path):
         assert sorted(got[weight > 0].tolist()) == sorted(ids[split].tolist())
     for p in range(2):
         with np.load(tmp_path / f"global.npz.reads{p}.npz") as reads:
-            expected = [r for step in range(worker.TRAIN_STEPS)
-                        for r in loader.train_rows(config.seed, step, 32, 8, p, 2)]
+            expected = [
+                r
+                for step in range(worker.TRAIN_STEPS)
+                for r in loader.train_rows(config.seed, step, 32, 8, p, 2)
+            ]
             assert reads["train"].tolist() == [int(r) for r in expected]
             for split in ("val", "test"):
                 own = [int(r) for rows, _ in loader.eval_rows(4, 8, p, 2) for r in rows]
@@ -245,8 +284,10 @@ def test_missing_prepared_data_names_the_layout_and_the_command(tmp_path):
         tasks.tfds_release(config).open_split(config, "train")
     message = str(info.value)
     assert "no prepared tfds dataset lra_listops/len12" in message
-    assert ("python -m experiments.prepare --config=experiments/configs/lra/listops.py "
-            f"--config.data.lra_dir=LRA_DIR --config.data.tfds_dir={tmp_path / 'tfds'}") in message
+    assert (
+        "python -m experiments.prepare --config=experiments/configs/lra/listops.py "
+        f"--config.data.lra_dir=LRA_DIR --config.data.tfds_dir={tmp_path / 'tfds'}"
+    ) in message
     assert "listops-1000/basic_{train,val,test}.tsv" in message
     with pytest.raises(tasks.DataUnavailableError, match=r"experiments.prepare.*"):
         tasks.get_task(config)
@@ -255,15 +296,22 @@ def test_missing_prepared_data_names_the_layout_and_the_command(tmp_path):
         prepare.prepare(config)
     wiki = wikitext_config(tmp_path, "bytes")
     wiki.data.wikitext_dir = ""
-    with pytest.raises(errors.DatasetMissingError,
-                       match=r"(?s)lm/wikitext103.py .*tokenizer_path=bytes.*wiki.\{train"):
+    with pytest.raises(
+        errors.DatasetMissingError,
+        match=r"(?s)lm/wikitext103.py .*tokenizer_path=bytes.*wiki.\{train",
+    ):
         tasks.tfds_release(wiki).open_split(wiki, "val")
 
 
 def test_bad_rows_stop_preparation_unless_skipped(tmp_path):
     folder = fx.write_listops(tmp_path, rows=6, extra="( [MAX 1 ] )\t12\n")
-    config = fx.tiny_config("lra.listops", source="release", lra_dir=str(tmp_path), seq_len=12,
-                            tfds_dir=str(tmp_path / "tfds"))
+    config = fx.tiny_config(
+        "lra.listops",
+        source="release",
+        lra_dir=str(tmp_path),
+        seq_len=12,
+        tfds_dir=str(tmp_path / "tfds"),
+    )
     with pytest.raises(errors.BadDataError, match=f"{folder / 'basic_train.tsv'}:8: label '12'"):
         prepare.prepare(config)
     assert not tasks.tfds_release(config).is_prepared(config)
@@ -279,10 +327,15 @@ def test_bad_rows_stop_preparation_unless_skipped(tmp_path):
 @pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 @pytest.mark.parametrize("what", ["listops", "wikitext"])
 def test_tiny_preset_trains_from_the_tfds_data(tmp_path, what):
-    config = (listops_config(tmp_path, rows=16) if what == "listops"
-              else wikitext_config(tmp_path, "bytes"))
+    config = (
+        listops_config(tmp_path, rows=16)
+        if what == "listops"
+        else wikitext_config(tmp_path, "bytes")
+    )
     prepare.prepare(config)
     config.data.lra_dir = config.data.wikitext_dir = ""  # read the tfds data only
-    assert isinstance(tasks.get_task(config), listops_task.ListOpsPrepared
-                      if what == "listops" else wikitext_task.WikiTextPrepared)
+    assert isinstance(
+        tasks.get_task(config),
+        listops_task.ListOpsPrepared if what == "listops" else wikitext_task.WikiTextPrepared,
+    )
     fx.train_briefly(config, tmp_path / "run", steps=2)

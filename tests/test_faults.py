@@ -40,7 +40,7 @@ from flax import nnx
 from hgrn_jax.training.loop import train_and_evaluate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from toy_task import ToyTask, toy_config  # noqa: E402
+from toy_task import ToyTask, toy_config
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_CONFIG = REPO / "tests" / "toy_task.py"
@@ -70,8 +70,11 @@ def _run(config, workdir: Path) -> dict:
 
 def _tree_digest(folder: Path) -> dict[str, str]:
     """SHA-256 of every file under ``folder`` (relative path -> digest)."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _steps(workdir: Path) -> list[int]:
@@ -84,15 +87,19 @@ def _params(folder: Path) -> list[np.ndarray]:
 
 
 def _largest_array_file(step_folder: Path) -> Path:
-    files = [p for p in (step_folder / "state").rglob("*") if p.is_file()
-             and p.name not in ("_METADATA", "_sharding", "commit_success.txt")]
+    files = [
+        p
+        for p in (step_folder / "state").rglob("*")
+        if p.is_file() and p.name not in ("_METADATA", "_sharding", "commit_success.txt")
+    ]
     return max(files, key=lambda p: p.stat().st_size)
 
 
 def _flip_bytes(path: Path, count: int = 400) -> None:
     data = bytearray(path.read_bytes())
-    positions = np.random.default_rng(0).choice(len(data), size=min(count, len(data)),
-                                                replace=False)
+    positions = np.random.default_rng(0).choice(
+        len(data), size=min(count, len(data)), replace=False
+    )
     for i in positions:
         data[i] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -114,18 +121,29 @@ def copy_of_finished(finished, tmp_path) -> Path:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", HGRN_NUM_CPU_DEVICES="8",
-               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
+    env.update(
+        JAX_PLATFORMS="cpu",
+        HGRN_NUM_CPU_DEVICES="8",
+        PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]),
+    )
     env.pop("XLA_FLAGS", None)
     return env
 
 
-def _train(config_file: Path | str, workdir: Path | str, *overrides: str
-           ) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "experiments.train", f"--config={config_file}",
-               f"--workdir={workdir}", *overrides]
-    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+def _train(
+    config_file: Path | str, workdir: Path | str, *overrides: str
+) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        f"--config={config_file}",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
+    return subprocess.run(
+        command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
+    )
 
 
 def _error_lines(stderr: str) -> list[str]:
@@ -146,10 +164,11 @@ def _as_unprivileged(action) -> str:
     """Run ``action()`` (pure Python file access, no JAX) as a user that permissions bind:
     ``nobody`` in a forked child when this process is root, else this process. Returns
     ``"ok"`` or ``"<ExceptionClass>: <message>"``."""
+
     def outcome() -> str:
         try:
             action()
-        except Exception as error:  # noqa: BLE001 (reported to the test)
+        except Exception as error:
             return f"{type(error).__name__}: {error}"
         return "ok"
 
@@ -165,7 +184,7 @@ def _as_unprivileged(action) -> str:
             os.setgid(65534)
             os.setuid(65534)
             text = outcome()
-        except BaseException as error:  # noqa: BLE001
+        except BaseException as error:
             text = f"child failed: {error!r}"
         os.write(write, text.encode())
         os._exit(0)
@@ -231,14 +250,15 @@ def test_harmless_changes_are_allowed_and_listed(copy_of_finished, finished):
     for step in kept:
         np.testing.assert_array_equal(
             np.concatenate([x.ravel() for x in _params(run / "checkpoints" / str(step))]),
-            np.concatenate([x.ravel() for x in _params(finished[0] / "checkpoints" / str(step))]))
+            np.concatenate([x.ravel() for x in _params(finished[0] / "checkpoints" / str(step))]),
+        )
 
 
 def test_resume_restart_keeps_the_previous_run_and_starts_again(copy_of_finished):
     run = copy_of_finished
     before = _tree_digest(run / "checkpoints")
     results = _run(_config(**{"model.features": 8, "resume": "restart"}), run)
-    previous, = run.glob("previous-*")
+    (previous,) = run.glob("previous-*")
     assert _tree_digest(previous / "checkpoints") == before
     assert (previous / "results.json").is_file() and (previous / "config.json").is_file()
     assert json.loads((run / "config.json").read_text())["model"]["features"] == 8
@@ -246,7 +266,8 @@ def test_resume_restart_keeps_the_previous_run_and_starts_again(copy_of_finished
 
 
 def test_flipped_bytes_fall_back_to_the_previous_checkpoint_without_a_nan_stop(
-        copy_of_finished, finished):
+    copy_of_finished, finished
+):
     run = copy_of_finished
     _flip_bytes(_largest_array_file(run / "checkpoints" / "12"))
     damaged_digest = _tree_digest(run / "checkpoints" / "12")
@@ -254,15 +275,17 @@ def test_flipped_bytes_fall_back_to_the_previous_checkpoint_without_a_nan_stop(
         results = _run(_config(), run)
     # Kept, renamed, bytes as found; training resumed at step 9 and redid steps 10-12.
     assert _tree_digest(run / "checkpoints.damaged" / "12") == damaged_digest
-    for a, b in zip(_params(run / "checkpoints" / "12"),
-                    _params(finished[0] / "checkpoints" / "12"), strict=True):
+    for a, b in zip(
+        _params(run / "checkpoints" / "12"),
+        _params(finished[0] / "checkpoints" / "12"),
+        strict=True,
+    ):
         np.testing.assert_array_equal(a, b)
     assert results["test"] == finished[1]["test"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "remove_file"])
-def test_truncated_or_missing_files_are_moved_aside_not_deleted(copy_of_finished, finished,
-                                                                damage):
+def test_truncated_or_missing_files_are_moved_aside_not_deleted(copy_of_finished, finished, damage):
     run = copy_of_finished
     target = _largest_array_file(run / "checkpoints" / "12")
     if damage == "truncate":
@@ -314,19 +337,23 @@ def test_checksums_are_recorded_only_for_committed_checkpoints(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("error, expected", [
-    (PermissionError(errno.EACCES, "Permission denied"), "CheckpointUnreadableError"),
-    (OSError(errno.EIO, "Input/output error"), "CheckpointUnreadableError"),
-    (FileNotFoundError(errno.ENOENT, "No such file or directory"), "DamagedCheckpointError"),
-])
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (PermissionError(errno.EACCES, "Permission denied"), "CheckpointUnreadableError"),
+        (OSError(errno.EIO, "Input/output error"), "CheckpointUnreadableError"),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory"), "DamagedCheckpointError"),
+    ],
+)
 def test_os_errors_are_classified(error, expected):
     from hgrn_jax.training import integrity
 
     assert type(integrity.classify_os_error(error, "/x/state/d/1")).__name__ == expected
 
 
-def test_injected_permission_error_stops_the_restore_touching_nothing(copy_of_finished,
-                                                                      monkeypatch):
+def test_injected_permission_error_stops_the_restore_touching_nothing(
+    copy_of_finished, monkeypatch
+):
     from hgrn_jax.training import integrity
     from hgrn_jax.training.checkpoint import CheckpointUnreadableError
 
@@ -378,8 +405,9 @@ def other_process():
 def _write_lock(workdir: Path, **holder) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     lock = workdir / "run.lock"
-    lock.write_text(json.dumps({"host": socket.gethostname(), "start_time": "2026-01-01T00:00:00",
-                                **holder}))
+    lock.write_text(
+        json.dumps({"host": socket.gethostname(), "start_time": "2026-01-01T00:00:00", **holder})
+    )
     return lock
 
 
@@ -387,7 +415,9 @@ def test_a_held_lock_stops_a_second_run_before_it_writes_anything(tmp_path, othe
     from hgrn_jax.training.workdir import WorkdirInUseError
 
     lock = _write_lock(tmp_path, pid=other_process.pid)
-    with pytest.raises(WorkdirInUseError, match=rf"in use by another run .*pid {other_process.pid}"):
+    with pytest.raises(
+        WorkdirInUseError, match=rf"in use by another run .*pid {other_process.pid}"
+    ):
         _run(_config(), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]
     assert json.loads(lock.read_text())["pid"] == other_process.pid
@@ -397,7 +427,9 @@ def test_a_lock_from_another_host_says_how_to_clear_it(tmp_path):
     from hgrn_jax.training.workdir import WorkdirInUseError
 
     lock = _write_lock(tmp_path, host="some-other-host", pid=1)
-    with pytest.raises(WorkdirInUseError, match=rf"host some-other-host.*delete {re.escape(str(lock))}"):
+    with pytest.raises(
+        WorkdirInUseError, match=rf"host some-other-host.*delete {re.escape(str(lock))}"
+    ):
         _run(_config(), tmp_path)
 
 
@@ -422,9 +454,20 @@ def test_the_lock_is_released_after_a_failed_run(tmp_path):
 @pytest.mark.slow
 def test_two_runs_at_once_the_second_fails_naming_the_holder(tmp_path):
     first = subprocess.Popen(
-        [sys.executable, "-m", "experiments.train", f"--config={TOY_CONFIG}",
-         f"--workdir={tmp_path}", "--config.data.sleep_per_step=0.3"],
-        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            f"--config={TOY_CONFIG}",
+            f"--workdir={tmp_path}",
+            "--config.data.sleep_per_step=0.3",
+        ],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while not (tmp_path / "run.lock").exists():
@@ -460,6 +503,7 @@ def test_an_unwritable_workdir_is_named(shared_tmp, monkeypatch):
     outcome = _as_unprivileged(lambda: WorkdirLock(read_only).acquire())
     assert outcome.startswith("WorkdirNotWritableError"), outcome
     assert f"cannot write to {read_only}" in outcome and "writable --workdir" in outcome
+
     # The same classification with an injected error (runs as root too).
     def refuse(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -523,8 +567,10 @@ def test_a_broken_test_file_stops_before_training(tmp_path):
 def models():
     from hgrn_jax.nn import HGRNLM, ClassifierConfig, HGRNClassifier, LMConfig
 
-    classifier = HGRNClassifier(ClassifierConfig(num_classes=3, features=8, num_layers=1,
-                                                 vocab_size=10, norm="layer"), rngs=nnx.Rngs(0))
+    classifier = HGRNClassifier(
+        ClassifierConfig(num_classes=3, features=8, num_layers=1, vocab_size=10, norm="layer"),
+        rngs=nnx.Rngs(0),
+    )
     lm = HGRNLM(LMConfig(vocab_size=16, features=8, num_layers=1), rngs=nnx.Rngs(0))
     return classifier, lm
 
@@ -580,14 +626,20 @@ def test_empty_sequences_and_wrong_widths_name_the_expected_shape(models):
     with pytest.raises(ValueError, match=r"length 0; expected token ids \(batch, length\)"):
         lm(jnp.zeros((2, 0), jnp.int32))
     layer = HGRU(8, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"HGRU expects \(batch, length, d\); got shape "
-                                         r"\(1, 4, 5\) \(this layer has d = 8"):
+    with pytest.raises(
+        ValueError,
+        match=r"HGRU expects \(batch, length, d\); got shape "
+        r"\(1, 4, 5\) \(this layer has d = 8",
+    ):
         layer(jnp.ones((1, 4, 5)))
     with pytest.raises(ValueError, match=r"expects \(batch, length, d\); got shape \(1, 0, 8\)"):
         layer(jnp.ones((1, 0, 8)))
     grid = HGRU2D(8, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"HGRU2D expects \(batch, H, W, d\); got shape "
-                                         r"\(1, 2, 2, 5\) \(this layer has d = 8"):
+    with pytest.raises(
+        ValueError,
+        match=r"HGRU2D expects \(batch, H, W, d\); got shape "
+        r"\(1, 2, 2, 5\) \(this layer has d = 8",
+    ):
         grid(jnp.ones((1, 2, 2, 5)))
 
 
@@ -602,8 +654,9 @@ def _release_with_train(tmp_path: Path, train: bytes) -> str:
     folder = tmp_path / "lra" / "listops-1000"
     folder.mkdir(parents=True)
     for split in ("train", "val", "test"):
-        (folder / f"basic_{split}.tsv").write_bytes(train if split == "train"
-                                                    else GOOD_ROWS.encode())
+        (folder / f"basic_{split}.tsv").write_bytes(
+            train if split == "train" else GOOD_ROWS.encode()
+        )
     return str(folder.parent)
 
 
@@ -613,8 +666,11 @@ def test_a_utf8_bom_in_the_header_is_ignored(tmp_path):
     lra_dir = _release_with_train(tmp_path, b"\xef\xbb\xbf" + GOOD_ROWS.encode())
     data = listops_release.load_split("train", lra_dir=lra_dir, seq_len=32)
     assert len(data["labels"]) == 6
-    lines = list(text_lines.decoded_lines(Path(lra_dir) / "listops-1000" / "basic_train.tsv",
-                                          on_undecodable=None))
+    lines = list(
+        text_lines.decoded_lines(
+            Path(lra_dir) / "listops-1000" / "basic_train.tsv", on_undecodable=None
+        )
+    )
     assert lines[0].startswith("Source\t") and len(lines) == 7
 
 
@@ -623,12 +679,14 @@ def test_undecodable_bytes_name_file_and_line_and_can_be_skipped(tmp_path):
     from hgrn_jax.data.errors import BadDataError
 
     lra_dir = _release_with_train(tmp_path, GOOD_ROWS.encode().replace(b"[MAX 2", b"[MAX \xff2"))
-    with pytest.raises(BadDataError, match=r"(?s)basic_train\.tsv:4: not valid UTF-8.*"
-                                           r"skip_bad_rows=True"):
+    with pytest.raises(
+        BadDataError,
+        match=r"(?s)basic_train\.tsv:4: not valid UTF-8.*"
+        r"skip_bad_rows=True",
+    ):
         listops_release.load_split("train", lra_dir=lra_dir, seq_len=32)
     with pytest.warns(UserWarning, match=r"basic_train\.tsv:4"):
-        data = listops_release.load_split("train", lra_dir=lra_dir, seq_len=32,
-                                          skip_bad_rows=True)
+        data = listops_release.load_split("train", lra_dir=lra_dir, seq_len=32, skip_bad_rows=True)
     assert len(data["labels"]) == 5
 
 
@@ -660,8 +718,12 @@ def test_generated_data_and_caches_follow_the_umask(tmp_path, mask):
     previous = os.umask(mask)
     try:
         folder = listops.ensure_generated(tmp_path / "gen", listops.ListOpsSpec.tiny(), 0)
-        cache = loader.prepared(tmp_path / "cache", "x", {"k": 1},
-                                lambda f: loader.save_arrays(f, "data", {"a": np.zeros(3)}))
+        cache = loader.prepared(
+            tmp_path / "cache",
+            "x",
+            {"k": 1},
+            lambda f: loader.save_arrays(f, "data", {"a": np.zeros(3)}),
+        )
     finally:
         os.umask(previous)
     for path in [*folder.iterdir(), *cache.iterdir()]:
@@ -682,8 +744,14 @@ def _results(folder: Path, text: str) -> None:
 def test_report_skips_broken_runs_and_reports_the_others(tmp_path, capsys):
     from experiments import report
 
-    good = {"task": "listops", "metric": "accuracy", "best_val": 51.0, "test": 50.0,
-            "steps": 40, "paper": 59.95}
+    good = {
+        "task": "listops",
+        "metric": "accuracy",
+        "best_val": 51.0,
+        "test": 50.0,
+        "steps": 40,
+        "paper": 59.95,
+    }
     _results(tmp_path / "a_corrupt", '{"task": "listops", "te')
     _results(tmp_path / "b_empty", "{}")
     _results(tmp_path / "c_list", "[]")
@@ -730,15 +798,28 @@ def test_command_line_user_errors_are_one_line_with_exit_code_2(tmp_path, finish
     cases = [
         (("nope.py", tmp_path / "w1"), [r"config file nope\.py not found"]),
         ((f"{LISTOPS_CONFIG}:huge", tmp_path / "w2"), [r"unknown preset 'huge'", "tiny"]),
-        ((listops_tiny, tmp_path / "w3", "--config.num_train_steps=0"),
-         [r"config\.num_train_steps=0 must be at least 1"]),
-        ((listops_tiny, a_file / "run"), [rf"cannot write to {re.escape(str(a_file))}",
-                                          "writable --workdir"]),
-        ((listops_tiny, tmp_path / "w4", "--config.data.source=release",
-          f"--config.data.lra_dir={release.parent}", f"--config.data.cache_dir={tmp_path}/c"),
-         [r"basic_val\.tsv:1: binary data"]),
-        ((TOY_CONFIG, run, "--config.model.features=64"),
-         [r"model\.features: 16 -> 64", r"--config\.resume=restart"]),
+        (
+            (listops_tiny, tmp_path / "w3", "--config.num_train_steps=0"),
+            [r"config\.num_train_steps=0 must be at least 1"],
+        ),
+        (
+            (listops_tiny, a_file / "run"),
+            [rf"cannot write to {re.escape(str(a_file))}", "writable --workdir"],
+        ),
+        (
+            (
+                listops_tiny,
+                tmp_path / "w4",
+                "--config.data.source=release",
+                f"--config.data.lra_dir={release.parent}",
+                f"--config.data.cache_dir={tmp_path}/c",
+            ),
+            [r"basic_val\.tsv:1: binary data"],
+        ),
+        (
+            (TOY_CONFIG, run, "--config.model.features=64"),
+            [r"model\.features: 16 -> 64", r"--config\.resume=restart"],
+        ),
     ]
     before = _tree_digest(run)
     for args, patterns in cases:

@@ -54,8 +54,9 @@ def _to_time_major(y: np.ndarray) -> np.ndarray:
 def test_official_hgru(golden, case_name, precision):
     dtype, tol = precision
     case = golden(case_name)
-    module = convert.from_hgru_pytorch(case.meta["source"]["class"], case.meta["constructor"],
-                                       case.params, dtype=dtype)
+    module = convert.from_hgru_pytorch(
+        case.meta["source"]["class"], case.meta["constructor"], case.params, dtype=dtype
+    )
     x = jnp.asarray(_to_batch_major(case.arrays["input"]), dtype)
     bound = jnp.asarray(case.arrays["lower_bound"], dtype)
     out = _to_time_major(np.asarray(jax.jit(lambda m, x, b: m(x, b))(module, x, bound)))
@@ -89,8 +90,9 @@ def test_fla_attention(golden, precision):
     np.testing.assert_allclose(module(x, bound, mask=mask), case.arrays["output/masked"], **tol)
     _, last = module.step(x, module.init_state(x.shape[0]), bound)
     np.testing.assert_allclose(last, case.arrays["output/final_state"], **tol)
-    first_layer = convert.from_fla_hgrn_attention(dict(constructor, layer_idx=0), case.params,
-                                                  dtype=dtype)
+    first_layer = convert.from_fla_hgrn_attention(
+        dict(constructor, layer_idx=0), case.params, dtype=dtype
+    )
     np.testing.assert_allclose(first_layer(x, bound), case.arrays["output/layer_idx0"], **tol)
 
 
@@ -102,8 +104,9 @@ def test_fla_lm(golden, precision):
     lm = convert.from_fla_hgrn_lm(case.meta["constructor"]["HGRNConfig"], case.params, dtype=dtype)
     ids = jnp.asarray(case.arrays["input"])
     np.testing.assert_allclose(lm(ids), case.arrays["output"], **tol)
-    np.testing.assert_allclose(lm.lower_bounds(), case.arrays["output/lower_bounds_used"],
-                               atol=3e-7, rtol=0)
+    np.testing.assert_allclose(
+        lm.lower_bounds(), case.arrays["output/lower_bounds_used"], atol=3e-7, rtol=0
+    )
 
     prefill = case.meta["prefill_len"]
     step = jax.jit(lambda m, ids, cache: m.step(ids, cache))
@@ -111,10 +114,11 @@ def test_fla_lm(golden, precision):
     np.testing.assert_allclose(logits, case.arrays["output"][:, :prefill], **tol)
     decoded = []
     for t in range(prefill, ids.shape[1]):
-        logits, cache = step(lm, ids[:, t:t + 1], cache)
+        logits, cache = step(lm, ids[:, t : t + 1], cache)
         decoded.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(decoded, axis=1),
-                               case.arrays["output/decode_logits"], **tol)
+    np.testing.assert_allclose(
+        jnp.concatenate(decoded, axis=1), case.arrays["output/decode_logits"], **tol
+    )
     for k, state in enumerate(cache):
         np.testing.assert_allclose(state, case.arrays[f"output/recurrent_state/{k}"], **tol)
 
@@ -130,7 +134,9 @@ def _hgru_case(golden):
 def test_converter_rejects_missing_parameter(golden):
     cls, ctor, params = _hgru_case(golden)
     del params["lambda_proj.weight"]
-    with pytest.raises(convert.ConversionError, match=r"missing parameter\(s\): lambda_proj.weight"):
+    with pytest.raises(
+        convert.ConversionError, match=r"missing parameter\(s\): lambda_proj.weight"
+    ):
         convert.from_hgru_pytorch(cls, ctor, params)
 
 
@@ -150,7 +156,9 @@ def test_converter_rejects_wrong_shape(golden):
 
 def test_converter_rejects_bias_mismatch(golden):
     cls, ctor, params = _hgru_case(golden)
-    with pytest.raises(convert.ConversionError, match=r"unexpected parameter\(s\): .*input_proj.bias"):
+    with pytest.raises(
+        convert.ConversionError, match=r"unexpected parameter\(s\): .*input_proj.bias"
+    ):
         convert.from_hgru_pytorch(cls, dict(ctor, bias=False), params)
 
 

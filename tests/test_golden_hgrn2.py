@@ -40,18 +40,23 @@ def test_official_hgrn2_1d(golden, precision):
     dtype, tol = precision
     case = golden("official_hgrn2_1d")
     constructor = case.meta["constructor"]
-    layer = convert.from_hgru2_pytorch(case.meta["source"]["class"], constructor, case.params,
-                                       dtype=dtype)
+    layer = convert.from_hgru2_pytorch(
+        case.meta["source"]["class"], constructor, case.params, dtype=dtype
+    )
     derived = case.meta["derived"]
     assert (layer.num_heads, layer.key_dim, layer.value_dim) == (
-        derived["num_heads"], derived["head_k_dim"], derived["head_v_dim"])
-    x = jnp.asarray(case.arrays["input"].transpose(1, 0, 2), dtype)   # (n, b, d) -> (b, n, d)
+        derived["num_heads"],
+        derived["head_k_dim"],
+        derived["head_v_dim"],
+    )
+    x = jnp.asarray(case.arrays["input"].transpose(1, 0, 2), dtype)  # (n, b, d) -> (b, n, d)
     bound = jnp.asarray(case.arrays["lower_bound"], dtype)
     out = jax.jit(lambda m, x, b: m(x, b))(layer, x, bound)
     assert out.dtype == dtype
     np.testing.assert_allclose(np.asarray(out).transpose(1, 0, 2), case.arrays["output"], **tol)
-    np.testing.assert_allclose(np.asarray(layer(x)).transpose(1, 0, 2),
-                               case.arrays["output/lb0"], **tol)
+    np.testing.assert_allclose(
+        np.asarray(layer(x)).transpose(1, 0, 2), case.arrays["output/lb0"], **tol
+    )
 
 
 def test_fla_hgrn2_attention(golden, precision):
@@ -68,10 +73,10 @@ def test_fla_hgrn2_attention(golden, precision):
     assert np.all(np.asarray(masked)[np.asarray(mask) == 0] == 0)  # padding outputs exactly 0
     _, last = layer.step(x, layer.init_state(x.shape[0]), bound)
     np.testing.assert_allclose(_fla_layout(last), case.arrays["output/final_state"], **tol)
-    first = convert.from_fla_hgrn2_attention(dict(constructor, layer_idx=0), case.params,
-                                             dtype=dtype)
-    np.testing.assert_allclose(first(x, lower_bound=bound), case.arrays["output/layer_idx0"],
-                               **tol)
+    first = convert.from_fla_hgrn2_attention(
+        dict(constructor, layer_idx=0), case.params, dtype=dtype
+    )
+    np.testing.assert_allclose(first(x, lower_bound=bound), case.arrays["output/layer_idx0"], **tol)
 
 
 def test_fla_hgrn2_lm(golden, precision):
@@ -79,12 +84,14 @@ def test_fla_hgrn2_lm(golden, precision):
     if dtype == jnp.float64:
         tol = dict(atol=1e-6, rtol=0)  # fla's float32 lower bounds; see the module docstring
     case = golden("fla_hgrn2_lm")
-    lm = convert.from_fla_hgrn2_lm(case.meta["constructor"]["HGRN2Config"], case.params,
-                                   dtype=dtype)
+    lm = convert.from_fla_hgrn2_lm(
+        case.meta["constructor"]["HGRN2Config"], case.params, dtype=dtype
+    )
     ids = jnp.asarray(case.arrays["input"])
     np.testing.assert_allclose(lm(ids), case.arrays["output"], **tol)
-    np.testing.assert_allclose(lm.lower_bounds(), case.arrays["output/lower_bounds_used"],
-                               atol=3e-7, rtol=0)
+    np.testing.assert_allclose(
+        lm.lower_bounds(), case.arrays["output/lower_bounds_used"], atol=3e-7, rtol=0
+    )
 
     prefill = case.meta["prefill_len"]
     step = jax.jit(lambda m, ids, cache: m.step(ids, cache))
@@ -92,13 +99,15 @@ def test_fla_hgrn2_lm(golden, precision):
     np.testing.assert_allclose(logits, case.arrays["output"][:, :prefill], **tol)
     decoded = []
     for t in range(prefill, ids.shape[1]):
-        logits, cache = step(lm, ids[:, t:t + 1], cache)
+        logits, cache = step(lm, ids[:, t : t + 1], cache)
         decoded.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(decoded, axis=1),
-                               case.arrays["output/decode_logits"], **tol)
+    np.testing.assert_allclose(
+        jnp.concatenate(decoded, axis=1), case.arrays["output/decode_logits"], **tol
+    )
     for k, state in enumerate(cache):
-        np.testing.assert_allclose(_fla_layout(state), case.arrays[f"output/recurrent_state/{k}"],
-                                   **tol)
+        np.testing.assert_allclose(
+            _fla_layout(state), case.arrays[f"output/recurrent_state/{k}"], **tol
+        )
 
 
 # ----------------------------------------------------------------- converter errors
@@ -129,8 +138,9 @@ def test_fla_hgrn2_converter_errors(golden):
     with pytest.raises(convert.ConversionError, match="use_short_conv=True is not supported"):
         convert.from_fla_hgrn2_attention(dict(ctor, use_short_conv=True), params)
     with pytest.raises(convert.ConversionError, match=r"unexpected parameter\(s\): g_proj.weight"):
-        convert.from_fla_hgrn2_attention(ctor, dict(params, **{"g_proj.weight": params[
-            "q_proj.weight"]}))
+        convert.from_fla_hgrn2_attention(
+            ctor, dict(params, **{"g_proj.weight": params["q_proj.weight"]})
+        )
     # A different head split changes q_proj / f_proj widths only when H * K != d; K must divide d.
     with pytest.raises(convert.ConversionError, match="not a multiple of expand_ratio"):
         convert.from_fla_hgrn2_attention(dict(ctor, expand_ratio=ctor["hidden_size"] + 1), params)
@@ -142,5 +152,6 @@ def test_fla_hgrn2_converter_errors(golden):
     with pytest.raises(convert.ConversionError, match=r"model.layers.1.attn.q_proj.weight"):
         convert.from_fla_hgrn2_lm(lm_ctor, bad)
     with pytest.raises(convert.ConversionError, match=r"missing parameter\(s\): lm_head.weight"):
-        convert.from_fla_hgrn2_lm(lm_ctor, {k: v for k, v in lm_params.items()
-                                            if k != "lm_head.weight"})
+        convert.from_fla_hgrn2_lm(
+            lm_ctor, {k: v for k, v in lm_params.items() if k != "lm_head.weight"}
+        )

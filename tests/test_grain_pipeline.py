@@ -12,14 +12,20 @@ N, BATCH, PROCESSES = 48, 8, 2
 
 
 def source() -> grain_pipeline.ArraySource:
-    return grain_pipeline.ArraySource({"inputs": np.arange(N * 3).reshape(N, 3),
-                                       "labels": np.arange(N, dtype=np.int32)})
+    return grain_pipeline.ArraySource(
+        {"inputs": np.arange(N * 3).reshape(N, 3), "labels": np.arange(N, dtype=np.int32)}
+    )
 
 
 def batches(process_index: int, count: int, **kwargs) -> list[dict[str, np.ndarray]]:
-    loader = grain_pipeline.train_loader(source(), seed=7, batch_size=BATCH,
-                                         process_index=process_index,
-                                         process_count=PROCESSES, **kwargs)
+    loader = grain_pipeline.train_loader(
+        source(),
+        seed=7,
+        batch_size=BATCH,
+        process_index=process_index,
+        process_count=PROCESSES,
+        **kwargs,
+    )
     iterator = iter(loader)
     return [next(iterator) for _ in range(count)]
 
@@ -32,20 +38,24 @@ def test_every_example_once_per_epoch_over_all_processes():
     assert first["inputs"].shape == (BATCH // PROCESSES, 3)
     np.testing.assert_array_equal(first["inputs"][:, 0], first["labels"] * 3)  # rows intact
     two_epochs = np.concatenate([b["labels"] for b in batches(0, 2 * steps)])
-    assert sorted(two_epochs[:N // 2]) == sorted(two_epochs[N // 2:])  # the same shard
-    assert two_epochs[:N // 2].tolist() != two_epochs[N // 2:].tolist()  # reshuffled
+    assert sorted(two_epochs[: N // 2]) == sorted(two_epochs[N // 2 :])  # the same shard
+    assert two_epochs[: N // 2].tolist() != two_epochs[N // 2 :].tolist()  # reshuffled
 
 
 def test_resuming_from_the_saved_state_continues_exactly():
-    loader = grain_pipeline.train_loader(source(), seed=7, batch_size=BATCH, process_index=1,
-                                         process_count=PROCESSES)
+    loader = grain_pipeline.train_loader(
+        source(), seed=7, batch_size=BATCH, process_index=1, process_count=PROCESSES
+    )
     iterator = iter(loader)
     for _ in range(5):
         next(iterator)
     state = iterator.get_state()
     expected = [next(iterator)["labels"] for _ in range(6)]
-    resumed = iter(grain_pipeline.train_loader(source(), seed=7, batch_size=BATCH,
-                                               process_index=1, process_count=PROCESSES))
+    resumed = iter(
+        grain_pipeline.train_loader(
+            source(), seed=7, batch_size=BATCH, process_index=1, process_count=PROCESSES
+        )
+    )
     resumed.set_state(state)
     np.testing.assert_array_equal([next(resumed)["labels"] for _ in range(6)], expected)
 

@@ -17,9 +17,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hgrn_jax.nn import (HGRN2, HGRN2D, HGRNLM, ClassifierConfig, FlaHGRN2Attention,
-                         HGRNClassifier, HGRNImageClassifier, ImageConfig, LMConfig, MixerConfig,
-                         generate)
+from hgrn_jax.nn import (
+    HGRN2,
+    HGRN2D,
+    HGRNLM,
+    ClassifierConfig,
+    FlaHGRN2Attention,
+    HGRNClassifier,
+    HGRNImageClassifier,
+    ImageConfig,
+    LMConfig,
+    MixerConfig,
+    generate,
+)
 from hgrn_jax.nn import remat as remat_module
 
 D, L, B = 16, 11, 2
@@ -39,10 +49,10 @@ def _x(seed: int = 1, length: int = L) -> jax.Array:
 def test_causal_mixer_ignores_the_future_and_bidirectional_sees_it(layout):
     x = _x()
     t0 = L // 2
-    later = x.at[:, t0 + 1:].add(1.0)
+    later = x.at[:, t0 + 1 :].add(1.0)
     causal = LAYOUTS[layout]()
-    np.testing.assert_array_equal(causal(later, BOUND)[:, :t0 + 1], causal(x, BOUND)[:, :t0 + 1])
-    assert float(jnp.abs(causal(later, BOUND) - causal(x, BOUND))[:, t0 + 1:].max()) > 1e-2
+    np.testing.assert_array_equal(causal(later, BOUND)[:, : t0 + 1], causal(x, BOUND)[:, : t0 + 1])
+    assert float(jnp.abs(causal(later, BOUND) - causal(x, BOUND))[:, t0 + 1 :].max()) > 1e-2
     both = LAYOUTS[layout](bidirectional=True)
     assert float(jnp.abs(both(later, BOUND) - both(x, BOUND))[:, 0].max()) > 1e-3
     # Batch rows stay independent.
@@ -129,7 +139,8 @@ def test_every_parameter_has_logical_axes():
     for make in LAYOUTS.values():
         for path, param in nnx.to_flat_state(nnx.state(make(), nnx.Param)):
             names = param.get_metadata().get("out_sharding") or param.get_metadata().get(
-                "sharding_names")
+                "sharding_names"
+            )
             assert names is not None and len(names) == param.ndim, path
 
 
@@ -155,7 +166,7 @@ def test_lm_with_hgrn2_decodes_like_its_forward_pass_and_trains(layout):
     logits, cache = lm.step(ids[:, :4], lm.init_cache(B))
     steps = [logits]
     for t in range(4, 9):
-        logits, cache = lm.step(ids[:, t:t + 1], cache)
+        logits, cache = lm.step(ids[:, t : t + 1], cache)
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, **TOL)
     # Greedy generation continues with the arg-max of the full pass at every position.
@@ -173,11 +184,20 @@ def test_lm_with_hgrn2_decodes_like_its_forward_pass_and_trains(layout):
 
 @pytest.mark.parametrize("layout", list(HGRN2_MIXERS))
 def test_classifier_with_hgrn2_ignores_padding_and_has_finite_gradients(layout):
-    config = ClassifierConfig(num_classes=3, features=D, num_layers=2, encoder="embed",
-                              vocab_size=13, norm="layer", mixer=HGRN2_MIXERS[layout])
+    config = ClassifierConfig(
+        num_classes=3,
+        features=D,
+        num_layers=2,
+        encoder="embed",
+        vocab_size=13,
+        norm="layer",
+        mixer=HGRN2_MIXERS[layout],
+    )
     model = HGRNClassifier(config, rngs=nnx.Rngs(0))
-    assert all(isinstance(b.mixer, (HGRN2, FlaHGRN2Attention)) and b.mixer.bidirectional
-               for b in model.blocks)
+    assert all(
+        isinstance(b.mixer, (HGRN2, FlaHGRN2Attention)) and b.mixer.bidirectional
+        for b in model.blocks
+    )
     ids = jax.random.randint(jax.random.key(3), (B, 7), 1, 13)
     padded = jnp.concatenate([ids, jnp.zeros((B, 4), ids.dtype)], axis=1)
     mask = jnp.arange(11)[None, :] < 7
@@ -189,17 +209,29 @@ def test_classifier_with_hgrn2_ignores_padding_and_has_finite_gradients(layout):
 
 
 def test_lra_2d_classifier_with_hgrn2():
-    config = ClassifierConfig(num_classes=3, features=D, num_layers=2, encoder="linear",
-                              input_channels=1, norm="batch", grid_shape=(4, 4),
-                              mixer=MixerConfig(kind="hgrn2", scan="2d", expand_ratio=4))
+    config = ClassifierConfig(
+        num_classes=3,
+        features=D,
+        num_layers=2,
+        encoder="linear",
+        input_channels=1,
+        norm="batch",
+        grid_shape=(4, 4),
+        mixer=MixerConfig(kind="hgrn2", scan="2d", expand_ratio=4),
+    )
     model = HGRNClassifier(config, rngs=nnx.Rngs(0))
     assert isinstance(model.blocks[0].mixer, HGRN2D)
     assert model(jnp.ones((B, 16))).shape == (B, 3)
 
 
 def test_image_classifier_with_hgrn2():
-    config = ImageConfig(image_size=(28, 28), features=D, num_layers=2, num_classes=5,
-                         mixer=dict(kind="hgrn2", expand_ratio=8))
+    config = ImageConfig(
+        image_size=(28, 28),
+        features=D,
+        num_layers=2,
+        num_classes=5,
+        mixer=dict(kind="hgrn2", expand_ratio=8),
+    )
     model = HGRNImageClassifier(config, rngs=nnx.Rngs(0))
     assert isinstance(model.blocks[0].mixer, HGRN2) and model.blocks[0].mixer.num_heads == 2
     assert model(jnp.ones((B, 28, 28, 3))).shape == (B, 5)
@@ -216,13 +248,24 @@ def test_mixer_config_errors_name_the_fix():
     with pytest.raises(ValueError, match="expand_ratio is an HGRN2 / fla option"):
         MixerConfig(expand_ratio=4)
     with pytest.raises(ValueError, match="features 16 must be a multiple of expand_ratio 5"):
-        HGRNLM(LMConfig(vocab_size=5, features=16, num_layers=1,
-                        mixer=MixerConfig(kind="hgrn2", expand_ratio=5)), rngs=nnx.Rngs(0))
+        HGRNLM(
+            LMConfig(
+                vocab_size=5,
+                features=16,
+                num_layers=1,
+                mixer=MixerConfig(kind="hgrn2", expand_ratio=5),
+            ),
+            rngs=nnx.Rngs(0),
+        )
     with pytest.raises(ValueError, match=r"ClassifierConfig.mixer.expand is not a MixerConfig"):
         ClassifierConfig(vocab_size=5, mixer={"kind": "hgrn2", "expand": 4})
     with pytest.raises(ValueError, match="causal only"):
-        HGRNClassifier(ClassifierConfig(vocab_size=5, features=8, num_layers=1,
-                                        mixer=MixerConfig(layout="fla")), rngs=nnx.Rngs(0))
+        HGRNClassifier(
+            ClassifierConfig(
+                vocab_size=5, features=8, num_layers=1, mixer=MixerConfig(layout="fla")
+            ),
+            rngs=nnx.Rngs(0),
+        )
 
 
 def test_old_field_names_still_work_with_a_deprecation_warning():
@@ -231,8 +274,11 @@ def test_old_field_names_still_work_with_a_deprecation_warning():
     assert old.mixer == MixerConfig(scan="2d")
     with pytest.warns(DeprecationWarning, match=r"MixerConfig\(complex_valued=...\)"):
         old = ClassifierConfig(vocab_size=5, complex_valued=False, mixer_bias=False)
-    assert (old.mixer.complex_valued, old.mixer.use_bias, old.complex_valued) == (False, False,
-                                                                                 None)
+    assert (old.mixer.complex_valued, old.mixer.use_bias, old.complex_valued) == (
+        False,
+        False,
+        None,
+    )
     with pytest.warns(DeprecationWarning, match="use input_channels"):
         image = ImageConfig(in_channels=1)
     assert image.input_channels == 1 and image.in_channels is None
@@ -246,6 +292,10 @@ def test_old_field_names_still_work_with_a_deprecation_warning():
 def test_remat_does_not_import_the_blocks():
     tree = ast.parse(inspect.getsource(remat_module))
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
-                 for alias in node.names}
+    imported |= {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
     assert not any(name and name.startswith("hgrn_jax.nn.blocks") for name in imported)

@@ -18,8 +18,16 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from hgrn_jax.nn import GLU, HGRNLM, HGRU, HGRU2D, FlaHGRNAttention, LMConfig, LowerBounds
-from hgrn_jax.nn import lower_bounds
+from hgrn_jax.nn import (
+    GLU,
+    HGRNLM,
+    HGRU,
+    HGRU2D,
+    FlaHGRNAttention,
+    LMConfig,
+    LowerBounds,
+    lower_bounds,
+)
 
 D = 8
 SEQ = (3, 12, D)  # one shape per kind keeps the eager op cache warm across tests
@@ -50,7 +58,7 @@ def test_causal_hgru_ignores_the_future(method):
     t0 = 6
     y0, y1 = layer(x, 0.5), layer(perturbed(x, (slice(None), slice(t0 + 1, None))), 0.5)
     np.testing.assert_array_equal(y1[:, : t0 + 1], y0[:, : t0 + 1])
-    assert changed(y0, y1)[:, t0 + 1:].all()
+    assert changed(y0, y1)[:, t0 + 1 :].all()
 
 
 @pytest.mark.parametrize("separate_phases", [True, False], ids=["separate", "shared"])
@@ -88,11 +96,15 @@ def test_four_scan_hgru2d_reaches_the_whole_row_and_column(separate_phases):
     np.testing.assert_array_equal(diff, expected)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: HGRU(D, rngs=nnx.Rngs(0)),
-    lambda: HGRU(D, bidirectional=True, rngs=nnx.Rngs(0)),
-    lambda: HGRU2D(D, rngs=nnx.Rngs(0)),
-], ids=["causal", "bidirectional", "2d"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: HGRU(D, rngs=nnx.Rngs(0)),
+        lambda: HGRU(D, bidirectional=True, rngs=nnx.Rngs(0)),
+        lambda: HGRU2D(D, rngs=nnx.Rngs(0)),
+    ],
+    ids=["causal", "bidirectional", "2d"],
+)
 def test_batch_elements_are_independent(make):
     layer = make()
     x = inputs(GRID if isinstance(layer, HGRU2D) else SEQ)
@@ -108,14 +120,21 @@ def test_batch_elements_are_independent(make):
 def test_real_valued_variant():
     layer = HGRU(D, bidirectional=True, complex_valued=False, rngs=nnx.Rngs(0))
     assert not hasattr(layer, "theta") and not hasattr(layer, "theta_reverse")
-    shapes = {"/".join(map(str, path)): value.shape
-              for path, value in nnx.to_flat_state(nnx.state(layer, nnx.Param))}
+    shapes = {
+        "/".join(map(str, path)): value.shape
+        for path, value in nnx.to_flat_state(nnx.state(layer, nnx.Param))
+    }
     assert shapes == {
-        "input_proj/kernel": (D, D), "input_proj/bias": (D,),
-        "lambda_proj/kernel": (D, D), "lambda_proj/bias": (D,),
-        "gate/kernel": (D, D), "gate/bias": (D,),
-        "out_proj/kernel": (D, D), "out_proj/bias": (D,),
-        "norm/scale": (D,), "norm/bias": (D,),
+        "input_proj/kernel": (D, D),
+        "input_proj/bias": (D,),
+        "lambda_proj/kernel": (D, D),
+        "lambda_proj/bias": (D,),
+        "gate/kernel": (D, D),
+        "gate/bias": (D,),
+        "out_proj/kernel": (D, D),
+        "out_proj/bias": (D,),
+        "norm/scale": (D,),
+        "norm/bias": (D,),
     }
     y = layer(inputs(SEQ), 0.5)
     chex.assert_shape(y, SEQ)
@@ -158,11 +177,15 @@ def test_lower_bound_may_be_a_vector():
 # ------------------------------------------------------------------ initialisation
 
 
-@pytest.mark.parametrize("make", [
-    lambda: HGRU(64, rngs=nnx.Rngs(0)),
-    lambda: HGRU(64, bidirectional=True, rngs=nnx.Rngs(1)),
-    lambda: HGRU2D(64, rngs=nnx.Rngs(2)),
-], ids=["causal", "bidirectional", "2d"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: HGRU(64, rngs=nnx.Rngs(0)),
+        lambda: HGRU(64, bidirectional=True, rngs=nnx.Rngs(1)),
+        lambda: HGRU2D(64, rngs=nnx.Rngs(2)),
+    ],
+    ids=["causal", "bidirectional", "2d"],
+)
 def test_theta_is_10000_to_the_minus_2j_over_d(make):
     layer = make()
     expected = 10000.0 ** (-2.0 * np.arange(64) / 64)
@@ -190,16 +213,21 @@ def test_linear_layers_use_the_pytorch_default_init():
 TINY_LM = LMConfig(vocab_size=32, features=D, num_layers=2, glu_hidden=16)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: HGRU(D, bidirectional=True, rngs=nnx.Rngs(0)),
-    lambda: HGRU(D, complex_valued=False, use_bias=False, rngs=nnx.Rngs(0)),
-    lambda: HGRU2D(D, rngs=nnx.Rngs(0)),
-    lambda: GLU(D, 16, rngs=nnx.Rngs(0)),
-    lambda: FlaHGRNAttention(D, expand_ratio=2, rngs=nnx.Rngs(0)),
-    lambda: HGRNLM(TINY_LM, rngs=nnx.Rngs(0)),
-    lambda: HGRNLM(LMConfig.fla(vocab_size=32, features=D, num_layers=2, glu_hidden=16),
-                   rngs=nnx.Rngs(0)),
-], ids=["hgru", "hgru_real", "hgru2d", "glu", "fla_attention", "lm", "fla_lm"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: HGRU(D, bidirectional=True, rngs=nnx.Rngs(0)),
+        lambda: HGRU(D, complex_valued=False, use_bias=False, rngs=nnx.Rngs(0)),
+        lambda: HGRU2D(D, rngs=nnx.Rngs(0)),
+        lambda: GLU(D, 16, rngs=nnx.Rngs(0)),
+        lambda: FlaHGRNAttention(D, expand_ratio=2, rngs=nnx.Rngs(0)),
+        lambda: HGRNLM(TINY_LM, rngs=nnx.Rngs(0)),
+        lambda: HGRNLM(
+            LMConfig.fla(vocab_size=32, features=D, num_layers=2, glu_hidden=16), rngs=nnx.Rngs(0)
+        ),
+    ],
+    ids=["hgru", "hgru_real", "hgru2d", "glu", "fla_attention", "lm", "fla_lm"],
+)
 def test_every_parameter_has_logical_axis_names(make):
     model = make()
     params = nnx.state(model, nnx.Param)
@@ -227,8 +255,9 @@ def test_step_streaming_equals_the_full_call(complex_valued):
     for start, stop in ((0, 5), (5, 6), (6, 12)):  # a prefill, one token, the rest
         y, state = layer.step(x[:, start:stop], state, bound)
         outputs.append(y)
-    np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), layer(x, bound),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        jnp.concatenate(outputs, axis=1), layer(x, bound), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_step_needs_a_causal_layer():
@@ -242,10 +271,14 @@ def test_hgru2d_needs_a_grid():
         HGRU2D(D, rngs=nnx.Rngs(0))(inputs((1, 12, D)))
 
 
-@pytest.mark.parametrize("make", [
-    lambda dtype: HGRU(D, bidirectional=True, dtype=dtype, rngs=nnx.Rngs(0)),
-    lambda dtype: HGRU2D(D, dtype=dtype, rngs=nnx.Rngs(0)),
-], ids=["hgru", "hgru2d"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda dtype: HGRU(D, bidirectional=True, dtype=dtype, rngs=nnx.Rngs(0)),
+        lambda dtype: HGRU2D(D, dtype=dtype, rngs=nnx.Rngs(0)),
+    ],
+    ids=["hgru", "hgru2d"],
+)
 def test_bfloat16_activations_stay_close_to_float32(make):
     """bf16 activations, float32 parameters: bf16 keeps 8 significant bits (rounding error
     2^-9 = 0.2% per operation); about ten roundings in sequence (input, four projections, SiLUs,
@@ -262,11 +295,15 @@ def test_bfloat16_activations_stay_close_to_float32(make):
     np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=0.05 * scale, rtol=0)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: HGRU(D, bidirectional=True, rngs=nnx.Rngs(0)),
-    lambda: HGRU(D, complex_valued=False, norm_before_gate=False, rngs=nnx.Rngs(0)),
-    lambda: HGRU2D(D, rngs=nnx.Rngs(0)),
-], ids=["hgru", "hgru_real_gate_first", "hgru2d"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: HGRU(D, bidirectional=True, rngs=nnx.Rngs(0)),
+        lambda: HGRU(D, complex_valued=False, norm_before_gate=False, rngs=nnx.Rngs(0)),
+        lambda: HGRU2D(D, rngs=nnx.Rngs(0)),
+    ],
+    ids=["hgru", "hgru_real_gate_first", "hgru2d"],
+)
 def test_gradients_are_finite(make):
     layer = make()
     x = inputs(GRID if isinstance(layer, HGRU2D) else SEQ)
@@ -296,7 +333,9 @@ def test_lower_bounds_schemes():
 
 
 def test_lower_bounds_scheme_errors():
-    with pytest.raises(ValueError, match=r"unknown lower-bound scheme 'fairseq'; use 'lra' or 'lm'"):
+    with pytest.raises(
+        ValueError, match=r"unknown lower-bound scheme 'fairseq'; use 'lra' or 'lm'"
+    ):
         lower_bounds(jnp.ones((3, D)), "fairseq")
     with pytest.raises(ValueError, match=r"unknown lower-bound scheme 'LRA'"):
         LowerBounds(3, D, scheme="LRA")()

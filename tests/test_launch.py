@@ -27,9 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_process_env_sets_the_coordinator_and_devices_and_keeps_other_settings():
-    base = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/d",
-            "JAX_COMPILATION_CACHE_DIR": "/c", "JAX_LOCAL_DEVICE_IDS": "0", "HOME": "/h",
-            "HGRN_STEP_TIMEOUT_S": "5"}
+    base = {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/d",
+        "JAX_COMPILATION_CACHE_DIR": "/c",
+        "JAX_LOCAL_DEVICE_IDS": "0",
+        "HOME": "/h",
+        "HGRN_STEP_TIMEOUT_S": "5",
+    }
     env = launch.process_env(base, 2, 4, 3, 1234)
     assert env["JAX_COORDINATOR_ADDRESS"] == "127.0.0.1:1234"
     assert (env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"]) == ("4", "2")
@@ -44,7 +48,12 @@ def test_process_env_sets_the_coordinator_and_devices_and_keeps_other_settings()
 
 def test_train_command_and_exit_descriptions():
     assert launch.train_command(["--config=c.py", "--workdir=w"]) == [
-        sys.executable, "-m", "experiments.train", "--config=c.py", "--workdir=w"]
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "--config=c.py",
+        "--workdir=w",
+    ]
     assert launch.train_command(["python3", "x.py", "--a"]) == [sys.executable, "x.py", "--a"]
     assert launch.train_command(["./tool", "--a"]) == ["./tool", "--a"]
     assert launch.describe_exit(3) == "exit code 3"
@@ -52,8 +61,9 @@ def test_train_command_and_exit_descriptions():
 
 
 def test_parse_args_requires_the_train_arguments(capsys):
-    args, rest = launch.parse_args(["--num_processes=4", "--devices_per_process=2", "--",
-                                    "--config=x"])
+    args, rest = launch.parse_args(
+        ["--num_processes=4", "--devices_per_process=2", "--", "--config=x"]
+    )
     assert (args.num_processes, args.devices_per_process, rest) == (4, 2, ["--config=x"])
     with pytest.raises(SystemExit) as exit_info:
         launch.parse_args(["--num_processes=4", "--devices_per_process=2"])
@@ -105,9 +115,22 @@ def test_a_failing_process_is_named_and_the_others_are_stopped(monkeypatch, tmp_
 def test_the_launcher_forwards_sigterm_and_exits_0_when_all_do(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.launch", "--num_processes=2",
-                             "--devices_per_process=1", "--", "python", str(script)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "experiments.launch",
+            "--num_processes=2",
+            "--devices_per_process=1",
+            "--",
+            "python",
+            str(script),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines = []
     while len([line for line in lines if "hello from" in line]) < 2:
         line = proc.stdout.readline()
@@ -122,8 +145,9 @@ def test_the_launcher_forwards_sigterm_and_exits_0_when_all_do(tmp_path):
 
 def test_peer_monitor_names_the_lost_process():
     messages = []
-    monitor = watchdog.PeerMonitor(1, 4, live_nodes=lambda ids: [0, 1, 3], poll_s=0.01,
-                                   on_lost=messages.append)
+    monitor = watchdog.PeerMonitor(
+        1, 4, live_nodes=lambda ids: [0, 1, 3], poll_s=0.01, on_lost=messages.append
+    )
     monitor.start()
     deadline = time.monotonic() + 5
     while not messages and time.monotonic() < deadline:
@@ -143,8 +167,9 @@ def test_peer_monitor_stopped_while_asking_reports_nothing():
         answer.wait(5)
         return [0]
 
-    monitor = watchdog.PeerMonitor(0, 2, live_nodes=live_nodes, poll_s=0.01,
-                                   on_lost=messages.append).start()
+    monitor = watchdog.PeerMonitor(
+        0, 2, live_nodes=live_nodes, poll_s=0.01, on_lost=messages.append
+    ).start()
     time.sleep(0.1)
     monitor.stop()
     answer.set()
@@ -165,8 +190,7 @@ def test_step_watchdog_fires_only_when_armed_and_stalled():
     time.sleep(0.6)
     dog.stop()
     assert len(messages) == 1
-    assert messages[0].startswith("error: process 3: no training step finished in 0 s after "
-                                  "step 8")
+    assert messages[0].startswith("error: process 3: no training step finished in 0 s after step 8")
     with pytest.raises(ValueError, match="positive"):
         watchdog.StepWatchdog(0)
 
@@ -185,21 +209,33 @@ def test_plain_progress_lines_and_start_up_summary():
     bar.update(20, loss=1.23456, lr=0.1)
     bar.write("step 40: val loss 1.0000")
     assert stream.getvalue().splitlines() == [
-        "step 40/100  loss 1.2346  2.00 steps/s  30s left", "step 40: val loss 1.0000"]
+        "step 40/100  loss 1.2346  2.00 steps/s  30s left",
+        "step 40: val loss 1.0000",
+    ]
     silent = io.StringIO()
     podlog.PlainProgress(10, 0, enabled=False, stream=silent).update(1, loss=1.0)
     assert silent.getvalue() == ""
     assert [podlog.format_duration(s) for s in (5, 125, 7300)] == ["5s", "2m05s", "2h01m"]
     lines = podlog.startup_summary(
-        task="listops", source="release", sizes={"train": 96000, "val": 2000, "test": 2000},
-        num_params=11850, mesh_shape={"data": 2, "fsdp": 2, "model": 2}, process_count=4,
-        device_count=8, local_device_count=2, platform="tpu", start_step=300, total_steps=1000,
-        workdir="/runs/x")
+        task="listops",
+        source="release",
+        sizes={"train": 96000, "val": 2000, "test": 2000},
+        num_params=11850,
+        mesh_shape={"data": 2, "fsdp": 2, "model": 2},
+        process_count=4,
+        device_count=8,
+        local_device_count=2,
+        platform="tpu",
+        start_step=300,
+        total_steps=1000,
+        workdir="/runs/x",
+    )
     assert lines == [
         "task listops: data source 'release' (train 96,000, val 2,000, test 2,000 examples)",
         "model: 11,850 parameters; mesh data=2 x fsdp=2 x model=2",
         "4 processes x 2 tpu devices = 8 devices",
-        "resuming from step 300 of 1000 in /runs/x"]
+        "resuming from step 300 of 1000 in /runs/x",
+    ]
 
 
 def test_secondary_processes_prefix_their_warnings(capsys):

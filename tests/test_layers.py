@@ -53,10 +53,14 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]
-                                + ([base] if base else []))
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
-                       for alias in node.names]
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1]
+                    + ([base] if base else [])
+                )
+            targets = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
+                for alias in node.names
+            ]
         else:
             continue
         for target in targets:
@@ -74,8 +78,9 @@ def _graph() -> dict[str, set[str]]:
 
 
 def _rank(module: str) -> int:
-    return next(rank for prefix, rank in LAYERS if module == prefix
-                or module.startswith(prefix + "."))
+    return next(
+        rank for prefix, rank in LAYERS if module == prefix or module.startswith(prefix + ".")
+    )
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
@@ -115,8 +120,12 @@ def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
 
 def test_layers_import_only_downwards():
     graph = _graph()
-    upward = sorted(f"{module} -> {target}" for module, targets in graph.items()
-                    for target in targets if _rank(target) > _rank(module))
+    upward = sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        for target in targets
+        if _rank(target) > _rank(module)
+    )
     assert not upward, "imports into a higher layer:\n" + "\n".join(upward)
 
 
@@ -124,9 +133,13 @@ def test_layers_import_only_downwards():
 def test_lower_layers_know_nothing_of_tasks_training_or_experiments(layer):
     forbidden = ("hgrn_jax.tasks", "hgrn_jax.training", "experiments")
     graph = _graph()
-    bad = sorted(f"{module} -> {target}" for module, targets in graph.items()
-                 if module.startswith(layer) for target in targets
-                 if target.startswith(forbidden))
+    bad = sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        if module.startswith(layer)
+        for target in targets
+        if target.startswith(forbidden)
+    )
     assert not bad, "\n".join(bad)
 
 

@@ -8,6 +8,7 @@ import pytest
 from hgrn_jax.data import listops, listops_release, retrieval
 from hgrn_jax.data.errors import BadDataError, BadDataReport
 
+
 def read_examples(path):
     """Sources and labels of one ``basic_*.tsv`` through the one ListOps reader; a bad row is an
     error naming the file and line."""
@@ -38,8 +39,12 @@ def python_value(source: str) -> int:
             parts.append("),")
         else:
             parts.append(token + ",")
-    functions = {"MIN": lambda *a: min(a), "MAX": lambda *a: max(a),
-                 "MED": lambda *a: int(np.median(a)), "SM": lambda *a: sum(a) % 10}
+    functions = {
+        "MIN": lambda *a: min(a),
+        "MAX": lambda *a: max(a),
+        "MED": lambda *a: int(np.median(a)),
+        "SM": lambda *a: sum(a) % 10,
+    }
     return eval("".join(parts).rstrip(","), {"__builtins__": {}}, functions)
 
 
@@ -111,7 +116,7 @@ def test_release_text_layout_and_operator_semantics():
     assert listops.parse_source(source) == tree
     assert listops.tree_length(tree) == len(listops.tokenize(source)) == 9
     assert listops.evaluate(tree) == 9
-    assert listops.evaluate(("[MED", (1, 4))) == 2          # median 2.5, truncated
+    assert listops.evaluate(("[MED", (1, 4))) == 2  # median 2.5, truncated
     assert listops.evaluate(("[MED", (1, 4, 8))) == 4
     assert listops.evaluate(("[SM", (7, 8, 9))) == 4
 
@@ -140,13 +145,18 @@ def test_tokenizer_ids_padding_end_token_and_truncation():
     ids, lengths = tok.encode([source, "( ( [SM 1 ) ] )"], seq_len=8)
     assert ids.dtype == np.int32 and ids.shape == (2, 8)
     assert lengths.tolist() == [5, 4]
-    assert ids[0, :5].tolist() == [tok.vocab["[MAX"], tok.vocab["2"], tok.vocab["9"],
-                                   tok.vocab["X"], tok.eos_id]
+    assert ids[0, :5].tolist() == [
+        tok.vocab["[MAX"],
+        tok.vocab["2"],
+        tok.vocab["9"],
+        tok.vocab["X"],
+        tok.eos_id,
+    ]
     assert ids[0, 5:].tolist() == [0, 0, 0]
     assert tok.decode(ids[0]) == "[MAX 2 9 ]"
-    ids, lengths = tok.encode([source], seq_len=3)               # truncated, end token kept
+    ids, lengths = tok.encode([source], seq_len=3)  # truncated, end token kept
     assert ids[0].tolist() == [tok.vocab["[MAX"], tok.vocab["2"], tok.eos_id]
-    ids, _ = tok.encode(["( [FIRST 3 ] )"], seq_len=4)            # unknown tokens -> <unk>
+    ids, _ = tok.encode(["( [FIRST 3 ] )"], seq_len=4)  # unknown tokens -> <unk>
     assert ids[0].tolist() == [tok.unk_id, tok.unk_id, tok.vocab["X"], tok.eos_id]
 
 

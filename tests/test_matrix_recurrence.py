@@ -28,8 +28,10 @@ def loop_reference(q, k, v, g, h0, scale):
     o = np.zeros(v.shape)
     states = np.zeros(q.shape + v.shape[-1:])
     for t in range(q.shape[-3]):
-        state = (np.exp(g[..., t, :, :])[..., None] * state
-                 + k[..., t, :, :, None] * v[..., t, :, None, :])
+        state = (
+            np.exp(g[..., t, :, :])[..., None] * state
+            + k[..., t, :, :, None] * v[..., t, :, None, :]
+        )
         states[..., t, :, :, :] = state
         o[..., t, :, :] = scale * np.einsum("...hk,...hkv->...hv", q[..., t, :, :], state)
     return o, state, states
@@ -57,6 +59,7 @@ def loop_adjoint(q, k, v, g, h0, scale, do, dlast):
 
 def scan_reference(q, k, v, g, h0, scale):
     """A plain ``lax.scan`` on (B, L, H, ·) arrays: JAX autodiff of it is a gradient reference."""
+
     def step(state, inputs):
         q_t, k_t, v_t, g_t = inputs
         state = jnp.exp(g_t)[..., None] * state + k_t[..., None] * v_t[..., None, :]
@@ -83,8 +86,14 @@ def make_inputs(batch_shape, length, heads, key_dim, value_dim, seed=0, log_deca
 # ragged, one sub-chunk each); 32 with L = 45 (2 sub-chunks per chunk: the cross-sub-chunk
 # factors); 8 (chunks shorter than a sub-chunk); the default 64 with L = 37 (one chunk padded to
 # 48 = 3 sub-chunks). The other methods' chunks only set where boundary states are stored.
-CHUNKINGS = [("chunked", 16, 45), ("chunked", 32, 45), ("chunked", 8, 45), ("chunked", 64, 37),
-             ("sequential", 16, 45), ("pallas", 16, 45)]
+CHUNKINGS = [
+    ("chunked", 16, 45),
+    ("chunked", 32, 45),
+    ("chunked", 8, 45),
+    ("chunked", 64, 37),
+    ("sequential", 16, 45),
+    ("pallas", 16, 45),
+]
 
 
 @pytest.mark.parametrize("method,chunk_size,length", CHUNKINGS)
@@ -92,8 +101,9 @@ def test_values_match_float64_loop(method, chunk_size, length):
     """Two leading axes, 3 heads, K = 5 != V = 7, h0 and the last state."""
     q, k, v, g, h0 = make_inputs((2, 1), length, 3, 5, 7, seed=chunk_size)
     with jax.enable_x64(True):
-        o, last = matrix_recurrence(q, k, v, g, h0, scale=0.7, method=method,
-                                    return_last_state=True, chunk_size=chunk_size)
+        o, last = matrix_recurrence(
+            q, k, v, g, h0, scale=0.7, method=method, return_last_state=True, chunk_size=chunk_size
+        )
     want, want_last, _ = loop_reference(q, k, v, g, h0, 0.7)
     assert o.shape == (2, 1, length, 3, 7) and last.shape == (2, 1, 3, 5, 7)
     assert o.dtype == last.dtype == jnp.float64
@@ -115,20 +125,25 @@ def test_gradients_match_float64_adjoint_and_autodiff(method, chunk_size=32):
         o, last = fn(*args)
         return jnp.sum(o * do) + jnp.sum(last * dlast)
 
-    ours = functools.partial(matrix_recurrence, scale=0.4, method=method,
-                             return_last_state=True, chunk_size=chunk_size)
+    ours = functools.partial(
+        matrix_recurrence, scale=0.4, method=method, return_last_state=True, chunk_size=chunk_size
+    )
     with jax.enable_x64(True):
         got = jax.grad(functools.partial(loss, ours), argnums=range(5))(q, k, v, g, h0)
-        autodiff = jax.grad(functools.partial(loss, functools.partial(scan_reference, scale=0.4)),
-                            argnums=range(5))(q, k, v, g, h0)
+        autodiff = jax.grad(
+            functools.partial(loss, functools.partial(scan_reference, scale=0.4)), argnums=range(5)
+        )(q, k, v, g, h0)
     adjoint = loop_adjoint(q, k, v, g, h0, 0.4, do, dlast)
-    for name, ours_, loop_, auto_ in zip(("dq", "dk", "dv", "dlog_decay", "dh0"), got, adjoint,
-                                         autodiff):
+    for name, ours_, loop_, auto_ in zip(
+        ("dq", "dk", "dv", "dlog_decay", "dh0"), got, adjoint, autodiff
+    ):
         assert ours_.shape == loop_.shape and ours_.dtype == jnp.float64, name
-        np.testing.assert_allclose(np.asarray(ours_), loop_, rtol=F64_TOL, atol=F64_TOL,
-                                   err_msg=name)
-        np.testing.assert_allclose(np.asarray(auto_), loop_, rtol=F64_TOL, atol=F64_TOL,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(ours_), loop_, rtol=F64_TOL, atol=F64_TOL, err_msg=name
+        )
+        np.testing.assert_allclose(
+            np.asarray(auto_), loop_, rtol=F64_TOL, atol=F64_TOL, err_msg=name
+        )
 
 
 @pytest.mark.parametrize("method", MATRIX_METHODS)
@@ -136,10 +151,12 @@ def test_without_h0_or_last_state_float32(method):
     """Defaults: zero h0, no last state, float32 in and out, the scale; float32 accumulation over
     40 contracting steps of O(1) values: a few ulps of the O(1..10) outputs, below 2e-5."""
     q, k, v, g, _ = make_inputs((3,), 40, 2, 8, 4, seed=5)
-    o = matrix_recurrence(*(t.astype(np.float32) for t in (q, k, v, g)), scale=0.25,
-                          method=method, chunk_size=16)
-    want, _, _ = loop_reference(*(t.astype(np.float32) for t in (q, k, v, g)),
-                                np.zeros((3, 2, 8, 4)), 0.25)
+    o = matrix_recurrence(
+        *(t.astype(np.float32) for t in (q, k, v, g)), scale=0.25, method=method, chunk_size=16
+    )
+    want, _, _ = loop_reference(
+        *(t.astype(np.float32) for t in (q, k, v, g)), np.zeros((3, 2, 8, 4)), 0.25
+    )
     assert o.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(o), want, rtol=2e-5, atol=2e-5)
 
@@ -149,36 +166,61 @@ def test_bf16_inputs_accumulate_in_float32(method):
     """bf16 in: outputs in bf16 by default, states and gradients accumulated in float32."""
     q, k, v, g, h0 = make_inputs((2,), 33, 2, 4, 4, seed=7, log_decay_scale=0.5)
     q16, k16, v16, g16 = (jnp.asarray(t, jnp.bfloat16) for t in (q, k, v, g))
-    exact, exact_last, _ = loop_reference(*(np.asarray(t, np.float64)
-                                            for t in (q16, k16, v16, g16)), h0, 1.0)
-    o16, last = matrix_recurrence(q16, k16, v16, g16, h0.astype(np.float32), method=method,
-                                  return_last_state=True, chunk_size=16)
+    exact, exact_last, _ = loop_reference(
+        *(np.asarray(t, np.float64) for t in (q16, k16, v16, g16)), h0, 1.0
+    )
+    o16, last = matrix_recurrence(
+        q16,
+        k16,
+        v16,
+        g16,
+        h0.astype(np.float32),
+        method=method,
+        return_last_state=True,
+        chunk_size=16,
+    )
     assert o16.dtype == jnp.bfloat16 and last.dtype == jnp.float32
     # One bf16 rounding of each output (relative 2^-8), nothing accumulated in bf16 (33 steps
     # of bf16 accumulation would be off by several bf16 ulps).
-    np.testing.assert_allclose(np.asarray(o16, np.float64), exact, rtol=2 ** -8,
-                               atol=2 ** -8 * np.abs(exact).max() / 8)
+    np.testing.assert_allclose(
+        np.asarray(o16, np.float64), exact, rtol=2**-8, atol=2**-8 * np.abs(exact).max() / 8
+    )
     # The last state never went through bf16: float32 rounding only.
     np.testing.assert_allclose(np.asarray(last), exact_last, rtol=1e-5, atol=1e-5)
-    o32 = matrix_recurrence(q16, k16, v16, g16, h0.astype(np.float32), method=method,
-                            out_dtype=jnp.float32, chunk_size=16)
+    o32 = matrix_recurrence(
+        q16,
+        k16,
+        v16,
+        g16,
+        h0.astype(np.float32),
+        method=method,
+        out_dtype=jnp.float32,
+        chunk_size=16,
+    )
     assert o32.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(o32), exact, rtol=1e-5, atol=1e-5)
 
     w = np.random.default_rng(8).normal(size=v.shape)
 
     def loss(q, k, v, g):
-        o = matrix_recurrence(q, k, v, g, h0.astype(np.float32), method=method,
-                              out_dtype=jnp.float32, chunk_size=16)
+        o = matrix_recurrence(
+            q, k, v, g, h0.astype(np.float32), method=method, out_dtype=jnp.float32, chunk_size=16
+        )
         return jnp.sum(o * w)
 
     grads = jax.grad(loss, argnums=range(4))(q16, k16, v16, g16)
-    exact_grads = loop_adjoint(*(np.asarray(t, np.float64) for t in (q16, k16, v16, g16)), h0,
-                               1.0, w, np.zeros(h0.shape))
+    exact_grads = loop_adjoint(
+        *(np.asarray(t, np.float64) for t in (q16, k16, v16, g16)), h0, 1.0, w, np.zeros(h0.shape)
+    )
     for name, got, want in zip(("dq", "dk", "dv", "dlog_decay"), grads, exact_grads):
         assert got.dtype == jnp.bfloat16, name
-        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2 ** -7,
-                                   atol=2 ** -7 * np.abs(want).max(), err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(got, np.float64),
+            want,
+            rtol=2**-7,
+            atol=2**-7 * np.abs(want).max(),
+            err_msg=name,
+        )
 
 
 def test_scale_may_be_traced_and_differentiated():
@@ -240,15 +282,18 @@ def test_long_sequence_chunked_matches_sequential_where_cumulative_decay_underfl
             return jnp.sum(scan_reference(*args, h0, 1.0)[0] * w)
 
         exact = (scan_reference(*args64, h0, 1.0)[0],) + tuple(
-            jax.grad(loss64, argnums=range(4))(*args64))
+            jax.grad(loss64, argnums=range(4))(*args64)
+        )
     names = ("o", "dq", "dk", "dv", "dlog_decay")
-    for name, chunked, sequential, want in zip(names, results["chunked"], results["sequential"],
-                                               exact):
+    for name, chunked, sequential, want in zip(
+        names, results["chunked"], results["sequential"], exact
+    ):
         want = np.asarray(want)
         tol = 5e-5 * np.abs(want).max()
         assert np.isfinite(np.asarray(chunked)).all(), name
-        np.testing.assert_allclose(np.asarray(chunked), np.asarray(sequential), rtol=0, atol=tol,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(chunked), np.asarray(sequential), rtol=0, atol=tol, err_msg=name
+        )
         np.testing.assert_allclose(np.asarray(chunked), want, rtol=0, atol=tol, err_msg=name)
 
 
@@ -260,8 +305,12 @@ def test_pallas_kernel_lowers_for_gpu():
     values = jax.ShapeDtypeStruct((rows, length, value_dim), jnp.float32)
     state = jax.ShapeDtypeStruct((rows, key_dim, value_dim), jnp.float32)
     kernel = functools.partial(_pallas, scale=0.5, chunk=16, interpret=False)
-    text = jax.jit(kernel).trace(keys, keys, values, keys, state).lower(
-        lowering_platforms=("cuda",)).as_text()
+    text = (
+        jax.jit(kernel)
+        .trace(keys, keys, values, keys, state)
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
     assert "triton" in text and "matrix_recurrence_forward" in text
 
 
@@ -273,8 +322,12 @@ def test_auto_picks_a_method_everywhere():
     q, k, v, g, _ = make_inputs((1,), 20, 1, 2, 3, seed=13)
     with jax.enable_x64(True):
         auto = matrix_recurrence(q, k, v, g)
-    np.testing.assert_allclose(np.asarray(auto), loop_reference(q, k, v, g, np.zeros((1, 1, 2, 3)),
-                                                                1.0)[0], rtol=F64_TOL, atol=F64_TOL)
+    np.testing.assert_allclose(
+        np.asarray(auto),
+        loop_reference(q, k, v, g, np.zeros((1, 1, 2, 3)), 1.0)[0],
+        rtol=F64_TOL,
+        atol=F64_TOL,
+    )
 
 
 def test_bad_shapes_and_arguments_name_the_fix():
@@ -283,15 +336,19 @@ def test_bad_shapes_and_arguments_name_the_fix():
         matrix_recurrence(q[0, 0], k[0, 0], v[0, 0], g[0, 0])
     with pytest.raises(ValueError, match=r"log_decay \(2, 8, 3, 3\)"):
         matrix_recurrence(q, k, v, g[..., :3])
-    with pytest.raises(ValueError, match=r"v must be \(\.\.\., length, heads, value_dim\) with "
-                                         r"q's leading axes \(2, 8, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"v must be \(\.\.\., length, heads, value_dim\) with "
+        r"q's leading axes \(2, 8, 3\)",
+    ):
         matrix_recurrence(q, k, v[:, :7], g)
     with pytest.raises(ValueError, match=r"h0 must have shape \(2, 3, 4, 5\)"):
         matrix_recurrence(q, k, v, g, h0[..., :3, :])
     with pytest.raises(ValueError, match="unknown method 'parallel'"):
         matrix_recurrence(q, k, v, g, method="parallel")
-    with pytest.raises(ValueError, match="chunk_size must be a multiple of 16 or at most 16; "
-                                         "got 40"):
+    with pytest.raises(
+        ValueError, match="chunk_size must be a multiple of 16 or at most 16; got 40"
+    ):
         matrix_recurrence(q, k, v, g, chunk_size=40)
 
 
@@ -316,8 +373,14 @@ def test_every_method_reproduces_official_hgrn2_1d(golden, method):
         def by_head(t):  # (L, B, d) -> (B, L, H, K)
             return jnp.swapaxes(t, 0, 1).reshape(t.shape[1], t.shape[0], heads, -1)
 
-        o = matrix_recurrence(by_head(query), by_head(1 - forget), by_head(value),
-                              by_head(jnp.log(forget)), method=method, chunk_size=16)
+        o = matrix_recurrence(
+            by_head(query),
+            by_head(1 - forget),
+            by_head(value),
+            by_head(jnp.log(forget)),
+            method=method,
+            chunk_size=16,
+        )
         o = jnp.swapaxes(o.reshape(o.shape[:2] + (width,)), 0, 1)
         mean = o.mean(-1, keepdims=True)
         normed = (o - mean) / jnp.sqrt(((o - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
@@ -325,7 +388,9 @@ def test_every_method_reproduces_official_hgrn2_1d(golden, method):
         return normed @ p["out_proj.weight"].T + p["out_proj.bias"]
 
     with jax.enable_x64(True):
-        np.testing.assert_allclose(np.asarray(layer(case.arrays["lower_bound"])),
-                                   case.arrays["output"], atol=1e-10, rtol=0)
-        np.testing.assert_allclose(np.asarray(layer(0.0)), case.arrays["output/lb0"], atol=1e-10,
-                                   rtol=0)
+        np.testing.assert_allclose(
+            np.asarray(layer(case.arrays["lower_bound"])), case.arrays["output"], atol=1e-10, rtol=0
+        )
+        np.testing.assert_allclose(
+            np.asarray(layer(0.0)), case.arrays["output/lb0"], atol=1e-10, rtol=0
+        )

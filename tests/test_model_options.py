@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from hgrn_jax import sharding
-from hgrn_jax.nn import ClassifierConfig, HGRNClassifier, HGRNLM, LMConfig
+from hgrn_jax.nn import HGRNLM, ClassifierConfig, HGRNClassifier, LMConfig
 
 
 def _lm(**overrides) -> HGRNLM:
@@ -44,8 +44,12 @@ def test_lm_sequence_axis_splits_the_sequence_and_matches():
 
 def test_lm_sequence_axis_rejects_fla_mixer():
     try:
-        HGRNLM(LMConfig.fla(vocab_size=8, features=4, num_layers=1, glu_hidden=8,
-                            sequence_axis="model"), rngs=nnx.Rngs(0))
+        HGRNLM(
+            LMConfig.fla(
+                vocab_size=8, features=4, num_layers=1, glu_hidden=8, sequence_axis="model"
+            ),
+            rngs=nnx.Rngs(0),
+        )
     except ValueError as error:
         assert "sequence_axis" in str(error) and "hgru" in str(error)
     else:
@@ -54,8 +58,15 @@ def test_lm_sequence_axis_rejects_fla_mixer():
 
 def test_classifier_remat_gives_the_same_gradients():
     def build(remat):
-        config = ClassifierConfig(num_classes=3, features=8, num_layers=2, encoder="embed",
-                                  vocab_size=11, norm="layer", remat=remat)
+        config = ClassifierConfig(
+            num_classes=3,
+            features=8,
+            num_layers=2,
+            encoder="embed",
+            vocab_size=11,
+            norm="layer",
+            remat=remat,
+        )
         return HGRNClassifier(config, rngs=nnx.Rngs(4))
 
     ids = jax.random.randint(jax.random.key(5), (2, 12), 0, 11)

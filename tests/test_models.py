@@ -24,8 +24,16 @@ import pytest
 from flax import nnx
 
 from hgrn_jax import convert
-from hgrn_jax.nn import (HGRNLM, ClassifierConfig, HGRNClassifier, HGRNImageClassifier,
-                         ImageConfig, LMConfig, generate, sinusoidal_positions)
+from hgrn_jax.nn import (
+    HGRNLM,
+    ClassifierConfig,
+    HGRNClassifier,
+    HGRNImageClassifier,
+    ImageConfig,
+    LMConfig,
+    generate,
+    sinusoidal_positions,
+)
 from hgrn_jax.nn.image import patchify
 
 F32_DECODE_RTOL = 1e-5
@@ -58,8 +66,10 @@ def _lengths_mask(lengths, length: int) -> jax.Array:
 def _padded(ids, mask, extra: int, fill: int):
     """``ids`` with its padding overwritten by ``fill`` and ``extra`` more padded steps."""
     b = ids.shape[0]
-    return (jnp.concatenate([jnp.where(mask, ids, fill), jnp.full((b, extra), fill)], axis=1),
-            jnp.concatenate([mask, jnp.zeros((b, extra), bool)], axis=1))
+    return (
+        jnp.concatenate([jnp.where(mask, ids, fill), jnp.full((b, extra), fill)], axis=1),
+        jnp.concatenate([mask, jnp.zeros((b, extra), bool)], axis=1),
+    )
 
 
 # Shared sizes: width 8, 2 layers; text batches (3, 10) padded to (3, 16).
@@ -70,14 +80,29 @@ PADDED_IDS, PADDED_MASK = _padded(IDS, MASK, 6, 5)
 
 
 def _text_config(**overrides) -> ClassifierConfig:
-    base = dict(num_classes=CLASSES, features=8, num_layers=2, vocab_size=VOCAB, norm="batch",
-                position_encoding=True, glu_expand=2)
+    base = dict(
+        num_classes=CLASSES,
+        features=8,
+        num_layers=2,
+        vocab_size=VOCAB,
+        norm="batch",
+        position_encoding=True,
+        glu_expand=2,
+    )
     return ClassifierConfig(**(base | overrides))
 
 
 def _image2d_config(**overrides) -> ClassifierConfig:
-    base = dict(num_classes=4, features=8, num_layers=2, encoder="linear", input_channels=3,
-                mixer="2d", grid_shape=(3, 4), norm="batch")
+    base = dict(
+        num_classes=4,
+        features=8,
+        num_layers=2,
+        encoder="linear",
+        input_channels=3,
+        mixer="2d",
+        grid_shape=(3, 4),
+        norm="batch",
+    )
     return ClassifierConfig(**(base | overrides))
 
 
@@ -130,13 +155,15 @@ def test_retrieval_dual_shapes_and_one_shared_encoder():
     assert model.pair_proj.kernel.shape == (4 * 8, 8)
     # One encoder: each document's features are what encode() gives it alone (eval mode).
     u, v = encode(model, IDS, MASK), encode(model, other, other_mask)
-    expected = model.head(nnx.gelu(model.pair_proj(jnp.concatenate([u, v, u - v, u * v], -1)),
-                                   approximate=False))
+    expected = model.head(
+        nnx.gelu(model.pair_proj(jnp.concatenate([u, v, u - v, u * v], -1)), approximate=False)
+    )
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
     # Padding either document does not change the logits.
     padded_other, padded_other_mask = _padded(other, other_mask, 6, 1)
     np.testing.assert_allclose(
-        apply(model, PADDED_IDS, PADDED_MASK, padded_other, padded_other_mask), logits, **PAD)
+        apply(model, PADDED_IDS, PADDED_MASK, padded_other, padded_other_mask), logits, **PAD
+    )
 
 
 def test_image_classifier_shapes_dtypes_and_bf16():
@@ -155,12 +182,14 @@ def test_image_classifier_shapes_dtypes_and_bf16():
 def test_patch_embedding_is_a_stride_14_convolution():
     model = HGRNImageClassifier(_imagenet_config(), rngs=nnx.Rngs(0))
     images = jax.random.normal(jax.random.key(22), (2, 28, 42, 3))
-    kernel = model.patch_embed.kernel[...].reshape(14, 14, 3, 8)          # HWIO
-    conv = jax.lax.conv_general_dilated(images, kernel, (14, 14), "VALID",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    expected = conv.reshape(2, 2 * 3, 8) + model.patch_embed.bias[...]   # raster order
-    np.testing.assert_allclose(model.patch_embed(patchify(images, 14)), expected,
-                               rtol=1e-5, atol=1e-5)
+    kernel = model.patch_embed.kernel[...].reshape(14, 14, 3, 8)  # HWIO
+    conv = jax.lax.conv_general_dilated(
+        images, kernel, (14, 14), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    expected = conv.reshape(2, 2 * 3, 8) + model.patch_embed.bias[...]  # raster order
+    np.testing.assert_allclose(
+        model.patch_embed(patchify(images, 14)), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -185,10 +214,13 @@ def test_lm_bf16_activations_stay_close_to_float32():
 
 def test_paper_parameter_counts():
     assert _param_count(lambda: HGRNLM(LMConfig(), rngs=nnx.Rngs(0))) == 46_247_936
-    assert _param_count(lambda: HGRNImageClassifier(ImageConfig.tiny(), rngs=nnx.Rngs(0))) \
-        == 6_107_560
-    assert _param_count(lambda: HGRNImageClassifier(ImageConfig.small(), rngs=nnx.Rngs(0))) \
+    assert (
+        _param_count(lambda: HGRNImageClassifier(ImageConfig.tiny(), rngs=nnx.Rngs(0))) == 6_107_560
+    )
+    assert (
+        _param_count(lambda: HGRNImageClassifier(ImageConfig.small(), rngs=nnx.Rngs(0)))
         == 23_715_688
+    )
 
 
 def test_ablation_switches_change_the_parameters():
@@ -196,13 +228,16 @@ def test_ablation_switches_change_the_parameters():
         return _param_count(lambda: HGRNClassifier(_text_config(**overrides), rngs=nnx.Rngs(0)))
 
     full, d, layers = count(), 8, 2
-    assert full - count(separate_phases=False) == layers * d       # theta_reverse per layer
-    assert full - count(use_lower_bound=False) == layers * d       # the (layers, d) Gamma
+    assert full - count(separate_phases=False) == layers * d  # theta_reverse per layer
+    assert full - count(use_lower_bound=False) == layers * d  # the (layers, d) Gamma
     # real: input_proj and gate d->d (2d^2 + 2d fewer), out_proj d->d (d^2), norm over d (2d),
     # no thetas (2d)
     assert full - count(complex_valued=False) == layers * (3 * d * d + 6 * d)
-    for overrides in (dict(separate_phases=False), dict(complex_valued=False),
-                      dict(use_forget_gate=False)):
+    for overrides in (
+        dict(separate_phases=False),
+        dict(complex_valued=False),
+        dict(use_forget_gate=False),
+    ):
         model = _eval(HGRNClassifier(_text_config(**overrides), rngs=nnx.Rngs(0)))
         assert np.all(np.isfinite(apply(model, IDS, MASK)))
 
@@ -215,13 +250,19 @@ def test_sync_batchnorm_inside_shard_map_equals_global_batchnorm_under_jit():
     mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
     def per_replica(norm, axis_name):
-        model = HGRNClassifier(_text_config(position_encoding=False, norm=norm,
-                                            axis_name=axis_name), rngs=nnx.Rngs(0))
+        model = HGRNClassifier(
+            _text_config(position_encoding=False, norm=norm, axis_name=axis_name), rngs=nnx.Rngs(0)
+        )
         graphdef, state = nnx.split(model)
         spec = jax.sharding.PartitionSpec
-        return jax.jit(jax.shard_map(lambda state, ids: nnx.merge(graphdef, state)(ids),
-                                     mesh=mesh, in_specs=(spec(), spec("data")),
-                                     out_specs=spec("data")))(state, ids)
+        return jax.jit(
+            jax.shard_map(
+                lambda state, ids: nnx.merge(graphdef, state)(ids),
+                mesh=mesh,
+                in_specs=(spec(), spec("data")),
+                out_specs=spec("data"),
+            )
+        )(state, ids)
 
     np.testing.assert_allclose(per_replica("sync_batch", "data"), reference, rtol=1e-5, atol=1e-6)
     assert not np.allclose(per_replica("batch", None), reference, atol=1e-3)
@@ -317,7 +358,7 @@ def test_decoding_token_by_token_equals_the_full_pass(overrides):
             logits, cache = step(lm, ids[:, :prefill], cache)
             outputs.append(logits)
         for t in range(prefill, ids.shape[1]):
-            logits, cache = step(lm, ids[:, t:t + 1], cache)
+            logits, cache = step(lm, ids[:, t : t + 1], cache)
             outputs.append(logits)
         assert _rel_err(jnp.concatenate(outputs, axis=1), full) < F32_DECODE_RTOL
 
@@ -341,8 +382,9 @@ def test_converted_fla_lm_decodes_the_golden_logits(golden):
         _, logits = jax.lax.scan(body, cache, ids[:, prefill:].T)
         return logits.transpose(1, 0, 2)
 
-    np.testing.assert_allclose(teacher_forced(state, ids), case.arrays["output/decode_logits"],
-                               atol=5e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        teacher_forced(state, ids), case.arrays["output/decode_logits"], atol=5e-5, rtol=1e-5
+    )
 
 
 # ------------------------------------------------------------------------ generation
@@ -352,7 +394,7 @@ PROMPT = _ids(19, (2, 5), 29)
 
 def _ranks_of_generated(lm: HGRNLM, out: jax.Array, prompt_len: int) -> jax.Array:
     """For each generated token, how many tokens the full forward pass scored higher."""
-    logits = apply(lm, out[:, :-1])[:, prompt_len - 1:]
+    logits = apply(lm, out[:, :-1])[:, prompt_len - 1 :]
     chosen = jnp.take_along_axis(logits, out[:, prompt_len:, None], axis=-1)
     return jnp.sum(logits > chosen, axis=-1)
 
@@ -374,7 +416,8 @@ def test_sampling_stays_in_vocab_and_in_the_top_k(untied_lm):
     assert samples.shape == (2, 12)
     assert np.all((samples >= 0) & (samples < 29))
     assert not np.array_equal(
-        samples, generate(untied_lm, PROMPT, 7, rng=jax.random.key(2), temperature=1.5))
+        samples, generate(untied_lm, PROMPT, 7, rng=jax.random.key(2), temperature=1.5)
+    )
     top3 = generate(untied_lm, PROMPT, 7, rng=jax.random.key(3), top_k=3)
     ranks = _ranks_of_generated(untied_lm, top3, 5)
     assert np.all(ranks < 3) and np.any(ranks > 0)
@@ -393,6 +436,6 @@ def test_generate_errors_name_the_fix(untied_lm):
 def test_generate_runs_the_model_in_eval_mode():
     lm = HGRNLM(_lm_config(tie_embeddings=False, dropout=0.5), rngs=nnx.Rngs(3))
     out = generate(lm, PROMPT, 4, greedy=True)  # lm is in train mode: dropout would be active
-    assert not lm.embed_dropout.deterministic     # the caller's model keeps its mode
+    assert not lm.embed_dropout.deterministic  # the caller's model keeps its mode
     lm.eval()
     assert np.all(_ranks_of_generated(lm, out, 5) == 0)

@@ -12,8 +12,12 @@ import numpy as np
 import pytest
 
 from hgrn_jax.ops import linear_recurrence
-from hgrn_jax.ops.pallas_recurrence import (StreamingOptions, pallas_linear_recurrence,
-                                            pallas_recurrence, streaming_options)
+from hgrn_jax.ops.pallas_recurrence import (
+    StreamingOptions,
+    pallas_linear_recurrence,
+    pallas_recurrence,
+    streaming_options,
+)
 
 # float32 accumulation over <= 40 steps with |a| <= 1 and O(1) inputs: rounding errors stay
 # within a few ulps of the O(1..10) states, far below 1e-5.
@@ -26,7 +30,7 @@ def reference(a, x, h0, reverse):
     h = np.broadcast_to(np.asarray(h0, np.complex128), x.shape[:-2] + x.shape[-1:]).copy()
     out = np.zeros_like(x)
     length = x.shape[-2]
-    for t in (reversed(range(length)) if reverse else range(length)):
+    for t in reversed(range(length)) if reverse else range(length):
         h = a[..., t, :] * h + x[..., t, :]
         out[..., t, :] = h
     return out, h
@@ -73,8 +77,7 @@ def test_linear_recurrence_method_pallas(complex_valued, reverse):
     """Default tiles, two leading axes, a broadcast decay and the last state."""
     a, x, h0 = make_inputs((2, 3, 29, 5), complex_valued, seed=1)
     a = a[0, 0, 0]  # (C,): one decay per channel, broadcast over batch and time
-    h, last = linear_recurrence(a, x, h0, reverse=reverse, method="pallas",
-                                return_last_state=True)
+    h, last = linear_recurrence(a, x, h0, reverse=reverse, method="pallas", return_last_state=True)
     want, want_last = reference(np.broadcast_to(a, x.shape), x, h0, reverse)
     np.testing.assert_allclose(np.asarray(h), want, atol=F32_ATOL, rtol=F32_ATOL)
     np.testing.assert_allclose(np.asarray(last), want_last, atol=F32_ATOL, rtol=F32_ATOL)
@@ -86,8 +89,11 @@ def test_bf16_inputs_accumulate_in_float32(schedule):
     a16, x16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(x, jnp.bfloat16)
     # The exact recurrence over the bf16-rounded inputs.
     want, _ = reference(np.asarray(a16, np.float64), np.asarray(x16, np.float64), 0.0, False)
-    blocks = dict(SCHEDULE_BLOCKS[schedule], block_length=32) if schedule == "tiled" else \
-        SCHEDULE_BLOCKS[schedule]
+    blocks = (
+        dict(SCHEDULE_BLOCKS[schedule], block_length=32)
+        if schedule == "tiled"
+        else SCHEDULE_BLOCKS[schedule]
+    )
     # States written in float32: only float32 rounding on top of the bf16 inputs, so the
     # accumulation did not happen in bf16 (which would be off by ~1e-2 here).
     h32, last = pallas_recurrence(a16, x16, out_dtype=jnp.float32, **blocks)
@@ -96,17 +102,17 @@ def test_bf16_inputs_accumulate_in_float32(schedule):
     # States written in bf16 by default: one bf16 rounding of each state (relative 2^-8).
     h16, _ = pallas_recurrence(a16, x16, **blocks)
     assert h16.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(h16, np.float64), want.real, rtol=2 ** -8, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(h16, np.float64), want.real, rtol=2**-8, atol=1e-6)
 
 
 def scan_recurrence(a, x, h0, reverse):
     """Plain ``lax.scan``: JAX autodiff of it is the gradient reference."""
+
     def step(h, ax):
         h = ax[0] * h + ax[1]
         return h, h
 
-    _, h = jax.lax.scan(step, h0, (jnp.moveaxis(a, -2, 0), jnp.moveaxis(x, -2, 0)),
-                        reverse=reverse)
+    _, h = jax.lax.scan(step, h0, (jnp.moveaxis(a, -2, 0), jnp.moveaxis(x, -2, 0)), reverse=reverse)
     return jnp.moveaxis(h, 0, -2)
 
 
@@ -149,8 +155,7 @@ def test_streaming_time_chunks_match_float64_loop(chunk_length, complex_valued, 
 @pytest.mark.parametrize("chunk_length", CHUNK_LENGTHS)
 @pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_streaming_fused_backward_matches_autodiff_of_scan(chunk_length, complex_valued,
-                                                           reverse):
+def test_streaming_fused_backward_matches_autodiff_of_scan(chunk_length, complex_valued, reverse):
     """The fused backward kernel (da, dx and dh0 in one pass per chunk) against JAX autodiff
     of lax.scan, with channels (6) that do not fill the 8-channel block."""
     a, x, h0 = make_inputs((2, 37, 6), complex_valued, seed=6)
@@ -163,12 +168,15 @@ def test_streaming_fused_backward_matches_autodiff_of_scan(chunk_length, complex
     pallas = functools.partial(pallas_linear_recurrence, reverse=reverse, schedule="streaming")
     with streaming_options(chunk_length=chunk_length, unroll=4, block_channels=8):
         got = jax.grad(functools.partial(loss, pallas), argnums=(0, 1, 2))(a, x, h0)
-    want = jax.grad(functools.partial(loss, functools.partial(scan_recurrence, reverse=reverse)),
-                    argnums=(0, 1, 2))(a, x, h0)
+    want = jax.grad(
+        functools.partial(loss, functools.partial(scan_recurrence, reverse=reverse)),
+        argnums=(0, 1, 2),
+    )(a, x, h0)
     for name, g, w_ in zip(("da", "dx", "dh0"), got, want):
         assert g.dtype == w_.dtype and g.shape == w_.shape, name
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w_), atol=1e-4, rtol=1e-4,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(g), np.asarray(w_), atol=1e-4, rtol=1e-4, err_msg=name
+        )
 
 
 @pytest.mark.parametrize("schedule", ["tiled", "streaming"])
@@ -186,17 +194,28 @@ def test_bf16_gradients_accumulate_in_float32(schedule):
     pallas = functools.partial(linear_recurrence, method="pallas", out_dtype=jnp.float32)
     with streaming_options(chunk_length=10, block_channels=8):
         if schedule == "streaming":
-            pallas = functools.partial(pallas_linear_recurrence, schedule="streaming",
-                                       out_dtype=jnp.float32)
+            pallas = functools.partial(
+                pallas_linear_recurrence, schedule="streaming", out_dtype=jnp.float32
+            )
         da, dx = jax.grad(functools.partial(loss, pallas), argnums=(0, 1))(a16, x16)
     assert da.dtype == dx.dtype == jnp.bfloat16
     with jax.enable_x64(True):
-        exact = jax.grad(functools.partial(loss, lambda a, x: scan_recurrence(
-            a, x, jnp.zeros(x.shape[:1] + x.shape[2:], jnp.float64), False)), argnums=(0, 1))(
-            jnp.asarray(a16, jnp.float64), jnp.asarray(x16, jnp.float64))
+        exact = jax.grad(
+            functools.partial(
+                loss,
+                lambda a, x: scan_recurrence(
+                    a, x, jnp.zeros(x.shape[:1] + x.shape[2:], jnp.float64), False
+                ),
+            ),
+            argnums=(0, 1),
+        )(jnp.asarray(a16, jnp.float64), jnp.asarray(x16, jnp.float64))
     for got, want in zip((da, dx), exact):
-        np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want),
-                                   rtol=2 ** -7, atol=2 ** -7 * np.abs(np.asarray(want)).max())
+        np.testing.assert_allclose(
+            np.asarray(got, np.float64),
+            np.asarray(want),
+            rtol=2**-7,
+            atol=2**-7 * np.abs(np.asarray(want)).max(),
+        )
 
 
 @pytest.mark.parametrize("schedule", ["tiled", "streaming"])
@@ -213,8 +232,12 @@ def test_real_decay_with_complex_inputs_gets_a_real_gradient(schedule):
     with streaming_options(chunk_length=7, block_channels=8), warnings.catch_warnings():
         warnings.simplefilter("error")
         got = jax.grad(functools.partial(loss, pallas), argnums=(0, 1, 2))(a, x, h0)
-    want = jax.grad(functools.partial(loss, lambda a, x, h0: scan_recurrence(
-        a.astype(jnp.complex64), x, h0, False)), argnums=(0, 1, 2))(a, x, h0)
+    want = jax.grad(
+        functools.partial(
+            loss, lambda a, x, h0: scan_recurrence(a.astype(jnp.complex64), x, h0, False)
+        ),
+        argnums=(0, 1, 2),
+    )(a, x, h0)
     assert got[0].dtype == jnp.float32
     for g, w_ in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w_), atol=1e-4, rtol=1e-4)
@@ -242,8 +265,9 @@ def test_lowers_for_tpu_and_gpu(dtype):
     at channel counts and lengths that need padding."""
     spec = jax.ShapeDtypeStruct((2, 100, 300), dtype)
     tiled = functools.partial(pallas_recurrence, schedule="tiled", interpret=False)
-    streaming = functools.partial(pallas_recurrence, schedule="streaming", interpret=False,
-                                  reverse=True)
+    streaming = functools.partial(
+        pallas_recurrence, schedule="streaming", interpret=False, reverse=True
+    )
     assert "tpu_custom_call" in lowered_text(tiled, "tpu", spec, spec)
     assert "triton" in lowered_text(streaming, "cuda", spec, spec)
 
@@ -289,8 +313,9 @@ def tpu_interpret():
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_tpu_interpret_mode_matches_float64_loop(complex_valued, reverse):
     a, x, h0 = make_inputs(SHAPE, complex_valued, seed=8)
-    h, last = pallas_recurrence(a, x, h0, reverse=reverse, schedule="tiled", block_length=16,
-                                interpret=tpu_interpret())
+    h, last = pallas_recurrence(
+        a, x, h0, reverse=reverse, schedule="tiled", block_length=16, interpret=tpu_interpret()
+    )
     want, want_last = reference(a, x, h0, reverse)
     assert h.dtype == a.dtype
     np.testing.assert_allclose(np.asarray(h), want, atol=F32_ATOL, rtol=F32_ATOL)
@@ -310,8 +335,11 @@ def reference_gradients(a, x, h0, w, reverse):
     for t in order:
         d[..., t, :] = w[..., t, :] + flow
         flow = a[..., t, :] * d[..., t, :]
-    prev = np.concatenate([h[..., 1:, :], h0[..., None, :]], -2) if reverse else \
-        np.concatenate([h0[..., None, :], h[..., :-1, :]], -2)
+    prev = (
+        np.concatenate([h[..., 1:, :], h0[..., None, :]], -2)
+        if reverse
+        else np.concatenate([h0[..., None, :], h[..., :-1, :]], -2)
+    )
     return d * prev, d, flow
 
 
@@ -323,12 +351,12 @@ def test_tpu_interpret_mode_gradients_match_float64_loop(complex_valued, reverse
     interpret mode: L = 300 is two 256-step time blocks, the second one ragged."""
     a, x, h0 = make_inputs((2, 300, 20), complex_valued, seed=9)
     w = np.random.default_rng(10).normal(size=x.shape).astype(np.float32)
-    fn = functools.partial(pallas_linear_recurrence, reverse=reverse, schedule="tiled",
-                           interpret=tpu_interpret())
+    fn = functools.partial(
+        pallas_linear_recurrence, reverse=reverse, schedule="tiled", interpret=tpu_interpret()
+    )
     h, vjp = jax.vjp(fn, a, x, h0)
     got = vjp(jnp.asarray(w, h.dtype))
-    np.testing.assert_allclose(np.asarray(h), reference(a, x, h0, reverse)[0], atol=1e-4,
-                               rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(h), reference(a, x, h0, reverse)[0], atol=1e-4, rtol=1e-4)
     want = reference_gradients(a, x, h0, w, reverse)
     for name, g, w_ in zip(("da", "dx", "dh0"), got, want):
         assert g.dtype == a.dtype and g.shape == w_.shape, name

@@ -37,16 +37,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pod_helpers import (Launch, checkpoint_arrays, docs_local_command, flat_arrays,
-                         gauge_abs_diff, load_config, max_rel_diff, process_lines, run_launch,
-                         train_records, truncate_run, with_flag)
+from pod_helpers import (
+    Launch,
+    checkpoint_arrays,
+    docs_local_command,
+    flat_arrays,
+    gauge_abs_diff,
+    load_config,
+    max_rel_diff,
+    process_lines,
+    run_launch,
+    train_records,
+    truncate_run,
+    with_flag,
+)
 
 pytestmark = pytest.mark.slow
 
 # The docs' command with a 12-step schedule and small splits; 1 layer to keep compiles short.
-SHORT = ["--config.model.num_layers=1", "--config.num_train_steps=12", "--config.eval_every=12",
-         "--config.checkpoint_every=6", "--config.log_every=3", "--config.data.val_examples=40",
-         "--config.data.test_examples=40", "--config.data.train_examples=400"]
+SHORT = [
+    "--config.model.num_layers=1",
+    "--config.num_train_steps=12",
+    "--config.eval_every=12",
+    "--config.checkpoint_every=6",
+    "--config.log_every=3",
+    "--config.data.val_examples=40",
+    "--config.data.test_examples=40",
+    "--config.data.train_examples=400",
+]
 PARAM_RTOL = 1e-5
 GAUGE_ATOL = 3e-3 * 12  # the tiny ListOps learning rate x steps: Adam moves at most lr a step
 LOSS_RTOL = 1e-5
@@ -79,8 +97,9 @@ def pod_root(tmp_path_factory) -> Path:
     yield tmp_path_factory.mktemp("pod")
     print("\n" + json.dumps(MEASURED, indent=1, default=str), file=sys.stderr)
     if os.environ.get("HGRN_POD_MEASUREMENTS"):
-        Path(os.environ["HGRN_POD_MEASUREMENTS"]).write_text(json.dumps(MEASURED, indent=1,
-                                                                        default=str))
+        Path(os.environ["HGRN_POD_MEASUREMENTS"]).write_text(
+            json.dumps(MEASURED, indent=1, default=str)
+        )
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +122,10 @@ def _assert_same_results(pod: Path, single: Path, name: str) -> None:
     assert four["num_params"] == one["num_params"]
     losses_pod, losses_one = train_records(pod), train_records(single)
     assert [r["step"] for r in losses_pod] == [r["step"] for r in losses_one]
-    worst = max(abs(a["loss"] - b["loss"]) / abs(b["loss"])
-                for a, b in zip(losses_pod, losses_one, strict=True))
+    worst = max(
+        abs(a["loss"] - b["loss"]) / abs(b["loss"])
+        for a, b in zip(losses_pod, losses_one, strict=True)
+    )
     assert worst <= LOSS_RTOL, (name, worst)
     metric = one["metric"]
     if metric == "accuracy":
@@ -116,8 +137,9 @@ def _assert_same_results(pod: Path, single: Path, name: str) -> None:
     MEASURED[f"{name} 4x2 vs 1x8: test {metric}"] = (four["test"], one["test"])
 
 
-def _assert_same_params(workdir: Path, reference: Path, step: int, name: str,
-                        bitwise: bool = False) -> None:
+def _assert_same_params(
+    workdir: Path, reference: Path, step: int, name: str, bitwise: bool = False
+) -> None:
     got, want = checkpoint_arrays(workdir, step), checkpoint_arrays(reference, step)
     diff, gauge = max_rel_diff(got, want), gauge_abs_diff(got, want)
     MEASURED[f"{name}: params+moments max rel diff"] = diff
@@ -138,20 +160,34 @@ def test_pod_logs_and_files_come_from_process_0(listops):
     stderr = listops["launch"].stderr
     zero = process_lines(stderr, 0)
     assert "task listops: data source 'generated' (train 400, val 40, test 40 examples)" in zero
-    assert any(re.fullmatch(r"model: [\d,]+ parameters; mesh data=2 x fsdp=2 x model=2", line)
-               for line in zero), zero
+    assert any(
+        re.fullmatch(r"model: [\d,]+ parameters; mesh data=2 x fsdp=2 x model=2", line)
+        for line in zero
+    ), zero
     assert "4 processes x 2 cpu devices = 8 devices" in zero
     assert any(line.startswith("starting at step 0 of 12 in ") for line in zero)
-    plain = [line for line in zero if re.fullmatch(
-        r"step \d+/12  loss \d+\.\d{4}  \d+\.\d\d steps/s  (\d+s|\d+m\d\ds) left", line)]
+    plain = [
+        line
+        for line in zero
+        if re.fullmatch(
+            r"step \d+/12  loss \d+\.\d{4}  \d+\.\d\d steps/s  (\d+s|\d+m\d\ds) left", line
+        )
+    ]
     assert [int(line.split()[1].split("/")[0]) for line in plain] == [3, 6, 9, 12], zero
     assert any(line.startswith("step 12: val loss ") for line in zero)
-    assert any(line.startswith("listops: best val accuracy")
-               for line in process_lines(listops["launch"].stdout, 0))
+    assert any(
+        line.startswith("listops: best val accuracy")
+        for line in process_lines(listops["launch"].stdout, 0)
+    )
     for index in (1, 2, 3):  # other processes: nothing but warnings (and gloo's own lines)
-        spoken = [line for line in process_lines(stderr, index) + process_lines(
-            listops["launch"].stdout, index) if not line.startswith(("[Gloo]", "W", "E", "I"))
-            and "Gloo" not in line and line.strip()]
+        spoken = [
+            line
+            for line in process_lines(stderr, index)
+            + process_lines(listops["launch"].stdout, index)
+            if not line.startswith(("[Gloo]", "W", "E", "I"))
+            and "Gloo" not in line
+            and line.strip()
+        ]
         assert not [line for line in spoken if re.search(r"step|listops|task|val ", line)], spoken
     # Only process 0 wrote: one record per logged step, not four.
     assert [r["step"] for r in train_records(listops["pod"])] == [3, 6, 9, 12]
@@ -183,8 +219,11 @@ def test_host_failure_then_preemption_then_resume_on_another_layout(listops, pod
     # prints first wins the race to exit).
     for index in (0, 1, 3):
         said = "\n".join(process_lines(stderr, index))
-        assert re.search(r"lost process(es)? [\d, ]*\b2\b|Task 2 heartbeat timeout|"
-                         r"stopped sending heartbeats\):\n2\n", said), said[-3000:]
+        assert re.search(
+            r"lost process(es)? [\d, ]*\b2\b|Task 2 heartbeat timeout|"
+            r"stopped sending heartbeats\):\n2\n",
+            said,
+        ), said[-3000:]
 
     # 2. Rerun; SIGTERM to process 2 while it builds the model: all save step 10, exit 0.
     launch = Launch(pod_root, 4, 2, args, name="sigterm")
@@ -197,17 +236,22 @@ def test_host_failure_then_preemption_then_resume_on_another_layout(listops, pod
     assert "[launch] FAILED" not in launch.stderr
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 10, steps
-    assert json.loads((workdir / "checkpoints" / "10" / "meta" / "metadata").read_text()
-                      )["step"] == 10
+    assert (
+        json.loads((workdir / "checkpoints" / "10" / "meta" / "metadata").read_text())["step"] == 10
+    )
     assert not (workdir / "results.json").exists()
 
     # 3. Resume on 2 processes x 4 devices: the uninterrupted run's parameters and metrics.
     run_launch(pod_root, 2, 4, args, name="resume-2x4")
     # Bitwise: with several processes every cross-device sum goes through gloo, which adds in
     # the same order for 4 x 2 and 2 x 4 (8 ranks either way); only 1 x 8 sums in-process.
-    _assert_same_params(workdir, listops["pod"], 12,
-                        "restore 4x2 (killed, preempted) -> 2x4 vs uninterrupted 4x2",
-                        bitwise=True)
+    _assert_same_params(
+        workdir,
+        listops["pod"],
+        12,
+        "restore 4x2 (killed, preempted) -> 2x4 vs uninterrupted 4x2",
+        bitwise=True,
+    )
     done = json.loads((workdir / "results.json").read_text())
     reference = json.loads((listops["pod"] / "results.json").read_text())
     assert done["process_count"] == 2
@@ -237,21 +281,40 @@ def test_elastic_restore_between_4x2_and_1x8(listops, pod_root):
     resumed = truncate_run(listops["single"], pod_root / "elastic-1x8-to-4x2", 6)
     run_launch(pod_root, 4, 2, _listops_args(resumed, listops["cache"]), name="elastic")
     _assert_same_params(resumed, listops["single"], 12, "restore 1x8 -> 4x2 vs uninterrupted 1x8")
-    assert json.loads((resumed / "results.json").read_text())["test"] == json.loads(
-        (listops["single"] / "results.json").read_text())["test"]
+    assert (
+        json.loads((resumed / "results.json").read_text())["test"]
+        == json.loads((listops["single"] / "results.json").read_text())["test"]
+    )
 
 
 # The other tiny presets: 4 steps, one evaluation, small splits.
 OTHER_PRESETS = {
-    "retrieval": ("experiments/configs/lra/retrieval.py:tiny",
-                  ["--config.model.num_layers=1", "--config.data.val_examples=32",
-                   "--config.data.test_examples=32", "--config.data.train_examples=256"]),
-    "imagenet": ("experiments/configs/imagenet/tiny.py:tiny",
-                 ["--config.model.num_layers=1", "--config.data.val_examples=32",
-                  "--config.data.test_examples=32", "--config.data.train_examples=256"]),
-    "wikitext103": ("experiments/configs/lm/wikitext103.py:tiny",
-                    ["--config.model.num_layers=1", "--config.data.train_bytes=20000",
-                     "--config.data.eval_bytes=2048"]),
+    "retrieval": (
+        "experiments/configs/lra/retrieval.py:tiny",
+        [
+            "--config.model.num_layers=1",
+            "--config.data.val_examples=32",
+            "--config.data.test_examples=32",
+            "--config.data.train_examples=256",
+        ],
+    ),
+    "imagenet": (
+        "experiments/configs/imagenet/tiny.py:tiny",
+        [
+            "--config.model.num_layers=1",
+            "--config.data.val_examples=32",
+            "--config.data.test_examples=32",
+            "--config.data.train_examples=256",
+        ],
+    ),
+    "wikitext103": (
+        "experiments/configs/lm/wikitext103.py:tiny",
+        [
+            "--config.model.num_layers=1",
+            "--config.data.train_bytes=20000",
+            "--config.data.eval_bytes=2048",
+        ],
+    ),
 }
 
 
@@ -259,9 +322,17 @@ OTHER_PRESETS = {
 def test_tiny_preset_on_pod_equals_one_process(name, pod_root):
     spec, overrides = OTHER_PRESETS[name]
     pod_dir, single_dir = pod_root / f"{name}-4x2", pod_root / f"{name}-1x8"
-    args = [f"--config={spec}", "--config.num_train_steps=4", "--config.eval_every=4",
-            "--config.checkpoint_every=4", "--config.log_every=2", "--config.mesh.data=2",
-            "--config.mesh.fsdp=2", "--config.mesh.model=2", *overrides]
+    args = [
+        f"--config={spec}",
+        "--config.num_train_steps=4",
+        "--config.eval_every=4",
+        "--config.checkpoint_every=4",
+        "--config.log_every=2",
+        "--config.mesh.data=2",
+        "--config.mesh.fsdp=2",
+        "--config.mesh.model=2",
+        *overrides,
+    ]
     run_launch(pod_root, 4, 2, [f"--workdir={pod_dir}", *args], name=name)
     _train_here(args, single_dir)
     _assert_same_results(pod_dir, single_dir, name)
@@ -269,8 +340,13 @@ def test_tiny_preset_on_pod_equals_one_process(name, pod_root):
 
 def test_sequence_parallelism_across_two_processes(pod_root):
     out = pod_root / "sequence.json"
-    run_launch(pod_root, 2, 2, ["python", "tests/pod_sequence_worker.py", "--out", str(out)],
-               name="sequence")
+    run_launch(
+        pod_root,
+        2,
+        2,
+        ["python", "tests/pod_sequence_worker.py", "--out", str(out)],
+        name="sequence",
+    )
     result = json.loads(out.read_text())
     # float64 / complex128: the sharded carries reassociate products of decays, ~1e-16.
     for name, error in result["errors"].items():
@@ -279,6 +355,5 @@ def test_sequence_parallelism_across_two_processes(pod_root):
     np.testing.assert_allclose(sharded, reference, rtol=1e-5)  # float32 LM, other sum order
     assert sharded[-1] < sharded[0] - 0.5  # and it trains
     MEASURED["sequence parallel across 2 processes: max rel error (f64)"] = max(
-        result["errors"].values())
-
-
+        result["errors"].values()
+    )

@@ -31,22 +31,23 @@ from absl.testing import parameterized
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hgrn_jax.ops import METHODS, default_method, linear_recurrence
+from hgrn_jax.ops import default_method, linear_recurrence
 
 # The pure-JAX methods ("pallas" has its own tests in test_pallas.py).
 CORE_METHODS = ("sequential", "associative", "chunked")
 ALL_METHODS = CORE_METHODS + ("auto",)
 DIRECTIONS = {"forward": False, "reverse": True}
 F32_TOL = dict(atol=1e-4, rtol=1e-5)
-BF16_RTOL = 2.0 ** -8
+BF16_RTOL = 2.0**-8
 BF16_ATOL = 1e-4
 
 
 def loop_reference(a, x, h0=None, reverse=False) -> np.ndarray:
     """All states of h_t = a_t h_{t-1} + x_t by a plain loop in float64 / complex128."""
     x = np.asarray(x, dtype=np.result_type(np.asarray(x).dtype, np.float64))
-    a = np.broadcast_to(np.asarray(a, dtype=np.result_type(np.asarray(a).dtype, np.float64)),
-                        x.shape)
+    a = np.broadcast_to(
+        np.asarray(a, dtype=np.result_type(np.asarray(a).dtype, np.float64)), x.shape
+    )
     dtype = np.result_type(a, x)
     length = x.shape[-2]
     h = np.zeros(x.shape[:-2] + x.shape[-1:], dtype)
@@ -54,7 +55,7 @@ def loop_reference(a, x, h0=None, reverse=False) -> np.ndarray:
         h = h + np.asarray(h0, np.result_type(np.asarray(h0).dtype, np.float64))
         dtype = h.dtype
     out = np.empty(x.shape, dtype)
-    for t in (range(length - 1, -1, -1) if reverse else range(length)):
+    for t in range(length - 1, -1, -1) if reverse else range(length):
         h = a[..., t, :] * h + x[..., t, :]
         out[..., t, :] = h
     return out
@@ -84,8 +85,7 @@ def scan_reference(a, x, h0, reverse=False):
         h = a_t * h + x_t
         return h, h
 
-    _, h = jax.lax.scan(step, h0, (jnp.moveaxis(a, -2, 0), jnp.moveaxis(x, -2, 0)),
-                        reverse=reverse)
+    _, h = jax.lax.scan(step, h0, (jnp.moveaxis(a, -2, 0), jnp.moveaxis(x, -2, 0)), reverse=reverse)
     return jnp.moveaxis(h, 0, -2)
 
 
@@ -105,10 +105,12 @@ def key_reverse(key: str) -> bool:
 @pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
 def test_every_method_matches_loop(complex_valued, length):
     # Real inputs start from zeros (h0=None), complex ones from a given h0.
-    a, x, h0 = random_inputs((2, length, 3), complex_valued=complex_valued,
-                             with_h0=complex_valued)
-    results = jax.jit(lambda a, x, h0: run_all(lambda m, r: linear_recurrence(
-        a, x, h0, reverse=r, method=m, return_last_state=True)))(a, x, h0)
+    a, x, h0 = random_inputs((2, length, 3), complex_valued=complex_valued, with_h0=complex_valued)
+    results = jax.jit(
+        lambda a, x, h0: run_all(
+            lambda m, r: linear_recurrence(a, x, h0, reverse=r, method=m, return_last_state=True)
+        )
+    )(a, x, h0)
     for key, (out, last) in results.items():
         reverse = key_reverse(key)
         expected = loop_reference(a, x, h0, reverse)
@@ -118,57 +120,88 @@ def test_every_method_matches_loop(complex_valued, length):
         np.testing.assert_array_equal(last, out[:, 0] if reverse else out[:, -1], err_msg=key)
 
 
-@pytest.mark.parametrize("length,chunk_sizes", [
-    (37, (1, 5, 37)),  # 5 doesn't divide 37 (64, the default, > 37 runs elsewhere)
-    (1000, (8, 37)),  # 37 doesn't divide 1000 (nor does the default 64, run elsewhere)
-])
+@pytest.mark.parametrize(
+    "length,chunk_sizes",
+    [
+        (37, (1, 5, 37)),  # 5 doesn't divide 37 (64, the default, > 37 runs elsewhere)
+        (1000, (8, 37)),  # 37 doesn't divide 1000 (nor does the default 64, run elsewhere)
+    ],
+)
 def test_chunk_sizes(length, chunk_sizes):
     a, x, h0 = random_inputs((2, length, 3), complex_valued=True, with_h0=True)
-    results = jax.jit(lambda a, x, h0: run_all(
-        lambda c, r: linear_recurrence(a, x, h0, reverse=r, method="chunked", chunk_size=c),
-        methods=chunk_sizes))(a, x, h0)
+    results = jax.jit(
+        lambda a, x, h0: run_all(
+            lambda c, r: linear_recurrence(a, x, h0, reverse=r, method="chunked", chunk_size=c),
+            methods=chunk_sizes,
+        )
+    )(a, x, h0)
     for key, out in results.items():
-        np.testing.assert_allclose(out, loop_reference(a, x, h0, key_reverse(key)), **F32_TOL,
-                                   err_msg=f"chunk_size/direction {key}")
+        np.testing.assert_allclose(
+            out,
+            loop_reference(a, x, h0, key_reverse(key)),
+            **F32_TOL,
+            err_msg=f"chunk_size/direction {key}",
+        )
 
 
 def test_auto_runs_the_default_method():
     a, x, _ = random_inputs((2, 37, 3))
     # The measured choices (see default_method's docstring and benchmarks/results/).
-    expected = {("cpu", 1024): "sequential", ("cpu", 65536): "sequential",
-                ("gpu", 1024): "associative", ("gpu", 4096): "pallas",
-                ("gpu", 65536): "pallas", ("tpu", 4096): "pallas"}
+    expected = {
+        ("cpu", 1024): "sequential",
+        ("cpu", 65536): "sequential",
+        ("gpu", 1024): "associative",
+        ("gpu", 4096): "pallas",
+        ("gpu", 65536): "pallas",
+        ("tpu", 4096): "pallas",
+    }
     for (platform, length), method in expected.items():
         assert default_method(length, platform) == method, (platform, length)
-    auto, chosen = jax.jit(lambda a, x: (linear_recurrence(a, x, method="auto"),
-                                         linear_recurrence(a, x, method=default_method(37))))(a, x)
+    auto, chosen = jax.jit(
+        lambda a, x: (
+            linear_recurrence(a, x, method="auto"),
+            linear_recurrence(a, x, method=default_method(37)),
+        )
+    )(a, x)
     np.testing.assert_array_equal(auto, chosen)
 
 
 @pytest.mark.parametrize("shape", [(11, 3), (2, 3, 11, 4)], ids=["no_batch", "two_batch_axes"])
 def test_leading_axes(shape):
     a, x, h0 = random_inputs(shape, complex_valued=True, with_h0=True)
-    results = jax.jit(lambda a, x, h0: run_all(lambda m, r: linear_recurrence(
-        a, x, h0, reverse=r, method=m, chunk_size=4), methods=CORE_METHODS))(a, x, h0)
+    results = jax.jit(
+        lambda a, x, h0: run_all(
+            lambda m, r: linear_recurrence(a, x, h0, reverse=r, method=m, chunk_size=4),
+            methods=CORE_METHODS,
+        )
+    )(a, x, h0)
     for key, out in results.items():
-        np.testing.assert_allclose(out, loop_reference(a, x, h0, key_reverse(key)), **F32_TOL,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            out, loop_reference(a, x, h0, key_reverse(key)), **F32_TOL, err_msg=key
+        )
 
 
 def test_decay_broadcasts():
     _, x, _ = random_inputs((2, 11, 3))
     per_step = np.random.default_rng(1).uniform(0.9, 1.0, (11, 3)).astype(np.float32)
     scalar = np.float32(0.95)
-    results = jax.jit(lambda a1, a2, x: run_all(lambda m, r: (
-        linear_recurrence(a1, x, reverse=r, method=m, chunk_size=4),
-        linear_recurrence(a2, x, reverse=r, method=m, chunk_size=4)), methods=CORE_METHODS))(
-            per_step, scalar, x)
+    results = jax.jit(
+        lambda a1, a2, x: run_all(
+            lambda m, r: (
+                linear_recurrence(a1, x, reverse=r, method=m, chunk_size=4),
+                linear_recurrence(a2, x, reverse=r, method=m, chunk_size=4),
+            ),
+            methods=CORE_METHODS,
+        )
+    )(per_step, scalar, x)
     for key, (out_per_step, out_scalar) in results.items():
         reverse = key_reverse(key)
-        np.testing.assert_allclose(out_per_step, loop_reference(per_step, x, reverse=reverse),
-                                   **F32_TOL, err_msg=key)
-        np.testing.assert_allclose(out_scalar, loop_reference(scalar, x, reverse=reverse),
-                                   **F32_TOL, err_msg=key)
+        np.testing.assert_allclose(
+            out_per_step, loop_reference(per_step, x, reverse=reverse), **F32_TOL, err_msg=key
+        )
+        np.testing.assert_allclose(
+            out_scalar, loop_reference(scalar, x, reverse=reverse), **F32_TOL, err_msg=key
+        )
 
 
 def test_streaming_with_the_last_state():
@@ -180,8 +213,9 @@ def test_streaming_with_the_last_state():
         first, second = slice(None, split), slice(split, None)
         if reverse:  # the reverse recurrence consumes the end first
             first, second = second, first
-        run = functools.partial(linear_recurrence, reverse=reverse, method=method, chunk_size=8,
-                                return_last_state=True)
+        run = functools.partial(
+            linear_recurrence, reverse=reverse, method=method, chunk_size=8, return_last_state=True
+        )
         out1, state = run(a[:, first], x[:, first], h0)
         out2, last = run(a[:, second], x[:, second], state)
         whole = jnp.concatenate([out2, out1] if reverse else [out1, out2], axis=1)
@@ -197,14 +231,20 @@ def test_streaming_with_the_last_state():
 
 def test_bfloat16_accumulates_in_float32():
     a, x, h0 = random_inputs((2, 1000, 3), dtype=jnp.bfloat16, with_h0=True)
-    results = jax.jit(lambda a, x, h0: run_all(lambda m, r: (
-        linear_recurrence(a, x, h0, reverse=r, method=m),
-        linear_recurrence(a, x, h0, reverse=r, method=m, out_dtype=jnp.float32)),
-        methods=CORE_METHODS))(a, x, h0)
+    results = jax.jit(
+        lambda a, x, h0: run_all(
+            lambda m, r: (
+                linear_recurrence(a, x, h0, reverse=r, method=m),
+                linear_recurrence(a, x, h0, reverse=r, method=m, out_dtype=jnp.float32),
+            ),
+            methods=CORE_METHODS,
+        )
+    )(a, x, h0)
     for key, (out, wide) in results.items():
         # The loop sees exactly the bf16-rounded inputs.
-        expected = loop_reference(a.astype(np.float64), x.astype(np.float64),
-                                  h0.astype(np.float64), key_reverse(key))
+        expected = loop_reference(
+            a.astype(np.float64), x.astype(np.float64), h0.astype(np.float64), key_reverse(key)
+        )
         chex.assert_type(out, jnp.bfloat16)
         error = np.abs(np.asarray(out, np.float64) - expected)
         assert np.all(error <= BF16_RTOL * np.abs(expected) + BF16_ATOL), (key, error.max())
@@ -216,10 +256,13 @@ def test_bfloat16_accumulates_in_float32():
 
 def test_output_dtypes():
     a, x, _ = random_inputs((2, 5, 3))
-    f16, c64, bf16 = jax.jit(lambda a, x: (
-        linear_recurrence(a.astype(jnp.float16), x.astype(jnp.float16)),
-        linear_recurrence(a.astype(jnp.complex64), x),
-        linear_recurrence(a, x, out_dtype=jnp.bfloat16)))(a, x)
+    f16, c64, bf16 = jax.jit(
+        lambda a, x: (
+            linear_recurrence(a.astype(jnp.float16), x.astype(jnp.float16)),
+            linear_recurrence(a.astype(jnp.complex64), x),
+            linear_recurrence(a, x, out_dtype=jnp.bfloat16),
+        )
+    )(a, x)
     chex.assert_type([f16, c64, bf16], [jnp.float16, jnp.complex64, jnp.bfloat16])
 
 
@@ -229,20 +272,28 @@ def test_bfloat16_gradients():
 
     def grads(a, x):
         def loss(method):
-            return lambda a, x: jnp.sum(linear_recurrence(a, x, method=method)
-                                        .astype(jnp.float32) * w)
+            return lambda a, x: jnp.sum(
+                linear_recurrence(a, x, method=method).astype(jnp.float32) * w
+            )
+
         return {m: jax.grad(loss(m), argnums=(0, 1))(a, x) for m in CORE_METHODS}
 
-    both = jax.jit(lambda a, x: (grads(a, x), grads(a.astype(jnp.bfloat16),
-                                                    x.astype(jnp.bfloat16))))
+    both = jax.jit(
+        lambda a, x: (grads(a, x), grads(a.astype(jnp.bfloat16), x.astype(jnp.bfloat16)))
+    )
     grads32, grads16 = both(a, x)
     for method in CORE_METHODS:
         for g16, g32 in zip(grads16[method], grads32[method]):
             chex.assert_type(g16, jnp.bfloat16)
             # bf16 inputs (2^-9 relative) move the states, and the gradients are rounded to
             # bf16: a few percent of the gradient's scale.
-            np.testing.assert_allclose(np.asarray(g16, np.float32), g32, rtol=0.03,
-                                       atol=0.03 * np.abs(g32).max(), err_msg=method)
+            np.testing.assert_allclose(
+                np.asarray(g16, np.float32),
+                g32,
+                rtol=0.03,
+                atol=0.03 * np.abs(g32).max(),
+                err_msg=method,
+            )
 
 
 # ------------------------------------------------------------------ gradients
@@ -256,34 +307,49 @@ def test_gradients_against_finite_differences(complex_valued):
     share of the projection, far above the 1e-5 tolerance.
     """
     with jax.enable_x64(True):
-        a, x, h0 = random_inputs((2, 11, 3), complex_valued=complex_valued, dtype=np.float64,
-                                 with_h0=True)
+        a, x, h0 = random_inputs(
+            (2, 11, 3), complex_valued=complex_valued, dtype=np.float64, with_h0=True
+        )
         # chunk 4 does not divide 11, so the padding is differentiated too.
-        f = jax.jit(lambda a, x, h0: run_all(lambda m, r: linear_recurrence(
-            a, x, h0, reverse=r, method=m, chunk_size=4, return_last_state=True),
-            methods=CORE_METHODS))
+        f = jax.jit(
+            lambda a, x, h0: run_all(
+                lambda m, r: linear_recurrence(
+                    a, x, h0, reverse=r, method=m, chunk_size=4, return_last_state=True
+                ),
+                methods=CORE_METHODS,
+            )
+        )
         jax.test_util.check_grads(f, (a, x, h0), order=1, modes=("rev",))
 
 
 @pytest.mark.parametrize("kind", ["real", "complex", "real_decay_complex_input"])
 def test_vjp_matches_jax_through_lax_scan(kind):
     with jax.enable_x64(True):
-        a, x, h0 = random_inputs((2, 11, 3), complex_valued=kind != "real", dtype=np.float64,
-                                 with_h0=True)
+        a, x, h0 = random_inputs(
+            (2, 11, 3), complex_valued=kind != "real", dtype=np.float64, with_h0=True
+        )
         if kind == "real_decay_complex_input":
             a = np.abs(a)
-        cotangent = jnp.asarray(random_inputs(x.shape, complex_valued=kind != "real",
-                                              dtype=np.float64, seed=3)[1])
+        cotangent = jnp.asarray(
+            random_inputs(x.shape, complex_valued=kind != "real", dtype=np.float64, seed=3)[1]
+        )
 
         def vjps(a, x, h0, cotangent):
             def ours(method, reverse):
-                out, vjp = jax.vjp(lambda *args: linear_recurrence(
-                    *args, reverse=reverse, method=method, chunk_size=4), a, x, h0)
+                out, vjp = jax.vjp(
+                    lambda *args: linear_recurrence(
+                        *args, reverse=reverse, method=method, chunk_size=4
+                    ),
+                    a,
+                    x,
+                    h0,
+                )
                 return out, vjp(cotangent)
 
             def theirs(_, reverse):
-                out, vjp = jax.vjp(lambda a, x, h0: scan_reference(
-                    a.astype(x.dtype), x, h0, reverse), a, x, h0)
+                out, vjp = jax.vjp(
+                    lambda a, x, h0: scan_reference(a.astype(x.dtype), x, h0, reverse), a, x, h0
+                )
                 return out, vjp(cotangent)
 
             return run_all(ours, methods=CORE_METHODS), run_all(theirs, methods=("lax.scan",))
@@ -294,8 +360,9 @@ def test_vjp_matches_jax_through_lax_scan(kind):
             np.testing.assert_allclose(out, out_ref, atol=1e-10, err_msg=key)
             for name, g, g_ref, arg in zip("a x h0".split(), grads, grads_ref, (a, x, h0)):
                 chex.assert_type(g, arg.dtype)
-                np.testing.assert_allclose(g, g_ref, atol=1e-10, rtol=1e-10,
-                                           err_msg=f"{key} d{name}")
+                np.testing.assert_allclose(
+                    g, g_ref, atol=1e-10, rtol=1e-10, err_msg=f"{key} d{name}"
+                )
 
 
 @pytest.mark.parametrize("method", CORE_METHODS)
@@ -313,10 +380,15 @@ def test_gradient_of_broadcast_decay_is_summed():
         a = np.random.default_rng(4).uniform(0.9, 1.0, (11, 3))
 
         def grads(a):
-            ours = {m: jax.grad(lambda a: jnp.sum(linear_recurrence(a, x, method=m) ** 2))(a)
-                    for m in CORE_METHODS}
-            theirs = jax.grad(lambda a: jnp.sum(scan_reference(
-                jnp.broadcast_to(a, x.shape), x, jnp.zeros((2, 3))) ** 2))(a)
+            ours = {
+                m: jax.grad(lambda a: jnp.sum(linear_recurrence(a, x, method=m) ** 2))(a)
+                for m in CORE_METHODS
+            }
+            theirs = jax.grad(
+                lambda a: jnp.sum(
+                    scan_reference(jnp.broadcast_to(a, x.shape), x, jnp.zeros((2, 3))) ** 2
+                )
+            )(a)
             return ours, theirs
 
         ours, theirs = jax.jit(grads)(a)
@@ -330,9 +402,11 @@ def test_gradient_of_broadcast_decay_is_summed():
 
 def _sum_of_squares(run):
     """A real loss of all states and the last state: sum |h|^2 + sum |h_last|^2."""
+
     def loss(a, x, h0):
         h, last = run(a, x, h0)
         return jnp.sum(jnp.abs(h) ** 2) + jnp.sum(jnp.abs(last) ** 2)
+
     return loss
 
 
@@ -358,13 +432,19 @@ class JitTest(chex.TestCase):
     def test_values_and_gradients(self, method):
         (a, x, h0), states, expected_grads = _jit_test_case()
         for reverse in (False, True):
-            run = functools.partial(linear_recurrence, reverse=reverse, method=method,
-                                    chunk_size=4, return_last_state=True)
+            run = functools.partial(
+                linear_recurrence,
+                reverse=reverse,
+                method=method,
+                chunk_size=4,
+                return_last_state=True,
+            )
             out, last = self.variant(run)(a, x, h0)
             np.testing.assert_allclose(out, states[reverse], **F32_TOL)
             np.testing.assert_allclose(last, states[reverse][:, 0 if reverse else -1], **F32_TOL)
-        run = functools.partial(linear_recurrence, method=method, chunk_size=4,
-                                return_last_state=True)
+        run = functools.partial(
+            linear_recurrence, method=method, chunk_size=4, return_last_state=True
+        )
         grads = self.variant(jax.grad(_sum_of_squares(run), argnums=(0, 1, 2)))(a, x, h0)
         for g, g_ref in zip(grads, expected_grads):
             np.testing.assert_allclose(g, g_ref, atol=1e-4, rtol=1e-4)
@@ -373,8 +453,9 @@ class JitTest(chex.TestCase):
 # ------------------------------------------------------------------ sharding
 
 
-@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit],
-                         ids=["auto_axes", "explicit_axes"])
+@pytest.mark.parametrize(
+    "axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto_axes", "explicit_axes"]
+)
 def test_batch_sharded_over_8_devices(axis_type):
     """Every method on a batch split over 8 devices: the loop's states, the unsharded gradient,
     and outputs that stay batch-sharded."""
@@ -388,26 +469,29 @@ def test_batch_sharded_over_8_devices(axis_type):
 
     def everything(a, x, h0):
         def one(method, reverse):
-            run = functools.partial(linear_recurrence, reverse=reverse, method=method,
-                                    chunk_size=4)
+            run = functools.partial(linear_recurrence, reverse=reverse, method=method, chunk_size=4)
             # h0 given in one direction, zeros (h0=None) in the other.
             states = run(a, x, None if reverse else h0)
             return states, jax.grad(loss(run))(a, x)
+
         return run_all(one, methods=CORE_METHODS)
 
-    expected_grads = jax.jit(lambda a, x: {r: jax.grad(loss(
-        lambda a, x: scan_reference(a, x, jnp.zeros_like(h0), r)))(a, x)
-        for r in (False, True)})(a, x)
+    expected_grads = jax.jit(
+        lambda a, x: {
+            r: jax.grad(loss(lambda a, x: scan_reference(a, x, jnp.zeros_like(h0), r)))(a, x)
+            for r in (False, True)
+        }
+    )(a, x)
     with jax.set_mesh(mesh):
         sharded = jax.jit(everything)(*(jax.device_put(v, batch) for v in (a, x, h0)))
     for key, (states, grad) in sharded.items():
         reverse = key_reverse(key)
         for out in (states, grad):
             assert out.sharding.is_equivalent_to(batch, out.ndim), (key, out.sharding)
-        np.testing.assert_allclose(states, loop_reference(a, x, None if reverse else h0, reverse),
-                                   **F32_TOL, err_msg=key)
-        np.testing.assert_allclose(grad, expected_grads[reverse], rtol=1e-5, atol=1e-4,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            states, loop_reference(a, x, None if reverse else h0, reverse), **F32_TOL, err_msg=key
+        )
+        np.testing.assert_allclose(grad, expected_grads[reverse], rtol=1e-5, atol=1e-4, err_msg=key)
 
 
 # ------------------------------------------------------------------ errors

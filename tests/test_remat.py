@@ -26,6 +26,7 @@ def grads_and_state(model, loss_fn, *inputs):
             m.train()
             value = loss_fn(m, *inputs)
             return value, nnx.split(m, nnx.Param, ...)[2]
+
         return jax.grad(loss, has_aux=True)(params)
 
     return step(params, rest, *inputs)
@@ -42,8 +43,7 @@ def assert_trees_close(got, want):
 
 
 def test_lm_gradients_unchanged(policy="nothing"):
-    lm = HGRNLM(LMConfig(vocab_size=32, features=8, num_layers=2, glu_hidden=16),
-                rngs=nnx.Rngs(0))
+    lm = HGRNLM(LMConfig(vocab_size=32, features=8, num_layers=2, glu_hidden=16), rngs=nnx.Rngs(0))
     ids = jax.random.randint(jax.random.key(1), (2, 24), 0, 32)
 
     def loss(m, ids):
@@ -58,9 +58,16 @@ def test_lm_gradients_unchanged(policy="nothing"):
 def test_classifier_with_batchnorm_mask_and_dropout_unchanged():
     """The LRA classifier's blocks with BatchNorm statistics, a padding mask
     and dropout: same gradients, same updated statistics and RNG counters."""
-    config = ClassifierConfig(num_classes=3, features=8, num_layers=2, encoder="linear",
-                              input_channels=1, mixer="1d", norm="batch",
-                              dropout=0.1)
+    config = ClassifierConfig(
+        num_classes=3,
+        features=8,
+        num_layers=2,
+        encoder="linear",
+        input_channels=1,
+        mixer="1d",
+        norm="batch",
+        dropout=0.1,
+    )
     model = HGRNClassifier(config, rngs=nnx.Rngs(2))
     x = jax.random.normal(jax.random.key(3), (3, 16))
     mask = jnp.ones((3, 16), bool).at[0, 11:].set(False)
@@ -74,8 +81,7 @@ def test_classifier_with_batchnorm_mask_and_dropout_unchanged():
 
 
 def test_turning_off_and_bad_policy():
-    lm = HGRNLM(LMConfig(vocab_size=16, features=4, num_layers=1, glu_hidden=8),
-                rngs=nnx.Rngs(0))
+    lm = HGRNLM(LMConfig(vocab_size=16, features=4, num_layers=1, glu_hidden=8), rngs=nnx.Rngs(0))
     set_remat(lm, "nothing")
     set_remat(lm, None)
     assert lm.blocks[0].remat is None

@@ -9,20 +9,44 @@ import pytest
 
 from experiments import report
 
-LRA_TEST = {"listops": 50.0, "text": 80.0, "retrieval": 90.0, "image": 85.0, "pathfinder": 88.0,
-            "pathx": 91.0}
+LRA_TEST = {
+    "listops": 50.0,
+    "text": 80.0,
+    "retrieval": 90.0,
+    "image": 85.0,
+    "pathfinder": 88.0,
+    "pathx": 91.0,
+}
 
 
-def make_run(folder: Path, task: str, test: float, *, metric: str = "accuracy",
-             source: str = "release", features: int = 32, truncated: bool = False) -> Path:
+def make_run(
+    folder: Path,
+    task: str,
+    test: float,
+    *,
+    metric: str = "accuracy",
+    source: str = "release",
+    features: int = 32,
+    truncated: bool = False,
+) -> Path:
     folder.mkdir(parents=True)
-    results = {"task": task, "metric": metric, "best_val": test + 1.0, "best_step": 40,
-               "test": test, "paper": 0.0, "steps": 40, "wall_time_s": 1.0,
-               "num_params": 6_107_560 if task == "imagenet" else 1000, "devices": 1,
-               "process_count": 1}
+    results = {
+        "task": task,
+        "metric": metric,
+        "best_val": test + 1.0,
+        "best_step": 40,
+        "test": test,
+        "paper": 0.0,
+        "steps": 40,
+        "wall_time_s": 1.0,
+        "num_params": 6_107_560 if task == "imagenet" else 1000,
+        "devices": 1,
+        "process_count": 1,
+    }
     (folder / "results.json").write_text(json.dumps(results))
-    (folder / "config.json").write_text(json.dumps(
-        {"task": task, "data": {"source": source}, "model": {"features": features}}))
+    (folder / "config.json").write_text(
+        json.dumps({"task": task, "data": {"source": source}, "model": {"features": features}})
+    )
     lines = []
     for step in (10, 20, 30, 40):
         value = {"accuracy": 10.0 + step} if metric == "accuracy" else {"perplexity": 100.0 / step}
@@ -37,8 +61,11 @@ def make_run(folder: Path, task: str, test: float, *, metric: str = "accuracy",
 
 
 def row(markdown: str, first_cell: str) -> list[list[str]]:
-    return [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines()
-            if line.startswith(f"| {first_cell} ")]
+    return [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in markdown.splitlines()
+        if line.startswith(f"| {first_cell} ")
+    ]
 
 
 def test_tables_put_our_numbers_beside_the_paper(tmp_path, capsys):
@@ -48,28 +75,40 @@ def test_tables_put_our_numbers_beside_the_paper(tmp_path, capsys):
     make_run(tmp_path / "imagenet" / "odd", "imagenet", 12.0, features=48, source="synthetic")
     make_run(tmp_path / "lm", "wikitext103", 30.5, metric="perplexity")
     png = tmp_path / "out" / "curves.png"
-    assert report.main([str(tmp_path / "lra"), str(tmp_path / "imagenet"), str(tmp_path / "lm"),
-                        "--png", str(png), "--markdown", str(tmp_path / "report.md")]) == 0
+    assert (
+        report.main(
+            [
+                str(tmp_path / "lra"),
+                str(tmp_path / "imagenet"),
+                str(tmp_path / "lm"),
+                "--png",
+                str(png),
+                "--markdown",
+                str(tmp_path / "report.md"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("### Long Range Arena")
     assert (tmp_path / "report.md").read_text() in out
 
-    listops_row, = row(out, "ListOps")
+    (listops_row,) = row(out, "ListOps")
     assert listops_row[1:5] == ["59.95", "50.00", "51.00", "40"]
-    pathx_row, = row(out, "Path-X")
+    (pathx_row,) = row(out, "Path-X")
     assert pathx_row[1:3] == ["97.50", "91.00"]
-    average, = row(out, "**Average**")
+    (average,) = row(out, "**Average**")
     assert average[1] == "86.91"
     assert average[2] == f"{sum(LRA_TEST.values()) / 6:.2f}"
 
-    tiny_row, = row(out, "HGRN-Tiny")
+    (tiny_row,) = row(out, "HGRN-Tiny")
     assert tiny_row[1:5] == ["6.11M", "74.40", "6.11M", "70.50"]
-    small_row, = row(out, "HGRN-Small")
+    (small_row,) = row(out, "HGRN-Small")
     assert small_row[1:4] == ["23.72M", "80.09", "—"]
-    odd_row, = row(out, "other (d=48)")
+    (odd_row,) = row(out, "other (d=48)")
     assert odd_row[4] == "12.00" and odd_row[-1].endswith("(generated data)")
 
-    lm_row, = row(out, "HGRN (6 layers, d 512)")
+    (lm_row,) = row(out, "HGRN (6 layers, d 512)")
     assert lm_row[1:5] == ["24.14", "24.82", "31.50", "30.50"]
 
     data = png.read_bytes()
@@ -81,18 +120,18 @@ def test_partial_lra_average_and_default_png(tmp_path, capsys):
     make_run(tmp_path / "runs" / "a", "listops", 33.0, source="generated")
     assert report.main([str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
-    average, = row(out, "**Average**")
+    (average,) = row(out, "**Average**")
     assert average[2] == "— (1/6 tasks run)"
-    listops_row, = row(out, "ListOps")
+    (listops_row,) = row(out, "ListOps")
     assert listops_row[-1].endswith("(generated data)")
-    text_row, = row(out, "Text")
+    (text_row,) = row(out, "Text")
     assert text_row[1:3] == ["88.14", "—"]
     assert (tmp_path / "runs" / "curves.png").is_file()
 
 
 def test_curves_read_metrics_and_skip_a_truncated_line(tmp_path):
     run_dir = make_run(tmp_path / "r", "listops", 20.0, truncated=True)
-    run, = report.find_runs([tmp_path])
+    (run,) = report.find_runs([tmp_path])
     assert run.path == run_dir and len(run.records) == 6
     assert [r["step"] for r in run.records if r["split"] == "val"] == [20, 40]
 

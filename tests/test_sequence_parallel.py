@@ -60,13 +60,16 @@ def loss(recurrence, a, x, h0):
     return jnp.sum(jnp.sin(jnp.real(h)) + jnp.imag(h) * w) + jnp.sum(jnp.cos(jnp.real(last)) * w)
 
 
-@pytest.mark.parametrize("mesh_name, complex_valued, reverse", [
-    ("8-auto", False, False),
-    ("8-auto", True, True),
-    ("8-explicit", True, False),
-    ("2x4-explicit", False, True),
-    ("2x4-explicit", True, False),
-])
+@pytest.mark.parametrize(
+    "mesh_name, complex_valued, reverse",
+    [
+        ("8-auto", False, False),
+        ("8-auto", True, True),
+        ("8-explicit", True, False),
+        ("2x4-explicit", False, True),
+        ("2x4-explicit", True, False),
+    ],
+)
 def test_equals_unsharded_with_gradients(mesh_name, complex_valued, reverse):
     a, x, h0 = make_inputs(complex_valued)
     kwargs = dict(reverse=reverse, method="sequential", return_last_state=True)

@@ -11,17 +11,24 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from sharded_step import sharded_train_step
 
 from hgrn_jax import sharding as sh
-from hgrn_jax.nn import ClassifierConfig, HGRNClassifier, HGRNLM, LMConfig
-from sharded_step import sharded_train_step
+from hgrn_jax.nn import HGRNLM, ClassifierConfig, HGRNClassifier, LMConfig
 
 MESHES = {"8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2), "1x1x1": (1, 1, 1)}
 
 # Every sharded dimension is even, so each rule really splits it on the (2, 2, 2) mesh.
 LM_CONFIG = LMConfig(vocab_size=32, features=8, num_layers=2, glu_hidden=16)
-CLASSIFIER_CONFIG = ClassifierConfig(num_classes=3, features=8, num_layers=1, glu_expand=2,
-                                     encoder="embed", vocab_size=16, norm="batch")
+CLASSIFIER_CONFIG = ClassifierConfig(
+    num_classes=3,
+    features=8,
+    num_layers=1,
+    glu_expand=2,
+    encoder="embed",
+    vocab_size=16,
+    norm="batch",
+)
 BATCH, LENGTH = 8, 6
 
 
@@ -62,9 +69,11 @@ def classifier_and_optimizer() -> tuple[HGRNClassifier, nnx.Optimizer]:
 def classifier_batch() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(1)
     lengths = rng.integers(2, LENGTH + 1, BATCH)  # padded on the right
-    return {"inputs": rng.integers(0, CLASSIFIER_CONFIG.vocab_size, (BATCH, LENGTH)).astype(np.int32),
-            "mask": (np.arange(LENGTH)[None, :] < lengths[:, None]).astype(np.int32),
-            "labels": rng.integers(0, CLASSIFIER_CONFIG.num_classes, BATCH).astype(np.int32)}
+    return {
+        "inputs": rng.integers(0, CLASSIFIER_CONFIG.vocab_size, (BATCH, LENGTH)).astype(np.int32),
+        "mask": (np.arange(LENGTH)[None, :] < lengths[:, None]).astype(np.int32),
+        "labels": rng.integers(0, CLASSIFIER_CONFIG.num_classes, BATCH).astype(np.int32),
+    }
 
 
 def classifier_loss(model: HGRNClassifier, batch: dict[str, jax.Array]) -> jax.Array:
@@ -94,15 +103,17 @@ def assert_same_step(results: dict[str, tuple[float, dict]]) -> None:
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=f"{name} vs {ref_name}")
         assert state.keys() == ref_state.keys()
         for key, ref in ref_state.items():
-            np.testing.assert_allclose(state[key], ref, rtol=1e-5, atol=1e-7,
-                                       err_msg=f"{key}: {name} vs {ref_name}")
+            np.testing.assert_allclose(
+                state[key], ref, rtol=1e-5, atol=1e-7, err_msg=f"{key}: {name} vs {ref_name}"
+            )
 
 
 @pytest.fixture(scope="module")
 def lm_steps() -> dict[str, tuple[nnx.GraphDef, nnx.State, jax.Array]]:
     batch = lm_batch()
-    return {name: sharded_train_step(lm_and_optimizer, lm_loss, batch, mesh_of(name))
-            for name in MESHES}
+    return {
+        name: sharded_train_step(lm_and_optimizer, lm_loss, batch, mesh_of(name)) for name in MESHES
+    }
 
 
 @pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
@@ -130,9 +141,14 @@ def test_lm_parameters_are_sharded_by_the_rules(lm_steps):
         "down_proj bias": (block["mlp"]["down_proj"]["bias"], P("fsdp")),
         "norm scale": (block["norm1"]["scale"], P("fsdp")),
         "lower bounds": (model_state["lower_bounds"]["param"], P(None, "model")),  # layers, rnn
-        "adam mu": (optimizer_state["opt_state"][0]["mu"]["blocks"][0]["mlp"]["gate_proj"]["kernel"],
-                    P("fsdp", "model")),
-        "adam nu": (optimizer_state["opt_state"][0]["nu"]["embed"]["embedding"], P("model", "fsdp")),
+        "adam mu": (
+            optimizer_state["opt_state"][0]["mu"]["blocks"][0]["mlp"]["gate_proj"]["kernel"],
+            P("fsdp", "model"),
+        ),
+        "adam nu": (
+            optimizer_state["opt_state"][0]["nu"]["embed"]["embedding"],
+            P("model", "fsdp"),
+        ),
         "adam count": (optimizer_state["opt_state"][0]["count"], P()),
         "step": (optimizer_state["step"], P()),
     }
@@ -147,15 +163,17 @@ def test_lm_parameters_are_sharded_by_the_rules(lm_steps):
 @pytest.fixture(scope="module")
 def classifier_steps() -> dict[str, tuple[nnx.GraphDef, nnx.State, jax.Array]]:
     batch = classifier_batch()
-    return {name: sharded_train_step(classifier_and_optimizer, classifier_loss, batch,
-                                     mesh_of(name))
-            for name in MESHES}
+    return {
+        name: sharded_train_step(classifier_and_optimizer, classifier_loss, batch, mesh_of(name))
+        for name in MESHES
+    }
 
 
 @pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_batchnorm_classifier_step_is_the_same_on_every_mesh(classifier_steps):
-    results = {name: (float(loss), as_numpy(state))
-               for name, (_, state, loss) in classifier_steps.items()}
+    results = {
+        name: (float(loss), as_numpy(state)) for name, (_, state, loss) in classifier_steps.items()
+    }
     assert_same_step(results)
     # BatchNorm's running statistics were updated from the global batch, identically everywhere.
     initial = as_numpy(nnx.state(classifier_and_optimizer()))
@@ -196,8 +214,9 @@ def test_checkpoint_from_2x2x2_restores_onto_other_meshes(lm_steps, classifier_s
         assert got.keys() == expected.keys()
         for key in expected:
             np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{key} on {name}")
-        for leaf, target in zip(jax.tree.leaves(restored),
-                                jax.tree.leaves(sh.state_shardings(saved, mesh))):
+        for leaf, target in zip(
+            jax.tree.leaves(restored), jax.tree.leaves(sh.state_shardings(saved, mesh))
+        ):
             assert leaf.sharding == target
         model, _ = nnx.merge(lm_steps[name][0], restored["lm"])
         assert model.embed.embedding.get_value().sharding.mesh.devices.size == mesh.devices.size
@@ -212,8 +231,9 @@ def test_rules_fall_back_to_replicated_when_a_size_does_not_divide():
     mesh = sh.make_mesh(2, 2, 2)
     assert sh.logical_to_mesh_spec(("embed", "mlp"), (8, 16), mesh) == P("fsdp", "model")
     assert sh.logical_to_mesh_spec(("embed", "mlp"), (7, 16), mesh) == P(None, "model")
-    assert sh.logical_to_mesh_spec(("batch", "length", "embed"), (6, 3, 8), mesh) == \
-        P(None, None, "fsdp")  # 6 rows do not split 4 ways
+    assert sh.logical_to_mesh_spec(("batch", "length", "embed"), (6, 3, 8), mesh) == P(
+        None, None, "fsdp"
+    )  # 6 rows do not split 4 ways
     assert sh.logical_to_mesh_spec(("batch", None), (8, 3), mesh) == P(("data", "fsdp"), None)
     assert sh.logical_to_mesh_spec(("layers", "classes"), (2, 2), mesh) == P(None, None)
     with pytest.raises(ValueError, match="add it to hgrn_jax.sharding.LOGICAL_AXIS_RULES"):

@@ -11,25 +11,44 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hgrn_jax.data import listops
 from hgrn_jax import tasks
+from hgrn_jax.data import listops
 
-CONFIGS = ["lra.listops", "lra.text", "lra.retrieval", "lra.image", "lra.pathfinder",
-           "lra.pathx", "imagenet.tiny", "lm.wikitext103"]
+CONFIGS = [
+    "lra.listops",
+    "lra.text",
+    "lra.retrieval",
+    "lra.image",
+    "lra.pathfinder",
+    "lra.pathx",
+    "imagenet.tiny",
+    "lm.wikitext103",
+]
 # Expected batch layout of each tiny preset: key -> (shape without the batch axis, dtype).
 LAYOUTS = {
     "lra.listops": {"inputs": ((64,), np.int32), "mask": ((64,), np.bool_)},
     "lra.text": {"inputs": ((128,), np.int32), "mask": ((128,), np.bool_)},
-    "lra.retrieval": {"inputs": ((64,), np.int32), "mask": ((64,), np.bool_),
-                      "inputs2": ((64,), np.int32), "mask2": ((64,), np.bool_)},
+    "lra.retrieval": {
+        "inputs": ((64,), np.int32),
+        "mask": ((64,), np.bool_),
+        "inputs2": ((64,), np.int32),
+        "mask2": ((64,), np.bool_),
+    },
     "lra.image": {"inputs": ((64, 3), np.float32)},
     "lra.pathfinder": {"inputs": ((144, 1), np.float32)},
     "lra.pathx": {"inputs": ((144, 1), np.float32)},
     "imagenet.tiny": {"images": ((28, 28, 3), np.float32)},
     "lm.wikitext103": {"ids": ((65,), np.int32)},
 }
-NUM_CLASSES = {"lra.listops": 10, "lra.text": 2, "lra.retrieval": 2, "lra.image": 4,
-               "lra.pathfinder": 2, "lra.pathx": 2, "imagenet.tiny": 10}
+NUM_CLASSES = {
+    "lra.listops": 10,
+    "lra.text": 2,
+    "lra.retrieval": 2,
+    "lra.image": 4,
+    "lra.pathfinder": 2,
+    "lra.pathx": 2,
+    "imagenet.tiny": 10,
+}
 
 
 def tiny_config(name: str, tmp_path_factory=None, **data):
@@ -105,7 +124,7 @@ def test_train_batches_resume_exactly_across_epochs(name, task_of, cache_dir):
         assert_batches_equal(resumed, uninterrupted[step])
     # Consecutive epochs visit the examples in different orders; each epoch has no repeats.
     first = concat(uninterrupted[:per_epoch])
-    second = concat(uninterrupted[per_epoch:2 * per_epoch])
+    second = concat(uninterrupted[per_epoch : 2 * per_epoch])
     key = "ids" if "ids" in first else "inputs"
     assert not np.array_equal(first[key], second[key])
     assert len(np.unique(first[key], axis=0)) == len(first[key])
@@ -128,8 +147,9 @@ def test_process_slices_make_up_the_global_batch(name, task_of):
         assert_batches_equal(concat([parts[0][k], parts[1][k]]), whole[k])
 
 
-@pytest.mark.parametrize("name", ["lra.listops", "lra.retrieval", "lra.pathfinder",
-                                  "imagenet.tiny", "lm.wikitext103"])
+@pytest.mark.parametrize(
+    "name", ["lra.listops", "lra.retrieval", "lra.pathfinder", "imagenet.tiny", "lm.wikitext103"]
+)
 def test_eval_covers_every_example_once_over_two_processes(name, cache_dir):
     config = tiny_config(name, cache_dir)
     config.eval_batch_size = 24  # does not divide the split: the last batch is padded
@@ -156,8 +176,10 @@ def test_loss_fn_runs_and_ignores_padding_rows(name, task_of):
     batch, other = next(batches), next(batches)
     half = len(batch["weight"]) // 2
     # Two batches that agree on their first half; the second halves differ but weigh 0.
-    padded = [{k: np.concatenate([batch[k][:half], source[k][half:]]) for k in batch}
-              for source in (batch, other)]
+    padded = [
+        {k: np.concatenate([batch[k][:half], source[k][half:]]) for k in batch}
+        for source in (batch, other)
+    ]
     for b in padded:
         b["weight"][half:] = 0.0
 
@@ -173,8 +195,9 @@ def test_loss_fn_runs_and_ignores_padding_rows(name, task_of):
     np.testing.assert_allclose(float(sums["loss_sum"]), float(sums2["loss_sum"]), rtol=2e-5)
     tokens = 64 if name == "lm.wikitext103" else 1
     assert float(sums["weight"]) == half * tokens
-    np.testing.assert_allclose(float(sums["loss_sum"]) / float(sums["weight"]), float(loss),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        float(sums["loss_sum"]) / float(sums["weight"]), float(loss), rtol=1e-6
+    )
     if task.metric == "accuracy":
         assert set(sums) == {"loss_sum", "weight", "correct"}
         assert 0 <= float(sums["correct"]) <= half
@@ -185,12 +208,16 @@ def test_loss_fn_runs_and_ignores_padding_rows(name, task_of):
         assert task.metric == "perplexity" and set(sums) == {"loss_sum", "weight"}
         assert abs(float(loss) - np.log(256)) < 1.5
     # Evaluation leaves BatchNorm statistics alone.
-    jax.tree.map(np.testing.assert_array_equal, stats_before,
-                 jax.tree.map(np.array, nnx.state(model, nnx.BatchStat)))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        stats_before,
+        jax.tree.map(np.array, nnx.state(model, nnx.BatchStat)),
+    )
 
 
-@pytest.mark.parametrize("name", ["lra.listops", "lra.retrieval", "lra.image", "imagenet.tiny",
-                                  "lm.wikitext103"])
+@pytest.mark.parametrize(
+    "name", ["lra.listops", "lra.retrieval", "lra.image", "imagenet.tiny", "lm.wikitext103"]
+)
 def test_training_loss_has_gradients_and_updates_batchnorm(name, task_of):
     task = task_of(name)
     model = task.build_model(nnx.Rngs(0))
@@ -199,7 +226,7 @@ def test_training_loss_has_gradients_and_updates_batchnorm(name, task_of):
     @nnx.jit
     def grad_norm(model, batch):
         grads = nnx.grad(lambda m: task.loss_fn(m, batch, train=True)[0])(model)
-        return jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads)))
+        return jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))
 
     assert 0 < float(grad_norm(model, next(task.train_batches(0, 0, 1)))) < 1e3
     stats_after = jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
@@ -233,13 +260,13 @@ def test_listops_release_source_reads_the_tsv_layout(tmp_path, cache_dir):
     for split in listops.SPLITS:
         name = listops.split_filename(split)
         (release / name).write_bytes((spec_folder / name).read_bytes())
-    config = tiny_config("lra.listops", cache_dir, source="release",
-                         lra_dir=str(tmp_path / "lra_release"))
+    config = tiny_config(
+        "lra.listops", cache_dir, source="release", lra_dir=str(tmp_path / "lra_release")
+    )
     task = tasks.get_task(config)
     for split in listops.SPLITS:
         for key in ("inputs", "lengths", "labels"):
-            np.testing.assert_array_equal(task.examples(split)[key],
-                                          generated.examples(split)[key])
+            np.testing.assert_array_equal(task.examples(split)[key], generated.examples(split)[key])
 
 
 def test_missing_data_errors_name_the_fix(tmp_path):
@@ -251,8 +278,15 @@ def test_missing_data_errors_name_the_fix(tmp_path):
     task = tasks.get_task(listops_paper)
     with pytest.raises(FileNotFoundError, match=r"basic_train.tsv not found.*data.lra_dir"):
         next(task.train_batches(0, 0, 1))
-    for name in ["lra.text", "lra.retrieval", "lra.image", "lra.pathfinder", "lra.pathx",
-                 "imagenet.small", "lm.wikitext103"]:
+    for name in [
+        "lra.text",
+        "lra.retrieval",
+        "lra.image",
+        "lra.pathfinder",
+        "lra.pathx",
+        "imagenet.small",
+        "lm.wikitext103",
+    ]:
         paper = importlib.import_module(f"experiments.configs.{name}").get_config()
         with pytest.raises(tasks.DataUnavailableError, match="--config.data.source=synthetic"):
             tasks.get_task(paper)
@@ -282,15 +316,33 @@ def test_config_errors_name_the_key(cache_dir):
 
 # Each tiny preset switched to its real data by one flag: (source, derived settings).
 REAL_SOURCES = {
-    "lra.image": ("tfds", {"data.image_size": 32, "model.grid_shape": (32, 32),
-                           "data.seq_len": 1024, "model.num_classes": 10,
-                           "model.input_channels": 3}),
-    "lra.pathfinder": ("release", {"data.image_size": 32, "model.grid_shape": (32, 32),
-                                   "data.seq_len": 1024, "model.input_channels": 1}),
-    "lra.pathx": ("release", {"data.image_size": 128, "model.grid_shape": (128, 128),
-                              "data.seq_len": 128 * 128}),
-    "imagenet.tiny": ("tfds", {"model.num_classes": 1000, "data.seq_len": 4,
-                               "model.image_size": (28, 28)}),
+    "lra.image": (
+        "tfds",
+        {
+            "data.image_size": 32,
+            "model.grid_shape": (32, 32),
+            "data.seq_len": 1024,
+            "model.num_classes": 10,
+            "model.input_channels": 3,
+        },
+    ),
+    "lra.pathfinder": (
+        "release",
+        {
+            "data.image_size": 32,
+            "model.grid_shape": (32, 32),
+            "data.seq_len": 1024,
+            "model.input_channels": 1,
+        },
+    ),
+    "lra.pathx": (
+        "release",
+        {"data.image_size": 128, "model.grid_shape": (128, 128), "data.seq_len": 128 * 128},
+    ),
+    "imagenet.tiny": (
+        "tfds",
+        {"model.num_classes": 1000, "data.seq_len": 4, "model.image_size": (28, 28)},
+    ),
     "lra.listops": ("release", {"model.vocab_size": 18, "data.seq_len": 64}),
 }
 
@@ -318,8 +370,11 @@ def test_one_flag_switches_a_tiny_preset_to_its_real_data(name):
 def test_explicit_settings_that_disagree_with_the_data_name_the_fix():
     config = tiny_config("lra.pathfinder", source="release")
     config.model.grid_shape = (12, 12)
-    with pytest.raises(ValueError, match=r"grid_shape=\(12, 12\) disagrees .*"
-                                         r"--config.model.grid_shape=\(32, 32\), or 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"grid_shape=\(12, 12\) disagrees .*"
+        r"--config.model.grid_shape=\(32, 32\), or 0",
+    ):
         tasks.model_config(config)
     config = tiny_config("lra.image", source="tfds")
     config.model.num_classes = 4
@@ -331,14 +386,22 @@ def test_explicit_settings_that_disagree_with_the_data_name_the_fix():
         tasks.model_config(config)
 
 
-@pytest.mark.parametrize(("name", "key"), [("lra.pathfinder", "lra_dir"),
-                                           ("lra.text", "tfds_dir"),
-                                           ("lm.wikitext103", "wikitext_dir"),
-                                           ("imagenet.tiny", "tfds_dir")])
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("lra.pathfinder", "lra_dir"),
+        ("lra.text", "tfds_dir"),
+        ("lm.wikitext103", "wikitext_dir"),
+        ("imagenet.tiny", "tfds_dir"),
+    ],
+)
 def test_a_folder_the_source_does_not_read_is_an_error(tmp_path, name, key):
     config = tiny_config(name, tmp_path, **{key: str(tmp_path)})
-    with pytest.raises(ValueError, match=rf"config.data.{key}=.* is not read by "
-                                         r"data.source='synthetic' .*remove --config.data"):
+    with pytest.raises(
+        ValueError,
+        match=rf"config.data.{key}=.* is not read by "
+        r"data.source='synthetic' .*remove --config.data",
+    ):
         tasks.get_task(config)
 
 

@@ -12,27 +12,71 @@ from __future__ import annotations
 
 import hashlib
 
+import data_fixtures as fx
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import data_fixtures as fx
+from hgrn_jax import tasks
 from hgrn_jax.data import listops, listops_release, pathfinder, retrieval, splits, text, vocab
 from hgrn_jax.data.vocab import EOS_ID, UNK_ID, Vocabulary
-from hgrn_jax import tasks
 
 SPECIALS = ["<pad>", "<unk>", "<eos>"]
 
 # torch.randperm(n, generator=torch.Generator().manual_seed(42)) with torch 2.13 on the CPU.
 TORCH_RANDPERM_10 = [2, 6, 1, 8, 4, 5, 0, 9, 3, 7]
-TORCH_RANDPERM_40 = [22, 9, 32, 15, 0, 3, 8, 18, 14, 13, 38, 2, 7, 4, 23, 37, 27, 29, 35, 17, 19,
-                     25, 6, 21, 12, 10, 16, 39, 24, 33, 11, 34, 28, 20, 26, 31, 30, 36, 1, 5]
-TORCH_RANDPERM_1000 = ([542, 618, 816, 68, 94, 215, 60, 585, 942, 165, 968, 829],
-                       [284, 638, 96, 455],
-                       "ac5c22de20fc5d169c3080fbf2719977f1c5e187f76217d18f95047e3cf159d6")
-TORCH_RANDPERM_200000 = ([37542, 143173, 127710, 58234, 152906, 31060, 95762, 141650, 121758,
-                          123288, 24888, 12642], [18659, 198416, 132078, 156497],
-                         "ee4e53fa9a9cb4316c55a0d184c7aa8fd2f92e97453e62e49195c42034a31789")
+TORCH_RANDPERM_40 = [
+    22,
+    9,
+    32,
+    15,
+    0,
+    3,
+    8,
+    18,
+    14,
+    13,
+    38,
+    2,
+    7,
+    4,
+    23,
+    37,
+    27,
+    29,
+    35,
+    17,
+    19,
+    25,
+    6,
+    21,
+    12,
+    10,
+    16,
+    39,
+    24,
+    33,
+    11,
+    34,
+    28,
+    20,
+    26,
+    31,
+    30,
+    36,
+    1,
+    5,
+]
+TORCH_RANDPERM_1000 = (
+    [542, 618, 816, 68, 94, 215, 60, 585, 942, 165, 968, 829],
+    [284, 638, 96, 455],
+    "ac5c22de20fc5d169c3080fbf2719977f1c5e187f76217d18f95047e3cf159d6",
+)
+TORCH_RANDPERM_200000 = (
+    [37542, 143173, 127710, 58234, 152906, 31060, 95762, 141650, 121758, 123288, 24888, 12642],
+    [18659, 198416, 132078, 156497],
+    "ee4e53fa9a9cb4316c55a0d184c7aa8fd2f92e97453e62e49195c42034a31789",
+)
 TORCH_RANDPERM_7_SEED_0 = [4, 0, 5, 3, 2, 6, 1]
 
 
@@ -86,8 +130,10 @@ def test_listops_vocabulary_from_truncated_training_sources():
     # order: (-2) "9" < "X", then (-1) "2" < "[MAX" < "[MIN"; "]" would sort after "[MIN".
     assert tok.vocabulary.tokens == (*SPECIALS, "9", "X", "2", "[MAX", "[MIN")
     ids, lengths = tok.encode(["( ( [MIN 2 ) ] )", "( [MED 7 ] )"], seq_len=6)
-    assert ids.tolist() == [[7, 5, 4, EOS_ID, 0, 0],
-                            [UNK_ID, UNK_ID, 4, EOS_ID, 0, 0]]  # unseen tokens -> <unk>
+    assert ids.tolist() == [
+        [7, 5, 4, EOS_ID, 0, 0],
+        [UNK_ID, UNK_ID, 4, EOS_ID, 0, 0],
+    ]  # unseen tokens -> <unk>
     assert lengths.tolist() == [4, 4]
     # seq_len 3 counts only the first 2 tokens of each training source: no "X" in the vocabulary.
     short = listops.ListOpsTokenizer.fit(train, seq_len=3)
@@ -124,8 +170,11 @@ def test_generated_listops_and_the_config_vocabulary_size(tmp_path):
     lengths = train["lengths"]
     assert (train["inputs"][np.arange(len(lengths)), lengths - 1] == EOS_ID).all()
     config.model.vocab_size = 5
-    with pytest.raises(ValueError, match=r"vocab_size 5 is smaller .*set "
-                                         r"--config.model.vocab_size=18"):
+    with pytest.raises(
+        ValueError,
+        match=r"vocab_size 5 is smaller .*set "
+        r"--config.model.vocab_size=18",
+    ):
         tasks.get_task(config).examples("val")
 
 
@@ -172,7 +221,8 @@ def test_imdb_vocabulary_is_the_training_reviews_with_min_freq_15(tmp_path):
 
         texts = train_texts if split == "train" else test_texts
         return tf.data.Dataset.from_tensor_slices(
-            {"text": texts, "label": np.arange(len(texts), dtype=np.int64) % 2})
+            {"text": texts, "label": np.arange(len(texts), dtype=np.int64) % 2}
+        )
 
     config = fx.tfds_config("lra.text", tmp_path, seq_len=13)
     with tfds.testing.mock_data(as_dataset_fn=fake):
@@ -196,10 +246,9 @@ def test_torch_randperm_is_reproduced_exactly():
     assert splits.torch_randperm(10, 42).tolist() == TORCH_RANDPERM_10
     assert splits.torch_randperm(40, 42).tolist() == TORCH_RANDPERM_40
     assert splits.torch_randperm(7, 0).tolist() == TORCH_RANDPERM_7_SEED_0
-    for n, (head, tail, digest) in ((1000, TORCH_RANDPERM_1000),
-                                   (200_000, TORCH_RANDPERM_200000)):
+    for n, (head, tail, digest) in ((1000, TORCH_RANDPERM_1000), (200_000, TORCH_RANDPERM_200000)):
         perm = splits.torch_randperm(n, 42)
-        assert perm[:len(head)].tolist() == head and perm[-len(tail):].tolist() == tail
+        assert perm[: len(head)].tolist() == head and perm[-len(tail) :].tolist() == tail
         assert sha256_int64(perm) == digest
     assert splits.torch_randperm(1, 42).tolist() == [0] and len(splits.torch_randperm(0, 42)) == 0
 
@@ -209,8 +258,11 @@ def test_release_split_sizes_and_membership():
     assert [len(parts[s]) for s in ("train", "val", "test")] == [160_000, 20_000, 20_000]
     joined = np.concatenate([parts["train"], parts["val"], parts["test"]])
     assert sha256_int64(joined) == TORCH_RANDPERM_200000[2]
-    assert [len(p) for p in pathfinder.split_positions(199_999).values()] == [160_001, 19_999,
-                                                                              19_999]
+    assert [len(p) for p in pathfinder.split_positions(199_999).values()] == [
+        160_001,
+        19_999,
+        19_999,
+    ]
     with pytest.raises(ValueError, match="add up to"):
         splits.random_split(10, [5, 4], 42)
 
@@ -219,8 +271,11 @@ def test_pathfinder_splits_are_the_references_in_its_order(tmp_path):
     fx.write_pathfinder(tmp_path, 32, count=40)  # metadata line k is image k (grey value k)
     task = tasks.get_task(fx.pathfinder_config(tmp_path))
     grey = {s: task.examples(s)["pixels"][:, 0, 0, 0].tolist() for s in ("train", "val", "test")}
-    assert grey == {"train": TORCH_RANDPERM_40[:32], "val": TORCH_RANDPERM_40[32:36],
-                    "test": TORCH_RANDPERM_40[36:]}
+    assert grey == {
+        "train": TORCH_RANDPERM_40[:32],
+        "val": TORCH_RANDPERM_40[32:36],
+        "test": TORCH_RANDPERM_40[36:],
+    }
 
 
 def test_skipped_pathfinder_examples_leave_the_others_in_their_split(tmp_path):
@@ -229,8 +284,9 @@ def test_skipped_pathfinder_examples_leave_the_others_in_their_split(tmp_path):
     config = fx.pathfinder_config(tmp_path, skip_bad_rows=True)
     with pytest.warns(UserWarning, match="1 bad example"):
         task = tasks.get_task(config)
-        grey = {s: task.examples(s)["pixels"][:, 0, 0, 0].tolist()
-                for s in ("train", "val", "test")}
+        grey = {
+            s: task.examples(s)["pixels"][:, 0, 0, 0].tolist() for s in ("train", "val", "test")
+        }
     expected = pathfinder.split_positions(21)
     for split, positions in expected.items():
         assert grey[split] == [p for p in positions.tolist() if p != 20]

@@ -18,14 +18,28 @@ from two_processes import REPO, cpu_env, run_two_processes
 
 CONFIG = "experiments/configs/lra/listops.py:tiny"
 # Short run: 8 steps, one evaluation in the middle and one at the end, small eval splits.
-OVERRIDES = ("--config.model.num_layers=1", "--config.num_train_steps=8", "--config.eval_every=4",
-             "--config.checkpoint_every=4", "--config.log_every=2", "--config.data.val_examples=40",
-             "--config.data.test_examples=40", "--config.data.train_examples=400")
+OVERRIDES = (
+    "--config.model.num_layers=1",
+    "--config.num_train_steps=8",
+    "--config.eval_every=4",
+    "--config.checkpoint_every=4",
+    "--config.log_every=2",
+    "--config.data.val_examples=40",
+    "--config.data.test_examples=40",
+    "--config.data.train_examples=400",
+)
 
 
 def _command(workdir: Path, cache: Path) -> list[str]:
-    return [sys.executable, "-m", "experiments.train", f"--config={CONFIG}",
-            f"--workdir={workdir}", f"--config.data.cache_dir={cache}", *OVERRIDES]
+    return [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        f"--config={CONFIG}",
+        f"--workdir={workdir}",
+        f"--config.data.cache_dir={cache}",
+        *OVERRIDES,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +50,14 @@ def cache(tmp_path_factory) -> Path:
 @pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_two_processes_give_the_results_of_one_process_with_all_devices(tmp_path, cache):
     single = tmp_path / "single"
-    proc = subprocess.run(_command(single, cache), cwd=REPO, capture_output=True, text=True,
-                          env=cpu_env(HGRN_NUM_CPU_DEVICES="8"), timeout=400)
+    proc = subprocess.run(
+        _command(single, cache),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=cpu_env(HGRN_NUM_CPU_DEVICES="8"),
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     multi = tmp_path / "multi"
@@ -55,8 +75,11 @@ def test_two_processes_give_the_results_of_one_process_with_all_devices(tmp_path
     # so Adam turns their rounding-level gradients into lr-sized steps that differ between
     # reduction orders; the training loss is invariant to them (batch statistics) but the
     # running means used at evaluation move by ~lr. Whole-example accuracy counts still agree.
-    train = lambda d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()
-                       if json.loads(line)["split"] == "train"]
+    train = lambda d: [
+        json.loads(line)
+        for line in (d / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["split"] == "train"
+    ]
     for a, b in zip(train(single), train(multi), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     assert one["best_val"] == two["best_val"]

@@ -25,17 +25,17 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from hgrn_jax import sharding
 from hgrn_jax.nn import HGRNLM, LMConfig
 from hgrn_jax.training import optim
 from hgrn_jax.training.checkpoint import CheckpointFallbackWarning, Checkpoints
 from hgrn_jax.training.loop import NonFiniteLossError, Run, resolve_task, train_and_evaluate
 from hgrn_jax.training.state import create_train_state, merge_model
 from hgrn_jax.training.steps import make_train_step
-from hgrn_jax import sharding
 
 sys.path.insert(0, str(Path(__file__).parent))
-from toy_task import ToyTask, toy_config  # noqa: E402
-from toy_task import _examples as toy_examples  # noqa: E402
+from toy_task import ToyTask, toy_config
+from toy_task import _examples as toy_examples
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_CONFIG = REPO / "tests" / "toy_task.py"
@@ -64,21 +64,29 @@ def test_inverse_sqrt_schedule_is_fairseqs():
 
 
 def test_constant_schedule_and_unknown_name():
-    np.testing.assert_allclose(_values(optim.constant(3e-4, warmup_steps=2), [0, 1, 2, 9]),
-                               [0.0, 1.5e-4, 3e-4, 3e-4], rtol=1e-6)
+    np.testing.assert_allclose(
+        _values(optim.constant(3e-4, warmup_steps=2), [0, 1, 2, 9]),
+        [0.0, 1.5e-4, 3e-4, 3e-4],
+        rtol=1e-6,
+    )
     with pytest.raises(ValueError, match="schedule.name"):
         optim.make_schedule({"name": "linear"}, 1.0)
 
 
 def _tiny_lm_params():
-    lm = nnx.eval_shape(lambda: HGRNLM(LMConfig(vocab_size=11, features=8, num_layers=2,
-                                                glu_hidden=16), rngs=nnx.Rngs(0)))
+    lm = nnx.eval_shape(
+        lambda: HGRNLM(
+            LMConfig(vocab_size=11, features=8, num_layers=2, glu_hidden=16), rngs=nnx.Rngs(0)
+        )
+    )
     return nnx.split(lm, nnx.Param, ...)[1]
 
 
 def _flat_mask(mask) -> dict[str, bool]:
-    return {"/".join(optim._path_names(path)).removesuffix("/value"): bool(leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(mask)}
+    return {
+        "/".join(optim._path_names(path)).removesuffix("/value"): bool(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(mask)
+    }
 
 
 def test_weight_decay_mask_excludes_biases_norms_and_1d_params():
@@ -89,8 +97,13 @@ def test_weight_decay_mask_excludes_biases_norms_and_1d_params():
     assert "embed/embedding" in decayed
     assert "blocks/0/mixer/input_proj/kernel" in decayed
     assert "blocks/1/mlp/down_proj/kernel" in decayed
-    for kept in ["blocks/0/mixer/input_proj/bias", "blocks/0/mixer/theta",
-                 "blocks/0/norm1/scale", "final_norm/bias", "lower_bounds/param"]:
+    for kept in [
+        "blocks/0/mixer/input_proj/bias",
+        "blocks/0/mixer/theta",
+        "blocks/0/norm1/scale",
+        "final_norm/bias",
+        "lower_bounds/param",
+    ]:
         assert mask[kept] is False, kept
     with pytest.raises(ValueError, match="weight_decay_mask"):
         optim.weight_decay_mask(params, "none")
@@ -105,8 +118,9 @@ def _opt_config(**optimizer):
 
 def test_adamw_decays_only_masked_parameters():
     params = {"kernel": nnx.Param(jnp.ones((2, 2))), "bias": nnx.Param(jnp.ones((2,)))}
-    tx, _ = optim.make_optimizer(_opt_config(learning_rate=0.1, weight_decay=0.5,
-                                             weight_decay_mask="no_bias_norm"), params)
+    tx, _ = optim.make_optimizer(
+        _opt_config(learning_rate=0.1, weight_decay=0.5, weight_decay_mask="no_bias_norm"), params
+    )
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero_grads, tx.init(params), params)
     new = optax.apply_updates(params, updates)
@@ -116,8 +130,12 @@ def test_adamw_decays_only_masked_parameters():
 
 def test_gradient_clipping_bounds_the_update():
     params = {"w": jnp.zeros((4,))}
-    tx, _ = optim.make_optimizer(_opt_config(name="sgd", momentum=0.0, learning_rate=1.0,
-                                             weight_decay=0.0, grad_clip_norm=2.0), params)
+    tx, _ = optim.make_optimizer(
+        _opt_config(
+            name="sgd", momentum=0.0, learning_rate=1.0, weight_decay=0.0, grad_clip_norm=2.0
+        ),
+        params,
+    )
     updates, _ = tx.update({"w": jnp.full((4,), 100.0)}, tx.init(params), params)
     np.testing.assert_allclose(optax.tree.norm(updates), 2.0, rtol=1e-6)
 
@@ -132,24 +150,30 @@ class _LinearTask:
 
     def loss_fn(self, model, batch, *, train):
         err = model(batch["x"]) - batch["y"]
-        loss_sum = jnp.sum(err ** 2)
-        return loss_sum / batch["x"].shape[0], {"loss_sum": loss_sum,
-                                                "weight": jnp.float32(batch["x"].shape[0])}
+        loss_sum = jnp.sum(err**2)
+        return loss_sum / batch["x"].shape[0], {
+            "loss_sum": loss_sum,
+            "weight": jnp.float32(batch["x"].shape[0]),
+        }
 
 
 def test_gradient_accumulation_matches_one_big_batch():
     config = _opt_config(learning_rate=0.1)
     mesh = sharding.make_mesh(-1, 1, 1)
     rng = np.random.default_rng(0)
-    batch = {"x": rng.normal(size=(16, 3)).astype(np.float32),
-             "y": rng.normal(size=(16, 2)).astype(np.float32)}
+    batch = {
+        "x": rng.normal(size=(16, 3)).astype(np.float32),
+        "y": rng.normal(size=(16, 2)).astype(np.float32),
+    }
     params = []
     for k in (1, 4):
         task = _LinearTask()
         graphdef, tx, state, _ = create_train_state(
-            task.build_model, lambda p: optim.make_optimizer(config, p)[0], 0, mesh)
-        step = jax.jit(make_train_step(graphdef, tx, task.loss_fn, optim.constant(0.1),
-                                       accumulate_steps=k))
+            task.build_model, lambda p: optim.make_optimizer(config, p)[0], 0, mesh
+        )
+        step = jax.jit(
+            make_train_step(graphdef, tx, task.loss_fn, optim.constant(0.1), accumulate_steps=k)
+        )
         with jax.set_mesh(mesh):
             for _ in range(2):
                 state, metrics = step(state, sharding.shard_batch(batch, mesh))
@@ -161,8 +185,9 @@ def test_gradient_accumulation_matches_one_big_batch():
 def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
     tree = {"w": jnp.arange(3.0)}
     for mode, best in (("max", 2), ("min", 3)):
-        checkpoints = Checkpoints(tmp_path / mode, keep=2, best_metric="val_accuracy",
-                                  best_mode=mode)
+        checkpoints = Checkpoints(
+            tmp_path / mode, keep=2, best_metric="val_accuracy", best_mode=mode
+        )
         for step, value in zip(range(1, 6), [0.5, 0.9, 0.1, None, 0.3]):
             metrics = None if value is None else {"val_accuracy": value}
             checkpoints.save(step, jax.tree.map(lambda x: x * step, tree), {"step": step}, metrics)
@@ -259,8 +284,18 @@ def test_run_writes_the_contract_files(uninterrupted):
     workdir, returned = uninterrupted
     results = json.loads((workdir / "results.json").read_text())
     assert results == pytest.approx(returned)
-    assert {"task", "metric", "best_val", "test", "paper", "steps", "wall_time_s", "num_params",
-            "devices", "process_count"} <= set(results)
+    assert {
+        "task",
+        "metric",
+        "best_val",
+        "test",
+        "paper",
+        "steps",
+        "wall_time_s",
+        "num_params",
+        "devices",
+        "process_count",
+    } <= set(results)
     assert results["steps"] == 12 and results["devices"] == 8 and results["process_count"] == 1
     assert results["paper"] == 50.0 and results["metric"] == "accuracy"
     config = json.loads((workdir / "config.json").read_text())
@@ -285,8 +320,9 @@ def _logged_steps(workdir: Path) -> dict[str, list[int]]:
 
 
 def _assert_same_final_params(workdir: Path, reference: Path) -> None:
-    for a, b in zip(_checkpoint_params(reference, 12), _checkpoint_params(workdir, 12),
-                    strict=True):
+    for a, b in zip(
+        _checkpoint_params(reference, 12), _checkpoint_params(workdir, 12), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
 
 
@@ -297,23 +333,38 @@ def _assert_same_final_params(workdir: Path, reference: Path) -> None:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", HGRN_NUM_CPU_DEVICES="8",
-               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
+    env.update(
+        JAX_PLATFORMS="cpu",
+        HGRN_NUM_CPU_DEVICES="8",
+        PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]),
+    )
     env.pop("XLA_FLAGS", None)
     return env
 
 
 def _train_command(workdir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "experiments.train", f"--config={TOY_CONFIG}",
-            f"--workdir={workdir}", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        f"--config={TOY_CONFIG}",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
 
 
 SLOW = ("--config.data.sleep_per_step=0.25",)
 
 
 def _run(workdir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_train_command(workdir, *overrides), cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        _train_command(workdir, *overrides),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -323,11 +374,18 @@ def _start_and_wait_for_new_checkpoint(workdir: Path) -> subprocess.Popen:
     """Start a slow run and return once it has written a checkpoint that was not there before."""
     folder = workdir / "checkpoints"
     before = set(folder.iterdir()) if folder.is_dir() else set()
-    proc = subprocess.Popen(_train_command(workdir, *SLOW), cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _train_command(workdir, *SLOW),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
-    while not any(p.name.isdigit() for p in (set(folder.iterdir()) if folder.is_dir() else set())
-                  - before):
+    while not any(
+        p.name.isdigit() for p in (set(folder.iterdir()) if folder.is_dir() else set()) - before
+    ):
         if proc.poll() is not None:
             raise AssertionError(f"run ended before a new checkpoint:\n{proc.stderr.read()}")
         if time.time() > deadline:
@@ -339,7 +397,8 @@ def _start_and_wait_for_new_checkpoint(workdir: Path) -> subprocess.Popen:
 
 @pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_sigkill_and_sigterm_then_rerun_give_bitwise_the_uninterrupted_parameters(
-        tmp_path, uninterrupted):
+    tmp_path, uninterrupted
+):
     # 1. Killed without warning after its first checkpoint.
     proc = _start_and_wait_for_new_checkpoint(tmp_path)
     proc.send_signal(signal.SIGKILL)
@@ -367,11 +426,17 @@ def test_sigkill_and_sigterm_then_rerun_give_bitwise_the_uninterrupted_parameter
     assert _logged_steps(tmp_path) == _logged_steps(uninterrupted[0])
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("--config.num_trainsteps=5", r"unknown config key --config.num_trainsteps .*num_train_steps"),
-    ("--config.optimizer.lr=5", r"unknown config key --config.optimizer.lr"),
-    ("--config.batch_size=abc", r"--config.batch_size=abc: invalid literal for int"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (
+            "--config.num_trainsteps=5",
+            r"unknown config key --config.num_trainsteps .*num_train_steps",
+        ),
+        ("--config.optimizer.lr=5", r"unknown config key --config.optimizer.lr"),
+        ("--config.batch_size=abc", r"--config.batch_size=abc: invalid literal for int"),
+    ],
+)
 def test_bad_config_override_fails_at_once_naming_the_key(tmp_path, override, expected):
     proc = _run(tmp_path, override, check=False)
     assert proc.returncode == 2

@@ -13,7 +13,7 @@ Use it from a config with ``task = "toy_task:make_task"`` and ``tests/`` on ``PY
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -31,16 +31,28 @@ def toy_config() -> ml_collections.ConfigDict:
     c.task = "toy_task:make_task"
     c.seed = 0
     c.model = ml_collections.ConfigDict(dict(features=16, dropout=0.1))
-    c.data = ml_collections.ConfigDict(dict(num_val=20, num_test=28, nan_at_step=-1,
-                                            sleep_per_step=0.0))
+    c.data = ml_collections.ConfigDict(
+        dict(num_val=20, num_test=28, nan_at_step=-1, sleep_per_step=0.0)
+    )
     c.batch_size = 8
     c.num_train_steps = 12
     c.epochs = 1
-    c.optimizer = ml_collections.ConfigDict(dict(
-        name="adamw", learning_rate=1e-2, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01,
-        weight_decay_mask="all", grad_clip_norm=0.0, accumulate_steps=1))
-    c.schedule = ml_collections.ConfigDict(dict(name="cosine", warmup_steps=2, decay_steps=12,
-                                                min_lr=0.0))
+    c.optimizer = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            learning_rate=1e-2,
+            b1=0.9,
+            b2=0.99,
+            eps=1e-8,
+            weight_decay=0.01,
+            weight_decay_mask="all",
+            grad_clip_norm=0.0,
+            accumulate_steps=1,
+        )
+    )
+    c.schedule = ml_collections.ConfigDict(
+        dict(name="cosine", warmup_steps=2, decay_steps=12, min_lr=0.0)
+    )
     c.eval_every = 6
     c.checkpoint_every = 3
     c.log_every = 2
@@ -67,9 +79,9 @@ class ToyModel(nnx.Module):
         self.head = nnx.Linear(features, CLASSES, rngs=rngs)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        x = self.embed(tokens).mean(axis=1)              # (B, d)
+        x = self.embed(tokens).mean(axis=1)  # (B, d)
         x = self.dropout(jax.nn.gelu(self.norm(self.hidden(x))))
-        return self.head(x)                              # (B, classes)
+        return self.head(x)  # (B, classes)
 
 
 def _examples(seed: int, n: int) -> dict[str, np.ndarray]:
@@ -89,35 +101,41 @@ class ToyTask:
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         return ToyModel(self.config.model.features, self.config.model.dropout, rngs=rngs)
 
-    def train_batches(self, start_step: int, process_index: int, process_count: int
-                      ) -> Iterator[dict[str, np.ndarray]]:
+    def train_batches(
+        self, start_step: int, process_index: int, process_count: int
+    ) -> Iterator[dict[str, np.ndarray]]:
         local = self.config.batch_size // process_count
         for step in range(start_step, 1 << 30):
             sleep = float(self.data.get("sleep_per_step", 0.0))
             if sleep:
                 time.sleep(sleep)
             batch = _examples(self.config.seed * 100003 + step, self.config.batch_size)
-            batch = {k: v[process_index * local:(process_index + 1) * local]
-                     for k, v in batch.items()}
+            batch = {
+                k: v[process_index * local : (process_index + 1) * local] for k, v in batch.items()
+            }
             scale = np.inf if step == int(self.data.get("nan_at_step", -1)) else 1.0
             batch["weight"] = np.full((local,), 1.0, np.float32)
             batch["scale"] = np.full((local,), scale, np.float32)
             yield batch
 
-    def eval_batches(self, split: str, process_index: int, process_count: int
-                     ) -> Iterator[dict[str, np.ndarray]]:
+    def eval_batches(
+        self, split: str, process_index: int, process_count: int
+    ) -> Iterator[dict[str, np.ndarray]]:
         n = int(self.data.num_val if split == "val" else self.data.num_test)
         examples = _examples({"val": 1, "test": 2}[split], n)
         size, local = self.config.batch_size, self.config.batch_size // process_count
         for start in range(0, n, size):
-            rows = {k: v[start:start + size] for k, v in examples.items()}
+            rows = {k: v[start : start + size] for k, v in examples.items()}
             valid = len(rows["labels"])
-            rows = {k: np.concatenate([v, np.zeros((size - valid, *v.shape[1:]), v.dtype)])
-                    for k, v in rows.items()}
+            rows = {
+                k: np.concatenate([v, np.zeros((size - valid, *v.shape[1:]), v.dtype)])
+                for k, v in rows.items()
+            }
             rows["weight"] = (np.arange(size) < valid).astype(np.float32)
             rows["scale"] = np.ones((size,), np.float32)
-            yield {k: v[process_index * local:(process_index + 1) * local]
-                   for k, v in rows.items()}
+            yield {
+                k: v[process_index * local : (process_index + 1) * local] for k, v in rows.items()
+            }
 
     def loss_fn(self, model, batch, *, train: bool):
         del train

@@ -25,16 +25,28 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_two_processes(command: list[str], *, timeout: float, cwd: Path | None = None,
-                      **extra_env: str) -> list[str]:
+def run_two_processes(
+    command: list[str], *, timeout: float, cwd: Path | None = None, **extra_env: str
+) -> list[str]:
     """Run ``command`` as processes 0 and 1 and return their logs (stdout and stderr); fails
     with the log of a process that exits with an error, and kills any left on a timeout."""
     port = free_port()
-    procs = [subprocess.Popen(
-        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=cpu_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                    JAX_PROCESS_ID=str(i), **extra_env))
-        for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            command,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=cpu_env(
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+                **extra_env,
+            ),
+        )
+        for i in range(2)
+    ]
     try:
         logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
     finally:

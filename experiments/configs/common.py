@@ -19,22 +19,22 @@ import ml_collections
 
 # Training-set sizes the reference trainers use; num_train_steps = epochs * (size // batch).
 LRA_TRAIN_EXAMPLES = {
-    "listops": 96_000,      # basic_train.tsv
-    "text": 25_000,         # IMDB train (the test set serves as validation, as in LRA)
-    "retrieval": 147_086,   # new_aan_pairs.train.tsv
-    "image": 45_000,        # CIFAR-10 train minus 5,000 validation images
+    "listops": 96_000,  # basic_train.tsv
+    "text": 25_000,  # IMDB train (the test set serves as validation, as in LRA)
+    "retrieval": 147_086,  # new_aan_pairs.train.tsv
+    "image": 45_000,  # CIFAR-10 train minus 5,000 validation images
     "pathfinder": 160_000,  # 80% of the 200,000 curv_contour_length_14 images
-    "pathx": 160_000,       # idem at 128 x 128
+    "pathx": 160_000,  # idem at 128 x 128
 }
 
 DATA_DEFAULTS = dict(
-    lra_dir="",          # the LRA release (lra_release/): listops-1000/, tsv_data/, pathfinder*/
-    tfds_dir="",         # tfds data_dir with prepared datasets (IMDB, CIFAR-10, ImageNet)
-    manual_dir="",       # tfds manual_dir (ImageNet's tar files)
-    wikitext_dir="",     # the WikiText-103 release (wiki.train.tokens, ...)
-    tokenizer_path="",   # the LM's GPT-2 BPE files
-    cache_dir="cache",   # generated data (ListOps TSV files) live here
-    generator_seed=0,    # generated/synthetic data depend on this seed only
+    lra_dir="",  # the LRA release (lra_release/): listops-1000/, tsv_data/, pathfinder*/
+    tfds_dir="",  # tfds data_dir with prepared datasets (IMDB, CIFAR-10, ImageNet)
+    manual_dir="",  # tfds manual_dir (ImageNet's tar files)
+    wikitext_dir="",  # the WikiText-103 release (wiki.train.tokens, ...)
+    tokenizer_path="",  # the LM's GPT-2 BPE files
+    cache_dir="cache",  # generated data (ListOps TSV files) live here
+    generator_seed=0,  # generated/synthetic data depend on this seed only
     skip_bad_rows=False,  # real data: skip (and report) malformed rows instead of failing
 )
 
@@ -51,16 +51,29 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     c.num_train_steps = 0
     c.epochs = 0
     c.label_smoothing = 0.0
-    c.optimizer = ml_collections.ConfigDict(dict(
-        name="adamw", learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-        weight_decay_mask="all", grad_clip_norm=0.0, accumulate_steps=1))
-    c.schedule = ml_collections.ConfigDict(dict(name="cosine", warmup_steps=0, decay_steps=0,
-                                                min_lr=0.0))
+    c.optimizer = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            learning_rate=0.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            weight_decay_mask="all",
+            grad_clip_norm=0.0,
+            accumulate_steps=1,
+        )
+    )
+    c.schedule = ml_collections.ConfigDict(
+        dict(name="cosine", warmup_steps=0, decay_steps=0, min_lr=0.0)
+    )
     c.eval_every = 1000
     c.checkpoint_every = 1000
     c.log_every = 50
     c.keep_checkpoints = 2
-    c.resume = "auto"  # on a changed config: "auto" refuses model/data/optimizer changes; see train.py
+    c.resume = (
+        "auto"  # on a changed config: "auto" refuses model/data/optimizer changes; see train.py
+    )
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
     c.dtype = "float32"
     c.paper = ml_collections.ConfigDict(dict(metric="accuracy", value=0.0))
@@ -74,9 +87,19 @@ def hgrn_mixer(scan: str = "1d") -> ml_collections.ConfigDict:
     and ``use_forget_gate``) live here; ``use_lower_bound`` is a model field. ``expand_ratio`` is
     None (HGRN has none) so that ``--config.model.mixer.expand_ratio=8`` can set it for HGRN2.
     """
-    return ml_collections.ConfigDict(dict(
-        kind="hgrn", layout="official", scan=scan, expand_ratio=None, complex_valued=True,
-        separate_phases=True, use_forget_gate=True, method="auto", sequence_axis=None))
+    return ml_collections.ConfigDict(
+        dict(
+            kind="hgrn",
+            layout="official",
+            scan=scan,
+            expand_ratio=None,
+            complex_valued=True,
+            separate_phases=True,
+            use_forget_gate=True,
+            method="auto",
+            sequence_axis=None,
+        )
+    )
 
 
 def use_hgrn2(c: ml_collections.ConfigDict, expand_ratio: int) -> None:
@@ -87,17 +110,42 @@ def use_hgrn2(c: ml_collections.ConfigDict, expand_ratio: int) -> None:
     c.model.mixer.expand_ratio = expand_ratio
 
 
-def lra_config(task: str, *, scan: str, layers: int, features: int, glu_expand: int, norm: str,
-               batch_size: int, learning_rate: float, weight_decay: float, dropout: float,
-               warmup_steps: int, decay_steps: int, epochs: int, paper_accuracy: float,
-               position_encoding: bool) -> ml_collections.ConfigDict:
+def lra_config(
+    task: str,
+    *,
+    scan: str,
+    layers: int,
+    features: int,
+    glu_expand: int,
+    norm: str,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float,
+    dropout: float,
+    warmup_steps: int,
+    decay_steps: int,
+    epochs: int,
+    paper_accuracy: float,
+    position_encoding: bool,
+) -> ml_collections.ConfigDict:
     """An LRA row of docs/design.md 3.4: AdamW on all parameters, cosine with linear warmup, fp32,
     no clipping, mean pooling; ``num_train_steps`` = epochs over the reference's train set."""
     c = base_config(task)
-    c.model = ml_collections.ConfigDict(dict(
-        num_classes=10, features=features, num_layers=layers, glu_expand=glu_expand,
-        mixer=hgrn_mixer(scan), norm=norm, dropout=dropout, position_encoding=position_encoding,
-        position_dropout=0.1, remat=None, use_lower_bound=True))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            num_classes=10,
+            features=features,
+            num_layers=layers,
+            glu_expand=glu_expand,
+            mixer=hgrn_mixer(scan),
+            norm=norm,
+            dropout=dropout,
+            position_encoding=position_encoding,
+            position_dropout=0.1,
+            remat=None,
+            use_lower_bound=True,
+        )
+    )
     c.batch_size = batch_size
     steps_per_epoch = LRA_TRAIN_EXAMPLES[task] // batch_size
     c.epochs = epochs
@@ -113,8 +161,14 @@ def lra_config(task: str, *, scan: str, layers: int, features: int, glu_expand: 
     return c
 
 
-def tiny_schedule(c: ml_collections.ConfigDict, *, steps: int, batch_size: int,
-                  learning_rate: float, warmup_steps: int = 10) -> None:
+def tiny_schedule(
+    c: ml_collections.ConfigDict,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    warmup_steps: int = 10,
+) -> None:
     """Shrink the training length, batch and schedule for a seconds-long CPU run."""
     c.batch_size = batch_size
     c.eval_batch_size = batch_size
@@ -129,15 +183,20 @@ def tiny_schedule(c: ml_collections.ConfigDict, *, steps: int, batch_size: int,
     c.mesh.data = -1
 
 
-def finish(c: ml_collections.ConfigDict, preset: str | None,
-           presets: dict[str, Callable[[ml_collections.ConfigDict], Any]], path: str
-           ) -> ml_collections.ConfigDict:
+def finish(
+    c: ml_collections.ConfigDict,
+    preset: str | None,
+    presets: dict[str, Callable[[ml_collections.ConfigDict], Any]],
+    path: str,
+) -> ml_collections.ConfigDict:
     """Apply ``presets[preset]`` (None = the paper's setting), then lock the config."""
     if preset not in (None, ""):
         if preset not in presets:
             names = ", ".join(sorted(presets))
-            raise ValueError(f"unknown preset {preset!r} for {path}; choose one of: {names} "
-                             f"(or none for the paper's setting, e.g. --config={path})")
+            raise ValueError(
+                f"unknown preset {preset!r} for {path}; choose one of: {names} "
+                f"(or none for the paper's setting, e.g. --config={path})"
+            )
         presets[preset](c)
     c.lock()
     return c
@@ -146,24 +205,45 @@ def finish(c: ml_collections.ConfigDict, preset: str | None,
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
 
-def imagenet_config(*, features: int, paper_top1: float, paper_params: int
-                    ) -> ml_collections.ConfigDict:
+def imagenet_config(
+    *, features: int, paper_top1: float, paper_params: int
+) -> ml_collections.ConfigDict:
     """An ImageNet-1k row: the paper's image model with DeiT's training recipe."""
     c = base_config("imagenet")
-    c.model = ml_collections.ConfigDict(dict(
-        num_classes=1000, image_size=(224, 224), patch_size=14, input_channels=3,
-        features=features, num_layers=12, glu_expand=2, norm="layer", dropout=0.0, remat=None,
-        mixer=hgrn_mixer("1d"), use_lower_bound=True))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            num_classes=1000,
+            image_size=(224, 224),
+            patch_size=14,
+            input_channels=3,
+            features=features,
+            num_layers=12,
+            glu_expand=2,
+            norm="layer",
+            dropout=0.0,
+            remat=None,
+            mixer=hgrn_mixer("1d"),
+            use_lower_bound=True,
+        )
+    )
     c.data.source = "tfds"
     c.data.image_size = 224
     c.data.seq_len = (224 // 14) ** 2
     c.data.train_examples = IMAGENET_TRAIN_EXAMPLES
-    c.data.val_examples = 1_000   # generated stand-in (source="synthetic") only
+    c.data.val_examples = 1_000  # generated stand-in (source="synthetic") only
     c.data.test_examples = 1_000
-    c.data.augment = ml_collections.ConfigDict(dict(
-        mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5, mixup_group_size=128,
-        randaugment="rand-m9-mstd0.5-inc1",
-        random_erasing=0.25, color_jitter=0.4, interpolation="bicubic"))
+    c.data.augment = ml_collections.ConfigDict(
+        dict(
+            mixup=0.8,
+            cutmix=1.0,
+            mixup_switch_prob=0.5,
+            mixup_group_size=128,
+            randaugment="rand-m9-mstd0.5-inc1",
+            random_erasing=0.25,
+            color_jitter=0.4,
+            interpolation="bicubic",
+        )
+    )
     c.data.workers = -1  # ImageNet batch-building processes (-1: one per CPU; 0: threads)
     c.batch_size = 2048
     c.epochs = 300
@@ -175,15 +255,16 @@ def imagenet_config(*, features: int, paper_top1: float, paper_params: int
     c.optimizer.weight_decay_mask = "no_bias_norm"
     c.optimizer.grad_clip_norm = 5.0
     c.schedule.name = "cosine"
-    c.schedule.warmup_steps = 5 * steps_per_epoch   # DeiT: 5 warmup epochs
+    c.schedule.warmup_steps = 5 * steps_per_epoch  # DeiT: 5 warmup epochs
     c.schedule.decay_steps = c.num_train_steps
-    c.schedule.min_lr = 1e-5                        # DeiT's min_lr
+    c.schedule.min_lr = 1e-5  # DeiT's min_lr
     c.eval_every = steps_per_epoch
     c.checkpoint_every = 1000
     c.log_every = 100
     c.dtype = "bfloat16"  # DeiT trains with mixed precision; the recurrence stays float32
-    c.paper = ml_collections.ConfigDict(dict(metric="accuracy", value=paper_top1,
-                                             num_params=paper_params))
+    c.paper = ml_collections.ConfigDict(
+        dict(metric="accuracy", value=paper_top1, num_params=paper_params)
+    )
     return c
 
 

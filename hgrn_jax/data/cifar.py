@@ -30,15 +30,17 @@ PAD = 4
 KEYS = ("pixels", "labels")
 
 
-def _read(tfds_split: str, tfds_dir: str, report: BadDataReport
-          ) -> tuple[np.ndarray, np.ndarray]:
+def _read(tfds_split: str, tfds_dir: str, report: BadDataReport) -> tuple[np.ndarray, np.ndarray]:
     raw = tfds_io.read_all(NAME, tfds_split, tfds_dir, ("image", "label"))
     labels = np.asarray(raw["label"], np.int64)
     keep = tfds_io.check_labels(labels, NUM_CLASSES, NAME, tfds_split, report)
     for i, image in enumerate(raw["image"]):
         if image.shape != (32, 32, 3):
-            report.add(f"tfds {NAME} {tfds_split} example {i}", 0,
-                       f"image of shape {image.shape}, expected (32, 32, 3)")
+            report.add(
+                f"tfds {NAME} {tfds_split} example {i}",
+                0,
+                f"image of shape {image.shape}, expected (32, 32, 3)",
+            )
             keep[i] = False
     images = [im for im, k in zip(raw["image"], keep) if k]
     pixels = np.stack(images).astype(np.uint8) if images else np.zeros((0, 32, 32, 3), np.uint8)
@@ -53,33 +55,44 @@ def _build(folder: Path, tfds_dir: str, skip_bad_rows: bool) -> None:
     n = len(train_labels)
     num_val = int(n * VAL_FRACTION)
     order = np.random.default_rng(SPLIT_SEED).permutation(n)
-    splits = {"train": order[:n - num_val], "val": order[n - num_val:]}
+    splits = {"train": order[: n - num_val], "val": order[n - num_val :]}
     for split, rows in splits.items():
-        loader.save_arrays(folder, split, {"pixels": train_pixels[np.sort(rows)],
-                                           "labels": train_labels[np.sort(rows)]})
+        loader.save_arrays(
+            folder,
+            split,
+            {"pixels": train_pixels[np.sort(rows)], "labels": train_labels[np.sort(rows)]},
+        )
     loader.save_arrays(folder, "test", {"pixels": test_pixels, "labels": test_labels})
 
 
-def load_split(split: str, *, tfds_dir: str, cache_dir: str, skip_bad_rows: bool = False
-               ) -> dict[str, np.ndarray]:
+def load_split(
+    split: str, *, tfds_dir: str, cache_dir: str, skip_bad_rows: bool = False
+) -> dict[str, np.ndarray]:
     """``pixels`` (N, 32, 32, 3) uint8 and ``labels`` (N,) int32 in 0..9 of train | val | test."""
-    key = {"dataset": NAME, "files": tfds_io.fingerprint(NAME, tfds_dir),
-           "split_seed": SPLIT_SEED, "val_fraction": VAL_FRACTION,
-           "skip_bad_rows": skip_bad_rows}
-    folder = loader.prepared(cache_dir, "cifar10", key,
-                             lambda f: _build(f, tfds_dir, skip_bad_rows))
+    key = {
+        "dataset": NAME,
+        "files": tfds_io.fingerprint(NAME, tfds_dir),
+        "split_seed": SPLIT_SEED,
+        "val_fraction": VAL_FRACTION,
+        "skip_bad_rows": skip_bad_rows,
+    }
+    folder = loader.prepared(
+        cache_dir, "cifar10", key, lambda f: _build(f, tfds_dir, skip_bad_rows)
+    )
     return loader.load_arrays(folder, split, KEYS)
 
 
-def crop_flip_params(rng: np.random.Generator, count: int, pad: int = PAD
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def crop_flip_params(
+    rng: np.random.Generator, count: int, pad: int = PAD
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per image: crop offsets dy, dx in [0, 2 * pad] and a flip flag (p = 0.5)."""
     dy, dx = rng.integers(0, 2 * pad + 1, (2, count))
     return dy, dx, rng.random(count) < 0.5
 
 
-def crop_flip(pixels: np.ndarray, dy: np.ndarray, dx: np.ndarray, flip: np.ndarray,
-              pad: int = PAD) -> np.ndarray:
+def crop_flip(
+    pixels: np.ndarray, dy: np.ndarray, dx: np.ndarray, flip: np.ndarray, pad: int = PAD
+) -> np.ndarray:
     """Crop (B, H, W, C) images from their zero-padded version at (dy, dx), then flip.
 
     The paper's augmentation (torchvision RandomCrop(32, padding=4) + RandomHorizontalFlip).

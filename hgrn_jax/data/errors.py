@@ -40,8 +40,10 @@ class BadDataReport:
         return len(self.problems)
 
     def message(self) -> str:
-        listed = [f"  {file}:{line}: {reason}" if line else f"  {file}: {reason}"
-                  for file, line, reason in self.problems[:MAX_LISTED]]
+        listed = [
+            f"  {file}:{line}: {reason}" if line else f"  {file}: {reason}"
+            for file, line, reason in self.problems[:MAX_LISTED]
+        ]
         more = len(self.problems) - MAX_LISTED
         if more > 0:
             listed.append(f"  ... and {more} more")
@@ -51,9 +53,13 @@ class BadDataReport:
         if not self.problems:
             return
         if self.fatal:
-            raise BadDataError(self.message() + "\nfix the file: skipping rows cannot help here "
-                               "(" + self.fatal[0][2] + ")")
+            raise BadDataError(
+                self.message() + "\nfix the file: skipping rows cannot help here "
+                "(" + self.fatal[0][2] + ")"
+            )
         if not skip:
-            raise BadDataError(self.message() + "\nfix the data, or skip these examples with "
-                               "--config.data.skip_bad_rows=True")
+            raise BadDataError(
+                self.message() + "\nfix the data, or skip these examples with "
+                "--config.data.skip_bad_rows=True"
+            )
         warnings.warn(self.message() + "\n(skipped: data.skip_bad_rows=True)", stacklevel=2)

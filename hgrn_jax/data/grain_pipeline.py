@@ -38,18 +38,27 @@ class ArraySource:
         return self._length
 
     def __repr__(self) -> str:
-        columns = ", ".join(f"{key}: {np.dtype(getattr(value, 'dtype', 'O'))}"
-                            f"{tuple(np.shape(value[0])) if self._length else ()}"
-                            for key, value in self.arrays.items())
+        columns = ", ".join(
+            f"{key}: {np.dtype(getattr(value, 'dtype', 'O'))}"
+            f"{tuple(np.shape(value[0])) if self._length else ()}"
+            for key, value in self.arrays.items()
+        )
         return f"ArraySource({self.name!r}, {self._length} rows, {columns})"
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return {key: np.asarray(value[index]) for key, value in self.arrays.items()}
 
 
-def train_loader(source: ArraySource, *, seed: int, batch_size: int, process_index: int = 0,
-                 process_count: int = 1, worker_count: int = 0,
-                 transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None):
+def train_loader(
+    source: ArraySource,
+    *,
+    seed: int,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    worker_count: int = 0,
+    transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+):
     """An endless grain ``DataLoader`` of process-local training batches.
 
     ``batch_size`` is the global batch; each of the ``process_count`` processes reads its shard
@@ -60,22 +69,29 @@ def train_loader(source: ArraySource, *, seed: int, batch_size: int, process_ind
     import grain.python as grain
 
     if batch_size % process_count:
-        raise ValueError(f"batch_size {batch_size} must be a multiple of the number of "
-                         f"processes ({process_count})")
+        raise ValueError(
+            f"batch_size {batch_size} must be a multiple of the number of "
+            f"processes ({process_count})"
+        )
     local = batch_size // process_count
-    shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count,
-                               drop_remainder=True)
+    shard = grain.ShardOptions(
+        shard_index=process_index, shard_count=process_count, drop_remainder=True
+    )
     if len(source) // process_count < local:
-        raise ValueError(f"each process's shard ({len(source) // process_count} records) is "
-                         f"smaller than its batch ({local}); lower the batch size")
-    sampler = grain.IndexSampler(num_records=len(source), shard_options=shard, shuffle=True,
-                                 num_epochs=None, seed=int(seed))
+        raise ValueError(
+            f"each process's shard ({len(source) // process_count} records) is "
+            f"smaller than its batch ({local}); lower the batch size"
+        )
+    sampler = grain.IndexSampler(
+        num_records=len(source), shard_options=shard, shuffle=True, num_epochs=None, seed=int(seed)
+    )
     operations = []
     if transform is not None:
         operations.append(_Transform(transform))
     operations.append(grain.Batch(batch_size=local, drop_remainder=True))
-    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                            worker_count=int(worker_count))
+    return grain.DataLoader(
+        data_source=source, sampler=sampler, operations=operations, worker_count=int(worker_count)
+    )
 
 
 class _Transform:

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -59,9 +60,13 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[..., :3], dtype=np.uint8)
 
 
-def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
-                        scale: tuple[float, float] = (0.08, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+def random_resized_crop(
+    image: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> np.ndarray:
     """uint8 (H, W, 3) -> (size, size, 3): a random area/aspect crop resized bicubically."""
     h, w = image.shape[:2]
     area = h * w
@@ -74,7 +79,7 @@ def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
         if 0 < cw <= w and 0 < ch <= h:
             top = int(rng.integers(0, h - ch + 1))
             left = int(rng.integers(0, w - cw + 1))
-            return _resize(image[top:top + ch, left:left + cw], size, size)
+            return _resize(image[top : top + ch, left : left + cw], size, size)
     # Fallback: the central crop of the whole image clamped to the aspect range.
     in_ratio = w / h
     if in_ratio < ratio[0]:
@@ -84,7 +89,7 @@ def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
     else:
         cw, ch = w, h
     top, left = (h - ch) // 2, (w - cw) // 2
-    return _resize(image[top:top + ch, left:left + cw], size, size)
+    return _resize(image[top : top + ch, left : left + cw], size, size)
 
 
 def centre_crop(image: np.ndarray, size: int, crop_pct: float = CROP_PCT) -> np.ndarray:
@@ -97,13 +102,16 @@ def centre_crop(image: np.ndarray, size: int, crop_pct: float = CROP_PCT) -> np.
         nw, nh = short, max(int(round(h * short / w)), short)
     resized = _resize(image, nw, nh)
     top, left = (nh - size) // 2, (nw - size) // 2
-    return resized[top:top + size, left:left + size]
+    return resized[top : top + size, left : left + size]
 
 
-def random_erase(image: np.ndarray, rng: np.random.Generator, probability: float,
-                 area: tuple[float, float] = (0.02, 1 / 3),
-                 log_ratio: tuple[float, float] = (math.log(0.3), math.log(1 / 0.3))
-                 ) -> np.ndarray:
+def random_erase(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    probability: float,
+    area: tuple[float, float] = (0.02, 1 / 3),
+    log_ratio: tuple[float, float] = (math.log(0.3), math.log(1 / 0.3)),
+) -> np.ndarray:
     """timm's RandomErasing(mode="pixel", max_count=1) on a normalised float image (H, W, C)."""
     if rng.random() >= probability:
         return image
@@ -117,7 +125,7 @@ def random_erase(image: np.ndarray, rng: np.random.Generator, probability: float
             top = int(rng.integers(0, h - eh + 1))
             left = int(rng.integers(0, w - ew + 1))
             image = image.copy()
-            image[top:top + eh, left:left + ew] = rng.standard_normal((eh, ew, c))
+            image[top : top + eh, left : left + ew] = rng.standard_normal((eh, ew, c))
             return image
     return image
 
@@ -127,8 +135,13 @@ def normalise(images: np.ndarray) -> np.ndarray:
     return (images.astype(np.float32) / 255.0 - MEAN) / STD
 
 
-def train_image(image: np.ndarray, size: int, rng: np.random.Generator,
-                random_erasing: float, policy: randaugment.Policy | None = None) -> np.ndarray:
+def train_image(
+    image: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    random_erasing: float,
+    policy: randaugment.Policy | None = None,
+) -> np.ndarray:
     """One training image: crop, flip, RandAugment, normalise, erase -> float32 (size, size, 3)."""
     out = random_resized_crop(_as_rgb(image), size, rng)
     if rng.random() < 0.5:
@@ -152,10 +165,17 @@ def smooth_one_hot(labels: np.ndarray, num_classes: int, smoothing: float) -> np
     return targets
 
 
-def mixup_cutmix(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator, *,
-                 num_classes: int, mixup_alpha: float, cutmix_alpha: float,
-                 switch_prob: float, label_smoothing: float
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def mixup_cutmix(
+    images: np.ndarray,
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    num_classes: int,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    switch_prob: float,
+    label_smoothing: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """timm's batch-mode Mixup/CutMix: images (B, H, W, C) float32, labels (B,) int.
 
     Returns mixed images and soft targets (B, num_classes). Each image is mixed with its mirror in
@@ -181,7 +201,8 @@ def mixup_cutmix(images: np.ndarray, labels: np.ndarray, rng: np.random.Generato
     else:
         mixed = lam * images + (1.0 - lam) * images[::-1]
     return mixed.astype(np.float32), (lam * targets + (1.0 - lam) * targets[::-1]).astype(
-        np.float32)
+        np.float32
+    )
 
 
 # ----------------------------------------------------------------------------- reading
@@ -215,8 +236,9 @@ class ImageNetSource:
             return None
         return image, label
 
-    def read(self, rows: Sequence[int], report: BadDataReport
-             ) -> list[tuple[np.ndarray, int] | None]:
+    def read(
+        self, rows: Sequence[int], report: BadDataReport
+    ) -> list[tuple[np.ndarray, int] | None]:
         return [self.read_one(row, report) for row in rows]
 
 
@@ -258,7 +280,8 @@ class BatchSpec:
                 f"data.augment.mixup_group_size {self.mixup_group_size} must divide the "
                 f"per-process batch ({local} = batch_size {self.batch_size} / "
                 f"{self.process_count} processes); set --config.data.augment.mixup_group_size "
-                f"to a divisor of {local}")
+                f"to a divisor of {local}"
+            )
         return group
 
 
@@ -277,9 +300,9 @@ def open_source(split: str, tfds_dir: str, *, reopen: bool = False) -> ImageNetS
     return _OPEN_SOURCES[key]
 
 
-def read_transformed(split: str, rows: np.ndarray, spec: BatchSpec, transform,
-                     pool: Executor | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_transformed(
+    split: str, rows: np.ndarray, spec: BatchSpec, transform, pool: Executor | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read ``rows`` and ``transform(i, image)`` them, on ``pool`` threads when given.
 
     Returns images (R, S, S, 3) float32, labels (R,) int32 and readable (R,) bool; bad records
@@ -303,22 +326,30 @@ def read_transformed(split: str, rows: np.ndarray, spec: BatchSpec, transform,
     return images, labels, valid
 
 
-def train_batch(spec: BatchSpec, num_examples: int, step: int, pool: Executor | None = None
-                ) -> dict[str, np.ndarray]:
+def train_batch(
+    spec: BatchSpec, num_examples: int, step: int, pool: Executor | None = None
+) -> dict[str, np.ndarray]:
     """The process-local training batch of ``step``: a pure function of (spec, step).
 
     Keys: ``images`` (B/P, S, S, 3) float32, ``labels`` (B/P,) int32, ``targets`` (B/P, 1000)
     float32 (Mixup/CutMix and label smoothing), ``weight`` (B/P,) float32 (0 for bad records).
     """
-    rows = loader.train_rows(spec.seed, step, num_examples, spec.batch_size,
-                             spec.process_index, spec.process_count)
+    rows = loader.train_rows(
+        spec.seed, step, num_examples, spec.batch_size, spec.process_index, spec.process_count
+    )
     local = loader.process_slice(spec.batch_size, spec.process_index, spec.process_count)
     rng = loader.batch_rng(spec.seed, step)
     seeds = rng.integers(0, 2**63 - 1, spec.batch_size)[local]
     policy = randaugment.Policy.parse(spec.randaugment) if spec.randaugment else None
-    images, labels, valid = read_transformed("train", rows, spec, lambda i, image: train_image(
-        image, spec.image_size, np.random.default_rng(seeds[i]), spec.random_erasing, policy),
-        pool)
+    images, labels, valid = read_transformed(
+        "train",
+        rows,
+        spec,
+        lambda i, image: train_image(
+            image, spec.image_size, np.random.default_rng(seeds[i]), spec.random_erasing, policy
+        ),
+        pool,
+    )
     # Mixup/CutMix within fixed groups of the global batch, each with its own draws: the same
     # global batch whatever the number of processes (timm mixes each GPU's batch instead).
     group = spec.mixup_group()
@@ -328,18 +359,30 @@ def train_batch(spec: BatchSpec, num_examples: int, step: int, pool: Executor | 
         group_index = (local.start + start) // group
         group_rng = loader.batch_rng(spec.seed, step, _MIXUP_STREAM + group_index)
         images[rows], targets[rows] = mixup_cutmix(
-            images[rows], labels[rows], group_rng, num_classes=spec.num_classes,
-            mixup_alpha=spec.mixup, cutmix_alpha=spec.cutmix, switch_prob=spec.switch_prob,
-            label_smoothing=spec.label_smoothing)
-    return {"images": images, "labels": labels, "targets": targets,
-            "weight": valid.astype(np.float32)}
+            images[rows],
+            labels[rows],
+            group_rng,
+            num_classes=spec.num_classes,
+            mixup_alpha=spec.mixup,
+            cutmix_alpha=spec.cutmix,
+            switch_prob=spec.switch_prob,
+            label_smoothing=spec.label_smoothing,
+        )
+    return {
+        "images": images,
+        "labels": labels,
+        "targets": targets,
+        "weight": valid.astype(np.float32),
+    }
 
 
-def eval_batch(spec: BatchSpec, split: str, rows: np.ndarray, pool: Executor | None = None
-               ) -> dict[str, np.ndarray]:
+def eval_batch(
+    spec: BatchSpec, split: str, rows: np.ndarray, pool: Executor | None = None
+) -> dict[str, np.ndarray]:
     """Centre-cropped ``images``, ``labels`` and ``readable`` of ``rows`` of val / test."""
     images, labels, valid = read_transformed(
-        split, rows, spec, lambda i, image: eval_image(image, spec.image_size), pool)
+        split, rows, spec, lambda i, image: eval_image(image, spec.image_size), pool
+    )
     return {"images": images, "labels": labels, "readable": valid}
 
 
@@ -355,23 +398,28 @@ def prepare(tfds_dir: str, manual_dir: str) -> None:
         raise DatasetMissingError(
             f"{', '.join(missing)} not in data.manual_dir={manual_dir!r}: download the ILSVRC2012 "
             "training and validation archives (image-net.org, after registering) into that "
-            "folder")
+            "folder"
+        )
     builder = tfds.builder(NAME, data_dir=tfds_dir or None, file_format="array_record")
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m hgrn_jax.data.imagenet",
-                                     description=prepare.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m hgrn_jax.data.imagenet", description=prepare.__doc__
+    )
     parser.add_argument("--manual_dir", required=True)
     parser.add_argument("--tfds_dir", required=True)
     args = parser.parse_args(argv)
     prepare(args.tfds_dir, args.manual_dir)
-    print(f"imagenet2012 prepared in {args.tfds_dir}; train with "
-          f"--config.data.tfds_dir={args.tfds_dir}")
+    print(
+        f"imagenet2012 prepared in {args.tfds_dir}; train with "
+        f"--config.data.tfds_dir={args.tfds_dir}"
+    )
 
 
 if __name__ == "__main__":

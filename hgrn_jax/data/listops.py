@@ -29,18 +29,18 @@ example truncated to ``seq_len - 1`` tokens) in torchtext's order (:mod:`hgrn_ja
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
 import random
 import statistics
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
+from hgrn_jax.data import loader
 from hgrn_jax.data.vocab import EOS_ID, PAD_ID, SPECIALS, UNK_ID, Vocabulary, count_tokens, pack
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
@@ -67,16 +67,24 @@ class ListOpsSpec:
 
     def __post_init__(self):
         if not 0 <= self.min_length < self.max_length - 1:
-            raise ValueError(f"need 0 <= min_length < max_length - 1; got {self.min_length}, "
-                             f"{self.max_length}")
+            raise ValueError(
+                f"need 0 <= min_length < max_length - 1; got {self.min_length}, {self.max_length}"
+            )
         if self.max_depth < 2 or self.max_args < 2:
             raise ValueError("max_depth and max_args must be at least 2")
 
     @classmethod
-    def tiny(cls) -> "ListOpsSpec":
+    def tiny(cls) -> ListOpsSpec:
         """A small, shallow set for seconds-long CPU runs (the ``tiny`` preset, ``make demo``)."""
-        return cls(min_length=8, max_length=60, max_depth=4, max_args=10,
-                   num_train=4_000, num_val=256, num_test=256)
+        return cls(
+            min_length=8,
+            max_length=60,
+            max_depth=4,
+            max_args=10,
+            num_train=4_000,
+            num_val=256,
+            num_test=256,
+        )
 
     def split_sizes(self) -> dict[str, int]:
         return {"train": self.num_train, "val": self.num_val, "test": self.num_test}
@@ -179,8 +187,9 @@ def _random_tree(rng: random.Random, spec: ListOpsSpec) -> Tree | None:
         return None
 
 
-def generate(spec: ListOpsSpec, seed: int, *, max_draws: int | None = None
-             ) -> dict[str, list[tuple[str, int]]]:
+def generate(
+    spec: ListOpsSpec, seed: int, *, max_draws: int | None = None
+) -> dict[str, list[tuple[str, int]]]:
     """Deduplicated (source, target) examples per split, deterministic from ``seed``."""
     total = sum(spec.split_sizes().values())
     max_draws = max_draws or 2000 * total + 100_000
@@ -193,7 +202,8 @@ def generate(spec: ListOpsSpec, seed: int, *, max_draws: int | None = None
             raise RuntimeError(
                 f"only {len(examples)} distinct ListOps expressions with {spec.min_length} < "
                 f"length < {spec.max_length} after {max_draws} draws; widen the length range "
-                "or ask for fewer examples")
+                "or ask for fewer examples"
+            )
         tree = _random_tree(rng, spec)
         if tree is None or not spec.min_length < tree_length(tree) < spec.max_length:
             continue
@@ -203,7 +213,7 @@ def generate(spec: ListOpsSpec, seed: int, *, max_draws: int | None = None
     items = list(examples.items())
     out, start = {}, 0
     for split, size in spec.split_sizes().items():
-        out[split] = items[start:start + size]
+        out[split] = items[start : start + size]
         start += size
     return out
 
@@ -254,8 +264,10 @@ def ensure_generated(cache_dir: str | Path, spec: ListOpsSpec, seed: int) -> Pat
     if all((folder / split_filename(s)).is_file() for s in SPLITS):
         return folder
     write_tsv(folder, generate(spec, seed))
-    _atomic_write(folder / "spec.json",
-                  json.dumps({"spec": dataclasses.asdict(spec), "seed": seed}, indent=1) + "\n")
+    _atomic_write(
+        folder / "spec.json",
+        json.dumps({"spec": dataclasses.asdict(spec), "seed": seed}, indent=1) + "\n",
+    )
     return folder
 
 
@@ -284,10 +296,9 @@ class ListOpsTokenizer:
         self.vocabulary = vocabulary
 
     @classmethod
-    def fit(cls, train_sources: Sequence[str], seq_len: int) -> "ListOpsTokenizer":
+    def fit(cls, train_sources: Sequence[str], seq_len: int) -> ListOpsTokenizer:
         """The tokenizer whose vocabulary counts the training sources' first seq_len - 1 tokens."""
-        return cls(Vocabulary.from_counts(count_tokens(map(tokenize, train_sources),
-                                                       seq_len - 1)))
+        return cls(Vocabulary.from_counts(count_tokens(map(tokenize, train_sources), seq_len - 1)))
 
     @property
     def vocab(self) -> dict[str, int]:
@@ -298,10 +309,11 @@ class ListOpsTokenizer:
     def vocab_size(self) -> int:
         return len(self.vocabulary)
 
-    def encode(self, sources: Sequence[str], seq_len: int, dtype=np.int32
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def encode(
+        self, sources: Sequence[str], seq_len: int, dtype=np.int32
+    ) -> tuple[np.ndarray, np.ndarray]:
         """ids (N, seq_len) and lengths (N,) int32 (end token included, <= seq_len)."""
-        rows = (self.vocabulary.ids(tokenize(s)[:seq_len - 1]) for s in sources)
+        rows = (self.vocabulary.ids(tokenize(s)[: seq_len - 1]) for s in sources)
         return pack(rows, len(sources), seq_len, dtype)
 
     def decode(self, ids: np.ndarray) -> str:
@@ -319,21 +331,38 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(
         prog="python -m hgrn_jax.data.listops",
-        description="Generate ListOps (LRA specification) as basic_{train,val,test}.tsv.")
-    parser.add_argument("--spec", choices=("lra", "tiny"), default="lra",
-                        help="lra: the release's sizes and lengths; tiny: the tiny preset's")
+        description="Generate ListOps (LRA specification) as basic_{train,val,test}.tsv.",
+    )
+    parser.add_argument(
+        "--spec",
+        choices=("lra", "tiny"),
+        default="lra",
+        help="lra: the release's sizes and lengths; tiny: the tiny preset's",
+    )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="write the files into this folder (use it as data.lra_dir)")
-    where.add_argument("--cache_dir", help="write into CACHE_DIR/listops-<hash> as the tasks do "
-                                           "(nothing to do if it exists)")
+    where.add_argument(
+        "--cache_dir",
+        help="write into CACHE_DIR/listops-<hash> as the tasks do (nothing to do if it exists)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    for name in ("min_length", "max_length", "max_depth", "max_args", "num_train", "num_val",
-                 "num_test"):
+    for name in (
+        "min_length",
+        "max_length",
+        "max_depth",
+        "max_args",
+        "num_train",
+        "num_val",
+        "num_test",
+    ):
         parser.add_argument(f"--{name}", type=int, default=None, help="override the spec")
     args = parser.parse_args(argv)
     spec = ListOpsSpec.tiny() if args.spec == "tiny" else ListOpsSpec()
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(spec)
-                 if getattr(args, f.name) is not None}
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(spec)
+        if getattr(args, f.name) is not None
+    }
     spec = dataclasses.replace(spec, **overrides)
     if args.out:
         write_tsv(args.out, generate(spec, args.seed))

@@ -40,12 +40,12 @@ def read_rows(path: Path, report: BadDataReport) -> tuple[list[str], np.ndarray]
         report.add(path, line, undecodable(path, line, error).split(": ", 1)[1])
 
     # One reader over the decoded lines: a BOM dropped, bad bytes reported by line.
-    reader = csv.reader(decoded_lines(path, bad_bytes), delimiter="\t",
-                        quoting=csv.QUOTE_NONE)
+    reader = csv.reader(decoded_lines(path, bad_bytes), delimiter="\t", quoting=csv.QUOTE_NONE)
     header = next(reader, None)
     if header is None or "Source" not in header or "Target" not in header:
-        report.add(path, 1, f"header {header} must name the columns Source<TAB>Target",
-                   skippable=False)
+        report.add(
+            path, 1, f"header {header} must name the columns Source<TAB>Target", skippable=False
+        )
         return [], np.zeros(0, np.int32)
     src, tgt = header.index("Source"), header.index("Target")
     for fields in reader:
@@ -53,13 +53,15 @@ def read_rows(path: Path, report: BadDataReport) -> tuple[list[str], np.ndarray]
         if not fields:
             continue
         if len(fields) != len(header):
-            report.add(path, line, f"expected {len(header)} tab-separated fields; got "
-                                   f"{len(fields)}")
+            report.add(
+                path, line, f"expected {len(header)} tab-separated fields; got {len(fields)}"
+            )
             continue
         value = fields[tgt].strip()
         if not (value.isdigit() and 0 <= int(value) < listops.NUM_CLASSES):
-            report.add(path, line, f"label {fields[tgt]!r} is not a class in "
-                                   f"0..{listops.NUM_CLASSES - 1}")
+            report.add(
+                path, line, f"label {fields[tgt]!r} is not a class in 0..{listops.NUM_CLASSES - 1}"
+            )
             continue
         if not fields[src].strip():
             report.add(path, line, "empty expression")
@@ -85,39 +87,56 @@ def _fit(path: Path, fingerprint: str, seq_len: int, skip_bad_rows: bool) -> Voc
     return listops.ListOpsTokenizer.fit(sources, seq_len).vocabulary
 
 
-def vocabulary(*, lra_dir: str, seq_len: int, skip_bad_rows: bool = False, cache_dir: str = ""
-               ) -> Vocabulary:
+def vocabulary(
+    *, lra_dir: str, seq_len: int, skip_bad_rows: bool = False, cache_dir: str = ""
+) -> Vocabulary:
     """The vocabulary of ``basic_train.tsv`` (ids of the examples encoded at ``seq_len``)."""
     path = find_file(lra_dir, "train")
     fingerprint = str(loader.fingerprint([path.resolve()]))
     if not cache_dir:
         return _fit(path, fingerprint, seq_len, skip_bad_rows)
-    key = {"dataset": "listops-vocab", "train": fingerprint, "seq_len": seq_len,
-           "skip_bad_rows": skip_bad_rows}
-    folder = loader.prepared(cache_dir, "listops-vocab", key, lambda f: _fit(
-        path, fingerprint, seq_len, skip_bad_rows).save(f / "vocab.json"))
+    key = {
+        "dataset": "listops-vocab",
+        "train": fingerprint,
+        "seq_len": seq_len,
+        "skip_bad_rows": skip_bad_rows,
+    }
+    folder = loader.prepared(
+        cache_dir,
+        "listops-vocab",
+        key,
+        lambda f: _fit(path, fingerprint, seq_len, skip_bad_rows).save(f / "vocab.json"),
+    )
     return Vocabulary.load(folder / "vocab.json")
 
 
-def _encode(path: Path, seq_len: int, skip_bad_rows: bool, vocab: Vocabulary
-            ) -> dict[str, np.ndarray]:
+def _encode(
+    path: Path, seq_len: int, skip_bad_rows: bool, vocab: Vocabulary
+) -> dict[str, np.ndarray]:
     sources, labels = _good_rows(path, skip_bad_rows)
     ids, lengths = listops.ListOpsTokenizer(vocab).encode(sources, seq_len, vocab.dtype)
     return {"inputs": ids, "lengths": lengths, "labels": labels}
 
 
-def load_split(split: str, *, lra_dir: str, seq_len: int, skip_bad_rows: bool = False,
-               cache_dir: str = "") -> dict[str, np.ndarray]:
+def load_split(
+    split: str, *, lra_dir: str, seq_len: int, skip_bad_rows: bool = False, cache_dir: str = ""
+) -> dict[str, np.ndarray]:
     """``inputs`` (N, seq_len) uint8 ids (end token included), ``lengths``, ``labels``.
 
     Without ``cache_dir`` everything is computed in memory (the vocabulary once per process)."""
-    vocab = vocabulary(lra_dir=lra_dir, seq_len=seq_len, skip_bad_rows=skip_bad_rows,
-                       cache_dir=cache_dir)
+    vocab = vocabulary(
+        lra_dir=lra_dir, seq_len=seq_len, skip_bad_rows=skip_bad_rows, cache_dir=cache_dir
+    )
     path = find_file(lra_dir, split)
     if not cache_dir:
         return _encode(path, seq_len, skip_bad_rows, vocab)
-    key = {"dataset": "listops", "files": loader.fingerprint([path.resolve()]),
-           "seq_len": seq_len, "vocab": vocab.fingerprint, "skip_bad_rows": skip_bad_rows}
+    key = {
+        "dataset": "listops",
+        "files": loader.fingerprint([path.resolve()]),
+        "seq_len": seq_len,
+        "vocab": vocab.fingerprint,
+        "skip_bad_rows": skip_bad_rows,
+    }
 
     def build(folder: Path) -> None:
         loader.save_arrays(folder, "data", _encode(path, seq_len, skip_bad_rows, vocab))

@@ -17,7 +17,6 @@ the process's slice, so they, too, are exact on resumption and independent of th
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import json
 import os
@@ -35,31 +34,40 @@ DONE = "DONE"
 # ----------------------------------------------------------------------------- order
 
 
-def process_slice(batch_size: int, process_index: int, process_count: int,
-                  config_key: str = "batch_size") -> slice:
+def process_slice(
+    batch_size: int, process_index: int, process_count: int, config_key: str = "batch_size"
+) -> slice:
     """The rows ``[p * B / P, (p + 1) * B / P)`` of a global batch that process ``p`` owns.
 
     ``config_key`` names the setting to change in the error for a batch that does not split."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if batch_size <= 0 or batch_size % process_count:
-        raise ValueError(f"{config_key} {batch_size} must be a positive multiple of the number "
-                         f"of processes ({process_count}); set --config.{config_key}")
+        raise ValueError(
+            f"{config_key} {batch_size} must be a positive multiple of the number "
+            f"of processes ({process_count}); set --config.{config_key}"
+        )
     local = batch_size // process_count
     return slice(process_index * local, (process_index + 1) * local)
 
 
-def train_rows(seed: int, step: int, num_examples: int, batch_size: int,
-               process_index: int = 0, process_count: int = 1) -> np.ndarray:
+def train_rows(
+    seed: int,
+    step: int,
+    num_examples: int,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> np.ndarray:
     """Indices (B / P,) of the training examples process ``p`` reads at ``step``."""
     per_epoch = num_examples // batch_size
     if per_epoch < 1:
-        raise ValueError(f"{num_examples} training examples are fewer than batch size "
-                         f"{batch_size}")
+        raise ValueError(f"{num_examples} training examples are fewer than batch size {batch_size}")
     epoch, k = divmod(step, per_epoch)
     order = epoch_order(seed, epoch, num_examples)
-    return order[k * batch_size:(k + 1) * batch_size][
-        process_slice(batch_size, process_index, process_count)]
+    return order[k * batch_size : (k + 1) * batch_size][
+        process_slice(batch_size, process_index, process_count)
+    ]
 
 
 @functools.lru_cache(maxsize=2)
@@ -71,9 +79,13 @@ def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     return order
 
 
-def eval_rows(num_examples: int, batch_size: int, process_index: int = 0,
-              process_count: int = 1, config_key: str = "batch_size"
-              ) -> list[tuple[np.ndarray, np.ndarray]]:
+def eval_rows(
+    num_examples: int,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    config_key: str = "batch_size",
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per evaluation batch: (indices (B / P,), valid (B / P,) bool); padding rows repeat row 0."""
     sl = process_slice(batch_size, process_index, process_count, config_key)
     out = []
@@ -124,8 +136,9 @@ def cache_folder(cache_dir: str | Path, name: str, key: dict[str, Any]) -> Path:
     return Path(cache_dir) / f"{name}-{digest[:12]}"
 
 
-def prepared(cache_dir: str | Path, name: str, key: dict[str, Any],
-             build: Callable[[Path], None]) -> Path:
+def prepared(
+    cache_dir: str | Path, name: str, key: dict[str, Any], build: Callable[[Path], None]
+) -> Path:
     """The folder ``cache_dir/name-<hash of key>`` holding prepared arrays, built on first use.
 
     ``build(folder)`` writes the arrays into an empty temporary folder that is then renamed into

@@ -34,8 +34,10 @@ KEYS = ("pixels", "labels")
 
 def find_root(lra_dir: str, resolution: int) -> Path:
     return release.find_release_path(
-        lra_dir, f"pathfinder{resolution}/{LEVEL}",
-        what=f"{'Path-X' if resolution == 128 else 'Pathfinder'} ({resolution} x {resolution})")
+        lra_dir,
+        f"pathfinder{resolution}/{LEVEL}",
+        what=f"{'Path-X' if resolution == 128 else 'Pathfinder'} ({resolution} x {resolution})",
+    )
 
 
 def _metadata_files(root: Path) -> list[Path]:
@@ -43,8 +45,9 @@ def _metadata_files(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: (int(p.stem) if p.stem.isdigit() else 1 << 62, p.name))
 
 
-def read_metadata(root: Path, report: BadDataReport
-                  ) -> tuple[list[tuple[Path, int, Path, int, int]], int]:
+def read_metadata(
+    root: Path, report: BadDataReport
+) -> tuple[list[tuple[Path, int, Path, int, int]], int]:
     """The well-formed metadata lines as (image path, label, metadata file, line, position) and
     the number of example lines (the reference's dataset size); ``position`` numbers the
     non-blank lines in the reference's order, malformed ones included."""
@@ -62,8 +65,11 @@ def read_metadata(root: Path, report: BadDataReport
                 continue
             position += 1
             if len(fields) < 4:
-                report.add(meta, line, f"expected at least 4 fields (folder, file, index, "
-                                       f"label); got {len(fields)}")
+                report.add(
+                    meta,
+                    line,
+                    f"expected at least 4 fields (folder, file, index, label); got {len(fields)}",
+                )
                 continue
             try:
                 label = int(fields[3])
@@ -80,8 +86,9 @@ def read_metadata(root: Path, report: BadDataReport
 def split_positions(n: int) -> dict[str, np.ndarray]:
     """The reference's 80/10/10 split of ``n`` examples: positions per split, in its order."""
     num_val, num_test = int(VAL_FRACTION * n), int(TEST_FRACTION * n)
-    train, val, test = splits.random_split(n, [n - num_val - num_test, num_val, num_test],
-                                           SPLIT_SEED)
+    train, val, test = splits.random_split(
+        n, [n - num_val - num_test, num_val, num_test], SPLIT_SEED
+    )
     return {"train": train, "val": val, "test": test}
 
 
@@ -120,28 +127,46 @@ def _build(folder: Path, root: Path, resolution: int, skip_bad_rows: bool, worke
         raise ValueError(f"no Pathfinder examples under {root} (metadata/*.npy lists none)")
     for split, positions in split_positions(n).items():
         rows = [p for p in positions.tolist() if p in pixels_at]
-        pixels = np.lib.format.open_memmap(folder / f"{split}.pixels.npy", "w+", np.uint8,
-                                           (len(rows), resolution, resolution, 1))
+        pixels = np.lib.format.open_memmap(
+            folder / f"{split}.pixels.npy", "w+", np.uint8, (len(rows), resolution, resolution, 1)
+        )
         for i, position in enumerate(rows):
             pixels[i, :, :, 0] = pixels_at[position]
         pixels.flush()
         del pixels
-        loader.save_arrays(folder, split, {"labels": np.array([labels_at[p] for p in rows],
-                                                              np.int32)})
+        loader.save_arrays(
+            folder, split, {"labels": np.array([labels_at[p] for p in rows], np.int32)}
+        )
 
 
-def load_split(split: str, *, lra_dir: str, cache_dir: str, resolution: int,
-               skip_bad_rows: bool = False, workers: int = 8) -> dict[str, np.ndarray]:
+def load_split(
+    split: str,
+    *,
+    lra_dir: str,
+    cache_dir: str,
+    resolution: int,
+    skip_bad_rows: bool = False,
+    workers: int = 8,
+) -> dict[str, np.ndarray]:
     """``pixels`` (N, res, res, 1) uint8 and ``labels`` (N,) int32 in {0, 1} of train|val|test."""
     root = find_root(lra_dir, resolution)
     metadata = _metadata_files(root)
     if not metadata:
         raise release.DatasetMissingError(
             f"no metadata/*.npy files in {root}: unpack the LRA release's pathfinder"
-            f"{resolution} folder completely (imgs/ and metadata/)")
-    key = {"dataset": f"pathfinder{resolution}", "metadata": loader.fingerprint(metadata),
-           "split": "torch_random_split", "split_seed": SPLIT_SEED,
-           "skip_bad_rows": skip_bad_rows}
-    folder = loader.prepared(cache_dir, f"pathfinder{resolution}", key,
-                             lambda f: _build(f, root, resolution, skip_bad_rows, workers))
+            f"{resolution} folder completely (imgs/ and metadata/)"
+        )
+    key = {
+        "dataset": f"pathfinder{resolution}",
+        "metadata": loader.fingerprint(metadata),
+        "split": "torch_random_split",
+        "split_seed": SPLIT_SEED,
+        "skip_bad_rows": skip_bad_rows,
+    }
+    folder = loader.prepared(
+        cache_dir,
+        f"pathfinder{resolution}",
+        key,
+        lambda f: _build(f, root, resolution, skip_bad_rows, workers),
+    )
     return loader.load_arrays(folder, split, KEYS)

@@ -16,9 +16,23 @@ import re
 import numpy as np
 
 FILL = (124, 116, 104)  # round(255 * ImageNet mean)
-NAMES = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
-         "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel",
-         "TranslateYRel")
+NAMES = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,22 +44,26 @@ class Policy:
     prob: float = 0.5
 
     @classmethod
-    def parse(cls, spec: str) -> "Policy":
+    def parse(cls, spec: str) -> Policy:
         parts = spec.split("-")
         if not parts or parts[0] != "rand":
-            raise ValueError(f"RandAugment policy {spec!r} must start with 'rand-' "
-                             "(e.g. rand-m9-mstd0.5-inc1)")
+            raise ValueError(
+                f"RandAugment policy {spec!r} must start with 'rand-' (e.g. rand-m9-mstd0.5-inc1)"
+            )
         fields = {}
         for part in parts[1:]:
             match = re.fullmatch(r"(mstd|inc|m|n)([0-9.]+)", part)
             if not match:
-                raise ValueError(f"unknown RandAugment option {part!r} in {spec!r}; use m, n, "
-                                 "mstd, inc")
+                raise ValueError(
+                    f"unknown RandAugment option {part!r} in {spec!r}; use m, n, mstd, inc"
+                )
             key, value = match.groups()
-            name = {"m": "magnitude", "n": "num_ops", "mstd": "magnitude_std",
-                    "inc": "increasing"}[key]
-            fields[name] = bool(int(value)) if key == "inc" else (
-                int(value) if key == "n" else float(value))
+            name = {"m": "magnitude", "n": "num_ops", "mstd": "magnitude_std", "inc": "increasing"}[
+                key
+            ]
+            fields[name] = (
+                bool(int(value)) if key == "inc" else (int(value) if key == "n" else float(value))
+            )
         return cls(**fields)
 
 
@@ -86,14 +104,13 @@ def _apply(name: str, image, level: float, rng: np.random.Generator, increasing:
     if name in ("ShearX", "ShearY"):
         shear = _sign(rng, 0.3 * level)
         matrix = (1, shear, 0, 0, 1, 0) if name == "ShearX" else (1, 0, 0, shear, 1, 0)
-        return image.transform(image.size, Image.AFFINE, matrix, resample=resample,
-                               fillcolor=FILL)
+        return image.transform(image.size, Image.AFFINE, matrix, resample=resample, fillcolor=FILL)
     if name in ("TranslateXRel", "TranslateYRel"):
         shift = _sign(rng, 0.45 * level)
-        matrix = ((1, 0, shift * w, 0, 1, 0) if name == "TranslateXRel"
-                  else (1, 0, 0, 0, 1, shift * h))
-        return image.transform(image.size, Image.AFFINE, matrix, resample=resample,
-                               fillcolor=FILL)
+        matrix = (
+            (1, 0, shift * w, 0, 1, 0) if name == "TranslateXRel" else (1, 0, 0, 0, 1, shift * h)
+        )
+        return image.transform(image.size, Image.AFFINE, matrix, resample=resample, fillcolor=FILL)
     raise ValueError(f"unknown RandAugment operation {name!r}")
 
 
@@ -111,4 +128,3 @@ def rand_augment(image: np.ndarray, policy: Policy, rng: np.random.Generator) ->
         level = min(max(magnitude, 0.0), 10.0) / 10.0
         pil = _apply(NAMES[int(index)], pil, level, rng, policy.increasing)
     return np.asarray(pil.convert("RGB"), np.uint8)
-

@@ -29,7 +29,8 @@ def find_release_path(lra_dir: str | Path, relative: str, *, what: str) -> Path:
         raise DatasetMissingError(
             f"{what} needs the LRA release: download lra_release.gz (the Long Range Arena "
             f"repository's release), unpack it and set --config.data.lra_dir=FOLDER to the "
-            f"folder that holds {relative.split('/')[0]}/")
+            f"folder that holds {relative.split('/')[0]}/"
+        )
     tried = [root / relative for root in candidate_roots(lra_dir)]
     for path in tried:
         if path.exists():
@@ -37,4 +38,5 @@ def find_release_path(lra_dir: str | Path, relative: str, *, what: str) -> Path:
     raise DatasetMissingError(
         f"{what} not found: looked for {', '.join(str(p) for p in tried)}. Unpack the LRA "
         f"release (lra_release.gz) so that {relative} is inside data.lra_dir={lra_dir}, or set "
-        f"--config.data.lra_dir to the folder that holds it")
+        f"--config.data.lra_dir to the folder that holds it"
+    )

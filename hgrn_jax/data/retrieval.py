@@ -29,16 +29,20 @@ from hgrn_jax.data.vocab import CharEncoder, Vocabulary, char_vocabulary, write_
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
-FILES = {"train": "new_aan_pairs.train.tsv", "val": "new_aan_pairs.eval.tsv",
-         "test": "new_aan_pairs.test.tsv"}
+FILES = {
+    "train": "new_aan_pairs.train.tsv",
+    "val": "new_aan_pairs.eval.tsv",
+    "test": "new_aan_pairs.test.tsv",
+}
 COLUMNS = ("label", "id1", "id2", "text1", "text2")
 NUM_CLASSES = 2
 KEYS = ("inputs", "lengths", "inputs2", "lengths2", "labels")
 
 
 def find_file(lra_dir: str, split: str) -> Path:
-    return release.find_release_path(lra_dir, f"tsv_data/{FILES[split]}",
-                                     what=f"the AAN retrieval {split} file")
+    return release.find_release_path(
+        lra_dir, f"tsv_data/{FILES[split]}", what=f"the AAN retrieval {split} file"
+    )
 
 
 def parse_rows(path: Path, report: BadDataReport) -> Iterator[tuple[int, str, str]]:
@@ -47,8 +51,13 @@ def parse_rows(path: Path, report: BadDataReport) -> Iterator[tuple[int, str, st
     def bad_bytes(number: int, error: UnicodeDecodeError) -> None:
         report.add(path, number, undecodable(path, number, error).split(": ", 1)[1])
 
-    reader = csv.reader(decoded_lines(path, bad_bytes), delimiter="\t", quotechar='"',
-                        doublequote=True, strict=False)
+    reader = csv.reader(
+        decoded_lines(path, bad_bytes),
+        delimiter="\t",
+        quotechar='"',
+        doublequote=True,
+        strict=False,
+    )
     line = 1
     while True:
         try:
@@ -56,15 +65,23 @@ def parse_rows(path: Path, report: BadDataReport) -> Iterator[tuple[int, str, st
         except StopIteration:
             return
         except csv.Error as error:
-            report.add(path, line, f"unreadable row ({error}); the rows after it cannot be "
-                                   "read either", skippable=False)
+            report.add(
+                path,
+                line,
+                f"unreadable row ({error}); the rows after it cannot be read either",
+                skippable=False,
+            )
             return
         start, line = line, reader.line_num + 1
         if not fields:
             continue
         if len(fields) != len(COLUMNS):
-            report.add(path, start, f"expected {len(COLUMNS)} tab-separated fields "
-                                    f"({', '.join(COLUMNS)}); got {len(fields)}")
+            report.add(
+                path,
+                start,
+                f"expected {len(COLUMNS)} tab-separated fields "
+                f"({', '.join(COLUMNS)}); got {len(fields)}",
+            )
             continue
         try:
             label = float(fields[0])
@@ -92,12 +109,17 @@ def _good_rows(path: Path, skip_bad_rows: bool) -> Iterator[tuple[int, str, str]
     return parse_rows(path, BadDataReport(str(path)))
 
 
-def vocabulary(*, lra_dir: str, cache_dir: str, seq_len: int, skip_bad_rows: bool = False
-               ) -> Vocabulary:
+def vocabulary(
+    *, lra_dir: str, cache_dir: str, seq_len: int, skip_bad_rows: bool = False
+) -> Vocabulary:
     """The character vocabulary of the training documents (both columns) encoded at seq_len."""
     path = find_file(lra_dir, "train")
-    key = {"dataset": "aan-vocab", "files": loader.fingerprint([path.resolve()]),
-           "seq_len": seq_len, "skip_bad_rows": skip_bad_rows}
+    key = {
+        "dataset": "aan-vocab",
+        "files": loader.fingerprint([path.resolve()]),
+        "seq_len": seq_len,
+        "skip_bad_rows": skip_bad_rows,
+    }
 
     def build(folder: Path) -> None:
         texts = (text for _, *pair in _good_rows(path, skip_bad_rows) for text in pair)
@@ -106,15 +128,17 @@ def vocabulary(*, lra_dir: str, cache_dir: str, seq_len: int, skip_bad_rows: boo
     return Vocabulary.load(loader.prepared(cache_dir, "aan-vocab", key, build) / "vocab.json")
 
 
-def _build(folder: Path, path: Path, seq_len: int, skip_bad_rows: bool, vocab: Vocabulary
-           ) -> None:
+def _build(folder: Path, path: Path, seq_len: int, skip_bad_rows: bool, vocab: Vocabulary) -> None:
     if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2 (characters and the end token); got "
-                         f"{seq_len}")
+        raise ValueError(
+            f"seq_len must be at least 2 (characters and the end token); got {seq_len}"
+        )
     count = sum(1 for _ in _good_rows(path, skip_bad_rows))
     encoder = CharEncoder(vocab)
-    ids = [np.lib.format.open_memmap(folder / f"data.{key}.npy", "w+", vocab.dtype,
-                                     (count, seq_len)) for key in ("inputs", "inputs2")]
+    ids = [
+        np.lib.format.open_memmap(folder / f"data.{key}.npy", "w+", vocab.dtype, (count, seq_len))
+        for key in ("inputs", "inputs2")
+    ]
     lengths = np.zeros((2, count), np.int32)
     labels = np.zeros(count, np.int32)
     for i, (label, *texts) in enumerate(parse_rows(path, BadDataReport(str(path)))):
@@ -124,20 +148,29 @@ def _build(folder: Path, path: Path, seq_len: int, skip_bad_rows: bool, vocab: V
     for array in ids:
         array.flush()
     del ids
-    loader.save_arrays(folder, "data", {"lengths": lengths[0], "lengths2": lengths[1],
-                                        "labels": labels})
+    loader.save_arrays(
+        folder, "data", {"lengths": lengths[0], "lengths2": lengths[1], "labels": labels}
+    )
     vocab.save(folder / "vocab.json")
 
 
-def load_split(split: str, *, lra_dir: str, cache_dir: str, seq_len: int,
-               skip_bad_rows: bool = False) -> dict[str, np.ndarray]:
+def load_split(
+    split: str, *, lra_dir: str, cache_dir: str, seq_len: int, skip_bad_rows: bool = False
+) -> dict[str, np.ndarray]:
     """``inputs``/``inputs2`` (N, seq_len) uint8 ids (``<eos>`` included), ``lengths``/
     ``lengths2`` (N,) int32, ``labels`` (N,) int32 in {0, 1}."""
-    vocab = vocabulary(lra_dir=lra_dir, cache_dir=cache_dir, seq_len=seq_len,
-                       skip_bad_rows=skip_bad_rows)
+    vocab = vocabulary(
+        lra_dir=lra_dir, cache_dir=cache_dir, seq_len=seq_len, skip_bad_rows=skip_bad_rows
+    )
     path = find_file(lra_dir, split)
-    key = {"dataset": "aan", "files": loader.fingerprint([path.resolve()]), "seq_len": seq_len,
-           "vocab": vocab.fingerprint, "skip_bad_rows": skip_bad_rows}
-    folder = loader.prepared(cache_dir, "aan", key,
-                             lambda f: _build(f, path, seq_len, skip_bad_rows, vocab))
+    key = {
+        "dataset": "aan",
+        "files": loader.fingerprint([path.resolve()]),
+        "seq_len": seq_len,
+        "vocab": vocab.fingerprint,
+        "skip_bad_rows": skip_bad_rows,
+    }
+    folder = loader.prepared(
+        cache_dir, "aan", key, lambda f: _build(f, path, seq_len, skip_bad_rows, vocab)
+    )
     return loader.load_arrays(folder, "data", KEYS)

@@ -12,7 +12,7 @@ Every function is a pure function of its arguments: the same ``seed`` gives the 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -22,8 +22,9 @@ Seed = int | Sequence[int]
 # ----------------------------------------------------------------------------- 2-D pixel tasks
 
 
-def bright_quadrant_images(num: int, *, size: int = 8, channels: int = 3, seed: Seed
-                           ) -> tuple[np.ndarray, np.ndarray]:
+def bright_quadrant_images(
+    num: int, *, size: int = 8, channels: int = 3, seed: Seed
+) -> tuple[np.ndarray, np.ndarray]:
     """Noisy images in which one quadrant is brighter; the label is that quadrant.
 
     A stand-in for LRA Image (CIFAR-10 pixels). Returns images (num, size, size, channels)
@@ -38,23 +39,29 @@ def bright_quadrant_images(num: int, *, size: int = 8, channels: int = 3, seed: 
     half = size // 2
     for i, quadrant in enumerate(labels):
         r, c = divmod(int(quadrant), 2)
-        images[i, r * half:(r + 1) * half, c * half:(c + 1) * half] += 0.4
+        images[i, r * half : (r + 1) * half, c * half : (c + 1) * half] += 0.4
     return images.clip(0.0, 1.0).astype(np.float32), labels
 
 
 _STEPS = ((0, 1), (1, 0), (0, -1), (-1, 0))
 
 
-def _walk(rng: np.random.Generator, size: int, start: tuple[int, int], length: int,
-          blocked: np.ndarray) -> list[tuple[int, int]] | None:
+def _walk(
+    rng: np.random.Generator, size: int, start: tuple[int, int], length: int, blocked: np.ndarray
+) -> list[tuple[int, int]] | None:
     """A random self-avoiding walk of ``length`` cells from ``start`` avoiding ``blocked``."""
     path = [start]
     seen = {start}
     for _ in range(length - 1):
         r, c = path[-1]
-        options = [(r + dr, c + dc) for dr, dc in _STEPS
-                   if 0 <= r + dr < size and 0 <= c + dc < size
-                   and (r + dr, c + dc) not in seen and not blocked[r + dr, c + dc]]
+        options = [
+            (r + dr, c + dc)
+            for dr, dc in _STEPS
+            if 0 <= r + dr < size
+            and 0 <= c + dc < size
+            and (r + dr, c + dc) not in seen
+            and not blocked[r + dr, c + dc]
+        ]
         if not options:
             return None
         nxt = options[rng.integers(len(options))]
@@ -67,13 +74,14 @@ def _grown(cells: list[tuple[int, int]], size: int) -> np.ndarray:
     """Mask of ``cells`` and their 4-neighbours."""
     mask = np.zeros((size, size), bool)
     for r, c in cells:
-        mask[max(r - 1, 0):r + 2, c] = True
-        mask[r, max(c - 1, 0):c + 2] = True
+        mask[max(r - 1, 0) : r + 2, c] = True
+        mask[r, max(c - 1, 0) : c + 2] = True
     return mask
 
 
-def path_images(num: int, *, size: int = 16, path_length: int = 12, seed: Seed
-                ) -> tuple[np.ndarray, np.ndarray]:
+def path_images(
+    num: int, *, size: int = 16, path_length: int = 12, seed: Seed
+) -> tuple[np.ndarray, np.ndarray]:
     """Pathfinder-like grids: are the two bright endpoints joined by one drawn path?
 
     Positive (label 1): one self-avoiding walk of ``2 * path_length`` cells whose two ends are
@@ -117,8 +125,9 @@ def path_images(num: int, *, size: int = 16, path_length: int = 12, seed: Seed
     return images, labels
 
 
-def colour_images(num: int, *, size: int = 28, num_classes: int = 10, seed: Seed
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def colour_images(
+    num: int, *, size: int = 28, num_classes: int = 10, seed: Seed
+) -> tuple[np.ndarray, np.ndarray]:
     """ImageNet-like RGB images whose class is the colour of a random rectangle on noise.
 
     Class k has hue k / num_classes. ``size`` 28 with patch 14 gives 2x2 = 4 patches. Returns
@@ -135,21 +144,38 @@ def colour_images(num: int, *, size: int = 28, num_classes: int = 10, seed: Seed
         h, w = rng.integers(size // 2, size + 1, 2)
         r, c = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
         shade = rng.uniform(0.7, 1.0)
-        patch = images[i, r:r + h, c:c + w]
-        images[i, r:r + h, c:c + w] = 0.7 * shade * palette[label] + 0.3 * patch
+        patch = images[i, r : r + h, c : c + w]
+        images[i, r : r + h, c : c + w] = 0.7 * shade * palette[label] + 0.3 * patch
     return images.astype(np.float32), labels
 
 
 # ----------------------------------------------------------------------------- byte documents
 
-_NEUTRAL = ("the", "a", "film", "story", "actor", "scene", "plot", "it", "was", "and", "of",
-            "this", "movie", "with", "music", "end")
+_NEUTRAL = (
+    "the",
+    "a",
+    "film",
+    "story",
+    "actor",
+    "scene",
+    "plot",
+    "it",
+    "was",
+    "and",
+    "of",
+    "this",
+    "movie",
+    "with",
+    "music",
+    "end",
+)
 _POSITIVE = ("great", "superb", "moving", "brilliant", "fun")
 _NEGATIVE = ("dull", "awful", "boring", "weak", "messy")
 
 
-def keyword_documents(num: int, *, max_bytes: int = 128, seed: Seed
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def keyword_documents(
+    num: int, *, max_bytes: int = 128, seed: Seed
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """IMDB-like byte documents; label 1 when positive words outnumber negative ones.
 
     Words are drawn from a neutral list with a few positive and negative words mixed in (never
@@ -176,19 +202,19 @@ def keyword_documents(num: int, *, max_bytes: int = 128, seed: Seed
                 raise ValueError(f"max_bytes {max_bytes} is too short for keyword documents")
             order = np.delete(order, neutral[-1])
             text = " ".join(words[j] for j in order).encode("ascii")
-        docs[i, :len(text)] = np.frombuffer(text, np.uint8)
+        docs[i, : len(text)] = np.frombuffer(text, np.uint8)
         lengths[i] = len(text)
     return docs, lengths, labels
 
 
 def _has_common_ngram(a: bytes, b: bytes, n: int) -> bool:
-    grams = {a[k:k + n] for k in range(len(a) - n + 1)}
-    return any(b[k:k + n] in grams for k in range(len(b) - n + 1))
+    grams = {a[k : k + n] for k in range(len(a) - n + 1)}
+    return any(b[k : k + n] in grams for k in range(len(b) - n + 1))
 
 
-def pattern_pair_documents(num: int, *, length: int = 64, pattern_length: int = 5,
-                           alphabet_size: int = 16, seed: Seed
-                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pattern_pair_documents(
+    num: int, *, length: int = 64, pattern_length: int = 5, alphabet_size: int = 16, seed: Seed
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Retrieval-like pairs of byte strings; label 1 when both contain the same pattern.
 
     Each document is ``length`` random letters from the first ``alphabet_size`` of 'a'..'z'.
@@ -209,7 +235,7 @@ def pattern_pair_documents(num: int, *, length: int = 64, pattern_length: int = 
                 pattern = letters[rng.integers(0, alphabet_size, pattern_length)]
                 for doc in pair:
                     at = rng.integers(0, length - pattern_length + 1)
-                    doc[at:at + pattern_length] = pattern
+                    doc[at : at + pattern_length] = pattern
                 break
             if not _has_common_ngram(pair[0].tobytes(), pair[1].tobytes(), pattern_length):
                 break

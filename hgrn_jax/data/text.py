@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hgrn_jax.data import loader, tfds_io, vocab as vocab_lib
+from hgrn_jax.data import loader, tfds_io
+from hgrn_jax.data import vocab as vocab_lib
 from hgrn_jax.data.errors import BadDataReport
 from hgrn_jax.data.vocab import Vocabulary
 
@@ -27,8 +28,7 @@ TFDS_SPLITS = {"train": "train", "val": "test", "test": "test"}
 KEYS = ("inputs", "lengths", "labels")
 
 
-def read_split(tfds_split: str, tfds_dir: str, skip_bad_rows: bool
-               ) -> tuple[list[str], np.ndarray]:
+def read_split(tfds_split: str, tfds_dir: str, skip_bad_rows: bool) -> tuple[list[str], np.ndarray]:
     """The good reviews (decoded text) and their labels (int32) of a tfds split."""
     raw = tfds_io.read_all(NAME, tfds_split, tfds_dir, ("text", "label"))
     labels = np.asarray(raw["label"], np.int64)
@@ -56,11 +56,17 @@ def _fingerprint(tfds_dir: str) -> list:
     return tfds_io.fingerprint(NAME, tfds_dir)
 
 
-def vocabulary(*, tfds_dir: str, cache_dir: str, seq_len: int, skip_bad_rows: bool = False
-               ) -> Vocabulary:
+def vocabulary(
+    *, tfds_dir: str, cache_dir: str, seq_len: int, skip_bad_rows: bool = False
+) -> Vocabulary:
     """The character vocabulary of the training reviews encoded at ``seq_len``."""
-    key = {"dataset": "imdb-vocab", "files": _fingerprint(tfds_dir), "seq_len": seq_len,
-           "min_freq": MIN_FREQ, "skip_bad_rows": skip_bad_rows}
+    key = {
+        "dataset": "imdb-vocab",
+        "files": _fingerprint(tfds_dir),
+        "seq_len": seq_len,
+        "min_freq": MIN_FREQ,
+        "skip_bad_rows": skip_bad_rows,
+    }
 
     def build(folder: Path) -> None:
         texts, _ = read_split("train", tfds_dir, skip_bad_rows)
@@ -69,18 +75,26 @@ def vocabulary(*, tfds_dir: str, cache_dir: str, seq_len: int, skip_bad_rows: bo
     return Vocabulary.load(loader.prepared(cache_dir, "imdb-vocab", key, build) / "vocab.json")
 
 
-def load_split(split: str, *, tfds_dir: str, cache_dir: str, seq_len: int,
-               skip_bad_rows: bool = False) -> dict[str, np.ndarray]:
+def load_split(
+    split: str, *, tfds_dir: str, cache_dir: str, seq_len: int, skip_bad_rows: bool = False
+) -> dict[str, np.ndarray]:
     """``inputs`` (N, seq_len) uint8 ids (``<eos>`` included), ``lengths`` (N,) int32,
     ``labels`` (N,) int32 in {0, 1}.
 
     ``split`` is train | val | test (val and test are both IMDB's test split).
     """
-    vocab = vocabulary(tfds_dir=tfds_dir, cache_dir=cache_dir, seq_len=seq_len,
-                       skip_bad_rows=skip_bad_rows)
+    vocab = vocabulary(
+        tfds_dir=tfds_dir, cache_dir=cache_dir, seq_len=seq_len, skip_bad_rows=skip_bad_rows
+    )
     tfds_split = TFDS_SPLITS[split]
-    key = {"dataset": NAME, "split": tfds_split, "files": _fingerprint(tfds_dir),
-           "seq_len": seq_len, "vocab": vocab.fingerprint, "skip_bad_rows": skip_bad_rows}
+    key = {
+        "dataset": NAME,
+        "split": tfds_split,
+        "files": _fingerprint(tfds_dir),
+        "seq_len": seq_len,
+        "vocab": vocab.fingerprint,
+        "skip_bad_rows": skip_bad_rows,
+    }
 
     def build(folder: Path) -> None:
         texts, labels = read_split(tfds_split, tfds_dir, skip_bad_rows)

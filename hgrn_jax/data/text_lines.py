@@ -19,12 +19,15 @@ class BinaryFileError(BadDataError):
 
 def undecodable(path: str | Path, line: int, error: UnicodeDecodeError) -> str:
     """The message for a line that is not UTF-8."""
-    return (f"{path}:{line}: not valid UTF-8 ({error.reason}, byte 0x{error.object[error.start]:02x} "
-            f"at column {error.start + 1})")
+    return (
+        f"{path}:{line}: not valid UTF-8 ({error.reason}, byte 0x{error.object[error.start]:02x} "
+        f"at column {error.start + 1})"
+    )
 
 
-def decoded_lines(path: str | Path, on_undecodable: Callable[[int, UnicodeDecodeError], None]
-                  ) -> Iterator[str]:
+def decoded_lines(
+    path: str | Path, on_undecodable: Callable[[int, UnicodeDecodeError], None]
+) -> Iterator[str]:
     """The lines of a UTF-8 text file (newlines kept, a leading byte-order mark dropped).
 
     A line that is not UTF-8 is passed to ``on_undecodable(line_number, error)`` (which may
@@ -37,9 +40,10 @@ def decoded_lines(path: str | Path, on_undecodable: Callable[[int, UnicodeDecode
                 raise BinaryFileError(
                     f"{path}:{number}: binary data (NUL bytes), not UTF-8 text; point the config "
                     "at the dataset's text file (is this one compressed, or damaged by a failed "
-                    "download?)")
+                    "download?)"
+                )
             if number == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8):]
+                raw = raw[len(codecs.BOM_UTF8) :]
             try:
                 yield raw.decode("utf-8")
             except UnicodeDecodeError as error:

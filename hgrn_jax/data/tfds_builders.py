@@ -68,9 +68,9 @@ vocab.json + merges.txt), or `bytes`.
 class SourceConfig(tfds.core.BuilderConfig):
     """A builder config: what shapes the prepared arrays (its name says the same)."""
 
-    seq_len: int = 0                # ListOps / Retrieval: ids per document; WikiText: block
-    resolution: int = 0             # Pathfinder: 32 or 128
-    tokenizer: str = ""             # WikiText: "gpt2" or "bytes"
+    seq_len: int = 0  # ListOps / Retrieval: ids per document; WikiText: block
+    resolution: int = 0  # Pathfinder: 32 or 128
+    tokenizer: str = ""  # WikiText: "gpt2" or "bytes"
     skip_bad_rows: bool = False
 
 
@@ -90,8 +90,9 @@ def _scalar() -> tfds.features.Tensor:
     return tfds.features.Tensor(shape=(), dtype=np.int32)
 
 
-def _rows(arrays: dict[str, np.ndarray], features: tfds.features.FeaturesDict
-          ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+def _rows(
+    arrays: dict[str, np.ndarray], features: tfds.features.FeaturesDict
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """(index, example) of every row of same-length arrays, in order, in the features' dtypes
     (a value that does not fit its feature's dtype is an error, never wrapped around)."""
     dtypes = {key: np.dtype(features[key].np_dtype) for key in arrays}
@@ -100,11 +101,18 @@ def _rows(arrays: dict[str, np.ndarray], features: tfds.features.FeaturesDict
             continue
         kind = np.iinfo(dtypes[key])
         if np.min(value) < kind.min or np.max(value) > kind.max:
-            raise ValueError(f"{key} values {np.min(value)}..{np.max(value)} do not fit the "
-                             f"builder's {dtypes[key]} feature")
+            raise ValueError(
+                f"{key} values {np.min(value)}..{np.max(value)} do not fit the "
+                f"builder's {dtypes[key]} feature"
+            )
     for i in range(len(next(iter(arrays.values())))):
-        yield i, {key: np.asarray(value[i]).astype(dtypes[key], copy=False)
-                  for key, value in arrays.items()}
+        yield (
+            i,
+            {
+                key: np.asarray(value[i]).astype(dtypes[key], copy=False)
+                for key, value in arrays.items()
+            },
+        )
 
 
 class _SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -117,12 +125,17 @@ class _SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     _scratch: Path | None = None
     tokenizer_path: str = ""  # WikiText's tokenizer; read when preparing only
 
-    def _dataset_info(self, features: dict[str, Any], description: str,
-                      homepage: str) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, description=description,
-                                     features=tfds.features.FeaturesDict(features),
-                                     homepage=homepage, disable_shuffling=True,
-                                     metadata=tfds.core.MetadataDict())
+    def _dataset_info(
+        self, features: dict[str, Any], description: str, homepage: str
+    ) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=description,
+            features=tfds.features.FeaturesDict(features),
+            homepage=homepage,
+            disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(),
+        )
 
     def download_and_prepare(self, *args, **kwargs) -> None:
         root = Path(self.data_dir_root)
@@ -136,8 +149,7 @@ class _SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         manual = str(dl_manager.manual_dir)
-        return {name: self._generate_examples(manual, split)
-                for split, name in TFDS_SPLITS.items()}
+        return {name: self._generate_examples(manual, split) for split, name in TFDS_SPLITS.items()}
 
     def _load(self, manual_dir: str, split: str) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -154,17 +166,27 @@ class LraListops(_SourceBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         length = self.builder_config.seq_len
         return self._dataset_info(
-            {"inputs": _ids((length,)), "lengths": _scalar(),
-             "labels": tfds.features.ClassLabel(num_classes=listops.NUM_CLASSES)},
+            {
+                "inputs": _ids((length,)),
+                "lengths": _scalar(),
+                "labels": tfds.features.ClassLabel(num_classes=listops.NUM_CLASSES),
+            },
             "LRA ListOps: token ids (end token included, 0 = padding), lengths, labels 0-9.",
-            "https://github.com/google-research/long-range-arena")
+            "https://github.com/google-research/long-range-arena",
+        )
 
     def _load(self, manual_dir, split):
         c = self.builder_config
-        self.info.metadata.update(vocabulary_metadata(listops_release.vocabulary(
-            lra_dir=manual_dir, seq_len=c.seq_len, skip_bad_rows=c.skip_bad_rows)))
-        return listops_release.load_split(split, lra_dir=manual_dir, seq_len=c.seq_len,
-                                          skip_bad_rows=c.skip_bad_rows)
+        self.info.metadata.update(
+            vocabulary_metadata(
+                listops_release.vocabulary(
+                    lra_dir=manual_dir, seq_len=c.seq_len, skip_bad_rows=c.skip_bad_rows
+                )
+            )
+        )
+        return listops_release.load_split(
+            split, lra_dir=manual_dir, seq_len=c.seq_len, skip_bad_rows=c.skip_bad_rows
+        )
 
 
 class LraRetrieval(_SourceBuilder):
@@ -175,19 +197,36 @@ class LraRetrieval(_SourceBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         length = self.builder_config.seq_len
         return self._dataset_info(
-            {"inputs": _ids((length,)), "lengths": _scalar(), "inputs2": _ids((length,)),
-             "lengths2": _scalar(),
-             "labels": tfds.features.ClassLabel(num_classes=retrieval.NUM_CLASSES)},
+            {
+                "inputs": _ids((length,)),
+                "lengths": _scalar(),
+                "inputs2": _ids((length,)),
+                "lengths2": _scalar(),
+                "labels": tfds.features.ClassLabel(num_classes=retrieval.NUM_CLASSES),
+            },
             "LRA Retrieval (AAN): two documents of character ids per example, lengths, label 0/1.",
-            "https://github.com/google-research/long-range-arena")
+            "https://github.com/google-research/long-range-arena",
+        )
 
     def _load(self, manual_dir, split):
         c = self.builder_config
-        self.info.metadata.update(vocabulary_metadata(retrieval.vocabulary(
-            lra_dir=manual_dir, cache_dir=str(self._scratch), seq_len=c.seq_len,
-            skip_bad_rows=c.skip_bad_rows)))
-        return retrieval.load_split(split, lra_dir=manual_dir, cache_dir=str(self._scratch),
-                                    seq_len=c.seq_len, skip_bad_rows=c.skip_bad_rows)
+        self.info.metadata.update(
+            vocabulary_metadata(
+                retrieval.vocabulary(
+                    lra_dir=manual_dir,
+                    cache_dir=str(self._scratch),
+                    seq_len=c.seq_len,
+                    skip_bad_rows=c.skip_bad_rows,
+                )
+            )
+        )
+        return retrieval.load_split(
+            split,
+            lra_dir=manual_dir,
+            cache_dir=str(self._scratch),
+            seq_len=c.seq_len,
+            skip_bad_rows=c.skip_bad_rows,
+        )
 
 
 class LraPathfinder(_SourceBuilder):
@@ -198,15 +237,23 @@ class LraPathfinder(_SourceBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         r = self.builder_config.resolution
         return self._dataset_info(
-            {"pixels": _ids((r, r, 1), np.uint8),
-             "labels": tfds.features.ClassLabel(num_classes=pathfinder.NUM_CLASSES)},
+            {
+                "pixels": _ids((r, r, 1), np.uint8),
+                "labels": tfds.features.ClassLabel(num_classes=pathfinder.NUM_CLASSES),
+            },
             "LRA Pathfinder / Path-X (curv_contour_length_14): grey pixels, label 0/1.",
-            "https://github.com/google-research/long-range-arena")
+            "https://github.com/google-research/long-range-arena",
+        )
 
     def _load(self, manual_dir, split):
         c = self.builder_config
-        return pathfinder.load_split(split, lra_dir=manual_dir, cache_dir=str(self._scratch),
-                                     resolution=c.resolution, skip_bad_rows=c.skip_bad_rows)
+        return pathfinder.load_split(
+            split,
+            lra_dir=manual_dir,
+            cache_dir=str(self._scratch),
+            resolution=c.resolution,
+            skip_bad_rows=c.skip_bad_rows,
+        )
 
 
 class Wikitext103(_SourceBuilder):
@@ -214,8 +261,9 @@ class Wikitext103(_SourceBuilder):
     bytes); the tokenizer's vocabulary size, end-of-line id and file hashes are in the metadata."""
 
     MANUAL_DOWNLOAD_INSTRUCTIONS = WIKITEXT_LAYOUT
-    BUILDER_CONFIGS = [_named(f"{t}_block512", False, seq_len=512, tokenizer=t)
-                       for t in ("gpt2", "bytes")]
+    BUILDER_CONFIGS = [
+        _named(f"{t}_block512", False, seq_len=512, tokenizer=t) for t in ("gpt2", "bytes")
+    ]
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self._dataset_info(
@@ -223,23 +271,32 @@ class Wikitext103(_SourceBuilder):
             "WikiText-103: each line stripped, tokenised and closed by an end-of-line token; "
             "the split's token stream cut into blocks of seq_len + 1 with stride seq_len.",
             "https://blog.salesforceairesearch.com/the-wikitext-long-term-dependency-"
-            "language-modeling-dataset/")
+            "language-modeling-dataset/",
+        )
 
     def _load(self, manual_dir, split):
         c = self.builder_config
         tokens, tokenizer = wikitext.load_tokens(
-            split, wikitext_dir=manual_dir, tokenizer_path=self.tokenizer_path,
-            cache_dir=str(self._scratch))
+            split,
+            wikitext_dir=manual_dir,
+            tokenizer_path=self.tokenizer_path,
+            cache_dir=str(self._scratch),
+        )
         if tokenizer.dtype != np.uint16:
-            raise ValueError(f"the tokenizer at {self.tokenizer_path} has {tokenizer.vocab_size} "
-                             "ids, more than the uint16 blocks of this builder hold")
+            raise ValueError(
+                f"the tokenizer at {self.tokenizer_path} has {tokenizer.vocab_size} "
+                "ids, more than the uint16 blocks of this builder hold"
+            )
         self.info.metadata.update(tokenizer_metadata(tokenizer))
         return {"ids": wikitext.blocks(tokens, c.seq_len)}
 
 
 BUILDERS: dict[str, type[_SourceBuilder]] = {
-    "listops": LraListops, "retrieval": LraRetrieval, "pathfinder": LraPathfinder,
-    "wikitext103": Wikitext103}
+    "listops": LraListops,
+    "retrieval": LraRetrieval,
+    "pathfinder": LraPathfinder,
+    "wikitext103": Wikitext103,
+}
 """The datasets with a builder (Pathfinder's ``res128`` config is Path-X)."""
 
 
@@ -253,9 +310,13 @@ def tokenizer_metadata(tokenizer: wikitext.LineTokenizer) -> dict[str, Any]:
     """What identifies a WikiText tokenizer: vocabulary, end-of-line id, files' SHA-256."""
     import hashlib
 
-    return {"vocab_size": int(tokenizer.vocab_size), "eos_id": int(tokenizer.eos_id),
-            "tokenizer_files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-                                for p in tokenizer.files}}
+    return {
+        "vocab_size": int(tokenizer.vocab_size),
+        "eos_id": int(tokenizer.eos_id),
+        "tokenizer_files": {
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tokenizer.files
+        },
+    }
 
 
 # ----------------------------------------------------------------------------- configs
@@ -267,8 +328,14 @@ def _known(dataset: str) -> type[_SourceBuilder]:
     return BUILDERS[dataset]
 
 
-def source_config(dataset: str, *, seq_len: int = 0, resolution: int = 0,
-                  tokenizer_path: str = "", skip_bad_rows: bool = False) -> SourceConfig:
+def source_config(
+    dataset: str,
+    *,
+    seq_len: int = 0,
+    resolution: int = 0,
+    tokenizer_path: str = "",
+    skip_bad_rows: bool = False,
+) -> SourceConfig:
     """The builder config of ``dataset`` for these settings: ``seq_len`` (ListOps, Retrieval:
     ids per document; WikiText-103: block length), ``resolution`` (Pathfinder: 32 or 128),
     ``tokenizer_path`` (WikiText-103: ``bytes`` or GPT-2 BPE files)."""
@@ -278,8 +345,9 @@ def source_config(dataset: str, *, seq_len: int = 0, resolution: int = 0,
         wanted = _named(f"res{int(resolution)}", skip_bad_rows, resolution=int(resolution))
     else:
         kind = wikitext.BYTES if tokenizer_path == wikitext.BYTES else "gpt2"
-        wanted = _named(f"{kind}_block{int(seq_len)}", skip_bad_rows, seq_len=int(seq_len),
-                        tokenizer=kind)
+        wanted = _named(
+            f"{kind}_block{int(seq_len)}", skip_bad_rows, seq_len=int(seq_len), tokenizer=kind
+        )
     for known in _known(dataset).BUILDER_CONFIGS:
         if known.name == wanted.name:  # tfds refuses a second config object of a known name
             return known
@@ -308,8 +376,9 @@ def layout(dataset: str) -> str:
     return _known(dataset).MANUAL_DOWNLOAD_INSTRUCTIONS
 
 
-def builder(dataset: str, tfds_dir: str, config: SourceConfig, *, tokenizer_path: str = ""
-            ) -> _SourceBuilder:
+def builder(
+    dataset: str, tfds_dir: str, config: SourceConfig, *, tokenizer_path: str = ""
+) -> _SourceBuilder:
     """The builder of ``dataset`` with ``config`` in ``tfds_dir`` (array_record format);
     ``tokenizer_path`` is read when preparing WikiText-103 only."""
     with _quiet_custom_config():
@@ -318,8 +387,9 @@ def builder(dataset: str, tfds_dir: str, config: SourceConfig, *, tokenizer_path
     return b
 
 
-def check_sources(dataset: str, manual_dir: str, *, resolution: int = 0,
-                  tokenizer_path: str = "") -> None:
+def check_sources(
+    dataset: str, manual_dir: str, *, resolution: int = 0, tokenizer_path: str = ""
+) -> None:
     """Raise :class:`DatasetMissingError` (layout included) before tfds starts when the manual
     folder lacks a split's file."""
     try:
@@ -370,9 +440,13 @@ class RecordColumns:
         if key != self._rows:
             records = self.source.__getitems__(list(key)) if key else []
             self._arrays = {
-                name: (np.stack([np.asarray(r[name]) for r in records]).astype(dtype, copy=False)
-                       if records else np.zeros(0, dtype))
-                for name, dtype in self.dtypes.items()}
+                name: (
+                    np.stack([np.asarray(r[name]) for r in records]).astype(dtype, copy=False)
+                    if records
+                    else np.zeros(0, dtype)
+                )
+                for name, dtype in self.dtypes.items()
+            }
             self._rows = key
         return self._arrays
 
@@ -405,15 +479,20 @@ def open_split(b: _SourceBuilder, split: str) -> dict[str, Column]:
     path's arrays (same dtypes). Raises :class:`DatasetMissingError` saying what is missing."""
     where = f"{b.name}/{b.builder_config.name} in {b.data_dir_root}"
     if not b.is_prepared():
-        raise DatasetMissingError(f"no prepared tfds dataset {b.name}/{b.builder_config.name} "
-                                  f"in data.tfds_dir={b.data_dir_root}")
+        raise DatasetMissingError(
+            f"no prepared tfds dataset {b.name}/{b.builder_config.name} "
+            f"in data.tfds_dir={b.data_dir_root}"
+        )
     try:
         source = b.as_data_source(split=TFDS_SPLITS[split])
     except (AssertionError, FileNotFoundError, ValueError, NotImplementedError) as error:
-        raise DatasetMissingError(f"{where} is not readable in the array_record format "
-                                  f"({error})") from error
-    dtypes = {name: np.dtype(np.int32 if feature.np_dtype == np.int64 else feature.np_dtype)
-              for name, feature in b.info.features.items()}  # ClassLabel: int64 -> int32
+        raise DatasetMissingError(
+            f"{where} is not readable in the array_record format ({error})"
+        ) from error
+    dtypes = {
+        name: np.dtype(np.int32 if feature.np_dtype == np.int64 else feature.np_dtype)
+        for name, feature in b.info.features.items()
+    }  # ClassLabel: int64 -> int32
     records = RecordColumns(source, dtypes)
     return {name: Column(records, name) for name in dtypes}
 

@@ -14,10 +14,12 @@ from hgrn_jax.data.errors import DatasetMissingError
 
 def _prepare_hint(name: str, tfds_dir: str) -> str:
     where = tfds_dir or "~/tensorflow_datasets"
-    return (f"prepare it once where the internet is reachable with `python -c \"import "
-            f"tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='{where}')"
-            f".download_and_prepare()\"` and copy that folder here, then set "
-            f"--config.data.tfds_dir={where} (see docs/data.md)")
+    return (
+        f'prepare it once where the internet is reachable with `python -c "import '
+        f"tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='{where}')"
+        f'.download_and_prepare()"` and copy that folder here, then set '
+        f"--config.data.tfds_dir={where} (see docs/data.md)"
+    )
 
 
 def builder(name: str, tfds_dir: str):
@@ -40,17 +42,18 @@ def iterate(name: str, split: str, tfds_dir: str) -> Iterator[dict[str, Any]]:
 
     b = builder(name, tfds_dir)
     try:
-        ds = b.as_dataset(split=split, shuffle_files=False,
-                          read_config=tfds.ReadConfig(interleave_cycle_length=1))
+        ds = b.as_dataset(
+            split=split, shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1)
+        )
     except AssertionError as error:  # tfds's "could not find data in ..."
         raise DatasetMissingError(
             f"tfds dataset {name!r} is not prepared in data.tfds_dir={tfds_dir!r}: "
-            f"{_prepare_hint(name, tfds_dir)}") from error
+            f"{_prepare_hint(name, tfds_dir)}"
+        ) from error
     return iter(tfds.as_numpy(ds))
 
 
-def read_all(name: str, split: str, tfds_dir: str, keys: tuple[str, ...]
-             ) -> dict[str, list[Any]]:
+def read_all(name: str, split: str, tfds_dir: str, keys: tuple[str, ...]) -> dict[str, list[Any]]:
     """Every example of a split: ``{key: [value, ...]}``."""
     out: dict[str, list[Any]] = {key: [] for key in keys}
     for example in iterate(name, split, tfds_dir):
@@ -68,13 +71,17 @@ def data_source(name: str, split: str, tfds_dir: str):
         raise DatasetMissingError(
             f"tfds dataset {name!r} is not prepared (in the array_record format) in "
             f"data.tfds_dir={tfds_dir!r}: see docs/data.md for the command that prepares it "
-            f"({type(error).__name__}: {str(error)[:200]})") from error
+            f"({type(error).__name__}: {str(error)[:200]})"
+        ) from error
 
 
 def check_labels(labels: np.ndarray, num_classes: int, name: str, split: str, report) -> np.ndarray:
     """Boolean mask of in-range labels; out-of-range ones are added to ``report``."""
     ok = (labels >= 0) & (labels < num_classes)
     for i in np.flatnonzero(~ok):
-        report.add(f"tfds {name} {split} example {i}", 0,
-                   f"label {int(labels[i])} not in 0..{num_classes - 1}")
+        report.add(
+            f"tfds {name} {split} example {i}",
+            0,
+            f"label {int(labels[i])} not in 0..{num_classes - 1}",
+        )
     return ok

@@ -42,7 +42,7 @@ class Vocabulary:
 
     def __init__(self, tokens: Sequence[str]):
         tokens = tuple(tokens)
-        if tokens[:len(SPECIALS)] != SPECIALS:
+        if tokens[: len(SPECIALS)] != SPECIALS:
             raise ValueError(f"a vocabulary starts with {SPECIALS}; got {tokens[:3]}")
         if len(set(tokens)) != len(tokens):
             raise ValueError("vocabulary tokens must be distinct")
@@ -50,10 +50,13 @@ class Vocabulary:
         self.index = _Index((token, i) for i, token in enumerate(tokens))
 
     @classmethod
-    def from_counts(cls, counts: Mapping[str, int], min_freq: int = 1) -> "Vocabulary":
+    def from_counts(cls, counts: Mapping[str, int], min_freq: int = 1) -> Vocabulary:
         """The reference's order: specials, then tokens with count >= min_freq by (-count, token)."""
-        kept = [(token, count) for token, count in counts.items()
-                if count >= min_freq and token not in SPECIALS]
+        kept = [
+            (token, count)
+            for token, count in counts.items()
+            if count >= min_freq and token not in SPECIALS
+        ]
         kept.sort(key=lambda item: (-item[1], item[0]))
         return cls(SPECIALS + tuple(token for token, _ in kept))
 
@@ -69,8 +72,9 @@ class Vocabulary:
     @property
     def dtype(self) -> np.dtype:
         """The smallest unsigned dtype holding every id (uint8 up to 256 tokens)."""
-        return np.dtype(np.uint8 if len(self) <= 256 else np.uint16 if len(self) <= 65536
-                        else np.int32)
+        return np.dtype(
+            np.uint8 if len(self) <= 256 else np.uint16 if len(self) <= 65536 else np.int32
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -83,12 +87,17 @@ class Vocabulary:
         return np.fromiter(map(self.index.__getitem__, tokens), np.int32, count=len(tokens))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"tokens": list(self.tokens),
-                                          "fingerprint": self.fingerprint},
-                                         ensure_ascii=False, indent=0), encoding="utf-8")
+        Path(path).write_text(
+            json.dumps(
+                {"tokens": list(self.tokens), "fingerprint": self.fingerprint},
+                ensure_ascii=False,
+                indent=0,
+            ),
+            encoding="utf-8",
+        )
 
     @classmethod
-    def load(cls, path: str | Path) -> "Vocabulary":
+    def load(cls, path: str | Path) -> Vocabulary:
         return cls(json.loads(Path(path).read_text(encoding="utf-8"))["tokens"])
 
 
@@ -103,14 +112,15 @@ def count_tokens(token_lists: Iterable[Sequence[str]], max_tokens: int) -> colle
 def write_row(ids: np.ndarray, i: int, row: np.ndarray) -> int:
     """Row ``i`` of ``ids`` (.., seq_len) := the first seq_len - 1 ids of ``row``, ``<eos>`` and
     padding (the row must hold zeros); returns its length."""
-    row = row[:ids.shape[1] - 1]
-    ids[i, :len(row)] = row
+    row = row[: ids.shape[1] - 1]
+    ids[i, : len(row)] = row
     ids[i, len(row)] = EOS_ID
     return len(row) + 1
 
 
-def pack(rows: Iterable[np.ndarray], num_rows: int, seq_len: int, dtype=np.int32
-         ) -> tuple[np.ndarray, np.ndarray]:
+def pack(
+    rows: Iterable[np.ndarray], num_rows: int, seq_len: int, dtype=np.int32
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows of ids -> ids (num_rows, seq_len) and lengths (num_rows,) int32.
 
     Each row keeps its first ``seq_len - 1`` ids and ends with ``<eos>``; the rest is ``<pad>``
@@ -150,7 +160,7 @@ def count_chars(texts: Iterable[str], max_chars: int) -> dict[str, int]:
         counts = np.bincount(np.concatenate(pending))
         if len(counts) > len(totals):
             totals = np.pad(totals, (0, len(counts) - len(totals)))
-        totals[:len(counts)] += counts
+        totals[: len(counts)] += counts
         pending, size = [], 0
 
     for text in texts:
@@ -168,7 +178,7 @@ class CharEncoder:
 
     def __init__(self, vocabulary: Vocabulary):
         self.vocabulary = vocabulary
-        chars = vocabulary.tokens[len(SPECIALS):]
+        chars = vocabulary.tokens[len(SPECIALS) :]
         if any(len(c) != 1 for c in chars):
             raise ValueError("a character vocabulary holds single characters after its specials")
         points = np.array([ord(c) for c in chars], np.int64)
@@ -186,8 +196,9 @@ def char_vocabulary(texts: Iterable[str], seq_len: int, min_freq: int = 1) -> Vo
     return Vocabulary.from_counts(count_chars(texts, seq_len - 1), min_freq)
 
 
-def encode_chars(texts: Sequence[str], vocabulary: Vocabulary, seq_len: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def encode_chars(
+    texts: Sequence[str], vocabulary: Vocabulary, seq_len: int
+) -> tuple[np.ndarray, np.ndarray]:
     """ids (N, seq_len) in ``vocabulary.dtype`` (first seq_len - 1 characters, ``<eos>``,
     padding 0) and lengths (N,) int32."""
     encoder = CharEncoder(vocabulary)

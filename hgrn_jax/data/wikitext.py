@@ -17,8 +17,8 @@ Token streams are prepared once into ``cache_dir/wikitext-<hash>/``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -42,7 +42,8 @@ def find_file(wikitext_dir: str, split: str) -> Path:
     raise DatasetMissingError(
         f"WikiText-103 {name} not found (looked for {looked}): unpack wikitext-103-v1.zip and set "
         f"--config.data.wikitext_dir=FOLDER to the folder holding wiki.train.tokens, "
-        f"wiki.valid.tokens and wiki.test.tokens")
+        f"wiki.valid.tokens and wiki.test.tokens"
+    )
 
 
 def _tokenizer_files(tokenizer_path: str) -> list[Path]:
@@ -50,15 +51,19 @@ def _tokenizer_files(tokenizer_path: str) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        for names in (("tokenizer.json",), ("encoder.json", "vocab.bpe"),
-                      ("vocab.json", "merges.txt")):
+        for names in (
+            ("tokenizer.json",),
+            ("encoder.json", "vocab.bpe"),
+            ("vocab.json", "merges.txt"),
+        ):
             if all((path / n).is_file() for n in names):
                 return [path / n for n in names]
     raise DatasetMissingError(
         f"no tokenizer at data.tokenizer_path={tokenizer_path!r}: point it at GPT-2's "
         "tokenizer.json (loadable by the `tokenizers` package), at a folder with GPT-2's "
         "encoder.json + vocab.bpe or vocab.json + merges.txt, or use "
-        "--config.data.tokenizer_path=bytes for the byte-level tokenizer (vocabulary 256)")
+        "--config.data.tokenizer_path=bytes for the byte-level tokenizer (vocabulary 256)"
+    )
 
 
 class LineTokenizer:
@@ -70,7 +75,8 @@ class LineTokenizer:
             self.files: list[Path] = []
             self.vocab_size, self.eos_id = 256, ord("\n")
             self._encode: Callable[[list[str]], list[list[int]]] = lambda lines: [
-                list(line.encode("utf-8")) for line in lines]
+                list(line.encode("utf-8")) for line in lines
+            ]
             return
         self.files = _tokenizer_files(tokenizer_path)
         from tokenizers import ByteLevelBPETokenizer, Tokenizer
@@ -81,8 +87,10 @@ class LineTokenizer:
             tok = ByteLevelBPETokenizer(str(self.files[0]), str(self.files[1]))
         eos = tok.token_to_id(EOS_TOKEN)
         if eos is None:
-            raise ValueError(f"the tokenizer at {tokenizer_path} has no {EOS_TOKEN} token; use "
-                             "GPT-2's tokenizer or --config.data.tokenizer_path=bytes")
+            raise ValueError(
+                f"the tokenizer at {tokenizer_path} has no {EOS_TOKEN} token; use "
+                "GPT-2's tokenizer or --config.data.tokenizer_path=bytes"
+            )
         self.vocab_size, self.eos_id = tok.get_vocab_size(), eos
         self._encode = lambda lines: [e.ids for e in tok.encode_batch(lines)]
 
@@ -104,28 +112,35 @@ def _build(folder: Path, path: Path, tokenizer: LineTokenizer) -> None:
     with path.open(encoding="utf-8") as f:
         lines: list[str] = []
         try:
-            for number, line in enumerate(f, start=1):
+            for number, line in enumerate(f, start=1):  # noqa: B007 (the except names it)
                 lines.append(line)
                 if len(lines) == CHUNK_LINES:
                     chunks.append(tokenizer.encode_lines(lines).astype(tokenizer.dtype))
                     lines = []
         except UnicodeDecodeError as error:
-            raise ValueError(f"{path}: not valid UTF-8 after line {number} ({error.reason}); "
-                             "re-save the file as UTF-8 or point data.wikitext_dir at the "
-                             "release") from None
+            raise ValueError(
+                f"{path}: not valid UTF-8 after line {number} ({error.reason}); "
+                "re-save the file as UTF-8 or point data.wikitext_dir at the "
+                "release"
+            ) from None
         chunks.append(tokenizer.encode_lines(lines).astype(tokenizer.dtype))
     tokens = np.concatenate(chunks)
     loader.save_arrays(folder, "data", {"tokens": tokens})
 
 
-def load_tokens(split: str, *, wikitext_dir: str, tokenizer_path: str, cache_dir: str
-                ) -> tuple[np.ndarray, LineTokenizer]:
+def load_tokens(
+    split: str, *, wikitext_dir: str, tokenizer_path: str, cache_dir: str
+) -> tuple[np.ndarray, LineTokenizer]:
     """The split's token stream (T,) (uint16 or int32, memory-mapped) and its tokenizer."""
     path = find_file(wikitext_dir, split)
     tokenizer = LineTokenizer(tokenizer_path)
-    key = {"dataset": "wikitext103", "file": loader.fingerprint([path.resolve()]),
-           "tokenizer": BYTES if tokenizer_path == BYTES else
-           loader.fingerprint([p.resolve() for p in tokenizer.files])}
+    key = {
+        "dataset": "wikitext103",
+        "file": loader.fingerprint([path.resolve()]),
+        "tokenizer": BYTES
+        if tokenizer_path == BYTES
+        else loader.fingerprint([p.resolve() for p in tokenizer.files]),
+    }
     folder = loader.prepared(cache_dir, "wikitext", key, lambda f: _build(f, path, tokenizer))
     return loader.load_arrays(folder, "data", ("tokens",))["tokens"], tokenizer
 

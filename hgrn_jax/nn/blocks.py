@@ -23,25 +23,39 @@ class ResidualBlock(RematModule):
     under which ``__call__`` is recomputed in the backward pass.
     """
 
-    def __init__(self, mixer: nnx.Module, mlp: nnx.Module, norm1: nnx.Module, norm2: nnx.Module,
-                 *, dropout: float = 0.0, remat: Any = None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        mixer: nnx.Module,
+        mlp: nnx.Module,
+        norm1: nnx.Module,
+        norm2: nnx.Module,
+        *,
+        dropout: float = 0.0,
+        remat: Any = None,
+        rngs: nnx.Rngs,
+    ):
         self.mixer, self.mlp = mixer, mlp
         self.remat = remat
         self.norm1, self.norm2 = norm1, norm2
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     @with_remat
-    def __call__(self, x: jax.Array, lower_bound: Any = 0.0, mask: jax.Array | None = None
-                 ) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, lower_bound: Any = 0.0, mask: jax.Array | None = None
+    ) -> jax.Array:
         """``x`` (B, ..., d), ``mask`` (B, ...) or None -> (B, ..., d)."""
         normed = apply_norm(self.norm1, x, mask)
-        mixed = (self.mixer(normed, lower_bound) if mask is None
-                 else self.mixer(normed, lower_bound, mask=mask))
+        mixed = (
+            self.mixer(normed, lower_bound)
+            if mask is None
+            else self.mixer(normed, lower_bound, mask=mask)
+        )
         x = x + self.dropout(mixed)
         return x + self.dropout(self.mlp(apply_norm(self.norm2, x, mask)))
 
-    def step(self, x: jax.Array, state: jax.Array, lower_bound: Any = 0.0
-             ) -> tuple[jax.Array, jax.Array]:
+    def step(
+        self, x: jax.Array, state: jax.Array, lower_bound: Any = 0.0
+    ) -> tuple[jax.Array, jax.Array]:
         """Causal streaming through the block; ``state`` is the mixer's recurrent state."""
         y, state = self.mixer.step(self.norm1(x), state, lower_bound)
         x = x + self.dropout(y)

@@ -50,10 +50,11 @@ def check_token_ids(ids: jax.Array, vocab_size: int, name: str = "ids") -> None:
             from jax.experimental import checkify
 
             high, low = jnp.max(ids), jnp.min(ids)
-            checkify.check((low >= 0) & (high < vocab_size),
-                           f"{name}: token id {{bad}} is outside [0, {vocab_size}) "
-                           f"(vocab_size={vocab_size})",
-                           bad=jnp.where(high >= vocab_size, high, low))
+            checkify.check(
+                (low >= 0) & (high < vocab_size),
+                f"{name}: token id {{bad}} is outside [0, {vocab_size}) (vocab_size={vocab_size})",
+                bad=jnp.where(high >= vocab_size, high, low),
+            )
         return
     if np.size(ids) == 0:
         return
@@ -67,13 +68,16 @@ def check_token_ids(ids: jax.Array, vocab_size: int, name: str = "ids") -> None:
         low, high = int(values.min()), int(values.max())
     if high >= vocab_size or low < 0:
         bad = high if high >= vocab_size else low
-        raise ValueError(f"{name}: token id {bad} is outside [0, {vocab_size}) "
-                         f"(vocab_size={vocab_size}); map the ids into the vocabulary or build "
-                         "the model with a larger vocab_size")
+        raise ValueError(
+            f"{name}: token id {bad} is outside [0, {vocab_size}) "
+            f"(vocab_size={vocab_size}); map the ids into the vocabulary or build "
+            "the model with a larger vocab_size"
+        )
 
 
 def check_length(shape: tuple[int, ...], expected: str, name: str = "inputs") -> None:
     """Raise ValueError for an empty sequence axis (axis 1) of an input of ``shape``."""
     if len(shape) >= 2 and shape[1] == 0:
-        raise ValueError(f"{name}: got shape {tuple(shape)} with length 0; expected {expected} "
-                         "with length >= 1")
+        raise ValueError(
+            f"{name}: got shape {tuple(shape)} with length 0; expected {expected} with length >= 1"
+        )

@@ -36,8 +36,7 @@ from hgrn_jax.nn.embeddings import sinusoidal_positions
 from hgrn_jax.nn.glu import GLU, glu_width
 from hgrn_jax.nn.initializers import dense, logical
 from hgrn_jax.nn.lower_bounds import LowerBounds
-from hgrn_jax.nn.mixers import (LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields,
-                                 make_mixer)
+from hgrn_jax.nn.mixers import LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields, make_mixer
 from hgrn_jax.nn.norms import apply_norm, make_norm
 
 
@@ -100,13 +99,17 @@ class ClassifierConfig:
         if isinstance(mixer, str):
             if mixer not in ("1d", "2d"):
                 raise ValueError(f"unknown mixer {mixer!r}; use MixerConfig(scan='1d' | '2d')")
-            warnings.warn(f"ClassifierConfig(mixer={mixer!r}) is deprecated; use "
-                          f"ClassifierConfig(mixer=MixerConfig(scan={mixer!r}))",
-                          DeprecationWarning, stacklevel=3)
+            warnings.warn(
+                f"ClassifierConfig(mixer={mixer!r}) is deprecated; use "
+                f"ClassifierConfig(mixer=MixerConfig(scan={mixer!r}))",
+                DeprecationWarning,
+                stacklevel=3,
+            )
             mixer = MixerConfig(scan=mixer)
         object.__setattr__(self, "mixer", MixerConfig.coerce(mixer, "ClassifierConfig"))
-        object.__setattr__(self, "mixer", fold_legacy_fields(self, LEGACY_MIXER_FIELDS,
-                                                             "ClassifierConfig"))
+        object.__setattr__(
+            self, "mixer", fold_legacy_fields(self, LEGACY_MIXER_FIELDS, "ClassifierConfig")
+        )
         if self.encoder == "embed" and not self.vocab_size:
             raise ValueError("encoder='embed' needs vocab_size (the number of token ids)")
         if self.encoder == "linear" and not self.input_channels:
@@ -148,31 +151,59 @@ class HGRNClassifier(nnx.Module):
     Train/eval: ``model.train()`` / ``model.eval()`` switch dropout and BatchNorm statistics.
     """
 
-    def __init__(self, config: ClassifierConfig, *, dtype: jnp.dtype | None = None,
-                 param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: ClassifierConfig,
+        *,
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.config = config
         self.dtype = dtype
         c, d = config, config.features
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if c.encoder == "embed":
             self.encoder = nnx.Embed(
-                c.vocab_size, d,
-                embedding_init=logical(nnx.initializers.normal(1.0), ("vocab", "embed")), **common)
+                c.vocab_size,
+                d,
+                embedding_init=logical(nnx.initializers.normal(1.0), ("vocab", "embed")),
+                **common,
+            )
         else:
             self.encoder = dense(c.input_channels, d, (None, "embed"), **common)
-        self.position_dropout = nnx.Dropout(c.position_dropout if c.position_encoding else 0.0,
-                                            rngs=rngs)
-        self.lower_bounds = LowerBounds(c.num_layers, d, scheme="lra", enabled=c.use_lower_bound,
-                                        param_dtype=param_dtype)
-        self.blocks = nnx.List([
-            ResidualBlock(
-                make_mixer(c.mixer, d, causal=False, use_lower_bound=c.use_lower_bound and k > 0,
-                           **common),
-                GLU(d, glu_width(c.glu_expand, d), act=c.glu_activation, use_bias=c.glu_bias,
-                    **common),
-                self._norm(common), self._norm(common),
-                dropout=c.dropout, remat=c.remat, rngs=rngs)
-            for k in range(c.num_layers)])
+        self.position_dropout = nnx.Dropout(
+            c.position_dropout if c.position_encoding else 0.0, rngs=rngs
+        )
+        self.lower_bounds = LowerBounds(
+            c.num_layers, d, scheme="lra", enabled=c.use_lower_bound, param_dtype=param_dtype
+        )
+        self.blocks = nnx.List(
+            [
+                ResidualBlock(
+                    make_mixer(
+                        c.mixer,
+                        d,
+                        causal=False,
+                        use_lower_bound=c.use_lower_bound and k > 0,
+                        **common,
+                    ),
+                    GLU(
+                        d,
+                        glu_width(c.glu_expand, d),
+                        act=c.glu_activation,
+                        use_bias=c.glu_bias,
+                        **common,
+                    ),
+                    self._norm(common),
+                    self._norm(common),
+                    dropout=c.dropout,
+                    remat=c.remat,
+                    rngs=rngs,
+                )
+                for k in range(c.num_layers)
+            ]
+        )
         self.final_norm = self._norm(common)
         if c.dual:
             self.pair_proj = dense(4 * d, d, ("mlp", "embed"), **common)
@@ -182,32 +213,41 @@ class HGRNClassifier(nnx.Module):
 
     def _norm(self, common: dict) -> nnx.Module:
         c = self.config
-        return make_norm(c.norm, c.features, epsilon=c.norm_epsilon, axis_name=c.axis_name,
-                         **common)
+        return make_norm(
+            c.norm, c.features, epsilon=c.norm_epsilon, axis_name=c.axis_name, **common
+        )
 
-    def _check_inputs(self, inputs: jax.Array, mask: jax.Array | None, name: str
-                      ) -> tuple[jax.Array, jax.Array | None]:
+    def _check_inputs(
+        self, inputs: jax.Array, mask: jax.Array | None, name: str
+    ) -> tuple[jax.Array, jax.Array | None]:
         c = self.config
         if c.encoder == "embed":
             if inputs.ndim != 2 or not jnp.issubdtype(inputs.dtype, jnp.integer):
-                raise ValueError(f"{name}: encoder='embed' takes integer token ids "
-                                 f"(batch, length); got {inputs.dtype} {inputs.shape}")
+                raise ValueError(
+                    f"{name}: encoder='embed' takes integer token ids "
+                    f"(batch, length); got {inputs.dtype} {inputs.shape}"
+                )
             check_length(inputs.shape, "token ids (batch, length)", name)
             check_token_ids(inputs, c.vocab_size, name)
         else:
             if inputs.ndim == 2 and c.input_channels == 1:
                 inputs = inputs[..., None]
             if inputs.ndim != 3 or inputs.shape[-1] != c.input_channels:
-                raise ValueError(f"{name}: encoder='linear' takes floats (batch, length, "
-                                 f"{c.input_channels}); got shape {inputs.shape}")
+                raise ValueError(
+                    f"{name}: encoder='linear' takes floats (batch, length, "
+                    f"{c.input_channels}); got shape {inputs.shape}"
+                )
             check_length(inputs.shape, f"floats (batch, length, {c.input_channels})", name)
         if c.mixer.scan == "2d" and inputs.shape[1] != c.grid_shape[0] * c.grid_shape[1]:
-            raise ValueError(f"{name}: length {inputs.shape[1]} is not H * W for grid_shape "
-                             f"{c.grid_shape}; pass inputs in raster order of that grid")
+            raise ValueError(
+                f"{name}: length {inputs.shape[1]} is not H * W for grid_shape "
+                f"{c.grid_shape}; pass inputs in raster order of that grid"
+            )
         if mask is not None:
             if mask.shape != inputs.shape[:2]:
-                raise ValueError(f"{name}: mask must be (batch, length) = {inputs.shape[:2]}; "
-                                 f"got {mask.shape}")
+                raise ValueError(
+                    f"{name}: mask must be (batch, length) = {inputs.shape[:2]}; got {mask.shape}"
+                )
             mask = mask.astype(bool)
         return inputs, mask
 
@@ -231,18 +271,27 @@ class HGRNClassifier(nnx.Module):
         x = apply_norm(self.final_norm, x, mask)
         return masked_mean(x, mask)
 
-    def __call__(self, inputs: jax.Array, mask: jax.Array | None = None,
-                 inputs2: jax.Array | None = None, mask2: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        inputs: jax.Array,
+        mask: jax.Array | None = None,
+        inputs2: jax.Array | None = None,
+        mask2: jax.Array | None = None,
+    ) -> jax.Array:
         if not self.config.dual:
             if inputs2 is not None:
                 raise ValueError("inputs2 is only for the Retrieval model; set dual=True")
             return self.head(self.encode(inputs, mask))
         if inputs2 is None:
-            raise ValueError("the dual (Retrieval) model needs both documents: "
-                             "model(inputs, mask, inputs2, mask2)")
+            raise ValueError(
+                "the dual (Retrieval) model needs both documents: "
+                "model(inputs, mask, inputs2, mask2)"
+            )
         if inputs.shape != inputs2.shape:
-            raise ValueError(f"both documents must have the same shape (pad them to one length); "
-                             f"got {inputs.shape} and {inputs2.shape}")
+            raise ValueError(
+                f"both documents must have the same shape (pad them to one length); "
+                f"got {inputs.shape} and {inputs2.shape}"
+            )
         if (mask is None) != (mask2 is None):
             ones = jnp.ones(inputs.shape[:2], bool)
             mask = ones if mask is None else mask

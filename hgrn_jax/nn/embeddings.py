@@ -14,6 +14,6 @@ def sinusoidal_positions(length: int, features: int, dtype: jnp.dtype = jnp.floa
     """
     positions = jnp.arange(length, dtype=jnp.float32)[:, None]
     frequencies = 10000.0 ** (-jnp.arange(0, features, 2, dtype=jnp.float32) / features)
-    angles = positions * frequencies                                  # (length, ceil(d/2))
+    angles = positions * frequencies  # (length, ceil(d/2))
     pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(length, -1)
     return pe[:, :features].astype(dtype)

@@ -28,10 +28,18 @@ class FlaHGRNAttention(nnx.Module):
     ``mask`` (B, T) marks real tokens with 1 and padding with 0; padded steps get no input.
     """
 
-    def __init__(self, features: int, *, expand_ratio: int = 1, use_lower_bound: bool = True,
-                 norm_epsilon: float = 1e-5, method: str = "auto",
-                 dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        features: int,
+        *,
+        expand_ratio: int = 1,
+        use_lower_bound: bool = True,
+        norm_epsilon: float = 1e-5,
+        method: str = "auto",
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         width = features * expand_ratio
         self.features, self.width = features, width
         self.use_lower_bound = use_lower_bound
@@ -43,11 +51,18 @@ class FlaHGRNAttention(nnx.Module):
         self.f_proj = dense(features, width, ("embed", "rnn"), **common)
         self.g_proj = dense(features, width, ("embed", "rnn"), **common)
         self.o_proj = dense(width, features, ("rnn", "embed"), **common)
-        self.g_norm = nnx.RMSNorm(width, epsilon=norm_epsilon, dtype=dtype, param_dtype=param_dtype,
-                                  scale_metadata=axes_metadata(("rnn",)), rngs=rngs)
+        self.g_norm = nnx.RMSNorm(
+            width,
+            epsilon=norm_epsilon,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            scale_metadata=axes_metadata(("rnn",)),
+            rngs=rngs,
+        )
 
-    def decay_and_input(self, x: jax.Array, lower_bound: jax.Array | float | None,
-                        mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    def decay_and_input(
+        self, x: jax.Array, lower_bound: jax.Array | float | None, mask: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
         """``exp(f)`` and the gated input ``i`` (B, T, width) in the accumulation dtype."""
         acc = jnp.promote_types(x.dtype, jnp.float32)
         f = jax.nn.log_sigmoid(self.f_proj(x).astype(acc))
@@ -58,25 +73,35 @@ class FlaHGRNAttention(nnx.Module):
         a = jnp.exp(f)
         i = nnx.silu(self.i_proj(x).astype(acc)) * (1.0 - a)
         if mask is not None:
-            i = i * mask[..., -i.shape[-2]:, None].astype(acc)
+            i = i * mask[..., -i.shape[-2] :, None].astype(acc)
         return a, i
 
     def output(self, h: jax.Array, x: jax.Array) -> jax.Array:
         h = h.astype(self.dtype or x.dtype)
         return self.o_proj(self.g_norm(h) * nnx.silu(self.g_proj(x)))
 
-    def __call__(self, x: jax.Array, lower_bound: jax.Array | float | None = None,
-                 mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        lower_bound: jax.Array | float | None = None,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
         a, i = self.decay_and_input(x, lower_bound, mask)
         return self.output(linear_recurrence(a, i, method=self.method), x)
 
-    def step(self, x: jax.Array, state: jax.Array, lower_bound: jax.Array | float | None = None,
-             mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def step(
+        self,
+        x: jax.Array,
+        state: jax.Array,
+        lower_bound: jax.Array | float | None = None,
+        mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
         """Streaming: ``x`` (B, T, d) from ``state`` (B, width); returns outputs and the last state."""
         a, i = self.decay_and_input(x, lower_bound, mask)
         h, last = linear_recurrence(a, i, state, method=self.method, return_last_state=True)
         return self.output(h, x), last
 
     def init_state(self, batch_size: int) -> jax.Array:
-        return jnp.zeros((batch_size, self.width), jnp.promote_types(self.dtype or jnp.float32,
-                                                                     jnp.float32))
+        return jnp.zeros(
+            (batch_size, self.width), jnp.promote_types(self.dtype or jnp.float32, jnp.float32)
+        )

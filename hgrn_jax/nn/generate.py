@@ -16,8 +16,13 @@ from flax import nnx
 from hgrn_jax.nn.checks import check_token_ids
 
 
-def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array | float,
-                 top_k: int | None = None, greedy: bool = False) -> jax.Array:
+def sample_token(
+    logits: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array | float,
+    top_k: int | None = None,
+    greedy: bool = False,
+) -> jax.Array:
     """Next token ids (B,) from logits (B, vocab).
 
     ``greedy``: the argmax. Otherwise a draw from ``softmax(logits / temperature)`` restricted to
@@ -33,9 +38,17 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array | flo
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy"))
-def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Array, rng: jax.Array,
-              temperature: jax.Array, *, max_new_tokens: int, top_k: int | None, greedy: bool
-              ) -> jax.Array:
+def _generate(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    prompt_ids: jax.Array,
+    rng: jax.Array,
+    temperature: jax.Array,
+    *,
+    max_new_tokens: int,
+    top_k: int | None,
+    greedy: bool,
+) -> jax.Array:
     model = nnx.merge(graphdef, state)
     model.eval()  # a copy: the caller's model keeps its mode
     logits, cache = model.step(prompt_ids, model.init_cache(prompt_ids.shape[0]))
@@ -53,9 +66,16 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Array, r
     return jnp.concatenate([prompt_ids.astype(jnp.int32), new], axis=1)
 
 
-def generate(model: nnx.Module, prompt_ids: jax.Array, max_new_tokens: int, *,
-             rng: jax.Array | None = None, temperature: float = 1.0, top_k: int | None = None,
-             greedy: bool = False) -> jax.Array:
+def generate(
+    model: nnx.Module,
+    prompt_ids: jax.Array,
+    max_new_tokens: int,
+    *,
+    rng: jax.Array | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    greedy: bool = False,
+) -> jax.Array:
     """Continue ``prompt_ids`` (B, T) by ``max_new_tokens`` tokens; returns (B, T + new) int32.
 
     ``model`` is an :class:`~hgrn_jax.nn.HGRNLM` (anything with ``init_cache(B)`` and
@@ -65,8 +85,10 @@ def generate(model: nnx.Module, prompt_ids: jax.Array, max_new_tokens: int, *,
     """
     prompt_ids = jnp.asarray(prompt_ids)
     if prompt_ids.ndim != 2 or prompt_ids.shape[1] == 0:
-        raise ValueError(f"prompt_ids must be (batch, length >= 1) token ids; got shape "
-                         f"{prompt_ids.shape} (start an empty prompt with a BOS token)")
+        raise ValueError(
+            f"prompt_ids must be (batch, length >= 1) token ids; got shape "
+            f"{prompt_ids.shape} (start an empty prompt with a BOS token)"
+        )
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab_size:
         check_token_ids(prompt_ids, int(vocab_size), "prompt_ids")
@@ -78,11 +100,20 @@ def generate(model: nnx.Module, prompt_ids: jax.Array, max_new_tokens: int, *,
         if rng is None:
             raise ValueError("sampling needs rng=jax.random.key(seed) (or pass greedy=True)")
         if not temperature > 0:
-            raise ValueError(f"temperature must be > 0; got {temperature} (use greedy=True for "
-                             "argmax decoding)")
+            raise ValueError(
+                f"temperature must be > 0; got {temperature} (use greedy=True for argmax decoding)"
+            )
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None; got {top_k}")
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, prompt_ids, rng, jnp.float32(temperature),
-                     max_new_tokens=max_new_tokens, top_k=top_k, greedy=greedy)
+    return _generate(
+        graphdef,
+        state,
+        prompt_ids,
+        rng,
+        jnp.float32(temperature),
+        max_new_tokens=max_new_tokens,
+        top_k=top_k,
+        greedy=greedy,
+    )

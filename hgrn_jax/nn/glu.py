@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,9 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array] | None:
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+        raise ValueError(
+            f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}"
+        ) from None
 
 
 def glu_width(glu_expand: float, features: int) -> int:
@@ -39,9 +41,17 @@ class GLU(nnx.Module):
     ``act="none"`` is the bilinear GLU of the paper's WikiText-103 model; fla's MLP is ``"silu"``.
     """
 
-    def __init__(self, features: int, hidden: int, *, act: str = "silu", use_bias: bool = True,
-                 dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        features: int,
+        hidden: int,
+        *,
+        act: str = "silu",
+        use_bias: bool = True,
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         common = dict(rngs=rngs, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
         self.act = activation(act)
         self.gate_proj = dense(features, hidden, ("embed", "mlp"), **common)

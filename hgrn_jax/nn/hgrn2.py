@@ -90,8 +90,16 @@ class _MatrixMixer(nnx.Module):
         return q, k, v, g
 
     def _scan(self, q, k, v, g, h0=None, return_last_state=False):
-        return matrix_recurrence(q, k, v, g, h0, scale=self.scale, method=self.method,
-                                 return_last_state=return_last_state)
+        return matrix_recurrence(
+            q,
+            k,
+            v,
+            g,
+            h0,
+            scale=self.scale,
+            method=self.method,
+            return_last_state=return_last_state,
+        )
 
     def _finish(self, o: jax.Array, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         y = self.output(o.reshape(o.shape[:-2] + (-1,)).astype(self.dtype or x.dtype), x)
@@ -99,19 +107,28 @@ class _MatrixMixer(nnx.Module):
             return y
         return jnp.where(_valid(mask, x.shape[-2])[..., 0], y, jnp.zeros_like(y))
 
-    def __call__(self, x: jax.Array, lower_bound: jax.Array | float | None = None,
-                 mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        lower_bound: jax.Array | float | None = None,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
         """``x`` (B, L, d), ``lower_bound`` a scalar or (H * K,), ``mask`` (B, L) with 1 for real
         tokens (None: no padding) -> (B, L, d)."""
         q, k, v, g = self._inputs(x, lower_bound, mask)
         o = self._scan(q, k, v, g)
         if self.bidirectional:
-            flip = lambda t: jnp.flip(t, axis=-3)  # noqa: E731
+            flip = lambda t: jnp.flip(t, axis=-3)
             o = o + flip(self._scan(flip(q), flip(k), flip(v), flip(g)))
         return self._finish(o, x, mask)
 
-    def step(self, x: jax.Array, state: jax.Array, lower_bound: jax.Array | float | None = None,
-             mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def step(
+        self,
+        x: jax.Array,
+        state: jax.Array,
+        lower_bound: jax.Array | float | None = None,
+        mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
         """Causal streaming: ``x`` (B, T, d) continuing from ``state`` (B, H, K, V). Returns the
         outputs (B, T, d) and the state after the last token (padded steps leave it unchanged)."""
         if self.bidirectional:
@@ -122,8 +139,10 @@ class _MatrixMixer(nnx.Module):
 
     def init_state(self, batch_size: int) -> jax.Array:
         """The zero recurrent state (B, H, K, V) for :meth:`step`."""
-        return jnp.zeros((batch_size, self.num_heads, self.key_dim, self.value_dim),
-                         _accumulation_dtype(self.dtype or jnp.float32))
+        return jnp.zeros(
+            (batch_size, self.num_heads, self.key_dim, self.value_dim),
+            _accumulation_dtype(self.dtype or jnp.float32),
+        )
 
 
 class HGRN2(_MatrixMixer):
@@ -140,13 +159,24 @@ class HGRN2(_MatrixMixer):
     on the forget-gate (key) channels; returns (B, L, d).
     """
 
-    def __init__(self, features: int, *, expand_ratio: int = 2, bidirectional: bool = False,
-                 use_bias: bool = True, norm_epsilon: float = 1e-5, method: str = "auto",
-                 dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        features: int,
+        *,
+        expand_ratio: int = 2,
+        bidirectional: bool = False,
+        use_bias: bool = True,
+        norm_epsilon: float = 1e-5,
+        method: str = "auto",
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if expand_ratio < 1 or features % expand_ratio:
-            raise ValueError(f"HGRN2: features {features} must be a multiple of expand_ratio "
-                             f"{expand_ratio} (the head width)")
+            raise ValueError(
+                f"HGRN2: features {features} must be a multiple of expand_ratio "
+                f"{expand_ratio} (the head width)"
+            )
         self.features = features
         self.num_heads = features // expand_ratio
         self.key_dim = self.value_dim = expand_ratio
@@ -158,9 +188,15 @@ class HGRN2(_MatrixMixer):
         self.in_proj = dense(features, 3 * features, ("embed", "rnn"), **common)
         self.out_proj = dense(features, features, ("rnn", "embed"), **common)
         self.norm = nnx.LayerNorm(
-            features, epsilon=norm_epsilon, use_fast_variance=False, dtype=dtype,
-            param_dtype=param_dtype, scale_metadata=axes_metadata(("rnn",)),
-            bias_metadata=axes_metadata(("rnn",)), rngs=rngs)
+            features,
+            epsilon=norm_epsilon,
+            use_fast_variance=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            scale_metadata=axes_metadata(("rnn",)),
+            bias_metadata=axes_metadata(("rnn",)),
+            rngs=rngs,
+        )
 
     def gates(self, x, lower_bound):
         acc = _accumulation_dtype(x.dtype)
@@ -168,8 +204,12 @@ class HGRN2(_MatrixMixer):
         gamma = jnp.asarray(0.0 if lower_bound is None else lower_bound, acc)
         lam = gamma + (1.0 - gamma) * nnx.sigmoid(f)
         k = _heads(1.0 - lam, self.key_dim)
-        return (_heads(nnx.sigmoid(a), self.key_dim), k, _heads(nnx.silu(u), self.value_dim),
-                _heads(jnp.log(lam), self.key_dim))
+        return (
+            _heads(nnx.sigmoid(a), self.key_dim),
+            k,
+            _heads(nnx.silu(u), self.value_dim),
+            _heads(jnp.log(lam), self.key_dim),
+        )
 
     def output(self, o, x):
         return self.out_proj(self.norm(o))
@@ -188,22 +228,33 @@ class FlaHGRN2Attention(_MatrixMixer):
       bidirectional: add a reverse scan (not in fla; see the module docstring).
     """
 
-    def __init__(self, features: int, *, expand_ratio: int | None = 128,
-                 num_heads: int | None = None, use_lower_bound: bool = True,
-                 bidirectional: bool = False, norm_epsilon: float = 1e-5, method: str = "auto",
-                 dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        features: int,
+        *,
+        expand_ratio: int | None = 128,
+        num_heads: int | None = None,
+        use_lower_bound: bool = True,
+        bidirectional: bool = False,
+        norm_epsilon: float = 1e-5,
+        method: str = "auto",
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if expand_ratio is None:
             if not num_heads:
                 raise ValueError("FlaHGRN2Attention needs expand_ratio or num_heads")
             expand_ratio = features // num_heads
         heads = features // expand_ratio if expand_ratio else 0
         if heads < 1 or features % heads:
-            raise ValueError(f"FlaHGRN2Attention: features {features} must split into "
-                             f"features // expand_ratio = {heads} heads of equal value width")
+            raise ValueError(
+                f"FlaHGRN2Attention: features {features} must split into "
+                f"features // expand_ratio = {heads} heads of equal value width"
+            )
         self.features = features
         self.num_heads, self.key_dim, self.value_dim = heads, expand_ratio, features // heads
-        self.scale = expand_ratio ** -0.5
+        self.scale = expand_ratio**-0.5
         self.use_lower_bound = use_lower_bound
         self.bidirectional = bidirectional
         self.method = method
@@ -214,9 +265,14 @@ class FlaHGRN2Attention(_MatrixMixer):
         self.f_proj = dense(features, forget_dim, ("embed", "rnn"), **common)
         self.i_proj = dense(features, features, ("embed", "rnn"), **common)
         self.o_proj = dense(features, features, ("rnn", "embed"), **common)
-        self.g_norm = nnx.RMSNorm(features, epsilon=norm_epsilon, dtype=dtype,
-                                  param_dtype=param_dtype,
-                                  scale_metadata=axes_metadata(("rnn",)), rngs=rngs)
+        self.g_norm = nnx.RMSNorm(
+            features,
+            epsilon=norm_epsilon,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            scale_metadata=axes_metadata(("rnn",)),
+            rngs=rngs,
+        )
 
     def gates(self, x, lower_bound):
         acc = _accumulation_dtype(x.dtype)
@@ -229,8 +285,12 @@ class FlaHGRN2Attention(_MatrixMixer):
         k = 1.0 - jnp.exp(g)
         q = nnx.silu(self.q_proj(x).astype(acc))
         v = self.i_proj(x).astype(acc)
-        return (_heads(q, self.key_dim), _heads(k, self.key_dim), _heads(v, self.value_dim),
-                _heads(g, self.key_dim))
+        return (
+            _heads(q, self.key_dim),
+            _heads(k, self.key_dim),
+            _heads(v, self.value_dim),
+            _heads(g, self.key_dim),
+        )
 
     def output(self, o, x):
         return self.o_proj(self.g_norm(o))
@@ -247,13 +307,17 @@ class HGRN2D(HGRN2):
     def __init__(self, features: int, **kwargs):
         super().__init__(features, bidirectional=True, **kwargs)
 
-    def __call__(self, x: jax.Array, lower_bound: jax.Array | float | None = None,
-                 mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        lower_bound: jax.Array | float | None = None,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
         """``x`` (B, H, W, d), ``lower_bound`` a scalar or (d,) -> (B, H, W, d)."""
         if x.ndim != 4:
             raise ValueError(f"HGRN2D expects (batch, H, W, d); got shape {x.shape}")
-        q, k, v, g = self._inputs(x, lower_bound, mask)   # (B, H, W, heads, K or V)
-        flip = lambda t: jnp.flip(t, axis=-3)  # noqa: E731
+        q, k, v, g = self._inputs(x, lower_bound, mask)  # (B, H, W, heads, K or V)
+        flip = lambda t: jnp.flip(t, axis=-3)
         o = 0.0
         for axis in (1, 2):  # H (each column), then W (each row): time is axis -3 of the scan
             lines = [jnp.moveaxis(t, axis, -3) for t in (q, k, v, g)]

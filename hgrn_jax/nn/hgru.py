@@ -102,9 +102,11 @@ class _HGRUBase(nnx.Module):
         ``layout`` is e.g. ``"(batch, length, d)"``."""
         rank = layout.count(",") + 1
         if x.ndim != rank or x.shape[-1] != self.features or 0 in x.shape[1:-1]:
-            raise ValueError(f"{type(self).__name__} expects {layout}; got shape "
-                             f"{tuple(x.shape)} (this layer has d = {self.features}, and every "
-                             "axis after the batch must be non-empty)")
+            raise ValueError(
+                f"{type(self).__name__} expects {layout}; got shape "
+                f"{tuple(x.shape)} (this layer has d = {self.features}, and every "
+                "axis after the batch must be non-empty)"
+            )
 
     def decay_and_input(
         self, x: jax.Array, lower_bound: jax.Array | float
@@ -131,8 +133,9 @@ class _HGRUBase(nnx.Module):
         return lam, (1.0 - lam) * c
 
     @staticmethod
-    def identity_at_padding(a: jax.Array, b: jax.Array, mask: jax.Array | None
-                            ) -> tuple[jax.Array, jax.Array]:
+    def identity_at_padding(
+        a: jax.Array, b: jax.Array, mask: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
         """Decay 1 and input 0 where ``mask`` (B, ...) is False, so a state passes through padding
         unchanged and a reverse scan starts at the last real token with the state it would have
         without the padding."""
@@ -149,18 +152,35 @@ class _HGRUBase(nnx.Module):
         theta = theta[...].astype(lam.dtype)
         return jax.lax.complex(lam * jnp.cos(theta), lam * jnp.sin(theta))
 
-    def scan(self, a: jax.Array, b: jax.Array, direction: Direction, axis: int = -2, h0=None,
-             return_last_state: bool = False):
+    def scan(
+        self,
+        a: jax.Array,
+        b: jax.Array,
+        direction: Direction,
+        axis: int = -2,
+        h0=None,
+        return_last_state: bool = False,
+    ):
         """One recurrence along ``axis`` of (..., d) arrays."""
         sharded = self.sequence_axis is not None and axis % a.ndim == 1 and not return_last_state
         a = jnp.moveaxis(a, axis, -2)
         b = jnp.moveaxis(b, axis, -2)
         if sharded:
-            h = sharded_linear_recurrence(a, b, h0, axis_name=self.sequence_axis,
-                                          reverse=direction == "reverse", method=self.method)
+            h = sharded_linear_recurrence(
+                a,
+                b,
+                h0,
+                axis_name=self.sequence_axis,
+                reverse=direction == "reverse",
+                method=self.method,
+            )
             return jnp.moveaxis(h, -2, axis)
         out = linear_recurrence(
-            a, b, h0, reverse=direction == "reverse", method=self.method,
+            a,
+            b,
+            h0,
+            reverse=direction == "reverse",
+            method=self.method,
             return_last_state=return_last_state,
         )
         if return_last_state:
@@ -191,14 +211,16 @@ class HGRU(_HGRUBase):
     returns (B, L, d).
     """
 
-    def __init__(self, features: int, *, bidirectional: bool = False, separate_phases: bool = True,
-                 **kwargs):
+    def __init__(
+        self, features: int, *, bidirectional: bool = False, separate_phases: bool = True, **kwargs
+    ):
         num_phases = 2 if bidirectional and separate_phases else 1
         super().__init__(features, num_phases=num_phases, **kwargs)
         self.bidirectional = bidirectional
 
-    def __call__(self, x: jax.Array, lower_bound: jax.Array | float = 0.0,
-                 mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, lower_bound: jax.Array | float = 0.0, mask: jax.Array | None = None
+    ) -> jax.Array:
         """``x`` (B, L, d), ``mask`` (B, L) with 1 for real tokens (None: no padding) -> (B, L, d).
 
         Padded steps are identity steps of every scan: real positions see exactly the unpadded
@@ -206,23 +228,26 @@ class HGRU(_HGRUBase):
         self.check_input(x, "(batch, length, d)")
         lam, b = self.decay_and_input(x, lower_bound)
         directions: tuple[Direction, ...] = (
-            ("forward", "reverse") if self.bidirectional else ("forward",))
+            ("forward", "reverse") if self.bidirectional else ("forward",)
+        )
         h = 0.0
         for direction in directions:
             a, b_dir = self.identity_at_padding(self.decay(lam, direction), b, mask)
             h = h + self.scan(a, b_dir, direction)
         return self.output(h, x)
 
-    def step(self, x: jax.Array, state: jax.Array, lower_bound: jax.Array | float = 0.0
-             ) -> tuple[jax.Array, jax.Array]:
+    def step(
+        self, x: jax.Array, state: jax.Array, lower_bound: jax.Array | float = 0.0
+    ) -> tuple[jax.Array, jax.Array]:
         """Causal streaming: ``x`` (B, T, d) continuing from ``state`` (B, d) (complex when the
         recurrence is). Returns the outputs (B, T, d) and the state after the last token."""
         if self.bidirectional:
             raise ValueError("step() needs a causal HGRU (bidirectional=False)")
         self.check_input(x, "(batch, length, d)")
         lam, b = self.decay_and_input(x, lower_bound)
-        h, last = self.scan(self.decay(lam, "forward"), b, "forward", h0=state,
-                            return_last_state=True)
+        h, last = self.scan(
+            self.decay(lam, "forward"), b, "forward", h0=state, return_last_state=True
+        )
         return self.output(h, x), last
 
     def init_state(self, batch_size: int) -> jax.Array:
@@ -245,14 +270,16 @@ class HGRU2D(_HGRUBase):
     Call ``layer(x, lower_bound)``; returns (B, H, W, d).
     """
 
-    def __init__(self, features: int, *, causal: bool = False, separate_phases: bool = True,
-                 **kwargs):
+    def __init__(
+        self, features: int, *, causal: bool = False, separate_phases: bool = True, **kwargs
+    ):
         num_phases = 2 if not causal and separate_phases else 1
         super().__init__(features, num_phases=num_phases, **kwargs)
         self.causal = causal
 
-    def __call__(self, x: jax.Array, lower_bound: jax.Array | float = 0.0,
-                 mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, lower_bound: jax.Array | float = 0.0, mask: jax.Array | None = None
+    ) -> jax.Array:
         """``x`` (B, H, W, d), ``mask`` (B, H, W) with 1 for real cells -> (B, H, W, d)."""
         self.check_input(x, "(batch, H, W, d)")
         lam, b = self.decay_and_input(x, lower_bound)

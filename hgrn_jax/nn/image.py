@@ -21,8 +21,7 @@ from hgrn_jax.nn.blocks import ResidualBlock
 from hgrn_jax.nn.glu import GLU, glu_width
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import LowerBounds
-from hgrn_jax.nn.mixers import (LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields,
-                                 make_mixer)
+from hgrn_jax.nn.mixers import LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields, make_mixer
 from hgrn_jax.nn.norms import make_norm
 
 
@@ -71,32 +70,40 @@ class ImageConfig:
     def __post_init__(self):
         object.__setattr__(self, "image_size", tuple(int(n) for n in self.image_size))
         if self.in_channels is not None:
-            warnings.warn("ImageConfig(in_channels=...) is deprecated; use input_channels "
-                          "(the name ClassifierConfig uses)", DeprecationWarning, stacklevel=3)
+            warnings.warn(
+                "ImageConfig(in_channels=...) is deprecated; use input_channels "
+                "(the name ClassifierConfig uses)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
             object.__setattr__(self, "input_channels", self.in_channels)
             object.__setattr__(self, "in_channels", None)
         object.__setattr__(self, "mixer", MixerConfig.coerce(self.mixer, "ImageConfig"))
-        object.__setattr__(self, "mixer", fold_legacy_fields(self, LEGACY_MIXER_FIELDS,
-                                                             "ImageConfig"))
+        object.__setattr__(
+            self, "mixer", fold_legacy_fields(self, LEGACY_MIXER_FIELDS, "ImageConfig")
+        )
         if self.mixer.scan != "1d":
-            raise ValueError("ImageConfig scans the patches in raster order: mixer scan must "
-                             f"be '1d'; got {self.mixer.scan!r}")
+            raise ValueError(
+                "ImageConfig scans the patches in raster order: mixer scan must "
+                f"be '1d'; got {self.mixer.scan!r}"
+            )
         h, w = self.image_size
         if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size "
-                             f"{self.patch_size}")
+            raise ValueError(
+                f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}"
+            )
 
     @property
     def grid_shape(self) -> tuple[int, int]:
         return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
 
     @classmethod
-    def tiny(cls, **overrides) -> "ImageConfig":
+    def tiny(cls, **overrides) -> ImageConfig:
         """HGRN-Tiny: d 192 x 12 layers, 6,107,560 parameters."""
         return cls(**{"features": 192, "num_layers": 12, **overrides})
 
     @classmethod
-    def small(cls, **overrides) -> "ImageConfig":
+    def small(cls, **overrides) -> ImageConfig:
         """HGRN-Small: d 384 x 12 layers, 23,715,688 parameters."""
         return cls(**{"features": 384, "num_layers": 12, **overrides})
 
@@ -113,26 +120,49 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
 class HGRNImageClassifier(nnx.Module):
     """``model(images) -> logits (B, num_classes)`` for images (B, H, W, C) (channels last)."""
 
-    def __init__(self, config: ImageConfig, *, dtype: jnp.dtype | None = None,
-                 param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: ImageConfig,
+        *,
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.config = config
         self.dtype = dtype
         c, d = config, config.features
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         patch_dim = c.patch_size * c.patch_size * c.input_channels
         self.patch_embed = dense(patch_dim, d, (None, "embed"), **common)
-        self.lower_bounds = LowerBounds(c.num_layers, d, scheme="lra", enabled=c.use_lower_bound,
-                                        param_dtype=param_dtype)
-        self.blocks = nnx.List([
-            ResidualBlock(
-                make_mixer(c.mixer, d, causal=False, use_lower_bound=c.use_lower_bound and k > 0,
-                           **common),
-                GLU(d, glu_width(c.glu_expand, d), act=c.glu_activation, use_bias=c.glu_bias,
-                    **common),
-                make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
-                make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
-                dropout=c.dropout, remat=c.remat, rngs=rngs)
-            for k in range(c.num_layers)])
+        self.lower_bounds = LowerBounds(
+            c.num_layers, d, scheme="lra", enabled=c.use_lower_bound, param_dtype=param_dtype
+        )
+        self.blocks = nnx.List(
+            [
+                ResidualBlock(
+                    make_mixer(
+                        c.mixer,
+                        d,
+                        causal=False,
+                        use_lower_bound=c.use_lower_bound and k > 0,
+                        **common,
+                    ),
+                    GLU(
+                        d,
+                        glu_width(c.glu_expand, d),
+                        act=c.glu_activation,
+                        use_bias=c.glu_bias,
+                        **common,
+                    ),
+                    make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
+                    make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
+                    dropout=c.dropout,
+                    remat=c.remat,
+                    rngs=rngs,
+                )
+                for k in range(c.num_layers)
+            ]
+        )
         self.head_norm = make_norm("scale_free_rms", d, epsilon=c.head_norm_epsilon, **common)
         self.head = dense(d, c.num_classes, ("embed", "classes"), **common)
 
@@ -140,9 +170,11 @@ class HGRNImageClassifier(nnx.Module):
         c = self.config
         expected = (*c.image_size, c.input_channels)
         if images.ndim != 4 or images.shape[1:] != expected:
-            raise ValueError(f"images must be (batch, {expected[0]}, {expected[1]}, "
-                             f"{expected[2]}) channels-last; got {images.shape} (transpose NCHW "
-                             "images with x.transpose(0, 2, 3, 1))")
+            raise ValueError(
+                f"images must be (batch, {expected[0]}, {expected[1]}, "
+                f"{expected[2]}) channels-last; got {images.shape} (transpose NCHW "
+                "images with x.transpose(0, 2, 3, 1))"
+            )
         x = self.patch_embed(patchify(images.astype(self.dtype or jnp.float32), c.patch_size))
         bounds = self.lower_bounds()
         for k, block in enumerate(self.blocks):

@@ -23,8 +23,7 @@ from hgrn_jax.nn.checks import check_length, check_token_ids
 from hgrn_jax.nn.glu import GLU, glu_width
 from hgrn_jax.nn.initializers import dense, logical
 from hgrn_jax.nn.lower_bounds import LowerBounds
-from hgrn_jax.nn.mixers import (LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields,
-                                 make_mixer)
+from hgrn_jax.nn.mixers import LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields, make_mixer
 from hgrn_jax.nn.norms import make_norm
 
 Cache = tuple[jax.Array, ...]
@@ -73,42 +72,62 @@ class LMConfig:
 
     def __post_init__(self):
         if self.glu_hidden is not None:
-            warnings.warn("LMConfig(glu_hidden=...) is deprecated; use glu_expand = hidden / "
-                          "features (the name ClassifierConfig and ImageConfig use)",
-                          DeprecationWarning, stacklevel=3)
+            warnings.warn(
+                "LMConfig(glu_hidden=...) is deprecated; use glu_expand = hidden / "
+                "features (the name ClassifierConfig and ImageConfig use)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
             object.__setattr__(self, "glu_expand", self.glu_hidden / self.features)
             object.__setattr__(self, "glu_hidden", None)
         mixer = self.mixer
         if isinstance(mixer, str):
             layouts = {"hgru": "official", "fla": "fla"}
             if mixer not in layouts:
-                raise ValueError(f"unknown mixer {mixer!r}; use MixerConfig(layout='official' | "
-                                 "'fla')")
-            warnings.warn(f"LMConfig(mixer={mixer!r}) is deprecated; use LMConfig(mixer="
-                          f"MixerConfig(layout={layouts[mixer]!r}))", DeprecationWarning,
-                          stacklevel=3)
+                raise ValueError(
+                    f"unknown mixer {mixer!r}; use MixerConfig(layout='official' | 'fla')"
+                )
+            warnings.warn(
+                f"LMConfig(mixer={mixer!r}) is deprecated; use LMConfig(mixer="
+                f"MixerConfig(layout={layouts[mixer]!r}))",
+                DeprecationWarning,
+                stacklevel=3,
+            )
             mixer = MixerConfig(layout=layouts[mixer])
         object.__setattr__(self, "mixer", MixerConfig.coerce(mixer, "LMConfig"))
-        object.__setattr__(self, "mixer", fold_legacy_fields(
-            self, {**LEGACY_MIXER_FIELDS, "mixer_norm_epsilon": "norm_epsilon"}, "LMConfig"))
+        object.__setattr__(
+            self,
+            "mixer",
+            fold_legacy_fields(
+                self, {**LEGACY_MIXER_FIELDS, "mixer_norm_epsilon": "norm_epsilon"}, "LMConfig"
+            ),
+        )
         if self.mixer.scan != "1d":
             raise ValueError(f"the LM is 1-D: mixer scan must be '1d'; got {self.mixer.scan!r}")
 
     @classmethod
-    def fla(cls, kind: str = "hgrn", **overrides) -> "LMConfig":
+    def fla(cls, kind: str = "hgrn", **overrides) -> LMConfig:
         """fla's ``HGRNForCausalLM`` (``kind="hgrn"``) or ``HGRN2ForCausalLM`` (``"hgrn2"``)
         layout: RMSNorm, SwiGLU, untied head, float32 lower bounds; the fla mixers have no
         biases. fla's HGRN mixer norm uses ``norm_eps`` (1e-6); HGRN2's always 1e-5."""
         if kind == "hgrn":
-            mixer = MixerConfig(kind="hgrn", layout="fla", complex_valued=False, use_bias=False,
-                                norm_epsilon=1e-6)
+            mixer = MixerConfig(
+                kind="hgrn", layout="fla", complex_valued=False, use_bias=False, norm_epsilon=1e-6
+            )
         elif kind == "hgrn2":
             mixer = MixerConfig(kind="hgrn2", layout="fla", use_bias=False, norm_epsilon=1e-5)
         else:
             raise ValueError(f"unknown kind {kind!r}; use 'hgrn' or 'hgrn2'")
-        base = dict(mixer=mixer, glu_activation="silu", glu_bias=False, norm="rms",
-                    norm_epsilon=1e-6, scale_embeddings=False, tie_embeddings=False,
-                    lower_bound_dtype="float32")
+        base = dict(
+            mixer=mixer,
+            glu_activation="silu",
+            glu_bias=False,
+            norm="rms",
+            norm_epsilon=1e-6,
+            scale_embeddings=False,
+            tie_embeddings=False,
+            lower_bound_dtype="float32",
+        )
         base.update(overrides)
         return cls(**base)
 
@@ -122,30 +141,59 @@ class HGRNLM(nnx.Module):
     depend on how long the context is.
     """
 
-    def __init__(self, config: LMConfig, *, dtype: jnp.dtype | None = None,
-                 param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: LMConfig,
+        *,
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.config = config
         self.dtype = dtype
         c = config
         d = c.features
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.embed = nnx.Embed(c.vocab_size, d,
-                               embedding_init=logical(nnx.initializers.normal(d ** -0.5),
-                                                      ("vocab", "embed")),
-                               **common)
-        self.lower_bounds = LowerBounds(c.num_layers, d, scheme="lm", enabled=c.use_lower_bound,
-                                        dtype=c.lower_bound_dtype, param_dtype=param_dtype)
+        self.embed = nnx.Embed(
+            c.vocab_size,
+            d,
+            embedding_init=logical(nnx.initializers.normal(d**-0.5), ("vocab", "embed")),
+            **common,
+        )
+        self.lower_bounds = LowerBounds(
+            c.num_layers,
+            d,
+            scheme="lm",
+            enabled=c.use_lower_bound,
+            dtype=c.lower_bound_dtype,
+            param_dtype=param_dtype,
+        )
         blocks = []
         for k in range(c.num_layers):
-            blocks.append(ResidualBlock(
-                # fla's first layer ignores its (zero) bound; log(0) would also poison gradients.
-                make_mixer(c.mixer, d, causal=True, use_lower_bound=c.use_lower_bound and k > 0,
-                           **common),
-                GLU(d, glu_width(c.glu_expand, d), act=c.glu_activation, use_bias=c.glu_bias,
-                    **common),
-                make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
-                make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
-                dropout=c.dropout, remat=c.remat, rngs=rngs))
+            blocks.append(
+                ResidualBlock(
+                    # fla's first layer ignores its (zero) bound; log(0) would also poison gradients.
+                    make_mixer(
+                        c.mixer,
+                        d,
+                        causal=True,
+                        use_lower_bound=c.use_lower_bound and k > 0,
+                        **common,
+                    ),
+                    GLU(
+                        d,
+                        glu_width(c.glu_expand, d),
+                        act=c.glu_activation,
+                        use_bias=c.glu_bias,
+                        **common,
+                    ),
+                    make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
+                    make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
+                    dropout=c.dropout,
+                    remat=c.remat,
+                    rngs=rngs,
+                )
+            )
         self.blocks = nnx.List(blocks)
         self.final_norm = make_norm(c.norm, d, epsilon=c.norm_epsilon, **common)
         self.embed_dropout = nnx.Dropout(c.dropout, rngs=rngs)

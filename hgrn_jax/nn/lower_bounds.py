@@ -42,9 +42,16 @@ class LowerBounds(nnx.Module):
     float64 model).
     """
 
-    def __init__(self, num_layers: int, features: int, *, scheme: Scheme = "lra",
-                 enabled: bool = True, dtype: jnp.dtype | None = None,
-                 param_dtype: jnp.dtype = jnp.float32):
+    def __init__(
+        self,
+        num_layers: int,
+        features: int,
+        *,
+        scheme: Scheme = "lra",
+        enabled: bool = True,
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+    ):
         self.num_layers, self.features = num_layers, features
         self.scheme, self.enabled, self.dtype = scheme, enabled, dtype
         if enabled:

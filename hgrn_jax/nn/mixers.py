@@ -72,23 +72,33 @@ class MixerConfig:
     sequence_axis: str | None = None
 
     def __post_init__(self):
-        for name, value, allowed in (("kind", self.kind, KINDS), ("layout", self.layout, LAYOUTS),
-                                     ("scan", self.scan, SCANS)):
+        for name, value, allowed in (
+            ("kind", self.kind, KINDS),
+            ("layout", self.layout, LAYOUTS),
+            ("scan", self.scan, SCANS),
+        ):
             if value not in allowed:
-                raise ValueError(f"unknown mixer {name} {value!r}; use one of "
-                                 f"{', '.join(map(repr, allowed))}")
+                raise ValueError(
+                    f"unknown mixer {name} {value!r}; use one of {', '.join(map(repr, allowed))}"
+                )
         if self.scan == "2d" and self.layout != "official":
-            raise ValueError(f"scan='2d' needs layout='official'; got kind={self.kind!r}, "
-                             f"layout={self.layout!r} (fla's mixers are 1-D)")
+            raise ValueError(
+                f"scan='2d' needs layout='official'; got kind={self.kind!r}, "
+                f"layout={self.layout!r} (fla's mixers are 1-D)"
+            )
         if self.sequence_axis is not None and (self.kind, self.layout) != ("hgrn", "official"):
-            raise ValueError("sequence_axis (sequence parallelism) needs the hgru mixer "
-                             "(kind='hgrn', layout='official'); got kind="
-                             f"{self.kind!r}, layout={self.layout!r}")
+            raise ValueError(
+                "sequence_axis (sequence parallelism) needs the hgru mixer "
+                "(kind='hgrn', layout='official'); got kind="
+                f"{self.kind!r}, layout={self.layout!r}"
+            )
         if self.expand_ratio is not None and self.expand_ratio < 1:
             raise ValueError(f"expand_ratio must be >= 1 or None; got {self.expand_ratio}")
         if (self.kind, self.layout) == ("hgrn", "official") and self.expand_ratio not in (None, 1):
-            raise ValueError("expand_ratio is an HGRN2 / fla option; HGRN official has none "
-                             f"(got {self.expand_ratio})")
+            raise ValueError(
+                "expand_ratio is an HGRN2 / fla option; HGRN official has none "
+                f"(got {self.expand_ratio})"
+            )
 
     @property
     def resolved_expand_ratio(self) -> int:
@@ -110,15 +120,24 @@ class MixerConfig:
             known = {f.name for f in dataclasses.fields(cls)}
             unknown = sorted(set(value) - known)
             if unknown:
-                raise ValueError(f"{where}.mixer.{unknown[0]} is not a MixerConfig field; valid "
-                                 f"fields: {', '.join(sorted(known))}")
+                raise ValueError(
+                    f"{where}.mixer.{unknown[0]} is not a MixerConfig field; valid "
+                    f"fields: {', '.join(sorted(known))}"
+                )
             return cls(**value)
         raise TypeError(f"{where}.mixer must be a MixerConfig or a dict; got {value!r}")
 
 
-def make_mixer(config: MixerConfig, features: int, *, causal: bool, use_lower_bound: bool,
-               dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-               rngs: nnx.Rngs) -> nnx.Module:
+def make_mixer(
+    config: MixerConfig,
+    features: int,
+    *,
+    causal: bool,
+    use_lower_bound: bool,
+    dtype: jnp.dtype | None = None,
+    param_dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Module:
     """The token mixer of ``config`` at width ``features``.
 
     ``causal``: a forward scan only (LMs) or both directions (classifiers). ``use_lower_bound``:
@@ -128,41 +147,73 @@ def make_mixer(config: MixerConfig, features: int, *, causal: bool, use_lower_bo
     common = dict(method=config.method, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     key = (config.kind, config.layout)
     if key == ("hgrn", "official"):
-        options = dict(separate_phases=config.separate_phases,
-                       complex_valued=config.complex_valued,
-                       use_forget_gate=config.use_forget_gate,
-                       norm_before_gate=config.norm_before_gate, use_bias=config.use_bias,
-                       norm_epsilon=config.norm_epsilon, sequence_axis=config.sequence_axis,
-                       **common)
+        options = dict(
+            separate_phases=config.separate_phases,
+            complex_valued=config.complex_valued,
+            use_forget_gate=config.use_forget_gate,
+            norm_before_gate=config.norm_before_gate,
+            use_bias=config.use_bias,
+            norm_epsilon=config.norm_epsilon,
+            sequence_axis=config.sequence_axis,
+            **common,
+        )
         if config.scan == "2d":
             return HGRU2D(features, causal=causal, **options)
         return HGRU(features, bidirectional=not causal, **options)
     if key == ("hgrn", "fla"):
         if not causal:
-            raise ValueError("kind='hgrn', layout='fla' is causal only (fla's HGRNAttention); "
-                             "use layout='official' or kind='hgrn2' for a bidirectional mixer")
-        return FlaHGRNAttention(features, expand_ratio=config.resolved_expand_ratio,
-                                use_lower_bound=use_lower_bound,
-                                norm_epsilon=config.norm_epsilon, **common)
+            raise ValueError(
+                "kind='hgrn', layout='fla' is causal only (fla's HGRNAttention); "
+                "use layout='official' or kind='hgrn2' for a bidirectional mixer"
+            )
+        return FlaHGRNAttention(
+            features,
+            expand_ratio=config.resolved_expand_ratio,
+            use_lower_bound=use_lower_bound,
+            norm_epsilon=config.norm_epsilon,
+            **common,
+        )
     if key == ("hgrn2", "official"):
         if config.scan == "2d":
             if causal:
-                raise ValueError("kind='hgrn2' with scan='2d' is bidirectional only "
-                                 "(hgru2-pytorch's Hgru2_2d_parallel)")
-            return HGRN2D(features, expand_ratio=config.resolved_expand_ratio,
-                          use_bias=config.use_bias, norm_epsilon=config.norm_epsilon, **common)
-        return HGRN2(features, expand_ratio=config.resolved_expand_ratio, bidirectional=not causal,
-                     use_bias=config.use_bias, norm_epsilon=config.norm_epsilon, **common)
-    return FlaHGRN2Attention(features, expand_ratio=config.resolved_expand_ratio,
-                             use_lower_bound=use_lower_bound, bidirectional=not causal,
-                             norm_epsilon=config.norm_epsilon, **common)
+                raise ValueError(
+                    "kind='hgrn2' with scan='2d' is bidirectional only "
+                    "(hgru2-pytorch's Hgru2_2d_parallel)"
+                )
+            return HGRN2D(
+                features,
+                expand_ratio=config.resolved_expand_ratio,
+                use_bias=config.use_bias,
+                norm_epsilon=config.norm_epsilon,
+                **common,
+            )
+        return HGRN2(
+            features,
+            expand_ratio=config.resolved_expand_ratio,
+            bidirectional=not causal,
+            use_bias=config.use_bias,
+            norm_epsilon=config.norm_epsilon,
+            **common,
+        )
+    return FlaHGRN2Attention(
+        features,
+        expand_ratio=config.resolved_expand_ratio,
+        use_lower_bound=use_lower_bound,
+        bidirectional=not causal,
+        norm_epsilon=config.norm_epsilon,
+        **common,
+    )
 
 
 # Deprecated flat model-config fields -> their MixerConfig field.
 LEGACY_MIXER_FIELDS = {
-    "separate_phases": "separate_phases", "complex_valued": "complex_valued",
-    "use_forget_gate": "use_forget_gate", "norm_before_gate": "norm_before_gate",
-    "mixer_bias": "use_bias", "method": "method", "sequence_axis": "sequence_axis",
+    "separate_phases": "separate_phases",
+    "complex_valued": "complex_valued",
+    "use_forget_gate": "use_forget_gate",
+    "norm_before_gate": "norm_before_gate",
+    "mixer_bias": "use_bias",
+    "method": "method",
+    "sequence_axis": "sequence_axis",
 }
 
 
@@ -178,9 +229,12 @@ def fold_legacy_fields(config: Any, renames: Mapping[str, str], where: str) -> M
         value = getattr(config, old, None)  # not every model has every old field
         if value is None:
             continue
-        warnings.warn(f"{where}({old}=...) is deprecated; use {where}(mixer=MixerConfig({new}="
-                      f"...)) (in experiment configs: model.mixer.{new})", DeprecationWarning,
-                      stacklevel=4)
+        warnings.warn(
+            f"{where}({old}=...) is deprecated; use {where}(mixer=MixerConfig({new}="
+            f"...)) (in experiment configs: model.mixer.{new})",
+            DeprecationWarning,
+            stacklevel=4,
+        )
         updates[new] = value
         object.__setattr__(config, old, None)
     return dataclasses.replace(mixer, **updates) if updates else mixer

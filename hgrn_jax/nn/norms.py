@@ -25,9 +25,16 @@ class ScaleFreeRMSNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def make_norm(kind: NormKind, features: int, *, epsilon: float = 1e-5,
-              dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-              axis_name: str | None = None, rngs: nnx.Rngs) -> nnx.Module:
+def make_norm(
+    kind: NormKind,
+    features: int,
+    *,
+    epsilon: float = 1e-5,
+    dtype: jnp.dtype | None = None,
+    param_dtype: jnp.dtype = jnp.float32,
+    axis_name: str | None = None,
+    rngs: nnx.Rngs,
+) -> nnx.Module:
     """A norm over the last axis of (..., features) activations.
 
     ``"batch"`` and ``"sync_batch"`` are BatchNorm over every axis but the last. Under ``jax.jit``
@@ -41,12 +48,19 @@ def make_norm(kind: NormKind, features: int, *, epsilon: float = 1e-5,
     if kind == "rms":
         return nnx.RMSNorm(features, scale_metadata=axes_metadata(("embed",)), **common)
     if kind in ("batch", "sync_batch"):
-        return nnx.BatchNorm(features, momentum=0.9, use_fast_variance=False,
-                             axis_name=axis_name if kind == "sync_batch" else None,
-                             **common, **meta)
+        return nnx.BatchNorm(
+            features,
+            momentum=0.9,
+            use_fast_variance=False,
+            axis_name=axis_name if kind == "sync_batch" else None,
+            **common,
+            **meta,
+        )
     if kind == "scale_free_rms":
         return ScaleFreeRMSNorm(epsilon)
-    raise ValueError(f"unknown norm {kind!r}; choose layer, rms, batch, sync_batch or scale_free_rms")
+    raise ValueError(
+        f"unknown norm {kind!r}; choose layer, rms, batch, sync_batch or scale_free_rms"
+    )
 
 
 def apply_norm(norm: nnx.Module, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:

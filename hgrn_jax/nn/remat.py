@@ -29,9 +29,9 @@ with ``XLA_FLAGS=--xla_disable_hlo_passes=cse_barrier_expander`` to get the GPU/
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import nnx
@@ -50,13 +50,16 @@ def resolve_policy(policy: str | Policy) -> Policy:
     if callable(policy):
         return policy
     if policy not in POLICIES:
-        raise ValueError(f"unknown remat policy {policy!r}; use one of {sorted(POLICIES)}, "
-                         "a jax.checkpoint_policies callable, or None for no remat")
+        raise ValueError(
+            f"unknown remat policy {policy!r}; use one of {sorted(POLICIES)}, "
+            "a jax.checkpoint_policies callable, or None for no remat"
+        )
     return POLICIES[policy]
 
 
-def remat_block(block_call: Callable[..., Any], policy: str | Policy = "nothing"
-                ) -> Callable[..., Any]:
+def remat_block(
+    block_call: Callable[..., Any], policy: str | Policy = "nothing"
+) -> Callable[..., Any]:
     """``block_call(module, *args, **kwargs)`` recomputed in the backward pass under ``policy``.
 
     ``block_call`` is an unbound call (e.g. ``ResidualBlock.__call__``); keyword arguments are
@@ -79,6 +82,7 @@ class RematModule(nnx.Module):
 
 def with_remat(call: Callable[..., Any]) -> Callable[..., Any]:
     """Run the method ``call`` under :func:`remat_block` when ``self.remat`` is set."""
+
     @functools.wraps(call)
     def dispatch(self, *args, **kwargs):
         if getattr(self, "remat", None) is None:

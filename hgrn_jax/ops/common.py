@@ -40,8 +40,9 @@ def state_shape(x: jax.Array) -> tuple[int, ...]:
     return x.shape[:-2] + x.shape[-1:]
 
 
-def chain_carries(decays: jax.Array, finals: jax.Array, h0: jax.Array, *, reverse: bool,
-                  axis: int = 0) -> tuple[jax.Array, jax.Array]:
+def chain_carries(
+    decays: jax.Array, finals: jax.Array, h0: jax.Array, *, reverse: bool, axis: int = 0
+) -> tuple[jax.Array, jax.Array]:
     """The state entering each of ``n`` consecutive pieces of a recurrence, and the state after
     all of them.
 
@@ -73,8 +74,7 @@ def chain_carries(decays: jax.Array, finals: jax.Array, h0: jax.Array, *, revers
         carry_in = jnp.concatenate([jax.lax.slice_in_dim(after, 1, n, axis=axis), init], axis)
         last = jax.lax.slice_in_dim(after, 0, 1, axis=axis)
     else:
-        carry_in = jnp.concatenate([init, jax.lax.slice_in_dim(after, 0, n - 1, axis=axis)],
-                                   axis)
+        carry_in = jnp.concatenate([init, jax.lax.slice_in_dim(after, 0, n - 1, axis=axis)], axis)
         last = jax.lax.slice_in_dim(after, n - 1, n, axis=axis)
     return carry_in, last.reshape(h0.shape)
 

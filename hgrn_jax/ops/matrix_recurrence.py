@@ -114,15 +114,18 @@ def _check_shapes(q, k, v, log_decay, h0) -> tuple[int, ...]:
     if k.shape != q.shape or log_decay.shape != q.shape:
         raise ValueError(
             f"q, k and log_decay must share one shape (..., length, heads, key_dim); got "
-            f"q {q.shape}, k {k.shape}, log_decay {log_decay.shape}")
+            f"q {q.shape}, k {k.shape}, log_decay {log_decay.shape}"
+        )
     if v.shape[:-1] != q.shape[:-1]:
         raise ValueError(
             f"v must be (..., length, heads, value_dim) with q's leading axes {q.shape[:-1]}; "
-            f"got {v.shape}")
+            f"got {v.shape}"
+        )
     state_shape = q.shape[:-3] + q.shape[-2:] + v.shape[-1:]
     if h0 is not None and h0.shape != state_shape:
-        raise ValueError(f"h0 must have shape {state_shape} (..., heads, key_dim, value_dim); "
-                         f"got {h0.shape}")
+        raise ValueError(
+            f"h0 must have shape {state_shape} (..., heads, key_dim, value_dim); got {h0.shape}"
+        )
     return state_shape
 
 
@@ -172,8 +175,10 @@ def matrix_recurrence(
     if method not in MATRIX_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {('auto',) + MATRIX_METHODS}")
     if chunk_size < 1 or (chunk_size > _SUB_CHUNK and chunk_size % _SUB_CHUNK):
-        raise ValueError(f"chunk_size must be a multiple of {_SUB_CHUNK} or at most "
-                         f"{_SUB_CHUNK}; got {chunk_size}")
+        raise ValueError(
+            f"chunk_size must be a multiple of {_SUB_CHUNK} or at most "
+            f"{_SUB_CHUNK}; got {chunk_size}"
+        )
 
     batch_shape = q.shape[:-3]
     length, heads, key_dim = q.shape[-3:]
@@ -199,8 +204,7 @@ def matrix_recurrence(
     h0 = h0.reshape((-1, key_dim, value_dim))
     # The core runs unscaled; scaling its output outside lets autodiff carry ``scale`` (which
     # may be traced) into every gradient.
-    o, last = _matrix_recurrence(*(rows(t) for t in (q, k, v, log_decay)), h0, 1.0, method,
-                                 chunk)
+    o, last = _matrix_recurrence(*(rows(t) for t in (q, k, v, log_decay)), h0, 1.0, method, chunk)
     o = o[:, :length].reshape(batch_shape + (heads, length, value_dim))
     o = (jnp.moveaxis(o, -3, -2) * jnp.asarray(scale, acc)).astype(out_dtype)
     last = last.reshape(state_shape)
@@ -267,7 +271,8 @@ def _sequential(q, k, v, g, h0, scale, chunk):
         return last, (o, state)
 
     last, (o, entering) = jax.lax.scan(
-        chunk_step, h0, tuple(_time_major_chunks(t, chunk) for t in (q, k, v, g)))
+        chunk_step, h0, tuple(_time_major_chunks(t, chunk) for t in (q, k, v, g))
+    )
     bounds = jnp.concatenate([jnp.moveaxis(entering, 0, 1), last[:, None]], axis=1)
     return _from_time_major_chunks(o), bounds
 
@@ -305,8 +310,9 @@ def _sequential_backward(q, k, v, g, bounds, do, dlast, scale, chunk):
         adjoint_in, grads = jax.lax.scan(backward, adjoint, inputs, reverse=True)
         return adjoint_in, (grads, adjoint)
 
-    dh0, ((dk, dv), adjoint_out) = jax.lax.scan(backward_chunk, dlast,
-                                                (q_c, k_c, v_c, g_c, do_c), reverse=True)
+    dh0, ((dk, dv), adjoint_out) = jax.lax.scan(
+        backward_chunk, dlast, (q_c, k_c, v_c, g_c, do_c), reverse=True
+    )
     from_cumulative = q_c * dq - k_c * dk  # (chunks, C, N, K)
     at_end = jnp.sum(adjoint_out * jnp.moveaxis(bounds[:, 1:], 1, 0), axis=-1)  # (chunks, N, K)
     dg = jnp.flip(jnp.cumsum(jnp.flip(from_cumulative, 1), axis=1), 1) + at_end[:, None]
@@ -338,16 +344,21 @@ def _decays(g: jax.Array) -> _Decays:
     num_sub = chunk // sub
     b = jnp.cumsum(g, axis=-2)
     b_sub = _split(b, num_sub)
-    ref = jnp.concatenate([jnp.zeros_like(b[..., :1, :]), b[..., sub - 1:-1:sub, :]], axis=-2)
+    ref = jnp.concatenate([jnp.zeros_like(b[..., :1, :]), b[..., sub - 1 : -1 : sub, :]], axis=-2)
     key_pos = jnp.arange(chunk)
     before = (key_pos[None, :] < sub * jnp.arange(num_sub)[:, None])[..., None]  # (I, C, 1)
     cross = jnp.where(before, ref[..., :, None, :] - b[..., None, :, :], -jnp.inf)
     causal = (key_pos[:sub, None] >= key_pos[None, :sub])[..., None]  # (c, c, 1)
     pairs = jnp.where(causal, b_sub[..., :, None, :] - b_sub[..., None, :, :], -jnp.inf)
     end = b[..., -1:, :]
-    return _Decays(within=jnp.exp(b_sub - ref[..., None, :]), cross=jnp.exp(cross),
-                   pairs=jnp.exp(pairs), from_start=jnp.exp(b), to_end=jnp.exp(end - b),
-                   total=jnp.exp(end[..., 0, :]))
+    return _Decays(
+        within=jnp.exp(b_sub - ref[..., None, :]),
+        cross=jnp.exp(cross),
+        pairs=jnp.exp(pairs),
+        from_start=jnp.exp(b),
+        to_end=jnp.exp(end - b),
+        total=jnp.exp(end[..., 0, :]),
+    )
 
 
 def _split(x: jax.Array, num_sub: int) -> jax.Array:
@@ -381,8 +392,10 @@ def _weighted_keys(m, y, d: _Decays) -> jax.Array:
     num_sub = d.within.shape[-3]
     m_sub = _split(m, num_sub)
     earlier = d.within * jnp.einsum("...Iij,...Ijk->...Iik", m_sub, y[..., None, :, :] * d.cross)
-    diagonal = jnp.sum(_diagonal_blocks(m, num_sub)[..., None]
-                       * _split(y, num_sub)[..., None, :, :] * d.pairs, axis=-2)
+    diagonal = jnp.sum(
+        _diagonal_blocks(m, num_sub)[..., None] * _split(y, num_sub)[..., None, :, :] * d.pairs,
+        axis=-2,
+    )
     return (earlier + diagonal).reshape(y.shape)
 
 
@@ -392,10 +405,12 @@ def _weighted_queries(m, w, d: _Decays) -> jax.Array:
     num_sub = d.within.shape[-3]
     m_sub = _split(m, num_sub)
     w_sub = _split(w, num_sub)
-    earlier = jnp.sum(jnp.einsum("...Iij,...Iik->...Ijk", m_sub, w_sub * d.within) * d.cross,
-                      axis=-3)
-    diagonal = jnp.sum(_diagonal_blocks(m, num_sub)[..., None] * w_sub[..., :, None, :]
-                       * d.pairs, axis=-3)
+    earlier = jnp.sum(
+        jnp.einsum("...Iij,...Iik->...Ijk", m_sub, w_sub * d.within) * d.cross, axis=-3
+    )
+    diagonal = jnp.sum(
+        _diagonal_blocks(m, num_sub)[..., None] * w_sub[..., :, None, :] * d.pairs, axis=-3
+    )
     return earlier + diagonal.reshape(w.shape)
 
 
@@ -415,8 +430,9 @@ def _chunked(q, k, v, g, h0, scale, chunk):
         total, local_state = inputs
         return total[..., None] * state + local_state, state
 
-    last, entering = jax.lax.scan(pass_on, h0, (jnp.moveaxis(d.total, 1, 0),
-                                                jnp.moveaxis(local, 1, 0)))
+    last, entering = jax.lax.scan(
+        pass_on, h0, (jnp.moveaxis(d.total, 1, 0), jnp.moveaxis(local, 1, 0))
+    )
     entering = jnp.moveaxis(entering, 0, 1)
     inter = jnp.einsum("ncik,nckv->nciv", qc * d.from_start, entering)
     o = (scale * (intra + inter)).reshape(q.shape[:2] + v.shape[-1:])
@@ -435,21 +451,30 @@ def _chunked_backward(q, k, v, g, bounds, do, dlast, scale, chunk):
         return total[..., None] * adjoint + from_outputs_c, adjoint
 
     dh0, adjoint_out = jax.lax.scan(
-        pass_back, dlast, (jnp.moveaxis(d.total, 1, 0), jnp.moveaxis(from_outputs, 1, 0)),
-        reverse=True)
+        pass_back,
+        dlast,
+        (jnp.moveaxis(d.total, 1, 0), jnp.moveaxis(from_outputs, 1, 0)),
+        reverse=True,
+    )
     adjoint_out = jnp.moveaxis(adjoint_out, 0, 1)  # dL/dS at each chunk's end (N, chunks, K, V)
 
     scores = _scores(qc, kc, d)
     products = jnp.einsum("nciv,ncjv->ncij", doc, vc)
-    dq = scale * (d.from_start * jnp.einsum("nckv,nciv->ncik", entering, doc)
-                  + _weighted_keys(products, kc, d))
-    dk = (scale * _weighted_queries(products, qc, d)
-          + d.to_end * jnp.einsum("nckv,ncjv->ncjk", adjoint_out, vc))
-    dv = (scale * jnp.einsum("ncij,nciv->ncjv", scores, doc)
-          + jnp.einsum("ncjk,nckv->ncjv", kc * d.to_end, adjoint_out))
+    dq = scale * (
+        d.from_start * jnp.einsum("nckv,nciv->ncik", entering, doc)
+        + _weighted_keys(products, kc, d)
+    )
+    dk = scale * _weighted_queries(products, qc, d) + d.to_end * jnp.einsum(
+        "nckv,ncjv->ncjk", adjoint_out, vc
+    )
+    dv = scale * jnp.einsum("ncij,nciv->ncjv", scores, doc) + jnp.einsum(
+        "ncjk,nckv->ncjv", kc * d.to_end, adjoint_out
+    )
     from_cumulative = qc * dq - kc * dk
-    dg = (jnp.flip(jnp.cumsum(jnp.flip(from_cumulative, -2), axis=-2), -2)
-          + jnp.sum(adjoint_out * leaving, axis=-1)[:, :, None, :])
+    dg = (
+        jnp.flip(jnp.cumsum(jnp.flip(from_cumulative, -2), axis=-2), -2)
+        + jnp.sum(adjoint_out * leaving, axis=-1)[:, :, None, :]
+    )
     return tuple(t.reshape(t.shape[:1] + (-1,) + t.shape[-1:]) for t in (dq, dk, dv, dg)) + (dh0,)
 
 
@@ -460,8 +485,9 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _pallas_kernel(q_ref, k_ref, g_ref, v_ref, h0_ref, o_ref, bounds_ref, *, chunk, num_chunks,
-                   key_dim, scale, acc):
+def _pallas_kernel(
+    q_ref, k_ref, g_ref, v_ref, h0_ref, o_ref, bounds_ref, *, chunk, num_chunks, key_dim, scale, acc
+):
     """One (row, value block): ``q, k, g`` refs (K, T) read a column per step, ``v``/``o``
     (T, BV) a row per step; the state (K, BV) is the loop carry, stored at chunk boundaries into
     ``bounds`` ((chunks + 1) * K, BV)."""
@@ -510,16 +536,25 @@ def _pallas(q, k, v, g, h0, scale, chunk, *, interpret: bool | None = None):
     column_spec = pl.BlockSpec((pl.squeezed, key_padded, length), lambda n, j: (n, 0, 0))
     row_spec = pl.BlockSpec((pl.squeezed, length, block), lambda n, j: (n, 0, j))
     state_spec = pl.BlockSpec((pl.squeezed, key_padded, block), lambda n, j: (n, 0, j))
-    bounds_spec = pl.BlockSpec((pl.squeezed, (num_chunks + 1) * key_padded, block),
-                               lambda n, j: (n, 0, j))
+    bounds_spec = pl.BlockSpec(
+        (pl.squeezed, (num_chunks + 1) * key_padded, block), lambda n, j: (n, 0, j)
+    )
     o, bounds = pl.pallas_call(
-        functools.partial(_pallas_kernel, chunk=chunk, num_chunks=num_chunks,
-                          key_dim=key_padded, scale=scale, acc=acc),
+        functools.partial(
+            _pallas_kernel,
+            chunk=chunk,
+            num_chunks=num_chunks,
+            key_dim=key_padded,
+            scale=scale,
+            acc=acc,
+        ),
         grid=(rows, value_padded // block),
         in_specs=[column_spec, column_spec, column_spec, row_spec, state_spec],
         out_specs=[row_spec, bounds_spec],
-        out_shape=[jax.ShapeDtypeStruct((rows, length, value_padded), acc),
-                   jax.ShapeDtypeStruct((rows, (num_chunks + 1) * key_padded, value_padded), acc)],
+        out_shape=[
+            jax.ShapeDtypeStruct((rows, length, value_padded), acc),
+            jax.ShapeDtypeStruct((rows, (num_chunks + 1) * key_padded, value_padded), acc),
+        ],
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="matrix_recurrence_forward",

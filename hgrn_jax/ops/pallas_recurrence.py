@@ -41,13 +41,14 @@ import contextlib
 import dataclasses
 import functools
 import math
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from hgrn_jax.ops.common import accumulation_dtype, check_inputs, chain_carries, shifted_backward
+from hgrn_jax.ops.common import accumulation_dtype, chain_carries, check_inputs, shifted_backward
 
 Schedule = Literal["tiled", "streaming"]
 Parts = tuple[jax.Array, ...]  # a real value (1-tuple) or a complex one as (real, imag)
@@ -65,7 +66,9 @@ def _round_up(n: int, multiple: int) -> int:
 
 def _real_dtype(dtype: jnp.dtype) -> jnp.dtype:
     """float32 for complex64, float64 for complex128, the dtype itself when real."""
-    return jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else jnp.dtype(dtype)
+    return (
+        jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else jnp.dtype(dtype)
+    )
 
 
 def _group_rows(dtypes: Sequence[jnp.dtype]) -> int:
@@ -77,8 +80,9 @@ def _default_platform() -> str:
     return jax.default_backend()
 
 
-def _step(a: Sequence[jax.Array], x: Sequence[jax.Array], h: Sequence[jax.Array]
-          ) -> tuple[jax.Array, ...]:
+def _step(
+    a: Sequence[jax.Array], x: Sequence[jax.Array], h: Sequence[jax.Array]
+) -> tuple[jax.Array, ...]:
     """One step on real values (1-tuples) or complex values as (real, imag) pairs."""
     if len(h) == 1:
         return (a[0] * h[0] + x[0],)
@@ -88,7 +92,7 @@ def _step(a: Sequence[jax.Array], x: Sequence[jax.Array], h: Sequence[jax.Array]
 
 def _split_refs(refs, parts: int, count: int = 5):
     """``refs`` in ``count`` groups of ``parts`` (1 real, 2 complex) refs each."""
-    return [refs[k * parts:(k + 1) * parts] for k in range(count)]
+    return [refs[k * parts : (k + 1) * parts] for k in range(count)]
 
 
 def _tiled_kernel(*refs, parts: int, reverse: bool, block_length: int, group: int, acc):
@@ -110,8 +114,8 @@ def _tiled_kernel(*refs, parts: int, reverse: bool, block_length: int, group: in
         a_tile = [r[rows].astype(acc) for r in a_refs]
         x_tile = [r[rows].astype(acc) for r in x_refs]
         out = [jnp.zeros((group, channels), acc) for _ in range(parts)]
-        for i in (reversed(range(group)) if reverse else range(group)):
-            carry = _step([t[i:i + 1] for t in a_tile], [t[i:i + 1] for t in x_tile], carry)
+        for i in reversed(range(group)) if reverse else range(group):
+            carry = _step([t[i : i + 1] for t in a_tile], [t[i : i + 1] for t in x_tile], carry)
             out = [jnp.where(row_ids == i, c, o) for c, o in zip(carry, out)]
         for ref, o in zip(h_refs, out):
             ref[rows] = o.astype(ref.dtype)
@@ -149,6 +153,7 @@ def _walk(step, carry, *, start, rows, reverse: bool, unroll: int):
     Unrolled by hand (Triton's loop lowering takes no unroll): the loads of a group do not
     depend on the carry, so they can be issued ahead of its serial chain.
     """
+
     def time(i):
         return start + rows - 1 - i if reverse else start + i
 
@@ -196,8 +201,14 @@ def _forward_summary_kernel(*refs, parts, reverse, length, chunk_length, unroll,
         a = _load(a_refs, t, acc)
         return _add(_mul(a, h), _load(x_refs, t, acc)), _mul(a, decay)
 
-    h, decay = _walk(step, _identity(last_refs[0], parts, acc), start=start, rows=rows,
-                     reverse=reverse, unroll=unroll)
+    h, decay = _walk(
+        step,
+        _identity(last_refs[0], parts, acc),
+        start=start,
+        rows=rows,
+        reverse=reverse,
+        unroll=unroll,
+    )
     _store_block(last_refs, h)
     _store_block(decay_refs, decay)
 
@@ -213,8 +224,7 @@ def _forward_kernel(*refs, parts, reverse, length, chunk_length, unroll, acc):
         return h
 
     h = tuple(r[...].astype(acc) for r in init_refs)
-    _store_block(last_refs, _walk(step, h, start=start, rows=rows, reverse=reverse,
-                                  unroll=unroll))
+    _store_block(last_refs, _walk(step, h, start=start, rows=rows, reverse=reverse, unroll=unroll))
 
 
 def _backward_summary_kernel(*refs, parts, reverse, length, chunk_length, unroll, acc):
@@ -228,8 +238,14 @@ def _backward_summary_kernel(*refs, parts, reverse, length, chunk_length, unroll
         a = _load(a_refs, t, acc)
         return _mul(a, _add(_load(g_refs, t, acc), flow)), _mul(a, decay)
 
-    flow, decay = _walk(step, _identity(flow_refs[0], parts, acc), start=start, rows=rows,
-                        reverse=not reverse, unroll=unroll)
+    flow, decay = _walk(
+        step,
+        _identity(flow_refs[0], parts, acc),
+        start=start,
+        rows=rows,
+        reverse=not reverse,
+        unroll=unroll,
+    )
     _store_block(flow_refs, flow)
     _store_block(decay_refs, decay)
 
@@ -237,8 +253,9 @@ def _backward_summary_kernel(*refs, parts, reverse, length, chunk_length, unroll
 def _backward_kernel(*refs, parts, reverse, length, chunk_length, unroll, acc):
     """Per chunk, from the gradient flowing in: ``dx_t = d_t``, ``da_t = d_t * h_{t-1}`` and
     the gradient flowing out (``dh0`` for the chunk holding the first step)."""
-    a_refs, g_refs, h_refs, h0_refs, flow_in_refs, da_refs, dx_refs, flow_out_refs = \
-        _split_refs(refs, parts, 8)
+    a_refs, g_refs, h_refs, h0_refs, flow_in_refs, da_refs, dx_refs, flow_out_refs = _split_refs(
+        refs, parts, 8
+    )
     start, rows = _chunk_rows(length, chunk_length)
     offset, edge = (1, length - 1) if reverse else (-1, 0)
     h0 = tuple(r[...].astype(acc) for r in h0_refs)
@@ -252,8 +269,9 @@ def _backward_kernel(*refs, parts, reverse, length, chunk_length, unroll, acc):
         return _mul(_load(a_refs, t, acc), d)
 
     flow = tuple(r[...].astype(acc) for r in flow_in_refs)
-    _store_block(flow_out_refs, _walk(step, flow, start=start, rows=rows, reverse=not reverse,
-                                      unroll=unroll))
+    _store_block(
+        flow_out_refs, _walk(step, flow, start=start, rows=rows, reverse=not reverse, unroll=unroll)
+    )
 
 
 def _out_shapes(like: jax.Array, shape, out_dtype, acc, parts: int) -> list:
@@ -261,12 +279,24 @@ def _out_shapes(like: jax.Array, shape, out_dtype, acc, parts: int) -> list:
     varies over."""
     mat = jax.typeof(like).manual_axis_type
     batch, _, channels = shape
-    return ([jax.ShapeDtypeStruct(shape, out_dtype, manual_axis_type=mat)] * parts
-            + [jax.ShapeDtypeStruct((batch, 1, channels), acc, manual_axis_type=mat)] * parts)
+    return [jax.ShapeDtypeStruct(shape, out_dtype, manual_axis_type=mat)] * parts + [
+        jax.ShapeDtypeStruct((batch, 1, channels), acc, manual_axis_type=mat)
+    ] * parts
 
 
-def _tiled_call(a_parts, x_parts, h0_parts, *, reverse, block_length, block_channels, group,
-                acc, out_dtype, interpret):
+def _tiled_call(
+    a_parts,
+    x_parts,
+    h0_parts,
+    *,
+    reverse,
+    block_length,
+    block_channels,
+    group,
+    acc,
+    out_dtype,
+    interpret,
+):
     batch, length, channels = x_parts[0].shape
     parts = len(x_parts)
     num_blocks = length // block_length
@@ -275,11 +305,13 @@ def _tiled_call(a_parts, x_parts, h0_parts, *, reverse, block_length, block_chan
     def time_block(t):
         return num_blocks - 1 - t if reverse else t
 
-    tile = pl.BlockSpec((pl.squeezed, block_length, block_channels),
-                        lambda b, c, t: (b, time_block(t), c))
+    tile = pl.BlockSpec(
+        (pl.squeezed, block_length, block_channels), lambda b, c, t: (b, time_block(t), c)
+    )
     state = pl.BlockSpec((pl.squeezed, 1, block_channels), lambda b, c, t: (b, 0, c))
-    kernel = functools.partial(_tiled_kernel, parts=parts, reverse=reverse,
-                               block_length=block_length, group=group, acc=acc)
+    kernel = functools.partial(
+        _tiled_kernel, parts=parts, reverse=reverse, block_length=block_length, group=group, acc=acc
+    )
     from jax.experimental.pallas import tpu as pltpu
 
     out = pl.pallas_call(
@@ -289,7 +321,8 @@ def _tiled_call(a_parts, x_parts, h0_parts, *, reverse, block_length, block_chan
         out_specs=[tile] * parts + [state] * parts,
         out_shape=_out_shapes(x_parts[0], (batch, length, channels), out_dtype, acc, parts),
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")),
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
         interpret=interpret,
         name="linear_recurrence_tiled",
     )(*a_parts, *x_parts, *h0_parts)
@@ -357,13 +390,26 @@ _STREAMING_KERNELS = {
     "forward_summary": (_forward_summary_kernel, ("column", "column"), ("chunk", "chunk")),
     "forward": (_forward_kernel, ("column", "column", "chunk"), ("column", "chunk")),
     "backward_summary": (_backward_summary_kernel, ("column", "column"), ("chunk", "chunk")),
-    "backward": (_backward_kernel, ("column", "column", "column", "state", "chunk"),
-                 ("column", "column", "chunk")),
+    "backward": (
+        _backward_kernel,
+        ("column", "column", "column", "state", "chunk"),
+        ("column", "column", "chunk"),
+    ),
 }
 
 
-def _streaming_call(name: str, inputs: Sequence[Sequence[jax.Array]], out_dtypes, *, reverse,
-                    chunk_length, num_chunks, options: StreamingOptions, acc, interpret):
+def _streaming_call(
+    name: str,
+    inputs: Sequence[Sequence[jax.Array]],
+    out_dtypes,
+    *,
+    reverse,
+    chunk_length,
+    num_chunks,
+    options: StreamingOptions,
+    acc,
+    interpret,
+):
     """Run one streaming kernel. ``inputs``: one list of parts per array of the kernel's
     signature; ``out_dtypes``: the dtype of each output array's parts (``None``: ``acc``).
     Array kinds: ``column`` (B, L, C) walked in time, ``chunk`` (B, chunks, C) one row per
@@ -380,23 +426,34 @@ def _streaming_call(name: str, inputs: Sequence[Sequence[jax.Array]], out_dtypes
     }
     shapes = {"column": (batch, length, channels), "chunk": (batch, num_chunks, channels)}
     mat = jax.typeof(like).manual_axis_type
-    out_shape = [jax.ShapeDtypeStruct(shapes[kind], dtype or acc, manual_axis_type=mat)
-                 for kind, dtype in zip(out_kinds, out_dtypes) for _ in range(parts)]
+    out_shape = [
+        jax.ShapeDtypeStruct(shapes[kind], dtype or acc, manual_axis_type=mat)
+        for kind, dtype in zip(out_kinds, out_dtypes)
+        for _ in range(parts)
+    ]
     from jax.experimental.pallas import triton as pltriton
 
     out = pl.pallas_call(
-        functools.partial(kernel, parts=parts, reverse=reverse, length=length,
-                          chunk_length=chunk_length, unroll=options.unroll, acc=acc),
+        functools.partial(
+            kernel,
+            parts=parts,
+            reverse=reverse,
+            length=length,
+            chunk_length=chunk_length,
+            unroll=options.unroll,
+            acc=acc,
+        ),
         grid=(batch, channels // block, num_chunks),
         in_specs=[specs[kind] for kind, array in zip(in_kinds, inputs) for _ in array],
         out_specs=[specs[kind] for kind in out_kinds for _ in range(parts)],
         out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(
-            num_warps=options.num_warps or max(1, block // 32), num_stages=options.num_stages),
+            num_warps=options.num_warps or max(1, block // 32), num_stages=options.num_stages
+        ),
         interpret=interpret,
         name=f"linear_recurrence_{name}",
     )(*[p for array in inputs for p in array])
-    return [list(out[k * parts:(k + 1) * parts]) for k in range(len(out_kinds))]
+    return [list(out[k * parts : (k + 1) * parts]) for k in range(len(out_kinds))]
 
 
 def _to_value(parts: Sequence[jax.Array]) -> jax.Array:
@@ -416,40 +473,65 @@ def _chain_chunks(last_parts, decay_parts, init_parts, reverse: bool) -> list[ja
     return _to_parts(carry_in, len(init_parts))
 
 
-def _streaming_forward(a_parts, x_parts, h0_parts, *, reverse, acc, out_dtype, interpret,
-                       options: StreamingOptions):
+def _streaming_forward(
+    a_parts, x_parts, h0_parts, *, reverse, acc, out_dtype, interpret, options: StreamingOptions
+):
     """States (B, L, C) parts and final state (B, 1, C) parts; C a multiple of the block."""
     batch, length, channels = x_parts[0].shape
     chunk_length, num_chunks = options.chunking(batch * channels, length)
-    call = functools.partial(_streaming_call, reverse=reverse, chunk_length=chunk_length,
-                             num_chunks=num_chunks, options=options, acc=acc,
-                             interpret=interpret)
+    call = functools.partial(
+        _streaming_call,
+        reverse=reverse,
+        chunk_length=chunk_length,
+        num_chunks=num_chunks,
+        options=options,
+        acc=acc,
+        interpret=interpret,
+    )
     carry_in = h0_parts
     if num_chunks > 1:
         last, decay = call("forward_summary", [a_parts, x_parts], [None, None])
         carry_in = _chain_chunks(last, decay, h0_parts, reverse)
     h, last = call("forward", [a_parts, x_parts, carry_in], [out_dtype, None])
     edge = 0 if reverse else num_chunks - 1
-    return h, [p[:, edge:edge + 1] for p in last]
+    return h, [p[:, edge : edge + 1] for p in last]
 
 
-def _streaming_backward(a_parts, g_parts, h_parts, h0_parts, *, reverse, acc, interpret,
-                        options: StreamingOptions, da_dtype, dx_dtype):
+def _streaming_backward(
+    a_parts,
+    g_parts,
+    h_parts,
+    h0_parts,
+    *,
+    reverse,
+    acc,
+    interpret,
+    options: StreamingOptions,
+    da_dtype,
+    dx_dtype,
+):
     """``(da, dx, dh0)`` parts of :func:`pallas_linear_recurrence` (channels padded)."""
     batch, length, channels = g_parts[0].shape
     chunk_length, num_chunks = options.chunking(batch * channels, length)
-    call = functools.partial(_streaming_call, reverse=reverse, chunk_length=chunk_length,
-                             num_chunks=num_chunks, options=options, acc=acc,
-                             interpret=interpret)
+    call = functools.partial(
+        _streaming_call,
+        reverse=reverse,
+        chunk_length=chunk_length,
+        num_chunks=num_chunks,
+        options=options,
+        acc=acc,
+        interpret=interpret,
+    )
     zeros = [jnp.zeros_like(p, dtype=acc) for p in h0_parts]
     flow_in = zeros
     if num_chunks > 1:
         flow, decay = call("backward_summary", [a_parts, g_parts], [None, None])
         flow_in = _chain_chunks(flow, decay, zeros, not reverse)
-    da, dx, flow_out = call("backward", [a_parts, g_parts, h_parts, h0_parts, flow_in],
-                            [da_dtype, dx_dtype, None])
+    da, dx, flow_out = call(
+        "backward", [a_parts, g_parts, h_parts, h0_parts, flow_in], [da_dtype, dx_dtype, None]
+    )
     edge = num_chunks - 1 if reverse else 0
-    return da, dx, [p[:, edge:edge + 1] for p in flow_out]
+    return da, dx, [p[:, edge : edge + 1] for p in flow_out]
 
 
 def _cotangent(value: jax.Array, dtype) -> jax.Array:
@@ -484,15 +566,25 @@ class _Layout:
         length, channels = self.shape[-2:]
         parts = _as_parts(value, self.is_complex)
         widths = [(0, 0), (0, self.padded_length - length), (0, self.padded_channels - channels)]
-        return [jnp.pad(p.reshape(self.batch, length, channels), widths,
-                        constant_values=fill if k == 0 else 0) for k, p in enumerate(parts)]
+        return [
+            jnp.pad(
+                p.reshape(self.batch, length, channels),
+                widths,
+                constant_values=fill if k == 0 else 0,
+            )
+            for k, p in enumerate(parts)
+        ]
 
     def split_state(self, value: jax.Array, dtype) -> list[jax.Array]:
         """``(..., C)`` -> parts ``(B, 1, C')`` in ``dtype``."""
         channels = self.shape[-1]
-        return [jnp.pad(p.reshape(self.batch, 1, channels).astype(dtype),
-                        [(0, 0), (0, 0), (0, self.padded_channels - channels)])
-                for p in _as_parts(value, self.is_complex)]
+        return [
+            jnp.pad(
+                p.reshape(self.batch, 1, channels).astype(dtype),
+                [(0, 0), (0, 0), (0, self.padded_channels - channels)],
+            )
+            for p in _as_parts(value, self.is_complex)
+        ]
 
     def merge(self, parts: Sequence[jax.Array], dtype) -> jax.Array:
         """Parts ``(B, L', C')`` -> ``(..., L, C)`` in ``dtype``."""
@@ -529,20 +621,25 @@ class _Plan:
     streaming: StreamingOptions | None = None
 
 
-def _plan(x_shape, dtypes, *, is_complex, schedule, block_length, block_channels, interpret
-          ) -> _Plan:
+def _plan(
+    x_shape, dtypes, *, is_complex, schedule, block_length, block_channels, interpret
+) -> _Plan:
     platform = _default_platform()
     interpret = platform == "cpu" if interpret is None else interpret
     tpu_interpret = not isinstance(interpret, bool)  # a pltpu.InterpretParams
     schedule = schedule or ("streaming" if platform == "gpu" and not tpu_interpret else "tiled")
     if tpu_interpret and schedule != "tiled":
-        raise ValueError("TPU interpret mode (interpret=pltpu.InterpretParams(...)) runs the TPU "
-                         f"schedule: use schedule='tiled', not {schedule!r}")
+        raise ValueError(
+            "TPU interpret mode (interpret=pltpu.InterpretParams(...)) runs the TPU "
+            f"schedule: use schedule='tiled', not {schedule!r}"
+        )
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
     if schedule == "tiled" and platform == "gpu" and not interpret:
-        raise ValueError("the tiled schedule carries state across grid steps, which Triton runs "
-                         "concurrently: use schedule='streaming' on GPU")
+        raise ValueError(
+            "the tiled schedule carries state across grid steps, which Triton runs "
+            "concurrently: use schedule='streaming' on GPU"
+        )
     acc = jnp.promote_types(_real_dtype(jnp.result_type(*dtypes)), jnp.float32)
     part_dtypes = [_real_dtype(d) for d in dtypes]
     length, channels = x_shape[-2:]
@@ -550,16 +647,25 @@ def _plan(x_shape, dtypes, *, is_complex, schedule, block_length, block_channels
         group = _group_rows(part_dtypes)
         block_length = block_length or min(_TILED_LENGTH, _round_up(length, group))
         if block_length % group:
-            raise ValueError(f"block_length must be a multiple of {group} for these dtypes; "
-                             f"got {block_length}")
+            raise ValueError(
+                f"block_length must be a multiple of {group} for these dtypes; got {block_length}"
+            )
         block_channels = block_channels or min(_MAX_TILED_CHANNELS, _round_up(channels, _LANES))
-        layout = _Layout(tuple(x_shape), is_complex, _round_up(length, block_length),
-                         _round_up(channels, block_channels))
-        return _Plan(schedule, interpret, layout, acc, block_channels,
-                     block_length=block_length, group=group)
+        layout = _Layout(
+            tuple(x_shape),
+            is_complex,
+            _round_up(length, block_length),
+            _round_up(channels, block_channels),
+        )
+        return _Plan(
+            schedule, interpret, layout, acc, block_channels, block_length=block_length, group=group
+        )
     options = _streaming_defaults
-    block_channels = (block_channels or options.block_channels
-                      or min(_STREAMING_CHANNELS, pl.next_power_of_2(channels)))
+    block_channels = (
+        block_channels
+        or options.block_channels
+        or min(_STREAMING_CHANNELS, pl.next_power_of_2(channels))
+    )
     if not interpret and block_channels & (block_channels - 1):
         raise ValueError(f"block_channels must be a power of two on GPU; got {block_channels}")
     options = dataclasses.replace(options, block_channels=block_channels)
@@ -587,13 +693,28 @@ def _forward(plan: _Plan, a, x, h0, reverse: bool, out_dtype) -> tuple[jax.Array
     part_dtype = _real_dtype(out_dtype)
     if plan.schedule == "tiled":
         h_parts, last_parts = _tiled_call(
-            a_parts, x_parts, h0_parts, reverse=reverse, block_length=plan.block_length,
-            block_channels=plan.block_channels, group=plan.group, acc=acc,
-            out_dtype=part_dtype, interpret=plan.interpret)
+            a_parts,
+            x_parts,
+            h0_parts,
+            reverse=reverse,
+            block_length=plan.block_length,
+            block_channels=plan.block_channels,
+            group=plan.group,
+            acc=acc,
+            out_dtype=part_dtype,
+            interpret=plan.interpret,
+        )
     else:
         h_parts, last_parts = _streaming_forward(
-            a_parts, x_parts, h0_parts, reverse=reverse, acc=acc, out_dtype=part_dtype,
-            interpret=plan.interpret, options=plan.streaming)
+            a_parts,
+            x_parts,
+            h0_parts,
+            reverse=reverse,
+            acc=acc,
+            out_dtype=part_dtype,
+            interpret=plan.interpret,
+            options=plan.streaming,
+        )
     return layout.merge(h_parts, out_dtype), layout.merge_state(last_parts)
 
 
@@ -639,8 +760,15 @@ def pallas_recurrence(
       in the accumulation dtype (``h_{L-1}``, or ``h_0`` when ``reverse``).
     """
     a, x, h0, dtype, out_dtype, is_complex = _check_inputs(a, x, h0, out_dtype)
-    plan = _plan(x.shape, [a.dtype, x.dtype], is_complex=is_complex, schedule=schedule,
-                 block_length=block_length, block_channels=block_channels, interpret=interpret)
+    plan = _plan(
+        x.shape,
+        [a.dtype, x.dtype],
+        is_complex=is_complex,
+        schedule=schedule,
+        block_length=block_length,
+        block_channels=block_channels,
+        interpret=interpret,
+    )
     return _forward(plan, a, x, h0, reverse, out_dtype)
 
 
@@ -663,8 +791,15 @@ def pallas_linear_recurrence(
     of ``a``, ``x`` and ``h0``. ``schedule`` and ``interpret`` as in :func:`pallas_recurrence`.
     """
     a, x, h0, dtype, out_dtype, is_complex = _check_inputs(a, x, h0, out_dtype)
-    plan = _plan(x.shape, [a.dtype, x.dtype], is_complex=is_complex, schedule=schedule,
-                 block_length=None, block_channels=None, interpret=interpret)
+    plan = _plan(
+        x.shape,
+        [a.dtype, x.dtype],
+        is_complex=is_complex,
+        schedule=schedule,
+        block_length=None,
+        block_channels=None,
+        interpret=interpret,
+    )
     return _differentiable(a, x, h0, reverse, out_dtype, plan)
 
 
@@ -689,14 +824,23 @@ def _differentiable_bwd(reverse, out_dtype, plan, residuals, g):
         def scan(a, x, h0, reverse):
             return _forward(plan, a, x, h0, reverse, acc)[0]
 
-        da, dx, dh0 = shifted_backward(scan, a.astype(acc), h.astype(acc), h0.astype(acc),
-                                       g.astype(acc), reverse)
+        da, dx, dh0 = shifted_backward(
+            scan, a.astype(acc), h.astype(acc), h0.astype(acc), g.astype(acc), reverse
+        )
         return _cotangent(da, a.dtype), _cotangent(dx, x_dtype), _cotangent(dh0, h0.dtype)
     layout, acc = plan.layout, plan.acc
     da, dx, dh0 = _streaming_backward(
-        layout.split(a, fill=1.0), layout.split(g), layout.split(h), layout.split_state(h0, acc),
-        reverse=reverse, acc=acc, interpret=plan.interpret, options=plan.streaming,
-        da_dtype=_real_dtype(a.dtype), dx_dtype=_real_dtype(x_dtype))
+        layout.split(a, fill=1.0),
+        layout.split(g),
+        layout.split(h),
+        layout.split_state(h0, acc),
+        reverse=reverse,
+        acc=acc,
+        interpret=plan.interpret,
+        options=plan.streaming,
+        da_dtype=_real_dtype(a.dtype),
+        dx_dtype=_real_dtype(x_dtype),
+    )
     return layout.merge(da, a.dtype), layout.merge(dx, x_dtype), layout.merge_state(dh0, h0.dtype)
 
 

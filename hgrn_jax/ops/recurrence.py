@@ -27,7 +27,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from hgrn_jax.ops.common import accumulation_dtype, check_inputs, chain_carries, shifted_backward
+from hgrn_jax.ops.common import accumulation_dtype, chain_carries, check_inputs, shifted_backward
 from hgrn_jax.ops.pallas_recurrence import pallas_linear_recurrence
 
 __all__ = ["METHODS", "Method", "default_method", "linear_recurrence", "shifted_backward"]
@@ -263,8 +263,9 @@ def _chunked(a, x, h0, reverse, chunk_size):
     # Within each chunk, with a zero carry in: cumulative decay and local states.
     decay, local = jax.lax.associative_scan(_combine, (a_c, x_c), reverse=reverse, axis=time_axis)
     edge = 0 if reverse else -1
-    carry_in, _ = chain_carries(decay[..., edge, :], local[..., edge, :], h0, reverse=reverse,
-                                axis=-2)
+    carry_in, _ = chain_carries(
+        decay[..., edge, :], local[..., edge, :], h0, reverse=reverse, axis=-2
+    )
     carry_in = carry_in[..., None, :]  # (..., num_chunks, 1, C)
     h = local + decay * carry_in
     return h.reshape(lead + (num_chunks * chunk, channels))[..., :length, :]

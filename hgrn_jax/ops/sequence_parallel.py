@@ -36,35 +36,45 @@ def _resolve_mesh(mesh, axis_name: str):
         raise ValueError(
             f"sequence parallelism over mesh axis {axis_name!r} needs a mesh with that axis; "
             f"the mesh in use has axes {names}: pass mesh=... or call inside "
-            "`with jax.set_mesh(mesh):`")
+            "`with jax.set_mesh(mesh):`"
+        )
     return mesh
 
 
 def _explicit_axes(mesh) -> set[str]:
-    return {n for n, t in zip(mesh.axis_names, mesh.axis_types)
-            if t == jax.sharding.AxisType.Explicit}
+    return {
+        n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == jax.sharding.AxisType.Explicit
+    }
 
 
 def _time_sharded_spec(x: jax.Array, axis_name: str) -> list:
     """``x``'s partition spec (its Explicit axes) with the time axis (-2) on ``axis_name``."""
     spec = list(jax.typeof(x).sharding.spec) + [None] * x.ndim
-    spec = [None if s == axis_name else s for s in spec[:x.ndim]]
+    spec = [None if s == axis_name else s for s in spec[: x.ndim]]
     spec[-2] = axis_name
     return spec
 
 
 def _local(a, x, h0, *, axis_name, reverse, method, chunk_size, out_dtype):
     acc = h0.dtype
-    _, final = linear_recurrence(a, x, reverse=reverse, method=method, chunk_size=chunk_size,
-                                 return_last_state=True, out_dtype=acc)
+    _, final = linear_recurrence(
+        a,
+        x,
+        reverse=reverse,
+        method=method,
+        chunk_size=chunk_size,
+        return_last_state=True,
+        out_dtype=acc,
+    )
     decay = jnp.prod(a.astype(acc), axis=-2)
     # Every shard gets all pairs and computes the same carries and final state.
     decays = jax.lax.all_gather(decay, axis_name, to="varying")
     finals = jax.lax.all_gather(final, axis_name, to="varying")
     carry_in, last = chain_carries(decays, finals, h0, reverse=reverse)
     carry = carry_in[jax.lax.axis_index(axis_name)]
-    h = linear_recurrence(a, x, carry, reverse=reverse, method=method, chunk_size=chunk_size,
-                          out_dtype=out_dtype)
+    h = linear_recurrence(
+        a, x, carry, reverse=reverse, method=method, chunk_size=chunk_size, out_dtype=out_dtype
+    )
     return h, last
 
 
@@ -103,7 +113,8 @@ def sharded_linear_recurrence(
     if length % shards:
         raise ValueError(
             f"sequence length {length} is not a multiple of the {shards} devices on mesh axis "
-            f"{axis_name!r}: pad the sequence to a multiple of {shards}")
+            f"{axis_name!r}: pad the sequence to a multiple of {shards}"
+        )
     acc = accumulation_dtype(dtype)
     out_dtype = out_dtype or dtype
     a = jnp.broadcast_to(a, x.shape)
@@ -117,11 +128,20 @@ def sharded_linear_recurrence(
     if explicit:
         a, x = jax.sharding.reshard(a, x_spec), jax.sharding.reshard(x, x_spec)
         h0 = jax.sharding.reshard(h0, state_spec)
-    body = functools.partial(_local, axis_name=axis_name, reverse=reverse, method=method,
-                             chunk_size=chunk_size, out_dtype=out_dtype)
+    body = functools.partial(
+        _local,
+        axis_name=axis_name,
+        reverse=reverse,
+        method=method,
+        chunk_size=chunk_size,
+        out_dtype=out_dtype,
+    )
     h, last = jax.shard_map(
-        body, mesh=mesh, in_specs=(x_spec, x_spec, state_spec),
-        out_specs=(x_spec, state_spec), axis_names={axis_name} | explicit,
+        body,
+        mesh=mesh,
+        in_specs=(x_spec, x_spec, state_spec),
+        out_specs=(x_spec, state_spec),
+        axis_names={axis_name} | explicit,
         # Unchecked: the Pallas interpreter's grid loop does not carry varying-axis types
         # (JAX 0.10). Gradients, the replicated final state's included, are tested.
         check_vma=False,

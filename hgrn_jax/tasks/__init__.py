@@ -9,14 +9,32 @@ reading ``config.data.source``.
 from hgrn_jax.data.errors import DatasetMissingError
 from hgrn_jax.tasks.losses import classification_loss, next_token_loss, soft_target_loss
 from hgrn_jax.tasks.protocol import Batch, Task
-from hgrn_jax.tasks.registry import (DATASETS, TASKS, build_model, dataset, get_task,
-                                     model_config, tfds_release)
+from hgrn_jax.tasks.registry import (
+    DATASETS,
+    TASKS,
+    build_model,
+    dataset,
+    get_task,
+    model_config,
+    tfds_release,
+)
 
 DataUnavailableError = DatasetMissingError
 """The one error for data that are missing or not prepared (the message says what to do)."""
 
 __all__ = [
-    "DATASETS", "TASKS", "Batch", "DataUnavailableError", "DatasetMissingError", "Task",
-    "build_model", "classification_loss", "dataset", "get_task", "model_config",
-    "next_token_loss", "soft_target_loss", "tfds_release",
+    "DATASETS",
+    "TASKS",
+    "Batch",
+    "DataUnavailableError",
+    "DatasetMissingError",
+    "Task",
+    "build_model",
+    "classification_loss",
+    "dataset",
+    "get_task",
+    "model_config",
+    "next_token_loss",
+    "soft_target_loss",
+    "tfds_release",
 ]

@@ -75,8 +75,10 @@ def model_config(config, kind: ModelKind) -> Any:
     known = {f.name for f in dataclasses.fields(kind.config_cls)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ValueError(f"config.model.{unknown[0]} is not a field of "
-                         f"{kind.config_cls.__name__}; valid fields: {', '.join(sorted(known))}")
+        raise ValueError(
+            f"config.model.{unknown[0]} is not a field of "
+            f"{kind.config_cls.__name__}; valid fields: {', '.join(sorted(known))}"
+        )
     return kind.config_cls(**fields)
 
 
@@ -88,14 +90,19 @@ def activation_dtype(name: str) -> jnp.dtype:
 
 def build_model(config, kind: ModelKind, rngs: nnx.Rngs) -> nnx.Module:
     """The model of ``config`` (activations in ``config.dtype``, float32 parameters)."""
-    return kind.model_cls(model_config(config, kind), dtype=activation_dtype(config.dtype),
-                          param_dtype=jnp.float32, rngs=rngs)
+    return kind.model_cls(
+        model_config(config, kind),
+        dtype=activation_dtype(config.dtype),
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
 
 
 def mode(model: nnx.Module, train: bool) -> nnx.Module:
     """A view of ``model`` with dropout and BatchNorm statistics set for training or eval."""
-    return nnx.view(model, deterministic=not train, use_running_average=not train,
-                    raise_if_not_found=False)
+    return nnx.view(
+        model, deterministic=not train, use_running_average=not train, raise_if_not_found=False
+    )
 
 
 # ----------------------------------------------------------------------------- settings
@@ -117,8 +124,10 @@ def settle(config, key: str, value: Any, why: str) -> None:
         config[section][name] = value
         return
     if plain(current) != plain(value):
-        raise ValueError(f"config.{key}={plain(current)} disagrees with {why}: set "
-                         f"--config.{key}={plain(value)}, or 0 to derive it")
+        raise ValueError(
+            f"config.{key}={plain(current)} disagrees with {why}: set "
+            f"--config.{key}={plain(value)}, or 0 to derive it"
+        )
 
 
 def check_vocab_size(config, size: int, what: str) -> None:
@@ -127,8 +136,10 @@ def check_vocab_size(config, size: int, what: str) -> None:
     if not config.model.vocab_size:
         config.model.vocab_size = int(size)
     elif size > config.model.vocab_size:
-        raise ValueError(f"config.model.vocab_size {config.model.vocab_size} is smaller than "
-                         f"{what} vocabulary ({size} ids); set --config.model.vocab_size={size}")
+        raise ValueError(
+            f"config.model.vocab_size {config.model.vocab_size} is smaller than "
+            f"{what} vocabulary ({size} ids); set --config.model.vocab_size={size}"
+        )
 
 
 def skip_bad_rows(config) -> bool:
@@ -170,8 +181,9 @@ class ArrayTask:
             hint = f"--config.data.source={self.stand_in}"
             if hint in str(error):
                 raise
-            raise DatasetMissingError(f"{error} (or train on the generated stand-in with "
-                                      f"{hint})") from error
+            raise DatasetMissingError(
+                f"{error} (or train on the generated stand-in with {hint})"
+            ) from error
 
     @classmethod
     def derive(cls, config):
@@ -188,7 +200,8 @@ class ArrayTask:
                 raise ValueError(
                     f"config.data.{key}={value!r} is not read by data.source={source!r}"
                     + (f" (it reads {readers})" if readers else " (it reads no data folder)")
-                    + f"; remove --config.data.{key}, or choose the source that reads it")
+                    + f"; remove --config.data.{key}, or choose the source that reads it"
+                )
 
     # -- what subclasses provide
 
@@ -211,19 +224,23 @@ class ArrayTask:
             self.examples("train")  # reading the data settles the vocabulary size
         return build_model(self.config, self.model_kind, rngs)
 
-    def train_batches(self, start_step: int, process_index: int = 0, process_count: int = 1
-                      ) -> Iterator[Batch]:
+    def train_batches(
+        self, start_step: int, process_index: int = 0, process_count: int = 1
+    ) -> Iterator[Batch]:
         """Process-local training batches for steps start_step, start_step + 1, ... (endless)."""
         batch_size = self.config.batch_size
         loader.process_slice(batch_size, process_index, process_count)  # fail before loading
         examples = self.examples("train")
         n = self.num_examples("train")
         if n < batch_size:
-            raise ValueError(f"the {self.name} training split has {n} examples, fewer than "
-                             f"batch_size {batch_size}; lower --config.batch_size")
+            raise ValueError(
+                f"the {self.name} training split has {n} examples, fewer than "
+                f"batch_size {batch_size}; lower --config.batch_size"
+            )
         for step in itertools.count(start_step):
-            rows = loader.train_rows(self.config.seed, step, n, batch_size, process_index,
-                                     process_count)
+            rows = loader.train_rows(
+                self.config.seed, step, n, batch_size, process_index, process_count
+            )
             yield self._train_batch(examples, rows, step, process_index, process_count)
 
     def _train_batch(self, examples, rows, step, process_index, process_count) -> Batch:
@@ -231,8 +248,9 @@ class ArrayTask:
         batch["weight"] = np.ones(len(rows), np.float32)
         return batch
 
-    def eval_batches(self, split: str, process_index: int = 0, process_count: int = 1
-                     ) -> Iterator[Batch]:
+    def eval_batches(
+        self, split: str, process_index: int = 0, process_count: int = 1
+    ) -> Iterator[Batch]:
         """Process-local batches covering ``split`` once; padding rows have weight 0."""
         if split not in EVAL_SPLITS:
             raise ValueError(f"unknown evaluation split {split!r}; use 'val' or 'test'")
@@ -240,17 +258,20 @@ class ArrayTask:
         loader.process_slice(batch_size, process_index, process_count, "eval_batch_size")
         examples = self.examples(split)
         n = self.num_examples(split)
-        for rows, valid in loader.eval_rows(n, batch_size, process_index, process_count,
-                                            "eval_batch_size"):
+        for rows, valid in loader.eval_rows(
+            n, batch_size, process_index, process_count, "eval_batch_size"
+        ):
             batch = self._batch(examples, rows)
             batch["weight"] = valid.astype(np.float32)
             yield batch
 
-    def loss_fn(self, model: nnx.Module, batch: dict, *, train: bool
-                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def loss_fn(
+        self, model: nnx.Module, batch: dict, *, train: bool
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         logits = self._forward(mode(model, train), batch)
-        return classification_loss(logits, batch["labels"], batch["weight"],
-                                   self.config.get("label_smoothing", 0.0))
+        return classification_loss(
+            logits, batch["labels"], batch["weight"], self.config.get("label_smoothing", 0.0)
+        )
 
     # -- examples
 
@@ -297,8 +318,13 @@ class PairTask(ArrayTask):
     def _batch(self, examples, rows):
         ids, mask = token_batch(examples["inputs"][rows], examples["lengths"][rows])
         ids2, mask2 = token_batch(examples["inputs2"][rows], examples["lengths2"][rows])
-        return {"inputs": ids, "mask": mask, "inputs2": ids2, "mask2": mask2,
-                "labels": np.asarray(examples["labels"][rows])}
+        return {
+            "inputs": ids,
+            "mask": mask,
+            "inputs2": ids2,
+            "mask2": mask2,
+            "labels": np.asarray(examples["labels"][rows]),
+        }
 
     def _forward(self, model, batch):
         return model(batch["inputs"], batch["mask"], batch["inputs2"], batch["mask2"])
@@ -326,14 +352,19 @@ class PixelTask(ArrayTask):
         config = super().derive(config)
         size = cls.image_size(config)
         if config.data.image_size and int(config.data.image_size) != size:
-            raise ValueError(f"data.image_size must be {size} for {cls.images}; got "
-                             f"{config.data.image_size} (or 0: the source's size)")
+            raise ValueError(
+                f"data.image_size must be {size} for {cls.images}; got "
+                f"{config.data.image_size} (or 0: the source's size)"
+            )
         config.data.image_size = size
-        settle(config, "model.grid_shape", (size, size),
-               f"data.image_size {size} (the grid is image_size x image_size)")
+        settle(
+            config,
+            "model.grid_shape",
+            (size, size),
+            f"data.image_size {size} (the grid is image_size x image_size)",
+        )
         settle(config, "data.seq_len", size * size, f"the {size} x {size} grid")
-        settle(config, "model.input_channels", cls.input_channels(config),
-               "the images' channels")
+        settle(config, "model.input_channels", cls.input_channels(config), "the images' channels")
         return config
 
     @classmethod
@@ -374,13 +405,20 @@ class TfdsRelease:
         from hgrn_jax.data import tfds_builders
 
         if not config.data.tfds_dir:
-            raise ValueError("set --config.data.tfds_dir=FOLDER: the tfds data folder to "
-                             "prepare into and read from")
+            raise ValueError(
+                "set --config.data.tfds_dir=FOLDER: the tfds data folder to "
+                "prepare into and read from"
+            )
         options = self.options(config)
-        source = tfds_builders.source_config(self.dataset, skip_bad_rows=skip_bad_rows(config),
-                                             **options)
-        return tfds_builders.builder(self.dataset, config.data.tfds_dir, source,
-                                     tokenizer_path=options.get("tokenizer_path", ""))
+        source = tfds_builders.source_config(
+            self.dataset, skip_bad_rows=skip_bad_rows(config), **options
+        )
+        return tfds_builders.builder(
+            self.dataset,
+            config.data.tfds_dir,
+            source,
+            tokenizer_path=options.get("tokenizer_path", ""),
+        )
 
     def is_prepared(self, config) -> bool:
         return bool(config.data.tfds_dir) and self.builder(config).is_prepared()
@@ -388,12 +426,16 @@ class TfdsRelease:
     def command(self, config) -> str:
         """The command preparing ``config``'s dataset (the paper config's file; its flags)."""
         if self.manual_dir_key == "wikitext_dir":
-            folder = (f"--config.data.wikitext_dir=WIKI_DIR --config.data.tokenizer_path="
-                      f"{config.data.tokenizer_path or 'TOKENIZER'}")
+            folder = (
+                f"--config.data.wikitext_dir=WIKI_DIR --config.data.tokenizer_path="
+                f"{config.data.tokenizer_path or 'TOKENIZER'}"
+            )
         else:
             folder = "--config.data.lra_dir=LRA_DIR"
-        return (f"python -m experiments.prepare --config={self.config_file} {folder} "
-                f"--config.data.tfds_dir={config.data.tfds_dir or 'TFDS_DIR'}")
+        return (
+            f"python -m experiments.prepare --config={self.config_file} {folder} "
+            f"--config.data.tfds_dir={config.data.tfds_dir or 'TFDS_DIR'}"
+        )
 
     def _missing(self, config, reason: str) -> DatasetMissingError:
         from hgrn_jax.data import tfds_builders
@@ -401,7 +443,8 @@ class TfdsRelease:
         layout = tfds_builders.layout(self.dataset)
         return DatasetMissingError(
             f"{config.task}: {reason}. Prepare it once from the manual folder with the training "
-            f"run's config flags:\n  {self.command(config)}\n{layout}(see docs/data.md)")
+            f"run's config flags:\n  {self.command(config)}\n{layout}(see docs/data.md)"
+        )
 
     def open_split(self, config, split: str):
         """The prepared ``split`` as columns (``column[rows]`` reads just those records)."""
@@ -425,9 +468,12 @@ class TfdsRelease:
         from hgrn_jax.data import tfds_builders
 
         options = self.options(config)
-        tfds_builders.check_sources(self.dataset, self.manual_dir(config),
-                                    resolution=options.get("resolution", 0),
-                                    tokenizer_path=options.get("tokenizer_path", ""))
+        tfds_builders.check_sources(
+            self.dataset,
+            self.manual_dir(config),
+            resolution=options.get("resolution", 0),
+            tokenizer_path=options.get("tokenizer_path", ""),
+        )
         tfds_builders.prepare(self.builder(config), self.manual_dir(config))
 
 
@@ -436,8 +482,9 @@ class PreparedTfds:
     checked at creation (present; the model's vocabulary holds the prepared ids)."""
 
     tfds_release: ClassVar[TfdsRelease]
-    reads: ClassVar[frozenset[str]] = frozenset({"tfds_dir", "lra_dir", "wikitext_dir",
-                                                 "tokenizer_path"})
+    reads: ClassVar[frozenset[str]] = frozenset(
+        {"tfds_dir", "lra_dir", "wikitext_dir", "tokenizer_path"}
+    )
     config: Any
     _examples: dict
 
@@ -474,8 +521,12 @@ class ReleaseOrPrepared:
         folder = release.manual_dir(config)
         if release.is_prepared(config) or not folder:
             return self.prepared
-        logging.info("%s: no prepared tfds data in data.tfds_dir=%s; reading the release "
-                     "files in %s", config.task, config.data.tfds_dir, folder)
+        logging.info(
+            "%s: no prepared tfds data in data.tfds_dir=%s; reading the release files in %s",
+            config.task,
+            config.data.tfds_dir,
+            folder,
+        )
         return self.files
 
     def __call__(self, config, name: str) -> ArrayTask:
@@ -508,8 +559,10 @@ class Dataset:
     def source(self, config) -> Any:
         source = config.data.source
         if source not in self.sources:
-            raise ValueError(f"data.source {source!r} is not available for task {self.name!r}; "
-                             f"choose one of {', '.join(self.sources)}")
+            raise ValueError(
+                f"data.source {source!r} is not available for task {self.name!r}; "
+                f"choose one of {', '.join(self.sources)}"
+            )
         return self.sources[source]
 
     def task(self, config) -> ArrayTask:

@@ -30,8 +30,12 @@ class ImageTask(PixelTask):
     @classmethod
     def derive(cls, config):
         config = super().derive(config)
-        settle(config, "model.num_classes", cls.num_classes, f"the {cls.num_classes} classes "
-               "of the data")
+        settle(
+            config,
+            "model.num_classes",
+            cls.num_classes,
+            f"the {cls.num_classes} classes of the data",
+        )
         return config
 
 
@@ -56,12 +60,18 @@ class Cifar10Tfds(ImageTask):
 
     def _load(self, split):
         data = self.config.data
-        return cifar.load_split(split, tfds_dir=data.tfds_dir, cache_dir=data.cache_dir,
-                                skip_bad_rows=skip_bad_rows(self.config))
+        return cifar.load_split(
+            split,
+            tfds_dir=data.tfds_dir,
+            cache_dir=data.cache_dir,
+            skip_bad_rows=skip_bad_rows(self.config),
+        )
 
     def _batch(self, examples, rows):
-        return {"inputs": cifar.normalise(examples["pixels"][rows], self.grayscale),
-                "labels": np.asarray(examples["labels"][rows])}
+        return {
+            "inputs": cifar.normalise(examples["pixels"][rows], self.grayscale),
+            "labels": np.asarray(examples["labels"][rows]),
+        }
 
     def _train_batch(self, examples, rows, step, process_index, process_count):
         seed, size = self.config.seed, self.config.batch_size
@@ -70,9 +80,11 @@ class Cifar10Tfds(ImageTask):
         if self.config.data.get("augment", True):
             params = cifar.crop_flip_params(loader.batch_rng(seed, step), size)
             pixels = cifar.crop_flip(pixels, *(p[local] for p in params))
-        return {"inputs": cifar.normalise(pixels, self.grayscale),
-                "labels": np.asarray(examples["labels"][rows]),
-                "weight": np.ones(len(rows), np.float32)}
+        return {
+            "inputs": cifar.normalise(pixels, self.grayscale),
+            "labels": np.asarray(examples["labels"][rows]),
+            "weight": np.ones(len(rows), np.float32),
+        }
 
 
 class ImageSynthetic(ImageTask):
@@ -87,10 +99,14 @@ class ImageSynthetic(ImageTask):
 
     def _load(self, split):
         images, labels = synthetic.bright_quadrant_images(
-            self._split_size(split), size=self.config.data.image_size,
-            channels=self.config.model.input_channels, seed=self._split_seed(split))
+            self._split_size(split),
+            size=self.config.data.image_size,
+            channels=self.config.model.input_channels,
+            seed=self._split_seed(split),
+        )
         return {"pixels": np.round(images * 255).astype(np.uint8), "labels": labels}
 
 
-DATASET = Dataset("image", models.CLASSIFIER,
-                  sources={"tfds": Cifar10Tfds, "synthetic": ImageSynthetic})
+DATASET = Dataset(
+    "image", models.CLASSIFIER, sources={"tfds": Cifar10Tfds, "synthetic": ImageSynthetic}
+)

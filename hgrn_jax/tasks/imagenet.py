@@ -46,8 +46,12 @@ class ImageNetTask(ArrayTask):
         size = int(config.data.image_size)
         settle(config, "model.image_size", (size, size), f"data.image_size {size}")
         patch = int(config.model.get("patch_size", 14))
-        settle(config, "data.seq_len", (size // patch) ** 2,
-               f"{size} x {size} images in patches of {patch}")
+        settle(
+            config,
+            "data.seq_len",
+            (size // patch) ** 2,
+            f"{size} x {size} images in patches of {patch}",
+        )
         classes = cls.classes(config)
         settle(config, "model.num_classes", classes, f"the {classes} classes of the data")
         return config
@@ -65,14 +69,19 @@ class ImageNetSynthetic(ImageNetTask):
 
     def _load(self, split):
         images, labels = synthetic.colour_images(
-            self._split_size(split), size=self.config.data.image_size,
-            num_classes=self.config.model.num_classes, seed=self._split_seed(split))
+            self._split_size(split),
+            size=self.config.data.image_size,
+            num_classes=self.config.model.num_classes,
+            seed=self._split_seed(split),
+        )
         return {"pixels": np.round(images * 255).astype(np.uint8), "labels": labels}
 
     def _batch(self, examples, rows):
         images = examples["pixels"][rows].astype(np.float32) / 255.0
-        return {"images": (images - imagenet.MEAN) / imagenet.STD,
-                "labels": examples["labels"][rows]}
+        return {
+            "images": (images - imagenet.MEAN) / imagenet.STD,
+            "labels": examples["labels"][rows],
+        }
 
 
 class ImageNetTfds(ImageNetTask):
@@ -95,14 +104,22 @@ class ImageNetTfds(ImageNetTask):
         c = self.config
         aug = c.data.augment
         return imagenet.BatchSpec(
-            tfds_dir=c.data.tfds_dir, image_size=int(c.data.image_size), seed=int(c.seed),
-            batch_size=int(c.batch_size), process_index=process_index,
-            process_count=process_count, num_classes=int(c.model.num_classes),
-            mixup=float(aug.mixup), cutmix=float(aug.cutmix),
-            switch_prob=float(aug.mixup_switch_prob), label_smoothing=float(c.label_smoothing),
-            random_erasing=float(aug.random_erasing), randaugment=str(aug.randaugment or ""),
+            tfds_dir=c.data.tfds_dir,
+            image_size=int(c.data.image_size),
+            seed=int(c.seed),
+            batch_size=int(c.batch_size),
+            process_index=process_index,
+            process_count=process_count,
+            num_classes=int(c.model.num_classes),
+            mixup=float(aug.mixup),
+            cutmix=float(aug.cutmix),
+            switch_prob=float(aug.mixup_switch_prob),
+            label_smoothing=float(c.label_smoothing),
+            random_erasing=float(aug.random_erasing),
+            randaugment=str(aug.randaugment or ""),
             skip_bad_rows=skip_bad_rows(c),
-            mixup_group_size=int(aug.get("mixup_group_size", imagenet.MIXUP_GROUP_SIZE)))
+            mixup_group_size=int(aug.get("mixup_group_size", imagenet.MIXUP_GROUP_SIZE)),
+        )
 
     def _threads(self) -> ThreadPoolExecutor:
         if getattr(self, "_pool", None) is None:
@@ -121,8 +138,9 @@ class ImageNetTfds(ImageNetTask):
             batch["weight"] = batch["weight"] * batch.pop("readable")
             yield batch
 
-    def train_batches(self, start_step: int, process_index: int = 0, process_count: int = 1
-                      ) -> Iterator[Batch]:
+    def train_batches(
+        self, start_step: int, process_index: int = 0, process_count: int = 1
+    ) -> Iterator[Batch]:
         spec = self._spec(process_index, process_count)
         loader.process_slice(spec.batch_size, process_index, process_count)  # validates
         n = self.num_examples("train")
@@ -148,5 +166,6 @@ class ImageNetTfds(ImageNetTask):
         return soft_target_loss(logits, batch["targets"], batch["labels"], batch["weight"])
 
 
-DATASET = Dataset("imagenet", models.IMAGE,
-                  sources={"tfds": ImageNetTfds, "synthetic": ImageNetSynthetic})
+DATASET = Dataset(
+    "imagenet", models.IMAGE, sources={"tfds": ImageNetTfds, "synthetic": ImageNetSynthetic}
+)

@@ -22,8 +22,15 @@ from hgrn_jax.data import listops as listops_data
 from hgrn_jax.data import listops_release
 from hgrn_jax.data.errors import DatasetMissingError
 from hgrn_jax.tasks import models
-from hgrn_jax.tasks.base import (Dataset, PreparedTfds, ReleaseOrPrepared, TfdsRelease,
-                                 TokenTask, check_vocab_size, skip_bad_rows)
+from hgrn_jax.tasks.base import (
+    Dataset,
+    PreparedTfds,
+    ReleaseOrPrepared,
+    TfdsRelease,
+    TokenTask,
+    check_vocab_size,
+    skip_bad_rows,
+)
 
 
 class ListOpsTask(TokenTask):
@@ -37,8 +44,12 @@ class ListOpsTask(TokenTask):
 
     def _options(self) -> dict:
         data = self.config.data
-        return dict(lra_dir=self._folder(), seq_len=data.seq_len,
-                    skip_bad_rows=skip_bad_rows(self.config), cache_dir=self._cache_dir())
+        return dict(
+            lra_dir=self._folder(),
+            seq_len=data.seq_len,
+            skip_bad_rows=skip_bad_rows(self.config),
+            cache_dir=self._cache_dir(),
+        )
 
     def _cache_dir(self) -> str:
         return str(self.config.data.cache_dir)
@@ -64,7 +75,8 @@ class ListOpsRelease(ListOpsTask):
                 "ListOps with data.source='release' reads basic_{train,val,test}.tsv from the "
                 "LRA release: set --config.data.lra_dir=FOLDER (lra_release/listops-1000 or its "
                 "parent), or generate a set of the same specification with "
-                "--config.data.source=generated")
+                "--config.data.source=generated"
+            )
         # The files are looked up when the examples are loaded.
 
 
@@ -78,15 +90,25 @@ class ListOpsGenerated(ListOpsTask):
     def _folder(self) -> str:
         data = self.config.data
         spec = listops_data.ListOpsSpec(
-            min_length=data.min_length, max_length=data.max_length, max_depth=data.max_depth,
-            max_args=data.max_args, num_train=data.train_examples, num_val=data.val_examples,
-            num_test=data.test_examples)
-        return str(Path(listops_data.ensure_generated(data.cache_dir, spec,
-                                                      int(data.generator_seed))))
+            min_length=data.min_length,
+            max_length=data.max_length,
+            max_depth=data.max_depth,
+            max_args=data.max_args,
+            num_train=data.train_examples,
+            num_val=data.val_examples,
+            num_test=data.test_examples,
+        )
+        return str(
+            Path(listops_data.ensure_generated(data.cache_dir, spec, int(data.generator_seed)))
+        )
 
 
-TFDS = TfdsRelease("listops", "lra_dir", lambda config: {"seq_len": int(config.data.seq_len)},
-                   "experiments/configs/lra/listops.py")
+TFDS = TfdsRelease(
+    "listops",
+    "lra_dir",
+    lambda config: {"seq_len": int(config.data.seq_len)},
+    "experiments/configs/lra/listops.py",
+)
 
 
 class ListOpsPrepared(PreparedTfds, ListOpsTask):
@@ -97,7 +119,12 @@ class ListOpsPrepared(PreparedTfds, ListOpsTask):
 
 
 DATASET = Dataset(
-    "listops", models.CLASSIFIER,
-    sources={"release": ReleaseOrPrepared(ListOpsRelease, ListOpsPrepared),
-             "prepared": ListOpsPrepared, "generated": ListOpsGenerated},
-    tfds=TFDS)
+    "listops",
+    models.CLASSIFIER,
+    sources={
+        "release": ReleaseOrPrepared(ListOpsRelease, ListOpsPrepared),
+        "prepared": ListOpsPrepared,
+        "generated": ListOpsGenerated,
+    },
+    tfds=TFDS,
+)

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 
 
-def classification_loss(logits: jax.Array, labels: jax.Array, weight: jax.Array,
-                        label_smoothing: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+def classification_loss(
+    logits: jax.Array, labels: jax.Array, weight: jax.Array, label_smoothing: float = 0.0
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted mean cross-entropy of logits (B, K) against labels (B,), and metric sums.
 
     With label smoothing s the target is ``(1 - s) * one_hot + s / K``. ``correct`` counts
@@ -19,8 +20,9 @@ def classification_loss(logits: jax.Array, labels: jax.Array, weight: jax.Array,
     return soft_target_loss(logits, targets, labels, weight)
 
 
-def soft_target_loss(logits: jax.Array, targets: jax.Array, labels: jax.Array, weight: jax.Array
-                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def soft_target_loss(
+    logits: jax.Array, targets: jax.Array, labels: jax.Array, weight: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted mean cross-entropy of logits (B, K) against target distributions (B, K) (e.g.
     Mixup / CutMix's); ``correct`` compares the arg-max with the hard ``labels`` (B,)."""
     logits = logits.astype(jnp.float32)
@@ -33,8 +35,9 @@ def soft_target_loss(logits: jax.Array, targets: jax.Array, labels: jax.Array, w
     return loss, {"loss_sum": loss_sum, "weight": weight_sum, "correct": correct}
 
 
-def next_token_loss(logits: jax.Array, targets: jax.Array, weight: jax.Array
-                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def next_token_loss(
+    logits: jax.Array, targets: jax.Array, weight: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted mean next-token cross-entropy; logits (B, T, V), targets (B, T), weight (B, T).
 
     ``weight`` in the sums counts tokens; perplexity = exp(loss_sum / weight).

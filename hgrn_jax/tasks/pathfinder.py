@@ -23,8 +23,14 @@ import numpy as np
 
 from hgrn_jax.data import pathfinder, synthetic
 from hgrn_jax.tasks import models
-from hgrn_jax.tasks.base import (Dataset, PixelTask, PreparedTfds, ReleaseOrPrepared, TfdsRelease,
-                                 skip_bad_rows)
+from hgrn_jax.tasks.base import (
+    Dataset,
+    PixelTask,
+    PreparedTfds,
+    ReleaseOrPrepared,
+    TfdsRelease,
+    skip_bad_rows,
+)
 
 
 class PathfinderTask(PixelTask):
@@ -48,9 +54,13 @@ class PathfinderRelease(PathfinderTask):
 
     def _load(self, split):
         data = self.config.data
-        return pathfinder.load_split(split, lra_dir=data.lra_dir, cache_dir=data.cache_dir,
-                                     resolution=self.resolution,
-                                     skip_bad_rows=skip_bad_rows(self.config))
+        return pathfinder.load_split(
+            split,
+            lra_dir=data.lra_dir,
+            cache_dir=data.cache_dir,
+            resolution=self.resolution,
+            skip_bad_rows=skip_bad_rows(self.config),
+        )
 
 
 class PathXRelease(PathfinderRelease):
@@ -61,8 +71,9 @@ class PathXRelease(PathfinderRelease):
 
 
 def _tfds(config_file: str, resolution: int) -> TfdsRelease:
-    return TfdsRelease("pathfinder", "lra_dir", lambda config: {"resolution": resolution},
-                       config_file)
+    return TfdsRelease(
+        "pathfinder", "lra_dir", lambda config: {"resolution": resolution}, config_file
+    )
 
 
 class PathfinderPrepared(PreparedTfds, PathfinderRelease):
@@ -87,19 +98,32 @@ class PathfinderSynthetic(PathfinderTask):
 
     def _load(self, split):
         data = self.config.data
-        images, labels = synthetic.path_images(self._split_size(split), size=data.image_size,
-                                               path_length=data.path_length,
-                                               seed=self._split_seed(split))
+        images, labels = synthetic.path_images(
+            self._split_size(split),
+            size=data.image_size,
+            path_length=data.path_length,
+            seed=self._split_seed(split),
+        )
         return {"pixels": np.round(images * 255).astype(np.uint8), "labels": labels}
 
 
 PATHFINDER = Dataset(
-    "pathfinder", models.CLASSIFIER,
-    sources={"release": ReleaseOrPrepared(PathfinderRelease, PathfinderPrepared),
-             "prepared": PathfinderPrepared, "synthetic": PathfinderSynthetic},
-    tfds=PathfinderPrepared.tfds_release)
+    "pathfinder",
+    models.CLASSIFIER,
+    sources={
+        "release": ReleaseOrPrepared(PathfinderRelease, PathfinderPrepared),
+        "prepared": PathfinderPrepared,
+        "synthetic": PathfinderSynthetic,
+    },
+    tfds=PathfinderPrepared.tfds_release,
+)
 PATHX = Dataset(
-    "pathx", models.CLASSIFIER,
-    sources={"release": ReleaseOrPrepared(PathXRelease, PathXPrepared),
-             "prepared": PathXPrepared, "synthetic": PathfinderSynthetic},
-    tfds=PathXPrepared.tfds_release)
+    "pathx",
+    models.CLASSIFIER,
+    sources={
+        "release": ReleaseOrPrepared(PathXRelease, PathXPrepared),
+        "prepared": PathXPrepared,
+        "synthetic": PathfinderSynthetic,
+    },
+    tfds=PathXPrepared.tfds_release,
+)

@@ -37,18 +37,19 @@ class Task(Protocol):
         """A fresh model (float32 parameters)."""
         ...
 
-    def train_batches(self, start_step: int, process_index: int = 0, process_count: int = 1
-                      ) -> Iterator[Batch]:
+    def train_batches(
+        self, start_step: int, process_index: int = 0, process_count: int = 1
+    ) -> Iterator[Batch]:
         """Process-local batches of steps ``start_step, start_step + 1, ...`` (endless)."""
         ...
 
-    def eval_batches(self, split: str, process_index: int = 0, process_count: int = 1
-                     ) -> Iterator[Batch]:
+    def eval_batches(
+        self, split: str, process_index: int = 0, process_count: int = 1
+    ) -> Iterator[Batch]:
         """Process-local batches covering ``split`` (``"val"`` or ``"test"``) once."""
         ...
 
-    def loss_fn(self, model: nnx.Module, batch: dict, *, train: bool
-                ) -> tuple[jax.Array, Metrics]:
+    def loss_fn(self, model: nnx.Module, batch: dict, *, train: bool) -> tuple[jax.Array, Metrics]:
         """``(mean loss, sums)``; sums hold ``loss_sum``, ``weight`` (and ``correct``), so that
         evaluation is exact when summed over batches."""
         ...

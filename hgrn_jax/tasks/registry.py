@@ -13,24 +13,26 @@ from flax import nnx
 from hgrn_jax.tasks import base, image, imagenet, listops, pathfinder, retrieval, text, wikitext103
 from hgrn_jax.tasks.base import ArrayTask, Dataset
 
-DATASETS: dict[str, Dataset] = {d.name: d for d in (
-    listops.DATASET,
-    text.DATASET,
-    retrieval.DATASET,
-    image.DATASET,
-    pathfinder.PATHFINDER,
-    pathfinder.PATHX,
-    imagenet.DATASET,
-    wikitext103.DATASET,
-)}
+DATASETS: dict[str, Dataset] = {
+    d.name: d
+    for d in (
+        listops.DATASET,
+        text.DATASET,
+        retrieval.DATASET,
+        image.DATASET,
+        pathfinder.PATHFINDER,
+        pathfinder.PATHX,
+        imagenet.DATASET,
+        wikitext103.DATASET,
+    )
+}
 TASKS = tuple(DATASETS)
 
 
 def dataset(config) -> Dataset:
     """The registry entry of ``config.task``; an unknown name lists the known ones."""
     if config.task not in DATASETS:
-        raise ValueError(f"unknown config.task {config.task!r}; choose one of "
-                         f"{', '.join(TASKS)}")
+        raise ValueError(f"unknown config.task {config.task!r}; choose one of {', '.join(TASKS)}")
     return DATASETS[config.task]
 
 
@@ -56,6 +58,8 @@ def tfds_release(config) -> base.TfdsRelease:
     """How ``config``'s dataset is prepared as tfds data; an error if it has no builder."""
     entry = dataset(config)
     if entry.tfds is None:
-        raise ValueError(f"task {entry.name!r} has no tfds builder to prepare; "
-                         f"{', '.join(n for n, d in DATASETS.items() if d.tfds)} have one")
+        raise ValueError(
+            f"task {entry.name!r} has no tfds builder to prepare; "
+            f"{', '.join(n for n, d in DATASETS.items() if d.tfds)} have one"
+        )
     return entry.tfds

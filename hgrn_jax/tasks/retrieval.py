@@ -18,8 +18,15 @@ import numpy as np
 
 from hgrn_jax.data import retrieval, synthetic
 from hgrn_jax.tasks import models
-from hgrn_jax.tasks.base import (Dataset, PairTask, PreparedTfds, ReleaseOrPrepared, TfdsRelease,
-                                 check_vocab_size, skip_bad_rows)
+from hgrn_jax.tasks.base import (
+    Dataset,
+    PairTask,
+    PreparedTfds,
+    ReleaseOrPrepared,
+    TfdsRelease,
+    check_vocab_size,
+    skip_bad_rows,
+)
 
 
 class RetrievalTask(PairTask):
@@ -37,15 +44,23 @@ class AanRelease(RetrievalTask):
 
     def _load(self, split):
         data = self.config.data
-        options = dict(lra_dir=data.lra_dir, cache_dir=data.cache_dir, seq_len=data.seq_len,
-                       skip_bad_rows=skip_bad_rows(self.config))
+        options = dict(
+            lra_dir=data.lra_dir,
+            cache_dir=data.cache_dir,
+            seq_len=data.seq_len,
+            skip_bad_rows=skip_bad_rows(self.config),
+        )
         vocab = retrieval.vocabulary(**options)
         check_vocab_size(self.config, len(vocab), "the AAN training documents' character")
         return retrieval.load_split(split, **options)
 
 
-TFDS = TfdsRelease("retrieval", "lra_dir", lambda config: {"seq_len": int(config.data.seq_len)},
-                   "experiments/configs/lra/retrieval.py")
+TFDS = TfdsRelease(
+    "retrieval",
+    "lra_dir",
+    lambda config: {"seq_len": int(config.data.seq_len)},
+    "experiments/configs/lra/retrieval.py",
+)
 
 
 class AanPrepared(PreparedTfds, RetrievalTask):
@@ -66,16 +81,26 @@ class RetrievalSynthetic(RetrievalTask):
 
     def _load(self, split):
         docs1, docs2, labels = synthetic.pattern_pair_documents(
-            self._split_size(split), length=self.config.data.seq_len,
-            seed=self._split_seed(split))
+            self._split_size(split), length=self.config.data.seq_len, seed=self._split_seed(split)
+        )
         n, length = docs1.shape
         lengths = np.full(n, length, np.int32)
-        return {"inputs": docs1, "lengths": lengths, "inputs2": docs2, "lengths2": lengths,
-                "labels": labels}
+        return {
+            "inputs": docs1,
+            "lengths": lengths,
+            "inputs2": docs2,
+            "lengths2": lengths,
+            "labels": labels,
+        }
 
 
 DATASET = Dataset(
-    "retrieval", models.CLASSIFIER,
-    sources={"release": ReleaseOrPrepared(AanRelease, AanPrepared), "prepared": AanPrepared,
-             "synthetic": RetrievalSynthetic},
-    tfds=TFDS)
+    "retrieval",
+    models.CLASSIFIER,
+    sources={
+        "release": ReleaseOrPrepared(AanRelease, AanPrepared),
+        "prepared": AanPrepared,
+        "synthetic": RetrievalSynthetic,
+    },
+    tfds=TFDS,
+)

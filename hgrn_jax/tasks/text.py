@@ -29,8 +29,12 @@ class ImdbTfds(TokenTask):
 
     def _load(self, split):
         data = self.config.data
-        options = dict(tfds_dir=data.tfds_dir, cache_dir=data.cache_dir, seq_len=data.seq_len,
-                       skip_bad_rows=skip_bad_rows(self.config))
+        options = dict(
+            tfds_dir=data.tfds_dir,
+            cache_dir=data.cache_dir,
+            seq_len=data.seq_len,
+            skip_bad_rows=skip_bad_rows(self.config),
+        )
         vocab = text.vocabulary(**options)
         check_vocab_size(self.config, len(vocab), "the IMDB training reviews' character")
         return text.load_split(split, **options)
@@ -49,10 +53,11 @@ class TextSynthetic(TokenTask):
 
     def _load(self, split):
         docs, lengths, labels = synthetic.keyword_documents(
-            self._split_size(split), max_bytes=self.config.data.seq_len,
-            seed=self._split_seed(split))
+            self._split_size(split),
+            max_bytes=self.config.data.seq_len,
+            seed=self._split_seed(split),
+        )
         return {"inputs": docs, "lengths": lengths, "labels": labels}
 
 
-DATASET = Dataset("text", models.CLASSIFIER,
-                  sources={"tfds": ImdbTfds, "synthetic": TextSynthetic})
+DATASET = Dataset("text", models.CLASSIFIER, sources={"tfds": ImdbTfds, "synthetic": TextSynthetic})

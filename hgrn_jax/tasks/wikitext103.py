@@ -20,8 +20,14 @@ import numpy as np
 
 from hgrn_jax.data import synthetic, wikitext
 from hgrn_jax.tasks import models
-from hgrn_jax.tasks.base import (ArrayTask, Dataset, PreparedTfds, ReleaseOrPrepared, TfdsRelease,
-                                 mode)
+from hgrn_jax.tasks.base import (
+    ArrayTask,
+    Dataset,
+    PreparedTfds,
+    ReleaseOrPrepared,
+    TfdsRelease,
+    mode,
+)
 from hgrn_jax.tasks.losses import next_token_loss
 
 
@@ -54,22 +60,32 @@ class WikiTextRelease(LanguageModelTask):
         if not self.config.model.vocab_size:
             self.config.model.vocab_size = tokenizer.vocab_size
         if tokenizer.vocab_size > self.config.model.vocab_size:
-            raise ValueError(f"config.model.vocab_size {self.config.model.vocab_size} is smaller "
-                             f"than the tokenizer's vocabulary ({tokenizer.vocab_size}); set "
-                             f"--config.model.vocab_size={tokenizer.vocab_size} or larger")
+            raise ValueError(
+                f"config.model.vocab_size {self.config.model.vocab_size} is smaller "
+                f"than the tokenizer's vocabulary ({tokenizer.vocab_size}); set "
+                f"--config.model.vocab_size={tokenizer.vocab_size} or larger"
+            )
 
     def _load(self, split):
         data = self.config.data
-        tokens, _ = wikitext.load_tokens(split, wikitext_dir=data.wikitext_dir,
-                                         tokenizer_path=data.tokenizer_path,
-                                         cache_dir=data.cache_dir)
+        tokens, _ = wikitext.load_tokens(
+            split,
+            wikitext_dir=data.wikitext_dir,
+            tokenizer_path=data.tokenizer_path,
+            cache_dir=data.cache_dir,
+        )
         return {"ids": wikitext.blocks(tokens, int(data.seq_len))}
 
 
-TFDS = TfdsRelease("wikitext103", "wikitext_dir",
-                   lambda config: {"seq_len": int(config.data.seq_len),
-                                   "tokenizer_path": str(config.data.tokenizer_path)},
-                   "experiments/configs/lm/wikitext103.py")
+TFDS = TfdsRelease(
+    "wikitext103",
+    "wikitext_dir",
+    lambda config: {
+        "seq_len": int(config.data.seq_len),
+        "tokenizer_path": str(config.data.tokenizer_path),
+    },
+    "experiments/configs/lm/wikitext103.py",
+)
 
 
 class WikiTextPrepared(PreparedTfds, LanguageModelTask):
@@ -94,19 +110,28 @@ class WikiTextSynthetic(LanguageModelTask):
         size = data.train_bytes if split == "train" else data.eval_bytes
         corpus = synthetic.arithmetic_corpus(int(size), seed=self._split_seed(split))
         if corpus.max() >= self.config.model.vocab_size:
-            raise ValueError(f"config.model.vocab_size {self.config.model.vocab_size} is too "
-                             "small for a byte corpus; use 256")
+            raise ValueError(
+                f"config.model.vocab_size {self.config.model.vocab_size} is too "
+                "small for a byte corpus; use 256"
+            )
         t = int(data.seq_len)
         num = (len(corpus) - 1) // t
         if num < 1:
-            raise ValueError(f"the {split} corpus ({len(corpus)} tokens) is shorter than "
-                             f"data.seq_len + 1 = {t + 1}")
+            raise ValueError(
+                f"the {split} corpus ({len(corpus)} tokens) is shorter than "
+                f"data.seq_len + 1 = {t + 1}"
+            )
         windows = np.lib.stride_tricks.sliding_window_view(corpus, t + 1)[::t][:num]
         return {"ids": np.ascontiguousarray(windows)}
 
 
 DATASET = Dataset(
-    "wikitext103", models.LM,
-    sources={"release": ReleaseOrPrepared(WikiTextRelease, WikiTextPrepared),
-             "prepared": WikiTextPrepared, "synthetic": WikiTextSynthetic},
-    tfds=TFDS)
+    "wikitext103",
+    models.LM,
+    sources={
+        "release": ReleaseOrPrepared(WikiTextRelease, WikiTextPrepared),
+        "prepared": WikiTextPrepared,
+        "synthetic": WikiTextSynthetic,
+    },
+    tfds=TFDS,
+)

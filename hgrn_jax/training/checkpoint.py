@@ -29,12 +29,21 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from hgrn_jax.training import agreement, integrity
-from hgrn_jax.training.integrity import (CheckpointError, CheckpointUnreadableError,
-                                         DamagedCheckpointError)
+from hgrn_jax.training.integrity import (
+    CheckpointError,
+    CheckpointUnreadableError,
+    DamagedCheckpointError,
+)
 
-__all__ = ["CheckpointError", "CheckpointFallbackWarning", "CheckpointMismatchError",
-           "CheckpointUnreadableError", "CheckpointUnverifiedWarning", "Checkpoints",
-           "DamagedCheckpointError"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointFallbackWarning",
+    "CheckpointMismatchError",
+    "CheckpointUnreadableError",
+    "CheckpointUnverifiedWarning",
+    "Checkpoints",
+    "DamagedCheckpointError",
+]
 
 
 def _drop_untracked_metric_notice(record: logging.LogRecord) -> bool:
@@ -68,8 +77,11 @@ def _key_name(key: Any) -> str:
 def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     """``"params/embed/embedding" -> (shape, dtype)`` of every array leaf of ``tree``."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(_key_name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
-            for path, leaf in leaves if hasattr(leaf, "shape")}
+    return {
+        "/".join(_key_name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+        for path, leaf in leaves
+        if hasattr(leaf, "shape")
+    }
 
 
 class Checkpoints:
@@ -85,17 +97,29 @@ class Checkpoints:
         so training continues at once and may donate the state's buffers).
     """
 
-    def __init__(self, directory: str | Path, *, keep: int = 2, best_metric: str | None = None,
-                 best_mode: str = "max", async_save: bool = True):
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        keep: int = 2,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+        async_save: bool = True,
+    ):
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', not {best_mode!r}")
         self.directory = Path(directory).absolute()
         self.best_metric, self.best_mode = best_metric, best_mode
         keep_policies: list[Any] = [policies.LatestN(n=max(int(keep), 1))]
         if best_metric is not None:
-            keep_policies.append(policies.BestN(
-                get_metric_fn=lambda metrics: metrics[best_metric],
-                reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False))
+            keep_policies.append(
+                policies.BestN(
+                    get_metric_fn=lambda metrics: metrics[best_metric],
+                    reverse=best_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             # best_fn makes Orbax store the metrics with each checkpoint; what is kept is
             # decided by the preservation policy alone.
@@ -109,9 +133,13 @@ class Checkpoints:
         self.async_save = async_save
         self.primary = jax.process_index() == 0
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()})
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
 
     def all_steps(self) -> list[int]:
         """Steps of the finished checkpoints, ascending."""
@@ -120,8 +148,9 @@ class Checkpoints:
     def step_folder(self, step: int) -> Path:
         return self.directory / str(step)
 
-    def save(self, step: int, tree: Any, meta: dict, metrics: dict[str, float] | None = None
-             ) -> None:
+    def save(
+        self, step: int, tree: Any, meta: dict, metrics: dict[str, float] | None = None
+    ) -> None:
         """Start saving ``tree`` (arrays) and ``meta`` (JSON) as checkpoint ``step``.
 
         Orbax finishes the previous asynchronous save first; its checksums are recorded then."""
@@ -143,34 +172,47 @@ class Checkpoints:
                 try:
                     integrity.write_manifest(folder)
                 except OSError as error:  # the run goes on; this checkpoint stays unverified
-                    warnings.warn(f"could not record the checksums of {folder} ({error}); it will "
-                                  "be restored unverified", RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"could not record the checksums of {folder} ({error}); it will "
+                        "be restored unverified",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
 
     def check_structure(self, step: int, target: Any) -> None:
         """Raise :class:`CheckpointMismatchError` when checkpoint ``step`` holds arrays of other
         names, shapes or dtypes than ``target`` (a changed model or optimizer)."""
         try:
             stored = self.manager.item_metadata(step)["state"]
-        except Exception as error:  # noqa: BLE001 (unreadable metadata: damaged)
+        except Exception as error:
             raise integrity.DamagedCheckpointError(
                 f"{self.step_folder(step)}: its array metadata cannot be read "
-                f"({type(error).__name__}: {str(error)[:200]})") from None
+                f"({type(error).__name__}: {str(error)[:200]})"
+            ) from None
         stored_tree = getattr(stored, "tree", stored)
         if stored_tree is None:
             raise integrity.DamagedCheckpointError(
-                f"{self.step_folder(step)}: its array metadata is missing")
+                f"{self.step_folder(step)}: its array metadata is missing"
+            )
         have = _shapes(stored_tree)
         want = _shapes(target)
         problems = [f"{key}: missing in the checkpoint" for key in sorted(set(want) - set(have))]
-        problems += [f"{key}: not in the new model/optimizer" for key in sorted(set(have) - set(want))]
-        problems += [f"{key}: checkpoint {have[key]}, now {want[key]}"
-                     for key in sorted(set(have) & set(want)) if have[key] != want[key]]
+        problems += [
+            f"{key}: not in the new model/optimizer" for key in sorted(set(have) - set(want))
+        ]
+        problems += [
+            f"{key}: checkpoint {have[key]}, now {want[key]}"
+            for key in sorted(set(have) & set(want))
+            if have[key] != want[key]
+        ]
         if problems:
-            listed = "; ".join(problems[:4]) + (f"; ... ({len(problems)} in all)"
-                                                 if len(problems) > 4 else "")
+            listed = "; ".join(problems[:4]) + (
+                f"; ... ({len(problems)} in all)" if len(problems) > 4 else ""
+            )
             raise CheckpointMismatchError(
                 f"checkpoint {self.step_folder(step)} holds a different model or optimizer state "
-                f"({listed}); resume with the config it was saved with, or use a new --workdir")
+                f"({listed}); resume with the config it was saved with, or use a new --workdir"
+            )
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict]:
         """Checkpoint ``step`` as ``(tree, meta)``; ``target`` gives shapes, dtypes, shardings.
@@ -186,8 +228,11 @@ class Checkpoints:
             try:
                 checked = integrity.verify(self.step_folder(step))
                 if isinstance(checked, integrity.Unverified):
-                    warnings.warn(f"checkpoint at step {step}: {checked.reason}; restoring it "
-                                  "unverified", CheckpointUnverifiedWarning, stacklevel=3)
+                    warnings.warn(
+                        f"checkpoint at step {step}: {checked.reason}; restoring it unverified",
+                        CheckpointUnverifiedWarning,
+                        stacklevel=3,
+                    )
                 self.check_structure(step, target)
             except integrity.DamagedCheckpointError as damaged:
                 code, error = 1, damaged
@@ -197,42 +242,59 @@ class Checkpoints:
         if code == 1:
             raise self._moved(step, error)
         if code == 2:
-            raise error if error is not None else agreement.StoppedByProcessZero(
-                f"process 0 cannot use checkpoint {step}; its log gives the reason")
+            raise (
+                error
+                if error is not None
+                else agreement.StoppedByProcessZero(
+                    f"process 0 cannot use checkpoint {step}; its log gives the reason"
+                )
+            )
         verified = self.primary and integrity.has_manifest(self.step_folder(step))
         failure = None
         try:
-            args = ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                      meta=ocp.args.JsonRestore())
+            args = ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            )
             restored = self.manager.restore(step, args=args)
-        except Exception as exc:  # noqa: BLE001 (classified below)
+        except Exception as exc:
             failure = exc
         if not agreement.any_process(failure is not None):
             return restored.state, dict(restored.meta)
-        text = f"{type(failure).__name__}: {str(failure)[:300]}" if failure else "on another process"
+        text = (
+            f"{type(failure).__name__}: {str(failure)[:300]}" if failure else "on another process"
+        )
         local_unreadable = isinstance(failure, OSError) or "PERMISSION_DENIED" in text
         if agreement.any_process(local_unreadable):
             if isinstance(failure, OSError):
                 raise integrity.classify_os_error(failure, self.step_folder(step)) from None
             raise integrity.CheckpointUnreadableError(
                 f"cannot read checkpoint {self.step_folder(step)} ({text[:200]}); give this user "
-                "read access to it (or fix the file system) and run again") from None
+                "read access to it (or fix the file system) and run again"
+            ) from None
         if agreement.broadcast_code(int(verified)):
             raise integrity.CheckpointError(
                 f"checkpoint {self.step_folder(step)} passes its checksums but does not restore "
-                f"({text}); nothing was changed. Rerun with --traceback and report it") from None
-        raise self._moved(step, integrity.DamagedCheckpointError(
-            f"{self.step_folder(step)} does not restore ({text})"))
+                f"({text}); nothing was changed. Rerun with --traceback and report it"
+            ) from None
+        raise self._moved(
+            step,
+            integrity.DamagedCheckpointError(f"{self.step_folder(step)} does not restore ({text})"),
+        )
 
     def _moved(self, step: int, error: BaseException | None) -> integrity.DamagedCheckpointError:
         """Move checkpoint ``step`` aside (process 0), warn, and return the error to raise."""
         reason = str(error) if error is not None else "damaged (process 0's log says why)"
         destination = self.move_aside(step)
-        warnings.warn(f"checkpoint at step {step} in {self.directory} is damaged ({reason}); "
-                      f"moved it to {destination} (kept, not deleted); falling back to the "
-                      "previous checkpoint", CheckpointFallbackWarning, stacklevel=3)
-        return integrity.DamagedCheckpointError(f"checkpoint at step {step}: {reason}; moved "
-                                                f"to {destination}")
+        warnings.warn(
+            f"checkpoint at step {step} in {self.directory} is damaged ({reason}); "
+            f"moved it to {destination} (kept, not deleted); falling back to the "
+            "previous checkpoint",
+            CheckpointFallbackWarning,
+            stacklevel=3,
+        )
+        return integrity.DamagedCheckpointError(
+            f"checkpoint at step {step}: {reason}; moved to {destination}"
+        )
 
     def move_aside(self, step: int) -> Path:
         """Rename checkpoint ``step`` into ``<directory>.damaged/`` (process 0) and forget it.
@@ -275,8 +337,11 @@ class Checkpoints:
     def best_step(self) -> int | None:
         """The step whose ``best_metric`` is best, or None. On ties the later step wins, as in
         Orbax's BestN policy, so the step returned is one that was kept."""
-        scored = [(step, m[self.best_metric]) for step in self.all_steps()
-                  if (m := self.metrics(step)) is not None and self.best_metric in m]
+        scored = [
+            (step, m[self.best_metric])
+            for step in self.all_steps()
+            if (m := self.metrics(step)) is not None and self.best_metric in m
+        ]
         if not scored:
             return None
         sign = 1.0 if self.best_mode == "max" else -1.0

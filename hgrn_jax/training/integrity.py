@@ -59,10 +59,12 @@ def classify_os_error(error: OSError, path: str | Path) -> CheckpointError:
     if isinstance(error, PermissionError) or error.errno in (errno.EACCES, errno.EPERM):
         return CheckpointUnreadableError(
             f"cannot read {path} (permission denied); give this user read access to the "
-            "checkpoint folder (e.g. chmod -R u+rX) and run again")
+            "checkpoint folder (e.g. chmod -R u+rX) and run again"
+        )
     return CheckpointUnreadableError(
         f"cannot read {path} ({error.strerror or error}); check the disk or file system and run "
-        "again")
+        "again"
+    )
 
 
 def _digest(path: Path) -> tuple[int, str]:
@@ -122,8 +124,10 @@ def verify(folder: str | Path) -> Verified | Unverified:
                 with open(path, "rb") as f:
                     while f.read(_CHUNK):
                         pass
-            return Unverified(f"{folder} has no {MANIFEST} (saved before checksums were recorded, "
-                              "or the run stopped right after saving it)")
+            return Unverified(
+                f"{folder} has no {MANIFEST} (saved before checksums were recorded, "
+                "or the run stopped right after saving it)"
+            )
         try:
             manifest = json.loads(manifest_path.read_text())
             expected = manifest["files"]
@@ -134,7 +138,8 @@ def verify(folder: str | Path) -> Verified | Unverified:
             size, sha = _digest(path)
             if size != record["size"]:
                 raise DamagedCheckpointError(
-                    f"{path} has {size} bytes; {record['size']} were written (truncated?)")
+                    f"{path} has {size} bytes; {record['size']} were written (truncated?)"
+                )
             if sha != record["sha256"]:
                 raise DamagedCheckpointError(f"{path} fails its SHA-256 checksum (changed on disk)")
         return Verified(len(expected))

@@ -113,8 +113,9 @@ class ProgressBar:
 
             # A terminal that reports 0 columns (some pseudo-terminals) gets the default width.
             width = shutil.get_terminal_size().columns or 100
-            self._bar = tqdm(total=total, initial=initial, unit="step", ncols=min(width, 120),
-                             smoothing=0.1)
+            self._bar = tqdm(
+                total=total, initial=initial, unit="step", ncols=min(width, 120), smoothing=0.1
+            )
 
     def update(self, steps: int, **postfix: float) -> None:
         if self._bar is not None:
@@ -152,8 +153,11 @@ def config_changes(workdir: str | Path, config: Any) -> list[str]:
     old = _flatten(json.loads(path.read_text()))
     as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     new = _flatten(json.loads(json.dumps(_jsonable(as_dict))))
-    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
 
 
 def write_config(workdir: str | Path, config: Any) -> None:

@@ -35,15 +35,25 @@ import numpy as np
 from hgrn_jax import sharding
 from hgrn_jax.tasks.protocol import Task
 from hgrn_jax.training import agreement, optim, podlog, preflight, watchdog
-from hgrn_jax.training.checkpoint import Checkpoints, CheckpointError, DamagedCheckpointError
+from hgrn_jax.training.checkpoint import CheckpointError, Checkpoints, DamagedCheckpointError
 from hgrn_jax.training.logging import MetricsWriter, write_config, write_results
-from hgrn_jax.training.state import (TrainState, abstract_checkpoint_tree, count_params,
-                                     create_train_state, from_checkpoint_tree, release_buffers,
-                                     to_checkpoint_tree)
-from hgrn_jax.training.steps import (jit_eval_step, jit_train_step, make_eval_step,
-                                     make_train_step)
-from hgrn_jax.training.workdir import (ConfigChangeWarning, WorkdirError, WorkdirLock,
-                                       check_resume, not_writable)
+from hgrn_jax.training.state import (
+    TrainState,
+    abstract_checkpoint_tree,
+    count_params,
+    create_train_state,
+    from_checkpoint_tree,
+    release_buffers,
+    to_checkpoint_tree,
+)
+from hgrn_jax.training.steps import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+from hgrn_jax.training.workdir import (
+    ConfigChangeWarning,
+    WorkdirError,
+    WorkdirLock,
+    check_resume,
+    not_writable,
+)
 
 PREEMPTED_EXIT_CODE = 0
 """Exit code of ``experiments.train`` after a SIGTERM: the checkpoint is safe; rerun to resume."""
@@ -62,8 +72,10 @@ class Preempted(Exception):
 
     def __init__(self, step: int, workdir: str | Path):
         self.step, self.workdir = step, workdir
-        super().__init__(f"preempted (SIGTERM): saved a checkpoint at step {step} in {workdir}; "
-                         "run the same command again to resume")
+        super().__init__(
+            f"preempted (SIGTERM): saved a checkpoint at step {step} in {workdir}; "
+            "run the same command again to resume"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,7 +110,7 @@ class _SigtermFlag:
         self.requested = False
         self._previous = None
 
-    def __enter__(self) -> "_SigtermFlag":
+    def __enter__(self) -> _SigtermFlag:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
@@ -141,11 +153,15 @@ def _config_int(config: Any, key: str, default: int) -> int:
 def _check_batch_size(config: Any, mesh) -> None:
     shards, processes = sharding.num_batch_shards(mesh), jax.process_count()
     if config.batch_size % processes:
-        raise ValueError(f"batch_size={config.batch_size} must be a multiple of the number of "
-                         f"processes ({processes}); set --config.batch_size accordingly")
+        raise ValueError(
+            f"batch_size={config.batch_size} must be a multiple of the number of "
+            f"processes ({processes}); set --config.batch_size accordingly"
+        )
     if config.batch_size % shards:
-        raise ValueError(f"batch_size={config.batch_size} does not split over the mesh's {shards} "
-                         "batch shards (data x fsdp); change --config.batch_size or --config.mesh.*")
+        raise ValueError(
+            f"batch_size={config.batch_size} does not split over the mesh's {shards} "
+            "batch shards (data x fsdp); change --config.batch_size or --config.mesh.*"
+        )
 
 
 def resolve_task(config: Any) -> Task:
@@ -159,8 +175,10 @@ def resolve_task(config: Any) -> Task:
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as error:
-            raise ValueError(f"config.task={name!r}: cannot import {attr!r} from {module_name!r} "
-                             f"({error}); use a task name or 'module:factory'") from error
+            raise ValueError(
+                f"config.task={name!r}: cannot import {attr!r} from {module_name!r} "
+                f"({error}); use a task name or 'module:factory'"
+            ) from error
         return factory(config)
     from hgrn_jax.tasks import get_task
 
@@ -177,8 +195,11 @@ class Run:
         self.primary = jax.process_index() == 0
         self.task = task if task is not None else resolve_task(config)
         mesh_cfg = config.get("mesh", {}) if hasattr(config, "get") else {}
-        self.mesh = sharding.make_mesh(int(mesh_cfg.get("data", -1)), int(mesh_cfg.get("fsdp", 1)),
-                                       int(mesh_cfg.get("model", 1)))
+        self.mesh = sharding.make_mesh(
+            int(mesh_cfg.get("data", -1)),
+            int(mesh_cfg.get("fsdp", 1)),
+            int(mesh_cfg.get("model", 1)),
+        )
         _check_batch_size(config, self.mesh)
         self.schedule = None
 
@@ -187,22 +208,36 @@ class Run:
             return tx
 
         self.graphdef, self.tx, self.state, self.shardings = create_train_state(
-            self.task.build_model, make_tx, int(config.seed), self.mesh)
+            self.task.build_model, make_tx, int(config.seed), self.mesh
+        )
         self.num_params = count_params(self.state.params)
         accumulate = int(dict(config.optimizer).get("accumulate_steps", 1) or 1)
         self.train_step = jit_train_step(
-            make_train_step(self.graphdef, self.tx, self.task.loss_fn, self.schedule,
-                            accumulate_steps=accumulate), self.shardings, self.mesh)
-        self.eval_step = jit_eval_step(make_eval_step(self.graphdef, self.task.loss_fn),
-                                       self.shardings, self.mesh)
+            make_train_step(
+                self.graphdef,
+                self.tx,
+                self.task.loss_fn,
+                self.schedule,
+                accumulate_steps=accumulate,
+            ),
+            self.shardings,
+            self.mesh,
+        )
+        self.eval_step = jit_eval_step(
+            make_eval_step(self.graphdef, self.task.loss_fn), self.shardings, self.mesh
+        )
         self.metric = self.task.metric
         self.best_mode = "max" if self.metric == "accuracy" else "min"
         self.best_key = f"val_{self.metric}"
-        self.checkpoints = Checkpoints(self.workdir / "checkpoints",
-                                       keep=_config_int(config, "keep_checkpoints", 2),
-                                       best_metric=self.best_key, best_mode=self.best_mode)
+        self.checkpoints = Checkpoints(
+            self.workdir / "checkpoints",
+            keep=_config_int(config, "keep_checkpoints", 2),
+            best_metric=self.best_key,
+            best_mode=self.best_mode,
+        )
         self.ckpt_target = abstract_checkpoint_tree(
-            jax.eval_shape(lambda s: s, self.state), self.shardings)
+            jax.eval_shape(lambda s: s, self.state), self.shardings
+        )
         self.writer = MetricsWriter(self.workdir, enabled=self.primary)
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -230,7 +265,8 @@ class Run:
             raise NonFiniteLossError(
                 f"the training loss or gradient became NaN/inf at step {bad}; stopping (the last "
                 "checkpoint before it is kept). Lower optimizer.learning_rate, enable "
-                "optimizer.grad_clip_norm, or use dtype='float32'")
+                "optimizer.grad_clip_norm, or use dtype='float32'"
+            )
 
     # -- evaluation ----------------------------------------------------------------------------
 
@@ -240,13 +276,18 @@ class Run:
         per_batch = []
         with jax.set_mesh(self.mesh):
             for batch in self.task.eval_batches(split, jax.process_index(), jax.process_count()):
-                per_batch.append(self.eval_step(state.params, state.model_state,
-                                                sharding.shard_batch(batch, self.mesh)))
+                per_batch.append(
+                    self.eval_step(
+                        state.params, state.model_state, sharding.shard_batch(batch, self.mesh)
+                    )
+                )
         if not per_batch:
             raise ValueError(f"the {split!r} split yielded no batches; check the data folder")
         per_batch = jax.device_get(per_batch)
-        total = {key: float(np.sum([np.float64(sums[key]) for sums in per_batch]))
-                 for key in per_batch[0]}
+        total = {
+            key: float(np.sum([np.float64(sums[key]) for sums in per_batch]))
+            for key in per_batch[0]
+        }
         return summarize(total, self.metric)
 
 
@@ -258,7 +299,8 @@ def _restore_best(run: Run, workdir: Path) -> tuple[int, TrainState]:
             raise CheckpointError(
                 f"no usable checkpoint with a validation metric in {workdir}/checkpoints (damaged "
                 f"ones are kept in {workdir}/checkpoints.damaged); run again with a larger "
-                "--config.num_train_steps to evaluate and checkpoint again")
+                "--config.num_train_steps to evaluate and checkpoint again"
+            )
         try:
             best_state, _ = run.restore(best_step)
         except DamagedCheckpointError:
@@ -300,11 +342,19 @@ def _startup_summary(run: Run, start: int, total_steps: int) -> list[str]:
     data = run.config.get("data", None) if hasattr(run.config, "get") else None
     source = data.get("source", "unknown") if hasattr(data, "get") else "unknown"
     return podlog.startup_summary(
-        task=run.task.name, source=str(source), sizes=sizes,
-        num_params=run.num_params, mesh_shape=dict(run.mesh.shape),
-        process_count=jax.process_count(), device_count=jax.device_count(),
-        local_device_count=jax.local_device_count(), platform=jax.devices()[0].platform,
-        start_step=start, total_steps=total_steps, workdir=run.workdir)
+        task=run.task.name,
+        source=str(source),
+        sizes=sizes,
+        num_params=run.num_params,
+        mesh_shape=dict(run.mesh.shape),
+        process_count=jax.process_count(),
+        device_count=jax.device_count(),
+        local_device_count=jax.local_device_count(),
+        platform=jax.devices()[0].platform,
+        start_step=start,
+        total_steps=total_steps,
+        workdir=run.workdir,
+    )
 
 
 def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> dict[str, Any]:
@@ -331,8 +381,9 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
             lock.release()
 
 
-def _train_and_evaluate(config: Any, workdir: Path, task: Any, sigterm: _SigtermFlag
-                        ) -> dict[str, Any]:
+def _train_and_evaluate(
+    config: Any, workdir: Path, task: Any, sigterm: _SigtermFlag
+) -> dict[str, Any]:
     run = Run(config, workdir, task)
 
     total_steps = int(config.num_train_steps)
@@ -351,8 +402,11 @@ def _train_and_evaluate(config: Any, workdir: Path, task: Any, sigterm: _Sigterm
     t_start = time.time()
 
     def bookkeeping(step: int) -> dict:
-        return {"step": step, "wall_time_s": wall_before + time.time() - t_start,
-                "task": run.task.name}
+        return {
+            "step": step,
+            "wall_time_s": wall_before + time.time() - t_start,
+            "task": run.task.name,
+        }
 
     bar = podlog.progress(total_steps, start, enabled=run.primary)
     if run.primary:
@@ -362,8 +416,10 @@ def _train_and_evaluate(config: Any, workdir: Path, task: Any, sigterm: _Sigterm
     pending: list[dict] = []
     t_log, steps_since_log = time.time(), 0
     try:
-        with jax.set_mesh(run.mesh), watchdog.Guard(
-                jax.process_index(), jax.process_count()) as guard:
+        with (
+            jax.set_mesh(run.mesh),
+            watchdog.Guard(jax.process_index(), jax.process_count()) as guard,
+        ):
             for step in range(start, total_steps):
                 batch = sharding.shard_batch(next(batches), run.mesh)
                 state, metrics = run.train_step(state, batch)
@@ -376,14 +432,17 @@ def _train_and_evaluate(config: Any, workdir: Path, task: Any, sigterm: _Sigterm
                     run.check_finite(state)
                     host = jax.device_get(pending)
                     rate = steps_since_log / max(time.time() - t_log, 1e-9)
-                    record = {"loss": float(np.mean([m["loss"] for m in host])),
-                              "lr": float(host[-1]["lr"]),
-                              "grad_norm": float(host[-1]["grad_norm"]),
-                              "steps_per_sec": rate}
+                    record = {
+                        "loss": float(np.mean([m["loss"] for m in host])),
+                        "lr": float(host[-1]["lr"]),
+                        "grad_norm": float(host[-1]["grad_norm"]),
+                        "steps_per_sec": rate,
+                    }
                     if run.metric == "accuracy" and "correct" in host[-1]:
                         weight = sum(float(m["weight"]) for m in host)
-                        record["accuracy"] = 100.0 * sum(float(m["correct"]) for m in host) / max(
-                            weight, 1e-9)
+                        record["accuracy"] = (
+                            100.0 * sum(float(m["correct"]) for m in host) / max(weight, 1e-9)
+                        )
                     run.writer.write(done, "train", record)
                     bar.update(steps_since_log, loss=record["loss"], lr=record["lr"])
                     pending, t_log, steps_since_log = [], time.time(), 0
@@ -393,8 +452,9 @@ def _train_and_evaluate(config: Any, workdir: Path, task: Any, sigterm: _Sigterm
                     guard.pause()  # an evaluation takes as long as it takes; peers still watched
                     val = run.evaluate(state, "val")
                     run.writer.write(done, "val", val)
-                    bar.write(f"step {done}: val " + ", ".join(f"{k} {v:.4f}"
-                                                               for k, v in val.items()))
+                    bar.write(
+                        f"step {done}: val " + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
+                    )
                     run.save(state, bookkeeping(done), {run.best_key: val[run.metric]})
                 elif done % ckpt_every == 0:
                     run.save(state, bookkeeping(done))

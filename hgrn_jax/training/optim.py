@@ -36,20 +36,24 @@ def _warmup_factor(step: jax.Array, warmup_steps: int) -> jax.Array:
     return jnp.minimum(step / warmup_steps, 1.0)
 
 
-def cosine_with_warmup(learning_rate: float, warmup_steps: int, decay_steps: int,
-                       min_lr: float = 0.0) -> Schedule:
+def cosine_with_warmup(
+    learning_rate: float, warmup_steps: int, decay_steps: int, min_lr: float = 0.0
+) -> Schedule:
     """Linear warmup to ``learning_rate``, then cosine to ``min_lr`` at ``decay_steps``."""
     if decay_steps < warmup_steps:
-        raise ValueError(f"schedule.decay_steps ({decay_steps}) must be >= schedule.warmup_steps "
-                         f"({warmup_steps})")
+        raise ValueError(
+            f"schedule.decay_steps ({decay_steps}) must be >= schedule.warmup_steps "
+            f"({warmup_steps})"
+        )
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
         progress = (step - warmup_steps) / max(decay_steps - warmup_steps, 1)
         progress = jnp.clip(progress, 0.0, 1.0)
         cosine = min_lr + (learning_rate - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        return jnp.where(step < warmup_steps, learning_rate * _warmup_factor(step, warmup_steps),
-                         cosine)
+        return jnp.where(
+            step < warmup_steps, learning_rate * _warmup_factor(step, warmup_steps), cosine
+        )
 
     return schedule
 
@@ -83,8 +87,9 @@ def make_schedule(schedule_config: Any, learning_rate: float) -> Schedule:
     name = cfg.get("name", "constant")
     warmup = int(cfg.get("warmup_steps", 0))
     if name == "cosine":
-        return cosine_with_warmup(learning_rate, warmup, int(cfg["decay_steps"]),
-                                  float(cfg.get("min_lr", 0.0)))
+        return cosine_with_warmup(
+            learning_rate, warmup, int(cfg["decay_steps"]), float(cfg.get("min_lr", 0.0))
+        )
     if name == "inverse_sqrt":
         return inverse_sqrt(learning_rate, warmup)
     if name == "constant":
@@ -112,8 +117,10 @@ def weight_decay_mask(params: Any, mode: str = "all") -> Any:
     if mode == "all":
         return jax.tree.map(lambda _: True, params)
     if mode != "no_bias_norm":
-        raise ValueError(f"unknown optimizer.weight_decay_mask {mode!r}; choose one of "
-                         f"{', '.join(WEIGHT_DECAY_MASKS)}")
+        raise ValueError(
+            f"unknown optimizer.weight_decay_mask {mode!r}; choose one of "
+            f"{', '.join(WEIGHT_DECAY_MASKS)}"
+        )
 
     def decays(path, leaf) -> bool:
         names = _path_names(path)
@@ -133,7 +140,11 @@ def make_optimizer(config: Any, params: Any) -> tuple[optax.GradientTransformati
     name = opt.get("name", "adamw")
     lr = float(opt["learning_rate"])
     schedule = make_schedule(config.schedule, lr)
-    b1, b2, eps = float(opt.get("b1", 0.9)), float(opt.get("b2", 0.999)), float(opt.get("eps", 1e-8))
+    b1, b2, eps = (
+        float(opt.get("b1", 0.9)),
+        float(opt.get("b2", 0.999)),
+        float(opt.get("eps", 1e-8)),
+    )
     weight_decay = float(opt.get("weight_decay", 0.0))
     mask = weight_decay_mask(params, opt.get("weight_decay_mask", "all"))
     if name == "adamw":
@@ -143,8 +154,10 @@ def make_optimizer(config: Any, params: Any) -> tuple[optax.GradientTransformati
     elif name == "lamb":
         tx = optax.lamb(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
     elif name == "sgd":
-        tx = optax.chain(optax.add_decayed_weights(weight_decay, mask),
-                         optax.sgd(schedule, momentum=float(opt.get("momentum", 0.9)) or None))
+        tx = optax.chain(
+            optax.add_decayed_weights(weight_decay, mask),
+            optax.sgd(schedule, momentum=float(opt.get("momentum", 0.9)) or None),
+        )
     else:
         raise ValueError(f"unknown optimizer.name {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     clip = float(opt.get("grad_clip_norm", 0.0))

@@ -15,7 +15,8 @@ import logging
 import sys
 import time
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from hgrn_jax.training.logging import ProgressBar
 
@@ -68,13 +69,27 @@ def progress(total: int, initial: int, *, enabled: bool = True) -> ProgressBar |
     return PlainProgress(total, initial, enabled=enabled)
 
 
-def startup_summary(*, task: str, source: str, sizes: Mapping[str, int], num_params: int,
-                    mesh_shape: Mapping[str, int], process_count: int, device_count: int,
-                    local_device_count: int, platform: str, start_step: int, total_steps: int,
-                    workdir: Any) -> list[str]:
+def startup_summary(
+    *,
+    task: str,
+    source: str,
+    sizes: Mapping[str, int],
+    num_params: int,
+    mesh_shape: Mapping[str, int],
+    process_count: int,
+    device_count: int,
+    local_device_count: int,
+    platform: str,
+    start_step: int,
+    total_steps: int,
+    workdir: Any,
+) -> list[str]:
     """The start-up lines of a run (see the module docstring)."""
-    split_sizes = (" (" + ", ".join(f"{split} {n:,}" for split, n in sizes.items())
-                   + " examples)") if sizes else ""
+    split_sizes = (
+        (" (" + ", ".join(f"{split} {n:,}" for split, n in sizes.items()) + " examples)")
+        if sizes
+        else ""
+    )
     mesh = " x ".join(f"{axis}={size}" for axis, size in mesh_shape.items())
     resume = f"resuming from step {start_step}" if start_step else "starting at step 0"
     return [

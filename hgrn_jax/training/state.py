@@ -78,8 +78,13 @@ def create_train_state(
 
     def init() -> TrainState:
         _, params, model_state = split_model(build())
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                          opt_state=tx.init(params), nonfinite_step=jnp.full((), -1, jnp.int32))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            model_state=model_state,
+            opt_state=tx.init(params),
+            nonfinite_step=jnp.full((), -1, jnp.int32),
+        )
 
     state, shardings = sharding.init_sharded(init, mesh)
     return graphdef, tx, state, shardings

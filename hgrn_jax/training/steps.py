@@ -28,9 +28,11 @@ def _micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
 
     def split(x):
         if x.shape[0] % k:
-            raise ValueError(f"batch of {x.shape[0]} rows does not split into "
-                             f"optimizer.accumulate_steps={k} micro-batches; make batch_size a "
-                             f"multiple of {k}")
+            raise ValueError(
+                f"batch of {x.shape[0]} rows does not split into "
+                f"optimizer.accumulate_steps={k} micro-batches; make batch_size a "
+                f"multiple of {k}"
+            )
         return jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0)
 
     return jax.tree.map(split, batch)
@@ -42,9 +44,14 @@ def _select(pred: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
     return jnp.where(pred, new, old)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn,
-                    schedule: Callable, *, accumulate_steps: int = 1
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    schedule: Callable,
+    *,
+    accumulate_steps: int = 1,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """``train_step(state, batch) -> (state, metrics)`` (not yet jitted; see :func:`jit_train_step`).
 
     With ``accumulate_steps = k > 1`` the batch is split into k micro-batches whose gradients are
@@ -68,6 +75,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
         if accumulate_steps == 1:
             (loss, (sums, model_state)), grads = grad_fn(state.params, state.model_state, batch)
         else:
+
             def body(carry, micro):
                 grad_sum, loss_sum, model_state, sum_acc = carry
                 (loss, (sums, model_state)), grads = grad_fn(state.params, model_state, micro)
@@ -79,8 +87,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
             first = jax.tree.map(lambda x: x[0], micro)
             sums_shape = jax.eval_shape(grad_fn, state.params, state.model_state, first)[0][1][0]
             zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
-            init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
-                    state.model_state, zeros(sums_shape))
+            init = (
+                jax.tree.map(jnp.zeros_like, state.params),
+                jnp.zeros((), jnp.float32),
+                state.model_state,
+                zeros(sums_shape),
+            )
             (grad_sum, loss_sum, model_state, sums), _ = jax.lax.scan(body, init, micro)
             grads = jax.tree.map(lambda g: g / accumulate_steps, grad_sum)
             loss = loss_sum / accumulate_steps
@@ -90,20 +102,29 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         healthy = finite & (state.nonfinite_step < 0)
-        updated = TrainState(step=state.step + 1, params=params, model_state=model_state,
-                             opt_state=opt_state, nonfinite_step=state.nonfinite_step)
+        updated = TrainState(
+            step=state.step + 1,
+            params=params,
+            model_state=model_state,
+            opt_state=opt_state,
+            nonfinite_step=state.nonfinite_step,
+        )
         kept = state.replace(step=state.step + 1)
         new_state = jax.tree.map(lambda new, old: _select(healthy, new, old), updated, kept)
-        new_state = new_state.replace(nonfinite_step=jnp.where(
-            (state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step))
+        new_state = new_state.replace(
+            nonfinite_step=jnp.where(
+                (state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step
+            )
+        )
         metrics = dict(sums, loss=loss, grad_norm=grad_norm, lr=schedule(state.step))
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn
-                   ) -> Callable[[Any, Any, dict], dict[str, jax.Array]]:
+def make_eval_step(
+    graphdef: nnx.GraphDef, loss_fn: LossFn
+) -> Callable[[Any, Any, dict], dict[str, jax.Array]]:
     """``eval_step(params, model_state, batch) -> sums`` in evaluation mode (no dropout,
     BatchNorm running statistics)."""
 
@@ -119,13 +140,21 @@ def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn
 def jit_train_step(train_step: Callable, state_shardings: Any, mesh: Mesh) -> Callable:
     """``train_step`` jitted with explicit shardings; the state argument is donated."""
     return jax.jit(
-        train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+        train_step,
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
 
 
 def jit_eval_step(eval_step: Callable, state_shardings: Any, mesh: Mesh) -> Callable:
     """``eval_step`` jitted with the params/model-state shardings of ``state_shardings``."""
     return jax.jit(
-        eval_step, in_shardings=(state_shardings.params, state_shardings.model_state,
-                                 sharding.batch_sharding(mesh)),
-        out_shardings=sharding.replicated(mesh))
+        eval_step,
+        in_shardings=(
+            state_shardings.params,
+            state_shardings.model_state,
+            sharding.batch_sharding(mesh),
+        ),
+        out_shardings=sharding.replicated(mesh),
+    )

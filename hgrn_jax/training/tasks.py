@@ -7,11 +7,30 @@ from __future__ import annotations
 
 import warnings
 
-from hgrn_jax.tasks import (TASKS, DataUnavailableError, Task, build_model, classification_loss,
-                            get_task, model_config, next_token_loss)
+from hgrn_jax.tasks import (
+    TASKS,
+    DataUnavailableError,
+    Task,
+    build_model,
+    classification_loss,
+    get_task,
+    model_config,
+    next_token_loss,
+)
 
-warnings.warn("hgrn_jax.training.tasks is deprecated; import hgrn_jax.tasks instead",
-              DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "hgrn_jax.training.tasks is deprecated; import hgrn_jax.tasks instead",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
-__all__ = ["TASKS", "DataUnavailableError", "Task", "build_model", "classification_loss",
-           "get_task", "model_config", "next_token_loss"]
+__all__ = [
+    "TASKS",
+    "DataUnavailableError",
+    "Task",
+    "build_model",
+    "classification_loss",
+    "get_task",
+    "model_config",
+    "next_token_loss",
+]

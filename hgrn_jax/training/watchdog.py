@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 EXIT_LOST_PEER = 3
 """Exit code of a process that stopped because a peer process was lost or the step stalled."""
@@ -58,9 +58,15 @@ class PeerMonitor:
         :data:`EXIT_LOST_PEER`).
     """
 
-    def __init__(self, process_index: int, process_count: int, *,
-                 live_nodes: Callable[[Sequence[int]], Sequence[int]] | None = None,
-                 poll_s: float = 1.0, on_lost: Callable[[str], None] = _exit_with):
+    def __init__(
+        self,
+        process_index: int,
+        process_count: int,
+        *,
+        live_nodes: Callable[[Sequence[int]], Sequence[int]] | None = None,
+        poll_s: float = 1.0,
+        on_lost: Callable[[str], None] = _exit_with,
+    ):
         self.process_index, self.process_count = process_index, process_count
         self._live_nodes = live_nodes
         self.poll_s, self.on_lost = poll_s, on_lost
@@ -74,20 +80,24 @@ class PeerMonitor:
 
     def message(self, lost: Sequence[int]) -> str:
         names = ", ".join(map(str, lost))
-        return (f"error: process {self.process_index}: lost process{'es' if len(lost) > 1 else ''}"
-                f" {names} (no heartbeat: killed, crashed or preempted); stopping. The last "
-                "complete checkpoint is kept: run the same command again to resume from it.")
+        return (
+            f"error: process {self.process_index}: lost process{'es' if len(lost) > 1 else ''}"
+            f" {names} (no heartbeat: killed, crashed or preempted); stopping. The last "
+            "complete checkpoint is kept: run the same command again to resume from it."
+        )
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
                 lost = self.lost()
-            except Exception as error:  # noqa: BLE001 (the service itself is gone)
+            except Exception as error:
                 if self._stop.is_set():
                     return
-                self.on_lost(f"error: process {self.process_index}: the coordination service "
-                             f"stopped answering ({type(error).__name__}: {str(error)[:200]}); "
-                             "process 0 is probably lost. Rerun the same command to resume.")
+                self.on_lost(
+                    f"error: process {self.process_index}: the coordination service "
+                    f"stopped answering ({type(error).__name__}: {str(error)[:200]}); "
+                    "process 0 is probably lost. Rerun the same command to resume."
+                )
                 return
             # The service's answer waits until every live process has asked too, so a process
             # that left the training loop (and stopped asking) is seen as gone only once it has
@@ -96,13 +106,14 @@ class PeerMonitor:
                 self.on_lost(self.message(lost))
                 return
 
-    def start(self) -> "PeerMonitor":
+    def start(self) -> PeerMonitor:
         if self.process_count > 1:
             if self._live_nodes is None:
                 self._live_nodes = _live_nodes_of_client()
             if self._live_nodes is not None:
-                self._thread = threading.Thread(target=self._watch, name="peer-monitor",
-                                                daemon=True)
+                self._thread = threading.Thread(
+                    target=self._watch, name="peer-monitor", daemon=True
+                )
                 self._thread.start()
         return self
 
@@ -117,8 +128,14 @@ class StepWatchdog:
     stops the clock for phases with their own duration (a whole evaluation, a checkpoint).
     """
 
-    def __init__(self, timeout_s: float, process_index: int = 0, *,
-                 on_stall: Callable[[str], None] = _exit_with, poll_s: float | None = None):
+    def __init__(
+        self,
+        timeout_s: float,
+        process_index: int = 0,
+        *,
+        on_stall: Callable[[str], None] = _exit_with,
+        poll_s: float | None = None,
+    ):
         if timeout_s <= 0:
             raise ValueError(f"step timeout must be positive, got {timeout_s}")
         self.timeout_s, self.process_index, self.on_stall = timeout_s, process_index, on_stall
@@ -144,10 +161,11 @@ class StepWatchdog:
                     f"error: process {self.process_index}: no training step finished in "
                     f"{self.timeout_s:.0f} s after step {self._step}; a peer process is stuck "
                     "or lost, stopping. Raise HGRN_STEP_TIMEOUT_S if steps are this slow. The "
-                    "last complete checkpoint is kept: run the same command again to resume.")
+                    "last complete checkpoint is kept: run the same command again to resume."
+                )
                 return
 
-    def start(self) -> "StepWatchdog":
+    def start(self) -> StepWatchdog:
         self._thread = threading.Thread(target=self._watch, name="step-watchdog", daemon=True)
         self._thread.start()
         return self
@@ -160,15 +178,14 @@ class Guard:
     """Both monitors for one run (a no-op with one process): ``beat`` after every step,
     ``pause`` before a long phase, used as a context manager around training."""
 
-    def __init__(self, process_index: int, process_count: int,
-                 step_timeout_s: float | None = None):
+    def __init__(self, process_index: int, process_count: int, step_timeout_s: float | None = None):
         self.active = process_count > 1
         if step_timeout_s is None:
             step_timeout_s = float(os.environ.get("HGRN_STEP_TIMEOUT_S", DEFAULT_STEP_TIMEOUT_S))
         self.peers = PeerMonitor(process_index, process_count)
         self.steps = StepWatchdog(step_timeout_s, process_index)
 
-    def __enter__(self) -> "Guard":
+    def __enter__(self) -> Guard:
         if self.active:
             self.peers.start()
             self.steps.start()

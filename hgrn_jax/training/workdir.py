@@ -36,19 +36,46 @@ LOCK_NAME = "run.lock"
 RESUME_CHOICES = ("auto", "force", "restart")
 
 # Keys whose change never matters to the saved state or the data position.
-HARMLESS_KEYS = ("num_train_steps", "epochs", "eval_every", "checkpoint_every", "log_every",
-                 "keep_checkpoints", "eval_batch_size", "resume")
+HARMLESS_KEYS = (
+    "num_train_steps",
+    "epochs",
+    "eval_every",
+    "checkpoint_every",
+    "log_every",
+    "keep_checkpoints",
+    "eval_batch_size",
+    "resume",
+)
 HARMLESS_PREFIXES = ("mesh.", "paper.")
 # Model keys that change neither parameters nor their shapes (how, not what, is computed).
-MODEL_HARMLESS = ("model.dropout", "model.position_dropout", "model.method", "model.remat",
-                  "model.sequence_axis")
+MODEL_HARMLESS = (
+    "model.dropout",
+    "model.position_dropout",
+    "model.method",
+    "model.remat",
+    "model.sequence_axis",
+)
 # Keys that change the data's shapes or the examples behind a step, the task, or the optimizer
 # state's structure. Every other model.* key counts too.
-STRUCTURAL_KEYS = ("task", "batch_size", "data.source", "data.seq_len", "data.image_size",
-                   "data.grayscale", "data.tokenizer_path", "data.path_length",
-                   "data.train_examples", "data.min_length", "data.max_length",
-                   "data.max_depth", "data.max_args", "data.generator_seed",
-                   "optimizer.name", "optimizer.accumulate_steps", "optimizer.weight_decay_mask")
+STRUCTURAL_KEYS = (
+    "task",
+    "batch_size",
+    "data.source",
+    "data.seq_len",
+    "data.image_size",
+    "data.grayscale",
+    "data.tokenizer_path",
+    "data.path_length",
+    "data.train_examples",
+    "data.min_length",
+    "data.max_length",
+    "data.max_depth",
+    "data.max_args",
+    "data.generator_seed",
+    "optimizer.name",
+    "optimizer.accumulate_steps",
+    "optimizer.weight_decay_mask",
+)
 # Keys whose structure matters only when they switch between zero and non-zero.
 ZERO_SWITCH_KEYS = ("optimizer.grad_clip_norm",)
 
@@ -80,7 +107,8 @@ class ConfigChangeWarning(UserWarning):
 def not_writable(path: str | Path, error: OSError) -> WorkdirNotWritableError:
     reason = error.strerror or type(error).__name__
     return WorkdirNotWritableError(
-        f"cannot write to {path} ({reason}); choose a writable --workdir or fix its permissions")
+        f"cannot write to {path} ({reason}); choose a writable --workdir or fix its permissions"
+    )
 
 
 # ----------------------------------------------------------------------------- the lock
@@ -97,8 +125,10 @@ def _process_alive(pid: int) -> bool:
 
 
 def _describe(holder: dict[str, Any]) -> str:
-    return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
-            f"{holder.get('start_time', '?')}")
+    return (
+        f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
+        f"{holder.get('start_time', '?')}"
+    )
 
 
 class WorkdirLock:
@@ -110,15 +140,18 @@ class WorkdirLock:
         self.token = secrets.token_hex(8)
         self.held = False
 
-    def acquire(self) -> "WorkdirLock":
+    def acquire(self) -> WorkdirLock:
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise not_writable(self.workdir, error) from None
-        record = {"host": socket.gethostname(), "pid": os.getpid(),
-                  "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                      timespec="seconds"),
-                  "command": " ".join(sys.argv), "token": self.token}
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "start_time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+            "token": self.token,
+        }
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
@@ -133,8 +166,10 @@ class WorkdirLock:
                 os.fsync(f.fileno())
             self.held = True
             return self
-        raise WorkdirInUseError(f"{self.workdir} is being locked by another run at this moment; "
-                                "wait for it or use another --workdir")
+        raise WorkdirInUseError(
+            f"{self.workdir} is being locked by another run at this moment; "
+            "wait for it or use another --workdir"
+        )
 
     def _take_over_if_stale(self) -> None:
         try:
@@ -146,20 +181,27 @@ class WorkdirLock:
         same_host = holder.get("host") == socket.gethostname()
         pid = holder.get("pid")
         if not (same_host and isinstance(pid, int) and not _process_alive(pid)):
-            how = ("if no run is using it any more" if same_host or not holder
-                   else "if that run is gone (it is on another host, so this cannot be checked)")
+            how = (
+                "if no run is using it any more"
+                if same_host or not holder
+                else "if that run is gone (it is on another host, so this cannot be checked)"
+            )
             raise WorkdirInUseError(
                 f"{self.workdir} is in use by another run ({_describe(holder)}; lock file "
                 f"{self.path}); wait for it to finish or use another --workdir; {how}, delete "
-                f"{self.path}")
+                f"{self.path}"
+            )
         stale = self.path.with_name(f"{LOCK_NAME}.stale-{pid}-{secrets.token_hex(4)}")
         try:
             os.rename(self.path, stale)  # atomic: of two runs taking over, one wins
         except FileNotFoundError:
             return
         stale.unlink(missing_ok=True)
-        warnings.warn(f"{self.path} was left by a run that is gone ({_describe(holder)}); "
-                      "taking it over", StaleLockWarning, stacklevel=3)
+        warnings.warn(
+            f"{self.path} was left by a run that is gone ({_describe(holder)}); taking it over",
+            StaleLockWarning,
+            stacklevel=3,
+        )
 
     def release(self) -> None:
         """Remove the lock file if it is still ours."""
@@ -229,8 +271,10 @@ def read_saved_config(workdir: str | Path) -> dict[str, Any] | None:
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise WorkdirError(f"{path} cannot be read ({error}); use another --workdir, or move "
-                           "that file away if you know the run it belongs to") from None
+        raise WorkdirError(
+            f"{path} cannot be read ({error}); use another --workdir, or move "
+            "that file away if you know the run it belongs to"
+        ) from None
     if not isinstance(saved, dict):
         raise WorkdirError(f"{path} does not hold a config (a JSON object); use another --workdir")
     return saved
@@ -241,14 +285,21 @@ def has_previous_run(workdir: str | Path) -> bool:
     return any((workdir / name).exists() for name in ("config.json", "checkpoints"))
 
 
-PREVIOUS_RUN_ENTRIES = ("config.json", "checkpoints", "checkpoints.damaged", "metrics.jsonl",
-                        "tensorboard", "results.json", "curves.png")
+PREVIOUS_RUN_ENTRIES = (
+    "config.json",
+    "checkpoints",
+    "checkpoints.damaged",
+    "metrics.jsonl",
+    "tensorboard",
+    "results.json",
+    "curves.png",
+)
 
 
 def archive_previous_run(workdir: str | Path) -> Path:
     """Move the previous run's files into ``workdir/previous-<UTC time>/`` (nothing deleted)."""
     workdir = Path(workdir)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     folder = workdir / f"previous-{stamp}"
     suffix = 1
     while folder.exists():
@@ -273,8 +324,10 @@ def check_resume(workdir: str | Path, config: Any) -> list[str]:
     if choice == "restart":
         if has_previous_run(workdir):
             folder = archive_previous_run(workdir)
-            return [f"--config.resume=restart: the previous run in {workdir} was moved to "
-                    f"{folder}; starting again from step 0"]
+            return [
+                f"--config.resume=restart: the previous run in {workdir} was moved to "
+                f"{folder}; starting again from step 0"
+            ]
         return []
     if saved is None:
         return []
@@ -284,14 +337,18 @@ def check_resume(workdir: str | Path, config: Any) -> list[str]:
             f"{workdir / 'config.json'} holds a run whose checkpoints cannot continue with the "
             f"new values ({', '.join(structural)}); nothing was changed. Use a new --workdir, "
             "or --config.resume=restart to keep that run in a previous-<time>/ folder of this "
-            "workdir and start again, or --config.resume=force to try resuming anyway")
+            "workdir and start again, or --config.resume=force to try resuming anyway"
+        )
     lines = []
     if structural:
-        lines.append("resuming with changed model/data/optimizer settings "
-                     "(--config.resume=force): " + "; ".join(structural))
+        lines.append(
+            "resuming with changed model/data/optimizer settings "
+            "(--config.resume=force): " + "; ".join(structural)
+        )
     if other:
-        lines.append("resuming with new values that change training from here on: "
-                     + "; ".join(other))
+        lines.append(
+            "resuming with new values that change training from here on: " + "; ".join(other)
+        )
     if harmless:
         lines.append("resuming with new run settings: " + "; ".join(harmless))
     return lines

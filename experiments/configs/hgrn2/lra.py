@@ -21,27 +21,92 @@ from experiments.configs import common
 # steps (the cosine schedule's length), GLU expand, HGRN2 expand ratio (head width), epochs,
 # encoder, gradient clip; and [lra_fig] the paper's accuracy.
 SETTINGS: dict[str, dict[str, Any]] = {
-    "listops": dict(batch_size=128, features=64, num_layers=5, norm="sync_batch",
-                    learning_rate=5e-4, weight_decay=0.0, dropout=0.0, warmup_steps=5_000,
-                    decay_steps=50_000, glu_expand=1, expand_ratio=4, epochs=50,
-                    position_encoding=True, grad_clip_norm=0.0, paper_accuracy=60.52),
-    "text": dict(batch_size=64, features=128, num_layers=4, norm="layer",
-                 learning_rate=5e-3, weight_decay=0.0, dropout=0.1, warmup_steps=10_000,
-                 decay_steps=50_000, glu_expand=1, expand_ratio=8, epochs=40,
-                 position_encoding=False, grad_clip_norm=0.0, paper_accuracy=88.97),
-    "retrieval": dict(batch_size=128, features=256, num_layers=2, norm="sync_batch",
-                      learning_rate=5e-3, weight_decay=0.0, dropout=0.0, warmup_steps=312,
-                      decay_steps=50_000, glu_expand=2, expand_ratio=2, epochs=20,
-                      position_encoding=True, grad_clip_norm=1.0, paper_accuracy=95.07),
+    "listops": dict(
+        batch_size=128,
+        features=64,
+        num_layers=5,
+        norm="sync_batch",
+        learning_rate=5e-4,
+        weight_decay=0.0,
+        dropout=0.0,
+        warmup_steps=5_000,
+        decay_steps=50_000,
+        glu_expand=1,
+        expand_ratio=4,
+        epochs=50,
+        position_encoding=True,
+        grad_clip_norm=0.0,
+        paper_accuracy=60.52,
+    ),
+    "text": dict(
+        batch_size=64,
+        features=128,
+        num_layers=4,
+        norm="layer",
+        learning_rate=5e-3,
+        weight_decay=0.0,
+        dropout=0.1,
+        warmup_steps=10_000,
+        decay_steps=50_000,
+        glu_expand=1,
+        expand_ratio=8,
+        epochs=40,
+        position_encoding=False,
+        grad_clip_norm=0.0,
+        paper_accuracy=88.97,
+    ),
+    "retrieval": dict(
+        batch_size=128,
+        features=256,
+        num_layers=2,
+        norm="sync_batch",
+        learning_rate=5e-3,
+        weight_decay=0.0,
+        dropout=0.0,
+        warmup_steps=312,
+        decay_steps=50_000,
+        glu_expand=2,
+        expand_ratio=2,
+        epochs=20,
+        position_encoding=True,
+        grad_clip_norm=1.0,
+        paper_accuracy=95.07,
+    ),
     # "cifar"; its training_epochs entry is 75 with a commented-out 100.
-    "image": dict(batch_size=64, features=512, num_layers=6, norm="sync_batch",
-                  learning_rate=3e-3, weight_decay=0.0, dropout=0.0, warmup_steps=30_000,
-                  decay_steps=50_000, glu_expand=1, expand_ratio=2, epochs=75,
-                  position_encoding=True, grad_clip_norm=0.0, paper_accuracy=89.33),
-    "pathfinder": dict(batch_size=128, features=128, num_layers=6, norm="batch",
-                       learning_rate=2e-3, weight_decay=0.0, dropout=0.0, warmup_steps=50_000,
-                       decay_steps=500_000, glu_expand=1, expand_ratio=2, epochs=100,
-                       position_encoding=False, grad_clip_norm=0.0, paper_accuracy=93.95),
+    "image": dict(
+        batch_size=64,
+        features=512,
+        num_layers=6,
+        norm="sync_batch",
+        learning_rate=3e-3,
+        weight_decay=0.0,
+        dropout=0.0,
+        warmup_steps=30_000,
+        decay_steps=50_000,
+        glu_expand=1,
+        expand_ratio=2,
+        epochs=75,
+        position_encoding=True,
+        grad_clip_norm=0.0,
+        paper_accuracy=89.33,
+    ),
+    "pathfinder": dict(
+        batch_size=128,
+        features=128,
+        num_layers=6,
+        norm="batch",
+        learning_rate=2e-3,
+        weight_decay=0.0,
+        dropout=0.0,
+        warmup_steps=50_000,
+        decay_steps=500_000,
+        glu_expand=1,
+        expand_ratio=2,
+        epochs=100,
+        position_encoding=False,
+        grad_clip_norm=0.0,
+        paper_accuracy=93.95,
+    ),
 }
 
 
@@ -51,8 +116,10 @@ def hgrn2_lra_config(task: str, preset: str | None, path: str):
     s = SETTINGS[task]
     if preset not in (None, ""):
         if preset != "tiny":
-            raise ValueError(f"unknown preset {preset!r} for {path}; choose one of: tiny "
-                             f"(or none for the paper's setting, e.g. --config={path})")
+            raise ValueError(
+                f"unknown preset {preset!r} for {path}; choose one of: tiny "
+                f"(or none for the paper's setting, e.g. --config={path})"
+            )
         c = hgrn.get_config("tiny")
         # Heads of width 4 at the tiny width; the rest of the tiny run is the HGRN one.
         common.use_hgrn2(c, expand_ratio=4)

@@ -23,26 +23,28 @@ PATH = "experiments/configs/hgrn2/wikitext103.py"
 def get_config(preset: str | None = None):
     if preset not in (None, ""):
         if preset != "tiny":
-            raise ValueError(f"unknown preset {preset!r} for {PATH}; choose one of: tiny "
-                             f"(or none for the paper's setting, e.g. --config={PATH})")
+            raise ValueError(
+                f"unknown preset {preset!r} for {PATH}; choose one of: tiny "
+                f"(or none for the paper's setting, e.g. --config={PATH})"
+            )
         c = hgrn.get_config("tiny")
         common.use_hgrn2(c, expand_ratio=8)
         return c
     c = hgrn.get_config(None)
-    common.use_hgrn2(c, expand_ratio=128)          # assumed (see the module docstring)
-    c.model.dropout = 0.1                          # --dropout 0.1
-    c.num_train_steps = 50_000                     # MAX_UPDATE=50000
-    c.optimizer.b2 = 0.98                          # --adam-betas '(0.9, 0.98)'
-    c.optimizer.learning_rate = 5e-4               # LR=0.0005
-    c.optimizer.weight_decay = 0.1                 # decay=0.1
-    c.optimizer.grad_clip_norm = 1.0               # CLIP_NORM=1.0
-    c.schedule.name = "inverse_sqrt"               # --lr-scheduler inverse_sqrt
-    c.schedule.warmup_steps = 4_000                # WARM_UP=4000
+    common.use_hgrn2(c, expand_ratio=128)  # assumed (see the module docstring)
+    c.model.dropout = 0.1  # --dropout 0.1
+    c.num_train_steps = 50_000  # MAX_UPDATE=50000
+    c.optimizer.b2 = 0.98  # --adam-betas '(0.9, 0.98)'
+    c.optimizer.learning_rate = 5e-4  # LR=0.0005
+    c.optimizer.weight_decay = 0.1  # decay=0.1
+    c.optimizer.grad_clip_norm = 1.0  # CLIP_NORM=1.0
+    c.schedule.name = "inverse_sqrt"  # --lr-scheduler inverse_sqrt
+    c.schedule.warmup_steps = 4_000  # WARM_UP=4000
     c.schedule.decay_steps = 50_000
-    c.batch_size = 128                             # 128 x 512 = 65,536 tokens per update
-    c.data.seq_len = 512                           # TOKENS_PER_SAMPLE=512
-    c.dtype = "bfloat16"                           # --bf16
-    c.paper.value = 0.0                            # not found
+    c.batch_size = 128  # 128 x 512 = 65,536 tokens per update
+    c.data.seq_len = 512  # TOKENS_PER_SAMPLE=512
+    c.dtype = "bfloat16"  # --bf16
+    c.paper.value = 0.0  # not found
     c.paper.val_value = 0.0
     c.paper.num_params = 0
     return c

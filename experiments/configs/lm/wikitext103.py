@@ -19,10 +19,22 @@ def get_config(preset: str | None = None):
     c = common.base_config("wikitext103")
     mixer = common.hgrn_mixer("1d")
     del mixer["separate_phases"]  # causal: one direction
-    c.model = ml_collections.ConfigDict(dict(
-        vocab_size=50_264, features=512, num_layers=6, glu_expand=2, glu_activation="none",
-        norm="layer", tie_embeddings=True, scale_embeddings=True, dropout=0.0, remat=None,
-        mixer=mixer, use_lower_bound=True))  # GLU hidden 2 x 512 = 1024
+    c.model = ml_collections.ConfigDict(
+        dict(
+            vocab_size=50_264,
+            features=512,
+            num_layers=6,
+            glu_expand=2,
+            glu_activation="none",
+            norm="layer",
+            tie_embeddings=True,
+            scale_embeddings=True,
+            dropout=0.0,
+            remat=None,
+            mixer=mixer,
+            use_lower_bound=True,
+        )
+    )  # GLU hidden 2 x 512 = 1024
     c.data.source = "release"
     c.data.seq_len = 512
     c.data.train_bytes = 1_000_000  # generated stand-in corpus (source="synthetic") only
@@ -40,8 +52,9 @@ def get_config(preset: str | None = None):
     c.checkpoint_every = 1_000
     c.log_every = 100
     c.dtype = "bfloat16"  # fairseq trained in mixed precision; the recurrence stays float32
-    c.paper = ml_collections.ConfigDict(dict(metric="perplexity", value=24.82, val_value=24.14,
-                                             num_params=46_250_000))
+    c.paper = ml_collections.ConfigDict(
+        dict(metric="perplexity", value=24.82, val_value=24.14, num_params=46_250_000)
+    )
     return common.finish(c, preset, {"tiny": _tiny}, PATH)
 
 

@@ -12,10 +12,22 @@ PATH = "experiments/configs/lra/image.py"
 
 def get_config(preset: str | None = None):
     c = common.lra_config(
-        "image", scan="2d", layers=6, features=512, glu_expand=1, norm="batch",
-        batch_size=50, learning_rate=3e-3, weight_decay=0.0, dropout=0.0,
-        warmup_steps=30_000, decay_steps=50_000, epochs=100, paper_accuracy=88.69,
-        position_encoding=True)
+        "image",
+        scan="2d",
+        layers=6,
+        features=512,
+        glu_expand=1,
+        norm="batch",
+        batch_size=50,
+        learning_rate=3e-3,
+        weight_decay=0.0,
+        dropout=0.0,
+        warmup_steps=30_000,
+        decay_steps=50_000,
+        epochs=100,
+        paper_accuracy=88.69,
+        position_encoding=True,
+    )
     c.model.encoder = "linear"
     c.model.input_channels = 3
     c.model.grid_shape = (32, 32)

@@ -13,10 +13,22 @@ PATH = "experiments/configs/lra/listops.py"
 
 def get_config(preset: str | None = None):
     c = common.lra_config(
-        "listops", scan="1d", layers=6, features=32, glu_expand=1, norm="sync_batch",
-        batch_size=128, learning_rate=5e-4, weight_decay=0.01, dropout=0.0,
-        warmup_steps=5_000, decay_steps=50_000, epochs=50, paper_accuracy=59.95,
-        position_encoding=True)
+        "listops",
+        scan="1d",
+        layers=6,
+        features=32,
+        glu_expand=1,
+        norm="sync_batch",
+        batch_size=128,
+        learning_rate=5e-4,
+        weight_decay=0.01,
+        dropout=0.0,
+        warmup_steps=5_000,
+        decay_steps=50_000,
+        epochs=50,
+        paper_accuracy=59.95,
+        position_encoding=True,
+    )
     c.model.encoder = "embed"
     c.model.vocab_size = VOCAB_SIZE  # the reference's vocabulary of the release: 18 ids
     c.data.source = "release"

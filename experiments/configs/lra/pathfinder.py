@@ -12,10 +12,22 @@ PATH = "experiments/configs/lra/pathfinder.py"
 
 def get_config(preset: str | None = None):
     c = common.lra_config(
-        "pathfinder", scan="2d", layers=6, features=128, glu_expand=1, norm="batch",
-        batch_size=128, learning_rate=2e-3, weight_decay=0.0, dropout=0.0,
-        warmup_steps=50_000, decay_steps=500_000, epochs=200, paper_accuracy=92.92,
-        position_encoding=False)
+        "pathfinder",
+        scan="2d",
+        layers=6,
+        features=128,
+        glu_expand=1,
+        norm="batch",
+        batch_size=128,
+        learning_rate=2e-3,
+        weight_decay=0.0,
+        dropout=0.0,
+        warmup_steps=50_000,
+        decay_steps=500_000,
+        epochs=200,
+        paper_accuracy=92.92,
+        position_encoding=False,
+    )
     return common.finish(_pathfinder_data(c, size=32), preset, {"tiny": tiny}, PATH)
 
 

@@ -12,9 +12,21 @@ PATH = "experiments/configs/lra/pathx.py"
 
 def get_config(preset: str | None = None):
     c = common.lra_config(
-        "pathx", scan="2d", layers=6, features=64, glu_expand=1, norm="sync_batch",
-        batch_size=16, learning_rate=7.5e-4, weight_decay=0.0, dropout=0.0,
-        warmup_steps=150_000, decay_steps=500_000, epochs=100, paper_accuracy=97.50,
-        position_encoding=False)
+        "pathx",
+        scan="2d",
+        layers=6,
+        features=64,
+        glu_expand=1,
+        norm="sync_batch",
+        batch_size=16,
+        learning_rate=7.5e-4,
+        weight_decay=0.0,
+        dropout=0.0,
+        warmup_steps=150_000,
+        decay_steps=500_000,
+        epochs=100,
+        paper_accuracy=97.50,
+        position_encoding=False,
+    )
     c = pathfinder._pathfinder_data(c, size=128)
     return common.finish(c, preset, {"tiny": pathfinder.tiny}, PATH)

@@ -14,10 +14,22 @@ PATH = "experiments/configs/lra/retrieval.py"
 
 def get_config(preset: str | None = None):
     c = common.lra_config(
-        "retrieval", scan="1d", layers=2, features=64, glu_expand=2, norm="batch",
-        batch_size=64, learning_rate=5e-3, weight_decay=0.0, dropout=0.0,
-        warmup_steps=312, decay_steps=50_000, epochs=20, paper_accuracy=94.23,
-        position_encoding=True)
+        "retrieval",
+        scan="1d",
+        layers=2,
+        features=64,
+        glu_expand=2,
+        norm="batch",
+        batch_size=64,
+        learning_rate=5e-3,
+        weight_decay=0.0,
+        dropout=0.0,
+        warmup_steps=312,
+        decay_steps=50_000,
+        epochs=20,
+        paper_accuracy=94.23,
+        position_encoding=True,
+    )
     c.model.num_classes = 2
     c.model.encoder = "embed"
     c.model.vocab_size = 98  # the release's: 3 specials + 95 characters

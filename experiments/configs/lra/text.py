@@ -15,10 +15,22 @@ PATH = "experiments/configs/lra/text.py"
 
 def get_config(preset: str | None = None):
     c = common.lra_config(
-        "text", scan="1d", layers=4, features=128, glu_expand=1, norm="sync_batch",
-        batch_size=32, learning_rate=5e-3, weight_decay=0.0, dropout=0.1,
-        warmup_steps=10_000, decay_steps=50_000, epochs=32, paper_accuracy=88.14,
-        position_encoding=True)
+        "text",
+        scan="1d",
+        layers=4,
+        features=128,
+        glu_expand=1,
+        norm="sync_batch",
+        batch_size=32,
+        learning_rate=5e-3,
+        weight_decay=0.0,
+        dropout=0.1,
+        warmup_steps=10_000,
+        decay_steps=50_000,
+        epochs=32,
+        paper_accuracy=88.14,
+        position_encoding=True,
+    )
     c.model.num_classes = 2
     c.model.encoder = "embed"
     c.model.vocab_size = 135
