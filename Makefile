@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv test test-fast lint demo bench clean
+.PHONY: venv test test-fast test-pod lint demo bench clean
 
 venv: $(STAMP)
 
@@ -16,9 +16,13 @@ $(STAMP): requirements.txt pyproject.toml
 	  || $(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
-# Everything (CI): unit tests, end-to-end training runs and multi-process tests.
+# CI: unit tests, end-to-end training runs and two-process tests (the 4-process pods: test-pod).
 test: venv
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) tests
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not pod" tests
+
+# The simulated 4-process pods (tests/test_pod.py): about 10 CPU-minutes.
+test-pod: venv
+	$(BIN)/python -m pytest -q -n 1 -m pod tests
 
 # The unit tests only (the edit-test loop): skips the tests marked slow (over ~20 s each).
 test-fast: venv

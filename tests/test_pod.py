@@ -52,7 +52,9 @@ from pod_helpers import (
     with_flag,
 )
 
-pytestmark = pytest.mark.slow
+# Four JAX processes per run on two cores: ~10 CPU-minutes in all, so `make test` (CI) leaves
+# them to `make test-pod`; `make test-fast` skips them too.
+pytestmark = [pytest.mark.slow, pytest.mark.pod]
 
 # The docs' command with a 12-step schedule and small splits; 1 layer to keep compiles short.
 SHORT = [
