@@ -140,6 +140,10 @@ class Checkpoints:
                 "meta": ocp.JsonCheckpointHandler(),
             },
         )
+        # Orbax removes unfinished temporary folders of earlier runs in a background thread;
+        # wait for it, so that it never overlaps our listing and moving of step folders (nor a
+        # test's patched file system). Orbax itself waits for it only at the first save.
+        getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
 
     def all_steps(self) -> list[int]:
         """Steps of the finished checkpoints, ascending."""
