@@ -16,11 +16,12 @@ $(STAMP): requirements.txt pyproject.toml
 	  || $(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
-# CI: unit tests, end-to-end training runs and two-process tests (the 4-process pods: test-pod).
+# CI: everything: unit tests, end-to-end training runs, two-process runs and the simulated
+# 4-process pods (one worker runs the pod module's shared runs: --dist loadgroup).
 test: venv
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not pod" tests
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup tests
 
-# The simulated 4-process pods (tests/test_pod.py): about 10 CPU-minutes.
+# The simulated 4-process pods alone (tests/test_pod.py).
 test-pod: venv
 	$(BIN)/python -m pytest -q -n 1 -m pod tests
 
