@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 
-from hgrn_jax.data import grain_pipeline, loader
+from hgrn_jax.data import errors, grain_pipeline, loader
 
 N, BATCH, PROCESSES = 48, 8, 2
 
@@ -127,7 +127,28 @@ def test_memory_mapped_arrays_travel_to_workers_as_file_names(tmp_path):
     np.testing.assert_array_equal(copy.read(np.array([5, 1]))["x"], [[15, 16, 17], [3, 4, 5]])
 
 
-@pytest.mark.slow  # spawns grain worker processes: about 20-30 s on 2 loaded cores
+class BadAtStep2:
+    """A batch transform that finds bad data at step 2 (as a reader's report would)."""
+
+    def __call__(self, batch, step):
+        if step == 2:
+            report = errors.BadDataReport("fixture")
+            report.add("fixture.tsv", 7, "label 12 not in 0..9")
+            report.finish(skip=False)
+        return batch
+
+
+def test_bad_data_found_in_a_worker_process_stops_with_its_message():
+    loader = grain_pipeline.train_loader(
+        source(), seed=0, batch_size=BATCH, worker_count=1, batch_transform=BadAtStep2()
+    )
+    iterator = iter(loader)
+    next(iterator), next(iterator)
+    with pytest.raises(errors.BadDataError, match=r"fixture.tsv:7: label 12 not in 0..9"):
+        next(iterator)
+    iterator.close()
+
+
 def test_two_worker_processes_give_the_in_process_batches_and_resume_across_counts():
     def run(workers: int, start=None, steps=5):
         loader = grain_pipeline.train_loader(
