@@ -355,7 +355,7 @@ class TrainBatches:
         return self.num_examples
 
     def __repr__(self) -> str:
-        return f"ImageNet {NAME} train in {self.spec.tfds_dir} ({self.num_examples} records)"
+        return f"ImageNet {NAME} train ({self.num_examples} records)"
 
     def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         return {"rows": np.asarray(rows)}
