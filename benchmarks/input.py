@@ -1,22 +1,34 @@
-"""Input pipeline throughput on CPU: examples per second of every real-data pipeline.
+"""Input pipeline throughput on CPU, after (grain) and before (the previous input code), one run.
 
-Runs each task's ``train_batches`` (and ``eval_batches``) at the paper's sequence lengths and
-batch sizes on generated fixtures in the release layouts (``tests/data_fixtures.py`` style) and on
-``tfds.testing.mock_data`` for IMDB and CIFAR-10, and on ImageNet prepared by tfds from small
-archives of 500 x 375 JPEGs (threads, and 2 worker processes), after a first batch that prepares the
-cache (timed separately as ``prepare_s``). The release datasets (ListOps, Retrieval, Pathfinder,
-Path-X, WikiText-103) are measured twice in the same run: from their ``.npy`` caches and from the
-same fixture prepared into tfds data (``experiments.prepare`` with ``data.tfds_dir``, timed as
-``tfds_prepare_s``; rows ``... tfds``, with ``vs_npy`` = their examples/s over the ``.npy`` row's).
+Measures every real-data pipeline's ``train_batches`` (and ``eval_batches``) at the paper's
+sequence lengths and batch sizes on generated fixtures in the release layouts
+(``tests/data_fixtures.py`` style), on ``tfds.testing.mock_data`` for IMDB and CIFAR-10, and on
+ImageNet prepared by tfds from small archives of 500 x 375 JPEGs with DeiT's augmentations, with
+``data.workers`` (grain worker processes) 0, 1 and 2. The release datasets (ListOps, Retrieval,
+Pathfinder, Path-X, WikiText-103) are measured from their ``.npy`` caches and from the same fixture
+prepared into tfds data (rows ``... tfds``).
+
+"after" and "before": the same cases, on the same files, measured by two subprocesses in turn,
+case by case: one running this tree, one the code of ``--before`` (default: the last commit before
+the input moved to grain) checked out with ``git worktree`` into a temporary folder (its
+ImageNet rows: ``data.workers`` 0 = a thread pool in the training process, 2 = a
+``ProcessPoolExecutor`` of 2; there is no 1-worker row before). ``vs_before`` = after / before examples/s; the machine is
+shared and noisy: each is measured ``--repeats`` times (after, before, before, after, ...) and
+keeps its best, and the eval column (code unchanged) shows the noise left.
+
 Writes ``benchmarks/results/input_<platform>.json``.
 
-    python benchmarks/input.py [--seconds 2]
+    python benchmarks/input.py [--seconds 1] [--imagenet-seconds 8] [--repeats 2] [--before REV]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,34 +36,27 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
 
-from benchmarks.common import write_results
+BEFORE = "cd7c7ea"
+"""The last commit whose tasks read training batches with their own numpy iterators."""
 
 
-def config_of(name, **data):
-    config = importlib.import_module(f"experiments.configs.{name}").get_config()
-    for key, value in data.items():
+# ----------------------------------------------------------------------------- cases
+
+
+def config_of(spec: dict):
+    """The experiment config of a case (``spec``: module, data overrides, top-level overrides)."""
+    config = importlib.import_module(f"experiments.configs.{spec['config']}").get_config()
+    for key, value in spec.get("data", {}).items():
         config.data[key] = value
+    for key, value in spec.get("top", {}).items():
+        config[key] = value
+    for key, value in spec.get("model", {}).items():
+        config.model[key] = value
     return config
-
-
-def throughput(iterator_fn, batch_size: int, seconds: float) -> dict:
-    start = time.perf_counter()
-    iterator = iterator_fn()
-    next(iterator)
-    prepare = time.perf_counter() - start
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        next(iterator)
-        count += 1
-    elapsed = time.perf_counter() - start
-    return {
-        "prepare_s": round(prepare, 3),
-        "batches": count,
-        "examples_per_s": round(count * batch_size / elapsed, 1),
-    }
 
 
 def write_aan(root: Path, rows: int, doc_bytes: int, rng) -> None:
@@ -69,13 +74,13 @@ def write_aan(root: Path, rows: int, doc_bytes: int, rng) -> None:
         (folder / f"new_aan_pairs.{split}.tsv").write_text("".join(lines))
 
 
-def cases(tmp: Path, rng):
-    """(name, config) of every pipeline, its data written under ``tmp``."""
+def release_cases(tmp: Path, rng) -> list[dict]:
+    """The release datasets' cases, their files written under ``tmp``."""
     import data_fixtures as fx
 
     from hgrn_jax.data import listops
 
-    lra = tmp / "lra_release"
+    lra, cache = tmp / "lra_release", str(tmp / "cache")
     # Validation splits span at least two eval batches: the tfds columns keep the last batch's
     # records, so cycling one batch would time a cache hit, not a read.
     listops.write_tsv(
@@ -87,44 +92,67 @@ def cases(tmp: Path, rng):
             seed=0,
         ),
     )
-    yield (
-        "listops (release, 2048)",
-        config_of("lra.listops", lra_dir=str(tmp), cache_dir=str(tmp / "cache")),
-    )
     write_aan(lra, 256, 4500, rng)
-    yield (
-        "retrieval (AAN, 2 x 4000)",
-        config_of("lra.retrieval", lra_dir=str(tmp), cache_dir=str(tmp / "cache")),
-    )
     fx.write_pathfinder(lra, 32, count=2560)
-    yield (
-        "pathfinder (32 x 32)",
-        config_of("lra.pathfinder", lra_dir=str(tmp), cache_dir=str(tmp / "cache")),
-    )
     fx.write_pathfinder(lra, 128, count=200)
-    yield (
-        "pathx (128 x 128)",
-        config_of("lra.pathx", lra_dir=str(tmp), cache_dir=str(tmp / "cache")),
-    )
     wiki = fx.write_wikitext(tmp / "wikitext", repeats=2000)
     tok = fx.write_bpe_tokenizer(tmp / "tokenizer.json")
-    config = config_of(
-        "lm.wikitext103",
-        wikitext_dir=str(wiki),
-        tokenizer_path=str(tok),
-        cache_dir=str(tmp / "cache"),
-    )
-    config.batch_size = 16
-    yield "wikitext103 (BPE, 512)", config
+    lra_data = {"lra_dir": str(tmp), "cache_dir": cache}
+    return [
+        {"name": "listops (release, 2048)", "config": "lra.listops", "data": lra_data},
+        {"name": "retrieval (AAN, 2 x 4000)", "config": "lra.retrieval", "data": lra_data},
+        {"name": "pathfinder (32 x 32)", "config": "lra.pathfinder", "data": lra_data},
+        {"name": "pathx (128 x 128)", "config": "lra.pathx", "data": lra_data},
+        {
+            "name": "wikitext103 (BPE, 512)",
+            "config": "lm.wikitext103",
+            "data": {"wikitext_dir": str(wiki), "tokenizer_path": str(tok), "cache_dir": cache},
+            "top": {"batch_size": 16},
+        },
+    ]
 
 
-def tfds_cases(tmp: Path):
-    yield "text (IMDB mock, 4096)", config_of("lra.text", cache_dir=str(tmp / "cache"))
-    yield "image (CIFAR-10 mock, crop+flip)", config_of("lra.image", cache_dir=str(tmp / "cache"))
+def tfds_variant(spec: dict, tfds_dir: Path) -> dict:
+    """The release case read from its fixture prepared into tfds data (array_record)."""
+    return {
+        **spec,
+        "name": spec["name"].replace(")", ", tfds)"),
+        "data": {**spec["data"], "tfds_dir": str(tfds_dir)},
+        "tfds_of": spec["name"],
+    }
 
 
-def imagenet_cases(tmp: Path):
-    """ImageNet prepared by tfds from archives of 500 x 375 JPEGs (the typical ImageNet size)."""
+def mock_cases(tmp: Path) -> list[dict]:
+    cache = {"cache_dir": str(tmp / "cache")}
+    return [
+        {"name": "text (IMDB mock, 4096)", "config": "lra.text", "data": cache, "mock": 256},
+        {
+            "name": "image (CIFAR-10 mock, crop+flip)",
+            "config": "lra.image",
+            "data": cache,
+            "mock": 256,
+        },
+    ]
+
+
+def imagenet_cases(tmp: Path, workers: tuple[int, ...], train_seconds: float) -> list[dict]:
+    """ImageNet prepared by tfds from archives of 500 x 375 JPEGs (the typical ImageNet size);
+    timed for ``train_seconds`` (a batch of 32 takes about a second on 2 cores)."""
+    return [
+        {
+            "name": f"imagenet (JPEG, DeiT aug, {w} workers)",
+            "config": "imagenet.tiny",
+            "data": {"tfds_dir": str(tmp / "imagenet"), "workers": w, "image_size": 224},
+            "model": {"num_classes": 1000},
+            "top": {"batch_size": 32, "eval_batch_size": 32},
+            "workers": w,
+            "train_seconds": train_seconds,
+        }
+        for w in workers
+    ]
+
+
+def write_imagenet(tmp: Path) -> None:
     import data_fixtures as fx
 
     from hgrn_jax.data import imagenet
@@ -137,100 +165,259 @@ def imagenet_cases(tmp: Path):
         width=500,
         height=375,
     )
-    imagenet.prepare(str(tmp / "tfds"), str(tmp / "manual"))
-    for workers in (0, 2):
-        config = config_of("imagenet.tiny", tfds_dir=str(tmp / "tfds"), workers=workers)
-        config.model.num_classes = 1000
-        config.data.image_size = 224  # DeiT's crop (the loader does not build the model)
-        config.batch_size = 32
-        config.eval_batch_size = 32
-        what = "threads" if workers == 0 else f"{workers} worker processes"
-        yield f"imagenet (JPEG, DeiT aug, {what})", config
+    imagenet.prepare(str(tmp / "imagenet"), str(tmp / "manual"))
 
 
-def measure(name, config, seconds) -> dict:
-    from hgrn_jax import tasks
-
-    task = tasks.get_task(config)
-    batch = config.eval_batch_size or config.batch_size
-    row = {
-        "pipeline": name,
-        "task": config.task,
-        "batch_size": config.batch_size,
-        "seq_len": config.data.seq_len,
-        "train": throughput(lambda: task.train_batches(0, 0, 1), config.batch_size, seconds),
-        "eval": throughput(lambda: iter(_cycle(task, batch)), batch, seconds),
-    }
-    print(
-        f"{name:36s} train {row['train']['examples_per_s']:>9} ex/s   "
-        f"eval {row['eval']['examples_per_s']:>9} ex/s   prepare "
-        f"{row['train']['prepare_s']} s",
-        flush=True,
-    )
-    return row
+# ----------------------------------------------------------------------------- measuring
 
 
-def measure_prepared_tfds(name, config, tfds_dir: Path, seconds, npy_row) -> dict:
-    """The release pipeline ``name`` again, from its fixture prepared into tfds data in
-    ``tfds_dir`` (array_record, read by index like a pod host does)."""
-    from experiments import prepare
-    from hgrn_jax import tasks
-    from hgrn_jax.tasks.base import PreparedTfds
+# The measuring process: run with one tree's modules first on sys.path (this one, or the old
+# one); reads one case (JSON) per line on stdin and answers each with one JSON row. It uses only
+# what both trees have (the task registry and the experiment configs).
+_DRIVER = r"""
+import contextlib, importlib, json, sys, time
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+from hgrn_jax import tasks
+seconds = float(sys.argv[2])
 
-    config = config.copy_and_resolve_references()
-    config.data.tfds_dir = str(tfds_dir)
+
+def throughput(make, batch_size, seconds):
     start = time.perf_counter()
-    prepare.prepare(config)
-    prepare_s = time.perf_counter() - start
-    assert isinstance(tasks.get_task(config), PreparedTfds), name
-    row = measure(name.replace(")", ", tfds)"), config, seconds)
-    row["tfds_prepare_s"] = round(prepare_s, 3)
-    row["vs_npy"] = {
-        part: round(row[part]["examples_per_s"] / npy_row[part]["examples_per_s"], 4)
-        for part in ("train", "eval")
-    }
-    print(
-        f"{'':36s} tfds / npy: train {row['vs_npy']['train']:.3g}, eval "
-        f"{row['vs_npy']['eval']:.3g}; tfds prepare {row['tfds_prepare_s']} s",
-        flush=True,
-    )
-    return row
+    iterator = make()
+    next(iterator)
+    prepare = time.perf_counter() - start
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        next(iterator)
+        count += 1
+    elapsed = time.perf_counter() - start
+    for stop in ("close",):  # grain iterators: stop their worker processes; generators too
+        getattr(iterator, stop, lambda: None)()
+    return {"prepare_s": round(prepare, 3), "batches": count,
+            "examples_per_s": round(count * batch_size / elapsed, 1)}
 
 
-def _cycle(task, batch):
+def cycle(task):
     while True:
         yield from task.eval_batches("val", 0, 1)
 
 
+print("ready", flush=True)
+for line in sys.stdin:
+    spec = json.loads(line)
+    mock = contextlib.nullcontext()
+    if spec.get("mock"):
+        import tensorflow_datasets as tfds
+        mock = tfds.testing.mock_data(num_examples=spec["mock"])
+    with mock:
+        config = importlib.import_module("experiments.configs." + spec["config"]).get_config()
+        for key, value in spec.get("data", {}).items():
+            config.data[key] = value
+        for key, value in spec.get("top", {}).items():
+            config[key] = value
+        for key, value in spec.get("model", {}).items():
+            config.model[key] = value
+        task = tasks.get_task(config)
+        batch = config.eval_batch_size or config.batch_size
+        train_seconds = spec.get("train_seconds", seconds)
+        row = {
+            "pipeline": spec["name"],
+            "task": config.task,
+            "batch_size": config.batch_size,
+            "seq_len": config.data.seq_len,
+            "train": throughput(lambda: iter(task.train_batches(0, 0, 1)), config.batch_size,
+                                train_seconds),
+            "eval": throughput(lambda: iter(cycle(task)), batch, seconds),
+        }
+    print("row " + json.dumps(row), flush=True)
+"""
+
+
+class Measurer:
+    """A process measuring cases with the code of git revision ``rev`` (a temporary ``git
+    worktree``) or, for ``rev=None``, of this tree. The "after" and "before" rows are taken by
+    two such processes in turn, case by case, so that both see the same machine load."""
+
+    def __init__(self, rev: str | None, seconds: float):
+        self.rev, self.seconds = rev, seconds
+
+    def __enter__(self) -> Measurer:
+        self._folder = tempfile.TemporaryDirectory()
+        self.tree = REPO
+        if self.rev is not None:
+            self.tree = Path(self._folder.name) / "before"
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "add", "--detach", str(self.tree), self.rev],
+                check=True,
+                capture_output=True,
+            )
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _DRIVER, str(self.tree), str(self.seconds)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=self.tree,
+            env={**os.environ, "PYTHONPATH": f"{self.tree}:{self.tree / 'tests'}"},
+        )
+        self._answer("ready")
+        return self
+
+    def _answer(self, prefix: str) -> str:
+        for line in self.process.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+        raise RuntimeError(f"the measuring process of {self.rev or 'this tree'} stopped")
+
+    def measure(self, spec: dict) -> dict:
+        self.process.stdin.write(json.dumps(spec) + "\n")
+        self.process.stdin.flush()
+        return json.loads(self._answer("row "))
+
+    def __exit__(self, *exc) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=120)
+        if self.rev is not None:
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(self.tree)],
+                capture_output=True,
+            )
+        self._folder.cleanup()
+
+
+def grain_overhead(repeats: int = 5, batches: int = 300) -> list[dict]:
+    """Microseconds per batch of the grain pipeline against the same reads without it (one
+    process, interleaved, best of ``repeats``): what grain adds to a memory-mapped read."""
+    from hgrn_jax.data import grain_pipeline, loader
+
+    out = []
+    for rows, width, batch in ((20_000, 513, 16), (4_096, 2048, 128)):
+        source = grain_pipeline.ArraySource({"ids": np.zeros((rows, width), np.uint16)})
+        times = {"grain": [], "plain": []}
+        for _ in range(repeats):
+            iterator = grain_pipeline.train_loader(source, seed=0, batch_size=batch).iterator(0)
+            next(iterator)
+            start = time.perf_counter()
+            for _ in range(batches):
+                next(iterator)
+            times["grain"].append((time.perf_counter() - start) / batches)
+            iterator.close()
+            start = time.perf_counter()
+            for step in range(batches):
+                source.read(loader.train_rows(0, step, rows, batch))
+            times["plain"].append((time.perf_counter() - start) / batches)
+        row = {
+            "batch": f"{batch} x {width} uint16",
+            "grain_us": round(1e6 * min(times["grain"]), 1),
+            "plain_us": round(1e6 * min(times["plain"]), 1),
+        }
+        print(
+            f"grain overhead, batch {row['batch']}: {row['grain_us']} us per batch through "
+            f"grain, {row['plain_us']} us for the same reads without it",
+            flush=True,
+        )
+        out.append(row)
+    return out
+
+
+def best(rows: list[dict]) -> dict:
+    """The first row, with each part's highest examples/s of all (the least disturbed run)."""
+    out = dict(rows[0])
+    for part in ("train", "eval"):
+        out[part] = max((r[part] for r in rows), key=lambda p: p["examples_per_s"])
+    out["repeats"] = len(rows)
+    return out
+
+
+def print_row(row: dict) -> None:
+    before = row.get("before")
+    b = (
+        f"  before train {before['train']['examples_per_s']:>9} eval "
+        f"{before['eval']['examples_per_s']:>9}  after/before train {row['vs_before']['train']:.3g}"
+        f" eval {row['vs_before']['eval']:.3g}"
+        if before
+        else ""
+    )
+    print(
+        f"{row['pipeline']:40s} train {row['train']['examples_per_s']:>9} eval "
+        f"{row['eval']['examples_per_s']:>9} ex/s{b}",
+        flush=True,
+    )
+
+
 def main() -> None:
+    from benchmarks.common import write_results
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument("--before", default=BEFORE, help="git revision of the old code, or none")
+    parser.add_argument("--imagenet-seconds", type=float, default=8.0)
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="measurements per case and code (best kept)"
+    )
+    parser.add_argument("--imagenet-only", action="store_true", help="only the ImageNet rows")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    rows = []
+    rows, specs = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, config in cases(Path(tmp), rng):
-            rows.append(measure(name, config, args.seconds))
-            rows.append(
-                measure_prepared_tfds(name, config, Path(tmp) / "tfds", args.seconds, rows[-1])
-            )
-        import tensorflow_datasets as tfds
+        tmp = Path(tmp)
+        if not args.imagenet_only:
+            from experiments import prepare
 
-        with tfds.testing.mock_data(num_examples=256):
-            for name, config in tfds_cases(Path(tmp)):
-                rows.append(measure(name, config, args.seconds))
-        for name, config in imagenet_cases(Path(tmp)):
-            rows.append(measure(name, config, args.seconds))
+            for spec in release_cases(tmp, rng):
+                tfds_spec = tfds_variant(spec, tmp / "tfds")
+                start = time.perf_counter()
+                prepare.prepare(config_of(tfds_spec))
+                tfds_spec["tfds_prepare_s"] = round(time.perf_counter() - start, 3)
+                specs += [spec, tfds_spec]
+            specs += mock_cases(tmp)
+        write_imagenet(tmp)
+        specs += imagenet_cases(tmp, (0, 1, 2), args.imagenet_seconds)
+        with contextlib.ExitStack() as stack:
+            after = stack.enter_context(Measurer(None, args.seconds))
+            before = None
+            if args.before != "none":
+                before = stack.enter_context(Measurer(args.before, args.seconds))
+            for spec in specs:
+                both = before is not None and spec.get("workers", 0) in (0, 2)
+                # after, before, before, after, ...: each keeps its best of `repeats`
+                taken: dict[int, list[dict]] = {id(after): [], id(before): []}
+                for repeat in range(args.repeats):
+                    pair = [after, before] if repeat % 2 == 0 else [before, after]
+                    for measurer in pair if both else [after]:
+                        taken[id(measurer)].append(measurer.measure(spec))
+                row = best(taken[id(after)])
+                for key in ("tfds_prepare_s", "workers"):
+                    if key in spec:
+                        row[key] = spec[key]
+                if both:
+                    row["before"] = best(taken[id(before)])
+                    row["vs_before"] = {
+                        part: round(
+                            row[part]["examples_per_s"]
+                            / max(row["before"][part]["examples_per_s"], 1e-9),
+                            3,
+                        )
+                        for part in ("train", "eval")
+                    }
+                rows.append(row)
+                print_row(row)
+    overhead = grain_overhead()
     path = write_results(
         "input",
         rows,
         {
+            "grain_overhead": overhead,
             "seconds": args.seconds,
+            "imagenet_seconds": args.imagenet_seconds,
+            "repeats": args.repeats,
+            "before": args.before,
             "note": (
-                "one process, fixtures / tfds mock data in a temporary folder (page cache warm); "
-                "prepare_s = first batch, cache preparation included; tfds rows: the release fixture "
-                "prepared into tfds data (array_record) first (tfds_prepare_s), vs_npy = examples/s "
-                "over the .npy row's of the same run"
+                "one process; fixtures / tfds mock data in a temporary folder (page cache warm); "
+                "prepare_s = time to the first batch; 'before' = the same cases measured by the "
+                f"code of {args.before} (git worktree, subprocess) right after, vs_before = "
+                "after / before examples/s; imagenet 'N workers' = data.workers (before: 0 = a "
+                "thread pool, 2 = a ProcessPoolExecutor; after: grain worker processes)"
             ),
         },
     )

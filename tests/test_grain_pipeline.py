@@ -1,12 +1,15 @@
 """The grain pipeline over random-access arrays: each example once per epoch over all processes,
-and exact resumption from the iterator's saved state."""
+exact resumption from the iterator's saved state, the same batches with worker processes."""
 
 from __future__ import annotations
+
+import json
+import pickle
 
 import numpy as np
 import pytest
 
-from hgrn_jax.data import grain_pipeline
+from hgrn_jax.data import errors, grain_pipeline, loader
 
 N, BATCH, PROCESSES = 48, 8, 2
 
@@ -27,44 +30,153 @@ def batches(process_index: int, count: int, **kwargs) -> list[dict[str, np.ndarr
         **kwargs,
     )
     iterator = iter(loader)
-    return [next(iterator) for _ in range(count)]
+    out = [next(iterator) for _ in range(count)]
+    iterator.close()
+    return out
 
 
 def test_every_example_once_per_epoch_over_all_processes():
-    steps = N // BATCH  # one epoch: each process reads its N / 2 records in batches of 4
-    seen = np.concatenate([b["labels"] for p in range(PROCESSES) for b in batches(p, steps)])
-    assert sorted(seen.tolist()) == list(range(N))
-    first = batches(0, 1)[0]
+    steps = N // BATCH  # one epoch: each process reads 4 records of each of the 6 global batches
+    per_process = [batches(p, 2 * steps) for p in range(PROCESSES)]
+    epochs = []
+    for epoch in range(2):
+        seen = np.concatenate(
+            [b["labels"] for p in per_process for b in p[epoch * steps : (epoch + 1) * steps]]
+        )
+        assert sorted(seen.tolist()) == list(range(N))  # every example exactly once
+        epochs.append(
+            np.concatenate(
+                [
+                    np.concatenate([p[s]["labels"] for p in per_process])
+                    for s in range(epoch * steps, (epoch + 1) * steps)
+                ]
+            )
+        )
+    assert epochs[0].tolist() != epochs[1].tolist()  # reshuffled each epoch
+    first = per_process[0][0]
     assert first["inputs"].shape == (BATCH // PROCESSES, 3)
     np.testing.assert_array_equal(first["inputs"][:, 0], first["labels"] * 3)  # rows intact
-    two_epochs = np.concatenate([b["labels"] for b in batches(0, 2 * steps)])
-    assert sorted(two_epochs[: N // 2]) == sorted(two_epochs[N // 2 :])  # the same shard
-    assert two_epochs[: N // 2].tolist() != two_epochs[N // 2 :].tolist()  # reshuffled
+    # The two processes' shares of a step are the halves of the one-process global batch.
+    whole = grain_pipeline.train_loader(source(), seed=7, batch_size=BATCH)
+    iterator = iter(whole)
+    for step in range(steps):
+        np.testing.assert_array_equal(
+            next(iterator)["labels"],
+            np.concatenate([per_process[p][step]["labels"] for p in range(PROCESSES)]),
+        )
+    # The order is the documented one (loader.train_rows).
+    np.testing.assert_array_equal(
+        per_process[1][3]["labels"], loader.train_rows(7, 3, N, BATCH, 1, PROCESSES)
+    )
 
 
 def test_resuming_from_the_saved_state_continues_exactly():
-    loader = grain_pipeline.train_loader(
-        source(), seed=7, batch_size=BATCH, process_index=1, process_count=PROCESSES
-    )
-    iterator = iter(loader)
-    for _ in range(5):
-        next(iterator)
-    state = iterator.get_state()
-    expected = [next(iterator)["labels"] for _ in range(6)]
-    resumed = iter(
-        grain_pipeline.train_loader(
+    def fresh():
+        return grain_pipeline.train_loader(
             source(), seed=7, batch_size=BATCH, process_index=1, process_count=PROCESSES
         )
-    )
+
+    iterator = iter(fresh())
+    for _ in range(5):
+        next(iterator)
+    state = json.loads(json.dumps(iterator.get_state()))  # it travels as JSON
+    assert state["next_step"] == 5
+    expected = [next(iterator)["labels"] for _ in range(6)]
+    resumed = iter(fresh())
     resumed.set_state(state)
     np.testing.assert_array_equal([next(resumed)["labels"] for _ in range(6)], expected)
+    assert resumed.get_state()["next_step"] == 11
+    # Starting at a step (no saved state) is the same position.
+    np.testing.assert_array_equal(
+        [next(fresh().iterator(5))["labels"] for _ in range(1)], expected[:1]
+    )
+    # A state from other data or another process's share is refused, naming both.
+    other = grain_pipeline.train_loader(source(), seed=8, batch_size=BATCH, process_count=2)
+    with pytest.raises(ValueError, match="belongs to other data or settings.*seed 7.*seed 8"):
+        iter(other).set_state(state)
 
 
 def test_a_transform_runs_on_every_record_and_bad_sizes_are_errors():
     doubled = batches(0, 1, transform=lambda r: {**r, "labels": r["labels"] * 2})[0]
     plain = batches(0, 1)[0]
     np.testing.assert_array_equal(doubled["labels"], plain["labels"] * 2)
+    stepped = batches(0, 3, batch_transform=lambda b, step: {**b, "step": np.int64(step)})
+    assert [int(b["step"]) for b in stepped] == [0, 1, 2]
     with pytest.raises(ValueError, match="multiple of the number of processes"):
         grain_pipeline.train_loader(source(), seed=0, batch_size=7, process_count=2)
+    with pytest.raises(ValueError, match="fewer than batch_size 64"):
+        grain_pipeline.train_loader(source(), seed=0, batch_size=64)
     with pytest.raises(ValueError, match="one length"):
         grain_pipeline.ArraySource({"a": np.zeros(3), "b": np.zeros(4)})
+
+
+class AddStep:
+    """A picklable batch transform (worker processes receive it pickled)."""
+
+    def __call__(self, batch, step):
+        return {**batch, "inputs": batch["inputs"] + 1000 * step}
+
+
+def test_memory_mapped_arrays_travel_to_workers_as_file_names(tmp_path):
+    np.save(tmp_path / "x.npy", np.arange(N * 3).reshape(N, 3))
+    mapped = grain_pipeline.ArraySource({"x": np.load(tmp_path / "x.npy", mmap_mode="r")})
+    pickled = pickle.dumps(mapped)
+    assert len(pickled) < 1000  # the file name, not the N x 3 values
+    copy = pickle.loads(pickled)
+    assert isinstance(copy.arrays["x"], np.memmap)
+    np.testing.assert_array_equal(copy.read(np.array([5, 1]))["x"], [[15, 16, 17], [3, 4, 5]])
+
+
+class BadAtStep2:
+    """A batch transform that finds bad data at step 2 (as a reader's report would)."""
+
+    def __call__(self, batch, step):
+        if step == 2:
+            report = errors.BadDataReport("fixture")
+            report.add("fixture.tsv", 7, "label 12 not in 0..9")
+            report.finish(skip=False)
+        return batch
+
+
+def test_bad_data_found_in_a_worker_process_stops_with_its_message():
+    loader = grain_pipeline.train_loader(
+        source(), seed=0, batch_size=BATCH, worker_count=1, batch_transform=BadAtStep2()
+    )
+    iterator = iter(loader)
+    next(iterator), next(iterator)
+    with pytest.raises(errors.BadDataError, match=r"fixture.tsv:7: label 12 not in 0..9"):
+        next(iterator)
+    iterator.close()
+
+
+def test_two_worker_processes_give_the_in_process_batches_and_resume_across_counts():
+    def run(workers: int, start=None, steps=5):
+        loader = grain_pipeline.train_loader(
+            source(),
+            seed=3,
+            batch_size=BATCH,
+            process_index=1,
+            process_count=PROCESSES,
+            worker_count=workers,
+            batch_transform=AddStep(),
+        )
+        iterator = iter(loader)
+        if start is not None:
+            iterator.set_state(start)
+        out = [next(iterator) for _ in range(steps)]
+        state = iterator.get_state()
+        iterator.close()
+        return out, state
+
+    in_process, state0 = run(0)
+    workers, state2 = run(2)
+    for a, b in zip(in_process, workers):
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+    continued, _ = run(0, state0, 3)
+    from_workers, _ = run(2, state2, 3)  # grain's own multi-worker state
+    across, _ = run(0, state2, 3)  # saved with 2 workers, resumed with none
+    reference, _ = run(0, None, 8)
+    for batch_list in (continued, from_workers, across):
+        for a, b in zip(batch_list, reference[5:]):
+            np.testing.assert_array_equal(a["inputs"], b["inputs"])

@@ -244,7 +244,7 @@ def imagenet_config(
             interpolation="bicubic",
         )
     )
-    c.data.workers = -1  # ImageNet batch-building processes (-1: one per CPU; 0: threads)
+    c.data.workers = -1  # grain worker processes for ImageNet (-1: one per CPU; 0: threads)
     c.batch_size = 2048
     c.epochs = 300
     steps_per_epoch = IMAGENET_TRAIN_EXAMPLES // c.batch_size

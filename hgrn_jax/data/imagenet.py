@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -326,17 +326,54 @@ def read_transformed(
     return images, labels, valid
 
 
+_THREAD_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def thread_pool(threads: int) -> ThreadPoolExecutor | None:
+    """This process's pool of ``threads`` threads (PIL releases the GIL while decoding and
+    resampling), or None for ``threads`` <= 1: work in the calling thread."""
+    if threads <= 1:
+        return None
+    if threads not in _THREAD_POOLS:
+        _THREAD_POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="imagenet")
+    return _THREAD_POOLS[threads]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainBatches:
+    """The training split as the grain pipeline's source and batch transform
+    (:mod:`hgrn_jax.data.grain_pipeline`): ``len`` records; ``read(rows)`` passes the record
+    indices on and ``(batch, step)`` reads, decodes and augments them (:func:`train_batch`; one
+    image is one unit of work). Picklable: each worker process opens the split itself.
+    ``threads`` > 1 spreads the images of a batch over that many threads of the process."""
+
+    spec: BatchSpec
+    num_examples: int
+    threads: int = 1
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __repr__(self) -> str:
+        return f"ImageNet {NAME} train ({self.num_examples} records)"
+
+    def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {"rows": np.asarray(rows)}
+
+    def __call__(self, batch: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
+        return train_batch(self.spec, batch["rows"], step, thread_pool(self.threads))
+
+
 def train_batch(
-    spec: BatchSpec, num_examples: int, step: int, pool: Executor | None = None
+    spec: BatchSpec, rows: np.ndarray, step: int, pool: Executor | None = None
 ) -> dict[str, np.ndarray]:
-    """The process-local training batch of ``step``: a pure function of (spec, step).
+    """The process-local training batch of ``step`` from the records ``rows`` (B/P,) (this
+    process's share of the global batch, :func:`hgrn_jax.data.loader.train_rows`): a pure
+    function of (spec, rows, step).
 
     Keys: ``images`` (B/P, S, S, 3) float32, ``labels`` (B/P,) int32, ``targets`` (B/P, 1000)
     float32 (Mixup/CutMix and label smoothing), ``weight`` (B/P,) float32 (0 for bad records).
     """
-    rows = loader.train_rows(
-        spec.seed, step, num_examples, spec.batch_size, spec.process_index, spec.process_count
-    )
     local = loader.process_slice(spec.batch_size, spec.process_index, spec.process_count)
     rng = loader.batch_rng(spec.seed, step)
     seeds = rng.integers(0, 2**63 - 1, spec.batch_size)[local]
@@ -355,12 +392,12 @@ def train_batch(
     group = spec.mixup_group()
     targets = np.zeros((len(labels), spec.num_classes), np.float32)
     for start in range(0, len(labels), group):
-        rows = slice(start, start + group)
+        members = slice(start, start + group)
         group_index = (local.start + start) // group
         group_rng = loader.batch_rng(spec.seed, step, _MIXUP_STREAM + group_index)
-        images[rows], targets[rows] = mixup_cutmix(
-            images[rows],
-            labels[rows],
+        images[members], targets[members] = mixup_cutmix(
+            images[members],
+            labels[members],
             group_rng,
             num_classes=spec.num_classes,
             mixup_alpha=spec.mixup,

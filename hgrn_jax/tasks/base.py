@@ -13,8 +13,11 @@ Training batches are a pure function of ``(config.seed, step)``: epoch ``e`` vis
 training set in the order ``np.random.default_rng((seed, e)).permutation(n)``, step ``s`` takes
 rows ``[k * B, (k + 1) * B)`` of its epoch's order (``B`` = global batch, ``e, k = divmod(s, n //
 B)``, the last partial batch of an epoch dropped) and process ``p`` of ``P`` gets rows ``[p * B /
-P, (p + 1) * B / P)`` of that. Evaluation batches walk the split in order, every example exactly
-once over all processes, the last batch padded with rows of ``weight`` 0.
+P, (p + 1) * B / P)`` of that. They are read by the grain pipeline
+(:mod:`hgrn_jax.data.grain_pipeline`; ``data.workers`` worker processes, default 0: in the
+training process), whose iterator state is saved with each checkpoint. Evaluation batches walk
+the split in order in the training process (deterministic, sharded by process), every example
+exactly once over all processes, the last batch padded with rows of ``weight`` 0.
 
 Batch keys: ``inputs`` (B, L) int32 token ids or (B, L, C) float32 pixels, ``mask`` (B, L) bool
 (token tasks), ``inputs2``/``mask2`` (Retrieval's second document), ``images`` (B, H, W, 3)
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hgrn_jax.data import loader
+from hgrn_jax.data import grain_pipeline, loader
 from hgrn_jax.data.errors import DatasetMissingError
 from hgrn_jax.tasks.losses import classification_loss
 from hgrn_jax.tasks.protocol import Batch
@@ -226,8 +228,10 @@ class ArrayTask:
 
     def train_batches(
         self, start_step: int, process_index: int = 0, process_count: int = 1
-    ) -> Iterator[Batch]:
-        """Process-local training batches for steps start_step, start_step + 1, ... (endless)."""
+    ) -> grain_pipeline.TrainIterator:
+        """Process-local training batches for steps start_step, start_step + 1, ... (endless),
+        read by the grain pipeline (:mod:`hgrn_jax.data.grain_pipeline`) in
+        ``data.workers`` worker processes; the iterator's ``get_state()`` is checkpointed."""
         batch_size = self.config.batch_size
         loader.process_slice(batch_size, process_index, process_count)  # fail before loading
         examples = self.examples("train")
@@ -237,11 +241,27 @@ class ArrayTask:
                 f"the {self.name} training split has {n} examples, fewer than "
                 f"batch_size {batch_size}; lower --config.batch_size"
             )
-        for step in itertools.count(start_step):
-            rows = loader.train_rows(
-                self.config.seed, step, n, batch_size, process_index, process_count
-            )
-            yield self._train_batch(examples, rows, step, process_index, process_count)
+        return grain_pipeline.train_loader(
+            grain_pipeline.ArraySource(examples, name=f"{self.name} {type(self).__name__} train"),
+            seed=int(self.config.seed),
+            batch_size=int(batch_size),
+            process_index=process_index,
+            process_count=process_count,
+            worker_count=self.worker_count(),
+            batch_transform=_TrainBatch(self, process_index, process_count),
+        ).iterator(start_step)
+
+    def worker_count(self) -> int:
+        """Input worker processes: ``data.workers`` (-1: one per CPU; default 0, in process)."""
+        return grain_pipeline.resolve_worker_count(self.config.data.get("workers", 0))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Worker processes get the task for its batch functions: not its data (they receive
+        # the rows they need) nor thread pools.
+        state = dict(self.__dict__)
+        state["_examples"] = {}
+        state.pop("_pool", None)
+        return state
 
     def _train_batch(self, examples, rows, step, process_index, process_count) -> Batch:
         batch = self._batch(examples, rows)
@@ -296,6 +316,17 @@ class ArrayTask:
 
     def _split_size(self, split: str) -> int:
         return int(self.config.data[f"{split}_examples"])
+
+
+class _TrainBatch:
+    """``batch_transform`` of the grain pipeline: the task's training batch of read records."""
+
+    def __init__(self, task: ArrayTask, process_index: int, process_count: int):
+        self.task, self.process_index, self.process_count = task, process_index, process_count
+
+    def __call__(self, records: dict[str, np.ndarray], step: int) -> Batch:
+        rows = np.arange(len(next(iter(records.values()))))
+        return self.task._train_batch(records, rows, step, self.process_index, self.process_count)
 
 
 # ----------------------------------------------------------------------------- batch layouts

@@ -14,18 +14,14 @@ source         data                                                  reads
 
 from __future__ import annotations
 
-import collections
-import itertools
-import multiprocessing
 import os
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from hgrn_jax.data import imagenet, loader, synthetic
+from hgrn_jax.data import grain_pipeline, imagenet, loader, synthetic
 from hgrn_jax.tasks import models
-from hgrn_jax.tasks.base import ArrayTask, Batch, Dataset, mode, settle, skip_bad_rows
+from hgrn_jax.tasks.base import ArrayTask, Dataset, mode, settle, skip_bad_rows
 from hgrn_jax.tasks.losses import soft_target_loss
 
 SYNTHETIC_CLASSES = 10
@@ -87,9 +83,10 @@ class ImageNetSynthetic(ImageNetTask):
 class ImageNetTfds(ImageNetTask):
     """ImageNet-1k from tfds's array_record source: DeiT's training pipeline, centre-crop eval.
 
-    ``data.workers`` > 0 builds training batches of upcoming steps in that many worker processes
-    (each opens the data source itself; a batch is a pure function of its step, so the result
-    is the same as in-process); 0 works in this process on a thread pool; -1 = one worker per CPU.
+    Training batches come from the grain pipeline: ``data.workers`` > 0 builds the batches of
+    upcoming steps in that many grain worker processes (each opens the data source itself; a
+    batch is a pure function of its step, so the result is the same as in-process); 0 works in
+    this process on a thread pool; -1 (the configs' default) = one worker per CPU.
     """
 
     reads = frozenset({"tfds_dir", "manual_dir"})
@@ -140,24 +137,25 @@ class ImageNetTfds(ImageNetTask):
 
     def train_batches(
         self, start_step: int, process_index: int = 0, process_count: int = 1
-    ) -> Iterator[Batch]:
+    ) -> grain_pipeline.TrainIterator:
         spec = self._spec(process_index, process_count)
         loader.process_slice(spec.batch_size, process_index, process_count)  # validates
-        n = self.num_examples("train")
-        workers = int(self.config.data.get("workers", 0))
-        workers = os.cpu_count() or 1 if workers < 0 else workers
-        if workers == 0:
-            for step in itertools.count(start_step):
-                yield imagenet.train_batch(spec, n, step, self._threads())
-            return
-        context = multiprocessing.get_context("spawn")  # never fork a process running JAX
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            steps = itertools.count(start_step)
-            pending = collections.deque()
-            while True:
-                while len(pending) < 2 * workers:
-                    pending.append(pool.submit(imagenet.train_batch, spec, n, next(steps)))
-                yield pending.popleft().result()
+        spec.mixup_group()  # validates before any worker starts
+        workers = self.worker_count()
+        # In the training process, the images of a batch are spread over threads; a worker
+        # process works on one image at a time (the workers share the cores).
+        source = imagenet.TrainBatches(
+            spec, self.num_examples("train"), threads=1 if workers else os.cpu_count() or 1
+        )
+        return grain_pipeline.train_loader(
+            source,
+            seed=spec.seed,
+            batch_size=spec.batch_size,
+            process_index=process_index,
+            process_count=process_count,
+            worker_count=workers,
+            batch_transform=source,
+        ).iterator(start_step)
 
     def loss_fn(self, model, batch, *, train):
         if "targets" not in batch:  # evaluation: hard labels

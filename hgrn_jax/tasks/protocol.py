@@ -6,8 +6,8 @@ one; ``tests/toy_task.py`` is a minimal example).
 
 Batches are dicts of numpy arrays with a leading batch dimension: this process's rows of the
 global batch. Training batches are a pure function of ``(seed, step)`` (so a resumed run sees the
-same data); evaluation batches cover the split exactly once over all processes, padding rows
-carrying ``weight`` 0.
+same data; an iterator with a saveable state is checkpointed too); evaluation batches cover the
+split exactly once over all processes, padding rows carrying ``weight`` 0.
 """
 
 from __future__ import annotations
@@ -40,7 +40,11 @@ class Task(Protocol):
     def train_batches(
         self, start_step: int, process_index: int = 0, process_count: int = 1
     ) -> Iterator[Batch]:
-        """Process-local batches of steps ``start_step, start_step + 1, ...`` (endless)."""
+        """Process-local batches of steps ``start_step, start_step + 1, ...`` (endless).
+
+        The iterator may offer ``get_state() -> dict`` (JSON-able) and ``set_state(dict)``
+        (the tasks' grain iterators, :class:`hgrn_jax.data.grain_pipeline.TrainIterator`): the
+        loop then saves the state with each checkpoint and restores it on resume."""
         ...
 
     def eval_batches(

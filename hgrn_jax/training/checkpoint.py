@@ -1,8 +1,11 @@
 """Orbax checkpoints of a run: asynchronous saves, the latest N and the best kept, safe resume.
 
-Each checkpoint is a step folder with two items: ``state`` (the train state's arrays, restored
-directly into their shardings) and ``meta`` (JSON: the next step, i.e. the data position, and
-run bookkeeping). Checkpoints saved after an evaluation carry the validation metric, and the one
+Each checkpoint is a step folder with the items ``state`` (the train state's arrays, restored
+directly into their shardings), ``meta`` (JSON: the next step and run bookkeeping) and, when the
+task's training iterator has one, ``input``: the input pipeline's state, one JSON file per
+process (``input/process_<i>-of-<n>.json``, written by grain's Orbax handler; process ``i``
+restores its own, :meth:`Checkpoints.input_state`). Checkpoints of older code have no ``input``
+item; the loop then positions the input at the saved step. Checkpoints saved after an evaluation carry the validation metric, and the one
 with the best value is kept besides the latest ``keep`` ones.
 
 Restoring never deletes. Once Orbax has committed a step, its files' checksums are recorded
@@ -18,12 +21,15 @@ Restoring never deletes. Once Orbax has committed a step, its files' checksums a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import grain.checkpoint as grain_checkpoint
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
@@ -53,6 +59,26 @@ def _drop_untracked_metric_notice(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("absl").addFilter(_drop_untracked_metric_notice)
+
+
+INPUT_ITEM = "input"
+
+
+class _InputState:
+    """A snapshot of an iterator state in the shape grain's Orbax handler saves and restores
+    (``get_state`` / ``set_state`` of JSON bytes), taken when the save starts."""
+
+    def __init__(self, state: bytes = b""):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return self.state
+
+    def set_state(self, state: bytes) -> None:
+        self.state = state
+
+    def start_prefetch(self) -> None:
+        pass
 
 
 class CheckpointFallbackWarning(RuntimeWarning):
@@ -138,6 +164,7 @@ class Checkpoints:
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler(),
+                INPUT_ITEM: grain_checkpoint.CheckpointHandler(),
             },
         )
         # Orbax removes unfinished temporary folders of earlier runs in a background thread;
@@ -153,14 +180,24 @@ class Checkpoints:
         return self.directory / str(step)
 
     def save(
-        self, step: int, tree: Any, meta: dict, metrics: dict[str, float] | None = None
+        self,
+        step: int,
+        tree: Any,
+        meta: dict,
+        metrics: dict[str, float] | None = None,
+        input_state: Mapping[str, Any] | None = None,
     ) -> None:
-        """Start saving ``tree`` (arrays) and ``meta`` (JSON) as checkpoint ``step``.
+        """Start saving ``tree`` (arrays), ``meta`` (JSON) and this process's ``input_state``
+        (the training iterator's JSON-able state, if any) as checkpoint ``step``.
 
         Orbax finishes the previous asynchronous save first; its checksums are recorded then."""
         self.manager.wait_until_finished()
         self.record_checksums()
-        args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
+        items = {"state": ocp.args.StandardSave(tree), "meta": ocp.args.JsonSave(meta)}
+        if input_state is not None:
+            snapshot = _InputState(json.dumps(dict(input_state), indent=1).encode())
+            items[INPUT_ITEM] = grain_checkpoint.CheckpointSave(item=snapshot)
+        args = ocp.args.Composite(**items)
         self.manager.save(step, args=args, metrics=metrics, force=True)
         if not self.async_save:
             self.record_checksums()
@@ -315,6 +352,28 @@ class Checkpoints:
         agreement.broadcast_code(0)  # the others wait for the rename before re-listing
         self.manager.reload()
         return destination
+
+    def input_state(self, step: int) -> dict[str, Any] | None:
+        """This process's input-pipeline state saved with checkpoint ``step`` (restored after
+        :meth:`restore` verified the folder), or None when the checkpoint has none (written by
+        older code, or by a run with another number of processes)."""
+        folder = self.step_folder(step) / INPUT_ITEM
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        try:
+            if not (folder / name).is_file():
+                return None
+            holder = _InputState()
+            grain_checkpoint.CheckpointHandler().restore(
+                folder, args=grain_checkpoint.CheckpointRestore(item=holder)
+            )
+            return json.loads(holder.state.decode())
+        except OSError as error:
+            raise integrity.classify_os_error(error, folder / name) from None
+        except ValueError as error:  # not JSON: damaged after the checksums were taken
+            raise CheckpointError(
+                f"{folder / name} is not a readable input-pipeline state ({error}); move the "
+                "checkpoint aside (or delete that file to resume at its step) and run again"
+            ) from None
 
     def restore_latest(self, target: Any) -> tuple[int, Any, dict] | None:
         """The newest usable checkpoint as ``(step, tree, meta)``, or None if there is none.

@@ -2,8 +2,9 @@
 
 Steps: lock the workdir and compare its config.json with the new config
 (:mod:`hgrn_jax.training.workdir`); build the task and a sharded train state; resume from the
-newest usable checkpoint in ``workdir/checkpoints`` (the data position is the saved step; damaged
-checkpoints are moved aside, see :mod:`hgrn_jax.training.checkpoint`); open and validate every
+newest usable checkpoint in ``workdir/checkpoints`` (the data position is the input pipeline's
+state saved with it, or the saved step for checkpoints without one; damaged checkpoints are moved
+aside, see :mod:`hgrn_jax.training.checkpoint`); open and validate every
 split (:mod:`hgrn_jax.training.preflight`); train with logging; evaluate the
 whole validation split every ``eval_every`` steps and checkpoint with the validation metric (the
 best one is kept); checkpoint every ``checkpoint_every`` steps; at the end evaluate the test split
@@ -61,6 +62,10 @@ PREEMPTED_EXIT_CODE = 0
 
 PREEMPTION_CHECK_EVERY = 10
 """In multi-process runs, how often (in steps) the processes agree on whether to stop."""
+
+
+class InputStateWarning(UserWarning):
+    """A checkpoint without the input pipeline's state: the input resumes at its step."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -253,10 +258,18 @@ class Run:
             tree, meta = self.checkpoints.restore(step, self.ckpt_target)
         return from_checkpoint_tree(tree, self.state), meta
 
-    def save(self, state: TrainState, meta: dict, metrics: dict | None = None) -> None:
+    def save(
+        self,
+        state: TrainState,
+        meta: dict,
+        metrics: dict | None = None,
+        input_state: dict | None = None,
+    ) -> None:
+        """Checkpoint ``state`` with ``meta``, ``metrics`` and the training iterator's
+        ``input_state`` (this process's; None when the task's iterator keeps none)."""
         self.check_finite(state)
         step = int(jax.device_get(state.step))
-        self.checkpoints.save(step, to_checkpoint_tree(state), meta, metrics)
+        self.checkpoints.save(step, to_checkpoint_tree(state), meta, metrics, input_state)
 
     @staticmethod
     def check_finite(state: TrainState) -> None:
@@ -393,9 +406,11 @@ def _train_and_evaluate(
 
     state, meta = run.state, {"step": 0, "wall_time_s": 0.0}
     restored = run.restore()
+    input_state = None
     if restored is not None:
         state, meta = restored
         release_buffers(run.state)  # the fresh initial state is not needed: free its memory
+        input_state = run.checkpoints.input_state(int(meta["step"]))
     start = int(meta["step"])
     run.writer.rewind(start)
     wall_before = float(meta.get("wall_time_s", 0.0))
@@ -412,7 +427,19 @@ def _train_and_evaluate(
     if run.primary:
         for line in _startup_summary(run, start, total_steps):
             bar.write(line)
-    batches = preflight.open_splits(run.task, config, start)
+    batches = preflight.open_splits(run.task, config, start, input_state)
+    if restored is not None and input_state is None and batches.stateful:
+        warnings.warn(
+            f"the checkpoint at step {start} holds no input-pipeline state (saved by older "
+            f"code or with another process count); the input resumes at step {start} by "
+            "skipping ahead",
+            InputStateWarning,
+            stacklevel=2,
+        )
+
+    def save(state: TrainState, done: int, metrics: dict | None = None) -> None:
+        run.save(state, bookkeeping(done), metrics, batches.get_state())
+
     pending: list[dict] = []
     t_log, steps_since_log = time.time(), 0
     try:
@@ -455,13 +482,13 @@ def _train_and_evaluate(
                     bar.write(
                         f"step {done}: val " + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
                     )
-                    run.save(state, bookkeeping(done), {run.best_key: val[run.metric]})
+                    save(state, done, {run.best_key: val[run.metric]})
                 elif done % ckpt_every == 0:
-                    run.save(state, bookkeeping(done))
+                    save(state, done)
 
                 if sigterm.agreed(done) and not last:
                     if done % eval_every and done % ckpt_every:
-                        run.save(state, bookkeeping(done))
+                        save(state, done)
                     raise Preempted(done, workdir)
     finally:
         bar.close()

@@ -1,14 +1,14 @@
 """Checks that run before the first training step, so a bad input never costs a run.
 
 :func:`open_splits` opens every split through the task interface (the first training batch at the
-resume step, the first batch of ``val`` and ``test``), so a missing or malformed validation or
+resume step, positioned by the input state saved with the checkpoint when there is one; the first
+batch of ``val`` and ``test``), so a missing or malformed validation or
 test file stops the run before training rather than at the first evaluation or after the last
 step; :func:`check_token_ids` checks the token ids of every split against the model's vocabulary.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,16 +46,57 @@ def check_token_ids(arrays: dict[str, Any], vocab_size: int, where: str) -> None
             )
 
 
-def open_splits(task: Any, config: Any, start_step: int) -> Iterator[dict]:
-    """Open and validate train, val and test; return the training batches from ``start_step``.
+class TrainBatches:
+    """The training iterator with its first batch already read by the checks; ``get_state()``
+    is the wrapped iterator's position as the training loop sees it (None when the task's
+    iterator keeps no state)."""
+
+    def __init__(self, train: Iterator[dict]):
+        self._train = train
+        self.stateful = callable(getattr(train, "get_state", None))
+        self._state_before_first = train.get_state() if self.stateful else None
+        self._first: list[dict] = [next(train)]
+
+    def __iter__(self) -> TrainBatches:
+        return self
+
+    def __next__(self) -> dict:
+        if self._first:
+            return self._first.pop()
+        return next(self._train)
+
+    def peek(self) -> dict:
+        return self._first[0]
+
+    def get_state(self) -> dict | None:
+        if not self.stateful:
+            return None
+        return self._state_before_first if self._first else self._train.get_state()
+
+
+def open_splits(
+    task: Any, config: Any, start_step: int, input_state: dict | None = None
+) -> TrainBatches:
+    """Open and validate train, val and test; return the training batches from ``start_step``
+    (positioned by ``input_state``, the iterator state saved with the checkpoint, if given).
 
     Raises whatever the task's readers raise for a missing or malformed split (their messages
-    name the file), ValueError for an empty evaluation split or out-of-vocabulary ids.
+    name the file), ValueError for an empty evaluation split, out-of-vocabulary ids or an input
+    state that belongs to other data.
     """
     index, count = jax.process_index(), jax.process_count()
     vocab_size = _model_vocab_size(config)
     train = iter(task.train_batches(start_step, index, count))
-    first = next(train)
+    if input_state is not None and callable(getattr(train, "set_state", None)):
+        try:
+            train.set_state(input_state)
+        except ValueError as error:
+            raise ValueError(
+                f"cannot resume the input pipeline at step {start_step}: {error}; resume with "
+                "the data and settings the checkpoint was saved with, or use a new --workdir"
+            ) from None
+    batches = TrainBatches(train)
+    first = batches.peek()
     for split in ("val", "test"):
         batch = next(iter(task.eval_batches(split, index, count)), None)
         if batch is None:
@@ -69,7 +110,7 @@ def open_splits(task: Any, config: Any, start_step: int) -> Iterator[dict]:
     if vocab_size is not None:
         check_token_ids(first, vocab_size, "the first training batch")
         check_token_ids(_whole_split(task, "train"), vocab_size, "the train split")
-    return itertools.chain([first], train)
+    return batches
 
 
 def _whole_split(task: Any, split: str) -> dict:
