@@ -435,8 +435,8 @@ def fla_hgrn2_lm_config(config: Mapping[str, Any]) -> LMConfig:
     _require(config, "attn", (None,), what)  # hybrid softmax-attention layers
     _require(config, "attnres_block_size", (None,), what)
     _require(config, "use_l2warp", (False,), what)
+    expand_ratio = _fla_hgrn2_heads(config, _features(config, "hidden_size", what), what)
     settings = _fla_lm_settings(config, what)
-    expand_ratio = _fla_hgrn2_heads(config, settings["features"], what)
     mixer = MixerConfig(
         kind="hgrn2", layout="fla", expand_ratio=expand_ratio, use_bias=False, norm_epsilon=1e-5
     )
