@@ -132,6 +132,66 @@ def _features(constructor: Mapping[str, Any], key: str, what: str) -> int:
     return int(constructor[key])
 
 
+def _check_class(class_name: str, classes: tuple[str, ...], library: str) -> None:
+    if class_name not in classes:
+        raise ConversionError(
+            f"unknown {library} class {class_name!r}; expected one of {', '.join(classes)}"
+        )
+
+
+def _layer_norm(ours: tuple, theirs: str) -> Mapping_:
+    """A PyTorch LayerNorm (``weight``, ``bias``) into an ``nnx.LayerNorm`` (scale, bias)."""
+    return {
+        ours + ("scale",): (f"{theirs}.weight", _identity),
+        ours + ("bias",): (f"{theirs}.bias", _identity),
+    }
+
+
+def _check_fla_layer(constructor: Mapping[str, Any], what: str) -> None:
+    """The fla options we do not implement: short convolutions, a norm without weights."""
+    _require(constructor, "use_short_conv", (False,), what)
+    _require(constructor, "elementwise_affine", (True,), what)
+
+
+def _fla_uses_lower_bound(constructor: Mapping[str, Any]) -> bool:
+    """fla's layer 0 (and a layer without ``layer_idx``) ignores its lower bound."""
+    layer_idx = constructor.get("layer_idx")
+    return layer_idx is not None and int(layer_idx) > 0
+
+
+def _fla_mixer_mapping(projections: tuple[str, ...]) -> Callable[[tuple, str], Mapping_]:
+    """The mapping of an fla mixer with bias-free ``projections`` and an RMSNorm ``g_norm``,
+    at our path ``ours`` and their name prefix ``prefix``."""
+
+    def mapping(ours: tuple, prefix: str) -> Mapping_:
+        result: Mapping_ = {}
+        for name in projections:
+            result |= _linear(ours + (name,), prefix + name, bias=False)
+        result[ours + ("g_norm", "scale")] = (prefix + "g_norm.weight", _identity)
+        return result
+
+    return mapping
+
+
+_fla_attention_mapping = _fla_mixer_mapping(("i_proj", "f_proj", "g_proj", "o_proj"))
+_fla_hgrn2_attention_mapping = _fla_mixer_mapping(("q_proj", "f_proj", "i_proj", "o_proj"))
+
+
+def _fla_lm_settings(config: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """The :meth:`LMConfig.fla` arguments that fla's ``HGRNConfig`` and ``HGRN2Config`` share."""
+    d = _features(config, "hidden_size", what)
+    return dict(
+        vocab_size=_features(config, "vocab_size", what),
+        features=d,
+        num_layers=_features(config, "num_hidden_layers", what),
+        glu_expand=_fla_glu_expand(config, d),
+        glu_activation=str(config.get("hidden_act", "swish")),
+        use_lower_bound=bool(config.get("use_lower_bound", True)),
+        norm_epsilon=float(config.get("norm_eps", 1e-6)),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+
+
 def from_hgru_pytorch(
     class_name: str,
     constructor: Mapping[str, Any],
@@ -151,10 +211,7 @@ def from_hgru_pytorch(
       A module called as ``module(x, lower_bound)`` with batch-major ``x``: (B, L, d) for the 1-D
       classes, (B, H, W, d) for the 2-D ones.
     """
-    if class_name not in HGRU_CLASSES:
-        raise ConversionError(
-            f"unknown hgru-pytorch class {class_name!r}; expected one of {', '.join(HGRU_CLASSES)}"
-        )
+    _check_class(class_name, HGRU_CLASSES, "hgru-pytorch")
     d = _features(constructor, "embed_dim", class_name)
     _require(constructor, "act_fun", ("silu", "swish"), class_name)
     causal = bool(constructor.get("causal", False))
@@ -173,8 +230,7 @@ def from_hgru_pytorch(
     mapping |= _linear(("input_proj",), "input_proj", bias=bias, rows=_deinterleave)
     for name in ("lambda_proj", "gate", "out_proj"):
         mapping |= _linear((name,), name, bias=bias)
-    mapping[("norm", "scale")] = ("norm.weight", _identity)
-    mapping[("norm", "bias")] = ("norm.bias", _identity)
+    mapping |= _layer_norm(("norm",), "norm")
     if class_name.startswith("Bi"):
         mapping[("theta",)] = ("theta_forward", _flatten)
         mapping[("theta_reverse",)] = ("theta_reverse", _flatten)
@@ -194,26 +250,16 @@ def from_fla_hgrn_attention(
     """
     what = "HGRNAttention"
     d = _features(constructor, "hidden_size", what)
-    _require(constructor, "use_short_conv", (False,), what)
-    _require(constructor, "elementwise_affine", (True,), what)
-    layer_idx = constructor.get("layer_idx")
+    _check_fla_layer(constructor, what)
     module = FlaHGRNAttention(
         d,
         expand_ratio=int(constructor.get("expand_ratio", 1)),
-        use_lower_bound=layer_idx is not None and int(layer_idx) > 0,
+        use_lower_bound=_fla_uses_lower_bound(constructor),
         norm_epsilon=float(constructor.get("norm_eps", 1e-5)),
         param_dtype=dtype,
         rngs=nnx.Rngs(0),
     )
     return _load(module, _fla_attention_mapping((), ""), state_dict, dtype)
-
-
-def _fla_attention_mapping(ours: tuple, prefix: str) -> Mapping_:
-    mapping: Mapping_ = {}
-    for name in ("i_proj", "f_proj", "g_proj", "o_proj"):
-        mapping |= _linear(ours + (name,), prefix + name, bias=False)
-    mapping[ours + ("g_norm", "scale")] = (prefix + "g_norm.weight", _identity)
-    return mapping
 
 
 def _fla_glu_expand(config: Mapping[str, Any], d: int) -> float:
@@ -229,24 +275,17 @@ def _fla_glu_expand(config: Mapping[str, Any], d: int) -> float:
 def fla_lm_config(config: Mapping[str, Any]) -> LMConfig:
     """The :class:`LMConfig` of an fla ``HGRNConfig`` (given as its keyword arguments)."""
     what = "HGRNConfig"
-    _require(config, "use_short_conv", (False,), what)
+    _check_fla_layer(config, what)
     _require(config, "expand_ratio", (1, None), what)
-    _require(config, "elementwise_affine", (True,), what)
-    d = _features(config, "hidden_size", what)
-    norm_eps = float(config.get("norm_eps", 1e-6))
-    return LMConfig.fla(
-        vocab_size=_features(config, "vocab_size", what),
-        features=d,
-        num_layers=_features(config, "num_hidden_layers", what),
-        glu_expand=_fla_glu_expand(config, d),
-        glu_activation=str(config.get("hidden_act", "swish")),
-        use_lower_bound=bool(config.get("use_lower_bound", True)),
-        norm_epsilon=norm_eps,
-        mixer=MixerConfig(
-            kind="hgrn", layout="fla", complex_valued=False, use_bias=False, norm_epsilon=norm_eps
-        ),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+    settings = _fla_lm_settings(config, what)
+    mixer = MixerConfig(
+        kind="hgrn",
+        layout="fla",
+        complex_valued=False,
+        use_bias=False,
+        norm_epsilon=settings["norm_epsilon"],  # fla's HGRN mixer norm uses norm_eps
     )
+    return LMConfig.fla(mixer=mixer, **settings)
 
 
 def from_fla_hgrn_lm(
@@ -318,11 +357,7 @@ def from_hgru2_pytorch(
     runs chunked Triton kernels that clamp the per-step log forget gate at -3 and need the length
     to be a multiple of the chunk, a different computation that was never checked against ours.
     """
-    if class_name not in HGRU2_CLASSES:
-        raise ConversionError(
-            f"unknown hgru2-pytorch class {class_name!r}; "
-            f"expected one of {', '.join(HGRU2_CLASSES)}"
-        )
+    _check_class(class_name, HGRU2_CLASSES, "hgru2-pytorch")
     d = _features(constructor, "embed_dim", class_name)
     expand_ratio = int(constructor.get("expand_ratio", 2))
     _require(constructor, "act_fun", ("silu", "swish"), class_name)
@@ -349,8 +384,7 @@ def from_hgru2_pytorch(
     mapping: Mapping_ = {}
     for name in ("in_proj", "out_proj"):
         mapping |= _linear((name,), name, bias=bias)
-    mapping[("norm", "scale")] = ("norm.weight", _identity)
-    mapping[("norm", "bias")] = ("norm.bias", _identity)
+    mapping |= _layer_norm(("norm",), "norm")
     return _load(module, mapping, state_dict, dtype)
 
 
@@ -383,52 +417,30 @@ def from_fla_hgrn2_attention(
     """
     what = "HGRN2Attention"
     d = _features(constructor, "hidden_size", what)
-    _require(constructor, "use_short_conv", (False,), what)
-    _require(constructor, "elementwise_affine", (True,), what)
-    expand_ratio = _fla_hgrn2_heads(constructor, d, what)
-    layer_idx = constructor.get("layer_idx")
+    _check_fla_layer(constructor, what)
     module = FlaHGRN2Attention(
         d,
-        expand_ratio=expand_ratio,
-        use_lower_bound=layer_idx is not None and int(layer_idx) > 0,
+        expand_ratio=_fla_hgrn2_heads(constructor, d, what),
+        use_lower_bound=_fla_uses_lower_bound(constructor),
         param_dtype=dtype,
         rngs=nnx.Rngs(0),
     )
     return _load(module, _fla_hgrn2_attention_mapping((), ""), state_dict, dtype)
 
 
-def _fla_hgrn2_attention_mapping(ours: tuple, prefix: str) -> Mapping_:
-    mapping: Mapping_ = {}
-    for name in ("q_proj", "f_proj", "i_proj", "o_proj"):
-        mapping |= _linear(ours + (name,), prefix + name, bias=False)
-    mapping[ours + ("g_norm", "scale")] = (prefix + "g_norm.weight", _identity)
-    return mapping
-
-
 def fla_hgrn2_lm_config(config: Mapping[str, Any]) -> LMConfig:
     """The :class:`LMConfig` of an fla ``HGRN2Config`` (given as its keyword arguments)."""
     what = "HGRN2Config"
-    _require(config, "use_short_conv", (False,), what)
-    _require(config, "elementwise_affine", (True,), what)
+    _check_fla_layer(config, what)
     _require(config, "attn", (None,), what)  # hybrid softmax-attention layers
     _require(config, "attnres_block_size", (None,), what)
     _require(config, "use_l2warp", (False,), what)
-    d = _features(config, "hidden_size", what)
-    expand_ratio = _fla_hgrn2_heads(config, d, what)
-    return LMConfig.fla(
-        kind="hgrn2",
-        vocab_size=_features(config, "vocab_size", what),
-        features=d,
-        num_layers=_features(config, "num_hidden_layers", what),
-        glu_expand=_fla_glu_expand(config, d),
-        glu_activation=str(config.get("hidden_act", "swish")),
-        use_lower_bound=bool(config.get("use_lower_bound", True)),
-        norm_epsilon=float(config.get("norm_eps", 1e-6)),
-        mixer=MixerConfig(
-            kind="hgrn2", layout="fla", expand_ratio=expand_ratio, use_bias=False, norm_epsilon=1e-5
-        ),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+    expand_ratio = _fla_hgrn2_heads(config, _features(config, "hidden_size", what), what)
+    settings = _fla_lm_settings(config, what)
+    mixer = MixerConfig(
+        kind="hgrn2", layout="fla", expand_ratio=expand_ratio, use_bias=False, norm_epsilon=1e-5
     )
+    return LMConfig.fla(kind="hgrn2", mixer=mixer, **settings)
 
 
 def from_fla_hgrn2_lm(

@@ -28,6 +28,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from golden_helpers import PRECISIONS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = Path(os.environ.get("HGRN_GOLDEN_DIR", REPO / "tests" / "golden"))
@@ -63,6 +64,14 @@ def golden():
         return cache[name]
 
     return load
+
+
+@pytest.fixture(params=sorted(PRECISIONS))
+def golden_precision(request):
+    """``(dtype, tolerance)`` of a golden comparison: float32, and float64 with x64 enabled."""
+    dtype, tol = PRECISIONS[request.param]
+    with jax.enable_x64(dtype == jax.numpy.float64):
+        yield dtype, tol
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,10 +4,10 @@ Every shape, head count and constructor argument comes from the files. The offic
 time-major; the test transposes its input to our batch-major API and the output back. fla's states
 are (B, H, V, K); ours are (B, H, K, V), so the test transposes ours.
 
-Tolerances (tests/golden/README.md, "Suggested comparison (HGRN2)"): in float64 the port and the
-reference compute the same operations, so they agree to rounding (~1e-14; we allow 1e-9), except
-the fla LM, whose lower bounds and their logs fla computes in float32 (1e-6). In float32, fla's own
-float32 run passes atol 5e-5 / rtol 1e-5 with at least 7x margin.
+Tolerances (tests/golden/README.md, "Suggested comparison (HGRN2)"; tests/golden_helpers.py): in
+float64 the port and the reference agree to rounding (we allow 1e-9), except the fla LM, whose
+lower bounds and their logs fla computes in float32 (1e-6). In float32, fla's own float32 run
+passes atol 5e-5 / rtol 1e-5 with at least 7x margin.
 """
 
 from __future__ import annotations
@@ -16,19 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from golden_helpers import FLA_LM_F64, check_fla_lm, check_fla_mixer, to_batch_major, to_time_major
 
 from hgrn_jax import convert
-
-F32 = dict(atol=5e-5, rtol=1e-5)
-F64 = dict(atol=1e-9, rtol=0)
-PRECISIONS = {"float32": (jnp.float32, F32), "float64": (jnp.float64, F64)}
-
-
-@pytest.fixture(params=sorted(PRECISIONS))
-def precision(request):
-    dtype, tol = PRECISIONS[request.param]
-    with jax.enable_x64(dtype == jnp.float64):
-        yield dtype, tol
 
 
 def _fla_layout(state) -> np.ndarray:
@@ -36,8 +26,8 @@ def _fla_layout(state) -> np.ndarray:
     return np.swapaxes(np.asarray(state), -1, -2)
 
 
-def test_official_hgrn2_1d(golden, precision):
-    dtype, tol = precision
+def test_official_hgrn2_1d(golden, golden_precision):
+    dtype, tol = golden_precision
     case = golden("official_hgrn2_1d")
     constructor = case.meta["constructor"]
     layer = convert.from_hgru2_pytorch(
@@ -49,65 +39,34 @@ def test_official_hgrn2_1d(golden, precision):
         derived["head_k_dim"],
         derived["head_v_dim"],
     )
-    x = jnp.asarray(case.arrays["input"].transpose(1, 0, 2), dtype)  # (n, b, d) -> (b, n, d)
+    x = jnp.asarray(to_batch_major(case.arrays["input"]), dtype)
     bound = jnp.asarray(case.arrays["lower_bound"], dtype)
     out = jax.jit(lambda m, x, b: m(x, b))(layer, x, bound)
     assert out.dtype == dtype
-    np.testing.assert_allclose(np.asarray(out).transpose(1, 0, 2), case.arrays["output"], **tol)
+    np.testing.assert_allclose(to_time_major(np.asarray(out)), case.arrays["output"], **tol)
     np.testing.assert_allclose(
-        np.asarray(layer(x)).transpose(1, 0, 2), case.arrays["output/lb0"], **tol
+        to_time_major(np.asarray(layer(x))), case.arrays["output/lb0"], **tol
     )
 
 
-def test_fla_hgrn2_attention(golden, precision):
-    dtype, tol = precision
+def test_fla_hgrn2_attention(golden, golden_precision):
+    dtype, tol = golden_precision
     case = golden("fla_hgrn2_attention")
-    constructor = case.meta["constructor"]
-    layer = convert.from_fla_hgrn2_attention(constructor, case.params, dtype=dtype)
-    x = jnp.asarray(case.arrays["input"], dtype)
-    bound = jnp.asarray(case.arrays["lower_bound"], dtype)
-    mask = jnp.asarray(case.arrays["attention_mask"], dtype)
-    np.testing.assert_allclose(layer(x, lower_bound=bound), case.arrays["output"], **tol)
-    masked = layer(x, lower_bound=bound, mask=mask)
-    np.testing.assert_allclose(masked, case.arrays["output/masked"], **tol)
-    assert np.all(np.asarray(masked)[np.asarray(mask) == 0] == 0)  # padding outputs exactly 0
-    _, last = layer.step(x, layer.init_state(x.shape[0]), bound)
-    np.testing.assert_allclose(_fla_layout(last), case.arrays["output/final_state"], **tol)
-    first = convert.from_fla_hgrn2_attention(
-        dict(constructor, layer_idx=0), case.params, dtype=dtype
+    masked, mask = check_fla_mixer(
+        convert.from_fla_hgrn2_attention, case, dtype, tol, state_layout=_fla_layout
     )
-    np.testing.assert_allclose(first(x, lower_bound=bound), case.arrays["output/layer_idx0"], **tol)
+    assert np.all(np.asarray(masked)[np.asarray(mask) == 0] == 0)  # padding outputs exactly 0
 
 
-def test_fla_hgrn2_lm(golden, precision):
-    dtype, tol = precision
+def test_fla_hgrn2_lm(golden, golden_precision):
+    dtype, tol = golden_precision
     if dtype == jnp.float64:
-        tol = dict(atol=1e-6, rtol=0)  # fla's float32 lower bounds; see the module docstring
+        tol = FLA_LM_F64  # fla's float32 lower bounds (tests/golden_helpers.py)
     case = golden("fla_hgrn2_lm")
     lm = convert.from_fla_hgrn2_lm(
         case.meta["constructor"]["HGRN2Config"], case.params, dtype=dtype
     )
-    ids = jnp.asarray(case.arrays["input"])
-    np.testing.assert_allclose(lm(ids), case.arrays["output"], **tol)
-    np.testing.assert_allclose(
-        lm.lower_bounds(), case.arrays["output/lower_bounds_used"], atol=3e-7, rtol=0
-    )
-
-    prefill = case.meta["prefill_len"]
-    step = jax.jit(lambda m, ids, cache: m.step(ids, cache))
-    logits, cache = step(lm, ids[:, :prefill], lm.init_cache(ids.shape[0]))
-    np.testing.assert_allclose(logits, case.arrays["output"][:, :prefill], **tol)
-    decoded = []
-    for t in range(prefill, ids.shape[1]):
-        logits, cache = step(lm, ids[:, t : t + 1], cache)
-        decoded.append(logits)
-    np.testing.assert_allclose(
-        jnp.concatenate(decoded, axis=1), case.arrays["output/decode_logits"], **tol
-    )
-    for k, state in enumerate(cache):
-        np.testing.assert_allclose(
-            _fla_layout(state), case.arrays[f"output/recurrent_state/{k}"], **tol
-        )
+    check_fla_lm(lm, case, tol, state_layout=_fla_layout)
 
 
 # ----------------------------------------------------------------- converter errors

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax.nn.norms import apply_norm
+from hgrn_jax.nn.glu import GLU, glu_width
+from hgrn_jax.nn.mixers import MixerConfig, make_mixer
+from hgrn_jax.nn.norms import apply_norm, make_norm
 from hgrn_jax.nn.remat import RematModule, with_remat
 
 
@@ -60,3 +63,68 @@ class ResidualBlock(RematModule):
         y, state = self.mixer.step(self.norm1(x), state, lower_bound)
         x = x + self.dropout(y)
         return x + self.dropout(self.mlp(self.norm2(x))), state
+
+
+class StackConfig(Protocol):
+    """The fields of a model config that :func:`residual_stack` reads (every model config has
+    them: :class:`~hgrn_jax.nn.ClassifierConfig`, :class:`~hgrn_jax.nn.ImageConfig`,
+    :class:`~hgrn_jax.nn.LMConfig`)."""
+
+    features: int
+    num_layers: int
+    mixer: MixerConfig
+    use_lower_bound: bool
+    glu_expand: float
+    glu_activation: str
+    glu_bias: bool
+    norm: str
+    norm_epsilon: float
+    dropout: float
+    remat: str | None
+
+
+def residual_stack(
+    config: StackConfig,
+    *,
+    causal: bool,
+    axis_name: str | None = None,
+    dtype: jnp.dtype | None = None,
+    param_dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.List:
+    """``config.num_layers`` :class:`ResidualBlock` s of width ``config.features``: the mixer of
+    ``config.mixer`` (``causal`` or bidirectional), a GLU and two ``config.norm`` norms each.
+
+    Layer 0 gets no lower bound: its bound is exactly 0 in both schemes, and the fla layouts would
+    take ``log(0)`` (fla's first layer ignores its bound too). ``axis_name`` is the replica axis of
+    ``norm="sync_batch"``.
+    """
+    c, d = config, config.features
+    common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def norm() -> nnx.Module:
+        return make_norm(c.norm, d, epsilon=c.norm_epsilon, axis_name=axis_name, **common)
+
+    # Built in this order (mixer, GLU, norms, block) so that seeded initialisations stay as they were.
+    return nnx.List(
+        [
+            ResidualBlock(
+                make_mixer(
+                    c.mixer, d, causal=causal, use_lower_bound=c.use_lower_bound and k > 0, **common
+                ),
+                GLU(
+                    d,
+                    glu_width(c.glu_expand, d),
+                    act=c.glu_activation,
+                    use_bias=c.glu_bias,
+                    **common,
+                ),
+                norm(),
+                norm(),
+                dropout=c.dropout,
+                remat=c.remat,
+                rngs=rngs,
+            )
+            for k in range(c.num_layers)
+        ]
+    )

@@ -30,13 +30,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax.nn.blocks import ResidualBlock
+from hgrn_jax.nn.blocks import residual_stack
 from hgrn_jax.nn.checks import check_length, check_token_ids
 from hgrn_jax.nn.embeddings import sinusoidal_positions
-from hgrn_jax.nn.glu import GLU, glu_width
 from hgrn_jax.nn.initializers import dense, logical
 from hgrn_jax.nn.lower_bounds import LowerBounds
-from hgrn_jax.nn.mixers import LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields, make_mixer
+from hgrn_jax.nn.mixers import LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields
 from hgrn_jax.nn.norms import apply_norm, make_norm
 
 
@@ -178,44 +177,13 @@ class HGRNClassifier(nnx.Module):
         self.lower_bounds = LowerBounds(
             c.num_layers, d, scheme="lra", enabled=c.use_lower_bound, param_dtype=param_dtype
         )
-        self.blocks = nnx.List(
-            [
-                ResidualBlock(
-                    make_mixer(
-                        c.mixer,
-                        d,
-                        causal=False,
-                        use_lower_bound=c.use_lower_bound and k > 0,
-                        **common,
-                    ),
-                    GLU(
-                        d,
-                        glu_width(c.glu_expand, d),
-                        act=c.glu_activation,
-                        use_bias=c.glu_bias,
-                        **common,
-                    ),
-                    self._norm(common),
-                    self._norm(common),
-                    dropout=c.dropout,
-                    remat=c.remat,
-                    rngs=rngs,
-                )
-                for k in range(c.num_layers)
-            ]
+        self.blocks = residual_stack(c, causal=False, axis_name=c.axis_name, **common)
+        self.final_norm = make_norm(
+            c.norm, d, epsilon=c.norm_epsilon, axis_name=c.axis_name, **common
         )
-        self.final_norm = self._norm(common)
         if c.dual:
             self.pair_proj = dense(4 * d, d, ("mlp", "embed"), **common)
-            self.head = dense(d, c.num_classes, ("embed", "classes"), **common)
-        else:
-            self.head = dense(d, c.num_classes, ("embed", "classes"), **common)
-
-    def _norm(self, common: dict) -> nnx.Module:
-        c = self.config
-        return make_norm(
-            c.norm, c.features, epsilon=c.norm_epsilon, axis_name=c.axis_name, **common
-        )
+        self.head = dense(d, c.num_classes, ("embed", "classes"), **common)
 
     def _check_inputs(
         self, inputs: jax.Array, mask: jax.Array | None, name: str

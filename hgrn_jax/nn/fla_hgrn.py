@@ -18,8 +18,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax.nn.initializers import axes_metadata, dense
+from hgrn_jax.nn.initializers import dense
+from hgrn_jax.nn.lower_bounds import apply_log_lower_bound
+from hgrn_jax.nn.norms import make_norm
 from hgrn_jax.ops import linear_recurrence
+from hgrn_jax.ops.common import accumulation_dtype
 
 
 class FlaHGRNAttention(nnx.Module):
@@ -46,30 +49,22 @@ class FlaHGRNAttention(nnx.Module):
         self.norm_epsilon = norm_epsilon
         self.method = method
         self.dtype = dtype
-        common = dict(rngs=rngs, use_bias=False, dtype=dtype, param_dtype=param_dtype)
+        layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        common = dict(use_bias=False, **layer)
         self.i_proj = dense(features, width, ("embed", "rnn"), **common)
         self.f_proj = dense(features, width, ("embed", "rnn"), **common)
         self.g_proj = dense(features, width, ("embed", "rnn"), **common)
         self.o_proj = dense(width, features, ("rnn", "embed"), **common)
-        self.g_norm = nnx.RMSNorm(
-            width,
-            epsilon=norm_epsilon,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            scale_metadata=axes_metadata(("rnn",)),
-            rngs=rngs,
-        )
+        self.g_norm = make_norm("rms", width, epsilon=norm_epsilon, axis="rnn", **layer)
 
     def decay_and_input(
         self, x: jax.Array, lower_bound: jax.Array | float | None, mask: jax.Array | None
     ) -> tuple[jax.Array, jax.Array]:
         """``exp(f)`` and the gated input ``i`` (B, T, width) in the accumulation dtype."""
-        acc = jnp.promote_types(x.dtype, jnp.float32)
+        acc = accumulation_dtype(x.dtype)
         f = jax.nn.log_sigmoid(self.f_proj(x).astype(acc))
-        if self.use_lower_bound and lower_bound is not None:
-            # fla computes log(gamma) and log1p(-gamma) in the bound's own dtype, then promotes.
-            gamma = jnp.asarray(lower_bound)
-            f = jnp.logaddexp(jnp.log(gamma).astype(acc), jnp.log1p(-gamma).astype(acc) + f)
+        if self.use_lower_bound:
+            f = apply_log_lower_bound(f, lower_bound)
         a = jnp.exp(f)
         i = nnx.silu(self.i_proj(x).astype(acc)) * (1.0 - a)
         if mask is not None:
@@ -102,6 +97,4 @@ class FlaHGRNAttention(nnx.Module):
         return self.output(h, x), last
 
     def init_state(self, batch_size: int) -> jax.Array:
-        return jnp.zeros(
-            (batch_size, self.width), jnp.promote_types(self.dtype or jnp.float32, jnp.float32)
-        )
+        return jnp.zeros((batch_size, self.width), accumulation_dtype(self.dtype or jnp.float32))

@@ -44,12 +44,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax.nn.initializers import axes_metadata, dense
+from hgrn_jax.nn.initializers import dense
+from hgrn_jax.nn.lower_bounds import apply_log_lower_bound, apply_lower_bound
+from hgrn_jax.nn.norms import make_norm
 from hgrn_jax.ops import matrix_recurrence
-
-
-def _accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
-    return jnp.promote_types(dtype, jnp.float32)
+from hgrn_jax.ops.common import accumulation_dtype
 
 
 def _heads(x: jax.Array, width: int) -> jax.Array:
@@ -141,7 +140,7 @@ class _MatrixMixer(nnx.Module):
         """The zero recurrent state (B, H, K, V) for :meth:`step`."""
         return jnp.zeros(
             (batch_size, self.num_heads, self.key_dim, self.value_dim),
-            _accumulation_dtype(self.dtype or jnp.float32),
+            accumulation_dtype(self.dtype or jnp.float32),
         )
 
 
@@ -184,25 +183,16 @@ class HGRN2(_MatrixMixer):
         self.bidirectional = bidirectional
         self.method = method
         self.dtype = dtype
-        common = dict(rngs=rngs, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
+        layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        common = dict(use_bias=use_bias, **layer)
         self.in_proj = dense(features, 3 * features, ("embed", "rnn"), **common)
         self.out_proj = dense(features, features, ("rnn", "embed"), **common)
-        self.norm = nnx.LayerNorm(
-            features,
-            epsilon=norm_epsilon,
-            use_fast_variance=False,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            scale_metadata=axes_metadata(("rnn",)),
-            bias_metadata=axes_metadata(("rnn",)),
-            rngs=rngs,
-        )
+        self.norm = make_norm("layer", features, epsilon=norm_epsilon, axis="rnn", **layer)
 
     def gates(self, x, lower_bound):
-        acc = _accumulation_dtype(x.dtype)
+        acc = accumulation_dtype(x.dtype)
         u, a, f = jnp.split(self.in_proj(x).astype(acc), 3, axis=-1)
-        gamma = jnp.asarray(0.0 if lower_bound is None else lower_bound, acc)
-        lam = gamma + (1.0 - gamma) * nnx.sigmoid(f)
+        lam = apply_lower_bound(nnx.sigmoid(f), lower_bound)
         k = _heads(1.0 - lam, self.key_dim)
         return (
             _heads(nnx.sigmoid(a), self.key_dim),
@@ -260,28 +250,19 @@ class FlaHGRN2Attention(_MatrixMixer):
         self.method = method
         self.dtype = dtype
         forget_dim = heads * expand_ratio
-        common = dict(rngs=rngs, use_bias=False, dtype=dtype, param_dtype=param_dtype)
+        layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        common = dict(use_bias=False, **layer)
         self.q_proj = dense(features, forget_dim, ("embed", "rnn"), **common)
         self.f_proj = dense(features, forget_dim, ("embed", "rnn"), **common)
         self.i_proj = dense(features, features, ("embed", "rnn"), **common)
         self.o_proj = dense(features, features, ("rnn", "embed"), **common)
-        self.g_norm = nnx.RMSNorm(
-            features,
-            epsilon=norm_epsilon,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            scale_metadata=axes_metadata(("rnn",)),
-            rngs=rngs,
-        )
+        self.g_norm = make_norm("rms", features, epsilon=norm_epsilon, axis="rnn", **layer)
 
     def gates(self, x, lower_bound):
-        acc = _accumulation_dtype(x.dtype)
+        acc = accumulation_dtype(x.dtype)
         g = jax.nn.log_sigmoid(self.f_proj(x).astype(acc))
-        if self.use_lower_bound and lower_bound is not None:
-            # fla evaluates log(gamma) and log1p(-gamma) in the bound's own dtype (float32 in its
-            # LM), then promotes; doing the same keeps the last bits.
-            gamma = jnp.asarray(lower_bound)
-            g = jnp.logaddexp(jnp.log(gamma).astype(acc), jnp.log1p(-gamma).astype(acc) + g)
+        if self.use_lower_bound:
+            g = apply_log_lower_bound(g, lower_bound)
         k = 1.0 - jnp.exp(g)
         q = nnx.silu(self.q_proj(x).astype(acc))
         v = self.i_proj(x).astype(acc)

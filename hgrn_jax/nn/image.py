@@ -17,11 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax.nn.blocks import ResidualBlock
-from hgrn_jax.nn.glu import GLU, glu_width
+from hgrn_jax.nn.blocks import residual_stack
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import LowerBounds
-from hgrn_jax.nn.mixers import LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields, make_mixer
+from hgrn_jax.nn.mixers import LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields
 from hgrn_jax.nn.norms import make_norm
 
 
@@ -137,32 +136,7 @@ class HGRNImageClassifier(nnx.Module):
         self.lower_bounds = LowerBounds(
             c.num_layers, d, scheme="lra", enabled=c.use_lower_bound, param_dtype=param_dtype
         )
-        self.blocks = nnx.List(
-            [
-                ResidualBlock(
-                    make_mixer(
-                        c.mixer,
-                        d,
-                        causal=False,
-                        use_lower_bound=c.use_lower_bound and k > 0,
-                        **common,
-                    ),
-                    GLU(
-                        d,
-                        glu_width(c.glu_expand, d),
-                        act=c.glu_activation,
-                        use_bias=c.glu_bias,
-                        **common,
-                    ),
-                    make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
-                    make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
-                    dropout=c.dropout,
-                    remat=c.remat,
-                    rngs=rngs,
-                )
-                for k in range(c.num_layers)
-            ]
-        )
+        self.blocks = residual_stack(c, causal=False, **common)
         self.head_norm = make_norm("scale_free_rms", d, epsilon=c.head_norm_epsilon, **common)
         self.head = dense(d, c.num_classes, ("embed", "classes"), **common)
 

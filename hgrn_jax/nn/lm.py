@@ -18,12 +18,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax.nn.blocks import ResidualBlock
+from hgrn_jax.nn.blocks import residual_stack
 from hgrn_jax.nn.checks import check_length, check_token_ids
-from hgrn_jax.nn.glu import GLU, glu_width
 from hgrn_jax.nn.initializers import dense, logical
 from hgrn_jax.nn.lower_bounds import LowerBounds
-from hgrn_jax.nn.mixers import LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields, make_mixer
+from hgrn_jax.nn.mixers import LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields
 from hgrn_jax.nn.norms import make_norm
 
 Cache = tuple[jax.Array, ...]
@@ -168,33 +167,7 @@ class HGRNLM(nnx.Module):
             dtype=c.lower_bound_dtype,
             param_dtype=param_dtype,
         )
-        blocks = []
-        for k in range(c.num_layers):
-            blocks.append(
-                ResidualBlock(
-                    # fla's first layer ignores its (zero) bound; log(0) would also poison gradients.
-                    make_mixer(
-                        c.mixer,
-                        d,
-                        causal=True,
-                        use_lower_bound=c.use_lower_bound and k > 0,
-                        **common,
-                    ),
-                    GLU(
-                        d,
-                        glu_width(c.glu_expand, d),
-                        act=c.glu_activation,
-                        use_bias=c.glu_bias,
-                        **common,
-                    ),
-                    make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
-                    make_norm(c.norm, d, epsilon=c.norm_epsilon, **common),
-                    dropout=c.dropout,
-                    remat=c.remat,
-                    rngs=rngs,
-                )
-            )
-        self.blocks = nnx.List(blocks)
+        self.blocks = residual_stack(c, causal=True, **common)
         self.final_norm = make_norm(c.norm, d, epsilon=c.norm_epsilon, **common)
         self.embed_dropout = nnx.Dropout(c.dropout, rngs=rngs)
         if not c.tie_embeddings:

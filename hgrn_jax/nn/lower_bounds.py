@@ -33,6 +33,31 @@ def lower_bounds(param: jax.Array, scheme: Scheme = "lra") -> jax.Array:
     raise ValueError(f"unknown lower-bound scheme {scheme!r}; use 'lra' or 'lm'")
 
 
+def apply_lower_bound(forget: jax.Array, lower_bound: jax.Array | float | None) -> jax.Array:
+    """The bounded decay ``lam = gamma + (1 - gamma) * forget`` (..., d) of a forget gate
+    ``forget`` in (0, 1), with ``gamma`` the layer's bound (a scalar or (d,); None: 0) taken in
+    ``forget``'s dtype (the official HGRN and HGRN2 layers)."""
+    gamma = jnp.asarray(0.0 if lower_bound is None else lower_bound, forget.dtype)
+    return gamma + (1.0 - gamma) * forget
+
+
+def apply_log_lower_bound(
+    log_forget: jax.Array, lower_bound: jax.Array | float | None
+) -> jax.Array:
+    """``log lam`` for ``lam = gamma + (1 - gamma) * exp(log_forget)``, computed in log space as
+    ``logaddexp(log gamma, log1p(-gamma) + log_forget)`` (fla's HGRN and HGRN2 layers); None:
+    no bound, ``log_forget`` itself.
+
+    Like fla, ``log gamma`` and ``log1p(-gamma)`` are evaluated in the bound's own dtype (float32
+    in its LMs) and then promoted to ``log_forget``'s: that keeps the last bits.
+    """
+    if lower_bound is None:
+        return log_forget
+    gamma = jnp.asarray(lower_bound)
+    acc = log_forget.dtype
+    return jnp.logaddexp(jnp.log(gamma).astype(acc), jnp.log1p(-gamma).astype(acc) + log_forget)
+
+
 class LowerBounds(nnx.Module):
     """The model-level parameter Gamma (num_layers, d), initialised to ones as in the reference.
 

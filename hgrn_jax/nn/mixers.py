@@ -174,27 +174,20 @@ def make_mixer(
             **common,
         )
     if key == ("hgrn2", "official"):
+        options = dict(
+            expand_ratio=config.resolved_expand_ratio,
+            use_bias=config.use_bias,
+            norm_epsilon=config.norm_epsilon,
+            **common,
+        )
         if config.scan == "2d":
             if causal:
                 raise ValueError(
                     "kind='hgrn2' with scan='2d' is bidirectional only "
                     "(hgru2-pytorch's Hgru2_2d_parallel)"
                 )
-            return HGRN2D(
-                features,
-                expand_ratio=config.resolved_expand_ratio,
-                use_bias=config.use_bias,
-                norm_epsilon=config.norm_epsilon,
-                **common,
-            )
-        return HGRN2(
-            features,
-            expand_ratio=config.resolved_expand_ratio,
-            bidirectional=not causal,
-            use_bias=config.use_bias,
-            norm_epsilon=config.norm_epsilon,
-            **common,
-        )
+            return HGRN2D(features, **options)
+        return HGRN2(features, bidirectional=not causal, **options)
     return FlaHGRN2Attention(
         features,
         expand_ratio=config.resolved_expand_ratio,

@@ -33,20 +33,22 @@ def make_norm(
     dtype: jnp.dtype | None = None,
     param_dtype: jnp.dtype = jnp.float32,
     axis_name: str | None = None,
+    axis: str = "embed",
     rngs: nnx.Rngs,
 ) -> nnx.Module:
-    """A norm over the last axis of (..., features) activations.
+    """A norm over the last axis of (..., features) activations, whose parameters carry the
+    logical axis name ``axis`` (``"embed"`` between blocks, ``"rnn"`` inside a token mixer).
 
     ``"batch"`` and ``"sync_batch"`` are BatchNorm over every axis but the last. Under ``jax.jit``
     over a global (sharded) batch the statistics are global already, so ``"sync_batch"`` differs
     from ``"batch"`` only inside ``shard_map``/``pmap``, where ``axis_name`` names the replica axis.
     """
-    meta = dict(scale_metadata=axes_metadata(("embed",)), bias_metadata=axes_metadata(("embed",)))
+    meta = dict(scale_metadata=axes_metadata((axis,)), bias_metadata=axes_metadata((axis,)))
     common = dict(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if kind == "layer":
         return nnx.LayerNorm(features, use_fast_variance=False, **common, **meta)
     if kind == "rms":
-        return nnx.RMSNorm(features, scale_metadata=axes_metadata(("embed",)), **common)
+        return nnx.RMSNorm(features, scale_metadata=meta["scale_metadata"], **common)
     if kind in ("batch", "sync_batch"):
         return nnx.BatchNorm(
             features,

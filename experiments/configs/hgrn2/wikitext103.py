@@ -14,24 +14,24 @@ fairseq lower-bound scheme) and replace its mixer by hgru2-pytorch's HGRN2 layer
 ``paper.value`` is 0 (unknown). ``tiny`` is the HGRN tiny run with HGRN2 heads of width 8.
 """
 
-from experiments.configs import common
+from experiments.configs.hgrn2.variants import hgrn2_variant
 from experiments.configs.lm import wikitext103 as hgrn
 
 PATH = "experiments/configs/hgrn2/wikitext103.py"
 
 
 def get_config(preset: str | None = None):
-    if preset not in (None, ""):
-        if preset != "tiny":
-            raise ValueError(
-                f"unknown preset {preset!r} for {PATH}; choose one of: tiny "
-                f"(or none for the paper's setting, e.g. --config={PATH})"
-            )
-        c = hgrn.get_config("tiny")
-        common.use_hgrn2(c, expand_ratio=8)
-        return c
-    c = hgrn.get_config(None)
-    common.use_hgrn2(c, expand_ratio=128)  # assumed (see the module docstring)
+    return hgrn2_variant(
+        hgrn,
+        preset,
+        PATH,
+        expand_ratio=128,  # assumed (see the module docstring)
+        tiny_expand_ratio=8,
+        paper=_paper,
+    )
+
+
+def _paper(c):
     c.model.dropout = 0.1  # --dropout 0.1
     c.num_train_steps = 50_000  # MAX_UPDATE=50000
     c.optimizer.b2 = 0.98  # --adam-betas '(0.9, 0.98)'
@@ -47,4 +47,3 @@ def get_config(preset: str | None = None):
     c.paper.value = 0.0  # not found
     c.paper.val_value = 0.0
     c.paper.num_params = 0
-    return c
