@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from hgrn_jax import tasks
 from hgrn_jax.nn import HGRN2, HGRN2D
-from hgrn_jax.training import tasks
 
 # task: batch, d, layers, norm, lr, wd, dropout, warmup, schedule steps, GLU, expand, epochs,
 #       positions, clip, accuracy
