@@ -61,20 +61,24 @@ ABLATIONS = {
 def ablated(name: str):
     """While tracing inside this context, the sequential method runs as ``ABLATIONS[name]``
     says: loop buffers from ``jnp.zeros_like`` (XLA merges them into one broadcast plus a copy per
-    loop) and/or another unroll factor. No-op for other names."""
+    loop; the backward's ``da`` no longer written over ``h``) and/or another unroll factor.
+    No-op for other names."""
     if name not in ABLATIONS:
         yield
         return
     zero_buffers, unroll = ABLATIONS[name]
-    saved = recurrence_module._loop_buffer, recurrence_module._SEQUENTIAL_UNROLL
+    names = ("_loop_buffer", "_states_as_buffer", "_SEQUENTIAL_UNROLL")
+    saved = {name: getattr(recurrence_module, name) for name in names}
     if zero_buffers:
         recurrence_module._loop_buffer = lambda like, *args, **kwargs: jnp.zeros_like(like)
+        recurrence_module._states_as_buffer = jnp.zeros_like
     if unroll is not None:
         recurrence_module._SEQUENTIAL_UNROLL = unroll
     try:
         yield
     finally:
-        recurrence_module._loop_buffer, recurrence_module._SEQUENTIAL_UNROLL = saved
+        for name, value in saved.items():
+            setattr(recurrence_module, name, value)
 
 
 def _combine(left, right):
