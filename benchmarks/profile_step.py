@@ -8,11 +8,11 @@ HGRU; the small CPU size, batch 1) and the 2-D mixer (four scans over a sqrt(L) 
 the classifier's width), at each length it times forward+backward (a VJP with respect to the
 input and every parameter) of nested prefixes of one mixer layer at the model's (B, L, d)::
 
-    projections   the four dense layers alone (input, lambda and gate fused into one matmul
-                  by ``projections()``, then the output projection)
+    projections   the input, lambda and gate projections (one fused matmul, ``projections()``)
     gates         + silu / sigmoid / the complex input (``decay_and_input``)
     scans         + the decays (lam * exp(i theta)) and every scan, summed
-    layer         + [Re h | Im h], LayerNorm, output gate and projection (the whole mixer)
+    layer         + [Re h | Im h], LayerNorm, output gate and output projection (the whole
+                  mixer)
 
 and the scans alone (``linear_recurrence`` on the (B, L, d) complex decays and inputs, once per
 direction/axis), so each stage's share is the difference to the previous one. The whole train
@@ -56,8 +56,7 @@ def stage_fn(
         m = nnx.merge(graphdef, state)
         projected = m.projections(x)
         if stage == "projections":
-            u = projected[0]
-            return sum(jnp.sum(o) for o in projected) + jnp.sum(m.out_proj(u))
+            return sum(jnp.sum(o) for o in projected if o is not None)
         lam, b = m.decay_and_input(x, 0.5, projected)
         if stage == "gates":
             return jnp.sum(lam) + jnp.sum(jnp.abs(b))

@@ -21,12 +21,13 @@ classification cross-entropy. ``--scan 2d`` (LRA only) gives the classifier the 
 scans over a sqrt(L) x sqrt(L) grid, LRA Image / Pathfinder; L must be a square). ``--methods``
 runs one HGRN row per recurrence method.
 
-``--variants`` adds HGRN rows with speed changes undone, all compiled first and then timed in
-interleaved rounds with the Transformer, so before/after ratios come from one run
-(``VARIANTS``): ``before`` undoes every change; ``separate projections``, ``transposed scans`` and
-``scan as before`` undo one each (the three input projections as three matmuls; the 2-D mixer's
-scans by ``moveaxis`` copies to and from the time axis; the recurrence's zero-filled loop
-buffers and 8-step unrolling). Step time = the fastest of ``--reps`` interleaved rounds
+``--variants`` adds HGRN rows with speed changes undone or forced, all compiled first and then
+timed in interleaved rounds with the Transformer, so before/after ratios come from one run
+(``VARIANTS``): ``before`` undoes every change; ``transposed scans`` and ``scan as before`` undo
+one each (the 2-D mixer's scans by ``moveaxis`` copies to and from the time axis; the
+recurrence's zero-filled loop buffers and 8-step unrolling); ``fused projections`` forces the
+three input projections into one matmul (the default off CPU only, ``hgru.fuse_projections``)
+and ``separate projections`` forces three (the default on CPU). Step time = the fastest of ``--reps`` interleaved rounds
 (``median_ms`` and ``spread`` = slowest / fastest are kept too): on a shared machine the
 fastest round is the one least disturbed by other work.
 Results (rewritten after every length): ``benchmarks/results/train_throughput[_full][_lra][_2d][_variants]_<platform>.json``.
@@ -65,20 +66,17 @@ LRA_TEXT = dict(vocab_size=135, features=128, num_layers=4, num_classes=2)
 SMALL_LRA = dict(vocab_size=135, features=32, num_layers=2, num_classes=2)
 HEAD_DIM = 64
 
-# Which speed changes each --variants row undoes ("after" undoes none).
-CHANGES = ("fused projections", "axis-aware scans", "scan buffers and unroll")
+# What each --variants row changes: speed changes undone, or the projections forced one way
+# ("after" is the code as it is).
+CHANGES = ("separate projections", "axis-aware scans", "scan buffers and unroll")
 VARIANTS = {
     "after": (),
     "before": CHANGES,
-    "separate projections": ("fused projections",),
+    "fused projections": ("fused projections",),
+    "separate projections": ("separate projections",),
     "transposed scans": ("axis-aware scans",),
     "scan as before": ("scan buffers and unroll",),
 }
-
-
-def _separate_projections(self, x):
-    """The HGRU's three input projections as three matmuls (before they were fused)."""
-    return self.input_proj(x), self.lambda_proj(x) if self.use_forget_gate else None, self.gate(x)
 
 
 def _transposed_scan(self, a, b, direction, axis=-2, h0=None, return_last_state=False):
@@ -98,11 +96,15 @@ def _transposed_scan(self, a, b, direction, axis=-2, h0=None, return_last_state=
 
 @contextlib.contextmanager
 def undone(changes: tuple[str, ...]):
-    """While tracing inside this context, the HGRU runs without ``changes`` (see ``CHANGES``)."""
+    """While tracing inside this context, the HGRU runs with ``changes`` undone (see
+    ``VARIANTS``): "fused projections" / "separate projections" force the input projections
+    into one / three matmuls."""
     base = hgru_module._HGRUBase
-    saved = base.projections, base.scan
+    saved = base.scan, hgru_module.FUSE_PROJECTIONS
     if "fused projections" in changes:
-        base.projections = _separate_projections
+        hgru_module.FUSE_PROJECTIONS = True
+    if "separate projections" in changes:
+        hgru_module.FUSE_PROJECTIONS = False
     if "axis-aware scans" in changes:
         base.scan = _transposed_scan
     scan_context = (
@@ -114,7 +116,7 @@ def undone(changes: tuple[str, ...]):
         with scan_context:
             yield
     finally:
-        base.projections, base.scan = saved
+        base.scan, hgru_module.FUSE_PROJECTIONS = saved
 
 
 class CausalAttention(nnx.Module):
@@ -401,8 +403,9 @@ def main() -> None:
 
 
 def interleaved_times(calls: dict, reps: int) -> dict[str, list[float]]:
-    """Seconds of ``reps`` rounds, every call once per round after one warm-up call each;
-    a call that fails (e.g. out of memory) is reported and left out."""
+    """Seconds of ``reps`` rounds, every call once per round (in an order rotated by one each
+    round) after one warm-up call each; a call that fails (e.g. out of memory) is reported and
+    left out."""
     times: dict[str, list[float]] = {}
     for row_name, (executable, call_args) in calls.items():
         try:
@@ -410,8 +413,12 @@ def interleaved_times(calls: dict, reps: int) -> dict[str, list[float]]:
             times[row_name] = []
         except Exception as error:
             print(f"{row_name}: FAILED {type(error).__name__}: {str(error)[:1000]}", flush=True)
-    for _ in range(reps):
-        for row_name in times:
+    names = list(times)
+    for round_index in range(reps):
+        # Each round starts at the next model: the call after the Transformer's large step
+        # may pay for its memory traffic, so no model always takes that place.
+        shift = round_index % max(1, len(names))
+        for row_name in names[shift:] + names[:shift]:
             executable, call_args = calls[row_name]
             start = time.perf_counter()
             jax.block_until_ready(executable(*call_args))

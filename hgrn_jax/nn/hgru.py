@@ -30,6 +30,32 @@ from hgrn_jax.ops.sequence_parallel import sharded_linear_recurrence
 
 Direction = Literal["forward", "reverse"]
 
+# None: fuse the input projections except on CPU (see _HGRUBase.projections); True / False force it.
+FUSE_PROJECTIONS: bool | None = None
+
+
+def fuse_projections() -> bool:
+    """Whether :meth:`_HGRUBase.projections` runs as one matmul (``FUSE_PROJECTIONS``)."""
+    if FUSE_PROJECTIONS is None:
+        return jax.default_backend() != "cpu"
+    return FUSE_PROJECTIONS
+
+
+def _fused_dense(layers: list[nnx.Linear], x: jax.Array, dtype) -> list[jax.Array]:
+    """``[layer(x) for layer in layers]`` by one matmul over the kernels side by side (the
+    layers share ``x``, dtype, precision and whether they have biases)."""
+    first = layers[0]
+    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
+    bias = None
+    if first.bias is not None:
+        bias = jnp.concatenate([layer.bias[...] for layer in layers])
+    x, kernel, bias = first.promote_dtype((x, kernel, bias), dtype=dtype)
+    y = first.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=first.precision)
+    if bias is not None:
+        y = y + bias
+    ends = list(itertools.accumulate(layer.out_features for layer in layers))
+    return [y[..., start:end] for start, end in zip([0] + ends[:-1], ends)]
+
 
 class _HGRUBase(nnx.Module):
     """Projections, gates, norm and output shared by the 1-D and 2-D mixers.
@@ -111,31 +137,25 @@ class _HGRUBase(nnx.Module):
 
     def projections(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array]:
         """``input_proj(x)``, ``lambda_proj(x)`` (None without the forget gate) and ``gate(x)``,
-        (..., 2d or d), (..., d), (..., 2d or d), by one matmul over the kernels side by side.
+        (..., 2d or d), (..., d), (..., 2d or d).
 
-        The parameters stay three ``nnx.Linear`` layers (checkpoints and :mod:`hgrn_jax.convert`
-        name them); only the computation is fused, so ``x`` is read once and the weight
-        gradient is one matmul. Each output column is the same dot product as in the separate
-        layer, in the layer's dtype and precision.
+        Off CPU they are one matmul over the kernels side by side (``fuse_projections``): ``x``
+        is read once and the weight gradient is one matmul. The parameters stay three
+        ``nnx.Linear`` layers either way (checkpoints and :mod:`hgrn_jax.convert` name them),
+        and each output column is the same dot product, in the layer's dtype and precision. On
+        CPU three matmuls were measured faster (``benchmarks/train_throughput.py --variants``:
+        the fused step of the 2-D LRA classifier took 1.2-1.3x as long at L = 1k).
         """
         layers = [self.input_proj, self.gate]
         if self.use_forget_gate:
             layers.insert(1, self.lambda_proj)
-        kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
-        bias = None
-        if self.input_proj.bias is not None:
-            bias = jnp.concatenate([layer.bias[...] for layer in layers])
-        x, kernel, bias = self.input_proj.promote_dtype((x, kernel, bias), dtype=self.dtype)
-        y = self.input_proj.dot_general(
-            x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.input_proj.precision
-        )
-        if bias is not None:
-            y = y + bias
-        ends = list(itertools.accumulate(layer.out_features for layer in layers))
-        parts = [y[..., start:end] for start, end in zip([0] + ends[:-1], ends)]
+        if fuse_projections():
+            outputs = _fused_dense(layers, x, self.dtype)
+        else:
+            outputs = [layer(x) for layer in layers]
         if self.use_forget_gate:
-            return parts[0], parts[1], parts[2]
-        return parts[0], None, parts[1]
+            return outputs[0], outputs[1], outputs[2]
+        return outputs[0], None, outputs[1]
 
     def decay_and_input(
         self,
