@@ -143,8 +143,9 @@ class _HGRUBase(nnx.Module):
         is read once and the weight gradient is one matmul. The parameters stay three
         ``nnx.Linear`` layers either way (checkpoints and :mod:`hgrn_jax.convert` name them),
         and each output column is the same dot product, in the layer's dtype and precision. On
-        CPU three matmuls were measured faster (``benchmarks/train_throughput.py --variants``:
-        the fused step of the 2-D LRA classifier took 1.2-1.3x as long at L = 1k).
+        CPU the fused matmul gained nothing (``benchmarks/train_throughput.py --variants``,
+        2-D LRA classifier at L = 1k: three runs, fused 1.0-1.3x the separate step time), so
+        CPU keeps the three layers, whose output is bit-identical to the unfused code.
         """
         layers = [self.input_proj, self.gate]
         if self.use_forget_gate:

@@ -37,9 +37,10 @@ METHODS: tuple[str, ...] = ("sequential", "associative", "chunked", "pallas")
 
 _TIME_AXIS = -2
 _DEFAULT_CHUNK = 64
-# Loop steps per iteration of the sequential method. Measured by benchmarks/scan.py on the 2-core
-# CPU at (8, 4096, 512): 2 is 10-30% faster forward+backward than 8 (the old value) in float32
-# and complex64; 1 and 4 are within noise of 2.
+# Loop steps per iteration of the sequential method. On the shared 2-core CPU at (8, 4096, 512)
+# 2 was 5-30% faster forward+backward than 8 (the old value) in most runs, float32 and complex64,
+# and within the machine's noise in the others (benchmarks/scan.py --ablations: "[unroll 8]");
+# 1 and 4 were within noise of 2.
 _SEQUENTIAL_UNROLL = 2
 GPU_PALLAS_MIN_LENGTH = 2048
 
