@@ -57,21 +57,47 @@ ABLATIONS = {
 }
 
 
+def _zero_buffer_backward(a, h, h0, g, reverse, axis=-2):
+    """The sequential backward as it was: ``da`` and ``dx`` in ``jnp.zeros_like`` buffers (which
+    XLA merges into one broadcast and copies per loop), ``h`` read as a separate array."""
+    at, put, time_index = (
+        recurrence_module._at,
+        recurrence_module._put,
+        recurrence_module._time_index,
+    )
+    length = h.shape[axis]
+
+    def body(i, carry):
+        flowing, da, dx = carry
+        t = time_index(i, length, not reverse)
+        d = at(g, t, axis) + flowing
+        prev = t + 1 if reverse else t - 1
+        at_edge = prev == (length if reverse else -1)
+        h_prev = jnp.where(at_edge, h0, at(h, jnp.clip(prev, 0, length - 1), axis))
+        return at(a, t, axis) * d, put(da, d * h_prev, t, axis), put(dx, d, t, axis)
+
+    zeros = jnp.zeros_like(h)
+    unroll = recurrence_module._SEQUENTIAL_UNROLL
+    init = (jnp.zeros_like(h0), zeros, zeros)
+    dh0, da, dx = jax.lax.fori_loop(0, length, body, init, unroll=unroll)
+    return da, dx, dh0
+
+
 @contextlib.contextmanager
 def ablated(name: str):
     """While tracing inside this context, the sequential method runs as ``ABLATIONS[name]``
     says: loop buffers from ``jnp.zeros_like`` (XLA merges them into one broadcast plus a copy per
-    loop; the backward's ``da`` no longer written over ``h``) and/or another unroll factor.
-    No-op for other names."""
+    loop) with the backward as it was (``h`` read separately, not overwritten by ``da``), and/or
+    another unroll factor. No-op for other names."""
     if name not in ABLATIONS:
         yield
         return
     zero_buffers, unroll = ABLATIONS[name]
-    names = ("_loop_buffer", "_states_as_buffer", "_SEQUENTIAL_UNROLL")
+    names = ("_loop_buffer", "_sequential_backward", "_SEQUENTIAL_UNROLL")
     saved = {name: getattr(recurrence_module, name) for name in names}
     if zero_buffers:
         recurrence_module._loop_buffer = lambda like, *args, **kwargs: jnp.zeros_like(like)
-        recurrence_module._states_as_buffer = jnp.zeros_like
+        recurrence_module._sequential_backward = _zero_buffer_backward
     if unroll is not None:
         recurrence_module._SEQUENTIAL_UNROLL = unroll
     try:
