@@ -143,9 +143,9 @@ class _HGRUBase(nnx.Module):
         is read once and the weight gradient is one matmul. The parameters stay three
         ``nnx.Linear`` layers either way (checkpoints and :mod:`hgrn_jax.convert` name them),
         and each output column is the same dot product, in the layer's dtype and precision. On
-        CPU the fused matmul gained nothing (``benchmarks/train_throughput.py --variants``,
-        2-D LRA classifier at L = 1k: three runs, fused 1.0-1.3x the separate step time), so
-        CPU keeps the three layers, whose output is bit-identical to the unfused code.
+        CPU the fused matmul gave no consistent gain (``benchmarks/train_throughput.py
+        --variants``, 2-D LRA classifier at L = 1k: four runs, fused 0.97-1.66x the separate
+        step time), so CPU keeps the three layers: the original, bit-identical computation.
         """
         layers = [self.input_proj, self.gate]
         if self.use_forget_gate:
