@@ -8,10 +8,11 @@ HGRU; the small CPU size, batch 1) and the 2-D mixer (four scans over a sqrt(L) 
 the classifier's width), at each length it times forward+backward (a VJP with respect to the
 input and every parameter) of nested prefixes of one mixer layer at the model's (B, L, d)::
 
-    projections   the four dense layers alone (input, lambda, gate, output)
+    projections   the input, lambda and gate projections (one fused matmul, ``projections()``)
     gates         + silu / sigmoid / the complex input (``decay_and_input``)
     scans         + the decays (lam * exp(i theta)) and every scan, summed
-    layer         + [Re h | Im h], LayerNorm, output gate and projection (the whole mixer)
+    layer         + [Re h | Im h], LayerNorm, output gate and output projection (the whole
+                  mixer)
 
 and the scans alone (``linear_recurrence`` on the (B, L, d) complex decays and inputs, once per
 direction/axis), so each stage's share is the difference to the previous one. The whole train
@@ -53,11 +54,10 @@ def stage_fn(
 
     def run(state, x):
         m = nnx.merge(graphdef, state)
+        projected = m.projections(x)
         if stage == "projections":
-            u = m.input_proj(x)
-            outs = [u, m.lambda_proj(x), m.gate(x)]
-            return sum(jnp.sum(o) for o in outs) + jnp.sum(m.out_proj(u))
-        lam, b = m.decay_and_input(x, 0.5)
+            return sum(jnp.sum(o) for o in projected if o is not None)
+        lam, b = m.decay_and_input(x, 0.5, projected)
         if stage == "gates":
             return jnp.sum(lam) + jnp.sum(jnp.abs(b))
         h = 0.0
@@ -66,14 +66,15 @@ def stage_fn(
                 h = h + m.scan(m.decay(lam, direction), b, direction, axis=axis)
         if stage == "scans":
             return jnp.sum(jnp.abs(h))
-        return jnp.sum(m.output(h, x))
+        return jnp.sum(m.output(h, x, gate=projected[2]))
 
     grad = jax.grad(run, argnums=(0, 1))
     return jax.jit(lambda x: grad(state, x))
 
 
 def scans_only(shape, directions, axes) -> tuple[Callable, tuple]:
-    """Forward+backward of the mixer's scans alone on complex (B, ..., d) decays and inputs."""
+    """Forward+backward of the mixer's scans alone on complex (B, ..., d) decays and inputs
+    (along each axis in place, as the mixer runs them)."""
     keys = jax.random.split(jax.random.key(0), 3)
     a = jax.random.uniform(keys[0], shape, jnp.float32, 0.5, 1.0) * jnp.exp(1j * 0.3)
     x = jax.lax.complex(*jax.random.normal(keys[1], (2,) + shape))
@@ -82,15 +83,7 @@ def scans_only(shape, directions, axes) -> tuple[Callable, tuple]:
         h = 0.0
         for direction in directions:
             for axis in axes:
-                h = h + jnp.moveaxis(
-                    linear_recurrence(
-                        jnp.moveaxis(a, axis, -2),
-                        jnp.moveaxis(x, axis, -2),
-                        reverse=direction == "reverse",
-                    ),
-                    -2,
-                    axis,
-                )
+                h = h + linear_recurrence(a, x, reverse=direction == "reverse", axis=axis)
         return jnp.sum(jnp.abs(h))
 
     return jax.jit(jax.grad(run, argnums=(0, 1))), (a, x)

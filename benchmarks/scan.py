@@ -1,7 +1,7 @@
 """Speed and memory of ``linear_recurrence``: every method against the memory floor.
 
     python benchmarks/scan.py [--lengths 1024 4096 16384] [--kinds float32 complex64]
-                              [--methods auto sequential ...] [--reps 5]
+                              [--methods auto sequential ...] [--reps 5] [--ablations]
 
 For (B, L, D) = (8, L, 512) and each kind (float32, complex64, bfloat16) it times, jitted:
 
@@ -16,7 +16,9 @@ then each of ``--reps`` rounds times the floor and every function once, interlea
 ratios use the best (minimum) time of each; ``spread`` (max / min over the rounds) shows the
 noise. Forward+backward of ``auto`` should be within ``TARGET_RATIO`` of the floor (the physical
 floor is ~2.7: the forward reads a, x and writes h; the backward reads a, h, dh and writes da, dx).
-Also reported: the temporary memory XLA allocates for the forward+backward step
+``--ablations`` adds the sequential method as it was before each of its CPU optimisations, timed
+in the same rounds (``ABLATIONS``): ``sequential[zero buffers, unroll 8]`` is the method before
+both, ``[zero buffers]`` and ``[unroll 8]`` undo one each. Also reported: the temporary memory XLA allocates for the forward+backward step
 (``compile().memory_analysis().temp_size_in_bytes``; inputs and outputs excluded). Results go to
 ``benchmarks/results/scan_<platform>.json`` (``scan_<kind>_<platform>.json`` when one kind).
 """
@@ -24,6 +26,7 @@ Also reported: the temporary memory XLA allocates for the forward+backward step
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -39,10 +42,69 @@ import numpy as np
 
 from benchmarks.common import format_table, write_results
 from hgrn_jax.ops import METHODS, default_method, linear_recurrence
+from hgrn_jax.ops import recurrence as recurrence_module
 
 BASELINES = ("associative_autodiff", "scan_autodiff")
 TARGET_RATIO = 3.0
 KINDS = ("float32", "complex64", "bfloat16")
+
+
+# The sequential method with its CPU optimisations undone: (zero-filled loop buffers, unroll).
+ABLATIONS = {
+    "sequential[zero buffers, unroll 8]": (True, 8),
+    "sequential[zero buffers]": (True, None),
+    "sequential[unroll 8]": (False, 8),
+}
+
+
+def _zero_buffer_backward(a, h, h0, g, reverse, axis=-2):
+    """The sequential backward as it was: ``da`` and ``dx`` in ``jnp.zeros_like`` buffers (which
+    XLA merges into one broadcast and copies per loop), ``h`` read as a separate array."""
+    at, put, time_index = (
+        recurrence_module._at,
+        recurrence_module._put,
+        recurrence_module._time_index,
+    )
+    length = h.shape[axis]
+
+    def body(i, carry):
+        flowing, da, dx = carry
+        t = time_index(i, length, not reverse)
+        d = at(g, t, axis) + flowing
+        prev = t + 1 if reverse else t - 1
+        at_edge = prev == (length if reverse else -1)
+        h_prev = jnp.where(at_edge, h0, at(h, jnp.clip(prev, 0, length - 1), axis))
+        return at(a, t, axis) * d, put(da, d * h_prev, t, axis), put(dx, d, t, axis)
+
+    zeros = jnp.zeros_like(h)
+    unroll = recurrence_module._SEQUENTIAL_UNROLL
+    init = (jnp.zeros_like(h0), zeros, zeros)
+    dh0, da, dx = jax.lax.fori_loop(0, length, body, init, unroll=unroll)
+    return da, dx, dh0
+
+
+@contextlib.contextmanager
+def ablated(name: str):
+    """While tracing inside this context, the sequential method runs as ``ABLATIONS[name]``
+    says: loop buffers from ``jnp.zeros_like`` (XLA merges them into one broadcast plus a copy per
+    loop) with the backward as it was (``h`` read separately, not overwritten by ``da``), and/or
+    another unroll factor. No-op for other names."""
+    if name not in ABLATIONS:
+        yield
+        return
+    zero_buffers, unroll = ABLATIONS[name]
+    names = ("_loop_buffer", "_sequential_backward", "_SEQUENTIAL_UNROLL")
+    saved = {name: getattr(recurrence_module, name) for name in names}
+    if zero_buffers:
+        recurrence_module._loop_buffer = lambda like, *args, **kwargs: jnp.zeros_like(like)
+        recurrence_module._sequential_backward = _zero_buffer_backward
+    if unroll is not None:
+        recurrence_module._SEQUENTIAL_UNROLL = unroll
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(recurrence_module, name, value)
 
 
 def _combine(left, right):
@@ -75,6 +137,8 @@ def recurrence_fn(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
         return associative_autodiff
     if name == "scan_autodiff":
         return scan_autodiff
+    if name in ABLATIONS:
+        return lambda a, x: linear_recurrence(a, x, method="sequential")
     return lambda a, x: linear_recurrence(a, x, method=name)  # "auto" included
 
 
@@ -129,8 +193,9 @@ def measure_length(
     temps = {}
     for name in names:
         fn = recurrence_fn(name)
-        calls[(name, "forward")] = (compiled(fn, a, x), (a, x))
-        fwd_bwd = compiled(forward_backward(fn), a, x, g)
+        with ablated(name):
+            calls[(name, "forward")] = (compiled(fn, a, x), (a, x))
+            fwd_bwd = compiled(forward_backward(fn), a, x, g)
         calls[(name, "fwd_bwd")] = (fwd_bwd, (a, x, g))
         temps[name] = _mib(temp_bytes(fwd_bwd))
     for call, call_args in calls.values():  # warm-up
@@ -222,6 +287,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-baselines", action="store_true", help="skip the two JAX-autodiff baselines"
     )
+    parser.add_argument(
+        "--ablations",
+        action="store_true",
+        help="add the sequential method with its CPU optimisations undone (ABLATIONS)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     args = parser.parse_args(argv)
     if args.complex and args.dtype == "bfloat16":
@@ -236,7 +306,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(methods) - set(METHODS) - {"auto"})
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {['auto', *METHODS]}")
-    names = methods + ([] if args.no_baselines else list(BASELINES))
+    names = (
+        methods
+        + ([] if args.no_baselines else list(BASELINES))
+        + (list(ABLATIONS) if args.ablations else [])
+    )
     print(
         f"linear_recurrence on {platform} ({jax.devices()[0].device_kind}), "
         f"B={args.batch} D={args.channels} {' '.join(kinds)}; best of {args.reps} interleaved "
@@ -281,6 +355,14 @@ def main(argv: list[str] | None = None) -> None:
             lengths=args.lengths,
             methods=methods,
             baselines=[] if args.no_baselines else list(BASELINES),
+            ablations={
+                name: dict(
+                    zero_buffers=zeros, unroll=unroll or recurrence_module._SEQUENTIAL_UNROLL
+                )
+                for name, (zeros, unroll) in ABLATIONS.items()
+            }
+            if args.ablations
+            else {},
             floor="a * x + x (reads a and x, writes one array)",
             timing="best of reps interleaved rounds (floor and every function once per "
             "round); spread = max / min",

@@ -1,30 +1,47 @@
 """Training throughput and peak memory: HGRN against a same-size Transformer, for the LM and
 for an LRA classifier.
 
-    python benchmarks/train_throughput.py [--task lm|lra] [--full] [--lengths 512 1024 ...]
-                                          [--batch N] [--reps 3] [--dtype float32|bfloat16]
-                                          [--methods auto pallas chunked ...]
+    python benchmarks/train_throughput.py [--task lm|lra] [--scan 1d|2d] [--full]
+                                          [--lengths 512 1024 ...] [--batch N] [--reps 3]
+                                          [--dtype float32|bfloat16] [--methods auto ...]
+                                          [--variants after before ...]
 
 Both models have the same width, depth, vocabulary, GLU channel mixer and tied embeddings; the
 token mixer differs: the paper's complex HGRU (``HGRNLM``) or causal multi-head softmax
 attention (``jax.nn.dot_product_attention(..., is_causal=True)``, head size 64). One training
 step is the loss, ``jax.grad`` and an AdamW update, jitted; tokens per second = batch * length /
-median step time, and peak memory = temp + argument + output bytes of the compiled step.
+fastest step time (of interleaved rounds), and peak memory = temp + argument + output bytes of the compiled step.
 
 Sizes: the default is a small CPU model (d 128, 2 layers, vocab 1024, L 512-4096); ``--full`` is
 the WikiText-103 model (d 512, 6 layers, vocab 50264, GLU 1024, L 512-16384), meant for a GPU.
 ``--task lra``: the LRA Text classifier (1-D bidirectional complex HGRU, BatchNorm, d 128, 4 layers,
 vocabulary 135, 2 classes, mean pooling; batch 8) against a Transformer encoder of the same width
 and depth (non-causal attention, LayerNorm, the same GLU, mean pooling); the loss is the
-classification cross-entropy. ``--methods`` runs one HGRN row per recurrence method.
-Results (rewritten after every row): ``benchmarks/results/train_throughput[_full][_lra]_<platform>.json``.
+classification cross-entropy. ``--scan 2d`` (LRA only) gives the classifier the 2-D mixer (four
+scans over a sqrt(L) x sqrt(L) grid, LRA Image / Pathfinder; L must be a square). ``--methods``
+runs one HGRN row per recurrence method.
+
+``--variants`` adds HGRN rows with speed changes undone or forced, all compiled first and then
+timed in interleaved rounds with the Transformer, so before/after ratios come from one run
+(``VARIANTS``): ``before`` undoes every change; ``transposed scans`` and ``scan as before`` undo
+one each (the 2-D mixer's scans by ``moveaxis`` copies to and from the time axis; the
+recurrence's zero-filled loop buffers and 8-step unrolling); ``fused projections`` forces the
+three input projections into one matmul (the default off CPU only, ``hgru.fuse_projections``)
+and ``separate projections`` forces three (the default on CPU). Step time = the fastest of ``--reps`` interleaved rounds
+(``median_ms`` and ``spread`` = slowest / fastest are kept too): on a shared machine the
+fastest round is the one least disturbed by other work.
+Results (rewritten after every length): ``benchmarks/results/train_throughput[_full][_lra][_2d][_variants]_<platform>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import math
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,10 +51,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from benchmarks.common import format_table, time_fn, write_results
-from hgrn_jax.nn import GLU, HGRNLM, LMConfig
+from benchmarks.common import format_table, write_results
+from benchmarks.scan import ablated
+from hgrn_jax.nn import GLU, HGRNLM, LMConfig, MixerConfig
+from hgrn_jax.nn import hgru as hgru_module
 from hgrn_jax.nn.classifier import ClassifierConfig, HGRNClassifier
 from hgrn_jax.nn.glu import glu_width
+from hgrn_jax.ops import linear_recurrence
 
 SMALL = dict(vocab_size=1024, features=128, num_layers=2, glu_expand=2)
 FULL = dict(vocab_size=50264, features=512, num_layers=6, glu_expand=2)
@@ -45,6 +65,58 @@ SMALL_LENGTHS, FULL_LENGTHS = (512, 1024, 2048, 4096), (512, 1024, 2048, 4096, 8
 LRA_TEXT = dict(vocab_size=135, features=128, num_layers=4, num_classes=2)
 SMALL_LRA = dict(vocab_size=135, features=32, num_layers=2, num_classes=2)
 HEAD_DIM = 64
+
+# What each --variants row changes: speed changes undone, or the projections forced one way
+# ("after" is the code as it is).
+CHANGES = ("separate projections", "axis-aware scans", "scan buffers and unroll")
+VARIANTS = {
+    "after": (),
+    "before": CHANGES,
+    "fused projections": ("fused projections",),
+    "separate projections": ("separate projections",),
+    "transposed scans": ("axis-aware scans",),
+    "scan as before": ("scan buffers and unroll",),
+}
+
+
+def _transposed_scan(self, a, b, direction, axis=-2, h0=None, return_last_state=False):
+    """The HGRU's scan as it was: the time axis moved next to the channels and back."""
+    out = linear_recurrence(
+        jnp.moveaxis(a, axis, -2),
+        jnp.moveaxis(b, axis, -2),
+        h0,
+        reverse=direction == "reverse",
+        method=self.method,
+        return_last_state=return_last_state,
+    )
+    if return_last_state:
+        return jnp.moveaxis(out[0], -2, axis), out[1]
+    return jnp.moveaxis(out, -2, axis)
+
+
+@contextlib.contextmanager
+def undone(changes: tuple[str, ...]):
+    """While tracing inside this context, the HGRU runs with ``changes`` undone (see
+    ``VARIANTS``): "fused projections" / "separate projections" force the input projections
+    into one / three matmuls."""
+    base = hgru_module._HGRUBase
+    saved = base.scan, hgru_module.FUSE_PROJECTIONS
+    if "fused projections" in changes:
+        hgru_module.FUSE_PROJECTIONS = True
+    if "separate projections" in changes:
+        hgru_module.FUSE_PROJECTIONS = False
+    if "axis-aware scans" in changes:
+        base.scan = _transposed_scan
+    scan_context = (
+        ablated("sequential[zero buffers, unroll 8]")
+        if "scan buffers and unroll" in changes
+        else contextlib.nullcontext()
+    )
+    try:
+        with scan_context:
+            yield
+    finally:
+        base.scan, hgru_module.FUSE_PROJECTIONS = saved
 
 
 class CausalAttention(nnx.Module):
@@ -195,6 +267,9 @@ def builders(args, dtype) -> tuple[dict, dict, object, int]:
         return models, sizes, next_token_loss, config.vocab_size
     sizes = LRA_TEXT if args.full else SMALL_LRA
     config = ClassifierConfig(**sizes, encoder="embed", norm="batch")
+    if getattr(args, "scan", "1d") == "2d":
+        side = math.isqrt(args.length)
+        config = dataclasses.replace(config, mixer=MixerConfig(scan="2d"), grid_shape=(side, side))
     models = {
         f"hgrn[{m}]": (
             lambda m=m: HGRNClassifier(with_method(config, m), dtype=dtype, rngs=nnx.Rngs(0))
@@ -208,6 +283,9 @@ def builders(args, dtype) -> tuple[dict, dict, object, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="lm", choices=["lm", "lra"])
+    parser.add_argument(
+        "--scan", default="1d", choices=["1d", "2d"], help="the LRA classifier's mixer"
+    )
     parser.add_argument("--full", action="store_true", help="the paper's model size")
     parser.add_argument("--lengths", type=int, nargs="+")
     parser.add_argument("--batch", type=int, help="default 1 (lm) or 8 (lra)")
@@ -216,71 +294,152 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=["auto"], help="recurrence methods: one HGRN row each"
     )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=["after"],
+        help="HGRN rows with speed changes undone (VARIANTS), timed in the same rounds",
+    )
     args = parser.parse_args()
     batch = args.batch or (1 if args.task == "lm" else 8)
     lengths = args.lengths or (FULL_LENGTHS if args.full else SMALL_LENGTHS)
+    if args.scan == "2d":
+        if args.task != "lra":
+            parser.error("--scan 2d is the LRA classifier's 2-D mixer: add --task lra")
+        not_square = [n for n in lengths if math.isqrt(n) ** 2 != n]
+        if not_square:
+            parser.error(f"--scan 2d needs square lengths (a sqrt(L) grid); got {not_square}")
     dtype = None if args.dtype == "float32" else jnp.bfloat16
-    models, sizes, loss, vocab_size = builders(args, dtype)
     name = (
-        "train_throughput" + ("_full" if args.full else "") + ("_lra" if args.task == "lra" else "")
+        "train_throughput"
+        + ("_full" if args.full else "")
+        + ("_lra" if args.task == "lra" else "")
+        + ("_2d" if args.scan == "2d" else "")
+        + ("_variants" if args.variants != ["after"] else "")
     )
     meta = {
         "task": args.task,
-        "config": sizes,
+        "scan": args.scan,
         "batch": batch,
         "dtype": args.dtype,
         "parameters": {},
         "attention": "jax.nn.dot_product_attention, head size "
         f"{HEAD_DIM}, {'causal' if args.task == 'lm' else 'non-causal'}",
         "step": "loss + grad + AdamW update, jitted",
+        "timing": f"fastest of {args.reps} interleaved rounds (every model once per round); "
+        "median_ms also given",
+        "variants": {v: list(VARIANTS[v]) for v in args.variants},
     }
     rows: list[dict] = []
     for length in lengths:
+        args.length = length
+        models, sizes, loss, vocab_size = builders(args, dtype)
+        meta["config"] = sizes
         ids = jax.random.randint(jax.random.key(length), (batch, length + 1), 0, vocab_size)
+        calls = {}
         for model_name, build in models.items():
-            model = build()
-            meta["parameters"][model_name] = parameter_count(model)
-            step, state = train_step_fn(model, loss)
-            try:
-                memory = step.lower(*state, ids).compile().memory_analysis()
-                seconds = time_fn(step, *state, ids, reps=args.reps)["median"]
-            except Exception as error:  # e.g. out of memory: report it and go on
-                print(
-                    f"{model_name} L={length}: FAILED {type(error).__name__}: {str(error)[:1000]}",
-                    flush=True,
-                )
+            for variant in args.variants if model_name != "transformer" else ["after"]:
+                row_name = model_name if variant == "after" else f"{model_name} ({variant})"
+                model = build()
+                meta["parameters"][model_name] = parameter_count(model)
+                step, state = train_step_fn(model, loss)
+                try:
+                    with undone(VARIANTS[variant]):
+                        executable = step.lower(*state, ids).compile()
+                except Exception as error:  # e.g. out of memory: report it and go on
+                    print(
+                        f"{row_name} L={length}: FAILED {type(error).__name__}: "
+                        f"{str(error)[:1000]}",
+                        flush=True,
+                    )
+                    continue
+                calls[row_name] = (executable, (*state, ids))
+        times = interleaved_times(calls, args.reps)
+        for row_name, (executable, _) in calls.items():
+            if row_name not in times:
                 continue
+            memory = executable.memory_analysis()
             peak = (
                 memory.temp_size_in_bytes
                 + memory.argument_size_in_bytes
                 + memory.output_size_in_bytes
             )
+            seconds = min(times[row_name])
             row = {
-                "model": model_name,
+                "model": row_name,
                 "length": length,
                 "step_ms": seconds * 1e3,
+                "median_ms": statistics.median(times[row_name]) * 1e3,
                 "tokens_per_s": batch * length / seconds,
                 "peak_MiB": peak / 2**20,
+                "spread": max(times[row_name]) / min(times[row_name]),
             }
             rows.append(row)
-            print(format_table([row], list(row)).splitlines()[-1], flush=True)
-            add_speedups(rows)
-            write_results(name, rows, meta)
+        add_speedups(rows)
+        print(
+            format_table(
+                [r for r in rows if r["length"] == length],
+                [
+                    "model",
+                    "length",
+                    "step_ms",
+                    "tokens_per_s",
+                    "peak_MiB",
+                    "x_transformer",
+                    "x_before",
+                ],
+            ),
+            flush=True,
+        )
+        write_results(name, rows, meta)
     print(
         format_table(
-            rows, ["model", "length", "step_ms", "tokens_per_s", "peak_MiB", "x_transformer"]
+            rows,
+            ["model", "length", "step_ms", "tokens_per_s", "peak_MiB", "x_transformer", "x_before"],
         )
     )
     print("wrote", write_results(name, rows, meta))
 
 
+def interleaved_times(calls: dict, reps: int) -> dict[str, list[float]]:
+    """Seconds of ``reps`` rounds, every call once per round (in an order rotated by one each
+    round) after one warm-up call each; a call that fails (e.g. out of memory) is reported and
+    left out."""
+    times: dict[str, list[float]] = {}
+    for row_name, (executable, call_args) in calls.items():
+        try:
+            jax.block_until_ready(executable(*call_args))
+            times[row_name] = []
+        except Exception as error:
+            print(f"{row_name}: FAILED {type(error).__name__}: {str(error)[:1000]}", flush=True)
+    names = list(times)
+    for round_index in range(reps):
+        # Each round starts at the next model: the call after the Transformer's large step
+        # may pay for its memory traffic, so no model always takes that place.
+        shift = round_index % max(1, len(names))
+        for row_name in names[shift:] + names[:shift]:
+            executable, call_args = calls[row_name]
+            start = time.perf_counter()
+            jax.block_until_ready(executable(*call_args))
+            times[row_name].append(time.perf_counter() - start)
+    return times
+
+
 def add_speedups(rows: list[dict]) -> None:
-    """``x_transformer``: each row's tokens/s over the Transformer's at the same length."""
+    """``x_transformer``: each row's tokens/s over the Transformer's at the same length;
+    ``x_before``: over the same HGRN model's ``(before)`` row (all speed changes undone)."""
     for row in rows:
-        other = next(
-            (r for r in rows if r["length"] == row["length"] and r["model"] == "transformer"), None
-        )
+        same_length = [r for r in rows if r["length"] == row["length"]]
+        other = next((r for r in same_length if r["model"] == "transformer"), None)
         row["x_transformer"] = row["tokens_per_s"] / other["tokens_per_s"] if other else None
+        base = row["model"].split(" (")[0]
+        before = next((r for r in same_length if r["model"] == f"{base} (before)"), None)
+        row["x_before"] = (
+            row["tokens_per_s"] / before["tokens_per_s"]
+            if before and row["model"] != "transformer"
+            else None
+        )
 
 
 if __name__ == "__main__":

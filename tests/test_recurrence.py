@@ -450,6 +450,65 @@ class JitTest(chex.TestCase):
             np.testing.assert_allclose(g, g_ref, atol=1e-4, rtol=1e-4)
 
 
+# ------------------------------------------------------------------ time axis
+
+
+@pytest.mark.parametrize("axis", [0, 1, -3], ids=["axis0", "axis1", "axis-3"])
+def test_time_axis_other_than_second_to_last(axis):
+    """``axis=``: values, final state and gradients (a, x, h0) equal the same recurrence run on
+    arrays with that axis moved to -2 (the float64 loop for values). ``"sequential"`` steps
+    along the axis in place, the others move it; both directions, complex, with h0."""
+    a, x, _ = random_inputs((3, 6, 5, 2), complex_valued=True, seed=3)
+    h0 = np.moveaxis(x, axis, -2)[..., 0, :] * 0.5  # x's shape without the time axis
+    moved = lambda v: np.moveaxis(v, axis, -2)
+
+    def loss(run, a, x, h0):
+        out, last = run(a, x, h0)
+        return jnp.sum(jnp.abs(out) ** 2) + jnp.sum(jnp.abs(last) ** 2)
+
+    def everything(a, x, h0):
+        def one(method, reverse):
+            def run(a, x, h0):
+                return linear_recurrence(
+                    a, x, h0, reverse=reverse, method=method, return_last_state=True, axis=axis
+                )
+
+            def run_moved(a, x, h0):
+                out, last = linear_recurrence(
+                    jnp.moveaxis(a, axis, -2),
+                    jnp.moveaxis(x, axis, -2),
+                    h0,
+                    reverse=reverse,
+                    method=method,
+                    return_last_state=True,
+                )
+                return jnp.moveaxis(out, -2, axis), last
+
+            grads = jax.grad(functools.partial(loss, run), argnums=(0, 1, 2))(a, x, h0)
+            want = jax.grad(functools.partial(loss, run_moved), argnums=(0, 1, 2))(a, x, h0)
+            return run(a, x, h0), grads, want
+
+        return run_all(one, methods=CORE_METHODS)
+
+    for key, ((out, last), grads, want) in jax.jit(everything)(a, x, h0).items():
+        reverse = key_reverse(key)
+        expected = np.moveaxis(loop_reference(moved(a), moved(x), h0, reverse), -2, axis)
+        np.testing.assert_allclose(out, expected, **F32_TOL, err_msg=key)
+        np.testing.assert_array_equal(
+            last, np.take(np.asarray(out), 0 if reverse else -1, axis=axis), err_msg=key
+        )
+        for g, g_want in zip(grads, want):
+            np.testing.assert_allclose(g, g_want, atol=1e-4, rtol=1e-5, err_msg=key)
+
+
+def test_time_axis_errors():
+    a, x, _ = random_inputs((2, 5, 3))
+    with pytest.raises(ValueError, match=r"axis 3 is out of range for x of shape \(2, 5, 3\)"):
+        linear_recurrence(a, x, axis=3)
+    with pytest.raises(ValueError, match=r"h0 must have shape \(5, 3\); got \(2, 3\)"):
+        linear_recurrence(a, x, np.zeros((2, 3), np.float32), axis=0)
+
+
 # ------------------------------------------------------------------ sharding
 
 

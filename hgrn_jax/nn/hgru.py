@@ -16,6 +16,7 @@ and are summed before the norm, as in the reference.
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import jax
@@ -28,6 +29,32 @@ from hgrn_jax.ops.common import accumulation_dtype
 from hgrn_jax.ops.sequence_parallel import sharded_linear_recurrence
 
 Direction = Literal["forward", "reverse"]
+
+# None: fuse the input projections except on CPU (see _HGRUBase.projections); True / False force it.
+FUSE_PROJECTIONS: bool | None = None
+
+
+def fuse_projections() -> bool:
+    """Whether :meth:`_HGRUBase.projections` runs as one matmul (``FUSE_PROJECTIONS``)."""
+    if FUSE_PROJECTIONS is None:
+        return jax.default_backend() != "cpu"
+    return FUSE_PROJECTIONS
+
+
+def _fused_dense(layers: list[nnx.Linear], x: jax.Array, dtype) -> list[jax.Array]:
+    """``[layer(x) for layer in layers]`` by one matmul over the kernels side by side (the
+    layers share ``x``, dtype, precision and whether they have biases)."""
+    first = layers[0]
+    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
+    bias = None
+    if first.bias is not None:
+        bias = jnp.concatenate([layer.bias[...] for layer in layers])
+    x, kernel, bias = first.promote_dtype((x, kernel, bias), dtype=dtype)
+    y = first.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=first.precision)
+    if bias is not None:
+        y = y + bias
+    ends = list(itertools.accumulate(layer.out_features for layer in layers))
+    return [y[..., start:end] for start, end in zip([0] + ends[:-1], ends)]
 
 
 class _HGRUBase(nnx.Module):
@@ -108,17 +135,45 @@ class _HGRUBase(nnx.Module):
                 "axis after the batch must be non-empty)"
             )
 
+    def projections(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+        """``input_proj(x)``, ``lambda_proj(x)`` (None without the forget gate) and ``gate(x)``,
+        (..., 2d or d), (..., d), (..., 2d or d).
+
+        Off CPU they are one matmul over the kernels side by side (``fuse_projections``): ``x``
+        is read once and the weight gradient is one matmul. The parameters stay three
+        ``nnx.Linear`` layers either way (checkpoints and :mod:`hgrn_jax.convert` name them),
+        and each output column is the same dot product, in the layer's dtype and precision. On
+        CPU the fused matmul gave no consistent gain (``benchmarks/train_throughput.py
+        --variants``, 2-D LRA classifier at L = 1k: four runs, fused 0.97-1.66x the separate
+        step time), so CPU keeps the three layers: the original, bit-identical computation.
+        """
+        layers = [self.input_proj, self.gate]
+        if self.use_forget_gate:
+            layers.insert(1, self.lambda_proj)
+        if fuse_projections():
+            outputs = _fused_dense(layers, x, self.dtype)
+        else:
+            outputs = [layer(x) for layer in layers]
+        if self.use_forget_gate:
+            return outputs[0], outputs[1], outputs[2]
+        return outputs[0], None, outputs[1]
+
     def decay_and_input(
-        self, x: jax.Array, lower_bound: jax.Array | float
+        self,
+        x: jax.Array,
+        lower_bound: jax.Array | float,
+        projected: tuple[jax.Array, jax.Array | None, jax.Array] | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """The real decay ``lam`` (..., d) and the gated input ``(1 - lam) * c``, both in the
         accumulation dtype (float32, or float64 for float64 inputs).
 
         ``c`` is complex (..., d) for the complex recurrence, real otherwise. Without the forget
         gate (the ablation), ``lam`` is the lower bound alone and the input gate stays ``1 - lam``.
+        ``projected``: :meth:`projections` of ``x`` when the caller has them already.
         """
         acc = accumulation_dtype(x.dtype)
-        u = nnx.silu(self.input_proj(x)).astype(acc)
+        u, mu, _ = self.projections(x) if projected is None else projected
+        u = nnx.silu(u).astype(acc)
         if self.complex_valued:
             d = self.features
             c = jax.lax.complex(u[..., :d], u[..., d:])
@@ -126,8 +181,7 @@ class _HGRUBase(nnx.Module):
             c = u
         gamma = jnp.asarray(lower_bound, acc)
         if self.use_forget_gate:
-            mu = nnx.sigmoid(self.lambda_proj(x).astype(acc))
-            lam = gamma + (1.0 - gamma) * mu
+            lam = gamma + (1.0 - gamma) * nnx.sigmoid(mu.astype(acc))
         else:
             lam = jnp.broadcast_to(gamma, x.shape[:-1] + (self.features,))
         return lam, (1.0 - lam) * c
@@ -161,37 +215,35 @@ class _HGRUBase(nnx.Module):
         h0=None,
         return_last_state: bool = False,
     ):
-        """One recurrence along ``axis`` of (..., d) arrays."""
+        """One recurrence along ``axis`` of (..., d) arrays (in place along it: no transposes
+        for the default CPU method, see ``linear_recurrence(axis=...)``)."""
         sharded = self.sequence_axis is not None and axis % a.ndim == 1 and not return_last_state
-        a = jnp.moveaxis(a, axis, -2)
-        b = jnp.moveaxis(b, axis, -2)
         if sharded:
             h = sharded_linear_recurrence(
-                a,
-                b,
+                jnp.moveaxis(a, axis, -2),
+                jnp.moveaxis(b, axis, -2),
                 h0,
                 axis_name=self.sequence_axis,
                 reverse=direction == "reverse",
                 method=self.method,
             )
             return jnp.moveaxis(h, -2, axis)
-        out = linear_recurrence(
+        return linear_recurrence(
             a,
             b,
             h0,
             reverse=direction == "reverse",
             method=self.method,
             return_last_state=return_last_state,
+            axis=axis,
         )
-        if return_last_state:
-            return jnp.moveaxis(out[0], -2, axis), out[1]
-        return jnp.moveaxis(out, -2, axis)
 
-    def output(self, h: jax.Array, x: jax.Array) -> jax.Array:
-        """Norm, output gate and projection of the summed states ``h`` (..., d)."""
+    def output(self, h: jax.Array, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+        """Norm, output gate and projection of the summed states ``h`` (..., d); ``gate`` is
+        ``self.gate(x)`` when the caller has it already (from :meth:`projections`)."""
         feats = jnp.concatenate([h.real, h.imag], axis=-1) if self.complex_valued else h
         feats = feats.astype(self.dtype or x.dtype)
-        gate = nnx.silu(self.gate(x))
+        gate = nnx.silu(self.gate(x) if gate is None else gate)
         if self.norm_before_gate:
             y = self.norm(feats) * gate
         else:
@@ -226,7 +278,8 @@ class HGRU(_HGRUBase):
         Padded steps are identity steps of every scan: real positions see exactly the unpadded
         sequence, wherever the padding sits."""
         self.check_input(x, "(batch, length, d)")
-        lam, b = self.decay_and_input(x, lower_bound)
+        projected = self.projections(x)
+        lam, b = self.decay_and_input(x, lower_bound, projected)
         directions: tuple[Direction, ...] = (
             ("forward", "reverse") if self.bidirectional else ("forward",)
         )
@@ -234,7 +287,7 @@ class HGRU(_HGRUBase):
         for direction in directions:
             a, b_dir = self.identity_at_padding(self.decay(lam, direction), b, mask)
             h = h + self.scan(a, b_dir, direction)
-        return self.output(h, x)
+        return self.output(h, x, gate=projected[2])
 
     def step(
         self, x: jax.Array, state: jax.Array, lower_bound: jax.Array | float = 0.0
@@ -244,11 +297,12 @@ class HGRU(_HGRUBase):
         if self.bidirectional:
             raise ValueError("step() needs a causal HGRU (bidirectional=False)")
         self.check_input(x, "(batch, length, d)")
-        lam, b = self.decay_and_input(x, lower_bound)
+        projected = self.projections(x)
+        lam, b = self.decay_and_input(x, lower_bound, projected)
         h, last = self.scan(
             self.decay(lam, "forward"), b, "forward", h0=state, return_last_state=True
         )
-        return self.output(h, x), last
+        return self.output(h, x, gate=projected[2]), last
 
     def init_state(self, batch_size: int) -> jax.Array:
         """The zero recurrent state (B, d) for :meth:`step`."""
@@ -282,11 +336,12 @@ class HGRU2D(_HGRUBase):
     ) -> jax.Array:
         """``x`` (B, H, W, d), ``mask`` (B, H, W) with 1 for real cells -> (B, H, W, d)."""
         self.check_input(x, "(batch, H, W, d)")
-        lam, b = self.decay_and_input(x, lower_bound)
+        projected = self.projections(x)
+        lam, b = self.decay_and_input(x, lower_bound, projected)
         directions: tuple[Direction, ...] = ("forward",) if self.causal else ("forward", "reverse")
         h = 0.0
         for direction in directions:
             a, b_dir = self.identity_at_padding(self.decay(lam, direction), b, mask)
             for axis in (1, 2):
                 h = h + self.scan(a, b_dir, direction, axis=axis)
-        return self.output(h, x)
+        return self.output(h, x, gate=projected[2])

@@ -19,25 +19,30 @@ def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def check_inputs(a, x, h0=None) -> tuple[jax.Array, jax.Array, jnp.dtype]:
+def check_inputs(a, x, h0=None, axis: int = -2) -> tuple[jax.Array, jax.Array, jnp.dtype]:
     """``a`` and ``x`` as arrays and the promoted dtype of ``(a, x, h0)``.
 
-    Raises ``ValueError`` naming the problem when ``x`` is not ``(..., length, channels)`` or
-    ``h0`` is not ``(..., channels)`` with ``x``'s leading axes.
+    Raises ``ValueError`` naming the problem when ``x`` is not ``(..., length, channels)``,
+    ``axis`` (the time axis) is not one of its axes, or ``h0`` is not ``x``'s shape without the
+    time axis.
     """
     a, x = jnp.asarray(a), jnp.asarray(x)
     if x.ndim < 2:
         raise ValueError(f"x must be (..., length, channels); got shape {x.shape}")
-    shape = state_shape(x)
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for x of shape {x.shape}")
+    shape = state_shape(x, axis)
     if h0 is not None and jnp.shape(h0) != shape:
         raise ValueError(f"h0 must have shape {shape}; got {jnp.shape(h0)}")
     dtype = jnp.result_type(a, x) if h0 is None else jnp.result_type(a, x, h0)
     return a, x, dtype
 
 
-def state_shape(x: jax.Array) -> tuple[int, ...]:
-    """The shape of one state, ``(..., C)``, of ``x`` ``(..., L, C)``."""
-    return x.shape[:-2] + x.shape[-1:]
+def state_shape(x: jax.Array, axis: int = -2) -> tuple[int, ...]:
+    """The shape of one state of ``x``: its shape without the time ``axis`` (``(..., C)`` for
+    ``x`` ``(..., L, C)``)."""
+    axis %= x.ndim
+    return x.shape[:axis] + x.shape[axis + 1 :]
 
 
 def chain_carries(

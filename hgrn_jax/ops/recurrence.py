@@ -37,6 +37,11 @@ METHODS: tuple[str, ...] = ("sequential", "associative", "chunked", "pallas")
 
 _TIME_AXIS = -2
 _DEFAULT_CHUNK = 64
+# Loop steps per iteration of the sequential method. On the shared 2-core CPU at (8, 4096, 512)
+# 2 was 5-30% faster forward+backward than 8 (the old value) in most runs, float32 and complex64,
+# and within the machine's noise in the others (benchmarks/scan.py --ablations: "[unroll 8]");
+# 1 and 4 were within noise of 2.
+_SEQUENTIAL_UNROLL = 2
 GPU_PALLAS_MIN_LENGTH = 2048
 
 
@@ -89,6 +94,7 @@ def linear_recurrence(
     return_last_state: bool = False,
     chunk_size: int = _DEFAULT_CHUNK,
     out_dtype: jnp.dtype | None = None,
+    axis: int = -2,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """All states of ``h_t = a_t * h_{t-1} + x_t`` along the time axis.
 
@@ -106,17 +112,35 @@ def linear_recurrence(
         ``reverse``), for streaming.
       chunk_size: chunk length of the chunked method.
       out_dtype: dtype of the result; the promoted input dtype by default.
+      axis: the time axis; every other axis is independent channels (``h0`` and the final
+        state are ``x``'s shape without it). ``"sequential"`` steps along it in place; the
+        other methods move it next to the last axis and back (two copies per array).
 
     Returns:
       ``h`` with ``x``'s shape, and the final state when ``return_last_state``.
     """
-    a, x, dtype = check_inputs(a, x, h0)
+    a, x, dtype = check_inputs(a, x, h0, axis)
     out_dtype = out_dtype or dtype
     acc = accumulation_dtype(dtype)
+    time_axis = axis % x.ndim
     if method == "auto":
-        method = default_method(x.shape[_TIME_AXIS])
+        method = default_method(x.shape[time_axis])
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {('auto',) + METHODS}")
+    if time_axis != x.ndim - 2 and method != "sequential":
+        moved = linear_recurrence(
+            jnp.moveaxis(jnp.broadcast_to(a, x.shape), time_axis, -2),
+            jnp.moveaxis(x, time_axis, -2),
+            h0,
+            reverse=reverse,
+            method=method,
+            return_last_state=return_last_state,
+            chunk_size=chunk_size,
+            out_dtype=out_dtype,
+        )
+        if return_last_state:
+            return jnp.moveaxis(moved[0], -2, time_axis), moved[1]
+        return jnp.moveaxis(moved, -2, time_axis)
     if method == "pallas":
         # The kernel reads a and x in their own dtype and accumulates in float32 inside.
         h0 = None if h0 is None else jnp.asarray(h0).astype(acc)
@@ -131,40 +155,42 @@ def linear_recurrence(
         x = x.astype(acc)
         # zeros_like keeps x's batch sharding (a replicated carry breaks lax.scan on an
         # Explicit mesh).
-        h0 = jnp.zeros_like(x[..., 0, :]) if h0 is None else jnp.asarray(h0).astype(acc)
-        h = _recurrence(a, x, h0, reverse, method, chunk_size)
+        h0 = jnp.zeros_like(_at(x, 0, time_axis)) if h0 is None else jnp.asarray(h0).astype(acc)
+        # Negative, so that it names the same axis of every (..., L, C) array in the loops.
+        h = _recurrence(a, x, h0, reverse, method, chunk_size, time_axis - x.ndim)
     out = h.astype(out_dtype)
     if return_last_state:
-        last = h[..., 0, :] if reverse else h[..., -1, :]
+        last = _at(h, 0 if reverse else x.shape[time_axis] - 1, time_axis)
         return out, last.astype(out_dtype)
     return out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _recurrence(a, x, h0, reverse, method, chunk_size):
-    return _scan(a, x, h0, reverse, method, chunk_size)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _recurrence(a, x, h0, reverse, method, chunk_size, axis):
+    return _scan(a, x, h0, reverse, method, chunk_size, axis)
 
 
-def _recurrence_fwd(a, x, h0, reverse, method, chunk_size):
-    h = _scan(a, x, h0, reverse, method, chunk_size)
+def _recurrence_fwd(a, x, h0, reverse, method, chunk_size, axis):
+    h = _scan(a, x, h0, reverse, method, chunk_size, axis)
     return h, (a, h, h0)
 
 
-def _recurrence_bwd(reverse, method, chunk_size, residuals, g):
+def _recurrence_bwd(reverse, method, chunk_size, axis, residuals, g):
     a, h, h0 = residuals
     g = jnp.asarray(g, h.dtype)  # jax.vjp passes NumPy cotangents through as they are
     if method == "sequential":
-        return _sequential_backward(a, h, h0, g, reverse)
-    scan = functools.partial(_scan, method=method, chunk_size=chunk_size)
+        return _sequential_backward(a, h, h0, g, reverse, axis)
+    scan = functools.partial(_scan, method=method, chunk_size=chunk_size, axis=axis)
     return shifted_backward(scan, a, h, h0, g, reverse)
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
-def _scan(a, x, h0, reverse, method, chunk_size):
+def _scan(a, x, h0, reverse, method, chunk_size, axis=_TIME_AXIS):
+    """``h`` by ``method`` along ``axis`` (only ``"sequential"`` takes another than -2)."""
     if method == "sequential":
-        return _sequential(a, x, h0, reverse)
+        return _sequential(a, x, h0, reverse, axis)
     if method == "associative":
         return _associative(a, x, h0, reverse)
     return _chunked(a, x, h0, reverse, chunk_size)
@@ -175,54 +201,87 @@ def _time_index(i, length: int, reverse: bool):
     return length - 1 - i if reverse else i
 
 
-def _at(array: jax.Array, t) -> jax.Array:
-    """``array[..., t, :]`` for a traced ``t``."""
-    return jax.lax.dynamic_index_in_dim(array, t, axis=array.ndim + _TIME_AXIS, keepdims=False)
+def _at(array: jax.Array, t, axis: int = _TIME_AXIS) -> jax.Array:
+    """``array[..., t, :]`` (index ``t`` of ``axis``) for a traced ``t``."""
+    return jax.lax.dynamic_index_in_dim(array, t, axis=axis % array.ndim, keepdims=False)
 
 
-def _put(array: jax.Array, value: jax.Array, t) -> jax.Array:
-    """``array.at[..., t, :].set(value)``, in place inside a loop."""
-    return jax.lax.dynamic_update_index_in_dim(array, value, t, axis=array.ndim + _TIME_AXIS)
+def _put(array: jax.Array, value: jax.Array, t, axis: int = _TIME_AXIS) -> jax.Array:
+    """``array.at[..., t, :].set(value)`` (index ``t`` of ``axis``), in place inside a loop."""
+    return jax.lax.dynamic_update_index_in_dim(array, value, t, axis=axis % array.ndim)
 
 
-def _sequential(a, x, h0, reverse):
+def _sequential(a, x, h0, reverse, axis=_TIME_AXIS):
     """One step per loop iteration, reading and writing the batch-major arrays in place.
 
     Unlike ``lax.scan`` over a time-major copy, this needs no transposes: XLA updates the output
-    buffer in place, so the only memory is the result itself.
+    buffer in place, so the only memory is the result itself. ``axis`` may be any axis: a step
+    reads and writes one slice across it.
     """
-    length = x.shape[_TIME_AXIS]
+    length = x.shape[axis]
 
     def body(i, carry):
         h, states = carry
         t = _time_index(i, length, reverse)
-        h = _at(a, t) * h + _at(x, t)
-        return h, _put(states, h, t)
+        h = _at(a, t, axis) * h + _at(x, t, axis)
+        return h, _put(states, h, t, axis)
 
-    _, states = jax.lax.fori_loop(0, length, body, (h0, jnp.zeros_like(x)), unroll=8)
+    init = (h0, _loop_buffer(x, fill_from=a, axis=axis, step=-1 if reverse else 0))
+    _, states = jax.lax.fori_loop(0, length, body, init, unroll=_SEQUENTIAL_UNROLL)
     return states
 
 
-def _sequential_backward(a, h, h0, g, reverse):
+def _sequential_backward(a, h, h0, g, reverse, axis=_TIME_AXIS):
     """The custom VJP's backward pass as one in-place loop over reverse time.
 
     Carries ``a_{t+1} d_{t+1}`` (``a_{t-1} d_{t-1}`` when ``reverse``) so that no shifted copies
-    of ``a`` or ``h`` are made. Returns (da, dx, dh0).
+    of ``a`` or ``h`` are made. ``da`` is written over ``h`` (the states are dead after this
+    loop): step t reads ``h_{t-1}`` and writes ``da_t`` where ``h_t`` was, which step t+1 has
+    already read. That saves filling a fresh buffer (one write pass; XLA copies ``h`` instead
+    where it is still live). Returns (da, dx, dh0).
     """
-    length = h.shape[_TIME_AXIS]
+    length = h.shape[axis]
 
     def body(i, carry):
         flowing, da, dx = carry
         t = _time_index(i, length, not reverse)
-        d = _at(g, t) + flowing
+        d = _at(g, t, axis) + flowing
         prev = t + 1 if reverse else t - 1
         at_edge = prev == (length if reverse else -1)
-        h_prev = jnp.where(at_edge, h0, _at(h, jnp.clip(prev, 0, length - 1)))
-        return _at(a, t) * d, _put(da, d * h_prev, t), _put(dx, d, t)
+        h_prev = jnp.where(at_edge, h0, _at(da, jnp.clip(prev, 0, length - 1), axis))
+        return _at(a, t, axis) * d, _put(da, d * h_prev, t, axis), _put(dx, d, t, axis)
 
-    zeros = jnp.zeros_like(h)
-    dh0, da, dx = jax.lax.fori_loop(0, length, body, (jnp.zeros_like(h0), zeros, zeros), unroll=8)
+    init = (
+        jnp.zeros_like(h0),
+        _states_as_buffer(h),
+        _loop_buffer(h, fill_from=h, axis=axis, step=-1 if reverse else 0),
+    )
+    dh0, da, dx = jax.lax.fori_loop(0, length, body, init, unroll=_SEQUENTIAL_UNROLL)
     return da, dx, dh0
+
+
+def _states_as_buffer(h: jax.Array) -> jax.Array:
+    """The buffer the backward loop writes ``da`` into: the states ``h`` themselves."""
+    return h
+
+
+def _loop_buffer(like: jax.Array, fill_from: jax.Array, axis: int, step: int) -> jax.Array:
+    """A buffer shaped like ``like`` for a loop to overwrite, one step of ``axis`` at a time.
+
+    Its initial values are never read. They are one step (0 or -1) of ``fill_from`` rather
+    than zeros: XLA merges identical broadcasts of zeros into one, and every loop that then
+    updates that buffer in place needs its own copy of it (a read and a write of the whole
+    array, against a write for a fresh fill). Measured at (8, 4096, 512): forward+backward with
+    three zero buffers compiled to one broadcast and two copies. So every buffer is filled
+    from a different slice: the forward's from the first step its scan visits of ``a`` (axis and
+    direction tell scans sharing decays apart), the backward's ``dx`` from the first step its
+    scan visits of its own ``h``. Slicing the time axis keeps the batch and channel sharding (a scalar taken
+    from a sharded axis is an error on an Explicit mesh).
+    """
+    axis %= fill_from.ndim
+    start = step % fill_from.shape[axis]
+    first_step = jax.lax.slice_in_dim(fill_from, start, start + 1, axis=axis)
+    return jnp.broadcast_to(first_step, like.shape).astype(like.dtype)
 
 
 def _combine(left, right):
