@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hgrn_jax.nn.initializers import axes_metadata, dense, logical, phase_init
+from hgrn_jax.nn.lower_bounds import apply_lower_bound
 from hgrn_jax.ops import linear_recurrence
 from hgrn_jax.ops.common import accumulation_dtype
 from hgrn_jax.ops.sequence_parallel import sharded_linear_recurrence
@@ -179,11 +180,10 @@ class _HGRUBase(nnx.Module):
             c = jax.lax.complex(u[..., :d], u[..., d:])
         else:
             c = u
-        gamma = jnp.asarray(lower_bound, acc)
         if self.use_forget_gate:
-            lam = gamma + (1.0 - gamma) * nnx.sigmoid(mu.astype(acc))
+            lam = apply_lower_bound(nnx.sigmoid(mu.astype(acc)), lower_bound)
         else:
-            lam = jnp.broadcast_to(gamma, x.shape[:-1] + (self.features,))
+            lam = jnp.broadcast_to(jnp.asarray(lower_bound, acc), x.shape[:-1] + (self.features,))
         return lam, (1.0 - lam) * c
 
     @staticmethod
