@@ -25,7 +25,7 @@ test: venv
 test-pod: venv
 	$(BIN)/python -m pytest -q -n 1 -m pod tests
 
-# The unit tests only (the edit-test loop): skips the tests marked slow (over ~20 s each).
+# The edit-test loop (under 2 minutes on 2 cores): skips the tests marked slow (over ~5 s each).
 test-fast: venv
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" tests
 

@@ -66,9 +66,15 @@ def golden():
     return load
 
 
-@pytest.fixture(params=sorted(PRECISIONS))
+@pytest.fixture(
+    params=[
+        pytest.param(name, marks=[pytest.mark.slow] if name == "float64" else [])
+        for name in sorted(PRECISIONS)
+    ]
+)
 def golden_precision(request):
-    """``(dtype, tolerance)`` of a golden comparison: float32, and float64 with x64 enabled."""
+    """``(dtype, tolerance)`` of a golden comparison: float32, and float64 with x64 enabled
+    (``slow``: the float32 cases are the fast loop's golden check)."""
     dtype, tol = PRECISIONS[request.param]
     with jax.enable_x64(dtype == jax.numpy.float64):
         yield dtype, tol

@@ -143,6 +143,7 @@ def test_lra_average_of_the_paper_rows():
     assert np.mean(rows) == pytest.approx(LRA_AVERAGE, abs=0.005)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", list(IMAGENET_TABLE))
 def test_imagenet_configs_follow_deit(size):
     d, layers, params, top1 = IMAGENET_TABLE[size]
@@ -186,6 +187,7 @@ def test_wikitext103_config_follows_the_paper():
     assert abstract_params(c) == pytest.approx(46.25e6, rel=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL_CONFIGS)
 def test_every_preset_builds_its_model(name):
     paper = load(name)
@@ -217,6 +219,7 @@ def _switches(model_config):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lra.listops", "lra.image", "imagenet.tiny", "lm.wikitext103"])
 @pytest.mark.parametrize("switch", list(ABLATIONS))
 def test_ablation_switches_reach_the_model(name, switch):

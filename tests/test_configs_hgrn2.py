@@ -40,6 +40,7 @@ def load(name: str, preset: str | None = None):
     return importlib.import_module(f"experiments.configs.hgrn2.{name}").get_config(preset)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", list(RUN_LRA))
 def test_hgrn2_lra_configs_follow_run_lra(task):
     (

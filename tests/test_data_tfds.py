@@ -38,6 +38,7 @@ def mock():
 # ----------------------------------------------------------------------------- IMDB
 
 
+@pytest.mark.slow
 def test_imdb_bytes_labels_and_splits(tmp_path, mock):
     task = tasks.get_task(config_of("lra.text", tmp_path, seq_len=64))
     assert isinstance(task, text_task.ImdbTfds)
@@ -267,6 +268,7 @@ def test_imagenet_bad_records_are_reported():
 # ----------------------------------------------------------------------------- real ImageNet files
 
 
+@pytest.mark.slow
 def test_imagenet_prepared_from_archives_and_built_in_worker_processes(tmp_path):
     """The prepare command on archives in the real layout, then reading without any mock; the
     worker-process loader yields exactly the in-process batches."""
@@ -284,6 +286,7 @@ def test_imagenet_prepared_from_archives_and_built_in_worker_processes(tmp_path)
     assert_batch_lists_equal(in_process, take(tasks.get_task(config).train_batches(1, 1, 2), 3))
 
 
+@pytest.mark.slow
 def test_imagenet_soft_target_loss_equals_label_smoothing_without_mixing(tmp_path, mock):
     from flax import nnx
 

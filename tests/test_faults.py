@@ -214,6 +214,7 @@ def shared_tmp():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_changed_structure_refuses_and_leaves_the_run_byte_identical(copy_of_finished):
     from hgrn_jax.training.workdir import ConfigChangedError
 
@@ -240,6 +241,7 @@ def test_resume_force_with_arrays_that_no_longer_fit_touches_nothing(copy_of_fin
     assert not (run / "checkpoints.damaged").exists()
 
 
+@pytest.mark.slow
 def test_harmless_changes_are_allowed_and_listed(copy_of_finished, finished):
     run = copy_of_finished
     with pytest.warns(UserWarning, match=r"num_train_steps: 12 -> 15"):
@@ -254,6 +256,7 @@ def test_harmless_changes_are_allowed_and_listed(copy_of_finished, finished):
         )
 
 
+@pytest.mark.slow
 def test_resume_restart_keeps_the_previous_run_and_starts_again(copy_of_finished):
     run = copy_of_finished
     before = _tree_digest(run / "checkpoints")
@@ -284,6 +287,7 @@ def test_flipped_bytes_fall_back_to_the_previous_checkpoint_without_a_nan_stop(
     assert results["test"] == finished[1]["test"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "remove_file"])
 def test_truncated_or_missing_files_are_moved_aside_not_deleted(copy_of_finished, finished, damage):
     run = copy_of_finished
@@ -433,6 +437,7 @@ def test_a_lock_from_another_host_says_how_to_clear_it(tmp_path):
         _run(_config(), tmp_path)
 
 
+@pytest.mark.slow
 def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -443,6 +448,7 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path):
     assert not (tmp_path / "run.lock").exists()  # released at the end
 
 
+@pytest.mark.slow
 def test_the_lock_is_released_after_a_failed_run(tmp_path):
     from hgrn_jax.training.loop import NonFiniteLossError
 
@@ -575,6 +581,7 @@ def models():
     return classifier, lm
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", [10, 11, -1])
 def test_classifier_rejects_ids_outside_the_vocabulary(models, bad):
     classifier, _ = models

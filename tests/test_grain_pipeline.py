@@ -138,6 +138,7 @@ class BadAtStep2:
         return batch
 
 
+@pytest.mark.slow
 def test_bad_data_found_in_a_worker_process_stops_with_its_message():
     loader = grain_pipeline.train_loader(
         source(), seed=0, batch_size=BATCH, worker_count=1, batch_transform=BadAtStep2()
@@ -149,6 +150,7 @@ def test_bad_data_found_in_a_worker_process_stops_with_its_message():
     iterator.close()
 
 
+@pytest.mark.slow
 def test_two_worker_processes_give_the_in_process_batches_and_resume_across_counts():
     def run(workers: int, start=None, steps=5):
         loader = grain_pipeline.train_loader(

@@ -45,6 +45,7 @@ def _x(seed: int = 1, length: int = L) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), (B, length, D))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_causal_mixer_ignores_the_future_and_bidirectional_sees_it(layout):
     x = _x()
@@ -70,6 +71,7 @@ def test_bidirectional_is_the_sum_of_both_scans_before_the_norm():
     np.testing.assert_allclose(layer(x, BOUND), want, **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_step_equals_the_full_pass(layout):
     x = _x()
@@ -88,6 +90,7 @@ def test_step_equals_the_full_pass(layout):
         LAYOUTS[layout](bidirectional=True).step(x, state, BOUND)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_padding_is_skipped_like_fla_unpadding(layout, bidirectional):
@@ -106,6 +109,7 @@ def test_padding_is_skipped_like_fla_unpadding(layout, bidirectional):
     np.testing.assert_allclose(got[0], layer(x, BOUND)[0], **TOL)
 
 
+@pytest.mark.slow
 def test_grid_mixer_reaches_exactly_the_row_and_column_and_skips_padding():
     layer = HGRN2D(D, expand_ratio=4, rngs=nnx.Rngs(0))
     grid = jax.random.normal(jax.random.key(4), (B, 5, 7, D))
@@ -182,6 +186,7 @@ def test_lm_with_hgrn2_decodes_like_its_forward_pass_and_trains(layout):
     assert float(jnp.abs(grads["lower_bounds"]["param"][...]).max()) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(HGRN2_MIXERS))
 def test_classifier_with_hgrn2_ignores_padding_and_has_finite_gradients(layout):
     config = ClassifierConfig(
@@ -208,6 +213,7 @@ def test_classifier_with_hgrn2_ignores_padding_and_has_finite_gradients(layout):
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.slow
 def test_lra_2d_classifier_with_hgrn2():
     config = ClassifierConfig(
         num_classes=3,
@@ -224,6 +230,7 @@ def test_lra_2d_classifier_with_hgrn2():
     assert model(jnp.ones((B, 16))).shape == (B, 3)
 
 
+@pytest.mark.slow
 def test_image_classifier_with_hgrn2():
     config = ImageConfig(
         image_size=(28, 28),

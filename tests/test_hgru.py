@@ -51,6 +51,7 @@ def changed(y0: jax.Array, y1: jax.Array) -> np.ndarray:
 # ------------------------------------------------------------------ reach of a perturbation
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["sequential", "associative", "chunked"])
 def test_causal_hgru_ignores_the_future(method):
     layer = HGRU(D, method=method, rngs=nnx.Rngs(0))
@@ -61,6 +62,7 @@ def test_causal_hgru_ignores_the_future(method):
     assert changed(y0, y1)[:, t0 + 1 :].all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("separate_phases", [True, False], ids=["separate", "shared"])
 def test_bidirectional_hgru_sees_both_ways(separate_phases):
     layer = HGRU(D, bidirectional=True, separate_phases=separate_phases, rngs=nnx.Rngs(0))
@@ -69,6 +71,7 @@ def test_bidirectional_hgru_sees_both_ways(separate_phases):
     assert changed(y0, y1).all()
 
 
+@pytest.mark.slow
 def test_causal_hgru2d_reaches_down_and_right():
     layer = HGRU2D(D, causal=True, rngs=nnx.Rngs(0))
     x = inputs(GRID)
@@ -82,6 +85,7 @@ def test_causal_hgru2d_reaches_down_and_right():
     np.testing.assert_array_equal(diff, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("separate_phases", [True, False], ids=["separate", "shared"])
 def test_four_scan_hgru2d_reaches_the_whole_row_and_column(separate_phases):
     layer = HGRU2D(D, causal=False, separate_phases=separate_phases, rngs=nnx.Rngs(0))
@@ -105,6 +109,7 @@ def test_four_scan_hgru2d_reaches_the_whole_row_and_column(separate_phases):
     ],
     ids=["causal", "bidirectional", "2d"],
 )
+@pytest.mark.slow
 def test_batch_elements_are_independent(make):
     layer = make()
     x = inputs(GRID if isinstance(layer, HGRU2D) else SEQ)
@@ -151,6 +156,7 @@ def test_norm_before_gate_changes_the_output():
     assert np.abs(y_norm_first - y_gate_first).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_without_forget_gate_the_decay_is_the_lower_bound():
     layer = HGRU(D, use_forget_gate=False, rngs=nnx.Rngs(0))
     x = inputs(SEQ)
@@ -186,6 +192,7 @@ def test_lower_bound_may_be_a_vector():
     ],
     ids=["causal", "bidirectional", "2d"],
 )
+@pytest.mark.slow
 def test_theta_is_10000_to_the_minus_2j_over_d(make):
     layer = make()
     expected = 10000.0 ** (-2.0 * np.arange(64) / 64)
@@ -243,6 +250,7 @@ def test_every_parameter_has_logical_axis_names(make):
 # ------------------------------------------------------------------ streaming, precision, gradients
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("complex_valued", [True, False], ids=["complex", "real"])
 def test_step_streaming_equals_the_full_call(complex_valued):
     layer = HGRU(D, complex_valued=complex_valued, rngs=nnx.Rngs(0))
@@ -279,6 +287,7 @@ def test_hgru2d_needs_a_grid():
     ],
     ids=["hgru", "hgru2d"],
 )
+@pytest.mark.slow
 def test_bfloat16_activations_stay_close_to_float32(make):
     """bf16 activations, float32 parameters: bf16 keeps 8 significant bits (rounding error
     2^-9 = 0.2% per operation); about ten roundings in sequence (input, four projections, SiLUs,
@@ -304,6 +313,7 @@ def test_bfloat16_activations_stay_close_to_float32(make):
     ],
     ids=["hgru", "hgru_real_gate_first", "hgru2d"],
 )
+@pytest.mark.slow
 def test_gradients_are_finite(make):
     layer = make()
     x = inputs(GRID if isinstance(layer, HGRU2D) else SEQ)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from hgrn_jax import sharding
@@ -26,6 +27,7 @@ def _lm_loss(model, ids):
     return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
 
 
+@pytest.mark.slow
 def test_lm_sequence_axis_splits_the_sequence_and_matches():
     ids = jax.random.randint(jax.random.key(1), (2, 33), 0, 32)
     plain = _lm()
@@ -56,6 +58,7 @@ def test_lm_sequence_axis_rejects_fla_mixer():
         raise AssertionError("an fla mixer with sequence_axis should be refused")
 
 
+@pytest.mark.slow
 def test_classifier_remat_gives_the_same_gradients():
     def build(remat):
         config = ClassifierConfig(

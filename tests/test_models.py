@@ -147,6 +147,7 @@ def test_classifier_1d_shapes_dtypes_and_bf16(text_model):
     assert _rel_err(logits16, logits) < BF16_RTOL
 
 
+@pytest.mark.slow
 def test_retrieval_dual_shapes_and_one_shared_encoder():
     model = _eval(HGRNClassifier(_text_config(num_classes=2, dual=True), rngs=nnx.Rngs(0)))
     other, other_mask = _ids(2, (3, 10), VOCAB), _lengths_mask([10, 2, 6], 10)
@@ -212,6 +213,7 @@ def test_lm_bf16_activations_stay_close_to_float32():
 # ------------------------------------------------------------------------ parameter counts
 
 
+@pytest.mark.slow
 def test_paper_parameter_counts():
     assert _param_count(lambda: HGRNLM(LMConfig(), rngs=nnx.Rngs(0))) == 46_247_936
     assert (
@@ -223,6 +225,7 @@ def test_paper_parameter_counts():
     )
 
 
+@pytest.mark.slow
 def test_ablation_switches_change_the_parameters():
     def count(**overrides):
         return _param_count(lambda: HGRNClassifier(_text_config(**overrides), rngs=nnx.Rngs(0)))
@@ -242,6 +245,7 @@ def test_ablation_switches_change_the_parameters():
         assert np.all(np.isfinite(apply(model, IDS, MASK)))
 
 
+@pytest.mark.slow
 def test_sync_batchnorm_inside_shard_map_equals_global_batchnorm_under_jit():
     """Under jit over a global batch BatchNorm is global; inside shard_map, "sync_batch" with
     ``axis_name`` gives the same statistics and plain per-replica BatchNorm does not."""
@@ -346,6 +350,7 @@ def test_lm_is_causal(untied_lm):
     assert not np.allclose(a[:, 7:], b[:, 7:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [{}, dict(complex_valued=False)], ids=["paper", "real"])
 def test_decoding_token_by_token_equals_the_full_pass(overrides):
     lm = HGRNLM(_lm_config(**overrides), rngs=nnx.Rngs(0))
@@ -399,6 +404,7 @@ def _ranks_of_generated(lm: HGRNLM, out: jax.Array, prompt_len: int) -> jax.Arra
     return jnp.sum(logits > chosen, axis=-1)
 
 
+@pytest.mark.slow
 def test_greedy_generation_is_argmax_decoding(untied_lm):
     out = generate(untied_lm, PROMPT, 7, greedy=True)
     assert out.shape == (2, 12) and out.dtype == jnp.int32

@@ -58,6 +58,7 @@ SCHEDULE_BLOCKS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["tiled", "streaming"])
 @pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
@@ -83,6 +84,7 @@ def test_linear_recurrence_method_pallas(complex_valued, reverse):
     np.testing.assert_allclose(np.asarray(last), want_last, atol=F32_ATOL, rtol=F32_ATOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["tiled", "streaming"])
 def test_bf16_inputs_accumulate_in_float32(schedule):
     a, x, _ = make_inputs(SHAPE, False, seed=2)
@@ -116,6 +118,7 @@ def scan_recurrence(a, x, h0, reverse):
     return jnp.moveaxis(h, 0, -2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_gradients_match_autodiff_of_scan(complex_valued, reverse):
@@ -140,6 +143,7 @@ def test_gradients_match_autodiff_of_scan(complex_valued, reverse):
 CHUNK_LENGTHS = [10, 1, 37]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_length", CHUNK_LENGTHS)
 @pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
@@ -152,6 +156,7 @@ def test_streaming_time_chunks_match_float64_loop(chunk_length, complex_valued, 
     np.testing.assert_allclose(np.asarray(last), want_last, atol=F32_ATOL, rtol=F32_ATOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_length", CHUNK_LENGTHS)
 @pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
@@ -179,6 +184,7 @@ def test_streaming_fused_backward_matches_autodiff_of_scan(chunk_length, complex
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["tiled", "streaming"])
 def test_bf16_gradients_accumulate_in_float32(schedule):
     """bf16 a and x go into the kernels as they are; the gradients come back in bf16 and
@@ -218,6 +224,7 @@ def test_bf16_gradients_accumulate_in_float32(schedule):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["tiled", "streaming"])
 def test_real_decay_with_complex_inputs_gets_a_real_gradient(schedule):
     """A real ``a`` in a complex recurrence: its cotangent is the real part (what JAX's
@@ -309,6 +316,7 @@ def tpu_interpret():
     return pltpu.InterpretParams(random_seed=0, uninitialized_memory="nan")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_tpu_interpret_mode_matches_float64_loop(complex_valued, reverse):

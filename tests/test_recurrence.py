@@ -101,6 +101,7 @@ def key_reverse(key: str) -> bool:
 # ------------------------------------------------------------------ values against the loop
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length", [1, 2, 37, 1000])
 @pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
 def test_every_method_matches_loop(complex_valued, length):
@@ -322,6 +323,7 @@ def test_gradients_against_finite_differences(complex_valued):
         jax.test_util.check_grads(f, (a, x, h0), order=1, modes=("rev",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["real", "complex", "real_decay_complex_input"])
 def test_vjp_matches_jax_through_lax_scan(kind):
     with jax.enable_x64(True):
@@ -365,6 +367,7 @@ def test_vjp_matches_jax_through_lax_scan(kind):
                 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", CORE_METHODS)
 def test_vjp_accepts_numpy_cotangents(method):
     a, x, _ = random_inputs((1, 2, 1))
@@ -515,6 +518,7 @@ def test_time_axis_errors():
 @pytest.mark.parametrize(
     "axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto_axes", "explicit_axes"]
 )
+@pytest.mark.slow
 def test_batch_sharded_over_8_devices(axis_type):
     """Every method on a batch split over 8 devices: the loop's states, the unsharded gradient,
     and outputs that stay batch-sharded."""

@@ -42,6 +42,7 @@ def assert_trees_close(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_lm_gradients_unchanged(policy="nothing"):
     lm = HGRNLM(LMConfig(vocab_size=32, features=8, num_layers=2, glu_hidden=16), rngs=nnx.Rngs(0))
     ids = jax.random.randint(jax.random.key(1), (2, 24), 0, 32)
@@ -55,6 +56,7 @@ def test_lm_gradients_unchanged(policy="nothing"):
     assert_trees_close(grads_and_state(lm, loss, ids), want)
 
 
+@pytest.mark.slow
 def test_classifier_with_batchnorm_mask_and_dropout_unchanged():
     """The LRA classifier's blocks with BatchNorm statistics, a padding mask
     and dropout: same gradients, same updated statistics and RNG counters."""

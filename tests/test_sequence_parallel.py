@@ -70,6 +70,7 @@ def loss(recurrence, a, x, h0):
         ("2x4-explicit", True, False),
     ],
 )
+@pytest.mark.slow
 def test_equals_unsharded_with_gradients(mesh_name, complex_valued, reverse):
     a, x, h0 = make_inputs(complex_valued)
     kwargs = dict(reverse=reverse, method="sequential", return_last_state=True)
@@ -93,6 +94,7 @@ def test_equals_unsharded_with_gradients(mesh_name, complex_valued, reverse):
         assert_close(g, w, scale=10.0)
 
 
+@pytest.mark.slow
 def test_pallas_local_scans_broadcast_decay_and_no_h0():
     """Each shard's scans through the Pallas kernel (interpreted), a (C,) decay, zero h0."""
     a, x, _ = make_inputs(False, shape=(2, 16, 5), seed=1)
@@ -120,6 +122,7 @@ def hgru_loss(layer, x):
     return jnp.sum(layer(x, 0.3) ** 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
 def test_hgru_layer_with_sequence_axis_equals_unsharded(bidirectional):
     layer = HGRU(8, bidirectional=bidirectional, method="sequential", rngs=nnx.Rngs(0))
@@ -139,6 +142,7 @@ def test_hgru_layer_with_sequence_axis_equals_unsharded(bidirectional):
         assert_close(y, want[:, :3])
 
 
+@pytest.mark.slow
 def test_hgru2d_rows_sharded_equals_unsharded():
     layer = HGRU2D(4, causal=False, method="sequential", rngs=nnx.Rngs(2))
     x = jax.random.normal(jax.random.key(3), (1, 8, 3, 4))

@@ -88,6 +88,7 @@ def assert_batches_equal(a, b):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_batch_layout_and_labels(name, task_of):
     task = task_of(name)
@@ -168,6 +169,7 @@ def test_eval_covers_every_example_once_over_two_processes(name, cache_dir):
     assert_batches_equal({k: v[valid] for k, v in seen.items()}, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_loss_fn_runs_and_ignores_padding_rows(name, task_of):
     task = task_of(name)
@@ -218,6 +220,7 @@ def test_loss_fn_runs_and_ignores_padding_rows(name, task_of):
 @pytest.mark.parametrize(
     "name", ["lra.listops", "lra.retrieval", "lra.image", "imagenet.tiny", "lm.wikitext103"]
 )
+@pytest.mark.slow
 def test_training_loss_has_gradients_and_updates_batchnorm(name, task_of):
     task = task_of(name)
     model = task.build_model(nnx.Rngs(0))

@@ -200,6 +200,7 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
         checkpoints.close()
 
 
+@pytest.mark.slow
 def test_evaluation_is_exact_whatever_the_eval_batch_size(tmp_path):
     """20 examples in batches of 8 or 24 (padded, masked rows) give the numbers of one
     unpadded pass over the split."""
@@ -437,6 +438,7 @@ def test_sigkill_and_sigterm_then_rerun_give_bitwise_the_uninterrupted_parameter
         ("--config.batch_size=abc", r"--config.batch_size=abc: invalid literal for int"),
     ],
 )
+@pytest.mark.slow
 def test_bad_config_override_fails_at_once_naming_the_key(tmp_path, override, expected):
     proc = _run(tmp_path, override, check=False)
     assert proc.returncode == 2
