@@ -23,9 +23,9 @@ DOCS = REPO / "docs" / "pods.md"
 
 
 def launcher_env() -> dict[str, str]:
-    """This environment minus the 8 simulated devices of the test process (the launcher sets
-    each process's own count), on CPU, with the repository importable."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    """This environment on CPU with the repository importable (the launcher drops a simulated
+    device count from ``XLA_FLAGS`` and sets each process's own; other flags pass)."""
+    env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     return env
 

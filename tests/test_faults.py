@@ -36,6 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from two_processes import xla_flags_without_device_count
 
 from hgrn_jax.training.loop import train_and_evaluate
 
@@ -125,8 +126,8 @@ def _env() -> dict[str, str]:
         JAX_PLATFORMS="cpu",
         HGRN_NUM_CPU_DEVICES="8",
         PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]),
+        XLA_FLAGS=xla_flags_without_device_count(),
     )
-    env.pop("XLA_FLAGS", None)
     return env
 
 

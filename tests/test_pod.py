@@ -52,9 +52,9 @@ from pod_helpers import (
     with_flag,
 )
 
-# Four JAX processes per run on two cores: ~7 CPU-minutes in all. The module's runs are shared
-# by its tests, so one xdist worker runs them all (xdist_group; `make test` uses --dist
-# loadgroup) and conftest orders them first; `make test-fast` skips them.
+# Four JAX processes per run on two cores: ~8 minutes in all, so `make test` (CI) leaves them to
+# `make test-pod`. The module's runs are shared by its tests, so one xdist worker runs them all
+# (xdist_group, with --dist loadgroup) and conftest orders them first.
 pytestmark = [pytest.mark.slow, pytest.mark.pod, pytest.mark.xdist_group("pod")]
 
 # The docs' command with a 12-step schedule and small splits; 1 layer to keep compiles short.

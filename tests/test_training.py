@@ -24,6 +24,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from two_processes import xla_flags_without_device_count
 
 from hgrn_jax import sharding
 from hgrn_jax.nn import HGRNLM, LMConfig
@@ -338,8 +339,8 @@ def _env() -> dict[str, str]:
         JAX_PLATFORMS="cpu",
         HGRN_NUM_CPU_DEVICES="8",
         PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]),
+        XLA_FLAGS=xla_flags_without_device_count(),
     )
-    env.pop("XLA_FLAGS", None)
     return env
 
 

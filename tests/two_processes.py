@@ -17,11 +17,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def xla_flags_without_device_count() -> str:
+    """``XLA_FLAGS`` less a simulated device count (a child sets its own); the other flags (the
+    suite's optimisation level, see conftest) pass, so that children compile like this process."""
+    return " ".join(
+        flag
+        for flag in os.environ.get("XLA_FLAGS", "").split()
+        if not flag.startswith("--xla_force_host_platform_device_count")
+    )
+
+
 def cpu_env(**extra: str) -> dict[str, str]:
-    """This environment without its ``JAX_*`` settings and ``XLA_FLAGS`` (the parent's 8
-    simulated devices), on CPU, with the repository importable, plus ``extra``."""
+    """This environment without its ``JAX_*`` settings and simulated device count, on CPU, with
+    the repository importable, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **extra)
+    env.update(
+        JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=xla_flags_without_device_count()
+    )
+    env.update(extra)
     return env
 
 
