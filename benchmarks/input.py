@@ -210,13 +210,7 @@ for line in sys.stdin:
         import tensorflow_datasets as tfds
         mock = tfds.testing.mock_data(num_examples=spec["mock"])
     with mock:
-        config = importlib.import_module("experiments.configs." + spec["config"]).get_config()
-        for key, value in spec.get("data", {}).items():
-            config.data[key] = value
-        for key, value in spec.get("top", {}).items():
-            config[key] = value
-        for key, value in spec.get("model", {}).items():
-            config.model[key] = value
+        config = config_of(spec)
         task = tasks.get_task(config)
         batch = config.eval_batch_size or config.batch_size
         train_seconds = spec.get("train_seconds", seconds)
