@@ -69,6 +69,8 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "jax_version": jax.__version__,
         "python_version": py_platform.python_version(),
+        # glibc.malloc.hugetlb=1 changes CPU timings a lot (page faults of fresh arrays).
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 

@@ -16,9 +16,21 @@ then each of ``--reps`` rounds times the floor and every function once, interlea
 ratios use the best (minimum) time of each; ``spread`` (max / min over the rounds) shows the
 noise. Forward+backward of ``auto`` should be within ``TARGET_RATIO`` of the floor (the physical
 floor is ~2.7: the forward reads a, x and writes h; the backward reads a, h, dh and writes da, dx).
-``--ablations`` adds the sequential method as it was before each of its CPU optimisations, timed
-in the same rounds (``ABLATIONS``): ``sequential[zero buffers, unroll 8]`` is the method before
-both, ``[zero buffers]`` and ``[unroll 8]`` undo one each. Also reported: the temporary memory XLA allocates for the forward+backward step
+``--ablations`` adds the sequential method as it was before its CPU optimisations, timed in the
+same rounds (``ABLATIONS``): ``sequential[fresh buffers, unroll 2]`` is the previous version (its
+results in fresh buffers filled from a slice, two steps per loop iteration),
+``sequential[zero buffers, unroll 8]`` the first one.
+
+Inputs are donated by default: ``x`` and the cotangent may be overwritten, as inside a training
+step, where they are intermediates that die in the recurrence (the sequential method writes its
+results over them). Every call gets fresh copies, made outside the timed region. With
+``--fresh-inputs`` nothing is donated and every output lands in newly allocated memory: with
+glibc's default allocator, arrays this size are ``mmap``-ed and page-faulted at every call (on
+the 2-core VM of ``benchmarks/results`` a 64 MiB ``a * x + x`` took 5x longer fresh than over a
+donated buffer). ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (transparent huge pages for malloc)
+removes most of that cost; ``machine.glibc_tunables`` in the JSON says which was used.
+
+Also reported: the temporary memory XLA allocates for the forward+backward step
 (``compile().memory_analysis().temp_size_in_bytes``; inputs and outputs excluded). Results go to
 ``benchmarks/results/scan_<platform>.json`` (``scan_<kind>_<platform>.json`` when one kind).
 """
@@ -49,57 +61,80 @@ TARGET_RATIO = 3.0
 KINDS = ("float32", "complex64", "bfloat16")
 
 
-# The sequential method with its CPU optimisations undone: (zero-filled loop buffers, unroll).
-ABLATIONS = {
-    "sequential[zero buffers, unroll 8]": (True, 8),
-    "sequential[zero buffers]": (True, None),
-    "sequential[unroll 8]": (False, 8),
-}
+def _fresh_buffer(like: jax.Array, fill_from: jax.Array, axis: int, step: int, zeros: bool):
+    """A fresh loop buffer shaped like ``like``: zeros, or one time step of ``fill_from``."""
+    if zeros:
+        return jnp.zeros_like(like)
+    axis %= fill_from.ndim
+    start = step % fill_from.shape[axis]
+    first_step = jax.lax.slice_in_dim(fill_from, start, start + 1, axis=axis)
+    return jnp.broadcast_to(first_step, like.shape).astype(like.dtype)
 
 
-def _zero_buffer_backward(a, h, h0, g, reverse, axis=-2):
-    """The sequential backward as it was: ``da`` and ``dx`` in ``jnp.zeros_like`` buffers (which
-    XLA merges into one broadcast and copies per loop), ``h`` read as a separate array."""
+def _sequential_fresh_buffers(zeros: bool, unroll: int):
+    """The sequential forward and backward loops as they were before they updated their inputs in
+    place: each result in a fresh buffer (``zeros``: ``jnp.zeros_like``, which XLA merges into one
+    broadcast and copies per loop; else filled from a slice of another array), ``unroll`` steps
+    per iteration, and with ``zeros`` the backward reading ``h`` as its own array rather than
+    writing ``da`` over it."""
     at, put, time_index = (
         recurrence_module._at,
         recurrence_module._put,
         recurrence_module._time_index,
     )
-    length = h.shape[axis]
 
-    def body(i, carry):
-        flowing, da, dx = carry
-        t = time_index(i, length, not reverse)
-        d = at(g, t, axis) + flowing
-        prev = t + 1 if reverse else t - 1
-        at_edge = prev == (length if reverse else -1)
-        h_prev = jnp.where(at_edge, h0, at(h, jnp.clip(prev, 0, length - 1), axis))
-        return at(a, t, axis) * d, put(da, d * h_prev, t, axis), put(dx, d, t, axis)
+    def forward(a, x, h0, reverse, axis=-2):
+        length = x.shape[axis]
 
-    zeros = jnp.zeros_like(h)
-    unroll = recurrence_module._SEQUENTIAL_UNROLL
-    init = (jnp.zeros_like(h0), zeros, zeros)
-    dh0, da, dx = jax.lax.fori_loop(0, length, body, init, unroll=unroll)
-    return da, dx, dh0
+        def body(i, carry):
+            h, states = carry
+            t = time_index(i, length, reverse)
+            h = at(a, t, axis) * h + at(x, t, axis)
+            return h, put(states, h, t, axis)
+
+        states = _fresh_buffer(x, a, axis, -1 if reverse else 0, zeros)
+        return jax.lax.fori_loop(0, length, body, (h0, states), unroll=unroll)[1]
+
+    def backward(a, h, h0, g, reverse, axis=-2):
+        length = h.shape[axis]
+
+        def body(i, carry):
+            flowing, da, dx = carry
+            t = time_index(i, length, not reverse)
+            d = at(g, t, axis) + flowing
+            prev = t + 1 if reverse else t - 1
+            at_edge = prev == (length if reverse else -1)
+            states = h if zeros else da
+            h_prev = jnp.where(at_edge, h0, at(states, jnp.clip(prev, 0, length - 1), axis))
+            return at(a, t, axis) * d, put(da, d * h_prev, t, axis), put(dx, d, t, axis)
+
+        da = jnp.zeros_like(h) if zeros else h
+        dx = _fresh_buffer(h, h, axis, -1 if reverse else 0, zeros)
+        init = (jnp.zeros_like(h0), da, dx)
+        dh0, da, dx = jax.lax.fori_loop(0, length, body, init, unroll=unroll)
+        return da, dx, dh0
+
+    return forward, backward
+
+
+# The sequential method as it was before its CPU optimisations: (zero-filled buffers, unroll).
+ABLATIONS = {
+    "sequential[fresh buffers, unroll 2]": (False, 2),
+    "sequential[zero buffers, unroll 8]": (True, 8),
+}
 
 
 @contextlib.contextmanager
 def ablated(name: str):
     """While tracing inside this context, the sequential method runs as ``ABLATIONS[name]``
-    says: loop buffers from ``jnp.zeros_like`` (XLA merges them into one broadcast plus a copy per
-    loop) with the backward as it was (``h`` read separately, not overwritten by ``da``), and/or
-    another unroll factor. No-op for other names."""
+    says (:func:`_sequential_fresh_buffers`). No-op for other names."""
     if name not in ABLATIONS:
         yield
         return
-    zero_buffers, unroll = ABLATIONS[name]
-    names = ("_loop_buffer", "_sequential_backward", "_SEQUENTIAL_UNROLL")
+    names = ("_sequential", "_sequential_backward")
     saved = {name: getattr(recurrence_module, name) for name in names}
-    if zero_buffers:
-        recurrence_module._loop_buffer = lambda like, *args, **kwargs: jnp.zeros_like(like)
-        recurrence_module._sequential_backward = _zero_buffer_backward
-    if unroll is not None:
-        recurrence_module._SEQUENTIAL_UNROLL = unroll
+    forward, backward = _sequential_fresh_buffers(*ABLATIONS[name])
+    recurrence_module._sequential, recurrence_module._sequential_backward = forward, backward
     try:
         yield
     finally:
@@ -169,8 +204,8 @@ def make_inputs(
     return a.astype(dtype), x.astype(dtype), g.astype(dtype)
 
 
-def compiled(fn: Callable, *args: Any):
-    return jax.jit(fn).lower(*args).compile()
+def compiled(fn: Callable, *args: Any, donate: tuple[int, ...] = ()):
+    return jax.jit(fn, donate_argnums=donate).lower(*args).compile()
 
 
 def temp_bytes(executable) -> int | None:
@@ -189,20 +224,32 @@ def measure_length(
     """Rows for one length and kind: every function compiled, then timed interleaved."""
     dtype = jnp.dtype("float32" if kind == "complex64" else kind)
     a, x, g = make_inputs(args.batch, length, args.channels, dtype, kind == "complex64")
-    calls = {("floor", "forward"): (compiled(floor_pass, a, x), (a, x))}
+    # Donated (the default): x and the cotangent are overwritten, as the intermediates they are
+    # inside a training step; every call gets fresh copies, made outside the timed region.
+    fwd_donate, fwd_bwd_donate = ((), ()) if args.fresh_inputs else ((1,), (1, 2))
+    calls = {("floor", "forward"): (compiled(floor_pass, a, x, donate=fwd_donate), (a, x))}
     temps = {}
     for name in names:
         fn = recurrence_fn(name)
         with ablated(name):
-            calls[(name, "forward")] = (compiled(fn, a, x), (a, x))
-            fwd_bwd = compiled(forward_backward(fn), a, x, g)
+            calls[(name, "forward")] = (compiled(fn, a, x, donate=fwd_donate), (a, x))
+            fwd_bwd = compiled(forward_backward(fn), a, x, g, donate=fwd_bwd_donate)
         calls[(name, "fwd_bwd")] = (fwd_bwd, (a, x, g))
         temps[name] = _mib(temp_bytes(fwd_bwd))
+
+    def fresh(call_args):
+        return jax.block_until_ready(
+            call_args
+            if args.fresh_inputs
+            else (call_args[0],) + tuple(v + 0 for v in call_args[1:])
+        )
+
     for call, call_args in calls.values():  # warm-up
-        jax.block_until_ready(call(*call_args))
+        jax.block_until_ready(call(*fresh(call_args)))
     times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
     for _ in range(args.reps):
         for key, (call, call_args) in calls.items():
+            call_args = fresh(call_args)
             start = time.perf_counter()
             jax.block_until_ready(call(*call_args))
             times[key].append(time.perf_counter() - start)
@@ -292,6 +339,13 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="add the sequential method with its CPU optimisations undone (ABLATIONS)",
     )
+    parser.add_argument(
+        "--fresh-inputs",
+        action="store_true",
+        help="do not donate x and the cotangent (every output then lands in freshly allocated "
+        "memory; see the module docstring)",
+    )
+    parser.add_argument("--tag", default="", help="suffix of the JSON file name, e.g. '_hugepages'")
     parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     args = parser.parse_args(argv)
     if args.complex and args.dtype == "bfloat16":
@@ -356,14 +410,13 @@ def main(argv: list[str] | None = None) -> None:
             methods=methods,
             baselines=[] if args.no_baselines else list(BASELINES),
             ablations={
-                name: dict(
-                    zero_buffers=zeros, unroll=unroll or recurrence_module._SEQUENTIAL_UNROLL
-                )
+                name: dict(zero_buffers=zeros, unroll=unroll)
                 for name, (zeros, unroll) in ABLATIONS.items()
             }
             if args.ablations
             else {},
             floor="a * x + x (reads a and x, writes one array)",
+            inputs="fresh (not donated)" if args.fresh_inputs else "x and the cotangent donated",
             timing="best of reps interleaved rounds (floor and every function once per "
             "round); spread = max / min",
             target_ratio=TARGET_RATIO,
@@ -372,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
             load_average_after=os.getloadavg() if hasattr(os, "getloadavg") else None,
         )
         suffix = "" if len(kinds) > 1 or kinds == ["float32"] else f"_{kinds[0]}"
-        path = write_results(f"scan{suffix}", rows, meta)
+        path = write_results(f"scan{suffix}{args.tag}", rows, meta)
         print(f"wrote {path}")
 
 
