@@ -16,19 +16,21 @@ then each of ``--reps`` rounds times the floor and every function once, interlea
 ratios use the best (minimum) time of each; ``spread`` (max / min over the rounds) shows the
 noise. Forward+backward of ``auto`` should be within ``TARGET_RATIO`` of the floor (the physical
 floor is ~2.7: the forward reads a, x and writes h; the backward reads a, h, dh and writes da, dx).
-``--ablations`` adds the sequential method as it was before its CPU optimisations, timed in the
-same rounds (``ABLATIONS``): ``sequential[fresh buffers, unroll 2]`` is the previous version (its
-results in fresh buffers filled from a slice, two steps per loop iteration),
-``sequential[zero buffers, unroll 8]`` the first one.
+``--ablations`` adds other versions of the sequential method, timed in the same rounds
+(``ABLATIONS``): ``sequential[zero buffers, unroll 8]`` is the first version (zero-filled result
+buffers, 8 steps per iteration); ``sequential[in place, unroll 1]`` writes the forward's states
+over ``x`` and the backward's ``dx`` over the cotangent (tried, not kept: see
+``benchmarks/README.md``).
 
-Inputs are donated by default: ``x`` and the cotangent may be overwritten, as inside a training
-step, where they are intermediates that die in the recurrence (the sequential method writes its
-results over them). Every call gets fresh copies, made outside the timed region. With
-``--fresh-inputs`` nothing is donated and every output lands in newly allocated memory: with
-glibc's default allocator, arrays this size are ``mmap``-ed and page-faulted at every call (on
-the 2-core VM of ``benchmarks/results`` a 64 MiB ``a * x + x`` took 5x longer fresh than over a
-donated buffer). ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (transparent huge pages for malloc)
-removes most of that cost; ``machine.glibc_tunables`` in the JSON says which was used.
+Memory regime: by default every output lands in newly allocated memory, as in a training step,
+whose buffers XLA:CPU takes from ``malloc`` at every call. glibc serves arrays this size with
+fresh ``mmap``-ed pages, so every call page-faults its outputs in (on the 2-core VM of
+``benchmarks/results`` a 64 MiB ``a * x + x`` took 5x longer into fresh memory than over a
+donated buffer). ``--donate`` donates ``x`` and the cotangent to every function (fresh copies
+are made outside the timed region), which lets in-place versions skip that cost and shows the
+pure memory traffic. ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (2 MiB pages for malloc) cuts
+the page-fault cost too; ``machine.glibc_tunables`` in the JSON records it
+(``benchmarks/host_memory.py`` measures it on training steps).
 
 Also reported: the temporary memory XLA allocates for the forward+backward step
 (``compile().memory_analysis().temp_size_in_bytes``; inputs and outputs excluded). Results go to
@@ -72,11 +74,11 @@ def _fresh_buffer(like: jax.Array, fill_from: jax.Array, axis: int, step: int, z
 
 
 def _sequential_fresh_buffers(zeros: bool, unroll: int):
-    """The sequential forward and backward loops as they were before they updated their inputs in
-    place: each result in a fresh buffer (``zeros``: ``jnp.zeros_like``, which XLA merges into one
-    broadcast and copies per loop; else filled from a slice of another array), ``unroll`` steps
-    per iteration, and with ``zeros`` the backward reading ``h`` as its own array rather than
-    writing ``da`` over it."""
+    """The sequential forward and backward loops with each result in a fresh buffer (``zeros``:
+    ``jnp.zeros_like``, which XLA merges into one broadcast and copies per loop, as the first
+    version did; else filled from a slice of another array, as the method does), ``unroll``
+    steps per iteration, and with ``zeros`` the backward reading ``h`` as its own array rather
+    than writing ``da`` over it."""
     at, put, time_index = (
         recurrence_module._at,
         recurrence_module._put,
@@ -117,23 +119,64 @@ def _sequential_fresh_buffers(zeros: bool, unroll: int):
     return forward, backward
 
 
-# The sequential method as it was before its CPU optimisations: (zero-filled buffers, unroll).
+def _sequential_in_place():
+    """The sequential loops writing their results over their inputs (tried, not kept): the
+    forward's states over ``x``, the backward's ``dx`` over the cotangent (``d_t`` read back
+    from it: with ``d`` feeding both updates XLA copies ``dx`` at every iteration), one step per
+    iteration (with 2, XLA:CPU copies the whole buffer at every iteration)."""
+    at, put, time_index = (
+        recurrence_module._at,
+        recurrence_module._put,
+        recurrence_module._time_index,
+    )
+
+    def forward(a, x, h0, reverse, axis=-2):
+        length = x.shape[axis]
+
+        def body(i, carry):
+            h, states = carry
+            t = time_index(i, length, reverse)
+            h = at(a, t, axis) * h + at(states, t, axis)
+            return h, put(states, h, t, axis)
+
+        return jax.lax.fori_loop(0, length, body, (h0, x))[1]
+
+    def backward(a, h, h0, g, reverse, axis=-2):
+        length = h.shape[axis]
+
+        def body(i, carry):
+            flowing, da, dx = carry
+            t = time_index(i, length, not reverse)
+            dx = put(dx, at(dx, t, axis) + flowing, t, axis)
+            d = at(dx, t, axis)
+            prev = t + 1 if reverse else t - 1
+            at_edge = prev == (length if reverse else -1)
+            h_prev = jnp.where(at_edge, h0, at(da, jnp.clip(prev, 0, length - 1), axis))
+            return at(a, t, axis) * d, put(da, d * h_prev, t, axis), dx
+
+        dh0, da, dx = jax.lax.fori_loop(0, length, body, (jnp.zeros_like(h0), h, g))
+        return da, dx, dh0
+
+    return forward, backward
+
+
+# Other versions of the sequential method, timed in the same rounds (see the module docstring).
 ABLATIONS = {
-    "sequential[fresh buffers, unroll 2]": (False, 2),
-    "sequential[zero buffers, unroll 8]": (True, 8),
+    "sequential[in place, unroll 1]": _sequential_in_place,
+    "sequential[zero buffers, unroll 8]": lambda: _sequential_fresh_buffers(True, 8),
 }
 
 
 @contextlib.contextmanager
 def ablated(name: str):
     """While tracing inside this context, the sequential method runs as ``ABLATIONS[name]``
-    says (:func:`_sequential_fresh_buffers`). No-op for other names."""
+    builds it. No-op for other names."""
     if name not in ABLATIONS:
         yield
         return
     names = ("_sequential", "_sequential_backward")
     saved = {name: getattr(recurrence_module, name) for name in names}
-    forward, backward = _sequential_fresh_buffers(*ABLATIONS[name])
+    forward, backward = ABLATIONS[name]()
     recurrence_module._sequential, recurrence_module._sequential_backward = forward, backward
     try:
         yield
@@ -224,9 +267,9 @@ def measure_length(
     """Rows for one length and kind: every function compiled, then timed interleaved."""
     dtype = jnp.dtype("float32" if kind == "complex64" else kind)
     a, x, g = make_inputs(args.batch, length, args.channels, dtype, kind == "complex64")
-    # Donated (the default): x and the cotangent are overwritten, as the intermediates they are
-    # inside a training step; every call gets fresh copies, made outside the timed region.
-    fwd_donate, fwd_bwd_donate = ((), ()) if args.fresh_inputs else ((1,), (1, 2))
+    # --donate: x and the cotangent may be overwritten; every call gets fresh copies of them,
+    # made outside the timed region.
+    fwd_donate, fwd_bwd_donate = ((1,), (1, 2)) if args.donate else ((), ())
     calls = {("floor", "forward"): (compiled(floor_pass, a, x, donate=fwd_donate), (a, x))}
     temps = {}
     for name in names:
@@ -238,11 +281,9 @@ def measure_length(
         temps[name] = _mib(temp_bytes(fwd_bwd))
 
     def fresh(call_args):
-        return jax.block_until_ready(
-            call_args
-            if args.fresh_inputs
-            else (call_args[0],) + tuple(v + 0 for v in call_args[1:])
-        )
+        if not args.donate:
+            return call_args
+        return jax.block_until_ready((call_args[0], *(v + 0 for v in call_args[1:])))
 
     for call, call_args in calls.values():  # warm-up
         jax.block_until_ready(call(*fresh(call_args)))
@@ -340,10 +381,10 @@ def main(argv: list[str] | None = None) -> None:
         help="add the sequential method with its CPU optimisations undone (ABLATIONS)",
     )
     parser.add_argument(
-        "--fresh-inputs",
+        "--donate",
         action="store_true",
-        help="do not donate x and the cotangent (every output then lands in freshly allocated "
-        "memory; see the module docstring)",
+        help="donate x and the cotangent to every function (outputs may reuse their memory "
+        "instead of fresh pages; see the module docstring)",
     )
     parser.add_argument("--tag", default="", help="suffix of the JSON file name, e.g. '_hugepages'")
     parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
@@ -409,14 +450,11 @@ def main(argv: list[str] | None = None) -> None:
             lengths=args.lengths,
             methods=methods,
             baselines=[] if args.no_baselines else list(BASELINES),
-            ablations={
-                name: dict(zero_buffers=zeros, unroll=unroll)
-                for name, (zeros, unroll) in ABLATIONS.items()
-            }
+            ablations={name: ABLATIONS[name].__doc__ or name for name in ABLATIONS}
             if args.ablations
             else {},
             floor="a * x + x (reads a and x, writes one array)",
-            inputs="fresh (not donated)" if args.fresh_inputs else "x and the cotangent donated",
+            inputs="x and the cotangent donated" if args.donate else "not donated",
             timing="best of reps interleaved rounds (floor and every function once per "
             "round); spread = max / min",
             target_ratio=TARGET_RATIO,

@@ -25,7 +25,9 @@ runs one HGRN row per recurrence method.
 timed in interleaved rounds with the Transformer, so before/after ratios come from one run
 (``VARIANTS``): ``before`` undoes every change; ``transposed scans`` and ``scan as before`` undo
 one each (the 2-D mixer's scans by ``moveaxis`` copies to and from the time axis; the
-recurrence's zero-filled loop buffers and 8-step unrolling); ``fused projections`` forces the
+recurrence's zero-filled loop buffers and 8-step unrolling); ``scan in place`` runs the
+recurrence's loops writing over their inputs (``x``, the cotangent; tried, not kept:
+``benchmarks/scan.py``'s ``sequential[in place, unroll 1]``), not a change made; ``fused projections`` forces the
 three input projections into one matmul (the default off CPU only, ``hgru.fuse_projections``)
 and ``separate projections`` forces three (the default on CPU). Step time = the fastest of ``--reps`` interleaved rounds
 (``median_ms`` and ``spread`` = slowest / fastest are kept too): on a shared machine the
@@ -69,6 +71,7 @@ HEAD_DIM = 64
 # What each --variants row changes: speed changes undone, or the projections forced one way
 # ("after" is the code as it is).
 CHANGES = ("separate projections", "axis-aware scans", "scan buffers and unroll")
+# ("in-place scans" is a version tried and not kept, not one of the CHANGES.)
 VARIANTS = {
     "after": (),
     "before": CHANGES,
@@ -76,6 +79,7 @@ VARIANTS = {
     "separate projections": ("separate projections",),
     "transposed scans": ("axis-aware scans",),
     "scan as before": ("scan buffers and unroll",),
+    "scan in place": ("in-place scans",),
 }
 
 
@@ -110,6 +114,8 @@ def undone(changes: tuple[str, ...]):
     scan_context = (
         ablated("sequential[zero buffers, unroll 8]")
         if "scan buffers and unroll" in changes
+        else ablated("sequential[in place, unroll 1]")
+        if "in-place scans" in changes
         else contextlib.nullcontext()
     )
     try:

@@ -507,17 +507,16 @@ def test_time_axis_other_than_second_to_last(axis):
 @pytest.mark.parametrize("axis", [-2, -3], ids=["axis-2", "axis-3"])
 @pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_sequential_updates_in_place(axis, complex_valued, reverse):
-    """The sequential loops write over ``x`` and the cotangent: a compiled forward+backward
-    whose inputs are donated (as intermediates are inside a training step) keeps no temporary
-    array, and without donation at most the copies of ``x`` and ``g`` made once before the
-    loops. A loop that XLA cannot update in place copies its buffer at every iteration, which
-    shows as an array-sized temporary (and ~1000x the time). Checked for both directions, real
-    and complex, the time axis at -2 and at -3 (HGRU2D's column scans)."""
+def test_sequential_gradient_step_keeps_no_array_temporaries(axis, complex_valued, reverse):
+    """A compiled forward+backward of the sequential method holds no (..., L, C) temporary: the
+    loops update their buffers in place and the backward writes ``da`` over the states. A loop
+    that XLA cannot update in place copies its buffer (at every iteration when the loop reads
+    and writes one buffer: ~1000x the time), and zero-filled buffers are merged into one
+    broadcast copied per loop; both show as array-sized temporaries. Both directions, real and
+    complex, the time axis at -2 and at -3 (HGRU2D's column scans)."""
     shape = (2, 128, 8, 32) if axis == -3 else (2, 8, 128, 32)
     dtype = jnp.complex64 if complex_valued else jnp.float32
     a, x, g = (jnp.full(shape, 0.5, dtype) + i for i in range(3))
-    array_bytes = x.size * x.dtype.itemsize
 
     def step(a, x, g):
         def run(a, x):
@@ -525,10 +524,9 @@ def test_sequential_updates_in_place(axis, complex_valued, reverse):
 
         return jax.vjp(run, a, x)[1](g)
 
-    for donate, allowed in (((1, 2), 0), ((), 2)):
-        compiled = jax.jit(step, donate_argnums=donate).lower(a, x, g).compile()
-        temp = compiled.memory_analysis().temp_size_in_bytes
-        assert temp < (allowed + 0.5) * array_bytes, (donate, temp, array_bytes)
+    compiled = jax.jit(step).lower(a, x, g).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < 0.5 * x.size * x.dtype.itemsize, temp
 
 
 def test_time_axis_errors():
