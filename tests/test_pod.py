@@ -6,14 +6,18 @@ one process with eight devices (this pytest process, which conftest gives eight 
 - the tiny ListOps run of docs/pods.md, and the tiny Retrieval, ImageNet and WikiText-103 runs,
   give the training losses and final metrics of one process;
 - the pod's logs (process 0 only, plain lines, a start-up summary) and files (one writer);
-- a host failure (SIGKILL to one process): the others stop by themselves naming it; the rerun gets
-  a preemption notice (SIGTERM to one process): all save the same step and exit 0; the next
-  rerun, on 2 processes x 4 devices, finishes with the parameters of the uninterrupted run;
+- a host failure (SIGKILL to one process between checkpoints): the others stop by themselves
+  naming it; the rerun resumes from the last complete checkpoint and gets a preemption notice
+  (SIGTERM to one process): all save the same step and exit 0; the next rerun, on 2 processes x
+  4 devices, finishes with the parameters of the uninterrupted run;
 - elastic restore 4x2 -> 1x8 and 1x8 -> 4x2;
 - sequence parallelism over a mesh axis that spans two processes.
 
 CPU cost is the constraint (2 cores): one uninterrupted pod run and one single-process run are
-shared by every ListOps check; the schedule is 12 steps with checkpoints at 6 and 12.
+shared by every ListOps check; the schedule is 12 steps with evaluations and checkpoints at 6
+and 12 (so the best validation step is chosen alike; this also covers what the two-process
+ListOps test, tests/test_train_multihost.py, checked before the pods ran in `make test`), and
+the failure and elastic runs start from a copy of the uninterrupted run at its checkpoint 6.
 
 Tolerances: the pod and one process run the same program, but cross-device float32 sums are
 reduced in another order (gloo across processes, in-process otherwise), so training losses agree
@@ -52,16 +56,16 @@ from pod_helpers import (
     with_flag,
 )
 
-# Four JAX processes per run on two cores: ~8 minutes in all, so `make test` (CI) leaves them to
-# `make test-pod`. The module's runs are shared by its tests, so one xdist worker runs them all
-# (xdist_group, with --dist loadgroup) and conftest orders them first.
-pytestmark = [pytest.mark.slow, pytest.mark.pod, pytest.mark.xdist_group("pod")]
+# Four JAX processes per run on two cores. The module's runs are shared by its tests, so one
+# xdist worker must run them all: `make test` hands whole files to its workers (--dist loadfile),
+# and conftest puts this module first.
+pytestmark = [pytest.mark.slow, pytest.mark.pod]
 
 # The docs' command with a 12-step schedule and small splits; 1 layer to keep compiles short.
 SHORT = [
     "--config.model.num_layers=1",
     "--config.num_train_steps=12",
-    "--config.eval_every=12",
+    "--config.eval_every=6",
     "--config.checkpoint_every=6",
     "--config.log_every=3",
     "--config.data.val_examples=40",
@@ -123,6 +127,7 @@ def _assert_same_results(pod: Path, single: Path, name: str) -> None:
     assert (four["process_count"], one["process_count"]) == (4, 1)
     assert four["devices"] == one["devices"] == 8
     assert four["num_params"] == one["num_params"]
+    assert four["steps"] == one["steps"] and four["best_step"] == one["best_step"]
     losses_pod, losses_one = train_records(pod), train_records(single)
     assert [r["step"] for r in losses_pod] == [r["step"] for r in losses_one]
     worst = max(
@@ -201,13 +206,12 @@ def test_host_failure_then_preemption_then_resume_on_another_layout(listops, pod
     cache, workdir = listops["cache"], pod_root / "listops-failures"
     args = _listops_args(workdir, cache)
 
-    # 1. SIGKILL process 2 once checkpoint 6 is complete (Orbax renames its folder on commit).
+    # 1. The uninterrupted run as it was at its checkpoint 6 resumes; SIGKILL process 2 once
+    # process 0 has logged step 9, between checkpoints 6 and 12.
+    truncate_run(listops["pod"], workdir, 6)
     launch = Launch(pod_root, 4, 2, args, name="kill")
     pids = launch.pids()
-    deadline = time.monotonic() + 600
-    while not (workdir / "checkpoints" / "6").is_dir():
-        assert launch.proc.poll() is None and time.monotonic() < deadline, launch.stderr[-4000:]
-        time.sleep(0.05)
+    launch.wait_for(r"^\[0\] step 9/12 ", 600)
     os.kill(pids[2], signal.SIGKILL)
     killed_at = time.monotonic()
     code = launch.wait(timeout=300)
@@ -228,7 +232,11 @@ def test_host_failure_then_preemption_then_resume_on_another_layout(listops, pod
             said,
         ), said[-3000:]
 
-    # 2. Rerun; SIGTERM to process 2 while it builds the model: all save step 10, exit 0.
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 6, steps  # nothing after step 6 was saved
+
+    # 2. Rerun: it resumes from the last complete checkpoint, 6. SIGTERM to process 2 while it
+    # builds the model: all save step 10, exit 0.
     launch = Launch(pod_root, 4, 2, args, name="sigterm")
     pids = launch.pids()
     launch.wait_for(r"^\[0\] resuming from step 6 of 12", 300)

@@ -1,0 +1,47 @@
+"""How checkpoints write replicated arrays (hgrn_jax.training.checkpoint.REPLICA_PARALLEL_MIN_BYTES):
+small ones from one replica, without compiling slicing programs; large ones split across replicas.
+Either way the checkpoint restores to the saved values, bit for bit."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from hgrn_jax.training.checkpoint import REPLICA_PARALLEL_MIN_BYTES, Checkpoints
+
+
+def test_replicated_arrays_are_sliced_across_replicas_only_when_large(tmp_path, monkeypatch):
+    slices: list[tuple] = []
+    slice_in_dim = jax.lax.slice_in_dim
+
+    def counting_slice(operand, *args, **kwargs):
+        slices.append(operand.shape)
+        return slice_in_dim(operand, *args, **kwargs)
+
+    monkeypatch.setattr(jax.lax, "slice_in_dim", counting_slice)
+    mesh = jax.make_mesh((8,), ("data",))
+    replicated = NamedSharding(mesh, P())
+    # Each of the 8 replicas would write 1/8: the large array's slices reach the threshold.
+    large_size = 8 * REPLICA_PARALLEL_MIN_BYTES // 4
+    tree = {
+        "small": jax.device_put(jnp.arange(24 * 40, dtype=jnp.float32).reshape(24, 40), replicated),
+        "large": jax.device_put(jnp.arange(large_size, dtype=jnp.float32), replicated),
+        "sharded": jax.device_put(jnp.ones((16, 3), jnp.int32), NamedSharding(mesh, P("data"))),
+    }
+    checkpoints = Checkpoints(tmp_path / "checkpoints", async_save=False)
+    checkpoints.save(1, tree, {"step": 1})
+    # This process holds all 8 replicas of the large array: one slice each; none of the others.
+    assert slices == [(large_size,)] * 8, slices
+
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
+    )
+    restored, meta = checkpoints.restore(1, target)
+    checkpoints.close()
+    assert meta == {"step": 1}
+    for key, array in tree.items():
+        np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(array), err_msg=key)
+        assert restored[key].sharding == array.sharding, key
