@@ -176,7 +176,7 @@ class TrainLoader:
         worker_count: int = 0,
         transform: Callable | None = None,
         batch_transform: Callable | None = None,
-        worker_buffer_size: int = 2,
+        worker_buffer_size: int = 1,
     ):
         loader.process_slice(batch_size, process_index, process_count)  # validates
         if len(source) < batch_size:
@@ -331,16 +331,19 @@ def train_loader(
     worker_count: int = 0,
     transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
     batch_transform: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
-    worker_buffer_size: int = 2,
+    worker_buffer_size: int = 1,
 ) -> TrainLoader:
     """The endless process-local training batches of ``source`` (see the module docstring).
 
     ``batch_size`` is the global batch; each of the ``process_count`` processes reads its
     ``batch_size / process_count`` records of every global batch. ``transform`` maps each record
     (a dict of arrays), ``batch_transform(batch, step)`` the process-local batch; both run in the
-    ``worker_count`` worker processes (each holding ``worker_buffer_size`` batches ahead) when it
-    is > 0, so they must then be picklable. ``iter(loader)`` starts at step 0,
-    ``loader.iterator(s)`` at step ``s``.
+    ``worker_count`` worker processes when it is > 0, so they must then be picklable. Each
+    worker builds whole batches (every ``worker_count``-th step) and holds up to
+    ``worker_buffer_size`` finished ones plus the one it is building or handing over, so the
+    workers hold about ``worker_count * (worker_buffer_size + 1)`` batches in shared memory
+    (grain's default buffer of 1: a buffer only absorbs pauses of the consumer).
+    ``iter(loader)`` starts at step 0, ``loader.iterator(s)`` at step ``s``.
     """
     return TrainLoader(
         source,
