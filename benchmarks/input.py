@@ -457,6 +457,9 @@ def main() -> None:
             before = None
             if args.before != "none":
                 before = stack.enter_context(Measurer(args.before, args.seconds))
+            for measurer in (after, before):  # warm-up (imports, first reads), discarded
+                if measurer is not None and specs:
+                    measurer.measure({**specs[0], "train_seconds": 0.2})
             for spec in specs:
                 both = before is not None and spec.get("compare", True)
                 # after, before, before, after, ...: each keeps its best of `repeats`
