@@ -20,16 +20,17 @@ Because element ``s`` is a pure function of ``s`` (random augmentations draw fro
 :func:`hgrn_jax.data.loader.batch_rng`), the batches do not depend on the number of worker
 processes, and with none (``worker_count`` 0) the iterator reads the dataset by random access:
 it calls the function grain maps over the steps for step ``s`` directly (:meth:`TrainLoader.batch`)
-instead of going through grain's iterator machinery, which costs 30-50 us per element (grain's
-``to_iter_dataset``, and its ``MapDataset.__getitem__`` too: ``benchmarks/input.py``,
+instead of going through grain's machinery, which costs 20-30 us per element through
+``to_iter_dataset`` and about 8 us through ``MapDataset.__getitem__`` (``benchmarks/input.py``,
 ``grain_overhead``), more than the whole memory-mapped read of a small batch. With workers,
 grain's ``mp_prefetch`` builds the batches of upcoming steps in worker processes.
 
 The iterator's state (:meth:`TrainIterator.get_state`, a small JSON-able dict) is saved with each
 checkpoint and restored on resume: in-process it is the next step; with workers it also holds
-grain's own iterator state. A state saved with another worker count, by the version-1 format
-(every worker count kept grain's state), or none at all (older checkpoints) positions the
-pipeline at the saved step directly (``ds[step:]``), which is exact too.
+grain's own iterator state, restored when the worker count is the same (version 1 of the format
+kept grain's state without workers too; it is read as well). A state saved with another worker
+count, or none at all (older checkpoints), positions the pipeline at the saved step directly
+(``ds[step:]``), which is exact too.
 
 Explicit arguments only: this module knows nothing of experiment configs.
 """
