@@ -402,7 +402,8 @@ def print_row(row: dict) -> None:
     b = (
         f"  before train {before['train']['examples_per_s']:>9} eval "
         f"{before['eval']['examples_per_s']:>9}  after/before train {row['vs_before']['train']:.3g}"
-        f" eval {row['vs_before']['eval']:.3g}"
+        f" eval {row['vs_before']['eval']:.3g} (train per CPU second "
+        f"{row['train']['examples_per_cpu_s'] / before['train']['examples_per_cpu_s']:.3g})"
         if before
         else ""
     )
