@@ -3,18 +3,23 @@
 Measures every real-data pipeline's ``train_batches`` (and ``eval_batches``) at the paper's
 sequence lengths and batch sizes on generated fixtures in the release layouts
 (``tests/data_fixtures.py`` style), on ``tfds.testing.mock_data`` for IMDB and CIFAR-10, and on
-ImageNet prepared by tfds from small archives of 500 x 375 JPEGs with DeiT's augmentations, with
-``data.workers`` (grain worker processes) 0, 1 and 2. The release datasets (ListOps, Retrieval,
-Pathfinder, Path-X, WikiText-103) are measured from their ``.npy`` caches and from the same fixture
-prepared into tfds data (rows ``... tfds``).
+ImageNet prepared by tfds from small archives of 500 x 375 JPEGs with DeiT's augmentations. The
+release datasets (ListOps, Retrieval, Pathfinder, Path-X, WikiText-103) are measured from their
+``.npy`` caches and from the same fixture prepared into tfds data (rows ``... tfds``).
+
+ImageNet, a scaling curve over worker processes: in the training process on 1 thread, then
+``data.workers`` = 1 and 2 grain worker processes, each decoding on one thread (images/s against
+workers), and the in-process default of ``data.workers=0``: a thread pool of one thread per CPU.
 
 "after" and "before": the same cases, on the same files, measured by two subprocesses in turn,
 case by case: one running this tree, one the code of ``--before`` (default: the last commit before
 the input moved to grain) checked out with ``git worktree`` into a temporary folder (its
 ImageNet rows: ``data.workers`` 0 = a thread pool in the training process, 2 = a
-``ProcessPoolExecutor`` of 2; there is no 1-worker row before). ``vs_before`` = after / before examples/s; the machine is
-shared and noisy: each is measured ``--repeats`` times (after, before, before, after, ...) and
-keeps its best, and the eval column (code unchanged) shows the noise left.
+``ProcessPoolExecutor`` of 2; there are no 1-thread and 1-worker rows before). ``vs_before`` =
+after / before examples/s; the machine is shared and noisy: each is measured ``--repeats`` times
+(after, before, before, after, ...) and keeps its best, and the eval column (code unchanged)
+shows the noise left. ``grain_overhead`` times one batch read through grain's iterator, through
+grain's ``MapDataset`` random access, through the pipeline's in-process path and bare.
 
 Writes ``benchmarks/results/input_<platform>.json``.
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import inspect
 import json
 import os
 import subprocess
@@ -135,20 +141,31 @@ def mock_cases(tmp: Path) -> list[dict]:
     ]
 
 
-def imagenet_cases(tmp: Path, workers: tuple[int, ...], train_seconds: float) -> list[dict]:
+def imagenet_cases(tmp: Path, train_seconds: float) -> list[dict]:
     """ImageNet prepared by tfds from archives of 500 x 375 JPEGs (the typical ImageNet size);
-    timed for ``train_seconds`` (a batch of 32 takes about a second on 2 cores)."""
+    timed for ``train_seconds`` (a batch of 32 takes about a second on 2 cores). Rows: (name,
+    ``data.workers``, threads of the training process when it decodes (0: one per CPU), whether
+    the old code has the same row)."""
+    rows = (
+        ("in process, 1 thread", 0, 1, False),
+        ("1 worker process", 1, 0, False),
+        ("2 worker processes", 2, 0, True),
+        ("in process, 1 thread per CPU", 0, 0, True),
+    )
     return [
         {
-            "name": f"imagenet (JPEG, DeiT aug, {w} workers)",
+            "name": f"imagenet (JPEG, DeiT aug, {name})",
             "config": "imagenet.tiny",
-            "data": {"tfds_dir": str(tmp / "imagenet"), "workers": w, "image_size": 224},
+            "data": {"tfds_dir": str(tmp / "imagenet"), "workers": workers, "image_size": 224},
             "model": {"num_classes": 1000},
             "top": {"batch_size": 32, "eval_batch_size": 32},
-            "workers": w,
+            "task_attributes": {"in_process_threads": threads} if threads else {},
+            "workers": workers,
+            "threads": threads,
+            "compare": compare,
             "train_seconds": train_seconds,
         }
-        for w in workers
+        for name, workers, threads, compare in rows
     ]
 
 
@@ -173,7 +190,8 @@ def write_imagenet(tmp: Path) -> None:
 
 # The measuring process: run with one tree's modules first on sys.path (this one, or the old
 # one); reads one case (JSON) per line on stdin and answers each with one JSON row. It uses only
-# what both trees have (the task registry and the experiment configs).
+# what both trees have (the task registry and the experiment configs), and `config_of` above
+# (its source is put before this text).
 _DRIVER = r"""
 import contextlib, importlib, json, sys, time
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
@@ -186,15 +204,17 @@ def throughput(make, batch_size, seconds):
     iterator = make()
     next(iterator)
     prepare = time.perf_counter() - start
-    count, start = 0, time.perf_counter()
+    count, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         next(iterator)
         count += 1
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     for stop in ("close",):  # grain iterators: stop their worker processes; generators too
         getattr(iterator, stop, lambda: None)()
     return {"prepare_s": round(prepare, 3), "batches": count,
-            "examples_per_s": round(count * batch_size / elapsed, 1)}
+            "examples_per_s": round(count * batch_size / elapsed, 1),
+            "examples_per_cpu_s": round(count * batch_size / max(cpu, 1e-9), 1)}
 
 
 def cycle(task):
@@ -212,6 +232,8 @@ for line in sys.stdin:
     with mock:
         config = config_of(spec)
         task = tasks.get_task(config)
+        for name, value in spec.get("task_attributes", {}).items():
+            setattr(task, name, value)
         batch = config.eval_batch_size or config.batch_size
         train_seconds = spec.get("train_seconds", seconds)
         row = {
@@ -246,7 +268,13 @@ class Measurer:
                 capture_output=True,
             )
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _DRIVER, str(self.tree), str(self.seconds)],
+            [
+                sys.executable,
+                "-c",
+                inspect.getsource(config_of) + _DRIVER,
+                str(self.tree),
+                str(self.seconds),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -280,38 +308,84 @@ class Measurer:
 
 
 def grain_overhead(repeats: int = 5, batches: int = 300) -> list[dict]:
-    """Microseconds per batch of the grain pipeline against the same reads without it (one
-    process, interleaved, best of ``repeats``): what grain adds to a memory-mapped read."""
+    """Microseconds per batch (one process, interleaved, best of ``repeats``) of the same
+    memory-mapped-like read: through grain's iterator (``to_iter_dataset``, the in-process path
+    before), by grain's ``MapDataset`` random access (``ds[step]``), through the pipeline's
+    in-process path (:meth:`TrainLoader.batch`, what ``data.workers=0`` runs) and bare."""
+    import grain
+
     from hgrn_jax.data import grain_pipeline, loader
 
     out = []
     for rows, width, batch in ((20_000, 513, 16), (4_096, 2048, 128)):
-        source = grain_pipeline.ArraySource({"ids": np.zeros((rows, width), np.uint16)})
-        times = {"grain": [], "plain": []}
-        for _ in range(repeats):
-            iterator = grain_pipeline.train_loader(source, seed=0, batch_size=batch).iterator(0)
+        # ones, not zeros: untouched calloc pages would time page faults on the first pass
+        source = grain_pipeline.ArraySource({"ids": np.ones((rows, width), np.uint16)})
+        pipeline = grain_pipeline.train_loader(source, seed=0, batch_size=batch)
+        mapped = grain.MapDataset.range(0, 2**62).map(pipeline._batch)
+
+        def through_iterator():
+            iterator = iter(pipeline.dataset(0))
             next(iterator)
-            start = time.perf_counter()
-            for _ in range(batches):
-                next(iterator)
-            times["grain"].append((time.perf_counter() - start) / batches)
-            iterator.close()
-            start = time.perf_counter()
-            for step in range(batches):
-                source.read(loader.train_rows(0, step, rows, batch))
-            times["plain"].append((time.perf_counter() - start) / batches)
-        row = {
-            "batch": f"{batch} x {width} uint16",
-            "grain_us": round(1e6 * min(times["grain"]), 1),
-            "plain_us": round(1e6 * min(times["plain"]), 1),
+            return lambda: next(iterator)
+
+        def random_access():
+            steps = iter(range(2**62))
+            return lambda: mapped[next(steps)]
+
+        def in_process():
+            iterator = pipeline.iterator(0)
+            next(iterator)
+            return lambda: next(iterator)
+
+        def bare():
+            steps = iter(range(2**62))
+            return lambda: source.read(loader.train_rows(0, next(steps), rows, batch))
+
+        ways = {
+            "grain_iterator_us": through_iterator,
+            "grain_random_access_us": random_access,
+            "pipeline_us": in_process,
+            "bare_us": bare,
         }
+        times = {key: [] for key in ways}
+        for _ in range(repeats):
+            for key, setup in ways.items():
+                read = setup()
+                start = time.perf_counter()
+                for _ in range(batches):
+                    read()
+                times[key].append((time.perf_counter() - start) / batches)
+        row = {"batch": f"{batch} x {width} uint16"}
+        row.update({key: round(1e6 * min(value), 1) for key, value in times.items()})
         print(
-            f"grain overhead, batch {row['batch']}: {row['grain_us']} us per batch through "
-            f"grain, {row['plain_us']} us for the same reads without it",
+            f"per batch of {row['batch']}: grain iterator {row['grain_iterator_us']} us, "
+            f"grain random access {row['grain_random_access_us']} us, pipeline (in process) "
+            f"{row['pipeline_us']} us, bare read {row['bare_us']} us",
             flush=True,
         )
         out.append(row)
     return out
+
+
+def prepare_caches(specs: list[dict]) -> None:
+    """Prepare every case's ``.npy`` caches here, before measuring: a measuring process that
+    prepared a cache itself ran its batches about 1.5-2x slower afterwards (measured on the
+    CIFAR-10 mock case, in CPU time, whichever code prepared it), which would bias the ratios
+    against the code measured first."""
+    from hgrn_jax import tasks
+
+    for spec in specs:
+        if spec["config"].startswith("imagenet"):
+            continue  # read from the tfds records: nothing to prepare
+        mock = contextlib.nullcontext()
+        if spec.get("mock"):
+            import tensorflow_datasets as tfds
+
+            mock = tfds.testing.mock_data(num_examples=spec["mock"])
+        with mock:
+            task = tasks.get_task(config_of(spec))
+            for split in ("train", "val", "test"):
+                task.examples(split)
 
 
 def best(rows: list[dict]) -> dict:
@@ -328,7 +402,8 @@ def print_row(row: dict) -> None:
     b = (
         f"  before train {before['train']['examples_per_s']:>9} eval "
         f"{before['eval']['examples_per_s']:>9}  after/before train {row['vs_before']['train']:.3g}"
-        f" eval {row['vs_before']['eval']:.3g}"
+        f" eval {row['vs_before']['eval']:.3g} (train per CPU second "
+        f"{row['train']['examples_per_cpu_s'] / before['train']['examples_per_cpu_s']:.3g})"
         if before
         else ""
     )
@@ -350,9 +425,16 @@ def main() -> None:
         "--repeats", type=int, default=2, help="measurements per case and code (best kept)"
     )
     parser.add_argument("--imagenet-only", action="store_true", help="only the ImageNet rows")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=(),
+        help="only the cases whose name holds one of these (a check: writes no results)",
+    )
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     rows, specs = [], []
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if not args.imagenet_only:
@@ -365,15 +447,22 @@ def main() -> None:
                 tfds_spec["tfds_prepare_s"] = round(time.perf_counter() - start, 3)
                 specs += [spec, tfds_spec]
             specs += mock_cases(tmp)
-        write_imagenet(tmp)
-        specs += imagenet_cases(tmp, (0, 1, 2), args.imagenet_seconds)
+        if not args.only or any("imagenet" in part for part in args.only):
+            write_imagenet(tmp)
+            specs += imagenet_cases(tmp, args.imagenet_seconds)
+        if args.only:
+            specs = [spec for spec in specs if any(part in spec["name"] for part in args.only)]
+        prepare_caches(specs)
         with contextlib.ExitStack() as stack:
             after = stack.enter_context(Measurer(None, args.seconds))
             before = None
             if args.before != "none":
                 before = stack.enter_context(Measurer(args.before, args.seconds))
+            for measurer in (after, before):  # warm-up (imports, first reads), discarded
+                if measurer is not None and specs:
+                    measurer.measure({**specs[0], "train_seconds": 0.2})
             for spec in specs:
-                both = before is not None and spec.get("workers", 0) in (0, 2)
+                both = before is not None and spec.get("compare", True)
                 # after, before, before, after, ...: each keeps its best of `repeats`
                 taken: dict[int, list[dict]] = {id(after): [], id(before): []}
                 for repeat in range(args.repeats):
@@ -381,7 +470,7 @@ def main() -> None:
                     for measurer in pair if both else [after]:
                         taken[id(measurer)].append(measurer.measure(spec))
                 row = best(taken[id(after)])
-                for key in ("tfds_prepare_s", "workers"):
+                for key in ("tfds_prepare_s", "workers", "threads"):
                     if key in spec:
                         row[key] = spec[key]
                 if both:
@@ -394,9 +483,13 @@ def main() -> None:
                         )
                         for part in ("train", "eval")
                     }
+                row["load_average"] = round(os.getloadavg()[0], 2)
                 rows.append(row)
                 print_row(row)
     overhead = grain_overhead()
+    if args.only:
+        print("--only: a partial run, results not written")
+        return
     path = write_results(
         "input",
         rows,
@@ -406,12 +499,17 @@ def main() -> None:
             "imagenet_seconds": args.imagenet_seconds,
             "repeats": args.repeats,
             "before": args.before,
+            "load_average_at_start": load_at_start,
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
             "note": (
                 "one process; fixtures / tfds mock data in a temporary folder (page cache warm); "
                 "prepare_s = time to the first batch; 'before' = the same cases measured by the "
                 f"code of {args.before} (git worktree, subprocess) right after, vs_before = "
-                "after / before examples/s; imagenet 'N workers' = data.workers (before: 0 = a "
-                "thread pool, 2 = a ProcessPoolExecutor; after: grain worker processes)"
+                "after / before examples/s; imagenet 'N worker processes' = data.workers "
+                "(before: 2 = a ProcessPoolExecutor; after: grain worker processes, one thread "
+                "each), 'in process, 1 thread per CPU' = data.workers=0 (a thread pool, before "
+                "and after); load_average = the 1-minute load average after the row (this "
+                "benchmark's own processes included: 1 to 3)"
             ),
         },
     )

@@ -96,6 +96,68 @@ def test_resuming_from_the_saved_state_continues_exactly():
         iter(other).set_state(state)
 
 
+def test_in_process_random_access_gives_the_grain_iterators_batches():
+    loader = grain_pipeline.train_loader(
+        source(),
+        seed=5,
+        batch_size=BATCH,
+        process_index=1,
+        process_count=PROCESSES,
+        transform=lambda r: {**r, "labels": r["labels"] + 100},
+        batch_transform=AddStep(),
+    )
+    through_grain = iter(loader.dataset(3))  # grain's iterator over the same MapDataset
+    random_access = loader.iterator(3)
+    assert random_access.in_process
+    for step in range(3, 3 + 2 * N // BATCH):  # two epochs
+        expected = next(through_grain)
+        batch = next(random_access)
+        assert batch.keys() == expected.keys()
+        for key in expected:
+            np.testing.assert_array_equal(batch[key], expected[key])
+        np.testing.assert_array_equal(loader.batch(step)["inputs"], expected["inputs"])
+    assert random_access.get_state()["next_step"] == 3 + 2 * N // BATCH
+
+
+def test_in_process_state_is_the_next_step_and_version_1_states_resume_exactly():
+    def fresh():
+        return grain_pipeline.train_loader(
+            source(), seed=7, batch_size=BATCH, batch_transform=AddStep()
+        )
+
+    iterator = fresh().iterator(2)
+    for _ in range(4):
+        next(iterator)
+    state = json.loads(json.dumps(iterator.get_state()))
+    assert state["version"] == grain_pipeline.STATE_VERSION == 2
+    assert state["next_step"] == 6 and state["grain"] is None and state["worker_count"] == 0
+    expected = [next(iterator) for _ in range(5)]
+    resumed = iter(fresh())
+    resumed.set_state(state)
+    for batch, want in zip([next(resumed) for _ in range(5)], expected, strict=True):
+        np.testing.assert_array_equal(batch["inputs"], want["inputs"])
+    # A version-1 state (grain's iterator state for every worker count, as written before the
+    # in-process path read by random access) resumes at its step too.
+    grain_iterator = iter(fresh().dataset(2))
+    for _ in range(4):
+        next(grain_iterator)
+    old = {
+        "version": 1,
+        "next_step": 6,
+        "base_step": 2,
+        "worker_count": 0,
+        "pipeline": fresh().describe(),
+        "grain": json.loads(json.dumps(grain_iterator.get_state())),
+    }
+    from_old = iter(fresh())
+    from_old.set_state(old)
+    for batch, want in zip([next(from_old) for _ in range(5)], expected, strict=True):
+        np.testing.assert_array_equal(batch["inputs"], want["inputs"])
+    assert from_old.get_state()["next_step"] == 11
+    with pytest.raises(ValueError, match="not an input-pipeline state of this version"):
+        iter(fresh()).set_state({**state, "version": 3})
+
+
 def test_a_transform_runs_on_every_record_and_bad_sizes_are_errors():
     doubled = batches(0, 1, transform=lambda r: {**r, "labels": r["labels"] * 2})[0]
     plain = batches(0, 1)[0]
@@ -172,13 +234,17 @@ def test_two_worker_processes_give_the_in_process_batches_and_resume_across_coun
 
     in_process, state0 = run(0)
     workers, state2 = run(2)
+    assert state2["grain"] is not None and state0["grain"] is None
     for a, b in zip(in_process, workers):
         np.testing.assert_array_equal(a["inputs"], b["inputs"])
         np.testing.assert_array_equal(a["labels"], b["labels"])
     continued, _ = run(0, state0, 3)
     from_workers, _ = run(2, state2, 3)  # grain's own multi-worker state
     across, _ = run(0, state2, 3)  # saved with 2 workers, resumed with none
+    into_workers, _ = run(2, state0, 3)  # saved in process, resumed with 2 workers
+    from_version_1, _ = run(2, {**state2, "version": 1}, 3)  # grain's state, as version 1 kept it
     reference, _ = run(0, None, 8)
-    for batch_list in (continued, from_workers, across):
+    for batch_list in (continued, from_workers, across, into_workers, from_version_1):
+        assert len(batch_list) == 3
         for a, b in zip(batch_list, reference[5:]):
             np.testing.assert_array_equal(a["inputs"], b["inputs"])

@@ -18,10 +18,19 @@ grain's per-record index shuffle, which costs about 50 us per record in Python (
 
 Because element ``s`` is a pure function of ``s`` (random augmentations draw from ``(seed, s)``,
 :func:`hgrn_jax.data.loader.batch_rng`), the batches do not depend on the number of worker
-processes. The iterator's state (:meth:`TrainIterator.get_state`, a small JSON-able dict holding
-grain's own iterator state) is saved with each checkpoint and restored on resume; a state saved
-with another worker count, or none at all (older checkpoints), positions the pipeline at the
-resumed step directly (``ds[step:]``), which is exact too.
+processes, and with none (``worker_count`` 0) the iterator reads the dataset by random access:
+it calls the function grain maps over the steps for step ``s`` directly (:meth:`TrainLoader.batch`)
+instead of going through grain's machinery, which costs 20-30 us per element through
+``to_iter_dataset`` and about 8 us through ``MapDataset.__getitem__`` (``benchmarks/input.py``,
+``grain_overhead``), more than the whole memory-mapped read of a small batch. With workers,
+grain's ``mp_prefetch`` builds the batches of upcoming steps in worker processes.
+
+The iterator's state (:meth:`TrainIterator.get_state`, a small JSON-able dict) is saved with each
+checkpoint and restored on resume: in-process it is the next step; with workers it also holds
+grain's own iterator state, restored when the worker count is the same (version 1 of the format
+kept grain's state without workers too; it is read as well). A state saved with another worker
+count, or none at all (older checkpoints), positions the pipeline at the saved step directly
+(``ds[step:]``), which is exact too.
 
 Explicit arguments only: this module knows nothing of experiment configs.
 """
@@ -36,7 +45,9 @@ import numpy as np
 
 from hgrn_jax.data import loader
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+READABLE_STATE_VERSIONS = (1, 2)
+"""Version 1 (grain's iterator state for every worker count) is still restored exactly."""
 _LAST_STEP = 2**62  # the step dataset is endless in practice
 
 
@@ -166,7 +177,7 @@ class TrainLoader:
         worker_count: int = 0,
         transform: Callable | None = None,
         batch_transform: Callable | None = None,
-        worker_buffer_size: int = 2,
+        worker_buffer_size: int = 1,
     ):
         loader.process_slice(batch_size, process_index, process_count)  # validates
         if len(source) < batch_size:
@@ -198,8 +209,14 @@ class TrainLoader:
             f"{self.process_index} of {self.process_count}"
         )
 
+    def batch(self, step: int) -> dict[str, Any]:
+        """The process-local batch of ``step`` (a pure function of it), read in this process:
+        element ``step`` of the grain ``MapDataset`` that :meth:`dataset` iterates."""
+        return self._batch(step)
+
     def dataset(self, start_step: int):
-        """The grain ``IterDataset`` of the batches of steps ``start_step, ...``."""
+        """The grain ``IterDataset`` of the batches of steps ``start_step, ...`` (read in
+        ``worker_count`` worker processes when > 0)."""
         import grain
 
         ds = grain.MapDataset.range(int(start_step), _LAST_STEP).map(self._batch)
@@ -224,26 +241,39 @@ class TrainLoader:
 class TrainIterator:
     """Endless process-local training batches with a saveable position.
 
-    ``get_state()`` -> a JSON-able dict (grain's iterator state, the next step and what the
-    state belongs to); ``set_state(state)`` continues exactly where that state was taken.
+    With ``worker_count`` 0 it reads step after step by random access (:meth:`TrainLoader.batch`);
+    with workers it iterates grain's multi-process dataset (:meth:`TrainLoader.dataset`).
+    ``get_state()`` -> a JSON-able dict (the next step, grain's iterator state when there are
+    workers, and what the state belongs to); ``set_state(state)`` continues exactly where that
+    state was taken.
     """
 
     def __init__(self, train_loader: TrainLoader, start_step: int):
         self.loader = train_loader
         self._open(start_step)
 
+    @property
+    def in_process(self) -> bool:
+        return self.loader.worker_count == 0
+
     def _open(self, start_step: int, grain_state: dict | None = None) -> None:
         self.close()
         self.base = self.next_step = int(start_step)
-        self._iterator = iter(self.loader.dataset(start_step))
-        if grain_state is not None:
-            self._iterator.set_state(grain_state)
+        if not self.in_process:
+            self._iterator = iter(self.loader.dataset(start_step))
+            if grain_state is not None:
+                self._iterator.set_state(grain_state)
 
     def __iter__(self) -> TrainIterator:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        batch = next(self._iterator)
+        if self.in_process:
+            batch = self.loader.batch(self.next_step)
+        elif self._iterator is None:
+            raise RuntimeError("the training iterator is closed; open a new one")
+        else:
+            batch = next(self._iterator)
         self.next_step += 1
         return batch
 
@@ -254,22 +284,25 @@ class TrainIterator:
             "base_step": self.base,
             "worker_count": self.loader.worker_count,
             "pipeline": self.loader.describe(),
-            "grain": self._iterator.get_state(),
+            "grain": None if self._iterator is None else self._iterator.get_state(),
         }
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        """Continue from ``state`` (from :meth:`get_state` of the same pipeline).
+        """Continue from ``state`` (from :meth:`get_state` of the same pipeline, this version
+        or version 1).
 
         Raises ValueError when it belongs to other data, another order or another process's
-        share. A state taken with another worker count resumes at its step (exact as well)."""
-        if state.get("version") != STATE_VERSION or "next_step" not in state:
+        share. A state taken with another worker count, or in process, resumes at its step
+        (exact as well: a batch is a function of its step)."""
+        if state.get("version") not in READABLE_STATE_VERSIONS or "next_step" not in state:
             raise ValueError(f"not an input-pipeline state of this version: {dict(state)!r:.200}")
         if state["pipeline"] != self.loader.describe():
             raise ValueError(
                 "the saved input-pipeline state belongs to other data or settings: saved for "
                 f"{state['pipeline']}; now {self.loader.describe()}"
             )
-        if state["worker_count"] == self.loader.worker_count:
+        same_workers = state["worker_count"] == self.loader.worker_count
+        if same_workers and not self.in_process and state.get("grain") is not None:
             self._open(state["base_step"], state["grain"])
             self.next_step = int(state["next_step"])
         else:
@@ -299,16 +332,19 @@ def train_loader(
     worker_count: int = 0,
     transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
     batch_transform: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
-    worker_buffer_size: int = 2,
+    worker_buffer_size: int = 1,
 ) -> TrainLoader:
     """The endless process-local training batches of ``source`` (see the module docstring).
 
     ``batch_size`` is the global batch; each of the ``process_count`` processes reads its
     ``batch_size / process_count`` records of every global batch. ``transform`` maps each record
     (a dict of arrays), ``batch_transform(batch, step)`` the process-local batch; both run in the
-    ``worker_count`` worker processes (each holding ``worker_buffer_size`` batches ahead) when it
-    is > 0, so they must then be picklable. ``iter(loader)`` starts at step 0,
-    ``loader.iterator(s)`` at step ``s``.
+    ``worker_count`` worker processes when it is > 0, so they must then be picklable. Each
+    worker builds whole batches (every ``worker_count``-th step) and holds up to
+    ``worker_buffer_size`` finished ones plus the one it is building or handing over, so the
+    workers hold about ``worker_count * (worker_buffer_size + 1)`` batches in shared memory
+    (grain's default buffer of 1: a buffer only absorbs pauses of the consumer).
+    ``iter(loader)`` starts at step 0, ``loader.iterator(s)`` at step ``s``.
     """
     return TrainLoader(
         source,

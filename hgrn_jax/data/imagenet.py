@@ -132,7 +132,11 @@ def random_erase(
 
 def normalise(images: np.ndarray) -> np.ndarray:
     """uint8 (..., 3) -> float32 normalised with the ImageNet mean and std."""
-    return (images.astype(np.float32) / 255.0 - MEAN) / STD
+    out = images.astype(np.float32)
+    out /= 255.0  # in place: the same float32 operations as (x / 255 - MEAN) / STD, half the time
+    out -= MEAN
+    out /= STD
+    return out
 
 
 def train_image(
@@ -188,8 +192,8 @@ def mixup_cutmix(
     if alpha <= 0:
         return images, targets
     lam = float(rng.beta(alpha, alpha))
-    mixed = images.copy()
     if use_cutmix:
+        mixed = images.copy()
         _, h, w, _ = images.shape
         cut = math.sqrt(1.0 - lam)
         ch, cw = int(h * cut), int(w * cut)
@@ -200,9 +204,8 @@ def mixup_cutmix(
         lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
     else:
         mixed = lam * images + (1.0 - lam) * images[::-1]
-    return mixed.astype(np.float32), (lam * targets + (1.0 - lam) * targets[::-1]).astype(
-        np.float32
-    )
+    mixed_targets = lam * targets + (1.0 - lam) * targets[::-1]
+    return mixed.astype(np.float32, copy=False), mixed_targets.astype(np.float32, copy=False)
 
 
 # ----------------------------------------------------------------------------- reading

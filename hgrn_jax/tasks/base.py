@@ -241,14 +241,20 @@ class ArrayTask:
                 f"the {self.name} training split has {n} examples, fewer than "
                 f"batch_size {batch_size}; lower --config.batch_size"
             )
-        return grain_pipeline.train_loader(
+        source = _TrainRows(
+            self,
             grain_pipeline.ArraySource(examples, name=f"{self.name} {type(self).__name__} train"),
+            process_index,
+            process_count,
+        )
+        return grain_pipeline.train_loader(
+            source,
             seed=int(self.config.seed),
             batch_size=int(batch_size),
             process_index=process_index,
             process_count=process_count,
             worker_count=self.worker_count(),
-            batch_transform=_TrainBatch(self, process_index, process_count),
+            batch_transform=source,
         ).iterator(start_step)
 
     def worker_count(self) -> int:
@@ -318,15 +324,36 @@ class ArrayTask:
         return int(self.config.data[f"{split}_examples"])
 
 
-class _TrainBatch:
-    """``batch_transform`` of the grain pipeline: the task's training batch of read records."""
+class _TrainRows:
+    """The training split as the grain pipeline's source and batch transform: ``read(rows)``
+    passes the row numbers on and ``(batch, step)`` builds the task's training batch from the
+    split's arrays at those rows (each column indexed once, as for evaluation). Picklable for
+    worker processes: memory-mapped arrays travel as their file names (:class:`ArraySource`),
+    the task without its data (:meth:`ArrayTask.__getstate__`)."""
 
-    def __init__(self, task: ArrayTask, process_index: int, process_count: int):
-        self.task, self.process_index, self.process_count = task, process_index, process_count
+    def __init__(
+        self,
+        task: ArrayTask,
+        arrays: grain_pipeline.ArraySource,
+        process_index: int,
+        process_count: int,
+    ):
+        self.task, self.arrays = task, arrays
+        self.process_index, self.process_count = process_index, process_count
 
-    def __call__(self, records: dict[str, np.ndarray], step: int) -> Batch:
-        rows = np.arange(len(next(iter(records.values()))))
-        return self.task._train_batch(records, rows, step, self.process_index, self.process_count)
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __repr__(self) -> str:  # what a saved iterator state is checked against
+        return repr(self.arrays)
+
+    def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {"rows": rows}
+
+    def __call__(self, batch: dict[str, np.ndarray], step: int) -> Batch:
+        return self.task._train_batch(
+            self.arrays.arrays, batch["rows"], step, self.process_index, self.process_count
+        )
 
 
 # ----------------------------------------------------------------------------- batch layouts

@@ -90,6 +90,9 @@ class ImageNetTfds(ImageNetTask):
     """
 
     reads = frozenset({"tfds_dir", "manual_dir"})
+    in_process_threads: int = 0
+    """Threads decoding a batch's images when ``data.workers`` is 0 (0: one per CPU); a worker
+    process decodes on one thread (the workers share the cores)."""
 
     def _check_source(self) -> None:
         self._source("train", reopen=True)
@@ -144,9 +147,8 @@ class ImageNetTfds(ImageNetTask):
         workers = self.worker_count()
         # In the training process, the images of a batch are spread over threads; a worker
         # process works on one image at a time (the workers share the cores).
-        source = imagenet.TrainBatches(
-            spec, self.num_examples("train"), threads=1 if workers else os.cpu_count() or 1
-        )
+        threads = 1 if workers else self.in_process_threads or os.cpu_count() or 1
+        source = imagenet.TrainBatches(spec, self.num_examples("train"), threads=threads)
         return grain_pipeline.train_loader(
             source,
             seed=spec.seed,
