@@ -16,18 +16,18 @@ then each of ``--reps`` rounds times the floor and every function once, interlea
 ratios use the best (minimum) time of each; ``spread`` (max / min over the rounds) shows the
 noise. Forward+backward of ``auto`` should be within ``TARGET_RATIO`` of the floor (the physical
 floor is ~2.7: the forward reads a, x and writes h; the backward reads a, h, dh and writes da, dx).
-``--ablations`` adds other versions of the sequential method, timed in the same rounds
-(``ABLATIONS``): ``sequential[zero buffers, unroll 8]`` is the first version (zero-filled result
-buffers, 8 steps per iteration); ``sequential[in place, unroll 1]`` writes the forward's states
-over ``x`` and the backward's ``dx`` over the cotangent (tried, not kept: see
-``benchmarks/README.md``).
+``--ablations`` adds earlier versions of the sequential method, timed in the same rounds
+(``ABLATIONS``): ``sequential[fresh buffers, unroll 2]`` is the previous version (results in
+fresh buffers filled from a slice of the inputs, 2 steps per iteration), ``sequential[zero
+buffers, unroll 8]`` the first one. The method now writes its results over its inputs (the
+forward's states over ``x``, the backward's ``dx`` over the cotangent), one step per iteration.
 
 Memory regime: by default every output lands in newly allocated memory, as in a training step,
 whose buffers XLA:CPU takes from ``malloc`` at every call. glibc serves arrays this size with
 fresh ``mmap``-ed pages, so every call page-faults its outputs in (on the 2-core VM of
 ``benchmarks/results`` a 64 MiB ``a * x + x`` took 5x longer into fresh memory than over a
 donated buffer). ``--donate`` donates ``x`` and the cotangent to every function (fresh copies
-are made outside the timed region), which lets in-place versions skip that cost and shows the
+are made outside the timed region), which lets the in-place loops skip that cost and shows the
 pure memory traffic. ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (2 MiB pages for malloc) cuts
 the page-fault cost too; ``machine.glibc_tunables`` in the JSON records it
 (``benchmarks/host_memory.py`` measures it on training steps).
@@ -74,11 +74,11 @@ def _fresh_buffer(like: jax.Array, fill_from: jax.Array, axis: int, step: int, z
 
 
 def _sequential_fresh_buffers(zeros: bool, unroll: int):
-    """The sequential forward and backward loops with each result in a fresh buffer (``zeros``:
-    ``jnp.zeros_like``, which XLA merges into one broadcast and copies per loop, as the first
-    version did; else filled from a slice of another array, as the method does), ``unroll``
-    steps per iteration, and with ``zeros`` the backward reading ``h`` as its own array rather
-    than writing ``da`` over it."""
+    """The sequential forward and backward loops as they were before they wrote over their inputs:
+    each result in a fresh buffer (``zeros``: ``jnp.zeros_like``, which XLA merges into one
+    broadcast and copies per loop, as the first version did; else filled from a slice of another
+    array, as the previous version did), ``unroll`` steps per iteration, and with ``zeros`` the
+    backward reading ``h`` as its own array rather than writing ``da`` over it."""
     at, put, time_index = (
         recurrence_module._at,
         recurrence_module._put,
@@ -119,50 +119,9 @@ def _sequential_fresh_buffers(zeros: bool, unroll: int):
     return forward, backward
 
 
-def _sequential_in_place():
-    """The sequential loops writing their results over their inputs (tried, not kept): the
-    forward's states over ``x``, the backward's ``dx`` over the cotangent (``d_t`` read back
-    from it: with ``d`` feeding both updates XLA copies ``dx`` at every iteration), one step per
-    iteration (with 2, XLA:CPU copies the whole buffer at every iteration)."""
-    at, put, time_index = (
-        recurrence_module._at,
-        recurrence_module._put,
-        recurrence_module._time_index,
-    )
-
-    def forward(a, x, h0, reverse, axis=-2):
-        length = x.shape[axis]
-
-        def body(i, carry):
-            h, states = carry
-            t = time_index(i, length, reverse)
-            h = at(a, t, axis) * h + at(states, t, axis)
-            return h, put(states, h, t, axis)
-
-        return jax.lax.fori_loop(0, length, body, (h0, x))[1]
-
-    def backward(a, h, h0, g, reverse, axis=-2):
-        length = h.shape[axis]
-
-        def body(i, carry):
-            flowing, da, dx = carry
-            t = time_index(i, length, not reverse)
-            dx = put(dx, at(dx, t, axis) + flowing, t, axis)
-            d = at(dx, t, axis)
-            prev = t + 1 if reverse else t - 1
-            at_edge = prev == (length if reverse else -1)
-            h_prev = jnp.where(at_edge, h0, at(da, jnp.clip(prev, 0, length - 1), axis))
-            return at(a, t, axis) * d, put(da, d * h_prev, t, axis), dx
-
-        dh0, da, dx = jax.lax.fori_loop(0, length, body, (jnp.zeros_like(h0), h, g))
-        return da, dx, dh0
-
-    return forward, backward
-
-
 # Other versions of the sequential method, timed in the same rounds (see the module docstring).
 ABLATIONS = {
-    "sequential[in place, unroll 1]": _sequential_in_place,
+    "sequential[fresh buffers, unroll 2]": lambda: _sequential_fresh_buffers(False, 2),
     "sequential[zero buffers, unroll 8]": lambda: _sequential_fresh_buffers(True, 8),
 }
 

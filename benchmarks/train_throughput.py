@@ -25,9 +25,9 @@ runs one HGRN row per recurrence method.
 timed in interleaved rounds with the Transformer, so before/after ratios come from one run
 (``VARIANTS``): ``before`` undoes every change; ``transposed scans`` and ``scan as before`` undo
 one each (the 2-D mixer's scans by ``moveaxis`` copies to and from the time axis; the
-recurrence's zero-filled loop buffers and 8-step unrolling); ``scan in place`` runs the
-recurrence's loops writing over their inputs (``x``, the cotangent; tried, not kept:
-``benchmarks/scan.py``'s ``sequential[in place, unroll 1]``), not a change made; ``fused projections`` forces the
+recurrence's zero-filled loop buffers and 8-step unrolling); ``scan not in place`` runs the
+recurrence's previous loops (results in fresh buffers, 2 steps per iteration) instead of the
+loops that write over their inputs; ``fused projections`` forces the
 three input projections into one matmul (the default off CPU only, ``hgru.fuse_projections``)
 and ``separate projections`` forces three (the default on CPU). Step time = the fastest of ``--reps`` interleaved rounds
 (``median_ms`` and ``spread`` = slowest / fastest are kept too): on a shared machine the
@@ -70,8 +70,7 @@ HEAD_DIM = 64
 
 # What each --variants row changes: speed changes undone, or the projections forced one way
 # ("after" is the code as it is).
-CHANGES = ("separate projections", "axis-aware scans", "scan buffers and unroll")
-# ("in-place scans" is a version tried and not kept, not one of the CHANGES.)
+CHANGES = ("separate projections", "axis-aware scans", "scan buffers and unroll", "in-place scans")
 VARIANTS = {
     "after": (),
     "before": CHANGES,
@@ -79,7 +78,7 @@ VARIANTS = {
     "separate projections": ("separate projections",),
     "transposed scans": ("axis-aware scans",),
     "scan as before": ("scan buffers and unroll",),
-    "scan in place": ("in-place scans",),
+    "scan not in place": ("in-place scans",),
 }
 
 
@@ -114,7 +113,7 @@ def undone(changes: tuple[str, ...]):
     scan_context = (
         ablated("sequential[zero buffers, unroll 8]")
         if "scan buffers and unroll" in changes
-        else ablated("sequential[in place, unroll 1]")
+        else ablated("sequential[fresh buffers, unroll 2]")
         if "in-place scans" in changes
         else contextlib.nullcontext()
     )

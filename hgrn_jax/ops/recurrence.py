@@ -37,11 +37,14 @@ METHODS: tuple[str, ...] = ("sequential", "associative", "chunked", "pallas")
 
 _TIME_AXIS = -2
 _DEFAULT_CHUNK = 64
-# Loop steps per iteration of the sequential method. On the shared 2-core CPU at (8, 4096, 512)
-# 2 was 5-30% faster forward+backward than 8 (the old value) in most runs, float32 and complex64,
-# and within the machine's noise in the others (benchmarks/scan.py --ablations: "[unroll 8]");
-# 1 and 4 were within noise of 2.
-_SEQUENTIAL_UNROLL = 2
+# Loop steps per iteration of the sequential method. 1, because both loops update their input
+# buffer in place (the states over ``x``, the gradients over the cotangent): with 2 or more steps
+# per iteration XLA:CPU no longer proves the in-place update safe and copies the whole buffer at
+# every iteration (measured: 16 MiB of temporaries and ~1000x the time at (8, 1024, 512)).
+# tests/test_recurrence.py checks that a compiled forward+backward keeps no such copy. Against the
+# previous loops (results in fresh buffers, unroll 2), measured in one quiet run of
+# benchmarks/train_throughput.py --variants: training steps 1.06-1.26x faster, 2-16 MiB less peak.
+_SEQUENTIAL_UNROLL = 1
 GPU_PALLAS_MIN_LENGTH = 2048
 
 
@@ -212,50 +215,50 @@ def _put(array: jax.Array, value: jax.Array, t, axis: int = _TIME_AXIS) -> jax.A
 
 
 def _sequential(a, x, h0, reverse, axis=_TIME_AXIS):
-    """One step per loop iteration, reading and writing the batch-major arrays in place.
+    """One step per loop iteration, each state written over its input in ``x``'s buffer.
 
-    Unlike ``lax.scan`` over a time-major copy, this needs no transposes: XLA updates the output
-    buffer in place, so the only memory is the result itself. ``axis`` may be any axis: a step
-    reads and writes one slice across it.
+    Step t reads ``x_t`` and writes ``h_t`` at the same place, so the loop needs no buffer of
+    its own and no transposes: it reads ``a`` and ``x`` and writes ``h``, the memory floor. When
+    ``x`` is still needed after the call, XLA copies it once before the loop. ``axis`` may be
+    any axis: a step reads and writes one slice across it.
     """
     length = x.shape[axis]
 
     def body(i, carry):
         h, states = carry
         t = _time_index(i, length, reverse)
-        h = _at(a, t, axis) * h + _at(x, t, axis)
+        h = _at(a, t, axis) * h + _at(states, t, axis)
         return h, _put(states, h, t, axis)
 
-    init = (h0, _loop_buffer(x, fill_from=a, axis=axis, step=-1 if reverse else 0))
-    _, states = jax.lax.fori_loop(0, length, body, init, unroll=_SEQUENTIAL_UNROLL)
+    _, states = jax.lax.fori_loop(0, length, body, (h0, x), unroll=_SEQUENTIAL_UNROLL)
     return states
 
 
 def _sequential_backward(a, h, h0, g, reverse, axis=_TIME_AXIS):
-    """The custom VJP's backward pass as one in-place loop over reverse time.
+    """The custom VJP's backward pass as one loop over reverse time, in place.
 
     Carries ``a_{t+1} d_{t+1}`` (``a_{t-1} d_{t-1}`` when ``reverse``) so that no shifted copies
-    of ``a`` or ``h`` are made. ``da`` is written over ``h`` (the states are dead after this
-    loop): step t reads ``h_{t-1}`` and writes ``da_t`` where ``h_t`` was, which step t+1 has
-    already read. That saves filling a fresh buffer (one write pass; XLA copies ``h`` instead
-    where it is still live). Returns (da, dx, dh0).
+    of ``a`` or ``h`` are made. Both results overwrite arrays that are dead after the loop:
+    ``dx`` the cotangent ``g`` (step t reads ``g_t`` and writes ``dx_t = d_t`` at the same
+    place), ``da`` the states ``h`` (step t reads ``h_{t-1}`` and writes ``da_t`` where ``h_t``
+    was, which step t+1 has already read). So the loop reads ``a``, ``h`` and ``g`` and writes
+    ``da`` and ``dx``, the floor. ``d_t`` is read back from the updated ``dx`` rather than
+    reused: with ``d`` feeding both updates XLA copies ``dx`` at every iteration. Returns
+    (da, dx, dh0).
     """
     length = h.shape[axis]
 
     def body(i, carry):
         flowing, da, dx = carry
         t = _time_index(i, length, not reverse)
-        d = _at(g, t, axis) + flowing
+        dx = _put(dx, _at(dx, t, axis) + flowing, t, axis)
+        d = _at(dx, t, axis)
         prev = t + 1 if reverse else t - 1
         at_edge = prev == (length if reverse else -1)
         h_prev = jnp.where(at_edge, h0, _at(da, jnp.clip(prev, 0, length - 1), axis))
-        return _at(a, t, axis) * d, _put(da, d * h_prev, t, axis), _put(dx, d, t, axis)
+        return _at(a, t, axis) * d, _put(da, d * h_prev, t, axis), dx
 
-    init = (
-        jnp.zeros_like(h0),
-        _states_as_buffer(h),
-        _loop_buffer(h, fill_from=h, axis=axis, step=-1 if reverse else 0),
-    )
+    init = (jnp.zeros_like(h0), _states_as_buffer(h), g)
     dh0, da, dx = jax.lax.fori_loop(0, length, body, init, unroll=_SEQUENTIAL_UNROLL)
     return da, dx, dh0
 
@@ -263,25 +266,6 @@ def _sequential_backward(a, h, h0, g, reverse, axis=_TIME_AXIS):
 def _states_as_buffer(h: jax.Array) -> jax.Array:
     """The buffer the backward loop writes ``da`` into: the states ``h`` themselves."""
     return h
-
-
-def _loop_buffer(like: jax.Array, fill_from: jax.Array, axis: int, step: int) -> jax.Array:
-    """A buffer shaped like ``like`` for a loop to overwrite, one step of ``axis`` at a time.
-
-    Its initial values are never read. They are one step (0 or -1) of ``fill_from`` rather
-    than zeros: XLA merges identical broadcasts of zeros into one, and every loop that then
-    updates that buffer in place needs its own copy of it (a read and a write of the whole
-    array, against a write for a fresh fill). Measured at (8, 4096, 512): forward+backward with
-    three zero buffers compiled to one broadcast and two copies. So every buffer is filled
-    from a different slice: the forward's from the first step its scan visits of ``a`` (axis and
-    direction tell scans sharing decays apart), the backward's ``dx`` from the first step its
-    scan visits of its own ``h``. Slicing the time axis keeps the batch and channel sharding (a scalar taken
-    from a sharded axis is an error on an Explicit mesh).
-    """
-    axis %= fill_from.ndim
-    start = step % fill_from.shape[axis]
-    first_step = jax.lax.slice_in_dim(fill_from, start, start + 1, axis=axis)
-    return jnp.broadcast_to(first_step, like.shape).astype(like.dtype)
 
 
 def _combine(left, right):
