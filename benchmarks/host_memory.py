@@ -84,8 +84,11 @@ def run_child(tunables: str, args: argparse.Namespace) -> dict[str, float]:
         f"--length={args.length}",
         f"--reps={args.reps}",
     ]
-    output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        setting = f"GLIBC_TUNABLES={tunables}" if tunables else "glibc's default malloc"
+        sys.exit(f"the child process with {setting} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

@@ -42,8 +42,9 @@ _DEFAULT_CHUNK = 64
 # per iteration XLA:CPU no longer proves the in-place update safe and copies the whole buffer at
 # every iteration (measured: 16 MiB of temporaries and ~1000x the time at (8, 1024, 512)).
 # tests/test_recurrence.py checks that a compiled forward+backward keeps no such copy. Against the
-# previous loops (results in fresh buffers, unroll 2), measured in one quiet run of
-# benchmarks/train_throughput.py --variants: training steps 1.06-1.26x faster, 2-16 MiB less peak.
+# previous loops (results in fresh buffers, unroll 2), benchmarks/train_throughput.py --variants
+# "scan not in place" on a quiet machine: training steps as fast (0.95-1.26x over two runs) with
+# 2-16 MiB less peak memory; benchmarks/scan.py: forward+backward 2.1-2.5x faster on donated inputs.
 _SEQUENTIAL_UNROLL = 1
 GPU_PALLAS_MIN_LENGTH = 2048
 
@@ -258,14 +259,9 @@ def _sequential_backward(a, h, h0, g, reverse, axis=_TIME_AXIS):
         h_prev = jnp.where(at_edge, h0, _at(da, jnp.clip(prev, 0, length - 1), axis))
         return _at(a, t, axis) * d, _put(da, d * h_prev, t, axis), dx
 
-    init = (jnp.zeros_like(h0), _states_as_buffer(h), g)
+    init = (jnp.zeros_like(h0), h, g)  # da is written over h, dx over g
     dh0, da, dx = jax.lax.fori_loop(0, length, body, init, unroll=_SEQUENTIAL_UNROLL)
     return da, dx, dh0
-
-
-def _states_as_buffer(h: jax.Array) -> jax.Array:
-    """The buffer the backward loop writes ``da`` into: the states ``h`` themselves."""
-    return h
 
 
 def _combine(left, right):
