@@ -45,3 +45,27 @@ def test_replicated_arrays_are_sliced_across_replicas_only_when_large(tmp_path, 
     for key, array in tree.items():
         np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(array), err_msg=key)
         assert restored[key].sharding == array.sharding, key
+
+
+def test_type_handlers_follow_orbax_defaults_except_the_replica_parallel_threshold():
+    """The registry our checkpoints save with is Orbax's default one, jax.Array's handler set up
+    as Orbax sets up its own but for the replica-parallel threshold: a new default type, or a
+    default Orbax sets differently in a later release, shows here."""
+    import orbax.checkpoint as ocp
+
+    from hgrn_jax.training.checkpoint import _type_handlers
+
+    ours = _type_handlers()
+    for kind in ocp.type_handlers.supported_types():
+        theirs = ocp.type_handlers.get_type_handler(kind)
+        assert type(ours.get(kind)) is type(theirs), kind
+    default = vars(ocp.type_handlers.get_type_handler(jax.Array))
+    array = vars(ours.get(jax.Array))
+    assert array.pop("_min_slice_bytes_for_replica_parallel") == REPLICA_PARALLEL_MIN_BYTES
+    assert default.pop("_min_slice_bytes_for_replica_parallel") is None
+    assert array.keys() == default.keys()
+    for name, value in default.items():
+        if name == "_array_metadata_store":
+            assert type(array[name]) is type(value)
+        elif name not in ("_dispatcher", "_callback"):
+            assert array[name] == value, name

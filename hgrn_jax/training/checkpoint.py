@@ -31,7 +31,6 @@ from typing import Any
 
 import grain.checkpoint as grain_checkpoint
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -124,27 +123,22 @@ def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
-    """Orbax's default type handlers, jax.Array's with :data:`REPLICA_PARALLEL_MIN_BYTES`."""
+    """Orbax's default type handlers (every type of ``supported_types()`` with the handler Orbax
+    registered for it), jax.Array's with :data:`REPLICA_PARALLEL_MIN_BYTES`."""
     # The array metadata store is what Orbax's default jax.Array handler writes with (the
     # ``array_metadatas`` folder); it has no public name.
     from orbax.checkpoint._src.metadata import array_metadata_store
 
-    scalar = ocp.type_handlers.ScalarHandler
-    return ocp.type_handlers.create_type_handler_registry(
-        (int, scalar()),
-        (float, scalar()),
-        (bytes, scalar()),
-        (np.number, scalar()),
-        (np.ndarray, ocp.type_handlers.NumpyHandler()),
-        (
-            jax.Array,
-            ocp.type_handlers.ArrayHandler(
+    handlers = []
+    for kind in ocp.type_handlers.supported_types():
+        handler = ocp.type_handlers.get_type_handler(kind)
+        if kind is jax.Array:
+            handler = ocp.type_handlers.ArrayHandler(
                 min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES,
                 array_metadata_store=array_metadata_store.Store(),
-            ),
-        ),
-        (str, ocp.type_handlers.StringHandler()),
-    )
+            )
+        handlers.append((kind, handler))
+    return ocp.type_handlers.create_type_handler_registry(*handlers)
 
 
 class _StateHandler(ocp.StandardCheckpointHandler):
