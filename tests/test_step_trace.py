@@ -1,0 +1,61 @@
+"""benchmarks/step_trace.py: XLA operations credited to the Python function that emitted them."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks.step_trace import attribute, entry_instructions, source_of
+
+
+def _inner_matmul(x: jax.Array) -> jax.Array:
+    return jnp.sin(x @ x.T) @ x
+
+
+def _outer(x: jax.Array) -> jax.Array:
+    return _inner_matmul(x) + jnp.cumsum(x, axis=0)
+
+
+def _loss(x: jax.Array) -> jax.Array:
+    def body(carry, row):
+        carry = carry * 0.5 + row
+        return carry, carry
+
+    _, states = jax.lax.scan(body, jnp.zeros(x.shape[1]), _outer(x))
+    return jnp.sum(states**2)
+
+
+@pytest.fixture(scope="module")
+def step():
+    return jax.jit(jax.grad(_loss)), jnp.linspace(0.0, 1.0, 64 * 48).reshape(64, 48)
+
+
+def test_instructions_carry_their_python_stack_innermost_first(step):
+    fn, x = step
+    instructions = entry_instructions(fn.lower(x).compile().as_text())
+    sources = {source_of(i, "tests") for i in instructions.values()}
+    # The matmul is credited to the function that wrote it, not to its caller or to the loss.
+    assert "test_step_trace.py:_inner_matmul" in sources, sources
+    stacks = [i.stack for i in instructions.values() if i.stack]
+    assert stacks
+    for stack in stacks:
+        functions = [frame.function for frame in stack]
+        if "_inner_matmul" in functions:
+            # Parents follow children: the caller chain reads outwards to the loss.
+            assert functions.index("_outer") > functions.index("_inner_matmul"), functions
+            assert functions.index("_loss") > functions.index("_outer"), functions
+    assert any(i.backward for i in instructions.values())
+    assert any(i.loop for i in instructions.values())
+
+
+def test_attribute_splits_the_step_by_source_and_pass(step):
+    fn, x = step
+    rows = attribute(fn, x, rounds=1, project="tests")
+    assert rows == sorted(rows, key=lambda row: -row["ms"])
+    assert sum(row["share"] for row in rows) == pytest.approx(1.0)
+    passes = {(row["source"], row["pass"]) for row in rows}
+    assert ("test_step_trace.py:_inner_matmul", "forward") in passes, passes
+    assert ("test_step_trace.py:_inner_matmul", "backward") in passes, passes
+    # The scan's loop is one operation credited to the loss, with its body's time inside.
+    assert sum(row["loops"] for row in rows if row["source"] == "test_step_trace.py:_loss") >= 1
