@@ -4,7 +4,7 @@ and with a heap that keeps its pages.
     python benchmarks/host_memory.py [--rounds 3] [--reps 5] [--length 1024]
 
 XLA:CPU allocates the buffers of every step with ``malloc``: one temporary arena per step (361
-MiB for the LRA Text classifier at L = 4k) plus the outputs. glibc serves allocations above
+MiB for the d 32 LRA Text classifier of ``train_throughput.py`` at L = 4k) plus the outputs. glibc serves allocations above
 32 MiB with fresh ``mmap``-ed pages and unmaps them on ``free``, and a thread other than the
 main one (XLA runs steps on its own threads) gets ``mmap``-ed pages for anything its 64 MiB
 arena heaps cannot hold, whatever ``mmap_max`` says. So a step faults its memory in again at

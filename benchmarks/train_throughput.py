@@ -29,10 +29,13 @@ recurrence's zero-filled loop buffers and 8-step unrolling); ``scan not in place
 recurrence's previous loops (results in fresh buffers, 2 steps per iteration) instead of the
 loops that write over their inputs; ``fused projections`` forces the
 three input projections into one matmul (the default off CPU only, ``hgru.fuse_projections``)
-and ``separate projections`` forces three (the default on CPU). Step time = the fastest of ``--reps`` interleaved rounds
+and ``separate projections`` forces three (the default on CPU); ``norm scale last`` (LayerNorm
+as ``(x - mean) * rsqrt(var + eps) * scale + bias``, not Flax's full-size ``rsqrt * scale``
+product) and ``gate recomputed`` (the mixer's ``norm * silu(gate)`` under ``jax.checkpoint``)
+force two changes that were tried and not adopted. Step time = the fastest of ``--reps`` interleaved rounds
 (``median_ms`` and ``spread`` = slowest / fastest are kept too): on a shared machine the
 fastest round is the one least disturbed by other work.
-Results (rewritten after every length): ``benchmarks/results/train_throughput[_full][_lra][_2d][_variants]_<platform>.json``.
+Results (rewritten after every length): ``benchmarks/results/train_throughput[_full][_lra][_2d][_variants][TAG]_<platform>.json``.
 """
 
 from __future__ import annotations
@@ -79,7 +82,35 @@ VARIANTS = {
     "transposed scans": ("axis-aware scans",),
     "scan as before": ("scan buffers and unroll",),
     "scan not in place": ("in-place scans",),
+    # Tried and not adopted (no gain on CPU, benchmarks/README.md): forced on here.
+    "norm scale last": ("norm scale last",),
+    "gate recomputed": ("gate recomputed",),
 }
+
+
+def _norm_scale_last(self, x, *, mask=None):
+    """``nnx.LayerNorm`` with the scale applied after normalising, ``(x - mean) * rsqrt(var +
+    eps) * scale + bias``: Flax multiplies ``rsqrt(var + eps) * scale`` first, a full-size
+    product whose broadcasts the gradient step materialises (seen in the compiled HLO)."""
+    del mask
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    variance = jnp.mean(centred * centred, axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(variance + self.epsilon) * self.scale[...] + self.bias[...]
+    return y.astype(self.dtype or x.dtype)
+
+
+def _gate_recomputed_output(self, h, x, gate=None):
+    """``_HGRUBase.output`` with ``norm(feats) * silu(gate)`` under ``jax.checkpoint``: the
+    backward pass recomputes the gate's sigmoid instead of keeping it and the product."""
+    feats = jnp.concatenate([h.real, h.imag], axis=-1) if self.complex_valued else h
+    feats = feats.astype(self.dtype or x.dtype)
+    gate = self.gate(x) if gate is None else gate
+    if self.norm_before_gate:
+        gated = jax.checkpoint(lambda f, g: self.norm(f) * nnx.silu(g))
+    else:
+        gated = jax.checkpoint(lambda f, g: self.norm(f * nnx.silu(g)))
+    return self.out_proj(gated(feats, gate))
 
 
 def _transposed_scan(self, a, b, direction, axis=-2, h0=None, return_last_state=False):
@@ -101,9 +132,14 @@ def _transposed_scan(self, a, b, direction, axis=-2, h0=None, return_last_state=
 def undone(changes: tuple[str, ...]):
     """While tracing inside this context, the HGRU runs with ``changes`` undone (see
     ``VARIANTS``): "fused projections" / "separate projections" force the input projections
-    into one / three matmuls."""
+    into one / three matmuls; "norm scale last" and "gate recomputed" force two changes that
+    were tried and not adopted."""
     base = hgru_module._HGRUBase
-    saved = base.scan, hgru_module.FUSE_PROJECTIONS
+    saved = base.scan, base.output, nnx.LayerNorm.__call__, hgru_module.FUSE_PROJECTIONS
+    if "norm scale last" in changes:
+        nnx.LayerNorm.__call__ = _norm_scale_last
+    if "gate recomputed" in changes:
+        base.output = _gate_recomputed_output
     if "fused projections" in changes:
         hgru_module.FUSE_PROJECTIONS = True
     if "separate projections" in changes:
@@ -121,7 +157,7 @@ def undone(changes: tuple[str, ...]):
         with scan_context:
             yield
     finally:
-        base.scan, hgru_module.FUSE_PROJECTIONS = saved
+        base.scan, base.output, nnx.LayerNorm.__call__, hgru_module.FUSE_PROJECTIONS = saved
 
 
 class CausalAttention(nnx.Module):
@@ -306,6 +342,9 @@ def main() -> None:
         default=["after"],
         help="HGRN rows with speed changes undone (VARIANTS), timed in the same rounds",
     )
+    parser.add_argument(
+        "--tag", default="", help="suffix of the JSON file name, e.g. '_tried' (keeps others)"
+    )
     args = parser.parse_args()
     batch = args.batch or (1 if args.task == "lm" else 8)
     lengths = args.lengths or (FULL_LENGTHS if args.full else SMALL_LENGTHS)
@@ -322,6 +361,7 @@ def main() -> None:
         + ("_lra" if args.task == "lra" else "")
         + ("_2d" if args.scan == "2d" else "")
         + ("_variants" if args.variants != ["after"] else "")
+        + args.tag
     )
     meta = {
         "task": args.task,
