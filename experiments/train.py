@@ -180,6 +180,9 @@ def main(argv: list[str]) -> None:
         if _TRACEBACK.value:
             raise
         _fail(f"{type(error).__name__}: {error} (rerun with --traceback for details)", EXIT_USAGE)
+    from hgrn_jax.training.watchdog import shut_down_distributed
+
+    shut_down_distributed()
     if not primary:
         return
     metric = results["metric"]

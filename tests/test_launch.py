@@ -16,6 +16,7 @@ import time
 import warnings
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -175,6 +176,37 @@ def test_peer_monitor_stopped_while_asking_reports_nothing():
     answer.set()
     time.sleep(0.1)
     assert messages == []
+
+
+def test_shut_down_distributed_releases_a_monitor_blocked_in_the_service(monkeypatch):
+    """At the end of a run a monitor's thread may be waiting inside the coordination service's
+    get_live_nodes. Shutting the client down releases that call, and only then are the threads
+    joined: the thread has ended before the interpreter exits (an abort at exit otherwise)."""
+    released, messages, calls = threading.Event(), [], []
+
+    def live_nodes(ids):
+        calls.append(len(calls))
+        released.wait(30)  # like the service's answer: only when the client shuts down
+        return [0]
+
+    def shutdown():
+        calls.append("shutdown")
+        released.set()
+
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(jax.distributed, "shutdown", shutdown)
+    monitor = watchdog.PeerMonitor(
+        0, 2, live_nodes=live_nodes, poll_s=0.01, on_lost=messages.append
+    ).start()
+    while not calls:
+        time.sleep(0.01)
+    start = time.monotonic()
+    assert watchdog.shut_down_distributed(timeout_s=10)
+    assert time.monotonic() - start < 5
+    assert not monitor._thread.is_alive()
+    assert calls == [0, "shutdown"] and messages == []
+    # A second call (nothing left to stop) is harmless.
+    assert watchdog.shut_down_distributed(timeout_s=1)
 
 
 def test_step_watchdog_fires_only_when_armed_and_stalled():

@@ -46,6 +46,9 @@ def _live_nodes_of_client() -> Callable[[Sequence[int]], Sequence[int]] | None:
     return lambda ids: list(client.get_live_nodes(list(ids)))
 
 
+_started_monitors: list[PeerMonitor] = []
+
+
 class PeerMonitor:
     """Polls the coordination service for live processes; on a loss calls ``on_lost(message)``.
 
@@ -115,10 +118,18 @@ class PeerMonitor:
                     target=self._watch, name="peer-monitor", daemon=True
                 )
                 self._thread.start()
+                _started_monitors.append(self)
         return self
 
     def stop(self) -> None:
         self._stop.set()
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the polling thread to end; True if it has (or never ran)."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            return not self._thread.is_alive()
+        return True
 
 
 class StepWatchdog:
@@ -200,3 +211,27 @@ class Guard:
     def __exit__(self, *exc) -> None:
         self.peers.stop()
         self.steps.stop()
+
+
+def shut_down_distributed(timeout_s: float = 30.0) -> bool:
+    """End a multi-process run cleanly, before the interpreter exits: stop every peer monitor,
+    shut JAX's coordination client down (a barrier with the other processes), then wait up to
+    ``timeout_s`` for the monitors' threads. True if they all ended; a no-op with one process.
+
+    A monitor's thread may be inside the client's ``get_live_nodes`` when training ends: the
+    call waits until every live process has asked, and the others have stopped asking. Left to
+    the interpreter's exit, JAX's own shutdown releases the call while the interpreter is
+    finalizing; the thread, returning to Python, is unwound through C++ frames that cannot
+    unwind, and the process aborts (``terminate called after throwing an instance of ''``,
+    SIGABRT) with every result already written. Shut down here, the call returns (or raises)
+    into a live interpreter and the thread ends.
+    """
+    import jax
+
+    for monitor in _started_monitors:
+        monitor.stop()
+    if jax.distributed.is_initialized():
+        jax.distributed.shutdown()
+    ended = all([monitor.join(timeout_s) for monitor in _started_monitors])
+    _started_monitors.clear()
+    return ended
