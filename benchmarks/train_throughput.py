@@ -34,7 +34,11 @@ as ``(x - mean) * rsqrt(var + eps) * scale + bias``, not Flax's full-size ``rsqr
 product) and ``gate recomputed`` (the mixer's ``norm * silu(gate)`` under ``jax.checkpoint``)
 force two changes that were tried and not adopted. Step time = the fastest of ``--reps`` interleaved rounds
 (``median_ms`` and ``spread`` = slowest / fastest are kept too): on a shared machine the
-fastest round is the one least disturbed by other work.
+fastest round is the one least disturbed by other work. Rows interleaved in one process also
+share its heap, and a row's step time can depend on what the rows before it left there (two
+variants looked 1.03-1.28x faster that way and were within 3% in separate processes):
+``--processes R`` times every row in child processes of its own instead, R alternating rounds
+of ``--reps`` calls each.
 Results (rewritten after every length): ``benchmarks/results/train_throughput[_full][_lra][_2d][_variants][TAG]_<platform>.json``.
 """
 
@@ -43,8 +47,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -345,6 +352,14 @@ def main() -> None:
     parser.add_argument(
         "--tag", default="", help="suffix of the JSON file name, e.g. '_tried' (keeps others)"
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="time each row in child processes of its own, this many alternating rounds "
+        "(default 0: every row in this process, interleaved)",
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     batch = args.batch or (1 if args.task == "lm" else 8)
     lengths = args.lengths or (FULL_LENGTHS if args.full else SMALL_LENGTHS)
@@ -376,51 +391,35 @@ def main() -> None:
         "median_ms also given",
         "variants": {v: list(VARIANTS[v]) for v in args.variants},
     }
+    if args.processes:
+        meta["timing"] = (
+            f"fastest of {args.processes} rounds x {args.reps} calls, each row in its own "
+            "child process per round, the rows' processes alternating; median_ms also given"
+        )
+    if args.child:
+        length = lengths[0]
+        times, peaks = measure(args, dtype, batch, length, meta, only=args.child)
+        print(json.dumps({"times": times, "peaks": peaks, "parameters": meta["parameters"]}))
+        return
     rows: list[dict] = []
     for length in lengths:
-        args.length = length
-        models, sizes, loss, vocab_size = builders(args, dtype)
-        meta["config"] = sizes
-        ids = jax.random.randint(jax.random.key(length), (batch, length + 1), 0, vocab_size)
-        calls = {}
-        for model_name, build in models.items():
-            for variant in args.variants if model_name != "transformer" else ["after"]:
-                row_name = model_name if variant == "after" else f"{model_name} ({variant})"
-                model = build()
-                meta["parameters"][model_name] = parameter_count(model)
-                step, state = train_step_fn(model, loss)
-                try:
-                    with undone(VARIANTS[variant]):
-                        executable = step.lower(*state, ids).compile()
-                except Exception as error:  # e.g. out of memory: report it and go on
-                    print(
-                        f"{row_name} L={length}: FAILED {type(error).__name__}: "
-                        f"{str(error)[:1000]}",
-                        flush=True,
-                    )
-                    continue
-                calls[row_name] = (executable, (*state, ids))
-        times = interleaved_times(calls, args.reps)
-        for row_name, (executable, _) in calls.items():
-            if row_name not in times:
-                continue
-            memory = executable.memory_analysis()
-            peak = (
-                memory.temp_size_in_bytes
-                + memory.argument_size_in_bytes
-                + memory.output_size_in_bytes
+        if args.processes:
+            times, peaks = measure_in_processes(args, length, meta)
+        else:
+            times, peaks = measure(args, dtype, batch, length, meta)
+        for row_name, row_times in times.items():
+            seconds = min(row_times)
+            rows.append(
+                {
+                    "model": row_name,
+                    "length": length,
+                    "step_ms": seconds * 1e3,
+                    "median_ms": statistics.median(row_times) * 1e3,
+                    "tokens_per_s": batch * length / seconds,
+                    "peak_MiB": peaks[row_name] / 2**20,
+                    "spread": max(row_times) / seconds,
+                }
             )
-            seconds = min(times[row_name])
-            row = {
-                "model": row_name,
-                "length": length,
-                "step_ms": seconds * 1e3,
-                "median_ms": statistics.median(times[row_name]) * 1e3,
-                "tokens_per_s": batch * length / seconds,
-                "peak_MiB": peak / 2**20,
-                "spread": max(times[row_name]) / min(times[row_name]),
-            }
-            rows.append(row)
         add_speedups(rows)
         print(
             format_table(
@@ -445,6 +444,80 @@ def main() -> None:
         )
     )
     print("wrote", write_results(name, rows, meta))
+
+
+def row_names(args) -> list[tuple[str, str, str]]:
+    """``(row name, model name, variant)`` of every row, in order."""
+    models = [f"hgrn[{m}]" for m in args.methods] + ["transformer"]
+    return [
+        (model if variant == "after" else f"{model} ({variant})", model, variant)
+        for model in models
+        for variant in (args.variants if model != "transformer" else ["after"])
+    ]
+
+
+def measure(args, dtype, batch: int, length: int, meta: dict, only: str | None = None):
+    """``({row name: step seconds of each round}, {row name: peak bytes})`` of every row (or of
+    row ``only``), compiled first and then timed in interleaved rounds in this process."""
+    args.length = length
+    models, sizes, loss, vocab_size = builders(args, dtype)
+    meta["config"] = sizes
+    ids = jax.random.randint(jax.random.key(length), (batch, length + 1), 0, vocab_size)
+    calls = {}
+    for row_name, model_name, variant in row_names(args):
+        if only is not None and row_name != only:
+            continue
+        model = models[model_name]()
+        meta["parameters"][model_name] = parameter_count(model)
+        step, state = train_step_fn(model, loss)
+        try:
+            with undone(VARIANTS[variant]):
+                executable = step.lower(*state, ids).compile()
+        except Exception as error:  # e.g. out of memory: report it and go on
+            print(
+                f"{row_name} L={length}: FAILED {type(error).__name__}: {str(error)[:1000]}",
+                file=sys.stderr,
+                flush=True,
+            )
+            continue
+        calls[row_name] = (executable, (*state, ids))
+    times = interleaved_times(calls, args.reps)
+    peaks = {}
+    for row_name in times:
+        memory = calls[row_name][0].memory_analysis()
+        peaks[row_name] = (
+            memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+        )
+    return times, peaks
+
+
+def measure_in_processes(args, length: int, meta: dict):
+    """:func:`measure`, each row in a child process of its own, ``args.processes`` rounds with
+    the rows' processes alternating. Rows interleaved in one process share its heap, and a
+    row's step can depend on what the rows before it left there; here each process starts from
+    the same state."""
+    flags = [f"--task={args.task}", f"--scan={args.scan}", f"--dtype={args.dtype}"]
+    flags += [f"--lengths={length}", f"--reps={args.reps}", "--methods", *args.methods]
+    flags += ["--variants", *args.variants] + (["--full"] if args.full else [])
+    flags += [f"--batch={args.batch}"] if args.batch else []
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    times: dict[str, list[float]] = {}
+    peaks: dict[str, int] = {}
+    for round_index in range(args.processes):
+        for row_name, _, _ in row_names(args):
+            command = [sys.executable, __file__, *flags, f"--child={row_name}"]
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"the child process for {row_name!r} failed:\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            if row_name not in result["times"]:
+                print(f"{row_name} L={length}: {done.stderr.strip()[-1000:]}", flush=True)
+                continue
+            times.setdefault(row_name, []).extend(result["times"][row_name])
+            peaks[row_name] = result["peaks"][row_name]
+            meta["parameters"].update(result["parameters"])
+        print(f"L={length}: round {round_index + 1}/{args.processes} done", flush=True)
+    return times, peaks
 
 
 def interleaved_times(calls: dict, reps: int) -> dict[str, list[float]]:
