@@ -1,12 +1,13 @@
 """The paper's tables with our runs beside them, and a plot of the training curves.
 
-``python -m experiments.report DIR... [--png PATH] [--markdown PATH]`` finds every
+``python -m experiments.report DIR... [--png PATH] [--markdown PATH] [--x step|time]`` finds every
 ``results.json`` under the folders (a run's workdir, as written by ``experiments.train``), prints
 three markdown tables (Long Range Arena with its average, ImageNet-1k, WikiText-103) with the
 paper's numbers (from the paper-setting configs) and each run's test result at its best
 validation step (the LRA average uses the first run of each task, in path order), and writes the
-runs' loss and accuracy/perplexity against step (from each ``metrics.jsonl``) to a PNG (default
-``DIR/curves.png`` of the first folder).
+runs' loss and accuracy/perplexity against step, or with ``--x time`` against training wall time
+(time-to-accuracy: runs of different models side by side), from each ``metrics.jsonl``, to a PNG
+(default ``DIR/curves.png`` of the first folder).
 
 A run whose results.json is corrupt or incomplete is left out with a warning and the others are
 reported; when the default PNG place cannot be written (a read-only run folder) the curves go to
@@ -325,9 +326,34 @@ def _metric_value(record: dict[str, Any], metric: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def plot_curves(runs: list[Run], path: str | Path) -> Path:
-    """Loss and accuracy (or perplexity) against step, one colour per run; train solid, val
-    dashed with markers. Returns the PNG's path."""
+X_AXES = {"step": ("step", "step"), "time": ("wall_time_s", "training wall time (minutes)")}
+
+
+def curve_points(run: Run, split: str, metric: str, x: str = "step") -> list[tuple[float, float]]:
+    """``(x, metric)`` of ``run``'s ``split`` records in x order: x is the step, or (``x="time"``)
+    the training wall time in minutes, leaving out records without ``wall_time_s`` (written
+    before that field existed)."""
+    if x not in X_AXES:
+        raise ValueError(f"unknown x axis {x!r}; choose one of {', '.join(X_AXES)}")
+    key = X_AXES[x][0]
+    scale = 1 / 60 if x == "time" else 1
+    return sorted(
+        (record[key] * scale, value)
+        for record in run.records
+        if record.get("split") == split
+        and isinstance(record.get(key), (int, float))
+        and (value := _metric_value(record, metric)) is not None
+    )
+
+
+def plot_curves(runs: list[Run], path: str | Path, x: str = "step") -> Path:
+    """Loss and accuracy (or perplexity) against step (``x="step"``) or training wall time in
+    minutes (``x="time"``: records without ``wall_time_s``, from runs older than that field,
+    are left out), one colour per run; train solid, val dashed with markers. Returns the PNG's
+    path."""
+    if x not in X_AXES:
+        raise ValueError(f"unknown x axis {x!r}; choose one of {', '.join(X_AXES)}")
+    x_label = X_AXES[x][1]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -343,13 +369,9 @@ def plot_curves(runs: list[Run], path: str | Path) -> Path:
         for ax, metric in zip(axes[0], metrics):
             labelled = False
             for split, style in (("train", "-"), ("val", "--")):
-                points = [
-                    (r["step"], value)
-                    for r in run.records
-                    if r.get("split") == split and (value := _metric_value(r, metric)) is not None
-                ]
+                points = curve_points(run, split, metric, x)
                 if points:
-                    steps, values = zip(*sorted(points))
+                    steps, values = zip(*points)
                     ax.plot(
                         steps,
                         values,
@@ -362,7 +384,7 @@ def plot_curves(runs: list[Run], path: str | Path) -> Path:
                     labelled = True
     for ax, metric in zip(axes[0], metrics):
         ax.set_title(f"{metric}: train solid, validation dashed", fontsize=9)
-        ax.set_xlabel("step")
+        ax.set_xlabel(x_label)
         ax.set_ylabel(metric + (" (%)" if metric == "accuracy" else ""))
         if metric == "perplexity":
             ax.set_yscale("log")
@@ -398,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
         "--png", default=None, help="where to write the curves (default: DIR/curves.png, first DIR)"
     )
     parser.add_argument("--markdown", default=None, help="also write the tables to this file")
+    parser.add_argument(
+        "--x",
+        choices=list(X_AXES),
+        default="step",
+        help="the curves' x axis: step, or training wall time (time-to-accuracy comparisons)",
+    )
     args = parser.parse_args(argv)
     try:
         runs = find_runs(args.dirs, skip_broken=True)
@@ -425,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     png = Path(args.png) if args.png else Path(args.dirs[0]) / "curves.png"
     try:
-        written = plot_curves(runs, png)
+        written = plot_curves(runs, png, args.x)
     except OSError as error:
         if args.png:
             print(
@@ -434,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         fallback = Path(tempfile.gettempdir()) / f"hgrn-report-{os.getpid()}-curves.png"
-        written = plot_curves(runs, fallback)
+        written = plot_curves(runs, fallback, args.x)
         print(
             f"warning: cannot write {png} ({error.strerror}); wrote the curves to {written} "
             "instead (choose the place with --png PATH)",

@@ -152,3 +152,22 @@ def test_lm_train_records_plot_perplexity_from_the_loss():
     assert report._metric_value({"loss": 2.0, "perplexity": 5.0}, "perplexity") == 5.0
     assert report._metric_value({"loss": 2.0, "accuracy": 40.0}, "perplexity") is None
     assert report._metric_value({"loss": 2.0}, "accuracy") is None
+
+
+def test_curves_against_training_time_for_time_to_accuracy(tmp_path, capsys):
+    run_dir = make_run(tmp_path / "runs" / "hgrn", "listops", 40.0)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        if record["step"] > 10:  # the first record predates the field: left out on a time axis
+            record["wall_time_s"] = 6.0 * record["step"]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run,) = report.find_runs([tmp_path / "runs"])
+    assert report.curve_points(run, "val", "accuracy", "time") == [(2.0, 30.0), (4.0, 50.0)]
+    assert report.curve_points(run, "train", "accuracy", "time")[0] == (2.0, 30.0)
+    assert report.curve_points(run, "train", "accuracy")[0] == (10, 20.0)
+    with pytest.raises(ValueError, match="unknown x axis 'epoch'"):
+        report.curve_points(run, "val", "accuracy", "epoch")
+    png = tmp_path / "time.png"
+    assert report.main([str(tmp_path / "runs"), "--x", "time", "--png", str(png)]) == 0
+    assert png.stat().st_size > 1000
+    assert f"training curves: {png}" in capsys.readouterr().out

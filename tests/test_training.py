@@ -30,7 +30,13 @@ from hgrn_jax import sharding
 from hgrn_jax.nn import HGRNLM, LMConfig
 from hgrn_jax.training import optim
 from hgrn_jax.training.checkpoint import CheckpointFallbackWarning, Checkpoints
-from hgrn_jax.training.loop import NonFiniteLossError, Run, resolve_task, train_and_evaluate
+from hgrn_jax.training.loop import (
+    NonFiniteLossError,
+    Run,
+    check_run_lengths,
+    resolve_task,
+    train_and_evaluate,
+)
 from hgrn_jax.training.state import create_train_state, merge_model
 from hgrn_jax.training.steps import make_train_step
 
@@ -251,6 +257,31 @@ def test_nan_loss_stops_with_the_step_and_writes_no_nan_checkpoint(tmp_path):
     for step in steps:
         assert all(np.isfinite(x).all() for x in _checkpoint_params(tmp_path, step))
     assert not (tmp_path / "results.json").exists()
+
+
+def test_time_budget_ends_the_run_like_its_last_step_and_a_rerun_trains_no_more(tmp_path):
+    config = toy_config()
+    config.data.sleep_per_step = 0.2
+    config.max_train_time_s = 1.0  # the first step's compilation counts too
+    results = train_and_evaluate(config, tmp_path, task=ToyTask(config))
+    done = results["steps"]
+    assert 1 <= done < config.num_train_steps and results["stopped_by"] == "time budget"
+    assert results["wall_time_s"] >= 1.0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["split"] == "val"]
+    # The step that noticed was evaluated and checkpointed as a last step would be.
+    assert val[-1]["step"] == done and (tmp_path / "checkpoints" / str(done)).is_dir()
+    assert all(r["wall_time_s"] > 0 for r in records if r["split"] in ("train", "val"))
+    assert [r["step"] for r in records if r["split"] == "test"] == [done]
+    assert json.loads((tmp_path / "results.json").read_text())["stopped_by"] == "time budget"
+    # The same command again: the budget is spent, so no step is trained; the test is redone.
+    again = train_and_evaluate(config, tmp_path, task=ToyTask(config))
+    assert again["steps"] == done and again["test"] == results["test"]
+    assert again["best_val"] == results["best_val"]
+    assert _logged_steps(tmp_path)["train"] == [r["step"] for r in records if r["split"] == "train"]
+    with pytest.raises(ValueError, match=r"config.max_train_time_s=-1.0 must be 0"):
+        config.max_train_time_s = -1.0
+        check_run_lengths(config)
 
 
 @pytest.fixture(scope="module")

@@ -70,6 +70,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     c.eval_every = 1000
     c.checkpoint_every = 1000
     c.log_every = 50
+    c.max_train_time_s = 0.0  # stop training after this much wall time (0: no limit)
     c.keep_checkpoints = 2
     c.resume = (
         "auto"  # on a changed config: "auto" refuses model/data/optimizer changes; see train.py

@@ -16,6 +16,12 @@ Stopping:
   :data:`PREEMPTED_EXIT_CODE`. Running the same command again resumes from that step.
 - A NaN/inf loss or gradient: :class:`NonFiniteLossError` naming the first bad step; nothing
   after the last healthy checkpoint is saved.
+- ``config.max_train_time_s`` (optional, seconds; 0: no limit): once the run's training wall
+  time (carried across resumptions) reaches it, the step that noticed is treated as the last one:
+  validation, checkpoint, then the test split with the best checkpoint; ``results.json`` gives
+  the steps done and ``stopped_by``. Rerunning a run that stopped this way trains no more. Every
+  train and val record carries ``wall_time_s``, for curves against time
+  (``experiments.report --x time``).
 
 Accuracy is reported in percent (as the paper's tables); perplexity as exp(mean token loss).
 """
@@ -322,11 +328,36 @@ def _restore_best(run: Run, workdir: Path) -> tuple[int, TrainState]:
 
 
 def check_run_lengths(config: Any) -> None:
-    """Raise ValueError naming the key when a step count or frequency is not positive."""
+    """Raise ValueError naming the key when a step count or frequency is not positive, or the
+    time budget is negative."""
     for key in ("num_train_steps", "eval_every", "checkpoint_every", "log_every"):
         value = _config_int(config, key, 1)
         if value < 1:
             raise ValueError(f"config.{key}={value} must be at least 1; set --config.{key}")
+    budget = _time_budget(config)
+    if budget < 0:
+        raise ValueError(
+            f"config.max_train_time_s={budget} must be 0 (no limit) or a number of seconds; "
+            "set --config.max_train_time_s"
+        )
+
+
+def _time_budget(config: Any) -> float:
+    """``config.max_train_time_s``: seconds of training wall time after which the run stops
+    as if it had reached its last step (0 or absent: no limit)."""
+    value = config.get("max_train_time_s", 0) if hasattr(config, "get") else 0
+    return float(value or 0)
+
+
+def _out_of_time(budget: float, wall_s: float, step: int) -> bool:
+    """Whether training stops at ``step`` because ``wall_s`` reached ``budget``, decided alike
+    on every process: one process looks at its clock after every step; several compare their
+    clocks (a small all-gather) every :data:`PREEMPTION_CHECK_EVERY` steps, as for SIGTERM."""
+    if budget <= 0:
+        return False
+    if jax.process_count() > 1 and step % PREEMPTION_CHECK_EVERY:
+        return False
+    return agreement.any_process(wall_s >= budget)
 
 
 def prepare_workdir(workdir: Path, config: Any) -> WorkdirLock:
@@ -404,6 +435,7 @@ def _train_and_evaluate(
     ckpt_every = max(_config_int(config, "checkpoint_every", eval_every), 1)
     log_every = max(_config_int(config, "log_every", 50), 1)
 
+    budget = _time_budget(config)
     state, meta = run.state, {"step": 0, "wall_time_s": 0.0}
     restored = run.restore()
     input_state = None
@@ -442,18 +474,23 @@ def _train_and_evaluate(
 
     pending: list[dict] = []
     t_log, steps_since_log = time.time(), 0
+    done = start
+    # A run that already spent its time budget (resumed after stopping on it) trains no more;
+    # wall_before comes from the checkpoint, the same on every process.
+    end = start if budget > 0 and wall_before >= budget else total_steps
     try:
         with (
             jax.set_mesh(run.mesh),
             watchdog.Guard(jax.process_index(), jax.process_count()) as guard,
         ):
-            for step in range(start, total_steps):
+            for step in range(start, end):
                 batch = sharding.shard_batch(next(batches), run.mesh)
                 state, metrics = run.train_step(state, batch)
                 guard.beat(step + 1)
                 pending.append(metrics)
                 done, steps_since_log = step + 1, steps_since_log + 1
-                last = done == total_steps
+                out_of_time = _out_of_time(budget, wall_before + time.time() - t_start, done)
+                last = done == total_steps or out_of_time
 
                 if done % log_every == 0 or last:
                     run.check_finite(state)
@@ -464,6 +501,7 @@ def _train_and_evaluate(
                         "lr": float(host[-1]["lr"]),
                         "grad_norm": float(host[-1]["grad_norm"]),
                         "steps_per_sec": rate,
+                        "wall_time_s": bookkeeping(done)["wall_time_s"],
                     }
                     if run.metric == "accuracy" and "correct" in host[-1]:
                         weight = sum(float(m["weight"]) for m in host)
@@ -478,7 +516,9 @@ def _train_and_evaluate(
                     run.check_finite(state)
                     guard.pause()  # an evaluation takes as long as it takes; peers still watched
                     val = run.evaluate(state, "val")
-                    run.writer.write(done, "val", val)
+                    # The time the evaluated parameters were reached (curves against time).
+                    val_wall = bookkeeping(done)["wall_time_s"]
+                    run.writer.write(done, "val", {**val, "wall_time_s": val_wall})
                     bar.write(
                         f"step {done}: val " + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
                     )
@@ -490,15 +530,21 @@ def _train_and_evaluate(
                     if done % eval_every and done % ckpt_every:
                         save(state, done)
                     raise Preempted(done, workdir)
+                if out_of_time:
+                    bar.write(
+                        f"step {done}: the time budget (config.max_train_time_s={budget:g}) is "
+                        "spent; testing the best checkpoint"
+                    )
+                    break
     finally:
         bar.close()
         run.checkpoints.wait()
 
-    wall = wall_before + (time.time() - t_start if start < total_steps else 0.0)
+    wall = wall_before + (time.time() - t_start if start < end else 0.0)
     best_step, best_state = _restore_best(run, workdir)
     best_val = run.checkpoints.metrics(best_step)[run.best_key]
     test = run.evaluate(best_state, "test")
-    run.writer.write(total_steps, "test", {**test, "best_step": best_step})
+    run.writer.write(done, "test", {**test, "best_step": best_step})
     paper = config.get("paper", {}) if hasattr(config, "get") else {}
     results = {
         "task": run.task.name,
@@ -508,7 +554,8 @@ def _train_and_evaluate(
         "test": test[run.metric],
         "test_loss": test["loss"],
         "paper": paper.get("value") if hasattr(paper, "get") else None,
-        "steps": total_steps,
+        "steps": done,
+        "stopped_by": "time budget" if done < total_steps else "num_train_steps",
         "wall_time_s": wall,
         "num_params": run.num_params,
         "devices": jax.device_count(),
