@@ -32,6 +32,9 @@ step() {
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   log "$name: exit ${PIPESTATUS[0]}"
 }
+# TTA_ONLY=1: only the time-to-accuracy runs at the end (a lent machine's 15 minutes hold one
+# pair of 8-minute runs and little else).
+if [ "${TTA_ONLY:-0}" != 1 ]; then
 step pallas 100 $PY benchmarks/pallas_gpu.py --reps 5
 # HGRN2's matrix recurrence: every method (the Pallas kernel compiled for the first time here,
 # checked against the scan first), HGRN's recurrence, causal attention, and fla's chunk_gla
@@ -42,5 +45,29 @@ step lm 110 $PY benchmarks/train_throughput.py --full --lengths 1024 4096 16384 
   --methods pallas chunked --reps 3
 step lra 70 $PY benchmarks/train_throughput.py --task lra --full --lengths 1024 4096 16384 \
   --methods pallas chunked --reps 3
-tar czf "$OUT/results.tar.gz" benchmarks/results/*_gpu.json
+fi
+# Time to accuracy (issue 14): the full ListOps configuration on generated data of the LRA
+# specification, HGRN and the same-size Transformer (listops.py:transformer: attention in place
+# of the HGRU), TTA_MINUTES each (default 8, compilation included), then both accuracy curves
+# against training time in one plot. Set TTA_MINUTES=0 to skip.
+TTA=${TTA_MINUTES:-8}
+if [ "$TTA" != 0 ]; then
+  budget=$((TTA * 60))
+  for model in hgrn transformer; do
+    preset=$([ $model = transformer ] && echo ":transformer" || echo "")
+    step "tta_$model" $((budget + 240)) $PY -m experiments.train \
+      --config=experiments/configs/lra/listops.py$preset --workdir="$OUT/tta/$model" \
+      --config.data.source=generated --config.data.cache_dir="$OUT/tta/cache" \
+      --config.max_train_time_s=$budget --config.eval_every=100 --config.checkpoint_every=100
+  done
+  step tta_plot 60 $PY -m experiments.report "$OUT/tta" --x time \
+    --png benchmarks/results/listops_time_to_accuracy_gpu.png
+  mkdir -p benchmarks/results/listops_time_to_accuracy_gpu
+  for model in hgrn transformer; do
+    cp "$OUT/tta/$model/metrics.jsonl" "benchmarks/results/listops_time_to_accuracy_gpu/$model.jsonl"
+    cp "$OUT/tta/$model/results.json" "benchmarks/results/listops_time_to_accuracy_gpu/$model.json"
+  done
+fi
+tar czf "$OUT/results.tar.gz" benchmarks/results/*_gpu.json benchmarks/results/*_gpu.png \
+  benchmarks/results/listops_time_to_accuracy_gpu
 log done

@@ -202,6 +202,25 @@ def test_every_preset_builds_its_model(name):
     assert task.name == paper.task
 
 
+def test_listops_transformer_presets_swap_only_the_token_mixer():
+    from hgrn_jax.nn import SoftmaxAttention
+
+    hgrn, transformer = load("lra.listops"), load("lra.listops", "transformer")
+    assert transformer.model.mixer.kind == "attention"
+    assert transformer.model.position_encoding and not transformer.model.use_lower_bound
+    differing = {
+        key
+        for key in set(hgrn.model.keys()) | set(transformer.model.keys())
+        if key != "mixer" and hgrn.model.get(key) != transformer.model.get(key)
+    }
+    assert differing == {"use_lower_bound"}  # ListOps has sinusoidal positions already
+    assert hgrn.optimizer == transformer.optimizer and hgrn.data == transformer.data
+    tiny = load("lra.listops", "tiny_transformer")
+    model = tasks.build_model(tiny, nnx.Rngs(0))
+    assert all(isinstance(block.mixer, SoftmaxAttention) for block in model.blocks)
+    assert tiny.num_train_steps == load("lra.listops", "tiny").num_train_steps
+
+
 # Where each ablation switch shows in the built model.
 ABLATIONS = {
     "use_lower_bound": lambda m: m.lower_bounds.enabled,

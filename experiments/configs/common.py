@@ -84,7 +84,8 @@ def base_config(task: str) -> ml_collections.ConfigDict:
 def hgrn_mixer(scan: str = "1d") -> ml_collections.ConfigDict:
     """The ``model.mixer`` of the paper's HGRN rows (:class:`hgrn_jax.nn.MixerConfig` fields).
 
-    The ablation switches (the paper's ablation rows flip ``complex_valued``, ``separate_phases``
+    ``num_heads`` is None (only attention has heads), so that :func:`use_attention` runs can set
+    it. The ablation switches (the paper's ablation rows flip ``complex_valued``, ``separate_phases``
     and ``use_forget_gate``) live here; ``use_lower_bound`` is a model field. ``expand_ratio`` is
     None (HGRN has none) so that ``--config.model.mixer.expand_ratio=8`` can set it for HGRN2.
     """
@@ -99,8 +100,19 @@ def hgrn_mixer(scan: str = "1d") -> ml_collections.ConfigDict:
             use_forget_gate=True,
             method="auto",
             sequence_axis=None,
+            num_heads=None,
         )
     )
+
+
+def use_attention(c: ml_collections.ConfigDict) -> None:
+    """Make ``c``'s model the same-size Transformer baseline: multi-head softmax attention in
+    place of each HGRU (heads of 64 channels, at least one; ``model.mixer.num_heads`` sets
+    them), with sinusoidal positions and no lower bounds; everything else (width, depth, norms,
+    GLU, pooling, optimizer, schedule) stays."""
+    c.model.mixer.kind = "attention"
+    c.model.position_encoding = True
+    c.model.use_lower_bound = False
 
 
 def use_hgrn2(c: ml_collections.ConfigDict, expand_ratio: int) -> None:

@@ -1,5 +1,6 @@
 """Flax NNX modules of HGRN and HGRN2: token mixers, channel mixers, lower bounds, blocks, models."""
 
+from hgrn_jax.nn.attention import SoftmaxAttention
 from hgrn_jax.nn.blocks import ResidualBlock
 from hgrn_jax.nn.checks import checked_token_ids
 from hgrn_jax.nn.classifier import ClassifierConfig, HGRNClassifier
@@ -38,6 +39,7 @@ __all__ = [
     "make_mixer",
     "ResidualBlock",
     "ScaleFreeRMSNorm",
+    "SoftmaxAttention",
     "lower_bounds",
     "make_norm",
 ]

@@ -16,6 +16,7 @@ kind        layout      scan  module
 ``hgrn``    fla         1d    :class:`~hgrn_jax.nn.FlaHGRNAttention` (causal only)
 ``hgrn2``   official    1d    :class:`~hgrn_jax.nn.HGRN2` (hgru2-pytorch ``Hgru2_1d``/``BiHgru2_1d``)
 ``hgrn2``   fla         1d    :class:`~hgrn_jax.nn.FlaHGRN2Attention` (fla ``HGRN2Attention``)
+attention   official    1d    :class:`~hgrn_jax.nn.SoftmaxAttention` (the Transformer baseline)
 ==========  ==========  ====  ==========================================================
 """
 
@@ -29,11 +30,12 @@ from typing import Any, Literal
 import jax.numpy as jnp
 from flax import nnx
 
+from hgrn_jax.nn.attention import SoftmaxAttention
 from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
 from hgrn_jax.nn.hgrn2 import HGRN2, HGRN2D, FlaHGRN2Attention
 from hgrn_jax.nn.hgru import HGRU, HGRU2D
 
-KINDS = ("hgrn", "hgrn2")
+KINDS = ("hgrn", "hgrn2", "attention")
 LAYOUTS = ("official", "fla")
 SCANS = ("1d", "2d")
 
@@ -42,7 +44,9 @@ SCANS = ("1d", "2d")
 class MixerConfig:
     """The token mixer of a model.
 
-    kind: ``"hgrn"`` (HGRN's elementwise recurrence) or ``"hgrn2"`` (matrix state per head).
+    kind: ``"hgrn"`` (HGRN's elementwise recurrence), ``"hgrn2"`` (matrix state per head) or
+      ``"attention"`` (multi-head softmax attention: the same model as a Transformer baseline;
+      official layout, 1-D; give classifiers ``position_encoding=True``).
     layout: ``"official"`` (the authors' hgru-pytorch / hgru2-pytorch layers) or ``"fla"`` (the
       flash-linear-attention layers): parameter names, activations, scale and norm differ.
     scan: ``"1d"`` over the sequence or ``"2d"`` over an (H, W) grid (official layouts only).
@@ -56,9 +60,10 @@ class MixerConfig:
       :func:`~hgrn_jax.ops.matrix_recurrence`).
     sequence_axis: a mesh axis to split the sequence over (HGRN official only,
       :mod:`hgrn_jax.ops.sequence_parallel`).
+    num_heads: attention heads (None: one per 64 channels); the other kinds ignore it.
     """
 
-    kind: Literal["hgrn", "hgrn2"] = "hgrn"
+    kind: Literal["hgrn", "hgrn2", "attention"] = "hgrn"
     layout: Literal["official", "fla"] = "official"
     scan: Literal["1d", "2d"] = "1d"
     expand_ratio: int | None = None
@@ -70,6 +75,7 @@ class MixerConfig:
     norm_epsilon: float = 1e-5
     method: str = "auto"
     sequence_axis: str | None = None
+    num_heads: int | None = None
 
     def __post_init__(self):
         for name, value, allowed in (
@@ -81,6 +87,11 @@ class MixerConfig:
                 raise ValueError(
                     f"unknown mixer {name} {value!r}; use one of {', '.join(map(repr, allowed))}"
                 )
+        if self.kind == "attention" and (self.layout, self.scan) != ("official", "1d"):
+            raise ValueError(
+                "kind='attention' is 1-D with the official layout (a 2-D task's grid is its "
+                f"sequence in raster order); got layout={self.layout!r}, scan={self.scan!r}"
+            )
         if self.scan == "2d" and self.layout != "official":
             raise ValueError(
                 f"scan='2d' needs layout='official'; got kind={self.kind!r}, "
@@ -144,6 +155,16 @@ def make_mixer(
     whether this layer applies its bound; the fla layouts compute ``log(gamma)``, so they must skip
     a bound that is exactly 0 (the first layer, as fla does).
     """
+    if config.kind == "attention":
+        return SoftmaxAttention(
+            features,
+            num_heads=config.num_heads,
+            causal=causal,
+            use_bias=config.use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
     common = dict(method=config.method, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     key = (config.kind, config.layout)
     if key == ("hgrn", "official"):

@@ -42,6 +42,7 @@ HARMLESS_KEYS = (
     "eval_every",
     "checkpoint_every",
     "log_every",
+    "max_train_time_s",
     "keep_checkpoints",
     "eval_batch_size",
     "resume",

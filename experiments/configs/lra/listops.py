@@ -1,5 +1,10 @@
 """LRA ListOps (docs/design.md 3.4): 1-D HGRN, 6 layers, d 32, sync BatchNorm, 2,048 tokens; 59.95%.
 
+Presets: ``tiny`` (generated data, a minute on a CPU); ``transformer`` and ``tiny_transformer``
+the same runs with softmax attention in place of the HGRU (``common.use_attention``), the
+baseline of time-to-accuracy comparisons (``--config.max_train_time_s``, ``experiments.report
+--x time``).
+
 Data: ``source="release"`` reads the LRA release's ``basic_{train,val,test}.tsv`` from
 ``data.lra_dir`` (the ``listops-1000`` folder or its parent); ``source="generated"`` writes a set
 of the same specification into ``data.cache_dir`` first (see :mod:`hgrn_jax.data.listops`).
@@ -41,7 +46,12 @@ def get_config(preset: str | None = None):
     c.data.train_examples = 96_000
     c.data.val_examples = 2_000
     c.data.test_examples = 2_000
-    return common.finish(c, preset, {"tiny": _tiny}, PATH)
+    presets = {
+        "tiny": _tiny,
+        "transformer": common.use_attention,
+        "tiny_transformer": lambda c: (_tiny(c), common.use_attention(c)),
+    }
+    return common.finish(c, preset, presets, PATH)
 
 
 def _tiny(c):

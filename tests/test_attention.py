@@ -1,0 +1,75 @@
+"""The attention mixer (the Transformer baseline): a float64 reference, padding, causality and
+its place in the classifier."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hgrn_jax.nn import ClassifierConfig, HGRNClassifier, MixerConfig, SoftmaxAttention
+
+
+def _reference(layer: SoftmaxAttention, x: np.ndarray, causal: bool) -> np.ndarray:
+    """Multi-head attention in float64 NumPy from the layer's weights."""
+    w, b = (np.asarray(p[...], np.float64) for p in (layer.qkv_proj.kernel, layer.qkv_proj.bias))
+    wo, bo = (np.asarray(p[...], np.float64) for p in (layer.out_proj.kernel, layer.out_proj.bias))
+    batch, length, d = x.shape
+    heads, size = layer.num_heads, d // layer.num_heads
+    qkv = (x.astype(np.float64) @ w + b).reshape(batch, length, 3, heads, size)
+    q, k, v = (np.moveaxis(qkv[:, :, i], 2, 1) for i in range(3))  # (B, heads, L, size)
+    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(size)
+    if causal:
+        scores = np.where(np.tril(np.ones((length, length), bool)), scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    y = np.moveaxis(weights @ v, 1, 2).reshape(batch, length, d)
+    return y @ wo + bo
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_matches_a_float64_reference(causal):
+    layer = SoftmaxAttention(32, num_heads=4, causal=causal, rngs=nnx.Rngs(0))
+    x = np.asarray(jax.random.normal(jax.random.key(1), (2, 9, 32)))
+    got = np.asarray(layer(jnp.asarray(x)), np.float64)
+    want = _reference(layer, x, causal)
+    # float32 matmuls and softmax over 9 keys: a few float32 ulps of outputs of size ~1.
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_padding_is_never_attended_and_causal_outputs_ignore_the_future():
+    layer = SoftmaxAttention(16, num_heads=2, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (1, 7, 16))
+    padded = jnp.concatenate([x, 100.0 * jnp.ones((1, 3, 16))], axis=1)
+    mask = jnp.arange(10)[None] < 7
+    np.testing.assert_allclose(layer(padded, mask=mask)[:, :7], layer(x), rtol=1e-5, atol=1e-6)
+    causal = SoftmaxAttention(16, num_heads=2, causal=True, rngs=nnx.Rngs(0))
+    changed = x.at[:, 5:].set(-3.0)
+    np.testing.assert_allclose(causal(changed)[:, :5], causal(x)[:, :5], rtol=1e-6, atol=1e-6)
+
+
+def test_the_classifier_takes_attention_as_its_mixer_and_errors_are_clear():
+    config = ClassifierConfig(
+        num_classes=3,
+        features=32,
+        num_layers=2,
+        vocab_size=11,
+        mixer=MixerConfig(kind="attention", num_heads=2),
+        position_encoding=True,
+        use_lower_bound=False,
+    )
+    model = HGRNClassifier(config, rngs=nnx.Rngs(0))
+    assert isinstance(model.blocks[0].mixer, SoftmaxAttention)
+    ids = jax.random.randint(jax.random.key(3), (2, 12), 0, 11)
+    logits = model(ids)
+    assert logits.shape == (2, 3) and bool(jnp.all(jnp.isfinite(logits)))
+    grads = nnx.grad(lambda m: jnp.sum(m(ids) ** 2))(model)
+    assert float(jnp.abs(grads.blocks[0].mixer.qkv_proj.kernel[...]).sum()) > 0
+    with pytest.raises(ValueError, match="num_heads=3 for d = 32"):
+        SoftmaxAttention(32, num_heads=3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="kind='attention' is 1-D"):
+        MixerConfig(kind="attention", scan="2d")
+    with pytest.raises(ValueError, match="generation"):
+        model.blocks[0].mixer.init_state(1)
