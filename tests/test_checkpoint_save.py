@@ -59,8 +59,9 @@ def test_type_handlers_follow_orbax_defaults_except_the_replica_parallel_thresho
     for kind in ocp.type_handlers.supported_types():
         theirs = ocp.type_handlers.get_type_handler(kind)
         assert type(ours.get(kind)) is type(theirs), kind
-    default = vars(ocp.type_handlers.get_type_handler(jax.Array))
-    array = vars(ours.get(jax.Array))
+    # Copies: vars() is the handlers' own __dict__, and Orbax's is global.
+    default = dict(vars(ocp.type_handlers.get_type_handler(jax.Array)))
+    array = dict(vars(ours.get(jax.Array)))
     assert array.pop("_min_slice_bytes_for_replica_parallel") == REPLICA_PARALLEL_MIN_BYTES
     assert default.pop("_min_slice_bytes_for_replica_parallel") is None
     assert array.keys() == default.keys()
