@@ -326,17 +326,24 @@ def _metric_value(record: dict[str, Any], metric: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-X_AXES = {"step": ("step", "step"), "time": ("wall_time_s", "training wall time (minutes)")}
+# x axis name -> (record key, axis label, scale of the key's values)
+X_AXES = {
+    "step": ("step", "step", 1.0),
+    "time": ("wall_time_s", "training wall time (minutes)", 1 / 60),
+}
+
+
+def _x_axis(x: str) -> tuple[str, str, float]:
+    if x not in X_AXES:
+        raise ValueError(f"unknown x axis {x!r}; choose one of {', '.join(X_AXES)}")
+    return X_AXES[x]
 
 
 def curve_points(run: Run, split: str, metric: str, x: str = "step") -> list[tuple[float, float]]:
     """``(x, metric)`` of ``run``'s ``split`` records in x order: x is the step, or (``x="time"``)
     the training wall time in minutes, leaving out records without ``wall_time_s`` (written
     before that field existed)."""
-    if x not in X_AXES:
-        raise ValueError(f"unknown x axis {x!r}; choose one of {', '.join(X_AXES)}")
-    key = X_AXES[x][0]
-    scale = 1 / 60 if x == "time" else 1
+    key, _, scale = _x_axis(x)
     return sorted(
         (record[key] * scale, value)
         for record in run.records
@@ -351,9 +358,7 @@ def plot_curves(runs: list[Run], path: str | Path, x: str = "step") -> Path:
     minutes (``x="time"``: records without ``wall_time_s``, from runs older than that field,
     are left out), one colour per run; train solid, val dashed with markers. Returns the PNG's
     path."""
-    if x not in X_AXES:
-        raise ValueError(f"unknown x axis {x!r}; choose one of {', '.join(X_AXES)}")
-    x_label = X_AXES[x][1]
+    x_label = _x_axis(x)[1]
     import matplotlib
 
     matplotlib.use("Agg")

@@ -76,12 +76,13 @@ class SoftmaxAttention(nnx.Module):
         return self.out_proj(y.reshape(batch, length, self.features))
 
     def step(self, x: jax.Array, state: jax.Array, lower_bound=0.0):
-        raise ValueError(
-            "attention has no recurrent state to stream: generation (step) needs a recurrent "
-            "mixer (kind='hgrn' or 'hgrn2')"
-        )
+        raise ValueError(_NO_STATE)
 
     def init_state(self, batch_size: int) -> jax.Array:
-        raise ValueError(
-            "attention has no recurrent state: generation needs kind='hgrn' or 'hgrn2'"
-        )
+        raise ValueError(_NO_STATE)
+
+
+_NO_STATE = (
+    "attention has no recurrent state to stream: generation (step) needs a recurrent mixer "
+    "(kind='hgrn' or 'hgrn2')"
+)

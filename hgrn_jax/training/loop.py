@@ -135,20 +135,21 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
     def agreed(self, step: int) -> bool:
-        """True when any process got SIGTERM, decided identically on every process.
+        """True when any process got SIGTERM, decided identically on every process
+        (:func:`_agreed_at`)."""
+        return _agreed_at(step, self.requested)
 
-        One process checks its flag after every step. Several processes must stop at the same
-        step, so they compare flags (a small all-gather, which waits for the devices) every
-        :data:`PREEMPTION_CHECK_EVERY` steps only, keeping the step pipeline full in between.
-        """
-        if jax.process_count() == 1:
-            return self.requested
-        if step % PREEMPTION_CHECK_EVERY:
-            return False
-        from jax.experimental import multihost_utils
 
-        flags = multihost_utils.process_allgather(np.int32(self.requested))
-        return bool(np.any(flags))
+def _agreed_at(step: int, flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any, decided at the same step everywhere.
+
+    One process takes its flag after every step. Several processes must stop at the same step,
+    so they compare flags (a small all-gather, which waits for the devices) every
+    :data:`PREEMPTION_CHECK_EVERY` steps only, keeping the step pipeline full in between.
+    """
+    if jax.process_count() > 1 and step % PREEMPTION_CHECK_EVERY:
+        return False
+    return agreement.any_process(flag)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,13 +352,8 @@ def _time_budget(config: Any) -> float:
 
 def _out_of_time(budget: float, wall_s: float, step: int) -> bool:
     """Whether training stops at ``step`` because ``wall_s`` reached ``budget``, decided alike
-    on every process: one process looks at its clock after every step; several compare their
-    clocks (a small all-gather) every :data:`PREEMPTION_CHECK_EVERY` steps, as for SIGTERM."""
-    if budget <= 0:
-        return False
-    if jax.process_count() > 1 and step % PREEMPTION_CHECK_EVERY:
-        return False
-    return agreement.any_process(wall_s >= budget)
+    on every process as for SIGTERM (:func:`_agreed_at`)."""
+    return budget > 0 and _agreed_at(step, wall_s >= budget)
 
 
 def prepare_workdir(workdir: Path, config: Any) -> WorkdirLock:
@@ -448,10 +444,14 @@ def _train_and_evaluate(
     wall_before = float(meta.get("wall_time_s", 0.0))
     t_start = time.time()
 
+    def wall_time() -> float:
+        """Training wall time of the run so far, resumptions included."""
+        return wall_before + time.time() - t_start
+
     def bookkeeping(step: int) -> dict:
         return {
             "step": step,
-            "wall_time_s": wall_before + time.time() - t_start,
+            "wall_time_s": wall_time(),
             "task": run.task.name,
         }
 
@@ -489,7 +489,7 @@ def _train_and_evaluate(
                 guard.beat(step + 1)
                 pending.append(metrics)
                 done, steps_since_log = step + 1, steps_since_log + 1
-                out_of_time = _out_of_time(budget, wall_before + time.time() - t_start, done)
+                out_of_time = _out_of_time(budget, wall_time(), done)
                 last = done == total_steps or out_of_time
 
                 if done % log_every == 0 or last:
@@ -501,7 +501,7 @@ def _train_and_evaluate(
                         "lr": float(host[-1]["lr"]),
                         "grad_norm": float(host[-1]["grad_norm"]),
                         "steps_per_sec": rate,
-                        "wall_time_s": bookkeeping(done)["wall_time_s"],
+                        "wall_time_s": wall_time(),
                     }
                     if run.metric == "accuracy" and "correct" in host[-1]:
                         weight = sum(float(m["weight"]) for m in host)
@@ -516,9 +516,7 @@ def _train_and_evaluate(
                     run.check_finite(state)
                     guard.pause()  # an evaluation takes as long as it takes; peers still watched
                     val = run.evaluate(state, "val")
-                    # The time the evaluated parameters were reached (curves against time).
-                    val_wall = bookkeeping(done)["wall_time_s"]
-                    run.writer.write(done, "val", {**val, "wall_time_s": val_wall})
+                    run.writer.write(done, "val", {**val, "wall_time_s": wall_time()})
                     bar.write(
                         f"step {done}: val " + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
                     )
