@@ -13,6 +13,8 @@ import json
 import os
 import platform as py_platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 import jax
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROOT = RESULTS_DIR.parents[1]
 
 
 def time_fn(fn: Callable[..., Any], *args: Any, reps: int = 5, warmup: int = 1) -> dict[str, float]:
@@ -73,6 +76,25 @@ def machine_info() -> dict[str, Any]:
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+
+
+def run_child(
+    command: list[str], what: str, env: dict[str, str | None] | None = None
+) -> tuple[Any, str]:
+    """Run ``command`` (a benchmark's child process; the repository importable, ``env``'s
+    variables set, or removed where None) and return the JSON value on the last line of its
+    stdout, and its stderr. A failed child ends this process, naming ``what`` and showing the
+    end of the child's stderr."""
+    child_env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for name, value in (env or {}).items():
+        if value is None:
+            child_env.pop(name, None)
+        else:
+            child_env[name] = value
+    done = subprocess.run(command, env=child_env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
 def write_results(

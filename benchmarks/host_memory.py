@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -82,7 +81,7 @@ def child(length: int, reps: int) -> dict[str, tuple[float, float]]:
             task=task, scan="1d", full=task == "lra", length=length, methods=["auto"]
         )
         models, _, loss, vocab_size = tt.builders(args, jnp.float32)
-        ids = jax.random.randint(jax.random.key(length), (batch, length + 1), 0, vocab_size)
+        ids = tt.random_tokens(batch, length, vocab_size)
         for name, build in models.items():
             step, state = tt.train_step_fn(build(), loss)
             executable = step.lower(*state, ids).compile()
@@ -95,10 +94,8 @@ def child(length: int, reps: int) -> dict[str, tuple[float, float]]:
 
 
 def run_child(tunables: str, args: argparse.Namespace) -> dict[str, list[float]]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("GLIBC_TUNABLES", None)
-    if tunables:
-        env["GLIBC_TUNABLES"] = tunables
+    from benchmarks.common import run_child as run_json_child
+
     command = [
         sys.executable,
         __file__,
@@ -106,11 +103,11 @@ def run_child(tunables: str, args: argparse.Namespace) -> dict[str, list[float]]
         f"--length={args.length}",
         f"--reps={args.reps}",
     ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        setting = f"GLIBC_TUNABLES={tunables}" if tunables else "glibc's default malloc"
-        sys.exit(f"the child process with {setting} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    setting = f"GLIBC_TUNABLES={tunables}" if tunables else "glibc's default malloc"
+    result, _ = run_json_child(
+        command, f"the child process with {setting}", env={"GLIBC_TUNABLES": tunables or None}
+    )
+    return result
 
 
 def main() -> None:

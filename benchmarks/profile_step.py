@@ -51,7 +51,14 @@ from flax import nnx
 
 from benchmarks.common import format_table, write_results
 from benchmarks.step_trace import attribute
-from benchmarks.train_throughput import LRA_TEXT, SMALL, SMALL_LRA, builders, train_step_fn
+from benchmarks.train_throughput import (
+    LRA_TEXT,
+    SMALL,
+    SMALL_LRA,
+    builders,
+    random_tokens,
+    train_step_fn,
+)
 from hgrn_jax.nn import HGRU, HGRU2D
 from hgrn_jax.ops import linear_recurrence
 
@@ -86,12 +93,20 @@ def stage_fn(
             return h, projected[2]
         return m.output(h, x, gate=projected[2])
 
-    def forward_backward(state, x, cotangent):
-        _, vjp = jax.vjp(run, state, x)
+    return forward_backward(run, (state, x), jax.random.key(2))
+
+
+def forward_backward(run: Callable, primals: tuple, key: jax.Array) -> tuple[Callable, tuple]:
+    """A jitted VJP of ``run`` at ``primals`` with a random cotangent (:func:`random_like` of
+    its outputs), and the arguments to call it with: ``(*primals, cotangent)``."""
+
+    def vjp_of_run(*args):
+        *inputs, cotangent = args
+        _, vjp = jax.vjp(run, *inputs)
         return vjp(cotangent)
 
-    cotangent = random_like(jax.eval_shape(run, state, x), jax.random.key(2))
-    return jax.jit(forward_backward), (state, x, cotangent)
+    cotangent = random_like(jax.eval_shape(run, *primals), key)
+    return jax.jit(vjp_of_run), (*primals, cotangent)
 
 
 def random_like(tree, key: jax.Array):
@@ -118,12 +133,7 @@ def scans_only(shape, directions, axes) -> tuple[Callable, tuple]:
                 h = h + linear_recurrence(a, x, reverse=direction == "reverse", axis=axis)
         return h
 
-    def forward_backward(a, x, cotangent):
-        _, vjp = jax.vjp(run, a, x)
-        return vjp(cotangent)
-
-    cotangent = random_like(jax.eval_shape(run, a, x), keys[2])
-    return jax.jit(forward_backward), (a, x, cotangent)
+    return forward_backward(run, (a, x), keys[2])
 
 
 def interleaved(calls: dict[str, tuple[Callable, tuple]], reps: int) -> dict[str, tuple]:
@@ -148,14 +158,17 @@ def train_step(model_name: str, length: int) -> tuple[Callable, tuple]:
     models, _, loss, vocab = builders(args, None)
     step, state = train_step_fn(models["hgrn[auto]"](), loss)
     batch = 1 if task == "lm" else 8
-    ids = jax.random.randint(jax.random.key(length), (batch, length + 1), 0, vocab)
+    ids = random_tokens(batch, length, vocab)
     return step, (*state, ids)
 
 
-def by_source(model_name: str, length: int, rounds: int) -> list[dict]:
+def by_source(
+    model_name: str, length: int, step_call: tuple[Callable, tuple], rounds: int
+) -> list[dict]:
     """Rows ``{source, forward_ms, backward_ms, ms, share}`` of the model's training step
-    (:func:`benchmarks.step_trace.attribute`), largest first."""
-    step, args = train_step(model_name, length)
+    ``step_call`` (``(step, args)`` of :func:`train_step`;
+    :func:`benchmarks.step_trace.attribute`), largest first."""
+    step, args = step_call
     merged: dict[str, dict] = {}
     for row in attribute(step, *args, rounds=rounds):
         entry = merged.setdefault(
@@ -179,7 +192,9 @@ def by_source(model_name: str, length: int, rounds: int) -> list[dict]:
     return sorted(merged.values(), key=lambda row: -row["ms"])
 
 
-def profile(model_name: str, length: int, reps: int) -> list[dict]:
+def profile(model_name: str, length: int, reps: int) -> tuple[list[dict], tuple[Callable, tuple]]:
+    """The stage rows of the model at ``length``, and its training step as timed (``(step,
+    args)``, for :func:`by_source`)."""
     task = "lm" if model_name == "lm" else "lra"
     sizes = SMALL if task == "lm" else SMALL_LRA
     batch = 1 if task == "lm" else 8
@@ -219,7 +234,7 @@ def profile(model_name: str, length: int, reps: int) -> list[dict]:
     for row in rows:
         if row["part"] in STAGES or row["part"] == "scans alone":
             row["share_of_layer"] = row.get("stage_ms", row["ms"]) / (timed["layer"][0] * 1e3)
-    return rows
+    return rows, calls["train step"]
 
 
 def main() -> None:
@@ -246,11 +261,11 @@ def main() -> None:
     source_columns = ["model", "length", "source", "forward_ms", "backward_ms", "share", "loops"]
     for model_name in args.models:
         for length in args.lengths:
-            stages = profile(model_name, length, args.reps)
+            stages, step_call = profile(model_name, length, args.reps)
             print(format_table(stages, stage_columns + ["spread"]), flush=True)
             rows += stages
             if args.trace_rounds:
-                sources = by_source(model_name, length, args.trace_rounds)
+                sources = by_source(model_name, length, step_call, args.trace_rounds)
                 print(format_table(sources[: args.top], source_columns), flush=True)
                 rows += sources
     meta = dict(

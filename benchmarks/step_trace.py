@@ -180,8 +180,10 @@ def attribute(
     (forward / backward), the fastest of ``rounds`` traced calls per thunk, credited to frames
     in the folder ``project`` (see :func:`source_of`). ``share`` is of the summed thunk time
     (see the module docstring)."""
-    instructions = entry_instructions(fn.lower(*args).compile().as_text())
-    durations = thunk_durations(fn, args, rounds)
+    # The executable whose HLO is read is the one traced: the names are its instructions'.
+    compiled = fn.lower(*args).compile()
+    instructions = entry_instructions(compiled.as_text())
+    durations = thunk_durations(compiled, args, rounds)
     groups: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0, 0])
     for name, seconds in durations.items():
         instruction = instructions.get(name)

@@ -49,9 +49,7 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,7 +61,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from benchmarks.common import format_table, write_results
+from benchmarks.common import format_table, run_child, write_results
 from benchmarks.scan import ablated
 from hgrn_jax.nn import GLU, HGRNLM, LMConfig, MixerConfig
 from hgrn_jax.nn import hgru as hgru_module
@@ -272,6 +270,12 @@ def classification_loss(logits_fn, ids: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 0] % 2).mean()
 
 
+def random_tokens(batch: int, length: int, vocab_size: int) -> jax.Array:
+    """The ids of one training step, (batch, length + 1) (the losses read a sequence of
+    ``length`` and its targets or label from them), the same for every row at a length."""
+    return jax.random.randint(jax.random.key(length), (batch, length + 1), 0, vocab_size)
+
+
 def train_step_fn(model: nnx.Module, loss=next_token_loss):
     """A jitted ``(params, rest, opt_state, ids) -> (params, opt_state, loss)`` and its state."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -462,7 +466,7 @@ def measure(args, dtype, batch: int, length: int, meta: dict, only: str | None =
     args.length = length
     models, sizes, loss, vocab_size = builders(args, dtype)
     meta["config"] = sizes
-    ids = jax.random.randint(jax.random.key(length), (batch, length + 1), 0, vocab_size)
+    ids = random_tokens(batch, length, vocab_size)
     calls = {}
     for row_name, model_name, variant in row_names(args):
         if only is not None and row_name != only:
@@ -500,18 +504,14 @@ def measure_in_processes(args, length: int, meta: dict):
     flags += [f"--lengths={length}", f"--reps={args.reps}", "--methods", *args.methods]
     flags += ["--variants", *args.variants] + (["--full"] if args.full else [])
     flags += [f"--batch={args.batch}"] if args.batch else []
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     times: dict[str, list[float]] = {}
     peaks: dict[str, int] = {}
     for round_index in range(args.processes):
         for row_name, _, _ in row_names(args):
             command = [sys.executable, __file__, *flags, f"--child={row_name}"]
-            done = subprocess.run(command, env=env, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"the child process for {row_name!r} failed:\n{done.stderr[-3000:]}")
-            result = json.loads(done.stdout.strip().splitlines()[-1])
+            result, stderr = run_child(command, f"the child process for {row_name!r}")
             if row_name not in result["times"]:
-                print(f"{row_name} L={length}: {done.stderr.strip()[-1000:]}", flush=True)
+                print(f"{row_name} L={length}: {stderr.strip()[-1000:]}", flush=True)
                 continue
             times.setdefault(row_name, []).extend(result["times"][row_name])
             peaks[row_name] = result["peaks"][row_name]
