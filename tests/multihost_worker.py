@@ -4,7 +4,8 @@ Run as ``python tests/multihost_worker.py --out F`` with ``JAX_COORDINATOR_ADDRE
 ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set, as a cluster launcher would: each process gets
 ``8 / N`` simulated CPU devices, joins the coordinator through
 :func:`hgrn_jax.sharding.maybe_initialize_distributed` with the gloo CPU collectives, feeds only
-its own rows of the global batch, and process 0 writes the loss and every updated state leaf to
+its own rows of the global batch (after checking :mod:`hgrn_jax.training.agreement`'s
+all-process flags), and process 0 writes the loss and every updated state leaf to
 ``F`` (.npz). ``tests/test_multihost.py`` imports
 :func:`train_step_outputs` to compute the same step in one process.
 """
@@ -81,6 +82,12 @@ def main() -> None:
 
     assert sh.maybe_initialize_distributed()  # reads the JAX_* variables
     assert jax.process_count() == num_processes and jax.device_count() == TOTAL_DEVICES
+    # The stop decisions of the training loop: a flag raised on one process only is seen by all.
+    from hgrn_jax.training import agreement
+
+    last = jax.process_index() == num_processes - 1
+    assert agreement.any_process_each((last, False, True)) == (True, False, True)
+    assert agreement.any_process(last) and not agreement.any_process(False)
     outputs = train_step_outputs()
     if jax.process_index() == 0:
         np.savez(args.out, **outputs)

@@ -26,11 +26,18 @@ def broadcast_code(code: int) -> int:
 
 def any_process(flag: bool) -> bool:
     """True on every process when ``flag`` is true on any."""
+    return any_process_each((flag,))[0]
+
+
+def any_process_each(flags: tuple[bool, ...]) -> tuple[bool, ...]:
+    """For each of ``flags``: true on every process when it is true on any (one all-gather of
+    ``len(flags)`` int32s for all of them)."""
     if jax.process_count() == 1:
-        return bool(flag)
+        return tuple(bool(f) for f in flags)
     from jax.experimental import multihost_utils
 
-    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+    gathered = multihost_utils.process_allgather(np.asarray(flags, np.int32))  # (processes, n)
+    return tuple(bool(f) for f in np.any(np.asarray(gathered).reshape(-1, len(flags)), axis=0))
 
 
 def share_outcome(error: BaseException | None, what: str) -> None:

@@ -134,22 +134,18 @@ class _SigtermFlag:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    def agreed(self, step: int) -> bool:
-        """True when any process got SIGTERM, decided identically on every process
-        (:func:`_agreed_at`)."""
-        return _agreed_at(step, self.requested)
 
+def _stop_requests(step: int, preempted: bool, out_of_time: bool) -> tuple[bool, bool]:
+    """(preempted, out_of_time) after ``step``, each true on every process when it is true on
+    any (SIGTERM received, the time budget spent), decided at the same step everywhere.
 
-def _agreed_at(step: int, flag: bool) -> bool:
-    """True on every process when ``flag`` is true on any, decided at the same step everywhere.
-
-    One process takes its flag after every step. Several processes must stop at the same step,
-    so they compare flags (a small all-gather, which waits for the devices) every
+    One process takes its flags after every step. Several processes must stop at the same step,
+    so they compare flags (one small all-gather for both, which waits for the devices) every
     :data:`PREEMPTION_CHECK_EVERY` steps only, keeping the step pipeline full in between.
     """
     if jax.process_count() > 1 and step % PREEMPTION_CHECK_EVERY:
-        return False
-    return agreement.any_process(flag)
+        return False, False
+    return agreement.any_process_each((preempted, out_of_time))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,12 +346,6 @@ def _time_budget(config: Any) -> float:
     return float(value or 0)
 
 
-def _out_of_time(budget: float, wall_s: float, step: int) -> bool:
-    """Whether training stops at ``step`` because ``wall_s`` reached ``budget``, decided alike
-    on every process as for SIGTERM (:func:`_agreed_at`)."""
-    return budget > 0 and _agreed_at(step, wall_s >= budget)
-
-
 def prepare_workdir(workdir: Path, config: Any) -> WorkdirLock:
     """Lock ``workdir`` (process 0, before anything is written), check that its run may continue
     with ``config`` and write ``config.json``; the other processes learn the outcome."""
@@ -489,7 +479,9 @@ def _train_and_evaluate(
                 guard.beat(step + 1)
                 pending.append(metrics)
                 done, steps_since_log = step + 1, steps_since_log + 1
-                out_of_time = _out_of_time(budget, wall_time(), done)
+                preempted, out_of_time = _stop_requests(
+                    done, sigterm.requested, budget > 0 and wall_time() >= budget
+                )
                 last = done == total_steps or out_of_time
 
                 if done % log_every == 0 or last:
@@ -524,7 +516,7 @@ def _train_and_evaluate(
                 elif done % ckpt_every == 0:
                     save(state, done)
 
-                if sigterm.agreed(done) and not last:
+                if preempted and not last:
                     if done % eval_every and done % ckpt_every:
                         save(state, done)
                     raise Preempted(done, workdir)
