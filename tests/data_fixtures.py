@@ -197,11 +197,19 @@ def pathfinder_config(tmp_path: Path, task: str = "lra.pathfinder", resolution: 
     return config
 
 
-def train_briefly(config, workdir: Path, steps: int = 3, batch_size: int = 8) -> dict:
+def train_briefly(
+    config, workdir: Path, steps: int = 3, batch_size: int = 8, num_layers: int | None = 1
+) -> dict:
     """``train_and_evaluate`` for ``steps`` steps (one evaluation and checkpoint at the end);
-    checks ``workdir/results.json``: the step count, finite metrics, accuracies in [0, 100]."""
+    checks ``workdir/results.json``: the step count, finite metrics, accuracies in [0, 100].
+
+    ``num_layers``: the model's depth (1 by default: these runs test the path from the data to
+    the results, which one block exercises as fully as two at about half the compile time;
+    None keeps the preset's)."""
     from hgrn_jax.training.loop import train_and_evaluate
 
+    if num_layers is not None:
+        config.model.num_layers = num_layers
     config.batch_size = batch_size  # a multiple of the 8 simulated devices
     config.eval_batch_size = batch_size
     config.num_train_steps = steps

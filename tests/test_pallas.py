@@ -172,7 +172,7 @@ def test_streaming_fused_backward_matches_autodiff_of_scan(chunk_length, complex
 
     pallas = functools.partial(pallas_linear_recurrence, reverse=reverse, schedule="streaming")
     with streaming_options(chunk_length=chunk_length, unroll=4, block_channels=8):
-        got = jax.grad(functools.partial(loss, pallas), argnums=(0, 1, 2))(a, x, h0)
+        got = jax.jit(jax.grad(functools.partial(loss, pallas), argnums=(0, 1, 2)))(a, x, h0)
     want = jax.grad(
         functools.partial(loss, functools.partial(scan_recurrence, reverse=reverse)),
         argnums=(0, 1, 2),
