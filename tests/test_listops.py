@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 
@@ -107,6 +110,28 @@ def test_splits_sizes_deduplicated_and_disjoint(generated):
 def test_generation_is_deterministic_from_the_seed(generated):
     assert listops.generate(SPEC, seed=3) == generated
     assert listops.generate(SPEC, seed=4)["train"] != generated["train"]
+
+
+# sha256 of the generated sets as sorted JSON, computed by the generator as first released: a
+# cache folder is named by (spec, seed) alone, so the generator must never change what it draws
+# (a user's cached set and a fresh one of the same name would differ).
+PINNED = {
+    "test spec, seed 3": "58a6f3afdd39f5cf2396e794432aa7fde675c8616969c6c0c59f961e0b5d5728",
+    "LRA lengths, 50 examples, seed 0": (
+        "ae2560943879fa5e05d0edee09c0a43d6c2caa8c8a210b40c29935859516fb58"
+    ),
+}
+
+
+def test_generated_sets_never_change(generated):
+    lra_lengths = listops.ListOpsSpec(num_train=40, num_val=5, num_test=5)
+    sets = {
+        "test spec, seed 3": generated,
+        "LRA lengths, 50 examples, seed 0": listops.generate(lra_lengths, seed=0),
+    }
+    for name, drawn in sets.items():
+        digest = hashlib.sha256(json.dumps(drawn, sort_keys=True).encode()).hexdigest()
+        assert digest == PINNED[name], name
 
 
 def test_release_text_layout_and_operator_semantics():

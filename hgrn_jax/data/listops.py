@@ -112,13 +112,23 @@ def evaluate(tree: Tree) -> int:
 
 def to_source(tree: Tree) -> str:
     """The release's text of an expression (left-nested parenthesised pairs)."""
+    parts: list[str] = []
+    _append_source(tree, parts)
+    return "".join(parts)
+
+
+def _append_source(tree: Tree, parts: list[str]) -> None:
+    """``parts`` + the pieces of ``tree``'s text: ``( ( ( op a0 ) a1 ) ... ] )``, written left to
+    right (one join at the end instead of re-copying the text at every argument)."""
     if isinstance(tree, int):
-        return str(tree)
+        parts.append(str(tree))
+        return
     op, args = tree
-    text = f"( {op} {to_source(args[0])} )"
-    for arg in args[1:]:
-        text = f"( {text} {to_source(arg)} )"
-    return f"( {text} {END} )"
+    parts.append("( " * (len(args) + 1) + op + " ")
+    for arg in args:
+        _append_source(arg, parts)
+        parts.append(" ) ")
+    parts.append(END + " )")
 
 
 def parse_source(source: str) -> Tree:
@@ -162,29 +172,32 @@ class _TooLong(Exception):
     pass
 
 
-def _random_tree(rng: random.Random, spec: ListOpsSpec) -> Tree | None:
-    """One random tree following the spec, or None once it grows past ``max_length`` tokens
-    (the draw is then abandoned: it would be rejected anyway)."""
-    budget = [spec.max_length]
-
-    def spend(n: int) -> None:
-        budget[0] -= n
-        if budget[0] <= 0:
-            raise _TooLong
+def _random_tree(rng: random.Random, spec: ListOpsSpec) -> tuple[Tree, int] | None:
+    """One random tree following the spec and its :func:`tree_length`, or None once it grows
+    past ``max_length`` tokens (the draw is then abandoned: it would be rejected anyway)."""
+    left = spec.max_length
+    draw, choose, count = rng.random, rng.choice, rng.randint
+    max_depth, max_args = spec.max_depth, spec.max_args
 
     def grow(depth: int) -> Tree:
-        if depth < spec.max_depth and rng.random() < OPERATOR_PROBABILITY:
-            spend(2)
-            op = rng.choice(OPERATORS)
-            num_args = rng.randint(2, spec.max_args)
-            return op, tuple(grow(depth + 1) for _ in range(num_args))
-        spend(1)
-        return rng.choice(VALUES)
+        nonlocal left
+        if depth < max_depth and draw() < OPERATOR_PROBABILITY:
+            left -= 2  # the operator and its end token
+            if left <= 0:
+                raise _TooLong
+            op = choose(OPERATORS)
+            num_args = count(2, max_args)
+            return op, tuple([grow(depth + 1) for _ in range(num_args)])
+        left -= 1
+        if left <= 0:
+            raise _TooLong
+        return choose(VALUES)
 
     try:
-        return grow(1)
+        tree = grow(1)
     except _TooLong:
         return None
+    return tree, spec.max_length - left
 
 
 def generate(
@@ -204,9 +217,10 @@ def generate(
                 f"length < {spec.max_length} after {max_draws} draws; widen the length range "
                 "or ask for fewer examples"
             )
-        tree = _random_tree(rng, spec)
-        if tree is None or not spec.min_length < tree_length(tree) < spec.max_length:
+        drawn = _random_tree(rng, spec)
+        if drawn is None or not spec.min_length < drawn[1] < spec.max_length:
             continue
+        tree = drawn[0]
         source = to_source(tree)
         if source not in examples:
             examples[source] = evaluate(tree)
