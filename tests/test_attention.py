@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hgrn_jax.nn import ClassifierConfig, HGRNClassifier, MixerConfig, SoftmaxAttention
+from hgrn_jax.nn import (
+    HGRNLM,
+    ClassifierConfig,
+    HGRNClassifier,
+    LMConfig,
+    MixerConfig,
+    SoftmaxAttention,
+)
 
 
 def _reference(layer: SoftmaxAttention, x: np.ndarray, causal: bool) -> np.ndarray:
@@ -73,3 +80,35 @@ def test_the_classifier_takes_attention_as_its_mixer_and_errors_are_clear():
         MixerConfig(kind="attention", scan="2d")
     with pytest.raises(ValueError, match="generation"):
         model.blocks[0].mixer.init_state(1)
+
+
+def test_the_lm_with_attention_needs_its_positions_and_cannot_generate():
+    """One layer of causal attention without positions sees its past as a set: swapping the
+    first two tokens leaves every later logit unchanged (with more layers, the earlier positions'
+    own outputs differ). With ``position_encoding`` the order shows."""
+
+    def lm(position_encoding: bool) -> HGRNLM:
+        config = LMConfig(
+            vocab_size=13,
+            features=16,
+            num_layers=1,
+            mixer=MixerConfig(kind="attention", num_heads=2),
+            use_lower_bound=False,
+            position_encoding=position_encoding,
+        )
+        return HGRNLM(config, rngs=nnx.Rngs(0))
+
+    ids = jnp.asarray([[3, 7, 1, 4, 1, 5, 9, 2]])
+    swapped = ids.at[:, :2].set(ids[:, 1::-1])
+    plain, positioned = lm(False), lm(True)
+    later = slice(2, None)
+    np.testing.assert_allclose(plain(swapped)[:, later], plain(ids)[:, later], rtol=1e-5, atol=1e-5)
+    moved = float(jnp.abs(positioned(swapped)[:, later] - positioned(ids)[:, later]).max())
+    assert moved > 1e-2, moved
+    # Causal still: a changed future leaves the past alone.
+    changed = ids.at[:, 5:].set(0)
+    np.testing.assert_allclose(
+        positioned(changed)[:, :5], positioned(ids)[:, :5], rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match=r"position_encoding=True\) cannot generate"):
+        positioned.step(ids, ())

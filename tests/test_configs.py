@@ -221,6 +221,25 @@ def test_listops_transformer_presets_swap_only_the_token_mixer():
     assert tiny.num_train_steps == load("lra.listops", "tiny").num_train_steps
 
 
+def test_wikitext103_transformer_presets_swap_the_token_mixer_and_add_positions():
+    from hgrn_jax.nn import SoftmaxAttention
+
+    hgrn, transformer = load("lm.wikitext103"), load("lm.wikitext103", "transformer")
+    assert transformer.model.mixer.kind == "attention"
+    differing = {
+        key
+        for key in set(hgrn.model.keys()) | set(transformer.model.keys())
+        if key != "mixer" and hgrn.model.get(key) != transformer.model.get(key)
+    }
+    assert differing == {"use_lower_bound", "position_encoding"}
+    assert transformer.model.position_encoding and not transformer.model.use_lower_bound
+    assert hgrn.optimizer == transformer.optimizer and hgrn.data == transformer.data
+    tiny = load("lm.wikitext103", "tiny_transformer")
+    model = tasks.build_model(tiny, nnx.Rngs(0))
+    assert all(isinstance(block.mixer, SoftmaxAttention) for block in model.blocks)
+    assert model.config.position_encoding and model.blocks[0].mixer.causal
+
+
 # Where each ablation switch shows in the built model.
 ABLATIONS = {
     "use_lower_bound": lambda m: m.lower_bounds.enabled,

@@ -108,8 +108,8 @@ def hgrn_mixer(scan: str = "1d") -> ml_collections.ConfigDict:
 def use_attention(c: ml_collections.ConfigDict) -> None:
     """Make ``c``'s model the same-size Transformer baseline: multi-head softmax attention in
     place of each HGRU (heads of 64 channels, at least one; ``model.mixer.num_heads`` sets
-    them), with sinusoidal positions and no lower bounds; everything else (width, depth, norms,
-    GLU, pooling, optimizer, schedule) stays."""
+    them; causal in an LM), with sinusoidal positions and no lower bounds; everything else
+    (width, depth, norms, GLU, pooling, optimizer, schedule) stays."""
     c.model.mixer.kind = "attention"
     c.model.position_encoding = True
     c.model.use_lower_bound = False

@@ -20,6 +20,7 @@ from flax import nnx
 
 from hgrn_jax.nn.blocks import residual_stack
 from hgrn_jax.nn.checks import check_length, check_token_ids
+from hgrn_jax.nn.embeddings import sinusoidal_positions
 from hgrn_jax.nn.initializers import dense, logical
 from hgrn_jax.nn.lower_bounds import LowerBounds
 from hgrn_jax.nn.mixers import LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields
@@ -35,7 +36,9 @@ class LMConfig:
     ``mixer``: the token mixer (:class:`~hgrn_jax.nn.MixerConfig` or a dict of its fields), run
     causally; ``MixerConfig(kind="hgrn2", ...)`` gives the HGRN2 LM. ``glu_expand``: GLU hidden
     width ``round(glu_expand * features)``. ``remat``: a :mod:`hgrn_jax.nn.remat` policy name per
-    block (None: off).
+    block (None: off). ``position_encoding``: add sinusoidal positions to the (scaled) token
+    embeddings, for the attention mixer (the Transformer baseline; HGRU mixers know the order from
+    their recurrence); such a model has no :meth:`HGRNLM.step`, whose cache holds no position.
 
     Deprecated (a DeprecationWarning): ``glu_hidden`` (now ``glu_expand = glu_hidden /
     features``, the name the classifiers use), ``mixer="hgru" | "fla"`` (now
@@ -57,6 +60,7 @@ class LMConfig:
     tie_embeddings: bool = True
     use_lower_bound: bool = True
     lower_bound_dtype: str | None = None
+    position_encoding: bool = False
     dropout: float = 0.0
     remat: str | None = None
     # Deprecated aliases (None: not given).
@@ -181,6 +185,8 @@ class HGRNLM(nnx.Module):
         x = self.embed(ids)
         if self.config.scale_embeddings:
             x = x * math.sqrt(self.config.features)
+        if self.config.position_encoding:
+            x = x + sinusoidal_positions(ids.shape[1], self.config.features, x.dtype)
         return self.embed_dropout(x)
 
     def _logits(self, x: jax.Array) -> jax.Array:
@@ -202,6 +208,11 @@ class HGRNLM(nnx.Module):
 
     def step(self, ids: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         """Logits (B, T, vocab) of ``ids`` (B, T) continuing from ``cache``, and the new cache."""
+        if self.config.position_encoding:
+            raise ValueError(
+                "LMConfig(position_encoding=True) cannot generate: step() continues from a "
+                "recurrent cache, which holds no position; use a recurrent mixer without positions"
+            )
         if len(cache) != len(self.blocks):
             raise ValueError(f"cache has {len(cache)} layers; the model has {len(self.blocks)}")
         x = self._embed(ids)

@@ -5,7 +5,9 @@ fairseq's recipe: 512-token samples, 65,536 tokens per update (128 samples), 100
 AdamW betas (0.9, 0.98) wd 0.2, lr 5e-4 with the inverse-sqrt schedule and 8k warmup, GPT-2 BPE
 vocabulary of 50,264 entries. The release (``data.wikitext_dir``, GPT-2 BPE files at
 ``data.tokenizer_path``) is read by ``hgrn_jax.tasks``; ``tiny`` trains a byte-level
-model on a generated arithmetic corpus.
+model on a generated arithmetic corpus. ``transformer`` and ``tiny_transformer``: the same runs
+with causal softmax attention in place of the HGRU and sinusoidal positions
+(``common.use_attention``), the same-size Transformer LM.
 """
 
 import ml_collections
@@ -55,7 +57,12 @@ def get_config(preset: str | None = None):
     c.paper = ml_collections.ConfigDict(
         dict(metric="perplexity", value=24.82, val_value=24.14, num_params=46_250_000)
     )
-    return common.finish(c, preset, {"tiny": _tiny}, PATH)
+    presets = {
+        "tiny": _tiny,
+        "transformer": common.use_attention,
+        "tiny_transformer": lambda c: (_tiny(c), common.use_attention(c)),
+    }
+    return common.finish(c, preset, presets, PATH)
 
 
 def _tiny(c):
