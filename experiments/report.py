@@ -4,7 +4,8 @@
 ``results.json`` under the folders (a run's workdir, as written by ``experiments.train``), prints
 three markdown tables (Long Range Arena with its average, ImageNet-1k, WikiText-103) with the
 paper's numbers (from the paper-setting configs) and each run's test result at its best
-validation step (the LRA average uses the first run of each task, in path order), and writes the
+validation step (the LRA average uses the first run of each task, in path order; runs of other
+models, the Transformer baseline or HGRN2, are marked and averaged apart), and writes the
 runs' loss and accuracy/perplexity against step, or with ``--x time`` against training wall time
 (time-to-accuracy: runs of different models side by side), from each ``metrics.jsonl``, to a PNG
 (default ``DIR/curves.png`` of the first folder).
@@ -67,6 +68,13 @@ class Run:
     @property
     def model_width(self) -> int | None:
         return self.config.get("model", {}).get("features")
+
+    @property
+    def mixer(self) -> str:
+        """The token mixer's kind: ``"hgrn"`` (the paper's model), ``"hgrn2"`` or ``"attention"``
+        (the Transformer baseline)."""
+        mixer = self.config.get("model", {}).get("mixer")
+        return str(mixer.get("kind", "hgrn")) if isinstance(mixer, dict) else "hgrn"
 
 
 def _read_json(path: Path) -> Any:
@@ -178,8 +186,18 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
 
 
+MIXER_NAMES = {"hgrn": "HGRN", "hgrn2": "HGRN2", "attention": "Transformer baseline"}
+
+
+def _model_name(kind: str) -> str:
+    return MIXER_NAMES.get(kind, kind)
+
+
 def _note(run: Run) -> str:
-    return f"{run.label}" + (" (generated data)" if run.generated_data else "")
+    """The run's folder, marked when its data were generated or its model is not HGRN."""
+    marks = [_model_name(run.mixer)] if run.mixer != "hgrn" else []
+    marks += ["generated data"] if run.generated_data else []
+    return f"{run.label}" + "".join(f" ({mark})" for mark in marks)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -191,7 +209,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def lra_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
     """ListOps ... Path-X and the average: paper accuracy and each run's test/val accuracy."""
     header = ["Task", "Paper acc. (%)", "Ours test (%)", "Ours best val (%)", "Steps", "Run"]
-    rows, ours = [], {}
+    rows, ours = [], {"hgrn": {}}  # mixer kind -> task -> test accuracy of its first run
     for task in LRA_TASKS:
         task_runs = [r for r in runs if r.task == task]
         if not task_runs:
@@ -207,13 +225,15 @@ def lra_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
                     _note(run),
                 ]
             )
-            ours.setdefault(task, run.results.get("test"))
+            ours.setdefault(run.mixer, {}).setdefault(task, run.results.get("test"))
     paper_avg = sum(paper[t]["value"] for t in LRA_TASKS) / len(LRA_TASKS)
-    if len(ours) == len(LRA_TASKS) and all(v is not None for v in ours.values()):
-        our_avg = _fmt(sum(float(v) for v in ours.values()) / len(LRA_TASKS))
-    else:
-        our_avg = f"— ({len(ours)}/{len(LRA_TASKS)} tasks run)"
-    rows.append(["**Average**", _fmt(paper_avg), our_avg, "", "", ""])
+    for kind, tests in ours.items():  # one average per model: HGRN's, then any other's
+        if len(tests) == len(LRA_TASKS) and all(v is not None for v in tests.values()):
+            our_avg = _fmt(sum(float(v) for v in tests.values()) / len(LRA_TASKS))
+        else:
+            our_avg = f"— ({len(tests)}/{len(LRA_TASKS)} tasks run)"
+        name = "**Average**" + ("" if kind == "hgrn" else f" ({_model_name(kind)})")
+        rows.append([name, _fmt(paper_avg), our_avg, "", "", ""])
     return "### Long Range Arena (accuracy)\n\n" + _table(header, rows)
 
 

@@ -28,6 +28,7 @@ def make_run(
     source: str = "release",
     features: int = 32,
     truncated: bool = False,
+    mixer: str | None = None,
 ) -> Path:
     folder.mkdir(parents=True)
     results = {
@@ -45,7 +46,13 @@ def make_run(
     }
     (folder / "results.json").write_text(json.dumps(results))
     (folder / "config.json").write_text(
-        json.dumps({"task": task, "data": {"source": source}, "model": {"features": features}})
+        json.dumps(
+            {
+                "task": task,
+                "data": {"source": source},
+                "model": {"features": features, **({"mixer": {"kind": mixer}} if mixer else {})},
+            }
+        )
     )
     lines = []
     for step in (10, 20, 30, 40):
@@ -171,3 +178,23 @@ def test_curves_against_training_time_for_time_to_accuracy(tmp_path, capsys):
     assert report.main([str(tmp_path / "runs"), "--x", "time", "--png", str(png)]) == 0
     assert png.stat().st_size > 1000
     assert f"training curves: {png}" in capsys.readouterr().out
+
+
+def test_other_models_are_marked_and_averaged_apart(tmp_path, capsys):
+    for task, acc in LRA_TEST.items():
+        make_run(tmp_path / "hgrn" / task, task, acc, mixer="hgrn")
+    make_run(tmp_path / "transformer" / "listops", "listops", 20.0, mixer="attention")
+    make_run(tmp_path / "hgrn2" / "text", "text", 60.0, mixer="hgrn2", source="generated")
+    assert report.main([str(tmp_path), "--png", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    listops = row(out, "ListOps")
+    assert [r[2] for r in listops] == ["50.00", "20.00"]  # path order: hgrn/, then transformer/
+    assert listops[0][-1] == str(tmp_path / "hgrn" / "listops")
+    assert listops[1][-1] == f"{tmp_path / 'transformer' / 'listops'} (Transformer baseline)"
+    assert row(out, "Text")[1][-1].endswith("text (HGRN2) (generated data)")
+    averages = {r[0]: r[2] for r in row(out, "**Average**")}
+    assert averages == {
+        "**Average**": f"{sum(LRA_TEST.values()) / 6:.2f}",  # HGRN's runs only
+        "**Average** (HGRN2)": "— (1/6 tasks run)",
+        "**Average** (Transformer baseline)": "— (1/6 tasks run)",
+    }
