@@ -57,7 +57,7 @@ fi
 # (default cache/, ignored by git, kept on a warm machine between commands), so one command can
 # generate them (TTA_ONLY=1 TTA_MODELS=) and the next run a model within its 10-minute limit.
 TTA=${TTA_MINUTES:-8}
-TTA_DIR=benchmarks/results/listops_time_to_accuracy_gpu
+TTA_DIR=${TTA_DIR:-benchmarks/results/listops_time_to_accuracy_gpu}
 TTA_CACHE=${TTA_CACHE:-cache}
 if [ "$TTA" != 0 ]; then
   budget=$((TTA * 60))
@@ -80,5 +80,5 @@ if [ "$TTA" != 0 ]; then
   fi
 fi
 tar czf "$OUT/results.tar.gz" benchmarks/results/*_gpu.json benchmarks/results/*_gpu.png \
-  benchmarks/results/listops_time_to_accuracy_gpu
+  "$TTA_DIR"
 log done

@@ -1,0 +1,94 @@
+"""benchmarks/gpu_session.sh without a GPU: its Python commands are recorded by a stand-in
+interpreter, so the order, flags and file handling of the time-to-accuracy steps are checked
+before a lent machine's minutes are spent on them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_session.sh"
+
+# Records its arguments (not the environment checks' ``-c`` snippets); as experiments.train it
+# writes the three files of a finished run.
+FAKE_PYTHON = """#!/usr/bin/env bash
+[ "$1" = -c ] && exit 0
+echo "$*" >> "$CALLS"
+if [ "$1 $2" = "-m experiments.train" ]; then
+  for arg in "$@"; do
+    case $arg in --workdir=*) dir=${arg#--workdir=} ;; esac
+  done
+  mkdir -p "$dir"
+  echo '{"task": "listops"}' > "$dir/results.json"
+  echo '{}' > "$dir/config.json"
+  echo '{"step": 1}' > "$dir/metrics.jsonl"
+fi
+"""
+
+
+def _session(tmp_path: Path, **env: str) -> list[str]:
+    """Run the script with the stand-in interpreter; the Python commands it ran, in order."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    calls.write_text("")
+    environment = {
+        **os.environ,
+        "PYTHON": str(fake),
+        "CALLS": str(calls),
+        "OUT": str(tmp_path / "out"),
+        "TTA_DIR": str(tmp_path / "tta_runs"),
+        "TTA_CACHE": str(tmp_path / "cache"),
+        "TTA_ONLY": "1",
+        **env,
+    }
+    subprocess.run(
+        ["bash", str(SCRIPT)],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    return calls.read_text().splitlines()
+
+
+@pytest.mark.parametrize(
+    "models, runs",
+    [("hgrn", ["hgrn"]), ("", []), (None, ["hgrn", "transformer"])],
+    ids=["one model", "data only", "default"],
+)
+def test_time_to_accuracy_steps(tmp_path, models, runs):
+    env = {"TTA_MINUTES": "2"} | ({} if models is None else {"TTA_MODELS": models})
+    calls = _session(tmp_path, **env)
+    cache = tmp_path / "cache"
+    assert calls[0] == f"-m hgrn_jax.data.listops --spec=lra --cache_dir={cache}"
+    trains = [c for c in calls if c.startswith("-m experiments.train")]
+    assert len(trains) == len(runs)
+    for model, call in zip(runs, trains, strict=True):
+        preset = ":transformer" if model == "transformer" else ""
+        assert f"--config=experiments/configs/lra/listops.py{preset} " in call
+        assert f"--config.data.cache_dir={cache} " in call
+        assert "--config.data.source=generated" in call
+        assert "--config.max_train_time_s=120 " in call
+        kept = tmp_path / "tta_runs" / model
+        assert json.loads((kept / "results.json").read_text()) == {"task": "listops"}
+        assert (kept / "metrics.jsonl").is_file() and (kept / "config.json").is_file()
+    plots = [c for c in calls if c.startswith("-m experiments.report")]
+    if runs:
+        assert plots == [
+            f"-m experiments.report {tmp_path / 'tta_runs'} --x time "
+            "--png benchmarks/results/listops_time_to_accuracy_gpu.png"
+        ]
+    else:
+        assert plots == [] and not (tmp_path / "tta_runs").exists()
+
+
+def test_no_time_to_accuracy_runs_nothing(tmp_path):
+    assert _session(tmp_path, TTA_MINUTES="0") == []
