@@ -115,6 +115,18 @@ def use_attention(c: ml_collections.ConfigDict) -> None:
     c.model.use_lower_bound = False
 
 
+def with_transformer_presets(
+    tiny: Callable[[ml_collections.ConfigDict], Any],
+) -> dict[str, Callable[[ml_collections.ConfigDict], Any]]:
+    """A task's presets: ``tiny``, and its Transformer baselines (:func:`use_attention`)
+    ``transformer`` (the paper's setting) and ``tiny_transformer``."""
+    return {
+        "tiny": tiny,
+        "transformer": use_attention,
+        "tiny_transformer": lambda c: (tiny(c), use_attention(c)),
+    }
+
+
 def use_hgrn2(c: ml_collections.ConfigDict, expand_ratio: int) -> None:
     """Switch ``c.model.mixer`` to hgru2-pytorch's HGRN2 layer with heads of width
     ``expand_ratio`` (the HGRU-only switches stay, ignored by HGRN2)."""

@@ -57,12 +57,7 @@ def get_config(preset: str | None = None):
     c.paper = ml_collections.ConfigDict(
         dict(metric="perplexity", value=24.82, val_value=24.14, num_params=46_250_000)
     )
-    presets = {
-        "tiny": _tiny,
-        "transformer": common.use_attention,
-        "tiny_transformer": lambda c: (_tiny(c), common.use_attention(c)),
-    }
-    return common.finish(c, preset, presets, PATH)
+    return common.finish(c, preset, common.with_transformer_presets(_tiny), PATH)
 
 
 def _tiny(c):

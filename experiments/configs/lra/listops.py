@@ -46,12 +46,7 @@ def get_config(preset: str | None = None):
     c.data.train_examples = 96_000
     c.data.val_examples = 2_000
     c.data.test_examples = 2_000
-    presets = {
-        "tiny": _tiny,
-        "transformer": common.use_attention,
-        "tiny_transformer": lambda c: (_tiny(c), common.use_attention(c)),
-    }
-    return common.finish(c, preset, presets, PATH)
+    return common.finish(c, preset, common.with_transformer_presets(_tiny), PATH)
 
 
 def _tiny(c):
