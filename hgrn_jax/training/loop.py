@@ -530,7 +530,7 @@ def _train_and_evaluate(
         bar.close()
         run.checkpoints.wait()
 
-    wall = wall_before + (time.time() - t_start if start < end else 0.0)
+    wall = wall_time() if start < end else wall_before
     best_step, best_state = _restore_best(run, workdir)
     best_val = run.checkpoints.metrics(best_step)[run.best_key]
     test = run.evaluate(best_state, "test")
