@@ -2,8 +2,8 @@
 
 ``MixerConfig(kind="attention")`` puts it where a model's HGRU would be, so a "same-size
 Transformer" differs from the HGRN model in the token mixer only (same width, depth, norms, GLU,
-encoder, pooling and head). Attention has no order of its own: give the classifier its
-sinusoidal positions (``ClassifierConfig(position_encoding=True)``).
+encoder, pooling and head). Attention has no order of its own: give the model its sinusoidal
+positions (``ClassifierConfig(position_encoding=True)``, ``LMConfig(position_encoding=True)``).
 
     q, k, v = split(qkv_proj(x))                       (B, L, heads, d / heads) each
     y = out_proj(softmax(q k^T / sqrt(d / heads) + mask) v)

@@ -46,7 +46,7 @@ class MixerConfig:
 
     kind: ``"hgrn"`` (HGRN's elementwise recurrence), ``"hgrn2"`` (matrix state per head) or
       ``"attention"`` (multi-head softmax attention: the same model as a Transformer baseline;
-      official layout, 1-D; give classifiers ``position_encoding=True``).
+      official layout, 1-D; give the classifier or LM ``position_encoding=True``).
     layout: ``"official"`` (the authors' hgru-pytorch / hgru2-pytorch layers) or ``"fla"`` (the
       flash-linear-attention layers): parameter names, activations, scale and norm differ.
     scan: ``"1d"`` over the sequence or ``"2d"`` over an (H, W) grid (official layouts only).
