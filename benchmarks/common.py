@@ -26,19 +26,25 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS_DIR.parents[1]
 
 
-def time_fn(fn: Callable[..., Any], *args: Any, reps: int = 5, warmup: int = 1) -> dict[str, float]:
+def time_fn(
+    fn: Callable[..., Any], *args: Any, reps: int = 5, warmup: int = 1, calls_per_rep: int = 1
+) -> dict[str, float]:
     """Wall-clock seconds of ``fn(*args)`` (typically a jitted function), blocking on the result.
 
     The first ``warmup`` calls (compilation included) are not counted. Returns the ``median``,
-    ``min`` and ``max`` over ``reps`` timed calls.
+    ``min`` and ``max`` over ``reps`` timed repetitions. A repetition makes ``calls_per_rep``
+    calls back to back and blocks on the last (an accelerator queues them, so the host's
+    dispatch and the wait for one result are paid once) and counts its time per call.
     """
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
     for _ in range(reps):
         start = time.perf_counter()
+        for _ in range(calls_per_rep - 1):
+            fn(*args)
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / calls_per_rep)
     return {"median": statistics.median(times), "min": min(times), "max": max(times)}
 
 

@@ -18,7 +18,7 @@ pass and the forward+backward pass (a VJP with a fixed cotangent, gradients for 
 ``ms`` is the fastest of the timed calls (``median_ms`` the median): on a shared machine other
 load only ever adds time, so the minimum is the steadiest estimate. ``x_attention`` and ``x_hgrn``
 are each row's ``ms`` divided by the attention or HGRN ``ms`` at the same size and pass, measured
-in the same run. Results:
+in the same run. Results (rewritten after every size):
 ``benchmarks/results/matrix_recurrence_<platform>.json``.
 """
 
@@ -209,6 +209,16 @@ def main() -> None:
         checks = agreement(args.methods, sizes[0], dtype, not args.no_fla)
         print("max |difference| from sequential (outputs and gradients):", checks, flush=True)
 
+    meta = {
+        "sizes": "BxLxHxKxV",
+        "dtype": args.dtype,
+        "scale": "1/sqrt(K)",
+        "hgrn": "linear_recurrence (method auto) over B x L x (H*V)",
+        "attention": "jax.nn.dot_product_attention(is_causal=True), XLA",
+        "auto": {f"L={s[1]}": default_matrix_method(s[1]) for s in sizes},
+        "pallas": "Pallas interpreter on CPU" if platform == "cpu" else "compiled kernel",
+        "max_abs_difference_from_sequential": checks,
+    }
     rows: list[dict[str, Any]] = []
     for size in sizes:
         batch, length, heads, key_dim, value_dim = size
@@ -267,19 +277,10 @@ def main() -> None:
         for row in size_rows:
             row["auto"] = default_matrix_method(length) if row["method"] in MATRIX_METHODS else None
         rows.extend(size_rows)
+        write_results("matrix_recurrence", rows, meta)  # a run stopped early keeps its sizes
 
     columns = ["size", "method", "pass", "ms", "median_ms", "x_attention", "x_hgrn"]
     print(format_table(rows, columns))
-    meta = {
-        "sizes": "BxLxHxKxV",
-        "dtype": args.dtype,
-        "scale": "1/sqrt(K)",
-        "hgrn": "linear_recurrence (method auto) over B x L x (H*V)",
-        "attention": "jax.nn.dot_product_attention(is_causal=True), XLA",
-        "auto": {f"L={s[1]}": default_matrix_method(s[1]) for s in sizes},
-        "pallas": "Pallas interpreter on CPU" if platform == "cpu" else "compiled kernel",
-        "max_abs_difference_from_sequential": checks,
-    }
     print("wrote", write_results("matrix_recurrence", rows, meta))
 
 

@@ -1,17 +1,25 @@
-"""The Pallas kernel on a GPU: correctness against the pure-JAX methods, then a sweep of its
-launch parameters (:class:`hgrn_jax.ops.pallas_recurrence.StreamingOptions`).
+"""The Pallas kernel on a GPU: correctness against the pure-JAX methods, its time against the
+memory floor, then a sweep of its launch parameters
+(:class:`hgrn_jax.ops.pallas_recurrence.StreamingOptions`).
 
-    python benchmarks/pallas_gpu.py [--lengths 4096 16384] [--reps 5]
+    python benchmarks/pallas_gpu.py [--lengths 4096 16384 65536] [--dtypes float32 bfloat16]
+                                    [--sweep-lengths 4096] [--sweep-dtypes float32 bfloat16]
+                                    [--reps 5] [--deadline SECONDS] [--tag _h200]
 
 Correctness: forward states, final state and the gradients of a random linear loss with respect
 to ``a``, ``x`` and ``h0`` against ``method="associative"`` (float32 and complex64) for forward
 and reverse scans, at a shape whose channels (300) and time chunks do not divide the tiles; the
 maximum relative error is printed and stored, and the script exits with an error above 1e-4
 (1e-2 for bfloat16 inputs, whose states are rounded to bf16).
-Sweep: (B, D) = (8, 512) float32, forward and forward+backward, the default options and one
-change at a time (chunk length, channels per program, unroll, pipelining stages), with the
-memory floor of ``benchmarks/recurrence.py`` (3 / 8 arrays over the bandwidth of a large copy).
-Results: ``benchmarks/results/pallas_sweep_<platform>.json``.
+Time: (B, D) = (8, 512), the default options, forward and forward+backward at ``--lengths`` in
+each of ``--dtypes``, against the memory floor: the arrays the pass must move (forward 3,
+forward+backward 8) at the inputs' itemsize over the bandwidth of a large copy measured in the
+same run. Each repetition makes ``CALLS_PER_REP`` calls back to back (the host's dispatch and
+the wait for a result are paid once per repetition, as in a training step).
+Sweep: forward+backward at ``--sweep-lengths`` in each of ``--sweep-dtypes``, one option changed
+at a time (chunk length, shortest chunk, chains aimed for, channels per program, unroll,
+pipelining stages); ``--deadline`` stops starting new variants after that many seconds.
+Results (rewritten after every row): ``benchmarks/results/pallas_sweep[TAG]_<platform>.json``.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +45,16 @@ from hgrn_jax.ops.pallas_recurrence import StreamingOptions, streaming_options
 BATCH, CHANNELS = 8, 512
 CHECK_SHAPE = (3, 1000, 300)
 TOLERANCE = {"float32": 1e-4, "complex64": 1e-4, "bfloat16": 1e-2}
+PASS_ARRAYS = {"forward": 3, "forward+backward": 8}
+CALLS_PER_REP = 10
 
 
 def sweep_options() -> list[tuple[str, dict[str, Any]]]:
-    """The default, then one field changed at a time."""
-    variants = [("default", {})]
-    variants += [
-        (f"chunk_length={c}", {"chunk_length": c}) for c in (1 << 30, 2048, 1024, 512, 128)
-    ]
+    """One field of the defaults changed at a time (the defaults themselves are the main rows)."""
+    variants = [(f"chunk_length={c}", {"chunk_length": c}) for c in (1 << 30, 2048, 1024, 512, 128)]
+    # Shorter chunks than the default's shortest: more chains in flight at L <= 4k.
+    variants += [(f"min_chunk_length={c}", {"min_chunk_length": c}) for c in (32, 64)]
+    variants += [(f"min_parallel_chains=2^{e}", {"min_parallel_chains": 1 << e}) for e in (18, 20)]
     variants += [(f"block_channels={b}", {"block_channels": b}) for b in (64, 128)]
     variants += [(f"unroll={u}", {"unroll": u}) for u in (4, 16)]
     variants += [("num_stages=2", {"num_stages": 2})]
@@ -99,11 +110,67 @@ def check(dtype_name: str, reverse: bool, chunk_length: int | None) -> dict[str,
     return row
 
 
+def time_pallas(
+    length: int, dtype_name: str, passes: tuple[str, ...], reps: int, bandwidth: float, **options
+) -> list[dict[str, Any]]:
+    """Rows of ``linear_recurrence(method="pallas")`` at (BATCH, length, CHANNELS) with the
+    streaming options ``options`` changed: milliseconds per call and the ratio to the floor
+    (the arrays a pass must move, ``PASS_ARRAYS``, at the inputs' itemsize, over ``bandwidth``)."""
+    dtype = jnp.dtype(dtype_name)
+    keys = jax.random.split(jax.random.key(length), 3)
+    shape = (BATCH, length, CHANNELS)
+    a = jax.random.uniform(keys[0], shape, jnp.float32, 0.9, 1.0).astype(dtype)
+    x, g = (jax.random.normal(k, shape, dtype) for k in keys[1:])
+    rows = []
+    with streaming_options(**options) as chosen:
+        chunk, chunks = chosen.chunking(BATCH * CHANNELS, length)
+        fns = {
+            "forward": (jax.jit(lambda a, x: linear_recurrence(a, x, method="pallas")), (a, x)),
+            "forward+backward": (
+                jax.jit(
+                    lambda a, x, g: jax.vjp(
+                        lambda a, x: linear_recurrence(a, x, method="pallas"), a, x
+                    )[1](g)
+                ),
+                (a, x, g),
+            ),
+        }
+        for pass_name in passes:
+            fn, inputs = fns[pass_name]
+            seconds = time_fn(fn, *inputs, reps=reps, calls_per_rep=CALLS_PER_REP)["median"]
+            floor = PASS_ARRAYS[pass_name] * a.size * dtype.itemsize / bandwidth
+            rows.append(
+                {
+                    "variant": ", ".join(f"{k}={v}" for k, v in options.items()) or "default",
+                    "dtype": dtype_name,
+                    "length": length,
+                    "chunk_length": chunk,
+                    "chunks": chunks,
+                    "pass": pass_name,
+                    "ms": seconds * 1e3,
+                    "x_floor": seconds / floor,
+                }
+            )
+            print(format_table(rows[-1:], list(rows[-1])).splitlines()[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--sweep-lengths", type=int, nargs="+", default=[4096])
+    parser.add_argument("--sweep-dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=float("inf"),
+        help="seconds after which no new sweep variant is started",
+    )
+    parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     args = parser.parse_args()
+    started = time.perf_counter()
     print("devices:", jax.devices(), flush=True)
     checks = [
         check(d, r, c)
@@ -111,49 +178,36 @@ def main() -> None:
         for r in (False, True)
         for c in (None, 96)
     ]
-    bandwidth = copy_bandwidth(args.reps)
+    bandwidth = copy_bandwidth(args.reps, calls_per_rep=CALLS_PER_REP)
     print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s", flush=True)
-    rows: list[dict[str, Any]] = []
-    for length in args.lengths:
-        keys = jax.random.split(jax.random.key(length), 3)
-        shape = (BATCH, length, CHANNELS)
-        a = jax.random.uniform(keys[0], shape, jnp.float32, 0.9, 1.0)
-        x, g = (jax.random.normal(k, shape) for k in keys[1:])
-        for name, overrides in sweep_options():
-            with streaming_options(**overrides) as options:
-                chunk, chunks = options.chunking(BATCH * CHANNELS, length)
-                fwd = jax.jit(lambda a, x: linear_recurrence(a, x, method="pallas"))
-                fwd_bwd = jax.jit(
-                    lambda a, x, g: jax.vjp(
-                        lambda a, x: linear_recurrence(a, x, method="pallas"), a, x
-                    )[1](g)
-                )
-                for pass_name, fn, inputs, arrays in (
-                    ("forward", fwd, (a, x), 3),
-                    ("forward+backward", fwd_bwd, (a, x, g), 8),
-                ):
-                    seconds = time_fn(fn, *inputs, reps=args.reps)["median"]
-                    floor = arrays * a.size * 4 / bandwidth
-                    row = {
-                        "variant": name,
-                        "length": length,
-                        "chunk_length": chunk,
-                        "chunks": chunks,
-                        "pass": pass_name,
-                        "ms": seconds * 1e3,
-                        "x_floor": seconds / floor,
-                    }
-                    rows.append(row)
-                    print(format_table([row], list(row)).splitlines()[-1], flush=True)
-    print(format_table(rows, list(rows[0])))
     meta = {
         "batch": BATCH,
         "channels": CHANNELS,
         "copy_bandwidth_GBps": bandwidth / 1e9,
+        "floor": "arrays moved (forward 3: a, x, h; forward+backward 8: + dh read, da, dx "
+        "written, h read) x B*L*D x itemsize / copy bandwidth",
+        "timing": f"median of {args.reps} repetitions of {CALLS_PER_REP} calls back to back",
         "defaults": dataclasses.asdict(StreamingOptions()),
         "checks": checks,
     }
-    print("wrote", write_results("pallas_sweep", rows, meta))
+    name = "pallas_sweep" + args.tag
+    rows: list[dict[str, Any]] = []
+    for length in args.lengths:
+        for dtype_name in args.dtypes:
+            rows += time_pallas(length, dtype_name, tuple(PASS_ARRAYS), args.reps, bandwidth)
+            write_results(name, rows, meta)
+    for length in args.sweep_lengths:
+        for dtype_name in args.sweep_dtypes:
+            for _, overrides in sweep_options():
+                if time.perf_counter() - started > args.deadline:
+                    print(f"deadline ({args.deadline:.0f} s): sweep stopped", flush=True)
+                    break
+                rows += time_pallas(
+                    length, dtype_name, ("forward+backward",), args.reps, bandwidth, **overrides
+                )
+                write_results(name, rows, meta)
+    print(format_table(rows, list(rows[0])))
+    print("wrote", write_results(name, rows, meta))
     if not all(c["ok"] for c in checks):
         raise SystemExit("pallas_gpu: a correctness check failed (see the 'ok' column)")
 

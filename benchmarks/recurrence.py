@@ -44,11 +44,11 @@ FORWARD_ARRAYS, BACKWARD_ARRAYS = 3, 5
 COPY_BYTES = 512 * 2**20
 
 
-def copy_bandwidth(reps: int) -> float:
+def copy_bandwidth(reps: int, calls_per_rep: int = 1) -> float:
     """Bytes per second of a large device copy (read once, write once)."""
     x = jnp.ones((COPY_BYTES // 4,), jnp.float32)
     copy = jax.jit(lambda x: x + 1.0)
-    seconds = time_fn(copy, x, reps=reps)["min"]
+    seconds = time_fn(copy, x, reps=reps, calls_per_rep=calls_per_rep)["min"]
     return 2 * COPY_BYTES / seconds
 
 

@@ -14,10 +14,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_session.sh"
 
-# Records its arguments (not the environment checks' ``-c`` snippets); as experiments.train it
-# writes the three files of a finished run.
+# Records its arguments (not the environment's set-up: ``-c`` snippets, where fla is missing, and
+# pip installing wheels from .whl/); as experiments.train it writes the three files of a run.
 FAKE_PYTHON = """#!/usr/bin/env bash
-[ "$1" = -c ] && exit 0
+if [ "$1" = -c ]; then
+  case $2 in *"import fla"*) exit 1 ;; esac
+  exit 0
+fi
+[ "$1 $2" = "-m pip" ] && exit 0
 echo "$*" >> "$CALLS"
 if [ "$1 $2" = "-m experiments.train" ]; then
   for arg in "$@"; do
@@ -45,6 +49,7 @@ def _session(tmp_path: Path, **env: str) -> list[str]:
         "OUT": str(tmp_path / "out"),
         "TTA_DIR": str(tmp_path / "tta_runs"),
         "TTA_CACHE": str(tmp_path / "cache"),
+        "TTA_WORK": str(tmp_path / "work"),
         "TTA_ONLY": "1",
         **env,
     }
@@ -92,3 +97,38 @@ def test_time_to_accuracy_steps(tmp_path, models, runs):
 
 def test_no_time_to_accuracy_runs_nothing(tmp_path):
     assert _session(tmp_path, TTA_MINUTES="0") == []
+
+
+def test_prepare_generates_the_data_and_checks_the_runner(tmp_path):
+    calls = _session(tmp_path, TTA_MINUTES="0", TTA_PREPARE="1")
+    cache, work = tmp_path / "cache", tmp_path / "work"
+    # The data step runs in the background, beside the tiny run.
+    assert sorted(calls) == [
+        "-m experiments.train --config=experiments/configs/lra/listops.py:tiny "
+        f"--workdir={work / 'tiny'} --config.data.source=generated --config.data.cache_dir={cache}",
+        f"-m hgrn_jax.data.listops --spec=lra --cache_dir={cache}",
+    ]
+
+
+def test_seconds_override_minutes(tmp_path):
+    calls = _session(tmp_path, TTA_MINUTES="8", TTA_SECONDS="90", TTA_MODELS="hgrn")
+    (train,) = [c for c in calls if c.startswith("-m experiments.train")]
+    assert "--config.max_train_time_s=90 " in train
+    assert f"--workdir={tmp_path / 'work' / 'hgrn'} " in train
+
+
+def test_whole_session_order(tmp_path):
+    calls = _session(tmp_path, TTA_ONLY="0", TTA_SECONDS="60", TAG="_h200")
+    scripts = [c.split()[0] for c in calls if c.startswith("benchmarks/")]
+    assert scripts == [
+        "benchmarks/pallas_gpu.py",
+        "benchmarks/matrix_recurrence.py",
+        "benchmarks/train_throughput.py",
+        "benchmarks/train_throughput.py",
+    ]
+    assert all("--tag _h200" in c for c in calls if "pallas_gpu" in c or "throughput" in c)
+    # The data are generated while the GPU steps run; the models train after all of them.
+    data = calls.index(f"-m hgrn_jax.data.listops --spec=lra --cache_dir={tmp_path / 'cache'}")
+    trains = [i for i, c in enumerate(calls) if c.startswith("-m experiments.train")]
+    last_gpu_step = max(i for i, c in enumerate(calls) if c.startswith("benchmarks/"))
+    assert len(trains) == 2 and min(trains) > max(data, last_gpu_step)
