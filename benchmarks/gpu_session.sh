@@ -12,10 +12,11 @@ log() { echo "=== $(date +%T) $*"; }
 
 log environment
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-# Wheels put in .whl/ (carried; ignored by git): the pinned pure-Python stack of requirements.txt
-# that the image lacks or holds at other versions (flax, optax, orbax-checkpoint, chex,
-# ml_collections, tensorboardX, grain, array_record, portpicker), and fla for peers_gpu.py.
-# They go first on the path; jax and jaxlib stay the image's.
+# Wheels put in .whl/ (carried; ignored by git): the packages of requirements.txt that the image
+# lacks (ml_collections, grain, array_record, portpicker, tensorboardX; their pins), and fla for
+# peers_gpu.py. jax, flax, optax, orbax-checkpoint and chex stay the image's: on an H200 image of
+# 2026-11-30 (jax 0.11.2, flax 0.12.10) our pinned flax 0.12.8 did not import (jax.experimental.
+# hijax has no HiPrimitive there), and the image's flax runs everything here.
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/hgrn_site .whl/*.whl \
     && export PYTHONPATH=/tmp/hgrn_site
@@ -53,10 +54,11 @@ if [ "${TTA_ONLY:-0}" != 1 ]; then
 # The kernel: checks against the pure-JAX methods, time against the memory floor at 4k/16k/64k in
 # float32 and bfloat16, and a sweep of its launch parameters at 4k.
 step pallas 150 $PY benchmarks/pallas_gpu.py --reps 5 --deadline 100 --tag "$TAG"
-# HGRN2's matrix recurrence: every method (the Pallas kernel compiled for the first time here,
-# checked against the scan first), HGRN's recurrence, causal attention, and fla's chunk_gla
-# when fla imports.
-step matrix 90 $PY benchmarks/matrix_recurrence.py --reps 3 \
+# HGRN2's matrix recurrence: chunked and the Pallas kernel (both checked against the scan first;
+# the scan itself, a launch per step, took 38 / 140 / 556 ms forward+backward at these sizes on
+# an H200 and is not timed), HGRN's recurrence, causal attention, and fla's chunk_gla when fla
+# imports.
+step matrix 90 $PY benchmarks/matrix_recurrence.py --reps 3 --methods chunked pallas \
   --sizes 8x1024x4x64x64 8x4096x4x64x64 4x16384x4x64x64
 # fla's kernels and layer (only when fla is installed from .whl/).
 if $PY -c "import fla" 2>/dev/null; then
@@ -67,7 +69,7 @@ fi
 # recurrence method ("auto" is associative below 2k steps, pallas from 2k).
 step lm 120 $PY benchmarks/train_throughput.py --full --batch 8 --lengths 1024 2048 \
   --methods pallas associative --reps 5 --tag "$TAG"
-step lra 100 $PY benchmarks/train_throughput.py --task lra --full --batch 32 \
+step lra 140 $PY benchmarks/train_throughput.py --task lra --full --batch 32 \
   --lengths 1024 2048 4096 --methods pallas associative --reps 5 --tag "$TAG"
 fi
 # The runner on this machine before a later command spends its minutes on it: the tiny ListOps
