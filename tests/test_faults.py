@@ -257,6 +257,62 @@ def test_harmless_changes_are_allowed_and_listed(copy_of_finished, finished):
         )
 
 
+def _saved_run_without(workdir: Path, config, *keys: str) -> Path:
+    """A workdir whose ``config.json`` is ``config`` without ``keys`` (dotted), as a run saved
+    by code from before those fields existed would hold."""
+    saved = json.loads(json.dumps(config.to_dict()))
+    for key in keys:
+        *path, last = key.split(".")
+        target = saved
+        for part in path:
+            target = target[part]
+        del target[last]
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps(saved))
+    return workdir / "config.json"
+
+
+def test_a_model_key_added_later_at_its_default_resumes(tmp_path):
+    """A run saved before a model field existed was built with the field's default: the new
+    config at that default resumes it (a harmless change, listed), any other value does not."""
+    from experiments.configs.lra import listops
+    from hgrn_jax.training.loop import prepare_workdir
+    from hgrn_jax.training.workdir import ConfigChangedError, ConfigChangeWarning
+
+    config = listops.get_config("tiny")
+    assert config.model.use_lower_bound is True  # the field's default
+    saved = _saved_run_without(
+        tmp_path / "old", config, "model.use_lower_bound", "model.mixer.kind"
+    )
+    with pytest.warns(ConfigChangeWarning) as caught:
+        prepare_workdir(tmp_path / "old", config).release()
+    listed = " ".join(str(w.message) for w in caught)
+    assert "model.use_lower_bound: absent (default True) -> True" in listed
+    assert "model.mixer.kind: absent (default 'hgrn') -> 'hgrn'" in listed
+    assert json.loads(saved.read_text())["model"]["use_lower_bound"] is True  # rewritten as now
+
+    # position_encoding is True in the LRA configs and False by default: an old run without the
+    # key had no positions, so the new config changes its model.
+    saved = _saved_run_without(tmp_path / "changed", config, "model.position_encoding")
+    before = saved.read_bytes()
+    with pytest.raises(
+        ConfigChangedError, match=r"model\.position_encoding: absent \(default False\) -> True"
+    ):
+        prepare_workdir(tmp_path / "changed", config)
+    assert saved.read_bytes() == before and not (tmp_path / "changed" / "run.lock").exists()
+
+
+def test_absent_keys_of_a_user_task_still_refuse(tmp_path):
+    """No defaults are known for a ``module:factory`` task: an absent model key is a change."""
+    from hgrn_jax.training.loop import prepare_workdir
+    from hgrn_jax.training.workdir import ConfigChangedError
+
+    config = _config()
+    _saved_run_without(tmp_path / "run", config, "model.features")
+    with pytest.raises(ConfigChangedError, match=r"model\.features: absent -> 16"):
+        prepare_workdir(tmp_path / "run", config)
+
+
 @pytest.mark.slow
 def test_resume_restart_keeps_the_previous_run_and_starts_again(copy_of_finished):
     run = copy_of_finished

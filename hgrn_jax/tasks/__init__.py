@@ -16,6 +16,7 @@ from hgrn_jax.tasks.registry import (
     dataset,
     get_task,
     model_config,
+    model_defaults,
     tfds_release,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "dataset",
     "get_task",
     "model_config",
+    "model_defaults",
     "next_token_loss",
     "soft_target_loss",
     "tfds_release",

@@ -47,6 +47,13 @@ def model_config(config) -> Any:
     return base.model_config(entry.derive(config), entry.model)
 
 
+def model_defaults(config) -> dict[str, Any]:
+    """The values ``model.*`` keys absent from ``config`` stand for (the task's model dataclass
+    defaults, :func:`base.model_field_defaults`): the resume check compares a run saved before a
+    field existed with them."""
+    return base.model_field_defaults(dataset(config).model)
+
+
 def build_model(config, rngs: nnx.Rngs) -> nnx.Module:
     """The model of ``config`` (activations in ``config.dtype``, float32 parameters), built
     without reading data (a vocabulary taken from the data needs ``get_task(config)``)."""

@@ -9,7 +9,9 @@ held from another host cannot be checked, so the message says how to clear it.
 The config: on a rerun, the workdir's ``config.json`` is compared with the new config
 (:func:`compare_configs`). Keys that change the model, the data's shapes, the task or the
 optimizer's state structure refuse the resume (:class:`ConfigChangedError`) unless
-``config.resume`` says otherwise:
+``config.resume`` says otherwise. A model key absent from the saved config (a run from before
+the field existed) stands for the field's default, so a new field whose default keeps the old
+behaviour never blocks an old run; that is the rule for adding one.
 
 - ``"auto"`` (default): resume; refuse structural changes; list the others in a warning.
 - ``"force"``: resume with the new values anyway (still refused, touching nothing, if the
@@ -27,6 +29,7 @@ import secrets
 import socket
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -239,16 +242,32 @@ def is_harmless(key: str) -> bool:
     return key in HARMLESS_KEYS or key.startswith(HARMLESS_PREFIXES)
 
 
-def compare_configs(old: dict[str, Any], new: Any) -> tuple[list[str], list[str], list[str]]:
+def compare_configs(
+    old: dict[str, Any], new: Any, defaults: Mapping[str, Any] | None = None
+) -> tuple[list[str], list[str], list[str]]:
     """``(structural, harmless, other)`` changes between a saved ``config.json`` dict and the
-    new config, each as ``"key: old -> new"``."""
+    new config, each as ``"key: old -> new"``.
+
+    ``defaults`` (flattened keys, e.g. from :func:`hgrn_jax.tasks.model_defaults`) says what a
+    key absent from one side stands for: a run saved before a model field existed was built
+    with its default, so the new config's default value is no change (listed as harmless, as
+    ``"key: absent (default v) -> v"``), while any other value still is."""
     old_flat, new_flat = _flatten(old), _flatten(_plain(new))
+    implied = _flatten(_plain(dict(defaults or {})))
+
+    def shown(flat: dict[str, Any], key: str) -> str:
+        if key in flat:
+            return repr(flat[key])
+        return f"absent (default {implied[key]!r})" if key in implied else "absent"
+
     structural, harmless, other = [], [], []
     for key in sorted(set(old_flat) | set(new_flat)):
-        before, after = old_flat.get(key), new_flat.get(key)
+        before, after = old_flat.get(key, implied.get(key)), new_flat.get(key, implied.get(key))
+        line = f"{key}: {shown(old_flat, key)} -> {shown(new_flat, key)}"
         if before == after:
+            if key in implied and (key not in old_flat or key not in new_flat):
+                harmless.append(line)
             continue
-        line = f"{key}: {before!r} -> {after!r}"
         if is_harmless(key):
             harmless.append(line)
         elif is_structural(key, before, after):
@@ -313,9 +332,12 @@ def archive_previous_run(workdir: str | Path) -> Path:
     return folder
 
 
-def check_resume(workdir: str | Path, config: Any) -> list[str]:
+def check_resume(
+    workdir: str | Path, config: Any, defaults: Mapping[str, Any] | None = None
+) -> list[str]:
     """Decide whether the run in ``workdir`` may continue with ``config`` (process 0, before
     anything of the new run is written). Returns lines describing what happened (for the log).
+    ``defaults``: what absent keys stand for (:func:`compare_configs`).
 
     Raises :class:`ConfigChangedError` on structural changes with ``resume="auto"``.
     """
@@ -332,7 +354,7 @@ def check_resume(workdir: str | Path, config: Any) -> list[str]:
         return []
     if saved is None:
         return []
-    structural, harmless, other = compare_configs(saved, config)
+    structural, harmless, other = compare_configs(saved, config, defaults)
     if structural and choice == "auto":
         raise ConfigChangedError(
             f"{workdir / 'config.json'} holds a run whose checkpoints cannot continue with the "
