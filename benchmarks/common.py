@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform as py_platform
+import re
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,59 @@ def temp_bytes(fn: Callable[..., Any], *args: Any) -> int | None:
     if analysis is None:
         return None
     return int(analysis.temp_size_in_bytes)
+
+
+# Instructions that launch no work of their own.
+_BOOKKEEPING_OPS = frozenset(
+    {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all", "opt-barrier"}
+)
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (?:\([^=]*?\)|\S+) ([\w\-]+)\((.*)$")
+_HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) ")
+_CALLED = re.compile(r"\b(?:to_apply|body|condition|branch_computations)=\{?%?([\w.\-%, ]+)\}?")
+
+
+def step_op_counts(compiled: Any) -> dict[str, int]:
+    """``{opcode: count}`` of the instructions that do work in one call of a compiled
+    executable (fusions, matmuls, custom calls such as Pallas/Triton kernels, copies), read from
+    its HLO: the entry computation, and the computations its ``call``, ``while`` and
+    ``conditional`` instructions run (a loop body counted once; ``"while"`` counts the loops).
+    Bookkeeping (parameters, tuples, bitcasts, ...) is left out. On a GPU each counted
+    instruction outside a loop is about one kernel launch per step."""
+    computations: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in compiled.as_text().splitlines():
+        if (
+            line.endswith("{")
+            and not line.startswith(" ")
+            and (head := _HLO_COMPUTATION.match(line))
+        ):
+            current = computations.setdefault(head.group(1), [])
+            entry = head.group(1) if line.startswith("ENTRY ") else entry
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            current.append(line)
+    counts: dict[str, int] = {}
+
+    def visit(name: str, seen: frozenset) -> None:
+        for line in computations.get(name, []):
+            match = _HLO_INSTRUCTION.match(line)
+            if not match or match.group(1) in _BOOKKEEPING_OPS:
+                continue
+            opcode = match.group(1)
+            if opcode in ("call", "while", "conditional"):
+                if opcode == "while":
+                    counts["while"] = counts.get("while", 0) + 1
+                for group in _CALLED.findall(match.group(2)):
+                    for callee in (c.strip().lstrip("%") for c in group.split(",")):
+                        if callee and callee not in seen:
+                            visit(callee, seen | {callee})
+                continue
+            counts[opcode] = counts.get(opcode, 0) + 1
+
+    if entry is not None:
+        visit(entry, frozenset({entry}))
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
 def _cpu_model() -> str:

@@ -10,7 +10,10 @@ Both models have the same width, depth, vocabulary, GLU channel mixer and tied e
 token mixer differs: the paper's complex HGRU (``HGRNLM``) or causal multi-head softmax
 attention (``jax.nn.dot_product_attention(..., is_causal=True)``, head size 64). One training
 step is the loss, ``jax.grad`` and an AdamW update, jitted; tokens per second = batch * length /
-fastest step time (of interleaved rounds), and peak memory = temp + argument + output bytes of the compiled step.
+fastest step time (of interleaved rounds), and peak memory = temp + argument + output bytes of
+the compiled step. ``step_ops``: the instructions of the compiled step that do work
+(``benchmarks.common.step_op_counts``; loop bodies once), on a GPU about its kernel launches,
+whose fixed cost weighs on short steps (per opcode in the JSON's ``meta.step_ops``).
 
 Sizes: the default is a small CPU model (d 128, 2 layers, vocab 1024, L 512-4096); ``--full`` is
 the WikiText-103 model (d 512, 6 layers, vocab 50264, GLU 1024, L 512-16384), meant for a GPU.
@@ -61,7 +64,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from benchmarks.common import format_table, run_child, write_results
+from benchmarks.common import format_table, run_child, step_op_counts, write_results
 from benchmarks.scan import ablated
 from hgrn_jax.nn import GLU, HGRNLM, LMConfig, MixerConfig
 from hgrn_jax.nn import hgru as hgru_module
@@ -422,6 +425,10 @@ def main() -> None:
                     "tokens_per_s": batch * length / seconds,
                     "peak_MiB": peaks[row_name] / 2**20,
                     "spread": max(row_times) / seconds,
+                    "step_ops": sum(
+                        meta.get("step_ops", {}).get(f"{row_name} L={length}", {}).values()
+                    )
+                    or None,
                 }
             )
         add_speedups(rows)
@@ -434,6 +441,7 @@ def main() -> None:
                     "step_ms",
                     "tokens_per_s",
                     "peak_MiB",
+                    "step_ops",
                     "x_transformer",
                     "x_before",
                 ],
@@ -444,7 +452,16 @@ def main() -> None:
     print(
         format_table(
             rows,
-            ["model", "length", "step_ms", "tokens_per_s", "peak_MiB", "x_transformer", "x_before"],
+            [
+                "model",
+                "length",
+                "step_ms",
+                "tokens_per_s",
+                "peak_MiB",
+                "step_ops",
+                "x_transformer",
+                "x_before",
+            ],
         )
     )
     print("wrote", write_results(name, rows, meta))
@@ -491,6 +508,9 @@ def measure(args, dtype, batch: int, length: int, meta: dict, only: str | None =
         memory = calls[row_name][0].memory_analysis()
         peaks[row_name] = (
             memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+        )
+        meta.setdefault("step_ops", {})[f"{row_name} L={length}"] = step_op_counts(
+            calls[row_name][0]
         )
     return times, peaks
 

@@ -59,3 +59,63 @@ def test_attribute_splits_the_step_by_source_and_pass(step):
     assert ("test_step_trace.py:_inner_matmul", "backward") in passes, passes
     # The scan's loop is one operation credited to the loss, with its body's time inside.
     assert sum(row["loops"] for row in rows if row["source"] == "test_step_trace.py:_loss") >= 1
+
+
+_LOOP_HLO = """HloModule m
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %h = f32[8]{0} get-tuple-element(%p), index=1
+  %next = s32[] fusion(%i), kind=kLoop, calls=%inc
+  %step = f32[8]{0} fusion(%h), kind=kLoop, calls=%mul
+  ROOT %out = (s32[], f32[8]{0}) tuple(%next, %step)
+}
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(1000)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%loop (t: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %t = (s32[], f32[8]{0}) parameter(0)
+  ROOT %w = (s32[], f32[8]{0}) while(%t), condition=%cond, body=%body
+}
+
+ENTRY %main (x: f32[8]) -> f32[8] {
+  %x = f32[8]{0} parameter(0)
+  %zero = s32[] constant(0)
+  %y = f32[8]{0} fusion(%x), kind=kLoop, calls=%sin
+  %t = (s32[], f32[8]{0}) tuple(%zero, %y)
+  %c = (s32[], f32[8]{0}) call(%t), to_apply=%loop
+  %h = f32[8]{0} get-tuple-element(%c), index=1
+  ROOT %r = f32[8]{0} custom-call(%h), custom_call_target="__gpu$xla.gpu.triton"
+}
+"""
+
+
+class _Compiled:
+    def __init__(self, text: str):
+        self.text = text
+
+    def as_text(self) -> str:
+        return self.text
+
+
+def test_step_op_counts_follow_calls_and_loops_once_and_skip_bookkeeping():
+    from benchmarks.common import step_op_counts
+
+    # Entry: a fusion and a custom call; through the call, one loop whose body holds two
+    # fusions and whose condition a compare, each counted once whatever the trip count.
+    assert step_op_counts(_Compiled(_LOOP_HLO)) == {
+        "fusion": 3,
+        "custom-call": 1,
+        "while": 1,
+        "compare": 1,
+    }
+    x = jnp.ones((16, 8))
+    assert step_op_counts(jax.jit(jnp.sin).lower(x).compile()) == {"fusion": 1}
+    # A real step: the scan forward and its transpose are two loops.
+    assert step_op_counts(jax.jit(jax.grad(_loss)).lower(x).compile())["while"] == 2
