@@ -35,7 +35,9 @@ three input projections into one matmul (the default off CPU only, ``hgru.fuse_p
 and ``separate projections`` forces three (the default on CPU); ``norm scale last`` (LayerNorm
 as ``(x - mean) * rsqrt(var + eps) * scale + bias``, not Flax's full-size ``rsqrt * scale``
 product) and ``gate recomputed`` (the mixer's ``norm * silu(gate)`` under ``jax.checkpoint``)
-force two changes that were tried and not adopted. Step time = the fastest of ``--reps`` interleaved rounds
+force two changes that were tried and not adopted; ``directions in one scan`` runs a
+bidirectional HGRU's two scans as one (``hgru.MERGE_DIRECTIONS``, off by default until a GPU
+has measured it). Step time = the fastest of ``--reps`` interleaved rounds
 (``median_ms`` and ``spread`` = slowest / fastest are kept too): on a shared machine the
 fastest round is the one least disturbed by other work. Rows interleaved in one process also
 share its heap, and a row's step time can depend on what the rows before it left there (two
@@ -91,6 +93,8 @@ VARIANTS = {
     "scan as before": ("scan buffers and unroll",),
     "scan not in place": ("in-place scans",),
     # Tried and not adopted (no gain on CPU, benchmarks/README.md): forced on here.
+    # Not yet adopted, to be measured on a GPU: the bidirectional HGRU's two scans as one.
+    "directions in one scan": ("directions in one scan",),
     "norm scale last": ("norm scale last",),
     "gate recomputed": ("gate recomputed",),
 }
@@ -141,9 +145,12 @@ def undone(changes: tuple[str, ...]):
     """While tracing inside this context, the HGRU runs with ``changes`` undone (see
     ``VARIANTS``): "fused projections" / "separate projections" force the input projections
     into one / three matmuls; "norm scale last" and "gate recomputed" force two changes that
-    were tried and not adopted."""
+    were tried and not adopted; "directions in one scan" sets ``hgru.MERGE_DIRECTIONS``."""
     base = hgru_module._HGRUBase
     saved = base.scan, base.output, nnx.LayerNorm.__call__, hgru_module.FUSE_PROJECTIONS
+    saved_merge = hgru_module.MERGE_DIRECTIONS
+    if "directions in one scan" in changes:
+        hgru_module.MERGE_DIRECTIONS = True
     if "norm scale last" in changes:
         nnx.LayerNorm.__call__ = _norm_scale_last
     if "gate recomputed" in changes:
@@ -166,6 +173,7 @@ def undone(changes: tuple[str, ...]):
             yield
     finally:
         base.scan, base.output, nnx.LayerNorm.__call__, hgru_module.FUSE_PROJECTIONS = saved
+        hgru_module.MERGE_DIRECTIONS = saved_merge
 
 
 class CausalAttention(nnx.Module):

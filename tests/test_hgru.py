@@ -378,3 +378,36 @@ def test_fused_projections_equal_separate_ones(monkeypatch, make, shape, use_for
     np.testing.assert_allclose(value_fused, value_separate, rtol=1e-6)
     for g_fused, g_separate in zip(jax.tree.leaves(grads_fused), jax.tree.leaves(grads_separate)):
         np.testing.assert_allclose(g_fused, g_separate, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["sequential", "associative", "chunked"])
+@pytest.mark.parametrize("complex_valued", [True, False], ids=["complex", "real"])
+def test_directions_in_one_scan_equal_two_scans(monkeypatch, method, complex_valued):
+    """MERGE_DIRECTIONS (the reverse direction flipped in time beside the forward one, one
+    forward scan) computes the two scans of a bidirectional HGRU, padding included: outputs
+    and gradients agree to float32 rounding (each state is the same chain of multiply-adds;
+    1e-5 allows the parallel methods' different combination order of a reversed sequence)."""
+    from hgrn_jax.nn import hgru
+
+    layer = HGRU(
+        D, bidirectional=True, complex_valued=complex_valued, method=method, rngs=nnx.Rngs(0)
+    )
+    x = inputs(SEQ, seed=5)
+    mask = jnp.arange(SEQ[1])[None, :] < jnp.array([[12], [7], [1]])  # padding after the end
+    graphdef, state = nnx.split(layer)
+
+    def loss(state, x):
+        return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x, 0.3, mask)) * x)
+
+    results = {}
+    for merged in (True, False):
+        monkeypatch.setattr(hgru, "MERGE_DIRECTIONS", merged)
+        results[merged] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(state, x)
+    (value_merged, grads_merged), (value_two, grads_two) = results[True], results[False]
+    np.testing.assert_allclose(value_merged, value_two, rtol=1e-5)
+    for merged_leaf, two_leaf in zip(jax.tree.leaves(grads_merged), jax.tree.leaves(grads_two)):
+        np.testing.assert_allclose(merged_leaf, two_leaf, rtol=1e-5, atol=1e-5)
+    # The switch is live: the merged layer calls the recurrence (a custom VJP) once, not twice.
+    for merged, calls in ((True, 1), (False, 2)):
+        monkeypatch.setattr(hgru, "MERGE_DIRECTIONS", merged)
+        assert str(jax.make_jaxpr(lambda s: loss(s, x))(state)).count("custom_vjp_call") == calls

@@ -34,6 +34,13 @@ Direction = Literal["forward", "reverse"]
 # None: fuse the input projections except on CPU (see _HGRUBase.projections); True / False force it.
 FUSE_PROJECTIONS: bool | None = None
 
+# True: a bidirectional HGRU runs its two scans as one forward scan over the channels of both
+# directions side by side, the reverse direction's inputs flipped in time (HGRU._both_directions).
+# Half the scan calls, so half the kernel launches of short steps on a GPU, for a flip of the
+# reverse half's inputs and states. Off by default until a GPU has measured it
+# (benchmarks/train_throughput.py --variants "directions in one scan").
+MERGE_DIRECTIONS: bool = False
+
 
 def fuse_projections() -> bool:
     """Whether :meth:`_HGRUBase.projections` runs as one matmul (``FUSE_PROJECTIONS``)."""
@@ -280,6 +287,8 @@ class HGRU(_HGRUBase):
         self.check_input(x, "(batch, length, d)")
         projected = self.projections(x)
         lam, b = self.decay_and_input(x, lower_bound, projected)
+        if self.bidirectional and MERGE_DIRECTIONS and self.sequence_axis is None:
+            return self.output(self._both_directions(lam, b, mask), x, gate=projected[2])
         directions: tuple[Direction, ...] = (
             ("forward", "reverse") if self.bidirectional else ("forward",)
         )
@@ -288,6 +297,19 @@ class HGRU(_HGRUBase):
             a, b_dir = self.identity_at_padding(self.decay(lam, direction), b, mask)
             h = h + self.scan(a, b_dir, direction)
         return self.output(h, x, gate=projected[2])
+
+    def _both_directions(self, lam: jax.Array, b: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """The forward plus the reverse scan of (B, L, d) decays and inputs as one forward scan
+        over (B, L, 2d): the reverse direction's decays and inputs flipped in time beside the
+        forward ones, its states flipped back (``MERGE_DIRECTIONS``)."""
+        forward = self.identity_at_padding(self.decay(lam, "forward"), b, mask)
+        backward = self.identity_at_padding(self.decay(lam, "reverse"), b, mask)
+        a, x = (
+            jnp.concatenate([f, jnp.flip(r, axis=-2)], axis=-1)
+            for f, r in zip(forward, backward, strict=True)
+        )
+        h = linear_recurrence(a, x, method=self.method)
+        return h[..., : self.features] + jnp.flip(h[..., self.features :], axis=-2)
 
     def step(
         self, x: jax.Array, state: jax.Array, lower_bound: jax.Array | float = 0.0
