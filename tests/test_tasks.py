@@ -257,7 +257,7 @@ def test_listops_release_source_reads_the_tsv_layout(tmp_path, cache_dir):
     generated_cfg = tiny_config("lra.listops", cache_dir)
     generated = tasks.get_task(generated_cfg)
     generated.examples("train")  # generates the set into cache_dir if no earlier test did
-    spec_folder = next(p for p in cache_dir.iterdir() if p.name.startswith("listops-"))
+    spec_folder = next(p for p in cache_dir.iterdir() if (p / "spec.json").is_file())
     release = tmp_path / "lra_release" / "listops-1000"
     release.mkdir(parents=True)
     for split in listops.SPLITS:

@@ -284,6 +284,31 @@ def test_time_budget_ends_the_run_like_its_last_step_and_a_rerun_trains_no_more(
         check_run_lengths(config)
 
 
+def test_training_wall_time_starts_once_the_input_is_open(tmp_path, monkeypatch):
+    """Opening the data (tokenising a set afresh, or reading one an earlier run prepared) is
+    not training time: a 1000 s open leaves the budget and the records' wall times alone."""
+    from hgrn_jax.training import loop
+
+    real_time, offset = time.time, [0.0]
+    monkeypatch.setattr(loop.time, "time", lambda: real_time() + offset[0])
+    real_open = loop.preflight.open_splits
+
+    def slow_open(*args, **kwargs):
+        opened = real_open(*args, **kwargs)
+        offset[0] += 1000.0
+        return opened
+
+    monkeypatch.setattr(loop.preflight, "open_splits", slow_open)
+    config = toy_config()
+    config.max_train_time_s = 900.0
+    results = train_and_evaluate(config, tmp_path, task=ToyTask(config))
+    assert results["steps"] == config.num_train_steps
+    assert results.get("stopped_by") != "time budget"
+    assert 0 < results["wall_time_s"] < 900
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["wall_time_s"] < 900 for r in records if r["split"] in ("train", "val"))
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> tuple[Path, dict]:
     """A complete toy run in this process (8 devices, as the subprocess runs use)."""

@@ -81,11 +81,10 @@ class ListOpsRelease(ListOpsTask):
 
 
 class ListOpsGenerated(ListOpsTask):
-    """A generated set of the ``data`` specification (written once into ``data.cache_dir``,
-    then tokenised in memory)."""
-
-    def _cache_dir(self) -> str:
-        return ""
+    """A generated set of the ``data`` specification, written once into ``data.cache_dir``;
+    its tokenised arrays are prepared there too on first use, so later runs and resumptions
+    open the full set in about a second instead of re-reading and tokenising 96k sequences
+    (25-40 s)."""
 
     def _folder(self) -> str:
         data = self.config.data

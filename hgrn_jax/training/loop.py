@@ -443,19 +443,6 @@ def _train_and_evaluate(
     start = int(meta["step"])
     run.writer.rewind(start)
     wall_before = float(meta.get("wall_time_s", 0.0))
-    t_start = time.time()
-
-    def wall_time() -> float:
-        """Training wall time of the run so far, resumptions included."""
-        return wall_before + time.time() - t_start
-
-    def bookkeeping(step: int) -> dict:
-        return {
-            "step": step,
-            "wall_time_s": wall_time(),
-            "task": run.task.name,
-        }
-
     bar = podlog.progress(total_steps, start, enabled=run.primary)
     if run.primary:
         for line in _startup_summary(run, start, total_steps):
@@ -469,6 +456,20 @@ def _train_and_evaluate(
             InputStateWarning,
             stacklevel=2,
         )
+    t_start = time.time()
+
+    def wall_time() -> float:
+        """Training wall time of the run so far, resumptions included: from the input being
+        open to now (compilation, steps, evaluations and checkpoints; not opening the data,
+        whose cost depends on what an earlier run left prepared)."""
+        return wall_before + time.time() - t_start
+
+    def bookkeeping(step: int) -> dict:
+        return {
+            "step": step,
+            "wall_time_s": wall_time(),
+            "task": run.task.name,
+        }
 
     def save(state: TrainState, done: int, metrics: dict | None = None) -> None:
         run.save(state, bookkeeping(done), metrics, batches.get_state())
