@@ -75,6 +75,10 @@ step lm 120 $PY benchmarks/train_throughput.py --full --batch 8 --lengths 1024 2
 step lra 140 $PY benchmarks/train_throughput.py --task lra --full --batch 32 \
   --lengths 1024 2048 4096 --methods auto --variants after "directions in one scan" \
   --reps 5 --tag "$TAG"
+# Is that 1k step launch-bound? Device time (kernels running) against step time, and the
+# kernels per step, from a profiler trace.
+step device 90 $PY benchmarks/device_time.py --task lra --full --batch 32 --lengths 1024 \
+  --variants after "directions in one scan" --tag "$TAG"
 fi
 # The runner on this machine before a later command spends its minutes on it: the tiny ListOps
 # preset, end to end (data, training, checkpoints, evaluation).

@@ -119,3 +119,24 @@ def test_step_op_counts_follow_calls_and_loops_once_and_skip_bookkeeping():
     assert step_op_counts(jax.jit(jnp.sin).lower(x).compile()) == {"fusion": 1}
     # A real step: the scan forward and its transpose are two loops.
     assert step_op_counts(jax.jit(jax.grad(_loss)).lower(x).compile())["while"] == 2
+
+
+def test_device_activity_reads_kernel_events_of_the_accelerator_only():
+    from benchmarks.device_time import busy_seconds, device_activity
+
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}},
+        {"ph": "X", "pid": 1, "name": "ExecuteOnStream", "ts": 0.0, "dur": 500.0},
+        # Two streams: kernels overlapping in time count once in the busy time.
+        {"ph": "X", "pid": 7, "tid": 1, "name": "fusion_1", "ts": 10.0, "dur": 20.0},
+        {"ph": "X", "pid": 7, "tid": 2, "name": "gemm", "ts": 20.0, "dur": 30.0},
+        {"ph": "X", "pid": 7, "tid": 1, "name": "fusion_1", "ts": 100.0, "dur": 10.0},
+    ]
+    activity = device_activity(events)
+    assert activity["kernels"] == 3
+    assert activity["busy_s"] == pytest.approx(50e-6)  # [10, 50] and [100, 110] microseconds
+    assert activity["by_name"]["fusion_1"] == pytest.approx(30e-6)
+    assert device_activity(events[:3]) is None  # host events only: no device activity
+    assert busy_seconds([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0)]) == pytest.approx(3.0)
+    assert busy_seconds([]) == 0.0
