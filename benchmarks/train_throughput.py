@@ -80,6 +80,16 @@ SMALL_LENGTHS, FULL_LENGTHS = (512, 1024, 2048, 4096), (512, 1024, 2048, 4096, 8
 LRA_TEXT = dict(vocab_size=135, features=128, num_layers=4, num_classes=2)
 SMALL_LRA = dict(vocab_size=135, features=32, num_layers=2, num_classes=2)
 HEAD_DIM = 64
+TABLE_COLUMNS = [
+    "model",
+    "length",
+    "step_ms",
+    "tokens_per_s",
+    "peak_MiB",
+    "step_ops",
+    "x_transformer",
+    "x_before",
+]
 
 # What each --variants row changes: speed changes undone, or the projections forced one way
 # ("after" is the code as it is).
@@ -441,37 +451,11 @@ def main() -> None:
             )
         add_speedups(rows)
         print(
-            format_table(
-                [r for r in rows if r["length"] == length],
-                [
-                    "model",
-                    "length",
-                    "step_ms",
-                    "tokens_per_s",
-                    "peak_MiB",
-                    "step_ops",
-                    "x_transformer",
-                    "x_before",
-                ],
-            ),
+            format_table([r for r in rows if r["length"] == length], TABLE_COLUMNS),
             flush=True,
         )
         write_results(name, rows, meta)
-    print(
-        format_table(
-            rows,
-            [
-                "model",
-                "length",
-                "step_ms",
-                "tokens_per_s",
-                "peak_MiB",
-                "step_ops",
-                "x_transformer",
-                "x_before",
-            ],
-        )
-    )
+    print(format_table(rows, TABLE_COLUMNS))
     print("wrote", write_results(name, rows, meta))
 
 
