@@ -380,8 +380,11 @@ def test_fused_projections_equal_separate_ones(monkeypatch, make, shape, use_for
         np.testing.assert_allclose(g_fused, g_separate, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["sequential", "associative", "chunked"])
-@pytest.mark.parametrize("complex_valued", [True, False], ids=["complex", "real"])
+@pytest.mark.parametrize(
+    "method,complex_valued",
+    [("sequential", True), ("associative", True), ("chunked", False)],
+    ids=["sequential-complex", "associative-complex", "chunked-real"],
+)
 def test_directions_in_one_scan_equal_two_scans(monkeypatch, method, complex_valued):
     """MERGE_DIRECTIONS (the reverse direction flipped in time beside the forward one, one
     forward scan) computes the two scans of a bidirectional HGRU, padding included: outputs
