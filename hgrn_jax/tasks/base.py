@@ -85,26 +85,21 @@ def model_config(config, kind: ModelKind) -> Any:
 
 
 def model_field_defaults(kind: ModelKind) -> dict[str, Any]:
-    """What each ``model.*`` key absent from a config stands for: the defaults of
-    ``kind.config_cls``, nested dataclasses and dicts field by field, keyed as in a flattened
-    ``config.json`` (``"model.mixer.kind"``). Fields without a default are left out."""
-
-    def flatten(value: Any, key: str, out: dict[str, Any]) -> None:
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            value = dataclasses.asdict(value)
-        if isinstance(value, dict):
-            for name, item in value.items():
-                flatten(item, f"{key}.{name}", out)
-        else:
-            out[key] = value
-
+    """What the ``model`` keys absent from a config stand for: ``{"model": {field: default}}``
+    of ``kind.config_cls`` (a dataclass default as its dict of fields, as a config holds it).
+    Fields without a default are left out."""
     defaults: dict[str, Any] = {}
     for field in dataclasses.fields(kind.config_cls):
         if field.default is not dataclasses.MISSING:
-            flatten(field.default, f"model.{field.name}", defaults)
+            value = field.default
         elif field.default_factory is not dataclasses.MISSING:
-            flatten(field.default_factory(), f"model.{field.name}", defaults)
-    return defaults
+            value = field.default_factory()
+        else:
+            continue
+        defaults[field.name] = (
+            dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        )
+    return {"model": defaults}
 
 
 def activation_dtype(name: str) -> jnp.dtype:

@@ -48,10 +48,11 @@ def model_config(config) -> Any:
 
 
 def model_defaults(config) -> dict[str, Any]:
-    """The values ``model.*`` keys absent from ``config`` stand for (the task's model dataclass
-    defaults, :func:`base.model_field_defaults`): the resume check compares a run saved before a
-    field existed with them."""
-    return base.model_field_defaults(dataset(config).model)
+    """The values ``model`` keys absent from ``config`` stand for (the task's model dataclass
+    defaults, :func:`base.model_field_defaults`), which the resume check compares a run saved
+    before a field existed with; empty for a task outside the registry (``"module:factory"``)."""
+    entry = DATASETS.get(str(config.get("task", "")))
+    return base.model_field_defaults(entry.model) if entry is not None else {}
 
 
 def build_model(config, rngs: nnx.Rngs) -> nnx.Module:

@@ -346,17 +346,6 @@ def _time_budget(config: Any) -> float:
     return float(value or 0)
 
 
-def _absent_key_defaults(config: Any) -> dict[str, Any]:
-    """What ``model.*`` keys absent from a saved config stand for: the model dataclass
-    defaults of a registered task (none for a ``"module:factory"`` task)."""
-    name = str(config.get("task", "")) if hasattr(config, "get") else ""
-    if not name or ":" in name:
-        return {}
-    from hgrn_jax.tasks import DATASETS, model_defaults
-
-    return model_defaults(config) if name in DATASETS else {}
-
-
 def prepare_workdir(workdir: Path, config: Any) -> WorkdirLock:
     """Lock ``workdir`` (process 0, before anything is written), check that its run may continue
     with ``config`` and write ``config.json``; the other processes learn the outcome."""
@@ -364,7 +353,9 @@ def prepare_workdir(workdir: Path, config: Any) -> WorkdirLock:
     if jax.process_index() == 0:
         try:
             lock.acquire()
-            for line in check_resume(workdir, config, _absent_key_defaults(config)):
+            from hgrn_jax.tasks import model_defaults
+
+            for line in check_resume(workdir, config, model_defaults(config)):
                 warnings.warn(line, ConfigChangeWarning, stacklevel=3)
             try:
                 write_config(workdir, config)

@@ -248,12 +248,12 @@ def compare_configs(
     """``(structural, harmless, other)`` changes between a saved ``config.json`` dict and the
     new config, each as ``"key: old -> new"``.
 
-    ``defaults`` (flattened keys, e.g. from :func:`hgrn_jax.tasks.model_defaults`) says what a
+    ``defaults`` (nested as a config, e.g. :func:`hgrn_jax.tasks.model_defaults`) says what a
     key absent from one side stands for: a run saved before a model field existed was built
     with its default, so the new config's default value is no change (listed as harmless, as
     ``"key: absent (default v) -> v"``), while any other value still is."""
     old_flat, new_flat = _flatten(old), _flatten(_plain(new))
-    implied = _flatten(_plain(dict(defaults or {})))
+    implied = _flatten(_plain(defaults or {}))
 
     def shown(flat: dict[str, Any], key: str) -> str:
         if key in flat:
