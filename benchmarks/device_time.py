@@ -24,7 +24,6 @@ import gzip
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 
-from benchmarks.common import format_table, write_results
+from benchmarks.common import format_table, time_fn, write_results
 from benchmarks.train_throughput import (
     VARIANTS,
     builders,
@@ -111,10 +110,7 @@ def measure(args, length: int) -> list[dict[str, Any]]:
         def run(executable=executable, state=state):
             return executable(*state, ids)
 
-        jax.block_until_ready(run())
-        start = time.perf_counter()
-        jax.block_until_ready([run() for _ in range(args.steps)][-1])
-        step_s = (time.perf_counter() - start) / args.steps
+        step_s = time_fn(run, reps=1, calls_per_rep=args.steps)["median"]
         activity = device_activity(traced_events(run, args.steps))
         row = {"model": row_name, "length": length, "step_ms": step_s * 1e3}
         if activity is None:
