@@ -47,39 +47,47 @@ if [ "$budget" != 0 ] || [ "${TTA_PREPARE:-0}" = 1 ]; then
   step tta_data 600 $PY -m hgrn_jax.data.listops --spec=lra --cache_dir="$TTA_CACHE" &
   data_pid=$!
 fi
-# TTA_ONLY=1: only the time-to-accuracy runs (a lent machine's 15 minutes hold one 8-minute run
-# and little else). TAG names this machine's JSON files (e.g. TAG=_h200), so earlier ones stay.
+# STEPS picks the measurement steps below (default: all of them, in this order); a lent machine's
+# 15 minutes hold them in two commands (STEPS=pallas, then STEPS="lm lra device"), or one
+# 8-minute time-to-accuracy run and little else. TTA_ONLY=1 is STEPS="". TAG names this
+# machine's JSON files (e.g. TAG=_h200), so earlier ones stay.
+STEPS=${STEPS-pallas matrix peers lm lra device}
+[ "${TTA_ONLY:-0}" = 1 ] && STEPS=
+wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 TAG=${TAG:-}
-if [ "${TTA_ONLY:-0}" != 1 ]; then
 # The kernel: checks against the pure-JAX methods, time against the memory floor at 4k/16k/64k in
-# float32 and bfloat16, and a sweep of its launch parameters at 4k.
-step pallas 150 $PY benchmarks/pallas_gpu.py --reps 5 --deadline 100 --tag "$TAG"
+# float32 and bfloat16 with the streaming options not yet on by default (loads issued ahead of
+# stores, carries chained in the kernel) beside the defaults, a profiler trace of each at 4k
+# (kernels and device time per call), and a sweep of launch parameters at 4k and 64k.
+wanted pallas && step pallas 240 $PY benchmarks/pallas_gpu.py --reps 5 --deadline 200 --tag "$TAG"
 # HGRN2's matrix recurrence: chunked and the Pallas kernel (both checked against the scan first;
 # the scan itself, a launch per step, took 38 / 140 / 556 ms forward+backward at these sizes on
 # an H200 and is not timed), HGRN's recurrence, causal attention, and fla's chunk_gla when fla
 # imports.
-step matrix 90 $PY benchmarks/matrix_recurrence.py --reps 3 --methods chunked pallas \
-  --sizes 8x1024x4x64x64 8x4096x4x64x64 4x16384x4x64x64
+wanted matrix && step matrix 90 $PY benchmarks/matrix_recurrence.py --reps 3 \
+  --methods chunked pallas --sizes 8x1024x4x64x64 8x4096x4x64x64 4x16384x4x64x64
 # fla's kernels and layer (only when fla is installed from .whl/).
-if $PY -c "import fla" 2>/dev/null; then
+if wanted peers && $PY -c "import fla" 2>/dev/null; then
   step peers 200 $PY benchmarks/peers_gpu.py --reps 5 --deadline 150
 fi
 # Training steps against the same-size Transformer, at each model's training batch size: the LM
 # (WikiText-103 size, 8 x L tokens; one HGRN row per recurrence method, "auto" being associative
-# below 2k steps and pallas from 2k) and the LRA Text classifier (batch 32; auto, and auto with
-# the bidirectional mixer's two scans as one, which halves its scan launches: 1,459 -> 1,131
-# step instructions with the associative scan at 1k on CPU; on an H200 HGRN's 1k step was 0.97x
-# the Transformer's).
-step lm 120 $PY benchmarks/train_throughput.py --full --batch 8 --lengths 1024 2048 \
-  --methods pallas associative --reps 5 --tag "$TAG"
-step lra 140 $PY benchmarks/train_throughput.py --task lra --full --batch 32 \
-  --lengths 1024 2048 4096 --methods auto --variants after "directions in one scan" \
+# below 2k steps and pallas from 2k, and the kernel with the options above) and the LRA Text
+# classifier (batch 32; auto and pallas, each also with the bidirectional mixer's two scans as
+# one, which halves its scan launches: 1,459 -> 1,131 step instructions with the associative
+# scan at 1k on CPU, and pallas with the options above; on an H200 HGRN's 1k step was 0.97x the
+# Transformer's). The LRA L = 4k row was measured on 2026-11-30 (2.83x) and is not repeated.
+wanted lm && step lm 150 $PY benchmarks/train_throughput.py --full --batch 8 \
+  --lengths 1024 2048 --methods pallas associative --variants after "chained kernel" \
   --reps 5 --tag "$TAG"
+wanted lra && step lra 180 $PY benchmarks/train_throughput.py --task lra --full --batch 32 \
+  --lengths 1024 2048 --methods auto pallas \
+  --variants after "directions in one scan" "chained kernel" --reps 5 --tag "$TAG"
 # Is that 1k step launch-bound? Device time (kernels running) against step time, and the
 # kernels per step, from a profiler trace.
-step device 90 $PY benchmarks/device_time.py --task lra --full --batch 32 --lengths 1024 \
-  --variants after "directions in one scan" --tag "$TAG"
-fi
+wanted device && step device 120 $PY benchmarks/device_time.py --task lra --full --batch 32 \
+  --lengths 1024 --methods auto pallas \
+  --variants after "directions in one scan" "chained kernel" --tag "$TAG"
 # The runner on this machine before a later command spends its minutes on it: the tiny ListOps
 # preset, end to end (data, training, checkpoints, evaluation).
 if [ "${TTA_PREPARE:-0}" = 1 ]; then

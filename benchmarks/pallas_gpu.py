@@ -3,7 +3,9 @@ memory floor, then a sweep of its launch parameters
 (:class:`hgrn_jax.ops.pallas_recurrence.StreamingOptions`).
 
     python benchmarks/pallas_gpu.py [--lengths 4096 16384 65536] [--dtypes float32 bfloat16]
-                                    [--sweep-lengths 4096] [--sweep-dtypes float32 bfloat16]
+                                    [--variants default "loads ahead" "chain in kernel" both]
+                                    [--trace-lengths 4096] [--sweep-lengths 4096 65536]
+                                    [--sweep-dtypes float32 bfloat16] [--sweep-base both]
                                     [--reps 5] [--deadline SECONDS] [--tag _h200]
 
 Correctness: forward states, final state and the gradients of a random linear loss with respect
@@ -16,9 +18,17 @@ each of ``--dtypes``, against the memory floor: the arrays the pass must move (f
 forward+backward 8) at the inputs' itemsize over the bandwidth of a large copy measured in the
 same run. Each repetition makes ``CALLS_PER_REP`` calls back to back (the host's dispatch and
 the wait for a result are paid once per repetition, as in a training step).
+Variants (``--variants``, timed one after another at each length and dtype, so their ratios come
+from one run): the defaults, and the options not yet on by default
+(:class:`~hgrn_jax.ops.pallas_recurrence.StreamingOptions` ``loads_ahead`` and
+``chain_in_kernel``), each alone and both; the correctness checks run on the defaults and on
+the sweep's base.
+Trace: each variant's forward+backward at ``--trace-lengths`` run under the profiler: kernels
+per call, the time some kernel was running against the call's time (``busy``), and the time of
+each kernel, so what is not the Pallas kernels (the carries' chain, copies) shows by name.
 Sweep: forward+backward at ``--sweep-lengths`` in each of ``--sweep-dtypes``, one option changed
-at a time (chunk length, shortest chunk, chains aimed for, channels per program, unroll,
-pipelining stages); ``--deadline`` stops starting new variants after that many seconds.
+at a time from ``--sweep-base`` (chunk length, shortest chunk, chains aimed for, channels per
+program, unroll); ``--deadline`` stops starting new variants after that many seconds.
 Results (rewritten after every row): ``benchmarks/results/pallas_sweep[TAG]_<platform>.json``.
 """
 
@@ -38,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import format_table, time_fn, write_results
+from benchmarks.device_time import device_activity, traced_events
 from benchmarks.recurrence import copy_bandwidth
 from hgrn_jax.ops import linear_recurrence
 from hgrn_jax.ops.pallas_recurrence import StreamingOptions, streaming_options
@@ -49,15 +60,23 @@ PASS_ARRAYS = {"forward": 3, "forward+backward": 8}
 CALLS_PER_REP = 10
 
 
-def sweep_options() -> list[tuple[str, dict[str, Any]]]:
-    """One field of the defaults changed at a time (the defaults themselves are the main rows)."""
-    variants = [(f"chunk_length={c}", {"chunk_length": c}) for c in (1 << 30, 2048, 1024, 512, 128)]
-    # Shorter chunks than the default's shortest: more chains in flight at L <= 4k.
-    variants += [(f"min_chunk_length={c}", {"min_chunk_length": c}) for c in (32, 64)]
-    variants += [(f"min_parallel_chains=2^{e}", {"min_parallel_chains": 1 << e}) for e in (18, 20)]
-    variants += [(f"block_channels={b}", {"block_channels": b}) for b in (64, 128)]
-    variants += [(f"unroll={u}", {"unroll": u}) for u in (4, 16)]
-    variants += [("num_stages=2", {"num_stages": 2})]
+# Options not yet on by default, timed beside the defaults (--variants).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "loads ahead": {"loads_ahead": True},
+    "chain in kernel": {"chain_in_kernel": True},
+    "both": {"loads_ahead": True, "chain_in_kernel": True},
+}
+
+
+def sweep_options() -> list[dict[str, Any]]:
+    """One field changed at a time (the base itself is a main row). On an H200 (2026-11-30,
+    ``pallas_sweep_h200_gpu.json``) none of these beat the defaults beyond noise at 4k, and
+    pipelining stages and a single chunk per sequence were far off; they are not repeated."""
+    variants = [{"chunk_length": c} for c in (1024, 256)]
+    variants += [{"min_chunk_length": c} for c in (64, 256)]
+    variants += [{"min_parallel_chains": 1 << e} for e in (18, 20)]
+    variants += [{"block_channels": 64}, {"unroll": 16}]
     return variants
 
 
@@ -66,7 +85,9 @@ def relative_error(got, want) -> float:
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
 
 
-def check(dtype_name: str, reverse: bool, chunk_length: int | None) -> dict[str, Any]:
+def check(
+    dtype_name: str, reverse: bool, chunk_length: int | None, variant: str = "default"
+) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     a = rng.uniform(0.8, 1.0, CHECK_SHAPE)
     x, h0, w = (rng.standard_normal(s) for s in (CHECK_SHAPE, CHECK_SHAPE[::2], CHECK_SHAPE))
@@ -93,13 +114,14 @@ def check(dtype_name: str, reverse: bool, chunk_length: int | None) -> dict[str,
         grads, h = grad(a, x, h0)
         return [h, *grads]
 
-    with streaming_options(chunk_length=chunk_length):
+    with streaming_options(chunk_length=chunk_length, **VARIANTS[variant]):
         got = run("pallas")
     want = run("associative")
     errors = {
         name: relative_error(g, w_) for name, g, w_ in zip(("h", "da", "dx", "dh0"), got, want)
     }
     row = {
+        "variant": variant,
         "dtype": dtype_name,
         "reverse": reverse,
         "chunk_length": chunk_length or "default",
@@ -111,18 +133,25 @@ def check(dtype_name: str, reverse: bool, chunk_length: int | None) -> dict[str,
 
 
 def time_pallas(
-    length: int, dtype_name: str, passes: tuple[str, ...], reps: int, bandwidth: float, **options
+    length: int,
+    dtype_name: str,
+    passes: tuple[str, ...],
+    reps: int,
+    bandwidth: float,
+    variant: str = "default",
+    **options,
 ) -> list[dict[str, Any]]:
     """Rows of ``linear_recurrence(method="pallas")`` at (BATCH, length, CHANNELS) with the
-    streaming options ``options`` changed: milliseconds per call and the ratio to the floor
-    (the arrays a pass must move, ``PASS_ARRAYS``, at the inputs' itemsize, over ``bandwidth``)."""
+    streaming options of ``variant`` and ``options`` changed: milliseconds per call and the
+    ratio to the floor (the arrays a pass must move, ``PASS_ARRAYS``, at the inputs' itemsize,
+    over ``bandwidth``)."""
     dtype = jnp.dtype(dtype_name)
     keys = jax.random.split(jax.random.key(length), 3)
     shape = (BATCH, length, CHANNELS)
     a = jax.random.uniform(keys[0], shape, jnp.float32, 0.9, 1.0).astype(dtype)
     x, g = (jax.random.normal(k, shape, dtype) for k in keys[1:])
     rows = []
-    with streaming_options(**options) as chosen:
+    with streaming_options(**VARIANTS[variant], **options) as chosen:
         chunk, chunks = chosen.chunking(BATCH * CHANNELS, length)
         fns = {
             "forward": (jax.jit(lambda a, x: linear_recurrence(a, x, method="pallas")), (a, x)),
@@ -141,7 +170,8 @@ def time_pallas(
             floor = PASS_ARRAYS[pass_name] * a.size * dtype.itemsize / bandwidth
             rows.append(
                 {
-                    "variant": ", ".join(f"{k}={v}" for k, v in options.items()) or "default",
+                    "variant": variant,
+                    "sweep": ", ".join(f"{k}={v}" for k, v in options.items()) or "-",
                     "dtype": dtype_name,
                     "length": length,
                     "chunk_length": chunk,
@@ -155,12 +185,65 @@ def time_pallas(
     return rows
 
 
+TRACE_COLUMNS = ["variant", "dtype", "length", "call_ms", "kernels_per_call", "device_ms", "busy"]
+
+
+def trace_pallas(length: int, dtype_name: str, variant: str, calls: int) -> dict[str, Any]:
+    """Where forward+backward's time goes on the device: ``calls`` calls back to back under the
+    profiler; per call, the kernels launched, the time some kernel was running and each
+    kernel's time (names of the Pallas kernels are ``linear_recurrence_*``; the rest is XLA's:
+    the chain of carries, layout copies)."""
+    dtype = jnp.dtype(dtype_name)
+    shape = (BATCH, length, CHANNELS)
+    keys = jax.random.split(jax.random.key(length), 3)
+    a = jax.random.uniform(keys[0], shape, jnp.float32, 0.9, 1.0).astype(dtype)
+    x, g = (jax.random.normal(k, shape, dtype) for k in keys[1:])
+    with streaming_options(**VARIANTS[variant]):
+        fn = jax.jit(
+            lambda a, x, g: jax.vjp(lambda a, x: linear_recurrence(a, x, method="pallas"), a, x)[1](
+                g
+            )
+        )
+        seconds = time_fn(fn, a, x, g, reps=1, calls_per_rep=calls)["median"]
+    row: dict[str, Any] = {
+        "variant": variant,
+        "dtype": dtype_name,
+        "length": length,
+        "call_ms": seconds * 1e3,
+    }
+    activity = device_activity(traced_events(lambda: fn(a, x, g), calls))
+    if activity is None:
+        return row | {"kernels_per_call": None, "device_ms": None, "busy": None, "kernels": None}
+    device_s = activity["busy_s"] / calls
+    row |= {
+        "kernels_per_call": activity["kernels"] / calls,
+        "device_ms": device_s * 1e3,
+        "busy": device_s / seconds,
+        "kernels": {n: s / calls * 1e3 for n, s in activity["by_name"].most_common(12)},
+    }
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--sweep-lengths", type=int, nargs="+", default=[4096])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--sweep-lengths", type=int, nargs="+", default=[4096, 65536])
     parser.add_argument("--sweep-dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument(
+        "--sweep-base",
+        choices=list(VARIANTS),
+        default="both",
+        help="the variant whose options the sweep changes one at a time",
+    )
+    parser.add_argument(
+        "--trace-lengths",
+        type=int,
+        nargs="*",
+        default=[4096],
+        help="lengths at which each variant's forward+backward is traced (kernels, device time)",
+    )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument(
         "--deadline",
@@ -173,7 +256,8 @@ def main() -> None:
     started = time.perf_counter()
     print("devices:", jax.devices(), flush=True)
     checks = [
-        check(d, r, c)
+        check(d, r, c, v)
+        for v in dict.fromkeys(["default", args.sweep_base])
         for d in ("float32", "complex64", "bfloat16")
         for r in (False, True)
         for c in (None, 96)
@@ -194,16 +278,36 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for length in args.lengths:
         for dtype_name in args.dtypes:
-            rows += time_pallas(length, dtype_name, tuple(PASS_ARRAYS), args.reps, bandwidth)
-            write_results(name, rows, meta)
+            for variant in args.variants:
+                rows += time_pallas(
+                    length, dtype_name, tuple(PASS_ARRAYS), args.reps, bandwidth, variant
+                )
+                write_results(name, rows, meta)
+    traces = meta["traces"] = []
+    for length in args.trace_lengths:
+        for dtype_name in args.dtypes:
+            for variant in args.variants:
+                traces.append(trace_pallas(length, dtype_name, variant, CALLS_PER_REP))
+                print(format_table(traces[-1:], TRACE_COLUMNS).splitlines()[-1], flush=True)
+                write_results(name, rows, meta)
+    for trace in traces:
+        print(f"{trace['variant']}, {trace['dtype']}, L={trace['length']}: ms per call by kernel")
+        for kernel, ms in (trace["kernels"] or {}).items():
+            print(f"  {ms:8.4f}  {kernel[:100]}")
     for length in args.sweep_lengths:
         for dtype_name in args.sweep_dtypes:
-            for _, overrides in sweep_options():
+            for overrides in sweep_options():
                 if time.perf_counter() - started > args.deadline:
                     print(f"deadline ({args.deadline:.0f} s): sweep stopped", flush=True)
                     break
                 rows += time_pallas(
-                    length, dtype_name, ("forward+backward",), args.reps, bandwidth, **overrides
+                    length,
+                    dtype_name,
+                    ("forward+backward",),
+                    args.reps,
+                    bandwidth,
+                    args.sweep_base,
+                    **overrides,
                 )
                 write_results(name, rows, meta)
     print(format_table(rows, list(rows[0])))

@@ -37,7 +37,9 @@ as ``(x - mean) * rsqrt(var + eps) * scale + bias``, not Flax's full-size ``rsqr
 product) and ``gate recomputed`` (the mixer's ``norm * silu(gate)`` under ``jax.checkpoint``)
 force two changes that were tried and not adopted; ``directions in one scan`` runs a
 bidirectional HGRU's two scans as one (``hgru.MERGE_DIRECTIONS``, off by default until a GPU
-has measured it). Step time = the fastest of ``--reps`` interleaved rounds
+has measured it); ``chained kernel`` (rows of ``--methods pallas`` only) runs the Pallas kernel
+with its loads issued ahead of its stores and the chunks' carries chained inside it
+(``StreamingOptions.loads_ahead`` and ``chain_in_kernel``, off until measured). Step time = the fastest of ``--reps`` interleaved rounds
 (``median_ms`` and ``spread`` = slowest / fastest are kept too): on a shared machine the
 fastest round is the one least disturbed by other work. Rows interleaved in one process also
 share its heap, and a row's step time can depend on what the rows before it left there (two
@@ -73,6 +75,7 @@ from hgrn_jax.nn import hgru as hgru_module
 from hgrn_jax.nn.classifier import ClassifierConfig, HGRNClassifier
 from hgrn_jax.nn.glu import glu_width
 from hgrn_jax.ops import linear_recurrence
+from hgrn_jax.ops.pallas_recurrence import streaming_options
 
 SMALL = dict(vocab_size=1024, features=128, num_layers=2, glu_expand=2)
 FULL = dict(vocab_size=50264, features=512, num_layers=6, glu_expand=2)
@@ -105,9 +108,14 @@ VARIANTS = {
     # Tried and not adopted (no gain on CPU, benchmarks/README.md): forced on here.
     # Not yet adopted, to be measured on a GPU: the bidirectional HGRU's two scans as one.
     "directions in one scan": ("directions in one scan",),
+    # The Pallas kernel with the streaming options not yet on by default (loads issued ahead,
+    # carries chained in the kernel); rows of the "pallas" method only.
+    "chained kernel": ("chained kernel",),
     "norm scale last": ("norm scale last",),
     "gate recomputed": ("gate recomputed",),
 }
+
+KERNEL_VARIANTS = ("chained kernel",)
 
 
 def _norm_scale_last(self, x, *, mask=None):
@@ -155,7 +163,8 @@ def undone(changes: tuple[str, ...]):
     """While tracing inside this context, the HGRU runs with ``changes`` undone (see
     ``VARIANTS``): "fused projections" / "separate projections" force the input projections
     into one / three matmuls; "norm scale last" and "gate recomputed" force two changes that
-    were tried and not adopted; "directions in one scan" sets ``hgru.MERGE_DIRECTIONS``."""
+    were tried and not adopted; "directions in one scan" sets ``hgru.MERGE_DIRECTIONS``;
+    "chained kernel" turns on the Pallas kernel's ``loads_ahead`` and ``chain_in_kernel``."""
     base = hgru_module._HGRUBase
     saved = base.scan, base.output, nnx.LayerNorm.__call__, hgru_module.FUSE_PROJECTIONS
     saved_merge = hgru_module.MERGE_DIRECTIONS
@@ -171,6 +180,11 @@ def undone(changes: tuple[str, ...]):
         hgru_module.FUSE_PROJECTIONS = False
     if "axis-aware scans" in changes:
         base.scan = _transposed_scan
+    kernel_context = (
+        streaming_options(loads_ahead=True, chain_in_kernel=True)
+        if "chained kernel" in changes
+        else contextlib.nullcontext()
+    )
     scan_context = (
         ablated("sequential[zero buffers, unroll 8]")
         if "scan buffers and unroll" in changes
@@ -179,7 +193,7 @@ def undone(changes: tuple[str, ...]):
         else contextlib.nullcontext()
     )
     try:
-        with scan_context:
+        with scan_context, kernel_context:
             yield
     finally:
         base.scan, base.output, nnx.LayerNorm.__call__, hgru_module.FUSE_PROJECTIONS = saved
@@ -466,6 +480,7 @@ def row_names(args) -> list[tuple[str, str, str]]:
         (model if variant == "after" else f"{model} ({variant})", model, variant)
         for model in models
         for variant in (args.variants if model != "transformer" else ["after"])
+        if variant not in KERNEL_VARIANTS or model == "hgrn[pallas]"
     ]
 
 

@@ -134,3 +134,17 @@ def test_whole_session_order(tmp_path):
     trains = [i for i, c in enumerate(calls) if c.startswith("-m experiments.train")]
     last_gpu_step = max(i for i, c in enumerate(calls) if c.startswith("benchmarks/"))
     assert len(trains) == 2 and min(trains) > max(data, last_gpu_step)
+
+
+def test_steps_pick_the_measurements(tmp_path):
+    """STEPS splits the measurements over commands on a warm machine (the kernel first, then
+    the training steps), with the kernel options timed beside the defaults in both."""
+    first = _session(tmp_path, TTA_ONLY="0", TTA_MINUTES="0", STEPS="pallas")
+    assert [c.split()[0] for c in first] == ["benchmarks/pallas_gpu.py"]
+    second = _session(tmp_path, TTA_ONLY="0", TTA_MINUTES="0", STEPS="lm lra device")
+    assert [c.split()[0] for c in second] == [
+        "benchmarks/train_throughput.py",
+        "benchmarks/train_throughput.py",
+        "benchmarks/device_time.py",
+    ]
+    assert all("chained kernel" in c for c in second)

@@ -184,6 +184,50 @@ def test_streaming_fused_backward_matches_autodiff_of_scan(chunk_length, complex
         )
 
 
+# The streaming options not yet on by default (StreamingOptions.loads_ahead, chain_in_kernel):
+# each alone on one case, both together on every direction and dtype.
+PROPOSED = dict(loads_ahead=True, chain_in_kernel=True)
+PROPOSED_CASES = [
+    (PROPOSED, complex_valued, reverse)
+    for complex_valued in (False, True)
+    for reverse in (False, True)
+] + [(dict(loads_ahead=True), False, False), (dict(chain_in_kernel=True), True, True)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options,complex_valued,reverse", PROPOSED_CASES)
+def test_streaming_loads_ahead_and_chain_in_kernel_match_references(
+    options, complex_valued, reverse
+):
+    """Loads issued ahead of stores and carries chained inside the state-writing kernels: the
+    states against the float64 loop (chunks of 10 steps, the last one short, and of 1 step)
+    and the gradients against autodiff of ``lax.scan``."""
+    a, x, h0 = make_inputs(SHAPE, complex_valued, seed=5)
+    want, want_last = reference(a, x, h0, reverse)
+    for chunk_length in (10, 1):
+        with streaming_options(chunk_length=chunk_length, unroll=4, **options):
+            h, last = pallas_recurrence(a, x, h0, reverse=reverse, **SCHEDULE_BLOCKS["streaming"])
+        np.testing.assert_allclose(np.asarray(h), want, atol=F32_ATOL, rtol=F32_ATOL)
+        np.testing.assert_allclose(np.asarray(last), want_last, atol=F32_ATOL, rtol=F32_ATOL)
+    w = np.random.default_rng(7).normal(size=x.shape).astype(np.float32)
+
+    def loss(fn, a, x, h0):
+        h = fn(a, x, h0)
+        return jnp.sum(jnp.real(h) * w) + jnp.sum(jnp.imag(h) * w[..., ::-1, :])
+
+    pallas = functools.partial(pallas_linear_recurrence, reverse=reverse, schedule="streaming")
+    with streaming_options(chunk_length=10, unroll=4, block_channels=8, **options):
+        got = jax.jit(jax.grad(functools.partial(loss, pallas), argnums=(0, 1, 2)))(a, x, h0)
+    want_grads = jax.grad(
+        functools.partial(loss, functools.partial(scan_recurrence, reverse=reverse)),
+        argnums=(0, 1, 2),
+    )(a, x, h0)
+    for name, g, w_ in zip(("da", "dx", "dh0"), got, want_grads):
+        np.testing.assert_allclose(
+            np.asarray(g), np.asarray(w_), atol=1e-4, rtol=1e-4, err_msg=name
+        )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["tiled", "streaming"])
 def test_bf16_gradients_accumulate_in_float32(schedule):
@@ -292,6 +336,26 @@ def test_streaming_chunks_and_fused_backward_lower_for_gpu():
         text = lowered_text(grads, "cuda", spec, spec)
     for kernel in ("forward_summary", "forward", "backward_summary", "backward"):
         assert f"linear_recurrence_{kernel}" in text, kernel
+    assert "stablehlo.concatenate" in text  # the carries' chain, by XLA between the kernels
+
+
+def test_chain_in_kernel_lowers_with_no_chain_between_the_kernels():
+    """With ``chain_in_kernel`` the gradient of one call lowers to the two summary kernels and
+    the two chained kernels and nothing of the chain's (slices, pads, concatenations; about
+    180 StableHLO operations at 11 chunks) between them."""
+    spec = jax.ShapeDtypeStruct((2, 1000, 64), jnp.float32)
+
+    def grads(a, x):
+        fn = functools.partial(pallas_linear_recurrence, schedule="streaming", interpret=False)
+        return jax.vjp(fn, a, x)[1](x)
+
+    with streaming_options(chunk_length=96, **PROPOSED):
+        text = lowered_text(grads, "cuda", spec, spec)
+    for kernel in ("forward_summary", "forward_chained", "backward_summary", "backward_chained"):
+        assert f"linear_recurrence_{kernel}" in text, kernel
+    assert text.count("stablehlo.custom_call") == 4
+    for op in ("concatenate", "slice", "multiply"):
+        assert f"stablehlo.{op}" not in text, op
 
 
 def test_bad_blocks_and_shapes_name_the_fix():

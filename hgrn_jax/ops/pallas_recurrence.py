@@ -28,6 +28,13 @@ Two schedules of the same arithmetic, picked by platform:
     ``chunks`` times more parallel programs when ``batch * channels`` alone cannot keep the GPU's
     memory system busy.
 
+    Two options of :class:`StreamingOptions`, off until timed on a GPU, cut what is not array
+    traffic: ``chain_in_kernel`` chains the carries inside the second kernel (each program
+    walks the summaries of the chunks before its own; no XLA operations between the two
+    launches), and ``loads_ahead`` issues a group of steps' loads before their stores
+    (otherwise each step's loads follow the previous step's store in the Triton IR, and nothing
+    tells the compiler that the arrays do not overlap).
+
 The backward pass (:func:`pallas_linear_recurrence`'s custom VJP) on the streaming schedule is one
 fused kernel of the same shape: walking time the other way it reads ``a``, the cotangent and the
 saved states and writes ``da`` and ``dx`` (5 array passes, the minimum), chunked the same way.
@@ -147,28 +154,40 @@ def _chunk_rows(length: int, chunk_length: int):
     return start, jnp.minimum(chunk_length, length - start)
 
 
-def _walk(step, carry, *, start, rows, reverse: bool, unroll: int):
-    """``carry = step(t, carry)`` over the chunk's rows in time order (or reversed).
+def _walk(load, update, carry, *, start, rows, reverse: bool, unroll: int, loads_ahead: bool):
+    """``carry = update(t, load(t), carry)`` over the chunk's rows in time order (or reversed).
 
     Unrolled by hand (Triton's loop lowering takes no unroll): the loads of a group do not
-    depend on the carry, so they can be issued ahead of its serial chain.
+    depend on the carry, so they can be issued ahead of its serial chain. With ``loads_ahead``
+    the group's loads come first in program order; otherwise each step's loads follow the
+    previous step's stores, which a compiler that cannot prove the arrays distinct must keep
+    in that order (one memory latency per step).
     """
 
     def time(i):
         return start + rows - 1 - i if reverse else start + i
 
     def group(g, carry):
-        for k in range(unroll):
-            carry = step(time(g * unroll + k), carry)
+        times = [time(g * unroll + k) for k in range(unroll)]
+        if loads_ahead:
+            for t, loaded in zip(times, [load(t) for t in times]):
+                carry = update(t, loaded, carry)
+            return carry
+        for t in times:
+            carry = update(t, load(t), carry)
         return carry
+
+    def one(i, carry):
+        t = time(i)
+        return update(t, load(t), carry)
 
     groups = rows // unroll
     carry = jax.lax.fori_loop(0, groups, group, carry)
     if isinstance(rows, int):
         for i in range(groups * unroll, rows):
-            carry = step(time(i), carry)
+            carry = one(i, carry)
         return carry
-    return jax.lax.fori_loop(groups * unroll, rows, lambda i, c: step(time(i), c), carry)
+    return jax.lax.fori_loop(groups * unroll, rows, one, carry)
 
 
 def _load(refs, t, acc) -> Parts:
@@ -191,86 +210,158 @@ def _identity(like, parts: int, acc) -> tuple[Parts, Parts]:
     return zeros, (jnp.ones(like.shape, acc),) + zeros[1:]
 
 
-def _forward_summary_kernel(*refs, parts, reverse, length, chunk_length, unroll, acc):
+def _chained_carry(
+    init: Parts, finals_refs, decays_refs, *, reverse, num_chunks, walk, acc
+) -> Parts:
+    """The carry entering this program's chunk (grid axis 2), chained from ``init`` over the
+    summaries ``(num_chunks, block)`` of the chunks walked before it: ``h -> D_j * h + S_j``
+    for each, in the order walked (what :func:`_chain_chunks` computes for every chunk at
+    once, here by one program for its own chunk)."""
+    k = pl.program_id(2)
+    start, rows = (k + 1, num_chunks - 1 - k) if reverse else (0, k)
+
+    def load(j):
+        return _load(finals_refs, j, acc), _load(decays_refs, j, acc)
+
+    def update(j, loaded, carry):
+        final, decay = loaded
+        return _add(_mul(decay, carry), final)
+
+    return walk(load, update, init, start=start, rows=rows, reverse=reverse)
+
+
+def _forward_summary_kernel(*refs, parts, reverse, length, chunk_length, num_chunks, walk, acc):
     """Per chunk: the final state from a zero start and the product of the decays."""
     a_refs, x_refs, last_refs, decay_refs = _split_refs(refs, parts, 4)
     start, rows = _chunk_rows(length, chunk_length)
 
-    def step(t, carry):
-        h, decay = carry
-        a = _load(a_refs, t, acc)
-        return _add(_mul(a, h), _load(x_refs, t, acc)), _mul(a, decay)
+    def load(t):
+        return _load(a_refs, t, acc), _load(x_refs, t, acc)
 
-    h, decay = _walk(
-        step,
-        _identity(last_refs[0], parts, acc),
-        start=start,
-        rows=rows,
-        reverse=reverse,
-        unroll=unroll,
+    def update(t, loaded, carry):
+        (a, x), (h, decay) = loaded, carry
+        return _add(_mul(a, h), x), _mul(a, decay)
+
+    h, decay = walk(
+        load, update, _identity(last_refs[0], parts, acc), start=start, rows=rows, reverse=reverse
     )
     _store_block(last_refs, h)
     _store_block(decay_refs, decay)
 
 
-def _forward_kernel(*refs, parts, reverse, length, chunk_length, unroll, acc):
-    """Per chunk, from its carried-in state: every state, and the chunk's final state."""
-    a_refs, x_refs, init_refs, h_refs, last_refs = _split_refs(refs, parts, 5)
+def _forward_kernel(
+    *refs, parts, reverse, length, chunk_length, num_chunks, walk, acc, chained: bool = False
+):
+    """Per chunk, from its carried-in state: every state, and the chunk's final state.
+
+    The carry comes in per chunk (``(B, chunks, C)``, chained outside the kernel) or, when
+    ``chained``, as the initial state and every chunk's summary, chained by the program itself.
+    """
+    if chained:
+        a_refs, x_refs, init_refs, finals_refs, decays_refs, h_refs, last_refs = _split_refs(
+            refs, parts, 7
+        )
+        h = _chained_carry(
+            tuple(r[...].astype(acc) for r in init_refs),
+            finals_refs,
+            decays_refs,
+            reverse=reverse,
+            num_chunks=num_chunks,
+            walk=walk,
+            acc=acc,
+        )
+    else:
+        a_refs, x_refs, init_refs, h_refs, last_refs = _split_refs(refs, parts, 5)
+        h = tuple(r[...].astype(acc) for r in init_refs)
     start, rows = _chunk_rows(length, chunk_length)
 
-    def step(t, h):
-        h = _add(_mul(_load(a_refs, t, acc), h), _load(x_refs, t, acc))
+    def load(t):
+        return _load(a_refs, t, acc), _load(x_refs, t, acc)
+
+    def update(t, loaded, h):
+        a, x = loaded
+        h = _add(_mul(a, h), x)
         _store(h_refs, t, h)
         return h
 
-    h = tuple(r[...].astype(acc) for r in init_refs)
-    _store_block(last_refs, _walk(step, h, start=start, rows=rows, reverse=reverse, unroll=unroll))
+    _store_block(last_refs, walk(load, update, h, start=start, rows=rows, reverse=reverse))
 
 
-def _backward_summary_kernel(*refs, parts, reverse, length, chunk_length, unroll, acc):
+def _backward_summary_kernel(*refs, parts, reverse, length, chunk_length, num_chunks, walk, acc):
     """Per chunk, walking against the forward direction: the flowing gradient ``a_t * d_t``
     left at the chunk's far edge from a zero start, and the product of the decays."""
     a_refs, g_refs, flow_refs, decay_refs = _split_refs(refs, parts, 4)
     start, rows = _chunk_rows(length, chunk_length)
 
-    def step(t, carry):
-        flow, decay = carry
-        a = _load(a_refs, t, acc)
-        return _mul(a, _add(_load(g_refs, t, acc), flow)), _mul(a, decay)
+    def load(t):
+        return _load(a_refs, t, acc), _load(g_refs, t, acc)
 
-    flow, decay = _walk(
-        step,
+    def update(t, loaded, carry):
+        (a, g), (flow, decay) = loaded, carry
+        return _mul(a, _add(g, flow)), _mul(a, decay)
+
+    flow, decay = walk(
+        load,
+        update,
         _identity(flow_refs[0], parts, acc),
         start=start,
         rows=rows,
         reverse=not reverse,
-        unroll=unroll,
     )
     _store_block(flow_refs, flow)
     _store_block(decay_refs, decay)
 
 
-def _backward_kernel(*refs, parts, reverse, length, chunk_length, unroll, acc):
+def _backward_kernel(
+    *refs, parts, reverse, length, chunk_length, num_chunks, walk, acc, chained: bool = False
+):
     """Per chunk, from the gradient flowing in: ``dx_t = d_t``, ``da_t = d_t * h_{t-1}`` and
-    the gradient flowing out (``dh0`` for the chunk holding the first step)."""
-    a_refs, g_refs, h_refs, h0_refs, flow_in_refs, da_refs, dx_refs, flow_out_refs = _split_refs(
-        refs, parts, 8
-    )
+    the gradient flowing out (``dh0`` for the chunk holding the first step). The flowing
+    gradient comes in per chunk or, when ``chained``, as the chunks' summaries (from zero)."""
+    if chained:
+        (
+            a_refs,
+            g_refs,
+            h_refs,
+            h0_refs,
+            finals_refs,
+            decays_refs,
+            da_refs,
+            dx_refs,
+            flow_out_refs,
+        ) = _split_refs(refs, parts, 9)
+        flow = _chained_carry(
+            _identity(h0_refs[0], parts, acc)[0],
+            finals_refs,
+            decays_refs,
+            reverse=not reverse,
+            num_chunks=num_chunks,
+            walk=walk,
+            acc=acc,
+        )
+    else:
+        a_refs, g_refs, h_refs, h0_refs, flow_in_refs, da_refs, dx_refs, flow_out_refs = (
+            _split_refs(refs, parts, 8)
+        )
+        flow = tuple(r[...].astype(acc) for r in flow_in_refs)
     start, rows = _chunk_rows(length, chunk_length)
     offset, edge = (1, length - 1) if reverse else (-1, 0)
     h0 = tuple(r[...].astype(acc) for r in h0_refs)
 
-    def step(t, flow):
-        d = _add(_load(g_refs, t, acc), flow)
+    def load(t):
         h_prev = _load(h_refs, jnp.clip(t + offset, 0, length - 1), acc)
+        return _load(g_refs, t, acc), h_prev, _load(a_refs, t, acc)
+
+    def update(t, loaded, flow):
+        g, h_prev, a = loaded
+        d = _add(g, flow)
         h_prev = tuple(jnp.where(t == edge, s, v) for s, v in zip(h0, h_prev))
         _store(dx_refs, t, d)
         _store(da_refs, t, _mul(d, h_prev))
-        return _mul(_load(a_refs, t, acc), d)
+        return _mul(a, d)
 
-    flow = tuple(r[...].astype(acc) for r in flow_in_refs)
     _store_block(
-        flow_out_refs, _walk(step, flow, start=start, rows=rows, reverse=not reverse, unroll=unroll)
+        flow_out_refs, walk(load, update, flow, start=start, rows=rows, reverse=not reverse)
     )
 
 
@@ -344,6 +435,10 @@ class StreamingOptions:
       num_stages: Triton software-pipelining stages.
       min_parallel_chains: how many independent (row, channel, chunk) chains to aim for.
       min_chunk_length: the shortest chunk the default splitting makes.
+      loads_ahead: issue each unrolled group's loads before its stores (see :func:`_walk`).
+      chain_in_kernel: chain the chunks' carries inside the state-writing kernel (each program
+        walks the summaries of the chunks before its own) instead of by XLA between the two
+        kernels: two launches per direction instead of two plus the chain's.
     """
 
     block_channels: int | None = None
@@ -356,6 +451,10 @@ class StreamingOptions:
     # variant forward+backward at L = 4k and 16k (1.21x and 1.28x faster than 2^16 of >= 256).
     min_parallel_chains: int = 1 << 19
     min_chunk_length: int = 128
+    # Both off until timed on a GPU (benchmarks/pallas_gpu.py times them beside the defaults):
+    # checked here against float64 loops in the interpreter and by lowering to Triton.
+    loads_ahead: bool = False
+    chain_in_kernel: bool = False
 
     def chunking(self, chains: int, length: int) -> tuple[int, int]:
         """``(chunk_length, num_chunks)`` for ``chains`` = batch * padded channels."""
@@ -389,10 +488,20 @@ def streaming_options(**overrides):
 _STREAMING_KERNELS = {
     "forward_summary": (_forward_summary_kernel, ("column", "column"), ("chunk", "chunk")),
     "forward": (_forward_kernel, ("column", "column", "chunk"), ("column", "chunk")),
+    "forward_chained": (
+        functools.partial(_forward_kernel, chained=True),
+        ("column", "column", "state", "summaries", "summaries"),
+        ("column", "chunk"),
+    ),
     "backward_summary": (_backward_summary_kernel, ("column", "column"), ("chunk", "chunk")),
     "backward": (
         _backward_kernel,
         ("column", "column", "column", "state", "chunk"),
+        ("column", "column", "chunk"),
+    ),
+    "backward_chained": (
+        functools.partial(_backward_kernel, chained=True),
+        ("column", "column", "column", "state", "summaries", "summaries"),
         ("column", "column", "chunk"),
     ),
 }
@@ -413,7 +522,8 @@ def _streaming_call(
     """Run one streaming kernel. ``inputs``: one list of parts per array of the kernel's
     signature; ``out_dtypes``: the dtype of each output array's parts (``None``: ``acc``).
     Array kinds: ``column`` (B, L, C) walked in time, ``chunk`` (B, chunks, C) one row per
-    chunk, ``state`` (B, 1, C) shared by all chunks."""
+    chunk, ``summaries`` the same array whole in every chunk's program, ``state`` (B, 1, C)
+    shared by all chunks."""
     kernel, in_kinds, out_kinds = _STREAMING_KERNELS[name]
     parts = len(inputs[0])
     like = inputs[0][0]
@@ -422,6 +532,7 @@ def _streaming_call(
     specs = {
         "column": pl.BlockSpec((pl.squeezed, length, block), lambda b, c, k: (b, 0, c)),
         "chunk": pl.BlockSpec((pl.squeezed, 1, block), lambda b, c, k: (b, k, c)),
+        "summaries": pl.BlockSpec((pl.squeezed, num_chunks, block), lambda b, c, k: (b, 0, c)),
         "state": pl.BlockSpec((pl.squeezed, 1, block), lambda b, c, k: (b, 0, c)),
     }
     shapes = {"column": (batch, length, channels), "chunk": (batch, num_chunks, channels)}
@@ -440,7 +551,8 @@ def _streaming_call(
             reverse=reverse,
             length=length,
             chunk_length=chunk_length,
-            unroll=options.unroll,
+            num_chunks=num_chunks,
+            walk=functools.partial(_walk, unroll=options.unroll, loads_ahead=options.loads_ahead),
             acc=acc,
         ),
         grid=(batch, channels // block, num_chunks),
@@ -488,11 +600,17 @@ def _streaming_forward(
         acc=acc,
         interpret=interpret,
     )
-    carry_in = h0_parts
-    if num_chunks > 1:
-        last, decay = call("forward_summary", [a_parts, x_parts], [None, None])
-        carry_in = _chain_chunks(last, decay, h0_parts, reverse)
-    h, last = call("forward", [a_parts, x_parts, carry_in], [out_dtype, None])
+    if num_chunks == 1:
+        h, last = call("forward", [a_parts, x_parts, h0_parts], [out_dtype, None])
+    else:
+        finals, decays = call("forward_summary", [a_parts, x_parts], [None, None])
+        if options.chain_in_kernel:
+            h, last = call(
+                "forward_chained", [a_parts, x_parts, h0_parts, finals, decays], [out_dtype, None]
+            )
+        else:
+            carry_in = _chain_chunks(finals, decays, h0_parts, reverse)
+            h, last = call("forward", [a_parts, x_parts, carry_in], [out_dtype, None])
     edge = 0 if reverse else num_chunks - 1
     return h, [p[:, edge : edge + 1] for p in last]
 
@@ -522,14 +640,18 @@ def _streaming_backward(
         acc=acc,
         interpret=interpret,
     )
+    out_dtypes = [da_dtype, dx_dtype, None]
+    columns = [a_parts, g_parts, h_parts, h0_parts]
     zeros = [jnp.zeros_like(p, dtype=acc) for p in h0_parts]
-    flow_in = zeros
-    if num_chunks > 1:
-        flow, decay = call("backward_summary", [a_parts, g_parts], [None, None])
-        flow_in = _chain_chunks(flow, decay, zeros, not reverse)
-    da, dx, flow_out = call(
-        "backward", [a_parts, g_parts, h_parts, h0_parts, flow_in], [da_dtype, dx_dtype, None]
-    )
+    if num_chunks == 1:
+        da, dx, flow_out = call("backward", [*columns, zeros], out_dtypes)
+    else:
+        finals, decays = call("backward_summary", [a_parts, g_parts], [None, None])
+        if options.chain_in_kernel:
+            da, dx, flow_out = call("backward_chained", [*columns, finals, decays], out_dtypes)
+        else:
+            flow_in = _chain_chunks(finals, decays, zeros, not reverse)
+            da, dx, flow_out = call("backward", [*columns, flow_in], out_dtypes)
     edge = num_chunks - 1 if reverse else 0
     return da, dx, [p[:, edge : edge + 1] for p in flow_out]
 
