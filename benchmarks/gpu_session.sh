@@ -56,9 +56,10 @@ STEPS=${STEPS-pallas matrix peers lm lra device}
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 TAG=${TAG:-}
 # The kernel: checks against the pure-JAX methods, time against the memory floor at 4k/16k/64k in
-# float32 and bfloat16 with the streaming options not yet on by default (loads issued ahead of
-# stores, carries chained in the kernel) beside the defaults, a profiler trace of each at 4k
-# (kernels and device time per call), and a sweep of launch parameters at 4k and 64k.
+# float32 and bfloat16 for three variants (the defaults, whose loads now go ahead of their
+# stores; "loads after stores", the kernel timed on the H200 of 2026-11-30; "chain in kernel",
+# off until timed), a profiler trace of each at 4k (kernels and device time per call), and a
+# sweep of launch parameters at 4k and 64k.
 wanted pallas && step pallas 240 $PY benchmarks/pallas_gpu.py --reps 5 --deadline 200 --tag "$TAG"
 # HGRN2's matrix recurrence: chunked and the Pallas kernel (both checked against the scan first;
 # the scan itself, a launch per step, took 38 / 140 / 556 ms forward+backward at these sizes on
@@ -72,22 +73,23 @@ if wanted peers && $PY -c "import fla" 2>/dev/null; then
 fi
 # Training steps against the same-size Transformer, at each model's training batch size: the LM
 # (WikiText-103 size, 8 x L tokens; one HGRN row per recurrence method, "auto" being associative
-# below 2k steps and pallas from 2k, and the kernel with the options above) and the LRA Text
+# below 2k steps and pallas from 2k, and the kernel's variants above) and the LRA Text
 # classifier (batch 32; auto and pallas, each also with the bidirectional mixer's two scans as
 # one, which halves its scan launches: 1,459 -> 1,131 step instructions with the associative
-# scan at 1k on CPU, and pallas with the options above; on an H200 HGRN's 1k step was 0.97x the
+# scan at 1k on CPU, and the kernel's variants; on an H200 HGRN's 1k step was 0.97x the
 # Transformer's). The LRA L = 4k row was measured on 2026-11-30 (2.83x) and is not repeated.
-wanted lm && step lm 150 $PY benchmarks/train_throughput.py --full --batch 8 \
-  --lengths 1024 2048 --methods pallas associative --variants after "chained kernel" \
+kernels=("loads after stores" "chained kernel")
+wanted lm && step lm 200 $PY benchmarks/train_throughput.py --full --batch 8 \
+  --lengths 1024 2048 --methods pallas associative --variants after "${kernels[@]}" \
   --reps 5 --tag "$TAG"
-wanted lra && step lra 180 $PY benchmarks/train_throughput.py --task lra --full --batch 32 \
+wanted lra && step lra 200 $PY benchmarks/train_throughput.py --task lra --full --batch 32 \
   --lengths 1024 2048 --methods auto pallas \
-  --variants after "directions in one scan" "chained kernel" --reps 5 --tag "$TAG"
+  --variants after "directions in one scan" "${kernels[@]}" --reps 5 --tag "$TAG"
 # Is that 1k step launch-bound? Device time (kernels running) against step time, and the
 # kernels per step, from a profiler trace.
 wanted device && step device 120 $PY benchmarks/device_time.py --task lra --full --batch 32 \
   --lengths 1024 --methods auto pallas \
-  --variants after "directions in one scan" "chained kernel" --tag "$TAG"
+  --variants after "directions in one scan" "${kernels[@]}" --tag "$TAG"
 # The runner on this machine before a later command spends its minutes on it: the tiny ListOps
 # preset, end to end (data, training, checkpoints, evaluation).
 if [ "${TTA_PREPARE:-0}" = 1 ]; then

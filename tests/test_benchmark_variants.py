@@ -12,7 +12,8 @@ from hgrn_jax.ops import pallas_recurrence
 
 def test_kernel_variant_rows_only_for_the_pallas_method():
     args = argparse.Namespace(
-        methods=["auto", "pallas"], variants=["after", "directions in one scan", "chained kernel"]
+        methods=["auto", "pallas"],
+        variants=["after", "directions in one scan", "chained kernel", "loads after stores"],
     )
     assert [name for name, _, _ in row_names(args)] == [
         "hgrn[auto]",
@@ -20,6 +21,7 @@ def test_kernel_variant_rows_only_for_the_pallas_method():
         "hgrn[pallas]",
         "hgrn[pallas] (directions in one scan)",
         "hgrn[pallas] (chained kernel)",
+        "hgrn[pallas] (loads after stores)",
         "transformer",
     ]
 
@@ -30,10 +32,12 @@ def test_chained_kernel_variant_sets_the_streaming_options_while_in_force():
         return defaults.loads_ahead, defaults.chain_in_kernel
 
     before = options()
-    assert before == (False, False)
+    assert before == (True, False)
     with undone(VARIANTS["chained kernel"]):
         assert options() == (True, True)
         assert hgru.MERGE_DIRECTIONS is False
+    with undone(VARIANTS["loads after stores"]):
+        assert options() == (False, False)
     assert options() == before
     with undone(VARIANTS["directions in one scan"]):
         assert hgru.MERGE_DIRECTIONS is True and options() == before

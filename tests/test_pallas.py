@@ -4,6 +4,7 @@ gradients through ``linear_recurrence``'s custom VJP, and its GPU/TPU lowerings.
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 
 import jax
@@ -184,14 +185,18 @@ def test_streaming_fused_backward_matches_autodiff_of_scan(chunk_length, complex
         )
 
 
-# The streaming options not yet on by default (StreamingOptions.loads_ahead, chain_in_kernel):
-# each alone on one case, both together on every direction and dtype.
+# The streaming kernels' load order and chain (StreamingOptions.loads_ahead, on by default, and
+# chain_in_kernel, off): both on for every direction and dtype, the other pairings on one case
+# each (loads ahead with the chain outside is the default, tested throughout this file).
 PROPOSED = dict(loads_ahead=True, chain_in_kernel=True)
 PROPOSED_CASES = [
     (PROPOSED, complex_valued, reverse)
     for complex_valued in (False, True)
     for reverse in (False, True)
-] + [(dict(loads_ahead=True), False, False), (dict(chain_in_kernel=True), True, True)]
+] + [
+    (dict(loads_ahead=False, chain_in_kernel=False), False, False),
+    (dict(loads_ahead=False, chain_in_kernel=True), True, True),
+]
 
 
 @pytest.mark.slow
@@ -356,6 +361,46 @@ def test_chain_in_kernel_lowers_with_no_chain_between_the_kernels():
     assert text.count("stablehlo.custom_call") == 4
     for op in ("concatenate", "slice", "multiply"):
         assert f"stablehlo.{op}" not in text, op
+
+
+def _store_then_load(module: str) -> int:
+    """Reads (``get``) that follow a store in a Triton module's program order: each waits for
+    the store before it (the arrays are not known to be distinct)."""
+    count, after_store = 0, False
+    for line in module.splitlines():
+        if "tt.store" in line:
+            after_store = True
+        elif "tt.load" in line and '"get:"' in line:
+            count += after_store
+            after_store = False
+    return count
+
+
+@pytest.mark.parametrize("chain_in_kernel", [False, True])
+def test_loads_ahead_puts_a_group_of_steps_loads_before_its_stores(chain_in_kernel):
+    """In the Triton IR of the state-writing kernels, ``loads_ahead`` (the default) leaves one
+    load-after-store per unrolled group of 8 steps where the loads-after-stores order has 8:
+    7 fewer memory latencies per group (``benchmarks/kernel_sass.py`` shows the same in the
+    compiled machine code)."""
+    from benchmarks.kernel_sass import pallas_debug_output
+
+    spec = jax.ShapeDtypeStruct((2, 1000, 64), jnp.float32)
+    counts = {}
+    for loads_ahead in (False, True):
+
+        def grads(a, x):
+            fn = functools.partial(pallas_linear_recurrence, schedule="streaming", interpret=False)
+            return jax.vjp(fn, a, x)[1](x)
+
+        options = dict(chunk_length=96, loads_ahead=loads_ahead, chain_in_kernel=chain_in_kernel)
+        with streaming_options(**options), pallas_debug_output() as printed:
+            jax.jit(grads).trace(spec, spec).lower(lowering_platforms=("cuda",))
+        modules = re.findall(r"^module @(\w+) \{$(.*?)^\}", printed.getvalue(), re.M | re.S)
+        counts[loads_ahead] = {name: _store_then_load(text) for name, text in modules}
+    suffix = "_chained" if chain_in_kernel else ""
+    for kernel in (f"linear_recurrence_forward{suffix}", f"linear_recurrence_backward{suffix}"):
+        assert counts[False][kernel] - counts[True][kernel] == 7, (kernel, counts)
+    assert StreamingOptions().loads_ahead
 
 
 def test_bad_blocks_and_shapes_name_the_fix():

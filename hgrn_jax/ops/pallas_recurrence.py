@@ -28,12 +28,12 @@ Two schedules of the same arithmetic, picked by platform:
     ``chunks`` times more parallel programs when ``batch * channels`` alone cannot keep the GPU's
     memory system busy.
 
-    Two options of :class:`StreamingOptions`, off until timed on a GPU, cut what is not array
-    traffic: ``chain_in_kernel`` chains the carries inside the second kernel (each program
-    walks the summaries of the chunks before its own; no XLA operations between the two
-    launches), and ``loads_ahead`` issues a group of steps' loads before their stores
-    (otherwise each step's loads follow the previous step's store in the Triton IR, and nothing
-    tells the compiler that the arrays do not overlap).
+    Two options of :class:`StreamingOptions` cut what is not array traffic. ``loads_ahead`` (on)
+    issues a group of steps' loads before their stores: otherwise each step's loads follow the
+    previous step's store, which the compiler keeps in that order (nothing tells it the arrays
+    do not overlap), and each step waits one memory latency. ``chain_in_kernel`` (off until
+    timed on a GPU) chains the carries inside the second kernel (each program walks the
+    summaries of the chunks before its own), so no XLA operations run between the two launches.
 
 The backward pass (:func:`pallas_linear_recurrence`'s custom VJP) on the streaming schedule is one
 fused kernel of the same shape: walking time the other way it reads ``a``, the cotangent and the
@@ -451,9 +451,13 @@ class StreamingOptions:
     # variant forward+backward at L = 4k and 16k (1.21x and 1.28x faster than 2^16 of >= 256).
     min_parallel_chains: int = 1 << 19
     min_chunk_length: int = 128
-    # Both off until timed on a GPU (benchmarks/pallas_gpu.py times them beside the defaults):
-    # checked here against float64 loops in the interpreter and by lowering to Triton.
-    loads_ahead: bool = False
+    # loads_ahead: in the machine code compiled for sm_90 (benchmarks/kernel_sass.py, no GPU
+    # needed) the time loop of the state-writing kernels waits one memory latency per step
+    # without it and one per unrolled group with it, at no spills (<= 90 registers). Not yet
+    # timed on a GPU: the H200 numbers of benchmarks/README.md are of loads_ahead=False.
+    loads_ahead: bool = True
+    # Off until timed on a GPU (benchmarks/pallas_gpu.py times it beside the defaults): each
+    # program's chain is serial, up to (chunks - 1) steps, against XLA's few small launches.
     chain_in_kernel: bool = False
 
     def chunking(self, chains: int, length: int) -> tuple[int, int]:
