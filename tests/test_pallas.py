@@ -148,22 +148,27 @@ CHUNK_LENGTHS = [10, 1, 37]
 @pytest.mark.parametrize("chunk_length", CHUNK_LENGTHS)
 @pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_streaming_time_chunks_match_float64_loop(chunk_length, complex_valued, reverse):
+def test_streaming_time_chunks_match_references(chunk_length, complex_valued, reverse):
+    """States against the float64 loop; the fused backward kernel's gradients (da, dx and dh0
+    in one pass per chunk) against autodiff of ``lax.scan``."""
+    check_streaming_states(complex_valued, reverse, chunk_length=chunk_length)
+    check_streaming_gradients(complex_valued, reverse, chunk_length=chunk_length)
+
+
+def check_streaming_states(complex_valued, reverse, **options):
+    """The streaming schedule's states and final state with ``options`` against the float64
+    loop at ``SHAPE``."""
     a, x, h0 = make_inputs(SHAPE, complex_valued, seed=5)
-    with streaming_options(chunk_length=chunk_length, unroll=4):
+    with streaming_options(unroll=4, **options):
         h, last = pallas_recurrence(a, x, h0, reverse=reverse, **SCHEDULE_BLOCKS["streaming"])
     want, want_last = reference(a, x, h0, reverse)
     np.testing.assert_allclose(np.asarray(h), want, atol=F32_ATOL, rtol=F32_ATOL)
     np.testing.assert_allclose(np.asarray(last), want_last, atol=F32_ATOL, rtol=F32_ATOL)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("chunk_length", CHUNK_LENGTHS)
-@pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_streaming_fused_backward_matches_autodiff_of_scan(chunk_length, complex_valued, reverse):
-    """The fused backward kernel (da, dx and dh0 in one pass per chunk) against JAX autodiff
-    of lax.scan, with channels (6) that do not fill the 8-channel block."""
+def check_streaming_gradients(complex_valued, reverse, **options):
+    """The streaming schedule's gradients with ``options`` against JAX autodiff of
+    ``lax.scan``, with channels (6) that do not fill the 8-channel block."""
     a, x, h0 = make_inputs((2, 37, 6), complex_valued, seed=6)
     w = np.random.default_rng(7).normal(size=x.shape).astype(np.float32)
 
@@ -172,7 +177,7 @@ def test_streaming_fused_backward_matches_autodiff_of_scan(chunk_length, complex
         return jnp.sum(jnp.real(h) * w) + jnp.sum(jnp.imag(h) * w[..., ::-1, :])
 
     pallas = functools.partial(pallas_linear_recurrence, reverse=reverse, schedule="streaming")
-    with streaming_options(chunk_length=chunk_length, unroll=4, block_channels=8):
+    with streaming_options(unroll=4, block_channels=8, **options):
         got = jax.jit(jax.grad(functools.partial(loss, pallas), argnums=(0, 1, 2)))(a, x, h0)
     want = jax.grad(
         functools.partial(loss, functools.partial(scan_recurrence, reverse=reverse)),
@@ -185,49 +190,17 @@ def test_streaming_fused_backward_matches_autodiff_of_scan(chunk_length, complex
         )
 
 
-# Carries chained inside the kernels (StreamingOptions.chain_in_kernel, off by default) with the
-# default loads ahead, on every direction and dtype; loads_ahead alone is the default (every
-# streaming test here) and changes no bit (test_loads_ahead_changes_the_order_not_the_arithmetic).
-PROPOSED = dict(loads_ahead=True, chain_in_kernel=True)
-PROPOSED_CASES = [
-    (PROPOSED, complex_valued, reverse)
-    for complex_valued in (False, True)
-    for reverse in (False, True)
-]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("options,complex_valued,reverse", PROPOSED_CASES)
-def test_streaming_loads_ahead_and_chain_in_kernel_match_references(
-    options, complex_valued, reverse
-):
-    """Loads issued ahead of stores and carries chained inside the state-writing kernels: the
-    states against the float64 loop (chunks of 10 steps, the last one short, and of 1 step)
-    and the gradients against autodiff of ``lax.scan``."""
-    a, x, h0 = make_inputs(SHAPE, complex_valued, seed=5)
-    want, want_last = reference(a, x, h0, reverse)
+@pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_chain_in_kernel_matches_references(complex_valued, reverse):
+    """Carries chained inside the state-writing kernels (``chain_in_kernel``, off by default):
+    states with chunks of 10 steps (the last one short) and of 1 step, and gradients."""
     for chunk_length in (10, 1):
-        with streaming_options(chunk_length=chunk_length, unroll=4, **options):
-            h, last = pallas_recurrence(a, x, h0, reverse=reverse, **SCHEDULE_BLOCKS["streaming"])
-        np.testing.assert_allclose(np.asarray(h), want, atol=F32_ATOL, rtol=F32_ATOL)
-        np.testing.assert_allclose(np.asarray(last), want_last, atol=F32_ATOL, rtol=F32_ATOL)
-    w = np.random.default_rng(7).normal(size=x.shape).astype(np.float32)
-
-    def loss(fn, a, x, h0):
-        h = fn(a, x, h0)
-        return jnp.sum(jnp.real(h) * w) + jnp.sum(jnp.imag(h) * w[..., ::-1, :])
-
-    pallas = functools.partial(pallas_linear_recurrence, reverse=reverse, schedule="streaming")
-    with streaming_options(chunk_length=10, unroll=4, block_channels=8, **options):
-        got = jax.jit(jax.grad(functools.partial(loss, pallas), argnums=(0, 1, 2)))(a, x, h0)
-    want_grads = jax.grad(
-        functools.partial(loss, functools.partial(scan_recurrence, reverse=reverse)),
-        argnums=(0, 1, 2),
-    )(a, x, h0)
-    for name, g, w_ in zip(("da", "dx", "dh0"), got, want_grads):
-        np.testing.assert_allclose(
-            np.asarray(g), np.asarray(w_), atol=1e-4, rtol=1e-4, err_msg=name
+        check_streaming_states(
+            complex_valued, reverse, chunk_length=chunk_length, chain_in_kernel=True
         )
+    check_streaming_gradients(complex_valued, reverse, chunk_length=10, chain_in_kernel=True)
 
 
 @pytest.mark.slow
@@ -367,7 +340,7 @@ def test_chain_in_kernel_lowers_with_no_chain_between_the_kernels():
         fn = functools.partial(pallas_linear_recurrence, schedule="streaming", interpret=False)
         return jax.vjp(fn, a, x)[1](x)
 
-    with streaming_options(chunk_length=96, **PROPOSED):
+    with streaming_options(chunk_length=96, chain_in_kernel=True):
         text = lowered_text(grads, "cuda", spec, spec)
     for kernel in ("forward_summary", "forward_chained", "backward_summary", "backward_chained"):
         assert f"linear_recurrence_{kernel}" in text, kernel
