@@ -82,14 +82,15 @@ kernels=("loads after stores" "chained kernel")
 wanted lm && step lm 200 $PY benchmarks/train_throughput.py --full --batch 8 \
   --lengths 1024 2048 --methods pallas associative --variants after "${kernels[@]}" \
   --reps 5 --tag "$TAG"
-wanted lra && step lra 200 $PY benchmarks/train_throughput.py --task lra --full --batch 32 \
-  --lengths 1024 2048 --methods auto pallas \
-  --variants after "directions in one scan" "${kernels[@]}" --reps 5 --tag "$TAG"
+wanted lra && step lra 220 $PY benchmarks/train_throughput.py --task lra --full --batch 32 \
+  --lengths 1024 2048 --methods auto pallas --variants after "directions in one scan" \
+  "${kernels[@]}" "chained kernel, directions in one scan" --reps 5 --tag "$TAG"
 # Is that 1k step launch-bound? Device time (kernels running) against step time, and the
 # kernels per step, from a profiler trace.
 wanted device && step device 120 $PY benchmarks/device_time.py --task lra --full --batch 32 \
   --lengths 1024 --methods auto pallas \
-  --variants after "directions in one scan" "${kernels[@]}" --tag "$TAG"
+  --variants after "directions in one scan" "${kernels[@]}" \
+  "chained kernel, directions in one scan" --tag "$TAG"
 # The runner on this machine before a later command spends its minutes on it: the tiny ListOps
 # preset, end to end (data, training, checkpoints, evaluation).
 if [ "${TTA_PREPARE:-0}" = 1 ]; then

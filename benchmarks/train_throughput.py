@@ -40,7 +40,8 @@ bidirectional HGRU's two scans as one (``hgru.MERGE_DIRECTIONS``, off by default
 has measured it); ``chained kernel`` and ``loads after stores`` (rows of ``--methods pallas``
 only) run the Pallas kernel with the chunks' carries chained inside it
 (``StreamingOptions.chain_in_kernel``, off until measured) and as it was timed on an H200
-(``loads_ahead=False``: each step's loads after the previous step's stores). Step time = the fastest of ``--reps`` interleaved rounds
+(``loads_ahead=False``: each step's loads after the previous step's stores);
+``chained kernel, directions in one scan`` makes both launch cuts at once. Step time = the fastest of ``--reps`` interleaved rounds
 (``median_ms`` and ``spread`` = slowest / fastest are kept too): on a shared machine the
 fastest round is the one least disturbed by other work. Rows interleaved in one process also
 share its heap, and a row's step time can depend on what the rows before it left there (two
@@ -113,11 +114,17 @@ VARIANTS = {
     # in the kernel (not yet on by default); rows of the "pallas" method only.
     "loads after stores": ("loads after stores",),
     "chained kernel": ("chained kernel",),
+    # Both launch cuts at once: a bidirectional HGRU's 4 kernel launches per layer, not 8 (+ chains).
+    "chained kernel, directions in one scan": ("chained kernel", "directions in one scan"),
     "norm scale last": ("norm scale last",),
     "gate recomputed": ("gate recomputed",),
 }
 
-KERNEL_VARIANTS = ("loads after stores", "chained kernel")
+KERNEL_VARIANTS = (
+    "loads after stores",
+    "chained kernel",
+    "chained kernel, directions in one scan",
+)
 
 
 def _norm_scale_last(self, x, *, mask=None):

@@ -13,7 +13,13 @@ from hgrn_jax.ops import pallas_recurrence
 def test_kernel_variant_rows_only_for_the_pallas_method():
     args = argparse.Namespace(
         methods=["auto", "pallas"],
-        variants=["after", "directions in one scan", "chained kernel", "loads after stores"],
+        variants=[
+            "after",
+            "directions in one scan",
+            "chained kernel",
+            "loads after stores",
+            "chained kernel, directions in one scan",
+        ],
     )
     assert [name for name, _, _ in row_names(args)] == [
         "hgrn[auto]",
@@ -22,6 +28,7 @@ def test_kernel_variant_rows_only_for_the_pallas_method():
         "hgrn[pallas] (directions in one scan)",
         "hgrn[pallas] (chained kernel)",
         "hgrn[pallas] (loads after stores)",
+        "hgrn[pallas] (chained kernel, directions in one scan)",
         "transformer",
     ]
 
@@ -41,4 +48,6 @@ def test_chained_kernel_variant_sets_the_streaming_options_while_in_force():
     assert options() == before
     with undone(VARIANTS["directions in one scan"]):
         assert hgru.MERGE_DIRECTIONS is True and options() == before
+    with undone(VARIANTS["chained kernel, directions in one scan"]):
+        assert hgru.MERGE_DIRECTIONS is True and options() == (True, True)
     assert hgru.MERGE_DIRECTIONS is False
