@@ -73,15 +73,24 @@ def pallas_debug_output():
         pl.pallas_call = original
 
 
+def printed_modules(printed: str) -> dict[str, str]:
+    """``{kernel name: Triton module as printed}`` from Pallas's debug output (each operation
+    still tagged with the primitive it came from, e.g. ``"get:"`` for a read, ``"swap:"`` for a
+    store and the read of the old value it lowers with)."""
+    return {
+        match.group(1): match.group(0)
+        for match in re.finditer(r"^module @(\w+) \{$.*?^\}", printed, re.M | re.S)
+    }
+
+
 def triton_modules(printed: str) -> dict[str, str]:
     """``{kernel name: parseable Triton IR}`` from Pallas's debug output, its location
     annotations (which the printer writes in a form the parser does not read) removed."""
     modules = {}
-    for match in re.finditer(r"^module @(\w+) \{$.*?^\}", printed, re.M | re.S):
-        text = re.sub(r"\s*\(#loc\d*\)|\s*\[unknown\]", "", match.group(0))
+    for name, text in printed_modules(printed).items():
+        text = re.sub(r"\s*\(#loc\d*\)|\s*\[unknown\]", "", text)
         text = re.sub(r' "[\w.:-]*"(?=[\s)]*$)', "", text, flags=re.M)
-        text = re.sub(r' "[\w.-]*:"', "", text)
-        modules[match.group(1)] = text
+        modules[name] = re.sub(r' "[\w.-]*:"', "", text)
     return modules
 
 

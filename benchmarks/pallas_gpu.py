@@ -5,7 +5,7 @@ memory floor, then a sweep of its launch parameters
     python benchmarks/pallas_gpu.py [--lengths 4096 16384 65536] [--dtypes float32 bfloat16]
                                     [--variants default "loads after stores" "chain in kernel"]
                                     [--trace-lengths 4096] [--sweep-lengths 4096 65536]
-                                    [--sweep-dtypes float32 bfloat16] [--sweep-base both]
+                                    [--sweep-dtypes float32 bfloat16] [--sweep-base default]
                                     [--reps 5] [--deadline SECONDS] [--tag _h200]
 
 Correctness: forward states, final state and the gradients of a random linear loss with respect
@@ -131,6 +131,28 @@ def check(
     return row
 
 
+def _inputs(length: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Decays in [0.9, 1), inputs and a cotangent, (BATCH, length, CHANNELS) in ``dtype``."""
+    keys = jax.random.split(jax.random.key(length), 3)
+    shape = (BATCH, length, CHANNELS)
+    a = jax.random.uniform(keys[0], shape, jnp.float32, 0.9, 1.0).astype(dtype)
+    x, g = (jax.random.normal(k, shape, dtype) for k in keys[1:])
+    return a, x, g
+
+
+def _passes() -> dict[str, Any]:
+    """The forward and forward+backward of ``method="pallas"``, jitted afresh: they take the
+    streaming options in force when first called (a function already traced keeps its own)."""
+
+    def forward(a, x):
+        return linear_recurrence(a, x, method="pallas")
+
+    return {
+        "forward": jax.jit(forward),
+        "forward+backward": jax.jit(lambda a, x, g: jax.vjp(forward, a, x)[1](g)),
+    }
+
+
 def time_pallas(
     length: int,
     dtype_name: str,
@@ -145,27 +167,16 @@ def time_pallas(
     ratio to the floor (the arrays a pass must move, ``PASS_ARRAYS``, at the inputs' itemsize,
     over ``bandwidth``)."""
     dtype = jnp.dtype(dtype_name)
-    keys = jax.random.split(jax.random.key(length), 3)
-    shape = (BATCH, length, CHANNELS)
-    a = jax.random.uniform(keys[0], shape, jnp.float32, 0.9, 1.0).astype(dtype)
-    x, g = (jax.random.normal(k, shape, dtype) for k in keys[1:])
+    a, x, g = _inputs(length, dtype)
+    inputs = {"forward": (a, x), "forward+backward": (a, x, g)}
     rows = []
     with streaming_options(**VARIANTS[variant], **options) as chosen:
         chunk, chunks = chosen.chunking(BATCH * CHANNELS, length)
-        fns = {
-            "forward": (jax.jit(lambda a, x: linear_recurrence(a, x, method="pallas")), (a, x)),
-            "forward+backward": (
-                jax.jit(
-                    lambda a, x, g: jax.vjp(
-                        lambda a, x: linear_recurrence(a, x, method="pallas"), a, x
-                    )[1](g)
-                ),
-                (a, x, g),
-            ),
-        }
+        fns = _passes()
         for pass_name in passes:
-            fn, inputs = fns[pass_name]
-            seconds = time_fn(fn, *inputs, reps=reps, calls_per_rep=CALLS_PER_REP)["median"]
+            seconds = time_fn(
+                fns[pass_name], *inputs[pass_name], reps=reps, calls_per_rep=CALLS_PER_REP
+            )["median"]
             floor = PASS_ARRAYS[pass_name] * a.size * dtype.itemsize / bandwidth
             rows.append(
                 {
@@ -192,17 +203,9 @@ def trace_pallas(length: int, dtype_name: str, variant: str, calls: int) -> dict
     profiler; per call, the kernels launched, the time some kernel was running and each
     kernel's time (names of the Pallas kernels are ``linear_recurrence_*``; the rest is XLA's:
     the chain of carries, layout copies)."""
-    dtype = jnp.dtype(dtype_name)
-    shape = (BATCH, length, CHANNELS)
-    keys = jax.random.split(jax.random.key(length), 3)
-    a = jax.random.uniform(keys[0], shape, jnp.float32, 0.9, 1.0).astype(dtype)
-    x, g = (jax.random.normal(k, shape, dtype) for k in keys[1:])
+    a, x, g = _inputs(length, jnp.dtype(dtype_name))
     with streaming_options(**VARIANTS[variant]):
-        fn = jax.jit(
-            lambda a, x, g: jax.vjp(lambda a, x: linear_recurrence(a, x, method="pallas"), a, x)[1](
-                g
-            )
-        )
+        fn = _passes()["forward+backward"]
         seconds = time_fn(fn, a, x, g, reps=1, calls_per_rep=calls)["median"]
     row: dict[str, Any] = {
         "variant": variant,

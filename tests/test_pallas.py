@@ -4,7 +4,6 @@ gradients through ``linear_recurrence``'s custom VJP, and its GPU/TPU lowerings.
 from __future__ import annotations
 
 import functools
-import re
 import warnings
 
 import jax
@@ -298,7 +297,16 @@ def test_streaming_chunking_defaults():
 
 
 def lowered_text(fn, platform, *args):
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    """``fn`` traced afresh (a traced function keeps the streaming options it was traced with)
+    and lowered for ``platform``."""
+    fresh = jax.jit(lambda *a: fn(*a))
+    return fresh.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def streaming_gradient(a, x):
+    """The VJP of the streaming schedule, compiled (not interpreted): for lowering to Triton."""
+    fn = functools.partial(pallas_linear_recurrence, schedule="streaming", interpret=False)
+    return jax.vjp(fn, a, x)[1](x)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.complex64])
@@ -319,12 +327,8 @@ def test_streaming_chunks_and_fused_backward_lower_for_gpu():
     kernels: four named kernels in the gradient of one call."""
     spec = jax.ShapeDtypeStruct((2, 1000, 64), jnp.float32)
 
-    def grads(a, x):
-        fn = functools.partial(pallas_linear_recurrence, schedule="streaming", interpret=False)
-        return jax.vjp(fn, a, x)[1](x)
-
     with streaming_options(chunk_length=96):
-        text = lowered_text(grads, "cuda", spec, spec)
+        text = lowered_text(streaming_gradient, "cuda", spec, spec)
     for kernel in ("forward_summary", "forward", "backward_summary", "backward"):
         assert f"linear_recurrence_{kernel}" in text, kernel
     assert "stablehlo.concatenate" in text  # the carries' chain, by XLA between the kernels
@@ -336,12 +340,8 @@ def test_chain_in_kernel_lowers_with_no_chain_between_the_kernels():
     180 StableHLO operations at 11 chunks) between them."""
     spec = jax.ShapeDtypeStruct((2, 1000, 64), jnp.float32)
 
-    def grads(a, x):
-        fn = functools.partial(pallas_linear_recurrence, schedule="streaming", interpret=False)
-        return jax.vjp(fn, a, x)[1](x)
-
     with streaming_options(chunk_length=96, chain_in_kernel=True):
-        text = lowered_text(grads, "cuda", spec, spec)
+        text = lowered_text(streaming_gradient, "cuda", spec, spec)
     for kernel in ("forward_summary", "forward_chained", "backward_summary", "backward_chained"):
         assert f"linear_recurrence_{kernel}" in text, kernel
     assert text.count("stablehlo.custom_call") == 4
@@ -368,21 +368,16 @@ def test_loads_ahead_puts_a_group_of_steps_loads_before_its_stores(chain_in_kern
     load-after-store per unrolled group of 8 steps where the loads-after-stores order has 8:
     7 fewer memory latencies per group (``benchmarks/kernel_sass.py`` shows the same in the
     compiled machine code)."""
-    from benchmarks.kernel_sass import pallas_debug_output
+    from benchmarks.kernel_sass import pallas_debug_output, printed_modules
 
     spec = jax.ShapeDtypeStruct((2, 1000, 64), jnp.float32)
     counts = {}
     for loads_ahead in (False, True):
-
-        def grads(a, x):
-            fn = functools.partial(pallas_linear_recurrence, schedule="streaming", interpret=False)
-            return jax.vjp(fn, a, x)[1](x)
-
         options = dict(chunk_length=96, loads_ahead=loads_ahead, chain_in_kernel=chain_in_kernel)
         with streaming_options(**options), pallas_debug_output() as printed:
-            jax.jit(grads).trace(spec, spec).lower(lowering_platforms=("cuda",))
-        modules = re.findall(r"^module @(\w+) \{$(.*?)^\}", printed.getvalue(), re.M | re.S)
-        counts[loads_ahead] = {name: _store_then_load(text) for name, text in modules}
+            lowered_text(streaming_gradient, "cuda", spec, spec)
+        modules = printed_modules(printed.getvalue())
+        counts[loads_ahead] = {name: _store_then_load(text) for name, text in modules.items()}
     suffix = "_chained" if chain_in_kernel else ""
     for kernel in (f"linear_recurrence_forward{suffix}", f"linear_recurrence_backward{suffix}"):
         assert counts[False][kernel] - counts[True][kernel] == 7, (kernel, counts)
