@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv test test-fast test-pod lint demo bench clean
+.PHONY: venv test test-fast test-pod lint demo bench gpu-compile-env clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,18 @@ demo: venv
 	$(BIN)/python -m hgrn_jax.data.listops --spec=tiny --cache_dir=cache
 	$(BIN)/python -m experiments.train --config=experiments/configs/lra/listops.py:tiny --workdir=$(DEMO_RUN)
 	$(BIN)/python -m experiments.report $(DEMO_RUN)
+
+# The GPU compiler without a GPU, for benchmarks/gpu_compile.py: an environment of its own with
+# JAX's CUDA plugin (not a project dependency; about 1.2 GB), pinned to the project's jax.
+GPU_COMPILE_VENV := .venv-gpu-compile
+gpu-compile-env: $(GPU_COMPILE_VENV)/.installed
+$(GPU_COMPILE_VENV)/.installed: requirements.txt
+	test -x $(GPU_COMPILE_VENV)/bin/python || $(PYTHON) -m venv $(GPU_COMPILE_VENV)
+	jax=$$(sed -n 's/^jax==//p' requirements.txt); \
+	  $(GPU_COMPILE_VENV)/bin/pip install -q --disable-pip-version-check \
+	  $$(grep -E '^(jax|jaxlib|flax|optax|numpy)==' requirements.txt) \
+	  "jax-cuda12-plugin==$$jax" "jax-cuda12-pjrt==$$jax"
+	touch $@
 
 bench: venv
 	$(BIN)/python benchmarks/scan.py

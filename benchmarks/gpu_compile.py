@@ -1,0 +1,297 @@
+"""The training step as a GPU would run it, compiled on a machine without one: kernels per step,
+the bytes they move, and the lines of code they come from.
+
+    python benchmarks/gpu_compile.py [--task lra|lm] [--full] [--lengths 1024 ...]
+                                     [--methods associative pallas] [--variants after ...]
+                                     [--batch N] [--measured PATH] [--tag _x]
+
+XLA compiles for a GPU it does not have ("deviceless" ahead-of-time compilation): JAX's
+``jax.experimental.topologies.get_topology_desc(platform="cuda", target_config=...)`` describes
+the device (``H200``: an NVIDIA H200, sm_90), and ``jit(...).lower(...).compile()`` on that
+topology runs XLA's whole GPU pipeline, the Pallas kernels' Triton compilation and ``ptxas``
+included. So this checks that every row compiles for the GPU (a kernel the GPU compiler rejects
+fails here, not on a lent machine) and counts what the compiled step launches: each instruction
+of its entry computation that does work (a fusion, a matmul, a Pallas kernel, a copy) is one
+kernel per step (``benchmarks/hlo_kernels.py``). Nothing is timed, and no autotuning runs (XLA
+picks its default matmul configurations): the kernel count and the fusion are what the GPU
+compiler decides, the times are not.
+
+The rows are ``benchmarks/train_throughput.py``'s (the same models, losses, AdamW step and
+``--variants``), each compiled with ``jax.default_backend()`` reading ``"gpu"`` while it is
+traced, so that ``method="auto"``, the fused projections and the Pallas kernels take their GPU
+paths. Columns: ``kernels`` per step (``pallas``: of them Pallas kernels; ``loops``: ``while``
+loops, each counted once, their bodies not entered), ``GiB`` = the bytes of every kernel's
+operands and result (``Kernel.bytes``: what it moves when it reads each operand once; slices
+and gathers move less), ``floor_ms`` = those bytes at the H200's 4.8 TB/s.
+
+``--measured`` (default: this task's H200 results, ``train_throughput_full[_lra]_h200_gpu.json``)
+adds each row's measured step time where the same model and length were timed, and fits
+``step_ms = GiB / bandwidth + kernels x per_kernel_us`` by least squares over the measured rows
+without Pallas kernels (the kernel's time depends on its schedule, not its bytes):
+``predicted_ms`` for every row. A fit of a few rows from one run is a reading of where time goes,
+not a timing.
+
+Needs JAX's CUDA plugin, whose version matches jax's: in an environment of its own (it is not a
+project dependency; on a machine without a GPU it only compiles), ``make gpu-compile-env``
+(``.venv-gpu-compile/``) or ``pip install "jax-cuda12-plugin==$JAX_VERSION"
+"jax-cuda12-pjrt==$JAX_VERSION"`` beside the project's requirements. Results:
+``benchmarks/results/gpu_compile[_full][_lra][TAG]_cpu.json`` (``_cpu``: where it ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import train_throughput as throughput
+from benchmarks.common import RESULTS_DIR, format_table, write_results
+from benchmarks.hlo_kernels import by_site, entry_kernels
+
+H200_BANDWIDTH = 4.8e12  # bytes/s, HBM3e
+# The device XLA compiles for: an NVIDIA H200 (a GpuTargetConfig in text format). What decides
+# the compilation is the compute capability (9.0, sm_90), the core count and the memory sizes.
+H200 = """
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 4800000000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 150000000000
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+  cuda_compute_capability { major: 9 minor: 0 }
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+runtime_version { major: 12 minor: 8 }
+device_description_str: "NVIDIA H200"
+"""
+TABLE_COLUMNS = [
+    "model",
+    "length",
+    "kernels",
+    "pallas",
+    "loops",
+    "GiB",
+    "floor_ms",
+    "measured_ms",
+    "predicted_ms",
+]
+TOP_SITES = 15
+
+
+def gpu_device() -> jax.Device:
+    """The H200 of a one-device deviceless topology; a one-line error without the CUDA plugin."""
+    from jax.experimental import topologies
+
+    try:
+        topology = topologies.get_topology_desc(
+            platform="cuda", target_config=H200, topology="1x1x1"
+        )
+    except Exception as error:  # the plugin is missing, or its version is not jax's
+        sys.exit(
+            f"gpu_compile.py: no CUDA compiler in this environment ({type(error).__name__}: "
+            f"{str(error)[:200]}); make gpu-compile-env, or pip install "
+            f'"jax-cuda12-plugin=={jax.__version__}" "jax-cuda12-pjrt=={jax.__version__}"'
+        )
+    return topology.devices[0]
+
+
+@contextlib.contextmanager
+def traced_for_gpu():
+    """While tracing inside, the model code's platform checks (``jax.default_backend()``) read
+    ``"gpu"``: ``method="auto"``, the fused projections and the Pallas kernels (compiled, not
+    interpreted) take their GPU paths."""
+    with mock.patch.object(jax, "default_backend", return_value="gpu"):
+        yield
+
+
+def compile_rows(args, device: jax.Device, length: int) -> list[dict]:
+    """Compile every row's training step at ``length`` for ``device``; one dict per row."""
+    args.length = length
+    models, sizes, loss, vocab_size = throughput.builders(args, args.dtype)
+    sharding = jax.sharding.SingleDeviceSharding(device)
+
+    def abstract(tree):
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
+        )
+
+    ids = jax.ShapeDtypeStruct((args.batch, length + 1), jnp.int32, sharding=sharding)
+    rows = []
+    for row_name, model_name, variant in throughput.row_names(args):
+        start = time.perf_counter()
+        with traced_for_gpu(), throughput.undone(throughput.VARIANTS[variant]):
+            step, state = throughput.train_step_fn(models[model_name](), loss)
+            try:
+                compiled = step.lower(*abstract(state), ids).compile()
+            except Exception as error:
+                print(
+                    f"{row_name} L={length}: FAILED to compile for the GPU: "
+                    f"{type(error).__name__}: {str(error)[:2000]}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                continue
+        kernels = entry_kernels(compiled.as_text())
+        total = sum(k.bytes for k in kernels)
+        rows.append(
+            {
+                "model": row_name,
+                "length": length,
+                "kernels": len(kernels),
+                "pallas": sum("triton" in k.target for k in kernels),
+                "loops": sum(k.opcode == "while" for k in kernels),
+                "GiB": total / 2**30,
+                "floor_ms": total / H200_BANDWIDTH * 1e3,
+                "compile_s": time.perf_counter() - start,
+                "sites": [
+                    {"site": site, "kernels": count, "GiB": size / 2**30}
+                    for site, count, size in by_site(kernels)[:TOP_SITES]
+                ],
+            }
+        )
+        print(
+            f"{row_name} L={length}: {len(kernels)} kernels, {total / 2**30:.2f} GiB "
+            f"(compiled in {rows[-1]['compile_s']:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return rows
+
+
+def default_measured(args) -> Path:
+    return RESULTS_DIR / (
+        "train_throughput_full" + ("_lra" if args.task == "lra" else "") + "_h200_gpu.json"
+    )
+
+
+def add_measured(rows: list[dict], path: Path) -> dict | None:
+    """Each row's measured step time from ``path`` (the same model and length) and the fit
+    (:func:`fit_step_times`); None where ``path`` is missing or too few rows were timed."""
+    if not path.is_file():
+        print(f"no measured step times: {path} is not there", file=sys.stderr)
+        return None
+    measured = {
+        (r["model"], r["length"]): r["step_ms"] for r in json.loads(path.read_text())["rows"]
+    }
+    for row in rows:
+        row["measured_ms"] = measured.get((row["model"], row["length"]))
+    fit = fit_step_times(rows)
+    if fit is not None:
+        root = RESULTS_DIR.parents[1]
+        fit["measured"] = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+    return fit
+
+
+def fit_step_times(rows: list[dict]) -> dict | None:
+    """Least squares ``measured_ms = GiB * ms_per_GiB + kernels * ms_per_kernel`` over the rows
+    with a measured time and no Pallas kernel (whose time depends on its schedule, not its
+    bytes); sets ``predicted_ms`` on every row. None with fewer than 3 such rows."""
+    fitted = [r for r in rows if r.get("measured_ms") is not None and not r["pallas"]]
+    if len(fitted) < 3:
+        return None
+    design = np.array([[r["GiB"], r["kernels"]] for r in fitted])
+    target = np.array([r["measured_ms"] for r in fitted])
+    (ms_per_gib, ms_per_kernel), *_ = np.linalg.lstsq(design, target, rcond=None)
+    for row in rows:
+        row["predicted_ms"] = float(row["GiB"] * ms_per_gib + row["kernels"] * ms_per_kernel)
+    residuals = [r["predicted_ms"] / r["measured_ms"] - 1 for r in fitted]
+    return {
+        "rows": len(fitted),
+        "bandwidth_TBps": 2**30 / (ms_per_gib * 1e-3) / 1e12 if ms_per_gib > 0 else None,
+        "per_kernel_us": float(ms_per_kernel * 1e3),
+        "largest_residual": max(residuals, key=abs),
+    }
+
+
+def print_sites(rows: list[dict]) -> None:
+    """Kernels per line of code, one column per row of the first length."""
+    length = rows[0]["length"]
+    same = [r for r in rows if r["length"] == length]
+    sites = list(dict.fromkeys(s["site"] for r in same for s in r["sites"]))
+    table = [
+        {"site": site if len(site) <= 64 else site[:63] + "~"}
+        | {
+            r["model"]: next((s["kernels"] for s in r["sites"] if s["site"] == site), 0)
+            for r in same
+        }
+        for site in sites
+    ]
+    print(f"\nkernels per line of code, L = {length} (the top {TOP_SITES} of each row)")
+    print(format_table(table, ["site"] + [r["model"] for r in same]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="lra", choices=["lm", "lra"])
+    parser.add_argument("--full", action="store_true", help="the paper's model size (default)")
+    parser.add_argument("--small", dest="full", action="store_false", help="the CPU model size")
+    parser.set_defaults(full=True)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--batch", type=int, help="default: the H200 runs' (8 lm, 32 lra)")
+    parser.add_argument("--methods", nargs="+", default=["associative", "pallas"])
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(throughput.VARIANTS), default=["after"]
+    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--measured", type=Path, help="train_throughput JSON of measured steps")
+    parser.add_argument("--tag", default="", help="suffix of the JSON file name")
+    args = parser.parse_args()
+    args.scan = "1d"
+    args.batch = args.batch or (8 if args.task == "lm" else 32)
+    args.dtype = None if args.dtype == "float32" else jnp.bfloat16
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    device = gpu_device()
+    rows: list[dict] = []
+    for length in args.lengths:
+        rows += compile_rows(args, device, length)
+    if not rows:
+        sys.exit("gpu_compile.py: no row compiled (see the errors above)")
+    fit = add_measured(rows, args.measured or default_measured(args))
+    print(format_table(rows, TABLE_COLUMNS))
+    if fit:
+        bandwidth = fit["bandwidth_TBps"]
+        print(
+            f"fit over {fit['rows']} measured rows without Pallas kernels: "
+            + (f"{bandwidth:.2f} TB/s effective, " if bandwidth else "no bandwidth term, ")
+            + f"{fit['per_kernel_us']:.2f} us per kernel, largest residual "
+            f"{fit['largest_residual']:+.0%} (a reading, not a timing)"
+        )
+    print_sites(rows)
+    name = "gpu_compile" + ("_full" if args.full else "") + ("_lra" if args.task == "lra" else "")
+    meta = {
+        "target": "NVIDIA H200 (sm_90), deviceless: compiled, not run",
+        "task": args.task,
+        "batch": args.batch,
+        "dtype": "float32" if args.dtype is None else "bfloat16",
+        "variants": {v: list(throughput.VARIANTS[v]) for v in args.variants},
+        "fit": fit,
+    }
+    print("wrote", write_results(name + args.tag, rows, meta))
+
+
+if __name__ == "__main__":
+    main()
