@@ -3,7 +3,7 @@ the bytes they move, and the lines of code they come from.
 
     python benchmarks/gpu_compile.py [--task lra|lm] [--full] [--lengths 1024 ...]
                                      [--methods associative pallas] [--variants after ...]
-                                     [--batch N] [--measured PATH] [--tag _x]
+                                     [--scan 1d|2d] [--batch N] [--measured PATH] [--tag _x]
 
 XLA compiles for a GPU it does not have ("deviceless" ahead-of-time compilation): JAX's
 ``jax.experimental.topologies.get_topology_desc(platform="cuda", target_config=...)`` describes
@@ -24,7 +24,8 @@ loops, each counted once, their bodies not entered), ``GiB`` = the bytes of ever
 operands and result (``Kernel.bytes``: what it moves when it reads each operand once; slices
 and gathers move less), ``floor_ms`` = those bytes at the H200's 4.8 TB/s.
 
-``--measured`` (default: this task's H200 results, ``train_throughput_full[_lra]_h200_gpu.json``)
+``--measured`` (default: this task's H200 results, ``train_throughput_full[_lra]_h200_gpu.json``;
+none for ``--scan 2d``, which no GPU has timed)
 adds each row's measured step time where the same model and length were timed, and fits
 ``step_ms = GiB / bandwidth + kernels x per_kernel_us`` by least squares over the measured rows
 without Pallas kernels (the kernel's time depends on its schedule, not its bytes):
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -256,11 +258,17 @@ def main() -> None:
     parser.add_argument(
         "--variants", nargs="+", choices=list(throughput.VARIANTS), default=["after"]
     )
+    parser.add_argument(
+        "--scan", default="1d", choices=["1d", "2d"], help="the LRA classifier's mixer"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--measured", type=Path, help="train_throughput JSON of measured steps")
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     args = parser.parse_args()
-    args.scan = "1d"
+    if args.scan == "2d" and (
+        args.task != "lra" or any(math.isqrt(n) ** 2 != n for n in args.lengths)
+    ):
+        parser.error("--scan 2d is the LRA classifier's 2-D mixer: --task lra, square lengths")
     args.batch = args.batch or (8 if args.task == "lm" else 32)
     args.dtype = None if args.dtype == "float32" else jnp.bfloat16
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -270,7 +278,9 @@ def main() -> None:
         rows += compile_rows(args, device, length)
     if not rows:
         sys.exit("gpu_compile.py: no row compiled (see the errors above)")
-    fit = add_measured(rows, args.measured or default_measured(args))
+    # The H200 timed the 1-D classifier only: a 2-D row has no measured twin by default.
+    measured = args.measured or (default_measured(args) if args.scan == "1d" else None)
+    fit = add_measured(rows, measured) if measured else None
     print(format_table(rows, TABLE_COLUMNS))
     if fit:
         bandwidth = fit["bandwidth_TBps"]
@@ -281,10 +291,16 @@ def main() -> None:
             f"{fit['largest_residual']:+.0%} (a reading, not a timing)"
         )
     print_sites(rows)
-    name = "gpu_compile" + ("_full" if args.full else "") + ("_lra" if args.task == "lra" else "")
+    name = (
+        "gpu_compile"
+        + ("_full" if args.full else "")
+        + ("_lra" if args.task == "lra" else "")
+        + ("_2d" if args.scan == "2d" else "")
+    )
     meta = {
         "target": "NVIDIA H200 (sm_90), deviceless: compiled, not run",
         "task": args.task,
+        "scan": args.scan,
         "batch": args.batch,
         "dtype": "float32" if args.dtype is None else "bfloat16",
         "variants": {v: list(throughput.VARIANTS[v]) for v in args.variants},
