@@ -35,9 +35,11 @@ three input projections into one matmul (the default off CPU only, ``hgru.fuse_p
 and ``separate projections`` forces three (the default on CPU); ``norm scale last`` (LayerNorm
 as ``(x - mean) * rsqrt(var + eps) * scale + bias``, not Flax's full-size ``rsqrt * scale``
 product) and ``gate recomputed`` (the mixer's ``norm * silu(gate)`` under ``jax.checkpoint``)
-force two changes that were tried and not adopted; ``directions in one scan`` runs a
-bidirectional HGRU's two scans as one (``hgru.MERGE_DIRECTIONS``, off by default until a GPU
-has measured it); ``chained kernel`` and ``loads after stores`` (rows of ``--methods pallas``
+force two changes that were tried and not adopted; ``directions in one scan`` and
+``directions in two scans`` run a bidirectional HGRU's two scans as one call or as two
+(``hgru.MERGE_DIRECTIONS``; by default merged for XLA's parallel scans, not for the Pallas
+kernel nor the sequential loop, ``hgru.merge_directions``; a row that would repeat the default
+is left out); ``chained kernel`` and ``loads after stores`` (rows of ``--methods pallas``
 only) run the Pallas kernel with the chunks' carries chained inside it
 (``StreamingOptions.chain_in_kernel``, off until measured) and as it was timed on an H200
 (``loads_ahead=False``: each step's loads after the previous step's stores);
@@ -107,8 +109,10 @@ VARIANTS = {
     "transposed scans": ("axis-aware scans",),
     "scan as before": ("scan buffers and unroll",),
     "scan not in place": ("in-place scans",),
-    # Not yet adopted, to be measured on a GPU: the bidirectional HGRU's two scans as one.
+    # The bidirectional HGRU's two scans as one call, or as two (hgru.merge_directions: merged
+    # by default for XLA's parallel scans, not for the Pallas kernel nor the sequential loop).
     "directions in one scan": ("directions in one scan",),
+    "directions in two scans": ("directions in two scans",),
     # The Pallas kernel as timed on an H200 (loads after stores), and with the carries chained
     # in the kernel (not yet on by default); rows of the "pallas" method only.
     "loads after stores": ("loads after stores",),
@@ -176,7 +180,8 @@ def undone(changes: tuple[str, ...]):
     """While tracing inside this context, the HGRU runs with ``changes`` undone (see
     ``VARIANTS``): "fused projections" / "separate projections" force the input projections
     into one / three matmuls; "norm scale last" and "gate recomputed" force two changes that
-    were tried and not adopted; "directions in one scan" sets ``hgru.MERGE_DIRECTIONS``;
+    were tried and not adopted; "directions in one scan" / "directions in two scans" set
+    ``hgru.MERGE_DIRECTIONS`` to True / False;
     "chained kernel" turns on the Pallas kernel's ``chain_in_kernel`` and "loads after stores"
     turns its ``loads_ahead`` off."""
     base = hgru_module._HGRUBase
@@ -184,6 +189,8 @@ def undone(changes: tuple[str, ...]):
     saved_merge = hgru_module.MERGE_DIRECTIONS
     if "directions in one scan" in changes:
         hgru_module.MERGE_DIRECTIONS = True
+    if "directions in two scans" in changes:
+        hgru_module.MERGE_DIRECTIONS = False
     if "norm scale last" in changes:
         nnx.LayerNorm.__call__ = _norm_scale_last
     if "gate recomputed" in changes:
@@ -483,14 +490,28 @@ def main() -> None:
     print("wrote", write_results(name, rows, meta))
 
 
+# The variants that only set how a bidirectional HGRU scans its two directions, and the value.
+MERGE_VARIANTS = {"directions in one scan": True, "directions in two scans": False}
+
+
 def row_names(args) -> list[tuple[str, str, str]]:
-    """``(row name, model name, variant)`` of every row, in order."""
+    """``(row name, model name, variant)`` of every row, in order. Kernel variants are rows of
+    the ``pallas`` method only; a merge variant is left out where it is the default already
+    (``hgru.merge_directions`` at ``args.length``, when it is set, on this backend)."""
     models = [f"hgrn[{m}]" for m in args.methods] + ["transformer"]
+
+    def is_default(model: str, variant: str) -> bool:
+        if variant not in MERGE_VARIANTS or getattr(args, "length", None) is None:
+            return False
+        method = model[len("hgrn[") : -1]
+        return hgru_module.merge_directions(method, args.length) == MERGE_VARIANTS[variant]
+
     return [
         (model if variant == "after" else f"{model} ({variant})", model, variant)
         for model in models
         for variant in (args.variants if model != "transformer" else ["after"])
-        if variant not in KERNEL_VARIANTS or model == "hgrn[pallas]"
+        if (variant not in KERNEL_VARIANTS or model == "hgrn[pallas]")
+        and not is_default(model, variant)
     ]
 
 
@@ -537,6 +558,7 @@ def measure_in_processes(args, length: int, meta: dict):
     the rows' processes alternating. Rows interleaved in one process share its heap, and a
     row's step can depend on what the rows before it left there; here each process starts from
     the same state."""
+    args.length = length
     flags = [f"--task={args.task}", f"--scan={args.scan}", f"--dtype={args.dtype}"]
     flags += [f"--lengths={length}", f"--reps={args.reps}", "--methods", *args.methods]
     flags += ["--variants", *args.variants] + (["--full"] if args.full else [])

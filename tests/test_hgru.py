@@ -380,6 +380,36 @@ def test_fused_projections_equal_separate_ones(monkeypatch, make, shape, use_for
         np.testing.assert_allclose(g_fused, g_separate, rtol=1e-6, atol=1e-6)
 
 
+def test_directions_merged_by_default_for_xla_parallel_scans_only(monkeypatch):
+    """merge_directions: XLA's parallel scans merge the two directions, the Pallas kernel and
+    the sequential loop do not, ``auto`` as the method it picks on that platform and length;
+    MERGE_DIRECTIONS forces either way."""
+    from hgrn_jax.nn import hgru
+
+    assert hgru.MERGE_DIRECTIONS is None
+    for method, merged in [("associative", True), ("chunked", True), ("pallas", False)]:
+        assert hgru.merge_directions(method, 1024, "gpu") is merged
+    assert hgru.merge_directions("sequential", 1024, "cpu") is False
+    assert hgru.merge_directions("auto", 1024, "gpu") is True  # associative below 2k
+    assert hgru.merge_directions("auto", 2048, "gpu") is False  # the Pallas kernel
+    assert hgru.merge_directions("auto", 1024, "cpu") is False  # the sequential loop
+    assert hgru.merge_directions("auto", 1024, "tpu") is False  # the Pallas kernel
+    for forced in (True, False):
+        monkeypatch.setattr(hgru, "MERGE_DIRECTIONS", forced)
+        assert hgru.merge_directions("pallas", 1024, "gpu") is forced
+        assert hgru.merge_directions("associative", 1024, "gpu") is forced
+
+
+def test_bidirectional_associative_layer_scans_once_by_default():
+    """The default switch is live in the layer: one recurrence call (a custom VJP) with the
+    associative scan, two with the sequential loop."""
+    x = inputs(SEQ, seed=3)
+    for method, calls in (("associative", 1), ("sequential", 2)):
+        layer = HGRU(D, bidirectional=True, method=method, rngs=nnx.Rngs(0))
+        jaxpr = jax.make_jaxpr(lambda x: layer(x, 0.3))(x)
+        assert str(jaxpr).count("custom_vjp_call") == calls, method
+
+
 @pytest.mark.parametrize(
     "method,complex_valued",
     [("sequential", True), ("associative", True), ("chunked", False)],

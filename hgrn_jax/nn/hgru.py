@@ -25,7 +25,7 @@ from flax import nnx
 
 from hgrn_jax.nn.initializers import axes_metadata, dense, logical, phase_init
 from hgrn_jax.nn.lower_bounds import apply_lower_bound
-from hgrn_jax.ops import linear_recurrence
+from hgrn_jax.ops import default_method, linear_recurrence
 from hgrn_jax.ops.common import accumulation_dtype
 from hgrn_jax.ops.sequence_parallel import sharded_linear_recurrence
 
@@ -34,12 +34,31 @@ Direction = Literal["forward", "reverse"]
 # None: fuse the input projections except on CPU (see _HGRUBase.projections); True / False force it.
 FUSE_PROJECTIONS: bool | None = None
 
-# True: a bidirectional HGRU runs its two scans as one forward scan over the channels of both
+# Whether a bidirectional HGRU runs its two scans as one forward scan over the channels of both
 # directions side by side, the reverse direction's inputs flipped in time (HGRU._both_directions).
-# Half the scan calls, so half the kernel launches of short steps on a GPU, for a flip of the
-# reverse half's inputs and states. Off by default until a GPU has measured it
-# (benchmarks/train_throughput.py --variants "directions in one scan").
-MERGE_DIRECTIONS: bool = False
+# None: where the scan is one of XLA's parallel scans (merge_directions); True / False force it.
+MERGE_DIRECTIONS: bool | None = None
+
+
+def merge_directions(method: str, length: int, platform: str | None = None) -> bool:
+    """Whether a bidirectional HGRU of ``length`` steps scans both directions in one call
+    (``MERGE_DIRECTIONS``; None decides by the method ``method`` resolves to on ``platform``).
+
+    Merged for ``"associative"`` and ``"chunked"`` (what ``method="auto"`` picks on a GPU below
+    2k steps): the flips fuse into the scan's first level, and half the scan calls launch fewer
+    kernels and move fewer bytes. The LRA Text classifier's training step at L = 1k, compiled
+    for an H200 (``benchmarks/gpu_compile.py``): 587 -> 535 kernels and 16.5 -> 15.8 GiB with
+    the associative scan (619 -> 547 and 18.6 -> 17.8 GiB chunked); on CPU the associative
+    step took 311 -> 264 ms (``train_throughput.py``). Not merged for ``"pallas"``: XLA cannot
+    fuse the flips into a custom call, so they stay copies (476 -> 484 kernels, 12.5 -> 14.5
+    GiB). Not for ``"sequential"``: no change on CPU (247 / 243 ms). The merged scan is the
+    same recurrence per channel; the parallel methods combine a reversed sequence in another
+    order, so results agree to float32 rounding.
+    """
+    if MERGE_DIRECTIONS is not None:
+        return MERGE_DIRECTIONS
+    resolved = default_method(length, platform) if method == "auto" else method
+    return resolved in ("associative", "chunked")
 
 
 def fuse_projections() -> bool:
@@ -287,7 +306,11 @@ class HGRU(_HGRUBase):
         self.check_input(x, "(batch, length, d)")
         projected = self.projections(x)
         lam, b = self.decay_and_input(x, lower_bound, projected)
-        if self.bidirectional and MERGE_DIRECTIONS and self.sequence_axis is None:
+        if (
+            self.bidirectional
+            and self.sequence_axis is None
+            and merge_directions(self.method, x.shape[-2])
+        ):
             return self.output(self._both_directions(lam, b, mask), x, gate=projected[2])
         directions: tuple[Direction, ...] = (
             ("forward", "reverse") if self.bidirectional else ("forward",)
@@ -301,7 +324,7 @@ class HGRU(_HGRUBase):
     def _both_directions(self, lam: jax.Array, b: jax.Array, mask: jax.Array | None) -> jax.Array:
         """The forward plus the reverse scan of (B, L, d) decays and inputs as one forward scan
         over (B, L, 2d): the reverse direction's decays and inputs flipped in time beside the
-        forward ones, its states flipped back (``MERGE_DIRECTIONS``)."""
+        forward ones, its states flipped back (:func:`merge_directions`)."""
         forward = self.identity_at_padding(self.decay(lam, "forward"), b, mask)
         backward = self.identity_at_padding(self.decay(lam, "reverse"), b, mask)
         a, x = (
