@@ -25,8 +25,9 @@ operands and result (``Kernel.bytes``: what it moves when it reads each operand 
 and gathers move less), ``floor_ms`` = those bytes at the H200's 4.8 TB/s.
 
 ``--measured`` (default: this task's H200 results, ``train_throughput_full[_lra]_h200_gpu.json``;
-none for ``--scan 2d``, which no GPU has timed)
-adds each row's measured step time where the same model and length were timed, and fits
+none for ``--scan 2d``, which no GPU has timed) adds each row's measured step time where the
+same step was timed (the same length, method, directions and kernel options: the H200 rows
+ran two scans per bidirectional layer and the kernel with its loads after its stores), and fits
 ``step_ms = GiB / bandwidth + kernels x per_kernel_us`` by least squares over the measured rows
 without Pallas kernels (the kernel's time depends on its schedule, not its bytes):
 ``predicted_ms`` for every row. A fit of a few rows from one run is a reading of where time goes,
@@ -161,10 +162,14 @@ def compile_rows(args, device: jax.Device, length: int) -> list[dict]:
                 continue
         kernels = entry_kernels(compiled.as_text())
         total = sum(k.bytes for k in kernels)
+        with traced_for_gpu():
+            config = throughput.configuration(args.task, model_name, variant, length)
         rows.append(
             {
                 "model": row_name,
                 "length": length,
+                "configuration": config,
+                "matchable": set(throughput.VARIANTS[variant]) <= throughput.CONFIGURED_CHANGES,
                 "kernels": len(kernels),
                 "pallas": sum("triton" in k.target for k in kernels),
                 "loops": sum(k.opcode == "while" for k in kernels),
@@ -192,17 +197,46 @@ def default_measured(args) -> Path:
     )
 
 
-def add_measured(rows: list[dict], path: Path) -> dict | None:
-    """Each row's measured step time from ``path`` (the same model and length) and the fit
-    (:func:`fit_step_times`); None where ``path`` is missing or too few rows were timed."""
+# What the H200's timed rows ran with where their JSON does not say (train_throughput.py rows
+# of 2026-11-30 and before): a bidirectional mixer's two directions as two scans, the Pallas
+# kernel's loads after its stores, no carries chained in the kernel.
+TIMED_BEFORE_CONFIGURATIONS = {
+    "directions_merged": False,
+    "loads_ahead": False,
+    "chain_in_kernel": False,
+}
+
+
+def _match_key(kind: str, length: int, config: dict) -> tuple:
+    return kind, length, tuple(sorted(config.items()))
+
+
+def add_measured(rows: list[dict], path: Path, task: str) -> dict | None:
+    """Each row's measured step time from ``path``, and the fit (:func:`fit_step_times`); None
+    where ``path`` is missing or too few rows were timed. A row takes the time of a measured row
+    of the same length that ran the same step: the same configuration
+    (``train_throughput.configuration``: the method, the directions, the kernel's options;
+    ``TIMED_BEFORE_CONFIGURATIONS`` where the measured JSON does not record it), and no change
+    other than those (a row of, say, separate projections is never matched)."""
     if not path.is_file():
         print(f"no measured step times: {path} is not there", file=sys.stderr)
         return None
-    measured = {
-        (r["model"], r["length"]): r["step_ms"] for r in json.loads(path.read_text())["rows"]
-    }
+    measured = {}
+    for timed in json.loads(path.read_text())["rows"]:
+        model = timed["model"].split(" (")[0]
+        config = timed.get("configuration")
+        if config is None:
+            if timed["model"] != model:  # a variant row of unknown configuration
+                continue
+            with traced_for_gpu():
+                config = throughput.configuration(task, model, "after", timed["length"])
+            config |= {k: v for k, v in TIMED_BEFORE_CONFIGURATIONS.items() if k in config}
+        kind = "transformer" if model == "transformer" else "hgrn"
+        measured[_match_key(kind, timed["length"], config)] = timed["step_ms"]
     for row in rows:
-        row["measured_ms"] = measured.get((row["model"], row["length"]))
+        kind = "transformer" if row["model"] == "transformer" else "hgrn"
+        key = _match_key(kind, row["length"], row["configuration"])
+        row["measured_ms"] = measured.get(key) if row["matchable"] else None
     fit = fit_step_times(rows)
     if fit is not None:
         root = RESULTS_DIR.parents[1]
@@ -282,7 +316,7 @@ def main() -> None:
         sys.exit("gpu_compile.py: no row compiled (see the errors above)")
     # The H200 timed the 1-D classifier only: a 2-D row has no measured twin by default.
     measured = args.measured or (default_measured(args) if args.scan == "1d" else None)
-    fit = add_measured(rows, measured) if measured else None
+    fit = add_measured(rows, measured, args.task) if measured else None
     print(format_table(rows, TABLE_COLUMNS))
     if fit:
         bandwidth = fit["bandwidth_TBps"]

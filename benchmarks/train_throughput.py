@@ -78,7 +78,7 @@ from hgrn_jax.nn import GLU, HGRNLM, LMConfig, MixerConfig
 from hgrn_jax.nn import hgru as hgru_module
 from hgrn_jax.nn.classifier import ClassifierConfig, HGRNClassifier
 from hgrn_jax.nn.glu import glu_width
-from hgrn_jax.ops import linear_recurrence
+from hgrn_jax.ops import default_method, linear_recurrence
 from hgrn_jax.ops.pallas_recurrence import streaming_options
 
 SMALL = dict(vocab_size=1024, features=128, num_layers=2, glu_expand=2)
@@ -463,6 +463,8 @@ def main() -> None:
             times, peaks = measure_in_processes(args, length, meta)
         else:
             times, peaks = measure(args, dtype, batch, length, meta)
+        args.length = length
+        variants = {row: (model, variant) for row, model, variant in row_names(args)}
         for row_name, row_times in times.items():
             seconds = min(row_times)
             rows.append(
@@ -478,6 +480,7 @@ def main() -> None:
                         meta.get("step_ops", {}).get(f"{row_name} L={length}", {}).values()
                     )
                     or None,
+                    "configuration": configuration(args.task, *variants[row_name], length),
                 }
             )
         add_speedups(rows)
@@ -492,6 +495,27 @@ def main() -> None:
 
 # The variants that only set how a bidirectional HGRU scans its two directions, and the value.
 MERGE_VARIANTS = {"directions in one scan": True, "directions in two scans": False}
+# The changes a row's ``configuration`` records.
+CONFIGURED_CHANGES = frozenset(MERGE_VARIANTS) | frozenset(KERNEL_CHANGES)
+
+
+def configuration(task: str, model: str, variant: str, length: int) -> dict:
+    """What a row's HGRN step runs with beyond its model and length, so that a row is not
+    matched with one timed before a default changed: the recurrence method ``auto`` resolves
+    to (on this backend), whether the bidirectional mixer merges its directions (LRA only)
+    and, for the Pallas kernel, its streaming options. ``{}`` for the Transformer."""
+    if model == "transformer":
+        return {}
+    method = model[len("hgrn[") : -1]
+    with undone(VARIANTS[variant]), streaming_options() as options:
+        resolved = default_method(length) if method == "auto" else method
+        config: dict = {"method": resolved}
+        if task == "lra":
+            config["directions_merged"] = hgru_module.merge_directions(method, length)
+        if resolved == "pallas":
+            config["loads_ahead"] = options.loads_ahead
+            config["chain_in_kernel"] = options.chain_in_kernel
+    return config
 
 
 def row_names(args) -> list[tuple[str, str, str]]:

@@ -116,27 +116,3 @@ def test_gpu_module_pallas_kernel_loop_and_copy():
 def test_no_entry_computation_is_an_error():
     with pytest.raises(ValueError, match="no ENTRY computation"):
         entry_kernels("HloModule empty\n")
-
-
-def test_step_time_fit_recovers_bandwidth_and_cost_per_kernel():
-    """gpu_compile.py's fit: rows made from 4.0 TB/s and 8 us per kernel give those back; the
-    Pallas row (slower than its bytes) and the unmeasured row are predicted, not fitted."""
-    from benchmarks.gpu_compile import fit_step_times
-
-    ms_per_gib = 2**30 / 4.0e12 * 1e3
-
-    def row(gib, kernels, pallas=0, measured=True, excess_ms=0.0):
-        ms = gib * ms_per_gib + kernels * 0.008 + excess_ms
-        return dict(GiB=gib, kernels=kernels, pallas=pallas, measured_ms=ms if measured else None)
-
-    rows = [row(16.5, 587), row(19.5, 318), row(65.9, 693), row(223.0, 343)]
-    rows += [row(12.5, 476, pallas=24, excess_ms=2.4), row(15.8, 535, measured=False)]
-    fit = fit_step_times(rows)
-    assert fit["rows"] == 4
-    assert fit["bandwidth_TBps"] == pytest.approx(4.0, rel=1e-9)
-    assert fit["per_kernel_us"] == pytest.approx(8.0, rel=1e-9)
-    assert abs(fit["largest_residual"]) < 1e-9
-    pallas, unmeasured = rows[-2:]
-    assert pallas["measured_ms"] - pallas["predicted_ms"] == pytest.approx(2.4, rel=1e-9)
-    assert unmeasured["predicted_ms"] == pytest.approx(15.8 * ms_per_gib + 535 * 0.008)
-    assert fit_step_times(rows[:2] + rows[-2:]) is None  # two fitted rows: no fit

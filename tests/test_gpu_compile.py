@@ -1,0 +1,77 @@
+"""benchmarks/gpu_compile.py without the CUDA plugin: which timed H200 row each compiled row is
+matched with, and the fit of step times to bytes and kernels."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import train_throughput as throughput
+from benchmarks.gpu_compile import add_measured, fit_step_times, traced_for_gpu
+
+
+def test_step_time_fit_recovers_bandwidth_and_cost_per_kernel():
+    """gpu_compile.py's fit: rows made from 4.0 TB/s and 8 us per kernel give those back; the
+    Pallas row (slower than its bytes) and the unmeasured row are predicted, not fitted."""
+    ms_per_gib = 2**30 / 4.0e12 * 1e3
+
+    def row(gib, kernels, pallas=0, measured=True, excess_ms=0.0):
+        ms = gib * ms_per_gib + kernels * 0.008 + excess_ms
+        return dict(GiB=gib, kernels=kernels, pallas=pallas, measured_ms=ms if measured else None)
+
+    rows = [row(16.5, 587), row(19.5, 318), row(65.9, 693), row(223.0, 343)]
+    rows += [row(12.5, 476, pallas=24, excess_ms=2.4), row(15.8, 535, measured=False)]
+    fit = fit_step_times(rows)
+    assert fit["rows"] == 4
+    assert fit["bandwidth_TBps"] == pytest.approx(4.0, rel=1e-9)
+    assert fit["per_kernel_us"] == pytest.approx(8.0, rel=1e-9)
+    assert abs(fit["largest_residual"]) < 1e-9
+    pallas, unmeasured = rows[-2:]
+    assert pallas["measured_ms"] - pallas["predicted_ms"] == pytest.approx(2.4, rel=1e-9)
+    assert unmeasured["predicted_ms"] == pytest.approx(15.8 * ms_per_gib + 535 * 0.008)
+    assert fit_step_times(rows[:2] + rows[-2:]) is None  # two fitted rows: no fit
+
+
+def _compiled_row(model: str, variant: str, length: int = 1024) -> dict:
+    """A row as gpu_compile.compile_rows makes it (its kernels and bytes made up)."""
+    with traced_for_gpu():
+        config = throughput.configuration("lra", model, variant, length)
+    return {
+        "model": model if variant == "after" else f"{model} ({variant})",
+        "length": length,
+        "configuration": config,
+        "matchable": set(throughput.VARIANTS[variant]) <= throughput.CONFIGURED_CHANGES,
+        "GiB": 1.0,
+        "kernels": 100,
+        "pallas": 24 if "pallas" in model else 0,
+    }
+
+
+def test_rows_take_the_time_of_the_same_step_not_of_the_same_name(tmp_path):
+    """The H200 rows (no configuration recorded) ran two scans per bidirectional layer and the
+    kernel with its loads after its stores: today's default rows of the same names ran other
+    steps and get no time; the variants that undo the changes get it; a row with another
+    change (separate projections) never does."""
+    timed = [
+        {"model": "hgrn[associative]", "length": 1024, "step_ms": 9.08},
+        {"model": "hgrn[pallas]", "length": 1024, "step_ms": 9.87},
+        {"model": "hgrn[pallas] (chained kernel)", "length": 1024, "step_ms": 1.0},
+        {"model": "transformer", "length": 1024, "step_ms": 8.82},
+        {"model": "transformer", "length": 2048, "step_ms": 22.1},
+    ]
+    path = tmp_path / "timed.json"
+    path.write_text(json.dumps({"rows": timed}))
+    rows = [
+        _compiled_row("hgrn[associative]", "after"),
+        _compiled_row("hgrn[associative]", "directions in two scans"),
+        _compiled_row("hgrn[auto]", "directions in two scans"),
+        _compiled_row("hgrn[associative]", "separate projections"),
+        _compiled_row("hgrn[pallas]", "after"),
+        _compiled_row("hgrn[pallas]", "loads after stores"),
+        _compiled_row("hgrn[pallas]", "chained kernel"),
+        _compiled_row("transformer", "after"),
+    ]
+    assert rows[0]["configuration"] == {"method": "associative", "directions_merged": True}
+    add_measured(rows, path, "lra")
+    assert [r["measured_ms"] for r in rows] == [None, 9.08, 9.08, None, None, 9.87, None, 8.82]
