@@ -9,10 +9,11 @@ XLA compiles for a GPU it does not have ("deviceless" ahead-of-time compilation)
 ``jax.experimental.topologies.get_topology_desc(platform="cuda", target_config=...)`` describes
 the device (``H200``: an NVIDIA H200, sm_90), and ``jit(...).lower(...).compile()`` on that
 topology runs XLA's whole GPU pipeline, the Pallas kernels' Triton compilation and ``ptxas``
-included. So this checks that every row compiles for the GPU (a kernel the GPU compiler rejects
-fails here, not on a lent machine) and counts what the compiled step launches: each instruction
-of its entry computation that does work (a fusion, a matmul, a Pallas kernel, a copy) is one
-kernel per step (``benchmarks/hlo_kernels.py``). Nothing is timed, and no autotuning runs (XLA
+included. So this checks that every row compiles for the GPU: a kernel the GPU compiler
+rejects fails here, not on a lent machine (the script then exits with status 1, naming the
+rows). And it counts what the compiled step launches: each instruction of its entry
+computation that does work (a fusion, a matmul, a Pallas kernel, a copy) is one kernel per
+step (``benchmarks/hlo_kernels.py``). Nothing is timed, and no autotuning runs (XLA
 picks its default matmul configurations): the kernel count and the fusion are what the GPU
 compiler decides, the times are not.
 
@@ -131,8 +132,9 @@ def traced_for_gpu():
         yield
 
 
-def compile_rows(args, device: jax.Device, length: int) -> list[dict]:
-    """Compile every row's training step at ``length`` for ``device``; one dict per row."""
+def compile_rows(args, device: jax.Device, length: int, failed: list[str]) -> list[dict]:
+    """Compile every row's training step at ``length`` for ``device``: one dict per row that
+    compiled; the names of those that did not are appended to ``failed``."""
     args.length = length
     models, sizes, loss, vocab_size = throughput.builders(args, args.dtype)
     sharding = jax.sharding.SingleDeviceSharding(device)
@@ -159,6 +161,7 @@ def compile_rows(args, device: jax.Device, length: int) -> list[dict]:
                     file=sys.stderr,
                     flush=True,
                 )
+                failed.append(f"{row_name} L={length}")
                 continue
         kernels = entry_kernels(compiled.as_text())
         total = sum(k.bytes for k in kernels)
@@ -310,8 +313,9 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     device = gpu_device()
     rows: list[dict] = []
+    failed: list[str] = []
     for length in args.lengths:
-        rows += compile_rows(args, device, length)
+        rows += compile_rows(args, device, length, failed)
     if not rows:
         sys.exit("gpu_compile.py: no row compiled (see the errors above)")
     # The H200 timed the 1-D classifier only: a 2-D row has no measured twin by default.
@@ -341,8 +345,11 @@ def main() -> None:
         "dtype": "float32" if args.dtype is None else "bfloat16",
         "variants": {v: list(throughput.VARIANTS[v]) for v in args.variants},
         "fit": fit,
+        "failed": failed,
     }
     print("wrote", write_results(name + args.tag, rows, meta))
+    if failed:
+        sys.exit(f"gpu_compile.py: {len(failed)} rows did not compile for the GPU: {failed}")
 
 
 if __name__ == "__main__":
