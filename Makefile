@@ -45,7 +45,7 @@ demo: venv
 	$(BIN)/python -m experiments.report $(DEMO_RUN)
 
 # The GPU compiler without a GPU, for benchmarks/gpu_compile.py: an environment of its own with
-# JAX's CUDA plugin (not a project dependency; about 1.2 GB), pinned to the project's jax.
+# JAX's CUDA plugin (not a project dependency; about 1.3 GB), pinned to the project's jax.
 GPU_COMPILE_VENV := .venv-gpu-compile
 gpu-compile-env: $(GPU_COMPILE_VENV)/.installed
 $(GPU_COMPILE_VENV)/.installed: requirements.txt
