@@ -132,7 +132,9 @@ def measure(args, length: int) -> list[dict[str, Any]]:
 COLUMNS = ["model", "length", "step_ms", "kernels_per_step", "device_ms", "busy"]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also read by tests/test_gpu_session.py, which checks
+    benchmarks/gpu_session.sh's flags against it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="lra", choices=["lm", "lra"])
     parser.add_argument("--full", action="store_true", help="the paper's model size")
@@ -143,6 +145,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps timed, then traced")
     parser.add_argument("--top", type=int, default=8, help="largest kernels kept per row")
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     args.scan = "1d"
     meta = {

@@ -187,7 +187,9 @@ def time_python(fn: Callable[[], Any], reps: int) -> float:
     return float(np.min(times))
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also read by tests/test_gpu_session.py, which checks
+    benchmarks/gpu_session.sh's flags against it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+")
     parser.add_argument(
@@ -196,6 +198,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-fla", action="store_true")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     platform = jax.default_backend()
     sizes = [

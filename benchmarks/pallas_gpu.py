@@ -226,7 +226,9 @@ def trace_pallas(length: int, dtype_name: str, variant: str, calls: int) -> dict
     return row
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also read by tests/test_gpu_session.py, which checks
+    benchmarks/gpu_session.sh's flags against it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
@@ -254,6 +256,11 @@ def main() -> None:
         help="seconds after which no new sweep variant is started",
     )
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     started = time.perf_counter()
     print("devices:", jax.devices(), flush=True)

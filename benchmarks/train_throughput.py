@@ -384,7 +384,9 @@ def builders(args, dtype) -> tuple[dict, dict, object, int]:
     return models, sizes, classification_loss, config.vocab_size
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also read by tests/test_gpu_session.py, which checks
+    benchmarks/gpu_session.sh's flags against it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="lm", choices=["lm", "lra"])
     parser.add_argument(
@@ -416,6 +418,11 @@ def main() -> None:
         "(default 0: every row in this process, interleaved)",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     batch = args.batch or (1 if args.task == "lm" else 8)
     lengths = args.lengths or (FULL_LENGTHS if args.full else SMALL_LENGTHS)

@@ -23,6 +23,7 @@ if [ "$1" = -c ]; then
 fi
 [ "$1 $2" = "-m pip" ] && exit 0
 echo "$*" >> "$CALLS"
+{ printf '%s\n' "$@"; echo '<end of call>'; } >> "$ARGV"
 if [ "$1 $2" = "-m experiments.train" ]; then
   for arg in "$@"; do
     case $arg in --workdir=*) dir=${arg#--workdir=} ;; esac
@@ -42,10 +43,12 @@ def _session(tmp_path: Path, **env: str) -> list[str]:
     fake.chmod(0o755)
     calls = tmp_path / "calls.txt"
     calls.write_text("")
+    (tmp_path / "argv.txt").write_text("")
     environment = {
         **os.environ,
         "PYTHON": str(fake),
         "CALLS": str(calls),
+        "ARGV": str(tmp_path / "argv.txt"),
         "OUT": str(tmp_path / "out"),
         "TTA_DIR": str(tmp_path / "tta_runs"),
         "TTA_CACHE": str(tmp_path / "cache"),
@@ -148,3 +151,32 @@ def test_steps_pick_the_measurements(tmp_path):
         "benchmarks/device_time.py",
     ]
     assert all("chained kernel" in c for c in second)
+
+
+def test_benchmark_commands_parse_with_their_scripts_command_lines(tmp_path):
+    """Every benchmark command of a whole session, arguments as bash passes them, parses with
+    its script's own command line: a misspelt flag or variant would otherwise stop that step
+    on a lent machine, minutes into its device time."""
+    from benchmarks import device_time, matrix_recurrence, pallas_gpu, train_throughput
+
+    _session(tmp_path, TTA_ONLY="0", TTA_MINUTES="0", TAG="_h200")
+    text = (tmp_path / "argv.txt").read_text()
+    commands = [call.strip("\n").split("\n") for call in text.split("<end of call>\n") if call]
+    parsers = {
+        f"benchmarks/{module.__name__.split('.')[-1]}.py": module.build_parser
+        for module in (device_time, matrix_recurrence, pallas_gpu, train_throughput)
+    }
+    parsed = []
+    for argv in commands:
+        if argv[0] in parsers:
+            args = parsers[argv[0]]().parse_args(argv[1:])
+            parsed.append((argv[0], args))
+    assert [script for script, _ in parsed] == [
+        "benchmarks/pallas_gpu.py",
+        "benchmarks/matrix_recurrence.py",
+        "benchmarks/train_throughput.py",
+        "benchmarks/train_throughput.py",
+        "benchmarks/device_time.py",
+    ]
+    lra = parsed[3][1]
+    assert lra.task == "lra" and "directions in two scans" in lra.variants
