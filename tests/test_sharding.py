@@ -3,6 +3,8 @@ checkpoints restored across meshes, and the mesh/batch helpers' errors."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -284,3 +286,49 @@ def test_raw_optax_moments_follow_their_parameters():
 def test_maybe_initialize_distributed_is_a_no_op_without_a_request():
     assert sh.maybe_initialize_distributed(env={}) is False
     assert sh.maybe_initialize_distributed(env={"JAX_NUM_PROCESSES": "1"}) is False
+
+
+def _collectives(compiled) -> dict[str, int]:
+    """How many of each cross-device operation a compiled executable runs (async starts
+    counted once)."""
+    names = re.findall(
+        r"\b(all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter)(?:-start)?\(",
+        compiled.as_text(),
+    )
+    return {name: names.count(name) for name in sorted(set(names))}
+
+
+@pytest.mark.slow  # two sharded compilations: about 9 s
+def test_merged_directions_move_no_channels_between_devices(monkeypatch):
+    """On a mesh whose model axis shards the HGRU's channels, a bidirectional layer with its two
+    directions in one scan compiles to the same cross-device operations as with two scans, and
+    computes the same (concatenating the directions on the channel axis instead moved channels
+    between devices: 14 -> 32 collective permutes here)."""
+    from hgrn_jax.nn import hgru
+
+    mesh = sh.make_mesh(2, 1, 4, devices=jax.devices()[:8])
+    x = jax.device_put(
+        jnp.asarray(np.random.default_rng(0).normal(size=(4, 12, 16)), jnp.float32),
+        sh.batch_sharding(mesh, 3),
+    )
+    results = {}
+    for merged in (False, True):
+        monkeypatch.setattr(hgru, "MERGE_DIRECTIONS", merged)
+        layer = sh.create_sharded_model(
+            lambda: hgru.HGRU(16, bidirectional=True, method="associative", rngs=nnx.Rngs(0)),
+            mesh,
+        )
+        graphdef, state = nnx.split(layer)
+
+        def loss(state, x, graphdef=graphdef):
+            return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x, 0.3)) * x)
+
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(state, x).compile()
+            results[merged] = (_collectives(compiled), compiled(state, x))
+    (two_ops, (two_loss, two_grads)), (one_ops, (one_loss, one_grads)) = results.values()
+    assert two_ops.get("collective-permute", 0) > 0  # the channels really are split
+    assert one_ops == two_ops
+    np.testing.assert_allclose(one_loss, two_loss, rtol=1e-5)
+    for one, two in zip(jax.tree.leaves(one_grads), jax.tree.leaves(two_grads), strict=True):
+        np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-6)
