@@ -59,10 +59,15 @@ def temp_bytes(fn: Callable[..., Any], *args: Any) -> int | None:
 
 
 # Instructions that launch no work of their own.
-_BOOKKEEPING_OPS = frozenset(
+BOOKKEEPING_OPS = frozenset(
     {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all", "opt-barrier"}
 )
-_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (?:\([^=]*?\)|\S+) ([\w\-]+)\((.*)$")
+# One instruction of HLO text: its name, result shape, opcode and the rest of the line (operands
+# first). Also read by benchmarks/hlo_kernels.py.
+HLO_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT )?%?(?P<name>[\w.\-]+) = (?P<shape>\([^=]*?\)|\S+) "
+    r"(?P<opcode>[\w\-]+)\((?P<rest>.*)$"
+)
 _HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) ")
 _CALLED = re.compile(r"\b(?:to_apply|body|condition|branch_computations)=\{?%?([\w.\-%, ]+)\}?")
 
@@ -92,14 +97,14 @@ def step_op_counts(compiled: Any) -> dict[str, int]:
 
     def visit(name: str, seen: frozenset) -> None:
         for line in computations.get(name, []):
-            match = _HLO_INSTRUCTION.match(line)
-            if not match or match.group(1) in _BOOKKEEPING_OPS:
+            match = HLO_INSTRUCTION.match(line)
+            if not match or match["opcode"] in BOOKKEEPING_OPS:
                 continue
-            opcode = match.group(1)
+            opcode = match["opcode"]
             if opcode in ("call", "while", "conditional"):
                 if opcode == "while":
                     counts["while"] = counts.get("while", 0) + 1
-                for group in _CALLED.findall(match.group(2)):
+                for group in _CALLED.findall(match["rest"]):
                     for callee in (c.strip().lstrip("%") for c in group.split(",")):
                         if callee and callee not in seen:
                             visit(callee, seen | {callee})

@@ -61,7 +61,7 @@ import numpy as np
 
 from benchmarks import train_throughput as throughput
 from benchmarks.common import RESULTS_DIR, format_table, write_results
-from benchmarks.hlo_kernels import by_site, entry_kernels
+from benchmarks.hlo_kernels import Kernel, by_site, entry_kernels
 
 H200_BANDWIDTH = 4.8e12  # bytes/s, HBM3e
 # The device XLA compiles for: an NVIDIA H200 (a GpuTargetConfig in text format). What decides
@@ -146,52 +146,61 @@ def compile_rows(args, device: jax.Device, length: int, failed: list[str]) -> li
 
     ids = jax.ShapeDtypeStruct((args.batch, length + 1), jnp.int32, sharding=sharding)
     rows = []
-    with traced_for_gpu():  # the rows whose merge variant is the GPU's default are left out
-        row_names = throughput.row_names(args)
-    for row_name, model_name, variant in row_names:
-        start = time.perf_counter()
-        with traced_for_gpu(), throughput.undone(throughput.VARIANTS[variant]):
-            step, state = throughput.train_step_fn(models[model_name](), loss)
-            try:
-                compiled = step.lower(*abstract(state), ids).compile()
-            except Exception as error:
-                print(
-                    f"{row_name} L={length}: FAILED to compile for the GPU: "
-                    f"{type(error).__name__}: {str(error)[:2000]}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                failed.append(f"{row_name} L={length}")
-                continue
-        kernels = entry_kernels(compiled.as_text())
-        total = sum(k.bytes for k in kernels)
-        with traced_for_gpu():
-            config = throughput.configuration(args.task, model_name, variant, length)
-        rows.append(
-            {
-                "model": row_name,
-                "length": length,
-                "configuration": config,
-                "matchable": set(throughput.VARIANTS[variant]) <= throughput.CONFIGURED_CHANGES,
-                "kernels": len(kernels),
-                "pallas": sum("triton" in k.target for k in kernels),
-                "loops": sum(k.opcode == "while" for k in kernels),
-                "GiB": total / 2**30,
-                "floor_ms": total / H200_BANDWIDTH * 1e3,
-                "compile_s": time.perf_counter() - start,
-                "sites": [
-                    {"site": site, "kernels": count, "GiB": size / 2**30}
-                    for site, count, size in by_site(kernels)[:TOP_SITES]
-                ],
-            }
-        )
-        print(
-            f"{row_name} L={length}: {len(kernels)} kernels, {total / 2**30:.2f} GiB "
-            f"(compiled in {rows[-1]['compile_s']:.0f} s)",
-            file=sys.stderr,
-            flush=True,
-        )
+    with traced_for_gpu():  # the GPU's defaults pick the rows and shape each step
+        for row_name, model_name, variant in throughput.row_names(args):
+            start = time.perf_counter()
+            with throughput.undone(throughput.VARIANTS[variant]):
+                step, state = throughput.train_step_fn(models[model_name](), loss)
+                try:
+                    compiled = step.lower(*abstract(state), ids).compile()
+                except Exception as error:
+                    print(
+                        f"{row_name} L={length}: FAILED to compile for the GPU: "
+                        f"{type(error).__name__}: {str(error)[:2000]}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    failed.append(f"{row_name} L={length}")
+                    continue
+            rows.append(
+                {"model": row_name, "length": length}
+                | step_identity(args.task, model_name, variant, length)
+                | kernel_columns(entry_kernels(compiled.as_text()))
+                | {"compile_s": time.perf_counter() - start}
+            )
+            print(
+                f"{row_name} L={length}: {rows[-1]['kernels']} kernels, {rows[-1]['GiB']:.2f} GiB "
+                f"(compiled in {rows[-1]['compile_s']:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     return rows
+
+
+def step_identity(task: str, model_name: str, variant: str, length: int) -> dict:
+    """What decides which timed step a row is (``add_measured``): its ``configuration`` as the
+    GPU would run it (``train_throughput.configuration``), and whether the variant changes only
+    what that records (``matchable``)."""
+    with traced_for_gpu():
+        config = throughput.configuration(task, model_name, variant, length)
+    changes = set(throughput.VARIANTS[variant])
+    return {"configuration": config, "matchable": changes <= throughput.CONFIGURED_CHANGES}
+
+
+def kernel_columns(kernels: list[Kernel]) -> dict:
+    """A row's columns from its compiled step's kernels."""
+    total = sum(k.bytes for k in kernels)
+    return {
+        "kernels": len(kernels),
+        "pallas": sum("triton" in k.target for k in kernels),
+        "loops": sum(k.opcode == "while" for k in kernels),
+        "GiB": total / 2**30,
+        "floor_ms": total / H200_BANDWIDTH * 1e3,
+        "sites": [
+            {"site": site, "kernels": count, "GiB": size / 2**30}
+            for site, count, size in by_site(kernels)[:TOP_SITES]
+        ],
+    }
 
 
 def default_measured(args) -> Path:

@@ -12,6 +12,8 @@ import collections
 import dataclasses
 import re
 
+from benchmarks.common import BOOKKEEPING_OPS, HLO_INSTRUCTION
+
 # Bytes per element of HLO's element types.
 _ELEMENT_BYTES = {
     "pred": 1,
@@ -33,22 +35,9 @@ _ELEMENT_BYTES = {
     "c128": 16,
 }
 _ARRAY = re.compile(r"\b(" + "|".join(_ELEMENT_BYTES) + r")\[([\d,]*)\]")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\((.*)$")
 _OPERAND = re.compile(r"%([\w.\-]+)")
-# Instructions that launch nothing: bookkeeping, and views of buffers.
-_NO_KERNEL = frozenset(
-    {
-        "parameter",
-        "constant",
-        "tuple",
-        "get-tuple-element",
-        "bitcast",
-        "after-all",
-        "opt-barrier",
-        "partition-id",
-        "replica-id",
-    }
-)
+# Instructions that launch nothing: bookkeeping, and reading the device's own ids.
+_NO_KERNEL = BOOKKEEPING_OPS | {"partition-id", "replica-id"}
 # Where a kernel's line of code is looked for, innermost frame first.
 OUR_CODE = ("/hgrn_jax/", "/benchmarks/", "/experiments/")
 
@@ -157,10 +146,10 @@ def entry_kernels(text: str) -> list[Kernel]:
     sizes: dict[str, int] = {}
     kernels = []
     for line in match.group(0).splitlines()[1:]:
-        instruction = _INSTRUCTION.match(line)
+        instruction = HLO_INSTRUCTION.match(line)
         if instruction is None:
             continue
-        name, shape, opcode, rest = instruction.groups()
+        name, shape, opcode, rest = instruction.group("name", "shape", "opcode", "rest")
         sizes[name] = array_bytes(shape)
         if opcode in _NO_KERNEL:
             continue

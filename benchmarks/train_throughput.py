@@ -43,11 +43,12 @@ is left out); ``chained kernel`` and ``loads after stores`` (rows of ``--methods
 only) run the Pallas kernel with the chunks' carries chained inside it
 (``StreamingOptions.chain_in_kernel``, off until measured) and as it was timed on an H200
 (``loads_ahead=False``: each step's loads after the previous step's stores);
-``chained kernel, directions in one scan`` makes both launch cuts at once. Step time = the fastest of ``--reps`` interleaved rounds
-(``median_ms`` and ``spread`` = slowest / fastest are kept too): on a shared machine the
-fastest round is the one least disturbed by other work. Rows interleaved in one process also
-share its heap, and a row's step time can depend on what the rows before it left there (two
-variants looked 1.03-1.28x faster that way and were within 3% in separate processes):
+``chained kernel, directions in one scan`` makes both launch cuts at once. Step time = the
+fastest of ``--reps`` interleaved rounds (``median_ms`` and ``spread`` = slowest / fastest are
+kept too): on a shared machine the fastest round is the one least disturbed by other work.
+Rows interleaved in one process also share its heap, and a row's step time can depend on what
+the rows before it left there (two variants looked 1.03-1.28x faster that way and were within
+3% in separate processes):
 ``--processes R`` times every row in child processes of its own instead, R alternating rounds
 of ``--reps`` calls each.
 Results (rewritten after every length): ``benchmarks/results/train_throughput[_full][_lra][_2d][_variants][TAG]_<platform>.json``.
@@ -470,7 +471,6 @@ def main() -> None:
             times, peaks = measure_in_processes(args, length, meta)
         else:
             times, peaks = measure(args, dtype, batch, length, meta)
-        args.length = length
         variants = {row: (model, variant) for row, model, variant in row_names(args)}
         for row_name, row_times in times.items():
             seconds = min(row_times)
@@ -506,6 +506,11 @@ MERGE_VARIANTS = {"directions in one scan": True, "directions in two scans": Fal
 CONFIGURED_CHANGES = frozenset(MERGE_VARIANTS) | frozenset(KERNEL_CHANGES)
 
 
+def method_of(model: str) -> str:
+    """The recurrence method of an HGRN row's model name, ``"hgrn[<method>]"``."""
+    return model.removeprefix("hgrn[").removesuffix("]")
+
+
 def configuration(task: str, model: str, variant: str, length: int) -> dict:
     """What a row's HGRN step runs with beyond its model and length, so that a row is not
     matched with one timed before a default changed: the recurrence method ``auto`` resolves
@@ -513,7 +518,7 @@ def configuration(task: str, model: str, variant: str, length: int) -> dict:
     and, for the Pallas kernel, its streaming options. ``{}`` for the Transformer."""
     if model == "transformer":
         return {}
-    method = model[len("hgrn[") : -1]
+    method = method_of(model)
     with undone(VARIANTS[variant]), streaming_options() as options:
         resolved = default_method(length) if method == "auto" else method
         config: dict = {"method": resolved}
@@ -534,8 +539,8 @@ def row_names(args) -> list[tuple[str, str, str]]:
     def is_default(model: str, variant: str) -> bool:
         if variant not in MERGE_VARIANTS or getattr(args, "length", None) is None:
             return False
-        method = model[len("hgrn[") : -1]
-        return hgru_module.merge_directions(method, args.length) == MERGE_VARIANTS[variant]
+        merged = hgru_module.merge_directions(method_of(model), args.length)
+        return merged == MERGE_VARIANTS[variant]
 
     return [
         (model if variant == "after" else f"{model} ({variant})", model, variant)

@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-from benchmarks import train_throughput as throughput
-from benchmarks.gpu_compile import add_measured, fit_step_times, traced_for_gpu
+from benchmarks.gpu_compile import add_measured, fit_step_times, step_identity
 
 
 def test_step_time_fit_recovers_bandwidth_and_cost_per_kernel():
@@ -35,13 +34,10 @@ def test_step_time_fit_recovers_bandwidth_and_cost_per_kernel():
 
 def _compiled_row(model: str, variant: str, length: int = 1024) -> dict:
     """A row as gpu_compile.compile_rows makes it (its kernels and bytes made up)."""
-    with traced_for_gpu():
-        config = throughput.configuration("lra", model, variant, length)
     return {
         "model": model if variant == "after" else f"{model} ({variant})",
         "length": length,
-        "configuration": config,
-        "matchable": set(throughput.VARIANTS[variant]) <= throughput.CONFIGURED_CHANGES,
+        **step_identity("lra", model, variant, length),
         "GiB": 1.0,
         "kernels": 100,
         "pallas": 24 if "pallas" in model else 0,
