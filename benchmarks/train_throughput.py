@@ -43,7 +43,11 @@ is left out); ``chained kernel`` and ``loads after stores`` (rows of ``--methods
 only) run the Pallas kernel with the chunks' carries chained inside it
 (``StreamingOptions.chain_in_kernel``, off until measured) and as it was timed on an H200
 (``loads_ahead=False``: each step's loads after the previous step's stores);
-``chained kernel, directions in one scan`` makes both launch cuts at once. Step time = the
+``chained kernel, directions in one scan`` makes both launch cuts at once;
+``batch norm by autodiff`` takes BatchNorm's gradient by autodiff, as ``nnx.BatchNorm`` does,
+not in closed form (``hgrn_jax.ops.batch_norm``); ``as timed on the H200`` is the step an H200
+timed on 2026-11-30 (two scans, autodiff's BatchNorm gradient, the kernel's loads after its
+stores), for any method. Step time = the
 fastest of ``--reps`` interleaved rounds (``median_ms`` and ``spread`` = slowest / fastest are
 kept too): on a shared machine the fastest round is the one least disturbed by other work.
 Rows interleaved in one process also share its heap, and a row's step time can depend on what
@@ -77,6 +81,7 @@ from benchmarks.common import format_table, run_child, step_op_counts, write_res
 from benchmarks.scan import ablated
 from hgrn_jax.nn import GLU, HGRNLM, LMConfig, MixerConfig
 from hgrn_jax.nn import hgru as hgru_module
+from hgrn_jax.nn import norms as norms_module
 from hgrn_jax.nn.classifier import ClassifierConfig, HGRNClassifier
 from hgrn_jax.nn.glu import glu_width
 from hgrn_jax.ops import default_method, linear_recurrence
@@ -99,9 +104,16 @@ TABLE_COLUMNS = [
     "x_before",
 ]
 
+TIMED_ON_H200 = "as timed on the H200"
 # What each --variants row changes: speed changes undone, or the projections forced one way
 # ("after" is the code as it is).
-CHANGES = ("separate projections", "axis-aware scans", "scan buffers and unroll", "in-place scans")
+CHANGES = (
+    "separate projections",
+    "axis-aware scans",
+    "scan buffers and unroll",
+    "in-place scans",
+    "autodiff batch norm",
+)
 VARIANTS = {
     "after": (),
     "before": CHANGES,
@@ -120,6 +132,11 @@ VARIANTS = {
     "chained kernel": ("chained kernel",),
     # Both launch cuts at once: a bidirectional HGRU's 4 kernel launches per layer, not 8 (+ chains).
     "chained kernel, directions in one scan": ("chained kernel", "directions in one scan"),
+    # BatchNorm's gradient by autodiff, as nnx.BatchNorm has it (the closed form is the default).
+    "batch norm by autodiff": ("autodiff batch norm",),
+    # The step as the H200 of 2026-11-30 timed it: two scans, autodiff's BatchNorm gradient, and
+    # the kernel's loads after its stores (an HGRN row of any method; gpu_compile.py matches it).
+    TIMED_ON_H200: ("directions in two scans", "autodiff batch norm", "loads after stores"),
     # Tried and not adopted (no gain on CPU, benchmarks/README.md): forced on here.
     "norm scale last": ("norm scale last",),
     "gate recomputed": ("gate recomputed",),
@@ -132,7 +149,9 @@ KERNEL_CHANGES = {
     "chained kernel": {"chain_in_kernel": True},
 }
 KERNEL_VARIANTS = frozenset(
-    name for name, changes in VARIANTS.items() if set(changes) & set(KERNEL_CHANGES)
+    name
+    for name, changes in VARIANTS.items()
+    if set(changes) & set(KERNEL_CHANGES) and name != TIMED_ON_H200
 )
 
 
@@ -182,12 +201,16 @@ def undone(changes: tuple[str, ...]):
     ``VARIANTS``): "fused projections" / "separate projections" force the input projections
     into one / three matmuls; "norm scale last" and "gate recomputed" force two changes that
     were tried and not adopted; "directions in one scan" / "directions in two scans" set
-    ``hgru.MERGE_DIRECTIONS`` to True / False;
+    ``hgru.MERGE_DIRECTIONS`` to True / False; "autodiff batch norm" sets
+    ``norms.CLOSED_FORM_BATCH_NORM_GRADIENT`` to False;
     "chained kernel" turns on the Pallas kernel's ``chain_in_kernel`` and "loads after stores"
     turns its ``loads_ahead`` off."""
     base = hgru_module._HGRUBase
     saved = base.scan, base.output, nnx.LayerNorm.__call__, hgru_module.FUSE_PROJECTIONS
     saved_merge = hgru_module.MERGE_DIRECTIONS
+    saved_batch_norm = norms_module.CLOSED_FORM_BATCH_NORM_GRADIENT
+    if "autodiff batch norm" in changes:
+        norms_module.CLOSED_FORM_BATCH_NORM_GRADIENT = False
     if "directions in one scan" in changes:
         hgru_module.MERGE_DIRECTIONS = True
     if "directions in two scans" in changes:
@@ -216,6 +239,7 @@ def undone(changes: tuple[str, ...]):
     finally:
         base.scan, base.output, nnx.LayerNorm.__call__, hgru_module.FUSE_PROJECTIONS = saved
         hgru_module.MERGE_DIRECTIONS = saved_merge
+        norms_module.CLOSED_FORM_BATCH_NORM_GRADIENT = saved_batch_norm
 
 
 class CausalAttention(nnx.Module):
@@ -503,7 +527,7 @@ def main() -> None:
 # The variants that only set how a bidirectional HGRU scans its two directions, and the value.
 MERGE_VARIANTS = {"directions in one scan": True, "directions in two scans": False}
 # The changes a row's ``configuration`` records.
-CONFIGURED_CHANGES = frozenset(MERGE_VARIANTS) | frozenset(KERNEL_CHANGES)
+CONFIGURED_CHANGES = frozenset(MERGE_VARIANTS) | frozenset(KERNEL_CHANGES) | {"autodiff batch norm"}
 
 
 def method_of(model: str) -> str:
@@ -514,8 +538,9 @@ def method_of(model: str) -> str:
 def configuration(task: str, model: str, variant: str, length: int) -> dict:
     """What a row's HGRN step runs with beyond its model and length, so that a row is not
     matched with one timed before a default changed: the recurrence method ``auto`` resolves
-    to (on this backend), whether the bidirectional mixer merges its directions (LRA only)
-    and, for the Pallas kernel, its streaming options. ``{}`` for the Transformer."""
+    to (on this backend), whether the bidirectional mixer merges its directions and how
+    BatchNorm's gradient is computed (LRA only) and, for the Pallas kernel, its streaming
+    options. ``{}`` for the Transformer."""
     if model == "transformer":
         return {}
     method = method_of(model)
@@ -524,6 +549,9 @@ def configuration(task: str, model: str, variant: str, length: int) -> dict:
         config: dict = {"method": resolved}
         if task == "lra":
             config["directions_merged"] = hgru_module.merge_directions(method, length)
+            config["batch_norm_gradient"] = (
+                "closed form" if norms_module.CLOSED_FORM_BATCH_NORM_GRADIENT else "autodiff"
+            )
         if resolved == "pallas":
             config["loads_ahead"] = options.loads_ahead
             config["chain_in_kernel"] = options.chain_in_kernel

@@ -14,9 +14,10 @@ from hgrn_jax.nn.image import HGRNImageClassifier, ImageConfig
 from hgrn_jax.nn.lm import HGRNLM, LMConfig
 from hgrn_jax.nn.lower_bounds import LowerBounds, lower_bounds
 from hgrn_jax.nn.mixers import MixerConfig, make_mixer
-from hgrn_jax.nn.norms import ScaleFreeRMSNorm, make_norm
+from hgrn_jax.nn.norms import BatchNorm, ScaleFreeRMSNorm, make_norm
 
 __all__ = [
+    "BatchNorm",
     "checked_token_ids",
     "ClassifierConfig",
     "HGRNClassifier",

@@ -7,10 +7,66 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn import dtypes as flax_dtypes
 
 from hgrn_jax.nn.initializers import axes_metadata
+from hgrn_jax.ops.batch_norm import batch_norm_train
 
 NormKind = Literal["layer", "rms", "batch", "sync_batch", "scale_free_rms"]
+
+# BatchNorm's training gradient in closed form (hgrn_jax.ops.batch_norm); False: autodiff's, as
+# nnx.BatchNorm computes it (a switch for benchmarks/train_throughput.py's before/after rows).
+CLOSED_FORM_BATCH_NORM_GRADIENT = True
+
+
+class BatchNorm(nnx.BatchNorm):
+    """``nnx.BatchNorm`` with the closed-form gradient in training mode.
+
+    The variables, the outputs and the running statistics are ``nnx.BatchNorm``'s bit for bit.
+    Only the gradient is computed differently (:func:`hgrn_jax.ops.batch_norm.batch_norm_train`):
+    fewer passes over the activations. It applies to real inputs normalised over every axis but
+    the last, two-pass statistics, a scale and a bias, without ``axis_name``. Other uses, and
+    evaluation with the running statistics, are ``nnx.BatchNorm``'s own code.
+    """
+
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """``x`` (..., d) -> (..., d); ``mask`` (bool, ``x``'s shape): positions counted by the
+        batch statistics."""
+        running = self.use_running_average if use_running_average is None else use_running_average
+        if running or not self._closed_form_applies(x):
+            return super().__call__(x, use_running_average, mask=mask)
+        x, _, _, scale, bias = self.promote_dtype(
+            (x, self.mean[...], self.var[...], self.scale[...], self.bias[...]), dtype=self.dtype
+        )
+        y, mean, var = batch_norm_train(
+            x,
+            scale,
+            bias,
+            epsilon=self.epsilon,
+            mask=None if mask is None else jnp.broadcast_to(mask, x.shape),
+            out_dtype=flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype),
+        )
+        mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+        self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * mean
+        self.var[...] = self.momentum * self.var[...] + (1 - self.momentum) * var
+        return y
+
+    def _closed_form_applies(self, x: jax.Array) -> bool:
+        return (
+            CLOSED_FORM_BATCH_NORM_GRADIENT
+            and self.axis in (-1, x.ndim - 1)
+            and self.axis_name is None
+            and not self.use_fast_variance
+            and self.scale is not None
+            and self.bias is not None
+            and not jnp.iscomplexobj(x)
+        )
 
 
 class ScaleFreeRMSNorm(nnx.Module):
@@ -50,7 +106,7 @@ def make_norm(
     if kind == "rms":
         return nnx.RMSNorm(features, scale_metadata=meta["scale_metadata"], **common)
     if kind in ("batch", "sync_batch"):
-        return nnx.BatchNorm(
+        return BatchNorm(
             features,
             momentum=0.9,
             use_fast_variance=False,

@@ -1,0 +1,212 @@
+"""BatchNorm's closed-form training gradient (hgrn_jax.ops.batch_norm, hgrn_jax.nn.BatchNorm).
+
+The forward must be nnx.BatchNorm's bit for bit (outputs and running statistics). The gradient
+is compared with the float64 gradient of nnx.BatchNorm by autodiff. Float32 gets a relative
+error budget of 2e-6: about 16 float32 epsilons (1.2e-7), for sums over a few hundred positions
+that cancel; float32 autodiff lands at the same order (its error is printed in the assertion).
+bfloat16 gets 2e-2, a few of its epsilons (7.8e-3): its inputs and gradients are rounded to 8 bits.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hgrn_jax.nn import norms
+from hgrn_jax.nn.norms import BatchNorm, make_norm
+from hgrn_jax.ops.batch_norm import batch_norm_train
+
+FEATURES = 16
+SHAPE = (4, 37, FEATURES)
+
+
+def _pair(dtype=None, cls=BatchNorm, **kwargs):
+    """A BatchNorm of ``cls`` and an nnx.BatchNorm, both with the same non-trivial parameters."""
+    layers = []
+    for layer_cls in (cls, nnx.BatchNorm):
+        layer = layer_cls(
+            FEATURES,
+            momentum=0.9,
+            use_fast_variance=False,
+            dtype=dtype,
+            rngs=nnx.Rngs(0),
+            **kwargs,
+        )
+        param_dtype = layer.param_dtype
+        layer.scale[...] = jnp.linspace(0.5, 2.0, FEATURES, dtype=param_dtype)
+        layer.bias[...] = jnp.linspace(-1.0, 1.0, FEATURES, dtype=param_dtype)
+        # The running statistics in the parameters' dtype too (float64 for the reference).
+        layer.mean = nnx.BatchStat(jnp.full((FEATURES,), 0.25, param_dtype))
+        layer.var = nnx.BatchStat(jnp.full((FEATURES,), 1.5, param_dtype))
+        layers.append(layer)
+    return layers
+
+
+def _inputs(dtype=jnp.float32, masked=False):
+    x = (jax.random.normal(jax.random.key(0), SHAPE) * 3.0 + 1.0).astype(dtype)
+    mask = None
+    if masked:
+        rows = jax.random.bernoulli(jax.random.key(1), 0.7, SHAPE[:-1])
+        mask = jnp.broadcast_to(rows[..., None], SHAPE)
+    weights = jax.random.normal(jax.random.key(2), SHAPE)
+    return x, mask, weights
+
+
+def _loss(layer, x, mask, weights):
+    return jnp.sum(jnp.sin(layer(x, mask=mask).astype(jnp.float32)) * weights)
+
+
+def _gradients(layer, x, mask, weights):
+    """d loss / d (x, scale, bias)."""
+    grads_layer, grad_x = nnx.grad(_loss, argnums=(0, 1))(layer, x, mask, weights)
+    return grad_x, grads_layer.scale[...], grads_layer.bias[...]
+
+
+def _relative_error(value, reference) -> float:
+    value, reference = np.asarray(value, np.float64), np.asarray(reference, np.float64)
+    return float(np.abs(value - reference).max() / np.abs(reference).max())
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_forward_and_running_statistics_are_flax_s_bit_for_bit(masked, dtype):
+    ours, flax_layer = _pair(dtype)
+    x, mask, _ = _inputs(dtype or jnp.float32, masked)
+    y, expected = ours(x, mask=mask), flax_layer(x, mask=mask)
+    assert y.dtype == expected.dtype
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(expected, np.float32))
+    np.testing.assert_array_equal(ours.mean[...], flax_layer.mean[...])
+    np.testing.assert_array_equal(ours.var[...], flax_layer.var[...])
+    # Evaluation uses the running statistics, through nnx.BatchNorm's own code.
+    ours.eval()
+    flax_layer.eval()
+    np.testing.assert_array_equal(
+        np.asarray(ours(x), np.float32), np.asarray(flax_layer(x), np.float32)
+    )
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_gradients_match_float64_autodiff(masked):
+    x, mask, weights = _inputs(masked=masked)
+    ours, flax32 = _pair()
+    got = _gradients(ours, x, mask, weights)
+    autodiff32 = _gradients(flax32, x, mask, weights)
+    with jax.enable_x64(True):
+        _, flax64 = _pair(param_dtype=jnp.float64)
+        reference = _gradients(flax64, x.astype(jnp.float64), mask, weights.astype(jnp.float64))
+    for name, value, baseline, ref in zip(
+        ("x", "scale", "bias"), got, autodiff32, reference, strict=True
+    ):
+        assert value.dtype == jnp.float32
+        error, autodiff_error = _relative_error(value, ref), _relative_error(baseline, ref)
+        assert error < 2e-6, f"d{name}: {error:.2e} (float32 autodiff: {autodiff_error:.2e})"
+
+
+def test_padding_positions_do_not_move_the_statistics_and_get_the_direct_gradient():
+    """With a mask, the statistics are those of the real positions alone; a padded position's
+    gradient is ``scale * inv * dy``: it reaches the loss only through its own output."""
+    x, mask, weights = _inputs(masked=True)
+    ours, _ = _pair()
+    ours(x, mask=mask)
+    real = np.asarray(x)[np.asarray(mask)].reshape(-1, FEATURES)
+    mean = np.asarray(ours.mean[...] - 0.9 * 0.25) / 0.1
+    np.testing.assert_allclose(mean, real.mean(0), rtol=1e-5, atol=1e-6)
+    dx = np.asarray(_gradients(ours, x, mask, weights)[0])
+    var = real.var(0)
+    y = np.asarray(ours(x, mask=mask))
+    direct = np.cos(y) * np.asarray(weights) * np.linspace(0.5, 2.0, FEATURES) / np.sqrt(var + 1e-5)
+    padded = ~np.asarray(mask)
+    np.testing.assert_allclose(dx[padded], direct[padded], rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_gradients_are_within_its_rounding():
+    x, mask, weights = _inputs(jnp.bfloat16)
+    ours, _ = _pair(jnp.bfloat16)
+    got = _gradients(ours, x, mask, weights)
+    with jax.enable_x64(True):
+        _, flax64 = _pair(param_dtype=jnp.float64)
+        reference = _gradients(flax64, x.astype(jnp.float64), mask, weights.astype(jnp.float64))
+    assert got[0].dtype == jnp.bfloat16
+    for name, value, ref in zip(("x", "scale", "bias"), got, reference, strict=True):
+        assert _relative_error(value, ref) < 2e-2, name
+
+
+def test_the_statistics_cotangents_reach_x():
+    """``batch_norm_train`` returns the statistics; a loss of them differentiates through them
+    as autodiff of the plain formulas does (in float64)."""
+    with jax.enable_x64(True):
+        x, mask, weights = _inputs(jnp.float64, masked=True)
+        scale = jnp.linspace(0.5, 2.0, FEATURES)
+        bias = jnp.linspace(-1.0, 1.0, FEATURES)
+
+        def plain(x, scale, bias):
+            axes = (0, 1)
+            mean = x.mean(axes, where=mask)
+            var = jnp.square(x - mean).mean(axes, where=mask)
+            return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias, mean, var
+
+        def closed_form(x, scale, bias):
+            return batch_norm_train(x, scale, bias, epsilon=1e-5, mask=mask)
+
+        def loss(fn, *args):
+            y, mean, var = fn(*args)
+            return jnp.sum(jnp.sin(y) * weights) + jnp.sum(mean**2) + jnp.sum(jnp.cos(var))
+
+        got = jax.grad(lambda *a: loss(closed_form, *a), argnums=(0, 1, 2))(x, scale, bias)
+        want = jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(x, scale, bias)
+        for value, reference in zip(got, want, strict=True):
+            assert _relative_error(value, reference) < 1e-12
+
+
+def test_the_gradient_under_remat_and_jit_is_the_same():
+    x, _, weights = _inputs()
+    ours, _ = _pair()
+    graphdef, state = nnx.split(ours)
+
+    def loss(state, x):
+        layer = nnx.merge(graphdef, jax.tree.map(lambda v: v, state))  # Variables of this trace
+        return jnp.sum(jnp.sin(layer(x)) * weights)
+
+    plain = jax.jit(jax.grad(loss, argnums=1))(state, x)
+    remat = jax.jit(jax.grad(jax.checkpoint(loss), argnums=1))(state, x)
+    np.testing.assert_allclose(remat, plain, rtol=1e-6, atol=1e-7)
+
+
+def test_the_switch_and_the_other_uses_fall_back_to_nnx_s_gradient():
+    """``CLOSED_FORM_BATCH_NORM_GRADIENT = False`` and a named replica axis (synchronised
+    BatchNorm) take nnx.BatchNorm's own code: gradients equal to its autodiff bit for bit."""
+    x, _, weights = _inputs()
+    ours, flax_layer = _pair()
+    expected = _gradients(flax_layer, x, None, weights)
+    closed = _gradients(ours, x, None, weights)
+    assert not np.array_equal(closed[0], expected[0])  # the closed form does round differently
+    saved = norms.CLOSED_FORM_BATCH_NORM_GRADIENT
+    try:
+        norms.CLOSED_FORM_BATCH_NORM_GRADIENT = False
+        for got, want in zip(_gradients(ours, x, None, weights), expected, strict=True):
+            np.testing.assert_array_equal(got, want)
+    finally:
+        norms.CLOSED_FORM_BATCH_NORM_GRADIENT = saved
+    synced = make_norm("sync_batch", FEATURES, axis_name="replicas", rngs=nnx.Rngs(0))
+    assert isinstance(synced, BatchNorm) and not synced._closed_form_applies(x)
+    assert make_norm("batch", FEATURES, rngs=nnx.Rngs(0))._closed_form_applies(x)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(scale=jnp.ones(3)), r"scale and bias must be \(16,\)"),
+        (dict(mask=jnp.ones((4, 37), bool)), r"mask must have x's shape \(4, 37, 16\)"),
+        (dict(x=jnp.ones(SHAPE, jnp.complex64)), "real inputs"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    args = dict(x=jnp.ones(SHAPE), scale=jnp.ones(FEATURES), bias=jnp.zeros(FEATURES))
+    args |= {k: v for k, v in kwargs.items() if k != "mask"}
+    with pytest.raises(ValueError, match=message):
+        batch_norm_train(
+            args["x"], args["scale"], args["bias"], epsilon=1e-5, mask=kwargs.get("mask")
+        )
