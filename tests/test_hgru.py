@@ -201,6 +201,25 @@ def test_theta_is_10000_to_the_minus_2j_over_d(make):
         np.testing.assert_allclose(layer.theta_reverse[...], expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("separate_phases", [True, False], ids=["two phases", "one phase"])
+def test_each_direction_decays_by_its_own_phase_bit_for_bit(separate_phases):
+    """``decay`` takes every phase's sine and cosine from one shared expression; each direction
+    still gets ``lam * exp(i theta)`` of its own theta, exactly as computed alone, and the
+    gradient reaches the theta of that direction only."""
+    layer = HGRU(D, bidirectional=True, separate_phases=separate_phases, rngs=nnx.Rngs(0))
+    if separate_phases:
+        layer.theta_reverse[...] = layer.theta_reverse[...] * 3.0 + 0.5
+    lam = jax.nn.sigmoid(inputs(SEQ))
+    for direction in ("forward", "reverse"):
+        own = layer.theta if direction == "forward" or not separate_phases else layer.theta_reverse
+        theta = own[...]
+        expected = jax.lax.complex(lam * jnp.cos(theta), lam * jnp.sin(theta))
+        np.testing.assert_array_equal(layer.decay(lam, direction), expected)
+    if separate_phases:
+        grads = nnx.grad(lambda layer: jnp.sum(layer.decay(lam, "reverse").imag))(layer)
+        assert not np.any(grads.theta[...]) and np.all(grads.theta_reverse[...] != 0)
+
+
 def test_linear_layers_use_the_pytorch_default_init():
     """PyTorch's nn.Linear: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     layer = HGRU(64, rngs=nnx.Rngs(0))
