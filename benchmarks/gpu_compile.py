@@ -212,9 +212,10 @@ def default_measured(args) -> Path:
 # What the H200's timed rows ran with where their JSON does not say (train_throughput.py rows
 # of 2026-11-30 and before): a bidirectional mixer's two directions as two scans, the Pallas
 # kernel's loads after its stores, no carries chained in the kernel, BatchNorm's gradient by
-# autodiff.
+# autodiff, each direction's phases computed on their own.
 TIMED_BEFORE_CONFIGURATIONS = {
     "directions_merged": False,
+    "phases": "per direction",
     "batch_norm_gradient": "autodiff",
     "loads_ahead": False,
     "chain_in_kernel": False,

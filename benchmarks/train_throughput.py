@@ -45,9 +45,11 @@ only) run the Pallas kernel with the chunks' carries chained inside it
 (``loads_ahead=False``: each step's loads after the previous step's stores);
 ``chained kernel, directions in one scan`` makes both launch cuts at once;
 ``batch norm by autodiff`` takes BatchNorm's gradient by autodiff, as ``nnx.BatchNorm`` does,
-not in closed form (``hgrn_jax.ops.batch_norm``); ``as timed on the H200`` is the step an H200
-timed on 2026-11-30 (two scans, autodiff's BatchNorm gradient, the kernel's loads after its
-stores), for any method. Step time = the
+not in closed form (``hgrn_jax.ops.batch_norm``); ``phases per direction`` computes each scan
+direction's ``exp(i theta)`` on its own (``HGRU.rotations`` shares one expression);
+``as timed on the H200`` is the step an H200 timed on 2026-11-30 (two scans, autodiff's
+BatchNorm gradient, the phases per direction, the kernel's loads after its stores), for any
+method. Step time = the
 fastest of ``--reps`` interleaved rounds (``median_ms`` and ``spread`` = slowest / fastest are
 kept too): on a shared machine the fastest round is the one least disturbed by other work.
 Rows interleaved in one process also share its heap, and a row's step time can depend on what
@@ -113,6 +115,7 @@ CHANGES = (
     "scan buffers and unroll",
     "in-place scans",
     "autodiff batch norm",
+    "phases per direction",
 )
 VARIANTS = {
     "after": (),
@@ -134,9 +137,17 @@ VARIANTS = {
     "chained kernel, directions in one scan": ("chained kernel", "directions in one scan"),
     # BatchNorm's gradient by autodiff, as nnx.BatchNorm has it (the closed form is the default).
     "batch norm by autodiff": ("autodiff batch norm",),
-    # The step as the H200 of 2026-11-30 timed it: two scans, autodiff's BatchNorm gradient, and
-    # the kernel's loads after its stores (an HGRN row of any method; gpu_compile.py matches it).
-    TIMED_ON_H200: ("directions in two scans", "autodiff batch norm", "loads after stores"),
+    # Each direction's sine and cosine of theta computed on their own (HGRU.rotations shares them).
+    "phases per direction": ("phases per direction",),
+    # The step as the H200 of 2026-11-30 timed it: two scans, autodiff's BatchNorm gradient, the
+    # phases per direction and the kernel's loads after its stores (an HGRN row of any method;
+    # gpu_compile.py matches it with the timed rows).
+    TIMED_ON_H200: (
+        "directions in two scans",
+        "autodiff batch norm",
+        "phases per direction",
+        "loads after stores",
+    ),
     # Tried and not adopted (no gain on CPU, benchmarks/README.md): forced on here.
     "norm scale last": ("norm scale last",),
     "gate recomputed": ("gate recomputed",),
@@ -195,6 +206,15 @@ def _transposed_scan(self, a, b, direction, axis=-2, h0=None, return_last_state=
     return jnp.moveaxis(out, -2, axis)
 
 
+def _decay_per_direction(self, lam, direction):
+    """``_HGRUBase.decay`` as it was: the sine and cosine of that direction's theta alone."""
+    if not self.complex_valued:
+        return lam
+    theta = self.theta if direction == "forward" or self.num_phases == 1 else self.theta_reverse
+    theta = theta[...].astype(lam.dtype)
+    return jax.lax.complex(lam * jnp.cos(theta), lam * jnp.sin(theta))
+
+
 @contextlib.contextmanager
 def undone(changes: tuple[str, ...]):
     """While tracing inside this context, the HGRU runs with ``changes`` undone (see
@@ -202,11 +222,12 @@ def undone(changes: tuple[str, ...]):
     into one / three matmuls; "norm scale last" and "gate recomputed" force two changes that
     were tried and not adopted; "directions in one scan" / "directions in two scans" set
     ``hgru.MERGE_DIRECTIONS`` to True / False; "autodiff batch norm" sets
-    ``norms.CLOSED_FORM_BATCH_NORM_GRADIENT`` to False;
+    ``norms.CLOSED_FORM_BATCH_NORM_GRADIENT`` to False; "phases per direction" computes each
+    scan direction's ``exp(i theta)`` on its own;
     "chained kernel" turns on the Pallas kernel's ``chain_in_kernel`` and "loads after stores"
     turns its ``loads_ahead`` off."""
     base = hgru_module._HGRUBase
-    saved = base.scan, base.output, nnx.LayerNorm.__call__, hgru_module.FUSE_PROJECTIONS
+    saved = base.scan, base.output, base.decay, nnx.LayerNorm.__call__, hgru_module.FUSE_PROJECTIONS
     saved_merge = hgru_module.MERGE_DIRECTIONS
     saved_batch_norm = norms_module.CLOSED_FORM_BATCH_NORM_GRADIENT
     if "autodiff batch norm" in changes:
@@ -225,6 +246,8 @@ def undone(changes: tuple[str, ...]):
         hgru_module.FUSE_PROJECTIONS = False
     if "axis-aware scans" in changes:
         base.scan = _transposed_scan
+    if "phases per direction" in changes:
+        base.decay = _decay_per_direction
     kernel_options = {k: v for c in changes for k, v in KERNEL_CHANGES.get(c, {}).items()}
     scan_context = (
         ablated("sequential[zero buffers, unroll 8]")
@@ -237,7 +260,8 @@ def undone(changes: tuple[str, ...]):
         with scan_context, streaming_options(**kernel_options):
             yield
     finally:
-        base.scan, base.output, nnx.LayerNorm.__call__, hgru_module.FUSE_PROJECTIONS = saved
+        base.scan, base.output, base.decay, nnx.LayerNorm.__call__ = saved[:4]
+        hgru_module.FUSE_PROJECTIONS = saved[4]
         hgru_module.MERGE_DIRECTIONS = saved_merge
         norms_module.CLOSED_FORM_BATCH_NORM_GRADIENT = saved_batch_norm
 
@@ -527,7 +551,11 @@ def main() -> None:
 # The variants that only set how a bidirectional HGRU scans its two directions, and the value.
 MERGE_VARIANTS = {"directions in one scan": True, "directions in two scans": False}
 # The changes a row's ``configuration`` records.
-CONFIGURED_CHANGES = frozenset(MERGE_VARIANTS) | frozenset(KERNEL_CHANGES) | {"autodiff batch norm"}
+CONFIGURED_CHANGES = (
+    frozenset(MERGE_VARIANTS)
+    | frozenset(KERNEL_CHANGES)
+    | {"autodiff batch norm", "phases per direction"}
+)
 
 
 def method_of(model: str) -> str:
@@ -538,7 +566,8 @@ def method_of(model: str) -> str:
 def configuration(task: str, model: str, variant: str, length: int) -> dict:
     """What a row's HGRN step runs with beyond its model and length, so that a row is not
     matched with one timed before a default changed: the recurrence method ``auto`` resolves
-    to (on this backend), whether the bidirectional mixer merges its directions and how
+    to (on this backend), how the complex decay's phases are computed, whether the
+    bidirectional mixer merges its directions and how
     BatchNorm's gradient is computed (LRA only) and, for the Pallas kernel, its streaming
     options. ``{}`` for the Transformer."""
     if model == "transformer":
@@ -547,6 +576,8 @@ def configuration(task: str, model: str, variant: str, length: int) -> dict:
     with undone(VARIANTS[variant]), streaming_options() as options:
         resolved = default_method(length) if method == "auto" else method
         config: dict = {"method": resolved}
+        per_direction = hgru_module._HGRUBase.decay is _decay_per_direction
+        config["phases"] = "per direction" if per_direction else "shared"
         if task == "lra":
             config["directions_merged"] = hgru_module.merge_directions(method, length)
             config["batch_norm_gradient"] = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.train_throughput import VARIANTS, row_names, undone
+from benchmarks.train_throughput import TIMED_ON_H200, VARIANTS, row_names, undone
 from hgrn_jax.nn import hgru
 from hgrn_jax.ops import pallas_recurrence
 
@@ -81,3 +81,34 @@ def test_merge_variant_rows_left_out_where_they_repeat_the_default(monkeypatch):
             f"hgrn[auto] ({auto_variant})",
             "transformer",
         ]
+
+
+def test_the_h200_variant_undoes_every_change_since_and_is_a_row_of_every_method():
+    """ "as timed on the H200" is a row of any method (not a kernel-only variant) and, while in
+    force, puts back every default the H200 timing predates; all of them come back after."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from hgrn_jax.nn import norms
+
+    args = argparse.Namespace(methods=["auto", "pallas"], variants=["after", TIMED_ON_H200])
+    assert [name for name, _, _ in row_names(args)] == [
+        "hgrn[auto]",
+        f"hgrn[auto] ({TIMED_ON_H200})",
+        "hgrn[pallas]",
+        f"hgrn[pallas] ({TIMED_ON_H200})",
+        "transformer",
+    ]
+    layer = hgru.HGRU(4, bidirectional=True, rngs=nnx.Rngs(0))
+    lam = jnp.full((1, 3, 4), 0.5)
+    shared = layer.decay(lam, "reverse")
+    decay = hgru._HGRUBase.decay
+    with undone(VARIANTS[TIMED_ON_H200]):
+        assert hgru.MERGE_DIRECTIONS is False
+        assert norms.CLOSED_FORM_BATCH_NORM_GRADIENT is False
+        assert pallas_recurrence._streaming_defaults.loads_ahead is False
+        assert hgru._HGRUBase.decay is not decay
+        assert (layer.decay(lam, "reverse") == shared).all()  # the same values, computed alone
+    assert hgru.MERGE_DIRECTIONS is None and norms.CLOSED_FORM_BATCH_NORM_GRADIENT is True
+    assert pallas_recurrence._streaming_defaults.loads_ahead is True
+    assert hgru._HGRUBase.decay is decay

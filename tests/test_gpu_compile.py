@@ -46,7 +46,8 @@ def _compiled_row(model: str, variant: str, length: int = 1024) -> dict:
 
 def test_rows_take_the_time_of_the_same_step_not_of_the_same_name(tmp_path):
     """The H200 rows (no configuration recorded) ran two scans per bidirectional layer, the
-    kernel with its loads after its stores and BatchNorm's gradient by autodiff: today's default
+    kernel with its loads after its stores, BatchNorm's gradient by autodiff and each direction's
+    phases on their own: today's default
     rows of the same names ran other steps and get no time, nor do variants that undo one of
     those changes only; the variant that undoes all of them gets it; a row with another change
     (separate projections) never does."""
@@ -74,6 +75,7 @@ def test_rows_take_the_time_of_the_same_step_not_of_the_same_name(tmp_path):
     ]
     assert rows[0]["configuration"] == {
         "method": "associative",
+        "phases": "shared",
         "directions_merged": True,
         "batch_norm_gradient": "closed form",
     }
