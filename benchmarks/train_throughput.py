@@ -71,6 +71,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -215,6 +216,20 @@ def _decay_per_direction(self, lam, direction):
     return jax.lax.complex(lam * jnp.cos(theta), lam * jnp.sin(theta))
 
 
+# The changes made by setting one attribute while a step is traced: (object, attribute, value).
+PATCHES = {
+    "autodiff batch norm": (norms_module, "CLOSED_FORM_BATCH_NORM_GRADIENT", False),
+    "directions in one scan": (hgru_module, "MERGE_DIRECTIONS", True),
+    "directions in two scans": (hgru_module, "MERGE_DIRECTIONS", False),
+    "fused projections": (hgru_module, "FUSE_PROJECTIONS", True),
+    "separate projections": (hgru_module, "FUSE_PROJECTIONS", False),
+    "norm scale last": (nnx.LayerNorm, "__call__", _norm_scale_last),
+    "gate recomputed": (hgru_module._HGRUBase, "output", _gate_recomputed_output),
+    "axis-aware scans": (hgru_module._HGRUBase, "scan", _transposed_scan),
+    "phases per direction": (hgru_module._HGRUBase, "decay", _decay_per_direction),
+}
+
+
 @contextlib.contextmanager
 def undone(changes: tuple[str, ...]):
     """While tracing inside this context, the HGRU runs with ``changes`` undone (see
@@ -226,28 +241,6 @@ def undone(changes: tuple[str, ...]):
     scan direction's ``exp(i theta)`` on its own;
     "chained kernel" turns on the Pallas kernel's ``chain_in_kernel`` and "loads after stores"
     turns its ``loads_ahead`` off."""
-    base = hgru_module._HGRUBase
-    saved = base.scan, base.output, base.decay, nnx.LayerNorm.__call__, hgru_module.FUSE_PROJECTIONS
-    saved_merge = hgru_module.MERGE_DIRECTIONS
-    saved_batch_norm = norms_module.CLOSED_FORM_BATCH_NORM_GRADIENT
-    if "autodiff batch norm" in changes:
-        norms_module.CLOSED_FORM_BATCH_NORM_GRADIENT = False
-    if "directions in one scan" in changes:
-        hgru_module.MERGE_DIRECTIONS = True
-    if "directions in two scans" in changes:
-        hgru_module.MERGE_DIRECTIONS = False
-    if "norm scale last" in changes:
-        nnx.LayerNorm.__call__ = _norm_scale_last
-    if "gate recomputed" in changes:
-        base.output = _gate_recomputed_output
-    if "fused projections" in changes:
-        hgru_module.FUSE_PROJECTIONS = True
-    if "separate projections" in changes:
-        hgru_module.FUSE_PROJECTIONS = False
-    if "axis-aware scans" in changes:
-        base.scan = _transposed_scan
-    if "phases per direction" in changes:
-        base.decay = _decay_per_direction
     kernel_options = {k: v for c in changes for k, v in KERNEL_CHANGES.get(c, {}).items()}
     scan_context = (
         ablated("sequential[zero buffers, unroll 8]")
@@ -256,14 +249,13 @@ def undone(changes: tuple[str, ...]):
         if "in-place scans" in changes
         else contextlib.nullcontext()
     )
-    try:
-        with scan_context, streaming_options(**kernel_options):
-            yield
-    finally:
-        base.scan, base.output, base.decay, nnx.LayerNorm.__call__ = saved[:4]
-        hgru_module.FUSE_PROJECTIONS = saved[4]
-        hgru_module.MERGE_DIRECTIONS = saved_merge
-        norms_module.CLOSED_FORM_BATCH_NORM_GRADIENT = saved_batch_norm
+    with contextlib.ExitStack() as stack:
+        for change in changes:
+            if change in PATCHES:
+                stack.enter_context(mock.patch.object(*PATCHES[change]))
+        stack.enter_context(scan_context)
+        stack.enter_context(streaming_options(**kernel_options))
+        yield
 
 
 class CausalAttention(nnx.Module):

@@ -10,7 +10,8 @@ The gradient is the closed form, the one PyTorch's batch-norm backward uses. Wit
 ``m`` (1 everywhere without one):
 
     dbias  = S1 = sum(dy)              dscale = S2 = sum(dy * xhat)
-    dx     = scale * inv * dy - m * (scale * inv * (S1 + xhat * S2) - dmean - 2 dvar (x - mean)) / n
+    dx     = scale * inv * dy
+             - m * (scale * inv * (S1 + xhat * S2) - dmean - 2 dvar (x - mean)) / n
 
 ``S1`` and ``S2`` run over every position, padding included: every output depends on the
 statistics. ``dmean`` and ``dvar`` are the cotangents of the returned statistics. They are zero
@@ -19,8 +20,7 @@ when the statistics only feed running averages, as in a BatchNorm layer.
 Autodiff of the two-pass statistics needs more passes over ``x`` and ``dy``, each a column
 reduction that a GPU runs as two kernels. Compiled for an H200, the LRA classifier's training
 step launches 29 fewer kernels with this gradient at L = 1k, 40 fewer at 4k
-(``benchmarks/README.md``).
-The gradient rounds differently from autodiff's. Both are within float32 rounding of the float64
+(``benchmarks/README.md``). The gradient rounds differently from autodiff's. Both are within float32 rounding of the float64
 gradient (``tests/test_batch_norm.py``).
 """
 
@@ -74,7 +74,7 @@ def _backward(epsilon, out_dtype, residuals, cotangents):
     return dx.astype(x.dtype), s2.astype(x.dtype), s1.astype(x.dtype), None
 
 
-_batch_norm.defvjp(lambda *args: _forward(*args), _backward)
+_batch_norm.defvjp(_forward, _backward)
 
 
 def batch_norm_train(
@@ -88,9 +88,9 @@ def batch_norm_train(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Normalise ``x`` (..., d) by its batch statistics over every axis but the last.
 
-    ``scale`` and ``bias`` are (d,); the three are promoted to one dtype. ``mask`` is a bool array of ``x``'s shape,
-    true where a position counts towards the statistics (None: all of them). ``out_dtype`` is the
-    dtype of ``y``, by default that of ``x``. Returns ``(y, mean, var)``: ``y`` (..., d), and the
+    ``scale`` and ``bias`` are (d,); the three are promoted to one dtype, ``y``'s by default
+    (``out_dtype``). ``mask`` is a bool array of ``x``'s shape, true where a position counts
+    towards the statistics (None: all of them). Returns ``(y, mean, var)``: ``y`` (..., d), and the
     batch mean and (biased) variance (d,) in at least float32.
     """
     if x.shape[-1:] != scale.shape or scale.shape != bias.shape:
