@@ -18,8 +18,10 @@ picks its default matmul configurations): the kernel count and the fusion are wh
 compiler decides, the times are not.
 
 The rows are ``benchmarks/train_throughput.py``'s (the same models, losses, AdamW step and
-``--variants``), each compiled with ``jax.default_backend()`` reading ``"gpu"`` while it is
-traced, so that ``method="auto"``, the fused projections and the Pallas kernels take their GPU
+``--variants``; ``--step runner``: the runner's own step instead, ``hgrn_jax.training``'s
+``make_train_step`` with its gradient norm, non-finite guard and ``make_optimizer``'s AdamW with
+gradient clipping, results ``..._runner[TAG]_cpu.json``), each compiled with
+``jax.default_backend()`` reading ``"gpu"`` while it is traced, so that ``method="auto"``, the fused projections and the Pallas kernels take their GPU
 paths. Columns: ``kernels`` per step (``pallas``: of them Pallas kernels; ``loops``: ``while``
 loops, each counted once, their bodies not entered), ``GiB`` = the bytes of every kernel's
 operands and result (``Kernel.bytes``: what it moves when it reads each operand once; slices
@@ -51,6 +53,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -58,10 +61,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from benchmarks import train_throughput as throughput
 from benchmarks.common import RESULTS_DIR, format_table, write_results
 from benchmarks.hlo_kernels import Kernel, by_site, entry_kernels
+from hgrn_jax.training.optim import make_optimizer
+from hgrn_jax.training.state import TrainState, split_model
+from hgrn_jax.training.steps import make_train_step
 
 H200_BANDWIDTH = 4.8e12  # bytes/s, HBM3e
 # The device XLA compiles for: an NVIDIA H200 (a GpuTargetConfig in text format). What decides
@@ -150,7 +157,7 @@ def compile_rows(args, device: jax.Device, length: int, failed: list[str]) -> li
         for row_name, model_name, variant in throughput.row_names(args):
             start = time.perf_counter()
             with throughput.undone(throughput.VARIANTS[variant]):
-                step, state = throughput.train_step_fn(models[model_name](), loss)
+                step, state = STEPS[args.step](models[model_name](), loss)
                 try:
                     compiled = step.lower(*abstract(state), ids).compile()
                 except Exception as error:
@@ -175,6 +182,38 @@ def compile_rows(args, device: jax.Device, length: int, failed: list[str]) -> li
                 flush=True,
             )
     return rows
+
+
+# The runner's optimizer in runner_step_fn: the benchmark's AdamW, with gradient clipping.
+RUNNER_OPTIMIZER = dict(name="adamw", learning_rate=1e-4, weight_decay=1e-4, grad_clip_norm=1.0)
+
+
+def runner_step_fn(model: nnx.Module, loss) -> tuple:
+    """The runner's own training step for ``model`` (``hgrn_jax.training``: ``make_optimizer``,
+    ``make_train_step`` with its gradient norm and non-finite guard), as a jitted ``(state, ids)
+    -> (state, metrics)`` and ``(state,)``, in place of ``train_throughput.train_step_fn``'s
+    plain AdamW step."""
+    config = SimpleNamespace(optimizer=RUNNER_OPTIMIZER, schedule=dict(name="constant"))
+    graphdef, params, model_state = split_model(model)
+    tx, schedule = make_optimizer(config, params)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state=model_state,
+        opt_state=tx.init(params),
+        nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
+
+    def loss_fn(model, batch, *, train):
+        del train  # make_train_step has set the model to training mode
+        return loss(model, batch["ids"]), {}
+
+    train_step = make_train_step(graphdef, tx, loss_fn, schedule)
+    return jax.jit(lambda state, ids: train_step(state, {"ids": ids}), donate_argnums=0), (state,)
+
+
+# --step: which training step each row compiles.
+STEPS = {"benchmark": throughput.train_step_fn, "runner": runner_step_fn}
 
 
 def step_identity(task: str, model_name: str, variant: str, length: int) -> dict:
@@ -313,6 +352,12 @@ def main() -> None:
         "--scan", default="1d", choices=["1d", "2d"], help="the LRA classifier's mixer"
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--step",
+        default="benchmark",
+        choices=list(STEPS),
+        help="train_throughput.py's AdamW step (default), or the runner's own (hgrn_jax.training)",
+    )
     parser.add_argument("--measured", type=Path, help="train_throughput JSON of measured steps")
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     args = parser.parse_args()
@@ -330,8 +375,10 @@ def main() -> None:
         rows += compile_rows(args, device, length, failed)
     if not rows:
         sys.exit("gpu_compile.py: no row compiled (see the errors above)")
-    # The H200 timed the 1-D classifier only: a 2-D row has no measured twin by default.
-    measured = args.measured or (default_measured(args) if args.scan == "1d" else None)
+    # The H200 timed train_throughput's step of the 1-D classifier only: a 2-D or runner row has
+    # no measured twin by default.
+    timed = args.scan == "1d" and args.step == "benchmark"
+    measured = args.measured or (default_measured(args) if timed else None)
     fit = add_measured(rows, measured, args.task) if measured else None
     print(format_table(rows, TABLE_COLUMNS))
     if fit:
@@ -348,6 +395,7 @@ def main() -> None:
         + ("_full" if args.full else "")
         + ("_lra" if args.task == "lra" else "")
         + ("_2d" if args.scan == "2d" else "")
+        + ("_runner" if args.step == "runner" else "")
     )
     meta = {
         "target": "NVIDIA H200 (sm_90), deviceless: compiled, not run",
@@ -355,6 +403,8 @@ def main() -> None:
         "scan": args.scan,
         "batch": args.batch,
         "dtype": "float32" if args.dtype is None else "bfloat16",
+        "step": args.step,
+        **({"runner_optimizer": RUNNER_OPTIMIZER} if args.step == "runner" else {}),
         "variants": {v: list(throughput.VARIANTS[v]) for v in args.variants},
         "fit": fit,
         "failed": failed,

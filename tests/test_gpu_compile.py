@@ -82,3 +82,25 @@ def test_rows_take_the_time_of_the_same_step_not_of_the_same_name(tmp_path):
     add_measured(rows, path, "lra")
     measured = [r["measured_ms"] for r in rows]
     assert measured == [None, None, 9.08, 9.08, None, None, None, 9.87, None, 8.82]
+
+
+def test_runner_step_is_the_training_step_of_the_runner():
+    """--step runner compiles hgrn_jax.training's step (gradient norm, clipping, non-finite
+    guard) for train_throughput's models and losses; here it runs on the CPU: one update."""
+    import argparse
+
+    import jax
+    import numpy as np
+
+    from benchmarks import train_throughput as throughput
+    from benchmarks.gpu_compile import runner_step_fn
+
+    args = argparse.Namespace(task="lra", scan="1d", full=False, length=16, methods=["auto"])
+    models, _, loss, vocab_size = throughput.builders(args, None)
+    step, (state,) = runner_step_fn(models["hgrn[auto]"](), loss)
+    before = jax.tree.map(np.asarray, state.params)
+    state, metrics = step(state, throughput.random_tokens(2, 16, vocab_size))
+    assert int(state.step) == 1 and int(state.nonfinite_step) == -1
+    assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["grad_norm"]) > 0
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))), before, state.params)
+    assert any(jax.tree.leaves(moved))

@@ -147,6 +147,56 @@ def test_gradient_clipping_bounds_the_update():
     np.testing.assert_allclose(optax.tree.norm(updates), 2.0, rtol=1e-6)
 
 
+def _gradient_tree():
+    keys = jax.random.split(jax.random.key(3), 4)
+    return {
+        "kernel": jax.random.normal(keys[0], (5, 7)),
+        "bias": jax.random.normal(keys[1], (7,)) * 1e-3,
+        "scale": jax.random.normal(keys[2], ()) * 10.0,
+        "half": jax.random.normal(keys[3], (3, 2)).astype(jnp.bfloat16),
+    }
+
+
+def _norm_on(devices: int, fn, *args):
+    """``fn(*args)`` and its jaxpr, traced under an abstract mesh of ``devices`` devices."""
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((devices,), ("data",))):
+        return fn(*args), str(jax.make_jaxpr(fn)(*args))
+
+
+@pytest.mark.parametrize("devices", [1, 2], ids=["one device", "a mesh of two"])
+def test_global_norm_is_the_norm_of_all_leaves_to_float32_rounding(devices):
+    """Summed in float32, bfloat16 leaves included: the float64 norm to within float32 rounding
+    of a few dozen additions (2e-7 relative). One device: one reduction over the concatenated
+    leaves. A mesh of several devices: a reduction per leaf, so that no sharded leaf is
+    gathered."""
+    tree = _gradient_tree()
+    exact = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+    norm, jaxpr = _norm_on(devices, optim.global_norm, tree)
+    assert norm.dtype == jnp.float32
+    assert abs(float(norm) - exact) / exact < 2e-7
+    if devices == 1:
+        assert "concatenate" in jaxpr and jaxpr.count("reduce_sum") == 1
+    else:
+        assert "concatenate" not in jaxpr and jaxpr.count("reduce_sum") == len(tree)
+    assert float(_norm_on(devices, optim.global_norm, {"only": jnp.full((4,), 2.0)})[0]) == 4.0
+
+
+def test_clipping_keeps_optax_s_state_and_scaling():
+    """Our clip_by_global_norm has optax's (empty) state, so checkpoints of runs with gradient
+    clipping keep their structure, and scales the same way (to float32 rounding)."""
+    grads = jax.tree.map(lambda x: x.astype(jnp.float32) * 100.0, _gradient_tree())
+    ours, theirs = optim.clip_by_global_norm(1.5), optax.clip_by_global_norm(1.5)
+    assert jax.tree.structure(ours.init(grads)) == jax.tree.structure(theirs.init(grads))
+    clipped, _ = ours.update(grads, ours.init(grads))
+    expected, _ = theirs.update(grads, theirs.init(grads))
+    for got, want in zip(jax.tree.leaves(clipped), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    small = jax.tree.map(lambda x: x * 1e-4, grads)  # under the threshold: unchanged
+    unchanged, _ = ours.update(small, ours.init(small))
+    for got, want in zip(jax.tree.leaves(unchanged), jax.tree.leaves(small), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 class _LinearTask:
     """Least squares on fixed data: no BatchNorm or dropout, so accumulation is exact."""
 

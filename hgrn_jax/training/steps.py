@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from hgrn_jax import sharding
+from hgrn_jax.training.optim import global_norm
 from hgrn_jax.training.state import TrainState, merge_model, split_model
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -99,7 +100,7 @@ def make_train_step(
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         healthy = finite & (state.nonfinite_step < 0)
         updated = TrainState(
