@@ -50,7 +50,9 @@ def test_sites_name_our_code_by_package_path_line_and_function():
     from hgrn_jax.nn import hgru
 
     source = Path(hgru.__file__).read_text().splitlines()
-    line = 1 + next(i for i, text in enumerate(source) if "jax.lax.complex(lam * jnp.cos" in text)
+    line = 1 + next(
+        i for i, text in enumerate(source) if "jax.lax.complex(lam * cos[phase]" in text
+    )
     layer = hgru.HGRU(16, rngs=nnx.Rngs(0))
     x = jnp.ones((2, 32, 16), jnp.float32)
     compiled = jax.jit(lambda x: layer(x)).lower(x).compile()
