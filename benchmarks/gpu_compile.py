@@ -3,7 +3,8 @@ the bytes they move, and the lines of code they come from.
 
     python benchmarks/gpu_compile.py [--task lra|lm] [--full] [--lengths 1024 ...]
                                      [--methods associative pallas] [--variants after ...]
-                                     [--scan 1d|2d] [--batch N] [--measured PATH] [--tag _x]
+                                     [--scan 1d|2d] [--batch N] [--step benchmark|runner]
+                                     [--measured PATH] [--tag _x]
 
 XLA compiles for a GPU it does not have ("deviceless" ahead-of-time compilation): JAX's
 ``jax.experimental.topologies.get_topology_desc(platform="cuda", target_config=...)`` describes
@@ -21,16 +22,16 @@ The rows are ``benchmarks/train_throughput.py``'s (the same models, losses, Adam
 ``--variants``; ``--step runner``: the runner's own step instead, ``hgrn_jax.training``'s
 ``make_train_step`` with its gradient norm, non-finite guard and ``make_optimizer``'s AdamW with
 gradient clipping, results ``..._runner[TAG]_cpu.json``), each compiled with
-``jax.default_backend()`` reading ``"gpu"`` while it is traced, so that ``method="auto"``, the fused projections and the Pallas kernels take their GPU
-paths. Columns: ``kernels`` per step (``pallas``: of them Pallas kernels; ``loops``: ``while``
+``jax.default_backend()`` reading ``"gpu"`` while it is traced, so that ``method="auto"``, the
+fused projections and the Pallas kernels take their GPU paths. Columns: ``kernels`` per step (``pallas``: of them Pallas kernels; ``loops``: ``while``
 loops, each counted once, their bodies not entered), ``GiB`` = the bytes of every kernel's
 operands and result (``Kernel.bytes``: what it moves when it reads each operand once; slices
 and gathers move less), ``floor_ms`` = those bytes at the H200's 4.8 TB/s.
 
 ``--measured`` (default: this task's H200 results, ``train_throughput_full[_lra]_h200_gpu.json``;
 none for ``--scan 2d``, which no GPU has timed) adds each row's measured step time where the
-same step was timed (the same length, method, directions and kernel options: the H200 rows
-ran two scans per bidirectional layer and the kernel with its loads after its stores), and fits
+same step was timed (the same length and ``train_throughput.configuration``; what the H200
+rows ran where they do not record it is ``TIMED_BEFORE_CONFIGURATIONS``), and fits
 ``step_ms = GiB / bandwidth + kernels x per_kernel_us`` by least squares over the measured rows
 without Pallas kernels (the kernel's time depends on its schedule, not its bytes):
 ``predicted_ms`` for every row. A fit of a few rows from one run is a reading of where time goes,
@@ -67,7 +68,7 @@ from benchmarks import train_throughput as throughput
 from benchmarks.common import RESULTS_DIR, format_table, write_results
 from benchmarks.hlo_kernels import Kernel, by_site, entry_kernels
 from hgrn_jax.training.optim import make_optimizer
-from hgrn_jax.training.state import TrainState, split_model
+from hgrn_jax.training.state import initial_train_state, split_model
 from hgrn_jax.training.steps import make_train_step
 
 H200_BANDWIDTH = 4.8e12  # bytes/s, HBM3e
@@ -196,13 +197,7 @@ def runner_step_fn(model: nnx.Module, loss) -> tuple:
     config = SimpleNamespace(optimizer=RUNNER_OPTIMIZER, schedule=dict(name="constant"))
     graphdef, params, model_state = split_model(model)
     tx, schedule = make_optimizer(config, params)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        model_state=model_state,
-        opt_state=tx.init(params),
-        nonfinite_step=jnp.full((), -1, jnp.int32),
-    )
+    state = initial_train_state(params, model_state, tx)
 
     def loss_fn(model, batch, *, train):
         del train  # make_train_step has set the model to training mode

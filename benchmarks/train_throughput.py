@@ -49,12 +49,11 @@ not in closed form (``hgrn_jax.ops.batch_norm``); ``phases per direction`` compu
 direction's ``exp(i theta)`` on its own (``HGRU.rotations`` shares one expression);
 ``as timed on the H200`` is the step an H200 timed on 2026-11-30 (two scans, autodiff's
 BatchNorm gradient, the phases per direction, the kernel's loads after its stores), for any
-method. Step time = the
-fastest of ``--reps`` interleaved rounds (``median_ms`` and ``spread`` = slowest / fastest are
-kept too): on a shared machine the fastest round is the one least disturbed by other work.
-Rows interleaved in one process also share its heap, and a row's step time can depend on what
-the rows before it left there (two variants looked 1.03-1.28x faster that way and were within
-3% in separate processes):
+method. Step time = the fastest of ``--reps`` interleaved rounds (``median_ms`` and ``spread``
+= slowest / fastest are kept too): on a shared machine the fastest round is the one least
+disturbed by other work. Rows interleaved in one process also share its heap, and a row's step
+time can depend on what the rows before it left there (two variants looked 1.03-1.28x faster
+that way and were within 3% in separate processes):
 ``--processes R`` times every row in child processes of its own instead, R alternating rounds
 of ``--reps`` calls each.
 Results (rewritten after every length): ``benchmarks/results/train_throughput[_full][_lra][_2d][_variants][TAG]_<platform>.json``.
@@ -559,9 +558,8 @@ def configuration(task: str, model: str, variant: str, length: int) -> dict:
     """What a row's HGRN step runs with beyond its model and length, so that a row is not
     matched with one timed before a default changed: the recurrence method ``auto`` resolves
     to (on this backend), how the complex decay's phases are computed, whether the
-    bidirectional mixer merges its directions and how
-    BatchNorm's gradient is computed (LRA only) and, for the Pallas kernel, its streaming
-    options. ``{}`` for the Transformer."""
+    bidirectional mixer merges its directions and how BatchNorm's gradient is computed (LRA
+    only) and, for the Pallas kernel, its streaming options. ``{}`` for the Transformer."""
     if model == "transformer":
         return {}
     method = method_of(model)

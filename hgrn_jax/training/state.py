@@ -54,6 +54,19 @@ def count_params(params: Any) -> int:
     return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(params)))
 
 
+def initial_train_state(
+    params: Any, model_state: Any, tx: optax.GradientTransformation
+) -> TrainState:
+    """The state before the first step: step 0, ``tx``'s initial state, no non-finite step."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state=model_state,
+        opt_state=tx.init(params),
+        nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
+
+
 def create_train_state(
     build_model: Callable[[nnx.Rngs], nnx.Module],
     make_tx: Callable[[Any], optax.GradientTransformation],
@@ -78,13 +91,7 @@ def create_train_state(
 
     def init() -> TrainState:
         _, params, model_state = split_model(build())
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            model_state=model_state,
-            opt_state=tx.init(params),
-            nonfinite_step=jnp.full((), -1, jnp.int32),
-        )
+        return initial_train_state(params, model_state, tx)
 
     state, shardings = sharding.init_sharded(init, mesh)
     return graphdef, tx, state, shardings
