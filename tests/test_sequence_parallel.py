@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -151,3 +152,32 @@ def test_hgru2d_rows_sharded_equals_unsharded():
     with jax.set_mesh(make_mesh("8-auto")):
         got = nnx.jit(lambda layer, x: layer(x, 0.2))(layer, x)
     assert_close(got, want)
+
+
+def _shard_map_outputs(jaxpr) -> list:
+    """The output variables of every ``shard_map`` in ``jaxpr``, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "shard_map":
+            found += eqn.outvars
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _shard_map_outputs(sub)
+    return found
+
+
+@pytest.mark.parametrize("shards", [2, 8])
+def test_gradient_saves_no_zero_sized_residuals(shards):
+    # The forward shard_map's outputs include the residuals its backward reads. One with zero
+    # elements (lax.associative_scan over a few shards slices such arrays) crashes XLA's SPMD
+    # partitioner in jaxlib 0.11.2: a segmentation fault while compiling any such gradient.
+    mesh = jax.make_mesh((shards,), ("seq",), axis_types=(AxisType.Auto,))
+    a, x, h0 = make_inputs(False, shape=(2, 4 * shards, 3))
+    recurrence = functools.partial(
+        sharded_linear_recurrence, axis_name="seq", mesh=mesh, return_last_state=True
+    )
+    grad = jax.grad(functools.partial(loss, recurrence), argnums=(0, 1, 2))
+    with jax.set_mesh(mesh):
+        outputs = _shard_map_outputs(jax.make_jaxpr(grad)(a, x, h0).jaxpr)
+    assert outputs, "no shard_map found: the test no longer reads the sharded recurrence"
+    empty = [str(v.aval) for v in outputs if v.aval.size == 0]
+    assert not empty, empty

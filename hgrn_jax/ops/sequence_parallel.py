@@ -55,6 +55,16 @@ def _time_sharded_spec(x: jax.Array, axis_name: str) -> list:
     return spec
 
 
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def _chain_carries_recomputed(decays, finals, h0, reverse):
+    """:func:`chain_carries`, recomputed in the backward pass from its inputs (``2 n`` small
+    states) instead of saving its intermediates. ``lax.associative_scan`` over a few shards slices
+    arrays of zero elements, and a zero-sized residual of a ``shard_map`` crashes XLA's SPMD
+    partitioner in jaxlib 0.11.2 (a segmentation fault when compiling the gradient; 0.10.2 is
+    unaffected)."""
+    return chain_carries(decays, finals, h0, reverse=reverse)
+
+
 def _local(a, x, h0, *, axis_name, reverse, method, chunk_size, out_dtype):
     acc = h0.dtype
     _, final = linear_recurrence(
@@ -70,7 +80,7 @@ def _local(a, x, h0, *, axis_name, reverse, method, chunk_size, out_dtype):
     # Every shard gets all pairs and computes the same carries and final state.
     decays = jax.lax.all_gather(decay, axis_name, to="varying")
     finals = jax.lax.all_gather(final, axis_name, to="varying")
-    carry_in, last = chain_carries(decays, finals, h0, reverse=reverse)
+    carry_in, last = _chain_carries_recomputed(decays, finals, h0, reverse)
     carry = carry_in[jax.lax.axis_index(axis_name)]
     h = linear_recurrence(
         a, x, carry, reverse=reverse, method=method, chunk_size=chunk_size, out_dtype=out_dtype
