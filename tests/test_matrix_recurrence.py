@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from lowering import lowered_text
 
 from hgrn_jax.ops import MATRIX_METHODS, default_matrix_method, matrix_recurrence
 from hgrn_jax.ops.matrix_recurrence import _pallas
@@ -310,12 +311,7 @@ def test_pallas_kernel_lowers_for_gpu():
     values = jax.ShapeDtypeStruct((rows, length, value_dim), jnp.float32)
     state = jax.ShapeDtypeStruct((rows, key_dim, value_dim), jnp.float32)
     kernel = functools.partial(_pallas, scale=0.5, chunk=16, interpret=False)
-    text = (
-        jax.jit(kernel)
-        .trace(keys, keys, values, keys, state)
-        .lower(lowering_platforms=("cuda",))
-        .as_text()
-    )
+    text = lowered_text(kernel, "cuda", keys, keys, values, keys, state)
     assert "triton" in text and "matrix_recurrence_forward" in text
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from lowering import lowered_text
 
 from hgrn_jax.ops import linear_recurrence
 from hgrn_jax.ops.pallas_recurrence import (
@@ -294,13 +295,6 @@ def test_streaming_chunking_defaults():
     assert options.chunking(8 * 512, 65536) == (512, 128)
     assert options.chunking(1 << 20, 65536) == (65536, 1)  # already enough chains
     assert StreamingOptions(chunk_length=1000).chunking(8, 4096) == (1000, 5)
-
-
-def lowered_text(fn, platform, *args):
-    """``fn`` traced afresh (a traced function keeps the streaming options it was traced with)
-    and lowered for ``platform``."""
-    fresh = jax.jit(lambda *a: fn(*a))
-    return fresh.trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 def streaming_gradient(a, x):

@@ -24,6 +24,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from jax.sharding import AxisType
 from two_processes import xla_flags_without_device_count
 
 from hgrn_jax import sharding
@@ -158,8 +159,12 @@ def _gradient_tree():
 
 
 def _norm_on(devices: int, fn, *args):
-    """``fn(*args)`` and its jaxpr, traced under an abstract mesh of ``devices`` devices."""
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((devices,), ("data",))):
+    """``fn(*args)`` and its jaxpr, under a mesh of ``devices`` devices (``jax.set_mesh``; JAX
+    0.11 cannot run an array computation under a mesh of abstract devices)."""
+    mesh = jax.make_mesh(
+        (devices,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:devices]
+    )
+    with jax.set_mesh(mesh):
         return fn(*args), str(jax.make_jaxpr(fn)(*args))
 
 
