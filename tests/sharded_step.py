@@ -1,5 +1,5 @@
-"""One sharded optimizer step the way the runner builds it, shared by the sharding tests and the
-multi-host worker (which imports it after configuring JAX, so this module imports JAX lazily)."""
+"""One sharded optimizer step the way the runner builds it, for the sharding tests (JAX is
+imported on use)."""
 
 from __future__ import annotations
 
