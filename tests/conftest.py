@@ -29,23 +29,17 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-# A persistent compilation cache: the suite builds the same programs again and again (each
-# training run jits new closures, which miss JAX's in-memory caches, and several test files run the
-# same tiny presets), and a hit skips XLA's compile (a repeated tiny ListOps run: 8.2 -> 2.4
-# CPU-s). One folder for the whole session, which the xdist workers share: the first process (the
-# controller, or a lone pytest) makes it, passes it on in HGRN_TEST_SHARED_CACHE and removes it at
-# exit. A size bound turns on JAX's file lock, so that two workers never write one entry at once.
-# Set through jax.config, not JAX's own environment variables, so that launched processes do not
-# inherit it (pods with a shared cache deadlock in gloo). It must precede the first compile.
-# HGRN_TEST_COMPILATION_CACHE=0 turns it off.
+# A persistent compilation cache in a temporary folder of this test process: the suite builds the
+# same programs again and again (each training run jits new closures, which miss JAX's in-memory
+# caches), and a hit skips XLA's compile (a repeated tiny ListOps run: 8.2 -> 2.4 CPU-s). One
+# folder per process, so that no two processes write an entry at once (JAX locks its cache only
+# when eviction is on), set through jax.config and not the environment, so that launched
+# processes do not inherit it (pods with a shared cache deadlock in gloo). It must precede the
+# first compile. HGRN_TEST_COMPILATION_CACHE=0 turns it off.
 if os.environ.get("HGRN_TEST_COMPILATION_CACHE", "1") != "0":
-    _compilation_cache = os.environ.get("HGRN_TEST_SHARED_CACHE")
-    if not _compilation_cache:
-        _compilation_cache = tempfile.mkdtemp(prefix="hgrn-test-jax-cache-")
-        os.environ["HGRN_TEST_SHARED_CACHE"] = _compilation_cache
-        atexit.register(shutil.rmtree, _compilation_cache, ignore_errors=True)
+    _compilation_cache = tempfile.mkdtemp(prefix="hgrn-test-jax-cache-")
+    atexit.register(shutil.rmtree, _compilation_cache, ignore_errors=True)
     jax.config.update("jax_compilation_cache_dir", _compilation_cache)
-    jax.config.update("jax_compilation_cache_max_size", 8 << 30)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
