@@ -23,8 +23,9 @@ The rows are ``benchmarks/train_throughput.py``'s (the same models, losses, Adam
 ``make_train_step`` with its gradient norm, non-finite guard and ``make_optimizer``'s AdamW with
 gradient clipping, results ``..._runner[TAG]_cpu.json``), each compiled with
 ``jax.default_backend()`` reading ``"gpu"`` while it is traced, so that ``method="auto"``, the
-fused projections and the Pallas kernels take their GPU paths. Columns: ``kernels`` per step (``pallas``: of them Pallas kernels; ``loops``: ``while``
-loops, each counted once, their bodies not entered), ``GiB`` = the bytes of every kernel's
+fused projections and the Pallas kernels take their GPU paths. Columns: ``kernels`` per step
+(``pallas``: of them Pallas kernels; ``loops``: ``while`` loops, each counted once, their
+bodies not entered), ``GiB`` = the bytes of every kernel's
 operands and result (``Kernel.bytes``: what it moves when it reads each operand once; slices
 and gathers move less), ``floor_ms`` = those bytes at the H200's 4.8 TB/s.
 

@@ -20,8 +20,8 @@ when the statistics only feed running averages, as in a BatchNorm layer.
 Autodiff of the two-pass statistics needs more passes over ``x`` and ``dy``, each a column
 reduction that a GPU runs as two kernels. Compiled for an H200, the LRA classifier's training
 step launches 29 fewer kernels with this gradient at L = 1k, 40 fewer at 4k
-(``benchmarks/README.md``). The gradient rounds differently from autodiff's. Both are within float32 rounding of the float64
-gradient (``tests/test_batch_norm.py``).
+(``benchmarks/README.md``). The gradient rounds differently from autodiff's. Both are within
+float32 rounding of the float64 gradient (``tests/test_batch_norm.py``).
 """
 
 from __future__ import annotations
