@@ -377,8 +377,10 @@ def test_lower_bounds_scheme_errors():
 )
 def test_fused_projections_equal_separate_ones(monkeypatch, make, shape, use_forget_gate):
     """One matmul over the side-by-side kernels (the default off CPU) computes what the three
-    layers do: outputs and parameter gradients agree to float32 rounding of a d-term dot
-    product (measured: identical at these sizes; 1e-6 allows a different summation order)."""
+    layers do: outputs and parameter gradients agree to float32 rounding of sums taken in
+    another order. A gradient sums B x L products, so its error scales with the array's largest
+    entry, not with each entry: 1e-6 of that (measured: at most 1.1e-7, about one float32 ulp of
+    the largest entry; most runs bitwise)."""
     from hgrn_jax.nn import hgru
 
     layer = make(D, use_forget_gate=use_forget_gate, rngs=nnx.Rngs(0))
@@ -396,7 +398,8 @@ def test_fused_projections_equal_separate_ones(monkeypatch, make, shape, use_for
     (value_fused, grads_fused), (value_separate, grads_separate) = results[True], results[False]
     np.testing.assert_allclose(value_fused, value_separate, rtol=1e-6)
     for g_fused, g_separate in zip(jax.tree.leaves(grads_fused), jax.tree.leaves(grads_separate)):
-        np.testing.assert_allclose(g_fused, g_separate, rtol=1e-6, atol=1e-6)
+        scale = float(np.abs(g_separate).max())
+        np.testing.assert_allclose(g_fused, g_separate, rtol=0, atol=1e-6 * scale)
 
 
 def test_directions_merged_by_default_for_xla_parallel_scans_only(monkeypatch):
