@@ -7,10 +7,10 @@ one process with eight devices (this pytest process, which conftest gives eight 
   (on 2 processes x 4 devices), give the training losses and final metrics of one process, and
   the ListOps and WikiText-103 runs its parameters and Adam moments too;
 - the pod's logs (process 0 only, plain lines, a start-up summary) and files (one writer);
-- a host failure (SIGKILL to one process between checkpoints): the others stop by themselves
-  naming it; the rerun resumes from the last complete checkpoint and gets a preemption notice
-  (SIGTERM to one process): all save the same step and exit 0; the next rerun, on 2 processes x
-  4 devices, finishes with the parameters of the uninterrupted run;
+- a host failure (SIGKILL to one of 4 processes between checkpoints): the others stop by
+  themselves naming it; the rerun, on 2 processes x 4 devices, resumes from the last complete
+  checkpoint and gets a preemption notice (SIGTERM to one process): both save the same step and
+  exit 0; the next rerun finishes with the parameters of the uninterrupted run;
 - elastic restore 4x2 -> 1x8 and 1x8 -> 2x4;
 - sequence parallelism over a mesh axis that spans two processes.
 
@@ -238,12 +238,13 @@ def test_host_failure_then_preemption_then_resume_on_another_layout(listops, pod
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 6, steps  # nothing after step 6 was saved
 
-    # 2. Rerun: it resumes from the last complete checkpoint, 6. SIGTERM to process 2 while it
-    # builds the model: all save step 10, exit 0.
-    launch = Launch(pod_root, 4, 2, args, name="sigterm")
+    # 2. Rerun on another layout, 2 processes x 4 devices: it resumes from the last complete
+    # checkpoint, 6, which 4 processes wrote. SIGTERM to process 1 while it builds the model:
+    # both save step 10, exit 0.
+    launch = Launch(pod_root, 2, 4, args, name="sigterm-2x4")
     pids = launch.pids()
     launch.wait_for(r"^\[0\] resuming from step 6 of 12", 300)
-    os.kill(pids[2], signal.SIGTERM)
+    os.kill(pids[1], signal.SIGTERM)
     assert launch.wait(timeout=300) == 0, launch.stderr[-4000:]
     zero = process_lines(launch.stderr, 0)
     assert any("preempted (SIGTERM): saved a checkpoint at step 10" in line for line in zero)
@@ -255,7 +256,7 @@ def test_host_failure_then_preemption_then_resume_on_another_layout(listops, pod
     )
     assert not (workdir / "results.json").exists()
 
-    # 3. Resume on 2 processes x 4 devices: the uninterrupted run's parameters and metrics.
+    # 3. Resume again (2 x 4): the uninterrupted run's parameters and metrics.
     run_launch(pod_root, 2, 4, args, name="resume-2x4")
     # Bitwise: with several processes every cross-device sum goes through gloo, which adds in
     # the same order for 4 x 2 and 2 x 4 (8 ranks either way); only 1 x 8 sums in-process.
@@ -263,7 +264,7 @@ def test_host_failure_then_preemption_then_resume_on_another_layout(listops, pod
         workdir,
         listops["pod"],
         12,
-        "restore 4x2 (killed, preempted) -> 2x4 vs uninterrupted 4x2",
+        "4x2 killed -> 2x4 preempted -> 2x4 vs uninterrupted 4x2",
         bitwise=True,
     )
     done = json.loads((workdir / "results.json").read_text())
@@ -291,8 +292,8 @@ def test_elastic_restore_between_a_pod_and_one_process(listops, pod_root):
     _train_here(args, resumed)
     _assert_same_params(resumed, listops["pod"], 12, "restore 4x2 -> 1x8 vs uninterrupted 4x2")
 
-    # 1x8 checkpoint -> 2 x 4 through the launcher (4 x 2 -> 2 x 4 is the failure test's last
-    # resume; 2 processes cost half the CPU of 4).
+    # 1x8 checkpoint -> 2 x 4 through the launcher (4 x 2 -> 2 x 4 is the failure test's
+    # preempted rerun; 2 processes cost half the CPU of 4).
     resumed = truncate_run(listops["single"], pod_root / "elastic-1x8-to-2x4", 6)
     run_launch(pod_root, 2, 4, _listops_args(resumed, listops["cache"]), name="elastic")
     _assert_same_params(resumed, listops["single"], 12, "restore 1x8 -> 2x4 vs uninterrupted 1x8")
