@@ -33,10 +33,9 @@ def _test_xla_flags() -> list[str]:
     return [f"--{name}={value}" for name, value in flags.items() if name not in given]
 
 
-if os.environ.get("HGRN_TEST_XLA_OPT", "0") != "default":
-    os.environ["XLA_FLAGS"] = " ".join(
-        [os.environ.get("XLA_FLAGS", ""), *_test_xla_flags()]
-    ).strip()
+# The flags this process added to XLA_FLAGS (test_user_compile.py takes them off again).
+TEST_XLA_FLAGS = _test_xla_flags() if os.environ.get("HGRN_TEST_XLA_OPT", "0") != "default" else []
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *TEST_XLA_FLAGS]).strip()
 
 import jax  # noqa: E402
 
