@@ -22,20 +22,23 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # 1.5 -> 0.85 s); jaxlib 0.11 removed that switch (XLA aborts on an unknown flag), so only
 # older jaxlibs get it. The flags go in the environment so that launched processes (pods,
 # two-process runs) compile alike. HGRN_TEST_XLA_OPT=default runs the suite as users compile.
-def _test_xla_flags() -> list[str]:
+def _test_xla_flags() -> dict[str, str]:
     from importlib.metadata import version
 
     flags = {"xla_backend_optimization_level": "0"}
     jaxlib = tuple(int(part) for part in version("jaxlib").split(".")[:2])
     if jaxlib < (0, 11):
         flags["xla_cpu_use_fusion_emitters"] = "false"
-    given = os.environ.get("XLA_FLAGS", "")
-    return [f"--{name}={value}" for name, value in flags.items() if name not in given]
+    return flags
 
 
-# The flags this process added to XLA_FLAGS (test_user_compile.py takes them off again).
-TEST_XLA_FLAGS = _test_xla_flags() if os.environ.get("HGRN_TEST_XLA_OPT", "0") != "default" else []
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *TEST_XLA_FLAGS]).strip()
+# Name -> value; test_user_compile.py takes them off again. (xdist's workers inherit them from the
+# controller's environment, so each process adds only what is not there yet.)
+TEST_XLA_FLAGS = _test_xla_flags()
+if os.environ.get("HGRN_TEST_XLA_OPT", "0") != "default":
+    _given = os.environ.get("XLA_FLAGS", "")
+    _added = [f"--{name}={value}" for name, value in TEST_XLA_FLAGS.items() if name not in _given]
+    os.environ["XLA_FLAGS"] = " ".join([_given, *_added]).strip()
 
 import jax  # noqa: E402
 

@@ -23,8 +23,9 @@ GOLDEN_FILES = ["tests/test_golden.py", "tests/test_golden_hgrn2.py"]
 
 
 def user_xla_flags() -> str:
-    """This process's XLA_FLAGS without the flags the suite added."""
-    return " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f not in TEST_XLA_FLAGS)
+    """This process's XLA_FLAGS without the suite's compile flags."""
+    given = os.environ.get("XLA_FLAGS", "").split()
+    return " ".join(f for f in given if f.lstrip("-").split("=")[0] not in TEST_XLA_FLAGS)
 
 
 @pytest.mark.slow  # a fresh process compiling every golden case at XLA's defaults: ~40 s
