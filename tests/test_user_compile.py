@@ -13,24 +13,18 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from conftest import TEST_XLA_FLAGS
+from two_processes import REPO, xla_flags_without
 
-REPO = Path(__file__).resolve().parents[1]
 GOLDEN_FILES = ["tests/test_golden.py", "tests/test_golden_hgrn2.py"]
-
-
-def user_xla_flags() -> str:
-    """This process's XLA_FLAGS without the suite's compile flags."""
-    given = os.environ.get("XLA_FLAGS", "").split()
-    return " ".join(f for f in given if f.lstrip("-").split("=")[0] not in TEST_XLA_FLAGS)
 
 
 @pytest.mark.slow  # a fresh process compiling every golden case at XLA's defaults: ~40 s
 def test_goldens_hold_at_xla_default_compile_flags():
-    env = dict(os.environ, HGRN_TEST_XLA_OPT="default", XLA_FLAGS=user_xla_flags())
+    flags = xla_flags_without(*TEST_XLA_FLAGS)
+    env = dict(os.environ, HGRN_TEST_XLA_OPT="default", XLA_FLAGS=flags)
     assert "xla_backend_optimization_level" not in env["XLA_FLAGS"]
     assert "xla_cpu_use_fusion_emitters" not in env["XLA_FLAGS"]
     done = subprocess.run(

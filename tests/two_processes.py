@@ -17,14 +17,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def xla_flags_without_device_count() -> str:
-    """``XLA_FLAGS`` less a simulated device count (a child sets its own); the other flags (the
-    suite's optimisation level, see conftest) pass, so that children compile like this process."""
+def xla_flags_without(*names: str) -> str:
+    """This process's ``XLA_FLAGS`` less the flags ``names`` (without their leading ``--``)."""
     return " ".join(
         flag
         for flag in os.environ.get("XLA_FLAGS", "").split()
-        if not flag.startswith("--xla_force_host_platform_device_count")
+        if flag.lstrip("-").split("=")[0] not in names
     )
+
+
+def xla_flags_without_device_count() -> str:
+    """``XLA_FLAGS`` less a simulated device count (a child sets its own); the other flags (the
+    suite's compile flags, see conftest) pass, so that children compile like this process."""
+    return xla_flags_without("xla_force_host_platform_device_count")
 
 
 def cpu_env(**extra: str) -> dict[str, str]:
