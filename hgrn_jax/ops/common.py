@@ -7,8 +7,12 @@ Imports nothing else of ``hgrn_jax``, so every recurrence module can import it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+
+Parts = tuple[jax.Array, ...]  # a real value (1-tuple) or a complex one as (real, imag)
 
 
 def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -105,3 +109,37 @@ def shifted_backward(scan, a, h, h0, g, reverse: bool):
         h_prev = jnp.concatenate([h[..., 1:, :], h0[..., None, :]], axis=-2)
         dh0 = a[..., -1, :] * d[..., -1, :]
     return d * h_prev, d, dh0
+
+
+def parts_mul(p: Parts, q: Parts) -> Parts:
+    """Product of two real (1-tuple) or complex ((real, imag) pair) values, as kernels carry
+    them."""
+    if len(p) == 1:
+        return (p[0] * q[0],)
+    (pr, pi), (qr, qi) = p, q
+    return pr * qr - pi * qi, pr * qi + pi * qr
+
+
+def parts_add(p: Parts, q: Parts) -> Parts:
+    return tuple(u + v for u, v in zip(p, q))
+
+
+def chain_chunk_parts(
+    last_parts: Sequence[jax.Array],
+    decay_parts: Sequence[jax.Array],
+    init_parts: Sequence[jax.Array],
+    reverse: bool,
+) -> list[jax.Array]:
+    """The carry entering each chunk, ``(B, chunks, C)`` parts, from the chunks' summaries
+    (their final carries from a zero start and their decay products, in time order) and the
+    carry entering the first chunk walked (``init``, ``(B, 1, C)``): :func:`chain_carries` on
+    values given as real parts (1 real, 2 complex)."""
+
+    def value(parts):
+        return jax.lax.complex(*parts) if len(parts) == 2 else parts[0]
+
+    last, decay, init = (value(p) for p in (last_parts, decay_parts, init_parts))
+    carry_in, _ = chain_carries(decay, last, init, reverse=reverse, axis=1)
+    if len(init_parts) == 2:
+        return [jnp.real(carry_in), jnp.imag(carry_in)]
+    return [carry_in]

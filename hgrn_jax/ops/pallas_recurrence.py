@@ -55,10 +55,17 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from hgrn_jax.ops.common import accumulation_dtype, chain_carries, check_inputs, shifted_backward
+from hgrn_jax.ops.common import (
+    Parts,
+    accumulation_dtype,
+    chain_chunk_parts,
+    check_inputs,
+    parts_add,
+    parts_mul,
+    shifted_backward,
+)
 
 Schedule = Literal["tiled", "streaming"]
-Parts = tuple[jax.Array, ...]  # a real value (1-tuple) or a complex one as (real, imag)
 SCHEDULES: tuple[str, ...] = ("tiled", "streaming")
 
 _MAX_TILED_CHANNELS = 512
@@ -81,6 +88,14 @@ def _real_dtype(dtype: jnp.dtype) -> jnp.dtype:
 def _group_rows(dtypes: Sequence[jnp.dtype]) -> int:
     """Rows in one aligned register tile: 8 for 32-bit, 16 for 16-bit inputs."""
     return max(8, 32 // min(jnp.dtype(d).itemsize for d in dtypes))
+
+
+def _mosaic_gpu():
+    """:mod:`hgrn_jax.ops.mosaic_gpu_recurrence`, imported on first use: Mosaic GPU's Python
+    modules add about a quarter to ``import hgrn_jax.ops``."""
+    from hgrn_jax.ops import mosaic_gpu_recurrence
+
+    return mosaic_gpu_recurrence
 
 
 def _default_platform() -> str:
@@ -132,18 +147,6 @@ def _tiled_kernel(*refs, parts: int, reverse: bool, block_length: int, group: in
     carry = jax.lax.fori_loop(0, num_groups, scan_group, carry)
     for last, c in zip(last_refs, carry):
         last[...] = c
-
-
-def _mul(p: Parts, q: Parts) -> Parts:
-    """Product of two real (1-tuple) or complex ((real, imag) pair) values."""
-    if len(p) == 1:
-        return (p[0] * q[0],)
-    (pr, pi), (qr, qi) = p, q
-    return pr * qr - pi * qi, pr * qi + pi * qr
-
-
-def _add(p: Parts, q: Parts) -> Parts:
-    return tuple(u + v for u, v in zip(p, q))
 
 
 def _chunk_rows(length: int, chunk_length: int):
@@ -215,7 +218,7 @@ def _chained_carry(
 ) -> Parts:
     """The carry entering this program's chunk (grid axis 2), chained from ``init`` over the
     summaries ``(num_chunks, block)`` of the chunks walked before it: ``h -> D_j * h + S_j``
-    for each, in the order walked (what :func:`_chain_chunks` computes for every chunk at
+    for each, in the order walked (what :func:`chain_chunk_parts` computes for every chunk at
     once, here by one program for its own chunk)."""
     k = pl.program_id(2)
     start, rows = (k + 1, num_chunks - 1 - k) if reverse else (0, k)
@@ -225,7 +228,7 @@ def _chained_carry(
 
     def update(j, loaded, carry):
         final, decay = loaded
-        return _add(_mul(decay, carry), final)
+        return parts_add(parts_mul(decay, carry), final)
 
     return walk(load, update, init, start=start, rows=rows, reverse=reverse)
 
@@ -240,7 +243,7 @@ def _forward_summary_kernel(*refs, parts, reverse, length, chunk_length, num_chu
 
     def update(t, loaded, carry):
         (a, x), (h, decay) = loaded, carry
-        return _add(_mul(a, h), x), _mul(a, decay)
+        return parts_add(parts_mul(a, h), x), parts_mul(a, decay)
 
     h, decay = walk(
         load, update, _identity(last_refs[0], parts, acc), start=start, rows=rows, reverse=reverse
@@ -280,7 +283,7 @@ def _forward_kernel(
 
     def update(t, loaded, h):
         a, x = loaded
-        h = _add(_mul(a, h), x)
+        h = parts_add(parts_mul(a, h), x)
         _store(h_refs, t, h)
         return h
 
@@ -298,7 +301,7 @@ def _backward_summary_kernel(*refs, parts, reverse, length, chunk_length, num_ch
 
     def update(t, loaded, carry):
         (a, g), (flow, decay) = loaded, carry
-        return _mul(a, _add(g, flow)), _mul(a, decay)
+        return parts_mul(a, parts_add(g, flow)), parts_mul(a, decay)
 
     flow, decay = walk(
         load,
@@ -354,11 +357,11 @@ def _backward_kernel(
 
     def update(t, loaded, flow):
         g, h_prev, a = loaded
-        d = _add(g, flow)
+        d = parts_add(g, flow)
         h_prev = tuple(jnp.where(t == edge, s, v) for s, v in zip(h0, h_prev))
         _store(dx_refs, t, d)
-        _store(da_refs, t, _mul(d, h_prev))
-        return _mul(a, d)
+        _store(da_refs, t, parts_mul(d, h_prev))
+        return parts_mul(a, d)
 
     _store_block(
         flow_out_refs, walk(load, update, flow, start=start, rows=rows, reverse=not reverse)
@@ -439,6 +442,11 @@ class StreamingOptions:
       chain_in_kernel: chain the chunks' carries inside the state-writing kernel (each program
         walks the summaries of the chunks before its own) instead of by XLA between the two
         kernels: two launches per direction instead of two plus the chain's.
+      backend: ``"triton"`` (the default) or ``"mosaic_gpu"``: the same kernels on Mosaic GPU
+        (:mod:`hgrn_jax.ops.mosaic_gpu_recurrence`), which streams time through shared memory
+        by TMA copies; 128 channels per program, the length padded to whole blocks.
+      block_rows: time steps per shared-memory block (``mosaic_gpu`` only; a multiple of 8).
+      stages: blocks in flight per program (``mosaic_gpu`` only).
     """
 
     block_channels: int | None = None
@@ -459,16 +467,25 @@ class StreamingOptions:
     # Off until timed on a GPU (benchmarks/pallas_gpu.py times it beside the defaults): each
     # program's chain is serial, up to (chunks - 1) steps, against XLA's few small launches.
     chain_in_kernel: bool = False
+    # Mosaic GPU: untimed (no GPU lent since it was written). 16 rows of 128 float32 channels
+    # are 8 KiB per array and stage: the backward's five arrays in two stages take 80 KiB of an
+    # SM's 228 KiB of shared memory, so two programs fit on one SM.
+    backend: Literal["triton", "mosaic_gpu"] = "triton"
+    block_rows: int = 16
+    stages: int = 2
 
     def chunking(self, chains: int, length: int) -> tuple[int, int]:
         """``(chunk_length, num_chunks)`` for ``chains`` = batch * padded channels."""
+        multiple = self.block_rows if self.backend == "mosaic_gpu" else self.unroll
         if self.chunk_length is not None:
             chunk = max(1, min(self.chunk_length, length))
         else:
             wanted = -(-self.min_parallel_chains // max(chains, 1))
             most = max(1, length // self.min_chunk_length)
             chunk = -(-length // max(1, min(wanted, most)))
-            chunk = min(length, _round_up(chunk, self.unroll))
+            chunk = min(length, _round_up(chunk, multiple))
+        if self.backend == "mosaic_gpu":  # whole blocks (the length is padded to them)
+            chunk = min(_round_up(length, multiple), _round_up(chunk, multiple))
         return chunk, -(-length // chunk)
 
 
@@ -528,6 +545,19 @@ def _streaming_call(
     Array kinds: ``column`` (B, L, C) walked in time, ``chunk`` (B, chunks, C) one row per
     chunk, ``summaries`` the same array whole in every chunk's program, ``state`` (B, 1, C)
     shared by all chunks."""
+    if options.backend == "mosaic_gpu":
+        return _mosaic_gpu().call(
+            name,
+            inputs,
+            [dtype or acc for dtype in out_dtypes],
+            reverse=reverse,
+            chunk_length=chunk_length,
+            num_chunks=num_chunks,
+            block_rows=options.block_rows,
+            stages=options.stages,
+            acc=acc,
+            interpret=interpret,
+        )
     kernel, in_kinds, out_kinds = _STREAMING_KERNELS[name]
     parts = len(inputs[0])
     like = inputs[0][0]
@@ -572,23 +602,6 @@ def _streaming_call(
     return [list(out[k * parts : (k + 1) * parts]) for k in range(len(out_kinds))]
 
 
-def _to_value(parts: Sequence[jax.Array]) -> jax.Array:
-    return jax.lax.complex(*parts) if len(parts) == 2 else parts[0]
-
-
-def _to_parts(value: jax.Array, parts: int) -> list[jax.Array]:
-    return [jnp.real(value), jnp.imag(value)] if parts == 2 else [value]
-
-
-def _chain_chunks(last_parts, decay_parts, init_parts, reverse: bool) -> list[jax.Array]:
-    """The carry entering each chunk, ``(B, chunks, C)`` parts, from the chunks' summaries
-    (their final carries from a zero start and their decay products, in time order) and the
-    carry entering the first chunk walked (``init``, ``(B, 1, C)``)."""
-    last, decay, init = (_to_value(p) for p in (last_parts, decay_parts, init_parts))
-    carry_in, _ = chain_carries(decay, last, init, reverse=reverse, axis=1)
-    return _to_parts(carry_in, len(init_parts))
-
-
 def _streaming_forward(
     a_parts, x_parts, h0_parts, *, reverse, acc, out_dtype, interpret, options: StreamingOptions
 ):
@@ -613,7 +626,7 @@ def _streaming_forward(
                 "forward_chained", [a_parts, x_parts, h0_parts, finals, decays], [out_dtype, None]
             )
         else:
-            carry_in = _chain_chunks(finals, decays, h0_parts, reverse)
+            carry_in = chain_chunk_parts(finals, decays, h0_parts, reverse)
             h, last = call("forward", [a_parts, x_parts, carry_in], [out_dtype, None])
     edge = 0 if reverse else num_chunks - 1
     return h, [p[:, edge : edge + 1] for p in last]
@@ -654,7 +667,7 @@ def _streaming_backward(
         if options.chain_in_kernel:
             da, dx, flow_out = call("backward_chained", [*columns, finals, decays], out_dtypes)
         else:
-            flow_in = _chain_chunks(finals, decays, zeros, not reverse)
+            flow_in = chain_chunk_parts(finals, decays, zeros, not reverse)
             da, dx, flow_out = call("backward", [*columns, flow_in], out_dtypes)
     edge = num_chunks - 1 if reverse else 0
     return da, dx, [p[:, edge : edge + 1] for p in flow_out]
@@ -752,8 +765,15 @@ def _plan(
 ) -> _Plan:
     platform = _default_platform()
     interpret = platform == "cpu" if interpret is None else interpret
-    tpu_interpret = not isinstance(interpret, bool)  # a pltpu.InterpretParams
-    schedule = schedule or ("streaming" if platform == "gpu" and not tpu_interpret else "tiled")
+    gpu_interpret = not isinstance(interpret, bool) and _mosaic_gpu().is_interpret_params(interpret)
+    tpu_interpret = not isinstance(interpret, bool) and not gpu_interpret
+    if gpu_interpret and _streaming_defaults.backend != "mosaic_gpu":
+        raise ValueError(
+            "Mosaic GPU interpret mode runs the mosaic_gpu backend: trace inside "
+            "streaming_options(backend='mosaic_gpu')"
+        )
+    streams = (platform == "gpu" or gpu_interpret) and not tpu_interpret
+    schedule = schedule or ("streaming" if streams else "tiled")
     if tpu_interpret and schedule != "tiled":
         raise ValueError(
             "TPU interpret mode (interpret=pltpu.InterpretParams(...)) runs the TPU "
@@ -787,6 +807,8 @@ def _plan(
             schedule, interpret, layout, acc, block_channels, block_length=block_length, group=group
         )
     options = _streaming_defaults
+    if options.backend == "mosaic_gpu":
+        return _mosaic_gpu_plan(x_shape, acc, is_complex, block_channels, interpret, options)
     block_channels = (
         block_channels
         or options.block_channels
@@ -797,6 +819,33 @@ def _plan(
     options = dataclasses.replace(options, block_channels=block_channels)
     layout = _Layout(tuple(x_shape), is_complex, length, _round_up(channels, block_channels))
     return _Plan(schedule, interpret, layout, acc, block_channels, streaming=options)
+
+
+def _mosaic_gpu_plan(x_shape, acc, is_complex, block_channels, interpret, options) -> _Plan:
+    """The streaming schedule on Mosaic GPU: 128 channels per program, whole blocks of rows."""
+    tile = _mosaic_gpu().CHANNELS
+    given = block_channels or options.block_channels
+    if given not in (None, tile):
+        raise ValueError(f"the mosaic_gpu backend runs {tile} channels per program; got {given}")
+    if acc != jnp.float32:
+        raise ValueError(
+            f"the mosaic_gpu backend accumulates in float32; {acc} inputs need backend='triton'"
+        )
+    if options.chain_in_kernel:
+        raise ValueError(
+            "chain_in_kernel is a Triton option; the mosaic_gpu backend has no chained kernels"
+        )
+    if options.block_rows % 8 or options.block_rows <= 0:
+        raise ValueError(f"block_rows must be a positive multiple of 8; got {options.block_rows}")
+    length, channels = x_shape[-2:]
+    layout = _Layout(
+        tuple(x_shape),
+        is_complex,
+        _round_up(length, options.block_rows),
+        _round_up(channels, tile),
+    )
+    options = dataclasses.replace(options, block_channels=tile)
+    return _Plan("streaming", interpret, layout, acc, tile, streaming=options)
 
 
 def _check_inputs(a, x, h0, out_dtype):
@@ -955,11 +1004,18 @@ def _differentiable_bwd(reverse, out_dtype, plan, residuals, g):
         )
         return _cotangent(da, a.dtype), _cotangent(dx, x_dtype), _cotangent(dh0, h0.dtype)
     layout, acc = plan.layout, plan.acc
+    h_parts, h0_parts = layout.split(h), layout.split_state(h0, acc)
+    length = h.shape[-2]
+    if reverse and layout.padded_length > length:
+        # The padded steps are identity steps run first, so their states are h0: the kernels
+        # read the state after step L-1 from there.
+        after_end = jnp.arange(layout.padded_length)[:, None] >= length
+        h_parts = [jnp.where(after_end, s.astype(p.dtype), p) for p, s in zip(h_parts, h0_parts)]
     da, dx, dh0 = _streaming_backward(
         layout.split(a, fill=1.0),
         layout.split(g),
-        layout.split(h),
-        layout.split_state(h0, acc),
+        h_parts,
+        h0_parts,
         reverse=reverse,
         acc=acc,
         interpret=plan.interpret,

@@ -1,0 +1,203 @@
+"""The Mosaic GPU back-end of the streaming kernels (``streaming_options(backend="mosaic_gpu")``,
+:mod:`hgrn_jax.ops.mosaic_gpu_recurrence`).
+
+On every JAX: lowered for an H200 on this CPU (Mosaic GPU's lowering infers and checks every
+array's layout), its chunking and its errors. On JAX >= 0.11 (``make test-newer-jax``; CI's pinned
+0.10.2 has no such mode, so there these tests are skipped): run in Mosaic GPU's interpret mode,
+which simulates shared memory, the TMA engine's copies and barriers, with its race detector on,
+against float64 loops.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from lowering import lowered_text
+from test_pallas import make_inputs, reference, reference_gradients
+
+from hgrn_jax.ops import linear_recurrence
+from hgrn_jax.ops.pallas_recurrence import (
+    StreamingOptions,
+    pallas_linear_recurrence,
+    pallas_recurrence,
+    streaming_options,
+)
+
+HAS_INTERPRET_MODE = hasattr(plgpu, "InterpretGPUParams")
+needs_interpret_mode = pytest.mark.skipif(
+    not HAS_INTERPRET_MODE,
+    reason=f"Mosaic GPU interpret mode needs jax >= 0.11 (this is {jax.__version__}); "
+    "make test-newer-jax runs these",
+)
+
+
+def mosaic_gpu(**overrides):
+    return streaming_options(backend="mosaic_gpu", **overrides)
+
+
+def gradient_of_linear_loss(fn, a, x, h0, w):
+    def loss(a, x, h0):
+        h = fn(a, x, h0)
+        return jnp.sum(jnp.real(h) * w) + jnp.sum(jnp.imag(h) * w[..., ::-1, :])
+
+    return jax.grad(loss, argnums=(0, 1, 2))
+
+
+def custom_calls(text: str, target: str) -> int:
+    return sum("stablehlo.custom_call @" + target in line for line in text.splitlines())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.complex64])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_forward_and_backward_lower_for_an_h200(dtype, reverse):
+    """L = 1000 in chunks of 128: both summary kernels, the state kernel and the fused backward
+    kernel, each one Mosaic GPU call (none of them Triton's); channels 300 are three tiles."""
+    a = jnp.full((2, 1000, 300), 0.9, dtype)
+    x = jnp.ones((2, 1000, 300), dtype)
+    h0 = jnp.zeros((2, 300), dtype)
+    fn = functools.partial(
+        pallas_linear_recurrence, reverse=reverse, schedule="streaming", interpret=False
+    )
+    w = jnp.ones(x.shape, jnp.float32)
+    with mosaic_gpu(chunk_length=128):
+        text = lowered_text(gradient_of_linear_loss(fn, a, x, h0, w), "cuda", a, x, h0)
+    assert custom_calls(text, "mosaic_gpu") == 4
+    assert "triton" not in text
+    with mosaic_gpu():  # (2 rows x 384 channels) is few chains: the default splits time too
+        text = lowered_text(functools.partial(pallas_recurrence, **fn.keywords), "cuda", a, x)
+    assert custom_calls(text, "mosaic_gpu") == 2
+
+
+def test_one_chunk_is_one_kernel_each_way():
+    a, x, h0 = (jnp.ones((8, 200, 512)), jnp.ones((8, 200, 512)), jnp.zeros((8, 512)))
+    fn = functools.partial(pallas_linear_recurrence, schedule="streaming", interpret=False)
+    with mosaic_gpu():  # 200 steps are under two of the shortest chunks (128 steps): one chunk
+        text = lowered_text(gradient_of_linear_loss(fn, a, x, h0, x), "cuda", a, x, h0)
+    assert custom_calls(text, "mosaic_gpu") == 2
+
+
+def test_chunks_are_whole_blocks():
+    options = StreamingOptions(backend="mosaic_gpu", block_rows=16)
+    for chains, length in [(4096, 4096), (4096, 1008), (1 << 20, 4096), (128, 48)]:
+        chunk, chunks = options.chunking(chains, length)
+        assert chunk % 16 == 0 and (chunks - 1) * chunk < length <= chunks * chunk
+    # An asked-for chunk length is rounded up to whole blocks (Triton takes it as it is).
+    assert StreamingOptions(backend="mosaic_gpu", chunk_length=20).chunking(1, 64) == (32, 2)
+    assert StreamingOptions(chunk_length=20).chunking(1, 64) == (20, 4)
+
+
+def test_bad_options_name_the_fix():
+    a, x, _ = make_inputs((1, 32, 128), False)
+    run = functools.partial(pallas_recurrence, a, x, schedule="streaming", interpret=False)
+    with mosaic_gpu(), pytest.raises(ValueError, match="runs 128 channels per program; got 64"):
+        run(block_channels=64)
+    with mosaic_gpu(chain_in_kernel=True), pytest.raises(ValueError, match="Triton option"):
+        run()
+    with mosaic_gpu(block_rows=12), pytest.raises(ValueError, match="multiple of 8; got 12"):
+        run()
+    with jax.enable_x64(True), mosaic_gpu():
+        with pytest.raises(ValueError, match="float64 inputs need backend='triton'"):
+            pallas_recurrence(
+                a.astype(np.float64), x.astype(np.float64), schedule="streaming", interpret=False
+            )
+
+
+def test_interpret_mode_is_jax_0_11s():
+    """On CPU the back-end runs in Mosaic GPU's interpret mode, which JAX 0.10 does not have:
+    there the error says so instead of failing inside Pallas."""
+    a, x, h0 = make_inputs((1, 16, 128), False)
+    with mosaic_gpu():
+        if not HAS_INTERPRET_MODE:
+            with pytest.raises(ValueError, match="needs jax >= 0.11"):
+                pallas_recurrence(a, x, h0, schedule="streaming", interpret=True)
+            return
+        h, _ = pallas_recurrence(a, x, h0, schedule="streaming", interpret=True)
+    np.testing.assert_allclose(np.asarray(h), reference(a, x, h0, False)[0], atol=1e-5)
+
+
+# Interpret mode, with the race detector. Shapes: L = 40 and 37 are padded to whole 16-row
+# blocks (and C = 100, 130 to 128-channel tiles); chunk lengths 16-32 give several chunks, the
+# last one short at L = 37; L = 64 in one chunk is four blocks through two stages, so every
+# shared-memory slot is refilled and copied out again.
+CASES = {
+    "real-padded-reverse": ((1, 40, 100), False, True, 16),
+    "complex-chunks": ((2, 48, 128), True, False, 16),
+    "complex-short-last-chunk-reverse": ((1, 37, 130), True, True, 32),
+    "real-slots-reused": ((1, 64, 128), False, False, 64),
+}
+
+
+def interpret_params():
+    return plgpu.InterpretGPUParams(detect_races=True)
+
+
+def races_found() -> bool:
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+
+    return interpret_pallas_call.get_races().races_found
+
+
+@needs_interpret_mode
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_interpret_mode_matches_float64_loops(case):
+    """States, final state and (da, dx, dh0) against the float64 loops of ``test_pallas``, and
+    no data race between the warpgroup and the TMA engine's copies in any of the 4 kernels."""
+    shape, complex_valued, reverse, chunk_length = CASES[case]
+    a, x, h0 = make_inputs(shape, complex_valued, seed=11)
+    w = np.random.default_rng(12).normal(size=x.shape).astype(np.float32)
+    with mosaic_gpu(chunk_length=chunk_length):
+        h, last = pallas_recurrence(
+            a, x, h0, reverse=reverse, schedule="streaming", interpret=interpret_params()
+        )
+        assert not races_found()
+        fn = functools.partial(
+            pallas_linear_recurrence,
+            reverse=reverse,
+            schedule="streaming",
+            interpret=interpret_params(),
+        )
+        _, vjp = jax.vjp(fn, a, x, h0)
+        got = vjp(jnp.asarray(w, h.dtype))
+        assert not races_found()
+    want, want_last = reference(a, x, h0, reverse)
+    # float32 accumulation over <= 64 steps with |a| <= 1: a few ulps of the O(1..10) states.
+    np.testing.assert_allclose(np.asarray(h), want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(last), want_last, atol=1e-5, rtol=1e-5)
+    for name, g, w_ in zip(("da", "dx", "dh0"), got, reference_gradients(a, x, h0, w, reverse)):
+        assert g.dtype == a.dtype and g.shape == w_.shape, name
+        w_ = w_ if complex_valued else w_.real
+        np.testing.assert_allclose(np.asarray(g), w_, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+@needs_interpret_mode
+@pytest.mark.slow
+def test_interpret_mode_bf16_inputs_accumulate_in_float32():
+    """bf16 decays and inputs read as bf16 (the shared-memory blocks are bf16), the states
+    accumulated and written in float32: float32 rounding on top of the bf16 inputs only."""
+    a, x, h0 = make_inputs((1, 48, 128), False, seed=13)
+    a16, x16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(x, jnp.bfloat16)
+    want, _ = reference(np.asarray(a16, np.float32), np.asarray(x16, np.float32), h0, False)
+    with mosaic_gpu(chunk_length=16):
+        h, _ = pallas_recurrence(
+            a16, x16, h0, out_dtype=jnp.float32, schedule="streaming", interpret=interpret_params()
+        )
+    assert h.dtype == jnp.float32 and not races_found()
+    np.testing.assert_allclose(np.asarray(h), want.real, atol=1e-5, rtol=1e-5)
+
+
+def test_the_models_method_pallas_takes_the_backend(monkeypatch):
+    """``linear_recurrence(method="pallas")``, as the models call it on a GPU, runs the Mosaic GPU
+    kernels when traced inside ``streaming_options(backend="mosaic_gpu")``, Triton's otherwise."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    a, x, _ = make_inputs((2, 256, 128), True, seed=14)
+    fn = functools.partial(linear_recurrence, method="pallas")
+    with mosaic_gpu():
+        text = lowered_text(fn, "cuda", a, x)
+    assert custom_calls(text, "mosaic_gpu") >= 1 and "triton" not in text
+    assert custom_calls(lowered_text(fn, "cuda", a, x), "mosaic_gpu") == 0
