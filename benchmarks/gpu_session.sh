@@ -48,10 +48,10 @@ if [ "$budget" != 0 ] || [ "${TTA_PREPARE:-0}" = 1 ]; then
   data_pid=$!
 fi
 # STEPS picks the measurement steps below (default: all of them, in this order); a lent machine's
-# 15 minutes hold them in two commands (STEPS=pallas, then STEPS="lm lra device"), or one
-# 8-minute time-to-accuracy run and little else. TTA_ONLY=1 is STEPS="". TAG names this
+# 15 minutes hold them in two commands (STEPS="pallas mosaic", then STEPS="lm lra device"), or
+# one 8-minute time-to-accuracy run and little else. TTA_ONLY=1 is STEPS="". TAG names this
 # machine's JSON files (e.g. TAG=_h200), so earlier ones stay.
-STEPS=${STEPS-pallas matrix peers lm lra device}
+STEPS=${STEPS-pallas mosaic matrix peers lm lra device mosaic_lra}
 [ "${TTA_ONLY:-0}" = 1 ] && STEPS=
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 TAG=${TAG:-}
@@ -61,6 +61,12 @@ TAG=${TAG:-}
 # off until timed), a profiler trace of each at 4k (kernels and device time per call), and a
 # sweep of launch parameters at 4k and 64k.
 wanted pallas && step pallas 240 $PY benchmarks/pallas_gpu.py --reps 5 --deadline 200 --tag "$TAG"
+# The same kernels on Mosaic GPU (jax 0.11 deprecates Pallas's Triton back-end; untimed when
+# written, checked on CPU in Mosaic GPU's interpret mode only), in a step of their own so that a
+# failure to compile there costs no other step: the checks, then the floor ratios at 4k/16k/64k
+# beside the default (Triton) kernel in the same run, and both traced at 4k; no sweep.
+wanted mosaic && step mosaic 200 $PY benchmarks/pallas_gpu.py --reps 5 \
+  --variants default mosaic_gpu --sweep-lengths --tag "${TAG}_mosaic"
 # HGRN2's matrix recurrence: chunked and the Pallas kernel (both checked against the scan first;
 # the scan itself, a launch per step, took 38 / 140 / 556 ms forward+backward at these sizes on
 # an H200 and is not timed), HGRN's recurrence, causal attention, and fla's chunk_gla when fla
@@ -98,6 +104,11 @@ wanted device && step device 120 $PY benchmarks/device_time.py --task lra --full
   --variants after "directions in two scans" "directions in one scan" \
   "chained kernel, directions in one scan" \
   --tag "$TAG"
+# The LRA Text classifier's training step with the Mosaic GPU kernels, beside the Triton ones and
+# the Transformer in the same run (its own step, as above).
+wanted mosaic_lra && step mosaic_lra 150 $PY benchmarks/train_throughput.py --task lra --full \
+  --batch 32 --lengths 1024 2048 --methods pallas --variants after "mosaic_gpu kernel" --reps 5 \
+  --tag "${TAG}_mosaic"
 # The runner on this machine before a later command spends its minutes on it: the tiny ListOps
 # preset, end to end (data, training, checkpoints, evaluation).
 if [ "${TTA_PREPARE:-0}" = 1 ]; then

@@ -3,8 +3,9 @@ memory floor, then a sweep of its launch parameters
 (:class:`hgrn_jax.ops.pallas_recurrence.StreamingOptions`).
 
     python benchmarks/pallas_gpu.py [--lengths 4096 16384 65536] [--dtypes float32 bfloat16]
-                                    [--variants default "loads after stores" "chain in kernel"]
-                                    [--trace-lengths 4096] [--sweep-lengths 4096 65536]
+                                    [--variants default "loads after stores" "chain in kernel"
+                                                mosaic_gpu]
+                                    [--trace-lengths 4096] [--sweep-lengths [4096 65536]]
                                     [--sweep-dtypes float32 bfloat16] [--sweep-base default]
                                     [--reps 5] [--deadline SECONDS] [--tag _h200]
 
@@ -21,7 +22,9 @@ the wait for a result are paid once per repetition, as in a training step).
 Variants (``--variants``, timed one after another at each length and dtype, so their ratios come
 from one run): the defaults; ``loads after stores``, the kernel timed on an H200 before
 ``StreamingOptions.loads_ahead`` was on; ``chain in kernel`` (``StreamingOptions.
-chain_in_kernel``, off until timed). The correctness checks run on every variant.
+chain_in_kernel``, off until timed); ``mosaic_gpu``, the same kernels on Mosaic GPU
+(``StreamingOptions.backend``; not in the default list). The correctness checks run on every
+variant.
 Trace: each variant's forward+backward at ``--trace-lengths`` run under the profiler: kernels
 per call, the time some kernel was running against the call's time (``busy``), and the time of
 each kernel, so what is not the Pallas kernels (the carries' chain, copies) shows by name.
@@ -60,12 +63,15 @@ CALLS_PER_REP = 10
 
 
 # The kernel as it is, as it was when timed on an H200 (2026-11-30: each step's loads after the
-# previous step's stores), and with the option not yet on by default (--variants).
+# previous step's stores), with the option not yet on by default, and on Mosaic GPU (--variants;
+# gpu_session.sh times "mosaic_gpu" in a step of its own, beside "default").
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "loads after stores": {"loads_ahead": False},
     "chain in kernel": {"chain_in_kernel": True},
+    "mosaic_gpu": {"backend": "mosaic_gpu"},
 }
+DEFAULT_VARIANTS = ["default", "loads after stores", "chain in kernel"]
 
 
 def sweep_options() -> list[dict[str, Any]]:
@@ -232,8 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--sweep-lengths", type=int, nargs="+", default=[4096, 65536])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
+    parser.add_argument(
+        "--sweep-lengths",
+        type=int,
+        nargs="*",
+        default=[4096, 65536],
+        help="lengths of the sweep (none: no sweep)",
+    )
     parser.add_argument("--sweep-dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument(
         "--sweep-base",

@@ -42,7 +42,9 @@ kernel nor the sequential loop, ``hgru.merge_directions``; a row that would repe
 is left out); ``chained kernel`` and ``loads after stores`` (rows of ``--methods pallas``
 only) run the Pallas kernel with the chunks' carries chained inside it
 (``StreamingOptions.chain_in_kernel``, off until measured) and as it was timed on an H200
-(``loads_ahead=False``: each step's loads after the previous step's stores);
+(``loads_ahead=False``: each step's loads after the previous step's stores); ``mosaic_gpu
+kernel`` (``--methods pallas`` rows too) runs the kernels on Mosaic GPU
+(``StreamingOptions.backend``);
 ``chained kernel, directions in one scan`` makes both launch cuts at once;
 ``batch norm by autodiff`` takes BatchNorm's gradient by autodiff, as ``nnx.BatchNorm`` does,
 not in closed form (``hgrn_jax.ops.batch_norm``); ``phases per direction`` computes each scan
@@ -133,6 +135,8 @@ VARIANTS = {
     # in the kernel (not yet on by default); rows of the "pallas" method only.
     "loads after stores": ("loads after stores",),
     "chained kernel": ("chained kernel",),
+    # The same kernels on Mosaic GPU (StreamingOptions.backend; untimed when written).
+    "mosaic_gpu kernel": ("mosaic_gpu kernel",),
     # Both launch cuts at once: a bidirectional HGRU's 4 kernel launches per layer, not 8 (+ chains).
     "chained kernel, directions in one scan": ("chained kernel", "directions in one scan"),
     # BatchNorm's gradient by autodiff, as nnx.BatchNorm has it (the closed form is the default).
@@ -158,6 +162,7 @@ VARIANTS = {
 KERNEL_CHANGES = {
     "loads after stores": {"loads_ahead": False},
     "chained kernel": {"chain_in_kernel": True},
+    "mosaic_gpu kernel": {"backend": "mosaic_gpu"},
 }
 KERNEL_VARIANTS = frozenset(
     name
@@ -238,8 +243,8 @@ def undone(changes: tuple[str, ...]):
     ``hgru.MERGE_DIRECTIONS`` to True / False; "autodiff batch norm" sets
     ``norms.CLOSED_FORM_BATCH_NORM_GRADIENT`` to False; "phases per direction" computes each
     scan direction's ``exp(i theta)`` on its own;
-    "chained kernel" turns on the Pallas kernel's ``chain_in_kernel`` and "loads after stores"
-    turns its ``loads_ahead`` off."""
+    "chained kernel" turns on the Pallas kernel's ``chain_in_kernel``, "loads after stores"
+    turns its ``loads_ahead`` off and "mosaic_gpu kernel" runs it on Mosaic GPU."""
     kernel_options = {k: v for c in changes for k, v in KERNEL_CHANGES.get(c, {}).items()}
     scan_context = (
         ablated("sequential[zero buffers, unroll 8]")

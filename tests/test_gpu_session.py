@@ -125,10 +125,12 @@ def test_whole_session_order(tmp_path):
     scripts = [c.split()[0] for c in calls if c.startswith("benchmarks/")]
     assert scripts == [
         "benchmarks/pallas_gpu.py",
+        "benchmarks/pallas_gpu.py",
         "benchmarks/matrix_recurrence.py",
         "benchmarks/train_throughput.py",
         "benchmarks/train_throughput.py",
         "benchmarks/device_time.py",
+        "benchmarks/train_throughput.py",
     ]
     tagged = ("pallas_gpu", "throughput", "device_time")
     assert all("--tag _h200" in c for c in calls if any(name in c for name in tagged))
@@ -140,10 +142,13 @@ def test_whole_session_order(tmp_path):
 
 
 def test_steps_pick_the_measurements(tmp_path):
-    """STEPS splits the measurements over commands on a warm machine (the kernel first, then
-    the training steps), with the kernel options timed beside the defaults in both."""
-    first = _session(tmp_path, TTA_ONLY="0", TTA_MINUTES="0", STEPS="pallas")
-    assert [c.split()[0] for c in first] == ["benchmarks/pallas_gpu.py"]
+    """STEPS splits the measurements over commands on a warm machine (the kernels first, then
+    the training steps), with the kernel options timed beside the defaults in both; the Mosaic
+    GPU kernels run in steps of their own, beside the default kernel, with their own files."""
+    first = _session(tmp_path, TTA_ONLY="0", TTA_MINUTES="0", STEPS="pallas mosaic", TAG="_h")
+    assert [c.split()[0] for c in first] == ["benchmarks/pallas_gpu.py"] * 2
+    assert first[0].endswith("--tag _h") and "mosaic_gpu" not in first[0]
+    assert "--variants default mosaic_gpu --sweep-lengths --tag _h_mosaic" in first[1]
     second = _session(tmp_path, TTA_ONLY="0", TTA_MINUTES="0", STEPS="lm lra device")
     assert [c.split()[0] for c in second] == [
         "benchmarks/train_throughput.py",
@@ -173,10 +178,17 @@ def test_benchmark_commands_parse_with_their_scripts_command_lines(tmp_path):
             parsed.append((argv[0], args))
     assert [script for script, _ in parsed] == [
         "benchmarks/pallas_gpu.py",
+        "benchmarks/pallas_gpu.py",
         "benchmarks/matrix_recurrence.py",
         "benchmarks/train_throughput.py",
         "benchmarks/train_throughput.py",
         "benchmarks/device_time.py",
+        "benchmarks/train_throughput.py",
     ]
-    lra = parsed[3][1]
+    assert parsed[0][1].variants == pallas_gpu.DEFAULT_VARIANTS
+    mosaic = parsed[1][1]
+    assert mosaic.variants == ["default", "mosaic_gpu"] and mosaic.sweep_lengths == []
+    lra = parsed[4][1]
     assert lra.task == "lra" and "directions in two scans" in lra.variants
+    mosaic_lra = parsed[6][1]
+    assert mosaic_lra.task == "lra" and mosaic_lra.variants == ["after", "mosaic_gpu kernel"]
