@@ -328,6 +328,30 @@ def test_streaming_chunks_and_fused_backward_lower_for_gpu():
     assert "stablehlo.concatenate" in text  # the carries' chain, by XLA between the kernels
 
 
+@pytest.mark.parametrize("backend", ["triton", "mosaic_gpu"])
+def test_gradient_traces_inside_a_users_shard_map_on_gpu(backend, monkeypatch):
+    """``linear_recurrence(method="pallas")`` differentiated inside ``shard_map`` over a batch
+    axis, as traced on a GPU: every cotangent of the custom VJP must vary over the mesh axis as
+    its primal does. The initial state made for ``h0=None`` used to be invariant while its
+    cotangent varied (Triton); Mosaic GPU's kernels return invariant results, cast to vary."""
+    from jax.sharding import PartitionSpec as P
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    auto = (jax.sharding.AxisType.Auto,)
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2], axis_types=auto)
+    sharding = jax.sharding.NamedSharding(mesh, P("data"))
+    a, x = (jax.device_put(jnp.full((4, 256, 128), v), sharding) for v in (0.9, 1.0))
+
+    def loss(a, x):
+        per_shard = functools.partial(linear_recurrence, method="pallas")
+        specs = (P("data"), P("data"))
+        return jax.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=P("data"))(a, x).sum()
+
+    with streaming_options(backend=backend):
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(a, x)
+    assert [v.aval.shape for v in jaxpr.jaxpr.outvars] == [a.shape, x.shape]
+
+
 def test_chain_in_kernel_lowers_with_no_chain_between_the_kernels():
     """With ``chain_in_kernel`` the gradient of one call lowers to the two summary kernels and
     the two chained kernels and nothing of the chain's (slices, pads, concatenations; about

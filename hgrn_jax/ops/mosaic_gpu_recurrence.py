@@ -398,4 +398,9 @@ def call(
         grid_names=("batch", "channels", "chunks"),
         interpret=interpret_params(interpret),
     )(*[p for array in inputs for p in array])
+    # Under shard_map the results vary over the manual axes the inputs vary over (plgpu.kernel
+    # leaves them invariant), as the custom VJP's cotangents must.
+    varying = tuple(sorted(jax.typeof(like).manual_axis_type.varying))
+    if varying:
+        out = [jax.lax.pcast(o, varying, to="varying") for o in out]
     return [list(out[k * parts : (k + 1) * parts]) for k in range(len(out_shapes))]

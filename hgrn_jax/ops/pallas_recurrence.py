@@ -857,7 +857,8 @@ def _check_inputs(a, x, h0, out_dtype):
     if is_complex and not jnp.issubdtype(out_dtype, jnp.complexfloating):
         raise ValueError(f"out_dtype must be complex for complex inputs; got {out_dtype}")
     if h0 is None:
-        h0 = jnp.zeros(x.shape[:-2] + x.shape[-1:], dtype)
+        # Varies over shard_map's manual axes as x does, as dh0 will (like x's cotangent).
+        h0 = jnp.zeros_like(x[..., 0, :], dtype=dtype)
     return a, x, jnp.asarray(h0), dtype, out_dtype, is_complex
 
 
