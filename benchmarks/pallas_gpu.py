@@ -30,7 +30,8 @@ per call, the time some kernel was running against the call's time (``busy``), a
 each kernel, so what is not the Pallas kernels (the carries' chain, copies) shows by name.
 Sweep: forward+backward at ``--sweep-lengths`` in each of ``--sweep-dtypes``, one option changed
 at a time from ``--sweep-base`` (chunk length, shortest chunk, chains aimed for, channels per
-program, unroll); ``--deadline`` stops starting new variants after that many seconds.
+program, unroll; from ``mosaic_gpu``: rows per block, blocks in flight, shortest chunk, chains
+aimed for); ``--deadline`` stops starting new variants after that many seconds.
 Results (rewritten after every row): ``benchmarks/results/pallas_sweep[TAG]_<platform>.json``.
 """
 
@@ -74,10 +75,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
 DEFAULT_VARIANTS = ["default", "loads after stores", "chain in kernel"]
 
 
-def sweep_options() -> list[dict[str, Any]]:
+def sweep_options(base: str = "default") -> list[dict[str, Any]]:
     """One field changed at a time (the base itself is a main row). On an H200 (2026-11-30,
-    ``pallas_sweep_h200_gpu.json``) none of these beat the defaults beyond noise at 4k, and
-    pipelining stages and a single chunk per sequence were far off; they are not repeated."""
+    ``pallas_sweep_h200_gpu.json``) none of these beat the Triton defaults beyond noise at 4k,
+    and pipelining stages and a single chunk per sequence were far off; they are not repeated.
+    From the Mosaic GPU kernels (untimed): rows per shared-memory block, blocks in flight, and
+    fewer or more chunks (each program carries 128 chains, the Triton one 32)."""
+    if VARIANTS[base].get("backend") == "mosaic_gpu":
+        return [
+            {"block_rows": 32},
+            {"stages": 3},
+            {"min_chunk_length": 256},
+            {"min_parallel_chains": 1 << 17},
+            {"min_parallel_chains": 1 << 20},
+        ]
     variants = [{"chunk_length": c} for c in (1024, 256)]
     variants += [{"min_chunk_length": c} for c in (64, 256)]
     variants += [{"min_parallel_chains": 1 << e} for e in (18, 20)]
@@ -317,7 +328,7 @@ def main() -> None:
             print(f"  {ms:8.4f}  {kernel[:100]}")
     for length in args.sweep_lengths:
         for dtype_name in args.sweep_dtypes:
-            for overrides in sweep_options():
+            for overrides in sweep_options(args.sweep_base):
                 if time.perf_counter() - started > args.deadline:
                     print(f"deadline ({args.deadline:.0f} s): sweep stopped", flush=True)
                     break

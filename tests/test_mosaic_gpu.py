@@ -100,6 +100,13 @@ def test_bad_options_name_the_fix():
         run()
     with mosaic_gpu(block_rows=12), pytest.raises(ValueError, match="multiple of 8; got 12"):
         run()
+    # Complex chunk summaries: (a, x) x 2 parts x 4 stages x 32 rows x 512 bytes = 256 KiB.
+    c, y, _ = make_inputs((1, 256, 128), True)
+    with (
+        mosaic_gpu(block_rows=32, stages=4),
+        pytest.raises(ValueError, match="summary kernel would use 257 KiB"),
+    ):
+        pallas_recurrence(c, y, schedule="streaming", interpret=False)
     with jax.enable_x64(True), mosaic_gpu():
         with pytest.raises(ValueError, match="float64 inputs need backend='triton'"):
             pallas_recurrence(

@@ -24,6 +24,7 @@ Arrays are ``(B, L, C)`` real parts (two per complex array) with ``L`` a multipl
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -34,6 +35,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from hgrn_jax.ops.common import Parts, parts_add, parts_mul
 
 CHANNELS = 128  # one per CUDA lane of the warpgroup that runs a program
+SHARED_MEMORY_BYTES = 227 * 1024  # what one program may use on an H100/H200 (sm_90)
 _GROUP = 8  # rows whose loads are issued before their serial steps
 
 
@@ -382,6 +384,16 @@ def call(
         body = functools.partial(_backward_body, length=length)
     else:
         raise ValueError(f"no mosaic_gpu kernel {name!r} (the chained kernels are Triton's only)")
+
+    shared = sum(
+        math.prod(b.shape) * jnp.dtype(b.dtype).itemsize for b in scratch if hasattr(b, "shape")
+    )
+    if shared > SHARED_MEMORY_BYTES:
+        raise ValueError(
+            f"the mosaic_gpu {name} kernel would use {shared // 1024} KiB of shared memory with "
+            f"block_rows={block_rows}, stages={stages} and {parts} part(s) per array, over the "
+            f"{SHARED_MEMORY_BYTES // 1024} KiB of an H100/H200: lower block_rows or stages"
+        )
 
     def kernel(*refs):
         program = _Program(length=length, chunk_length=chunk_length, block_rows=block_rows)
