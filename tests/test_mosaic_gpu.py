@@ -185,17 +185,42 @@ def test_interpret_mode_matches_float64_loops(case):
 @needs_interpret_mode
 @pytest.mark.slow
 def test_interpret_mode_bf16_inputs_accumulate_in_float32():
-    """bf16 decays and inputs read as bf16 (the shared-memory blocks are bf16), the states
-    accumulated and written in float32: float32 rounding on top of the bf16 inputs only."""
+    """bf16 decays and inputs read as bf16 (the shared-memory blocks are bf16) and accumulated
+    in float32: states written in float32 carry float32 rounding on top of the bf16 inputs only.
+    The gradient, with the states saved in bf16 (``out_dtype``) and da, dx written
+    in bf16 from bf16 blocks, equals the float64 gradient of the bf16-rounded inputs to bf16
+    precision: a state rounded once (2^-9 relative), da rounded once, well inside 2^-7."""
     a, x, h0 = make_inputs((1, 48, 128), False, seed=13)
     a16, x16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(x, jnp.bfloat16)
-    want, _ = reference(np.asarray(a16, np.float32), np.asarray(x16, np.float32), h0, False)
+    a32, x32 = np.asarray(a16, np.float32), np.asarray(x16, np.float32)
+    w = np.random.default_rng(15).normal(size=x.shape).astype(np.float32)
+    fn = functools.partial(
+        pallas_linear_recurrence,
+        out_dtype=jnp.bfloat16,
+        schedule="streaming",
+        interpret=interpret_params(),
+    )
     with mosaic_gpu(chunk_length=16):
         h, _ = pallas_recurrence(
             a16, x16, h0, out_dtype=jnp.float32, schedule="streaming", interpret=interpret_params()
         )
-    assert h.dtype == jnp.float32 and not races_found()
-    np.testing.assert_allclose(np.asarray(h), want.real, atol=1e-5, rtol=1e-5)
+        h16, vjp = jax.vjp(fn, a16, x16, h0)
+        da, dx, dh0 = vjp(jnp.asarray(w, jnp.bfloat16))
+    assert h.dtype == jnp.float32 and h16.dtype == jnp.bfloat16 and not races_found()
+    np.testing.assert_allclose(np.asarray(h), reference(a32, x32, h0, False)[0].real, atol=1e-5)
+    assert da.dtype == dx.dtype == jnp.bfloat16 and dh0.dtype == jnp.float32
+    w16 = np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32)
+    for name, got, want in zip(
+        ("da", "dx", "dh0"), (da, dx, dh0), reference_gradients(a32, x32, h0, w16, False)
+    ):
+        want = want.real
+        np.testing.assert_allclose(
+            np.asarray(got, np.float64),
+            want,
+            rtol=2**-7,
+            atol=2**-7 * np.abs(want).max(),
+            err_msg=name,
+        )
 
 
 def test_the_models_method_pallas_takes_the_backend(monkeypatch):
