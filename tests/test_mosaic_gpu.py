@@ -114,6 +114,19 @@ def test_bad_options_name_the_fix():
             )
 
 
+def test_an_older_gpu_is_refused_by_name(monkeypatch):
+    """Mosaic GPU compiles for sm_90 and later: on an A100 (8.0) the error says so before any
+    lowering, and names the back-end that runs there."""
+    import types
+
+    a, x, _ = make_inputs((1, 32, 128), False)
+    monkeypatch.setattr(
+        jax, "devices", lambda *_: [types.SimpleNamespace(compute_capability="8.0")]
+    )
+    with mosaic_gpu(), pytest.raises(ValueError, match="this one has 8.0: use backend='triton'"):
+        pallas_recurrence(a, x, schedule="streaming", interpret=False)
+
+
 def test_interpret_mode_is_jax_0_11s():
     """On CPU the back-end runs in Mosaic GPU's interpret mode, which JAX 0.10 does not have:
     there the error says so instead of failing inside Pallas."""

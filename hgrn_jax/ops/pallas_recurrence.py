@@ -35,6 +35,10 @@ Two schedules of the same arithmetic, picked by platform:
     timed on a GPU) chains the carries inside the second kernel (each program walks the
     summaries of the chunks before its own), so no XLA operations run between the two launches.
 
+    ``backend="mosaic_gpu"`` runs the same kernels, grid and chunking on Mosaic GPU instead of
+    Triton (:mod:`hgrn_jax.ops.mosaic_gpu_recurrence`: time streamed through shared memory by
+    TMA copies; H100/H200; opt-in until timed).
+
 The backward pass (:func:`pallas_linear_recurrence`'s custom VJP) on the streaming schedule is one
 fused kernel of the same shape: walking time the other way it reads ``a``, the cotangent and the
 saved states and writes ``da`` and ``dx`` (5 array passes, the minimum), chunked the same way.
@@ -834,6 +838,12 @@ def _mosaic_gpu_plan(x_shape, acc, is_complex, block_channels, interpret, option
     if options.chain_in_kernel:
         raise ValueError(
             "chain_in_kernel is a Triton option; the mosaic_gpu backend has no chained kernels"
+        )
+    capability = None if interpret else getattr(jax.devices()[0], "compute_capability", None)
+    if capability is not None and float(capability) < 9.0:
+        raise ValueError(
+            "the mosaic_gpu backend needs a GPU of compute capability 9.0 or more (H100/H200); "
+            f"this one has {capability}: use backend='triton'"
         )
     if options.block_rows % 8 or options.block_rows <= 0:
         raise ValueError(f"block_rows must be a positive multiple of 8; got {options.block_rows}")
