@@ -80,13 +80,14 @@ def sweep_options(base: str = "default") -> list[dict[str, Any]]:
     ``pallas_sweep_h200_gpu.json``) none of these beat the Triton defaults beyond noise at 4k,
     and pipelining stages and a single chunk per sequence were far off; they are not repeated.
     From the Mosaic GPU kernels (untimed): rows per shared-memory block, blocks in flight, and
-    fewer or more chunks (each program carries 128 chains, the Triton one 32)."""
+    fewer or more chunks (each program carries 128 chains, the Triton one 32; at B = 8, D = 512
+    the defaults make 32 chunks at 4k and 128 from 16k, 2^16 chains 16 at every length)."""
     if VARIANTS[base].get("backend") == "mosaic_gpu":
         return [
             {"block_rows": 32},
             {"stages": 3},
             {"min_chunk_length": 256},
-            {"min_parallel_chains": 1 << 17},
+            {"min_parallel_chains": 1 << 16},
             {"min_parallel_chains": 1 << 20},
         ]
     variants = [{"chunk_length": c} for c in (1024, 256)]
