@@ -114,6 +114,19 @@ def test_bad_options_name_the_fix():
             )
 
 
+def test_a_jax_without_triton_falls_back_to_mosaic_gpu(monkeypatch):
+    """JAX 0.11 deprecates Pallas's Triton back-end: a JAX without it runs the streaming kernels
+    on Mosaic GPU, with a warning, rather than failing to import Triton inside the call."""
+    from hgrn_jax.ops import pallas_recurrence as module
+
+    monkeypatch.setattr(module, "_triton_available", lambda: False)
+    a, x, _ = make_inputs((2, 256, 128), False)
+    fn = functools.partial(pallas_recurrence, schedule="streaming", interpret=False)
+    with pytest.warns(UserWarning, match="no Pallas Triton back-end"):
+        text = lowered_text(fn, "cuda", a, x)
+    assert custom_calls(text, "mosaic_gpu") >= 1 and "triton" not in text
+
+
 def test_an_older_gpu_is_refused_by_name(monkeypatch):
     """Mosaic GPU compiles for sm_90 and later: on an A100 (8.0) the error says so before any
     lowering, and names the back-end that runs there."""

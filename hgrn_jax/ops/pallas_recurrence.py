@@ -52,6 +52,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -100,6 +101,15 @@ def _mosaic_gpu():
     from hgrn_jax.ops import mosaic_gpu_recurrence
 
     return mosaic_gpu_recurrence
+
+
+def _triton_available() -> bool:
+    """Whether this JAX still has Pallas's Triton back-end (deprecated since JAX 0.11)."""
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _default_platform() -> str:
@@ -811,6 +821,13 @@ def _plan(
             schedule, interpret, layout, acc, block_channels, block_length=block_length, group=group
         )
     options = _streaming_defaults
+    if options.backend == "triton" and not _triton_available():
+        warnings.warn(
+            "this JAX has no Pallas Triton back-end: the streaming kernels run on Mosaic GPU "
+            "(streaming_options(backend='mosaic_gpu'))",
+            stacklevel=4,
+        )
+        options = dataclasses.replace(options, backend="mosaic_gpu")
     if options.backend == "mosaic_gpu":
         return _mosaic_gpu_plan(x_shape, acc, is_complex, block_channels, interpret, options)
     block_channels = (
