@@ -81,6 +81,30 @@ def test_one_chunk_is_one_kernel_each_way():
     assert custom_calls(text, "mosaic_gpu") == 2
 
 
+@pytest.mark.parametrize(
+    "batch, channels, width, calls",
+    [(8, 32, 32, 4), (6, 50, 64, 4), (3, 32, 128, 4), (2, 300, 128, 4)],
+    ids=["4 rows of 32", "2 rows of 64", "odd batch: 128", "3 tiles of 128"],
+)
+def test_narrow_channels_share_a_program_across_batch_rows(batch, channels, width, calls):
+    """Fewer than 128 channels are not padded to 128 when the batch rows come in groups: a
+    program carries 4 rows of 32 or 2 rows of 64 channels side by side (its 128 lanes)."""
+    from hgrn_jax.ops.mosaic_gpu_recurrence import program_width
+
+    assert program_width(channels, batch) == width
+    a = jnp.full((batch, 512, channels), 0.9, jnp.complex64)
+    h0 = jnp.zeros((batch, channels), jnp.complex64)
+    fn = functools.partial(pallas_linear_recurrence, schedule="streaming", interpret=False)
+    w = jnp.ones(a.shape, jnp.float32)
+    with mosaic_gpu(chunk_length=128):
+        text = lowered_text(gradient_of_linear_loss(fn, a, a, h0, w), "cuda", a, a, h0)
+    assert custom_calls(text, "mosaic_gpu") == calls
+    padded = -(-channels // width) * width  # the kernels' arrays: channels padded to the width
+    assert f"x512x{padded}xf32>" in text
+    if padded != 128:
+        assert "x128xf32>" not in text
+
+
 def test_chunks_are_whole_blocks():
     options = StreamingOptions(backend="mosaic_gpu", block_rows=16)
     for chains, length in [(4096, 4096), (4096, 1008), (1 << 20, 4096), (128, 48)]:
@@ -94,8 +118,8 @@ def test_chunks_are_whole_blocks():
 def test_bad_options_name_the_fix():
     a, x, _ = make_inputs((1, 32, 128), False)
     run = functools.partial(pallas_recurrence, a, x, schedule="streaming", interpret=False)
-    with mosaic_gpu(), pytest.raises(ValueError, match="runs 128 channels per program; got 64"):
-        run(block_channels=64)
+    with mosaic_gpu(), pytest.raises(ValueError, match="got 64 channels for a batch of 1"):
+        run(block_channels=64)  # 2 batch rows of 64 channels make a program's 128 chains
     with mosaic_gpu(chain_in_kernel=True), pytest.raises(ValueError, match="Triton option"):
         run()
     with mosaic_gpu(block_rows=12), pytest.raises(ValueError, match="multiple of 8; got 12"):
@@ -154,11 +178,14 @@ def test_interpret_mode_is_jax_0_11s():
 
 
 # Interpret mode, with the race detector. Shapes: L = 40 and 37 are padded to whole 16-row
-# blocks (and C = 100, 130 to 128-channel tiles); chunk lengths 16-32 give several chunks, the
+# blocks (and C = 100, 130 to 128-channel tiles; C = 20 to 32 channels, 4 batch rows per
+# program, in two programs; C = 50 to 64, 2 rows); chunk lengths 16-32 give several chunks, the
 # last one short at L = 37; L = 64 in one chunk is four blocks through two stages, so every
 # shared-memory slot is refilled and copied out again.
 CASES = {
     "real-padded-reverse": ((1, 40, 100), False, True, 16),
+    "real-4-rows-of-32-reverse": ((8, 40, 20), False, True, 16),
+    "complex-2-rows-of-64": ((2, 48, 50), True, False, 16),
     "complex-chunks": ((2, 48, 128), True, False, 16),
     "complex-short-last-chunk-reverse": ((1, 37, 130), True, True, 32),
     "real-slots-reused": ((1, 64, 128), False, False, 64),

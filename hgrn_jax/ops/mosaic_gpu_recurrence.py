@@ -3,7 +3,8 @@
 The same four kernels as :mod:`hgrn_jax.ops.pallas_recurrence`'s Triton ones (chunk summaries
 and states, forward and backward), with the same grid ``(batch, channel tiles, time chunks)``
 and the same arithmetic, but the time axis moved by the TMA engine: each program (one
-warpgroup, a channel per CUDA lane, 128 channels) streams its chunk through shared memory in
+warpgroup, a chain per CUDA lane: 128 channels of one batch row, or 64 of 2, or 32 of 4,
+:func:`program_width`) streams its chunk through shared memory in
 blocks of ``block_rows`` steps, ``stages`` blocks in flight, and writes its states back from
 shared memory by asynchronous copies. The serial chain of each channel then waits on shared
 memory, never on global memory, whatever the order of its loads and stores (the Triton
@@ -17,7 +18,7 @@ lowered for an H200 in every CI run; it has not been timed on a GPU yet, so ``au
 pick it.
 
 Arrays are ``(B, L, C)`` real parts (two per complex array) with ``L`` a multiple of
-``block_rows`` and ``C`` of 128, as the calling layout pads them; per-chunk arrays are
+``block_rows`` and ``C`` of the program's width, as the calling layout pads them; per-chunk arrays are
 ``(B, chunks, C)`` and states ``(B, 1, C)``.
 """
 
@@ -34,7 +35,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from hgrn_jax.ops.common import Parts, parts_add, parts_mul
 
-CHANNELS = 128  # one per CUDA lane of the warpgroup that runs a program
+CHANNELS = 128  # chains per program: one per CUDA lane of the warpgroup that runs it
 SHARED_MEMORY_BYTES = 227 * 1024  # what one program may use on an H100/H200 (sm_90)
 _GROUP = 8  # rows whose loads are issued before their serial steps
 
@@ -63,25 +64,36 @@ def is_interpret_params(interpret: object) -> bool:
     return params is not None and isinstance(interpret, params)
 
 
+def program_width(channels: int, batch: int) -> int:
+    """Channels per program: 128, or 32 / 64 when the channels fit in them and the batch rows
+    come in groups of 4 / 2 to fill the program's 128 lanes (a program then carries those
+    rows' channels side by side, so few channels are not padded up to 128)."""
+    width = min(CHANNELS, max(32, 1 << max(channels - 1, 0).bit_length()))
+    while batch % (CHANNELS // width):
+        width *= 2
+    return width
+
+
 def _strided(value: jax.Array) -> jax.Array:
-    """A ``(128,)`` row in the layout rows loaded from shared memory have (one per lane)."""
-    return plgpu.layout_cast(value, plgpu.Layout.WG_STRIDED((CHANNELS,), vec_size=1))
+    """A state ``(batch rows, width)`` in the layout its rows loaded from shared memory have
+    (one element per lane)."""
+    return plgpu.layout_cast(value, plgpu.Layout.WG_STRIDED(value.shape, vec_size=1))
 
 
-def _constant(value: float, parts: int, acc) -> Parts:
-    """``value`` as a real (1 part) or complex (2 parts) row; the imaginary part is 0."""
-    return tuple(
-        _strided(jnp.full((CHANNELS,), value if k == 0 else 0.0, acc)) for k in range(parts)
-    )
+def _constant(value: float, parts: int, acc, shape) -> Parts:
+    """``value`` as a real (1 part) or complex (2 parts) state; the imaginary part is 0."""
+    return tuple(_strided(jnp.full(shape, value if k == 0 else 0.0, acc)) for k in range(parts))
 
 
 class _Program:
     """One program's place in the grid and its chunk of the time axis."""
 
-    def __init__(self, *, length: int, chunk_length: int, block_rows: int):
-        self.batch = jax.lax.axis_index("batch")
+    def __init__(self, *, length: int, chunk_length: int, block_rows: int, width: int):
+        batch_rows = CHANNELS // width
+        self.shape = (batch_rows, width)  # one state: its chains, one per lane
+        self.rows = pl.ds(jax.lax.axis_index("batch") * batch_rows, batch_rows)
         self.chunk = jax.lax.axis_index("chunks")
-        self.columns = pl.ds(jax.lax.axis_index("channels") * CHANNELS, CHANNELS)
+        self.columns = pl.ds(jax.lax.axis_index("channels") * width, width)
         self.block_rows = block_rows
         self.first_block = self.chunk * (chunk_length // block_rows)
         if length % chunk_length == 0:
@@ -91,25 +103,28 @@ class _Program:
             self.num_blocks = rows // block_rows
 
     def block(self, ref, start):
-        """The ``(block_rows, 128)`` window of ``ref`` ``(B, L, C)`` from row ``start``."""
-        return ref.at[self.batch, pl.ds(start, self.block_rows), self.columns]
+        """The ``(batch rows, block_rows, width)`` window of ``ref`` ``(B, L, C)`` from time
+        ``start``."""
+        return ref.at[self.rows, pl.ds(start, self.block_rows), self.columns]
 
     def row(self, ref, index):
-        """The ``(1, 128)`` window of a per-chunk or state array ``(B, rows, C)``."""
-        return ref.at[self.batch, pl.ds(index, 1), self.columns]
+        """The ``(batch rows, 1, width)`` window of a per-chunk or state array ``(B, n, C)``."""
+        return ref.at[self.rows, pl.ds(index, 1), self.columns]
 
     def read_rows(self, refs, buffers, barrier, index, acc) -> Parts:
-        """Row ``index`` of each part in ``refs``, through ``buffers`` ``(1, 128)``."""
+        """Row ``index`` of each part in ``refs``, through ``buffers`` ``(batch rows, 1,
+        width)``."""
         plgpu.commit_smem()  # earlier reads of the buffers before the copy overwrites them
         for ref, buffer in zip(refs, buffers):
             plgpu.copy_gmem_to_smem(self.row(ref, index), buffer, barrier)
         plgpu.barrier_wait(barrier)
-        return tuple(buffer[0].astype(acc) for buffer in buffers)
+        return tuple(buffer[:, 0, :].astype(acc) for buffer in buffers)
 
     def write_rows(self, values: Parts, refs, buffers, index) -> None:
-        """``values`` into row ``index`` of ``refs``, through ``buffers`` ``(1, 128)``."""
+        """``values`` into row ``index`` of ``refs``, through ``buffers`` ``(batch rows, 1,
+        width)``."""
         for value, buffer in zip(values, buffers):
-            buffer[0] = value.astype(buffer.dtype)
+            buffer[:, 0, :] = value.astype(buffer.dtype)
         plgpu.commit_smem()
         for ref, buffer in zip(refs, buffers):
             plgpu.copy_smem_to_gmem(buffer, self.row(ref, index))
@@ -130,7 +145,7 @@ class _Program:
     ):
         """``carry = block_fn(slot, start, carry)`` over the chunk's blocks in time order (or
         reversed), with ``stages`` blocks of every ``sources`` array in flight in
-        ``source_buffers`` ``(stages, block_rows, 128)``; each block's ``sink_buffers`` are
+        ``source_buffers`` ``(stages, batch rows, block_rows, width)``; each block's ``sink_buffers`` are
         copied out to ``sinks`` after it. ``loaded``: one barrier per stage, arriving once per
         source copy (and per copy ``fetch_extra(slot, start, barrier)`` issues)."""
 
@@ -172,8 +187,8 @@ def _rows_in_groups(block_rows: int, reverse: bool) -> list[list[int]]:
 
 
 def _tile_rows(buffers, slot, rows, acc) -> list[Parts]:
-    """Rows ``rows`` of one stage of each part's buffer, in ``acc``."""
-    return [tuple(buffer[slot, r].astype(acc) for buffer in buffers) for r in rows]
+    """Time rows ``rows`` of one stage of each part's buffer, in ``acc``."""
+    return [tuple(buffer[slot, :, r, :].astype(acc) for buffer in buffers) for r in rows]
 
 
 def _summary_body(refs, *, parts, reverse, backward, program, stages, acc):
@@ -196,7 +211,7 @@ def _summary_body(refs, *, parts, reverse, backward, program, stages, acc):
                 carry = h, parts_mul(a, decay)
         return carry
 
-    zero, one = _constant(0.0, parts, acc), _constant(1.0, parts, acc)
+    zero, one = (_constant(v, parts, acc, program.shape) for v in (0.0, 1.0))
     h, decay = program.walk(
         block_fn,
         (zero, one),
@@ -226,7 +241,7 @@ def _forward_body(refs, *, parts, reverse, program, stages, acc):
             for r, (a, x) in zip(rows, loads):
                 h = parts_add(parts_mul(a, h), x)
                 for buffer, value in zip(h_bufs, h):
-                    buffer[slot, r] = value.astype(buffer.dtype)
+                    buffer[slot, :, r, :] = value.astype(buffer.dtype)
         return h
 
     # One carry row per chunk (the initial state when there is one chunk).
@@ -275,7 +290,7 @@ def _backward_body(refs, *, parts, reverse, program, stages, acc, length):
         @pl.when(start == edge_start)
         def _h0_at_the_edge():
             for buffer, value in zip(edge_bufs, h0):
-                buffer[slot, 0] = value.astype(buffer.dtype)
+                buffer[slot, :, 0, :] = value.astype(buffer.dtype)
 
         for rows in _rows_in_groups(block_rows, not reverse):
             a_rows = _tile_rows(a_bufs, slot, rows, acc)
@@ -284,15 +299,15 @@ def _backward_body(refs, *, parts, reverse, program, stages, acc, length):
             for r in rows:
                 p = r + step
                 if 0 <= p < block_rows:
-                    prev_rows.append(tuple(b[slot, p].astype(acc) for b in h_bufs))
+                    prev_rows.append(tuple(b[slot, :, p, :].astype(acc) for b in h_bufs))
                 else:
-                    prev_rows.append(tuple(b[slot, 0].astype(acc) for b in edge_bufs))
+                    prev_rows.append(tuple(b[slot, :, 0, :].astype(acc) for b in edge_bufs))
             for r, a, g, h_prev in zip(rows, a_rows, g_rows, prev_rows):
                 d = parts_add(g, flow)
                 for buffer, value in zip(dx_bufs, d):
-                    buffer[slot, r] = value.astype(buffer.dtype)
+                    buffer[slot, :, r, :] = value.astype(buffer.dtype)
                 for buffer, value in zip(da_bufs, parts_mul(d, h_prev)):
-                    buffer[slot, r] = value.astype(buffer.dtype)
+                    buffer[slot, :, r, :] = value.astype(buffer.dtype)
                 flow = parts_mul(a, d)
         return flow
 
@@ -324,29 +339,39 @@ def call(
     num_chunks: int,
     block_rows: int,
     stages: int,
+    width: int,
     acc,
     interpret,
 ) -> list[list[jax.Array]]:
     """Run one of the streaming schedule's kernels (``forward_summary``, ``forward``,
     ``backward_summary``, ``backward``) on Mosaic GPU; the arguments and results are those of
-    ``pallas_recurrence._streaming_call``: one list of parts per array."""
+    ``pallas_recurrence._streaming_call``: one list of parts per array. Each program carries
+    ``128 // width`` batch rows of ``width`` channels (:func:`program_width`)."""
     parts = len(inputs[0])
     like = inputs[0][0]
     batch, length, channels = like.shape
-    if length % block_rows or chunk_length % block_rows or channels % CHANNELS:
+    batch_rows = CHANNELS // width
+    if (
+        length % block_rows
+        or chunk_length % block_rows
+        or width not in (32, 64, CHANNELS)
+        or channels % width
+        or batch % batch_rows
+    ):
         raise ValueError(
             f"the mosaic_gpu kernels need the length ({length}) and chunk length "
-            f"({chunk_length}) in whole blocks of {block_rows} rows and the channels "
-            f"({channels}) in whole tiles of {CHANNELS}"
+            f"({chunk_length}) in whole blocks of {block_rows} rows, a width of 32, 64 or 128 "
+            f"channels (got {width}) that divides the channels ({channels}), and the batch "
+            f"({batch}) in whole groups of {batch_rows} rows"
         )
     chunk_shape, column_shape = (batch, num_chunks, channels), (batch, length, channels)
-    block = (stages, block_rows, CHANNELS)
+    block = (stages, batch_rows, block_rows, width)
 
     def smem(shape, dtype):
         return [plgpu.SMEM(shape, dtype) for _ in range(parts)]
 
     in_dtypes = [array[0].dtype for array in inputs]
-    row = smem((1, CHANNELS), acc)
+    row = smem((batch_rows, 1, width), acc)
     if name in ("forward_summary", "backward_summary"):
         out_shapes = [(chunk_shape, acc)] * 2
         scratch = [
@@ -376,7 +401,7 @@ def call(
             *smem(block, in_dtypes[2]),
             *smem(block, out_dtypes[0]),
             *smem(block, out_dtypes[1]),
-            *smem((stages, 1, CHANNELS), in_dtypes[2]),
+            *smem((stages, batch_rows, 1, width), in_dtypes[2]),
             *row,
             plgpu.Barrier(num_arrivals=4 * parts, num_barriers=stages),
             plgpu.Barrier(num_arrivals=parts, num_barriers=1),
@@ -396,7 +421,9 @@ def call(
         )
 
     def kernel(*refs):
-        program = _Program(length=length, chunk_length=chunk_length, block_rows=block_rows)
+        program = _Program(
+            length=length, chunk_length=chunk_length, block_rows=block_rows, width=width
+        )
         body(refs, parts=parts, reverse=reverse, program=program, stages=stages, acc=acc)
 
     out_type = [
@@ -406,7 +433,7 @@ def call(
         kernel,
         out_type=out_type,
         scratch_types=scratch,
-        grid=(batch, channels // CHANNELS, num_chunks),
+        grid=(batch // batch_rows, channels // width, num_chunks),
         grid_names=("batch", "channels", "chunks"),
         interpret=interpret_params(interpret),
     )(*[p for array in inputs for p in array])

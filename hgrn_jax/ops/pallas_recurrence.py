@@ -458,7 +458,9 @@ class StreamingOptions:
         kernels: two launches per direction instead of two plus the chain's.
       backend: ``"triton"`` (the default) or ``"mosaic_gpu"``: the same kernels on Mosaic GPU
         (:mod:`hgrn_jax.ops.mosaic_gpu_recurrence`), which streams time through shared memory
-        by TMA copies; 128 channels per program, the length padded to whole blocks.
+        by TMA copies; 128 chains per program (``block_channels`` 128, or 64 / 32 of 2 / 4
+        batch rows; by default the narrowest the channels and batch allow), the length padded
+        to whole blocks.
       block_rows: time steps per shared-memory block (``mosaic_gpu`` only; a multiple of 8).
       stages: blocks in flight per program (``mosaic_gpu`` only).
     """
@@ -569,6 +571,7 @@ def _streaming_call(
             num_chunks=num_chunks,
             block_rows=options.block_rows,
             stages=options.stages,
+            width=options.block_channels,
             acc=acc,
             interpret=interpret,
         )
@@ -843,11 +846,19 @@ def _plan(
 
 
 def _mosaic_gpu_plan(x_shape, acc, is_complex, block_channels, interpret, options) -> _Plan:
-    """The streaming schedule on Mosaic GPU: 128 channels per program, whole blocks of rows."""
-    tile = _mosaic_gpu().CHANNELS
-    given = block_channels or options.block_channels
-    if given not in (None, tile):
-        raise ValueError(f"the mosaic_gpu backend runs {tile} channels per program; got {given}")
+    """The streaming schedule on Mosaic GPU: 128 chains per program (128 channels, or 4 / 2
+    batch rows of 32 / 64 channels), whole blocks of rows."""
+    length, channels = x_shape[-2:]
+    batch = math.prod(x_shape[:-2])
+    chains = _mosaic_gpu().CHANNELS
+    width = block_channels or options.block_channels
+    if width is None:
+        width = _mosaic_gpu().program_width(channels, batch)
+    elif width not in (32, 64, chains) or batch % (chains // width):
+        raise ValueError(
+            f"the mosaic_gpu backend runs 32, 64 or 128 channels per program, with 4, 2 or 1 "
+            f"batch rows to make 128 chains; got {width} channels for a batch of {batch}"
+        )
     if acc != jnp.float32:
         raise ValueError(
             f"the mosaic_gpu backend accumulates in float32; {acc} inputs need backend='triton'"
@@ -864,15 +875,14 @@ def _mosaic_gpu_plan(x_shape, acc, is_complex, block_channels, interpret, option
         )
     if options.block_rows % 8 or options.block_rows <= 0:
         raise ValueError(f"block_rows must be a positive multiple of 8; got {options.block_rows}")
-    length, channels = x_shape[-2:]
     layout = _Layout(
         tuple(x_shape),
         is_complex,
         _round_up(length, options.block_rows),
-        _round_up(channels, tile),
+        _round_up(channels, width),
     )
-    options = dataclasses.replace(options, block_channels=tile)
-    return _Plan("streaming", interpret, layout, acc, tile, streaming=options)
+    options = dataclasses.replace(options, block_channels=width)
+    return _Plan("streaming", interpret, layout, acc, width, streaming=options)
 
 
 def _check_inputs(a, x, h0, out_dtype):
