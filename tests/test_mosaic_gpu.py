@@ -181,14 +181,17 @@ def test_interpret_mode_is_jax_0_11s():
 # blocks (and C = 100, 130 to 128-channel tiles; C = 20 to 32 channels, 4 batch rows per
 # program, in two programs; C = 50 to 64, 2 rows); chunk lengths 16-32 give several chunks, the
 # last one short at L = 37; L = 64 in one chunk is four blocks through two stages, so every
-# shared-memory slot is refilled and copied out again.
+# shared-memory slot is refilled and copied out again; L = 5 is one block, mostly padding; 8-row
+# blocks in 4 stages walk 3 blocks per chunk (L = 17 padded to 24), so slots are not all used.
 CASES = {
-    "real-padded-reverse": ((1, 40, 100), False, True, 16),
-    "real-4-rows-of-32-reverse": ((8, 40, 20), False, True, 16),
-    "complex-2-rows-of-64": ((2, 48, 50), True, False, 16),
-    "complex-chunks": ((2, 48, 128), True, False, 16),
-    "complex-short-last-chunk-reverse": ((1, 37, 130), True, True, 32),
-    "real-slots-reused": ((1, 64, 128), False, False, 64),
+    "real-padded-reverse": ((1, 40, 100), False, True, dict(chunk_length=16)),
+    "real-4-rows-of-32-reverse": ((8, 40, 20), False, True, dict(chunk_length=16)),
+    "complex-2-rows-of-64": ((2, 48, 50), True, False, dict(chunk_length=16)),
+    "complex-chunks": ((2, 48, 128), True, False, dict(chunk_length=16)),
+    "complex-short-last-chunk-reverse": ((1, 37, 130), True, True, dict(chunk_length=32)),
+    "real-slots-reused": ((1, 64, 128), False, False, dict(chunk_length=64)),
+    "complex-5-steps-reverse": ((1, 5, 3), True, True, dict(block_rows=8)),
+    "real-8-rows-4-stages": ((12, 17, 16), False, False, dict(block_rows=8, stages=4)),
 }
 
 
@@ -208,10 +211,10 @@ def races_found() -> bool:
 def test_interpret_mode_matches_float64_loops(case):
     """States, final state and (da, dx, dh0) against the float64 loops of ``test_pallas``, and
     no data race between the warpgroup and the TMA engine's copies in any of the 4 kernels."""
-    shape, complex_valued, reverse, chunk_length = CASES[case]
+    shape, complex_valued, reverse, options = CASES[case]
     a, x, h0 = make_inputs(shape, complex_valued, seed=11)
     w = np.random.default_rng(12).normal(size=x.shape).astype(np.float32)
-    with mosaic_gpu(chunk_length=chunk_length):
+    with mosaic_gpu(**options):
         h, last = pallas_recurrence(
             a, x, h0, reverse=reverse, schedule="streaming", interpret=interpret_params()
         )
