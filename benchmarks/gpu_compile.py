@@ -227,7 +227,7 @@ def kernel_columns(kernels: list[Kernel]) -> dict:
     total = sum(k.bytes for k in kernels)
     return {
         "kernels": len(kernels),
-        "pallas": sum("triton" in k.target for k in kernels),
+        "pallas": sum(k.is_pallas for k in kernels),
         "loops": sum(k.opcode == "while" for k in kernels),
         "GiB": total / 2**30,
         "floor_ms": total / H200_BANDWIDTH * 1e3,

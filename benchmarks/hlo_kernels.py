@@ -38,6 +38,8 @@ _ARRAY = re.compile(r"\b(" + "|".join(_ELEMENT_BYTES) + r")\[([\d,]*)\]")
 _OPERAND = re.compile(r"%([\w.\-]+)")
 # Instructions that launch nothing: bookkeeping, and reading the device's own ids.
 _NO_KERNEL = BOOKKEEPING_OPS | {"partition-id", "replica-id"}
+# Custom-call targets of Pallas kernels: Triton's, and Mosaic GPU's ("mosaic_gpu_v2").
+PALLAS_TARGETS = ("__gpu$xla.gpu.triton", "mosaic_gpu")
 # Where a kernel's line of code is looked for, innermost frame first.
 OUR_CODE = ("/hgrn_jax/", "/benchmarks/", "/experiments/")
 
@@ -49,10 +51,15 @@ class Kernel:
     name: str
     opcode: str  # "fusion", "custom-call", "copy", "while", ...
     kind: str  # a fusion's kind (kLoop, kInput, kCustom, ...), else ""
-    target: str  # a custom call's target ("__gpu$xla.gpu.triton": a Pallas kernel), else ""
+    target: str  # a custom call's target (PALLAS_TARGETS: a Pallas kernel), else ""
     operand_bytes: int  # of its distinct operands
     result_bytes: int
     site: str  # "path:line function" of the innermost frame in our code, else of any frame
+
+    @property
+    def is_pallas(self) -> bool:
+        """A Pallas kernel: on Triton, or on Mosaic GPU."""
+        return any(self.target.startswith(t) for t in PALLAS_TARGETS)
 
     @property
     def bytes(self) -> int:

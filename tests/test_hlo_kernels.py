@@ -105,7 +105,12 @@ def test_gpu_module_pallas_kernel_loop_and_copy():
     assert [k.opcode for k in kernels] == ["custom-call", "while", "copy"]
     kernel, loop, copy = kernels
     size = 8 * 4096 * 512 * 4
-    assert kernel.target == "__gpu$xla.gpu.triton"
+    assert kernel.target == "__gpu$xla.gpu.triton" and kernel.is_pallas
+    assert not copy.is_pallas and not loop.is_pallas
+    mosaic = entry_kernels(
+        _GPU_MODULE.replace('"__gpu$xla.gpu.triton"', '"mosaic_gpu_v2", backend_config=""')
+    )[0]
+    assert mosaic.target == "mosaic_gpu_v2" and mosaic.is_pallas
     assert kernel.operand_bytes == 2 * size  # a is passed twice and read once
     assert kernel.result_bytes == size
     assert kernel.site == "hgrn_jax/ops/pallas_recurrence.py:929 pallas_linear_recurrence"
