@@ -4,7 +4,7 @@ memory floor, then a sweep of its launch parameters
 
     python benchmarks/pallas_gpu.py [--lengths 4096 16384 65536] [--dtypes float32 bfloat16]
                                     [--variants default "loads after stores" "chain in kernel"
-                                                mosaic_gpu]
+                                                mosaic_gpu "mosaic_gpu, auto barriers"]
                                     [--trace-lengths 4096] [--sweep-lengths [4096 65536]]
                                     [--sweep-dtypes float32 bfloat16] [--sweep-base default]
                                     [--reps 5] [--deadline SECONDS] [--tag _h200]
@@ -23,7 +23,8 @@ Variants (``--variants``, timed one after another at each length and dtype, so t
 from one run): the defaults; ``loads after stores``, the kernel timed on an H200 before
 ``StreamingOptions.loads_ahead`` was on; ``chain in kernel`` (``StreamingOptions.
 chain_in_kernel``, off until timed); ``mosaic_gpu``, the same kernels on Mosaic GPU
-(``StreamingOptions.backend``; not in the default list). The correctness checks run on every
+(``StreamingOptions.backend``; not in the default list), and ``mosaic_gpu, auto barriers``
+(``StreamingOptions.auto_barriers``: two ``bar.sync`` per time step). The correctness checks run on every
 variant.
 Trace: each variant's forward+backward at ``--trace-lengths`` run under the profiler: kernels
 per call, the time some kernel was running against the call's time (``busy``), and the time of
@@ -64,13 +65,15 @@ CALLS_PER_REP = 10
 
 
 # The kernel as it is, as it was when timed on an H200 (2026-11-30: each step's loads after the
-# previous step's stores), with the option not yet on by default, and on Mosaic GPU (--variants;
-# gpu_session.sh times "mosaic_gpu" in a step of its own, beside "default").
+# previous step's stores), with the option not yet on by default, and on Mosaic GPU, with and
+# without Mosaic GPU's barriers around every shared-memory store (--variants; gpu_session.sh
+# times the Mosaic GPU ones in a step of its own, beside "default").
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "loads after stores": {"loads_ahead": False},
     "chain in kernel": {"chain_in_kernel": True},
     "mosaic_gpu": {"backend": "mosaic_gpu"},
+    "mosaic_gpu, auto barriers": {"backend": "mosaic_gpu", "auto_barriers": True},
 }
 DEFAULT_VARIANTS = ["default", "loads after stores", "chain in kernel"]
 

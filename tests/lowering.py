@@ -4,6 +4,7 @@ read the lowered program on CPU."""
 from __future__ import annotations
 
 import contextlib
+import re
 
 import jax
 
@@ -23,3 +24,26 @@ def lowered_text(fn, platform: str, *args) -> str:
         context = contextlib.nullcontext()
     with context:
         return fresh.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def mosaic_gpu_modules(text: str) -> list[str]:
+    """The Mosaic GPU kernels' own MLIR modules in lowered StableHLO ``text``, one per custom
+    call, as text (each is serialized MLIR bytecode in an escaped string attribute)."""
+    from jax._src.interpreters import mlir
+    from jax._src.lib.mlir import ir
+
+    def unescape(match: re.Match) -> bytes:
+        code = match.group(1)
+        return bytes([int(code, 16)]) if len(code) == 2 else _ESCAPES.get(code, code)
+
+    modules = []
+    for attribute in re.finditer(r'module = "((?:[^"\\]|\\.)*)"', text):
+        raw = re.sub(rb"\\([0-9A-Fa-f]{2}|.)", unescape, attribute.group(1).encode("latin1"))
+        context = mlir.make_ir_context()
+        context.allow_unregistered_dialects = True  # the stable_mosaic_gpu dialect
+        with context:
+            modules.append(str(ir.Module.parse(raw)))
+    return modules
+
+
+_ESCAPES = {b"n": b"\n", b"t": b"\t"}

@@ -148,7 +148,7 @@ def test_steps_pick_the_measurements(tmp_path):
     first = _session(tmp_path, TTA_ONLY="0", TTA_MINUTES="0", STEPS="pallas mosaic", TAG="_h")
     assert [c.split()[0] for c in first] == ["benchmarks/pallas_gpu.py"] * 2
     assert first[0].endswith("--tag _h") and "mosaic_gpu" not in first[0]
-    assert "--variants default mosaic_gpu --sweep-base mosaic_gpu" in first[1]
+    assert "--variants default mosaic_gpu mosaic_gpu, auto barriers --sweep-base" in first[1]
     assert first[1].endswith("--tag _h_mosaic")
     second = _session(tmp_path, TTA_ONLY="0", TTA_MINUTES="0", STEPS="lm lra device")
     assert [c.split()[0] for c in second] == [
@@ -188,7 +188,8 @@ def test_benchmark_commands_parse_with_their_scripts_command_lines(tmp_path):
     ]
     assert parsed[0][1].variants == pallas_gpu.DEFAULT_VARIANTS
     mosaic = parsed[1][1]
-    assert mosaic.variants == ["default", "mosaic_gpu"] and mosaic.sweep_base == "mosaic_gpu"
+    assert mosaic.variants == ["default", "mosaic_gpu", "mosaic_gpu, auto barriers"]
+    assert mosaic.sweep_base == "mosaic_gpu"
     assert pallas_gpu.sweep_options(mosaic.sweep_base)[0] == {"block_rows": 32}
     lra = parsed[4][1]
     assert lra.task == "lra" and "directions in two scans" in lra.variants

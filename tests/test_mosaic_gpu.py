@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from lowering import lowered_text
+from lowering import lowered_text, mosaic_gpu_modules
 from test_pallas import make_inputs, reference, reference_gradients
 
 from hgrn_jax.ops import linear_recurrence
@@ -103,6 +103,31 @@ def test_narrow_channels_share_a_program_across_batch_rows(batch, channels, widt
     assert f"x512x{padded}xf32>" in text
     if padded != 128:
         assert "x128xf32>" not in text
+
+
+@pytest.mark.parametrize("auto_barriers", [False, True], ids=["ours", "mosaic_gpu's"])
+def test_the_time_loop_has_no_barrier_per_step(auto_barriers):
+    """Each lane touches only its own elements of the shared-memory blocks, so the kernels turn
+    off Mosaic GPU's warpgroup barrier before and after every shared-memory store: their
+    barriers (``bar.sync`` in the kernels' MLIR) are a fixed few per block, whatever its rows.
+    With ``auto_barriers`` the count grows by two per store in a block: one per row of the
+    forward kernel, two (``dx`` and ``da``) of the backward kernel."""
+    a = jnp.full((8, 256, 128), 0.9)
+
+    def loss(a, x):
+        return jnp.sum(pallas_linear_recurrence(a, x, schedule="streaming", interpret=False))
+
+    counts = {}
+    for block_rows in (16, 32):
+        with mosaic_gpu(chunk_length=256, block_rows=block_rows, auto_barriers=auto_barriers):
+            text = lowered_text(jax.grad(loss, argnums=(0, 1)), "cuda", a, a)
+        modules = mosaic_gpu_modules(text)  # one chunk: the forward and the backward kernel
+        counts[block_rows] = [module.count("bar.sync") for module in modules]
+    forward, backward = (counts[32][k] - counts[16][k] for k in range(2))
+    if auto_barriers:
+        assert (forward, backward) == (2 * 16, 4 * 16)
+    else:
+        assert (forward, backward) == (0, 0) and max(counts[16]) <= 8
 
 
 def test_chunks_are_whole_blocks():

@@ -17,6 +17,16 @@ is checked on CPU in Mosaic GPU's interpret mode (JAX >= 0.11: ``make test-newer
 lowered for an H200 in every CI run; it has not been timed on a GPU yet, so ``auto`` does not
 pick it.
 
+Barriers: every lane reads and writes only its own chains' elements of the shared-memory
+blocks (one element per lane per row, ``_strided``), so no two threads touch the same bytes and
+the kernels run without Mosaic GPU's automatic barrier before and after each shared-memory store
+(``plgpu.CompilerParams(unsafe_no_auto_barriers=True)``; two ``bar.sync`` per time step
+otherwise). The only cross-thread orders are with the TMA engine, and each has its barrier:
+``commit_smem`` (a proxy fence, then a warpgroup barrier) before a block is copied out and
+before a slot that was read is refilled, ``wait_smem_to_gmem`` (a wait, then a warpgroup
+barrier) before a slot that was copied out is written again, and the slot's mbarrier before
+it is read. ``StreamingOptions.auto_barriers`` puts Mosaic GPU's back, to compare.
+
 Arrays are ``(B, L, C)`` real parts (two per complex array) with ``L`` a multiple of
 ``block_rows`` and ``C`` of the program's width, as the calling layout pads them; per-chunk arrays are
 ``(B, chunks, C)`` and states ``(B, 1, C)``.
@@ -342,11 +352,14 @@ def call(
     width: int,
     acc,
     interpret,
+    auto_barriers: bool = False,
 ) -> list[list[jax.Array]]:
     """Run one of the streaming schedule's kernels (``forward_summary``, ``forward``,
     ``backward_summary``, ``backward``) on Mosaic GPU; the arguments and results are those of
     ``pallas_recurrence._streaming_call``: one list of parts per array. Each program carries
-    ``128 // width`` batch rows of ``width`` channels (:func:`program_width`)."""
+    ``128 // width`` batch rows of ``width`` channels (:func:`program_width`).
+    ``auto_barriers``: Mosaic GPU's barriers around every shared-memory store, which the
+    kernels do not need (the module docstring says why)."""
     parts = len(inputs[0])
     like = inputs[0][0]
     batch, length, channels = like.shape
@@ -435,6 +448,8 @@ def call(
         scratch_types=scratch,
         grid=(batch // batch_rows, channels // width, num_chunks),
         grid_names=("batch", "channels", "chunks"),
+        kernel_name=f"hgrn_{name}",
+        compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=not auto_barriers),
         interpret=interpret_params(interpret),
     )(*[p for array in inputs for p in array])
     # Under shard_map the results vary over the manual axes the inputs vary over (plgpu.kernel

@@ -463,6 +463,9 @@ class StreamingOptions:
         to whole blocks.
       block_rows: time steps per shared-memory block (``mosaic_gpu`` only; a multiple of 8).
       stages: blocks in flight per program (``mosaic_gpu`` only).
+      auto_barriers: let Mosaic GPU put a warpgroup barrier before and after every
+        shared-memory store (``mosaic_gpu`` only; off: the kernels place their own, see
+        :mod:`hgrn_jax.ops.mosaic_gpu_recurrence`).
     """
 
     block_channels: int | None = None
@@ -489,6 +492,8 @@ class StreamingOptions:
     backend: Literal["triton", "mosaic_gpu"] = "triton"
     block_rows: int = 16
     stages: int = 2
+    # On, the time loop compiles (sm_90a, benchmarks/mosaic_ptx.py) to two bar.sync per step.
+    auto_barriers: bool = False
 
     def chunking(self, chains: int, length: int) -> tuple[int, int]:
         """``(chunk_length, num_chunks)`` for ``chains`` = batch * padded channels."""
@@ -571,6 +576,7 @@ def _streaming_call(
             num_chunks=num_chunks,
             block_rows=options.block_rows,
             stages=options.stages,
+            auto_barriers=options.auto_barriers,
             width=options.block_channels,
             acc=acc,
             interpret=interpret,
