@@ -4,7 +4,6 @@ read the lowered program on CPU."""
 from __future__ import annotations
 
 import contextlib
-import re
 
 import jax
 
@@ -26,24 +25,23 @@ def lowered_text(fn, platform: str, *args) -> str:
         return fresh.trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
-def mosaic_gpu_modules(text: str) -> list[str]:
-    """The Mosaic GPU kernels' own MLIR modules in lowered StableHLO ``text``, one per custom
-    call, as text (each is serialized MLIR bytecode in an escaped string attribute)."""
-    from jax._src.interpreters import mlir
-    from jax._src.lib.mlir import ir
+@contextlib.contextmanager
+def mosaic_gpu_kernel_texts():
+    """Collects, while lowering inside, each Mosaic GPU kernel's MLIR module as text, just
+    before Mosaic GPU serializes it into its custom call (the serialized form is bytecode in a
+    versioned dialect, unreadable without Mosaic GPU's own passes)."""
+    from jax.experimental.mosaic.gpu import core
 
-    def unescape(match: re.Match) -> bytes:
-        code = match.group(1)
-        return bytes([int(code, 16)]) if len(code) == 2 else _ESCAPES.get(code, code)
+    texts: list[str] = []
+    serialize = core._run_serde_pass
 
-    modules = []
-    for attribute in re.finditer(r'module = "((?:[^"\\]|\\.)*)"', text):
-        raw = re.sub(rb"\\([0-9A-Fa-f]{2}|.)", unescape, attribute.group(1).encode("latin1"))
-        context = mlir.make_ir_context()
-        context.allow_unregistered_dialects = True  # the stable_mosaic_gpu dialect
-        with context:
-            modules.append(str(ir.Module.parse(raw)))
-    return modules
+    def record(module, *args, **kwargs):
+        if kwargs.get("serialize"):
+            texts.append(str(module))
+        return serialize(module, *args, **kwargs)
 
-
-_ESCAPES = {b"n": b"\n", b"t": b"\t"}
+    core._run_serde_pass = record
+    try:
+        yield texts
+    finally:
+        core._run_serde_pass = serialize

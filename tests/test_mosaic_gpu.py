@@ -2,22 +2,24 @@
 :mod:`hgrn_jax.ops.mosaic_gpu_recurrence`).
 
 On every JAX: lowered for an H200 on this CPU (Mosaic GPU's lowering infers and checks every
-array's layout), its chunking and its errors. On JAX >= 0.11 (``make test-newer-jax``; CI's pinned
-0.10.2 has no such mode, so there these tests are skipped): run in Mosaic GPU's interpret mode,
+array's layout), its chunking and its errors. On JAX >= 0.11: run in Mosaic GPU's interpret mode,
 which simulates shared memory, the TMA engine's copies and barriers, with its race detector on,
-against float64 loops.
+against float64 loops. The pinned jax 0.10.2 has no such mode, so ``make test`` skips those;
+``make test-mosaic-gpu`` (part of CI) runs this file under jax 0.11.2, where a missing interpret
+mode is an error, not a skip.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from lowering import lowered_text, mosaic_gpu_modules
+from lowering import lowered_text, mosaic_gpu_kernel_texts
 from test_pallas import make_inputs, reference, reference_gradients
 
 from hgrn_jax.ops import linear_recurrence
@@ -29,10 +31,15 @@ from hgrn_jax.ops.pallas_recurrence import (
 )
 
 HAS_INTERPRET_MODE = hasattr(plgpu, "InterpretGPUParams")
+if os.environ.get("HGRN_REQUIRE_INTERPRET_MODE") and not HAS_INTERPRET_MODE:
+    raise RuntimeError(
+        f"make test-mosaic-gpu needs Mosaic GPU's interpret mode (jax >= 0.11), not jax "
+        f"{jax.__version__}: rebuild .venv-newer-jax (rm -r .venv-newer-jax)"
+    )
 needs_interpret_mode = pytest.mark.skipif(
     not HAS_INTERPRET_MODE,
     reason=f"Mosaic GPU interpret mode needs jax >= 0.11 (this is {jax.__version__}); "
-    "make test-newer-jax runs these",
+    "make test-mosaic-gpu (CI) runs these under jax 0.11.2",
 )
 
 
@@ -119,9 +126,10 @@ def test_the_time_loop_has_no_barrier_per_step(auto_barriers):
 
     counts = {}
     for block_rows in (16, 32):
-        with mosaic_gpu(chunk_length=256, block_rows=block_rows, auto_barriers=auto_barriers):
-            text = lowered_text(jax.grad(loss, argnums=(0, 1)), "cuda", a, a)
-        modules = mosaic_gpu_modules(text)  # one chunk: the forward and the backward kernel
+        options = dict(chunk_length=256, block_rows=block_rows, auto_barriers=auto_barriers)
+        with mosaic_gpu(**options), mosaic_gpu_kernel_texts() as modules:
+            lowered_text(jax.grad(loss, argnums=(0, 1)), "cuda", a, a)
+        assert len(modules) == 2  # one chunk: the forward and the backward kernel
         counts[block_rows] = [module.count("bar.sync") for module in modules]
     forward, backward = (counts[32][k] - counts[16][k] for k in range(2))
     if auto_barriers:

@@ -13,9 +13,9 @@ program than one row per step.
 
 Why a second back-end: JAX 0.11 deprecates Pallas's Triton back-end, which the default GPU
 kernel is written for. Select this one with ``streaming_options(backend="mosaic_gpu")``. It
-is checked on CPU in Mosaic GPU's interpret mode (JAX >= 0.11: ``make test-newer-jax``) and
-lowered for an H200 in every CI run; it has not been timed on a GPU yet, so ``auto`` does not
-pick it.
+is checked on CPU in Mosaic GPU's interpret mode (JAX >= 0.11: ``make test-mosaic-gpu``, in
+CI) and lowered for an H200 in every CI run; it has not been timed on a GPU yet, so ``auto``
+does not pick it.
 
 Barriers: every lane reads and writes only its own chains' elements of the shared-memory
 blocks (one element per lane per row, ``_strided``), so no two threads touch the same bytes and
