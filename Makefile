@@ -33,13 +33,19 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" tests
 
 # The suite under the jax of the lent GPU machines' image (jax 0.11.2, flax 0.12.10; the other
-# pins as in requirements.txt), which needs Python 3.12: `make test-newer-jax
-# NEWER_PYTHON=/path/to/python3.12`, in a second environment of about 3 GB. It found a crash that
+# pins as in requirements.txt), which needs Python 3.12 (NEWER_PYTHON=/path/to/python3.12 where
+# none is found), in a second environment of about 3 GB. It found a crash that
 # only jax 0.11 has (a segfault compiling sequence parallelism's gradient). CI runs only
 # test-mosaic-gpu in it: the Mosaic GPU kernels in Mosaic GPU's interpret mode, which jax 0.10.2
 # lacks (there those tests are skipped).
 NEWER_JAX := jax==0.11.2 jaxlib==0.11.2 flax==0.12.10
-NEWER_PYTHON ?= python3.12
+# The first Python 3.12 that runs: python3.12 on the PATH, else pyenv's (whose python3.12 shim
+# fails unless 3.12 is selected).
+ifeq ($(origin NEWER_PYTHON), undefined)
+NEWER_PYTHON := $(shell for p in python3.12 $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python; \
+  do $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && echo $$p && break; \
+  done)
+endif
 NEWER_VENV := .venv-newer-jax
 test-newer-jax: $(NEWER_VENV)/.installed
 	$(NEWER_VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
@@ -47,8 +53,8 @@ test-mosaic-gpu: $(NEWER_VENV)/.installed
 	HGRN_REQUIRE_INTERPRET_MODE=1 $(NEWER_VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) \
 	  tests/test_mosaic_gpu.py
 $(NEWER_VENV)/.installed: requirements.txt pyproject.toml
-	@command -v $(NEWER_PYTHON) >/dev/null || { echo "make: no $(NEWER_PYTHON) on PATH; jax 0.11 \
-	  needs Python 3.12: install it, or pass NEWER_PYTHON=/path/to/python3.12" >&2; exit 1; }
+	@test -n "$(NEWER_PYTHON)" || { echo "make: jax 0.11 needs Python 3.12, found none (python3.12" \
+	  "on the PATH, or pyenv's): install it, or pass NEWER_PYTHON=/path/to/python3.12" >&2; exit 1; }
 	test -x $(NEWER_VENV)/bin/python || $(NEWER_PYTHON) -m venv $(NEWER_VENV)
 	grep -v -E '^(jax|jaxlib|flax)==' requirements.txt > $(NEWER_VENV)/requirements.txt
 	$(NEWER_VENV)/bin/pip install -q --disable-pip-version-check \
