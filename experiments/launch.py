@@ -39,9 +39,10 @@ LOST_PEER_GRACE_S = 60.0
 STOP_GRACE_S = 10.0
 """After the launcher sends SIGTERM to stop a process, how long before it sends SIGKILL."""
 
-HEARTBEAT_TIMEOUT_S = 10
+HEARTBEAT_TIMEOUT_S = 20
 """The coordination service's heartbeat timeout in launched processes (JAX's default is 100 s,
-meant for real clusters; on one machine a lost process is known sooner)."""
+meant for real clusters; on one machine a lost process is known sooner). At 10 s, two healthy
+processes compiling on a loaded 2-core machine were both declared dead (CI, 2026-12-01)."""
 
 STEP_TIMEOUT_S = 120
 """The step watchdog's limit in launched processes (see :mod:`hgrn_jax.training.watchdog`)."""
@@ -170,16 +171,15 @@ class Pod:
     def wait(self) -> int:
         """Wait for every process; returns the launcher's exit code (see the module doc)."""
         failed: int | None = None
-        while self._running():
-            time.sleep(0.1)
-            failures = [
-                i
-                for i, p in enumerate(self.procs)
-                if p.returncode is not None and p.returncode != 0
-            ]
+        while failed is None:
+            running = self._running()  # polls, so every return code is current
+            failures = [i for i, p in enumerate(self.procs) if p.returncode not in (0, None)]
             if failures:
                 failed = failures[0]
+            elif not running:
                 break
+            else:
+                time.sleep(0.1)
         if failed is not None:
             code = self.procs[failed].returncode
             others = self._running()

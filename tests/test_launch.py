@@ -113,6 +113,20 @@ def test_a_failing_process_is_named_and_the_others_are_stopped(monkeypatch, tmp_
     assert "[0] got SIGTERM" in lines and "[2] got SIGTERM" in lines
 
 
+def test_processes_that_all_failed_before_the_launcher_looked_are_a_failure():
+    """Every process crashing at once (a coordination service's fatal error aborts them all
+    together) used to be reported as success: the launcher stopped looking when none was
+    running, before it had looked at how they ended, and exited 0."""
+    err = io.StringIO()
+    command = [sys.executable, "-c", "import sys; sys.exit(134)"]
+    pod = launch.Pod(command, 2, 1, stdout=io.StringIO(), stderr=err)
+    for proc in pod.procs:
+        proc.wait()
+    assert pod.wait() == 134
+    assert "[launch] FAILED: process 0 (exit code 134)" in err.getvalue()
+    assert "[launch] process 1 stopped (exit code 134)" in err.getvalue()
+
+
 def test_the_launcher_forwards_sigterm_and_exits_0_when_all_do(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
