@@ -64,9 +64,9 @@ wanted pallas && step pallas 240 $PY benchmarks/pallas_gpu.py --reps 5 --deadlin
 # The same kernels on Mosaic GPU (jax 0.11 deprecates Pallas's Triton back-end; untimed when
 # written, checked on CPU in Mosaic GPU's interpret mode only), in a step of their own so that a
 # failure to compile there costs no other step: the checks, then the floor ratios at 4k/16k/64k
-# beside the default (Triton) kernel and with Mosaic GPU's automatic barriers (two bar.sync per
-# step) in the same run, all traced at 4k, then a sweep of the Mosaic GPU kernels' options in
-# float32 until 170 s.
+# beside the default (Triton) kernel and with Mosaic GPU's automatic barriers (a bar.sync before
+# and after every shared-memory store) in the same run, all traced at 4k, then a sweep of the
+# Mosaic GPU kernels' options in float32 until 170 s.
 wanted mosaic && step mosaic 200 $PY benchmarks/pallas_gpu.py --reps 5 \
   --variants default mosaic_gpu "mosaic_gpu, auto barriers" --sweep-base mosaic_gpu \
   --sweep-dtypes float32 --deadline 170 --tag "${TAG}_mosaic"

@@ -24,8 +24,8 @@ from one run): the defaults; ``loads after stores``, the kernel timed on an H200
 ``StreamingOptions.loads_ahead`` was on; ``chain in kernel`` (``StreamingOptions.
 chain_in_kernel``, off until timed); ``mosaic_gpu``, the same kernels on Mosaic GPU
 (``StreamingOptions.backend``; not in the default list), and ``mosaic_gpu, auto barriers``
-(``StreamingOptions.auto_barriers``: two ``bar.sync`` per time step). The correctness checks run on every
-variant.
+(``StreamingOptions.auto_barriers``: a ``bar.sync`` before and after every shared-memory
+store). The correctness checks run on every variant.
 Trace: each variant's forward+backward at ``--trace-lengths`` run under the profiler: kernels
 per call, the time some kernel was running against the call's time (``busy``), and the time of
 each kernel, so what is not the Pallas kernels (the carries' chain, copies) shows by name.

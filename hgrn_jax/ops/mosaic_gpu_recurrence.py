@@ -20,12 +20,12 @@ does not pick it.
 Barriers: every lane reads and writes only its own chains' elements of the shared-memory
 blocks (one element per lane per row, ``_strided``), so no two threads touch the same bytes and
 the kernels run without Mosaic GPU's automatic barrier before and after each shared-memory store
-(``plgpu.CompilerParams(unsafe_no_auto_barriers=True)``; two ``bar.sync`` per time step
-otherwise). The only cross-thread orders are with the TMA engine, and each has its barrier:
-``commit_smem`` (a proxy fence, then a warpgroup barrier) before a block is copied out and
-before a slot that was read is refilled, ``wait_smem_to_gmem`` (a wait, then a warpgroup
-barrier) before a slot that was copied out is written again, and the slot's mbarrier before
-it is read. ``StreamingOptions.auto_barriers`` puts Mosaic GPU's back, to compare.
+(``plgpu.CompilerParams(unsafe_no_auto_barriers=True)``; otherwise 3 ``bar.sync`` per time
+step forward and 5.6 backward). The only cross-thread orders are with the TMA engine, and each
+has its barrier: ``commit_smem`` (a proxy fence, then a warpgroup barrier) before a block is
+copied out and before a slot that was read is refilled, ``wait_smem_to_gmem`` (a wait, then a
+warpgroup barrier) before a slot that was copied out is written again, and the slot's mbarrier
+before it is read. ``StreamingOptions.auto_barriers`` puts Mosaic GPU's back, to compare.
 
 Arrays are ``(B, L, C)`` real parts (two per complex array) with ``L`` a multiple of
 ``block_rows`` and ``C`` of the program's width, as the calling layout pads them; per-chunk arrays are
