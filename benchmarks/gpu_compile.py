@@ -59,6 +59,11 @@ from types import SimpleNamespace
 from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Compiled for a GPU, never run on one: with another platform first, the CUDA plugin checks the
+# CUDA runtime and driver at start-up, fails on a machine without them, and JAX then has no CUDA
+# topology to compile for. A lent GPU machine runs it the same way.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax
 import jax.numpy as jnp
@@ -363,7 +368,6 @@ def main() -> None:
         parser.error("--scan 2d is the LRA classifier's 2-D mixer: --task lra, square lengths")
     args.batch = args.batch or (8 if args.task == "lm" else 32)
     args.dtype = None if args.dtype == "float32" else jnp.bfloat16
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     device = gpu_device()
     rows: list[dict] = []
     failed: list[str] = []

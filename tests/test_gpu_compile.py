@@ -4,6 +4,10 @@ matched with, and the fit of step times to bytes and kernels."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +108,25 @@ def test_runner_step_is_the_training_step_of_the_runner():
     assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["grad_norm"]) > 0
     moved = jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))), before, state.params)
     assert any(jax.tree.leaves(moved))
+
+
+def test_jax_starts_on_the_cpu_so_the_cuda_plugin_does_not_look_for_a_gpu():
+    """On a machine without a GPU the CUDA plugin fails its start-up check unless JAX starts on
+    another platform, and then JAX has no CUDA topology to compile for: gpu_compile.py picks the
+    CPU before JAX reads its platforms, and leaves a user's own choice alone."""
+    probe = (
+        "import benchmarks.gpu_compile, jax, os; "
+        "print(os.environ['JAX_PLATFORMS'], jax.config.jax_platforms)"
+    )
+    repo = Path(__file__).resolve().parents[1]
+
+    def platforms(**env) -> str:
+        environ = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"} | env
+        done = subprocess.run(
+            [sys.executable, "-c", probe], cwd=repo, env=environ, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.split()
+
+    assert platforms() == ["cpu", "cpu"]
+    assert platforms(JAX_PLATFORMS="cuda") == ["cuda", "cuda"]
