@@ -37,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Compiled for a GPU, never run on one; set before benchmarks.common imports JAX, whose CUDA
+# plugin otherwise fails its start-up check on a machine without a GPU (gpu_compile.py).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from benchmarks.common import format_table, write_results
 
@@ -185,7 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiled for a GPU, never run on one
     if args.child:
         compile_case(*json.loads(args.child))
         return
