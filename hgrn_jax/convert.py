@@ -39,6 +39,19 @@ Mapping_ = dict[tuple[Any, ...], tuple[str, Transform]]
 
 HGRU_CLASSES = ("Hgru1d", "BiHgru1d", "Hgru2d", "BiHgru2d")
 HGRU2_CLASSES = ("Hgru2_1d", "BiHgru2_1d", "Hgru2_2d_parallel")
+# The keyword arguments of each reference class's constructor (hgru-pytorch, hgru2-pytorch).
+# ``Hgru2_2d_parallel`` also takes and ignores any other keyword (``**kwargs``): None.
+_HGRU2_ARGUMENTS = ("embed_dim", "expand_ratio", "act_fun", "uv_act_fun", "use_norm", "bias")
+CONSTRUCTOR_ARGUMENTS: dict[str, tuple[str, ...] | None] = {
+    "Hgru1d": ("embed_dim", "act_fun", "causal", "use_triton", "bias"),
+    "BiHgru1d": ("embed_dim", "act_fun", "use_triton"),
+    "Hgru2d": ("embed_dim", "act_fun", "causal", "use_triton"),
+    "BiHgru2d": ("embed_dim", "act_fun", "causal", "use_triton"),
+    # chunk_size: accepted and ignored, as this converter always has.
+    "Hgru2_1d": _HGRU2_ARGUMENTS + ("norm_type", "use_fla", "chunk_size"),
+    "BiHgru2_1d": _HGRU2_ARGUMENTS + ("norm_type", "chunk_size"),
+    "Hgru2_2d_parallel": None,
+}
 
 
 class ConversionError(ValueError):
@@ -53,7 +66,10 @@ def _transpose(w: np.ndarray) -> np.ndarray:
     return w.T
 
 
-def _flatten(w: np.ndarray) -> np.ndarray:
+def _theta(w: np.ndarray) -> np.ndarray:
+    """hgru-pytorch's phase, (1, 1, d) (or already (d,)), as (d,)."""
+    if w.ndim != 1 and w.shape[:-1] != (1, 1):
+        raise ValueError(f"has shape {w.shape}; expected (1, 1, d), as hgru-pytorch stores it")
     return w.reshape(-1)
 
 
@@ -103,13 +119,19 @@ def _load(
             raise AssertionError(
                 f"converter bug: module has no parameter {'.'.join(map(str, path))}"
             )
-        value = transform(np.asarray(state_dict[theirs]))
+        given = np.asarray(state_dict[theirs])
+        try:
+            value = transform(given)
+        except ValueError as error:
+            raise ConversionError(f"parameter {theirs} {error}") from None
         variable = flat[path]
         if value.shape != variable.shape:
+            ours = ".".join(map(str, path))
             raise ConversionError(
-                f"parameter {theirs} has shape {np.asarray(state_dict[theirs]).shape}, which does "
-                f"not fit {'.'.join(map(str, path))} {variable.shape} of the module built from "
-                "the constructor (PyTorch Linear weights are (out, in); check the width arguments)"
+                f"parameter {theirs} has shape {given.shape}, which converts to {ours} of shape "
+                f"{value.shape}, but the module built from the constructor has {ours} "
+                f"{variable.shape} (PyTorch Linear weights are (out, in), our kernels (in, out); "
+                "check the width arguments)"
             )
         variable.set_value(jnp.asarray(value, dtype))
     unset = sorted(".".join(map(str, p)) for p in flat if p not in mapping)
@@ -132,10 +154,21 @@ def _features(constructor: Mapping[str, Any], key: str, what: str) -> int:
     return int(constructor[key])
 
 
-def _check_class(class_name: str, classes: tuple[str, ...], library: str) -> None:
+def _check_class(
+    class_name: str, classes: tuple[str, ...], library: str, constructor: Mapping[str, Any]
+) -> None:
+    """A known class, called with keywords its reference constructor takes: a misspelt one
+    (``casual``) would otherwise leave its default in force without a word."""
     if class_name not in classes:
         raise ConversionError(
             f"unknown {library} class {class_name!r}; expected one of {', '.join(classes)}"
+        )
+    accepted = CONSTRUCTOR_ARGUMENTS[class_name]
+    unknown = sorted(set(constructor) - set(accepted)) if accepted is not None else []
+    if unknown:
+        raise ConversionError(
+            f"{class_name}: unknown constructor argument(s) {', '.join(map(repr, unknown))}; "
+            f"{library}'s {class_name} takes {', '.join(accepted)}"
         )
 
 
@@ -203,7 +236,9 @@ def from_hgru_pytorch(
     Args:
       class_name: ``"Hgru1d"``, ``"BiHgru1d"``, ``"Hgru2d"`` or ``"BiHgru2d"``.
       constructor: the reference constructor's keyword arguments (``embed_dim``, ``act_fun``,
-        ``causal``, ``bias``; ``use_triton`` is ignored).
+        ``causal``, ``bias``; ``use_triton`` is ignored), with the reference's defaults:
+        ``Hgru1d`` and ``Hgru2d`` are causal unless ``causal=False``. A keyword the reference
+        class does not take is an error.
       state_dict: reference parameter name -> array.
       dtype: parameter dtype (float64 needs ``jax_enable_x64``).
 
@@ -211,10 +246,10 @@ def from_hgru_pytorch(
       A module called as ``module(x, lower_bound)`` with batch-major ``x``: (B, L, d) for the 1-D
       classes, (B, H, W, d) for the 2-D ones.
     """
-    _check_class(class_name, HGRU_CLASSES, "hgru-pytorch")
+    _check_class(class_name, HGRU_CLASSES, "hgru-pytorch", constructor)
     d = _features(constructor, "embed_dim", class_name)
     _require(constructor, "act_fun", ("silu", "swish"), class_name)
-    causal = bool(constructor.get("causal", False))
+    causal = bool(constructor.get("causal", True))  # the reference's default
     bias = bool(constructor.get("bias", True)) if class_name == "Hgru1d" else True
     rngs = nnx.Rngs(0)
     common = dict(use_bias=bias, param_dtype=dtype, rngs=rngs)
@@ -232,10 +267,10 @@ def from_hgru_pytorch(
         mapping |= _linear((name,), name, bias=bias)
     mapping |= _layer_norm(("norm",), "norm")
     if class_name.startswith("Bi"):
-        mapping[("theta",)] = ("theta_forward", _flatten)
-        mapping[("theta_reverse",)] = ("theta_reverse", _flatten)
+        mapping[("theta",)] = ("theta_forward", _theta)
+        mapping[("theta_reverse",)] = ("theta_reverse", _theta)
     else:
-        mapping[("theta",)] = ("theta", _flatten)
+        mapping[("theta",)] = ("theta", _theta)
     return _load(module, mapping, state_dict, dtype)
 
 
@@ -357,7 +392,7 @@ def from_hgru2_pytorch(
     runs chunked Triton kernels that clamp the per-step log forget gate at -3 and need the length
     to be a multiple of the chunk, a different computation that was never checked against ours.
     """
-    _check_class(class_name, HGRU2_CLASSES, "hgru2-pytorch")
+    _check_class(class_name, HGRU2_CLASSES, "hgru2-pytorch", constructor)
     d = _features(constructor, "embed_dim", class_name)
     expand_ratio = int(constructor.get("expand_ratio", 2))
     _require(constructor, "act_fun", ("silu", "swish"), class_name)

@@ -125,6 +125,50 @@ def test_converter_rejects_unknown_class_and_options(golden):
         convert.from_hgru_pytorch("Hgru1d", dict(ctor, act_fun="relu"), params)
 
 
+def test_converter_names_the_converted_and_the_expected_shape(golden):
+    """A (in, out) weight where the reference has (out, in): the message shows both shapes."""
+    cls, ctor, params = _hgru_case(golden)
+    params["gate.weight"] = params["gate.weight"].T  # (16, 32) for (32, 16)
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"gate.weight has shape \(16, 32\), which converts to gate.kernel of shape "
+        r"\(32, 16\), but the module .* has gate.kernel \(16, 32\)",
+    ):
+        convert.from_hgru_pytorch(cls, ctor, params)
+
+
+def test_converter_rejects_a_phase_of_another_layout(golden):
+    cls, ctor, params = _hgru_case(golden)
+    params["theta"] = params["theta"].reshape(4, 4)
+    with pytest.raises(convert.ConversionError, match=r"theta has shape \(4, 4\); expected"):
+        convert.from_hgru_pytorch(cls, ctor, params)
+
+
+@pytest.mark.parametrize(
+    "case_name", ["official_hgru1d_causal", "official_hgru2d_causal"], ids=["1d", "2d"]
+)
+def test_layers_are_causal_when_the_constructor_leaves_causal_out(golden, case_name):
+    """hgru-pytorch's Hgru1d and Hgru2d are causal by default: a constructor without ``causal``
+    loads the causal layer (it had loaded the bidirectional one) and reproduces the reference."""
+    case = golden(case_name)
+    ctor = {k: v for k, v in case.meta["constructor"].items() if k != "causal"}
+    module = convert.from_hgru_pytorch(case.meta["source"]["class"], ctor, case.params)
+    x = jnp.asarray(to_batch_major(case.arrays["input"]), jnp.float32)
+    out = to_time_major(np.asarray(module(x, jnp.asarray(case.arrays["lower_bound"]))))
+    np.testing.assert_allclose(out, case.arrays["output"], atol=5e-5, rtol=1e-5)
+
+
+def test_converter_rejects_a_constructor_argument_the_reference_does_not_take(golden):
+    cls, ctor, params = _hgru_case(golden)
+    with pytest.raises(
+        convert.ConversionError, match=r"Hgru1d: unknown constructor argument\(s\) 'casual'"
+    ):
+        convert.from_hgru_pytorch(cls, dict(ctor, casual=False), params)
+    bi = golden("official_bihgru1d")
+    with pytest.raises(convert.ConversionError, match=r"unknown .* 'causal'; .* BiHgru1d takes"):
+        convert.from_hgru_pytorch("BiHgru1d", dict(bi.meta["constructor"], causal=True), bi.params)
+
+
 def test_fla_lm_converter_names_bad_layer_parameter(golden):
     case = golden("fla_hgrn_lm")
     params = dict(case.params)

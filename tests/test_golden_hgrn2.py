@@ -89,6 +89,10 @@ def test_hgru2_converter_errors(golden):
         convert.from_hgru2_pytorch(cls, dict(ctor, uv_act_fun="relu"), params)
     with pytest.raises(convert.ConversionError, match="expand_ratio=16 is not supported"):
         convert.from_hgru2_pytorch(cls, dict(ctor, expand_ratio=16), params)
+    with pytest.raises(
+        convert.ConversionError, match=r"unknown constructor argument\(s\) 'causal'"
+    ):
+        convert.from_hgru2_pytorch(cls, dict(ctor, causal=False), params)
 
 
 def test_fla_hgrn2_converter_errors(golden):
