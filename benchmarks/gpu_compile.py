@@ -25,7 +25,8 @@ gradient clipping, results ``..._runner[TAG]_cpu.json``), each compiled with
 ``jax.default_backend()`` reading ``"gpu"`` while it is traced, so that ``method="auto"``, the
 fused projections and the Pallas kernels take their GPU paths. Columns: ``kernels`` per step
 (``pallas``: of them Pallas kernels; ``loops``: ``while`` loops, each counted once, their
-bodies not entered), ``GiB`` = the bytes of every kernel's
+bodies not entered; ``small``: kernels that move under ``SMALL_KERNEL_BYTES``, whose time is
+their launch and ramp, not their bytes), ``GiB`` = the bytes of every kernel's
 operands and result (``Kernel.bytes``: what it moves when it reads each operand once; slices
 and gathers move less), ``floor_ms`` = those bytes at the H200's 4.8 TB/s.
 
@@ -48,6 +49,7 @@ project dependency; on a machine without a GPU it only compiles), ``make gpu-com
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import math
@@ -112,12 +114,16 @@ TABLE_COLUMNS = [
     "kernels",
     "pallas",
     "loops",
+    "small",
     "GiB",
     "floor_ms",
     "measured_ms",
     "predicted_ms",
 ]
 TOP_SITES = 15
+# A kernel moving less than this is all launch and ramp: 1 MiB is 0.2 us of the H200's HBM, a
+# launch several us.
+SMALL_KERNEL_BYTES = 2**20
 
 
 def gpu_device() -> jax.Device:
@@ -230,15 +236,22 @@ def step_identity(task: str, model_name: str, variant: str, length: int) -> dict
 def kernel_columns(kernels: list[Kernel]) -> dict:
     """A row's columns from its compiled step's kernels."""
     total = sum(k.bytes for k in kernels)
+    small = [k for k in kernels if k.bytes < SMALL_KERNEL_BYTES]
+    small_at = collections.Counter(k.site for k in small)
     return {
         "kernels": len(kernels),
         "pallas": sum(k.is_pallas for k in kernels),
         "loops": sum(k.opcode == "while" for k in kernels),
+        "small": sum(k.bytes < SMALL_KERNEL_BYTES for k in kernels),
         "GiB": total / 2**30,
         "floor_ms": total / H200_BANDWIDTH * 1e3,
         "sites": [
-            {"site": site, "kernels": count, "GiB": size / 2**30}
+            {"site": site, "kernels": count, "small": small_at[site], "GiB": size / 2**30}
             for site, count, size in by_site(kernels)[:TOP_SITES]
+        ],
+        "small_sites": [
+            {"site": site, "small": count, "GiB": size / 2**30}
+            for site, count, size in by_site(small)[:TOP_SITES]
         ],
     }
 
@@ -320,21 +333,30 @@ def fit_step_times(rows: list[dict]) -> dict | None:
     }
 
 
-def print_sites(rows: list[dict]) -> None:
-    """Kernels per line of code, one column per row of the first length."""
-    length = rows[0]["length"]
-    same = [r for r in rows if r["length"] == length]
-    sites = list(dict.fromkeys(s["site"] for r in same for s in r["sites"]))
+def _site_table(rows: list[dict], sites_key: str, count_key: str, title: str) -> None:
+    """One table of ``rows[i][sites_key]``: a line of code per row, a column per model."""
+    sites = list(dict.fromkeys(s["site"] for r in rows for s in r[sites_key]))
     table = [
         {"site": site if len(site) <= 64 else site[:63] + "~"}
         | {
-            r["model"]: next((s["kernels"] for s in r["sites"] if s["site"] == site), 0)
-            for r in same
+            r["model"]: next((s[count_key] for s in r[sites_key] if s["site"] == site), 0)
+            for r in rows
         }
         for site in sites
     ]
-    print(f"\nkernels per line of code, L = {length} (the top {TOP_SITES} of each row)")
-    print(format_table(table, ["site"] + [r["model"] for r in same]))
+    print(f"\n{title}")
+    print(format_table(table, ["site"] + [r["model"] for r in rows]))
+
+
+def print_sites(rows: list[dict]) -> None:
+    """Kernels, and small kernels, per line of code, one column per row of the first length."""
+    length = rows[0]["length"]
+    same = [r for r in rows if r["length"] == length]
+    _site_table(
+        same, "sites", "kernels", f"kernels per line of code, L = {length} (the top {TOP_SITES})"
+    )
+    under = f"under {SMALL_KERNEL_BYTES // 2**20} MiB"
+    _site_table(same, "small_sites", "small", f"small kernels ({under}) per line, L = {length}")
 
 
 def main() -> None:

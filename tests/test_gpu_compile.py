@@ -130,3 +130,31 @@ def test_jax_starts_on_the_cpu_so_the_cuda_plugin_does_not_look_for_a_gpu():
 
     assert platforms() == ["cpu", "cpu"]
     assert platforms(JAX_PLATFORMS="cuda") == ["cuda", "cuda"]
+
+
+def test_small_kernels_are_counted_per_row_and_per_line_of_code():
+    """A kernel moving under 1 MiB is 'small' (launch-bound): counted in the row and by site."""
+    from benchmarks.gpu_compile import SMALL_KERNEL_BYTES, kernel_columns
+    from benchmarks.hlo_kernels import Kernel
+
+    def kernel(site: str, size: int) -> Kernel:
+        return Kernel("k", "fusion", "kLoop", "", size, 0, site)
+
+    kernels = [
+        kernel("optax:42", 16),
+        kernel("optax:42", 32),
+        kernel("norm.py:43", SMALL_KERNEL_BYTES - 1),
+        kernel("norm.py:43", SMALL_KERNEL_BYTES),
+        kernel("linear.py:422", 2**30),
+    ]
+    columns = kernel_columns(kernels)
+    assert (columns["kernels"], columns["small"]) == (5, 3)
+    assert {s["site"]: s["small"] for s in columns["small_sites"]} == {
+        "optax:42": 2,
+        "norm.py:43": 1,
+    }
+    assert {s["site"]: (s["kernels"], s["small"]) for s in columns["sites"]} == {
+        "optax:42": (2, 2),
+        "norm.py:43": (2, 1),
+        "linear.py:422": (1, 0),
+    }
