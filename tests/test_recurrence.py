@@ -267,6 +267,16 @@ def test_output_dtypes():
     chex.assert_type([f16, c64, bf16], [jnp.float16, jnp.complex64, jnp.bfloat16])
 
 
+@pytest.mark.parametrize("method", CORE_METHODS + ("pallas",))
+def test_real_out_dtype_for_complex_inputs_is_an_error(method):
+    """Every method refuses a real out_dtype for complex states: the pure-JAX methods used to
+    return the real part silently (astype), "pallas" alone raised."""
+    a, x, _ = random_inputs((1, 3, 2), complex_valued=True)
+    with pytest.raises(ValueError, match=r"out_dtype=float32 would drop the imaginary part"):
+        linear_recurrence(a, x, method=method, out_dtype=jnp.float32)
+    assert jnp.iscomplexobj(linear_recurrence(a, x, method=method, out_dtype=jnp.complex64))
+
+
 def test_bfloat16_gradients():
     a, x, _ = random_inputs((2, 11, 3))
     w = np.random.default_rng(2).standard_normal(x.shape).astype(np.float32)

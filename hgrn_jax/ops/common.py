@@ -42,6 +42,22 @@ def check_inputs(a, x, h0=None, axis: int = -2) -> tuple[jax.Array, jax.Array, j
     return a, x, dtype
 
 
+def resolve_out_dtype(dtype: jnp.dtype, out_dtype: jnp.dtype | None) -> jnp.dtype:
+    """``out_dtype``, or the promoted input ``dtype`` when None.
+
+    Raises ``ValueError`` for a real ``out_dtype`` with complex inputs: casting the states
+    would drop their imaginary parts (silently, by ``astype``).
+    """
+    out = jnp.dtype(dtype if out_dtype is None else out_dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating) and not jnp.issubdtype(out, jnp.complexfloating):
+        raise ValueError(
+            f"out_dtype={out} would drop the imaginary part of the {jnp.dtype(dtype)} states; "
+            "pass a complex out_dtype (e.g. complex64) or None, and take jnp.real(...) "
+            "yourself if that is what you want"
+        )
+    return out
+
+
 def state_shape(x: jax.Array, axis: int = -2) -> tuple[int, ...]:
     """The shape of one state of ``x``: its shape without the time ``axis`` (``(..., C)`` for
     ``x`` ``(..., L, C)``)."""
