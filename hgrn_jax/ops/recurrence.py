@@ -110,7 +110,8 @@ def linear_recurrence(
 
     Args:
       a: decays, ``(..., L, C)`` or anything that broadcasts to ``x``'s shape.
-      x: inputs, ``(..., L, C)``, real or complex.
+      x: inputs, ``(..., L, C)``, real or complex, ``L >= 1`` (an empty sequence is a
+        ``ValueError``, as is a decay shape that does not broadcast to ``x``'s).
       h0: initial state ``(..., C)``; zeros when omitted. With ``reverse=True`` it is the state
         after the last step (``h_L``).
       reverse: run from ``t = L-1`` down to 0: ``h_t = a_t * h_{t+1} + x_t``.
