@@ -306,3 +306,46 @@ def test_remat_does_not_import_the_blocks():
         for alias in node.names
     }
     assert not any(name and name.startswith("hgrn_jax.nn.blocks") for name in imported)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_wrong_shapes_name_the_argument(layout):
+    """A wrong width, an empty sequence, a mask or a lower bound of the wrong shape are one-line
+    ValueErrors naming the argument (they were dot_general / ZeroDivisionError / broadcasting
+    errors)."""
+    layer = LAYOUTS[layout]()
+    name = type(layer).__name__
+    with pytest.raises(
+        ValueError,
+        match=rf"{name} expects \(batch, length, d\); got shape \(2, 5, 7\) \(this layer has d = 16",
+    ):
+        layer(jnp.ones((2, 5, 7)))
+    with pytest.raises(ValueError, match=rf"{name} expects .* got shape \(2, 0, 16\)"):
+        layer(jnp.ones((2, 0, D)))
+    with pytest.raises(
+        ValueError,
+        match=rf"{name}: mask must be x's shape without the channels, \(2, 5\); got mask of shape \(2, 4\)",
+    ):
+        layer(jnp.ones((2, 5, D)), BOUND, mask=jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match=r"lower_bound of shape \(5,\) does not broadcast"):
+        layer(jnp.ones((2, 5, D)), jnp.full((5,), 0.5))
+    state = layer.init_state(2)
+    with pytest.raises(ValueError, match=rf"{name} expects .* got shape \(2, 3, 7\)"):
+        layer.step(jnp.ones((2, 3, 7)), state, BOUND)
+    with pytest.raises(ValueError, match=r"or longer along time.*got mask of shape \(2, 2\)"):
+        layer.step(jnp.ones((2, 3, D)), state, BOUND, mask=jnp.ones((2, 2)))
+    layer.step(jnp.ones((2, 3, D)), state, BOUND, mask=jnp.ones((2, 7)))  # longer: accepted
+
+
+def test_hgrn2_with_an_empty_sequence_or_a_bad_grid_mask():
+    with pytest.raises(ValueError, match=r"HGRN2 expects .* got shape \(2, 0, 8\)"):
+        HGRN2(8, expand_ratio=4, rngs=nnx.Rngs(0))(jnp.ones((2, 0, 8)))
+    grid = HGRN2D(8, expand_ratio=4, rngs=nnx.Rngs(0))
+    with pytest.raises(
+        ValueError, match=r"HGRN2D expects \(batch, H, W, d\); got shape \(2, 12, 8\)"
+    ):
+        grid(jnp.ones((2, 12, 8)))
+    with pytest.raises(
+        ValueError, match=r"HGRN2D: mask must be .* \(2, 3, 4\); got mask of shape \(2, 12\)"
+    ):
+        grid(jnp.ones((2, 3, 4, 8)), mask=jnp.ones((2, 12)))

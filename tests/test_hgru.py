@@ -466,3 +466,43 @@ def test_directions_in_one_scan_equal_two_scans(monkeypatch, method, complex_val
     for merged, calls in ((True, 1), (False, 2)):
         monkeypatch.setattr(hgru, "MERGE_DIRECTIONS", merged)
         assert str(jax.make_jaxpr(lambda s: loss(s, x))(state)).count("custom_vjp_call") == calls
+
+
+def test_wrong_shapes_name_the_argument():
+    """A mask or a lower bound of the wrong shape, and fla's HGRN layer with the wrong width or
+    an empty sequence, are one-line ValueErrors naming the argument (they were broadcasting or
+    dot_general errors)."""
+    layer = HGRU(D, bidirectional=True, rngs=nnx.Rngs(0))
+    x = inputs((2, 5, D))
+    with pytest.raises(
+        ValueError,
+        match=r"HGRU: mask must be x's shape without the channels, \(2, 5\); got mask of shape "
+        r"\(2, 4\) for x of shape \(2, 5, 8\)",
+    ):
+        layer(x, mask=jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match=r"HGRU2D: mask must be .* \(2, 3, 4\); got .* \(2, 12\)"):
+        HGRU2D(D, rngs=nnx.Rngs(0))(inputs((2, 3, 4, D)), mask=jnp.ones((2, 12)))
+    with pytest.raises(
+        ValueError,
+        match=r"lower_bound of shape \(5,\) does not broadcast to the forget gate's shape "
+        r"\(2, 5, 8\); pass a scalar or one bound per channel, \(8,\)",
+    ):
+        layer(x, jnp.full((5,), 0.5))
+    no_gate = HGRU(D, use_forget_gate=False, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"lower_bound of shape \(3,\) does not broadcast"):
+        no_gate(x, jnp.full((3,), 0.5))
+    fla = FlaHGRNAttention(D, rngs=nnx.Rngs(0))
+    with pytest.raises(
+        ValueError, match=r"FlaHGRNAttention expects \(batch, length, d\); got shape \(2, 5, 7\)"
+    ):
+        fla(inputs((2, 5, 7)))
+    with pytest.raises(ValueError, match=r"FlaHGRNAttention expects .* got shape \(2, 0, 8\)"):
+        fla(inputs((2, 0, D)))
+    with pytest.raises(
+        ValueError, match=r"FlaHGRNAttention: mask must be .* got mask of shape \(2, 4\)"
+    ):
+        fla(x, 0.5, mask=jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match=r"lower_bound of shape \(5,\) does not broadcast"):
+        fla(x, jnp.full((5,), 0.5))
+    with pytest.raises(ValueError, match=r"FlaHGRNAttention expects .* got shape \(2, 3, 7\)"):
+        fla.step(inputs((2, 3, 7)), fla.init_state(2))

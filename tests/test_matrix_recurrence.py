@@ -351,6 +351,8 @@ def test_bad_shapes_and_arguments_name_the_fix():
         ValueError, match="chunk_size must be a multiple of 16 or at most 16; got 40"
     ):
         matrix_recurrence(q, k, v, g, chunk_size=40)
+    with pytest.raises(ValueError, match=r"out_dtype=float32 would drop the imaginary part"):
+        matrix_recurrence(q, k, v.astype(np.complex64), g, out_dtype=jnp.float32)
 
 
 @pytest.mark.parametrize("method", MATRIX_METHODS)

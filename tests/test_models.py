@@ -32,6 +32,7 @@ from hgrn_jax.nn import (
     ImageConfig,
     LMConfig,
     generate,
+    sample_token,
     sinusoidal_positions,
 )
 from hgrn_jax.nn.image import patchify
@@ -437,6 +438,16 @@ def test_generate_errors_name_the_fix(untied_lm):
     with pytest.raises(ValueError, match="greedy=True"):
         generate(untied_lm, PROMPT, 3, rng=jax.random.key(0), temperature=0.0)
     np.testing.assert_array_equal(generate(untied_lm, PROMPT, 0), PROMPT)
+    # top_k above the vocabulary (29): was jax.lax.top_k's raw ValueError from inside the trace.
+    with pytest.raises(
+        ValueError, match=r"top_k=50 exceeds the vocabulary size 29; pass top_k <= 29, or None"
+    ):
+        generate(untied_lm, PROMPT, 3, rng=jax.random.key(0), top_k=50)
+    with pytest.raises(ValueError, match=r"top_k must be >= 1 or None; got 0"):
+        generate(untied_lm, PROMPT, 3, rng=jax.random.key(0), top_k=0)
+    # sample_token checks against the logits' width (models without a config.vocab_size).
+    with pytest.raises(ValueError, match=r"top_k=5 exceeds the vocabulary size 4"):
+        sample_token(jnp.zeros((2, 4)), jax.random.key(0), 1.0, top_k=5)
 
 
 def test_generate_runs_the_model_in_eval_mode():

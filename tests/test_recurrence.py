@@ -267,6 +267,16 @@ def test_output_dtypes():
     chex.assert_type([f16, c64, bf16], [jnp.float16, jnp.complex64, jnp.bfloat16])
 
 
+@pytest.mark.parametrize("method", CORE_METHODS + ("pallas",))
+def test_real_out_dtype_for_complex_inputs_is_an_error(method):
+    """Every method refuses a real out_dtype for complex states: the pure-JAX methods used to
+    return the real part silently (astype), "pallas" alone raised."""
+    a, x, _ = random_inputs((1, 3, 2), complex_valued=True)
+    with pytest.raises(ValueError, match=r"out_dtype=float32 would drop the imaginary part"):
+        linear_recurrence(a, x, method=method, out_dtype=jnp.float32)
+    assert jnp.iscomplexobj(linear_recurrence(a, x, method=method, out_dtype=jnp.complex64))
+
+
 def test_bfloat16_gradients():
     a, x, _ = random_inputs((2, 11, 3))
     w = np.random.default_rng(2).standard_normal(x.shape).astype(np.float32)
@@ -593,5 +603,29 @@ def test_errors_name_the_problem():
         linear_recurrence(a, x, np.zeros((2, 4), np.float32))
     with pytest.raises(ValueError, match=r"unknown method 'parallel'.*'associative'"):
         linear_recurrence(a, x, method="parallel")
-    with pytest.raises(ValueError, match=r"broadcasting.*\[2,4,3\].*\[2,5,3\]"):
+    with pytest.raises(
+        ValueError, match=r"a of shape \(2, 4, 3\) does not broadcast to x's shape \(2, 5, 3\)"
+    ):
         linear_recurrence(a[:, :4], x)
+
+
+@pytest.mark.parametrize("method", CORE_METHODS + ("pallas",))
+def test_bad_decay_shapes_and_empty_sequences_name_the_argument(method):
+    """Every method: a decay shape that does not broadcast to x's (it used to be a broadcasting
+    error naming neither) and a time axis of length 0 (a slice_sizes TypeError, an IndexError
+    for "pallas") are one-line errors naming the argument and its shape."""
+    with pytest.raises(ValueError, match=r"a of shape \(2, 4, 3\) does not broadcast to x's"):
+        linear_recurrence(jnp.ones((2, 4, 3)), jnp.ones((2, 5, 3)), method=method)
+    with pytest.raises(ValueError, match=r"a of shape \(1, 2, 5, 3\) does not broadcast"):
+        linear_recurrence(jnp.ones((1, 2, 5, 3)), jnp.ones((2, 5, 3)), method=method)
+    with pytest.raises(
+        ValueError, match=r"x has length 0 along the time axis -2 \(shape \(2, 0, 3\)\)"
+    ):
+        linear_recurrence(jnp.ones((2, 0, 3)), jnp.ones((2, 0, 3)), method=method)
+    with pytest.raises(ValueError, match=r"x has length 0 along the time axis 0"):
+        linear_recurrence(jnp.ones(3), jnp.ones((0, 2, 3)), method=method, axis=0)
+    # What still broadcasts is still accepted: per-channel decays, a decay per batch row.
+    for a in (jnp.full((3,), 0.5), jnp.full((2, 1, 3), 0.5)):
+        np.testing.assert_allclose(
+            linear_recurrence(a, jnp.ones((2, 5, 3)), method=method)[:, 0], 1.0
+        )

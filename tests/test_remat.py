@@ -89,3 +89,35 @@ def test_turning_off_and_bad_policy():
     assert lm.blocks[0].remat is None
     with pytest.raises(ValueError, match="unknown remat policy 'all'; use one of"):
         set_remat(lm, "all")
+
+
+def test_everything_policy_is_no_remat_for_complex_models():
+    """remat="everything" on the default complex HGRU mixer: jax.checkpoint under
+    everything_saveable raised "reduce_precision does not accept dtype complex64"; the policy
+    now runs the block directly, so the gradients equal those without remat (LM and classifier,
+    set through the config)."""
+    ids = jnp.arange(8, dtype=jnp.int32).reshape(2, 4) % 10
+
+    def lm_grads(remat):
+        lm = HGRNLM(
+            LMConfig(vocab_size=10, features=8, num_layers=1, remat=remat), rngs=nnx.Rngs(0)
+        )
+        return nnx.grad(lambda m: m(ids).mean())(lm)
+
+    want = lm_grads(None)
+    assert_trees_close(lm_grads("everything"), want)
+    lm = HGRNLM(LMConfig(vocab_size=10, features=8, num_layers=1), rngs=nnx.Rngs(0))
+    set_remat(lm, jax.checkpoint_policies.everything_saveable)  # the callable, via set_remat
+    assert_trees_close(nnx.grad(lambda m: m(ids).mean())(lm), want)
+
+    x = jax.random.normal(jax.random.key(3), (2, 6))
+
+    def classifier_grads(remat):
+        config = ClassifierConfig(
+            num_classes=3, features=8, num_layers=1, encoder="linear", input_channels=1, remat=remat
+        )
+        model = HGRNClassifier(config, rngs=nnx.Rngs(2))
+        model.eval()
+        return nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+
+    assert_trees_close(classifier_grads("everything"), classifier_grads(None))

@@ -1,4 +1,6 @@
-"""Input checks of the models' entry points: token ids inside the vocabulary, non-empty sequences.
+"""Input checks of the models' entry points: token ids inside the vocabulary, non-empty sequences,
+and the shapes of a token mixer's input and padding mask (:func:`check_layer_input`,
+:func:`check_mask`; Python-level shape checks at trace time, no runtime cost).
 
 Token ids. An embedding lookup of an id ``>= vocab_size`` returns NaN under JAX's default
 out-of-bounds gather, and a negative id silently reads another row (``-1`` is the last one).
@@ -80,4 +82,40 @@ def check_length(shape: tuple[int, ...], expected: str, name: str = "inputs") ->
     if len(shape) >= 2 and shape[1] == 0:
         raise ValueError(
             f"{name}: got shape {tuple(shape)} with length 0; expected {expected} with length >= 1"
+        )
+
+
+def check_layer_input(x: jax.Array, features: int, layout: str, layer: str) -> None:
+    """Raise ValueError naming the expected shape when a token mixer's input ``x`` has the wrong
+    rank, a width other than ``features`` or an empty axis after the batch.
+
+    ``layout`` is e.g. ``"(batch, length, d)"`` (its rank is its number of axes); ``layer`` names
+    the layer in the message.
+    """
+    rank = layout.count(",") + 1
+    if x.ndim != rank or x.shape[-1] != features or 0 in x.shape[1:-1]:
+        raise ValueError(
+            f"{layer} expects {layout}; got shape {tuple(x.shape)} (this layer has "
+            f"d = {features}, and every axis after the batch must be non-empty)"
+        )
+
+
+def check_mask(
+    mask: jax.Array | None, x_shape: tuple[int, ...], layer: str, *, streaming: bool = False
+) -> None:
+    """Raise ValueError unless ``mask`` (None: no padding) is ``x``'s shape without the channels,
+    (B, L) for ``x`` (B, L, d) or (B, H, W) for (B, H, W, d).
+
+    ``streaming``: a ``step`` call, whose mask may be longer along time than ``x`` (fla's
+    attention mask over the whole sequence so far): its last L steps are used.
+    """
+    if mask is None:
+        return
+    want, got = tuple(x_shape[:-1]), tuple(jnp.shape(mask))
+    longer_ok = streaming and len(got) == len(want) and got[:-1] == want[:-1]
+    if got != want and not (longer_ok and got[-1] >= want[-1]):
+        extra = " (or longer along time: its last steps are used)" if streaming else ""
+        raise ValueError(
+            f"{layer}: mask must be x's shape without the channels, {want}{extra}; got mask "
+            f"of shape {got} for x of shape {tuple(x_shape)}"
         )

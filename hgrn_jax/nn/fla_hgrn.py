@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hgrn_jax.nn.checks import check_layer_input, check_mask
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import apply_log_lower_bound
 from hgrn_jax.nn.norms import make_norm
@@ -71,6 +72,12 @@ class FlaHGRNAttention(nnx.Module):
             i = i * mask[..., -i.shape[-2] :, None].astype(acc)
         return a, i
 
+    def check_input(self, x: jax.Array, mask: jax.Array | None, *, streaming: bool = False) -> None:
+        """ValueError naming the expected shape for an ``x`` that is not (B, T, d) with T >= 1,
+        or a ``mask`` that is not (B, T) (in :meth:`step` it may be longer along time)."""
+        check_layer_input(x, self.features, "(batch, length, d)", type(self).__name__)
+        check_mask(mask, x.shape, type(self).__name__, streaming=streaming)
+
     def output(self, h: jax.Array, x: jax.Array) -> jax.Array:
         h = h.astype(self.dtype or x.dtype)
         return self.o_proj(self.g_norm(h) * nnx.silu(self.g_proj(x)))
@@ -81,6 +88,8 @@ class FlaHGRNAttention(nnx.Module):
         lower_bound: jax.Array | float | None = None,
         mask: jax.Array | None = None,
     ) -> jax.Array:
+        """``x`` (B, T, d), ``lower_bound`` a scalar or (width,), ``mask`` (B, T) -> (B, T, d)."""
+        self.check_input(x, mask)
         a, i = self.decay_and_input(x, lower_bound, mask)
         return self.output(linear_recurrence(a, i, method=self.method), x)
 
@@ -91,7 +100,9 @@ class FlaHGRNAttention(nnx.Module):
         lower_bound: jax.Array | float | None = None,
         mask: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
-        """Streaming: ``x`` (B, T, d) from ``state`` (B, width); returns outputs and the last state."""
+        """Streaming: ``x`` (B, T, d) from ``state`` (B, width); returns outputs and the last state.
+        ``mask`` (B, T) or longer along time (its last T steps are used)."""
+        self.check_input(x, mask, streaming=True)
         a, i = self.decay_and_input(x, lower_bound, mask)
         h, last = linear_recurrence(a, i, state, method=self.method, return_last_state=True)
         return self.output(h, x), last

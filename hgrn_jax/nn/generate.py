@@ -16,6 +16,20 @@ from flax import nnx
 from hgrn_jax.nn.checks import check_token_ids
 
 
+def check_top_k(top_k: int | None, vocab_size: int | None) -> None:
+    """Raise ValueError unless ``top_k`` is None or in ``[1, vocab_size]`` (``vocab_size`` None:
+    unknown, only the lower end is checked)."""
+    if top_k is None:
+        return
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None; got {top_k}")
+    if vocab_size is not None and top_k > vocab_size:
+        raise ValueError(
+            f"top_k={top_k} exceeds the vocabulary size {vocab_size}; pass top_k <= "
+            f"{vocab_size}, or None to sample from the whole vocabulary"
+        )
+
+
 def sample_token(
     logits: jax.Array,
     key: jax.Array,
@@ -26,12 +40,14 @@ def sample_token(
     """Next token ids (B,) from logits (B, vocab).
 
     ``greedy``: the argmax. Otherwise a draw from ``softmax(logits / temperature)`` restricted to
-    the ``top_k`` largest logits when ``top_k`` is given (``top_k=1`` is the argmax).
+    the ``top_k`` largest logits when ``top_k`` is given (``top_k=1`` is the argmax; more than
+    ``vocab`` is a ValueError).
     """
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
     if top_k is not None:
+        check_top_k(top_k, logits.shape[-1])
         kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
@@ -103,8 +119,7 @@ def generate(
             raise ValueError(
                 f"temperature must be > 0; got {temperature} (use greedy=True for argmax decoding)"
             )
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None; got {top_k}")
+    check_top_k(top_k, int(vocab_size) if vocab_size else None)  # the logits recheck it
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
     return _generate(

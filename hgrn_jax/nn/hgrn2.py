@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hgrn_jax.nn.checks import check_layer_input, check_mask
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import apply_log_lower_bound, apply_lower_bound
 from hgrn_jax.nn.norms import make_norm
@@ -64,6 +65,7 @@ def _valid(mask: jax.Array, length: int) -> jax.Array:
 class _MatrixMixer(nnx.Module):
     """The recurrence, its directions, padding and streaming; subclasses make q, k, v, log lambda."""
 
+    features: int
     num_heads: int
     key_dim: int
     value_dim: int
@@ -79,6 +81,21 @@ class _MatrixMixer(nnx.Module):
     def output(self, o: jax.Array, x: jax.Array) -> jax.Array:
         """Norm and output projection of the head outputs ``o`` (B, L, H * V)."""
         raise NotImplementedError
+
+    def check_input(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None,
+        layout: str = "(batch, length, d)",
+        *,
+        streaming: bool = False,
+    ) -> None:
+        """ValueError naming the expected shape for an ``x`` of the wrong rank or width or with
+        an empty axis, or a ``mask`` that is not ``x``'s shape without the channels (in
+        :meth:`step` it may be longer along time)."""
+        name = type(self).__name__
+        check_layer_input(x, self.features, layout, name)
+        check_mask(mask, x.shape, name, streaming=streaming)
 
     def _inputs(self, x, lower_bound, mask):
         q, k, v, g = self.gates(x, lower_bound)
@@ -113,7 +130,8 @@ class _MatrixMixer(nnx.Module):
         mask: jax.Array | None = None,
     ) -> jax.Array:
         """``x`` (B, L, d), ``lower_bound`` a scalar or (H * K,), ``mask`` (B, L) with 1 for real
-        tokens (None: no padding) -> (B, L, d)."""
+        tokens (None: no padding) -> (B, L, d). Wrong shapes are a ValueError naming them."""
+        self.check_input(x, mask)
         q, k, v, g = self._inputs(x, lower_bound, mask)
         o = self._scan(q, k, v, g)
         if self.bidirectional:
@@ -129,9 +147,11 @@ class _MatrixMixer(nnx.Module):
         mask: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Causal streaming: ``x`` (B, T, d) continuing from ``state`` (B, H, K, V). Returns the
-        outputs (B, T, d) and the state after the last token (padded steps leave it unchanged)."""
+        outputs (B, T, d) and the state after the last token (padded steps leave it unchanged).
+        ``mask`` (B, T) or longer along time (its last T steps are used)."""
         if self.bidirectional:
             raise ValueError("step() needs a causal mixer (bidirectional=False)")
+        self.check_input(x, mask, streaming=True)
         q, k, v, g = self._inputs(x, lower_bound, mask)
         o, last = self._scan(q, k, v, g, h0=state, return_last_state=True)
         return self._finish(o, x, mask), last
@@ -295,8 +315,7 @@ class HGRN2D(HGRN2):
         mask: jax.Array | None = None,
     ) -> jax.Array:
         """``x`` (B, H, W, d), ``lower_bound`` a scalar or (d,) -> (B, H, W, d)."""
-        if x.ndim != 4:
-            raise ValueError(f"HGRN2D expects (batch, H, W, d); got shape {x.shape}")
+        self.check_input(x, mask, "(batch, H, W, d)")
         q, k, v, g = self._inputs(x, lower_bound, mask)  # (B, H, W, heads, K or V)
         flip = lambda t: jnp.flip(t, axis=-3)
         o = 0.0

@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hgrn_jax.nn.checks import check_layer_input, check_mask
 from hgrn_jax.nn.initializers import axes_metadata, dense, logical, phase_init
-from hgrn_jax.nn.lower_bounds import apply_lower_bound
+from hgrn_jax.nn.lower_bounds import apply_lower_bound, check_lower_bound
 from hgrn_jax.ops import default_method, linear_recurrence
 from hgrn_jax.ops.common import accumulation_dtype
 from hgrn_jax.ops.sequence_parallel import sharded_linear_recurrence
@@ -151,16 +152,13 @@ class _HGRUBase(nnx.Module):
                 raise ValueError(f"num_phases must be 1 or 2; got {num_phases}")
         self.num_phases = num_phases
 
-    def check_input(self, x: jax.Array, layout: str) -> None:
-        """ValueError naming the expected shape for a wrong rank, width or an empty axis;
-        ``layout`` is e.g. ``"(batch, length, d)"``."""
-        rank = layout.count(",") + 1
-        if x.ndim != rank or x.shape[-1] != self.features or 0 in x.shape[1:-1]:
-            raise ValueError(
-                f"{type(self).__name__} expects {layout}; got shape "
-                f"{tuple(x.shape)} (this layer has d = {self.features}, and every "
-                "axis after the batch must be non-empty)"
-            )
+    def check_input(self, x: jax.Array, layout: str, mask: jax.Array | None = None) -> None:
+        """ValueError naming the expected shape for a wrong rank, width or an empty axis, or a
+        ``mask`` that is not ``x``'s shape without the channels; ``layout`` is e.g.
+        ``"(batch, length, d)"``."""
+        name = type(self).__name__
+        check_layer_input(x, self.features, layout, name)
+        check_mask(mask, x.shape, name)
 
     def projections(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array]:
         """``input_proj(x)``, ``lambda_proj(x)`` (None without the forget gate) and ``gate(x)``,
@@ -209,7 +207,9 @@ class _HGRUBase(nnx.Module):
         if self.use_forget_gate:
             lam = apply_lower_bound(nnx.sigmoid(mu.astype(acc)), lower_bound)
         else:
-            lam = jnp.broadcast_to(jnp.asarray(lower_bound, acc), x.shape[:-1] + (self.features,))
+            shape = x.shape[:-1] + (self.features,)
+            check_lower_bound(lower_bound, shape)
+            lam = jnp.broadcast_to(jnp.asarray(lower_bound, acc), shape)
         return lam, (1.0 - lam) * c
 
     @staticmethod
@@ -218,7 +218,8 @@ class _HGRUBase(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """Decay 1 and input 0 where ``mask`` (B, ...) is False, so a state passes through padding
         unchanged and a reverse scan starts at the last real token with the state it would have
-        without the padding."""
+        without the padding. ``mask`` is ``a``'s shape without the channels (the layers' calls
+        check it: :meth:`check_input`)."""
         if mask is None:
             return a, b
         valid = mask.astype(bool)[..., None]
@@ -315,7 +316,7 @@ class HGRU(_HGRUBase):
 
         Padded steps are identity steps of every scan: real positions see exactly the unpadded
         sequence, wherever the padding sits."""
-        self.check_input(x, "(batch, length, d)")
+        self.check_input(x, "(batch, length, d)", mask)
         projected = self.projections(x)
         lam, b = self.decay_and_input(x, lower_bound, projected)
         if (
@@ -402,7 +403,7 @@ class HGRU2D(_HGRUBase):
         self, x: jax.Array, lower_bound: jax.Array | float = 0.0, mask: jax.Array | None = None
     ) -> jax.Array:
         """``x`` (B, H, W, d), ``mask`` (B, H, W) with 1 for real cells -> (B, H, W, d)."""
-        self.check_input(x, "(batch, H, W, d)")
+        self.check_input(x, "(batch, H, W, d)", mask)
         projected = self.projections(x)
         lam, b = self.decay_and_input(x, lower_bound, projected)
         directions: tuple[Direction, ...] = ("forward",) if self.causal else ("forward", "reverse")

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hgrn_jax.nn.initializers import logical
+from hgrn_jax.ops.common import broadcasts_to
 
 Scheme = Literal["lra", "lm"]
 
@@ -33,10 +34,25 @@ def lower_bounds(param: jax.Array, scheme: Scheme = "lra") -> jax.Array:
     raise ValueError(f"unknown lower-bound scheme {scheme!r}; use 'lra' or 'lm'")
 
 
+def check_lower_bound(lower_bound: jax.Array | float | None, shape: tuple[int, ...]) -> None:
+    """Raise ValueError unless ``lower_bound`` (None: no bound) broadcasts to the forget gate's
+    ``shape`` (..., d): a scalar or (d,), as the models pass it."""
+    if lower_bound is None:
+        return
+    got = tuple(jnp.shape(lower_bound))
+    if not broadcasts_to(got, shape):
+        raise ValueError(
+            f"lower_bound of shape {got} does not broadcast to the forget gate's shape "
+            f"{tuple(shape)}; pass a scalar or one bound per channel, ({shape[-1]},)"
+        )
+
+
 def apply_lower_bound(forget: jax.Array, lower_bound: jax.Array | float | None) -> jax.Array:
     """The bounded decay ``lam = gamma + (1 - gamma) * forget`` (..., d) of a forget gate
     ``forget`` in (0, 1), with ``gamma`` the layer's bound (a scalar or (d,); None: 0) taken in
-    ``forget``'s dtype (the official HGRN and HGRN2 layers)."""
+    ``forget``'s dtype (the official HGRN and HGRN2 layers). A bound that does not broadcast to
+    ``forget`` is a ValueError (:func:`check_lower_bound`)."""
+    check_lower_bound(lower_bound, forget.shape)
     gamma = jnp.asarray(0.0 if lower_bound is None else lower_bound, forget.dtype)
     return gamma + (1.0 - gamma) * forget
 
@@ -53,6 +69,7 @@ def apply_log_lower_bound(
     """
     if lower_bound is None:
         return log_forget
+    check_lower_bound(lower_bound, log_forget.shape)
     gamma = jnp.asarray(lower_bound)
     acc = log_forget.dtype
     return jnp.logaddexp(jnp.log(gamma).astype(acc), jnp.log1p(-gamma).astype(acc) + log_forget)

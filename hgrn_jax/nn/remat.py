@@ -13,7 +13,11 @@ saves. Policies, by name:
     also keep the outputs of the matrix multiplications (the projections) and recompute only the
     elementwise work and the scans: less recomputation, more memory.
 ``"everything"`` (:func:`jax.checkpoint_policies.everything_saveable`)
-    keep everything: the same memory as no remat (for comparisons).
+    keep everything: the same memory as no remat (for comparisons). This policy (the name or
+    the callable) runs the block directly, with no :func:`jax.checkpoint` at all: saving
+    everything is exactly no remat, and ``jax.checkpoint`` under ``everything_saveable`` fails
+    on the complex intermediates of the HGRU scans (``reduce_precision does not accept dtype
+    complex64``, a JAX bug).
 
 Usage: ``ResidualBlock(..., remat="nothing")``, or switch a built model with
 ``set_remat(model, "nothing")`` (every :class:`RematModule` inside it, such as each
@@ -63,9 +67,13 @@ def remat_block(
     """``block_call(module, *args, **kwargs)`` recomputed in the backward pass under ``policy``.
 
     ``block_call`` is an unbound call (e.g. ``ResidualBlock.__call__``); keyword arguments are
-    passed through as traced pytrees (arrays, None).
+    passed through as traced pytrees (arrays, None). The ``"everything"`` policy returns
+    ``block_call`` itself: saving everything is no remat, and ``jax.checkpoint`` under
+    ``everything_saveable`` rejects complex intermediates (a JAX bug).
     """
     resolved = resolve_policy(policy)
+    if resolved is jax.checkpoint_policies.everything_saveable:
+        return block_call
 
     def call(module: nnx.Module, *args: Any, **kwargs: Any) -> Any:
         inner = nnx.remat(lambda m, a, kw: block_call(m, *a, **kw), policy=resolved)

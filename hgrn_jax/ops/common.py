@@ -26,20 +26,58 @@ def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
 def check_inputs(a, x, h0=None, axis: int = -2) -> tuple[jax.Array, jax.Array, jnp.dtype]:
     """``a`` and ``x`` as arrays and the promoted dtype of ``(a, x, h0)``.
 
-    Raises ``ValueError`` naming the problem when ``x`` is not ``(..., length, channels)``,
-    ``axis`` (the time axis) is not one of its axes, or ``h0`` is not ``x``'s shape without the
-    time axis.
+    Raises a one-line ``ValueError`` naming the problem when ``x`` is not
+    ``(..., length, channels)``, ``axis`` (the time axis) is not one of its axes, the time axis
+    has length 0 (the recurrence needs at least one step: every method rejects an empty
+    sequence rather than return an empty result), ``a`` does not broadcast to ``x``'s shape
+    (``a`` may be smaller, never larger), or ``h0`` is not ``x``'s shape without the time axis.
+    Shape checks only: free at trace time.
     """
     a, x = jnp.asarray(a), jnp.asarray(x)
     if x.ndim < 2:
         raise ValueError(f"x must be (..., length, channels); got shape {x.shape}")
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"axis {axis} is out of range for x of shape {x.shape}")
+    if x.shape[axis] == 0:
+        raise ValueError(
+            f"x has length 0 along the time axis {axis} (shape {x.shape}); the recurrence "
+            "needs at least one step: skip the call for an empty sequence"
+        )
+    if not broadcasts_to(a.shape, x.shape):
+        raise ValueError(
+            f"a of shape {a.shape} does not broadcast to x's shape {x.shape}; pass decays "
+            f"shaped like x or broadcastable to it (e.g. (channels,) = {x.shape[-1:]})"
+        )
     shape = state_shape(x, axis)
     if h0 is not None and jnp.shape(h0) != shape:
         raise ValueError(f"h0 must have shape {shape}; got {jnp.shape(h0)}")
     dtype = jnp.result_type(a, x) if h0 is None else jnp.result_type(a, x, h0)
     return a, x, dtype
+
+
+def broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
+    """Whether an array of ``shape`` broadcasts to ``target`` (NumPy rules, without growing
+    ``target``)."""
+    shape, target = tuple(shape), tuple(target)
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(shape[::-1], target[::-1]))
+
+
+def resolve_out_dtype(dtype: jnp.dtype, out_dtype: jnp.dtype | None) -> jnp.dtype:
+    """``out_dtype``, or the promoted input ``dtype`` when None.
+
+    Raises ``ValueError`` for a real ``out_dtype`` with complex inputs: casting the states
+    would drop their imaginary parts (silently, by ``astype``).
+    """
+    out = jnp.dtype(dtype if out_dtype is None else out_dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating) and not jnp.issubdtype(out, jnp.complexfloating):
+        raise ValueError(
+            f"out_dtype={out} would drop the imaginary part of the {jnp.dtype(dtype)} states; "
+            "pass a complex out_dtype (e.g. complex64) or None, and take jnp.real(...) "
+            "yourself if that is what you want"
+        )
+    return out
 
 
 def state_shape(x: jax.Array, axis: int = -2) -> tuple[int, ...]:

@@ -69,7 +69,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hgrn_jax.ops.common import accumulation_dtype
+from hgrn_jax.ops.common import accumulation_dtype, resolve_out_dtype
 
 MatrixMethod = Literal["auto", "sequential", "chunked", "pallas"]
 MATRIX_METHODS: tuple[str, ...] = ("sequential", "chunked", "pallas")
@@ -158,7 +158,8 @@ def matrix_recurrence(
       method: ``"sequential"``, ``"chunked"``, ``"pallas"`` (see the module docstring) or
         ``"auto"`` (:func:`default_matrix_method`).
       return_last_state: also return the state after the last step, ``(..., H, K, V)``.
-      out_dtype: dtype of ``o``; the promoted input dtype by default.
+      out_dtype: dtype of ``o``; the promoted input dtype by default (complex inputs need a
+        complex one: a real one is a ``ValueError``, not a dropped imaginary part).
       chunk_size: steps per chunk: the interval of the boundary states kept for the backward
         pass (memory ``(..., H, L / chunk_size, K, V)``) and the chunked method's block. A
         multiple of 16 or at most 16.
@@ -170,7 +171,7 @@ def matrix_recurrence(
     q, k, v, log_decay = (jnp.asarray(t) for t in (q, k, v, log_decay))
     state_shape = _check_shapes(q, k, v, log_decay, h0)
     dtype = jnp.result_type(q, k, v, log_decay)
-    out_dtype = out_dtype or dtype
+    out_dtype = resolve_out_dtype(dtype, out_dtype)
     acc = accumulation_dtype(dtype)
     if method == "auto":
         method = default_matrix_method(q.shape[-3])

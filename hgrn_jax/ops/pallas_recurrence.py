@@ -67,6 +67,7 @@ from hgrn_jax.ops.common import (
     check_inputs,
     parts_add,
     parts_mul,
+    resolve_out_dtype,
     shifted_backward,
 )
 
@@ -897,9 +898,7 @@ def _check_inputs(a, x, h0, out_dtype):
     a, x, dtype = check_inputs(a, x, h0)
     a = jnp.broadcast_to(a, x.shape)
     is_complex = jnp.issubdtype(dtype, jnp.complexfloating)
-    out_dtype = jnp.dtype(out_dtype or dtype)
-    if is_complex and not jnp.issubdtype(out_dtype, jnp.complexfloating):
-        raise ValueError(f"out_dtype must be complex for complex inputs; got {out_dtype}")
+    out_dtype = resolve_out_dtype(dtype, out_dtype)
     if h0 is None:
         # Varies over shard_map's manual axes as x does, as dh0 will (like x's cotangent).
         h0 = jnp.zeros_like(x[..., 0, :], dtype=dtype)

@@ -27,7 +27,13 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from hgrn_jax.ops.common import accumulation_dtype, chain_carries, check_inputs, shifted_backward
+from hgrn_jax.ops.common import (
+    accumulation_dtype,
+    chain_carries,
+    check_inputs,
+    resolve_out_dtype,
+    shifted_backward,
+)
 from hgrn_jax.ops.pallas_recurrence import pallas_linear_recurrence
 
 __all__ = ["METHODS", "Method", "default_method", "linear_recurrence", "shifted_backward"]
@@ -104,7 +110,8 @@ def linear_recurrence(
 
     Args:
       a: decays, ``(..., L, C)`` or anything that broadcasts to ``x``'s shape.
-      x: inputs, ``(..., L, C)``, real or complex.
+      x: inputs, ``(..., L, C)``, real or complex, ``L >= 1`` (an empty sequence is a
+        ``ValueError``, as is a decay shape that does not broadcast to ``x``'s).
       h0: initial state ``(..., C)``; zeros when omitted. With ``reverse=True`` it is the state
         after the last step (``h_L``).
       reverse: run from ``t = L-1`` down to 0: ``h_t = a_t * h_{t+1} + x_t``.
@@ -115,7 +122,8 @@ def linear_recurrence(
       return_last_state: also return the final state ``(..., C)`` (``h_{L-1}``, or ``h_0`` when
         ``reverse``), for streaming.
       chunk_size: chunk length of the chunked method.
-      out_dtype: dtype of the result; the promoted input dtype by default.
+      out_dtype: dtype of the result; the promoted input dtype by default. Complex inputs need
+        a complex ``out_dtype`` (every method raises rather than drop the imaginary part).
       axis: the time axis; every other axis is independent channels (``h0`` and the final
         state are ``x``'s shape without it). ``"sequential"`` steps along it in place; the
         other methods move it next to the last axis and back (two copies per array).
@@ -124,7 +132,7 @@ def linear_recurrence(
       ``h`` with ``x``'s shape, and the final state when ``return_last_state``.
     """
     a, x, dtype = check_inputs(a, x, h0, axis)
-    out_dtype = out_dtype or dtype
+    out_dtype = resolve_out_dtype(dtype, out_dtype)
     acc = accumulation_dtype(dtype)
     time_axis = axis % x.ndim
     if method == "auto":

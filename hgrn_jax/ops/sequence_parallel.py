@@ -25,7 +25,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from hgrn_jax.ops.common import accumulation_dtype, chain_carries, check_inputs, state_shape
+from hgrn_jax.ops.common import (
+    accumulation_dtype,
+    chain_carries,
+    check_inputs,
+    resolve_out_dtype,
+    state_shape,
+)
 from hgrn_jax.ops.recurrence import linear_recurrence
 
 
@@ -126,7 +132,7 @@ def sharded_linear_recurrence(
             f"{axis_name!r}: pad the sequence to a multiple of {shards}"
         )
     acc = accumulation_dtype(dtype)
-    out_dtype = out_dtype or dtype
+    out_dtype = resolve_out_dtype(dtype, out_dtype)
     a = jnp.broadcast_to(a, x.shape)
     h0 = jnp.zeros(state_shape(x), acc) if h0 is None else jnp.asarray(h0).astype(acc)
     # Explicit mesh axes are made manual too, with the inputs' own specs (a batch sharded over
