@@ -124,6 +124,35 @@ def _opt_config(**optimizer):
     return config
 
 
+@pytest.mark.parametrize(
+    "key, value, need",
+    [
+        ("optimizer.learning_rate", -1.0, "a finite number > 0"),
+        ("optimizer.learning_rate", 0.0, "a finite number > 0"),
+        ("optimizer.learning_rate", float("nan"), "a finite number > 0"),
+        ("optimizer.learning_rate", float("inf"), "a finite number > 0"),
+        ("optimizer.weight_decay", -0.1, "a finite number >= 0"),
+        ("schedule.min_lr", -1e-5, "a finite number >= 0"),
+        ("schedule.min_lr", float("inf"), "a finite number >= 0"),
+        ("schedule.warmup_steps", -5, "an integer >= 0"),
+    ],
+)
+def test_bad_learning_rates_stop_the_run_naming_the_key_before_writing(tmp_path, key, value, need):
+    """A learning rate <= 0 or not finite, a negative min_lr, weight decay or warmup trained
+    silently (lr -1 gave a val loss of 4e10); they are ValueErrors naming the key, the value and
+    the fix, raised by make_optimizer and by train_and_evaluate before the workdir is touched."""
+    config = toy_config()
+    section, name = key.split(".")
+    config[section][name] = value
+    expected = re.escape(f"config.{key}={value} must be {need}; set --config.{key}")
+    with pytest.raises(ValueError, match=expected):
+        optim.make_optimizer(config, {"w": nnx.Param(jnp.ones((2, 2)))})
+    with pytest.raises(ValueError, match=expected):
+        train_and_evaluate(config, tmp_path / "run", task=ToyTask(toy_config()))
+    assert not (tmp_path / "run").exists()
+    optim.check_optimizer_config(toy_config())  # the valid config passes
+
+
 def test_adamw_decays_only_masked_parameters():
     params = {"kernel": nnx.Param(jnp.ones((2, 2))), "bias": nnx.Param(jnp.ones((2,)))}
     tx, _ = optim.make_optimizer(

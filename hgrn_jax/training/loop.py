@@ -402,6 +402,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
     """
     workdir = Path(workdir)
     check_run_lengths(config)
+    optim.check_optimizer_config(config)  # before anything is written to the workdir
     # The SIGTERM handler is installed before anything else, so that a preemption notice that
     # arrives while the model is built or compiled is not fatal: it stops the run at the
     # first step at which the processes compare their flags.
