@@ -7,6 +7,7 @@ subprocess runs go through ``python -m experiments.train`` on 8 simulated CPU de
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -151,6 +152,39 @@ def test_bad_learning_rates_stop_the_run_naming_the_key_before_writing(tmp_path,
         train_and_evaluate(config, tmp_path / "run", task=ToyTask(toy_config()))
     assert not (tmp_path / "run").exists()
     optim.check_optimizer_config(toy_config())  # the valid config passes
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("seed", -1, r"config\.seed=-1 must be a whole number >= 0; set --config\.seed"),
+        ("model.features", 0, r"config\.model\.features=0 must be .*; set --config\.model"),
+    ],
+)
+def test_bad_seed_or_model_size_stops_the_run_naming_the_key_before_writing(
+    tmp_path, key, value, expected
+):
+    """A negative seed failed in numpy naming no key, after config.json and a checkpoint folder
+    were written; a zero width was a ZeroDivisionError traceback (exit 1, the NaN code)."""
+    config = toy_config()
+    *section, name = key.split(".")
+    (config[section[0]] if section else config)[name] = value
+    with pytest.raises(ValueError, match=expected):
+        train_and_evaluate(config, tmp_path / "run", task=ToyTask(toy_config()))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_registered_task_s_zero_depth_stops_before_the_workdir(tmp_path):
+    """model.num_layers=0 trained and evaluated, then failed saving a zero-size array and left a
+    checkpoints/N.orbax-checkpoint-tmp; num_classes=0 (not derived for ListOps) was caught only
+    once config.json was written, which then refused the corrected rerun."""
+    config = importlib.import_module("experiments.configs.lra.listops").get_config("tiny")
+    for key, value in (("num_layers", 0), ("num_classes", 0)):
+        bad = config.copy_and_resolve_references()
+        bad.model[key] = value
+        with pytest.raises(ValueError, match=rf"config\.model\.{key}=0 must be a whole number"):
+            train_and_evaluate(bad, tmp_path / "run")
+        assert not (tmp_path / "run").exists()
 
 
 def test_adamw_decays_only_masked_parameters():

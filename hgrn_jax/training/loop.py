@@ -339,6 +339,27 @@ def check_run_lengths(config: Any) -> None:
         )
 
 
+def check_seed(config: Any) -> None:
+    """Raise ValueError naming the key when ``config.seed`` is not a whole number >= 0 (numpy's
+    generators, which order the training batches, take no negative seed)."""
+    seed = config.get("seed", 0) if hasattr(config, "get") else 0
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(
+            f"config.seed={seed} must be a whole number >= 0; set --config.seed (e.g. 0)"
+        )
+
+
+def check_config_values(config: Any) -> None:
+    """The checks of values a run can make before it touches its workdir, each a ValueError
+    naming the key: run lengths, the seed, the model's sizes and the optimizer's numbers."""
+    from hgrn_jax.tasks import registry
+
+    check_run_lengths(config)
+    check_seed(config)
+    registry.check_model_sizes(config)
+    optim.check_optimizer_config(config)
+
+
 def _time_budget(config: Any) -> float:
     """``config.max_train_time_s``: seconds of training wall time after which the run stops
     as if it had reached its last step (0 or absent: no limit)."""
@@ -401,8 +422,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
     The workdir is locked for the whole run (:class:`~hgrn_jax.training.workdir.WorkdirLock`).
     """
     workdir = Path(workdir)
-    check_run_lengths(config)
-    optim.check_optimizer_config(config)  # before anything is written to the workdir
+    check_config_values(config)  # before anything is written to the workdir
     # The SIGTERM handler is installed before anything else, so that a preemption notice that
     # arrives while the model is built or compiled is not fatal: it stops the run at the
     # first step at which the processes compare their flags.
