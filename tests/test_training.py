@@ -402,6 +402,33 @@ def test_time_budget_ends_the_run_like_its_last_step_and_a_rerun_trains_no_more(
         check_run_lengths(config)
 
 
+def test_preemption_message_says_how_to_resume_a_run_started_with_restart(tmp_path, monkeypatch):
+    """Under --config.resume=restart the message said "run the same command again to resume",
+    which moved the run aside and started again at step 0 (a requeued job started over at
+    every preemption). It now says --config.resume=auto, and that command resumes."""
+    from hgrn_jax.training import loop
+    from hgrn_jax.training.workdir import ConfigChangeWarning
+
+    assert str(loop.Preempted(4, "w")).endswith("run the same command again to resume")
+    real = loop._stop_requests
+    monkeypatch.setattr(loop, "_stop_requests", lambda done, p, o: real(done, done == 4, o))
+    config = toy_config()
+    config.resume = "restart"
+    with pytest.raises(loop.Preempted) as preempted:
+        train_and_evaluate(config, tmp_path, task=ToyTask(config))
+    message = str(preempted.value)
+    assert message.startswith(f"preempted (SIGTERM): saved a checkpoint at step 4 in {tmp_path}")
+    assert "run the command again with --config.resume=auto" in message
+    assert "--config.resume=restart, would move this run aside and start again at step 0" in message
+    assert "run the same command again to resume" not in message
+    monkeypatch.setattr(loop, "_stop_requests", real)
+    config.resume = "auto"  # what the message says: resumes at step 4, nothing moved aside
+    with pytest.warns(ConfigChangeWarning, match="resume: 'restart' -> 'auto'"):
+        assert train_and_evaluate(config, tmp_path, task=ToyTask(config))["steps"] == 12
+    assert _logged_steps(tmp_path)["train"] == [2, 4, 6, 8, 10, 12]
+    assert not list(tmp_path.glob("previous-*"))
+
+
 def test_training_wall_time_starts_once_the_input_is_open(tmp_path, monkeypatch):
     """Opening the data (tokenising a set afresh, or reading one an earlier run prepared) is
     not training time: a 1000 s open leaves the budget and the records' wall times alone."""

@@ -13,7 +13,10 @@ with the best validation checkpoint and write ``results.json``.
 Stopping:
 - SIGTERM (preemption): the current step finishes, a checkpoint is written, and
   :class:`Preempted` is raised; ``experiments.train`` turns it into exit code
-  :data:`PREEMPTED_EXIT_CODE`. Running the same command again resumes from that step.
+  :data:`PREEMPTED_EXIT_CODE`. Running the same command again resumes from that step; a run
+  started with ``--config.resume=restart`` or ``force`` is resumed with
+  ``--config.resume=auto``, as the message says (the same command with ``restart`` would start
+  again at step 0).
 - A NaN/inf loss or gradient: :class:`NonFiniteLossError` naming the first bad step; nothing
   after the last healthy checkpoint is saved.
 - ``config.max_train_time_s`` (optional, seconds; 0: no limit): once the run's training wall
@@ -60,6 +63,7 @@ from hgrn_jax.training.workdir import (
     WorkdirLock,
     check_resume,
     not_writable,
+    resume_choice,
 )
 
 PREEMPTED_EXIT_CODE = 0
@@ -79,14 +83,26 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint at ``step`` was written."""
+    """SIGTERM arrived; a checkpoint at ``step`` was written.
 
-    def __init__(self, step: int, workdir: str | Path):
-        self.step, self.workdir = step, workdir
-        super().__init__(
-            f"preempted (SIGTERM): saved a checkpoint at step {step} in {workdir}; "
-            "run the same command again to resume"
-        )
+    The message says how to resume: with ``resume="auto"`` (the default) the same command
+    again; with another ``config.resume``, the command with ``--config.resume=auto`` (the same
+    command with ``restart`` would move the run aside and start again at step 0).
+    """
+
+    def __init__(self, step: int, workdir: str | Path, resume: str = "auto"):
+        self.step, self.workdir, self.resume = step, workdir, resume
+        saved = f"preempted (SIGTERM): saved a checkpoint at step {step} in {workdir}; "
+        if resume == "auto":
+            how = "run the same command again to resume"
+        else:
+            how = "to resume, run the command again with --config.resume=auto"
+            if resume == "restart":
+                how += (
+                    " (the same command, with --config.resume=restart, would move this run "
+                    "aside and start again at step 0)"
+                )
+        super().__init__(saved + how)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -543,7 +559,7 @@ def _train_and_evaluate(
                 if preempted and not last:
                     if done % eval_every and done % ckpt_every:
                         save(state, done)
-                    raise Preempted(done, workdir)
+                    raise Preempted(done, workdir, resume_choice(config))
                 if out_of_time:
                     bar.write(
                         f"step {done}: the time budget (config.max_train_time_s={budget:g}) is "
