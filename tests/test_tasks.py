@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -313,6 +314,51 @@ def test_config_errors_name_the_key(cache_dir):
     config.batch_size = 30
     with pytest.raises(ValueError, match=r"batch_size 30 must be a positive multiple .* \(4\)"):
         next(tasks.get_task(config).train_batches(0, 0, 4))
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "value"),
+    [
+        ("lra.listops", "features", 0),  # was a ZeroDivisionError traceback
+        ("lra.listops", "num_layers", 0),  # trained, then failed saving a zero-size array
+        ("lra.listops", "num_classes", 0),  # ListOps does not derive its classes
+        ("lra.listops", "glu_expand", 0),
+        ("lra.text", "num_classes", -1),
+        ("lm.wikitext103", "vocab_size", -2),
+        ("imagenet.tiny", "patch_size", 0),  # was a ZeroDivisionError deriving seq_len
+    ],
+)
+def test_model_sizes_below_one_name_the_key(name, key, value):
+    config = tiny_config(name)
+    config.model[key] = value
+    expected = (
+        re.escape(f"config.model.{key}={value} must be a ")
+        + r".*; set "
+        + re.escape(f"--config.model.{key}")
+    )
+    with pytest.raises(ValueError, match=expected):
+        tasks.build_model(config, nnx.Rngs(0))
+    if value != 0 or key not in tasks.base.SIZES_FROM_THE_DATA:  # 0: the data's, if they say
+        with pytest.raises(ValueError, match=expected):
+            tasks.get_task(config)  # before deriving settings from the sizes
+    with pytest.raises(ValueError, match=expected):
+        tasks.registry.check_model_sizes(config)  # the runner's check, before the workdir
+
+
+def test_model_sizes_from_the_data_may_be_zero_until_the_data_fill_them_in():
+    check = tasks.base.check_model_sizes
+    check({"num_classes": 0, "vocab_size": 0, "input_channels": 0, "grid_shape": ()})
+    check({"features": 8, "mixer": {"expand_ratio": None, "num_heads": None}})
+    for model, shown in (
+        ({"grid_shape": (8, 0)}, r"config\.model\.grid_shape=\(8, 0\) must be whole numbers >= 1"),
+        ({"mixer": {"num_heads": 0}}, r"config\.model\.mixer\.num_heads=0 must be"),
+        ({"features": 2.5}, r"config\.model\.features=2\.5 must be a whole number >= 1"),
+        ({"glu_expand": float("nan")}, r"config\.model\.glu_expand=nan must be a finite"),
+    ):
+        with pytest.raises(ValueError, match=shown):
+            check(model)
+    for name in CONFIGS:  # every tiny preset passes, before and after its data fill it in
+        tasks.registry.check_model_sizes(tiny_config(name))
 
 
 # ----------------------------------------------------------------------------- derived settings

@@ -7,6 +7,7 @@ subprocess runs go through ``python -m experiments.train`` on 8 simulated CPU de
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -122,6 +123,68 @@ def _opt_config(**optimizer):
     config.optimizer.update(optimizer)
     config.schedule.update(name="constant", warmup_steps=0)
     return config
+
+
+@pytest.mark.parametrize(
+    "key, value, need",
+    [
+        ("optimizer.learning_rate", -1.0, "a finite number > 0"),
+        ("optimizer.learning_rate", 0.0, "a finite number > 0"),
+        ("optimizer.learning_rate", float("nan"), "a finite number > 0"),
+        ("optimizer.learning_rate", float("inf"), "a finite number > 0"),
+        ("optimizer.weight_decay", -0.1, "a finite number >= 0"),
+        ("schedule.min_lr", -1e-5, "a finite number >= 0"),
+        ("schedule.min_lr", float("inf"), "a finite number >= 0"),
+        ("schedule.warmup_steps", -5, "an integer >= 0"),
+    ],
+)
+def test_bad_learning_rates_stop_the_run_naming_the_key_before_writing(tmp_path, key, value, need):
+    """A learning rate <= 0 or not finite, a negative min_lr, weight decay or warmup trained
+    silently (lr -1 gave a val loss of 4e10); they are ValueErrors naming the key, the value and
+    the fix, raised by make_optimizer and by train_and_evaluate before the workdir is touched."""
+    config = toy_config()
+    section, name = key.split(".")
+    config[section][name] = value
+    expected = re.escape(f"config.{key}={value} must be {need}; set --config.{key}")
+    with pytest.raises(ValueError, match=expected):
+        optim.make_optimizer(config, {"w": nnx.Param(jnp.ones((2, 2)))})
+    with pytest.raises(ValueError, match=expected):
+        train_and_evaluate(config, tmp_path / "run", task=ToyTask(toy_config()))
+    assert not (tmp_path / "run").exists()
+    optim.check_optimizer_config(toy_config())  # the valid config passes
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("seed", -1, r"config\.seed=-1 must be a whole number >= 0; set --config\.seed"),
+        ("model.features", 0, r"config\.model\.features=0 must be .*; set --config\.model"),
+    ],
+)
+def test_bad_seed_or_model_size_stops_the_run_naming_the_key_before_writing(
+    tmp_path, key, value, expected
+):
+    """A negative seed failed in numpy naming no key, after config.json and a checkpoint folder
+    were written; a zero width was a ZeroDivisionError traceback (exit 1, the NaN code)."""
+    config = toy_config()
+    *section, name = key.split(".")
+    (config[section[0]] if section else config)[name] = value
+    with pytest.raises(ValueError, match=expected):
+        train_and_evaluate(config, tmp_path / "run", task=ToyTask(toy_config()))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_registered_task_s_zero_depth_stops_before_the_workdir(tmp_path):
+    """model.num_layers=0 trained and evaluated, then failed saving a zero-size array and left a
+    checkpoints/N.orbax-checkpoint-tmp; num_classes=0 (not derived for ListOps) was caught only
+    once config.json was written, which then refused the corrected rerun."""
+    config = importlib.import_module("experiments.configs.lra.listops").get_config("tiny")
+    for key, value in (("num_layers", 0), ("num_classes", 0)):
+        bad = config.copy_and_resolve_references()
+        bad.model[key] = value
+        with pytest.raises(ValueError, match=rf"config\.model\.{key}=0 must be a whole number"):
+            train_and_evaluate(bad, tmp_path / "run")
+        assert not (tmp_path / "run").exists()
 
 
 def test_adamw_decays_only_masked_parameters():
@@ -337,6 +400,33 @@ def test_time_budget_ends_the_run_like_its_last_step_and_a_rerun_trains_no_more(
     with pytest.raises(ValueError, match=r"config.max_train_time_s=-1.0 must be 0"):
         config.max_train_time_s = -1.0
         check_run_lengths(config)
+
+
+def test_preemption_message_says_how_to_resume_a_run_started_with_restart(tmp_path, monkeypatch):
+    """Under --config.resume=restart the message said "run the same command again to resume",
+    which moved the run aside and started again at step 0 (a requeued job started over at
+    every preemption). It now says --config.resume=auto, and that command resumes."""
+    from hgrn_jax.training import loop
+    from hgrn_jax.training.workdir import ConfigChangeWarning
+
+    assert str(loop.Preempted(4, "w")).endswith("run the same command again to resume")
+    real = loop._stop_requests
+    monkeypatch.setattr(loop, "_stop_requests", lambda done, p, o: real(done, done == 4, o))
+    config = toy_config()
+    config.resume = "restart"
+    with pytest.raises(loop.Preempted) as preempted:
+        train_and_evaluate(config, tmp_path, task=ToyTask(config))
+    message = str(preempted.value)
+    assert message.startswith(f"preempted (SIGTERM): saved a checkpoint at step 4 in {tmp_path}")
+    assert "run the command again with --config.resume=auto" in message
+    assert "--config.resume=restart, would move this run aside and start again at step 0" in message
+    assert "run the same command again to resume" not in message
+    monkeypatch.setattr(loop, "_stop_requests", real)
+    config.resume = "auto"  # what the message says: resumes at step 4, nothing moved aside
+    with pytest.warns(ConfigChangeWarning, match="resume: 'restart' -> 'auto'"):
+        assert train_and_evaluate(config, tmp_path, task=ToyTask(config))["steps"] == 12
+    assert _logged_steps(tmp_path)["train"] == [2, 4, 6, 8, 10, 12]
+    assert not list(tmp_path.glob("previous-*"))
 
 
 def test_training_wall_time_starts_once_the_input_is_open(tmp_path, monkeypatch):

@@ -29,7 +29,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Mapping
+import math
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -71,8 +72,72 @@ def plain(value: Any) -> Any:
     return value
 
 
+MODEL_SIZES = (
+    "features",
+    "num_layers",
+    "num_classes",
+    "vocab_size",
+    "input_channels",
+    "patch_size",
+    "image_size",
+    "grid_shape",
+    "mixer.expand_ratio",
+    "mixer.num_heads",
+)
+"""``config.model`` keys that are sizes: whole numbers >= 1 (``image_size``, ``grid_shape``: each
+entry); None where the model has no such setting."""
+SIZES_FROM_THE_DATA = ("num_classes", "vocab_size", "input_channels", "image_size", "grid_shape")
+"""The sizes that 0 (or ``()``) leaves to the data (:meth:`ArrayTask.derive`)."""
+
+
+def _whole_positive(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
+def check_model_sizes(model: Any, unset_allowed: Collection[str] = SIZES_FROM_THE_DATA) -> None:
+    """Raise ValueError naming ``config.model.<key>`` when a size of :data:`MODEL_SIZES` is not
+    a whole number >= 1 or ``glu_expand`` is not a finite number > 0 (a width or depth of 0
+    divided by zero or built a model that could not be saved). Keys ``model`` lacks, and None,
+    are not checked; the keys in ``unset_allowed`` may also be 0 or ``()`` (before the data
+    fill them in, or where the model does not use them)."""
+    model = plain(model) if model is not None else {}
+    for key in MODEL_SIZES:
+        value: Any = model
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        if value is None or (key in unset_allowed and value in (0, (), "")):
+            continue
+        entries = value if isinstance(value, tuple) else (value,)
+        if not entries or not all(_whole_positive(n) for n in entries):
+            what = "whole numbers >= 1" if isinstance(value, tuple) else "a whole number >= 1"
+            derived = " (or 0: from the data)" if key in unset_allowed else ""
+            raise ValueError(
+                f"config.model.{key}={value} must be {what}; set --config.model.{key}{derived}"
+            )
+    glu = model.get("glu_expand") if isinstance(model, Mapping) else None
+    if glu is not None:
+        try:
+            ok = not isinstance(glu, bool) and math.isfinite(float(glu)) and float(glu) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"config.model.glu_expand={glu} must be a finite number > 0 (the GLU's width "
+                "over features); set --config.model.glu_expand"
+            )
+
+
+def unused_sizes(kind: ModelKind) -> list[str]:
+    """The sizes of :data:`SIZES_FROM_THE_DATA` that may stay 0 once the data filled theirs in:
+    the fields of ``kind`` whose default is None, which a model may not use (e.g. the
+    classifier's ``vocab_size`` with a linear encoder; its config class checks the one in use)."""
+    optional = {f.name for f in dataclasses.fields(kind.config_cls) if f.default is None}
+    return [key for key in SIZES_FROM_THE_DATA if key in optional]
+
+
 def model_config(config, kind: ModelKind) -> Any:
-    """``kind.config_cls`` from ``config.model``; an unknown field names the key."""
+    """``kind.config_cls`` from ``config.model``; an unknown field, or a size below 1
+    (:func:`check_model_sizes`), names the key."""
     fields = plain(config.model)
     known = {f.name for f in dataclasses.fields(kind.config_cls)}
     unknown = sorted(set(fields) - known)
@@ -81,6 +146,7 @@ def model_config(config, kind: ModelKind) -> Any:
             f"config.model.{unknown[0]} is not a field of "
             f"{kind.config_cls.__name__}; valid fields: {', '.join(sorted(known))}"
         )
+    check_model_sizes(fields, unset_allowed=unused_sizes(kind))
     return kind.config_cls(**fields)
 
 
@@ -194,6 +260,7 @@ class ArrayTask:
         self.name = name
         self._examples: dict[str, dict[str, np.ndarray]] = {}
         self._check_unread_settings(config)
+        check_model_sizes(config.get("model", None))  # before deriving divides by them
         self.config = self.derive(config)
         try:
             self._check_source()

@@ -44,7 +44,18 @@ def get_task(config) -> ArrayTask:
 def model_config(config) -> Any:
     """The model dataclass of ``config`` with the derived settings of its source filled in."""
     entry = dataset(config)
+    base.check_model_sizes(config.model)  # before deriving divides by them
     return base.model_config(entry.derive(config), entry.model)
+
+
+def check_model_sizes(config) -> None:
+    """Raise ValueError naming ``config.model.<key>`` when a model size is below 1
+    (:func:`base.check_model_sizes`): as the config sets it (0: from the data) and, for a task
+    of the registry, as its data source fills it in (no data read)."""
+    base.check_model_sizes(config.get("model", None))
+    entry = DATASETS.get(str(config.get("task", "")))
+    if entry is not None:
+        base.check_model_sizes(entry.derive(config).model, base.unused_sizes(entry.model))
 
 
 def model_defaults(config) -> dict[str, Any]:
@@ -59,6 +70,7 @@ def build_model(config, rngs: nnx.Rngs) -> nnx.Module:
     """The model of ``config`` (activations in ``config.dtype``, float32 parameters), built
     without reading data (a vocabulary taken from the data needs ``get_task(config)``)."""
     entry = dataset(config)
+    base.check_model_sizes(config.model)  # before deriving divides by them
     return base.build_model(entry.derive(config), entry.model, rngs)
 
 

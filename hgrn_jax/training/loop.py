@@ -13,7 +13,10 @@ with the best validation checkpoint and write ``results.json``.
 Stopping:
 - SIGTERM (preemption): the current step finishes, a checkpoint is written, and
   :class:`Preempted` is raised; ``experiments.train`` turns it into exit code
-  :data:`PREEMPTED_EXIT_CODE`. Running the same command again resumes from that step.
+  :data:`PREEMPTED_EXIT_CODE`. Running the same command again resumes from that step; a run
+  started with ``--config.resume=restart`` or ``force`` is resumed with
+  ``--config.resume=auto``, as the message says (the same command with ``restart`` would start
+  again at step 0).
 - A NaN/inf loss or gradient: :class:`NonFiniteLossError` naming the first bad step; nothing
   after the last healthy checkpoint is saved.
 - ``config.max_train_time_s`` (optional, seconds; 0: no limit): once the run's training wall
@@ -60,6 +63,7 @@ from hgrn_jax.training.workdir import (
     WorkdirLock,
     check_resume,
     not_writable,
+    resume_choice,
 )
 
 PREEMPTED_EXIT_CODE = 0
@@ -79,14 +83,26 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint at ``step`` was written."""
+    """SIGTERM arrived; a checkpoint at ``step`` was written.
 
-    def __init__(self, step: int, workdir: str | Path):
-        self.step, self.workdir = step, workdir
-        super().__init__(
-            f"preempted (SIGTERM): saved a checkpoint at step {step} in {workdir}; "
-            "run the same command again to resume"
-        )
+    The message says how to resume: with ``resume="auto"`` (the default) the same command
+    again; with another ``config.resume``, the command with ``--config.resume=auto`` (the same
+    command with ``restart`` would move the run aside and start again at step 0).
+    """
+
+    def __init__(self, step: int, workdir: str | Path, resume: str = "auto"):
+        self.step, self.workdir, self.resume = step, workdir, resume
+        saved = f"preempted (SIGTERM): saved a checkpoint at step {step} in {workdir}; "
+        if resume == "auto":
+            how = "run the same command again to resume"
+        else:
+            how = "to resume, run the command again with --config.resume=auto"
+            if resume == "restart":
+                how += (
+                    " (the same command, with --config.resume=restart, would move this run "
+                    "aside and start again at step 0)"
+                )
+        super().__init__(saved + how)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,6 +355,27 @@ def check_run_lengths(config: Any) -> None:
         )
 
 
+def check_seed(config: Any) -> None:
+    """Raise ValueError naming the key when ``config.seed`` is not a whole number >= 0 (numpy's
+    generators, which order the training batches, take no negative seed)."""
+    seed = config.get("seed", 0) if hasattr(config, "get") else 0
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(
+            f"config.seed={seed} must be a whole number >= 0; set --config.seed (e.g. 0)"
+        )
+
+
+def check_config_values(config: Any) -> None:
+    """The checks of values a run can make before it touches its workdir, each a ValueError
+    naming the key: run lengths, the seed, the model's sizes and the optimizer's numbers."""
+    from hgrn_jax.tasks import registry
+
+    check_run_lengths(config)
+    check_seed(config)
+    registry.check_model_sizes(config)
+    optim.check_optimizer_config(config)
+
+
 def _time_budget(config: Any) -> float:
     """``config.max_train_time_s``: seconds of training wall time after which the run stops
     as if it had reached its last step (0 or absent: no limit)."""
@@ -401,7 +438,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
     The workdir is locked for the whole run (:class:`~hgrn_jax.training.workdir.WorkdirLock`).
     """
     workdir = Path(workdir)
-    check_run_lengths(config)
+    check_config_values(config)  # before anything is written to the workdir
     # The SIGTERM handler is installed before anything else, so that a preemption notice that
     # arrives while the model is built or compiled is not fatal: it stops the run at the
     # first step at which the processes compare their flags.
@@ -522,7 +559,7 @@ def _train_and_evaluate(
                 if preempted and not last:
                     if done % eval_every and done % ckpt_every:
                         save(state, done)
-                    raise Preempted(done, workdir)
+                    raise Preempted(done, workdir, resume_choice(config))
                 if out_of_time:
                     bar.write(
                         f"step {done}: the time budget (config.max_train_time_s={budget:g}) is "

@@ -12,7 +12,8 @@ return the learning rate of the next update:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -97,6 +98,59 @@ def make_schedule(schedule_config: Any, learning_rate: float) -> Schedule:
     raise ValueError(f"unknown schedule.name {name!r}; choose one of {', '.join(SCHEDULES)}")
 
 
+def _section(config: Any, name: str) -> Mapping[str, Any]:
+    """``config.<name>`` as a mapping (empty when the config has no such section)."""
+    section = config.get(name, None) if hasattr(config, "get") else None
+    return dict(section) if section is not None else {}
+
+
+def _check_number(key: str, value: Any, *, positive: bool, example: str) -> None:
+    """Raise ValueError naming ``config.<key>`` unless ``value`` is a finite number > 0
+    (``positive``) or >= 0."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    ok = math.isfinite(number) and (number > 0 if positive else number >= 0)
+    if not ok:
+        need = "a finite number > 0" if positive else "a finite number >= 0"
+        raise ValueError(
+            f"config.{key}={value} must be {need}; set --config.{key} (e.g. {example})"
+        )
+
+
+def _whole_non_negative(value: Any) -> bool:
+    """Whether ``value`` is a whole number >= 0 (an int, or a float such as 10.0)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(number) and number >= 0 and number.is_integer()
+
+
+def check_optimizer_config(config: Any) -> None:
+    """Raise ValueError naming the key when ``optimizer.learning_rate`` is not a finite number
+    > 0, ``optimizer.weight_decay`` or ``schedule.min_lr`` not a finite number >= 0, or
+    ``schedule.warmup_steps`` not an integer >= 0. Keys the config lacks are not checked."""
+    opt, schedule = _section(config, "optimizer"), _section(config, "schedule")
+    if "learning_rate" in opt:
+        _check_number(
+            "optimizer.learning_rate", opt["learning_rate"], positive=True, example="1e-3"
+        )
+    for key, value in (
+        ("optimizer.weight_decay", opt.get("weight_decay")),
+        ("schedule.min_lr", schedule.get("min_lr")),
+    ):
+        if value is not None:
+            _check_number(key, value, positive=False, example="0")
+    warmup = schedule.get("warmup_steps")
+    if warmup is not None and not _whole_non_negative(warmup):
+        raise ValueError(
+            f"config.schedule.warmup_steps={warmup} must be an integer >= 0; set "
+            "--config.schedule.warmup_steps (0: no warmup)"
+        )
+
+
 def _path_names(path: tuple) -> list[str]:
     names = []
     for key in path:
@@ -179,7 +233,10 @@ def make_optimizer(config: Any, params: Any) -> tuple[optax.GradientTransformati
     Gradient clipping by global norm comes first when ``optimizer.grad_clip_norm > 0``. Gradient
     accumulation (``optimizer.accumulate_steps``) is done by the train step itself, which splits
     each global batch into micro-batches, so the optimizer always sees one update per step.
+    Bad values (a learning rate <= 0, a negative weight decay, ...) raise ValueError naming the
+    key (:func:`check_optimizer_config`).
     """
+    check_optimizer_config(config)
     opt = dict(config.optimizer)
     name = opt.get("name", "adamw")
     lr = float(opt["learning_rate"])
