@@ -359,6 +359,28 @@ def test_truncated_or_missing_files_are_moved_aside_not_deleted(copy_of_finished
     assert results["test"] == finished[1]["test"]
 
 
+@pytest.mark.slow
+def test_a_damaged_checkpoint_without_checksums_falls_back_and_is_not_certified(
+    copy_of_finished, finished
+):
+    """Checkpoints saved before checksums were recorded: a truncated one fails to restore, is
+    moved aside and the previous one is used; no manifest is written over bytes this run did
+    not save."""
+    from hgrn_jax.training import integrity
+
+    run = copy_of_finished
+    for manifest in (run / "checkpoints").glob(f"*/{integrity.MANIFEST}"):
+        manifest.unlink()
+    for data in (run / "checkpoints" / "12" / "state").glob("**/d/*"):  # OCDBT data files
+        data.write_bytes(data.read_bytes()[:100])
+    with pytest.warns(RuntimeWarning, match=r"step 12 .*moved it to .*checkpoints\.damaged"):
+        results = _run(_config(), run)
+    assert not integrity.has_manifest(run / "checkpoints.damaged" / "12")
+    assert not integrity.has_manifest(run / "checkpoints" / "9")  # restored, not certified
+    assert integrity.has_manifest(run / "checkpoints" / "12")  # saved again by this run
+    assert results["test"] == finished[1]["test"]
+
+
 def test_damaged_best_checkpoint_at_the_end_uses_the_next_best(copy_of_finished, finished):
     run = copy_of_finished
     six = run / "checkpoints" / "6"
@@ -391,6 +413,42 @@ def test_checksums_are_recorded_only_for_committed_checkpoints(tmp_path):
     with pytest.raises(integrity.DamagedCheckpointError, match="checksum"):
         integrity.verify(tmp_path / "ckpt" / "2")
     checkpoints.close()
+
+
+def test_an_unverified_checkpoint_that_does_not_restore_is_moved_aside_uncertified(tmp_path):
+    """Without checksums (older code, or a run killed before recording them) a checkpoint whose
+    array data is truncated fails to restore: it is moved aside and the previous one restored
+    unverified; the checksums of folders another run wrote are never recorded."""
+    from hgrn_jax.training import integrity
+    from hgrn_jax.training.checkpoint import (
+        CheckpointFallbackWarning,
+        Checkpoints,
+        CheckpointUnverifiedWarning,
+    )
+
+    folder = tmp_path / "ckpt"
+    tree = {"w": jnp.arange(100_000.0)}  # large enough to be stored outside the OCDBT index
+    earlier = Checkpoints(folder, keep=3, async_save=False)
+    earlier.save(1, tree, {"step": 1})
+    earlier.save(2, jax.tree.map(lambda x: 2 * x, tree), {"step": 2})
+    earlier.close()
+    for manifest in folder.glob(f"*/{integrity.MANIFEST}"):
+        manifest.unlink()
+    data = max((folder / "2" / "state").glob("ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:1000])
+
+    checkpoints = Checkpoints(folder, keep=3)
+    with (
+        pytest.warns(CheckpointFallbackWarning, match=r"step 2 .*moved it to .*ckpt\.damaged"),
+        pytest.warns(CheckpointUnverifiedWarning),
+    ):
+        step, restored, meta = checkpoints.restore_latest(jax.eval_shape(lambda: tree))
+    checkpoints.close()
+    assert step == 1 and meta == {"step": 1}
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(100_000.0))
+    assert (tmp_path / "ckpt.damaged" / "2" / "state").is_dir()
+    assert not integrity.has_manifest(tmp_path / "ckpt.damaged" / "2")
+    assert not integrity.has_manifest(folder / "1")
 
 
 # ----------------------------------------------------------------------------------------------
