@@ -259,7 +259,7 @@ def test_harmless_changes_are_allowed_and_listed(copy_of_finished, finished):
 
 def _saved_run_without(workdir: Path, config, *keys: str) -> Path:
     """A workdir whose ``config.json`` is ``config`` without ``keys`` (dotted), as a run saved
-    by code from before those fields existed would hold."""
+    by code from before those fields existed would hold, with a (placeholder) checkpoint."""
     saved = json.loads(json.dumps(config.to_dict()))
     for key in keys:
         *path, last = key.split(".")
@@ -267,7 +267,7 @@ def _saved_run_without(workdir: Path, config, *keys: str) -> Path:
         for part in path:
             target = target[part]
         del target[last]
-    workdir.mkdir()
+    (workdir / "checkpoints" / "1").mkdir(parents=True)
     (workdir / "config.json").write_text(json.dumps(saved))
     return workdir / "config.json"
 
@@ -311,6 +311,27 @@ def test_absent_keys_of_a_user_task_still_refuse(tmp_path):
     _saved_run_without(tmp_path / "run", config, "model.features")
     with pytest.raises(ConfigChangedError, match=r"model\.features: absent -> 16"):
         prepare_workdir(tmp_path / "run", config)
+
+
+def test_a_changed_config_without_a_committed_checkpoint_is_accepted(tmp_path):
+    """An attempt that failed before its first checkpoint left config.json (and maybe an
+    unfinished Orbax folder): a structural change is accepted, and config.json replaced; one
+    committed step folder makes the same change a refusal."""
+    from hgrn_jax.training.loop import prepare_workdir
+    from hgrn_jax.training.workdir import ConfigChangedError, ConfigChangeWarning
+
+    run = tmp_path / "run"
+    prepare_workdir(run, _config()).release()
+    (run / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    changed = _config(**{"model.features": 8})
+    with pytest.warns(ConfigChangeWarning, match=r"replaced.*no checkpoint.*features: 16 -> 8"):
+        prepare_workdir(run, changed).release()
+    assert json.loads((run / "config.json").read_text())["model"]["features"] == 8
+
+    (run / "checkpoints" / "3").mkdir()
+    with pytest.raises(ConfigChangedError, match=r"model\.features: 8 -> 16"):
+        prepare_workdir(run, _config())
+    assert json.loads((run / "config.json").read_text())["model"]["features"] == 8
 
 
 @pytest.mark.slow

@@ -9,7 +9,9 @@ held from another host cannot be checked, so the message says how to clear it.
 The config: on a rerun, the workdir's ``config.json`` is compared with the new config
 (:func:`compare_configs`). Keys that change the model, the data's shapes, the task or the
 optimizer's state structure refuse the resume (:class:`ConfigChangedError`) unless
-``config.resume`` says otherwise. A model key absent from the saved config (a run from before
+``config.resume`` says otherwise; a workdir without a committed checkpoint (an earlier attempt
+that failed before its first one) has nothing to continue, so the new config replaces its
+``config.json`` (one line says so). A model key absent from the saved config (a run from before
 the field existed) stands for the field's default, so a new field whose default keeps the old
 behaviour never blocks an old run; that is the rule for adding one.
 
@@ -300,6 +302,15 @@ def read_saved_config(workdir: str | Path) -> dict[str, Any] | None:
     return saved
 
 
+def has_checkpoint(workdir: str | Path) -> bool:
+    """Whether ``workdir/checkpoints`` holds a committed checkpoint: a step folder named by an
+    integer (Orbax's unfinished ones carry a suffix)."""
+    folder = Path(workdir) / "checkpoints"
+    if not folder.is_dir():
+        return False
+    return any(entry.name.isdigit() and entry.is_dir() for entry in folder.iterdir())
+
+
 def has_previous_run(workdir: str | Path) -> bool:
     workdir = Path(workdir)
     return any((workdir / name).exists() for name in ("config.json", "checkpoints"))
@@ -339,7 +350,9 @@ def check_resume(
     anything of the new run is written). Returns lines describing what happened (for the log).
     ``defaults``: what absent keys stand for (:func:`compare_configs`).
 
-    Raises :class:`ConfigChangedError` on structural changes with ``resume="auto"``.
+    Raises :class:`ConfigChangedError` on structural changes with ``resume="auto"`` when the
+    workdir holds a committed checkpoint; without one (an earlier attempt failed before its
+    first checkpoint) there is nothing to continue and the new config is accepted.
     """
     workdir = Path(workdir)
     choice = resume_choice(config)
@@ -355,6 +368,11 @@ def check_resume(
     if saved is None:
         return []
     structural, harmless, other = compare_configs(saved, config, defaults)
+    if structural and not has_checkpoint(workdir):
+        return [
+            f"{workdir / 'config.json'} is replaced by the new config: {workdir / 'checkpoints'} "
+            f"holds no checkpoint to continue ({'; '.join(structural + other)})"
+        ]
     if structural and choice == "auto":
         raise ConfigChangedError(
             f"{workdir / 'config.json'} holds a run whose checkpoints cannot continue with the "
