@@ -627,6 +627,60 @@ def test_two_runs_at_once_the_second_fails_naming_the_holder(tmp_path):
     assert config["optimizer"]["learning_rate"] == 0.01  # the first run's, not the second's
 
 
+def test_a_folder_with_run_files_but_no_config_is_not_taken_over(tmp_path):
+    """Someone else's checkpoints/ and metrics.jsonl without a config.json: refused in one line,
+    every byte left as it was (restart included); a folder left by a run killed between taking
+    its lock and writing config.json (only the stale lock) is still used."""
+    from hgrn_jax.training.loop import prepare_workdir
+    from hgrn_jax.training.workdir import WorkdirError
+
+    foreign = tmp_path / "foreign"
+    (foreign / "checkpoints" / "3").mkdir(parents=True)
+    (foreign / "checkpoints" / "3" / "model.pt").write_text("w")
+    (foreign / "metrics.jsonl").write_text('{"a": 1}\nuser log line\n')
+    before = _tree_digest(foreign)
+    for resume in ("auto", "restart"):
+        with pytest.raises(
+            WorkdirError,
+            match=r"holds checkpoints, metrics\.jsonl but no config\.json.*new --workdir",
+        ) as caught:
+            prepare_workdir(foreign, _config(resume=resume))
+        assert "\n" not in str(caught.value) and str(foreign) in str(caught.value)
+        assert _tree_digest(foreign) == before
+        assert sorted(p.name for p in foreign.iterdir()) == ["checkpoints", "metrics.jsonl"]
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = tmp_path / "killed"
+    _write_lock(killed, pid=dead.pid)
+    with pytest.warns(RuntimeWarning, match="left by a run that is gone"):
+        prepare_workdir(killed, _config()).release()
+    assert (killed / "config.json").is_file()
+
+
+def test_restart_moves_config_json_last(tmp_path, monkeypatch):
+    """An archive cut short leaves config.json beside the files not yet moved."""
+    from hgrn_jax.training import workdir
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "3").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("")
+    rename = os.rename
+    moved = []
+
+    def rename_once(source, destination):
+        if moved:
+            raise KeyboardInterrupt  # killed during the second move
+        moved.append(Path(source).name)
+        rename(source, destination)
+
+    monkeypatch.setattr(workdir.os, "rename", rename_once)
+    with pytest.raises(KeyboardInterrupt):
+        workdir.archive_previous_run(run)
+    assert moved == ["checkpoints"] and (run / "config.json").is_file()
+
+
 def test_lock_outcome_reaches_every_process(monkeypatch):
     from hgrn_jax.training import agreement
 
