@@ -25,8 +25,8 @@ file or key and the fix; ``--traceback`` shows the full traceback instead.
 Resuming: the workdir's config.json is compared with the new config. Changes to the model, the
 data's shapes, the task or the optimizer's structure stop the run (exit 2, keys listed) unless
 ``--config.resume=restart`` (move the previous run into ``workdir/previous-<time>/`` and start
-again) or ``--config.resume=force`` (resume anyway; still refused if the checkpoint's arrays do
-not fit). Other changes (more steps, evaluation/log/checkpoint frequency, ...) are listed in a
+again) or ``--config.resume=force`` (resume anyway; still refused, config.json untouched, if the
+checkpoint's arrays do not fit). Other changes (more steps, evaluation/log/checkpoint frequency, ...) are listed in a
 warning and used.
 """
 

@@ -235,11 +235,12 @@ def test_resume_force_with_arrays_that_no_longer_fit_touches_nothing(copy_of_fin
     from hgrn_jax.training.checkpoint import CheckpointMismatchError
 
     run = copy_of_finished
-    before = _tree_digest(run / "checkpoints")
+    before = _tree_digest(run)
     with pytest.raises(CheckpointMismatchError, match=r"embedding.*\(16, 16\).*\(16, 32\)"):
         _run(_config(**{"model.features": 32, "resume": "force"}), run)
-    assert _tree_digest(run / "checkpoints") == before
+    assert _tree_digest(run) == before  # config.json included: the rerun is not refused
     assert not (run / "checkpoints.damaged").exists()
+    assert _run(_config(), run)["steps"] == 12
 
 
 @pytest.mark.slow
@@ -259,7 +260,7 @@ def test_harmless_changes_are_allowed_and_listed(copy_of_finished, finished):
 
 def _saved_run_without(workdir: Path, config, *keys: str) -> Path:
     """A workdir whose ``config.json`` is ``config`` without ``keys`` (dotted), as a run saved
-    by code from before those fields existed would hold."""
+    by code from before those fields existed would hold, with a (placeholder) checkpoint."""
     saved = json.loads(json.dumps(config.to_dict()))
     for key in keys:
         *path, last = key.split(".")
@@ -267,7 +268,7 @@ def _saved_run_without(workdir: Path, config, *keys: str) -> Path:
         for part in path:
             target = target[part]
         del target[last]
-    workdir.mkdir()
+    (workdir / "checkpoints" / "1").mkdir(parents=True)
     (workdir / "config.json").write_text(json.dumps(saved))
     return workdir / "config.json"
 
@@ -289,7 +290,8 @@ def test_a_model_key_added_later_at_its_default_resumes(tmp_path):
     listed = " ".join(str(w.message) for w in caught)
     assert "model.use_lower_bound: absent (default True) -> True" in listed
     assert "model.mixer.kind: absent (default 'hgrn') -> 'hgrn'" in listed
-    assert json.loads(saved.read_text())["model"]["use_lower_bound"] is True  # rewritten as now
+    # Rewritten as now only once its checkpoint has been restored (by train_and_evaluate).
+    assert "use_lower_bound" not in json.loads(saved.read_text())["model"]
 
     # position_encoding is True in the LRA configs and False by default: an old run without the
     # key had no positions, so the new config changes its model.
@@ -311,6 +313,27 @@ def test_absent_keys_of_a_user_task_still_refuse(tmp_path):
     _saved_run_without(tmp_path / "run", config, "model.features")
     with pytest.raises(ConfigChangedError, match=r"model\.features: absent -> 16"):
         prepare_workdir(tmp_path / "run", config)
+
+
+def test_a_changed_config_without_a_committed_checkpoint_is_accepted(tmp_path):
+    """An attempt that failed before its first checkpoint left config.json (and maybe an
+    unfinished Orbax folder): a structural change is accepted, and config.json replaced; one
+    committed step folder makes the same change a refusal."""
+    from hgrn_jax.training.loop import prepare_workdir
+    from hgrn_jax.training.workdir import ConfigChangedError, ConfigChangeWarning
+
+    run = tmp_path / "run"
+    prepare_workdir(run, _config()).release()
+    (run / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    changed = _config(**{"model.features": 8})
+    with pytest.warns(ConfigChangeWarning, match=r"replaced.*no checkpoint.*features: 16 -> 8"):
+        prepare_workdir(run, changed).release()
+    assert json.loads((run / "config.json").read_text())["model"]["features"] == 8
+
+    (run / "checkpoints" / "3").mkdir()
+    with pytest.raises(ConfigChangedError, match=r"model\.features: 8 -> 16"):
+        prepare_workdir(run, _config())
+    assert json.loads((run / "config.json").read_text())["model"]["features"] == 8
 
 
 @pytest.mark.slow
@@ -359,6 +382,28 @@ def test_truncated_or_missing_files_are_moved_aside_not_deleted(copy_of_finished
     assert results["test"] == finished[1]["test"]
 
 
+@pytest.mark.slow
+def test_a_damaged_checkpoint_without_checksums_falls_back_and_is_not_certified(
+    copy_of_finished, finished
+):
+    """Checkpoints saved before checksums were recorded: a truncated one fails to restore, is
+    moved aside and the previous one is used; no manifest is written over bytes this run did
+    not save."""
+    from hgrn_jax.training import integrity
+
+    run = copy_of_finished
+    for manifest in (run / "checkpoints").glob(f"*/{integrity.MANIFEST}"):
+        manifest.unlink()
+    for data in (run / "checkpoints" / "12" / "state").glob("**/d/*"):  # OCDBT data files
+        data.write_bytes(data.read_bytes()[:100])
+    with pytest.warns(RuntimeWarning, match=r"step 12 .*moved it to .*checkpoints\.damaged"):
+        results = _run(_config(), run)
+    assert not integrity.has_manifest(run / "checkpoints.damaged" / "12")
+    assert not integrity.has_manifest(run / "checkpoints" / "9")  # restored, not certified
+    assert integrity.has_manifest(run / "checkpoints" / "12")  # saved again by this run
+    assert results["test"] == finished[1]["test"]
+
+
 def test_damaged_best_checkpoint_at_the_end_uses_the_next_best(copy_of_finished, finished):
     run = copy_of_finished
     six = run / "checkpoints" / "6"
@@ -391,6 +436,42 @@ def test_checksums_are_recorded_only_for_committed_checkpoints(tmp_path):
     with pytest.raises(integrity.DamagedCheckpointError, match="checksum"):
         integrity.verify(tmp_path / "ckpt" / "2")
     checkpoints.close()
+
+
+def test_an_unverified_checkpoint_that_does_not_restore_is_moved_aside_uncertified(tmp_path):
+    """Without checksums (older code, or a run killed before recording them) a checkpoint whose
+    array data is truncated fails to restore: it is moved aside and the previous one restored
+    unverified; the checksums of folders another run wrote are never recorded."""
+    from hgrn_jax.training import integrity
+    from hgrn_jax.training.checkpoint import (
+        CheckpointFallbackWarning,
+        Checkpoints,
+        CheckpointUnverifiedWarning,
+    )
+
+    folder = tmp_path / "ckpt"
+    tree = {"w": jnp.arange(100_000.0)}  # large enough to be stored outside the OCDBT index
+    earlier = Checkpoints(folder, keep=3, async_save=False)
+    earlier.save(1, tree, {"step": 1})
+    earlier.save(2, jax.tree.map(lambda x: 2 * x, tree), {"step": 2})
+    earlier.close()
+    for manifest in folder.glob(f"*/{integrity.MANIFEST}"):
+        manifest.unlink()
+    data = max((folder / "2" / "state").glob("ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:1000])
+
+    checkpoints = Checkpoints(folder, keep=3)
+    with (
+        pytest.warns(CheckpointFallbackWarning, match=r"step 2 .*moved it to .*ckpt\.damaged"),
+        pytest.warns(CheckpointUnverifiedWarning),
+    ):
+        step, restored, meta = checkpoints.restore_latest(jax.eval_shape(lambda: tree))
+    checkpoints.close()
+    assert step == 1 and meta == {"step": 1}
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(100_000.0))
+    assert (tmp_path / "ckpt.damaged" / "2" / "state").is_dir()
+    assert not integrity.has_manifest(tmp_path / "ckpt.damaged" / "2")
+    assert not integrity.has_manifest(folder / "1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,6 +625,60 @@ def test_two_runs_at_once_the_second_fails_naming_the_holder(tmp_path):
         first.communicate(timeout=120)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["optimizer"]["learning_rate"] == 0.01  # the first run's, not the second's
+
+
+def test_a_folder_with_run_files_but_no_config_is_not_taken_over(tmp_path):
+    """Someone else's checkpoints/ and metrics.jsonl without a config.json: refused in one line,
+    every byte left as it was (restart included); a folder left by a run killed between taking
+    its lock and writing config.json (only the stale lock) is still used."""
+    from hgrn_jax.training.loop import prepare_workdir
+    from hgrn_jax.training.workdir import WorkdirError
+
+    foreign = tmp_path / "foreign"
+    (foreign / "checkpoints" / "3").mkdir(parents=True)
+    (foreign / "checkpoints" / "3" / "model.pt").write_text("w")
+    (foreign / "metrics.jsonl").write_text('{"a": 1}\nuser log line\n')
+    before = _tree_digest(foreign)
+    for resume in ("auto", "restart"):
+        with pytest.raises(
+            WorkdirError,
+            match=r"holds checkpoints, metrics\.jsonl but no config\.json.*new --workdir",
+        ) as caught:
+            prepare_workdir(foreign, _config(resume=resume))
+        assert "\n" not in str(caught.value) and str(foreign) in str(caught.value)
+        assert _tree_digest(foreign) == before
+        assert sorted(p.name for p in foreign.iterdir()) == ["checkpoints", "metrics.jsonl"]
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = tmp_path / "killed"
+    _write_lock(killed, pid=dead.pid)
+    with pytest.warns(RuntimeWarning, match="left by a run that is gone"):
+        prepare_workdir(killed, _config()).release()
+    assert (killed / "config.json").is_file()
+
+
+def test_restart_moves_config_json_last(tmp_path, monkeypatch):
+    """An archive cut short leaves config.json beside the files not yet moved."""
+    from hgrn_jax.training import workdir
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "3").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("")
+    rename = os.rename
+    moved = []
+
+    def rename_once(source, destination):
+        if moved:
+            raise KeyboardInterrupt  # killed during the second move
+        moved.append(Path(source).name)
+        rename(source, destination)
+
+    monkeypatch.setattr(workdir.os, "rename", rename_once)
+    with pytest.raises(KeyboardInterrupt):
+        workdir.archive_previous_run(run)
+    assert moved == ["checkpoints"] and (run / "config.json").is_file()
 
 
 def test_lock_outcome_reaches_every_process(monkeypatch):

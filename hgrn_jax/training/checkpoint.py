@@ -8,8 +8,11 @@ restores its own, :meth:`Checkpoints.input_state`). Checkpoints of older code ha
 item; the loop then positions the input at the saved step. Checkpoints saved after an evaluation carry the validation metric, and the one
 with the best value is kept besides the latest ``keep`` ones.
 
-Restoring never deletes. Once Orbax has committed a step, its files' checksums are recorded
-(:mod:`hgrn_jax.training.integrity`); on restore a checkpoint is classified:
+Restoring never deletes. Once Orbax has committed a step saved by this :class:`Checkpoints`,
+its files' checksums are recorded (:mod:`hgrn_jax.training.integrity`); a step folder found on
+disk without them (older code, or a run killed between the commit and the checksums) is never
+certified afterwards, since its bytes may have changed since. On restore a checkpoint is
+classified:
 
 - damaged (missing or truncated files, a failed checksum, or, without checksums, a failed
   restore): moved into ``<directory>.damaged/<step>`` with a :class:`CheckpointFallbackWarning`,
@@ -216,6 +219,7 @@ class Checkpoints:
         )
         self.async_save = async_save
         self.primary = jax.process_index() == 0
+        self._unrecorded: set[int] = set()  # steps saved here whose checksums are not recorded
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=options,
@@ -249,23 +253,26 @@ class Checkpoints:
         (the training iterator's JSON-able state, if any) as checkpoint ``step``.
 
         Orbax finishes the previous asynchronous save first; its checksums are recorded then."""
-        self.manager.wait_until_finished()
-        self.record_checksums()
+        self.wait()
         items = {"state": _StateSave(tree), "meta": ocp.args.JsonSave(meta)}
         if input_state is not None:
             snapshot = _InputState(json.dumps(dict(input_state), indent=1).encode())
             items[INPUT_ITEM] = grain_checkpoint.CheckpointSave(item=snapshot)
         args = ocp.args.Composite(**items)
         self.manager.save(step, args=args, metrics=metrics, force=True)
+        self._unrecorded.add(step)
         if not self.async_save:
             self.record_checksums()
 
     def record_checksums(self) -> None:
-        """Write the integrity manifest of every finished checkpoint that lacks one (process 0;
-        call only when no save is in flight, so that only committed folders are hashed)."""
+        """Write the integrity manifest of each checkpoint this instance saved whose checksums
+        are not recorded yet (process 0; call only when no save is in flight, so that only
+        committed folders are hashed). Folders it did not write are never certified."""
+        ready = self._unrecorded & set(self.all_steps())
+        self._unrecorded -= ready
         if not self.primary:
             return
-        for step in self.all_steps():
+        for step in sorted(ready):
             folder = self.step_folder(step)
             if folder.is_dir() and not integrity.has_manifest(folder):
                 try:
@@ -357,9 +364,8 @@ class Checkpoints:
             failure = exc
         if not agreement.any_process(failure is not None):
             return restored.state, dict(restored.meta)
-        text = (
-            f"{type(failure).__name__}: {str(failure)[:300]}" if failure else "on another process"
-        )
+        one_line = " ".join(str(failure).split())  # TensorStore's messages span lines
+        text = f"{type(failure).__name__}: {one_line[:300]}" if failure else "on another process"
         local_unreadable = isinstance(failure, OSError) or "PERMISSION_DENIED" in text
         if agreement.any_process(local_unreadable):
             if isinstance(failure, OSError):
@@ -467,7 +473,8 @@ class Checkpoints:
         return max(scored, key=lambda item: (sign * item[1], item[0]))[0]
 
     def wait(self) -> None:
-        """Block until pending asynchronous saves are written and their checksums recorded."""
+        """Block until pending asynchronous saves are written and their checksums recorded
+        (only those of this instance's saves: see :meth:`record_checksums`)."""
         self.manager.wait_until_finished()
         self.record_checksums()
 

@@ -4,7 +4,8 @@ Steps: lock the workdir and compare its config.json with the new config
 (:mod:`hgrn_jax.training.workdir`); build the task and a sharded train state; resume from the
 newest usable checkpoint in ``workdir/checkpoints`` (the data position is the input pipeline's
 state saved with it, or the saved step for checkpoints without one; damaged checkpoints are moved
-aside, see :mod:`hgrn_jax.training.checkpoint`); open and validate every
+aside, see :mod:`hgrn_jax.training.checkpoint`) and only then replace ``config.json`` (a
+refused checkpoint leaves it as it was); open and validate every
 split (:mod:`hgrn_jax.training.preflight`); train with logging; evaluate the
 whole validation split every ``eval_every`` steps and checkpoint with the validation metric (the
 best one is kept); checkpoint every ``checkpoint_every`` steps; at the end evaluate the test split
@@ -62,6 +63,7 @@ from hgrn_jax.training.workdir import (
     WorkdirError,
     WorkdirLock,
     check_resume,
+    has_checkpoint,
     not_writable,
     resume_choice,
 )
@@ -383,9 +385,20 @@ def _time_budget(config: Any) -> float:
     return float(value or 0)
 
 
+def _write_config(workdir: Path, config: Any) -> None:
+    try:
+        write_config(workdir, config)
+    except OSError as os_error:
+        raise not_writable(workdir / "config.json", os_error) from None
+
+
 def prepare_workdir(workdir: Path, config: Any) -> WorkdirLock:
-    """Lock ``workdir`` (process 0, before anything is written), check that its run may continue
-    with ``config`` and write ``config.json``; the other processes learn the outcome."""
+    """Lock ``workdir`` (process 0, before anything is written) and check that its run may
+    continue with ``config``; the other processes learn the outcome.
+
+    Without a committed checkpoint ``config.json`` is written at once, before any other file of
+    the run; otherwise it describes the checkpoints and is replaced only once one of them has
+    been restored with the new config (:func:`commit_config`)."""
     lock, error = WorkdirLock(workdir), None
     if jax.process_index() == 0:
         try:
@@ -394,15 +407,26 @@ def prepare_workdir(workdir: Path, config: Any) -> WorkdirLock:
 
             for line in check_resume(workdir, config, model_defaults(config)):
                 warnings.warn(line, ConfigChangeWarning, stacklevel=3)
-            try:
-                write_config(workdir, config)
-            except OSError as os_error:
-                raise not_writable(workdir / "config.json", os_error) from None
+            if not has_checkpoint(workdir):
+                _write_config(workdir, config)
         except (WorkdirError, ValueError, OSError) as failure:
             lock.release()
             error = failure
     agreement.share_outcome(error, f"preparing {workdir}")
     return lock
+
+
+def commit_config(workdir: Path, config: Any) -> None:
+    """Write ``config.json`` (process 0) once the run's checkpoint has been restored with
+    ``config``, so that a refused checkpoint leaves the saved config as it was; every process
+    learns the outcome."""
+    error = None
+    if jax.process_index() == 0:
+        try:
+            _write_config(workdir, config)
+        except WorkdirError as failure:
+            error = failure
+    agreement.share_outcome(error, f"writing {workdir / 'config.json'}")
 
 
 def _startup_summary(run: Run, start: int, total_steps: int) -> list[str]:
@@ -468,6 +492,7 @@ def _train_and_evaluate(
         state, meta = restored
         release_buffers(run.state)  # the fresh initial state is not needed: free its memory
         input_state = run.checkpoints.input_state(int(meta["step"]))
+    commit_config(workdir, config)
     start = int(meta["step"])
     run.writer.rewind(start)
     wall_before = float(meta.get("wall_time_s", 0.0))

@@ -6,10 +6,16 @@ run on the same workdir stops at once with :class:`WorkdirInUseError` naming the
 left by a dead process on the same host is taken over with a :class:`StaleLockWarning`; a lock
 held from another host cannot be checked, so the message says how to clear it.
 
+A run writes ``config.json`` right after taking the lock, before any other file; a workdir
+holding run files (:data:`RUN_FILES`) without it belongs to something else and is refused
+(:class:`WorkdirError`), touching nothing.
+
 The config: on a rerun, the workdir's ``config.json`` is compared with the new config
 (:func:`compare_configs`). Keys that change the model, the data's shapes, the task or the
 optimizer's state structure refuse the resume (:class:`ConfigChangedError`) unless
-``config.resume`` says otherwise. A model key absent from the saved config (a run from before
+``config.resume`` says otherwise; a workdir without a committed checkpoint (an earlier attempt
+that failed before its first one) has nothing to continue, so the new config replaces its
+``config.json`` (one line says so). A model key absent from the saved config (a run from before
 the field existed) stands for the field's default, so a new field whose default keeps the old
 behaviour never blocks an old run; that is the rule for adding one.
 
@@ -300,13 +306,21 @@ def read_saved_config(workdir: str | Path) -> dict[str, Any] | None:
     return saved
 
 
+def has_checkpoint(workdir: str | Path) -> bool:
+    """Whether ``workdir/checkpoints`` holds a committed checkpoint: a step folder named by an
+    integer (Orbax's unfinished ones carry a suffix)."""
+    folder = Path(workdir) / "checkpoints"
+    if not folder.is_dir():
+        return False
+    return any(entry.name.isdigit() and entry.is_dir() for entry in folder.iterdir())
+
+
 def has_previous_run(workdir: str | Path) -> bool:
     workdir = Path(workdir)
     return any((workdir / name).exists() for name in ("config.json", "checkpoints"))
 
 
-PREVIOUS_RUN_ENTRIES = (
-    "config.json",
+RUN_FILES = (
     "checkpoints",
     "checkpoints.damaged",
     "metrics.jsonl",
@@ -314,10 +328,15 @@ PREVIOUS_RUN_ENTRIES = (
     "results.json",
     "curves.png",
 )
+"""What a run writes into its workdir besides ``config.json`` (which it writes first)."""
+PREVIOUS_RUN_ENTRIES = ("config.json", *RUN_FILES)
 
 
 def archive_previous_run(workdir: str | Path) -> Path:
-    """Move the previous run's files into ``workdir/previous-<UTC time>/`` (nothing deleted)."""
+    """Move the previous run's files into ``workdir/previous-<UTC time>/`` (nothing deleted).
+
+    ``config.json`` goes last: a move cut short leaves the rest beside it, still a run folder
+    (:func:`check_resume` refuses run files without a config.json)."""
     workdir = Path(workdir)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     folder = workdir / f"previous-{stamp}"
@@ -326,7 +345,7 @@ def archive_previous_run(workdir: str | Path) -> Path:
         suffix += 1
         folder = workdir / f"previous-{stamp}-{suffix}"
     folder.mkdir()
-    for name in PREVIOUS_RUN_ENTRIES:
+    for name in (*RUN_FILES, "config.json"):
         if (workdir / name).exists():
             os.rename(workdir / name, folder / name)
     return folder
@@ -339,11 +358,23 @@ def check_resume(
     anything of the new run is written). Returns lines describing what happened (for the log).
     ``defaults``: what absent keys stand for (:func:`compare_configs`).
 
-    Raises :class:`ConfigChangedError` on structural changes with ``resume="auto"``.
+    Raises :class:`WorkdirError` when the workdir holds files of a run (checkpoints, metrics,
+    ...) but no ``config.json``: a run writes that first, right after taking the lock, so
+    these are someone else's and are left alone. Raises :class:`ConfigChangedError` on
+    structural changes with ``resume="auto"`` when the
+    workdir holds a committed checkpoint; without one (an earlier attempt failed before its
+    first checkpoint) there is nothing to continue and the new config is accepted.
     """
     workdir = Path(workdir)
     choice = resume_choice(config)
     saved = read_saved_config(workdir)
+    if saved is None:
+        foreign = [name for name in RUN_FILES if (workdir / name).exists()]
+        if foreign:
+            raise WorkdirError(
+                f"{workdir} holds {', '.join(foreign)} but no config.json, so it is not a run "
+                "folder of this program; nothing was changed. Choose an empty or new --workdir"
+            )
     if choice == "restart":
         if has_previous_run(workdir):
             folder = archive_previous_run(workdir)
@@ -355,6 +386,11 @@ def check_resume(
     if saved is None:
         return []
     structural, harmless, other = compare_configs(saved, config, defaults)
+    if structural and not has_checkpoint(workdir):
+        return [
+            f"{workdir / 'config.json'} is replaced by the new config: {workdir / 'checkpoints'} "
+            f"holds no checkpoint to continue ({'; '.join(structural + other)})"
+        ]
     if structural and choice == "auto":
         raise ConfigChangedError(
             f"{workdir / 'config.json'} holds a run whose checkpoints cannot continue with the "
