@@ -283,3 +283,29 @@ def test_unknown_presets_and_keys_fail_clearly():
     config = load("lra.listops")
     with pytest.raises(AttributeError, match="learning_rat"):
         config.optimizer.learning_rat = 1.0  # locked: typos cannot add keys
+
+
+def test_mixer_settings_left_unset_take_integers_on_the_command_line():
+    """``--config.model.mixer.expand_ratio=8`` (README's HGRN2 switch) and ``num_heads``: the
+    fields HGRN leaves unset were None, a type the command line refuses to override."""
+    from pathlib import Path
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    spec = Path(__file__).resolve().parents[1] / "experiments/configs/lra/listops.py"
+
+    def parse(*overrides: str):
+        argv = ["train", f"--config={spec}:tiny", *overrides]
+        values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+        values(argv)
+        return values.config.model.mixer
+
+    assert parse().expand_ratio is None  # HGRN: unset, as before
+    mixer = parse(
+        "--config.model.mixer.kind=hgrn2",
+        "--config.model.mixer.expand_ratio=8",
+        "--config.model.mixer.num_heads=2",
+    )
+    assert (mixer.kind, mixer.expand_ratio, mixer.num_heads) == ("hgrn2", 8, 2)

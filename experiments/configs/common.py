@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 # Training-set sizes the reference trainers use; num_train_steps = epochs * (size // batch).
 LRA_TRAIN_EXAMPLES = {
@@ -87,20 +88,22 @@ def hgrn_mixer(scan: str = "1d") -> ml_collections.ConfigDict:
     ``num_heads`` is None (only attention has heads), so that :func:`use_attention` runs can set
     it. The ablation switches (the paper's ablation rows flip ``complex_valued``, ``separate_phases``
     and ``use_forget_gate``) live here; ``use_lower_bound`` is a model field. ``expand_ratio`` is
-    None (HGRN has none) so that ``--config.model.mixer.expand_ratio=8`` can set it for HGRN2.
+    unset (None; HGRN has none), an integer placeholder so that
+    ``--config.model.mixer.expand_ratio=8`` can set it for HGRN2 (a plain None cannot be
+    overridden on the command line); ``num_heads`` likewise.
     """
     return ml_collections.ConfigDict(
         dict(
             kind="hgrn",
             layout="official",
             scan=scan,
-            expand_ratio=None,
+            expand_ratio=config_dict.placeholder(int),
             complex_valued=True,
             separate_phases=True,
             use_forget_gate=True,
             method="auto",
             sequence_axis=None,
-            num_heads=None,
+            num_heads=config_dict.placeholder(int),
         )
     )
 
