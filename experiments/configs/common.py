@@ -102,7 +102,7 @@ def hgrn_mixer(scan: str = "1d") -> ml_collections.ConfigDict:
             separate_phases=True,
             use_forget_gate=True,
             method="auto",
-            sequence_axis=None,
+            sequence_axis=config_dict.placeholder(str),
             num_heads=config_dict.placeholder(int),
         )
     )
@@ -170,7 +170,7 @@ def lra_config(
             dropout=dropout,
             position_encoding=position_encoding,
             position_dropout=0.1,
-            remat=None,
+            remat=config_dict.placeholder(str),
             use_lower_bound=True,
         )
     )
@@ -249,7 +249,7 @@ def imagenet_config(
             glu_expand=2,
             norm="layer",
             dropout=0.0,
-            remat=None,
+            remat=config_dict.placeholder(str),
             mixer=hgrn_mixer("1d"),
             use_lower_bound=True,
         )

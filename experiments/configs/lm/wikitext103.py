@@ -11,6 +11,7 @@ with causal softmax attention in place of the HGRU and sinusoidal positions
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from experiments.configs import common
 
@@ -32,7 +33,7 @@ def get_config(preset: str | None = None):
             tie_embeddings=True,
             scale_embeddings=True,
             dropout=0.0,
-            remat=None,
+            remat=config_dict.placeholder(str),
             mixer=mixer,
             use_lower_bound=True,
         )
