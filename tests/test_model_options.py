@@ -44,6 +44,19 @@ def test_lm_sequence_axis_splits_the_sequence_and_matches():
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_lm_sequence_axis_of_one_device_is_the_plain_model():
+    """A run on one device (mesh model=1) with sequence parallelism set: XLA:CPU aborted the
+    process compiling the gradient of the split path; one shard is now the plain recurrence."""
+    ids = jax.random.randint(jax.random.key(1), (2, 33), 0, 32)
+    want = nnx.jit(nnx.grad(_lm_loss))(_lm(), ids)
+    mesh = sharding.make_mesh(data=1, fsdp=1, model=1, devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        got = nnx.jit(nnx.grad(_lm_loss))(_lm(sequence_axis="model"), ids)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
 def test_lm_sequence_axis_rejects_fla_mixer():
     try:
         HGRNLM(

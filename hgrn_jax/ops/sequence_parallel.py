@@ -131,6 +131,19 @@ def sharded_linear_recurrence(
             f"sequence length {length} is not a multiple of the {shards} devices on mesh axis "
             f"{axis_name!r}: pad the sequence to a multiple of {shards}"
         )
+    if shards == 1:
+        # Nothing to split: the plain recurrence, the same computation. (The split path over
+        # one device makes XLA:CPU abort compiling an HGRU model's gradient, jaxlib 0.10.2.)
+        return linear_recurrence(
+            a,
+            x,
+            h0,
+            reverse=reverse,
+            method=method,
+            chunk_size=chunk_size,
+            return_last_state=return_last_state,
+            out_dtype=out_dtype,
+        )
     acc = accumulation_dtype(dtype)
     out_dtype = resolve_out_dtype(dtype, out_dtype)
     a = jnp.broadcast_to(a, x.shape)
