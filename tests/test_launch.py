@@ -312,3 +312,24 @@ def test_each_process_reads_only_its_share():
         np.testing.assert_array_equal(np.concatenate([s[batch][0] for s in shares]), rows)
         np.testing.assert_array_equal(np.concatenate([s[batch][1] for s in shares]), valid)
     assert sum(int(v.sum()) for s in shares for _, v in s) == 40  # each example once
+
+
+def test_lost_peer_and_stall_messages_say_how_a_restart_run_resumes():
+    """A run started with --config.resume=restart: the same command would start again at step
+    0, so the monitors' messages name --config.resume=auto, as the preemption message does."""
+    from hgrn_jax.training.loop import how_to_resume
+
+    hint = how_to_resume("restart")
+    assert "--config.resume=auto" in hint and "step 0" in hint
+    assert how_to_resume("auto") == watchdog.RESUME_HINT
+    guard = watchdog.Guard(1, 4, step_timeout_s=0.1, resume_hint=hint)
+    assert hint in guard.peers.message([2])
+    messages = []
+    dog = watchdog.StepWatchdog(0.1, 1, on_stall=messages.append, poll_s=0.02, resume_hint=hint)
+    dog.start().beat(3)
+    deadline = time.monotonic() + 5
+    while not messages and time.monotonic() < deadline:
+        time.sleep(0.02)
+    dog.stop()
+    assert messages and hint in messages[0]
+    assert guard.steps.resume_hint == hint

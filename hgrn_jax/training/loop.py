@@ -95,16 +95,21 @@ class Preempted(Exception):
     def __init__(self, step: int, workdir: str | Path, resume: str = "auto"):
         self.step, self.workdir, self.resume = step, workdir, resume
         saved = f"preempted (SIGTERM): saved a checkpoint at step {step} in {workdir}; "
-        if resume == "auto":
-            how = "run the same command again to resume"
-        else:
-            how = "to resume, run the command again with --config.resume=auto"
-            if resume == "restart":
-                how += (
-                    " (the same command, with --config.resume=restart, would move this run "
-                    "aside and start again at step 0)"
-                )
-        super().__init__(saved + how)
+        super().__init__(saved + how_to_resume(resume))
+
+
+def how_to_resume(resume: str) -> str:
+    """How a stopped run's messages say to resume it, for its ``config.resume`` choice: the
+    same command with ``auto``; otherwise the command with ``--config.resume=auto``."""
+    if resume == "auto":
+        return watchdog.RESUME_HINT
+    how = "to resume, run the command again with --config.resume=auto"
+    if resume == "restart":
+        how += (
+            " (the same command, with --config.resume=restart, would move this run aside and "
+            "start again at step 0)"
+        )
+    return how
 
 
 # ----------------------------------------------------------------------------------------------
@@ -536,7 +541,11 @@ def _train_and_evaluate(
     try:
         with (
             jax.set_mesh(run.mesh),
-            watchdog.Guard(jax.process_index(), jax.process_count()) as guard,
+            watchdog.Guard(
+                jax.process_index(),
+                jax.process_count(),
+                resume_hint=how_to_resume(resume_choice(config)),
+            ) as guard,
         ):
             for step in range(start, end):
                 batch = sharding.shard_batch(next(batches), run.mesh)

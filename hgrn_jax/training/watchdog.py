@@ -13,7 +13,8 @@ Two background threads, both no-ops in a single-process run:
   after the first step (which compiles), and each beat resets it.
 
 The exit code is :data:`EXIT_LOST_PEER`; the last complete checkpoint stays on disk, and running
-the same command again resumes from it.
+the same command again resumes from it (with ``--config.resume=auto`` for a run started with
+another choice: the messages say so).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ EXIT_LOST_PEER = 3
 """Exit code of a process that stopped because a peer process was lost or the step stalled."""
 
 DEFAULT_STEP_TIMEOUT_S = 1800.0
+RESUME_HINT = "run the same command again to resume"
+"""How the messages say to resume (a run started with ``--config.resume=restart`` passes its
+own: the same command would start again)."""
 """Step watchdog limit when ``HGRN_STEP_TIMEOUT_S`` is unset: longer than any evaluation or
 checkpoint of the paper configurations on a pod slice, so it only fires on a real stall."""
 
@@ -59,6 +63,7 @@ class PeerMonitor:
       poll_s: seconds between polls.
       on_lost: called with the message (default: print it and exit with
         :data:`EXIT_LOST_PEER`).
+      resume_hint: how the message says to resume (:data:`RESUME_HINT`).
     """
 
     def __init__(
@@ -69,8 +74,10 @@ class PeerMonitor:
         live_nodes: Callable[[Sequence[int]], Sequence[int]] | None = None,
         poll_s: float = 1.0,
         on_lost: Callable[[str], None] = _exit_with,
+        resume_hint: str = RESUME_HINT,
     ):
         self.process_index, self.process_count = process_index, process_count
+        self.resume_hint = resume_hint
         self._live_nodes = live_nodes
         self.poll_s, self.on_lost = poll_s, on_lost
         self._stop = threading.Event()
@@ -86,7 +93,7 @@ class PeerMonitor:
         return (
             f"error: process {self.process_index}: lost process{'es' if len(lost) > 1 else ''}"
             f" {names} (no heartbeat: killed, crashed or preempted); stopping. The last "
-            "complete checkpoint is kept: run the same command again to resume from it."
+            f"complete checkpoint is kept: {self.resume_hint} from it."
         )
 
     def _watch(self) -> None:
@@ -99,7 +106,7 @@ class PeerMonitor:
                 self.on_lost(
                     f"error: process {self.process_index}: the coordination service "
                     f"stopped answering ({type(error).__name__}: {str(error)[:200]}); "
-                    "process 0 is probably lost. Rerun the same command to resume."
+                    f"process 0 is probably lost; {self.resume_hint}."
                 )
                 return
             # The service's answer waits until every live process has asked too, so a process
@@ -146,10 +153,12 @@ class StepWatchdog:
         *,
         on_stall: Callable[[str], None] = _exit_with,
         poll_s: float | None = None,
+        resume_hint: str = RESUME_HINT,
     ):
         if timeout_s <= 0:
             raise ValueError(f"step timeout must be positive, got {timeout_s}")
         self.timeout_s, self.process_index, self.on_stall = timeout_s, process_index, on_stall
+        self.resume_hint = resume_hint
         self.poll_s = poll_s if poll_s is not None else min(1.0, timeout_s / 4)
         self._last: float | None = None
         self._step = 0
@@ -172,7 +181,7 @@ class StepWatchdog:
                     f"error: process {self.process_index}: no training step finished in "
                     f"{self.timeout_s:.0f} s after step {self._step}; a peer process is stuck "
                     "or lost, stopping. Raise HGRN_STEP_TIMEOUT_S if steps are this slow. The "
-                    "last complete checkpoint is kept: run the same command again to resume."
+                    f"last complete checkpoint is kept: {self.resume_hint}."
                 )
                 return
 
@@ -189,12 +198,18 @@ class Guard:
     """Both monitors for one run (a no-op with one process): ``beat`` after every step,
     ``pause`` before a long phase, used as a context manager around training."""
 
-    def __init__(self, process_index: int, process_count: int, step_timeout_s: float | None = None):
+    def __init__(
+        self,
+        process_index: int,
+        process_count: int,
+        step_timeout_s: float | None = None,
+        resume_hint: str = RESUME_HINT,
+    ):
         self.active = process_count > 1
         if step_timeout_s is None:
             step_timeout_s = float(os.environ.get("HGRN_STEP_TIMEOUT_S", DEFAULT_STEP_TIMEOUT_S))
-        self.peers = PeerMonitor(process_index, process_count)
-        self.steps = StepWatchdog(step_timeout_s, process_index)
+        self.peers = PeerMonitor(process_index, process_count, resume_hint=resume_hint)
+        self.steps = StepWatchdog(step_timeout_s, process_index, resume_hint=resume_hint)
 
     def __enter__(self) -> Guard:
         if self.active:
