@@ -84,7 +84,58 @@ def test_listops_bad_rows_are_reported_or_skipped(tmp_path):
         assert tasks.get_task(config).num_examples("train") == 6
 
 
+def test_listops_label_digits_outside_ascii_are_bad_rows(tmp_path):
+    """'²' is a digit to str.isdigit but not to int(): a bare ValueError, no file or line."""
+    folder = fx.write_listops(tmp_path, rows=6, extra="( [MAX 1 2 ] )\t\u00b2\n")
+    config = config_of(
+        "lra.listops",
+        source="release",
+        lra_dir=str(tmp_path),
+        seq_len=12,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    with pytest.raises(errors.BadDataError, match=r"basic_train\.tsv:8: label '²' is not a class"):
+        tasks.get_task(config).examples("train")
+    config.data.skip_bad_rows = True
+    with pytest.warns(UserWarning, match="1 bad example"):
+        assert tasks.get_task(config).num_examples("train") == 6
+    assert folder.is_dir()
+
+
 # ----------------------------------------------------------------------------- AAN
+
+
+def test_aan_an_unclosed_quote_is_not_skipped_with_the_rows_it_took_in(tmp_path):
+    """A quote left open reads the good rows after it into one bad row: skipping that row would
+    drop them unannounced (20 of 30 good rows were kept, with one 'bad example' warned of)."""
+    good = "".join(f"{i % 2}\tid{i}\tjd{i}\tdoc {i}\tother {i}\n" for i in range(10))
+    broken = good + '1\ta\tb\t"open quote\ty\n' + good + 'x "q" \n' + good
+    fx.write_aan(tmp_path, rows_per_split=0, extra={s: broken for s in ("train", "eval", "test")})
+    for skip in (False, True):
+        with pytest.raises(errors.BadDataError) as info:
+            retrieval.load_split(
+                "train",
+                lra_dir=str(tmp_path),
+                cache_dir=str(tmp_path / "cache"),
+                seq_len=16,
+                skip_bad_rows=skip,
+            )
+        message = str(info.value)
+        assert "new_aan_pairs.train.tsv:11: expected 5 tab-separated fields; got 4" in message
+        assert "spanning lines 11-22" in message and "skipping rows cannot help" in message
+
+
+def test_aan_an_empty_file_is_not_offered_skipping(tmp_path):
+    folder = fx.write_aan(tmp_path, rows_per_split=4)
+    (folder / "new_aan_pairs.train.tsv").write_text("")
+    with pytest.raises(errors.BadDataError, match=r"(?s)no examples.*skipping rows cannot help"):
+        retrieval.load_split(
+            "train",
+            lra_dir=str(tmp_path),
+            cache_dir=str(tmp_path / "cache"),
+            seq_len=16,
+            skip_bad_rows=True,
+        )
 
 
 def test_aan_quoted_texts_keep_their_rows(tmp_path):
@@ -332,6 +383,30 @@ def test_wikitext_byte_tokenizer_needs_no_file(tmp_path):
     )
     assert tokenizer.vocab_size == 256
     assert bytes(np.asarray(tokens, np.uint8)) == text.encode("utf-8")
+
+
+def test_wikitext_text_that_is_not_utf8_names_its_line(tmp_path):
+    """The text reader decodes in blocks: its error had named line 4818 for a bad byte on
+    line 5001 (and 'after line 0' for one on line 1)."""
+    folder = fx.write_wikitext(tmp_path)
+    lines = b"hello world line\n" * 5000
+    (folder / "wiki.train.tokens").write_bytes(lines + b"caf\xe9\n" + lines)
+    with pytest.raises(
+        errors.BadDataError, match=r"wiki\.train\.tokens:5001: not valid UTF-8 at byte 4"
+    ):
+        wikitext.load_tokens(
+            "train",
+            wikitext_dir=str(folder),
+            tokenizer_path="bytes",
+            cache_dir=str(tmp_path / "cache"),
+        )
+
+
+def test_wikitext_a_file_that_is_no_tokenizer_names_the_key(tmp_path):
+    garbage = tmp_path / "tokenizer.json"
+    garbage.write_text('{"not": "a tokenizer"}')
+    with pytest.raises(errors.BadDataError, match=r"data.tokenizer_path=.*is not a tokenizer"):
+        wikitext.LineTokenizer(str(garbage))
 
 
 def test_wikitext_missing_files_name_the_fix(tmp_path):

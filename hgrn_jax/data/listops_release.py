@@ -58,7 +58,7 @@ def read_rows(path: Path, report: BadDataReport) -> tuple[list[str], np.ndarray]
             )
             continue
         value = fields[tgt].strip()
-        if not (value.isdigit() and 0 <= int(value) < listops.NUM_CLASSES):
+        if not (value.isascii() and value.isdigit() and 0 <= int(value) < listops.NUM_CLASSES):
             report.add(
                 path, line, f"label {fields[tgt]!r} is not a class in 0..{listops.NUM_CLASSES - 1}"
             )

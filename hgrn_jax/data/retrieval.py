@@ -76,6 +76,18 @@ def parse_rows(path: Path, report: BadDataReport) -> Iterator[tuple[int, str, st
         if not fields:
             continue
         if len(fields) != len(COLUMNS):
+            lines = line - start
+            if lines > 1:  # a quote left open took in the lines after it, good rows included
+                report.add(
+                    path,
+                    start,
+                    f"expected {len(COLUMNS)} tab-separated fields; got {len(fields)} in one row "
+                    f'spanning lines {start}-{line - 1}: a quote (") opened here is not closed '
+                    f"before line {line - 1}, and the {lines - 1} line(s) after it, rows that may "
+                    "be good, were read into it",
+                    skippable=False,
+                )
+                continue
             report.add(
                 path,
                 start,
@@ -104,7 +116,7 @@ def _good_rows(path: Path, skip_bad_rows: bool) -> Iterator[tuple[int, str, str]
     count = sum(1 for _ in parse_rows(path, report))
     report.finish(skip_bad_rows)
     if count == 0:
-        report.add(path, 0, "no examples")
+        report.add(path, 0, "no examples", skippable=False)
         report.finish(False)
     return parse_rows(path, BadDataReport(str(path)))
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from hgrn_jax.data import loader
-from hgrn_jax.data.errors import DatasetMissingError
+from hgrn_jax.data.errors import BadDataError, DatasetMissingError
 
 FILES = {"train": "wiki.train.tokens", "val": "wiki.valid.tokens", "test": "wiki.test.tokens"}
 BYTES = "bytes"
@@ -81,10 +81,19 @@ class LineTokenizer:
         self.files = _tokenizer_files(tokenizer_path)
         from tokenizers import ByteLevelBPETokenizer, Tokenizer
 
-        if len(self.files) == 1:
-            tok = Tokenizer.from_file(str(self.files[0]))
-        else:
-            tok = ByteLevelBPETokenizer(str(self.files[0]), str(self.files[1]))
+        try:
+            if len(self.files) == 1:
+                tok = Tokenizer.from_file(str(self.files[0]))
+            else:
+                tok = ByteLevelBPETokenizer(str(self.files[0]), str(self.files[1]))
+        except Exception as error:  # the tokenizers package raises a bare Exception
+            files = " + ".join(map(str, self.files))
+            raise BadDataError(
+                f"data.tokenizer_path={tokenizer_path!r}: {files} is not a tokenizer the "
+                f"`tokenizers` package can load ({' '.join(str(error).split())}); point it at "
+                "GPT-2's tokenizer.json, encoder.json + vocab.bpe or vocab.json + merges.txt, "
+                "or use --config.data.tokenizer_path=bytes"
+            ) from None
         eos = tok.token_to_id(EOS_TOKEN)
         if eos is None:
             raise ValueError(
@@ -106,23 +115,34 @@ class LineTokenizer:
         return np.dtype(np.uint16 if self.vocab_size <= 1 << 16 else np.int32)
 
 
+def _undecodable(path: Path) -> BadDataError:
+    """The error for a file that is not UTF-8, naming its first bad line and byte (the text
+    reader decodes in blocks, so its position is not the line's)."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return BadDataError(
+                    f"{path}:{number}: not valid UTF-8 at byte {error.start + 1} of the line "
+                    f"({error.reason}); re-save the file as UTF-8 or point data.wikitext_dir at "
+                    "the release"
+                )
+    return BadDataError(f"{path}: not valid UTF-8; re-save the file as UTF-8")
+
+
 def _build(folder: Path, path: Path, tokenizer: LineTokenizer) -> None:
     chunks = []
-    number = 0
     with path.open(encoding="utf-8") as f:
         lines: list[str] = []
         try:
-            for number, line in enumerate(f, start=1):  # noqa: B007 (the except names it)
+            for line in f:
                 lines.append(line)
                 if len(lines) == CHUNK_LINES:
                     chunks.append(tokenizer.encode_lines(lines).astype(tokenizer.dtype))
                     lines = []
-        except UnicodeDecodeError as error:
-            raise ValueError(
-                f"{path}: not valid UTF-8 after line {number} ({error.reason}); "
-                "re-save the file as UTF-8 or point data.wikitext_dir at the "
-                "release"
-            ) from None
+        except UnicodeDecodeError:
+            raise _undecodable(path) from None
         chunks.append(tokenizer.encode_lines(lines).astype(tokenizer.dtype))
     tokens = np.concatenate(chunks)
     loader.save_arrays(folder, "data", {"tokens": tokens})
