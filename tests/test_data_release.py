@@ -210,15 +210,20 @@ def test_aan_bad_rows_name_file_and_line(tmp_path):
     assert f"{path}:13: expected 5 tab-separated fields" in message
     assert f"{path}:14: empty document" in message
     assert f"{path}:15: expected 5 tab-separated fields" in message  # the unclosed quote
-    with pytest.warns(UserWarning, match="5 bad example"):
-        examples = retrieval.load_split(
-            "train",
-            lra_dir=str(tmp_path),
-            cache_dir=str(tmp_path / "c"),
-            seq_len=16,
-            skip_bad_rows=True,
-        )
-    assert len(examples["labels"]) == 8
+    load = lambda: retrieval.load_split(
+        "train",
+        lra_dir=str(tmp_path),
+        cache_dir=str(tmp_path / "c"),
+        seq_len=16,
+        skip_bad_rows=True,
+    )
+    # The unclosed quote took in the good row after it: skipping would drop that row too.
+    with pytest.raises(errors.BadDataError, match="skipping rows cannot help"):
+        load()
+    fx.write_aan(tmp_path, rows_per_split=8, extra={"train": bad.replace('"unterminated', "t1")})
+    with pytest.warns(UserWarning, match="4 bad example"):
+        examples = load()
+    assert len(examples["labels"]) == 10  # the 8 rows, the repaired row and the one after it
 
 
 def test_prepared_cache_is_reused_and_rebuilt_when_the_file_changes(tmp_path):
