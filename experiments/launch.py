@@ -104,6 +104,10 @@ def _pump(stream: IO[str], out: IO[str], prefix: str, lock: threading.Lock) -> N
     stream.close()
 
 
+class LaunchError(RuntimeError):
+    """The processes could not be started (the message says why); none is left running."""
+
+
 class Pod:
     """``num_processes`` child processes running ``command``, their output pumped with prefixes."""
 
@@ -125,16 +129,25 @@ class Pod:
         self.procs: list[subprocess.Popen] = []
         self._pumps: list[threading.Thread] = []
         for i in range(num_processes):
-            proc = subprocess.Popen(
-                self.command,
-                cwd=cwd,
-                text=True,
-                bufsize=1,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,  # signals come from us only
-                env=process_env(dict(os.environ), i, num_processes, devices_per_process, port),
-            )
+            try:
+                proc = subprocess.Popen(
+                    self.command,
+                    cwd=cwd,
+                    text=True,
+                    bufsize=1,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,  # signals come from us only
+                    env=process_env(dict(os.environ), i, num_processes, devices_per_process, port),
+                )
+            except OSError as error:
+                for started in self.procs:
+                    started.kill()
+                    started.wait()
+                raise LaunchError(
+                    f"cannot run {self.command[0]!r} ({error.strerror}); after -- give "
+                    "experiments.train flags (--config=...) or a whole command"
+                ) from None
             self.procs.append(proc)
             for stream, out in ((proc.stdout, stdout), (proc.stderr, stderr)):
                 pump = threading.Thread(
@@ -253,7 +266,11 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parse_args(sys.argv[1:] if argv is None else argv)
-    pod = Pod(train_command(rest), args.num_processes, args.devices_per_process)
+    try:
+        pod = Pod(train_command(rest), args.num_processes, args.devices_per_process)
+    except LaunchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     def forward(signum, frame):
         del frame

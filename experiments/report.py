@@ -108,6 +108,38 @@ class BrokenRunError(ValueError):
     """A run folder whose results.json (or config.json) cannot be used."""
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_types(
+    results_path: Path, results: dict[str, Any], config_path: Path, config: dict[str, Any]
+) -> None:
+    """BrokenRunError naming the file and key when a field the tables read has the wrong type
+    (valid JSON that experiments.train would not have written)."""
+    wrong = []
+    if not isinstance(results["task"], str):
+        wrong.append((results_path, "task", "a string"))
+    if not _is_number(results["test"]):
+        wrong.append((results_path, "test", "a number"))
+    for key in ("best_val", "num_params"):
+        if key in results and not _is_number(results[key]):
+            wrong.append((results_path, key, "a number"))
+    for key in ("data", "model"):
+        if key in config and not isinstance(config[key], dict):
+            wrong.append((config_path, key, "an object"))
+    mixer = config.get("model", {}).get("mixer") if isinstance(config.get("model"), dict) else None
+    if mixer is not None and not isinstance(mixer, dict):
+        wrong.append((config_path, "model.mixer", "an object"))
+    if wrong:
+        path, key, kind = wrong[0]
+        value = results.get(key) if path == results_path else config.get(key.split(".")[0])
+        raise BrokenRunError(
+            f"{path}: {key} should be {kind}, not {json.dumps(value)[:40]}; was it written by "
+            "experiments.train?"
+        )
+
+
 def _read_run(run_dir: Path) -> Run:
     results_path, config_path = run_dir / "results.json", run_dir / "config.json"
     try:
@@ -124,6 +156,7 @@ def _read_run(run_dir: Path) -> Run:
         )
     if not isinstance(config, dict):
         raise BrokenRunError(f"{config_path} does not hold a config (a JSON object)")
+    _check_types(results_path, results, config_path, config)
     return Run(
         path=run_dir,
         results=results,

@@ -963,6 +963,31 @@ def test_report_skips_broken_runs_and_reports_the_others(tmp_path, capsys):
     assert "| ListOps | 59.95 | 50.00 | 51.00 | 40 |" in captured.out
 
 
+def test_report_skips_runs_whose_fields_have_the_wrong_types(tmp_path, capsys):
+    """Valid JSON that experiments.train would not write (a null parameter count, a text test
+    score, a config whose data or model is not an object) stopped the whole report with a
+    traceback; such a run is left out with a warning naming the file and key."""
+    from experiments import report
+
+    good = {"task": "listops", "metric": "accuracy", "best_val": 51.0, "test": 50.0, "steps": 40}
+    broken = {
+        "a_params": (dict(good, task="imagenet", num_params=None), {}),
+        "b_test": (dict(good, test="n/a"), {}),
+        "c_data": (good, {"data": None}),
+        "d_model": (good, {"model": "hgrn"}),
+        "e_mixer": (good, {"model": {"mixer": "hgrn2"}}),
+    }
+    for name, (results, config) in broken.items():
+        _results(tmp_path / name, json.dumps(results))
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    _results(tmp_path / "z_good", json.dumps(dict(good, paper=59.95)))
+    assert report.main([str(tmp_path), "--png", str(tmp_path / "curves.png")]) == 0
+    captured = capsys.readouterr()
+    for name, key in zip(broken, ("num_params", "test", "data", "model", "model.mixer")):
+        assert re.search(rf"warning: skipping .*{name}.*: {key} should be", captured.err), name
+    assert "| ListOps | 59.95 | 50.00 | 51.00 | 40 |" in captured.out
+
+
 def test_report_with_an_unwritable_run_folder_writes_the_curves_elsewhere(tmp_path, capsys):
     from experiments import report
 

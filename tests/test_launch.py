@@ -333,3 +333,13 @@ def test_lost_peer_and_stall_messages_say_how_a_restart_run_resumes():
     dog.stop()
     assert messages and hint in messages[0]
     assert guard.steps.resume_hint == hint
+
+
+def test_a_command_that_cannot_run_is_one_line_and_exit_2(capsys):
+    """A missing program after -- was a FileNotFoundError traceback from the first Popen."""
+    from experiments import launch
+
+    assert launch.main(["--num_processes=2", "--devices_per_process=1", "--", "nosuchcmd"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot run 'nosuchcmd' (No such file or directory)")
+    assert len(err.strip().splitlines()) == 1
