@@ -5,7 +5,8 @@
 three markdown tables (Long Range Arena with its average, ImageNet-1k, WikiText-103) with the
 paper's numbers (from the paper-setting configs) and each run's test result at its best
 validation step (the LRA average uses the first run of each task, in path order; runs of other
-models, the Transformer baseline or HGRN2, are marked and averaged apart), and writes the
+models, the Transformer baseline or HGRN2, are marked and averaged apart, each beside its own
+paper numbers: HGRN2's from its paper, over its five tasks; none for the baseline), and writes the
 runs' loss and accuracy/perplexity against step, or with ``--x time`` against training wall time
 (time-to-accuracy: runs of different models side by side), from each ``metrics.jsonl``, to a PNG
 (default ``DIR/curves.png`` of the first folder).
@@ -40,6 +41,7 @@ LRA_NAMES = {
     "pathfinder": "Pathfinder",
     "pathx": "Path-X",
 }
+HGRN2_LRA_TASKS = LRA_TASKS[:-1]  # the HGRN2 paper's LRA table has no Path-X
 IMAGENET_SIZES = {192: "HGRN-Tiny", 384: "HGRN-Small"}
 
 
@@ -198,12 +200,29 @@ def _paper(module: str) -> dict[str, Any]:
 
 
 def paper_numbers() -> dict[str, dict[str, Any]]:
-    """The paper's numbers, read from the paper-setting configs (one source of truth)."""
+    """The paper's numbers, read from the paper-setting configs (one source of truth): HGRN's
+    by task name, and HGRN2's LRA rows (no Path-X) under ``"hgrn2"``."""
     numbers = {task: _paper(f"lra.{task}") for task in LRA_TASKS}
     numbers["imagenet-tiny"] = _paper("imagenet.tiny")
     numbers["imagenet-small"] = _paper("imagenet.small")
     numbers["wikitext103"] = _paper("lm.wikitext103")
+    numbers["hgrn2"] = {task: _paper(f"hgrn2.{task}") for task in HGRN2_LRA_TASKS}
     return numbers
+
+
+def lra_paper_accuracy(paper: dict[str, dict[str, Any]], kind: str, task: str) -> float | None:
+    """The paper's LRA accuracy of the model with mixer ``kind`` on ``task``; None where the
+    paper has none (the Transformer baseline at our settings, HGRN2's Path-X)."""
+    if kind == "hgrn":
+        return paper[task]["value"]
+    if kind == "hgrn2" and task in paper["hgrn2"]:
+        return paper["hgrn2"][task]["value"]
+    return None
+
+
+def lra_tasks_of(kind: str) -> tuple[str, ...]:
+    """The LRA tasks a model's average is taken over: HGRN2 has no Path-X row."""
+    return HGRN2_LRA_TASKS if kind == "hgrn2" else LRA_TASKS
 
 
 # ----------------------------------------------------------------------------- tables
@@ -251,7 +270,7 @@ def lra_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
             rows.append(
                 [
                     LRA_NAMES[task],
-                    _fmt(paper[task]["value"]),
+                    _fmt(lra_paper_accuracy(paper, run.mixer, task)),
                     _fmt(run.results.get("test")),
                     _fmt(run.results.get("best_val")),
                     str(run.results.get("steps", "—")),
@@ -259,15 +278,24 @@ def lra_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
                 ]
             )
             ours.setdefault(run.mixer, {}).setdefault(task, run.results.get("test"))
-    paper_avg = sum(paper[t]["value"] for t in LRA_TASKS) / len(LRA_TASKS)
     for kind, tests in ours.items():  # one average per model: HGRN's, then any other's
-        if len(tests) == len(LRA_TASKS) and all(v is not None for v in tests.values()):
-            our_avg = _fmt(sum(float(v) for v in tests.values()) / len(LRA_TASKS))
+        tasks = lra_tasks_of(kind)
+        papers = [lra_paper_accuracy(paper, kind, t) for t in tasks]
+        paper_avg = None if None in papers else sum(papers) / len(tasks)
+        scores = [tests.get(t) for t in tasks]
+        if all(v is not None for v in scores):
+            our_avg = _fmt(sum(float(v) for v in scores) / len(tasks))
         else:
-            our_avg = f"— ({len(tests)}/{len(LRA_TASKS)} tasks run)"
+            run = sum(t in tests for t in tasks)
+            our_avg = f"— ({run}/{len(tasks)} tasks run)"
         name = "**Average**" + ("" if kind == "hgrn" else f" ({_model_name(kind)})")
         rows.append([name, _fmt(paper_avg), our_avg, "", "", ""])
     return "### Long Range Arena (accuracy)\n\n" + _table(header, rows)
+
+
+def _is_paper_imagenet_run(run: Run) -> bool:
+    """An ImageNet run of the paper's model (HGRN), which the paper's rows are compared with."""
+    return run.task == "imagenet" and run.mixer == "hgrn"
 
 
 def imagenet_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
@@ -283,7 +311,7 @@ def imagenet_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
     rows = []
     for width, name in IMAGENET_SIZES.items():
         ref = paper[f"imagenet-{name.split('-')[1].lower()}"]
-        matching = [r for r in runs if r.task == "imagenet" and r.model_width == width]
+        matching = [r for r in runs if _is_paper_imagenet_run(r) and r.model_width == width]
         base = [name, f"{ref['num_params'] / 1e6:.2f}M", _fmt(ref["value"])]
         if not matching:
             rows.append(base + ["—", "—", "—", "—"])
@@ -298,10 +326,13 @@ def imagenet_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
                 ]
             )
     for run in runs:
-        if run.task == "imagenet" and run.model_width not in IMAGENET_SIZES:
+        if run.task == "imagenet" and not (
+            _is_paper_imagenet_run(run) and run.model_width in IMAGENET_SIZES
+        ):
+            model = "other" if run.mixer == "hgrn" else _model_name(run.mixer)
             rows.append(
                 [
-                    f"other (d={run.model_width})",
+                    f"{model} (d={run.model_width})",
                     "—",
                     "—",
                     f"{run.results.get('num_params', 0) / 1e6:.2f}M",
@@ -326,10 +357,11 @@ def wikitext_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
     ]
     base = ["HGRN (6 layers, d 512)", _fmt(ref["val_value"]), _fmt(ref["value"])]
     lm_runs = [r for r in runs if r.task == "wikitext103"]
-    rows = [base + ["—", "—", "—", "—"]] if not lm_runs else []
-    for run in lm_runs:
+    rows = [base + ["—", "—", "—", "—"]] if not any(r.mixer == "hgrn" for r in lm_runs) else []
+    for run in lm_runs:  # the paper's perplexity is HGRN's: other models' runs get none
+        model = base if run.mixer == "hgrn" else [_model_name(run.mixer), "—", "—"]
         rows.append(
-            base
+            model
             + [
                 _fmt(run.results.get("best_val")),
                 _fmt(run.results.get("test")),

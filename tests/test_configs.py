@@ -215,6 +215,7 @@ def test_listops_transformer_presets_swap_only_the_token_mixer():
     }
     assert differing == {"use_lower_bound"}  # ListOps has sinusoidal positions already
     assert hgrn.optimizer == transformer.optimizer and hgrn.data == transformer.data
+    assert hgrn.paper.value == 59.95 and transformer.paper.value == 0.0  # none in the paper
     tiny = load("lra.listops", "tiny_transformer")
     model = tasks.build_model(tiny, nnx.Rngs(0))
     assert all(isinstance(block.mixer, SoftmaxAttention) for block in model.blocks)
@@ -234,6 +235,8 @@ def test_wikitext103_transformer_presets_swap_the_token_mixer_and_add_positions(
     assert differing == {"use_lower_bound", "position_encoding"}
     assert transformer.model.position_encoding and not transformer.model.use_lower_bound
     assert hgrn.optimizer == transformer.optimizer and hgrn.data == transformer.data
+    paper = (transformer.paper.value, transformer.paper.val_value, transformer.paper.num_params)
+    assert paper == (0.0, 0.0, 0) and hgrn.paper.value == 24.82
     tiny = load("lm.wikitext103", "tiny_transformer")
     model = tasks.build_model(tiny, nnx.Rngs(0))
     assert all(isinstance(block.mixer, SoftmaxAttention) for block in model.blocks)

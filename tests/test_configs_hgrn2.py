@@ -120,6 +120,8 @@ def test_hgrn2_tiny_presets_build_small_hgrn2_models(name):
     assert tiny.data.source in ("generated", "synthetic")
     assert tiny.num_train_steps <= 300 and tiny.batch_size <= 64
     assert tasks.get_task(tiny).name == tiny.task
+    # results.json records the paper's number of the config: HGRN2's, not the HGRN tiny run's.
+    assert tiny.paper.value == pytest.approx(RUN_LRA[name][-1] if name in RUN_LRA else 0.0)
     with pytest.raises(ValueError, match=r"unknown preset 'huge' for experiments/configs/hgrn2/"):
         load(name, "huge")
 

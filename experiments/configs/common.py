@@ -112,10 +112,14 @@ def use_attention(c: ml_collections.ConfigDict) -> None:
     """Make ``c``'s model the same-size Transformer baseline: multi-head softmax attention in
     place of each HGRU (heads of 64 channels, at least one; ``model.mixer.num_heads`` sets
     them; causal in an LM), with sinusoidal positions and no lower bounds; everything else
-    (width, depth, norms, GLU, pooling, optimizer, schedule) stays."""
+    (width, depth, norms, GLU, pooling, optimizer, schedule) stays. The paper reports no run
+    of this baseline, so its ``paper`` numbers are 0 (not known), not HGRN's."""
     c.model.mixer.kind = "attention"
     c.model.position_encoding = True
     c.model.use_lower_bound = False
+    for key in ("value", "val_value", "num_params"):
+        if key in c.paper:
+            c.paper[key] = type(c.paper[key])(0)
 
 
 def with_transformer_presets(

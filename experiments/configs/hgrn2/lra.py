@@ -86,9 +86,14 @@ def hgrn2_lra_config(task: str, preset: str | None, path: str) -> ml_collections
         c.schedule.warmup_steps = s["warmup_steps"]
         c.schedule.decay_steps = s["decay_steps"]
         c.dtype = "bfloat16"  # [run_lra] script_lra_others.sh: trainer.precision=bf16
-        c.paper.value = s["paper_accuracy"]
 
     hgrn = importlib.import_module(f"experiments.configs.lra.{task}")
     return hgrn2_variant(
-        hgrn, preset, path, expand_ratio=s["expand_ratio"], tiny_expand_ratio=4, paper=paper
+        hgrn,
+        preset,
+        path,
+        expand_ratio=s["expand_ratio"],
+        tiny_expand_ratio=4,
+        paper=paper,
+        paper_numbers={"value": s["paper_accuracy"]},
     )

@@ -18,10 +18,12 @@ def hgrn2_variant(
     expand_ratio: int,
     tiny_expand_ratio: int,
     paper: Callable[[ml_collections.ConfigDict], None],
+    paper_numbers: dict[str, float],
 ) -> ml_collections.ConfigDict:
     """``hgrn.get_config(preset)`` (an HGRN config module) with HGRN2 mixers of head width
     ``expand_ratio``, then ``paper(c)`` applies the HGRN2 run's own settings; ``preset="tiny"``
-    is the HGRN tiny run with heads of width ``tiny_expand_ratio`` and nothing else changed."""
+    is the HGRN tiny run with heads of width ``tiny_expand_ratio`` and nothing else changed.
+    Both carry HGRN2's ``paper_numbers`` (``c.paper`` fields; 0 = not known), not HGRN's."""
     if preset not in (None, ""):
         if preset != "tiny":
             raise ValueError(
@@ -30,8 +32,9 @@ def hgrn2_variant(
             )
         c = hgrn.get_config("tiny")
         common.use_hgrn2(c, expand_ratio=tiny_expand_ratio)
-        return c
-    c = hgrn.get_config(None)
-    common.use_hgrn2(c, expand_ratio=expand_ratio)
-    paper(c)
+    else:
+        c = hgrn.get_config(None)
+        common.use_hgrn2(c, expand_ratio=expand_ratio)
+        paper(c)
+    c.paper.update(paper_numbers)
     return c

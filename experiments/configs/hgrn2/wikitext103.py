@@ -28,6 +28,7 @@ def get_config(preset: str | None = None):
         expand_ratio=128,  # assumed (see the module docstring)
         tiny_expand_ratio=8,
         paper=_paper,
+        paper_numbers={"value": 0.0, "val_value": 0.0, "num_params": 0},  # not found
     )
 
 
@@ -44,6 +45,3 @@ def _paper(c):
     c.batch_size = 128  # 128 x 512 = 65,536 tokens per update
     c.data.seq_len = 512  # TOKENS_PER_SAMPLE=512
     c.dtype = "bfloat16"  # --bf16
-    c.paper.value = 0.0  # not found
-    c.paper.val_value = 0.0
-    c.paper.num_params = 0
