@@ -188,7 +188,7 @@ def main(argv: list[str]) -> None:
     metric = results["metric"]
     print(
         f"{results['task']}: best val {metric} {results['best_val']:.4f}, "
-        f"test {metric} {results['test']:.4f} (paper {results['paper']}), "
+        f"test {metric} {results['test']:.4f} (paper {results['paper'] or 'none'}), "
         f"{results['steps']} steps, {results['wall_time_s']:.1f} s",
         flush=True,
     )

@@ -617,7 +617,7 @@ def _train_and_evaluate(
         "best_step": best_step,
         "test": test[run.metric],
         "test_loss": test["loss"],
-        "paper": paper.get("value") if hasattr(paper, "get") else None,
+        "paper": (paper.get("value") if hasattr(paper, "get") else None) or None,  # 0: unknown
         "steps": done,
         "stopped_by": "time budget" if done < total_steps else "num_train_steps",
         "wall_time_s": wall,
