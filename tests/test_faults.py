@@ -304,6 +304,28 @@ def test_a_model_key_added_later_at_its_default_resumes(tmp_path):
     assert saved.read_bytes() == before and not (tmp_path / "changed" / "run.lock").exists()
 
 
+def test_a_run_resumes_on_another_mesh_with_the_sequence_split(tmp_path):
+    """Moving a run to a pod and splitting its sequence there (``model.mixer.sequence_axis``,
+    ``model.mixer.method``, ``mesh.*``) changes no parameter: it resumes, the changes listed as
+    harmless. Only the flat, deprecated ``model.sequence_axis`` was counted so; the keys of
+    ``model.mixer`` refused the resume as a changed model."""
+    from experiments.configs.lra import listops
+    from hgrn_jax.training.loop import prepare_workdir
+    from hgrn_jax.training.workdir import ConfigChangeWarning
+
+    config = listops.get_config("tiny")
+    _saved_run_without(tmp_path / "run", config)
+    moved = config.copy_and_resolve_references()
+    moved.mesh.update(data=2, fsdp=2, model=2)
+    moved.model.mixer.sequence_axis = "model"
+    moved.model.mixer.method = "sequential"
+    with pytest.warns(ConfigChangeWarning) as caught:
+        prepare_workdir(tmp_path / "run", moved).release()
+    listed = " ".join(str(w.message) for w in caught)
+    assert "model.mixer.sequence_axis: None -> 'model'" in listed
+    assert "model.mixer.method: 'auto' -> 'sequential'" in listed
+
+
 def test_absent_keys_of_a_user_task_still_refuse(tmp_path):
     """No defaults are known for a ``module:factory`` task: an absent model key is a change."""
     from hgrn_jax.training.loop import prepare_workdir

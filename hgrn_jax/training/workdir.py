@@ -57,13 +57,18 @@ HARMLESS_KEYS = (
     "resume",
 )
 HARMLESS_PREFIXES = ("mesh.", "paper.")
-# Model keys that change neither parameters nor their shapes (how, not what, is computed).
+# Model keys that change neither parameters nor their shapes (how, not what, is computed): the
+# recurrence method and sequence parallelism live in ``model.mixer`` (the flat ``model.method``
+# and ``model.sequence_axis`` are their deprecated spellings), so that a run can resume on
+# another mesh with the time axis split over it.
 MODEL_HARMLESS = (
     "model.dropout",
     "model.position_dropout",
     "model.method",
     "model.remat",
     "model.sequence_axis",
+    "model.mixer.method",
+    "model.mixer.sequence_axis",
 )
 # Keys that change the data's shapes or the examples behind a step, the task, or the optimizer
 # state's structure. Every other model.* key counts too.
