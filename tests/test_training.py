@@ -187,6 +187,66 @@ def test_a_registered_task_s_zero_depth_stops_before_the_workdir(tmp_path):
         assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"mesh.data": 3}, r"config\.mesh \(data=3, fsdp=1, model=1\) needs 3 devices but"),
+        ({"mesh.data": 2, "mesh.fsdp": 2}, r"needs 4 devices but this run has 8 devices"),
+        ({"mesh.data": 0}, r"config\.mesh\.data=0 must be a whole number >= 1, or -1"),
+        ({"mesh.model": -2}, r"config\.mesh\.model=-2 must be a whole number >= 1, or -1"),
+        ({"mesh.fsdp": -1}, r"at most one axis may be -1"),
+        ({"batch_size": 12}, r"config\.batch_size=12 does not split over the mesh's 8 batch"),
+        (
+            {"mesh.data": 2, "mesh.fsdp": 2, "mesh.model": 2, "batch_size": 6},
+            r"config\.batch_size=6 does not split over the mesh's 4 batch shards "
+            r"\(config\.mesh\.data x fsdp = 2 x 2\); set --config\.batch_size to a multiple of 4",
+        ),
+        ({"eval_batch_size": 12}, r"config\.eval_batch_size=12 does not split .* multiple of 8"),
+        ({"eval_batch_size": -8}, r"config\.eval_batch_size=-8 must be a whole number >= 0"),
+        ({"optimizer.accumulate_steps": 3}, r"accumulate_steps=3 does not divide .*=32"),
+        ({"optimizer.accumulate_steps": -2}, r"accumulate_steps=-2 must be a whole number"),
+        ({"model.mixer.sequence_axis": "seq"}, r"sequence_axis='seq' is not a mesh axis"),
+        (
+            {"model.mixer.sequence_axis": "model", "model.mixer.kind": "attention"},
+            r"sequence_axis='model' needs the HGRU mixer",
+        ),
+        ({"dtype": "bf16"}, r"config\.dtype='bf16' is not an activation dtype; set --config"),
+    ],
+)
+def test_bad_mesh_or_batch_sizes_stop_the_run_naming_the_key_before_writing(
+    tmp_path, changes, expected
+):
+    """A mesh that did not fit the devices, a batch size that did not split over the data x
+    fsdp shards, an unknown dtype or a sequence axis that was no mesh axis stopped the run only
+    after config.json was written (the sequence axis at the first step, in jax's words); an
+    eval batch size that did not split, at the first evaluation, after eval_every steps. Each
+    is now a ValueError naming the key before the workdir is touched."""
+    config = importlib.import_module("experiments.configs.lra.listops").get_config("tiny")
+    config = config.copy_and_resolve_references()
+    for key, value in changes.items():
+        *sections, name = key.split(".")
+        target = config
+        for section in sections:
+            target = target[section]
+        target[name] = value
+    with pytest.raises(ValueError, match=expected):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_mesh_check_resolves_sizes_and_counts_processes():
+    """-1 takes the devices the other axes leave; a pod's processes must each feed their own
+    rows, so data x fsdp must be a multiple of the process count."""
+    from hgrn_jax.training.loop import check_mesh_and_batches
+
+    config = toy_config()
+    config.mesh.update(data=-1, fsdp=2, model=2)
+    assert check_mesh_and_batches(config, num_devices=8, num_processes=2) == (2, 2, 2)
+    config.mesh.update(data=2, fsdp=1, model=4)
+    with pytest.raises(ValueError, match=r"2 batch shards .* over the 4 processes"):
+        check_mesh_and_batches(config, num_devices=8, num_processes=4)
+
+
 def test_adamw_decays_only_masked_parameters():
     params = {"kernel": nnx.Param(jnp.ones((2, 2))), "bias": nnx.Param(jnp.ones((2,)))}
     tx, _ = optim.make_optimizer(

@@ -181,18 +181,129 @@ def _config_int(config: Any, key: str, default: int) -> int:
     return int(value)
 
 
-def _check_batch_size(config: Any, mesh) -> None:
-    shards, processes = sharding.num_batch_shards(mesh), jax.process_count()
-    if config.batch_size % processes:
+def _whole(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def mesh_config(config: Any) -> sharding.MeshConfig:
+    """``config.mesh`` (absent axes at :class:`~hgrn_jax.sharding.MeshConfig`'s defaults);
+    ValueError naming ``config.mesh.<axis>`` when a size is not a whole number >= 1 or -1."""
+    section = config.get("mesh", None) if hasattr(config, "get") else None
+    section = section if hasattr(section, "get") else {}
+    defaults, sizes = sharding.MeshConfig(), {}
+    for axis in sharding.MESH_AXES:
+        value = section.get(axis, getattr(defaults, axis))
+        if not _whole(value) or value == 0 or value < -1:
+            raise ValueError(
+                f"config.mesh.{axis}={value} must be a whole number >= 1, or -1 (the devices "
+                f"the other axes leave); set --config.mesh.{axis}"
+            )
+        sizes[axis] = int(value)
+    return sharding.MeshConfig(**sizes)
+
+
+def check_mesh_and_batches(
+    config: Any, num_devices: int | None = None, num_processes: int | None = None
+) -> tuple[int, int, int]:
+    """The ``(data, fsdp, model)`` sizes of ``config.mesh`` on ``num_devices`` devices in
+    ``num_processes`` processes (default: this run's), after checking, each a ValueError naming
+    the key, its value and the fix, that the sizes fit the devices, that every global batch
+    (``batch_size``, ``eval_batch_size``, an ``optimizer.accumulate_steps`` micro-batch count)
+    splits over the processes and the mesh's ``data x fsdp`` batch shards, and that
+    ``model.mixer.sequence_axis`` names a mesh axis. Needs no model, data or workdir, so a run
+    checks this before it touches its workdir (otherwise the mesh failed after config.json was
+    written, and an eval batch size that did not split failed at the first evaluation)."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    processes = jax.process_count() if num_processes is None else num_processes
+    mesh = mesh_config(config)
+    given = (mesh.data, mesh.fsdp, mesh.model)
+    named = ", ".join(f"{axis}={size}" for axis, size in zip(sharding.MESH_AXES, given))
+    rest = given.count(-1)
+    if rest > 1:
         raise ValueError(
-            f"batch_size={config.batch_size} must be a multiple of the number of "
-            f"processes ({processes}); set --config.batch_size accordingly"
+            f"config.mesh ({named}): at most one axis may be -1 (the devices the others "
+            "leave); give the others sizes with --config.mesh.data, --config.mesh.fsdp, "
+            "--config.mesh.model"
         )
-    if config.batch_size % shards:
+    known = math.prod(size for size in given if size != -1)
+    if num_devices % known or (not rest and known != num_devices):
+        devices = f"{num_devices} device{'s' if num_devices > 1 else ''}"
         raise ValueError(
-            f"batch_size={config.batch_size} does not split over the mesh's {shards} "
-            "batch shards (data x fsdp); change --config.batch_size or --config.mesh.*"
+            f"config.mesh ({named}) needs {'a multiple of ' if rest else ''}{known} devices "
+            f"but this run has {devices} ({processes} process{'es' if processes > 1 else ''}); "
+            "set --config.mesh.data, --config.mesh.fsdp and --config.mesh.model so that "
+            f"their product is {num_devices} (one of them -1: the devices the others leave)"
         )
+    sizes = mesh.axis_sizes(num_devices)
+    data, fsdp, _ = sizes
+    shards = data * fsdp
+    split = f"the mesh's {shards} batch shards (config.mesh.data x fsdp = {data} x {fsdp})"
+    if shards % processes:
+        raise ValueError(
+            f"{split} do not divide over the {processes} processes (each process must feed "
+            f"its own rows); set --config.mesh.data and --config.mesh.fsdp so that data x fsdp "
+            f"is a multiple of {processes}"
+        )
+    get = config.get if hasattr(config, "get") else lambda key, default=None: default
+    batch_size = get("batch_size", None)
+    if batch_size is not None:
+        if not _whole(batch_size) or batch_size < 1:
+            raise ValueError(
+                f"config.batch_size={batch_size} must be a whole number >= 1; set "
+                "--config.batch_size"
+            )
+        if batch_size % shards:  # shards is a multiple of the process count
+            raise ValueError(
+                f"config.batch_size={batch_size} does not split over {split}; set "
+                f"--config.batch_size to a multiple of {shards}, or change --config.mesh.*"
+            )
+    eval_batch_size = get("eval_batch_size", None)
+    if eval_batch_size is not None:
+        if not _whole(eval_batch_size) or eval_batch_size < 0:
+            raise ValueError(
+                f"config.eval_batch_size={eval_batch_size} must be a whole number >= 0 (0: "
+                "batch_size); set --config.eval_batch_size"
+            )
+        if eval_batch_size % shards:  # shards is a multiple of the process count
+            raise ValueError(
+                f"config.eval_batch_size={eval_batch_size} does not split over {split}; set "
+                f"--config.eval_batch_size to a multiple of {shards} (0: batch_size)"
+            )
+    optimizer = get("optimizer", None)
+    accumulate = optimizer.get("accumulate_steps", 1) if hasattr(optimizer, "get") else 1
+    accumulate = 1 if accumulate is None else accumulate
+    if not _whole(accumulate) or accumulate < 0:
+        raise ValueError(
+            f"config.optimizer.accumulate_steps={accumulate} must be a whole number >= 1; set "
+            "--config.optimizer.accumulate_steps (1, or 0: no accumulation)"
+        )
+    if accumulate > 1 and _whole(batch_size) and batch_size % accumulate:
+        raise ValueError(
+            f"config.optimizer.accumulate_steps={accumulate} does not divide "
+            f"config.batch_size={batch_size} into micro-batches; set "
+            "--config.optimizer.accumulate_steps to a divisor of the batch size"
+        )
+    model = get("model", None)
+    mixer = model.get("mixer", None) if hasattr(model, "get") else None
+    for key, section in (("model.mixer", mixer), ("model", model)):
+        axis = section.get("sequence_axis", None) if hasattr(section, "get") else None
+        if axis is None:
+            continue
+        if axis not in sharding.MESH_AXES:
+            raise ValueError(
+                f"config.{key}.sequence_axis={axis!r} is not a mesh axis; set "
+                f"--config.{key}.sequence_axis to one of {', '.join(sharding.MESH_AXES)} "
+                "(usually model), or leave it unset for no sequence parallelism"
+            )
+        kind = mixer.get("kind", "hgrn") if hasattr(mixer, "get") else "hgrn"
+        layout = mixer.get("layout", "official") if hasattr(mixer, "get") else "official"
+        if (kind, layout) != ("hgrn", "official"):
+            raise ValueError(
+                f"config.{key}.sequence_axis={axis!r} needs the HGRU mixer (kind 'hgrn', "
+                f"layout 'official'), not kind {kind!r} with layout {layout!r}; leave "
+                f"--config.{key}.sequence_axis unset for this model"
+            )
+    return sizes
 
 
 def resolve_task(config: Any) -> Task:
@@ -225,13 +336,7 @@ class Run:
         self.workdir = Path(workdir)
         self.primary = jax.process_index() == 0
         self.task = task if task is not None else resolve_task(config)
-        mesh_cfg = config.get("mesh", {}) if hasattr(config, "get") else {}
-        self.mesh = sharding.make_mesh(
-            int(mesh_cfg.get("data", -1)),
-            int(mesh_cfg.get("fsdp", 1)),
-            int(mesh_cfg.get("model", 1)),
-        )
-        _check_batch_size(config, self.mesh)
+        self.mesh = sharding.make_mesh(*check_mesh_and_batches(config))
         self.schedule = None
 
         def make_tx(params):
@@ -374,13 +479,23 @@ def check_seed(config: Any) -> None:
 
 def check_config_values(config: Any) -> None:
     """The checks of values a run can make before it touches its workdir, each a ValueError
-    naming the key: run lengths, the seed, the model's sizes and the optimizer's numbers."""
-    from hgrn_jax.tasks import registry
+    naming the key: run lengths, the seed, the model's sizes, the activation dtype of a
+    registered task, the optimizer's numbers, and the mesh with the batch sizes and sequence
+    axis on it (:func:`check_mesh_and_batches`)."""
+    from hgrn_jax.tasks import base, registry
 
     check_run_lengths(config)
     check_seed(config)
     registry.check_model_sizes(config)
+    if str(config.get("task", "")) in registry.DATASETS:
+        dtype = config.get("dtype", "float32")
+        if dtype not in base.DTYPES:
+            raise ValueError(
+                f"config.dtype={dtype!r} is not an activation dtype; set --config.dtype to one "
+                f"of {', '.join(base.DTYPES)}"
+            )
     optim.check_optimizer_config(config)
+    check_mesh_and_batches(config)
 
 
 def _time_budget(config: Any) -> float:
