@@ -144,6 +144,29 @@ def test_hgru_layer_with_sequence_axis_equals_unsharded(bidirectional):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mesh_name, length", [("8-auto", 12), ("2x4-explicit", 6)])
+def test_hgru_layer_pads_a_length_the_axis_does_not_divide(mesh_name, length):
+    """Sequence parallelism over an axis whose size does not divide the length (2,000 ListOps
+    tokens on 3 or 6 devices) stopped the run at its first step; the layer pads the time axis
+    with identity steps and equals the unsharded layer, gradients included, in both directions."""
+    layer = HGRU(8, bidirectional=True, method="sequential", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, length, 8))
+    want = layer(x, 0.3)
+    want_grads = nnx.grad(hgru_loss)(layer, x)
+    layer.sequence_axis = "seq"
+    mesh = make_mesh(mesh_name)
+    with jax.set_mesh(mesh):
+        if "data" in mesh.axis_names:
+            x = jax.device_put(x, P("data"))
+        got = nnx.jit(lambda layer, x: layer(x, 0.3))(layer, x)
+        grads = nnx.jit(nnx.grad(hgru_loss))(layer, x)
+    assert got.shape == want.shape
+    assert_close(got, want)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        assert_close(g, w, scale=10.0)
+
+
+@pytest.mark.slow
 def test_hgru2d_rows_sharded_equals_unsharded():
     layer = HGRU2D(4, causal=False, method="sequential", rngs=nnx.Rngs(2))
     x = jax.random.normal(jax.random.key(3), (1, 8, 3, 4))

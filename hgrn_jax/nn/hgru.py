@@ -100,8 +100,10 @@ class _HGRUBase(nnx.Module):
       method: the :func:`hgrn_jax.ops.linear_recurrence` method.
       sequence_axis: a mesh axis to split the sequence over (sequence parallelism, see
         :mod:`hgrn_jax.ops.sequence_parallel`): scans along array axis 1 (time for ``HGRU``, rows
-        for ``HGRU2D``) then run sharded over that axis of the mesh set by ``jax.set_mesh``; the
-        length must be a multiple of the axis size. ``step()`` decoding stays unsharded.
+        for ``HGRU2D``) then run sharded over that axis of the mesh set by ``jax.set_mesh``. A
+        length that is not a multiple of the axis size is padded with identity steps (decay 1,
+        input 0) at the end, which leave every real step's state exact in both directions.
+        ``step()`` decoding stays unsharded.
     """
 
     def __init__(
@@ -258,15 +260,7 @@ class _HGRUBase(nnx.Module):
         for the default CPU method, see ``linear_recurrence(axis=...)``)."""
         sharded = self.sequence_axis is not None and axis % a.ndim == 1 and not return_last_state
         if sharded:
-            h = sharded_linear_recurrence(
-                jnp.moveaxis(a, axis, -2),
-                jnp.moveaxis(b, axis, -2),
-                h0,
-                axis_name=self.sequence_axis,
-                reverse=direction == "reverse",
-                method=self.method,
-            )
-            return jnp.moveaxis(h, -2, axis)
+            return jnp.moveaxis(self._sharded_scan(a, b, axis, direction, h0), -2, axis)
         return linear_recurrence(
             a,
             b,
@@ -276,6 +270,42 @@ class _HGRUBase(nnx.Module):
             return_last_state=return_last_state,
             axis=axis,
         )
+
+    def _sharded_scan(
+        self, a: jax.Array, b: jax.Array, axis: int, direction: Direction, h0=None
+    ) -> jax.Array:
+        """The scan along ``axis`` split over mesh axis ``sequence_axis``; returns the states
+        with that axis moved to -2. The length is padded to a multiple of the mesh axis's size
+        with identity steps at the end (a forward scan never sees them; a reverse one starts
+        from its initial state through them unchanged), and the padding sliced off."""
+        a, b = jnp.moveaxis(a, axis, -2), jnp.moveaxis(b, axis, -2)
+        a = jnp.broadcast_to(a, jnp.broadcast_shapes(a.shape, b.shape))
+        mesh = jax.sharding.get_abstract_mesh()
+        shards = dict(mesh.shape).get(self.sequence_axis, 1) if not mesh.empty else 1
+        length = b.shape[-2]
+        pad = -length % shards
+        if pad:
+            widths = [(0, 0)] * (b.ndim - 2) + [(0, pad), (0, 0)]
+            a = jnp.pad(a, widths, constant_values=1)
+            b = jnp.pad(b, widths)
+        h = sharded_linear_recurrence(
+            a,
+            b,
+            h0,
+            axis_name=self.sequence_axis,
+            reverse=direction == "reverse",
+            method=self.method,
+        )
+        if pad:
+            kinds = dict(zip(mesh.axis_names, mesh.axis_types))
+            if kinds[self.sequence_axis] == jax.sharding.AxisType.Explicit:
+                # An Explicit axis shards the padded time axis; gather it before cutting.
+                spec = list(jax.typeof(h).sharding.spec) + [None] * h.ndim
+                spec = spec[: h.ndim]
+                spec[-2] = None
+                h = jax.sharding.reshard(h, jax.sharding.PartitionSpec(*spec))
+            h = h[..., :length, :]
+        return h
 
     def output(self, h: jax.Array, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
         """Norm, output gate and projection of the summed states ``h`` (..., d); ``gate`` is
