@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import re
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -312,3 +314,41 @@ def test_mixer_settings_left_unset_take_integers_on_the_command_line():
         "--config.model.mixer.num_heads=2",
     )
     assert (mixer.kind, mixer.expand_ratio, mixer.num_heads) == ("hgrn2", 8, 2)
+
+
+REPO = Path(__file__).resolve().parents[1]
+# Every config file with a get_config (the helpers common.py, hgrn2/lra.py and variants.py not).
+CONFIG_FILES = sorted(
+    str(p.relative_to(REPO))
+    for p in REPO.glob("experiments/configs/*/*.py")
+    if p.name not in ("__init__.py", "lra.py", "variants.py")
+)
+
+
+def documented_data_keys() -> list[str]:
+    """The ``data.*`` keys of docs/data.md's table ("Every experiment config has the same data
+    keys")."""
+    keys = re.findall(r"^\| `data\.(\w+)` \|", (REPO / "docs/data.md").read_text(), re.M)
+    assert keys, "docs/data.md lost its table of data keys"
+    return keys
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES)
+def test_every_config_takes_the_documented_data_keys_on_the_command_line(path):
+    """docs/data.md's data keys exist in every config, ``data.workers`` included (default 0;
+    ImageNet's -1): ``--config.data.workers=2`` was an unknown key outside ImageNet."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    def parse(*overrides: str):
+        argv = ["train", f"--config={REPO / path}", *overrides]
+        values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+        values(argv)
+        return values.config
+
+    config = parse()
+    missing = [k for k in documented_data_keys() if k not in config.data]
+    assert not missing, f"{path} lacks data keys docs/data.md lists: {missing}"
+    assert config.data.workers == (-1 if config.task == "imagenet" else 0)
+    assert parse("--config.data.workers=2").data.workers == 2

@@ -326,6 +326,23 @@ def test_a_run_resumes_on_another_mesh_with_the_sequence_split(tmp_path):
     assert "model.mixer.method: 'auto' -> 'sequential'" in listed
 
 
+def test_input_workers_are_a_run_setting_so_runs_saved_without_the_key_resume(tmp_path):
+    """``data.workers`` (in every config since docs/data.md lists it) leaves the batches as they
+    are: a run saved before the key existed, or with another number of workers, resumes with the
+    change listed as a run setting, not as one that changes training."""
+    from experiments.configs.lra import listops
+    from hgrn_jax.training.loop import prepare_workdir
+    from hgrn_jax.training.workdir import ConfigChangeWarning
+
+    config = listops.get_config("tiny")
+    _saved_run_without(tmp_path / "old", config, "data.workers")
+    with pytest.warns(ConfigChangeWarning) as caught:
+        prepare_workdir(tmp_path / "old", config).release()
+    listed = " ".join(str(w.message) for w in caught)
+    assert "resuming with new run settings: data.workers: absent -> 0" in listed
+    assert "change training" not in listed
+
+
 def test_absent_keys_of_a_user_task_still_refuse(tmp_path):
     """No defaults are known for a ``module:factory`` task: an absent model key is a change."""
     from hgrn_jax.training.loop import prepare_workdir

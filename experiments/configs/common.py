@@ -37,6 +37,7 @@ DATA_DEFAULTS = dict(
     cache_dir="cache",  # generated data (ListOps TSV files) live here
     generator_seed=0,  # generated/synthetic data depend on this seed only
     skip_bad_rows=False,  # real data: skip (and report) malformed rows instead of failing
+    workers=0,  # grain worker processes building training batches (0: in the training process)
 )
 
 

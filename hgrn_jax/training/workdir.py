@@ -55,6 +55,7 @@ HARMLESS_KEYS = (
     "keep_checkpoints",
     "eval_batch_size",
     "resume",
+    "data.workers",  # the batches are the same whatever the number of input workers
 )
 HARMLESS_PREFIXES = ("mesh.", "paper.")
 # Model keys that change neither parameters nor their shapes (how, not what, is computed): the
