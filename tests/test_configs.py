@@ -352,3 +352,15 @@ def test_every_config_takes_the_documented_data_keys_on_the_command_line(path):
     assert not missing, f"{path} lacks data keys docs/data.md lists: {missing}"
     assert config.data.workers == (-1 if config.task == "imagenet" else 0)
     assert parse("--config.data.workers=2").data.workers == 2
+
+
+def test_pod_log_example_matches_the_listops_run():
+    """docs/pods.md's example log is of the paper's ListOps run: its parameter count, steps and
+    evaluation step are that config's (the count had been 11,850 against 66,250)."""
+    text = (REPO / "docs/pods.md").read_text()
+    config = load("lra.listops")
+    params = re.search(r"^model: ([\d,]+) parameters", text, re.M)
+    assert params and int(params[1].replace(",", "")) == abstract_params(config)
+    assert re.search(rf"^resuming from step \d+ of {config.num_train_steps} ", text, re.M)
+    evaluated = re.search(r"^step (\d+): val loss", text, re.M)
+    assert evaluated and int(evaluated[1]) % config.eval_every == 0
