@@ -31,6 +31,7 @@ from hgrn_jax.nn import (
     HGRNImageClassifier,
     ImageConfig,
     LMConfig,
+    MixerConfig,
     generate,
     sample_token,
     sinusoidal_positions,
@@ -391,6 +392,47 @@ def test_converted_fla_lm_decodes_the_golden_logits(golden):
     np.testing.assert_allclose(
         teacher_forced(state, ids), case.arrays["output/decode_logits"], atol=5e-5, rtol=1e-5
     )
+
+
+DECODE_MIXERS = {
+    "hgrn": MixerConfig(),
+    "hgrn-fla": MixerConfig(layout="fla", complex_valued=False, use_bias=False),
+    "hgrn2": MixerConfig(kind="hgrn2", expand_ratio=4),
+    "hgrn2-fla": MixerConfig(kind="hgrn2", layout="fla", expand_ratio=4, use_bias=False),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mixer", list(DECODE_MIXERS))
+def test_float64_cache_keeps_its_dtype_through_a_scanned_decode(mixer):
+    """A float64 LM (``convert.from_fla_*_lm(..., dtype=jnp.float64)``) decodes in a ``lax.scan``
+    from ``init_cache``: the carry must keep its dtype. ``init_cache`` gave float32 / complex64
+    states that the first step turned into float64 / complex128, and the scan raised a carry
+    type mismatch. Both sides compute in float64 (the same recurrence, one token at a time or
+    in one pass), so they agree to float64 rounding: 1e-10 relative."""
+    with jax.enable_x64(True):
+        config = _lm_config(features=16, mixer=DECODE_MIXERS[mixer])
+        lm = HGRNLM(config, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        ids = _ids(23, (2, 5), 29)
+        cache = lm.init_cache(2)
+        _, stepped = lm.step(ids[:, :1], cache)
+        assert [c.dtype for c in cache] == [c.dtype for c in stepped]
+        assert all(c.dtype in (jnp.float64, jnp.complex128) for c in cache)
+        graphdef, state = nnx.split(lm)
+
+        @jax.jit
+        def decode(state, ids):
+            model = nnx.merge(graphdef, state)
+
+            def body(cache, token):
+                logits, cache = model.step(token[:, None], cache)
+                return cache, logits[:, 0]
+
+            return jax.lax.scan(body, model.init_cache(ids.shape[0]), ids.T)[1]
+
+        decoded = decode(state, ids).transpose(1, 0, 2)
+        assert decoded.dtype == jnp.float64
+        assert _rel_err(decoded, lm(ids)) < 1e-10
 
 
 # ------------------------------------------------------------------------ generation

@@ -50,6 +50,7 @@ class FlaHGRNAttention(nnx.Module):
         self.norm_epsilon = norm_epsilon
         self.method = method
         self.dtype = dtype
+        self.param_dtype = param_dtype
         layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         common = dict(use_bias=False, **layer)
         self.i_proj = dense(features, width, ("embed", "rnn"), **common)
@@ -108,4 +109,7 @@ class FlaHGRNAttention(nnx.Module):
         return self.output(h, x), last
 
     def init_state(self, batch_size: int) -> jax.Array:
-        return jnp.zeros((batch_size, self.width), accumulation_dtype(self.dtype or jnp.float32))
+        """The zero recurrent state (B, width) for :meth:`step`, in the dtype :meth:`step`
+        returns (float32; float64 for a float64 layer)."""
+        dtype = accumulation_dtype(self.dtype or self.param_dtype)
+        return jnp.zeros((batch_size, self.width), dtype)

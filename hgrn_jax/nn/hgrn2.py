@@ -73,6 +73,7 @@ class _MatrixMixer(nnx.Module):
     bidirectional: bool
     method: str
     dtype: jnp.dtype | None
+    param_dtype: jnp.dtype
 
     def gates(self, x: jax.Array, lower_bound) -> tuple[jax.Array, ...]:
         """``q, k, log_decay`` (B, L, H, K) and ``v`` (B, L, H, V) in the accumulation dtype."""
@@ -157,10 +158,11 @@ class _MatrixMixer(nnx.Module):
         return self._finish(o, x, mask), last
 
     def init_state(self, batch_size: int) -> jax.Array:
-        """The zero recurrent state (B, H, K, V) for :meth:`step`."""
+        """The zero recurrent state (B, H, K, V) for :meth:`step`, in the dtype :meth:`step`
+        returns (float32; float64 for a float64 layer)."""
         return jnp.zeros(
             (batch_size, self.num_heads, self.key_dim, self.value_dim),
-            accumulation_dtype(self.dtype or jnp.float32),
+            accumulation_dtype(self.dtype or self.param_dtype),
         )
 
 
@@ -203,6 +205,7 @@ class HGRN2(_MatrixMixer):
         self.bidirectional = bidirectional
         self.method = method
         self.dtype = dtype
+        self.param_dtype = param_dtype
         layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         common = dict(use_bias=use_bias, **layer)
         self.in_proj = dense(features, 3 * features, ("embed", "rnn"), **common)
@@ -269,6 +272,7 @@ class FlaHGRN2Attention(_MatrixMixer):
         self.bidirectional = bidirectional
         self.method = method
         self.dtype = dtype
+        self.param_dtype = param_dtype
         forget_dim = heads * expand_ratio
         layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         common = dict(use_bias=False, **layer)

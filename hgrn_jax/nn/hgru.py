@@ -127,6 +127,7 @@ class _HGRUBase(nnx.Module):
         self.method = method
         self.sequence_axis = sequence_axis
         self.dtype = dtype
+        self.param_dtype = param_dtype
         width = 2 * features if complex_valued else features
         common = dict(rngs=rngs, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
         self.input_proj = dense(features, width, ("embed", "rnn"), **common)
@@ -373,8 +374,9 @@ class HGRU(_HGRUBase):
         return self.output(h, x, gate=projected[2]), last
 
     def init_state(self, batch_size: int) -> jax.Array:
-        """The zero recurrent state (B, d) for :meth:`step`."""
-        dtype = accumulation_dtype(self.dtype or jnp.float32)
+        """The zero recurrent state (B, d) for :meth:`step`, in the dtype :meth:`step` returns
+        (complex64 or float32; complex128 or float64 for a float64 layer)."""
+        dtype = accumulation_dtype(self.dtype or self.param_dtype)
         if self.complex_valued:
             dtype = jnp.promote_types(dtype, jnp.complex64)
         return jnp.zeros((batch_size, self.features), dtype)
