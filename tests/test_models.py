@@ -394,6 +394,37 @@ def test_converted_fla_lm_decodes_the_golden_logits(golden):
     )
 
 
+def test_lm_takes_lists_of_ids_and_bad_ids_or_caches_are_one_line_errors(untied_lm):
+    """Nested lists are ids (were an AttributeError on ``.ndim``); float ids name the argument
+    (were Flax's 'Input type must be an integer'); a cache of another batch size or structure
+    names the layer and the fix (was the recurrence's 'h0 must have shape', or a TypeError
+    from ``len(None)``)."""
+    lm, ids = untied_lm, [[1, 2, 3], [4, 5, 6]]
+    np.testing.assert_array_equal(lm(ids), lm(jnp.asarray(ids)))
+    logits, _ = lm.step(ids, lm.init_cache(2))
+    np.testing.assert_array_equal(logits, lm(jnp.asarray(ids)))
+    with pytest.raises(
+        ValueError, match=r"ids: token ids must be integers; got dtype float32 \(cast them"
+    ):
+        lm(np.asarray(ids, np.float32))
+    with pytest.raises(ValueError, match=r"prompt_ids: token ids must be integers"):
+        generate(lm, np.asarray(ids, np.float32), 2, greedy=True)
+    with pytest.raises(
+        ValueError,
+        match=r"cache\[0\] has shape \(1, 8\); layer 0 keeps a state of shape \(2, 8\) for ids "
+        r"of batch 2: start from lm.init_cache\(2\)",
+    ):
+        lm.step(ids, lm.init_cache(1))
+    with pytest.raises(
+        ValueError, match=r"cache must be a tuple of 2 per-layer states; got NoneType: pass"
+    ):
+        lm.step(ids, None)
+    with pytest.raises(ValueError, match=r"cache has 1 layers; the model has 2: pass"):
+        lm.step(ids, lm.init_cache(2)[:1])
+    with pytest.raises(ValueError, match=r"one token per row: pass ids\[:, None\]"):
+        lm.step(jnp.asarray([1, 2]), lm.init_cache(2))
+
+
 DECODE_MIXERS = {
     "hgrn": MixerConfig(),
     "hgrn-fla": MixerConfig(layout="fla", complex_valued=False, use_bias=False),

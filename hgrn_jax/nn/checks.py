@@ -46,7 +46,14 @@ def checked_token_ids(enabled: bool = True) -> Iterator[None]:
 
 def check_token_ids(ids: jax.Array, vocab_size: int, name: str = "ids") -> None:
     """Raise ValueError (eager) or add a checkify check (traced, checked mode) when an id of
-    ``ids`` leaves ``[0, vocab_size)``."""
+    ``ids`` leaves ``[0, vocab_size)``; ValueError (eager or traced) for ids that are not
+    integers."""
+    dtype = jnp.result_type(ids)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(
+            f"{name}: token ids must be integers; got dtype {dtype} (cast them with "
+            ".astype(jnp.int32))"
+        )
     if isinstance(ids, jax.core.Tracer):
         if _CHECKED.get():
             from jax.experimental import checkify
