@@ -523,6 +523,37 @@ def test_generate_errors_name_the_fix(untied_lm):
         sample_token(jnp.zeros((2, 4)), jax.random.key(0), 1.0, top_k=5)
 
 
+def test_a_tiny_temperature_samples_the_argmax(untied_lm):
+    """``logits / temperature`` overflowed to -inf for every negative logit when the temperature
+    was tiny, and the draw was then token 0 whatever the logits; the logits are now shifted by
+    their maximum first. A temperature that is 0 in float32 is refused like 0."""
+    logits = jnp.asarray([[-3.0, -1.0, -2.0], [-5.0, -6.0, -0.5]])
+    for top_k in (None, 2):
+        np.testing.assert_array_equal(
+            sample_token(logits, jax.random.key(0), 1e-39, top_k=top_k), [1, 2]
+        )
+    greedy = generate(untied_lm, PROMPT, 4, greedy=True)
+    cold = generate(untied_lm, PROMPT, 4, rng=jax.random.key(0), temperature=1e-39)
+    np.testing.assert_array_equal(cold, greedy)
+    with pytest.raises(ValueError, match=r"temperature must be > 0 \(in float32\); got 1e-46"):
+        generate(untied_lm, PROMPT, 4, rng=jax.random.key(0), temperature=1e-46)
+
+
+def test_generate_names_a_bad_rng_or_top_k(untied_lm):
+    """An int seed or a batch of keys as ``rng``, and a float ``top_k``, were JAX's errors from
+    inside the trace (invalid PRNG key data; split of a key array; 'Shapes must be 1D sequences
+    of concrete values of integer type')."""
+    with pytest.raises(ValueError, match=r"rng must be one JAX key, e.g. rng=jax.random.key"):
+        generate(untied_lm, PROMPT, 3, rng=0)
+    with pytest.raises(ValueError, match=r"got key array of shape \(2,\)"):
+        generate(untied_lm, PROMPT, 3, rng=jax.random.split(jax.random.key(0), 2))
+    with pytest.raises(ValueError, match=r"top_k must be an integer or None; got 3.0"):
+        generate(untied_lm, PROMPT, 3, rng=jax.random.key(0), top_k=3.0)
+    # Raw uint32 keys and NumPy integers stay accepted.
+    raw = generate(untied_lm, PROMPT, 3, rng=jax.random.PRNGKey(0), top_k=np.int64(3))
+    assert raw.shape == (2, 8)
+
+
 def test_generate_runs_the_model_in_eval_mode():
     lm = HGRNLM(_lm_config(tie_embeddings=False, dropout=0.5), rngs=nnx.Rngs(3))
     out = generate(lm, PROMPT, 4, greedy=True)  # lm is in train mode: dropout would be active

@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from hgrn_jax.nn.checks import check_token_ids
@@ -21,6 +22,8 @@ def check_top_k(top_k: int | None, vocab_size: int | None) -> None:
     unknown, only the lower end is checked)."""
     if top_k is None:
         return
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+        raise ValueError(f"top_k must be an integer or None; got {top_k!r}")
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None; got {top_k}")
     if vocab_size is not None and top_k > vocab_size:
@@ -41,16 +44,33 @@ def sample_token(
 
     ``greedy``: the argmax. Otherwise a draw from ``softmax(logits / temperature)`` restricted to
     the ``top_k`` largest logits when ``top_k`` is given (``top_k=1`` is the argmax; more than
-    ``vocab`` is a ValueError).
+    ``vocab`` is a ValueError). The logits are shifted by their maximum before the division (the
+    softmax is unchanged), so a tiny temperature gives the argmax: unshifted, ``logits /
+    temperature`` overflows to -inf for every negative logit and the draw was token 0.
     """
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
+    logits = logits.astype(jnp.float32)
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     if top_k is not None:
         check_top_k(top_k, logits.shape[-1])
         kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def check_rng(rng: jax.Array) -> None:
+    """Raise ValueError unless ``rng`` is one JAX key: ``jax.random.key(seed)`` (a typed key of
+    shape ()) or a raw ``jax.random.PRNGKey(seed)`` (uint32 key data of shape (n,))."""
+    dtype, shape = getattr(rng, "dtype", None), tuple(np.shape(rng))
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype == np.uint32 and len(shape) == 1
+    if not ((typed and shape == ()) or raw):
+        what = f"key array of shape {shape}" if typed else f"{type(rng).__name__} {rng!r}"[:80]
+        raise ValueError(
+            f"rng must be one JAX key, e.g. rng=jax.random.key(seed); got {what} (one key "
+            "draws the tokens of every batch row)"
+        )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy"))
@@ -115,9 +135,11 @@ def generate(
     if not greedy:
         if rng is None:
             raise ValueError("sampling needs rng=jax.random.key(seed) (or pass greedy=True)")
-        if not temperature > 0:
+        check_rng(rng)
+        if not np.float32(temperature) > 0:  # what _generate divides by
             raise ValueError(
-                f"temperature must be > 0; got {temperature} (use greedy=True for argmax decoding)"
+                f"temperature must be > 0 (in float32); got {temperature} (use greedy=True for "
+                "argmax decoding)"
             )
     check_top_k(top_k, int(vocab_size) if vocab_size else None)  # the logits recheck it
     rng = jax.random.key(0) if rng is None else rng
