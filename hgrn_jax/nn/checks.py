@@ -126,3 +126,15 @@ def check_mask(
             f"{layer}: mask must be x's shape without the channels, {want}{extra}; got mask "
             f"of shape {got} for x of shape {tuple(x_shape)}"
         )
+
+
+def check_state(state: jax.Array, want: tuple[int, ...], layer: str) -> None:
+    """Raise ValueError naming both shapes and the fix unless a streaming ``state`` has the shape
+    ``want`` of the layer's ``init_state(B)`` for the batch ``B = want[0]`` of its input."""
+    got = tuple(jnp.shape(state))
+    if got != tuple(want):
+        raise ValueError(
+            f"{layer}.step: state has shape {got}; for x of batch {want[0]} it must be "
+            f"{tuple(want)}: start from layer.init_state({want[0]}) (or the state the previous "
+            "step returned)"
+        )

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax.nn.checks import check_layer_input, check_mask
+from hgrn_jax.nn.checks import check_layer_input, check_mask, check_state
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import apply_log_lower_bound
 from hgrn_jax.nn.norms import make_norm
@@ -104,6 +104,7 @@ class FlaHGRNAttention(nnx.Module):
         """Streaming: ``x`` (B, T, d) from ``state`` (B, width); returns outputs and the last state.
         ``mask`` (B, T) or longer along time (its last T steps are used)."""
         self.check_input(x, mask, streaming=True)
+        check_state(state, (x.shape[0], self.width), type(self).__name__)
         a, i = self.decay_and_input(x, lower_bound, mask)
         h, last = linear_recurrence(a, i, state, method=self.method, return_last_state=True)
         return self.output(h, x), last

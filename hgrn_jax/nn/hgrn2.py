@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax.nn.checks import check_layer_input, check_mask
+from hgrn_jax.nn.checks import check_layer_input, check_mask, check_state
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import apply_log_lower_bound, apply_lower_bound
 from hgrn_jax.nn.norms import make_norm
@@ -153,6 +153,8 @@ class _MatrixMixer(nnx.Module):
         if self.bidirectional:
             raise ValueError("step() needs a causal mixer (bidirectional=False)")
         self.check_input(x, mask, streaming=True)
+        want = (x.shape[0], self.num_heads, self.key_dim, self.value_dim)
+        check_state(state, want, type(self).__name__)
         q, k, v, g = self._inputs(x, lower_bound, mask)
         o, last = self._scan(q, k, v, g, h0=state, return_last_state=True)
         return self._finish(o, x, mask), last

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax.nn.checks import check_layer_input, check_mask
+from hgrn_jax.nn.checks import check_layer_input, check_mask, check_state
 from hgrn_jax.nn.initializers import axes_metadata, dense, logical, phase_init
 from hgrn_jax.nn.lower_bounds import apply_lower_bound, check_lower_bound
 from hgrn_jax.ops import default_method, linear_recurrence
@@ -366,6 +366,7 @@ class HGRU(_HGRUBase):
         if self.bidirectional:
             raise ValueError("step() needs a causal HGRU (bidirectional=False)")
         self.check_input(x, "(batch, length, d)")
+        check_state(state, (x.shape[0], self.features), type(self).__name__)
         projected = self.projections(x)
         lam, b = self.decay_and_input(x, lower_bound, projected)
         h, last = self.scan(
