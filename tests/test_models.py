@@ -394,6 +394,33 @@ def test_converted_fla_lm_decodes_the_golden_logits(golden):
     )
 
 
+class _TransformersConfig:
+    """Stands in for a transformers ``PretrainedConfig`` (``model.config``): attributes and a
+    ``to_dict()`` with the keys transformers adds; not a Mapping."""
+
+    def __init__(self, kwargs: dict):
+        self.__dict__.update(kwargs)
+
+    def to_dict(self) -> dict:
+        return dict(vars(self), model_type="hgrn", architectures=["X"], torch_dtype="float32")
+
+
+@pytest.mark.parametrize("case_name", ["fla_hgrn_lm", "fla_hgrn2_lm"])
+def test_fla_lm_config_may_be_the_transformers_config_object(golden, case_name):
+    """``convert.from_fla_*_lm(model.config, ...)`` was a TypeError ("argument of type ... is
+    not iterable"): the config object is now read through its ``to_dict()``."""
+    name = "HGRNConfig" if case_name == "fla_hgrn_lm" else "HGRN2Config"
+    to_config = convert.fla_lm_config if name == "HGRNConfig" else convert.fla_hgrn2_lm_config
+    kwargs = golden(case_name).meta["constructor"][name]
+    assert to_config(_TransformersConfig(kwargs)) == to_config(kwargs)
+    with pytest.raises(
+        convert.ConversionError,
+        match=rf"{name}: config must be a dict of the {name} keyword arguments or a "
+        r"transformers config object \(its to_dict\(\) is read\); got list",
+    ):
+        to_config(list(kwargs.items()))
+
+
 def test_lm_takes_lists_of_ids_and_bad_ids_or_caches_are_one_line_errors(untied_lm):
     """Nested lists are ids (were an AttributeError on ``.ndim``); float ids name the argument
     (were Flax's 'Input type must be an integer'); a cache of another batch size or structure
