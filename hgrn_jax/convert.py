@@ -328,6 +328,7 @@ def fla_lm_config(config: Mapping[str, Any] | Any) -> LMConfig:
     config = _config_mapping(config, what)
     _check_fla_layer(config, what)
     _require(config, "expand_ratio", (1, None), what)
+    _require(config, "attn", (None,), what)  # hybrid softmax-attention layers
     settings = _fla_lm_settings(config, what)
     mixer = MixerConfig(
         kind="hgrn",

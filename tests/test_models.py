@@ -421,6 +421,18 @@ def test_fla_lm_config_may_be_the_transformers_config_object(golden, case_name):
         to_config(list(kwargs.items()))
 
 
+@pytest.mark.parametrize("case_name", ["fla_hgrn_lm", "fla_hgrn2_lm"])
+def test_fla_lm_with_hybrid_attention_layers_is_refused_by_name(golden, case_name):
+    """fla's ``attn`` config (softmax-attention layers among the HGRN ones) has no counterpart
+    here. HGRNConfig's was accepted and the conversion then failed on 'missing parameter(s)
+    model.layers.1.attn.f_proj.weight, ...', which does not say why."""
+    name = "HGRNConfig" if case_name == "fla_hgrn_lm" else "HGRN2Config"
+    to_config = convert.fla_lm_config if name == "HGRNConfig" else convert.fla_hgrn2_lm_config
+    kwargs = dict(golden(case_name).meta["constructor"][name], attn={"layers": [1], "num_heads": 2})
+    with pytest.raises(convert.ConversionError, match=rf"{name}: attn=.* is not supported"):
+        to_config(kwargs)
+
+
 def test_lm_takes_lists_of_ids_and_bad_ids_or_caches_are_one_line_errors(untied_lm):
     """Nested lists are ids (were an AttributeError on ``.ndim``); float ids name the argument
     (were Flax's 'Input type must be an integer'); a cache of another batch size or structure
