@@ -313,10 +313,12 @@ def from_fla_hgrn_attention(
 
 def _fla_glu_expand(config: Mapping[str, Any], d: int) -> float:
     """GLU hidden / d of an fla config: ``intermediate_size``, or fla's default of 2/3 of
-    ``hidden_ratio * d`` rounded up to a multiple of 256."""
+    ``hidden_ratio * d`` rounded up to a multiple of 256 (``hidden_ratio`` None or absent: 4, as
+    fla's ``GatedMLP``)."""
     hidden = config.get("intermediate_size")
     if hidden is None:
-        hidden = int(d * config.get("hidden_ratio", 4) * 2 / 3)
+        ratio = config.get("hidden_ratio")
+        hidden = int(d * (4 if ratio is None else ratio) * 2 / 3)
         hidden = 256 * ((hidden + 255) // 256)
     return int(hidden) / d
 

@@ -433,6 +433,16 @@ def test_fla_lm_with_hybrid_attention_layers_is_refused_by_name(golden, case_nam
         to_config(kwargs)
 
 
+def test_fla_lm_hidden_ratio_none_is_fla_s_default_of_4(golden):
+    """fla's ``GatedMLP`` reads ``hidden_ratio=None`` as 4 (its config's type allows None); the
+    converter took ``config.get("hidden_ratio", 4)``, None, and raised a TypeError multiplying
+    it. d = 32: 2/3 of 4 * 32 = 85, rounded up to 256, so the GLU is 8 x d wide."""
+    kwargs = dict(golden("fla_hgrn_lm").meta["constructor"]["HGRNConfig"], intermediate_size=None)
+    for to_config in (convert.fla_lm_config, convert.fla_hgrn2_lm_config):
+        assert to_config(dict(kwargs, hidden_ratio=None)).glu_expand == 256 / 32
+        assert to_config(dict(kwargs, hidden_ratio=4)).glu_expand == 256 / 32
+
+
 def test_lm_takes_lists_of_ids_and_bad_ids_or_caches_are_one_line_errors(untied_lm):
     """Nested lists are ids (were an AttributeError on ``.ndim``); float ids name the argument
     (were Flax's 'Input type must be an integer'); a cache of another batch size or structure
