@@ -603,6 +603,17 @@ def test_generate_names_a_bad_rng_or_top_k(untied_lm):
     assert raw.shape == (2, 8)
 
 
+def test_generate_takes_integer_scalars_as_max_new_tokens_and_names_anything_else(untied_lm):
+    """A 0-d JAX integer was 'Non-hashable static arguments are not supported'; None, a string
+    or 2.5 were TypeErrors from a comparison or from jax.random.split."""
+    out = generate(untied_lm, PROMPT, jnp.int32(2), greedy=True)
+    np.testing.assert_array_equal(out, generate(untied_lm, PROMPT, 2, greedy=True))
+    np.testing.assert_array_equal(out, generate(untied_lm, PROMPT, 2.0, greedy=True))
+    for bad in (None, "3", 2.5):
+        with pytest.raises(ValueError, match=r"max_new_tokens must be an integer >= 0; got"):
+            generate(untied_lm, PROMPT, bad, greedy=True)
+
+
 def test_generate_runs_the_model_in_eval_mode():
     lm = HGRNLM(_lm_config(tie_embeddings=False, dropout=0.5), rngs=nnx.Rngs(3))
     out = generate(lm, PROMPT, 4, greedy=True)  # lm is in train mode: dropout would be active

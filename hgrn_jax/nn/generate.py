@@ -8,6 +8,7 @@ costs the same whatever the context length.
 from __future__ import annotations
 
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +129,16 @@ def generate(
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab_size:
         check_token_ids(prompt_ids, int(vocab_size), "prompt_ids")
+    # A Python int for the jit's static argument: NumPy and 0-d JAX integers (unhashable) too,
+    # and whole floats such as 3.0, which jax.random.split took.
+    if isinstance(max_new_tokens, float) and max_new_tokens.is_integer():
+        max_new_tokens = int(max_new_tokens)
+    try:
+        max_new_tokens = operator.index(max_new_tokens)
+    except TypeError:
+        raise ValueError(
+            f"max_new_tokens must be an integer >= 0; got {max_new_tokens!r}"
+        ) from None
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
     if max_new_tokens == 0:
