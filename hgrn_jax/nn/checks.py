@@ -6,6 +6,8 @@ Token ids. An embedding lookup of an id ``>= vocab_size`` returns NaN under JAX'
 out-of-bounds gather, and a negative id silently reads another row (``-1`` is the last one).
 So the models check their ids:
 
+- ids that are not integers (float ids from a tokenizer's array): :class:`ValueError` naming
+  the argument and the cast, eager or traced (the dtype is known at trace time);
 - in eager calls (concrete arrays) always: :class:`ValueError` naming the bad id and vocab_size;
 - under ``jax.jit`` (traced arrays) the values are unknown at trace time, so nothing is checked
   and an out-of-range id gives NaN (or a wrong row for negative ids) unless the checked mode is
