@@ -614,6 +614,14 @@ def test_generate_takes_integer_scalars_as_max_new_tokens_and_names_anything_els
             generate(untied_lm, PROMPT, bad, greedy=True)
 
 
+def test_a_longer_sample_with_the_same_key_extends_a_shorter_one(untied_lm):
+    """The per-token keys are ``jax.random.split(rng, max_new_tokens)``, whose first keys do
+    not depend on the count under JAX's default (partitionable) threefry."""
+    short = generate(untied_lm, PROMPT, 3, rng=jax.random.key(4), temperature=1.5)
+    longer = generate(untied_lm, PROMPT, 6, rng=jax.random.key(4), temperature=1.5)
+    np.testing.assert_array_equal(longer[:, :8], short)
+
+
 def test_generate_runs_the_model_in_eval_mode():
     lm = HGRNLM(_lm_config(tie_embeddings=False, dropout=0.5), rngs=nnx.Rngs(3))
     out = generate(lm, PROMPT, 4, greedy=True)  # lm is in train mode: dropout would be active

@@ -119,9 +119,9 @@ def generate(
     ``step(ids, cache) -> (logits, cache)``); it runs in eval mode (no dropout). ``greedy=True``
     takes the argmax; otherwise tokens are drawn with ``temperature`` (> 0 in float32; a tiny one
     gives the argmax) and ``top_k`` using the one JAX key ``rng`` (``jax.random.key(seed)``; the
-    same key gives the same tokens, and a longer generation extends a shorter one). ``prompt_ids``
-    may be a NumPy array or nested lists of integer ids. Compiled once per model structure,
-    prompt shape and ``max_new_tokens``.
+    same key gives the same tokens, and with JAX's default partitionable threefry keys a longer
+    generation extends a shorter one). ``prompt_ids`` may be a NumPy array or nested lists of
+    integer ids. Compiled once per model structure, prompt shape and ``max_new_tokens``.
     """
     prompt_ids = jnp.asarray(prompt_ids)
     if prompt_ids.ndim != 2 or prompt_ids.shape[1] == 0:
