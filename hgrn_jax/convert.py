@@ -210,6 +210,20 @@ _fla_attention_mapping = _fla_mixer_mapping(("i_proj", "f_proj", "g_proj", "o_pr
 _fla_hgrn2_attention_mapping = _fla_mixer_mapping(("q_proj", "f_proj", "i_proj", "o_proj"))
 
 
+def _config_mapping(config: Mapping[str, Any] | Any, what: str) -> Mapping[str, Any]:
+    """An fla model config as a mapping: a dict of its keyword arguments as given, or a
+    transformers config object (``model.config``) through its ``to_dict()``."""
+    if isinstance(config, Mapping):
+        return config
+    to_dict = getattr(config, "to_dict", None)
+    if callable(to_dict):
+        return to_dict()
+    raise ConversionError(
+        f"{what}: config must be a dict of the {what} keyword arguments or a transformers "
+        f"config object (its to_dict() is read); got {type(config).__name__}"
+    )
+
+
 def _fla_lm_settings(config: Mapping[str, Any], what: str) -> dict[str, Any]:
     """The :meth:`LMConfig.fla` arguments that fla's ``HGRNConfig`` and ``HGRN2Config`` share."""
     d = _features(config, "hidden_size", what)
@@ -299,19 +313,24 @@ def from_fla_hgrn_attention(
 
 def _fla_glu_expand(config: Mapping[str, Any], d: int) -> float:
     """GLU hidden / d of an fla config: ``intermediate_size``, or fla's default of 2/3 of
-    ``hidden_ratio * d`` rounded up to a multiple of 256."""
+    ``hidden_ratio * d`` rounded up to a multiple of 256 (``hidden_ratio`` None or absent: 4, as
+    fla's ``GatedMLP``)."""
     hidden = config.get("intermediate_size")
     if hidden is None:
-        hidden = int(d * config.get("hidden_ratio", 4) * 2 / 3)
+        ratio = config.get("hidden_ratio")
+        hidden = int(d * (4 if ratio is None else ratio) * 2 / 3)
         hidden = 256 * ((hidden + 255) // 256)
     return int(hidden) / d
 
 
-def fla_lm_config(config: Mapping[str, Any]) -> LMConfig:
-    """The :class:`LMConfig` of an fla ``HGRNConfig`` (given as its keyword arguments)."""
+def fla_lm_config(config: Mapping[str, Any] | Any) -> LMConfig:
+    """The :class:`LMConfig` of an fla ``HGRNConfig``, given as its keyword arguments or as the
+    config object itself (``model.config``)."""
     what = "HGRNConfig"
+    config = _config_mapping(config, what)
     _check_fla_layer(config, what)
     _require(config, "expand_ratio", (1, None), what)
+    _require(config, "attn", (None,), what)  # hybrid softmax-attention layers
     settings = _fla_lm_settings(config, what)
     mixer = MixerConfig(
         kind="hgrn",
@@ -324,12 +343,13 @@ def fla_lm_config(config: Mapping[str, Any]) -> LMConfig:
 
 
 def from_fla_hgrn_lm(
-    config: Mapping[str, Any], state_dict: Mapping[str, Any], dtype: jnp.dtype = jnp.float32
+    config: Mapping[str, Any] | Any, state_dict: Mapping[str, Any], dtype: jnp.dtype = jnp.float32
 ) -> HGRNLM:
     """An :class:`HGRNLM` holding the weights of fla's ``HGRNForCausalLM``.
 
-    ``config`` is the ``HGRNConfig`` keyword arguments. The result is called as ``lm(ids)``
-    (ids (B, T) -> logits (B, T, V)) and decodes with ``lm.init_cache(B)`` / ``lm.step``.
+    ``config`` is the ``HGRNConfig`` keyword arguments or the config object (``model.config``).
+    The result is called as ``lm(ids)`` (ids (B, T) -> logits (B, T, V)) and decodes with
+    ``lm.init_cache(B)`` / ``lm.step``.
     """
     return _load_fla_lm(fla_lm_config(config), _fla_attention_mapping, state_dict, dtype)
 
@@ -463,9 +483,11 @@ def from_fla_hgrn2_attention(
     return _load(module, _fla_hgrn2_attention_mapping((), ""), state_dict, dtype)
 
 
-def fla_hgrn2_lm_config(config: Mapping[str, Any]) -> LMConfig:
-    """The :class:`LMConfig` of an fla ``HGRN2Config`` (given as its keyword arguments)."""
+def fla_hgrn2_lm_config(config: Mapping[str, Any] | Any) -> LMConfig:
+    """The :class:`LMConfig` of an fla ``HGRN2Config``, given as its keyword arguments or as the
+    config object itself (``model.config``)."""
     what = "HGRN2Config"
+    config = _config_mapping(config, what)
     _check_fla_layer(config, what)
     _require(config, "attn", (None,), what)  # hybrid softmax-attention layers
     _require(config, "attnres_block_size", (None,), what)
@@ -479,13 +501,14 @@ def fla_hgrn2_lm_config(config: Mapping[str, Any]) -> LMConfig:
 
 
 def from_fla_hgrn2_lm(
-    config: Mapping[str, Any], state_dict: Mapping[str, Any], dtype: jnp.dtype = jnp.float32
+    config: Mapping[str, Any] | Any, state_dict: Mapping[str, Any], dtype: jnp.dtype = jnp.float32
 ) -> HGRNLM:
     """An :class:`HGRNLM` with HGRN2 mixers holding the weights of fla's ``HGRN2ForCausalLM``.
 
-    ``config`` is the ``HGRN2Config`` keyword arguments. The result is called as ``lm(ids)``
-    (ids (B, T) -> logits (B, T, V)) and decodes with ``lm.init_cache(B)`` / ``lm.step(ids,
-    cache)``; each layer's cache entry is (B, H, K, V), the transpose of fla's.
+    ``config`` is the ``HGRN2Config`` keyword arguments or the config object (``model.config``).
+    The result is called as ``lm(ids)`` (ids (B, T) -> logits (B, T, V)) and decodes with
+    ``lm.init_cache(B)`` / ``lm.step(ids, cache)``; each layer's cache entry is (B, H, K, V),
+    the transpose of fla's.
     """
     return _load_fla_lm(
         fla_hgrn2_lm_config(config), _fla_hgrn2_attention_mapping, state_dict, dtype

@@ -90,6 +90,20 @@ def test_step_equals_the_full_pass(layout):
         LAYOUTS[layout](bidirectional=True).step(x, state, BOUND)
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_step_names_a_state_of_another_batch_size(layout):
+    """A state of another batch size was the recurrence's 'h0 must have shape (...)', which
+    names neither the argument nor the fix."""
+    layer = LAYOUTS[layout]()
+    name = type(layer).__name__
+    with pytest.raises(
+        ValueError,
+        match=rf"{name}.step: state has shape \(1, 4, 4, 4\); for x of batch 2 it must be "
+        r"\(2, 4, 4, 4\): start from layer.init_state\(2\)",
+    ):
+        layer.step(_x(), layer.init_state(1), BOUND)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("bidirectional", [False, True])

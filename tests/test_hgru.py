@@ -293,6 +293,19 @@ def test_step_needs_a_causal_layer():
         layer.step(inputs((1, 3, D)), layer.init_state(1))
 
 
+def test_step_names_a_state_of_another_batch_size():
+    """A state from ``init_state`` of another batch size was the recurrence's 'h0 must have
+    shape', which names neither the argument nor the fix."""
+    for layer in (HGRU(D, rngs=nnx.Rngs(0)), FlaHGRNAttention(D, rngs=nnx.Rngs(0))):
+        name = type(layer).__name__
+        with pytest.raises(
+            ValueError,
+            match=rf"{name}.step: state has shape \(1, 8\); for x of batch 2 it must be "
+            r"\(2, 8\): start from layer.init_state\(2\)",
+        ):
+            layer.step(inputs((2, 3, D)), layer.init_state(1))
+
+
 def test_hgru2d_needs_a_grid():
     with pytest.raises(ValueError, match=r"HGRU2D expects \(batch, H, W, d\); got shape"):
         HGRU2D(D, rngs=nnx.Rngs(0))(inputs((1, 12, D)))

@@ -31,6 +31,7 @@ from hgrn_jax.nn import (
     HGRNImageClassifier,
     ImageConfig,
     LMConfig,
+    MixerConfig,
     generate,
     sample_token,
     sinusoidal_positions,
@@ -393,6 +394,127 @@ def test_converted_fla_lm_decodes_the_golden_logits(golden):
     )
 
 
+class _TransformersConfig:
+    """Stands in for a transformers ``PretrainedConfig`` (``model.config``): attributes and a
+    ``to_dict()`` with the keys transformers adds; not a Mapping."""
+
+    def __init__(self, kwargs: dict):
+        self.__dict__.update(kwargs)
+
+    def to_dict(self) -> dict:
+        return dict(vars(self), model_type="hgrn", architectures=["X"], torch_dtype="float32")
+
+
+@pytest.mark.parametrize("case_name", ["fla_hgrn_lm", "fla_hgrn2_lm"])
+def test_fla_lm_config_may_be_the_transformers_config_object(golden, case_name):
+    """``convert.from_fla_*_lm(model.config, ...)`` was a TypeError ("argument of type ... is
+    not iterable"): the config object is now read through its ``to_dict()``."""
+    name = "HGRNConfig" if case_name == "fla_hgrn_lm" else "HGRN2Config"
+    to_config = convert.fla_lm_config if name == "HGRNConfig" else convert.fla_hgrn2_lm_config
+    kwargs = golden(case_name).meta["constructor"][name]
+    assert to_config(_TransformersConfig(kwargs)) == to_config(kwargs)
+    with pytest.raises(
+        convert.ConversionError,
+        match=rf"{name}: config must be a dict of the {name} keyword arguments or a "
+        r"transformers config object \(its to_dict\(\) is read\); got list",
+    ):
+        to_config(list(kwargs.items()))
+
+
+@pytest.mark.parametrize("case_name", ["fla_hgrn_lm", "fla_hgrn2_lm"])
+def test_fla_lm_with_hybrid_attention_layers_is_refused_by_name(golden, case_name):
+    """fla's ``attn`` config (softmax-attention layers among the HGRN ones) has no counterpart
+    here. HGRNConfig's was accepted and the conversion then failed on 'missing parameter(s)
+    model.layers.1.attn.f_proj.weight, ...', which does not say why."""
+    name = "HGRNConfig" if case_name == "fla_hgrn_lm" else "HGRN2Config"
+    to_config = convert.fla_lm_config if name == "HGRNConfig" else convert.fla_hgrn2_lm_config
+    kwargs = dict(golden(case_name).meta["constructor"][name], attn={"layers": [1], "num_heads": 2})
+    with pytest.raises(convert.ConversionError, match=rf"{name}: attn=.* is not supported"):
+        to_config(kwargs)
+
+
+def test_fla_lm_hidden_ratio_none_is_fla_s_default_of_4(golden):
+    """fla's ``GatedMLP`` reads ``hidden_ratio=None`` as 4 (its config's type allows None); the
+    converter took ``config.get("hidden_ratio", 4)``, None, and raised a TypeError multiplying
+    it. d = 32: 2/3 of 4 * 32 = 85, rounded up to 256, so the GLU is 8 x d wide."""
+    kwargs = dict(golden("fla_hgrn_lm").meta["constructor"]["HGRNConfig"], intermediate_size=None)
+    for to_config in (convert.fla_lm_config, convert.fla_hgrn2_lm_config):
+        assert to_config(dict(kwargs, hidden_ratio=None)).glu_expand == 256 / 32
+        assert to_config(dict(kwargs, hidden_ratio=4)).glu_expand == 256 / 32
+
+
+def test_lm_takes_lists_of_ids_and_bad_ids_or_caches_are_one_line_errors(untied_lm):
+    """Nested lists are ids (were an AttributeError on ``.ndim``); float ids name the argument
+    (were Flax's 'Input type must be an integer'); a cache of another batch size or structure
+    names the layer and the fix (was the recurrence's 'h0 must have shape', or a TypeError
+    from ``len(None)``)."""
+    lm, ids = untied_lm, [[1, 2, 3], [4, 5, 6]]
+    np.testing.assert_array_equal(lm(ids), lm(jnp.asarray(ids)))
+    logits, _ = lm.step(ids, lm.init_cache(2))
+    np.testing.assert_array_equal(logits, lm(jnp.asarray(ids)))
+    with pytest.raises(
+        ValueError, match=r"ids: token ids must be integers; got dtype float32 \(cast them"
+    ):
+        lm(np.asarray(ids, np.float32))
+    with pytest.raises(ValueError, match=r"prompt_ids: token ids must be integers"):
+        generate(lm, np.asarray(ids, np.float32), 2, greedy=True)
+    with pytest.raises(
+        ValueError,
+        match=r"cache\[0\] has shape \(1, 8\); layer 0 keeps a state of shape \(2, 8\) for ids "
+        r"of batch 2: start from lm.init_cache\(2\)",
+    ):
+        lm.step(ids, lm.init_cache(1))
+    with pytest.raises(
+        ValueError, match=r"cache must be a tuple of 2 per-layer states; got NoneType: pass"
+    ):
+        lm.step(ids, None)
+    with pytest.raises(ValueError, match=r"cache has 1 layers; the model has 2: pass"):
+        lm.step(ids, lm.init_cache(2)[:1])
+    with pytest.raises(ValueError, match=r"one token per row: pass ids\[:, None\]"):
+        lm.step(jnp.asarray([1, 2]), lm.init_cache(2))
+
+
+DECODE_MIXERS = {
+    "hgrn": MixerConfig(),
+    "hgrn-fla": MixerConfig(layout="fla", complex_valued=False, use_bias=False),
+    "hgrn2": MixerConfig(kind="hgrn2", expand_ratio=4),
+    "hgrn2-fla": MixerConfig(kind="hgrn2", layout="fla", expand_ratio=4, use_bias=False),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mixer", list(DECODE_MIXERS))
+def test_float64_cache_keeps_its_dtype_through_a_scanned_decode(mixer):
+    """A float64 LM (``convert.from_fla_*_lm(..., dtype=jnp.float64)``) decodes in a ``lax.scan``
+    from ``init_cache``: the carry must keep its dtype. ``init_cache`` gave float32 / complex64
+    states that the first step turned into float64 / complex128, and the scan raised a carry
+    type mismatch. Both sides compute in float64 (the same recurrence, one token at a time or
+    in one pass), so they agree to float64 rounding: 1e-10 relative."""
+    with jax.enable_x64(True):
+        config = _lm_config(features=16, mixer=DECODE_MIXERS[mixer])
+        lm = HGRNLM(config, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        ids = _ids(23, (2, 5), 29)
+        cache = lm.init_cache(2)
+        _, stepped = lm.step(ids[:, :1], cache)
+        assert [c.dtype for c in cache] == [c.dtype for c in stepped]
+        assert all(c.dtype in (jnp.float64, jnp.complex128) for c in cache)
+        graphdef, state = nnx.split(lm)
+
+        @jax.jit
+        def decode(state, ids):
+            model = nnx.merge(graphdef, state)
+
+            def body(cache, token):
+                logits, cache = model.step(token[:, None], cache)
+                return cache, logits[:, 0]
+
+            return jax.lax.scan(body, model.init_cache(ids.shape[0]), ids.T)[1]
+
+        decoded = decode(state, ids).transpose(1, 0, 2)
+        assert decoded.dtype == jnp.float64
+        assert _rel_err(decoded, lm(ids)) < 1e-10
+
+
 # ------------------------------------------------------------------------ generation
 
 PROMPT = _ids(19, (2, 5), 29)
@@ -448,6 +570,56 @@ def test_generate_errors_name_the_fix(untied_lm):
     # sample_token checks against the logits' width (models without a config.vocab_size).
     with pytest.raises(ValueError, match=r"top_k=5 exceeds the vocabulary size 4"):
         sample_token(jnp.zeros((2, 4)), jax.random.key(0), 1.0, top_k=5)
+
+
+def test_a_tiny_temperature_samples_the_argmax(untied_lm):
+    """``logits / temperature`` overflowed to -inf for every negative logit when the temperature
+    was tiny, and the draw was then token 0 whatever the logits; the logits are now shifted by
+    their maximum first. A temperature that is 0 in float32 is refused like 0."""
+    logits = jnp.asarray([[-3.0, -1.0, -2.0], [-5.0, -6.0, -0.5]])
+    for top_k in (None, 2):
+        np.testing.assert_array_equal(
+            sample_token(logits, jax.random.key(0), 1e-39, top_k=top_k), [1, 2]
+        )
+    greedy = generate(untied_lm, PROMPT, 4, greedy=True)
+    cold = generate(untied_lm, PROMPT, 4, rng=jax.random.key(0), temperature=1e-39)
+    np.testing.assert_array_equal(cold, greedy)
+    with pytest.raises(ValueError, match=r"temperature must be > 0 \(in float32\); got 1e-46"):
+        generate(untied_lm, PROMPT, 4, rng=jax.random.key(0), temperature=1e-46)
+
+
+def test_generate_names_a_bad_rng_or_top_k(untied_lm):
+    """An int seed or a batch of keys as ``rng``, and a float ``top_k``, were JAX's errors from
+    inside the trace (invalid PRNG key data; split of a key array; 'Shapes must be 1D sequences
+    of concrete values of integer type')."""
+    with pytest.raises(ValueError, match=r"rng must be one JAX key, e.g. rng=jax.random.key"):
+        generate(untied_lm, PROMPT, 3, rng=0)
+    with pytest.raises(ValueError, match=r"got key array of shape \(2,\)"):
+        generate(untied_lm, PROMPT, 3, rng=jax.random.split(jax.random.key(0), 2))
+    with pytest.raises(ValueError, match=r"top_k must be an integer or None; got 3.0"):
+        generate(untied_lm, PROMPT, 3, rng=jax.random.key(0), top_k=3.0)
+    # Raw uint32 keys and NumPy integers stay accepted.
+    raw = generate(untied_lm, PROMPT, 3, rng=jax.random.PRNGKey(0), top_k=np.int64(3))
+    assert raw.shape == (2, 8)
+
+
+def test_generate_takes_integer_scalars_as_max_new_tokens_and_names_anything_else(untied_lm):
+    """A 0-d JAX integer was 'Non-hashable static arguments are not supported'; None, a string
+    or 2.5 were TypeErrors from a comparison or from jax.random.split."""
+    out = generate(untied_lm, PROMPT, jnp.int32(2), greedy=True)
+    np.testing.assert_array_equal(out, generate(untied_lm, PROMPT, 2, greedy=True))
+    np.testing.assert_array_equal(out, generate(untied_lm, PROMPT, 2.0, greedy=True))
+    for bad in (None, "3", 2.5):
+        with pytest.raises(ValueError, match=r"max_new_tokens must be an integer >= 0; got"):
+            generate(untied_lm, PROMPT, bad, greedy=True)
+
+
+def test_a_longer_sample_with_the_same_key_extends_a_shorter_one(untied_lm):
+    """The per-token keys are ``jax.random.split(rng, max_new_tokens)``, whose first keys do
+    not depend on the count under JAX's default (partitionable) threefry."""
+    short = generate(untied_lm, PROMPT, 3, rng=jax.random.key(4), temperature=1.5)
+    longer = generate(untied_lm, PROMPT, 6, rng=jax.random.key(4), temperature=1.5)
+    np.testing.assert_array_equal(longer[:, :8], short)
 
 
 def test_generate_runs_the_model_in_eval_mode():

@@ -6,6 +6,8 @@ Token ids. An embedding lookup of an id ``>= vocab_size`` returns NaN under JAX'
 out-of-bounds gather, and a negative id silently reads another row (``-1`` is the last one).
 So the models check their ids:
 
+- ids that are not integers (float ids from a tokenizer's array): :class:`ValueError` naming
+  the argument and the cast, eager or traced (the dtype is known at trace time);
 - in eager calls (concrete arrays) always: :class:`ValueError` naming the bad id and vocab_size;
 - under ``jax.jit`` (traced arrays) the values are unknown at trace time, so nothing is checked
   and an out-of-range id gives NaN (or a wrong row for negative ids) unless the checked mode is
@@ -46,7 +48,14 @@ def checked_token_ids(enabled: bool = True) -> Iterator[None]:
 
 def check_token_ids(ids: jax.Array, vocab_size: int, name: str = "ids") -> None:
     """Raise ValueError (eager) or add a checkify check (traced, checked mode) when an id of
-    ``ids`` leaves ``[0, vocab_size)``."""
+    ``ids`` leaves ``[0, vocab_size)``; ValueError (eager or traced) for ids that are not
+    integers."""
+    dtype = jnp.result_type(ids)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(
+            f"{name}: token ids must be integers; got dtype {dtype} (cast them with "
+            ".astype(jnp.int32))"
+        )
     if isinstance(ids, jax.core.Tracer):
         if _CHECKED.get():
             from jax.experimental import checkify
@@ -118,4 +127,16 @@ def check_mask(
         raise ValueError(
             f"{layer}: mask must be x's shape without the channels, {want}{extra}; got mask "
             f"of shape {got} for x of shape {tuple(x_shape)}"
+        )
+
+
+def check_state(state: jax.Array, want: tuple[int, ...], layer: str) -> None:
+    """Raise ValueError naming both shapes and the fix unless a streaming ``state`` has the shape
+    ``want`` of the layer's ``init_state(B)`` for the batch ``B = want[0]`` of its input."""
+    got = tuple(jnp.shape(state))
+    if got != tuple(want):
+        raise ValueError(
+            f"{layer}.step: state has shape {got}; for x of batch {want[0]} it must be "
+            f"{tuple(want)}: start from layer.init_state({want[0]}) (or the state the previous "
+            "step returned)"
         )

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax.nn.checks import check_layer_input, check_mask
+from hgrn_jax.nn.checks import check_layer_input, check_mask, check_state
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import apply_log_lower_bound
 from hgrn_jax.nn.norms import make_norm
@@ -50,6 +50,7 @@ class FlaHGRNAttention(nnx.Module):
         self.norm_epsilon = norm_epsilon
         self.method = method
         self.dtype = dtype
+        self.param_dtype = param_dtype
         layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         common = dict(use_bias=False, **layer)
         self.i_proj = dense(features, width, ("embed", "rnn"), **common)
@@ -103,9 +104,13 @@ class FlaHGRNAttention(nnx.Module):
         """Streaming: ``x`` (B, T, d) from ``state`` (B, width); returns outputs and the last state.
         ``mask`` (B, T) or longer along time (its last T steps are used)."""
         self.check_input(x, mask, streaming=True)
+        check_state(state, (x.shape[0], self.width), type(self).__name__)
         a, i = self.decay_and_input(x, lower_bound, mask)
         h, last = linear_recurrence(a, i, state, method=self.method, return_last_state=True)
         return self.output(h, x), last
 
     def init_state(self, batch_size: int) -> jax.Array:
-        return jnp.zeros((batch_size, self.width), accumulation_dtype(self.dtype or jnp.float32))
+        """The zero recurrent state (B, width) for :meth:`step`, in the dtype :meth:`step`
+        returns (float32; float64 for a float64 layer)."""
+        dtype = accumulation_dtype(self.dtype or self.param_dtype)
+        return jnp.zeros((batch_size, self.width), dtype)

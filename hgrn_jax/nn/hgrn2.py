@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax.nn.checks import check_layer_input, check_mask
+from hgrn_jax.nn.checks import check_layer_input, check_mask, check_state
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import apply_log_lower_bound, apply_lower_bound
 from hgrn_jax.nn.norms import make_norm
@@ -73,6 +73,7 @@ class _MatrixMixer(nnx.Module):
     bidirectional: bool
     method: str
     dtype: jnp.dtype | None
+    param_dtype: jnp.dtype
 
     def gates(self, x: jax.Array, lower_bound) -> tuple[jax.Array, ...]:
         """``q, k, log_decay`` (B, L, H, K) and ``v`` (B, L, H, V) in the accumulation dtype."""
@@ -152,15 +153,18 @@ class _MatrixMixer(nnx.Module):
         if self.bidirectional:
             raise ValueError("step() needs a causal mixer (bidirectional=False)")
         self.check_input(x, mask, streaming=True)
+        want = (x.shape[0], self.num_heads, self.key_dim, self.value_dim)
+        check_state(state, want, type(self).__name__)
         q, k, v, g = self._inputs(x, lower_bound, mask)
         o, last = self._scan(q, k, v, g, h0=state, return_last_state=True)
         return self._finish(o, x, mask), last
 
     def init_state(self, batch_size: int) -> jax.Array:
-        """The zero recurrent state (B, H, K, V) for :meth:`step`."""
+        """The zero recurrent state (B, H, K, V) for :meth:`step`, in the dtype :meth:`step`
+        returns (float32; float64 for a float64 layer)."""
         return jnp.zeros(
             (batch_size, self.num_heads, self.key_dim, self.value_dim),
-            accumulation_dtype(self.dtype or jnp.float32),
+            accumulation_dtype(self.dtype or self.param_dtype),
         )
 
 
@@ -203,6 +207,7 @@ class HGRN2(_MatrixMixer):
         self.bidirectional = bidirectional
         self.method = method
         self.dtype = dtype
+        self.param_dtype = param_dtype
         layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         common = dict(use_bias=use_bias, **layer)
         self.in_proj = dense(features, 3 * features, ("embed", "rnn"), **common)
@@ -269,6 +274,7 @@ class FlaHGRN2Attention(_MatrixMixer):
         self.bidirectional = bidirectional
         self.method = method
         self.dtype = dtype
+        self.param_dtype = param_dtype
         forget_dim = heads * expand_ratio
         layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         common = dict(use_bias=False, **layer)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax.nn.checks import check_layer_input, check_mask
+from hgrn_jax.nn.checks import check_layer_input, check_mask, check_state
 from hgrn_jax.nn.initializers import axes_metadata, dense, logical, phase_init
 from hgrn_jax.nn.lower_bounds import apply_lower_bound, check_lower_bound
 from hgrn_jax.ops import default_method, linear_recurrence
@@ -129,6 +129,7 @@ class _HGRUBase(nnx.Module):
         self.method = method
         self.sequence_axis = sequence_axis
         self.dtype = dtype
+        self.param_dtype = param_dtype
         width = 2 * features if complex_valued else features
         common = dict(rngs=rngs, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
         self.input_proj = dense(features, width, ("embed", "rnn"), **common)
@@ -395,6 +396,7 @@ class HGRU(_HGRUBase):
         if self.bidirectional:
             raise ValueError("step() needs a causal HGRU (bidirectional=False)")
         self.check_input(x, "(batch, length, d)")
+        check_state(state, (x.shape[0], self.features), type(self).__name__)
         projected = self.projections(x)
         lam, b = self.decay_and_input(x, lower_bound, projected)
         h, last = self.scan(
@@ -403,8 +405,9 @@ class HGRU(_HGRUBase):
         return self.output(h, x, gate=projected[2]), last
 
     def init_state(self, batch_size: int) -> jax.Array:
-        """The zero recurrent state (B, d) for :meth:`step`."""
-        dtype = accumulation_dtype(self.dtype or jnp.float32)
+        """The zero recurrent state (B, d) for :meth:`step`, in the dtype :meth:`step` returns
+        (complex64 or float32; complex128 or float64 for a float64 layer)."""
+        dtype = accumulation_dtype(self.dtype or self.param_dtype)
         if self.complex_valued:
             dtype = jnp.promote_types(dtype, jnp.complex64)
         return jnp.zeros((batch_size, self.features), dtype)

@@ -178,8 +178,12 @@ class HGRNLM(nnx.Module):
             self.lm_head = dense(d, c.vocab_size, ("embed", "vocab"), use_bias=False, **common)
 
     def _embed(self, ids: jax.Array) -> jax.Array:
+        ids = jnp.asarray(ids)  # NumPy arrays and nested lists of ids too
         if ids.ndim != 2:
-            raise ValueError(f"ids: expected token ids (batch, length); got shape {ids.shape}")
+            hint = " (one token per row: pass ids[:, None])" if ids.ndim == 1 else ""
+            raise ValueError(
+                f"ids: expected token ids (batch, length); got shape {ids.shape}{hint}"
+            )
         check_length(ids.shape, "token ids (batch, length)", "ids")
         check_token_ids(ids, self.config.vocab_size, "ids")
         x = self.embed(ids)
@@ -202,20 +206,44 @@ class HGRNLM(nnx.Module):
             x = block(x, bounds[k])
         return self._logits(x)
 
+    def _check_cache(self, cache: Cache, batch_size: int) -> None:
+        """ValueError naming the layer and the fix unless ``cache`` holds one state per layer of
+        the shape :meth:`init_cache` ``(batch_size)`` gives (shapes only: free under jit)."""
+        layers = len(self.blocks)
+        fix = "pass lm.init_cache(batch_size) (or the cache the previous step returned)"
+        if not isinstance(cache, (tuple, list)):
+            raise ValueError(
+                f"cache must be a tuple of {layers} per-layer states; got "
+                f"{type(cache).__name__}: {fix}"
+            )
+        if len(cache) != layers:
+            raise ValueError(f"cache has {len(cache)} layers; the model has {layers}: {fix}")
+        for k, (block, state) in enumerate(zip(self.blocks, cache)):
+            want = jax.eval_shape(lambda m=block.mixer: m.init_state(batch_size)).shape
+            if tuple(jnp.shape(state)) != want:
+                raise ValueError(
+                    f"cache[{k}] has shape {tuple(jnp.shape(state))}; layer {k} keeps a state of "
+                    f"shape {want} for ids of batch {batch_size}: start from "
+                    f"lm.init_cache({batch_size})"
+                )
+
     def init_cache(self, batch_size: int) -> Cache:
         """Zero recurrent states, one (B, state width) array per layer."""
         return tuple(block.mixer.init_state(batch_size) for block in self.blocks)
 
     def step(self, ids: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
-        """Logits (B, T, vocab) of ``ids`` (B, T) continuing from ``cache``, and the new cache."""
+        """Logits (B, T, vocab) of ``ids`` (B, T) continuing from ``cache``, and the new cache.
+
+        ``cache``: :meth:`init_cache` ``(B)`` or the cache of the previous step, one state per
+        layer ((B, d) or (B, H, K, V)); another structure or batch size is a ValueError naming it.
+        """
         if self.config.position_encoding:
             raise ValueError(
                 "LMConfig(position_encoding=True) cannot generate: step() continues from a "
                 "recurrent cache, which holds no position; use a recurrent mixer without positions"
             )
-        if len(cache) != len(self.blocks):
-            raise ValueError(f"cache has {len(cache)} layers; the model has {len(self.blocks)}")
         x = self._embed(ids)
+        self._check_cache(cache, x.shape[0])
         bounds = self.lower_bounds()
         new_cache = []
         for k, block in enumerate(self.blocks):
