@@ -202,6 +202,25 @@ def mesh_config(config: Any) -> sharding.MeshConfig:
     return sharding.MeshConfig(**sizes)
 
 
+def _check_batch_key(
+    key: str, value: Any, minimum: int, shards: int, split: str, zero_means: str
+) -> None:
+    """ValueError naming ``config.<key>`` when a global batch size is set but is not a whole
+    number >= ``minimum`` or does not split over the mesh's ``shards`` batch shards."""
+    if value is None:
+        return
+    if not _whole(value) or value < minimum:
+        raise ValueError(
+            f"config.{key}={value} must be a whole number >= {minimum}{zero_means}; set "
+            f"--config.{key}"
+        )
+    if value % shards:  # shards is a multiple of the process count
+        raise ValueError(
+            f"config.{key}={value} does not split over {split}; set --config.{key} to a "
+            f"multiple of {shards}{zero_means}, or change --config.mesh.*"
+        )
+
+
 def check_mesh_and_batches(
     config: Any, num_devices: int | None = None, num_processes: int | None = None
 ) -> tuple[int, int, int]:
@@ -246,29 +265,10 @@ def check_mesh_and_batches(
         )
     get = config.get if hasattr(config, "get") else lambda key, default=None: default
     batch_size = get("batch_size", None)
-    if batch_size is not None:
-        if not _whole(batch_size) or batch_size < 1:
-            raise ValueError(
-                f"config.batch_size={batch_size} must be a whole number >= 1; set "
-                "--config.batch_size"
-            )
-        if batch_size % shards:  # shards is a multiple of the process count
-            raise ValueError(
-                f"config.batch_size={batch_size} does not split over {split}; set "
-                f"--config.batch_size to a multiple of {shards}, or change --config.mesh.*"
-            )
-    eval_batch_size = get("eval_batch_size", None)
-    if eval_batch_size is not None:
-        if not _whole(eval_batch_size) or eval_batch_size < 0:
-            raise ValueError(
-                f"config.eval_batch_size={eval_batch_size} must be a whole number >= 0 (0: "
-                "batch_size); set --config.eval_batch_size"
-            )
-        if eval_batch_size % shards:  # shards is a multiple of the process count
-            raise ValueError(
-                f"config.eval_batch_size={eval_batch_size} does not split over {split}; set "
-                f"--config.eval_batch_size to a multiple of {shards} (0: batch_size)"
-            )
+    _check_batch_key("batch_size", batch_size, 1, shards, split, "")
+    _check_batch_key(
+        "eval_batch_size", get("eval_batch_size", None), 0, shards, split, " (0: batch_size)"
+    )
     optimizer = get("optimizer", None)
     accumulate = optimizer.get("accumulate_steps", 1) if hasattr(optimizer, "get") else 1
     accumulate = 1 if accumulate is None else accumulate
