@@ -7,6 +7,8 @@ exactly once per epoch and in evaluation; resumption is exact.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import data_fixtures as fx
 import numpy as np
 import pytest
@@ -90,6 +92,17 @@ def test_listops_bad_rows_are_reported_or_skipped(tmp_path):
 # ----------------------------------------------------------------------------- AAN
 
 
+def _load_aan_train(root: Path, skip_bad_rows: bool) -> dict:
+    """The AAN training split under ``root`` at sequence length 16 (cache in ``root/cache``)."""
+    return retrieval.load_split(
+        "train",
+        lra_dir=str(root),
+        cache_dir=str(root / "cache"),
+        seq_len=16,
+        skip_bad_rows=skip_bad_rows,
+    )
+
+
 def test_aan_an_unclosed_quote_is_not_skipped_with_the_rows_it_took_in(tmp_path):
     """A quote left open reads the good rows after it into one bad row: skipping that row would
     drop them unannounced (20 of 30 good rows were kept, with one 'bad example' warned of)."""
@@ -98,13 +111,7 @@ def test_aan_an_unclosed_quote_is_not_skipped_with_the_rows_it_took_in(tmp_path)
     fx.write_aan(tmp_path, rows_per_split=0, extra={s: broken for s in ("train", "eval", "test")})
     for skip in (False, True):
         with pytest.raises(errors.BadDataError) as info:
-            retrieval.load_split(
-                "train",
-                lra_dir=str(tmp_path),
-                cache_dir=str(tmp_path / "cache"),
-                seq_len=16,
-                skip_bad_rows=skip,
-            )
+            _load_aan_train(tmp_path, skip_bad_rows=skip)
         message = str(info.value)
         assert "new_aan_pairs.train.tsv:11: expected 5 tab-separated fields; got 4" in message
         assert "spanning lines 11-22" in message and "skipping rows cannot help" in message
@@ -114,13 +121,7 @@ def test_aan_an_empty_file_is_not_offered_skipping(tmp_path):
     folder = fx.write_aan(tmp_path, rows_per_split=4)
     (folder / "new_aan_pairs.train.tsv").write_text("")
     with pytest.raises(errors.BadDataError, match=r"(?s)no examples.*skipping rows cannot help"):
-        retrieval.load_split(
-            "train",
-            lra_dir=str(tmp_path),
-            cache_dir=str(tmp_path / "cache"),
-            seq_len=16,
-            skip_bad_rows=True,
-        )
+        _load_aan_train(tmp_path, skip_bad_rows=True)
 
 
 def test_aan_quoted_texts_keep_their_rows(tmp_path):
@@ -185,9 +186,7 @@ def test_aan_bad_rows_name_file_and_line(tmp_path):
     path = folder / "new_aan_pairs.train.tsv"
     # 8 good rows take 10 lines (row 3 of each 4 holds a newline inside quotes).
     with pytest.raises(errors.BadDataError) as info:
-        retrieval.load_split(
-            "train", lra_dir=str(tmp_path), cache_dir=str(tmp_path / "c"), seq_len=16
-        )
+        _load_aan_train(tmp_path, skip_bad_rows=False)
     message = str(info.value)
     assert "5 bad example(s)" in message
     assert f"{path}:11: label 'x' is not a number" in message
@@ -195,19 +194,12 @@ def test_aan_bad_rows_name_file_and_line(tmp_path):
     assert f"{path}:13: expected 5 tab-separated fields" in message
     assert f"{path}:14: empty document" in message
     assert f"{path}:15: expected 5 tab-separated fields" in message  # the unclosed quote
-    load = lambda: retrieval.load_split(
-        "train",
-        lra_dir=str(tmp_path),
-        cache_dir=str(tmp_path / "c"),
-        seq_len=16,
-        skip_bad_rows=True,
-    )
     # The unclosed quote took in the good row after it: skipping would drop that row too.
     with pytest.raises(errors.BadDataError, match="skipping rows cannot help"):
-        load()
+        _load_aan_train(tmp_path, skip_bad_rows=True)
     fx.write_aan(tmp_path, rows_per_split=8, extra={"train": bad.replace('"unterminated', "t1")})
     with pytest.warns(UserWarning, match="4 bad example"):
-        examples = load()
+        examples = _load_aan_train(tmp_path, skip_bad_rows=True)
     assert len(examples["labels"]) == 10  # the 8 rows, the repaired row and the one after it
 
 
