@@ -321,6 +321,33 @@ def test_bad_rows_stop_preparation_unless_skipped(tmp_path):
     assert (tmp_path / "tfds" / "lra_listops" / "len12_skipbad").is_dir()
 
 
+def test_unfinished_tfds_folder_is_refused_and_kept(tmp_path):
+    """A version folder without tfds's finished files (an interrupted copy) is neither taken as
+    prepared (tfds reuses any existing folder) nor removed."""
+    config = listops_config(tmp_path)
+    folder = tmp_path / "tfds" / "lra_listops" / "len12" / "1.0.0"
+    folder.mkdir(parents=True)
+    (folder / "lra_listops-train.array_record-00000-of-00001").write_bytes(b"partial")
+    with pytest.raises(errors.DatasetMissingError, match=rf"{folder} exists but .*remove that"):
+        prepare.prepare(config)
+    assert (folder / "lra_listops-train.array_record-00000-of-00001").read_bytes() == b"partial"
+
+
+def test_wikitext_prepared_with_another_tokenizer_is_refused(tmp_path):
+    """Two BPE tokenizers share the config name gpt2_block<L>: the files' SHA-256 in the metadata
+    tell them apart, when preparing again and when reading (unless no tokenizer is at hand)."""
+    config = wikitext_config(tmp_path, "bpe")
+    prepare.prepare(config)
+    other = fx.write_bpe_tokenizer(tmp_path / "tokenizer-300.json", vocab_size=300)
+    config.data.tokenizer_path = str(other)
+    with pytest.raises(ValueError, match=r"gpt2_block16 .* prepared with another tokenizer"):
+        prepare.prepare(config)
+    with pytest.raises(ValueError, match=r"tokenizer_path at the tokenizer it was prepared with"):
+        tasks.get_task(config)
+    config.data.tokenizer_path = str(tmp_path / "not-on-this-host.json")  # a pod host
+    assert isinstance(tasks.get_task(config), wikitext_task.WikiTextPrepared)
+
+
 # ----------------------------------------------------------------------------- training
 
 

@@ -308,15 +308,43 @@ def vocabulary_metadata(vocabulary) -> dict[str, Any]:
 
 def tokenizer_metadata(tokenizer: wikitext.LineTokenizer) -> dict[str, Any]:
     """What identifies a WikiText tokenizer: vocabulary, end-of-line id, files' SHA-256."""
-    import hashlib
-
     return {
         "vocab_size": int(tokenizer.vocab_size),
         "eos_id": int(tokenizer.eos_id),
-        "tokenizer_files": {
-            p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tokenizer.files
-        },
+        "tokenizer_files": _file_hashes(tokenizer.files),
     }
+
+
+def _file_hashes(files: list[Path]) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def check_tokenizer(b: _SourceBuilder) -> None:
+    """Raise ValueError when prepared WikiText-103 blocks were encoded by another tokenizer than
+    the files at ``b.tokenizer_path`` (their SHA-256 against the metadata's): the config names
+    (``gpt2_block<L>``) do not tell two BPE tokenizers apart. Not checked for ``bytes``, nor
+    where ``tokenizer_path`` holds no tokenizer files (pod hosts reading the data need none)."""
+    if not isinstance(b, Wikitext103) or b.tokenizer_path in ("", wikitext.BYTES):
+        return
+    try:
+        files = wikitext.tokenizer_files(b.tokenizer_path)
+    except DatasetMissingError:
+        return
+    prepared = dict(metadata(b).get("tokenizer_files") or {})
+    current = _file_hashes(files)
+    if prepared and prepared != current:
+
+        def show(hashes: dict[str, str]) -> str:
+            return ", ".join(f"{name} sha256 {digest[:12]}" for name, digest in hashes.items())
+
+        raise ValueError(
+            f"{b.name}/{b.builder_config.name} in data.tfds_dir={b.data_dir_root} was prepared "
+            f"with another tokenizer ({show(prepared)}) than data.tokenizer_path="
+            f"{b.tokenizer_path} ({show(current)}): point --config.data.tokenizer_path at the "
+            "tokenizer it was prepared with, or prepare into another --config.data.tfds_dir"
+        )
 
 
 # ----------------------------------------------------------------------------- configs
@@ -410,8 +438,21 @@ def check_sources(
 
 
 def prepare(b: _SourceBuilder, manual_dir: str) -> _SourceBuilder:
-    """Build ``b``'s dataset from ``manual_dir`` (once: a prepared dataset is reused)."""
+    """Build ``b``'s dataset from ``manual_dir`` (once: a prepared dataset is reused).
+
+    A version folder that exists without tfds's finished files (``dataset_info.json``,
+    ``features.json``: an interrupted copy, say) is an error, never reused nor removed (tfds
+    would take any existing folder as prepared); a WikiText dataset prepared with another
+    tokenizer is an error (:func:`check_tokenizer`)."""
+    folder = Path(str(b.data_path))
+    if folder.exists() and not b.is_prepared():
+        raise DatasetMissingError(
+            f"{folder} exists but holds no finished tfds dataset (no dataset_info.json or "
+            "features.json: an interrupted copy?); remove that folder, or prepare into another "
+            "--config.data.tfds_dir, and run the prepare command again"
+        )
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    check_tokenizer(b)
     return b
 
 
@@ -483,6 +524,7 @@ def open_split(b: _SourceBuilder, split: str) -> dict[str, Column]:
             f"no prepared tfds dataset {b.name}/{b.builder_config.name} "
             f"in data.tfds_dir={b.data_dir_root}"
         )
+    check_tokenizer(b)
     try:
         source = b.as_data_source(split=TFDS_SPLITS[split])
     except (AssertionError, FileNotFoundError, ValueError, NotImplementedError) as error:

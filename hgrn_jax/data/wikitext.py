@@ -46,7 +46,9 @@ def find_file(wikitext_dir: str, split: str) -> Path:
     )
 
 
-def _tokenizer_files(tokenizer_path: str) -> list[Path]:
+def tokenizer_files(tokenizer_path: str) -> list[Path]:
+    """The GPT-2 BPE files at ``tokenizer_path`` (a file, or a folder with one of the known
+    sets); :class:`DatasetMissingError` when there are none."""
     path = Path(tokenizer_path)
     if path.is_file():
         return [path]
@@ -78,7 +80,7 @@ class LineTokenizer:
                 list(line.encode("utf-8")) for line in lines
             ]
             return
-        self.files = _tokenizer_files(tokenizer_path)
+        self.files = tokenizer_files(tokenizer_path)
         from tokenizers import ByteLevelBPETokenizer, Tokenizer
 
         try:
