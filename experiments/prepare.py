@@ -12,6 +12,10 @@ ListOps, Retrieval, Pathfinder, Path-X and WikiText-103 with ``data.tfds_dir`` s
 tfds datasets (array_record) into that folder instead, from ``data.lra_dir`` /
 ``data.wikitext_dir`` as the manual folder (:mod:`hgrn_jax.data.tfds_builders`); training then
 reads them from there. ImageNet is prepared by ``python -m hgrn_jax.data.imagenet``.
+
+User errors (a bad flag or config file, a missing folder or file, malformed data) print one line
+naming the file or key and the fix, exit code 2 (as ``experiments.train``); ``--traceback`` shows
+the full traceback instead.
 """
 
 from __future__ import annotations
@@ -21,7 +25,14 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].")
+_TRACEBACK = flags.DEFINE_bool(
+    "traceback", False, "Show full tracebacks instead of one-line error messages."
+)
+USER_ERRORS = (ValueError, OSError, KeyError, AttributeError)
+"""What a user can mend (bad values, missing or malformed data): one line, exit code 2."""
 flags.mark_flags_as_required(["config"])
 
 
@@ -46,10 +57,17 @@ def _into_tfds(config) -> bool:
 
 
 def main(argv) -> None:
-    del argv
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {argv[1:]}; options look like --config.key=value")
+    cli.check_config_file()
     config = _CONFIG.value
     start = time.perf_counter()
-    sizes = prepare(config)
+    try:
+        sizes = prepare(config)
+    except USER_ERRORS as error:
+        if _TRACEBACK.value:
+            raise
+        cli.fail(f"{type(error).__name__}: {error} (rerun with --traceback for details)")
     where = config.data.tfds_dir if _into_tfds(config) else config.data.cache_dir
     print(
         f"{config.task} ({config.data.source}) prepared in {where} in "
@@ -59,4 +77,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

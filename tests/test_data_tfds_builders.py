@@ -11,6 +11,7 @@ presets training from the tfds data.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import data_fixtures as fx
@@ -301,6 +302,31 @@ def test_missing_prepared_data_names_the_layout_and_the_command(tmp_path):
         match=r"(?s)lm/wikitext103.py .*tokenizer_path=bytes.*wiki.\{train",
     ):
         tasks.tfds_release(wiki).open_split(wiki, "val")
+
+
+def test_prepare_command_user_errors_are_one_line_with_exit_code_2(tmp_path):
+    """``python -m experiments.prepare`` as ``experiments.train``: a missing release folder or an
+    unknown config key is one ``error:`` line naming the path or key (exit code 2), no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repo)}
+    for flags, expected in [
+        (
+            [f"--config.data.lra_dir={tmp_path / 'nowhere'}", f"--config.data.tfds_dir={tmp_path}"],
+            rf"error: DatasetMissingError: basic_train.tsv not found: looked for "
+            rf"{tmp_path / 'nowhere'}/listops-1000/basic_train.tsv",
+        ),
+        (["--config.data.lra_dri=x"], r"error: unknown config key --config.data.lra_dri"),
+    ]:
+        command = [sys.executable, "-m", "experiments.prepare"]
+        command += ["--config=experiments/configs/lra/listops.py", *flags]
+        proc = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and re.match(expected, lines[0]), proc.stderr[-2000:]
 
 
 def test_bad_rows_stop_preparation_unless_skipped(tmp_path):
