@@ -286,6 +286,33 @@ def test_imagenet_prepared_from_archives_and_built_in_worker_processes(tmp_path)
     assert_batch_lists_equal(in_process, take(tasks.get_task(config).train_batches(1, 1, 2), 3))
 
 
+def test_imagenet_prepare_errors_are_one_line_and_leave_the_data(tmp_path, capsys):
+    """The prepare command without the archives, or over imagenet2012 prepared in tfds's default
+    tfrecord format (no random access), stops with one ``error:`` line (exit code 2) naming the
+    folder; the tfrecord dataset is left as it was."""
+    manual, tfds_dir = tmp_path / "manual", tmp_path / "t"
+    with pytest.raises(SystemExit) as info:
+        imagenet.main(["--manual_dir", str(manual), "--tfds_dir", str(tfds_dir)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: DatasetMissingError: ILSVRC2012_img_train.tar, ") and (
+        f"not in --manual_dir='{manual}'" in err
+    )
+    fx.write_imagenet_archives(manual, per_class=1, num_val=1)
+    tfds.builder(imagenet.NAME, data_dir=str(tfds_dir)).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual))
+    )
+    before = sorted((p.name, p.stat().st_size) for p in tfds_dir.rglob("*") if p.is_file())
+    capsys.readouterr()  # tfds's progress bars
+    with pytest.raises(SystemExit) as info:
+        imagenet.main(["--manual_dir", str(manual), "--tfds_dir", str(tfds_dir)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert f"error: ValueError: {tfds_dir / imagenet.NAME} already holds imagenet2012" in err
+    assert "--tfds_dir=NEW_DIR" in err
+    assert sorted((p.name, p.stat().st_size) for p in tfds_dir.rglob("*") if p.is_file()) == before
+
+
 @pytest.mark.slow
 def test_imagenet_soft_target_loss_equals_label_smoothing_without_mixing(tmp_path, mock):
     from flax import nnx

@@ -430,23 +430,38 @@ def eval_batch(
 
 
 def prepare(tfds_dir: str, manual_dir: str) -> None:
-    """Build tfds ``imagenet2012`` in the array_record format from the archives in manual_dir."""
+    """Build tfds ``imagenet2012`` in the array_record format from the archives in manual_dir.
+
+    A dataset already prepared there in another format (tfds's default tfrecord, which has no
+    random access) is an error naming the folder, and is left as it is."""
     import tensorflow_datasets as tfds
 
     missing = [a for a in ARCHIVES if not (Path(manual_dir) / a).is_file()]
     if missing:
         raise DatasetMissingError(
-            f"{', '.join(missing)} not in data.manual_dir={manual_dir!r}: download the ILSVRC2012 "
+            f"{', '.join(missing)} not in --manual_dir={manual_dir!r}: download the ILSVRC2012 "
             "training and validation archives (image-net.org, after registering) into that "
             "folder"
         )
-    builder = tfds.builder(NAME, data_dir=tfds_dir or None, file_format="array_record")
+    try:
+        builder = tfds.builder(NAME, data_dir=tfds_dir or None, file_format="array_record")
+    except ValueError as error:
+        if "File format is already set" not in str(error):
+            raise
+        folder = Path(tfds_dir or Path.home() / "tensorflow_datasets") / NAME
+        raise ValueError(
+            f"{folder} already holds {NAME} in another format than array_record (tfds's default "
+            "tfrecord, which cannot be read by index): prepare into another folder "
+            "(--tfds_dir=NEW_DIR) and train with --config.data.tfds_dir=NEW_DIR"
+        ) from None
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """The command line; a missing archive or an unusable ``--tfds_dir`` is one ``error:`` line
+    (exit code 2)."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -455,7 +470,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--manual_dir", required=True)
     parser.add_argument("--tfds_dir", required=True)
     args = parser.parse_args(argv)
-    prepare(args.tfds_dir, args.manual_dir)
+    try:
+        prepare(args.tfds_dir, args.manual_dir)
+    except (OSError, ValueError) as error:
+        parser.exit(2, f"error: {type(error).__name__}: {' '.join(str(error).split())}\n")
     print(
         f"imagenet2012 prepared in {args.tfds_dir}; train with "
         f"--config.data.tfds_dir={args.tfds_dir}"
