@@ -367,6 +367,35 @@ def test_wikitext_byte_tokenizer_needs_no_file(tmp_path):
     assert bytes(np.asarray(tokens, np.uint8)) == text.encode("utf-8")
 
 
+def test_long_preparations_log_their_progress(tmp_path, monkeypatch, caplog):
+    """Decoding Pathfinder images and tokenising WikiText log ``done/total`` at INFO (at most
+    every loader.PROGRESS_EVERY_S seconds; 0 here, so every step) and a final count."""
+    import logging
+
+    from hgrn_jax.data import pathfinder
+
+    monkeypatch.setattr(loader, "PROGRESS_EVERY_S", 0.0)
+    caplog.set_level(logging.INFO)
+    fx.write_pathfinder(tmp_path, 32, count=4)
+    pathfinder.load_split(
+        "train", lra_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"), resolution=32
+    )
+    monkeypatch.setattr(wikitext, "CHUNK_LINES", 10)
+    folder = fx.write_wikitext(tmp_path / "wiki", repeats=4)  # 2 x 5 test lines
+    wikitext.load_tokens(
+        "test", wikitext_dir=str(folder), tokenizer_path="bytes", cache_dir=str(tmp_path / "c")
+    )
+    messages = [r.getMessage() for r in caplog.records]
+    root = tmp_path / "pathfinder32" / "curv_contour_length_14"
+    for done in (1, 4):
+        assert f"{root}: decoding: {done}/4 images (0 s)" in messages
+    tokens_file = folder / "wiki.test.tokens"
+    assert [m for m in messages if m.startswith(f"{tokens_file}: tokenising")] == [
+        f"{tokens_file}: tokenising: 10 lines (0 s)",
+        f"{tokens_file}: tokenising: 10 lines (0 s)",
+    ]
+
+
 def test_wikitext_text_that_is_not_utf8_names_its_line(tmp_path):
     """The text reader decodes in blocks: its error had named line 4818 for a bad byte on
     line 5001 (and 'after line 0' for one on line 1)."""

@@ -19,9 +19,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 DONE = "DONE"
+PROGRESS_EVERY_S = 10.0
 
 
 # ----------------------------------------------------------------------------- order
@@ -174,3 +177,27 @@ def save_arrays(folder: Path, prefix: str, arrays: dict[str, np.ndarray]) -> Non
 def load_arrays(folder: Path, prefix: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Memory-mapped arrays ``folder/prefix.<key>.npy`` (read-only)."""
     return {key: np.load(folder / f"{prefix}.{key}.npy", mmap_mode="r") for key in keys}
+
+
+class Progress:
+    """Progress of a long preparation (decoding 200,000 Path-X images, tokenising WikiText-103),
+    logged at INFO: ``<what>: <done>/<total> <unit> (<s> s)`` at most every
+    :data:`PROGRESS_EVERY_S` seconds, and once when :meth:`finish` ed."""
+
+    def __init__(self, what: str, total: int | None, unit: str):
+        self.what, self.total, self.unit = what, total, unit
+        self.start = self.last = time.perf_counter()
+
+    def _log(self, done: int) -> None:
+        of = f"/{self.total}" if self.total is not None else ""
+        elapsed = time.perf_counter() - self.start
+        logging.info("%s: %d%s %s (%.0f s)", self.what, done, of, self.unit, elapsed)
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            self._log(done)
+
+    def finish(self, done: int) -> None:
+        self._log(done)

@@ -113,8 +113,13 @@ def _decode(path: Path, resolution: int) -> np.ndarray | str:
 def _build(folder: Path, root: Path, resolution: int, skip_bad_rows: bool, workers: int) -> None:
     report = BadDataReport(str(root))
     samples, n = read_metadata(root, report)
+    progress = loader.Progress(f"{root}: decoding", len(samples), "images")
+    decoded = []
     with ThreadPoolExecutor(workers) as pool:
-        decoded = list(pool.map(lambda s: _decode(s[0], resolution), samples, chunksize=256))
+        for result in pool.map(lambda s: _decode(s[0], resolution), samples, chunksize=256):
+            decoded.append(result)
+            progress.update(len(decoded))
+    progress.finish(len(decoded))
     pixels_at: dict[int, np.ndarray] = {}
     labels_at: dict[int, int] = {}
     for (path, label, meta, line, position), result in zip(samples, decoded):

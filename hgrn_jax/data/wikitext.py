@@ -135,6 +135,8 @@ def _undecodable(path: Path) -> BadDataError:
 
 def _build(folder: Path, path: Path, tokenizer: LineTokenizer) -> None:
     chunks = []
+    progress = loader.Progress(f"{path}: tokenising", None, "lines")
+    done = 0
     with path.open(encoding="utf-8") as f:
         lines: list[str] = []
         try:
@@ -142,10 +144,13 @@ def _build(folder: Path, path: Path, tokenizer: LineTokenizer) -> None:
                 lines.append(line)
                 if len(lines) == CHUNK_LINES:
                     chunks.append(tokenizer.encode_lines(lines).astype(tokenizer.dtype))
+                    done += len(lines)
+                    progress.update(done)
                     lines = []
         except UnicodeDecodeError:
             raise _undecodable(path) from None
         chunks.append(tokenizer.encode_lines(lines).astype(tokenizer.dtype))
+    progress.finish(done + len(lines))
     tokens = np.concatenate(chunks)
     loader.save_arrays(folder, "data", {"tokens": tokens})
 
