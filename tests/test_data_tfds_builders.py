@@ -359,6 +359,22 @@ def test_unfinished_tfds_folder_is_refused_and_kept(tmp_path):
     assert (folder / "lra_listops-train.array_record-00000-of-00001").read_bytes() == b"partial"
 
 
+def test_leftovers_of_an_interrupted_preparation_are_named_and_kept(tmp_path, caplog):
+    """A killed preparation leaves its scratch folder (the readers' arrays) and tfds's
+    incomplete.* folder: the next one warns naming them, removes neither, and prepares."""
+    config = listops_config(tmp_path)
+    scratch = tmp_path / "tfds" / ".lra_listops-scratch-killed"
+    incomplete = tmp_path / "tfds" / "lra_listops" / "len12" / "incomplete.ABC123_1.0.0"
+    for folder in (scratch, incomplete):
+        folder.mkdir(parents=True)
+        (folder / "part").write_bytes(b"x")
+    with caplog.at_level("WARNING"):
+        assert prepare.prepare(config)["train"] == 8
+    assert "interrupted preparation" in caplog.text
+    assert str(scratch) in caplog.text and str(incomplete) in caplog.text
+    assert (scratch / "part").is_file() and (incomplete / "part").is_file()
+
+
 def test_wikitext_prepared_with_another_tokenizer_is_refused(tmp_path):
     """Two BPE tokenizers share the config name gpt2_block<L>: the files' SHA-256 in the metadata
     tell them apart, when preparing again and when reading (unless no tokenizer is at hand)."""

@@ -140,6 +140,7 @@ class _SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def download_and_prepare(self, *args, **kwargs) -> None:
         root = Path(self.data_dir_root)
         root.mkdir(parents=True, exist_ok=True)
+        _warn_leftovers(self, root)
         with tempfile.TemporaryDirectory(dir=root, prefix=f".{self.name}-scratch-") as scratch:
             self._scratch = Path(scratch)
             try:
@@ -156,6 +157,21 @@ class _SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, manual_dir: str, split: str):
         yield from _rows(self._load(manual_dir, split), self.info.features)
+
+
+def _warn_leftovers(b: _SourceBuilder, root: Path) -> None:
+    """Warn about folders an interrupted preparation of ``b`` left (our scratch folders, tfds's
+    ``incomplete.*``): they are never read, nor removed here, as another preparation may be
+    using them."""
+    config_dir = Path(str(b.data_path)).parent
+    left = sorted(root.glob(f".{b.name}-scratch-*")) + sorted(config_dir.glob("incomplete.*"))
+    if left:
+        logging.warning(
+            "%s: left by an interrupted preparation (unused; remove them unless another "
+            "preparation is running): %s",
+            b.name,
+            ", ".join(map(str, left)),
+        )
 
 
 class LraListops(_SourceBuilder):
