@@ -286,30 +286,53 @@ def test_imagenet_prepared_from_archives_and_built_in_worker_processes(tmp_path)
     assert_batch_lists_equal(in_process, take(tasks.get_task(config).train_batches(1, 1, 2), 3))
 
 
-def test_imagenet_prepare_errors_are_one_line_and_leave_the_data(tmp_path, capsys):
-    """The prepare command without the archives, or over imagenet2012 prepared in tfds's default
-    tfrecord format (no random access), stops with one ``error:`` line (exit code 2) naming the
-    folder; the tfrecord dataset is left as it was."""
-    manual, tfds_dir = tmp_path / "manual", tmp_path / "t"
+def imagenet_prepare_error(capsys, manual, tfds_dir) -> str:
+    """The one ``error:`` line of ``python -m hgrn_jax.data.imagenet`` (exit code 2)."""
+    capsys.readouterr()  # tfds's progress bars so far
     with pytest.raises(SystemExit) as info:
         imagenet.main(["--manual_dir", str(manual), "--tfds_dir", str(tfds_dir)])
     err = capsys.readouterr().err
-    assert info.value.code == 2 and err.count("\n") == 1
-    assert err.startswith("error: DatasetMissingError: ILSVRC2012_img_train.tar, ") and (
-        f"not in --manual_dir='{manual}'" in err
+    assert info.value.code == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_imagenet_prepare_without_whole_archives_is_one_line(tmp_path, capsys):
+    """Missing archives, or a truncated one (an interrupted download): one ``error:`` line
+    naming --manual_dir, and nothing prepared."""
+    manual, tfds_dir = tmp_path / "manual", tmp_path / "t"
+    assert imagenet_prepare_error(capsys, manual, tfds_dir) == (
+        "error: DatasetMissingError: ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar not in "
+        f"--manual_dir='{manual}': download the ILSVRC2012 training and validation archives "
+        "(image-net.org, after registering) into that folder"
     )
+    fx.write_imagenet_archives(manual, per_class=1, num_val=1)
+    train_tar = manual / imagenet.ARCHIVES[0]
+    train_tar.write_bytes(train_tar.read_bytes()[: train_tar.stat().st_size // 2])
+    assert imagenet_prepare_error(capsys, manual, tfds_dir) == (
+        "error: BadDataError: ILSVRC2012_img_train.tar or ILSVRC2012_img_val.tar in "
+        f"--manual_dir='{manual}' is truncated or not a tar archive (ReadError: unexpected end "
+        "of data): download it again and compare its MD5 with image-net.org's"
+    )
+    assert not list(tfds_dir.rglob("*.array_record*"))
+
+
+def test_imagenet_prepare_over_tfrecord_data_is_one_line_and_keeps_them(tmp_path, capsys):
+    """imagenet2012 prepared in tfds's default tfrecord format (no random access) in --tfds_dir:
+    one ``error:`` line naming the folder and the fix; the tfrecord data are left as they were."""
+    manual, tfds_dir = tmp_path / "manual", tmp_path / "t"
     fx.write_imagenet_archives(manual, per_class=1, num_val=1)
     tfds.builder(imagenet.NAME, data_dir=str(tfds_dir)).download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual))
     )
     before = sorted((p.name, p.stat().st_size) for p in tfds_dir.rglob("*") if p.is_file())
-    capsys.readouterr()  # tfds's progress bars
-    with pytest.raises(SystemExit) as info:
-        imagenet.main(["--manual_dir", str(manual), "--tfds_dir", str(tfds_dir)])
-    err = capsys.readouterr().err
-    assert info.value.code == 2 and err.count("\n") == 1
-    assert f"error: ValueError: {tfds_dir / imagenet.NAME} already holds imagenet2012" in err
-    assert "--tfds_dir=NEW_DIR" in err
+    line = imagenet_prepare_error(capsys, manual, tfds_dir)
+    assert line.startswith(f"error: ValueError: {tfds_dir / imagenet.NAME} already holds ")
+    assert line.endswith(
+        "prepare into another folder (--tfds_dir=NEW_DIR) and train with "
+        "--config.data.tfds_dir=NEW_DIR"
+    )
     assert sorted((p.name, p.stat().st_size) for p in tfds_dir.rglob("*") if p.is_file()) == before
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tarfile
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from hgrn_jax.data import loader, randaugment, tfds_io
-from hgrn_jax.data.errors import BadDataReport, DatasetMissingError
+from hgrn_jax.data.errors import BadDataError, BadDataReport, DatasetMissingError
 
 NAME = "imagenet2012"
 NUM_CLASSES = 1000
@@ -433,7 +434,8 @@ def prepare(tfds_dir: str, manual_dir: str) -> None:
     """Build tfds ``imagenet2012`` in the array_record format from the archives in manual_dir.
 
     A dataset already prepared there in another format (tfds's default tfrecord, which has no
-    random access) is an error naming the folder, and is left as it is."""
+    random access) is an error naming the folder, and is left as it is; so is a truncated archive
+    (an interrupted download)."""
     import tensorflow_datasets as tfds
 
     missing = [a for a in ARCHIVES if not (Path(manual_dir) / a).is_file()]
@@ -454,9 +456,16 @@ def prepare(tfds_dir: str, manual_dir: str) -> None:
             "tfrecord, which cannot be read by index): prepare into another folder "
             "(--tfds_dir=NEW_DIR) and train with --config.data.tfds_dir=NEW_DIR"
         ) from None
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
-    )
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+        )
+    except tarfile.TarError as error:  # tfds removes its unfinished folder first
+        raise BadDataError(
+            f"{' or '.join(ARCHIVES)} in --manual_dir={manual_dir!r} is truncated or not a tar "
+            f"archive ({type(error).__name__}: {error}): download it again and compare its MD5 "
+            "with image-net.org's"
+        ) from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
