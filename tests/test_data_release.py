@@ -368,8 +368,9 @@ def test_wikitext_byte_tokenizer_needs_no_file(tmp_path):
 
 
 def test_long_preparations_log_their_progress(tmp_path, monkeypatch, caplog):
-    """Decoding Pathfinder images and tokenising WikiText log ``done/total`` at INFO (at most
-    every loader.PROGRESS_EVERY_S seconds; 0 here, so every step) and a final count."""
+    """Decoding Pathfinder images, tokenising WikiText and encoding AAN pairs log ``done/total``
+    at INFO (at most every loader.PROGRESS_EVERY_S seconds; 0 here, so every step) and a final
+    count."""
     import logging
 
     from hgrn_jax.data import pathfinder
@@ -385,7 +386,13 @@ def test_long_preparations_log_their_progress(tmp_path, monkeypatch, caplog):
     wikitext.load_tokens(
         "test", wikitext_dir=str(folder), tokenizer_path="bytes", cache_dir=str(tmp_path / "c")
     )
+    fx.write_aan(tmp_path, rows_per_split=3)
+    retrieval.load_split("val", lra_dir=str(tmp_path), cache_dir=str(tmp_path / "c"), seq_len=8)
     messages = [r.getMessage() for r in caplog.records]
+    pairs = tmp_path / "tsv_data" / "new_aan_pairs.eval.tsv"
+    assert [m for m in messages if m.startswith(f"{pairs}: encoding")] == [
+        f"{pairs}: encoding: {done}/3 pairs (0 s)" for done in (1, 2, 3, 3)
+    ]
     root = tmp_path / "pathfinder32" / "curv_contour_length_14"
     for done in (1, 4):
         assert f"{root}: decoding: {done}/4 images (0 s)" in messages

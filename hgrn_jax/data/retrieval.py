@@ -153,10 +153,13 @@ def _build(folder: Path, path: Path, seq_len: int, skip_bad_rows: bool, vocab: V
     ]
     lengths = np.zeros((2, count), np.int32)
     labels = np.zeros(count, np.int32)
+    progress = loader.Progress(f"{path}: encoding", count, "pairs")
     for i, (label, *texts) in enumerate(parse_rows(path, BadDataReport(str(path)))):
         labels[i] = label
         for j, text in enumerate(texts):
             lengths[j, i] = write_row(ids[j], i, encoder.ids(text, seq_len - 1))
+        progress.update(i + 1)
+    progress.finish(count)
     for array in ids:
         array.flush()
     del ids
