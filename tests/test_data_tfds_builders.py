@@ -359,6 +359,28 @@ def test_unfinished_tfds_folder_is_refused_and_kept(tmp_path):
     assert (folder / "lra_listops-train.array_record-00000-of-00001").read_bytes() == b"partial"
 
 
+def test_prepare_again_from_other_release_files_is_refused(tmp_path):
+    """The metadata record the sizes of the source files; preparing again from files that
+    differ (a row added) stops naming the file instead of reusing the old data silently."""
+    config = listops_config(tmp_path)
+    assert prepare.prepare(config)["test"] == 8
+    meta = tasks.tfds_release(config).metadata(config)
+    assert sorted(meta["source_files"]) == [f"basic_{s}.tsv" for s in ("test", "train", "val")]
+    assert prepare.prepare(config)["test"] == 8  # the same files: reused
+    test_file = tmp_path / "lra_release" / "lra_release" / "listops-1000" / "basic_test.tsv"
+    size = test_file.stat().st_size
+    with test_file.open("a") as f:
+        f.write("( [MAX 1 2 ] )\t2\n")
+    folder = tmp_path / "tfds" / "lra_listops" / "len12" / "1.0.0"
+    with pytest.raises(
+        ValueError,
+        match=rf"prepared from other files .*\(basic_test.tsv: {size} bytes then, "
+        rf"{test_file.stat().st_size} bytes now\): remove {folder} to prepare it again",
+    ):
+        prepare.prepare(config)
+    assert tasks.get_task(config).num_examples("test") == 8  # left as it was
+
+
 def test_leftovers_of_an_interrupted_preparation_are_named_and_kept(tmp_path, caplog):
     """A killed preparation leaves its scratch folder (the readers' arrays) and tfds's
     incomplete.* folder: the next one warns naming them, removes neither, and prepares."""

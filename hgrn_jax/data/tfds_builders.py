@@ -23,7 +23,8 @@ name               configs                     features
 
 The metadata (``metadata.json``) records the vocabulary the ids were encoded with (ListOps,
 Retrieval: built from the training split; WikiText: the tokenizer's size, end-of-line id and
-files' SHA-256). A config prepared with ``data.skip_bad_rows=True`` carries the suffix
+files' SHA-256), and the sizes of the source files (``source_files``: the split files;
+Pathfinder: the metadata files), which a later prepare compares. A config prepared with ``data.skip_bad_rows=True`` carries the suffix
 ``_skipbad`` (bad rows are reported, then left out), so it is only read by runs that skip bad
 rows too. Lengths are int32, labels are tfds ``ClassLabel`` (read back as int32, like the
 ``.npy`` path's arrays); token ids are uint16 (the ``.npy`` path's uint8 or uint16).
@@ -155,7 +156,15 @@ class _SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _load(self, manual_dir: str, split: str) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def sources(self, manual_dir: str, split: str) -> list[Path]:
+        """The files of the manual folder that ``split`` is read from (their sizes go into the
+        metadata, ``source_files``, so a later prepare notices other files)."""
+        raise NotImplementedError
+
     def _generate_examples(self, manual_dir: str, split: str):
+        recorded = dict(self.info.metadata.get("source_files") or {})
+        recorded.update(source_sizes(self.sources(manual_dir, split)))
+        self.info.metadata["source_files"] = recorded
         yield from _rows(self._load(manual_dir, split), self.info.features)
 
 
@@ -191,6 +200,9 @@ class LraListops(_SourceBuilder):
             "https://github.com/google-research/long-range-arena",
         )
 
+    def sources(self, manual_dir, split):
+        return [listops_release.find_file(manual_dir, split)]
+
     def _load(self, manual_dir, split):
         c = self.builder_config
         self.info.metadata.update(
@@ -223,6 +235,9 @@ class LraRetrieval(_SourceBuilder):
             "LRA Retrieval (AAN): two documents of character ids per example, lengths, label 0/1.",
             "https://github.com/google-research/long-range-arena",
         )
+
+    def sources(self, manual_dir, split):
+        return [retrieval.find_file(manual_dir, split)]
 
     def _load(self, manual_dir, split):
         c = self.builder_config
@@ -261,6 +276,10 @@ class LraPathfinder(_SourceBuilder):
             "https://github.com/google-research/long-range-arena",
         )
 
+    def sources(self, manual_dir, split):
+        root = pathfinder.find_root(manual_dir, self.builder_config.resolution)
+        return sorted((root / "metadata").glob("*.npy"))  # the images: too many to stat
+
     def _load(self, manual_dir, split):
         c = self.builder_config
         return pathfinder.load_split(
@@ -289,6 +308,9 @@ class Wikitext103(_SourceBuilder):
             "https://blog.salesforceairesearch.com/the-wikitext-long-term-dependency-"
             "language-modeling-dataset/",
         )
+
+    def sources(self, manual_dir, split):
+        return [wikitext.find_file(manual_dir, split)]
 
     def _load(self, manual_dir, split):
         c = self.builder_config
@@ -335,6 +357,36 @@ def _file_hashes(files: list[Path]) -> dict[str, str]:
     import hashlib
 
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def source_sizes(files: list[Path]) -> dict[str, int]:
+    """``{file name: size in bytes}`` (sizes, not times: a copied release keeps its sizes)."""
+    return {p.name: p.stat().st_size for p in files}
+
+
+def check_sources_unchanged(b: _SourceBuilder, manual_dir: str) -> None:
+    """Raise ValueError when ``b``'s prepared dataset was built from files of other sizes or
+    names than those now in ``manual_dir`` (data prepared before the sizes were recorded are
+    not checked)."""
+    recorded = dict(metadata(b).get("source_files") or {})
+    if not recorded:
+        return
+    current: dict[str, int] = {}
+    for split in TFDS_SPLITS:
+        current.update(source_sizes(b.sources(manual_dir, split)))
+    if current == recorded:
+        return
+    changed = sorted(set(current) ^ set(recorded)) or sorted(
+        name for name in current if current[name] != recorded[name]
+    )
+    name = changed[0]
+    then = f"{recorded[name]} bytes" if name in recorded else "absent"
+    now = f"{current[name]} bytes" if name in current else "absent"
+    raise ValueError(
+        f"{b.name}/{b.builder_config.name} in data.tfds_dir={b.data_dir_root} was prepared from "
+        f"other files than those in {manual_dir} ({name}: {then} then, {now} now): remove "
+        f"{b.data_path} to prepare it again, or prepare into another --config.data.tfds_dir"
+    )
 
 
 def check_tokenizer(b: _SourceBuilder) -> None:
@@ -458,8 +510,9 @@ def prepare(b: _SourceBuilder, manual_dir: str) -> _SourceBuilder:
 
     A version folder that exists without tfds's finished files (``dataset_info.json``,
     ``features.json``: an interrupted copy, say) is an error, never reused nor removed (tfds
-    would take any existing folder as prepared); a WikiText dataset prepared with another
-    tokenizer is an error (:func:`check_tokenizer`)."""
+    would take any existing folder as prepared); so are a dataset prepared from other source
+    files (:func:`check_sources_unchanged`) and a WikiText dataset prepared with another
+    tokenizer (:func:`check_tokenizer`)."""
     folder = Path(str(b.data_path))
     if folder.exists() and not b.is_prepared():
         raise DatasetMissingError(
@@ -467,6 +520,8 @@ def prepare(b: _SourceBuilder, manual_dir: str) -> _SourceBuilder:
             "features.json: an interrupted copy?); remove that folder, or prepare into another "
             "--config.data.tfds_dir, and run the prepare command again"
         )
+    if b.is_prepared():
+        check_sources_unchanged(b, manual_dir)
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     check_tokenizer(b)
     return b
