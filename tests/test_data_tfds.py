@@ -152,6 +152,12 @@ def test_missing_tfds_data_names_the_fix(tmp_path):
         tasks.get_task(config)
     with pytest.raises(errors.DatasetMissingError, match="ILSVRC2012_img_train.tar"):
         imagenet.prepare(str(tmp_path / "tfds"), str(tmp_path))
+    with pytest.raises(
+        tasks.DataUnavailableError,
+        match=r"'imagenet2012' is not prepared .*: prepare it with `python -m "
+        rf"hgrn_jax.data.imagenet --manual_dir=MANUAL_DIR --tfds_dir={tmp_path / 'tfds'}`",
+    ):
+        tasks.get_task(imagenet_config(tmp_path, tfds_dir=str(tmp_path / "tfds")))
 
 
 # ----------------------------------------------------------------------------- ImageNet

@@ -217,7 +217,11 @@ class ImageNetSource:
 
     def __init__(self, split: str, tfds_dir: str):
         self.split = TFDS_SPLITS[split]
-        self.source = tfds_io.data_source(NAME, self.split, tfds_dir)
+        command = (
+            "python -m hgrn_jax.data.imagenet --manual_dir=MANUAL_DIR "
+            f"--tfds_dir={tfds_dir or 'TFDS_DIR'}"
+        )
+        self.source = tfds_io.data_source(NAME, self.split, tfds_dir, command)
 
     def __len__(self) -> int:
         return len(self.source)

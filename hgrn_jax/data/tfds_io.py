@@ -62,15 +62,17 @@ def read_all(name: str, split: str, tfds_dir: str, keys: tuple[str, ...]) -> dic
     return out
 
 
-def data_source(name: str, split: str, tfds_dir: str):
-    """tfds's random-access source of a split prepared in the ``array_record`` format."""
+def data_source(name: str, split: str, tfds_dir: str, command: str = ""):
+    """tfds's random-access source of a split prepared in the ``array_record`` format;
+    ``command``, the one that prepares it, goes into the error when it is not there."""
     b = builder(name, tfds_dir)
     try:
         return b.as_data_source(split=split)
     except (AssertionError, FileNotFoundError, ValueError, NotImplementedError) as error:
+        how = f"prepare it with `{command}`" if command else "see docs/data.md"
         raise DatasetMissingError(
             f"tfds dataset {name!r} is not prepared (in the array_record format) in "
-            f"data.tfds_dir={tfds_dir!r}: see docs/data.md for the command that prepares it "
+            f"data.tfds_dir={tfds_dir!r}: {how} "
             f"({type(error).__name__}: {str(error)[:200]})"
         ) from error
 
