@@ -163,6 +163,26 @@ def test_tsv_layout_is_read_back_by_the_reader(tmp_path, generated):
     assert (folder / "basic_train.tsv").stat().st_mtime_ns == mtime
 
 
+def test_out_never_overwrites_basic_tsv_files(tmp_path, capsys):
+    """``python -m hgrn_jax.data.listops --out DIR`` writes a set into a folder without
+    basic_*.tsv; over existing ones (the release's, another seed's) it stops with one line."""
+    small = ["--spec=tiny", "--num_train=4", "--num_val=2", "--num_test=2"]
+    listops.main([*small, "--out", str(tmp_path)])
+    first = (tmp_path / "basic_train.tsv").read_text()
+    (tmp_path / "basic_test.tsv").unlink()  # only the training and validation files remain
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        listops.main([*small, "--seed=1", "--out", str(tmp_path)])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'basic_train.tsv'} exists: --out writes a new set only into a "
+        "folder without basic_{train,val,test}.tsv; choose another folder (or remove those "
+        "files)\n"
+    )
+    assert (tmp_path / "basic_train.tsv").read_text() == first
+    assert not (tmp_path / "basic_test.tsv").exists()
+
+
 def test_tokenizer_ids_padding_end_token_and_truncation():
     source = "( ( ( [MAX 2 ) 9 ) ] )"
     tok = listops.ListOpsTokenizer.fit([source, "( ( [SM 1 ) ] )"], seq_len=8)

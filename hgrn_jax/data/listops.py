@@ -354,7 +354,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="lra: the release's sizes and lengths; tiny: the tiny preset's",
     )
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--out", help="write the files into this folder (use it as data.lra_dir)")
+    where.add_argument(
+        "--out",
+        help="write the files into this folder, which must not hold basic_*.tsv yet (use it as "
+        "data.lra_dir)",
+    )
     where.add_argument(
         "--cache_dir",
         help="write into CACHE_DIR/listops-<hash> as the tasks do (nothing to do if it exists)",
@@ -379,6 +383,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     spec = dataclasses.replace(spec, **overrides)
     if args.out:
+        present = [p for s in SPLITS if (p := Path(args.out) / split_filename(s)).exists()]
+        if present:  # maybe the release's own files, or another seed's: never overwritten
+            parser.exit(
+                2,
+                f"error: {present[0]} exists: --out writes a new set only into a folder without "
+                "basic_{train,val,test}.tsv; choose another folder (or remove those files)\n",
+            )
         write_tsv(args.out, generate(spec, args.seed))
         folder = Path(args.out)
     else:
