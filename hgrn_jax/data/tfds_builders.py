@@ -26,8 +26,9 @@ Retrieval: built from the training split; WikiText: the tokenizer's size, end-of
 files' SHA-256), and the sizes of the source files (``source_files``: the split files;
 Pathfinder: the metadata files), which a later prepare compares. A config prepared with
 ``data.skip_bad_rows=True`` carries the suffix ``_skipbad`` (bad rows are reported, then left
-out), so it is only read by runs that skip bad rows too. Lengths are int32, labels are tfds ``ClassLabel`` (read back as int32, like the
-``.npy`` path's arrays); token ids are uint16 (the ``.npy`` path's uint8 or uint16).
+out), so it is only read by runs that skip bad rows too. Lengths are int32, labels are tfds
+``ClassLabel`` (read back as int32, like the ``.npy`` path's arrays); token ids are uint16 (the
+``.npy`` path's uint8 or uint16).
 """
 
 from __future__ import annotations
