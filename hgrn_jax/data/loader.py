@@ -182,7 +182,7 @@ def load_arrays(folder: Path, prefix: str, keys: tuple[str, ...]) -> dict[str, n
 class Progress:
     """Progress of a long preparation (decoding 200,000 Path-X images, tokenising WikiText-103),
     logged at INFO: ``<what>: <done>/<total> <unit> (<s> s)`` at most every
-    :data:`PROGRESS_EVERY_S` seconds, and once when :meth:`finish` ed."""
+    :data:`PROGRESS_EVERY_S` seconds by :meth:`update`, and once more by :meth:`finish`."""
 
     def __init__(self, what: str, total: int | None, unit: str):
         self.what, self.total, self.unit = what, total, unit
