@@ -211,6 +211,7 @@ def test_a_registered_task_s_zero_depth_stops_before_the_workdir(tmp_path):
             r"sequence_axis='model' needs the HGRU mixer",
         ),
         ({"dtype": "bf16"}, r"config\.dtype='bf16' is not an activation dtype; set --config"),
+        ({"data.workers": -2}, r"config\.data\.workers=-2 must be a whole number >= 0, or -1"),
     ],
 )
 def test_bad_mesh_or_batch_sizes_stop_the_run_naming_the_key_before_writing(

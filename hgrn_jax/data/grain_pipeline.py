@@ -359,7 +359,15 @@ def train_loader(
     )
 
 
-def resolve_worker_count(value: int) -> int:
-    """``-1`` -> one worker process per CPU of this host; other values as given."""
+def resolve_worker_count(value: int, config_key: str = "data.workers") -> int:
+    """``-1`` -> one worker process per CPU of this host; other whole numbers >= 0 as given.
+
+    Raises a ValueError naming ``config_key`` for anything else (-2 had meant one per CPU too).
+    """
+    if isinstance(value, bool) or not float(value).is_integer() or value < -1:
+        raise ValueError(
+            f"config.{config_key}={value} must be a whole number >= 0, or -1 (one worker "
+            f"process per CPU); set --config.{config_key}"
+        )
     value = int(value)
-    return (os.cpu_count() or 1) if value < 0 else value
+    return (os.cpu_count() or 1) if value == -1 else value

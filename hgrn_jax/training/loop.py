@@ -480,8 +480,9 @@ def check_seed(config: Any) -> None:
 def check_config_values(config: Any) -> None:
     """The checks of values a run can make before it touches its workdir, each a ValueError
     naming the key: run lengths, the seed, the model's sizes, the activation dtype of a
-    registered task, the optimizer's numbers, and the mesh with the batch sizes and sequence
-    axis on it (:func:`check_mesh_and_batches`)."""
+    registered task, the optimizer's numbers, the mesh with the batch sizes and sequence
+    axis on it (:func:`check_mesh_and_batches`), and the input workers (``data.workers``)."""
+    from hgrn_jax.data import grain_pipeline
     from hgrn_jax.tasks import base, registry
 
     check_run_lengths(config)
@@ -496,6 +497,9 @@ def check_config_values(config: Any) -> None:
             )
     optim.check_optimizer_config(config)
     check_mesh_and_batches(config)
+    data = config.get("data", None)
+    if hasattr(data, "get"):
+        grain_pipeline.resolve_worker_count(data.get("workers", 0))  # checks data.workers
 
 
 def _time_budget(config: Any) -> float:
