@@ -78,6 +78,9 @@ class SoftmaxAttention(nnx.Module):
     def step(self, x: jax.Array, state: jax.Array, lower_bound=0.0):
         raise ValueError(_NO_STATE)
 
+    def state_shape(self, batch_size: int) -> tuple[int, ...]:
+        raise ValueError(_NO_STATE)
+
     def init_state(self, batch_size: int) -> jax.Array:
         raise ValueError(_NO_STATE)
 

@@ -104,13 +104,17 @@ class FlaHGRNAttention(nnx.Module):
         """Streaming: ``x`` (B, T, d) from ``state`` (B, width); returns outputs and the last state.
         ``mask`` (B, T) or longer along time (its last T steps are used)."""
         self.check_input(x, mask, streaming=True)
-        check_state(state, (x.shape[0], self.width), type(self).__name__)
+        check_state(state, self.state_shape(x.shape[0]), type(self).__name__)
         a, i = self.decay_and_input(x, lower_bound, mask)
         h, last = linear_recurrence(a, i, state, method=self.method, return_last_state=True)
         return self.output(h, x), last
+
+    def state_shape(self, batch_size: int) -> tuple[int, ...]:
+        """The recurrent state's shape (B, width)."""
+        return (batch_size, self.width)
 
     def init_state(self, batch_size: int) -> jax.Array:
         """The zero recurrent state (B, width) for :meth:`step`, in the dtype :meth:`step`
         returns (float32; float64 for a float64 layer)."""
         dtype = accumulation_dtype(self.dtype or self.param_dtype)
-        return jnp.zeros((batch_size, self.width), dtype)
+        return jnp.zeros(self.state_shape(batch_size), dtype)

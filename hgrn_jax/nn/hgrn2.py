@@ -153,18 +153,20 @@ class _MatrixMixer(nnx.Module):
         if self.bidirectional:
             raise ValueError("step() needs a causal mixer (bidirectional=False)")
         self.check_input(x, mask, streaming=True)
-        want = (x.shape[0], self.num_heads, self.key_dim, self.value_dim)
-        check_state(state, want, type(self).__name__)
+        check_state(state, self.state_shape(x.shape[0]), type(self).__name__)
         q, k, v, g = self._inputs(x, lower_bound, mask)
         o, last = self._scan(q, k, v, g, h0=state, return_last_state=True)
         return self._finish(o, x, mask), last
+
+    def state_shape(self, batch_size: int) -> tuple[int, ...]:
+        """The recurrent state's shape (B, H, K, V)."""
+        return (batch_size, self.num_heads, self.key_dim, self.value_dim)
 
     def init_state(self, batch_size: int) -> jax.Array:
         """The zero recurrent state (B, H, K, V) for :meth:`step`, in the dtype :meth:`step`
         returns (float32; float64 for a float64 layer)."""
         return jnp.zeros(
-            (batch_size, self.num_heads, self.key_dim, self.value_dim),
-            accumulation_dtype(self.dtype or self.param_dtype),
+            self.state_shape(batch_size), accumulation_dtype(self.dtype or self.param_dtype)
         )
 
 

@@ -396,7 +396,7 @@ class HGRU(_HGRUBase):
         if self.bidirectional:
             raise ValueError("step() needs a causal HGRU (bidirectional=False)")
         self.check_input(x, "(batch, length, d)")
-        check_state(state, (x.shape[0], self.features), type(self).__name__)
+        check_state(state, self.state_shape(x.shape[0]), type(self).__name__)
         projected = self.projections(x)
         lam, b = self.decay_and_input(x, lower_bound, projected)
         h, last = self.scan(
@@ -410,7 +410,11 @@ class HGRU(_HGRUBase):
         dtype = accumulation_dtype(self.dtype or self.param_dtype)
         if self.complex_valued:
             dtype = jnp.promote_types(dtype, jnp.complex64)
-        return jnp.zeros((batch_size, self.features), dtype)
+        return jnp.zeros(self.state_shape(batch_size), dtype)
+
+    def state_shape(self, batch_size: int) -> tuple[int, ...]:
+        """The recurrent state's shape (B, d)."""
+        return (batch_size, self.features)
 
 
 class HGRU2D(_HGRUBase):

@@ -219,7 +219,7 @@ class HGRNLM(nnx.Module):
         if len(cache) != layers:
             raise ValueError(f"cache has {len(cache)} layers; the model has {layers}: {fix}")
         for k, (block, state) in enumerate(zip(self.blocks, cache)):
-            want = jax.eval_shape(lambda m=block.mixer: m.init_state(batch_size)).shape
+            want = block.mixer.state_shape(batch_size)
             if tuple(jnp.shape(state)) != want:
                 raise ValueError(
                     f"cache[{k}] has shape {tuple(jnp.shape(state))}; layer {k} keeps a state of "
