@@ -63,6 +63,16 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
 # ----------------------------------------------------------------------------------------------
 
 
+class MeshSizeError(ValueError):
+    """Mesh axis sizes that do not fit the devices: ``problem`` (what is wrong) and ``fix`` (what
+    to change), so that a caller with its own settings (the runner's ``config.mesh``) can name
+    its own fix."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__(f"{problem}; {fix}")
+        self.problem, self.fix = problem, fix
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Sizes of the ``data``, ``fsdp`` and ``model`` mesh axes; one of them may be -1 ("the rest").
@@ -77,28 +87,32 @@ class MeshConfig:
     model: int = 1
 
     def axis_sizes(self, num_devices: int) -> tuple[int, int, int]:
-        """The three axis sizes for ``num_devices`` devices, with -1 resolved."""
+        """The three axis sizes for ``num_devices`` devices, with -1 resolved;
+        :class:`MeshSizeError` when they do not fit."""
         sizes = (self.data, self.fsdp, self.model)
         named = ", ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes))
-        if sum(s == -1 for s in sizes) > 1:
-            raise ValueError(
-                f"mesh {named}: at most one axis may be -1 (the rest); "
-                "give the others explicit sizes"
+        rest = sizes.count(-1)
+        if rest > 1:
+            raise MeshSizeError(
+                f"mesh ({named}): at most one axis may be -1 (the devices the others leave)",
+                "give the others explicit sizes",
             )
         if any(s == 0 or s < -1 for s in sizes):
-            raise ValueError(f"mesh {named}: axis sizes must be positive or -1")
+            raise MeshSizeError(f"mesh ({named}): axis sizes must be positive or -1", "fix them")
         known = math.prod(s for s in sizes if s != -1)
+        devices = f"{num_devices} device{'s' if num_devices > 1 else ''}"
+        needs = f"mesh ({named}) needs {'a multiple of ' if rest else ''}{known} devices"
         if num_devices % known != 0:
-            raise ValueError(
-                f"mesh {named} needs a multiple of {known} devices but there are "
-                f"{num_devices}; choose axis sizes whose product divides {num_devices}"
+            raise MeshSizeError(
+                f"{needs} but this run has {devices}",
+                f"choose axis sizes whose product divides {num_devices}",
             )
-        if -1 in sizes:
+        if rest:
             sizes = tuple(num_devices // known if s == -1 else s for s in sizes)
         elif known != num_devices:
-            raise ValueError(
-                f"mesh {named} uses {known} devices but there are {num_devices}; "
-                "set one axis to -1 to use the rest, or pass devices="
+            raise MeshSizeError(
+                f"{needs} but this run has {devices}",
+                "set one axis to -1 to use the rest, or pass devices=",
             )
         return sizes  # type: ignore[return-value]
 

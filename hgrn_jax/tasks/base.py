@@ -169,8 +169,12 @@ def model_field_defaults(kind: ModelKind) -> dict[str, Any]:
 
 
 def activation_dtype(name: str) -> jnp.dtype:
+    """The activation dtype ``config.dtype`` names; ValueError naming the key otherwise."""
     if name not in DTYPES:
-        raise ValueError(f"unknown config.dtype {name!r}; choose one of {', '.join(DTYPES)}")
+        raise ValueError(
+            f"config.dtype={name!r} is not an activation dtype; set --config.dtype to one of "
+            f"{', '.join(DTYPES)}"
+        )
     return DTYPES[name]
 
 

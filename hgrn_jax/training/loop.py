@@ -234,26 +234,14 @@ def check_mesh_and_batches(
     written, and an eval batch size that did not split failed at the first evaluation)."""
     num_devices = jax.device_count() if num_devices is None else num_devices
     processes = jax.process_count() if num_processes is None else num_processes
-    mesh = mesh_config(config)
-    given = (mesh.data, mesh.fsdp, mesh.model)
-    named = ", ".join(f"{axis}={size}" for axis, size in zip(sharding.MESH_AXES, given))
-    rest = given.count(-1)
-    if rest > 1:
+    try:
+        sizes = mesh_config(config).axis_sizes(num_devices)
+    except sharding.MeshSizeError as error:
         raise ValueError(
-            f"config.mesh ({named}): at most one axis may be -1 (the devices the others "
-            "leave); give the others sizes with --config.mesh.data, --config.mesh.fsdp, "
-            "--config.mesh.model"
-        )
-    known = math.prod(size for size in given if size != -1)
-    if num_devices % known or (not rest and known != num_devices):
-        devices = f"{num_devices} device{'s' if num_devices > 1 else ''}"
-        raise ValueError(
-            f"config.mesh ({named}) needs {'a multiple of ' if rest else ''}{known} devices "
-            f"but this run has {devices} ({processes} process{'es' if processes > 1 else ''}); "
+            f"config.{error.problem} ({processes} process{'es' if processes > 1 else ''}); "
             "set --config.mesh.data, --config.mesh.fsdp and --config.mesh.model so that "
             f"their product is {num_devices} (one of them -1: the devices the others leave)"
-        )
-    sizes = mesh.axis_sizes(num_devices)
+        ) from None
     data, fsdp, _ = sizes
     shards = data * fsdp
     split = f"the mesh's {shards} batch shards (config.mesh.data x fsdp = {data} x {fsdp})"
@@ -471,7 +459,7 @@ def check_seed(config: Any) -> None:
     """Raise ValueError naming the key when ``config.seed`` is not a whole number >= 0 (numpy's
     generators, which order the training batches, take no negative seed)."""
     seed = config.get("seed", 0) if hasattr(config, "get") else 0
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not _whole(seed) or seed < 0:
         raise ValueError(
             f"config.seed={seed} must be a whole number >= 0; set --config.seed (e.g. 0)"
         )
@@ -489,12 +477,7 @@ def check_config_values(config: Any) -> None:
     check_seed(config)
     registry.check_model_sizes(config)
     if str(config.get("task", "")) in registry.DATASETS:
-        dtype = config.get("dtype", "float32")
-        if dtype not in base.DTYPES:
-            raise ValueError(
-                f"config.dtype={dtype!r} is not an activation dtype; set --config.dtype to one "
-                f"of {', '.join(base.DTYPES)}"
-            )
+        base.activation_dtype(config.get("dtype", "float32"))
     optim.check_optimizer_config(config)
     check_mesh_and_batches(config)
     data = config.get("data", None)
