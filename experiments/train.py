@@ -38,10 +38,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.cli import EXIT_USAGE
-from experiments.cli import check_config_file as _check_config_file
-from experiments.cli import fail as _fail
-from experiments.cli import parse_flags as _parse_flags
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -83,8 +80,8 @@ def _configure_jax() -> None:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; options look like --config.key=value", EXIT_USAGE)
-    _check_config_file()
+        cli.fail(f"unexpected arguments {argv[1:]}; options look like --config.key=value")
+    cli.check_config_file()
     if not flags.FLAGS["verbosity"].present:
         from absl import logging as absl_logging
 
@@ -126,11 +123,11 @@ def main(argv: list[str]) -> None:
     except NonFiniteLossError as error:
         if _TRACEBACK.value:
             raise
-        _fail(str(error), EXIT_NONFINITE)
+        cli.fail(str(error), EXIT_NONFINITE)
     except user_errors as error:
         if _TRACEBACK.value:
             raise
-        _fail(f"{type(error).__name__}: {error} (rerun with --traceback for details)", EXIT_USAGE)
+        cli.fail(f"{type(error).__name__}: {error} (rerun with --traceback for details)")
     from hgrn_jax.training.watchdog import shut_down_distributed
 
     shut_down_distributed()
@@ -146,7 +143,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":
