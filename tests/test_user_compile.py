@@ -4,7 +4,8 @@ The suite compiles with test-only XLA flags that make compiling fast (tests/conf
 level 0, and XLA's older CPU emitters under jaxlib < 0.11). Those move the last bits of some
 results, which every tolerance absorbs, but no other test runs the reference comparisons at XLA's
 defaults. This one runs both golden files in a fresh pytest process with those flags taken off
-(``HGRN_TEST_XLA_OPT=default``), at their own tolerances (tests/golden_helpers.py).
+(``HGRN_TEST_XLA_OPT=default``), at their own tolerances (tests/golden_helpers.py). Where it is
+selected, conftest deselects the golden files' runs at the test flags: this is their one run.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TEST_XLA_FLAGS
+from conftest import GOLDEN_FILES, TEST_XLA_FLAGS
 from two_processes import REPO, xla_flags_without
-
-GOLDEN_FILES = ["tests/test_golden.py", "tests/test_golden_hgrn2.py"]
 
 
 @pytest.mark.slow  # a fresh process compiling every golden case at XLA's defaults: ~40 s
@@ -28,7 +27,15 @@ def test_goldens_hold_at_xla_default_compile_flags():
     assert "xla_backend_optimization_level" not in env["XLA_FLAGS"]
     assert "xla_cpu_use_fusion_emitters" not in env["XLA_FLAGS"]
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GOLDEN_FILES],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *(f"tests/{name}" for name in GOLDEN_FILES),
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,
