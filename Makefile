@@ -37,8 +37,10 @@ test-fast: venv
 # none is found), in a second environment of about 3 GB. It found a crash that
 # only jax 0.11 has (a segfault compiling sequence parallelism's gradient). CI runs only
 # test-mosaic-gpu in it: the Mosaic GPU kernels in Mosaic GPU's interpret mode, which jax 0.10.2
-# lacks (there those tests are skipped).
-NEWER_JAX := jax==0.11.2 jaxlib==0.11.2 flax==0.12.10
+# lacks (there those tests are skipped). Those tests need only jax, numpy and pytest, so
+# test-mosaic-gpu installs just these (.installed-kernels) and test-newer-jax the rest on top.
+NEWER_JAX_CORE := jax==0.11.2 jaxlib==0.11.2
+NEWER_JAX := $(NEWER_JAX_CORE) flax==0.12.10
 # The first Python 3.12 that runs: python3.12 on the PATH, else pyenv's (whose python3.12 shim
 # fails unless 3.12 is selected).
 ifeq ($(origin NEWER_PYTHON), undefined)
@@ -47,19 +49,22 @@ NEWER_PYTHON := $(shell for p in python3.12 $$(pyenv root 2>/dev/null)/versions/
   done)
 endif
 NEWER_VENV := .venv-newer-jax
+NEWER_PIP := $(NEWER_VENV)/bin/pip install -q --disable-pip-version-check
 test-newer-jax: $(NEWER_VENV)/.installed
 	$(NEWER_VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
-test-mosaic-gpu: $(NEWER_VENV)/.installed
+test-mosaic-gpu: $(NEWER_VENV)/.installed-kernels
 	HGRN_REQUIRE_INTERPRET_MODE=1 $(NEWER_VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) \
 	  tests/test_mosaic_gpu.py
-$(NEWER_VENV)/.installed: requirements.txt pyproject.toml
+$(NEWER_VENV)/.installed-kernels: requirements.txt pyproject.toml
 	@test -n "$(NEWER_PYTHON)" || { echo "make: jax 0.11 needs Python 3.12, found none (python3.12" \
 	  "on the PATH, or pyenv's): install it, or pass NEWER_PYTHON=/path/to/python3.12" >&2; exit 1; }
 	test -x $(NEWER_VENV)/bin/python || $(NEWER_PYTHON) -m venv $(NEWER_VENV)
+	$(NEWER_PIP) $(NEWER_JAX_CORE) $$(grep -E '^(numpy|pytest|pytest-xdist)==' requirements.txt)
+	$(NEWER_PIP) --no-deps -e .
+	touch $@
+$(NEWER_VENV)/.installed: $(NEWER_VENV)/.installed-kernels
 	grep -v -E '^(jax|jaxlib|flax)==' requirements.txt > $(NEWER_VENV)/requirements.txt
-	$(NEWER_VENV)/bin/pip install -q --disable-pip-version-check \
-	  -r $(NEWER_VENV)/requirements.txt $(NEWER_JAX)
-	$(NEWER_VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
+	$(NEWER_PIP) -r $(NEWER_VENV)/requirements.txt $(NEWER_JAX)
 	touch $@
 
 # ruff's lint rules and formatting check (configured in pyproject.toml; pinned in requirements.txt).
