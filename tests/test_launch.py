@@ -254,9 +254,13 @@ def test_plain_progress_lines_and_start_up_summary():
     bar._t0 -= 10.0  # 10 s for the 20 steps below: 2 steps/s, 60 steps left
     bar.update(20, loss=1.23456, lr=0.1)
     bar.write("step 40: val loss 1.0000")
+    # Later lines leave the first compile out: 30 steps in the 5 s since the first line.
+    bar._first_line = (bar._first_line[0] - 5.0, bar._first_line[1])
+    bar.update(30, loss=0.5)
     assert stream.getvalue().splitlines() == [
         "step 40/100  loss 1.2346  2.00 steps/s  30s left",
         "step 40: val loss 1.0000",
+        "step 70/100  loss 0.5000  6.00 steps/s  5s left",
     ]
     silent = io.StringIO()
     podlog.PlainProgress(10, 0, enabled=False, stream=silent).update(1, loss=1.0)

@@ -32,12 +32,16 @@ def format_duration(seconds: float) -> str:
 
 
 class PlainProgress:
-    """ProgressBar's interface as plain lines on stderr (process 0 only when ``enabled``)."""
+    """ProgressBar's interface as plain lines on stderr (process 0 only when ``enabled``).
+
+    The rate, and the time left from it, count from the first line on (evaluations and
+    checkpoints included, the first compile not); the first line's count from the start."""
 
     def __init__(self, total: int, initial: int, *, enabled: bool = True, stream=None):
         self.total, self.done, self.enabled = total, initial, enabled
         self._stream = stream
         self._t0, self._done0 = time.time(), initial
+        self._first_line: tuple[float, int] | None = None  # (time, steps done) at the first line
 
     def _print(self, line: str) -> None:
         if self.enabled:
@@ -45,8 +49,14 @@ class PlainProgress:
 
     def update(self, steps: int, **postfix: float) -> None:
         self.done += steps
-        elapsed = time.time() - self._t0
-        rate = (self.done - self._done0) / elapsed if elapsed > 0 else 0.0
+        now = time.time()
+        if self._first_line is None:
+            self._first_line = (now, self.done)
+            since, done_then = self._t0, self._done0
+        else:
+            since, done_then = self._first_line
+        elapsed = now - since
+        rate = (self.done - done_then) / elapsed if elapsed > 0 else 0.0
         left = (self.total - self.done) / rate if rate > 0 else float("nan")
         fields = [f"step {self.done}/{self.total}"]
         if "loss" in postfix:
