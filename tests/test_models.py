@@ -53,7 +53,11 @@ def _param_count(module_factory) -> int:
 
 
 def _rel_err(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    """Max abs difference over max abs of ``expected`` (complex states too)."""
+    actual, expected = (
+        np.asarray(a).astype(np.complex128 if jnp.iscomplexobj(a) else np.float64)
+        for a in (actual, expected)
+    )
     return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
@@ -628,3 +632,25 @@ def test_generate_runs_the_model_in_eval_mode():
     assert not lm.embed_dropout.deterministic  # the caller's model keeps its mode
     lm.eval()
     assert np.all(_ranks_of_generated(lm, out, 5) == 0)
+
+
+# ------------------------------------------------------------------ padding masks in step
+
+
+def test_lm_step_checks_its_mask_and_takes_a_longer_one(untied_lm):
+    """A mask of another shape is the mixers' check_mask ValueError; one longer along time
+    (streaming, fla's attention mask over the whole sequence so far) uses its last T steps."""
+    ids, cache = PROMPT[:, :3], untied_lm.init_cache(2)
+    with pytest.raises(
+        ValueError,
+        match=r"HGRU: mask must be x's shape without the channels, \(2, 3\) \(or longer along "
+        r"time: its last steps are used\); got mask of shape \(2, 2\)",
+    ):
+        untied_lm.step(ids, cache, jnp.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"mask must be .* got mask of shape \(3, 3\)"):
+        untied_lm.step(ids, cache, jnp.ones((3, 3)))
+    mask = np.asarray([[1, 0, 1], [1, 1, 1]], bool)
+    longer = np.concatenate([np.zeros((2, 2), bool), mask], axis=1)
+    masked = untied_lm.step(ids, cache, mask)[0]
+    np.testing.assert_array_equal(untied_lm.step(ids, cache, longer)[0], masked)
+    assert not np.allclose(masked[0, 2], untied_lm.step(ids, cache)[0][0, 2])  # the mask acts
