@@ -287,6 +287,36 @@ def test_step_streaming_equals_the_full_call(complex_valued):
     )
 
 
+@pytest.mark.parametrize("complex_valued", [True, False], ids=["complex", "real"])
+def test_step_skips_padding_in_the_middle_of_a_chunk(complex_valued):
+    """Padded steps of ``step(..., mask=)`` are identity steps: each row's state and its real
+    outputs are those of the row with the padded positions removed. The mask of the second
+    chunk is the whole sequence's (longer along time: its last steps are used). Both sides run
+    the same recurrence over the real steps, an identity step adds nothing, so they agree to
+    float32 rounding."""
+    layer = HGRU(D, complex_valued=complex_valued, rngs=nnx.Rngs(0))
+    x = inputs((2, 9, D), seed=3)
+    bound = jnp.linspace(0.1, 0.6, D)
+    mask = jnp.ones((2, 9), bool).at[0, 3:5].set(False).at[1, 6].set(False)
+    y0, state = layer.step(x[:, :2], layer.init_state(2), bound)
+    y1, state = layer.step(x[:, 2:], state, bound, mask=mask)
+    y = jnp.concatenate([y0, y1], axis=1)
+    for row in range(2):
+        real = np.flatnonzero(mask[row])
+        want_y, want_state = layer.step(x[row : row + 1, real], layer.init_state(1), bound)
+        np.testing.assert_allclose(y[row, real], want_y[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state[row], want_state[0], rtol=1e-5, atol=1e-6)
+    # Without the mask the padded positions are real steps, and the state moves.
+    _, unmasked = layer.step(x[:, 2:], layer.step(x[:, :2], layer.init_state(2), bound)[1], bound)
+    assert not np.allclose(unmasked, state, rtol=1e-3)
+    with pytest.raises(
+        ValueError,
+        match=r"HGRU: mask must be x's shape without the channels, \(2, 7\) \(or longer along "
+        r"time: its last steps are used\); got mask of shape \(2, 6\)",
+    ):
+        layer.step(x[:, 2:], state, bound, mask=mask[:, :6])
+
+
 def test_step_needs_a_causal_layer():
     layer = HGRU(D, bidirectional=True, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"step\(\) needs a causal HGRU"):

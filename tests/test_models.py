@@ -15,6 +15,7 @@ input shapes, so most calls hit the compilation cache.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -36,6 +37,7 @@ from hgrn_jax.nn import (
     sample_token,
     sinusoidal_positions,
 )
+from hgrn_jax.nn.generate import _generate
 from hgrn_jax.nn.image import patchify
 
 F32_DECODE_RTOL = 1e-5
@@ -53,7 +55,11 @@ def _param_count(module_factory) -> int:
 
 
 def _rel_err(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    """Max abs difference over max abs of ``expected`` (complex states too)."""
+    actual, expected = (
+        np.asarray(a).astype(np.complex128 if jnp.iscomplexobj(a) else np.float64)
+        for a in (actual, expected)
+    )
     return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
@@ -628,3 +634,187 @@ def test_generate_runs_the_model_in_eval_mode():
     assert not lm.embed_dropout.deterministic  # the caller's model keeps its mode
     lm.eval()
     assert np.all(_ranks_of_generated(lm, out, 5) == 0)
+
+
+# ------------------------------------------------------------------ padding masks in step
+
+
+def test_lm_step_checks_its_mask_and_takes_a_longer_one(untied_lm):
+    """A mask of another shape is the mixers' check_mask ValueError; one longer along time
+    (streaming, fla's attention mask over the whole sequence so far) uses its last T steps."""
+    ids, cache = PROMPT[:, :3], untied_lm.init_cache(2)
+    with pytest.raises(
+        ValueError,
+        match=r"HGRU: mask must be x's shape without the channels, \(2, 3\) \(or longer along "
+        r"time: its last steps are used\); got mask of shape \(2, 2\)",
+    ):
+        untied_lm.step(ids, cache, jnp.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"mask must be .* got mask of shape \(3, 3\)"):
+        untied_lm.step(ids, cache, jnp.ones((3, 3)))
+    mask = np.asarray([[1, 0, 1], [1, 1, 1]], bool)
+    longer = np.concatenate([np.zeros((2, 2), bool), mask], axis=1)
+    masked = untied_lm.step(ids, cache, mask)[0]
+    np.testing.assert_array_equal(untied_lm.step(ids, cache, longer)[0], masked)
+    assert not np.allclose(masked[0, 2], untied_lm.step(ids, cache)[0][0, 2])  # the mask acts
+
+
+# ------------------------------------------------------------------ prompts of different lengths
+
+masked_step = nnx.jit(lambda model, ids, cache, mask: model.step(ids, cache, mask))
+PADDED_MIXERS = {**DECODE_MIXERS, "hgrn-real": MixerConfig(complex_valued=False)}
+LEFT_LENGTHS, LEFT_T = (3, 6, 1, 1, 3, 1, 1, 3), 6
+
+
+def _left_padded(vocab: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Prompts of ``LEFT_LENGTHS`` tokens, and the batch (B, LEFT_T) of them left-padded with
+    random ids in [1, vocab) (not 0: padding that leaked into a state would show) and its mask."""
+    rows = [np.asarray(_ids(40 + r, (n,), vocab)) for r, n in enumerate(LEFT_LENGTHS)]
+    ids = np.array(jax.random.randint(jax.random.key(39), (len(rows), LEFT_T), 1, vocab))
+    mask = np.arange(LEFT_T)[None, :] >= LEFT_T - np.asarray(LEFT_LENGTHS)[:, None]
+    for r, row in enumerate(rows):
+        ids[r, LEFT_T - len(row) :] = row
+    return rows, ids, mask
+
+
+@pytest.mark.parametrize("mixer", list(PADDED_MIXERS))
+def test_left_padded_prompts_generate_what_each_prompt_generates_alone(mixer):
+    """A left-padded batch with ``prompt_mask``: every row's prefill logits at its real positions,
+    its cache and its greedy tokens are those of the row alone, unpadded. The padded positions
+    are identity steps (fla's HGRN: zero inputs to a zero state), so the same recurrence runs
+    over the same real tokens; only the batch's matmuls may round differently: 1e-5 of the
+    logits' scale (F32_DECODE_RTOL), far below the O(1) change that leaked padding gives. Tokens
+    are compared exactly (argmax of logits equal to that rounding). With these prompts (many one
+    token long after five padding tokens), generate without the prefill's mask changes the greedy
+    tokens for every mixer (checked by dropping it)."""
+    lm = HGRNLM(
+        _lm_config(features=16, mixer=PADDED_MIXERS[mixer], tie_embeddings=False),
+        rngs=nnx.Rngs(0),
+    )
+    rows, ids, mask = _left_padded(29)
+    logits, cache = masked_step(lm, ids, lm.init_cache(len(rows)), mask)
+    out = generate(lm, ids, 5, greedy=True, prompt_mask=mask)
+    assert out.shape == (len(rows), LEFT_T + 5)
+    np.testing.assert_array_equal(out[:, :LEFT_T], ids)  # the prompt as given, padding too
+    for r, row in enumerate(rows):
+        alone_logits, alone_cache = step(lm, row[None], lm.init_cache(1))
+        assert _rel_err(logits[r, LEFT_T - len(row) :], alone_logits[0]) < F32_DECODE_RTOL
+        for layer, alone in zip(cache, alone_cache, strict=True):
+            assert _rel_err(layer[r], alone[0]) < F32_DECODE_RTOL
+        alone = generate(lm, row[None], 5, greedy=True)
+        np.testing.assert_array_equal(out[r, LEFT_T:], alone[0, len(row) :])
+
+
+def test_prompt_mask_errors_name_the_argument_and_the_fix(untied_lm):
+    """A mask of another shape, values other than 0/1, a prompt without a real token and masks
+    that are not left padding (right padding, a hole) are one-line ValueErrors."""
+
+    def run(mask):
+        return generate(untied_lm, PROMPT, 2, greedy=True, prompt_mask=mask)
+
+    with pytest.raises(
+        ValueError, match=r"prompt_mask must have prompt_ids' shape \(2, 5\); got shape \(2, 4\)"
+    ):
+        run(np.ones((2, 4)))
+    with pytest.raises(ValueError, match=r"prompt_mask must hold only 0/1 .*got the value 2"):
+        run(np.full((2, 5), 2))
+    with pytest.raises(ValueError, match=r"prompt_mask must hold only 0/1 .*got the value 0.5"):
+        run(np.full((2, 5), 0.5))
+    with pytest.raises(ValueError, match=r"prompt_mask must be bool or 0/1 numbers; got dtype"):
+        run(np.ones((2, 5), np.complex64))
+    with pytest.raises(ValueError, match=r"prompt_mask row 1 has no real token"):
+        run(np.asarray([[1] * 5, [0] * 5]))
+    with pytest.raises(
+        ValueError,
+        match=r"prompt_mask row 0 ends with padding \(its last column is 0\); left-pad the prompts",
+    ):
+        run(np.asarray([[1, 1, 1, 0, 0], [1] * 5]))
+    with pytest.raises(
+        ValueError,
+        match=r"prompt_mask row 1 has padding at position 2 after a real token, which is not "
+        r"left padding; left-pad",
+    ):
+        run(np.asarray([[0, 0, 1, 1, 1], [0, 1, 0, 1, 1]]))
+    # An all-real mask, bool or 0/1 integers, is no mask.
+    no_mask = generate(untied_lm, PROMPT, 2, greedy=True)
+    np.testing.assert_array_equal(run(np.ones((2, 5), bool)), no_mask)
+    np.testing.assert_array_equal(run([[1] * 5] * 2), no_mask)
+
+
+# ------------------------------------------------------------------ nucleus (top-p) sampling
+
+PROBS = np.asarray([0.5, 0.3, 0.15, 0.05])
+DRAWS = 2000
+
+
+@functools.partial(jax.jit, static_argnames="top_k")
+def _draws(logits, temperature, top_p, top_k=None):
+    """``DRAWS`` samples from ``logits`` (vocab,), one key each; ``top_p`` traced."""
+    keys = jax.random.split(jax.random.key(0), DRAWS)
+
+    def draw(key):
+        return sample_token(logits[None], key, temperature, top_k, top_p=top_p)[0]
+
+    return jax.vmap(draw)(keys)
+
+
+@pytest.mark.parametrize(
+    "top_p, top_k, temperature, kept",
+    [
+        (0.7, None, 1.0, (0, 1)),  # 0.5 before token 1 < 0.7 <= 0.8 before token 2
+        (0.85, None, 1.0, (0, 1, 2)),
+        (0.51, None, 1.0, (0, 1)),
+        (0.51, 3, 1.0, (0,)),  # after top_k, token 0 holds 0.5 / 0.95 > 0.51
+        (0.99, 2, 1.0, (0, 1)),
+        (0.7, None, 2.0, (0, 1, 2)),  # p ~ sqrt(PROBS): 0.38, 0.29, 0.21, 0.12
+    ],
+)
+def test_top_p_keeps_the_nucleus_after_temperature_and_top_k(top_p, top_k, temperature, kept):
+    """Only the nucleus is drawn, each kept token with its renormalised probability: a draw's
+    frequency is binomial, so 5 standard deviations, sqrt(p (1 - p) / DRAWS) <= 0.011, bound it
+    (a wrong set or renormalisation is off by >= 0.05)."""
+    draws = np.asarray(_draws(jnp.log(PROBS), temperature, top_p, top_k))
+    assert set(np.unique(draws)) == set(kept)
+    p = PROBS ** (1 / temperature)
+    p = p[list(kept)] / p[list(kept)].sum()
+    frequency = np.bincount(draws, minlength=4)[list(kept)] / DRAWS
+    assert np.all(np.abs(frequency - p) <= 5 * np.sqrt(p * (1 - p) / DRAWS) + 1e-12)
+
+
+def test_top_p_edges_are_the_argmax_and_no_nucleus(untied_lm):
+    """A tiny top_p keeps only the most probable token (the argmax); top_p = 1 keeps every token,
+    so the same key draws the same tokens as without top_p. Changing top_p does not recompile
+    generate (it is a traced float)."""
+    logits = jax.random.normal(jax.random.key(5), (64, 50)) * 3
+    for seed in range(3):
+        key = jax.random.key(seed)
+        np.testing.assert_array_equal(
+            sample_token(logits, key, 1.0, top_p=1e-6), jnp.argmax(logits, axis=-1)
+        )
+        np.testing.assert_array_equal(
+            sample_token(logits, key, 1.3, top_p=1.0), sample_token(logits, key, 1.3)
+        )
+    rng = jax.random.key(7)
+    np.testing.assert_array_equal(
+        generate(untied_lm, PROMPT, 4, rng=rng, top_p=1e-6),
+        generate(untied_lm, PROMPT, 4, greedy=True),
+    )
+    compiled = _generate._cache_size()
+    for top_p in (1.0, 0.5):
+        np.testing.assert_array_equal(
+            generate(untied_lm, PROMPT, 4, rng=rng, temperature=1.5, top_p=top_p)[:, :5], PROMPT
+        )
+    assert _generate._cache_size() == compiled
+    np.testing.assert_array_equal(
+        generate(untied_lm, PROMPT, 4, rng=rng, temperature=1.5, top_p=1.0),
+        generate(untied_lm, PROMPT, 4, rng=rng, temperature=1.5),
+    )
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, float("nan"), True, "0.9", [0.5]])
+def test_bad_top_p_is_a_value_error_naming_it(untied_lm, bad):
+    with pytest.raises(ValueError, match=r"top_p must be (a number )?in \(0, 1\] or None; got"):
+        generate(untied_lm, PROMPT, 2, rng=jax.random.key(0), top_p=bad)
+    with pytest.raises(ValueError, match=r"top_p must be"):
+        generate(untied_lm, PROMPT, 2, greedy=True, top_p=bad)  # checked like top_k
+    with pytest.raises(ValueError, match=r"top_p must be"):
+        sample_token(jnp.zeros((1, 4)), jax.random.key(0), 1.0, top_p=bad)

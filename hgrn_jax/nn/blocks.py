@@ -57,10 +57,18 @@ class ResidualBlock(RematModule):
         return x + self.dropout(self.mlp(apply_norm(self.norm2, x, mask)))
 
     def step(
-        self, x: jax.Array, state: jax.Array, lower_bound: Any = 0.0
+        self, x: jax.Array, state: jax.Array, lower_bound: Any = 0.0, mask: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
-        """Causal streaming through the block; ``state`` is the mixer's recurrent state."""
-        y, state = self.mixer.step(self.norm1(x), state, lower_bound)
+        """Causal streaming through the block: ``x`` (B, T, d) -> (B, T, d) and the mixer's new
+        recurrent ``state``. ``mask`` (B, T), or longer along time (its last T steps are used),
+        goes to the mixer's ``step`` when given: padded positions leave the state as the mixer
+        defines (see its ``step``) and their outputs are not meaningful."""
+        normed = self.norm1(x)
+        y, state = (
+            self.mixer.step(normed, state, lower_bound)
+            if mask is None
+            else self.mixer.step(normed, state, lower_bound, mask=mask)
+        )
         x = x + self.dropout(y)
         return x + self.dropout(self.mlp(self.norm2(x))), state
 

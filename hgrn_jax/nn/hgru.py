@@ -155,13 +155,20 @@ class _HGRUBase(nnx.Module):
                 raise ValueError(f"num_phases must be 1 or 2; got {num_phases}")
         self.num_phases = num_phases
 
-    def check_input(self, x: jax.Array, layout: str, mask: jax.Array | None = None) -> None:
+    def check_input(
+        self,
+        x: jax.Array,
+        layout: str,
+        mask: jax.Array | None = None,
+        *,
+        streaming: bool = False,
+    ) -> None:
         """ValueError naming the expected shape for a wrong rank, width or an empty axis, or a
-        ``mask`` that is not ``x``'s shape without the channels; ``layout`` is e.g.
-        ``"(batch, length, d)"``."""
+        ``mask`` that is not ``x``'s shape without the channels (in ``step``, ``streaming``, it
+        may be longer along time); ``layout`` is e.g. ``"(batch, length, d)"``."""
         name = type(self).__name__
         check_layer_input(x, self.features, layout, name)
-        check_mask(mask, x.shape, name)
+        check_mask(mask, x.shape, name, streaming=streaming)
 
     def projections(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array]:
         """``input_proj(x)``, ``lambda_proj(x)`` (None without the forget gate) and ``gate(x)``,
@@ -389,19 +396,29 @@ class HGRU(_HGRUBase):
         return h[..., : self.features] + jnp.flip(h[..., self.features :], axis=-2)
 
     def step(
-        self, x: jax.Array, state: jax.Array, lower_bound: jax.Array | float = 0.0
+        self,
+        x: jax.Array,
+        state: jax.Array,
+        lower_bound: jax.Array | float = 0.0,
+        mask: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Causal streaming: ``x`` (B, T, d) continuing from ``state`` (B, d) (complex when the
-        recurrence is). Returns the outputs (B, T, d) and the state after the last token."""
+        recurrence is). Returns the outputs (B, T, d) and the state (B, d) after the last token.
+
+        ``mask`` (B, T) with 1 for real tokens, or longer along time (its last T steps are
+        used); None: no padding. Padded steps are identity steps, as in :meth:`__call__`: the
+        state passes through them unchanged, wherever they sit, and their outputs are not
+        meaningful."""
         if self.bidirectional:
             raise ValueError("step() needs a causal HGRU (bidirectional=False)")
-        self.check_input(x, "(batch, length, d)")
+        self.check_input(x, "(batch, length, d)", mask, streaming=True)
         check_state(state, self.state_shape(x.shape[0]), type(self).__name__)
+        if mask is not None:
+            mask = jnp.asarray(mask)[..., -x.shape[-2] :]
         projected = self.projections(x)
         lam, b = self.decay_and_input(x, lower_bound, projected)
-        h, last = self.scan(
-            self.decay(lam, "forward"), b, "forward", h0=state, return_last_state=True
-        )
+        a, b = self.identity_at_padding(self.decay(lam, "forward"), b, mask)
+        h, last = self.scan(a, b, "forward", h0=state, return_last_state=True)
         return self.output(h, x, gate=projected[2]), last
 
     def init_state(self, batch_size: int) -> jax.Array:

@@ -231,11 +231,22 @@ class HGRNLM(nnx.Module):
         """Zero recurrent states, one (B, state width) array per layer."""
         return tuple(block.mixer.init_state(batch_size) for block in self.blocks)
 
-    def step(self, ids: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+    def step(
+        self, ids: jax.Array, cache: Cache, mask: jax.Array | None = None
+    ) -> tuple[jax.Array, Cache]:
         """Logits (B, T, vocab) of ``ids`` (B, T) continuing from ``cache``, and the new cache.
 
         ``cache``: :meth:`init_cache` ``(B)`` or the cache of the previous step, one state per
         layer ((B, d) or (B, H, K, V)); another structure or batch size is a ValueError naming it.
+
+        ``mask`` (B, T) with 1 for real tokens and 0 for padding (or longer along time: its last
+        T steps are used; None: no padding) goes to every layer. The logits at padded positions
+        are not meaningful. For a left-padded prefill from :meth:`init_cache` (each row's real
+        tokens at its end) the returned cache, and the logits at real positions, are those of
+        the row without its padding (to float32 rounding). The HGRU and HGRN2 mixers skip
+        padded steps wherever they sit; fla's HGRN layout (``MixerConfig(kind="hgrn",
+        layout="fla")``) only zeroes their input, as fla does, which is the same from a zero
+        state but decays a nonzero state through the padding.
         """
         if self.config.position_encoding:
             raise ValueError(
@@ -244,9 +255,11 @@ class HGRNLM(nnx.Module):
             )
         x = self._embed(ids)
         self._check_cache(cache, x.shape[0])
+        if mask is not None:
+            mask = jnp.asarray(mask)  # NumPy arrays and nested lists too
         bounds = self.lower_bounds()
         new_cache = []
         for k, block in enumerate(self.blocks):
-            x, state = block.step(x, cache[k], bounds[k])
+            x, state = block.step(x, cache[k], bounds[k], mask)
             new_cache.append(state)
         return self._logits(x), tuple(new_cache)
