@@ -661,7 +661,10 @@ def test_lm_step_checks_its_mask_and_takes_a_longer_one(untied_lm):
 # ------------------------------------------------------------------ prompts of different lengths
 
 masked_step = nnx.jit(lambda model, ids, cache, mask: model.step(ids, cache, mask))
-PADDED_MIXERS = {**DECODE_MIXERS, "hgrn-real": MixerConfig(complex_valued=False)}
+# One LM per way of handling padding: HGRU's identity steps (complex; real HGRU takes the same
+# path, and test_hgru checks both layers' masked steps), fla HGRN's zeroed inputs, and HGRN2's
+# zeroed keys and decays (fla's HGRN2 layout shares them).
+PADDED_MIXERS = {name: DECODE_MIXERS[name] for name in ("hgrn", "hgrn-fla", "hgrn2")}
 LEFT_LENGTHS, LEFT_T = (3, 6, 1, 1, 3, 1, 1, 3), 6
 
 
