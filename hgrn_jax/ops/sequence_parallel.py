@@ -15,6 +15,11 @@ from a zero start. Three steps:
 Communication is one all-gather of ``2 * n`` states per device; the work per device is two scans
 of its ``L / n`` steps. Gradients flow through :func:`linear_recurrence`'s custom VJP and the
 transpose of the all-gather (a reduce-scatter).
+
+:func:`sharded_matrix_recurrence` does the same for HGRN2's matrix state
+(:func:`~hgrn_jax.ops.matrix_recurrence`): over one shard ``S -> diag(D_k) S + S_k`` with
+``D_k = exp(sum of the shard's log decays)`` acting on the key axis, so the pairs are
+``(D_k, S_k)`` of shapes (..., H, K) and (..., H, K, V), and the carries come from the same chain.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from hgrn_jax.ops.common import (
     resolve_out_dtype,
     state_shape,
 )
+from hgrn_jax.ops.matrix_recurrence import DEFAULT_CHUNK_SIZE, _check_shapes, matrix_recurrence
 from hgrn_jax.ops.recurrence import linear_recurrence
 
 
@@ -53,11 +59,11 @@ def _explicit_axes(mesh) -> set[str]:
     }
 
 
-def _time_sharded_spec(x: jax.Array, axis_name: str) -> list:
-    """``x``'s partition spec (its Explicit axes) with the time axis (-2) on ``axis_name``."""
+def _time_sharded_spec(x: jax.Array, axis_name: str, time_axis: int = -2) -> list:
+    """``x``'s partition spec (its Explicit axes) with the time axis on ``axis_name``."""
     spec = list(jax.typeof(x).sharding.spec) + [None] * x.ndim
     spec = [None if s == axis_name else s for s in spec[: x.ndim]]
-    spec[-2] = axis_name
+    spec[time_axis] = axis_name
     return spec
 
 
@@ -178,3 +184,101 @@ def sharded_linear_recurrence(
     if return_last_state:
         return h, last.astype(out_dtype)
     return h
+
+
+def _local_matrix(q, k, v, g, h0, scale, *, axis_name, method, chunk_size, out_dtype):
+    acc = h0.dtype
+    kwargs = dict(method=method, chunk_size=chunk_size)
+    _, final = matrix_recurrence(q, k, v, g, return_last_state=True, out_dtype=acc, **kwargs)
+    decay = jnp.exp(jnp.sum(g.astype(acc), axis=-3))  # (..., H, K): the key axis's decay
+    decays = jax.lax.all_gather(decay, axis_name, to="varying")
+    finals = jax.lax.all_gather(final, axis_name, to="varying")
+    decays = jnp.broadcast_to(decays[..., None], finals.shape)
+    carry_in, last = _chain_carries_recomputed(decays, finals, h0, False)
+    carry = carry_in[jax.lax.axis_index(axis_name)]
+    o = matrix_recurrence(q, k, v, g, carry, scale=scale, out_dtype=out_dtype, **kwargs)
+    return o, last
+
+
+def sharded_matrix_recurrence(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    log_decay: jax.Array,
+    h0: jax.Array | None = None,
+    *,
+    axis_name: str,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    scale: float | jax.Array = 1.0,
+    method: str = "auto",
+    return_last_state: bool = False,
+    out_dtype: jnp.dtype | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """:func:`~hgrn_jax.ops.matrix_recurrence` with the time axis split over mesh axis
+    ``axis_name``.
+
+    Args:
+      q, k, log_decay: ``(..., L, H, K)``; ``L`` must be a multiple of the size of ``axis_name``.
+      v: ``(..., L, H, V)``.
+      h0: initial state ``(..., H, K, V)``; zeros if omitted.
+      axis_name: the mesh axis the time axis is sharded over. The leading (batch) and head axes
+        keep their Explicit sharding; the key and value axes are gathered inside each shard.
+      mesh: the mesh; the one set by ``jax.set_mesh`` when omitted.
+      scale, method, return_last_state, out_dtype, chunk_size: as in
+        :func:`~hgrn_jax.ops.matrix_recurrence` (``method`` is each shard's local scan).
+
+    Returns:
+      ``o`` with ``v``'s shape (time still sharded over ``axis_name``), and the final state
+      ``(..., H, K, V)`` (float32 or wider) when ``return_last_state``.
+    """
+    mesh = _resolve_mesh(mesh, axis_name)
+    q, k, v, log_decay = (jnp.asarray(t) for t in (q, k, v, log_decay))
+    state = _check_shapes(q, k, v, log_decay, h0)
+    shards, length = mesh.shape[axis_name], q.shape[-3]
+    if length % shards:
+        raise ValueError(
+            f"sequence length {length} is not a multiple of the {shards} devices on mesh axis "
+            f"{axis_name!r}: pad the sequence to a multiple of {shards}"
+        )
+    kwargs = dict(method=method, out_dtype=out_dtype, chunk_size=chunk_size)
+    if shards == 1:  # nothing to split: the plain recurrence (see sharded_linear_recurrence)
+        return matrix_recurrence(
+            q, k, v, log_decay, h0, scale=scale, return_last_state=return_last_state, **kwargs
+        )
+    dtype = jnp.result_type(q, k, v, log_decay)
+    acc = accumulation_dtype(dtype)
+    out_dtype = resolve_out_dtype(dtype, out_dtype)
+    h0 = jnp.zeros(state, acc) if h0 is None else jnp.asarray(h0).astype(acc)
+    scale = jnp.asarray(scale, acc)
+    # Batch and head axes keep q's Explicit sharding (v takes the same); the key and value axes
+    # are whole inside a shard (the readout sums over the key axis).
+    qk_spec = _time_sharded_spec(q, axis_name, time_axis=-3)
+    qk_spec[-1] = None
+    qk_spec = P(*qk_spec)
+    v_spec = P(*qk_spec[:-1], None)
+    state_spec = P(*qk_spec[:-3], qk_spec[-2], None, None)
+    explicit = _explicit_axes(mesh)
+    if explicit:
+        q, k, log_decay = (jax.sharding.reshard(t, qk_spec) for t in (q, k, log_decay))
+        v = jax.sharding.reshard(v, v_spec)
+        h0 = jax.sharding.reshard(h0, state_spec)
+        scale = jax.sharding.reshard(scale, P())
+    body = functools.partial(
+        _local_matrix,
+        axis_name=axis_name,
+        method=method,
+        chunk_size=chunk_size,
+        out_dtype=out_dtype,
+    )
+    o, last = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(qk_spec, qk_spec, v_spec, qk_spec, state_spec, P()),
+        out_specs=(v_spec, state_spec),
+        axis_names={axis_name} | explicit,
+        check_vma=False,  # as in sharded_linear_recurrence
+    )(q, k, v, log_decay, h0, scale)
+    if return_last_state:
+        return o, last
+    return o
