@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from hgrn_jax.nn import HGRU, HGRU2D
+from hgrn_jax.nn import HGRN2, HGRN2D, HGRU, HGRU2D, FlaHGRN2Attention
 from hgrn_jax.ops import linear_recurrence, matrix_recurrence
 from hgrn_jax.ops.sequence_parallel import sharded_linear_recurrence, sharded_matrix_recurrence
 
@@ -319,3 +319,87 @@ def test_matrix_gradient_saves_no_zero_sized_residuals():
     assert outputs, "no shard_map found: the test no longer reads the sharded recurrence"
     empty = [str(v.aval) for v in outputs if v.aval.size == 0]
     assert not empty, empty
+
+
+def hgrn2_loss(layer, x, mask=None):
+    return jnp.sum(layer(x, 0.3, mask) ** 2)
+
+
+def assert_layer_matches(layer, x, mesh_name, mask=None):
+    """``layer`` with ``sequence_axis="seq"`` on the mesh against itself without it: outputs and
+    parameter gradients within 1e-5 of each array's scale (float32 roundings of one value, as
+    for the op; the norms and projections are the same computation)."""
+    want = layer(x, 0.3, mask)
+    want_grads = nnx.grad(hgrn2_loss)(layer, x, mask)
+    layer.sequence_axis = "seq"
+    mesh = make_mesh(mesh_name)
+    with jax.set_mesh(mesh):
+        if "data" in mesh.axis_names:
+            x = jax.device_put(x, P("data"))
+            mask = None if mask is None else jax.device_put(mask, P("data"))
+        got = nnx.jit(lambda layer, x, mask: layer(x, 0.3, mask))(layer, x, mask)
+        grads = nnx.jit(nnx.grad(hgrn2_loss))(layer, x, mask)
+        jaxpr = jax.make_jaxpr(lambda x, mask: layer(x, 0.3, mask))(x, mask)
+    assert _shard_map_outputs(jaxpr.jaxpr), "the layer did not run the sharded recurrence"
+    assert got.shape == want.shape
+    assert_close_to_scale(got, want)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        assert_close_to_scale(g, w)
+    return want
+
+
+@pytest.mark.parametrize(
+    "layout, bidirectional, mesh_name, length",
+    [
+        ("official", False, "2x4-explicit", 16),
+        ("official", True, "2x4-explicit", 16),
+        ("official", True, "2x4-explicit", 6),  # padded to 8: two identity steps per direction
+        ("official", True, "8-auto", 12),  # padded to 16
+        ("fla", False, "2x4-explicit", 10),  # padded to 12
+    ],
+)
+def test_hgrn2_layer_with_sequence_axis_equals_unsharded(layout, bidirectional, mesh_name, length):
+    """The layer with ``sequence_axis`` set equals the same layer without it, in both directions
+    and for lengths the axis does not divide (padded with identity steps at the end)."""
+    if layout == "official":
+        layer = HGRN2(8, bidirectional=bidirectional, method="sequential", rngs=nnx.Rngs(0))
+    else:
+        layer = FlaHGRN2Attention(
+            8, expand_ratio=4, bidirectional=bidirectional, method="sequential", rngs=nnx.Rngs(0)
+        )
+    x = jax.random.normal(jax.random.key(1), (2, length, 8))
+    want = assert_layer_matches(layer, x, mesh_name)
+    if not bidirectional:  # step() decodes unsharded with the same layer
+        y, _ = layer.step(x[:, :3], layer.init_state(2), 0.3)
+        assert_close_to_scale(y, want[:, :3])
+
+
+def test_hgrn2_layer_with_sequence_axis_and_padding_mask():
+    """A padding mask (left padding and a hole) with sequence parallelism and a padded length:
+    masked steps are identity steps of the sharded scans as of the unsharded ones."""
+    layer = HGRN2(8, bidirectional=True, method="sequential", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 7, 8))
+    mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1, 1]], jnp.int32)
+    want = assert_layer_matches(layer, x, "2x4-explicit", mask)
+    assert np.all(np.asarray(want)[0, :2] == 0)
+
+
+@pytest.mark.slow
+def test_hgrn2d_rows_sharded_equals_unsharded():
+    layer = HGRN2D(4, method="sequential", rngs=nnx.Rngs(2))
+    x = jax.random.normal(jax.random.key(3), (1, 6, 3, 4))  # 6 rows padded to 8
+    assert_layer_matches(layer, x, "8-auto")
+
+
+def test_hgrn2_layer_on_a_one_device_sequence_axis_is_the_plain_layer():
+    """A sequence axis of one device runs the plain recurrence (no shard_map)."""
+    layer = HGRN2(8, bidirectional=True, method="sequential", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+    want = layer(x, 0.3)
+    layer.sequence_axis = "seq"
+    mesh = jax.make_mesh((8, 1), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
+    with jax.set_mesh(mesh):
+        got = nnx.jit(lambda layer, x: layer(x, 0.3))(layer, x)
+        jaxpr = jax.make_jaxpr(lambda x: layer(x, 0.3))(x)
+    assert not _shard_map_outputs(jaxpr.jaxpr)
+    assert_close_to_scale(got, want)

@@ -33,6 +33,13 @@ and its output is 0. With left padding (and for holes, by the same argument) thi
 fla's unpadding, where each row's tokens form one sequence from a zero state and padded positions
 output 0; a reverse scan likewise starts at the last real token from a zero state.
 
+Sequence parallelism (``sequence_axis``, a mesh axis): the full-sequence scans along time (along
+H, each column, for :class:`HGRN2D`) run split over that axis of the mesh set by
+``jax.set_mesh`` (:func:`hgrn_jax.ops.sequence_parallel.sharded_matrix_recurrence`). A length the
+axis size does not divide is padded at the end with identity steps (k = 0, g = 0) whose outputs
+are cut off: a forward scan reaches them after every real step, and so does the reverse scan,
+which runs forward over the flipped sequence. ``step()`` decoding stays unsharded.
+
 Recurrent decoding: ``init_state(B)`` gives the zero state (B, H, K, V) (key index first; fla's
 cache stores the transpose (B, H, V, K)) and ``step(x, state, lower_bound)`` continues a causal
 mixer over any number of tokens, equal to the full pass.
@@ -50,6 +57,7 @@ from hgrn_jax.nn.lower_bounds import apply_log_lower_bound, apply_lower_bound
 from hgrn_jax.nn.norms import make_norm
 from hgrn_jax.ops import matrix_recurrence
 from hgrn_jax.ops.common import accumulation_dtype
+from hgrn_jax.ops.sequence_parallel import sharded_matrix_recurrence
 
 
 def _heads(x: jax.Array, width: int) -> jax.Array:
@@ -72,6 +80,7 @@ class _MatrixMixer(nnx.Module):
     scale: float
     bidirectional: bool
     method: str
+    sequence_axis: str | None
     dtype: jnp.dtype | None
     param_dtype: jnp.dtype
 
@@ -118,6 +127,32 @@ class _MatrixMixer(nnx.Module):
             return_last_state=return_last_state,
         )
 
+    def _sequence_scan(self, q, k, v, g) -> jax.Array:
+        """:meth:`_scan` over a whole sequence (time at axis -3), split over mesh axis
+        ``sequence_axis`` when it is set. A length the axis size does not divide is padded with
+        identity steps at the end, and their outputs cut off."""
+        if self.sequence_axis is None:
+            return self._scan(q, k, v, g)
+        mesh = jax.sharding.get_abstract_mesh()
+        shards = dict(mesh.shape).get(self.sequence_axis, 1) if not mesh.empty else 1
+        length = q.shape[-3]
+        pad = -length % shards
+        if pad:
+            widths = [(0, 0)] * (q.ndim - 3) + [(0, pad), (0, 0), (0, 0)]
+            q, k, v, g = (jnp.pad(t, widths) for t in (q, k, v, g))
+        o = sharded_matrix_recurrence(
+            q, k, v, g, axis_name=self.sequence_axis, scale=self.scale, method=self.method
+        )
+        if pad:
+            kinds = dict(zip(mesh.axis_names, mesh.axis_types))
+            if kinds[self.sequence_axis] == jax.sharding.AxisType.Explicit:
+                # An Explicit axis shards the padded time axis; gather it before cutting.
+                spec = (list(jax.typeof(o).sharding.spec) + [None] * o.ndim)[: o.ndim]
+                spec[-3] = None
+                o = jax.sharding.reshard(o, jax.sharding.PartitionSpec(*spec))
+            o = o[..., :length, :, :]
+        return o
+
     def _finish(self, o: jax.Array, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         y = self.output(o.reshape(o.shape[:-2] + (-1,)).astype(self.dtype or x.dtype), x)
         if mask is None:
@@ -134,10 +169,10 @@ class _MatrixMixer(nnx.Module):
         tokens (None: no padding) -> (B, L, d). Wrong shapes are a ValueError naming them."""
         self.check_input(x, mask)
         q, k, v, g = self._inputs(x, lower_bound, mask)
-        o = self._scan(q, k, v, g)
+        o = self._sequence_scan(q, k, v, g)
         if self.bidirectional:
             flip = lambda t: jnp.flip(t, axis=-3)
-            o = o + flip(self._scan(flip(q), flip(k), flip(v), flip(g)))
+            o = o + flip(self._sequence_scan(flip(q), flip(k), flip(v), flip(g)))
         return self._finish(o, x, mask)
 
     def step(
@@ -179,6 +214,7 @@ class HGRN2(_MatrixMixer):
       bidirectional: add a reverse scan (see the module docstring).
       use_bias: biases on ``in_proj`` and ``out_proj`` (the LayerNorm always has one).
       method: the :func:`hgrn_jax.ops.matrix_recurrence` method.
+      sequence_axis: a mesh axis to split the sequence over (see the module docstring).
 
     Call ``layer(x, lower_bound)`` with ``x`` (B, L, d) and ``lower_bound`` a scalar or (d,) acting
     on the forget-gate (key) channels; returns (B, L, d).
@@ -193,6 +229,7 @@ class HGRN2(_MatrixMixer):
         use_bias: bool = True,
         norm_epsilon: float = 1e-5,
         method: str = "auto",
+        sequence_axis: str | None = None,
         dtype: jnp.dtype | None = None,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -208,6 +245,7 @@ class HGRN2(_MatrixMixer):
         self.scale = 1.0
         self.bidirectional = bidirectional
         self.method = method
+        self.sequence_axis = sequence_axis
         self.dtype = dtype
         self.param_dtype = param_dtype
         layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -243,6 +281,7 @@ class FlaHGRN2Attention(_MatrixMixer):
       use_lower_bound: apply the lower bound (fla: ``layer_idx > 0``; its first layer ignores it).
       norm_epsilon: eps of the output RMSNorm; fla's layer always uses 1e-5.
       bidirectional: add a reverse scan (not in fla; see the module docstring).
+      sequence_axis: a mesh axis to split the sequence over (see the module docstring).
     """
 
     def __init__(
@@ -255,6 +294,7 @@ class FlaHGRN2Attention(_MatrixMixer):
         bidirectional: bool = False,
         norm_epsilon: float = 1e-5,
         method: str = "auto",
+        sequence_axis: str | None = None,
         dtype: jnp.dtype | None = None,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -275,6 +315,7 @@ class FlaHGRN2Attention(_MatrixMixer):
         self.use_lower_bound = use_lower_bound
         self.bidirectional = bidirectional
         self.method = method
+        self.sequence_axis = sequence_axis
         self.dtype = dtype
         self.param_dtype = param_dtype
         forget_dim = heads * expand_ratio
@@ -329,7 +370,8 @@ class HGRN2D(HGRN2):
         o = 0.0
         for axis in (1, 2):  # H (each column), then W (each row): time is axis -3 of the scan
             lines = [jnp.moveaxis(t, axis, -3) for t in (q, k, v, g)]
-            both = self._scan(*lines) + flip(self._scan(*map(flip, lines)))
+            scan = self._sequence_scan if axis == 1 else self._scan  # sequence_axis splits H
+            both = scan(*lines) + flip(scan(*map(flip, lines)))
             o = o + jnp.moveaxis(both, -3, axis)
         return self._finish(o, x, mask)
 
