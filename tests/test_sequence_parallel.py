@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from hgrn_jax.nn import HGRN2, HGRN2D, HGRU, HGRU2D, FlaHGRN2Attention
+from hgrn_jax.nn import HGRN2, HGRN2D, HGRU, HGRU2D, FlaHGRN2Attention, MixerConfig, make_mixer
 from hgrn_jax.ops import linear_recurrence, matrix_recurrence
 from hgrn_jax.ops.sequence_parallel import sharded_linear_recurrence, sharded_matrix_recurrence
 
@@ -403,3 +403,18 @@ def test_hgrn2_layer_on_a_one_device_sequence_axis_is_the_plain_layer():
         jaxpr = jax.make_jaxpr(lambda x: layer(x, 0.3))(x)
     assert not _shard_map_outputs(jaxpr.jaxpr)
     assert_close_to_scale(got, want)
+
+
+def test_mixer_config_sequence_axis_for_hgrn2():
+    for layout, scan in (("official", "1d"), ("fla", "1d"), ("official", "2d")):
+        config = MixerConfig(
+            kind="hgrn2", layout=layout, scan=scan, expand_ratio=4, sequence_axis="seq"
+        )
+        mixer = make_mixer(config, 8, causal=scan == "1d", use_lower_bound=True, rngs=nnx.Rngs(0))
+        assert mixer.sequence_axis == "seq"
+    for kind, layout in (("hgrn", "fla"), ("attention", "official")):
+        with pytest.raises(
+            ValueError,
+            match=r"sequence_axis=.seq. \(sequence parallelism\) needs the hgru mixer .* or hgrn2",
+        ):
+            MixerConfig(kind=kind, layout=layout, sequence_axis="seq")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -208,7 +209,7 @@ def test_a_registered_task_s_zero_depth_stops_before_the_workdir(tmp_path):
         ({"model.mixer.sequence_axis": "seq"}, r"sequence_axis='seq' is not a mesh axis"),
         (
             {"model.mixer.sequence_axis": "model", "model.mixer.kind": "attention"},
-            r"sequence_axis='model' needs the HGRU mixer",
+            r"sequence_axis='model' needs the HGRU mixer .* or HGRN2",
         ),
         ({"dtype": "bf16"}, r"config\.dtype='bf16' is not an activation dtype; set --config"),
         ({"data.workers": -2}, r"config\.data\.workers=-2 must be a whole number >= 0, or -1"),
@@ -246,6 +247,23 @@ def test_mesh_check_resolves_sizes_and_counts_processes():
     config.mesh.update(data=2, fsdp=1, model=4)
     with pytest.raises(ValueError, match=r"2 batch shards .* over the 4 processes"):
         check_mesh_and_batches(config, num_devices=8, num_processes=4)
+
+
+def test_mesh_check_takes_sequence_axis_for_hgrn2_not_fla_hgrn():
+    """HGRN2 mixers (both layouts) split their sequence too; fla's HGRN still may not."""
+    from hgrn_jax.training.loop import check_mesh_and_batches
+
+    config = toy_config()
+    config.mesh.update(data=4, fsdp=1, model=2)
+    for layout in ("official", "fla"):
+        mixer = dict(kind="hgrn2", layout=layout, sequence_axis="model")
+        config.model.mixer = ml_collections.ConfigDict(mixer)
+        assert check_mesh_and_batches(config, num_devices=8, num_processes=1) == (4, 1, 2)
+    config.model.mixer = ml_collections.ConfigDict(
+        dict(kind="hgrn", layout="fla", sequence_axis="model")
+    )
+    with pytest.raises(ValueError, match=r"needs the HGRU mixer .* or HGRN2 .* layout 'fla'"):
+        check_mesh_and_batches(config, num_devices=8, num_processes=1)
 
 
 def test_adamw_decays_only_masked_parameters():

@@ -58,8 +58,9 @@ class MixerConfig:
     norm_epsilon: the mixer's inner norm (fla HGRN2's is always 1e-5; fla HGRN's is its norm_eps).
     method: the recurrence method (:func:`~hgrn_jax.ops.linear_recurrence` or
       :func:`~hgrn_jax.ops.matrix_recurrence`).
-    sequence_axis: a mesh axis to split the sequence over (HGRN official only,
-      :mod:`hgrn_jax.ops.sequence_parallel`).
+    sequence_axis: a mesh axis to split the sequence over (sequence parallelism,
+      :mod:`hgrn_jax.ops.sequence_parallel`): HGRN official and HGRN2 (both layouts; the 2-D
+      mixers split the rows). Not fla's HGRN or attention.
     num_heads: attention heads (None: one per 64 channels); the other kinds ignore it.
     """
 
@@ -97,11 +98,15 @@ class MixerConfig:
                 f"scan='2d' needs layout='official'; got kind={self.kind!r}, "
                 f"layout={self.layout!r} (fla's mixers are 1-D)"
             )
-        if self.sequence_axis is not None and (self.kind, self.layout) != ("hgrn", "official"):
+        if self.sequence_axis is not None and (self.kind, self.layout) in (
+            ("hgrn", "fla"),
+            ("attention", "official"),
+        ):
             raise ValueError(
-                "sequence_axis (sequence parallelism) needs the hgru mixer "
-                "(kind='hgrn', layout='official'); got kind="
-                f"{self.kind!r}, layout={self.layout!r}"
+                f"sequence_axis={self.sequence_axis!r} (sequence parallelism) needs the hgru mixer "
+                "(kind='hgrn', layout='official') or hgrn2 (kind='hgrn2'); got kind="
+                f"{self.kind!r}, layout={self.layout!r}: change the mixer or leave sequence_axis "
+                "unset"
             )
         if self.expand_ratio is not None and self.expand_ratio < 1:
             raise ValueError(f"expand_ratio must be >= 1 or None; got {self.expand_ratio}")
@@ -199,6 +204,7 @@ def make_mixer(
             expand_ratio=config.resolved_expand_ratio,
             use_bias=config.use_bias,
             norm_epsilon=config.norm_epsilon,
+            sequence_axis=config.sequence_axis,
             **common,
         )
         if config.scan == "2d":
@@ -215,6 +221,7 @@ def make_mixer(
         use_lower_bound=use_lower_bound,
         bidirectional=not causal,
         norm_epsilon=config.norm_epsilon,
+        sequence_axis=config.sequence_axis,
         **common,
     )
 

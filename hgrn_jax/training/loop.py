@@ -285,11 +285,11 @@ def check_mesh_and_batches(
             )
         kind = mixer.get("kind", "hgrn") if hasattr(mixer, "get") else "hgrn"
         layout = mixer.get("layout", "official") if hasattr(mixer, "get") else "official"
-        if (kind, layout) != ("hgrn", "official"):
+        if kind == "attention" or (kind, layout) == ("hgrn", "fla"):
             raise ValueError(
                 f"config.{key}.sequence_axis={axis!r} needs the HGRU mixer (kind 'hgrn', "
-                f"layout 'official'), not kind {kind!r} with layout {layout!r}; leave "
-                f"--config.{key}.sequence_axis unset for this model"
+                f"layout 'official') or HGRN2 (kind 'hgrn2'), not kind {kind!r} with layout "
+                f"{layout!r}; leave --config.{key}.sequence_axis unset for this model"
             )
     return sizes
 
