@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -414,6 +415,83 @@ def test_tasks_by_module_path_and_a_clear_error_for_a_wrong_one():
     config.task = "toy_task:no_such_factory"
     with pytest.raises(ValueError, match="cannot import 'no_such_factory' from 'toy_task'"):
         resolve_task(config)
+
+
+def _user_module(monkeypatch, **members) -> str:
+    """A module ``user_tasks`` holding ``members``, importable for ``config.task``."""
+    module = types.ModuleType("user_tasks")
+    module.__dict__.update(members)
+    monkeypatch.setitem(sys.modules, "user_tasks", module)
+    return "user_tasks"
+
+
+class _NoEvalTask:
+    """Everything of a task but ``eval_batches``."""
+
+    name, metric = "no_eval", "accuracy"
+
+    def __init__(self, config):
+        self.toy = ToyTask(config)
+        self.build_model, self.train_batches = self.toy.build_model, self.toy.train_batches
+        self.loss_fn = self.toy.loss_fn
+
+
+class _F1Task(ToyTask):
+    metric = "f1"
+
+
+@pytest.mark.parametrize(
+    "member, expected",
+    [
+        (_NoEvalTask, r"'user_tasks:factory' gave a _NoEvalTask without eval_batches; a task"),
+        (lambda config: None, r"gave a NoneType without build_model, .*, name, metric"),
+        (_F1Task, r"gave a task whose metric is 'f1'; set its metric to 'accuracy' or 'perp"),
+        (42, r"'user_tasks:factory' is a int that cannot be called with the config alone"),
+        (lambda: ToyTask(toy_config()), r"is a function that cannot be called with the config"),
+    ],
+)
+def test_a_module_factory_that_is_no_task_factory_stops_at_once(
+    monkeypatch, tmp_path, member, expected
+):
+    """A factory's object without a Task member failed with an AttributeError only once the
+    model was built (or, for eval_batches, compiled); a metric other than accuracy/perplexity
+    after the first eval_every steps; a factory that could not be called with the config
+    (a Dataset, a task class) in a TypeError traceback. Each is now one ValueError naming
+    config.task and the protocol, before a step."""
+    config = toy_config()
+    config.task = _user_module(monkeypatch, factory=member) + ":factory"
+    with pytest.raises(ValueError, match=expected):
+        resolve_task(config)
+    with pytest.raises(ValueError, match=expected):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_module_that_cannot_be_imported_stops_before_the_workdir(tmp_path):
+    """config.json was written before the import failed."""
+    config = toy_config()
+    config.task = "no_such_package.tasks:make_task"
+    with pytest.raises(ValueError, match=r"cannot import 'make_task' .*folder on PYTHONPATH"):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_worked_example_of_docs_tasks_md_loads_as_module_dataset(monkeypatch, tmp_path):
+    """docs/tasks.md's parity module, kept outside the package, trains through
+    config.task="module:DATASET" (calling its Dataset was a TypeError traceback)."""
+    doc = (REPO / "docs" / "tasks.md").read_text()
+    code = re.search(r"```python\n# hgrn_jax/tasks/parity.py\n(.*?)```", doc, re.S).group(1)
+    module = types.ModuleType("parity_example")
+    monkeypatch.setitem(sys.modules, "parity_example", module)
+    exec(compile(code, "docs/tasks.md", "exec"), module.__dict__)
+    config = importlib.import_module("experiments.configs.lra.listops").get_config("tiny")
+    config = config.copy_and_resolve_references()
+    config.task = "parity_example:DATASET"
+    config.data.source, config.model.vocab_size, config.model.num_classes = "synthetic", 0, 2
+    task = resolve_task(config)
+    assert task.name == "parity" and task.config.model.vocab_size == 3
+    batch = next(task.eval_batches("val"))
+    assert np.array_equal(batch["labels"], (batch["inputs"] == 2).sum(axis=1) % 2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ split exactly once over all processes, padding rows carrying ``weight`` 0.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import numpy as np
@@ -21,6 +21,11 @@ from flax import nnx
 
 Batch = dict[str, np.ndarray]
 Metrics = dict[str, jax.Array]
+
+METRICS = ("accuracy", "perplexity")
+"""The values of :attr:`Task.metric`."""
+METHODS = ("build_model", "train_batches", "eval_batches", "loss_fn")
+"""The methods of :class:`Task`."""
 
 
 @runtime_checkable
@@ -57,3 +62,24 @@ class Task(Protocol):
         """``(mean loss, sums)``; sums hold ``loss_sum``, ``weight`` (and ``correct``), so that
         evaluation is exact when summed over batches."""
         ...
+
+
+def check_task(task: Any, where: str) -> Task:
+    """``task`` after checking that it has the members of :class:`Task` and a known
+    ``metric``; otherwise a one-line ValueError naming ``where`` (e.g. ``"config.task=..."``),
+    what is missing and this protocol."""
+    missing = [name for name in METHODS if not callable(getattr(task, name, None))]
+    missing += [name for name in ("name", "metric") if not hasattr(task, name)]
+    if missing:
+        raise ValueError(
+            f"{where} gave a {type(task).__name__} without {', '.join(missing)}; a task needs "
+            f"name, metric and the methods {', '.join(METHODS)} (the Task protocol of "
+            "hgrn_jax/tasks/protocol.py; tests/toy_task.py is a minimal one)"
+        )
+    if task.metric not in METRICS:
+        raise ValueError(
+            f"{where} gave a task whose metric is {task.metric!r}; set its metric to "
+            f"{' or '.join(repr(m) for m in METRICS)} (the Task protocol of "
+            "hgrn_jax/tasks/protocol.py)"
+        )
+    return task

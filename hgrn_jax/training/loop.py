@@ -32,6 +32,7 @@ Accuracy is reported in percent (as the paper's tables); perplexity as exp(mean 
 
 from __future__ import annotations
 
+import inspect
 import math
 import signal
 import threading
@@ -294,25 +295,55 @@ def check_mesh_and_batches(
     return sizes
 
 
+def task_factory(config: Any) -> Any:
+    """What ``config.task = "package.module:factory"`` names, imported (a ``factory(config) ->
+    Task``, or a :class:`~hgrn_jax.tasks.base.Dataset` such as a dataset module's ``DATASET``);
+    None for a task name of the registry. ValueError naming ``config.task`` when it cannot be
+    imported."""
+    name = str(config.task)
+    if ":" not in name:
+        return None
+    import importlib
+
+    module_name, _, attr = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(
+            f"config.task={name!r}: cannot import {attr!r} from {module_name!r} ({error}); "
+            "use a task name or 'module:factory' with the module's folder on PYTHONPATH"
+        ) from error
+
+
 def resolve_task(config: Any) -> Task:
     """The task of ``config.task``: a name in :data:`hgrn_jax.tasks.registry.DATASETS`, or
-    ``"package.module:factory"`` for a user-defined task (``factory(config) -> Task``)."""
-    name = str(config.task)
-    if ":" in name:
-        import importlib
+    ``"package.module:factory"`` for a user-defined task (``factory(config) -> Task``, or a
+    :class:`~hgrn_jax.tasks.base.Dataset`). ValueError naming ``config.task`` when the factory
+    cannot be called with the config or its task lacks a member of the Task protocol."""
+    factory = task_factory(config)
+    if factory is None:
+        from hgrn_jax.tasks import get_task
 
-        module_name, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as error:
-            raise ValueError(
-                f"config.task={name!r}: cannot import {attr!r} from {module_name!r} "
-                f"({error}); use a task name or 'module:factory'"
-            ) from error
-        return factory(config)
-    from hgrn_jax.tasks import get_task
+        return get_task(config)
+    from hgrn_jax.tasks.base import Dataset
+    from hgrn_jax.tasks.protocol import check_task
 
-    return get_task(config)
+    where = f"config.task={str(config.task)!r}"
+    if isinstance(factory, Dataset):
+        return check_task(factory.task(config), where)
+    try:
+        takes_config = callable(factory) and bool(inspect.signature(factory).bind(config))
+    except TypeError:
+        takes_config = False
+    except ValueError:  # no signature to inspect (some builtins): let the call tell
+        takes_config = True
+    if not takes_config:
+        raise ValueError(
+            f"{where} is a {type(factory).__name__} that cannot be called with the config "
+            "alone; name a function factory(config) -> Task, or a dataset module's Dataset "
+            "(e.g. module:DATASET)"
+        )
+    return check_task(factory(config), where)
 
 
 class Run:
@@ -467,7 +498,8 @@ def check_seed(config: Any) -> None:
 
 def check_config_values(config: Any) -> None:
     """The checks of values a run can make before it touches its workdir, each a ValueError
-    naming the key: run lengths, the seed, the model's sizes, the activation dtype of a
+    naming the key: run lengths, the seed, a ``module:factory`` task that cannot be imported
+    (:func:`task_factory`), the model's sizes, the activation dtype of a
     registered task, the optimizer's numbers, the mesh with the batch sizes and sequence
     axis on it (:func:`check_mesh_and_batches`), and the input workers (``data.workers``)."""
     from hgrn_jax.data import grain_pipeline
@@ -475,6 +507,7 @@ def check_config_values(config: Any) -> None:
 
     check_run_lengths(config)
     check_seed(config)
+    task_factory(config)
     registry.check_model_sizes(config)
     if str(config.get("task", "")) in registry.DATASETS:
         base.activation_dtype(config.get("dtype", "float32"))
