@@ -494,6 +494,40 @@ def test_the_worked_example_of_docs_tasks_md_loads_as_module_dataset(monkeypatch
     assert np.array_equal(batch["labels"], (batch["inputs"] == 2).sum(axis=1) % 2)
 
 
+class _LossFnTask(ToyTask):
+    """The toy task with its loss_fn's output passed through ``self.change``."""
+
+    def __init__(self, config, change):
+        super().__init__(config)
+        self.change = change
+
+    def loss_fn(self, model, batch, *, train: bool):
+        return self.change(*super().loss_fn(model, batch, train=train))
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda loss, sums: loss, r"loss_fn returned an array of shape \(\) and dtype float32;"),
+        (lambda loss, sums: (loss * jnp.ones(8), sums), r"as its loss an array of shape \(8,\)"),
+        (lambda loss, sums: (loss, [sums]), r"loss_fn returned as its sums a list;"),
+        (lambda loss, sums: (loss, {**sums, "correct": jnp.ones(3)}), r"sums\['correct'\] an"),
+        (
+            lambda loss, sums: (loss, {"loss_sum": sums["loss_sum"], "weight": sums["weight"]}),
+            r"returned sums without 'correct'; return \(mean loss: a float scalar, sums: a dict "
+            r"of scalars with 'loss_sum', 'weight', 'correct'\)",
+        ),
+    ],
+)
+def test_a_loss_fn_of_the_wrong_structure_stops_at_the_first_step(tmp_path, change, expected):
+    """A bare loss or a per-example loss was a TypeError traceback from jax (exit 1, the NaN
+    code); missing 'weight' a bare KeyError, missing 'correct' one after eval_every steps."""
+    config = toy_config()
+    with pytest.raises(ValueError, match=expected):
+        train_and_evaluate(config, tmp_path, task=_LossFnTask(config, change))
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs in this process: NaN stop, corrupt checkpoint fallback
 # ----------------------------------------------------------------------------------------------

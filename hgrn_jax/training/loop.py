@@ -58,7 +58,13 @@ from hgrn_jax.training.state import (
     release_buffers,
     to_checkpoint_tree,
 )
-from hgrn_jax.training.steps import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+from hgrn_jax.training.steps import (
+    SUMS,
+    jit_eval_step,
+    jit_train_step,
+    make_eval_step,
+    make_train_step,
+)
 from hgrn_jax.training.workdir import (
     ConfigChangeWarning,
     WorkdirError,
@@ -367,6 +373,8 @@ class Run:
         )
         self.num_params = count_params(self.state.params)
         accumulate = int(dict(config.optimizer).get("accumulate_steps", 1) or 1)
+        self.metric = self.task.metric
+        sums = SUMS + (("correct",) if self.metric == "accuracy" else ())
         self.train_step = jit_train_step(
             make_train_step(
                 self.graphdef,
@@ -374,14 +382,14 @@ class Run:
                 self.task.loss_fn,
                 self.schedule,
                 accumulate_steps=accumulate,
+                sums_keys=sums,
             ),
             self.shardings,
             self.mesh,
         )
         self.eval_step = jit_eval_step(
-            make_eval_step(self.graphdef, self.task.loss_fn), self.shardings, self.mesh
+            make_eval_step(self.graphdef, self.task.loss_fn, sums), self.shardings, self.mesh
         )
-        self.metric = self.task.metric
         self.best_mode = "max" if self.metric == "accuracy" else "min"
         self.best_key = f"val_{self.metric}"
         self.checkpoints = Checkpoints(
