@@ -528,6 +528,33 @@ def test_a_loss_fn_of_the_wrong_structure_stops_at_the_first_step(tmp_path, chan
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
+class _ShortBatchTask(ToyTask):
+    """Yields one row too few from step ``short_from`` on."""
+
+    short_from = 0
+
+    def train_batches(self, start_step, process_index=0, process_count=1):
+        for step, batch in enumerate(
+            super().train_batches(start_step, process_index, process_count)
+        ):
+            short = start_step + step >= self.short_from
+            yield {k: v[:-1] for k, v in batch.items()} if short else batch
+
+
+@pytest.mark.parametrize("short_from", [0, 4])
+def test_training_batches_of_the_wrong_size_stop_the_run(tmp_path, short_from):
+    """Batches of 7 rows for batch_size 8 trained silently on 7."""
+    config = toy_config()
+    task = _ShortBatchTask(config)
+    task.short_from = short_from
+    expected = (
+        r"the train_batches of task 'toy' \(config\.batch_size=8 over 1 process\) yielded "
+        r"batch\['inputs'\] with 7 rows, not 8; yield 8 rows per array"
+    )
+    with pytest.raises(ValueError, match=expected):
+        train_and_evaluate(config, tmp_path, task=task)
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs in this process: NaN stop, corrupt checkpoint fallback
 # ----------------------------------------------------------------------------------------------
