@@ -5,6 +5,7 @@ code 2, instead of a traceback."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 
@@ -65,6 +66,8 @@ def config_file_error(error: BaseException, argv: list[str]) -> str | None:
         inner = inner.args[0]
     first = inner.args[0] if inner.args else None
     text = one_line(first if isinstance(first, str) else str(inner))
+    # ml_collections lists every field of the section; its suggestion, if any, is what helps.
+    text = re.sub(r'\s*Other fields present: ".*"(?=; Did you mean|$)', "", text)
     module_file = getattr(getattr(error, "obj", None), "__file__", None) or ""
     if getattr(error, "name", None) == "get_config" and os.path.realpath(module_file) == target:
         return (

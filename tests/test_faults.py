@@ -1109,7 +1109,8 @@ def test_command_line_user_errors_are_one_line_with_exit_code_2(tmp_path, finish
             "from toy_task import toy_config\n\ndef get_config(preset=None):\n"
             "    c = toy_config()\n    c.lock()\n    c.model.featurs = 8\n    return c\n",
             "",
-            r"user\.py, line 6: AttributeError: Key \"featurs\" does not exist .*; Did you mean "
+            r"user\.py, line 6: AttributeError: Key \"featurs\" does not exist and cannot be "
+            r"added since the config is locked\.; Did you mean "
             r"\"features\".*; fix the file",
         ),
         ("def get_config(preset=None)\n    return None\n", "", r"user\.py, line 1: SyntaxError"),
