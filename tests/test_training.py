@@ -467,11 +467,18 @@ def test_a_module_factory_that_is_no_task_factory_stops_at_once(
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_a_module_that_cannot_be_imported_stops_before_the_workdir(tmp_path):
-    """config.json was written before the import failed."""
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("no_such_package.tasks:make_task", r"cannot import 'make_task' .*folder on PYTHONPATH"),
+        ("partiy", r"unknown config\.task 'partiy'; set --config\.task to one of listops, .*"),
+    ],
+)
+def test_a_task_that_cannot_be_found_stops_before_the_workdir(tmp_path, name, expected):
+    """config.json was written before the import failed or the name was looked up."""
     config = toy_config()
-    config.task = "no_such_package.tasks:make_task"
-    with pytest.raises(ValueError, match=r"cannot import 'make_task' .*folder on PYTHONPATH"):
+    config.task = name
+    with pytest.raises(ValueError, match=expected):
         train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 

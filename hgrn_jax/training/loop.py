@@ -321,6 +321,15 @@ def task_factory(config: Any) -> Any:
         ) from error
 
 
+def check_task_name(config: Any) -> None:
+    """ValueError naming ``config.task`` when it is neither a task of the registry nor a
+    ``module:factory`` that can be imported (checked before a run touches its workdir)."""
+    if task_factory(config) is None:
+        from hgrn_jax.tasks import dataset
+
+        dataset(config)
+
+
 def resolve_task(config: Any) -> Task:
     """The task of ``config.task``: a name in :data:`hgrn_jax.tasks.registry.DATASETS`, or
     ``"package.module:factory"`` for a user-defined task (``factory(config) -> Task``, or a
@@ -506,8 +515,7 @@ def check_seed(config: Any) -> None:
 
 def check_config_values(config: Any) -> None:
     """The checks of values a run can make before it touches its workdir, each a ValueError
-    naming the key: run lengths, the seed, a ``module:factory`` task that cannot be imported
-    (:func:`task_factory`), the model's sizes, the activation dtype of a
+    naming the key: run lengths, the seed, the model's sizes, the activation dtype of a
     registered task, the optimizer's numbers, the mesh with the batch sizes and sequence
     axis on it (:func:`check_mesh_and_batches`), and the input workers (``data.workers``)."""
     from hgrn_jax.data import grain_pipeline
@@ -515,7 +523,6 @@ def check_config_values(config: Any) -> None:
 
     check_run_lengths(config)
     check_seed(config)
-    task_factory(config)
     registry.check_model_sizes(config)
     if str(config.get("task", "")) in registry.DATASETS:
         base.activation_dtype(config.get("dtype", "float32"))
@@ -611,6 +618,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
     """
     workdir = Path(workdir)
     check_config_values(config)  # before anything is written to the workdir
+    if task is None:
+        check_task_name(config)
     # The SIGTERM handler is installed before anything else, so that a preemption notice that
     # arrives while the model is built or compiled is not fatal: it stops the run at the
     # first step at which the processes compare their flags.
