@@ -8,6 +8,7 @@ subprocess runs go through ``python -m experiments.train`` on 8 simulated CPU de
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import os
 import re
@@ -558,6 +559,28 @@ def test_training_batches_of_the_wrong_size_stop_the_run(tmp_path, short_from):
         r"the train_batches of task 'toy' \(config\.batch_size=8 over 1 process\) yielded "
         r"batch\['inputs'\] with 7 rows, not 8; yield 8 rows per array"
     )
+    with pytest.raises(ValueError, match=expected):
+        train_and_evaluate(config, tmp_path, task=task)
+
+
+class _FiniteTask(ToyTask):
+    """Training batches for ``length`` steps only."""
+
+    length = 0
+
+    def train_batches(self, start_step, process_index=0, process_count=1):
+        batches = super().train_batches(start_step, process_index, process_count)
+        return itertools.islice(batches, self.length)
+
+
+@pytest.mark.parametrize("length", [0, 3])
+def test_training_batches_that_end_stop_the_run_naming_the_protocol(tmp_path, length):
+    """A train_batches iterator that ran out was a bare StopIteration traceback (exit code 1,
+    the NaN code)."""
+    config = toy_config()
+    task = _FiniteTask(config)
+    task.length = length
+    expected = rf"the train_batches of task 'toy' .* ended after {length} batches; yield one"
     with pytest.raises(ValueError, match=expected):
         train_and_evaluate(config, tmp_path, task=task)
 

@@ -64,16 +64,27 @@ class TrainBatches:
     """The training iterator with its first batch already read by the checks; ``get_state()``
     is the wrapped iterator's position as the training loop sees it (None when the task's
     iterator keeps no state). With ``rows``, every batch is checked to have that many rows
-    (:func:`check_batch_rows`; ``where`` names the iterator in the error)."""
+    (:func:`check_batch_rows`; ``where`` names the iterator in the error); an iterator that
+    ends is a ValueError (training batches are endless)."""
 
     def __init__(self, train: Iterator[dict], rows: int | None = None, where: str = ""):
         self._train = train
         self._rows, self._where = rows, where or "train_batches"
+        self._read = 0
         self.stateful = callable(getattr(train, "get_state", None))
         self._state_before_first = train.get_state() if self.stateful else None
-        self._first: list[dict] = [self._checked(next(train))]
+        self._first: list[dict] = [self._next_checked()]
 
-    def _checked(self, batch: dict) -> dict:
+    def _next_checked(self) -> dict:
+        try:
+            batch = next(self._train)
+        except StopIteration:
+            raise ValueError(
+                f"{self._where} ended after {self._read} batches; yield one batch per step, "
+                "endlessly (start the next epoch where one ends), as the Task protocol of "
+                "hgrn_jax/tasks/protocol.py says"
+            ) from None
+        self._read += 1
         if self._rows is not None:
             check_batch_rows(batch, self._rows, self._where)
         return batch
@@ -84,7 +95,7 @@ class TrainBatches:
     def __next__(self) -> dict:
         if self._first:
             return self._first.pop()
-        return self._checked(next(self._train))
+        return self._next_checked()
 
     def peek(self) -> dict:
         return self._first[0]
