@@ -316,6 +316,24 @@ def test_config_errors_name_the_key(cache_dir):
         next(tasks.get_task(config).train_batches(0, 0, 4))
 
 
+def test_a_load_without_a_column_its_batches_read_names_it(cache_dir):
+    """A token task whose _load left out ``lengths`` failed at the first batch with a bare
+    KeyError: 'lengths'."""
+    from hgrn_jax.tasks import models
+    from hgrn_jax.tasks.base import TokenTask
+
+    class NoLengths(TokenTask):
+        model_kind = models.CLASSIFIER
+
+        def _load(self, split):
+            return {"inputs": np.ones((4, 3), np.uint8), "labels": np.zeros(4, np.int32)}
+
+    task = NoLengths(tiny_config("lra.listops", cache_dir), "mine")
+    expected = r"NoLengths\._load\('val'\) returned no lengths; its batches read inputs, lengths"
+    with pytest.raises(ValueError, match=expected):
+        next(task.eval_batches("val"))
+
+
 @pytest.mark.parametrize(
     ("name", "key", "value"),
     [
