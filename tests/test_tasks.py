@@ -318,7 +318,8 @@ def test_config_errors_name_the_key(cache_dir):
 
 def test_a_load_without_a_column_its_batches_read_names_it(cache_dir):
     """A token task whose _load left out ``lengths`` failed at the first batch with a bare
-    KeyError: 'lengths'."""
+    KeyError: 'lengths'; one without a model_kind, when the model was built, with an
+    AttributeError."""
     from hgrn_jax.tasks import models
     from hgrn_jax.tasks.base import TokenTask
 
@@ -328,6 +329,8 @@ def test_a_load_without_a_column_its_batches_read_names_it(cache_dir):
         def _load(self, split):
             return {"inputs": np.ones((4, 3), np.uint8), "labels": np.zeros(4, np.int32)}
 
+    with pytest.raises(ValueError, match=r"TokenTask \(a source of task 'mine'\) sets no model"):
+        TokenTask(tiny_config("lra.listops", cache_dir), "mine")
     task = NoLengths(tiny_config("lra.listops", cache_dir), "mine")
     expected = r"NoLengths\._load\('val'\) returned no lengths; its batches read inputs, lengths"
     with pytest.raises(ValueError, match=expected):

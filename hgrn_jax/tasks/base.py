@@ -263,6 +263,11 @@ class ArrayTask:
     """The arrays of ``_load``'s examples that ``_batch`` reads (checked as a split loads)."""
 
     def __init__(self, config, name: str):
+        if not hasattr(self, "model_kind"):
+            raise ValueError(
+                f"{type(self).__name__} (a source of task {name!r}) sets no model_kind; set it "
+                "to a model family of hgrn_jax.tasks.models (CLASSIFIER, IMAGE or LM)"
+            )
         self.name = name
         self._examples: dict[str, dict[str, np.ndarray]] = {}
         self._check_unread_settings(config)
