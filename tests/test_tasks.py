@@ -310,6 +310,9 @@ def test_config_errors_name_the_key(cache_dir):
     config.task = "cifar"
     with pytest.raises(ValueError, match="unknown config.task 'cifar'"):
         tasks.get_task(config)
+    config.task = "mine:make_task"  # e.g. experiments.prepare, which suggested module:factory
+    with pytest.raises(ValueError, match=r"'mine:make_task' is a task of your own, which only"):
+        tasks.get_task(config)
     config = tiny_config("lra.listops", cache_dir)
     config.batch_size = 30
     with pytest.raises(ValueError, match=r"batch_size 30 must be a positive multiple .* \(4\)"):
