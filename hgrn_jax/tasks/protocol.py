@@ -46,7 +46,8 @@ class Task(Protocol):
     def train_batches(
         self, start_step: int, process_index: int = 0, process_count: int = 1
     ) -> Iterator[Batch]:
-        """Process-local batches of steps ``start_step, start_step + 1, ...`` (endless).
+        """Process-local batches of steps ``start_step, start_step + 1, ...`` (endless), each
+        array with ``config.batch_size // process_count`` rows (the loop checks both).
 
         The iterator may offer ``get_state() -> dict`` (JSON-able) and ``set_state(dict)``
         (the tasks' grain iterators, :class:`hgrn_jax.data.grain_pipeline.TrainIterator`): the
@@ -60,8 +61,9 @@ class Task(Protocol):
         ...
 
     def loss_fn(self, model: nnx.Module, batch: dict, *, train: bool) -> tuple[jax.Array, Metrics]:
-        """``(mean loss, sums)``; sums hold ``loss_sum``, ``weight`` (and ``correct``), so that
-        evaluation is exact when summed over batches."""
+        """``(mean loss, sums)``: a float scalar and a dict of scalars holding ``loss_sum``,
+        ``weight`` (and, for ``"accuracy"``, ``correct``), so that evaluation is exact when
+        summed over batches (checked when the step is traced)."""
         ...
 
 
