@@ -5,7 +5,9 @@ code 2, instead of a traceback."""
 from __future__ import annotations
 
 import os
+import re
 import sys
+import traceback
 
 from absl import flags
 from ml_collections import config_flags
@@ -27,9 +29,11 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
     sys.exit(code)
 
 
-def check_config_file() -> None:
-    """Stop with one line when the --config file does not exist."""
-    path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]
+def check_config_file(path: str | None = None) -> None:
+    """Stop with one line when the --config file (``path``, default the parsed flag's) does
+    not exist."""
+    if path is None:
+        path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]
     if not os.path.isfile(path):
         fail(
             f"config file {path} not found (--config={path}); pass "
@@ -38,11 +42,71 @@ def check_config_file() -> None:
         )
 
 
+def _config_arg(argv: list[str]) -> str | None:
+    """The ``--config`` value of ``argv`` (``path.py[:PRESET]``), if there is one."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.partition("=")[2]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def config_file_error(error: BaseException, argv: list[str]) -> str | None:
+    """``error`` as one line naming the ``--config`` file of ``argv`` (and its line) when the
+    file itself is at fault: it defines no ``get_config``, its ``get_config`` takes no preset,
+    or importing it or running its ``get_config`` raised; None otherwise."""
+    arg = _config_arg(argv)
+    if arg is None:
+        return None
+    path, _, preset = arg.partition(":")
+    target = os.path.realpath(path)
+    inner: BaseException = error  # ml_collections raises AttributeError(KeyError(text))
+    while inner.args and isinstance(inner.args[0], BaseException):
+        inner = inner.args[0]
+    first = inner.args[0] if inner.args else None
+    text = one_line(first if isinstance(first, str) else str(inner))
+    # ml_collections lists every field of the section; its suggestion, if any, is what helps.
+    text = re.sub(r'\s*Other fields present: ".*"(?=; Did you mean|$)', "", text)
+    module_file = getattr(getattr(error, "obj", None), "__file__", None) or ""
+    if getattr(error, "name", None) == "get_config" and os.path.realpath(module_file) == target:
+        return (
+            f"config file {path} defines no get_config; add get_config(preset=None) returning "
+            "its ConfigDict (as experiments/configs/lra/listops.py does)"
+        )
+    if isinstance(error, TypeError) and text.startswith("get_config()"):
+        return (
+            f"config file {path}: {text}; define get_config(preset=None) so that "
+            f"--config={arg} can pass it the preset {preset!r}"
+        )
+    if isinstance(error, SyntaxError) and os.path.realpath(error.filename or "") == target:
+        line = error.lineno
+    else:
+        frames = traceback.extract_tb(error.__traceback__)
+        lines = [f.lineno for f in frames if os.path.realpath(f.filename) == target]
+        if not lines:
+            return None
+        line = lines[-1]
+    return f"config file {path}, line {line}: {type(error).__name__}: {text}; fix the file"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with config-override errors as one line naming the key."""
+    """absl's flag parsing, with config-override errors as one line naming the key and errors
+    of the config file itself as one line naming the file (:func:`config_file_error`)."""
+    config_arg = _config_arg(argv)
+    if config_arg is not None:  # a --config.key override would load a missing file first
+        check_config_file(config_arg.partition(":")[0])
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
+        # absl re-raises a TypeError or ValueError of the config file as a flags.Error (and
+        # ml_collections wraps it once more): the first one raised says what went wrong.
+        first = error.__context__
+        while first is not None and first.__context__ is not None:
+            first = first.__context__
+        file_error = config_file_error(first, argv) if isinstance(first, TypeError) else None
+        if file_error is not None:
+            fail(file_error, EXIT_USAGE)
         text = str(error)
         # A config file's own error (e.g. an unknown preset) is the useful part of absl's text.
         cause = next(
@@ -50,6 +114,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         )
         fail(f"{cause or text} (pass --helpshort to see the flags)", EXIT_USAGE)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
+        file_error = config_file_error(error, argv)
+        if file_error is not None:
+            fail(file_error, EXIT_USAGE)
         # ml_collections reports an unknown --config.key as an AttributeError/KeyError whose
         # text is the quoted key, sometimes with a suggestion; make it one readable line.
         text = str(error.args[0] if error.args else error)
@@ -66,4 +133,9 @@ def parse_flags(argv: list[str]) -> list[str]:
                 EXIT_USAGE,
             )
         fail(f"bad value for {culprit}: {text}", EXIT_USAGE)
+    except Exception as error:  # e.g. an ImportError or SyntaxError of the config file
+        file_error = config_file_error(error, argv)
+        if file_error is None:
+            raise
+        fail(file_error, EXIT_USAGE)
     return []

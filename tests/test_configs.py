@@ -290,6 +290,20 @@ def test_unknown_presets_and_keys_fail_clearly():
         config.optimizer.learning_rat = 1.0  # locked: typos cannot add keys
 
 
+def test_a_preset_cannot_add_a_misspelt_key():
+    """A preset runs on the locked config: a typo in one (a user's new preset) added a key that
+    nothing read, and the run used the value it meant to change (num_train_steps 200, not 3)."""
+    from experiments.configs import common
+
+    def short(c):
+        c.num_train_step = 3
+
+    with pytest.raises(AttributeError, match=r'"num_train_step".*"num_train_steps"'):
+        common.finish(common.base_config("listops"), "short", {"short": short}, "x.py")
+    for preset in ("transformer", "tiny_transformer"):  # the LM's add sinusoidal positions
+        assert load("lm.wikitext103", preset).model.position_encoding is True
+
+
 def test_mixer_settings_left_unset_take_integers_on_the_command_line():
     """``--config.model.mixer.expand_ratio=8`` (README's HGRN2 switch) and ``num_heads``: the
     fields HGRN leaves unset were None, a type the command line refuses to override."""

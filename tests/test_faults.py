@@ -1089,3 +1089,44 @@ def test_command_line_user_errors_are_one_line_with_exit_code_2(tmp_path, finish
         _assert_one_line_usage_error(_train(*args), *patterns)
     assert _tree_digest(run) == before
     assert not (tmp_path / "w3").exists() or not (tmp_path / "w3" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "source, preset, expected",
+    [
+        (
+            "def config(preset=None):\n    return None\n",
+            "",
+            r"config file \S+/user\.py defines no get_config; add get_config\(preset=None\)",
+        ),
+        (
+            "def get_config():\n    return None\n",
+            ":tiny",
+            r"user\.py: get_config\(\) takes 0 positional arguments but 1 was given; define "
+            r"get_config\(preset=None\) so that --config=\S+user\.py:tiny can pass it the preset",
+        ),
+        (
+            "from toy_task import toy_config\n\ndef get_config(preset=None):\n"
+            "    c = toy_config()\n    c.lock()\n    c.model.featurs = 8\n    return c\n",
+            "",
+            r"user\.py, line 6: AttributeError: Key \"featurs\" does not exist and cannot be "
+            r"added since the config is locked\.; Did you mean "
+            r"\"features\".*; fix the file",
+        ),
+        ("def get_config(preset=None)\n    return None\n", "", r"user\.py, line 1: SyntaxError"),
+        ("import no_such_module\n", "", r"line 1: ModuleNotFoundError: No module named 'no_such"),
+        (None, "", r"config file \S+/user\.py not found \(--config=\S+/user\.py\); pass --config"),
+    ],
+)
+def test_a_config_file_s_own_errors_are_one_line_naming_the_file(
+    tmp_path, source, preset, expected
+):
+    """A config file without get_config was reported as 'unknown config key --config.?', an
+    error inside it as an unknown key too; a syntax or import error in it, or a missing file
+    with any --config.key override, was a traceback with exit code 1 (the NaN code)."""
+    path = tmp_path / "user.py"
+    if source is not None:
+        path.write_text(source)
+    proc = _train(f"{path}{preset}", tmp_path / "run", "--config.batch_size=8")
+    _assert_one_line_usage_error(proc, expected)
+    assert not (tmp_path / "run").exists()

@@ -310,10 +310,34 @@ def test_config_errors_name_the_key(cache_dir):
     config.task = "cifar"
     with pytest.raises(ValueError, match="unknown config.task 'cifar'"):
         tasks.get_task(config)
+    config.task = "mine:make_task"  # e.g. experiments.prepare, which suggested module:factory
+    with pytest.raises(ValueError, match=r"'mine:make_task' is a task of your own, which only"):
+        tasks.get_task(config)
     config = tiny_config("lra.listops", cache_dir)
     config.batch_size = 30
     with pytest.raises(ValueError, match=r"batch_size 30 must be a positive multiple .* \(4\)"):
         next(tasks.get_task(config).train_batches(0, 0, 4))
+
+
+def test_a_load_without_a_column_its_batches_read_names_it(cache_dir):
+    """A token task whose _load left out ``lengths`` failed at the first batch with a bare
+    KeyError: 'lengths'; one without a model_kind, when the model was built, with an
+    AttributeError."""
+    from hgrn_jax.tasks import models
+    from hgrn_jax.tasks.base import TokenTask
+
+    class NoLengths(TokenTask):
+        model_kind = models.CLASSIFIER
+
+        def _load(self, split):
+            return {"inputs": np.ones((4, 3), np.uint8), "labels": np.zeros(4, np.int32)}
+
+    with pytest.raises(ValueError, match=r"TokenTask \(a source of task 'mine'\) sets no model"):
+        TokenTask(tiny_config("lra.listops", cache_dir), "mine")
+    task = NoLengths(tiny_config("lra.listops", cache_dir), "mine")
+    expected = r"NoLengths\._load\('val'\) returned no lengths; its batches read inputs, lengths"
+    with pytest.raises(ValueError, match=expected):
+        next(task.eval_batches("val"))
 
 
 @pytest.mark.parametrize(

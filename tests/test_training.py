@@ -8,6 +8,7 @@ subprocess runs go through ``python -m experiments.train`` on 8 simulated CPU de
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -432,6 +434,173 @@ def test_tasks_by_module_path_and_a_clear_error_for_a_wrong_one():
     config.task = "toy_task:no_such_factory"
     with pytest.raises(ValueError, match="cannot import 'no_such_factory' from 'toy_task'"):
         resolve_task(config)
+
+
+def _user_module(monkeypatch, **members) -> str:
+    """A module ``user_tasks`` holding ``members``, importable for ``config.task``."""
+    module = types.ModuleType("user_tasks")
+    module.__dict__.update(members)
+    monkeypatch.setitem(sys.modules, "user_tasks", module)
+    return "user_tasks"
+
+
+class _NoEvalTask:
+    """Everything of a task but ``eval_batches``."""
+
+    name, metric = "no_eval", "accuracy"
+
+    def __init__(self, config):
+        self.toy = ToyTask(config)
+        self.build_model, self.train_batches = self.toy.build_model, self.toy.train_batches
+        self.loss_fn = self.toy.loss_fn
+
+
+class _F1Task(ToyTask):
+    metric = "f1"
+
+
+@pytest.mark.parametrize(
+    "member, expected",
+    [
+        (_NoEvalTask, r"'user_tasks:factory' gave a _NoEvalTask without eval_batches; a task"),
+        (lambda config: None, r"gave a NoneType without build_model, .*, name, metric"),
+        (_F1Task, r"gave a task whose metric is 'f1'; set its metric to 'accuracy' or 'perp"),
+        (42, r"'user_tasks:factory' is a int that cannot be called with the config alone"),
+        (lambda: ToyTask(toy_config()), r"is a function that cannot be called with the config"),
+    ],
+)
+def test_a_module_factory_that_is_no_task_factory_stops_at_once(
+    monkeypatch, tmp_path, member, expected
+):
+    """A factory's object without a Task member failed with an AttributeError only once the
+    model was built (or, for eval_batches, compiled); a metric other than accuracy/perplexity
+    after the first eval_every steps; a factory that could not be called with the config
+    (a Dataset, a task class) in a TypeError traceback. Each is now one ValueError naming
+    config.task and the protocol, before a step."""
+    config = toy_config()
+    config.task = _user_module(monkeypatch, factory=member) + ":factory"
+    with pytest.raises(ValueError, match=expected):
+        resolve_task(config)
+    with pytest.raises(ValueError, match=expected):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("no_such_package.tasks:make_task", r"cannot import 'make_task' .*folder on PYTHONPATH"),
+        ("partiy", r"unknown config\.task 'partiy'; set --config\.task to one of listops, .*"),
+    ],
+)
+def test_a_task_that_cannot_be_found_stops_before_the_workdir(tmp_path, name, expected):
+    """config.json was written before the import failed or the name was looked up."""
+    config = toy_config()
+    config.task = name
+    with pytest.raises(ValueError, match=expected):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_worked_example_of_docs_tasks_md_loads_as_module_dataset(monkeypatch, tmp_path):
+    """docs/tasks.md's parity module, kept outside the package, trains through
+    config.task="module:DATASET" (calling its Dataset was a TypeError traceback)."""
+    doc = (REPO / "docs" / "tasks.md").read_text()
+    code = re.search(r"```python\n# hgrn_jax/tasks/parity.py\n(.*?)```", doc, re.S).group(1)
+    module = types.ModuleType("parity_example")
+    monkeypatch.setitem(sys.modules, "parity_example", module)
+    exec(compile(code, "docs/tasks.md", "exec"), module.__dict__)
+    config = importlib.import_module("experiments.configs.lra.listops").get_config("tiny")
+    config = config.copy_and_resolve_references()
+    config.task = "parity_example:DATASET"
+    config.data.source, config.model.vocab_size, config.model.num_classes = "synthetic", 0, 2
+    task = resolve_task(config)
+    assert task.name == "parity" and task.config.model.vocab_size == 3
+    batch = next(task.eval_batches("val"))
+    assert np.array_equal(batch["labels"], (batch["inputs"] == 2).sum(axis=1) % 2)
+
+
+class _LossFnTask(ToyTask):
+    """The toy task with its loss_fn's output passed through ``self.change``."""
+
+    def __init__(self, config, change):
+        super().__init__(config)
+        self.change = change
+
+    def loss_fn(self, model, batch, *, train: bool):
+        return self.change(*super().loss_fn(model, batch, train=train))
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda loss, sums: loss, r"loss_fn returned an array of shape \(\) and dtype float32;"),
+        (lambda loss, sums: (loss * jnp.ones(8), sums), r"as its loss an array of shape \(8,\)"),
+        (lambda loss, sums: (loss, [sums]), r"loss_fn returned as its sums a list;"),
+        (lambda loss, sums: (loss, {**sums, "correct": jnp.ones(3)}), r"sums\['correct'\] an"),
+        (
+            lambda loss, sums: (loss, {"loss_sum": sums["loss_sum"], "weight": sums["weight"]}),
+            r"returned sums without 'correct'; return \(mean loss: a float scalar, sums: a dict "
+            r"of scalars with 'loss_sum', 'weight', 'correct'\)",
+        ),
+    ],
+)
+def test_a_loss_fn_of_the_wrong_structure_stops_at_the_first_step(tmp_path, change, expected):
+    """A bare loss or a per-example loss was a TypeError traceback from jax (exit 1, the NaN
+    code); missing 'weight' a bare KeyError, missing 'correct' one after eval_every steps."""
+    config = toy_config()
+    with pytest.raises(ValueError, match=expected):
+        train_and_evaluate(config, tmp_path, task=_LossFnTask(config, change))
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+class _ShortBatchTask(ToyTask):
+    """Yields one row too few from step ``short_from`` on."""
+
+    short_from = 0
+
+    def train_batches(self, start_step, process_index=0, process_count=1):
+        for step, batch in enumerate(
+            super().train_batches(start_step, process_index, process_count)
+        ):
+            short = start_step + step >= self.short_from
+            yield {k: v[:-1] for k, v in batch.items()} if short else batch
+
+
+@pytest.mark.parametrize("short_from", [0, 4])
+def test_training_batches_of_the_wrong_size_stop_the_run(tmp_path, short_from):
+    """Batches of 7 rows for batch_size 8 trained silently on 7."""
+    config = toy_config()
+    task = _ShortBatchTask(config)
+    task.short_from = short_from
+    expected = (
+        r"the train_batches of task 'toy' \(config\.batch_size=8 over 1 process\) yielded "
+        r"batch\['inputs'\] with 7 rows, not 8; yield 8 rows per array"
+    )
+    with pytest.raises(ValueError, match=expected):
+        train_and_evaluate(config, tmp_path, task=task)
+
+
+class _FiniteTask(ToyTask):
+    """Training batches for ``length`` steps only."""
+
+    length = 0
+
+    def train_batches(self, start_step, process_index=0, process_count=1):
+        batches = super().train_batches(start_step, process_index, process_count)
+        return itertools.islice(batches, self.length)
+
+
+@pytest.mark.parametrize("length", [0, 3])
+def test_training_batches_that_end_stop_the_run_naming_the_protocol(tmp_path, length):
+    """A train_batches iterator that ran out was a bare StopIteration traceback (exit code 1,
+    the NaN code)."""
+    config = toy_config()
+    task = _FiniteTask(config)
+    task.length = length
+    expected = rf"the train_batches of task 'toy' .* ended after {length} batches; yield one"
+    with pytest.raises(ValueError, match=expected):
+        train_and_evaluate(config, tmp_path, task=task)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -116,7 +116,8 @@ def use_attention(c: ml_collections.ConfigDict) -> None:
     (width, depth, norms, GLU, pooling, optimizer, schedule) stays. The paper reports no run
     of this baseline, so its ``paper`` numbers are 0 (not known), not HGRN's."""
     c.model.mixer.kind = "attention"
-    c.model.position_encoding = True
+    with c.unlocked():  # the LM's config has no position_encoding key (LMConfig's default: off)
+        c.model.position_encoding = True
     c.model.use_lower_bound = False
     for key in ("value", "val_value", "num_params"):
         if key in c.paper:
@@ -222,7 +223,10 @@ def finish(
     presets: dict[str, Callable[[ml_collections.ConfigDict], Any]],
     path: str,
 ) -> ml_collections.ConfigDict:
-    """Apply ``presets[preset]`` (None = the paper's setting), then lock the config."""
+    """Lock the config, then apply ``presets[preset]`` (None = the paper's setting): a preset
+    sets keys the config has, so a misspelt one is an error naming it, not a new key that
+    nothing reads."""
+    c.lock()
     if preset not in (None, ""):
         if preset not in presets:
             names = ", ".join(sorted(presets))
@@ -231,7 +235,6 @@ def finish(
                 f"(or none for the paper's setting, e.g. --config={path})"
             )
         presets[preset](c)
-    c.lock()
     return c
 
 

@@ -259,8 +259,15 @@ class ArrayTask:
     model_kind: ClassVar[ModelKind]
     stand_in: ClassVar[str] = "synthetic"
     """The source that needs no download (named in missing-data errors)."""
+    columns: ClassVar[tuple[str, ...]] = ()
+    """The arrays of ``_load``'s examples that ``_batch`` reads (checked as a split loads)."""
 
     def __init__(self, config, name: str):
+        if not hasattr(self, "model_kind"):
+            raise ValueError(
+                f"{type(self).__name__} (a source of task {name!r}) sets no model_kind; set it "
+                "to a model family of hgrn_jax.tasks.models (CLASSIFIER, IMAGE or LM)"
+            )
         self.name = name
         self._examples: dict[str, dict[str, np.ndarray]] = {}
         self._check_unread_settings(config)
@@ -395,7 +402,16 @@ class ArrayTask:
         if split not in SPLIT_INDEX:
             raise ValueError(f"unknown split {split!r}; use train, val or test")
         if split not in self._examples:
-            self._examples[split] = self._load(split)
+            examples = self._load(split)
+            missing = [
+                c for c in self.columns if isinstance(examples, Mapping) and c not in examples
+            ]
+            if missing:
+                raise ValueError(
+                    f"{type(self).__name__}._load({split!r}) returned no {', '.join(missing)}; "
+                    f"its batches read {', '.join(self.columns)} (docs/tasks.md)"
+                )
+            self._examples[split] = examples
         return self._examples[split]
 
     def num_examples(self, split: str) -> int:
@@ -451,6 +467,8 @@ class _TrainRows:
 class TokenTask(ArrayTask):
     """Token ids (B, L) with a padding mask, one label per sequence (ListOps, Text)."""
 
+    columns = ("inputs", "lengths", "labels")
+
     def _batch(self, examples, rows):
         ids, mask = token_batch(examples["inputs"][rows], examples["lengths"][rows])
         return {"inputs": ids, "mask": mask, "labels": np.asarray(examples["labels"][rows])}
@@ -461,6 +479,8 @@ class TokenTask(ArrayTask):
 
 class PairTask(ArrayTask):
     """Two documents per example and a binary label (Retrieval)."""
+
+    columns = ("inputs", "lengths", "inputs2", "lengths2", "labels")
 
     def _batch(self, examples, rows):
         ids, mask = token_batch(examples["inputs"][rows], examples["lengths"][rows])
@@ -484,6 +504,7 @@ class PixelTask(ArrayTask):
     when that is 0 too); ``model.grid_shape`` and ``data.seq_len`` follow from it.
     """
 
+    columns = ("pixels", "labels")
     native_size: ClassVar[int] = 0
     stand_in_size: ClassVar[int] = 0
     channels: ClassVar[int] = 1

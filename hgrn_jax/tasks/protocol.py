@@ -2,7 +2,8 @@
 
 A task owns its data, model and loss. The loop (:mod:`hgrn_jax.training.loop`) uses only the
 members below, so any object with them trains (``config.task="package.module:factory"`` loads
-one; ``tests/toy_task.py`` is a minimal example).
+one, made by ``factory(config)`` or by a :class:`~hgrn_jax.tasks.base.Dataset`; :func:`check_task`
+checks it; ``tests/toy_task.py`` is a minimal example).
 
 Batches are dicts of numpy arrays with a leading batch dimension: this process's rows of the
 global batch. Training batches are a pure function of ``(seed, step)`` (so a resumed run sees the
@@ -13,7 +14,7 @@ split exactly once over all processes, padding rows carrying ``weight`` 0.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import numpy as np
@@ -21,6 +22,11 @@ from flax import nnx
 
 Batch = dict[str, np.ndarray]
 Metrics = dict[str, jax.Array]
+
+METRICS = ("accuracy", "perplexity")
+"""The values of :attr:`Task.metric`."""
+METHODS = ("build_model", "train_batches", "eval_batches", "loss_fn")
+"""The methods of :class:`Task`."""
 
 
 @runtime_checkable
@@ -40,7 +46,8 @@ class Task(Protocol):
     def train_batches(
         self, start_step: int, process_index: int = 0, process_count: int = 1
     ) -> Iterator[Batch]:
-        """Process-local batches of steps ``start_step, start_step + 1, ...`` (endless).
+        """Process-local batches of steps ``start_step, start_step + 1, ...`` (endless), each
+        array with ``config.batch_size // process_count`` rows (the loop checks both).
 
         The iterator may offer ``get_state() -> dict`` (JSON-able) and ``set_state(dict)``
         (the tasks' grain iterators, :class:`hgrn_jax.data.grain_pipeline.TrainIterator`): the
@@ -54,6 +61,28 @@ class Task(Protocol):
         ...
 
     def loss_fn(self, model: nnx.Module, batch: dict, *, train: bool) -> tuple[jax.Array, Metrics]:
-        """``(mean loss, sums)``; sums hold ``loss_sum``, ``weight`` (and ``correct``), so that
-        evaluation is exact when summed over batches."""
+        """``(mean loss, sums)``: a float scalar and a dict of scalars holding ``loss_sum``,
+        ``weight`` (and, for ``"accuracy"``, ``correct``), so that evaluation is exact when
+        summed over batches (checked when the step is traced)."""
         ...
+
+
+def check_task(task: Any, where: str) -> Task:
+    """``task`` after checking that it has the members of :class:`Task` and a known
+    ``metric``; otherwise a one-line ValueError naming ``where`` (e.g. ``"config.task=..."``),
+    what is missing and this protocol."""
+    missing = [name for name in METHODS if not callable(getattr(task, name, None))]
+    missing += [name for name in ("name", "metric") if not hasattr(task, name)]
+    if missing:
+        raise ValueError(
+            f"{where} gave a {type(task).__name__} without {', '.join(missing)}; a task needs "
+            f"name, metric and the methods {', '.join(METHODS)} (the Task protocol of "
+            "hgrn_jax/tasks/protocol.py; tests/toy_task.py is a minimal one)"
+        )
+    if task.metric not in METRICS:
+        raise ValueError(
+            f"{where} gave a task whose metric is {task.metric!r}; set its metric to "
+            f"{' or '.join(repr(m) for m in METRICS)} (the Task protocol of "
+            "hgrn_jax/tasks/protocol.py)"
+        )
+    return task

@@ -31,8 +31,17 @@ TASKS = tuple(DATASETS)
 
 def dataset(config) -> Dataset:
     """The registry entry of ``config.task``; an unknown name lists the known ones."""
+    if config.task not in DATASETS and ":" in str(config.task):
+        raise ValueError(
+            f"config.task={config.task!r} is a task of your own, which only experiments.train "
+            f"loads; here set --config.task to a registered one: {', '.join(TASKS)}"
+        )
     if config.task not in DATASETS:
-        raise ValueError(f"unknown config.task {config.task!r}; choose one of {', '.join(TASKS)}")
+        raise ValueError(
+            f"unknown config.task {config.task!r}; set --config.task to one of "
+            f"{', '.join(TASKS)}, or to 'package.module:factory' for a task of your own "
+            "(docs/tasks.md)"
+        )
     return DATASETS[config.task]
 
 

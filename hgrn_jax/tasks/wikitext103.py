@@ -36,6 +36,7 @@ class LanguageModelTask(ArrayTask):
 
     metric = "perplexity"
     model_kind = models.LM
+    columns = ("ids",)
 
     def _batch(self, examples, rows):
         return {"ids": np.asarray(examples["ids"][rows]).astype(np.int32)}

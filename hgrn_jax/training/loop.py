@@ -32,6 +32,7 @@ Accuracy is reported in percent (as the paper's tables); perplexity as exp(mean 
 
 from __future__ import annotations
 
+import inspect
 import math
 import signal
 import threading
@@ -57,7 +58,13 @@ from hgrn_jax.training.state import (
     release_buffers,
     to_checkpoint_tree,
 )
-from hgrn_jax.training.steps import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+from hgrn_jax.training.steps import (
+    SUMS,
+    jit_eval_step,
+    jit_train_step,
+    make_eval_step,
+    make_train_step,
+)
 from hgrn_jax.training.workdir import (
     ConfigChangeWarning,
     WorkdirError,
@@ -294,25 +301,64 @@ def check_mesh_and_batches(
     return sizes
 
 
+def task_factory(config: Any) -> Any:
+    """What ``config.task = "package.module:factory"`` names, imported (a ``factory(config) ->
+    Task``, or a :class:`~hgrn_jax.tasks.base.Dataset` such as a dataset module's ``DATASET``);
+    None for a task name of the registry. ValueError naming ``config.task`` when it cannot be
+    imported."""
+    name = str(config.task)
+    if ":" not in name:
+        return None
+    import importlib
+
+    module_name, _, attr = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(
+            f"config.task={name!r}: cannot import {attr!r} from {module_name!r} ({error}); "
+            "use a task name or 'module:factory' with the module's folder on PYTHONPATH"
+        ) from error
+
+
+def check_task_name(config: Any) -> None:
+    """ValueError naming ``config.task`` when it is neither a task of the registry nor a
+    ``module:factory`` that can be imported (checked before a run touches its workdir)."""
+    if task_factory(config) is None:
+        from hgrn_jax.tasks import dataset
+
+        dataset(config)
+
+
 def resolve_task(config: Any) -> Task:
     """The task of ``config.task``: a name in :data:`hgrn_jax.tasks.registry.DATASETS`, or
-    ``"package.module:factory"`` for a user-defined task (``factory(config) -> Task``)."""
-    name = str(config.task)
-    if ":" in name:
-        import importlib
+    ``"package.module:factory"`` for a user-defined task (``factory(config) -> Task``, or a
+    :class:`~hgrn_jax.tasks.base.Dataset`). ValueError naming ``config.task`` when the factory
+    cannot be called with the config or its task lacks a member of the Task protocol."""
+    factory = task_factory(config)
+    if factory is None:
+        from hgrn_jax.tasks import get_task
 
-        module_name, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as error:
-            raise ValueError(
-                f"config.task={name!r}: cannot import {attr!r} from {module_name!r} "
-                f"({error}); use a task name or 'module:factory'"
-            ) from error
-        return factory(config)
-    from hgrn_jax.tasks import get_task
+        return get_task(config)
+    from hgrn_jax.tasks.base import Dataset
+    from hgrn_jax.tasks.protocol import check_task
 
-    return get_task(config)
+    where = f"config.task={str(config.task)!r}"
+    if isinstance(factory, Dataset):
+        return check_task(factory.task(config), where)
+    try:
+        takes_config = callable(factory) and bool(inspect.signature(factory).bind(config))
+    except TypeError:
+        takes_config = False
+    except ValueError:  # no signature to inspect (some builtins): let the call tell
+        takes_config = True
+    if not takes_config:
+        raise ValueError(
+            f"{where} is a {type(factory).__name__} that cannot be called with the config "
+            "alone; name a function factory(config) -> Task, or a dataset module's Dataset "
+            "(e.g. module:DATASET)"
+        )
+    return check_task(factory(config), where)
 
 
 class Run:
@@ -336,6 +382,8 @@ class Run:
         )
         self.num_params = count_params(self.state.params)
         accumulate = int(dict(config.optimizer).get("accumulate_steps", 1) or 1)
+        self.metric = self.task.metric
+        sums = SUMS + (("correct",) if self.metric == "accuracy" else ())
         self.train_step = jit_train_step(
             make_train_step(
                 self.graphdef,
@@ -343,14 +391,14 @@ class Run:
                 self.task.loss_fn,
                 self.schedule,
                 accumulate_steps=accumulate,
+                sums_keys=sums,
             ),
             self.shardings,
             self.mesh,
         )
         self.eval_step = jit_eval_step(
-            make_eval_step(self.graphdef, self.task.loss_fn), self.shardings, self.mesh
+            make_eval_step(self.graphdef, self.task.loss_fn, sums), self.shardings, self.mesh
         )
-        self.metric = self.task.metric
         self.best_mode = "max" if self.metric == "accuracy" else "min"
         self.best_key = f"val_{self.metric}"
         self.checkpoints = Checkpoints(
@@ -570,6 +618,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
     """
     workdir = Path(workdir)
     check_config_values(config)  # before anything is written to the workdir
+    if task is None:
+        check_task_name(config)
     # The SIGTERM handler is installed before anything else, so that a preemption notice that
     # arrives while the model is built or compiled is not fatal: it stops the run at the
     # first step at which the processes compare their flags.

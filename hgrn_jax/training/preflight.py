@@ -46,16 +46,48 @@ def check_token_ids(arrays: dict[str, Any], vocab_size: int, where: str) -> None
             )
 
 
+def check_batch_rows(batch: dict, rows: int, where: str) -> None:
+    """Raise ValueError naming the key when an array of ``batch`` does not have ``rows`` rows
+    (``where`` says whose batch and why that many, e.g. ``config.batch_size`` per process)."""
+    for path, value in jax.tree_util.tree_flatten_with_path(batch)[0]:
+        shape = np.shape(value)
+        if not shape or shape[0] != rows:
+            got = f"{shape[0]} rows" if shape else "no batch axis"
+            raise ValueError(
+                f"{where} yielded batch{jax.tree_util.keystr(path)} with {got}, not "
+                f"{rows}; yield {rows} rows per array (config.batch_size // process count: "
+                "this process's share of the global batch), or change --config.batch_size"
+            )
+
+
 class TrainBatches:
     """The training iterator with its first batch already read by the checks; ``get_state()``
     is the wrapped iterator's position as the training loop sees it (None when the task's
-    iterator keeps no state)."""
+    iterator keeps no state). With ``rows``, every batch is checked to have that many rows
+    (:func:`check_batch_rows`; ``where`` names the iterator in the error); an iterator that
+    ends is a ValueError (training batches are endless)."""
 
-    def __init__(self, train: Iterator[dict]):
+    def __init__(self, train: Iterator[dict], rows: int | None = None, where: str = ""):
         self._train = train
+        self._rows, self._where = rows, where or "train_batches"
+        self._read = 0
         self.stateful = callable(getattr(train, "get_state", None))
         self._state_before_first = train.get_state() if self.stateful else None
-        self._first: list[dict] = [next(train)]
+        self._first: list[dict] = [self._next_checked()]
+
+    def _next_checked(self) -> dict:
+        try:
+            batch = next(self._train)
+        except StopIteration:
+            raise ValueError(
+                f"{self._where} ended after {self._read} batches; yield one batch per step, "
+                "endlessly (start the next epoch where one ends), as the Task protocol of "
+                "hgrn_jax/tasks/protocol.py says"
+            ) from None
+        self._read += 1
+        if self._rows is not None:
+            check_batch_rows(batch, self._rows, self._where)
+        return batch
 
     def __iter__(self) -> TrainBatches:
         return self
@@ -63,7 +95,7 @@ class TrainBatches:
     def __next__(self) -> dict:
         if self._first:
             return self._first.pop()
-        return next(self._train)
+        return self._next_checked()
 
     def peek(self) -> dict:
         return self._first[0]
@@ -81,8 +113,9 @@ def open_splits(
     (positioned by ``input_state``, the iterator state saved with the checkpoint, if given).
 
     Raises whatever the task's readers raise for a missing or malformed split (their messages
-    name the file), ValueError for an empty evaluation split, out-of-vocabulary ids or an input
-    state that belongs to other data.
+    name the file), ValueError for an empty evaluation split, out-of-vocabulary ids, an input
+    state that belongs to other data, or training batches (any of them, as they are read)
+    without ``config.batch_size // process_count`` rows.
     """
     index, count = jax.process_index(), jax.process_count()
     vocab_size = _model_vocab_size(config)
@@ -95,7 +128,13 @@ def open_splits(
                 f"cannot resume the input pipeline at step {start_step}: {error}; resume with "
                 "the data and settings the checkpoint was saved with, or use a new --workdir"
             ) from None
-    batches = TrainBatches(train)
+    batch_size = config.get("batch_size", None) if hasattr(config, "get") else None
+    rows = int(batch_size) // count if batch_size else None
+    where = (
+        f"the train_batches of task {getattr(task, 'name', '?')!r} (config.batch_size="
+        f"{batch_size} over {count} process{'es' if count > 1 else ''})"
+    )
+    batches = TrainBatches(train, rows, where)
     first = batches.peek()
     for split in ("val", "test"):
         batch = next(iter(task.eval_batches(split, index, count)), None)

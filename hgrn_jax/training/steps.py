@@ -7,7 +7,7 @@ The loss function is the task's: ``loss_fn(model, batch, train=...) -> (mean_los
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -21,6 +21,43 @@ from hgrn_jax.training.optim import global_norm
 from hgrn_jax.training.state import TrainState, merge_model, split_model
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+SUMS = ("loss_sum", "weight")
+"""The sums every ``loss_fn`` returns (an ``"accuracy"`` task's also ``correct``)."""
+
+
+def check_loss_output(output: Any, sums_keys: tuple[str, ...] = SUMS) -> tuple[Any, Any]:
+    """``loss_fn``'s ``(loss, sums)`` after checking, at trace time, that the loss is a float
+    scalar and ``sums`` a dict of scalars holding ``sums_keys``; otherwise a one-line
+    ValueError saying what came back and what the Task protocol asks for."""
+    keys = ", ".join(repr(k) for k in sums_keys)
+    fix = (
+        f"; return (mean loss: a float scalar, sums: a dict of scalars with {keys}), as the "
+        "Task protocol of hgrn_jax/tasks/protocol.py says"
+    )
+
+    def what(value: Any) -> str:
+        if hasattr(value, "shape") and hasattr(value, "dtype"):
+            return f"an array of shape {tuple(value.shape)} and dtype {value.dtype}"
+        return f"a {type(value).__name__}"
+
+    if not isinstance(output, (tuple, list)) or len(output) != 2:
+        size = f" of {len(output)}" if isinstance(output, (tuple, list)) else ""
+        raise ValueError(f"the task's loss_fn returned {what(output)}{size}{fix}")
+    loss, sums = output
+    if jnp.ndim(loss) != 0 or not jnp.issubdtype(jnp.result_type(loss), jnp.floating):
+        raise ValueError(f"the task's loss_fn returned as its loss {what(loss)}{fix}")
+    if not isinstance(sums, Mapping):
+        raise ValueError(f"the task's loss_fn returned as its sums {what(sums)}{fix}")
+    missing = [k for k in sums_keys if k not in sums]
+    if missing:
+        raise ValueError(
+            f"the task's loss_fn returned sums without {', '.join(map(repr, missing))}{fix}"
+        )
+    for key, value in sums.items():
+        if jnp.ndim(value) != 0:
+            raise ValueError(f"the task's loss_fn returned as sums[{key!r}] {what(value)}{fix}")
+    return loss, sums
 
 
 def _micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
@@ -52,6 +89,7 @@ def make_train_step(
     schedule: Callable,
     *,
     accumulate_steps: int = 1,
+    sums_keys: tuple[str, ...] = SUMS,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """``train_step(state, batch) -> (state, metrics)`` (not yet jitted; see :func:`jit_train_step`).
 
@@ -59,6 +97,7 @@ def make_train_step(
     averaged (``lax.scan``: activations of one micro-batch live at a time) before one update.
     If the loss or the gradient norm is not finite, the state is left unchanged except for
     ``nonfinite_step``, which records the first such step; the loop stops on it.
+    ``loss_fn``'s output is checked when the step is traced (:func:`check_loss_output`).
     """
 
     def loss_and_state(params, model_state, batch):
@@ -66,7 +105,7 @@ def make_train_step(
         params, model_state = jax.tree.map(lambda x: x, (params, model_state))
         model = merge_model(graphdef, params, model_state)
         model.train()
-        loss, sums = loss_fn(model, batch, train=True)
+        loss, sums = check_loss_output(loss_fn(model, batch, train=True), sums_keys)
         _, _, new_model_state = split_model(model)
         return loss, (sums, new_model_state)
 
@@ -124,15 +163,15 @@ def make_train_step(
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, loss_fn: LossFn
+    graphdef: nnx.GraphDef, loss_fn: LossFn, sums_keys: tuple[str, ...] = SUMS
 ) -> Callable[[Any, Any, dict], dict[str, jax.Array]]:
     """``eval_step(params, model_state, batch) -> sums`` in evaluation mode (no dropout,
-    BatchNorm running statistics)."""
+    BatchNorm running statistics); ``loss_fn``'s output is checked as in training."""
 
     def eval_step(params, model_state, batch):
         model = merge_model(graphdef, params, model_state)
         model.eval()
-        _, sums = loss_fn(model, batch, train=False)
+        _, sums = check_loss_output(loss_fn(model, batch, train=False), sums_keys)
         return sums
 
     return eval_step
