@@ -3,6 +3,7 @@ checkpoints restored across meshes, and the mesh/batch helpers' errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -16,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from sharded_step import sharded_train_step
 
 from hgrn_jax import sharding as sh
-from hgrn_jax.nn import HGRNLM, ClassifierConfig, HGRNClassifier, LMConfig
+from hgrn_jax.nn import HGRNLM, ClassifierConfig, HGRNClassifier, LMConfig, MixerConfig
 
 MESHES = {"8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2), "1x1x1": (1, 1, 1)}
 
@@ -161,6 +162,45 @@ def test_lm_parameters_are_sharded_by_the_rules(lm_steps):
         if spec != P():
             shard = array.addressable_shards[0].data.shape
             assert np.prod(shard) < np.prod(array.shape), f"{name} is not actually split"
+
+
+HGRN2_MIXERS = {
+    "official": MixerConfig(kind="hgrn2", expand_ratio=2),
+    "fla": MixerConfig(kind="hgrn2", layout="fla", expand_ratio=2, use_bias=False),
+}
+
+
+@pytest.mark.slow  # two compiled optimizer steps per layout
+@pytest.mark.parametrize("layout", list(HGRN2_MIXERS))
+def test_hgrn2_lm_step_on_a_2x2x2_mesh_is_the_one_device_step(layout):
+    """An HGRN2 LM (4 heads of width 2) split over data, fsdp and model takes the one-device
+    step (tolerances as for HGRU's LM, :func:`assert_same_step`), with its projections split
+    over ``model`` by the rules: the head axis is cut across devices, and the recurrence's
+    per-head state must not mix them."""
+    config = dataclasses.replace(LM_CONFIG, mixer=HGRN2_MIXERS[layout])
+
+    def factory():
+        model = HGRNLM(config, rngs=nnx.Rngs(0))
+        return model, nnx.Optimizer(model, adamw(), wrt=nnx.Param)
+
+    batch = lm_batch()
+    steps = {
+        name: sharded_train_step(factory, lm_loss, batch, mesh_of(name))
+        for name in ("1x1x1", "2x2x2")
+    }
+    results = {name: (float(loss), as_numpy(state)) for name, (_, state, loss) in steps.items()}
+    assert_same_step(results)
+    mixer = steps["2x2x2"][1][0]["blocks"][0]["mixer"]
+    projection = mixer["in_proj" if layout == "official" else "q_proj"]["kernel"].get_value()
+    assert projection.sharding.spec == P("fsdp", "model")
+    assert np.prod(projection.addressable_shards[0].data.shape) < np.prod(projection.shape)
+    initial = as_numpy(nnx.state(factory()))
+    moved = [
+        k
+        for k in initial
+        if "mixer" in k and np.abs(results["1x1x1"][1][k] - initial[k]).max() > 1e-3
+    ]
+    assert moved, "the step did not move the mixer's parameters"
 
 
 @pytest.fixture(scope="module")
