@@ -27,35 +27,29 @@ def _lm_loss(model, ids):
     return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
 
 
-@pytest.mark.slow
-def test_lm_sequence_axis_splits_the_sequence_and_matches():
-    ids = jax.random.randint(jax.random.key(1), (2, 33), 0, 32)
-    plain = _lm()
-    want_logits = nnx.jit(lambda m, ids: m(ids[:, :-1]))(plain, ids)
-    want_grads = nnx.jit(nnx.grad(_lm_loss))(plain, ids)
-
-    parallel = _lm(sequence_axis="model")
-    mesh = sharding.make_mesh(data=1, fsdp=1, model=8)
-    with jax.set_mesh(mesh):
-        logits = nnx.jit(lambda m, ids: m(ids[:, :-1]))(parallel, ids)
-        grads = nnx.jit(nnx.grad(_lm_loss))(parallel, ids)
-    np.testing.assert_allclose(logits, want_logits, atol=2e-5, rtol=1e-5)
-    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+SEQUENCE_PARALLEL_MIXERS = {
+    "hgrn": {},
+    "hgrn2": dict(kind="hgrn2", expand_ratio=4, method="sequential"),
+    "hgrn2-fla": dict(kind="hgrn2", layout="fla", expand_ratio=4, method="sequential"),
+}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["official", "fla"])
-def test_hgrn2_lm_sequence_axis_splits_the_sequence_and_matches(layout):
-    """An HGRN2 LM (config route: MixerConfig -> make_mixer) over 8 devices, the length 32 split
-    in 4 steps each; the same tolerances as the HGRU LM's."""
+@pytest.mark.parametrize("mixer", list(SEQUENCE_PARALLEL_MIXERS))
+def test_lm_sequence_axis_splits_the_sequence_and_matches(mixer):
+    """An LM of each mixer that splits (the config route: MixerConfig -> make_mixer) over 8
+    devices, the length 32 split in 4 steps each, equals the unsplit LM: logits and gradients."""
     ids = jax.random.randint(jax.random.key(1), (2, 33), 0, 32)
-    mixer = dict(kind="hgrn2", layout=layout, expand_ratio=4, method="sequential")
-    plain = _lm(mixer=MixerConfig(**mixer))
+    options = SEQUENCE_PARALLEL_MIXERS[mixer]
+    plain = _lm(mixer=MixerConfig(**options)) if options else _lm()
     want_logits = nnx.jit(lambda m, ids: m(ids[:, :-1]))(plain, ids)
     want_grads = nnx.jit(nnx.grad(_lm_loss))(plain, ids)
 
-    parallel = _lm(mixer=MixerConfig(**mixer, sequence_axis="model"))
+    parallel = (
+        _lm(mixer=MixerConfig(**options, sequence_axis="model"))
+        if options
+        else _lm(sequence_axis="model")
+    )
     mesh = sharding.make_mesh(data=1, fsdp=1, model=8)
     with jax.set_mesh(mesh):
         logits = nnx.jit(lambda m, ids: m(ids[:, :-1]))(parallel, ids)

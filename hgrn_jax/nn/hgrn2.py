@@ -57,7 +57,12 @@ from hgrn_jax.nn.lower_bounds import apply_log_lower_bound, apply_lower_bound
 from hgrn_jax.nn.norms import make_norm
 from hgrn_jax.ops import matrix_recurrence
 from hgrn_jax.ops.common import accumulation_dtype
-from hgrn_jax.ops.sequence_parallel import sharded_matrix_recurrence
+from hgrn_jax.ops.sequence_parallel import (
+    cut_time,
+    mesh_axis_size,
+    pad_time,
+    sharded_matrix_recurrence,
+)
 
 
 def _heads(x: jax.Array, width: int) -> jax.Array:
@@ -133,25 +138,13 @@ class _MatrixMixer(nnx.Module):
         identity steps at the end, and their outputs cut off."""
         if self.sequence_axis is None:
             return self._scan(q, k, v, g)
-        mesh = jax.sharding.get_abstract_mesh()
-        shards = dict(mesh.shape).get(self.sequence_axis, 1) if not mesh.empty else 1
         length = q.shape[-3]
-        pad = -length % shards
-        if pad:
-            widths = [(0, 0)] * (q.ndim - 3) + [(0, pad), (0, 0), (0, 0)]
-            q, k, v, g = (jnp.pad(t, widths) for t in (q, k, v, g))
+        shards = mesh_axis_size(self.sequence_axis)
+        q, k, v, g = pad_time((q, k, v, g), (0.0,) * 4, shards, time_axis=-3)
         o = sharded_matrix_recurrence(
             q, k, v, g, axis_name=self.sequence_axis, scale=self.scale, method=self.method
         )
-        if pad:
-            kinds = dict(zip(mesh.axis_names, mesh.axis_types))
-            if kinds[self.sequence_axis] == jax.sharding.AxisType.Explicit:
-                # An Explicit axis shards the padded time axis; gather it before cutting.
-                spec = (list(jax.typeof(o).sharding.spec) + [None] * o.ndim)[: o.ndim]
-                spec[-3] = None
-                o = jax.sharding.reshard(o, jax.sharding.PartitionSpec(*spec))
-            o = o[..., :length, :, :]
-        return o
+        return cut_time(o, length, self.sequence_axis, time_axis=-3)
 
     def _finish(self, o: jax.Array, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         y = self.output(o.reshape(o.shape[:-2] + (-1,)).astype(self.dtype or x.dtype), x)

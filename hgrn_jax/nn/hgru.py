@@ -28,7 +28,12 @@ from hgrn_jax.nn.initializers import axes_metadata, dense, logical, phase_init
 from hgrn_jax.nn.lower_bounds import apply_lower_bound, check_lower_bound
 from hgrn_jax.ops import default_method, linear_recurrence
 from hgrn_jax.ops.common import accumulation_dtype
-from hgrn_jax.ops.sequence_parallel import sharded_linear_recurrence
+from hgrn_jax.ops.sequence_parallel import (
+    cut_time,
+    mesh_axis_size,
+    pad_time,
+    sharded_linear_recurrence,
+)
 
 Direction = Literal["forward", "reverse"]
 
@@ -288,14 +293,8 @@ class _HGRUBase(nnx.Module):
         from its initial state through them unchanged), and the padding sliced off."""
         a, b = jnp.moveaxis(a, axis, -2), jnp.moveaxis(b, axis, -2)
         a = jnp.broadcast_to(a, jnp.broadcast_shapes(a.shape, b.shape))
-        mesh = jax.sharding.get_abstract_mesh()
-        shards = dict(mesh.shape).get(self.sequence_axis, 1) if not mesh.empty else 1
         length = b.shape[-2]
-        pad = -length % shards
-        if pad:
-            widths = [(0, 0)] * (b.ndim - 2) + [(0, pad), (0, 0)]
-            a = jnp.pad(a, widths, constant_values=1)
-            b = jnp.pad(b, widths)
+        a, b = pad_time((a, b), (1.0, 0.0), mesh_axis_size(self.sequence_axis), time_axis=-2)
         h = sharded_linear_recurrence(
             a,
             b,
@@ -304,16 +303,7 @@ class _HGRUBase(nnx.Module):
             reverse=direction == "reverse",
             method=self.method,
         )
-        if pad:
-            kinds = dict(zip(mesh.axis_names, mesh.axis_types))
-            if kinds[self.sequence_axis] == jax.sharding.AxisType.Explicit:
-                # An Explicit axis shards the padded time axis; gather it before cutting.
-                spec = list(jax.typeof(h).sharding.spec) + [None] * h.ndim
-                spec = spec[: h.ndim]
-                spec[-2] = None
-                h = jax.sharding.reshard(h, jax.sharding.PartitionSpec(*spec))
-            h = h[..., :length, :]
-        return h
+        return cut_time(h, length, self.sequence_axis, time_axis=-2)
 
     def output(self, h: jax.Array, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
         """Norm, output gate and projection of the summed states ``h`` (..., d); ``gate`` is

@@ -67,6 +67,41 @@ def _time_sharded_spec(x: jax.Array, axis_name: str, time_axis: int = -2) -> lis
     return spec
 
 
+def mesh_axis_size(axis_name: str) -> int:
+    """The size of mesh axis ``axis_name`` in the mesh set by ``jax.set_mesh`` (1 without a
+    mesh or without that axis): how many shards a sequence split over it has."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(mesh.shape).get(axis_name, 1)
+
+
+def pad_time(arrays: tuple[jax.Array, ...], values: tuple[float, ...], shards: int, time_axis: int):
+    """``arrays`` padded at the end of ``time_axis`` to a multiple of ``shards`` steps, each with
+    its ``values`` (a recurrence's identity step: decay 1 or log decay 0, input 0)."""
+    pad = -arrays[0].shape[time_axis] % shards
+    if not pad:
+        return arrays
+
+    def padded(t: jax.Array, value: float) -> jax.Array:
+        widths = [(0, 0)] * t.ndim
+        widths[time_axis] = (0, pad)
+        return jnp.pad(t, widths, constant_values=value)
+
+    return tuple(padded(t, value) for t, value in zip(arrays, values, strict=True))
+
+
+def cut_time(y: jax.Array, length: int, axis_name: str, time_axis: int) -> jax.Array:
+    """The first ``length`` steps of ``y`` along ``time_axis``, split over mesh axis
+    ``axis_name`` (the padding :func:`pad_time` added cut off). An Explicit axis shards the
+    padded time axis, so it is gathered first."""
+    if y.shape[time_axis] == length:
+        return y
+    if axis_name in _explicit_axes(jax.sharding.get_abstract_mesh()):
+        spec = (list(jax.typeof(y).sharding.spec) + [None] * y.ndim)[: y.ndim]
+        spec[time_axis] = None
+        y = jax.sharding.reshard(y, P(*spec))
+    return jax.lax.slice_in_dim(y, 0, length, axis=time_axis % y.ndim)
+
+
 @functools.partial(jax.checkpoint, static_argnums=(3,))
 def _chain_carries_recomputed(decays, finals, h0, reverse):
     """:func:`chain_carries`, recomputed in the backward pass from its inputs (``2 n`` small
