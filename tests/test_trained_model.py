@@ -316,3 +316,23 @@ def test_a_tokenizer_run_decodes_and_takes_text_prompts(lm_run, tmp_path):
     )
     assert ids[:4] == list(b"12+3") and len(ids) == 8
     assert text == bytes(ids).decode("utf-8", errors="replace")
+
+
+@pytest.mark.slow  # end-to-end: a training run
+def test_a_task_of_the_user_s_own_loads_through_its_factory(tmp_path, monkeypatch):
+    """config.task='toy_task:make_task' (tests/toy_task.py: BatchNorm and dropout): the factory
+    builds the model; parameters and model state are the runner's."""
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
+    from toy_task import ToyTask, toy_config
+
+    config = toy_config()
+    config.num_train_steps, config.eval_every, config.checkpoint_every = 3, 3, 3
+    train_and_evaluate(config, tmp_path / "run", task=ToyTask(config))
+    model, loaded = load_trained_model(tmp_path / "run")
+    assert loaded.task == "toy_task:make_task"
+    runner, state = _runner_state(tmp_path / "run", tmp_path, 3)
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    for got, want in zip(
+        _plain((params, model_state)), _plain(state.params) + _plain(state.model_state), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
