@@ -173,6 +173,11 @@ def test_load_errors_name_the_path_and_the_fix(listops_run, tmp_path):
 
     fresh = tmp_path / "fresh"
     fresh.mkdir()
+    (fresh / "config.json").write_text('{"task": "listops", ')
+    with pytest.raises(
+        ValueError, match=rf"{fresh}/config\.json is not valid JSON \(.*\); put back"
+    ):
+        load_trained_model(fresh)
     shutil.copy(listops_run / "config.json", fresh / "config.json")
     with pytest.raises(FileNotFoundError, match=r"checkpoints holds no checkpoint yet"):
         load_trained_model(fresh)

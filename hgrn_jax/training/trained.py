@@ -22,7 +22,6 @@ from flax import nnx
 from hgrn_jax.training import integrity
 from hgrn_jax.training.checkpoint import CheckpointUnverifiedWarning
 from hgrn_jax.training.state import merge_model, split_model
-from hgrn_jax.training.workdir import read_saved_config
 
 CHECKPOINT_CHOICES = ("best", "latest")
 
@@ -181,14 +180,25 @@ def _unrestorable(workdir: Path, step: int, error: Exception) -> ValueError:
 
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
     """The run's ``config.json`` as a ConfigDict; FileNotFoundError when ``workdir`` is not a
-    run folder."""
+    run folder, ValueError when the file holds no config."""
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: {workdir} is not a run folder; pass the --workdir of an "
             "experiments.train run (it holds config.json and checkpoints/)"
         )
-    return ml_collections.ConfigDict(read_saved_config(workdir))
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}); put back the config.json the run wrote"
+        ) from None
+    if not isinstance(saved, dict) or "task" not in saved or "model" not in saved:
+        raise ValueError(
+            f"{path} holds no run config (a JSON object with task and model); put back the "
+            "config.json the run wrote"
+        )
+    return ml_collections.ConfigDict(saved)
 
 
 def load_trained_model(
@@ -201,7 +211,9 @@ def load_trained_model(
     digits). The model is built from ``config.json`` as the run built it (same model family,
     sizes, ``config.dtype`` activations, float32 parameters), without reading the data, and
     given the checkpoint's parameters and other model variables (BatchNorm statistics, dropout
-    RNG streams); the optimizer state is not read. Arrays are plain ones on the default device,
+    RNG streams); the optimizer state is not read. (A task of the user's own,
+    ``config.task="module:factory"``, builds its model through ``factory(config)``, which may
+    read its data; its module must be importable.) Arrays are plain ones on the default device,
     whatever mesh the run was sharded over. The model is in eval mode (no dropout, BatchNorm on
     its running statistics): an :class:`~hgrn_jax.nn.HGRNLM` maps ids (B, T) to logits
     (B, T, vocab) and goes to :func:`hgrn_jax.nn.generate`; a classifier maps inputs (B, L) and
