@@ -524,3 +524,22 @@ def test_gpt2_vocab_and_merges_files_tokenize_like_tokenizer_json(tmp_path):
     from_files = wikitext.LineTokenizer(str(folder))
     assert from_files.eos_id == from_json.eos_id
     np.testing.assert_array_equal(from_files.encode_lines(lines), from_json.encode_lines(lines))
+
+
+@pytest.mark.parametrize("which", ["tokenizer.json", "vocab + merges", "bytes"])
+def test_a_prompt_encodes_without_the_end_of_line_and_decodes_back(tmp_path, which):
+    """What experiments.generate uses: ``encode(text)`` (no end-of-line id added) and
+    ``decode(ids)``, the inverse of each other on text."""
+    from tokenizers import Tokenizer
+
+    path = str(fx.write_bpe_tokenizer(tmp_path / "tokenizer.json"))
+    if which == "vocab + merges":
+        Tokenizer.from_file(path).model.save(str(tmp_path))
+        (tmp_path / "tokenizer.json").unlink()
+        path = str(tmp_path)
+    tokenizer = wikitext.LineTokenizer("bytes" if which == "bytes" else path)
+    text = fx.WIKI_LINES[2].strip()  # with Japanese: several bytes a character
+    ids = tokenizer.encode(text)
+    assert ids and tokenizer.eos_id not in ids
+    assert ids == tokenizer.encode_lines([text]).tolist()[:-1]
+    assert tokenizer.decode(ids) == text

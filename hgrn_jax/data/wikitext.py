@@ -79,6 +79,9 @@ class LineTokenizer:
             self._encode: Callable[[list[str]], list[list[int]]] = lambda lines: [
                 list(line.encode("utf-8")) for line in lines
             ]
+            self._decode: Callable[[list[int]], str] = lambda ids: bytes(ids).decode(
+                "utf-8", errors="replace"
+            )
             return
         self.files = tokenizer_files(tokenizer_path)
         from tokenizers import ByteLevelBPETokenizer, Tokenizer
@@ -104,6 +107,7 @@ class LineTokenizer:
             )
         self.vocab_size, self.eos_id = tok.get_vocab_size(), eos
         self._encode = lambda lines: [e.ids for e in tok.encode_batch(lines)]
+        self._decode = tok.decode
 
     def encode_lines(self, lines: list[str]) -> np.ndarray:
         """(T,) int64 ids of the stripped lines, each followed by ``eos_id``."""
@@ -111,6 +115,14 @@ class LineTokenizer:
         for ids in self._encode([line.strip() for line in lines]):
             pieces.append(np.asarray(ids + [self.eos_id], np.int64))
         return np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+
+    def encode(self, text: str) -> list[int]:
+        """The ids of ``text`` as given (no end-of-line id added): a prompt."""
+        return [int(i) for i in self._encode([text])[0]]
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of ``ids`` (bytes that are no valid UTF-8 become U+FFFD)."""
+        return self._decode([int(i) for i in ids])
 
     @property
     def dtype(self) -> np.dtype:

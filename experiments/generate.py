@@ -1,0 +1,181 @@
+"""Continue a prompt with a trained language model::
+
+    python -m experiments.generate --workdir=RUN --prompt_ids=1,2,3 --max_new_tokens=N \\
+        [--prompt="text"] [--greedy | --temperature=T --top_k=K --top_p=P --seed=S] \\
+        [--checkpoint=best|latest|STEP]
+
+``RUN`` is the ``--workdir`` of an ``experiments.train`` run of a language model (WikiText-103),
+finished or still training; its model is loaded by
+:func:`hgrn_jax.training.load_trained_model` (default: the best validation checkpoint) and
+continued by :func:`hgrn_jax.nn.generate` (``--greedy``: argmax; otherwise sampling with
+``--temperature``, ``--top_k``, ``--top_p`` from ``jax.random.key(--seed)``).
+
+Output: one line with the token ids, comma-separated (the prompt's, then the new ones); where
+the run's data have a tokenizer (``data.tokenizer_path`` of its config.json: GPT-2's files, or
+``bytes``), their decoded text after it (from the next line on). ``--prompt`` (text, instead of
+``--prompt_ids``) needs that tokenizer.
+
+User errors (a bad flag, a folder that is not a run, a run that is not a language model, a
+checkpoint that cannot be loaded) print one line naming the file or value and the fix, exit code
+2 (as ``experiments.train``); ``--traceback`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from experiments import cli
+
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, so that tests may import this module beside
+    experiments.train and experiments.prepare, which define some of the same names)."""
+    flags.DEFINE_string("workdir", None, "Run folder of an experiments.train LM run.")
+    flags.DEFINE_string("prompt_ids", None, "Prompt token ids, e.g. 1,2,3.")
+    flags.DEFINE_string("prompt", None, "Prompt text (needs the run's tokenizer).")
+    flags.DEFINE_integer("max_new_tokens", None, "Tokens to add to the prompt.")
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature (> 0).")
+    flags.DEFINE_integer("top_k", None, "Sample from the k most probable tokens.")
+    flags.DEFINE_float("top_p", None, "Nucleus sampling probability, in (0, 1].")
+    flags.DEFINE_bool("greedy", False, "Argmax decoding (ignores the sampling flags).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed: jax.random.key(seed).")
+    flags.DEFINE_string(
+        "checkpoint", "best", "Which checkpoint: best (validation), latest, or a step number."
+    )
+    flags.DEFINE_bool(
+        "traceback", False, "Show full tracebacks instead of one-line error messages."
+    )
+    flags.mark_flags_as_required(["workdir", "max_new_tokens"])
+
+
+def parse_ids(text: str) -> list[int]:
+    """``"1, 2,3"`` -> ``[1, 2, 3]``; ValueError naming ``--prompt_ids`` otherwise."""
+    try:
+        ids = [int(part) for part in text.split(",")]
+    except ValueError:
+        ids = []
+    if not ids or min(ids) < 0:
+        raise ValueError(
+            f"--prompt_ids={text!r} is not a list of token ids; pass whole numbers >= 0 "
+            "separated by commas, e.g. --prompt_ids=1,2,3"
+        )
+    return ids
+
+
+def tokenizer_of(config):
+    """The run's tokenizer (:class:`hgrn_jax.data.wikitext.LineTokenizer`), or None when its
+    data name none (``data.tokenizer_path`` empty, e.g. the synthetic source)."""
+    data = config.get("data", None)
+    path = str(data.get("tokenizer_path", "") or "") if hasattr(data, "get") else ""
+    if not path:
+        return None
+    from hgrn_jax.data import wikitext
+
+    return wikitext.LineTokenizer(path)
+
+
+def continue_prompt(
+    workdir: str,
+    *,
+    prompt_ids: list[int] | None,
+    prompt: str | None,
+    max_new_tokens: int,
+    checkpoint: str = "best",
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> tuple[list[int], str | None]:
+    """The prompt and its ``max_new_tokens`` new tokens (ids), and their text where the run has
+    a tokenizer (else None). Exactly one of ``prompt_ids`` and ``prompt`` (text) is given.
+    ValueError / FileNotFoundError with a one-line message for what the user can mend."""
+    import jax
+    import numpy as np
+
+    from hgrn_jax.nn import generate
+    from hgrn_jax.training import load_trained_model
+    from hgrn_jax.training.trained import read_config
+
+    if (prompt_ids is None) == (prompt is None):
+        raise ValueError("pass one prompt: --prompt_ids=1,2,3 or --prompt='text', not both")
+    config = read_config(workdir)
+    tokenizer = tokenizer_of(config) if prompt is not None else None
+    if prompt is not None:
+        if tokenizer is None:
+            raise ValueError(
+                f"--prompt needs a tokenizer and the run in {workdir} has none (its config.json "
+                "sets no data.tokenizer_path); pass the prompt as token ids with --prompt_ids"
+            )
+        prompt_ids = tokenizer.encode(prompt)
+        if not prompt_ids:
+            raise ValueError("--prompt='' has no tokens; pass some text or --prompt_ids")
+    model, config = load_trained_model(workdir, checkpoint)
+    if not (hasattr(model, "init_cache") and hasattr(model, "step")):
+        raise ValueError(
+            f"{workdir} is a run of task {config.task!r}, whose {type(model).__name__} is no "
+            "language model; experiments.generate continues the prompts of LM runs (e.g. "
+            "experiments/configs/lm/wikitext103.py); load this one with "
+            "hgrn_jax.training.load_trained_model"
+        )
+    out = generate(
+        model,
+        np.asarray([prompt_ids], np.int32),
+        max_new_tokens,
+        rng=jax.random.key(seed),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        greedy=greedy,
+    )
+    ids = [int(i) for i in np.asarray(out)[0]]
+    if tokenizer is None:
+        try:
+            tokenizer = tokenizer_of(config)
+        except (ValueError, OSError) as error:  # ids without their text still answer
+            print(f"warning: no decoded text: {cli.one_line(str(error))}", file=sys.stderr)
+    return ids, tokenizer.decode(ids) if tokenizer is not None else None
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {argv[1:]}; options look like --max_new_tokens=32")
+    if not flags.FLAGS["verbosity"].present:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs its reads at INFO
+    from hgrn_jax.training.checkpoint import CheckpointError
+
+    given = flags.FLAGS
+    try:
+        prompt_ids = parse_ids(given.prompt_ids) if given.prompt_ids is not None else None
+        ids, text = continue_prompt(
+            given.workdir,
+            prompt_ids=prompt_ids,
+            prompt=given.prompt,
+            max_new_tokens=given.max_new_tokens,
+            checkpoint=given.checkpoint,
+            greedy=given.greedy,
+            temperature=given.temperature,
+            top_k=given.top_k,
+            top_p=given.top_p,
+            seed=given.seed,
+        )
+    except (ValueError, OSError, KeyError, CheckpointError) as error:
+        if given.traceback:
+            raise
+        cli.fail(f"{type(error).__name__}: {error} (rerun with --traceback for details)")
+    print(",".join(map(str, ids)))
+    if text is not None:
+        print(text)
+
+
+def run() -> None:
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,286 @@
+"""A finished (or running) run's model, back as a Flax module: :func:`load_trained_model`.
+
+Reads the run folder only: ``config.json`` (the model is built from it, without the data) and one
+step folder of ``checkpoints/``, whose checksums (:mod:`hgrn_jax.training.integrity`) are
+verified when it has them. Nothing is locked, written, moved or quarantined, so a run that is
+still training can be loaded (its newest checkpoint once Orbax has committed it).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from hgrn_jax.training import integrity
+from hgrn_jax.training.checkpoint import CheckpointUnverifiedWarning
+from hgrn_jax.training.state import merge_model, split_model
+
+CHECKPOINT_CHOICES = ("best", "latest")
+
+_VOCAB_PROBE = 1_000_003
+"""A vocabulary size no other axis of a model has: the axes of this size are the vocabulary's."""
+
+
+def checkpoint_steps(workdir: str | Path) -> list[int]:
+    """The committed checkpoint steps of run folder ``workdir``, ascending (Orbax's unfinished
+    folders carry a suffix after the step)."""
+    folder = Path(workdir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(int(e.name) for e in folder.iterdir() if e.name.isdigit() and e.is_dir())
+
+
+def _saved_metrics(step_folder: Path) -> dict[str, float]:
+    """The validation metric Orbax stored with a checkpoint (``{}`` for one saved without)."""
+    path = step_folder / "metrics" / "metrics"
+    if not path.is_file():
+        return {}
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def best_step(workdir: str | Path) -> int | None:
+    """The checkpoint the run ranks best by its validation metric (``val_accuracy``: highest;
+    ``val_perplexity``: lowest; ties: the later step), as the runner picks the one it tests
+    (:meth:`hgrn_jax.training.checkpoint.Checkpoints.best_step`, the ``best_step`` of
+    ``results.json``); None before the first evaluation."""
+    scored = []
+    for step in checkpoint_steps(workdir):
+        metrics = _saved_metrics(Path(workdir) / "checkpoints" / str(step))
+        for key, sign in (("val_accuracy", 1.0), ("val_perplexity", -1.0)):
+            if isinstance(metrics.get(key), (int, float)):
+                scored.append((sign * float(metrics[key]), step))
+    return max(scored)[1] if scored else None
+
+
+def _choose_step(workdir: Path, checkpoint: str | int) -> int:
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(
+            f"{workdir / 'checkpoints'} holds no checkpoint yet; wait for the run's first "
+            "checkpoint (config.checkpoint_every / eval_every steps) or train it longer"
+        )
+    listed = ", ".join(map(str, steps))
+    if checkpoint == "latest":
+        return steps[-1]
+    if checkpoint == "best":
+        best = best_step(workdir)
+        if best is None:
+            raise ValueError(
+                f"{workdir / 'checkpoints'} has no checkpoint with a validation metric yet (steps "
+                f"{listed}); pass checkpoint='latest' or a step, or wait for an evaluation"
+            )
+        return best
+    if isinstance(checkpoint, str) and checkpoint.isdigit():
+        checkpoint = int(checkpoint)
+    if not isinstance(checkpoint, int) or isinstance(checkpoint, bool):
+        raise ValueError(
+            f"checkpoint={checkpoint!r} is not 'best', 'latest' or a step; pass one of those "
+            f"(steps in {workdir / 'checkpoints'}: {listed})"
+        )
+    if checkpoint not in steps:
+        raise ValueError(
+            f"{workdir / 'checkpoints'} has no checkpoint at step {checkpoint}; pass one of the "
+            f"steps there: {listed} (or 'best' / 'latest')"
+        )
+    return checkpoint
+
+
+def _path_name(path: tuple) -> str:
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """``"params/embed/embedding/value" -> shape`` of every array leaf of ``tree``."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_name(p): tuple(x.shape) for p, x in leaves if hasattr(x, "shape")}
+
+
+def _is_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _model_builder(
+    workdir: Path, config: ml_collections.ConfigDict, stored: dict[str, tuple[int, ...]]
+) -> Callable[[nnx.Rngs], nnx.Module]:
+    """``build(rngs) -> nnx.Module`` as the run built its model, from ``config`` alone for a
+    task of the registry (a vocabulary the config leaves to the data is read off the stored
+    arrays); a task of the user's own is made by its factory."""
+    from hgrn_jax.tasks import base, registry
+    from hgrn_jax.training.loop import task_factory
+
+    try:
+        factory = task_factory(config)
+    except ValueError as error:
+        raise ValueError(f"{workdir / 'config.json'}: {error}") from None
+    if factory is not None and not isinstance(factory, base.Dataset):
+        task = factory(config)  # a task of the user's own may need its data to build a model
+        return task.build_model
+    entry = factory if factory is not None else registry.dataset(config)
+    base.check_model_sizes(config.model, base.SIZES_FROM_THE_DATA)
+    derived = entry.derive(config)
+    if "vocab_size" in derived.model and not derived.model.vocab_size:
+        # Settled from the data files (a tokenizer, prepared data) when the run started; the
+        # checkpoint's arrays hold it.
+        derived.model.vocab_size = _VOCAB_PROBE
+        probe = _shapes(
+            split_model(
+                nnx.eval_shape(lambda: base.build_model(derived, entry.model, nnx.Rngs(0)))
+            )[1]
+        )
+        sizes = {
+            stored.get("params/" + name, ())[axis]
+            for name, shape in probe.items()
+            for axis, n in enumerate(shape)
+            if n == _VOCAB_PROBE and len(stored.get("params/" + name, ())) > axis
+        }
+        if len(sizes) != 1:
+            raise ValueError(
+                f"{workdir / 'config.json'} leaves model.vocab_size to the data (0) and the "
+                "checkpoint's arrays do not say it; set model.vocab_size in that file to the "
+                "run's vocabulary size"
+            )
+        derived.model.vocab_size = sizes.pop()
+    return lambda rngs: base.build_model(derived, entry.model, rngs)
+
+
+def _other_steps_hint(workdir: Path, step: int) -> str:
+    others = [s for s in checkpoint_steps(workdir) if s != step]
+    how = f"load another step ({', '.join(map(str, others))})" if others else "train again"
+    return f"{how}, or put back the folder from a copy"
+
+
+def _unrestorable(workdir: Path, step: int, error: Exception) -> ValueError:
+    text = " ".join(str(error).split())[:300]  # TensorStore's messages span lines
+    return ValueError(
+        f"checkpoint {workdir / 'checkpoints' / str(step)} does not restore "
+        f"({type(error).__name__}: {text}); {_other_steps_hint(workdir, step)}"
+    )
+
+
+def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The run's ``config.json`` as a ConfigDict; FileNotFoundError when ``workdir`` is not a
+    run folder, ValueError when the file holds no config."""
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {workdir} is not a run folder; pass the --workdir of an "
+            "experiments.train run (it holds config.json and checkpoints/)"
+        )
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}); put back the config.json the run wrote"
+        ) from None
+    if not isinstance(saved, dict) or "task" not in saved or "model" not in saved:
+        raise ValueError(
+            f"{path} holds no run config (a JSON object with task and model); put back the "
+            "config.json the run wrote"
+        )
+    return ml_collections.ConfigDict(saved)
+
+
+def load_trained_model(
+    workdir: str | Path, checkpoint: str | int = "best"
+) -> tuple[nnx.Module, ml_collections.ConfigDict]:
+    """The model of run folder ``workdir`` at one of its checkpoints, and the run's config.
+
+    ``checkpoint``: ``"best"`` (the checkpoint with the best validation metric, the one the
+    run tested: ``results.json``'s ``best_step``), ``"latest"`` or a step (an int, or its
+    digits). The model is built from ``config.json`` as the run built it (same model family,
+    sizes, ``config.dtype`` activations, float32 parameters), without reading the data, and
+    given the checkpoint's parameters and other model variables (BatchNorm statistics, dropout
+    RNG streams); the optimizer state is not read. (A task of the user's own,
+    ``config.task="module:factory"``, builds its model through ``factory(config)``, which may
+    read its data; its module must be importable.) Arrays are plain ones on the default device,
+    whatever mesh the run was sharded over. The model is in eval mode (no dropout, BatchNorm on
+    its running statistics): an :class:`~hgrn_jax.nn.HGRNLM` maps ids (B, T) to logits
+    (B, T, vocab) and goes to :func:`hgrn_jax.nn.generate`; a classifier maps inputs (B, L) and
+    mask (B, L) to logits (B, classes).
+
+    The checkpoint's files are checked against their recorded SHA-256 checksums (a
+    :class:`~hgrn_jax.training.checkpoint.CheckpointUnverifiedWarning` when it has none). The
+    run folder is only read. Errors (one line naming the path or value and the fix):
+    FileNotFoundError for a folder without ``config.json`` or without checkpoints; ValueError
+    for an unknown step (the steps there are listed), ``"best"`` before any evaluation, a
+    failed checksum, or a ``config.task`` of the user's own that cannot be imported.
+    """
+    workdir = Path(workdir).absolute()  # Orbax reads absolute paths only
+    config = read_config(workdir)
+    step = _choose_step(workdir, checkpoint)
+    folder = workdir / "checkpoints" / str(step)
+    try:
+        checked = integrity.verify(folder)
+    except integrity.CheckpointError as error:
+        raise ValueError(
+            f"checkpoint {folder} is damaged ({error}); {_other_steps_hint(workdir, step)}"
+        ) from None
+    if isinstance(checked, integrity.Unverified):
+        warnings.warn(
+            f"checkpoint at step {step}: {checked.reason}; loading it unverified",
+            CheckpointUnverifiedWarning,
+            stacklevel=2,
+        )
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        metadata = handler.metadata(folder / "state")
+    except Exception as error:  # Orbax and TensorStore raise many kinds
+        raise _unrestorable(workdir, step, error) from None
+    stored = _shapes(getattr(metadata, "tree", metadata))
+    build = _model_builder(workdir, config, stored)
+    graphdef, params, model_state = split_model(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def target(x: Any) -> jax.ShapeDtypeStruct:
+        if _is_key(x):  # stored as its raw uint32 data (state.to_checkpoint_tree)
+            x = jax.eval_shape(jax.random.key_data, x)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
+
+    wanted = {"params": params, "model_state": model_state}
+    abstract = jax.tree.map(target, wanted)
+    have, want = _shapes(abstract), {k: v for k, v in stored.items() if k.split("/")[0] in wanted}
+    if have != want:
+        diff = sorted(set(have.items()) ^ set(want.items()))[:3]
+        raise ValueError(
+            f"checkpoint {folder} holds other arrays than the model config.json describes "
+            f"(e.g. {diff}); load it with the config it was saved with"
+        )
+    try:
+        restored = handler.restore(
+            folder / "state",
+            args=ocp.args.PyTreeRestore(
+                item=abstract,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                partial_restore=True,
+            ),
+        )
+    except Exception as error:
+        raise _unrestorable(workdir, step, error) from None
+    # nnx.Rngs makes keys of JAX's default implementation, which wrap_key_data uses.
+    restored = jax.tree.map(
+        lambda x, ref: jax.random.wrap_key_data(x) if _is_key(ref) else x, restored, wanted
+    )
+    model = merge_model(graphdef, restored["params"], restored["model_state"])
+    model.eval()
+    return model, config

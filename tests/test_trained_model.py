@@ -1,0 +1,343 @@
+"""A run folder back as a model: ``load_trained_model`` (parameters and BatchNorm statistics bit
+for bit as the runner restores them, the run's test accuracy and validation loss reproduced,
+its errors) and ``python -m experiments.generate`` on a trained LM.
+
+Two tiny runs are made once per module on the suite's 8 simulated CPU devices (so their
+checkpoints are sharded over the mesh and loaded as plain one-device arrays): ListOps (a
+classifier with BatchNorm) and the WikiText-103 LM on its synthetic source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from hgrn_jax.nn import generate
+from hgrn_jax.training import load_trained_model
+from hgrn_jax.training.checkpoint import CheckpointUnverifiedWarning
+from hgrn_jax.training.loop import Run, resolve_task, train_and_evaluate
+from hgrn_jax.training.state import merge_model
+from hgrn_jax.training.trained import best_step
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(name: str, cache_dir: Path, **changes):
+    config = importlib.import_module(f"experiments.configs.{name}").get_config("tiny")
+    config.data.cache_dir = str(cache_dir)
+    config.num_train_steps, config.eval_every, config.checkpoint_every = 4, 2, 2
+    config.log_every = 2
+    for key, value in changes.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def listops_run(tmp_path_factory) -> Path:
+    """A 4-step ListOps run (checkpoints 2 and 4, each after an evaluation)."""
+    folder = tmp_path_factory.mktemp("listops")
+    config = _config(
+        "lra.listops",
+        folder / "cache",
+        **{"data.train_examples": 512, "data.val_examples": 64, "data.test_examples": 64},
+    )
+    train_and_evaluate(config, folder / "run")
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory) -> Path:
+    """A 4-step WikiText-103 LM run on the synthetic byte corpus (config.json: vocab_size 0)."""
+    folder = tmp_path_factory.mktemp("lm")
+    config = _config(
+        "lm.wikitext103", folder / "cache", **{"data.train_bytes": 20_000, "data.eval_bytes": 2_048}
+    )
+    train_and_evaluate(config, folder / "run")
+    return folder / "run"
+
+
+def _runner_state(run: Path, tmp_path: Path, step: int):
+    """``(Run, state)``: the runner's own restore of checkpoint ``step`` (from a copy)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    runner = Run(ml_collections.ConfigDict(json.loads((run / "config.json").read_text())), copy)
+    state, _ = runner.restore(step)
+    return runner, state
+
+
+def _plain(tree) -> list[np.ndarray]:
+    """The leaves of ``tree`` as NumPy arrays (typed PRNG keys as their raw data)."""
+    out = []
+    for leaf in jax.tree.leaves(tree):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        out.append(np.asarray(leaf))
+    return out
+
+
+def _folder_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.slow  # end-to-end: a training run
+def test_best_listops_checkpoint_loads_bit_for_bit_and_reproduces_the_test_accuracy(
+    listops_run, tmp_path
+):
+    """Parameters and BatchNorm statistics equal the runner's restore of the best step, and the
+    loaded model's correct predictions over the test split are the run's test accuracy exactly
+    (a count of correct examples over a count of examples: no rounding to allow for)."""
+    results = json.loads((listops_run / "results.json").read_text())
+    assert best_step(listops_run) == results["best_step"]
+    before = _folder_digest(listops_run)
+    model, config = load_trained_model(listops_run, "best")
+    assert _folder_digest(listops_run) == before  # the run folder is only read
+    assert config.task == "listops" and config.model.vocab_size == 18
+    runner, state = _runner_state(listops_run, tmp_path, results["best_step"])
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    assert len(jax.tree.leaves(params)) == len(jax.tree.leaves(state.params))
+    for got, want in zip(_plain(params), _plain(state.params), strict=True):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(_plain(model_state), _plain(state.model_state), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert all(len(leaf.devices()) == 1 for leaf in jax.tree.leaves(params))  # not sharded
+
+    task = resolve_task(config)
+    correct = weight = 0.0
+    forward = nnx.jit(lambda classifier, inputs, mask: classifier(inputs, mask))
+    for batch in task.eval_batches("test"):
+        logits = forward(model, batch["inputs"], batch["mask"])  # the model is in eval mode
+        hits = np.asarray(jnp.argmax(logits, -1)) == batch["labels"]
+        correct += float(np.sum(hits * batch["weight"]))
+        weight += float(np.sum(batch["weight"]))
+    assert 100.0 * correct / weight == results["test"]
+
+
+@pytest.mark.slow  # end-to-end: a training run
+def test_latest_and_a_step_number_load_those_checkpoints(listops_run, tmp_path):
+    runner, state = _runner_state(listops_run, tmp_path, 2)
+    for choice in (2, "2"):
+        model, _ = load_trained_model(listops_run, choice)
+        params = nnx.state(model, nnx.Param)
+        for got, want in zip(_plain(params), _plain(state.params), strict=True):
+            np.testing.assert_array_equal(got, want)
+    # 'best' follows the saved validation metric, not the step: make step 2 the best one.
+    copy = tmp_path / "step-2-best"
+    shutil.copytree(listops_run, copy)
+    for step, value in ((2, 101.0), (4, -1.0)):
+        (copy / "checkpoints" / str(step) / "metrics" / "metrics").write_text(
+            json.dumps({"val_accuracy": value})
+        )
+        (copy / "checkpoints" / str(step) / "integrity.json").unlink()  # metrics changed
+    with pytest.warns(CheckpointUnverifiedWarning, match="loading it unverified"):
+        best, _ = load_trained_model(copy, "best")
+    for got, want in zip(_plain(nnx.state(best, nnx.Param)), _plain(state.params), strict=True):
+        np.testing.assert_array_equal(got, want)
+    latest, _ = load_trained_model(listops_run, "latest")
+    restored_4, _ = runner.restore(4)
+    for got, want in zip(
+        _plain(nnx.state(latest, nnx.Param)), _plain(restored_4.params), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.slow  # end-to-end: a training run
+def test_load_errors_name_the_path_and_the_fix(listops_run, tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=rf"{tmp_path}/config\.json not found: .* not a run"
+    ):
+        load_trained_model(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"no checkpoint at step 3; pass one of the steps there: 2, 4"
+    ):
+        load_trained_model(listops_run, 3)
+    with pytest.raises(ValueError, match=r"checkpoint='worst' is not 'best', 'latest' or a step"):
+        load_trained_model(listops_run, "worst")
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "config.json").write_text('{"task": "listops", ')
+    with pytest.raises(
+        ValueError, match=rf"{fresh}/config\.json is not valid JSON \(.*\); put back"
+    ):
+        load_trained_model(fresh)
+    shutil.copy(listops_run / "config.json", fresh / "config.json")
+    with pytest.raises(FileNotFoundError, match=r"checkpoints holds no checkpoint yet"):
+        load_trained_model(fresh)
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(listops_run, copy)
+    before = _folder_digest(listops_run)
+    data = sorted((copy / "checkpoints" / "4" / "state").rglob("d/*"))[0]
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(
+        ValueError,
+        match=rf"checkpoint {copy}/checkpoints/4 is damaged \(.*fails "
+        r"its SHA-256 checksum.*\); load another step \(2\)",
+    ):
+        load_trained_model(copy, 4)
+    assert (copy / "checkpoints" / "4").is_dir()  # not moved aside
+    assert not (copy / "checkpoints.damaged").exists()
+    assert _folder_digest(listops_run) == before
+
+    for step in (2, 4):  # no validation metric: as checkpoints saved between evaluations
+        (copy / "checkpoints" / str(step) / "metrics" / "metrics").unlink()
+    with pytest.raises(
+        ValueError,
+        match=r"no checkpoint with a validation metric yet \(steps "
+        r"2, 4\); pass checkpoint='latest'",
+    ):
+        load_trained_model(copy, "best")
+
+    config = json.loads((listops_run / "config.json").read_text())
+    config["task"] = "no_such_module_of_mine:make_task"
+    (fresh / "config.json").write_text(json.dumps(config))
+    (fresh / "checkpoints").symlink_to(listops_run / "checkpoints")
+    with pytest.raises(
+        ValueError,
+        match=rf"{fresh}/config\.json: config\.task="
+        r"'no_such_module_of_mine:make_task': cannot import",
+    ):
+        load_trained_model(fresh, "latest")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.generate", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.slow  # end-to-end: a training run
+def test_loaded_lm_gives_the_runner_s_logits_and_its_validation_loss(lm_run, tmp_path):
+    """Logits equal those of the runner's restored model bit for bit; the validation loss
+    logged at the best step is reproduced from the val split to rtol 1e-5: the run summed each
+    batch's ~1000 float32 token losses over 8 devices in its jitted step, here on one device,
+    so the sums differ in rounding order only (measured: 3e-7, a few float32 ulps)."""
+    results = json.loads((lm_run / "results.json").read_text())
+    model, config = load_trained_model(lm_run)
+    assert config.model.vocab_size == 0 and model.config.vocab_size == 256  # synthetic: bytes
+    runner, state = _runner_state(lm_run, tmp_path, results["best_step"])
+    theirs = merge_model(runner.graphdef, state.params, state.model_state)
+    theirs.eval()
+    task = resolve_task(config)
+    val = list(task.eval_batches("val"))
+    ids = jnp.asarray(val[0]["ids"][:, :-1])
+    forward = nnx.jit(lambda lm, ids: lm(ids))
+    np.testing.assert_array_equal(np.asarray(forward(model, ids)), np.asarray(forward(theirs, ids)))
+
+    loss_fn = nnx.jit(lambda lm, batch: task.loss_fn(lm, batch, train=False))
+    loss_sum = weight = 0.0
+    for batch in val:
+        _, sums = loss_fn(model, batch)
+        loss_sum += float(sums["loss_sum"])
+        weight += float(sums["weight"])
+    records = [json.loads(line) for line in (lm_run / "metrics.jsonl").read_text().splitlines()]
+    logged = next(
+        r["loss"] for r in records if r["split"] == "val" and r["step"] == results["best_step"]
+    )
+    assert loss_sum / weight == pytest.approx(logged, rel=1e-5)
+
+
+@pytest.mark.slow  # end-to-end: a training run and two commands
+def test_generate_command_prints_the_greedy_ids_and_refuses_a_classifier(lm_run, listops_run):
+    """--prompt_ids --greedy --checkpoint=2 prints generate(greedy=True)'s ids of that step
+    (a step that is not there is refused), and a classifier's run is one line, exit code 2."""
+    model, _ = load_trained_model(lm_run, 2)
+    want = generate(model, np.asarray([[49, 50, 43]], np.int32), 6, greedy=True)
+    done = _cli(
+        f"--workdir={lm_run}",
+        "--prompt_ids=49,50,43",
+        "--max_new_tokens=6",
+        "--greedy",
+        "--checkpoint=2",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [",".join(map(str, np.asarray(want)[0]))]
+
+    unknown = _cli(f"--workdir={lm_run}", "--prompt_ids=1", "--max_new_tokens=2", "--checkpoint=3")
+    assert unknown.returncode == 2
+    assert "no checkpoint at step 3; pass one of the steps there: 2, 4" in unknown.stderr
+
+    refused = _cli(f"--workdir={listops_run}", "--prompt_ids=1,2", "--max_new_tokens=2")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        f"error: ValueError: {listops_run} is a run of task 'listops', whose HGRNClassifier is "
+        "no language model; experiments.generate continues the prompts of LM runs (e.g. "
+        "experiments/configs/lm/wikitext103.py); load this one with "
+        "hgrn_jax.training.load_trained_model (rerun with --traceback for details)"
+    ]
+
+
+@pytest.mark.slow  # end-to-end: a training run
+def test_a_tokenizer_run_decodes_and_takes_text_prompts(lm_run, tmp_path):
+    """The synthetic run's config.json rewritten as a byte-tokenizer release run: its
+    vocabulary (0, left to the tokenizer) is read off the checkpoint, a text prompt is encoded
+    and the ids decoded; without a tokenizer a text prompt is refused."""
+    from experiments.generate import continue_prompt
+
+    with pytest.raises(ValueError, match=r"--prompt needs a tokenizer and the run in .* has none"):
+        continue_prompt(str(lm_run), prompt_ids=None, prompt="1+2", max_new_tokens=2)
+    run = tmp_path / "bytes"
+    shutil.copytree(lm_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["data"].update(source="release", tokenizer_path="bytes", wikitext_dir="/nowhere")
+    (run / "config.json").write_text(json.dumps(config))
+    model, _ = load_trained_model(run, "latest")
+    assert model.config.vocab_size == 256
+    assert best_step(run) == 4  # perplexity: the lowest wins
+    (run / "checkpoints" / "2" / "metrics" / "metrics").write_text('{"val_perplexity": 1.0}')
+    assert best_step(run) == 2
+    ids, text = continue_prompt(
+        str(run),
+        prompt_ids=None,
+        prompt="12+3",
+        max_new_tokens=4,
+        checkpoint="latest",
+        greedy=True,
+    )
+    assert ids[:4] == list(b"12+3") and len(ids) == 8
+    assert text == bytes(ids).decode("utf-8", errors="replace")
+
+
+@pytest.mark.slow  # end-to-end: a training run
+def test_a_task_of_the_user_s_own_loads_through_its_factory(tmp_path, monkeypatch):
+    """config.task='toy_task:make_task' (tests/toy_task.py: BatchNorm and dropout): the factory
+    builds the model; parameters and model state are the runner's."""
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
+    from toy_task import ToyTask, toy_config
+
+    config = toy_config()
+    config.num_train_steps, config.eval_every, config.checkpoint_every = 3, 3, 3
+    train_and_evaluate(config, tmp_path / "run", task=ToyTask(config))
+    model, loaded = load_trained_model(tmp_path / "run")
+    assert loaded.task == "toy_task:make_task"
+    runner, state = _runner_state(tmp_path / "run", tmp_path, 3)
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    for got, want in zip(
+        _plain((params, model_state)), _plain(state.params) + _plain(state.model_state), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
