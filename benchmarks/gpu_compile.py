@@ -213,7 +213,8 @@ def runner_step_fn(model: nnx.Module, loss) -> tuple:
 
     def loss_fn(model, batch, *, train):
         del train  # make_train_step has set the model to training mode
-        return loss(model, batch["ids"]), {}
+        value = loss(model, batch["ids"])
+        return value, {"loss_sum": value, "weight": jnp.ones((), jnp.float32)}  # Task protocol
 
     train_step = make_train_step(graphdef, tx, loss_fn, schedule)
     return jax.jit(lambda state, ids: train_step(state, {"ids": ids}), donate_argnums=0), (state,)
