@@ -266,6 +266,8 @@ def test_mixer_config_errors_name_the_fix():
         MixerConfig(kind="hgrn3")
     with pytest.raises(ValueError, match="scan='2d' needs layout='official'"):
         MixerConfig(kind="hgrn2", layout="fla", scan="2d")
+    with pytest.raises(ValueError, match="scan='2d' needs grid_shape.*takes mixer.scan='1d'"):
+        ClassifierConfig(vocab_size=5, mixer={"kind": "hgrn2", "scan": "2d"})
     with pytest.raises(ValueError, match="expand_ratio is an HGRN2 / fla option"):
         MixerConfig(expand_ratio=4)
     with pytest.raises(ValueError, match="features 16 must be a multiple of expand_ratio 5"):
