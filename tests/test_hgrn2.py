@@ -266,18 +266,14 @@ def test_mixer_config_errors_name_the_fix():
         MixerConfig(kind="hgrn3")
     with pytest.raises(ValueError, match="scan='2d' needs layout='official'"):
         MixerConfig(kind="hgrn2", layout="fla", scan="2d")
+    with pytest.raises(ValueError, match="scan='2d' needs grid_shape.*takes mixer.scan='1d'"):
+        ClassifierConfig(vocab_size=5, mixer={"kind": "hgrn2", "scan": "2d"})
     with pytest.raises(ValueError, match="expand_ratio is an HGRN2 / fla option"):
         MixerConfig(expand_ratio=4)
     with pytest.raises(ValueError, match="features 16 must be a multiple of expand_ratio 5"):
-        HGRNLM(
-            LMConfig(
-                vocab_size=5,
-                features=16,
-                num_layers=1,
-                mixer=MixerConfig(kind="hgrn2", expand_ratio=5),
-            ),
-            rngs=nnx.Rngs(0),
-        )
+        HGRN2(16, expand_ratio=5, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"expand_ratio=128 \(the key width of a head\)"):
+        FlaHGRN2Attention(32, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"ClassifierConfig.mixer.expand is not a MixerConfig"):
         ClassifierConfig(vocab_size=5, mixer={"kind": "hgrn2", "expand": 4})
     with pytest.raises(ValueError, match="causal only"):
@@ -287,6 +283,43 @@ def test_mixer_config_errors_name_the_fix():
             ),
             rngs=nnx.Rngs(0),
         )
+
+
+@pytest.mark.parametrize(
+    "make, where",
+    [
+        (lambda m: LMConfig(vocab_size=5, features=16, num_layers=1, mixer=m), "LMConfig"),
+        (lambda m: ClassifierConfig(vocab_size=5, features=16, mixer=m), "ClassifierConfig"),
+        (lambda m: ImageConfig(features=16, mixer=m), "ImageConfig"),
+    ],
+)
+def test_hgrn2_head_width_that_does_not_split_the_width_fails_in_the_config(make, where):
+    fix = r"set mixer.expand_ratio to a divisor of 16, e.g. 2, 4, 8, 16"
+    with pytest.raises(ValueError, match=rf"{where}: mixer.expand_ratio=5 .*{fix}"):
+        make(MixerConfig(kind="hgrn2", expand_ratio=5))
+    with pytest.raises(ValueError, match=rf"{where}: mixer.expand_ratio=128 .*{fix}"):
+        make(MixerConfig(kind="hgrn2", layout="fla"))  # fla's default head width
+
+
+@pytest.mark.parametrize(
+    "option", ["complex_valued", "separate_phases", "use_forget_gate", "norm_before_gate"]
+)
+@pytest.mark.parametrize("kind", ["hgrn2", "attention"])
+def test_hgrn_only_options_are_refused_by_other_kinds(option, kind):
+    with pytest.raises(ValueError, match=rf"mixer.{option}=False is an HGRN option.*leave"):
+        MixerConfig(kind=kind, **{option: False})
+    with pytest.raises(ValueError, match=rf"ClassifierConfig.*mixer.{option}=False is an HGRN"):
+        ClassifierConfig(vocab_size=5, mixer={"kind": kind, option: False})
+    MixerConfig(kind=kind, **{option: MixerConfig.__dataclass_fields__[option].default})
+
+
+def test_heads_are_set_by_expand_ratio_except_for_attention():
+    with pytest.raises(ValueError, match="mixer.num_heads=4 is for kind='attention'.*expand_ratio"):
+        MixerConfig(kind="hgrn2", expand_ratio=8, num_heads=4)
+    with pytest.raises(ValueError, match="mixer.num_heads=2 is for kind='attention'"):
+        LMConfig(mixer=MixerConfig(kind="hgrn2", layout="fla", num_heads=2))
+    with pytest.raises(ValueError, match="mixer.expand_ratio=8 is an HGRN2 / fla option"):
+        MixerConfig(kind="attention", expand_ratio=8)
 
 
 def test_old_field_names_still_work_with_a_deprecation_warning():

@@ -138,7 +138,7 @@ def with_transformer_presets(
 
 def use_hgrn2(c: ml_collections.ConfigDict, expand_ratio: int) -> None:
     """Switch ``c.model.mixer`` to hgru2-pytorch's HGRN2 layer with heads of width
-    ``expand_ratio`` (the HGRU-only switches stay, ignored by HGRN2)."""
+    ``expand_ratio`` (the HGRU-only switches stay at their defaults; HGRN2 refuses others)."""
     c.model.mixer.kind = "hgrn2"
     c.model.mixer.layout = "official"
     c.model.mixer.expand_ratio = expand_ratio

@@ -109,6 +109,7 @@ class ClassifierConfig:
         object.__setattr__(
             self, "mixer", fold_legacy_fields(self, LEGACY_MIXER_FIELDS, "ClassifierConfig")
         )
+        self.mixer.check_width(self.features, "ClassifierConfig")
         if self.encoder == "embed" and not self.vocab_size:
             raise ValueError("encoder='embed' needs vocab_size (the number of token ids)")
         if self.encoder == "linear" and not self.input_channels:
@@ -116,7 +117,10 @@ class ClassifierConfig:
         if self.encoder not in ("embed", "linear"):
             raise ValueError(f"unknown encoder {self.encoder!r}; use 'embed' or 'linear'")
         if self.mixer.scan == "2d" and (self.grid_shape is None or len(self.grid_shape) != 2):
-            raise ValueError("mixer scan='2d' needs grid_shape=(H, W), e.g. (32, 32) for LRA Image")
+            raise ValueError(
+                "mixer scan='2d' needs grid_shape=(H, W), e.g. (32, 32) for LRA Image; a 1-D "
+                "task (no grid: ListOps, Text, Retrieval) takes mixer.scan='1d'"
+            )
         if self.norm not in ("layer", "batch", "sync_batch"):
             raise ValueError(f"unknown norm {self.norm!r}; use 'layer', 'batch' or 'sync_batch'")
         if self.pooling != "mean":

@@ -299,8 +299,9 @@ class FlaHGRN2Attention(_MatrixMixer):
         heads = features // expand_ratio if expand_ratio else 0
         if heads < 1 or features % heads:
             raise ValueError(
-                f"FlaHGRN2Attention: features {features} must split into "
-                f"features // expand_ratio = {heads} heads of equal value width"
+                f"FlaHGRN2Attention: expand_ratio={expand_ratio} (the key width of a head) gives "
+                f"features // expand_ratio = {heads} heads, which do not split features="
+                f"{features}; pass an expand_ratio that divides {features}"
             )
         self.features = features
         self.num_heads, self.key_dim, self.value_dim = heads, expand_ratio, features // heads

@@ -107,6 +107,7 @@ class LMConfig:
         )
         if self.mixer.scan != "1d":
             raise ValueError(f"the LM is 1-D: mixer scan must be '1d'; got {self.mixer.scan!r}")
+        self.mixer.check_width(self.features, "LMConfig")
 
     @classmethod
     def fla(cls, kind: str = "hgrn", **overrides) -> LMConfig:

@@ -36,6 +36,8 @@ from hgrn_jax.nn.hgrn2 import HGRN2, HGRN2D, FlaHGRN2Attention
 from hgrn_jax.nn.hgru import HGRU, HGRU2D
 
 KINDS = ("hgrn", "hgrn2", "attention")
+# HGRN official's switches (the paper's ablations); other kinds refuse non-default values.
+HGRU_OPTIONS = ("complex_valued", "separate_phases", "use_forget_gate", "norm_before_gate")
 LAYOUTS = ("official", "fla")
 SCANS = ("1d", "2d")
 
@@ -53,7 +55,8 @@ class MixerConfig:
     expand_ratio: HGRN2's head width K (d / K heads with K x V states); fla HGRN's width
       multiplier. None: hgrn 1, hgrn2 official 2 (hgru2-pytorch's default), hgrn2 fla 128 (fla's).
     complex_valued, separate_phases, use_forget_gate, norm_before_gate: HGRN official's options
-      (the paper's ablations); other mixers ignore them.
+      (the paper's ablations); fla's HGRN ignores them, hgrn2 and attention refuse other values
+      than the defaults.
     use_bias: biases on the projections of the official layouts (fla's layers have none).
     norm_epsilon: the mixer's inner norm (fla HGRN2's is always 1e-5; fla HGRN's is its norm_eps).
     method: the recurrence method (:func:`~hgrn_jax.ops.linear_recurrence` or
@@ -61,7 +64,8 @@ class MixerConfig:
     sequence_axis: a mesh axis to split the sequence over (sequence parallelism,
       :mod:`hgrn_jax.ops.sequence_parallel`): HGRN official and HGRN2 (both layouts; the 2-D
       mixers split the rows). Not fla's HGRN or attention.
-    num_heads: attention heads (None: one per 64 channels); the other kinds ignore it.
+    num_heads: attention heads (None: one per 64 channels); the other kinds refuse it (HGRN2's
+      heads are features // expand_ratio).
     """
 
     kind: Literal["hgrn", "hgrn2", "attention"] = "hgrn"
@@ -108,12 +112,49 @@ class MixerConfig:
                 f"{self.kind!r}, layout={self.layout!r}: change the mixer or leave sequence_axis "
                 "unset"
             )
+        if self.kind != "hgrn":
+            for name in HGRU_OPTIONS:
+                default = _FIELD_DEFAULTS[name]
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"mixer.{name}={getattr(self, name)!r} is an HGRN option (kind='hgrn', "
+                        f"the paper's ablations); kind={self.kind!r} has none: leave "
+                        f"mixer.{name} at {default!r} or use kind='hgrn'"
+                    )
+        if self.num_heads is not None and self.kind != "attention":
+            raise ValueError(
+                f"mixer.num_heads={self.num_heads} is for kind='attention'; kind={self.kind!r} "
+                "takes its heads from mixer.expand_ratio (the head width, heads = features // "
+                "expand_ratio): set expand_ratio and leave num_heads unset"
+            )
+        if self.kind == "attention" and self.expand_ratio is not None:
+            raise ValueError(
+                f"mixer.expand_ratio={self.expand_ratio} is an HGRN2 / fla option; "
+                "kind='attention' has none: set mixer.num_heads instead"
+            )
         if self.expand_ratio is not None and self.expand_ratio < 1:
             raise ValueError(f"expand_ratio must be >= 1 or None; got {self.expand_ratio}")
         if (self.kind, self.layout) == ("hgrn", "official") and self.expand_ratio not in (None, 1):
             raise ValueError(
                 "expand_ratio is an HGRN2 / fla option; HGRN official has none "
                 f"(got {self.expand_ratio})"
+            )
+
+    def check_width(self, features: int, where: str) -> None:
+        """Raise if this mixer cannot run at width ``features`` (its heads must split it)."""
+        k = self.resolved_expand_ratio
+        if self.kind == "hgrn2" and self.layout == "official":
+            fits = features % k == 0
+        elif self.kind == "hgrn2":  # fla: H = d // K heads of value width d // H
+            fits = features >= k and features % (features // k) == 0
+        else:
+            return
+        if not fits:
+            divisors = [n for n in range(1, features + 1) if features % n == 0][-4:]
+            raise ValueError(
+                f"{where}: mixer.expand_ratio={k} (HGRN2's head width; heads = features // "
+                f"expand_ratio) does not split features={features}; set mixer.expand_ratio to a "
+                f"divisor of {features}, e.g. {', '.join(map(str, divisors))}"
             )
 
     @property
@@ -140,8 +181,14 @@ class MixerConfig:
                     f"{where}.mixer.{unknown[0]} is not a MixerConfig field; valid "
                     f"fields: {', '.join(sorted(known))}"
                 )
-            return cls(**value)
+            try:
+                return cls(**value)
+            except ValueError as error:  # name the model config the dict came from
+                raise ValueError(f"{where}: {error}") from None
         raise TypeError(f"{where}.mixer must be a MixerConfig or a dict; got {value!r}")
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MixerConfig)}
 
 
 def make_mixer(
