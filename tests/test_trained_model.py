@@ -341,3 +341,34 @@ def test_a_task_of_the_user_s_own_loads_through_its_factory(tmp_path, monkeypatc
         _plain((params, model_state)), _plain(state.params) + _plain(state.model_state), strict=True
     ):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.slow  # end-to-end: a training run
+def test_a_checkpoint_the_run_deletes_while_it_is_read(listops_run, tmp_path, monkeypatch):
+    """A run still training saves step 6 and deletes step 4 while 'latest' (4) is read: the
+    load reads 6 instead; a step asked for by number is refused naming the steps there."""
+    from hgrn_jax.training import trained
+
+    copy = tmp_path / "training"
+    shutil.copytree(listops_run, copy)
+    checkpoints = copy / "checkpoints"
+    verify = trained.integrity.verify
+
+    def run_saves_meanwhile(folder):
+        if Path(folder) == checkpoints / "4":
+            if not (checkpoints / "6").exists():
+                shutil.copytree(checkpoints / "4", checkpoints / "6")
+            shutil.rmtree(checkpoints / "4")
+        return verify(folder)
+
+    monkeypatch.setattr(trained.integrity, "verify", run_saves_meanwhile)
+    latest, _ = load_trained_model(copy, "latest")
+    want, _ = load_trained_model(listops_run, 4)
+    for got, ref in zip(_plain(nnx.state(latest)), _plain(nnx.state(want)), strict=True):
+        np.testing.assert_array_equal(got, ref)
+
+    shutil.copytree(checkpoints / "6", checkpoints / "4")
+    with pytest.raises(
+        ValueError, match=r"checkpoints/4 was deleted while it was read .* steps there: 2, 6"
+    ):
+        load_trained_model(copy, 4)

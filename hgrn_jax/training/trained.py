@@ -25,6 +25,9 @@ from hgrn_jax.training.state import merge_model, split_model
 
 CHECKPOINT_CHOICES = ("best", "latest")
 
+_ATTEMPTS = 5
+"""Loads of 'best' / 'latest' tried while a training run deletes the checkpoint being read."""
+
 _VOCAB_PROBE = 1_000_003
 """A vocabulary size no other axis of a model has: the axes of this size are the vocabulary's."""
 
@@ -221,14 +224,39 @@ def load_trained_model(
 
     The checkpoint's files are checked against their recorded SHA-256 checksums (a
     :class:`~hgrn_jax.training.checkpoint.CheckpointUnverifiedWarning` when it has none). The
-    run folder is only read. Errors (one line naming the path or value and the fix):
+    run folder is only read; while the run still trains, ``"best"`` and ``"latest"`` load the
+    one the run has then, a step the run deletes meanwhile is read again from the new one.
+    Errors (one line naming the path or value and the fix):
     FileNotFoundError for a folder without ``config.json`` or without checkpoints; ValueError
     for an unknown step (the steps there are listed), ``"best"`` before any evaluation, a
     failed checksum, or a ``config.task`` of the user's own that cannot be imported.
     """
     workdir = Path(workdir).absolute()  # Orbax reads absolute paths only
     config = read_config(workdir)
-    step = _choose_step(workdir, checkpoint)
+    for attempt in range(_ATTEMPTS):
+        step = _choose_step(workdir, checkpoint)
+        try:
+            return _load_step(workdir, config, step), config
+        except ValueError:
+            # A run still training deletes its older checkpoints (and a former best) as it
+            # saves new ones; one may go while it is read. 'best' / 'latest' then name another.
+            if (workdir / "checkpoints" / str(step)).is_dir() and (
+                checkpoint not in CHECKPOINT_CHOICES or _choose_step(workdir, checkpoint) == step
+            ):
+                raise
+            if checkpoint not in CHECKPOINT_CHOICES:
+                raise ValueError(
+                    f"checkpoint {workdir / 'checkpoints' / str(step)} was deleted while it was "
+                    "read (a run still training keeps only its newest checkpoints and its best); "
+                    "pass checkpoint='latest' or 'best', or one of the steps there: "
+                    f"{', '.join(map(str, checkpoint_steps(workdir)))}"
+                ) from None
+            if attempt == _ATTEMPTS - 1:
+                raise
+
+
+def _load_step(workdir: Path, config: ml_collections.ConfigDict, step: int) -> nnx.Module:
+    """The model at checkpoint ``step`` of ``workdir`` (see :func:`load_trained_model`)."""
     folder = workdir / "checkpoints" / str(step)
     try:
         checked = integrity.verify(folder)
@@ -240,7 +268,7 @@ def load_trained_model(
         warnings.warn(
             f"checkpoint at step {step}: {checked.reason}; loading it unverified",
             CheckpointUnverifiedWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     handler = ocp.PyTreeCheckpointHandler()
     try:
@@ -283,4 +311,4 @@ def load_trained_model(
     )
     model = merge_model(graphdef, restored["params"], restored["model_state"])
     model.eval()
-    return model, config
+    return model
