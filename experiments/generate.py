@@ -2,7 +2,7 @@
 
     python -m experiments.generate --workdir=RUN --prompt_ids=1,2,3 --max_new_tokens=N \\
         [--prompt="text"] [--greedy | --temperature=T --top_k=K --top_p=P --seed=S] \\
-        [--checkpoint=best|latest|STEP]
+        [--checkpoint=best|latest|STEP] [--tokenizer_path=PATH]
 
 ``RUN`` is the ``--workdir`` of an ``experiments.train`` run of a language model (WikiText-103),
 finished or still training; its model is loaded by
@@ -13,7 +13,8 @@ continued by :func:`hgrn_jax.nn.generate` (``--greedy``: argmax; otherwise sampl
 Output: one line with the token ids, comma-separated (the prompt's, then the new ones); where
 the run's data have a tokenizer (``data.tokenizer_path`` of its config.json: GPT-2's files, or
 ``bytes``), their decoded text after it (from the next line on). ``--prompt`` (text, instead of
-``--prompt_ids``) needs that tokenizer.
+``--prompt_ids``) needs that tokenizer; ``--tokenizer_path`` points at it where it has moved since
+(a relative ``data.tokenizer_path`` is read from the current folder).
 
 User errors (a bad flag, a folder that is not a run, a run that is not a language model, a
 checkpoint that cannot be loaded) print one line naming the file or value and the fix, exit code
@@ -23,7 +24,9 @@ checkpoint that cannot be loaded) print one line naming the file or value and th
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+import numpy as np
 from absl import app, flags
 
 from experiments import cli
@@ -35,6 +38,11 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Run folder of an experiments.train LM run.")
     flags.DEFINE_string("prompt_ids", None, "Prompt token ids, e.g. 1,2,3.")
     flags.DEFINE_string("prompt", None, "Prompt text (needs the run's tokenizer).")
+    flags.DEFINE_string(
+        "tokenizer_path",
+        None,
+        "The run's tokenizer, where it no longer is at data.tokenizer_path of its config.json.",
+    )
     flags.DEFINE_integer("max_new_tokens", None, "Tokens to add to the prompt.")
     flags.DEFINE_float("temperature", 1.0, "Sampling temperature (> 0).")
     flags.DEFINE_integer("top_k", None, "Sample from the k most probable tokens.")
@@ -64,16 +72,75 @@ def parse_ids(text: str) -> list[int]:
     return ids
 
 
-def tokenizer_of(config):
-    """The run's tokenizer (:class:`hgrn_jax.data.wikitext.LineTokenizer`), or None when its
-    data name none (``data.tokenizer_path`` empty, e.g. the synthetic source)."""
+def tokenizer_of(config, workdir: str, tokenizer_path: str | None = None):
+    """The run's tokenizer (:class:`hgrn_jax.data.wikitext.LineTokenizer`) at ``tokenizer_path``
+    (``--tokenizer_path``) or else at its config's ``data.tokenizer_path``; None when neither
+    names one (e.g. the synthetic source). ValueError naming the path and ``--tokenizer_path``
+    when no tokenizer loads from there."""
     data = config.get("data", None)
-    path = str(data.get("tokenizer_path", "") or "") if hasattr(data, "get") else ""
+    saved = str(data.get("tokenizer_path", "") or "") if hasattr(data, "get") else ""
+    path = tokenizer_path or saved
     if not path:
         return None
-    from hgrn_jax.data import wikitext
+    from hgrn_jax.data import errors, wikitext
 
-    return wikitext.LineTokenizer(path)
+    try:
+        return wikitext.LineTokenizer(path)
+    except (errors.DatasetMissingError, errors.BadDataError) as error:
+        where = (
+            f"--tokenizer_path={path!r}"
+            if tokenizer_path
+            else f"data.tokenizer_path={path!r} of {Path(workdir) / 'config.json'}"
+        )
+        if not isinstance(error, errors.DatasetMissingError):
+            why = "it is no tokenizer the `tokenizers` package can load"
+        elif Path(path).is_absolute():
+            why = "no tokenizer is there"
+        else:
+            why = f"no tokenizer is there (a relative path, read from the current folder {Path.cwd()})"
+        raise ValueError(
+            f"the run's tokenizer does not load from {where}: {why}; pass the tokenizer the run "
+            "was trained with, e.g. --tokenizer_path=/path/to/tokenizer.json"
+        ) from None
+
+
+def check_flags(
+    max_new_tokens: int,
+    greedy: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    vocab_size: int | None = None,
+    prompt_ids: list[int] | None = None,
+) -> None:
+    """ValueError naming the flag and its fix for a value :func:`hgrn_jax.nn.generate` refuses
+    (the vocabulary's bounds once the model, of ``vocab_size`` tokens, is loaded)."""
+    if max_new_tokens < 0:
+        raise ValueError(
+            f"--max_new_tokens={max_new_tokens} is negative; pass a count >= 0 (0 prints the "
+            "prompt)"
+        )
+    if not greedy and not np.float32(temperature) > 0:
+        raise ValueError(
+            f"--temperature={temperature} is not > 0; pass a positive temperature, or --greedy "
+            "for argmax decoding"
+        )
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(
+            f"--top_p={top_p} is outside (0, 1]; pass e.g. --top_p=0.9, or leave it out to "
+            "sample from every token"
+        )
+    if top_k is not None and (top_k < 1 or (vocab_size and top_k > vocab_size)):
+        most = f" and <= {vocab_size} (the run's vocabulary)" if vocab_size else ""
+        raise ValueError(
+            f"--top_k={top_k} is out of range; pass a count >= 1{most}, or leave it out to "
+            "sample from every token"
+        )
+    if vocab_size and prompt_ids and max(prompt_ids) >= vocab_size:
+        raise ValueError(
+            f"prompt token id {max(prompt_ids)} is outside the run's vocabulary [0, "
+            f"{vocab_size}); pass --prompt_ids below {vocab_size}, or --prompt with text"
+        )
 
 
 def continue_prompt(
@@ -88,21 +155,27 @@ def continue_prompt(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
+    tokenizer_path: str | None = None,
 ) -> tuple[list[int], str | None]:
     """The prompt and its ``max_new_tokens`` new tokens (ids), and their text where the run has
-    a tokenizer (else None). Exactly one of ``prompt_ids`` and ``prompt`` (text) is given.
+    a tokenizer (else None). Exactly one of ``prompt_ids`` and ``prompt`` (text) is given;
+    ``tokenizer_path`` stands in for the run's ``data.tokenizer_path``.
     ValueError / FileNotFoundError with a one-line message for what the user can mend."""
     import jax
-    import numpy as np
 
     from hgrn_jax.nn import generate
     from hgrn_jax.training import load_trained_model
     from hgrn_jax.training.trained import read_config
 
     if (prompt_ids is None) == (prompt is None):
-        raise ValueError("pass one prompt: --prompt_ids=1,2,3 or --prompt='text', not both")
+        given = "both" if prompt is not None else "neither"
+        raise ValueError(
+            f"{given} of --prompt_ids and --prompt given; pass one prompt: --prompt_ids=1,2,3 "
+            "or --prompt='text'"
+        )
+    check_flags(max_new_tokens, greedy, temperature, top_k, top_p)
     config = read_config(workdir)
-    tokenizer = tokenizer_of(config) if prompt is not None else None
+    tokenizer = tokenizer_of(config, workdir, tokenizer_path) if prompt is not None else None
     if prompt is not None:
         if tokenizer is None:
             raise ValueError(
@@ -120,6 +193,14 @@ def continue_prompt(
             "experiments/configs/lm/wikitext103.py); load this one with "
             "hgrn_jax.training.load_trained_model"
         )
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    check_flags(max_new_tokens, greedy, temperature, top_k, top_p, vocab_size, prompt_ids)
+    if tokenizer is not None and vocab_size and tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"the tokenizer at {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the "
+            f"run's model ({vocab_size}); pass the tokenizer the run was trained with as "
+            "--tokenizer_path"
+        )
     out = generate(
         model,
         np.asarray([prompt_ids], np.int32),
@@ -133,7 +214,7 @@ def continue_prompt(
     ids = [int(i) for i in np.asarray(out)[0]]
     if tokenizer is None:
         try:
-            tokenizer = tokenizer_of(config)
+            tokenizer = tokenizer_of(config, workdir, tokenizer_path)
         except (ValueError, OSError) as error:  # ids without their text still answer
             print(f"warning: no decoded text: {cli.one_line(str(error))}", file=sys.stderr)
     return ids, tokenizer.decode(ids) if tokenizer is not None else None
@@ -162,6 +243,7 @@ def main(argv: list[str]) -> None:
             top_k=given.top_k,
             top_p=given.top_p,
             seed=given.seed,
+            tokenizer_path=given.tokenizer_path,
         )
     except (ValueError, OSError, KeyError, CheckpointError) as error:
         if given.traceback:

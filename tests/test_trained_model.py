@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import data_fixtures as fx
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -66,6 +67,27 @@ def lm_run(tmp_path_factory) -> Path:
     config = _config(
         "lm.wikitext103", folder / "cache", **{"data.train_bytes": 20_000, "data.eval_bytes": 2_048}
     )
+    train_and_evaluate(config, folder / "run")
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory) -> Path:
+    """A 4-step WikiText-103 LM run on a release-layout folder with a GPT-2-kind BPE tokenizer
+    of 320 tokens (tests/data_fixtures.py), its tokenizer at ``bpe/tokenizer.json``."""
+    folder = tmp_path_factory.mktemp("bpe")
+    fx.write_wikitext(folder / "wikitext-103", repeats=4)
+    config = _config(
+        "lm.wikitext103",
+        folder / "cache",
+        **{
+            "data.source": "release",
+            "data.wikitext_dir": str(folder),
+            "data.tokenizer_path": str(fx.write_bpe_tokenizer(folder / "tokenizer.json")),
+            "data.seq_len": 16,
+        },
+    )
+    config.batch_size = 8  # the suite's 8 simulated devices
     train_and_evaluate(config, folder / "run")
     return folder / "run"
 
@@ -372,3 +394,89 @@ def test_a_checkpoint_the_run_deletes_while_it_is_read(listops_run, tmp_path, mo
         ValueError, match=r"checkpoints/4 was deleted while it was read .* steps there: 2, 6"
     ):
         load_trained_model(copy, 4)
+
+
+@pytest.mark.slow  # end-to-end: a training run and two commands
+def test_generate_encodes_a_text_prompt_with_the_run_s_bpe_tokenizer(bpe_run, tmp_path):
+    """--prompt is encoded with the run's tokenizer.json, the ids are generate(greedy=True)'s and
+    the text their decoding; the run folder moved and its tokenizer gone, the error names the
+    path and --tokenizer_path, which then loads it."""
+    from tokenizers import Tokenizer
+
+    from experiments.generate import continue_prompt
+
+    tokenizer_path = bpe_run.parent / "tokenizer.json"
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    prompt = tok.encode("The quick brown fox").ids
+    model, _ = load_trained_model(bpe_run)
+    assert model.config.vocab_size == 320
+    want = [int(i) for i in np.asarray(generate(model, np.asarray([prompt]), 8, greedy=True))[0]]
+    done = _cli(
+        f"--workdir={bpe_run}", "--prompt=The quick brown fox", "--max_new_tokens=8", "--greedy"
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[0] == ",".join(map(str, want))
+    assert "\n".join(done.stdout.splitlines()[1:]) == tok.decode(want)
+
+    moved = tmp_path / "moved"
+    shutil.copytree(bpe_run, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["data"]["tokenizer_path"] = str(tmp_path / "gone" / "tokenizer.json")
+    (moved / "config.json").write_text(json.dumps(config))
+    gone = _cli(f"--workdir={moved}", "--prompt=The", "--max_new_tokens=1")
+    assert gone.returncode == 2
+    assert gone.stderr.strip().splitlines() == [
+        f"error: ValueError: the run's tokenizer does not load from data.tokenizer_path="
+        f"'{tmp_path}/gone/tokenizer.json' of {moved}/config.json: no tokenizer is there; pass "
+        "the tokenizer the run was trained with, e.g. --tokenizer_path=/path/to/tokenizer.json "
+        "(rerun with --traceback for details)"
+    ]
+    ids, text = continue_prompt(
+        str(moved),
+        prompt_ids=None,
+        prompt="The quick brown fox",
+        max_new_tokens=8,
+        greedy=True,
+        tokenizer_path=str(tokenizer_path),
+    )
+    assert ids == want and text == tok.decode(want)
+    big = fx.write_bpe_tokenizer(tmp_path / "big.json", vocab_size=400)
+    with pytest.raises(ValueError, match=r"big\.json has \d+ tokens, more than the run's"):
+        continue_prompt(
+            str(moved), prompt_ids=None, prompt="T", max_new_tokens=1, tokenizer_path=str(big)
+        )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"prompt": "x"}, r"^both of --prompt_ids and --prompt given; pass one prompt"),
+        ({"prompt_ids": None}, r"^neither of --prompt_ids and --prompt given; pass one prompt"),
+        ({"max_new_tokens": -1}, r"^--max_new_tokens=-1 is negative; pass a count >= 0"),
+        ({"temperature": 0.0}, r"^--temperature=0.0 is not > 0; .* or --greedy for argmax"),
+        ({"top_p": 1.5}, r"^--top_p=1.5 is outside \(0, 1\]; pass e\.g\. --top_p=0\.9"),
+        ({"top_k": 0}, r"^--top_k=0 is out of range; pass a count >= 1, or leave it out"),
+    ],
+)
+def test_generate_flags_are_refused_naming_the_flag_before_loading(tmp_path, change, message):
+    """Bad flags are refused with the command's own flag names and fixes, before the run folder
+    (here none) is read."""
+    from experiments.generate import continue_prompt
+
+    given = {"prompt_ids": [1, 2], "prompt": None, "max_new_tokens": 2, **change}
+    with pytest.raises(ValueError, match=message):
+        continue_prompt(str(tmp_path), **given)
+
+
+@pytest.mark.slow  # end-to-end: a training run
+def test_generate_prompt_ids_outside_the_vocabulary_name_the_flag(lm_run):
+    from experiments.generate import continue_prompt
+
+    with pytest.raises(
+        ValueError,
+        match=r"^prompt token id 256 is outside the run's vocabulary \[0, 256\); pass "
+        r"--prompt_ids below 256",
+    ):
+        continue_prompt(str(lm_run), prompt_ids=[1, 256], prompt=None, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"^--top_k=257 is out of range; .* <= 256"):
+        continue_prompt(str(lm_run), prompt_ids=[1], prompt=None, max_new_tokens=2, top_k=257)
