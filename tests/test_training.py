@@ -895,3 +895,53 @@ def test_bad_config_override_fails_at_once_naming_the_key(tmp_path, override, ex
     assert re.search(expected, proc.stderr), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+UNGUARDED_SCRIPT = """
+import sys
+from experiments.configs.lra import listops
+from hgrn_jax.training.loop import train_and_evaluate
+
+config = listops.get_config("tiny")
+config.data.workers = 1
+config.data.cache_dir = sys.argv[2]
+config.num_train_steps = 2
+train_and_evaluate(config, sys.argv[1])  # at top level: no `if __name__ == "__main__":`
+"""
+
+
+@pytest.mark.slow  # a training process and a grain worker, each importing JAX: ~10 s
+def test_an_unguarded_script_s_workers_say_to_guard_it(tmp_path):
+    """A script calling train_and_evaluate at top level runs again in each data worker (they
+    import it). There the call stops at once with a RuntimeError naming the fix; it used to
+    report the workdir as in use by another run and advise deleting the live run's lock. (The
+    training process then waits on its worker, as grain does, so it is killed here.)"""
+    script = tmp_path / "train_script.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "run"), str(tmp_path / "cache")],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    lines = []
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            line = process.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if re.match(r"[\w.]*Error: ", line):  # the worker's exception, whatever it is
+                break
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    error = next((line for line in lines if re.match(r"[\w.]*Error: ", line)), "".join(lines))
+    assert re.search(
+        r"RuntimeError: train_and_evaluate was called while a worker process that "
+        r"multiprocessing started \(.+\) imports the main script: .*put the call under "
+        r"`if __name__ == '__main__':`, or set config.data.workers=0",
+        error,
+    ), error

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import multiprocessing
 import signal
 import threading
 import time
@@ -513,6 +514,21 @@ def check_seed(config: Any) -> None:
         )
 
 
+def check_not_in_a_worker_process() -> None:
+    """RuntimeError when called while a process that multiprocessing started is still importing
+    the main script: a script that calls :func:`train_and_evaluate` at its top level runs again
+    in each data worker (``data.workers`` > 0 start them by importing the script), where the
+    run would find its own workdir locked. (Python's own check for that phase; a run started
+    in a multiprocessing worker's target, e.g. a sweep, is not refused.)"""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError(
+            "train_and_evaluate was called while a worker process that multiprocessing started "
+            f"({multiprocessing.current_process().name}) imports the main script: the script "
+            "runs again in each data worker; put the call under `if __name__ == '__main__':`, "
+            "or set config.data.workers=0"
+        )
+
+
 def check_config_values(config: Any) -> None:
     """The checks of values a run can make before it touches its workdir, each a ValueError
     naming the key: run lengths, the seed, the model's sizes, the activation dtype of a
@@ -616,6 +632,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
     :class:`~hgrn_jax.training.checkpoint.CheckpointError` with a message naming the fix.
     The workdir is locked for the whole run (:class:`~hgrn_jax.training.workdir.WorkdirLock`).
     """
+    check_not_in_a_worker_process()
     workdir = Path(workdir)
     check_config_values(config)  # before anything is written to the workdir
     if task is None:
