@@ -679,6 +679,7 @@ def _left_padded(vocab: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     return rows, ids, mask
 
 
+@pytest.mark.slow  # three compiled prefills and generations per mixer: ~4-5 s each
 @pytest.mark.parametrize("mixer", list(PADDED_MIXERS))
 def test_left_padded_prompts_generate_what_each_prompt_generates_alone(mixer):
     """A left-padded batch with ``prompt_mask``: every row's prefill logits at its real positions,

@@ -348,6 +348,7 @@ def assert_layer_matches(layer, x, mesh_name, mask=None):
     return want
 
 
+@pytest.mark.slow  # a layer and its gradient compiled sharded and unsharded: ~4-8 s each
 @pytest.mark.parametrize(
     "layout, bidirectional, mesh_name, length",
     [
@@ -373,6 +374,7 @@ def test_hgrn2_layer_with_sequence_axis_equals_unsharded(layout, bidirectional, 
         assert_close_to_scale(y, want[:, :3])
 
 
+@pytest.mark.slow  # as above
 def test_hgrn2_layer_with_sequence_axis_and_padding_mask():
     """A padding mask (left padding and a hole) with sequence parallelism and a padded length:
     masked steps are identity steps of the sharded scans as of the unsharded ones."""
