@@ -115,7 +115,7 @@ def _key_name(key: Any) -> str:
     return str(key)
 
 
-def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+def array_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     """``"params/embed/embedding" -> (shape, dtype)`` of every array leaf of ``tree``."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {
@@ -123,6 +123,21 @@ def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
         for path, leaf in leaves
         if hasattr(leaf, "shape")
     }
+
+
+def best_of(
+    metrics_by_step: Mapping[int, Mapping[str, float] | None], metric: str, mode: str
+) -> int | None:
+    """The step whose saved ``metric`` is best (``mode`` "max" or "min"), or None when no step
+    has it. On ties the later step wins, as in Orbax's BestN policy, so the step returned is
+    one that was kept."""
+    scored = [
+        (step, m[metric]) for step, m in metrics_by_step.items() if m is not None and metric in m
+    ]
+    if not scored:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    return max(scored, key=lambda item: (sign * item[1], item[0]))[0]
 
 
 def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
@@ -300,8 +315,8 @@ class Checkpoints:
             raise integrity.DamagedCheckpointError(
                 f"{self.step_folder(step)}: its array metadata is missing"
             )
-        have = _shapes(stored_tree)
-        want = _shapes(target)
+        have = array_shapes(stored_tree)
+        want = array_shapes(target)
         problems = [f"{key}: missing in the checkpoint" for key in sorted(set(want) - set(have))]
         problems += [
             f"{key}: not in the new model/optimizer" for key in sorted(set(have) - set(want))
@@ -460,17 +475,9 @@ class Checkpoints:
         return dict(metrics) if metrics is not None else None
 
     def best_step(self) -> int | None:
-        """The step whose ``best_metric`` is best, or None. On ties the later step wins, as in
-        Orbax's BestN policy, so the step returned is one that was kept."""
-        scored = [
-            (step, m[self.best_metric])
-            for step in self.all_steps()
-            if (m := self.metrics(step)) is not None and self.best_metric in m
-        ]
-        if not scored:
-            return None
-        sign = 1.0 if self.best_mode == "max" else -1.0
-        return max(scored, key=lambda item: (sign * item[1], item[0]))[0]
+        """The step whose ``best_metric`` is best, or None (:func:`best_of`)."""
+        metrics = {step: self.metrics(step) for step in self.all_steps()}
+        return best_of(metrics, self.best_metric, self.best_mode)
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are written and their checksums recorded

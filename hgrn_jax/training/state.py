@@ -102,21 +102,22 @@ def create_train_state(
 # ----------------------------------------------------------------------------------------------
 
 
-def _is_key(x: Any) -> bool:
+def is_prng_key(x: Any) -> bool:
+    """Whether ``x`` (an array or ShapeDtypeStruct) holds typed PRNG keys."""
     dtype = getattr(x, "dtype", None)
     return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def to_checkpoint_tree(state: TrainState) -> Any:
     """``state`` with every typed PRNG key array replaced by ``jax.random.key_data`` of it."""
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
+    return jax.tree.map(lambda x: jax.random.key_data(x) if is_prng_key(x) else x, state)
 
 
 def abstract_checkpoint_tree(abstract_state: TrainState, shardings: Any) -> Any:
     """The restore target (ShapeDtypeStructs with shardings) matching :func:`to_checkpoint_tree`."""
 
     def target(x, s):
-        if _is_key(x):
+        if is_prng_key(x):
             data = jax.eval_shape(jax.random.key_data, x)
             return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=s)
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
@@ -128,7 +129,7 @@ def from_checkpoint_tree(restored: Any, like: TrainState) -> TrainState:
     """Undo :func:`to_checkpoint_tree`, taking key implementations from ``like``."""
 
     def back(x, ref):
-        if _is_key(ref):
+        if is_prng_key(ref):
             return jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
         return x
 
@@ -139,5 +140,5 @@ def release_buffers(state: TrainState) -> None:
     """Free the device memory of ``state``'s arrays, except its (tiny) PRNG keys, which stay
     usable as the key-type reference of :func:`from_checkpoint_tree`."""
     for leaf in jax.tree.leaves(state):
-        if isinstance(leaf, jax.Array) and not _is_key(leaf) and not leaf.is_deleted():
+        if isinstance(leaf, jax.Array) and not is_prng_key(leaf) and not leaf.is_deleted():
             leaf.delete()

@@ -20,8 +20,13 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from hgrn_jax.training import integrity
-from hgrn_jax.training.checkpoint import CheckpointUnverifiedWarning
-from hgrn_jax.training.state import merge_model, split_model
+from hgrn_jax.training.checkpoint import CheckpointUnverifiedWarning, array_shapes, best_of
+from hgrn_jax.training.state import (
+    abstract_checkpoint_tree,
+    is_prng_key,
+    merge_model,
+    split_model,
+)
 
 CHECKPOINT_CHOICES = ("best", "latest")
 
@@ -58,13 +63,19 @@ def best_step(workdir: str | Path) -> int | None:
     ``val_perplexity``: lowest; ties: the later step), as the runner picks the one it tests
     (:meth:`hgrn_jax.training.checkpoint.Checkpoints.best_step`, the ``best_step`` of
     ``results.json``); None before the first evaluation."""
-    scored = []
-    for step in checkpoint_steps(workdir):
-        metrics = _saved_metrics(Path(workdir) / "checkpoints" / str(step))
-        for key, sign in (("val_accuracy", 1.0), ("val_perplexity", -1.0)):
-            if isinstance(metrics.get(key), (int, float)):
-                scored.append((sign * float(metrics[key]), step))
-    return max(scored)[1] if scored else None
+    saved = {
+        step: _saved_metrics(Path(workdir) / "checkpoints" / str(step))
+        for step in checkpoint_steps(workdir)
+    }
+    for metric, mode in (("val_accuracy", "max"), ("val_perplexity", "min")):
+        numbers = {
+            step: {metric: float(m[metric])}
+            for step, m in saved.items()
+            if isinstance(m.get(metric), (int, float))
+        }
+        if (best := best_of(numbers, metric, mode)) is not None:
+            return best
+    return None
 
 
 def _choose_step(workdir: Path, checkpoint: str | int) -> int:
@@ -100,27 +111,9 @@ def _choose_step(workdir: Path, checkpoint: str | int) -> int:
     return checkpoint
 
 
-def _path_name(path: tuple) -> str:
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """``"params/embed/embedding/value" -> shape`` of every array leaf of ``tree``."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_path_name(p): tuple(x.shape) for p, x in leaves if hasattr(x, "shape")}
-
-
-def _is_key(x: Any) -> bool:
-    dtype = getattr(x, "dtype", None)
-    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    return {name: shape for name, (shape, _) in array_shapes(tree).items()}
 
 
 def _model_builder(
@@ -279,14 +272,8 @@ def _load_step(workdir: Path, config: ml_collections.ConfigDict, step: int) -> n
     build = _model_builder(workdir, config, stored)
     graphdef, params, model_state = split_model(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-    def target(x: Any) -> jax.ShapeDtypeStruct:
-        if _is_key(x):  # stored as its raw uint32 data (state.to_checkpoint_tree)
-            x = jax.eval_shape(jax.random.key_data, x)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
-
     wanted = {"params": params, "model_state": model_state}
-    abstract = jax.tree.map(target, wanted)
+    abstract = abstract_checkpoint_tree(wanted, jax.tree.map(lambda _: device, wanted))
     have, want = _shapes(abstract), {k: v for k, v in stored.items() if k.split("/")[0] in wanted}
     if have != want:
         diff = sorted(set(have.items()) ^ set(want.items()))[:3]
@@ -305,9 +292,10 @@ def _load_step(workdir: Path, config: ml_collections.ConfigDict, step: int) -> n
         )
     except Exception as error:
         raise _unrestorable(workdir, step, error) from None
-    # nnx.Rngs makes keys of JAX's default implementation, which wrap_key_data uses.
+    # The abstract model's keys carry no implementation to copy (from_checkpoint_tree's way);
+    # nnx.Rngs makes keys of JAX's default one, which wrap_key_data uses.
     restored = jax.tree.map(
-        lambda x, ref: jax.random.wrap_key_data(x) if _is_key(ref) else x, restored, wanted
+        lambda x, ref: jax.random.wrap_key_data(x) if is_prng_key(ref) else x, restored, wanted
     )
     model = merge_model(graphdef, restored["params"], restored["model_state"])
     model.eval()
