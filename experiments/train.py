@@ -94,6 +94,7 @@ def main(argv: list[str]) -> None:
     primary = jax.process_index() == 0
     podlog.quiet_secondary_processes(jax.process_index())
 
+    from hgrn_jax.data.grain_pipeline import InputWorkerLost
     from hgrn_jax.training.agreement import StoppedByProcessZero
     from hgrn_jax.training.checkpoint import CheckpointError
     from hgrn_jax.training.loop import (
@@ -112,6 +113,7 @@ def main(argv: list[str]) -> None:
         WorkdirError,
         CheckpointError,
         StoppedByProcessZero,
+        InputWorkerLost,
     )
     config = _CONFIG.value
     try:

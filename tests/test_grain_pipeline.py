@@ -4,7 +4,11 @@ exact resumption from the iterator's saved state, the same batches with worker p
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import re
+import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,3 +252,102 @@ def test_two_worker_processes_give_the_in_process_batches_and_resume_across_coun
         assert len(batch_list) == 3
         for a, b in zip(batch_list, reference[5:]):
             np.testing.assert_array_equal(a["inputs"], b["inputs"])
+
+
+class KilledAtStep:
+    """A batch transform whose worker process is killed (SIGKILL, as the out-of-memory killer
+    does) while building the batch of ``step``, the first ``times`` times (counted in files:
+    each worker is a fresh process). Never kills the process that created it."""
+
+    def __init__(self, step: int, times: int, marks: Path):
+        self.step, self.times, self.marks = step, times, marks
+        self.creator = os.getpid()
+
+    def __call__(self, batch, step):
+        if step == self.step and os.getpid() != self.creator:
+            killed = len(list(self.marks.iterdir()))
+            if killed < self.times:
+                (self.marks / f"kill-{killed}").touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+        return AddStep()(batch, step)
+
+
+def batches_of(train_loader, count: int) -> list[dict[str, np.ndarray]]:
+    iterator = iter(train_loader)
+    out = [next(iterator) for _ in range(count)]
+    iterator.close()
+    return out
+
+
+def killed_worker_loader(tmp_path: Path, times: int, workers: int = 2):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    return grain_pipeline.train_loader(
+        source(),
+        seed=5,
+        batch_size=BATCH,
+        worker_count=workers,
+        batch_transform=KilledAtStep(3, times, marks),
+    )
+
+
+def test_dead_worker_errors_are_told_apart_from_a_transform_s_own():
+    died = RuntimeError(
+        "Worker process was terminated unexpectedly with exit code -9. Search the logs above"
+    )
+    assert grain_pipeline._dead_worker_exit_code(died) == -9
+    assert grain_pipeline._dead_worker_exit_code(RuntimeError("bad record 7")) is None
+    assert grain_pipeline._dead_worker_exit_code(ValueError(str(died))) is None
+    assert grain_pipeline.describe_exit_code(-9) == (
+        "exit code -9: killed by SIGKILL, often the kernel's out-of-memory killer (see dmesg)"
+    )
+    assert grain_pipeline.describe_exit_code(-11) == "exit code -11: killed by SIGSEGV"
+    assert grain_pipeline.describe_exit_code(1) == "exit code 1"
+
+
+@pytest.mark.slow  # worker processes started three times: ~10 s
+def test_a_killed_worker_is_replaced_and_the_batches_stay_the_same(tmp_path):
+    in_process = grain_pipeline.train_loader(
+        source(), seed=5, batch_size=BATCH, batch_transform=AddStep()
+    )
+    reference = batches_of(in_process, 11)
+    iterator = iter(killed_worker_loader(tmp_path, times=1))
+    with pytest.warns(grain_pipeline.InputWorkerRestarted) as warned:
+        got = [next(iterator) for _ in range(8)]
+    assert len(list((tmp_path / "marks").iterdir())) == 1
+    message = str(warned[0].message)
+    assert re.fullmatch(
+        r"an input worker process died \(exit code -9: killed by SIGKILL, often the kernel's "
+        r"out-of-memory killer \(see dmesg\)\); starting new workers at step [0-3], the "
+        r"batches are the same",
+        message,
+    ), message
+    state = iterator.get_state()
+    iterator.close()
+    (tmp_path / "again").mkdir()
+    resumed = iter(killed_worker_loader(tmp_path / "again", times=0, workers=1))
+    resumed.set_state(state)  # the state taken after the restart continues exactly
+    got += [next(resumed) for _ in range(3)]
+    resumed.close()
+    for a, b in zip(got, reference, strict=True):
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+
+
+@pytest.mark.slow  # worker processes started two or three times: ~8 s
+def test_a_worker_that_dies_again_at_once_stops_with_the_reason(tmp_path):
+    """Killed at step 3 every time. A kill can also lose the batches the worker had finished
+    (grain's queue is fed by a thread of the worker), so the restart that finds no progress
+    may be at step 0-3, whichever batch the iterator was waiting for."""
+    iterator = iter(killed_worker_loader(tmp_path, times=100, workers=1))
+    with pytest.warns(grain_pipeline.InputWorkerRestarted):
+        with pytest.raises(
+            grain_pipeline.InputWorkerLost,
+            match=r"^an input worker process died \(exit code -9: killed by SIGKILL.*\) and, "
+            r"restarted at step [0-3], died again before delivering a batch: use fewer worker "
+            r"processes or none \(the runner's config.data.workers\)",
+        ):
+            for _ in range(8):
+                next(iterator)
+    iterator.close()
+    assert len(list((tmp_path / "marks").iterdir())) >= 2

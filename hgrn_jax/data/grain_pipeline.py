@@ -32,12 +32,21 @@ kept grain's state without workers too; it is read as well). A state saved with 
 count, or none at all (older checkpoints), positions the pipeline at the saved step directly
 (``ds[step:]``), which is exact too.
 
+A worker process killed by a signal (the kernel's out-of-memory killer, a crash in a decoder)
+does not end the run: the iterator warns (:class:`InputWorkerRestarted`), starts new workers at
+the step whose batch it was waiting for and goes on with the same batches. A worker killed
+again before one batch arrives, or one that exits by itself (it failed to start: its error is
+printed above), is not transient: that stops the iterator with :class:`InputWorkerLost`.
+
 Explicit arguments only: this module knows nothing of experiment configs.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import signal
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -49,6 +58,36 @@ STATE_VERSION = 2
 READABLE_STATE_VERSIONS = (1, 2)
 """Version 1 (grain's iterator state for every worker count) is still restored exactly."""
 _LAST_STEP = 2**62  # the step dataset is endless in practice
+_WORKER_DIED = re.compile(r"Worker process was terminated unexpectedly with exit code (-?\d+)")
+"""grain's RuntimeError for a worker process that died (grain 0.2.18, pinned)."""
+
+
+class InputWorkerRestarted(UserWarning):
+    """A grain worker process died and the iterator started new ones at the same step."""
+
+
+class InputWorkerLost(RuntimeError):
+    """A grain worker process exited by itself, or was killed again before delivering a batch
+    after a restart."""
+
+
+def describe_exit_code(code: int) -> str:
+    """``-9`` -> ``"exit code -9: killed by SIGKILL, ..."``: how a worker process ended."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"exit code {code}"
+    why = ", often the kernel's out-of-memory killer (see dmesg)" if name == "SIGKILL" else ""
+    return f"exit code {code}: killed by {name}{why}"
+
+
+def _dead_worker_exit_code(error: BaseException) -> int | None:
+    """The exit code in grain's error for a worker process that died; None for other errors
+    (an exception raised by a transform inside a worker reaches us as itself)."""
+    match = _WORKER_DIED.search(str(error)) if type(error) is RuntimeError else None
+    return None if match is None else int(match.group(1))
 
 
 class BatchSource(Protocol):
@@ -259,6 +298,7 @@ class TrainIterator:
     def _open(self, start_step: int, grain_state: dict | None = None) -> None:
         self.close()
         self.base = self.next_step = int(start_step)
+        self._restarted_without_a_batch = False
         if not self.in_process:
             self._iterator = iter(self.loader.dataset(start_step))
             if grain_state is not None:
@@ -273,8 +313,41 @@ class TrainIterator:
         elif self._iterator is None:
             raise RuntimeError("the training iterator is closed; open a new one")
         else:
-            batch = next(self._iterator)
+            batch = self._next_from_workers()
         self.next_step += 1
+        return batch
+
+    def _next_from_workers(self) -> dict[str, Any]:
+        """The next batch from grain's workers; new workers at the same step when one died."""
+        try:
+            batch = next(self._iterator)
+        except RuntimeError as error:
+            code = _dead_worker_exit_code(error)
+            if code is None:
+                raise
+            how = describe_exit_code(code)
+            if code >= 0:  # not killed: it failed to start or exited, which a restart repeats
+                raise InputWorkerLost(
+                    f"an input worker process ended ({how}) before delivering the batch of "
+                    f"step {self.next_step}; its own error is printed above"
+                ) from error
+            if self._restarted_without_a_batch:
+                raise InputWorkerLost(
+                    f"an input worker process died ({how}) and, restarted at step "
+                    f"{self.next_step}, died again before delivering a batch: use fewer worker "
+                    "processes or none (the runner's config.data.workers), or a smaller batch "
+                    "if memory ran out; the run's checkpoints are kept, and rerunning resumes"
+                ) from error
+            warnings.warn(
+                f"an input worker process died ({how}); starting new workers at step "
+                f"{self.next_step}, the batches are the same",
+                InputWorkerRestarted,
+                stacklevel=3,
+            )
+            self._open(self.next_step)
+            self._restarted_without_a_batch = True
+            return self._next_from_workers()
+        self._restarted_without_a_batch = False
         return batch
 
     def get_state(self) -> dict[str, Any]:
