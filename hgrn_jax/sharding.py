@@ -1,6 +1,7 @@
 """Device mesh, logical-axis rules, and shardings for model state and batches.
 
-One device, a GPU node and a TPU pod slice run the same code: a mesh with axes
+One device, a GPU node, a TPU pod slice and several slices (multislice, see
+:meth:`MeshConfig.slice_split`) run the same code: a mesh with axes
 ``("data", "fsdp", "model")`` (sizes of 1 switch an axis off), parameters named with logical axes
 (``embed``, ``rnn``, ``mlp``, ``vocab``, ``layers``, ``classes``; activations ``batch``,
 ``length``) and :data:`LOGICAL_AXIS_RULES`, the one table that maps logical names to mesh axes.
@@ -38,6 +39,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "model")
@@ -56,6 +58,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("layers", None),
     ("classes", None),
 )
+
+# TPU kinds whose per-slice layout may split a physical axis over mesh axes, as jax.make_mesh
+# allows for them.
+_SPLIT_PHYSICAL_AXES_KINDS = ("TPU v5 lite", "TPU v5e")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,11 +92,14 @@ class MeshConfig:
     fsdp: int = 1
     model: int = 1
 
+    def _named(self) -> str:
+        return ", ".join(f"{n}={s}" for n, s in zip(MESH_AXES, (self.data, self.fsdp, self.model)))
+
     def axis_sizes(self, num_devices: int) -> tuple[int, int, int]:
         """The three axis sizes for ``num_devices`` devices, with -1 resolved;
         :class:`MeshSizeError` when they do not fit."""
         sizes = (self.data, self.fsdp, self.model)
-        named = ", ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes))
+        named = self._named()
         rest = sizes.count(-1)
         if rest > 1:
             raise MeshSizeError(
@@ -116,8 +125,56 @@ class MeshConfig:
             )
         return sizes  # type: ignore[return-value]
 
+    def slice_split(
+        self, num_slices: int, per_slice: int
+    ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """``(within, across)``: the axis sizes inside one slice and over the slices, for a
+        multislice job of ``num_slices`` slices of ``per_slice`` devices; their products are the
+        axis sizes (``within[i] * across[i]``).
+
+        The slices go along ``data`` as far as it divides by them (``gcd(data, num_slices)``),
+        the rest along ``fsdp``; ``model`` never crosses slices. Only the once-per-step gradient
+        all-reduce (``data``) and, where ``data`` cannot take all the slices, the ``fsdp``
+        all-gathers cross the slower network; tensor parallelism's every-layer collectives stay
+        inside a slice. This fits exactly when ``model`` divides ``per_slice`` (equivalently,
+        ``data x fsdp`` is a multiple of ``num_slices``); otherwise :class:`MeshSizeError`.
+        """
+        data, fsdp, model = self.axis_sizes(num_slices * per_slice)
+        on_data = math.gcd(data, num_slices)
+        on_fsdp = num_slices // on_data
+        # model | per_slice <=> num_slices | data * fsdp, and then on_fsdp (coprime to
+        # data / on_data) divides fsdp: the one condition for the split to exist.
+        if per_slice % model:
+            raise MeshSizeError(
+                f"mesh ({self._named()}) on {num_slices} slices of {per_slice} devices: "
+                f"model={model} does not fit inside one slice (tensor parallelism must not cross "
+                f"slices; "
+                f"data x fsdp = {data} x {fsdp} is not a multiple of {num_slices} slices)",
+                f"make model a divisor of {per_slice}, so that data x fsdp is a multiple of "
+                f"{num_slices} (the slices go along data, then fsdp)",
+            )
+        return (data // on_data, fsdp // on_fsdp, model), (on_data, on_fsdp, 1)
+
+    def device_array(self, devices: Sequence[Any]) -> np.ndarray:
+        """The ``(data, fsdp, model)`` array of ``devices`` for a multislice job (devices of more
+        than one ``slice_index``): each slice's devices form one block, laid out within the slice
+        by JAX's topology rule, and the blocks stack along ``data`` then ``fsdp`` in slice order
+        (see :meth:`slice_split`). Takes any objects with the attributes JAX's ``mesh_utils``
+        reads (``id``, ``platform``, ``device_kind``, ``coords``, ``core_on_chip``,
+        ``slice_index``), so it can be checked without a TPU."""
+        slices = device_slices(devices)
+        within, across = self.slice_split(len(slices), len(slices[0]))
+        return mesh_utils.create_hybrid_device_mesh(
+            within,
+            across,
+            [d for group in slices for d in group],
+            allow_split_physical_axes=devices[0].device_kind in _SPLIT_PHYSICAL_AXES_KINDS,
+        )
+
     def make(self, devices: Sequence[jax.Device] | None = None) -> Mesh:
-        """Build the mesh over ``devices`` (default: every device of every process)."""
+        """Build the mesh over ``devices`` (default: every device of every process); over TPU
+        slices joined by the data-centre network (multislice), as :meth:`device_array` lays
+        them out."""
         devices = list(jax.devices() if devices is None else devices)
         sizes = self.axis_sizes(len(devices))
         # Auto axes: the compiler propagates shardings through the model from the explicit
@@ -126,9 +183,30 @@ class MeshConfig:
         # (e.g. contractions over two sharded dimensions, scans over complex pairs), which would
         # force annotations into every layer. Auto keeps the model code mesh-agnostic and is the
         # mode pjit always had; switch to Explicit only with per-layer annotations.
-        return jax.make_mesh(
-            sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+        axis_types = (AxisType.Auto,) * len(MESH_AXES)
+        if len(device_slices(devices)) > 1:
+            return Mesh(self.device_array(devices), MESH_AXES, axis_types=axis_types)
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
+
+
+def device_slices(devices: Sequence[Any]) -> list[list[Any]]:
+    """``devices`` grouped by slice (``slice_index`` ascending, given order within a slice): the
+    TPU slices of a multislice job. One group when the devices carry no ``slice_index`` (as
+    CPU devices) or all share one. A :class:`MeshSizeError` when the slices differ in size."""
+    if not all(hasattr(d, "slice_index") for d in devices):
+        return [list(devices)]
+    groups: dict[int, list[Any]] = {}
+    for d in devices:
+        groups.setdefault(d.slice_index, []).append(d)
+    slices = [groups[k] for k in sorted(groups)]
+    sizes = sorted({len(group) for group in slices})
+    if len(sizes) > 1:
+        counts = ", ".join(f"slice {k}: {len(groups[k])}" for k in sorted(groups))
+        raise MeshSizeError(
+            f"the devices span {len(slices)} slices of unequal sizes ({counts} devices)",
+            "run on slices of one size, or pass devices= from slices of one size",
         )
+    return slices
 
 
 def make_mesh(

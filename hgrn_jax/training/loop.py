@@ -230,11 +230,15 @@ def _check_batch_key(
 
 
 def check_mesh_and_batches(
-    config: Any, num_devices: int | None = None, num_processes: int | None = None
+    config: Any,
+    num_devices: int | None = None,
+    num_processes: int | None = None,
+    num_slices: int | None = None,
 ) -> tuple[int, int, int]:
     """The ``(data, fsdp, model)`` sizes of ``config.mesh`` on ``num_devices`` devices in
-    ``num_processes`` processes (default: this run's), after checking, each a ValueError naming
-    the key, its value and the fix, that the sizes fit the devices, that every global batch
+    ``num_processes`` processes and ``num_slices`` TPU slices (default: this run's), after
+    checking, each a ValueError naming the key, its value and the fix, that the sizes fit the
+    devices, that ``model`` fits inside one slice (multislice), that every global batch
     (``batch_size``, ``eval_batch_size``, an ``optimizer.accumulate_steps`` micro-batch count)
     splits over the processes and the mesh's ``data x fsdp`` batch shards, and that
     ``model.mixer.sequence_axis`` names a mesh axis. Needs no model, data or workdir, so a run
@@ -242,6 +246,8 @@ def check_mesh_and_batches(
     written, and an eval batch size that did not split failed at the first evaluation)."""
     num_devices = jax.device_count() if num_devices is None else num_devices
     processes = jax.process_count() if num_processes is None else num_processes
+    if num_slices is None:
+        num_slices = len(sharding.device_slices(jax.devices()))
     try:
         sizes = mesh_config(config).axis_sizes(num_devices)
     except sharding.MeshSizeError as error:
@@ -250,6 +256,17 @@ def check_mesh_and_batches(
             "set --config.mesh.data, --config.mesh.fsdp and --config.mesh.model so that "
             f"their product is {num_devices} (one of them -1: the devices the others leave)"
         ) from None
+    if num_slices > 1:
+        per_slice = num_devices // num_slices
+        try:
+            mesh_config(config).slice_split(num_slices, per_slice)
+        except sharding.MeshSizeError as error:
+            raise ValueError(
+                f"config.{error.problem}; set --config.mesh.model to a divisor of {per_slice} "
+                "(the devices of one slice), or --config.mesh.data and --config.mesh.fsdp so "
+                f"that data x fsdp is a multiple of {num_slices} (the slices go along data, "
+                "then fsdp)"
+            ) from None
     data, fsdp, _ = sizes
     shards = data * fsdp
     split = f"the mesh's {shards} batch shards (config.mesh.data x fsdp = {data} x {fsdp})"
