@@ -1130,3 +1130,59 @@ def test_a_config_file_s_own_errors_are_one_line_naming_the_file(
     proc = _train(f"{path}{preset}", tmp_path / "run", "--config.batch_size=8")
     _assert_one_line_usage_error(proc, expected)
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# A full disk
+# ----------------------------------------------------------------------------------------------
+
+
+TENSORSTORE_FULL = (
+    'RESOURCE_EXHAUSTED: Error opening "zarr" driver: Error writing "params.w/.zarray" in OCDBT '
+    'database at local file "{run}/checkpoints/9.orbax-checkpoint-tmp/state/": Failed writing: '
+    '"{run}/checkpoints/9.orbax-checkpoint-tmp/state/d/89d1": Failed to write 200 bytes to '
+    "file 19: No space left on device [os_error_code='28'] [tensorstore_spec='{{}}']"
+)
+"""TensorStore's error on a full disk, as a 1.1 MB tmpfs gave it (shortened)."""
+
+
+@pytest.mark.parametrize("raised_by", ["python", "tensorstore"])
+def test_a_full_disk_stops_the_run_naming_the_last_checkpoint_and_a_rerun_resumes(
+    tmp_path, finished, monkeypatch, raised_by
+):
+    """The save of step 9 fails for lack of space, as Orbax's writes do on a full disk (seen on
+    a 1.1 MB tmpfs, either as Python's ``OSError: [Errno 28] No space left on device`` with no
+    file named, or as TensorStore's ValueError). The run stops with one line naming the
+    workdir, the last complete checkpoint and what to do; checkpoints 3 and 6 stay, and the
+    rerun ends where an undisturbed run does."""
+    from hgrn_jax.training.checkpoint import Checkpoints
+    from hgrn_jax.training.workdir import WorkdirFullError
+
+    real_save = Checkpoints.save
+
+    def save(self, step, *args, **kwargs):
+        if step == 9 and raised_by == "python":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if step == 9:
+            raise ValueError(TENSORSTORE_FULL.format(run=run))
+        return real_save(self, step, *args, **kwargs)
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpoints, "save", save)
+        with pytest.raises(WorkdirFullError) as raised:
+            _run(_config(), run)
+    message = str(raised.value)
+    writing = ""
+    if raised_by == "tensorstore":
+        writing = re.escape(f" writing {run}/checkpoints/9.orbax-checkpoint-tmp/state/d/89d1")
+    assert re.fullmatch(
+        rf"No space left on device on the file system of {re.escape(str(run))}"
+        rf"{writing} \(\d+\.\d MiB free\): the run stopped; its checkpoints are kept, the last complete "
+        r"one at step 6 \(\d+\.\d MiB; config.keep_checkpoints=3 of them are kept, plus the one "
+        r"being written\); free space there, then run the same command again to resume",
+        message,
+    ), message
+    assert _steps(run) == [3, 6] and not (run / "run.lock").exists()
+    results = _run(_config(), run)
+    assert results["test"] == finished[1]["test"] and results["steps"] == 12

@@ -72,7 +72,9 @@ from hgrn_jax.training.workdir import (
     WorkdirLock,
     check_resume,
     has_checkpoint,
+    is_out_of_space,
     not_writable,
+    out_of_space,
     resume_choice,
 )
 
@@ -661,6 +663,12 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
         lock = prepare_workdir(workdir, config)
         try:
             return _train_and_evaluate(config, workdir, task, sigterm)
+        except Exception as error:
+            if not is_out_of_space(error):
+                raise
+            hint = how_to_resume(resume_choice(config))
+            keep = _config_int(config, "keep_checkpoints", 2)
+            raise out_of_space(workdir, error, hint, keep) from error
         finally:
             lock.release()
 

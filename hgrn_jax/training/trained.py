@@ -27,6 +27,7 @@ from hgrn_jax.training.state import (
     merge_model,
     split_model,
 )
+from hgrn_jax.training.workdir import checkpoint_steps
 
 CHECKPOINT_CHOICES = ("best", "latest")
 
@@ -35,15 +36,6 @@ _ATTEMPTS = 5
 
 _VOCAB_PROBE = 1_000_003
 """A vocabulary size no other axis of a model has: the axes of this size are the vocabulary's."""
-
-
-def checkpoint_steps(workdir: str | Path) -> list[int]:
-    """The committed checkpoint steps of run folder ``workdir``, ascending (Orbax's unfinished
-    folders carry a suffix after the step)."""
-    folder = Path(workdir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(int(e.name) for e in folder.iterdir() if e.name.isdigit() and e.is_dir())
 
 
 def _saved_metrics(step_folder: Path) -> dict[str, float]:

@@ -29,9 +29,12 @@ behaviour never blocks an old run; that is the rule for adding one.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
+import re
 import secrets
+import shutil
 import socket
 import sys
 import warnings
@@ -106,6 +109,25 @@ class WorkdirInUseError(WorkdirError):
 
 class WorkdirNotWritableError(WorkdirError):
     """The workdir (or its parent) cannot be written."""
+
+
+class WorkdirFullError(WorkdirError):
+    """The workdir's file system ran out of space (or quota) while the run wrote to it."""
+
+
+OUT_OF_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_TENSORSTORE_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
+_TENSORSTORE_FILE = re.compile(r'Failed writing: "([^"]+)"')
+
+
+def is_out_of_space(error: BaseException) -> bool:
+    """Whether ``error`` is a write that failed for lack of space or quota: an OSError with
+    ENOSPC / EDQUOT, or TensorStore's error for one (Orbax writes arrays through TensorStore,
+    whose failures reach Python as a ValueError ending ``[os_error_code='28']``)."""
+    if isinstance(error, OSError):
+        return error.errno in OUT_OF_SPACE_ERRNOS
+    code = _TENSORSTORE_OS_ERROR.search(str(error))
+    return code is not None and int(code.group(1)) in OUT_OF_SPACE_ERRNOS
 
 
 class ConfigChangedError(WorkdirError):
@@ -312,13 +334,58 @@ def read_saved_config(workdir: str | Path) -> dict[str, Any] | None:
     return saved
 
 
-def has_checkpoint(workdir: str | Path) -> bool:
-    """Whether ``workdir/checkpoints`` holds a committed checkpoint: a step folder named by an
-    integer (Orbax's unfinished ones carry a suffix)."""
+def checkpoint_steps(workdir: str | Path) -> list[int]:
+    """The committed checkpoint steps of run folder ``workdir``, ascending: the step folders of
+    ``workdir/checkpoints`` named by an integer (Orbax's unfinished ones carry a suffix)."""
     folder = Path(workdir) / "checkpoints"
     if not folder.is_dir():
-        return False
-    return any(entry.name.isdigit() and entry.is_dir() for entry in folder.iterdir())
+        return []
+    return sorted(int(e.name) for e in folder.iterdir() if e.name.isdigit() and e.is_dir())
+
+
+def has_checkpoint(workdir: str | Path) -> bool:
+    """Whether ``workdir/checkpoints`` holds a committed checkpoint."""
+    return bool(checkpoint_steps(workdir))
+
+
+def _mebibytes(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+
+
+def out_of_space(
+    workdir: str | Path, error: BaseException, resume_hint: str, keep: int
+) -> WorkdirFullError:
+    """The one-line error for a run whose writes into ``workdir`` failed for lack of space
+    (:func:`is_out_of_space`): where, how much is free, which checkpoint is the last complete
+    one and its size (each of the ``keep`` kept checkpoints takes as much), and how to go on
+    (``resume_hint``). Reads only."""
+    workdir = Path(workdir)
+    if isinstance(error, OSError):
+        filename, reason = error.filename, error.strerror or str(error)
+    else:
+        written = _TENSORSTORE_FILE.search(str(error))
+        code = _TENSORSTORE_OS_ERROR.search(str(error))
+        filename = written and written.group(1)
+        reason = os.strerror(int(code.group(1)) if code else errno.ENOSPC)
+    writing = f" writing {filename}" if filename else ""
+    try:
+        free = f"{shutil.disk_usage(workdir).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    steps = checkpoint_steps(workdir)
+    if steps:
+        size = _mebibytes(workdir / "checkpoints" / str(steps[-1]))
+        kept = (
+            f"the run stopped; its checkpoints are kept, the last complete one at step "
+            f"{steps[-1]} ({size:.1f} MiB; config.keep_checkpoints={keep} of them are kept, "
+            "plus the one being written)"
+        )
+    else:
+        kept = "the run stopped before it completed a checkpoint"
+    return WorkdirFullError(
+        f"{reason} on the file system of {workdir}{writing} ({free}): {kept}; free space "
+        f"there, then {resume_hint}"
+    )
 
 
 def has_previous_run(workdir: str | Path) -> bool:
