@@ -110,3 +110,86 @@ def test_classifier_remat_gives_the_same_gradients():
     got = nnx.jit(nnx.grad(loss))(build("nothing"))
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ options a mixer cannot honour
+
+FLA_HGRN = dict(kind="hgrn", layout="fla")
+# Each option fla's HGRN layer does not have, set to the value it would ignore.
+FLA_IGNORED = dict(
+    complex_valued=True,
+    separate_phases=True,
+    use_forget_gate=False,
+    norm_before_gate=False,
+    use_bias=True,
+)
+
+
+@pytest.mark.parametrize("option", list(FLA_IGNORED))
+def test_fla_hgrn_refuses_the_options_it_does_not_have(option):
+    """Each HGRU switch fla's HGRN layer cannot honour is a one-line error naming the option,
+    its value, layout='fla' and the fix, from the MixerConfig, the LM config and fla's preset
+    (they built a model without it and said nothing)."""
+    value = FLA_IGNORED[option]
+    pattern = rf"mixer\.{option}={value} is not an option of layout='fla'.*layout='official'"
+    with pytest.raises(ValueError, match=pattern) as caught:
+        MixerConfig(**FLA_HGRN, **{option: value})
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match=rf"LMConfig: {pattern}"):
+        LMConfig(mixer={**FLA_HGRN, option: value})
+    with pytest.raises(ValueError, match=pattern):
+        LMConfig.fla(mixer={**FLA_HGRN, "use_bias": False, option: value})
+
+
+def test_fla_hgrn_accepts_what_it_does():
+    """The values fla's layer computes anyway (real, no phases, forget gate, norm then gate, no
+    biases) are accepted, and build the same model as leaving them unset."""
+    does = dict(
+        complex_valued=False,
+        separate_phases=False,
+        use_forget_gate=True,
+        norm_before_gate=True,
+        use_bias=False,
+    )
+    ids = jnp.arange(12).reshape(2, 6) % 32
+    plain = _lm(mixer=MixerConfig(**FLA_HGRN))
+    explicit = _lm(mixer=MixerConfig(**FLA_HGRN, **does))
+    np.testing.assert_array_equal(explicit(ids), plain(ids))
+
+
+def test_other_mixers_refuse_options_they_ignore():
+    """fla's HGRN2 has no biases; attention has no recurrence method or inner norm; a causal or
+    real-valued HGRU has one phase, so separate_phases=True does nothing there."""
+    with pytest.raises(ValueError, match=r"mixer.use_bias=True is not an option of layout='fla'"):
+        MixerConfig(kind="hgrn2", layout="fla", use_bias=True)
+    for name, value in (("method", "'sequential'"), ("norm_epsilon", "0.001")):
+        with pytest.raises(ValueError, match=rf"mixer.{name}={value} is not an option of kind="):
+            MixerConfig(kind="attention", **{name: eval(value)})
+    with pytest.raises(ValueError, match=r"separate_phases=True has no effect: a real-valued"):
+        MixerConfig(complex_valued=False, separate_phases=True)
+    with pytest.raises(ValueError, match=r"LMConfig: mixer.separate_phases=True has no effect"):
+        LMConfig(mixer=MixerConfig(separate_phases=True))
+    # Still fine: a bidirectional complex HGRU has the reverse phase; attention keeps its biases.
+    ClassifierConfig(vocab_size=5, mixer=MixerConfig(separate_phases=True))
+    MixerConfig(kind="attention", use_bias=False)
+
+
+def test_runner_config_names_the_mixer_key_fla_does_not_have():
+    """From the experiment runner, the same rule names config.model.mixer.<key> and its flag:
+    the LM config carries complex_valued=True, which fla's (real) HGRN would have ignored."""
+    from experiments.configs.lm import wikitext103
+    from hgrn_jax import tasks
+
+    config = wikitext103.get_config("tiny")
+    config.model.mixer.layout = "fla"
+    with pytest.raises(
+        ValueError,
+        match=r"^config\.model\.mixer\.complex_valued=True is not an option of layout='fla'.*"
+        r"set --config\.model\.mixer\.complex_valued=False",
+    ):
+        tasks.model_config(config)
+    config.model.mixer.complex_valued = False
+    assert tasks.model_config(config).mixer.layout == "fla"
+    config.model.mixer.use_forget_gate = False
+    with pytest.raises(ValueError, match=r"^config\.model\.mixer\.use_forget_gate=False is not"):
+        tasks.model_config(config)

@@ -40,6 +40,7 @@ from flax import nnx
 
 from hgrn_jax.data import grain_pipeline, loader
 from hgrn_jax.data.errors import DatasetMissingError
+from hgrn_jax.nn.mixers import check_options
 from hgrn_jax.tasks.losses import classification_loss
 from hgrn_jax.tasks.protocol import Batch
 
@@ -55,10 +56,12 @@ FOLDER_KEYS = ("lra_dir", "tfds_dir", "manual_dir", "wikitext_dir", "tokenizer_p
 
 @dataclasses.dataclass(frozen=True)
 class ModelKind:
-    """A model family: its config dataclass and module class (``config_cls(**config.model)``)."""
+    """A model family: its config dataclass and module class (``config_cls(**config.model)``);
+    ``causal``: whether its mixers scan one direction (the LM) or both (the classifiers)."""
 
     config_cls: type
     model_cls: type
+    causal: bool = False
 
 
 def plain(value: Any) -> Any:
@@ -147,6 +150,9 @@ def model_config(config, kind: ModelKind) -> Any:
             f"{kind.config_cls.__name__}; valid fields: {', '.join(sorted(known))}"
         )
     check_model_sizes(fields, unset_allowed=unused_sizes(kind))
+    mixer = fields.get("mixer")
+    if isinstance(mixer, Mapping):  # an option the mixer would not honour, by its config key
+        check_options(mixer, key="config.model.mixer", causal=kind.causal)
     return kind.config_cls(**fields)
 
 
