@@ -581,6 +581,77 @@ def test_training_batches_of_the_wrong_size_stop_the_run(tmp_path, short_from):
         train_and_evaluate(config, tmp_path, task=task)
 
 
+class _EvalBatchTask(ToyTask):
+    """Changes evaluation batch ``bad_index`` of every split with ``change``."""
+
+    bad_index = 0
+    change = staticmethod(lambda batch: batch)
+
+    def eval_batches(self, split, process_index=0, process_count=1):
+        for index, batch in enumerate(super().eval_batches(split, process_index, process_count)):
+            yield self.change(dict(batch)) if index == self.bad_index else batch
+
+
+EVAL_BATCH_FAULTS = {
+    # 7 rows cannot split over the 8 batch shards of the 8 simulated devices.
+    "rows that do not split": (
+        lambda b: {k: v[:7] for k, v in b.items()},
+        r"yielded batch {i} whose \['inputs'\] has shape \(7, 8\): 7 rows per process x 1 "
+        r"process do not split over the mesh's 8 batch shards.*; yield a multiple of 8 rows",
+    ),
+    # A weight of 1 row broadcast over the batch: every row weighted like the first.
+    "arrays that disagree in rows": (
+        lambda b: {**b, "weight": b["weight"][:1]},
+        r"yielded batch {i} whose \['weight'\] has shape \(1,\), 1 rows where "
+        r"\['inputs'\] has 8; give every array of a batch the same rows",
+    ),
+    "a key the train batches lack": (
+        lambda b: {**b, "extra": b["labels"]},
+        r"yielded batch {i} with \['extra'\], which the train batches do not have \(they "
+        r"have \['inputs'\], \['labels'\], \['scale'\], \['weight'\]\); yield the arrays",
+    ),
+    # Allowed until loss_fn reads it (ImageNet's eval batches lack the train-only soft targets):
+    # caught at the first evaluation, where it was a KeyError traceback from inside jax.
+    "a key of the train batches missing": (
+        lambda b: {k: v for k, v in b.items() if k != "scale"},
+        r"yielded batch {i} without \['scale'\], which the train batches have and loss_fn "
+        r"reads; yield it in evaluation batches too",
+    ),
+    # Longer sequences: the model mean-pools, so they evaluated another input size silently.
+    "another shape than the train batches'": (
+        lambda b: {**b, "inputs": np.concatenate([b["inputs"], b["inputs"]], axis=1)},
+        r"yielded batch {i} whose \['inputs'\] has shape \(8, 16\); the train batches' is "
+        r"\(8, 8\) \(rows, 8\): yield the same shape after the batch axis",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", list(EVAL_BATCH_FAULTS))
+@pytest.mark.parametrize("bad_index", [0, 2])
+def test_evaluation_batches_of_the_wrong_layout_stop_the_run(tmp_path, fault, bad_index):
+    """A user task's evaluation batch that does not split over the mesh (was a shard_batch
+    error naming neither the task, the split nor the batch, at the first evaluation), whose
+    arrays disagree in rows (a broadcast weight evaluated silently), or whose keys or shapes
+    differ from the train batches' (evaluated silently, or a KeyError traceback) stops the run
+    with one line naming the task, the split, the batch, the array and its shape: the first
+    batch before training (preflight), a later one at the evaluation that reads it."""
+    config = toy_config()
+    config.num_train_steps = 2
+    config.eval_every = 2
+    task = _EvalBatchTask(config)
+    task.bad_index = bad_index
+    change, expected = EVAL_BATCH_FAULTS[fault]
+    task.change = change
+    pattern = r"the 'val' eval_batches of task 'toy' " + expected.format(i=bad_index)
+    with pytest.raises(ValueError, match=pattern) as caught:
+        train_and_evaluate(config, tmp_path, task=task)
+    assert "\n" not in str(caught.value)
+    metrics = tmp_path / "metrics.jsonl"
+    trained = metrics.exists() and '"loss"' in metrics.read_text()
+    # A bad first batch stops the run before training (but a missing key only where it is read).
+    assert trained == (bad_index > 0 or fault == "a key of the train batches missing")
+
+
 class _FiniteTask(ToyTask):
     """Training batches for ``length`` steps only."""
 
