@@ -129,6 +129,54 @@ def _opt_config(**optimizer):
 
 
 @pytest.mark.parametrize(
+    "settings, expected",
+    [
+        (
+            dict(name="adam", weight_decay=0.1),
+            r"config.optimizer.weight_decay=0.1 does nothing with optimizer.name='adam' .*"
+            r"set --config.optimizer.name=adamw",
+        ),
+        (
+            dict(name="sgd", b1=0.5),
+            r"config.optimizer.b1=0.5 is an Adam setting that optimizer.name='sgd' ignores "
+            r"\(its momentum is optimizer.momentum.*set --config.optimizer.b1=0.9",
+        ),
+        (
+            dict(name="sgd", b1=0.9, b2=0.999, eps=1e-6),
+            r"config.optimizer.eps=1e-06 is an Adam setting",
+        ),
+        (
+            dict(schedule="inverse_sqrt", min_lr=1e-5),
+            r"config.schedule.min_lr=1e-05 does nothing with schedule.name='inverse_sqrt' .*"
+            r"set --config.schedule.min_lr=0 or --config.schedule.name=cosine",
+        ),
+    ],
+)
+def test_optimizer_settings_the_choice_ignores_stop_the_run(settings, expected):
+    """Adam with a weight decay, sgd with Adam's betas or eps, and a min_lr of a schedule that
+    does not decay to one trained without them, silently."""
+    config = toy_config()
+    settings = dict(settings)
+    config.schedule.name = settings.pop("schedule", config.schedule.name)
+    if "min_lr" in settings:
+        config.schedule.min_lr = settings.pop("min_lr")
+    config.optimizer.update({"b2": 0.999, **settings})  # the toy config's b2 is 0.99
+    with pytest.raises(ValueError, match=expected):
+        optim.check_optimizer_config(config)
+    with pytest.raises(ValueError, match=expected):
+        optim.make_optimizer(config, {"w": nnx.Param(jnp.ones((2, 2)))})
+
+
+def test_optimizer_settings_at_their_defaults_pass_with_any_choice():
+    for name in optim.OPTIMIZERS:
+        config = toy_config()
+        config.optimizer.update(name=name, b2=0.999, weight_decay=0.0)
+        for schedule in optim.SCHEDULES:
+            config.schedule.update(name=schedule, warmup_steps=2, decay_steps=12)
+            optim.check_optimizer_config(config)
+
+
+@pytest.mark.parametrize(
     "key, value, need",
     [
         ("optimizer.learning_rate", -1.0, "a finite number > 0"),
@@ -284,7 +332,12 @@ def test_gradient_clipping_bounds_the_update():
     params = {"w": jnp.zeros((4,))}
     tx, _ = optim.make_optimizer(
         _opt_config(
-            name="sgd", momentum=0.0, learning_rate=1.0, weight_decay=0.0, grad_clip_norm=2.0
+            name="sgd",
+            momentum=0.0,
+            learning_rate=1.0,
+            weight_decay=0.0,
+            grad_clip_norm=2.0,
+            b2=0.999,  # Adam's default (sgd refuses another)
         ),
         params,
     )
