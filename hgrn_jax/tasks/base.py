@@ -267,6 +267,9 @@ class ArrayTask:
     """The source that needs no download (named in missing-data errors)."""
     columns: ClassVar[tuple[str, ...]] = ()
     """The arrays of ``_load``'s examples that ``_batch`` reads (checked as a split loads)."""
+    label_smoothing: ClassVar[bool] = True
+    """Whether the loss reads ``config.label_smoothing`` (a task whose loss does not refuses a
+    value other than 0)."""
 
     def __init__(self, config, name: str):
         if not hasattr(self, "model_kind"):
@@ -296,6 +299,12 @@ class ArrayTask:
 
     @classmethod
     def _check_unread_settings(cls, config) -> None:
+        smoothing = config.get("label_smoothing", 0.0)
+        if smoothing and not cls.label_smoothing:
+            raise ValueError(
+                f"config.label_smoothing={smoothing} is not read by task {config.task!r} (its "
+                "loss has no label smoothing); set --config.label_smoothing=0"
+            )
         source = config.data.source
         for key in FOLDER_KEYS:
             value = config.data.get(key, "")
