@@ -114,7 +114,7 @@ class ClassifierConfig:
         object.__setattr__(
             self, "mixer", fold_legacy_fields(self, LEGACY_MIXER_FIELDS, "ClassifierConfig")
         )
-        self.mixer.check_width(self.features, "ClassifierConfig")
+        self.mixer.check_model(self.features, self.use_lower_bound, "ClassifierConfig")
         if self.encoder == "embed" and not self.vocab_size:
             raise ValueError("encoder='embed' needs vocab_size (the number of token ids)")
         if self.encoder == "linear" and not self.input_channels:

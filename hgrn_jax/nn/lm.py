@@ -111,7 +111,7 @@ class LMConfig:
             check_options(vars(self.mixer), causal=True)
         except ValueError as error:
             raise ValueError(f"LMConfig: {error}") from None
-        self.mixer.check_width(self.features, "LMConfig")
+        self.mixer.check_model(self.features, self.use_lower_bound, "LMConfig")
 
     @classmethod
     def fla(cls, kind: str = "hgrn", **overrides) -> LMConfig:

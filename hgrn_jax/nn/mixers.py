@@ -169,6 +169,18 @@ class MixerConfig:
         value = getattr(self, name)
         return True if value is None else value
 
+    def check_model(self, features: int, use_lower_bound: bool, where: str) -> None:
+        """Raise if a model (``where``, e.g. ``"LMConfig"``) of width ``features`` with
+        ``use_lower_bound`` cannot run this mixer as set: heads that do not split the width
+        (:meth:`check_width`), or lower bounds on attention, which has no forget gate to bound
+        (the model made bound parameters that nothing read)."""
+        self.check_width(features, where)
+        if self.kind == "attention" and use_lower_bound:
+            raise ValueError(
+                f"{where}: use_lower_bound=True bounds the forget gates of a recurrent mixer; "
+                "kind='attention' has none: set use_lower_bound=False"
+            )
+
     @property
     def resolved_expand_ratio(self) -> int:
         """``expand_ratio`` with the kind's default filled in."""
