@@ -1010,6 +1010,7 @@ def test_sigkill_and_sigterm_then_rerun_give_bitwise_the_uninterrupted_parameter
         ),
         ("--config.optimizer.lr=5", r"unknown config key --config.optimizer.lr"),
         ("--config.batch_size=abc", r"--config.batch_size=abc: invalid literal for int"),
+        ("--config.epochs=3", r"--config.epochs=3 does not change the run: .*num_train_steps"),
     ],
 )
 @pytest.mark.slow
@@ -1019,6 +1020,18 @@ def test_bad_config_override_fails_at_once_naming_the_key(tmp_path, override, ex
     assert re.search(expected, proc.stderr), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_an_epochs_override_alone_is_refused():
+    """The config files derive num_train_steps from epochs as they load and the runner counts
+    num_train_steps: --config.epochs=3 alone trained the file's steps without a word."""
+    from experiments import cli
+
+    message = cli.unread_override({"epochs": 3, "batch_size": 16})
+    assert message is not None and message.startswith("--config.epochs=3 does not change")
+    assert "set --config.num_train_steps" in message and "\n" not in message
+    assert cli.unread_override({"epochs": 3, "num_train_steps": 300}) is None
+    assert cli.unread_override({"batch_size": 16}) is None
 
 
 UNGUARDED_SCRIPT = """
