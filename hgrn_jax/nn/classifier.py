@@ -50,7 +50,9 @@ class ClassifierConfig:
       with ``input_channels`` channels.
     mixer: the token mixer (:class:`~hgrn_jax.nn.MixerConfig`, or its fields as a dict), run in
       both directions. ``MixerConfig(scan="2d")`` scans the ``grid_shape`` = (H, W) grid (inputs in
-      raster order, L = H * W); ``MixerConfig(kind="hgrn2", expand_ratio=...)`` is HGRN2.
+      raster order, L = H * W); ``MixerConfig(kind="hgrn2", expand_ratio=...)`` is HGRN2. A 1-D
+      mixer does not read ``grid_shape`` (it scans the same inputs in raster order; the image
+      tasks fill it in whatever the scan, so it is not refused).
     use_lower_bound: the per-layer forget-gate lower bounds (off: the paper's ablation).
     norm: ``"layer"``, ``"batch"`` or ``"sync_batch"`` (``axis_name`` names the replica axis
       inside ``shard_map``, and only there; under ``jax.jit`` over a global batch, BatchNorm is

@@ -216,7 +216,8 @@ def weight_decay_mask(params: Any, mode: str = "all") -> Any:
 
     ``"all"`` decays every parameter (the paper's LRA and LM recipes); ``"no_bias_norm"`` leaves
     out biases, norm scales, every parameter with fewer than 2 dimensions (HGRU's theta) and the
-    lower-bound matrix (DeiT's recipe for ImageNet).
+    lower-bound matrix (DeiT's recipe for ImageNet). With ``weight_decay`` 0 (or ``adam``, which
+    refuses a decay) the mask selects what a decay of 0 applies to: nothing changes either way.
     """
     if mode == "all":
         return jax.tree.map(lambda _: True, params)
