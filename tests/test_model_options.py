@@ -179,15 +179,18 @@ def test_runner_config_names_the_mixer_key_fla_does_not_have():
     the LM config carries complex_valued=True, which fla's (real) HGRN would have ignored."""
     from experiments.configs.lm import wikitext103
     from hgrn_jax import tasks
+    from hgrn_jax.training.loop import check_config_values
 
     config = wikitext103.get_config("tiny")
     config.model.mixer.layout = "fla"
-    with pytest.raises(
-        ValueError,
-        match=r"^config\.model\.mixer\.complex_valued=True is not an option of layout='fla'.*"
-        r"set --config\.model\.mixer\.complex_valued=False",
-    ):
+    expected = (
+        r"^config\.model\.mixer\.complex_valued=True is not an option of layout='fla'.*"
+        r"set --config\.model\.mixer\.complex_valued=False"
+    )
+    with pytest.raises(ValueError, match=expected):
         tasks.model_config(config)
+    with pytest.raises(ValueError, match=expected):  # before a run touches its workdir
+        check_config_values(config)
     config.model.mixer.complex_valued = False
     assert tasks.model_config(config).mixer.layout == "fla"
     config.model.mixer.use_forget_gate = False

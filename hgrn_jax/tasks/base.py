@@ -150,10 +150,18 @@ def model_config(config, kind: ModelKind) -> Any:
             f"{kind.config_cls.__name__}; valid fields: {', '.join(sorted(known))}"
         )
     check_model_sizes(fields, unset_allowed=unused_sizes(kind))
-    mixer = fields.get("mixer")
-    if isinstance(mixer, Mapping):  # an option the mixer would not honour, by its config key
-        check_options(mixer, key="config.model.mixer", causal=kind.causal)
+    check_mixer_options(fields, kind)
     return kind.config_cls(**fields)
+
+
+def check_mixer_options(model: Any, kind: ModelKind) -> None:
+    """Raise ValueError naming ``config.model.mixer.<key>`` and its flag for a mixer option
+    the model of ``kind`` would not honour (:func:`hgrn_jax.nn.mixers.check_options`, the rule
+    the model configs apply, with the runner's key names)."""
+    model = plain(model) if model is not None else {}
+    mixer = model.get("mixer") if isinstance(model, Mapping) else None
+    if isinstance(mixer, Mapping):
+        check_options(mixer, key="config.model.mixer", causal=kind.causal)
 
 
 def model_field_defaults(kind: ModelKind) -> dict[str, Any]:
