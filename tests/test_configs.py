@@ -275,11 +275,6 @@ def test_ablation_switches_reach_the_model(name, switch):
     assert ABLATIONS[switch](nnx.eval_shape(build)) is True
     owner = config.model if switch == "use_lower_bound" else config.model.mixer
     owner[switch] = False
-    if switch == "complex_valued" and "separate_phases" in owner:
-        # A real-valued HGRU has no phases: separate_phases=True would be ignored, so it is refused.
-        with pytest.raises(ValueError, match=r"config.model.mixer.separate_phases=True has no"):
-            nnx.eval_shape(build)
-        owner.separate_phases = False
     assert ABLATIONS[switch](nnx.eval_shape(build)) is False
 
 

@@ -158,41 +158,42 @@ def test_fla_hgrn_accepts_what_it_does():
 
 
 def test_other_mixers_refuse_options_they_ignore():
-    """fla's HGRN2 has no biases; attention has no recurrence method or inner norm; a causal or
-    real-valued HGRU has one phase, so separate_phases=True does nothing there."""
+    """fla's HGRN2 has no biases; attention has no recurrence method or inner norm. A causal or
+    real-valued HGRU with separate_phases=True is accepted: there is no second phase to give."""
     with pytest.raises(ValueError, match=r"mixer.use_bias=True is not an option of layout='fla'"):
         MixerConfig(kind="hgrn2", layout="fla", use_bias=True)
     for name, value in (("method", "'sequential'"), ("norm_epsilon", "0.001")):
         with pytest.raises(ValueError, match=rf"mixer.{name}={value} is not an option of kind="):
             MixerConfig(kind="attention", **{name: eval(value)})
-    with pytest.raises(ValueError, match=r"separate_phases=True has no effect: a real-valued"):
-        MixerConfig(complex_valued=False, separate_phases=True)
-    with pytest.raises(ValueError, match=r"LMConfig: mixer.separate_phases=True has no effect"):
-        LMConfig(mixer=MixerConfig(separate_phases=True))
-    # Still fine: a bidirectional complex HGRU has the reverse phase; attention keeps its biases.
+    MixerConfig(complex_valued=False, separate_phases=True)
+    LMConfig(mixer=MixerConfig(separate_phases=True))
     ClassifierConfig(vocab_size=5, mixer=MixerConfig(separate_phases=True))
     MixerConfig(kind="attention", use_bias=False)
 
 
 def test_runner_config_names_the_mixer_key_fla_does_not_have():
-    """From the experiment runner, the same rule names config.model.mixer.<key> and its flag:
-    the LM config carries complex_valued=True, which fla's (real) HGRN would have ignored."""
+    """From the experiment runner, the same rule names config.model.mixer.<key> and its flag.
+    The switches the config files carry at True (complex_valued, separate_phases), which fla's
+    real HGRN never had, are dropped with a warning, so that runs saved with layout='fla' before
+    the rule still resume and load; other options fla does not have are refused."""
     from experiments.configs.lm import wikitext103
     from hgrn_jax import tasks
+    from hgrn_jax.tasks.base import IgnoredSettingWarning
     from hgrn_jax.training.loop import check_config_values
 
     config = wikitext103.get_config("tiny")
     config.model.mixer.layout = "fla"
     expected = (
-        r"^config\.model\.mixer\.complex_valued=True is not an option of layout='fla'.*"
-        r"set --config\.model\.mixer\.complex_valued=False"
+        r"^config\.model\.mixer\.complex_valued=True is not used by layout='fla' .*: the model "
+        r"is built without it; set --config\.model\.mixer\.complex_valued=False to say so$"
     )
-    with pytest.raises(ValueError, match=expected):
-        tasks.model_config(config)
-    with pytest.raises(ValueError, match=expected):  # before a run touches its workdir
-        check_config_values(config)
+    with pytest.warns(IgnoredSettingWarning, match=expected):
+        check_config_values(config)  # before a run touches its workdir
+    with pytest.warns(IgnoredSettingWarning, match=expected):
+        built = tasks.model_config(config)
+    assert built.mixer.layout == "fla" and built.mixer.complex_valued is None
     config.model.mixer.complex_valued = False
-    assert tasks.model_config(config).mixer.layout == "fla"
+    assert tasks.model_config(config).mixer.complex_valued is False
     config.model.mixer.use_forget_gate = False
     with pytest.raises(ValueError, match=r"^config\.model\.mixer\.use_forget_gate=False is not"):
         tasks.model_config(config)

@@ -23,7 +23,7 @@ from hgrn_jax.nn.checks import check_length, check_token_ids
 from hgrn_jax.nn.embeddings import sinusoidal_positions
 from hgrn_jax.nn.initializers import dense, logical
 from hgrn_jax.nn.lower_bounds import LowerBounds
-from hgrn_jax.nn.mixers import LEGACY_MIXER_FIELDS, MixerConfig, check_options, fold_legacy_fields
+from hgrn_jax.nn.mixers import LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields
 from hgrn_jax.nn.norms import make_norm
 
 Cache = tuple[jax.Array, ...]
@@ -109,10 +109,6 @@ class LMConfig:
         )
         if self.mixer.scan != "1d":
             raise ValueError(f"the LM is 1-D: mixer scan must be '1d'; got {self.mixer.scan!r}")
-        try:  # the options a causal mixer would not honour
-            check_options(vars(self.mixer), causal=True)
-        except ValueError as error:
-            raise ValueError(f"LMConfig: {error}") from None
         self.mixer.check_model(self.features, self.use_lower_bound, "LMConfig")
 
     @classmethod

@@ -64,7 +64,7 @@ class MixerConfig:
       multiplier. None: hgrn 1, hgrn2 official 2 (hgru2-pytorch's default), hgrn2 fla 128 (fla's).
     complex_valued, separate_phases, use_forget_gate, norm_before_gate: HGRN official's options
       (the paper's ablations; None: True). ``separate_phases`` gives the reverse scan of a
-      bidirectional complex HGRU its own phase, so a causal or real-valued HGRU refuses True.
+      bidirectional complex HGRU its own phase (a causal or real-valued HGRU has no second one).
       fla's HGRN refuses the values it cannot honour (it is real-valued, without phases, with a
       data-dependent forget gate, norm before gate: it accepts False, False, True, True);
       hgrn2 and attention have none of them and accept only None (or True, the value HGRN
@@ -223,18 +223,16 @@ def _fix(key: str, name: str, value: Any) -> str:
     return f"leave {key}.{name} unset (or {value!r})"
 
 
-def check_options(
-    options: Mapping[str, Any], key: str = "mixer", causal: bool | None = None
-) -> None:
+def check_options(options: Mapping[str, Any], key: str = "mixer") -> None:
     """Raise a one-line ValueError naming ``<key>.<option>``, its value and the fix for an option
     the mixer of ``options`` (MixerConfig fields; absent ones at their defaults) would not honour:
     an HGRU switch of another kind, one fla's HGRN does not have, ``use_bias=True`` on an fla
-    layer, the recurrence options of attention, and ``separate_phases=True`` on an HGRU with one
-    phase (real-valued, or ``causal``; None: the direction is not known yet).
+    layer, the recurrence options of attention. (``separate_phases=True`` on a real-valued or
+    causal HGRU is accepted: there is no second phase to give, and nothing asked for is missing.)
 
-    The one home of these rules: :class:`MixerConfig` checks itself with ``key="mixer"``, the
-    model configs add their direction, and the experiment runner checks ``config.model.mixer``
-    before building the model (``key="config.model.mixer"``), so its errors name its keys.
+    The one home of these rules: :class:`MixerConfig` checks itself with ``key="mixer"``, and the
+    experiment runner checks ``config.model.mixer`` before building the model
+    (``key="config.model.mixer"``), so its errors name its keys.
     """
     values = {**_FIELD_DEFAULTS, **options}
     kind, layout = values["kind"], values["layout"]
@@ -273,20 +271,6 @@ def check_options(
                     "is not an option of kind='attention' (it has no recurrence and no inner norm)",
                     f"{_fix(key, name, _FIELD_DEFAULTS[name])} or use a recurrent kind",
                 )
-    if (kind, layout) == ("hgrn", "official") and values["separate_phases"]:
-        if values["complex_valued"] is False:
-            refuse(
-                "separate_phases",
-                "has no effect: a real-valued HGRU (complex_valued=False) has no phases",
-                _fix(key, "separate_phases", False),
-            )
-        if causal:
-            refuse(
-                "separate_phases",
-                "has no effect: a causal HGRU scans one direction with one phase (the separate "
-                "phase is a bidirectional model's reverse scan's)",
-                _fix(key, "separate_phases", False),
-            )
 
 
 def make_mixer(
@@ -305,7 +289,7 @@ def make_mixer(
     whether this layer applies its bound; the fla layouts compute ``log(gamma)``, so they must skip
     a bound that is exactly 0 (the first layer, as fla does).
     """
-    check_options(vars(config), causal=causal)
+    check_options(vars(config))
     if config.kind == "attention":
         return SoftmaxAttention(
             features,

@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import logging
 import math
+import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -56,12 +57,10 @@ FOLDER_KEYS = ("lra_dir", "tfds_dir", "manual_dir", "wikitext_dir", "tokenizer_p
 
 @dataclasses.dataclass(frozen=True)
 class ModelKind:
-    """A model family: its config dataclass and module class (``config_cls(**config.model)``);
-    ``causal``: whether its mixers scan one direction (the LM) or both (the classifiers)."""
+    """A model family: its config dataclass and module class (``config_cls(**config.model)``)."""
 
     config_cls: type
     model_cls: type
-    causal: bool = False
 
 
 def plain(value: Any) -> Any:
@@ -150,18 +149,46 @@ def model_config(config, kind: ModelKind) -> Any:
             f"{kind.config_cls.__name__}; valid fields: {', '.join(sorted(known))}"
         )
     check_model_sizes(fields, unset_allowed=unused_sizes(kind))
-    check_mixer_options(fields, kind)
-    return kind.config_cls(**fields)
+    return kind.config_cls(**check_mixer_options(fields))
 
 
-def check_mixer_options(model: Any, kind: ModelKind) -> None:
-    """Raise ValueError naming ``config.model.mixer.<key>`` and its flag for a mixer option
-    the model of ``kind`` would not honour (:func:`hgrn_jax.nn.mixers.check_options`, the rule
-    the model configs apply, with the runner's key names)."""
+class IgnoredSettingWarning(UserWarning):
+    """A config value the model does not use, accepted for runs saved before it was refused."""
+
+
+CARRIED_SWITCHES = ("complex_valued", "separate_phases")
+"""HGRN switches the experiment configs carry at True (``common.hgrn_mixer``), which fla's
+real, phaseless HGRN layer does not have."""
+
+
+def check_mixer_options(model: Any) -> Any:
+    """``model`` (``config.model`` as plain values) ready for its config class, after raising a
+    ValueError naming ``config.model.mixer.<key>`` and its flag for a mixer option the model
+    would not honour (:func:`hgrn_jax.nn.mixers.check_options`, the rule the model configs
+    apply, with the runner's key names).
+
+    One exception keeps the runs saved before the rule loadable and resumable: with
+    ``layout='fla'``, the switches the config files carry at True (:data:`CARRIED_SWITCHES`) are
+    dropped with an :class:`IgnoredSettingWarning` rather than refused (the layer never had
+    them). Set to True in a MixerConfig, they are refused."""
     model = plain(model) if model is not None else {}
     mixer = model.get("mixer") if isinstance(model, Mapping) else None
-    if isinstance(mixer, Mapping):
-        check_options(mixer, key="config.model.mixer", causal=kind.causal)
+    if not isinstance(mixer, Mapping):
+        return model
+    mixer = dict(mixer)
+    if (mixer.get("kind", "hgrn"), mixer.get("layout", "official")) == ("hgrn", "fla"):
+        for name in CARRIED_SWITCHES:
+            if mixer.get(name) is True:
+                warnings.warn(
+                    f"config.model.mixer.{name}=True is not used by layout='fla' (fla's HGRN is "
+                    f"real-valued, without phases): the model is built without it; set "
+                    f"--config.model.mixer.{name}=False to say so",
+                    IgnoredSettingWarning,
+                    stacklevel=2,
+                )
+                mixer[name] = None
+    check_options(mixer, key="config.model.mixer")
+    return {**model, "mixer": mixer}
 
 
 def model_field_defaults(kind: ModelKind) -> dict[str, Any]:

@@ -65,7 +65,7 @@ def check_model_sizes(config) -> None:
     base.check_model_sizes(config.get("model", None))
     entry = DATASETS.get(str(config.get("task", "")))
     if entry is not None:
-        base.check_mixer_options(config.get("model", None), entry.model)
+        base.check_mixer_options(config.get("model", None))
         # A vocabulary size of 0 is still left to the data after deriving: the task reads it
         # from its files (the tokenizer, the vocabulary, tfds metadata) when it is built.
         from_files = ["vocab_size"]
