@@ -8,6 +8,8 @@ import os
 import re
 import sys
 import traceback
+from collections.abc import Mapping
+from typing import Any
 
 from absl import flags
 from ml_collections import config_flags
@@ -40,6 +42,30 @@ def check_config_file(path: str | None = None) -> None:
             "--config=path/to/config.py[:PRESET], e.g. experiments/configs/lra/listops.py:tiny",
             EXIT_USAGE,
         )
+
+
+def unread_override(overrides: Mapping[str, Any]) -> str | None:
+    """The one-line error for a ``--config.key=value`` override that the run would not read, or
+    None. ``overrides`` maps each overridden key to its value (``config_flags``'s
+    ``get_override_values``). ``epochs`` is one: a config file derives ``num_train_steps`` (and
+    its schedule and evaluation steps) from its epochs when it loads, and the runner counts
+    ``num_train_steps``, so ``--config.epochs`` alone trained the file's number of steps."""
+    if "epochs" in overrides and "num_train_steps" not in overrides:
+        return (
+            f"--config.epochs={overrides['epochs']} does not change the run: the runner counts "
+            "config.num_train_steps, which the config file derived from its own epochs as it "
+            "loaded; set --config.num_train_steps (epochs x steps per epoch), and "
+            "--config.schedule.decay_steps and --config.eval_every if they should follow"
+        )
+    return None
+
+
+def check_overrides() -> None:
+    """Stop with one line when a ``--config.*`` override is one the run would not read
+    (:func:`unread_override`)."""
+    message = unread_override(config_flags.get_override_values(flags.FLAGS["config"]))
+    if message is not None:
+        fail(message, EXIT_USAGE)
 
 
 def _config_arg(argv: list[str]) -> str | None:

@@ -82,6 +82,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}; options look like --config.key=value")
     cli.check_config_file()
+    cli.check_overrides()
     if not flags.FLAGS["verbosity"].present:
         from absl import logging as absl_logging
 

@@ -112,3 +112,20 @@ def test_the_lm_with_attention_needs_its_positions_and_cannot_generate():
     )
     with pytest.raises(ValueError, match=r"position_encoding=True\) cannot generate"):
         positioned.step(ids, ())
+
+
+def test_attention_refuses_lower_bounds_it_has_no_gate_for():
+    """A model of attention mixers with use_lower_bound=True made lower-bound parameters that no
+    layer read (attention drops its lower_bound argument): silently ignored, now refused."""
+    mixer = MixerConfig(kind="attention", num_heads=2)
+    for make in (
+        lambda bounds: LMConfig(vocab_size=13, features=16, mixer=mixer, use_lower_bound=bounds),
+        lambda bounds: ClassifierConfig(
+            vocab_size=11, features=32, mixer=mixer, use_lower_bound=bounds
+        ),
+    ):
+        with pytest.raises(
+            ValueError, match=r"Config: use_lower_bound=True .* set use_lower_bound=False"
+        ):
+            make(True)
+        make(False)

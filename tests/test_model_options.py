@@ -110,3 +110,90 @@ def test_classifier_remat_gives_the_same_gradients():
     got = nnx.jit(nnx.grad(loss))(build("nothing"))
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ options a mixer cannot honour
+
+FLA_HGRN = dict(kind="hgrn", layout="fla")
+# Each option fla's HGRN layer does not have, set to the value it would ignore.
+FLA_IGNORED = dict(
+    complex_valued=True,
+    separate_phases=True,
+    use_forget_gate=False,
+    norm_before_gate=False,
+    use_bias=True,
+)
+
+
+@pytest.mark.parametrize("option", list(FLA_IGNORED))
+def test_fla_hgrn_refuses_the_options_it_does_not_have(option):
+    """Each HGRU switch fla's HGRN layer cannot honour is a one-line error naming the option,
+    its value, layout='fla' and the fix, from the MixerConfig, the LM config and fla's preset
+    (they built a model without it and said nothing)."""
+    value = FLA_IGNORED[option]
+    pattern = rf"mixer\.{option}={value} is not an option of layout='fla'.*layout='official'"
+    with pytest.raises(ValueError, match=pattern) as caught:
+        MixerConfig(**FLA_HGRN, **{option: value})
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match=rf"LMConfig: {pattern}"):
+        LMConfig(mixer={**FLA_HGRN, option: value})
+    with pytest.raises(ValueError, match=pattern):
+        LMConfig.fla(mixer={**FLA_HGRN, "use_bias": False, option: value})
+
+
+def test_fla_hgrn_accepts_what_it_does():
+    """The values fla's layer computes anyway (real, no phases, forget gate, norm then gate, no
+    biases) are accepted, and build the same model as leaving them unset."""
+    does = dict(
+        complex_valued=False,
+        separate_phases=False,
+        use_forget_gate=True,
+        norm_before_gate=True,
+        use_bias=False,
+    )
+    ids = jnp.arange(12).reshape(2, 6) % 32
+    plain = _lm(mixer=MixerConfig(**FLA_HGRN))
+    explicit = _lm(mixer=MixerConfig(**FLA_HGRN, **does))
+    np.testing.assert_array_equal(explicit(ids), plain(ids))
+
+
+def test_other_mixers_refuse_options_they_ignore():
+    """fla's HGRN2 has no biases; attention has no recurrence method or inner norm. A causal or
+    real-valued HGRU with separate_phases=True is accepted: there is no second phase to give."""
+    with pytest.raises(ValueError, match=r"mixer.use_bias=True is not an option of layout='fla'"):
+        MixerConfig(kind="hgrn2", layout="fla", use_bias=True)
+    for name, value in (("method", "'sequential'"), ("norm_epsilon", "0.001")):
+        with pytest.raises(ValueError, match=rf"mixer.{name}={value} is not an option of kind="):
+            MixerConfig(kind="attention", **{name: eval(value)})
+    MixerConfig(complex_valued=False, separate_phases=True)
+    LMConfig(mixer=MixerConfig(separate_phases=True))
+    ClassifierConfig(vocab_size=5, mixer=MixerConfig(separate_phases=True))
+    MixerConfig(kind="attention", use_bias=False)
+
+
+def test_runner_config_names_the_mixer_key_fla_does_not_have():
+    """From the experiment runner, the same rule names config.model.mixer.<key> and its flag.
+    The switches the config files carry at True (complex_valued, separate_phases), which fla's
+    real HGRN never had, are dropped with a warning, so that runs saved with layout='fla' before
+    the rule still resume and load; other options fla does not have are refused."""
+    from experiments.configs.lm import wikitext103
+    from hgrn_jax import tasks
+    from hgrn_jax.tasks.base import IgnoredSettingWarning
+    from hgrn_jax.training.loop import check_config_values
+
+    config = wikitext103.get_config("tiny")
+    config.model.mixer.layout = "fla"
+    expected = (
+        r"^config\.model\.mixer\.complex_valued=True is not used by layout='fla' .*: the model "
+        r"is built without it; set --config\.model\.mixer\.complex_valued=False to say so$"
+    )
+    with pytest.warns(IgnoredSettingWarning, match=expected):
+        check_config_values(config)  # before a run touches its workdir
+    with pytest.warns(IgnoredSettingWarning, match=expected):
+        built = tasks.model_config(config)
+    assert built.mixer.layout == "fla" and built.mixer.complex_valued is None
+    config.model.mixer.complex_valued = False
+    assert tasks.model_config(config).mixer.complex_valued is False
+    config.model.mixer.use_forget_gate = False
+    with pytest.raises(ValueError, match=r"^config\.model\.mixer\.use_forget_gate=False is not"):
+        tasks.model_config(config)

@@ -280,6 +280,20 @@ def test_sync_batchnorm_inside_shard_map_equals_global_batchnorm_under_jit():
     assert not np.allclose(per_replica("batch", None), reference, atol=1e-3)
 
 
+def test_classifier_settings_its_other_settings_switch_off_are_refused():
+    """axis_name is sync_batch's alone and position_dropout follows the positions: with
+    norm='batch' or without positions they built the model as if unset, without a word."""
+    with pytest.raises(
+        ValueError, match=r"axis_name='data' is read only by norm='sync_batch'.*norm='batch'"
+    ):
+        _text_config(norm="batch", axis_name="data")
+    with pytest.raises(ValueError, match=r"position_dropout=0.3 follows the position encoding"):
+        _text_config(position_encoding=False, position_dropout=0.3)
+    _text_config(norm="sync_batch", axis_name="data")
+    _text_config(position_encoding=False)  # the default 0.1, as the LRA configs carry it
+    _text_config(position_encoding=False, position_dropout=0.0)  # what it does
+
+
 # ------------------------------------------------------------------------ padding
 
 

@@ -493,3 +493,19 @@ def test_every_registered_task_satisfies_the_protocol(tmp_path):
         task = tasks.get_task(tiny_config(name, tmp_path))
         assert isinstance(task, tasks.Task), name
         assert task.name == tasks.dataset(task.config).name
+
+
+def test_label_smoothing_of_a_loss_without_it_names_the_key(cache_dir):
+    """The language model's loss has no label smoothing: config.label_smoothing trained and
+    reported the plain perplexity without a word."""
+    config = tiny_config("lm.wikitext103", cache_dir)
+    config.label_smoothing = 0.1
+    with pytest.raises(
+        ValueError,
+        match=r"config.label_smoothing=0.1 is not read by task 'wikitext103' .*"
+        r"set --config.label_smoothing=0",
+    ):
+        tasks.get_task(config)
+    config = tiny_config("lra.listops", cache_dir)
+    config.label_smoothing = 0.1  # the classifiers' loss smooths
+    assert tasks.get_task(config).config.label_smoothing == 0.1

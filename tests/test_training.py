@@ -129,6 +129,54 @@ def _opt_config(**optimizer):
 
 
 @pytest.mark.parametrize(
+    "settings, expected",
+    [
+        (
+            dict(name="adam", weight_decay=0.1),
+            r"config.optimizer.weight_decay=0.1 does nothing with optimizer.name='adam' .*"
+            r"set --config.optimizer.name=adamw",
+        ),
+        (
+            dict(name="sgd", b1=0.5),
+            r"config.optimizer.b1=0.5 is an Adam setting that optimizer.name='sgd' ignores "
+            r"\(its momentum is optimizer.momentum.*set --config.optimizer.b1=0.9",
+        ),
+        (
+            dict(name="sgd", b1=0.9, b2=0.999, eps=1e-6),
+            r"config.optimizer.eps=1e-06 is an Adam setting",
+        ),
+        (
+            dict(schedule="inverse_sqrt", min_lr=1e-5),
+            r"config.schedule.min_lr=1e-05 does nothing with schedule.name='inverse_sqrt' .*"
+            r"set --config.schedule.min_lr=0 or --config.schedule.name=cosine",
+        ),
+    ],
+)
+def test_optimizer_settings_the_choice_ignores_stop_the_run(settings, expected):
+    """Adam with a weight decay, sgd with Adam's betas or eps, and a min_lr of a schedule that
+    does not decay to one trained without them, silently."""
+    config = toy_config()
+    settings = dict(settings)
+    config.schedule.name = settings.pop("schedule", config.schedule.name)
+    if "min_lr" in settings:
+        config.schedule.min_lr = settings.pop("min_lr")
+    config.optimizer.update({"b2": 0.999, **settings})  # the toy config's b2 is 0.99
+    with pytest.raises(ValueError, match=expected):
+        optim.check_optimizer_config(config)
+    with pytest.raises(ValueError, match=expected):
+        optim.make_optimizer(config, {"w": nnx.Param(jnp.ones((2, 2)))})
+
+
+def test_optimizer_settings_at_their_defaults_pass_with_any_choice():
+    for name in optim.OPTIMIZERS:
+        config = toy_config()
+        config.optimizer.update(name=name, b2=0.999, weight_decay=0.0)
+        for schedule in optim.SCHEDULES:
+            config.schedule.update(name=schedule, warmup_steps=2, decay_steps=12)
+            optim.check_optimizer_config(config)
+
+
+@pytest.mark.parametrize(
     "key, value, need",
     [
         ("optimizer.learning_rate", -1.0, "a finite number > 0"),
@@ -284,7 +332,12 @@ def test_gradient_clipping_bounds_the_update():
     params = {"w": jnp.zeros((4,))}
     tx, _ = optim.make_optimizer(
         _opt_config(
-            name="sgd", momentum=0.0, learning_rate=1.0, weight_decay=0.0, grad_clip_norm=2.0
+            name="sgd",
+            momentum=0.0,
+            learning_rate=1.0,
+            weight_decay=0.0,
+            grad_clip_norm=2.0,
+            b2=0.999,  # Adam's default (sgd refuses another)
         ),
         params,
     )
@@ -579,6 +632,77 @@ def test_training_batches_of_the_wrong_size_stop_the_run(tmp_path, short_from):
     )
     with pytest.raises(ValueError, match=expected):
         train_and_evaluate(config, tmp_path, task=task)
+
+
+class _EvalBatchTask(ToyTask):
+    """Changes evaluation batch ``bad_index`` of every split with ``change``."""
+
+    bad_index = 0
+    change = staticmethod(lambda batch: batch)
+
+    def eval_batches(self, split, process_index=0, process_count=1):
+        for index, batch in enumerate(super().eval_batches(split, process_index, process_count)):
+            yield self.change(dict(batch)) if index == self.bad_index else batch
+
+
+EVAL_BATCH_FAULTS = {
+    # 7 rows cannot split over the 8 batch shards of the 8 simulated devices.
+    "rows that do not split": (
+        lambda b: {k: v[:7] for k, v in b.items()},
+        r"yielded batch {i} whose \['inputs'\] has shape \(7, 8\): 7 rows per process x 1 "
+        r"process do not split over the mesh's 8 batch shards.*; yield a multiple of 8 rows",
+    ),
+    # A weight of 1 row broadcast over the batch: every row weighted like the first.
+    "arrays that disagree in rows": (
+        lambda b: {**b, "weight": b["weight"][:1]},
+        r"yielded batch {i} whose \['weight'\] has shape \(1,\), 1 rows where "
+        r"\['inputs'\] has 8; give every array of a batch the same rows",
+    ),
+    "a key the train batches lack": (
+        lambda b: {**b, "extra": b["labels"]},
+        r"yielded batch {i} with \['extra'\], which the train batches do not have \(they "
+        r"have \['inputs'\], \['labels'\], \['scale'\], \['weight'\]\); yield the arrays",
+    ),
+    # Allowed until loss_fn reads it (ImageNet's eval batches lack the train-only soft targets):
+    # caught at the first evaluation, where it was a KeyError traceback from inside jax.
+    "a key of the train batches missing": (
+        lambda b: {k: v for k, v in b.items() if k != "scale"},
+        r"yielded batch {i} without \['scale'\], which the train batches have and loss_fn "
+        r"reads; yield it in evaluation batches too",
+    ),
+    # Longer sequences: the model mean-pools, so they evaluated another input size silently.
+    "another shape than the train batches'": (
+        lambda b: {**b, "inputs": np.concatenate([b["inputs"], b["inputs"]], axis=1)},
+        r"yielded batch {i} whose \['inputs'\] has shape \(8, 16\); the train batches' is "
+        r"\(8, 8\) \(rows, 8\): yield the same shape after the batch axis",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", list(EVAL_BATCH_FAULTS))
+@pytest.mark.parametrize("bad_index", [0, 2])
+def test_evaluation_batches_of_the_wrong_layout_stop_the_run(tmp_path, fault, bad_index):
+    """A user task's evaluation batch that does not split over the mesh (was a shard_batch
+    error naming neither the task, the split nor the batch, at the first evaluation), whose
+    arrays disagree in rows (a broadcast weight evaluated silently), or whose keys or shapes
+    differ from the train batches' (evaluated silently, or a KeyError traceback) stops the run
+    with one line naming the task, the split, the batch, the array and its shape: the first
+    batch before training (preflight), a later one at the evaluation that reads it."""
+    config = toy_config()
+    config.num_train_steps = 2
+    config.eval_every = 2
+    task = _EvalBatchTask(config)
+    task.bad_index = bad_index
+    change, expected = EVAL_BATCH_FAULTS[fault]
+    task.change = change
+    pattern = r"the 'val' eval_batches of task 'toy' " + expected.format(i=bad_index)
+    with pytest.raises(ValueError, match=pattern) as caught:
+        train_and_evaluate(config, tmp_path, task=task)
+    assert "\n" not in str(caught.value)
+    metrics = tmp_path / "metrics.jsonl"
+    trained = metrics.exists() and '"loss"' in metrics.read_text()
+    # A bad first batch stops the run before training (but a missing key only where it is read).
+    assert trained == (bad_index > 0 or fault == "a key of the train batches missing")
 
 
 class _FiniteTask(ToyTask):
@@ -886,6 +1010,7 @@ def test_sigkill_and_sigterm_then_rerun_give_bitwise_the_uninterrupted_parameter
         ),
         ("--config.optimizer.lr=5", r"unknown config key --config.optimizer.lr"),
         ("--config.batch_size=abc", r"--config.batch_size=abc: invalid literal for int"),
+        ("--config.epochs=3", r"--config.epochs=3 does not change the run: .*num_train_steps"),
     ],
 )
 @pytest.mark.slow
@@ -895,6 +1020,18 @@ def test_bad_config_override_fails_at_once_naming_the_key(tmp_path, override, ex
     assert re.search(expected, proc.stderr), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_an_epochs_override_alone_is_refused():
+    """The config files derive num_train_steps from epochs as they load and the runner counts
+    num_train_steps: --config.epochs=3 alone trained the file's steps without a word."""
+    from experiments import cli
+
+    message = cli.unread_override({"epochs": 3, "batch_size": 16})
+    assert message is not None and message.startswith("--config.epochs=3 does not change")
+    assert "set --config.num_train_steps" in message and "\n" not in message
+    assert cli.unread_override({"epochs": 3, "num_train_steps": 300}) is None
+    assert cli.unread_override({"batch_size": 16}) is None
 
 
 UNGUARDED_SCRIPT = """

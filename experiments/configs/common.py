@@ -7,7 +7,10 @@ contract's (``task``, ``seed``, ``model``, ``data``, ``batch_size``, ``num_train
 ``epochs``, ``optimizer``, ``schedule``, ``eval_every``, ``checkpoint_every``, ``log_every``,
 ``keep_checkpoints``, ``mesh``, ``dtype``, ``paper``) plus ``eval_batch_size`` (0 = batch_size)
 and ``label_smoothing``. The returned ConfigDict is locked: overriding a key that does not exist
-fails at once.
+fails at once. ``epochs`` records the recipe: the files derive ``num_train_steps`` (and the
+schedule's and evaluation's steps) from it as they load, and the runner counts
+``num_train_steps``, so ``experiments.train`` refuses ``--config.epochs`` without
+``--config.num_train_steps``.
 """
 
 from __future__ import annotations

@@ -38,6 +38,9 @@ from hgrn_jax.nn.lower_bounds import LowerBounds
 from hgrn_jax.nn.mixers import LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields
 from hgrn_jax.nn.norms import apply_norm, make_norm
 
+POSITION_DROPOUT = 0.1
+"""ClassifierConfig's default ``position_dropout``, which a model without positions accepts."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierConfig:
@@ -47,12 +50,16 @@ class ClassifierConfig:
       with ``input_channels`` channels.
     mixer: the token mixer (:class:`~hgrn_jax.nn.MixerConfig`, or its fields as a dict), run in
       both directions. ``MixerConfig(scan="2d")`` scans the ``grid_shape`` = (H, W) grid (inputs in
-      raster order, L = H * W); ``MixerConfig(kind="hgrn2", expand_ratio=...)`` is HGRN2.
+      raster order, L = H * W); ``MixerConfig(kind="hgrn2", expand_ratio=...)`` is HGRN2. A 1-D
+      mixer does not read ``grid_shape`` (it scans the same inputs in raster order; the image
+      tasks fill it in whatever the scan, so it is not refused).
     use_lower_bound: the per-layer forget-gate lower bounds (off: the paper's ablation).
     norm: ``"layer"``, ``"batch"`` or ``"sync_batch"`` (``axis_name`` names the replica axis
-      inside ``shard_map``; under ``jax.jit`` over a global batch, BatchNorm is already global).
+      inside ``shard_map``, and only there; under ``jax.jit`` over a global batch, BatchNorm is
+      already global; another norm refuses it).
     glu_expand: GLU hidden width = ``round(glu_expand * features)``.
-    dropout: residual dropout; ``position_dropout`` follows the position encoding.
+    dropout: residual dropout; ``position_dropout`` follows the position encoding (without one,
+      a value other than its default or 0 is refused).
     dual: the Retrieval model (two documents, one encoder, ``[u, v, u - v, u * v]`` head).
     remat: a :mod:`hgrn_jax.nn.remat` policy name per block (None: off).
 
@@ -78,7 +85,7 @@ class ClassifierConfig:
     axis_name: str | None = None
     dropout: float = 0.0
     position_encoding: bool = False
-    position_dropout: float = 0.1
+    position_dropout: float = POSITION_DROPOUT
     pooling: Literal["mean"] = "mean"
     dual: bool = False
     remat: str | None = None
@@ -109,7 +116,7 @@ class ClassifierConfig:
         object.__setattr__(
             self, "mixer", fold_legacy_fields(self, LEGACY_MIXER_FIELDS, "ClassifierConfig")
         )
-        self.mixer.check_width(self.features, "ClassifierConfig")
+        self.mixer.check_model(self.features, self.use_lower_bound, "ClassifierConfig")
         if self.encoder == "embed" and not self.vocab_size:
             raise ValueError("encoder='embed' needs vocab_size (the number of token ids)")
         if self.encoder == "linear" and not self.input_channels:
@@ -125,6 +132,18 @@ class ClassifierConfig:
             raise ValueError(f"unknown norm {self.norm!r}; use 'layer', 'batch' or 'sync_batch'")
         if self.pooling != "mean":
             raise ValueError(f"unknown pooling {self.pooling!r}; only 'mean' is implemented")
+        if self.axis_name is not None and self.norm != "sync_batch":
+            raise ValueError(
+                f"ClassifierConfig: axis_name={self.axis_name!r} is read only by "
+                f"norm='sync_batch' (the replica axis of its statistics); norm={self.norm!r} "
+                "ignores it: leave axis_name unset or set norm='sync_batch'"
+            )
+        if not self.position_encoding and self.position_dropout not in (POSITION_DROPOUT, 0.0):
+            raise ValueError(
+                f"ClassifierConfig: position_dropout={self.position_dropout} follows the "
+                "position encoding, which is off (position_encoding=False); set "
+                "position_encoding=True or leave position_dropout at its default"
+            )
 
 
 def masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:

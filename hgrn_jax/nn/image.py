@@ -81,7 +81,7 @@ class ImageConfig:
         object.__setattr__(
             self, "mixer", fold_legacy_fields(self, LEGACY_MIXER_FIELDS, "ImageConfig")
         )
-        self.mixer.check_width(self.features, "ImageConfig")
+        self.mixer.check_model(self.features, self.use_lower_bound, "ImageConfig")
         if self.mixer.scan != "1d":
             raise ValueError(
                 "ImageConfig scans the patches in raster order: mixer scan must "

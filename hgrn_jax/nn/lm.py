@@ -39,6 +39,8 @@ class LMConfig:
     block (None: off). ``position_encoding``: add sinusoidal positions to the (scaled) token
     embeddings, for the attention mixer (the Transformer baseline; HGRU mixers know the order from
     their recurrence); such a model has no :meth:`HGRNLM.step`, whose cache holds no position.
+    ``lower_bound_dtype``: the dtype the bounds are computed in (None: the activations'); with
+    ``use_lower_bound=False`` the bounds are zeros of that dtype, which no layer is changed by.
 
     Deprecated (a DeprecationWarning): ``glu_hidden`` (now ``glu_expand = glu_hidden /
     features``, the name the classifiers use), ``mixer="hgru" | "fla"`` (now
@@ -107,7 +109,7 @@ class LMConfig:
         )
         if self.mixer.scan != "1d":
             raise ValueError(f"the LM is 1-D: mixer scan must be '1d'; got {self.mixer.scan!r}")
-        self.mixer.check_width(self.features, "LMConfig")
+        self.mixer.check_model(self.features, self.use_lower_bound, "LMConfig")
 
     @classmethod
     def fla(cls, kind: str = "hgrn", **overrides) -> LMConfig:

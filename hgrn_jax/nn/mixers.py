@@ -36,8 +36,16 @@ from hgrn_jax.nn.hgrn2 import HGRN2, HGRN2D, FlaHGRN2Attention
 from hgrn_jax.nn.hgru import HGRU, HGRU2D
 
 KINDS = ("hgrn", "hgrn2", "attention")
-# HGRN official's switches (the paper's ablations); other kinds refuse non-default values.
+# HGRN official's switches (the paper's ablations). None (their default) is the layer's own
+# behaviour; check_options says which other values each kind and layout accepts.
 HGRU_OPTIONS = ("complex_valued", "separate_phases", "use_forget_gate", "norm_before_gate")
+# What fla's HGRN layer does in place of each HGRU option (the one value it accepts besides None).
+FLA_HGRN_DOES = {
+    "complex_valued": (False, "it is real-valued"),
+    "separate_phases": (False, "it has no phases"),
+    "use_forget_gate": (True, "its forget gate is always data-dependent"),
+    "norm_before_gate": (True, "it normalises, then gates"),
+}
 LAYOUTS = ("official", "fla")
 SCANS = ("1d", "2d")
 
@@ -55,12 +63,19 @@ class MixerConfig:
     expand_ratio: HGRN2's head width K (d / K heads with K x V states); fla HGRN's width
       multiplier. None: hgrn 1, hgrn2 official 2 (hgru2-pytorch's default), hgrn2 fla 128 (fla's).
     complex_valued, separate_phases, use_forget_gate, norm_before_gate: HGRN official's options
-      (the paper's ablations); fla's HGRN ignores them, hgrn2 and attention refuse other values
-      than the defaults.
-    use_bias: biases on the projections of the official layouts (fla's layers have none).
-    norm_epsilon: the mixer's inner norm (fla HGRN2's is always 1e-5; fla HGRN's is its norm_eps).
+      (the paper's ablations; None: True). ``separate_phases`` gives the reverse scan of a
+      bidirectional complex HGRU its own phase (a causal or real-valued HGRU has no second one).
+      fla's HGRN refuses the values it cannot honour (it is real-valued, without phases, with a
+      data-dependent forget gate, norm before gate: it accepts False, False, True, True);
+      hgrn2 and attention have none of them and accept only None (or True, the value HGRN
+      configs carry, e.g. the experiment configs switched to hgrn2).
+    use_bias: biases on the projections of the official layouts and attention (None: True);
+      fla's layers have none and refuse True.
+    norm_epsilon: the mixer's inner norm (fla HGRN2's is always 1e-5; fla HGRN's is its norm_eps);
+      attention has none and refuses values other than 1e-5.
     method: the recurrence method (:func:`~hgrn_jax.ops.linear_recurrence` or
-      :func:`~hgrn_jax.ops.matrix_recurrence`).
+      :func:`~hgrn_jax.ops.matrix_recurrence`); attention has no recurrence and refuses values
+      other than ``"auto"``.
     sequence_axis: a mesh axis to split the sequence over (sequence parallelism,
       :mod:`hgrn_jax.ops.sequence_parallel`): HGRN official and HGRN2 (both layouts; the 2-D
       mixers split the rows). Not fla's HGRN or attention.
@@ -72,11 +87,11 @@ class MixerConfig:
     layout: Literal["official", "fla"] = "official"
     scan: Literal["1d", "2d"] = "1d"
     expand_ratio: int | None = None
-    complex_valued: bool = True
-    separate_phases: bool = True
-    use_forget_gate: bool = True
-    norm_before_gate: bool = True
-    use_bias: bool = True
+    complex_valued: bool | None = None
+    separate_phases: bool | None = None
+    use_forget_gate: bool | None = None
+    norm_before_gate: bool | None = None
+    use_bias: bool | None = None
     norm_epsilon: float = 1e-5
     method: str = "auto"
     sequence_axis: str | None = None
@@ -112,15 +127,7 @@ class MixerConfig:
                 f"{self.kind!r}, layout={self.layout!r}: change the mixer or leave sequence_axis "
                 "unset"
             )
-        if self.kind != "hgrn":
-            for name in HGRU_OPTIONS:
-                default = _FIELD_DEFAULTS[name]
-                if getattr(self, name) != default:
-                    raise ValueError(
-                        f"mixer.{name}={getattr(self, name)!r} is an HGRN option (kind='hgrn', "
-                        f"the paper's ablations); kind={self.kind!r} has none: leave "
-                        f"mixer.{name} at {default!r} or use kind='hgrn'"
-                    )
+        check_options(vars(self))
         if self.num_heads is not None and self.kind != "attention":
             raise ValueError(
                 f"mixer.num_heads={self.num_heads} is for kind='attention'; kind={self.kind!r} "
@@ -157,6 +164,23 @@ class MixerConfig:
                 f"divisor of {features}, e.g. {', '.join(map(str, divisors))}"
             )
 
+    def resolved(self, name: str) -> bool:
+        """An HGRU option or ``use_bias`` with None (the layer's own) filled in: True."""
+        value = getattr(self, name)
+        return True if value is None else value
+
+    def check_model(self, features: int, use_lower_bound: bool, where: str) -> None:
+        """Raise if a model (``where``, e.g. ``"LMConfig"``) of width ``features`` with
+        ``use_lower_bound`` cannot run this mixer as set: heads that do not split the width
+        (:meth:`check_width`), or lower bounds on attention, which has no forget gate to bound
+        (the model made bound parameters that nothing read)."""
+        self.check_width(features, where)
+        if self.kind == "attention" and use_lower_bound:
+            raise ValueError(
+                f"{where}: use_lower_bound=True bounds the forget gates of a recurrent mixer; "
+                "kind='attention' has none: set use_lower_bound=False"
+            )
+
     @property
     def resolved_expand_ratio(self) -> int:
         """``expand_ratio`` with the kind's default filled in."""
@@ -191,6 +215,64 @@ class MixerConfig:
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MixerConfig)}
 
 
+def _fix(key: str, name: str, value: Any) -> str:
+    """How a user gives ``key.name`` the value ``value`` (None's equal): a flag for
+    experiment-config keys (which hold a value), else leaving it unset."""
+    if key.startswith("config."):
+        return f"set --{key}.{name}={value}"
+    return f"leave {key}.{name} unset (or {value!r})"
+
+
+def check_options(options: Mapping[str, Any], key: str = "mixer") -> None:
+    """Raise a one-line ValueError naming ``<key>.<option>``, its value and the fix for an option
+    the mixer of ``options`` (MixerConfig fields; absent ones at their defaults) would not honour:
+    an HGRU switch of another kind, one fla's HGRN does not have, ``use_bias=True`` on an fla
+    layer, the recurrence options of attention. (``separate_phases=True`` on a real-valued or
+    causal HGRU is accepted: there is no second phase to give, and nothing asked for is missing.)
+
+    The one home of these rules: :class:`MixerConfig` checks itself with ``key="mixer"``, and the
+    experiment runner checks ``config.model.mixer`` before building the model
+    (``key="config.model.mixer"``), so its errors name its keys.
+    """
+    values = {**_FIELD_DEFAULTS, **options}
+    kind, layout = values["kind"], values["layout"]
+
+    def refuse(name: str, what: str, fix: str) -> None:
+        raise ValueError(f"{key}.{name}={values[name]!r} {what}; {fix}")
+
+    for name in HGRU_OPTIONS:
+        value = values[name]
+        if value is None:
+            continue
+        if kind != "hgrn" and value is not True:
+            refuse(
+                name,
+                f"is an HGRN option (kind='hgrn', the paper's ablations); kind={kind!r} has none",
+                f"{_fix(key, name, True)} or use kind='hgrn'",
+            )
+        if (kind, layout) == ("hgrn", "fla") and value != FLA_HGRN_DOES[name][0]:
+            does, why = FLA_HGRN_DOES[name]
+            refuse(
+                name,
+                f"is not an option of layout='fla' (fla's HGRNAttention: {why})",
+                f"{_fix(key, name, does)} or use layout='official'",
+            )
+    if layout == "fla" and values["use_bias"]:
+        refuse(
+            "use_bias",
+            f"is not an option of layout='fla' (fla's {kind} layers have no biases)",
+            f"{_fix(key, 'use_bias', False)} or use layout='official'",
+        )
+    if kind == "attention":
+        for name in ("method", "norm_epsilon"):
+            if values[name] != _FIELD_DEFAULTS[name]:
+                refuse(
+                    name,
+                    "is not an option of kind='attention' (it has no recurrence and no inner norm)",
+                    f"{_fix(key, name, _FIELD_DEFAULTS[name])} or use a recurrent kind",
+                )
+
+
 def make_mixer(
     config: MixerConfig,
     features: int,
@@ -207,12 +289,13 @@ def make_mixer(
     whether this layer applies its bound; the fla layouts compute ``log(gamma)``, so they must skip
     a bound that is exactly 0 (the first layer, as fla does).
     """
+    check_options(vars(config))
     if config.kind == "attention":
         return SoftmaxAttention(
             features,
             num_heads=config.num_heads,
             causal=causal,
-            use_bias=config.use_bias,
+            use_bias=config.resolved("use_bias"),
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
@@ -221,11 +304,8 @@ def make_mixer(
     key = (config.kind, config.layout)
     if key == ("hgrn", "official"):
         options = dict(
-            separate_phases=config.separate_phases,
-            complex_valued=config.complex_valued,
-            use_forget_gate=config.use_forget_gate,
-            norm_before_gate=config.norm_before_gate,
-            use_bias=config.use_bias,
+            **{name: config.resolved(name) for name in HGRU_OPTIONS},
+            use_bias=config.resolved("use_bias"),
             norm_epsilon=config.norm_epsilon,
             sequence_axis=config.sequence_axis,
             **common,
@@ -249,7 +329,7 @@ def make_mixer(
     if key == ("hgrn2", "official"):
         options = dict(
             expand_ratio=config.resolved_expand_ratio,
-            use_bias=config.use_bias,
+            use_bias=config.resolved("use_bias"),
             norm_epsilon=config.norm_epsilon,
             sequence_axis=config.sequence_axis,
             **common,
@@ -308,4 +388,4 @@ def fold_legacy_fields(config: Any, renames: Mapping[str, str], where: str) -> M
     return dataclasses.replace(mixer, **updates) if updates else mixer
 
 
-__all__ = ["MixerConfig", "make_mixer", "KINDS", "LAYOUTS", "SCANS"]
+__all__ = ["MixerConfig", "make_mixer", "check_options", "KINDS", "LAYOUTS", "SCANS"]

@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import logging
 import math
+import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -40,6 +41,7 @@ from flax import nnx
 
 from hgrn_jax.data import grain_pipeline, loader
 from hgrn_jax.data.errors import DatasetMissingError
+from hgrn_jax.nn.mixers import check_options
 from hgrn_jax.tasks.losses import classification_loss
 from hgrn_jax.tasks.protocol import Batch
 
@@ -147,7 +149,46 @@ def model_config(config, kind: ModelKind) -> Any:
             f"{kind.config_cls.__name__}; valid fields: {', '.join(sorted(known))}"
         )
     check_model_sizes(fields, unset_allowed=unused_sizes(kind))
-    return kind.config_cls(**fields)
+    return kind.config_cls(**check_mixer_options(fields))
+
+
+class IgnoredSettingWarning(UserWarning):
+    """A config value the model does not use, accepted for runs saved before it was refused."""
+
+
+CARRIED_SWITCHES = ("complex_valued", "separate_phases")
+"""HGRN switches the experiment configs carry at True (``common.hgrn_mixer``), which fla's
+real, phaseless HGRN layer does not have."""
+
+
+def check_mixer_options(model: Any) -> Any:
+    """``model`` (``config.model`` as plain values) ready for its config class, after raising a
+    ValueError naming ``config.model.mixer.<key>`` and its flag for a mixer option the model
+    would not honour (:func:`hgrn_jax.nn.mixers.check_options`, the rule the model configs
+    apply, with the runner's key names).
+
+    One exception keeps the runs saved before the rule loadable and resumable: with
+    ``layout='fla'``, the switches the config files carry at True (:data:`CARRIED_SWITCHES`) are
+    dropped with an :class:`IgnoredSettingWarning` rather than refused (the layer never had
+    them). Set to True in a MixerConfig, they are refused."""
+    model = plain(model) if model is not None else {}
+    mixer = model.get("mixer") if isinstance(model, Mapping) else None
+    if not isinstance(mixer, Mapping):
+        return model
+    mixer = dict(mixer)
+    if (mixer.get("kind", "hgrn"), mixer.get("layout", "official")) == ("hgrn", "fla"):
+        for name in CARRIED_SWITCHES:
+            if mixer.get(name) is True:
+                warnings.warn(
+                    f"config.model.mixer.{name}=True is not used by layout='fla' (fla's HGRN is "
+                    f"real-valued, without phases): the model is built without it; set "
+                    f"--config.model.mixer.{name}=False to say so",
+                    IgnoredSettingWarning,
+                    stacklevel=2,
+                )
+                mixer[name] = None
+    check_options(mixer, key="config.model.mixer")
+    return {**model, "mixer": mixer}
 
 
 def model_field_defaults(kind: ModelKind) -> dict[str, Any]:
@@ -261,6 +302,9 @@ class ArrayTask:
     """The source that needs no download (named in missing-data errors)."""
     columns: ClassVar[tuple[str, ...]] = ()
     """The arrays of ``_load``'s examples that ``_batch`` reads (checked as a split loads)."""
+    label_smoothing: ClassVar[bool] = True
+    """Whether the loss reads ``config.label_smoothing`` (a task whose loss does not refuses a
+    value other than 0)."""
 
     def __init__(self, config, name: str):
         if not hasattr(self, "model_kind"):
@@ -290,6 +334,12 @@ class ArrayTask:
 
     @classmethod
     def _check_unread_settings(cls, config) -> None:
+        smoothing = config.get("label_smoothing", 0.0)
+        if smoothing and not cls.label_smoothing:
+            raise ValueError(
+                f"config.label_smoothing={smoothing} is not read by task {config.task!r} (its "
+                "loss has no label smoothing); set --config.label_smoothing=0"
+            )
         source = config.data.source
         for key in FOLDER_KEYS:
             value = config.data.get(key, "")

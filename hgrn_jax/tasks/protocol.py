@@ -57,7 +57,9 @@ class Task(Protocol):
     def eval_batches(
         self, split: str, process_index: int = 0, process_count: int = 1
     ) -> Iterator[Batch]:
-        """Process-local batches covering ``split`` (``"val"`` or ``"test"``) once."""
+        """Process-local batches covering ``split`` (``"val"`` or ``"test"``) once: any rows
+        that split over the mesh's batch shards (the loop checks), the arrays of the train
+        batches with their shapes after the batch axis (train-only ones may be left out)."""
         ...
 
     def loss_fn(self, model: nnx.Module, batch: dict, *, train: bool) -> tuple[jax.Array, Metrics]:

@@ -419,6 +419,12 @@ class Run:
         self.eval_step = jit_eval_step(
             make_eval_step(self.graphdef, self.task.loss_fn, sums), self.shardings, self.mesh
         )
+        # The layout of each evaluation batch (the train batches' once preflight has read one).
+        self.eval_check = preflight.EvalBatchCheck(
+            getattr(self.task, "name", "?"),
+            sharding.num_batch_shards(self.mesh),
+            jax.process_count(),
+        )
         self.best_mode = "max" if self.metric == "accuracy" else "min"
         self.best_key = f"val_{self.metric}"
         self.checkpoints = Checkpoints(
@@ -475,12 +481,19 @@ class Run:
         the end, so batches are dispatched without waiting) added up in float64."""
         per_batch = []
         with jax.set_mesh(self.mesh):
-            for batch in self.task.eval_batches(split, jax.process_index(), jax.process_count()):
-                per_batch.append(
-                    self.eval_step(
+            batches = self.task.eval_batches(split, jax.process_index(), jax.process_count())
+            for index, batch in enumerate(batches):
+                self.eval_check(batch, split, index)
+                try:
+                    sums = self.eval_step(
                         state.params, state.model_state, sharding.shard_batch(batch, self.mesh)
                     )
-                )
+                except KeyError as error:  # raised while tracing: a new layout, not every batch
+                    explained = self.eval_check.missing_key(error, batch, split, index)
+                    if explained is None:
+                        raise
+                    raise explained from None
+                per_batch.append(sums)
         if not per_batch:
             raise ValueError(f"the {split!r} split yielded no batches; check the data folder")
         per_batch = jax.device_get(per_batch)
@@ -699,7 +712,7 @@ def _train_and_evaluate(
     if run.primary:
         for line in _startup_summary(run, start, total_steps):
             bar.write(line)
-    batches = preflight.open_splits(run.task, config, start, input_state)
+    batches = preflight.open_splits(run.task, config, start, input_state, run.eval_check)
     if restored is not None and input_state is None and batches.stateful:
         warnings.warn(
             f"the checkpoint at step {start} holds no input-pipeline state (saved by older "

@@ -8,6 +8,10 @@ return the learning rate of the next update:
   included), and ``min_lr`` after that.
 - ``inverse_sqrt``: fairseq's ``lr * min(step / warmup, sqrt(warmup / step))``.
 - ``constant``: ``lr`` (after an optional linear warmup).
+
+``schedule.min_lr`` is cosine's alone (another schedule refuses a value > 0);
+``schedule.decay_steps`` too, but the configs set it to the run length whatever the schedule, so
+the others ignore it.
 """
 
 from __future__ import annotations
@@ -149,6 +153,52 @@ def check_optimizer_config(config: Any) -> None:
             f"config.schedule.warmup_steps={warmup} must be an integer >= 0; set "
             "--config.schedule.warmup_steps (0: no warmup)"
         )
+    check_unused_settings(opt, schedule)
+
+
+# Adam's settings, which optimizer.name="sgd" does not have, at their defaults.
+ADAM_DEFAULTS = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}
+
+
+def check_unused_settings(opt: Mapping[str, Any], schedule: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the key for a setting the chosen optimizer or schedule would
+    ignore: ``weight_decay`` with ``adam`` (no decay; adamw has it), Adam's ``b1``, ``b2``,
+    ``eps`` with ``sgd`` other than their defaults (sgd's momentum is ``optimizer.momentum``),
+    and ``schedule.min_lr`` with a schedule other than ``cosine`` (the only one that decays to
+    it). ``schedule.decay_steps`` is cosine's too; the other schedules ignore it, and the
+    configs set it to the run length whatever the schedule."""
+    name = opt.get("name", "adamw")
+    decay = opt.get("weight_decay", 0.0)
+    if name == "adam" and _is_number(decay) and float(decay) > 0:
+        raise ValueError(
+            f"config.optimizer.weight_decay={decay} does nothing with optimizer.name='adam' "
+            "(optax.adam has no weight decay); set --config.optimizer.name=adamw (decoupled "
+            "decay) or --config.optimizer.weight_decay=0"
+        )
+    if name == "sgd":
+        for key, default in ADAM_DEFAULTS.items():
+            value = opt.get(key, default)
+            if _is_number(value) and float(value) != default:
+                raise ValueError(
+                    f"config.optimizer.{key}={value} is an Adam setting that "
+                    "optimizer.name='sgd' ignores (its momentum is optimizer.momentum, 0.9 "
+                    f"unless set); set --config.optimizer.{key}={default} (its default) or "
+                    "use adamw, adam or lamb"
+                )
+    min_lr, kind = schedule.get("min_lr", 0.0), schedule.get("name", "constant")
+    if kind != "cosine" and _is_number(min_lr) and float(min_lr) > 0:
+        raise ValueError(
+            f"config.schedule.min_lr={min_lr} does nothing with schedule.name={kind!r} (only "
+            "cosine decays to a minimum); set --config.schedule.min_lr=0 or "
+            "--config.schedule.name=cosine"
+        )
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _path_names(path: tuple) -> list[str]:
@@ -166,7 +216,8 @@ def weight_decay_mask(params: Any, mode: str = "all") -> Any:
 
     ``"all"`` decays every parameter (the paper's LRA and LM recipes); ``"no_bias_norm"`` leaves
     out biases, norm scales, every parameter with fewer than 2 dimensions (HGRU's theta) and the
-    lower-bound matrix (DeiT's recipe for ImageNet).
+    lower-bound matrix (DeiT's recipe for ImageNet). With ``weight_decay`` 0 (or ``adam``, which
+    refuses a decay) the mask selects what a decay of 0 applies to: nothing changes either way.
     """
     if mode == "all":
         return jax.tree.map(lambda _: True, params)

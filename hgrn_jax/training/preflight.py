@@ -4,7 +4,8 @@
 resume step, positioned by the input state saved with the checkpoint when there is one; the first
 batch of ``val`` and ``test``), so a missing or malformed validation or
 test file stops the run before training rather than at the first evaluation or after the last
-step; :func:`check_token_ids` checks the token ids of every split against the model's vocabulary.
+step; :class:`EvalBatchCheck` checks the layout of evaluation batches (the first here, every
+other layout as evaluation reads it); :func:`check_token_ids` checks the token ids of every split against the model's vocabulary.
 """
 
 from __future__ import annotations
@@ -60,6 +61,94 @@ def check_batch_rows(batch: dict, rows: int, where: str) -> None:
             )
 
 
+def batch_layout(batch: dict) -> dict[str, tuple[int, ...]]:
+    """Each array of ``batch`` by its key path (e.g. ``['inputs']``): its shape."""
+    leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+    return {jax.tree_util.keystr(path): tuple(np.shape(value)) for path, value in leaves}
+
+
+class EvalBatchCheck:
+    """Checks a task's evaluation batches, each layout (keys and shapes) once, so evaluation
+    pays one dict of shapes per batch: every array has the batch axis first and the same rows,
+    which split over the processes and the mesh's ``shards`` batch shards, and (once
+    :attr:`train_layout` is known, from the first training batch) every key is one the train
+    batches have, with their shape after the batch axis. Call it with ``(batch, split, index)``;
+    a bad batch is a one-line ValueError naming the task, the split, the batch index, the
+    array, its shape and the fix. A train batch's key may be absent (train-only arrays, such as
+    ImageNet's soft targets); :meth:`missing_key` explains it if ``loss_fn`` reads it."""
+
+    def __init__(self, task_name: str, shards: int, processes: int):
+        self.task_name, self.shards, self.processes = task_name, shards, processes
+        self.train_layout: dict[str, tuple[int, ...]] | None = None
+        self._checked: set[tuple] = set()
+
+    def __call__(self, batch: dict, split: str, index: int) -> None:
+        layout = batch_layout(batch)
+        signature = tuple(layout.items())
+        if signature in self._checked:
+            return
+        where = f"the {split!r} eval_batches of task {self.task_name!r} yielded batch {index}"
+        rows = None
+        for key, shape in layout.items():
+            if not shape:
+                raise ValueError(
+                    f"{where} whose {key} is a scalar (shape ()); give every array of a batch "
+                    "its rows as the first axis"
+                )
+            if rows is None:
+                first, rows = key, shape[0]
+            elif shape[0] != rows:
+                raise ValueError(
+                    f"{where} whose {key} has shape {shape}, {shape[0]} rows where {first} has "
+                    f"{rows}; give every array of a batch the same rows (the first axis)"
+                )
+        if rows is not None and (rows * self.processes) % self.shards:
+            per_process = self.shards // self.processes
+            plural = "es" if self.processes > 1 else ""
+            raise ValueError(
+                f"{where} whose {first} has shape {layout[first]}: {rows} rows per process x "
+                f"{self.processes} process{plural} do not split over the mesh's {self.shards} "
+                f"batch shards (config.mesh.data x fsdp); yield a multiple of {per_process} rows "
+                "per process (pad with weight-0 rows), or change --config.mesh.*"
+            )
+        if self.train_layout is not None:
+            self._compare_with_train(layout, where)
+        self._checked.add(signature)
+
+    def missing_key(self, error: KeyError, batch: dict, split: str, index: int) -> ValueError:
+        """The one-line error for ``loss_fn``'s KeyError on evaluation batch ``index``, when the
+        key is one the train batches have and this batch lacks (an evaluation batch may leave
+        out train-only arrays, e.g. ImageNet's soft mixup targets, that ``loss_fn`` reads only
+        in training); None for any other KeyError."""
+        key = f"[{error.args[0]!r}]" if error.args else None
+        if key is None or self.train_layout is None or key not in self.train_layout:
+            return None
+        if key in batch_layout(batch):
+            return None
+        return ValueError(
+            f"the {split!r} eval_batches of task {self.task_name!r} yielded batch {index} "
+            f"without {key}, which the train batches have and loss_fn reads; yield it in "
+            "evaluation batches too (or make loss_fn do without it when train=False)"
+        )
+
+    def _compare_with_train(self, layout: dict[str, tuple[int, ...]], where: str) -> None:
+        train = self.train_layout or {}
+        fix = "yield the arrays train_batches yields (padding rows carry weight 0)"
+        extra = [key for key in layout if key not in train]
+        if extra:
+            raise ValueError(
+                f"{where} with {extra[0]}, which the train batches do not have (they have "
+                f"{', '.join(sorted(train))}); {fix}"
+            )
+        for key, shape in layout.items():
+            if shape[1:] != train[key][1:]:
+                want = ", ".join(["rows", *map(str, train[key][1:])])
+                raise ValueError(
+                    f"{where} whose {key} has shape {shape}; the train batches' is {train[key]} "
+                    f"({want}): yield the same shape after the batch axis"
+                )
+
+
 class TrainBatches:
     """The training iterator with its first batch already read by the checks; ``get_state()``
     is the wrapped iterator's position as the training loop sees it (None when the task's
@@ -107,7 +196,11 @@ class TrainBatches:
 
 
 def open_splits(
-    task: Any, config: Any, start_step: int, input_state: dict | None = None
+    task: Any,
+    config: Any,
+    start_step: int,
+    input_state: dict | None = None,
+    eval_check: EvalBatchCheck | None = None,
 ) -> TrainBatches:
     """Open and validate train, val and test; return the training batches from ``start_step``
     (positioned by ``input_state``, the iterator state saved with the checkpoint, if given).
@@ -115,7 +208,9 @@ def open_splits(
     Raises whatever the task's readers raise for a missing or malformed split (their messages
     name the file), ValueError for an empty evaluation split, out-of-vocabulary ids, an input
     state that belongs to other data, or training batches (any of them, as they are read)
-    without ``config.batch_size // process_count`` rows.
+    without ``config.batch_size // process_count`` rows. ``eval_check`` (the run's, which
+    evaluation calls on every batch) learns the train batches' layout here and checks the first
+    batch of each evaluation split.
     """
     index, count = jax.process_index(), jax.process_count()
     vocab_size = _model_vocab_size(config)
@@ -136,6 +231,8 @@ def open_splits(
     )
     batches = TrainBatches(train, rows, where)
     first = batches.peek()
+    if eval_check is not None:
+        eval_check.train_layout = batch_layout(first)
     for split in ("val", "test"):
         batch = next(iter(task.eval_batches(split, index, count)), None)
         if batch is None:
@@ -143,6 +240,8 @@ def open_splits(
                 f"the {split!r} split of task {getattr(task, 'name', '?')!r} has no "
                 "examples; check its data files"
             )
+        if eval_check is not None:
+            eval_check(batch, split, 0)
         if vocab_size is not None:
             check_token_ids(batch, vocab_size, f"the first {split} batch")
             check_token_ids(_whole_split(task, split), vocab_size, f"the {split} split")
