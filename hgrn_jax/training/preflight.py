@@ -5,7 +5,8 @@ resume step, positioned by the input state saved with the checkpoint when there 
 batch of ``val`` and ``test``), so a missing or malformed validation or
 test file stops the run before training rather than at the first evaluation or after the last
 step; :class:`EvalBatchCheck` checks the layout of evaluation batches (the first here, every
-other layout as evaluation reads it); :func:`check_token_ids` checks the token ids of every split against the model's vocabulary.
+other layout as evaluation reads it); :func:`check_token_ids` checks the token ids of every split
+against the model's vocabulary.
 """
 
 from __future__ import annotations
