@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import functools
 import inspect
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -296,6 +297,7 @@ def sequence_parallel_main(args) -> None:
         },
         "max_error": "max |difference| from the float64 unsharded recurrence over max |it|, "
         "outputs and gradients of q, k, v, log decays",
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     rows: list[dict[str, Any]] = []
     for size in sizes:
@@ -343,6 +345,7 @@ def sequence_parallel_main(args) -> None:
             for row in size_rows:
                 row["x_two_scans"] = row["ms"] / base[row["pass"]]
             rows.extend(size_rows)
+            meta["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
             write_results("matrix_recurrence_sequence_parallel", rows, meta)
     columns = ["size", "method", "variant", "pass", "ms", "median_ms", "x_two_scans", "max_error"]
     print(format_table(rows, columns))
