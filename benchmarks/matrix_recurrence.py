@@ -20,12 +20,27 @@ load only ever adds time, so the minimum is the steadiest estimate. ``x_attentio
 are each row's ``ms`` divided by the attention or HGRN ``ms`` at the same size and pass, measured
 in the same run. Results (rewritten after every size):
 ``benchmarks/results/matrix_recurrence_<platform>.json``.
+
+``--sequence-parallel`` times :func:`~hgrn_jax.ops.sequence_parallel.sharded_matrix_recurrence`
+instead, the time axis split over ``--shards`` devices (on CPU run it with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``; default size 2x4096x4x32x32, methods
+``sequential`` and ``chunked``), forward and forward+backward, in two variants measured in the
+same run: ``one scan`` (the library: one local scan per shard, then the carried-in state's
+correction ``scale * (q_t * exp(G_t)) . S_in``) and ``two scans`` (the shard body before
+2026-12-02, kept here as the baseline: a local scan for the final state, then a second full scan
+from the carried-in state). ``x_two_scans`` is each row's ``ms`` over the two-scan row's;
+``max_error`` is the largest difference of the outputs and the gradients of q, k, v and the log
+decays from the float64 unsharded recurrence, over each array's largest magnitude. Results:
+``benchmarks/results/matrix_recurrence_sequence_parallel_<platform>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import inspect
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from benchmarks.common import format_table, time_fn, write_results
 from hgrn_jax.ops import (
@@ -44,6 +61,7 @@ from hgrn_jax.ops import (
     default_matrix_method,
     linear_recurrence,
     matrix_recurrence,
+    sequence_parallel,
 )
 
 CPU_SIZES = ("2x256x4x32x32", "2x1024x4x32x32", "2x4096x4x32x32", "1x1024x2x128x128")
@@ -187,6 +205,153 @@ def time_python(fn: Callable[[], Any], reps: int) -> float:
     return float(np.min(times))
 
 
+def two_scan_local_matrix(q, k, v, g, h0, scale, *, axis_name, method, chunk_size, out_dtype):
+    """The shard body of ``sharded_matrix_recurrence`` before 2026-12-02 (the baseline of
+    ``--sequence-parallel``): a local scan from zero for the shard's final state, the carries,
+    then a second full scan from the carried-in state for the outputs."""
+    acc = h0.dtype
+    kwargs = dict(method=method, chunk_size=chunk_size)
+    _, final = matrix_recurrence(q, k, v, g, return_last_state=True, out_dtype=acc, **kwargs)
+    decay = jnp.exp(jnp.sum(g.astype(acc), axis=-3))
+    decays = jax.lax.all_gather(decay, axis_name, to="varying")
+    finals = jax.lax.all_gather(final, axis_name, to="varying")
+    decays = jnp.broadcast_to(decays[..., None], finals.shape)
+    carry_in, last = sequence_parallel._chain_carries_recomputed(decays, finals, h0, False)
+    carry = carry_in[jax.lax.axis_index(axis_name)]
+    o = matrix_recurrence(q, k, v, g, carry, scale=scale, out_dtype=out_dtype, **kwargs)
+    return o, last
+
+
+SHARD_BODIES: dict[str, Callable | None] = {
+    "one scan": None,  # the library's own
+    "two scans": two_scan_local_matrix,
+}
+
+
+@contextlib.contextmanager
+def shard_body(body: Callable | None):
+    """``sharded_matrix_recurrence`` traced with ``body`` as its per-shard function (the
+    library's own when None)."""
+    saved = sequence_parallel._local_matrix
+    sequence_parallel._local_matrix = body or saved
+    try:
+        yield
+    finally:
+        sequence_parallel._local_matrix = saved
+
+
+def float64_reference(data, scale: float) -> list[np.ndarray]:
+    """The unsharded recurrence's outputs and gradients (q, k, v, log decays) in float64."""
+    with jax.enable_x64(True):
+        inputs = [
+            jnp.asarray(np.asarray(data[n]), jnp.float64) for n in ("q", "k", "v", "log_decay")
+        ]
+        forward = functools.partial(matrix_recurrence, scale=scale, method="sequential")
+        o, vjp = jax.vjp(forward, *inputs)
+        grads = vjp(jnp.asarray(np.asarray(data["do"]), jnp.float64))
+        return [np.asarray(t) for t in (o, *grads)]
+
+
+def time_in_turn(calls: dict[Any, tuple[Callable, list]], reps: int) -> dict[Any, dict]:
+    """``{key: {"min", "median"}}`` seconds of each ``fn(*args)`` in ``calls``, timed one call
+    each in turn for ``reps`` rounds after a warm-up round: on a shared machine a change of
+    load then falls on every variant alike."""
+    for fn, args in calls.values():
+        jax.block_until_ready(fn(*args))
+    times: dict[Any, list[float]] = {key: [] for key in calls}
+    for _ in range(reps):
+        for key, (fn, args) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[key].append(time.perf_counter() - start)
+    return {key: {"min": min(t), "median": float(np.median(t))} for key, t in times.items()}
+
+
+def sequence_parallel_main(args) -> None:
+    shards = args.shards
+    if jax.device_count() < shards:
+        raise SystemExit(
+            f"--sequence-parallel --shards {shards} needs {shards} devices, found "
+            f"{jax.device_count()}: on CPU run with "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={shards}"
+        )
+    mesh = jax.make_mesh(
+        (shards,),
+        ("seq",),
+        axis_types=(jax.sharding.AxisType.Explicit,),
+        devices=jax.devices()[:shards],
+    )
+    sizes = [parse_size(s) for s in (args.sizes or ("2x4096x4x32x32",))]
+    methods = args.methods if args.methods != list(MATRIX_METHODS) else ["sequential", "chunked"]
+    dtype = jnp.dtype(args.dtype)
+    time_split = NamedSharding(mesh, P(None, "seq"))
+    meta = {
+        "sizes": "BxLxHxKxV",
+        "dtype": args.dtype,
+        "scale": "1/sqrt(K)",
+        "shards": shards,
+        "mesh": "one Explicit axis 'seq'; inputs placed split over time",
+        "variants": {
+            "one scan": "the library: one local scan per shard and the carried-in correction",
+            "two scans": "the shard body before 2026-12-02: a second full scan per shard",
+        },
+        "max_error": "max |difference| from the float64 unsharded recurrence over max |it|, "
+        "outputs and gradients of q, k, v, log decays",
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+    rows: list[dict[str, Any]] = []
+    for size in sizes:
+        scale = size[3] ** -0.5
+        data = make_inputs(size, dtype)
+        reference = float64_reference(data, scale)
+        names = ("q", "k", "v", "log_decay", "do")
+        inputs = [jax.device_put(data[n], time_split) for n in names]
+        for method in methods:
+            calls, errors = {}, {}
+            for variant, body in SHARD_BODIES.items():
+                # A function of its own per variant (jit caches traces by function), traced and
+                # compiled with its body here; timed below, the variants in turn.
+                def forward(q, k, v, g, method=method):
+                    return sequence_parallel.sharded_matrix_recurrence(
+                        q, k, v, g, axis_name="seq", scale=scale, method=method
+                    )
+
+                with shard_body(body), jax.set_mesh(mesh):
+                    fns = passes(forward, 4)
+                    o, *grads = (fns["forward"](*inputs[:4]), *fns["forward+backward"](*inputs))
+                errors[variant] = max(
+                    float(np.max(np.abs(np.asarray(t, np.float64) - w)) / np.max(np.abs(w)))
+                    for t, w in zip((o, *grads), reference, strict=True)
+                )
+                for pass_name, fn in fns.items():
+                    args_in = inputs if pass_name == "forward+backward" else inputs[:4]
+                    calls[variant, pass_name] = (fn, args_in)
+            with jax.set_mesh(mesh):  # the context they were traced in (no new trace)
+                timings = time_in_turn(calls, args.reps)
+            size_rows = []
+            for (variant, pass_name), timing in timings.items():
+                size_rows.append(
+                    {
+                        "size": "x".join(map(str, size)),
+                        "method": method,
+                        "variant": variant,
+                        "pass": pass_name,
+                        "ms": timing["min"] * 1e3,
+                        "median_ms": timing["median"] * 1e3,
+                        "max_error": errors[variant],
+                    }
+                )
+            base = {r["pass"]: r["ms"] for r in size_rows if r["variant"] == "two scans"}
+            for row in size_rows:
+                row["x_two_scans"] = row["ms"] / base[row["pass"]]
+            rows.extend(size_rows)
+            meta["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+            write_results("matrix_recurrence_sequence_parallel", rows, meta)
+    columns = ["size", "method", "variant", "pass", "ms", "median_ms", "x_two_scans", "max_error"]
+    print(format_table(rows, columns))
+    print("wrote", write_results("matrix_recurrence_sequence_parallel", rows, meta))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (also read by tests/test_gpu_session.py, which checks
     benchmarks/gpu_session.sh's flags against it)."""
@@ -198,12 +363,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-fla", action="store_true")
+    parser.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="time sharded_matrix_recurrence, one scan per shard against two (module docstring)",
+    )
+    parser.add_argument("--shards", type=int, default=8, help="with --sequence-parallel")
     return parser
 
 
 def main() -> None:
     parser = build_parser()
     args = parser.parse_args()
+    if args.sequence_parallel:
+        sequence_parallel_main(args)
+        return
     platform = jax.default_backend()
     sizes = [
         parse_size(s)
