@@ -13,8 +13,9 @@ from a zero start. Three steps:
    storing the cumulative decays.
 
 Communication is one all-gather of ``2 * n`` states per device; the work per device is two scans
-of its ``L / n`` steps (one and a correction for the matrix recurrence, below). Gradients flow through :func:`linear_recurrence`'s custom VJP and the
-transpose of the all-gather (a reduce-scatter).
+of its ``L / n`` steps (one and a correction for the matrix recurrence, below). Gradients flow
+through :func:`linear_recurrence`'s custom VJP and the transpose of the all-gather (a
+reduce-scatter).
 
 :func:`sharded_matrix_recurrence` does the same for HGRN2's matrix state
 (:func:`~hgrn_jax.ops.matrix_recurrence`): over one shard ``S -> diag(D_k) S + S_k`` with
@@ -24,8 +25,8 @@ Its step 3 is the correction, not a second scan: with ``G_t`` the shard's log de
 to step ``t`` (a cumulative sum), the states from ``carry_k`` are
 ``S_local_t + diag(exp(G_t)) carry_k``, so the outputs are the local scan's plus
 ``scale * (q_t * exp(G_t)) . carry_k``, one einsum of ``L / n * H * K * V`` multiply-adds per
-batch row (as many as the scan's own readouts). The local scan's outputs and final state come from the one
-scan of step 1; gradients flow through its custom VJP and the einsum.
+batch row (as many as the scan's own readouts). The local scan's outputs and final state come
+from the one scan of step 1; gradients flow through its custom VJP and the einsum.
 """
 
 from __future__ import annotations
