@@ -480,3 +480,29 @@ def test_generate_prompt_ids_outside_the_vocabulary_name_the_flag(lm_run):
         continue_prompt(str(lm_run), prompt_ids=[1, 256], prompt=None, max_new_tokens=2)
     with pytest.raises(ValueError, match=r"^--top_k=257 is out of range; .* <= 256"):
         continue_prompt(str(lm_run), prompt_ids=[1], prompt=None, max_new_tokens=2, top_k=257)
+
+
+@pytest.mark.slow  # end-to-end: a training run
+def test_an_hgrn2_lm_run_loads_and_generates_what_its_full_pass_predicts(tmp_path):
+    """The HGRN2 LM (matrix-state mixer) comes back from its run folder with the parameters the
+    runner restores, bit for bit, and greedy generation through its step() cache picks, at every
+    position, the argmax of one full causal pass over the generated ids: the recurrent cache
+    and the parallel pass agree on a trained model, not only at initialisation."""
+    config = _config(
+        "hgrn2.wikitext103",
+        tmp_path / "cache",
+        **{"data.train_bytes": 20_000, "data.eval_bytes": 2_048},
+    )
+    results = train_and_evaluate(config, tmp_path / "run")
+    model, loaded = load_trained_model(tmp_path / "run")
+    assert loaded.model.mixer.kind == "hgrn2"
+    runner, state = _runner_state(tmp_path / "run", tmp_path, results["best_step"])
+    params = nnx.state(model, nnx.Param)
+    assert len(jax.tree.leaves(params)) == len(jax.tree.leaves(state.params))
+    for got, want in zip(_plain(params), _plain(state.params), strict=True):
+        np.testing.assert_array_equal(got, want)
+    prompt = np.asarray([[49, 50, 43], [10, 97, 98]], np.int32)
+    forward = nnx.jit(lambda lm, ids: lm(ids))
+    out = np.asarray(generate(model, prompt, 8, greedy=True))
+    logits = np.asarray(forward(model, jnp.asarray(out[:, :-1])))
+    np.testing.assert_array_equal(out[:, 3:], np.argmax(logits[:, 2:], axis=-1))
