@@ -129,16 +129,25 @@ class Attempt:
     def kill_when(self, trigger: Callable[[Attempt], bool]) -> bool:
         """SIGKILL the process group once ``trigger(self)`` holds; False if the run ended first."""
         while self.proc.poll() is None:
-            assert self.elapsed() < ATTEMPT_TIMEOUT_S, f"attempt hangs: {self.stderr()[-2000:]}"
-            if trigger(self):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            hung = self.elapsed() > ATTEMPT_TIMEOUT_S
+            if hung or trigger(self):
+                self.kill()
+                assert not hung, f"hangs: {self.stderr()[-2000:]}"
                 return True
             time.sleep(POLL_S)
         return False
 
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
     def finish(self) -> int:
-        return self.proc.wait(timeout=ATTEMPT_TIMEOUT_S)
+        """The exit code of a run left to end (killed, and the test failed, if it hangs)."""
+        try:
+            return self.proc.wait(timeout=ATTEMPT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"hangs: {self.stderr()[-2000:]}") from None
 
 
 # ----------------------------------------------------------------------------------------------
