@@ -625,6 +625,73 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path):
     assert not (tmp_path / "run.lock").exists()  # released at the end
 
 
+# Takes the lock in a child that SIGKILLs itself just before its file-system operation number
+# sys.argv[2] (counted by an audit hook from the start of acquire()); exits 0 if there are fewer.
+_KILLED_WHILE_LOCKING = """
+import os, signal, sys
+from hgrn_jax.training.workdir import WorkdirLock
+count = 0
+def die_at(event, args):
+    global count
+    if event in ("open", "os.link", "os.remove", "os.rename", "os.mkdir", "os.truncate"):
+        count += 1
+        if count == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+sys.addaudithook(die_at)
+WorkdirLock(sys.argv[1]).acquire()
+"""
+
+
+def test_a_run_killed_at_any_moment_while_taking_the_lock_never_blocks_the_next(tmp_path):
+    """Killed before each file-system operation of taking the lock (and after the last), the
+    process leaves no lock or a complete one, which the next run takes over. A lock created empty
+    and then written was left empty by a kill in between (the first run of the kill test hit
+    it), and an empty lock names no holder: every later run stopped at it."""
+    from hgrn_jax.training.workdir import StaleLockWarning, WorkdirLock
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    moments = 0
+    for kill_at in range(1, 20):
+        workdir = tmp_path / str(kill_at)
+        child = subprocess.run(
+            [sys.executable, "-c", _KILLED_WHILE_LOCKING, str(workdir), str(kill_at)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert child.returncode in (0, -signal.SIGKILL), child.stderr
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lock = WorkdirLock(workdir).acquire()
+        assert [w.category for w in caught] in ([], [StaleLockWarning]), caught
+        assert sorted(p.name for p in workdir.iterdir()) == ["run.lock"]  # no stray record
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+        lock.release()
+        moments += 1
+        if child.returncode == 0:  # not killed: it held the lock and left it behind
+            assert caught, "the lock of a process that exited was not taken over"
+            break
+    assert moments >= 4, "taking the lock did fewer file-system operations than expected"
+
+
+@pytest.mark.parametrize("code", [errno.EPERM, errno.EOPNOTSUPP])
+def test_the_lock_is_taken_on_a_file_system_without_hard_links(tmp_path, monkeypatch, code):
+    from hgrn_jax.training.workdir import WorkdirInUseError, WorkdirLock
+
+    def no_hard_links(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    lock = WorkdirLock(tmp_path).acquire()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]
+    assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    with pytest.raises(WorkdirInUseError, match="in use by another run"):
+        WorkdirLock(tmp_path).acquire()
+    lock.release()
+    assert not lock.path.exists()
+
+
 @pytest.mark.slow
 def test_the_lock_is_released_after_a_failed_run(tmp_path):
     from hgrn_jax.training.loop import NonFiniteLossError

@@ -1,7 +1,8 @@
 """One run per workdir, and what a rerun may change: the lock and the config comparison.
 
 The lock: ``workdir/run.lock`` (JSON: host, pid, start time, command) is created exclusively by
-process 0 before anything else is written to the workdir, and removed when the run ends. A second
+process 0 before anything else is written to the workdir, complete in one step (a process killed
+while taking it leaves no lock or a whole one), and removed when the run ends. A second
 run on the same workdir stops at once with :class:`WorkdirInUseError` naming the holder. A lock
 left by a dead process on the same host is taken over with a :class:`StaleLockWarning`; a lock
 held from another host cannot be checked, so the message says how to clear it.
@@ -115,6 +116,8 @@ class WorkdirFullError(WorkdirError):
     """The workdir's file system ran out of space (or quota) while the run wrote to it."""
 
 
+# What link() fails with on a file system without hard links (some FUSE and network ones).
+NO_HARD_LINK_ERRNOS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
 OUT_OF_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _TENSORSTORE_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
 _TENSORSTORE_FILE = re.compile(r'Failed writing: "([^"]+)"')
@@ -162,6 +165,14 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _write_synced(path: Path, flags: int, data: bytes) -> None:
+    fd = os.open(path, flags, 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _describe(holder: dict[str, Any]) -> str:
     return (
         f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
@@ -190,24 +201,56 @@ class WorkdirLock:
             "command": " ".join(sys.argv),
             "token": self.token,
         }
+        data = (json.dumps(record, indent=1) + "\n").encode()
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
+                created = self._create(data)
             except OSError as error:
                 raise not_writable(self.workdir, error) from None
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(record, indent=1) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            self.held = True
-            return self
+            if created:
+                self.held = True
+                self._remove_records_of_dead_runs()
+                return self
+            self._take_over_if_stale()
         raise WorkdirInUseError(
             f"{self.workdir} is being locked by another run at this moment; "
             "wait for it or use another --workdir"
         )
+
+    def _create(self, data: bytes) -> bool:
+        """Create the lock file holding ``data`` in one step; False when it exists.
+
+        ``data`` goes into a file of this process first, which is then hard-linked as the lock:
+        a process killed at any moment leaves no lock or a complete one. (A lock created empty
+        and then written is left empty by a kill in between, and an empty lock names no holder
+        whose death could be checked: every later run would stop.) On a file system without
+        hard links the lock is created empty and written."""
+        record = self.workdir / f"{LOCK_NAME}.{socket.gethostname()}.{os.getpid()}.tmp"
+        _write_synced(record, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, data)
+        try:
+            os.link(record, self.path)
+        except FileExistsError:
+            return False
+        except OSError as error:
+            if error.errno not in NO_HARD_LINK_ERRNOS:
+                raise
+            try:
+                _write_synced(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, data)
+            except FileExistsError:
+                return False
+        finally:
+            record.unlink(missing_ok=True)
+        return True
+
+    def _remove_records_of_dead_runs(self) -> None:
+        """Remove the record files (:meth:`_create`) left by runs on this host that were killed
+        while taking the lock (those of dead processes: a run taking the lock now is alive)."""
+        host = socket.gethostname()
+        prefix, suffix = f"{LOCK_NAME}.{host}.", ".tmp"
+        for path in self.workdir.glob(f"{LOCK_NAME}.*{suffix}"):
+            pid = path.name[len(prefix) : -len(suffix)]
+            if path.name.startswith(prefix) and pid.isdigit() and not _process_alive(int(pid)):
+                path.unlink(missing_ok=True)
 
     def _take_over_if_stale(self) -> None:
         try:
