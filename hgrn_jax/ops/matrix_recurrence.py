@@ -257,27 +257,36 @@ def _from_time_major_chunks(t: jax.Array) -> jax.Array:
     return jnp.moveaxis(t, 2, 0).reshape((t.shape[2], -1, t.shape[-1]))
 
 
-def _step(state, k_t, v_t, g_t):
-    return jnp.exp(g_t)[..., None] * state + k_t[..., None] * v_t[..., None, :]
+def _step(state, k_t, v_t, decay_t):
+    """``S_t`` from ``S_{t-1}``, both transposed: ``state`` (N, V, K), ``k_t`` and ``decay_t``
+    (``exp(g_t)``) (N, K), ``v_t`` (N, V)."""
+    return decay_t[:, None, :] * state + v_t[..., None] * k_t[:, None, :]
 
 
 def _sequential(q, k, v, g, h0, scale, chunk):
-    """Scan over chunks, and over the steps of each chunk inside."""
+    """Scan over chunks, and over the steps of each chunk inside.
+
+    The loops carry the state transposed, ``(N, V, K)``, and read ``exp(g)`` computed before
+    them: on CPU each step's update then broadcasts the decays along the contiguous axis and
+    needs no ``exp`` of its own (measured at K=V=32: the forward loop 2x faster).
+    """
 
     def step(state, inputs):
-        q_t, k_t, v_t, g_t = inputs
-        state = _step(state, k_t, v_t, g_t)
-        return state, scale * jnp.einsum("nk,nkv->nv", q_t, state)
+        q_t, k_t, v_t, decay_t = inputs
+        state = _step(state, k_t, v_t, decay_t)
+        return state, scale * jnp.einsum("nk,nvk->nv", q_t, state)
 
     def chunk_step(state, inputs):
         last, o = jax.lax.scan(step, state, inputs)
         return last, (o, state)
 
     last, (o, entering) = jax.lax.scan(
-        chunk_step, h0, tuple(_time_major_chunks(t, chunk) for t in (q, k, v, g))
+        chunk_step,
+        jnp.swapaxes(h0, -1, -2),
+        tuple(_time_major_chunks(t, chunk) for t in (q, k, v, jnp.exp(g))),
     )
     bounds = jnp.concatenate([jnp.moveaxis(entering, 0, 1), last[:, None]], axis=1)
-    return _from_time_major_chunks(o), bounds
+    return _from_time_major_chunks(o), jnp.swapaxes(bounds, -1, -2)
 
 
 def _sequential_backward(q, k, v, g, bounds, do, dlast, scale, chunk):
@@ -288,38 +297,59 @@ def _sequential_backward(q, k, v, g, bounds, do, dlast, scale, chunk):
         D += scale * q_t do_t^T;  dk_t = D v_t;  dv_t = D^T k_t;  D = exp(g_t) * D
 
     (``dh0``: the final ``D``). ``dg`` comes from the chunk-local sums of the module docstring,
-    with the boundary states and the adjoints at the chunk ends.
+    with the boundary states and the adjoints at the chunk ends. Both loops carry their
+    ``(K, V)`` matrices transposed, as :func:`_sequential` does.
     """
-    q_c, k_c, v_c, g_c, do_c = (_time_major_chunks(t, chunk) for t in (q, k, v, g, do))
+    decay = jnp.exp(g)
+    q_c, k_c, v_c, a_c, do_c = (_time_major_chunks(t, chunk) for t in (q, k, v, decay, do))
+    bounds_t = jnp.swapaxes(bounds, -1, -2)  # (N, chunks + 1, V, K)
 
     def forward(state, inputs):
-        k_t, v_t, g_t, do_t = inputs
-        state = _step(state, k_t, v_t, g_t)
-        return state, scale * jnp.einsum("nkv,nv->nk", state, do_t)
+        k_t, v_t, decay_t, do_t = inputs
+        state = _step(state, k_t, v_t, decay_t)
+        return state, scale * jnp.einsum("nvk,nv->nk", state, do_t)
 
     def forward_chunk(state, inputs):
         return jax.lax.scan(forward, state, inputs)
 
-    _, dq = jax.lax.scan(forward_chunk, bounds[:, 0], (k_c, v_c, g_c, do_c))
+    _, dq = jax.lax.scan(forward_chunk, bounds_t[:, 0], (k_c, v_c, a_c, do_c))
 
     def backward(adjoint, inputs):
-        q_t, k_t, v_t, g_t, do_t = inputs
-        adjoint = adjoint + scale * q_t[..., None] * do_t[..., None, :]
-        dk_t = jnp.einsum("nkv,nv->nk", adjoint, v_t)
-        dv_t = jnp.einsum("nkv,nk->nv", adjoint, k_t)
-        return jnp.exp(g_t)[..., None] * adjoint, (dk_t, dv_t)
+        # ``adjoint`` already holds step t's own output term (see below).
+        k_t, v_t, decay_t, q_prev, do_prev = inputs
+        dk_t = jnp.einsum("nv,nvk->nk", v_t, adjoint)
+        dv_t = jnp.einsum("nk,nvk->nv", k_t, adjoint)
+        adjoint = decay_t[:, None, :] * adjoint + scale * do_prev[..., None] * q_prev[:, None, :]
+        return adjoint, (dk_t, dv_t)
 
     def backward_chunk(adjoint, inputs):
-        adjoint_in, grads = jax.lax.scan(backward, adjoint, inputs, reverse=True)
+        q_last, do_last, *steps = inputs
+        start = adjoint + scale * do_last[..., None] * q_last[:, None, :]
+        adjoint_in, grads = jax.lax.scan(backward, start, tuple(steps), reverse=True)
         return adjoint_in, (grads, adjoint)
 
+    # Step t's loop iteration adds step t-1's output term to the adjoint it passes on (the
+    # chunk's first step adds none; its last step's term is added before the loop): the dots
+    # then read the loop's carry itself, measured 1.4x faster on CPU than adding the term
+    # first and reading the sum.
+    q_prev, do_prev = (_shifted_in_chunk(t) for t in (q_c, do_c))
     dh0, ((dk, dv), adjoint_out) = jax.lax.scan(
-        backward_chunk, dlast, (q_c, k_c, v_c, g_c, do_c), reverse=True
+        backward_chunk,
+        jnp.swapaxes(dlast, -1, -2),
+        (q_c[:, -1], do_c[:, -1], k_c, v_c, a_c, q_prev, do_prev),
+        reverse=True,
     )
     from_cumulative = q_c * dq - k_c * dk  # (chunks, C, N, K)
-    at_end = jnp.sum(adjoint_out * jnp.moveaxis(bounds[:, 1:], 1, 0), axis=-1)  # (chunks, N, K)
+    leaving = jnp.moveaxis(bounds_t[:, 1:], 1, 0)  # (chunks, N, V, K)
+    at_end = jnp.sum(adjoint_out * leaving, axis=-2)  # (chunks, N, K)
     dg = jnp.flip(jnp.cumsum(jnp.flip(from_cumulative, 1), axis=1), 1) + at_end[:, None]
-    return tuple(_from_time_major_chunks(t) for t in (dq, dk, dv, dg)) + (dh0,)
+    grads = tuple(_from_time_major_chunks(t) for t in (dq, dk, dv, dg))
+    return grads + (jnp.swapaxes(dh0, -1, -2),)
+
+
+def _shifted_in_chunk(t: jax.Array) -> jax.Array:
+    """(chunks, C, ...) -> the same with step i holding step i - 1's row (zeros at i = 0)."""
+    return jnp.concatenate([jnp.zeros_like(t[:, :1]), t[:, :-1]], axis=1)
 
 
 class _Decays(NamedTuple):
