@@ -18,6 +18,8 @@ Three forward methods compute the same thing; all of them split time into chunks
 
 ``"sequential"``
     a ``lax.scan`` over time (nested: chunks outside, steps inside), one rank-1 update per step.
+    The loops read ``exp(g)`` computed before them and hold each ``(K, V)`` matrix transposed,
+    ``(V, K)``, when ``K >= V`` (:func:`_layout`).
 ``"chunked"``
     the matmul form. Inside a chunk, with ``b_i = g_0 + ... + g_i`` (per key channel)::
 
@@ -85,11 +87,17 @@ def default_matrix_method(length: int, platform: str | None = None) -> str:
     CPU: ``"sequential"`` at every length. Measured by ``benchmarks/matrix_recurrence.py``
     (``benchmarks/results/matrix_recurrence_cpu.json``; B=2, H=4, K=V=32, L=256 to 4096, and
     B=1, H=2, K=V=128): the scan is the fastest forward and, with its step-by-step backward, the
-    fastest forward+backward at every size, several times faster than ``"chunked"``. A CPU does
-    one step's ``K*V`` rank-1 update at full speed; the chunked form adds ``~C/2 + 16`` extra
-    multiply-adds and an ``exp`` per step and key channel (the pairwise decays), which costs more
-    than the loop iterations it saves. ``"pallas"`` runs in the Pallas interpreter on CPU (a
-    correctness path).
+    fastest forward+backward at every size, several times faster than ``"chunked"``. Rechecked
+    after the scan's 2026-12-02 speed-up (``--sequential-before``,
+    ``matrix_recurrence_sequential_cpu.json``; B=2, H=4, K=V=32 and 64, L=1k and 4k):
+    ``"chunked"`` 2.6-5.7x slower forward and 3.9-6x forward+backward, no crossover with the
+    length. A CPU does one step's ``K*V`` rank-1 update at full speed; the chunked form adds
+    ``~C/2 + 16`` extra multiply-adds and ``~C/16 + 19`` ``exp`` per step and key channel (the
+    decay factors of :func:`_decays`; XLA's cost analysis at L=1k, C=64: 23x the scan's ``exp``,
+    ``_decays`` alone taking 3.5x the whole scan's forward), which costs more than the loop
+    iterations it saves; smaller chunks cost more (C=16: 1.7x C=64's forward, 2.7x its
+    forward+backward).
+    ``"pallas"`` runs in the Pallas interpreter on CPU (a correctness path).
 
     GPU: ``"chunked"``. Measured on an H200 by ``benchmarks/matrix_recurrence.py``
     (``benchmarks/results/matrix_recurrence_gpu.json``, float32, H=4, K=V=64): at
@@ -257,24 +265,56 @@ def _from_time_major_chunks(t: jax.Array) -> jax.Array:
     return jnp.moveaxis(t, 2, 0).reshape((t.shape[2], -1, t.shape[-1]))
 
 
-def _step(state, k_t, v_t, decay_t):
-    """``S_t`` from ``S_{t-1}``, both transposed: ``state`` (N, V, K), ``k_t`` and ``decay_t``
-    (``exp(g_t)``) (N, K), ``v_t`` (N, V)."""
-    return decay_t[:, None, :] * state + v_t[..., None] * k_t[:, None, :]
+class _Layout(NamedTuple):
+    """How the sequential loops hold a ``(K, V)`` matrix (a state or an adjoint) per row.
+
+    ``transposed``: as ``(V, K)``, the key axis contiguous, so that each step's per-key decay
+    broadcasts along the contiguous axis. Measured on CPU (fastest of 9-11 calls, the loops of
+    2026-11 and these in turn, L=1k): K=V=32 forward 0.47x and forward+backward 0.61x the time
+    held ``(K, V)``, K=64 > V=16 0.62x / 0.65x, K=V=4 0.74x / 0.90x; K=V=64 and 128 the same
+    within noise; but K=16 < V=64 1.8x / 1.7x (a short contiguous axis), so a row is transposed
+    only when ``K >= V``.
+    """
+
+    transposed: bool
+
+    @property
+    def matrix(self) -> str:
+        """einsum subscripts of the loops' (N, ·, ·) matrices."""
+        return "nvk" if self.transposed else "nkv"
+
+    def swap(self, m: jax.Array) -> jax.Array:
+        """(..., K, V) <-> this layout."""
+        return jnp.swapaxes(m, -1, -2) if self.transposed else m
+
+    def decay(self, decay_t: jax.Array, m: jax.Array) -> jax.Array:
+        """``diag(decay_t) @ m``: ``decay_t`` (N, K)."""
+        return decay_t[:, None, :] * m if self.transposed else decay_t[..., None] * m
+
+    def outer(self, key: jax.Array, value: jax.Array) -> jax.Array:
+        """``outer(key, value)`` (N, K) x (N, V) in this layout."""
+        if self.transposed:
+            return value[..., None] * key[:, None, :]
+        return key[..., None] * value[:, None, :]
+
+
+def _layout(key_dim: int, value_dim: int) -> _Layout:
+    return _Layout(transposed=key_dim >= value_dim)
 
 
 def _sequential(q, k, v, g, h0, scale, chunk):
     """Scan over chunks, and over the steps of each chunk inside.
 
-    The loops carry the state transposed, ``(N, V, K)``, and read ``exp(g)`` computed before
-    them: on CPU each step's update then broadcasts the decays along the contiguous axis and
-    needs no ``exp`` of its own (measured at K=V=32: the forward loop 2x faster).
+    The loops read ``exp(g)`` computed before them (no ``exp`` of their own per step) and hold
+    the state in :func:`_layout`'s layout.
     """
+    layout = _layout(k.shape[-1], v.shape[-1])
+    readout = f"nk,{layout.matrix}->nv"
 
     def step(state, inputs):
         q_t, k_t, v_t, decay_t = inputs
-        state = _step(state, k_t, v_t, decay_t)
-        return state, scale * jnp.einsum("nk,nvk->nv", q_t, state)
+        state = layout.decay(decay_t, state) + layout.outer(k_t, v_t)
+        return state, scale * jnp.einsum(readout, q_t, state)
 
     def chunk_step(state, inputs):
         last, o = jax.lax.scan(step, state, inputs)
@@ -282,11 +322,11 @@ def _sequential(q, k, v, g, h0, scale, chunk):
 
     last, (o, entering) = jax.lax.scan(
         chunk_step,
-        jnp.swapaxes(h0, -1, -2),
+        layout.swap(h0),
         tuple(_time_major_chunks(t, chunk) for t in (q, k, v, jnp.exp(g))),
     )
     bounds = jnp.concatenate([jnp.moveaxis(entering, 0, 1), last[:, None]], axis=1)
-    return _from_time_major_chunks(o), jnp.swapaxes(bounds, -1, -2)
+    return _from_time_major_chunks(o), layout.swap(bounds)
 
 
 def _sequential_backward(q, k, v, g, bounds, do, dlast, scale, chunk):
@@ -297,34 +337,36 @@ def _sequential_backward(q, k, v, g, bounds, do, dlast, scale, chunk):
         D += scale * q_t do_t^T;  dk_t = D v_t;  dv_t = D^T k_t;  D = exp(g_t) * D
 
     (``dh0``: the final ``D``). ``dg`` comes from the chunk-local sums of the module docstring,
-    with the boundary states and the adjoints at the chunk ends. Both loops carry their
-    ``(K, V)`` matrices transposed, as :func:`_sequential` does.
+    with the boundary states and the adjoints at the chunk ends. Both loops hold their
+    matrices in :func:`_layout`'s layout, as :func:`_sequential` does.
     """
+    layout = _layout(k.shape[-1], v.shape[-1])
+    m = layout.matrix
     decay = jnp.exp(g)
     q_c, k_c, v_c, a_c, do_c = (_time_major_chunks(t, chunk) for t in (q, k, v, decay, do))
-    bounds_t = jnp.swapaxes(bounds, -1, -2)  # (N, chunks + 1, V, K)
+    bounds = layout.swap(bounds)  # (N, chunks + 1, ·, ·)
 
     def forward(state, inputs):
         k_t, v_t, decay_t, do_t = inputs
-        state = _step(state, k_t, v_t, decay_t)
-        return state, scale * jnp.einsum("nvk,nv->nk", state, do_t)
+        state = layout.decay(decay_t, state) + layout.outer(k_t, v_t)
+        return state, scale * jnp.einsum(f"{m},nv->nk", state, do_t)
 
     def forward_chunk(state, inputs):
         return jax.lax.scan(forward, state, inputs)
 
-    _, dq = jax.lax.scan(forward_chunk, bounds_t[:, 0], (k_c, v_c, a_c, do_c))
+    _, dq = jax.lax.scan(forward_chunk, bounds[:, 0], (k_c, v_c, a_c, do_c))
 
     def backward(adjoint, inputs):
         # ``adjoint`` already holds step t's own output term (see below).
         k_t, v_t, decay_t, q_prev, do_prev = inputs
-        dk_t = jnp.einsum("nv,nvk->nk", v_t, adjoint)
-        dv_t = jnp.einsum("nk,nvk->nv", k_t, adjoint)
-        adjoint = decay_t[:, None, :] * adjoint + scale * do_prev[..., None] * q_prev[:, None, :]
+        dk_t = jnp.einsum(f"nv,{m}->nk", v_t, adjoint)
+        dv_t = jnp.einsum(f"nk,{m}->nv", k_t, adjoint)
+        adjoint = layout.decay(decay_t, adjoint) + scale * layout.outer(q_prev, do_prev)
         return adjoint, (dk_t, dv_t)
 
     def backward_chunk(adjoint, inputs):
         q_last, do_last, *steps = inputs
-        start = adjoint + scale * do_last[..., None] * q_last[:, None, :]
+        start = adjoint + scale * layout.outer(q_last, do_last)
         adjoint_in, grads = jax.lax.scan(backward, start, tuple(steps), reverse=True)
         return adjoint_in, (grads, adjoint)
 
@@ -335,16 +377,17 @@ def _sequential_backward(q, k, v, g, bounds, do, dlast, scale, chunk):
     q_prev, do_prev = (_shifted_in_chunk(t) for t in (q_c, do_c))
     dh0, ((dk, dv), adjoint_out) = jax.lax.scan(
         backward_chunk,
-        jnp.swapaxes(dlast, -1, -2),
+        layout.swap(dlast),
         (q_c[:, -1], do_c[:, -1], k_c, v_c, a_c, q_prev, do_prev),
         reverse=True,
     )
     from_cumulative = q_c * dq - k_c * dk  # (chunks, C, N, K)
-    leaving = jnp.moveaxis(bounds_t[:, 1:], 1, 0)  # (chunks, N, V, K)
-    at_end = jnp.sum(adjoint_out * leaving, axis=-2)  # (chunks, N, K)
+    leaving = jnp.moveaxis(bounds[:, 1:], 1, 0)  # (chunks, N, ·, ·)
+    value_axis = -2 if layout.transposed else -1
+    at_end = jnp.sum(adjoint_out * leaving, axis=value_axis)  # (chunks, N, K)
     dg = jnp.flip(jnp.cumsum(jnp.flip(from_cumulative, 1), axis=1), 1) + at_end[:, None]
     grads = tuple(_from_time_major_chunks(t) for t in (dq, dk, dv, dg))
-    return grads + (jnp.swapaxes(dh0, -1, -2),)
+    return grads + (layout.swap(dh0),)
 
 
 def _shifted_in_chunk(t: jax.Array) -> jax.Array:
