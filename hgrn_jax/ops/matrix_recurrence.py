@@ -269,11 +269,12 @@ class _Layout(NamedTuple):
     """How the sequential loops hold a ``(K, V)`` matrix (a state or an adjoint) per row.
 
     ``transposed``: as ``(V, K)``, the key axis contiguous, so that each step's per-key decay
-    broadcasts along the contiguous axis. Measured on CPU (fastest of 9-11 calls, the loops of
-    2026-11 and these in turn, L=1k): K=V=32 forward 0.47x and forward+backward 0.61x the time
-    held ``(K, V)``, K=64 > V=16 0.62x / 0.65x, K=V=4 0.74x / 0.90x; K=V=64 and 128 the same
-    within noise; but K=16 < V=64 1.8x / 1.7x (a short contiguous axis), so a row is transposed
-    only when ``K >= V``.
+    broadcasts along the contiguous axis. Measured on CPU against the loops before 2026-12-02
+    (``(K, V)``, ``exp`` in the step; L=1k, fastest of 9-11 calls, in turn; benchmarks/README.md):
+    transposed, forward and forward+backward took K=V=32 0.49x and 0.61x the time, K=64 > V=16
+    0.62x / 0.65x, K=V=4 0.74x / 0.90x, K=V=64 and 128 the same within noise; but K=16 < V=64
+    1.8x / 1.7x (a short contiguous axis), against 0.80x / 0.84x held ``(K, V)``. So a row is
+    transposed only when ``K >= V``.
     """
 
     transposed: bool
