@@ -152,11 +152,11 @@ def test_gradients_match_float64_adjoint_and_autodiff(method, chunk_size=32):
 @pytest.mark.parametrize("key_dim,value_dim", [(3, 4), (4, 3)])
 @pytest.mark.parametrize("chunk_size,length", [(1, 5), (16, 1), (16, 17), (16, 33), (32, 16)])
 def test_sequential_at_chunk_edges(chunk_size, length, key_dim, value_dim):
-    """The sequential loops hold states (V, K) when K >= V, else (K, V), and the backward adds
-    each step's output term one loop iteration late (step t's iteration adds step t-1's; a
-    chunk's last step's before its loop): values, last state and gradients against the float64
-    loops, with one-step chunks, L = 1, a step past a chunk (L = 17, 33: the last chunk ragged)
-    and a sequence shorter than its chunk, h0 and a loss on the last state."""
+    """The sequential loops hold states (V, K) when K >= V, else (K, V), and the backward's
+    loop applies each step's decay one iteration early (step t's iteration applies step t+1's;
+    a chunk's first step's after its loop): values, last state and gradients against the
+    float64 loops, with one-step chunks, L = 1, a step past a chunk (L = 17, 33: the last chunk
+    ragged) and a sequence shorter than its chunk, h0 and a loss on the last state."""
     q, k, v, g, h0 = make_inputs((2,), length, 2, key_dim, value_dim, seed=20 + length)
     rng = np.random.default_rng(21)
     do = rng.normal(size=v.shape)
