@@ -89,8 +89,8 @@ def default_matrix_method(length: int, platform: str | None = None) -> str:
     B=1, H=2, K=V=128): the scan is the fastest forward and, with its step-by-step backward, the
     fastest forward+backward at every size, several times faster than ``"chunked"``. Rechecked
     after the scan's 2026-12-02 speed-up (``--sequential-before``,
-    ``matrix_recurrence_sequential_cpu.json``; B=2, H=4, K=V=32 and 64, L=1k and 4k):
-    ``"chunked"`` 2.6-5.7x slower forward and 3.9-6x forward+backward, no crossover with the
+    ``matrix_recurrence_sequential_cpu.json``; B=2, H=4, K=V=32 and 64 at L=1k and 4k, K=16 < V=64):
+    ``"chunked"`` 2.3-6.5x slower forward and 2.9-5.3x forward+backward, no crossover with the
     length. A CPU does one step's ``K*V`` rank-1 update at full speed; the chunked form adds
     ``~C/2 + 16`` extra multiply-adds and ``~C/16 + 19`` ``exp`` per step and key channel (the
     decay factors of :func:`_decays`; XLA's cost analysis at L=1k, C=64: 23x the scan's ``exp``,
@@ -269,12 +269,12 @@ class _Layout(NamedTuple):
     """How the sequential loops hold a ``(K, V)`` matrix (a state or an adjoint) per row.
 
     ``transposed``: as ``(V, K)``, the key axis contiguous, so that each step's per-key decay
-    broadcasts along the contiguous axis. Measured on CPU against the loops before 2026-12-02
-    (``(K, V)``, ``exp`` in the step; L=1k, fastest of 9-11 calls, in turn; benchmarks/README.md):
-    transposed, forward and forward+backward took K=V=32 0.49x and 0.61x the time, K=64 > V=16
-    0.62x / 0.65x, K=V=4 0.74x / 0.90x, K=V=64 and 128 the same within noise; but K=16 < V=64
-    1.8x / 1.7x (a short contiguous axis), against 0.80x / 0.84x held ``(K, V)``. So a row is
-    transposed only when ``K >= V``.
+    broadcasts along the contiguous axis. Measured on CPU (L=1k, N=8, in turn in one process):
+    at K=V=32 the update alone takes 0.56 us per step transposed against 2.4 us, the forward
+    loop 1.8 against 3.7 us; at K=V=64 and 128 (a state beyond L1) the two are as fast; but at
+    K=16 < V=64 transposed was 1.8x slower forward (a short contiguous axis). So a row is
+    transposed only when ``K >= V``. Totals against the loops before 2026-12-02:
+    benchmarks/README.md.
     """
 
     transposed: bool
