@@ -32,6 +32,15 @@ from the carried-in state). ``x_two_scans`` is each row's ``ms`` over the two-sc
 ``max_error`` is the largest difference of the outputs and the gradients of q, k, v and the log
 decays from the float64 unsharded recurrence, over each array's largest magnitude. Results:
 ``benchmarks/results/matrix_recurrence_sequence_parallel_<platform>.json``.
+
+``--sequential-before`` times the ``"sequential"`` method against its loops before 2026-12-02
+(kept here as the baseline ``sequential (before)``: states carried ``(N, K, V)`` with ``exp(g)``
+inside the step, the backward adding each output term before its dots) and ``"chunked"``, each
+call in turn (``time_in_turn``), forward and forward+backward, at ``--sizes`` (default
+2x1024x4x32x32, 2x4096x4x32x32, 2x1024x4x64x64, 2x4096x4x64x64, and 2x1024x4x16x64, where the
+library keeps states ``(K, V)``). ``x_before`` is each row's
+``ms`` over the baseline's; ``max_error`` as for ``--sequence-parallel``. Results:
+``benchmarks/results/matrix_recurrence_sequential_<platform>.json``.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import inspect
 import os
 import sys
@@ -63,6 +73,8 @@ from hgrn_jax.ops import (
     matrix_recurrence,
     sequence_parallel,
 )
+
+matrix_module = importlib.import_module("hgrn_jax.ops.matrix_recurrence")
 
 CPU_SIZES = ("2x256x4x32x32", "2x1024x4x32x32", "2x4096x4x32x32", "1x1024x2x128x128")
 ACCELERATOR_SIZES = ("8x1024x4x64x64", "8x4096x4x64x64", "4x16384x4x64x64", "8x4096x8x128x128")
@@ -352,6 +364,162 @@ def sequence_parallel_main(args) -> None:
     print("wrote", write_results("matrix_recurrence_sequence_parallel", rows, meta))
 
 
+# --- the sequential loops before 2026-12-02 (the baseline of --sequential-before)
+
+
+def _step_before(state, k_t, v_t, g_t):
+    return jnp.exp(g_t)[..., None] * state + k_t[..., None] * v_t[..., None, :]
+
+
+def sequential_before(q, k, v, g, h0, scale, chunk):
+    """The old forward: states (N, K, V), ``exp(g_t)`` taken inside each step."""
+    chunks = matrix_module._time_major_chunks
+
+    def step(state, inputs):
+        q_t, k_t, v_t, g_t = inputs
+        state = _step_before(state, k_t, v_t, g_t)
+        return state, scale * jnp.einsum("nk,nkv->nv", q_t, state)
+
+    def chunk_step(state, inputs):
+        last, o = jax.lax.scan(step, state, inputs)
+        return last, (o, state)
+
+    last, (o, entering) = jax.lax.scan(
+        chunk_step, h0, tuple(chunks(t, chunk) for t in (q, k, v, g))
+    )
+    bounds = jnp.concatenate([jnp.moveaxis(entering, 0, 1), last[:, None]], axis=1)
+    return matrix_module._from_time_major_chunks(o), bounds
+
+
+def sequential_backward_before(q, k, v, g, bounds, do, dlast, scale, chunk):
+    """The old backward: the adjoint (N, K, V) gets step t's output term, then its dots."""
+    chunks = matrix_module._time_major_chunks
+    q_c, k_c, v_c, g_c, do_c = (chunks(t, chunk) for t in (q, k, v, g, do))
+
+    def forward(state, inputs):
+        k_t, v_t, g_t, do_t = inputs
+        state = _step_before(state, k_t, v_t, g_t)
+        return state, scale * jnp.einsum("nkv,nv->nk", state, do_t)
+
+    def forward_chunk(state, inputs):
+        return jax.lax.scan(forward, state, inputs)
+
+    _, dq = jax.lax.scan(forward_chunk, bounds[:, 0], (k_c, v_c, g_c, do_c))
+
+    def backward(adjoint, inputs):
+        q_t, k_t, v_t, g_t, do_t = inputs
+        adjoint = adjoint + scale * q_t[..., None] * do_t[..., None, :]
+        dk_t = jnp.einsum("nkv,nv->nk", adjoint, v_t)
+        dv_t = jnp.einsum("nkv,nk->nv", adjoint, k_t)
+        return jnp.exp(g_t)[..., None] * adjoint, (dk_t, dv_t)
+
+    def backward_chunk(adjoint, inputs):
+        adjoint_in, grads = jax.lax.scan(backward, adjoint, inputs, reverse=True)
+        return adjoint_in, (grads, adjoint)
+
+    dh0, ((dk, dv), adjoint_out) = jax.lax.scan(
+        backward_chunk, dlast, (q_c, k_c, v_c, g_c, do_c), reverse=True
+    )
+    from_cumulative = q_c * dq - k_c * dk
+    at_end = jnp.sum(adjoint_out * jnp.moveaxis(bounds[:, 1:], 1, 0), axis=-1)
+    dg = jnp.flip(jnp.cumsum(jnp.flip(from_cumulative, 1), axis=1), 1) + at_end[:, None]
+    grads = (dq, dk, dv, dg)
+    return tuple(matrix_module._from_time_major_chunks(t) for t in grads) + (dh0,)
+
+
+@contextlib.contextmanager
+def sequential_loops(before: bool):
+    """``matrix_recurrence(method="sequential")`` traced with the loops before 2026-12-02 when
+    ``before`` (the library's own otherwise)."""
+    saved = matrix_module._sequential, matrix_module._sequential_backward
+    if before:
+        matrix_module._sequential = sequential_before
+        matrix_module._sequential_backward = sequential_backward_before
+    try:
+        yield
+    finally:
+        matrix_module._sequential, matrix_module._sequential_backward = saved
+
+
+SEQUENTIAL_SIZES = (
+    "2x1024x4x32x32",
+    "2x4096x4x32x32",
+    "2x1024x4x64x64",
+    "2x4096x4x64x64",
+    "2x1024x4x16x64",
+)
+SEQUENTIAL_VARIANTS: dict[str, tuple[str, bool]] = {
+    "sequential (before)": ("sequential", True),
+    "sequential": ("sequential", False),
+    "chunked": ("chunked", False),
+}
+
+
+def sequential_before_main(args) -> None:
+    sizes = [parse_size(s) for s in (args.sizes or SEQUENTIAL_SIZES)]
+    dtype = jnp.dtype(args.dtype)
+    meta = {
+        "sizes": "BxLxHxKxV",
+        "dtype": args.dtype,
+        "scale": "1/sqrt(K)",
+        "variants": {
+            "sequential (before)": "the loops before 2026-12-02: states (N, K, V), exp(g) in "
+            "each step, the backward's dots after adding the output term",
+            "sequential": "the library: states (N, V, K) when K >= V (else (N, K, V)), exp(g) "
+            "before the loops, the backward's dots on the loop carry",
+            "chunked": "the library's matmul form",
+        },
+        "timing": "each call in turn, fastest of --reps rounds after a warm-up round",
+        "max_error": "max |difference| from the float64 sequential recurrence over max |it|, "
+        "outputs and gradients of q, k, v, log decays",
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+    rows: list[dict[str, Any]] = []
+    for size in sizes:
+        scale = size[3] ** -0.5
+        data = make_inputs(size, dtype)
+        reference = float64_reference(data, scale)
+        inputs = [data[n] for n in ("q", "k", "v", "log_decay", "do")]
+        calls, errors = {}, {}
+        for variant, (method, before) in SEQUENTIAL_VARIANTS.items():
+
+            def forward(q, k, v, g, method=method):
+                return matrix_recurrence(q, k, v, g, scale=scale, method=method)
+
+            with sequential_loops(before):
+                fns = passes(forward, 4)
+                o, *grads = (fns["forward"](*inputs[:4]), *fns["forward+backward"](*inputs))
+            errors[variant] = max(
+                float(np.max(np.abs(np.asarray(t, np.float64) - w)) / np.max(np.abs(w)))
+                for t, w in zip((o, *grads), reference, strict=True)
+            )
+            for pass_name, fn in fns.items():
+                args_in = inputs if pass_name == "forward+backward" else inputs[:4]
+                calls[variant, pass_name] = (fn, args_in)
+        timings = time_in_turn(calls, args.reps)
+        size_rows = [
+            {
+                "size": "x".join(map(str, size)),
+                "variant": variant,
+                "pass": pass_name,
+                "ms": timing["min"] * 1e3,
+                "median_ms": timing["median"] * 1e3,
+                "max_error": errors[variant],
+            }
+            for (variant, pass_name), timing in timings.items()
+        ]
+        base = {r["pass"]: r["ms"] for r in size_rows if r["variant"] == "sequential (before)"}
+        for row in size_rows:
+            row["x_before"] = row["ms"] / base[row["pass"]]
+            print(format_table([row], list(row)).splitlines()[-1], flush=True)
+        rows.extend(size_rows)
+        meta["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        write_results("matrix_recurrence_sequential", rows, meta)
+    columns = ["size", "variant", "pass", "ms", "median_ms", "x_before", "max_error"]
+    print(format_table(rows, columns))
+    print("wrote", write_results("matrix_recurrence_sequential", rows, meta))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (also read by tests/test_gpu_session.py, which checks
     benchmarks/gpu_session.sh's flags against it)."""
@@ -369,6 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="time sharded_matrix_recurrence, one scan per shard against two (module docstring)",
     )
     parser.add_argument("--shards", type=int, default=8, help="with --sequence-parallel")
+    parser.add_argument(
+        "--sequential-before",
+        action="store_true",
+        help="time the sequential method against its loops before 2026-12-02 (docstring)",
+    )
     return parser
 
 
@@ -377,6 +550,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.sequence_parallel:
         sequence_parallel_main(args)
+        return
+    if args.sequential_before:
+        sequential_before_main(args)
         return
     platform = jax.default_backend()
     sizes = [

@@ -149,6 +149,43 @@ def test_gradients_match_float64_adjoint_and_autodiff(method, chunk_size=32):
         )
 
 
+@pytest.mark.parametrize("key_dim,value_dim", [(3, 4), (4, 3)])
+@pytest.mark.parametrize("chunk_size,length", [(1, 5), (16, 1), (16, 17), (16, 33), (32, 16)])
+def test_sequential_at_chunk_edges(chunk_size, length, key_dim, value_dim):
+    """The sequential loops hold states (V, K) when K >= V, else (K, V), and the backward's
+    loop applies each step's decay one iteration early (step t's iteration applies step t+1's;
+    a chunk's first step's after its loop): values, last state and gradients against the
+    float64 loops, with one-step chunks, L = 1, a step past a chunk (L = 17, 33: the last chunk
+    ragged) and a sequence shorter than its chunk, h0 and a loss on the last state."""
+    q, k, v, g, h0 = make_inputs((2,), length, 2, key_dim, value_dim, seed=20 + length)
+    rng = np.random.default_rng(21)
+    do = rng.normal(size=v.shape)
+    dlast = rng.normal(size=h0.shape)
+    ours = functools.partial(
+        matrix_recurrence,
+        scale=0.6,
+        method="sequential",
+        return_last_state=True,
+        chunk_size=chunk_size,
+    )
+
+    def loss(*args):
+        o, last = ours(*args)
+        return jnp.sum(o * do) + jnp.sum(last * dlast)
+
+    with jax.enable_x64(True):
+        o, last = ours(q, k, v, g, h0)
+        got = jax.grad(loss, argnums=range(5))(q, k, v, g, h0)
+    want_o, want_last, _ = loop_reference(q, k, v, g, h0, 0.6)
+    np.testing.assert_allclose(np.asarray(o), want_o, rtol=F64_TOL, atol=F64_TOL)
+    np.testing.assert_allclose(np.asarray(last), want_last, rtol=F64_TOL, atol=F64_TOL)
+    want = loop_adjoint(q, k, v, g, h0, 0.6, do, dlast)
+    for name, ours_, loop in zip(("dq", "dk", "dv", "dlog_decay", "dh0"), got, want):
+        np.testing.assert_allclose(
+            np.asarray(ours_), loop, rtol=F64_TOL, atol=F64_TOL, err_msg=name
+        )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", MATRIX_METHODS)
 def test_without_h0_or_last_state_float32(method):

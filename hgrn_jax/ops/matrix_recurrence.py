@@ -18,6 +18,8 @@ Three forward methods compute the same thing; all of them split time into chunks
 
 ``"sequential"``
     a ``lax.scan`` over time (nested: chunks outside, steps inside), one rank-1 update per step.
+    The loops read ``exp(g)`` computed before them and hold each ``(K, V)`` matrix transposed,
+    ``(V, K)``, when ``K >= V`` (:func:`_layout`).
 ``"chunked"``
     the matmul form. Inside a chunk, with ``b_i = g_0 + ... + g_i`` (per key channel)::
 
@@ -85,11 +87,17 @@ def default_matrix_method(length: int, platform: str | None = None) -> str:
     CPU: ``"sequential"`` at every length. Measured by ``benchmarks/matrix_recurrence.py``
     (``benchmarks/results/matrix_recurrence_cpu.json``; B=2, H=4, K=V=32, L=256 to 4096, and
     B=1, H=2, K=V=128): the scan is the fastest forward and, with its step-by-step backward, the
-    fastest forward+backward at every size, several times faster than ``"chunked"``. A CPU does
-    one step's ``K*V`` rank-1 update at full speed; the chunked form adds ``~C/2 + 16`` extra
-    multiply-adds and an ``exp`` per step and key channel (the pairwise decays), which costs more
-    than the loop iterations it saves. ``"pallas"`` runs in the Pallas interpreter on CPU (a
-    correctness path).
+    fastest forward+backward at every size, several times faster than ``"chunked"``. Rechecked
+    after the scan's 2026-12-02 speed-up (``--sequential-before``,
+    ``matrix_recurrence_sequential_cpu.json``; B=2, H=4, K=V=32 and 64 at L=1k and 4k, K=16 < V=64):
+    ``"chunked"`` 2.3-6.5x slower forward and 2.9-5.3x forward+backward, no crossover with the
+    length. A CPU does one step's ``K*V`` rank-1 update at full speed; the chunked form adds
+    ``~C/2 + 16`` extra multiply-adds and ``~C/16 + 19`` ``exp`` per step and key channel (the
+    decay factors of :func:`_decays`; XLA's cost analysis at L=1k, C=64: 23x the scan's ``exp``,
+    ``_decays`` alone taking 3.5x the whole scan's forward), which costs more than the loop
+    iterations it saves; smaller chunks cost more (C=16: 1.7x C=64's forward, 2.7x its
+    forward+backward).
+    ``"pallas"`` runs in the Pallas interpreter on CPU (a correctness path).
 
     GPU: ``"chunked"``. Measured on an H200 by ``benchmarks/matrix_recurrence.py``
     (``benchmarks/results/matrix_recurrence_gpu.json``, float32, H=4, K=V=64): at
@@ -257,27 +265,69 @@ def _from_time_major_chunks(t: jax.Array) -> jax.Array:
     return jnp.moveaxis(t, 2, 0).reshape((t.shape[2], -1, t.shape[-1]))
 
 
-def _step(state, k_t, v_t, g_t):
-    return jnp.exp(g_t)[..., None] * state + k_t[..., None] * v_t[..., None, :]
+class _Layout(NamedTuple):
+    """How the sequential loops hold a ``(K, V)`` matrix (a state or an adjoint) per row.
+
+    ``transposed``: as ``(V, K)``, the key axis contiguous, so that each step's per-key decay
+    broadcasts along the contiguous axis. Measured on CPU (L=1k, N=8, in turn in one process):
+    at K=V=32 the update alone takes 0.56 us per step transposed against 2.4 us, the forward
+    loop 1.8 against 3.7 us; at K=V=64 and 128 (a state beyond L1) the two are as fast; but at
+    K=16 < V=64 transposed was 1.8x slower forward (a short contiguous axis). So a row is
+    transposed only when ``K >= V``. Totals against the loops before 2026-12-02:
+    benchmarks/README.md.
+    """
+
+    transposed: bool
+
+    @property
+    def matrix(self) -> str:
+        """einsum subscripts of the loops' (N, ·, ·) matrices."""
+        return "nvk" if self.transposed else "nkv"
+
+    def swap(self, m: jax.Array) -> jax.Array:
+        """(..., K, V) <-> this layout."""
+        return jnp.swapaxes(m, -1, -2) if self.transposed else m
+
+    def decay(self, decay_t: jax.Array, m: jax.Array) -> jax.Array:
+        """``diag(decay_t) @ m``: ``decay_t`` (N, K)."""
+        return decay_t[:, None, :] * m if self.transposed else decay_t[..., None] * m
+
+    def outer(self, key: jax.Array, value: jax.Array) -> jax.Array:
+        """``outer(key, value)`` (N, K) x (N, V) in this layout."""
+        if self.transposed:
+            return value[..., None] * key[:, None, :]
+        return key[..., None] * value[:, None, :]
+
+
+def _layout(key_dim: int, value_dim: int) -> _Layout:
+    return _Layout(transposed=key_dim >= value_dim)
 
 
 def _sequential(q, k, v, g, h0, scale, chunk):
-    """Scan over chunks, and over the steps of each chunk inside."""
+    """Scan over chunks, and over the steps of each chunk inside.
+
+    The loops read ``exp(g)`` computed before them (no ``exp`` of their own per step) and hold
+    the state in :func:`_layout`'s layout.
+    """
+    layout = _layout(k.shape[-1], v.shape[-1])
+    readout = f"nk,{layout.matrix}->nv"
 
     def step(state, inputs):
-        q_t, k_t, v_t, g_t = inputs
-        state = _step(state, k_t, v_t, g_t)
-        return state, scale * jnp.einsum("nk,nkv->nv", q_t, state)
+        q_t, k_t, v_t, decay_t = inputs
+        state = layout.decay(decay_t, state) + layout.outer(k_t, v_t)
+        return state, scale * jnp.einsum(readout, q_t, state)
 
     def chunk_step(state, inputs):
         last, o = jax.lax.scan(step, state, inputs)
         return last, (o, state)
 
     last, (o, entering) = jax.lax.scan(
-        chunk_step, h0, tuple(_time_major_chunks(t, chunk) for t in (q, k, v, g))
+        chunk_step,
+        layout.swap(h0),
+        tuple(_time_major_chunks(t, chunk) for t in (q, k, v, jnp.exp(g))),
     )
     bounds = jnp.concatenate([jnp.moveaxis(entering, 0, 1), last[:, None]], axis=1)
-    return _from_time_major_chunks(o), bounds
+    return _from_time_major_chunks(o), layout.swap(bounds)
 
 
 def _sequential_backward(q, k, v, g, bounds, do, dlast, scale, chunk):
@@ -288,38 +338,58 @@ def _sequential_backward(q, k, v, g, bounds, do, dlast, scale, chunk):
         D += scale * q_t do_t^T;  dk_t = D v_t;  dv_t = D^T k_t;  D = exp(g_t) * D
 
     (``dh0``: the final ``D``). ``dg`` comes from the chunk-local sums of the module docstring,
-    with the boundary states and the adjoints at the chunk ends.
+    with the boundary states and the adjoints at the chunk ends. Both loops hold their
+    matrices in :func:`_layout`'s layout, as :func:`_sequential` does.
     """
-    q_c, k_c, v_c, g_c, do_c = (_time_major_chunks(t, chunk) for t in (q, k, v, g, do))
+    layout = _layout(k.shape[-1], v.shape[-1])
+    m = layout.matrix
+    decay = jnp.exp(g)
+    q_c, k_c, v_c, a_c, do_c = (_time_major_chunks(t, chunk) for t in (q, k, v, decay, do))
+    bounds = layout.swap(bounds)  # (N, chunks + 1, ·, ·)
 
     def forward(state, inputs):
-        k_t, v_t, g_t, do_t = inputs
-        state = _step(state, k_t, v_t, g_t)
-        return state, scale * jnp.einsum("nkv,nv->nk", state, do_t)
+        k_t, v_t, decay_t, do_t = inputs
+        state = layout.decay(decay_t, state) + layout.outer(k_t, v_t)
+        return state, scale * jnp.einsum(f"{m},nv->nk", state, do_t)
 
     def forward_chunk(state, inputs):
         return jax.lax.scan(forward, state, inputs)
 
-    _, dq = jax.lax.scan(forward_chunk, bounds[:, 0], (k_c, v_c, g_c, do_c))
+    _, dq = jax.lax.scan(forward_chunk, bounds[:, 0], (k_c, v_c, a_c, do_c))
 
     def backward(adjoint, inputs):
-        q_t, k_t, v_t, g_t, do_t = inputs
-        adjoint = adjoint + scale * q_t[..., None] * do_t[..., None, :]
-        dk_t = jnp.einsum("nkv,nv->nk", adjoint, v_t)
-        dv_t = jnp.einsum("nkv,nk->nv", adjoint, k_t)
-        return jnp.exp(g_t)[..., None] * adjoint, (dk_t, dv_t)
+        # ``adjoint`` enters as ``D_{t+1}`` before the decay of step t+1, leaves as ``D_t`` with
+        # step t's own output term added, which the dots then read.
+        q_t, k_t, v_t, next_decay_t, do_t = inputs
+        adjoint = layout.decay(next_decay_t, adjoint) + scale * layout.outer(q_t, do_t)
+        dk_t = jnp.einsum(f"nv,{m}->nk", v_t, adjoint)
+        dv_t = jnp.einsum(f"nk,{m}->nv", k_t, adjoint)
+        return adjoint, (dk_t, dv_t)
 
     def backward_chunk(adjoint, inputs):
-        adjoint_in, grads = jax.lax.scan(backward, adjoint, inputs, reverse=True)
-        return adjoint_in, (grads, adjoint)
+        first_decay, *steps = inputs
+        at_start, grads = jax.lax.scan(backward, adjoint, tuple(steps), reverse=True)
+        return layout.decay(first_decay, at_start), (grads, adjoint)
 
+    # Each step's iteration applies the next step's decay (1 for a chunk's last step; a chunk's
+    # first step's decay is applied after its loop), so that, as in the forward loops, the
+    # dots read the matrix just written in place: measured 1.9x faster on CPU at K=V=32 than
+    # adding the output term first and decaying after the dots (5.1 -> 2.9 us per step), where
+    # XLA keeps the sum in a buffer of its own.
+    next_decay = jnp.concatenate([a_c[:, 1:], jnp.ones_like(a_c[:, :1])], axis=1)
     dh0, ((dk, dv), adjoint_out) = jax.lax.scan(
-        backward_chunk, dlast, (q_c, k_c, v_c, g_c, do_c), reverse=True
+        backward_chunk,
+        layout.swap(dlast),
+        (a_c[:, 0], q_c, k_c, v_c, next_decay, do_c),
+        reverse=True,
     )
     from_cumulative = q_c * dq - k_c * dk  # (chunks, C, N, K)
-    at_end = jnp.sum(adjoint_out * jnp.moveaxis(bounds[:, 1:], 1, 0), axis=-1)  # (chunks, N, K)
+    leaving = jnp.moveaxis(bounds[:, 1:], 1, 0)  # (chunks, N, ·, ·)
+    value_axis = -2 if layout.transposed else -1
+    at_end = jnp.sum(adjoint_out * leaving, axis=value_axis)  # (chunks, N, K)
     dg = jnp.flip(jnp.cumsum(jnp.flip(from_cumulative, 1), axis=1), 1) + at_end[:, None]
-    return tuple(_from_time_major_chunks(t) for t in (dq, dk, dv, dg)) + (dh0,)
+    grads = tuple(_from_time_major_chunks(t) for t in (dq, dk, dv, dg))
+    return grads + (layout.swap(dh0),)
 
 
 class _Decays(NamedTuple):
