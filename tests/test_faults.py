@@ -36,7 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from two_processes import xla_flags_without_device_count
+from two_processes import cli_env
 
 from hgrn_jax.training.loop import train_and_evaluate
 
@@ -120,17 +120,6 @@ def copy_of_finished(finished, tmp_path) -> Path:
     return run
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        HGRN_NUM_CPU_DEVICES="8",
-        PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]),
-        XLA_FLAGS=xla_flags_without_device_count(),
-    )
-    return env
-
-
 def _train(
     config_file: Path | str, workdir: Path | str, *overrides: str
 ) -> subprocess.CompletedProcess:
@@ -143,7 +132,7 @@ def _train(
         *overrides,
     ]
     return subprocess.run(
-        command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
+        command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300
     )
 
 
@@ -713,7 +702,7 @@ def test_two_runs_at_once_the_second_fails_naming_the_holder(tmp_path):
             "--config.data.sleep_per_step=0.3",
         ],
         cwd=REPO,
-        env=_env(),
+        env=cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -42,7 +42,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from two_processes import xla_flags_without_device_count
+from two_processes import cli_env
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_CONFIG = REPO / "tests" / "toy_task.py"
@@ -70,17 +70,6 @@ TIMING_KEYS = frozenset({"wall_time_s", "steps_per_sec"})
 TMP_MARK = ".orbax-checkpoint-tmp"
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        HGRN_NUM_CPU_DEVICES="8",
-        PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]),
-        XLA_FLAGS=xla_flags_without_device_count(),
-    )
-    return env
-
-
 # ----------------------------------------------------------------------------------------------
 # One attempt: the command in its own process group, its output in files
 # ----------------------------------------------------------------------------------------------
@@ -104,7 +93,7 @@ class Attempt:
         self.stale_lock = lock_record(workdir)  # left by the attempt before, if killed
         with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
             self.proc = subprocess.Popen(
-                command, cwd=REPO, env=_env(), stdout=out, stderr=err, start_new_session=True
+                command, cwd=REPO, env=cli_env(), stdout=out, stderr=err, start_new_session=True
             )
         self.started = time.monotonic()
         self.first_seen: dict[str, float] = {}

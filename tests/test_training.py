@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import AxisType
-from two_processes import xla_flags_without_device_count
+from two_processes import cli_env
 
 from hgrn_jax import sharding
 from hgrn_jax.nn import HGRNLM, LMConfig
@@ -906,17 +906,6 @@ def _assert_same_final_params(workdir: Path, reference: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        HGRN_NUM_CPU_DEVICES="8",
-        PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]),
-        XLA_FLAGS=xla_flags_without_device_count(),
-    )
-    return env
-
-
 def _train_command(workdir: Path, *overrides: str) -> list[str]:
     return [
         sys.executable,
@@ -935,7 +924,7 @@ def _run(workdir: Path, *overrides: str, check: bool = True) -> subprocess.Compl
     proc = subprocess.run(
         _train_command(workdir, *overrides),
         cwd=REPO,
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -952,7 +941,7 @@ def _start_and_wait_for_new_checkpoint(workdir: Path) -> subprocess.Popen:
     proc = subprocess.Popen(
         _train_command(workdir, *SLOW),
         cwd=REPO,
-        env=_env(),
+        env=cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -75,3 +75,17 @@ def run_two_processes(
     for i, (proc, log) in enumerate(zip(procs, logs)):
         assert proc.returncode == 0, f"process {i} failed:\n{log[-4000:]}"
     return logs
+
+
+def cli_env() -> dict[str, str]:
+    """This environment for a one-process ``experiments.train`` child: CPU with 8 simulated
+    devices (``HGRN_NUM_CPU_DEVICES``), ``tests/`` and the repository importable (the toy
+    task's config lives in ``tests/``), the suite's compile flags."""
+    env = dict(os.environ)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        HGRN_NUM_CPU_DEVICES="8",
+        PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]),
+        XLA_FLAGS=xla_flags_without_device_count(),
+    )
+    return env
