@@ -59,7 +59,9 @@ class Task(Protocol):
     ) -> Iterator[Batch]:
         """Process-local batches covering ``split`` (``"val"`` or ``"test"``) once: any rows
         that split over the mesh's batch shards (the loop checks), the arrays of the train
-        batches with their shapes after the batch axis (train-only ones may be left out)."""
+        batches with their shapes after the batch axis (train-only ones may be left out), and
+        as many batches on every process (pad with weight-0 batches; not checked: a process
+        with an extra batch waits for the others forever)."""
         ...
 
     def loss_fn(self, model: nnx.Module, batch: dict, *, train: bool) -> tuple[jax.Array, Metrics]:
