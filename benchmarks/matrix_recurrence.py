@@ -279,6 +279,38 @@ def time_in_turn(calls: dict[Any, tuple[Callable, list]], reps: int) -> dict[Any
     return {key: {"min": min(t), "median": float(np.median(t))} for key, t in times.items()}
 
 
+def relative_error(outputs, reference) -> float:
+    """max |difference| over max |value| of ``outputs`` against the float64 ``reference``
+    arrays (the output and the gradients), the largest over them."""
+    return max(
+        float(np.max(np.abs(np.asarray(t, np.float64) - w)) / np.max(np.abs(w)))
+        for t, w in zip(outputs, reference, strict=True)
+    )
+
+
+def rows_against(
+    timings: dict, errors: dict, size, baseline: str, ratio_key: str, **fields
+) -> list[dict[str, Any]]:
+    """One row per ``(variant, pass)`` of :func:`time_in_turn`'s ``timings`` for ``size``, with
+    its error, ``fields`` and ``ratio_key``: its time over the ``baseline`` variant's, same pass."""
+    rows = [
+        {
+            "size": "x".join(map(str, size)),
+            **fields,
+            "variant": variant,
+            "pass": pass_name,
+            "ms": timing["min"] * 1e3,
+            "median_ms": timing["median"] * 1e3,
+            "max_error": errors[variant],
+        }
+        for (variant, pass_name), timing in timings.items()
+    ]
+    base = {r["pass"]: r["ms"] for r in rows if r["variant"] == baseline}
+    for row in rows:
+        row[ratio_key] = row["ms"] / base[row["pass"]]
+    return rows
+
+
 def sequence_parallel_main(args) -> None:
     shards = args.shards
     if jax.device_count() < shards:
@@ -331,32 +363,15 @@ def sequence_parallel_main(args) -> None:
                 with shard_body(body), jax.set_mesh(mesh):
                     fns = passes(forward, 4)
                     o, *grads = (fns["forward"](*inputs[:4]), *fns["forward+backward"](*inputs))
-                errors[variant] = max(
-                    float(np.max(np.abs(np.asarray(t, np.float64) - w)) / np.max(np.abs(w)))
-                    for t, w in zip((o, *grads), reference, strict=True)
-                )
+                errors[variant] = relative_error((o, *grads), reference)
                 for pass_name, fn in fns.items():
                     args_in = inputs if pass_name == "forward+backward" else inputs[:4]
                     calls[variant, pass_name] = (fn, args_in)
             with jax.set_mesh(mesh):  # the context they were traced in (no new trace)
                 timings = time_in_turn(calls, args.reps)
-            size_rows = []
-            for (variant, pass_name), timing in timings.items():
-                size_rows.append(
-                    {
-                        "size": "x".join(map(str, size)),
-                        "method": method,
-                        "variant": variant,
-                        "pass": pass_name,
-                        "ms": timing["min"] * 1e3,
-                        "median_ms": timing["median"] * 1e3,
-                        "max_error": errors[variant],
-                    }
-                )
-            base = {r["pass"]: r["ms"] for r in size_rows if r["variant"] == "two scans"}
-            for row in size_rows:
-                row["x_two_scans"] = row["ms"] / base[row["pass"]]
-            rows.extend(size_rows)
+            rows.extend(
+                rows_against(timings, errors, size, "two scans", "x_two_scans", method=method)
+            )
             meta["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
             write_results("matrix_recurrence_sequence_parallel", rows, meta)
     columns = ["size", "method", "variant", "pass", "ms", "median_ms", "x_two_scans", "max_error"]
@@ -489,28 +504,13 @@ def sequential_before_main(args) -> None:
             with sequential_loops(before):
                 fns = passes(forward, 4)
                 o, *grads = (fns["forward"](*inputs[:4]), *fns["forward+backward"](*inputs))
-            errors[variant] = max(
-                float(np.max(np.abs(np.asarray(t, np.float64) - w)) / np.max(np.abs(w)))
-                for t, w in zip((o, *grads), reference, strict=True)
-            )
+            errors[variant] = relative_error((o, *grads), reference)
             for pass_name, fn in fns.items():
                 args_in = inputs if pass_name == "forward+backward" else inputs[:4]
                 calls[variant, pass_name] = (fn, args_in)
         timings = time_in_turn(calls, args.reps)
-        size_rows = [
-            {
-                "size": "x".join(map(str, size)),
-                "variant": variant,
-                "pass": pass_name,
-                "ms": timing["min"] * 1e3,
-                "median_ms": timing["median"] * 1e3,
-                "max_error": errors[variant],
-            }
-            for (variant, pass_name), timing in timings.items()
-        ]
-        base = {r["pass"]: r["ms"] for r in size_rows if r["variant"] == "sequential (before)"}
+        size_rows = rows_against(timings, errors, size, "sequential (before)", "x_before")
         for row in size_rows:
-            row["x_before"] = row["ms"] / base[row["pass"]]
             print(format_table([row], list(row)).splitlines()[-1], flush=True)
         rows.extend(size_rows)
         meta["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
