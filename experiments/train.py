@@ -13,7 +13,8 @@ CPU testing: ``HGRN_NUM_CPU_DEVICES=N`` simulates N CPU devices; multi-process C
 gloo collectives; ``python -m experiments.launch --num_processes=4 --devices_per_process=2 --
 <these flags>`` runs a whole pod on one machine (docs/pods.md). Failure detection:
 ``HGRN_HEARTBEAT_TIMEOUT_S``, ``HGRN_SHUTDOWN_TIMEOUT_S``, ``HGRN_STEP_TIMEOUT_S``
-(:mod:`hgrn_jax.training.watchdog`); a process that loses a peer exits with code 3.
+(:mod:`hgrn_jax.training.watchdog`); a process that loses a peer, or whose steps or input
+stall for ``HGRN_STEP_TIMEOUT_S`` (default 1800 s, one process too), exits with code 3.
 
 Exit codes: 0 finished, or preempted by SIGTERM after saving a checkpoint (the message says
 which; rerun to resume); 1 the loss became NaN/inf (the message gives the step); 2 a user error:

@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from two_processes import wait_until_gone
 
 from experiments import launch
 from hgrn_jax.data import loader
@@ -225,7 +226,9 @@ def test_shut_down_distributed_releases_a_monitor_blocked_in_the_service(monkeyp
 
 def test_step_watchdog_fires_only_when_armed_and_stalled():
     messages = []
-    dog = watchdog.StepWatchdog(0.2, 3, on_stall=messages.append, poll_s=0.02).start()
+    dog = watchdog.StepWatchdog(
+        0.2, 3, process_count=4, on_stall=messages.append, poll_s=0.02
+    ).start()
     time.sleep(0.4)
     assert messages == []  # not armed before the first step (which compiles)
     dog.beat(7)
@@ -236,16 +239,97 @@ def test_step_watchdog_fires_only_when_armed_and_stalled():
     time.sleep(0.6)
     dog.stop()
     assert len(messages) == 1
-    assert messages[0].startswith("error: process 3: no training step finished in 0 s after step 8")
+    assert messages[0].startswith(
+        "error: process 3: no training step finished in 0 s after step 8; a peer process is "
+        "stuck or lost, stopping."
+    )
     with pytest.raises(ValueError, match="positive"):
         watchdog.StepWatchdog(0)
 
 
-def test_guard_is_inert_in_one_process():
-    with watchdog.Guard(0, 1, step_timeout_s=0.01) as guard:
+def test_step_watchdog_names_a_stalled_input_and_times_it_after_an_evaluation():
+    """The input's wait is timed once the watchdog is armed, also right after a paused
+    evaluation (the pause used to last until the next finished step, so an input that hung
+    after an evaluation was never caught); before the first step it is not (workers start)."""
+    messages = []
+    dog = watchdog.StepWatchdog(0.2, on_stall=messages.append, poll_s=0.02).start()
+    with dog.waiting_for_input(0):
+        time.sleep(0.4)
+    assert messages == []
+    dog.beat(1)
+    with dog.waiting_for_input(1):
+        time.sleep(0.1)  # a batch within the limit, then the step: the clock restarts
+    time.sleep(0.15)
+    assert messages == []
+    dog.beat(2)
+    dog.pause()  # an evaluation
+    time.sleep(0.4)
+    assert messages == []
+    with dog.waiting_for_input(2):
+        time.sleep(0.5)
+    dog.stop()
+    assert messages == [
+        "error: the input pipeline delivered no batch for step 2 in 0 s (a hung input worker "
+        "process, or a data folder that stopped answering); stopping. Raise "
+        "HGRN_STEP_TIMEOUT_S if a batch can take this long. The last complete checkpoint is "
+        "kept: run the same command again to resume."
+    ]
+    one_process = watchdog.StepWatchdog(5.0)
+    one_process.beat(4)
+    assert one_process.message().startswith(
+        "error: no training step finished in 5 s after step 4; a device computation or a "
+        "checkpoint write is stuck, stopping."
+    )
+
+
+def test_guard_watches_steps_in_one_process_unless_turned_off(monkeypatch):
+    with watchdog.Guard(0, 1, step_timeout_s=60) as guard:
+        assert guard.steps._thread.is_alive() and guard.peers._thread is None
+        with guard.waiting_for_input(3):
+            assert guard.steps._input_step == 3
+    assert guard.steps._stop.is_set()
+    monkeypatch.setenv("HGRN_STEP_TIMEOUT_S", "0")
+    with watchdog.Guard(0, 1) as guard:
         guard.beat(1)
-        time.sleep(0.05)
-    assert not guard.active
+        with guard.waiting_for_input(1):
+            guard.pause()
+    assert guard.steps is None
+    monkeypatch.setenv("HGRN_STEP_TIMEOUT_S", "12.5")
+    assert watchdog.Guard(0, 1).steps.timeout_s == 12.5
+    monkeypatch.delenv("HGRN_STEP_TIMEOUT_S")
+    assert watchdog.step_timeout_from_env() == watchdog.DEFAULT_STEP_TIMEOUT_S
+    for bad in ("ten", "-1", "nan", "inf"):
+        monkeypatch.setenv("HGRN_STEP_TIMEOUT_S", bad)
+        with pytest.raises(ValueError) as error:
+            watchdog.step_timeout_from_env()
+        assert str(error.value) == (
+            f"HGRN_STEP_TIMEOUT_S={bad!r} must be a number of seconds (0 turns the step "
+            "watchdog off; unset: 1800)"
+        )
+
+
+def test_a_stall_kills_this_process_s_worker_processes_before_it_exits(tmp_path):
+    """A hung input worker would outlive the process that gave up on it."""
+    script = tmp_path / "stall.py"
+    script.write_text(STALL)
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == watchdog.EXIT_LOST_PEER, proc.stderr
+    assert proc.stderr.strip() == "stalled"
+    assert wait_until_gone(int(proc.stdout))
+
+
+STALL = r"""
+import multiprocessing, time
+from hgrn_jax.training import watchdog
+
+if __name__ == "__main__":
+    worker = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(3600,))
+    worker.start()
+    print(worker.pid, flush=True)
+    watchdog._exit_with("stalled")
+"""
 
 
 def test_plain_progress_lines_and_start_up_summary():

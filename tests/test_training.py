@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import AxisType
-from two_processes import cli_env
+from two_processes import cli_env, wait_until_gone
 
 from hgrn_jax import sharding
 from hgrn_jax.nn import HGRNLM, LMConfig
@@ -988,6 +988,37 @@ def test_sigkill_and_sigterm_then_rerun_give_bitwise_the_uninterrupted_parameter
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["test"] == uninterrupted[1]["test"]
     assert _logged_steps(tmp_path) == _logged_steps(uninterrupted[0])
+
+
+@pytest.mark.slow  # two runs of the toy task through the command line: ~15 s
+def test_a_hung_input_stops_a_one_process_run_which_then_resumes(tmp_path):
+    """A one-process run whose input never delivers a batch (a hung input worker) used to wait
+    forever: the step watchdog ran only in pods. It now ends the run after
+    ``HGRN_STEP_TIMEOUT_S`` naming the input and the step, kills the hung child process, and
+    keeps the checkpoints, from which the next run finishes."""
+    workdir, pid_file = tmp_path / "run", tmp_path / "worker.pid"
+    hung = subprocess.run(
+        _train_command(
+            workdir, "--config.data.hang_at_step=7", f"--config.data.hang_pid_file={pid_file}"
+        ),
+        cwd=REPO,
+        env={**cli_env(), "HGRN_STEP_TIMEOUT_S": "3"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert hung.returncode == 3, hung.stderr[-3000:]
+    assert (
+        "error: the input pipeline delivered no batch for step 7 in 3 s (a hung input worker "
+        "process, or a data folder that stopped answering); stopping. Raise HGRN_STEP_TIMEOUT_S "
+        "if a batch can take this long. The last complete checkpoint is kept: run the same "
+        "command again to resume." in hung.stderr
+    ), hung.stderr[-3000:]
+    assert wait_until_gone(int(pid_file.read_text())), "the hung child process outlived the run"
+    assert (workdir / "checkpoints" / "6").is_dir()
+    resumed = _run(workdir, "--config.data.hang_at_step=-1")
+    assert "resuming from step 6" in resumed.stderr
+    assert json.loads((workdir / "results.json").read_text())["steps"] == 12
 
 
 @pytest.mark.parametrize(

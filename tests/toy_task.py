@@ -6,14 +6,19 @@ statistics and dropout RNG streams all go through the train state and checkpoint
 from ``config.data`` (all optional):
   nan_at_step: the loss of that training step is multiplied by inf (tests the NaN stop);
   sleep_per_step: seconds to sleep before yielding each training batch (gives tests time to
-    kill a run in the middle).
+    kill a run in the middle);
+  hang_at_step: the batch of that step never comes: a child process (an input worker, as grain
+    starts them) is started and waited for, and it sleeps for an hour; its pid is written to
+    ``hang_pid_file``.
 Use it from a config with ``task = "toy_task:make_task"`` and ``tests/`` on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +37,14 @@ def toy_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = ml_collections.ConfigDict(dict(features=16, dropout=0.1))
     c.data = ml_collections.ConfigDict(
-        dict(num_val=20, num_test=28, nan_at_step=-1, sleep_per_step=0.0)
+        dict(
+            num_val=20,
+            num_test=28,
+            nan_at_step=-1,
+            sleep_per_step=0.0,
+            hang_at_step=-1,
+            hang_pid_file="",
+        )
     )
     c.batch_size = 8
     c.num_train_steps = 12
@@ -84,6 +96,14 @@ class ToyModel(nnx.Module):
         return self.head(x)  # (B, classes)
 
 
+def hang_in_a_child_process(pid_file: Path) -> None:
+    """Start a child process that sleeps for an hour, write its pid, and wait for it."""
+    worker = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(3600,))
+    worker.start()
+    pid_file.write_text(str(worker.pid))
+    worker.join()
+
+
 def _examples(seed: int, n: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     inputs = rng.integers(0, VOCAB, size=(n, LENGTH), dtype=np.int32)
@@ -109,6 +129,8 @@ class ToyTask:
             sleep = float(self.data.get("sleep_per_step", 0.0))
             if sleep:
                 time.sleep(sleep)
+            if step == int(self.data.get("hang_at_step", -1)):
+                hang_in_a_child_process(Path(self.data.hang_pid_file))
             batch = _examples(self.config.seed * 100003 + step, self.config.batch_size)
             batch = {
                 k: v[process_index * local : (process_index + 1) * local] for k, v in batch.items()

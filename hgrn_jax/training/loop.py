@@ -667,6 +667,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
     check_not_in_a_worker_process()
     workdir = Path(workdir)
     check_config_values(config)  # before anything is written to the workdir
+    watchdog.step_timeout_from_env()  # a bad HGRN_STEP_TIMEOUT_S stops the run here, not later
     if task is None:
         check_task_name(config)
     # The SIGTERM handler is installed before anything else, so that a preemption notice that
@@ -755,7 +756,9 @@ def _train_and_evaluate(
             ) as guard,
         ):
             for step in range(start, end):
-                batch = sharding.shard_batch(next(batches), run.mesh)
+                with guard.waiting_for_input(step):
+                    batch = next(batches)
+                batch = sharding.shard_batch(batch, run.mesh)
                 state, metrics = run.train_step(state, batch)
                 guard.beat(step + 1)
                 pending.append(metrics)

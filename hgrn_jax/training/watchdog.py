@@ -1,43 +1,72 @@
-"""Failure detection for multi-process runs: a lost peer and a stalled step end the run, never hang.
+"""Failure detection: a lost peer and a stalled step or input end the run, never hang.
 
-Two background threads, both no-ops in a single-process run:
+Two background threads:
 
-- :class:`PeerMonitor` asks the coordination service every ``poll_s`` which processes are alive.
-  The service declares a process dead after ``heartbeat_timeout`` seconds without a heartbeat
-  (see :func:`hgrn_jax.sharding.maybe_initialize_distributed`); the monitor then prints one line
-  naming the lost processes and exits. JAX itself also terminates the surviving processes once the
-  service reports the failure (a ``Terminating process because the JAX distributed service
-  detected fatal errors`` abort naming ``Task N``); the monitor's line is the readable one.
-- :class:`StepWatchdog` ends the process when no training step has finished for ``timeout_s``
-  seconds (a peer that is alive but stuck, a collective that never completes). The clock starts
-  after the first step (which compiles), and each beat resets it.
+- :class:`PeerMonitor` (multi-process runs only) asks the coordination service every ``poll_s``
+  which processes are alive. The service declares a process dead after ``heartbeat_timeout``
+  seconds without a heartbeat (see :func:`hgrn_jax.sharding.maybe_initialize_distributed`); the
+  monitor then prints one line naming the lost processes and exits. JAX itself also terminates
+  the surviving processes once the service reports the failure (a ``Terminating process because
+  the JAX distributed service detected fatal errors`` abort naming ``Task N``); the monitor's
+  line is the readable one.
+- :class:`StepWatchdog` (every run, one process too) ends the process when the training loop
+  has made no progress for ``timeout_s`` seconds: no batch from the input pipeline (a hung input
+  worker, a stalled data folder) or no finished step (a stuck device computation or checkpoint
+  write; in a pod, a peer that is alive but stuck, a collective that never completes). The clock
+  starts after the first step (which compiles); each step and each delivered batch resets it.
+  ``HGRN_STEP_TIMEOUT_S=0`` turns it off.
 
-The exit code is :data:`EXIT_LOST_PEER`; the last complete checkpoint stays on disk, and running
-the same command again resumes from it (with ``--config.resume=auto`` for a run started with
-another choice: the messages say so).
+Before exiting, a process kills its own multiprocessing children (the input workers; a hung one
+would outlive it). The exit code is :data:`EXIT_LOST_PEER`; the last complete checkpoint stays
+on disk, and running the same command again resumes from it (with ``--config.resume=auto`` for
+a run started with another choice: the messages say so).
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 EXIT_LOST_PEER = 3
-"""Exit code of a process that stopped because a peer process was lost or the step stalled."""
+"""Exit code of a process that stopped because a peer process was lost, or the step or its
+input stalled."""
 
 DEFAULT_STEP_TIMEOUT_S = 1800.0
+"""Step watchdog limit when ``HGRN_STEP_TIMEOUT_S`` is unset: longer than any evaluation or
+checkpoint of the paper configurations on a pod slice, so it only fires on a real stall."""
+
 RESUME_HINT = "run the same command again to resume"
 """How the messages say to resume (a run started with ``--config.resume=restart`` passes its
 own: the same command would start again)."""
-"""Step watchdog limit when ``HGRN_STEP_TIMEOUT_S`` is unset: longer than any evaluation or
-checkpoint of the paper configurations on a pod slice, so it only fires on a real stall."""
+
+
+def step_timeout_from_env() -> float:
+    """``HGRN_STEP_TIMEOUT_S`` in seconds (0: no step watchdog), else the default; ValueError
+    naming the variable for anything else."""
+    text = os.environ.get("HGRN_STEP_TIMEOUT_S", "")
+    if not text.strip():
+        return DEFAULT_STEP_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(
+            f"HGRN_STEP_TIMEOUT_S={text!r} must be a number of seconds (0 turns the step "
+            f"watchdog off; unset: {DEFAULT_STEP_TIMEOUT_S:.0f})"
+        )
+    return value
 
 
 def _exit_with(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+    for child in multiprocessing.active_children():  # input workers, perhaps the hung ones
+        child.kill()
     os._exit(EXIT_LOST_PEER)  # the main thread may be blocked in a collective forever
 
 
@@ -140,10 +169,12 @@ class PeerMonitor:
 
 
 class StepWatchdog:
-    """Calls ``on_stall(message)`` when :meth:`beat` has not been called for ``timeout_s``.
+    """Calls ``on_stall(message)`` when the training loop made no progress for ``timeout_s``.
 
-    Armed by the first :meth:`beat` (the first step compiles, which may take long); ``paused``
-    stops the clock for phases with their own duration (a whole evaluation, a checkpoint).
+    Progress is a finished step (:meth:`beat`) or a delivered batch (the end of
+    :meth:`waiting_for_input`). Armed by the first :meth:`beat` (the first step compiles, which
+    may take long); :meth:`pause` stops the clock for phases with their own duration (a whole
+    evaluation), and the next wait for input or step starts it again.
     """
 
     def __init__(
@@ -151,6 +182,7 @@ class StepWatchdog:
         timeout_s: float,
         process_index: int = 0,
         *,
+        process_count: int = 1,
         on_stall: Callable[[str], None] = _exit_with,
         poll_s: float | None = None,
         resume_hint: str = RESUME_HINT,
@@ -158,31 +190,65 @@ class StepWatchdog:
         if timeout_s <= 0:
             raise ValueError(f"step timeout must be positive, got {timeout_s}")
         self.timeout_s, self.process_index, self.on_stall = timeout_s, process_index, on_stall
+        self.process_count = process_count
         self.resume_hint = resume_hint
         self.poll_s = poll_s if poll_s is not None else min(1.0, timeout_s / 4)
+        self._armed = False
         self._last: float | None = None
         self._step = 0
+        self._input_step: int | None = None  # the step whose batch is awaited, if any
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def beat(self, step: int) -> None:
         """Step ``step`` finished (was dispatched); restart the clock."""
-        self._step, self._last = step, time.monotonic()
+        self._step, self._armed, self._last = step, True, time.monotonic()
 
     def pause(self) -> None:
-        """Stop the clock until the next :meth:`beat`."""
+        """Stop the clock until the next wait for input or :meth:`beat`."""
         self._last = None
+
+    @contextlib.contextmanager
+    def waiting_for_input(self, step: int) -> Iterator[None]:
+        """Around fetching the batch of step ``step`` (0-based): a stall inside is the input's."""
+        self._input_step = step
+        if self._armed:
+            self._last = time.monotonic()
+        try:
+            yield
+        finally:
+            self._input_step = None
+            if self._armed:
+                self._last = time.monotonic()
+
+    def message(self) -> str:
+        """What a stall now would print."""
+        me = f"error: process {self.process_index}: " if self.process_count > 1 else "error: "
+        waited = f"{self.timeout_s:.0f} s"
+        step = self._input_step
+        if step is not None:
+            what = (
+                f"the input pipeline delivered no batch for step {step} in {waited} (a hung "
+                "input worker process, or a data folder that stopped answering); stopping. "
+                "Raise HGRN_STEP_TIMEOUT_S if a batch can take this long"
+            )
+        else:
+            stuck = (
+                "a peer process is stuck or lost"
+                if self.process_count > 1
+                else "a device computation or a checkpoint write is stuck"
+            )
+            what = (
+                f"no training step finished in {waited} after step {self._step}; {stuck}, "
+                "stopping. Raise HGRN_STEP_TIMEOUT_S if steps are this slow"
+            )
+        return f"{me}{what}. The last complete checkpoint is kept: {self.resume_hint}."
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
             last = self._last
             if last is not None and time.monotonic() - last > self.timeout_s:
-                self.on_stall(
-                    f"error: process {self.process_index}: no training step finished in "
-                    f"{self.timeout_s:.0f} s after step {self._step}; a peer process is stuck "
-                    "or lost, stopping. Raise HGRN_STEP_TIMEOUT_S if steps are this slow. The "
-                    f"last complete checkpoint is kept: {self.resume_hint}."
-                )
+                self.on_stall(self.message())
                 return
 
     def start(self) -> StepWatchdog:
@@ -195,8 +261,11 @@ class StepWatchdog:
 
 
 class Guard:
-    """Both monitors for one run (a no-op with one process): ``beat`` after every step,
-    ``pause`` before a long phase, used as a context manager around training."""
+    """Both monitors for one run, used as a context manager around training: ``beat`` after
+    every step, ``waiting_for_input`` around fetching a batch, ``pause`` before a long phase.
+    The peer monitor runs only with several processes; the step watchdog always, unless
+    ``step_timeout_s`` (default ``HGRN_STEP_TIMEOUT_S``, see :func:`step_timeout_from_env`)
+    is 0."""
 
     def __init__(
         self,
@@ -205,27 +274,43 @@ class Guard:
         step_timeout_s: float | None = None,
         resume_hint: str = RESUME_HINT,
     ):
-        self.active = process_count > 1
         if step_timeout_s is None:
-            step_timeout_s = float(os.environ.get("HGRN_STEP_TIMEOUT_S", DEFAULT_STEP_TIMEOUT_S))
+            step_timeout_s = step_timeout_from_env()
         self.peers = PeerMonitor(process_index, process_count, resume_hint=resume_hint)
-        self.steps = StepWatchdog(step_timeout_s, process_index, resume_hint=resume_hint)
+        self.steps = (
+            StepWatchdog(
+                step_timeout_s,
+                process_index,
+                process_count=process_count,
+                resume_hint=resume_hint,
+            )
+            if step_timeout_s > 0
+            else None
+        )
 
     def __enter__(self) -> Guard:
-        if self.active:
-            self.peers.start()
+        self.peers.start()  # a no-op with one process
+        if self.steps is not None:
             self.steps.start()
         return self
 
     def beat(self, step: int) -> None:
-        self.steps.beat(step)
+        if self.steps is not None:
+            self.steps.beat(step)
 
     def pause(self) -> None:
-        self.steps.pause()
+        if self.steps is not None:
+            self.steps.pause()
+
+    def waiting_for_input(self, step: int) -> contextlib.AbstractContextManager[None]:
+        if self.steps is None:
+            return contextlib.nullcontext()
+        return self.steps.waiting_for_input(step)
 
     def __exit__(self, *exc) -> None:
         self.peers.stop()
-        self.steps.stop()
+        if self.steps is not None:
+            self.steps.stop()
 
 
 def shut_down_distributed(timeout_s: float = 30.0) -> bool:
