@@ -9,12 +9,15 @@ gloo, exactly as the hosts of a TPU pod slice or a GPU cluster do: every process
 - Output: each line a process prints is prefixed with its index (``[2] ...``), on the stream it
   was printed to.
 - Signals: SIGINT and SIGTERM sent to the launcher are forwarded to every process (a SIGTERM is a
-  preemption notice: the processes agree on a step, save it, and exit 0).
+  preemption notice: the processes agree on a step, save it, and exit 0; after a Ctrl-C they do
+  the same and end by SIGINT, and so does the launcher, with status 130; a second Ctrl-C stops
+  them at once).
 - Failures: when a process fails (non-zero exit, or killed by a signal), the launcher names it
   and waits up to :data:`LOST_PEER_GRACE_S` for the others to notice the lost peer themselves
   (the coordination service's heartbeat and the step watchdog make them exit); any still running
   then is stopped. The launcher exits with the first failing process's code (128 + signal for a
-  signal), or 0 when every process exits 0.
+  signal), or 0 when every process exits 0. A process ended by a signal the launcher forwarded
+  has not failed.
 
 After ``--``, arguments starting with ``--`` are ``experiments.train`` flags; anything else is a
 whole command to run in every process instead (e.g. ``-- python my_script.py``).
@@ -127,6 +130,7 @@ class Pod:
         self._lock = threading.Lock()
         self._stderr = stderr
         self.procs: list[subprocess.Popen] = []
+        self.forwarded: set[int] = set()  # signals sent on the user's behalf
         self._pumps: list[threading.Thread] = []
         for i in range(num_processes):
             try:
@@ -173,6 +177,16 @@ class Pod:
                 except ProcessLookupError:
                     pass
 
+    def forward(self, signum: int) -> None:
+        """Send the user's ``signum`` to every process; one ended by it has not failed."""
+        self.say(f"forwarding {signal.Signals(signum).name} to every process")
+        self.forwarded.add(signum)
+        self.signal_all(signum)
+
+    def _failed(self, proc: subprocess.Popen) -> bool:
+        code = proc.returncode
+        return code not in (0, None) and -code not in self.forwarded
+
     def _running(self) -> list[int]:
         return [i for i, p in enumerate(self.procs) if p.poll() is None]
 
@@ -186,7 +200,7 @@ class Pod:
         failed: int | None = None
         while failed is None:
             running = self._running()  # polls, so every return code is current
-            failures = [i for i, p in enumerate(self.procs) if p.returncode not in (0, None)]
+            failures = [i for i, p in enumerate(self.procs) if self._failed(p)]
             if failures:
                 failed = failures[0]
             elif not running:
@@ -215,9 +229,14 @@ class Pod:
         for pump in self._pumps:
             pump.join(timeout=5.0)
         for i, proc in enumerate(self.procs):
-            if i != failed and proc.returncode not in (0, None):
+            if i != failed and self._failed(proc):
                 self.say(f"process {i} stopped ({describe_exit(proc.returncode)})")
         if failed is None:
+            ended_by = {-p.returncode for p in self.procs if p.returncode and p.returncode < 0}
+            if ended_by:
+                signum = max(ended_by)
+                self.say(f"interrupted ({signal.Signals(signum).name}): every process stopped")
+                return 128 + signum
             return 0
         code = self.procs[failed].returncode
         self.say(f"FAILED: process {failed} ({describe_exit(code)})")
@@ -266,19 +285,25 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parse_args(sys.argv[1:] if argv is None else argv)
+    pod: Pod | None = None
+    early: list[int] = []  # signals that came while the processes were being started
+
+    def forward(signum, frame):
+        del frame
+        if pod is None:
+            early.append(signum)
+        else:
+            pod.forward(signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
     try:
         pod = Pod(train_command(rest), args.num_processes, args.devices_per_process)
     except LaunchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-
-    def forward(signum, frame):
-        del frame
-        pod.say(f"forwarding {signal.Signals(signum).name} to every process")
-        pod.signal_all(signum)
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
+    for signum in early:
+        pod.forward(signum)
     return pod.wait()
 
 

@@ -21,7 +21,9 @@ which; rerun to resume); 1 the loss became NaN/inf (the message gives the step);
 a bad flag, config file or value, missing or malformed data, a workdir that is in use (another
 run holds ``workdir/run.lock``), not writable or holds a run with an incompatible config (see
 ``--config.resume``), or a checkpoint that cannot be read. User errors print one line naming the
-file or key and the fix; ``--traceback`` shows the full traceback instead.
+file or key and the fix; ``--traceback`` shows the full traceback instead. Ctrl-C (SIGINT) stops
+after the step, saves a checkpoint and ends by SIGINT (status 130); a second Ctrl-C stops at once
+(the last complete checkpoint is kept).
 
 Resuming: the workdir's config.json is compared with the new config. Changes to the model, the
 data's shapes, the task or the optimizer's structure stop the run (exit 2, keys listed) unless
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -77,6 +80,19 @@ def _configure_jax() -> None:
     sharding.maybe_initialize_distributed(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
     )
+
+
+def _end_by_sigint() -> NoReturn:
+    """Exit as a program interrupted by Ctrl-C does, after Python's own clean-up (the input
+    workers, the checkpoint manager): killed by SIGINT, status 130 in a shell, so that the
+    shell loop or script that ran this one stops too. No traceback is printed."""
+
+    def quiet(kind, value, traceback):
+        if not issubclass(kind, KeyboardInterrupt):
+            sys.__excepthook__(kind, value, traceback)
+
+    sys.excepthook = quiet
+    raise KeyboardInterrupt  # Python exits by SIGINT after an uncaught one
 
 
 def main(argv: list[str]) -> None:
@@ -123,7 +139,19 @@ def main(argv: list[str]) -> None:
     except Preempted as preempted:
         if primary:
             print(str(preempted), file=sys.stderr, flush=True)
+        if preempted.signal_name == "SIGINT":
+            _end_by_sigint()
         sys.exit(PREEMPTED_EXIT_CODE)
+    except KeyboardInterrupt:
+        if _TRACEBACK.value:
+            raise
+        print(
+            "interrupted (SIGINT): stopped at once; the last complete checkpoint is kept, and "
+            "running the same command again resumes from it",
+            file=sys.stderr,
+            flush=True,
+        )
+        _end_by_sigint()
     except NonFiniteLossError as error:
         if _TRACEBACK.value:
             raise

@@ -351,3 +351,34 @@ def test_a_worker_that_dies_again_at_once_stops_with_the_reason(tmp_path):
                 next(iterator)
     iterator.close()
     assert len(list((tmp_path / "marks").iterdir())) >= 2
+
+
+@pytest.mark.slow  # a worker process started: ~5 s
+def test_workers_ignore_a_ctrl_c_which_the_training_process_handles():
+    """A Ctrl-C at a terminal reaches the whole process group. The workers used to die of it
+    (a KeyboardInterrupt traceback each, and an InputWorkerRestarted warning or a lost input
+    in the step the training process finishes before saving); they now go on."""
+    import multiprocessing
+    import warnings
+
+    reference = batches_of(
+        grain_pipeline.train_loader(source(), seed=5, batch_size=BATCH, batch_transform=AddStep()),
+        6,
+    )
+    iterator = iter(
+        grain_pipeline.train_loader(
+            source(), seed=5, batch_size=BATCH, worker_count=1, batch_transform=AddStep()
+        )
+    )
+    got = [next(iterator) for _ in range(2)]
+    workers = multiprocessing.active_children()
+    assert workers
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGINT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", grain_pipeline.InputWorkerRestarted)
+        got += [next(iterator) for _ in range(4)]
+    assert all(worker.is_alive() for worker in workers)
+    iterator.close()
+    for a, b in zip(got, reference):
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -82,6 +83,9 @@ import os, signal, sys, time
 me = int(os.environ["JAX_PROCESS_ID"])
 def stop(signum, frame):
     print(f"got {signal.Signals(signum).name}", flush=True)
+    if signum == signal.SIGINT and os.environ.get("SIGINT_ENDS_BY_SIGINT"):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as experiments.train after a Ctrl-C
+        os.kill(os.getpid(), signal.SIGINT)
     sys.exit(0)
 signal.signal(signal.SIGTERM, stop)
 signal.signal(signal.SIGINT, stop)
@@ -128,7 +132,9 @@ def test_processes_that_all_failed_before_the_launcher_looked_are_a_failure():
     assert "[launch] process 1 stopped (exit code 134)" in err.getvalue()
 
 
-def test_the_launcher_forwards_sigterm_and_exits_0_when_all_do(tmp_path):
+def _launch_and_signal(tmp_path, signum: int, env: dict | None = None) -> tuple[int, str, str]:
+    """Run CHILD in 2 processes under the launcher, send ``signum`` to the launcher once both
+    have started; its exit code, stdout and stderr."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     proc = subprocess.Popen(
@@ -143,6 +149,7 @@ def test_the_launcher_forwards_sigterm_and_exits_0_when_all_do(tmp_path):
             str(script),
         ],
         cwd=REPO,
+        env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -150,13 +157,31 @@ def test_the_launcher_forwards_sigterm_and_exits_0_when_all_do(tmp_path):
     lines = []
     while len([line for line in lines if "hello from" in line]) < 2:
         line = proc.stdout.readline()
-        assert line, proc.stderr.read()
+        if not line:
+            proc.kill()
+            raise AssertionError(f"the launcher ended early: {proc.stderr.read()}")
         lines.append(line.strip())
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
+    return proc.returncode, out, err
+
+
+def test_the_launcher_forwards_sigterm_and_exits_0_when_all_do(tmp_path):
+    code, out, err = _launch_and_signal(tmp_path, signal.SIGTERM)
+    assert code == 0, err
     assert "[launch] forwarding SIGTERM to every process" in err
     assert {"[0] got SIGTERM", "[1] got SIGTERM"} <= set(out.split("\n"))
+
+
+def test_a_forwarded_ctrl_c_that_ends_every_process_is_no_failure(tmp_path):
+    """experiments.train saves and ends by SIGINT after a Ctrl-C; the launcher then says so
+    and ends with status 130, instead of naming process 0 as failed."""
+    code, out, err = _launch_and_signal(tmp_path, signal.SIGINT, env={"SIGINT_ENDS_BY_SIGINT": "1"})
+    assert code == 128 + signal.SIGINT, err
+    assert "[launch] forwarding SIGINT to every process" in err
+    assert "[launch] interrupted (SIGINT): every process stopped" in err
+    assert "FAILED" not in err and "stopped (" not in err
+    assert {"[0] got SIGINT", "[1] got SIGINT"} <= set(out.split("\n"))
 
 
 def test_peer_monitor_names_the_lost_process():

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -774,6 +775,71 @@ def test_time_budget_ends_the_run_like_its_last_step_and_a_rerun_trains_no_more(
         check_run_lengths(config)
 
 
+def test_a_first_ctrl_c_asks_for_a_stop_and_a_second_or_a_late_one_interrupts(capfd):
+    """A Ctrl-C used to raise KeyboardInterrupt wherever training was, losing the steps since
+    the last checkpoint. The first one now asks for a stop after the step, as SIGTERM does, and
+    says so at once; the second, or one after training (nothing left to save), interrupts."""
+    from hgrn_jax.training import loop
+
+    assert threading.current_thread() is threading.main_thread()  # handlers need it
+    before = signal.getsignal(signal.SIGINT)
+    with loop._StopSignals() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested and stop.signal_name == "SIGINT"
+        assert capfd.readouterr().err == (
+            "\ninterrupted (SIGINT): stopping after this step and saving a checkpoint; press "
+            "Ctrl-C again to stop at once (the last complete checkpoint is kept)\n"
+        )
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+    with loop._StopSignals() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested and stop.signal_name == "SIGTERM"
+        stop.training_over()
+        signal.raise_signal(signal.SIGTERM)  # noted only: the preemption's grace period runs
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert str(loop.Preempted(4, "w", signal_name="SIGINT")) == (
+        "interrupted (SIGINT): saved a checkpoint at step 4 in w; run the same command again to "
+        "resume"
+    )
+
+
+INTERRUPTED_AT_ONCE = """
+import sys
+from hgrn_jax.training import loop
+
+def interrupted(config, workdir):
+    raise KeyboardInterrupt  # a second Ctrl-C, or one during the test evaluation
+
+loop.train_and_evaluate = interrupted
+sys.argv = ["train", f"--config={sys.argv[1]}", f"--workdir={sys.argv[2]}"]
+from experiments import train
+train.run()
+"""
+
+
+def test_a_run_interrupted_at_once_says_so_in_one_line_and_ends_by_sigint(tmp_path):
+    """Ended by SIGINT after Python's clean-up (not sys.exit), so that the shell loop or script
+    running it stops too; no traceback."""
+    script = tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED_AT_ONCE)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(TOY_CONFIG), str(tmp_path / "run")],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGINT, proc.stderr
+    assert proc.stderr.strip() == (
+        "interrupted (SIGINT): stopped at once; the last complete checkpoint is kept, and "
+        "running the same command again resumes from it"
+    )
+
+
 def test_preemption_message_says_how_to_resume_a_run_started_with_restart(tmp_path, monkeypatch):
     """Under --config.resume=restart the message said "run the same command again to resume",
     which moved the run aside and started again at step 0 (a requeued job started over at
@@ -935,7 +1001,8 @@ def _run(workdir: Path, *overrides: str, check: bool = True) -> subprocess.Compl
 
 
 def _start_and_wait_for_new_checkpoint(workdir: Path) -> subprocess.Popen:
-    """Start a slow run and return once it has written a checkpoint that was not there before."""
+    """Start a slow run (in a process group of its own, as a terminal would) and return once it
+    has written a checkpoint that was not there before."""
     folder = workdir / "checkpoints"
     before = set(folder.iterdir()) if folder.is_dir() else set()
     proc = subprocess.Popen(
@@ -945,6 +1012,7 @@ def _start_and_wait_for_new_checkpoint(workdir: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     deadline = time.time() + 240
     while not any(
@@ -981,7 +1049,22 @@ def test_sigkill_and_sigterm_then_rerun_give_bitwise_the_uninterrupted_parameter
     step = int(match.group(1))
     assert 3 < step < 12 and (tmp_path / "checkpoints" / str(step)).is_dir()
     assert not (tmp_path / "results.json").exists()
-    # 3. The same command again continues from that step and finishes.
+    # 3. Ctrl-C at a terminal (SIGINT to the process group) once it has checkpointed again:
+    #    it says at once that it will save, finishes the step, saves, and ends by SIGINT (so
+    #    that a shell loop running it stops too), without a traceback.
+    proc = _start_and_wait_for_new_checkpoint(tmp_path)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGINT, stderr[-3000:]
+    assert (
+        "interrupted (SIGINT): stopping after this step and saving a checkpoint; press " in stderr
+    )
+    match = re.search(r"interrupted \(SIGINT\): saved a checkpoint at step (\d+) in ", stderr)
+    assert match and "Traceback" not in stderr, stderr[-3000:]
+    assert int(match.group(1)) > step
+    step = int(match.group(1))
+    assert step < 12 and (tmp_path / "checkpoints" / str(step)).is_dir()
+    # 4. The same command again continues from that step and finishes.
     resumed = _run(tmp_path)
     assert f"resuming from step {step}" in resumed.stderr
     _assert_same_final_params(tmp_path, uninterrupted[0])

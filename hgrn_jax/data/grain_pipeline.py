@@ -199,6 +199,14 @@ def _absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+    """Each worker's start: a Ctrl-C at a terminal reaches the whole process group, and the
+    training process decides when its workers stop (after the step and its checkpoint), so a
+    worker ignores SIGINT (it used to die with a KeyboardInterrupt traceback)."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TrainLoader:
     """The training batches of one process; ``iterator(start_step)`` (or ``iter``) reads them.
 
@@ -266,7 +274,8 @@ class TrainLoader:
                 grain.multiprocessing.MultiprocessingOptions(
                     num_workers=self.worker_count,
                     per_worker_buffer_size=self.worker_buffer_size,
-                )
+                ),
+                worker_init_fn=_ignore_interrupts,
             )
         return ds
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import inspect
 import math
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -79,7 +80,9 @@ from hgrn_jax.training.workdir import (
 )
 
 PREEMPTED_EXIT_CODE = 0
-"""Exit code of ``experiments.train`` after a SIGTERM: the checkpoint is safe; rerun to resume."""
+"""Exit code of ``experiments.train`` after a SIGTERM: the checkpoint is safe; rerun to resume.
+(After a Ctrl-C it ends by SIGINT, as an interrupted program should, so that the shell or
+script that ran it stops too.)"""
 
 
 PREEMPTION_CHECK_EVERY = 10
@@ -95,16 +98,20 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint at ``step`` was written.
+    """SIGTERM (or a first Ctrl-C, SIGINT) arrived; a checkpoint at ``step`` was written.
 
     The message says how to resume: with ``resume="auto"`` (the default) the same command
     again; with another ``config.resume``, the command with ``--config.resume=auto`` (the same
     command with ``restart`` would move the run aside and start again at step 0).
     """
 
-    def __init__(self, step: int, workdir: str | Path, resume: str = "auto"):
+    def __init__(
+        self, step: int, workdir: str | Path, resume: str = "auto", signal_name: str = "SIGTERM"
+    ):
         self.step, self.workdir, self.resume = step, workdir, resume
-        saved = f"preempted (SIGTERM): saved a checkpoint at step {step} in {workdir}; "
+        self.signal_name = signal_name
+        how = "interrupted" if signal_name == "SIGINT" else "preempted"
+        saved = f"{how} ({signal_name}): saved a checkpoint at step {step} in {workdir}; "
         super().__init__(saved + how_to_resume(resume))
 
 
@@ -147,25 +154,51 @@ def summarize(sums: dict[str, float], metric: str) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 
 
-class _SigtermFlag:
-    """Sets a flag on SIGTERM (main thread only) and restores the previous handler on exit."""
+class _StopSignals:
+    """Sets ``requested`` on SIGTERM or a first SIGINT (Ctrl-C) while it is entered, from the
+    main thread only, and restores the previous handlers on exit.
+
+    A first Ctrl-C during training says at once that the run will stop after the step and
+    save; a second one, or one after training (:meth:`training_over`: the test evaluation,
+    nothing left to save), raises :class:`KeyboardInterrupt` as usual.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signal_name: str | None = None
+        self._training = True
+        self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> _SigtermFlag:
+    def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
+    def training_over(self) -> None:
+        """From now on a Ctrl-C interrupts at once (a SIGTERM is still only noted)."""
+        self._training = False
+
     def _handle(self, signum, frame) -> None:
-        del signum, frame
+        del frame
+        interrupt = signum == signal.SIGINT
+        if interrupt and (not self._training or self.signal_name == "SIGINT"):
+            raise KeyboardInterrupt
+        if interrupt:
+            # os.write: the main thread, which runs this handler, may be inside a print.
+            os.write(
+                2,
+                b"\ninterrupted (SIGINT): stopping after this step and saving a checkpoint; "
+                b"press Ctrl-C again to stop at once (the last complete checkpoint is kept)\n",
+            )
         self.requested = True
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _stop_requests(step: int, preempted: bool, out_of_time: bool) -> tuple[bool, bool]:
@@ -670,13 +703,13 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
     watchdog.step_timeout_from_env()  # a bad HGRN_STEP_TIMEOUT_S stops the run here, not later
     if task is None:
         check_task_name(config)
-    # The SIGTERM handler is installed before anything else, so that a preemption notice that
-    # arrives while the model is built or compiled is not fatal: it stops the run at the
-    # first step at which the processes compare their flags.
-    with _SigtermFlag() as sigterm:
+    # The SIGTERM and SIGINT handlers are installed before anything else, so that a preemption
+    # notice or a Ctrl-C that arrives while the model is built or compiled is not fatal: it
+    # stops the run at the first step at which the processes compare their flags.
+    with _StopSignals() as stop_signals:
         lock = prepare_workdir(workdir, config)
         try:
-            return _train_and_evaluate(config, workdir, task, sigterm)
+            return _train_and_evaluate(config, workdir, task, stop_signals)
         except Exception as error:
             if not is_out_of_space(error):
                 raise
@@ -688,7 +721,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
 
 
 def _train_and_evaluate(
-    config: Any, workdir: Path, task: Any, sigterm: _SigtermFlag
+    config: Any, workdir: Path, task: Any, stop_signals: _StopSignals
 ) -> dict[str, Any]:
     run = Run(config, workdir, task)
 
@@ -764,7 +797,7 @@ def _train_and_evaluate(
                 pending.append(metrics)
                 done, steps_since_log = step + 1, steps_since_log + 1
                 preempted, out_of_time = _stop_requests(
-                    done, sigterm.requested, budget > 0 and wall_time() >= budget
+                    done, stop_signals.requested, budget > 0 and wall_time() >= budget
                 )
                 last = done == total_steps or out_of_time
 
@@ -803,7 +836,9 @@ def _train_and_evaluate(
                 if preempted and not last:
                     if done % eval_every and done % ckpt_every:
                         save(state, done)
-                    raise Preempted(done, workdir, resume_choice(config))
+                    raise Preempted(
+                        done, workdir, resume_choice(config), stop_signals.signal_name or "SIGTERM"
+                    )
                 if out_of_time:
                     bar.write(
                         f"step {done}: the time budget (config.max_train_time_s={budget:g}) is "
@@ -812,7 +847,9 @@ def _train_and_evaluate(
                     break
     finally:
         bar.close()
+        batches.close()  # stops the input workers, which would outlive an exception
         run.checkpoints.wait()
+    stop_signals.training_over()
 
     wall = wall_time() if start < end else wall_before
     best_step, best_state = _restore_best(run, workdir)

@@ -195,6 +195,12 @@ class TrainBatches:
             return None
         return self._state_before_first if self._first else self._train.get_state()
 
+    def close(self) -> None:
+        """Close the wrapped iterator when it can be (a generator, grain's workers)."""
+        close = getattr(self._train, "close", None)
+        if callable(close):
+            close()
+
 
 def open_splits(
     task: Any,
