@@ -260,7 +260,9 @@ def test_a_registered_task_s_zero_depth_stops_before_the_workdir(tmp_path):
         ({"model.mixer.sequence_axis": "seq"}, r"sequence_axis='seq' is not a mesh axis"),
         (
             {"model.mixer.sequence_axis": "model", "model.mixer.kind": "attention"},
-            r"sequence_axis='model' needs the HGRU mixer .* or HGRN2",
+            r"sequence_axis='model' needs a recurrent mixer: HGRN .* or HGRN2 .*; set "
+            r"--config\.model\.mixer\.kind=hgrn or hgrn2, or leave --config\.model\.mixer\."
+            r"sequence_axis unset",
         ),
         ({"dtype": "bf16"}, r"config\.dtype='bf16' is not an activation dtype; set --config"),
         ({"data.workers": -2}, r"config\.data\.workers=-2 must be a whole number >= 0, or -1"),
@@ -300,20 +302,24 @@ def test_mesh_check_resolves_sizes_and_counts_processes():
         check_mesh_and_batches(config, num_devices=8, num_processes=4)
 
 
-def test_mesh_check_takes_sequence_axis_for_hgrn2_not_fla_hgrn():
-    """HGRN2 mixers (both layouts) split their sequence too; fla's HGRN still may not."""
+def test_mesh_check_takes_sequence_axis_for_hgrn_and_hgrn2_not_attention():
+    """HGRN (both layouts: fla's HGRN splits its sequence too) and HGRN2 (both layouts);
+    attention may not, and the error names the fix."""
     from hgrn_jax.training.loop import check_mesh_and_batches
 
     config = toy_config()
     config.mesh.update(data=4, fsdp=1, model=2)
-    for layout in ("official", "fla"):
-        mixer = dict(kind="hgrn2", layout=layout, sequence_axis="model")
-        config.model.mixer = ml_collections.ConfigDict(mixer)
-        assert check_mesh_and_batches(config, num_devices=8, num_processes=1) == (4, 1, 2)
-    config.model.mixer = ml_collections.ConfigDict(
-        dict(kind="hgrn", layout="fla", sequence_axis="model")
-    )
-    with pytest.raises(ValueError, match=r"needs the HGRU mixer .* or HGRN2 .* layout 'fla'"):
+    for kind in ("hgrn", "hgrn2"):
+        for layout in ("official", "fla"):
+            mixer = dict(kind=kind, layout=layout, sequence_axis="model")
+            config.model.mixer = ml_collections.ConfigDict(mixer)
+            assert check_mesh_and_batches(config, num_devices=8, num_processes=1) == (4, 1, 2)
+    config.model.mixer = ml_collections.ConfigDict(dict(kind="attention", sequence_axis="model"))
+    with pytest.raises(
+        ValueError,
+        match=r"needs a recurrent mixer: HGRN \(kind 'hgrn', either layout\) or HGRN2 .* not "
+        r"kind 'attention' .*set --config\.model\.mixer\.kind=hgrn or hgrn2",
+    ):
         check_mesh_and_batches(config, num_devices=8, num_processes=1)
 
 

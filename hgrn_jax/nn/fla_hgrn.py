@@ -10,6 +10,12 @@ Per channel, with gamma the layer's lower bound::
 
 No biases, no phase. ``use_lower_bound=False`` reproduces fla's first layer (``layer_idx == 0``),
 which ignores its bound.
+
+Sequence parallelism (``sequence_axis``, a mesh axis): the full-sequence scan of ``__call__``
+runs split over that axis of the mesh set by ``jax.set_mesh``
+(:func:`~hgrn_jax.ops.sequence_parallel.padded_sharded_linear_recurrence`, as HGRU's), a length
+the axis size does not divide padded with identity steps at the end; :meth:`step` (decoding, a
+prompt's prefill) stays unsharded.
 """
 
 from __future__ import annotations
@@ -24,12 +30,15 @@ from hgrn_jax.nn.lower_bounds import apply_log_lower_bound
 from hgrn_jax.nn.norms import make_norm
 from hgrn_jax.ops import linear_recurrence
 from hgrn_jax.ops.common import accumulation_dtype
+from hgrn_jax.ops.sequence_parallel import padded_sharded_linear_recurrence
 
 
 class FlaHGRNAttention(nnx.Module):
     """fla's HGRN mixer: ``layer(x, lower_bound=None, mask=None)`` on (B, T, d) inputs.
 
     ``mask`` (B, T) marks real tokens with 1 and padding with 0; padded steps get no input.
+    ``sequence_axis``: a mesh axis to split the sequence over in ``__call__`` (see the module
+    docstring); None: unsplit.
     """
 
     def __init__(
@@ -40,6 +49,7 @@ class FlaHGRNAttention(nnx.Module):
         use_lower_bound: bool = True,
         norm_epsilon: float = 1e-5,
         method: str = "auto",
+        sequence_axis: str | None = None,
         dtype: jnp.dtype | None = None,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -49,6 +59,7 @@ class FlaHGRNAttention(nnx.Module):
         self.use_lower_bound = use_lower_bound
         self.norm_epsilon = norm_epsilon
         self.method = method
+        self.sequence_axis = sequence_axis
         self.dtype = dtype
         self.param_dtype = param_dtype
         layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -92,7 +103,13 @@ class FlaHGRNAttention(nnx.Module):
         """``x`` (B, T, d), ``lower_bound`` a scalar or (width,), ``mask`` (B, T) -> (B, T, d)."""
         self.check_input(x, mask)
         a, i = self.decay_and_input(x, lower_bound, mask)
-        return self.output(linear_recurrence(a, i, method=self.method), x)
+        if self.sequence_axis is None:
+            h = linear_recurrence(a, i, method=self.method)
+        else:
+            h = padded_sharded_linear_recurrence(
+                a, i, axis_name=self.sequence_axis, method=self.method
+            )
+        return self.output(h, x)
 
     def step(
         self,

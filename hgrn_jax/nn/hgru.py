@@ -28,12 +28,7 @@ from hgrn_jax.nn.initializers import axes_metadata, dense, logical, phase_init
 from hgrn_jax.nn.lower_bounds import apply_lower_bound, check_lower_bound
 from hgrn_jax.ops import default_method, linear_recurrence
 from hgrn_jax.ops.common import accumulation_dtype
-from hgrn_jax.ops.sequence_parallel import (
-    cut_time,
-    mesh_axis_size,
-    pad_time,
-    sharded_linear_recurrence,
-)
+from hgrn_jax.ops.sequence_parallel import padded_sharded_linear_recurrence
 
 Direction = Literal["forward", "reverse"]
 
@@ -292,10 +287,7 @@ class _HGRUBase(nnx.Module):
         with identity steps at the end (a forward scan never sees them; a reverse one starts
         from its initial state through them unchanged), and the padding sliced off."""
         a, b = jnp.moveaxis(a, axis, -2), jnp.moveaxis(b, axis, -2)
-        a = jnp.broadcast_to(a, jnp.broadcast_shapes(a.shape, b.shape))
-        length = b.shape[-2]
-        a, b = pad_time((a, b), (1.0, 0.0), mesh_axis_size(self.sequence_axis), time_axis=-2)
-        h = sharded_linear_recurrence(
+        return padded_sharded_linear_recurrence(
             a,
             b,
             h0,
@@ -303,7 +295,6 @@ class _HGRUBase(nnx.Module):
             reverse=direction == "reverse",
             method=self.method,
         )
-        return cut_time(h, length, self.sequence_axis, time_axis=-2)
 
     def output(self, h: jax.Array, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
         """Norm, output gate and projection of the summed states ``h`` (..., d); ``gate`` is

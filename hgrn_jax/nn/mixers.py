@@ -77,8 +77,8 @@ class MixerConfig:
       :func:`~hgrn_jax.ops.matrix_recurrence`); attention has no recurrence and refuses values
       other than ``"auto"``.
     sequence_axis: a mesh axis to split the sequence over (sequence parallelism,
-      :mod:`hgrn_jax.ops.sequence_parallel`): HGRN official and HGRN2 (both layouts; the 2-D
-      mixers split the rows). Not fla's HGRN or attention.
+      :mod:`hgrn_jax.ops.sequence_parallel`): HGRN and HGRN2, both layouts (the 2-D mixers
+      split the rows). Not attention.
     num_heads: attention heads (None: one per 64 channels); the other kinds refuse it (HGRN2's
       heads are features // expand_ratio).
     """
@@ -117,13 +117,10 @@ class MixerConfig:
                 f"scan='2d' needs layout='official'; got kind={self.kind!r}, "
                 f"layout={self.layout!r} (fla's mixers are 1-D)"
             )
-        if self.sequence_axis is not None and (self.kind, self.layout) in (
-            ("hgrn", "fla"),
-            ("attention", "official"),
-        ):
+        if self.sequence_axis is not None and self.kind == "attention":
             raise ValueError(
-                f"sequence_axis={self.sequence_axis!r} (sequence parallelism) needs the hgru mixer "
-                "(kind='hgrn', layout='official') or hgrn2 (kind='hgrn2'); got kind="
+                f"sequence_axis={self.sequence_axis!r} (sequence parallelism) needs a recurrent "
+                "mixer: hgrn (kind='hgrn', either layout) or hgrn2 (kind='hgrn2'); got kind="
                 f"{self.kind!r}, layout={self.layout!r}: change the mixer or leave sequence_axis "
                 "unset"
             )
@@ -324,6 +321,7 @@ def make_mixer(
             expand_ratio=config.resolved_expand_ratio,
             use_lower_bound=use_lower_bound,
             norm_epsilon=config.norm_epsilon,
+            sequence_axis=config.sequence_axis,
             **common,
         )
     if key == ("hgrn2", "official"):

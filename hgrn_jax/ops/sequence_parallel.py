@@ -228,6 +228,30 @@ def sharded_linear_recurrence(
     return h
 
 
+def padded_sharded_linear_recurrence(
+    a: jax.Array,
+    x: jax.Array,
+    h0: jax.Array | None = None,
+    *,
+    axis_name: str,
+    reverse: bool = False,
+    method: str = "auto",
+) -> jax.Array:
+    """:func:`sharded_linear_recurrence` of ``(..., L, C)`` inputs of any length ``L``, over
+    mesh axis ``axis_name`` of the mesh set by ``jax.set_mesh``: the states ``(..., L, C)``.
+
+    ``a`` is broadcast to ``x``'s shape, both are padded at the end of time to a multiple of the
+    axis size with identity steps (decay 1, input 0: a forward scan never sees them, a reverse
+    one passes its initial state through them unchanged) and the padding is cut off the states.
+    The layers' full-sequence scans (:class:`~hgrn_jax.nn.HGRU`,
+    :class:`~hgrn_jax.nn.FlaHGRNAttention`) run through this."""
+    a = jnp.broadcast_to(a, jnp.broadcast_shapes(a.shape, x.shape))
+    length = x.shape[-2]
+    a, x = pad_time((a, x), (1.0, 0.0), mesh_axis_size(axis_name), time_axis=-2)
+    h = sharded_linear_recurrence(a, x, h0, axis_name=axis_name, reverse=reverse, method=method)
+    return cut_time(h, length, axis_name, time_axis=-2)
+
+
 def _local_matrix(q, k, v, g, h0, scale, *, axis_name, method, chunk_size, out_dtype):
     acc = h0.dtype
     # In the accumulation dtype once, so that the gradients of 16-bit inputs from the scan and

@@ -345,11 +345,12 @@ def check_mesh_and_batches(
             )
         kind = mixer.get("kind", "hgrn") if hasattr(mixer, "get") else "hgrn"
         layout = mixer.get("layout", "official") if hasattr(mixer, "get") else "official"
-        if kind == "attention" or (kind, layout) == ("hgrn", "fla"):
+        if kind == "attention":
             raise ValueError(
-                f"config.{key}.sequence_axis={axis!r} needs the HGRU mixer (kind 'hgrn', "
-                f"layout 'official') or HGRN2 (kind 'hgrn2'), not kind {kind!r} with layout "
-                f"{layout!r}; leave --config.{key}.sequence_axis unset for this model"
+                f"config.{key}.sequence_axis={axis!r} needs a recurrent mixer: HGRN (kind "
+                f"'hgrn', either layout) or HGRN2 (kind 'hgrn2'), not kind {kind!r} with layout "
+                f"{layout!r}; set --config.model.mixer.kind=hgrn or hgrn2, or leave "
+                f"--config.{key}.sequence_axis unset for this model"
             )
     return sizes
 
