@@ -21,9 +21,9 @@ which; rerun to resume); 1 the loss became NaN/inf (the message gives the step);
 a bad flag, config file or value, missing or malformed data, a workdir that is in use (another
 run holds ``workdir/run.lock``), not writable or holds a run with an incompatible config (see
 ``--config.resume``), or a checkpoint that cannot be read. User errors print one line naming the
-file or key and the fix; ``--traceback`` shows the full traceback instead. Ctrl-C (SIGINT) stops
-after the step, saves a checkpoint and ends by SIGINT (status 130); a second Ctrl-C stops at once
-(the last complete checkpoint is kept).
+file or key and the fix; ``--traceback`` shows the full traceback instead. Ctrl-C (SIGINT) in the
+training loop stops after the step, saves a checkpoint and ends by SIGINT (status 130); a second
+Ctrl-C, or one before or after the loop, stops at once (the last complete checkpoint is kept).
 
 Resuming: the workdir's config.json is compared with the new config. Changes to the model, the
 data's shapes, the task or the optimizer's structure stop the run (exit 2, keys listed) unless

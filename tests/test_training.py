@@ -783,13 +783,18 @@ def test_time_budget_ends_the_run_like_its_last_step_and_a_rerun_trains_no_more(
 
 def test_a_first_ctrl_c_asks_for_a_stop_and_a_second_or_a_late_one_interrupts(capfd):
     """A Ctrl-C used to raise KeyboardInterrupt wherever training was, losing the steps since
-    the last checkpoint. The first one now asks for a stop after the step, as SIGTERM does, and
-    says so at once; the second, or one after training (nothing left to save), interrupts."""
+    the last checkpoint. The first one in the training loop now asks for a stop after the
+    step, as SIGTERM does, and says so at once; the second, or one before or after the loop
+    (nothing to save yet, or nothing left), interrupts."""
     from hgrn_jax.training import loop
 
     assert threading.current_thread() is threading.main_thread()  # handlers need it
     before = signal.getsignal(signal.SIGINT)
     with loop._StopSignals() as stop:
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # start-up: data preparation, compilation
+        assert not stop.requested
+        stop.training(True)
         signal.raise_signal(signal.SIGINT)
         assert stop.requested and stop.signal_name == "SIGINT"
         assert capfd.readouterr().err == (
@@ -801,8 +806,9 @@ def test_a_first_ctrl_c_asks_for_a_stop_and_a_second_or_a_late_one_interrupts(ca
     assert signal.getsignal(signal.SIGINT) is before
     with loop._StopSignals() as stop:
         signal.raise_signal(signal.SIGTERM)
-        assert stop.requested and stop.signal_name == "SIGTERM"
-        stop.training_over()
+        assert stop.requested and stop.signal_name == "SIGTERM"  # also before the loop
+        stop.training(True)
+        stop.training(False)
         signal.raise_signal(signal.SIGTERM)  # noted only: the preemption's grace period runs
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)

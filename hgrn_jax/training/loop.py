@@ -155,12 +155,15 @@ def summarize(sums: dict[str, float], metric: str) -> dict[str, float]:
 
 
 class _StopSignals:
-    """Sets ``requested`` on SIGTERM or a first SIGINT (Ctrl-C) while it is entered, from the
-    main thread only, and restores the previous handlers on exit.
+    """Sets ``requested`` on SIGTERM, or on a first SIGINT (Ctrl-C) while the training loop
+    runs, while it is entered (from the main thread only); restores the previous handlers on
+    exit.
 
-    A first Ctrl-C during training says at once that the run will stop after the step and
-    save; a second one, or one after training (:meth:`training_over`: the test evaluation,
-    nothing left to save), raises :class:`KeyboardInterrupt` as usual.
+    A first Ctrl-C in the training loop (:meth:`training`) says at once that the run will stop
+    after the step and save; a second one, or one before the loop (building, preparing data:
+    nothing to save yet) or after it (the test evaluation), raises :class:`KeyboardInterrupt`
+    as usual. A SIGTERM is noted whenever it comes (a preemption notice during start-up stops
+    the run at its first step).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -168,7 +171,7 @@ class _StopSignals:
     def __init__(self):
         self.requested = False
         self.signal_name: str | None = None
-        self._training = True
+        self._training = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignals:
@@ -177,9 +180,9 @@ class _StopSignals:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
-    def training_over(self) -> None:
-        """From now on a Ctrl-C interrupts at once (a SIGTERM is still only noted)."""
-        self._training = False
+    def training(self, running: bool) -> None:
+        """Whether the training loop runs, where a first Ctrl-C saves before it stops."""
+        self._training = running
 
     def _handle(self, signum, frame) -> None:
         del frame
@@ -780,6 +783,7 @@ def _train_and_evaluate(
     # A run that already spent its time budget (resumed after stopping on it) trains no more;
     # wall_before comes from the checkpoint, the same on every process.
     end = start if budget > 0 and wall_before >= budget else total_steps
+    stop_signals.training(True)
     try:
         with (
             jax.set_mesh(run.mesh),
@@ -850,7 +854,7 @@ def _train_and_evaluate(
         bar.close()
         batches.close()  # stops the input workers, which would outlive an exception
         run.checkpoints.wait()
-    stop_signals.training_over()
+    stop_signals.training(False)
 
     wall = wall_time() if start < end else wall_before
     best_step, best_state = _restore_best(run, workdir)
