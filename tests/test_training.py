@@ -832,6 +832,7 @@ train.run()
 """
 
 
+@pytest.mark.slow  # experiments.train imported in a subprocess: 5-12 s
 def test_a_run_interrupted_at_once_says_so_in_one_line_and_ends_by_sigint(tmp_path):
     """Ended by SIGINT after Python's clean-up (not sys.exit), so that the shell loop or script
     running it stops too; no traceback."""
