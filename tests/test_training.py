@@ -812,6 +812,14 @@ def test_a_first_ctrl_c_asks_for_a_stop_and_a_second_or_a_late_one_interrupts(ca
         signal.raise_signal(signal.SIGTERM)  # noted only: the preemption's grace period runs
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # e.g. `train ... &` in a shell script
+    try:
+        with loop._StopSignals() as stop:
+            stop.training(True)
+            signal.raise_signal(signal.SIGINT)
+            assert not stop.requested and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert str(loop.Preempted(4, "w", signal_name="SIGINT")) == (
         "interrupted (SIGINT): saved a checkpoint at step 4 in w; run the same command again to "
         "resume"

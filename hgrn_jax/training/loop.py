@@ -177,6 +177,8 @@ class _StopSignals:
     def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
+                if signum == signal.SIGINT and signal.getsignal(signum) == signal.SIG_IGN:
+                    continue  # started ignoring Ctrl-C (a script's background job): keep it so
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
