@@ -7,15 +7,19 @@ the carries of :func:`~hgrn_jax.ops.sequence_parallel.sharded_linear_recurrence`
 
 1. The recurrence in float64 (complex128 decays): values, final state and gradients against
    ``linear_recurrence`` on the whole sequence.
-2. A tiny HGRN LM with ``sequence_axis="seq"`` trains 4 AdamW steps; its losses against the same
-   LM without sequence parallelism on one device.
+2. HGRN2's :func:`~hgrn_jax.ops.sequence_parallel.sharded_matrix_recurrence` in float64:
+   outputs, final state and the gradients of q, k, v, log decays, h0 and scale against
+   ``matrix_recurrence`` on the whole sequence (its carried states cross processes too).
+3. Tiny LMs (HGRN official, HGRN2 official, fla's HGRN) with ``sequence_axis="seq"`` train 4
+   AdamW steps each; their losses against the same LMs without sequence parallelism on one device.
 
-Process 0 writes ``--out`` (JSON): the maximum errors and both loss curves.
+Process 0 writes ``--out`` (JSON): the maximum errors and the loss curves.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 
@@ -32,9 +36,13 @@ from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from hgrn_jax import sharding  # noqa: E402
-from hgrn_jax.nn import HGRNLM, LMConfig  # noqa: E402
+from hgrn_jax.nn import HGRNLM, LMConfig, MixerConfig  # noqa: E402
+from hgrn_jax.ops.matrix_recurrence import matrix_recurrence  # noqa: E402
 from hgrn_jax.ops.recurrence import linear_recurrence  # noqa: E402
-from hgrn_jax.ops.sequence_parallel import sharded_linear_recurrence  # noqa: E402
+from hgrn_jax.ops.sequence_parallel import (  # noqa: E402
+    sharded_linear_recurrence,
+    sharded_matrix_recurrence,
+)
 
 
 def global_array(value: np.ndarray, mesh: Mesh, spec: P) -> jax.Array:
@@ -88,17 +96,68 @@ def recurrence_errors(mesh: Mesh) -> dict[str, float]:
     return errors
 
 
-def lm_losses(mesh: Mesh | None, steps: int = 4) -> list[float]:
-    """Training losses of a tiny LM (float32), sequence-parallel over "seq" when ``mesh``."""
-    config = LMConfig(
-        vocab_size=32,
-        features=8,
-        num_layers=1,
-        glu_hidden=16,
-        method="sequential",
-        sequence_axis="seq" if mesh is not None else None,
-    )
-    model = HGRNLM(config, rngs=nnx.Rngs(0))
+def matrix_recurrence_errors(mesh: Mesh) -> dict[str, float]:
+    rng = np.random.default_rng(2)
+    B, L, H, K, V = 2, 8, 3, 2, 4  # L split 2 ways over "seq", batch 2 ways over "batch"
+    q, k = rng.normal(size=(B, L, H, K)), rng.normal(size=(B, L, H, K))
+    v = rng.normal(size=(B, L, H, V))
+    log_decay = -rng.uniform(0.01, 1.0, (B, L, H, K))
+    h0 = rng.normal(size=(B, H, K, V))
+    scale = np.asarray(0.7)
+    w, w_last = rng.normal(size=v.shape), rng.normal(size=h0.shape)
+
+    def loss(fn, *args):
+        o, last = fn(*args[:5], scale=args[5])
+        return jnp.sum(o * w) + jnp.sum(last * w_last)
+
+    kwargs = dict(method="sequential", return_last_state=True)
+    unsharded = functools.partial(matrix_recurrence, **kwargs)
+    sharded = functools.partial(sharded_matrix_recurrence, axis_name="seq", mesh=mesh, **kwargs)
+    args = (q, k, v, log_decay, h0, scale)
+    want_o, want_last = unsharded(*args[:5], scale=scale)
+    argnums = tuple(range(len(args)))
+    want_grads = jax.grad(functools.partial(loss, unsharded), argnums=argnums)(*args)
+    with jax.set_mesh(mesh):
+        specs = (*[P("batch", "seq")] * 4, P("batch"), P())  # q, k, v, log_decay, h0, scale
+        g_args = tuple(global_array(t, mesh, spec) for t, spec in zip(args, specs, strict=True))
+        o, last = jax.jit(lambda *a: sharded(*a[:5], scale=a[5]))(*g_args)
+        grads = jax.jit(jax.grad(functools.partial(loss, sharded), argnums=argnums))(*g_args)
+    errors = {"o": max_rel(gathered(o), want_o), "last_state": max_rel(gathered(last), want_last)}
+    names = ("grad_q", "grad_k", "grad_v", "grad_log_decay", "grad_h0", "grad_scale")
+    for name, got, want in zip(names, grads, want_grads, strict=True):
+        errors[name] = max_rel(gathered(got), want)
+    return errors
+
+
+# The LMs of check 3: mixer fields of each (method and sequence axis are set per run).
+LM_MIXERS = {
+    "hgrn": MixerConfig(kind="hgrn", layout="official"),
+    "hgrn2": MixerConfig(kind="hgrn2", layout="official"),
+    "fla_hgrn": MixerConfig(kind="hgrn", layout="fla", complex_valued=False),
+}
+
+
+def tiny_lm(mixer: MixerConfig, sequence_axis: str | None) -> HGRNLM:
+    mixer = dataclasses.replace(mixer, method="sequential", sequence_axis=sequence_axis)
+    config = LMConfig(vocab_size=32, features=8, num_layers=1, glu_expand=2, mixer=mixer)
+    return HGRNLM(config, rngs=nnx.Rngs(0))
+
+
+def splits_sequence(mesh: Mesh, mixer: MixerConfig) -> bool:
+    """Whether the LM with ``sequence_axis="seq"`` runs its recurrence in a ``shard_map`` over
+    the mesh (a mixer that ignored the axis would pass the loss comparison trivially)."""
+    graph, state = nnx.split(tiny_lm(mixer, "seq"))
+    with jax.set_mesh(mesh):
+        jaxpr = jax.make_jaxpr(lambda s, ids: nnx.merge(graph, s)(ids))(
+            state, np.zeros((4, 16), np.int32)
+        )
+    return "shard_map" in str(jaxpr)
+
+
+def lm_losses(mesh: Mesh | None, mixer: MixerConfig, steps: int = 4) -> list[float]:
+    """Training losses of a tiny LM (float32) with ``mixer``, sequence-parallel over "seq" when
+    ``mesh``."""
+    model = tiny_lm(mixer, "seq" if mesh is not None else None)
     optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=nnx.Param)
     ids = np.random.default_rng(1).integers(0, 32, (4, 17)).astype(np.int32)
     inputs, targets = ids[:, :-1], ids[:, 1:]
@@ -139,11 +198,18 @@ def main() -> None:
     seq_processes = [{d.process_index for d in row} for row in mesh.devices]
     assert seq_processes == [{0}, {1}], seq_processes  # "seq" crosses the process boundary
     with jax.default_device(jax.local_devices()[0]):
-        reference = lm_losses(None)
+        references = {name: lm_losses(None, mixer) for name, mixer in LM_MIXERS.items()}
     result = {
         "errors": recurrence_errors(mesh),
-        "lm_sharded": lm_losses(mesh),
-        "lm_reference": reference,
+        "matrix_errors": matrix_recurrence_errors(mesh),
+        "lm": {
+            name: {
+                "sharded": lm_losses(mesh, mixer),
+                "reference": references[name],
+                "splits_sequence": splits_sequence(mesh, mixer),
+            }
+            for name, mixer in LM_MIXERS.items()
+        },
     }
     if jax.process_index() == 0:
         with open(args.out, "w") as f:
