@@ -535,9 +535,17 @@ def test_hgrn2d_rows_sharded_equals_unsharded():
     assert_layer_matches(layer, x, "8-auto")
 
 
-def test_hgrn2_layer_on_a_one_device_sequence_axis_is_the_plain_layer():
-    """A sequence axis of one device runs the plain recurrence (no shard_map)."""
-    layer = HGRN2(8, bidirectional=True, method="sequential", rngs=nnx.Rngs(0))
+@pytest.mark.parametrize(
+    "make_layer",
+    [
+        lambda: HGRN2(8, bidirectional=True, method="sequential", rngs=nnx.Rngs(0)),
+        lambda: FlaHGRNAttention(8, method="sequential", rngs=nnx.Rngs(0)),
+    ],
+    ids=["hgrn2", "fla-hgrn"],
+)
+def test_a_layer_on_a_one_device_sequence_axis_is_the_plain_layer(make_layer):
+    """A sequence axis of one device runs the plain recurrence (no shard_map), as for HGRU."""
+    layer = make_layer()
     x = jax.random.normal(jax.random.key(1), (2, 5, 8))
     want = layer(x, 0.3)
     layer.sequence_axis = "seq"
@@ -600,17 +608,3 @@ def test_fla_hgrn_layer_with_sequence_axis_equals_unsharded(mesh_name, length, m
     want = assert_layer_matches(layer, x, mesh_name, mask)
     y, _ = layer.step(x[:, :3], layer.init_state(4), 0.3, None if mask is None else mask[:, :3])
     assert_close_to_scale(y, want[:, :3])
-
-
-def test_fla_hgrn_layer_on_a_one_device_sequence_axis_is_the_plain_layer():
-    """A sequence axis of one device runs the plain recurrence (no shard_map), as for HGRU."""
-    layer = FlaHGRNAttention(8, method="sequential", rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (2, 5, 8))
-    want = layer(x, 0.3)
-    layer.sequence_axis = "seq"
-    mesh = jax.make_mesh((8, 1), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
-    with jax.set_mesh(mesh):
-        got = nnx.jit(lambda layer, x: layer(x, 0.3))(layer, x)
-        jaxpr = jax.make_jaxpr(lambda x: layer(x, 0.3))(x)
-    assert not _shard_map_outputs(jaxpr.jaxpr)
-    assert_close_to_scale(got, want)
