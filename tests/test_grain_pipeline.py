@@ -8,6 +8,9 @@ import os
 import pickle
 import re
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -382,3 +385,52 @@ def test_workers_ignore_a_ctrl_c_which_the_training_process_handles():
     iterator.close()
     for a, b in zip(got, reference):
         np.testing.assert_array_equal(a["inputs"], b["inputs"])
+
+
+HOLDS_SHARED_MEMORY = """
+import sys
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from hgrn_jax.data import grain_pipeline
+
+source = grain_pipeline.ArraySource({"x": np.zeros((4, 1))})
+grain_pipeline.train_loader(source, seed=0, batch_size=2, worker_count=1).dataset(0)
+memory = shared_memory.SharedMemory(create=True, size=64)  # as a worker's batch built ahead
+print(memory.name, flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def test_a_sigkill_of_the_run_s_process_group_leaves_no_shared_memory_behind():
+    """multiprocessing's resource tracker removes the shared memory of a run that died. It ran
+    in the run's process group, so a SIGKILL of the group (a run and its input workers) killed
+    it too, and the batches the workers had built ahead stayed in /dev/shm for good (37 files
+    per kill of a tiny ListOps run with 1 worker; tests/test_kill_resume_workers.py). A loader
+    with workers starts it in a session of its own."""
+    from two_processes import cpu_env
+
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLDS_SHARED_MEMORY],
+        env=cpu_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # the tracker's note on what it removed
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        name = process.stdout.readline().strip()
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert name.startswith("psm_"), name
+    path = Path("/dev/shm") / name
+    for _ in range(100):  # the tracker removes it once it sees the process gone
+        if not path.exists():
+            break
+        time.sleep(0.05)
+    left = path.exists()
+    path.unlink(missing_ok=True)
+    assert not left, f"{path} left behind"

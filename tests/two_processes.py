@@ -101,9 +101,63 @@ def process_alive(pid: int) -> bool:
         return False
 
 
+def _processes() -> list[tuple[int, int, int]]:
+    """``(pid, parent pid, process group)`` of every live process."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if fields[0] != "Z":  # state, ppid, pgrp
+            found.append((int(entry.name), int(fields[1]), int(fields[2])))
+    return found
+
+
+def process_group(pgid: int) -> tuple[list[int], list[int]]:
+    """The live processes of process group ``pgid`` (e.g. a run and its input workers), and
+    their children in other groups (multiprocessing's resource tracker, in a session of its
+    own)."""
+    processes = _processes()
+    members = sorted(pid for pid, _, group in processes if group == pgid)
+    outside = sorted(pid for pid, ppid, group in processes if ppid in members and group != pgid)
+    return members, outside
+
+
+def shared_memory_files(pids: list[int]) -> set[Path]:
+    """The files in ``/dev/shm`` that processes ``pids`` have open or mapped (multiprocessing's
+    shared memory and semaphores)."""
+    names = set()
+    for pid in pids:
+        proc = Path(f"/proc/{pid}")
+        targets = []
+        try:
+            targets += [line.split()[-1] for line in (proc / "maps").read_text().splitlines()]
+            fds = list((proc / "fd").iterdir())
+        except OSError:  # the process is gone
+            continue
+        for fd in fds:
+            try:
+                targets.append(os.readlink(fd))
+            except OSError:  # closed meanwhile
+                pass
+        names.update(Path(t) for t in targets if t.startswith("/dev/shm/"))
+    return names
+
+
 def wait_until_gone(pid: int, timeout_s: float = 10.0) -> bool:
     """Wait up to ``timeout_s`` for process ``pid`` to end; True once it has."""
     deadline = time.monotonic() + timeout_s
     while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     return not process_alive(pid)
+
+
+def wait_until_removed(path: Path, timeout_s: float = 5.0) -> bool:
+    """Wait up to ``timeout_s`` for ``path`` to be removed; True once it is gone."""
+    deadline = time.monotonic() + timeout_s
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not path.exists()
