@@ -22,11 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "pods.md"
 
 
-def launcher_env() -> dict[str, str]:
+def launcher_env(**extra: str) -> dict[str, str]:
     """This environment on CPU with the repository importable (the launcher drops a simulated
-    device count from ``XLA_FLAGS`` and sets each process's own; other flags pass)."""
+    device count from ``XLA_FLAGS`` and sets each process's own; other flags pass), plus
+    ``extra``."""
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    env.update(extra)
     return env
 
 
@@ -40,6 +42,7 @@ class Launch:
         devices_per_process: int,
         args: list[str],
         name: str = "launch",
+        env: dict[str, str] | None = None,
     ):
         folder.mkdir(parents=True, exist_ok=True)
         self.out_path, self.err_path = folder / f"{name}.out", folder / f"{name}.err"
@@ -55,7 +58,7 @@ class Launch:
                 *args,
             ],
             cwd=REPO,
-            env=launcher_env(),
+            env=launcher_env(**(env or {})),
             stdout=self._out,
             stderr=self._err,
             text=True,
@@ -116,8 +119,9 @@ def run_launch(
     timeout: float = 600,
     name: str = "launch",
     expect: int | None = 0,
+    env: dict[str, str] | None = None,
 ) -> Launch:
-    launch = Launch(folder, num_processes, devices_per_process, args, name)
+    launch = Launch(folder, num_processes, devices_per_process, args, name, env)
     code = launch.wait(timeout)
     if expect is not None:
         assert code == expect, f"launcher exit {code}:\n{launch.stderr[-6000:]}"

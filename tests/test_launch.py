@@ -305,6 +305,34 @@ def test_step_watchdog_names_a_stalled_input_and_times_it_after_an_evaluation():
         "error: no training step finished in 5 s after step 4; a device computation or a "
         "checkpoint write is stuck, stopping."
     )
+    one_process.evaluated(6)
+    assert one_process.message().startswith(
+        "error: no progress in 5 s after the evaluation at step 6; a checkpoint write is stuck;"
+    )
+    with one_process.waiting_for_input(6):
+        pass
+    assert one_process.message().startswith("error: no training step finished in 5 s after step 6")
+
+
+def test_step_watchdog_times_what_follows_an_evaluation():
+    """The clock was paused from an evaluation until the next step: a checkpoint or a peer
+    stuck after it (a process still evaluating an extra batch) was never caught."""
+    messages = []
+    dog = watchdog.StepWatchdog(
+        0.2, 1, process_count=2, on_stall=messages.append, poll_s=0.02
+    ).start()
+    dog.beat(6)
+    dog.pause()
+    time.sleep(0.4)
+    assert messages == []  # the evaluation itself is not timed
+    dog.evaluated(6)
+    time.sleep(0.5)
+    dog.stop()
+    assert len(messages) == 1 and messages[0].startswith(
+        "error: process 1: no progress in 0 s after the evaluation at step 6; a peer process is "
+        "stuck or lost, or still evaluating (every process must yield the same number of "
+        "evaluation batches, see docs/tasks.md); stopping."
+    )
 
 
 def test_guard_watches_steps_in_one_process_unless_turned_off(monkeypatch):

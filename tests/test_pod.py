@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pod_helpers import (
+    REPO,
     Launch,
     checkpoint_arrays,
     docs_local_command,
@@ -403,3 +404,30 @@ def test_sequence_parallelism_across_two_processes(pod_root):
         MEASURED[f"sequence parallel {name} LM across 2 processes: loss max rel diff"] = max(
             abs(a - b) / abs(b) for a, b in zip(sharded, reference, strict=True)
         )
+
+
+def test_unequal_evaluation_batches_stop_the_pod_instead_of_hanging_it(pod_root):
+    """A Task whose processes yield different numbers of evaluation batches breaks the
+    protocol (docs/tasks.md); the process with the extra batch waits in its collective forever.
+    The others used to wait for it forever too (the step watchdog was paused from the
+    evaluation on until the next step); they now time what follows an evaluation, stop after
+    HGRN_STEP_TIMEOUT_S naming the likely cause, and the stuck one then loses its peer."""
+    args = [
+        f"--config={REPO / 'tests' / 'toy_task.py'}",
+        f"--workdir={pod_root / 'unequal-eval'}",
+        "--config.data.extra_val_batch_on=1",
+    ]
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]),
+        "HGRN_STEP_TIMEOUT_S": "5",
+    }
+    launch = run_launch(
+        pod_root, 2, 1, args, name="unequal-eval", expect=None, env=env, timeout=240
+    )
+    assert launch.proc.returncode == 3, launch.stderr[-4000:]
+    assert (
+        "[0] error: process 0: no progress in 5 s after the evaluation at step 6; a peer process "
+        "is stuck or lost, or still evaluating (every process must yield the same number of "
+        "evaluation batches, see docs/tasks.md); stopping." in launch.stderr
+    ), launch.stderr[-4000:]
+    assert "[launch] FAILED: process 0 (exit code 3)" in launch.stderr

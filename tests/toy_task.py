@@ -10,6 +10,8 @@ from ``config.data`` (all optional):
   hang_at_step: the batch of that step never comes: a child process (an input worker, as grain
     starts them) is started and waited for, and it sleeps for an hour; its pid is written to
     ``hang_pid_file``.
+  extra_val_batch_on: the process of that index yields one more ``val`` batch than the others
+    (a Task that breaks the protocol's rule of equal evaluation batches).
 Use it from a config with ``task = "toy_task:make_task"`` and ``tests/`` on ``PYTHONPATH``.
 """
 
@@ -44,6 +46,7 @@ def toy_config() -> ml_collections.ConfigDict:
             sleep_per_step=0.0,
             hang_at_step=-1,
             hang_pid_file="",
+            extra_val_batch_on=-1,
         )
     )
     c.batch_size = 8
@@ -158,6 +161,8 @@ class ToyTask:
             yield {
                 k: v[process_index * local : (process_index + 1) * local] for k, v in rows.items()
             }
+        if split == "val" and process_index == int(self.data.get("extra_val_batch_on", -1)):
+            yield {k: v[:local] for k, v in rows.items()}
 
     def loss_fn(self, model, batch, *, train: bool):
         del train

@@ -832,6 +832,7 @@ def _train_and_evaluate(
                     run.check_finite(state)
                     guard.pause()  # an evaluation takes as long as it takes; peers still watched
                     val = run.evaluate(state, "val")
+                    guard.evaluated(done)  # the checkpoint after it is timed again
                     run.writer.write(done, "val", {**val, "wall_time_s": wall_time()})
                     bar.write(
                         f"step {done}: val " + ", ".join(f"{k} {v:.4f}" for k, v in val.items())

@@ -171,10 +171,10 @@ class PeerMonitor:
 class StepWatchdog:
     """Calls ``on_stall(message)`` when the training loop made no progress for ``timeout_s``.
 
-    Progress is a finished step (:meth:`beat`) or a delivered batch (the end of
-    :meth:`waiting_for_input`). Armed by the first :meth:`beat` (the first step compiles, which
-    may take long); :meth:`pause` stops the clock for phases with their own duration (a whole
-    evaluation), and the next wait for input or step starts it again.
+    Progress is a finished step (:meth:`beat`), a finished evaluation (:meth:`evaluated`) or a
+    delivered batch (the end of :meth:`waiting_for_input`). Armed by the first :meth:`beat` (the
+    first step compiles, which may take long); :meth:`pause` stops the clock for a phase with
+    its own duration (a whole evaluation), and the next progress starts it again.
     """
 
     def __init__(
@@ -197,12 +197,20 @@ class StepWatchdog:
         self._last: float | None = None
         self._step = 0
         self._input_step: int | None = None  # the step whose batch is awaited, if any
+        self._after_evaluation = False  # since an evaluation, no batch fetched yet
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def beat(self, step: int) -> None:
         """Step ``step`` finished (was dispatched); restart the clock."""
         self._step, self._armed, self._last = step, True, time.monotonic()
+        self._after_evaluation = False
+
+    def evaluated(self, step: int) -> None:
+        """The evaluation after step ``step`` finished; restart the clock (what follows, a
+        checkpoint and the next batch, is timed again)."""
+        self.beat(step)
+        self._after_evaluation = True
 
     def pause(self) -> None:
         """Stop the clock until the next wait for input or :meth:`beat`."""
@@ -218,6 +226,7 @@ class StepWatchdog:
             yield
         finally:
             self._input_step = None
+            self._after_evaluation = False
             if self._armed:
                 self._last = time.monotonic()
 
@@ -231,6 +240,17 @@ class StepWatchdog:
                 f"the input pipeline delivered no batch for step {step} in {waited} (a hung "
                 "input worker process, or a data folder that stopped answering); stopping. "
                 "Raise HGRN_STEP_TIMEOUT_S if a batch can take this long"
+            )
+        elif self._after_evaluation:
+            stuck = (
+                "a peer process is stuck or lost, or still evaluating (every process must yield "
+                "the same number of evaluation batches, see docs/tasks.md)"
+                if self.process_count > 1
+                else "a checkpoint write is stuck"
+            )
+            what = (
+                f"no progress in {waited} after the evaluation at step {self._step}; {stuck}; "
+                "stopping. Raise HGRN_STEP_TIMEOUT_S if a checkpoint can take this long"
             )
         else:
             stuck = (
@@ -262,7 +282,8 @@ class StepWatchdog:
 
 class Guard:
     """Both monitors for one run, used as a context manager around training: ``beat`` after
-    every step, ``waiting_for_input`` around fetching a batch, ``pause`` before a long phase.
+    every step, ``waiting_for_input`` around fetching a batch, ``pause`` before an evaluation
+    and ``evaluated`` after it.
     The peer monitor runs only with several processes; the step watchdog always, unless
     ``step_timeout_s`` (default ``HGRN_STEP_TIMEOUT_S``, see :func:`step_timeout_from_env`)
     is 0."""
@@ -301,6 +322,10 @@ class Guard:
     def pause(self) -> None:
         if self.steps is not None:
             self.steps.pause()
+
+    def evaluated(self, step: int) -> None:
+        if self.steps is not None:
+            self.steps.evaluated(step)
 
     def waiting_for_input(self, step: int) -> contextlib.AbstractContextManager[None]:
         if self.steps is None:
