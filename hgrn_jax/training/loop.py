@@ -696,8 +696,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
     """Train, evaluate and report one run; resumes if ``workdir`` holds checkpoints.
 
     ``task`` overrides :func:`resolve_task` (tests and notebooks pass their own). Returns the
-    results written to ``workdir/results.json``. Raises :class:`Preempted` after a SIGTERM
-    (checkpoint saved) and :class:`NonFiniteLossError` when the loss diverges; user errors
+    results written to ``workdir/results.json``. Raises :class:`Preempted` after a SIGTERM, or
+    a first Ctrl-C in the training loop (checkpoint saved; ``signal_name`` says which) and :class:`NonFiniteLossError` when the loss diverges; user errors
     (config, data, workdir, checkpoints) raise ValueError, OSError,
     :class:`~hgrn_jax.training.workdir.WorkdirError` or
     :class:`~hgrn_jax.training.checkpoint.CheckpointError` with a message naming the fix.
