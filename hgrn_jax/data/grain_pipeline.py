@@ -38,6 +38,17 @@ the step whose batch it was waiting for and goes on with the same batches. A wor
 again before one batch arrives, or one that exits by itself (it failed to start: its error is
 printed above), is not transient: that stops the iterator with :class:`InputWorkerLost`.
 
+Shared memory: a worker hands each batch array over in a shared-memory block (grain's
+``SharedMemoryArray``, a ``/dev/shm/psm_*`` file registered with Python's multiprocessing
+resource tracker), and grain unlinks the block's name only when the array is garbage-collected,
+in a background thread pool. Arrays still alive when the interpreter exits (the last batch, which
+jax on CPU keeps by reference) or whose deletion was still queued when that pool was stopped at
+exit were never unlinked, and the resource tracker warned "There appear to be N leaked
+shared_memory objects" at every exit. So the iterator unlinks each block's name as soon as the
+batch arrives (:func:`_unlink_shared_memory`: the mapping stays valid and the memory is freed
+when the array is, as before), and :meth:`TrainIterator.close` waits for grain's pending
+deletions of the batches the workers had prefetched.
+
 Explicit arguments only: this module knows nothing of experiment configs.
 """
 
@@ -47,6 +58,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -70,6 +82,49 @@ class InputWorkerRestarted(UserWarning):
 class InputWorkerLost(RuntimeError):
     """A grain worker process exited by itself, or was killed again before delivering a batch
     after a restart."""
+
+
+def _unlink_shared_memory(tree: Any) -> None:
+    """Unlink the names of the shared-memory blocks behind the arrays of ``tree`` (a batch from
+    grain's workers): their memory stays mapped and is freed when the arrays are.
+
+    grain (0.2.18, pinned) gives the receiving process's ``SharedMemoryArray`` the job of
+    unlinking the block when it is garbage-collected (``_unlink_on_del``), which may be never
+    before the interpreter exits; done here at once, it then only closes its mapping. The name
+    is needed by nobody after the arrival (the worker closed its mapping when it queued the
+    batch), so a batch must not be pickled by shared-memory name to another process after it.
+    """
+    if isinstance(tree, dict):
+        for value in tree.values():
+            _unlink_shared_memory(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            _unlink_shared_memory(value)
+    elif getattr(tree, "_unlink_on_del", False) and hasattr(tree, "shm"):
+        tree.shm.unlink()  # also unregisters it from the resource tracker
+        tree._unlink_on_del = False
+
+
+def _wait_for_shared_memory_deletions(timeout_s: float = 10.0) -> None:
+    """Wait until grain's background deletions of shared-memory arrays are done.
+
+    grain (0.2.18, pinned) closes and unlinks a garbage-collected ``SharedMemoryArray`` in a
+    one-thread pool; closing a grain iterator drops the batches it had prefetched, whose unlinks
+    are then queued there, and the pool is stopped at interpreter exit without running what is
+    left (each left a name for the resource tracker to unlink and warn about). A task queued
+    after them runs after them (one thread, first in first out).
+    """
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:
+        return
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if pool is None or sys.is_finalizing():
+        return
+    try:
+        pool.apply_async(int).wait(timeout_s)
+    except ValueError:  # the pool is stopped already (interpreter exit)
+        pass
 
 
 def describe_exit_code(code: int) -> str:
@@ -392,6 +447,7 @@ class TrainIterator:
             self._restarted_without_a_batch = True
             return self._next_from_workers()
         self._restarted_without_a_batch = False
+        _unlink_shared_memory(batch)
         return batch
 
     def get_state(self) -> dict[str, Any]:
@@ -426,11 +482,13 @@ class TrainIterator:
             self._open(state["next_step"])
 
     def close(self) -> None:
-        """Stop the worker processes (also done when the iterator is garbage-collected)."""
+        """Stop the worker processes (also done when the iterator is garbage-collected) and
+        release the shared memory of the batches they had prefetched."""
         iterator = getattr(self, "_iterator", None)
+        self._iterator = None
         if iterator is not None and hasattr(iterator, "close"):
             iterator.close()
-        self._iterator = None
+            _wait_for_shared_memory_deletions()
 
     def __del__(self) -> None:
         try:
