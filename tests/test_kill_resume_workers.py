@@ -1,13 +1,13 @@
 """A run whose training batches come from a grain worker process (``data.workers=1``),
-killed with SIGKILL, process group and worker together, three times, then rerun until it
+killed with SIGKILL, process group and worker together, twice, then rerun until it
 finishes, ends exactly as an undisturbed run with the same workers setting.
 
 tests/test_kill_resume.py kills the toy task, whose batches are read in the training process;
 here LRA ListOps' ``tiny`` preset (generated data, a smaller set) runs through the command line
 with one worker process, so that every checkpoint carries grain's iterator state and every
 resume restores it into a new worker. The kills come, each triggered by what the workdir shows:
-once the first checkpoint is committed, while a checkpoint is being written, and during an
-evaluation (the worker building batches ahead meanwhile); the fourth run finishes. The toy
+while a checkpoint is being written and during an evaluation (the worker building batches ahead
+meanwhile); the third run finishes. (Kills at other moments: tests/test_kill_resume.py.) The toy
 test's machinery (:class:`test_kill_resume.Attempt`, :func:`test_kill_resume.kill_and_rerun`)
 checks each rerun (it resumes from the newest committed
 checkpoint, prints no traceback, error or unexpected warning), that no process of a killed group
@@ -59,7 +59,6 @@ def listops_with_a_worker(data: str, compilation_cache: str) -> Run:
 
 
 KILLS = [
-    Kill("committed", 1),  # the first checkpoint (step 1) is committed
     Kill("mid-save", 2),  # a checkpoint 2 steps past the resumed one is being written
     Kill("evaluation", 1),  # evaluating (step 5), the worker building batches ahead
 ]  # a kill after the last step: tests/test_kill_resume.py (no worker then)

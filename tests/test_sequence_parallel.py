@@ -583,11 +583,9 @@ def test_mixer_config_sequence_axis_for_hgrn2_and_fla_hgrn():
 @pytest.mark.slow  # a layer and its gradient compiled sharded and unsharded: ~3-6 s each
 @pytest.mark.parametrize(
     "mesh_name, length, masked",
-    [
-        ("4x2-explicit", 16, False),  # 2 shards of 8 steps, the batch over data
-        ("2x4-explicit", 10, False),  # 4 shards: padded to 12
+    [  # the shard_map path is HGRU's (tested on more meshes above): two meshes suffice here
+        ("2x4-explicit", 10, False),  # 4 shards: padded to 12, the batch over data
         ("4-auto", 7, True),  # 4 shards: padded to 8, with left padding and a hole
-        ("2-auto", 9, False),  # 2 shards: padded to 10
     ],
 )
 def test_fla_hgrn_layer_with_sequence_axis_equals_unsharded(mesh_name, length, masked):
