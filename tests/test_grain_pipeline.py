@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -409,7 +408,7 @@ def test_a_sigkill_of_the_run_s_process_group_leaves_no_shared_memory_behind():
     it too, and the batches the workers had built ahead stayed in /dev/shm for good (37 files
     per kill of a tiny ListOps run with 1 worker; tests/test_kill_resume_workers.py). A loader
     with workers starts it in a session of its own."""
-    from two_processes import cpu_env
+    from two_processes import cpu_env, wait_until_removed
 
     process = subprocess.Popen(
         [sys.executable, "-c", HOLDS_SHARED_MEMORY],
@@ -427,11 +426,7 @@ def test_a_sigkill_of_the_run_s_process_group_leaves_no_shared_memory_behind():
         process.wait()
     assert name.startswith("psm_"), name
     path = Path("/dev/shm") / name
-    for _ in range(100):  # the tracker removes it once it sees the process gone
-        if not path.exists():
-            break
-        time.sleep(0.05)
-    left = path.exists()
+    left = not wait_until_removed(path)  # the tracker removes it once it sees the process gone
     path.unlink(missing_ok=True)
     assert not left, f"{path} left behind"
 
@@ -473,15 +468,12 @@ def test_closing_leaves_no_shared_memory_for_the_resource_tracker(tmp_path):
     queued was left to Python's resource tracker, which warned "There appear to be N leaked
     shared_memory objects" after every run with input workers. The iterator now unlinks each
     block's name when its batch arrives and waits for grain's deletions when it closes."""
-    import subprocess
-    import sys
+    from two_processes import REPO, cpu_env
 
-    repo = Path(__file__).resolve().parents[1]
     script = tmp_path / "child.py"  # a file: worker processes are spawned, re-importing main
     script.write_text(SHARED_MEMORY_CHILD)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repo)}
     proc = subprocess.run(
-        [sys.executable, str(script)], cwd=repo, env=env, capture_output=True, text=True
+        [sys.executable, str(script)], cwd=REPO, env=cpu_env(), capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "8 blocks received, 0 still named after close", proc.stdout

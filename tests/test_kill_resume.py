@@ -240,8 +240,7 @@ def train_records(workdir: Path) -> list[int]:
 class Kill:
     """A trigger: ``aim`` says what it aims at, ``after`` how many steps past the resumed one
     (or, for ``startup``, ``restore``, ``end`` and ``random``, how many seconds) it waits.
-    ``lock`` kills as soon as ``run.lock`` appears, ``committed`` as soon as the checkpoint of
-    that step or a later one is committed."""
+    ``lock`` kills as soon as ``run.lock`` appears."""
 
     aim: str
     after: float
@@ -267,8 +266,6 @@ class Kill:
         target = start + int(self.after)
         if self.aim == "mid-save":
             return any(step >= target for step in saving(workdir))
-        if self.aim == "committed":
-            return any(step >= target for step in committed(workdir))
         if self.aim == "before-manifest":
             return any(
                 step >= target and not has_manifest(workdir, step) for step in committed(workdir)

@@ -92,26 +92,27 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def _live_stat(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state, parent pid, process
+    group, ...), or None when the process is gone or a zombie waiting to be reaped."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # ended meanwhile
+        return None
+    return None if fields[0] == "Z" else fields
+
+
 def process_alive(pid: int) -> bool:
     """Whether ``pid`` is a live process (a zombie waiting to be reaped counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    return _live_stat(pid) is not None
 
 
 def _processes() -> list[tuple[int, int, int]]:
     """``(pid, parent pid, process group)`` of every live process."""
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # ended meanwhile
-            continue
-        if fields[0] != "Z":  # state, ppid, pgrp
+        fields = _live_stat(entry.name) if entry.name.isdigit() else None
+        if fields is not None:
             found.append((int(entry.name), int(fields[1]), int(fields[2])))
     return found
 

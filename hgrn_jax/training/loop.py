@@ -697,7 +697,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
 
     ``task`` overrides :func:`resolve_task` (tests and notebooks pass their own). Returns the
     results written to ``workdir/results.json``. Raises :class:`Preempted` after a SIGTERM, or
-    a first Ctrl-C in the training loop (checkpoint saved; ``signal_name`` says which) and :class:`NonFiniteLossError` when the loss diverges; user errors
+    a first Ctrl-C in the training loop (checkpoint saved; ``signal_name`` says which), and
+    :class:`NonFiniteLossError` when the loss diverges; user errors
     (config, data, workdir, checkpoints) raise ValueError, OSError,
     :class:`~hgrn_jax.training.workdir.WorkdirError` or
     :class:`~hgrn_jax.training.checkpoint.CheckpointError` with a message naming the fix.
@@ -706,7 +707,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
     check_not_in_a_worker_process()
     workdir = Path(workdir)
     check_config_values(config)  # before anything is written to the workdir
-    watchdog.step_timeout_from_env()  # a bad HGRN_STEP_TIMEOUT_S stops the run here, not later
+    step_timeout_s = watchdog.step_timeout_from_env()  # a bad value stops the run here
     if task is None:
         check_task_name(config)
     # The SIGTERM and SIGINT handlers are installed before anything else, so that a preemption
@@ -715,7 +716,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
     with _StopSignals() as stop_signals:
         lock = prepare_workdir(workdir, config)
         try:
-            return _train_and_evaluate(config, workdir, task, stop_signals)
+            return _train_and_evaluate(config, workdir, task, stop_signals, step_timeout_s)
         except Exception as error:
             if not is_out_of_space(error):
                 raise
@@ -727,7 +728,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
 
 
 def _train_and_evaluate(
-    config: Any, workdir: Path, task: Any, stop_signals: _StopSignals
+    config: Any, workdir: Path, task: Any, stop_signals: _StopSignals, step_timeout_s: float
 ) -> dict[str, Any]:
     run = Run(config, workdir, task)
 
@@ -792,6 +793,7 @@ def _train_and_evaluate(
             watchdog.Guard(
                 jax.process_index(),
                 jax.process_count(),
+                step_timeout_s,
                 resume_hint=how_to_resume(resume_choice(config)),
             ) as guard,
         ):
