@@ -90,7 +90,8 @@ def _relative_error(got, want) -> float:
 
 
 @pytest.mark.slow  # an LM and its gradient compiled split and unsplit: ~5-8 s each
-@pytest.mark.parametrize("shards, length", [(2, 32), (4, 32), (2, 31), (4, 30)])
+# Ragged lengths on 2 and 4 shards (padded); the layer test (test_sequence_parallel) splits more.
+@pytest.mark.parametrize("shards, length", [(2, 31), (4, 30)])
 def test_fla_lm_sequence_axis_splits_the_sequence_and_matches(shards, length):
     """fla's HGRN LM (kind 'hgrn', layout 'fla'; the config route: MixerConfig -> make_mixer)
     with its sequence split over 2 and 4 devices, lengths they divide and lengths they do not
