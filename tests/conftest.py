@@ -126,7 +126,7 @@ LONG_FILES = (
     "test_trained_model.py",  # ~60
     "test_kill_resume.py",  # ~55
     "test_sharding.py",  # ~50
-    "test_kill_resume_workers.py",  # ~47
+    "test_kill_resume_workers.py",  # ~35
     "test_data_end_to_end.py",  # ~45
     "test_model_options.py",  # ~37
     "test_faults.py",  # ~32
