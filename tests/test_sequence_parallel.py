@@ -125,11 +125,14 @@ def test_pallas_local_scans_broadcast_decay_and_no_h0():
     a = a[0, 0]
     mesh = make_mesh("8-explicit")
     sharded = functools.partial(sharded_linear_recurrence, axis_name="seq", method="pallas")
+
+    def square_loss(recurrence, a, x):
+        return jnp.sum(recurrence(a, x) ** 2)
+
     with jax.set_mesh(mesh):
-        h = jax.jit(sharded)(a, x)
-        da = jax.jit(jax.grad(lambda a, x: jnp.sum(sharded(a, x) ** 2)))(a, x)
-    assert_close(h, linear_recurrence(a, x))
-    want_da = jax.grad(lambda a, x: jnp.sum(linear_recurrence(a, x) ** 2))(a, x)
+        h, (da, _) = outputs_and_grads(sharded, square_loss, a, x)
+    want_h, (want_da, _) = outputs_and_grads(linear_recurrence, square_loss, a, x)
+    assert_close(h, want_h)
     assert_close(da, want_da, scale=10.0)
 
 
@@ -296,9 +299,9 @@ def test_matrix_equals_unsharded_with_gradients(mesh_name):
         assert_close_to_scale(got, want)
     # The carries matter: each shard's recurrence from a zero state is O(1) off.
     shards = mesh.shape["seq"]
+    shard_alone = jax.jit(functools.partial(matrix_recurrence, scale=0.7))
     chunks = [
-        matrix_recurrence(*(jnp.split(t, shards, axis=1)[i] for t in (q, k, v, g)), scale=0.7)
-        for i in range(shards)
+        shard_alone(*(jnp.split(t, shards, axis=1)[i] for t in (q, k, v, g))) for i in range(shards)
     ]
     no_carries = jnp.concatenate(chunks, axis=1)
     assert np.max(np.abs(no_carries - want_o)) > 0.1 * np.max(np.abs(want_o))
@@ -313,7 +316,9 @@ def test_matrix_float64_zero_h0_and_chunked_local_scans():
         )
         with jax.set_mesh(make_mesh("8-explicit")):
             o, last = jax.jit(functools.partial(sharded, return_last_state=True))(q, k, v, g)
-        want_o, want_last = matrix_recurrence(q, k, v, g, return_last_state=True)
+        want_o, want_last = jax.jit(matrix_recurrence, static_argnames="return_last_state")(
+            q, k, v, g, return_last_state=True
+        )
     assert o.dtype == last.dtype == jnp.float64
     np.testing.assert_allclose(o, want_o, rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(last, want_last, rtol=1e-12, atol=1e-13)
