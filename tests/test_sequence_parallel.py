@@ -371,7 +371,7 @@ def sharded_matrix_results(inputs, weights, mesh, scale, **kwargs):
 
 @functools.cache
 def matrix_case_2x64() -> tuple[tuple, tuple, list]:
-    """Inputs (B, L, H, K) = (2, 64, 2, 3), V = 3, their cotangents and the float64 reference:
+    """Inputs (B, L, H, K) = (2, 64, 2, 3), V = 4, their cotangents and the float64 reference:
     computed once for the three methods of :func:`test_matrix_against_float64_with_gradients`."""
     inputs = make_matrix_inputs(shape=(2, 64, 2, 3))
     weights = matrix_weights(inputs[2], inputs[4])
