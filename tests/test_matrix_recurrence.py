@@ -70,6 +70,13 @@ def scan_reference(q, k, v, g, h0, scale):
     return jnp.moveaxis(o, 0, 1), last
 
 
+def value_and_grads(loss, *inputs, has_aux=False):
+    """``jax.value_and_grad(loss)`` w.r.t. every input, compiled as one function (run eagerly,
+    each of its many small ops is compiled on its own, at several times the CPU time)."""
+    argnums = tuple(range(len(inputs)))
+    return jax.jit(jax.value_and_grad(loss, argnums, has_aux=has_aux))(*inputs)
+
+
 def make_inputs(batch_shape, length, heads, key_dim, value_dim, seed=0, log_decay_scale=3.0):
     """q, k, v, log_decay, h0 in float64; forget gates spread over (0.05, 1), scaled in log space
     so some steps decay hard (log_decay down to ~ -9)."""
@@ -102,15 +109,40 @@ CHUNKINGS = [
 def test_values_match_float64_loop(method, chunk_size, length):
     """Two leading axes, 3 heads, K = 5 != V = 7, h0 and the last state."""
     q, k, v, g, h0 = make_inputs((2, 1), length, 3, 5, 7, seed=chunk_size)
+    ours = functools.partial(
+        matrix_recurrence, scale=0.7, method=method, return_last_state=True, chunk_size=chunk_size
+    )
     with jax.enable_x64(True):
-        o, last = matrix_recurrence(
-            q, k, v, g, h0, scale=0.7, method=method, return_last_state=True, chunk_size=chunk_size
-        )
+        o, last = jax.jit(ours)(q, k, v, g, h0)
     want, want_last, _ = loop_reference(q, k, v, g, h0, 0.7)
     assert o.shape == (2, 1, length, 3, 7) and last.shape == (2, 1, 3, 5, 7)
     assert o.dtype == last.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(o), want, rtol=F64_TOL, atol=F64_TOL)
     np.testing.assert_allclose(np.asarray(last), want_last, rtol=F64_TOL, atol=F64_TOL)
+
+
+def weighted_loss(fn, do, dlast, *args):
+    """``sum(o * do) + sum(last * dlast)`` of ``fn(*args) = (o, last)``."""
+    o, last = fn(*args)
+    return jnp.sum(o * do) + jnp.sum(last * dlast)
+
+
+@functools.cache
+def gradient_references(seed: int) -> tuple[tuple, tuple, tuple, list]:
+    """Inputs (B, L, H, K) = (2, 45, 2, 4), V = 6, the cotangents (do, dlast), the float64
+    adjoint loop's gradients and autodiff of lax.scan's, for scale 0.4: computed once for every
+    method of :func:`test_gradients_match_float64_adjoint_and_autodiff`."""
+    q, k, v, g, h0 = make_inputs((2,), 45, 2, 4, 6, seed=seed)
+    rng = np.random.default_rng(3)
+    do = rng.normal(size=v.shape)
+    dlast = rng.normal(size=h0.shape)
+    scan = functools.partial(scan_reference, scale=0.4)
+    with jax.enable_x64(True):
+        _, autodiff = value_and_grads(
+            functools.partial(weighted_loss, scan, do, dlast), q, k, v, g, h0
+        )
+    adjoint = loop_adjoint(q, k, v, g, h0, 0.4, do, dlast)
+    return (q, k, v, g, h0), (do, dlast), adjoint, [np.asarray(t) for t in autodiff]
 
 
 @pytest.mark.slow
@@ -119,24 +151,12 @@ def test_gradients_match_float64_adjoint_and_autodiff(method, chunk_size=32):
     """Gradients for q, k, v, log_decay and h0 of a loss on o and on the last state (45 steps:
     two chunks of two sub-chunks, the last chunk ragged) against the float64 adjoint loop and
     autodiff of lax.scan."""
-    q, k, v, g, h0 = make_inputs((2,), 45, 2, 4, 6, seed=10 + chunk_size)
-    rng = np.random.default_rng(3)
-    do = rng.normal(size=v.shape)
-    dlast = rng.normal(size=h0.shape)
-
-    def loss(fn, *args):
-        o, last = fn(*args)
-        return jnp.sum(o * do) + jnp.sum(last * dlast)
-
+    inputs, (do, dlast), adjoint, autodiff = gradient_references(10 + chunk_size)
     ours = functools.partial(
         matrix_recurrence, scale=0.4, method=method, return_last_state=True, chunk_size=chunk_size
     )
     with jax.enable_x64(True):
-        got = jax.grad(functools.partial(loss, ours), argnums=range(5))(q, k, v, g, h0)
-        autodiff = jax.grad(
-            functools.partial(loss, functools.partial(scan_reference, scale=0.4)), argnums=range(5)
-        )(q, k, v, g, h0)
-    adjoint = loop_adjoint(q, k, v, g, h0, 0.4, do, dlast)
+        _, got = value_and_grads(functools.partial(weighted_loss, ours, do, dlast), *inputs)
     for name, ours_, loop_, auto_ in zip(
         ("dq", "dk", "dv", "dlog_decay", "dh0"), got, adjoint, autodiff
     ):
@@ -171,11 +191,10 @@ def test_sequential_at_chunk_edges(chunk_size, length, key_dim, value_dim):
 
     def loss(*args):
         o, last = ours(*args)
-        return jnp.sum(o * do) + jnp.sum(last * dlast)
+        return jnp.sum(o * do) + jnp.sum(last * dlast), (o, last)
 
     with jax.enable_x64(True):
-        o, last = ours(q, k, v, g, h0)
-        got = jax.grad(loss, argnums=range(5))(q, k, v, g, h0)
+        (_, (o, last)), got = value_and_grads(loss, q, k, v, g, h0, has_aux=True)
     want_o, want_last, _ = loop_reference(q, k, v, g, h0, 0.6)
     np.testing.assert_allclose(np.asarray(o), want_o, rtol=F64_TOL, atol=F64_TOL)
     np.testing.assert_allclose(np.asarray(last), want_last, rtol=F64_TOL, atol=F64_TOL)
@@ -192,9 +211,8 @@ def test_without_h0_or_last_state_float32(method):
     """Defaults: zero h0, no last state, float32 in and out, the scale; float32 accumulation over
     40 contracting steps of O(1) values: a few ulps of the O(1..10) outputs, below 2e-5."""
     q, k, v, g, _ = make_inputs((3,), 40, 2, 8, 4, seed=5)
-    o = matrix_recurrence(
-        *(t.astype(np.float32) for t in (q, k, v, g)), scale=0.25, method=method, chunk_size=16
-    )
+    ours = functools.partial(matrix_recurrence, scale=0.25, method=method, chunk_size=16)
+    o = jax.jit(ours)(*(t.astype(np.float32) for t in (q, k, v, g)))
     want, _, _ = loop_reference(
         *(t.astype(np.float32) for t in (q, k, v, g)), np.zeros((3, 2, 8, 4)), 0.25
     )
@@ -211,15 +229,9 @@ def test_bf16_inputs_accumulate_in_float32(method):
     exact, exact_last, _ = loop_reference(
         *(np.asarray(t, np.float64) for t in (q16, k16, v16, g16)), h0, 1.0
     )
-    o16, last = matrix_recurrence(
-        q16,
-        k16,
-        v16,
-        g16,
-        h0.astype(np.float32),
-        method=method,
-        return_last_state=True,
-        chunk_size=16,
+    ours = functools.partial(matrix_recurrence, method=method, chunk_size=16)
+    o16, last = jax.jit(functools.partial(ours, return_last_state=True))(
+        q16, k16, v16, g16, h0.astype(np.float32)
     )
     assert o16.dtype == jnp.bfloat16 and last.dtype == jnp.float32
     # One bf16 rounding of each output (relative 2^-8), nothing accumulated in bf16 (33 steps
@@ -229,28 +241,15 @@ def test_bf16_inputs_accumulate_in_float32(method):
     )
     # The last state never went through bf16: float32 rounding only.
     np.testing.assert_allclose(np.asarray(last), exact_last, rtol=1e-5, atol=1e-5)
-    o32 = matrix_recurrence(
-        q16,
-        k16,
-        v16,
-        g16,
-        h0.astype(np.float32),
-        method=method,
-        out_dtype=jnp.float32,
-        chunk_size=16,
-    )
-    assert o32.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(o32), exact, rtol=1e-5, atol=1e-5)
-
     w = np.random.default_rng(8).normal(size=v.shape)
 
     def loss(q, k, v, g):
-        o = matrix_recurrence(
-            q, k, v, g, h0.astype(np.float32), method=method, out_dtype=jnp.float32, chunk_size=16
-        )
-        return jnp.sum(o * w)
+        o = ours(q, k, v, g, h0.astype(np.float32), out_dtype=jnp.float32)
+        return jnp.sum(o * w), o
 
-    grads = jax.grad(loss, argnums=range(4))(q16, k16, v16, g16)
+    (_, o32), grads = value_and_grads(loss, q16, k16, v16, g16, has_aux=True)
+    assert o32.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(o32), exact, rtol=1e-5, atol=1e-5)
     exact_grads = loop_adjoint(
         *(np.asarray(t, np.float64) for t in (q16, k16, v16, g16)), h0, 1.0, w, np.zeros(h0.shape)
     )
@@ -310,23 +309,23 @@ def test_long_sequence_chunked_matches_sequential_where_cumulative_decay_underfl
     w = np.random.default_rng(12).normal(size=v.shape).astype(np.float32)
 
     def loss(method, q, k, v, g):
-        return jnp.sum(matrix_recurrence(q, k, v, g, method=method) * w)
+        o = matrix_recurrence(q, k, v, g, method=method)
+        return jnp.sum(o * w), o
 
     results = {}
     for method in ("chunked", "sequential"):
-        o = matrix_recurrence(q, k, v, g, method=method)
-        grads = jax.grad(functools.partial(loss, method), argnums=range(4))(q, k, v, g)
+        (_, o), grads = value_and_grads(functools.partial(loss, method), q, k, v, g, has_aux=True)
         results[method] = (o,) + tuple(grads)
     with jax.enable_x64(True):
         args64 = tuple(jnp.asarray(t, jnp.float64) for t in (q, k, v, g))
         h0 = jnp.zeros((1, 2, 8, 8), jnp.float64)
 
         def loss64(*args):
-            return jnp.sum(scan_reference(*args, h0, 1.0)[0] * w)
+            o = scan_reference(*args, h0, 1.0)[0]
+            return jnp.sum(o * w), o
 
-        exact = (scan_reference(*args64, h0, 1.0)[0],) + tuple(
-            jax.grad(loss64, argnums=range(4))(*args64)
-        )
+        (_, o64), grads64 = value_and_grads(loss64, *args64, has_aux=True)
+        exact = (o64,) + tuple(grads64)
     names = ("o", "dq", "dk", "dv", "dlog_decay")
     for name, chunked, sequential, want in zip(
         names, results["chunked"], results["sequential"], exact
@@ -359,7 +358,7 @@ def test_auto_picks_a_method_everywhere():
     assert default_matrix_method(4096, "gpu") == "chunked"  # matrix_recurrence_gpu.json
     q, k, v, g, _ = make_inputs((1,), 20, 1, 2, 3, seed=13)
     with jax.enable_x64(True):
-        auto = matrix_recurrence(q, k, v, g)
+        auto = jax.jit(matrix_recurrence)(q, k, v, g)
     np.testing.assert_allclose(
         np.asarray(auto),
         loop_reference(q, k, v, g, np.zeros((1, 1, 2, 3)), 1.0)[0],
@@ -428,6 +427,7 @@ def test_every_method_reproduces_official_hgrn2_1d(golden, method):
         return normed @ p["out_proj.weight"].T + p["out_proj.bias"]
 
     with jax.enable_x64(True):
+        layer = jax.jit(layer)  # one compile for both lower bounds
         np.testing.assert_allclose(
             np.asarray(layer(case.arrays["lower_bound"])), case.arrays["output"], atol=1e-10, rtol=0
         )

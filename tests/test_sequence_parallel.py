@@ -74,6 +74,18 @@ def loss(recurrence, a, x, h0):
     return jnp.sum(jnp.sin(jnp.real(h)) + jnp.imag(h) * w) + jnp.sum(jnp.cos(jnp.real(last)) * w)
 
 
+def outputs_and_grads(recurrence, loss_fn, *inputs):
+    """``recurrence(*inputs)`` and the gradients of ``loss_fn(recurrence, *inputs)`` w.r.t. every
+    input, compiled as one function (eagerly, each small op compiles on its own)."""
+
+    def both(*inputs):
+        argnums = tuple(range(len(inputs)))
+        loss = functools.partial(loss_fn, recurrence)
+        return recurrence(*inputs), jax.grad(loss, argnums)(*inputs)
+
+    return jax.jit(both)(*inputs)
+
+
 @pytest.mark.parametrize(
     "mesh_name, complex_valued, reverse",
     [
@@ -91,13 +103,11 @@ def test_equals_unsharded_with_gradients(mesh_name, complex_valued, reverse):
     unsharded = functools.partial(linear_recurrence, **kwargs)
     mesh = make_mesh(mesh_name)
     sharded = functools.partial(sharded_linear_recurrence, axis_name="seq", **kwargs)
-    want_h, want_last = unsharded(a, x, h0)
-    want_grads = jax.grad(functools.partial(loss, unsharded), argnums=(0, 1, 2))(a, x, h0)
+    (want_h, want_last), want_grads = outputs_and_grads(unsharded, loss, a, x, h0)
     with jax.set_mesh(mesh):
         if "data" in mesh.axis_names:
             a, x, h0 = (jax.device_put(v, P("data")) for v in (a, x, h0))
-        h, last = jax.jit(sharded)(a, x, h0)
-        grads = jax.jit(jax.grad(functools.partial(loss, sharded), argnums=(0, 1, 2)))(a, x, h0)
+        (h, last), grads = outputs_and_grads(sharded, loss, a, x, h0)
     assert h.sharding.spec[1] == "seq"  # the states stay split over the sequence axis
     if "data" in mesh.axis_names:
         assert h.sharding.spec[0] == "data"  # and the batch keeps its own sharding
@@ -115,11 +125,14 @@ def test_pallas_local_scans_broadcast_decay_and_no_h0():
     a = a[0, 0]
     mesh = make_mesh("8-explicit")
     sharded = functools.partial(sharded_linear_recurrence, axis_name="seq", method="pallas")
+
+    def square_loss(recurrence, a, x):
+        return jnp.sum(recurrence(a, x) ** 2)
+
     with jax.set_mesh(mesh):
-        h = jax.jit(sharded)(a, x)
-        da = jax.jit(jax.grad(lambda a, x: jnp.sum(sharded(a, x) ** 2)))(a, x)
-    assert_close(h, linear_recurrence(a, x))
-    want_da = jax.grad(lambda a, x: jnp.sum(linear_recurrence(a, x) ** 2))(a, x)
+        h, (da, _) = outputs_and_grads(sharded, square_loss, a, x)
+    want_h, (want_da, _) = outputs_and_grads(linear_recurrence, square_loss, a, x)
+    assert_close(h, want_h)
     assert_close(da, want_da, scale=10.0)
 
 
@@ -132,8 +145,16 @@ def test_errors_name_the_fix():
             sharded_linear_recurrence(a, x, axis_name="seq")
 
 
-def hgru_loss(layer, x):
-    return jnp.sum(layer(x, 0.3) ** 2)
+def layer_loss(layer, x, mask=None):
+    return jnp.sum(layer(x, 0.3, mask) ** 2)
+
+
+@nnx.jit
+def layer_output_and_grads(layer, x, mask=None):
+    """``layer(x, 0.3, mask)`` and the parameter gradients of :func:`layer_loss`, compiled as one
+    function: the unsharded reference too (run eagerly, its many small ops each compiled cost
+    ~4x the CPU time), and the sharded layer's forward and backward in one compile."""
+    return layer(x, 0.3, mask), nnx.grad(layer_loss)(layer, x, mask)
 
 
 @pytest.mark.slow
@@ -141,13 +162,11 @@ def hgru_loss(layer, x):
 def test_hgru_layer_with_sequence_axis_equals_unsharded(bidirectional):
     layer = HGRU(8, bidirectional=bidirectional, method="sequential", rngs=nnx.Rngs(0))
     x0 = x = jax.random.normal(jax.random.key(1), (2, 16, 8))
-    want = layer(x, 0.3)
-    want_grads = nnx.grad(hgru_loss)(layer, x)
+    want, want_grads = layer_output_and_grads(layer, x)
     layer.sequence_axis = "seq"
     with jax.set_mesh(make_mesh("2x4-explicit")):
         x = jax.device_put(x, P("data"))
-        got = nnx.jit(lambda layer, x: layer(x, 0.3))(layer, x)
-        grads = nnx.jit(nnx.grad(hgru_loss))(layer, x)
+        got, grads = layer_output_and_grads(layer, x)
     assert_close(got, want)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
         assert_close(g, w, scale=10.0)
@@ -164,15 +183,13 @@ def test_hgru_layer_pads_a_length_the_axis_does_not_divide(mesh_name, length):
     with identity steps and equals the unsharded layer, gradients included, in both directions."""
     layer = HGRU(8, bidirectional=True, method="sequential", rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, length, 8))
-    want = layer(x, 0.3)
-    want_grads = nnx.grad(hgru_loss)(layer, x)
+    want, want_grads = layer_output_and_grads(layer, x)
     layer.sequence_axis = "seq"
     mesh = make_mesh(mesh_name)
     with jax.set_mesh(mesh):
         if "data" in mesh.axis_names:
             x = jax.device_put(x, P("data"))
-        got = nnx.jit(lambda layer, x: layer(x, 0.3))(layer, x)
-        grads = nnx.jit(nnx.grad(hgru_loss))(layer, x)
+        got, grads = layer_output_and_grads(layer, x)
     assert got.shape == want.shape
     assert_close(got, want)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
@@ -183,10 +200,11 @@ def test_hgru_layer_pads_a_length_the_axis_does_not_divide(mesh_name, length):
 def test_hgru2d_rows_sharded_equals_unsharded():
     layer = HGRU2D(4, causal=False, method="sequential", rngs=nnx.Rngs(2))
     x = jax.random.normal(jax.random.key(3), (1, 8, 3, 4))
-    want = layer(x, 0.2)
+    forward = nnx.jit(lambda layer, x: layer(x, 0.2))
+    want = forward(layer, x)
     layer.sequence_axis = "seq"
     with jax.set_mesh(make_mesh("8-auto")):
-        got = nnx.jit(lambda layer, x: layer(x, 0.2))(layer, x)
+        got = forward(layer, x)
     assert_close(got, want)
 
 
@@ -259,9 +277,7 @@ def test_matrix_equals_unsharded_with_gradients(mesh_name):
     kwargs = dict(scale=0.7, method="sequential", return_last_state=True)
     unsharded = functools.partial(matrix_recurrence, **kwargs)
     sharded = functools.partial(sharded_matrix_recurrence, axis_name="seq", **kwargs)
-    want_o, want_last = unsharded(q, k, v, g, h0)
-    argnums = (0, 1, 2, 3, 4)
-    want_grads = jax.grad(functools.partial(matrix_loss, unsharded), argnums)(q, k, v, g, h0)
+    (want_o, want_last), want_grads = outputs_and_grads(unsharded, matrix_loss, q, k, v, g, h0)
     shape, names = {"2-auto": ((2,), ("seq",)), "4-explicit": ((4,), ("seq",))}.get(
         mesh_name, ((2, 4), ("data", "seq"))
     )
@@ -271,8 +287,7 @@ def test_matrix_equals_unsharded_with_gradients(mesh_name):
     with jax.set_mesh(mesh):
         if "data" in names:
             inputs = tuple(jax.device_put(t, P("data")) for t in inputs)
-        o, last = jax.jit(sharded)(*inputs)
-        grads = jax.jit(jax.grad(functools.partial(matrix_loss, sharded), argnums))(*inputs)
+        (o, last), grads = outputs_and_grads(sharded, matrix_loss, *inputs)
     assert o.sharding.spec[1] == "seq"  # the outputs stay split over the sequence axis
     if "data" in names:
         assert o.sharding.spec[0] == "data"  # and the batch keeps its own sharding
@@ -284,9 +299,9 @@ def test_matrix_equals_unsharded_with_gradients(mesh_name):
         assert_close_to_scale(got, want)
     # The carries matter: each shard's recurrence from a zero state is O(1) off.
     shards = mesh.shape["seq"]
+    shard_alone = jax.jit(functools.partial(matrix_recurrence, scale=0.7))
     chunks = [
-        matrix_recurrence(*(jnp.split(t, shards, axis=1)[i] for t in (q, k, v, g)), scale=0.7)
-        for i in range(shards)
+        shard_alone(*(jnp.split(t, shards, axis=1)[i] for t in (q, k, v, g))) for i in range(shards)
     ]
     no_carries = jnp.concatenate(chunks, axis=1)
     assert np.max(np.abs(no_carries - want_o)) > 0.1 * np.max(np.abs(want_o))
@@ -301,13 +316,15 @@ def test_matrix_float64_zero_h0_and_chunked_local_scans():
         )
         with jax.set_mesh(make_mesh("8-explicit")):
             o, last = jax.jit(functools.partial(sharded, return_last_state=True))(q, k, v, g)
-        want_o, want_last = matrix_recurrence(q, k, v, g, return_last_state=True)
+        want_o, want_last = jax.jit(matrix_recurrence, static_argnames="return_last_state")(
+            q, k, v, g, return_last_state=True
+        )
     assert o.dtype == last.dtype == jnp.float64
     np.testing.assert_allclose(o, want_o, rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(last, want_last, rtol=1e-12, atol=1e-13)
 
 
-def linear_matrix_loss(recurrence, weights, q, k, v, g, h0):
+def linear_matrix_loss(recurrence, q, k, v, g, h0, *, weights):
     """A fixed weighting of every output and of the final state: the gradients are the
     recurrence's own backward pass for fixed cotangents, with nothing of the loss's rounding."""
     o, last = recurrence(q, k, v, g, h0)
@@ -333,9 +350,8 @@ def float64_matrix_reference(inputs, weights, scale):
         recurrence = functools.partial(
             matrix_recurrence, scale=scale, method="sequential", return_last_state=True
         )
-        o, last = recurrence(*inputs)
-        loss = functools.partial(linear_matrix_loss, recurrence, weights)
-        grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*inputs)
+        loss = functools.partial(linear_matrix_loss, weights=weights)
+        (o, last), grads = outputs_and_grads(recurrence, loss, *inputs)
         return [np.asarray(t) for t in (o, last, *grads)]
 
 
@@ -345,13 +361,21 @@ def sharded_matrix_results(inputs, weights, mesh, scale, **kwargs):
     recurrence = functools.partial(
         sharded_matrix_recurrence, axis_name="seq", scale=scale, return_last_state=True, **kwargs
     )
-    loss = functools.partial(linear_matrix_loss, recurrence, weights)
+    loss = functools.partial(linear_matrix_loss, weights=weights)
     with jax.set_mesh(mesh):
         if "data" in mesh.axis_names:
             inputs = tuple(jax.device_put(t, P("data")) for t in inputs)
-        o, last = jax.jit(recurrence)(*inputs)
-        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*inputs)
+        (o, last), grads = outputs_and_grads(recurrence, loss, *inputs)
     return [o, last, *grads]
+
+
+@functools.cache
+def matrix_case_2x64() -> tuple[tuple, tuple, list]:
+    """Inputs (B, L, H, K) = (2, 64, 2, 3), V = 4, their cotangents and the float64 reference:
+    computed once for the three methods of :func:`test_matrix_against_float64_with_gradients`."""
+    inputs = make_matrix_inputs(shape=(2, 64, 2, 3))
+    weights = matrix_weights(inputs[2], inputs[4])
+    return inputs, weights, float64_matrix_reference(inputs, weights, 0.7)
 
 
 @pytest.mark.parametrize("method", ["sequential", "chunked", "pallas"])
@@ -361,9 +385,7 @@ def test_matrix_against_float64_with_gradients(method):
     the float64 unsharded recurrence: within 2e-6 of each array's largest magnitude. Measured:
     at most 2.5e-7 for every method, as close as the unsharded float32 recurrence (its own
     largest error 1.8-2.7e-7)."""
-    inputs = make_matrix_inputs(shape=(2, 64, 2, 3))
-    weights = matrix_weights(inputs[2], inputs[4])
-    want = float64_matrix_reference(inputs, weights, 0.7)
+    inputs, weights, want = matrix_case_2x64()
     mesh = make_mesh("2x4-explicit")
     got = sharded_matrix_results(inputs, weights, mesh, 0.7, method=method, chunk_size=16)
     assert got[0].sharding.spec[:2] == ("data", "seq")
@@ -389,7 +411,21 @@ def test_matrix_bfloat16_inputs():
         assert np.all(np.abs(np.asarray(g, np.float64) - w) <= atol)
 
 
-@pytest.mark.slow  # 32k steps and a float64 reference: 1-3 s each, 6-11 s on a loaded machine
+@functools.cache
+def long_shards_case(decay: str) -> tuple[tuple, tuple, list]:
+    """:func:`test_matrix_long_shards`' inputs (B, L, H, K) = (1, 32768, 1, 4), V = 4, with log
+    decays uniform in [-5, 0] ("strong") or [-1e-4, 0] ("weak"), their cotangents and the float64
+    reference: computed once for both methods."""
+    rng = np.random.default_rng(3)
+    shape = (1, 2 * 16384, 1, 4)
+    q, k, v, _, h0 = make_matrix_inputs(shape=shape, value_dim=4, seed=3)
+    g = jnp.asarray(rng.uniform(-5.0 if decay == "strong" else -1e-4, 0.0, shape), jnp.float32)
+    inputs = (q, k, v, g, h0)
+    weights = matrix_weights(v, h0)
+    return inputs, weights, float64_matrix_reference(inputs, weights, 0.5)
+
+
+@pytest.mark.slow  # 32k steps; one float64 reference per decay, for both methods: 1-5 s each
 @pytest.mark.parametrize("method", ["sequential", "chunked"])
 @pytest.mark.parametrize("decay", ["strong", "weak"])
 def test_matrix_long_shards(decay, method):
@@ -401,13 +437,7 @@ def test_matrix_long_shards(decay, method):
     unsharded float32 recurrence is as far (up to 4.1e-6 sequential; chunked, 9.2e-6 with
     strong decays: its exp(b_i - b_j) in 64-step chunks whose decays sum to about -160, see
     matrix_recurrence's docstring). Tolerances: 1e-5 sequential, 2e-5 chunked."""
-    rng = np.random.default_rng(3)
-    shape = (1, 2 * 16384, 1, 4)
-    q, k, v, _, h0 = make_matrix_inputs(shape=shape, value_dim=4, seed=3)
-    g = jnp.asarray(rng.uniform(-5.0 if decay == "strong" else -1e-4, 0.0, shape), jnp.float32)
-    inputs = (q, k, v, g, h0)
-    weights = matrix_weights(v, h0)
-    want = float64_matrix_reference(inputs, weights, 0.5)
+    inputs, weights, want = long_shards_case(decay)
     mesh = jax.make_mesh((2,), ("seq",), axis_types=(AxisType.Auto,))
     got = sharded_matrix_results(inputs, weights, mesh, 0.5, method=method)
     for g, w in zip(got, want, strict=True):
@@ -464,24 +494,18 @@ def test_matrix_gradient_saves_no_zero_sized_residuals(steps):
     assert not empty, empty
 
 
-def hgrn2_loss(layer, x, mask=None):
-    return jnp.sum(layer(x, 0.3, mask) ** 2)
-
-
 def assert_layer_matches(layer, x, mesh_name, mask=None):
     """``layer`` with ``sequence_axis="seq"`` on the mesh against itself without it: outputs and
     parameter gradients within 1e-5 of each array's scale (float32 roundings of one value, as
     for the op; the norms and projections are the same computation)."""
-    want = layer(x, 0.3, mask)
-    want_grads = nnx.grad(hgrn2_loss)(layer, x, mask)
+    want, want_grads = layer_output_and_grads(layer, x, mask)
     layer.sequence_axis = "seq"
     mesh = make_mesh(mesh_name)
     with jax.set_mesh(mesh):
         if "data" in mesh.axis_names:
             x = jax.device_put(x, P("data"))
             mask = None if mask is None else jax.device_put(mask, P("data"))
-        got = nnx.jit(lambda layer, x, mask: layer(x, 0.3, mask))(layer, x, mask)
-        grads = nnx.jit(nnx.grad(hgrn2_loss))(layer, x, mask)
+        got, grads = layer_output_and_grads(layer, x, mask)
         jaxpr = jax.make_jaxpr(lambda x, mask: layer(x, 0.3, mask))(x, mask)
     assert _shard_map_outputs(jaxpr.jaxpr), "the layer did not run the sharded recurrence"
     assert got.shape == want.shape
@@ -491,7 +515,7 @@ def assert_layer_matches(layer, x, mesh_name, mask=None):
     return want
 
 
-@pytest.mark.slow  # a layer and its gradient compiled sharded and unsharded: ~4-8 s each
+@pytest.mark.slow  # a layer and its gradient compiled sharded and unsharded: ~2-7 s each
 @pytest.mark.parametrize(
     "layout, bidirectional, mesh_name, length",
     [
@@ -547,11 +571,12 @@ def test_a_layer_on_a_one_device_sequence_axis_is_the_plain_layer(make_layer):
     """A sequence axis of one device runs the plain recurrence (no shard_map), as for HGRU."""
     layer = make_layer()
     x = jax.random.normal(jax.random.key(1), (2, 5, 8))
-    want = layer(x, 0.3)
+    forward = nnx.jit(lambda layer, x: layer(x, 0.3))
+    want = forward(layer, x)
     layer.sequence_axis = "seq"
     mesh = jax.make_mesh((8, 1), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
     with jax.set_mesh(mesh):
-        got = nnx.jit(lambda layer, x: layer(x, 0.3))(layer, x)
+        got = forward(layer, x)
         jaxpr = jax.make_jaxpr(lambda x: layer(x, 0.3))(x)
     assert not _shard_map_outputs(jaxpr.jaxpr)
     assert_close_to_scale(got, want)
@@ -580,7 +605,7 @@ def test_mixer_config_sequence_axis_for_hgrn2_and_fla_hgrn():
 # --- fla's HGRN layer (FlaHGRNAttention): the linear recurrence, as HGRU's
 
 
-@pytest.mark.slow  # a layer and its gradient compiled sharded and unsharded: ~3-6 s each
+@pytest.mark.slow  # a layer and its gradient compiled sharded and unsharded: ~2 s each
 @pytest.mark.parametrize(
     "mesh_name, length, masked",
     [  # the shard_map path is HGRU's (tested on more meshes above): two meshes suffice here
