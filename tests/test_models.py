@@ -515,7 +515,7 @@ def test_float64_cache_keeps_its_dtype_through_a_scanned_decode(mixer):
         lm = HGRNLM(config, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
         ids = _ids(23, (2, 5), 29)
         cache = lm.init_cache(2)
-        _, stepped = lm.step(ids[:, :1], cache)
+        _, stepped = step(lm, ids[:, :1], cache)
         assert [c.dtype for c in cache] == [c.dtype for c in stepped]
         assert all(c.dtype in (jnp.float64, jnp.complex128) for c in cache)
         graphdef, state = nnx.split(lm)
@@ -532,7 +532,7 @@ def test_float64_cache_keeps_its_dtype_through_a_scanned_decode(mixer):
 
         decoded = decode(state, ids).transpose(1, 0, 2)
         assert decoded.dtype == jnp.float64
-        assert _rel_err(decoded, lm(ids)) < 1e-10
+        assert _rel_err(decoded, apply(lm, ids)) < 1e-10
 
 
 # ------------------------------------------------------------------------ generation
@@ -693,11 +693,25 @@ def _left_padded(vocab: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     return rows, ids, mask
 
 
-@pytest.mark.slow  # three compiled prefills and generations per mixer: ~4-5 s each
+def _greedy_alone(lm: HGRNLM, logits: jax.Array, cache: tuple, count: int) -> np.ndarray:
+    """``count`` greedy tokens (count,) of one row from its prefill's ``logits`` (1, T, vocab)
+    and ``cache``, one jitted ``step`` a token: the shapes the prefills of one-token prompts
+    compile already (a ``generate`` of each prompt length compiled one program more each)."""
+    tokens = []
+    for _ in range(count):
+        token = jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(jnp.int32)
+        tokens.append(int(token[0, 0]))
+        logits, cache = step(lm, token, cache)
+    return np.asarray(tokens)
+
+
+@pytest.mark.slow  # per mixer: a compiled batch prefill and generation, three one-row prefills
 @pytest.mark.parametrize("mixer", list(PADDED_MIXERS))
 def test_left_padded_prompts_generate_what_each_prompt_generates_alone(mixer):
     """A left-padded batch with ``prompt_mask``: every row's prefill logits at its real positions,
-    its cache and its greedy tokens are those of the row alone, unpadded. The padded positions
+    its cache and its greedy tokens are those of the row alone, unpadded (greedy: the argmax of
+    each step's logits, decoded with ``step`` from the row's own prefill; that generate is
+    argmax decoding is test_greedy_generation_is_argmax_decoding's). The padded positions
     are identity steps (fla's HGRN: zero inputs to a zero state), so the same recurrence runs
     over the same real tokens; only the batch's matmuls may round differently: 1e-5 of the
     logits' scale (F32_DECODE_RTOL), far below the O(1) change that leaked padding gives. Tokens
@@ -718,8 +732,8 @@ def test_left_padded_prompts_generate_what_each_prompt_generates_alone(mixer):
         assert _rel_err(logits[r, LEFT_T - len(row) :], alone_logits[0]) < F32_DECODE_RTOL
         for layer, alone in zip(cache, alone_cache, strict=True):
             assert _rel_err(layer[r], alone[0]) < F32_DECODE_RTOL
-        alone = generate(lm, row[None], 5, greedy=True)
-        np.testing.assert_array_equal(out[r, LEFT_T:], alone[0, len(row) :])
+        alone = _greedy_alone(lm, alone_logits, alone_cache, 5)
+        np.testing.assert_array_equal(out[r, LEFT_T:], alone)
 
 
 def test_prompt_mask_errors_name_the_argument_and_the_fix(untied_lm):
