@@ -40,6 +40,13 @@ LAYOUTS = {
 }
 BOUND = jnp.linspace(0.1, 0.8, D)
 
+# Jitted calls: one compile per shape instead of every eager op's (the tests' CPU time is
+# mostly compiling).
+mix = nnx.jit(lambda layer, x, mask: layer(x, BOUND, mask=mask))
+mix_step = nnx.jit(lambda layer, x, state, mask: layer.step(x, state, BOUND, mask=mask))
+apply = nnx.jit(lambda model, *args: model(*args))
+lm_step = nnx.jit(lambda lm, ids, cache: lm.step(ids, cache))
+
 
 def _x(seed: int = 1, length: int = L) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), (B, length, D))
@@ -52,13 +59,15 @@ def test_causal_mixer_ignores_the_future_and_bidirectional_sees_it(layout):
     t0 = L // 2
     later = x.at[:, t0 + 1 :].add(1.0)
     causal = LAYOUTS[layout]()
-    np.testing.assert_array_equal(causal(later, BOUND)[:, : t0 + 1], causal(x, BOUND)[:, : t0 + 1])
-    assert float(jnp.abs(causal(later, BOUND) - causal(x, BOUND))[:, t0 + 1 :].max()) > 1e-2
+    got, reference = mix(causal, later, None), mix(causal, x, None)
+    np.testing.assert_array_equal(got[:, : t0 + 1], reference[:, : t0 + 1])
+    assert float(jnp.abs(got - reference)[:, t0 + 1 :].max()) > 1e-2
     both = LAYOUTS[layout](bidirectional=True)
-    assert float(jnp.abs(both(later, BOUND) - both(x, BOUND))[:, 0].max()) > 1e-3
+    reference = mix(both, x, None)
+    assert float(jnp.abs(mix(both, later, None) - reference)[:, 0].max()) > 1e-3
     # Batch rows stay independent.
     row1 = x.at[1].add(1.0)
-    np.testing.assert_array_equal(both(row1, BOUND)[0], both(x, BOUND)[0])
+    np.testing.assert_array_equal(mix(both, row1, None)[0], reference[0])
 
 
 def test_bidirectional_is_the_sum_of_both_scans_before_the_norm():
@@ -76,15 +85,15 @@ def test_bidirectional_is_the_sum_of_both_scans_before_the_norm():
 def test_step_equals_the_full_pass(layout):
     x = _x()
     layer = LAYOUTS[layout]()
-    full = layer(x, BOUND)
+    full = mix(layer, x, None)
     state = layer.init_state(B)
     assert state.shape == (B, layer.num_heads, layer.key_dim, layer.value_dim)
     outs = []
     for start, stop in ((0, 5), (5, 6), (6, L)):  # a prefill, one token, the rest
-        y, state = layer.step(x[:, start:stop], state, BOUND)
+        y, state = mix_step(layer, x[:, start:stop], state, None)
         outs.append(y)
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, **TOL)
-    _, last = layer.step(x, layer.init_state(B), BOUND)
+    _, last = mix_step(layer, x, layer.init_state(B), None)
     np.testing.assert_allclose(state, last, **TOL)
     with pytest.raises(ValueError, match="step\\(\\) needs a causal mixer"):
         LAYOUTS[layout](bidirectional=True).step(x, state, BOUND)
@@ -116,11 +125,11 @@ def test_padding_is_skipped_like_fla_unpadding(layout, bidirectional):
     mask[1, :3] = False
     if bidirectional:
         mask[1, -2:] = False
-    got = layer(x, BOUND, mask=jnp.asarray(mask))
-    alone = layer(x[1:, mask[1]], BOUND)
+    got = mix(layer, x, jnp.asarray(mask))
+    alone = mix(layer, x[1:, mask[1]], None)
     np.testing.assert_allclose(got[1, mask[1]], alone[0], **TOL)
     np.testing.assert_array_equal(got[1, ~mask[1]], 0.0)
-    np.testing.assert_allclose(got[0], layer(x, BOUND)[0], **TOL)
+    np.testing.assert_allclose(got[0], mix(layer, x, None)[0], **TOL)
 
 
 @pytest.mark.slow
@@ -128,7 +137,8 @@ def test_grid_mixer_reaches_exactly_the_row_and_column_and_skips_padding():
     layer = HGRN2D(D, expand_ratio=4, rngs=nnx.Rngs(0))
     grid = jax.random.normal(jax.random.key(4), (B, 5, 7, D))
     i0, j0 = 2, 3
-    changed = jnp.abs(layer(grid.at[:, i0, j0].add(1.0), BOUND) - layer(grid, BOUND)).max(-1)
+    unpadded = mix(layer, grid, None)
+    changed = jnp.abs(mix(layer, grid.at[:, i0, j0].add(1.0), None) - unpadded).max(-1)
     reach = np.zeros((5, 7), bool)
     reach[i0, :] = reach[:, j0] = True
     assert bool(jnp.all(changed[:, ~reach] == 0)) and bool(jnp.all(changed[:, reach] > 0))
@@ -136,8 +146,8 @@ def test_grid_mixer_reaches_exactly_the_row_and_column_and_skips_padding():
     mask = np.ones((B, 5, 8), bool)
     mask[:, :, -1] = False
     padded = jnp.concatenate([grid, jnp.ones((B, 5, 1, D))], axis=2)
-    got = layer(padded, BOUND, mask=jnp.asarray(mask))
-    np.testing.assert_allclose(got[:, :, :7], layer(grid, BOUND), **TOL)
+    got = mix(layer, padded, jnp.asarray(mask))
+    np.testing.assert_allclose(got[:, :, :7], unpadded, **TOL)
     np.testing.assert_array_equal(got[:, :, 7], 0.0)
 
 
@@ -145,12 +155,18 @@ def test_one_wide_heads_are_hgrns_real_scan():
     """With K = V = 1 the state is one number per channel: h_t = lam h_{t-1} + (1 - lam) v."""
     layer = HGRN2(D, expand_ratio=1, rngs=nnx.Rngs(0))
     x = _x()
-    q, k, v, g = (t[..., 0] for t in layer.gates(x, BOUND))
-    h, hs = jnp.zeros((B, D)), []
-    for t in range(L):
-        h = jnp.exp(g[:, t]) * h + k[:, t] * v[:, t]
-        hs.append(q[:, t] * h)
-    np.testing.assert_allclose(layer(x, BOUND), layer.output(jnp.stack(hs, 1), x), **TOL)
+
+    @nnx.jit
+    def real_scan(layer: HGRN2, x: jax.Array) -> jax.Array:
+        """The layer's output (B, L, D) through the scan above, written out step by step."""
+        q, k, v, g = (t[..., 0] for t in layer.gates(x, BOUND))
+        h, hs = jnp.zeros((B, D)), []
+        for t in range(L):
+            h = jnp.exp(g[:, t]) * h + k[:, t] * v[:, t]
+            hs.append(q[:, t] * h)
+        return layer.output(jnp.stack(hs, 1), x)
+
+    np.testing.assert_allclose(mix(layer, x, None), real_scan(layer, x), **TOL)
 
 
 def test_every_parameter_has_logical_axes():
@@ -179,22 +195,22 @@ def test_lm_with_hgrn2_decodes_like_its_forward_pass_and_trains(layout):
     kind = HGRN2 if layout == "official" else FlaHGRN2Attention
     assert all(isinstance(block.mixer, kind) for block in lm.blocks)
     ids = jax.random.randint(jax.random.key(2), (B, 9), 0, 23)
-    full = lm(ids)
+    full = apply(lm, ids)
     assert full.shape == (B, 9, 23)
-    logits, cache = lm.step(ids[:, :4], lm.init_cache(B))
+    logits, cache = lm_step(lm, ids[:, :4], lm.init_cache(B))
     steps = [logits]
     for t in range(4, 9):
-        logits, cache = lm.step(ids[:, t : t + 1], cache)
+        logits, cache = lm_step(lm, ids[:, t : t + 1], cache)
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, **TOL)
     # Greedy generation continues with the arg-max of the full pass at every position.
     out = generate(lm, ids[:, :4], 5, greedy=True)
-    np.testing.assert_array_equal(out[:, 5:], jnp.argmax(lm(out)[:, 4:-1], -1))
+    np.testing.assert_array_equal(out[:, 5:], jnp.argmax(apply(lm, out)[:, 4:-1], -1))
 
     def loss(model):
         return jnp.mean(jax.nn.log_softmax(model(ids))[..., 0])
 
-    grads = nnx.grad(loss)(lm)
+    grads = nnx.jit(nnx.grad(loss))(lm)
     leaves = jax.tree.leaves(grads)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
     assert float(jnp.abs(grads["lower_bounds"]["param"][...]).max()) > 0
@@ -220,10 +236,10 @@ def test_classifier_with_hgrn2_ignores_padding_and_has_finite_gradients(layout):
     ids = jax.random.randint(jax.random.key(3), (B, 7), 1, 13)
     padded = jnp.concatenate([ids, jnp.zeros((B, 4), ids.dtype)], axis=1)
     mask = jnp.arange(11)[None, :] < 7
-    logits = model(ids)
+    logits = apply(model, ids)
     assert logits.shape == (B, 3)
-    np.testing.assert_allclose(model(padded, jnp.broadcast_to(mask, (B, 11))), logits, **TOL)
-    grads = nnx.grad(lambda m: jnp.sum(m(ids) ** 2))(model)
+    np.testing.assert_allclose(apply(model, padded, jnp.broadcast_to(mask, (B, 11))), logits, **TOL)
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(ids) ** 2)))(model)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
@@ -241,7 +257,7 @@ def test_lra_2d_classifier_with_hgrn2():
     )
     model = HGRNClassifier(config, rngs=nnx.Rngs(0))
     assert isinstance(model.blocks[0].mixer, HGRN2D)
-    assert model(jnp.ones((B, 16))).shape == (B, 3)
+    assert apply(model, jnp.ones((B, 16))).shape == (B, 3)
 
 
 @pytest.mark.slow
@@ -255,7 +271,7 @@ def test_image_classifier_with_hgrn2():
     )
     model = HGRNImageClassifier(config, rngs=nnx.Rngs(0))
     assert isinstance(model.blocks[0].mixer, HGRN2) and model.blocks[0].mixer.num_heads == 2
-    assert model(jnp.ones((B, 28, 28, 3))).shape == (B, 5)
+    assert apply(model, jnp.ones((B, 28, 28, 3))).shape == (B, 5)
 
 
 # --------------------------------------------------------------------------- the mixer choice
@@ -381,7 +397,7 @@ def test_wrong_shapes_name_the_argument(layout):
         layer.step(jnp.ones((2, 3, 7)), state, BOUND)
     with pytest.raises(ValueError, match=r"or longer along time.*got mask of shape \(2, 2\)"):
         layer.step(jnp.ones((2, 3, D)), state, BOUND, mask=jnp.ones((2, 2)))
-    layer.step(jnp.ones((2, 3, D)), state, BOUND, mask=jnp.ones((2, 7)))  # longer: accepted
+    mix_step(layer, jnp.ones((2, 3, D)), state, jnp.ones((2, 7)))  # longer: accepted
 
 
 def test_hgrn2_with_an_empty_sequence_or_a_bad_grid_mask():

@@ -2,9 +2,10 @@
 for bit as the runner restores them, the run's test accuracy and validation loss reproduced,
 its errors) and ``python -m experiments.generate`` on a trained LM.
 
-Two tiny runs are made once per module on the suite's 8 simulated CPU devices (so their
+Three tiny runs are made once per module on the suite's 8 simulated CPU devices (so their
 checkpoints are sharded over the mesh and loaded as plain one-device arrays): ListOps (a
-classifier with BatchNorm) and the WikiText-103 LM on its synthetic source.
+classifier with BatchNorm), the WikiText-103 LM on its synthetic source and on a release-layout
+folder with a BPE tokenizer.
 """
 
 from __future__ import annotations
@@ -284,36 +285,6 @@ def test_loaded_lm_gives_the_runner_s_logits_and_its_validation_loss(lm_run, tmp
     assert loss_sum / weight == pytest.approx(logged, rel=1e-5)
 
 
-@pytest.mark.slow  # end-to-end: a training run and two commands
-def test_generate_command_prints_the_greedy_ids_and_refuses_a_classifier(lm_run, listops_run):
-    """--prompt_ids --greedy --checkpoint=2 prints generate(greedy=True)'s ids of that step
-    (a step that is not there is refused), and a classifier's run is one line, exit code 2."""
-    model, _ = load_trained_model(lm_run, 2)
-    want = generate(model, np.asarray([[49, 50, 43]], np.int32), 6, greedy=True)
-    done = _cli(
-        f"--workdir={lm_run}",
-        "--prompt_ids=49,50,43",
-        "--max_new_tokens=6",
-        "--greedy",
-        "--checkpoint=2",
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines() == [",".join(map(str, np.asarray(want)[0]))]
-
-    unknown = _cli(f"--workdir={lm_run}", "--prompt_ids=1", "--max_new_tokens=2", "--checkpoint=3")
-    assert unknown.returncode == 2
-    assert "no checkpoint at step 3; pass one of the steps there: 2, 4" in unknown.stderr
-
-    refused = _cli(f"--workdir={listops_run}", "--prompt_ids=1,2", "--max_new_tokens=2")
-    assert refused.returncode == 2
-    assert refused.stderr.strip().splitlines() == [
-        f"error: ValueError: {listops_run} is a run of task 'listops', whose HGRNClassifier is "
-        "no language model; experiments.generate continues the prompts of LM runs (e.g. "
-        "experiments/configs/lm/wikitext103.py); load this one with "
-        "hgrn_jax.training.load_trained_model (rerun with --traceback for details)"
-    ]
-
-
 @pytest.mark.slow  # end-to-end: a training run
 def test_a_tokenizer_run_decodes_and_takes_text_prompts(lm_run, tmp_path):
     """The synthetic run's config.json rewritten as a byte-tokenizer release run: its
@@ -397,22 +368,26 @@ def test_a_checkpoint_the_run_deletes_while_it_is_read(listops_run, tmp_path, mo
 
 
 @pytest.mark.slow  # end-to-end: a training run and two commands
-def test_generate_encodes_a_text_prompt_with_the_run_s_bpe_tokenizer(bpe_run, tmp_path):
-    """--prompt is encoded with the run's tokenizer.json, the ids are generate(greedy=True)'s and
-    the text their decoding; the run folder moved and its tokenizer gone, the error names the
-    path and --tokenizer_path, which then loads it."""
+def test_generate_command_prints_the_greedy_ids_and_their_text_and_fails_in_one_line(
+    bpe_run, tmp_path
+):
+    """--prompt_ids --greedy --checkpoint=2 prints generate(greedy=True)'s ids of that step and,
+    the run having a tokenizer, their decoding; an error (here: --prompt with the run folder moved
+    and its tokenizer gone, so --prompt reaches the tokenizer) is one line naming the path and
+    --tokenizer_path, exit code 2. The other outcomes of the command are continue_prompt's,
+    checked in-process by the next test (two commands: each starts JAX and compiles generate)."""
     from tokenizers import Tokenizer
 
-    from experiments.generate import continue_prompt
-
-    tokenizer_path = bpe_run.parent / "tokenizer.json"
-    tok = Tokenizer.from_file(str(tokenizer_path))
+    tok = Tokenizer.from_file(str(bpe_run.parent / "tokenizer.json"))
     prompt = tok.encode("The quick brown fox").ids
-    model, _ = load_trained_model(bpe_run)
-    assert model.config.vocab_size == 320
+    model, _ = load_trained_model(bpe_run, 2)
     want = [int(i) for i in np.asarray(generate(model, np.asarray([prompt]), 8, greedy=True))[0]]
     done = _cli(
-        f"--workdir={bpe_run}", "--prompt=The quick brown fox", "--max_new_tokens=8", "--greedy"
+        f"--workdir={bpe_run}",
+        f"--prompt_ids={','.join(map(str, prompt))}",
+        "--max_new_tokens=8",
+        "--greedy",
+        "--checkpoint=2",
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines()[0] == ",".join(map(str, want))
@@ -431,6 +406,36 @@ def test_generate_encodes_a_text_prompt_with_the_run_s_bpe_tokenizer(bpe_run, tm
         "the tokenizer the run was trained with, e.g. --tokenizer_path=/path/to/tokenizer.json "
         "(rerun with --traceback for details)"
     ]
+
+
+@pytest.mark.slow  # end-to-end: two training runs
+def test_generate_encodes_a_text_prompt_with_the_run_s_bpe_tokenizer(
+    bpe_run, listops_run, tmp_path
+):
+    """A text prompt is encoded with the run's tokenizer.json, the ids are generate(greedy=True)'s
+    and the text their decoding; --tokenizer_path stands in for a tokenizer that is gone, and one
+    with more tokens than the run's model is refused; a step that is not there and a
+    classifier's run are refused naming the fix."""
+    from tokenizers import Tokenizer
+
+    from experiments.generate import continue_prompt
+
+    tokenizer_path = bpe_run.parent / "tokenizer.json"
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    prompt = tok.encode("The quick brown fox").ids
+    model, _ = load_trained_model(bpe_run)
+    assert model.config.vocab_size == 320
+    want = [int(i) for i in np.asarray(generate(model, np.asarray([prompt]), 8, greedy=True))[0]]
+    ids, text = continue_prompt(
+        str(bpe_run), prompt_ids=None, prompt="The quick brown fox", max_new_tokens=8, greedy=True
+    )
+    assert ids == want and text == tok.decode(want)
+
+    moved = tmp_path / "moved"
+    shutil.copytree(bpe_run, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["data"]["tokenizer_path"] = str(tmp_path / "gone" / "tokenizer.json")
+    (moved / "config.json").write_text(json.dumps(config))
     ids, text = continue_prompt(
         str(moved),
         prompt_ids=None,
@@ -445,6 +450,19 @@ def test_generate_encodes_a_text_prompt_with_the_run_s_bpe_tokenizer(bpe_run, tm
         continue_prompt(
             str(moved), prompt_ids=None, prompt="T", max_new_tokens=1, tokenizer_path=str(big)
         )
+
+    with pytest.raises(
+        ValueError, match=r"has no checkpoint at step 3; pass one of the steps there: 2, 4"
+    ):
+        continue_prompt(str(bpe_run), prompt_ids=[1], prompt=None, max_new_tokens=2, checkpoint="3")
+    with pytest.raises(ValueError) as refused:
+        continue_prompt(str(listops_run), prompt_ids=[1, 2], prompt=None, max_new_tokens=2)
+    assert str(refused.value) == (
+        f"{listops_run} is a run of task 'listops', whose HGRNClassifier is no language model; "
+        "experiments.generate continues the prompts of LM runs (e.g. "
+        "experiments/configs/lm/wikitext103.py); load this one with "
+        "hgrn_jax.training.load_trained_model"
+    )
 
 
 @pytest.mark.parametrize(
@@ -493,6 +511,8 @@ def test_an_hgrn2_lm_run_loads_and_generates_what_its_full_pass_predicts(tmp_pat
         tmp_path / "cache",
         **{"data.train_bytes": 20_000, "data.eval_bytes": 2_048},
     )
+    # One checkpoint (after 2 steps and an evaluation) is all this test loads.
+    config.num_train_steps = config.eval_every = config.checkpoint_every = 2
     results = train_and_evaluate(config, tmp_path / "run")
     model, loaded = load_trained_model(tmp_path / "run")
     assert loaded.model.mixer.kind == "hgrn2"
