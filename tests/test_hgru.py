@@ -43,6 +43,13 @@ def perturbed(x: jax.Array, index) -> jax.Array:
     return x.at[index].add(3.0)
 
 
+@nnx.jit
+def apply(layer: nnx.Module, x: jax.Array, lower_bound) -> jax.Array:
+    """``layer(x, lower_bound)`` compiled: one program per layer kind, shape and dtype instead of
+    one dispatch per operation (both calls of a comparison run the same program)."""
+    return layer(x, lower_bound)
+
+
 def changed(y0: jax.Array, y1: jax.Array) -> np.ndarray:
     """Positions (all axes but the last) where any feature differs at all."""
     return np.any(np.asarray(y0) != np.asarray(y1), axis=-1)
@@ -57,7 +64,10 @@ def test_causal_hgru_ignores_the_future(method):
     layer = HGRU(D, method=method, rngs=nnx.Rngs(0))
     x = inputs(SEQ)
     t0 = 6
-    y0, y1 = layer(x, 0.5), layer(perturbed(x, (slice(None), slice(t0 + 1, None))), 0.5)
+    y0, y1 = (
+        apply(layer, x, 0.5),
+        apply(layer, perturbed(x, (slice(None), slice(t0 + 1, None))), 0.5),
+    )
     np.testing.assert_array_equal(y1[:, : t0 + 1], y0[:, : t0 + 1])
     assert changed(y0, y1)[:, t0 + 1 :].all()
 
@@ -67,7 +77,7 @@ def test_causal_hgru_ignores_the_future(method):
 def test_bidirectional_hgru_sees_both_ways(separate_phases):
     layer = HGRU(D, bidirectional=True, separate_phases=separate_phases, rngs=nnx.Rngs(0))
     x = inputs(SEQ)
-    y0, y1 = layer(x, 0.5), layer(perturbed(x, (slice(None), 6)), 0.5)
+    y0, y1 = apply(layer, x, 0.5), apply(layer, perturbed(x, (slice(None), 6)), 0.5)
     assert changed(y0, y1).all()
 
 
@@ -76,7 +86,7 @@ def test_causal_hgru2d_reaches_down_and_right():
     layer = HGRU2D(D, causal=True, rngs=nnx.Rngs(0))
     x = inputs(GRID)
     i0, j0 = 2, 3
-    diff = changed(layer(x, 0.5), layer(perturbed(x, (1, i0, j0)), 0.5))
+    diff = changed(apply(layer, x, 0.5), apply(layer, perturbed(x, (1, i0, j0)), 0.5))
     np.testing.assert_array_equal(diff[[0, 2]], False)
     diff = diff[1]
     expected = np.zeros((5, 6), bool)
@@ -91,7 +101,7 @@ def test_four_scan_hgru2d_reaches_the_whole_row_and_column(separate_phases):
     layer = HGRU2D(D, causal=False, separate_phases=separate_phases, rngs=nnx.Rngs(0))
     x = inputs(GRID)
     i0, j0 = 2, 3
-    diff = changed(layer(x, 0.5), layer(perturbed(x, (1, i0, j0)), 0.5))
+    diff = changed(apply(layer, x, 0.5), apply(layer, perturbed(x, (1, i0, j0)), 0.5))
     np.testing.assert_array_equal(diff[[0, 2]], False)
     diff = diff[1]
     expected = np.zeros((5, 6), bool)
@@ -113,7 +123,7 @@ def test_four_scan_hgru2d_reaches_the_whole_row_and_column(separate_phases):
 def test_batch_elements_are_independent(make):
     layer = make()
     x = inputs(GRID if isinstance(layer, HGRU2D) else SEQ)
-    y0, y1 = layer(x, 0.5), layer(perturbed(x, 1), 0.5)
+    y0, y1 = apply(layer, x, 0.5), apply(layer, perturbed(x, 1), 0.5)
     np.testing.assert_array_equal(y1[0], y0[0])
     np.testing.assert_array_equal(y1[2], y0[2])
     assert changed(y0[1], y1[1]).all()
@@ -141,7 +151,7 @@ def test_real_valued_variant():
         "norm/scale": (D,),
         "norm/bias": (D,),
     }
-    y = layer(inputs(SEQ), 0.5)
+    y = apply(layer, inputs(SEQ), 0.5)
     chex.assert_shape(y, SEQ)
     chex.assert_tree_all_finite(y)
     assert HGRU(D, rngs=nnx.Rngs(0)).input_proj.kernel.shape == (D, 2 * D)
@@ -152,7 +162,7 @@ def test_norm_before_gate_changes_the_output():
     norm_first = HGRU(D, norm_before_gate=True, rngs=nnx.Rngs(0))
     gate_first = HGRU(D, norm_before_gate=False, rngs=nnx.Rngs(0))
     chex.assert_trees_all_equal(nnx.state(norm_first), nnx.state(gate_first))
-    y_norm_first, y_gate_first = norm_first(x), gate_first(x)
+    y_norm_first, y_gate_first = apply(norm_first, x, 0.0), apply(gate_first, x, 0.0)
     assert np.abs(y_norm_first - y_gate_first).max() > 1e-2
 
 
@@ -177,7 +187,9 @@ def test_without_forget_gate_the_decay_is_the_lower_bound():
 def test_lower_bound_may_be_a_vector():
     layer = HGRU(D, rngs=nnx.Rngs(0))
     x = inputs(SEQ)
-    np.testing.assert_allclose(layer(x, jnp.full((D,), 0.3)), layer(x, 0.3), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        apply(layer, x, jnp.full((D,), 0.3)), apply(layer, x, 0.3), rtol=1e-6, atol=1e-6
+    )
 
 
 # ------------------------------------------------------------------ initialisation
@@ -216,7 +228,7 @@ def test_each_direction_decays_by_its_own_phase_bit_for_bit(separate_phases):
         expected = jax.lax.complex(lam * jnp.cos(theta), lam * jnp.sin(theta))
         np.testing.assert_array_equal(layer.decay(lam, direction), expected)
     if separate_phases:
-        grads = nnx.grad(lambda layer: jnp.sum(layer.decay(lam, "reverse").imag))(layer)
+        grads = nnx.jit(nnx.grad(lambda layer: jnp.sum(layer.decay(lam, "reverse").imag)))(layer)
         assert not np.any(grads.theta[...]) and np.all(grads.theta_reverse[...] != 0)
 
 
@@ -278,12 +290,13 @@ def test_step_streaming_equals_the_full_call(complex_valued):
     state = layer.init_state(3)
     chex.assert_shape(state, (3, D))
     assert jnp.iscomplexobj(state) == complex_valued
+    step = nnx.jit(lambda layer, x, state: layer.step(x, state, bound))
     outputs = []
     for start, stop in ((0, 5), (5, 6), (6, 12)):  # a prefill, one token, the rest
-        y, state = layer.step(x[:, start:stop], state, bound)
+        y, state = step(layer, x[:, start:stop], state)
         outputs.append(y)
     np.testing.assert_allclose(
-        jnp.concatenate(outputs, axis=1), layer(x, bound), rtol=1e-5, atol=1e-5
+        jnp.concatenate(outputs, axis=1), apply(layer, x, bound), rtol=1e-5, atol=1e-5
     )
 
 
@@ -298,16 +311,18 @@ def test_step_skips_padding_in_the_middle_of_a_chunk(complex_valued):
     x = inputs((2, 9, D), seed=3)
     bound = jnp.linspace(0.1, 0.6, D)
     mask = jnp.ones((2, 9), bool).at[0, 3:5].set(False).at[1, 6].set(False)
-    y0, state = layer.step(x[:, :2], layer.init_state(2), bound)
-    y1, state = layer.step(x[:, 2:], state, bound, mask=mask)
+    # Compiled once per input shape (five programs) instead of op by op for each shape.
+    step = nnx.jit(lambda layer, x, state, mask=None: layer.step(x, state, bound, mask=mask))
+    y0, state = step(layer, x[:, :2], layer.init_state(2))
+    y1, state = step(layer, x[:, 2:], state, mask)
     y = jnp.concatenate([y0, y1], axis=1)
     for row in range(2):
         real = np.flatnonzero(mask[row])
-        want_y, want_state = layer.step(x[row : row + 1, real], layer.init_state(1), bound)
+        want_y, want_state = step(layer, x[row : row + 1, real], layer.init_state(1))
         np.testing.assert_allclose(y[row, real], want_y[0], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(state[row], want_state[0], rtol=1e-5, atol=1e-6)
     # Without the mask the padded positions are real steps, and the state moves.
-    _, unmasked = layer.step(x[:, 2:], layer.step(x[:, :2], layer.init_state(2), bound)[1], bound)
+    _, unmasked = step(layer, x[:, 2:], step(layer, x[:, :2], layer.init_state(2))[1])
     assert not np.allclose(unmasked, state, rtol=1e-3)
     with pytest.raises(
         ValueError,
@@ -360,7 +375,7 @@ def test_bfloat16_activations_stay_close_to_float32(make):
     chex.assert_type(jax.tree.leaves(nnx.state(layer16, nnx.Param)), jnp.float32)
     shape = GRID if isinstance(layer16, HGRU2D) else SEQ
     x = inputs(shape)
-    y16, y32 = layer16(x.astype(jnp.bfloat16), 0.5), layer32(x, 0.5)
+    y16, y32 = apply(layer16, x.astype(jnp.bfloat16), 0.5), apply(layer32, x, 0.5)
     chex.assert_type(y16, jnp.bfloat16)
     scale = float(jnp.abs(y32).max())
     np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=0.05 * scale, rtol=0)

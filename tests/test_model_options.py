@@ -147,7 +147,8 @@ def test_classifier_remat_gives_the_same_gradients():
     def loss(model):
         return jnp.sum(model(ids, mask) ** 2)
 
-    want = nnx.grad(loss)(build(None))
+    # Both compiled: the reference gradient run eagerly, op by op, took about 3.5 CPU-s more.
+    want = nnx.jit(nnx.grad(loss))(build(None))
     got = nnx.jit(nnx.grad(loss))(build("nothing"))
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5)

@@ -37,6 +37,13 @@ def reference(a, x, h0, reverse):
     return out, h
 
 
+def compiled(fn, /, **options):
+    """``fn`` with ``options`` bound, jitted: one compiled program instead of an eager dispatch
+    of each layout operation around the kernels. A new function (and so a new trace) at each
+    call, as ``streaming_options`` is read when tracing."""
+    return jax.jit(functools.partial(fn, **options))
+
+
 def make_inputs(shape, complex_valued, seed=0):
     rng = np.random.default_rng(seed)
     a = rng.uniform(0.6, 1.0, shape)
@@ -65,7 +72,7 @@ SCHEDULE_BLOCKS = {
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_matches_float64_loop_with_h0_and_padding(schedule, complex_valued, reverse):
     a, x, h0 = make_inputs(SHAPE, complex_valued)
-    h, last = pallas_recurrence(a, x, h0, reverse=reverse, **SCHEDULE_BLOCKS[schedule])
+    h, last = compiled(pallas_recurrence, reverse=reverse, **SCHEDULE_BLOCKS[schedule])(a, x, h0)
     want, want_last = reference(a, x, h0, reverse)
     assert h.shape == SHAPE and last.shape == (2, 20)
     assert h.dtype == a.dtype and last.dtype == a.dtype
@@ -76,7 +83,8 @@ def test_matches_float64_loop_with_h0_and_padding(schedule, complex_valued, reve
 @pytest.mark.parametrize("complex_valued", [False, True], ids=["real", "complex"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_linear_recurrence_method_pallas(complex_valued, reverse):
-    """Default tiles, two leading axes, a broadcast decay and the last state."""
+    """Default tiles, two leading axes, a broadcast decay and the last state. Eager (the other
+    value tests compile): the kernel dispatched outside ``jax.jit``."""
     a, x, h0 = make_inputs((2, 3, 29, 5), complex_valued, seed=1)
     a = a[0, 0, 0]  # (C,): one decay per channel, broadcast over batch and time
     h, last = linear_recurrence(a, x, h0, reverse=reverse, method="pallas", return_last_state=True)
@@ -99,11 +107,11 @@ def test_bf16_inputs_accumulate_in_float32(schedule):
     )
     # States written in float32: only float32 rounding on top of the bf16 inputs, so the
     # accumulation did not happen in bf16 (which would be off by ~1e-2 here).
-    h32, last = pallas_recurrence(a16, x16, out_dtype=jnp.float32, **blocks)
+    h32, last = compiled(pallas_recurrence, out_dtype=jnp.float32, **blocks)(a16, x16)
     assert h32.dtype == jnp.float32 and last.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(h32), want.real, atol=F32_ATOL, rtol=F32_ATOL)
     # States written in bf16 by default: one bf16 rounding of each state (relative 2^-8).
-    h16, _ = pallas_recurrence(a16, x16, **blocks)
+    h16, _ = compiled(pallas_recurrence, **blocks)(a16, x16)
     assert h16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(h16, np.float64), want.real, rtol=2**-8, atol=1e-6)
 
@@ -132,8 +140,8 @@ def test_gradients_match_autodiff_of_scan(complex_valued, reverse):
 
     pallas = functools.partial(linear_recurrence, reverse=reverse, method="pallas")
     scan = functools.partial(scan_recurrence, reverse=reverse)
-    got = jax.grad(functools.partial(loss, pallas), argnums=(0, 1, 2))(a, x, h0)
-    want = jax.grad(functools.partial(loss, scan), argnums=(0, 1, 2))(a, x, h0)
+    got = jax.jit(jax.grad(functools.partial(loss, pallas), argnums=(0, 1, 2)))(a, x, h0)
+    want = jax.jit(jax.grad(functools.partial(loss, scan), argnums=(0, 1, 2)))(a, x, h0)
     for g, w_ in zip(got, want):
         assert g.dtype == w_.dtype
         np.testing.assert_allclose(np.asarray(g), np.asarray(w_), atol=1e-4, rtol=1e-4)
@@ -160,15 +168,16 @@ def check_streaming_states(complex_valued, reverse, **options):
     loop at ``SHAPE``."""
     a, x, h0 = make_inputs(SHAPE, complex_valued, seed=5)
     with streaming_options(unroll=4, **options):
-        h, last = pallas_recurrence(a, x, h0, reverse=reverse, **SCHEDULE_BLOCKS["streaming"])
+        run = compiled(pallas_recurrence, reverse=reverse, **SCHEDULE_BLOCKS["streaming"])
+        h, last = run(a, x, h0)
     want, want_last = reference(a, x, h0, reverse)
     np.testing.assert_allclose(np.asarray(h), want, atol=F32_ATOL, rtol=F32_ATOL)
     np.testing.assert_allclose(np.asarray(last), want_last, atol=F32_ATOL, rtol=F32_ATOL)
 
 
-def check_streaming_gradients(complex_valued, reverse, **options):
-    """The streaming schedule's gradients with ``options`` against JAX autodiff of
-    ``lax.scan``, with channels (6) that do not fill the 8-channel block."""
+def streaming_gradient_case(complex_valued):
+    """Inputs ``(2, 37, 6)`` of the streaming gradient checks and their loss ``loss(fn, a, x,
+    h0)``, a fixed weighting of the real and imaginary parts of the states."""
     a, x, h0 = make_inputs((2, 37, 6), complex_valued, seed=6)
     w = np.random.default_rng(7).normal(size=x.shape).astype(np.float32)
 
@@ -176,13 +185,26 @@ def check_streaming_gradients(complex_valued, reverse, **options):
         h = fn(a, x, h0)
         return jnp.sum(jnp.real(h) * w) + jnp.sum(jnp.imag(h) * w[..., ::-1, :])
 
+    return a, x, h0, loss
+
+
+@functools.cache
+def streaming_gradient_reference(complex_valued, reverse):
+    """``(da, dx, dh0)`` of ``streaming_gradient_case``'s loss by JAX autodiff of ``lax.scan``,
+    compiled, and computed once for all the chunkings that are checked against it."""
+    a, x, h0, loss = streaming_gradient_case(complex_valued)
+    scan = functools.partial(scan_recurrence, reverse=reverse)
+    return jax.jit(jax.grad(functools.partial(loss, scan), argnums=(0, 1, 2)))(a, x, h0)
+
+
+def check_streaming_gradients(complex_valued, reverse, **options):
+    """The streaming schedule's gradients with ``options`` against JAX autodiff of
+    ``lax.scan``, with channels (6) that do not fill the 8-channel block."""
+    a, x, h0, loss = streaming_gradient_case(complex_valued)
     pallas = functools.partial(pallas_linear_recurrence, reverse=reverse, schedule="streaming")
     with streaming_options(unroll=4, block_channels=8, **options):
         got = jax.jit(jax.grad(functools.partial(loss, pallas), argnums=(0, 1, 2)))(a, x, h0)
-    want = jax.grad(
-        functools.partial(loss, functools.partial(scan_recurrence, reverse=reverse)),
-        argnums=(0, 1, 2),
-    )(a, x, h0)
+    want = streaming_gradient_reference(complex_valued, reverse)
     for name, g, w_ in zip(("da", "dx", "dh0"), got, want):
         assert g.dtype == w_.dtype and g.shape == w_.shape, name
         np.testing.assert_allclose(
@@ -213,8 +235,13 @@ def test_loads_ahead_changes_the_order_not_the_arithmetic(complex_valued):
         options = dict(chunk_length=10, unroll=4, block_channels=8, loads_ahead=loads_ahead)
         with streaming_options(**options):
             fn = functools.partial(pallas_linear_recurrence, schedule="streaming")
-            h, vjp = jax.vjp(fn, a, x, h0)
-            results.append([h, *vjp(h)])
+
+            @jax.jit
+            def states_and_gradients(a, x, h0):
+                h, vjp = jax.vjp(fn, a, x, h0)
+                return [h, *vjp(h)]
+
+            results.append(states_and_gradients(a, x, h0))
     for name, before, after in zip(("h", "da", "dx", "dh0"), *results):
         np.testing.assert_array_equal(np.asarray(after), np.asarray(before), err_msg=name)
 
@@ -238,17 +265,19 @@ def test_bf16_gradients_accumulate_in_float32(schedule):
             pallas = functools.partial(
                 pallas_linear_recurrence, schedule="streaming", out_dtype=jnp.float32
             )
-        da, dx = jax.grad(functools.partial(loss, pallas), argnums=(0, 1))(a16, x16)
+        da, dx = jax.jit(jax.grad(functools.partial(loss, pallas), argnums=(0, 1)))(a16, x16)
     assert da.dtype == dx.dtype == jnp.bfloat16
     with jax.enable_x64(True):
-        exact = jax.grad(
-            functools.partial(
-                loss,
-                lambda a, x: scan_recurrence(
-                    a, x, jnp.zeros(x.shape[:1] + x.shape[2:], jnp.float64), False
+        exact = jax.jit(
+            jax.grad(
+                functools.partial(
+                    loss,
+                    lambda a, x: scan_recurrence(
+                        a, x, jnp.zeros(x.shape[:1] + x.shape[2:], jnp.float64), False
+                    ),
                 ),
-            ),
-            argnums=(0, 1),
+                argnums=(0, 1),
+            )
         )(jnp.asarray(a16, jnp.float64), jnp.asarray(x16, jnp.float64))
     for got, want in zip((da, dx), exact):
         np.testing.assert_allclose(
@@ -273,12 +302,14 @@ def test_real_decay_with_complex_inputs_gets_a_real_gradient(schedule):
     pallas = functools.partial(pallas_linear_recurrence, schedule=schedule)
     with streaming_options(chunk_length=7, block_channels=8), warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = jax.grad(functools.partial(loss, pallas), argnums=(0, 1, 2))(a, x, h0)
-    want = jax.grad(
-        functools.partial(
-            loss, lambda a, x, h0: scan_recurrence(a.astype(jnp.complex64), x, h0, False)
-        ),
-        argnums=(0, 1, 2),
+        got = jax.jit(jax.grad(functools.partial(loss, pallas), argnums=(0, 1, 2)))(a, x, h0)
+    want = jax.jit(
+        jax.grad(
+            functools.partial(
+                loss, lambda a, x, h0: scan_recurrence(a.astype(jnp.complex64), x, h0, False)
+            ),
+            argnums=(0, 1, 2),
+        )
     )(a, x, h0)
     assert got[0].dtype == jnp.float32
     for g, w_ in zip(got, want):
@@ -429,9 +460,14 @@ def tpu_interpret():
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_tpu_interpret_mode_matches_float64_loop(complex_valued, reverse):
     a, x, h0 = make_inputs(SHAPE, complex_valued, seed=8)
-    h, last = pallas_recurrence(
-        a, x, h0, reverse=reverse, schedule="tiled", block_length=16, interpret=tpu_interpret()
+    run = compiled(
+        pallas_recurrence,
+        reverse=reverse,
+        schedule="tiled",
+        block_length=16,
+        interpret=tpu_interpret(),
     )
+    h, last = run(a, x, h0)
     want, want_last = reference(a, x, h0, reverse)
     assert h.dtype == a.dtype
     np.testing.assert_allclose(np.asarray(h), want, atol=F32_ATOL, rtol=F32_ATOL)
@@ -470,8 +506,13 @@ def test_tpu_interpret_mode_gradients_match_float64_loop(complex_valued, reverse
     fn = functools.partial(
         pallas_linear_recurrence, reverse=reverse, schedule="tiled", interpret=tpu_interpret()
     )
-    h, vjp = jax.vjp(fn, a, x, h0)
-    got = vjp(jnp.asarray(w, h.dtype))
+
+    @jax.jit  # one program: the interpreted kernels are not dispatched op by op
+    def states_and_gradients(a, x, h0, w):
+        h, vjp = jax.vjp(fn, a, x, h0)
+        return h, vjp(w.astype(h.dtype))
+
+    h, got = states_and_gradients(a, x, h0, w)
     np.testing.assert_allclose(np.asarray(h), reference(a, x, h0, reverse)[0], atol=1e-4, rtol=1e-4)
     want = reference_gradients(a, x, h0, w, reverse)
     for name, g, w_ in zip(("da", "dx", "dh0"), got, want):

@@ -274,7 +274,9 @@ def test_real_out_dtype_for_complex_inputs_is_an_error(method):
     a, x, _ = random_inputs((1, 3, 2), complex_valued=True)
     with pytest.raises(ValueError, match=r"out_dtype=float32 would drop the imaginary part"):
         linear_recurrence(a, x, method=method, out_dtype=jnp.float32)
-    assert jnp.iscomplexobj(linear_recurrence(a, x, method=method, out_dtype=jnp.complex64))
+    # The accepted case, compiled: one program instead of one eager dispatch per operation.
+    run = jax.jit(functools.partial(linear_recurrence, method=method, out_dtype=jnp.complex64))
+    assert jnp.iscomplexobj(run(a, x))
 
 
 def test_bfloat16_gradients():
@@ -624,8 +626,10 @@ def test_bad_decay_shapes_and_empty_sequences_name_the_argument(method):
         linear_recurrence(jnp.ones((2, 0, 3)), jnp.ones((2, 0, 3)), method=method)
     with pytest.raises(ValueError, match=r"x has length 0 along the time axis 0"):
         linear_recurrence(jnp.ones(3), jnp.ones((0, 2, 3)), method=method, axis=0)
-    # What still broadcasts is still accepted: per-channel decays, a decay per batch row.
-    for a in (jnp.full((3,), 0.5), jnp.full((2, 1, 3), 0.5)):
-        np.testing.assert_allclose(
-            linear_recurrence(a, jnp.ones((2, 5, 3)), method=method)[:, 0], 1.0
-        )
+    # What still broadcasts is still accepted: per-channel decays, a decay per batch row (both
+    # in one compiled program).
+    per_channel, per_row = jax.jit(
+        lambda *decays: [linear_recurrence(a, jnp.ones((2, 5, 3)), method=method) for a in decays]
+    )(jnp.full((3,), 0.5), jnp.full((2, 1, 3), 0.5))
+    for out in (per_channel, per_row):
+        np.testing.assert_allclose(out[:, 0], 1.0)
