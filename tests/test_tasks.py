@@ -69,11 +69,15 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def task_of(cache_dir):
+    """The tiny preset's task by name, made once per module. Its batches are built in this
+    process (``data.workers=0``; ImageNet's presets start a worker process per CPU, ~7 CPU-s of
+    start-up for a batch): that worker batches equal in-process ones is test_grain_pipeline's
+    and test_data_tfds's check, and the layout and losses here do not depend on it."""
     made = {}
 
     def get(name):
         if name not in made:
-            made[name] = tasks.get_task(tiny_config(name, cache_dir))
+            made[name] = tasks.get_task(tiny_config(name, cache_dir, workers=0))
         return made[name]
 
     return get
