@@ -46,15 +46,25 @@ def test_attention_matches_a_float64_reference(causal):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@nnx.jit
+def _apply(module: nnx.Module, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """``module(x)`` (with ``mask=mask`` when given) compiled whole, not run op by op."""
+    return module(x) if mask is None else module(x, mask=mask)
+
+
 def test_padding_is_never_attended_and_causal_outputs_ignore_the_future():
     layer = SoftmaxAttention(16, num_heads=2, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(2), (1, 7, 16))
     padded = jnp.concatenate([x, 100.0 * jnp.ones((1, 3, 16))], axis=1)
     mask = jnp.arange(10)[None] < 7
-    np.testing.assert_allclose(layer(padded, mask=mask)[:, :7], layer(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        _apply(layer, padded, mask)[:, :7], _apply(layer, x), rtol=1e-5, atol=1e-6
+    )
     causal = SoftmaxAttention(16, num_heads=2, causal=True, rngs=nnx.Rngs(0))
     changed = x.at[:, 5:].set(-3.0)
-    np.testing.assert_allclose(causal(changed)[:, :5], causal(x)[:, :5], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        _apply(causal, changed)[:, :5], _apply(causal, x)[:, :5], rtol=1e-6, atol=1e-6
+    )
 
 
 def test_the_classifier_takes_attention_as_its_mixer_and_errors_are_clear():
@@ -107,13 +117,15 @@ def test_the_lm_with_attention_needs_its_positions_and_cannot_generate():
     swapped = ids.at[:, :2].set(ids[:, 1::-1])
     plain, positioned = lm(False), lm(True)
     later = slice(2, None)
-    np.testing.assert_allclose(plain(swapped)[:, later], plain(ids)[:, later], rtol=1e-5, atol=1e-5)
-    moved = float(jnp.abs(positioned(swapped)[:, later] - positioned(ids)[:, later]).max())
+    np.testing.assert_allclose(
+        _apply(plain, swapped)[:, later], _apply(plain, ids)[:, later], rtol=1e-5, atol=1e-5
+    )
+    moved = float(jnp.abs(_apply(positioned, swapped) - _apply(positioned, ids))[:, later].max())
     assert moved > 1e-2, moved
     # Causal still: a changed future leaves the past alone.
     changed = ids.at[:, 5:].set(0)
     np.testing.assert_allclose(
-        positioned(changed)[:, :5], positioned(ids)[:, :5], rtol=1e-5, atol=1e-6
+        _apply(positioned, changed)[:, :5], _apply(positioned, ids)[:, :5], rtol=1e-5, atol=1e-6
     )
     with pytest.raises(ValueError, match=r"position_encoding=True\) cannot generate"):
         positioned.step(ids, ())
