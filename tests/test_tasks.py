@@ -70,7 +70,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def task_of(cache_dir):
     """The tiny preset's task by name, made once per module. Its batches are built in this
-    process (``data.workers=0``; ImageNet's presets start a worker process per CPU, ~7 CPU-s of
+    process (``data.workers=0``; ImageNet's presets start a worker process per CPU, seconds of
     start-up for a batch): that worker batches equal in-process ones is test_grain_pipeline's
     and test_data_tfds's check, and the layout and losses here do not depend on it."""
     made = {}
