@@ -46,15 +46,25 @@ def test_attention_matches_a_float64_reference(causal):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@nnx.jit
+def _apply(module: nnx.Module, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """``module(x)`` (with ``mask=mask`` when given) compiled whole, not run op by op."""
+    return module(x) if mask is None else module(x, mask=mask)
+
+
 def test_padding_is_never_attended_and_causal_outputs_ignore_the_future():
     layer = SoftmaxAttention(16, num_heads=2, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(2), (1, 7, 16))
     padded = jnp.concatenate([x, 100.0 * jnp.ones((1, 3, 16))], axis=1)
     mask = jnp.arange(10)[None] < 7
-    np.testing.assert_allclose(layer(padded, mask=mask)[:, :7], layer(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        _apply(layer, padded, mask)[:, :7], _apply(layer, x), rtol=1e-5, atol=1e-6
+    )
     causal = SoftmaxAttention(16, num_heads=2, causal=True, rngs=nnx.Rngs(0))
     changed = x.at[:, 5:].set(-3.0)
-    np.testing.assert_allclose(causal(changed)[:, :5], causal(x)[:, :5], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        _apply(causal, changed)[:, :5], _apply(causal, x)[:, :5], rtol=1e-6, atol=1e-6
+    )
 
 
 def test_the_classifier_takes_attention_as_its_mixer_and_errors_are_clear():
@@ -70,9 +80,14 @@ def test_the_classifier_takes_attention_as_its_mixer_and_errors_are_clear():
     model = HGRNClassifier(config, rngs=nnx.Rngs(0))
     assert isinstance(model.blocks[0].mixer, SoftmaxAttention)
     ids = jax.random.randint(jax.random.key(3), (2, 12), 0, 11)
-    logits = model(ids)
+
+    def loss(m: HGRNClassifier, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = m(ids)  # (2, 3)
+        return jnp.sum(logits**2), logits
+
+    # Logits and gradients in one compiled call (eagerly, op by op, they took ~7 CPU-s).
+    (_, logits), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model, ids)
     assert logits.shape == (2, 3) and bool(jnp.all(jnp.isfinite(logits)))
-    grads = nnx.grad(lambda m: jnp.sum(m(ids) ** 2))(model)
     assert float(jnp.abs(grads.blocks[0].mixer.qkv_proj.kernel[...]).sum()) > 0
     with pytest.raises(ValueError, match="num_heads=3 for d = 32"):
         SoftmaxAttention(32, num_heads=3, rngs=nnx.Rngs(0))
@@ -102,13 +117,15 @@ def test_the_lm_with_attention_needs_its_positions_and_cannot_generate():
     swapped = ids.at[:, :2].set(ids[:, 1::-1])
     plain, positioned = lm(False), lm(True)
     later = slice(2, None)
-    np.testing.assert_allclose(plain(swapped)[:, later], plain(ids)[:, later], rtol=1e-5, atol=1e-5)
-    moved = float(jnp.abs(positioned(swapped)[:, later] - positioned(ids)[:, later]).max())
+    np.testing.assert_allclose(
+        _apply(plain, swapped)[:, later], _apply(plain, ids)[:, later], rtol=1e-5, atol=1e-5
+    )
+    moved = float(jnp.abs(_apply(positioned, swapped) - _apply(positioned, ids))[:, later].max())
     assert moved > 1e-2, moved
     # Causal still: a changed future leaves the past alone.
     changed = ids.at[:, 5:].set(0)
     np.testing.assert_allclose(
-        positioned(changed)[:, :5], positioned(ids)[:, :5], rtol=1e-5, atol=1e-6
+        _apply(positioned, changed)[:, :5], _apply(positioned, ids)[:, :5], rtol=1e-5, atol=1e-6
     )
     with pytest.raises(ValueError, match=r"position_encoding=True\) cannot generate"):
         positioned.step(ids, ())

@@ -114,9 +114,12 @@ def test_hgrn2_wikitext103_config_follows_script_lm():
 )
 def test_hgrn2_tiny_presets_build_small_hgrn2_models(name):
     tiny = load(name, "tiny")
-    model = tasks.build_model(tiny, nnx.Rngs(0))
+    # Structure and size from shapes, without initialising weights (the ListOps and WikiText-103
+    # tiny models are built and trained below; the mixers' own tests initialise HGRN2 layers).
+    model = nnx.eval_shape(lambda: tasks.build_model(tiny, nnx.Rngs(0)))
     assert all(isinstance(block.mixer, HGRN2) for block in model.blocks)
-    assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) < 200_000
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert sum(int(np.prod(p.shape)) for p in params) < 200_000
     assert tiny.data.source in ("generated", "synthetic")
     assert tiny.num_train_steps <= 300 and tiny.batch_size <= 64
     assert tasks.get_task(tiny).name == tiny.task
@@ -131,6 +134,8 @@ def test_hgrn2_tiny_presets_build_small_hgrn2_models(name):
 def test_hgrn2_tiny_trains_end_to_end(tmp_path, name):
     config = load(name, "tiny")
     config.data.cache_dir = str(tmp_path / "cache")
+    if name == "listops":  # generated: 4 steps of 8 read 32 examples; the preset makes 4,000
+        config.data.train_examples, config.data.val_examples, config.data.test_examples = 64, 16, 16
     written = fx.train_briefly(config, tmp_path / "run", steps=4)
     assert np.isfinite(written["test_loss"])
     assert written["paper"] == (60.52 if name == "listops" else None)  # HGRN2's; LM: not known

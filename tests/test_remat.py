@@ -83,12 +83,19 @@ def test_classifier_with_batchnorm_mask_and_dropout_unchanged():
 
 
 def test_turning_off_and_bad_policy():
-    lm = HGRNLM(LMConfig(vocab_size=16, features=4, num_layers=1, glu_hidden=8), rngs=nnx.Rngs(0))
+    config = LMConfig(vocab_size=16, features=4, num_layers=1, glu_hidden=8)
+    lm = nnx.eval_shape(lambda: HGRNLM(config, rngs=nnx.Rngs(0)))  # policies only: no weights
     set_remat(lm, "nothing")
     set_remat(lm, None)
     assert lm.blocks[0].remat is None
     with pytest.raises(ValueError, match="unknown remat policy 'all'; use one of"):
         set_remat(lm, "all")
+
+
+def _jitted_grads(model, loss_fn, *inputs):
+    """``nnx.grad(loss_fn)(model, *inputs)`` compiled whole with nnx.jit (op by op, the model's
+    eager gradient took most of this file's time)."""
+    return nnx.jit(nnx.grad(loss_fn))(model, *inputs)
 
 
 def test_everything_policy_is_no_remat_for_complex_models():
@@ -98,17 +105,20 @@ def test_everything_policy_is_no_remat_for_complex_models():
     set through the config)."""
     ids = jnp.arange(8, dtype=jnp.int32).reshape(2, 4) % 10
 
+    def lm_loss(m, ids):
+        return m(ids).mean()
+
     def lm_grads(remat):
         lm = HGRNLM(
             LMConfig(vocab_size=10, features=8, num_layers=1, remat=remat), rngs=nnx.Rngs(0)
         )
-        return nnx.grad(lambda m: m(ids).mean())(lm)
+        return _jitted_grads(lm, lm_loss, ids)
 
     want = lm_grads(None)
     assert_trees_close(lm_grads("everything"), want)
     lm = HGRNLM(LMConfig(vocab_size=10, features=8, num_layers=1), rngs=nnx.Rngs(0))
     set_remat(lm, jax.checkpoint_policies.everything_saveable)  # the callable, via set_remat
-    assert_trees_close(nnx.grad(lambda m: m(ids).mean())(lm), want)
+    assert_trees_close(_jitted_grads(lm, lm_loss, ids), want)
 
     x = jax.random.normal(jax.random.key(3), (2, 6))
 
@@ -118,6 +128,6 @@ def test_everything_policy_is_no_remat_for_complex_models():
         )
         model = HGRNClassifier(config, rngs=nnx.Rngs(2))
         model.eval()
-        return nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+        return _jitted_grads(model, lambda m, x: jnp.sum(m(x) ** 2), x)
 
     assert_trees_close(classifier_grads("everything"), classifier_grads(None))

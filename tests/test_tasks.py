@@ -69,12 +69,31 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def task_of(cache_dir):
+    """The tiny preset's task by name, made once per module. Its batches are built in this
+    process (``data.workers=0``; ImageNet's presets start a worker process per CPU, seconds of
+    start-up for a batch): that worker batches equal in-process ones is test_grain_pipeline's
+    and test_data_tfds's check, and the layout and losses here do not depend on it."""
     made = {}
 
     def get(name):
         if name not in made:
-            made[name] = tasks.get_task(tiny_config(name, cache_dir))
+            made[name] = tasks.get_task(tiny_config(name, cache_dir, workers=0))
         return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def model_of(task_of):
+    """A fresh copy (nnx.clone: its own Variables) of the tiny preset's model built with
+    ``nnx.Rngs(0)``, initialised once per module: the loss and training tests start from the
+    same model, and each may update its copy's BatchNorm statistics."""
+    built = {}
+
+    def get(name: str) -> nnx.Module:
+        if name not in built:
+            built[name] = task_of(name).build_model(nnx.Rngs(0))
+        return nnx.clone(built[name])
 
     return get
 
@@ -172,9 +191,9 @@ def test_eval_covers_every_example_once_over_two_processes(name, cache_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
-def test_loss_fn_runs_and_ignores_padding_rows(name, task_of):
+def test_loss_fn_runs_and_ignores_padding_rows(name, task_of, model_of):
     task = task_of(name)
-    model = task.build_model(nnx.Rngs(0))
+    model = model_of(name)
     batches = task.eval_batches("val", 0, 1)
     batch, other = next(batches), next(batches)
     half = len(batch["weight"]) // 2
@@ -222,9 +241,9 @@ def test_loss_fn_runs_and_ignores_padding_rows(name, task_of):
     "name", ["lra.listops", "lra.retrieval", "lra.image", "imagenet.tiny", "lm.wikitext103"]
 )
 @pytest.mark.slow
-def test_training_loss_has_gradients_and_updates_batchnorm(name, task_of):
+def test_training_loss_has_gradients_and_updates_batchnorm(name, task_of, model_of):
     task = task_of(name)
-    model = task.build_model(nnx.Rngs(0))
+    model = model_of(name)
     stats_before = jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
 
     @nnx.jit
@@ -478,12 +497,12 @@ def test_a_folder_the_source_does_not_read_is_an_error(tmp_path, name, key):
         tasks.get_task(config)
 
 
-def test_generated_listops_reads_through_the_release_reader(tmp_path):
+def test_generated_listops_reads_through_the_release_reader(tmp_path, cache_dir):
     config = tiny_config("lra.listops", tmp_path)
     config.data.lra_dir = str(tmp_path)
     with pytest.raises(ValueError, match=r"data.lra_dir=.*not read by data.source='generated'"):
         tasks.get_task(config)
-    task = tasks.get_task(tiny_config("lra.listops", tmp_path))
+    task = tasks.get_task(tiny_config("lra.listops", cache_dir))  # generated once per module
     assert isinstance(task, tasks.listops.ListOpsGenerated)
     assert task.examples("val")["inputs"].dtype == np.uint8  # the release reader's ids
 
