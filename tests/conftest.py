@@ -120,17 +120,19 @@ USER_COMPILE_TEST = "test_user_compile.py::test_goldens_hold_at_xla_default_comp
 # The files that take longest after the pods (seconds of one xdist worker, 2026-12-03), longest
 # first: started early, they leave the short files to even out the two workers at the end.
 LONG_FILES = (
-    "test_training.py",  # ~200
-    "test_sequence_parallel.py",  # ~110
-    "test_user_compile.py",  # ~60
-    "test_trained_model.py",  # ~60
-    "test_kill_resume.py",  # ~55
-    "test_sharding.py",  # ~50
-    "test_kill_resume_workers.py",  # ~35
-    "test_data_end_to_end.py",  # ~45
-    "test_model_options.py",  # ~37
-    "test_faults.py",  # ~32
-    "test_data_release.py",  # ~32
+    "test_training.py",  # ~120
+    "test_user_compile.py",  # ~75
+    "test_trained_model.py",  # ~65
+    "test_sequence_parallel.py",  # ~60
+    "test_kill_resume.py",  # ~60
+    "test_faults.py",  # ~60
+    "test_pallas.py",  # ~53
+    "test_models.py",  # ~50
+    "test_kill_resume_workers.py",  # ~48
+    "test_grain_pipeline.py",  # ~44
+    "test_data_end_to_end.py",  # ~39
+    "test_model_options.py",  # ~38
+    "test_sharding.py",  # ~37
 )
 
 
