@@ -286,8 +286,7 @@ def test_elastic_restore_between_a_pod_and_one_process(listops, pod_root):
     state, meta = run.restore()
     assert meta["step"] == 6
     restored = flat_arrays(to_checkpoint_tree(state))
-    run.checkpoints.close()
-    run.writer.close()
+    run.close()
     np.testing.assert_equal(restored, checkpoint_arrays(listops["pod"], 6))
     # Then the last 6 steps on 1 x 8 sum in another order than 4 x 2.
     _train_here(args, resumed)

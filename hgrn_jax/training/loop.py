@@ -477,6 +477,12 @@ class Run:
         )
         self.writer = MetricsWriter(self.workdir, enabled=self.primary)
 
+    def close(self) -> None:
+        """Close ``metrics.jsonl``, the TensorBoard writer and the checkpoint manager (after
+        the saves in flight are written)."""
+        self.writer.close()
+        self.checkpoints.close()
+
     # -- checkpoints ---------------------------------------------------------------------------
 
     def restore(self, step: int | None = None) -> tuple[TrainState, dict] | None:
@@ -731,7 +737,23 @@ def _train_and_evaluate(
     config: Any, workdir: Path, task: Any, stop_signals: _StopSignals, step_timeout_s: float
 ) -> dict[str, Any]:
     run = Run(config, workdir, task)
+    try:
+        results = _train_validate_and_test(run, config, workdir, stop_signals, step_timeout_s)
+    except BaseException as error:
+        # A script or notebook that goes on after the error keeps no open file or checkpoint
+        # manager of this run; the error stays the one reported.
+        try:
+            run.close()
+        except Exception as also:
+            error.add_note(f"closing the run after this error failed too: {also!r}")
+        raise
+    run.close()
+    return results
 
+
+def _train_validate_and_test(
+    run: Run, config: Any, workdir: Path, stop_signals: _StopSignals, step_timeout_s: float
+) -> dict[str, Any]:
     total_steps = int(config.num_train_steps)
     eval_every = max(_config_int(config, "eval_every", total_steps), 1)
     ckpt_every = max(_config_int(config, "checkpoint_every", eval_every), 1)
@@ -884,6 +906,4 @@ def _train_and_evaluate(
     }
     if run.primary:
         write_results(workdir, results)
-    run.writer.close()
-    run.checkpoints.close()
     return results
