@@ -282,11 +282,10 @@ def test_elastic_restore_between_a_pod_and_one_process(listops, pod_root):
     from hgrn_jax.training.loop import Run
     from hgrn_jax.training.state import to_checkpoint_tree
 
-    run = Run(_config_of(args), resumed)
-    state, meta = run.restore()
+    with Run(_config_of(args), resumed) as run:
+        state, meta = run.restore()
     assert meta["step"] == 6
     restored = flat_arrays(to_checkpoint_tree(state))
-    run.close()
     np.testing.assert_equal(restored, checkpoint_arrays(listops["pod"], 6))
     # Then the last 6 steps on 1 x 8 sum in another order than 4 x 2.
     _train_here(args, resumed)

@@ -483,6 +483,21 @@ class Run:
         self.writer.close()
         self.checkpoints.close()
 
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, kind, error: BaseException | None, traceback) -> None:
+        """Closes the run however its block ends, so that a script or notebook that goes on
+        after an error keeps no open file or checkpoint manager of it. After an error, that
+        error stays the one raised; a failure to close is added to it as a note."""
+        if error is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as also:
+            error.add_note(f"closing the run after this error failed too: {also!r}")
+
     # -- checkpoints ---------------------------------------------------------------------------
 
     def restore(self, step: int | None = None) -> tuple[TrainState, dict] | None:
@@ -736,19 +751,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
 def _train_and_evaluate(
     config: Any, workdir: Path, task: Any, stop_signals: _StopSignals, step_timeout_s: float
 ) -> dict[str, Any]:
-    run = Run(config, workdir, task)
-    try:
-        results = _train_validate_and_test(run, config, workdir, stop_signals, step_timeout_s)
-    except BaseException as error:
-        # A script or notebook that goes on after the error keeps no open file or checkpoint
-        # manager of this run; the error stays the one reported.
-        try:
-            run.close()
-        except Exception as also:
-            error.add_note(f"closing the run after this error failed too: {also!r}")
-        raise
-    run.close()
-    return results
+    with Run(config, workdir, task) as run:
+        return _train_validate_and_test(run, config, workdir, stop_signals, step_timeout_s)
 
 
 def _train_validate_and_test(
