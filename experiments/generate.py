@@ -14,7 +14,8 @@ Output: one line with the token ids, comma-separated (the prompt's, then the new
 the run's data have a tokenizer (``data.tokenizer_path`` of its config.json: GPT-2's files, or
 ``bytes``), their decoded text after it (from the next line on). ``--prompt`` (text, instead of
 ``--prompt_ids``) needs that tokenizer; ``--tokenizer_path`` points at it where it has moved since
-(a relative ``data.tokenizer_path`` is read from the current folder).
+(a relative ``data.tokenizer_path`` is read from the current folder). Standard error names the
+checkpoint's step (``generated with the checkpoint at step 4 of RUN (--checkpoint=best)``).
 
 User errors (a bad flag, a folder that is not a run, a run that is not a language model, a
 checkpoint that cannot be loaded) print one line naming the file or value and the fix, exit code
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from absl import app, flags
@@ -143,6 +145,17 @@ def check_flags(
         )
 
 
+class Continuation(NamedTuple):
+    """What :func:`continue_prompt` gives back."""
+
+    ids: list[int]
+    """The prompt's token ids, then the new ones."""
+    text: str | None
+    """Their decoding, where the run has a tokenizer."""
+    step: int
+    """The step of the checkpoint that generated them (which one ``best`` or ``latest`` named)."""
+
+
 def continue_prompt(
     workdir: str,
     *,
@@ -156,9 +169,9 @@ def continue_prompt(
     top_p: float | None = None,
     seed: int = 0,
     tokenizer_path: str | None = None,
-) -> tuple[list[int], str | None]:
-    """The prompt and its ``max_new_tokens`` new tokens (ids), and their text where the run has
-    a tokenizer (else None). Exactly one of ``prompt_ids`` and ``prompt`` (text) is given;
+) -> Continuation:
+    """The prompt and its ``max_new_tokens`` new tokens (ids), their text where the run has a
+    tokenizer (else None) and the checkpoint's step (:class:`Continuation`). Exactly one of ``prompt_ids`` and ``prompt`` (text) is given;
     ``tokenizer_path`` stands in for the run's ``data.tokenizer_path``.
     ValueError / FileNotFoundError with a one-line message for what the user can mend."""
     import jax
@@ -185,7 +198,7 @@ def continue_prompt(
         prompt_ids = tokenizer.encode(prompt)
         if not prompt_ids:
             raise ValueError("--prompt='' has no tokens; pass some text or --prompt_ids")
-    model, config = load_trained_model(workdir, checkpoint)
+    model, config, step = load_trained_model(workdir, checkpoint, return_step=True)
     if not (hasattr(model, "init_cache") and hasattr(model, "step")):
         raise ValueError(
             f"{workdir} is a run of task {config.task!r}, whose {type(model).__name__} is no "
@@ -217,7 +230,7 @@ def continue_prompt(
             tokenizer = tokenizer_of(config, workdir, tokenizer_path)
         except (ValueError, OSError) as error:  # ids without their text still answer
             print(f"warning: no decoded text: {cli.one_line(str(error))}", file=sys.stderr)
-    return ids, tokenizer.decode(ids) if tokenizer is not None else None
+    return Continuation(ids, tokenizer.decode(ids) if tokenizer is not None else None, step)
 
 
 def main(argv: list[str]) -> None:
@@ -232,7 +245,7 @@ def main(argv: list[str]) -> None:
     given = flags.FLAGS
     try:
         prompt_ids = parse_ids(given.prompt_ids) if given.prompt_ids is not None else None
-        ids, text = continue_prompt(
+        ids, text, step = continue_prompt(
             given.workdir,
             prompt_ids=prompt_ids,
             prompt=given.prompt,
@@ -249,6 +262,11 @@ def main(argv: list[str]) -> None:
         if given.traceback:
             raise
         cli.fail(f"{type(error).__name__}: {error} (rerun with --traceback for details)")
+    print(
+        f"generated with the checkpoint at step {step} of {given.workdir} "
+        f"(--checkpoint={given.checkpoint})",
+        file=sys.stderr,
+    )
     print(",".join(map(str, ids)))
     if text is not None:
         print(text)

@@ -170,10 +170,12 @@ def test_latest_and_a_step_number_load_those_checkpoints(listops_run, tmp_path):
         )
         (copy / "checkpoints" / str(step) / "integrity.json").unlink()  # metrics changed
     with pytest.warns(CheckpointUnverifiedWarning, match="loading it unverified"):
-        best, _ = load_trained_model(copy, "best")
+        best, _, best_at = load_trained_model(copy, "best", return_step=True)
+    assert best_at == 2
     for got, want in zip(_plain(nnx.state(best, nnx.Param)), _plain(state.params), strict=True):
         np.testing.assert_array_equal(got, want)
-    latest, _ = load_trained_model(listops_run, "latest")
+    latest, _, latest_at = load_trained_model(listops_run, "latest", return_step=True)
+    assert latest_at == 4
     restored_4, _ = runner.restore(4)
     for got, want in zip(
         _plain(nnx.state(latest, nnx.Param)), _plain(restored_4.params), strict=True
@@ -304,7 +306,7 @@ def test_a_tokenizer_run_decodes_and_takes_text_prompts(lm_run, tmp_path):
     assert best_step(run) == 4  # perplexity: the lowest wins
     (run / "checkpoints" / "2" / "metrics" / "metrics").write_text('{"val_perplexity": 1.0}')
     assert best_step(run) == 2
-    ids, text = continue_prompt(
+    ids, text, step = continue_prompt(
         str(run),
         prompt_ids=None,
         prompt="12+3",
@@ -312,7 +314,7 @@ def test_a_tokenizer_run_decodes_and_takes_text_prompts(lm_run, tmp_path):
         checkpoint="latest",
         greedy=True,
     )
-    assert ids[:4] == list(b"12+3") and len(ids) == 8
+    assert ids[:4] == list(b"12+3") and len(ids) == 8 and step == 4
     assert text == bytes(ids).decode("utf-8", errors="replace")
 
 
@@ -372,7 +374,8 @@ def test_generate_command_prints_the_greedy_ids_and_their_text_and_fails_in_one_
     bpe_run, tmp_path
 ):
     """--prompt_ids --greedy --checkpoint=2 prints generate(greedy=True)'s ids of that step and,
-    the run having a tokenizer, their decoding; an error (here: --prompt with the run folder moved
+    the run having a tokenizer, their decoding, and names step 2 on standard error (the tiny
+    run's greedy ids are the same at steps 2 and 4); an error (here: --prompt with the run folder moved
     and its tokenizer gone, so --prompt reaches the tokenizer) is one line naming the path and
     --tokenizer_path, exit code 2. The other outcomes of the command are continue_prompt's,
     checked in-process by the next test (two commands: each starts JAX and compiles generate)."""
@@ -390,6 +393,7 @@ def test_generate_command_prints_the_greedy_ids_and_their_text_and_fails_in_one_
         "--checkpoint=2",
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    assert f"generated with the checkpoint at step 2 of {bpe_run} (--checkpoint=2)\n" in done.stderr
     assert done.stdout.splitlines()[0] == ",".join(map(str, want))
     assert "\n".join(done.stdout.splitlines()[1:]) == tok.decode(want)
 
@@ -426,17 +430,17 @@ def test_generate_encodes_a_text_prompt_with_the_run_s_bpe_tokenizer(
     model, _ = load_trained_model(bpe_run)
     assert model.config.vocab_size == 320
     want = [int(i) for i in np.asarray(generate(model, np.asarray([prompt]), 8, greedy=True))[0]]
-    ids, text = continue_prompt(
+    ids, text, step = continue_prompt(
         str(bpe_run), prompt_ids=None, prompt="The quick brown fox", max_new_tokens=8, greedy=True
     )
-    assert ids == want and text == tok.decode(want)
+    assert ids == want and text == tok.decode(want) and step == best_step(bpe_run)
 
     moved = tmp_path / "moved"
     shutil.copytree(bpe_run, moved)
     config = json.loads((moved / "config.json").read_text())
     config["data"]["tokenizer_path"] = str(tmp_path / "gone" / "tokenizer.json")
     (moved / "config.json").write_text(json.dumps(config))
-    ids, text = continue_prompt(
+    ids, text, _ = continue_prompt(
         str(moved),
         prompt_ids=None,
         prompt="The quick brown fox",

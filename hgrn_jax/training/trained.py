@@ -190,9 +190,13 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
 
 
 def load_trained_model(
-    workdir: str | Path, checkpoint: str | int = "best"
-) -> tuple[nnx.Module, ml_collections.ConfigDict]:
-    """The model of run folder ``workdir`` at one of its checkpoints, and the run's config.
+    workdir: str | Path, checkpoint: str | int = "best", *, return_step: bool = False
+) -> (
+    tuple[nnx.Module, ml_collections.ConfigDict] | tuple[nnx.Module, ml_collections.ConfigDict, int]
+):
+    """The model of run folder ``workdir`` at one of its checkpoints, and the run's config
+    (and, with ``return_step``, the step of the checkpoint loaded: which one ``"best"`` or
+    ``"latest"`` named).
 
     ``checkpoint``: ``"best"`` (the checkpoint with the best validation metric, the one the
     run tested: ``results.json``'s ``best_step``), ``"latest"`` or a step (an int, or its
@@ -221,7 +225,8 @@ def load_trained_model(
     for attempt in range(_ATTEMPTS):
         step = _choose_step(workdir, checkpoint)
         try:
-            return _load_step(workdir, config, step), config
+            model = _load_step(workdir, config, step)
+            return (model, config, step) if return_step else (model, config)
         except ValueError:
             # A run still training deletes its older checkpoints (and a former best) as it
             # saves new ones; one may go while it is read. 'best' / 'latest' then name another.
