@@ -115,12 +115,8 @@ def main(argv: list[str]) -> None:
     from hgrn_jax.data.grain_pipeline import InputWorkerLost
     from hgrn_jax.training.agreement import StoppedByProcessZero
     from hgrn_jax.training.checkpoint import CheckpointError
-    from hgrn_jax.training.loop import (
-        PREEMPTED_EXIT_CODE,
-        NonFiniteLossError,
-        Preempted,
-        train_and_evaluate,
-    )
+    from hgrn_jax.training.loop import NonFiniteLossError, train_and_evaluate
+    from hgrn_jax.training.preemption import PREEMPTED_EXIT_CODE, Preempted
     from hgrn_jax.training.workdir import WorkdirError
 
     user_errors = (

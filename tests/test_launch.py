@@ -458,7 +458,7 @@ def test_each_process_reads_only_its_share():
 def test_lost_peer_and_stall_messages_say_how_a_restart_run_resumes():
     """A run started with --config.resume=restart: the same command would start again at step
     0, so the monitors' messages name --config.resume=auto, as the preemption message does."""
-    from hgrn_jax.training.loop import how_to_resume
+    from hgrn_jax.training.preemption import how_to_resume
 
     hint = how_to_resume("restart")
     assert "--config.resume=auto" in hint and "step 0" in hint

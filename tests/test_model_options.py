@@ -221,7 +221,7 @@ def test_runner_config_names_the_mixer_key_fla_does_not_have():
     from experiments.configs.lm import wikitext103
     from hgrn_jax import tasks
     from hgrn_jax.tasks.base import IgnoredSettingWarning
-    from hgrn_jax.training.loop import check_config_values
+    from hgrn_jax.training.config_checks import check_config_values
 
     config = wikitext103.get_config("tiny")
     config.model.mixer.layout = "fla"

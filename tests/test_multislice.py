@@ -130,7 +130,7 @@ def test_misfits_name_the_axes_slices_and_fix():
 
 
 def test_runner_check_names_config_keys_for_slices():
-    from hgrn_jax.training.loop import check_mesh_and_batches
+    from hgrn_jax.training.config_checks import check_mesh_and_batches
 
     config = ml_collections.ConfigDict({"mesh": {"data": -1, "fsdp": 1, "model": 8}})
     with pytest.raises(ValueError) as error:

@@ -37,13 +37,8 @@ from hgrn_jax import sharding
 from hgrn_jax.nn import HGRNLM, LMConfig
 from hgrn_jax.training import optim
 from hgrn_jax.training.checkpoint import CheckpointFallbackWarning, Checkpoints
-from hgrn_jax.training.loop import (
-    NonFiniteLossError,
-    Run,
-    check_run_lengths,
-    resolve_task,
-    train_and_evaluate,
-)
+from hgrn_jax.training.config_checks import check_run_lengths
+from hgrn_jax.training.loop import NonFiniteLossError, Run, resolve_task, train_and_evaluate
 from hgrn_jax.training.state import create_train_state, merge_model
 from hgrn_jax.training.steps import make_train_step
 
@@ -293,7 +288,7 @@ def test_bad_mesh_or_batch_sizes_stop_the_run_naming_the_key_before_writing(
 def test_mesh_check_resolves_sizes_and_counts_processes():
     """-1 takes the devices the other axes leave; a pod's processes must each feed their own
     rows, so data x fsdp must be a multiple of the process count."""
-    from hgrn_jax.training.loop import check_mesh_and_batches
+    from hgrn_jax.training.config_checks import check_mesh_and_batches
 
     config = toy_config()
     config.mesh.update(data=-1, fsdp=2, model=2)
@@ -306,7 +301,7 @@ def test_mesh_check_resolves_sizes_and_counts_processes():
 def test_mesh_check_takes_sequence_axis_for_hgrn_and_hgrn2_not_attention():
     """HGRN (both layouts: fla's HGRN splits its sequence too) and HGRN2 (both layouts);
     attention may not, and the error names the fix."""
-    from hgrn_jax.training.loop import check_mesh_and_batches
+    from hgrn_jax.training.config_checks import check_mesh_and_batches
 
     config = toy_config()
     config.mesh.update(data=4, fsdp=1, model=2)
@@ -787,11 +782,11 @@ def test_a_first_ctrl_c_asks_for_a_stop_and_a_second_or_a_late_one_interrupts(ca
     the last checkpoint. The first one in the training loop now asks for a stop after the
     step, as SIGTERM does, and says so at once; the second, or one before or after the loop
     (nothing to save yet, or nothing left), interrupts."""
-    from hgrn_jax.training import loop
+    from hgrn_jax.training import preemption
 
     assert threading.current_thread() is threading.main_thread()  # handlers need it
     before = signal.getsignal(signal.SIGINT)
-    with loop._StopSignals() as stop:
+    with preemption.StopSignals() as stop:
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)  # start-up: data preparation, compilation
         assert not stop.requested
@@ -805,7 +800,7 @@ def test_a_first_ctrl_c_asks_for_a_stop_and_a_second_or_a_late_one_interrupts(ca
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
-    with loop._StopSignals() as stop:
+    with preemption.StopSignals() as stop:
         signal.raise_signal(signal.SIGTERM)
         assert stop.requested and stop.signal_name == "SIGTERM"  # also before the loop
         stop.training(True)
@@ -815,13 +810,13 @@ def test_a_first_ctrl_c_asks_for_a_stop_and_a_second_or_a_late_one_interrupts(ca
             signal.raise_signal(signal.SIGINT)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # e.g. `train ... &` in a shell script
     try:
-        with loop._StopSignals() as stop:
+        with preemption.StopSignals() as stop:
             stop.training(True)
             signal.raise_signal(signal.SIGINT)
             assert not stop.requested and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
-    assert str(loop.Preempted(4, "w", signal_name="SIGINT")) == (
+    assert str(preemption.Preempted(4, "w", signal_name="SIGINT")) == (
         "interrupted (SIGINT): saved a checkpoint at step 4 in w; run the same command again to "
         "resume"
     )
@@ -866,22 +861,22 @@ def test_preemption_message_says_how_to_resume_a_run_started_with_restart(tmp_pa
     """Under --config.resume=restart the message said "run the same command again to resume",
     which moved the run aside and started again at step 0 (a requeued job started over at
     every preemption). It now says --config.resume=auto, and that command resumes."""
-    from hgrn_jax.training import loop
+    from hgrn_jax.training import preemption
     from hgrn_jax.training.workdir import ConfigChangeWarning
 
-    assert str(loop.Preempted(4, "w")).endswith("run the same command again to resume")
-    real = loop._stop_requests
-    monkeypatch.setattr(loop, "_stop_requests", lambda done, p, o: real(done, done == 4, o))
+    assert str(preemption.Preempted(4, "w")).endswith("run the same command again to resume")
+    real = preemption.stop_requests
+    monkeypatch.setattr(preemption, "stop_requests", lambda done, p, o: real(done, done == 4, o))
     config = toy_config()
     config.resume = "restart"
-    with pytest.raises(loop.Preempted) as preempted:
+    with pytest.raises(preemption.Preempted) as preempted:
         train_and_evaluate(config, tmp_path, task=ToyTask(config))
     message = str(preempted.value)
     assert message.startswith(f"preempted (SIGTERM): saved a checkpoint at step 4 in {tmp_path}")
     assert "run the command again with --config.resume=auto" in message
     assert "--config.resume=restart, would move this run aside and start again at step 0" in message
     assert "run the same command again to resume" not in message
-    monkeypatch.setattr(loop, "_stop_requests", real)
+    monkeypatch.setattr(preemption, "stop_requests", real)
     config.resume = "auto"  # what the message says: resumes at step 4, nothing moved aside
     with pytest.warns(ConfigChangeWarning, match="resume: 'restart' -> 'auto'"):
         assert train_and_evaluate(config, tmp_path, task=ToyTask(config))["steps"] == 12

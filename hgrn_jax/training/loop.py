@@ -1,7 +1,8 @@
 """``train_and_evaluate(config, workdir)``: the whole run, resumable and preemption-safe.
 
-Steps: lock the workdir and compare its config.json with the new config
-(:mod:`hgrn_jax.training.workdir`); build the task and a sharded train state; resume from the
+Steps: check the config (:mod:`hgrn_jax.training.config_checks`); lock the workdir and compare
+its config.json with the new config (:mod:`hgrn_jax.training.workdir`); build the task
+(:mod:`hgrn_jax.training.task_choice`) and a sharded train state; resume from the
 newest usable checkpoint in ``workdir/checkpoints`` (the data position is the input pipeline's
 state saved with it, or the saved step for checkpoints without one; damaged checkpoints are moved
 aside, see :mod:`hgrn_jax.training.checkpoint`) and only then replace ``config.json`` (a
@@ -12,9 +13,10 @@ best one is kept); checkpoint every ``checkpoint_every`` steps; at the end evalu
 with the best validation checkpoint and write ``results.json``.
 
 Stopping:
-- SIGTERM (preemption): the current step finishes, a checkpoint is written, and
-  :class:`Preempted` is raised; ``experiments.train`` turns it into exit code
-  :data:`PREEMPTED_EXIT_CODE`. Running the same command again resumes from that step; a run
+- SIGTERM (preemption) or a first Ctrl-C (:mod:`hgrn_jax.training.preemption`): the current
+  step finishes, a checkpoint is written, and :class:`~hgrn_jax.training.preemption.Preempted`
+  is raised; ``experiments.train`` turns it into exit code
+  :data:`~hgrn_jax.training.preemption.PREEMPTED_EXIT_CODE` (130, by SIGINT, after a Ctrl-C). Running the same command again resumes from that step; a run
   started with ``--config.resume=restart`` or ``force`` is resumed with
   ``--config.resume=auto``, as the message says (the same command with ``restart`` would start
   again at step 0).
@@ -32,12 +34,7 @@ Accuracy is reported in percent (as the paper's tables); perplexity as exp(mean 
 
 from __future__ import annotations
 
-import inspect
 import math
-import multiprocessing
-import os
-import signal
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -48,9 +45,17 @@ import numpy as np
 
 from hgrn_jax import sharding
 from hgrn_jax.tasks.protocol import Task
-from hgrn_jax.training import agreement, optim, podlog, preflight, watchdog
+from hgrn_jax.training import agreement, optim, podlog, preemption, preflight, watchdog
 from hgrn_jax.training.checkpoint import CheckpointError, Checkpoints, DamagedCheckpointError
+from hgrn_jax.training.config_checks import (
+    check_config_values,
+    check_mesh_and_batches,
+    check_not_in_a_worker_process,
+    config_int,
+    time_budget,
+)
 from hgrn_jax.training.logging import MetricsWriter, write_config, write_results
+from hgrn_jax.training.preemption import Preempted, StopSignals, how_to_resume
 from hgrn_jax.training.state import (
     TrainState,
     abstract_checkpoint_tree,
@@ -67,6 +72,7 @@ from hgrn_jax.training.steps import (
     make_eval_step,
     make_train_step,
 )
+from hgrn_jax.training.task_choice import check_task_name, resolve_task
 from hgrn_jax.training.workdir import (
     ConfigChangeWarning,
     WorkdirError,
@@ -79,15 +85,6 @@ from hgrn_jax.training.workdir import (
     resume_choice,
 )
 
-PREEMPTED_EXIT_CODE = 0
-"""Exit code of ``experiments.train`` after a SIGTERM: the checkpoint is safe; rerun to resume.
-(After a Ctrl-C it ends by SIGINT, as an interrupted program should, so that the shell or
-script that ran it stops too.)"""
-
-
-PREEMPTION_CHECK_EVERY = 10
-"""In multi-process runs, how often (in steps) the processes agree on whether to stop."""
-
 
 class InputStateWarning(UserWarning):
     """A checkpoint without the input pipeline's state: the input resumes at its step."""
@@ -95,38 +92,6 @@ class InputStateWarning(UserWarning):
 
 class NonFiniteLossError(RuntimeError):
     """The training loss or gradient became NaN or infinite."""
-
-
-class Preempted(Exception):
-    """SIGTERM (or a first Ctrl-C, SIGINT) arrived; a checkpoint at ``step`` was written.
-
-    The message says how to resume: with ``resume="auto"`` (the default) the same command
-    again; with another ``config.resume``, the command with ``--config.resume=auto`` (the same
-    command with ``restart`` would move the run aside and start again at step 0).
-    """
-
-    def __init__(
-        self, step: int, workdir: str | Path, resume: str = "auto", signal_name: str = "SIGTERM"
-    ):
-        self.step, self.workdir, self.resume = step, workdir, resume
-        self.signal_name = signal_name
-        how = "interrupted" if signal_name == "SIGINT" else "preempted"
-        saved = f"{how} ({signal_name}): saved a checkpoint at step {step} in {workdir}; "
-        super().__init__(saved + how_to_resume(resume))
-
-
-def how_to_resume(resume: str) -> str:
-    """How a stopped run's messages say to resume it, for its ``config.resume`` choice: the
-    same command with ``auto``; otherwise the command with ``--config.resume=auto``."""
-    if resume == "auto":
-        return watchdog.RESUME_HINT
-    how = "to resume, run the command again with --config.resume=auto"
-    if resume == "restart":
-        how += (
-            " (the same command, with --config.resume=restart, would move this run aside and "
-            "start again at step 0)"
-        )
-    return how
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,274 +115,8 @@ def summarize(sums: dict[str, float], metric: str) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Preemption
-# ----------------------------------------------------------------------------------------------
-
-
-class _StopSignals:
-    """Sets ``requested`` on SIGTERM, or on a first SIGINT (Ctrl-C) while the training loop
-    runs, while it is entered (from the main thread only); restores the previous handlers on
-    exit.
-
-    A first Ctrl-C in the training loop (:meth:`training`) says at once that the run will stop
-    after the step and save; a second one, or one before the loop (building, preparing data:
-    nothing to save yet) or after it (the test evaluation), raises :class:`KeyboardInterrupt`
-    as usual. A SIGTERM is noted whenever it comes (a preemption notice during start-up stops
-    the run at its first step).
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested = False
-        self.signal_name: str | None = None
-        self._training = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                if signum == signal.SIGINT and signal.getsignal(signum) == signal.SIG_IGN:
-                    continue  # started ignoring Ctrl-C (a script's background job): keep it so
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def training(self, running: bool) -> None:
-        """Whether the training loop runs, where a first Ctrl-C saves before it stops."""
-        self._training = running
-
-    def _handle(self, signum, frame) -> None:
-        del frame
-        interrupt = signum == signal.SIGINT
-        if interrupt and (not self._training or self.signal_name == "SIGINT"):
-            raise KeyboardInterrupt
-        if interrupt:
-            # os.write: the main thread, which runs this handler, may be inside a print.
-            os.write(
-                2,
-                b"\ninterrupted (SIGINT): stopping after this step and saving a checkpoint; "
-                b"press Ctrl-C again to stop at once (the last complete checkpoint is kept)\n",
-            )
-        self.requested = True
-        self.signal_name = self.signal_name or signal.Signals(signum).name
-
-    def __exit__(self, *exc) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-
-
-def _stop_requests(step: int, preempted: bool, out_of_time: bool) -> tuple[bool, bool]:
-    """(preempted, out_of_time) after ``step``, each true on every process when it is true on
-    any (SIGTERM received, the time budget spent), decided at the same step everywhere.
-
-    One process takes its flags after every step. Several processes must stop at the same step,
-    so they compare flags (one small all-gather for both, which waits for the devices) every
-    :data:`PREEMPTION_CHECK_EVERY` steps only, keeping the step pipeline full in between.
-    """
-    if jax.process_count() > 1 and step % PREEMPTION_CHECK_EVERY:
-        return False, False
-    return agreement.any_process_each((preempted, out_of_time))
-
-
-# ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
-
-
-def _config_int(config: Any, key: str, default: int) -> int:
-    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-    return int(value)
-
-
-def _whole(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def mesh_config(config: Any) -> sharding.MeshConfig:
-    """``config.mesh`` (absent axes at :class:`~hgrn_jax.sharding.MeshConfig`'s defaults);
-    ValueError naming ``config.mesh.<axis>`` when a size is not a whole number >= 1 or -1."""
-    section = config.get("mesh", None) if hasattr(config, "get") else None
-    section = section if hasattr(section, "get") else {}
-    defaults, sizes = sharding.MeshConfig(), {}
-    for axis in sharding.MESH_AXES:
-        value = section.get(axis, getattr(defaults, axis))
-        if not _whole(value) or value == 0 or value < -1:
-            raise ValueError(
-                f"config.mesh.{axis}={value} must be a whole number >= 1, or -1 (the devices "
-                f"the other axes leave); set --config.mesh.{axis}"
-            )
-        sizes[axis] = int(value)
-    return sharding.MeshConfig(**sizes)
-
-
-def _check_batch_key(
-    key: str, value: Any, minimum: int, shards: int, split: str, zero_means: str
-) -> None:
-    """ValueError naming ``config.<key>`` when a global batch size is set but is not a whole
-    number >= ``minimum`` or does not split over the mesh's ``shards`` batch shards."""
-    if value is None:
-        return
-    if not _whole(value) or value < minimum:
-        raise ValueError(
-            f"config.{key}={value} must be a whole number >= {minimum}{zero_means}; set "
-            f"--config.{key}"
-        )
-    if value % shards:  # shards is a multiple of the process count
-        raise ValueError(
-            f"config.{key}={value} does not split over {split}; set --config.{key} to a "
-            f"multiple of {shards}{zero_means}, or change --config.mesh.*"
-        )
-
-
-def check_mesh_and_batches(
-    config: Any,
-    num_devices: int | None = None,
-    num_processes: int | None = None,
-    num_slices: int | None = None,
-) -> tuple[int, int, int]:
-    """The ``(data, fsdp, model)`` sizes of ``config.mesh`` on ``num_devices`` devices in
-    ``num_processes`` processes and ``num_slices`` TPU slices (default: this run's), after
-    checking, each a ValueError naming the key, its value and the fix, that the sizes fit the
-    devices, that ``model`` fits inside one slice (multislice), that every global batch
-    (``batch_size``, ``eval_batch_size``, an ``optimizer.accumulate_steps`` micro-batch count)
-    splits over the processes and the mesh's ``data x fsdp`` batch shards, and that
-    ``model.mixer.sequence_axis`` names a mesh axis. Needs no model, data or workdir, so a run
-    checks this before it touches its workdir (otherwise the mesh failed after config.json was
-    written, and an eval batch size that did not split failed at the first evaluation)."""
-    num_devices = jax.device_count() if num_devices is None else num_devices
-    processes = jax.process_count() if num_processes is None else num_processes
-    if num_slices is None:
-        num_slices = len(sharding.device_slices(jax.devices()))
-    try:
-        sizes = mesh_config(config).axis_sizes(num_devices)
-    except sharding.MeshSizeError as error:
-        raise ValueError(
-            f"config.{error.problem} ({processes} process{'es' if processes > 1 else ''}); "
-            "set --config.mesh.data, --config.mesh.fsdp and --config.mesh.model so that "
-            f"their product is {num_devices} (one of them -1: the devices the others leave)"
-        ) from None
-    if num_slices > 1:
-        per_slice = num_devices // num_slices
-        try:
-            mesh_config(config).slice_split(num_slices, per_slice)
-        except sharding.MeshSizeError as error:
-            raise ValueError(
-                f"config.{error.problem}; set --config.mesh.model to a divisor of {per_slice} "
-                "(the devices of one slice), or --config.mesh.data and --config.mesh.fsdp so "
-                f"that data x fsdp is a multiple of {num_slices} (the slices go along data, "
-                "then fsdp)"
-            ) from None
-    data, fsdp, _ = sizes
-    shards = data * fsdp
-    split = f"the mesh's {shards} batch shards (config.mesh.data x fsdp = {data} x {fsdp})"
-    if shards % processes:
-        raise ValueError(
-            f"{split} do not divide over the {processes} processes (each process must feed "
-            f"its own rows); set --config.mesh.data and --config.mesh.fsdp so that data x fsdp "
-            f"is a multiple of {processes}"
-        )
-    get = config.get if hasattr(config, "get") else lambda key, default=None: default
-    batch_size = get("batch_size", None)
-    _check_batch_key("batch_size", batch_size, 1, shards, split, "")
-    _check_batch_key(
-        "eval_batch_size", get("eval_batch_size", None), 0, shards, split, " (0: batch_size)"
-    )
-    optimizer = get("optimizer", None)
-    accumulate = optimizer.get("accumulate_steps", 1) if hasattr(optimizer, "get") else 1
-    accumulate = 1 if accumulate is None else accumulate
-    if not _whole(accumulate) or accumulate < 0:
-        raise ValueError(
-            f"config.optimizer.accumulate_steps={accumulate} must be a whole number >= 1; set "
-            "--config.optimizer.accumulate_steps (1, or 0: no accumulation)"
-        )
-    if accumulate > 1 and _whole(batch_size) and batch_size % accumulate:
-        raise ValueError(
-            f"config.optimizer.accumulate_steps={accumulate} does not divide "
-            f"config.batch_size={batch_size} into micro-batches; set "
-            "--config.optimizer.accumulate_steps to a divisor of the batch size"
-        )
-    model = get("model", None)
-    mixer = model.get("mixer", None) if hasattr(model, "get") else None
-    for key, section in (("model.mixer", mixer), ("model", model)):
-        axis = section.get("sequence_axis", None) if hasattr(section, "get") else None
-        if axis is None:
-            continue
-        if axis not in sharding.MESH_AXES:
-            raise ValueError(
-                f"config.{key}.sequence_axis={axis!r} is not a mesh axis; set "
-                f"--config.{key}.sequence_axis to one of {', '.join(sharding.MESH_AXES)} "
-                "(usually model), or leave it unset for no sequence parallelism"
-            )
-        kind = mixer.get("kind", "hgrn") if hasattr(mixer, "get") else "hgrn"
-        layout = mixer.get("layout", "official") if hasattr(mixer, "get") else "official"
-        if kind == "attention":
-            raise ValueError(
-                f"config.{key}.sequence_axis={axis!r} needs a recurrent mixer: HGRN (kind "
-                f"'hgrn', either layout) or HGRN2 (kind 'hgrn2'), not kind {kind!r} with layout "
-                f"{layout!r}; set --config.model.mixer.kind=hgrn or hgrn2, or leave "
-                f"--config.{key}.sequence_axis unset for this model"
-            )
-    return sizes
-
-
-def task_factory(config: Any) -> Any:
-    """What ``config.task = "package.module:factory"`` names, imported (a ``factory(config) ->
-    Task``, or a :class:`~hgrn_jax.tasks.base.Dataset` such as a dataset module's ``DATASET``);
-    None for a task name of the registry. ValueError naming ``config.task`` when it cannot be
-    imported."""
-    name = str(config.task)
-    if ":" not in name:
-        return None
-    import importlib
-
-    module_name, _, attr = name.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(
-            f"config.task={name!r}: cannot import {attr!r} from {module_name!r} ({error}); "
-            "use a task name or 'module:factory' with the module's folder on PYTHONPATH"
-        ) from error
-
-
-def check_task_name(config: Any) -> None:
-    """ValueError naming ``config.task`` when it is neither a task of the registry nor a
-    ``module:factory`` that can be imported (checked before a run touches its workdir)."""
-    if task_factory(config) is None:
-        from hgrn_jax.tasks import dataset
-
-        dataset(config)
-
-
-def resolve_task(config: Any) -> Task:
-    """The task of ``config.task``: a name in :data:`hgrn_jax.tasks.registry.DATASETS`, or
-    ``"package.module:factory"`` for a user-defined task (``factory(config) -> Task``, or a
-    :class:`~hgrn_jax.tasks.base.Dataset`). ValueError naming ``config.task`` when the factory
-    cannot be called with the config or its task lacks a member of the Task protocol."""
-    factory = task_factory(config)
-    if factory is None:
-        from hgrn_jax.tasks import get_task
-
-        return get_task(config)
-    from hgrn_jax.tasks.base import Dataset
-    from hgrn_jax.tasks.protocol import check_task
-
-    where = f"config.task={str(config.task)!r}"
-    if isinstance(factory, Dataset):
-        return check_task(factory.task(config), where)
-    try:
-        takes_config = callable(factory) and bool(inspect.signature(factory).bind(config))
-    except TypeError:
-        takes_config = False
-    except ValueError:  # no signature to inspect (some builtins): let the call tell
-        takes_config = True
-    if not takes_config:
-        raise ValueError(
-            f"{where} is a {type(factory).__name__} that cannot be called with the config "
-            "alone; name a function factory(config) -> Task, or a dataset module's Dataset "
-            "(e.g. module:DATASET)"
-        )
-    return check_task(factory(config), where)
 
 
 class Run:
@@ -468,7 +167,7 @@ class Run:
         self.best_key = f"val_{self.metric}"
         self.checkpoints = Checkpoints(
             self.workdir / "checkpoints",
-            keep=_config_int(config, "keep_checkpoints", 2),
+            keep=config_int(config, "keep_checkpoints", 2),
             best_metric=self.best_key,
             best_mode=self.best_mode,
         )
@@ -581,73 +280,6 @@ def _restore_best(run: Run, workdir: Path) -> tuple[int, TrainState]:
         return best_step, best_state
 
 
-def check_run_lengths(config: Any) -> None:
-    """Raise ValueError naming the key when a step count or frequency is not positive, or the
-    time budget is negative."""
-    for key in ("num_train_steps", "eval_every", "checkpoint_every", "log_every"):
-        value = _config_int(config, key, 1)
-        if value < 1:
-            raise ValueError(f"config.{key}={value} must be at least 1; set --config.{key}")
-    budget = _time_budget(config)
-    if budget < 0:
-        raise ValueError(
-            f"config.max_train_time_s={budget} must be 0 (no limit) or a number of seconds; "
-            "set --config.max_train_time_s"
-        )
-
-
-def check_seed(config: Any) -> None:
-    """Raise ValueError naming the key when ``config.seed`` is not a whole number >= 0 (numpy's
-    generators, which order the training batches, take no negative seed)."""
-    seed = config.get("seed", 0) if hasattr(config, "get") else 0
-    if not _whole(seed) or seed < 0:
-        raise ValueError(
-            f"config.seed={seed} must be a whole number >= 0; set --config.seed (e.g. 0)"
-        )
-
-
-def check_not_in_a_worker_process() -> None:
-    """RuntimeError when called while a process that multiprocessing started is still importing
-    the main script: a script that calls :func:`train_and_evaluate` at its top level runs again
-    in each data worker (``data.workers`` > 0 start them by importing the script), where the
-    run would find its own workdir locked. (Python's own check for that phase; a run started
-    in a multiprocessing worker's target, e.g. a sweep, is not refused.)"""
-    if getattr(multiprocessing.current_process(), "_inheriting", False):
-        raise RuntimeError(
-            "train_and_evaluate was called while a worker process that multiprocessing started "
-            f"({multiprocessing.current_process().name}) imports the main script: the script "
-            "runs again in each data worker; put the call under `if __name__ == '__main__':`, "
-            "or set config.data.workers=0"
-        )
-
-
-def check_config_values(config: Any) -> None:
-    """The checks of values a run can make before it touches its workdir, each a ValueError
-    naming the key: run lengths, the seed, the model's sizes, the activation dtype of a
-    registered task, the optimizer's numbers, the mesh with the batch sizes and sequence
-    axis on it (:func:`check_mesh_and_batches`), and the input workers (``data.workers``)."""
-    from hgrn_jax.data import grain_pipeline
-    from hgrn_jax.tasks import base, registry
-
-    check_run_lengths(config)
-    check_seed(config)
-    registry.check_model_sizes(config)
-    if str(config.get("task", "")) in registry.DATASETS:
-        base.activation_dtype(config.get("dtype", "float32"))
-    optim.check_optimizer_config(config)
-    check_mesh_and_batches(config)
-    data = config.get("data", None)
-    if hasattr(data, "get"):
-        grain_pipeline.resolve_worker_count(data.get("workers", 0))  # checks data.workers
-
-
-def _time_budget(config: Any) -> float:
-    """``config.max_train_time_s``: seconds of training wall time after which the run stops
-    as if it had reached its last step (0 or absent: no limit)."""
-    value = config.get("max_train_time_s", 0) if hasattr(config, "get") else 0
-    return float(value or 0)
-
-
 def _write_config(workdir: Path, config: Any) -> None:
     try:
         write_config(workdir, config)
@@ -734,7 +366,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
     # The SIGTERM and SIGINT handlers are installed before anything else, so that a preemption
     # notice or a Ctrl-C that arrives while the model is built or compiled is not fatal: it
     # stops the run at the first step at which the processes compare their flags.
-    with _StopSignals() as stop_signals:
+    with StopSignals() as stop_signals:
         lock = prepare_workdir(workdir, config)
         try:
             return _train_and_evaluate(config, workdir, task, stop_signals, step_timeout_s)
@@ -742,28 +374,28 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
             if not is_out_of_space(error):
                 raise
             hint = how_to_resume(resume_choice(config))
-            keep = _config_int(config, "keep_checkpoints", 2)
+            keep = config_int(config, "keep_checkpoints", 2)
             raise out_of_space(workdir, error, hint, keep) from error
         finally:
             lock.release()
 
 
 def _train_and_evaluate(
-    config: Any, workdir: Path, task: Any, stop_signals: _StopSignals, step_timeout_s: float
+    config: Any, workdir: Path, task: Any, stop_signals: StopSignals, step_timeout_s: float
 ) -> dict[str, Any]:
     with Run(config, workdir, task) as run:
         return _train_validate_and_test(run, config, workdir, stop_signals, step_timeout_s)
 
 
 def _train_validate_and_test(
-    run: Run, config: Any, workdir: Path, stop_signals: _StopSignals, step_timeout_s: float
+    run: Run, config: Any, workdir: Path, stop_signals: StopSignals, step_timeout_s: float
 ) -> dict[str, Any]:
     total_steps = int(config.num_train_steps)
-    eval_every = max(_config_int(config, "eval_every", total_steps), 1)
-    ckpt_every = max(_config_int(config, "checkpoint_every", eval_every), 1)
-    log_every = max(_config_int(config, "log_every", 50), 1)
+    eval_every = max(config_int(config, "eval_every", total_steps), 1)
+    ckpt_every = max(config_int(config, "checkpoint_every", eval_every), 1)
+    log_every = max(config_int(config, "log_every", 50), 1)
 
-    budget = _time_budget(config)
+    budget = time_budget(config)
     state, meta = run.state, {"step": 0, "wall_time_s": 0.0}
     restored = run.restore()
     input_state = None
@@ -831,7 +463,7 @@ def _train_validate_and_test(
                 guard.beat(step + 1)
                 pending.append(metrics)
                 done, steps_since_log = step + 1, steps_since_log + 1
-                preempted, out_of_time = _stop_requests(
+                preempted, out_of_time = preemption.stop_requests(
                     done, stop_signals.requested, budget > 0 and wall_time() >= budget
                 )
                 last = done == total_steps or out_of_time

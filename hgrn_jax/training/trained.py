@@ -115,7 +115,7 @@ def _model_builder(
     task of the registry (a vocabulary the config leaves to the data is read off the stored
     arrays); a task of the user's own is made by its factory."""
     from hgrn_jax.tasks import base, registry
-    from hgrn_jax.training.loop import task_factory
+    from hgrn_jax.training.task_choice import task_factory
 
     try:
         factory = task_factory(config)

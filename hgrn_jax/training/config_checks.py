@@ -1,0 +1,222 @@
+"""The checks a run makes of its config before it touches its workdir.
+
+Each failure is a ValueError (RuntimeError for a call from an importing worker process) naming
+``config.<key>``, its value and the fix: run lengths and the time budget, the seed, the mesh and
+the batch sizes on it, the sequence axis, the model's sizes, the optimizer's numbers and the
+input workers (:func:`check_config_values` runs them all). Needs no model, data or devices
+beyond their count.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any
+
+import jax
+import numpy as np
+
+from hgrn_jax import sharding
+from hgrn_jax.training import optim
+
+
+def config_int(config: Any, key: str, default: int) -> int:
+    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
+    return int(value)
+
+
+def is_whole(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def mesh_config(config: Any) -> sharding.MeshConfig:
+    """``config.mesh`` (absent axes at :class:`~hgrn_jax.sharding.MeshConfig`'s defaults);
+    ValueError naming ``config.mesh.<axis>`` when a size is not a whole number >= 1 or -1."""
+    section = config.get("mesh", None) if hasattr(config, "get") else None
+    section = section if hasattr(section, "get") else {}
+    defaults, sizes = sharding.MeshConfig(), {}
+    for axis in sharding.MESH_AXES:
+        value = section.get(axis, getattr(defaults, axis))
+        if not is_whole(value) or value == 0 or value < -1:
+            raise ValueError(
+                f"config.mesh.{axis}={value} must be a whole number >= 1, or -1 (the devices "
+                f"the other axes leave); set --config.mesh.{axis}"
+            )
+        sizes[axis] = int(value)
+    return sharding.MeshConfig(**sizes)
+
+
+def _check_batch_key(
+    key: str, value: Any, minimum: int, shards: int, split: str, zero_means: str
+) -> None:
+    """ValueError naming ``config.<key>`` when a global batch size is set but is not a whole
+    number >= ``minimum`` or does not split over the mesh's ``shards`` batch shards."""
+    if value is None:
+        return
+    if not is_whole(value) or value < minimum:
+        raise ValueError(
+            f"config.{key}={value} must be a whole number >= {minimum}{zero_means}; set "
+            f"--config.{key}"
+        )
+    if value % shards:  # shards is a multiple of the process count
+        raise ValueError(
+            f"config.{key}={value} does not split over {split}; set --config.{key} to a "
+            f"multiple of {shards}{zero_means}, or change --config.mesh.*"
+        )
+
+
+def check_mesh_and_batches(
+    config: Any,
+    num_devices: int | None = None,
+    num_processes: int | None = None,
+    num_slices: int | None = None,
+) -> tuple[int, int, int]:
+    """The ``(data, fsdp, model)`` sizes of ``config.mesh`` on ``num_devices`` devices in
+    ``num_processes`` processes and ``num_slices`` TPU slices (default: this run's), after
+    checking, each a ValueError naming the key, its value and the fix, that the sizes fit the
+    devices, that ``model`` fits inside one slice (multislice), that every global batch
+    (``batch_size``, ``eval_batch_size``, an ``optimizer.accumulate_steps`` micro-batch count)
+    splits over the processes and the mesh's ``data x fsdp`` batch shards, and that
+    ``model.mixer.sequence_axis`` names a mesh axis. Needs no model, data or workdir, so a run
+    checks this before it touches its workdir (otherwise the mesh failed after config.json was
+    written, and an eval batch size that did not split failed at the first evaluation)."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    processes = jax.process_count() if num_processes is None else num_processes
+    if num_slices is None:
+        num_slices = len(sharding.device_slices(jax.devices()))
+    try:
+        sizes = mesh_config(config).axis_sizes(num_devices)
+    except sharding.MeshSizeError as error:
+        raise ValueError(
+            f"config.{error.problem} ({processes} process{'es' if processes > 1 else ''}); "
+            "set --config.mesh.data, --config.mesh.fsdp and --config.mesh.model so that "
+            f"their product is {num_devices} (one of them -1: the devices the others leave)"
+        ) from None
+    if num_slices > 1:
+        per_slice = num_devices // num_slices
+        try:
+            mesh_config(config).slice_split(num_slices, per_slice)
+        except sharding.MeshSizeError as error:
+            raise ValueError(
+                f"config.{error.problem}; set --config.mesh.model to a divisor of {per_slice} "
+                "(the devices of one slice), or --config.mesh.data and --config.mesh.fsdp so "
+                f"that data x fsdp is a multiple of {num_slices} (the slices go along data, "
+                "then fsdp)"
+            ) from None
+    data, fsdp, _ = sizes
+    shards = data * fsdp
+    split = f"the mesh's {shards} batch shards (config.mesh.data x fsdp = {data} x {fsdp})"
+    if shards % processes:
+        raise ValueError(
+            f"{split} do not divide over the {processes} processes (each process must feed "
+            f"its own rows); set --config.mesh.data and --config.mesh.fsdp so that data x fsdp "
+            f"is a multiple of {processes}"
+        )
+    get = config.get if hasattr(config, "get") else lambda key, default=None: default
+    batch_size = get("batch_size", None)
+    _check_batch_key("batch_size", batch_size, 1, shards, split, "")
+    _check_batch_key(
+        "eval_batch_size", get("eval_batch_size", None), 0, shards, split, " (0: batch_size)"
+    )
+    optimizer = get("optimizer", None)
+    accumulate = optimizer.get("accumulate_steps", 1) if hasattr(optimizer, "get") else 1
+    accumulate = 1 if accumulate is None else accumulate
+    if not is_whole(accumulate) or accumulate < 0:
+        raise ValueError(
+            f"config.optimizer.accumulate_steps={accumulate} must be a whole number >= 1; set "
+            "--config.optimizer.accumulate_steps (1, or 0: no accumulation)"
+        )
+    if accumulate > 1 and is_whole(batch_size) and batch_size % accumulate:
+        raise ValueError(
+            f"config.optimizer.accumulate_steps={accumulate} does not divide "
+            f"config.batch_size={batch_size} into micro-batches; set "
+            "--config.optimizer.accumulate_steps to a divisor of the batch size"
+        )
+    model = get("model", None)
+    mixer = model.get("mixer", None) if hasattr(model, "get") else None
+    for key, section in (("model.mixer", mixer), ("model", model)):
+        axis = section.get("sequence_axis", None) if hasattr(section, "get") else None
+        if axis is None:
+            continue
+        if axis not in sharding.MESH_AXES:
+            raise ValueError(
+                f"config.{key}.sequence_axis={axis!r} is not a mesh axis; set "
+                f"--config.{key}.sequence_axis to one of {', '.join(sharding.MESH_AXES)} "
+                "(usually model), or leave it unset for no sequence parallelism"
+            )
+        kind = mixer.get("kind", "hgrn") if hasattr(mixer, "get") else "hgrn"
+        layout = mixer.get("layout", "official") if hasattr(mixer, "get") else "official"
+        if kind == "attention":
+            raise ValueError(
+                f"config.{key}.sequence_axis={axis!r} needs a recurrent mixer: HGRN (kind "
+                f"'hgrn', either layout) or HGRN2 (kind 'hgrn2'), not kind {kind!r} with layout "
+                f"{layout!r}; set --config.model.mixer.kind=hgrn or hgrn2, or leave "
+                f"--config.{key}.sequence_axis unset for this model"
+            )
+    return sizes
+
+
+def check_run_lengths(config: Any) -> None:
+    """Raise ValueError naming the key when a step count or frequency is not positive, or the
+    time budget is negative."""
+    for key in ("num_train_steps", "eval_every", "checkpoint_every", "log_every"):
+        value = config_int(config, key, 1)
+        if value < 1:
+            raise ValueError(f"config.{key}={value} must be at least 1; set --config.{key}")
+    budget = time_budget(config)
+    if budget < 0:
+        raise ValueError(
+            f"config.max_train_time_s={budget} must be 0 (no limit) or a number of seconds; "
+            "set --config.max_train_time_s"
+        )
+
+
+def check_seed(config: Any) -> None:
+    """Raise ValueError naming the key when ``config.seed`` is not a whole number >= 0 (numpy's
+    generators, which order the training batches, take no negative seed)."""
+    seed = config.get("seed", 0) if hasattr(config, "get") else 0
+    if not is_whole(seed) or seed < 0:
+        raise ValueError(
+            f"config.seed={seed} must be a whole number >= 0; set --config.seed (e.g. 0)"
+        )
+
+
+def check_not_in_a_worker_process() -> None:
+    """RuntimeError when called while a process that multiprocessing started is still importing
+    the main script: a script that calls :func:`train_and_evaluate` at its top level runs again
+    in each data worker (``data.workers`` > 0 start them by importing the script), where the
+    run would find its own workdir locked. (Python's own check for that phase; a run started
+    in a multiprocessing worker's target, e.g. a sweep, is not refused.)"""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError(
+            "train_and_evaluate was called while a worker process that multiprocessing started "
+            f"({multiprocessing.current_process().name}) imports the main script: the script "
+            "runs again in each data worker; put the call under `if __name__ == '__main__':`, "
+            "or set config.data.workers=0"
+        )
+
+
+def check_config_values(config: Any) -> None:
+    """The checks of values a run can make before it touches its workdir, each a ValueError
+    naming the key: run lengths, the seed, the model's sizes, the activation dtype of a
+    registered task, the optimizer's numbers, the mesh with the batch sizes and sequence
+    axis on it (:func:`check_mesh_and_batches`), and the input workers (``data.workers``)."""
+    from hgrn_jax.data import grain_pipeline
+    from hgrn_jax.tasks import base, registry
+
+    check_run_lengths(config)
+    check_seed(config)
+    registry.check_model_sizes(config)
+    if str(config.get("task", "")) in registry.DATASETS:
+        base.activation_dtype(config.get("dtype", "float32"))
+    optim.check_optimizer_config(config)
+    check_mesh_and_batches(config)
+    data = config.get("data", None)
+    if hasattr(data, "get"):
+        grain_pipeline.resolve_worker_count(data.get("workers", 0))  # checks data.workers
+
+
+def time_budget(config: Any) -> float:
+    """``config.max_train_time_s``: seconds of training wall time after which the run stops
+    as if it had reached its last step (0 or absent: no limit)."""
+    value = config.get("max_train_time_s", 0) if hasattr(config, "get") else 0
+    return float(value or 0)

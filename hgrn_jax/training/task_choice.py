@@ -1,0 +1,68 @@
+"""Which task a run trains: ``config.task``, a name of the registry or a ``module:factory``."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from hgrn_jax.tasks.protocol import Task
+
+
+def task_factory(config: Any) -> Any:
+    """What ``config.task = "package.module:factory"`` names, imported (a ``factory(config) ->
+    Task``, or a :class:`~hgrn_jax.tasks.base.Dataset` such as a dataset module's ``DATASET``);
+    None for a task name of the registry. ValueError naming ``config.task`` when it cannot be
+    imported."""
+    name = str(config.task)
+    if ":" not in name:
+        return None
+    import importlib
+
+    module_name, _, attr = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(
+            f"config.task={name!r}: cannot import {attr!r} from {module_name!r} ({error}); "
+            "use a task name or 'module:factory' with the module's folder on PYTHONPATH"
+        ) from error
+
+
+def check_task_name(config: Any) -> None:
+    """ValueError naming ``config.task`` when it is neither a task of the registry nor a
+    ``module:factory`` that can be imported (checked before a run touches its workdir)."""
+    if task_factory(config) is None:
+        from hgrn_jax.tasks import dataset
+
+        dataset(config)
+
+
+def resolve_task(config: Any) -> Task:
+    """The task of ``config.task``: a name in :data:`hgrn_jax.tasks.registry.DATASETS`, or
+    ``"package.module:factory"`` for a user-defined task (``factory(config) -> Task``, or a
+    :class:`~hgrn_jax.tasks.base.Dataset`). ValueError naming ``config.task`` when the factory
+    cannot be called with the config or its task lacks a member of the Task protocol."""
+    factory = task_factory(config)
+    if factory is None:
+        from hgrn_jax.tasks import get_task
+
+        return get_task(config)
+    from hgrn_jax.tasks.base import Dataset
+    from hgrn_jax.tasks.protocol import check_task
+
+    where = f"config.task={str(config.task)!r}"
+    if isinstance(factory, Dataset):
+        return check_task(factory.task(config), where)
+    try:
+        takes_config = callable(factory) and bool(inspect.signature(factory).bind(config))
+    except TypeError:
+        takes_config = False
+    except ValueError:  # no signature to inspect (some builtins): let the call tell
+        takes_config = True
+    if not takes_config:
+        raise ValueError(
+            f"{where} is a {type(factory).__name__} that cannot be called with the config "
+            "alone; name a function factory(config) -> Task, or a dataset module's Dataset "
+            "(e.g. module:DATASET)"
+        )
+    return check_task(factory(config), where)
