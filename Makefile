@@ -73,10 +73,12 @@ lint: venv
 	$(BIN)/ruff format --check .
 
 # Tiny ListOps end to end on CPU: generate the data (once), train (resumes if interrupted), report.
+# (tests/test_demo.py runs exactly this recipe, with DEMO_RUN and DEMO_CACHE in a temporary folder.)
 DEMO_RUN ?= runs/demo-listops
+DEMO_CACHE ?= cache
 demo: venv
-	$(BIN)/python -m hgrn_jax.data.listops --spec=tiny --cache_dir=cache
-	$(BIN)/python -m experiments.train --config=experiments/configs/lra/listops.py:tiny --workdir=$(DEMO_RUN)
+	$(BIN)/python -m hgrn_jax.data.listops --spec=tiny --cache_dir=$(DEMO_CACHE)
+	$(BIN)/python -m experiments.train --config=experiments/configs/lra/listops.py:tiny --workdir=$(DEMO_RUN) --config.data.cache_dir=$(DEMO_CACHE)
 	$(BIN)/python -m experiments.report $(DEMO_RUN)
 
 # The GPU compiler without a GPU, for benchmarks/gpu_compile.py: an environment of its own with

@@ -127,6 +127,7 @@ LONG_FILES = (
     "test_kill_resume.py",  # ~60
     "test_faults.py",  # ~60
     "test_pallas.py",  # ~53
+    "test_demo.py",  # ~45
     "test_models.py",  # ~50
     "test_kill_resume_workers.py",  # ~48
     "test_grain_pipeline.py",  # ~44

@@ -435,8 +435,13 @@ def _train_validate_and_test(
             "task": run.task.name,
         }
 
+    saved_wall = wall_before  # the training wall time the newest checkpoint holds
+
     def save(state: TrainState, done: int, metrics: dict | None = None) -> None:
-        run.save(state, bookkeeping(done), metrics, batches.get_state())
+        nonlocal saved_wall
+        meta = bookkeeping(done)
+        run.save(state, meta, metrics, batches.get_state())
+        saved_wall = meta["wall_time_s"]
 
     pending: list[dict] = []
     t_log, steps_since_log = time.time(), 0
@@ -519,7 +524,6 @@ def _train_validate_and_test(
         run.checkpoints.wait()
     stop_signals.training(False)
 
-    wall = wall_time() if start < end else wall_before
     best_step, best_state = _restore_best(run, workdir)
     best_val = run.checkpoints.metrics(best_step)[run.best_key]
     test = run.evaluate(best_state, "test")
@@ -535,7 +539,7 @@ def _train_validate_and_test(
         "paper": (paper.get("value") if hasattr(paper, "get") else None) or None,  # 0: unknown
         "steps": done,
         "stopped_by": "time budget" if done < total_steps else "num_train_steps",
-        "wall_time_s": wall,
+        "wall_time_s": saved_wall,  # the last checkpoint's: a rerun reports the same
         "num_params": run.num_params,
         "devices": jax.device_count(),
         "process_count": jax.process_count(),
