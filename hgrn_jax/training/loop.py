@@ -40,6 +40,7 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -755,6 +756,21 @@ def _train_and_evaluate(
         return _train_validate_and_test(run, config, workdir, stop_signals, step_timeout_s)
 
 
+def _input_restart(batches: preflight.TrainBatches) -> Callable[[], None] | None:
+    """How the step watchdog restarts an input whose worker processes hang: the iterator
+    learns that they die on purpose, then they are killed, and the ``next()`` waiting for them
+    starts new ones at the same step. None when the input is read in this process (nothing to
+    kill: this process itself is stuck)."""
+    if not batches.restartable_workers:
+        return None
+
+    def restart() -> None:
+        batches.expect_worker_kill()
+        watchdog.kill_child_processes()
+
+    return restart
+
+
 def _train_validate_and_test(
     run: Run, config: Any, workdir: Path, stop_signals: _StopSignals, step_timeout_s: float
 ) -> dict[str, Any]:
@@ -821,6 +837,7 @@ def _train_validate_and_test(
                 jax.process_count(),
                 step_timeout_s,
                 resume_hint=how_to_resume(resume_choice(config)),
+                restart_input=_input_restart(batches),
             ) as guard,
         ):
             for step in range(start, end):
