@@ -198,8 +198,8 @@ class StepWatchdog:
     With ``restart_input`` (a one-process run whose input has worker processes, see
     :class:`Guard`), the first input stall since the last delivered batch calls
     ``on_warning(message)`` and ``restart_input()`` (which must make the waiting ``next()``
-    return or raise: the training loop's kills the input workers, which grain then restarts)
-    and starts the clock again, so the new workers' start-up counts against ``timeout_s``. A
+    return or raise: the training loop passes one that kills the input workers, which the
+    input pipeline then replaces) and starts the clock again, so the new workers' start-up counts against ``timeout_s``. A
     second stall for the same batch calls ``on_stall`` as any other stall.
     ``clock`` (seconds, default :func:`time.monotonic`) lets tests drive :meth:`check` with a
     clock of their own instead of :meth:`start`'s thread.
@@ -263,10 +263,10 @@ class StepWatchdog:
             if self._armed:
                 self._last = self._clock()
 
-    def _stall(self) -> str:
-        """What stalled, for the messages: ``"the input pipeline delivered no batch ..."``."""
+    def _stall(self, step: int | None) -> str:
+        """What stalled, ``step`` being the awaited batch's if any: ``"the input pipeline
+        delivered no batch ..."``."""
         waited = f"{self.timeout_s:.0f} s"
-        step = self._input_step
         if step is not None:
             return f"the input pipeline delivered no batch for step {step} in {waited}"
         if self._after_evaluation:
@@ -276,8 +276,8 @@ class StepWatchdog:
     def message(self) -> str:
         """What a stall now would print."""
         me = f"error: process {self.process_index}: " if self.process_count > 1 else "error: "
-        what = self._stall()
-        step = self._input_step
+        step = self._input_step  # read once: the main thread may go on meanwhile
+        what = self._stall(step)
         if step is not None and step == self._restarted_for:
             what += (
                 ", again after its worker processes were killed and restarted at that step (a "
@@ -308,16 +308,14 @@ class StepWatchdog:
             what += f"; {stuck}, stopping. Raise HGRN_STEP_TIMEOUT_S if steps are this slow"
         return f"{me}{what}. The last complete checkpoint is kept: {self.resume_hint}."
 
-    def _may_restart_input(self) -> bool:
-        step = self._input_step
+    def _may_restart_input(self, step: int | None) -> bool:
         return self.restart_input is not None and step is not None and step != self._restarted_for
 
-    def _restart_input(self) -> bool:
+    def _restart_input(self, step: int) -> bool:
         """Warn, restart the input and start the clock again; False (after ``on_stall``) when
         ``restart_input`` raised."""
-        step = self._input_step
         self.on_warning(
-            f"warning: {self._stall()}; killing its worker processes and starting new ones at "
+            f"warning: {self._stall(step)}; killing its worker processes and starting new ones at "
             f"step {step} (the batches are the same)"
         )
         try:
@@ -335,8 +333,9 @@ class StepWatchdog:
         last = self._last
         if last is None or self._clock() - last <= self.timeout_s:
             return False
-        if self._may_restart_input():
-            return not self._restart_input()
+        step = self._input_step  # read once: the main thread may go on meanwhile
+        if self._may_restart_input(step):
+            return not self._restart_input(step)
         self.on_stall(self.message())
         return True
 
