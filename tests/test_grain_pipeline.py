@@ -4,12 +4,16 @@ exact resumption from the iterator's saved state, the same batches with worker p
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import pickle
 import re
 import signal
 import subprocess
 import sys
+import threading
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -353,6 +357,68 @@ def test_a_worker_that_dies_again_at_once_stops_with_the_reason(tmp_path):
                 next(iterator)
     iterator.close()
     assert len(list((tmp_path / "marks").iterdir())) >= 2
+
+
+class HungAtStep:
+    """A batch transform whose worker process hangs while building the batch of ``step``, the
+    first time only (it writes its pid to ``mark``). Never hangs the process that created it."""
+
+    def __init__(self, step: int, mark: Path):
+        self.step, self.mark = step, mark
+        self.creator = os.getpid()
+
+    def __call__(self, batch, step):
+        if step == self.step and os.getpid() != self.creator and not self.mark.exists():
+            self.mark.write_text(str(os.getpid()))
+            time.sleep(3600)
+        return AddStep()(batch, step)
+
+
+@pytest.mark.slow  # worker processes started twice: ~6 s
+def test_workers_killed_on_purpose_are_replaced_without_a_warning(tmp_path):
+    """The training loop's step watchdog kills workers that hang, saying so first
+    (``expect_worker_kill``, tests/test_launch.py has its logic): the ``next()`` waiting for
+    them gets grain's dead-worker error promptly and starts new workers at the same step, with
+    no warning of its own (the watchdog's says why), and the batches stay the same."""
+    from two_processes import wait_until_gone
+
+    in_process = grain_pipeline.train_loader(
+        source(), seed=5, batch_size=BATCH, batch_transform=AddStep()
+    )
+    reference = batches_of(in_process, 6)
+    mark = tmp_path / "hung.pid"
+    iterator = iter(
+        grain_pipeline.train_loader(
+            source(),
+            seed=5,
+            batch_size=BATCH,
+            worker_count=1,
+            batch_transform=HungAtStep(3, mark),
+        )
+    )
+    killed_at = []
+
+    def kill_when_hung() -> None:
+        while not mark.exists() or not mark.read_text():
+            time.sleep(0.05)
+        time.sleep(0.5)  # the main thread waits in next() by now
+        iterator.expect_worker_kill()
+        killed_at.append(time.monotonic())
+        for child in multiprocessing.active_children():
+            child.kill()
+
+    killer = threading.Thread(target=kill_when_hung, daemon=True)
+    killer.start()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", grain_pipeline.InputWorkerRestarted)
+        got = [next(iterator) for _ in range(6)]
+    iterator.close()
+    killer.join(1)
+    assert killed_at and not killer.is_alive()
+    assert wait_until_gone(int(mark.read_text()))
+    for a, b in zip(got, reference, strict=True):
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
 
 
 @pytest.mark.slow  # a worker process started: ~5 s

@@ -335,6 +335,121 @@ def test_step_watchdog_times_what_follows_an_evaluation():
     )
 
 
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def watched(timeout_s: float, clock: FakeClock, restart_input, process_count: int = 1):
+    """A step watchdog driven by hand (``check``), recording its stalls and warnings."""
+    stalls, warnings_ = [], []
+    dog = watchdog.StepWatchdog(
+        timeout_s,
+        process_count=process_count,
+        on_stall=stalls.append,
+        restart_input=restart_input,
+        on_warning=warnings_.append,
+        clock=clock,
+    )
+    return dog, stalls, warnings_
+
+
+def test_a_stalled_input_with_workers_is_restarted_once_per_batch():
+    """One process, input workers: the first stall of a batch's wait restarts them (no exit,
+    the clock starts again); a second one for the same batch ends the run saying so; a batch
+    delivered in between allows a restart again."""
+    clock, restarts = FakeClock(), []
+    dog, stalls, warned = watched(10, clock, lambda: restarts.append(clock.now))
+    dog.beat(4)
+    with dog.waiting_for_input(4):
+        clock.now += 10
+        assert not dog.check() and restarts == []  # not longer than the limit yet
+        clock.now += 1
+        assert not dog.check()
+        assert restarts == [111.0] and stalls == []
+        assert warned == [
+            "warning: the input pipeline delivered no batch for step 4 in 10 s; killing its "
+            "worker processes and starting new ones at step 4 (the batches are the same)"
+        ]
+        clock.now += 10
+        assert not dog.check()  # the clock started again at the restart
+        clock.now += 1
+        assert dog.check()
+    assert restarts == [111.0] and len(warned) == 1
+    assert stalls == [
+        "error: the input pipeline delivered no batch for step 4 in 10 s, again after its "
+        "worker processes were killed and restarted at that step (a data folder that stopped "
+        "answering, or a batch that hangs every worker); stopping. Raise HGRN_STEP_TIMEOUT_S "
+        "if a batch can take this long. The last complete checkpoint is kept: run the same "
+        "command again to resume."
+    ]
+
+    clock, restarts = FakeClock(), []
+    dog, stalls, warned = watched(10, clock, lambda: restarts.append(clock.now))
+    dog.beat(4)
+    with dog.waiting_for_input(4):
+        clock.now += 11
+        assert not dog.check()
+        clock.now += 5  # the new workers deliver the batch
+    dog.beat(5)
+    with dog.waiting_for_input(5):
+        clock.now += 11
+        assert not dog.check()
+    assert restarts == [111.0, 127.0] and stalls == [] and len(warned) == 2
+    assert "for step 5" in warned[1]
+    dog.beat(6)
+    clock.now += 11  # a step that does not finish: nothing to restart
+    assert dog.check() and len(restarts) == 2
+    assert stalls[0].startswith("error: no training step finished in 10 s after step 6;")
+
+
+def test_a_stall_that_no_restart_can_help_ends_the_run_at_once():
+    """A step that does not finish, the input read in this process (``restart_input`` None)
+    and a process of a pod (the Guard passes no restart) end the run at the first stall."""
+    clock, restarts = FakeClock(), []
+    dog, stalls, warned = watched(10, clock, lambda: restarts.append(clock.now))
+    dog.beat(4)
+    clock.now += 11
+    assert dog.check() and restarts == [] and warned == []
+    assert stalls[0].startswith("error: no training step finished in 10 s after step 4;")
+
+    clock = FakeClock()
+    dog, stalls, warned = watched(10, clock, None)
+    dog.beat(4)
+    with dog.waiting_for_input(4):
+        clock.now += 11
+        assert dog.check()
+    assert warned == [] and stalls[0].startswith(
+        "error: the input pipeline delivered no batch for step 4 in 10 s (a hung input worker "
+        "process, or a data folder that stopped answering); stopping."
+    )
+
+    restart = lambda: None
+    assert watchdog.Guard(0, 1, step_timeout_s=10, restart_input=restart).steps.restart_input
+    assert (
+        watchdog.Guard(1, 4, step_timeout_s=10, restart_input=restart).steps.restart_input is None
+    )
+
+
+def test_a_restart_that_fails_ends_the_run():
+    clock = FakeClock()
+
+    def fail():
+        raise OSError("no such process")
+
+    dog, stalls, warned = watched(10, clock, fail)
+    dog.beat(4)
+    with dog.waiting_for_input(4):
+        clock.now += 11
+        assert dog.check()
+    assert len(warned) == 1 and len(stalls) == 1
+    assert stalls[0].startswith("error: the input pipeline delivered no batch for step 4 in 10 s (")
+    assert stalls[0].endswith("Restarting the input failed: OSError('no such process')")
+
+
 def test_guard_watches_steps_in_one_process_unless_turned_off(monkeypatch):
     with watchdog.Guard(0, 1, step_timeout_s=60) as guard:
         assert guard.steps._thread.is_alive() and guard.peers._thread is None

@@ -1088,10 +1088,11 @@ def test_sigterm_and_ctrl_c_then_rerun_give_bitwise_the_uninterrupted_parameters
 
 @pytest.mark.slow  # two runs of the toy task through the command line: ~15 s
 def test_a_hung_input_stops_a_one_process_run_which_then_resumes(tmp_path):
-    """A one-process run whose input never delivers a batch (a hung input worker) used to wait
-    forever: the step watchdog ran only in pods. It now ends the run after
-    ``HGRN_STEP_TIMEOUT_S`` naming the input and the step, kills the hung child process, and
-    keeps the checkpoints, from which the next run finishes."""
+    """A one-process run whose input never delivers a batch (read in the training process,
+    which waits for a hung child process) used to wait forever: the step watchdog ran only in
+    pods. It now ends the run after ``HGRN_STEP_TIMEOUT_S`` naming the input and the step, kills
+    the hung child process, and keeps the checkpoints, from which the next run finishes. (No
+    restart: the input has no worker processes, this process itself is stuck.)"""
     workdir, pid_file = tmp_path / "run", tmp_path / "worker.pid"
     hung = subprocess.run(
         _train_command(
@@ -1115,6 +1116,77 @@ def test_a_hung_input_stops_a_one_process_run_which_then_resumes(tmp_path):
     resumed = _run(workdir, "--config.data.hang_at_step=-1")
     assert "resuming from step 6" in resumed.stderr
     assert json.loads((workdir / "results.json").read_text())["steps"] == 12
+
+
+GRAIN_WORKER = ("--config.data.grain=True", "--config.data.workers=1")
+
+
+def _hung_worker_run(
+    workdir: Path, pid_file: Path, timeout_s: int, *overrides: str
+) -> subprocess.CompletedProcess:
+    """The toy task with one grain input worker, which hangs building the batch of step 7."""
+    return subprocess.run(
+        _train_command(
+            workdir,
+            *GRAIN_WORKER,
+            "--config.data.hang_at_step=7",
+            f"--config.data.hang_pid_file={pid_file}",
+            *overrides,
+        ),
+        cwd=REPO,
+        env={**cli_env(), "HGRN_STEP_TIMEOUT_S": str(timeout_s)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+@pytest.mark.slow  # a toy run in this process and one with a worker process: ~25 s
+def test_a_hung_input_worker_is_restarted_and_the_run_ends_as_an_undisturbed_one(tmp_path):
+    """A one-process run whose input worker hangs (the batch of step 7) used to end after
+    ``HGRN_STEP_TIMEOUT_S``. The watchdog now warns, kills the worker, the pipeline starts a new
+    one at the same step, and the run ends with the parameters, results and logged steps of an
+    undisturbed run (read in process: the same batches), exit 0. The limit leaves the new
+    worker time to start (its start-up counts)."""
+    config = toy_config()
+    config.data.grain = True
+    reference = tmp_path / "reference"
+    expected = train_and_evaluate(config, reference, task=ToyTask(config))
+    workdir, pid_file = tmp_path / "run", tmp_path / "hung.pids"
+    run = _hung_worker_run(workdir, pid_file, 8)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (
+        "warning: the input pipeline delivered no batch for step 7 in 8 s; killing its worker "
+        "processes and starting new ones at step 7 (the batches are the same)\n" in run.stderr
+    ), run.stderr[-3000:]
+    assert "InputWorkerRestarted" not in run.stderr and "Traceback" not in run.stderr
+    hung = pid_file.read_text().split()
+    assert len(hung) == 1 and wait_until_gone(int(hung[0]))
+    _assert_same_final_params(workdir, reference)
+    results = json.loads((workdir / "results.json").read_text())
+    assert (results["test"], results["best_val"]) == (expected["test"], expected["best_val"])
+    assert _logged_steps(workdir) == _logged_steps(reference)
+
+
+@pytest.mark.slow  # a toy run through the command line, two workers hanging 3 s each: ~15 s
+def test_an_input_worker_that_hangs_again_after_its_restart_stops_the_run(tmp_path):
+    """The restarted worker hangs too (before delivering a batch): the run ends (exit 3) saying
+    that a restart was tried, the hung workers killed, the checkpoints kept."""
+    workdir, pid_file = tmp_path / "run", tmp_path / "hung.pids"
+    run = _hung_worker_run(workdir, pid_file, 3, "--config.data.hang_times=-1")
+    assert run.returncode == 3, run.stderr[-3000:]
+    assert (
+        "warning: the input pipeline delivered no batch for step 7 in 3 s; killing its worker "
+        "processes and starting new ones at step 7 (the batches are the same)\nerror: the input "
+        "pipeline delivered no batch for step 7 in 3 s, again after its worker processes were "
+        "killed and restarted at that step (a data folder that stopped answering, or a batch "
+        "that hangs every worker); stopping. Raise HGRN_STEP_TIMEOUT_S if a batch can take "
+        "this long. The last complete checkpoint is kept: run the same command again to "
+        "resume.\n" in run.stderr
+    ), run.stderr[-3000:]
+    hung = pid_file.read_text().split()  # the second, unless its start took over 3 s
+    assert 1 <= len(hung) <= 2 and all(wait_until_gone(int(pid)) for pid in hung)
+    assert (workdir / "checkpoints" / "6").is_dir()
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,11 @@ from ``config.data`` (all optional):
     kill a run in the middle);
   hang_at_step: the batch of that step never comes: a child process (an input worker, as grain
     starts them) is started and waited for, and it sleeps for an hour; its pid is written to
-    ``hang_pid_file``.
+    ``hang_pid_file``. With ``grain``, the worker process building that batch hangs instead
+    (``hang_times`` of them, -1: all; their pids are appended to ``hang_pid_file``);
+  grain: read the training batches through :mod:`hgrn_jax.data.grain_pipeline`, in ``workers``
+    worker processes when > 0 (``tests/toy_workers.py``; other batches than without it, the
+    same for every ``workers``; ``sleep_per_step`` is not applied);
   extra_val_batch_on: the process of that index yields one more ``val`` batch than the others
     (a Task that breaks the protocol's rule of equal evaluation batches).
 Use it from a config with ``task = "toy_task:make_task"`` and ``tests/`` on ``PYTHONPATH``.
@@ -27,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import toy_workers
 from flax import nnx
 
 VOCAB, LENGTH, CLASSES = 16, 8, 4
@@ -46,6 +51,9 @@ def toy_config() -> ml_collections.ConfigDict:
             sleep_per_step=0.0,
             hang_at_step=-1,
             hang_pid_file="",
+            hang_times=1,
+            grain=False,
+            workers=0,
             extra_val_batch_on=-1,
         )
     )
@@ -107,7 +115,7 @@ def hang_in_a_child_process(pid_file: Path) -> None:
     worker.join()
 
 
-def _examples(seed: int, n: int) -> dict[str, np.ndarray]:
+def _examples(seed: int | list[int], n: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     inputs = rng.integers(0, VOCAB, size=(n, LENGTH), dtype=np.int32)
     return {"inputs": inputs, "labels": (inputs.sum(axis=1) % CLASSES).astype(np.int32)}
@@ -125,6 +133,21 @@ class ToyTask:
         return ToyModel(self.config.model.features, self.config.model.dropout, rngs=rngs)
 
     def train_batches(
+        self, start_step: int, process_index: int, process_count: int
+    ) -> Iterator[dict[str, np.ndarray]]:
+        if self.data.get("grain", False):
+            return toy_workers.train_iterator(
+                _examples([3, self.config.seed], toy_workers.TRAIN_EXAMPLES),
+                self.data,
+                self.config.seed,
+                self.config.batch_size,
+                start_step,
+                process_index,
+                process_count,
+            )
+        return self._generated_batches(start_step, process_index, process_count)
+
+    def _generated_batches(
         self, start_step: int, process_index: int, process_count: int
     ) -> Iterator[dict[str, np.ndarray]]:
         local = self.config.batch_size // process_count

@@ -36,7 +36,10 @@ A worker process killed by a signal (the kernel's out-of-memory killer, a crash 
 does not end the run: the iterator warns (:class:`InputWorkerRestarted`), starts new workers at
 the step whose batch it was waiting for and goes on with the same batches. A worker killed
 again before one batch arrives, or one that exits by itself (it failed to start: its error is
-printed above), is not transient: that stops the iterator with :class:`InputWorkerLost`.
+printed above), is not transient: that stops the iterator with :class:`InputWorkerLost`. Workers
+that hang are killed by their caller (the training loop's step watchdog), who says so first
+(:meth:`TrainIterator.expect_worker_kill`): the iterator then starts new ones without a warning
+of its own.
 
 Shared memory: a worker hands each batch array over in a shared-memory block (grain's
 ``SharedMemoryArray``, a ``/dev/shm/psm_*`` file registered with Python's multiprocessing
@@ -388,6 +391,7 @@ class TrainIterator:
 
     def __init__(self, train_loader: TrainLoader, start_step: int):
         self.loader = train_loader
+        self._kill_expected = False
         self._open(start_step)
 
     @property
@@ -424,6 +428,9 @@ class TrainIterator:
             code = _dead_worker_exit_code(error)
             if code is None:
                 raise
+            if self._kill_expected:
+                self._kill_expected = False
+                return self._restart()
             how = describe_exit_code(code)
             if code >= 0:  # not killed: it failed to start or exited, which a restart repeats
                 raise InputWorkerLost(
@@ -443,12 +450,25 @@ class TrainIterator:
                 InputWorkerRestarted,
                 stacklevel=3,
             )
-            self._open(self.next_step)
-            self._restarted_without_a_batch = True
-            return self._next_from_workers()
+            return self._restart()
         self._restarted_without_a_batch = False
         _unlink_shared_memory(batch)
         return batch
+
+    def _restart(self) -> dict[str, Any]:
+        """New workers at the step whose batch was awaited; that batch from them."""
+        self._open(self.next_step)
+        self._restarted_without_a_batch = True
+        return self._next_from_workers()
+
+    def expect_worker_kill(self) -> None:
+        """Say, from another thread, that this iterator's worker processes are about to be
+        killed on purpose (a watchdog that saw no batch for too long, and said so): the
+        dead-worker error that the waiting ``next()`` then gets starts new workers at the same
+        step, with no warning. A restart that delivered no batch yet does not prevent it (the
+        caller decides how often it kills); a worker killed otherwise before the new workers
+        deliver a batch stops the iterator as after any restart (:class:`InputWorkerLost`)."""
+        self._kill_expected = True
 
     def get_state(self) -> dict[str, Any]:
         return {

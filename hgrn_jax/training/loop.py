@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -387,6 +388,21 @@ def _train_and_evaluate(
         return _train_validate_and_test(run, config, workdir, stop_signals, step_timeout_s)
 
 
+def _input_restart(batches: preflight.TrainBatches) -> Callable[[], None] | None:
+    """How the step watchdog restarts an input whose worker processes hang: the iterator
+    learns that they die on purpose, then they are killed, and the ``next()`` waiting for them
+    starts new ones at the same step. None when the input is read in this process (nothing to
+    kill: this process itself is stuck)."""
+    if not batches.restartable_workers:
+        return None
+
+    def restart() -> None:
+        batches.expect_worker_kill()
+        watchdog.kill_child_processes()
+
+    return restart
+
+
 def _train_validate_and_test(
     run: Run, config: Any, workdir: Path, stop_signals: StopSignals, step_timeout_s: float
 ) -> dict[str, Any]:
@@ -458,6 +474,7 @@ def _train_validate_and_test(
                 jax.process_count(),
                 step_timeout_s,
                 resume_hint=how_to_resume(resume_choice(config)),
+                restart_input=_input_restart(batches),
             ) as guard,
         ):
             for step in range(start, end):

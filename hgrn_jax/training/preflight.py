@@ -195,6 +195,19 @@ class TrainBatches:
             return None
         return self._state_before_first if self._first else self._train.get_state()
 
+    @property
+    def restartable_workers(self) -> bool:
+        """Whether the wrapped iterator reads in worker processes and starts new ones when
+        told that they are killed (:meth:`expect_worker_kill`: grain's, with workers)."""
+        return getattr(self._train, "in_process", True) is False and callable(
+            getattr(self._train, "expect_worker_kill", None)
+        )
+
+    def expect_worker_kill(self) -> None:
+        """Tell the wrapped iterator that its worker processes are about to be killed on
+        purpose (see :meth:`hgrn_jax.data.grain_pipeline.TrainIterator.expect_worker_kill`)."""
+        self._train.expect_worker_kill()
+
     def close(self) -> None:
         """Close the wrapped iterator when it can be (a generator, grain's workers)."""
         close = getattr(self._train, "close", None)

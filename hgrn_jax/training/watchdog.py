@@ -16,6 +16,13 @@ Two background threads:
   starts after the first step (which compiles); each step and each delivered batch resets it.
   ``HGRN_STEP_TIMEOUT_S=0`` turns it off.
 
+  One exception: in a one-process run whose input is read in worker processes, the first input
+  stall since the last delivered batch does not end the run. The watchdog warns, kills the
+  worker processes and starts its clock again; the training loop, waiting in grain's ``next()``,
+  then gets grain's dead-worker error and the input pipeline starts new workers at the same step
+  (:mod:`hgrn_jax.data.grain_pipeline`; the batches are the same). A second stall before a batch
+  arrives ends the run as any other stall, its message saying that a restart was tried.
+
 Before exiting, a process kills its own multiprocessing children (the input workers; a hung one
 would outlive it). The exit code is :data:`EXIT_LOST_PEER`; the last complete checkpoint stays
 on disk, and running the same command again resumes from it (with ``--config.resume=auto`` for
@@ -63,11 +70,23 @@ def step_timeout_from_env() -> float:
     return value
 
 
+def kill_child_processes() -> int:
+    """SIGKILL this process's multiprocessing children (the input workers, perhaps hung ones);
+    how many there were."""
+    children = multiprocessing.active_children()
+    for child in children:
+        child.kill()
+    return len(children)
+
+
 def _exit_with(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-    for child in multiprocessing.active_children():  # input workers, perhaps the hung ones
-        child.kill()
+    kill_child_processes()  # a hung input worker would outlive this process
     os._exit(EXIT_LOST_PEER)  # the main thread may be blocked in a collective forever
+
+
+def _print_warning(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _live_nodes_of_client() -> Callable[[Sequence[int]], Sequence[int]] | None:
@@ -175,6 +194,15 @@ class StepWatchdog:
     delivered batch (the end of :meth:`waiting_for_input`). Armed by the first :meth:`beat` (the
     first step compiles, which may take long); :meth:`pause` stops the clock for a phase with
     its own duration (a whole evaluation), and the next progress starts it again.
+
+    With ``restart_input`` (a one-process run whose input has worker processes, see
+    :class:`Guard`), the first input stall since the last delivered batch calls
+    ``on_warning(message)`` and ``restart_input()`` (which must make the waiting ``next()``
+    return or raise: the training loop passes one that kills the input workers, which the
+    input pipeline then replaces) and starts the clock again, so the new workers' start-up counts against ``timeout_s``. A
+    second stall for the same batch calls ``on_stall`` as any other stall.
+    ``clock`` (seconds, default :func:`time.monotonic`) lets tests drive :meth:`check` with a
+    clock of their own instead of :meth:`start`'s thread.
     """
 
     def __init__(
@@ -186,24 +214,29 @@ class StepWatchdog:
         on_stall: Callable[[str], None] = _exit_with,
         poll_s: float | None = None,
         resume_hint: str = RESUME_HINT,
+        restart_input: Callable[[], object] | None = None,
+        on_warning: Callable[[str], None] = _print_warning,
+        clock: Callable[[], float] = time.monotonic,
     ):
         if timeout_s <= 0:
             raise ValueError(f"step timeout must be positive, got {timeout_s}")
         self.timeout_s, self.process_index, self.on_stall = timeout_s, process_index, on_stall
         self.process_count = process_count
         self.resume_hint = resume_hint
+        self.restart_input, self.on_warning, self._clock = restart_input, on_warning, clock
         self.poll_s = poll_s if poll_s is not None else min(1.0, timeout_s / 4)
         self._armed = False
         self._last: float | None = None
         self._step = 0
         self._input_step: int | None = None  # the step whose batch is awaited, if any
+        self._restarted_for: int | None = None  # the step whose batch a restart awaits
         self._after_evaluation = False  # since an evaluation, no batch fetched yet
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def beat(self, step: int) -> None:
         """Step ``step`` finished (was dispatched); restart the clock."""
-        self._step, self._armed, self._last = step, True, time.monotonic()
+        self._step, self._armed, self._last = step, True, self._clock()
         self._after_evaluation = False
 
     def evaluated(self, step: int) -> None:
@@ -221,25 +254,40 @@ class StepWatchdog:
         """Around fetching the batch of step ``step`` (0-based): a stall inside is the input's."""
         self._input_step = step
         if self._armed:
-            self._last = time.monotonic()
+            self._last = self._clock()
         try:
             yield
         finally:
             self._input_step = None
             self._after_evaluation = False
             if self._armed:
-                self._last = time.monotonic()
+                self._last = self._clock()
+
+    def _stall(self, step: int | None) -> str:
+        """What stalled, ``step`` being the awaited batch's if any: ``"the input pipeline
+        delivered no batch ..."``."""
+        waited = f"{self.timeout_s:.0f} s"
+        if step is not None:
+            return f"the input pipeline delivered no batch for step {step} in {waited}"
+        if self._after_evaluation:
+            return f"no progress in {waited} after the evaluation at step {self._step}"
+        return f"no training step finished in {waited} after step {self._step}"
 
     def message(self) -> str:
         """What a stall now would print."""
         me = f"error: process {self.process_index}: " if self.process_count > 1 else "error: "
-        waited = f"{self.timeout_s:.0f} s"
-        step = self._input_step
-        if step is not None:
-            what = (
-                f"the input pipeline delivered no batch for step {step} in {waited} (a hung "
-                "input worker process, or a data folder that stopped answering); stopping. "
-                "Raise HGRN_STEP_TIMEOUT_S if a batch can take this long"
+        step = self._input_step  # read once: the main thread may go on meanwhile
+        what = self._stall(step)
+        if step is not None and step == self._restarted_for:
+            what += (
+                ", again after its worker processes were killed and restarted at that step (a "
+                "data folder that stopped answering, or a batch that hangs every worker); "
+                "stopping. Raise HGRN_STEP_TIMEOUT_S if a batch can take this long"
+            )
+        elif step is not None:
+            what += (
+                " (a hung input worker process, or a data folder that stopped answering); "
+                "stopping. Raise HGRN_STEP_TIMEOUT_S if a batch can take this long"
             )
         elif self._after_evaluation:
             stuck = (
@@ -248,9 +296,8 @@ class StepWatchdog:
                 if self.process_count > 1
                 else "a checkpoint write is stuck"
             )
-            what = (
-                f"no progress in {waited} after the evaluation at step {self._step}; {stuck}; "
-                "stopping. Raise HGRN_STEP_TIMEOUT_S if a checkpoint can take this long"
+            what += (
+                f"; {stuck}; stopping. Raise HGRN_STEP_TIMEOUT_S if a checkpoint can take this long"
             )
         else:
             stuck = (
@@ -258,17 +305,43 @@ class StepWatchdog:
                 if self.process_count > 1
                 else "a device computation or a checkpoint write is stuck"
             )
-            what = (
-                f"no training step finished in {waited} after step {self._step}; {stuck}, "
-                "stopping. Raise HGRN_STEP_TIMEOUT_S if steps are this slow"
-            )
+            what += f"; {stuck}, stopping. Raise HGRN_STEP_TIMEOUT_S if steps are this slow"
         return f"{me}{what}. The last complete checkpoint is kept: {self.resume_hint}."
+
+    def _may_restart_input(self, step: int | None) -> bool:
+        return self.restart_input is not None and step is not None and step != self._restarted_for
+
+    def _restart_input(self, step: int) -> bool:
+        """Warn, restart the input and start the clock again; False (after ``on_stall``) when
+        ``restart_input`` raised."""
+        self.on_warning(
+            f"warning: {self._stall(step)}; killing its worker processes and starting new ones at "
+            f"step {step} (the batches are the same)"
+        )
+        try:
+            self.restart_input()
+        except Exception as error:  # the thread would end, and the run hang for good
+            self.on_stall(f"{self.message()} Restarting the input failed: {error!r:.200}")
+            return False
+        self._restarted_for = step
+        self._last = self._clock()
+        return True
+
+    def check(self) -> bool:
+        """One look at the clock: on a stall, restart the input (see the class docstring) or
+        call ``on_stall``. True once the watchdog is done (it called ``on_stall``)."""
+        last = self._last
+        if last is None or self._clock() - last <= self.timeout_s:
+            return False
+        step = self._input_step  # read once: the main thread may go on meanwhile
+        if self._may_restart_input(step):
+            return not self._restart_input(step)
+        self.on_stall(self.message())
+        return True
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
-            last = self._last
-            if last is not None and time.monotonic() - last > self.timeout_s:
-                self.on_stall(self.message())
+            if self.check():
                 return
 
     def start(self) -> StepWatchdog:
@@ -286,7 +359,14 @@ class Guard:
     and ``evaluated`` after it.
     The peer monitor runs only with several processes; the step watchdog always, unless
     ``step_timeout_s`` (default ``HGRN_STEP_TIMEOUT_S``, see :func:`step_timeout_from_env`)
-    is 0."""
+    is 0.
+
+    ``restart_input`` (the training loop passes one when the input is read in worker
+    processes) lets the step watchdog restart a stalled input once per batch instead of ending
+    the run (:class:`StepWatchdog`), in a one-process run only. A process of a pod keeps
+    ending the run: its peers wait for it in the step's collectives, their own watchdogs end
+    them after the same timeout (no step finished), and the rerun resumes the whole pod from
+    the last checkpoint, which a restart of one process's input cannot spare."""
 
     def __init__(
         self,
@@ -294,6 +374,7 @@ class Guard:
         process_count: int,
         step_timeout_s: float | None = None,
         resume_hint: str = RESUME_HINT,
+        restart_input: Callable[[], object] | None = None,
     ):
         if step_timeout_s is None:
             step_timeout_s = step_timeout_from_env()
@@ -304,6 +385,7 @@ class Guard:
                 process_index,
                 process_count=process_count,
                 resume_hint=resume_hint,
+                restart_input=restart_input if process_count == 1 else None,
             )
             if step_timeout_s > 0
             else None
