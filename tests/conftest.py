@@ -127,9 +127,9 @@ LONG_FILES = (
     "test_kill_resume.py",  # ~60
     "test_faults.py",  # ~60
     "test_pallas.py",  # ~53
-    "test_demo.py",  # ~45
-    "test_models.py",  # ~50
     "test_grain_pipeline.py",  # ~51 (~44 before the hung-worker test, ~7 s)
+    "test_models.py",  # ~50
+    "test_demo.py",  # ~45
     "test_kill_resume_workers.py",  # ~48
     "test_data_end_to_end.py",  # ~39
     "test_model_options.py",  # ~38

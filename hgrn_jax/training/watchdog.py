@@ -199,8 +199,9 @@ class StepWatchdog:
     :class:`Guard`), the first input stall since the last delivered batch calls
     ``on_warning(message)`` and ``restart_input()`` (which must make the waiting ``next()``
     return or raise: the training loop passes one that kills the input workers, which the
-    input pipeline then replaces) and starts the clock again, so the new workers' start-up counts against ``timeout_s``. A
-    second stall for the same batch calls ``on_stall`` as any other stall.
+    input pipeline then replaces) and starts the clock again, so the new workers' start-up
+    counts against ``timeout_s``. A second stall for the same batch calls ``on_stall`` as any
+    other stall.
     ``clock`` (seconds, default :func:`time.monotonic`) lets tests drive :meth:`check` with a
     clock of their own instead of :meth:`start`'s thread.
     """
