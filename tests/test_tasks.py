@@ -528,3 +528,56 @@ def test_label_smoothing_of_a_loss_without_it_names_the_key(cache_dir):
     config = tiny_config("lra.listops", cache_dir)
     config.label_smoothing = 0.1  # the classifiers' loss smooths
     assert tasks.get_task(config).config.label_smoothing == 0.1
+
+
+def test_a_label_outside_the_model_s_classes_names_the_fix(cache_dir):
+    """A label >= config.model.num_classes has an all-zero one-hot target: its loss was 0 and
+    the run trained on without a word (ListOps with num_classes=5: val loss 0.88). A split held
+    in memory (or mapped) is checked as it loads; labels read lazily (prepared tfds records)
+    in every batch, training and evaluation."""
+    from hgrn_jax.tasks import models
+    from hgrn_jax.tasks.base import TokenTask
+
+    config = tiny_config("lra.text", cache_dir, workers=0)
+    config.model.num_classes = 1
+    task = tasks.get_task(config)
+    with pytest.raises(
+        ValueError,
+        match=r"^the text train split has class label 1, outside config\.model\.num_classes=1 "
+        r"\(labels 0 to 0\); set --config\.model\.num_classes=2$",
+    ):
+        next(iter(task.train_batches(0)))
+
+    class Lazy:  # an array-like column, as prepared tfds data are read
+        def __init__(self, values):
+            self.values = values
+
+        def __len__(self):
+            return len(self.values)
+
+        def __getitem__(self, rows):
+            return self.values[rows]
+
+    class LazyLabels(TokenTask):
+        model_kind = models.CLASSIFIER
+
+        def _load(self, split):
+            labels = np.arange(64, dtype=np.int32) % 3 - (split == "test")  # -1 in test
+            return {
+                "inputs": np.ones((64, 4), np.uint8),
+                "lengths": np.full(64, 4, np.int32),
+                "labels": Lazy(labels),
+            }
+
+    config = tiny_config("lra.listops", cache_dir, workers=0)
+    config.model.num_classes = 2
+    lazy = LazyLabels(config, "mine")
+    with pytest.raises(ValueError, match=r"^the mine training batch of step 0 has class label 2,"):
+        next(iter(lazy.train_batches(0)))
+    with pytest.raises(ValueError, match=r"^the mine val split has class label 2, outside"):
+        list(lazy.eval_batches("val"))
+    config.model.num_classes = 3
+    lazy = LazyLabels(config, "mine")
+    assert next(iter(lazy.train_batches(0)))["labels"].max() <= 2
+    with pytest.raises(ValueError, match=r"^the mine test split has a negative class label \(-1\)"):
+        list(lazy.eval_batches("test"))

@@ -273,6 +273,26 @@ def check_vocab_size(config, size: int, what: str) -> None:
         )
 
 
+def check_labels(labels: Any, num_classes: int, where: str) -> None:
+    """ValueError naming ``where`` when a class label (an int array of any shape) is outside
+    ``[0, num_classes)``: the one-hot target of such a label is all zeros, so its loss would
+    be 0 and the run would train on without a word."""
+    labels = np.asarray(labels)
+    if not labels.size:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        raise ValueError(
+            f"{where} has a negative class label ({low}); labels run from 0 to "
+            "config.model.num_classes - 1: fix the data"
+        )
+    if high >= num_classes:
+        raise ValueError(
+            f"{where} has class label {high}, outside config.model.num_classes={num_classes} "
+            f"(labels 0 to {num_classes - 1}); set --config.model.num_classes={high + 1}"
+        )
+
+
 def skip_bad_rows(config) -> bool:
     return bool(config.data.get("skip_bad_rows", False))
 
@@ -435,7 +455,7 @@ class ArrayTask:
         ):
             batch = self._batch(examples, rows)
             batch["weight"] = valid.astype(np.float32)
-            yield batch
+            yield self._check_batch_labels(batch, f"the {self.name} {split} split")
 
     def loss_fn(
         self, model: nnx.Module, batch: dict, *, train: bool
@@ -461,8 +481,23 @@ class ArrayTask:
                     f"{type(self).__name__}._load({split!r}) returned no {', '.join(missing)}; "
                     f"its batches read {', '.join(self.columns)} (docs/tasks.md)"
                 )
+            labels = examples.get("labels") if isinstance(examples, Mapping) else None
+            if isinstance(labels, np.ndarray) and self.model_classes:  # in memory or mapped
+                check_labels(labels, self.model_classes, f"the {self.name} {split} split")
             self._examples[split] = examples
         return self._examples[split]
+
+    @property
+    def model_classes(self) -> int:
+        """The model's classes (``config.model.num_classes``); 0 for a model without."""
+        return int(self.config.model.get("num_classes", 0) or 0)
+
+    def _check_batch_labels(self, batch: Batch, where: str) -> Batch:
+        """``batch``, after checking its labels (:func:`check_labels`): each batch is checked,
+        as the labels of data read lazily (prepared tfds records) are not checked at load."""
+        if "labels" in batch and self.model_classes:
+            check_labels(batch["labels"], self.model_classes, where)
+        return batch
 
     def num_examples(self, split: str) -> int:
         return len(next(iter(self.examples(split).values())))
@@ -506,8 +541,11 @@ class _TrainRows:
         return {"rows": rows}
 
     def __call__(self, batch: dict[str, np.ndarray], step: int) -> Batch:
-        return self.task._train_batch(
+        built = self.task._train_batch(
             self.arrays.arrays, batch["rows"], step, self.process_index, self.process_count
+        )
+        return self.task._check_batch_labels(
+            built, f"the {self.task.name} training batch of step {step}"
         )
 
 
