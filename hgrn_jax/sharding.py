@@ -42,7 +42,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from hgrn_jax import HGRNDeprecationWarning
+from hgrn_jax.deprecation import HGRNDeprecationWarning
 
 MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "model")
 

@@ -19,8 +19,8 @@ import pytest
 from flax import nnx
 
 import hgrn_jax.tasks
-from hgrn_jax import HGRNDeprecationWarning
 from hgrn_jax import sharding as sh
+from hgrn_jax.deprecation import HGRNDeprecationWarning
 from hgrn_jax.nn import (
     HGRNLM,
     ClassifierConfig,

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax import HGRNDeprecationWarning
+from hgrn_jax.deprecation import HGRNDeprecationWarning
 from hgrn_jax.nn.blocks import residual_stack
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import LowerBounds

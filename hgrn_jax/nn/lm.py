@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax import HGRNDeprecationWarning
+from hgrn_jax.deprecation import HGRNDeprecationWarning
 from hgrn_jax.nn.blocks import residual_stack
 from hgrn_jax.nn.checks import check_length, check_token_ids
 from hgrn_jax.nn.embeddings import sinusoidal_positions

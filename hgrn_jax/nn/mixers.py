@@ -30,7 +30,7 @@ from typing import Any, Literal
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax import HGRNDeprecationWarning
+from hgrn_jax.deprecation import HGRNDeprecationWarning
 from hgrn_jax.nn.attention import SoftmaxAttention
 from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
 from hgrn_jax.nn.hgrn2 import HGRN2, HGRN2D, FlaHGRN2Attention

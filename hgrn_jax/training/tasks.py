@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import warnings
 
-from hgrn_jax import HGRNDeprecationWarning
+from hgrn_jax.deprecation import HGRNDeprecationWarning
 from hgrn_jax.tasks import (
     TASKS,
     DataUnavailableError,
