@@ -22,7 +22,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/hgrn_site
 fi
 smoke='from flax import nnx; from hgrn_jax.nn import HGRNLM, LMConfig
-HGRNLM(LMConfig(vocab_size=16, features=16, num_layers=1, glu_hidden=16), rngs=nnx.Rngs(0))'
+HGRNLM(LMConfig(vocab_size=16, features=16, num_layers=1, glu_expand=1), rngs=nnx.Rngs(0))'
 $PY -c "$smoke" || log "our modules cannot be built with these packages (see above)"
 $PY -c "import jax, flax, sys; print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 $PY -c "import torch, triton, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', getattr(fla, '__version__', '?'))"

@@ -42,6 +42,8 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from hgrn_jax.deprecation import HGRNDeprecationWarning
+
 MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "model")
 
 MeshAxes = str | tuple[str, ...] | None
@@ -354,7 +356,7 @@ def create_sharded_model(factory: Callable[[], nnx.Module], mesh: Mesh) -> nnx.M
     """Deprecated alias of :func:`create_sharded`."""
     warnings.warn(
         "sharding.create_sharded_model is deprecated; use sharding.create_sharded",
-        DeprecationWarning,
+        HGRNDeprecationWarning,
         stacklevel=2,
     )
     return create_sharded(factory, mesh)

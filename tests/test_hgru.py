@@ -248,7 +248,7 @@ def test_linear_layers_use_the_pytorch_default_init():
     np.testing.assert_array_equal(layer.norm.bias[...], np.zeros(128))
 
 
-TINY_LM = LMConfig(vocab_size=32, features=D, num_layers=2, glu_hidden=16)
+TINY_LM = LMConfig(vocab_size=32, features=D, num_layers=2, glu_expand=2)
 
 
 @pytest.mark.parametrize(
@@ -261,7 +261,7 @@ TINY_LM = LMConfig(vocab_size=32, features=D, num_layers=2, glu_hidden=16)
         lambda: FlaHGRNAttention(D, expand_ratio=2, rngs=nnx.Rngs(0)),
         lambda: HGRNLM(TINY_LM, rngs=nnx.Rngs(0)),
         lambda: HGRNLM(
-            LMConfig.fla(vocab_size=32, features=D, num_layers=2, glu_hidden=16), rngs=nnx.Rngs(0)
+            LMConfig.fla(vocab_size=32, features=D, num_layers=2, glu_expand=2), rngs=nnx.Rngs(0)
         ),
     ],
     ids=["hgru", "hgru_real", "hgru2d", "glu", "fla_attention", "lm", "fla_lm"],

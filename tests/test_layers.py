@@ -1,9 +1,10 @@
 """The import graph: layers import only downwards, and no module imports itself back.
 
-Layers, lowest first (docs/design.md): ``hgrn_jax.ops`` and ``hgrn_jax.sharding``; ``hgrn_jax.nn``
-and ``hgrn_jax.data``; ``hgrn_jax.tasks`` (and ``hgrn_jax.convert``); ``hgrn_jax.training``;
-``experiments``. Every import counts, including those inside functions (a lazy import is still a
-dependency). Read from the source with ``ast``, so nothing is imported.
+Layers, lowest first (docs/design.md): ``hgrn_jax.ops``, ``hgrn_jax.sharding`` and
+``hgrn_jax.deprecation``; ``hgrn_jax.nn`` and ``hgrn_jax.data``; ``hgrn_jax.tasks`` (and
+``hgrn_jax.convert``); ``hgrn_jax.training``; ``experiments``. Every import counts, including
+those inside functions (a lazy import is still a dependency). Read from the source with ``ast``,
+so nothing is imported.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ PACKAGES = ("hgrn_jax", "experiments")
 LAYERS = (
     ("hgrn_jax.ops", 0),
     ("hgrn_jax.sharding", 0),
+    ("hgrn_jax.deprecation", 0),  # the warning category every layer may use
     ("hgrn_jax.nn", 1),
     ("hgrn_jax.data", 1),
     ("hgrn_jax.convert", 2),

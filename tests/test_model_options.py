@@ -20,7 +20,7 @@ from hgrn_jax.nn import HGRNLM, ClassifierConfig, HGRNClassifier, LMConfig, Mixe
 
 
 def _lm(**overrides) -> HGRNLM:
-    config = LMConfig(vocab_size=32, features=8, num_layers=2, glu_hidden=16, **overrides)
+    config = LMConfig(vocab_size=32, features=8, num_layers=2, glu_expand=2, **overrides)
     return HGRNLM(config, rngs=nnx.Rngs(0))
 
 
@@ -50,7 +50,7 @@ def test_lm_sequence_axis_splits_the_sequence_and_matches(mixer):
     parallel = (
         _lm(mixer=MixerConfig(**options, sequence_axis="model"))
         if options
-        else _lm(sequence_axis="model")
+        else _lm(mixer=MixerConfig(sequence_axis="model"))
     )
     mesh = sharding.make_mesh(data=1, fsdp=1, model=8)
     with jax.set_mesh(mesh):
@@ -69,7 +69,7 @@ def test_lm_sequence_axis_of_one_device_is_the_plain_model():
     want = nnx.jit(nnx.grad(_lm_loss))(_lm(), ids)
     mesh = sharding.make_mesh(data=1, fsdp=1, model=1, devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
-        got = nnx.jit(nnx.grad(_lm_loss))(_lm(sequence_axis="model"), ids)
+        got = nnx.jit(nnx.grad(_lm_loss))(_lm(mixer=MixerConfig(sequence_axis="model")), ids)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(g, w)
 

@@ -110,7 +110,7 @@ def _image2d_config(**overrides) -> ClassifierConfig:
         num_layers=2,
         encoder="linear",
         input_channels=3,
-        mixer="2d",
+        mixer=MixerConfig(scan="2d"),
         grid_shape=(3, 4),
         norm="batch",
     )
@@ -122,7 +122,7 @@ def _imagenet_config() -> ImageConfig:
 
 
 def _lm_config(**overrides) -> LMConfig:
-    return LMConfig(**(dict(vocab_size=29, features=8, num_layers=2, glu_hidden=16) | overrides))
+    return LMConfig(**(dict(vocab_size=29, features=8, num_layers=2, glu_expand=2) | overrides))
 
 
 def _eval(model: nnx.Module) -> nnx.Module:
@@ -241,15 +241,16 @@ def test_ablation_switches_change_the_parameters():
         return _param_count(lambda rngs: HGRNClassifier(_text_config(**overrides), rngs=rngs))
 
     full, d, layers = count(), 8, 2
-    assert full - count(separate_phases=False) == layers * d  # theta_reverse per layer
+    # theta_reverse per layer
+    assert full - count(mixer=MixerConfig(separate_phases=False)) == layers * d
     assert full - count(use_lower_bound=False) == layers * d  # the (layers, d) Gamma
     # real: input_proj and gate d->d (2d^2 + 2d fewer), out_proj d->d (d^2), norm over d (2d),
     # no thetas (2d)
-    assert full - count(complex_valued=False) == layers * (3 * d * d + 6 * d)
+    assert full - count(mixer=MixerConfig(complex_valued=False)) == layers * (3 * d * d + 6 * d)
     for overrides in (
-        dict(separate_phases=False),
-        dict(complex_valued=False),
-        dict(use_forget_gate=False),
+        dict(mixer=MixerConfig(separate_phases=False)),
+        dict(mixer=MixerConfig(complex_valued=False)),
+        dict(mixer=MixerConfig(use_forget_gate=False)),
     ):
         model = _eval(HGRNClassifier(_text_config(**overrides), rngs=nnx.Rngs(0)))
         assert np.all(np.isfinite(apply(model, IDS, MASK)))
@@ -334,7 +335,7 @@ def test_classifier_errors_name_the_fix(text_model):
     with pytest.raises(ValueError, match="needs vocab_size"):
         ClassifierConfig(encoder="embed")
     with pytest.raises(ValueError, match=r"grid_shape=\(H, W\)"):
-        ClassifierConfig(encoder="linear", input_channels=1, mixer="2d")
+        ClassifierConfig(encoder="linear", input_channels=1, mixer=MixerConfig(scan="2d"))
     from_config_file = _image2d_config(grid_shape=[3, 4])  # a list becomes a hashable tuple
     assert from_config_file.grid_shape == (3, 4)
     assert hash(from_config_file) == hash(_image2d_config())
@@ -375,7 +376,9 @@ def test_lm_is_causal(untied_lm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [{}, dict(complex_valued=False)], ids=["paper", "real"])
+@pytest.mark.parametrize(
+    "overrides", [{}, dict(mixer=MixerConfig(complex_valued=False))], ids=["paper", "real"]
+)
 def test_decoding_token_by_token_equals_the_full_pass(overrides):
     lm = HGRNLM(_lm_config(**overrides), rngs=nnx.Rngs(0))
     ids = _ids(15, (2, 12), 29)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hgrn_jax.nn import HGRNLM, LMConfig
+from hgrn_jax.nn import HGRNLM, LMConfig, MixerConfig
 from hgrn_jax.nn.classifier import ClassifierConfig, HGRNClassifier
 from hgrn_jax.nn.remat import set_remat
 
@@ -44,7 +44,7 @@ def assert_trees_close(got, want):
 
 @pytest.mark.slow
 def test_lm_gradients_unchanged(policy="nothing"):
-    lm = HGRNLM(LMConfig(vocab_size=32, features=8, num_layers=2, glu_hidden=16), rngs=nnx.Rngs(0))
+    lm = HGRNLM(LMConfig(vocab_size=32, features=8, num_layers=2, glu_expand=2), rngs=nnx.Rngs(0))
     ids = jax.random.randint(jax.random.key(1), (2, 24), 0, 32)
 
     def loss(m, ids):
@@ -66,7 +66,7 @@ def test_classifier_with_batchnorm_mask_and_dropout_unchanged():
         num_layers=2,
         encoder="linear",
         input_channels=1,
-        mixer="1d",
+        mixer=MixerConfig(scan="1d"),
         norm="batch",
         dropout=0.1,
     )
@@ -83,7 +83,7 @@ def test_classifier_with_batchnorm_mask_and_dropout_unchanged():
 
 
 def test_turning_off_and_bad_policy():
-    config = LMConfig(vocab_size=16, features=4, num_layers=1, glu_hidden=8)
+    config = LMConfig(vocab_size=16, features=4, num_layers=1, glu_expand=2)
     lm = nnx.eval_shape(lambda: HGRNLM(config, rngs=nnx.Rngs(0)))  # policies only: no weights
     set_remat(lm, "nothing")
     set_remat(lm, None)

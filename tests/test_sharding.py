@@ -27,7 +27,7 @@ MESHES = {"8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2), "1x1x1": (1, 1, 1)}
 STEP_MESHES = ("2x2x2", "1x1x1")
 
 # Every sharded dimension is even, so each rule really splits it on the (2, 2, 2) mesh.
-LM_CONFIG = LMConfig(vocab_size=32, features=8, num_layers=2, glu_hidden=16)
+LM_CONFIG = LMConfig(vocab_size=32, features=8, num_layers=2, glu_expand=2)
 CLASSIFIER_CONFIG = ClassifierConfig(
     num_classes=3,
     features=8,
@@ -361,7 +361,7 @@ def test_merged_directions_move_no_channels_between_devices(monkeypatch):
     results = {}
     for merged in (False, True):
         monkeypatch.setattr(hgru, "MERGE_DIRECTIONS", merged)
-        layer = sh.create_sharded_model(
+        layer = sh.create_sharded(
             lambda: hgru.HGRU(16, bidirectional=True, method="associative", rngs=nnx.Rngs(0)),
             mesh,
         )

@@ -85,7 +85,7 @@ def test_constant_schedule_and_unknown_name():
 def _tiny_lm_params():
     lm = nnx.eval_shape(
         lambda: HGRNLM(
-            LMConfig(vocab_size=11, features=8, num_layers=2, glu_hidden=16), rngs=nnx.Rngs(0)
+            LMConfig(vocab_size=11, features=8, num_layers=2, glu_expand=2), rngs=nnx.Rngs(0)
         )
     )
     return nnx.split(lm, nnx.Param, ...)[1]

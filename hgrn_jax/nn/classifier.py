@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hgrn_jax.deprecation import HGRNDeprecationWarning
 from hgrn_jax.nn.blocks import residual_stack
 from hgrn_jax.nn.checks import check_length, check_token_ids
 from hgrn_jax.nn.embeddings import sinusoidal_positions
@@ -108,7 +109,7 @@ class ClassifierConfig:
             warnings.warn(
                 f"ClassifierConfig(mixer={mixer!r}) is deprecated; use "
                 f"ClassifierConfig(mixer=MixerConfig(scan={mixer!r}))",
-                DeprecationWarning,
+                HGRNDeprecationWarning,
                 stacklevel=3,
             )
             mixer = MixerConfig(scan=mixer)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hgrn_jax.deprecation import HGRNDeprecationWarning
 from hgrn_jax.nn.blocks import residual_stack
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import LowerBounds
@@ -72,7 +73,7 @@ class ImageConfig:
             warnings.warn(
                 "ImageConfig(in_channels=...) is deprecated; use input_channels "
                 "(the name ClassifierConfig uses)",
-                DeprecationWarning,
+                HGRNDeprecationWarning,
                 stacklevel=3,
             )
             object.__setattr__(self, "input_channels", self.in_channels)

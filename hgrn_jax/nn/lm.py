@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hgrn_jax.deprecation import HGRNDeprecationWarning
 from hgrn_jax.nn.blocks import residual_stack
 from hgrn_jax.nn.checks import check_length, check_token_ids
 from hgrn_jax.nn.embeddings import sinusoidal_positions
@@ -80,7 +81,7 @@ class LMConfig:
             warnings.warn(
                 "LMConfig(glu_hidden=...) is deprecated; use glu_expand = hidden / "
                 "features (the name ClassifierConfig and ImageConfig use)",
-                DeprecationWarning,
+                HGRNDeprecationWarning,
                 stacklevel=3,
             )
             object.__setattr__(self, "glu_expand", self.glu_hidden / self.features)
@@ -95,7 +96,7 @@ class LMConfig:
             warnings.warn(
                 f"LMConfig(mixer={mixer!r}) is deprecated; use LMConfig(mixer="
                 f"MixerConfig(layout={layouts[mixer]!r}))",
-                DeprecationWarning,
+                HGRNDeprecationWarning,
                 stacklevel=3,
             )
             mixer = MixerConfig(layout=layouts[mixer])

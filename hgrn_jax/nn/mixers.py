@@ -30,6 +30,7 @@ from typing import Any, Literal
 import jax.numpy as jnp
 from flax import nnx
 
+from hgrn_jax.deprecation import HGRNDeprecationWarning
 from hgrn_jax.nn.attention import SoftmaxAttention
 from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
 from hgrn_jax.nn.hgrn2 import HGRN2, HGRN2D, FlaHGRN2Attention
@@ -378,7 +379,7 @@ def fold_legacy_fields(config: Any, renames: Mapping[str, str], where: str) -> M
         warnings.warn(
             f"{where}({old}=...) is deprecated; use {where}(mixer=MixerConfig({new}="
             f"...)) (in experiment configs: model.mixer.{new})",
-            DeprecationWarning,
+            HGRNDeprecationWarning,
             stacklevel=4,
         )
         updates[new] = value

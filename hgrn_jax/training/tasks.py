@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 
+from hgrn_jax.deprecation import HGRNDeprecationWarning
 from hgrn_jax.tasks import (
     TASKS,
     DataUnavailableError,
@@ -20,7 +21,7 @@ from hgrn_jax.tasks import (
 
 warnings.warn(
     "hgrn_jax.training.tasks is deprecated; import hgrn_jax.tasks instead",
-    DeprecationWarning,
+    HGRNDeprecationWarning,
     stacklevel=2,
 )
 
