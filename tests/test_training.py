@@ -174,6 +174,28 @@ def test_optimizer_settings_at_their_defaults_pass_with_any_choice():
 
 
 @pytest.mark.parametrize(
+    "key, value, choices",
+    [
+        ("optimizer.name", "sgdd", "adamw, adam, sgd, lamb"),
+        ("optimizer.weight_decay_mask", "no_bias", "all, no_bias_norm"),
+        ("schedule.name", "cosin", "cosine, inverse_sqrt, constant"),
+    ],
+)
+def test_an_unknown_optimizer_or_schedule_stops_the_run_before_writing(
+    tmp_path, key, value, choices
+):
+    """An unknown optimizer.name failed only when the state was built, after the run had
+    written config.json (a corrected rerun then listed every key as changed)."""
+    config = toy_config()
+    section, name = key.split(".")
+    config[section][name] = value
+    expected = re.escape(f"unknown config.{key} {value!r}; set --config.{key} to one of {choices}")
+    with pytest.raises(ValueError, match=expected):
+        train_and_evaluate(config, tmp_path / "run", task=ToyTask(toy_config()))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
     "key, value, need",
     [
         ("optimizer.learning_rate", -1.0, "a finite number > 0"),

@@ -135,8 +135,19 @@ def _whole_non_negative(value: Any) -> bool:
 def check_optimizer_config(config: Any) -> None:
     """Raise ValueError naming the key when ``optimizer.learning_rate`` is not a finite number
     > 0, ``optimizer.weight_decay`` or ``schedule.min_lr`` not a finite number >= 0, or
-    ``schedule.warmup_steps`` not an integer >= 0. Keys the config lacks are not checked."""
+    ``schedule.warmup_steps`` not an integer >= 0, and when ``optimizer.name``,
+    ``optimizer.weight_decay_mask`` or ``schedule.name`` is not one there is. Keys the config
+    lacks are not checked."""
     opt, schedule = _section(config, "optimizer"), _section(config, "schedule")
+    for key, value, choices in (
+        ("optimizer.name", opt.get("name"), OPTIMIZERS),
+        ("optimizer.weight_decay_mask", opt.get("weight_decay_mask"), WEIGHT_DECAY_MASKS),
+        ("schedule.name", schedule.get("name"), SCHEDULES),
+    ):
+        if value is not None and value not in choices:
+            raise ValueError(
+                f"unknown config.{key} {value!r}; set --config.{key} to one of {', '.join(choices)}"
+            )
     if "learning_rate" in opt:
         _check_number(
             "optimizer.learning_rate", opt["learning_rate"], positive=True, example="1e-3"
