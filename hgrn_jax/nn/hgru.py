@@ -319,6 +319,11 @@ class HGRU(_HGRUBase):
 
     Call ``layer(x, lower_bound)`` with ``x`` (B, L, d) and ``lower_bound`` a scalar or (d,);
     returns (B, L, d).
+
+    The other keyword arguments (``rngs`` required; ``complex_valued``, ``norm_before_gate``,
+    ``use_forget_gate``, ``use_bias``, ``norm_epsilon``, ``method``, ``sequence_axis``, ``dtype``,
+    ``param_dtype``) are those of the shared base, listed with their meaning under
+    ``_HGRUBase``.
     """
 
     def __init__(
@@ -424,7 +429,9 @@ class HGRU2D(_HGRUBase):
     and the reverse scans ``theta_reverse`` (``BiHgru2d``, the paper's LRA runs), otherwise all four
     share ``theta`` (``Hgru2d(causal=False)``).
 
-    Call ``layer(x, lower_bound)``; returns (B, H, W, d).
+    Call ``layer(x, lower_bound)``; returns (B, H, W, d). The other keyword arguments are
+    :class:`HGRU`'s (``rngs``, ``complex_valued``, ``use_bias``, ``method``, ...; see
+    ``_HGRUBase``).
     """
 
     def __init__(
