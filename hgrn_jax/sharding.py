@@ -97,9 +97,10 @@ class MeshConfig:
     def _named(self) -> str:
         return ", ".join(f"{n}={s}" for n, s in zip(MESH_AXES, (self.data, self.fsdp, self.model)))
 
-    def axis_sizes(self, num_devices: int) -> tuple[int, int, int]:
+    def axis_sizes(self, num_devices: int, platform: str | None = None) -> tuple[int, int, int]:
         """The three axis sizes for ``num_devices`` devices, with -1 resolved;
-        :class:`MeshSizeError` when they do not fit."""
+        :class:`MeshSizeError` when they do not fit (on ``platform="cpu"``, too few devices
+        name the flag that simulates more)."""
         sizes = (self.data, self.fsdp, self.model)
         named = self._named()
         rest = sizes.count(-1)
@@ -113,17 +114,23 @@ class MeshConfig:
         known = math.prod(s for s in sizes if s != -1)
         devices = f"{num_devices} device{'s' if num_devices > 1 else ''}"
         needs = f"mesh ({named}) needs {'a multiple of ' if rest else ''}{known} devices"
+        simulate = ""
+        if platform == "cpu" and known > num_devices:
+            simulate = (
+                f"; on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count={known} (set "
+                f"before JAX starts) simulates {known} devices"
+            )
         if num_devices % known != 0:
             raise MeshSizeError(
                 f"{needs} but this run has {devices}",
-                f"choose axis sizes whose product divides {num_devices}",
+                f"choose axis sizes whose product divides {num_devices}{simulate}",
             )
         if rest:
             sizes = tuple(num_devices // known if s == -1 else s for s in sizes)
         elif known != num_devices:
             raise MeshSizeError(
                 f"{needs} but this run has {devices}",
-                "set one axis to -1 to use the rest, or pass devices=",
+                f"set one axis to -1 to use the rest, or pass devices={simulate}",
             )
         return sizes  # type: ignore[return-value]
 
@@ -178,7 +185,8 @@ class MeshConfig:
         slices joined by the data-centre network (multislice), as :meth:`device_array` lays
         them out."""
         devices = list(jax.devices() if devices is None else devices)
-        sizes = self.axis_sizes(len(devices))
+        platforms = {getattr(d, "platform", None) for d in devices}
+        sizes = self.axis_sizes(len(devices), platforms.pop() if len(platforms) == 1 else None)
         # Auto axes: the compiler propagates shardings through the model from the explicit
         # in/out shardings we give jax.jit. Explicit axes (sharding in types) would make every
         # op's output sharding part of its type and reject ops whose sharding is ambiguous

@@ -134,6 +134,7 @@ LONG_FILES = (
     "test_data_end_to_end.py",  # ~39
     "test_model_options.py",  # ~38
     "test_sharding.py",  # ~37
+    "test_readme.py",  # ~28 (its tiny ListOps run ~12)
 )
 
 

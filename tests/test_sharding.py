@@ -301,8 +301,16 @@ def test_make_mesh_resolves_the_rest_and_explains_bad_sizes():
         sh.make_mesh(data=3)
     with pytest.raises(ValueError, match="at most one axis may be -1"):
         sh.make_mesh(data=-1, fsdp=-1)
-    with pytest.raises(ValueError, match="set one axis to -1"):
+    with pytest.raises(ValueError, match="set one axis to -1") as error:
         sh.make_mesh(data=2, fsdp=2, model=1)
+    assert "XLA_FLAGS" not in str(error.value)  # enough devices: simulating more is no fix
+    with pytest.raises(sh.MeshSizeError) as error:  # too few CPU devices: the flag that adds some
+        sh.make_mesh(data=2, fsdp=2, model=4)
+    assert str(error.value) == (
+        "mesh (data=2, fsdp=2, model=4) needs 16 devices but this run has 8 devices; choose axis "
+        "sizes whose product divides 8; on a CPU, XLA_FLAGS="
+        "--xla_force_host_platform_device_count=16 (set before JAX starts) simulates 16 devices"
+    )
 
 
 def test_shard_batch_splits_rows_over_data_and_fsdp():
