@@ -1,6 +1,7 @@
 """Command-line plumbing shared by ``experiments.train`` and ``experiments.prepare``: user errors
 (a bad flag, config file or value; missing or malformed data) as one line on stderr with exit
-code 2, instead of a traceback."""
+code 2, instead of a traceback; warnings as one line each (:func:`show_warnings_on_one_line`,
+which the other tools use too)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +31,37 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
     who = f"process {os.environ['JAX_PROCESS_ID']}: " if os.environ.get("JAX_PROCESS_ID") else ""
     print(f"error: {who}{one_line(message)}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def warning_line(message: Warning | str, category: type[Warning]) -> str:
+    """``warning: <Category>: <message on one line>`` (with the process index in a
+    multi-process run, as :func:`fail` gives it)."""
+    who = f"process {os.environ['JAX_PROCESS_ID']}: " if os.environ.get("JAX_PROCESS_ID") else ""
+    return f"warning: {who}{category.__name__}: {one_line(str(message))}"
+
+
+def show_warnings_on_one_line() -> None:
+    """Make Python show each warning as one :func:`warning_line` on stderr instead of its
+    two-line ``file:line: Category: message`` and the source line: the command-line tools call
+    this as they start (the library leaves Python's format alone)."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        del filename, lineno, line
+        stream = file if file is not None else sys.stderr
+        if stream is None:  # pythonw: nowhere to write
+            return
+        try:
+            stream.write(warning_line(message, category) + "\n")
+            stream.flush()
+        except OSError:  # a closed or broken stderr
+            pass
+
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        del filename, lineno, line
+        return warning_line(message, category) + "\n"
+
+    warnings.showwarning = show
+    warnings.formatwarning = format_warning
 
 
 def check_config_file(path: str | None = None) -> None:

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 from pathlib import Path
 
 import jax
@@ -1220,6 +1221,29 @@ def test_an_epochs_override_alone_is_refused():
     assert "set --config.num_train_steps" in message and "\n" not in message
     assert cli.unread_override({"epochs": 3, "num_train_steps": 300}) is None
     assert cli.unread_override({"batch_size": 16}) is None
+
+
+def test_the_command_line_tools_show_each_warning_on_one_line(capsys, monkeypatch):
+    """experiments.train (and generate, prepare, report, launch) show a warning as one line,
+    ``warning: <Category>: <message>``, not Python's ``file:line: Category: message`` followed
+    by the source line; a message of several lines is joined by "; "."""
+    from absl import app
+
+    from experiments import cli, train
+    from hgrn_jax.training.workdir import ConfigChangeWarning
+
+    monkeypatch.setattr(app, "run", lambda *args, **kwargs: None)
+    with warnings.catch_warnings():  # restores Python's showwarning and formatwarning
+        warnings.simplefilter("always")
+        train.run()  # installs the one-line format, then (here) runs nothing
+        message = "resuming with new run settings: a: 1 -> 2\nsecond"
+        warnings.warn(message, ConfigChangeWarning, stacklevel=1)
+        formatted = warnings.formatwarning("text", UserWarning, "file.py", 3)
+    assert capsys.readouterr().err == (
+        "warning: ConfigChangeWarning: resuming with new run settings: a: 1 -> 2; second\n"
+    )
+    assert formatted == "warning: UserWarning: text\n"
+    assert cli.warning_line("x", UserWarning) == "warning: UserWarning: x"
 
 
 UNGUARDED_SCRIPT = """

@@ -11,5 +11,5 @@ CLASSIFIER = ModelKind(ClassifierConfig, HGRNClassifier)
 """LRA: token or pixel sequences (1-D or 2-D mixers), one label per sequence."""
 IMAGE = ModelKind(ImageConfig, HGRNImageClassifier)
 """ImageNet: patches of images (B, H, W, 3)."""
-LM = ModelKind(LMConfig, HGRNLM)
+LM = ModelKind(LMConfig, HGRNLM, causal=True)
 """Language modelling: next-token logits."""
