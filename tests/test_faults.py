@@ -333,6 +333,28 @@ def test_input_workers_are_a_run_setting_so_runs_saved_without_the_key_resume(tm
     assert "change training" not in listed
 
 
+def test_a_forced_resume_lists_the_changed_model_with_the_other_changes(tmp_path):
+    """--config.resume=force with a changed model and more steps: one warning lists every change,
+    the model's first (as two warnings, the model's was missed above the run settings)."""
+    from experiments.configs.lra import listops
+    from hgrn_jax.training.loop import prepare_workdir
+    from hgrn_jax.training.workdir import ConfigChangeWarning
+
+    config = listops.get_config("tiny")
+    _saved_run_without(tmp_path / "run", config)
+    forced = config.copy_and_resolve_references()
+    forced.model.features, forced.num_train_steps, forced.resume = 48, 400, "force"
+    with pytest.warns(ConfigChangeWarning) as caught:
+        prepare_workdir(tmp_path / "run", forced).release()
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert re.fullmatch(
+        r"resuming with changed model/data/optimizer settings \(--config\.resume=force\): "
+        r"model\.features: 32 -> 48; and with new run settings: num_train_steps: \d+ -> 400; "
+        r"resume: 'auto' -> 'force'",
+        str(caught[0].message),
+    ), str(caught[0].message)
+
+
 def test_absent_keys_of_a_user_task_still_refuse(tmp_path):
     """No defaults are known for a ``module:factory`` task: an absent model key is a change."""
     from hgrn_jax.training.loop import prepare_workdir
