@@ -848,6 +848,28 @@ def test_an_unwritable_workdir_is_named(shared_tmp, monkeypatch):
         WorkdirLock(shared_tmp / "elsewhere").acquire()
 
 
+def test_a_workdir_that_is_a_file_is_named_so(tmp_path):
+    """A --workdir that is a file, or below one, is named as a file (the OSError said only
+    'File exists' or 'Not a directory' and the fix was to mend permissions)."""
+    from hgrn_jax.training.workdir import WorkdirLock, WorkdirNotWritableError
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(WorkdirNotWritableError) as raised:
+        WorkdirLock(a_file).acquire()
+    assert str(raised.value) == (
+        f"--workdir {a_file} is a file, not a folder; choose a folder for --workdir (a new or "
+        "an existing one)"
+    )
+    with pytest.raises(WorkdirNotWritableError) as raised:
+        WorkdirLock(a_file / "run" / "deeper").acquire()
+    assert str(raised.value) == (
+        f"cannot make --workdir {a_file / 'run' / 'deeper'}: {a_file} is a file, not a folder; "
+        "choose a --workdir whose parents are folders"
+    )
+    assert a_file.read_text() == ""
+
+
 # ----------------------------------------------------------------------------------------------
 # Every split opened before the first step
 # ----------------------------------------------------------------------------------------------
@@ -1165,7 +1187,7 @@ def test_command_line_user_errors_are_one_line_with_exit_code_2(tmp_path, finish
         ),
         (
             (listops_tiny, a_file / "run"),
-            [rf"cannot write to {re.escape(str(a_file))}", "writable --workdir"],
+            [rf"{re.escape(str(a_file))} is a file, not a folder", "parents are folders"],
         ),
         (
             (

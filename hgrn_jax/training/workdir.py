@@ -146,6 +146,21 @@ class ConfigChangeWarning(UserWarning):
 
 
 def not_writable(path: str | Path, error: OSError) -> WorkdirNotWritableError:
+    """The error for a write to ``path`` (the workdir or a file in it) that failed with
+    ``error``: a workdir that is a file, or below one, is named so (the OSError said only
+    "File exists" or "Not a directory"); otherwise the OSError's reason."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+    if existing is not None and not existing.is_dir():
+        if existing == path:
+            return WorkdirNotWritableError(
+                f"--workdir {path} is a file, not a folder; choose a folder for --workdir (a "
+                "new or an existing one)"
+            )
+        return WorkdirNotWritableError(
+            f"cannot make --workdir {path}: {existing} is a file, not a folder; choose a "
+            "--workdir whose parents are folders"
+        )
     reason = error.strerror or type(error).__name__
     return WorkdirNotWritableError(
         f"cannot write to {path} ({reason}); choose a writable --workdir or fix its permissions"
