@@ -870,6 +870,32 @@ def test_a_workdir_that_is_a_file_is_named_so(tmp_path):
     assert a_file.read_text() == ""
 
 
+SMALL_LISTOPS = dict(min_length=8, max_length=60, num_train=4, num_val=2, num_test=2)
+
+
+def test_a_cache_dir_that_is_a_file_names_the_key(tmp_path):
+    """config.data.cache_dir naming a file, or below one, stops naming the key, the path and
+    the fix (it was a NotADirectoryError naming a subfolder of it), for the prepared release
+    caches and for ListOps's generated set alike."""
+    from hgrn_jax.data import listops, loader
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    built = []
+    expected = (
+        rf"^config\.data\.cache_dir='{re.escape(str(a_file))}' is a file, not a folder; set "
+        r"--config\.data\.cache_dir to a folder \(a new or an existing one\) for the prepared data$"
+    )
+    with pytest.raises(ValueError, match=expected):
+        loader.prepared(a_file, "listops", {"k": 1}, built.append)
+    with pytest.raises(ValueError, match=expected):
+        listops.ensure_generated(a_file, listops.ListOpsSpec(**SMALL_LISTOPS), 0)
+    below = rf"^config\.data\.cache_dir='{re.escape(str(a_file / 'c'))}' lies in {re.escape(str(a_file))}, which is a file"
+    with pytest.raises(ValueError, match=below):
+        loader.prepared(a_file / "c", "listops", {"k": 1}, built.append)
+    assert built == [] and a_file.read_text() == ""
+
+
 # ----------------------------------------------------------------------------------------------
 # Every split opened before the first step
 # ----------------------------------------------------------------------------------------------
