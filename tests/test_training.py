@@ -1195,9 +1195,24 @@ def test_an_input_worker_that_hangs_again_after_its_restart_stops_the_run(tmp_pa
     [
         (
             "--config.num_trainsteps=5",
-            r"unknown config key --config.num_trainsteps .*num_train_steps",
+            r"unknown config key --config\.num_trainsteps: config has no 'num_trainsteps'; did "
+            r"you mean 'num_train_steps'",
         ),
-        ("--config.optimizer.lr=5", r"unknown config key --config.optimizer.lr"),
+        (
+            "--config.modle.dim=8",
+            r"^error: unknown config key --config\.modle\.dim: config has no 'modle'; did you "
+            r"mean 'model'\?\n$",
+        ),
+        (
+            "--config.model.dim=8",
+            r"^error: unknown config key --config\.model\.dim: config\.model has no 'dim'; its "
+            r"keys are dropout, features\n$",  # the toy task's model
+        ),
+        (
+            "--config.optimizer.lr=5",
+            r"unknown config key --config\.optimizer\.lr: config\.optimizer has no 'lr'; its keys "
+            r"are .*learning_rate",
+        ),
         ("--config.batch_size=abc", r"--config.batch_size=abc: invalid literal for int"),
         ("--config.epochs=3", r"--config.epochs=3 does not change the run: .*num_train_steps"),
     ],
@@ -1209,6 +1224,32 @@ def test_bad_config_override_fails_at_once_naming_the_key(tmp_path, override, ex
     assert re.search(expected, proc.stderr), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_an_unknown_config_key_is_named_with_its_section_s_close_keys_or_all_of_them():
+    """The first missing part of --config.<key>, its section, and the keys close to it
+    (difflib), or all of the section's when none is close; a key below a value says so."""
+    from experiments import cli
+
+    config = ml_collections.ConfigDict(
+        {"model": {"features": 8, "mixer": {"kind": "hgrn"}}, "num_train_steps": 2}
+    )
+    assert cli.unknown_key(config, "model.mixer.kind") is None
+    assert cli.unknown_key(config, "modle.dim") == (
+        "unknown config key --config.modle.dim: config has no 'modle'; did you mean 'model'?"
+    )
+    assert cli.unknown_key(config, "model.dim") == (
+        "unknown config key --config.model.dim: config.model has no 'dim'; its keys are "
+        "features, mixer"
+    )
+    assert cli.unknown_key(config, "model.mixer.kindd") == (
+        "unknown config key --config.model.mixer.kindd: config.model.mixer has no 'kindd'; did "
+        "you mean 'kind'?"
+    )
+    assert cli.unknown_key(config, "num_train_steps.x") == (
+        "unknown config key --config.num_train_steps.x: config.num_train_steps is a value (2), "
+        "not a section; set --config.num_train_steps=VALUE"
+    )
 
 
 def test_an_epochs_override_alone_is_refused():
