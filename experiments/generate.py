@@ -7,8 +7,9 @@
 ``RUN`` is the ``--workdir`` of an ``experiments.train`` run of a language model (WikiText-103),
 finished or still training; its model is loaded by
 :func:`hgrn_jax.training.load_trained_model` (default: the best validation checkpoint) and
-continued by :func:`hgrn_jax.nn.generate` (``--greedy``: argmax; otherwise sampling with
-``--temperature``, ``--top_k``, ``--top_p`` from ``jax.random.key(--seed)``).
+continued by :func:`hgrn_jax.nn.generate` (``--greedy``: argmax, which refuses the sampling
+flags; otherwise sampling with ``--temperature``, ``--top_k``, ``--top_p`` from
+``jax.random.key(--seed)``).
 
 Output: one line with the token ids, comma-separated (the prompt's, then the new ones); where
 the run's data have a tokenizer (``data.tokenizer_path`` of its config.json: GPT-2's files, or
@@ -49,7 +50,9 @@ def define_flags() -> None:
     flags.DEFINE_float("temperature", 1.0, "Sampling temperature (> 0).")
     flags.DEFINE_integer("top_k", None, "Sample from the k most probable tokens.")
     flags.DEFINE_float("top_p", None, "Nucleus sampling probability, in (0, 1].")
-    flags.DEFINE_bool("greedy", False, "Argmax decoding (ignores the sampling flags).")
+    flags.DEFINE_bool(
+        "greedy", False, "Argmax decoding (without --temperature, --top_k and --top_p)."
+    )
     flags.DEFINE_integer("seed", 0, "Sampling seed: jax.random.key(seed).")
     flags.DEFINE_string(
         "checkpoint", "best", "Which checkpoint: best (validation), latest, or a step number."
@@ -122,6 +125,14 @@ def check_flags(
             f"--max_new_tokens={max_new_tokens} is negative; pass a count >= 0 (0 prints the "
             "prompt)"
         )
+    if greedy:
+        given = [f"--temperature={temperature}"] if temperature != 1.0 else []
+        given += [f"--{n}={v}" for n, v in (("top_k", top_k), ("top_p", top_p)) if v is not None]
+        if given:
+            raise ValueError(
+                f"--greedy takes the argmax and would ignore {' '.join(given)}; leave "
+                f"{'them' if len(given) > 1 else 'it'} out, or drop --greedy to sample"
+            )
     if not greedy and not np.float32(temperature) > 0:
         raise ValueError(
             f"--temperature={temperature} is not > 0; pass a positive temperature, or --greedy "

@@ -478,6 +478,16 @@ def test_generate_encodes_a_text_prompt_with_the_run_s_bpe_tokenizer(
         ({"temperature": 0.0}, r"^--temperature=0.0 is not > 0; .* or --greedy for argmax"),
         ({"top_p": 1.5}, r"^--top_p=1.5 is outside \(0, 1\]; pass e\.g\. --top_p=0\.9"),
         ({"top_k": 0}, r"^--top_k=0 is out of range; pass a count >= 1, or leave it out"),
+        (
+            {"greedy": True, "top_k": 5},
+            r"^--greedy takes the argmax and would ignore --top_k=5; leave it out, or drop "
+            r"--greedy to sample$",
+        ),
+        (
+            {"greedy": True, "temperature": 0.5, "top_p": 0.9},
+            r"^--greedy takes the argmax and would ignore --temperature=0\.5 --top_p=0\.9; leave "
+            r"them out",
+        ),
     ],
 )
 def test_generate_flags_are_refused_naming_the_flag_before_loading(tmp_path, change, message):
