@@ -35,10 +35,10 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
 
 
 def warning_line(message: Warning | str, category: type[Warning]) -> str:
-    """``warning: <Category>: <message on one line>`` (with the process index in a
-    multi-process run, as :func:`fail` gives it)."""
-    who = f"process {os.environ['JAX_PROCESS_ID']}: " if os.environ.get("JAX_PROCESS_ID") else ""
-    return f"warning: {who}{category.__name__}: {one_line(str(message))}"
+    """``warning: <Category>: <message on one line>`` (in a pod, the processes other than 0
+    prefix it with ``[process N]``: :func:`hgrn_jax.training.podlog.quiet_secondary_processes`
+    writes this format behind its prefix)."""
+    return f"warning: {category.__name__}: {one_line(str(message))}"
 
 
 def show_warnings_on_one_line() -> None:
