@@ -61,8 +61,10 @@ class ModelKind:
 
     config_cls: type
     model_cls: type
-    causal: bool = False
-    """Whether the model's mixers scan forward only (LMs) rather than both ways (classifiers)."""
+    causal: bool | None = None
+    """Whether the model's mixers scan forward only (LMs) or both ways (classifiers): the
+    runner then refuses a mixer without that direction before it builds the model; None (a
+    family of the user's own): not checked before the build."""
 
 
 def plain(value: Any) -> Any:
