@@ -1,13 +1,16 @@
 """Command-line plumbing shared by ``experiments.train`` and ``experiments.prepare``: user errors
 (a bad flag, config file or value; missing or malformed data) as one line on stderr with exit
-code 2, instead of a traceback."""
+code 2, instead of a traceback; warnings as one line each (:func:`show_warnings_on_one_line`,
+which the other tools use too)."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
 import traceback
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +32,37 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
     who = f"process {os.environ['JAX_PROCESS_ID']}: " if os.environ.get("JAX_PROCESS_ID") else ""
     print(f"error: {who}{one_line(message)}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def warning_line(message: Warning | str, category: type[Warning]) -> str:
+    """``warning: <Category>: <message on one line>`` (in a pod, the processes other than 0
+    prefix it with ``[process N]``: :func:`hgrn_jax.training.podlog.quiet_secondary_processes`
+    writes this format behind its prefix)."""
+    return f"warning: {category.__name__}: {one_line(str(message))}"
+
+
+def show_warnings_on_one_line() -> None:
+    """Make Python show each warning as one :func:`warning_line` on stderr instead of its
+    two-line ``file:line: Category: message`` and the source line: the command-line tools call
+    this as they start (the library leaves Python's format alone)."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        del filename, lineno, line
+        stream = file if file is not None else sys.stderr
+        if stream is None:  # pythonw: nowhere to write
+            return
+        try:
+            stream.write(warning_line(message, category) + "\n")
+            stream.flush()
+        except OSError:  # a closed or broken stderr
+            pass
+
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        del filename, lineno, line
+        return warning_line(message, category) + "\n"
+
+    warnings.showwarning = show
+    warnings.formatwarning = format_warning
 
 
 def check_config_file(path: str | None = None) -> None:
@@ -116,6 +150,57 @@ def config_file_error(error: BaseException, argv: list[str]) -> str | None:
     return f"config file {path}, line {line}: {type(error).__name__}: {text}; fix the file"
 
 
+def unknown_key(config: Any, key: str) -> str | None:
+    """The one-line error for ``--config.<key>`` when ``config`` has no such key, naming the
+    first missing part, with the close names of its section (``difflib``) or, when none is
+    close, all of them; None when ``config`` has the key."""
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+        section = ".".join(["config", *parts[:i]])
+        if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+            continue
+        if not hasattr(node, "keys"):
+            return (
+                f"unknown config key --config.{key}: {section} is a value ({node!r}), not a "
+                f"section; set --config.{'.'.join(parts[:i])}=VALUE"
+            )
+        names = sorted(str(name) for name in node.keys())
+        if part in names:
+            node = node[part]
+            continue
+        close = difflib.get_close_matches(part, names, n=3)
+        if close:
+            hint = "did you mean " + " or ".join(repr(name) for name in close) + "?"
+        else:
+            hint = f"its keys are {', '.join(names)}" if names else "it has no keys"
+        return f"unknown config key --config.{key}: {section} has no {part!r}; {hint}"
+    return None
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """:func:`unknown_key` of the first ``--config.*`` override of ``argv`` that the loaded
+    config lacks, or None (no config loaded, or every key known)."""
+    try:
+        config = flags.FLAGS["config"].value
+    except (KeyError, AttributeError):
+        return None
+    arg = _config_arg(argv)
+    if config is None and arg is not None:  # the override failed as the file loaded: again
+        try:
+            config = config_flags.config_flags.ConfigFileFlagParser("config").parse(arg)
+        except Exception:  # the file's own error is reported as it is
+            return None
+    if not hasattr(config, "keys"):
+        return None
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            message = unknown_key(config, arg.partition("=")[0][len("--config.") :])
+            if message is not None:
+                return message
+    return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with config-override errors as one line naming the key and errors
     of the config file itself as one line naming the file (:func:`config_file_error`)."""
@@ -133,6 +218,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         file_error = config_file_error(first, argv) if isinstance(first, TypeError) else None
         if file_error is not None:
             fail(file_error, EXIT_USAGE)
+        unknown = _unknown_override(argv)
+        if unknown is not None:
+            fail(unknown, EXIT_USAGE)
         text = str(error)
         # A config file's own error (e.g. an unknown preset) is the useful part of absl's text.
         cause = next(
@@ -143,6 +231,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         file_error = config_file_error(error, argv)
         if file_error is not None:
             fail(file_error, EXIT_USAGE)
+        unknown = _unknown_override(argv)
+        if unknown is not None:
+            fail(unknown, EXIT_USAGE)
         # ml_collections reports an unknown --config.key as an AttributeError/KeyError whose
         # text is the quoted key, sometimes with a suggestion; make it one readable line.
         text = str(error.args[0] if error.args else error)

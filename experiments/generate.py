@@ -7,14 +7,17 @@
 ``RUN`` is the ``--workdir`` of an ``experiments.train`` run of a language model (WikiText-103),
 finished or still training; its model is loaded by
 :func:`hgrn_jax.training.load_trained_model` (default: the best validation checkpoint) and
-continued by :func:`hgrn_jax.nn.generate` (``--greedy``: argmax; otherwise sampling with
-``--temperature``, ``--top_k``, ``--top_p`` from ``jax.random.key(--seed)``).
+continued by :func:`hgrn_jax.nn.generate` (``--greedy``: argmax, which refuses the sampling
+flags; otherwise sampling with ``--temperature``, ``--top_k``, ``--top_p`` from
+``jax.random.key(--seed)``).
 
 Output: one line with the token ids, comma-separated (the prompt's, then the new ones); where
 the run's data have a tokenizer (``data.tokenizer_path`` of its config.json: GPT-2's files, or
 ``bytes``), their decoded text after it (from the next line on). ``--prompt`` (text, instead of
 ``--prompt_ids``) needs that tokenizer; ``--tokenizer_path`` points at it where it has moved since
-(a relative ``data.tokenizer_path`` is read from the current folder). Standard error names the
+(a relative ``data.tokenizer_path`` is read from the current folder), and
+``--tokenizer_path=bytes`` reads and writes UTF-8 bytes as the ids 0-255, for a run trained on
+bytes whose config.json names no tokenizer (the synthetic byte corpus, a vocabulary of 256). Standard error names the
 checkpoint's step (``generated with the checkpoint at step 4 of RUN (--checkpoint=best)``).
 
 User errors (a bad flag, a folder that is not a run, a run that is not a language model, a
@@ -43,13 +46,17 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "tokenizer_path",
         None,
-        "The run's tokenizer, where it no longer is at data.tokenizer_path of its config.json.",
+        "The run's tokenizer, where it no longer is at data.tokenizer_path of its config.json "
+        "(a tokenizer.json), or 'bytes' for a run trained on bytes (e.g. the synthetic corpus, "
+        "whose config.json names no tokenizer).",
     )
     flags.DEFINE_integer("max_new_tokens", None, "Tokens to add to the prompt.")
     flags.DEFINE_float("temperature", 1.0, "Sampling temperature (> 0).")
     flags.DEFINE_integer("top_k", None, "Sample from the k most probable tokens.")
     flags.DEFINE_float("top_p", None, "Nucleus sampling probability, in (0, 1].")
-    flags.DEFINE_bool("greedy", False, "Argmax decoding (ignores the sampling flags).")
+    flags.DEFINE_bool(
+        "greedy", False, "Argmax decoding (without --temperature, --top_k and --top_p)."
+    )
     flags.DEFINE_integer("seed", 0, "Sampling seed: jax.random.key(seed).")
     flags.DEFINE_string(
         "checkpoint", "best", "Which checkpoint: best (validation), latest, or a step number."
@@ -122,6 +129,14 @@ def check_flags(
             f"--max_new_tokens={max_new_tokens} is negative; pass a count >= 0 (0 prints the "
             "prompt)"
         )
+    if greedy:
+        given = [f"--temperature={temperature}"] if temperature != 1.0 else []
+        given += [f"--{n}={v}" for n, v in (("top_k", top_k), ("top_p", top_p)) if v is not None]
+        if given:
+            raise ValueError(
+                f"--greedy takes the argmax and would ignore {' '.join(given)}; leave "
+                f"{'them' if len(given) > 1 else 'it'} out, or drop --greedy to sample"
+            )
     if not greedy and not np.float32(temperature) > 0:
         raise ValueError(
             f"--temperature={temperature} is not > 0; pass a positive temperature, or --greedy "
@@ -189,12 +204,7 @@ def continue_prompt(
     check_flags(max_new_tokens, greedy, temperature, top_k, top_p)
     config = read_config(workdir)
     tokenizer = tokenizer_of(config, workdir, tokenizer_path) if prompt is not None else None
-    if prompt is not None:
-        if tokenizer is None:
-            raise ValueError(
-                f"--prompt needs a tokenizer and the run in {workdir} has none (its config.json "
-                "sets no data.tokenizer_path); pass the prompt as token ids with --prompt_ids"
-            )
+    if prompt is not None and tokenizer is not None:
         prompt_ids = tokenizer.encode(prompt)
         if not prompt_ids:
             raise ValueError("--prompt='' has no tokens; pass some text or --prompt_ids")
@@ -207,6 +217,20 @@ def continue_prompt(
             "hgrn_jax.training.load_trained_model"
         )
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if prompt is not None and tokenizer is None:  # after the model, whose vocabulary may tell
+        from hgrn_jax.data.wikitext import BYTES
+
+        bytes_hint = (
+            f" or, as its model has the {vocab_size} tokens of bytes, pass "
+            f"--tokenizer_path={BYTES} if it was trained on bytes (e.g. the synthetic corpus)"
+            if vocab_size == 256
+            else ""
+        )
+        raise ValueError(
+            f"--prompt needs a tokenizer and the run in {workdir} has none (its config.json "
+            "sets no data.tokenizer_path); pass the prompt as token ids with --prompt_ids"
+            + bytes_hint
+        )
     check_flags(max_new_tokens, greedy, temperature, top_k, top_p, vocab_size, prompt_ids)
     if tokenizer is not None and vocab_size and tokenizer.vocab_size > vocab_size:
         raise ValueError(
@@ -273,6 +297,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+    cli.show_warnings_on_one_line()
     define_flags()
     app.run(main, flags_parser=cli.parse_flags)
 

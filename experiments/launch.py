@@ -308,4 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from experiments import cli
+
+    cli.show_warnings_on_one_line()
     sys.exit(main())

@@ -77,4 +77,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    cli.show_warnings_on_one_line()
     app.run(main, flags_parser=cli.parse_flags)

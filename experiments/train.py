@@ -171,6 +171,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+    cli.show_warnings_on_one_line()
     app.run(main, flags_parser=cli.parse_flags)
 
 

@@ -333,6 +333,28 @@ def test_input_workers_are_a_run_setting_so_runs_saved_without_the_key_resume(tm
     assert "change training" not in listed
 
 
+def test_a_forced_resume_lists_the_changed_model_with_the_other_changes(tmp_path):
+    """--config.resume=force with a changed model and more steps: one warning lists every change,
+    the model's first (as two warnings, the model's was missed above the run settings)."""
+    from experiments.configs.lra import listops
+    from hgrn_jax.training.loop import prepare_workdir
+    from hgrn_jax.training.workdir import ConfigChangeWarning
+
+    config = listops.get_config("tiny")
+    _saved_run_without(tmp_path / "run", config)
+    forced = config.copy_and_resolve_references()
+    forced.model.features, forced.num_train_steps, forced.resume = 48, 400, "force"
+    with pytest.warns(ConfigChangeWarning) as caught:
+        prepare_workdir(tmp_path / "run", forced).release()
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert re.fullmatch(
+        r"resuming with changed model/data/optimizer settings \(--config\.resume=force\): "
+        r"model\.features: 32 -> 48; and with new run settings: num_train_steps: \d+ -> 400; "
+        r"resume: 'auto' -> 'force'",
+        str(caught[0].message),
+    ), str(caught[0].message)
+
+
 def test_absent_keys_of_a_user_task_still_refuse(tmp_path):
     """No defaults are known for a ``module:factory`` task: an absent model key is a change."""
     from hgrn_jax.training.loop import prepare_workdir
@@ -826,6 +848,54 @@ def test_an_unwritable_workdir_is_named(shared_tmp, monkeypatch):
         WorkdirLock(shared_tmp / "elsewhere").acquire()
 
 
+def test_a_workdir_that_is_a_file_is_named_so(tmp_path):
+    """A --workdir that is a file, or below one, is named as a file (the OSError said only
+    'File exists' or 'Not a directory' and the fix was to mend permissions)."""
+    from hgrn_jax.training.workdir import WorkdirLock, WorkdirNotWritableError
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(WorkdirNotWritableError) as raised:
+        WorkdirLock(a_file).acquire()
+    assert str(raised.value) == (
+        f"--workdir {a_file} is a file, not a folder; choose a folder for --workdir (a new or "
+        "an existing one)"
+    )
+    with pytest.raises(WorkdirNotWritableError) as raised:
+        WorkdirLock(a_file / "run" / "deeper").acquire()
+    assert str(raised.value) == (
+        f"cannot make --workdir {a_file / 'run' / 'deeper'}: {a_file} is a file, not a folder; "
+        "choose a --workdir whose parents are folders"
+    )
+    assert a_file.read_text() == ""
+
+
+SMALL_LISTOPS = dict(min_length=8, max_length=60, num_train=4, num_val=2, num_test=2)
+
+
+def test_a_cache_dir_that_is_a_file_names_the_key(tmp_path):
+    """config.data.cache_dir naming a file, or below one, stops naming the key, the path and
+    the fix (it was a NotADirectoryError naming a subfolder of it), for the prepared release
+    caches and for ListOps's generated set alike."""
+    from hgrn_jax.data import listops, loader
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    built = []
+    expected = (
+        rf"^config\.data\.cache_dir='{re.escape(str(a_file))}' is a file, not a folder; set "
+        r"--config\.data\.cache_dir to a folder \(a new or an existing one\) for the prepared data$"
+    )
+    with pytest.raises(ValueError, match=expected):
+        loader.prepared(a_file, "listops", {"k": 1}, built.append)
+    with pytest.raises(ValueError, match=expected):
+        listops.ensure_generated(a_file, listops.ListOpsSpec(**SMALL_LISTOPS), 0)
+    below = rf"^config\.data\.cache_dir='{re.escape(str(a_file / 'c'))}' lies in {re.escape(str(a_file))}, which is a file"
+    with pytest.raises(ValueError, match=below):
+        loader.prepared(a_file / "c", "listops", {"k": 1}, built.append)
+    assert built == [] and a_file.read_text() == ""
+
+
 # ----------------------------------------------------------------------------------------------
 # Every split opened before the first step
 # ----------------------------------------------------------------------------------------------
@@ -1143,7 +1213,7 @@ def test_command_line_user_errors_are_one_line_with_exit_code_2(tmp_path, finish
         ),
         (
             (listops_tiny, a_file / "run"),
-            [rf"cannot write to {re.escape(str(a_file))}", "writable --workdir"],
+            [rf"{re.escape(str(a_file))} is a file, not a folder", "parents are folders"],
         ),
         (
             (

@@ -8,6 +8,7 @@ rounding of a few re-ordered sums (the sharded scan combines shard carries in an
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -229,13 +230,38 @@ def test_runner_config_names_the_mixer_key_fla_does_not_have():
         r"^config\.model\.mixer\.complex_valued=True is not used by layout='fla' .*: the model "
         r"is built without it; set --config\.model\.mixer\.complex_valued=False to say so$"
     )
-    with pytest.warns(IgnoredSettingWarning, match=expected):
-        check_config_values(config)  # before a run touches its workdir
-    with pytest.warns(IgnoredSettingWarning, match=expected):
-        built = tasks.model_config(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_config_values(config)  # checks before a run touches its workdir, warns not
+    with pytest.warns(IgnoredSettingWarning, match=expected) as caught:
+        built = tasks.model_config(config)  # the build warns, once per setting
+    carried = [n for n in ("complex_valued", "separate_phases") if config.model.mixer.get(n)]
+    assert [str(w.message).split("=")[0] for w in caught] == [
+        f"config.model.mixer.{name}" for name in carried
+    ]
     assert built.mixer.layout == "fla" and built.mixer.complex_valued is None
     config.model.mixer.complex_valued = False
     assert tasks.model_config(config).mixer.complex_valued is False
     config.model.mixer.use_forget_gate = False
     with pytest.raises(ValueError, match=r"^config\.model\.mixer\.use_forget_gate=False is not"):
         tasks.model_config(config)
+
+
+def test_runner_refuses_a_mixer_without_the_model_s_direction_before_any_warning():
+    """fla's HGRN is causal only: a classifier (bidirectional) switched to layout='fla' stops in
+    the runner's checks, before the workdir, with the flags to set, and is not first told to
+    switch off complex_valued and separate_phases (the warnings of the settings fla drops)."""
+    from experiments.configs.lra import listops
+    from hgrn_jax.training.config_checks import check_config_values
+
+    config = listops.get_config("tiny")
+    config.model.mixer.layout = "fla"
+    assert config.model.mixer.complex_valued is True  # a setting fla would drop, with a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(
+            ValueError,
+            match=r"^config\.model\.mixer: kind='hgrn', layout='fla' is causal only .*; use "
+            r"--config\.model\.mixer\.layout=official or --config\.model\.mixer\.kind=hgrn2",
+        ):
+            check_config_values(config)

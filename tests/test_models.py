@@ -588,6 +588,19 @@ def test_generate_errors_name_the_fix(untied_lm):
     with pytest.raises(ValueError, match="greedy=True"):
         generate(untied_lm, PROMPT, 3, rng=jax.random.key(0), temperature=0.0)
     np.testing.assert_array_equal(generate(untied_lm, PROMPT, 0), PROMPT)
+    # Greedy decoding would ignore the sampling options: refused, naming them.
+    with pytest.raises(ValueError) as refused:
+        generate(untied_lm, PROMPT, 3, greedy=True, temperature=0.5)
+    assert str(refused.value) == (
+        "greedy=True takes the argmax and would ignore temperature=0.5; leave it out, or pass "
+        "greedy=False to sample with it"
+    )
+    with pytest.raises(ValueError, match=r"would ignore top_k=2, top_p=0\.9; leave them out"):
+        generate(untied_lm, PROMPT, 3, greedy=True, top_k=2, top_p=0.9)
+    greedy = generate(untied_lm, PROMPT, 3, greedy=True)  # the defaults: accepted
+    np.testing.assert_array_equal(
+        generate(untied_lm, PROMPT, 3, greedy=True, temperature=jnp.float32(1.0)), greedy
+    )
     # top_k above the vocabulary (29): was jax.lax.top_k's raw ValueError from inside the trace.
     with pytest.raises(
         ValueError, match=r"top_k=50 exceeds the vocabulary size 29; pass top_k <= 29, or None"

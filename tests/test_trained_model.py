@@ -291,11 +291,28 @@ def test_loaded_lm_gives_the_runner_s_logits_and_its_validation_loss(lm_run, tmp
 def test_a_tokenizer_run_decodes_and_takes_text_prompts(lm_run, tmp_path):
     """The synthetic run's config.json rewritten as a byte-tokenizer release run: its
     vocabulary (0, left to the tokenizer) is read off the checkpoint, a text prompt is encoded
-    and the ids decoded; without a tokenizer a text prompt is refused."""
+    and the ids decoded; without a tokenizer a text prompt is refused, the byte tokenizer
+    suggested as the model has 256 tokens, and --tokenizer_path=bytes takes it."""
     from experiments.generate import continue_prompt
 
-    with pytest.raises(ValueError, match=r"--prompt needs a tokenizer and the run in .* has none"):
+    with pytest.raises(ValueError) as refused:
         continue_prompt(str(lm_run), prompt_ids=None, prompt="1+2", max_new_tokens=2)
+    assert str(refused.value) == (
+        f"--prompt needs a tokenizer and the run in {lm_run} has none (its config.json sets no "
+        "data.tokenizer_path); pass the prompt as token ids with --prompt_ids or, as its model "
+        "has the 256 tokens of bytes, pass --tokenizer_path=bytes if it was trained on bytes "
+        "(e.g. the synthetic corpus)"
+    )
+    ids, text, _ = continue_prompt(
+        str(lm_run),
+        prompt_ids=None,
+        prompt="1+2=",
+        max_new_tokens=3,
+        greedy=True,
+        tokenizer_path="bytes",
+    )
+    assert ids[:4] == list(b"1+2=") and len(ids) == 7
+    assert text == bytes(ids).decode("utf-8", errors="replace")
     run = tmp_path / "bytes"
     shutil.copytree(lm_run, run)
     config = json.loads((run / "config.json").read_text())
@@ -478,6 +495,16 @@ def test_generate_encodes_a_text_prompt_with_the_run_s_bpe_tokenizer(
         ({"temperature": 0.0}, r"^--temperature=0.0 is not > 0; .* or --greedy for argmax"),
         ({"top_p": 1.5}, r"^--top_p=1.5 is outside \(0, 1\]; pass e\.g\. --top_p=0\.9"),
         ({"top_k": 0}, r"^--top_k=0 is out of range; pass a count >= 1, or leave it out"),
+        (
+            {"greedy": True, "top_k": 5},
+            r"^--greedy takes the argmax and would ignore --top_k=5; leave it out, or drop "
+            r"--greedy to sample$",
+        ),
+        (
+            {"greedy": True, "temperature": 0.5, "top_p": 0.9},
+            r"^--greedy takes the argmax and would ignore --temperature=0\.5 --top_p=0\.9; leave "
+            r"them out",
+        ),
     ],
 )
 def test_generate_flags_are_refused_naming_the_flag_before_loading(tmp_path, change, message):

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 from pathlib import Path
 
 import jax
@@ -1216,9 +1217,24 @@ def test_an_input_worker_that_hangs_again_after_its_restart_stops_the_run(tmp_pa
     [
         (
             "--config.num_trainsteps=5",
-            r"unknown config key --config.num_trainsteps .*num_train_steps",
+            r"unknown config key --config\.num_trainsteps: config has no 'num_trainsteps'; did "
+            r"you mean 'num_train_steps'",
         ),
-        ("--config.optimizer.lr=5", r"unknown config key --config.optimizer.lr"),
+        (
+            "--config.modle.dim=8",
+            r"^error: unknown config key --config\.modle\.dim: config has no 'modle'; did you "
+            r"mean 'model'\?\n$",
+        ),
+        (
+            "--config.model.dim=8",
+            r"^error: unknown config key --config\.model\.dim: config\.model has no 'dim'; its "
+            r"keys are dropout, features\n$",  # the toy task's model
+        ),
+        (
+            "--config.optimizer.lr=5",
+            r"unknown config key --config\.optimizer\.lr: config\.optimizer has no 'lr'; its keys "
+            r"are .*learning_rate",
+        ),
         ("--config.batch_size=abc", r"--config.batch_size=abc: invalid literal for int"),
         ("--config.epochs=3", r"--config.epochs=3 does not change the run: .*num_train_steps"),
     ],
@@ -1232,6 +1248,32 @@ def test_bad_config_override_fails_at_once_naming_the_key(tmp_path, override, ex
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_an_unknown_config_key_is_named_with_its_section_s_close_keys_or_all_of_them():
+    """The first missing part of --config.<key>, its section, and the keys close to it
+    (difflib), or all of the section's when none is close; a key below a value says so."""
+    from experiments import cli
+
+    config = ml_collections.ConfigDict(
+        {"model": {"features": 8, "mixer": {"kind": "hgrn"}}, "num_train_steps": 2}
+    )
+    assert cli.unknown_key(config, "model.mixer.kind") is None
+    assert cli.unknown_key(config, "modle.dim") == (
+        "unknown config key --config.modle.dim: config has no 'modle'; did you mean 'model'?"
+    )
+    assert cli.unknown_key(config, "model.dim") == (
+        "unknown config key --config.model.dim: config.model has no 'dim'; its keys are "
+        "features, mixer"
+    )
+    assert cli.unknown_key(config, "model.mixer.kindd") == (
+        "unknown config key --config.model.mixer.kindd: config.model.mixer has no 'kindd'; did "
+        "you mean 'kind'?"
+    )
+    assert cli.unknown_key(config, "num_train_steps.x") == (
+        "unknown config key --config.num_train_steps.x: config.num_train_steps is a value (2), "
+        "not a section; set --config.num_train_steps=VALUE"
+    )
+
+
 def test_an_epochs_override_alone_is_refused():
     """The config files derive num_train_steps from epochs as they load and the runner counts
     num_train_steps: --config.epochs=3 alone trained the file's steps without a word."""
@@ -1242,6 +1284,29 @@ def test_an_epochs_override_alone_is_refused():
     assert "set --config.num_train_steps" in message and "\n" not in message
     assert cli.unread_override({"epochs": 3, "num_train_steps": 300}) is None
     assert cli.unread_override({"batch_size": 16}) is None
+
+
+def test_the_command_line_tools_show_each_warning_on_one_line(capsys, monkeypatch):
+    """experiments.train (and generate, prepare, report, launch) show a warning as one line,
+    ``warning: <Category>: <message>``, not Python's ``file:line: Category: message`` followed
+    by the source line; a message of several lines is joined by "; "."""
+    from absl import app
+
+    from experiments import cli, train
+    from hgrn_jax.training.workdir import ConfigChangeWarning
+
+    monkeypatch.setattr(app, "run", lambda *args, **kwargs: None)
+    with warnings.catch_warnings():  # restores Python's showwarning and formatwarning
+        warnings.simplefilter("always")
+        train.run()  # installs the one-line format, then (here) runs nothing
+        message = "resuming with new run settings: a: 1 -> 2\nsecond"
+        warnings.warn(message, ConfigChangeWarning, stacklevel=1)
+        formatted = warnings.formatwarning("text", UserWarning, "file.py", 3)
+    assert capsys.readouterr().err == (
+        "warning: ConfigChangeWarning: resuming with new run settings: a: 1 -> 2; second\n"
+    )
+    assert formatted == "warning: UserWarning: text\n"
+    assert cli.warning_line("x", UserWarning) == "warning: UserWarning: x"
 
 
 UNGUARDED_SCRIPT = """

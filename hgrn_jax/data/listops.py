@@ -277,6 +277,7 @@ def ensure_generated(cache_dir: str | Path, spec: ListOpsSpec, seed: int) -> Pat
     folder = generated_folder(cache_dir, spec, seed)
     if all((folder / split_filename(s)).is_file() for s in SPLITS):
         return folder
+    loader.check_cache_dir(cache_dir)
     write_tsv(folder, generate(spec, seed))
     _atomic_write(
         folder / "spec.json",

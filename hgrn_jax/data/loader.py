@@ -134,6 +134,20 @@ def follow_umask(path: str | Path, *, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
+def check_cache_dir(cache_dir: str | Path) -> None:
+    """Raise a ValueError naming ``config.data.cache_dir`` when it is a file or lies below one
+    (the prepared data's folders are made in it: the OSError named only a subfolder)."""
+    path = Path(cache_dir)
+    existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+    if existing is None or existing.is_dir():
+        return
+    where = "is a file" if existing == path else f"lies in {existing}, which is a file"
+    raise ValueError(
+        f"config.data.cache_dir={str(cache_dir)!r} {where}, not a folder; set "
+        "--config.data.cache_dir to a folder (a new or an existing one) for the prepared data"
+    )
+
+
 def cache_folder(cache_dir: str | Path, name: str, key: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     return Path(cache_dir) / f"{name}-{digest[:12]}"
@@ -150,6 +164,7 @@ def prepared(
     folder = cache_folder(cache_dir, name, key)
     if (folder / DONE).is_file():
         return folder
+    check_cache_dir(cache_dir)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
     try:

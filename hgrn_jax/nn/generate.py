@@ -56,6 +56,28 @@ def check_top_p(top_p: float | None) -> None:
         )
 
 
+def check_greedy_options(
+    temperature: jax.Array | float, top_k: int | None, top_p: jax.Array | float | None
+) -> None:
+    """Raise ValueError naming the sampling options that greedy decoding would ignore:
+    ``temperature`` other than 1.0, ``top_k`` or ``top_p`` other than None."""
+    given = []
+    try:
+        default_temperature = bool(np.float32(temperature) == 1.0)
+    except TypeError:  # a traced temperature: a value, which greedy decoding would ignore
+        default_temperature = False
+    if not default_temperature:
+        given.append(f"temperature={temperature!r}")
+    given += [f"{name}={value!r}" for name, value in (("top_k", top_k), ("top_p", top_p))]
+    given = [g for g in given if not g.endswith("=None")]
+    if given:
+        raise ValueError(
+            f"greedy=True takes the argmax and would ignore {', '.join(given)}; leave "
+            f"{'them' if len(given) > 1 else 'it'} out, or pass greedy=False to sample with "
+            f"{'them' if len(given) > 1 else 'it'}"
+        )
+
+
 def _nucleus(logits: jax.Array, top_p: jax.Array | float) -> jax.Array:
     """``logits`` (B, vocab) with every token outside the nucleus set to -inf: the most probable
     tokens whose probabilities sum to at least ``top_p``, the first token always kept, ties with
@@ -235,7 +257,8 @@ def generate(
 
     ``model`` is an :class:`~hgrn_jax.nn.HGRNLM` (anything with ``init_cache(B)`` and
     ``step(ids, cache, mask=None) -> (logits, cache)``); it runs in eval mode (no dropout).
-    ``greedy=True`` takes the argmax (and ignores ``top_k`` and ``top_p``); otherwise tokens are
+    ``greedy=True`` takes the argmax (with ``temperature``, ``top_k`` or ``top_p`` other than
+    1.0, None and None, which it would ignore, a ValueError); otherwise tokens are
     drawn with ``temperature`` (> 0 in float32; a tiny one gives the argmax), ``top_k`` (the k
     most probable tokens) and ``top_p`` (nucleus sampling, in (0, 1]: the fewest most probable
     tokens holding at least that probability after the temperature and ``top_k``; None: off)
@@ -277,6 +300,8 @@ def generate(
     if prompt_mask is not None:
         prompt_mask = check_prompt_mask(prompt_mask, prompt_ids.shape)
     check_top_p(top_p)
+    if greedy:
+        check_greedy_options(temperature, top_k, top_p)
     if max_new_tokens == 0:
         return prompt_ids.astype(jnp.int32)
     if not greedy:

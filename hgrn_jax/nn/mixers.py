@@ -271,6 +271,32 @@ def check_options(options: Mapping[str, Any], key: str = "mixer") -> None:
                 )
 
 
+def check_direction(options: Mapping[str, Any], *, causal: bool, key: str = "") -> None:
+    """Raise a one-line ValueError when the mixer of ``options`` (MixerConfig fields; absent
+    ones at their defaults) has no ``causal`` (forward only, LMs) or bidirectional (classifiers)
+    form: fla's HGRN is causal only, HGRN2's 2-D scan bidirectional only. ``key`` (e.g.
+    ``"config.model.mixer"``) prefixes the message, so that the experiment runner can check a
+    config before it builds the model (and before it warns about settings the model drops)."""
+    values = {**_FIELD_DEFAULTS, **options}
+    kind, layout, scan = values["kind"], values["layout"], values.get("scan")
+    where = f"{key}: " if key else ""
+
+    def use(name: str, value: str) -> str:  # a flag for experiment-config keys
+        return f"--{key}.{name}={value}" if key.startswith("config.") else f"{name}={value!r}"
+
+    if (kind, layout) == ("hgrn", "fla") and not causal:
+        raise ValueError(
+            f"{where}kind='hgrn', layout='fla' is causal only (fla's HGRNAttention); "
+            f"use {use('layout', 'official')} or {use('kind', 'hgrn2')} for a bidirectional "
+            "mixer"
+        )
+    if (kind, layout, scan) == ("hgrn2", "official", "2d") and causal:
+        raise ValueError(
+            f"{where}kind='hgrn2' with scan='2d' is bidirectional only "
+            f"(hgru2-pytorch's Hgru2_2d_parallel); use {use('scan', '1d')} for a causal mixer"
+        )
+
+
 def make_mixer(
     config: MixerConfig,
     features: int,
@@ -312,11 +338,7 @@ def make_mixer(
             return HGRU2D(features, causal=causal, **options)
         return HGRU(features, bidirectional=not causal, **options)
     if key == ("hgrn", "fla"):
-        if not causal:
-            raise ValueError(
-                "kind='hgrn', layout='fla' is causal only (fla's HGRNAttention); "
-                "use layout='official' or kind='hgrn2' for a bidirectional mixer"
-            )
+        check_direction(vars(config), causal=causal)
         return FlaHGRNAttention(
             features,
             expand_ratio=config.resolved_expand_ratio,
@@ -334,11 +356,7 @@ def make_mixer(
             **common,
         )
         if config.scan == "2d":
-            if causal:
-                raise ValueError(
-                    "kind='hgrn2' with scan='2d' is bidirectional only "
-                    "(hgru2-pytorch's Hgru2_2d_parallel)"
-                )
+            check_direction(vars(config), causal=causal)
             return HGRN2D(features, **options)
         return HGRN2(features, bidirectional=not causal, **options)
     return FlaHGRN2Attention(

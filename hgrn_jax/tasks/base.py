@@ -41,7 +41,7 @@ from flax import nnx
 
 from hgrn_jax.data import grain_pipeline, loader
 from hgrn_jax.data.errors import DatasetMissingError
-from hgrn_jax.nn.mixers import check_options
+from hgrn_jax.nn.mixers import check_direction, check_options
 from hgrn_jax.tasks.losses import classification_loss
 from hgrn_jax.tasks.protocol import Batch
 
@@ -61,6 +61,10 @@ class ModelKind:
 
     config_cls: type
     model_cls: type
+    causal: bool | None = None
+    """Whether the model's mixers scan forward only (LMs) or both ways (classifiers): the
+    runner then refuses a mixer without that direction before it builds the model; None (a
+    family of the user's own): not checked before the build."""
 
 
 def plain(value: Any) -> Any:
@@ -149,7 +153,7 @@ def model_config(config, kind: ModelKind) -> Any:
             f"{kind.config_cls.__name__}; valid fields: {', '.join(sorted(known))}"
         )
     check_model_sizes(fields, unset_allowed=unused_sizes(kind))
-    return kind.config_cls(**check_mixer_options(fields))
+    return kind.config_cls(**check_mixer_options(fields, causal=kind.causal))
 
 
 class IgnoredSettingWarning(UserWarning):
@@ -161,33 +165,39 @@ CARRIED_SWITCHES = ("complex_valued", "separate_phases")
 real, phaseless HGRN layer does not have."""
 
 
-def check_mixer_options(model: Any) -> Any:
+def check_mixer_options(model: Any, causal: bool | None = None, warn: bool = True) -> Any:
     """``model`` (``config.model`` as plain values) ready for its config class, after raising a
     ValueError naming ``config.model.mixer.<key>`` and its flag for a mixer option the model
     would not honour (:func:`hgrn_jax.nn.mixers.check_options`, the rule the model configs
-    apply, with the runner's key names).
+    apply, with the runner's key names) or, given ``causal`` (the model's direction), a mixer
+    without that direction (:func:`hgrn_jax.nn.mixers.check_direction`). The errors come
+    before any warning, so that a config that fails is not first told to change settings.
 
     One exception keeps the runs saved before the rule loadable and resumable: with
     ``layout='fla'``, the switches the config files carry at True (:data:`CARRIED_SWITCHES`) are
     dropped with an :class:`IgnoredSettingWarning` rather than refused (the layer never had
-    them). Set to True in a MixerConfig, they are refused."""
+    them); ``warn=False`` drops them silently (a check that precedes the model's build, which
+    warns once). Set to True in a MixerConfig, they are refused."""
     model = plain(model) if model is not None else {}
     mixer = model.get("mixer") if isinstance(model, Mapping) else None
     if not isinstance(mixer, Mapping):
         return model
     mixer = dict(mixer)
+    dropped = []
     if (mixer.get("kind", "hgrn"), mixer.get("layout", "official")) == ("hgrn", "fla"):
-        for name in CARRIED_SWITCHES:
-            if mixer.get(name) is True:
-                warnings.warn(
-                    f"config.model.mixer.{name}=True is not used by layout='fla' (fla's HGRN is "
-                    f"real-valued, without phases): the model is built without it; set "
-                    f"--config.model.mixer.{name}=False to say so",
-                    IgnoredSettingWarning,
-                    stacklevel=2,
-                )
-                mixer[name] = None
+        dropped = [name for name in CARRIED_SWITCHES if mixer.get(name) is True]
+        mixer.update(dict.fromkeys(dropped))
     check_options(mixer, key="config.model.mixer")
+    if causal is not None:
+        check_direction(mixer, causal=causal, key="config.model.mixer")
+    for name in dropped if warn else ():
+        warnings.warn(
+            f"config.model.mixer.{name}=True is not used by layout='fla' (fla's HGRN is "
+            f"real-valued, without phases): the model is built without it; set "
+            f"--config.model.mixer.{name}=False to say so",
+            IgnoredSettingWarning,
+            stacklevel=2,
+        )
     return {**model, "mixer": mixer}
 
 

@@ -7,9 +7,9 @@ from hgrn_jax.nn.image import HGRNImageClassifier, ImageConfig
 from hgrn_jax.nn.lm import HGRNLM, LMConfig
 from hgrn_jax.tasks.base import ModelKind
 
-CLASSIFIER = ModelKind(ClassifierConfig, HGRNClassifier)
+CLASSIFIER = ModelKind(ClassifierConfig, HGRNClassifier, causal=False)
 """LRA: token or pixel sequences (1-D or 2-D mixers), one label per sequence."""
-IMAGE = ModelKind(ImageConfig, HGRNImageClassifier)
+IMAGE = ModelKind(ImageConfig, HGRNImageClassifier, causal=False)
 """ImageNet: patches of images (B, H, W, 3)."""
-LM = ModelKind(LMConfig, HGRNLM)
+LM = ModelKind(LMConfig, HGRNLM, causal=True)
 """Language modelling: next-token logits."""

@@ -61,11 +61,13 @@ def check_model_sizes(config) -> None:
     """Raise ValueError naming ``config.model.<key>`` when a model size is below 1
     (:func:`base.check_model_sizes`): as the config sets it (0: from the data) and, for a task
     of the registry, as its data source fills it in (no data read); for a task of the registry
-    also a mixer option its model would not honour (:func:`base.check_mixer_options`)."""
+    also a mixer option its model would not honour or a mixer without the model's direction
+    (:func:`base.check_mixer_options`; the settings it drops are warned of once, as the model is
+    built)."""
     base.check_model_sizes(config.get("model", None))
     entry = DATASETS.get(str(config.get("task", "")))
     if entry is not None:
-        base.check_mixer_options(config.get("model", None))
+        base.check_mixer_options(config.get("model", None), causal=entry.model.causal, warn=False)
         # A vocabulary size of 0 is still left to the data after deriving: the task reads it
         # from its files (the tokenizer, the vocabulary, tfds metadata) when it is built.
         from_files = ["vocab_size"]

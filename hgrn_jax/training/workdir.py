@@ -146,6 +146,21 @@ class ConfigChangeWarning(UserWarning):
 
 
 def not_writable(path: str | Path, error: OSError) -> WorkdirNotWritableError:
+    """The error for a write to ``path`` (the workdir or a file in it) that failed with
+    ``error``: a workdir that is a file, or below one, is named so (the OSError said only
+    "File exists" or "Not a directory"); otherwise the OSError's reason."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+    if existing is not None and not existing.is_dir():
+        if existing == path:
+            return WorkdirNotWritableError(
+                f"--workdir {path} is a file, not a folder; choose a folder for --workdir (a "
+                "new or an existing one)"
+            )
+        return WorkdirNotWritableError(
+            f"cannot make --workdir {path}: {existing} is a file, not a folder; choose a "
+            "--workdir whose parents are folders"
+        )
     reason = error.strerror or type(error).__name__
     return WorkdirNotWritableError(
         f"cannot write to {path} ({reason}); choose a writable --workdir or fix its permissions"
@@ -472,7 +487,8 @@ def check_resume(
 ) -> list[str]:
     """Decide whether the run in ``workdir`` may continue with ``config`` (process 0, before
     anything of the new run is written). Returns lines describing what happened (for the log).
-    ``defaults``: what absent keys stand for (:func:`compare_configs`).
+    ``defaults``: what absent keys stand for (:func:`compare_configs`). The changes a resume
+    accepts are one line, the structural ones (``--config.resume=force``) first.
 
     Raises :class:`WorkdirError` when the workdir holds files of a run (checkpoints, metrics,
     ...) but no ``config.json``: a run writes that first, right after taking the lock, so
@@ -514,16 +530,16 @@ def check_resume(
             "or --config.resume=restart to keep that run in a previous-<time>/ folder of this "
             "workdir and start again, or --config.resume=force to try resuming anyway"
         )
-    lines = []
+    # One line, the structural changes first: as several warnings, a forced resume's changed
+    # model was easy to miss under the run settings that followed it.
+    parts = []
     if structural:
-        lines.append(
-            "resuming with changed model/data/optimizer settings "
-            "(--config.resume=force): " + "; ".join(structural)
+        parts.append(
+            "changed model/data/optimizer settings (--config.resume=force): "
+            + "; ".join(structural)
         )
     if other:
-        lines.append(
-            "resuming with new values that change training from here on: " + "; ".join(other)
-        )
+        parts.append("new values that change training from here on: " + "; ".join(other))
     if harmless:
-        lines.append("resuming with new run settings: " + "; ".join(harmless))
-    return lines
+        parts.append("new run settings: " + "; ".join(harmless))
+    return ["resuming with " + "; and with ".join(parts)] if parts else []
