@@ -102,6 +102,41 @@ def check_overrides() -> None:
         fail(message, EXIT_USAGE)
 
 
+def drop_paper_number(config: Any, overrides: Mapping[str, Any], file_task: str) -> str | None:
+    """``--config.task=X`` over a config file of another task (``file_task``): the file's
+    ``paper.value`` is its own task's number, which results.json and the final line would quote
+    for X. Sets it to 0 (not known) in ``config`` and returns the one-line note saying so, unless
+    ``--config.paper.value`` is given too (``overrides``: ``get_override_values``); else None."""
+    paper = config.get("paper", None) if hasattr(config, "get") else None
+    if (
+        "task" not in overrides
+        or "paper.value" in overrides
+        or not getattr(paper, "value", 0)
+        or config.task == file_task
+    ):
+        return None
+    note = (
+        f"note: --config.task={config.task!r} overrides the config file's task {file_task!r}: "
+        f"results.json quotes no paper number ({paper.value} is the paper's {file_task}); set "
+        "--config.paper.value to quote one"
+    )
+    paper.value = type(paper.value)(0)
+    return note
+
+
+def drop_the_paper_number_of_another_task() -> None:
+    """:func:`drop_paper_number` for the parsed ``--config``, printing its note."""
+    flag = flags.FLAGS["config"]
+    overrides = config_flags.get_override_values(flag)
+    if "task" not in overrides:
+        return
+    path = config_flags.get_config_filename(flag)  # path.py[:PRESET]
+    as_written = config_flags.config_flags.ConfigFileFlagParser("config").parse(path)
+    note = drop_paper_number(flag.value, overrides, str(as_written.get("task")))
+    if note is not None:
+        print(note, file=sys.stderr, flush=True)
+
+
 def _config_arg(argv: list[str]) -> str | None:
     """The ``--config`` value of ``argv`` (``path.py[:PRESET]``), if there is one."""
     for i, arg in enumerate(argv):

@@ -1286,6 +1286,34 @@ def test_an_epochs_override_alone_is_refused():
     assert cli.unread_override({"batch_size": 16}) is None
 
 
+def test_a_task_override_drops_the_paper_number_of_the_file_s_task():
+    """--config.task=text over listops.py quoted ListOps's paper accuracy (59.95) as the text
+    run's in results.json and its last line; it is now 0 (not known), with a note, unless
+    --config.paper.value is given too."""
+    from experiments import cli
+
+    def listops_as(task):
+        config = importlib.import_module("experiments.configs.lra.listops").get_config("tiny")
+        config.task = task
+        return config
+
+    config = listops_as("text")
+    note = cli.drop_paper_number(config, {"task": "text"}, "listops")
+    assert config.paper.value == 0.0 and note == (
+        "note: --config.task='text' overrides the config file's task 'listops': results.json "
+        "quotes no paper number (59.95 is the paper's listops); set --config.paper.value to "
+        "quote one"
+    )
+    for task, overrides in (
+        ("text", {"task": "text", "paper.value": 59.95}),  # the user gives the number
+        ("listops", {"task": "listops"}),  # the file's own task
+        ("text", {"batch_size": 4}),  # the task not overridden
+    ):
+        config = listops_as(task)
+        assert cli.drop_paper_number(config, overrides, "listops") is None
+        assert config.paper.value == 59.95
+
+
 def test_the_command_line_tools_show_each_warning_on_one_line(capsys, monkeypatch):
     """experiments.train (and generate, prepare, report, launch) show a warning as one line,
     ``warning: <Category>: <message>``, not Python's ``file:line: Category: message`` followed
