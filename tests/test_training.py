@@ -1314,25 +1314,41 @@ def test_a_task_override_drops_the_paper_number_of_the_file_s_task():
         assert config.paper.value == 59.95
 
 
-def test_the_command_line_tools_show_each_warning_on_one_line(capsys, monkeypatch):
-    """experiments.train (and generate, prepare, report, launch) show a warning as one line,
-    ``warning: <Category>: <message>``, not Python's ``file:line: Category: message`` followed
-    by the source line; a message of several lines is joined by "; "."""
-    from absl import app
+WARN_AFTER_RUN = """
+import warnings
+from absl import app
+from experiments import {tool}
+from hgrn_jax.training.workdir import ConfigChangeWarning
 
-    from experiments import cli, train
-    from hgrn_jax.training.workdir import ConfigChangeWarning
+app.run = lambda *args, **kwargs: None
+{tool}.run()  # installs the one-line format, then (here) runs nothing
+warnings.warn("resuming with new run settings: a: 1 -> 2\\nsecond", ConfigChangeWarning)
+"""
 
-    monkeypatch.setattr(app, "run", lambda *args, **kwargs: None)
-    with warnings.catch_warnings():  # restores Python's showwarning and formatwarning
-        warnings.simplefilter("always")
-        train.run()  # installs the one-line format, then (here) runs nothing
-        message = "resuming with new run settings: a: 1 -> 2\nsecond"
-        warnings.warn(message, ConfigChangeWarning, stacklevel=1)
-        formatted = warnings.formatwarning("text", UserWarning, "file.py", 3)
-    assert capsys.readouterr().err == (
+
+@pytest.mark.parametrize("tool", ["train", "generate"])
+def test_the_command_line_tools_show_each_warning_on_one_line(tool):
+    """experiments.train and generate (prepare, report and launch as they start too) show a
+    warning as one line, ``warning: <Category>: <message>``, not Python's ``file:line:
+    Category: message`` followed by the source line; a message of several lines is joined by
+    "; ". (In a process of its own: experiments.train and prepare define the same flags.)"""
+    from experiments import cli
+
+    shown = subprocess.run(
+        [sys.executable, "-c", WARN_AFTER_RUN.format(tool=tool)],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert shown.stderr == (
         "warning: ConfigChangeWarning: resuming with new run settings: a: 1 -> 2; second\n"
     )
+    with warnings.catch_warnings():  # restores Python's showwarning and formatwarning
+        cli.show_warnings_on_one_line()
+        formatted = warnings.formatwarning("text", UserWarning, "file.py", 3)
     assert formatted == "warning: UserWarning: text\n"
     assert cli.warning_line("x", UserWarning) == "warning: UserWarning: x"
 
