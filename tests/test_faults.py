@@ -355,6 +355,28 @@ def test_a_forced_resume_lists_the_changed_model_with_the_other_changes(tmp_path
     ), str(caught[0].message)
 
 
+def test_a_first_attempt_without_a_checkpoint_is_replaced_with_a_short_note(tmp_path):
+    """An attempt that stopped before its first checkpoint (a wrong data folder, say) left its
+    config.json; the corrected command, even with another config file, replaces it: one short
+    note (it listed every one of dozens of changed keys), nothing refused."""
+    from experiments.configs.lm import wikitext103
+    from experiments.configs.lra import listops
+    from hgrn_jax.training.loop import prepare_workdir
+    from hgrn_jax.training.workdir import ConfigChangeWarning
+
+    _saved_run_without(tmp_path / "run", wikitext103.get_config("tiny"))
+    (tmp_path / "run" / "checkpoints" / "1").rmdir()  # no checkpoint
+    with pytest.warns(ConfigChangeWarning) as caught:
+        prepare_workdir(tmp_path / "run", listops.get_config("tiny")).release()
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert re.fullmatch(
+        rf"{tmp_path}/run/config\.json \(of an attempt that saved no checkpoint\) is replaced by "
+        r"the new config \(batch_size: 16 -> 32; (?:[^;]+; ){5}and \d+ more\)",
+        str(caught[0].message),
+    ), str(caught[0].message)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["task"] == "listops"
+
+
 def test_absent_keys_of_a_user_task_still_refuse(tmp_path):
     """No defaults are known for a ``module:factory`` task: an absent model key is a change."""
     from hgrn_jax.training.loop import prepare_workdir

@@ -482,6 +482,11 @@ def archive_previous_run(workdir: str | Path) -> Path:
     return folder
 
 
+LISTED_CHANGES = 6
+"""How many changes the note on a replaced config.json of a run without checkpoints lists (a
+first attempt with another config file changes dozens of keys)."""
+
+
 def check_resume(
     workdir: str | Path, config: Any, defaults: Mapping[str, Any] | None = None
 ) -> list[str]:
@@ -519,9 +524,13 @@ def check_resume(
         return []
     structural, harmless, other = compare_configs(saved, config, defaults)
     if structural and not has_checkpoint(workdir):
+        changes = structural + other
+        shown = "; ".join(changes[:LISTED_CHANGES])
+        if len(changes) > LISTED_CHANGES:
+            shown += f"; and {len(changes) - LISTED_CHANGES} more"
         return [
-            f"{workdir / 'config.json'} is replaced by the new config: {workdir / 'checkpoints'} "
-            f"holds no checkpoint to continue ({'; '.join(structural + other)})"
+            f"{workdir / 'config.json'} (of an attempt that saved no checkpoint) is replaced by "
+            f"the new config ({shown})"
         ]
     if structural and choice == "auto":
         raise ConfigChangedError(
