@@ -399,7 +399,9 @@ def test_a_changed_config_without_a_committed_checkpoint_is_accepted(tmp_path):
     prepare_workdir(run, _config()).release()
     (run / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir(parents=True)
     changed = _config(**{"model.features": 8})
-    with pytest.warns(ConfigChangeWarning, match=r"replaced.*no checkpoint.*features: 16 -> 8"):
+    with pytest.warns(
+        ConfigChangeWarning, match=r"no checkpoint\) is replaced .*features: 16 -> 8"
+    ):
         prepare_workdir(run, changed).release()
     assert json.loads((run / "config.json").read_text())["model"]["features"] == 8
 

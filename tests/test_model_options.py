@@ -265,3 +265,41 @@ def test_runner_refuses_a_mixer_without_the_model_s_direction_before_any_warning
             r"--config\.model\.mixer\.layout=official or --config\.model\.mixer\.kind=hgrn2",
         ):
             check_config_values(config)
+
+
+@pytest.mark.parametrize(
+    "config_name, key, value, expected",
+    [
+        (
+            "lra.listops",
+            "model.mixer.expand_ratio",
+            5,
+            r"expand_ratio is an HGRN2 / fla option; HGRN official has none \(got 5\)",
+        ),
+        (
+            "lm.wikitext103",
+            "label_smoothing",
+            0.1,
+            r"^config\.label_smoothing=0\.1 is not read by task 'wikitext103'",
+        ),
+    ],
+)
+def test_model_config_rules_and_unread_settings_stop_a_run_before_it_writes(
+    tmp_path, config_name, key, value, expected
+):
+    """A rule of the model's config class (an HGRN2 option on an HGRN mixer) and a setting the
+    task does not read (label smoothing on the LM) stopped the run only once the task was built,
+    after config.json was written (user review)."""
+    import importlib
+
+    from hgrn_jax.training.loop import train_and_evaluate
+
+    config = importlib.import_module(f"experiments.configs.{config_name}").get_config("tiny")
+    section, _, name = key.rpartition(".")
+    target = config
+    for part in filter(None, section.split(".")):
+        target = target[part]
+    target[name] = value
+    with pytest.raises(ValueError, match=expected):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

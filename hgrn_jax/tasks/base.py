@@ -798,6 +798,9 @@ class ReleaseOrPrepared:
     def __call__(self, config, name: str) -> ArrayTask:
         return self.pick(config)(config, name)
 
+    def _check_unread_settings(self, config) -> None:
+        self.pick(config)._check_unread_settings(config)
+
     def derive(self, config):
         return self.files.derive(config)
 

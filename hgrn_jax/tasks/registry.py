@@ -6,6 +6,7 @@ The only place where task names are looked up. Adding a dataset is one module de
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from flax import nnx
@@ -74,6 +75,22 @@ def check_model_sizes(config) -> None:
         base.check_model_sizes(
             entry.derive(config).model, base.unused_sizes(entry.model) + from_files
         )
+
+
+def check_model_and_settings(config) -> None:
+    """What a run can check of ``config`` without its data, before it writes anything: the
+    model sizes and mixer options (:func:`check_model_sizes`) and, for a task of the registry,
+    every rule of its model's config class (built from the derived config, its warnings left to
+    the model's build) and the settings its data source does not read (a data folder, a label
+    smoothing). Each a ValueError naming the key and the fix."""
+    check_model_sizes(config)
+    entry = DATASETS.get(str(config.get("task", "")))
+    if entry is None:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", base.IgnoredSettingWarning)
+        base.model_config(entry.derive(config), entry.model)
+    entry.source(config)._check_unread_settings(config)
 
 
 def model_defaults(config) -> dict[str, Any]:

@@ -197,8 +197,9 @@ def check_not_in_a_worker_process() -> None:
 
 def check_config_values(config: Any) -> None:
     """The checks of values a run can make before it touches its workdir, each a ValueError
-    naming the key: run lengths, the seed, the model's sizes, the activation dtype of a
-    registered task, the optimizer's numbers, the mesh with the batch sizes and sequence
+    naming the key: run lengths, the seed, the model's sizes and (a registered task) its
+    config class's rules and the settings its source does not read, the activation dtype of a
+    registered task, the optimizer's names and numbers, the mesh with the batch sizes and sequence
     axis on it (:func:`check_mesh_and_batches`), and the input workers (``data.workers``)."""
     from hgrn_jax.data import grain_pipeline
     from hgrn_jax.tasks import base, registry
@@ -210,6 +211,7 @@ def check_config_values(config: Any) -> None:
         base.activation_dtype(config.get("dtype", "float32"))
     optim.check_optimizer_config(config)
     check_mesh_and_batches(config)
+    registry.check_model_and_settings(config)  # after the runner's own, which name the flags
     data = config.get("data", None)
     if hasattr(data, "get"):
         grain_pipeline.resolve_worker_count(data.get("workers", 0))  # checks data.workers
