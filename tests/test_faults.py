@@ -819,6 +819,35 @@ def test_a_folder_with_run_files_but_no_config_is_not_taken_over(tmp_path):
     assert (killed / "config.json").is_file()
 
 
+def test_another_program_s_config_json_is_neither_replaced_nor_moved(tmp_path):
+    """A --workdir holding another program's config.json (a model folder's, say) and no
+    checkpoint: the run took it for an attempt that saved none and replaced it (restart moved
+    it). Now refused in one line, every byte left as it was; a run's own config.json without a
+    checkpoint is still replaced."""
+    from hgrn_jax.training.loop import prepare_workdir
+    from hgrn_jax.training.workdir import ConfigChangeWarning, WorkdirError
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "n_embd": 768}')
+    (folder / "weights.bin").write_text("w")
+    before = _tree_digest(folder)
+    for resume in ("auto", "restart", "force"):
+        with pytest.raises(WorkdirError) as caught:
+            prepare_workdir(folder, _config(resume=resume))
+        assert str(caught.value) == (
+            f"{folder / 'config.json'} is not the config of a run of this program (it has no "
+            "task and model); nothing was changed. Choose an empty or new --workdir"
+        )
+        assert _tree_digest(folder) == before
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "weights.bin"]
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "config.json").write_text(json.dumps(_config(**{"model.features": 8}).to_dict()))
+    with pytest.warns(ConfigChangeWarning, match=r"no checkpoint\) is replaced"):
+        prepare_workdir(own, _config()).release()
+
+
 def test_restart_moves_config_json_last(tmp_path, monkeypatch):
     """An archive cut short leaves config.json beside the files not yet moved."""
     from hgrn_jax.training import workdir

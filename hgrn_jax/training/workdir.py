@@ -389,6 +389,12 @@ def read_saved_config(workdir: str | Path) -> dict[str, Any] | None:
         ) from None
     if not isinstance(saved, dict):
         raise WorkdirError(f"{path} does not hold a config (a JSON object); use another --workdir")
+    if not (isinstance(saved.get("task"), str) and isinstance(saved.get("model"), dict)):
+        # Another program's config.json (a model folder's, say): never replaced nor moved.
+        raise WorkdirError(
+            f"{path} is not the config of a run of this program (it has no task and model); "
+            "nothing was changed. Choose an empty or new --workdir"
+        )
     return saved
 
 
