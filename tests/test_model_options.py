@@ -303,3 +303,17 @@ def test_model_config_rules_and_unread_settings_stop_a_run_before_it_writes(
     with pytest.raises(ValueError, match=expected):
         train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_early_model_check_leaves_a_vocabulary_from_files_to_them():
+    """A release LM's vocabulary size of 0 is the tokenizer's to say once the task reads its
+    files: the check before the workdir (which builds the model's config class) let it be (it
+    refused 'config.model.vocab_size=0 must be a whole number >= 1')."""
+    from experiments.configs.lm import wikitext103
+    from hgrn_jax.training.config_checks import check_config_values
+
+    config = wikitext103.get_config("tiny")
+    config.data.source, config.model.vocab_size = "release", 0
+    config.data.wikitext_dir, config.data.tokenizer_path = "/nowhere", "/nowhere/tokenizer.json"
+    check_config_values(config)  # no file is read here
+    assert config.model.vocab_size == 0

@@ -87,9 +87,12 @@ def check_model_and_settings(config) -> None:
     entry = DATASETS.get(str(config.get("task", "")))
     if entry is None:
         return
+    derived = entry.derive(config)
+    if derived.model.get("vocab_size", None) == 0:
+        derived.model.vocab_size = 1  # still the files' to say (a tokenizer, the vocabulary)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", base.IgnoredSettingWarning)
-        base.model_config(entry.derive(config), entry.model)
+        base.model_config(derived, entry.model)
     entry.source(config)._check_unread_settings(config)
 
 
