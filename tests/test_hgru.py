@@ -300,6 +300,26 @@ def test_step_streaming_equals_the_full_call(complex_valued):
     )
 
 
+def test_fla_hgrn_skips_padding_anywhere_in_a_pass_and_a_step():
+    """fla's HGRN layer zeroed only the input at padded steps, so its state still decayed over
+    padding between real tokens (0.29 off the unpadded outputs after a 3-step gap, user review),
+    unlike every other layer. Padded steps are now identity steps there too: each row's real
+    outputs and last state are those of its real tokens alone (fla's unpadded path)."""
+    layer = FlaHGRNAttention(D, rngs=nnx.Rngs(0))
+    x = inputs((2, 12, D), seed=5)
+    mask = jnp.ones((2, 12), bool).at[0, 4:7].set(False).at[1, :2].set(False).at[1, 10:].set(False)
+    run = nnx.jit(lambda layer, x, mask=None: layer(x, 0.2, mask=mask))
+    step = nnx.jit(
+        lambda layer, x, mask=None: layer.step(x, layer.init_state(x.shape[0]), 0.2, mask=mask)
+    )
+    y, (_, state) = run(layer, x, mask), step(layer, x, mask)
+    for row in range(2):
+        real = np.flatnonzero(mask[row])
+        alone = x[row : row + 1, real]
+        np.testing.assert_allclose(y[row, real], run(layer, alone)[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state[row], step(layer, alone)[1][0], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("complex_valued", [True, False], ids=["complex", "real"])
 def test_step_skips_padding_in_the_middle_of_a_chunk(complex_valued):
     """Padded steps of ``step(..., mask=)`` are identity steps: each row's state and its real

@@ -4,12 +4,17 @@ Per channel, with gamma the layer's lower bound::
 
     f   = log sigmoid(f_proj x)                                   (log-space forget gate)
     f   = logaddexp(log gamma, log1p(-gamma) + f)   when the bound is used (lam = gamma + (1-gamma) sigmoid)
-    i   = silu(i_proj x) * (1 - exp f)      (times the attention mask, 0 = padding)
+    i   = silu(i_proj x) * (1 - exp f)
     h_t = exp(f_t) * h_{t-1} + i_t
     y   = o_proj( RMSNorm(h) * g_norm * silu(g_proj x) )
 
 No biases, no phase. ``use_lower_bound=False`` reproduces fla's first layer (``layer_idx == 0``),
 which ignores its bound.
+
+A padding mask (0 = padding) makes padded steps identity steps (decay 1, input 0), as in every
+layer here: real positions and the last state see exactly the unpadded sequence, as fla's
+unpadded (variable-length) path does. fla's padded path only zeroes the input there, so its state
+still decays over padding between real tokens; with left padding (generation's) the two agree.
 
 Sequence parallelism (``sequence_axis``, a mesh axis): the full-sequence scan of ``__call__``
 runs split over that axis of the mesh set by ``jax.set_mesh``
@@ -36,7 +41,8 @@ from hgrn_jax.ops.sequence_parallel import padded_sharded_linear_recurrence
 class FlaHGRNAttention(nnx.Module):
     """fla's HGRN mixer: ``layer(x, lower_bound=None, mask=None)`` on (B, T, d) inputs.
 
-    ``mask`` (B, T) marks real tokens with 1 and padding with 0; padded steps get no input.
+    ``mask`` (B, T) marks real tokens with 1 and padding with 0; padded steps are identity steps
+    (decay 1, no input), wherever the padding sits.
     ``sequence_axis``: a mesh axis to split the sequence over in ``__call__`` (see the module
     docstring); None: unsplit.
     """
@@ -80,8 +86,9 @@ class FlaHGRNAttention(nnx.Module):
             f = apply_log_lower_bound(f, lower_bound)
         a = jnp.exp(f)
         i = nnx.silu(self.i_proj(x).astype(acc)) * (1.0 - a)
-        if mask is not None:
-            i = i * mask[..., -i.shape[-2] :, None].astype(acc)
+        if mask is not None:  # padded steps are identity steps: decay 1, no input
+            real = mask[..., -i.shape[-2] :, None].astype(bool)
+            a, i = jnp.where(real, a, 1.0), jnp.where(real, i, 0.0)
         return a, i
 
     def check_input(self, x: jax.Array, mask: jax.Array | None, *, streaming: bool = False) -> None:
