@@ -408,6 +408,31 @@ def test_wrong_shapes_name_the_argument(layout):
     mix_step(layer, jnp.ones((2, 3, D)), state, jnp.ones((2, 7)))  # longer: accepted
 
 
+def test_fla_hgrn2_heads_come_from_one_of_expand_ratio_and_num_heads():
+    """num_heads=4 beside the default expand_ratio=128 built 2 heads of 128 at d=256 without a
+    word (fla's rule: a given expand_ratio wins); num_heads with expand_ratio=None named an
+    expand_ratio the user never passed (user review)."""
+    from hgrn_jax.nn import FlaHGRN2Attention
+
+    def heads(**kwargs):
+        layer = FlaHGRN2Attention(256, **kwargs, rngs=nnx.Rngs(0))
+        return layer.num_heads, layer.key_dim
+
+    assert heads() == (2, 128)
+    assert heads(num_heads=4, expand_ratio=None) == (4, 64)
+    assert heads(num_heads=4, expand_ratio=64) == (4, 64)
+    with pytest.raises(
+        ValueError,
+        match=r"^FlaHGRN2Attention: num_heads=4 disagrees with expand_ratio=128 \(the default is "
+        r"128\), which gives features // expand_ratio = 2 heads; pass expand_ratio=None",
+    ):
+        heads(num_heads=4)
+    with pytest.raises(
+        ValueError, match=r"^FlaHGRN2Attention: num_heads=3 does not split features=256"
+    ):
+        heads(num_heads=3, expand_ratio=None)
+
+
 def test_hgrn2_with_an_empty_sequence_or_a_bad_grid_mask():
     with pytest.raises(ValueError, match=r"HGRN2 expects .* got shape \(2, 0, 8\)"):
         HGRN2(8, expand_ratio=4, rngs=nnx.Rngs(0))(jnp.ones((2, 0, 8)))

@@ -269,8 +269,9 @@ class FlaHGRN2Attention(_MatrixMixer):
     Args:
       features: model width d (fla's ``hidden_size``).
       expand_ratio: the key width K per head (fla's ``expand_ratio``); H = d // K heads, value
-        width V = d // H. ``num_heads`` instead gives K = d // num_heads (fla's rule: a given
-        ``expand_ratio`` wins).
+        width V = d // H. With ``expand_ratio=None``, ``num_heads`` gives K = d // num_heads; both
+        given must agree (fla lets ``expand_ratio``, 128 by default, override ``num_heads``
+        silently; here that is an error).
       use_lower_bound: apply the lower bound (fla: ``layer_idx > 0``; its first layer ignores it).
       norm_epsilon: eps of the output RMSNorm; fla's layer always uses 1e-5.
       bidirectional: add a reverse scan (not in fla; see the module docstring).
@@ -295,7 +296,20 @@ class FlaHGRN2Attention(_MatrixMixer):
         if expand_ratio is None:
             if not num_heads:
                 raise ValueError("FlaHGRN2Attention needs expand_ratio or num_heads")
+            if num_heads < 1 or features % num_heads:
+                raise ValueError(
+                    f"FlaHGRN2Attention: num_heads={num_heads} does not split features="
+                    f"{features}; pass a num_heads that divides {features}"
+                )
             expand_ratio = features // num_heads
+        elif num_heads is not None and features // expand_ratio != num_heads:
+            # fla lets a given expand_ratio (its default too) override num_heads silently.
+            raise ValueError(
+                f"FlaHGRN2Attention: num_heads={num_heads} disagrees with expand_ratio="
+                f"{expand_ratio} (the default is 128), which gives features // expand_ratio = "
+                f"{features // expand_ratio} heads; pass expand_ratio=None to take num_heads, "
+                "or only one of the two"
+            )
         heads = features // expand_ratio if expand_ratio else 0
         if heads < 1 or features % heads:
             raise ValueError(
