@@ -433,6 +433,20 @@ def test_fla_hgrn2_heads_come_from_one_of_expand_ratio_and_num_heads():
         heads(num_heads=3, expand_ratio=None)
 
 
+def test_fla_lm_config_takes_the_mixer_s_expand_ratio():
+    """LMConfig.fla(kind='hgrn2') had no way to set the head width but rebuilding its mixer:
+    expand_ratio=... was an unexpected keyword, and fla's 128 does not split a small width."""
+    from hgrn_jax.nn import HGRNLM, LMConfig
+
+    config = LMConfig.fla(kind="hgrn2", expand_ratio=4, vocab_size=50, features=16, num_layers=1)
+    assert config.mixer == MixerConfig(
+        kind="hgrn2", layout="fla", use_bias=False, norm_epsilon=1e-5, expand_ratio=4
+    )
+    lm = HGRNLM(config, rngs=nnx.Rngs(0))
+    assert lm(jnp.ones((2, 5), jnp.int32)).shape == (2, 5, 50)
+    assert LMConfig.fla(kind="hgrn2", features=256).mixer.expand_ratio is None  # fla's 128
+
+
 def test_hgrn2_with_an_empty_sequence_or_a_bad_grid_mask():
     with pytest.raises(ValueError, match=r"HGRN2 expects .* got shape \(2, 0, 8\)"):
         HGRN2(8, expand_ratio=4, rngs=nnx.Rngs(0))(jnp.ones((2, 0, 8)))

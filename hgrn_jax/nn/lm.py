@@ -113,16 +113,29 @@ class LMConfig:
         self.mixer.check_model(self.features, self.use_lower_bound, "LMConfig")
 
     @classmethod
-    def fla(cls, kind: str = "hgrn", **overrides) -> LMConfig:
+    def fla(cls, kind: str = "hgrn", expand_ratio: int | None = None, **overrides) -> LMConfig:
         """fla's ``HGRNForCausalLM`` (``kind="hgrn"``) or ``HGRN2ForCausalLM`` (``"hgrn2"``)
         layout: RMSNorm, SwiGLU, untied head, float32 lower bounds; the fla mixers have no
-        biases. fla's HGRN mixer norm uses ``norm_eps`` (1e-6); HGRN2's always 1e-5."""
+        biases. fla's HGRN mixer norm uses ``norm_eps`` (1e-6); HGRN2's always 1e-5.
+        ``expand_ratio``: the mixer's (HGRN2's head width, 128 when None as in fla; fla HGRN's
+        width multiplier, 1); ``overrides``: other :class:`LMConfig` fields."""
         if kind == "hgrn":
             mixer = MixerConfig(
-                kind="hgrn", layout="fla", complex_valued=False, use_bias=False, norm_epsilon=1e-6
+                kind="hgrn",
+                layout="fla",
+                complex_valued=False,
+                use_bias=False,
+                norm_epsilon=1e-6,
+                expand_ratio=expand_ratio,
             )
         elif kind == "hgrn2":
-            mixer = MixerConfig(kind="hgrn2", layout="fla", use_bias=False, norm_epsilon=1e-5)
+            mixer = MixerConfig(
+                kind="hgrn2",
+                layout="fla",
+                use_bias=False,
+                norm_epsilon=1e-5,
+                expand_ratio=expand_ratio,
+            )
         else:
             raise ValueError(f"unknown kind {kind!r}; use 'hgrn' or 'hgrn2'")
         base = dict(
