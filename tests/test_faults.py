@@ -442,6 +442,41 @@ def test_flipped_bytes_fall_back_to_the_previous_checkpoint_without_a_nan_stop(
     assert results["test"] == finished[1]["test"]
 
 
+def test_every_checkpoint_damaged_stops_instead_of_starting_over_the_run(copy_of_finished):
+    """With each of its checkpoints damaged, a run moved them aside and started again from step
+    0, writing its new metrics and results over the old ones (user review). It now stops, every
+    file left as it was but the damaged checkpoints (moved aside, not deleted); a rerun, even
+    with another config, stops the same way; --config.resume=restart keeps the whole run in a
+    previous-<time>/ folder and starts again."""
+    from hgrn_jax.training.checkpoint import CheckpointFallbackWarning, NoUsableCheckpointError
+    from hgrn_jax.training.workdir import ConfigChangedError
+
+    run = copy_of_finished
+    for step in (6, 9, 12):
+        _flip_bytes(_largest_array_file(run / "checkpoints" / str(step)))
+    kept = {name: _tree_digest(run / name) for name in ("metrics.jsonl", "results.json")}
+    config_json = (run / "config.json").read_text()
+    message = (
+        rf"^{run}/checkpoints holds no usable checkpoint: every one was damaged and moved to "
+        rf"{run}/checkpoints\.damaged \(kept\); nothing else was changed\. .* rerun with "
+        r"--config\.resume=restart"
+    )
+    with (
+        pytest.warns(CheckpointFallbackWarning),
+        pytest.raises(NoUsableCheckpointError, match=message),
+    ):
+        _run(_config(), run)
+    assert sorted(p.name for p in (run / "checkpoints.damaged").iterdir()) == ["12", "6", "9"]
+    with pytest.raises(NoUsableCheckpointError, match=message):
+        _run(_config(), run)
+    with pytest.raises(ConfigChangedError, match=r"model\.features: 16 -> 8"):
+        _run(_config(**{"model.features": 8}), run)
+    assert {name: _tree_digest(run / name) for name in kept} == kept
+    assert (run / "config.json").read_text() == config_json
+    results = _run(_config(resume="restart"), run)
+    assert results["steps"] == 12 and len(list(run.glob("previous-*/checkpoints.damaged/*"))) == 3
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "remove_file"])
 def test_truncated_or_missing_files_are_moved_aside_not_deleted(copy_of_finished, finished, damage):

@@ -52,6 +52,7 @@ __all__ = [
     "CheckpointUnverifiedWarning",
     "Checkpoints",
     "DamagedCheckpointError",
+    "NoUsableCheckpointError",
 ]
 
 
@@ -106,6 +107,11 @@ class CheckpointUnverifiedWarning(RuntimeWarning):
 
 class CheckpointMismatchError(CheckpointError):
     """The checkpoint's arrays do not fit the model/optimizer built from the new config."""
+
+
+class NoUsableCheckpointError(CheckpointError):
+    """Every checkpoint of the run was damaged (all moved aside): the run does not start again
+    from step 0 over its own history unless asked to (``--config.resume=restart``)."""
 
 
 def _key_name(key: Any) -> str:
@@ -414,10 +420,15 @@ class Checkpoints:
             f"checkpoint at step {step}: {reason}; moved to {destination}"
         )
 
+    @property
+    def damaged_directory(self) -> Path:
+        """Where damaged checkpoints are moved: ``<directory>.damaged/``."""
+        return self.directory.with_name(self.directory.name + ".damaged")
+
     def move_aside(self, step: int) -> Path:
         """Rename checkpoint ``step`` into ``<directory>.damaged/`` (process 0) and forget it.
         Returns the new folder."""
-        aside = self.directory.with_name(self.directory.name + ".damaged")
+        aside = self.damaged_directory
         destination = aside / str(step)
         suffix = 1
         while destination.exists():
@@ -458,7 +469,9 @@ class Checkpoints:
         A damaged checkpoint (half-written, truncated, failing its checksums) is reported with a
         :class:`CheckpointFallbackWarning`, moved aside (never deleted) and the previous one is
         tried. Unreadable or structurally different checkpoints stop the search (see
-        :meth:`restore`).
+        :meth:`restore`). None only for a run that never had a checkpoint: when every one was
+        damaged (now or at an earlier start), :class:`NoUsableCheckpointError`, so that the run
+        does not start again from step 0 over its own metrics and results.
         """
         self.wait()
         for step in reversed(self.all_steps()):
@@ -467,6 +480,15 @@ class Checkpoints:
             except integrity.DamagedCheckpointError:
                 continue
             return step, tree, meta
+        aside = self.damaged_directory
+        damaged = self.primary and aside.is_dir() and any(aside.iterdir())
+        if agreement.broadcast_code(int(damaged)):
+            raise NoUsableCheckpointError(
+                f"{self.directory} holds no usable checkpoint: every one was damaged and moved "
+                f"to {aside} (kept); nothing else was changed. Put a good checkpoint back into "
+                f"{self.directory}, or rerun with --config.resume=restart to keep this run in a "
+                "previous-<time>/ folder and start again from step 0"
+            )
         return None
 
     def metrics(self, step: int) -> dict[str, float] | None:

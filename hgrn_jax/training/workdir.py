@@ -408,8 +408,12 @@ def checkpoint_steps(workdir: str | Path) -> list[int]:
 
 
 def has_checkpoint(workdir: str | Path) -> bool:
-    """Whether ``workdir/checkpoints`` holds a committed checkpoint."""
-    return bool(checkpoint_steps(workdir))
+    """Whether the run in ``workdir`` has checkpointed: ``checkpoints/`` holds a committed
+    checkpoint, or ``checkpoints.damaged/`` one moved aside as damaged. Either way its
+    ``config.json`` describes them, and a new config is checked against it rather than written
+    over it (a run whose every checkpoint is damaged stops: ``NoUsableCheckpointError``)."""
+    damaged = Path(workdir) / "checkpoints.damaged"
+    return bool(checkpoint_steps(workdir)) or (damaged.is_dir() and any(damaged.iterdir()))
 
 
 def _mebibytes(folder: Path) -> float:
