@@ -328,8 +328,18 @@ def commit_config(workdir: Path, config: Any) -> None:
 def _startup_summary(run: Run, start: int, total_steps: int) -> list[str]:
     count = getattr(run.task, "num_examples", None)  # user-defined tasks may not count
     sizes = {split: count(split) for split in ("train", "val", "test")} if callable(count) else {}
-    data = run.config.get("data", None) if hasattr(run.config, "get") else None
+    get = run.config.get if hasattr(run.config, "get") else lambda key, default=None: default
+    data, model = get("data", None), get("model", None)
     source = data.get("source", "unknown") if hasattr(data, "get") else "unknown"
+    mixer = model.get("mixer", None) if hasattr(model, "get") else None
+    sequence_axis = next(
+        (
+            section.get("sequence_axis", None)
+            for section in (mixer, model)
+            if hasattr(section, "get") and section.get("sequence_axis", None)
+        ),
+        None,
+    )
     return podlog.startup_summary(
         task=run.task.name,
         source=str(source),
@@ -343,6 +353,7 @@ def _startup_summary(run: Run, start: int, total_steps: int) -> list[str]:
         start_step=start,
         total_steps=total_steps,
         workdir=run.workdir,
+        sequence_axis=sequence_axis,
     )
 
 

@@ -93,14 +93,23 @@ def startup_summary(
     start_step: int,
     total_steps: int,
     workdir: Any,
+    sequence_axis: str | None = None,
 ) -> list[str]:
-    """The start-up lines of a run (see the module docstring)."""
+    """The start-up lines of a run (see the module docstring); ``sequence_axis``: the mesh axis
+    the model's recurrences split the sequence over, if any (a size-1 axis splits nothing)."""
     split_sizes = (
         (" (" + ", ".join(f"{split} {n:,}" for split, n in sizes.items()) + " examples)")
         if sizes
         else ""
     )
     mesh = " x ".join(f"{axis}={size}" for axis, size in mesh_shape.items())
+    if sequence_axis is not None:
+        ways = int(mesh_shape.get(sequence_axis, 1))
+        mesh += (
+            f"; the sequence split {ways} ways over {sequence_axis}"
+            if ways > 1
+            else f"; sequence_axis={sequence_axis} has size 1: the sequence is not split"
+        )
     resume = f"resuming from step {start_step}" if start_step else "starting at step 0"
     return [
         f"task {task}: data source {source!r}{split_sizes}",
