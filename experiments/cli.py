@@ -22,8 +22,13 @@ EXIT_USAGE = 2
 
 
 def one_line(message: str) -> str:
-    """``message`` with its lines joined by ``; ``."""
-    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    """``message`` with its lines joined by ``; `` (by a space after a line that ends with a
+    colon, which introduces the next: ``3 bad example(s) in FILE: FILE:8: ...``)."""
+    joined = ""
+    for line in (line.strip() for line in str(message).splitlines()):
+        if line:
+            joined += (" " if joined.endswith(":") else "; " if joined else "") + line
+    return joined
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:

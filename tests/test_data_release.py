@@ -85,7 +85,7 @@ def test_listops_bad_rows_are_reported_or_skipped(tmp_path):
     assert f"{folder / 'basic_train.tsv'}:10: label '²' is not a class" in message
     assert "--config.data.skip_bad_rows=True" in message
     config.data.skip_bad_rows = True
-    with pytest.warns(UserWarning, match="3 bad example"):
+    with pytest.warns(errors.SkippedExamplesWarning, match="3 bad example"):
         assert tasks.get_task(config).num_examples("train") == 6
 
 
@@ -115,6 +115,7 @@ def test_aan_an_unclosed_quote_is_not_skipped_with_the_rows_it_took_in(tmp_path)
         message = str(info.value)
         assert "new_aan_pairs.train.tsv:11: expected 5 tab-separated fields; got 4" in message
         assert "spanning lines 11-22" in message and "skipping rows cannot help" in message
+        assert message.count("spanning lines 11-22") == 1  # it was said twice
 
 
 def test_aan_an_empty_file_is_not_offered_skipping(tmp_path):

@@ -1314,6 +1314,17 @@ def test_a_task_override_drops_the_paper_number_of_the_file_s_task():
         assert config.paper.value == 59.95
 
 
+def test_one_line_joins_a_heading_to_its_list_with_a_space():
+    """A message that lists items under a heading ending in a colon was joined as 'in FILE:;
+    FILE:5: ...' (user review)."""
+    from experiments import cli
+
+    assert cli.one_line("2 bad example(s) in f:\n  f:5: a\n  f:7: b\nfix the data") == (
+        "2 bad example(s) in f: f:5: a; f:7: b; fix the data"
+    )
+    assert cli.one_line("first\n\n  second  ") == "first; second"
+
+
 WARN_AFTER_RUN = """
 import warnings
 from absl import app

@@ -17,6 +17,11 @@ class BadDataError(ValueError):
     """Malformed rows, unreadable images or labels out of range were found (and not skipped)."""
 
 
+class SkippedExamplesWarning(UserWarning):
+    """Bad examples were left out of the data (``data.skip_bad_rows=True``); the message lists
+    them with file and line."""
+
+
 @dataclasses.dataclass
 class BadDataReport:
     """Collects bad examples of one dataset: ``(file, line, reason)``, line 0 meaning none.
@@ -53,13 +58,19 @@ class BadDataReport:
         if not self.problems:
             return
         if self.fatal:
+            listed = self.fatal[0] in self.problems[:MAX_LISTED]
             raise BadDataError(
-                self.message() + "\nfix the file: skipping rows cannot help here "
-                "(" + self.fatal[0][2] + ")"
+                self.message()
+                + "\nfix the file: skipping rows cannot help here"
+                + ("" if listed else f" ({self.fatal[0][2]})")
             )
         if not skip:
             raise BadDataError(
                 self.message() + "\nfix the data, or skip these examples with "
                 "--config.data.skip_bad_rows=True"
             )
-        warnings.warn(self.message() + "\n(skipped: data.skip_bad_rows=True)", stacklevel=2)
+        warnings.warn(
+            self.message() + "\n(skipped: data.skip_bad_rows=True)",
+            SkippedExamplesWarning,
+            stacklevel=2,
+        )
