@@ -18,7 +18,16 @@ import pytest
 import tensorflow_datasets as tfds
 
 from hgrn_jax import tasks
-from hgrn_jax.data import listops, listops_release, pathfinder, retrieval, splits, text, vocab
+from hgrn_jax.data import (
+    errors,
+    listops,
+    listops_release,
+    pathfinder,
+    retrieval,
+    splits,
+    text,
+    vocab,
+)
 from hgrn_jax.data.vocab import EOS_ID, UNK_ID, Vocabulary
 
 SPECIALS = ["<pad>", "<unk>", "<eos>"]
@@ -290,3 +299,12 @@ def test_skipped_pathfinder_examples_leave_the_others_in_their_split(tmp_path):
     expected = pathfinder.split_positions(21)
     for split, positions in expected.items():
         assert grey[split] == [p for p in positions.tolist() if p != 20]
+    # The prepared folder is reused (its key, the metadata, is unchanged): it says, each time,
+    # that it lacks the skipped examples (a mended image would not be read again).
+    with pytest.warns(
+        errors.SkippedExamplesWarning,
+        match=r"was prepared without bad examples \(data\.skip_bad_rows=True: 1 bad example\(s\) "
+        r"in .*skipped\.txt\) and is used as it is; if those files have been mended since, move "
+        r"that folder away",
+    ):
+        assert tasks.get_task(config).num_examples("train") == len(grey["train"])

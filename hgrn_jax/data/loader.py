@@ -24,13 +24,18 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hgrn_jax.data.errors import SkippedExamplesWarning
+
 DONE = "DONE"
+SKIPPED = "skipped.txt"
+"""In a prepared folder: the bad examples its build left out (``data.skip_bad_rows=True``)."""
 PROGRESS_EVERY_S = 10.0
 
 
@@ -160,16 +165,27 @@ def prepared(
 
     ``build(folder)`` writes the arrays into an empty temporary folder that is then renamed into
     place, so a crash never leaves a half-prepared cache and several processes may race safely.
+    Bad examples the build skipped (its :class:`~hgrn_jax.data.errors.SkippedExamplesWarning`)
+    are recorded there and warned of again each time the folder is reused: its key (file sizes
+    and times, or a metadata file) may not change when the skipped files are mended.
     """
     folder = cache_folder(cache_dir, name, key)
     if (folder / DONE).is_file():
+        _warn_of_skipped(folder)
         return folder
     check_cache_dir(cache_dir)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
     try:
         follow_umask(tmp, directory=True)
-        build(tmp)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SkippedExamplesWarning)
+            build(tmp)
+        skipped = [str(w.message) for w in caught if issubclass(w.category, SkippedExamplesWarning)]
+        if skipped:
+            (tmp / SKIPPED).write_text("\n".join(skipped) + "\n")
+        for w in caught:  # as they were, now that the build's ones are recorded
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         (tmp / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True, default=str))
         (tmp / DONE).write_text("")
         try:
@@ -182,6 +198,21 @@ def prepared(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _warn_of_skipped(folder: Path) -> None:
+    try:
+        skipped = (folder / SKIPPED).read_text().strip()
+    except FileNotFoundError:
+        return
+    count = skipped.splitlines()[0] if skipped else ""
+    warnings.warn(
+        f"{folder} was prepared without bad examples (data.skip_bad_rows=True: {count} ...; "
+        f"all in {folder / SKIPPED}) and is used as it is; if those files have been mended "
+        "since, move that folder away to prepare the data again",
+        SkippedExamplesWarning,
+        stacklevel=3,
+    )
 
 
 def save_arrays(folder: Path, prefix: str, arrays: dict[str, np.ndarray]) -> None:
