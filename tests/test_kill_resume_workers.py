@@ -21,11 +21,21 @@ Its first run found the batches the worker had built ahead (and grain's semaphor
 kill) left in ``/dev/shm`` for good: the resource tracker that removes them died in the group
 (tests/test_grain_pipeline.py has the focused test).
 
+The OOM killer kills the training process alone, not its group: the second test kills only it,
+and its worker (with the resource tracker and the batches built ahead) must end by itself.
+
 All runs share one persistent compilation cache, filled by the undisturbed run: a rerun then
 starts in seconds instead of compiling again (~25 s on 2 cores).
 """
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from test_kill_resume import KEEP, Kill, Run, check_ends_as, kill_and_rerun, undisturbed
@@ -84,3 +94,63 @@ def test_a_run_with_input_workers_killed_mid_evaluation_ends_as_an_undisturbed_o
     # Every kill comes while training, and takes down the training process and its worker.
     assert all("processes killed" in line for line in report[: len(KILLS)]), report
     check_ends_as(workdir, reference, val)
+
+
+@pytest.mark.slow  # data generated, a run started up to its worker's first batch: ~10 s
+def test_input_workers_end_when_only_the_training_process_is_killed(tmp_path):
+    """The kernel's out-of-memory killer kills one process, not its group: a SIGKILL of the
+    training process alone left its input worker (and so multiprocessing's resource tracker,
+    which the worker keeps open, and the batches it had built ahead in ``/dev/shm``) running
+    under PID 1 for good, with its memory (222 MB for tiny ListOps; ImageNet starts one worker
+    per CPU), making the next out-of-memory kill likelier. A worker now ends by itself once the
+    process that started it is gone (:func:`hgrn_jax.data.grain_pipeline._worker_start`)."""
+    from test_kill_resume import REPO
+    from two_processes import (
+        process_group,
+        shared_memory_files,
+        wait_until_gone,
+        wait_until_removed,
+    )
+
+    run = listops_with_a_worker(str(tmp_path / "data"), str(tmp_path / "jax-cache"))
+    command = [sys.executable, "-m", "experiments.train", *run.args, f"--workdir={tmp_path / 'w'}"]
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            command, cwd=REPO, env=run.env(), stdout=out, stderr=out, start_new_session=True
+        )
+    workers, outside, shm = [], [], set()
+    try:
+        # Training, its worker building batches ahead.
+        deadline = time.monotonic() + 120
+        while "step 1/" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no step trained: {log.read_text()[-3000:]}"
+            time.sleep(0.05)
+        group, outside = process_group(proc.pid)
+        workers = [pid for pid in group if pid != proc.pid]
+        assert workers, "no input worker process"
+        shm = shared_memory_files(group)
+        before = set(Path("/dev/shm").glob("psm_*"))
+        os.kill(proc.pid, signal.SIGKILL)  # the training process only, as the OOM killer does
+        proc.wait()
+        killed = time.monotonic()
+        survivors = [pid for pid in workers if not wait_until_gone(pid, timeout_s=5.0)]
+        took = time.monotonic() - killed
+        assert not survivors, f"input workers still running 5 s after the run's kill: {survivors}"
+        outliving = [pid for pid in outside if not wait_until_gone(pid, timeout_s=5.0)]
+        assert not outliving, f"the run's resource tracker still running: {outliving}"
+        left = [path for path in shm if not wait_until_removed(path)]
+        assert not left, f"{len(left)} files left in /dev/shm: {sorted(left)[:4]}"
+        # Batches built ahead are named blocks that no process maps; the tracker removed them
+        # (other runs on this machine may add blocks meanwhile: printed, not asserted).
+        remaining = sorted(before & set(Path("/dev/shm").glob("psm_*")))
+        print(f"{len(workers)} worker(s) ended {took:.2f} s after the kill; {remaining} remain")
+    finally:  # nothing left behind, whatever failed
+        if process_group(proc.pid)[0]:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for pid in [*workers, *outside]:
+            wait_until_gone(pid)
+        for path in shm:
+            path.unlink(missing_ok=True)

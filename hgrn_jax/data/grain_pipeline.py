@@ -39,7 +39,11 @@ again before one batch arrives, or one that exits by itself (it failed to start:
 printed above), is not transient: that stops the iterator with :class:`InputWorkerLost`. Workers
 that hang are killed by their caller (the training loop's step watchdog), who says so first
 (:meth:`TrainIterator.expect_worker_kill`): the iterator then starts new ones without a warning
-of its own.
+of its own. The other way round, the training process killed alone (the out-of-memory killer
+kills one process, not its group): its workers see it gone within half a second and exit
+(:func:`_worker_start`), instead of staying under PID 1 with their memory for good, and the
+resource tracker (:func:`_resource_tracker_in_its_own_session`) then removes the batches they
+had built ahead and exits too.
 
 Shared memory: a worker hands each batch array over in a shared-memory block (grain's
 ``SharedMemoryArray``, a ``/dev/shm/psm_*`` file registered with Python's multiprocessing
@@ -57,11 +61,14 @@ Explicit arguments only: this module knows nothing of experiment configs.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -291,12 +298,43 @@ def _absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
-    """Each worker's start: a Ctrl-C at a terminal reaches the whole process group, and the
-    training process decides when its workers stop (after the step and its checkpoint), so a
-    worker ignores SIGINT (it used to die with a KeyboardInterrupt traceback)."""
+_PARENT_POLL_S = 0.5
+"""How often a worker looks whether the process that started it is still there."""
+
+
+def _worker_start(parent_pid: int, worker_index: int, worker_count: int) -> None:
+    """Each worker's start (grain's ``worker_init_fn``, called with the worker's index and
+    count; ``parent_pid`` is the training process's, bound when the dataset was built).
+
+    A Ctrl-C at a terminal reaches the whole process group, and the training process decides
+    when its workers stop (after the step and its checkpoint), so a worker ignores SIGINT (it
+    used to die with a KeyboardInterrupt traceback).
+
+    A worker also ends by itself (``os._exit``) within :data:`_PARENT_POLL_S` of the training
+    process's death. The kernel's out-of-memory killer kills one process, not its group: a
+    SIGKILL of the training process alone left its workers running under PID 1 for good, with
+    their memory, each such kill making the next likelier. A daemon thread compares
+    ``os.getppid()`` with ``parent_pid`` every half second (a worker busy in C code that
+    releases the GIL, or blocked on its queue, still runs it). Not ``prctl(PR_SET_PDEATHSIG)``:
+    it fires when the *thread* that forked the child exits, and grain (0.2.18, pinned) starts
+    each worker from a background thread of its own (a ``ThreadPrefetchDatasetIterator`` that
+    makes the interleaved per-worker iterators; seen: not the main thread), which ends when the
+    iterators are made or the iterator is closed, while the training process lives on: that
+    would kill healthy workers.
+    """
     del worker_index, worker_count
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.getppid() != parent_pid:  # gone before this worker got this far
+        os._exit(1)
+
+    def exit_when_orphaned() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_POLL_S)
+        # Nobody reads this worker's batches any more; the blocks it built ahead are
+        # registered with the resource tracker, which removes them once its users are gone.
+        os._exit(1)
+
+    threading.Thread(target=exit_when_orphaned, name="exit-when-orphaned", daemon=True).start()
 
 
 class TrainLoader:
@@ -355,7 +393,8 @@ class TrainLoader:
 
     def dataset(self, start_step: int):
         """The grain ``IterDataset`` of the batches of steps ``start_step, ...`` (read in
-        ``worker_count`` worker processes when > 0)."""
+        ``worker_count`` worker processes when > 0; iterate it in this process: its workers
+        exit unless their parent is the process that built it, :func:`_worker_start`)."""
         import grain
 
         ds = grain.MapDataset.range(int(start_step), _LAST_STEP).map(self._batch)
@@ -368,7 +407,7 @@ class TrainLoader:
                     num_workers=self.worker_count,
                     per_worker_buffer_size=self.worker_buffer_size,
                 ),
-                worker_init_fn=_ignore_interrupts,
+                worker_init_fn=functools.partial(_worker_start, os.getpid()),
             )
         return ds
 
