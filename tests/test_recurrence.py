@@ -605,6 +605,9 @@ def test_errors_name_the_problem():
         linear_recurrence(a, x, np.zeros((2, 4), np.float32))
     with pytest.raises(ValueError, match=r"unknown method 'parallel'.*'associative'"):
         linear_recurrence(a, x, method="parallel")
+    for bad in (0, -3, 2.5):  # 0 and -3 ran one step per chunk without a word
+        with pytest.raises(ValueError, match=rf"chunk_size must be a whole number >= 1; got {bad}"):
+            linear_recurrence(a, x, method="chunked", chunk_size=bad)
     with pytest.raises(
         ValueError, match=r"a of shape \(2, 4, 3\) does not broadcast to x's shape \(2, 5, 3\)"
     ):

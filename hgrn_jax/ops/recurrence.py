@@ -22,6 +22,7 @@ appear for complex inputs.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Literal
 
 import jax
@@ -139,6 +140,12 @@ def linear_recurrence(
         method = default_method(x.shape[time_axis])
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {('auto',) + METHODS}")
+    if (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, numbers.Integral)
+        or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a whole number >= 1; got {chunk_size!r}")
     if time_axis != x.ndim - 2 and method != "sequential":
         moved = linear_recurrence(
             jnp.moveaxis(jnp.broadcast_to(a, x.shape), time_axis, -2),
