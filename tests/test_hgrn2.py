@@ -419,6 +419,8 @@ def test_fla_hgrn2_heads_come_from_one_of_expand_ratio_and_num_heads():
         return layer.num_heads, layer.key_dim
 
     assert heads() == (2, 128)
+    with pytest.raises(ValueError, match=r"^FlaHGRN2Attention: unknown method 'associative'"):
+        heads(method="associative")  # HGRN2's matrix recurrence has no associative scan
     assert heads(num_heads=4, expand_ratio=None) == (4, 64)
     assert heads(num_heads=4, expand_ratio=64) == (4, 64)
     with pytest.raises(

@@ -569,6 +569,13 @@ def test_wrong_shapes_name_the_argument():
     no_gate = HGRU(D, use_forget_gate=False, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"lower_bound of shape \(3,\) does not broadcast"):
         no_gate(x, jnp.full((3,), 0.5))
+    for cls in (HGRU, HGRU2D, FlaHGRNAttention):  # refused when built, not at the first call
+        with pytest.raises(
+            ValueError,
+            match=rf"^{cls.__name__}: unknown method 'seq'; choose one of auto, sequential, "
+            "associative, chunked, pallas$",
+        ):
+            cls(D, method="seq", rngs=nnx.Rngs(0))
     fla = FlaHGRNAttention(D, rngs=nnx.Rngs(0))
     with pytest.raises(
         ValueError, match=r"FlaHGRNAttention expects \(batch, length, d\); got shape \(2, 5, 7\)"

@@ -140,3 +140,12 @@ def check_state(state: jax.Array, want: tuple[int, ...], layer: str) -> None:
             f"{tuple(want)}: start from layer.init_state({want[0]}) (or the state the previous "
             "step returned)"
         )
+
+
+def check_method(method: str, methods: tuple[str, ...], layer: str) -> None:
+    """ValueError naming ``layer`` and the choices when ``method`` is not ``"auto"`` or one of
+    ``methods`` (checked when the layer is built, not at its first call)."""
+    if method != "auto" and method not in methods:
+        raise ValueError(
+            f"{layer}: unknown method {method!r}; choose one of {', '.join(('auto', *methods))}"
+        )

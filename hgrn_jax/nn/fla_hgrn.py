@@ -29,11 +29,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax.nn.checks import check_layer_input, check_mask, check_state
+from hgrn_jax.nn.checks import check_layer_input, check_mask, check_method, check_state
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import apply_log_lower_bound
 from hgrn_jax.nn.norms import make_norm
-from hgrn_jax.ops import linear_recurrence
+from hgrn_jax.ops import METHODS, linear_recurrence
 from hgrn_jax.ops.common import accumulation_dtype
 from hgrn_jax.ops.sequence_parallel import padded_sharded_linear_recurrence
 
@@ -64,6 +64,7 @@ class FlaHGRNAttention(nnx.Module):
         self.features, self.width = features, width
         self.use_lower_bound = use_lower_bound
         self.norm_epsilon = norm_epsilon
+        check_method(method, METHODS, type(self).__name__)
         self.method = method
         self.sequence_axis = sequence_axis
         self.dtype = dtype

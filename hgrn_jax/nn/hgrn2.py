@@ -51,11 +51,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax.nn.checks import check_layer_input, check_mask, check_state
+from hgrn_jax.nn.checks import check_layer_input, check_mask, check_method, check_state
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import apply_log_lower_bound, apply_lower_bound
 from hgrn_jax.nn.norms import make_norm
-from hgrn_jax.ops import matrix_recurrence
+from hgrn_jax.ops import MATRIX_METHODS, matrix_recurrence
 from hgrn_jax.ops.common import accumulation_dtype
 from hgrn_jax.ops.sequence_parallel import (
     cut_time,
@@ -237,6 +237,7 @@ class HGRN2(_MatrixMixer):
         self.key_dim = self.value_dim = expand_ratio
         self.scale = 1.0
         self.bidirectional = bidirectional
+        check_method(method, MATRIX_METHODS, type(self).__name__)
         self.method = method
         self.sequence_axis = sequence_axis
         self.dtype = dtype
@@ -322,6 +323,7 @@ class FlaHGRN2Attention(_MatrixMixer):
         self.scale = expand_ratio**-0.5
         self.use_lower_bound = use_lower_bound
         self.bidirectional = bidirectional
+        check_method(method, MATRIX_METHODS, type(self).__name__)
         self.method = method
         self.sequence_axis = sequence_axis
         self.dtype = dtype

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax.nn.checks import check_layer_input, check_mask, check_state
+from hgrn_jax.nn.checks import check_layer_input, check_mask, check_method, check_state
 from hgrn_jax.nn.initializers import axes_metadata, dense, logical, phase_init
 from hgrn_jax.nn.lower_bounds import apply_lower_bound, check_lower_bound
-from hgrn_jax.ops import default_method, linear_recurrence
+from hgrn_jax.ops import METHODS, default_method, linear_recurrence
 from hgrn_jax.ops.common import accumulation_dtype
 from hgrn_jax.ops.sequence_parallel import padded_sharded_linear_recurrence
 
@@ -126,6 +126,7 @@ class _HGRUBase(nnx.Module):
         self.complex_valued = complex_valued
         self.norm_before_gate = norm_before_gate
         self.use_forget_gate = use_forget_gate
+        check_method(method, METHODS, type(self).__name__)
         self.method = method
         self.sequence_axis = sequence_axis
         self.dtype = dtype
