@@ -277,7 +277,9 @@ def logical_to_mesh_spec(
             if unknown:
                 raise ValueError(
                     f"rule {name!r} -> {unknown} names axes the mesh lacks "
-                    f"(mesh axes: {tuple(mesh.axis_names)})"
+                    f"(mesh axes: {tuple(mesh.axis_names)}); pass rules= mapping the logical "
+                    "axes to your mesh's axes (hgrn_jax.sharding.LOGICAL_AXIS_RULES is the "
+                    "default, for a data x fsdp x model mesh)"
                 )
             if shape is not None and shape[dim] % math.prod(mesh.shape[a] for a in axes) != 0:
                 axes = ()

@@ -290,6 +290,15 @@ def test_rules_fall_back_to_replicated_when_a_size_does_not_divide():
         sh.logical_to_mesh_spec(("heads",), (4,), mesh)
     with pytest.raises(ValueError, match="name 2 dimensions but the array has shape"):
         sh.logical_to_mesh_spec(("embed", "mlp"), (8,), mesh)
+    users = jax.make_mesh((4, 2), ("batch", "tensor"))  # a user's own axis names
+    with pytest.raises(
+        ValueError,
+        match=r"rule 'embed' -> \['fsdp'\] names axes the mesh lacks \(mesh axes: \('batch', "
+        r"'tensor'\)\); pass rules= mapping the logical axes to your mesh's axes",
+    ):
+        sh.logical_to_mesh_spec(("embed",), (8,), users)
+    mine = [(name, "tensor" if axes == "model" else None) for name, axes in sh.LOGICAL_AXIS_RULES]
+    assert sh.logical_to_mesh_spec(("embed", "mlp"), (8, 16), users, mine) == P(None, "tensor")
 
 
 def test_make_mesh_resolves_the_rest_and_explains_bad_sizes():
