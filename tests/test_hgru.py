@@ -566,6 +566,9 @@ def test_wrong_shapes_name_the_argument():
         r"\(2, 5, 8\); pass a scalar or one bound per channel, \(8,\)",
     ):
         layer(x, jnp.full((5,), 0.5))
+    for bound, got in ((1.5, "1.5"), (np.linspace(-0.5, 0.5, D), "values from -0.5 to 0.5")):
+        with pytest.raises(ValueError, match=rf"^lower_bound must lie in \[0, 1\] .*; got {got}$"):
+            layer(x, bound)  # decays above 1 (or of the wrong sign) ran without a word
     no_gate = HGRU(D, use_forget_gate=False, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"lower_bound of shape \(3,\) does not broadcast"):
         no_gate(x, jnp.full((3,), 0.5))

@@ -6,6 +6,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from hgrn_jax.nn.initializers import logical
@@ -36,7 +37,9 @@ def lower_bounds(param: jax.Array, scheme: Scheme = "lra") -> jax.Array:
 
 def check_lower_bound(lower_bound: jax.Array | float | None, shape: tuple[int, ...]) -> None:
     """Raise ValueError unless ``lower_bound`` (None: no bound) broadcasts to the forget gate's
-    ``shape`` (..., d): a scalar or (d,), as the models pass it."""
+    ``shape`` (..., d): a scalar or (d,), as the models pass it; a bound given as a Python or
+    NumPy number (not a JAX array, whose values are not read here) must lie in [0, 1]: above 1
+    the decays exceed 1 and the states grow without limit, below 0 they change sign."""
     if lower_bound is None:
         return
     got = tuple(jnp.shape(lower_bound))
@@ -45,6 +48,18 @@ def check_lower_bound(lower_bound: jax.Array | float | None, shape: tuple[int, .
             f"lower_bound of shape {got} does not broadcast to the forget gate's shape "
             f"{tuple(shape)}; pass a scalar or one bound per channel, ({shape[-1]},)"
         )
+    if isinstance(lower_bound, (int, float, np.number, np.ndarray)):
+        values = np.asarray(lower_bound, np.float64)
+        if values.size and not (values.min() >= 0.0 and values.max() <= 1.0):
+            got = (
+                f"{values.item():g}"
+                if values.size == 1
+                else f"values from {values.min():g} to {values.max():g}"
+            )
+            raise ValueError(
+                f"lower_bound must lie in [0, 1] (the least decay a forget gate may give); "
+                f"got {got}"
+            )
 
 
 def apply_lower_bound(forget: jax.Array, lower_bound: jax.Array | float | None) -> jax.Array:
