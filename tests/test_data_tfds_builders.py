@@ -372,13 +372,20 @@ def test_prepare_again_from_other_release_files_is_refused(tmp_path):
     with test_file.open("a") as f:
         f.write("( [MAX 1 2 ] )\t2\n")
     folder = tmp_path / "tfds" / "lra_listops" / "len12" / "1.0.0"
-    with pytest.raises(
-        ValueError,
-        match=rf"prepared from other files .*\(basic_test.tsv: {size} bytes then, "
-        rf"{test_file.stat().st_size} bytes now\): remove {folder} to prepare it again",
-    ):
+    before = sorted(p.name for p in folder.iterdir())
+    stale = (
+        rf"prepared from other files .*\(basic_test.tsv: {size} bytes then, "
+        rf"{test_file.stat().st_size} bytes now\): remove {folder} to prepare it again"
+    )
+    with pytest.raises(ValueError, match=stale):
         prepare.prepare(config)
-    assert tasks.get_task(config).num_examples("test") == 8  # left as it was
+    # Training refuses them too (it read the old data without a word: second user review).
+    with pytest.raises(ValueError, match=stale):
+        tasks.get_task(config)
+    assert sorted(p.name for p in folder.iterdir()) == before  # left as it was
+    without_release = config.copy_and_resolve_references()
+    without_release.data.lra_dir = str(tmp_path / "elsewhere")  # a host with the tfds data only
+    assert tasks.get_task(without_release).num_examples("test") == 8
 
 
 def test_leftovers_of_an_interrupted_preparation_are_named_and_kept(tmp_path, caplog):

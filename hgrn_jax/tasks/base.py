@@ -729,6 +729,22 @@ class TfdsRelease:
 
         return tfds_builders.metadata(self.builder(config))
 
+    def check_unchanged(self, config) -> None:
+        """ValueError (naming the file and the fix) when the release files in the release
+        folder are not those the prepared data were built from, as ``experiments.prepare``
+        refuses them (:func:`~hgrn_jax.data.tfds_builders.check_sources_unchanged`: names and
+        sizes); nothing to check without the release files (hosts that read the prepared data
+        only)."""
+        from hgrn_jax.data import tfds_builders
+
+        folder = self.manual_dir(config)
+        if not folder:
+            return
+        try:
+            tfds_builders.check_sources_unchanged(self.builder(config), folder)
+        except DatasetMissingError:  # not all there: the prepared data need none of them
+            return
+
     def prepare(self, config) -> None:
         """Build the tfds data from the release folder (once: prepared data are reused)."""
         from hgrn_jax.data import tfds_builders
@@ -756,6 +772,7 @@ class PreparedTfds:
 
     def _check_source(self) -> None:
         self._examples["train"] = self._load("train")
+        self.tfds_release.check_unchanged(self.config)
         vocab_size = self.tfds_release.metadata(self.config).get("vocab_size")
         if vocab_size is not None:
             check_vocab_size(self.config, int(vocab_size), "the prepared data's")
