@@ -5,10 +5,13 @@ Two background threads:
 - :class:`PeerMonitor` (multi-process runs only) asks the coordination service every ``poll_s``
   which processes are alive. The service declares a process dead after ``heartbeat_timeout``
   seconds without a heartbeat (see :func:`hgrn_jax.sharding.maybe_initialize_distributed`); the
-  monitor then prints one line naming the lost processes and exits. JAX itself also terminates
-  the surviving processes once the service reports the failure (a ``Terminating process because
-  the JAX distributed service detected fatal errors`` abort naming ``Task N``); the monitor's
-  line is the readable one.
+  monitor then prints one line naming the lost processes and exits. A collective of the main
+  thread usually fails first (gloo: ``Connection reset by peer``, at once): :class:`Guard` then
+  asks the monitor (:meth:`PeerMonitor.collective_failed`) and the process ends with the same
+  line, instead of a traceback followed by JAX's abort at the shutdown barrier in Python's exit
+  handlers. JAX itself also terminates the surviving processes once the service reports the
+  failure (a ``Terminating process because the JAX distributed service detected fatal errors``
+  abort); the monitor's exit usually comes first, JAX's log line sometimes still shows.
 - :class:`StepWatchdog` (every run, one process too) ends the process when the training loop
   has made no progress for ``timeout_s`` seconds: no batch from the input pipeline (a hung input
   worker, a stalled data folder) or no finished step (a stuck device computation or checkpoint
