@@ -487,8 +487,8 @@ class Guard:
     them after the same timeout (no step finished), and the rerun resumes the whole pod from
     the last checkpoint, which a restart of one process's input cannot spare.
 
-    With several processes, an error leaving the ``with`` block (a collective that failed
-    because a peer died) first asks the peer monitor whether a peer was lost
+    With several processes, a runtime error leaving the ``with`` block
+    (:func:`is_collective_failure`: a collective that failed because a peer died) first asks the peer monitor whether a peer was lost
     (:meth:`PeerMonitor.collective_failed`): if so the process ends there with the monitor's
     line and exit 3; if every peer is alive, the error gets :data:`PEERS_ALIVE_NOTE` and
     propagates. ``expected`` errors (a preemption every process agreed on) are not asked
@@ -546,15 +546,17 @@ class Guard:
     def __exit__(self, kind, error, traceback) -> None:
         if (
             self.process_count > 1
-            and isinstance(error, Exception)
+            and is_collective_failure(error)
             and not isinstance(error, self.expected)
         ):
             # A collective failing (gloo: ``Connection closed by peer``, raised as one error
             # type or another) is how the main thread learns of a lost peer, often long before
             # the heartbeat timeout. Ask the peer monitor first: a lost peer ends the process
             # here with the monitor's one line and exit 3, instead of a traceback (or a
-            # one-line error, exit 2) and then JAX's abort at the shutdown barrier. Any error
-            # is asked about: with every peer alive the answer takes a poll or two.
+            # one-line error, exit 2) and then JAX's abort at the shutdown barrier. With every
+            # peer alive the answer takes a poll or two. Errors every process raises together
+            # (a non-finite loss, a preemption) are not asked about: a process done asking
+            # stops polling, and a peer still asking would take it for lost.
             self.pause()  # the wait below is not a stalled step
             if not self.peers.collective_failed(error, heartbeat_timeout_from_env() + 15):
                 error.add_note(PEERS_ALIVE_NOTE)  # the error is this process's own
