@@ -17,7 +17,9 @@ gloo, exactly as the hosts of a TPU pod slice or a GPU cluster do: every process
   (the coordination service's heartbeat and the step watchdog make them exit); any still running
   then is stopped. The launcher exits with the first failing process's code (128 + signal for a
   signal), or 0 when every process exits 0. A process ended by a signal the launcher forwarded
-  has not failed.
+  has not failed. One exception: when the first failure is a process killed by a signal (a lost
+  host: SIGKILL, a crash) and others stopped on it with exit code 3 (a lost peer), the launcher
+  exits 3 too, as each surviving host of a real pod does.
 
 After ``--``, arguments starting with ``--`` are ``experiments.train`` flags; anything else is a
 whole command to run in every process instead (e.g. ``-- python my_script.py``).
@@ -38,6 +40,11 @@ from typing import IO
 
 LOST_PEER_GRACE_S = 60.0
 """How long the surviving processes get to exit on their own after one fails."""
+
+EXIT_LOST_PEER = 3
+"""``experiments.train``'s exit code after losing a peer process
+(:data:`hgrn_jax.training.watchdog.EXIT_LOST_PEER`; not imported: the launcher runs any
+command and imports no JAX)."""
 
 STOP_GRACE_S = 10.0
 """After the launcher sends SIGTERM to stop a process, how long before it sends SIGKILL."""
@@ -239,6 +246,19 @@ class Pod:
                 return 128 + signum
             return 0
         code = self.procs[failed].returncode
+        said_lost = [
+            i for i, p in enumerate(self.procs) if i != failed and p.returncode == EXIT_LOST_PEER
+        ]
+        if code < 0 and said_lost:
+            # A process killed (SIGKILL, a crash, the OOM killer: a lost host) and the others
+            # stopped on it by themselves: the pod's outcome is theirs, a lost peer, exit 3, as
+            # each host of a real pod ends; a requeue script checks for it.
+            self.say(
+                f"FAILED: process {failed} ({describe_exit(code)}); processes "
+                f"{', '.join(map(str, said_lost))} stopped on the lost peer "
+                f"(exit code {EXIT_LOST_PEER})"
+            )
+            return EXIT_LOST_PEER
         self.say(f"FAILED: process {failed} ({describe_exit(code)})")
         return 128 - code if code < 0 else code
 

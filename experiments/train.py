@@ -95,6 +95,42 @@ def _end_by_sigint() -> NoReturn:
     raise KeyboardInterrupt  # Python exits by SIGINT after an uncaught one
 
 
+def _pod_collective_failure(error: BaseException) -> bool:
+    """In a pod, a failed collective means a lost peer process (gloo: ``Connection closed by
+    peer``). In the training loop the peer monitor was asked (``watchdog.Guard``) and, if a
+    peer was lost, this process has already ended with its line and exit 3; an error it found
+    every peer alive for carries ``PEERS_ALIVE_NOTE`` and is this process's own. Elsewhere
+    (restore, the final test) no monitor runs: True for JAX's runtime errors."""
+    import jax
+
+    from hgrn_jax.training import watchdog
+
+    return (
+        jax.process_count() > 1
+        and watchdog.is_collective_failure(error)
+        and watchdog.PEERS_ALIVE_NOTE not in getattr(error, "__notes__", ())
+    )
+
+
+def _stop_on_lost_peer(error: BaseException, config) -> NoReturn:
+    """One line and exit 3 (``os._exit``), not a traceback and then JAX's abort at the
+    shutdown barrier that the lost peer never reaches; ``--traceback`` prints it first."""
+    import jax
+
+    from hgrn_jax.training import watchdog
+    from hgrn_jax.training.preemption import how_to_resume
+    from hgrn_jax.training.workdir import resume_choice
+
+    if _TRACEBACK.value:
+        import traceback
+
+        traceback.print_exception(error)
+    watchdog.stop_after_collective_failure(
+        error, jax.process_index(), how_to_resume(resume_choice(config))
+    )
+    raise AssertionError("unreachable: the process has exited")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}; options look like --config.key=value")
@@ -154,9 +190,15 @@ def main(argv: list[str]) -> None:
             raise
         cli.fail(str(error), EXIT_NONFINITE)
     except user_errors as error:
+        if _pod_collective_failure(error):
+            _stop_on_lost_peer(error, config)
         if _TRACEBACK.value:
             raise
         cli.fail(f"{type(error).__name__}: {error} (rerun with --traceback for details)")
+    except jax.errors.JaxRuntimeError as error:
+        if not _pod_collective_failure(error):
+            raise
+        _stop_on_lost_peer(error, config)
     from hgrn_jax.training.watchdog import shut_down_distributed
 
     shut_down_distributed()

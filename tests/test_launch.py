@@ -218,6 +218,117 @@ def test_peer_monitor_stopped_while_asking_reports_nothing():
     assert messages == []
 
 
+def test_a_failed_collective_asks_the_peer_monitor_who_is_lost():
+    """A collective fails in the main thread at once when a peer dies (gloo: "Connection reset
+    by peer"); the coordination service names the peer only after its heartbeat timeout. The
+    main thread waits for the monitor's answer: a lost peer is named in the monitor's one line
+    (a pod's survivors exited with a traceback and then JAX's abort at the shutdown barrier);
+    every process alive means the error is this process's own; no answer at all, the
+    collective's line."""
+    error = jax.errors.JaxRuntimeError("UNKNOWN: Gloo AllGather failed: Connection reset by peer")
+    # The dead peer delays the service's answer, which then names it.
+    dead, messages = threading.Event(), []
+
+    def live_nodes(ids):
+        dead.wait(5)
+        return [0, 1, 3]
+
+    monitor = watchdog.PeerMonitor(
+        1, 4, live_nodes=live_nodes, poll_s=0.01, on_lost=messages.append
+    ).start()
+    threading.Timer(0.3, dead.set).start()
+    assert monitor.collective_failed(error, timeout_s=10)
+    assert messages == [monitor.message([2])] and "lost process 2 (no heartbeat" in messages[0]
+    monitor.stop()
+
+    # Every process alive: not a lost peer, nothing said.
+    messages = []
+    monitor = watchdog.PeerMonitor(
+        1, 4, live_nodes=lambda ids: ids, poll_s=0.01, on_lost=messages.append
+    ).start()
+    start = time.monotonic()
+    assert not monitor.collective_failed(error, timeout_s=10)
+    assert time.monotonic() - start < 5 and messages == []
+    monitor.stop()
+
+    # No answer in time: the collective's own line, once.
+    never = threading.Event()
+    monitor = watchdog.PeerMonitor(
+        1, 4, live_nodes=lambda ids: never.wait(30) or ids, poll_s=0.01, on_lost=messages.append
+    ).start()
+    assert monitor.collective_failed(error, timeout_s=0.3)
+    assert messages == [
+        "error: process 1: a collective failed: a peer process was probably lost "
+        "(JaxRuntimeError: UNKNOWN: Gloo AllGather failed: Connection reset by peer); the "
+        "coordination service named no lost process in 0 s; stopping. The last complete "
+        "checkpoint is kept: run the same command again to resume from it."
+    ]
+    monitor.stop()
+    never.set()
+    # One process: no monitor runs, nothing to ask.
+    assert not watchdog.PeerMonitor(0, 1).start().collective_failed(error, timeout_s=1)
+
+
+def test_the_guard_ends_a_pod_process_on_a_lost_peer_and_notes_its_own_errors(monkeypatch):
+    """A runtime error leaving the training loop of a pod is asked about (gloo's failure
+    arrives as JaxRuntimeError or, breaking a transfer to the host, as ValueError: UNKNOWN:
+    ...); an expected one (a preemption) or another error (raised by every process together:
+    a process done asking would look lost to the others) is not."""
+    asked = []
+
+    def collective_failed(self, error, timeout_s):
+        asked.append(type(error).__name__)
+        return isinstance(error, ValueError)  # "a peer was lost" for ValueError only
+
+    monkeypatch.setattr(watchdog.PeerMonitor, "collective_failed", collective_failed)
+    monkeypatch.setenv("HGRN_HEARTBEAT_TIMEOUT_S", "1")
+
+    class Expected(jax.errors.JaxRuntimeError):
+        pass
+
+    own = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    for error in (ValueError("UNKNOWN: Gloo"), own, Expected("x"), KeyError("x")):
+        with pytest.raises(type(error)) as raised:
+            with watchdog.Guard(0, 2, step_timeout_s=0, expected=(Expected,)):
+                raise error
+        notes = getattr(raised.value, "__notes__", [])
+        assert notes == ([watchdog.PEERS_ALIVE_NOTE] if error is own else [])
+    assert asked == ["ValueError", "JaxRuntimeError"]
+    with pytest.raises(jax.errors.JaxRuntimeError):  # one process: nothing to ask
+        with watchdog.Guard(0, 1, step_timeout_s=0):
+            raise jax.errors.JaxRuntimeError("x")
+    assert asked == ["ValueError", "JaxRuntimeError"]
+    assert watchdog.is_collective_failure(ValueError("UNKNOWN: Gloo AllGather failed"))
+    assert watchdog.is_collective_failure(jax.errors.JaxRuntimeError("anything"))
+    assert not watchdog.is_collective_failure(ValueError("vocab_size must be >= 1"))
+
+
+def test_a_killed_process_whose_peers_stopped_on_it_ends_the_launcher_with_3():
+    """A lost host (killed by a signal) and the others stopping on it with exit 3: the
+    launcher exits 3 too, as each surviving host of a real pod does (a requeue script checks
+    for 3); a killed process whose peers did not say so stays 128 + signal."""
+    err = io.StringIO()
+    killed = "import os, signal, time; time.sleep(0.5); os.kill(os.getpid(), signal.SIGKILL)"
+    command = [
+        sys.executable,
+        "-c",
+        "import os, sys, time\n"
+        f"if os.environ['JAX_PROCESS_ID'] == '1':\n    exec({killed!r})\n"
+        "time.sleep(1.5); sys.exit(3)",
+    ]
+    pod = launch.Pod(command, 3, 1, stdout=io.StringIO(), stderr=err)
+    assert pod.wait() == 3
+    assert (
+        "[launch] FAILED: process 1 (killed by SIGKILL); processes 0, 2 stopped on the lost peer "
+        "(exit code 3)" in err.getvalue()
+    )
+    err = io.StringIO()
+    command = [sys.executable, "-c", killed]
+    pod = launch.Pod(command, 2, 1, stdout=io.StringIO(), stderr=err)
+    assert pod.wait() == 128 + signal.SIGKILL
+    assert "stopped on the lost peer" not in err.getvalue()
+
+
 def test_shut_down_distributed_releases_a_monitor_blocked_in_the_service(monkeypatch):
     """At the end of a run a monitor's thread may be waiting inside the coordination service's
     get_live_nodes. Shutting the client down releases that call, and only then are the threads

@@ -486,6 +486,7 @@ def _train_validate_and_test(
                 step_timeout_s,
                 resume_hint=how_to_resume(resume_choice(config)),
                 restart_input=_input_restart(batches),
+                expected=(Preempted,),
             ) as guard,
         ):
             for step in range(start, end):

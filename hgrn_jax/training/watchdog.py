@@ -5,10 +5,13 @@ Two background threads:
 - :class:`PeerMonitor` (multi-process runs only) asks the coordination service every ``poll_s``
   which processes are alive. The service declares a process dead after ``heartbeat_timeout``
   seconds without a heartbeat (see :func:`hgrn_jax.sharding.maybe_initialize_distributed`); the
-  monitor then prints one line naming the lost processes and exits. JAX itself also terminates
-  the surviving processes once the service reports the failure (a ``Terminating process because
-  the JAX distributed service detected fatal errors`` abort naming ``Task N``); the monitor's
-  line is the readable one.
+  monitor then prints one line naming the lost processes and exits. A collective of the main
+  thread usually fails first (gloo: ``Connection reset by peer``, at once): :class:`Guard` then
+  asks the monitor (:meth:`PeerMonitor.collective_failed`) and the process ends with the same
+  line, instead of a traceback followed by JAX's abort at the shutdown barrier in Python's exit
+  handlers. JAX itself also terminates the surviving processes once the service reports the
+  failure (a ``Terminating process because the JAX distributed service detected fatal errors``
+  abort); the monitor's exit usually comes first, JAX's log line sometimes still shows.
 - :class:`StepWatchdog` (every run, one process too) ends the process when the training loop
   has made no progress for ``timeout_s`` seconds: no batch from the input pipeline (a hung input
   worker, a stalled data folder) or no finished step (a stuck device computation or checkpoint
@@ -79,10 +82,81 @@ def kill_child_processes() -> int:
     return len(children)
 
 
+_exit_lock = threading.Lock()
+
+
 def _exit_with(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-    kill_child_processes()  # a hung input worker would outlive this process
-    os._exit(EXIT_LOST_PEER)  # the main thread may be blocked in a collective forever
+    # One line only: the peer monitor and the main thread (a failed collective) may both get
+    # here; the second waits on the lock until the first has ended the process. One write, so
+    # that a log line of JAX's C++ threads cannot land inside it.
+    with _exit_lock:
+        sys.stderr.flush()
+        os.write(2, (message + "\n").encode())
+        kill_child_processes()  # a hung input worker would outlive this process
+        # os._exit, not sys.exit: the main thread may be blocked in a collective forever, and
+        # JAX's exit handler would meet the lost process at the shutdown barrier, which fails
+        # and aborts the process (``Check failure``, SIGABRT) after this line.
+        os._exit(EXIT_LOST_PEER)
+
+
+def heartbeat_timeout_from_env() -> float:
+    """The coordination service's heartbeat timeout: ``HGRN_HEARTBEAT_TIMEOUT_S``, else JAX's
+    default (100 s); see :func:`hgrn_jax.sharding.maybe_initialize_distributed`."""
+    try:
+        return float(os.environ.get("HGRN_HEARTBEAT_TIMEOUT_S", "") or 100)
+    except ValueError:
+        return 100.0
+
+
+_STATUS_CODES = (
+    "UNKNOWN",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "ABORTED",
+    "CANCELLED",
+    "FAILED_PRECONDITION",
+    "DATA_LOSS",
+)
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """An error that a lost peer process may cause in a multi-process run: JAX's runtime error
+    (``jax.errors.JaxRuntimeError``), or an XLA status surfaced as another type (gloo's
+    ``Connection reset by peer`` arrives as ``ValueError: UNKNOWN: Gloo AllGather failed`` when
+    it breaks a transfer to the host). Only the coordination service can tell whether a peer was
+    really lost (:meth:`PeerMonitor.collective_failed`)."""
+    import jax
+
+    if isinstance(error, jax.errors.JaxRuntimeError):
+        return True
+    return isinstance(error, Exception) and str(error).startswith(
+        tuple(f"{code}: " for code in _STATUS_CODES)
+    )
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, at most ``limit`` characters of the message."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}"
+
+
+def collective_failure_message(
+    process_index: int, error: BaseException, resume_hint: str = RESUME_HINT, waited_s=None
+) -> str:
+    """The line of a process whose collective failed when no lost process could be named."""
+    waited = (
+        f"; the coordination service named no lost process in {waited_s:.0f} s"
+        if waited_s is not None
+        else ""
+    )
+    return (
+        f"error: process {process_index}: a collective failed: a peer process was probably lost "
+        f"({first_line(error)}){waited}; stopping. The last complete checkpoint is kept: "
+        f"{resume_hint} from it."
+    )
 
 
 def _print_warning(message: str) -> None:
@@ -130,6 +204,9 @@ class PeerMonitor:
         self.poll_s, self.on_lost = poll_s, on_lost
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._polled = threading.Condition()
+        self._polls = 0  # polls that found every process alive
+        self._done = False  # the polling thread ended
 
     def lost(self) -> list[int]:
         """The processes the coordination service no longer counts as alive."""
@@ -145,6 +222,14 @@ class PeerMonitor:
         )
 
     def _watch(self) -> None:
+        try:
+            self._poll_until_lost()
+        finally:
+            with self._polled:
+                self._done = True
+                self._polled.notify_all()
+
+    def _poll_until_lost(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
                 lost = self.lost()
@@ -163,6 +248,34 @@ class PeerMonitor:
             if lost and not self._stop.is_set():
                 self.on_lost(self.message(lost))
                 return
+            with self._polled:
+                self._polls += 1
+                self._polled.notify_all()
+
+    def collective_failed(self, error: BaseException, timeout_s: float) -> bool:
+        """The main thread's collective raised ``error``: was a peer lost? Waits for a poll
+        that began after the failure (the coordination service answers once every live
+        process has asked, so a dead peer delays the answer until its heartbeat timeout, and
+        the answer names it). False when that poll found every process alive (the error is
+        this process's own; the caller raises it). Otherwise True, ``on_lost`` having been
+        called with the monitor's line naming the lost processes or, when no poll answered
+        within ``timeout_s``, with :func:`collective_failure_message` (by default either
+        ends the process, exit :data:`EXIT_LOST_PEER`). A monitor that is not running
+        (one process) returns False at once."""
+        if self._thread is None or self._stop.is_set():
+            return False
+        with self._polled:
+            # The poll under way may have begun before the failure; the next one did not.
+            target = self._polls + 2
+            answered = self._polled.wait_for(lambda: self._polls >= target or self._done, timeout_s)
+            if answered and not self._done:
+                return False
+            if self._done:  # the monitor called on_lost (or was stopped)
+                return True
+        self.on_lost(
+            collective_failure_message(self.process_index, error, self.resume_hint, timeout_s)
+        )
+        return True
 
     def start(self) -> PeerMonitor:
         if self.process_count > 1:
@@ -354,6 +467,11 @@ class StepWatchdog:
         self._stop.set()
 
 
+PEERS_ALIVE_NOTE = "(every peer process was alive when this error was raised)"
+"""The note a multi-process run's runtime error gets once the peer monitor found every process
+alive: not a lost peer (experiments.train then shows it as any other error)."""
+
+
 class Guard:
     """Both monitors for one run, used as a context manager around training: ``beat`` after
     every step, ``waiting_for_input`` around fetching a batch, ``pause`` before an evaluation
@@ -367,7 +485,14 @@ class Guard:
     the run (:class:`StepWatchdog`), in a one-process run only. A process of a pod keeps
     ending the run: its peers wait for it in the step's collectives, their own watchdogs end
     them after the same timeout (no step finished), and the rerun resumes the whole pod from
-    the last checkpoint, which a restart of one process's input cannot spare."""
+    the last checkpoint, which a restart of one process's input cannot spare.
+
+    With several processes, a runtime error leaving the ``with`` block
+    (:func:`is_collective_failure`: a collective that failed because a peer died) first asks the peer monitor whether a peer was lost
+    (:meth:`PeerMonitor.collective_failed`): if so the process ends there with the monitor's
+    line and exit 3; if every peer is alive, the error gets :data:`PEERS_ALIVE_NOTE` and
+    propagates. ``expected`` errors (a preemption every process agreed on) are not asked
+    about."""
 
     def __init__(
         self,
@@ -376,9 +501,12 @@ class Guard:
         step_timeout_s: float | None = None,
         resume_hint: str = RESUME_HINT,
         restart_input: Callable[[], object] | None = None,
+        expected: tuple[type[BaseException], ...] = (),
     ):
+        self.expected = expected
         if step_timeout_s is None:
             step_timeout_s = step_timeout_from_env()
+        self.process_count = process_count
         self.peers = PeerMonitor(process_index, process_count, resume_hint=resume_hint)
         self.steps = (
             StepWatchdog(
@@ -415,10 +543,35 @@ class Guard:
             return contextlib.nullcontext()
         return self.steps.waiting_for_input(step)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, error, traceback) -> None:
+        if (
+            self.process_count > 1
+            and is_collective_failure(error)
+            and not isinstance(error, self.expected)
+        ):
+            # A collective failing (gloo: ``Connection closed by peer``, raised as one error
+            # type or another) is how the main thread learns of a lost peer, often long before
+            # the heartbeat timeout. Ask the peer monitor first: a lost peer ends the process
+            # here with the monitor's one line and exit 3, instead of a traceback (or a
+            # one-line error, exit 2) and then JAX's abort at the shutdown barrier. With every
+            # peer alive the answer takes a poll or two. Errors every process raises together
+            # (a non-finite loss, a preemption) are not asked about: a process done asking
+            # stops polling, and a peer still asking would take it for lost.
+            self.pause()  # the wait below is not a stalled step
+            if not self.peers.collective_failed(error, heartbeat_timeout_from_env() + 15):
+                error.add_note(PEERS_ALIVE_NOTE)  # the error is this process's own
         self.peers.stop()
         if self.steps is not None:
             self.steps.stop()
+
+
+def stop_after_collective_failure(
+    error: BaseException, process_index: int, resume_hint: str = RESUME_HINT
+) -> None:
+    """A runtime error outside the training loop (no peer monitor to ask) in a multi-process
+    run: print :func:`collective_failure_message` and exit :data:`EXIT_LOST_PEER` (os._exit:
+    JAX's exit handler would abort at the shutdown barrier, which a lost peer never reaches)."""
+    _exit_with(collective_failure_message(process_index, error, resume_hint))
 
 
 def shut_down_distributed(timeout_s: float = 30.0) -> bool:
