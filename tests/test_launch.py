@@ -649,16 +649,14 @@ def test_plain_progress_lines_and_start_up_summary():
         "4 processes x 2 tpu devices = 8 devices",
         "resuming from step 300 of 1000 in /runs/x",
     ]
-    for axis, said in (
-        ("model", "; the sequence split 2 ways over model"),
-        ("data", "; the sequence split 2 ways over data"),
-    ):
-        split = podlog.startup_summary(
+
+    def mesh_line(mesh_shape: dict[str, int], sequence_axis: str) -> str:
+        return podlog.startup_summary(
             task="t",
             source="s",
             sizes={},
             num_params=1,
-            mesh_shape={"data": 2, "fsdp": 1, "model": 2},
+            mesh_shape=mesh_shape,
             process_count=1,
             device_count=4,
             local_device_count=4,
@@ -666,25 +664,17 @@ def test_plain_progress_lines_and_start_up_summary():
             start_step=0,
             total_steps=1,
             workdir="w",
-            sequence_axis=axis,
+            sequence_axis=sequence_axis,
+        )[1]
+
+    for axis in ("model", "data"):
+        assert mesh_line({"data": 2, "fsdp": 1, "model": 2}, axis) == (
+            f"model: 1 parameters; mesh data=2 x fsdp=1 x model=2; the sequence split 2 ways "
+            f"over {axis}"
         )
-        assert split[1] == "model: 1 parameters; mesh data=2 x fsdp=1 x model=2" + said
-    unsplit = podlog.startup_summary(
-        task="t",
-        source="s",
-        sizes={},
-        num_params=1,
-        mesh_shape={"data": 4, "fsdp": 1, "model": 1},
-        process_count=1,
-        device_count=4,
-        local_device_count=4,
-        platform="cpu",
-        start_step=0,
-        total_steps=1,
-        workdir="w",
-        sequence_axis="model",
+    assert mesh_line({"data": 4, "fsdp": 1, "model": 1}, "model").endswith(
+        "; sequence_axis=model has size 1: the sequence is not split"
     )
-    assert unsplit[1].endswith("; sequence_axis=model has size 1: the sequence is not split")
 
 
 def test_secondary_processes_prefix_their_warnings(capsys):
