@@ -78,12 +78,11 @@ def check_model_sizes(config) -> None:
 
 
 def check_model_and_settings(config) -> None:
-    """What a run can check of ``config`` without its data, before it writes anything: the
-    model sizes and mixer options (:func:`check_model_sizes`) and, for a task of the registry,
-    every rule of its model's config class (built from the derived config, its warnings left to
-    the model's build) and the settings its data source does not read (a data folder, a label
+    """What a run can check of ``config`` without its data, before it writes anything, beyond
+    :func:`check_model_sizes` (which it assumes passed): for a task of the registry, every rule
+    of its model's config class (built from the derived config, its warnings left to the
+    model's build) and the settings its data source does not read (a data folder, a label
     smoothing). Each a ValueError naming the key and the fix."""
-    check_model_sizes(config)
     entry = DATASETS.get(str(config.get("task", "")))
     if entry is None:
         return
