@@ -17,8 +17,9 @@ the run's data have a tokenizer (``data.tokenizer_path`` of its config.json: GPT
 ``--prompt_ids``) needs that tokenizer; ``--tokenizer_path`` points at it where it has moved since
 (a relative ``data.tokenizer_path`` is read from the current folder), and
 ``--tokenizer_path=bytes`` reads and writes UTF-8 bytes as the ids 0-255, for a run trained on
-bytes whose config.json names no tokenizer (the synthetic byte corpus, a vocabulary of 256). Standard error names the
-checkpoint's step (``generated with the checkpoint at step 4 of RUN (--checkpoint=best)``).
+bytes whose config.json names no tokenizer (the synthetic byte corpus, a vocabulary of 256).
+Standard error names the checkpoint's step (``generated with the checkpoint at step 4 of RUN
+(--checkpoint=best)``).
 
 User errors (a bad flag, a folder that is not a run, a run that is not a language model, a
 checkpoint that cannot be loaded) print one line naming the file or value and the fix, exit code
@@ -130,8 +131,10 @@ def check_flags(
             "prompt)"
         )
     if greedy:
-        given = [f"--temperature={temperature}"] if temperature != 1.0 else []
-        given += [f"--{n}={v}" for n, v in (("top_k", top_k), ("top_p", top_p)) if v is not None]
+        from hgrn_jax.nn.generate import options_greedy_ignores
+
+        ignored = options_greedy_ignores(temperature, top_k, top_p)
+        given = [f"--{name}={value}" for name, value in ignored]
         if given:
             raise ValueError(
                 f"--greedy takes the argmax and would ignore {' '.join(given)}; leave "
@@ -186,8 +189,9 @@ def continue_prompt(
     tokenizer_path: str | None = None,
 ) -> Continuation:
     """The prompt and its ``max_new_tokens`` new tokens (ids), their text where the run has a
-    tokenizer (else None) and the checkpoint's step (:class:`Continuation`). Exactly one of ``prompt_ids`` and ``prompt`` (text) is given;
-    ``tokenizer_path`` stands in for the run's ``data.tokenizer_path``.
+    tokenizer (else None) and the checkpoint's step (:class:`Continuation`). Exactly one of
+    ``prompt_ids`` and ``prompt`` (text) is given; ``tokenizer_path`` stands in for the run's
+    ``data.tokenizer_path``.
     ValueError / FileNotFoundError with a one-line message for what the user can mend."""
     import jax
 

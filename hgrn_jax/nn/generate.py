@@ -56,20 +56,28 @@ def check_top_p(top_p: float | None) -> None:
         )
 
 
-def check_greedy_options(
+def options_greedy_ignores(
     temperature: jax.Array | float, top_k: int | None, top_p: jax.Array | float | None
-) -> None:
-    """Raise ValueError naming the sampling options that greedy decoding would ignore:
-    ``temperature`` other than 1.0, ``top_k`` or ``top_p`` other than None."""
-    given = []
+) -> list[tuple[str, object]]:
+    """``(name, value)`` of each sampling option that greedy decoding would ignore:
+    ``temperature`` other than 1.0 (a traced one counts), ``top_k`` or ``top_p`` other than
+    None. The one rule of :func:`generate` and of ``experiments.generate``'s flags."""
     try:
         default_temperature = bool(np.float32(temperature) == 1.0)
     except TypeError:  # a traced temperature: a value, which greedy decoding would ignore
         default_temperature = False
-    if not default_temperature:
-        given.append(f"temperature={temperature!r}")
-    given += [f"{name}={value!r}" for name, value in (("top_k", top_k), ("top_p", top_p))]
-    given = [g for g in given if not g.endswith("=None")]
+    given = [] if default_temperature else [("temperature", temperature)]
+    return given + [(n, v) for n, v in (("top_k", top_k), ("top_p", top_p)) if v is not None]
+
+
+def check_greedy_options(
+    temperature: jax.Array | float, top_k: int | None, top_p: jax.Array | float | None
+) -> None:
+    """Raise ValueError naming the sampling options that greedy decoding would ignore
+    (:func:`options_greedy_ignores`)."""
+    given = [
+        f"{name}={value!r}" for name, value in options_greedy_ignores(temperature, top_k, top_p)
+    ]
     if given:
         raise ValueError(
             f"greedy=True takes the argmax and would ignore {', '.join(given)}; leave "
