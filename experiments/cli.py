@@ -136,10 +136,16 @@ def drop_the_paper_number_of_another_task() -> None:
     if "task" not in overrides:
         return
     path = config_flags.get_config_filename(flag)  # path.py[:PRESET]
-    as_written = config_flags.config_flags.ConfigFileFlagParser("config").parse(path)
+    as_written = _parse_config_file(path)
     note = drop_paper_number(flag.value, overrides, str(as_written.get("task")))
     if note is not None:
         print(note, file=sys.stderr, flush=True)
+
+
+def _parse_config_file(arg: str) -> Any:
+    """The config of ``--config=<arg>`` (``path.py[:PRESET]``) as the file gives it, without
+    the command line's overrides."""
+    return config_flags.config_flags.ConfigFileFlagParser("config").parse(arg)
 
 
 def _config_arg(argv: list[str]) -> str | None:
@@ -228,7 +234,7 @@ def _unknown_override(argv: list[str]) -> str | None:
     arg = _config_arg(argv)
     if config is None and arg is not None:  # the override failed as the file loaded: again
         try:
-            config = config_flags.config_flags.ConfigFileFlagParser("config").parse(arg)
+            config = _parse_config_file(arg)
         except Exception:  # the file's own error is reported as it is
             return None
     if not hasattr(config, "keys"):
@@ -239,6 +245,15 @@ def _unknown_override(argv: list[str]) -> str | None:
             if message is not None:
                 return message
     return None
+
+
+def _fail_on_file_error_or_unknown_key(error: BaseException | None, argv: list[str]) -> None:
+    """Stop with one line when ``error`` is the config file's own (:func:`config_file_error`)
+    or an override names a key the config lacks (:func:`unknown_key`); else return."""
+    message = config_file_error(error, argv) if error is not None else None
+    message = message or _unknown_override(argv)
+    if message is not None:
+        fail(message, EXIT_USAGE)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -255,12 +270,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         first = error.__context__
         while first is not None and first.__context__ is not None:
             first = first.__context__
-        file_error = config_file_error(first, argv) if isinstance(first, TypeError) else None
-        if file_error is not None:
-            fail(file_error, EXIT_USAGE)
-        unknown = _unknown_override(argv)
-        if unknown is not None:
-            fail(unknown, EXIT_USAGE)
+        _fail_on_file_error_or_unknown_key(first if isinstance(first, TypeError) else None, argv)
         text = str(error)
         # A config file's own error (e.g. an unknown preset) is the useful part of absl's text.
         cause = next(
@@ -268,12 +278,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         )
         fail(f"{cause or text} (pass --helpshort to see the flags)", EXIT_USAGE)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
-        file_error = config_file_error(error, argv)
-        if file_error is not None:
-            fail(file_error, EXIT_USAGE)
-        unknown = _unknown_override(argv)
-        if unknown is not None:
-            fail(unknown, EXIT_USAGE)
+        _fail_on_file_error_or_unknown_key(error, argv)
         # ml_collections reports an unknown --config.key as an AttributeError/KeyError whose
         # text is the quoted key, sometimes with a suggestion; make it one readable line.
         text = str(error.args[0] if error.args else error)
