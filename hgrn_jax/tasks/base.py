@@ -465,7 +465,7 @@ class ArrayTask:
         ):
             batch = self._batch(examples, rows)
             batch["weight"] = valid.astype(np.float32)
-            yield self._check_batch_labels(batch, f"the {self.name} {split} split")
+            yield self._check_batch_labels(batch, examples, f"the {self.name} {split} split")
 
     def loss_fn(
         self, model: nnx.Module, batch: dict, *, train: bool
@@ -502,10 +502,12 @@ class ArrayTask:
         """The model's classes (``config.model.num_classes``); 0 for a model without."""
         return int(self.config.model.get("num_classes", 0) or 0)
 
-    def _check_batch_labels(self, batch: Batch, where: str) -> Batch:
-        """``batch``, after checking its labels (:func:`check_labels`): each batch is checked,
-        as the labels of data read lazily (prepared tfds records) are not checked at load."""
-        if "labels" in batch and self.model_classes:
+    def _check_batch_labels(self, batch: Batch, examples: Mapping[str, Any], where: str) -> Batch:
+        """``batch``, after checking its labels (:func:`check_labels`) when its split's are
+        read lazily (prepared tfds records): a split in memory or mapped was checked whole as
+        it loaded (:meth:`examples`)."""
+        lazy = not isinstance(examples.get("labels"), np.ndarray)
+        if lazy and "labels" in batch and self.model_classes:
             check_labels(batch["labels"], self.model_classes, where)
         return batch
 
@@ -555,7 +557,7 @@ class _TrainRows:
             self.arrays.arrays, batch["rows"], step, self.process_index, self.process_count
         )
         return self.task._check_batch_labels(
-            built, f"the {self.task.name} training batch of step {step}"
+            built, self.arrays.arrays, f"the {self.task.name} training batch of step {step}"
         )
 
 
