@@ -139,12 +139,20 @@ def follow_umask(path: str | Path, *, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
+def file_in_the_way(path: str | Path) -> Path | None:
+    """What stops ``path`` from being (or becoming) a folder: the path itself, or the nearest
+    of its parents that exists, when that is not a folder; else None."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
 def check_cache_dir(cache_dir: str | Path) -> None:
     """Raise a ValueError naming ``config.data.cache_dir`` when it is a file or lies below one
     (the prepared data's folders are made in it: the OSError named only a subfolder)."""
     path = Path(cache_dir)
-    existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
-    if existing is None or existing.is_dir():
+    existing = file_in_the_way(path)
+    if existing is None:
         return
     where = "is a file" if existing == path else f"lies in {existing}, which is a file"
     raise ValueError(

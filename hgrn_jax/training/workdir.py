@@ -43,6 +43,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hgrn_jax.data.loader import file_in_the_way
 from hgrn_jax.training.logging import _flatten, _jsonable
 
 LOCK_NAME = "run.lock"
@@ -150,8 +151,8 @@ def not_writable(path: str | Path, error: OSError) -> WorkdirNotWritableError:
     ``error``: a workdir that is a file, or below one, is named so (the OSError said only
     "File exists" or "Not a directory"); otherwise the OSError's reason."""
     path = Path(path)
-    existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
-    if existing is not None and not existing.is_dir():
+    existing = file_in_the_way(path)
+    if existing is not None:
         if existing == path:
             return WorkdirNotWritableError(
                 f"--workdir {path} is a file, not a folder; choose a folder for --workdir (a "
