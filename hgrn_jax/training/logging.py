@@ -23,11 +23,13 @@ from typing import Any
 import numpy as np
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` with dict keys as strings, tuples as lists, arrays and numpy scalars as Python
+    values, and non-finite floats as strings: what ``json.dumps`` writes."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "__array__"):
         value = np.asarray(value)
         return value.item() if value.ndim == 0 else value.tolist()
@@ -40,7 +42,7 @@ def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON atomically (temporary file, then rename)."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
 
@@ -80,7 +82,7 @@ class MetricsWriter:
         """One record: ``{"step": step, "split": split, **metrics}``."""
         if not self.enabled:
             return
-        record = {"step": int(step), "split": split, **_jsonable(metrics)}
+        record = {"step": int(step), "split": split, **jsonable(metrics)}
         self._jsonl.write(json.dumps(record, sort_keys=True) + "\n")
         self._jsonl.flush()
         if self._tb is None:  # created at the first record: a run that stops early adds no file
@@ -133,31 +135,6 @@ class ProgressBar:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def config_changes(workdir: str | Path, config: Any) -> list[str]:
-    """Keys whose values differ from the ``config.json`` already in ``workdir`` (as
-    ``"key: old -> new"``); empty when there is none or nothing changed."""
-    path = Path(workdir) / "config.json"
-    if not path.exists():
-        return []
-    old = _flatten(json.loads(path.read_text()))
-    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    new = _flatten(json.loads(json.dumps(_jsonable(as_dict))))
-    return [
-        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-        for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key)
-    ]
 
 
 def write_config(workdir: str | Path, config: Any) -> None:

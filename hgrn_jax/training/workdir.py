@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from hgrn_jax.data.loader import file_in_the_way
-from hgrn_jax.training.logging import _flatten, _jsonable
+from hgrn_jax.training.logging import jsonable
 
 LOCK_NAME = "run.lock"
 RESUME_CHOICES = ("auto", "force", "restart")
@@ -316,9 +316,19 @@ class WorkdirLock:
 # ----------------------------------------------------------------------------- the config
 
 
+def flatten_keys(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one dict of dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten_keys(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
 def _plain(config: Any) -> dict[str, Any]:
     as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return json.loads(json.dumps(_jsonable(as_dict)))
+    return json.loads(json.dumps(jsonable(as_dict)))
 
 
 def is_structural(key: str, old: Any, new: Any) -> bool:
@@ -345,8 +355,8 @@ def compare_configs(
     key absent from one side stands for: a run saved before a model field existed was built
     with its default, so the new config's default value is no change (listed as harmless, as
     ``"key: absent (default v) -> v"``), while any other value still is."""
-    old_flat, new_flat = _flatten(old), _flatten(_plain(new))
-    implied = _flatten(_plain(defaults or {}))
+    old_flat, new_flat = flatten_keys(old), flatten_keys(_plain(new))
+    implied = flatten_keys(_plain(defaults or {}))
 
     def shown(flat: dict[str, Any], key: str) -> str:
         if key in flat:
