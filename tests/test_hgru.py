@@ -8,6 +8,7 @@ bit-identical, not merely close; positions it reaches must change.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import chex
@@ -594,3 +595,14 @@ def test_wrong_shapes_name_the_argument():
         fla(x, jnp.full((5,), 0.5))
     with pytest.raises(ValueError, match=r"FlaHGRNAttention expects .* got shape \(2, 3, 7\)"):
         fla.step(inputs((2, 3, 7)), fla.init_state(2))
+
+
+def test_the_layers_signatures_name_the_required_rngs():
+    """``help(HGRU)`` shows ``rngs`` and leaving it out names the layer, not its private base."""
+    for layer in (HGRU, HGRU2D):
+        assert (
+            inspect.signature(layer.__init__).parameters["rngs"].kind
+            is inspect.Parameter.KEYWORD_ONLY
+        )
+        with pytest.raises(TypeError, match=rf"^{layer.__name__}\.__init__\(\) missing .*'rngs'"):
+            layer(4)

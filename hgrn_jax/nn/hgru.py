@@ -328,10 +328,16 @@ class HGRU(_HGRUBase):
     """
 
     def __init__(
-        self, features: int, *, bidirectional: bool = False, separate_phases: bool = True, **kwargs
+        self,
+        features: int,
+        *,
+        rngs: nnx.Rngs,
+        bidirectional: bool = False,
+        separate_phases: bool = True,
+        **kwargs,
     ):
         num_phases = 2 if bidirectional and separate_phases else 1
-        super().__init__(features, num_phases=num_phases, **kwargs)
+        super().__init__(features, num_phases=num_phases, rngs=rngs, **kwargs)
         self.bidirectional = bidirectional
 
     def __call__(
@@ -436,10 +442,16 @@ class HGRU2D(_HGRUBase):
     """
 
     def __init__(
-        self, features: int, *, causal: bool = False, separate_phases: bool = True, **kwargs
+        self,
+        features: int,
+        *,
+        rngs: nnx.Rngs,
+        causal: bool = False,
+        separate_phases: bool = True,
+        **kwargs,
     ):
         num_phases = 2 if not causal and separate_phases else 1
-        super().__init__(features, num_phases=num_phases, **kwargs)
+        super().__init__(features, num_phases=num_phases, rngs=rngs, **kwargs)
         self.causal = causal
 
     def __call__(
