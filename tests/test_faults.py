@@ -782,6 +782,79 @@ def test_the_lock_is_taken_on_a_file_system_without_hard_links(tmp_path, monkeyp
     assert not lock.path.exists()
 
 
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("runs", [2, 3])
+def test_runs_taking_over_one_stale_lock_at_once_leave_exactly_one_holder(
+    tmp_path, monkeypatch, runs
+):
+    """Each run judges the stale lock dead and, before it acts on that, the next run takes the
+    lock whole (the last one undisturbed). The takeover renamed the path it had judged stale:
+    it moved the faster run's live lock away and made its own, and every run held the workdir
+    (with 2 runs: the review's forced interleaving)."""
+    from hgrn_jax.training import workdir as workdir_module
+    from hgrn_jax.training.workdir import StaleLockWarning, WorkdirInUseError, WorkdirLock
+
+    dead = _dead_pid()
+    _write_lock(tmp_path, pid=dead)
+    locks = [WorkdirLock(tmp_path) for _ in range(runs)]
+    waiting, refused = list(locks[1:]), []
+    process_alive = workdir_module._process_alive
+
+    def acquire(lock):
+        try:
+            lock.acquire()
+        except WorkdirInUseError as error:
+            refused.append((lock, str(error)))
+
+    def next_run_takes_the_lock_meanwhile(pid):
+        if waiting:
+            acquire(waiting.pop(0))
+        return process_alive(pid)
+
+    monkeypatch.setattr(workdir_module, "_process_alive", next_run_takes_the_lock_meanwhile)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        acquire(locks[0])
+    holders = [i for i, lock in enumerate(locks) if lock.held]
+    assert holders == [runs - 1], f"runs {holders} of {runs} hold the workdir"
+    assert json.loads(locks[-1].path.read_text())["token"] == locks[-1].token
+    assert [lock for lock, _ in refused] == locks[-2::-1]
+    assert all(f"pid {os.getpid()}" in message for _, message in refused)
+    taken_over = [w for w in caught if w.category is StaleLockWarning]
+    assert len(taken_over) == 1 and f"pid {dead}" in str(taken_over[0].message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]
+    locks[-1].release()
+    assert not locks[-1].path.exists()
+
+
+def test_a_stale_lock_that_cannot_be_locked_is_left_for_the_user_to_delete(tmp_path, monkeypatch):
+    """Where flock fails (NFS without a lock service), taking the stale lock over could remove
+    the lock of a run that took it over just before; the lock stays and the error says what to
+    delete."""
+    import fcntl
+
+    from hgrn_jax.training.workdir import WorkdirInUseError, WorkdirLock
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock = _write_lock(tmp_path, pid=_dead_pid())
+    before = lock.read_bytes()
+    with pytest.raises(
+        WorkdirInUseError,
+        match=rf"gone .*cannot be locked .*\(No locks available\); .*delete {re.escape(str(lock))}$",
+    ):
+        WorkdirLock(tmp_path).acquire()
+    assert lock.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]
+
+
 @pytest.mark.slow
 def test_the_lock_is_released_after_a_failed_run(tmp_path):
     from hgrn_jax.training.loop import NonFiniteLossError

@@ -4,7 +4,8 @@ The lock: ``workdir/run.lock`` (JSON: host, pid, start time, command) is created
 process 0 before anything else is written to the workdir, complete in one step (a process killed
 while taking it leaves no lock or a whole one), and removed when the run ends. A second
 run on the same workdir stops at once with :class:`WorkdirInUseError` naming the holder. A lock
-left by a dead process on the same host is taken over with a :class:`StaleLockWarning`; a lock
+left by a dead process on the same host is taken over with a :class:`StaleLockWarning` (by one
+run only when several find it at once: :meth:`WorkdirLock._take_over_if_stale`); a lock
 held from another host cannot be checked, so the message says how to clear it.
 
 A run writes ``config.json`` right after taking the lock, before any other file; a workdir
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import fcntl
 import json
 import os
 import re
@@ -189,6 +191,15 @@ def _write_synced(path: Path, flags: int, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _holder_in(data: bytes) -> dict[str, Any]:
+    """The holder a lock file's ``data`` names; empty if it names none (empty or not JSON)."""
+    try:
+        holder = json.loads(data)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
 def _describe(holder: dict[str, Any]) -> str:
     return (
         f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
@@ -269,35 +280,72 @@ class WorkdirLock:
                 path.unlink(missing_ok=True)
 
     def _take_over_if_stale(self) -> None:
+        """Remove the lock if its holder is a dead process on this host, with a
+        :class:`StaleLockWarning`, for :meth:`acquire` to try again; raise
+        :class:`WorkdirInUseError` if it is held (or cannot be checked).
+
+        Runs that find the same stale lock at once remove it one at a time: each holds an
+        ``flock`` of the lock file it reads and judges, and removes it only while the lock is
+        still that file, so the lock that a faster run made after removing the stale one is
+        never removed. (Renaming the path judged stale moved that live lock away, and both runs
+        held the workdir.) Only locks of this host are taken over, so an ``flock`` that holds
+        within the host is enough: on NFS it holds across clients, or within each client with
+        ``local_lock``; where it fails (NFS without a lock service) the user is asked to delete
+        the stale lock."""
         try:
-            holder = json.loads(self.path.read_text(encoding="utf-8"))
+            holder = _holder_in(self.path.read_bytes())
         except FileNotFoundError:
             return  # released meanwhile: try again
-        except (OSError, ValueError):
+        except OSError:
             holder = {}
-        same_host = holder.get("host") == socket.gethostname()
-        pid = holder.get("pid")
-        if not (same_host and isinstance(pid, int) and not _process_alive(pid)):
-            how = (
-                "if no run is using it any more"
-                if same_host or not holder
-                else "if that run is gone (it is on another host, so this cannot be checked)"
-            )
-            raise WorkdirInUseError(
-                f"{self.workdir} is in use by another run ({_describe(holder)}; lock file "
-                f"{self.path}); wait for it to finish or use another --workdir; {how}, delete "
-                f"{self.path}"
-            )
-        stale = self.path.with_name(f"{LOCK_NAME}.stale-{pid}-{secrets.token_hex(4)}")
+        self._refuse_unless_stale(holder)
         try:
-            os.rename(self.path, stale)  # atomic: of two runs taking over, one wins
+            fd = os.open(self.path, os.O_RDWR)  # NFS locks only files open for writing
         except FileNotFoundError:
             return
-        stale.unlink(missing_ok=True)
+        except OSError as error:
+            raise self._cannot_take_over(holder, error) from None
+        with os.fdopen(fd, "rb") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX)
+            except OSError as error:
+                raise self._cannot_take_over(holder, error) from None
+            try:
+                if not os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    return  # taken over meanwhile: try again
+            except FileNotFoundError:
+                return
+            holder = _holder_in(file.read())
+            self._refuse_unless_stale(holder)
+            self.path.unlink(missing_ok=True)
         warnings.warn(
             f"{self.path} was left by a run that is gone ({_describe(holder)}); taking it over",
             StaleLockWarning,
             stacklevel=3,
+        )
+
+    def _refuse_unless_stale(self, holder: dict[str, Any]) -> None:
+        """Raise :class:`WorkdirInUseError` unless ``holder`` is a dead process on this host."""
+        same_host = holder.get("host") == socket.gethostname()
+        pid = holder.get("pid")
+        if same_host and isinstance(pid, int) and not _process_alive(pid):
+            return
+        how = (
+            "if no run is using it any more"
+            if same_host or not holder
+            else "if that run is gone (it is on another host, so this cannot be checked)"
+        )
+        raise WorkdirInUseError(
+            f"{self.workdir} is in use by another run ({_describe(holder)}; lock file "
+            f"{self.path}); wait for it to finish or use another --workdir; {how}, delete "
+            f"{self.path}"
+        )
+
+    def _cannot_take_over(self, holder: dict[str, Any], error: OSError) -> WorkdirInUseError:
+        return WorkdirInUseError(
+            f"{self.path} was left by a run that is gone ({_describe(holder)}), but it cannot be "
+            f"locked to take it over safely ({error.strerror or type(error).__name__}); if no "
+            f"run is using {self.workdir}, delete {self.path}"
         )
 
     def release(self) -> None:
