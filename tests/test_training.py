@@ -426,7 +426,7 @@ def test_clipping_keeps_optax_s_state_and_scaling():
 
 
 class _LinearTask:
-    """Least squares on fixed data: no BatchNorm or dropout, so accumulation is exact."""
+    """Weighted least squares on fixed data: no BatchNorm or dropout, so accumulation is exact."""
 
     name, metric = "linear", "accuracy"
 
@@ -435,36 +435,54 @@ class _LinearTask:
 
     def loss_fn(self, model, batch, *, train):
         err = model(batch["x"]) - batch["y"]
-        loss_sum = jnp.sum(err**2)
-        return loss_sum / batch["x"].shape[0], {
-            "loss_sum": loss_sum,
-            "weight": jnp.float32(batch["x"].shape[0]),
-        }
+        loss_sum = jnp.sum(jnp.sum(err**2, axis=-1) * batch["weight"])
+        weight = jnp.sum(batch["weight"])
+        return loss_sum / jnp.maximum(weight, 1.0), {"loss_sum": loss_sum, "weight": weight}
 
 
-def test_gradient_accumulation_matches_one_big_batch():
-    config = _opt_config(learning_rate=0.1)
+# Micro-batch j of 4 takes rows j, j+4, j+8, j+12 (steps._micro_batches). "unequal" gives them
+# weights 4, 2, 0, 4: averaging their means equally reports a loss of 3.03 instead of 4.42.
+# "zero" is a batch of weight 0: no loss, no gradient and no division by 0.
+_ROW_WEIGHTS = {
+    "uniform": np.ones(16, np.float32),
+    "unequal": np.float32([1, 1, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1]),
+    "zero": np.zeros(16, np.float32),
+}
+
+
+@pytest.mark.parametrize("weights", sorted(_ROW_WEIGHTS))
+def test_gradient_accumulation_matches_one_big_batch(weights):
+    """One plain SGD step (no momentum: the update is lr times the gradient, so a gradient of
+    the wrong scale moves the parameters by as much) with 4 micro-batches equals one with the
+    whole batch: parameters, loss and gradient norm, for any row weights."""
     mesh = sharding.make_mesh(-1, 1, 1)
     rng = np.random.default_rng(0)
     batch = {
-        "x": rng.normal(size=(16, 3)).astype(np.float32),
+        "x": rng.normal(1.0, 1.0, size=(16, 3)).astype(np.float32),
         "y": rng.normal(size=(16, 2)).astype(np.float32),
+        "weight": _ROW_WEIGHTS[weights],
     }
-    params = []
+    params, metrics = [], []
     for k in (1, 4):
         task = _LinearTask()
         graphdef, tx, state, _ = create_train_state(
-            task.build_model, lambda p: optim.make_optimizer(config, p)[0], 0, mesh
+            task.build_model, lambda p: optax.sgd(0.1), 0, mesh
         )
         step = jax.jit(
             make_train_step(graphdef, tx, task.loss_fn, optim.constant(0.1), accumulate_steps=k)
         )
         with jax.set_mesh(mesh):
-            for _ in range(2):
-                state, metrics = step(state, sharding.shard_batch(batch, mesh))
+            state, out = step(state, sharding.shard_batch(batch, mesh))
         params.append(jax.device_get(state.params))
-    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        metrics.append(jax.device_get(out))
+    # Both add the same 16 float32 row terms in another order: measured 3e-8 apart in the
+    # parameters and 1e-7 (relative) in the loss and gradient norm; the tolerances leave 50x
+    # for other summation orders. Equal micro-batch weights ("unequal": parameters 0.13 apart)
+    # or a gradient 4x too large (0.96 apart) are far outside.
+    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1]), strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=2e-6)
+    for key in ("loss", "grad_norm", "loss_sum", "weight"):
+        np.testing.assert_allclose(metrics[1][key], metrics[0][key], rtol=2e-6, atol=1e-6)
 
 
 def test_checkpoints_keep_the_latest_and_the_best(tmp_path):

@@ -67,7 +67,10 @@ class Task(Protocol):
     def loss_fn(self, model: nnx.Module, batch: dict, *, train: bool) -> tuple[jax.Array, Metrics]:
         """``(mean loss, sums)``: a float scalar and a dict of scalars holding ``loss_sum``,
         ``weight`` (and, for ``"accuracy"``, ``correct``), so that evaluation is exact when
-        summed over batches (checked when the step is traced)."""
+        summed over batches (checked when the step is traced). The mean loss, which training
+        differentiates, is ``loss_sum / max(weight, 1)`` (not checked): gradient accumulation
+        scales each micro-batch's mean loss and gradient back by ``max(weight, 1)`` and divides
+        their sum by the batch's, which is the whole batch's step only under this form."""
         ...
 
 

@@ -93,8 +93,14 @@ def make_train_step(
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """``train_step(state, batch) -> (state, metrics)`` (not yet jitted; see :func:`jit_train_step`).
 
-    With ``accumulate_steps = k > 1`` the batch is split into k micro-batches whose gradients are
-    averaged (``lax.scan``: activations of one micro-batch live at a time) before one update.
+    With ``accumulate_steps = k > 1`` the batch is split into k micro-batches (``lax.scan``:
+    activations of one micro-batch live at a time) whose losses and gradients make one update:
+    micro-batch j's mean loss (``loss_sum_j / max(w_j, 1)`` by the Task protocol, with ``w_j``
+    its ``sums["weight"]``) and gradient are scaled back by ``max(w_j, 1)``, summed in float32
+    and divided by ``max(sum_j w_j, 1)``, so the loss, gradient and update are the whole batch's
+    up to float rounding whatever the rows' weights (a micro-batch of weight 0 adds nothing; a
+    batch of weight 0 has loss and gradient 0). Only BatchNorm statistics differ: each
+    micro-batch has its own.
     If the loss or the gradient norm is not finite, the state is left unchanged except for
     ``nonfinite_step``, which records the first such step; the loop stops on it.
     ``loss_fn``'s output is checked when the step is traced (:func:`check_loss_output`).
@@ -119,23 +125,30 @@ def make_train_step(
             def body(carry, micro):
                 grad_sum, loss_sum, model_state, sum_acc = carry
                 (loss, (sums, model_state)), grads = grad_fn(state.params, model_state, micro)
-                grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+                # The mean is loss_sum / max(weight, 1): scaled back, it adds up over micro-batches.
+                scale = jnp.maximum(sums["weight"].astype(jnp.float32), 1.0)
+                grad_sum = jax.tree.map(lambda s, g: s + scale * g, grad_sum, grads)
                 sum_acc = jax.tree.map(jnp.add, sum_acc, sums)
-                return (grad_sum, loss_sum + loss, model_state, sum_acc), None
+                loss_sum = loss_sum + scale * loss.astype(jnp.float32)
+                return (grad_sum, loss_sum, model_state, sum_acc), None
 
             micro = _micro_batches(batch, accumulate_steps)
             first = jax.tree.map(lambda x: x[0], micro)
             sums_shape = jax.eval_shape(grad_fn, state.params, state.model_state, first)[0][1][0]
             zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
             init = (
-                jax.tree.map(jnp.zeros_like, state.params),
+                jax.tree.map(
+                    lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
+                    state.params,
+                ),
                 jnp.zeros((), jnp.float32),
                 state.model_state,
                 zeros(sums_shape),
             )
             (grad_sum, loss_sum, model_state, sums), _ = jax.lax.scan(body, init, micro)
-            grads = jax.tree.map(lambda g: g / accumulate_steps, grad_sum)
-            loss = loss_sum / accumulate_steps
+            total = jnp.maximum(sums["weight"].astype(jnp.float32), 1.0)
+            grads = jax.tree.map(lambda g, p: (g / total).astype(p.dtype), grad_sum, state.params)
+            loss = loss_sum / total
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
