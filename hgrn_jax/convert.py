@@ -394,7 +394,7 @@ def from_hgru2_pytorch(
 
     Args:
       class_name: ``"Hgru2_1d"`` (causal), ``"BiHgru2_1d"`` (forward + reverse scans) or
-        ``"Hgru2_2d_parallel"`` (four scans over a grid; not covered by the golden cases).
+        ``"Hgru2_2d_parallel"`` (four scans over a grid).
       constructor: the reference constructor's keyword arguments (``embed_dim``,
         ``expand_ratio``, ``act_fun``, ``uv_act_fun``, ``use_norm``, ``bias``, ``norm_type``,
         ``use_fla``; ``chunk_size`` is ignored).
@@ -408,9 +408,10 @@ def from_hgru2_pytorch(
       scalar.
 
     For the 1-D classes only ``expand_ratio < 16`` is supported: there the reference runs an
-    exact scan. From 16 on it
-    runs chunked Triton kernels that clamp the per-step log forget gate at -3 and need the length
-    to be a multiple of the chunk, a different computation that was never checked against ours.
+    exact scan. From 16 on it runs Triton kernels, never checked against ours: chunked ones that
+    clamp the per-step log forget gate at -3 and need the length to be a multiple of the chunk
+    (``Hgru2_1d``, and ``BiHgru2_1d`` in training), or, for ``BiHgru2_1d`` in eval, a recurrent
+    one in float32. ``Hgru2_2d_parallel`` runs the exact scan at every ``expand_ratio``.
     """
     _check_class(class_name, HGRU2_CLASSES, "hgru2-pytorch", constructor)
     d = _features(constructor, "embed_dim", class_name)

@@ -7,7 +7,9 @@ are (B, H, V, K); ours are (B, H, K, V), so the test transposes ours.
 Tolerances (tests/golden/README.md, "Suggested comparison (HGRN2)"; tests/golden_helpers.py): in
 float64 the port and the reference agree to rounding (we allow 1e-9), except the fla LM, whose
 lower bounds and their logs fla computes in float32 (1e-6). In float32, fla's own float32 run
-passes atol 5e-5 / rtol 1e-5 with at least 7x margin.
+passes atol 5e-5 / rtol 1e-5 with at least 7x margin. The bidirectional and 2-D official cases
+(measured: 4e-15 in float64; 1.8e-6 in float32, as the reference's own float32 rebuild, with
+outputs up to 6.6) hold the same tolerances with margins of about 2e5 and 25x.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 from golden_helpers import FLA_LM_F64, check_fla_lm, check_fla_mixer, to_batch_major, to_time_major
 
 from hgrn_jax import convert
+from hgrn_jax.nn import HGRN2, HGRN2D
 
 
 def _fla_layout(state) -> np.ndarray:
@@ -26,13 +29,28 @@ def _fla_layout(state) -> np.ndarray:
     return np.swapaxes(np.asarray(state), -1, -2)
 
 
-def test_official_hgrn2_1d(golden, golden_precision):
+# Case -> (the layer the converter must build from the case's class, whether it scans both ways).
+OFFICIAL_HGRN2 = {
+    "official_hgrn2_1d": (HGRN2, False),  # Hgru2_1d
+    "official_hgrn2_bi1d": (
+        HGRN2,
+        True,
+    ),  # BiHgru2_1d (made by tests/golden/generate_hgrn2_bi2d.py)
+    "official_hgrn2_2d": (HGRN2D, True),  # Hgru2_2d_parallel (the same generator)
+}
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL_HGRN2))
+def test_official_hgrn2(golden, golden_precision, name):
+    """hgru2-pytorch's causal, bidirectional and 2-D (four-scan) layers, through the converter."""
     dtype, tol = golden_precision
-    case = golden("official_hgrn2_1d")
+    case = golden(name)
     constructor = case.meta["constructor"]
     layer = convert.from_hgru2_pytorch(
         case.meta["source"]["class"], constructor, case.params, dtype=dtype
     )
+    kind, bidirectional = OFFICIAL_HGRN2[name]
+    assert type(layer) is kind and layer.bidirectional == bidirectional
     derived = case.meta["derived"]
     assert (layer.num_heads, layer.key_dim, layer.value_dim) == (
         derived["num_heads"],

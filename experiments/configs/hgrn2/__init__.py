@@ -22,5 +22,5 @@ sinusoidal positions (``"id"``: none) are inferences, from the release branch's 
 WikiText-103 architectures (``hgrn2_lm_outproduct_*`` in ``OpenNLPLab/fairseq-evo``) and the
 paper's WikiText-103 perplexity could not be read either. Path-X runs ``Hgru2_2d_series``
 (``use_series=True``), which we do not have, so it has no config; Image and Pathfinder use
-``Hgru2_2d_parallel`` (our ``HGRN2D``), which no golden case covers.
+``Hgru2_2d_parallel`` (our ``HGRN2D``, checked by the golden case ``official_hgrn2_2d``).
 """
