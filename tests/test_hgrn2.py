@@ -29,8 +29,10 @@ from hgrn_jax.nn import (
     LMConfig,
     MixerConfig,
     generate,
+    lower_bounds,
 )
 from hgrn_jax.nn import remat as remat_module
+from hgrn_jax.ops import MATRIX_METHODS
 
 D, L, B = 16, 11, 2
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -461,3 +463,55 @@ def test_hgrn2_with_an_empty_sequence_or_a_bad_grid_mask():
         ValueError, match=r"HGRN2D: mask must be .* \(2, 3, 4\); got mask of shape \(2, 12\)"
     ):
         grid(jnp.ones((2, 3, 4, 8)), mask=jnp.ones((2, 12)))
+
+
+@pytest.mark.parametrize(
+    "bound",
+    [0.0, np.linspace(0.0, 1.0, 8, dtype=np.float32)],
+    ids=["zero", "per-channel-0-to-1"],
+)
+def test_hgrn2_log_decay_is_the_float64_formula_down_to_underflowing_gates(bound):
+    """log lam = log(gamma + (1 - gamma) sigmoid(f)) and k = 1 - lam for forget logits f from
+    -200 (sigmoid(f) is 0 in float32) to 30, against the formula in float64. lam in float32 is
+    off by a few ulps (relative ~2e-7), so log lam is off by ~2e-7 absolute, and log_sigmoid's
+    -200 by its own rounding (6e-8 relative): atol = rtol = 1e-6."""
+    layer = HGRN2(8, expand_ratio=4, rngs=nnx.Rngs(0))
+    logits = np.asarray([-200.0, -100.0, -88.0, -80.0, -30.0, -5.0, 0.0, 30.0], np.float32)
+    kernel, bias = layer.in_proj.kernel, layer.in_proj.bias
+    kernel[...] = kernel[...].at[:, 16:].set(0.0)
+    bias[...] = bias[...].at[16:].set(logits)
+    _, k, _, log_decay = layer.gates(jnp.ones((1, 1, 8)), bound)
+
+    f = logits.astype(np.float64)
+    gamma = np.asarray(bound, np.float64)
+    lam = gamma + (1.0 - gamma) * np.exp(-np.logaddexp(0.0, -f))
+    np.testing.assert_allclose(np.asarray(log_decay).reshape(8), np.log(lam), atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(k).reshape(8), 1.0 - lam, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bound", ["zero", "schedule", "alternating-0-and-1"])
+@pytest.mark.parametrize("method", MATRIX_METHODS)
+def test_hgrn2_with_underflowing_forget_gates_has_finite_outputs_and_gradients(method, bound):
+    """Inputs scaled by 60 drive forget logits of channels 2 and 3 below -89, where float32's
+    sigmoid is 0: outputs and the gradients to the inputs, the parameters and a traced bound
+    stay finite. "schedule" is the bound of a model's first layer (lower_bounds' row 0, exactly
+    0 and traced back to the bounds' parameter); "alternating-0-and-1" a traced bound of 0 on the
+    even channels and 1 on the odd ones."""
+    layer = HGRN2(8, expand_ratio=4, method=method, rngs=nnx.Rngs(0))
+    x = 60.0 * jax.random.normal(jax.random.key(1), (2, 7, 8))
+    forget_logits = jnp.split(layer.in_proj(x), 3, axis=-1)[2]
+    assert bool(jnp.any(jax.nn.sigmoid(forget_logits) == 0.0))
+    param = jnp.ones((2, 8))
+    bounds = {
+        "zero": lambda p: 0.0,
+        "schedule": lambda p: lower_bounds(p)[0],
+        "alternating-0-and-1": lambda p: (jnp.arange(8) % 2) * p[1],
+    }[bound]
+
+    def loss(layer, x, param):
+        return jnp.sum(layer(x, bounds(param)) ** 2)
+
+    value, grads = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1, 2)))(layer, x, param)
+    assert bool(jnp.isfinite(value))
+    for leaf in jax.tree.leaves(grads):
+        assert bool(jnp.all(jnp.isfinite(leaf))), leaf

@@ -434,3 +434,11 @@ def test_every_method_reproduces_official_hgrn2_1d(golden, method):
         np.testing.assert_allclose(
             np.asarray(layer(0.0)), case.arrays["output/lb0"], atol=1e-10, rtol=0
         )
+
+
+@pytest.mark.parametrize("method", MATRIX_METHODS)
+def test_an_empty_sequence_is_an_error_as_in_linear_recurrence(method):
+    q = jnp.ones((2, 0, 3, 4))
+    v = jnp.ones((2, 0, 3, 5))
+    with pytest.raises(ValueError, match=r"q has length 0 along the time axis -3 \(shape"):
+        matrix_recurrence(q, q, v, q, method=method)

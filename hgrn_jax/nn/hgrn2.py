@@ -53,7 +53,7 @@ from flax import nnx
 
 from hgrn_jax.nn.checks import check_layer_input, check_mask, check_method, check_state
 from hgrn_jax.nn.initializers import dense
-from hgrn_jax.nn.lower_bounds import apply_log_lower_bound, apply_lower_bound
+from hgrn_jax.nn.lower_bounds import apply_log_lower_bound, bounded_decay_and_log
 from hgrn_jax.nn.norms import make_norm
 from hgrn_jax.ops import MATRIX_METHODS, matrix_recurrence
 from hgrn_jax.ops.common import accumulation_dtype
@@ -251,13 +251,12 @@ class HGRN2(_MatrixMixer):
     def gates(self, x, lower_bound):
         acc = accumulation_dtype(x.dtype)
         u, a, f = jnp.split(self.in_proj(x).astype(acc), 3, axis=-1)
-        lam = apply_lower_bound(nnx.sigmoid(f), lower_bound)
-        k = _heads(1.0 - lam, self.key_dim)
+        lam, log_lam = bounded_decay_and_log(f, lower_bound)
         return (
             _heads(nnx.sigmoid(a), self.key_dim),
-            k,
+            _heads(1.0 - lam, self.key_dim),
             _heads(nnx.silu(u), self.value_dim),
-            _heads(jnp.log(lam), self.key_dim),
+            _heads(log_lam, self.key_dim),
         )
 
     def output(self, o, x):

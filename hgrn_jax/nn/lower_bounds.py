@@ -72,6 +72,27 @@ def apply_lower_bound(forget: jax.Array, lower_bound: jax.Array | float | None) 
     return gamma + (1.0 - gamma) * forget
 
 
+def bounded_decay_and_log(
+    logits: jax.Array, lower_bound: jax.Array | float | None
+) -> tuple[jax.Array, jax.Array]:
+    """``lam = gamma + (1 - gamma) * sigmoid(logits)`` (..., d) as :func:`apply_lower_bound`
+    computes it (the official HGRN2 layer), and ``log lam``, finite with finite gradients for
+    every ``logits`` and every ``gamma`` in [0, 1].
+
+    ``log lam`` is ``log(lam)`` (the reference's value and gradients) wherever ``lam`` is a
+    normal number. Since ``lam >= gamma``, ``lam`` underflows (float32: ``logits`` below about
+    -87) only for ``gamma`` below the smallest normal number, which the arithmetic flushes to 0
+    (no bound, or the first layer of a schedule); there ``lam = sigmoid(logits)`` and its log
+    is ``log_sigmoid(logits)``. The gradient reaching ``gamma`` through ``log lam`` there, 1 /
+    ``lam``, is beyond the dtype's range and is dropped (the decay ``exp(log lam)`` is 0 either
+    way); the gradient through ``lam`` itself (the key ``1 - lam``) is kept.
+    """
+    lam = apply_lower_bound(jax.nn.sigmoid(logits), lower_bound)
+    normal = lam >= jnp.finfo(lam.dtype).tiny
+    log_lam = jnp.log(jnp.where(normal, lam, 1.0))
+    return lam, jnp.where(normal, log_lam, jax.nn.log_sigmoid(logits))
+
+
 def apply_log_lower_bound(
     log_forget: jax.Array, lower_bound: jax.Array | float | None
 ) -> jax.Array:

@@ -121,6 +121,11 @@ def default_matrix_method(length: int, platform: str | None = None) -> str:
 def _check_shapes(q, k, v, log_decay, h0) -> tuple[int, ...]:
     if q.ndim < 3:
         raise ValueError(f"q must be (..., length, heads, key_dim); got shape {q.shape}")
+    if q.shape[-3] == 0:
+        raise ValueError(
+            f"q has length 0 along the time axis -3 (shape {q.shape}); the recurrence needs at "
+            "least one step: skip the call for an empty sequence"
+        )
     if k.shape != q.shape or log_decay.shape != q.shape:
         raise ValueError(
             f"q, k and log_decay must share one shape (..., length, heads, key_dim); got "
@@ -155,7 +160,8 @@ def matrix_recurrence(
     """Outputs of the HGRN2 recurrence ``S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T``.
 
     Args:
-      q: queries ``(..., L, H, K)`` (HGRN2's output gate).
+      q: queries ``(..., L, H, K)`` (HGRN2's output gate); ``L >= 1`` (an empty sequence is a
+        ``ValueError``, as in :func:`~hgrn_jax.ops.linear_recurrence`).
       k: keys ``(..., L, H, K)`` (HGRN2's ``1 - lambda``).
       v: values ``(..., L, H, V)`` (HGRN2's input).
       log_decay: log forget gates ``(..., L, H, K)``, finite and ``<= 0`` (the chunked form
@@ -194,10 +200,6 @@ def matrix_recurrence(
     batch_shape = q.shape[:-3]
     length, heads, key_dim = q.shape[-3:]
     value_dim = v.shape[-1]
-    if length == 0:
-        o = jnp.zeros(v.shape, out_dtype)
-        last = jnp.zeros(state_shape, acc) if h0 is None else jnp.asarray(h0).astype(acc)
-        return (o, last) if return_last_state else o
     if chunk_size <= _SUB_CHUNK or length <= _SUB_CHUNK:
         chunk = min(chunk_size, length)
     else:  # a short sequence is one chunk, padded to whole sub-chunks
