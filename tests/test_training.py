@@ -617,6 +617,27 @@ def test_the_worked_example_of_docs_tasks_md_loads_as_module_dataset(monkeypatch
     assert np.array_equal(batch["labels"], (batch["inputs"] == 2).sum(axis=1) % 2)
 
 
+def test_a_module_dataset_tasks_model_rules_are_checked_before_the_workdir_is_written(
+    monkeypatch, tmp_path
+):
+    """A ``module:DATASET`` task gets the registry's early checks: a mixer option its model
+    cannot take stopped the run only after config.json was written (found by a user review)."""
+    doc = (REPO / "docs" / "tasks.md").read_text()
+    code = re.search(r"```python\n# hgrn_jax/tasks/parity.py\n(.*?)```", doc, re.S).group(1)
+    module = types.ModuleType("parity_example")
+    monkeypatch.setitem(sys.modules, "parity_example", module)
+    exec(compile(code, "docs/tasks.md", "exec"), module.__dict__)
+    config = importlib.import_module("experiments.configs.lra.listops").get_config("tiny")
+    config = config.copy_and_resolve_references()
+    config.task = "parity_example:DATASET"
+    config.data.source, config.model.vocab_size, config.model.num_classes = "synthetic", 0, 2
+    with config.unlocked():
+        config.model.mixer.expand_ratio = 5
+    with pytest.raises(ValueError, match="expand_ratio"):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 class _LossFnTask(ToyTask):
     """The toy task with its loss_fn's output passed through ``self.change``."""
 

@@ -58,15 +58,21 @@ def model_config(config) -> Any:
     return base.model_config(entry.derive(config), entry.model)
 
 
-def check_model_sizes(config) -> None:
+def registered_dataset(config) -> Dataset | None:
+    """The registry entry of ``config.task``; None for another name (``module:factory``)."""
+    return DATASETS.get(str(config.get("task", "")))
+
+
+def check_model_sizes(config, entry: Dataset | None = None) -> None:
     """Raise ValueError naming ``config.model.<key>`` when a model size is below 1
     (:func:`base.check_model_sizes`): as the config sets it (0: from the data) and, for a task
-    of the registry, as its data source fills it in (no data read); for a task of the registry
-    also a mixer option its model would not honour or a mixer without the model's direction
+    with a :class:`Dataset` (``entry``, by default the registry's; a ``module:DATASET`` one's
+    passed in), as its data source fills it in (no data read); for such a task also a mixer
+    option its model would not honour or a mixer without the model's direction
     (:func:`base.check_mixer_options`; the settings it drops are warned of once, as the model is
     built)."""
     base.check_model_sizes(config.get("model", None))
-    entry = DATASETS.get(str(config.get("task", "")))
+    entry = entry or registered_dataset(config)
     if entry is not None:
         base.check_mixer_options(config.get("model", None), causal=entry.model.causal, warn=False)
         # A vocabulary size of 0 is still left to the data after deriving: the task reads it
@@ -77,13 +83,14 @@ def check_model_sizes(config) -> None:
         )
 
 
-def check_model_and_settings(config) -> None:
+def check_model_and_settings(config, entry: Dataset | None = None) -> None:
     """What a run can check of ``config`` without its data, before it writes anything, beyond
-    :func:`check_model_sizes` (which it assumes passed): for a task of the registry, every rule
-    of its model's config class (built from the derived config, its warnings left to the
-    model's build) and the settings its data source does not read (a data folder, a label
-    smoothing). Each a ValueError naming the key and the fix."""
-    entry = DATASETS.get(str(config.get("task", "")))
+    :func:`check_model_sizes` (which it assumes passed): for a task with a :class:`Dataset`
+    (``entry``, as in :func:`check_model_sizes`), every rule of its model's config class (built
+    from the derived config, its warnings left to the model's build) and the settings its data
+    source does not read (a data folder, a label smoothing). Each a ValueError naming the key
+    and the fix."""
+    entry = entry or registered_dataset(config)
     if entry is None:
         return
     derived = entry.derive(config)

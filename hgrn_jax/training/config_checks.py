@@ -206,15 +206,28 @@ def check_config_values(config: Any) -> None:
 
     check_run_lengths(config)
     check_seed(config)
-    registry.check_model_sizes(config)
-    if str(config.get("task", "")) in registry.DATASETS:
+    entry = _dataset_entry(config)
+    registry.check_model_sizes(config, entry)
+    if entry is not None:
         base.activation_dtype(config.get("dtype", "float32"))
     optim.check_optimizer_config(config)
     check_mesh_and_batches(config)
-    registry.check_model_and_settings(config)  # after the runner's own, which name the flags
+    registry.check_model_and_settings(config, entry)  # after the runner's own, which name flags
     data = config.get("data", None)
     if hasattr(data, "get"):
         grain_pipeline.resolve_worker_count(data.get("workers", 0))  # checks data.workers
+
+
+def _dataset_entry(config: Any) -> Any:
+    """The :class:`~hgrn_jax.tasks.base.Dataset` of ``config.task``: the registry's, or the one a
+    ``module:DATASET`` names; None for a ``module:factory`` task."""
+    from hgrn_jax.tasks import base, registry
+    from hgrn_jax.training.task_choice import task_factory
+
+    factory = task_factory(config) if hasattr(config, "get") and config.get("task") else None
+    if isinstance(factory, base.Dataset):
+        return factory
+    return registry.registered_dataset(config) if hasattr(config, "get") else None
 
 
 def time_budget(config: Any) -> float:
