@@ -599,9 +599,9 @@ def test_a_task_that_cannot_be_found_stops_before_the_workdir(tmp_path, name, ex
     assert not (tmp_path / "run").exists()
 
 
-def test_the_worked_example_of_docs_tasks_md_loads_as_module_dataset(monkeypatch, tmp_path):
-    """docs/tasks.md's parity module, kept outside the package, trains through
-    config.task="module:DATASET" (calling its Dataset was a TypeError traceback)."""
+def _worked_example_config(monkeypatch):
+    """The tiny ListOps config on docs/tasks.md's parity module, imported as parity_example
+    (outside the package), as ``config.task="parity_example:DATASET"``."""
     doc = (REPO / "docs" / "tasks.md").read_text()
     code = re.search(r"```python\n# hgrn_jax/tasks/parity.py\n(.*?)```", doc, re.S).group(1)
     module = types.ModuleType("parity_example")
@@ -611,6 +611,13 @@ def test_the_worked_example_of_docs_tasks_md_loads_as_module_dataset(monkeypatch
     config = config.copy_and_resolve_references()
     config.task = "parity_example:DATASET"
     config.data.source, config.model.vocab_size, config.model.num_classes = "synthetic", 0, 2
+    return config
+
+
+def test_the_worked_example_of_docs_tasks_md_loads_as_module_dataset(monkeypatch, tmp_path):
+    """docs/tasks.md's parity module, kept outside the package, trains through
+    config.task="module:DATASET" (calling its Dataset was a TypeError traceback)."""
+    config = _worked_example_config(monkeypatch)
     task = resolve_task(config)
     assert task.name == "parity" and task.config.model.vocab_size == 3
     batch = next(task.eval_batches("val"))
@@ -622,15 +629,7 @@ def test_a_module_dataset_tasks_model_rules_are_checked_before_the_workdir_is_wr
 ):
     """A ``module:DATASET`` task gets the registry's early checks: a mixer option its model
     cannot take stopped the run only after config.json was written (found by a user review)."""
-    doc = (REPO / "docs" / "tasks.md").read_text()
-    code = re.search(r"```python\n# hgrn_jax/tasks/parity.py\n(.*?)```", doc, re.S).group(1)
-    module = types.ModuleType("parity_example")
-    monkeypatch.setitem(sys.modules, "parity_example", module)
-    exec(compile(code, "docs/tasks.md", "exec"), module.__dict__)
-    config = importlib.import_module("experiments.configs.lra.listops").get_config("tiny")
-    config = config.copy_and_resolve_references()
-    config.task = "parity_example:DATASET"
-    config.data.source, config.model.vocab_size, config.model.num_classes = "synthetic", 0, 2
+    config = _worked_example_config(monkeypatch)
     with config.unlocked():
         config.model.mixer.expand_ratio = 5
     with pytest.raises(ValueError, match="expand_ratio"):
