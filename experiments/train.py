@@ -136,7 +136,7 @@ def main(argv: list[str]) -> None:
         cli.fail(f"unexpected arguments {argv[1:]}; options look like --config.key=value")
     cli.check_config_file()
     cli.check_overrides()
-    cli.drop_the_paper_number_of_another_task()
+    cli.quote_the_right_paper_number()
     if not flags.FLAGS["verbosity"].present:
         from absl import logging as absl_logging
 

@@ -1286,32 +1286,84 @@ def test_an_epochs_override_alone_is_refused():
     assert cli.unread_override({"batch_size": 16}) is None
 
 
-def test_a_task_override_drops_the_paper_number_of_the_file_s_task():
-    """--config.task=text over listops.py quoted ListOps's paper accuracy (59.95) as the text
-    run's in results.json and its last line; it is now 0 (not known), with a note, unless
-    --config.paper.value is given too."""
+def _listops_tiny() -> ml_collections.ConfigDict:
+    return importlib.import_module("experiments.configs.lra.listops").get_config("tiny")
+
+
+def test_the_quoted_paper_number_is_the_one_of_the_run_s_task_and_model(tmp_path):
+    """results.json quoted the config file's paper number whatever the run was: a config file
+    copied from listops.py with its task set to a factory task, or with an HGRN2 mixer, quoted
+    HGRN's ListOps 59.95 (only --config.task had been caught). The number is now the papers'
+    for the run's own task and mixer kind, or none, each change with a one-line note."""
     from experiments import cli
 
-    def listops_as(task):
-        config = importlib.import_module("experiments.configs.lra.listops").get_config("tiny")
-        config.task = task
-        return config
-
-    config = listops_as("text")
-    note = cli.drop_paper_number(config, {"task": "text"}, "listops")
-    assert config.paper.value == 0.0 and note == (
-        "note: --config.task='text' overrides the config file's task 'listops': results.json "
-        "quotes no paper number (59.95 is the paper's listops); set --config.paper.value to "
-        "quote one"
+    copy = tmp_path / "my_config.py"
+    copy.write_text(
+        "from experiments.configs.lra import listops\n\n\n"
+        "def get_config(preset=None):\n"
+        "    c = listops.get_config('tiny')\n"
+        "    c.task = 'myparity:make_task'\n"
+        "    return c\n"
     )
-    for task, overrides in (
-        ("text", {"task": "text", "paper.value": 59.95}),  # the user gives the number
-        ("listops", {"task": "listops"}),  # the file's own task
-        ("text", {"batch_size": 4}),  # the task not overridden
-    ):
-        config = listops_as(task)
-        assert cli.drop_paper_number(config, overrides, "listops") is None
-        assert config.paper.value == 59.95
+    config = cli._parse_config_file(str(copy))
+    note = cli.quote_the_runs_paper_number(config, {})
+    assert config.paper.value == 0.0 and note == (
+        "note: results.json quotes no paper number: no paper reports the hgrn model on task "
+        "'myparity:make_task' (config.paper.value=59.95 is another run's); set "
+        "--config.paper.value to quote one"
+    )
+
+    config = _listops_tiny()
+    config.model.mixer.kind = "hgrn2"
+    note = cli.quote_the_runs_paper_number(config, {"model.mixer.kind": "hgrn2"})
+    assert config.paper.value == 60.52  # HGRN2's ListOps (experiments/configs/hgrn2/lra.py)
+    assert note == (
+        "note: results.json quotes 60.52, the paper's number for the hgrn2 model on task "
+        "'listops', not config.paper.value=59.95 (another run's)"
+    )
+
+    config = _listops_tiny()
+    config.task = "text"  # --config.task=text over listops.py: HGRN's Text
+    assert cli.quote_the_runs_paper_number(config, {"task": "text"}) is not None
+    assert config.paper.value == 88.14
+
+    config = _listops_tiny()
+    config.model.mixer.kind = "attention"  # the baseline: no paper reports it
+    assert cli.quote_the_runs_paper_number(config, {}) is not None
+    assert config.paper.value == 0.0
+
+    config = _listops_tiny()
+    config.task, config.paper.value = "text", 70.0  # the user gives the number: kept
+    assert cli.quote_the_runs_paper_number(config, {"task": "text", "paper.value": 70.0}) is None
+    assert config.paper.value == 70.0
+
+    config = toy_config()  # the user's own task and number, marked as no other run's: kept
+    assert cli.quote_the_runs_paper_number(config, {}) is None and config.paper.value == 50.0
+
+    config = _listops_tiny()
+    config.model.features = 64  # another width: LRA's numbers do not depend on it
+    assert cli.quote_the_runs_paper_number(config, {}) is None and config.paper.value == 59.95
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["lra.listops", "lra.pathx", "imagenet.tiny", "imagenet.small", "lm.wikitext103"]
+    + [f"hgrn2.{task}" for task in ("listops", "image", "wikitext103")],
+)
+def test_every_shipped_preset_quotes_its_own_paper_number(module):
+    """The configs' own numbers agree with the rule, so that a run of a shipped preset gets no
+    note (the ImageNet tiny presets, d 32, had quoted the d 192 and d 384 models' numbers)."""
+    from experiments import cli
+
+    config_module = importlib.import_module(f"experiments.configs.{module}")
+    for preset in (None, "tiny", "transformer", "tiny_transformer"):
+        try:
+            config = config_module.get_config(preset)
+        except ValueError:  # no such preset for this file
+            continue
+        value = config.paper.value
+        assert cli.quote_the_runs_paper_number(config, {}) is None, (module, preset)
+        assert config.paper.value == value
 
 
 def test_one_line_joins_a_heading_to_its_list_with_a_space():
