@@ -544,7 +544,7 @@ class _F1Task(ToyTask):
         (_NoEvalTask, r"'user_tasks:factory' gave a _NoEvalTask without eval_batches; a task"),
         (lambda config: None, r"gave a NoneType without build_model, .*, name, metric"),
         (_F1Task, r"gave a task whose metric is 'f1'; set its metric to 'accuracy' or 'perp"),
-        (42, r"'user_tasks:factory' is a int that cannot be called with the config alone"),
+        (42, r"'user_tasks:factory' is an int that cannot be called with the config alone"),
         (lambda: ToyTask(toy_config()), r"is a function that cannot be called with the config"),
     ],
 )
@@ -597,6 +597,26 @@ def test_the_worked_example_of_docs_tasks_md_loads_as_module_dataset(monkeypatch
     assert task.name == "parity" and task.config.model.vocab_size == 3
     batch = next(task.eval_batches("val"))
     assert np.array_equal(batch["labels"], (batch["inputs"] == 2).sum(axis=1) % 2)
+
+
+def test_the_data_source_named_is_the_one_the_task_reads(monkeypatch):
+    """A factory's task (which reads what it reads) was said to read the ``data.source`` its
+    config carried over (``task myparity: data source 'generated'``); it names none now, unless
+    it has a ``data_source`` of its own. A ``module:DATASET`` and the registry's tasks read
+    ``data.source``."""
+    from hgrn_jax.training.task_choice import data_source
+
+    config = _listops_tiny()  # data.source "generated"
+    assert data_source(config, None) == "generated"
+    config.task = _user_module(monkeypatch, factory=ToyTask) + ":factory"
+    assert data_source(config, ToyTask(toy_config())) is None
+    named = types.SimpleNamespace(data_source="my_files")
+    assert data_source(config, named) == "my_files"
+    module = types.ModuleType("dataset_module")
+    module.DATASET = importlib.import_module("hgrn_jax.tasks.registry").DATASETS["listops"]
+    monkeypatch.setitem(sys.modules, "dataset_module", module)
+    config.task, config.data.source = "dataset_module:DATASET", "synthetic"
+    assert data_source(config, None) == "synthetic"
 
 
 class _LossFnTask(ToyTask):
@@ -979,6 +999,7 @@ def test_run_writes_the_contract_files(uninterrupted):
     } <= set(results)
     assert results["steps"] == 12 and results["devices"] == 8 and results["process_count"] == 1
     assert results["paper"] == 50.0 and results["metric"] == "accuracy"
+    assert results["data_source"] is None  # a factory's task: it names none
     config = json.loads((workdir / "config.json").read_text())
     assert config["num_train_steps"] == 12 and config["optimizer"]["name"] == "adamw"
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
