@@ -39,6 +39,32 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
     sys.exit(code)
 
 
+def where_raised(error: BaseException) -> str:
+    """`` (raised in FILE:LINE in FUNCTION)``: the innermost frame of ``error``'s traceback in
+    the user's own code (a task module's ``loss_fn``, say), that is in a file outside the
+    ``hgrn_jax`` and ``experiments`` packages, Python's library and the installed packages
+    (JAX's checks name no caller: ``indices and arr must have the same number of
+    dimensions``); "" when every frame is in those."""
+    import sysconfig
+
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    not_users = {os.path.join(root, "hgrn_jax"), os.path.join(root, "experiments")}
+    library = ("stdlib", "platstdlib", "purelib", "platlib")
+    not_users |= {os.path.realpath(sysconfig.get_paths()[name]) for name in library}
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        path = os.path.realpath(frame.filename)
+        parts = path.split(os.sep)
+        if (
+            frame.filename.startswith("<")
+            or "site-packages" in parts
+            or "dist-packages" in parts
+            or any(path.startswith(folder + os.sep) for folder in not_users)
+        ):
+            continue
+        return f" (raised in {frame.filename}:{frame.lineno} in {frame.name})"
+    return ""
+
+
 def warning_line(message: Warning | str, category: type[Warning]) -> str:
     """``warning: <Category>: <message on one line>`` (in a pod, the processes other than 0
     prefix it with ``[process N]``: :func:`hgrn_jax.training.podlog.quiet_secondary_processes`

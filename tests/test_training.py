@@ -653,6 +653,72 @@ def test_a_loss_fn_of_the_wrong_structure_stops_at_the_first_step(tmp_path, chan
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
+BROKEN_LOSS = """\
+import jax.numpy as jnp
+from toy_task import ToyTask
+
+
+class BrokenLoss(ToyTask):
+    def loss_fn(self, model, batch, *, train):
+        logits = model(batch["inputs"])
+        jnp.take_along_axis(logits, batch["labels"], axis=-1)  # labels (B,), logits (B, C)
+        return super().loss_fn(model, batch, train=train)
+
+
+def make_task(config):
+    return BrokenLoss(config)
+"""
+
+
+def test_a_value_error_in_the_user_s_task_module_names_its_line(monkeypatch, tmp_path):
+    """The runner prints a ValueError as one line; one raised by JAX under a user's loss_fn
+    named no file (``indices and arr must have the same number of dimensions; 2 vs. 1``). The
+    line now ends with the innermost frame of the user's code; a ValueError of the package's
+    own (the loss's structure check) gets none."""
+    from experiments import cli
+
+    (tmp_path / "tasks").mkdir()
+    module = tmp_path / "tasks" / "broken_loss.py"
+    module.write_text(BROKEN_LOSS)
+    monkeypatch.syspath_prepend(str(tmp_path / "tasks"))
+    config = toy_config()
+    config.task = "broken_loss:make_task"
+    with pytest.raises(ValueError, match="same number of dimensions") as caught:
+        train_and_evaluate(config, tmp_path / "run")
+    # As experiments.train catches it: without this test's own frame.
+    error = caught.value.with_traceback(caught.value.__traceback__.tb_next)
+    line = next(i for i, text in enumerate(BROKEN_LOSS.splitlines(), 1) if "take_along" in text)
+    assert cli.where_raised(error) == f" (raised in {module}:{line} in loss_fn)"
+
+    config = toy_config()
+    task = _LossFnTask(config, lambda loss, sums: loss)
+    with pytest.raises(ValueError, match="loss_fn returned an array") as caught:
+        train_and_evaluate(config, tmp_path / "run2", task=task)
+    assert cli.where_raised(caught.value.with_traceback(caught.value.__traceback__.tb_next)) == ""
+
+
+@pytest.mark.slow  # experiments.train in a subprocess: 5-12 s
+def test_the_runner_s_one_line_error_names_the_user_s_line(tmp_path):
+    """What experiments.train prints for the ValueError of the test above."""
+    (tmp_path / "broken_loss.py").write_text(BROKEN_LOSS)
+    env = cli_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    proc = subprocess.run(
+        _train_command(tmp_path / "run", "--config.task=broken_loss:make_task"),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    line = next(i for i, text in enumerate(BROKEN_LOSS.splitlines(), 1) if "take_along" in text)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1].endswith(
+        f"dimensions; 1 vs. 2 (raised in {tmp_path / 'broken_loss.py'}:{line} in loss_fn) "
+        "(rerun with --traceback for details)"
+    )
+
+
 class _ShortBatchTask(ToyTask):
     """Yields one row too few from step ``short_from`` on."""
 
