@@ -39,6 +39,32 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
     sys.exit(code)
 
 
+def where_raised(error: BaseException) -> str:
+    """`` (raised in FILE:LINE in FUNCTION)``: the innermost frame of ``error``'s traceback in
+    the user's own code (a task module's ``loss_fn``, say), that is in a file outside the
+    ``hgrn_jax`` and ``experiments`` packages, Python's library and the installed packages
+    (JAX's checks name no caller: ``indices and arr must have the same number of
+    dimensions``); "" when every frame is in those."""
+    import sysconfig
+
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    not_users = {os.path.join(root, "hgrn_jax"), os.path.join(root, "experiments")}
+    library = ("stdlib", "platstdlib", "purelib", "platlib")
+    not_users |= {os.path.realpath(sysconfig.get_paths()[name]) for name in library}
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        path = os.path.realpath(frame.filename)
+        parts = path.split(os.sep)
+        if (
+            frame.filename.startswith("<")
+            or "site-packages" in parts
+            or "dist-packages" in parts
+            or any(path.startswith(folder + os.sep) for folder in not_users)
+        ):
+            continue
+        return f" (raised in {frame.filename}:{frame.lineno} in {frame.name})"
+    return ""
+
+
 def warning_line(message: Warning | str, category: type[Warning]) -> str:
     """``warning: <Category>: <message on one line>`` (in a pod, the processes other than 0
     prefix it with ``[process N]``: :func:`hgrn_jax.training.podlog.quiet_secondary_processes`
@@ -107,37 +133,61 @@ def check_overrides() -> None:
         fail(message, EXIT_USAGE)
 
 
-def drop_paper_number(config: Any, overrides: Mapping[str, Any], file_task: str) -> str | None:
-    """``--config.task=X`` over a config file of another task (``file_task``): the file's
-    ``paper.value`` is its own task's number, which results.json and the final line would quote
-    for X. Sets it to 0 (not known) in ``config`` and returns the one-line note saying so, unless
-    ``--config.paper.value`` is given too (``overrides``: ``get_override_values``); else None."""
+def _mixer_kind(config: Any) -> str:
+    """``config.model.mixer.kind``; ``"hgrn"`` (the paper's model) when the config has none."""
+    model = config.get("model", None)
+    mixer = model.get("mixer", None) if hasattr(model, "get") else None
+    return str(mixer.get("kind", "hgrn")) if hasattr(mixer, "get") else "hgrn"
+
+
+def quote_the_runs_paper_number(config: Any, overrides: Mapping[str, Any]) -> str | None:
+    """Make ``config.paper`` (which results.json and the final line quote) belong to the run's
+    own task and model (``model.mixer.kind``), whichever way the config came to differ from the
+    file it was copied from (a config file, ``--config.task``, ``--config.model.mixer.kind``).
+    For a task of the papers (:data:`experiments.papers.PAPER_TASKS`) the numbers become the
+    papers' (:func:`experiments.papers.paper_of`), or 0 (none) where no paper has that run;
+    for another task, numbers that the config marks (``paper.task``, ``paper.mixer``) as of
+    another run become 0, and unmarked ones (the user's) stay. ``--config.paper.value`` (in
+    ``overrides``: ``get_override_values``) is left as given. Returns the one-line note saying
+    what changed and why, or None when nothing did."""
+    from experiments.papers import PAPER_TASKS, paper_of
+
     paper = config.get("paper", None) if hasattr(config, "get") else None
-    if (
-        "task" not in overrides
-        or "paper.value" in overrides
-        or not getattr(paper, "value", 0)
-        or config.task == file_task
-    ):
+    if not hasattr(paper, "get") or "paper.value" in overrides:
         return None
-    note = (
-        f"note: --config.task={config.task!r} overrides the config file's task {file_task!r}: "
-        f"results.json quotes no paper number ({paper.value} is the paper's {file_task}); set "
-        "--config.paper.value to quote one"
+    task, kind = str(config.task), _mixer_kind(config)
+    model = config.get("model", None)
+    features = model.get("features", None) if hasattr(model, "get") else None
+    quoted = paper.get("value", 0)
+    origin = (paper.get("task", task), paper.get("mixer", kind))
+    if task in PAPER_TASKS:
+        right = paper_of(task, kind, features) or {}
+    elif origin != (task, kind):
+        right = {}
+    else:
+        return None
+    if right.get("value", 0) == quoted:
+        return None
+    for key in ("value", "val_value", "num_params"):
+        if key in paper:
+            paper[key] = type(paper[key])(right.get(key, 0))
+    width = f" at width {features}" if task == "imagenet" else ""
+    run = f"the {kind} model on task {task!r}{width}"
+    if right:
+        return (
+            f"note: results.json quotes {right['value']}, the paper's number for {run}, not "
+            f"config.paper.value={quoted} (another run's)"
+        )
+    return (
+        f"note: results.json quotes no paper number: no paper reports {run} "
+        f"(config.paper.value={quoted} is another run's); set --config.paper.value to quote one"
     )
-    paper.value = type(paper.value)(0)
-    return note
 
 
-def drop_the_paper_number_of_another_task() -> None:
-    """:func:`drop_paper_number` for the parsed ``--config``, printing its note."""
+def quote_the_right_paper_number() -> None:
+    """:func:`quote_the_runs_paper_number` for the parsed ``--config``, printing its note."""
     flag = flags.FLAGS["config"]
-    overrides = config_flags.get_override_values(flag)
-    if "task" not in overrides:
-        return
-    path = config_flags.get_config_filename(flag)  # path.py[:PRESET]
-    as_written = _parse_config_file(path)
-    note = drop_paper_number(flag.value, overrides, str(as_written.get("task")))
+    note = quote_the_runs_paper_number(flag.value, config_flags.get_override_values(flag))
     if note is not None:
         print(note, file=sys.stderr, flush=True)
 

@@ -5,8 +5,10 @@
 three markdown tables (Long Range Arena with its average, ImageNet-1k, WikiText-103) with the
 paper's numbers (from the paper-setting configs) and each run's test result at its best
 validation step (the LRA average uses the first run of each task, in path order; runs of other
-models, the Transformer baseline or HGRN2, are marked and averaged apart, each beside its own
-paper numbers: HGRN2's from its paper, over its five tasks; none for the baseline), and writes the
+models, the Transformer baseline or HGRN2, are marked and have LRA tables and averages of their
+own, each beside its own paper numbers: HGRN2's from its paper, over its five tasks; none for the
+baseline). Which paper number a run is set beside follows from its config.json (task, mixer kind,
+width), never from the ``paper`` field of its results.json. It also writes the
 runs' loss and accuracy/perplexity against step, or with ``--x time`` against training wall time
 (time-to-accuracy: runs of different models side by side), from each ``metrics.jsonl``, to a PNG
 (default ``DIR/curves.png`` of the first folder).
@@ -15,14 +17,14 @@ A run whose results.json is corrupt or incomplete is left out with a warning and
 reported; when the default PNG place cannot be written (a read-only run folder) the curves go to
 the temporary folder instead, and the message says where.
 
-Runs on generated or synthetic data (the ``tiny`` presets) are marked as such: their numbers
-show that the pipeline works, not how the model compares with the paper.
+Runs on generated or synthetic data (the ``tiny`` presets) are marked as such, ``(generated
+data)`` or ``(synthetic data)``: their numbers show that the pipeline works, not how the model
+compares with the paper.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -32,7 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
+from experiments.papers import (
+    IMAGENET_SIZES,
+    LRA_TASKS,
+    lra_paper_accuracy,
+    lra_tasks_of,
+    paper_numbers,
+)
+
 LRA_NAMES = {
     "listops": "ListOps",
     "text": "Text",
@@ -41,9 +50,6 @@ LRA_NAMES = {
     "pathfinder": "Pathfinder",
     "pathx": "Path-X",
 }
-# HGRN2's Path-X (98.12 in its paper) runs Hgru2_2d_series, which we do not have: no config.
-HGRN2_LRA_TASKS = LRA_TASKS[:-1]
-IMAGENET_SIZES = {192: "HGRN-Tiny", 384: "HGRN-Small"}
 
 
 @dataclass
@@ -64,9 +70,18 @@ class Run:
         return str(self.path)
 
     @property
-    def generated_data(self) -> bool:
+    def data_source(self) -> str | None:
+        """The ``data.source`` the run's task read: results.json's ``data_source`` (None for a
+        ``module:factory`` task, which reads what it reads); for a run older than that field,
+        config.json's ``data.source`` when the task is one of the package's (a factory's
+        config may carry a source it never read)."""
+        if "data_source" in self.results:
+            source = self.results["data_source"]
+            return None if source is None else str(source)
+        if ":" in str(self.config.get("task", self.task)):
+            return None
         source = self.config.get("data", {}).get("source")
-        return source in ("generated", "synthetic")
+        return None if source is None else str(source)
 
     @property
     def model_width(self) -> int | None:
@@ -192,40 +207,6 @@ def find_runs(folders: list[str | Path], *, skip_broken: bool = False) -> list[R
     return sorted(runs, key=lambda r: str(r.path))
 
 
-# ----------------------------------------------------------------------------- paper numbers
-
-
-def _paper(module: str) -> dict[str, Any]:
-    config = importlib.import_module(f"experiments.configs.{module}").get_config()
-    return config.paper.to_dict()
-
-
-def paper_numbers() -> dict[str, dict[str, Any]]:
-    """The paper's numbers, read from the paper-setting configs (one source of truth): HGRN's
-    by task name, and HGRN2's LRA rows (no Path-X) under ``"hgrn2"``."""
-    numbers = {task: _paper(f"lra.{task}") for task in LRA_TASKS}
-    numbers["imagenet-tiny"] = _paper("imagenet.tiny")
-    numbers["imagenet-small"] = _paper("imagenet.small")
-    numbers["wikitext103"] = _paper("lm.wikitext103")
-    numbers["hgrn2"] = {task: _paper(f"hgrn2.{task}") for task in HGRN2_LRA_TASKS}
-    return numbers
-
-
-def lra_paper_accuracy(paper: dict[str, dict[str, Any]], kind: str, task: str) -> float | None:
-    """The paper's LRA accuracy of the model with mixer ``kind`` on ``task``; None where the
-    is none (the Transformer baseline at our settings; HGRN2's Path-X, which we cannot run)."""
-    if kind == "hgrn":
-        return paper[task]["value"]
-    if kind == "hgrn2" and task in paper["hgrn2"]:
-        return paper["hgrn2"][task]["value"]
-    return None
-
-
-def lra_tasks_of(kind: str) -> tuple[str, ...]:
-    """The LRA tasks a model's average is taken over: HGRN2 has no Path-X config."""
-    return HGRN2_LRA_TASKS if kind == "hgrn2" else LRA_TASKS
-
-
 # ----------------------------------------------------------------------------- tables
 
 
@@ -246,10 +227,17 @@ def _model_name(kind: str) -> str:
     return MIXER_NAMES.get(kind, kind)
 
 
+# Data made up by the package (docs/data.md): "generated" is ListOps's set of LRA's
+# specification, "synthetic" the small stand-ins of the tiny presets. Their numbers show that the
+# pipeline works, not how the model compares with the paper.
+STAND_IN_SOURCES = ("generated", "synthetic")
+
+
 def _note(run: Run) -> str:
-    """The run's folder, marked when its data were generated or its model is not HGRN."""
+    """The run's folder, marked when its data were generated or synthetic, or its model is not
+    HGRN."""
     marks = [_model_name(run.mixer)] if run.mixer != "hgrn" else []
-    marks += ["generated data"] if run.generated_data else []
+    marks += [f"{run.data_source} data"] if run.data_source in STAND_IN_SOURCES else []
     return f"{run.label}" + "".join(f" ({mark})" for mark in marks)
 
 
@@ -259,39 +247,51 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def lra_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
-    """ListOps ... Path-X and the average: paper accuracy and each run's test/val accuracy."""
+def lra_tables(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
+    """One Long Range Arena table per model, HGRN's first, then any other's that has runs
+    (HGRN2, the Transformer baseline): each beside its own paper's numbers, with its own
+    average, so that no column mixes two papers."""
+    run_kinds = {run.mixer for run in runs if run.task in LRA_TASKS}
+    kinds = ["hgrn", *sorted(run_kinds - {"hgrn"})]
+    return "\n\n".join(
+        _lra_table(kind, [run for run in runs if run.mixer == kind], paper) for kind in kinds
+    )
+
+
+def _lra_table(kind: str, runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
+    """ListOps ... Path-X and the average of the model with mixer ``kind``: the paper's accuracy
+    and each of ``runs``'s test/val accuracy; a task without runs has its paper row, if any."""
     header = ["Task", "Paper acc. (%)", "Ours test (%)", "Ours best val (%)", "Steps", "Run"]
-    rows, ours = [], {"hgrn": {}}  # mixer kind -> task -> test accuracy of its first run
+    rows, tests = [], {}  # task -> test accuracy of its first run
     for task in LRA_TASKS:
         task_runs = [r for r in runs if r.task == task]
-        if not task_runs:
-            rows.append([LRA_NAMES[task], _fmt(paper[task]["value"]), "—", "—", "—", "—"])
+        paper_accuracy = _fmt(lra_paper_accuracy(paper, kind, task))
+        if not task_runs and paper_accuracy != "—":
+            rows.append([LRA_NAMES[task], paper_accuracy, "—", "—", "—", "—"])
         for run in task_runs:
             rows.append(
                 [
                     LRA_NAMES[task],
-                    _fmt(lra_paper_accuracy(paper, run.mixer, task)),
+                    paper_accuracy,
                     _fmt(run.results.get("test")),
                     _fmt(run.results.get("best_val")),
                     str(run.results.get("steps", "—")),
                     _note(run),
                 ]
             )
-            ours.setdefault(run.mixer, {}).setdefault(task, run.results.get("test"))
-    for kind, tests in ours.items():  # one average per model: HGRN's, then any other's
-        tasks = lra_tasks_of(kind)
-        papers = [lra_paper_accuracy(paper, kind, t) for t in tasks]
-        paper_avg = None if None in papers else sum(papers) / len(tasks)
-        scores = [tests.get(t) for t in tasks]
-        if all(v is not None for v in scores):
-            our_avg = _fmt(sum(float(v) for v in scores) / len(tasks))
-        else:
-            run = sum(t in tests for t in tasks)
-            our_avg = f"— ({run}/{len(tasks)} tasks run)"
-        name = "**Average**" + ("" if kind == "hgrn" else f" ({_model_name(kind)})")
-        rows.append([name, _fmt(paper_avg), our_avg, "", "", ""])
-    return "### Long Range Arena (accuracy)\n\n" + _table(header, rows)
+            tests.setdefault(task, run.results.get("test"))
+    tasks = lra_tasks_of(kind)
+    papers = [lra_paper_accuracy(paper, kind, t) for t in tasks]
+    paper_avg = None if None in papers else sum(papers) / len(tasks)
+    scores = [tests.get(t) for t in tasks]
+    if all(v is not None for v in scores):
+        our_avg = _fmt(sum(float(v) for v in scores) / len(tasks))
+    else:
+        our_avg = f"— ({sum(t in tests for t in tasks)}/{len(tasks)} tasks run)"
+    name = "**Average**" + ("" if kind == "hgrn" else f" ({_model_name(kind)})")
+    rows.append([name, _fmt(paper_avg), our_avg, "", "", ""])
+    model = "" if kind == "hgrn" else f", {_model_name(kind)}"
+    return f"### Long Range Arena{model} (accuracy)\n\n" + _table(header, rows)
 
 
 def _is_paper_imagenet_run(run: Run) -> bool:
@@ -393,7 +393,7 @@ def other_table(runs: list[Run]) -> str | None:
 
 def markdown_report(runs: list[Run]) -> str:
     paper = paper_numbers()
-    parts = [lra_table(runs, paper), imagenet_table(runs, paper), wikitext_table(runs, paper)]
+    parts = [lra_tables(runs, paper), imagenet_table(runs, paper), wikitext_table(runs, paper)]
     extra = other_table(runs)
     if extra:
         parts.append(extra)

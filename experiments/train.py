@@ -21,7 +21,8 @@ which; rerun to resume); 1 the loss became NaN/inf (the message gives the step);
 a bad flag, config file or value, missing or malformed data, a workdir that is in use (another
 run holds ``workdir/run.lock``), not writable or holds a run with an incompatible config (see
 ``--config.resume``), or a checkpoint that cannot be read. User errors print one line naming the
-file or key and the fix; ``--traceback`` shows the full traceback instead. Ctrl-C (SIGINT) in the
+file or key and the fix (one raised under the user's own code, a task module's ``loss_fn`` say,
+ends with ``(raised in FILE:LINE in FUNCTION)``); ``--traceback`` shows the full traceback instead. Ctrl-C (SIGINT) in the
 training loop stops after the step, saves a checkpoint and ends by SIGINT (status 130); a second
 Ctrl-C, or one before or after the loop, stops at once (the last complete checkpoint is kept).
 
@@ -136,7 +137,7 @@ def main(argv: list[str]) -> None:
         cli.fail(f"unexpected arguments {argv[1:]}; options look like --config.key=value")
     cli.check_config_file()
     cli.check_overrides()
-    cli.drop_the_paper_number_of_another_task()
+    cli.quote_the_right_paper_number()
     if not flags.FLAGS["verbosity"].present:
         from absl import logging as absl_logging
 
@@ -194,7 +195,10 @@ def main(argv: list[str]) -> None:
             _stop_on_lost_peer(error, config)
         if _TRACEBACK.value:
             raise
-        cli.fail(f"{type(error).__name__}: {error} (rerun with --traceback for details)")
+        cli.fail(
+            f"{type(error).__name__}: {error}{cli.where_raised(error)} (rerun with --traceback "
+            "for details)"
+        )
     except jax.errors.JaxRuntimeError as error:
         if not _pod_collective_failure(error):
             raise

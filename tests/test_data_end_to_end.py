@@ -88,6 +88,4 @@ def test_imagenet_small_tiny_preset_is_the_trained_one():
     from experiments.configs.imagenet import small, tiny
 
     small_tiny, tiny_tiny = small.get_config("tiny").to_dict(), tiny.get_config("tiny").to_dict()
-    assert small_tiny.pop("paper")["value"] == 80.09
-    tiny_tiny.pop("paper")
-    assert small_tiny == tiny_tiny
+    assert small_tiny == tiny_tiny  # the paper's numbers too: none at the tiny width

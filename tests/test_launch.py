@@ -677,6 +677,25 @@ def test_plain_progress_lines_and_start_up_summary():
     )
 
 
+def test_a_task_that_names_no_data_source_is_not_said_to_read_one():
+    """A factory's task was said to read the config's data.source, or ``data source None``."""
+    lines = podlog.startup_summary(
+        task="myparity",
+        source=None,
+        sizes={"train": 96},
+        num_params=1,
+        mesh_shape={"data": 1},
+        process_count=1,
+        device_count=1,
+        local_device_count=1,
+        platform="cpu",
+        start_step=0,
+        total_steps=1,
+        workdir="w",
+    )
+    assert lines[0] == "task myparity (train 96 examples)"
+
+
 def test_secondary_processes_prefix_their_warnings(capsys):
     previous, root = warnings.showwarning, logging.getLogger()
     level, formatters = root.level, [h.formatter for h in root.handlers]

@@ -29,6 +29,8 @@ def make_run(
     features: int = 32,
     truncated: bool = False,
     mixer: str | None = None,
+    config_task: str | None = None,
+    **results_fields: object,
 ) -> Path:
     folder.mkdir(parents=True)
     results = {
@@ -43,12 +45,13 @@ def make_run(
         "num_params": 6_107_560 if task == "imagenet" else 1000,
         "devices": 1,
         "process_count": 1,
+        **results_fields,
     }
     (folder / "results.json").write_text(json.dumps(results))
     (folder / "config.json").write_text(
         json.dumps(
             {
-                "task": task,
+                "task": config_task or task,
                 "data": {"source": source},
                 "model": {"features": features, **({"mixer": {"kind": mixer}} if mixer else {})},
             }
@@ -73,6 +76,15 @@ def row(markdown: str, first_cell: str) -> list[list[str]]:
         for line in markdown.splitlines()
         if line.startswith(f"| {first_cell} ")
     ]
+
+
+def section(markdown: str, title: str) -> str:
+    """The table under the heading ``### <title>``."""
+    return markdown.split(f"### {title}\n\n", 1)[1].split("\n\n", 1)[0]
+
+
+HGRN_LRA, HGRN2_LRA = "Long Range Arena (accuracy)", "Long Range Arena, HGRN2 (accuracy)"
+BASELINE_LRA = "Long Range Arena, Transformer baseline (accuracy)"
 
 
 def test_tables_put_our_numbers_beside_the_paper(tmp_path, capsys):
@@ -113,7 +125,7 @@ def test_tables_put_our_numbers_beside_the_paper(tmp_path, capsys):
     (small_row,) = row(out, "HGRN-Small")
     assert small_row[1:4] == ["23.72M", "80.09", "—"]
     (odd_row,) = row(out, "other (d=48)")
-    assert odd_row[4] == "12.00" and odd_row[-1].endswith("(generated data)")
+    assert odd_row[4] == "12.00" and odd_row[-1].endswith("(synthetic data)")
 
     (lm_row,) = row(out, "HGRN (6 layers, d 512)")
     assert lm_row[1:5] == ["24.14", "24.82", "31.50", "30.50"]
@@ -187,19 +199,61 @@ def test_other_models_are_marked_and_averaged_apart(tmp_path, capsys):
     make_run(tmp_path / "hgrn2" / "text", "text", 60.0, mixer="hgrn2", source="generated")
     assert report.main([str(tmp_path), "--png", str(tmp_path / "c.png")]) == 0
     out = capsys.readouterr().out
-    listops = row(out, "ListOps")
-    assert [r[2] for r in listops] == ["50.00", "20.00"]  # path order: hgrn/, then transformer/
-    assert listops[0][-1] == str(tmp_path / "hgrn" / "listops")
-    assert listops[1][-1] == f"{tmp_path / 'transformer' / 'listops'} (Transformer baseline)"
-    assert row(out, "Text")[1][-1].endswith("text (HGRN2) (generated data)")
-    assert [r[1] for r in listops] == ["59.95", "—"]  # the paper has no such baseline run
-    assert [r[1] for r in row(out, "Text")] == ["88.14", "88.97"]  # HGRN's, then HGRN2's paper
-    averages = {r[0]: r[1:3] for r in row(out, "**Average**")}
+    hgrn, hgrn2, baseline = (section(out, t) for t in (HGRN_LRA, HGRN2_LRA, BASELINE_LRA))
+    (listops,) = row(hgrn, "ListOps")
+    assert listops[1:3] == ["59.95", "50.00"] and listops[-1] == str(tmp_path / "hgrn" / "listops")
+    (listops,) = row(baseline, "ListOps")
+    assert listops[1:3] == ["—", "20.00"]  # the paper has no such baseline run
+    assert listops[-1] == f"{tmp_path / 'transformer' / 'listops'} (Transformer baseline)"
+    (text,) = row(hgrn2, "Text")
+    assert text[1:3] == ["88.97", "60.00"] and text[-1].endswith("text (HGRN2) (generated data)")
+    assert [r[1:3] for r in row(hgrn2, "ListOps")] == [["60.52", "—"]]  # HGRN2's paper, no run
+    assert row(hgrn, "Text")[0][1:3] == ["88.14", "80.00"]  # HGRN's
+    assert row(hgrn2, "Path-X") == row(baseline, "Text") == []  # no paper number, no run
+    averages = {
+        r[0]: r[1:3] for table in (hgrn, hgrn2, baseline) for r in row(table, "**Average**")
+    }
     assert averages == {
         "**Average**": ["86.91", f"{sum(LRA_TEST.values()) / 6:.2f}"],  # HGRN's runs only
         "**Average** (HGRN2)": ["85.57", "— (1/5 tasks run)"],  # HGRN2's paper has no Path-X
         "**Average** (Transformer baseline)": ["—", "— (1/6 tasks run)"],
     }
+
+
+def test_a_run_is_compared_by_its_config_not_its_results_paper_field(tmp_path, capsys):
+    """A ListOps run of HGRN2 (whose old results.json quotes HGRN's 59.95) was listed, with
+    HGRN2's 60.52, in HGRN's table: one column mixed the two papers. Each model now has its own
+    table, and the run is placed by its config.json."""
+    make_run(tmp_path / "a", "listops", 17.58, mixer="hgrn2", source="generated", paper=59.95)
+    make_run(tmp_path / "b", "listops", 40.0, source="generated", paper=60.52)
+    assert report.main([str(tmp_path), "--png", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    (hgrn,) = row(section(out, HGRN_LRA), "ListOps")
+    assert hgrn[1:3] == ["59.95", "40.00"] and hgrn[-1] == f"{tmp_path / 'b'} (generated data)"
+    (hgrn2,) = row(section(out, HGRN2_LRA), "ListOps")
+    assert hgrn2[1:3] == ["60.52", "17.58"] and hgrn2[-1].endswith("(HGRN2) (generated data)")
+
+
+def test_the_data_marks_say_what_the_task_read(tmp_path, capsys):
+    """A ``module:factory`` task reads no data.source, yet its config's ``generated`` marked it
+    ``(generated data)``; a ``module:DATASET`` run on ``synthetic`` data was marked
+    ``(generated data)`` too (docs/data.md: generated is ListOps's LRA-specification set,
+    synthetic the small stand-ins). The marks follow results.json's ``data_source`` now, and
+    config.json's for a package task of a run older than that field."""
+    factory = dict(source="generated", config_task="myparity:make_task")
+    make_run(tmp_path / "factory", "myparity", 90.0, **factory, data_source=None)
+    make_run(tmp_path / "old_factory", "myparity", 70.0, **factory)
+    make_run(tmp_path / "dataset", "parity", 80.0, config_task="m:DATASET", data_source="synthetic")
+    make_run(tmp_path / "old_text", "text", 60.0, source="synthetic")
+    assert report.main([str(tmp_path), "--png", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    others = {r[2]: r[-1] for r in row(out, "myparity") + row(out, "parity")}
+    assert others == {
+        "90.00": str(tmp_path / "factory"),
+        "70.00": str(tmp_path / "old_factory"),
+        "80.00": f"{tmp_path / 'dataset'} (synthetic data)",
+    }
+    assert row(out, "Text")[0][-1] == f"{tmp_path / 'old_text'} (synthetic data)"
 
 
 def test_hgrn2_runs_are_compared_with_the_hgrn2_paper(tmp_path, capsys):
@@ -213,11 +267,14 @@ def test_hgrn2_runs_are_compared_with_the_hgrn2_paper(tmp_path, capsys):
     make_run(tmp_path / "im", "imagenet", 70.0, features=192, mixer="attention")
     assert report.main([str(tmp_path), "--png", str(tmp_path / "c.png")]) == 0
     out = capsys.readouterr().out
+    hgrn, hgrn2 = section(out, HGRN_LRA), section(out, HGRN2_LRA)
     for task, accuracy in hgrn2_paper.items():
-        (task_row,) = row(out, report.LRA_NAMES[task])
+        (task_row,) = row(hgrn2, report.LRA_NAMES[task])
         assert task_row[1] == f"{accuracy:.2f}" and task_row[-1].endswith("(HGRN2)")
-    (pathx_row,) = row(out, "Path-X")
-    assert pathx_row[1:3] == ["97.50", "—"]  # HGRN's paper row, no run
+        assert row(hgrn, report.LRA_NAMES[task])[0][2] == "—"  # HGRN's paper row, no run
+    (pathx_row,) = row(hgrn, "Path-X")
+    assert pathx_row[1:3] == ["97.50", "—"]
+    assert row(hgrn2, "Path-X") == []
     averages = {r[0]: r[1:3] for r in row(out, "**Average**")}
     expected_ours = sum(LRA_TEST[t] for t in hgrn2_paper) / 5
     assert averages["**Average** (HGRN2)"] == [

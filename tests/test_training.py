@@ -562,7 +562,7 @@ class _F1Task(ToyTask):
         (_NoEvalTask, r"'user_tasks:factory' gave a _NoEvalTask without eval_batches; a task"),
         (lambda config: None, r"gave a NoneType without build_model, .*, name, metric"),
         (_F1Task, r"gave a task whose metric is 'f1'; set its metric to 'accuracy' or 'perp"),
-        (42, r"'user_tasks:factory' is a int that cannot be called with the config alone"),
+        (42, r"'user_tasks:factory' is an int that cannot be called with the config alone"),
         (lambda: ToyTask(toy_config()), r"is a function that cannot be called with the config"),
     ],
 )
@@ -637,6 +637,26 @@ def test_a_module_dataset_tasks_model_rules_are_checked_before_the_workdir_is_wr
     assert not (tmp_path / "run").exists()
 
 
+def test_the_data_source_named_is_the_one_the_task_reads(monkeypatch):
+    """A factory's task (which reads what it reads) was said to read the ``data.source`` its
+    config carried over (``task myparity: data source 'generated'``); it names none now, unless
+    it has a ``data_source`` of its own. A ``module:DATASET`` and the registry's tasks read
+    ``data.source``."""
+    from hgrn_jax.training.task_choice import data_source
+
+    config = _listops_tiny()  # data.source "generated"
+    assert data_source(config, None) == "generated"
+    config.task = _user_module(monkeypatch, factory=ToyTask) + ":factory"
+    assert data_source(config, ToyTask(toy_config())) is None
+    named = types.SimpleNamespace(data_source="my_files")
+    assert data_source(config, named) == "my_files"
+    module = types.ModuleType("dataset_module")
+    module.DATASET = importlib.import_module("hgrn_jax.tasks.registry").DATASETS["listops"]
+    monkeypatch.setitem(sys.modules, "dataset_module", module)
+    config.task, config.data.source = "dataset_module:DATASET", "synthetic"
+    assert data_source(config, None) == "synthetic"
+
+
 class _LossFnTask(ToyTask):
     """The toy task with its loss_fn's output passed through ``self.change``."""
 
@@ -669,6 +689,72 @@ def test_a_loss_fn_of_the_wrong_structure_stops_at_the_first_step(tmp_path, chan
     with pytest.raises(ValueError, match=expected):
         train_and_evaluate(config, tmp_path, task=_LossFnTask(config, change))
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+BROKEN_LOSS = """\
+import jax.numpy as jnp
+from toy_task import ToyTask
+
+
+class BrokenLoss(ToyTask):
+    def loss_fn(self, model, batch, *, train):
+        logits = model(batch["inputs"])
+        jnp.take_along_axis(logits, batch["labels"], axis=-1)  # labels (B,), logits (B, C)
+        return super().loss_fn(model, batch, train=train)
+
+
+def make_task(config):
+    return BrokenLoss(config)
+"""
+
+
+def test_a_value_error_in_the_user_s_task_module_names_its_line(monkeypatch, tmp_path):
+    """The runner prints a ValueError as one line; one raised by JAX under a user's loss_fn
+    named no file (``indices and arr must have the same number of dimensions; 2 vs. 1``). The
+    line now ends with the innermost frame of the user's code; a ValueError of the package's
+    own (the loss's structure check) gets none."""
+    from experiments import cli
+
+    (tmp_path / "tasks").mkdir()
+    module = tmp_path / "tasks" / "broken_loss.py"
+    module.write_text(BROKEN_LOSS)
+    monkeypatch.syspath_prepend(str(tmp_path / "tasks"))
+    config = toy_config()
+    config.task = "broken_loss:make_task"
+    with pytest.raises(ValueError, match="same number of dimensions") as caught:
+        train_and_evaluate(config, tmp_path / "run")
+    # As experiments.train catches it: without this test's own frame.
+    error = caught.value.with_traceback(caught.value.__traceback__.tb_next)
+    line = next(i for i, text in enumerate(BROKEN_LOSS.splitlines(), 1) if "take_along" in text)
+    assert cli.where_raised(error) == f" (raised in {module}:{line} in loss_fn)"
+
+    config = toy_config()
+    task = _LossFnTask(config, lambda loss, sums: loss)
+    with pytest.raises(ValueError, match="loss_fn returned an array") as caught:
+        train_and_evaluate(config, tmp_path / "run2", task=task)
+    assert cli.where_raised(caught.value.with_traceback(caught.value.__traceback__.tb_next)) == ""
+
+
+@pytest.mark.slow  # experiments.train in a subprocess: 5-12 s
+def test_the_runner_s_one_line_error_names_the_user_s_line(tmp_path):
+    """What experiments.train prints for the ValueError of the test above."""
+    (tmp_path / "broken_loss.py").write_text(BROKEN_LOSS)
+    env = cli_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    proc = subprocess.run(
+        _train_command(tmp_path / "run", "--config.task=broken_loss:make_task"),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    line = next(i for i, text in enumerate(BROKEN_LOSS.splitlines(), 1) if "take_along" in text)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1].endswith(
+        f"dimensions; 1 vs. 2 (raised in {tmp_path / 'broken_loss.py'}:{line} in loss_fn) "
+        "(rerun with --traceback for details)"
+    )
 
 
 class _ShortBatchTask(ToyTask):
@@ -1017,6 +1103,7 @@ def test_run_writes_the_contract_files(uninterrupted):
     } <= set(results)
     assert results["steps"] == 12 and results["devices"] == 8 and results["process_count"] == 1
     assert results["paper"] == 50.0 and results["metric"] == "accuracy"
+    assert results["data_source"] is None  # a factory's task: it names none
     config = json.loads((workdir / "config.json").read_text())
     assert config["num_train_steps"] == 12 and config["optimizer"]["name"] == "adamw"
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -1324,32 +1411,84 @@ def test_an_epochs_override_alone_is_refused():
     assert cli.unread_override({"batch_size": 16}) is None
 
 
-def test_a_task_override_drops_the_paper_number_of_the_file_s_task():
-    """--config.task=text over listops.py quoted ListOps's paper accuracy (59.95) as the text
-    run's in results.json and its last line; it is now 0 (not known), with a note, unless
-    --config.paper.value is given too."""
+def _listops_tiny() -> ml_collections.ConfigDict:
+    return importlib.import_module("experiments.configs.lra.listops").get_config("tiny")
+
+
+def test_the_quoted_paper_number_is_the_one_of_the_run_s_task_and_model(tmp_path):
+    """results.json quoted the config file's paper number whatever the run was: a config file
+    copied from listops.py with its task set to a factory task, or with an HGRN2 mixer, quoted
+    HGRN's ListOps 59.95 (only --config.task had been caught). The number is now the papers'
+    for the run's own task and mixer kind, or none, each change with a one-line note."""
     from experiments import cli
 
-    def listops_as(task):
-        config = importlib.import_module("experiments.configs.lra.listops").get_config("tiny")
-        config.task = task
-        return config
-
-    config = listops_as("text")
-    note = cli.drop_paper_number(config, {"task": "text"}, "listops")
-    assert config.paper.value == 0.0 and note == (
-        "note: --config.task='text' overrides the config file's task 'listops': results.json "
-        "quotes no paper number (59.95 is the paper's listops); set --config.paper.value to "
-        "quote one"
+    copy = tmp_path / "my_config.py"
+    copy.write_text(
+        "from experiments.configs.lra import listops\n\n\n"
+        "def get_config(preset=None):\n"
+        "    c = listops.get_config('tiny')\n"
+        "    c.task = 'myparity:make_task'\n"
+        "    return c\n"
     )
-    for task, overrides in (
-        ("text", {"task": "text", "paper.value": 59.95}),  # the user gives the number
-        ("listops", {"task": "listops"}),  # the file's own task
-        ("text", {"batch_size": 4}),  # the task not overridden
-    ):
-        config = listops_as(task)
-        assert cli.drop_paper_number(config, overrides, "listops") is None
-        assert config.paper.value == 59.95
+    config = cli._parse_config_file(str(copy))
+    note = cli.quote_the_runs_paper_number(config, {})
+    assert config.paper.value == 0.0 and note == (
+        "note: results.json quotes no paper number: no paper reports the hgrn model on task "
+        "'myparity:make_task' (config.paper.value=59.95 is another run's); set "
+        "--config.paper.value to quote one"
+    )
+
+    config = _listops_tiny()
+    config.model.mixer.kind = "hgrn2"
+    note = cli.quote_the_runs_paper_number(config, {"model.mixer.kind": "hgrn2"})
+    assert config.paper.value == 60.52  # HGRN2's ListOps (experiments/configs/hgrn2/lra.py)
+    assert note == (
+        "note: results.json quotes 60.52, the paper's number for the hgrn2 model on task "
+        "'listops', not config.paper.value=59.95 (another run's)"
+    )
+
+    config = _listops_tiny()
+    config.task = "text"  # --config.task=text over listops.py: HGRN's Text
+    assert cli.quote_the_runs_paper_number(config, {"task": "text"}) is not None
+    assert config.paper.value == 88.14
+
+    config = _listops_tiny()
+    config.model.mixer.kind = "attention"  # the baseline: no paper reports it
+    assert cli.quote_the_runs_paper_number(config, {}) is not None
+    assert config.paper.value == 0.0
+
+    config = _listops_tiny()
+    config.task, config.paper.value = "text", 70.0  # the user gives the number: kept
+    assert cli.quote_the_runs_paper_number(config, {"task": "text", "paper.value": 70.0}) is None
+    assert config.paper.value == 70.0
+
+    config = toy_config()  # the user's own task and number, marked as no other run's: kept
+    assert cli.quote_the_runs_paper_number(config, {}) is None and config.paper.value == 50.0
+
+    config = _listops_tiny()
+    config.model.features = 64  # another width: LRA's numbers do not depend on it
+    assert cli.quote_the_runs_paper_number(config, {}) is None and config.paper.value == 59.95
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["lra.listops", "lra.pathx", "imagenet.tiny", "imagenet.small", "lm.wikitext103"]
+    + [f"hgrn2.{task}" for task in ("listops", "image", "wikitext103")],
+)
+def test_every_shipped_preset_quotes_its_own_paper_number(module):
+    """The configs' own numbers agree with the rule, so that a run of a shipped preset gets no
+    note (the ImageNet tiny presets, d 32, had quoted the d 192 and d 384 models' numbers)."""
+    from experiments import cli
+
+    config_module = importlib.import_module(f"experiments.configs.{module}")
+    for preset in (None, "tiny", "transformer", "tiny_transformer"):
+        try:
+            config = config_module.get_config(preset)
+        except ValueError:  # no such preset for this file
+            continue
+        value = config.paper.value
+        assert cli.quote_the_runs_paper_number(config, {}) is None, (module, preset)
+        assert config.paper.value == value
 
 
 def test_one_line_joins_a_heading_to_its_list_with_a_space():

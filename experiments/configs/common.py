@@ -82,8 +82,16 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     )
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
     c.dtype = "float32"
-    c.paper = ml_collections.ConfigDict(dict(metric="accuracy", value=0.0))
+    c.paper = paper_numbers(task, metric="accuracy", value=0.0)
     return c
+
+
+def paper_numbers(task: str, **numbers: Any) -> ml_collections.ConfigDict:
+    """The ``paper`` section: the paper's ``numbers`` (``metric``, ``value``, ...; 0: not
+    known) and the run they are of, ``task`` and ``mixer`` (the model's ``model.mixer.kind``,
+    here HGRN's; :func:`use_attention` and the HGRN2 configs change it), so that a config file
+    copied for another task or model does not quote them (``experiments.cli``)."""
+    return ml_collections.ConfigDict(dict(numbers, task=task, mixer="hgrn"))
 
 
 def hgrn_mixer(scan: str = "1d") -> ml_collections.ConfigDict:
@@ -122,6 +130,7 @@ def use_attention(c: ml_collections.ConfigDict) -> None:
     with c.unlocked():  # the LM's config has no position_encoding key (LMConfig's default: off)
         c.model.position_encoding = True
     c.model.use_lower_bound = False
+    c.paper.mixer = "attention"
     for key in ("value", "val_value", "num_params"):
         if key in c.paper:
             c.paper[key] = type(c.paper[key])(0)
@@ -301,14 +310,15 @@ def imagenet_config(
     c.checkpoint_every = 1000
     c.log_every = 100
     c.dtype = "bfloat16"  # DeiT trains with mixed precision; the recurrence stays float32
-    c.paper = ml_collections.ConfigDict(
-        dict(metric="accuracy", value=paper_top1, num_params=paper_params)
+    c.paper = paper_numbers(
+        "imagenet", metric="accuracy", value=paper_top1, num_params=paper_params
     )
     return c
 
 
 def imagenet_tiny(c: ml_collections.ConfigDict) -> None:
-    """A 2-layer model on generated 28 x 28 colour images: 2 x 2 patches of 14, 10 classes."""
+    """A 2-layer model on generated 28 x 28 colour images: 2 x 2 patches of 14, 10 classes.
+    The paper's numbers are those of its two widths (192, 384), not of this one: none (0)."""
     c.model.num_classes = 0  # from the source: 10 generated colours, ImageNet's 1000 with tfds
     c.model.image_size = (28, 28)
     c.model.features = 32
@@ -323,3 +333,5 @@ def imagenet_tiny(c: ml_collections.ConfigDict) -> None:
     tiny_schedule(c, steps=120, batch_size=32, learning_rate=3e-3)
     c.schedule.min_lr = 0.0
     c.data.augment.mixup_group_size = 2  # divides any per-host share of a small batch
+    c.paper.value = 0.0
+    c.paper.num_params = 0

@@ -3,7 +3,9 @@
 A task owns its data, model and loss. The loop (:mod:`hgrn_jax.training.loop`) uses only the
 members below, so any object with them trains (``config.task="package.module:factory"`` loads
 one, made by ``factory(config)`` or by a :class:`~hgrn_jax.tasks.base.Dataset`; :func:`check_task`
-checks it; ``tests/toy_task.py`` is a minimal example).
+checks it; ``tests/toy_task.py`` is a minimal example). Optional: ``data_source``, a string that
+the start-up line and results.json name as the task's data source (a task from a factory
+otherwise names none: ``config.data.source`` is what the package's own tasks read).
 
 Batches are dicts of numpy arrays with a leading batch dimension: this process's rows of the
 global batch. Training batches are a pure function of ``(seed, step)`` (so a resumed run sees the
@@ -74,6 +76,12 @@ class Task(Protocol):
         ...
 
 
+def a_type_name(value: Any) -> str:
+    """``value``'s type name with its article, for messages: ``"an int"``, ``"a str"``."""
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 def check_task(task: Any, where: str) -> Task:
     """``task`` after checking that it has the members of :class:`Task` and a known
     ``metric``; otherwise a one-line ValueError naming ``where`` (e.g. ``"config.task=..."``),
@@ -82,7 +90,7 @@ def check_task(task: Any, where: str) -> Task:
     missing += [name for name in ("name", "metric") if not hasattr(task, name)]
     if missing:
         raise ValueError(
-            f"{where} gave a {type(task).__name__} without {', '.join(missing)}; a task needs "
+            f"{where} gave {a_type_name(task)} without {', '.join(missing)}; a task needs "
             f"name, metric and the methods {', '.join(METHODS)} (the Task protocol of "
             "hgrn_jax/tasks/protocol.py; tests/toy_task.py is a minimal one)"
         )

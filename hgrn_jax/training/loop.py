@@ -73,7 +73,7 @@ from hgrn_jax.training.steps import (
     make_eval_step,
     make_train_step,
 )
-from hgrn_jax.training.task_choice import check_task_name, resolve_task
+from hgrn_jax.training.task_choice import check_task_name, data_source, resolve_task
 from hgrn_jax.training.workdir import (
     ConfigChangeWarning,
     WorkdirError,
@@ -329,8 +329,7 @@ def _startup_summary(run: Run, start: int, total_steps: int) -> list[str]:
     count = getattr(run.task, "num_examples", None)  # user-defined tasks may not count
     sizes = {split: count(split) for split in ("train", "val", "test")} if callable(count) else {}
     get = run.config.get if hasattr(run.config, "get") else lambda key, default=None: default
-    data, model = get("data", None), get("model", None)
-    source = data.get("source", "unknown") if hasattr(data, "get") else "unknown"
+    model = get("model", None)
     mixer = model.get("mixer", None) if hasattr(model, "get") else None
     sequence_axis = next(
         (
@@ -342,7 +341,7 @@ def _startup_summary(run: Run, start: int, total_steps: int) -> list[str]:
     )
     return podlog.startup_summary(
         task=run.task.name,
-        source=str(source),
+        source=data_source(run.config, run.task),
         sizes=sizes,
         num_params=run.num_params,
         mesh_shape=dict(run.mesh.shape),
@@ -566,6 +565,7 @@ def _train_validate_and_test(
         "test": test[run.metric],
         "test_loss": test["loss"],
         "paper": (paper.get("value") if hasattr(paper, "get") else None) or None,  # 0: unknown
+        "data_source": data_source(config, run.task),
         "steps": done,
         "stopped_by": "time budget" if done < total_steps else "num_train_steps",
         "wall_time_s": saved_wall,  # the last checkpoint's: a rerun reports the same

@@ -82,7 +82,7 @@ def progress(total: int, initial: int, *, enabled: bool = True) -> ProgressBar |
 def startup_summary(
     *,
     task: str,
-    source: str,
+    source: str | None,
     sizes: Mapping[str, int],
     num_params: int,
     mesh_shape: Mapping[str, int],
@@ -95,8 +95,10 @@ def startup_summary(
     workdir: Any,
     sequence_axis: str | None = None,
 ) -> list[str]:
-    """The start-up lines of a run (see the module docstring); ``sequence_axis``: the mesh axis
-    the model's recurrences split the sequence over, if any (a size-1 axis splits nothing)."""
+    """The start-up lines of a run (see the module docstring); ``source``: the data source the
+    task reads, None when it names none (a ``module:factory`` task); ``sequence_axis``: the mesh
+    axis the model's recurrences split the sequence over, if any (a size-1 axis splits
+    nothing)."""
     split_sizes = (
         (" (" + ", ".join(f"{split} {n:,}" for split, n in sizes.items()) + " examples)")
         if sizes
@@ -112,7 +114,7 @@ def startup_summary(
         )
     resume = f"resuming from step {start_step}" if start_step else "starting at step 0"
     return [
-        f"task {task}: data source {source!r}{split_sizes}",
+        f"task {task}" + (f": data source {source!r}" if source is not None else "") + split_sizes,
         f"model: {num_params:,} parameters; mesh {mesh}",
         f"{process_count} process{'es' if process_count > 1 else ''} x {local_device_count} "
         f"{platform} devices = {device_count} devices",

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from hgrn_jax import sharding
+from hgrn_jax.tasks.protocol import a_type_name
 from hgrn_jax.training.optim import global_norm
 from hgrn_jax.training.state import TrainState, merge_model, split_model
 
@@ -39,7 +40,7 @@ def check_loss_output(output: Any, sums_keys: tuple[str, ...] = SUMS) -> tuple[A
     def what(value: Any) -> str:
         if hasattr(value, "shape") and hasattr(value, "dtype"):
             return f"an array of shape {tuple(value.shape)} and dtype {value.dtype}"
-        return f"a {type(value).__name__}"
+        return a_type_name(value)
 
     if not isinstance(output, (tuple, list)) or len(output) != 2:
         size = f" of {len(output)}" if isinstance(output, (tuple, list)) else ""

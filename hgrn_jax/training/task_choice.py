@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from hgrn_jax.tasks.protocol import Task
+from hgrn_jax.tasks.protocol import Task, a_type_name
 
 
 def task_factory(config: Any) -> Any:
@@ -37,6 +37,24 @@ def check_task_name(config: Any) -> None:
         dataset(config)
 
 
+def data_source(config: Any, task: Any) -> str | None:
+    """The data source ``task`` reads, as the start-up line and results.json name it: its own
+    ``data_source`` attribute if it has one; else ``config.data.source`` for a task that reads
+    it (of the registry, or a :class:`~hgrn_jax.tasks.base.Dataset` named as
+    ``module:DATASET``); else None: a ``module:factory`` task reads what it reads."""
+    own = getattr(task, "data_source", None)
+    if isinstance(own, str):
+        return own
+    from hgrn_jax.tasks.base import Dataset
+
+    factory = task_factory(config)
+    if factory is not None and not isinstance(factory, Dataset):
+        return None
+    data = config.get("data", None) if hasattr(config, "get") else None
+    source = data.get("source", None) if hasattr(data, "get") else None
+    return None if source is None else str(source)
+
+
 def resolve_task(config: Any) -> Task:
     """The task of ``config.task``: a name in :data:`hgrn_jax.tasks.registry.DATASETS`, or
     ``"package.module:factory"`` for a user-defined task (``factory(config) -> Task``, or a
@@ -61,7 +79,7 @@ def resolve_task(config: Any) -> Task:
         takes_config = True
     if not takes_config:
         raise ValueError(
-            f"{where} is a {type(factory).__name__} that cannot be called with the config "
+            f"{where} is {a_type_name(factory)} that cannot be called with the config "
             "alone; name a function factory(config) -> Task, or a dataset module's Dataset "
             "(e.g. module:DATASET)"
         )

@@ -36,5 +36,5 @@ def hgrn2_variant(
         c = hgrn.get_config(None)
         common.use_hgrn2(c, expand_ratio=expand_ratio)
         paper(c)
-    c.paper.update(paper_numbers)
+    c.paper.update(dict(paper_numbers, mixer="hgrn2"))
     return c

@@ -55,8 +55,8 @@ def get_config(preset: str | None = None):
     c.checkpoint_every = 1_000
     c.log_every = 100
     c.dtype = "bfloat16"  # fairseq trained in mixed precision; the recurrence stays float32
-    c.paper = ml_collections.ConfigDict(
-        dict(metric="perplexity", value=24.82, val_value=24.14, num_params=46_250_000)
+    c.paper = common.paper_numbers(
+        "wikitext103", metric="perplexity", value=24.82, val_value=24.14, num_params=46_250_000
     )
     return common.finish(c, preset, common.with_transformer_presets(_tiny), PATH)
 

@@ -1,0 +1,67 @@
+"""The papers' numbers, read from the paper-setting configs (one source of truth), and which of
+them a run is compared with: the one of its own task and model (``model.mixer.kind``), which
+``experiments.train`` quotes in results.json and ``experiments.report`` sets beside the run."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any
+
+LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
+# HGRN2's Path-X (98.12 in its paper) runs Hgru2_2d_series, which we do not have: no config.
+HGRN2_LRA_TASKS = LRA_TASKS[:-1]
+IMAGENET_SIZES = {192: "HGRN-Tiny", 384: "HGRN-Small"}
+PAPER_TASKS = (*LRA_TASKS, "imagenet", "wikitext103")
+"""The tasks the papers report: their numbers come from :func:`paper_of`, whatever a config says."""
+
+
+def _paper(module: str) -> dict[str, Any]:
+    config = importlib.import_module(f"experiments.configs.{module}").get_config()
+    return config.paper.to_dict()
+
+
+@functools.cache
+def paper_numbers() -> dict[str, dict[str, Any]]:
+    """The paper's numbers (each config's ``paper`` fields): HGRN's by task name (ImageNet's as
+    ``imagenet-tiny`` and ``imagenet-small``), and HGRN2's LRA rows (no Path-X) under
+    ``"hgrn2"``. Do not modify the returned dicts (they are cached)."""
+    numbers = {task: _paper(f"lra.{task}") for task in LRA_TASKS}
+    numbers["imagenet-tiny"] = _paper("imagenet.tiny")
+    numbers["imagenet-small"] = _paper("imagenet.small")
+    numbers["wikitext103"] = _paper("lm.wikitext103")
+    numbers["hgrn2"] = {task: _paper(f"hgrn2.{task}") for task in HGRN2_LRA_TASKS}
+    return numbers
+
+
+def lra_paper_accuracy(paper: dict[str, dict[str, Any]], kind: str, task: str) -> float | None:
+    """The paper's LRA accuracy of the model with mixer ``kind`` on ``task``; None where there
+    is none (the Transformer baseline at our settings; HGRN2's Path-X, which we cannot run)."""
+    if kind == "hgrn":
+        return paper[task]["value"]
+    if kind == "hgrn2" and task in paper["hgrn2"]:
+        return paper["hgrn2"][task]["value"]
+    return None
+
+
+def lra_tasks_of(kind: str) -> tuple[str, ...]:
+    """The LRA tasks a model's average is taken over: HGRN2 has no Path-X config."""
+    return HGRN2_LRA_TASKS if kind == "hgrn2" else LRA_TASKS
+
+
+def paper_of(task: str, kind: str, features: int | None) -> dict[str, Any] | None:
+    """The ``paper`` fields (``metric``, ``value``, ...) of the papers' run of the model with
+    mixer ``kind`` (``"hgrn"``, ``"hgrn2"``, ``"attention"``) on ``task`` (a task name of the
+    registry), or None where no paper reports one: the Transformer baseline, tasks from outside
+    the package (``module:factory``), HGRN2's WikiText-103 (not found) and an ImageNet model of
+    another width (``features``) than the paper's two. LRA and WikiText-103 numbers do not
+    depend on the width: a smaller run (the ``tiny`` presets) is still compared with them."""
+    numbers = paper_numbers()
+    if task in LRA_TASKS:
+        found = {"hgrn": numbers[task], "hgrn2": numbers["hgrn2"].get(task)}.get(kind)
+        return dict(found) if found else None
+    if task == "imagenet" and kind == "hgrn" and features in IMAGENET_SIZES:
+        return dict(numbers[f"imagenet-{IMAGENET_SIZES[features].split('-')[1].lower()}"])
+    if task == "wikitext103" and kind == "hgrn":
+        return dict(numbers["wikitext103"])
+    return None
