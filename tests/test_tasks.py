@@ -709,3 +709,19 @@ def test_a_label_outside_classes_the_dataset_settles_points_at_the_data(cache_di
             r"labels of the data, or the classes Mine\.derive settles$",
         ):
             next(iter(source(config, "mine").train_batches(0)))
+
+
+def test_token_ids_are_checked_against_the_vocabulary_the_dataset_settled(cache_dir):
+    """With config.model.vocab_size=0 the dataset's derive settles 5 ids; the check before
+    training read the run config's 0 and checked nothing, and id 8 became a NaN loss at step 0
+    with the advice to lower the learning rate."""
+    from hgrn_jax.training import preflight
+
+    config = _mine_config(cache_dir)
+    task = _mine(inputs=lambda x: np.where(x == 4, 8, x))(config, "mine")
+    with pytest.raises(
+        ValueError,
+        match=r"^the first val batch: token id 8 in 'inputs' is outside \[0, 5\) "
+        r"\(config\.model\.vocab_size=5\); set --config\.model\.vocab_size",
+    ):
+        preflight.open_splits(task, config, 0)
