@@ -270,6 +270,14 @@ def test_classification_loss_matches_a_direct_computation():
     smoothed, _ = tasks.classification_loss(logits, labels, weight, label_smoothing=0.1)
     target = jnp.full((2, 3), 0.1 / 3).at[jnp.arange(2), labels].add(0.9)
     np.testing.assert_allclose(smoothed, -jnp.mean(jnp.sum(target * log_p, -1)), rtol=1e-6)
+    with pytest.raises(
+        ValueError,
+        match=r"^labels of dtype int32 and shape \(2, 1\) for logits of shape \(2, 3\): the loss "
+        r"takes integer class labels of shape \(2,\), one per row of logits",
+    ):
+        jax.jit(tasks.classification_loss)(logits, labels[:, None], weight)  # correct: 3 of 2
+    with pytest.raises(ValueError, match=r"^labels of dtype float32 and shape \(2,\) for"):
+        tasks.classification_loss(logits, labels + 0.5, weight)
 
 
 def test_listops_release_source_reads_the_tsv_layout(tmp_path, cache_dir):
@@ -530,6 +538,19 @@ def test_label_smoothing_of_a_loss_without_it_names_the_key(cache_dir):
     assert tasks.get_task(config).config.label_smoothing == 0.1
 
 
+class Lazy:
+    """An array-like column (``len``, ``column[rows]``), as prepared tfds data are read."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def __len__(self):
+        return len(self.values)
+
+    def __getitem__(self, rows):
+        return self.values[rows]
+
+
 def test_a_label_outside_the_model_s_classes_names_the_fix(cache_dir):
     """A label >= config.model.num_classes has an all-zero one-hot target: its loss was 0 and
     the run trained on without a word (ListOps with num_classes=5: val loss 0.88). A split held
@@ -547,16 +568,6 @@ def test_a_label_outside_the_model_s_classes_names_the_fix(cache_dir):
         r"\(labels 0 to 0\); set --config\.model\.num_classes=2$",
     ):
         next(iter(task.train_batches(0)))
-
-    class Lazy:  # an array-like column, as prepared tfds data are read
-        def __init__(self, values):
-            self.values = values
-
-        def __len__(self):
-            return len(self.values)
-
-        def __getitem__(self, rows):
-            return self.values[rows]
 
     class LazyLabels(TokenTask):
         model_kind = models.CLASSIFIER
@@ -581,3 +592,136 @@ def test_a_label_outside_the_model_s_classes_names_the_fix(cache_dir):
     assert next(iter(lazy.train_batches(0)))["labels"].max() <= 2
     with pytest.raises(ValueError, match=r"^the mine test split has a negative class label \(-1\)"):
         list(lazy.eval_batches("test"))
+
+
+def _mine(**changes):
+    """A dataset module's source as docs/tasks.md's worked example writes one: its ``derive``
+    settles 5 token ids and 4 classes; ``changes`` maps a column of its splits to a function
+    that changes it."""
+    from hgrn_jax.tasks import models
+    from hgrn_jax.tasks.base import SPLIT_INDEX, TokenTask, check_vocab_size, settle
+
+    class Mine(TokenTask):
+        model_kind = models.CLASSIFIER
+
+        @classmethod
+        def derive(cls, config):
+            config = super().derive(config)
+            check_vocab_size(config, 5, "mine's")
+            settle(config, "model.num_classes", 4, "mine's 4 classes")
+            return config
+
+        def _load(self, split):
+            rng = np.random.default_rng(SPLIT_INDEX[split])
+            columns = {
+                "inputs": rng.integers(0, 5, (64, 4)).astype(np.int32),
+                "lengths": np.full(64, 4, np.int32),
+                "labels": rng.integers(0, 4, 64).astype(np.int32),
+            }
+            return {**columns, **{key: f(columns[key]) for key, f in changes.items()}}
+
+    return Mine
+
+
+def _mine_config(cache_dir):
+    config = tiny_config("lra.listops", cache_dir, workers=0)
+    config.model.vocab_size, config.model.num_classes = 0, 0  # 0: follow the data
+    return config
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (  # argmax (B,) == labels (B, 1) counted a (B, B) table: accuracy 3125%
+            lambda y: y[:, None],
+            r"^the mine train split has labels of shape \(64, 1\); the task's loss takes labels "
+            r"of shape \(N,\), one class per example \(e\.g\. labels\.reshape\(-1\) for \(N, 1\)\)"
+            r": return them so from _load$",
+        ),
+        (  # truncated by the one-hot target: loss 0, accuracy 0
+            lambda y: y + 0.5,
+            r"^the mine train split has labels of dtype float64 \(shape \(64,\)\); class labels "
+            r"are whole numbers .*: return them from _load as an integer array \(e\.g\. np\.int32\)$",
+        ),
+        (lambda y: y.astype(np.float32), r"^the mine train split has labels of dtype float32"),
+    ],
+)
+def test_labels_of_another_shape_or_dtype_name_the_fix(cache_dir, change, expected):
+    """Labels (N, 1) trained to `val loss 26.7, accuracy 3125` and fractional float labels to
+    `loss 0, accuracy 0`, both without a word (rc 0). Whole-number floats are refused too: no
+    built-in source makes float labels, and one rule is clearer than a rounding check."""
+    task = _mine(labels=change)(_mine_config(cache_dir), "mine")
+    with pytest.raises(ValueError, match=expected):
+        next(iter(task.train_batches(0)))
+
+
+def test_labels_read_lazily_are_checked_per_batch_and_a_task_may_take_more_dimensions(cache_dir):
+    from hgrn_jax.tasks import models
+    from hgrn_jax.tasks.base import TokenTask
+
+    task = _mine(labels=lambda y: Lazy(y[:, None]))(_mine_config(cache_dir), "mine")
+    with pytest.raises(ValueError, match=r"^the mine val split has labels of shape \(32, 1\);"):
+        next(iter(task.eval_batches("val")))
+
+    class PerToken(TokenTask):  # a class per token: its loss_fn would read (B, L) labels
+        model_kind = models.CLASSIFIER
+        label_ndim = 2
+
+        def _load(self, split):
+            return {
+                "inputs": np.ones((64, 4), np.int32),
+                "lengths": np.full(64, 4, np.int32),
+                "labels": np.arange(256, dtype=np.int32).reshape(64, 4) % 3,
+            }
+
+    config = tiny_config("lra.listops", cache_dir, workers=0)
+    config.model.num_classes = 3
+    assert next(iter(PerToken(config, "per-token").train_batches(0)))["labels"].shape == (32, 4)
+
+
+def test_token_ids_that_are_not_integers_name_the_fix(cache_dir):
+    """token_batch cast float ids to int32: inputs x + 0.3 trained without a word (rc 0). The
+    dtype is checked once per split as it loads; a lazily read column by its first row."""
+    task = _mine(inputs=lambda x: x + 0.3)(_mine_config(cache_dir), "mine")
+    with pytest.raises(
+        ValueError,
+        match=r"^the mine train split: 'inputs' must be integer token ids \(examples, length\); "
+        r"got float64 \(64, 4\): return them from _load as an integer array \(e\.g\. np\.int32\)$",
+    ):
+        next(iter(task.train_batches(0)))
+    lazy = _mine(inputs=lambda x: Lazy(x + 0.3))
+    with pytest.raises(ValueError, match=r"^the mine val split: 'inputs' must be .* float64"):
+        next(iter(lazy(_mine_config(cache_dir), "mine").eval_batches("val")))
+
+
+def test_a_label_outside_classes_the_dataset_settles_points_at_the_data(cache_dir):
+    """With num_classes settled by the dataset's derive (4), a label 6 said `set
+    --config.model.num_classes=7`, which derive then refused (`disagrees with mine's 4
+    classes`): the fix is the data, or the derive."""
+    source = _mine(labels=lambda y: np.where(np.arange(len(y)) == 3, 6, y))
+    for num_classes in (0, 4):  # derived, or set to what derive settles
+        config = _mine_config(cache_dir)
+        config.model.num_classes = num_classes
+        with pytest.raises(
+            ValueError,
+            match=r"^the mine train split has class label 6, outside the 4 classes that "
+            r"Mine\.derive settles as config\.model\.num_classes \(labels 0 to 3\); fix the "
+            r"labels of the data, or the classes Mine\.derive settles$",
+        ):
+            next(iter(source(config, "mine").train_batches(0)))
+
+
+def test_token_ids_are_checked_against_the_vocabulary_the_dataset_settled(cache_dir):
+    """With config.model.vocab_size=0 the dataset's derive settles 5 ids; the check before
+    training read the run config's 0 and checked nothing, and id 8 became a NaN loss at step 0
+    with the advice to lower the learning rate."""
+    from hgrn_jax.training import preflight
+
+    config = _mine_config(cache_dir)
+    task = _mine(inputs=lambda x: np.where(x == 4, 8, x))(config, "mine")
+    with pytest.raises(
+        ValueError,
+        match=r"^the first val batch: token id 8 in 'inputs' is outside \[0, 5\) "
+        r"\(config\.model\.vocab_size=5\); set --config\.model\.vocab_size",
+    ):
+        preflight.open_splits(task, config, 0)

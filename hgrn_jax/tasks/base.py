@@ -283,11 +283,37 @@ def check_vocab_size(config, size: int, what: str) -> None:
         )
 
 
-def check_labels(labels: Any, num_classes: int, where: str) -> None:
-    """ValueError naming ``where`` when a class label (an int array of any shape) is outside
-    ``[0, num_classes)``: the one-hot target of such a label is all zeros, so its loss would
-    be 0 and the run would train on without a word."""
+def check_labels(
+    labels: Any,
+    num_classes: int,
+    where: str,
+    ndim: int = 1,
+    refuses_classes: Callable[[int], str] | None = None,
+) -> None:
+    """ValueError naming ``where`` when class labels are not integers, have other than ``ndim``
+    dimensions ((N,): one class per example), or leave ``[0, num_classes)``: the loss compared
+    (B,) predictions with (B, 1) labels as a (B, B) table (an accuracy of 3125%), and a label
+    truncated from a float, or outside the classes (an all-zero one-hot target, a loss of 0),
+    trained on without a word. ``refuses_classes(n)`` names what refuses
+    ``config.model.num_classes=n`` (a dataset's ``derive`` that settles the classes; "" when
+    nothing does): a label too large then points at the data rather than at the setting."""
     labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"{where} has labels of dtype {labels.dtype} (shape {labels.shape}); class labels "
+            "are whole numbers 0 to config.model.num_classes - 1: return them from _load as an "
+            "integer array (e.g. np.int32)"
+        )
+    if labels.ndim != ndim:
+        want = (
+            "(N,), one class per example (e.g. labels.reshape(-1) for (N, 1))"
+            if ndim == 1
+            else f"of {ndim} dimensions (the task's label_ndim)"
+        )
+        raise ValueError(
+            f"{where} has labels of shape {labels.shape}; the task's loss takes labels of shape "
+            f"{want}: return them so from _load"
+        )
     if not labels.size:
         return
     low, high = int(labels.min()), int(labels.max())
@@ -297,9 +323,34 @@ def check_labels(labels: Any, num_classes: int, where: str) -> None:
             "config.model.num_classes - 1: fix the data"
         )
     if high >= num_classes:
+        refuser = refuses_classes(high + 1) if refuses_classes is not None else ""
+        if refuser:
+            raise ValueError(
+                f"{where} has class label {high}, outside the {num_classes} classes that "
+                f"{refuser} settles as config.model.num_classes (labels 0 to {num_classes - 1}); "
+                f"fix the labels of the data, or the classes {refuser} settles"
+            )
         raise ValueError(
             f"{where} has class label {high}, outside config.model.num_classes={num_classes} "
             f"(labels 0 to {num_classes - 1}); set --config.model.num_classes={high + 1}"
+        )
+
+
+def check_token_column(column: Any, name: str, where: str) -> None:
+    """ValueError naming ``where`` and ``name`` unless ``column`` (an array, or an array-like
+    read lazily: judged by its first row) holds integer token ids (N, L): float ids were
+    truncated to integers without a word."""
+    if isinstance(column, np.ndarray):
+        dtype, shape = column.dtype, column.shape
+    elif len(column):
+        first = np.asarray(column[np.arange(1)])
+        dtype, shape = first.dtype, (len(column), *first.shape[1:])
+    else:
+        return
+    if len(shape) != 2 or not np.issubdtype(dtype, np.integer):
+        raise ValueError(
+            f"{where}: {name!r} must be integer token ids (examples, length); got {dtype} "
+            f"{shape}: return them from _load as an integer array (e.g. np.int32)"
         )
 
 
@@ -332,6 +383,11 @@ class ArrayTask:
     """The source that needs no download (named in missing-data errors)."""
     columns: ClassVar[tuple[str, ...]] = ()
     """The arrays of ``_load``'s examples that ``_batch`` reads (checked as a split loads)."""
+    token_columns: ClassVar[tuple[str, ...]] = ()
+    """The columns holding token ids (N, L), checked to be integers as a split loads."""
+    label_ndim: ClassVar[int] = 1
+    """The dimensions of the ``labels`` column: 1, (N,), for the loss's one class per example;
+    a task whose ``loss_fn`` reads more (e.g. a class per token, (N, L)) sets its own."""
     label_smoothing: ClassVar[bool] = True
     """Whether the loss reads ``config.label_smoothing`` (a task whose loss does not refuses a
     value other than 0)."""
@@ -491,9 +547,12 @@ class ArrayTask:
                     f"{type(self).__name__}._load({split!r}) returned no {', '.join(missing)}; "
                     f"its batches read {', '.join(self.columns)} (docs/tasks.md)"
                 )
+            where = f"the {self.name} {split} split"
+            for name in self.token_columns if isinstance(examples, Mapping) else ():
+                check_token_column(examples[name], name, where)
             labels = examples.get("labels") if isinstance(examples, Mapping) else None
             if isinstance(labels, np.ndarray) and self.model_classes:  # in memory or mapped
-                check_labels(labels, self.model_classes, f"the {self.name} {split} split")
+                self._check_labels(labels, where)
             self._examples[split] = examples
         return self._examples[split]
 
@@ -508,8 +567,22 @@ class ArrayTask:
         it loaded (:meth:`examples`)."""
         lazy = not isinstance(examples.get("labels"), np.ndarray)
         if lazy and "labels" in batch and self.model_classes:
-            check_labels(batch["labels"], self.model_classes, where)
+            self._check_labels(batch["labels"], where)
         return batch
+
+    def _check_labels(self, labels: Any, where: str) -> None:
+        check_labels(labels, self.model_classes, where, self.label_ndim, self._refuses_classes)
+
+    def _refuses_classes(self, num_classes: int) -> str:
+        """This source's ``derive`` where it refuses ``config.model.num_classes=num_classes``
+        (it settles the classes itself), else ""."""
+        config = copy_config(self.config)
+        config.model.num_classes = num_classes
+        try:
+            type(self).derive(config)
+        except ValueError:
+            return f"{type(self).__name__}.derive"
+        return ""
 
     def num_examples(self, split: str) -> int:
         return len(next(iter(self.examples(split).values())))
@@ -568,6 +641,7 @@ class TokenTask(ArrayTask):
     """Token ids (B, L) with a padding mask, one label per sequence (ListOps, Text)."""
 
     columns = ("inputs", "lengths", "labels")
+    token_columns = ("inputs",)
 
     def _batch(self, examples, rows):
         ids, mask = token_batch(examples["inputs"][rows], examples["lengths"][rows])
@@ -581,6 +655,7 @@ class PairTask(ArrayTask):
     """Two documents per example and a binary label (Retrieval)."""
 
     columns = ("inputs", "lengths", "inputs2", "lengths2", "labels")
+    token_columns = ("inputs", "inputs2")
 
     def _batch(self, examples, rows):
         ids, mask = token_batch(examples["inputs"][rows], examples["lengths"][rows])

@@ -6,6 +6,18 @@ import jax
 import jax.numpy as jnp
 
 
+def _check_labels(logits: jax.Array, labels: jax.Array) -> None:
+    """ValueError (when traced too) unless ``labels`` are integers of shape ``logits.shape[:-1]``
+    (B,): (B, 1) labels counted a (B, B) table of matches (an accuracy of thousands of percent),
+    and float labels were truncated by the one-hot target."""
+    if labels.shape != logits.shape[:-1] or not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(
+            f"labels of dtype {labels.dtype} and shape {labels.shape} for logits of shape "
+            f"{logits.shape}: the loss takes integer class labels of shape {logits.shape[:-1]}, "
+            "one per row of logits"
+        )
+
+
 def classification_loss(
     logits: jax.Array, labels: jax.Array, weight: jax.Array, label_smoothing: float = 0.0
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -14,6 +26,7 @@ def classification_loss(
     With label smoothing s the target is ``(1 - s) * one_hot + s / K``. ``correct`` counts
     weighted rows whose arg-max is the label.
     """
+    _check_labels(logits, labels)
     targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
     if label_smoothing:
         targets = targets * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
@@ -25,6 +38,7 @@ def soft_target_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted mean cross-entropy of logits (B, K) against target distributions (B, K) (e.g.
     Mixup / CutMix's); ``correct`` compares the arg-max with the hard ``labels`` (B,)."""
+    _check_labels(logits, labels)
     logits = logits.astype(jnp.float32)
     weight = weight.astype(jnp.float32)
     per_row = -jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)

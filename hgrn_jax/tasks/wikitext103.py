@@ -37,6 +37,7 @@ class LanguageModelTask(ArrayTask):
     metric = "perplexity"
     model_kind = models.LM
     columns = ("ids",)
+    token_columns = ("ids",)
     label_smoothing = False  # the perplexity is of the plain next-token cross-entropy
 
     def _batch(self, examples, rows):

@@ -6,7 +6,8 @@ batch of ``val`` and ``test``), so a missing or malformed validation or
 test file stops the run before training rather than at the first evaluation or after the last
 step; :class:`EvalBatchCheck` checks the layout of evaluation batches (the first here, every
 other layout as evaluation reads it); :func:`check_token_ids` checks the token ids of every split
-against the model's vocabulary.
+against the model's vocabulary (the task's settled ``config.model.vocab_size`` where it has one:
+a 0 in the run's config follows the data).
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ def open_splits(
     batch of each evaluation split.
     """
     index, count = jax.process_index(), jax.process_count()
-    vocab_size = _model_vocab_size(config)
+    vocab_size = _model_vocab_size(getattr(task, "config", None)) or _model_vocab_size(config)
     train = iter(task.train_batches(start_step, index, count))
     if input_state is not None and callable(getattr(train, "set_state", None)):
         try:
