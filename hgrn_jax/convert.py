@@ -11,6 +11,15 @@ Sources:
   ``HGRN2ForCausalLM``. Recurrent states are (B, H, K, V), key index first; fla's cache stores
   (B, H, V, K): transpose the last two axes to compare.
 
+These are single layers, plus fla's whole LMs. The paper's own models (the LRA classifiers, the
+ImageNet model, the fairseq WikiText-103 LM) have no converter: their checkpoints' layers can be
+loaded one by one with :func:`from_hgru_pytorch`, but nothing here builds the surrounding model.
+
+Every route refuses what it cannot honour, with a one-line :class:`ConversionError`: a constructor
+argument or config key the reference class does not take (naming the closest valid one), a
+setting it takes that this port does not implement, a missing or extra parameter (both listed,
+with a hint when a prefix such as ``module.`` hides the names), a wrongly shaped one.
+
 ``state_dict`` arguments map the reference's parameter names to arrays (NumPy, or anything
 ``np.asarray`` accepts, e.g. ``{k: v.numpy() for k, v in module.state_dict().items()}``).
 PyTorch's ``Linear.weight`` is (out, in); our kernels are (in, out). The reference layers are
@@ -20,7 +29,8 @@ time-major; ours are batch-major: transpose inputs with ``x.transpose(1, 0, 2)``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import difflib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -51,7 +61,132 @@ CONSTRUCTOR_ARGUMENTS: dict[str, tuple[str, ...] | None] = {
     "Hgru2_1d": _HGRU2_ARGUMENTS + ("norm_type", "use_fla", "chunk_size"),
     "BiHgru2_1d": _HGRU2_ARGUMENTS + ("norm_type", "chunk_size"),
     "Hgru2_2d_parallel": None,
+    # fla's layers (flash-linear-attention): HGRNAttention, HGRN2Attention.
+    "HGRNAttention": (
+        "mode",
+        "hidden_size",
+        "expand_ratio",
+        "use_short_conv",
+        "conv_size",
+        "conv_bias",
+        "share_conv_kernel",  # older fla; used only with short convolutions
+        "elementwise_affine",
+        "norm_eps",
+        "layer_idx",
+    ),
+    "HGRN2Attention": (
+        "mode",
+        "hidden_size",
+        "num_heads",
+        "expand_ratio",
+        "use_short_conv",
+        "conv_size",
+        "conv_bias",
+        "share_conv_kernel",  # older fla; used only with short convolutions
+        "elementwise_affine",
+        "norm_eps",
+        "layer_idx",
+    ),
 }
+# The keys of fla's model configs (their constructors' keyword arguments).
+_FLA_CONFIG_KEYS = (
+    "attn_mode",
+    "hidden_size",
+    "num_hidden_layers",
+    "expand_ratio",
+    "use_short_conv",
+    "conv_size",
+    "share_conv_kernel",  # older fla; used only with short convolutions
+    "use_lower_bound",
+    "max_position_embeddings",
+    "hidden_ratio",
+    "intermediate_size",
+    "hidden_act",
+    "elementwise_affine",
+    "norm_eps",
+    "attn",
+    "use_cache",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "tie_word_embeddings",
+    "initializer_range",
+    "fuse_norm",
+    "fuse_swiglu",
+    "fuse_cross_entropy",
+    "fuse_linear_cross_entropy",
+    "use_l2warp",
+    "vocab_size",
+)
+CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    "HGRNConfig": _FLA_CONFIG_KEYS,
+    "HGRN2Config": _FLA_CONFIG_KEYS + ("num_heads", "attnres_block_size"),
+}
+# Keys that transformers' PretrainedConfig adds to every model config (to_dict(), config.json),
+# across its versions: bookkeeping, generation defaults and task heads, none of which changes
+# what an fla LM computes from its weights. Any other key is refused.
+TRANSFORMERS_CONFIG_KEYS = (
+    "model_type",
+    "transformers_version",
+    "architectures",
+    "auto_map",
+    "torch_dtype",
+    "dtype",
+    "_name_or_path",
+    "name_or_path",
+    "_commit_hash",
+    "_attn_implementation_autoset",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "torchscript",
+    "use_bfloat16",
+    "tf_legacy_loss",
+    "pruned_heads",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "is_decoder",
+    "cross_attention_hidden_size",
+    "add_cross_attention",
+    "tie_encoder_decoder",
+    "finetuning_task",
+    "id2label",
+    "label2id",
+    "num_labels",
+    "tokenizer_class",
+    "prefix",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "task_specific_params",
+    "problem_type",
+    "max_length",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "num_return_sequences",
+    "output_scores",
+    "return_dict_in_generate",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+)
+# How many names an error message lists before it counts the rest.
+_LISTED_NAMES = 8
 
 
 class ConversionError(ValueError):
@@ -100,13 +235,14 @@ def _load(
     given = set(state_dict)
     missing = sorted(expected - given)
     unexpected = sorted(given - expected - set(aliases))
+    problems = []
     if missing:
-        raise ConversionError(f"state_dict is missing parameter(s): {', '.join(missing)}")
+        problems.append(f"is missing parameter(s): {_listed(missing)}")
     if unexpected:
-        raise ConversionError(
-            f"state_dict has unexpected parameter(s): {', '.join(unexpected)} "
-            f"(expected exactly: {', '.join(sorted(expected))})"
-        )
+        problems.append(f"has unexpected parameter(s): {_listed(unexpected)}")
+    if problems:
+        hint = _prefix_hint(expected, given) if missing else ""
+        raise ConversionError(f"state_dict {' and '.join(problems)}{hint}")
     for alias, target in aliases.items():
         if alias in state_dict and not np.array_equal(
             np.asarray(state_dict[alias]), np.asarray(state_dict[target])
@@ -130,14 +266,94 @@ def _load(
             raise ConversionError(
                 f"parameter {theirs} has shape {given.shape}, which converts to {ours} of shape "
                 f"{value.shape}, but the module built from the constructor has {ours} "
-                f"{variable.shape} (PyTorch Linear weights are (out, in), our kernels (in, out); "
-                "check the width arguments)"
+                f"{variable.shape} ({_shape_hint(given, transform, variable.shape)})"
             )
         variable.set_value(jnp.asarray(value, dtype))
     unset = sorted(".".join(map(str, p)) for p in flat if p not in mapping)
     if unset:
         raise AssertionError(f"converter bug: parameters left at their initial values: {unset}")
     return module
+
+
+def _listed(names: Sequence[str]) -> str:
+    """``names`` joined: the first few, then how many more."""
+    rest = len(names) - _LISTED_NAMES
+    return ", ".join(names[:_LISTED_NAMES]) + (f", ... ({rest} more)" if rest > 0 else "")
+
+
+def _prefix_hint(expected: set[str], given: set[str]) -> str:
+    """A hint naming a prefix (``module.`` from DDP, ``model.layers.0.attn.`` from a whole
+    model) which, stripped from the given names that carry it, would supply every expected
+    name; "" when there is none. The prefix is not stripped here: the caller says which keys."""
+    counts: dict[str, int] = {}
+    for name in given:
+        for i, char in enumerate(name):
+            if char == "." and name[i + 1 :] in expected:
+                counts[name[: i + 1]] = counts.get(name[: i + 1], 0) + 1
+    for prefix, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        if count >= len(expected) and expected <= {
+            name.removeprefix(prefix) for name in given if name.startswith(prefix)
+        }:
+            return (
+                f"; its names carry the prefix {prefix!r}: strip it, e.g. "
+                f"{{k.removeprefix({prefix!r}): v for k, v in state_dict.items() "
+                f"if k.startswith({prefix!r})}}"
+            )
+    return ""
+
+
+def _shape_hint(given: np.ndarray, transform: Transform, shape: tuple[int, ...]) -> str:
+    """Why a parameter of the wrong shape may not fit: a 2-D weight whose transpose would fit
+    was probably given (in, out); anything else points at the width arguments."""
+    if given.ndim == 2:
+        try:
+            transposed = transform(given.T).shape == shape
+        except ValueError:
+            transposed = False
+        if transposed:
+            return (
+                "it looks transposed: pass PyTorch Linear weights as state_dict() holds them, "
+                "(out, in); the converter makes our (in, out) kernels"
+            )
+    return "check the width arguments of the constructor or config"
+
+
+def _integer(value: Any, key: str, what: str) -> int:
+    """``value`` (an int, an integral float or a numeric string) as an int."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or isinstance(value, bool) or (isinstance(value, float) and number != value):
+        raise ConversionError(f"{what}: {key}={value!r} is not an integer")
+    return number
+
+
+def _refuse_unknown(
+    given: Iterable[str],
+    accepted: Sequence[str],
+    what: str,
+    owner: str,
+    kind: str = "constructor argument",
+    ignored: Sequence[str] = (),
+) -> None:
+    """Refuse keys outside ``accepted`` and ``ignored``, naming the closest accepted ones: a
+    misspelt keyword (``casual``, ``layer_index``) would otherwise leave its default in force
+    without a word."""
+    unknown = sorted(set(given) - set(accepted) - set(ignored))
+    if not unknown:
+        return
+    guesses = [(name, difflib.get_close_matches(name, accepted, n=1)) for name in unknown]
+    guesses = [
+        f"{close[0]!r} for {name!r}" if len(unknown) > 1 else repr(close[0])
+        for name, close in guesses
+        if close
+    ]
+    hint = f" did you mean {', '.join(guesses)}?" if guesses else ""
+    raise ConversionError(
+        f"{what}: unknown {kind}(s) {', '.join(map(repr, unknown))};{hint} "
+        f"{owner} takes {', '.join(accepted)}"
+    )
 
 
 def _require(constructor: Mapping[str, Any], key: str, allowed: tuple, what: str) -> None:
@@ -148,10 +364,10 @@ def _require(constructor: Mapping[str, Any], key: str, allowed: tuple, what: str
         )
 
 
-def _features(constructor: Mapping[str, Any], key: str, what: str) -> int:
+def _features(constructor: Mapping[str, Any], key: str, what: str, why: str = "") -> int:
     if key not in constructor:
-        raise ConversionError(f"{what}: constructor needs {key!r}")
-    return int(constructor[key])
+        raise ConversionError(f"{what}: constructor needs {key!r}{why}")
+    return _integer(constructor[key], key, what)
 
 
 def _check_class(
@@ -164,12 +380,21 @@ def _check_class(
             f"unknown {library} class {class_name!r}; expected one of {', '.join(classes)}"
         )
     accepted = CONSTRUCTOR_ARGUMENTS[class_name]
-    unknown = sorted(set(constructor) - set(accepted)) if accepted is not None else []
-    if unknown:
-        raise ConversionError(
-            f"{class_name}: unknown constructor argument(s) {', '.join(map(repr, unknown))}; "
-            f"{library}'s {class_name} takes {', '.join(accepted)}"
-        )
+    if accepted is not None:
+        _refuse_unknown(constructor, accepted, class_name, f"{library}'s {class_name}")
+
+
+def _check_fla_config(config: Mapping[str, Any], what: str) -> None:
+    """An fla model config (``HGRNConfig`` / ``HGRN2Config``) with no key fla's class does not
+    take, besides the bookkeeping keys transformers adds to every config."""
+    _refuse_unknown(
+        config,
+        CONFIG_KEYS[what],
+        what,
+        f"fla's {what}",
+        kind="config key",
+        ignored=TRANSFORMERS_CONFIG_KEYS,
+    )
 
 
 def _layer_norm(ours: tuple, theirs: str) -> Mapping_:
@@ -186,10 +411,10 @@ def _check_fla_layer(constructor: Mapping[str, Any], what: str) -> None:
     _require(constructor, "elementwise_affine", (True,), what)
 
 
-def _fla_uses_lower_bound(constructor: Mapping[str, Any]) -> bool:
+def _fla_uses_lower_bound(constructor: Mapping[str, Any], what: str) -> bool:
     """fla's layer 0 (and a layer without ``layer_idx``) ignores its lower bound."""
     layer_idx = constructor.get("layer_idx")
-    return layer_idx is not None and int(layer_idx) > 0
+    return layer_idx is not None and _integer(layer_idx, "layer_idx", what) > 0
 
 
 def _fla_mixer_mapping(projections: tuple[str, ...]) -> Callable[[tuple, str], Mapping_]:
@@ -253,7 +478,10 @@ def from_hgru_pytorch(
         ``causal``, ``bias``; ``use_triton`` is ignored), with the reference's defaults:
         ``Hgru1d`` and ``Hgru2d`` are causal unless ``causal=False``. A keyword the reference
         class does not take is an error.
-      state_dict: reference parameter name -> array.
+      state_dict: reference parameter name -> array: ``input_proj``, ``lambda_proj``, ``gate``
+        and ``out_proj`` (``.weight`` and, with biases, ``.bias``), ``norm.weight``,
+        ``norm.bias``, and the phase ``theta`` (1, 1, d), or ``theta_forward`` and
+        ``theta_reverse`` for the ``Bi`` classes.
       dtype: parameter dtype (float64 needs ``jax_enable_x64``).
 
     Returns:
@@ -293,17 +521,23 @@ def from_fla_hgrn_attention(
 ) -> FlaHGRNAttention:
     """A :class:`FlaHGRNAttention` holding the weights of fla's ``HGRNAttention``.
 
-    ``constructor`` holds ``hidden_size``, ``expand_ratio``, ``norm_eps`` and ``layer_idx``
-    (layer 0 ignores its lower bound, as in fla). Short convolutions are not supported. The
-    module is called as ``module(x, lower_bound=None, mask=None)`` on (B, T, d) inputs.
+    ``constructor`` holds the layer's keyword arguments: ``hidden_size``, ``expand_ratio`` (1
+    when absent, as in fla; the projections' shapes reveal a wrong one), ``norm_eps``,
+    ``layer_idx`` (layer 0 ignores its lower bound, as in fla), ``elementwise_affine``, and
+    ``mode``, ``conv_size``, ``conv_bias``, which change nothing here. Any other key is an error;
+    so are short convolutions (``use_short_conv=True``) and ``elementwise_affine=False``. The
+    state dict holds ``i_proj.weight``, ``f_proj.weight``, ``g_proj.weight`` (each (e·d, d)),
+    ``o_proj.weight`` (d, e·d) and ``g_norm.weight`` (e·d), e = ``expand_ratio``. The module is
+    called as ``module(x, lower_bound=None, mask=None)`` on (B, T, d) inputs.
     """
     what = "HGRNAttention"
+    _refuse_unknown(constructor, CONSTRUCTOR_ARGUMENTS[what], what, f"fla's {what}")
     d = _features(constructor, "hidden_size", what)
     _check_fla_layer(constructor, what)
     module = FlaHGRNAttention(
         d,
-        expand_ratio=int(constructor.get("expand_ratio", 1)),
-        use_lower_bound=_fla_uses_lower_bound(constructor),
+        expand_ratio=_integer(constructor.get("expand_ratio", 1), "expand_ratio", what),
+        use_lower_bound=_fla_uses_lower_bound(constructor, what),
         norm_epsilon=float(constructor.get("norm_eps", 1e-5)),
         param_dtype=dtype,
         rngs=nnx.Rngs(0),
@@ -324,10 +558,15 @@ def _fla_glu_expand(config: Mapping[str, Any], d: int) -> float:
 
 
 def fla_lm_config(config: Mapping[str, Any] | Any) -> LMConfig:
-    """The :class:`LMConfig` of an fla ``HGRNConfig``, given as its keyword arguments or as the
-    config object itself (``model.config``)."""
+    """The :class:`LMConfig` of an fla ``HGRNConfig``, given as its keyword arguments, its
+    ``config.json`` as a dict, or the config object itself (``model.config``). A key that
+    ``HGRNConfig`` does not take is an error (the keys transformers adds to every config,
+    :data:`TRANSFORMERS_CONFIG_KEYS`, are ignored), and so is a setting this port does not
+    implement: short convolutions, ``elementwise_affine=False``, ``expand_ratio`` other than 1,
+    hybrid attention layers (``attn``)."""
     what = "HGRNConfig"
     config = _config_mapping(config, what)
+    _check_fla_config(config, what)
     _check_fla_layer(config, what)
     _require(config, "expand_ratio", (1, None), what)
     _require(config, "attn", (None,), what)  # hybrid softmax-attention layers
@@ -347,8 +586,14 @@ def from_fla_hgrn_lm(
 ) -> HGRNLM:
     """An :class:`HGRNLM` holding the weights of fla's ``HGRNForCausalLM``.
 
-    ``config`` is the ``HGRNConfig`` keyword arguments or the config object (``model.config``).
-    The result is called as ``lm(ids)`` (ids (B, T) -> logits (B, T, V)) and decodes with
+    ``config`` is the ``HGRNConfig`` keyword arguments or the config object (``model.config``),
+    checked by :func:`fla_lm_config`. ``state_dict`` holds, for L = ``num_hidden_layers``:
+    ``model.embeddings.weight`` (V, d); ``model.lower_bounds`` (L, d) when
+    ``use_lower_bound``; per layer k, ``model.layers.<k>.attn_norm.weight``,
+    ``.attn.{i,f,g,o}_proj.weight``, ``.attn.g_norm.weight``, ``.mlp_norm.weight`` and
+    ``.mlp.{gate,up,down}_proj.weight``; ``model.norm.weight``; ``lm_head.weight`` (V, d),
+    which may be absent or equal to the embeddings when ``tie_word_embeddings``. The result is
+    called as ``lm(ids)`` (ids (B, T) -> logits (B, T, V)) and decodes with
     ``lm.init_cache(B)`` / ``lm.step``.
     """
     return _load_fla_lm(fla_lm_config(config), _fla_attention_mapping, state_dict, dtype)
@@ -397,8 +642,13 @@ def from_hgru2_pytorch(
         ``"Hgru2_2d_parallel"`` (four scans over a grid).
       constructor: the reference constructor's keyword arguments (``embed_dim``,
         ``expand_ratio``, ``act_fun``, ``uv_act_fun``, ``use_norm``, ``bias``, ``norm_type``,
-        ``use_fla``; ``chunk_size`` is ignored).
-      state_dict: reference parameter name -> array.
+        ``use_fla``; ``chunk_size`` is ignored). ``expand_ratio`` (the head width) is required
+        and must be the PyTorch model's: no parameter shape reveals it, and another value loads
+        without error into a layer that computes something else. A keyword the reference class
+        does not take is an error (``Hgru2_2d_parallel`` takes any, as the reference does).
+      state_dict: reference parameter name -> array: ``in_proj.weight`` (3d, d),
+        ``out_proj.weight`` (d, d), ``norm.weight`` and ``norm.bias`` (d), and with ``bias``
+        ``in_proj.bias`` (3d) and ``out_proj.bias`` (d).
       dtype: parameter dtype (float64 needs ``jax_enable_x64``).
 
     Returns:
@@ -415,7 +665,13 @@ def from_hgru2_pytorch(
     """
     _check_class(class_name, HGRU2_CLASSES, "hgru2-pytorch", constructor)
     d = _features(constructor, "embed_dim", class_name)
-    expand_ratio = int(constructor.get("expand_ratio", 2))
+    expand_ratio = _features(
+        constructor,
+        "expand_ratio",
+        class_name,
+        " (the head width): no parameter shape reveals it, so give the value the PyTorch model "
+        "was built with",
+    )
     _require(constructor, "act_fun", ("silu", "swish"), class_name)
     _require(constructor, "uv_act_fun", ("sigmoid",), class_name)
     _require(constructor, "use_norm", (True,), class_name)
@@ -445,17 +701,34 @@ def from_hgru2_pytorch(
 
 
 def _fla_hgrn2_heads(config: Mapping[str, Any], d: int, what: str) -> int:
-    """fla's key width K: ``expand_ratio`` when given (it wins), else ``d // num_heads``."""
-    expand_ratio, num_heads = config.get("expand_ratio", 128), config.get("num_heads")
+    """fla's key width K: ``expand_ratio`` when not None (it wins), else ``d // num_heads``.
+
+    No parameter shape reveals K (``q_proj`` and ``f_proj`` are (d, d) whenever K divides d),
+    so ``expand_ratio`` must be given rather than left at fla's default of 128, and a
+    ``num_heads`` other than ``d // K`` (a saved config holds both) is refused."""
+    if "expand_ratio" not in config:
+        raise ConversionError(
+            f"{what}: needs 'expand_ratio' (the key width of a head; fla's default is 128, None "
+            "takes hidden_size // num_heads): no parameter shape reveals it, so give the value "
+            "the fla model was built with"
+        )
+    expand_ratio, num_heads = config["expand_ratio"], config.get("num_heads")
+    heads = None if num_heads is None else _integer(num_heads, "num_heads", what)
     if expand_ratio is None:
-        if not num_heads:
+        if heads is None or heads < 1:
             raise ConversionError(f"{what}: one of expand_ratio or num_heads must be given")
-        expand_ratio = d // int(num_heads)
-    expand_ratio = int(expand_ratio)
+        expand_ratio = d // heads
+    expand_ratio = _integer(expand_ratio, "expand_ratio", what)
     if expand_ratio < 1 or d % expand_ratio:
         raise ConversionError(
             f"{what}: hidden_size={d} is not a multiple of "
             f"expand_ratio={expand_ratio} (the key width of a head)"
+        )
+    if heads is not None and heads != d // expand_ratio:
+        raise ConversionError(
+            f"{what}: num_heads={heads} disagrees with expand_ratio={expand_ratio} "
+            f"(hidden_size={d} // {expand_ratio} = {d // expand_ratio} heads; fla builds its "
+            "layers from expand_ratio): give the fla model's values"
         )
     return expand_ratio
 
@@ -465,19 +738,24 @@ def from_fla_hgrn2_attention(
 ) -> FlaHGRN2Attention:
     """A :class:`FlaHGRN2Attention` holding the weights of fla's ``HGRN2Attention``.
 
-    ``constructor`` holds ``hidden_size``, ``expand_ratio`` or ``num_heads``, and ``layer_idx``
-    (layer 0 ignores its lower bound, as in fla); ``norm_eps`` is accepted and, as in fla, not
-    used (the output norm's eps is 1e-5); ``mode`` only picks fla's kernel. Short convolutions are
-    not supported. The module is called as ``module(x, lower_bound=None, mask=None)`` on (B, T, d)
+    ``constructor`` holds ``hidden_size``, ``expand_ratio`` (required: the key width of a head,
+    which no parameter shape reveals; it must be the fla model's, or None with ``num_heads``),
+    and ``layer_idx`` (layer 0 ignores its lower bound, as in fla); ``norm_eps`` is accepted
+    and, as in fla, not used (the output norm's eps is 1e-5); ``mode``, ``conv_size`` and
+    ``conv_bias`` change nothing here. Any other key is an error; so are short convolutions and
+    ``elementwise_affine=False``. The state dict holds ``q_proj.weight`` and ``f_proj.weight``
+    (H·K, d), ``i_proj.weight`` (d, d), ``o_proj.weight`` (d, d) and ``g_norm.weight`` (d). The
+    module is called as ``module(x, lower_bound=None, mask=None)`` on (B, T, d)
     inputs; its recurrent state is (B, H, K, V), the transpose of fla's cache entry.
     """
     what = "HGRN2Attention"
+    _refuse_unknown(constructor, CONSTRUCTOR_ARGUMENTS[what], what, f"fla's {what}")
     d = _features(constructor, "hidden_size", what)
     _check_fla_layer(constructor, what)
     module = FlaHGRN2Attention(
         d,
         expand_ratio=_fla_hgrn2_heads(constructor, d, what),
-        use_lower_bound=_fla_uses_lower_bound(constructor),
+        use_lower_bound=_fla_uses_lower_bound(constructor, what),
         param_dtype=dtype,
         rngs=nnx.Rngs(0),
     )
@@ -485,10 +763,13 @@ def from_fla_hgrn2_attention(
 
 
 def fla_hgrn2_lm_config(config: Mapping[str, Any] | Any) -> LMConfig:
-    """The :class:`LMConfig` of an fla ``HGRN2Config``, given as its keyword arguments or as the
-    config object itself (``model.config``)."""
+    """The :class:`LMConfig` of an fla ``HGRN2Config``, given as its keyword arguments, its
+    ``config.json`` as a dict, or the config object itself (``model.config``). ``expand_ratio``
+    is required and must be the model's (see :func:`from_fla_hgrn2_attention`). Unknown keys
+    and unimplemented settings are refused as in :func:`fla_lm_config`."""
     what = "HGRN2Config"
     config = _config_mapping(config, what)
+    _check_fla_config(config, what)
     _check_fla_layer(config, what)
     _require(config, "attn", (None,), what)  # hybrid softmax-attention layers
     _require(config, "attnres_block_size", (None,), what)
@@ -506,10 +787,12 @@ def from_fla_hgrn2_lm(
 ) -> HGRNLM:
     """An :class:`HGRNLM` with HGRN2 mixers holding the weights of fla's ``HGRN2ForCausalLM``.
 
-    ``config`` is the ``HGRN2Config`` keyword arguments or the config object (``model.config``).
-    The result is called as ``lm(ids)`` (ids (B, T) -> logits (B, T, V)) and decodes with
-    ``lm.init_cache(B)`` / ``lm.step(ids, cache)``; each layer's cache entry is (B, H, K, V),
-    the transpose of fla's.
+    ``config`` is the ``HGRN2Config`` keyword arguments or the config object (``model.config``),
+    checked by :func:`fla_hgrn2_lm_config`. ``state_dict`` has the names of
+    :func:`from_fla_hgrn_lm`'s, with each layer's mixer ``.attn.{q,f,i,o}_proj.weight`` and
+    ``.attn.g_norm.weight``. The result is called as ``lm(ids)`` (ids (B, T) -> logits
+    (B, T, V)) and decodes with ``lm.init_cache(B)`` / ``lm.step(ids, cache)``; each layer's
+    cache entry is (B, H, K, V), the transpose of fla's.
     """
     return _load_fla_lm(
         fla_hgrn2_lm_config(config), _fla_hgrn2_attention_mapping, state_dict, dtype

@@ -175,3 +175,132 @@ def test_fla_lm_converter_names_bad_layer_parameter(golden):
     params["model.layers.1.attn.f_proj.weight"] = params["model.layers.1.attn.f_proj.weight"][:-1]
     with pytest.raises(convert.ConversionError, match=r"model.layers.1.attn.f_proj.weight"):
         convert.from_fla_hgrn_lm(case.meta["constructor"]["HGRNConfig"], params)
+
+
+def test_fla_converters_refuse_unknown_keywords_naming_the_closest(golden):
+    """A misspelt fla keyword was ignored: ``layer_index=1`` loaded layer 0's behaviour (the
+    lower bound dropped, relative error 0.36 against the golden) without a word; a config key
+    ``use_shortconv`` or ``use_lower_bounds`` likewise. A real config.json, with the keys
+    transformers adds, still loads."""
+    case = golden("fla_hgrn_attention")
+    ctor = {k: v for k, v in case.meta["constructor"].items() if k != "layer_idx"}
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"^HGRNAttention: unknown constructor argument\(s\) 'layer_index'; "
+        r"did you mean 'layer_idx'\? fla's HGRNAttention takes mode, hidden_size",
+    ):
+        convert.from_fla_hgrn_attention(dict(ctor, layer_index=1), case.params)
+
+    lm_case = golden("fla_hgrn_lm")
+    kwargs = lm_case.meta["constructor"]["HGRNConfig"]
+    config_json = dict(
+        kwargs,
+        model_type="hgrn",
+        architectures=["HGRNForCausalLM"],
+        transformers_version="4.45.0",
+        torch_dtype="float32",
+        _name_or_path="hgrn-tiny",
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        max_position_embeddings=2048,
+        initializer_range=0.02,
+    )
+    assert convert.fla_lm_config(config_json) == convert.fla_lm_config(kwargs)
+    for key, close in [
+        ("use_lower_bounds", "use_lower_bound"),
+        ("use_shortconv", "use_short_conv"),
+    ]:
+        with pytest.raises(
+            convert.ConversionError,
+            match=rf"^HGRNConfig: unknown config key\(s\) '{key}'; did you mean '{close}'\?",
+        ):
+            convert.from_fla_hgrn_lm(dict(config_json, **{key: True}), lm_case.params)
+
+
+def test_missing_and_unexpected_parameters_are_both_listed(golden):
+    """Only the missing ones were named; the unexpected ones beside them show the cause. BiHgru1d
+    weights loaded as Hgru1d said only 'missing parameter(s): theta'."""
+    cls, ctor, params = _hgru_case(golden)
+    params["lambda_proj.weights"] = params.pop("lambda_proj.weight")
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"^state_dict is missing parameter\(s\): lambda_proj.weight and has unexpected "
+        r"parameter\(s\): lambda_proj.weights$",
+    ):
+        convert.from_hgru_pytorch(cls, ctor, params)
+
+    bi = golden("official_bihgru1d")
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"missing parameter\(s\): theta and has unexpected parameter\(s\): theta_forward, "
+        r"theta_reverse$",
+    ):
+        convert.from_hgru_pytorch("Hgru1d", {"embed_dim": 16}, bi.params)
+
+    lm_case = golden("fla_hgrn_lm")
+    renamed = {k.replace(".attn.", ".mixer."): v for k, v in lm_case.params.items()}
+    with pytest.raises(convert.ConversionError) as error:
+        convert.from_fla_hgrn_lm(lm_case.meta["constructor"]["HGRNConfig"], renamed)
+    message = str(error.value)
+    # 2 layers x 5 mixer weights on each side, listed up to 8.
+    assert message.count(", ... (2 more)") == 2 and "model.layers.0.mixer.f_proj.weight" in message
+    assert "\n" not in message
+
+
+def test_a_prefixed_state_dict_gets_the_prefix_to_strip(golden):
+    """A DDP ``module.`` prefix, or one layer's weights inside a whole model's, made every name
+    'missing' and never showed the given ones: the message names the prefix, and stripping it
+    as it says loads the layer."""
+    cls, ctor, params = _hgru_case(golden)
+    with pytest.raises(
+        convert.ConversionError, match=r"its names carry the prefix 'module\.': strip it"
+    ):
+        convert.from_hgru_pytorch(cls, ctor, {f"module.{k}": v for k, v in params.items()})
+
+    lm_case = golden("fla_hgrn_lm")
+    lm_kwargs = lm_case.meta["constructor"]["HGRNConfig"]
+    layer_ctor = {"hidden_size": lm_kwargs["hidden_size"], "layer_idx": 1, "norm_eps": 1e-6}
+    with pytest.raises(
+        convert.ConversionError, match=r"prefix 'model\.layers\.0\.attn\.'"
+    ) as error:
+        convert.from_fla_hgrn_attention(layer_ctor, lm_case.params)
+    prefix = "model.layers.1.attn."
+    assert "k.removeprefix" in str(error.value)
+    layer = convert.from_fla_hgrn_attention(
+        layer_ctor,
+        {k.removeprefix(prefix): v for k, v in lm_case.params.items() if k.startswith(prefix)},
+    )
+    np.testing.assert_array_equal(
+        layer.f_proj.kernel[...], lm_case.params[prefix + "f_proj.weight"].T.astype(np.float32)
+    )
+
+
+def test_the_transpose_hint_only_for_a_weight_whose_transpose_fits(golden):
+    """A phase of the wrong width got 'PyTorch Linear weights are (out, in)', which cannot be
+    its cause; a transposed Linear weight still gets it."""
+    cls, ctor, params = _hgru_case(golden)
+    narrow = dict(params, theta=params["theta"][..., :8])
+    with pytest.raises(convert.ConversionError) as error:
+        convert.from_hgru_pytorch(cls, ctor, narrow)
+    assert "check the width arguments" in str(error.value)
+    assert "Linear" not in str(error.value) and "transposed" not in str(error.value)
+    transposed = dict(params, **{"gate.weight": params["gate.weight"].T})
+    with pytest.raises(convert.ConversionError, match=r"it looks transposed: .* \(out, in\)"):
+        convert.from_hgru_pytorch(cls, ctor, transposed)
+
+
+def test_a_width_that_is_not_an_integer_is_named(golden):
+    """``embed_dim="sixteen"`` was a bare 'invalid literal for int() with base 10'."""
+    cls, ctor, params = _hgru_case(golden)
+    with pytest.raises(
+        convert.ConversionError, match=r"^Hgru1d: embed_dim='sixteen' is not an integer$"
+    ):
+        convert.from_hgru_pytorch(cls, dict(ctor, embed_dim="sixteen"), params)
+    case = golden("fla_hgrn_attention")
+    with pytest.raises(
+        convert.ConversionError, match=r"^HGRNAttention: hidden_size=32.5 is not an integer$"
+    ):
+        convert.from_fla_hgrn_attention(
+            dict(case.meta["constructor"], hidden_size=32.5), case.params
+        )

@@ -136,3 +136,58 @@ def test_fla_hgrn2_converter_errors(golden):
         convert.from_fla_hgrn2_lm(
             lm_ctor, {k: v for k, v in lm_params.items() if k != "lm_head.weight"}
         )
+
+
+def test_hgrn2_head_width_must_be_given_and_consistent(golden):
+    """No parameter shape reveals HGRN2's head width: a constructor without ``expand_ratio``
+    loaded with a default (2 for hgru2-pytorch, fla's 128) and a wrong one gave relative errors
+    of ~0.5 without a word. It is now required, and an fla config whose ``num_heads`` (saved
+    beside it) disagrees with it is refused."""
+    case = golden("official_hgrn2_1d")
+    cls, ctor = case.meta["source"]["class"], case.meta["constructor"]
+    without = {k: v for k, v in ctor.items() if k != "expand_ratio"}
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"^Hgru2_1d: constructor needs 'expand_ratio' \(the head width\): no parameter",
+    ):
+        convert.from_hgru2_pytorch(cls, without, case.params)
+
+    fla = golden("fla_hgrn2_attention")
+    fla_ctor = {k: v for k, v in fla.meta["constructor"].items() if k != "expand_ratio"}
+    with pytest.raises(convert.ConversionError, match=r"^HGRN2Attention: needs 'expand_ratio'"):
+        convert.from_fla_hgrn2_attention(fla_ctor, fla.params)
+
+    lm = golden("fla_hgrn2_lm")
+    kwargs = lm.meta["constructor"]["HGRN2Config"]
+    d, k = kwargs["hidden_size"], kwargs["expand_ratio"]
+    saved = dict(kwargs, num_heads=d // k)  # as HGRN2Config stores it in config.json
+    assert convert.fla_hgrn2_lm_config(saved) == convert.fla_hgrn2_lm_config(kwargs)
+    with pytest.raises(
+        convert.ConversionError,
+        match=rf"^HGRN2Config: num_heads={d // k} disagrees with expand_ratio={k // 2} ",
+    ):
+        convert.from_fla_hgrn2_lm(dict(saved, expand_ratio=k // 2), lm.params)
+    with pytest.raises(convert.ConversionError, match=r"^HGRN2Config: needs 'expand_ratio'"):
+        convert.from_fla_hgrn2_lm(
+            {n: v for n, v in kwargs.items() if n != "expand_ratio"}, lm.params
+        )
+
+
+def test_fla_hgrn2_converters_refuse_unknown_keywords(golden):
+    """``HGRN2Attention(layer_index=1)`` or an ``HGRN2Config`` key fla does not take loaded
+    silently with the default in force."""
+    case = golden("fla_hgrn2_attention")
+    ctor = {k: v for k, v in case.meta["constructor"].items() if k != "layer_idx"}
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"^HGRN2Attention: unknown constructor argument\(s\) 'layer_index'; "
+        r"did you mean 'layer_idx'\?",
+    ):
+        convert.from_fla_hgrn2_attention(dict(ctor, layer_index=1), case.params)
+    lm = golden("fla_hgrn2_lm")
+    kwargs = dict(lm.meta["constructor"]["HGRN2Config"], num_head=2)
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"^HGRN2Config: unknown config key\(s\) 'num_head'; did you mean 'num_heads'\?",
+    ):
+        convert.fla_hgrn2_lm_config(kwargs)
