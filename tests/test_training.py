@@ -62,9 +62,41 @@ def _values(schedule, steps):
 
 def test_cosine_schedule_warms_up_linearly_then_decays_to_min_lr():
     schedule = optim.cosine_with_warmup(1.0, warmup_steps=10, decay_steps=110, min_lr=0.1)
-    got = _values(schedule, [0, 5, 10, 60, 110, 500])
+    got = _values(schedule, [0, 5, 10, 60, 110])
     # Half-way through the cosine the rate is the mean of lr and min_lr.
-    np.testing.assert_allclose(got, [0.0, 0.5, 1.0, 0.55, 0.1, 0.1], atol=1e-6)
+    np.testing.assert_allclose(got, [0.0, 0.5, 1.0, 0.55, 0.1], atol=1e-6)
+
+
+def _hf_cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """The multiplier of transformers.get_cosine_schedule_with_warmup (num_cycles=0.5), the
+    reference LRA trainer's ``cosine_warmup``, in float64; written from its formula."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + np.cos(np.pi * 2.0 * 0.5 * progress)))
+
+
+@pytest.mark.parametrize(
+    "lr, warmup, decay, min_lr",
+    [(3e-3, 30_000, 50_000, 0.0), (7.5e-4, 150_000, 500_000, 0.0), (1.0, 0, 100, 0.25)],
+)
+def test_cosine_schedule_is_the_reference_trainers_past_decay_steps_too(lr, warmup, decay, min_lr):
+    """The LRA Image and Path-X configs run past decay_steps (90k steps on a 50k schedule, 1M
+    on 500k): the reference's cosine is periodic there (0 at decay_steps, the peak again at
+    progress 2, 0 at progress 3), where ours held min_lr. Steps: warmup's first, middle and
+    last, the cosine's start, middle and end, and past it. min_lr > 0 scales the same cosine
+    between lr and min_lr. Tolerance: the schedule runs in float32; progress has a relative
+    rounding of a few 1.2e-7 and cos has slope <= pi/2 per unit of progress, so up to 3 units
+    of progress stay within 1e-6 of lr."""
+    schedule = optim.cosine_with_warmup(lr, warmup, decay, min_lr)
+    span = decay - warmup
+    steps = [0, warmup // 2, max(warmup - 1, 0), warmup, warmup + span // 2, decay]
+    steps += [decay + span // 2, decay + span, decay + 3 * span // 2, decay + 2 * span - 1]
+    expected = [min_lr + (lr - min_lr) * _hf_cosine_with_warmup(s, warmup, decay) for s in steps]
+    np.testing.assert_allclose(_values(schedule, steps), expected, rtol=0, atol=1e-6 * lr)
+    assert float(schedule(decay + span)) == pytest.approx(lr, rel=1e-6)  # the peak at progress 2
+    if warmup:
+        assert float(schedule(0)) == 0.0 and float(schedule(warmup)) == np.float32(lr)
 
 
 def test_inverse_sqrt_schedule_is_fairseqs():
