@@ -60,6 +60,7 @@ EVAL_EVERY = 5
 KEEP = 2
 OVERRIDES = (
     f"--config.num_train_steps={TOTAL_STEPS}",
+    f"--config.schedule.decay_steps={TOTAL_STEPS}",  # the toy's 12: a RunLengthWarning at 20
     "--config.checkpoint_every=1",
     f"--config.eval_every={EVAL_EVERY}",
     "--config.log_every=1",  # a record per step: the records do not depend on where a run resumed

@@ -56,6 +56,7 @@ def listops_with_a_worker(data: str, compilation_cache: str) -> Run:
         "--config.data.val_examples=64",
         "--config.data.test_examples=64",
         f"--config.num_train_steps={STEPS}",
+        "--config.schedule.warmup_steps=2",  # the preset's 10: a RunLengthWarning at 10 steps
         "--config.checkpoint_every=1",
         f"--config.eval_every={EVAL_EVERY}",
         "--config.log_every=1",

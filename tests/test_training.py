@@ -62,9 +62,121 @@ def _values(schedule, steps):
 
 def test_cosine_schedule_warms_up_linearly_then_decays_to_min_lr():
     schedule = optim.cosine_with_warmup(1.0, warmup_steps=10, decay_steps=110, min_lr=0.1)
-    got = _values(schedule, [0, 5, 10, 60, 110, 500])
+    got = _values(schedule, [0, 5, 10, 60, 110])
     # Half-way through the cosine the rate is the mean of lr and min_lr.
-    np.testing.assert_allclose(got, [0.0, 0.5, 1.0, 0.55, 0.1, 0.1], atol=1e-6)
+    np.testing.assert_allclose(got, [0.0, 0.5, 1.0, 0.55, 0.1], atol=1e-6)
+
+
+def _hf_cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """The multiplier of transformers.get_cosine_schedule_with_warmup (num_cycles=0.5), the
+    reference LRA trainer's ``cosine_warmup``, in float64; written from its formula."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + np.cos(np.pi * 2.0 * 0.5 * progress)))
+
+
+@pytest.mark.parametrize(
+    "lr, warmup, decay, min_lr",
+    [(3e-3, 30_000, 50_000, 0.0), (7.5e-4, 150_000, 500_000, 0.0), (1.0, 0, 100, 0.25)],
+)
+def test_cosine_schedule_is_the_reference_trainers_past_decay_steps_too(lr, warmup, decay, min_lr):
+    """The LRA Image and Path-X configs run past decay_steps (90k steps on a 50k schedule, 1M
+    on 500k): the reference's cosine is periodic there (0 at decay_steps, the peak again at
+    progress 2, 0 at progress 3), where ours held min_lr. Steps: warmup's first, middle and
+    last, the cosine's start, middle and end, and past it. min_lr > 0 scales the same cosine
+    between lr and min_lr. Tolerance: the schedule runs in float32; progress has a relative
+    rounding of a few 1.2e-7 and cos has slope <= pi/2 per unit of progress, so up to 3 units
+    of progress stay within 1e-6 of lr."""
+    schedule = optim.cosine_with_warmup(lr, warmup, decay, min_lr)
+    span = decay - warmup
+    steps = [0, warmup // 2, max(warmup - 1, 0), warmup, warmup + span // 2, decay]
+    steps += [decay + span // 2, decay + span, decay + 3 * span // 2, decay + 2 * span - 1]
+    expected = [min_lr + (lr - min_lr) * _hf_cosine_with_warmup(s, warmup, decay) for s in steps]
+    np.testing.assert_allclose(_values(schedule, steps), expected, rtol=0, atol=1e-6 * lr)
+    assert float(schedule(decay + span)) == pytest.approx(lr, rel=1e-6)  # the peak at progress 2
+    if warmup:
+        assert float(schedule(0)) == 0.0 and float(schedule(warmup)) == np.float32(lr)
+
+
+def _paper_config(name: str) -> ml_collections.ConfigDict:
+    return importlib.import_module(f"experiments.configs.{name}").get_config()
+
+
+def test_a_cosine_run_past_decay_steps_is_warned_of_as_it_starts():
+    """lra/image.py trains 90,000 steps on the paper's 50,000-step schedule: the rate reaches 0
+    at 50,000 and rises again (the reference's periodic cosine), with nothing said. One line
+    before anything is written (check_config_values), naming the key that ends the cosine
+    with the run; an update at decay_steps itself is at min_lr and is no rise."""
+    from hgrn_jax.training.config_checks import (
+        RunLengthWarning,
+        check_config_values,
+        run_length_warnings,
+    )
+
+    image = _paper_config("lra.image")
+    assert run_length_warnings(image) == [
+        "config.num_train_steps=90000 runs past config.schedule.decay_steps=50000: the cosine "
+        "learning rate reaches schedule.min_lr=0 at step 50000 and rises again after it, back "
+        "at 0.003 at step 70000 (0 at the last step), as the reference LRA trainer's does; to "
+        "end the cosine with the run, set --config.schedule.decay_steps=90000"
+    ]
+    for decay in (90_000, 89_999):  # the last update, step 89,999, at or before decay_steps
+        image.schedule.decay_steps = decay
+        assert run_length_warnings(image) == []
+    tiny = importlib.import_module("experiments.configs.lra.listops").get_config("tiny")
+    tiny.schedule.decay_steps = 150  # of 200 steps, warmup 10
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_config_values(tiny)
+    ours = [str(w.message) for w in caught if w.category is RunLengthWarning]
+    assert len(ours) == 1 and ours[0].startswith(
+        "config.num_train_steps=200 runs past config.schedule.decay_steps=150: "
+    )
+    assert "rises again after it (0.000819 at the last step)" in ours[0]
+
+
+def test_a_shortened_paper_run_is_warned_of_not_refused():
+    """Shrinking a paper run kept its warmup and epochs without a word: ListOps at 20 steps kept
+    5,000 warmup steps (the last update at 1.9e-6 of a 5e-4 peak) and its 50 epochs in
+    config.json, and batch 64 alone trained 37,500 steps, 25 epochs of 96,000 examples, not 50.
+    An eval_every beyond the run (750 > 20) is no warning: the loop evaluates after the last
+    step."""
+    from hgrn_jax.training.config_checks import run_length_warnings
+
+    short = _paper_config("lra.listops")
+    short.num_train_steps, short.batch_size = 20, 16
+    lines = run_length_warnings(short)
+    assert len(lines) == 2
+    warmup, epochs = lines
+    assert warmup == (
+        "config.num_train_steps=20 ends within config.schedule.warmup_steps=5000: the learning "
+        "rate never reaches its peak 0.0005 (the last step's is 0.38% of it, 1.9e-06); set "
+        "--config.schedule.warmup_steps below the run's steps and "
+        "--config.schedule.decay_steps=20"
+    )
+    assert epochs.startswith(
+        "config.num_train_steps=20 is not config.epochs=50 over config.data.train_examples="
+        "96000 at config.batch_size=16 (50 x 6000 = 300000 steps): the run trains 0.00333 epochs"
+    )
+    assert epochs.endswith(
+        "or --config.epochs=0 (a run counted in steps) with --config.num_train_steps=20"
+    )
+    wide = _paper_config("lra.listops")
+    wide.batch_size = 64
+    assert run_length_warnings(wide) == [
+        "config.num_train_steps=37500 is not config.epochs=50 over config.data.train_examples="
+        "96000 at config.batch_size=64 (50 x 1500 = 75000 steps): the run trains 25 epochs and "
+        "config.json records 50; set --config.num_train_steps=75000 (and "
+        "--config.schedule.decay_steps, --config.eval_every to follow) for 50 epochs, or "
+        "--config.epochs=25 with --config.num_train_steps=37500"
+    ]
+    wide.num_train_steps = wide.schedule.decay_steps = 75_000
+    assert run_length_warnings(wide) == []
+    wide.epochs = 0  # a run counted in steps: not checked
+    wide.num_train_steps = 10
+    assert run_length_warnings(wide) == [run_length_warnings(wide)[0]]
+    assert run_length_warnings(wide)[0].startswith("config.num_train_steps=10 ends within")
 
 
 def test_inverse_sqrt_schedule_is_fairseqs():

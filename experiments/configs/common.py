@@ -8,9 +8,11 @@ contract's (``task``, ``seed``, ``model``, ``data``, ``batch_size``, ``num_train
 ``keep_checkpoints``, ``mesh``, ``dtype``, ``paper``) plus ``eval_batch_size`` (0 = batch_size)
 and ``label_smoothing``. The returned ConfigDict is locked: overriding a key that does not exist
 fails at once. ``epochs`` records the recipe: the files derive ``num_train_steps`` (and the
-schedule's and evaluation's steps) from it as they load, and the runner counts
-``num_train_steps``, so ``experiments.train`` refuses ``--config.epochs`` without
-``--config.num_train_steps``.
+evaluation's steps; ImageNet's schedule too, the LRA files keep the paper's schedule steps) from it
+as they load, and the runner counts ``num_train_steps``, so ``experiments.train`` refuses
+``--config.epochs`` without ``--config.num_train_steps`` and warns when ``num_train_steps`` is not
+``epochs`` x (``data.train_examples`` // ``batch_size``)
+(:func:`hgrn_jax.training.config_checks.run_length_warnings`).
 """
 
 from __future__ import annotations

@@ -4,12 +4,14 @@ Each failure is a ValueError (RuntimeError for a call from an importing worker p
 ``config.<key>``, its value and the fix: run lengths and the time budget, the seed, the mesh and
 the batch sizes on it, the sequence axis, the model's sizes, the optimizer's numbers and the
 input workers (:func:`check_config_values` runs them all). Needs no model, data or devices
-beyond their count.
+beyond their count. A run length that departs from its schedule or its epochs is legitimate (a
+shortened paper run) and only warned of (:func:`run_length_warnings`).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import warnings
 from typing import Any
 
 import jax
@@ -200,7 +202,8 @@ def check_config_values(config: Any) -> None:
     naming the key: run lengths, the seed, the model's sizes and (a registered task) its
     config class's rules and the settings its source does not read, the activation dtype of a
     registered task, the optimizer's names and numbers, the mesh with the batch sizes and sequence
-    axis on it (:func:`check_mesh_and_batches`), and the input workers (``data.workers``)."""
+    axis on it (:func:`check_mesh_and_batches`), and the input workers (``data.workers``). Then
+    (process 0) one :class:`RunLengthWarning` per line of :func:`run_length_warnings`."""
     from hgrn_jax.data import grain_pipeline
     from hgrn_jax.tasks import base, registry
 
@@ -216,6 +219,83 @@ def check_config_values(config: Any) -> None:
     data = config.get("data", None)
     if hasattr(data, "get"):
         grain_pipeline.resolve_worker_count(data.get("workers", 0))  # checks data.workers
+    if jax.process_index() == 0:
+        for line in run_length_warnings(config):
+            warnings.warn(line, RunLengthWarning, stacklevel=2)
+
+
+class RunLengthWarning(UserWarning):
+    """``num_train_steps`` departs from the schedule or the epochs the config records (a
+    shortened paper run, a cosine that outlasts its ``decay_steps``); the run goes ahead."""
+
+
+def _section(config: Any, name: str) -> dict[str, Any]:
+    """``config.<name>`` as a dict (empty when the config has no such section)."""
+    section = config.get(name, None) if hasattr(config, "get") else None
+    return dict(section) if hasattr(section, "get") else {}
+
+
+def run_length_warnings(config: Any) -> list[str]:
+    """One line for each way ``config.num_train_steps`` departs from the rest of the config:
+
+    - it ends the run before ``schedule.warmup_steps`` (the last update, at step
+      ``num_train_steps - 1``, has less than the peak learning rate);
+    - a ``cosine`` schedule's updates go past ``schedule.decay_steps``, where the rate reaches
+      ``min_lr`` and then rises again (:func:`hgrn_jax.training.optim.cosine_with_warmup`);
+    - ``epochs`` > 0 and it is not ``epochs x (data.train_examples // batch_size)``: the paper
+      configs derive their steps from the reference's training-set size, which they record in
+      ``data.train_examples`` (the size of a generated split too); a config without it, or
+      with ``epochs`` 0, is not checked.
+
+    An ``eval_every`` beyond the run is not one: the loop evaluates after the last step too.
+    Call after the values were checked (:func:`check_config_values`)."""
+    steps = config_int(config, "num_train_steps", 1)
+    schedule, lines = _section(config, "schedule"), []
+    name = schedule.get("name", "constant")
+    warmup = int(schedule.get("warmup_steps", 0) or 0)
+    decay = int(schedule.get("decay_steps", 0) or 0)
+    peak = float(_section(config, "optimizer").get("learning_rate", 0.0))
+    if 0 < warmup and steps <= warmup:
+        fraction = (steps - 1) / warmup
+        lines.append(
+            f"config.num_train_steps={steps} ends within config.schedule.warmup_steps={warmup}: "
+            f"the learning rate never reaches its peak {peak:g} (the last step's is "
+            f"{fraction:.2%} of it, {fraction * peak:.3g}); set --config.schedule.warmup_steps "
+            "below the run's steps"
+            + (f" and --config.schedule.decay_steps={steps}" if name == "cosine" else "")
+        )
+    if name == "cosine" and steps - 1 > decay >= warmup:
+        min_lr = float(schedule.get("min_lr", 0.0))
+        back_at_peak = 2 * decay - warmup
+        again = f", back at {peak:g} at step {back_at_peak}" if back_at_peak < steps else ""
+        last = float(optim.cosine_with_warmup(peak, warmup, decay, min_lr)(steps - 1))
+        lines.append(
+            f"config.num_train_steps={steps} runs past config.schedule.decay_steps={decay}: the "
+            f"cosine learning rate reaches schedule.min_lr={min_lr:g} at step {decay} and rises "
+            f"again after it{again} ({last:.3g} at the last step), as the reference LRA "
+            f"trainer's does; to end the cosine with the run, set "
+            f"--config.schedule.decay_steps={steps}"
+        )
+    epochs, batch_size = config_int(config, "epochs", 0), config_int(config, "batch_size", 0)
+    examples = int(_section(config, "data").get("train_examples", 0) or 0)
+    per_epoch = examples // batch_size if batch_size > 0 else 0
+    if epochs > 0 and per_epoch > 0 and steps != epochs * per_epoch:
+        trained = steps / per_epoch
+        record = (
+            f"--config.epochs={steps // per_epoch}"
+            if steps % per_epoch == 0
+            else "--config.epochs=0 (a run counted in steps)"
+        )
+        lines.append(
+            f"config.num_train_steps={steps} is not config.epochs={epochs} over "
+            f"config.data.train_examples={examples} at config.batch_size={batch_size} "
+            f"({epochs} x {per_epoch} = {epochs * per_epoch} steps): the run trains "
+            f"{trained:.3g} epochs and config.json records {epochs}; set "
+            f"--config.num_train_steps={epochs * per_epoch} (and "
+            f"--config.schedule.decay_steps, --config.eval_every to follow) for {epochs} "
+            f"epochs, or {record} with --config.num_train_steps={steps}"
+        )
+    return lines
 
 
 def _dataset_entry(config: Any) -> Any:

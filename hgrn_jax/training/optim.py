@@ -3,15 +3,19 @@
 Schedules take the optimizer step (the number of updates already applied, starting at 0) and
 return the learning rate of the next update:
 
-- ``cosine``: the reference LRA trainer's linear warmup from 0 to ``lr`` over ``warmup_steps``,
-  then a half cosine from ``lr`` down to ``min_lr`` at ``decay_steps`` (counted from step 0, warmup
-  included), and ``min_lr`` after that.
+- ``cosine``: the reference LRA trainer's (``transformers.get_cosine_schedule_with_warmup`` with
+  its default half cycle, stepped every update): a linear warmup ``lr * step / warmup_steps``, then
+  ``min_lr + (lr - min_lr) * (1 + cos(pi * progress)) / 2`` with ``progress = (step -
+  warmup_steps) / (decay_steps - warmup_steps)``, which reaches ``min_lr`` at ``decay_steps``
+  (counted from step 0, warmup included). ``progress`` is not clipped at 1, as in the reference:
+  past ``decay_steps`` the rate rises again, back to ``lr`` at progress 2 (the LRA Image and
+  Path-X configs run that long; the runner warns, see
+  :func:`hgrn_jax.training.config_checks.run_length_warnings`).
 - ``inverse_sqrt``: fairseq's ``lr * min(step / warmup, sqrt(warmup / step))``.
 - ``constant``: ``lr`` (after an optional linear warmup).
 
 ``schedule.min_lr`` is cosine's alone (another schedule refuses a value > 0);
-``schedule.decay_steps`` too, but the configs set it to the run length whatever the schedule, so
-the others ignore it.
+``schedule.decay_steps`` too (the others ignore it).
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ def _warmup_factor(step: jax.Array, warmup_steps: int) -> jax.Array:
 def cosine_with_warmup(
     learning_rate: float, warmup_steps: int, decay_steps: int, min_lr: float = 0.0
 ) -> Schedule:
-    """Linear warmup to ``learning_rate``, then cosine to ``min_lr`` at ``decay_steps``."""
+    """Linear warmup to ``learning_rate``, then cosine to ``min_lr`` at ``decay_steps`` and, past
+    it, up again (the reference's periodic cosine: ``learning_rate`` at ``2 * decay_steps -
+    warmup_steps``)."""
     if decay_steps < warmup_steps:
         raise ValueError(
             f"schedule.decay_steps ({decay_steps}) must be >= schedule.warmup_steps "
@@ -54,7 +60,6 @@ def cosine_with_warmup(
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
         progress = (step - warmup_steps) / max(decay_steps - warmup_steps, 1)
-        progress = jnp.clip(progress, 0.0, 1.0)
         cosine = min_lr + (learning_rate - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
         return jnp.where(
             step < warmup_steps, learning_rate * _warmup_factor(step, warmup_steps), cosine
@@ -176,8 +181,7 @@ def check_unused_settings(opt: Mapping[str, Any], schedule: Mapping[str, Any]) -
     ignore: ``weight_decay`` with ``adam`` (no decay; adamw has it), Adam's ``b1``, ``b2``,
     ``eps`` with ``sgd`` other than their defaults (sgd's momentum is ``optimizer.momentum``),
     and ``schedule.min_lr`` with a schedule other than ``cosine`` (the only one that decays to
-    it). ``schedule.decay_steps`` is cosine's too; the other schedules ignore it, and the
-    configs set it to the run length whatever the schedule."""
+    it). ``schedule.decay_steps`` is cosine's too; the other schedules ignore it."""
     name = opt.get("name", "adamw")
     decay = opt.get("weight_decay", 0.0)
     if name == "adam" and _is_number(decay) and float(decay) > 0:
