@@ -44,6 +44,30 @@ def lra_paper_accuracy(paper: dict[str, dict[str, Any]], kind: str, task: str) -
     return None
 
 
+def lra_paper_average(kind: str) -> tuple[float, int] | None:
+    """The average accuracy the paper of the model with mixer ``kind`` reports, and over how
+    many tasks: HGRN's 86.91 over six, HGRN2's 87.66 over six (Path-X included, for which we
+    have no config, so it is not the mean of its five rows here); None for the baseline."""
+    if kind == "hgrn":
+        return sum(paper_numbers()[task]["value"] for task in LRA_TASKS) / len(LRA_TASKS), 6
+    if kind == "hgrn2":
+        from experiments.configs.hgrn2 import lra
+
+        return lra.PAPER_AVERAGE, len(LRA_TASKS)
+    return None
+
+
+@functools.cache
+def lra_paper_steps(kind: str, task: str) -> int | None:
+    """``num_train_steps`` of the paper's setting of the model with mixer ``kind`` on LRA
+    ``task`` (its config file without a preset; the Transformer baseline keeps HGRN's schedule,
+    ``common.use_attention``); None where there is no config (HGRN2's Path-X)."""
+    if kind == "hgrn2" and task not in HGRN2_LRA_TASKS:
+        return None
+    module = f"experiments.configs.{'hgrn2' if kind == 'hgrn2' else 'lra'}.{task}"
+    return int(importlib.import_module(module).get_config().num_train_steps)
+
+
 def lra_tasks_of(kind: str) -> tuple[str, ...]:
     """The LRA tasks a model's average is taken over: HGRN2 has no Path-X config."""
     return HGRN2_LRA_TASKS if kind == "hgrn2" else LRA_TASKS

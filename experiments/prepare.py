@@ -16,11 +16,16 @@ reads them from there. ImageNet is prepared by ``python -m hgrn_jax.data.imagene
 User errors (a bad flag or config file, a missing folder or file, malformed data) print one line
 naming the file or key and the fix, exit code 2 (as ``experiments.train``); ``--traceback`` shows
 the full traceback instead.
+
+The closing line says ``prepared in DIR`` when the run wrote there, and ``already prepared in
+DIR`` when it found every split there already and wrote nothing (judged by the folder's files,
+their sizes and modification times, before and after).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -56,24 +61,43 @@ def _into_tfds(config) -> bool:
     )
 
 
+def _files(folder: str) -> dict[str, tuple[int, int]]:
+    """``{path: (size, modification time in ns)}`` of every file under ``folder``."""
+    root = Path(folder)
+    if not folder or not root.is_dir():
+        return {}
+    return {
+        str(path): (info.st_size, info.st_mtime_ns)
+        for path in root.rglob("*")
+        if path.is_file() and (info := path.stat())
+    }
+
+
+def prepare_and_describe(config) -> str:
+    """Prepare ``config``'s dataset (:func:`prepare`) and say so in one line: where, how long,
+    examples per split, and ``already prepared`` when nothing there was written or changed."""
+    where = config.data.tfds_dir if _into_tfds(config) else config.data.cache_dir
+    before = _files(where)
+    start = time.perf_counter()
+    sizes = prepare(config)
+    seconds = time.perf_counter() - start
+    done = "already prepared" if before and _files(where) == before else "prepared"
+    return f"{config.task} ({config.data.source}) {done} in {where} in {seconds:.1f} s: " + (
+        ", ".join(f"{n} {split}" for split, n in sizes.items())
+    )
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}; options look like --config.key=value")
     cli.check_config_file()
     config = _CONFIG.value
-    start = time.perf_counter()
     try:
-        sizes = prepare(config)
+        print(prepare_and_describe(config))
     except USER_ERRORS as error:
         if _TRACEBACK.value:
             raise
         cli.fail(f"{type(error).__name__}: {error} (rerun with --traceback for details)")
-    where = config.data.tfds_dir if _into_tfds(config) else config.data.cache_dir
-    print(
-        f"{config.task} ({config.data.source}) prepared in {where} in "
-        f"{time.perf_counter() - start:.1f} s: "
-        + ", ".join(f"{n} {split}" for split, n in sizes.items())
-    )
 
 
 if __name__ == "__main__":

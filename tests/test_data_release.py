@@ -513,6 +513,23 @@ def test_prepare_command_fills_the_cache(tmp_path):
     assert len(list((tmp_path / "cache").glob("aan-vocab-*/DONE"))) == 1
 
 
+def test_prepare_command_says_when_the_data_were_already_prepared(tmp_path):
+    """A second ``experiments.prepare`` finds the cache filled and writes nothing: it said
+    "prepared in CACHE" all the same, as if it had read the release again."""
+    from experiments import prepare
+
+    fx.write_aan(tmp_path / "lra_release", rows_per_split=8)
+    cache = tmp_path / "cache"
+    config = config_of(
+        "lra.retrieval", source="release", lra_dir=str(tmp_path), cache_dir=str(cache), seq_len=16
+    )
+    first = prepare.prepare_and_describe(config)
+    assert first.startswith(f"retrieval (release) prepared in {cache} in ")
+    assert first.endswith(" s: 8 train, 8 val, 8 test")
+    second = prepare.prepare_and_describe(config)
+    assert second.startswith(f"retrieval (release) already prepared in {cache} in ")
+
+
 def test_gpt2_vocab_and_merges_files_tokenize_like_tokenizer_json(tmp_path):
     from tokenizers import Tokenizer
 

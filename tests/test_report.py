@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from experiments import report
+from experiments.papers import lra_paper_steps
 
 LRA_TEST = {
     "listops": 50.0,
@@ -30,6 +35,7 @@ def make_run(
     truncated: bool = False,
     mixer: str | None = None,
     config_task: str | None = None,
+    config_fields: dict | None = None,
     **results_fields: object,
 ) -> Path:
     folder.mkdir(parents=True)
@@ -48,15 +54,18 @@ def make_run(
         **results_fields,
     }
     (folder / "results.json").write_text(json.dumps(results))
-    (folder / "config.json").write_text(
-        json.dumps(
-            {
-                "task": config_task or task,
-                "data": {"source": source},
-                "model": {"features": features, **({"mixer": {"kind": mixer}} if mixer else {})},
-            }
-        )
-    )
+    config = {
+        "task": config_task or task,
+        "data": {"source": source},
+        "model": {"features": features, **({"mixer": {"kind": mixer}} if mixer else {})},
+    }
+    for key, value in (config_fields or {}).items():  # dotted keys: "model.num_layers"
+        *parents, name = key.split(".")
+        node = config
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[name] = value
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     lines = []
     for step in (10, 20, 30, 40):
         value = {"accuracy": 10.0 + step} if metric == "accuracy" else {"perplexity": 100.0 / step}
@@ -78,11 +87,17 @@ def row(markdown: str, first_cell: str) -> list[list[str]]:
     ]
 
 
+def body_rows(table: str) -> list[list[str]]:
+    """The cells of a markdown table's rows, header and rule left out."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+
+
 def section(markdown: str, title: str) -> str:
     """The table under the heading ``### <title>``."""
     return markdown.split(f"### {title}\n\n", 1)[1].split("\n\n", 1)[0]
 
 
+PAPER_LM = {"model.num_layers": 6, "data.tokenizer_path": "/data/gpt2"}  # with features=512
 HGRN_LRA, HGRN2_LRA = "Long Range Arena (accuracy)", "Long Range Arena, HGRN2 (accuracy)"
 BASELINE_LRA = "Long Range Arena, Transformer baseline (accuracy)"
 
@@ -92,7 +107,14 @@ def test_tables_put_our_numbers_beside_the_paper(tmp_path, capsys):
         make_run(tmp_path / "lra" / task, task, acc)
     make_run(tmp_path / "imagenet" / "tiny", "imagenet", 70.5, features=192, truncated=True)
     make_run(tmp_path / "imagenet" / "odd", "imagenet", 12.0, features=48, source="synthetic")
-    make_run(tmp_path / "lm", "wikitext103", 30.5, metric="perplexity")
+    make_run(
+        tmp_path / "lm",
+        "wikitext103",
+        30.5,
+        metric="perplexity",
+        features=512,
+        config_fields=PAPER_LM,
+    )
     png = tmp_path / "out" / "curves.png"
     assert (
         report.main(
@@ -127,7 +149,7 @@ def test_tables_put_our_numbers_beside_the_paper(tmp_path, capsys):
     (odd_row,) = row(out, "other (d=48)")
     assert odd_row[4] == "12.00" and odd_row[-1].endswith("(synthetic data)")
 
-    (lm_row,) = row(out, "HGRN (6 layers, d 512)")
+    (lm_row,) = row(out, "HGRN (6 layers, d 512, GPT-2 BPE)")
     assert lm_row[1:5] == ["24.14", "24.82", "31.50", "30.50"]
 
     data = png.read_bytes()
@@ -140,7 +162,7 @@ def test_partial_lra_average_and_default_png(tmp_path, capsys):
     assert report.main([str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
     (average,) = row(out, "**Average**")
-    assert average[2] == "— (1/6 tasks run)"
+    assert average[2] == "— (0/6 tasks with real-data runs)"
     (listops_row,) = row(out, "ListOps")
     assert listops_row[-1].endswith("(generated data)")
     (text_row,) = row(out, "Text")
@@ -159,7 +181,7 @@ def test_missing_folders_and_empty_folders_fail_clearly(tmp_path, capsys):
     assert report.main([str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert report.main([str(tmp_path)]) == 2
-    assert "no results.json under" in capsys.readouterr().err
+    assert f"error: no run folder under {tmp_path} " in capsys.readouterr().err
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "results.json").write_text("{")
     with pytest.raises(ValueError, match="results.json is not valid JSON"):
@@ -211,12 +233,18 @@ def test_other_models_are_marked_and_averaged_apart(tmp_path, capsys):
     assert row(hgrn, "Text")[0][1:3] == ["88.14", "80.00"]  # HGRN's
     assert row(hgrn2, "Path-X") == row(baseline, "Text") == []  # no paper number, no run
     averages = {
-        r[0]: r[1:3] for table in (hgrn, hgrn2, baseline) for r in row(table, "**Average**")
+        r[0]: r[1:3]
+        for table in (hgrn, hgrn2, baseline)
+        for r in row(table, "**Average**") + row(table, "**Paper's average**")
     }
     assert averages == {
         "**Average**": ["86.91", f"{sum(LRA_TEST.values()) / 6:.2f}"],  # HGRN's runs only
-        "**Average** (HGRN2)": ["85.57", "— (1/5 tasks run)"],  # HGRN2's paper has no Path-X
-        "**Average** (Transformer baseline)": ["—", "— (1/6 tasks run)"],
+        "**Average** (HGRN2, 5 tasks without Path-X)": [
+            "85.57 (mean of the rows above, not the paper's)",
+            "— (0/5 tasks with real-data runs)",  # its one run read generated data
+        ],
+        "**Paper's average** (HGRN2, 6 tasks)": ["87.66", "— (no config for Path-X)"],
+        "**Average** (Transformer baseline)": ["—", "— (1/6 tasks with real-data runs)"],
     }
 
 
@@ -275,15 +303,21 @@ def test_hgrn2_runs_are_compared_with_the_hgrn2_paper(tmp_path, capsys):
     (pathx_row,) = row(hgrn, "Path-X")
     assert pathx_row[1:3] == ["97.50", "—"]
     assert row(hgrn2, "Path-X") == []
-    averages = {r[0]: r[1:3] for r in row(out, "**Average**")}
+    averages = {r[0]: r[1:3] for r in row(out, "**Average**") + row(out, "**Paper's average**")}
     expected_ours = sum(LRA_TEST[t] for t in hgrn2_paper) / 5
-    assert averages["**Average** (HGRN2)"] == [
-        f"{sum(hgrn2_paper.values()) / 5:.2f}",
+    # The paper's own average is over six tasks, Path-X (98.12) included, which has no config:
+    # the mean of the five rows is labelled as ours, not the paper's.
+    assert averages["**Average** (HGRN2, 5 tasks without Path-X)"] == [
+        f"{sum(hgrn2_paper.values()) / 5:.2f} (mean of the rows above, not the paper's)",
         f"{expected_ours:.2f}",
     ]
-    assert averages["**Average**"] == ["86.91", "— (0/6 tasks run)"]
+    paper_average = averages["**Paper's average** (HGRN2, 6 tasks)"]
+    assert paper_average == ["87.66", "— (no config for Path-X)"]
+    # The paper's two-decimal figures: its five rows and Path-X make its six-task average.
+    assert sum(hgrn2_paper.values()) + 98.12 == pytest.approx(6 * 87.66, abs=0.005)
+    assert averages["**Average**"] == ["86.91", "— (0/6 tasks with real-data runs)"]
     # Other models' LM and ImageNet runs are not set beside HGRN's paper numbers.
-    (paper_lm,) = row(out, "HGRN (6 layers, d 512)")
+    (paper_lm,) = row(out, "HGRN (6 layers, d 512, GPT-2 BPE)")
     assert paper_lm[3:5] == ["—", "—"]
     (hgrn2_lm,) = row(out, "HGRN2")
     assert hgrn2_lm[1:3] == ["—", "—"]
@@ -291,3 +325,193 @@ def test_hgrn2_runs_are_compared_with_the_hgrn2_paper(tmp_path, capsys):
     assert tiny_row[3] == "—"
     (baseline,) = row(out, "Transformer baseline (d=192)")
     assert baseline[1:3] == ["—", "—"] and baseline[4] == "70.00"
+
+
+def paper_steps(task: str) -> dict:
+    """config.json and results.json fields of a run that did the paper config's steps."""
+    steps = lra_paper_steps("hgrn", task)
+    return {"config_fields": {"num_train_steps": steps}, "steps": steps}
+
+
+def test_the_lra_average_takes_real_data_then_the_paper_setting_then_validation(tmp_path, capsys):
+    """With six real-data runs and a tiny run on generated data at a path sorting first, the
+    average took the tiny run's 28.12 for ListOps ("the first run of each task, in path
+    order"). It takes real data first, then the paper's number of steps, then the best
+    validation accuracy (not the test score), and says which run it used."""
+    for task, acc in LRA_TEST.items():
+        make_run(tmp_path / "lra" / task, task, acc, **paper_steps(task))  # best_val = acc + 1
+    make_run(tmp_path / "a_tiny", "listops", 28.12, source="generated", best_val=99.0)
+    short = dict(config_fields={"num_train_steps": 1000}, steps=1000)
+    make_run(tmp_path / "lra" / "listops_short", "listops", 70.0, best_val=90.0, **short)
+    seed2 = tmp_path / "lra" / "listops_seed2"
+    make_run(seed2, "listops", 10.0, best_val=60.0, **paper_steps("listops"))
+    assert report.main([str(tmp_path), "--png", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    (average,) = row(out, "**Average**")
+    assert average[2] == f"{(10.0 + sum(LRA_TEST.values()) - LRA_TEST['listops']) / 6:.2f}"
+    assert f"- Average of: ListOps {seed2}; Text {tmp_path / 'lra' / 'text'};" in out
+    assert "Shorter than the paper's setting" not in out
+
+
+def test_the_lra_average_is_of_real_data_runs_and_says_what_it_lacks(tmp_path, capsys):
+    """A task run on generated data only is left out of the average (which is then not given),
+    and a real-data run shorter than the paper's setting is named with its steps."""
+    for task, acc in LRA_TEST.items():
+        if task != "listops":
+            make_run(tmp_path / task, task, acc, **paper_steps(task))
+    make_run(tmp_path / "listops", "listops", 33.0, source="generated")
+    make_run(tmp_path / "text_short", "text", 70.0, best_val=95.0, steps=40)
+    assert report.main([str(tmp_path), "--png", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    (average,) = row(out, "**Average**")
+    assert average[2] == "— (5/6 tasks with real-data runs)"
+    assert "- Not in the average (generated or synthetic data only): ListOps" in out
+    assert f"- Average of: Text {tmp_path / 'text'};" in out  # the paper's steps first
+    assert "Shorter than the paper's setting" not in out
+    (tmp_path / "text" / "results.json").unlink()  # now the short run is Text's only one
+    (tmp_path / "text" / "metrics.jsonl").unlink()
+    (tmp_path / "text" / "config.json").unlink()
+    assert report.main([str(tmp_path), "--png", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    paper_text_steps = lra_paper_steps("hgrn", "text")
+    assert (
+        f"- Shorter than the paper's setting: Text {tmp_path / 'text_short'} (40 of "
+        f"{paper_text_steps} steps)" in out
+    )
+
+
+def make_unfinished(
+    folder: Path, task: str, steps: int, *, lock_pid: int | None = None, host: str | None = None
+) -> Path:
+    """A run folder as the loop leaves it before results.json: config.json, metrics.jsonl (train
+    records every 10 steps, val every 20), a committed checkpoint at ``steps + 1`` (a run
+    preempted one step after its last log) and, with ``lock_pid``, the run.lock it holds."""
+    folder.mkdir(parents=True)
+    config = {"task": task, "num_train_steps": 5000, "data": {"source": "release"}}
+    config["model"] = {"features": 64, "num_layers": 4, "mixer": {"kind": "hgrn"}}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    lines = []
+    for step in range(10, steps + 1, 10):
+        lines.append({"accuracy": 20.0, "loss": 1.5, "lr": 1e-3, "split": "train", "step": step})
+        if step % 20 == 0:
+            accuracy = 40.0 + (step == 20) * 5.0  # the best at step 20
+            lines.append({"accuracy": accuracy, "loss": 1.2, "split": "val", "step": step})
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines)
+    (folder / "metrics.jsonl").write_text(text)
+    (folder / "checkpoints" / str(steps + 1)).mkdir(parents=True)
+    if lock_pid is not None:
+        holder = {"host": host or socket.gethostname(), "pid": lock_pid, "token": "ab"}
+        holder |= {"start_time": "2026-01-01T00:00:00+00:00", "command": "train"}
+        (folder / "run.lock").write_text(json.dumps(holder, indent=1) + "\n")
+    return folder
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_runs_without_results_get_their_own_table(tmp_path, capsys):
+    """Runs without results.json (in progress, preempted, failed) were left out silently, and a
+    folder holding only such runs was an error. They are listed apart, with how far they got,
+    their best validation so far and whether their lock is held; never in the paper tables."""
+    make_run(tmp_path / "done", "listops", 50.0)
+    running = make_unfinished(tmp_path / "running", "text", 100, lock_pid=os.getpid())
+    stopped = make_unfinished(tmp_path / "stopped", "listops", 1000, lock_pid=dead_pid())
+    remote = make_unfinished(tmp_path / "remote", "image", 40, lock_pid=1, host="other-host")
+    aside = make_unfinished(tmp_path / "done" / "previous-20260101T000000Z", "listops", 20)
+    (tmp_path / "model").mkdir()  # another program's config.json beside checkpoints
+    (tmp_path / "model" / "config.json").write_text('{"hidden_size": 8}')
+    (tmp_path / "model" / "checkpoints").mkdir()
+    assert report.main([str(tmp_path), "--png", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert "### Runs without results\n" in out
+    table = section(out, "Runs without results")
+    rows = {r[0]: r[1:] for r in body_rows(table)}
+    model, ASIDE = "HGRN (4 layers, d 64)", "set aside (--config.resume=restart)"
+    assert rows == {
+        str(aside): ["listops", model, "20 / 5000", "21", "45.00 accuracy (step 20)", ASIDE],
+        str(remote): [
+            "image",
+            model,
+            "40 / 5000",
+            "41",
+            "45.00 accuracy (step 20)",
+            "locked by other-host (cannot be checked from here)",
+        ],
+        str(running): ["text", model, "100 / 5000", "101", "45.00 accuracy (step 20)", "running"],
+        str(stopped): [
+            "listops",
+            model,
+            "1000 / 5000",
+            "1001",
+            "45.00 accuracy (step 20)",
+            "stopped",
+        ],
+    }
+    lra = section(out, HGRN_LRA)
+    assert str(stopped) not in lra and str(running) not in lra
+    assert [r[-1] for r in row(lra, "ListOps")] == [str(tmp_path / "done")]
+    runs = report.find_unfinished([tmp_path])
+    labels = {run.path.name: run.curve_label for run in runs}
+    assert labels["running"] == f"{running} (in progress)"
+    assert labels["stopped"] == f"{stopped} (unfinished)"
+
+
+def test_a_folder_of_unfinished_runs_only_is_reported(tmp_path, capsys):
+    """A folder holding only a run in progress said "no results.json under ..." (exit 2), as an
+    empty folder does; it prints the runs-without-results table and exits 0."""
+    running = make_unfinished(tmp_path / "runs" / "a", "listops", 1000, lock_pid=os.getpid())
+    assert report.main([str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("### Runs without results\n")
+    assert "### Long Range Arena" not in out
+    (entry,) = row(out, str(running))
+    assert entry[3:5] == ["1000 / 5000", "1001"] and entry[-1] == "running"
+    assert (tmp_path / "runs" / "curves.png").stat().st_size > 1000
+
+
+def test_wikitext_rows_say_each_runs_size_and_vocabulary(tmp_path, capsys):
+    """A 2-layer d 32 byte-level LM appeared as "HGRN (6 layers, d 512)" beside the paper's BPE
+    perplexity. Each run is labelled by its own size and vocabulary; the paper's numbers stand
+    only beside a run of its setting, and per-byte perplexity is marked not comparable."""
+    tiny = {"model.num_layers": 2, "data.tokenizer_path": ""}
+    make_run(
+        tmp_path / "tiny",
+        "wikitext103",
+        6.61,
+        metric="perplexity",
+        source="synthetic",
+        config_fields=tiny,
+        data_source="synthetic",
+    )
+    make_run(
+        tmp_path / "bytes",
+        "wikitext103",
+        3.0,
+        metric="perplexity",
+        features=512,
+        config_fields={"model.num_layers": 6, "data.tokenizer_path": "bytes"},
+    )
+    assert report.main([str(tmp_path), "--png", str(tmp_path / "c.png")]) == 0
+    lm = section(capsys.readouterr().out, "WikiText-103 (perplexity, lower is better)")
+    (paper_row,) = row(lm, "HGRN (6 layers, d 512, GPT-2 BPE)")
+    assert paper_row[1:5] == ["24.14", "24.82", "—", "—"]
+    not_comparable = " (per-byte perplexity: not comparable)"
+    (tiny_row,) = row(lm, "HGRN (2 layers, d 32, bytes)" + not_comparable)
+    assert tiny_row[1:5] == ["—", "—", "7.61", "6.61"]
+    (bytes_row,) = row(lm, "HGRN (6 layers, d 512, bytes)" + not_comparable)
+    assert bytes_row[1:5] == ["—", "—", "4.00", "3.00"]
+    make_run(
+        tmp_path / "paper",
+        "wikitext103",
+        25.0,
+        metric="perplexity",
+        features=512,
+        config_fields=PAPER_LM,
+    )
+    assert report.main([str(tmp_path), "--png", str(tmp_path / "c.png")]) == 0
+    lm = section(capsys.readouterr().out, "WikiText-103 (perplexity, lower is better)")
+    (paper_row,) = row(lm, "HGRN (6 layers, d 512, GPT-2 BPE)")
+    assert paper_row[1:5] == ["24.14", "24.82", "26.00", "25.00"]

@@ -207,6 +207,24 @@ def _describe(holder: dict[str, Any]) -> str:
     )
 
 
+def lock_state(workdir: str | Path) -> tuple[str, dict[str, Any]]:
+    """Who holds ``workdir``'s lock, reading only: ``("free", {})`` without a lock file;
+    ``("live", holder)`` for a live process of this host; ``("unchecked", holder)`` for a
+    process of another host, or a lock that cannot be read (whose holder's life cannot be
+    checked from here); ``("dead", holder)`` for a process of this host that is gone, or a lock
+    naming none (a stale lock: the next run takes it over)."""
+    try:
+        holder = _holder_in((Path(workdir) / LOCK_NAME).read_bytes())
+    except FileNotFoundError:
+        return "free", {}
+    except OSError:
+        return "unchecked", {}
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname():
+        return ("unchecked" if holder.get("host") else "dead"), holder
+    return ("live" if isinstance(pid, int) and _process_alive(pid) else "dead"), holder
+
+
 class WorkdirLock:
     """The lock of one workdir, taken with :meth:`acquire` and dropped with :meth:`release`."""
 
@@ -435,6 +453,16 @@ def resume_choice(config: Any) -> str:
     return value
 
 
+def is_run_config(saved: Any) -> bool:
+    """Whether a parsed ``config.json`` is the config of a run of this program (a JSON object
+    with a task name and a model), not another program's (a model folder's, say)."""
+    return (
+        isinstance(saved, dict)
+        and isinstance(saved.get("task"), str)
+        and isinstance(saved.get("model"), dict)
+    )
+
+
 def read_saved_config(workdir: str | Path) -> dict[str, Any] | None:
     path = Path(workdir) / "config.json"
     if not path.exists():
@@ -448,7 +476,7 @@ def read_saved_config(workdir: str | Path) -> dict[str, Any] | None:
         ) from None
     if not isinstance(saved, dict):
         raise WorkdirError(f"{path} does not hold a config (a JSON object); use another --workdir")
-    if not (isinstance(saved.get("task"), str) and isinstance(saved.get("model"), dict)):
+    if not is_run_config(saved):
         # Another program's config.json (a model folder's, say): never replaced nor moved.
         raise WorkdirError(
             f"{path} is not the config of a run of this program (it has no task and model); "
