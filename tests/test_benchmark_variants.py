@@ -7,7 +7,7 @@ import argparse
 
 from benchmarks.train_throughput import TIMED_ON_H200, VARIANTS, row_names, undone
 from hgrn_jax.nn import hgru
-from hgrn_jax.ops import pallas_recurrence
+from hgrn_jax.ops.pallas_streaming import active_streaming_options
 
 
 def test_kernel_variant_rows_only_for_the_pallas_method():
@@ -35,7 +35,7 @@ def test_kernel_variant_rows_only_for_the_pallas_method():
 
 def test_chained_kernel_variant_sets_the_streaming_options_while_in_force():
     def options():
-        defaults = pallas_recurrence._streaming_defaults
+        defaults = active_streaming_options()
         return defaults.loads_ahead, defaults.chain_in_kernel
 
     before = options()
@@ -106,9 +106,9 @@ def test_the_h200_variant_undoes_every_change_since_and_is_a_row_of_every_method
     with undone(VARIANTS[TIMED_ON_H200]):
         assert hgru.MERGE_DIRECTIONS is False
         assert norms.CLOSED_FORM_BATCH_NORM_GRADIENT is False
-        assert pallas_recurrence._streaming_defaults.loads_ahead is False
+        assert active_streaming_options().loads_ahead is False
         assert hgru._HGRUBase.decay is not decay
         assert (layer.decay(lam, "reverse") == shared).all()  # the same values, computed alone
     assert hgru.MERGE_DIRECTIONS is None and norms.CLOSED_FORM_BATCH_NORM_GRADIENT is True
-    assert pallas_recurrence._streaming_defaults.loads_ahead is True
+    assert active_streaming_options().loads_ahead is True
     assert hgru._HGRUBase.decay is decay

@@ -1,6 +1,6 @@
 """The streaming schedule's kernels on Mosaic GPU, Pallas's ``plgpu`` back-end for Hopper GPUs.
 
-The same four kernels as :mod:`hgrn_jax.ops.pallas_recurrence`'s Triton ones (chunk summaries
+The same four kernels as :mod:`hgrn_jax.ops.pallas_streaming`'s Triton ones (chunk summaries
 and states, forward and backward), with the same grid ``(batch, channel tiles, time chunks)``
 and the same arithmetic, but the time axis moved by the TMA engine: each program (one
 warpgroup, a chain per CUDA lane: 128 channels of one batch row, or 64 of 2, or 32 of 4,
@@ -356,7 +356,7 @@ def call(
 ) -> list[list[jax.Array]]:
     """Run one of the streaming schedule's kernels (``forward_summary``, ``forward``,
     ``backward_summary``, ``backward``) on Mosaic GPU; the arguments and results are those of
-    ``pallas_recurrence._streaming_call``: one list of parts per array. Each program carries
+    ``pallas_streaming._streaming_call``: one list of parts per array. Each program carries
     ``128 // width`` batch rows of ``width`` channels (:func:`program_width`).
     ``auto_barriers``: Mosaic GPU's barriers around every shared-memory store, which the
     kernels do not need (the module docstring says why)."""

@@ -7,7 +7,7 @@ accumulated in float32 (complex64 for complex inputs) or wider, and returned in 
 
 Every method has a custom VJP whose backward pass is itself a linear recurrence run in the
 opposite time direction over the saved ``a`` and ``h`` (for ``"pallas"``, one fused kernel:
-:mod:`hgrn_jax.ops.pallas_recurrence`):
+:mod:`hgrn_jax.ops.pallas_streaming`):
 
     d_t   = g_t + a_{t+1} * d_{t+1}        (the gradient flowing into h_t; reverse time)
     dx_t  = d_t
