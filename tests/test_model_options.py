@@ -221,7 +221,7 @@ def test_runner_config_names_the_mixer_key_fla_does_not_have():
     the rule still resume and load; other options fla does not have are refused."""
     from experiments.configs.lm import wikitext103
     from hgrn_jax import tasks
-    from hgrn_jax.tasks.base import IgnoredSettingWarning
+    from hgrn_jax.tasks.model_settings import IgnoredSettingWarning
     from hgrn_jax.training.config_checks import check_config_values
 
     config = wikitext103.get_config("tiny")

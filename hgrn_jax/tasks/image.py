@@ -18,7 +18,9 @@ import numpy as np
 
 from hgrn_jax.data import cifar, loader, synthetic, tfds_io
 from hgrn_jax.tasks import models
-from hgrn_jax.tasks.base import Dataset, PixelTask, settle, skip_bad_rows
+from hgrn_jax.tasks.array_task import PixelTask
+from hgrn_jax.tasks.dataset_entry import Dataset
+from hgrn_jax.tasks.settings import settle, skip_bad_rows
 
 SYNTHETIC_CLASSES = 4  # one per quadrant
 

@@ -21,8 +21,11 @@ import numpy as np
 
 from hgrn_jax.data import grain_pipeline, imagenet, loader, synthetic
 from hgrn_jax.tasks import models
-from hgrn_jax.tasks.base import ArrayTask, Dataset, mode, settle, skip_bad_rows
+from hgrn_jax.tasks.array_task import ArrayTask
+from hgrn_jax.tasks.dataset_entry import Dataset
 from hgrn_jax.tasks.losses import soft_target_loss
+from hgrn_jax.tasks.model_settings import mode
+from hgrn_jax.tasks.settings import settle, skip_bad_rows
 
 SYNTHETIC_CLASSES = 10
 

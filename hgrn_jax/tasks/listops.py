@@ -22,15 +22,10 @@ from hgrn_jax.data import listops as listops_data
 from hgrn_jax.data import listops_release
 from hgrn_jax.data.errors import DatasetMissingError
 from hgrn_jax.tasks import models
-from hgrn_jax.tasks.base import (
-    Dataset,
-    PreparedTfds,
-    ReleaseOrPrepared,
-    TfdsRelease,
-    TokenTask,
-    check_vocab_size,
-    skip_bad_rows,
-)
+from hgrn_jax.tasks.array_task import TokenTask
+from hgrn_jax.tasks.dataset_entry import Dataset
+from hgrn_jax.tasks.prepared_tfds import PreparedTfds, ReleaseOrPrepared, TfdsRelease
+from hgrn_jax.tasks.settings import check_vocab_size, skip_bad_rows
 
 
 class ListOpsTask(TokenTask):

@@ -23,14 +23,10 @@ import numpy as np
 
 from hgrn_jax.data import pathfinder, synthetic
 from hgrn_jax.tasks import models
-from hgrn_jax.tasks.base import (
-    Dataset,
-    PixelTask,
-    PreparedTfds,
-    ReleaseOrPrepared,
-    TfdsRelease,
-    skip_bad_rows,
-)
+from hgrn_jax.tasks.array_task import PixelTask
+from hgrn_jax.tasks.dataset_entry import Dataset
+from hgrn_jax.tasks.prepared_tfds import PreparedTfds, ReleaseOrPrepared, TfdsRelease
+from hgrn_jax.tasks.settings import skip_bad_rows
 
 
 class PathfinderTask(PixelTask):

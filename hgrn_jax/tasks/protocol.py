@@ -2,10 +2,11 @@
 
 A task owns its data, model and loss. The loop (:mod:`hgrn_jax.training.loop`) uses only the
 members below, so any object with them trains (``config.task="package.module:factory"`` loads
-one, made by ``factory(config)`` or by a :class:`~hgrn_jax.tasks.base.Dataset`; :func:`check_task`
-checks it; ``tests/toy_task.py`` is a minimal example). Optional: ``data_source``, a string that
-the start-up line and results.json name as the task's data source (a task from a factory
-otherwise names none: ``config.data.source`` is what the package's own tasks read).
+one, made by ``factory(config)`` or by a :class:`~hgrn_jax.tasks.dataset_entry.Dataset`;
+:func:`check_task` checks it; ``tests/toy_task.py`` is a minimal example). Optional:
+``data_source``, a string that the start-up line and results.json name as the task's data source
+(a task from a factory otherwise names none: ``config.data.source`` is what the package's own
+tasks read).
 
 Batches are dicts of numpy arrays with a leading batch dimension: this process's rows of the
 global batch. Training batches are a pure function of ``(seed, step)`` (so a resumed run sees the

@@ -1,4 +1,5 @@
-"""The registry: ``config.task`` -> its :class:`~hgrn_jax.tasks.base.Dataset` (one line each).
+"""The registry: ``config.task`` -> its :class:`~hgrn_jax.tasks.dataset_entry.Dataset` (one line
+each).
 
 The only place where task names are looked up. Adding a dataset is one module defining its
 ``Dataset`` and one line here (docs/tasks.md walks through an example).
@@ -11,8 +12,19 @@ from typing import Any
 
 from flax import nnx
 
-from hgrn_jax.tasks import base, image, imagenet, listops, pathfinder, retrieval, text, wikitext103
-from hgrn_jax.tasks.base import ArrayTask, Dataset
+from hgrn_jax.tasks import (
+    image,
+    imagenet,
+    listops,
+    model_settings,
+    pathfinder,
+    retrieval,
+    text,
+    wikitext103,
+)
+from hgrn_jax.tasks.array_task import ArrayTask
+from hgrn_jax.tasks.dataset_entry import Dataset
+from hgrn_jax.tasks.prepared_tfds import TfdsRelease
 
 DATASETS: dict[str, Dataset] = {
     d.name: d
@@ -54,8 +66,8 @@ def get_task(config) -> ArrayTask:
 def model_config(config) -> Any:
     """The model dataclass of ``config`` with the derived settings of its source filled in."""
     entry = dataset(config)
-    base.check_model_sizes(config.model)  # before deriving divides by them
-    return base.model_config(entry.derive(config), entry.model)
+    model_settings.check_model_sizes(config.model)  # before deriving divides by them
+    return model_settings.model_config(entry.derive(config), entry.model)
 
 
 def registered_dataset(config) -> Dataset | None:
@@ -65,21 +77,23 @@ def registered_dataset(config) -> Dataset | None:
 
 def check_model_sizes(config, entry: Dataset | None = None) -> None:
     """Raise ValueError naming ``config.model.<key>`` when a model size is below 1
-    (:func:`base.check_model_sizes`): as the config sets it (0: from the data) and, for a task
-    with a :class:`Dataset` (``entry``, by default the registry's; a ``module:DATASET`` one's
-    passed in), as its data source fills it in (no data read); for such a task also a mixer
-    option its model would not honour or a mixer without the model's direction
-    (:func:`base.check_mixer_options`; the settings it drops are warned of once, as the model is
-    built)."""
-    base.check_model_sizes(config.get("model", None))
+    (:func:`model_settings.check_model_sizes`): as the config sets it (0: from the data) and,
+    for a task with a :class:`Dataset` (``entry``, by default the registry's; a
+    ``module:DATASET`` one's passed in), as its data source fills it in (no data read); for such
+    a task also a mixer option its model would not honour or a mixer without the model's
+    direction (:func:`model_settings.check_mixer_options`; the settings it drops are warned of
+    once, as the model is built)."""
+    model_settings.check_model_sizes(config.get("model", None))
     entry = entry or registered_dataset(config)
     if entry is not None:
-        base.check_mixer_options(config.get("model", None), causal=entry.model.causal, warn=False)
+        model_settings.check_mixer_options(
+            config.get("model", None), causal=entry.model.causal, warn=False
+        )
         # A vocabulary size of 0 is still left to the data after deriving: the task reads it
         # from its files (the tokenizer, the vocabulary, tfds metadata) when it is built.
         from_files = ["vocab_size"]
-        base.check_model_sizes(
-            entry.derive(config).model, base.unused_sizes(entry.model) + from_files
+        model_settings.check_model_sizes(
+            entry.derive(config).model, model_settings.unused_sizes(entry.model) + from_files
         )
 
 
@@ -97,28 +111,29 @@ def check_model_and_settings(config, entry: Dataset | None = None) -> None:
     if derived.model.get("vocab_size", None) == 0:
         derived.model.vocab_size = 1  # still the files' to say (a tokenizer, the vocabulary)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", base.IgnoredSettingWarning)
-        base.model_config(derived, entry.model)
+        warnings.simplefilter("ignore", model_settings.IgnoredSettingWarning)
+        model_settings.model_config(derived, entry.model)
     entry.source(config)._check_unread_settings(config)
 
 
 def model_defaults(config) -> dict[str, Any]:
     """The values ``model`` keys absent from ``config`` stand for (the task's model dataclass
-    defaults, :func:`base.model_field_defaults`), which the resume check compares a run saved
-    before a field existed with; empty for a task outside the registry (``"module:factory"``)."""
+    defaults, :func:`model_settings.model_field_defaults`), which the resume check compares a run
+    saved before a field existed with; empty for a task outside the registry
+    (``"module:factory"``)."""
     entry = DATASETS.get(str(config.get("task", "")))
-    return base.model_field_defaults(entry.model) if entry is not None else {}
+    return model_settings.model_field_defaults(entry.model) if entry is not None else {}
 
 
 def build_model(config, rngs: nnx.Rngs) -> nnx.Module:
     """The model of ``config`` (activations in ``config.dtype``, float32 parameters), built
     without reading data (a vocabulary taken from the data needs ``get_task(config)``)."""
     entry = dataset(config)
-    base.check_model_sizes(config.model)  # before deriving divides by them
-    return base.build_model(entry.derive(config), entry.model, rngs)
+    model_settings.check_model_sizes(config.model)  # before deriving divides by them
+    return model_settings.build_model(entry.derive(config), entry.model, rngs)
 
 
-def tfds_release(config) -> base.TfdsRelease:
+def tfds_release(config) -> TfdsRelease:
     """How ``config``'s dataset is prepared as tfds data; an error if it has no builder."""
     entry = dataset(config)
     if entry.tfds is None:

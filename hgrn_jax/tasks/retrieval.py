@@ -18,14 +18,10 @@ import numpy as np
 
 from hgrn_jax.data import retrieval, synthetic
 from hgrn_jax.tasks import models
-from hgrn_jax.tasks.base import (
-    Dataset,
-    PairTask,
-    PreparedTfds,
-    ReleaseOrPrepared,
-    TfdsRelease,
-)
+from hgrn_jax.tasks.array_task import PairTask
 from hgrn_jax.tasks.characters import GeneratedBytes, load_characters
+from hgrn_jax.tasks.dataset_entry import Dataset
+from hgrn_jax.tasks.prepared_tfds import PreparedTfds, ReleaseOrPrepared, TfdsRelease
 
 
 class RetrievalTask(PairTask):

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from hgrn_jax.data import synthetic, text, tfds_io
 from hgrn_jax.tasks import models
-from hgrn_jax.tasks.base import Dataset, TokenTask
+from hgrn_jax.tasks.array_task import TokenTask
 from hgrn_jax.tasks.characters import GeneratedBytes, load_characters
+from hgrn_jax.tasks.dataset_entry import Dataset
 
 
 class ImdbTfds(TokenTask):

@@ -20,15 +20,11 @@ import numpy as np
 
 from hgrn_jax.data import synthetic, wikitext
 from hgrn_jax.tasks import models
-from hgrn_jax.tasks.base import (
-    ArrayTask,
-    Dataset,
-    PreparedTfds,
-    ReleaseOrPrepared,
-    TfdsRelease,
-    mode,
-)
+from hgrn_jax.tasks.array_task import ArrayTask
+from hgrn_jax.tasks.dataset_entry import Dataset
 from hgrn_jax.tasks.losses import next_token_loss
+from hgrn_jax.tasks.model_settings import mode
+from hgrn_jax.tasks.prepared_tfds import PreparedTfds, ReleaseOrPrepared, TfdsRelease
 
 
 class LanguageModelTask(ArrayTask):

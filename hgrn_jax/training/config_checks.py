@@ -205,14 +205,14 @@ def check_config_values(config: Any) -> None:
     axis on it (:func:`check_mesh_and_batches`), and the input workers (``data.workers``). Then
     (process 0) one :class:`RunLengthWarning` per line of :func:`run_length_warnings`."""
     from hgrn_jax.data import grain_pipeline
-    from hgrn_jax.tasks import base, registry
+    from hgrn_jax.tasks import model_settings, registry
 
     check_run_lengths(config)
     check_seed(config)
     entry = _dataset_entry(config)
     registry.check_model_sizes(config, entry)
     if entry is not None:
-        base.activation_dtype(config.get("dtype", "float32"))
+        model_settings.activation_dtype(config.get("dtype", "float32"))
     optim.check_optimizer_config(config)
     check_mesh_and_batches(config)
     registry.check_model_and_settings(config, entry)  # after the runner's own, which name flags
@@ -299,13 +299,14 @@ def run_length_warnings(config: Any) -> list[str]:
 
 
 def _dataset_entry(config: Any) -> Any:
-    """The :class:`~hgrn_jax.tasks.base.Dataset` of ``config.task``: the registry's, or the one a
-    ``module:DATASET`` names; None for a ``module:factory`` task."""
-    from hgrn_jax.tasks import base, registry
+    """The :class:`~hgrn_jax.tasks.dataset_entry.Dataset` of ``config.task``: the registry's,
+    or the one a ``module:DATASET`` names; None for a ``module:factory`` task."""
+    from hgrn_jax.tasks import registry
+    from hgrn_jax.tasks.dataset_entry import Dataset
     from hgrn_jax.training.task_choice import task_factory
 
     factory = task_factory(config) if hasattr(config, "get") and config.get("task") else None
-    if isinstance(factory, base.Dataset):
+    if isinstance(factory, Dataset):
         return factory
     return registry.registered_dataset(config) if hasattr(config, "get") else None
 

@@ -10,9 +10,9 @@ from hgrn_jax.tasks.protocol import Task, a_type_name
 
 def task_factory(config: Any) -> Any:
     """What ``config.task = "package.module:factory"`` names, imported (a ``factory(config) ->
-    Task``, or a :class:`~hgrn_jax.tasks.base.Dataset` such as a dataset module's ``DATASET``);
-    None for a task name of the registry. ValueError naming ``config.task`` when it cannot be
-    imported."""
+    Task``, or a :class:`~hgrn_jax.tasks.dataset_entry.Dataset` such as a dataset module's
+    ``DATASET``); None for a task name of the registry. ValueError naming ``config.task`` when
+    it cannot be imported."""
     name = str(config.task)
     if ":" not in name:
         return None
@@ -40,12 +40,12 @@ def check_task_name(config: Any) -> None:
 def data_source(config: Any, task: Any) -> str | None:
     """The data source ``task`` reads, as the start-up line and results.json name it: its own
     ``data_source`` attribute if it has one; else ``config.data.source`` for a task that reads
-    it (of the registry, or a :class:`~hgrn_jax.tasks.base.Dataset` named as
+    it (of the registry, or a :class:`~hgrn_jax.tasks.dataset_entry.Dataset` named as
     ``module:DATASET``); else None: a ``module:factory`` task reads what it reads."""
     own = getattr(task, "data_source", None)
     if isinstance(own, str):
         return own
-    from hgrn_jax.tasks.base import Dataset
+    from hgrn_jax.tasks.dataset_entry import Dataset
 
     factory = task_factory(config)
     if factory is not None and not isinstance(factory, Dataset):
@@ -58,14 +58,14 @@ def data_source(config: Any, task: Any) -> str | None:
 def resolve_task(config: Any) -> Task:
     """The task of ``config.task``: a name in :data:`hgrn_jax.tasks.registry.DATASETS`, or
     ``"package.module:factory"`` for a user-defined task (``factory(config) -> Task``, or a
-    :class:`~hgrn_jax.tasks.base.Dataset`). ValueError naming ``config.task`` when the factory
-    cannot be called with the config or its task lacks a member of the Task protocol."""
+    :class:`~hgrn_jax.tasks.dataset_entry.Dataset`). ValueError naming ``config.task`` when the
+    factory cannot be called with the config or its task lacks a member of the Task protocol."""
     factory = task_factory(config)
     if factory is None:
         from hgrn_jax.tasks import get_task
 
         return get_task(config)
-    from hgrn_jax.tasks.base import Dataset
+    from hgrn_jax.tasks.dataset_entry import Dataset
     from hgrn_jax.tasks.protocol import check_task
 
     where = f"config.task={str(config.task)!r}"

@@ -114,18 +114,19 @@ def _model_builder(
     """``build(rngs) -> nnx.Module`` as the run built its model, from ``config`` alone for a
     task of the registry (a vocabulary the config leaves to the data is read off the stored
     arrays); a task of the user's own is made by its factory."""
-    from hgrn_jax.tasks import base, registry
+    from hgrn_jax.tasks import model_settings, registry
+    from hgrn_jax.tasks.dataset_entry import Dataset
     from hgrn_jax.training.task_choice import task_factory
 
     try:
         factory = task_factory(config)
     except ValueError as error:
         raise ValueError(f"{workdir / 'config.json'}: {error}") from None
-    if factory is not None and not isinstance(factory, base.Dataset):
+    if factory is not None and not isinstance(factory, Dataset):
         task = factory(config)  # a task of the user's own may need its data to build a model
         return task.build_model
     entry = factory if factory is not None else registry.dataset(config)
-    base.check_model_sizes(config.model, base.SIZES_FROM_THE_DATA)
+    model_settings.check_model_sizes(config.model, model_settings.SIZES_FROM_THE_DATA)
     derived = entry.derive(config)
     if "vocab_size" in derived.model and not derived.model.vocab_size:
         # Settled from the data files (a tokenizer, prepared data) when the run started; the
@@ -133,7 +134,9 @@ def _model_builder(
         derived.model.vocab_size = _VOCAB_PROBE
         probe = _shapes(
             split_model(
-                nnx.eval_shape(lambda: base.build_model(derived, entry.model, nnx.Rngs(0)))
+                nnx.eval_shape(
+                    lambda: model_settings.build_model(derived, entry.model, nnx.Rngs(0))
+                )
             )[1]
         )
         sizes = {
@@ -149,7 +152,7 @@ def _model_builder(
                 "run's vocabulary size"
             )
         derived.model.vocab_size = sizes.pop()
-    return lambda rngs: base.build_model(derived, entry.model, rngs)
+    return lambda rngs: model_settings.build_model(derived, entry.model, rngs)
 
 
 def _other_steps_hint(workdir: Path, step: int) -> str:
