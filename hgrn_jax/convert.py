@@ -52,6 +52,19 @@ HGRU2_CLASSES = ("Hgru2_1d", "BiHgru2_1d", "Hgru2_2d_parallel")
 # The keyword arguments of each reference class's constructor (hgru-pytorch, hgru2-pytorch).
 # ``Hgru2_2d_parallel`` also takes and ignores any other keyword (``**kwargs``): None.
 _HGRU2_ARGUMENTS = ("embed_dim", "expand_ratio", "act_fun", "uv_act_fun", "use_norm", "bias")
+# The keyword arguments of fla's layers (flash-linear-attention) that both share.
+_FLA_LAYER_ARGUMENTS = (
+    "mode",
+    "hidden_size",
+    "expand_ratio",
+    "use_short_conv",
+    "conv_size",
+    "conv_bias",
+    "share_conv_kernel",  # older fla; used only with short convolutions
+    "elementwise_affine",
+    "norm_eps",
+    "layer_idx",
+)
 CONSTRUCTOR_ARGUMENTS: dict[str, tuple[str, ...] | None] = {
     "Hgru1d": ("embed_dim", "act_fun", "causal", "use_triton", "bias"),
     "BiHgru1d": ("embed_dim", "act_fun", "use_triton"),
@@ -62,31 +75,8 @@ CONSTRUCTOR_ARGUMENTS: dict[str, tuple[str, ...] | None] = {
     "BiHgru2_1d": _HGRU2_ARGUMENTS + ("norm_type", "chunk_size"),
     "Hgru2_2d_parallel": None,
     # fla's layers (flash-linear-attention): HGRNAttention, HGRN2Attention.
-    "HGRNAttention": (
-        "mode",
-        "hidden_size",
-        "expand_ratio",
-        "use_short_conv",
-        "conv_size",
-        "conv_bias",
-        "share_conv_kernel",  # older fla; used only with short convolutions
-        "elementwise_affine",
-        "norm_eps",
-        "layer_idx",
-    ),
-    "HGRN2Attention": (
-        "mode",
-        "hidden_size",
-        "num_heads",
-        "expand_ratio",
-        "use_short_conv",
-        "conv_size",
-        "conv_bias",
-        "share_conv_kernel",  # older fla; used only with short convolutions
-        "elementwise_affine",
-        "norm_eps",
-        "layer_idx",
-    ),
+    "HGRNAttention": _FLA_LAYER_ARGUMENTS,
+    "HGRN2Attention": _FLA_LAYER_ARGUMENTS + ("num_heads",),
 }
 # The keys of fla's model configs (their constructors' keyword arguments).
 _FLA_CONFIG_KEYS = (
