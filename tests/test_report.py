@@ -1,4 +1,5 @@
-"""experiments.report on fabricated run folders: the markdown tables and the curves PNG."""
+"""experiments.report (and experiments.runs, tables, curves) on fabricated run folders: the
+markdown tables and the curves PNG."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from experiments import report
+from experiments import curves, report, tables
 from experiments.papers import lra_paper_steps
+from experiments.runs import find_runs, find_unfinished
 
 LRA_TEST = {
     "listops": 50.0,
@@ -172,7 +174,7 @@ def test_partial_lra_average_and_default_png(tmp_path, capsys):
 
 def test_curves_read_metrics_and_skip_a_truncated_line(tmp_path):
     run_dir = make_run(tmp_path / "r", "listops", 20.0, truncated=True)
-    (run,) = report.find_runs([tmp_path])
+    (run,) = find_runs([tmp_path])
     assert run.path == run_dir and len(run.records) == 6
     assert [r["step"] for r in run.records if r["split"] == "val"] == [20, 40]
 
@@ -185,14 +187,14 @@ def test_missing_folders_and_empty_folders_fail_clearly(tmp_path, capsys):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "results.json").write_text("{")
     with pytest.raises(ValueError, match="results.json is not valid JSON"):
-        report.find_runs([tmp_path])
+        find_runs([tmp_path])
 
 
 def test_lm_train_records_plot_perplexity_from_the_loss():
-    assert report._metric_value({"loss": 2.0}, "perplexity") == pytest.approx(7.389056)
-    assert report._metric_value({"loss": 2.0, "perplexity": 5.0}, "perplexity") == 5.0
-    assert report._metric_value({"loss": 2.0, "accuracy": 40.0}, "perplexity") is None
-    assert report._metric_value({"loss": 2.0}, "accuracy") is None
+    assert curves._metric_value({"loss": 2.0}, "perplexity") == pytest.approx(7.389056)
+    assert curves._metric_value({"loss": 2.0, "perplexity": 5.0}, "perplexity") == 5.0
+    assert curves._metric_value({"loss": 2.0, "accuracy": 40.0}, "perplexity") is None
+    assert curves._metric_value({"loss": 2.0}, "accuracy") is None
 
 
 def test_curves_against_training_time_for_time_to_accuracy(tmp_path, capsys):
@@ -202,12 +204,12 @@ def test_curves_against_training_time_for_time_to_accuracy(tmp_path, capsys):
         if record["step"] > 10:  # the first record predates the field: left out on a time axis
             record["wall_time_s"] = 6.0 * record["step"]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (run,) = report.find_runs([tmp_path / "runs"])
-    assert report.curve_points(run, "val", "accuracy", "time") == [(2.0, 30.0), (4.0, 50.0)]
-    assert report.curve_points(run, "train", "accuracy", "time")[0] == (2.0, 30.0)
-    assert report.curve_points(run, "train", "accuracy")[0] == (10, 20.0)
+    (run,) = find_runs([tmp_path / "runs"])
+    assert curves.curve_points(run, "val", "accuracy", "time") == [(2.0, 30.0), (4.0, 50.0)]
+    assert curves.curve_points(run, "train", "accuracy", "time")[0] == (2.0, 30.0)
+    assert curves.curve_points(run, "train", "accuracy")[0] == (10, 20.0)
     with pytest.raises(ValueError, match="unknown x axis 'epoch'"):
-        report.curve_points(run, "val", "accuracy", "epoch")
+        curves.curve_points(run, "val", "accuracy", "epoch")
     png = tmp_path / "time.png"
     assert report.main([str(tmp_path / "runs"), "--x", "time", "--png", str(png)]) == 0
     assert png.stat().st_size > 1000
@@ -297,9 +299,9 @@ def test_hgrn2_runs_are_compared_with_the_hgrn2_paper(tmp_path, capsys):
     out = capsys.readouterr().out
     hgrn, hgrn2 = section(out, HGRN_LRA), section(out, HGRN2_LRA)
     for task, accuracy in hgrn2_paper.items():
-        (task_row,) = row(hgrn2, report.LRA_NAMES[task])
+        (task_row,) = row(hgrn2, tables.LRA_NAMES[task])
         assert task_row[1] == f"{accuracy:.2f}" and task_row[-1].endswith("(HGRN2)")
-        assert row(hgrn, report.LRA_NAMES[task])[0][2] == "—"  # HGRN's paper row, no run
+        assert row(hgrn, tables.LRA_NAMES[task])[0][2] == "—"  # HGRN's paper row, no run
     (pathx_row,) = row(hgrn, "Path-X")
     assert pathx_row[1:3] == ["97.50", "—"]
     assert row(hgrn2, "Path-X") == []
@@ -453,7 +455,7 @@ def test_runs_without_results_get_their_own_table(tmp_path, capsys):
     lra = section(out, HGRN_LRA)
     assert str(stopped) not in lra and str(running) not in lra
     assert [r[-1] for r in row(lra, "ListOps")] == [str(tmp_path / "done")]
-    runs = report.find_unfinished([tmp_path])
+    runs = find_unfinished([tmp_path])
     labels = {run.path.name: run.curve_label for run in runs}
     assert labels["running"] == f"{running} (in progress)"
     assert labels["stopped"] == f"{stopped} (unfinished)"

@@ -1,0 +1,279 @@
+"""Finding and reading run folders: finished runs (results.json) and unfinished ones."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hgrn_jax.training.workdir import (
+    LOCK_NAME,
+    RUN_FILES,
+    checkpoint_steps,
+    is_run_config,
+    lock_state,
+)
+
+
+@dataclass
+class Run:
+    """One finished run: its folder, results.json, config.json (if any) and metric records."""
+
+    path: Path
+    results: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def task(self) -> str:
+        return str(self.results.get("task", "?"))
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+    @property
+    def curve_label(self) -> str:
+        return self.label
+
+    @property
+    def metric(self) -> str:
+        return str(self.results.get("metric"))
+
+    @property
+    def data_source(self) -> str | None:
+        """The ``data.source`` the run's task read: results.json's ``data_source`` (None for a
+        ``module:factory`` task, which reads what it reads); for a run older than that field,
+        config.json's ``data.source`` when the task is one of the package's (a factory's
+        config may carry a source it never read)."""
+        if "data_source" in self.results:
+            source = self.results["data_source"]
+            return None if source is None else str(source)
+        if ":" in str(self.config.get("task", self.task)):
+            return None
+        source = self.config.get("data", {}).get("source")
+        return None if source is None else str(source)
+
+    @property
+    def model_width(self) -> int | None:
+        return self.config.get("model", {}).get("features")
+
+    @property
+    def mixer(self) -> str:
+        """The token mixer's kind: ``"hgrn"`` (the paper's model), ``"hgrn2"`` or ``"attention"``
+        (the Transformer baseline)."""
+        return mixer_kind(self.config)
+
+
+def mixer_kind(config: dict[str, Any]) -> str:
+    """The token mixer's kind in a run's config.json: ``model.mixer.kind``, ``"hgrn"`` without."""
+    mixer = config.get("model", {}).get("mixer")
+    return str(mixer.get("kind", "hgrn")) if isinstance(mixer, dict) else "hgrn"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}); was the run interrupted while writing it?"
+        ) from None
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl records; a truncated last line (a killed run) is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+REQUIRED_RESULTS = ("task", "metric", "test")
+
+
+class BrokenRunError(ValueError):
+    """A run folder whose results.json (or config.json) cannot be used."""
+
+
+def is_number(value: Any) -> bool:
+    """Whether a JSON value is a number (an int or float, not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_types(
+    results_path: Path, results: dict[str, Any], config_path: Path, config: dict[str, Any]
+) -> None:
+    """BrokenRunError naming the file and key when a field the tables read has the wrong type
+    (valid JSON that experiments.train would not have written)."""
+    wrong = []
+    if not isinstance(results["task"], str):
+        wrong.append((results_path, "task", "a string"))
+    if not is_number(results["test"]):
+        wrong.append((results_path, "test", "a number"))
+    for key in ("best_val", "num_params"):
+        if key in results and not is_number(results[key]):
+            wrong.append((results_path, key, "a number"))
+    for key in ("data", "model"):
+        if key in config and not isinstance(config[key], dict):
+            wrong.append((config_path, key, "an object"))
+    mixer = config.get("model", {}).get("mixer") if isinstance(config.get("model"), dict) else None
+    if mixer is not None and not isinstance(mixer, dict):
+        wrong.append((config_path, "model.mixer", "an object"))
+    if wrong:
+        path, key, kind = wrong[0]
+        value = results.get(key) if path == results_path else config.get(key.split(".")[0])
+        raise BrokenRunError(
+            f"{path}: {key} should be {kind}, not {json.dumps(value)[:40]}; was it written by "
+            "experiments.train?"
+        )
+
+
+def _read_run(run_dir: Path) -> Run:
+    results_path, config_path = run_dir / "results.json", run_dir / "config.json"
+    try:
+        results = _read_json(results_path)
+        config = _read_json(config_path) if config_path.is_file() else {}
+    except OSError as error:
+        raise BrokenRunError(
+            f"{error.filename or run_dir} cannot be read ({error.strerror})"
+        ) from None
+    if not isinstance(results, dict) or any(key not in results for key in REQUIRED_RESULTS):
+        raise BrokenRunError(
+            f"{results_path} lacks {', '.join(REQUIRED_RESULTS)} (holds "
+            f"{json.dumps(results)[:80]}); was it written by experiments.train?"
+        )
+    if not isinstance(config, dict):
+        raise BrokenRunError(f"{config_path} does not hold a config (a JSON object)")
+    _check_types(results_path, results, config_path, config)
+    return Run(
+        path=run_dir,
+        results=results,
+        config=config,
+        records=_read_records(run_dir / "metrics.jsonl"),
+    )
+
+
+def find_runs(folders: list[str | Path], *, skip_broken: bool = False) -> list[Run]:
+    """Every run (a folder with results.json) under ``folders``, sorted by path.
+
+    A run whose results.json or config.json is corrupt, empty or incomplete raises ValueError
+    naming the file, or with ``skip_broken`` is left out with a warning on stderr.
+    """
+    runs = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.exists():
+            raise FileNotFoundError(
+                f"{folder} does not exist; pass run folders (workdirs of "
+                "experiments.train) or folders that contain them"
+            )
+        for results_path in sorted(folder.rglob("results.json")):
+            try:
+                runs.append(_read_run(results_path.parent))
+            except ValueError as error:
+                if not skip_broken:
+                    raise
+                print(f"warning: skipping {results_path.parent}: {error}", file=sys.stderr)
+    return sorted(runs, key=lambda r: str(r.path))
+
+
+@dataclass
+class Unfinished:
+    """A run folder without results.json: a run in progress, or one that stopped before the end
+    (preempted, killed, failed). ``state``: see :func:`_state`; ``checkpoint``: the last
+    committed checkpoint's step (None without one)."""
+
+    path: Path
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+    state: str
+    checkpoint: int | None
+
+    @property
+    def task(self) -> str:
+        return str(self.config.get("task", "?"))
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+    @property
+    def curve_label(self) -> str:
+        return f"{self.path} ({'in progress' if self.state == 'running' else 'unfinished'})"
+
+    @property
+    def metric(self) -> str:
+        """``perplexity`` or ``accuracy``: what the run's validation records carry."""
+        if any("perplexity" in record for record in self.records):
+            return "perplexity"
+        return "perplexity" if self.task == "wikitext103" else "accuracy"
+
+    @property
+    def last_step(self) -> int | None:
+        steps = [r["step"] for r in self.records if isinstance(r.get("step"), int)]
+        return max(steps) if steps else None
+
+    def best_val(self) -> tuple[float, int] | None:
+        """``(value, step)`` of the best validation record so far (the highest accuracy, the
+        lowest perplexity), or None before the first evaluation."""
+        found = [
+            (float(r[self.metric]), r["step"])
+            for r in self.records
+            if r.get("split") == "val" and is_number(r.get(self.metric)) and "step" in r
+        ]
+        if not found:
+            return None
+        sign = -1 if self.metric == "perplexity" else 1
+        return max(found, key=lambda pair: (sign * pair[0], -pair[1]))
+
+
+def _state(run_dir: Path) -> str:
+    """``running`` (its run.lock is held by a live process of this host), ``locked by HOST``
+    (a lock from another host, which cannot be checked from here), ``set aside`` (a
+    ``previous-<time>/`` folder that ``--config.resume=restart`` kept), or ``stopped`` (no
+    live lock: preempted, killed or failed alike, since nothing in the folder records a
+    failure: a NaN loss stops the run before it is logged)."""
+    if run_dir.name.startswith("previous-") and (run_dir.parent / "config.json").is_file():
+        return "set aside (--config.resume=restart)"
+    lock, holder = lock_state(run_dir)
+    if lock == "live":
+        return "running"
+    if lock == "unchecked":
+        return f"locked by {holder.get('host', '?')} (cannot be checked from here)"
+    return "stopped"
+
+
+def find_unfinished(folders: list[str | Path]) -> list[Unfinished]:
+    """Every run folder under ``folders`` without results.json, sorted by path: a folder whose
+    config.json is a run's (:func:`~hgrn_jax.training.workdir.is_run_config`) beside its lock
+    or run files (metrics.jsonl, checkpoints/, ...). Another program's config.json is passed
+    over; one that cannot be read, beside run files, is left out with a warning on stderr."""
+    found = []
+    for folder in folders:
+        for config_path in sorted(Path(folder).rglob("config.json")):
+            run_dir = config_path.parent
+            if (run_dir / "results.json").exists() or not any(
+                (run_dir / name).exists() for name in (*RUN_FILES, LOCK_NAME)
+            ):
+                continue
+            try:
+                config = _read_json(config_path)
+            except (OSError, ValueError) as error:
+                print(f"warning: skipping {run_dir}: {error}", file=sys.stderr)
+                continue
+            if not is_run_config(config):
+                continue
+            records = _read_records(run_dir / "metrics.jsonl")
+            steps = checkpoint_steps(run_dir)
+            checkpoint = steps[-1] if steps else None
+            found.append(Unfinished(run_dir, config, records, _state(run_dir), checkpoint))
+    return sorted(found, key=lambda run: str(run.path))

@@ -1,0 +1,378 @@
+"""The markdown tables: the papers' numbers beside the runs, and the runs without results."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from experiments.papers import (
+    IMAGENET_SIZES,
+    LRA_TASKS,
+    lra_paper_accuracy,
+    lra_paper_average,
+    lra_paper_steps,
+    lra_tasks_of,
+    paper_numbers,
+)
+from experiments.runs import Run, Unfinished, is_number, mixer_kind
+
+LRA_NAMES = {
+    "listops": "ListOps",
+    "text": "Text",
+    "retrieval": "Retrieval",
+    "image": "Image",
+    "pathfinder": "Pathfinder",
+    "pathx": "Path-X",
+}
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+
+
+MIXER_NAMES = {"hgrn": "HGRN", "hgrn2": "HGRN2", "attention": "Transformer baseline"}
+
+
+def _model_name(kind: str) -> str:
+    return MIXER_NAMES.get(kind, kind)
+
+
+# Data made up by the package (docs/data.md): "generated" is ListOps's set of LRA's
+# specification, "synthetic" the small stand-ins of the tiny presets. Their numbers show that the
+# pipeline works, not how the model compares with the paper.
+STAND_IN_SOURCES = ("generated", "synthetic")
+
+
+def _note(run: Run) -> str:
+    """The run's folder, marked when its data were generated or synthetic, or its model is not
+    HGRN."""
+    marks = [_model_name(run.mixer)] if run.mixer != "hgrn" else []
+    marks += [f"{run.data_source} data"] if run.data_source in STAND_IN_SOURCES else []
+    return f"{run.label}" + "".join(f" ({mark})" for mark in marks)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def lra_tables(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
+    """One Long Range Arena table per model, HGRN's first, then any other's that has runs
+    (HGRN2, the Transformer baseline): each beside its own paper's numbers, with its own
+    average, so that no column mixes two papers."""
+    run_kinds = {run.mixer for run in runs if run.task in LRA_TASKS}
+    kinds = ["hgrn", *sorted(run_kinds - {"hgrn"})]
+    return "\n\n".join(
+        _lra_table(kind, [run for run in runs if run.mixer == kind], paper) for kind in kinds
+    )
+
+
+def _is_real_data(run: Run) -> bool:
+    """Whether the run read real data (a release or prepared set), not generated or synthetic."""
+    return run.data_source not in STAND_IN_SOURCES
+
+
+def _paper_steps(run: Run) -> int | None:
+    return lra_paper_steps(run.mixer, run.task) if run.task in LRA_TASKS else None
+
+
+def _is_paper_setting(run: Run) -> bool:
+    """Whether the LRA run trained as long as the paper's setting: its config.json's
+    ``num_train_steps`` is the paper config's, and it did them all (not stopped by a time
+    budget)."""
+    steps = _paper_steps(run)
+    return (
+        steps is not None
+        and run.config.get("num_train_steps") == steps
+        and is_number(run.results.get("steps"))
+        and run.results["steps"] >= steps
+    )
+
+
+def _best_val(run: Run) -> float:
+    value = run.results.get("best_val")
+    return float(value) if is_number(value) else -math.inf
+
+
+def average_run(task_runs: list[Run]) -> Run | None:
+    """The run of one LRA task that its model's average takes: of the runs on real data (None
+    without one), those of the paper's setting (:func:`_is_paper_setting`) before shorter ones,
+    then the highest best validation accuracy, then the first in path order. Never the test
+    score: picking by it would flatter the average."""
+    real = [run for run in task_runs if _is_real_data(run)]
+    if not real:
+        return None
+    return max(real, key=lambda run: (_is_paper_setting(run), _best_val(run)))
+
+
+def _lra_table(kind: str, runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
+    """ListOps ... Path-X and the average of the model with mixer ``kind``: the paper's accuracy
+    and each of ``runs``'s test/val accuracy; a task without runs has its paper row, if any.
+    The average is of one real-data run per task (:func:`average_run`); lines under the table
+    say which runs it used where a task has several, which of them are shorter than the paper's
+    setting, and which tasks it leaves out for having only generated or synthetic data runs."""
+    header = ["Task", "Paper acc. (%)", "Ours test (%)", "Ours best val (%)", "Steps", "Run"]
+    rows = []
+    for task in LRA_TASKS:
+        task_runs = [r for r in runs if r.task == task]
+        paper_accuracy = _fmt(lra_paper_accuracy(paper, kind, task))
+        if not task_runs and paper_accuracy != "—":
+            rows.append([LRA_NAMES[task], paper_accuracy, "—", "—", "—", "—"])
+        for run in task_runs:
+            rows.append(
+                [
+                    LRA_NAMES[task],
+                    paper_accuracy,
+                    _fmt(run.results.get("test")),
+                    _fmt(run.results.get("best_val")),
+                    str(run.results.get("steps", "—")),
+                    _note(run),
+                ]
+            )
+    tasks = lra_tasks_of(kind)
+    by_task = {t: [r for r in runs if r.task == t] for t in tasks}
+    used = {t: chosen for t in tasks if (chosen := average_run(by_task[t])) is not None}
+    if len(used) == len(tasks):
+        our_avg = _fmt(sum(float(used[t].results["test"]) for t in tasks) / len(tasks))
+    else:
+        our_avg = f"— ({len(used)}/{len(tasks)} tasks with real-data runs)"
+    papers = [lra_paper_accuracy(paper, kind, t) for t in tasks]
+    mean_of_rows = None if None in papers else sum(papers) / len(tasks)
+    model = "" if kind == "hgrn" else f", {_model_name(kind)}"
+    reported = lra_paper_average(kind)
+    if reported is None or reported[1] == len(tasks):
+        name = "**Average**" + (f" ({_model_name(kind)})" if model else "")
+        rows.append([name, _fmt(reported[0] if reported else None), our_avg, "", "", ""])
+    else:  # the paper averages tasks we have no config for: its average is not our rows' mean
+        missing = ", ".join(LRA_NAMES[t] for t in LRA_TASKS if t not in tasks)
+        rows.append(
+            [
+                f"**Average** ({_model_name(kind)}, {len(tasks)} tasks without {missing})",
+                f"{_fmt(mean_of_rows)} (mean of the rows above, not the paper's)",
+                our_avg,
+                "",
+                "",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                f"**Paper's average** ({_model_name(kind)}, {reported[1]} tasks)",
+                _fmt(reported[0]),
+                f"— (no config for {missing})",
+                "",
+                "",
+                "",
+            ]
+        )
+    notes = []
+    if any(len(by_task[t]) > 1 for t in tasks):
+        notes.append(
+            "Average of: "
+            + "; ".join(f"{LRA_NAMES[t]} {used[t].label}" for t in tasks if t in used)
+            + " (per task: real data; the paper's number of steps; the best validation "
+            "accuracy, never the test score)"
+        )
+    short = [t for t in tasks if t in used and not _is_paper_setting(used[t])]
+    if short:
+        notes.append(
+            "Shorter than the paper's setting: "
+            + "; ".join(
+                f"{LRA_NAMES[t]} {used[t].label} ({used[t].results.get('steps', '?')} of "
+                f"{_paper_steps(used[t]) or '?'} steps)"
+                for t in short
+            )
+        )
+    stand_in_only = [LRA_NAMES[t] for t in tasks if by_task[t] and t not in used]
+    if stand_in_only:
+        notes.append(
+            "Not in the average (generated or synthetic data only): " + ", ".join(stand_in_only)
+        )
+    table = f"### Long Range Arena{model} (accuracy)\n\n" + _table(header, rows)
+    return "\n\n".join([table, "\n".join(f"- {note}" for note in notes)] if notes else [table])
+
+
+def _is_paper_imagenet_run(run: Run) -> bool:
+    """An ImageNet run of the paper's model (HGRN), which the paper's rows are compared with."""
+    return run.task == "imagenet" and run.mixer == "hgrn"
+
+
+def imagenet_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
+    header = [
+        "Model",
+        "Paper params",
+        "Paper top-1 (%)",
+        "Ours params",
+        "Ours top-1 (%)",
+        "Ours best val (%)",
+        "Run",
+    ]
+    rows = []
+    for width, name in IMAGENET_SIZES.items():
+        ref = paper[f"imagenet-{name.split('-')[1].lower()}"]
+        matching = [r for r in runs if _is_paper_imagenet_run(r) and r.model_width == width]
+        base = [name, f"{ref['num_params'] / 1e6:.2f}M", _fmt(ref["value"])]
+        if not matching:
+            rows.append(base + ["—", "—", "—", "—"])
+        for run in matching:
+            rows.append(
+                base
+                + [
+                    f"{run.results.get('num_params', 0) / 1e6:.2f}M",
+                    _fmt(run.results.get("test")),
+                    _fmt(run.results.get("best_val")),
+                    _note(run),
+                ]
+            )
+    for run in runs:
+        if run.task == "imagenet" and not (
+            _is_paper_imagenet_run(run) and run.model_width in IMAGENET_SIZES
+        ):
+            model = "other" if run.mixer == "hgrn" else _model_name(run.mixer)
+            rows.append(
+                [
+                    f"{model} (d={run.model_width})",
+                    "—",
+                    "—",
+                    f"{run.results.get('num_params', 0) / 1e6:.2f}M",
+                    _fmt(run.results.get("test")),
+                    _fmt(run.results.get("best_val")),
+                    _note(run),
+                ]
+            )
+    return "### ImageNet-1k (top-1 accuracy)\n\n" + _table(header, rows)
+
+
+def _tokenizer(run: Run) -> str:
+    """The LM run's vocabulary: ``bytes`` (the synthetic corpus, or ``data.tokenizer_path=bytes``),
+    ``GPT-2 BPE`` (the BPE files at ``data.tokenizer_path``, the paper's), or ``tokenizer
+    unknown`` (a config.json without the key)."""
+    data = run.config.get("data", {})
+    path = data.get("tokenizer_path")
+    if run.data_source == "synthetic" or path == "bytes":
+        return "bytes"
+    return "GPT-2 BPE" if path else "tokenizer unknown"
+
+
+PAPER_LM = ("hgrn", 6, 512, "GPT-2 BPE")
+"""The paper's WikiText-103 setting: model, layers, width, vocabulary."""
+
+
+def _lm_setting(run: Run) -> tuple[str, Any, Any, str]:
+    model = run.config.get("model", {})
+    return run.mixer, model.get("num_layers"), model.get("features"), _tokenizer(run)
+
+
+def _lm_name(kind: str, layers: Any, width: Any, tokenizer: str) -> str:
+    name = f"{_model_name(kind)} ({layers if layers is not None else '?'} layers, d "
+    name += f"{width if width is not None else '?'}, {tokenizer})"
+    if tokenizer == "bytes":
+        name += " (per-byte perplexity: not comparable)"
+    return name
+
+
+def wikitext_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
+    """The paper's perplexity beside the runs of its setting (:data:`PAPER_LM`) only; every
+    other run is labelled by its own model, size and vocabulary, and a byte-level run's
+    perplexity (per byte) is marked as not comparable with the paper's (per BPE token)."""
+    ref = paper["wikitext103"]
+    header = [
+        "Model",
+        "Paper val ppl",
+        "Paper test ppl",
+        "Ours val ppl",
+        "Ours test ppl",
+        "Steps",
+        "Run",
+    ]
+    base = [_lm_name(*PAPER_LM), _fmt(ref["val_value"]), _fmt(ref["value"])]
+    lm_runs = [r for r in runs if r.task == "wikitext103"]
+    rows = [] if any(_lm_setting(r) == PAPER_LM for r in lm_runs) else [base + ["—"] * 4]
+    for run in lm_runs:
+        setting = _lm_setting(run)
+        model = base if setting == PAPER_LM else [_lm_name(*setting), "—", "—"]
+        rows.append(
+            model
+            + [
+                _fmt(run.results.get("best_val")),
+                _fmt(run.results.get("test")),
+                str(run.results.get("steps", "—")),
+                _note(run),
+            ]
+        )
+    return "### WikiText-103 (perplexity, lower is better)\n\n" + _table(header, rows)
+
+
+def other_table(runs: list[Run]) -> str | None:
+    known = set(LRA_TASKS) | {"imagenet", "wikitext103"}
+    others = [r for r in runs if r.task not in known]
+    if not others:
+        return None
+    rows = [
+        [
+            r.task,
+            str(r.results.get("metric")),
+            _fmt(r.results.get("test")),
+            _fmt(r.results.get("best_val")),
+            _note(r),
+        ]
+        for r in others
+    ]
+    return "### Other runs\n\n" + _table(["Task", "Metric", "Test", "Best val", "Run"], rows)
+
+
+def _model_size(config: dict[str, Any]) -> str:
+    model = config.get("model", {})
+    size = f"{model.get('num_layers', '?')} layers, d {model.get('features', '?')}"
+    return f"{_model_name(mixer_kind(config))} ({size})"
+
+
+def unfinished_table(runs: list[Unfinished]) -> str | None:
+    """The runs without results.json: how far each got, its best validation so far, its state."""
+    if not runs:
+        return None
+    header = [
+        "Run",
+        "Task",
+        "Model",
+        "Last step logged",
+        "Last checkpoint",
+        "Best val so far",
+        "State",
+    ]
+    rows = []
+    for run in runs:
+        total = run.config.get("num_train_steps", "?")
+        last = "—" if run.last_step is None else str(run.last_step)
+        best = run.best_val()
+        rows.append(
+            [
+                run.label,
+                run.task,
+                _model_size(run.config),
+                f"{last} / {total}",
+                "—" if run.checkpoint is None else str(run.checkpoint),
+                "—" if best is None else f"{_fmt(best[0])} {run.metric} (step {best[1]})",
+                run.state,
+            ]
+        )
+    return "### Runs without results\n\n" + _table(header, rows)
+
+
+def markdown_report(runs: list[Run], unfinished: list[Unfinished] | None = None) -> str:
+    """The paper tables of the finished ``runs`` (none without one) and the table of the
+    ``unfinished`` ones, which never enter the paper tables."""
+    parts = []
+    if runs:
+        paper = paper_numbers()
+        parts += [lra_tables(runs, paper), imagenet_table(runs, paper), wikitext_table(runs, paper)]
+        parts.append(other_table(runs))
+    parts.append(unfinished_table(unfinished or []))
+    return "\n\n".join(part for part in parts if part) + "\n"
