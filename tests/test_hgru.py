@@ -357,6 +357,9 @@ def test_step_needs_a_causal_layer():
     layer = HGRU(D, bidirectional=True, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"step\(\) needs a causal HGRU"):
         layer.step(inputs((1, 3, D)), layer.init_state(1))
+    grid = HGRU2D(D, causal=True, rngs=nnx.Rngs(0))  # was an AttributeError
+    with pytest.raises(ValueError, match=r"step\(\) needs a causal 1-D HGRU"):
+        grid.step(inputs((1, 3, 4, D)), None)
 
 
 def test_step_names_a_state_of_another_batch_size():

@@ -468,3 +468,7 @@ class HGRU2D(_HGRUBase):
             for axis in (1, 2):
                 h = h + self.scan(a, b_dir, direction, axis=axis)
         return self.output(h, x, gate=projected[2])
+
+    def step(self, *args, **kwargs):
+        """Not available: a grid has no single order to stream in (nor has HGRN2D one)."""
+        raise ValueError("HGRU2D scans a grid along H and W; step() needs a causal 1-D HGRU")
