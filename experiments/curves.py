@@ -46,12 +46,24 @@ def curve_points(run: Run, split: str, metric: str, x: str = "step") -> list[tup
     )
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def curve_styles(colours: Sequence[str], count: int) -> list[tuple[str, str]]:
+    """``(colour, marker)`` of each of ``count`` runs: the colours in turn, the marker changing
+    each time they start again, so that ``len(colours) * len(MARKERS)`` runs are told apart."""
+    return [
+        (colours[i % len(colours)], MARKERS[(i // len(colours)) % len(MARKERS)])
+        for i in range(count)
+    ]
+
+
 def plot_curves(runs: Sequence[Run | Unfinished], path: str | Path, x: str = "step") -> Path:
     """Loss and accuracy (or perplexity) against step (``x="step"``) or training wall time in
     minutes (``x="time"``: records without ``wall_time_s``, from runs older than that field,
-    are left out), one colour per run, unfinished runs' metrics so far included (labelled
-    ``(in progress)`` or ``(unfinished)``); train solid, val dashed with markers. Returns the
-    PNG's path."""
+    are left out), one colour and marker per run (:func:`curve_styles`), unfinished runs'
+    metrics so far included (labelled ``(in progress)`` or ``(unfinished)``); train solid with
+    a few markers, val dashed with a marker at each point. Returns the PNG's path."""
     x_label = _x_axis(x)[1]
     import matplotlib
 
@@ -62,9 +74,8 @@ def plot_curves(runs: Sequence[Run | Unfinished], path: str | Path, x: str = "st
     if any(r.metric == "perplexity" for r in runs):
         metrics.append("perplexity")
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, run in enumerate(runs):
-        colour = colours[i % len(colours)]
+    styles = curve_styles(plt.rcParams["axes.prop_cycle"].by_key()["color"], len(runs))
+    for run, (colour, marker) in zip(runs, styles):
         for ax, metric in zip(axes[0], metrics):
             labelled = False
             for split, style in (("train", "-"), ("val", "--")):
@@ -76,7 +87,8 @@ def plot_curves(runs: Sequence[Run | Unfinished], path: str | Path, x: str = "st
                         values,
                         style,
                         color=colour,
-                        marker="o" if split == "val" else None,
+                        marker=marker,
+                        markevery=1 if split == "val" else max(1, len(points) // 8),
                         markersize=3,
                         label=None if labelled else run.curve_label,
                     )

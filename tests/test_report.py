@@ -517,3 +517,21 @@ def test_wikitext_rows_say_each_runs_size_and_vocabulary(tmp_path, capsys):
     lm = section(capsys.readouterr().out, "WikiText-103 (perplexity, lower is better)")
     (paper_row,) = row(lm, "HGRN (6 layers, d 512, GPT-2 BPE)")
     assert paper_row[1:5] == ["24.14", "24.82", "26.00", "25.00"]
+
+
+def test_thirteen_runs_get_thirteen_curve_styles(tmp_path, monkeypatch):
+    """The default colour cycle has 10 colours: the 11th run was drawn like the 1st. Each run
+    has its own colour and marker."""
+    from matplotlib.figure import Figure
+
+    runs = find_runs([make_run(tmp_path / f"r{i:02d}", "listops", 50.0) for i in range(13)])
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: saved.append(fig))
+    curves.plot_curves(runs, tmp_path / "c.png")
+    (fig,) = saved
+    styles = {
+        line.get_label(): (line.get_color(), line.get_marker())
+        for line in fig.axes[0].get_lines()
+        if not line.get_label().startswith("_")
+    }
+    assert len(styles) == 13 and len(set(styles.values())) == 13
