@@ -9,15 +9,17 @@ tables:
   configs) and each finished run's (one with results.json) test result at its best validation
   step. Runs of other models (the Transformer baseline, HGRN2) have LRA tables of their own,
   each beside its own paper's numbers: HGRN2's paper averages six tasks (87.66, Path-X's 98.12
-  included, for which we have no config), so its table gives the mean of its five rows, labelled
-  as ours, and the paper's average apart; the baseline has no paper numbers. Which paper number
+  included, for which we have no config), so its table gives the mean of the paper's five rows
+  and the paper's average apart; the baseline has no paper numbers. Which paper number
   a run is set beside follows from its config.json (task, mixer kind, width; for WikiText-103
   also layers and vocabulary), never from the ``paper`` field of its results.json. WikiText-103
   rows are labelled by each run's size and vocabulary (``bytes`` or ``GPT-2 BPE``): the paper's
   perplexity stands only beside runs of its setting, and per-byte perplexity is marked as not
   comparable with it.
 - The LRA average of each model is of runs on real data only: a task with only generated or
-  synthetic data runs is named under the table, and the average is then not given. Where a task
+  synthetic data runs is named under the table, and the average is then not given. A finished
+  run that ``--config.resume=restart`` moved into a ``previous-<time>/`` folder keeps its row,
+  marked ``(set aside by --config.resume=restart)``, and never enters an average. Where a task
   has several runs it takes (:func:`~experiments.tables.average_run`) a run of the paper's setting (its config's
   ``num_train_steps`` the paper config's, all done) over a shorter one, then the highest best
   validation accuracy, then the first in path order: selection on validation, as the paper's
@@ -26,16 +28,17 @@ tables:
   the run it used for each task when a task has several, and the used runs shorter than the
   paper's setting.
 - Runs without results: run folders without results.json (in progress, preempted, killed,
-  failed), with the last step logged of ``num_train_steps``, the last checkpoint, the best
+  failed) or with one that cannot be read (state ``results.json unreadable``), with the last step logged of ``num_train_steps``, the last checkpoint, the best
   validation so far (metrics.jsonl) and the state (:func:`~experiments.runs._state`). They never enter the paper
   tables; a folder of such runs only prints this table.
 
 It also writes the runs' loss and accuracy/perplexity against step, or with ``--x time`` against
 training wall time (time-to-accuracy: runs of different models side by side), from each
 ``metrics.jsonl``, unfinished runs' included (labelled ``(in progress)`` or ``(unfinished)``),
-to a PNG (default ``DIR/curves.png`` of the first folder).
+each run in its own colour and marker, to a PNG (default ``DIR/curves.png`` of the first folder).
 
-A run whose results.json is corrupt or incomplete is left out with a warning and the others are
+A run whose results.json is corrupt or incomplete is left out of the paper tables with a warning
+(and listed under runs without results when its config.json is a run's); the others are
 reported; when the default PNG place cannot be written (a read-only run folder) the curves go to
 the temporary folder instead, and the message says where. A folder without any run is an error
 (exit code 2).

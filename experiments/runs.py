@@ -57,6 +57,11 @@ class Run:
         return None if source is None else str(source)
 
     @property
+    def set_aside(self) -> bool:
+        """Whether the run was moved aside by ``--config.resume=restart`` (:func:`is_set_aside`)."""
+        return is_set_aside(self.path)
+
+    @property
     def model_width(self) -> int | None:
         return self.config.get("model", {}).get("features")
 
@@ -73,12 +78,20 @@ def mixer_kind(config: dict[str, Any]) -> str:
     return str(mixer.get("kind", "hgrn")) if isinstance(mixer, dict) else "hgrn"
 
 
+class BrokenRunError(ValueError):
+    """A run folder whose results.json (or config.json) cannot be used; ``path``: that file."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{path} is not valid JSON ({error}); was the run interrupted while writing it?"
+        raise BrokenRunError(
+            f"{path} is not valid JSON ({error}); was the run interrupted while writing it?", path
         ) from None
 
 
@@ -98,10 +111,6 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
 
 
 REQUIRED_RESULTS = ("task", "metric", "test")
-
-
-class BrokenRunError(ValueError):
-    """A run folder whose results.json (or config.json) cannot be used."""
 
 
 def is_number(value: Any) -> bool:
@@ -133,33 +142,38 @@ def _check_types(
         value = results.get(key) if path == results_path else config.get(key.split(".")[0])
         raise BrokenRunError(
             f"{path}: {key} should be {kind}, not {json.dumps(value)[:40]}; was it written by "
-            "experiments.train?"
+            "experiments.train?",
+            path,
         )
 
 
-def _read_run(run_dir: Path) -> Run:
+def _read_results(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's results.json and config.json (``{}`` without one), checked for the fields the
+    tables read; BrokenRunError naming the file otherwise."""
     results_path, config_path = run_dir / "results.json", run_dir / "config.json"
     try:
         results = _read_json(results_path)
         config = _read_json(config_path) if config_path.is_file() else {}
     except OSError as error:
         raise BrokenRunError(
-            f"{error.filename or run_dir} cannot be read ({error.strerror})"
+            f"{error.filename or run_dir} cannot be read ({error.strerror})",
+            Path(error.filename or run_dir),
         ) from None
     if not isinstance(results, dict) or any(key not in results for key in REQUIRED_RESULTS):
         raise BrokenRunError(
             f"{results_path} lacks {', '.join(REQUIRED_RESULTS)} (holds "
-            f"{json.dumps(results)[:80]}); was it written by experiments.train?"
+            f"{json.dumps(results)[:80]}); was it written by experiments.train?",
+            results_path,
         )
     if not isinstance(config, dict):
-        raise BrokenRunError(f"{config_path} does not hold a config (a JSON object)")
+        raise BrokenRunError(f"{config_path} does not hold a config (a JSON object)", config_path)
     _check_types(results_path, results, config_path, config)
-    return Run(
-        path=run_dir,
-        results=results,
-        config=config,
-        records=_read_records(run_dir / "metrics.jsonl"),
-    )
+    return results, config
+
+
+def _read_run(run_dir: Path) -> Run:
+    results, config = _read_results(run_dir)
+    return Run(run_dir, results, config, _read_records(run_dir / "metrics.jsonl"))
 
 
 def find_runs(folders: list[str | Path], *, skip_broken: bool = False) -> list[Run]:
@@ -188,8 +202,8 @@ def find_runs(folders: list[str | Path], *, skip_broken: bool = False) -> list[R
 
 @dataclass
 class Unfinished:
-    """A run folder without results.json: a run in progress, or one that stopped before the end
-    (preempted, killed, failed). ``state``: see :func:`_state`; ``checkpoint``: the last
+    """A run folder without usable results: a run in progress, one that stopped before the end
+    (preempted, killed, failed), or one whose results.json cannot be read. ``state``: see :func:`_state`; ``checkpoint``: the last
     committed checkpoint's step (None without one)."""
 
     path: Path
@@ -236,13 +250,29 @@ class Unfinished:
         return max(found, key=lambda pair: (sign * pair[0], -pair[1]))
 
 
+def is_set_aside(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a ``previous-<time>/`` folder that ``--config.resume=restart``
+    moved a run into, inside the workdir of the run that replaced it."""
+    return run_dir.name.startswith("previous-") and (run_dir.parent / "config.json").is_file()
+
+
+def _results_unreadable(run_dir: Path) -> bool:
+    """Whether the run's results.json is there but cannot be used (corrupt, incomplete, fields of
+    the wrong type); :func:`find_runs` warns about it."""
+    try:
+        _read_results(run_dir)
+    except BrokenRunError as error:
+        return error.path == run_dir / "results.json"
+    return False
+
+
 def _state(run_dir: Path) -> str:
     """``running`` (its run.lock is held by a live process of this host), ``locked by HOST``
     (a lock from another host, which cannot be checked from here), ``set aside`` (a
     ``previous-<time>/`` folder that ``--config.resume=restart`` kept), or ``stopped`` (no
     live lock: preempted, killed or failed alike, since nothing in the folder records a
     failure: a NaN loss stops the run before it is logged)."""
-    if run_dir.name.startswith("previous-") and (run_dir.parent / "config.json").is_file():
+    if is_set_aside(run_dir):
         return "set aside (--config.resume=restart)"
     lock, holder = lock_state(run_dir)
     if lock == "live":
@@ -253,15 +283,18 @@ def _state(run_dir: Path) -> str:
 
 
 def find_unfinished(folders: list[str | Path]) -> list[Unfinished]:
-    """Every run folder under ``folders`` without results.json, sorted by path: a folder whose
+    """Every run folder under ``folders`` without usable results, sorted by path: a folder whose
     config.json is a run's (:func:`~hgrn_jax.training.workdir.is_run_config`) beside its lock
-    or run files (metrics.jsonl, checkpoints/, ...). Another program's config.json is passed
-    over; one that cannot be read, beside run files, is left out with a warning on stderr."""
+    or run files (metrics.jsonl, checkpoints/, ...) and no results.json, or one that cannot be
+    used (state ``results.json unreadable``). Another program's config.json is passed over; one
+    that cannot be read, beside run files, is left out with a warning on stderr."""
     found = []
     for folder in folders:
         for config_path in sorted(Path(folder).rglob("config.json")):
             run_dir = config_path.parent
-            if (run_dir / "results.json").exists() or not any(
+            has_results = (run_dir / "results.json").exists()
+            unreadable = has_results and _results_unreadable(run_dir)
+            if (has_results and not unreadable) or not any(
                 (run_dir / name).exists() for name in (*RUN_FILES, LOCK_NAME)
             ):
                 continue
@@ -275,5 +308,6 @@ def find_unfinished(folders: list[str | Path]) -> list[Unfinished]:
             records = _read_records(run_dir / "metrics.jsonl")
             steps = checkpoint_steps(run_dir)
             checkpoint = steps[-1] if steps else None
-            found.append(Unfinished(run_dir, config, records, _state(run_dir), checkpoint))
+            state = "results.json unreadable (see the warning)" if unreadable else _state(run_dir)
+            found.append(Unfinished(run_dir, config, records, state, checkpoint))
     return sorted(found, key=lambda run: str(run.path))

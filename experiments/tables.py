@@ -49,11 +49,15 @@ def _model_name(kind: str) -> str:
 STAND_IN_SOURCES = ("generated", "synthetic")
 
 
+SET_ASIDE = "set aside by --config.resume=restart"
+
+
 def _note(run: Run) -> str:
-    """The run's folder, marked when its data were generated or synthetic, or its model is not
-    HGRN."""
+    """The run's folder, marked when its data were generated or synthetic, its model is not
+    HGRN, or it was set aside by ``--config.resume=restart`` (replaced by a newer run)."""
     marks = [_model_name(run.mixer)] if run.mixer != "hgrn" else []
     marks += [f"{run.data_source} data"] if run.data_source in STAND_IN_SOURCES else []
+    marks += [SET_ASIDE] if run.set_aside else []
     return f"{run.label}" + "".join(f" ({mark})" for mark in marks)
 
 
@@ -102,11 +106,12 @@ def _best_val(run: Run) -> float:
 
 
 def average_run(task_runs: list[Run]) -> Run | None:
-    """The run of one LRA task that its model's average takes: of the runs on real data (None
-    without one), those of the paper's setting (:func:`_is_paper_setting`) before shorter ones,
-    then the highest best validation accuracy, then the first in path order. Never the test
-    score: picking by it would flatter the average."""
-    real = [run for run in task_runs if _is_real_data(run)]
+    """The run of one LRA task that its model's average takes: of the runs on real data that
+    were not set aside by ``--config.resume=restart`` (None without one), those of the paper's
+    setting (:func:`_is_paper_setting`) before shorter ones, then the highest best validation
+    accuracy, then the first in path order. Never the test score: picking by it would flatter
+    the average."""
+    real = [run for run in task_runs if _is_real_data(run) and not run.set_aside]
     if not real:
         return None
     return max(real, key=lambda run: (_is_paper_setting(run), _best_val(run)))
@@ -155,7 +160,7 @@ def _lra_table(kind: str, runs: list[Run], paper: dict[str, dict[str, Any]]) -> 
         rows.append(
             [
                 f"**Average** ({_model_name(kind)}, {len(tasks)} tasks without {missing})",
-                f"{_fmt(mean_of_rows)} (mean of the rows above, not the paper's)",
+                f"{_fmt(mean_of_rows)} (mean of the paper's {len(tasks)} rows above)",
                 our_avg,
                 "",
                 "",
@@ -173,7 +178,7 @@ def _lra_table(kind: str, runs: list[Run], paper: dict[str, dict[str, Any]]) -> 
             ]
         )
     notes = []
-    if any(len(by_task[t]) > 1 for t in tasks):
+    if used and any(len(by_task[t]) > 1 for t in tasks):
         notes.append(
             "Average of: "
             + "; ".join(f"{LRA_NAMES[t]} {used[t].label}" for t in tasks if t in used)
@@ -190,7 +195,11 @@ def _lra_table(kind: str, runs: list[Run], paper: dict[str, dict[str, Any]]) -> 
                 for t in short
             )
         )
-    stand_in_only = [LRA_NAMES[t] for t in tasks if by_task[t] and t not in used]
+    stand_in_only = [
+        LRA_NAMES[t]
+        for t in tasks
+        if t not in used and any(not run.set_aside for run in by_task[t])
+    ]
     if stand_in_only:
         notes.append(
             "Not in the average (generated or synthetic data only): " + ", ".join(stand_in_only)

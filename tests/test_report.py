@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from experiments import curves, report, tables
-from experiments.papers import lra_paper_steps
+from experiments.papers import LRA_TASKS, lra_paper_steps
 from experiments.runs import find_runs, find_unfinished
 
 LRA_TEST = {
@@ -242,7 +242,7 @@ def test_other_models_are_marked_and_averaged_apart(tmp_path, capsys):
     assert averages == {
         "**Average**": ["86.91", f"{sum(LRA_TEST.values()) / 6:.2f}"],  # HGRN's runs only
         "**Average** (HGRN2, 5 tasks without Path-X)": [
-            "85.57 (mean of the rows above, not the paper's)",
+            "85.57 (mean of the paper's 5 rows above)",
             "— (0/5 tasks with real-data runs)",  # its one run read generated data
         ],
         "**Paper's average** (HGRN2, 6 tasks)": ["87.66", "— (no config for Path-X)"],
@@ -308,9 +308,9 @@ def test_hgrn2_runs_are_compared_with_the_hgrn2_paper(tmp_path, capsys):
     averages = {r[0]: r[1:3] for r in row(out, "**Average**") + row(out, "**Paper's average**")}
     expected_ours = sum(LRA_TEST[t] for t in hgrn2_paper) / 5
     # The paper's own average is over six tasks, Path-X (98.12) included, which has no config:
-    # the mean of the five rows is labelled as ours, not the paper's.
+    # the mean of its five rows is given, labelled as such, beside its own six-task average.
     assert averages["**Average** (HGRN2, 5 tasks without Path-X)"] == [
-        f"{sum(hgrn2_paper.values()) / 5:.2f} (mean of the rows above, not the paper's)",
+        f"{sum(hgrn2_paper.values()) / 5:.2f} (mean of the paper's 5 rows above)",
         f"{expected_ours:.2f}",
     ]
     paper_average = averages["**Paper's average** (HGRN2, 6 tasks)"]
@@ -517,6 +517,56 @@ def test_wikitext_rows_say_each_runs_size_and_vocabulary(tmp_path, capsys):
     lm = section(capsys.readouterr().out, "WikiText-103 (perplexity, lower is better)")
     (paper_row,) = row(lm, "HGRN (6 layers, d 512, GPT-2 BPE)")
     assert paper_row[1:5] == ["24.14", "24.82", "26.00", "25.00"]
+
+
+def test_a_finished_run_set_aside_by_restart_is_marked_and_never_averaged(tmp_path, capsys):
+    """A finished run moved into ``previous-<time>/`` by ``--config.resume=restart`` had a plain
+    row, and its best validation (99) made it the run the ListOps average took. Its row is
+    marked, and the average takes the current run."""
+    current = make_run(tmp_path / "listops", "listops", 50.0)
+    aside = make_run(current / "previous-20260101T000000Z", "listops", 30.0, best_val=99.0)
+    for task in LRA_TASKS[1:]:
+        make_run(tmp_path / task, task, LRA_TEST[task])
+    assert report.main([str(tmp_path), "--png", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    lra = section(out, HGRN_LRA)
+    assert {r[-1] for r in row(lra, "ListOps")} == {
+        str(current),
+        f"{aside} (set aside by --config.resume=restart)",
+    }
+    (average,) = row(lra, "**Average**")
+    assert average[2] == f"{sum(LRA_TEST.values()) / 6:.2f}"  # the current run's 50.00
+    assert f"- Average of: ListOps {current};" in out
+    assert "Runs without results" not in out
+
+
+def test_a_run_with_an_unreadable_results_json_is_listed_not_lost(tmp_path, capsys):
+    """A run whose results.json is corrupt dropped out of every table, and alone it was reported
+    as "no run folder under ...". It is listed under runs without results, with its best
+    validation from metrics.jsonl."""
+    run = make_run(tmp_path / "runs" / "a", "listops", 50.0)
+    (run / "results.json").write_text('{"task": "listops", "te')  # cut short while writing
+    assert report.main([str(tmp_path / "runs")]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: skipping {run}: {run / 'results.json'} is not valid JSON" in captured.err
+    (entry,) = row(captured.out, str(run))
+    assert entry[1] == "listops" and entry[5] == "50.00 accuracy (step 40)"
+    assert entry[-1] == "results.json unreadable (see the warning)"
+    assert "### Long Range Arena" not in captured.out
+
+
+def test_no_average_line_without_a_run_in_it(tmp_path, capsys):
+    """With only generated-data runs (two of one task), an empty "- Average of:  (per task: ...)"
+    line was printed under the table."""
+    make_run(tmp_path / "a", "text", 60.0, mixer="hgrn2", source="generated")
+    make_run(tmp_path / "b", "text", 61.0, mixer="hgrn2", source="generated")
+    make_run(tmp_path / "c", "listops", 30.0, source="generated")
+    make_run(tmp_path / "d", "listops", 31.0, source="generated")
+    assert report.main([str(tmp_path), "--png", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert "Average of" not in out
+    assert "- Not in the average (generated or synthetic data only): Text" in out
+    assert "- Not in the average (generated or synthetic data only): ListOps" in out
 
 
 def test_thirteen_runs_get_thirteen_curve_styles(tmp_path, monkeypatch):
