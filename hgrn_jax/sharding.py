@@ -343,11 +343,11 @@ def init_sharded(init: Callable[[], Any], mesh: Mesh) -> tuple[Any, Any]:
     ``jax.eval_shape`` gives the pytree's shapes without allocating, :func:`state_shardings` its
     shardings; one ``jax.jit`` with those ``out_shardings`` then creates the values, so every
     device only ever holds its own shards. ``init`` takes no arguments and must be deterministic,
-    since it runs once abstractly and once under jit.
+    since it runs once abstractly and once under jit. Both runs are under ``jax.set_mesh(mesh)``,
+    so a mesh the caller has set (``mesh`` or another) changes nothing.
     """
-    # Outside the mesh context: under one, eval_shape would read logical names as mesh axes.
-    shardings = state_shardings(jax.eval_shape(init), mesh)
     with jax.set_mesh(mesh):
+        shardings = state_shardings(jax.eval_shape(init), mesh)
         return jax.jit(init, out_shardings=shardings)(), shardings
 
 
@@ -355,10 +355,11 @@ def create_sharded(factory: Callable[[], Any], mesh: Mesh) -> Any:
     """Build ``factory()`` (a module, or e.g. a ``(model, optimizer)`` tuple) directly sharded.
 
     ``factory`` takes no arguments and must be deterministic (create its ``nnx.Rngs`` from a
-    fixed seed inside); see :func:`init_sharded`.
+    fixed seed inside); see :func:`init_sharded`. Works the same inside and outside a
+    ``jax.set_mesh`` context, whichever mesh it sets.
     """
-    graphdef, _ = nnx.split(nnx.eval_shape(factory))
-    state, _ = init_sharded(lambda: nnx.split(factory())[1], mesh)
+    # Not nnx.eval_shape: under a set mesh it reads the logical axis names as mesh axes.
+    (graphdef, state), _ = init_sharded(lambda: nnx.split(factory()), mesh)
     return nnx.merge(graphdef, state)
 
 

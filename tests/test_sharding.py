@@ -347,6 +347,28 @@ def test_raw_optax_moments_follow_their_parameters():
     assert shardings["opt"][0].count.spec == P()
 
 
+@pytest.mark.parametrize("active", ["same mesh", "other mesh"])
+def test_create_sharded_inside_a_set_mesh_is_create_sharded_outside(active):
+    """Under ``jax.set_mesh`` (the target mesh, or one with other axis names) the model and its
+    optimizer come out with the same shardings and the same values as with no mesh set: the
+    same initialisation, so equal exactly."""
+    mesh = mesh_of("2x2x2")
+    active_mesh = {
+        "same mesh": mesh,
+        "other mesh": jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,)),
+    }[active]
+    outside = nnx.state(sh.create_sharded(lm_and_optimizer, mesh))
+    with jax.set_mesh(active_mesh):
+        inside = nnx.state(sh.create_sharded(lm_and_optimizer, mesh))
+    outside_leaves = jax.tree_util.tree_leaves_with_path(outside)
+    inside_leaves = jax.tree_util.tree_leaves_with_path(inside)
+    assert [p for p, _ in inside_leaves] == [p for p, _ in outside_leaves]
+    assert any(x.sharding.spec != P() for _, x in outside_leaves)  # the rules really shard
+    for (path, x), (_, y) in zip(inside_leaves, outside_leaves, strict=True):
+        assert x.sharding == y.sharding, jax.tree_util.keystr(path)
+    np.testing.assert_equal(as_numpy(inside), as_numpy(outside))
+
+
 def test_maybe_initialize_distributed_is_a_no_op_without_a_request():
     assert sh.maybe_initialize_distributed(env={}) is False
     assert sh.maybe_initialize_distributed(env={"JAX_NUM_PROCESSES": "1"}) is False

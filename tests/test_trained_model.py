@@ -288,6 +288,23 @@ def test_loaded_lm_gives_the_runner_s_logits_and_its_validation_loss(lm_run, tmp
 
 
 @pytest.mark.slow  # end-to-end: a training run
+def test_a_run_loads_the_same_inside_a_set_mesh(bpe_run):
+    """Inside ``jax.set_mesh`` (8 devices) an LM run loads as outside one: the same arrays, bit
+    for bit, on the same device. (Its config.json leaves vocab_size to the tokenizer, so the
+    loader also builds a probe model to read the size from the checkpoint.)"""
+    outside, _ = load_trained_model(bpe_run)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        inside, _ = load_trained_model(bpe_run)
+    assert inside.config.vocab_size == outside.config.vocab_size == 320
+    inside_state, outside_state = nnx.state(inside), nnx.state(outside)
+    for x, y in zip(jax.tree.leaves(inside_state), jax.tree.leaves(outside_state), strict=True):
+        assert x.sharding == y.sharding
+    for x, y in zip(_plain(inside_state), _plain(outside_state), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow  # end-to-end: a training run
 def test_a_tokenizer_run_decodes_and_takes_text_prompts(lm_run, tmp_path):
     """The synthetic run's config.json rewritten as a byte-tokenizer release run: its
     vocabulary (0, left to the tokenizer) is read off the checkpoint, a text prompt is encoded

@@ -597,6 +597,28 @@ def test_gradient_accumulation_matches_one_big_batch(weights):
         np.testing.assert_allclose(metrics[1][key], metrics[0][key], rtol=2e-6, atol=1e-6)
 
 
+def test_create_train_state_inside_a_set_mesh_is_create_train_state_outside():
+    """Under ``jax.set_mesh`` the train state comes out with the shardings and values it has
+    with no mesh set (the same initialisation, so equal exactly)."""
+    mesh = sharding.make_mesh(2, 2, 2)
+    config = LMConfig(vocab_size=8, features=4, num_layers=1)
+
+    def build(rngs: nnx.Rngs) -> HGRNLM:
+        return HGRNLM(config, rngs=rngs)
+
+    outside = create_train_state(build, lambda p: optax.adam(0.1), 0, mesh)
+    with jax.set_mesh(mesh):
+        inside = create_train_state(build, lambda p: optax.adam(0.1), 0, mesh)
+    assert inside[0] == outside[0]
+    leaves = jax.tree.leaves(outside[2])
+    assert any(x.sharding.spec != jax.sharding.PartitionSpec() for x in leaves)  # really sharded
+    for x, y in zip(jax.tree.leaves(inside[2]), leaves, strict=True):
+        assert x.sharding == y.sharding
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(x, y)
+
+
 def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
     tree = {"w": jnp.arange(3.0)}
     for mode, best in (("max", 2), ("min", 3)):

@@ -86,7 +86,8 @@ def create_train_state(
     def build() -> nnx.Module:
         return build_model(nnx.Rngs(seed))
 
-    graphdef, abstract_params, _ = split_model(nnx.eval_shape(build))
+    # Not nnx.eval_shape: under a set mesh it reads the logical axis names as mesh axes.
+    graphdef, abstract_params, _ = jax.eval_shape(lambda: split_model(build()))
     tx = make_tx(abstract_params)
 
     def init() -> TrainState:

@@ -132,11 +132,10 @@ def _model_builder(
         # Settled from the data files (a tokenizer, prepared data) when the run started; the
         # checkpoint's arrays hold it.
         derived.model.vocab_size = _VOCAB_PROBE
+        # Not nnx.eval_shape: under a set mesh it reads the logical axis names as mesh axes.
         probe = _shapes(
-            split_model(
-                nnx.eval_shape(
-                    lambda: model_settings.build_model(derived, entry.model, nnx.Rngs(0))
-                )
+            jax.eval_shape(
+                lambda: split_model(model_settings.build_model(derived, entry.model, nnx.Rngs(0)))
             )[1]
         )
         sizes = {
@@ -270,7 +269,7 @@ def _load_step(workdir: Path, config: ml_collections.ConfigDict, step: int) -> n
         raise _unrestorable(workdir, step, error) from None
     stored = _shapes(getattr(metadata, "tree", metadata))
     build = _model_builder(workdir, config, stored)
-    graphdef, params, model_state = split_model(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
+    graphdef, params, model_state = jax.eval_shape(lambda: split_model(build(nnx.Rngs(0))))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     wanted = {"params": params, "model_state": model_state}
     abstract = abstract_checkpoint_tree(wanted, jax.tree.map(lambda _: device, wanted))
