@@ -36,6 +36,9 @@ Three forward methods compute the same thing; all of them split time into chunks
     Precision: ``b`` is rounded once (``|b| * 2^-24`` in float32), so each factor
     ``exp(b_i - b_j)`` is exact to that relative error: ~1e-5 when a chunk's decays sum to -200;
     a smaller ``chunk_size`` tightens it. The other methods multiply step by step.
+    The causal mask selects (never multiplies by 0), so a nan or inf input reaches no earlier
+    output: the outputs from its step on are nan, in its chunk (the other methods give inf
+    where the state holds one).
 ``"pallas"``
     one Pallas kernel (Triton on GPU; the Pallas interpreter elsewhere), one program per
     (batch row and head, block of 32 value channels): the state stays in registers while the
@@ -511,10 +514,12 @@ def _chunked(q, k, v, g, h0, scale, chunk):
     d = _decays(gc)
     # The score matmul multiplies a later value by a score of 0, so a non-finite value would
     # reach the earlier outputs (0 * nan = nan): it reads the finite values only, and the
-    # non-finite ones reach the outputs from their step on through the cumulative sum.
-    finite_v = jnp.where(jnp.isfinite(vc), vc, 0.0)
-    intra = jnp.einsum("ncij,ncjv->nciv", _scores(qc, kc, d), finite_v)
-    intra = intra + jnp.cumsum(vc - finite_v, axis=-2)
+    # outputs from the first non-finite one's step on (in its value channel) are nan.
+    bad = ~jnp.isfinite(vc)
+    intra = jnp.einsum("ncij,ncjv->nciv", _scores(qc, kc, d), jnp.where(bad, 0.0, vc))
+    steps = jnp.arange(chunk)[:, None]
+    first_bad = jnp.min(jnp.where(bad, steps, chunk), axis=-2, keepdims=True)
+    intra = jnp.where(steps >= first_bad, jnp.nan, intra)
     local = jnp.einsum("ncjk,ncjv->nckv", kc * d.to_end, vc)
 
     def pass_on(state, inputs):
