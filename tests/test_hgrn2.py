@@ -134,6 +134,42 @@ def test_padding_is_skipped_like_fla_unpadding(layout, bidirectional):
     np.testing.assert_allclose(got[0], mix(layer, x, None)[0], **TOL)
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("method", ["sequential", "chunked"])
+def test_non_finite_padding_is_skipped(layout, method):
+    """nan at 3 left- and 3 right-padded steps gives exactly the outputs of finite padding (and
+    so of the unpadded run, as above), both directions and step() with its state: a padded step
+    is an identity step whatever its input (masking by multiplication left v there, and the
+    state update 0 * nan spread nan to every real output)."""
+    layer = LAYOUTS[layout](bidirectional=True, method=method)
+    x = _x(length=L + 6)
+    mask = np.ones((B, L + 6), bool)
+    mask[1, :3] = mask[1, -3:] = False
+    poisoned = jnp.where(jnp.asarray(mask)[..., None], x, jnp.nan)
+    want = mix(layer, x, jnp.asarray(mask))
+    np.testing.assert_array_equal(mix(layer, poisoned, jnp.asarray(mask)), want)
+    np.testing.assert_allclose(want[1, 3:-3], mix(layer, x[1:, 3:-3], None)[0], **TOL)
+    causal = LAYOUTS[layout](method=method)
+    state = causal.init_state(B)
+    want, want_state = mix_step(causal, x, state, jnp.asarray(mask))
+    got, got_state = mix_step(causal, poisoned, state, jnp.asarray(mask))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_state, want_state)
+
+
+def test_grid_mixer_skips_non_finite_padding():
+    """A masked last column of nan cells leaves the real cells exactly as a column of ones."""
+    layer = HGRN2D(D, expand_ratio=4, rngs=nnx.Rngs(0))
+    grid = jax.random.normal(jax.random.key(4), (B, 3, 4, D))
+    mask = np.ones((B, 3, 5), bool)
+    mask[:, :, -1] = False
+    ones = jnp.concatenate([grid, jnp.ones((B, 3, 1, D))], axis=2)
+    nans = jnp.concatenate([grid, jnp.full((B, 3, 1, D), jnp.nan)], axis=2)
+    np.testing.assert_array_equal(
+        mix(layer, nans, jnp.asarray(mask)), mix(layer, ones, jnp.asarray(mask))
+    )
+
+
 @pytest.mark.slow
 def test_grid_mixer_reaches_exactly_the_row_and_column_and_skips_padding():
     layer = HGRN2D(D, expand_ratio=4, rngs=nnx.Rngs(0))

@@ -442,3 +442,52 @@ def test_an_empty_sequence_is_an_error_as_in_linear_recurrence(method):
     v = jnp.ones((2, 0, 3, 5))
     with pytest.raises(ValueError, match=r"q has length 0 along the time axis -3 \(shape"):
         matrix_recurrence(q, q, v, q, method=method)
+
+
+NAN_STEP = 20  # inside the second chunk of 16 steps (L = 40): steps 16..19 come before it
+
+
+def _with_bad_step(inputs, name, bad):
+    """``inputs`` (q, k, v, g) float32 with every channel of ``name`` at row 0, step NAN_STEP
+    set to ``bad``."""
+    index = "qkvg".index(name)
+    return tuple(t.at[0, NAN_STEP].set(bad) if i == index else t for i, t in enumerate(inputs))
+
+
+@pytest.mark.parametrize("name,bad", [("v", np.nan), ("k", np.nan), ("v", np.inf)])
+def test_a_non_finite_input_reaches_no_earlier_output(name, bad):
+    """A causal recurrence: a nan or inf at step 20 leaves every output before it exactly as
+    without it, by every method (the chunked one multiplied later values and keys by the 0
+    scores of its causal mask, spreading nan back to step 16, the chunk's start), and makes the
+    outputs from step 20 on non-finite."""
+    q, k, v, g, _ = make_inputs((2,), 40, 1, 4, 4, seed=11)
+    inputs = tuple(jnp.asarray(t, jnp.float32) for t in (q, k, v, g))
+    bad_inputs = _with_bad_step(inputs, name, bad)
+    for method in MATRIX_METHODS:
+        run = jax.jit(functools.partial(matrix_recurrence, method=method, chunk_size=16))
+        clean, got = np.asarray(run(*inputs)), np.asarray(run(*bad_inputs))
+        np.testing.assert_array_equal(got[0, :NAN_STEP], clean[0, :NAN_STEP], err_msg=method)
+        np.testing.assert_array_equal(got[1], clean[1], err_msg=method)
+        assert not np.isfinite(got[0, NAN_STEP]).all(), method
+
+
+@pytest.mark.parametrize("name", ["v", "k"])
+def test_a_nan_input_leaves_the_gradients_of_earlier_outputs_finite(name):
+    """The gradients of a loss on the outputs before a nan at step 20 are those without it at
+    every earlier step: q, k and v exactly (to float32 rounding: the two runs' arrays differ in
+    position only); log_decay in the chunks before the nan's (within its chunk every method's
+    ``dg`` sums ``k dk`` over the later steps, and ``dk`` at the nan step is ``0 * nan``)."""
+    q, k, v, g, _ = make_inputs((2,), 40, 1, 4, 4, seed=12)
+    inputs = tuple(jnp.asarray(t, jnp.float32) for t in (q, k, v, g))
+    bad_inputs = _with_bad_step(inputs, name, np.nan)
+    for method in MATRIX_METHODS:
+
+        def loss(*args, method=method):
+            o = matrix_recurrence(*args, method=method, chunk_size=16)
+            return jnp.sum(o[:, :NAN_STEP] ** 2)
+
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+        for clean, got, until in zip(grads(*inputs), grads(*bad_inputs), (20, 20, 20, 16)):
+            np.testing.assert_allclose(
+                np.asarray(got[:, :until]), np.asarray(clean[:, :until]), rtol=1e-6, err_msg=method
+            )

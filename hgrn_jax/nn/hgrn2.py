@@ -28,8 +28,8 @@ is the same as summing the two scans' states (what ``BiHgru2_1d`` does, and how 
 bidirectional mixers combine directions), and the norm then sees the combined context. Both
 scans include the current token, so it is counted twice, as in the reference.
 
-Padding (``mask`` (B, L), 1 = token): a padded step has key 0 and decay 1, i.e. it is skipped,
-and its output is 0. With left padding (and for holes, by the same argument) this is exactly
+Padding (``mask`` (B, L), 1 = token): a padded step has query, key and value 0 and decay 1, i.e.
+it is skipped, and its output is 0, whatever the input there (NaN and inf included). With left padding (and for holes, by the same argument) this is exactly
 fla's unpadding, where each row's tokens form one sequence from a zero state and padded positions
 output 0; a reverse scan likewise starts at the last real token from a zero state.
 
@@ -114,11 +114,12 @@ class _MatrixMixer(nnx.Module):
 
     def _inputs(self, x, lower_bound, mask):
         q, k, v, g = self.gates(x, lower_bound)
-        if mask is not None:
-            valid = _valid(mask, x.shape[-2])
-            k = jnp.where(valid, k, 0.0)
-            g = jnp.where(valid, g, 0.0)
-        return q, k, v, g
+        if mask is None:
+            return q, k, v, g
+        # Selected, not multiplied: a padded step is an identity step (state unchanged, output
+        # 0) whatever its input, a non-finite one included (0 * nan is nan).
+        valid = _valid(mask, x.shape[-2])
+        return tuple(jnp.where(valid, t, 0.0) for t in (q, k, v, g))
 
     def _scan(self, q, k, v, g, h0=None, return_last_state=False):
         return matrix_recurrence(

@@ -36,6 +36,9 @@ Three forward methods compute the same thing; all of them split time into chunks
     Precision: ``b`` is rounded once (``|b| * 2^-24`` in float32), so each factor
     ``exp(b_i - b_j)`` is exact to that relative error: ~1e-5 when a chunk's decays sum to -200;
     a smaller ``chunk_size`` tightens it. The other methods multiply step by step.
+    The causal mask selects (never multiplies by 0), so a nan or inf input reaches no earlier
+    output: the outputs from its step on are nan, in its chunk (the other methods give inf
+    where the state holds one).
 ``"pallas"``
     one Pallas kernel (Triton on GPU; the Pallas interpreter elsewhere), one program per
     (batch row and head, block of 32 value channels): the state stays in registers while the
@@ -402,7 +405,10 @@ class _Decays(NamedTuple):
     ``exp(r_I - b_j)`` for keys ``j`` before sub-chunk ``I``, else 0 (..., I, C, K); ``pairs``
     ``exp(b_i - b_j)`` for ``j <= i`` in one sub-chunk, else 0 (..., I, c, c, K); ``from_start``
     ``exp(b_i)``, ``to_end`` ``exp(b_end - b_j)`` (..., C, K); ``total`` ``exp(b_end)`` (..., K).
-    Every factor is ``exp`` of a number ``<= 0``.
+    Every factor is ``exp`` of a number ``<= 0``. ``before`` (I, C, 1) and ``causal`` (c, c, 1)
+    say where ``cross`` and ``pairs`` are not structural zeros: products with them are selected
+    by these masks rather than multiplied by 0, so that a non-finite key or value never reaches
+    an earlier step (``0 * nan`` is nan).
     """
 
     within: jax.Array
@@ -411,6 +417,8 @@ class _Decays(NamedTuple):
     from_start: jax.Array
     to_end: jax.Array
     total: jax.Array
+    before: jax.Array
+    causal: jax.Array
 
 
 def _decays(g: jax.Array) -> _Decays:
@@ -433,7 +441,14 @@ def _decays(g: jax.Array) -> _Decays:
         from_start=jnp.exp(b),
         to_end=jnp.exp(end - b),
         total=jnp.exp(end[..., 0, :]),
+        before=before,
+        causal=causal,
     )
+
+
+def _earlier_keys(y: jax.Array, d: _Decays) -> jax.Array:
+    """``y_j exp(r_I - b_j)`` for keys ``j`` before sub-chunk ``I``, else 0: (..., I, C, K)."""
+    return jnp.where(d.before, y[..., None, :, :] * d.cross, 0.0)
 
 
 def _split(x: jax.Array, num_sub: int) -> jax.Array:
@@ -452,10 +467,13 @@ def _scores(x, y, d: _Decays) -> jax.Array:
     """``A_ij = sum_k x_ik y_jk exp(b_ik - b_jk)`` for ``j <= i``, else 0: (..., C, C)."""
     num_sub, sub = d.within.shape[-3:-1]
     x_sub, y_sub = _split(x, num_sub), _split(y, num_sub)
-    earlier = jnp.einsum("...Iik,...Ijk->...Iij", x_sub * d.within, y[..., None, :, :] * d.cross)
+    earlier = jnp.einsum("...Iik,...Ijk->...Iij", x_sub * d.within, _earlier_keys(y, d))
     # Three-operand products as broadcast-multiply-sum: 3x faster than einsum's pairwise
     # contraction on CPU (measured), and the same on accelerators once fused.
-    diagonal = jnp.sum(x_sub[..., :, None, :] * y_sub[..., None, :, :] * d.pairs, axis=-1)
+    diagonal = jnp.sum(
+        jnp.where(d.causal, x_sub[..., :, None, :] * y_sub[..., None, :, :] * d.pairs, 0.0),
+        axis=-1,
+    )
     placed = jnp.einsum("...Iij,IJ->...IiJj", diagonal, jnp.eye(num_sub, dtype=x.dtype))
     shape = earlier.shape[:-3] + (num_sub * sub, num_sub * sub)
     return earlier.reshape(shape) + placed.reshape(shape)
@@ -463,29 +481,25 @@ def _scores(x, y, d: _Decays) -> jax.Array:
 
 def _weighted_keys(m, y, d: _Decays) -> jax.Array:
     """``X_ik = sum_{j<=i} m_ij y_jk exp(b_ik - b_jk)`` (..., C, K); ``m`` (..., C, C) is read
-    on and below the diagonal only."""
+    on and below the diagonal only, and must be finite above it."""
     num_sub = d.within.shape[-3]
     m_sub = _split(m, num_sub)
-    earlier = d.within * jnp.einsum("...Iij,...Ijk->...Iik", m_sub, y[..., None, :, :] * d.cross)
-    diagonal = jnp.sum(
-        _diagonal_blocks(m, num_sub)[..., None] * _split(y, num_sub)[..., None, :, :] * d.pairs,
-        axis=-2,
-    )
+    earlier = d.within * jnp.einsum("...Iij,...Ijk->...Iik", m_sub, _earlier_keys(y, d))
+    pairs = _diagonal_blocks(m, num_sub)[..., None] * _split(y, num_sub)[..., None, :, :]
+    diagonal = jnp.sum(jnp.where(d.causal, pairs * d.pairs, 0.0), axis=-2)
     return (earlier + diagonal).reshape(y.shape)
 
 
 def _weighted_queries(m, w, d: _Decays) -> jax.Array:
     """``Z_jk = sum_{i>=j} m_ij w_ik exp(b_ik - b_jk)`` (..., C, K); ``m`` (..., C, C) is read
-    on and below the diagonal only."""
+    on and below the diagonal only, and must be finite above it."""
     num_sub = d.within.shape[-3]
     m_sub = _split(m, num_sub)
     w_sub = _split(w, num_sub)
-    earlier = jnp.sum(
-        jnp.einsum("...Iij,...Iik->...Ijk", m_sub, w_sub * d.within) * d.cross, axis=-3
-    )
-    diagonal = jnp.sum(
-        _diagonal_blocks(m, num_sub)[..., None] * w_sub[..., :, None, :] * d.pairs, axis=-3
-    )
+    earlier = jnp.einsum("...Iij,...Iik->...Ijk", m_sub, w_sub * d.within)
+    earlier = jnp.sum(jnp.where(d.before, earlier * d.cross, 0.0), axis=-3)
+    pairs = _diagonal_blocks(m, num_sub)[..., None] * w_sub[..., :, None, :]
+    diagonal = jnp.sum(jnp.where(d.causal, pairs * d.pairs, 0.0), axis=-3)
     return earlier + diagonal.reshape(w.shape)
 
 
@@ -498,7 +512,14 @@ def _chunked(q, k, v, g, h0, scale, chunk):
     """The matmul form (module docstring): intra-chunk scores, then a scan over chunk states."""
     qc, kc, vc, gc = (_by_chunk(t, chunk) for t in (q, k, v, g))
     d = _decays(gc)
-    intra = jnp.einsum("ncij,ncjv->nciv", _scores(qc, kc, d), vc)
+    # The score matmul multiplies a later value by a score of 0, so a non-finite value would
+    # reach the earlier outputs (0 * nan = nan): it reads the finite values only, and the
+    # outputs from the first non-finite one's step on (in its value channel) are nan.
+    bad = ~jnp.isfinite(vc)
+    intra = jnp.einsum("ncij,ncjv->nciv", _scores(qc, kc, d), jnp.where(bad, 0.0, vc))
+    steps = jnp.arange(chunk)[:, None]
+    first_bad = jnp.min(jnp.where(bad, steps, chunk), axis=-2, keepdims=True)
+    intra = jnp.where(steps >= first_bad, jnp.nan, intra)
     local = jnp.einsum("ncjk,ncjv->nckv", kc * d.to_end, vc)
 
     def pass_on(state, inputs):
@@ -534,7 +555,8 @@ def _chunked_backward(q, k, v, g, bounds, do, dlast, scale, chunk):
     adjoint_out = jnp.moveaxis(adjoint_out, 0, 1)  # dL/dS at each chunk's end (N, chunks, K, V)
 
     scores = _scores(qc, kc, d)
-    products = jnp.einsum("nciv,ncjv->ncij", doc, vc)
+    causal = jnp.tril(jnp.ones((chunk, chunk), bool))
+    products = jnp.where(causal, jnp.einsum("nciv,ncjv->ncij", doc, vc), 0.0)
     dq = scale * (
         d.from_start * jnp.einsum("nckv,nciv->ncik", entering, doc)
         + _weighted_keys(products, kc, d)
