@@ -359,13 +359,13 @@ def test_bad_seed_or_model_size_stops_the_run_naming_the_key_before_writing(
 
 def test_a_registered_task_s_zero_depth_stops_before_the_workdir(tmp_path):
     """model.num_layers=0 trained and evaluated, then failed saving a zero-size array and left a
-    checkpoints/N.orbax-checkpoint-tmp; num_classes=0 (not derived for ListOps) was caught only
-    once config.json was written, which then refused the corrected rerun."""
+    checkpoints/N.orbax-checkpoint-tmp; num_classes=0 (when ListOps did not derive it) was
+    caught only once config.json was written, which then refused the corrected rerun."""
     config = importlib.import_module("experiments.configs.lra.listops").get_config("tiny")
-    for key, value in (("num_layers", 0), ("num_classes", 0)):
+    for key, value in (("num_layers", 0), ("num_classes", -1)):
         bad = config.copy_and_resolve_references()
         bad.model[key] = value
-        with pytest.raises(ValueError, match=rf"config\.model\.{key}=0 must be a whole number"):
+        with pytest.raises(ValueError, match=rf"config\.model\.{key}={value} must be a whole"):
             train_and_evaluate(bad, tmp_path / "run")
         assert not (tmp_path / "run").exists()
 
