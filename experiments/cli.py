@@ -140,6 +140,19 @@ def _mixer_kind(config: Any) -> str:
     return str(mixer.get("kind", "hgrn")) if hasattr(mixer, "get") else "hgrn"
 
 
+def _task_name(config: Any) -> str:
+    """The task's name as the run's log gives it: a ``module:DATASET`` task's dataset name (the
+    module is imported by then: the run checked the task), else ``config.task``."""
+    from hgrn_jax.tasks.dataset_entry import Dataset
+    from hgrn_jax.training.task_choice import task_factory
+
+    try:
+        factory = task_factory(config)
+    except ValueError:  # the run says so itself
+        return str(config.task)
+    return factory.name if isinstance(factory, Dataset) else str(config.task)
+
+
 def quote_the_runs_paper_number(config: Any, overrides: Mapping[str, Any]) -> str | None:
     """Make ``config.paper`` (which results.json and the final line quote) belong to the run's
     own task and model (``model.mixer.kind``), whichever way the config came to differ from the
@@ -150,7 +163,7 @@ def quote_the_runs_paper_number(config: Any, overrides: Mapping[str, Any]) -> st
     another run become 0, and unmarked ones (the user's) stay. ``--config.paper.value`` (in
     ``overrides``: ``get_override_values``) is left as given. Returns the one-line note saying
     what changed and why, or None when nothing did."""
-    from experiments.papers import PAPER_TASKS, paper_of
+    from experiments.papers import PAPER_TASKS, lm_setting, paper_of
 
     paper = config.get("paper", None) if hasattr(config, "get") else None
     if not hasattr(paper, "get") or "paper.value" in overrides:
@@ -160,8 +173,11 @@ def quote_the_runs_paper_number(config: Any, overrides: Mapping[str, Any]) -> st
     features = model.get("features", None) if hasattr(model, "get") else None
     quoted = paper.get("value", 0)
     origin = (paper.get("task", task), paper.get("mixer", kind))
+    data = config.get("data", None)
+    source = data.get("source", None) if hasattr(data, "get") else None
+    lm = lm_setting(kind, source, config)
     if task in PAPER_TASKS:
-        right = paper_of(task, kind, features) or {}
+        right = paper_of(task, kind, features, lm) or {}
     elif origin != (task, kind):
         right = {}
     else:
@@ -171,8 +187,13 @@ def quote_the_runs_paper_number(config: Any, overrides: Mapping[str, Any]) -> st
     for key in ("value", "val_value", "num_params"):
         if key in paper:
             paper[key] = type(paper[key])(right.get(key, 0))
-    width = f" at width {features}" if task == "imagenet" else ""
-    run = f"the {kind} model on task {task!r}{width}"
+    setting = {
+        "imagenet": f" at width {features}",
+        "wikitext103": f" with {lm[1]} layers, d {lm[2]}, {lm[3]} vocabulary",
+    }.get(task, "")
+    if task == "wikitext103" and lm[3] == "bytes":
+        setting += " (per-byte perplexity: not comparable)"
+    run = f"the {kind} model on task {_task_name(config)!r}{setting}"
     if right:
         return (
             f"note: results.json quotes {right['value']}, the paper's number for {run}, not "

@@ -12,6 +12,10 @@ LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
 # HGRN2's Path-X (98.12 in its paper) runs Hgru2_2d_series, which we do not have: no config.
 HGRN2_LRA_TASKS = LRA_TASKS[:-1]
 IMAGENET_SIZES = {192: "HGRN-Tiny", 384: "HGRN-Small"}
+PAPER_LM = ("hgrn", 6, 512, "GPT-2 BPE")
+"""The paper's WikiText-103 setting (:func:`lm_setting`): mixer kind, layers, width, vocabulary.
+Only a run of this setting is compared with the paper's perplexity: a byte-level run's is per
+byte, not per BPE token, and another model size is another model."""
 PAPER_TASKS = (*LRA_TASKS, "imagenet", "wikitext103")
 """The tasks the papers report: their numbers come from :func:`paper_of`, whatever a config says."""
 
@@ -73,19 +77,46 @@ def lra_tasks_of(kind: str) -> tuple[str, ...]:
     return HGRN2_LRA_TASKS if kind == "hgrn2" else LRA_TASKS
 
 
-def paper_of(task: str, kind: str, features: int | None) -> dict[str, Any] | None:
+def lm_tokenizer(source: str | None, tokenizer_path: str | None) -> str:
+    """An LM run's vocabulary: ``bytes`` (the synthetic corpus, or ``data.tokenizer_path=bytes``),
+    ``GPT-2 BPE`` (the BPE files at ``data.tokenizer_path``, the paper's), or ``tokenizer
+    unknown`` (no path: a config.json without the key, or a config not yet given one)."""
+    if source == "synthetic" or tokenizer_path == "bytes":
+        return "bytes"
+    return "GPT-2 BPE" if tokenizer_path else "tokenizer unknown"
+
+
+def lm_setting(kind: str, source: str | None, config: Any) -> tuple[str, Any, Any, str]:
+    """The setting of an LM run that is compared with :data:`PAPER_LM`: mixer ``kind``,
+    ``model.num_layers``, ``model.features`` and the vocabulary (:func:`lm_tokenizer` of the
+    data ``source`` and ``data.tokenizer_path``) of ``config`` (a ConfigDict, or a run's
+    config.json as a dict)."""
+    model = config.get("model", None) or {}
+    data = config.get("data", None) or {}
+    tokenizer = lm_tokenizer(source, data.get("tokenizer_path", None))
+    return kind, model.get("num_layers", None), model.get("features", None), tokenizer
+
+
+def paper_of(
+    task: str,
+    kind: str,
+    features: int | None,
+    lm: tuple[str, Any, Any, str] | None = None,
+) -> dict[str, Any] | None:
     """The ``paper`` fields (``metric``, ``value``, ...) of the papers' run of the model with
     mixer ``kind`` (``"hgrn"``, ``"hgrn2"``, ``"attention"``) on ``task`` (a task name of the
     registry), or None where no paper reports one: the Transformer baseline, tasks from outside
-    the package (``module:factory``), HGRN2's WikiText-103 (not found) and an ImageNet model of
-    another width (``features``) than the paper's two. LRA and WikiText-103 numbers do not
-    depend on the width: a smaller run (the ``tiny`` presets) is still compared with them."""
+    the package (``module:factory``), an ImageNet model of another width (``features``) than
+    the paper's two, and a WikiText-103 run whose setting (``lm``: :func:`lm_setting`) is not
+    :data:`PAPER_LM` (HGRN2's, not found; the byte-level ``tiny`` presets; another size). LRA
+    numbers do not depend on the width: a smaller run (the ``tiny`` presets) is still compared
+    with them."""
     numbers = paper_numbers()
     if task in LRA_TASKS:
         found = {"hgrn": numbers[task], "hgrn2": numbers["hgrn2"].get(task)}.get(kind)
         return dict(found) if found else None
     if task == "imagenet" and kind == "hgrn" and features in IMAGENET_SIZES:
         return dict(numbers[f"imagenet-{IMAGENET_SIZES[features].split('-')[1].lower()}"])
-    if task == "wikitext103" and kind == "hgrn":
+    if task == "wikitext103" and lm == PAPER_LM:
         return dict(numbers["wikitext103"])
     return None

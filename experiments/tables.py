@@ -8,6 +8,8 @@ from typing import Any
 from experiments.papers import (
     IMAGENET_SIZES,
     LRA_TASKS,
+    PAPER_LM,
+    lm_setting,
     lra_paper_accuracy,
     lra_paper_average,
     lra_paper_steps,
@@ -259,24 +261,8 @@ def imagenet_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
     return "### ImageNet-1k (top-1 accuracy)\n\n" + _table(header, rows)
 
 
-def _tokenizer(run: Run) -> str:
-    """The LM run's vocabulary: ``bytes`` (the synthetic corpus, or ``data.tokenizer_path=bytes``),
-    ``GPT-2 BPE`` (the BPE files at ``data.tokenizer_path``, the paper's), or ``tokenizer
-    unknown`` (a config.json without the key)."""
-    data = run.config.get("data", {})
-    path = data.get("tokenizer_path")
-    if run.data_source == "synthetic" or path == "bytes":
-        return "bytes"
-    return "GPT-2 BPE" if path else "tokenizer unknown"
-
-
-PAPER_LM = ("hgrn", 6, 512, "GPT-2 BPE")
-"""The paper's WikiText-103 setting: model, layers, width, vocabulary."""
-
-
 def _lm_setting(run: Run) -> tuple[str, Any, Any, str]:
-    model = run.config.get("model", {})
-    return run.mixer, model.get("num_layers"), model.get("features"), _tokenizer(run)
+    return lm_setting(run.mixer, run.data_source, run.config)
 
 
 def _lm_name(kind: str, layers: Any, width: Any, tokenizer: str) -> str:

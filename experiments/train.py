@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -137,7 +137,6 @@ def main(argv: list[str]) -> None:
         cli.fail(f"unexpected arguments {argv[1:]}; options look like --config.key=value")
     cli.check_config_file()
     cli.check_overrides()
-    cli.quote_the_right_paper_number()
     if not flags.FLAGS["verbosity"].present:
         from absl import logging as absl_logging
 
@@ -169,7 +168,9 @@ def main(argv: list[str]) -> None:
     )
     config = _CONFIG.value
     try:
-        results = train_and_evaluate(config, _WORKDIR.value)
+        results = train_and_evaluate(
+            config, _WORKDIR.value, on_checked=cli.quote_the_right_paper_number
+        )
     except Preempted as preempted:
         if primary:
             print(str(preempted), file=sys.stderr, flush=True)
@@ -208,12 +209,18 @@ def main(argv: list[str]) -> None:
     shut_down_distributed()
     if not primary:
         return
+    print(final_line(results), flush=True)
+
+
+def final_line(results: dict[str, Any]) -> str:
+    """The run's last line, from its results.json fields: the task, the best validation and
+    the test metric, the paper's number (left out where there is none), steps and time."""
     metric = results["metric"]
-    print(
+    paper = f" (paper {results['paper']})" if results["paper"] else ""
+    return (
         f"{results['task']}: best val {metric} {results['best_val']:.4f}, "
-        f"test {metric} {results['test']:.4f} (paper {results['paper'] or 'none'}), "
-        f"{results['steps']} steps, {results['wall_time_s']:.1f} s",
-        flush=True,
+        f"test {metric} {results['test']:.4f}{paper}, "
+        f"{results['steps']} steps, {results['wall_time_s']:.1f} s"
     )
 
 

@@ -373,7 +373,6 @@ def test_a_load_without_a_column_its_batches_read_names_it(cache_dir):
     [
         ("lra.listops", "features", 0),  # was a ZeroDivisionError traceback
         ("lra.listops", "num_layers", 0),  # trained, then failed saving a zero-size array
-        ("lra.listops", "num_classes", 0),  # ListOps does not derive its classes
         ("lra.listops", "glu_expand", 0),
         ("lra.text", "num_classes", -1),
         ("lm.wikitext103", "vocab_size", -2),
@@ -594,27 +593,33 @@ def test_a_label_outside_the_model_s_classes_names_the_fix(cache_dir):
     from hgrn_jax.tasks.array_task import TokenTask
 
     config = tiny_config("lra.text", cache_dir, workers=0)
-    config.model.num_classes = 1
-    task = tasks.get_task(config)
-    with pytest.raises(
-        ValueError,
-        match=r"^the text train split has class label 1, outside config\.model\.num_classes=1 "
-        r"\(labels 0 to 0\); set --config\.model\.num_classes=2$",
-    ):
-        next(iter(task.train_batches(0)))
+    config.model.num_classes = 1  # the text task settles its 2 classes: refused before loading
+    with pytest.raises(ValueError, match=r"num_classes=1 disagrees with the 2 classes"):
+        tasks.get_task(config)
 
-    class LazyLabels(TokenTask):
+    class InMemoryLabels(TokenTask):
         model_kind = models.CLASSIFIER
+        lazy = False
 
         def _load(self, split):
             labels = np.arange(64, dtype=np.int32) % 3 - (split == "test")  # -1 in test
             return {
                 "inputs": np.ones((64, 4), np.uint8),
                 "lengths": np.full(64, 4, np.int32),
-                "labels": Lazy(labels),
+                "labels": Lazy(labels) if self.lazy else labels,
             }
 
+    class LazyLabels(InMemoryLabels):
+        lazy = True
+
     config = tiny_config("lra.listops", cache_dir, workers=0)
+    config.model.num_classes = 2
+    with pytest.raises(
+        ValueError,
+        match=r"^the mine train split has class label 2, outside config\.model\.num_classes=2 "
+        r"\(labels 0 to 1\); set --config\.model\.num_classes=3$",
+    ):
+        next(iter(InMemoryLabels(config, "mine").train_batches(0)))
     config.model.num_classes = 2
     lazy = LazyLabels(config, "mine")
     with pytest.raises(ValueError, match=r"^the mine training batch of step 0 has class label 2,"):
@@ -760,3 +765,30 @@ def test_token_ids_are_checked_against_the_vocabulary_the_dataset_settled(cache_
         r"\(config\.model\.vocab_size=5\); set --config\.model\.vocab_size",
     ):
         preflight.open_splits(task, config, 0)
+
+
+LRA_CLASSES = {"listops": 10, "text": 2, "retrieval": 2, "image": 10, "pathfinder": 2, "pathx": 2}
+"""Each LRA task's classes; the Image stand-in's own are 4 (one per bright quadrant)."""
+
+
+@pytest.mark.parametrize(
+    ("name", "source"),
+    [
+        (name, source)
+        for name in LRA_CLASSES
+        for source in tasks.dataset(tiny_config(f"lra.{name}")).sources
+    ],
+)
+def test_every_lra_source_settles_its_class_count(name, source):
+    """A config of another task's class count trained silently: ListOps's 10 classes over
+    ``--config.task=text --config.data.source=synthetic`` (binary) reached a test accuracy
+    below chance (user review). Every source settles its count, refusing another."""
+    config = tiny_config(f"lra.{name}", source=source)
+    if name == "pathx" and source != "synthetic":
+        config.data.image_size = 128  # the release's size (the tiny preset's is the stand-in's)
+    classes = 4 if (name, source) == ("image", "synthetic") else LRA_CLASSES[name]
+    config.model.num_classes = 0
+    assert tasks.dataset(config).derive(config).model.num_classes == classes
+    config.model.num_classes = 3  # no LRA task's
+    with pytest.raises(ValueError, match=rf"num_classes=3 disagrees with the {classes} classes"):
+        tasks.dataset(config).derive(config)

@@ -359,13 +359,13 @@ def test_bad_seed_or_model_size_stops_the_run_naming_the_key_before_writing(
 
 def test_a_registered_task_s_zero_depth_stops_before_the_workdir(tmp_path):
     """model.num_layers=0 trained and evaluated, then failed saving a zero-size array and left a
-    checkpoints/N.orbax-checkpoint-tmp; num_classes=0 (not derived for ListOps) was caught only
-    once config.json was written, which then refused the corrected rerun."""
+    checkpoints/N.orbax-checkpoint-tmp; num_classes=0 (when ListOps did not derive it) was
+    caught only once config.json was written, which then refused the corrected rerun."""
     config = importlib.import_module("experiments.configs.lra.listops").get_config("tiny")
-    for key, value in (("num_layers", 0), ("num_classes", 0)):
+    for key, value in (("num_layers", 0), ("num_classes", -1)):
         bad = config.copy_and_resolve_references()
         bad.model[key] = value
-        with pytest.raises(ValueError, match=rf"config\.model\.{key}=0 must be a whole number"):
+        with pytest.raises(ValueError, match=rf"config\.model\.{key}={value} must be a whole"):
             train_and_evaluate(bad, tmp_path / "run")
         assert not (tmp_path / "run").exists()
 
@@ -1107,7 +1107,7 @@ INTERRUPTED_AT_ONCE = """
 import sys
 from hgrn_jax.training import loop
 
-def interrupted(config, workdir):
+def interrupted(config, workdir, on_checked=None):
     raise KeyboardInterrupt  # a second Ctrl-C, or one during the test evaluation
 
 loop.train_and_evaluate = interrupted
@@ -1620,9 +1620,79 @@ def test_every_shipped_preset_quotes_its_own_paper_number(module):
             config = config_module.get_config(preset)
         except ValueError:  # no such preset for this file
             continue
+        if module == "lm.wikitext103" and config.data.source == "release":
+            config.data.tokenizer_path = "/data/gpt2"  # the paper's setting runs with its BPE
         value = config.paper.value
         assert cli.quote_the_runs_paper_number(config, {}) is None, (module, preset)
         assert config.paper.value == value
+
+
+def test_a_wikitext_run_quotes_the_paper_s_perplexity_only_in_the_paper_s_setting():
+    """The byte-level tiny LM (2 layers, d 32) ended with ``test perplexity 18.47 (paper
+    24.82)``: the paper's number is the GPT-2 BPE perplexity of the 6-layer d 512 model, and a
+    per-byte perplexity is not comparable (user review). The runner now quotes it by the
+    report's rule (:data:`experiments.papers.PAPER_LM`), and a run without a paper number ends
+    its last line without ``(paper none)``."""
+    from experiments import cli, train
+
+    wikitext = importlib.import_module("experiments.configs.lm.wikitext103")
+    config = wikitext.get_config("tiny")
+    assert config.paper.value == 0.0 and cli.quote_the_runs_paper_number(config, {}) is None
+
+    config = wikitext.get_config()
+    config.data.tokenizer_path = "/data/gpt2"
+    assert cli.quote_the_runs_paper_number(config, {}) is None and config.paper.value == 24.82
+    config.data.source = "synthetic"  # a byte corpus under the paper's model
+    note = cli.quote_the_runs_paper_number(config, {})
+    assert (config.paper.value, config.paper.val_value, config.paper.num_params) == (0, 0, 0)
+    assert note == (
+        "note: results.json quotes no paper number: no paper reports the hgrn model on task "
+        "'wikitext103' with 6 layers, d 512, bytes vocabulary (per-byte perplexity: not "
+        "comparable) (config.paper.value=24.82 is another run's); set --config.paper.value to "
+        "quote one"
+    )
+    config = wikitext.get_config()
+    config.data.tokenizer_path, config.model.num_layers = "/data/gpt2", 2  # another size
+    assert cli.quote_the_runs_paper_number(config, {}) is not None and config.paper.value == 0
+
+    results = dict(
+        task="wikitext103", metric="perplexity", best_val=18.46, test=18.47, steps=120,
+        wall_time_s=3.0, paper=None,
+    )  # fmt: skip
+    assert train.final_line(results) == (
+        "wikitext103: best val perplexity 18.4600, test perplexity 18.4700, 120 steps, 3.0 s"
+    )
+    results["paper"] = 24.82
+    assert "test perplexity 18.4700 (paper 24.82), 120 steps" in train.final_line(results)
+
+
+def test_the_paper_number_note_comes_only_after_the_config_s_checks(tmp_path, monkeypatch):
+    """``--config.task=text`` over listops.py:tiny printed ``note: results.json quotes 88.14``
+    and then ``error: data.source 'generated' is not available for task 'text'`` (user
+    review): the note (``on_checked``) comes once the config has passed the checks, before
+    the workdir is touched. It names a ``module:DATASET`` task as the run's log does."""
+    from experiments import cli
+
+    calls = []
+    config = _listops_tiny()
+    config.task = "text"
+    with pytest.raises(ValueError, match="data.source 'generated' is not available"):
+        train_and_evaluate(config, tmp_path / "run", on_checked=lambda: calls.append(1))
+    assert calls == []
+
+    class Checked(Exception):
+        pass
+
+    def on_checked():
+        raise Checked
+
+    with pytest.raises(Checked):
+        train_and_evaluate(_listops_tiny(), tmp_path / "run", on_checked=on_checked)
+    assert not (tmp_path / "run").exists()
+
+    config = _worked_example_config(monkeypatch)
+    note = cli.quote_the_runs_paper_number(config, {})
+    assert note is not None and "on task 'parity' (config.paper.value=59.95" in note
 
 
 def test_one_line_joins_a_heading_to_its_list_with_a_space():

@@ -75,6 +75,9 @@ class ArrayTask:
     label_ndim: ClassVar[int] = 1
     """The dimensions of the ``labels`` column: 1, (N,), for the loss's one class per example;
     a task whose ``loss_fn`` reads more (e.g. a class per token, (N, L)) sets its own."""
+    num_classes: ClassVar[int] = 0
+    """The classes of the source's labels, settled as ``model.num_classes`` (:meth:`derive`),
+    so that a config of another task's count is refused; 0 where the config gives them."""
     label_smoothing: ClassVar[bool] = True
     """Whether the loss reads ``config.label_smoothing`` (a task whose loss does not refuses a
     value other than 0)."""
@@ -103,7 +106,11 @@ class ArrayTask:
     @classmethod
     def derive(cls, config):
         """A copy of ``config`` with the settings that follow from this source filled in."""
-        return copy_config(config)
+        config = copy_config(config)
+        if cls.num_classes:
+            why = f"the {cls.num_classes} classes of the data"
+            settle(config, "model.num_classes", cls.num_classes, why)
+        return config
 
     @classmethod
     def _check_unread_settings(cls, config) -> None:

@@ -20,25 +20,13 @@ from hgrn_jax.data import cifar, loader, synthetic, tfds_io
 from hgrn_jax.tasks import models
 from hgrn_jax.tasks.array_task import PixelTask
 from hgrn_jax.tasks.dataset_entry import Dataset
-from hgrn_jax.tasks.settings import settle, skip_bad_rows
+from hgrn_jax.tasks.settings import skip_bad_rows
 
 SYNTHETIC_CLASSES = 4  # one per quadrant
 
 
 class ImageTask(PixelTask):
     model_kind = models.CLASSIFIER
-    num_classes = 0
-
-    @classmethod
-    def derive(cls, config):
-        config = super().derive(config)
-        settle(
-            config,
-            "model.num_classes",
-            cls.num_classes,
-            f"the {cls.num_classes} classes of the data",
-        )
-        return config
 
 
 class Cifar10Tfds(ImageTask):

@@ -33,6 +33,7 @@ class ListOpsTask(TokenTask):
 
     model_kind = models.CLASSIFIER
     stand_in = "generated"
+    num_classes = listops_data.NUM_CLASSES
 
     def _folder(self) -> str:
         raise NotImplementedError

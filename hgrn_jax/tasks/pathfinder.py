@@ -31,6 +31,7 @@ from hgrn_jax.tasks.settings import skip_bad_rows
 
 class PathfinderTask(PixelTask):
     model_kind = models.CLASSIFIER
+    num_classes = pathfinder.NUM_CLASSES
     channels = 1
 
 

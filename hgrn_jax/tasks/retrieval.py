@@ -26,6 +26,7 @@ from hgrn_jax.tasks.prepared_tfds import PreparedTfds, ReleaseOrPrepared, TfdsRe
 
 class RetrievalTask(PairTask):
     model_kind = models.CLASSIFIER
+    num_classes = retrieval.NUM_CLASSES
 
 
 class AanRelease(RetrievalTask):

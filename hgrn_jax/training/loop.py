@@ -356,11 +356,18 @@ def _startup_summary(run: Run, start: int, total_steps: int) -> list[str]:
     )
 
 
-def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> dict[str, Any]:
+def train_and_evaluate(
+    config: Any,
+    workdir: str | Path,
+    task: Any = None,
+    on_checked: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """Train, evaluate and report one run; resumes if ``workdir`` holds checkpoints.
 
-    ``task`` overrides :func:`resolve_task` (tests and notebooks pass their own). Returns the
-    results written to ``workdir/results.json``. Raises :class:`Preempted` after a SIGTERM, or
+    ``task`` overrides :func:`resolve_task` (tests and notebooks pass their own).
+    ``on_checked`` is called once the config has passed the checks made before the workdir is
+    touched (the runner quotes its paper number then, so no note precedes a config error).
+    Returns the results written to ``workdir/results.json``. Raises :class:`Preempted` after a SIGTERM, or
     a first Ctrl-C in the training loop (checkpoint saved; ``signal_name`` says which), and
     :class:`NonFiniteLossError` when the loss diverges; user errors
     (config, data, workdir, checkpoints) raise ValueError, OSError,
@@ -374,6 +381,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, task: Any = None) -> di
     step_timeout_s = watchdog.step_timeout_from_env()  # a bad value stops the run here
     if task is None:
         check_task_name(config)
+    if on_checked is not None:
+        on_checked()
     # The SIGTERM and SIGINT handlers are installed before anything else, so that a preemption
     # notice or a Ctrl-C that arrives while the model is built or compiled is not fatal: it
     # stops the run at the first step at which the processes compare their flags.
