@@ -472,12 +472,10 @@ def _streaming_call(
     return [list(out[k * parts : (k + 1) * parts]) for k in range(len(out_kinds))]
 
 
-def streaming_forward(
-    a_parts, x_parts, h0_parts, *, reverse, acc, out_dtype, interpret, options: StreamingOptions
-):
-    """States (B, L, C) parts and final state (B, 1, C) parts; C a multiple of the block."""
-    batch, length, channels = x_parts[0].shape
-    chunk_length, num_chunks = options.chunking(batch * channels, length)
+def _chunked_call(rows: int, length: int, reverse, acc, interpret, options: StreamingOptions):
+    """``(call, num_chunks)``: :func:`_streaming_call` bound to the time chunking that
+    ``options`` choose for ``rows`` (B x C) sequences of ``length`` steps."""
+    chunk_length, num_chunks = options.chunking(rows, length)
     call = functools.partial(
         _streaming_call,
         reverse=reverse,
@@ -487,6 +485,15 @@ def streaming_forward(
         acc=acc,
         interpret=interpret,
     )
+    return call, num_chunks
+
+
+def streaming_forward(
+    a_parts, x_parts, h0_parts, *, reverse, acc, out_dtype, interpret, options: StreamingOptions
+):
+    """States (B, L, C) parts and final state (B, 1, C) parts; C a multiple of the block."""
+    batch, length, channels = x_parts[0].shape
+    call, num_chunks = _chunked_call(batch * channels, length, reverse, acc, interpret, options)
     if num_chunks == 1:
         h, last = call("forward", [a_parts, x_parts, h0_parts], [out_dtype, None])
     else:
@@ -518,16 +525,7 @@ def streaming_backward(
     """``(da, dx, dh0)`` parts of
     :func:`hgrn_jax.ops.pallas_recurrence.pallas_linear_recurrence` (channels padded)."""
     batch, length, channels = g_parts[0].shape
-    chunk_length, num_chunks = options.chunking(batch * channels, length)
-    call = functools.partial(
-        _streaming_call,
-        reverse=reverse,
-        chunk_length=chunk_length,
-        num_chunks=num_chunks,
-        options=options,
-        acc=acc,
-        interpret=interpret,
-    )
+    call, num_chunks = _chunked_call(batch * channels, length, reverse, acc, interpret, options)
     out_dtypes = [da_dtype, dx_dtype, None]
     columns = [a_parts, g_parts, h_parts, h0_parts]
     zeros = [jnp.zeros_like(p, dtype=acc) for p in h0_parts]
