@@ -372,3 +372,15 @@ def parse_flags(argv: list[str]) -> list[str]:
             raise
         fail(file_error, EXIT_USAGE)
     return []
+
+
+def final_line(results: dict[str, Any]) -> str:
+    """The run's last line, from its results.json fields: the task, the best validation and
+    the test metric, the paper's number (left out where there is none), steps and time."""
+    metric = results["metric"]
+    paper = f" (paper {results['paper']})" if results["paper"] else ""
+    return (
+        f"{results['task']}: best val {metric} {results['best_val']:.4f}, "
+        f"test {metric} {results['test']:.4f}{paper}, "
+        f"{results['steps']} steps, {results['wall_time_s']:.1f} s"
+    )

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -209,19 +209,7 @@ def main(argv: list[str]) -> None:
     shut_down_distributed()
     if not primary:
         return
-    print(final_line(results), flush=True)
-
-
-def final_line(results: dict[str, Any]) -> str:
-    """The run's last line, from its results.json fields: the task, the best validation and
-    the test metric, the paper's number (left out where there is none), steps and time."""
-    metric = results["metric"]
-    paper = f" (paper {results['paper']})" if results["paper"] else ""
-    return (
-        f"{results['task']}: best val {metric} {results['best_val']:.4f}, "
-        f"test {metric} {results['test']:.4f}{paper}, "
-        f"{results['steps']} steps, {results['wall_time_s']:.1f} s"
-    )
+    print(cli.final_line(results), flush=True)
 
 
 def run() -> None:

@@ -1633,7 +1633,7 @@ def test_a_wikitext_run_quotes_the_paper_s_perplexity_only_in_the_paper_s_settin
     per-byte perplexity is not comparable (user review). The runner now quotes it by the
     report's rule (:data:`experiments.papers.PAPER_LM`), and a run without a paper number ends
     its last line without ``(paper none)``."""
-    from experiments import cli, train
+    from experiments import cli
 
     wikitext = importlib.import_module("experiments.configs.lm.wikitext103")
     config = wikitext.get_config("tiny")
@@ -1659,11 +1659,11 @@ def test_a_wikitext_run_quotes_the_paper_s_perplexity_only_in_the_paper_s_settin
         task="wikitext103", metric="perplexity", best_val=18.46, test=18.47, steps=120,
         wall_time_s=3.0, paper=None,
     )  # fmt: skip
-    assert train.final_line(results) == (
+    assert cli.final_line(results) == (
         "wikitext103: best val perplexity 18.4600, test perplexity 18.4700, 120 steps, 3.0 s"
     )
     results["paper"] = 24.82
-    assert "test perplexity 18.4700 (paper 24.82), 120 steps" in train.final_line(results)
+    assert "test perplexity 18.4700 (paper 24.82), 120 steps" in cli.final_line(results)
 
 
 def test_the_paper_number_note_comes_only_after_the_config_s_checks(tmp_path, monkeypatch):
