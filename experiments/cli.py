@@ -133,24 +133,16 @@ def check_overrides() -> None:
         fail(message, EXIT_USAGE)
 
 
-def _mixer_kind(config: Any) -> str:
-    """``config.model.mixer.kind``; ``"hgrn"`` (the paper's model) when the config has none."""
-    model = config.get("model", None)
-    mixer = model.get("mixer", None) if hasattr(model, "get") else None
-    return str(mixer.get("kind", "hgrn")) if hasattr(mixer, "get") else "hgrn"
-
-
 def _task_name(config: Any) -> str:
     """The task's name as the run's log gives it: a ``module:DATASET`` task's dataset name (the
     module is imported by then: the run checked the task), else ``config.task``."""
-    from hgrn_jax.tasks.dataset_entry import Dataset
-    from hgrn_jax.training.task_choice import task_factory
+    from hgrn_jax.training.task_choice import dataset_entry
 
     try:
-        factory = task_factory(config)
+        entry = dataset_entry(config)
     except ValueError:  # the run says so itself
-        return str(config.task)
-    return factory.name if isinstance(factory, Dataset) else str(config.task)
+        entry = None
+    return entry.name if entry is not None else str(config.task)
 
 
 def quote_the_runs_paper_number(config: Any, overrides: Mapping[str, Any]) -> str | None:
@@ -163,12 +155,12 @@ def quote_the_runs_paper_number(config: Any, overrides: Mapping[str, Any]) -> st
     another run become 0, and unmarked ones (the user's) stay. ``--config.paper.value`` (in
     ``overrides``: ``get_override_values``) is left as given. Returns the one-line note saying
     what changed and why, or None when nothing did."""
-    from experiments.papers import PAPER_TASKS, lm_setting, paper_of
+    from experiments.papers import PAPER_TASKS, lm_setting, mixer_kind, paper_of
 
     paper = config.get("paper", None) if hasattr(config, "get") else None
     if not hasattr(paper, "get") or "paper.value" in overrides:
         return None
-    task, kind = str(config.task), _mixer_kind(config)
+    task, kind = str(config.task), mixer_kind(config)
     model = config.get("model", None)
     features = model.get("features", None) if hasattr(model, "get") else None
     quoted = paper.get("value", 0)

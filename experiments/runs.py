@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from experiments.papers import mixer_kind
 from hgrn_jax.training.workdir import (
     LOCK_NAME,
     RUN_FILES,
@@ -70,12 +71,6 @@ class Run:
         """The token mixer's kind: ``"hgrn"`` (the paper's model), ``"hgrn2"`` or ``"attention"``
         (the Transformer baseline)."""
         return mixer_kind(self.config)
-
-
-def mixer_kind(config: dict[str, Any]) -> str:
-    """The token mixer's kind in a run's config.json: ``model.mixer.kind``, ``"hgrn"`` without."""
-    mixer = config.get("model", {}).get("mixer")
-    return str(mixer.get("kind", "hgrn")) if isinstance(mixer, dict) else "hgrn"
 
 
 class BrokenRunError(ValueError):

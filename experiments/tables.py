@@ -14,9 +14,10 @@ from experiments.papers import (
     lra_paper_average,
     lra_paper_steps,
     lra_tasks_of,
+    mixer_kind,
     paper_numbers,
 )
-from experiments.runs import Run, Unfinished, is_number, mixer_kind
+from experiments.runs import Run, Unfinished, is_number
 
 LRA_NAMES = {
     "listops": "ListOps",

@@ -206,10 +206,11 @@ def check_config_values(config: Any) -> None:
     (process 0) one :class:`RunLengthWarning` per line of :func:`run_length_warnings`."""
     from hgrn_jax.data import grain_pipeline
     from hgrn_jax.tasks import model_settings, registry
+    from hgrn_jax.training.task_choice import dataset_entry
 
     check_run_lengths(config)
     check_seed(config)
-    entry = _dataset_entry(config)
+    entry = dataset_entry(config)
     registry.check_model_sizes(config, entry)
     if entry is not None:
         model_settings.activation_dtype(config.get("dtype", "float32"))
@@ -296,19 +297,6 @@ def run_length_warnings(config: Any) -> list[str]:
             f"epochs, or {record} with --config.num_train_steps={steps}"
         )
     return lines
-
-
-def _dataset_entry(config: Any) -> Any:
-    """The :class:`~hgrn_jax.tasks.dataset_entry.Dataset` of ``config.task``: the registry's,
-    or the one a ``module:DATASET`` names; None for a ``module:factory`` task."""
-    from hgrn_jax.tasks import registry
-    from hgrn_jax.tasks.dataset_entry import Dataset
-    from hgrn_jax.training.task_choice import task_factory
-
-    factory = task_factory(config) if hasattr(config, "get") and config.get("task") else None
-    if isinstance(factory, Dataset):
-        return factory
-    return registry.registered_dataset(config) if hasattr(config, "get") else None
 
 
 def time_budget(config: Any) -> float:

@@ -37,6 +37,22 @@ def check_task_name(config: Any) -> None:
         dataset(config)
 
 
+def dataset_entry(config: Any) -> Any:
+    """The :class:`~hgrn_jax.tasks.dataset_entry.Dataset` of ``config.task``: the registry's,
+    or the one a ``module:DATASET`` names; None for a ``module:factory`` task, a name the
+    registry lacks or a config without a task. ValueError as :func:`task_factory`."""
+    if not (hasattr(config, "get") and config.get("task")):
+        return None
+    from hgrn_jax.tasks.dataset_entry import Dataset
+
+    factory = task_factory(config)
+    if factory is None:
+        from hgrn_jax.tasks.registry import registered_dataset
+
+        return registered_dataset(config)
+    return factory if isinstance(factory, Dataset) else None
+
+
 def data_source(config: Any, task: Any) -> str | None:
     """The data source ``task`` reads, as the start-up line and results.json name it: its own
     ``data_source`` attribute if it has one; else ``config.data.source`` for a task that reads
