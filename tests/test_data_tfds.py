@@ -86,29 +86,58 @@ def test_cifar_splits_pixels_and_normalisation(tmp_path, mock):
 
 
 def test_cifar_grayscale_option(tmp_path, mock):
+    """The grey variant is the reference's ``Grayscale()`` then ``ToTensor()`` and
+    ``Normalize(122.6 / 255, 61.0 / 255)`` (OpenNLPLab/lra dd871ef6,
+    ``src/dataloaders/datasets.py`` ``CIFAR10.setup``); torchvision's ``Grayscale`` on a PIL
+    image is ``image.convert("L")``, which PIL computes here."""
+    from PIL import Image
+
     config = cifar_config(tmp_path, grayscale=True)
     with pytest.raises(ValueError, match="input_channels=1"):
         tasks.get_task(config)
     config.model.input_channels = 1
     task = tasks.get_task(config)
     batch = next(task.eval_batches("val", 0, 1))
-    pixels = task.examples("val")["pixels"][:1].astype(np.float32) / 255.0
-    luma = pixels @ np.array([0.299, 0.587, 0.114], np.float32)
+    grey = np.asarray(Image.fromarray(task.examples("val")["pixels"][0]).convert("L"))
+    expected = (grey.astype(np.float32) / 255 - np.float32(122.6 / 255)) / np.float32(61.0 / 255)
     assert batch["inputs"].shape == (4, 1024, 1)
-    np.testing.assert_allclose(
-        batch["inputs"][0, :, 0], ((luma - 122.6 / 255) / (61.0 / 255)).ravel(), atol=1e-4
+    np.testing.assert_array_equal(batch["inputs"][0, :, 0], expected.ravel())
+
+
+def test_grey_is_pils_integer_luma():
+    """PIL's ``convert("L")`` (the reference's ``torchvision.transforms.Grayscale``, OpenNLPLab/lra
+    dd871ef6 ``src/dataloaders/datasets.py`` ``CIFAR10.setup``) rounds the luma to an integer:
+    (1, 0, 0) is grey 0 (a float luma gives 0.299), (0, 1, 1) is 1 (0.701), (3, 0, 0) is 1
+    (0.897), (0, 0, 255) is 29 (29.07); PIL itself agrees on 4096 random colours."""
+    from PIL import Image
+
+    colours = np.array([[1, 0, 0], [0, 1, 1], [3, 0, 0], [0, 0, 255]], np.uint8)
+    np.testing.assert_array_equal(cifar.grey(colours), [0, 1, 1, 29])
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(
+        cifar.grey(image), np.asarray(Image.fromarray(image).convert("L"))
+    )
+    normalised = cifar.normalise(colours.reshape(1, 2, 2, 3), grayscale=True)
+    grey = np.array([0, 1, 1, 29], np.float32) / 255
+    np.testing.assert_array_equal(
+        normalised.ravel(), (grey - np.float32(122.6 / 255)) / np.float32(61.0 / 255)
     )
 
 
 def test_crop_and_flip():
+    """The reference pads symmetrically (OpenNLPLab/lra dd871ef6, ``src/dataloaders/datasets.py``
+    ``CIFAR10.setup``: ``RandomCrop(32, padding=4, padding_mode="symmetric")``; torchvision pads a
+    PIL image with ``np.pad(..., "symmetric")``): the 4 padded columns left of columns 0..3 are
+    columns 3, 2, 1, 0, and likewise for rows, so no crop holds a zero pixel."""
     pixels = np.arange(2 * 6 * 6 * 1, dtype=np.uint8).reshape(2, 6, 6, 1) + 1
     centred = cifar.crop_flip(pixels, np.array([4, 4]), np.array([4, 4]), np.array([False, True]))
     np.testing.assert_array_equal(centred[0], pixels[0])
     np.testing.assert_array_equal(centred[1], pixels[1, :, ::-1])
     corner = cifar.crop_flip(pixels, np.array([0, 8]), np.array([0, 8]), np.array([False, False]))
-    assert (corner[0, :4] == 0).all() and (corner[0, :, :4] == 0).all()
-    np.testing.assert_array_equal(corner[0, 4:, 4:], pixels[0, :2, :2])
-    np.testing.assert_array_equal(corner[1, :2, :2], pixels[1, 4:, 4:])
+    top_left = [3, 2, 1, 0, 0, 1]  # the image rows / columns at padded positions 0..5
+    bottom_right = [4, 5, 5, 4, 3, 2]  # ... at padded positions 8..13
+    np.testing.assert_array_equal(corner[0, :, :, 0], pixels[0, top_left][:, top_left, 0])
+    np.testing.assert_array_equal(corner[1, :, :, 0], pixels[1, bottom_right][:, bottom_right, 0])
 
 
 def test_cifar_augmented_batches_resume_and_ignore_the_process_count(tmp_path, mock):

@@ -5,8 +5,10 @@ Splits as the S4-derived LRA code: the 50,000 training images are split 90/10 in
 torch's, so the exact membership differs); test is the 10,000 test images.
 
 The paper's input is RGB, normalised per channel with the CIFAR-10 statistics, with random crop
-(4-pixel zero padding) and horizontal flip during training. ``grayscale=True`` gives the standard
-LRA variant: ITU-R 601 luma, normalised with mean 122.6 / 255 and std 61.0 / 255 (one channel).
+(4-pixel symmetric padding, the reference's ``RandomCrop(32, padding=4,
+padding_mode="symmetric")``) and horizontal flip during training. ``grayscale=True`` gives the
+standard LRA variant: torchvision's ``Grayscale`` (PIL's ``convert("L")``, ITU-R 601 luma in
+integers, rounded to uint8), normalised with mean 122.6 / 255 and std 61.0 / 255 (one channel).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ VAL_FRACTION = 0.1
 MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 STD = np.array([0.247, 0.243, 0.261], np.float32)
 GRAY_MEAN, GRAY_STD = 122.6 / 255.0, 61.0 / 255.0
-LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+LUMA_16 = np.array([19595, 38470, 7471], np.uint32)  # PIL: 0.299, 0.587, 0.114 in 1 / 2**16
 PAD = 4
 KEYS = ("pixels", "labels")
 
@@ -93,25 +95,34 @@ def crop_flip_params(
 def crop_flip(
     pixels: np.ndarray, dy: np.ndarray, dx: np.ndarray, flip: np.ndarray, pad: int = PAD
 ) -> np.ndarray:
-    """Crop (B, H, W, C) images from their zero-padded version at (dy, dx), then flip.
+    """Crop (B, H, W, C) images from their symmetrically padded version (edge pixels repeated,
+    numpy's and torchvision's ``"symmetric"``) at (dy, dx), then flip.
 
-    The paper's augmentation (torchvision RandomCrop(32, padding=4) + RandomHorizontalFlip).
+    The paper's augmentation (torchvision ``RandomCrop(32, padding=4, padding_mode="symmetric")``
+    + ``RandomHorizontalFlip``).
     """
     b, h, w, _ = pixels.shape
-    padded = np.pad(pixels, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    padded = np.pad(pixels, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="symmetric")
     ys = dy[:, None] + np.arange(h)[None]
     xs = dx[:, None] + np.arange(w)[None]
     xs = np.where(flip[:, None], xs[:, ::-1], xs)
     return padded[np.arange(b)[:, None, None], ys[:, :, None], xs[:, None, :]]
 
 
+def grey(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (..., 3) RGB -> uint8 (...) grey, as PIL's ``convert("L")`` (torchvision's
+    ``Grayscale``): ``(19595 R + 38470 G + 7471 B + 2**15) >> 16``."""
+    weighted = pixels.astype(np.uint32) @ LUMA_16
+    return ((weighted + (1 << 15)) >> 16).astype(np.uint8)
+
+
 def normalise(pixels: np.ndarray, grayscale: bool = False) -> np.ndarray:
     """uint8 (B, H, W, 3) -> float32 (B, H * W, C) in raster order; C = 1 if grayscale else 3."""
-    x = pixels.astype(np.float32) / 255.0
     if grayscale:
-        x = (x @ LUMA)[..., None]
+        x = grey(pixels)[..., None].astype(np.float32) / 255.0
         x = (x - GRAY_MEAN) / GRAY_STD
     else:
+        x = pixels.astype(np.float32) / 255.0
         x = (x - MEAN) / STD
     b, h, w, c = x.shape
     return x.reshape(b, h * w, c)

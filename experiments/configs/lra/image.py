@@ -34,7 +34,7 @@ def get_config(preset: str | None = None):
     c.data.source = "tfds"
     c.data.seq_len = 32 * 32
     c.data.image_size = 32
-    c.data.augment = True  # random crop (4-pixel padding) and horizontal flip, as the paper
+    c.data.augment = True  # random crop (4-pixel symmetric padding) + flip, as the paper
     c.data.grayscale = False  # True: LRA's grey variant (set model.input_channels=1)
     c.data.train_examples = 45_000
     c.data.val_examples = 1_000
