@@ -199,6 +199,29 @@ def test_peer_monitor_names_the_lost_process():
     assert watchdog.PeerMonitor(0, 3, live_nodes=lambda ids: [0]).lost() == [1, 2]
 
 
+def test_process_0_lingers_after_its_lost_peer_line_so_the_others_end_by_themselves(
+    monkeypatch,
+):
+    """Process 0 hosts the coordination service: exiting at once made JAX abort a survivor
+    still waiting for the poll that names the lost peer ("Failed to send RPC to coordination
+    service", SIGABRT; seen in test_pod.py under load). Its default exit waits first; the
+    other processes' does not."""
+    events = []
+    monkeypatch.setattr(watchdog.time, "sleep", lambda s: events.append(("sleep", s)))
+    monkeypatch.setattr(watchdog.os, "_exit", lambda code: events.append(("exit", code)))
+    monkeypatch.setattr(watchdog.os, "write", lambda fd, data: events.append(("write", data)))
+    for index, linger in ((0, watchdog.COORDINATOR_LINGER_S), (2, 0.0)):
+        events.clear()
+        monitor = watchdog.PeerMonitor(index, 4, live_nodes=lambda ids: [0, 2, 3])
+        monitor.on_lost(monitor.message(monitor.lost()))
+        assert events == [
+            ("write", monitor.message([1]).encode() + b"\n"),
+            ("sleep", linger),
+            ("exit", watchdog.EXIT_LOST_PEER),
+        ]
+    assert watchdog.COORDINATOR_LINGER_S >= 5
+
+
 def test_peer_monitor_stopped_while_asking_reports_nothing():
     """The service answers once every live process has asked; a process that has left training
     is missing from the answer given after it exits, and this one stopped by then."""

@@ -228,8 +228,10 @@ def test_host_failure_then_preemption_then_resume_on_another_layout(listops, pod
     # traceback, then JAX aborted it at the shutdown barrier in Python's exit handlers.) One
     # race is left: JAX's client aborts a process itself once the coordination service
     # declares the peer dead ("Task 2 heartbeat timeout", SIGABRT), the moment the monitor
-    # learns it too; a survivor that loses that race ends so. The launcher ends as the
-    # survivors do: 3 when one stopped on the lost peer.
+    # learns it too; a survivor that loses that race ends so. So does one whose answer had
+    # not arrived when process 0, which hosts the service, exited (process 0 waits
+    # watchdog.COORDINATOR_LINGER_S for them first, test_launch.py; seen only under heavy
+    # load). The launcher ends as the survivors do: 3 when one stopped on the lost peer.
     assert "still running; stopping them" not in stderr  # they stopped by themselves
     said_lost = []
     for index in (0, 1, 3):
@@ -249,7 +251,11 @@ def test_host_failure_then_preemption_then_resume_on_another_layout(listops, pod
                 assert crash not in text, text[-3000:]
         else:  # JAX's own abort won the race
             assert f"[launch] process {index} stopped (killed by SIGABRT)" in stderr, text[-3000:]
-            assert re.search(r"Task 2 heartbeat timeout|stopped sending heartbeats", text), text
+            assert re.search(
+                r"Task 2 heartbeat timeout|stopped sending heartbeats"
+                + ("" if index == 0 else r"|Failed to send RPC to coordination service"),
+                text,
+            ), text
     if said_lost:
         assert code == 3, stderr[-4000:]
         assert (

@@ -35,6 +35,7 @@ a run started with another choice: the messages say so).
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import os
 import sys
@@ -85,7 +86,14 @@ def kill_child_processes() -> int:
 _exit_lock = threading.Lock()
 
 
-def _exit_with(message: str) -> None:
+COORDINATOR_LINGER_S = 5.0
+"""Seconds process 0 of a pod waits after its lost-peer line before exiting: it hosts the
+coordination service, whose end makes JAX abort every process still connected to it (``Failed
+to send RPC to coordination service``, SIGABRT); the other survivors learn of the loss from the
+same poll and end with their own line in that time."""
+
+
+def _exit_with(message: str, linger_s: float = 0.0) -> None:
     # One line only: the peer monitor and the main thread (a failed collective) may both get
     # here; the second waits on the lock until the first has ended the process. One write, so
     # that a log line of JAX's C++ threads cannot land inside it.
@@ -93,6 +101,7 @@ def _exit_with(message: str) -> None:
         sys.stderr.flush()
         os.write(2, (message + "\n").encode())
         kill_child_processes()  # a hung input worker would outlive this process
+        time.sleep(linger_s)
         # os._exit, not sys.exit: the main thread may be blocked in a collective forever, and
         # JAX's exit handler would meet the lost process at the shutdown barrier, which fails
         # and aborts the process (``Check failure``, SIGABRT) after this line.
@@ -184,7 +193,8 @@ class PeerMonitor:
         ``get_live_nodes``); tests pass their own.
       poll_s: seconds between polls.
       on_lost: called with the message (default: print it and exit with
-        :data:`EXIT_LOST_PEER`).
+        :data:`EXIT_LOST_PEER`; process 0, which hosts the coordination service, after
+        :data:`COORDINATOR_LINGER_S`).
       resume_hint: how the message says to resume (:data:`RESUME_HINT`).
     """
 
@@ -195,9 +205,12 @@ class PeerMonitor:
         *,
         live_nodes: Callable[[Sequence[int]], Sequence[int]] | None = None,
         poll_s: float = 1.0,
-        on_lost: Callable[[str], None] = _exit_with,
+        on_lost: Callable[[str], None] | None = None,
         resume_hint: str = RESUME_HINT,
     ):
+        if on_lost is None:
+            linger_s = COORDINATOR_LINGER_S if process_index == 0 else 0.0
+            on_lost = functools.partial(_exit_with, linger_s=linger_s)
         self.process_index, self.process_count = process_index, process_count
         self.resume_hint = resume_hint
         self._live_nodes = live_nodes
