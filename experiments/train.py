@@ -150,7 +150,7 @@ def main(argv: list[str]) -> None:
     podlog.quiet_secondary_processes(jax.process_index())
 
     from hgrn_jax.data.grain_pipeline import InputWorkerLost
-    from hgrn_jax.training.agreement import StoppedByProcessZero
+    from hgrn_jax.training.agreement import StoppedByAnotherProcess
     from hgrn_jax.training.checkpoint import CheckpointError
     from hgrn_jax.training.loop import NonFiniteLossError, train_and_evaluate
     from hgrn_jax.training.preemption import PREEMPTED_EXIT_CODE, Preempted
@@ -163,7 +163,7 @@ def main(argv: list[str]) -> None:
         AttributeError,
         WorkdirError,
         CheckpointError,
-        StoppedByProcessZero,
+        StoppedByAnotherProcess,
         InputWorkerLost,
     )
     config = _CONFIG.value

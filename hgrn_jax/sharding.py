@@ -196,7 +196,24 @@ class MeshConfig:
         axis_types = (AxisType.Auto,) * len(MESH_AXES)
         if len(device_slices(devices)) > 1:
             return Mesh(self.device_array(devices), MESH_AXES, axis_types=axis_types)
-        return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
+        try:
+            return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
+        except NotImplementedError as error:  # mesh_utils found no layout on the TPU's torus
+            raise MeshSizeError(
+                f"mesh ({self._named()}) does not map onto the {len(devices)} "
+                f"{devices[0].device_kind} devices{_physical_layout(devices)}: each axis size "
+                "must be a product of whole physical axes",
+                "choose other sizes, e.g. move a factor of 2 between two axes",
+            ) from error
+
+
+def _physical_layout(devices: Sequence[Any]) -> str:
+    """`` laid out 2 x 2 x 4`` from the devices' ``coords`` (TPU chips), else empty."""
+    coords = [getattr(d, "coords", None) for d in devices]
+    if not coords or any(c is None for c in coords):
+        return ""
+    extents = [max(c[i] for c in coords) - min(c[i] for c in coords) + 1 for i in range(3)]
+    return " laid out " + " x ".join(map(str, extents))
 
 
 def device_slices(devices: Sequence[Any]) -> list[list[Any]]:

@@ -990,6 +990,31 @@ def test_lock_outcome_reaches_every_process(monkeypatch):
     agreement.share_outcome(None, "preparing /w")  # process 0 succeeded: everyone goes on
 
 
+@pytest.mark.parametrize("failing_call", [1, 2], ids=["building the task", "opening splits"])
+def test_a_data_error_on_another_process_stops_this_one_before_training(
+    tmp_path, monkeypatch, failing_call
+):
+    """Process 1 of a pod cannot open its data (a folder missing on its host) while building
+    the task (the first agreement) or opening the splits (the second). Seen from process 0:
+    it stops too, naming process 1, before any training step. (It used to go on into its
+    first step's collective and wait there for process 1, which had exited with its error:
+    `a collective failed: a peer process was probably lost`, exit 3, in the simulated pod.)"""
+    from hgrn_jax.training import agreement
+
+    calls = []
+
+    def failed_processes(failed: bool) -> list[int]:
+        calls.append(failed)
+        return [1] if len(calls) == failing_call else []
+
+    monkeypatch.setattr(agreement, "failed_processes", failed_processes)
+    workdir = tmp_path / "run"
+    with pytest.raises(agreement.StoppedByAnotherProcess, match="^process 1 stopped while"):
+        train_and_evaluate(_config(), workdir)
+    assert calls == [False] * failing_call
+    assert not list((workdir / "checkpoints").glob("*")) and not (workdir / "results.json").exists()
+
+
 def test_an_unwritable_workdir_is_named(shared_tmp, monkeypatch):
     from hgrn_jax.training.workdir import WorkdirLock, WorkdirNotWritableError
 

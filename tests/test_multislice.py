@@ -130,6 +130,21 @@ def test_misfits_name_the_axes_slices_and_fix():
     assert "XLA_FLAGS" not in str(error.value)  # TPUs: no CPU flag to simulate more
 
 
+def test_a_mesh_one_slice_s_torus_cannot_hold_is_a_one_line_error():
+    """On a v4-32 (16 chips, 2 x 2 x 4) JAX's layout search finds no place for data=2, fsdp=2,
+    model=4 and raised NotImplementedError, which the runner does not take for a user error
+    (a traceback from jax/_src/mesh_utils.py)."""
+    devices = fake_slices(1, (2, 2, 4))
+    with pytest.raises(sh.MeshSizeError) as error:
+        sh.make_mesh(data=2, fsdp=2, model=4, devices=devices)
+    assert str(error.value) == (
+        "mesh (data=2, fsdp=2, model=4) does not map onto the 16 TPU v4 devices laid out "
+        "2 x 2 x 4: each axis size must be a product of whole physical axes; choose other "
+        "sizes, e.g. move a factor of 2 between two axes"
+    )
+    assert dict(sh.make_mesh(data=4, fsdp=1, model=4, devices=devices).shape)["model"] == 4
+
+
 def test_runner_check_names_config_keys_for_slices():
     from hgrn_jax.training.config_checks import check_mesh_and_batches
 

@@ -388,6 +388,11 @@ def test_a_registered_task_s_zero_depth_stops_before_the_workdir(tmp_path):
         ({"eval_batch_size": -8}, r"config\.eval_batch_size=-8 must be a whole number >= 0"),
         ({"optimizer.accumulate_steps": 3}, r"accumulate_steps=3 does not divide .*=32"),
         ({"optimizer.accumulate_steps": -2}, r"accumulate_steps=-2 must be a whole number"),
+        (
+            {"optimizer.accumulate_steps": 8},
+            r"accumulate_steps=8 makes micro-batches of 4 rows \(config\.batch_size=32\), which "
+            r"do not split over the mesh's 8 batch shards .*a divisor of 4 \(the rows of one",
+        ),
         ({"model.mixer.sequence_axis": "seq"}, r"sequence_axis='seq' is not a mesh axis"),
         (
             {"model.mixer.sequence_axis": "model", "model.mixer.kind": "attention"},

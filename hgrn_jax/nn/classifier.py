@@ -33,7 +33,7 @@ from flax import nnx
 from hgrn_jax.deprecation import HGRNDeprecationWarning
 from hgrn_jax.nn.blocks import residual_stack
 from hgrn_jax.nn.checks import check_length, check_token_ids
-from hgrn_jax.nn.embeddings import sinusoidal_positions
+from hgrn_jax.nn.embeddings import Embed, sinusoidal_positions
 from hgrn_jax.nn.initializers import dense, logical
 from hgrn_jax.nn.lower_bounds import LowerBounds
 from hgrn_jax.nn.mixers import LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields
@@ -187,7 +187,7 @@ class HGRNClassifier(nnx.Module):
         c, d = config, config.features
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if c.encoder == "embed":
-            self.encoder = nnx.Embed(
+            self.encoder = Embed(
                 c.vocab_size,
                 d,
                 embedding_init=logical(nnx.initializers.normal(1.0), ("vocab", "embed")),

@@ -1,9 +1,35 @@
-"""Fixed sinusoidal position encodings (the LRA classifiers' absolute positions)."""
+"""Token embeddings, and fixed sinusoidal position encodings (the LRA classifiers' absolute
+positions)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+
+class Embed(nnx.Embed):
+    """``nnx.Embed`` whose lookup reads the whole table on a mesh of several devices.
+
+    The table's rows (``vocab``) and columns (``embed``) may be split over ``model`` and
+    ``fsdp``. Rows gathered from it come out with their feature axis split over ``fsdp``, which
+    XLA cannot move onto the batch axis (the ids' and the rest of the model's) without
+    all-gathering the (batch, length, features) activations ("Involuntary full
+    rematerialization" on a 2 x 2 x 2 mesh). The table is all-gathered first instead, as
+    ``fsdp`` does for every weight it applies: the outputs are then split as the ids are, and
+    the only collectives are the table's. The values are ``nnx.Embed``'s."""
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        """(...) integer ids -> (..., features)."""
+        if out_sharding is not None or self.num_embeddings == 1:
+            return super().__call__(inputs, out_sharding)
+        if jax.sharding.get_abstract_mesh().size <= 1:
+            return super().__call__(inputs)
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError("Input type must be an integer or unsigned integer.")
+        (table,) = self.promote_dtype((self.embedding[...],), dtype=self.dtype, inexact=False)
+        return jnp.take(jax.lax.with_sharding_constraint(table, PartitionSpec()), inputs, axis=0)
 
 
 def sinusoidal_positions(length: int, features: int, dtype: jnp.dtype = jnp.float32) -> jax.Array:

@@ -21,7 +21,7 @@ from flax import nnx
 from hgrn_jax.deprecation import HGRNDeprecationWarning
 from hgrn_jax.nn.blocks import residual_stack
 from hgrn_jax.nn.checks import check_length, check_token_ids
-from hgrn_jax.nn.embeddings import sinusoidal_positions
+from hgrn_jax.nn.embeddings import Embed, sinusoidal_positions
 from hgrn_jax.nn.initializers import dense, logical
 from hgrn_jax.nn.lower_bounds import LowerBounds
 from hgrn_jax.nn.mixers import LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields
@@ -174,7 +174,7 @@ class HGRNLM(nnx.Module):
         c = config
         d = c.features
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.embed = nnx.Embed(
+        self.embed = Embed(
             c.vocab_size,
             d,
             embedding_init=logical(nnx.initializers.normal(d**-0.5), ("vocab", "embed")),

@@ -11,7 +11,11 @@ import jax
 import numpy as np
 
 
-class StoppedByProcessZero(RuntimeError):
+class StoppedByAnotherProcess(RuntimeError):
+    """Another process failed (its log has the reason); raised on the processes that did not."""
+
+
+class StoppedByProcessZero(StoppedByAnotherProcess):
     """Process 0 refused to go on (its log has the reason); raised on the other processes."""
 
 
@@ -38,6 +42,32 @@ def any_process_each(flags: tuple[bool, ...]) -> tuple[bool, ...]:
 
     gathered = multihost_utils.process_allgather(np.asarray(flags, np.int32))  # (processes, n)
     return tuple(bool(f) for f in np.any(np.asarray(gathered).reshape(-1, len(flags)), axis=0))
+
+
+def failed_processes(failed: bool) -> list[int]:
+    """The indices of the processes whose ``failed`` is true, on every process."""
+    if jax.process_count() == 1:
+        return [0] if failed else []
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(np.int32(failed))  # (processes,)
+    return [int(i) for i in np.flatnonzero(np.asarray(gathered).reshape(-1))]
+
+
+def share_failures(error: BaseException | None, what: str) -> None:
+    """Re-raise ``error`` where it happened and stop every other process with
+    :class:`StoppedByAnotherProcess` naming the processes that failed; return quietly on every
+    process when none did. For steps any process may fail alone (its own data files), so
+    that the others stop with it instead of waiting for it in their first collective."""
+    failed = failed_processes(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        names = ", ".join(map(str, failed))
+        raise StoppedByAnotherProcess(
+            f"process{'es' if len(failed) > 1 else ''} {names} stopped while {what}; "
+            f"{'their logs give' if len(failed) > 1 else 'its log gives'} the reason"
+        )
 
 
 def share_outcome(error: BaseException | None, what: str) -> None:

@@ -133,6 +133,14 @@ def check_mesh_and_batches(
             f"config.batch_size={batch_size} into micro-batches; set "
             "--config.optimizer.accumulate_steps to a divisor of the batch size"
         )
+    if accumulate > 1 and is_whole(batch_size) and (batch_size // accumulate) % shards:
+        raise ValueError(
+            f"config.optimizer.accumulate_steps={accumulate} makes micro-batches of "
+            f"{batch_size // accumulate} rows (config.batch_size={batch_size}), which do not "
+            f"split over {split}: devices would sit idle; set "
+            "--config.optimizer.accumulate_steps to a divisor of "
+            f"{batch_size // shards} (the rows of one batch shard), or change --config.mesh.*"
+        )
     model = get("model", None)
     mixer = model.get("mixer", None) if hasattr(model, "get") else None
     for key, section in (("model.mixer", mixer), ("model", model)):

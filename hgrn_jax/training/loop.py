@@ -128,7 +128,13 @@ class Run:
         self.config = config
         self.workdir = Path(workdir)
         self.primary = jax.process_index() == 0
-        self.task = task if task is not None else resolve_task(config)
+        self.task, error = task, None
+        if task is None:
+            try:
+                self.task = resolve_task(config)
+            except Exception as failure:  # one process's data files: every process stops
+                error = failure
+        agreement.share_failures(error, "building the task (opening its data)")
         self.mesh = sharding.make_mesh(*check_mesh_and_batches(config))
         self.schedule = None
 
@@ -446,7 +452,12 @@ def _train_validate_and_test(
     if run.primary:
         for line in _startup_summary(run, start, total_steps):
             bar.write(line)
-    batches = preflight.open_splits(run.task, config, start, input_state, run.eval_check)
+    batches, error = None, None
+    try:
+        batches = preflight.open_splits(run.task, config, start, input_state, run.eval_check)
+    except Exception as failure:  # one process's data files: every process stops
+        error = failure
+    agreement.share_failures(error, "opening and checking the data splits")
     if restored is not None and input_state is None and batches.stateful:
         warnings.warn(
             f"the checkpoint at step {start} holds no input-pipeline state (saved by older "
