@@ -401,6 +401,7 @@ def test_a_registered_task_s_zero_depth_stops_before_the_workdir(tmp_path):
             r"sequence_axis unset",
         ),
         ({"dtype": "bf16"}, r"config\.dtype='bf16' is not an activation dtype; set --config"),
+        ({"dtype": "float16"}, r"config\.dtype='float16' trains without loss scaling.*bfloat16"),
         ({"data.workers": -2}, r"config\.data\.workers=-2 must be a whole number >= 0, or -1"),
     ],
 )

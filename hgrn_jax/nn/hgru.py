@@ -22,9 +22,11 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn import dtypes as flax_dtypes
 
 from hgrn_jax.nn.checks import check_layer_input, check_mask, check_method, check_state
 from hgrn_jax.nn.initializers import axes_metadata, dense, logical, phase_init
+from hgrn_jax.nn.linear import Linear, add_bias
 from hgrn_jax.nn.lower_bounds import apply_lower_bound, check_lower_bound
 from hgrn_jax.ops import METHODS, default_method, linear_recurrence
 from hgrn_jax.ops.common import accumulation_dtype
@@ -69,7 +71,7 @@ def fuse_projections() -> bool:
     return FUSE_PROJECTIONS
 
 
-def _fused_dense(layers: list[nnx.Linear], x: jax.Array, dtype) -> list[jax.Array]:
+def _fused_dense(layers: list[Linear], x: jax.Array, dtype) -> list[jax.Array]:
     """``[layer(x) for layer in layers]`` by one matmul over the kernels side by side (the
     layers share ``x``, dtype, precision and whether they have biases)."""
     first = layers[0]
@@ -77,10 +79,11 @@ def _fused_dense(layers: list[nnx.Linear], x: jax.Array, dtype) -> list[jax.Arra
     bias = None
     if first.bias is not None:
         bias = jnp.concatenate([layer.bias[...] for layer in layers])
-    x, kernel, bias = first.promote_dtype((x, kernel, bias), dtype=dtype)
+    dtype = flax_dtypes.canonicalize_dtype(x, kernel, bias, dtype=dtype)
+    x, kernel = first.promote_dtype((x, kernel), dtype=dtype)
     y = first.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=first.precision)
     if bias is not None:
-        y = y + bias
+        y = add_bias(y, bias)
     ends = list(itertools.accumulate(layer.out_features for layer in layers))
     return [y[..., start:end] for start, end in zip([0] + ends[:-1], ends)]
 

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hgrn_jax.nn.linear import Linear
+
 # PyTorch's nn.Linear default (kaiming_uniform with a = sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_linear_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -60,13 +62,13 @@ def dense(
     use_bias: bool = True,
     dtype: jnp.dtype | None = None,
     param_dtype: jnp.dtype = jnp.float32,
-) -> nnx.Linear:
-    """An ``nnx.Linear`` with PyTorch-default initialisation and logical axis names ``axes``.
+) -> Linear:
+    """A :class:`~hgrn_jax.nn.linear.Linear` with PyTorch-default initialisation and logical axis names ``axes``.
 
     The kernel is (in_features, out_features) with names ``axes``; the bias (out_features,) is
     named after the output axis.
     """
-    return nnx.Linear(
+    return Linear(
         in_features,
         out_features,
         use_bias=use_bias,
