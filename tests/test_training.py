@@ -40,6 +40,7 @@ from hgrn_jax.training import optim
 from hgrn_jax.training.checkpoint import CheckpointFallbackWarning, Checkpoints
 from hgrn_jax.training.config_checks import check_run_lengths
 from hgrn_jax.training.loop import NonFiniteLossError, Run, resolve_task, train_and_evaluate
+from hgrn_jax.training.loss_scale import dynamic_loss_scale
 from hgrn_jax.training.state import create_train_state, merge_model
 from hgrn_jax.training.steps import make_train_step
 
@@ -401,7 +402,6 @@ def test_a_registered_task_s_zero_depth_stops_before_the_workdir(tmp_path):
             r"sequence_axis unset",
         ),
         ({"dtype": "bf16"}, r"config\.dtype='bf16' is not an activation dtype; set --config"),
-        ({"dtype": "float16"}, r"config\.dtype='float16' trains without loss scaling.*bfloat16"),
         ({"data.workers": -2}, r"config\.data\.workers=-2 must be a whole number >= 0, or -1"),
     ],
 )
@@ -572,7 +572,8 @@ _ROW_WEIGHTS = {
 def test_gradient_accumulation_matches_one_big_batch(weights):
     """One plain SGD step (no momentum: the update is lr times the gradient, so a gradient of
     the wrong scale moves the parameters by as much) with 4 micro-batches equals one with the
-    whole batch: parameters, loss and gradient norm, for any row weights."""
+    whole batch: parameters, loss and gradient norm, for any row weights. So do both under
+    float16's dynamic loss scaling (the gradient of loss * 2^15, unscaled by the optimizer)."""
     mesh = sharding.make_mesh(-1, 1, 1)
     rng = np.random.default_rng(0)
     batch = {
@@ -581,11 +582,11 @@ def test_gradient_accumulation_matches_one_big_batch(weights):
         "weight": _ROW_WEIGHTS[weights],
     }
     params, metrics = [], []
-    for k in (1, 4):
+    for k, make_tx in itertools.product(
+        (1, 4), (lambda p: optax.sgd(0.1), lambda p: dynamic_loss_scale(optax.sgd(0.1)))
+    ):
         task = _LinearTask()
-        graphdef, tx, state, _ = create_train_state(
-            task.build_model, lambda p: optax.sgd(0.1), 0, mesh
-        )
+        graphdef, tx, state, _ = create_train_state(task.build_model, make_tx, 0, mesh)
         step = jax.jit(
             make_train_step(graphdef, tx, task.loss_fn, optim.constant(0.1), accumulate_steps=k)
         )
@@ -597,10 +598,11 @@ def test_gradient_accumulation_matches_one_big_batch(weights):
     # parameters and 1e-7 (relative) in the loss and gradient norm; the tolerances leave 50x
     # for other summation orders. Equal micro-batch weights ("unequal": parameters 0.13 apart)
     # or a gradient 4x too large (0.96 apart) are far outside.
-    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1]), strict=True):
-        np.testing.assert_allclose(b, a, rtol=0, atol=2e-6)
-    for key in ("loss", "grad_norm", "loss_sum", "weight"):
-        np.testing.assert_allclose(metrics[1][key], metrics[0][key], rtol=2e-6, atol=1e-6)
+    for other_params, other_metrics in zip(params[1:], metrics[1:]):
+        for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(other_params), strict=True):
+            np.testing.assert_allclose(b, a, rtol=0, atol=2e-6)
+        for key in ("loss", "grad_norm", "loss_sum", "weight"):
+            np.testing.assert_allclose(other_metrics[key], metrics[0][key], rtol=2e-6, atol=1e-6)
 
 
 def test_create_train_state_inside_a_set_mesh_is_create_train_state_outside():
@@ -1222,6 +1224,30 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, unin
     assert results["best_val"] == reference_results["best_val"]
     # Records of the lost steps were replaced, not duplicated.
     assert _logged_steps(run) == _logged_steps(reference)
+
+
+def test_a_float16_run_checkpoints_its_loss_scale_and_resumes_to_the_same_parameters(tmp_path):
+    """config.dtype=float16 wraps the optimizer in dynamic loss scaling (test_loss_scale.py),
+    whose state, the scale and the count of finite steps, is checkpointed with the optimizer's:
+    a run that falls back from a corrupt last checkpoint to step 9 resumes the count there and
+    ends with the uninterrupted run's parameters and count."""
+    config = toy_config()
+    config.dtype = "float16"
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    train_and_evaluate(config, reference, task=ToyTask(config))
+    records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss_scale"] for r in records if r["split"] == "train"] == [2.0**15] * 6
+    shutil.copytree(reference, run)
+    for path in (run / "checkpoints" / "12" / "state").rglob("*"):
+        if path.is_file() and path.name != "commit_success.txt":
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    with pytest.warns(CheckpointFallbackWarning, match="step 12.*falling back"):
+        train_and_evaluate(config, run, task=ToyTask(config))
+    _assert_same_final_params(run, reference)
+    for workdir in (reference, run):
+        state = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "12" / "state")
+        loss_scale = state["opt_state"]  # LossScaleState, restored as a dict
+        assert (float(loss_scale["scale"]), int(loss_scale["good_steps"])) == (2.0**15, 12)
 
 
 @pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s

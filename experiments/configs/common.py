@@ -83,7 +83,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
         "auto"  # on a changed config: "auto" refuses model/data/optimizer changes; see train.py
     )
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
-    c.dtype = "float32"  # activations: float32 or bfloat16 (float16 is refused: no loss scaling)
+    c.dtype = "float32"  # activations: float32, bfloat16, or float16 (with dynamic loss scaling)
     c.paper = paper_numbers(task, metric="accuracy", value=0.0)
     return c
 

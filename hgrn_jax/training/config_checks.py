@@ -205,24 +205,11 @@ def check_not_in_a_worker_process() -> None:
         )
 
 
-def check_training_dtype(config: Any) -> None:
-    """float16 activations are refused for training: without loss scaling, which this runner
-    does not do, their gradients underflow. Measured on the tiny LM (2 layers, d = 64) at 64k
-    tokens a batch: the final norm's bias gradient 73% off float32's, the other biases 7%
-    (bfloat16: at most 1%)."""
-    if config.get("dtype", "float32") == "float16":
-        raise ValueError(
-            "config.dtype='float16' trains without loss scaling, which hgrn_jax does not do: "
-            "gradients underflow (73% error in a bias gradient at 64k tokens a batch); set "
-            "--config.dtype=bfloat16 (float16's speed, float32's range) or float32"
-        )
-
-
 def check_config_values(config: Any) -> None:
     """The checks of values a run can make before it touches its workdir, each a ValueError
     naming the key: run lengths, the seed, the model's sizes and (a registered task) its
     config class's rules and the settings its source does not read, the activation dtype of a
-    registered task (float16 refused: :func:`check_training_dtype`), the optimizer's names and numbers, the mesh with the batch sizes and sequence
+    registered task, the optimizer's names and numbers, the mesh with the batch sizes and sequence
     axis on it (:func:`check_mesh_and_batches`), and the input workers (``data.workers``). Then
     (process 0) one :class:`RunLengthWarning` per line of :func:`run_length_warnings`."""
     from hgrn_jax.data import grain_pipeline
@@ -235,7 +222,6 @@ def check_config_values(config: Any) -> None:
     registry.check_model_sizes(config, entry)
     if entry is not None:
         model_settings.activation_dtype(config.get("dtype", "float32"))
-        check_training_dtype(config)
     optim.check_optimizer_config(config)
     check_mesh_and_batches(config)
     registry.check_model_and_settings(config, entry)  # after the runner's own, which name flags

@@ -532,6 +532,8 @@ def _train_validate_and_test(
                         "steps_per_sec": rate,
                         "wall_time_s": wall_time(),
                     }
+                    if "loss_scale" in host[-1]:
+                        record["loss_scale"] = float(host[-1]["loss_scale"])
                     if run.metric == "accuracy" and "correct" in host[-1]:
                         weight = sum(float(m["weight"]) for m in host)
                         record["accuracy"] = (

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hgrn_jax.training.loss_scale import dynamic_loss_scale
+
 Schedule = Callable[[jax.Array | int], jax.Array]
 
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
@@ -296,7 +298,9 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 def make_optimizer(config: Any, params: Any) -> tuple[optax.GradientTransformation, Schedule]:
     """The optax transformation for ``config.optimizer`` / ``config.schedule``, and the schedule.
 
-    Gradient clipping by global norm comes first when ``optimizer.grad_clip_norm > 0``. Gradient
+    Gradient clipping by global norm comes first when ``optimizer.grad_clip_norm > 0``. A float16
+    run (``config.dtype``) wraps it all in :func:`~hgrn_jax.training.loss_scale.
+    dynamic_loss_scale`, which unscales the gradient before the clipping. Gradient
     accumulation (``optimizer.accumulate_steps``) is done by the train step itself, which splits
     each global batch into micro-batches, so the optimizer always sees one update per step.
     Bad values (a learning rate <= 0, a negative weight decay, ...) raise ValueError naming the
@@ -330,4 +334,6 @@ def make_optimizer(config: Any, params: Any) -> tuple[optax.GradientTransformati
     clip = float(opt.get("grad_clip_norm", 0.0))
     if clip > 0:
         tx = optax.chain(clip_by_global_norm(clip), tx)
+    if config.get("dtype", "float32") == "float16":
+        tx = dynamic_loss_scale(tx)
     return tx, schedule

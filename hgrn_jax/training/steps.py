@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from hgrn_jax import sharding
 from hgrn_jax.tasks.protocol import a_type_name
+from hgrn_jax.training.loss_scale import LossScaleState, unscale
 from hgrn_jax.training.optim import global_norm
 from hgrn_jax.training.state import TrainState, merge_model, split_model
 
@@ -104,38 +105,50 @@ def make_train_step(
     micro-batch has its own.
     If the loss or the gradient norm is not finite, the state is left unchanged except for
     ``nonfinite_step``, which records the first such step; the loop stops on it.
+    With ``tx`` wrapped in :func:`~hgrn_jax.training.loss_scale.dynamic_loss_scale` (float16
+    runs), the gradient is that of ``loss * scale``; a gradient that overflows while the scale
+    can still drop is the wrapper's skipped step, not a non-finite one, and the metrics carry
+    ``loss_scale``. ``loss`` and ``grad_norm`` are unscaled.
     ``loss_fn``'s output is checked when the step is traced (:func:`check_loss_output`).
     """
 
-    def loss_and_state(params, model_state, batch):
+    def loss_and_state(params, model_state, batch, scale):
         # Fresh Variables at this trace level: BatchNorm and RNG counters are updated in place.
         params, model_state = jax.tree.map(lambda x: x, (params, model_state))
         model = merge_model(graphdef, params, model_state)
         model.train()
         loss, sums = check_loss_output(loss_fn(model, batch, train=True), sums_keys)
         _, _, new_model_state = split_model(model)
-        return loss, (sums, new_model_state)
+        scaled = loss if scale is None else loss.astype(jnp.float32) * scale
+        return scaled, (loss, sums, new_model_state)
 
     grad_fn = jax.value_and_grad(loss_and_state, has_aux=True)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        scaling = isinstance(state.opt_state, LossScaleState)
+        scale = state.opt_state.scale if scaling else None
         if accumulate_steps == 1:
-            (loss, (sums, model_state)), grads = grad_fn(state.params, state.model_state, batch)
+            (_, (loss, sums, model_state)), grads = grad_fn(
+                state.params, state.model_state, batch, scale
+            )
         else:
 
             def body(carry, micro):
                 grad_sum, loss_sum, model_state, sum_acc = carry
-                (loss, (sums, model_state)), grads = grad_fn(state.params, model_state, micro)
+                (_, (loss, sums, model_state)), grads = grad_fn(
+                    state.params, model_state, micro, scale
+                )
                 # The mean is loss_sum / max(weight, 1): scaled back, it adds up over micro-batches.
-                scale = jnp.maximum(sums["weight"].astype(jnp.float32), 1.0)
-                grad_sum = jax.tree.map(lambda s, g: s + scale * g, grad_sum, grads)
+                weight = jnp.maximum(sums["weight"].astype(jnp.float32), 1.0)
+                grad_sum = jax.tree.map(lambda s, g: s + weight * g, grad_sum, grads)
                 sum_acc = jax.tree.map(jnp.add, sum_acc, sums)
-                loss_sum = loss_sum + scale * loss.astype(jnp.float32)
+                loss_sum = loss_sum + weight * loss.astype(jnp.float32)
                 return (grad_sum, loss_sum, model_state, sum_acc), None
 
             micro = _micro_batches(batch, accumulate_steps)
             first = jax.tree.map(lambda x: x[0], micro)
-            sums_shape = jax.eval_shape(grad_fn, state.params, state.model_state, first)[0][1][0]
+            sums_shape = jax.eval_shape(grad_fn, state.params, state.model_state, first, scale)
+            sums_shape = sums_shape[0][1][1]
             zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
             init = (
                 jax.tree.map(
@@ -153,8 +166,10 @@ def make_train_step(
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = global_norm(grads)
+        grad_norm = global_norm(grads if scale is None else unscale(grads, scale))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if scaling:  # an overflow while the scale can still drop: dynamic_loss_scale skips it
+            finite = jnp.isfinite(loss) & (jnp.isfinite(grad_norm) | (scale > 1))
         healthy = finite & (state.nonfinite_step < 0)
         updated = TrainState(
             step=state.step + 1,
@@ -171,6 +186,8 @@ def make_train_step(
             )
         )
         metrics = dict(sums, loss=loss, grad_norm=grad_norm, lr=schedule(state.step))
+        if scaling:
+            metrics["loss_scale"] = scale
         return new_state, metrics
 
     return train_step
