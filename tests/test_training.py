@@ -40,9 +40,10 @@ from hgrn_jax.training import optim
 from hgrn_jax.training.checkpoint import CheckpointFallbackWarning, Checkpoints
 from hgrn_jax.training.config_checks import check_run_lengths
 from hgrn_jax.training.loop import NonFiniteLossError, Run, resolve_task, train_and_evaluate
-from hgrn_jax.training.loss_scale import dynamic_loss_scale
+from hgrn_jax.training.loss_scale import LossScaleStartWarning, dynamic_loss_scale
 from hgrn_jax.training.state import create_train_state, merge_model
 from hgrn_jax.training.steps import make_train_step
+from hgrn_jax.training.workdir import ConfigChangedError, ConfigChangeWarning
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toy_task import ToyTask, toy_config
@@ -1248,6 +1249,30 @@ def test_a_float16_run_checkpoints_its_loss_scale_and_resumes_to_the_same_parame
         state = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "12" / "state")
         loss_scale = state["opt_state"]  # LossScaleState, restored as a dict
         assert (float(loss_scale["scale"]), int(loss_scale["good_steps"])) == (2.0**15, 12)
+
+
+def test_a_float32_checkpoint_resumes_as_float16_only_when_forced_with_a_new_loss_scale(tmp_path):
+    """A float16 run's optimizer state holds its loss scale, so crossing into or out of float16
+    is a structural change (refused under resume=auto, naming the key). Forced, or on a float16
+    run's checkpoint from before loss scaling, the checkpoint's parameters and optimizer state
+    resume and the scale starts again, with a warning; the run then counts its finite steps
+    from there (6 of the 12)."""
+    config = toy_config()
+    config.num_train_steps, config.schedule.decay_steps = 6, 6
+    train_and_evaluate(config, tmp_path, task=ToyTask(config))
+    config.num_train_steps, config.schedule.decay_steps, config.dtype = 12, 12, "float16"
+    with pytest.raises(ConfigChangedError, match=r"dtype: 'float32' -> 'float16'"):
+        train_and_evaluate(config, tmp_path, task=ToyTask(config))
+    config.resume = "force"
+    with (
+        pytest.warns(LossScaleStartWarning, match=r"step 6 holds no float16 loss scale.*32768"),
+        pytest.warns(ConfigChangeWarning, match=r"resume=force\): dtype: 'float32' -> 'float16'"),
+    ):
+        train_and_evaluate(config, tmp_path, task=ToyTask(config))
+    state = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "12" / "state")
+    loss_scale = state["opt_state"]
+    assert (float(loss_scale["scale"]), int(loss_scale["good_steps"])) == (2.0**15, 6)
+    assert int(loss_scale["inner"][0]["count"]) == 12  # Adam's, carried over from step 6
 
 
 @pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s

@@ -46,8 +46,13 @@ import numpy as np
 
 from hgrn_jax import sharding
 from hgrn_jax.tasks.protocol import Task
-from hgrn_jax.training import agreement, optim, podlog, preemption, preflight, watchdog
-from hgrn_jax.training.checkpoint import CheckpointError, Checkpoints, DamagedCheckpointError
+from hgrn_jax.training import agreement, loss_scale, optim, podlog, preemption, preflight, watchdog
+from hgrn_jax.training.checkpoint import (
+    CheckpointError,
+    CheckpointMismatchError,
+    Checkpoints,
+    DamagedCheckpointError,
+)
 from hgrn_jax.training.config_checks import (
     check_config_values,
     check_mesh_and_batches,
@@ -56,6 +61,7 @@ from hgrn_jax.training.config_checks import (
     time_budget,
 )
 from hgrn_jax.training.logging import MetricsWriter, write_config, write_results
+from hgrn_jax.training.loss_scale import LossScaleStartWarning, LossScaleState
 from hgrn_jax.training.preemption import Preempted, StopSignals, how_to_resume
 from hgrn_jax.training.state import (
     TrainState,
@@ -207,15 +213,46 @@ class Run:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def restore(self, step: int | None = None) -> tuple[TrainState, dict] | None:
-        """The newest readable checkpoint (or ``step``) as ``(state, meta)``."""
-        if step is None:
-            found = self.checkpoints.restore_latest(self.ckpt_target)
-            if found is None:
-                return None
-            _, tree, meta = found
-        else:
-            tree, meta = self.checkpoints.restore(step, self.ckpt_target)
+        """The newest readable checkpoint (or ``step``) as ``(state, meta)``.
+
+        A float16 run also restores a checkpoint without loss-scale state (saved in another
+        dtype, or by a float16 run from before loss scaling) with a
+        :class:`~hgrn_jax.training.loss_scale.LossScaleStartWarning`: its parameters and
+        optimizer state, and a new loss scale."""
+        try:
+            found = self._restore(self.ckpt_target, step)
+        except CheckpointMismatchError:
+            scaled = self.ckpt_target.opt_state
+            if not isinstance(scaled, LossScaleState):
+                raise
+            found = self._restore(self.ckpt_target.replace(opt_state=scaled.inner), step)
+            if found is not None:
+                restored_step, tree, meta = found
+                fresh = jax.jit(
+                    lambda: loss_scale.initial_state(None),
+                    out_shardings=(
+                        self.shardings.opt_state.scale,
+                        self.shardings.opt_state.good_steps,
+                    ),
+                )()
+                tree = tree.replace(opt_state=LossScaleState(*fresh, tree.opt_state))
+                found = restored_step, tree, meta
+                warnings.warn(
+                    f"checkpoint at step {restored_step} holds no float16 loss scale (saved in "
+                    "another dtype, or before float16 runs scaled their loss): its parameters "
+                    f"and optimizer state resume, with the loss scale at {float(fresh[0]):g}",
+                    LossScaleStartWarning,
+                    stacklevel=2,
+                )
+        if found is None:
+            return None
+        _, tree, meta = found
         return from_checkpoint_tree(tree, self.state), meta
+
+    def _restore(self, target: Any, step: int | None) -> tuple[int, Any, dict] | None:
+        if step is None:
+            return self.checkpoints.restore_latest(target)
+        return (step, *self.checkpoints.restore(step, target))
 
     def save(
         self,

@@ -61,9 +61,7 @@ def dynamic_loss_scale(
         )
 
     def init(params: Any) -> LossScaleState:
-        return LossScaleState(
-            jnp.asarray(initial_scale, jnp.float32), jnp.zeros((), jnp.int32), inner.init(params)
-        )
+        return LossScaleState(*initial_state(initial_scale), inner.init(params))
 
     def update(scaled_grads: Any, state: LossScaleState, params: Any = None):
         grads = unscale(scaled_grads, state.scale)
@@ -83,6 +81,17 @@ def dynamic_loss_scale(
         return updates, LossScaleState(scale, good_steps, inner_state)
 
     return optax.GradientTransformation(init, update)
+
+
+class LossScaleStartWarning(UserWarning):
+    """A float16 run resumed from a checkpoint without loss-scale state; the scale starts
+    again at :data:`INITIAL_SCALE`."""
+
+
+def initial_state(initial_scale: float | None = INITIAL_SCALE) -> tuple[jax.Array, jax.Array]:
+    """``(scale, good_steps)`` before the first step (None: :data:`INITIAL_SCALE`)."""
+    scale = INITIAL_SCALE if initial_scale is None else initial_scale
+    return jnp.asarray(scale, jnp.float32), jnp.zeros((), jnp.int32)
 
 
 def unscale(scaled_grads: Any, scale: jax.Array) -> Any:

@@ -404,6 +404,8 @@ def is_structural(key: str, old: Any, new: Any) -> bool:
         return True
     if key in ZERO_SWITCH_KEYS:
         return (not old) != (not new)
+    if key == "dtype":  # a float16 run's optimizer state holds its loss scale too
+        return (old == "float16") != (new == "float16")
     return key.startswith("model.") and key not in MODEL_HARMLESS
 
 
