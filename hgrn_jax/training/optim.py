@@ -334,6 +334,6 @@ def make_optimizer(config: Any, params: Any) -> tuple[optax.GradientTransformati
     clip = float(opt.get("grad_clip_norm", 0.0))
     if clip > 0:
         tx = optax.chain(clip_by_global_norm(clip), tx)
-    if config.get("dtype", "float32") == "float16":
+    if getattr(config, "dtype", "float32") == "float16":
         tx = dynamic_loss_scale(tx)
     return tx, schedule
