@@ -63,7 +63,8 @@ def dense(
     dtype: jnp.dtype | None = None,
     param_dtype: jnp.dtype = jnp.float32,
 ) -> Linear:
-    """A :class:`~hgrn_jax.nn.linear.Linear` with PyTorch-default initialisation and logical axis names ``axes``.
+    """A :class:`~hgrn_jax.nn.linear.Linear` (its bias added in float32) with PyTorch-default
+    initialisation and logical axis names ``axes``.
 
     The kernel is (in_features, out_features) with names ``axes``; the bias (out_features,) is
     named after the output axis.
