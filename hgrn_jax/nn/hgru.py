@@ -22,11 +22,10 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.nn import dtypes as flax_dtypes
 
 from hgrn_jax.nn.checks import check_layer_input, check_mask, check_method, check_state
 from hgrn_jax.nn.initializers import axes_metadata, dense, logical, phase_init
-from hgrn_jax.nn.linear import Linear, add_bias
+from hgrn_jax.nn.linear import Linear
 from hgrn_jax.nn.lower_bounds import apply_lower_bound, check_lower_bound
 from hgrn_jax.ops import METHODS, default_method, linear_recurrence
 from hgrn_jax.ops.common import accumulation_dtype
@@ -71,7 +70,7 @@ def fuse_projections() -> bool:
     return FUSE_PROJECTIONS
 
 
-def _fused_dense(layers: list[Linear], x: jax.Array, dtype) -> list[jax.Array]:
+def _fused_dense(layers: list[Linear], x: jax.Array) -> list[jax.Array]:
     """``[layer(x) for layer in layers]`` by one matmul over the kernels side by side (the
     layers share ``x``, dtype, precision and whether they have biases)."""
     first = layers[0]
@@ -79,11 +78,7 @@ def _fused_dense(layers: list[Linear], x: jax.Array, dtype) -> list[jax.Array]:
     bias = None
     if first.bias is not None:
         bias = jnp.concatenate([layer.bias[...] for layer in layers])
-    dtype = flax_dtypes.canonicalize_dtype(x, kernel, bias, dtype=dtype)
-    x, kernel = first.promote_dtype((x, kernel), dtype=dtype)
-    y = first.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=first.precision)
-    if bias is not None:
-        y = add_bias(y, bias)
+    y = first.project(x, kernel, bias)
     ends = list(itertools.accumulate(layer.out_features for layer in layers))
     return [y[..., start:end] for start, end in zip([0] + ends[:-1], ends)]
 
@@ -190,7 +185,7 @@ class _HGRUBase(nnx.Module):
         if self.use_forget_gate:
             layers.insert(1, self.lambda_proj)
         if fuse_projections():
-            outputs = _fused_dense(layers, x, self.dtype)
+            outputs = _fused_dense(layers, x)
         else:
             outputs = [layer(x) for layer in layers]
         if self.use_forget_gate:

@@ -31,8 +31,15 @@ class Linear(nnx.Linear):
 
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
         """(..., in_features) -> (..., out_features)."""
-        kernel = self.kernel[...]
         bias = self.bias[...] if self.bias is not None else None
+        return self.project(inputs, self.kernel[...], bias, out_sharding)
+
+    def project(
+        self, inputs: jax.Array, kernel: jax.Array, bias: jax.Array | None, out_sharding=None
+    ) -> jax.Array:
+        """``inputs`` (..., k) times ``kernel`` (k, n) plus ``bias`` (n,) or None, with this
+        layer's dtype, precision and dot_general: the layer's own call, or several layers' at
+        once with their kernels and biases side by side."""
         dtype = flax_dtypes.canonicalize_dtype(inputs, kernel, bias, dtype=self.dtype)
         inputs, kernel = self.promote_dtype((inputs, kernel), dtype=dtype)
         kwargs = {"out_sharding": out_sharding}

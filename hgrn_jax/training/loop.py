@@ -229,7 +229,7 @@ class Run:
             if found is not None:
                 restored_step, tree, meta = found
                 fresh = jax.jit(
-                    lambda: loss_scale.initial_state(None),
+                    loss_scale.initial_state,
                     out_shardings=(
                         self.shardings.opt_state.scale,
                         self.shardings.opt_state.good_steps,

@@ -88,10 +88,9 @@ class LossScaleStartWarning(UserWarning):
     again at :data:`INITIAL_SCALE`."""
 
 
-def initial_state(initial_scale: float | None = INITIAL_SCALE) -> tuple[jax.Array, jax.Array]:
-    """``(scale, good_steps)`` before the first step (None: :data:`INITIAL_SCALE`)."""
-    scale = INITIAL_SCALE if initial_scale is None else initial_scale
-    return jnp.asarray(scale, jnp.float32), jnp.zeros((), jnp.int32)
+def initial_state(initial_scale: float = INITIAL_SCALE) -> tuple[jax.Array, jax.Array]:
+    """``(scale, good_steps)`` before the first step."""
+    return jnp.asarray(initial_scale, jnp.float32), jnp.zeros((), jnp.int32)
 
 
 def unscale(scaled_grads: Any, scale: jax.Array) -> Any:

@@ -167,9 +167,10 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = global_norm(grads if scale is None else unscale(grads, scale))
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite_grads = jnp.isfinite(grad_norm)
         if scaling:  # an overflow while the scale can still drop: dynamic_loss_scale skips it
-            finite = jnp.isfinite(loss) & (jnp.isfinite(grad_norm) | (scale > 1))
+            finite_grads = finite_grads | (scale > 1)
+        finite = jnp.isfinite(loss) & finite_grads
         healthy = finite & (state.nonfinite_step < 0)
         updated = TrainState(
             step=state.step + 1,
