@@ -1207,15 +1207,19 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, dict]:
     return workdir, train_and_evaluate(config, workdir, task=ToyTask(config))
 
 
+def _truncate_checkpoint(workdir: Path, step: int) -> None:
+    """Cut every data file of checkpoint ``step`` to a third, as a crash mid-write would."""
+    for path in (workdir / "checkpoints" / str(step) / "state").rglob("*"):
+        if path.is_file() and path.name != "commit_success.txt":
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
 @pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupted):
     reference, reference_results = uninterrupted
     run = tmp_path / "run"
     shutil.copytree(reference, run)
-    # Truncate every data file of the newest checkpoint (step 12), as a crash mid-write would.
-    for path in (run / "checkpoints" / "12" / "state").rglob("*"):
-        if path.is_file() and path.name != "commit_success.txt":
-            path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    _truncate_checkpoint(run, 12)
     config = toy_config()
     with pytest.warns(CheckpointFallbackWarning, match="step 12.*falling back"):
         results = train_and_evaluate(config, run, task=ToyTask(config))
@@ -1239,9 +1243,7 @@ def test_a_float16_run_checkpoints_its_loss_scale_and_resumes_to_the_same_parame
     records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss_scale"] for r in records if r["split"] == "train"] == [2.0**15] * 6
     shutil.copytree(reference, run)
-    for path in (run / "checkpoints" / "12" / "state").rglob("*"):
-        if path.is_file() and path.name != "commit_success.txt":
-            path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    _truncate_checkpoint(run, 12)
     with pytest.warns(CheckpointFallbackWarning, match="step 12.*falling back"):
         train_and_evaluate(config, run, task=ToyTask(config))
     _assert_same_final_params(run, reference)
