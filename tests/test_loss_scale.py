@@ -52,6 +52,31 @@ def test_an_overflowed_step_is_skipped_and_halves_the_scale_down_to_1(bad):
         assert (float(state.scale), int(state.good_steps)) == (expected_scale, 0)
 
 
+def test_a_skipped_step_advances_the_schedule_but_not_adam():
+    """PyTorch steps its scheduler every iteration and GradScaler skips only the optimizer's
+    step: the learning rate of an update is the schedule at the run's step, while Adam's moments
+    and bias-correction count see only the applied steps."""
+    schedule = lambda count: 0.1 * (count + 1.0)
+    tx = dynamic_loss_scale(optax.adam(schedule), initial_scale=8.0)
+    state = tx.init(PARAMS)
+    overflow = {"w": jnp.array([1.0, np.inf, 1.0]), "b": jnp.array(1.0)}
+    _, state = tx.update(_scaled(GRADS, state.scale), state, PARAMS)  # step 0: applied
+    for _ in range(2):  # steps 1 and 2: skipped
+        _, state = tx.update(overflow, state, PARAMS)
+    updates, state = tx.update(_scaled(GRADS, state.scale), state, PARAMS)  # step 3
+
+    adam = optax.scale_by_adam()
+    inner_state = adam.init(PARAMS)
+    for _ in range(2):  # Adam's direction after its two applied steps
+        direction, inner_state = adam.update(GRADS, inner_state, PARAMS)
+    expected = jax.tree.map(lambda d: -schedule(3) * d, direction)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)  # float32 arithmetic in another order
+    adam_state, schedule_state = state.inner
+    assert int(adam_state.count) == 2
+    assert int(schedule_state.count) == 4
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="initial_scale=0.5 and growth_period=10 must be >= 1"):
         dynamic_loss_scale(optax.sgd(1.0), initial_scale=0.5, growth_period=10)

@@ -11,9 +11,11 @@ they were and the scale halves. After :data:`GROWTH_PERIOD` finite steps in a ro
 PyTorch's ``GradScaler`` does the same (2^16, 2000 steps).
 
 The scale lives in the optimizer state (:class:`LossScaleState`, the outermost state), so it is
-checkpointed and restored with it. A skipped step does not advance the inner optimizer's count,
-so its learning-rate schedule lags the run's step by the number of skipped steps (a handful in
-a long run: each overflow halves the scale, and the scale grows again only every 2000 steps).
+checkpointed and restored with it. A skipped step leaves the inner optimizer's moments and
+Adam's bias-correction count as they were but advances its learning-rate schedules' counts, so
+the rate of every applied update is the schedule at the run's step (the ``lr`` the runner
+logs), as with PyTorch, whose scheduler steps every iteration while ``GradScaler`` skips only
+the optimizer's step.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ def dynamic_loss_scale(
 
     ``update(scaled_grads, state, params)`` divides the gradients by ``state.scale``. If they are
     all finite, it returns ``inner``'s updates of them and counts the step (doubling the scale
-    after ``growth_period`` of them); otherwise zero updates, ``inner``'s state unchanged and the
-    scale halved (not below 1).
+    after ``growth_period`` of them); otherwise zero updates, ``inner``'s state unchanged but
+    for its schedules' step counts (:func:`skipped_step_state`), and the scale halved (not
+    below 1).
     """
     if initial_scale < 1 or growth_period < 1:
         raise ValueError(
@@ -68,9 +71,7 @@ def dynamic_loss_scale(
         finite = all_finite(grads)
         updates, inner_state = inner.update(grads, state.inner, params)
         updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
-        inner_state = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old), inner_state, state.inner
-        )
+        inner_state = skipped_step_state(finite, inner_state, state.inner)
         grow = finite & (state.good_steps + 1 >= growth_period)
         scale = jnp.where(
             finite,
@@ -83,9 +84,31 @@ def dynamic_loss_scale(
     return optax.GradientTransformation(init, update)
 
 
+def _is_schedule_state(node: Any) -> bool:
+    return isinstance(node, optax.ScaleByScheduleState)
+
+
+def skipped_step_state(finite: jax.Array, new: Any, old: Any) -> Any:
+    """The inner optimizer state after a step: ``new`` where ``finite`` (a bool scalar), else
+    ``old`` except in ``optax.ScaleByScheduleState`` nodes (the learning-rate schedule's step
+    count), which take ``new`` either way so that the schedule keeps the run's step."""
+
+    def select(new_node, old_node):
+        if _is_schedule_state(new_node):
+            return new_node
+        return jnp.where(finite, new_node, old_node)
+
+    return jax.tree.map(select, new, old, is_leaf=_is_schedule_state)
+
+
 class LossScaleStartWarning(UserWarning):
     """A float16 run resumed from a checkpoint without loss-scale state; the scale starts
     again at :data:`INITIAL_SCALE`."""
+
+
+class LossScaleDroppedWarning(UserWarning):
+    """A run in another dtype resumed from a float16 run's checkpoint without its loss
+    scale."""
 
 
 def initial_state(initial_scale: float = INITIAL_SCALE) -> tuple[jax.Array, jax.Array]:
