@@ -40,7 +40,11 @@ from hgrn_jax.training import optim
 from hgrn_jax.training.checkpoint import CheckpointFallbackWarning, Checkpoints
 from hgrn_jax.training.config_checks import check_run_lengths
 from hgrn_jax.training.loop import NonFiniteLossError, Run, resolve_task, train_and_evaluate
-from hgrn_jax.training.loss_scale import LossScaleStartWarning, dynamic_loss_scale
+from hgrn_jax.training.loss_scale import (
+    LossScaleDroppedWarning,
+    LossScaleStartWarning,
+    dynamic_loss_scale,
+)
 from hgrn_jax.training.state import create_train_state, merge_model
 from hgrn_jax.training.steps import make_train_step
 from hgrn_jax.training.workdir import ConfigChangedError, ConfigChangeWarning
@@ -1253,12 +1257,13 @@ def test_a_float16_run_checkpoints_its_loss_scale_and_resumes_to_the_same_parame
         assert (float(loss_scale["scale"]), int(loss_scale["good_steps"])) == (2.0**15, 12)
 
 
-def test_a_float32_checkpoint_resumes_as_float16_only_when_forced_with_a_new_loss_scale(tmp_path):
+def test_float32_and_float16_checkpoints_cross_only_when_forced_keeping_the_optimizer(tmp_path):
     """A float16 run's optimizer state holds its loss scale, so crossing into or out of float16
     is a structural change (refused under resume=auto, naming the key). Forced, or on a float16
     run's checkpoint from before loss scaling, the checkpoint's parameters and optimizer state
     resume and the scale starts again, with a warning; the run then counts its finite steps
-    from there (6 of the 12)."""
+    from there (6 of the 12). Forced back to float32, the scale is dropped, with a warning, and
+    Adam's state carries on."""
     config = toy_config()
     config.num_train_steps, config.schedule.decay_steps = 6, 6
     train_and_evaluate(config, tmp_path, task=ToyTask(config))
@@ -1275,6 +1280,15 @@ def test_a_float32_checkpoint_resumes_as_float16_only_when_forced_with_a_new_los
     loss_scale = state["opt_state"]
     assert (float(loss_scale["scale"]), int(loss_scale["good_steps"])) == (2.0**15, 6)
     assert int(loss_scale["inner"][0]["count"]) == 12  # Adam's, carried over from step 6
+
+    config.num_train_steps, config.schedule.decay_steps, config.dtype = 18, 18, "float32"
+    with (
+        pytest.warns(LossScaleDroppedWarning, match=r"step 12 is a float16 run's.*\(32768\)"),
+        pytest.warns(ConfigChangeWarning, match=r"dtype: 'float16' -> 'float32'"),
+    ):
+        train_and_evaluate(config, tmp_path, task=ToyTask(config))
+    state = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "18" / "state")
+    assert int(state["opt_state"][0]["count"]) == 18
 
 
 @pytest.mark.slow  # end-to-end / multi-process / shared multi-mesh fixture: over 20 s

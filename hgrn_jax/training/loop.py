@@ -215,39 +215,73 @@ class Run:
     def restore(self, step: int | None = None) -> tuple[TrainState, dict] | None:
         """The newest readable checkpoint (or ``step``) as ``(state, meta)``.
 
-        A float16 run also restores a checkpoint without loss-scale state (saved in another
-        dtype, or by a float16 run from before loss scaling) with a
-        :class:`~hgrn_jax.training.loss_scale.LossScaleStartWarning`: its parameters and
-        optimizer state, and a new loss scale."""
+        Across a change into or out of float16 (forced: it is a structural change) the
+        checkpoint's parameters and optimizer state resume: a float16 run restores a checkpoint
+        without loss-scale state (saved in another dtype, or by a float16 run from before loss
+        scaling) with a new scale and a
+        :class:`~hgrn_jax.training.loss_scale.LossScaleStartWarning`; a run in another dtype
+        restores a float16 run's checkpoint without its scale, with a
+        :class:`~hgrn_jax.training.loss_scale.LossScaleDroppedWarning`."""
         try:
             found = self._restore(self.ckpt_target, step)
-        except CheckpointMismatchError:
-            scaled = self.ckpt_target.opt_state
-            if not isinstance(scaled, LossScaleState):
-                raise
-            found = self._restore(self.ckpt_target.replace(opt_state=scaled.inner), step)
-            if found is not None:
-                restored_step, tree, meta = found
-                fresh = jax.jit(
-                    loss_scale.initial_state,
-                    out_shardings=(
-                        self.shardings.opt_state.scale,
-                        self.shardings.opt_state.good_steps,
-                    ),
-                )()
-                tree = tree.replace(opt_state=LossScaleState(*fresh, tree.opt_state))
-                found = restored_step, tree, meta
-                warnings.warn(
-                    f"checkpoint at step {restored_step} holds no float16 loss scale (saved in "
-                    "another dtype, or before float16 runs scaled their loss): its parameters "
-                    f"and optimizer state resume, with the loss scale at {float(fresh[0]):g}",
-                    LossScaleStartWarning,
-                    stacklevel=2,
-                )
+        except CheckpointMismatchError as mismatch:
+            found = self._restore_across_loss_scaling(step, mismatch)
         if found is None:
             return None
         _, tree, meta = found
         return from_checkpoint_tree(tree, self.state), meta
+
+    def _restore_across_loss_scaling(
+        self, step: int | None, mismatch: CheckpointMismatchError
+    ) -> tuple[int, Any, dict] | None:
+        """:meth:`restore` of a checkpoint whose optimizer state has a loss scale where this
+        run's has none, or the reverse; raises ``mismatch`` when it is not that."""
+        target = self.ckpt_target
+        if isinstance(target.opt_state, LossScaleState):
+            found = self._restore(target.replace(opt_state=target.opt_state.inner), step)
+            if found is None:
+                return None
+            restored_step, tree, meta = found
+            fresh = jax.jit(
+                loss_scale.initial_state,
+                out_shardings=(
+                    self.shardings.opt_state.scale,
+                    self.shardings.opt_state.good_steps,
+                ),
+            )()
+            warnings.warn(
+                f"checkpoint at step {restored_step} holds no float16 loss scale (saved in "
+                "another dtype, or before float16 runs scaled their loss): its parameters "
+                f"and optimizer state resume, with the loss scale at {float(fresh[0]):g}",
+                LossScaleStartWarning,
+                stacklevel=3,
+            )
+            return (
+                restored_step,
+                tree.replace(opt_state=LossScaleState(*fresh, tree.opt_state)),
+                meta,
+            )
+        replicated = sharding.replicated(self.mesh)
+        scaled = LossScaleState(
+            jax.ShapeDtypeStruct((), np.float32, sharding=replicated),
+            jax.ShapeDtypeStruct((), np.int32, sharding=replicated),
+            target.opt_state,
+        )
+        try:
+            found = self._restore(target.replace(opt_state=scaled), step)
+        except CheckpointMismatchError:
+            raise mismatch from None
+        if found is None:
+            return None
+        restored_step, tree, meta = found
+        warnings.warn(
+            f"checkpoint at step {restored_step} is a float16 run's: its parameters and "
+            f"optimizer state resume without its loss scale ({float(tree.opt_state.scale):g}), "
+            f"which dtype={getattr(self.config, 'dtype', 'float32')!r} does not use",
+            loss_scale.LossScaleDroppedWarning,
+            stacklevel=3,
+        )
+        return restored_step, tree.replace(opt_state=tree.opt_state.inner), meta
 
     def _restore(self, target: Any, step: int | None) -> tuple[int, Any, dict] | None:
         if step is None:
