@@ -169,7 +169,10 @@ class HGRNClassifier(nnx.Module):
 
     Retrieval (``dual=True``): ``model(inputs, mask, inputs2, mask2)`` with the two documents of
     each pair, both (B, L); they pass through one encoder as a batch of 2B (so BatchNorm sees
-    both), each is pooled, and the head classifies ``[u, v, u - v, u * v]``.
+    both), each is pooled, and the head classifies ``[u, v, u - v, u * v]``. The batch of 2B
+    interleaves the pairs (document 1 and 2 of pair 0, then of pair 1, ...), so that a device
+    holding a pair's rows holds both pooled vectors (one after the other, XLA gathered them
+    whole on a 2 x 2 x 2 mesh: "Involuntary full rematerialization").
 
     Train/eval: ``model.train()`` / ``model.eval()`` switch dropout and BatchNorm statistics.
     """
@@ -288,8 +291,17 @@ class HGRNClassifier(nnx.Module):
             ones = jnp.ones(inputs.shape[:2], bool)
             mask = ones if mask is None else mask
             mask2 = ones if mask2 is None else mask2
-        both = jnp.concatenate([inputs, inputs2], axis=0)
-        both_mask = None if mask is None else jnp.concatenate([mask, mask2], axis=0)
-        u, v = jnp.split(self.encode(both, both_mask), 2, axis=0)
+        both, both_mask = _interleave(inputs, inputs2), None
+        if mask is not None:
+            both_mask = _interleave(mask, mask2)
+        pooled = self.encode(both, both_mask)
+        pairs = pooled.reshape(inputs.shape[0], 2, pooled.shape[-1])
+        u, v = pairs[:, 0], pairs[:, 1]
         features = jnp.concatenate([u, v, u - v, u * v], axis=-1)
         return self.head(nnx.gelu(self.pair_proj(features), approximate=False))
+
+
+def _interleave(first: jax.Array, second: jax.Array) -> jax.Array:
+    """(B, ...) and (B, ...) -> (2B, ...) with rows first[0], second[0], first[1], ...: a
+    pair's rows stay side by side, on the device that holds the pair."""
+    return jnp.stack([first, second], axis=1).reshape(2 * first.shape[0], *first.shape[1:])
