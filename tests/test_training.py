@@ -465,6 +465,26 @@ def test_mesh_check_takes_sequence_axis_for_hgrn_and_hgrn2_not_attention():
         check_mesh_and_batches(config, num_devices=8, num_processes=1)
 
 
+def test_a_sequence_split_over_data_is_warned_of_when_the_batch_spans_fsdp():
+    """With the batch over data x fsdp, a time axis split over data made XLA gather whole
+    activations (28 "Involuntary full rematerialization" in the tiny LM's step on the
+    2 x 2 x 2 mesh; none with sequence_axis fsdp or model, or with fsdp = 1)."""
+    from hgrn_jax.training.config_checks import sharding_warnings
+
+    config = toy_config()
+    config.model.mixer = ml_collections.ConfigDict(dict(kind="hgrn", sequence_axis="data"))
+    (line,) = sharding_warnings(config, 2)
+    assert line.startswith("config.model.mixer.sequence_axis='data' with config.mesh.fsdp=2:")
+    assert line.endswith(
+        "set --config.model.mixer.sequence_axis=fsdp (it spans hosts too) "
+        "or model, or --config.mesh.fsdp=1"
+    )
+    assert sharding_warnings(config, 1) == []
+    for axis in ("fsdp", "model"):
+        config.model.mixer.sequence_axis = axis
+        assert sharding_warnings(config, 2) == []
+
+
 def test_adamw_decays_only_masked_parameters():
     params = {"kernel": nnx.Param(jnp.ones((2, 2))), "bias": nnx.Param(jnp.ones((2,)))}
     tx, _ = optim.make_optimizer(

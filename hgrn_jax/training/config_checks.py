@@ -211,7 +211,8 @@ def check_config_values(config: Any) -> None:
     config class's rules and the settings its source does not read, the activation dtype of a
     registered task, the optimizer's names and numbers, the mesh with the batch sizes and sequence
     axis on it (:func:`check_mesh_and_batches`), and the input workers (``data.workers``). Then
-    (process 0) one :class:`RunLengthWarning` per line of :func:`run_length_warnings`."""
+    (process 0) one :class:`RunLengthWarning` per line of :func:`run_length_warnings` and one
+    :class:`ShardingWarning` per line of :func:`sharding_warnings`."""
     from hgrn_jax.data import grain_pipeline
     from hgrn_jax.tasks import model_settings, registry
     from hgrn_jax.training.task_choice import dataset_entry
@@ -223,7 +224,7 @@ def check_config_values(config: Any) -> None:
     if entry is not None:
         model_settings.activation_dtype(config.get("dtype", "float32"))
     optim.check_optimizer_config(config)
-    check_mesh_and_batches(config)
+    _, fsdp, _ = check_mesh_and_batches(config)
     registry.check_model_and_settings(config, entry)  # after the runner's own, which name flags
     data = config.get("data", None)
     if hasattr(data, "get"):
@@ -231,6 +232,34 @@ def check_config_values(config: Any) -> None:
     if jax.process_index() == 0:
         for line in run_length_warnings(config):
             warnings.warn(line, RunLengthWarning, stacklevel=2)
+        for line in sharding_warnings(config, fsdp):
+            warnings.warn(line, ShardingWarning, stacklevel=2)
+
+
+def sharding_warnings(config: Any, fsdp: int) -> list[str]:
+    """What is slow in ``config``'s sharding with ``fsdp`` = the mesh's resolved fsdp size: a
+    time axis split over ``data`` while the batch is split over data x fsdp (XLA gathered the
+    recurrences' inputs and outputs whole; fine with ``fsdp`` or ``model``, or fsdp = 1)."""
+    model = config.get("model", None) if hasattr(config, "get") else None
+    mixer = model.get("mixer", None) if hasattr(model, "get") else None
+    lines = []
+    for key, section in (("model.mixer", mixer), ("model", model)):
+        axis = section.get("sequence_axis", None) if hasattr(section, "get") else None
+        if axis == "data" and fsdp > 1:
+            lines.append(
+                f"config.{key}.sequence_axis='data' with config.mesh.fsdp={fsdp}: the batch is "
+                "split over data x fsdp, data first, and XLA cannot move its data split onto "
+                "the time axis but by gathering each recurrence's inputs and outputs whole "
+                '("Involuntary full rematerialization"); set '
+                f"--config.{key}.sequence_axis=fsdp (it spans hosts too) or model, or "
+                "--config.mesh.fsdp=1"
+            )
+    return lines
+
+
+class ShardingWarning(UserWarning):
+    """A mesh and ``sequence_axis`` that train correctly but move whole activations between
+    devices every step; the run goes ahead."""
 
 
 class RunLengthWarning(UserWarning):
