@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -697,6 +698,81 @@ def test_a_lock_from_another_host_says_how_to_clear_it(tmp_path):
         WorkdirInUseError, match=rf"host some-other-host.*delete {re.escape(str(lock))}"
     ):
         _run(_config(), tmp_path)
+
+
+def test_a_lock_of_another_host_that_stopped_refreshing_is_taken_over(tmp_path, monkeypatch):
+    """A job requeued on another node after its node died found the dead run's lock, which no
+    process of this host can check, and stopped until someone deleted it. The holder refreshes
+    its lock every heartbeat_s; one left unchanged for LOCK_STALE_BEATS of them is taken
+    over with a warning saying so."""
+    from hgrn_jax.training import workdir as workdir_module
+    from hgrn_jax.training.workdir import StaleLockWarning, WorkdirLock
+
+    monkeypatch.setattr(workdir_module, "LOCK_POLL_S", 0.02)
+    _write_lock(tmp_path, host="some-other-host", pid=7, heartbeat_s=0.1)
+    with pytest.warns(
+        StaleLockWarning, match=r"on host some-other-host, which did not refresh it in 0.3 s"
+    ):
+        lock = WorkdirLock(tmp_path).acquire()
+    assert json.loads(lock.path.read_text())["token"] == lock.token
+    lock.release()
+    assert not lock.path.exists()
+
+
+def test_a_refreshed_lock_of_another_host_is_a_live_run_s(tmp_path, monkeypatch):
+    """The holder on the other host refreshes its lock while this run watches it: this run
+    stops as soon as it sees that, naming the holder, and leaves the lock alone."""
+    from hgrn_jax.training import workdir as workdir_module
+    from hgrn_jax.training.workdir import WorkdirInUseError, WorkdirLock
+
+    monkeypatch.setattr(workdir_module, "LOCK_POLL_S", 0.02)
+    lock = _write_lock(tmp_path, host="some-other-host", pid=7, heartbeat_s=10)
+    before = lock.read_bytes()
+    holder = threading.Timer(0.2, lambda: os.utime(lock, ns=(1, time.time_ns())))
+    holder.start()
+    started = time.monotonic()
+    with pytest.raises(
+        WorkdirInUseError,
+        match=r"in use by a live run \(host some-other-host, pid 7.*changed a moment ago",
+    ):
+        WorkdirLock(tmp_path).acquire()
+    holder.join()
+    assert time.monotonic() - started < 10  # not the 30 s of three missed heartbeats
+    assert lock.read_bytes() == before
+
+
+def test_a_run_refreshes_its_lock_and_stops_before_saving_once_it_is_not_its_own(
+    tmp_path, monkeypatch
+):
+    """The heartbeat keeps the lock's modification time fresh. If the lock stops naming this
+    run (taken over while this process stood still for longer than the stale limit, or deleted
+    by hand and taken by another run), the run raises WorkdirInUseError at its next checkpoint
+    instead of writing one into a folder another run may be using, and leaves that run's lock
+    in place."""
+    from hgrn_jax.training import workdir as workdir_module
+    from hgrn_jax.training.workdir import WorkdirInUseError
+
+    monkeypatch.setattr(workdir_module, "LOCK_HEARTBEAT_S", 0.02)
+    lock, step_folder = tmp_path / "run.lock", tmp_path / "checkpoints" / "3"
+    other = {"host": "some-other-host", "pid": 7, "token": "not-this-run-s", "heartbeat_s": 30}
+
+    def take_the_lock_after_the_first_checkpoint():
+        deadline = time.monotonic() + 60
+        while not step_folder.is_dir() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.utime(lock, ns=(0, 0))
+        while os.stat(lock).st_mtime_ns == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)  # refreshed by the heartbeat
+        lock.write_text(json.dumps(other))
+
+    thief = threading.Thread(target=take_the_lock_after_the_first_checkpoint)
+    thief.start()
+    config = _config(checkpoint_every=3, **{"data.sleep_per_step": 0.05})
+    with pytest.raises(WorkdirInUseError, match=r"no longer names this run: it names another run"):
+        _run(config, tmp_path)
+    thief.join()
+    assert json.loads(lock.read_text()) == other
+    assert not (tmp_path / "checkpoints" / "12").exists()
 
 
 @pytest.mark.slow

@@ -130,9 +130,16 @@ class Run:
     """One run's task, mesh, sharded initial state, jitted steps, checkpoints and writer
     (what :func:`train_and_evaluate` drives; tests use it to evaluate a state directly)."""
 
-    def __init__(self, config: Any, workdir: str | Path, task: Task | None = None):
+    def __init__(
+        self,
+        config: Any,
+        workdir: str | Path,
+        task: Task | None = None,
+        lock: WorkdirLock | None = None,
+    ):
         self.config = config
         self.workdir = Path(workdir)
+        self.lock = lock  # process 0's; checked before each checkpoint
         self.primary = jax.process_index() == 0
         self.task, error = task, None
         if task is None:
@@ -296,7 +303,11 @@ class Run:
         input_state: dict | None = None,
     ) -> None:
         """Checkpoint ``state`` with ``meta``, ``metrics`` and the training iterator's
-        ``input_state`` (this process's; None when the task's iterator keeps none)."""
+        ``input_state`` (this process's; None when the task's iterator keeps none). Raises
+        :class:`~hgrn_jax.training.workdir.WorkdirInUseError` instead when the workdir's lock
+        no longer names this run."""
+        if self.lock is not None:
+            self.lock.check()
         self.check_finite(state)
         step = int(jax.device_get(state.step))
         self.checkpoints.save(step, to_checkpoint_tree(state), meta, metrics, input_state)
@@ -466,7 +477,7 @@ def train_and_evaluate(
     with StopSignals() as stop_signals:
         lock = prepare_workdir(workdir, config)
         try:
-            return _train_and_evaluate(config, workdir, task, stop_signals, step_timeout_s)
+            return _train_and_evaluate(config, workdir, task, stop_signals, step_timeout_s, lock)
         except Exception as error:
             if not is_out_of_space(error):
                 raise
@@ -478,9 +489,14 @@ def train_and_evaluate(
 
 
 def _train_and_evaluate(
-    config: Any, workdir: Path, task: Any, stop_signals: StopSignals, step_timeout_s: float
+    config: Any,
+    workdir: Path,
+    task: Any,
+    stop_signals: StopSignals,
+    step_timeout_s: float,
+    lock: WorkdirLock | None,
 ) -> dict[str, Any]:
-    with Run(config, workdir, task) as run:
+    with Run(config, workdir, task, lock) as run:
         return _train_validate_and_test(run, config, workdir, stop_signals, step_timeout_s)
 
 

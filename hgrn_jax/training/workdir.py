@@ -5,8 +5,13 @@ process 0 before anything else is written to the workdir, complete in one step (
 while taking it leaves no lock or a whole one), and removed when the run ends. A second
 run on the same workdir stops at once with :class:`WorkdirInUseError` naming the holder. A lock
 left by a dead process on the same host is taken over with a :class:`StaleLockWarning` (by one
-run only when several find it at once: :meth:`WorkdirLock._take_over_if_stale`); a lock
-held from another host cannot be checked, so the message says how to clear it.
+run only when several find it at once: :meth:`WorkdirLock._take_over_if_stale`). A process on
+another host cannot be checked, so the holder refreshes its lock's modification time every
+:data:`LOCK_HEARTBEAT_S`; a run that finds another host's lock watches it for
+:data:`LOCK_STALE_BEATS` heartbeat periods and takes it over when it did not change (its holder
+died with its host), or stops naming the holder when it did. (A lock written before heartbeats,
+without ``heartbeat_s``, cannot be judged: the message says how to clear it.) A holder whose
+lock no longer names it stops before its next checkpoint (:meth:`WorkdirLock.check`).
 
 A run writes ``config.json`` right after taking the lock, before any other file; a workdir
 holding run files (:data:`RUN_FILES`) without it belongs to something else and is refused
@@ -40,6 +45,8 @@ import secrets
 import shutil
 import socket
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,6 +56,15 @@ from hgrn_jax.data.loader import file_in_the_way
 from hgrn_jax.training.logging import jsonable
 
 LOCK_NAME = "run.lock"
+LOCK_HEARTBEAT_S = 30.0
+"""How often a run refreshes its lock file's modification time. A lock names a process, whose
+life only its own host can check; the heartbeat lets a run on another host (a job requeued
+after its node died) tell a live holder from a dead one."""
+LOCK_STALE_BEATS = 3
+"""A lock of another host whose file stays unchanged over this many of its holder's heartbeat
+periods is stale (its holder would have refreshed it three times)."""
+LOCK_POLL_S = 5.0
+"""How often a run watching another host's lock looks at it again."""
 RESUME_CHOICES = ("auto", "force", "restart")
 
 # Keys whose change never matters to the saved state or the data position.
@@ -207,6 +223,33 @@ def _describe(holder: dict[str, Any]) -> str:
     )
 
 
+def _beats(holder: dict[str, Any]) -> bool:
+    """Whether ``holder`` refreshes its lock (a run from before heartbeats does not)."""
+    beat = holder.get("heartbeat_s")
+    return isinstance(beat, int | float) and not isinstance(beat, bool) and beat > 0
+
+
+def _stale_after_s(holder: dict[str, Any]) -> float:
+    return LOCK_STALE_BEATS * float(holder["heartbeat_s"])
+
+
+def _signature(stat: os.stat_result) -> tuple[int, ...]:
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _lock_signature(path: Path) -> tuple[int, ...] | None:
+    """The lock file's identity and modification time, None when it is gone. The file is
+    opened (NFS clients revalidate a file's attributes on open, not on a cached stat)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        return _signature(os.fstat(fd))
+    finally:
+        os.close(fd)
+
+
 def lock_state(workdir: str | Path) -> tuple[str, dict[str, Any]]:
     """Who holds ``workdir``'s lock, reading only: ``("free", {})`` without a lock file;
     ``("live", holder)`` for a live process of this host; ``("unchecked", holder)`` for a
@@ -233,6 +276,9 @@ class WorkdirLock:
         self.path = self.workdir / LOCK_NAME
         self.token = secrets.token_hex(8)
         self.held = False
+        self.lost: str | None = None  # why the lock no longer names this run, once it does not
+        self._stop_beating = threading.Event()
+        self._heartbeat: threading.Thread | None = None
 
     def acquire(self) -> WorkdirLock:
         try:
@@ -245,6 +291,7 @@ class WorkdirLock:
             "start_time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": " ".join(sys.argv),
             "token": self.token,
+            "heartbeat_s": LOCK_HEARTBEAT_S,
         }
         data = (json.dumps(record, indent=1) + "\n").encode()
         for _ in range(3):
@@ -255,12 +302,52 @@ class WorkdirLock:
             if created:
                 self.held = True
                 self._remove_records_of_dead_runs()
+                self._heartbeat = threading.Thread(
+                    target=self._beat_until_released, name="workdir-lock-heartbeat", daemon=True
+                )
+                self._heartbeat.start()
                 return self
             self._take_over_if_stale()
         raise WorkdirInUseError(
             f"{self.workdir} is being locked by another run at this moment; "
             "wait for it or use another --workdir"
         )
+
+    def _beat_until_released(self) -> None:
+        while not self._stop_beating.wait(LOCK_HEARTBEAT_S):
+            if not self.beat():
+                return
+
+    def beat(self) -> bool:
+        """Refresh the lock file's modification time if it still names this run; otherwise
+        record why in :attr:`lost` (for :meth:`check`) and return False. A file-system error
+        skips one beat (False only for a lock that is gone or another run's)."""
+        try:
+            holder = _holder_in(self.path.read_bytes())
+        except FileNotFoundError:
+            holder = {}
+        except OSError:
+            return True
+        if holder.get("token") != self.token:
+            now = f"names another run ({_describe(holder)})" if holder else "is gone"
+            self.lost = (
+                f"{self.path} no longer names this run: it {now}, so another run may be "
+                f"writing to {self.workdir}; this run stops without writing more (its last "
+                "complete checkpoint is kept)"
+            )
+            return False
+        try:
+            os.utime(self.path)
+        except OSError:
+            pass
+        return True
+
+    def check(self) -> None:
+        """Raise :class:`WorkdirInUseError` if a heartbeat found the lock no longer this
+        run's (taken over while this process was stopped for longer than the stale limit,
+        or deleted by hand)."""
+        if self.lost is not None:
+            raise WorkdirInUseError(self.lost)
 
     def _create(self, data: bytes) -> bool:
         """Create the lock file holding ``data`` in one step; False when it exists.
@@ -316,7 +403,13 @@ class WorkdirLock:
             return  # released meanwhile: try again
         except OSError:
             holder = {}
-        self._refuse_unless_stale(holder)
+        unchanged = None
+        if _beats(holder) and holder.get("host") != socket.gethostname():
+            unchanged = self._watch_another_host(holder)
+            if unchanged is None:
+                return  # released meanwhile: try again
+        else:
+            self._refuse_unless_stale(holder)
         try:
             fd = os.open(self.path, os.O_RDWR)  # NFS locks only files open for writing
         except FileNotFoundError:
@@ -333,14 +426,57 @@ class WorkdirLock:
                     return  # taken over meanwhile: try again
             except FileNotFoundError:
                 return
-            holder = _holder_in(file.read())
-            self._refuse_unless_stale(holder)
+            if unchanged is not None:
+                if _signature(os.fstat(fd)) != unchanged:
+                    return  # refreshed at the last moment: look again
+                holder = _holder_in(file.read())
+                gone = (
+                    f"on host {holder.get('host', '?')}, which did not refresh it in "
+                    f"{_stale_after_s(holder):g} s"
+                )
+            else:
+                holder = _holder_in(file.read())
+                self._refuse_unless_stale(holder)
+                gone = "that is gone"
             self.path.unlink(missing_ok=True)
         warnings.warn(
-            f"{self.path} was left by a run that is gone ({_describe(holder)}); taking it over",
+            f"{self.path} was left by a run {gone} ({_describe(holder)}); taking it over",
             StaleLockWarning,
             stacklevel=3,
         )
+
+    def _watch_another_host(self, holder: dict[str, Any]) -> tuple[int, ...] | None:
+        """Watch the lock of a run on another host for :data:`LOCK_STALE_BEATS` of its
+        heartbeat periods. Raise :class:`WorkdirInUseError` as soon as it changes (its holder
+        is alive); return its unchanged signature when it did not (its holder is dead), None
+        when it was removed meanwhile."""
+        wait_s = _stale_after_s(holder)
+        print(
+            f"{self.path} is held by a run on host {holder.get('host', '?')} (pid "
+            f"{holder.get('pid', '?')}); watching it for {wait_s:g} s to see whether that run "
+            "is alive (it refreshes the file every "
+            f"{float(holder['heartbeat_s']):g} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        first = _lock_signature(self.path)
+        deadline = time.monotonic() + wait_s
+        while first is not None and time.monotonic() < deadline:
+            time.sleep(min(LOCK_POLL_S, max(deadline - time.monotonic(), 0.0)))
+            now = _lock_signature(self.path)
+            if now != first:
+                if now is None:
+                    return None
+                try:  # the same run, or one that took the lock over meanwhile
+                    holder = _holder_in(self.path.read_bytes()) or holder
+                except OSError:
+                    pass
+                raise WorkdirInUseError(
+                    f"{self.workdir} is in use by a live run ({_describe(holder)}; "
+                    f"{self.path} changed a moment ago); wait for it to finish or use another "
+                    "--workdir"
+                )
+        return first
 
     def _refuse_unless_stale(self, holder: dict[str, Any]) -> None:
         """Raise :class:`WorkdirInUseError` unless ``holder`` is a dead process on this host."""
@@ -351,7 +487,8 @@ class WorkdirLock:
         how = (
             "if no run is using it any more"
             if same_host or not holder
-            else "if that run is gone (it is on another host, so this cannot be checked)"
+            else "if that run is gone (it is on another host, and its lock is from before runs "
+            "refreshed theirs, so this cannot be checked)"
         )
         raise WorkdirInUseError(
             f"{self.workdir} is in use by another run ({_describe(holder)}; lock file "
@@ -371,6 +508,9 @@ class WorkdirLock:
         if not self.held:
             return
         self.held = False
+        self._stop_beating.set()
+        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
+            self._heartbeat.join(timeout=5.0)
         try:
             holder = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
