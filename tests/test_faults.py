@@ -741,6 +741,44 @@ def test_a_refreshed_lock_of_another_host_is_a_live_run_s(tmp_path, monkeypatch)
     assert lock.read_bytes() == before
 
 
+def test_a_lock_of_this_host_whose_pid_went_to_another_process_is_taken_over(
+    tmp_path, monkeypatch, other_process
+):
+    """A run that died long ago, whose pid now belongs to another process, used to block every
+    rerun (its pid is alive). A lock not refreshed for longer than its stale limit is watched
+    and taken over; a fresh one of a live pid is refused at once, as before."""
+    from hgrn_jax.training import workdir as workdir_module
+    from hgrn_jax.training.workdir import StaleLockWarning, WorkdirInUseError, WorkdirLock
+
+    monkeypatch.setattr(workdir_module, "LOCK_POLL_S", 0.02)
+    lock = _write_lock(tmp_path, pid=other_process.pid, heartbeat_s=0.1)
+    with pytest.raises(
+        WorkdirInUseError, match=rf"in use by another run .*pid {other_process.pid}"
+    ):
+        WorkdirLock(tmp_path).acquire()  # refreshed a moment ago: a live run
+    os.utime(lock, (0, 0))  # not refreshed since 1970
+    with pytest.warns(StaleLockWarning, match=r"which did not refresh it in 0.3 s"):
+        WorkdirLock(tmp_path).acquire().release()
+    assert not lock.exists()
+
+
+def test_a_held_lock_is_refreshed_every_heartbeat_until_released(tmp_path, monkeypatch):
+    from hgrn_jax.training import workdir as workdir_module
+    from hgrn_jax.training.workdir import WorkdirLock
+
+    monkeypatch.setattr(workdir_module, "LOCK_HEARTBEAT_S", 0.02)
+    lock = WorkdirLock(tmp_path).acquire()
+    assert json.loads(lock.path.read_text())["heartbeat_s"] == 0.02
+    os.utime(lock.path, (0, 0))
+    deadline = time.monotonic() + 10
+    while os.stat(lock.path).st_mtime == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert os.stat(lock.path).st_mtime > 0, "the heartbeat did not refresh the lock"
+    heartbeat = lock._heartbeat
+    lock.release()
+    assert not heartbeat.is_alive() and not lock.path.exists()
+
+
 def test_a_run_refreshes_its_lock_and_stops_before_saving_once_it_is_not_its_own(
     tmp_path, monkeypatch
 ):

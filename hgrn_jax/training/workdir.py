@@ -9,7 +9,9 @@ run only when several find it at once: :meth:`WorkdirLock._take_over_if_stale`).
 another host cannot be checked, so the holder refreshes its lock's modification time every
 :data:`LOCK_HEARTBEAT_S`; a run that finds another host's lock watches it for
 :data:`LOCK_STALE_BEATS` heartbeat periods and takes it over when it did not change (its holder
-died with its host), or stops naming the holder when it did. (A lock written before heartbeats,
+died with its host), or stops naming the holder when it did; so is a lock of this host that
+names a live pid but was not refreshed for that long (the pid went to another process). (A
+lock written before heartbeats,
 without ``heartbeat_s``, cannot be judged: the message says how to clear it.) A holder whose
 lock no longer names it stops before its next checkpoint (:meth:`WorkdirLock.check`).
 
@@ -343,9 +345,11 @@ class WorkdirLock:
         return True
 
     def check(self) -> None:
-        """Raise :class:`WorkdirInUseError` if a heartbeat found the lock no longer this
-        run's (taken over while this process was stopped for longer than the stale limit,
-        or deleted by hand)."""
+        """Raise :class:`WorkdirInUseError` if the lock no longer names this run (taken over
+        while this process stood still for longer than the stale limit, or deleted by hand):
+        what a heartbeat found, or a beat now (a held lock's file is read again)."""
+        if self.lost is None and self.held:
+            self.beat()
         if self.lost is not None:
             raise WorkdirInUseError(self.lost)
 
@@ -404,8 +408,10 @@ class WorkdirLock:
         except OSError:
             holder = {}
         unchanged = None
-        if _beats(holder) and holder.get("host") != socket.gethostname():
-            unchanged = self._watch_another_host(holder)
+        if _beats(holder) and (
+            holder.get("host") != socket.gethostname() or self._pid_reused(holder)
+        ):
+            unchanged = self._watch_holder(holder)
             if unchanged is None:
                 return  # released meanwhile: try again
         else:
@@ -445,9 +451,9 @@ class WorkdirLock:
             stacklevel=3,
         )
 
-    def _watch_another_host(self, holder: dict[str, Any]) -> tuple[int, ...] | None:
-        """Watch the lock of a run on another host for :data:`LOCK_STALE_BEATS` of its
-        heartbeat periods. Raise :class:`WorkdirInUseError` as soon as it changes (its holder
+    def _watch_holder(self, holder: dict[str, Any]) -> tuple[int, ...] | None:
+        """Watch the lock of a run on another host (or of one whose pid looks reused) for
+        :data:`LOCK_STALE_BEATS` of its heartbeat periods. Raise :class:`WorkdirInUseError` as soon as it changes (its holder
         is alive); return its unchanged signature when it did not (its holder is dead), None
         when it was removed meanwhile."""
         wait_s = _stale_after_s(holder)
@@ -477,6 +483,19 @@ class WorkdirLock:
                     "--workdir"
                 )
         return first
+
+    def _pid_reused(self, holder: dict[str, Any]) -> bool:
+        """Whether a lock of this host names a live pid but was not refreshed for longer than
+        its stale limit (by this host's clock): the run died and its pid went to another
+        process. (Then :meth:`_watch_holder` confirms it without trusting clocks.)"""
+        pid = holder.get("pid")
+        if not isinstance(pid, int) or not _process_alive(pid):
+            return False
+        try:
+            age = time.time() - os.stat(self.path).st_mtime
+        except OSError:
+            return False
+        return age > _stale_after_s(holder)
 
     def _refuse_unless_stale(self, holder: dict[str, Any]) -> None:
         """Raise :class:`WorkdirInUseError` unless ``holder`` is a dead process on this host."""
