@@ -11,9 +11,9 @@ another host cannot be checked, so the holder refreshes its lock's modification 
 :data:`LOCK_STALE_BEATS` heartbeat periods and takes it over when it did not change (its holder
 died with its host), or stops naming the holder when it did; so is a lock of this host that
 names a live pid but was not refreshed for that long (the pid went to another process). (A
-lock written before heartbeats,
-without ``heartbeat_s``, cannot be judged: the message says how to clear it.) A holder whose
-lock no longer names it stops before its next checkpoint (:meth:`WorkdirLock.check`).
+lock written before heartbeats, without ``heartbeat_s``, cannot be judged: the message says how
+to clear it.) A holder whose lock no longer names it stops before its next checkpoint
+(:meth:`WorkdirLock.check`).
 
 A run writes ``config.json`` right after taking the lock, before any other file; a workdir
 holding run files (:data:`RUN_FILES`) without it belongs to something else and is refused
