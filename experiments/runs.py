@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from experiments.papers import mixer_kind
 from hgrn_jax.training.workdir import (
     LOCK_NAME,
+    LOCK_STALE_BEATS,
     RUN_FILES,
     checkpoint_steps,
     is_run_config,
@@ -263,18 +265,44 @@ def _results_unreadable(run_dir: Path) -> bool:
 
 def _state(run_dir: Path) -> str:
     """``running`` (its run.lock is held by a live process of this host), ``locked by HOST``
-    (a lock from another host, which cannot be checked from here), ``set aside`` (a
-    ``previous-<time>/`` folder that ``--config.resume=restart`` kept), or ``stopped`` (no
-    live lock: preempted, killed or failed alike, since nothing in the folder records a
-    failure: a NaN loss stops the run before it is logged)."""
+    (a lock from another host: how long ago its holder last refreshed it, by this machine's
+    clock, when it refreshes it at all), ``set aside`` (a ``previous-<time>/`` folder that
+    ``--config.resume=restart`` kept), or ``stopped`` (no live lock: preempted, killed or failed
+    alike, since nothing in the folder records a failure: a NaN loss stops the run before it is
+    logged)."""
     if is_set_aside(run_dir):
         return "set aside (--config.resume=restart)"
     lock, holder = lock_state(run_dir)
     if lock == "live":
         return "running"
     if lock == "unchecked":
-        return f"locked by {holder.get('host', '?')} (cannot be checked from here)"
+        host = holder.get("host", "?")
+        beat = holder.get("heartbeat_s")
+        try:
+            age = time.time() - (run_dir / LOCK_NAME).stat().st_mtime
+        except OSError:
+            age = None
+        if not isinstance(beat, int | float) or age is None:
+            return f"locked by {host} (cannot be checked from here)"
+        stale_s = LOCK_STALE_BEATS * beat
+        if age <= stale_s:
+            return (
+                f"locked by {host} (running there: its lock was refreshed in the last "
+                f"{stale_s:g} s)"
+            )
+        return (
+            f"locked by {host}, not refreshed for {_duration(age)} (its run is gone; the next "
+            "run takes the lock over)"
+        )
     return "stopped"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def find_unfinished(folders: list[str | Path]) -> list[Unfinished]:

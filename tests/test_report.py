@@ -8,7 +8,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -383,7 +385,13 @@ def test_the_lra_average_is_of_real_data_runs_and_says_what_it_lacks(tmp_path, c
 
 
 def make_unfinished(
-    folder: Path, task: str, steps: int, *, lock_pid: int | None = None, host: str | None = None
+    folder: Path,
+    task: str,
+    steps: int,
+    *,
+    lock_pid: int | None = None,
+    host: str | None = None,
+    **lock_fields: Any,
 ) -> Path:
     """A run folder as the loop leaves it before results.json: config.json, metrics.jsonl (train
     records every 10 steps, val every 20), a committed checkpoint at ``steps + 1`` (a run
@@ -403,7 +411,7 @@ def make_unfinished(
     (folder / "checkpoints" / str(steps + 1)).mkdir(parents=True)
     if lock_pid is not None:
         holder = {"host": host or socket.gethostname(), "pid": lock_pid, "token": "ab"}
-        holder |= {"start_time": "2026-01-01T00:00:00+00:00", "command": "train"}
+        holder |= {"start_time": "2026-01-01T00:00:00+00:00", "command": "train", **lock_fields}
         (folder / "run.lock").write_text(json.dumps(holder, indent=1) + "\n")
     return folder
 
@@ -422,6 +430,11 @@ def test_runs_without_results_get_their_own_table(tmp_path, capsys):
     running = make_unfinished(tmp_path / "running", "text", 100, lock_pid=os.getpid())
     stopped = make_unfinished(tmp_path / "stopped", "listops", 1000, lock_pid=dead_pid())
     remote = make_unfinished(tmp_path / "remote", "image", 40, lock_pid=1, host="other-host")
+    beating = make_unfinished(
+        tmp_path / "beating", "image", 40, lock_pid=1, host="node1", heartbeat_s=30
+    )
+    dead = make_unfinished(tmp_path / "dead", "image", 40, lock_pid=1, host="node2", heartbeat_s=30)
+    os.utime(dead / "run.lock", (time.time() - 3 * 3600, time.time() - 3 * 3600))
     aside = make_unfinished(tmp_path / "done" / "previous-20260101T000000Z", "listops", 20)
     (tmp_path / "model").mkdir()  # another program's config.json beside checkpoints
     (tmp_path / "model" / "config.json").write_text('{"hidden_size": 8}')
@@ -441,6 +454,23 @@ def test_runs_without_results_get_their_own_table(tmp_path, capsys):
             "41",
             "45.00 accuracy (step 20)",
             "locked by other-host (cannot be checked from here)",
+        ],
+        str(beating): [
+            "image",
+            model,
+            "40 / 5000",
+            "41",
+            "45.00 accuracy (step 20)",
+            "locked by node1 (running there: its lock was refreshed in the last 90 s)",
+        ],
+        str(dead): [
+            "image",
+            model,
+            "40 / 5000",
+            "41",
+            "45.00 accuracy (step 20)",
+            "locked by node2, not refreshed for 3.0 h (its run is gone; the next run takes the "
+            "lock over)",
         ],
         str(running): ["text", model, "100 / 5000", "101", "45.00 accuracy (step 20)", "running"],
         str(stopped): [
