@@ -710,8 +710,10 @@ def test_a_lock_of_another_host_that_stopped_refreshing_is_taken_over(tmp_path, 
 
     monkeypatch.setattr(workdir_module, "LOCK_POLL_S", 0.02)
     _write_lock(tmp_path, host="some-other-host", pid=7, heartbeat_s=0.1)
+    stale_s = workdir_module.LOCK_STALE_BEATS * 0.1
     with pytest.warns(
-        StaleLockWarning, match=r"on host some-other-host, which did not refresh it in 0.3 s"
+        StaleLockWarning,
+        match=rf"on host some-other-host, which did not refresh it in {stale_s:g} s",
     ):
         lock = WorkdirLock(tmp_path).acquire()
     assert json.loads(lock.path.read_text())["token"] == lock.token
@@ -737,7 +739,7 @@ def test_a_refreshed_lock_of_another_host_is_a_live_run_s(tmp_path, monkeypatch)
     ):
         WorkdirLock(tmp_path).acquire()
     holder.join()
-    assert time.monotonic() - started < 10  # not the 30 s of three missed heartbeats
+    assert time.monotonic() - started < 10  # not the 40 s of four missed heartbeats
     assert lock.read_bytes() == before
 
 
@@ -757,7 +759,8 @@ def test_a_lock_of_this_host_whose_pid_went_to_another_process_is_taken_over(
     ):
         WorkdirLock(tmp_path).acquire()  # refreshed a moment ago: a live run
     os.utime(lock, (0, 0))  # not refreshed since 1970
-    with pytest.warns(StaleLockWarning, match=r"which did not refresh it in 0.3 s"):
+    stale_s = workdir_module.LOCK_STALE_BEATS * 0.1
+    with pytest.warns(StaleLockWarning, match=rf"which did not refresh it in {stale_s:g} s"):
         WorkdirLock(tmp_path).acquire().release()
     assert not lock.exists()
 

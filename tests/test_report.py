@@ -431,9 +431,9 @@ def test_runs_without_results_get_their_own_table(tmp_path, capsys):
     stopped = make_unfinished(tmp_path / "stopped", "listops", 1000, lock_pid=dead_pid())
     remote = make_unfinished(tmp_path / "remote", "image", 40, lock_pid=1, host="other-host")
     beating = make_unfinished(
-        tmp_path / "beating", "image", 40, lock_pid=1, host="node1", heartbeat_s=30
+        tmp_path / "beating", "image", 40, lock_pid=1, host="node1", heartbeat_s=5
     )
-    dead = make_unfinished(tmp_path / "dead", "image", 40, lock_pid=1, host="node2", heartbeat_s=30)
+    dead = make_unfinished(tmp_path / "dead", "image", 40, lock_pid=1, host="node2", heartbeat_s=5)
     os.utime(dead / "run.lock", (time.time() - 3 * 3600, time.time() - 3 * 3600))
     aside = make_unfinished(tmp_path / "done" / "previous-20260101T000000Z", "listops", 20)
     (tmp_path / "model").mkdir()  # another program's config.json beside checkpoints
@@ -461,7 +461,7 @@ def test_runs_without_results_get_their_own_table(tmp_path, capsys):
             "40 / 5000",
             "41",
             "45.00 accuracy (step 20)",
-            "locked by node1 (running there: its lock was refreshed in the last 90 s)",
+            "locked by node1 (running there: its lock was refreshed in the last 20 s)",
         ],
         str(dead): [
             "image",

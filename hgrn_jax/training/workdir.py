@@ -58,14 +58,16 @@ from hgrn_jax.data.loader import file_in_the_way
 from hgrn_jax.training.logging import jsonable
 
 LOCK_NAME = "run.lock"
-LOCK_HEARTBEAT_S = 30.0
+LOCK_HEARTBEAT_S = 5.0
 """How often a run refreshes its lock file's modification time. A lock names a process, whose
 life only its own host can check; the heartbeat lets a run on another host (a job requeued
 after its node died) tell a live holder from a dead one."""
-LOCK_STALE_BEATS = 3
+LOCK_STALE_BEATS = 4
 """A lock of another host whose file stays unchanged over this many of its holder's heartbeat
-periods is stale (its holder would have refreshed it three times)."""
-LOCK_POLL_S = 5.0
+periods is stale (its holder would have refreshed it four times). Process 0 watches the lock
+while the other processes of a pod wait for it in their first collective, whose set-up gives
+up after 30 s on CPU pods (gloo's rendezvous): 4 x 5 s stays well inside that."""
+LOCK_POLL_S = 1.0
 """How often a run watching another host's lock looks at it again."""
 RESUME_CHOICES = ("auto", "force", "restart")
 
