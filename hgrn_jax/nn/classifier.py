@@ -170,9 +170,10 @@ class HGRNClassifier(nnx.Module):
     Retrieval (``dual=True``): ``model(inputs, mask, inputs2, mask2)`` with the two documents of
     each pair, both (B, L); they pass through one encoder as a batch of 2B (so BatchNorm sees
     both), each is pooled, and the head classifies ``[u, v, u - v, u * v]``. The batch of 2B
-    interleaves the pairs (document 1 and 2 of pair 0, then of pair 1, ...), so that a device
-    holding a pair's rows holds both pooled vectors (one after the other, XLA gathered them
-    whole on a 2 x 2 x 2 mesh: "Involuntary full rematerialization").
+    interleaves the pairs (documents 1 and 2 of pair 0, then of pair 1, ...), so that the device
+    holding a pair's rows holds both its pooled vectors. (With all first documents before all
+    second ones, XLA gathered the pooled vectors whole on a 2 x 2 x 2 mesh: "Involuntary full
+    rematerialization".)
 
     Train/eval: ``model.train()`` / ``model.eval()`` switch dropout and BatchNorm statistics.
     """
