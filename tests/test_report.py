@@ -435,6 +435,10 @@ def test_runs_without_results_get_their_own_table(tmp_path, capsys):
     )
     dead = make_unfinished(tmp_path / "dead", "image", 40, lock_pid=1, host="node2", heartbeat_s=5)
     os.utime(dead / "run.lock", (time.time() - 3 * 3600, time.time() - 3 * 3600))
+    reused = make_unfinished(
+        tmp_path / "reused", "listops", 30, lock_pid=os.getpid(), heartbeat_s=5
+    )
+    os.utime(reused / "run.lock", (0, 0))  # a live pid that stopped refreshing: another process
     aside = make_unfinished(tmp_path / "done" / "previous-20260101T000000Z", "listops", 20)
     (tmp_path / "model").mkdir()  # another program's config.json beside checkpoints
     (tmp_path / "model" / "config.json").write_text('{"hidden_size": 8}')
@@ -473,6 +477,7 @@ def test_runs_without_results_get_their_own_table(tmp_path, capsys):
             "lock over)",
         ],
         str(running): ["text", model, "100 / 5000", "101", "45.00 accuracy (step 20)", "running"],
+        str(reused): ["listops", model, "30 / 5000", "31", "45.00 accuracy (step 20)", "stopped"],
         str(stopped): [
             "listops",
             model,

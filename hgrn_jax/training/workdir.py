@@ -258,10 +258,12 @@ def lock_state(workdir: str | Path) -> tuple[str, dict[str, Any]]:
     """Who holds ``workdir``'s lock, reading only: ``("free", {})`` without a lock file;
     ``("live", holder)`` for a live process of this host; ``("unchecked", holder)`` for a
     process of another host, or a lock that cannot be read (whose holder's life cannot be
-    checked from here); ``("dead", holder)`` for a process of this host that is gone, or a lock
-    naming none (a stale lock: the next run takes it over)."""
+    checked from here); ``("dead", holder)`` for a process of this host that is gone (or whose
+    pid went to another process: its lock was not refreshed for longer than its stale limit),
+    or a lock naming none (a stale lock: the next run takes it over)."""
+    path = Path(workdir) / LOCK_NAME
     try:
-        holder = _holder_in((Path(workdir) / LOCK_NAME).read_bytes())
+        holder = _holder_in(path.read_bytes())
     except FileNotFoundError:
         return "free", {}
     except OSError:
@@ -269,7 +271,21 @@ def lock_state(workdir: str | Path) -> tuple[str, dict[str, Any]]:
     pid = holder.get("pid")
     if holder.get("host") != socket.gethostname():
         return ("unchecked" if holder.get("host") else "dead"), holder
-    return ("live" if isinstance(pid, int) and _process_alive(pid) else "dead"), holder
+    alive = isinstance(pid, int) and _process_alive(pid)
+    return ("live" if alive and not _pid_reused(path, holder) else "dead"), holder
+
+
+def _pid_reused(path: Path, holder: dict[str, Any]) -> bool:
+    """Whether a lock of this host that refreshes itself, naming a live pid, was not refreshed
+    for longer than its stale limit by this host's clock: its run died and the pid went to
+    another process."""
+    if not _beats(holder):
+        return False
+    try:
+        age = time.time() - os.stat(path).st_mtime
+    except OSError:
+        return False
+    return age > _stale_after_s(holder)
 
 
 class WorkdirLock:
@@ -411,7 +427,7 @@ class WorkdirLock:
             holder = {}
         unchanged = None
         if _beats(holder) and (
-            holder.get("host") != socket.gethostname() or self._pid_reused(holder)
+            holder.get("host") != socket.gethostname() or self._live_pid_reused(holder)
         ):
             unchanged = self._watch_holder(holder)
             if unchanged is None:
@@ -486,18 +502,11 @@ class WorkdirLock:
                 )
         return first
 
-    def _pid_reused(self, holder: dict[str, Any]) -> bool:
-        """Whether a lock of this host names a live pid but was not refreshed for longer than
-        its stale limit (by this host's clock): the run died and its pid went to another
-        process. (Then :meth:`_watch_holder` confirms it without trusting clocks.)"""
+    def _live_pid_reused(self, holder: dict[str, Any]) -> bool:
+        """:func:`_pid_reused` for a live pid (then :meth:`_watch_holder` confirms it without
+        trusting clocks)."""
         pid = holder.get("pid")
-        if not isinstance(pid, int) or not _process_alive(pid):
-            return False
-        try:
-            age = time.time() - os.stat(self.path).st_mtime
-        except OSError:
-            return False
-        return age > _stale_after_s(holder)
+        return isinstance(pid, int) and _process_alive(pid) and _pid_reused(self.path, holder)
 
     def _refuse_unless_stale(self, holder: dict[str, Any]) -> None:
         """Raise :class:`WorkdirInUseError` unless ``holder`` is a dead process on this host."""
