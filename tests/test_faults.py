@@ -721,6 +721,16 @@ def test_a_lock_of_another_host_that_stopped_refreshing_is_taken_over(tmp_path, 
     assert not lock.path.exists()
 
 
+def test_a_lock_is_judged_before_a_pod_s_other_processes_give_up_waiting():
+    """Process 0 watches another host's lock while the pod's other processes wait for it in
+    their first collective, whose gloo rendezvous gives up after 30 s (a 90 s watch made them
+    exit 3); the default watch must leave room for start-up jitter."""
+    from hgrn_jax.training import workdir as workdir_module
+
+    watch_s = workdir_module.LOCK_STALE_BEATS * workdir_module.LOCK_HEARTBEAT_S
+    assert watch_s + workdir_module.LOCK_POLL_S <= 21
+
+
 def test_a_refreshed_lock_of_another_host_is_a_live_run_s(tmp_path, monkeypatch):
     """The holder on the other host refreshes its lock while this run watches it: this run
     stops as soon as it sees that, naming the holder, and leaves the lock alone."""
