@@ -763,11 +763,12 @@ def test_a_lock_of_this_host_whose_pid_went_to_another_process_is_taken_over(
     from hgrn_jax.training.workdir import StaleLockWarning, WorkdirInUseError, WorkdirLock
 
     monkeypatch.setattr(workdir_module, "LOCK_POLL_S", 0.02)
-    lock = _write_lock(tmp_path, pid=other_process.pid, heartbeat_s=0.1)
+    lock = _write_lock(tmp_path, pid=other_process.pid, heartbeat_s=30)
     with pytest.raises(
         WorkdirInUseError, match=rf"in use by another run .*pid {other_process.pid}"
     ):
         WorkdirLock(tmp_path).acquire()  # refreshed a moment ago: a live run
+    lock = _write_lock(tmp_path, pid=other_process.pid, heartbeat_s=0.1)
     os.utime(lock, (0, 0))  # not refreshed since 1970
     stale_s = workdir_module.LOCK_STALE_BEATS * 0.1
     with pytest.warns(StaleLockWarning, match=rf"which did not refresh it in {stale_s:g} s"):
