@@ -819,7 +819,7 @@ def test_a_run_refreshes_its_lock_and_stops_before_saving_once_it_is_not_its_own
 
     thief = threading.Thread(target=take_the_lock_after_the_first_checkpoint)
     thief.start()
-    config = _config(checkpoint_every=3, **{"data.sleep_per_step": 0.05})
+    config = _config(checkpoint_every=3, **{"data.sleep_per_step": 0.15})  # time for the thief
     with pytest.raises(WorkdirInUseError, match=r"no longer names this run: it names another run"):
         _run(config, tmp_path)
     thief.join()
