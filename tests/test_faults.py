@@ -815,7 +815,8 @@ def test_a_run_refreshes_its_lock_and_stops_before_saving_once_it_is_not_its_own
         os.utime(lock, ns=(0, 0))
         while os.stat(lock).st_mtime_ns == 0 and time.monotonic() < deadline:
             time.sleep(0.005)  # refreshed by the heartbeat
-        lock.write_text(json.dumps(other))
+        (tmp_path / "other.lock").write_text(json.dumps(other))
+        os.replace(tmp_path / "other.lock", lock)  # whole: the heartbeat never reads it empty
 
     thief = threading.Thread(target=take_the_lock_after_the_first_checkpoint)
     thief.start()
