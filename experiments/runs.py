@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,10 +11,10 @@ from typing import Any
 from experiments.papers import mixer_kind
 from hgrn_jax.training.workdir import (
     LOCK_NAME,
-    LOCK_STALE_BEATS,
     RUN_FILES,
     checkpoint_steps,
     is_run_config,
+    lock_refresh_age,
     lock_state,
 )
 
@@ -277,14 +276,10 @@ def _state(run_dir: Path) -> str:
         return "running"
     if lock == "unchecked":
         host = holder.get("host", "?")
-        beat = holder.get("heartbeat_s")
-        try:
-            age = time.time() - (run_dir / LOCK_NAME).stat().st_mtime
-        except OSError:
-            age = None
-        if not isinstance(beat, int | float) or age is None:
+        refresh = lock_refresh_age(run_dir / LOCK_NAME, holder)
+        if refresh is None:
             return f"locked by {host} (cannot be checked from here)"
-        stale_s = LOCK_STALE_BEATS * beat
+        age, stale_s = refresh
         if age <= stale_s:
             return (
                 f"locked by {host} (running there: its lock was refreshed in the last "

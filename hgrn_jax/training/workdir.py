@@ -275,17 +275,25 @@ def lock_state(workdir: str | Path) -> tuple[str, dict[str, Any]]:
     return ("live" if alive and not _pid_reused(path, holder) else "dead"), holder
 
 
+def lock_refresh_age(path: Path, holder: dict[str, Any]) -> tuple[float, float] | None:
+    """``(seconds since the lock file at path was last refreshed, by this machine's clock;
+    its stale limit)`` for a ``holder`` that refreshes its lock; None for one that does not,
+    or a file that cannot be read."""
+    if not _beats(holder):
+        return None
+    try:
+        age = time.time() - os.stat(path).st_mtime
+    except OSError:
+        return None
+    return age, _stale_after_s(holder)
+
+
 def _pid_reused(path: Path, holder: dict[str, Any]) -> bool:
     """Whether a lock of this host that refreshes itself, naming a live pid, was not refreshed
     for longer than its stale limit by this host's clock: its run died and the pid went to
     another process."""
-    if not _beats(holder):
-        return False
-    try:
-        age = time.time() - os.stat(path).st_mtime
-    except OSError:
-        return False
-    return age > _stale_after_s(holder)
+    refresh = lock_refresh_age(path, holder)
+    return refresh is not None and refresh[0] > refresh[1]
 
 
 class WorkdirLock:
