@@ -263,7 +263,8 @@ def _results_unreadable(run_dir: Path) -> bool:
 
 
 def _state(run_dir: Path) -> str:
-    """``running`` (its run.lock is held by a live process of this host), ``locked by HOST``
+    """``running`` (its run.lock is held by a live process of this host), ``suspended`` (by
+    a process of this host stopped by Ctrl-Z or SIGSTOP), ``locked by HOST``
     (a lock from another host: how long ago its holder last refreshed it, by this machine's
     clock, when it refreshes it at all), ``set aside`` (a ``previous-<time>/`` folder that
     ``--config.resume=restart`` kept), or ``stopped`` (no live lock: preempted, killed or failed
@@ -274,6 +275,9 @@ def _state(run_dir: Path) -> str:
     lock, holder = lock_state(run_dir)
     if lock == "live":
         return "running"
+    if lock == "suspended":
+        pid = holder.get("pid")
+        return f"suspended (Ctrl-Z or SIGSTOP; kill -CONT {pid} resumes it)"
     if lock == "unchecked":
         host = holder.get("host", "?")
         refresh = lock_refresh_age(run_dir / LOCK_NAME, holder)

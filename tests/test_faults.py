@@ -758,7 +758,8 @@ def test_a_lock_of_this_host_whose_pid_went_to_another_process_is_taken_over(
 ):
     """A run that died long ago, whose pid now belongs to another process, used to block every
     rerun (its pid is alive). A lock not refreshed for longer than its stale limit is watched
-    and taken over; a fresh one of a live pid is refused at once, as before."""
+    and taken over; a fresh one of a live pid is refused at once, as before. (A lock without
+    the holder's start: written before runs recorded it, or where there is no /proc.)"""
     from hgrn_jax.training import workdir as workdir_module
     from hgrn_jax.training.workdir import StaleLockWarning, WorkdirInUseError, WorkdirLock
 
@@ -774,6 +775,142 @@ def test_a_lock_of_this_host_whose_pid_went_to_another_process_is_taken_over(
     with pytest.warns(StaleLockWarning, match=rf"which did not refresh it in {stale_s:g} s"):
         WorkdirLock(tmp_path).acquire().release()
     assert not lock.exists()
+
+
+@pytest.fixture
+def suspended_process(other_process):
+    """``other_process`` stopped as Ctrl-Z stops a job (SIGSTOP; SIGTSTP from a terminal)."""
+    from hgrn_jax.training.workdir import process_status
+
+    os.kill(other_process.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while (process_status(other_process.pid) or ("?",))[0] != "T":
+        assert time.monotonic() < deadline, "the process did not stop"
+        time.sleep(0.01)
+    return other_process
+
+
+def _started_as(pid: int) -> dict:
+    """The lock fields of a run that is process ``pid`` of this machine."""
+    from hgrn_jax.training.workdir import process_status, this_machine
+
+    return {"machine": this_machine(), "process_start": process_status(pid)[1]}
+
+
+def test_a_run_s_lock_names_its_machine_and_process_start(tmp_path):
+    from hgrn_jax.training.workdir import WorkdirLock, lock_state
+
+    lock = WorkdirLock(tmp_path).acquire()
+    record = json.loads(lock.path.read_text())
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert record["machine"] == f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    with open(f"/proc/{os.getpid()}/stat") as stat:
+        assert record["process_start"] == int(stat.read().rsplit(")", 1)[1].split()[19])
+    assert lock_state(tmp_path) == ("live", record)
+    lock.release()
+
+
+def test_a_process_s_status_is_read_whatever_its_name():
+    """/proc/PID/stat puts the process's name in parentheses; a name may hold ")" and spaces."""
+    from hgrn_jax.training.workdir import process_status
+
+    renames_itself = (
+        "import time; print(open('/proc/self/stat').read().split()[21], flush=True); "
+        "open('/proc/self/comm', 'w').write('x) (y z'); print('renamed', flush=True); "
+        "time.sleep(60)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", renames_itself], stdout=subprocess.PIPE)
+    try:
+        start = int(child.stdout.readline())
+        assert child.stdout.readline() == b"renamed\n"
+        assert Path(f"/proc/{child.pid}/stat").read_text().count(")") == 2
+        state, started = process_status(child.pid)
+        assert state in "RS" and started == start  # running to its sleep, or sleeping
+    finally:
+        child.kill()
+        child.wait()
+    assert process_status(child.pid) is None
+
+
+def test_a_suspended_run_keeps_its_lock_however_long_it_stood_still(
+    tmp_path, monkeypatch, suspended_process
+):
+    """A run stopped by Ctrl-Z stops refreshing its lock. Judged by the refresh alone, its lock
+    looked like that of a dead run whose pid went to another process, and the next run on the
+    folder took it over after 20 s: two runs on one folder once the first was resumed. A lock
+    of this machine records its process's start, so the process is looked up exactly: the
+    next run stops at once, saying how to resume or end the suspended one."""
+    from hgrn_jax.training import workdir as workdir_module
+    from hgrn_jax.training.workdir import WorkdirInUseError, WorkdirLock, lock_state
+
+    monkeypatch.setattr(workdir_module, "LOCK_POLL_S", 0.02)
+    pid = suspended_process.pid
+    lock = _write_lock(tmp_path, pid=pid, heartbeat_s=0.1, **_started_as(pid))
+    os.utime(lock, (0, 0))  # not refreshed since 1970
+    before = lock.read_bytes()
+    with pytest.raises(
+        WorkdirInUseError,
+        match=rf"in use by a suspended run \(host .*, pid {pid}.*kill -CONT {pid}\)",
+    ):
+        WorkdirLock(tmp_path).acquire()
+    assert lock.read_bytes() == before
+    assert lock_state(tmp_path)[0] == "suspended"
+    os.kill(pid, signal.SIGCONT)
+    with pytest.raises(WorkdirInUseError, match=rf"in use by another run .*pid {pid}"):
+        WorkdirLock(tmp_path).acquire()  # running again: refused as any live run
+    assert lock.read_bytes() == before
+
+
+def test_a_lock_whose_pid_names_a_later_process_is_taken_over_at_once(
+    tmp_path, monkeypatch, other_process
+):
+    """A fresh lock naming a live pid was refused: the pid could be the run's. With the run's
+    start recorded, a live process that started at another moment is not the run (its pid was
+    reused): the lock is taken over at once, without watching it."""
+    from hgrn_jax.training import workdir as workdir_module
+    from hgrn_jax.training.workdir import StaleLockWarning, WorkdirLock, lock_state
+
+    monkeypatch.setattr(workdir_module, "LOCK_POLL_S", 0.02)
+    started = _started_as(other_process.pid)
+    started["process_start"] -= 1
+    lock = _write_lock(tmp_path, pid=other_process.pid, heartbeat_s=30, **started)
+    assert lock_state(tmp_path)[0] == "dead"
+    begun = time.monotonic()
+    with pytest.warns(
+        StaleLockWarning, match=rf"left by a run that is gone .*pid {other_process.pid}"
+    ):
+        WorkdirLock(tmp_path).acquire().release()
+    assert time.monotonic() - begun < 30  # not watched for 4 x 30 s
+    assert not lock.exists()
+
+
+def test_a_lock_of_another_machine_with_this_host_name_is_watched_not_looked_up(
+    tmp_path, monkeypatch
+):
+    """Two machines (containers, a rebooted node) may share a host name. The pid of a lock
+    written by the other was looked up here: a pid not running here had its lock taken over at
+    once, however live its run. A lock of another machine is watched as another host's."""
+    from hgrn_jax.training import workdir as workdir_module
+    from hgrn_jax.training.workdir import (
+        StaleLockWarning,
+        WorkdirInUseError,
+        WorkdirLock,
+        lock_state,
+    )
+
+    monkeypatch.setattr(workdir_module, "LOCK_POLL_S", 0.02)
+    other = {"machine": "another-boot/4026531836", "process_start": 12}
+    lock = _write_lock(tmp_path, pid=_dead_pid(), heartbeat_s=10, **other)
+    assert lock_state(tmp_path)[0] == "unchecked"
+    beat = threading.Timer(0.2, lambda: os.utime(lock, ns=(1, time.time_ns())))
+    beat.start()
+    with pytest.raises(WorkdirInUseError, match=r"in use by a live run .*changed a moment ago"):
+        WorkdirLock(tmp_path).acquire()
+    beat.join()
+    assert lock.exists()
+    _write_lock(tmp_path, pid=_dead_pid(), heartbeat_s=0.1, **other)
+    with pytest.warns(StaleLockWarning, match=r"which did not refresh it in 0.4 s"):
+        WorkdirLock(tmp_path).acquire().release()
 
 
 def test_a_held_lock_is_refreshed_every_heartbeat_until_released(tmp_path, monkeypatch):

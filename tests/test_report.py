@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -494,6 +495,35 @@ def test_runs_without_results_get_their_own_table(tmp_path, capsys):
     labels = {run.path.name: run.curve_label for run in runs}
     assert labels["running"] == f"{running} (in progress)"
     assert labels["stopped"] == f"{stopped} (unfinished)"
+
+
+def test_a_suspended_run_is_reported_as_such(tmp_path, capsys):
+    """A run stopped by Ctrl-Z was "running" (its pid is alive), or "stopped" once its lock had
+    not been refreshed for 20 s (judged a reused pid). A lock of this machine records its
+    process's start: the run is "suspended", with how to resume it; a live pid that started
+    at another moment is not the run's."""
+    from hgrn_jax.training.workdir import process_status, this_machine
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.kill(sleeper.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while (process_status(sleeper.pid) or ("?",))[0] != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        start = process_status(sleeper.pid)[1]
+        fields = {"heartbeat_s": 5, "machine": this_machine(), "lock_pid": sleeper.pid}
+        paused = make_unfinished(tmp_path / "paused", "text", 40, process_start=start, **fields)
+        os.utime(paused / "run.lock", (0, 0))
+        reused = make_unfinished(tmp_path / "reused", "text", 40, process_start=start - 1, **fields)
+        assert report.main([str(tmp_path), "--png", str(tmp_path / "c.png")]) == 0
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    table = section(capsys.readouterr().out, "Runs without results")
+    assert {r[0]: r[-1] for r in body_rows(table)} == {
+        str(paused): f"suspended (Ctrl-Z or SIGSTOP; kill -CONT {sleeper.pid} resumes it)",
+        str(reused): "stopped",
+    }
 
 
 def test_a_folder_of_unfinished_runs_only_is_reported(tmp_path, capsys):

@@ -203,6 +203,59 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def this_machine() -> str | None:
+    """``"<boot id>/<pid namespace>"``: processes that see the same value see the same process
+    behind a pid (the same boot of the same machine, the same pid namespace: a container on
+    the same machine has its own); None without Linux's ``/proc``."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+    return f"{boot}/{namespace}"
+
+
+def process_status(pid: int) -> tuple[str, int] | None:
+    """``(state letter, start time in clock ticks after boot)`` of process ``pid`` from
+    ``/proc/<pid>/stat`` (``R``/``S``/``D`` running or waiting, ``T``/``t`` stopped, ``Z``
+    exited, not yet reaped); None when there is no such process (or no ``/proc``)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+        after_name = text[text.rindex(")") + 2 :].split()  # the name may hold spaces and ")"
+        return after_name[0], int(after_name[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _same_machine(holder: dict[str, Any]) -> bool:
+    """Whether ``holder``'s pid names a process this process can look up: it is of this host
+    and, where both record it, of this :func:`this_machine` (a lock of the same host name but
+    another boot, or another container's pid namespace, is another machine's)."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    machine = holder.get("machine")
+    return machine is None or this_machine() in (None, machine)
+
+
+def _judged_here(holder: dict[str, Any]) -> str | None:
+    """``"running"``, ``"suspended"`` (stopped by Ctrl-Z or SIGSTOP) or ``"gone"`` (exited, or
+    its pid now names a process started later) for a holder this process can judge exactly:
+    one of this host, boot and pid namespace that recorded its start; None for any other
+    (another machine's, a container's, or a lock from before runs recorded theirs)."""
+    pid, start = holder.get("pid"), holder.get("process_start")
+    if (
+        not _same_machine(holder)
+        or not isinstance(pid, int)
+        or not isinstance(start, int)
+        or holder.get("machine") != this_machine()
+    ):
+        return None
+    status = process_status(pid)
+    if status is None or status[1] != start or status[0] in "ZX":
+        return "gone"
+    return "suspended" if status[0] in "Tt" else "running"
+
+
 def _write_synced(path: Path, flags: int, data: bytes) -> None:
     fd = os.open(path, flags, 0o666)
     with os.fdopen(fd, "wb") as f:
@@ -256,10 +309,10 @@ def _lock_signature(path: Path) -> tuple[int, ...] | None:
 
 def lock_state(workdir: str | Path) -> tuple[str, dict[str, Any]]:
     """Who holds ``workdir``'s lock, reading only: ``("free", {})`` without a lock file;
-    ``("live", holder)`` for a live process of this host; ``("unchecked", holder)`` for a
-    process of another host, or a lock that cannot be read (whose holder's life cannot be
-    checked from here); ``("dead", holder)`` for a process of this host that is gone (or whose
-    pid went to another process: its lock was not refreshed for longer than its stale limit),
+    ``("live", holder)`` for a live process of this host; ``("suspended", holder)`` for one
+    stopped by Ctrl-Z or SIGSTOP; ``("unchecked", holder)`` for a process of another host, or a
+    lock that cannot be read (whose holder's life cannot be checked from here); ``("dead",
+    holder)`` for a process of this host that is gone (or whose pid went to another process),
     or a lock naming none (a stale lock: the next run takes it over)."""
     path = Path(workdir) / LOCK_NAME
     try:
@@ -268,8 +321,11 @@ def lock_state(workdir: str | Path) -> tuple[str, dict[str, Any]]:
         return "free", {}
     except OSError:
         return "unchecked", {}
+    judged = _judged_here(holder)
+    if judged is not None:
+        return {"running": "live", "suspended": "suspended", "gone": "dead"}[judged], holder
     pid = holder.get("pid")
-    if holder.get("host") != socket.gethostname():
+    if not _same_machine(holder):
         return ("unchecked" if holder.get("host") else "dead"), holder
     alive = isinstance(pid, int) and _process_alive(pid)
     return ("live" if alive and not _pid_reused(path, holder) else "dead"), holder
@@ -291,7 +347,8 @@ def lock_refresh_age(path: Path, holder: dict[str, Any]) -> tuple[float, float] 
 def _pid_reused(path: Path, holder: dict[str, Any]) -> bool:
     """Whether a lock of this host that refreshes itself, naming a live pid, was not refreshed
     for longer than its stale limit by this host's clock: its run died and the pid went to
-    another process."""
+    another process (for a lock that :func:`_judged_here` cannot judge; a stopped run's lock
+    looks the same)."""
     refresh = lock_refresh_age(path, holder)
     return refresh is not None and refresh[0] > refresh[1]
 
@@ -321,6 +378,9 @@ class WorkdirLock:
             "token": self.token,
             "heartbeat_s": LOCK_HEARTBEAT_S,
         }
+        status = process_status(os.getpid())
+        if status is not None and this_machine() is not None:
+            record |= {"machine": this_machine(), "process_start": status[1]}
         data = (json.dumps(record, indent=1) + "\n").encode()
         for _ in range(3):
             try:
@@ -434,8 +494,10 @@ class WorkdirLock:
         except OSError:
             holder = {}
         unchanged = None
-        if _beats(holder) and (
-            holder.get("host") != socket.gethostname() or self._live_pid_reused(holder)
+        if (
+            _judged_here(holder) is None
+            and _beats(holder)
+            and (not _same_machine(holder) or self._live_pid_reused(holder))
         ):
             unchanged = self._watch_holder(holder)
             if unchanged is None:
@@ -518,10 +580,20 @@ class WorkdirLock:
 
     def _refuse_unless_stale(self, holder: dict[str, Any]) -> None:
         """Raise :class:`WorkdirInUseError` unless ``holder`` is a dead process on this host."""
-        same_host = holder.get("host") == socket.gethostname()
+        same_host = _same_machine(holder)
         pid = holder.get("pid")
-        if same_host and isinstance(pid, int) and not _process_alive(pid):
+        judged = _judged_here(holder)
+        if judged == "gone" or (
+            judged is None and same_host and isinstance(pid, int) and not _process_alive(pid)
+        ):
             return
+        if judged == "suspended":
+            raise WorkdirInUseError(
+                f"{self.workdir} is in use by a suspended run ({_describe(holder)}; lock file "
+                f"{self.path}): its process is stopped (Ctrl-Z or SIGSTOP), not gone; resume it "
+                f"(fg in its shell, or kill -CONT {pid}) or end it (kill {pid}; kill -CONT "
+                f"{pid}: it saves a checkpoint and exits), or use another --workdir"
+            )
         how = (
             "if no run is using it any more"
             if same_host or not holder
