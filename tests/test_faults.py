@@ -585,6 +585,66 @@ def test_an_unverified_checkpoint_that_does_not_restore_is_moved_aside_uncertifi
     assert not integrity.has_manifest(folder / "1")
 
 
+def test_a_resume_refused_by_the_input_pipeline_leaves_config_json(tmp_path):
+    """config.json was written before the input pipeline's state was restored: a resume that
+    the pipeline refused (batch size changed with resume=force) left the new settings in it,
+    and the original command was then refused as a config change (a review reproduced it)."""
+    _run(_config(num_train_steps=6, **{"data.grain": True}), tmp_path)
+    saved = (tmp_path / "config.json").read_bytes()
+    changed = _config(num_train_steps=12, batch_size=16, resume="force", **{"data.grain": True})
+    with pytest.raises(ValueError, match="cannot resume the input pipeline at step 6"):
+        _run(changed, tmp_path)
+    assert (tmp_path / "config.json").read_bytes() == saved
+    assert _run(_config(num_train_steps=9, **{"data.grain": True}), tmp_path)["steps"] == 9
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB"),
+        MemoryError(),
+        RuntimeError("UNAVAILABLE: the storage service did not answer"),
+    ],
+)
+def test_an_unverified_checkpoint_that_fails_for_want_of_memory_is_kept(
+    tmp_path, monkeypatch, failure
+):
+    """The newest checkpoint has no checksums until the next save records them. One that failed
+    to restore for any reason but an unreadable file was moved aside as damaged, and the run went
+    on from an older one: a device out of memory on a resume over fewer devices cost the user
+    every step since (a review reproduced it). A failure of the machine, not of the files,
+    stops the run with the checkpoint in place."""
+    from hgrn_jax.training import integrity
+    from hgrn_jax.training.checkpoint import Checkpoints
+
+    folder = tmp_path / "ckpt"
+    tree = {"w": jnp.arange(1000.0)}
+    earlier = Checkpoints(folder, keep=3, async_save=False)
+    earlier.save(1, tree, {"step": 1})
+    earlier.save(2, tree, {"step": 2})
+    earlier.close()
+    (folder / "2" / integrity.MANIFEST).unlink()
+    before = _tree_digest(folder)
+
+    def fails(*args, **kwargs):
+        raise failure
+
+    checkpoints = Checkpoints(folder, keep=3)
+    monkeypatch.setattr(checkpoints.manager, "restore", fails)
+    with (
+        warnings.catch_warnings(),
+        pytest.raises(
+            integrity.CheckpointError,
+            match=r"did not restore for a reason that is not damage to its files .*nothing was "
+            r"changed\. Free what it needs",
+        ),
+    ):
+        warnings.simplefilter("ignore", category=RuntimeWarning)  # restoring it unverified
+        checkpoints.restore_latest(jax.eval_shape(lambda: tree))
+    checkpoints.close()
+    assert _tree_digest(folder) == before and not (tmp_path / "ckpt.damaged").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Unreadable checkpoints: exit 2, one line, nothing touched
 # ----------------------------------------------------------------------------------------------

@@ -114,6 +114,28 @@ class NoUsableCheckpointError(CheckpointError):
     from step 0 over its own history unless asked to (``--config.resume=restart``)."""
 
 
+# Failures of a restore that say nothing of its files (memory, a service, a cancelled read):
+# a checkpoint without checksums that fails so is kept, not moved aside as damaged.
+NOT_DAMAGE_MARKERS = (
+    "RESOURCE_EXHAUSTED",
+    "out of memory",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "CANCELLED",
+)
+
+
+def _not_damage(failure: BaseException | None, text: str) -> bool:
+    """Whether a restore's ``failure`` (``text``: its one-line message) is of the machine, not
+    of the checkpoint's files."""
+    if failure is None:
+        return False
+    if isinstance(failure, MemoryError):
+        return True
+    lowered = text.lower()
+    return any(marker.lower() in lowered for marker in NOT_DAMAGE_MARKERS)
+
+
 def _key_name(key: Any) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
@@ -395,10 +417,18 @@ class Checkpoints:
                 f"cannot read checkpoint {self.step_folder(step)} ({text[:200]}); give this user "
                 "read access to it (or fix the file system) and run again"
             ) from None
-        if agreement.broadcast_code(int(verified)):
+        if agreement.broadcast_code(int(verified)) or agreement.any_process(
+            _not_damage(failure, text)
+        ):
+            how = (
+                "passes its checksums but does not restore"
+                if verified
+                else "did not restore for a reason that is not damage to its files"
+            )
             raise integrity.CheckpointError(
-                f"checkpoint {self.step_folder(step)} passes its checksums but does not restore "
-                f"({text}); nothing was changed. Rerun with --traceback and report it"
+                f"checkpoint {self.step_folder(step)} {how} ({text}); nothing was changed. "
+                "Free what it needs (device memory, a service) and rerun; if it fails again, "
+                "rerun with --traceback and report it"
             ) from None
         raise self._moved(
             step,

@@ -401,9 +401,9 @@ def prepare_workdir(workdir: Path, config: Any) -> WorkdirLock:
 
 
 def commit_config(workdir: Path, config: Any) -> None:
-    """Write ``config.json`` (process 0) once the run's checkpoint has been restored with
-    ``config``, so that a refused checkpoint leaves the saved config as it was; every process
-    learns the outcome."""
+    """Write ``config.json`` (process 0) once the run's checkpoint and input pipeline have
+    been restored with ``config``, so that a refused resume leaves the saved config as it was;
+    every process learns the outcome."""
     error = None
     if jax.process_index() == 0:
         try:
@@ -531,7 +531,6 @@ def _train_validate_and_test(
         state, meta = restored
         release_buffers(run.state)  # the fresh initial state is not needed: free its memory
         input_state = run.checkpoints.input_state(int(meta["step"]))
-    commit_config(workdir, config)
     start = int(meta["step"])
     run.writer.rewind(start)
     wall_before = float(meta.get("wall_time_s", 0.0))
@@ -545,6 +544,7 @@ def _train_validate_and_test(
     except Exception as failure:  # one process's data files: every process stops
         error = failure
     agreement.share_failures(error, "opening and checking the data splits")
+    commit_config(workdir, config)  # after the input resumed: a refusal leaves config.json
     if restored is not None and input_state is None and batches.stateful:
         warnings.warn(
             f"the checkpoint at step {start} holds no input-pipeline state (saved by older "
