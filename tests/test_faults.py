@@ -478,6 +478,33 @@ def test_every_checkpoint_damaged_stops_instead_of_starting_over_the_run(copy_of
     assert results["steps"] == 12 and len(list(run.glob("previous-*/checkpoints.damaged/*"))) == 3
 
 
+def test_a_run_whose_checkpoints_were_deleted_is_not_trained_again_over_its_history(
+    copy_of_finished,
+):
+    """Checkpoints deleted to save space (or purged from scratch storage), the same command
+    rerun: the run started again from step 0, cut metrics.jsonl back to nothing and wrote its
+    new results over the old (a review reproduced it). It stops, touching nothing, and names
+    --config.resume=restart, which keeps the old run and starts again."""
+    from hgrn_jax.training.workdir import WorkdirError
+
+    run = copy_of_finished
+    shutil.rmtree(run / "checkpoints")
+    kept = _tree_digest(run)
+    message = (
+        rf"^{run} holds a finished run's results.json but no checkpoint in {run}/checkpoints "
+        r"\(deleted\?\); nothing was changed\. .*--config\.resume=restart"
+    )
+    with pytest.raises(WorkdirError, match=message):
+        _run(_config(), run)
+    (run / "results.json").unlink()  # a run stopped before its end: its metrics tell
+    kept = _tree_digest(run)
+    with pytest.raises(WorkdirError, match=r"holds metrics logged up to step 12 \(it checkpoints"):
+        _run(_config(resume="force"), run)
+    assert _tree_digest(run) == kept
+    assert _run(_config(resume="restart"), run)["steps"] == 12
+    assert _tree_digest(next(run.glob("previous-*"))) == kept
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "remove_file"])
 def test_truncated_or_missing_files_are_moved_aside_not_deleted(copy_of_finished, finished, damage):

@@ -836,6 +836,46 @@ LISTED_CHANGES = 6
 first attempt with another config file changes dozens of keys)."""
 
 
+def _last_logged_step(metrics: Path) -> int:
+    """The largest ``step`` in a ``metrics.jsonl`` (0 without one; unreadable lines skipped)."""
+    last = 0
+    try:
+        lines = metrics.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        try:
+            step = json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(step, int):
+            last = max(last, step)
+    return last
+
+
+def _refuse_history_without_checkpoints(workdir: Path, saved: dict[str, Any]) -> None:
+    """Raise :class:`WorkdirError` when ``workdir`` has no checkpoint but a finished run's
+    ``results.json``, or metrics logged past the step of its first checkpoint: its checkpoints
+    were deleted, and a rerun would train from step 0 over its history. (An attempt that
+    stopped before its first checkpoint is rerun as before.)"""
+    flat = flatten_keys(saved)
+    total = flat.get("num_train_steps")
+    first = flat.get("checkpoint_every") or flat.get("eval_every") or total
+    logged = _last_logged_step(workdir / "metrics.jsonl")
+    if (workdir / "results.json").exists():
+        what = "a finished run's results.json"
+    elif isinstance(first, int) and first > 0 and logged > first:
+        what = f"metrics logged up to step {logged} (it checkpoints every {first} steps)"
+    else:
+        return
+    raise WorkdirError(
+        f"{workdir} holds {what} but no checkpoint in {workdir / 'checkpoints'} (deleted?); "
+        "nothing was changed. To train that run again from step 0, rerun with "
+        "--config.resume=restart (it keeps the old run in a previous-<time>/ folder), or use a "
+        "new --workdir"
+    )
+
+
 def check_resume(
     workdir: str | Path, config: Any, defaults: Mapping[str, Any] | None = None
 ) -> list[str]:
@@ -871,6 +911,8 @@ def check_resume(
         return []
     if saved is None:
         return []
+    if not has_checkpoint(workdir):
+        _refuse_history_without_checkpoints(workdir, saved)
     structural, harmless, other = compare_configs(saved, config, defaults)
     if structural and not has_checkpoint(workdir):
         changes = structural + other
