@@ -98,9 +98,33 @@ def write_manifest(folder: str | Path) -> None:
     for path in _files(folder):
         size, sha = _digest(path)
         files[path.relative_to(folder).as_posix()] = {"size": size, "sha256": sha}
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1, sort_keys=True))
-    os.replace(tmp, folder / MANIFEST)
+    replace_synced(
+        folder / MANIFEST,
+        json.dumps({"algorithm": "sha256", "files": files}, indent=1, sort_keys=True),
+    )
+
+
+def replace_synced(path: Path, text: str) -> None:
+    """Replace the file at ``path`` by ``text`` atomically (a temporary file, then a rename),
+    the bytes synced to disk before the rename and the rename after it: a power loss leaves
+    the old file or the new one, never an empty one (a file system may commit a rename before
+    the data it names)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+    try:
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(folder)
+    except OSError:
+        pass  # a file system that cannot sync a folder (some network ones)
+    finally:
+        os.close(folder)
 
 
 def has_manifest(folder: str | Path) -> bool:

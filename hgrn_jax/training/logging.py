@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from hgrn_jax.training.integrity import replace_synced
+
 
 def jsonable(value: Any) -> Any:
     """``value`` with dict keys as strings, tuples as lists, arrays and numpy scalars as Python
@@ -39,11 +41,8 @@ def jsonable(value: Any) -> Any:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Write ``obj`` as indented JSON atomically and durably (:func:`integrity.replace_synced`)."""
+    replace_synced(Path(path), json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n")
 
 
 class MetricsWriter:
