@@ -612,6 +612,19 @@ def test_an_unverified_checkpoint_that_does_not_restore_is_moved_aside_uncertifi
     assert not integrity.has_manifest(folder / "1")
 
 
+def test_rerunning_a_finished_run_with_fewer_steps_leaves_its_config_json(copy_of_finished):
+    """A finished run rerun with fewer steps and another learning rate trains nothing, but its
+    config.json took the new values: it then described a run that never ran (a user's
+    review)."""
+    run = copy_of_finished
+    saved = (run / "config.json").read_bytes()
+    changed = _config(num_train_steps=6, **{"optimizer.learning_rate": 1e-4})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)  # the new values, listed
+        assert _run(changed, run)["steps"] == 12
+    assert (run / "config.json").read_bytes() == saved
+
+
 def test_a_resume_refused_by_the_input_pipeline_leaves_config_json(tmp_path):
     """config.json was written before the input pipeline's state was restored: a resume that
     the pipeline refused (batch size changed with resume=force) left the new settings in it,

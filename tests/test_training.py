@@ -1091,6 +1091,29 @@ def test_time_budget_ends_the_run_like_its_last_step_and_a_rerun_trains_no_more(
         check_run_lengths(config)
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("model.dropout", 1.5, r"config\.model\.dropout=1\.5 must be a dropout rate in \[0, 1\)"),
+        ("model.dropout", -0.1, r"config\.model\.dropout=-0\.1 must be a dropout rate"),
+        ("keep_checkpoints", 0, r"config\.keep_checkpoints=0 must be at least 1"),
+        ("keep_checkpoints", -1, r"config\.keep_checkpoints=-1 must be at least 1"),
+    ],
+)
+def test_out_of_range_dropout_and_kept_checkpoints_are_refused(key, value, message):
+    """A dropout rate of 1.5 or -0.1 trained (the first to 11.7% validation accuracy against
+    19.5%), and keep_checkpoints 0 or -1 quietly meant 1 (a user's review)."""
+    from hgrn_jax.training.config_checks import check_config_values
+
+    config = toy_config()
+    config.model.dropout = 0.0
+    check_config_values(config)
+    section, name = (config.model, "dropout") if key == "model.dropout" else (config, key)
+    section[name] = value
+    with pytest.raises(ValueError, match=message):
+        check_config_values(config)
+
+
 def test_a_first_ctrl_c_asks_for_a_stop_and_a_second_or_a_late_one_interrupts(capfd):
     """A Ctrl-C used to raise KeyboardInterrupt wherever training was, losing the steps since
     the last checkpoint. The first one in the training loop now asks for a stop after the

@@ -51,7 +51,7 @@ TFDS_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 VERSION = "1.0.0"
 RELEASE_NOTES = {VERSION: "First release: the readers of hgrn_jax.data, fixed-shape arrays."}
 LRA_LAYOUT = """\
-Unpack lra_release.gz (google-research/long-range-arena, "Dataset Setup") and pass the folder as
+Unpack lra_release.gz (google-research/long-range-arena, "Dataset Setup") and pass the folder as \
 the manual folder (data.lra_dir; the lra_release/ level may be doubled or absent):
   lra_release/listops-1000/basic_{train,val,test}.tsv
   lra_release/tsv_data/new_aan_pairs.{train,eval,test}.tsv
@@ -59,9 +59,9 @@ the manual folder (data.lra_dir; the lra_release/ level may be doubled or absent
   lra_release/pathfinder128/curv_contour_length_14/{imgs,metadata}
 """
 WIKITEXT_LAYOUT = """\
-Unpack wikitext-103-v1.zip and pass the folder holding wiki.{train,valid,test}.tokens (or its
-parent with wikitext-103/) as the manual folder (data.wikitext_dir); the GPT-2 BPE tokenizer is a
-local file (data.tokenizer_path: tokenizer.json, or a folder with encoder.json + vocab.bpe or
+Unpack wikitext-103-v1.zip and pass the folder holding wiki.{train,valid,test}.tokens (or its \
+parent with wikitext-103/) as the manual folder (data.wikitext_dir); the GPT-2 BPE tokenizer is a \
+local file (data.tokenizer_path: tokenizer.json, or a folder with encoder.json + vocab.bpe or \
 vocab.json + merges.txt), or `bytes`.
 """
 

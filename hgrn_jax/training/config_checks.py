@@ -166,9 +166,16 @@ def check_mesh_and_batches(
 
 
 def check_run_lengths(config: Any) -> None:
-    """Raise ValueError naming the key when a step count or frequency is not positive, or the
-    time budget is negative."""
-    for key in ("num_train_steps", "eval_every", "checkpoint_every", "log_every"):
+    """Raise ValueError naming the key when a step count, frequency or the number of
+    checkpoints kept is not positive (``keep_checkpoints`` 0 or -1 meant 1), or the time
+    budget is negative."""
+    for key in (
+        "num_train_steps",
+        "eval_every",
+        "checkpoint_every",
+        "log_every",
+        "keep_checkpoints",
+    ):
         value = config_int(config, key, 1)
         if value < 1:
             raise ValueError(f"config.{key}={value} must be at least 1; set --config.{key}")
@@ -178,6 +185,27 @@ def check_run_lengths(config: Any) -> None:
             f"config.max_train_time_s={budget} must be 0 (no limit) or a number of seconds; "
             "set --config.max_train_time_s"
         )
+
+
+def check_probabilities(config: Any) -> None:
+    """Raise ValueError naming the key when a dropout rate of ``config.model`` (any key that
+    ends in ``dropout``, nested ones too) is not in [0, 1): 1.5 and -0.1 used to train."""
+    model = config.get("model", None) if hasattr(config, "get") else None
+    pending = [("model", model)]
+    while pending:
+        prefix, section = pending.pop()
+        if not hasattr(section, "items"):
+            continue
+        for key, value in section.items():
+            name = f"{prefix}.{key}"
+            if hasattr(value, "items"):
+                pending.append((name, value))
+            elif str(key).endswith("dropout") and isinstance(value, int | float):
+                if isinstance(value, bool) or not 0 <= value < 1:
+                    raise ValueError(
+                        f"config.{name}={value} must be a dropout rate in [0, 1); set "
+                        f"--config.{name} (0 turns it off)"
+                    )
 
 
 def check_seed(config: Any) -> None:
@@ -218,6 +246,7 @@ def check_config_values(config: Any) -> None:
     from hgrn_jax.training.task_choice import dataset_entry
 
     check_run_lengths(config)
+    check_probabilities(config)
     check_seed(config)
     entry = dataset_entry(config)
     registry.check_model_sizes(config, entry)

@@ -544,7 +544,8 @@ def _train_validate_and_test(
     except Exception as failure:  # one process's data files: every process stops
         error = failure
     agreement.share_failures(error, "opening and checking the data splits")
-    commit_config(workdir, config)  # after the input resumed: a refusal leaves config.json
+    if restored is None or start < total_steps:  # a finished run trains nothing of config
+        commit_config(workdir, config)  # after the input resumed: a refusal leaves config.json
     if restored is not None and input_state is None and batches.stateful:
         warnings.warn(
             f"the checkpoint at step {start} holds no input-pipeline state (saved by older "
