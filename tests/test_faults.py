@@ -1425,6 +1425,33 @@ def test_a_workdir_that_is_a_file_is_named_so(tmp_path):
 SMALL_LISTOPS = dict(min_length=8, max_length=60, num_train=4, num_val=2, num_test=2)
 
 
+@pytest.mark.parametrize("errno_code", [errno.EROFS, errno.EACCES])
+def test_a_cache_dir_that_cannot_be_written_names_the_key(tmp_path, monkeypatch, errno_code):
+    """A read-only (or forbidden) cache_dir stopped the run with a bare OSError naming a
+    subfolder (a user's review); it names config.data.cache_dir and the fix, for the prepared
+    release caches and ListOps's generated set alike. (Simulated: the tests may run as root,
+    whom permissions do not stop.)"""
+    from hgrn_jax.data import listops, loader
+
+    real_mkdir = Path.mkdir
+
+    def refused(self, *args, **kwargs):
+        if self.is_relative_to(tmp_path / "ro"):
+            raise OSError(errno_code, os.strerror(errno_code), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    expected = (
+        rf"^config\.data\.cache_dir='{re.escape(str(tmp_path / 'ro'))}' cannot hold the prepared "
+        rf"data \({re.escape(os.strerror(errno_code))}: .*\); set --config\.data\.cache_dir to a "
+        "folder this user can write$"
+    )
+    with pytest.raises(ValueError, match=expected):
+        loader.prepared(tmp_path / "ro", "listops", {"k": 1}, lambda folder: None)
+    with pytest.raises(ValueError, match=expected):
+        listops.ensure_generated(tmp_path / "ro", listops.ListOpsSpec(**SMALL_LISTOPS), 0)
+
+
 def test_a_cache_dir_that_is_a_file_names_the_key(tmp_path):
     """config.data.cache_dir naming a file, or below one, stops naming the key, the path and
     the fix (it was a NotADirectoryError naming a subfolder of it), for the prepared release

@@ -278,11 +278,13 @@ def ensure_generated(cache_dir: str | Path, spec: ListOpsSpec, seed: int) -> Pat
     if all((folder / split_filename(s)).is_file() for s in SPLITS):
         return folder
     loader.check_cache_dir(cache_dir)
-    write_tsv(folder, generate(spec, seed))
-    _atomic_write(
-        folder / "spec.json",
-        json.dumps({"spec": dataclasses.asdict(spec), "seed": seed}, indent=1) + "\n",
-    )
+    examples = generate(spec, seed)
+    with loader.naming_the_cache_dir(cache_dir):
+        write_tsv(folder, examples)
+        _atomic_write(
+            folder / "spec.json",
+            json.dumps({"spec": dataclasses.asdict(spec), "seed": seed}, indent=1) + "\n",
+        )
     return folder
 
 

@@ -16,6 +16,8 @@ the process's slice, so they, too, are exact on resumption and independent of th
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -25,7 +27,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +163,22 @@ def check_cache_dir(cache_dir: str | Path) -> None:
     )
 
 
+@contextlib.contextmanager
+def naming_the_cache_dir(cache_dir: str | Path) -> Iterator[None]:
+    """Turn a read-only or forbidden ``cache_dir`` (an ``OSError`` naming a subfolder of it)
+    into a ValueError naming ``config.data.cache_dir`` and the fix."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise ValueError(
+            f"config.data.cache_dir={str(cache_dir)!r} cannot hold the prepared data "
+            f"({error.strerror}: {error.filename}); set --config.data.cache_dir to a folder "
+            "this user can write"
+        ) from None
+
+
 def cache_folder(cache_dir: str | Path, name: str, key: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     return Path(cache_dir) / f"{name}-{digest[:12]}"
@@ -182,8 +200,9 @@ def prepared(
         _warn_of_skipped(folder)
         return folder
     check_cache_dir(cache_dir)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
+    with naming_the_cache_dir(cache_dir):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
     try:
         follow_umask(tmp, directory=True)
         with warnings.catch_warnings(record=True) as caught:
