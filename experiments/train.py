@@ -37,6 +37,7 @@ warning and used.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import NoReturn
 
@@ -91,8 +92,6 @@ def _end_by_sigint() -> NoReturn:
     the interpreter's shutdown is skipped: interrupted while JAX built the model (2.5-4 s
     into a run), it ended in a segmentation fault in 5 of 6 tries, status 139, after the
     one-line message."""
-    import signal
-
     sys.stdout.flush()
     sys.stderr.flush()
     signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -19,6 +19,7 @@ import numpy as np
 
 from hgrn_jax import sharding
 from hgrn_jax.training import optim
+from hgrn_jax.training.workdir import flatten_keys
 
 
 def config_int(config: Any, key: str, default: int) -> int:
@@ -191,21 +192,16 @@ def check_probabilities(config: Any) -> None:
     """Raise ValueError naming the key when a dropout rate of ``config.model`` (any key that
     ends in ``dropout``, nested ones too) is not in [0, 1): 1.5 and -0.1 used to train."""
     model = config.get("model", None) if hasattr(config, "get") else None
-    pending = [("model", model)]
-    while pending:
-        prefix, section = pending.pop()
-        if not hasattr(section, "items"):
-            continue
-        for key, value in section.items():
-            name = f"{prefix}.{key}"
-            if hasattr(value, "items"):
-                pending.append((name, value))
-            elif str(key).endswith("dropout") and isinstance(value, int | float):
-                if isinstance(value, bool) or not 0 <= value < 1:
-                    raise ValueError(
-                        f"config.{name}={value} must be a dropout rate in [0, 1); set "
-                        f"--config.{name} (0 turns it off)"
-                    )
+    model = model.to_dict() if hasattr(model, "to_dict") else model
+    if not isinstance(model, dict):
+        return
+    for name, value in flatten_keys(model, "model.").items():
+        if name.endswith("dropout") and isinstance(value, int | float):
+            if isinstance(value, bool) or not 0 <= value < 1:
+                raise ValueError(
+                    f"config.{name}={value} must be a dropout rate in [0, 1); set "
+                    f"--config.{name} (0 turns it off)"
+                )
 
 
 def check_seed(config: Any) -> None:

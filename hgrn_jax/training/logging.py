@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -72,9 +71,7 @@ class MetricsWriter:
                 continue  # a line cut short by a kill
             if record.get("step", 0) <= step and record.get("split") != "test":
                 kept.append(line)
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        replace_synced(path, "".join(line + "\n" for line in kept))
         self._jsonl = open(path, "a", encoding="utf-8")
 
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import datetime
 import errno
 import fcntl
+import functools
 import json
 import os
 import re
@@ -203,10 +204,11 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+@functools.cache
 def this_machine() -> str | None:
     """``"<boot id>/<pid namespace>"``: processes that see the same value see the same process
     behind a pid (the same boot of the same machine, the same pid namespace: a container on
-    the same machine has its own); None without Linux's ``/proc``."""
+    the same machine has its own); None without Linux's ``/proc``. Read once per process."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
         namespace = os.stat("/proc/self/ns/pid").st_ino
@@ -378,9 +380,9 @@ class WorkdirLock:
             "token": self.token,
             "heartbeat_s": LOCK_HEARTBEAT_S,
         }
-        status = process_status(os.getpid())
-        if status is not None and this_machine() is not None:
-            record |= {"machine": this_machine(), "process_start": status[1]}
+        status, machine = process_status(os.getpid()), this_machine()
+        if status is not None and machine is not None:
+            record |= {"machine": machine, "process_start": status[1]}
         data = (json.dumps(record, indent=1) + "\n").encode()
         for _ in range(3):
             try:
@@ -858,13 +860,14 @@ def _refuse_history_without_checkpoints(workdir: Path, saved: dict[str, Any]) ->
     ``results.json``, or metrics logged past the step of its first checkpoint: its checkpoints
     were deleted, and a rerun would train from step 0 over its history. (An attempt that
     stopped before its first checkpoint is rerun as before.)"""
-    flat = flatten_keys(saved)
-    total = flat.get("num_train_steps")
-    first = flat.get("checkpoint_every") or flat.get("eval_every") or total
-    logged = _last_logged_step(workdir / "metrics.jsonl")
+    first = saved.get("checkpoint_every") or saved.get("eval_every") or saved.get("num_train_steps")
     if (workdir / "results.json").exists():
         what = "a finished run's results.json"
-    elif isinstance(first, int) and first > 0 and logged > first:
+    elif (
+        isinstance(first, int)
+        and first > 0
+        and (logged := _last_logged_step(workdir / "metrics.jsonl")) > first
+    ):
         what = f"metrics logged up to step {logged} (it checkpoints every {first} steps)"
     else:
         return
