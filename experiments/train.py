@@ -180,16 +180,6 @@ def main(argv: list[str]) -> None:
         if preempted.signal_name == "SIGINT":
             _end_by_sigint()
         sys.exit(PREEMPTED_EXIT_CODE)
-    except KeyboardInterrupt:
-        if _TRACEBACK.value:
-            raise
-        print(
-            "interrupted (SIGINT): stopped at once; the last complete checkpoint is kept, and "
-            "running the same command again resumes from it",
-            file=sys.stderr,
-            flush=True,
-        )
-        _end_by_sigint()
     except NonFiniteLossError as error:
         if _TRACEBACK.value:
             raise
@@ -215,9 +205,42 @@ def main(argv: list[str]) -> None:
     print(cli.final_line(results), flush=True)
 
 
+STOPPED_AT_ONCE = (
+    "{}: stopped at once; the last complete checkpoint is kept, and running the same command "
+    "again resumes from it"
+)
+"""What a Ctrl-C or SIGTERM outside the training loop prints (in it, the run saves first)."""
+
+
+def _terminated_at_once(signum: int, frame) -> NoReturn:
+    """SIGTERM's handler until the run installs its own (loading the config, importing JAX)
+    and after the training loop: one line, then SIGTERM's default action (status 143), as
+    without the handler, which said nothing."""
+    del signum, frame
+    os.write(2, (STOPPED_AT_ONCE.format("terminated (SIGTERM)") + "\n").encode())
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise SystemExit(128 + signal.SIGTERM)  # not reached
+
+
+def _wants_traceback() -> bool:
+    if flags.FLAGS.is_parsed():
+        return _TRACEBACK.value
+    return any(arg in ("--traceback", "-traceback") for arg in sys.argv[1:])
+
+
 def run() -> None:
+    """The command line: a Ctrl-C at any moment outside the training loop, even while the
+    config file loads and JAX is imported (a traceback then), stops at once with one line."""
     cli.show_warnings_on_one_line()
-    app.run(main, flags_parser=cli.parse_flags)
+    signal.signal(signal.SIGTERM, _terminated_at_once)
+    try:
+        app.run(main, flags_parser=cli.parse_flags)
+    except KeyboardInterrupt:
+        if _wants_traceback():
+            raise
+        print(STOPPED_AT_ONCE.format("interrupted (SIGINT)"), file=sys.stderr, flush=True)
+        _end_by_sigint()
 
 
 if __name__ == "__main__":

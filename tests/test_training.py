@@ -1194,6 +1194,33 @@ def test_a_run_interrupted_at_once_says_so_in_one_line_and_ends_by_sigint(tmp_pa
     )
 
 
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_config_loads_stops_in_one_line(tmp_path, signal_name):
+    """Before the run installs its handlers (the config file loading, JAX importing: the first
+    seconds), a Ctrl-C printed a KeyboardInterrupt traceback and a SIGTERM ended the process
+    without a word. Both now print one line and end by their signal. The config file here
+    signals its own process while it loads."""
+    config_file = tmp_path / "signalling_config.py"
+    config_file.write_text(
+        f"import os, signal, time\nos.kill(os.getpid(), signal.{signal_name})\ntime.sleep(30)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.train", f"--config={config_file}", "--workdir=run"],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    name = "interrupted" if signal_name == "SIGINT" else "terminated"
+    assert proc.returncode == -getattr(signal, signal_name), proc.stderr
+    assert proc.stderr.strip() == (
+        f"{name} ({signal_name}): stopped at once; the last complete checkpoint is kept, and "
+        "running the same command again resumes from it"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_preemption_message_says_how_to_resume_a_run_started_with_restart(tmp_path, monkeypatch):
     """Under --config.resume=restart the message said "run the same command again to resume",
     which moved the run aside and started again at step 0 (a requeued job started over at
