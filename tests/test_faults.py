@@ -505,6 +505,88 @@ def test_a_run_whose_checkpoints_were_deleted_is_not_trained_again_over_its_hist
     assert _tree_digest(next(run.glob("previous-*"))) == kept
 
 
+@pytest.mark.parametrize("damage", ["cut_short", "deleted"])
+def test_a_cut_short_or_lost_config_json_is_rebuilt_from_the_newest_checkpoint(
+    copy_of_finished, damage
+):
+    """A config.json cut short (a power loss before the file system wrote it) stopped the run
+    with advice that led to a dead end: moved away, the folder was refused as another
+    program's, as was one whose config.json was deleted. Each checkpoint now holds a copy of
+    the config: the run rebuilds config.json from the newest one (moving the bad file aside,
+    not deleting it), says so in one line, and resumes."""
+    from hgrn_jax.training.loop import prepare_workdir
+    from hgrn_jax.training.workdir import ConfigChangeWarning
+
+    run = copy_of_finished
+    config_json = run / "config.json"
+    original = json.loads(config_json.read_text())
+    copy = run / "checkpoints" / "12" / "config" / "metadata"
+    assert json.loads(copy.read_text()) == original
+    if damage == "cut_short":
+        cut = config_json.read_bytes()[:100]
+        config_json.write_bytes(cut)
+        expected = (
+            rf"^{config_json} is not JSON \(.+\): moved it to {config_json}\.unreadable and "
+            rf"rebuilt {config_json} from the copy in {copy}$"
+        )
+    else:
+        config_json.unlink()
+        expected = rf"^{run} had lost its config\.json; rebuilt it from the copy in {copy}$"
+    with pytest.warns(ConfigChangeWarning, match=expected):
+        prepare_workdir(run, _config()).release()
+    assert json.loads(config_json.read_text()) == original
+    if damage == "cut_short":
+        assert (run / "config.json.unreadable").read_bytes() == cut
+    assert _run(_config(num_train_steps=15), run)["steps"] == 15
+    assert _steps(run)[-1] == 15
+
+
+def test_a_config_json_without_a_copy_in_the_checkpoints_still_stops_touching_nothing(
+    copy_of_finished,
+):
+    """Checkpoints of an older version hold no copy of the config: a config.json that is not
+    JSON, or none beside run files, stops the run in one line naming the file and the way out,
+    every byte left as it was."""
+    from hgrn_jax.training.loop import prepare_workdir
+    from hgrn_jax.training.workdir import WorkdirError
+
+    run = copy_of_finished
+    for copy in run.glob("checkpoints/*/config"):
+        shutil.rmtree(copy)
+    (run / "config.json").write_text("")
+    before = _tree_digest(run)
+    with pytest.raises(
+        WorkdirError,
+        match=rf"^{run}/config\.json is not JSON \(.+\) and no checkpoint of the run holds a "
+        r"copy of its config .*; nothing was changed\. Put the run's config\.json back",
+    ):
+        prepare_workdir(run, _config())
+    assert _tree_digest(run) == before
+    (run / "config.json").unlink()
+    before = _tree_digest(run)
+    with pytest.raises(WorkdirError, match=r"holds checkpoints, metrics\.jsonl, .*but no config"):
+        prepare_workdir(run, _config())
+    assert _tree_digest(run) == before
+
+
+def test_the_newest_checkpoint_is_certified_once_its_save_finishes(tmp_path):
+    """The newest checkpoint got its checksums only when the next save started, so a run
+    killed between two saves left it unverified. The loop asks after every step
+    (``record_finished``): they are recorded once the background save has finished."""
+    from hgrn_jax.training import integrity
+    from hgrn_jax.training.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(tmp_path / "ckpt", keep=3)
+    checkpoints.save(1, {"w": jnp.arange(1000.0)}, {"step": 1})
+    deadline = time.monotonic() + 60
+    while not integrity.has_manifest(tmp_path / "ckpt" / "1"):
+        assert time.monotonic() < deadline, "the checksums of step 1 were never recorded"
+        checkpoints.record_finished()
+        time.sleep(0.01)
+    assert isinstance(integrity.verify(tmp_path / "ckpt" / "1"), integrity.Verified)
+    checkpoints.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "remove_file"])
 def test_truncated_or_missing_files_are_moved_aside_not_deleted(copy_of_finished, finished, damage):

@@ -4,13 +4,17 @@ Each checkpoint is a step folder with the items ``state`` (the train state's arr
 directly into their shardings), ``meta`` (JSON: the next step and run bookkeeping) and, when the
 task's training iterator has one, ``input``: the input pipeline's state, one JSON file per
 process (``input/process_<i>-of-<n>.json``, written by grain's Orbax handler; process ``i``
-restores its own, :meth:`Checkpoints.input_state`). Checkpoints of older code have no ``input``
-item; the loop then positions the input at the saved step. Checkpoints saved after an evaluation carry the validation metric, and the one
-with the best value is kept besides the latest ``keep`` ones.
+restores its own, :meth:`Checkpoints.input_state`), and ``config`` (JSON: a copy of the run's
+``config.json``, from which a lost or unreadable one is rebuilt:
+:func:`hgrn_jax.training.workdir.config_copy`). Checkpoints of older code may lack ``input``
+and ``config``; the loop then positions the input at the saved step. Checkpoints saved after an
+evaluation carry the validation metric, and the one with the best value is kept besides the
+latest ``keep`` ones.
 
 Restoring never deletes. Once Orbax has committed a step saved by this :class:`Checkpoints`,
-its files' checksums are recorded (:mod:`hgrn_jax.training.integrity`); a step folder found on
-disk without them (older code, or a run killed between the commit and the checksums) is never
+its files' checksums are recorded (:mod:`hgrn_jax.training.integrity`; the loop asks after each
+step, :meth:`Checkpoints.record_finished`); a step folder found on disk without them (older
+code, or a run killed between the commit and the checksums) is never
 certified afterwards, since its bytes may have changed since. On restore a checkpoint is
 classified:
 
@@ -43,6 +47,7 @@ from hgrn_jax.training.integrity import (
     CheckpointUnreadableError,
     DamagedCheckpointError,
 )
+from hgrn_jax.training.workdir import CONFIG_ITEM
 
 __all__ = [
     "CheckpointError",
@@ -269,6 +274,7 @@ class Checkpoints:
             item_handlers={
                 "state": _StateHandler(),
                 "meta": ocp.JsonCheckpointHandler(),
+                CONFIG_ITEM: ocp.JsonCheckpointHandler(),
                 INPUT_ITEM: grain_checkpoint.CheckpointHandler(),
             },
         )
@@ -291,13 +297,17 @@ class Checkpoints:
         meta: dict,
         metrics: dict[str, float] | None = None,
         input_state: Mapping[str, Any] | None = None,
+        config: Mapping[str, Any] | None = None,
     ) -> None:
-        """Start saving ``tree`` (arrays), ``meta`` (JSON) and this process's ``input_state``
-        (the training iterator's JSON-able state, if any) as checkpoint ``step``.
+        """Start saving ``tree`` (arrays), ``meta`` (JSON), this process's ``input_state``
+        (the training iterator's JSON-able state, if any) and ``config`` (the run's config as
+        JSON, if given) as checkpoint ``step``.
 
         Orbax finishes the previous asynchronous save first; its checksums are recorded then."""
         self.wait()
         items = {"state": _StateSave(tree), "meta": ocp.args.JsonSave(meta)}
+        if config is not None:
+            items[CONFIG_ITEM] = ocp.args.JsonSave(dict(config))
         if input_state is not None:
             snapshot = _InputState(json.dumps(dict(input_state), indent=1).encode())
             items[INPUT_ITEM] = grain_checkpoint.CheckpointSave(item=snapshot)
@@ -305,6 +315,13 @@ class Checkpoints:
         self.manager.save(step, args=args, metrics=metrics, force=True)
         self._unrecorded.add(step)
         if not self.async_save:
+            self.record_checksums()
+
+    def record_finished(self) -> None:
+        """Record the checksums of saves that finished in the background since (cheap when
+        none did, so the loop calls it after every step): a run killed between two saves
+        leaves its newest checkpoint certified, not only those before it."""
+        if self._unrecorded and not self.manager.is_saving_in_progress():
             self.record_checksums()
 
     def record_checksums(self) -> None:

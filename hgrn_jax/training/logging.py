@@ -133,10 +133,14 @@ class ProgressBar:
             self._bar.close()
 
 
+def config_as_json(config: Any) -> dict[str, Any]:
+    """A config (``ConfigDict`` or mapping) as the JSON object ``config.json`` holds."""
+    return jsonable(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+
+
 def write_config(workdir: str | Path, config: Any) -> None:
     """The resolved config as ``config.json``."""
-    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    write_json(Path(workdir) / "config.json", as_dict)
+    write_json(Path(workdir) / "config.json", config_as_json(config))
 
 
 def write_results(workdir: str | Path, results: dict[str, Any]) -> None:

@@ -60,7 +60,7 @@ from hgrn_jax.training.config_checks import (
     config_int,
     time_budget,
 )
-from hgrn_jax.training.logging import MetricsWriter, write_config, write_results
+from hgrn_jax.training.logging import MetricsWriter, config_as_json, write_config, write_results
 from hgrn_jax.training.loss_scale import LossScaleStartWarning, LossScaleState
 from hgrn_jax.training.preemption import Preempted, StopSignals, how_to_resume
 from hgrn_jax.training.state import (
@@ -302,15 +302,23 @@ class Run:
         metrics: dict | None = None,
         input_state: dict | None = None,
     ) -> None:
-        """Checkpoint ``state`` with ``meta``, ``metrics`` and the training iterator's
-        ``input_state`` (this process's; None when the task's iterator keeps none). Raises
+        """Checkpoint ``state`` with ``meta``, ``metrics``, the training iterator's
+        ``input_state`` (this process's; None when the task's iterator keeps none) and a copy of
+        the config, which rebuilds a lost or unreadable ``config.json``. Raises
         :class:`~hgrn_jax.training.workdir.WorkdirInUseError` instead when the workdir's lock
         no longer names this run."""
         if self.lock is not None:
             self.lock.check()
         self.check_finite(state)
         step = int(jax.device_get(state.step))
-        self.checkpoints.save(step, to_checkpoint_tree(state), meta, metrics, input_state)
+        self.checkpoints.save(
+            step,
+            to_checkpoint_tree(state),
+            meta,
+            metrics,
+            input_state,
+            config=config_as_json(self.config),
+        )
 
     @staticmethod
     def check_finite(state: TrainState) -> None:
@@ -602,6 +610,7 @@ def _train_validate_and_test(
                 batch = sharding.shard_batch(batch, run.mesh)
                 state, metrics = run.train_step(state, batch)
                 guard.beat(step + 1)
+                run.checkpoints.record_finished()
                 pending.append(metrics)
                 done, steps_since_log = step + 1, steps_since_log + 1
                 preempted, out_of_time = preemption.stop_requests(

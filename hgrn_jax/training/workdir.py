@@ -17,7 +17,9 @@ to clear it.) A holder whose lock no longer names it stops before its next check
 
 A run writes ``config.json`` right after taking the lock, before any other file; a workdir
 holding run files (:data:`RUN_FILES`) without it belongs to something else and is refused
-(:class:`WorkdirError`), touching nothing.
+(:class:`WorkdirError`), touching nothing, unless its checkpoints hold a copy of a run's config
+(:func:`config_copy`): then ``config.json`` was lost, and is rebuilt from the newest copy. So is
+a ``config.json`` that is not JSON (cut short by a power loss), which is first moved aside.
 
 The config: on a rerun, the workdir's ``config.json`` is compared with the new config
 (:func:`compare_configs`). Keys that change the model, the data's shapes, the task or the
@@ -56,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from hgrn_jax.data.loader import file_in_the_way
-from hgrn_jax.training.logging import jsonable
+from hgrn_jax.training.logging import jsonable, write_json
 
 LOCK_NAME = "run.lock"
 LOCK_HEARTBEAT_S = 5.0
@@ -159,6 +161,19 @@ def is_out_of_space(error: BaseException) -> bool:
 
 class ConfigChangedError(WorkdirError):
     """The new config changes keys that its checkpoints cannot continue with."""
+
+
+class ConfigNotJsonError(WorkdirError):
+    """The workdir's ``config.json`` is not JSON (empty, cut short, overwritten); ``problem``
+    says so in a few words."""
+
+    def __init__(self, path: Path, error: ValueError):
+        self.problem = f"{path} is not JSON ({error})"
+        super().__init__(
+            f"{self.problem} and no checkpoint of the run holds a copy of its config (there is "
+            "none, or they were saved by an older version); nothing was changed. Put the run's "
+            "config.json back (from a backup), or use another --workdir"
+        )
 
 
 class StaleLockWarning(RuntimeWarning):
@@ -718,16 +733,20 @@ def is_run_config(saved: Any) -> bool:
 
 
 def read_saved_config(workdir: str | Path) -> dict[str, Any] | None:
+    """The workdir's ``config.json``, or None without one. Raises :class:`ConfigNotJsonError`
+    when it is not JSON, :class:`WorkdirError` when it cannot be read or is not a run's."""
     path = Path(workdir) / "config.json"
     if not path.exists():
         return None
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+    except OSError as error:
         raise WorkdirError(
-            f"{path} cannot be read ({error}); use another --workdir, or move "
-            "that file away if you know the run it belongs to"
+            f"{path} cannot be read ({error}); give this user read access to it, or use "
+            "another --workdir"
         ) from None
+    except ValueError as error:
+        raise ConfigNotJsonError(path, error) from None
     if not isinstance(saved, dict):
         raise WorkdirError(f"{path} does not hold a config (a JSON object); use another --workdir")
     if not is_run_config(saved):
@@ -746,6 +765,73 @@ def checkpoint_steps(workdir: str | Path) -> list[int]:
     if not folder.is_dir():
         return []
     return sorted(int(e.name) for e in folder.iterdir() if e.name.isdigit() and e.is_dir())
+
+
+CONFIG_ITEM = "config"
+"""The checkpoint item holding a copy of the run's config (Orbax's JSON handler writes it to
+``<step>/config/metadata``)."""
+
+
+def config_copy(workdir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """``(file, config)``: the copy of the run's config in its newest committed checkpoint that
+    holds a readable one (checkpoints of older versions hold none), or None."""
+    for step in reversed(checkpoint_steps(workdir)):
+        path = Path(workdir) / "checkpoints" / str(step) / CONFIG_ITEM / "metadata"
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if is_run_config(saved):
+            return path, saved
+    return None
+
+
+def _rebuild_config(workdir: Path, copy: tuple[Path, dict[str, Any]]) -> str:
+    """Write ``config.json`` from a checkpoint's ``copy`` (:func:`config_copy`), moving a
+    ``config.json`` that is there aside first (never over another file). Returns where it was
+    moved, or ``""``."""
+    path = workdir / "config.json"
+    aside = ""
+    if path.exists():
+        target, suffix = workdir / "config.json.unreadable", 1
+        while target.exists():
+            suffix += 1
+            target = workdir / f"config.json.unreadable-{suffix}"
+        os.rename(path, target)
+        aside = str(target)
+    write_json(path, copy[1])
+    return aside
+
+
+def _saved_or_rebuilt_config(workdir: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """The run's saved config and the lines saying what was done to get it: a ``config.json``
+    that is not JSON, or missing beside run files, is rebuilt from the copy in the newest
+    checkpoint (:func:`config_copy`); without one, the folder is refused (not a run's, or a
+    run that cannot be told from its files), touching nothing."""
+    try:
+        saved = read_saved_config(workdir)
+    except ConfigNotJsonError as error:
+        copy = config_copy(workdir)
+        if copy is None:
+            raise
+        aside = _rebuild_config(workdir, copy)
+        return copy[1], [
+            f"{error.problem}: moved it to {aside} and rebuilt {workdir / 'config.json'} from "
+            f"the copy in {copy[0]}"
+        ]
+    if saved is not None:
+        return saved, []
+    found = [name for name in RUN_FILES if (workdir / name).exists()]
+    if not found:
+        return None, []
+    copy = config_copy(workdir)
+    if copy is None:
+        raise WorkdirError(
+            f"{workdir} holds {', '.join(found)} but no config.json, so it is not a run "
+            "folder of this program; nothing was changed. Choose an empty or new --workdir"
+        )
+    _rebuild_config(workdir, copy)
+    return copy[1], [f"{workdir} had lost its config.json; rebuilt it from the copy in {copy[0]}"]
 
 
 def has_checkpoint(workdir: str | Path) -> bool:
@@ -888,32 +974,27 @@ def check_resume(
     accepts are one line, the structural ones (``--config.resume=force``) first.
 
     Raises :class:`WorkdirError` when the workdir holds files of a run (checkpoints, metrics,
-    ...) but no ``config.json``: a run writes that first, right after taking the lock, so
-    these are someone else's and are left alone. Raises :class:`ConfigChangedError` on
+    ...) but no ``config.json`` and no checkpoint holding a copy of one: a run writes that
+    first, right after taking the lock, so these are someone else's and are left alone (with a
+    copy, ``config.json`` is rebuilt from it, as is one that is not JSON). Raises :class:`ConfigChangedError` on
     structural changes with ``resume="auto"`` when the
     workdir holds a committed checkpoint; without one (an earlier attempt failed before its
     first checkpoint) there is nothing to continue and the new config is accepted.
     """
     workdir = Path(workdir)
     choice = resume_choice(config)
-    saved = read_saved_config(workdir)
-    if saved is None:
-        foreign = [name for name in RUN_FILES if (workdir / name).exists()]
-        if foreign:
-            raise WorkdirError(
-                f"{workdir} holds {', '.join(foreign)} but no config.json, so it is not a run "
-                "folder of this program; nothing was changed. Choose an empty or new --workdir"
-            )
+    saved, notes = _saved_or_rebuilt_config(workdir)
     if choice == "restart":
         if has_previous_run(workdir):
             folder = archive_previous_run(workdir)
             return [
+                *notes,
                 f"--config.resume=restart: the previous run in {workdir} was moved to "
-                f"{folder}; starting again from step 0"
+                f"{folder}; starting again from step 0",
             ]
-        return []
+        return notes
     if saved is None:
-        return []
+        return notes
     if not has_checkpoint(workdir):
         _refuse_history_without_checkpoints(workdir, saved)
     structural, harmless, other = compare_configs(saved, config, defaults)
@@ -945,4 +1026,4 @@ def check_resume(
         parts.append("new values that change training from here on: " + "; ".join(other))
     if harmless:
         parts.append("new run settings: " + "; ".join(harmless))
-    return ["resuming with " + "; and with ".join(parts)] if parts else []
+    return [*notes, "resuming with " + "; and with ".join(parts)] if parts else notes
