@@ -416,8 +416,11 @@ def test_classifier_errors_name_the_fix(text_model):
     dual = HGRNClassifier(_text_config(dual=True), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="needs both documents"):
         dual(IDS)
-    with pytest.raises(ValueError, match="channels-last"):
-        HGRNImageClassifier(_imagenet_config(), rngs=nnx.Rngs(0))(jnp.ones((1, 3, 28, 42)))
+    image = HGRNImageClassifier(_imagenet_config(), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"channels-last; .*\(transpose NCHW images"):
+        image(jnp.ones((1, 3, 28, 42)))
+    with pytest.raises(ValueError, match=r"channels-last; .*\(resize them, or build the model"):
+        image(jnp.ones((1, 30, 30, 3)))  # channels-last already, another size
 
 
 def test_sinusoidal_positions_values():

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hgrn_jax.nn.checks import check_activations
 from hgrn_jax.nn.glu import GLU, glu_width
 from hgrn_jax.nn.mixers import MixerConfig, make_mixer
 from hgrn_jax.nn.norms import apply_norm, make_norm
@@ -47,6 +48,9 @@ class ResidualBlock(RematModule):
         self, x: jax.Array, lower_bound: Any = 0.0, mask: jax.Array | None = None
     ) -> jax.Array:
         """``x`` (B, ..., d), ``mask`` (B, ...) or None -> (B, ..., d)."""
+        check_activations(
+            x, getattr(self.mixer, "features", None), "(batch, ..., d)", "ResidualBlock"
+        )
         normed = apply_norm(self.norm1, x, mask)
         mixed = (
             self.mixer(normed, lower_bound)
@@ -63,6 +67,9 @@ class ResidualBlock(RematModule):
         recurrent ``state``. ``mask`` (B, T), or longer along time (its last T steps are used),
         goes to the mixer's ``step`` when given: padded positions leave the state as the mixer
         defines (see its ``step``) and their outputs are not meaningful."""
+        check_activations(
+            x, getattr(self.mixer, "features", None), "(batch, T, d)", "ResidualBlock.step"
+        )
         normed = self.norm1(x)
         y, state = (
             self.mixer.step(normed, state, lower_bound)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -94,13 +95,45 @@ def check_length(shape: tuple[int, ...], expected: str, name: str = "inputs") ->
         )
 
 
+def check_width(features: Any, layer: str, name: str = "features") -> None:
+    """Raise ValueError unless a layer's width ``features`` is a positive integer (0 failed as
+    a ZeroDivisionError inside Flax's initializer)."""
+    if isinstance(features, bool) or not isinstance(features, (int, np.integer)) or features < 1:
+        raise ValueError(f"{layer}: {name} must be a positive integer; got {features!r}")
+
+
+def check_activations(x: Any, features: int | None, layout: str, layer: str) -> None:
+    """Raise ValueError naming the fix unless ``x`` is an array of real floating-point
+    activations whose last axis is ``features`` wide (None: any): integer and bool inputs were
+    taken as activations without a word, complex ones failed deep in JAX, a list with an
+    AttributeError, and a wrong width in a block's norm with a reshape error.
+
+    ``layout`` is e.g. ``"(batch, length, d)"``; ``layer`` names the layer in the message.
+    """
+    if not (hasattr(x, "ndim") and hasattr(x, "dtype") and hasattr(x, "shape")):
+        raise ValueError(
+            f"{layer} expects an array {layout}; got a {type(x).__name__}: pass jnp.asarray(x)"
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(
+            f"{layer} expects real floating-point activations {layout}; got {x.dtype}: embed "
+            "token ids first (nnx.Embed), or cast with x.astype(jnp.float32)"
+        )
+    if features is not None and (x.ndim < 2 or x.shape[-1] != features):
+        raise ValueError(
+            f"{layer} expects {layout}; got shape {tuple(x.shape)} (this layer has d = {features})"
+        )
+
+
 def check_layer_input(x: jax.Array, features: int, layout: str, layer: str) -> None:
-    """Raise ValueError naming the expected shape when a token mixer's input ``x`` has the wrong
-    rank, a width other than ``features`` or an empty axis after the batch.
+    """Raise ValueError naming the expected shape when a token mixer's input ``x`` is not an
+    array of floats (:func:`check_activations`), has the wrong rank, a width other than
+    ``features`` or an empty axis after the batch.
 
     ``layout`` is e.g. ``"(batch, length, d)"`` (its rank is its number of axes); ``layer`` names
     the layer in the message.
     """
+    check_activations(x, None, layout, layer)
     rank = layout.count(",") + 1
     if x.ndim != rank or x.shape[-1] != features or 0 in x.shape[1:-1]:
         raise ValueError(

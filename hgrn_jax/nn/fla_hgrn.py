@@ -29,7 +29,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax.nn.checks import check_layer_input, check_mask, check_method, check_state
+from hgrn_jax.nn.checks import (
+    check_layer_input,
+    check_mask,
+    check_method,
+    check_state,
+    check_width,
+)
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import apply_log_lower_bound
 from hgrn_jax.nn.norms import make_norm
@@ -60,6 +66,7 @@ class FlaHGRNAttention(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        check_width(features, type(self).__name__)
         width = features * expand_ratio
         self.features, self.width = features, width
         self.use_lower_bound = use_lower_bound

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hgrn_jax.nn.checks import check_activations, check_width
 from hgrn_jax.nn.initializers import dense
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array] | None] = {
@@ -53,12 +54,17 @@ class GLU(nnx.Module):
         rngs: nnx.Rngs,
     ):
         common = dict(rngs=rngs, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
+        check_width(features, "GLU")
+        check_width(hidden, "GLU", "hidden")
+        self.features = features
         self.act = activation(act)
         self.gate_proj = dense(features, hidden, ("embed", "mlp"), **common)
         self.up_proj = dense(features, hidden, ("embed", "mlp"), **common)
         self.down_proj = dense(hidden, features, ("mlp", "embed"), **common)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """``x`` (..., d) -> (..., d)."""
+        check_activations(x, self.features, "(..., d)", "GLU")
         gate = self.gate_proj(x)
         if self.act is not None:
             gate = self.act(gate)

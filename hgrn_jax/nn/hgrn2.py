@@ -51,7 +51,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax.nn.checks import check_layer_input, check_mask, check_method, check_state
+from hgrn_jax.nn.checks import (
+    check_layer_input,
+    check_mask,
+    check_method,
+    check_state,
+    check_width,
+)
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import apply_log_lower_bound, bounded_decay_and_log
 from hgrn_jax.nn.norms import make_norm
@@ -228,6 +234,7 @@ class HGRN2(_MatrixMixer):
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        check_width(features, "HGRN2")
         if expand_ratio < 1 or features % expand_ratio:
             raise ValueError(
                 f"HGRN2: features {features} must be a multiple of expand_ratio "
@@ -294,6 +301,7 @@ class FlaHGRN2Attention(_MatrixMixer):
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        check_width(features, "FlaHGRN2Attention")
         if expand_ratio is None:
             if not num_heads:
                 raise ValueError("FlaHGRN2Attention needs expand_ratio or num_heads")

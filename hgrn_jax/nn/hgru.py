@@ -23,7 +23,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax.nn.checks import check_layer_input, check_mask, check_method, check_state
+from hgrn_jax.nn.checks import (
+    check_layer_input,
+    check_mask,
+    check_method,
+    check_state,
+    check_width,
+)
 from hgrn_jax.nn.initializers import axes_metadata, dense, logical, phase_init
 from hgrn_jax.nn.linear import Linear
 from hgrn_jax.nn.lower_bounds import apply_lower_bound, check_lower_bound
@@ -120,6 +126,7 @@ class _HGRUBase(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        check_width(features, type(self).__name__)
         self.features = features
         self.complex_valued = complex_valued
         self.norm_before_gate = norm_before_gate

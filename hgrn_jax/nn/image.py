@@ -146,10 +146,16 @@ class HGRNImageClassifier(nnx.Module):
         c = self.config
         expected = (*c.image_size, c.input_channels)
         if images.ndim != 4 or images.shape[1:] != expected:
+            channels_first = images.ndim == 4 and images.shape[1] == expected[2]
+            fix = (
+                "transpose NCHW images with x.transpose(0, 2, 3, 1)"
+                if channels_first
+                else "resize them, or build the model with ImageConfig(image_size=..., "
+                "input_channels=...) of theirs"
+            )
             raise ValueError(
                 f"images must be (batch, {expected[0]}, {expected[1]}, "
-                f"{expected[2]}) channels-last; got {images.shape} (transpose NCHW "
-                "images with x.transpose(0, 2, 3, 1))"
+                f"{expected[2]}) channels-last; got {images.shape} ({fix})"
             )
         x = self.patch_embed(patchify(images.astype(self.dtype or jnp.float32), c.patch_size))
         bounds = self.lower_bounds()

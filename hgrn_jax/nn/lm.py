@@ -260,10 +260,9 @@ class HGRNLM(nnx.Module):
         T steps are used; None: no padding) goes to every layer. The logits at padded positions
         are not meaningful. For a left-padded prefill from :meth:`init_cache` (each row's real
         tokens at its end) the returned cache, and the logits at real positions, are those of
-        the row without its padding (to float32 rounding). The HGRU and HGRN2 mixers skip
-        padded steps wherever they sit; fla's HGRN layout (``MixerConfig(kind="hgrn",
-        layout="fla")``) only zeroes their input, as fla does, which is the same from a zero
-        state but decays a nonzero state through the padding.
+        the row without its padding (to float32 rounding). Every mixer (HGRU, HGRN2 and fla's
+        HGRN layout) makes padded steps identity steps wherever they sit, so a padded step
+        leaves the cache as it was.
         """
         if self.config.position_encoding:
             raise ValueError(
