@@ -153,18 +153,25 @@ def quote_the_runs_paper_number(config: Any, overrides: Mapping[str, Any]) -> st
     papers' (:func:`experiments.papers.paper_of`), or 0 (none) where no paper has that run;
     for another task, numbers that the config marks (``paper.task``, ``paper.mixer``) as of
     another run become 0, and unmarked ones (the user's) stay. ``--config.paper.value`` (in
-    ``overrides``: ``get_override_values``) is left as given. Returns the one-line note saying
+    ``overrides``: ``get_override_values``) is left as given. The marks become the run's: the
+    numbers are now its own (:func:`hgrn_jax.training.task_choice.quoted_paper_number`). Returns the one-line note saying
     what changed and why, or None when nothing did."""
-    from experiments.papers import PAPER_TASKS, lm_setting, mixer_kind, paper_of
+    from experiments.papers import PAPER_TASKS, lm_setting, paper_of
+    from hgrn_jax.training.workdir import mixer_kind
 
     paper = config.get("paper", None) if hasattr(config, "get") else None
-    if not hasattr(paper, "get") or "paper.value" in overrides:
+    if not hasattr(paper, "get"):
         return None
     task, kind = str(config.task), mixer_kind(config)
-    model = config.get("model", None)
-    features = model.get("features", None) if hasattr(model, "get") else None
     quoted = paper.get("value", 0)
     origin = (paper.get("task", task), paper.get("mixer", kind))
+    for key, value in (("task", task), ("mixer", kind)):
+        if key in paper:  # the numbers are now this run's (results.json checks the marks)
+            paper[key] = value
+    if "paper.value" in overrides:
+        return None
+    model = config.get("model", None)
+    features = model.get("features", None) if hasattr(model, "get") else None
     data = config.get("data", None)
     source = data.get("source", None) if hasattr(data, "get") else None
     lm = lm_setting(kind, source, config)

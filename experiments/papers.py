@@ -20,14 +20,6 @@ PAPER_TASKS = (*LRA_TASKS, "imagenet", "wikitext103")
 """The tasks the papers report: their numbers come from :func:`paper_of`, whatever a config says."""
 
 
-def mixer_kind(config: Any) -> str:
-    """The token mixer's kind, ``model.mixer.kind``, of a config or a run's config.json (a
-    dict); ``"hgrn"`` (the paper's model) when it has none."""
-    model = config.get("model", None)
-    mixer = model.get("mixer", None) if hasattr(model, "get") else None
-    return str(mixer.get("kind", "hgrn")) if hasattr(mixer, "get") else "hgrn"
-
-
 def _paper(module: str) -> dict[str, Any]:
     config = importlib.import_module(f"experiments.configs.{module}").get_config()
     return config.paper.to_dict()

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.papers import mixer_kind
 from hgrn_jax.training.workdir import (
     LOCK_NAME,
     RUN_FILES,
@@ -16,6 +15,7 @@ from hgrn_jax.training.workdir import (
     is_run_config,
     lock_refresh_age,
     lock_state,
+    mixer_kind,
 )
 
 

@@ -14,10 +14,10 @@ from experiments.papers import (
     lra_paper_average,
     lra_paper_steps,
     lra_tasks_of,
-    mixer_kind,
     paper_numbers,
 )
 from experiments.runs import Run, Unfinished, is_number
+from hgrn_jax.training.workdir import mixer_kind
 
 LRA_NAMES = {
     "listops": "ListOps",

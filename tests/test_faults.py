@@ -1602,6 +1602,22 @@ def test_a_broken_test_file_stops_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists() or not _steps(tmp_path / "run")
 
 
+def test_labels_of_a_task_of_the_user_s_own_outside_the_classes_stop_before_training(tmp_path):
+    """A hand-written task (the protocol, not the package's ArrayTask, which checks its splits
+    as they load) whose labels left ``[0, config.model.num_classes)`` trained without a word
+    (val accuracy 3%). The first batch of each split is checked before the first step."""
+    config = _config()
+    config.model.num_classes = 3  # the toy task's labels run 0 to 3
+    with pytest.raises(
+        ValueError,
+        match=r"^the first (val|test) batch: class label 3 is outside \[0, 3\) "
+        r"\(config\.model\.num_classes=3\); give labels 0 to 2, or set "
+        r"--config\.model\.num_classes to the data's number of classes$",
+    ):
+        _run(config, tmp_path / "run")
+    assert not list((tmp_path / "run").glob("checkpoints/[0-9]*"))  # no step trained
+
+
 # ----------------------------------------------------------------------------------------------
 # Models: token ids, empty sequences, widths
 # ----------------------------------------------------------------------------------------------
@@ -1686,6 +1702,45 @@ def test_empty_sequences_and_wrong_widths_name_the_expected_shape(models):
         r"\(1, 2, 2, 5\) \(this layer has d = 8",
     ):
         grid(jnp.ones((1, 2, 2, 5)))
+
+
+def test_layers_refuse_non_float_inputs_lists_wrong_widths_and_zero_widths():
+    """Found by a library user's review: integer and bool activations ran as if they were
+    floats, complex ones failed deep in JAX, a list with an AttributeError, a block or GLU of
+    the wrong width with a reshape or dot_general error, a width of 0 with a
+    ZeroDivisionError inside Flax. Each is now one ValueError naming the layer and the fix."""
+    from hgrn_jax.nn import GLU, HGRN2, HGRU, ClassifierConfig, FlaHGRNAttention
+    from hgrn_jax.nn.blocks import residual_stack
+
+    layer = HGRU(8, rngs=nnx.Rngs(0))
+    for dtype in (jnp.int32, jnp.bool_, jnp.complex64):
+        with pytest.raises(
+            ValueError,
+            match=rf"^HGRU expects real floating-point activations \(batch, length, d\); got "
+            rf"{jnp.dtype(dtype).name}: embed token ids first",
+        ):
+            layer(jnp.ones((1, 4, 8), dtype))
+    for other in (HGRN2(8, rngs=nnx.Rngs(0)), FlaHGRNAttention(8, rngs=nnx.Rngs(0))):
+        with pytest.raises(ValueError, match=r"expects real floating-point activations"):
+            other(jnp.ones((1, 4, 8), jnp.int32))
+    with pytest.raises(
+        ValueError, match=r"^HGRU expects an array .*; got a list: pass jnp\.asarray"
+    ):
+        layer([[[1.0] * 8]])
+    with pytest.raises(ValueError, match=r"^GLU expects \(\.\.\., d\); got shape \(1, 4, 5\) "):
+        GLU(8, 16, rngs=nnx.Rngs(0))(jnp.ones((1, 4, 5)))
+    config = ClassifierConfig(num_classes=2, features=8, num_layers=1, vocab_size=4)
+    block = residual_stack(config, causal=False, rngs=nnx.Rngs(0))[0]
+    with pytest.raises(
+        ValueError, match=r"^ResidualBlock expects \(batch, \.\.\., d\); got shape \(1, 4, 5\) "
+    ):
+        block(jnp.ones((1, 4, 5)))
+    assert block(jnp.ones((1, 4, 8))).shape == (1, 4, 8)
+    for build in (lambda: HGRU(0, rngs=nnx.Rngs(0)), lambda: HGRN2(0, rngs=nnx.Rngs(0))):
+        with pytest.raises(ValueError, match=r"features must be a positive integer; got 0$"):
+            build()
+    with pytest.raises(ValueError, match=r"^GLU: hidden must be a positive integer; got 0$"):
+        GLU(8, 0, rngs=nnx.Rngs(0))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -734,6 +734,62 @@ def test_token_ids_that_are_not_integers_name_the_fix(cache_dir):
         next(iter(lazy(_mine_config(cache_dir), "mine").eval_batches("val")))
 
 
+def test_columns_of_different_lengths_or_3d_token_ids_name_the_fix(cache_dir):
+    """Labels one short of the inputs in the val split trained to the end and then failed at
+    the first evaluation with an IndexError traceback (in the train split: a message naming
+    no task); (N, L, 1) uint8 ids were told to be "an integer array", which they were."""
+    short = _mine(labels=lambda y: y[:-1])(_mine_config(cache_dir), "mine")
+    with pytest.raises(
+        ValueError,
+        match=r"^the mine val split \(Mine\._load\('val'\)\) has columns of different lengths "
+        r"\(inputs 64, lengths 64, labels 63\); each needs one row per example$",
+    ):
+        short.examples("val")
+    deep = _mine(inputs=lambda x: x[..., None].astype(np.uint8))(_mine_config(cache_dir), "mine")
+    with pytest.raises(
+        ValueError,
+        match=r"^the mine train split: 'inputs' must be token ids of shape \(examples, length\), "
+        r"2-D; got 3-D \(64, 4, 1\): return them from _load so",
+    ):
+        next(iter(deep.train_batches(0)))
+
+
+def test_a_derive_that_is_not_a_classmethod_or_returns_nothing_names_it():
+    """A derive written without @classmethod failed with `derive() missing 1 required
+    positional argument`, one without `return config` with `'NoneType' object has no
+    attribute 'model'` inside the registry: both tracebacks, naming nothing of the user's."""
+    from hgrn_jax.tasks import models
+    from hgrn_jax.tasks.array_task import TokenTask
+    from hgrn_jax.tasks.dataset_entry import Dataset
+
+    class Unbound(TokenTask):
+        def derive(self, config):
+            return config
+
+    class Forgetful(TokenTask):
+        @classmethod
+        def derive(cls, config):
+            super().derive(config)
+
+    config = tiny_config("lra.listops", "")
+    for source, expected in (
+        (Unbound, r"^Unbound\.derive of task 'mine' must be a @classmethod, def derive\(cls, "),
+        (Forgetful, r"^Forgetful\.derive of task 'mine' returned NoneType, not a config; end it "),
+    ):
+        entry = Dataset("mine", models.CLASSIFIER, {config.data.source: source})
+        with pytest.raises(ValueError, match=expected):
+            entry.derive(config)
+
+
+def test_a_task_name_typo_suggests_the_nearest():
+    config = tiny_config("lra.listops", "")
+    config.task = "listop"
+    with pytest.raises(
+        ValueError, match=r"^unknown config\.task 'listop' \(did you mean 'listops'"
+    ):
+        tasks.get_task(config)
+
+
 def test_a_label_outside_classes_the_dataset_settles_points_at_the_data(cache_dir):
     """With num_classes settled by the dataset's derive (4), a label 6 said `set
     --config.model.num_classes=7`, which derive then refused (`disagrees with mine's 4

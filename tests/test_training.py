@@ -1737,7 +1737,10 @@ def test_the_quoted_paper_number_is_the_one_of_the_run_s_task_and_model(tmp_path
     config = _listops_tiny()
     config.task, config.paper.value = "text", 70.0  # the user gives the number: kept
     assert cli.quote_the_runs_paper_number(config, {"task": "text", "paper.value": 70.0}) is None
-    assert config.paper.value == 70.0
+    assert config.paper.value == 70.0 and (config.paper.task, config.paper.mixer) == (
+        "text",
+        "hgrn",
+    )
 
     config = toy_config()  # the user's own task and number, marked as no other run's: kept
     assert cli.quote_the_runs_paper_number(config, {}) is None and config.paper.value == 50.0
@@ -1745,6 +1748,25 @@ def test_the_quoted_paper_number_is_the_one_of_the_run_s_task_and_model(tmp_path
     config = _listops_tiny()
     config.model.features = 64  # another width: LRA's numbers do not depend on it
     assert cli.quote_the_runs_paper_number(config, {}) is None and config.paper.value == 59.95
+
+
+def test_results_quote_no_paper_number_marked_as_another_run_s():
+    """``train_and_evaluate`` called from Python (no command line to re-quote the number) with
+    ListOps's config turned to the user's task wrote ListOps's 59.95 into results.json. A number
+    whose marks (``paper.task``, ``paper.mixer``) name another run is not quoted."""
+    from hgrn_jax.training.task_choice import quoted_paper_number
+
+    config = _listops_tiny()
+    assert quoted_paper_number(config) == 59.95
+    config.task = "majority"
+    assert quoted_paper_number(config) is None
+    config = _listops_tiny()
+    config.model.mixer.kind = "hgrn2"
+    assert quoted_paper_number(config) is None
+    assert quoted_paper_number(toy_config()) == 50.0  # the user's, unmarked: quoted
+    config = toy_config()
+    config.paper.value = 0.0  # not known
+    assert quoted_paper_number(config) is None
 
 
 @pytest.mark.parametrize(

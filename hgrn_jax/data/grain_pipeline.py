@@ -177,7 +177,11 @@ class ArraySource:
         self.name = name
         lengths = {key: len(value) for key, value in arrays.items()}
         if len(set(lengths.values())) != 1:
-            raise ValueError(f"the arrays of a source must have one length; got {lengths}")
+            of = f" of {name}" if name else ""
+            raise ValueError(
+                f"the arrays of a source{of} must have one row per example; got the lengths "
+                f"{lengths}"
+            )
         self.arrays = dict(arrays)
         self._length = next(iter(lengths.values()))
 

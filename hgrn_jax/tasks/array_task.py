@@ -36,7 +36,7 @@ from flax import nnx
 
 from hgrn_jax.data import grain_pipeline, loader
 from hgrn_jax.data.errors import DatasetMissingError
-from hgrn_jax.tasks.data_checks import check_labels, check_token_column
+from hgrn_jax.tasks.data_checks import check_labels, check_same_length, check_token_column
 from hgrn_jax.tasks.losses import classification_loss
 from hgrn_jax.tasks.model_settings import ModelKind, build_model, check_model_sizes, mode
 from hgrn_jax.tasks.protocol import Batch
@@ -242,6 +242,8 @@ class ArrayTask:
                     f"its batches read {', '.join(self.columns)} (docs/tasks.md)"
                 )
             where = f"the {self.name} {split} split"
+            if isinstance(examples, Mapping):
+                check_same_length(examples, f"{where} ({type(self).__name__}._load({split!r}))")
             for name in self.token_columns if isinstance(examples, Mapping) else ():
                 check_token_column(examples[name], name, where)
             labels = examples.get("labels") if isinstance(examples, Mapping) else None

@@ -3,7 +3,7 @@ the model read (one-line errors naming the split and the fix)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -73,8 +73,25 @@ def check_token_column(column: Any, name: str, where: str) -> None:
         dtype, shape = first.dtype, (len(column), *first.shape[1:])
     else:
         return
-    if len(shape) != 2 or not np.issubdtype(dtype, np.integer):
+    if not np.issubdtype(dtype, np.integer):
         raise ValueError(
             f"{where}: {name!r} must be integer token ids (examples, length); got {dtype} "
             f"{shape}: return them from _load as an integer array (e.g. np.int32)"
+        )
+    if len(shape) != 2:
+        raise ValueError(
+            f"{where}: {name!r} must be token ids of shape (examples, length), 2-D; got "
+            f"{len(shape)}-D {shape}: return them from _load so (e.g. ids.reshape(len(ids), -1))"
+        )
+
+
+def check_same_length(columns: Mapping[str, Any], where: str) -> None:
+    """ValueError naming ``where`` unless every column (an array or an array-like with
+    ``len``) has one row per example: a split whose labels were one short trained, and failed
+    only at the first evaluation with an IndexError."""
+    lengths = {name: len(column) for name, column in columns.items() if hasattr(column, "__len__")}
+    if len(set(lengths.values())) > 1:
+        shown = ", ".join(f"{name} {length}" for name, length in lengths.items())
+        raise ValueError(
+            f"{where} has columns of different lengths ({shown}); each needs one row per example"
         )

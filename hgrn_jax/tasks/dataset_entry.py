@@ -9,6 +9,7 @@ whose ``sources`` table maps ``config.data.source`` to them (docs/tasks.md).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,7 +39,7 @@ class Dataset:
         if source not in self.sources:
             raise ValueError(
                 f"data.source {source!r} is not available for task {self.name!r}; "
-                f"choose one of {', '.join(self.sources)}"
+                f"set --config.data.source to one of {', '.join(self.sources)}"
             )
         return self.sources[source]
 
@@ -46,5 +47,24 @@ class Dataset:
         return self.source(config)(config, self.name)
 
     def derive(self, config):
-        """``config`` with the derived settings of its source filled in (no data read)."""
-        return self.source(config).derive(config)
+        """``config`` with the derived settings of its source filled in (no data read).
+
+        A source class whose ``derive`` is not a ``@classmethod``, or returns something else
+        than a config, raises a ValueError naming it (a raw TypeError, or an AttributeError
+        on ``None`` inside the registry, used to)."""
+        source = self.source(config)
+        name = f"{getattr(source, '__name__', type(source).__name__)}.derive"
+        if isinstance(source, type) and not isinstance(
+            inspect.getattr_static(source, "derive", None), (classmethod, staticmethod)
+        ):
+            raise ValueError(
+                f"{name} of task {self.name!r} must be a @classmethod, def derive(cls, "
+                "config), returning the config with its settings filled in (docs/tasks.md)"
+            )
+        derived = source.derive(config)
+        if not hasattr(derived, "model"):
+            raise ValueError(
+                f"{name} of task {self.name!r} returned {type(derived).__name__}, not a config; "
+                "end it with `return config` (docs/tasks.md)"
+            )
+        return derived

@@ -7,6 +7,7 @@ The only place where task names are looked up. Adding a dataset is one module de
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from typing import Any
 
@@ -50,8 +51,11 @@ def dataset(config) -> Dataset:
             f"loads; here set --config.task to a registered one: {', '.join(TASKS)}"
         )
     if config.task not in DATASETS:
+        close = difflib.get_close_matches(str(config.task), TASKS, n=1)
         raise ValueError(
-            f"unknown config.task {config.task!r}; set --config.task to one of "
+            f"unknown config.task {config.task!r}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + "; set --config.task to one of "
             f"{', '.join(TASKS)}, or to 'package.module:factory' for a task of your own "
             "(docs/tasks.md)"
         )

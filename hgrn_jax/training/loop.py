@@ -79,7 +79,12 @@ from hgrn_jax.training.steps import (
     make_eval_step,
     make_train_step,
 )
-from hgrn_jax.training.task_choice import check_task_name, data_source, resolve_task
+from hgrn_jax.training.task_choice import (
+    check_task_name,
+    data_source,
+    quoted_paper_number,
+    resolve_task,
+)
 from hgrn_jax.training.workdir import (
     ConfigChangeWarning,
     WorkdirError,
@@ -675,7 +680,6 @@ def _train_validate_and_test(
     best_val = run.checkpoints.metrics(best_step)[run.best_key]
     test = run.evaluate(best_state, "test")
     run.writer.write(done, "test", {**test, "best_step": best_step})
-    paper = config.get("paper", {}) if hasattr(config, "get") else {}
     results = {
         "task": run.task.name,
         "metric": run.metric,
@@ -683,7 +687,7 @@ def _train_validate_and_test(
         "best_step": best_step,
         "test": test[run.metric],
         "test_loss": test["loss"],
-        "paper": (paper.get("value") if hasattr(paper, "get") else None) or None,  # 0: unknown
+        "paper": quoted_paper_number(config),
         "data_source": data_source(config, run.task),
         "steps": done,
         "stopped_by": "time budget" if done < total_steps else "num_train_steps",

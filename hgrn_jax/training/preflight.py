@@ -7,7 +7,8 @@ test file stops the run before training rather than at the first evaluation or a
 step; :class:`EvalBatchCheck` checks the layout of evaluation batches (the first here, every
 other layout as evaluation reads it); :func:`check_token_ids` checks the token ids of every split
 against the model's vocabulary (the task's settled ``config.model.vocab_size`` where it has one:
-a 0 in the run's config follows the data).
+a 0 in the run's config follows the data), :func:`check_class_labels` the first batches' class
+labels against ``config.model.num_classes``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,32 @@ def check_token_ids(arrays: dict[str, Any], vocab_size: int, where: str) -> None
                 f"(config.model.vocab_size={vocab_size}); set --config.model.vocab_size to "
                 "the data's vocabulary size or re-prepare the data with this vocabulary"
             )
+
+
+def _model_classes(config: Any) -> int | None:
+    model = config.get("model", {}) if hasattr(config, "get") else {}
+    classes = model.get("num_classes") if hasattr(model, "get") else None
+    return int(classes) if classes else None
+
+
+def check_class_labels(arrays: dict[str, Any], num_classes: int, where: str) -> None:
+    """Raise ValueError when integer ``labels`` of ``arrays`` leave ``[0, num_classes)``
+    (``config.model.num_classes``): a task of the user's own whose labels ran 1 to 2 for 2
+    classes trained without a word, on all-zero one-hot targets. (The package's tasks check
+    their splits as they load them.)"""
+    labels = arrays.get("labels")
+    if labels is None or not np.issubdtype(np.asarray(labels[:0]).dtype, np.integer):
+        return
+    if len(labels) == 0:
+        return
+    low, high = int(np.min(labels)), int(np.max(labels))
+    if low < 0 or high >= num_classes:
+        bad = high if high >= num_classes else low
+        raise ValueError(
+            f"{where}: class label {bad} is outside [0, {num_classes}) "
+            f"(config.model.num_classes={num_classes}); give labels 0 to {num_classes - 1}, or "
+            "set --config.model.num_classes to the data's number of classes"
+        )
 
 
 def check_batch_rows(batch: dict, rows: int, where: str) -> None:
@@ -235,6 +262,7 @@ def open_splits(
     """
     index, count = jax.process_index(), jax.process_count()
     vocab_size = _model_vocab_size(getattr(task, "config", None)) or _model_vocab_size(config)
+    classes = _model_classes(getattr(task, "config", None)) or _model_classes(config)
     train = iter(task.train_batches(start_step, index, count))
     if input_state is not None and callable(getattr(train, "set_state", None)):
         try:
@@ -266,9 +294,13 @@ def open_splits(
         if vocab_size is not None:
             check_token_ids(batch, vocab_size, f"the first {split} batch")
             check_token_ids(_whole_split(task, split), vocab_size, f"the {split} split")
+        if classes is not None:
+            check_class_labels(batch, classes, f"the first {split} batch")
     if vocab_size is not None:
         check_token_ids(first, vocab_size, "the first training batch")
         check_token_ids(_whole_split(task, "train"), vocab_size, "the train split")
+    if classes is not None:
+        check_class_labels(first, classes, "the first training batch")
     return batches
 
 

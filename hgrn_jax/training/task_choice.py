@@ -6,6 +6,7 @@ import inspect
 from typing import Any
 
 from hgrn_jax.tasks.protocol import Task, a_type_name
+from hgrn_jax.training.workdir import mixer_kind
 
 
 def task_factory(config: Any) -> Any:
@@ -69,6 +70,21 @@ def data_source(config: Any, task: Any) -> str | None:
     data = config.get("data", None) if hasattr(config, "get") else None
     source = data.get("source", None) if hasattr(data, "get") else None
     return None if source is None else str(source)
+
+
+def quoted_paper_number(config: Any) -> float | None:
+    """The paper's number results.json quotes beside the run: ``config.paper.value``, or None
+    when it is 0 (not known) or marked as another run's, ``paper.task`` or ``paper.mixer``
+    naming another task or token mixer than the run's (a config copied from another experiment;
+    ``experiments.train`` quotes the right paper number instead, setting the marks: called from
+    Python, the other run's number used to be quoted)."""
+    paper = config.get("paper", None) if hasattr(config, "get") else None
+    if not hasattr(paper, "get"):
+        return None
+    task, kind = str(config.get("task", "")), mixer_kind(config)
+    if (paper.get("task", task), paper.get("mixer", kind)) != (task, kind):
+        return None
+    return paper.get("value", None) or None
 
 
 def resolve_task(config: Any) -> Task:

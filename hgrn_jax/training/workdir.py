@@ -732,6 +732,14 @@ def is_run_config(saved: Any) -> bool:
     )
 
 
+def mixer_kind(config: Any) -> str:
+    """The token mixer's kind, ``model.mixer.kind``, of a config or a run's config.json (a
+    dict); ``"hgrn"`` (the paper's model) when it has none."""
+    model = config.get("model", None)
+    mixer = model.get("mixer", None) if hasattr(model, "get") else None
+    return str(mixer.get("kind", "hgrn")) if hasattr(mixer, "get") else "hgrn"
+
+
 def read_saved_config(workdir: str | Path) -> dict[str, Any] | None:
     """The workdir's ``config.json``, or None without one. Raises :class:`ConfigNotJsonError`
     when it is not JSON, :class:`WorkdirError` when it cannot be read or is not a run's."""
