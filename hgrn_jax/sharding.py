@@ -275,7 +275,9 @@ def logical_to_mesh_spec(
     if shape is not None and len(shape) != len(logical_axes):
         raise ValueError(
             f"logical axes {tuple(logical_axes)} name {len(logical_axes)} dimensions "
-            f"but the array has shape {tuple(shape)}; fix the parameter's axis names"
+            f"but the array has shape {tuple(shape)}; fix the parameter's axis names (a "
+            "layer stack made by nnx.vmap names its new axis with transform_metadata="
+            "{nnx.PARTITION_NAME: 'layers'})"
         )
     used: set[str] = set()
     spec: list[MeshAxes] = []
