@@ -245,6 +245,30 @@ def test_load_errors_name_the_path_and_the_fix(listops_run, tmp_path):
         load_trained_model(fresh, "latest")
 
 
+@pytest.mark.slow  # end-to-end: a training run
+def test_a_run_whose_config_json_is_lost_loads_from_its_checkpoint_s_copy(listops_run, tmp_path):
+    """Each checkpoint holds a copy of the config: a run folder whose config.json was cut
+    short or deleted still loads (a warning names the copy), the same parameters as before."""
+    want = load_trained_model(listops_run, "latest")
+    for damage in ("cut short", "deleted"):
+        copy = tmp_path / damage.replace(" ", "_")
+        shutil.copytree(listops_run, copy)
+        if damage == "deleted":
+            (copy / "config.json").unlink()
+        else:
+            (copy / "config.json").write_text('{"task": "listops", ')
+        with pytest.warns(
+            RuntimeWarning,
+            match=r"config\.json (not found|is not valid JSON).*; "
+            r"using the copy of the run's config in .*checkpoints/4/config/metadata",
+        ):
+            got = load_trained_model(copy, "latest")
+        for a, b in zip(
+            _plain(nnx.state(got, nnx.Param)), _plain(nnx.state(want, nnx.Param)), strict=True
+        ):
+            np.testing.assert_array_equal(a, b)
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "experiments.generate", *args],

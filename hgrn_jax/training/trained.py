@@ -27,7 +27,7 @@ from hgrn_jax.training.state import (
     merge_model,
     split_model,
 )
-from hgrn_jax.training.workdir import checkpoint_steps
+from hgrn_jax.training.workdir import checkpoint_steps, config_copy
 
 CHECKPOINT_CHOICES = ("best", "latest")
 
@@ -172,17 +172,28 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
     """The run's ``config.json`` as a ConfigDict; FileNotFoundError when ``workdir`` is not a
     run folder, ValueError when the file holds no config."""
     path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: {workdir} is not a run folder; pass the --workdir of an "
-            "experiments.train run (it holds config.json and checkpoints/)"
-        )
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise ValueError(
-            f"{path} is not valid JSON ({error}); put back the config.json the run wrote"
-        ) from None
+    saved, problem = None, "not found"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as error:
+            problem = f"is not valid JSON ({error})"
+    if saved is None:
+        copy = config_copy(workdir)
+        if copy is not None:
+            warnings.warn(
+                f"{path} {problem}; using the copy of the run's config in {copy[0]} (running "
+                "the run's training command again rebuilds config.json from it)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return ml_collections.ConfigDict(copy[1])
+        if problem == "not found":
+            raise FileNotFoundError(
+                f"{path} not found: {workdir} is not a run folder; pass the --workdir of an "
+                "experiments.train run (it holds config.json and checkpoints/)"
+            )
+        raise ValueError(f"{path} {problem}; put back the config.json the run wrote")
     if not isinstance(saved, dict) or "task" not in saved or "model" not in saved:
         raise ValueError(
             f"{path} holds no run config (a JSON object with task and model); put back the "
