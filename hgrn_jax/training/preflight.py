@@ -32,17 +32,25 @@ def _model_vocab_size(config: Any) -> int | None:
     return int(size) if size else None
 
 
+def _outside(values: Any, size: int) -> int | None:
+    """A value of integer array ``values`` outside ``[0, size)`` (the largest if too large,
+    else the smallest), or None when all are inside, ``values`` is None, empty or not
+    integers."""
+    if values is None or not np.issubdtype(np.asarray(values[:0]).dtype, np.integer):
+        return None
+    if len(values) == 0:
+        return None
+    low, high = int(np.min(values)), int(np.max(values))
+    if high >= size:
+        return high
+    return low if low < 0 else None
+
+
 def check_token_ids(arrays: dict[str, Any], vocab_size: int, where: str) -> None:
     """Raise ValueError when an integer token array of ``arrays`` leaves ``[0, vocab_size)``."""
     for key in TOKEN_KEYS:
-        values = arrays.get(key)
-        if values is None or not np.issubdtype(np.asarray(values[:0]).dtype, np.integer):
-            continue
-        if len(values) == 0:
-            continue
-        low, high = int(np.min(values)), int(np.max(values))
-        if low < 0 or high >= vocab_size:
-            bad = high if high >= vocab_size else low
+        bad = _outside(arrays.get(key), vocab_size)
+        if bad is not None:
             raise ValueError(
                 f"{where}: token id {bad} in {key!r} is outside [0, {vocab_size}) "
                 f"(config.model.vocab_size={vocab_size}); set --config.model.vocab_size to "
@@ -61,14 +69,8 @@ def check_class_labels(arrays: dict[str, Any], num_classes: int, where: str) -> 
     (``config.model.num_classes``): a task of the user's own whose labels ran 1 to 2 for 2
     classes trained without a word, on all-zero one-hot targets. (The package's tasks check
     their splits as they load them.)"""
-    labels = arrays.get("labels")
-    if labels is None or not np.issubdtype(np.asarray(labels[:0]).dtype, np.integer):
-        return
-    if len(labels) == 0:
-        return
-    low, high = int(np.min(labels)), int(np.max(labels))
-    if low < 0 or high >= num_classes:
-        bad = high if high >= num_classes else low
+    bad = _outside(arrays.get("labels"), num_classes)
+    if bad is not None:
         raise ValueError(
             f"{where}: class label {bad} is outside [0, {num_classes}) "
             f"(config.model.num_classes={num_classes}); give labels 0 to {num_classes - 1}, or "
