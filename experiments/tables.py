@@ -314,14 +314,17 @@ def other_table(runs: list[Run]) -> str | None:
     rows = [
         [
             r.task,
+            _model_size(r.config) if r.config else "—",
             str(r.results.get("metric")),
             _fmt(r.results.get("test")),
             _fmt(r.results.get("best_val")),
+            str(r.results.get("steps", "—")),
             _note(r),
         ]
         for r in others
     ]
-    return "### Other runs\n\n" + _table(["Task", "Metric", "Test", "Best val", "Run"], rows)
+    header = ["Task", "Model", "Metric", "Test", "Best val", "Steps", "Run"]
+    return "### Other runs\n\n" + _table(header, rows)
 
 
 def _model_size(config: dict[str, Any]) -> str:

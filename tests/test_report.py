@@ -175,6 +175,26 @@ def test_partial_lra_average_and_default_png(tmp_path, capsys):
     assert (tmp_path / "runs" / "curves.png").is_file()
 
 
+def test_runs_of_other_tasks_list_their_model_and_steps(tmp_path, capsys):
+    """Two runs of a task of the user's own differing in length and width looked alike in the
+    "Other runs" table (task, metric, test, best val): it now says each run's model and steps."""
+    for name, features, steps in (("short", 32, 400), ("long", 64, 3000)):
+        make_run(
+            tmp_path / "runs" / name,
+            "majority",
+            70.0,
+            features=features,
+            steps=steps,
+            config_fields={"model.num_layers": 2},
+        )
+    assert report.main([str(tmp_path / "runs")]) == 0
+    rows = body_rows(section(capsys.readouterr().out, "Other runs"))
+    assert sorted((r[1], r[5]) for r in rows) == [
+        ("HGRN (2 layers, d 32)", "400"),
+        ("HGRN (2 layers, d 64)", "3000"),
+    ]
+
+
 def test_curves_read_metrics_and_skip_a_truncated_line(tmp_path):
     run_dir = make_run(tmp_path / "r", "listops", 20.0, truncated=True)
     (run,) = find_runs([tmp_path])
