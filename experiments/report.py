@@ -61,6 +61,29 @@ from experiments.runs import find_runs, find_unfinished
 from experiments.tables import markdown_report
 
 
+def _png_path(arg: str | None, first_dir: str) -> Path:
+    """Where the curves go: ``--png`` (a folder: ``curves.png`` in it; no suffix: ``.png``
+    added), by default ``curves.png`` in the first DIR. ValueError naming ``--png`` for a
+    format matplotlib cannot write (it printed a traceback after the tables, and for a path
+    without a suffix wrote PATH.png but named PATH)."""
+    if arg is None:
+        return Path(first_dir) / "curves.png"
+    path = Path(arg)
+    if path.is_dir():
+        return path / "curves.png"
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise ValueError(
+            f"--png {arg}: matplotlib cannot write {path.suffix} files; end the path with "
+            f"one of {', '.join('.' + f for f in sorted(formats))} (.png, say)"
+        )
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.report",
@@ -80,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        png = _png_path(args.png, args.dirs[0])
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
         runs = find_runs(args.dirs, skip_broken=True)
         unfinished = find_unfinished(args.dirs)
     except (FileNotFoundError, ValueError) as error:
@@ -97,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     if args.markdown:
         try:
+            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
             Path(args.markdown).write_text(report)
         except OSError as error:
             print(
@@ -105,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-    png = Path(args.png) if args.png else Path(args.dirs[0]) / "curves.png"
     try:
         written = plot_curves([*runs, *unfinished], png, args.x)
     except OSError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from hgrn_jax.training.workdir import (
     LOCK_NAME,
     RUN_FILES,
     checkpoint_steps,
+    config_copy,
     is_run_config,
     lock_refresh_age,
     lock_state,
@@ -143,13 +145,39 @@ def _check_types(
         )
 
 
+def _config_of(run_dir: Path) -> tuple[Path, Any]:
+    """``(file, config)``: the run's config.json or, where it is lost or not JSON, the copy in
+    its newest checkpoint (:func:`~hgrn_jax.training.workdir.config_copy`; a warning on
+    stderr). A run with neither raises BrokenRunError: its model cannot be told (it used to
+    be reported as HGRN's, beside HGRN's paper number)."""
+    config_path = run_dir / "config.json"
+    problem = "not found"
+    if config_path.is_file():
+        try:
+            return config_path, json.loads(config_path.read_text())
+        except json.JSONDecodeError as error:
+            problem = f"is not valid JSON ({error})"
+    copy = config_copy(run_dir)
+    if copy is None:
+        raise BrokenRunError(
+            f"{config_path} {problem} and no checkpoint holds a copy of the run's config, so "
+            "its model cannot be told; put back the config.json the run wrote",
+            config_path,
+        )
+    print(
+        f"warning: {config_path} {problem}; using the copy of the run's config in {copy[0]}",
+        file=sys.stderr,
+    )
+    return copy
+
+
 def _read_results(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The run's results.json and config.json (``{}`` without one), checked for the fields the
+    """The run's results.json and config (:func:`_config_of`), checked for the fields the
     tables read; BrokenRunError naming the file otherwise."""
-    results_path, config_path = run_dir / "results.json", run_dir / "config.json"
+    results_path = run_dir / "results.json"
     try:
         results = _read_json(results_path)
-        config = _read_json(config_path) if config_path.is_file() else {}
+        config_path, config = _config_of(run_dir)
     except OSError as error:
         raise BrokenRunError(
             f"{error.filename or run_dir} cannot be read ({error.strerror})",
@@ -172,6 +200,25 @@ def _read_run(run_dir: Path) -> Run:
     return Run(run_dir, results, config, _read_records(run_dir / "metrics.jsonl"))
 
 
+def folders_holding(folders: list[str | Path], name: str) -> list[Path]:
+    """The folders under ``folders`` (each included) that hold a file ``name``, each once
+    however many of ``folders`` reach it (a folder and its parent, one given twice), through
+    folder links too (a run linked into a folder of runs); a link back up is not followed
+    twice. In the order found, as given."""
+    found, seen = [], set()
+    for folder in folders:
+        for root, dirs, files in os.walk(folder, followlinks=True):
+            real = os.path.realpath(root)
+            if real in seen:
+                dirs[:] = []  # reached before: through another link, or another of folders
+                continue
+            seen.add(real)
+            dirs.sort()
+            if name in files:
+                found.append(Path(root))
+    return found
+
+
 def find_runs(folders: list[str | Path], *, skip_broken: bool = False) -> list[Run]:
     """Every run (a folder with results.json) under ``folders``, sorted by path.
 
@@ -186,13 +233,13 @@ def find_runs(folders: list[str | Path], *, skip_broken: bool = False) -> list[R
                 f"{folder} does not exist; pass run folders (workdirs of "
                 "experiments.train) or folders that contain them"
             )
-        for results_path in sorted(folder.rglob("results.json")):
-            try:
-                runs.append(_read_run(results_path.parent))
-            except ValueError as error:
-                if not skip_broken:
-                    raise
-                print(f"warning: skipping {results_path.parent}: {error}", file=sys.stderr)
+    for run_dir in folders_holding(folders, "results.json"):
+        try:
+            runs.append(_read_run(run_dir))
+        except ValueError as error:
+            if not skip_broken:
+                raise
+            print(f"warning: skipping {run_dir}: {error}", file=sys.stderr)
     return sorted(runs, key=lambda r: str(r.path))
 
 
@@ -311,25 +358,38 @@ def find_unfinished(folders: list[str | Path]) -> list[Unfinished]:
     used (state ``results.json unreadable``). Another program's config.json is passed over; one
     that cannot be read, beside run files, is left out with a warning on stderr."""
     found = []
-    for folder in folders:
-        for config_path in sorted(Path(folder).rglob("config.json")):
-            run_dir = config_path.parent
-            has_results = (run_dir / "results.json").exists()
-            unreadable = has_results and _results_unreadable(run_dir)
-            if (has_results and not unreadable) or not any(
-                (run_dir / name).exists() for name in (*RUN_FILES, LOCK_NAME)
-            ):
-                continue
-            try:
-                config = _read_json(config_path)
-            except (OSError, ValueError) as error:
-                print(f"warning: skipping {run_dir}: {error}", file=sys.stderr)
-                continue
-            if not is_run_config(config):
-                continue
-            records = _read_records(run_dir / "metrics.jsonl")
-            steps = checkpoint_steps(run_dir)
-            checkpoint = steps[-1] if steps else None
-            state = "results.json unreadable (see the warning)" if unreadable else _state(run_dir)
-            found.append(Unfinished(run_dir, config, records, state, checkpoint))
+    for run_dir in folders_holding(folders, "config.json"):
+        config_path = run_dir / "config.json"
+        has_results = (run_dir / "results.json").exists()
+        unreadable = has_results and _results_unreadable(run_dir)
+        if (has_results and not unreadable) or not any(
+            (run_dir / name).exists() for name in (*RUN_FILES, LOCK_NAME)
+        ):
+            continue
+        try:
+            config = _read_json(config_path)
+        except (OSError, ValueError) as error:
+            print(f"warning: skipping {run_dir}: {error}", file=sys.stderr)
+            continue
+        records = _read_records(run_dir / "metrics.jsonl")
+        if not is_run_config(config) or not _written_by_a_run(run_dir, records):
+            continue
+        steps = checkpoint_steps(run_dir)
+        checkpoint = steps[-1] if steps else None
+        state = "results.json unreadable (see the warning)" if unreadable else _state(run_dir)
+        found.append(Unfinished(run_dir, config, records, state, checkpoint))
     return sorted(found, key=lambda run: str(run.path))
+
+
+def _written_by_a_run(run_dir: Path, records: list[dict[str, Any]]) -> bool:
+    """Whether ``run_dir``'s files are a run's of this program: its lock, checkpoint folders,
+    or metrics records with a ``split`` (another program's folder with a config.json naming a
+    task and a model, and a metrics.jsonl of its own, was listed as a stopped run)."""
+    if (run_dir / LOCK_NAME).exists() or any(
+        (run_dir / name).is_dir() for name in ("checkpoints", "checkpoints.damaged")
+    ):
+        return True
+    return any(
+        isinstance(record, dict) and record.get("split") in ("train", "val", "test")
+        for record in records
+    )

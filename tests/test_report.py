@@ -300,7 +300,7 @@ def test_the_data_marks_say_what_the_task_read(tmp_path, capsys):
     make_run(tmp_path / "old_text", "text", 60.0, source="synthetic")
     assert report.main([str(tmp_path), "--png", str(tmp_path / "c.png")]) == 0
     out = capsys.readouterr().out
-    others = {r[2]: r[-1] for r in row(out, "myparity") + row(out, "parity")}
+    others = {r[3]: r[-1] for r in row(out, "myparity") + row(out, "parity")}
     assert others == {
         "90.00": str(tmp_path / "factory"),
         "70.00": str(tmp_path / "old_factory"),
@@ -670,3 +670,80 @@ def test_thirteen_runs_get_thirteen_curve_styles(tmp_path, monkeypatch):
         if not line.get_label().startswith("_")
     }
     assert len(styles) == 13 and len(set(styles.values())) == 13
+
+
+def test_a_run_without_its_config_json_is_read_from_its_checkpoint_s_copy_or_left_out(
+    tmp_path, capsys
+):
+    """A run folder without config.json was reported as HGRN's (the model kind's default),
+    beside HGRN's paper number: an HGRN2 or Transformer run entered HGRN's table. Its newest
+    checkpoint's copy of the config is read instead (a warning says so); without one the run
+    is left out with a warning, as a corrupt config.json's was."""
+    hgrn2 = make_run(tmp_path / "runs" / "hgrn2", "listops", 17.58, mixer="hgrn2")
+    copy = hgrn2 / "checkpoints" / "40" / "config"
+    copy.mkdir(parents=True)
+    (hgrn2 / "config.json").rename(copy / "metadata")
+    lost = make_run(tmp_path / "runs" / "lost", "listops", 20.0, mixer="attention")
+    (lost / "config.json").unlink()
+    assert report.main([str(tmp_path / "runs")]) == 0
+    captured = capsys.readouterr()
+    (row_hgrn2,) = row(section(captured.out, HGRN2_LRA), "ListOps")
+    assert row_hgrn2[1:3] == ["60.52", "17.58"]
+    (row_hgrn,) = row(section(captured.out, HGRN_LRA), "ListOps")
+    assert row_hgrn[1:3] == ["59.95", "—"]  # neither run is HGRN's
+    assert f"warning: {hgrn2 / 'config.json'} not found; using the copy" in captured.err
+    assert (
+        f"warning: skipping {lost}: {lost / 'config.json'} not found and no checkpoint holds a "
+        "copy of the run's config, so its model cannot be told" in captured.err
+    )
+
+
+def test_runs_reached_twice_or_through_a_link_are_listed_once(tmp_path, capsys):
+    """A run folder given with its parent, or twice, was listed (and drawn) once per mention,
+    the legend's colour another copy's; a run linked into a folder of runs was passed over."""
+    run = make_run(tmp_path / "runs" / "listops", "listops", 50.0)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "listops-link").symlink_to(run, target_is_directory=True)
+    (tmp_path / "linked" / "loop").symlink_to(tmp_path / "linked", target_is_directory=True)
+    args = [str(run), str(tmp_path / "runs"), str(run), "--png", str(tmp_path / "c.png")]
+    assert report.main(args) == 0
+    assert len(row(capsys.readouterr().out, "ListOps")) == 1
+    assert report.main([str(tmp_path / "linked"), "--png", str(tmp_path / "c.png")]) == 0
+    (listops,) = row(capsys.readouterr().out, "ListOps")
+    assert listops[-1] == str(tmp_path / "linked" / "listops-link")
+
+
+def test_another_program_s_folder_with_a_task_and_model_is_not_a_run(tmp_path, capsys):
+    """A folder of another program whose config.json names a task and a model, beside a
+    metrics.jsonl of its own, was listed as a stopped run of ours."""
+    make_run(tmp_path / "done", "listops", 50.0)
+    other = tmp_path / "ner"
+    other.mkdir()
+    (other / "config.json").write_text('{"task": "ner", "model": {"name": "bert-base"}}')
+    (other / "metrics.jsonl").write_text('{"epoch": 1, "f1": 0.8}\n')
+    assert report.main([str(tmp_path), "--png", str(tmp_path / "c.png")]) == 0
+    assert "ner" not in capsys.readouterr().out
+
+
+def test_png_and_markdown_paths_are_what_the_report_writes(tmp_path, capsys):
+    """--png PATH without a suffix wrote PATH.png and named PATH; a folder, FOLDER.png; a
+    suffix matplotlib cannot write printed a traceback after the tables; --markdown into a
+    missing folder failed (and skipped the curves) where --png made the folder."""
+    make_run(tmp_path / "runs" / "a", "listops", 50.0)
+    runs = str(tmp_path / "runs")
+    assert report.main([runs, "--png", str(tmp_path / "plot")]) == 0
+    assert capsys.readouterr().out.endswith(f"training curves: {tmp_path / 'plot.png'}\n")
+    assert (tmp_path / "plot.png").is_file()
+    (tmp_path / "folder").mkdir()
+    assert report.main([runs, "--png", str(tmp_path / "folder")]) == 0
+    assert (tmp_path / "folder" / "curves.png").is_file()
+    capsys.readouterr()
+    assert report.main([runs, "--png", str(tmp_path / "plot.txt")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(
+        f"error: --png {tmp_path / 'plot.txt'}: matplotlib cannot write .txt files; end the path"
+    )
+    markdown = tmp_path / "new" / "folder" / "tables.md"
+    assert report.main([runs, "--markdown", str(markdown)]) == 0
+    assert markdown.read_text().startswith("#")
