@@ -28,6 +28,7 @@ checkpoint that cannot be loaded) print one line naming the file or value and th
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -261,6 +262,13 @@ def continue_prompt(
     return Continuation(ids, tokenizer.decode(ids) if tokenizer is not None else None, step)
 
 
+def as_flags(message: str) -> str:
+    """A message of :func:`~hgrn_jax.training.load_trained_model`, whose fixes name its Python
+    argument (``checkpoint='latest'``, ``checkpoint=STEP``), with this command's flag instead
+    (``--checkpoint=latest``)."""
+    return re.sub(r"(?<![\w-])checkpoint='?(\w+)'?", r"--checkpoint=\1", message)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}; options look like --max_new_tokens=32")
@@ -289,7 +297,9 @@ def main(argv: list[str]) -> None:
     except (ValueError, OSError, KeyError, CheckpointError) as error:
         if given.traceback:
             raise
-        cli.fail(f"{type(error).__name__}: {error} (rerun with --traceback for details)")
+        cli.fail(
+            f"{type(error).__name__}: {as_flags(str(error))} (rerun with --traceback for details)"
+        )
     print(
         f"generated with the checkpoint at step {step} of {given.workdir} "
         f"(--checkpoint={given.checkpoint})",

@@ -217,7 +217,7 @@ def test_load_errors_name_the_path_and_the_fix(listops_run, tmp_path):
     with pytest.raises(
         ValueError,
         match=rf"checkpoint {copy}/checkpoints/4 is damaged \(.*fails "
-        r"its SHA-256 checksum.*\); load another step \(2\)",
+        r"its SHA-256 checksum.*\); load another of its steps \(2\) with checkpoint=STEP",
     ):
         load_trained_model(copy, 4)
     assert (copy / "checkpoints" / "4").is_dir()  # not moved aside
@@ -250,16 +250,20 @@ def test_a_run_whose_config_json_is_lost_loads_from_its_checkpoint_s_copy(listop
     """Each checkpoint holds a copy of the config: a run folder whose config.json was cut
     short or deleted still loads (a warning names the copy), the same parameters as before."""
     want = load_trained_model(listops_run, "latest")
-    for damage in ("cut short", "deleted"):
+    for damage, text in (
+        ("cut short", '{"task": "listops", '),
+        ("deleted", None),
+        ("without its model", '{"task": "listops"}'),
+    ):
         copy = tmp_path / damage.replace(" ", "_")
         shutil.copytree(listops_run, copy)
-        if damage == "deleted":
+        if text is None:
             (copy / "config.json").unlink()
         else:
-            (copy / "config.json").write_text('{"task": "listops", ')
+            (copy / "config.json").write_text(text)
         with pytest.warns(
             RuntimeWarning,
-            match=r"config\.json (not found|is not valid JSON).*; "
+            match=r"config\.json (not found|is not valid JSON|holds no run config).*; "
             r"using the copy of the run's config in .*checkpoints/4/config/metadata",
         ):
             got = load_trained_model(copy, "latest")
@@ -267,6 +271,20 @@ def test_a_run_whose_config_json_is_lost_loads_from_its_checkpoint_s_copy(listop
             _plain(nnx.state(got, nnx.Param)), _plain(nnx.state(want, nnx.Param)), strict=True
         ):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow  # end-to-end: a training run
+def test_a_config_json_without_the_vocabulary_size_reads_it_off_the_checkpoint(bpe_run, tmp_path):
+    """A model key absent from config.json stands for its default; for ``vocab_size`` (0: the
+    data's) that is the checkpoint's arrays, as for a 0 (a missing key was a bare
+    ``needs vocab_size`` error naming no file)."""
+    copy = tmp_path / "run"
+    shutil.copytree(bpe_run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    del config["model"]["vocab_size"]
+    (copy / "config.json").write_text(json.dumps(config))
+    model, _ = load_trained_model(copy)
+    assert model.config.vocab_size == 320
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -468,6 +486,27 @@ def test_generate_command_prints_the_greedy_ids_and_their_text_and_fails_in_one_
         "the tokenizer the run was trained with, e.g. --tokenizer_path=/path/to/tokenizer.json "
         "(rerun with --traceback for details)"
     ]
+    worst = _cli(
+        f"--workdir={bpe_run}", "--prompt_ids=1", "--max_new_tokens=1", "--checkpoint=worst"
+    )
+    assert worst.returncode == 2
+    assert worst.stderr.strip().startswith(
+        "error: ValueError: --checkpoint=worst is not 'best', 'latest' or a step; pass one of"
+    )
+
+
+def test_generate_s_errors_name_its_flag_not_the_python_argument():
+    """load_trained_model's fixes name its argument (checkpoint='latest'); the command said so
+    too, where its flag is --checkpoint=latest."""
+    from experiments.generate import as_flags
+
+    assert as_flags("pass checkpoint='latest' or a step") == "pass --checkpoint=latest or a step"
+    assert as_flags("load another of its steps (2, 4) with checkpoint=STEP") == (
+        "load another of its steps (2, 4) with --checkpoint=STEP"
+    )
+    assert as_flags("checkpoint /r/checkpoints/4 is damaged") == (
+        "checkpoint /r/checkpoints/4 is damaged"
+    )
 
 
 @pytest.mark.slow  # end-to-end: two training runs

@@ -8,6 +8,7 @@ still training can be loaded (its newest checkpoint once Orbax has committed it)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from hgrn_jax.training.state import (
     merge_model,
     split_model,
 )
-from hgrn_jax.training.workdir import checkpoint_steps, config_copy
+from hgrn_jax.training.workdir import checkpoint_steps, config_copy, is_run_config
 
 CHECKPOINT_CHOICES = ("best", "latest")
 
@@ -128,7 +129,8 @@ def _model_builder(
     entry = factory if factory is not None else registry.dataset(config)
     model_settings.check_model_sizes(config.model, model_settings.SIZES_FROM_THE_DATA)
     derived = entry.derive(config)
-    if "vocab_size" in derived.model and not derived.model.vocab_size:
+    has_vocabulary = any(f.name == "vocab_size" for f in dataclasses.fields(entry.model.config_cls))
+    if has_vocabulary and not derived.model.get("vocab_size", 0):
         # Settled from the data files (a tokenizer, prepared data) when the run started; the
         # checkpoint's arrays hold it.
         derived.model.vocab_size = _VOCAB_PROBE
@@ -156,7 +158,11 @@ def _model_builder(
 
 def _other_steps_hint(workdir: Path, step: int) -> str:
     others = [s for s in checkpoint_steps(workdir) if s != step]
-    how = f"load another step ({', '.join(map(str, others))})" if others else "train again"
+    how = (
+        f"load another of its steps ({', '.join(map(str, others))}) with checkpoint=STEP"
+        if others
+        else "train again"
+    )
     return f"{how}, or put back the folder from a copy"
 
 
@@ -178,28 +184,25 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
             saved = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as error:
             problem = f"is not valid JSON ({error})"
-    if saved is None:
-        copy = config_copy(workdir)
-        if copy is not None:
-            warnings.warn(
-                f"{path} {problem}; using the copy of the run's config in {copy[0]} (running "
-                "the run's training command again rebuilds config.json from it)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return ml_collections.ConfigDict(copy[1])
-        if problem == "not found":
-            raise FileNotFoundError(
-                f"{path} not found: {workdir} is not a run folder; pass the --workdir of an "
-                "experiments.train run (it holds config.json and checkpoints/)"
-            )
-        raise ValueError(f"{path} {problem}; put back the config.json the run wrote")
-    if not isinstance(saved, dict) or "task" not in saved or "model" not in saved:
-        raise ValueError(
-            f"{path} holds no run config (a JSON object with task and model); put back the "
-            "config.json the run wrote"
+        if saved is not None and not is_run_config(saved):
+            saved, problem = None, "holds no run config (a JSON object with task and model)"
+    if saved is not None:
+        return ml_collections.ConfigDict(saved)
+    copy = config_copy(workdir)
+    if copy is not None:
+        warnings.warn(
+            f"{path} {problem}; using the copy of the run's config in {copy[0]} (running "
+            "the run's training command again rebuilds config.json from it)",
+            RuntimeWarning,
+            stacklevel=3,  # the caller of load_trained_model
         )
-    return ml_collections.ConfigDict(saved)
+        return ml_collections.ConfigDict(copy[1])
+    if problem == "not found":
+        raise FileNotFoundError(
+            f"{path} not found: {workdir} is not a run folder; pass the --workdir of an "
+            "experiments.train run (it holds config.json and checkpoints/)"
+        )
+    raise ValueError(f"{path} {problem}; put back the config.json the run wrote")
 
 
 def load_trained_model(
