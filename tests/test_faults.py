@@ -1534,6 +1534,44 @@ def test_a_cache_dir_that_cannot_be_written_names_the_key(tmp_path, monkeypatch,
         listops.ensure_generated(tmp_path / "ro", listops.ListOpsSpec(**SMALL_LISTOPS), 0)
 
 
+def test_a_full_cache_dir_is_named_and_leaves_nothing_half_prepared(tmp_path, monkeypatch):
+    """Preparing Retrieval or Pathfinder into a full cache_dir died of SIGBUS (`Fatal Python
+    error: Bus error`, no message) writing a memory map, leaving its temporary folder; other
+    builds gave a bare `[Errno 28]` or numpy's `36889 requested and 4032 written`. The memory
+    maps' blocks are now reserved first, and a full disk is one line naming the key. (Simulated:
+    a real full file system needs a mount.) A permission error on a source the build reads is
+    not taken for the cache's."""
+    from hgrn_jax.data import loader
+
+    def no_room(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    cache = tmp_path / "cache"
+    expected = (
+        rf"^config\.data\.cache_dir='{re.escape(str(cache))}' is full \(No space left on device "
+        r"preparing the data; [\d.]+ MiB free\): free space there, or set "
+        r"--config\.data\.cache_dir to a folder with room, and run again"
+    )
+
+    def build_memmap(folder):
+        loader.writable_memmap(folder / "x.npy", np.uint8, (64, 64))
+
+    def build_short_write(folder):
+        raise OSError("36889 requested and 4032 written")
+
+    for build in (build_memmap, build_short_write):
+        with pytest.raises(ValueError, match=expected):
+            loader.prepared(cache, "aan", {"k": 1}, build)
+        assert list(cache.iterdir()) == []  # the temporary folder removed
+
+    def build_unreadable_source(folder):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "lra" / "f.tsv"))
+
+    with pytest.raises(PermissionError, match=r"lra/f\.tsv"):
+        loader.prepared(cache, "aan", {"k": 2}, build_unreadable_source)
+
+
 def test_a_cache_dir_that_is_a_file_names_the_key(tmp_path):
     """config.data.cache_dir naming a file, or below one, stops naming the key, the path and
     the fix (it was a NotADirectoryError naming a subfolder of it), for the prepared release

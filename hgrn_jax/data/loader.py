@@ -163,20 +163,67 @@ def check_cache_dir(cache_dir: str | Path) -> None:
     )
 
 
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _is_out_of_space(error: OSError) -> bool:
+    # numpy's tofile (np.save of a large array) reports a short write without an errno.
+    return error.errno in OUT_OF_SPACE or (
+        error.errno is None and "requested and" in str(error) and "written" in str(error)
+    )
+
+
 @contextlib.contextmanager
 def naming_the_cache_dir(cache_dir: str | Path) -> Iterator[None]:
-    """Turn a read-only or forbidden ``cache_dir`` (an ``OSError`` naming a subfolder of it)
-    into a ValueError naming ``config.data.cache_dir`` and the fix."""
+    """Turn a read-only, forbidden or full ``cache_dir`` (an ``OSError`` naming a subfolder of
+    it, or none) into a ValueError naming ``config.data.cache_dir`` and the fix."""
     try:
         yield
     except OSError as error:
-        if error.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise
+        if _is_out_of_space(error):
+            try:
+                free = f"{shutil.disk_usage(cache_dir).free / 2**20:.1f} MiB free"
+            except OSError:
+                free = "free space unknown"
+            raise ValueError(
+                f"config.data.cache_dir={str(cache_dir)!r} is full ({os.strerror(errno.ENOSPC)}"
+                f" preparing the data; {free}): free space there, or set "
+                "--config.data.cache_dir to a folder with room, and run again (nothing "
+                "half-prepared was kept)"
+            ) from None
+        if error.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or not _under(
+            error.filename, cache_dir
+        ):
+            raise  # a source the build reads, say: its own message names it
         raise ValueError(
             f"config.data.cache_dir={str(cache_dir)!r} cannot hold the prepared data "
             f"({error.strerror}: {error.filename}); set --config.data.cache_dir to a folder "
             "this user can write"
         ) from None
+
+
+def _under(filename: Any, folder: str | Path) -> bool:
+    """Whether an OSError's ``filename`` (None: not known, taken as inside) lies in ``folder``."""
+    if filename is None:
+        return True
+    inside = os.path.abspath(os.fsdecode(filename))
+    return os.path.commonpath([inside, os.path.abspath(folder)]) == os.path.abspath(folder)
+
+
+def writable_memmap(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
+    """``np.lib.format.open_memmap(path, "w+", dtype, shape)`` with the file's blocks reserved
+    first: writing into a memory map on a full disk killed the process with SIGBUS (``Fatal
+    Python error: Bus error``, no message, the temporary folder left behind), where reserving
+    raises ``OSError(ENOSPC)``, which :func:`prepared` reports naming the cache folder."""
+    array = np.lib.format.open_memmap(path, "w+", dtype, shape)
+    try:
+        with open(path, "r+b") as file:
+            os.posix_fallocate(file.fileno(), 0, os.path.getsize(path))
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
+            del array
+            raise
+    return array
 
 
 def cache_folder(cache_dir: str | Path, name: str, key: dict[str, Any]) -> Path:
@@ -205,7 +252,7 @@ def prepared(
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
     try:
         follow_umask(tmp, directory=True)
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, naming_the_cache_dir(cache_dir):
             warnings.simplefilter("always", SkippedExamplesWarning)
             build(tmp)
         skipped = [str(w.message) for w in caught if issubclass(w.category, SkippedExamplesWarning)]

@@ -132,8 +132,8 @@ def _build(folder: Path, root: Path, resolution: int, skip_bad_rows: bool, worke
         raise ValueError(f"no Pathfinder examples under {root} (metadata/*.npy lists none)")
     for split, positions in split_positions(n).items():
         rows = [p for p in positions.tolist() if p in pixels_at]
-        pixels = np.lib.format.open_memmap(
-            folder / f"{split}.pixels.npy", "w+", np.uint8, (len(rows), resolution, resolution, 1)
+        pixels = loader.writable_memmap(
+            folder / f"{split}.pixels.npy", np.uint8, (len(rows), resolution, resolution, 1)
         )
         for i, position in enumerate(rows):
             pixels[i, :, :, 0] = pixels_at[position]

@@ -148,7 +148,7 @@ def _build(folder: Path, path: Path, seq_len: int, skip_bad_rows: bool, vocab: V
     count = sum(1 for _ in _good_rows(path, skip_bad_rows))
     encoder = CharEncoder(vocab)
     ids = [
-        np.lib.format.open_memmap(folder / f"data.{key}.npy", "w+", vocab.dtype, (count, seq_len))
+        loader.writable_memmap(folder / f"data.{key}.npy", vocab.dtype, (count, seq_len))
         for key in ("inputs", "inputs2")
     ]
     lengths = np.zeros((2, count), np.int32)
