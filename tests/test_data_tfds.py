@@ -351,6 +351,15 @@ def test_imagenet_prepare_without_whole_archives_is_one_line(tmp_path, capsys):
         "of data): download it again and compare its MD5 with image-net.org's"
     )
     assert not list(tfds_dir.rglob("*.array_record*"))
+    # The validation archive cut short: TensorFlow's reader fails past its end (a traceback).
+    fx.write_imagenet_archives(manual, per_class=1, num_val=1)
+    val_tar = manual / imagenet.ARCHIVES[1]
+    val_tar.write_bytes(val_tar.read_bytes()[:700])  # into its first image
+    line = imagenet_prepare_error(capsys, manual, tfds_dir)
+    assert line.startswith(
+        "error: BadDataError: ILSVRC2012_img_train.tar or ILSVRC2012_img_val.tar in "
+        f"--manual_dir='{manual}' is truncated or not a tar archive ("
+    ), line
 
 
 def test_imagenet_prepare_over_tfrecord_data_is_one_line_and_keeps_them(tmp_path, capsys):

@@ -464,7 +464,13 @@ def prepare(tfds_dir: str, manual_dir: str) -> None:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
         )
-    except tarfile.TarError as error:  # tfds removes its unfinished folder first
+    except Exception as error:  # tfds removes its unfinished folder first
+        # A truncated archive: tarfile's error, or TensorFlow's reading past the end of it.
+        if not isinstance(error, tarfile.TarError) and type(error).__name__ not in (
+            "OutOfRangeError",
+            "DataLossError",
+        ):
+            raise
         raise BadDataError(
             f"{' or '.join(ARCHIVES)} in --manual_dir={manual_dir!r} is truncated or not a tar "
             f"archive ({type(error).__name__}: {error}): download it again and compare its MD5 "
