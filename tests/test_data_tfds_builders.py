@@ -285,10 +285,19 @@ def test_missing_prepared_data_names_the_layout_and_the_command(tmp_path):
         tasks.tfds_release(config).open_split(config, "train")
     message = str(info.value)
     assert "no prepared tfds dataset lra_listops/len12" in message
+    # The variant the run reads (its preset's length), which the config file alone lacks: the
+    # command used to prepare len2048, and the run then asked for len12 again.
     assert (
         "python -m experiments.prepare --config=experiments/configs/lra/listops.py "
-        f"--config.data.lra_dir=LRA_DIR --config.data.tfds_dir={tmp_path / 'tfds'}"
+        "--config.data.lra_dir=LRA_DIR --config.data.seq_len=12 "
+        f"--config.data.tfds_dir={tmp_path / 'tfds'}"
     ) in message
+    config.data.skip_bad_rows = True
+    with pytest.raises(
+        errors.DatasetMissingError, match=r"seq_len=12 --config\.data\.skip_bad_rows=True "
+    ):
+        tasks.tfds_release(config).open_split(config, "train")
+    config.data.skip_bad_rows = False
     assert "listops-1000/basic_{train,val,test}.tsv" in message
     with pytest.raises(tasks.DataUnavailableError, match=r"experiments.prepare.*"):
         tasks.get_task(config)

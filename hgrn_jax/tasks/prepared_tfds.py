@@ -54,7 +54,8 @@ class TfdsRelease:
         return bool(config.data.tfds_dir) and self.builder(config).is_prepared()
 
     def command(self, config) -> str:
-        """The command preparing ``config``'s dataset (the paper config's file; its flags)."""
+        """The command preparing ``config``'s dataset: the paper config's file with the flags
+        of the run's folders and of the settings that pick the prepared variant."""
         if self.manual_dir_key == "wikitext_dir":
             folder = (
                 f"--config.data.wikitext_dir=WIKI_DIR --config.data.tokenizer_path="
@@ -62,9 +63,21 @@ class TfdsRelease:
             )
         else:
             folder = "--config.data.lra_dir=LRA_DIR"
-        return (
-            f"python -m experiments.prepare --config={self.config_file} {folder} "
-            f"--config.data.tfds_dir={config.data.tfds_dir or 'TFDS_DIR'}"
+        # The settings that pick the prepared variant, as the run has them (its preset's
+        # sequence length, say), so that the command prepares the variant the run reads.
+        variant = [
+            f"--config.data.{key}={value}"
+            for key, value in self.options(config).items()
+            if key in config.data and key != "tokenizer_path"
+        ]
+        if skip_bad_rows(config):
+            variant.append("--config.data.skip_bad_rows=True")
+        return " ".join(
+            [
+                f"python -m experiments.prepare --config={self.config_file} {folder}",
+                *variant,
+                f"--config.data.tfds_dir={config.data.tfds_dir or 'TFDS_DIR'}",
+            ]
         )
 
     def _missing(self, config, reason: str) -> DatasetMissingError:
