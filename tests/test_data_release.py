@@ -306,6 +306,23 @@ def test_pathfinder_bad_images_and_metadata_are_reported(tmp_path):
         assert sum(task.num_examples(s) for s in ("train", "val", "test")) == 20
 
 
+@pytest.mark.parametrize("damage", ["empty", "binary"])
+def test_a_pathfinder_metadata_file_that_cannot_be_counted_stops_even_with_skip_bad_rows(
+    tmp_path, damage
+):
+    """An empty metadata file was taken without a word (half the examples gone), and a binary
+    one, with skip_bad_rows, counted as one bad example while all its lines were dropped and
+    the other examples moved between splits (their split depends on the line count)."""
+    base = fx.write_pathfinder(tmp_path, 32, count=20)
+    meta = sorted((base / "metadata").glob("*.npy"))[0]
+    meta.write_bytes(b"" if damage == "empty" else b"\x93NUMPY\xff\xfe")
+    config = pathfinder_config(tmp_path)
+    config.data.skip_bad_rows = True
+    expected = "empty metadata file" if damage == "empty" else "unreadable metadata file"
+    with pytest.raises(errors.BadDataError, match=rf"^{meta}: {expected} .*restore it"):
+        tasks.get_task(config).examples("train")
+
+
 def test_pathx_reads_128_pixel_images(tmp_path):
     fx.write_pathfinder(tmp_path, 128, count=10)
     config = pathfinder_config(tmp_path, task="lra.pathx", resolution=128)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from hgrn_jax.data import loader, release, splits
-from hgrn_jax.data.errors import BadDataReport
+from hgrn_jax.data.errors import BadDataError, BadDataReport
 
 LEVEL = "curv_contour_length_14"
 NUM_CLASSES = 2
@@ -50,15 +50,28 @@ def read_metadata(
 ) -> tuple[list[tuple[Path, int, Path, int, int]], int]:
     """The well-formed metadata lines as (image path, label, metadata file, line, position) and
     the number of example lines (the reference's dataset size); ``position`` numbers the
-    non-blank lines in the reference's order, malformed ones included."""
+    non-blank lines in the reference's order, malformed ones included.
+
+    A metadata file that is unreadable or holds no line is a :class:`BadDataError` even with
+    ``data.skip_bad_rows``: its lines cannot be counted, and the split of every example
+    depends on their count (skipped, it dropped all of the file's examples, counted as one,
+    and moved others between splits; an empty one was taken without a word)."""
     samples = []
     position = 0
     for meta in _metadata_files(root):
         try:
             text = meta.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
-            report.add(meta, 0, f"unreadable metadata file (it should be text): {error}")
-            continue
+            raise BadDataError(
+                f"{meta}: unreadable metadata file (it should be text: {error}); its lines "
+                "decide every example's split, so it cannot be skipped: restore it from the "
+                "release"
+            ) from None
+        if not text.strip():
+            raise BadDataError(
+                f"{meta}: empty metadata file (each lists the images of one folder); restore it "
+                "from the release"
+            )
         for line, content in enumerate(text.splitlines(), start=1):
             fields = content.split()
             if not fields:
