@@ -307,9 +307,22 @@ def test_missing_data_errors_name_the_fix(tmp_path):
         tasks.get_task(listops_paper)
     with listops_paper.unlocked():
         listops_paper.data.lra_dir = str(tmp_path)
-    task = tasks.get_task(listops_paper)
     with pytest.raises(FileNotFoundError, match=r"basic_train.tsv not found.*data.lra_dir"):
-        next(task.train_batches(0, 0, 1))
+        tasks.get_task(listops_paper)  # every file is looked up first (it was at its first read)
+    for split in ("train", "val"):
+        folder = tmp_path / "listops-1000"
+        folder.mkdir(exist_ok=True)
+        (folder / f"basic_{split}.tsv").write_text("Source\tTarget\n( [MAX 1 2 ] )\t2\n")
+    with pytest.raises(FileNotFoundError, match=r"basic_test.tsv not found.*data.lra_dir"):
+        tasks.get_task(listops_paper)  # before the training file is tokenised
+    (folder / "basic_test.tsv").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"basic_test.tsv is a folder, not the release's"):
+        tasks.get_task(listops_paper)  # reading it was a bare IsADirectoryError
+    (folder / "basic_test.tsv").rmdir()
+    (folder / "basic_test.tsv").write_text("")
+    task = tasks.get_task(listops_paper)
+    with pytest.raises(ValueError, match=r"basic_test.tsv:1: empty file \(it should start with"):
+        task.examples("test")
     for name in [
         "lra.text",
         "lra.retrieval",

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from hgrn_jax.data import listops, loader, release
-from hgrn_jax.data.errors import BadDataReport
+from hgrn_jax.data.errors import BadDataReport, DatasetMissingError
 from hgrn_jax.data.text_lines import decoded_lines, undecodable
 from hgrn_jax.data.vocab import Vocabulary
 
@@ -29,7 +29,13 @@ def find_file(lra_dir: str, split: str) -> Path:
             for root in release.candidate_roots(lra_dir):
                 if (root / relative).is_file():
                     return root / relative
-    return release.find_release_path(lra_dir, f"listops-1000/{name}", what=name)
+    path = release.find_release_path(lra_dir, f"listops-1000/{name}", what=name)
+    if not path.is_file():  # found as a folder: reading it was a bare IsADirectoryError
+        raise DatasetMissingError(
+            f"{path} is a folder, not the release's file {name}; put the file there (unpack "
+            "lra_release.gz again)"
+        )
+    return path
 
 
 def read_rows(path: Path, report: BadDataReport) -> tuple[list[str], np.ndarray]:
@@ -42,7 +48,10 @@ def read_rows(path: Path, report: BadDataReport) -> tuple[list[str], np.ndarray]
     # One reader over the decoded lines: a BOM dropped, bad bytes reported by line.
     reader = csv.reader(decoded_lines(path, bad_bytes), delimiter="\t", quoting=csv.QUOTE_NONE)
     header = next(reader, None)
-    if header is None or "Source" not in header or "Target" not in header:
+    if header is None:
+        report.add(path, 1, "empty file (it should start with Source<TAB>Target)", skippable=False)
+        return [], np.zeros(0, np.int32)
+    if "Source" not in header or "Target" not in header:
         report.add(
             path, 1, f"header {header} must name the columns Source<TAB>Target", skippable=False
         )
