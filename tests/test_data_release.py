@@ -372,6 +372,37 @@ def test_wikitext_bpe_blocks_and_line_ends(tmp_path):
         tasks.get_task(config)
 
 
+def test_wikitext_half_a_tokenizer_and_a_too_short_split_name_the_file(tmp_path):
+    """A tokenizer folder with encoder.json but no vocab.bpe said only "no tokenizer at ...";
+    a split shorter than a block said "0 tokens are fewer than data.seq_len + 1", naming
+    neither the split nor its file."""
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "encoder.json").write_text("{}")
+    with pytest.raises(
+        errors.DatasetMissingError,
+        match=r"holds encoder\.json but no file vocab\.bpe \(GPT-2's tokenizer is encoder\.json "
+        r"\+ vocab\.bpe\); put vocab\.bpe there",
+    ):
+        wikitext.tokenizer_files(str(gpt2))
+    folder = fx.write_wikitext(tmp_path / "wikitext-103")
+    (folder / "wiki.test.tokens").write_text("\n")
+    config = config_of(
+        "lm.wikitext103",
+        source="release",
+        wikitext_dir=str(tmp_path),
+        tokenizer_path="bytes",
+        cache_dir=str(tmp_path / "cache"),
+        seq_len=16,
+    )
+    with pytest.raises(
+        ValueError,
+        match=rf"^1 tokens in the test split \({folder / 'wiki.test.tokens'}\) are fewer than "
+        r"data\.seq_len \+ 1 = 17: give a longer file, or a smaller --config\.data\.seq_len$",
+    ):
+        tasks.get_task(config).examples("test")
+
+
 def test_wikitext_byte_tokenizer_needs_no_file(tmp_path):
     folder = fx.write_wikitext(tmp_path)
     tokens, tokenizer = wikitext.load_tokens(

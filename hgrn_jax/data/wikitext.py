@@ -52,14 +52,21 @@ def tokenizer_files(tokenizer_path: str) -> list[Path]:
     path = Path(tokenizer_path)
     if path.is_file():
         return [path]
+    sets = (("tokenizer.json",), ("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
     if path.is_dir():
-        for names in (
-            ("tokenizer.json",),
-            ("encoder.json", "vocab.bpe"),
-            ("vocab.json", "merges.txt"),
-        ):
+        for names in sets:
             if all((path / n).is_file() for n in names):
                 return [path / n for n in names]
+        for names in sets:  # half a set: name what is missing
+            present = [n for n in names if (path / n).exists()]
+            if present:
+                missing = [n for n in names if not (path / n).is_file()]
+                raise DatasetMissingError(
+                    f"data.tokenizer_path={tokenizer_path!r} holds {' and '.join(present)} but "
+                    f"no file {' and '.join(missing)} (GPT-2's tokenizer is "
+                    f"{' + '.join(names)}); put {' and '.join(missing)} there (from the same "
+                    "download), or point data.tokenizer_path at GPT-2's tokenizer.json"
+                )
     raise DatasetMissingError(
         f"no tokenizer at data.tokenizer_path={tokenizer_path!r}: point it at GPT-2's "
         "tokenizer.json (loadable by the `tokenizers` package), at a folder with GPT-2's "
@@ -184,13 +191,17 @@ def load_tokens(
     return loader.load_arrays(folder, "data", ("tokens",))["tokens"], tokenizer
 
 
-def blocks(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+def blocks(tokens: np.ndarray, seq_len: int, where: str = "") -> np.ndarray:
     """Blocks (N, seq_len + 1) of the stream with stride ``seq_len`` (a view, no copy).
 
     Block ``i`` is ``tokens[i * seq_len : (i + 1) * seq_len + 1]``; the tail shorter than a block
-    is dropped.
+    is dropped. ``where`` names the tokens' file in the error for too few of them.
     """
     num = (len(tokens) - 1) // seq_len
     if num < 1:
-        raise ValueError(f"{len(tokens)} tokens are fewer than data.seq_len + 1 = {seq_len + 1}")
+        raise ValueError(
+            f"{len(tokens)} tokens{f' in {where}' if where else ''} are fewer than "
+            f"data.seq_len + 1 = {seq_len + 1}: give a longer file, or a smaller "
+            "--config.data.seq_len"
+        )
     return np.lib.stride_tricks.sliding_window_view(tokens, seq_len + 1)[::seq_len][:num]

@@ -73,7 +73,8 @@ class WikiTextRelease(LanguageModelTask):
             tokenizer_path=data.tokenizer_path,
             cache_dir=data.cache_dir,
         )
-        return {"ids": wikitext.blocks(tokens, int(data.seq_len))}
+        where = f"the {split} split ({wikitext.find_file(data.wikitext_dir, split)})"
+        return {"ids": wikitext.blocks(tokens, int(data.seq_len), where)}
 
 
 TFDS = TfdsRelease(
