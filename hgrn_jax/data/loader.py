@@ -231,6 +231,11 @@ def cache_folder(cache_dir: str | Path, name: str, key: dict[str, Any]) -> Path:
     return Path(cache_dir) / f"{name}-{digest[:12]}"
 
 
+_BUILT_HERE: set[Path] = set()
+"""Cache folders this process built: each split of a first run reads its folder again, and
+the reminder of skipped examples was given three times in the run that had just listed them."""
+
+
 def prepared(
     cache_dir: str | Path, name: str, key: dict[str, Any], build: Callable[[Path], None]
 ) -> Path:
@@ -244,7 +249,8 @@ def prepared(
     """
     folder = cache_folder(cache_dir, name, key)
     if (folder / DONE).is_file():
-        _warn_of_skipped(folder)
+        if folder not in _BUILT_HERE:  # this process warned of its skipped examples as it built
+            _warn_of_skipped(folder)
         return folder
     check_cache_dir(cache_dir)
     with naming_the_cache_dir(cache_dir):
@@ -262,6 +268,7 @@ def prepared(
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         (tmp / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True, default=str))
         (tmp / DONE).write_text("")
+        _BUILT_HERE.add(folder)
         try:
             os.rename(tmp, folder)
         except OSError:  # another process finished first (or a stale, unfinished folder)
