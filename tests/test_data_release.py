@@ -323,6 +323,22 @@ def test_a_pathfinder_metadata_file_that_cannot_be_counted_stops_even_with_skip_
         tasks.get_task(config).examples("train")
 
 
+def test_pathfinder_without_its_images_says_so_with_skip_bad_rows(tmp_path):
+    """Every image missing (imgs/ not unpacked), bad rows skipped: the message said that
+    metadata/*.npy lists no example, though it listed 20."""
+    import shutil
+
+    base = fx.write_pathfinder(tmp_path, 32, count=20)
+    shutil.rmtree(base / "imgs")
+    config = pathfinder_config(tmp_path)
+    config.data.skip_bad_rows = True
+    with (
+        pytest.warns(UserWarning, match="20 bad example"),
+        pytest.raises(ValueError, match=r"all 20 that metadata/\*\.npy lists were skipped as bad"),
+    ):
+        tasks.get_task(config).examples("train")
+
+
 def test_pathx_reads_128_pixel_images(tmp_path):
     fx.write_pathfinder(tmp_path, 128, count=10)
     config = pathfinder_config(tmp_path, task="lra.pathx", resolution=128)

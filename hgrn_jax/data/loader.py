@@ -258,14 +258,21 @@ def prepared(
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
     try:
         follow_umask(tmp, directory=True)
-        with warnings.catch_warnings(record=True) as caught, naming_the_cache_dir(cache_dir):
+        failure: Exception | None = None
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SkippedExamplesWarning)
-            build(tmp)
+            try:
+                with naming_the_cache_dir(cache_dir):
+                    build(tmp)
+            except Exception as error:  # the bad examples it warned of are still told, below
+                failure = error
         skipped = [str(w.message) for w in caught if issubclass(w.category, SkippedExamplesWarning)]
-        if skipped:
+        if skipped and failure is None:
             (tmp / SKIPPED).write_text("\n".join(skipped) + "\n")
         for w in caught:  # as they were, now that the build's ones are recorded
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if failure is not None:
+            raise failure
         (tmp / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True, default=str))
         (tmp / DONE).write_text("")
         _BUILT_HERE.add(folder)

@@ -141,6 +141,11 @@ def _build(folder: Path, root: Path, resolution: int, skip_bad_rows: bool, worke
         else:
             pixels_at[position], labels_at[position] = result, label
     report.finish(skip_bad_rows)
+    if not pixels_at and n:
+        raise ValueError(
+            f"no usable Pathfinder example under {root}: all {n} that metadata/*.npy lists were "
+            f"skipped as bad (the warning lists why; is {root / 'imgs'} there?)"
+        )
     if not pixels_at:
         raise ValueError(f"no Pathfinder examples under {root} (metadata/*.npy lists none)")
     for split, positions in split_positions(n).items():
