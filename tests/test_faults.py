@@ -1565,6 +1565,23 @@ def test_a_full_cache_dir_is_named_and_leaves_nothing_half_prepared(tmp_path, mo
             loader.prepared(cache, "aan", {"k": 1}, build)
         assert list(cache.iterdir()) == []  # the temporary folder removed
 
+    # tfds's writer quotes the OSError in a RuntimeError (was a traceback); its scratch cache,
+    # inside the tfds data folder, is named as that folder's key (was as cache_dir).
+    def build_tfds_full(folder):
+        raise RuntimeError(
+            'Failed to finalize writing of split "train": [Errno 28] No space left on device'
+        )
+
+    with (
+        loader.cache_shown_as(tmp_path / "tfds", "tfds_dir"),
+        pytest.raises(
+            ValueError,
+            match=rf"^config\.data\.tfds_dir='{re.escape(str(tmp_path / 'tfds'))}' is full .*"
+            r"set --config\.data\.tfds_dir to a folder with room",
+        ),
+    ):
+        loader.prepared(cache / ".lra_retrieval-scratch-x", "aan", {"k": 3}, build_tfds_full)
+
     def build_unreadable_source(folder):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "lra" / "f.tsv"))
 

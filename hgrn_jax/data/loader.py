@@ -17,6 +17,7 @@ the process's slice, so they, too, are exact on resumption and independent of th
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import functools
 import hashlib
@@ -166,38 +167,61 @@ def check_cache_dir(cache_dir: str | Path) -> None:
 OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _is_out_of_space(error: OSError) -> bool:
-    # numpy's tofile (np.save of a large array) reports a short write without an errno.
-    return error.errno in OUT_OF_SPACE or (
-        error.errno is None and "requested and" in str(error) and "written" in str(error)
-    )
+def _is_out_of_space(error: Exception) -> bool:
+    # numpy's tofile (np.save of a large array) reports a short write without an errno, and
+    # tfds's writer a RuntimeError quoting the OSError.
+    if isinstance(error, OSError) and error.errno in OUT_OF_SPACE:
+        return True
+    text = str(error)
+    return os.strerror(errno.ENOSPC) in text or ("requested and" in text and "written" in text)
+
+
+_SHOWN_AS: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "cache folder shown as", default=None
+)
 
 
 @contextlib.contextmanager
-def naming_the_cache_dir(cache_dir: str | Path) -> Iterator[None]:
-    """Turn a read-only, forbidden or full ``cache_dir`` (an ``OSError`` naming a subfolder of
-    it, or none) into a ValueError naming ``config.data.cache_dir`` and the fix."""
+def cache_shown_as(folder: str | Path, key: str) -> Iterator[None]:
+    """Within this block, a cache folder's errors (:func:`naming_the_cache_dir`) name
+    ``config.data.<key>=folder`` instead: a scratch cache inside the tfds data folder was named
+    as ``config.data.cache_dir='.../.lra_retrieval-scratch-...'``."""
+    token = _SHOWN_AS.set((str(folder), key))
     try:
         yield
-    except OSError as error:
+    finally:
+        _SHOWN_AS.reset(token)
+
+
+@contextlib.contextmanager
+def naming_the_cache_dir(cache_dir: str | Path, key: str = "cache_dir") -> Iterator[None]:
+    """Turn a read-only, forbidden or full ``cache_dir`` (an ``OSError`` naming a subfolder of
+    it, or none; tfds's RuntimeError for a full disk) into a ValueError naming
+    ``config.data.<key>`` (or what :func:`cache_shown_as` says) and the fix."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        shown, key = _SHOWN_AS.get() or (str(cache_dir), key)
         if _is_out_of_space(error):
             try:
                 free = f"{shutil.disk_usage(cache_dir).free / 2**20:.1f} MiB free"
             except OSError:
                 free = "free space unknown"
             raise ValueError(
-                f"config.data.cache_dir={str(cache_dir)!r} is full ({os.strerror(errno.ENOSPC)}"
+                f"config.data.{key}={shown!r} is full ({os.strerror(errno.ENOSPC)}"
                 f" preparing the data; {free}): free space there, or set "
-                "--config.data.cache_dir to a folder with room, and run again (nothing "
+                f"--config.data.{key} to a folder with room, and run again (nothing "
                 "half-prepared was kept)"
             ) from None
-        if error.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or not _under(
-            error.filename, cache_dir
+        if (
+            not isinstance(error, OSError)
+            or error.errno not in (errno.EROFS, errno.EACCES, errno.EPERM)
+            or not _under(error.filename, cache_dir)
         ):
             raise  # a source the build reads, say: its own message names it
         raise ValueError(
-            f"config.data.cache_dir={str(cache_dir)!r} cannot hold the prepared data "
-            f"({error.strerror}: {error.filename}); set --config.data.cache_dir to a folder "
+            f"config.data.{key}={shown!r} cannot hold the prepared data "
+            f"({error.strerror}: {error.filename}); set --config.data.{key} to a folder "
             "this user can write"
         ) from None
 

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from hgrn_jax.data import listops, listops_release, pathfinder, retrieval, wikitext
+from hgrn_jax.data import listops, listops_release, loader, pathfinder, retrieval, wikitext
 from hgrn_jax.data.errors import DatasetMissingError
 
 TFDS_SPLITS = {"train": "train", "val": "validation", "test": "test"}
@@ -143,7 +143,10 @@ class _SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         root = Path(self.data_dir_root)
         root.mkdir(parents=True, exist_ok=True)
         _warn_leftovers(self, root)
-        with tempfile.TemporaryDirectory(dir=root, prefix=f".{self.name}-scratch-") as scratch:
+        with (
+            tempfile.TemporaryDirectory(dir=root, prefix=f".{self.name}-scratch-") as scratch,
+            loader.cache_shown_as(root, "tfds_dir"),
+        ):
             self._scratch = Path(scratch)
             try:
                 super().download_and_prepare(*args, **kwargs)

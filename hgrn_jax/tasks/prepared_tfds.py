@@ -133,7 +133,10 @@ class TfdsRelease:
             resolution=options.get("resolution", 0),
             tokenizer_path=options.get("tokenizer_path", ""),
         )
-        tfds_builders.prepare(self.builder(config), self.manual_dir(config))
+        from hgrn_jax.data.loader import naming_the_cache_dir
+
+        with naming_the_cache_dir(config.data.tfds_dir, "tfds_dir"):
+            tfds_builders.prepare(self.builder(config), self.manual_dir(config))
 
 
 class PreparedTfds:
