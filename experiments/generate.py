@@ -141,10 +141,10 @@ def check_flags(
                 f"--greedy takes the argmax and would ignore {' '.join(given)}; leave "
                 f"{'them' if len(given) > 1 else 'it'} out, or drop --greedy to sample"
             )
-    if not greedy and not np.float32(temperature) > 0:
+    if not greedy and not 0 < np.float32(temperature) < np.inf:
         raise ValueError(
-            f"--temperature={temperature} is not > 0; pass a positive temperature, or --greedy "
-            "for argmax decoding"
+            f"--temperature={temperature} is not a finite number > 0; pass a positive "
+            "temperature (1 samples the model's distribution), or --greedy for argmax decoding"
         )
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(
@@ -259,6 +259,13 @@ def continue_prompt(
             tokenizer = tokenizer_of(config, workdir, tokenizer_path)
         except (ValueError, OSError) as error:  # ids without their text still answer
             print(f"warning: no decoded text: {cli.one_line(str(error))}", file=sys.stderr)
+        else:
+            if tokenizer is None and vocab_size == 256:
+                print(
+                    "note: no decoded text: the run names no tokenizer; if it was trained on "
+                    "bytes (the synthetic corpus), --tokenizer_path=bytes decodes them",
+                    file=sys.stderr,
+                )
     return Continuation(ids, tokenizer.decode(ids) if tokenizer is not None else None, step)
 
 

@@ -1892,8 +1892,12 @@ def test_generated_data_and_caches_follow_the_umask(tmp_path, mask):
 
 
 def _results(folder: Path, text: str) -> None:
+    """A run folder with ``text`` as its results.json, beside a run's config.json (without
+    one a run's model cannot be told, and it is left out)."""
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(text)
+    if not (folder / "config.json").exists():
+        (folder / "config.json").write_text('{"task": "listops", "model": {}}')
 
 
 def test_report_skips_broken_runs_and_reports_the_others(tmp_path, capsys):
@@ -1957,7 +1961,8 @@ def test_report_with_an_unwritable_run_folder_writes_the_curves_elsewhere(tmp_pa
     assert f"cannot write {tmp_path / 'curves.png'}" in captured.err
     Path(written).unlink()
     # An explicit --png that cannot be written: exit 2 naming it.
-    assert report.main([str(tmp_path), "--png", str(tmp_path / "curves.png")]) == 2
+    below_a_file = tmp_path / "run" / "results.json" / "curves.png"
+    assert report.main([str(tmp_path), "--png", str(below_a_file)]) == 2
     assert "cannot write --png" in capsys.readouterr().err
 
 

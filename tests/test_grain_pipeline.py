@@ -178,7 +178,7 @@ def test_a_transform_runs_on_every_record_and_bad_sizes_are_errors():
         grain_pipeline.train_loader(source(), seed=0, batch_size=7, process_count=2)
     with pytest.raises(ValueError, match="fewer than batch_size 64"):
         grain_pipeline.train_loader(source(), seed=0, batch_size=64)
-    with pytest.raises(ValueError, match="one length"):
+    with pytest.raises(ValueError, match="one row per example"):
         grain_pipeline.ArraySource({"a": np.zeros(3), "b": np.zeros(4)})
 
 

@@ -693,8 +693,11 @@ def test_a_tiny_temperature_samples_the_argmax(untied_lm):
     greedy = generate(untied_lm, PROMPT, NEW, greedy=True)
     cold = generate(untied_lm, PROMPT, NEW, rng=jax.random.key(0), temperature=1e-39)
     np.testing.assert_array_equal(cold, greedy)
-    with pytest.raises(ValueError, match=r"temperature must be > 0 \(in float32\); got 1e-46"):
-        generate(untied_lm, PROMPT, 4, rng=jax.random.key(0), temperature=1e-46)
+    for bad in (1e-46, float("inf"), float("nan")):  # inf drew tokens uniformly
+        with pytest.raises(
+            ValueError, match=rf"temperature must be finite and > 0 \(in float32\); got {bad}"
+        ):
+            generate(untied_lm, PROMPT, 4, rng=jax.random.key(0), temperature=bad)
 
 
 def test_generate_names_a_bad_rng_or_top_k(untied_lm):

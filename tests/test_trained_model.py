@@ -347,12 +347,18 @@ def test_a_run_loads_the_same_inside_a_set_mesh(bpe_run):
 
 
 @pytest.mark.slow  # end-to-end: a training run
-def test_a_tokenizer_run_decodes_and_takes_text_prompts(lm_run, tmp_path):
+def test_a_tokenizer_run_decodes_and_takes_text_prompts(lm_run, tmp_path, capsys):
     """The synthetic run's config.json rewritten as a byte-tokenizer release run: its
     vocabulary (0, left to the tokenizer) is read off the checkpoint, a text prompt is encoded
     and the ids decoded; without a tokenizer a text prompt is refused, the byte tokenizer
-    suggested as the model has 256 tokens, and --tokenizer_path=bytes takes it."""
+    suggested as the model has 256 tokens, and --tokenizer_path=bytes takes it; ids alone
+    get a note saying it would decode them."""
     from experiments.generate import continue_prompt
+
+    ids, text, _ = continue_prompt(
+        str(lm_run), prompt_ids=[49, 43], prompt=None, max_new_tokens=1, greedy=True
+    )
+    assert text is None and "--tokenizer_path=bytes decodes them" in capsys.readouterr().err
 
     with pytest.raises(ValueError) as refused:
         continue_prompt(str(lm_run), prompt_ids=None, prompt="1+2", max_new_tokens=2)
@@ -572,7 +578,10 @@ def test_generate_encodes_a_text_prompt_with_the_run_s_bpe_tokenizer(
         ({"prompt": "x"}, r"^both of --prompt_ids and --prompt given; pass one prompt"),
         ({"prompt_ids": None}, r"^neither of --prompt_ids and --prompt given; pass one prompt"),
         ({"max_new_tokens": -1}, r"^--max_new_tokens=-1 is negative; pass a count >= 0"),
-        ({"temperature": 0.0}, r"^--temperature=0.0 is not > 0; .* or --greedy for argmax"),
+        (
+            {"temperature": 0.0},
+            r"^--temperature=0.0 is not a finite number > 0; .* or --greedy for argmax",
+        ),
         ({"top_p": 1.5}, r"^--top_p=1.5 is outside \(0, 1\]; pass e\.g\. --top_p=0\.9"),
         ({"top_k": 0}, r"^--top_k=0 is out of range; pass a count >= 1, or leave it out"),
         (

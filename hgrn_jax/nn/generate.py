@@ -316,10 +316,10 @@ def generate(
         if rng is None:
             raise ValueError("sampling needs rng=jax.random.key(seed) (or pass greedy=True)")
         check_rng(rng)
-        if not np.float32(temperature) > 0:  # what _generate divides by
+        if not 0 < np.float32(temperature) < np.inf:  # what _generate divides by
             raise ValueError(
-                f"temperature must be > 0 (in float32); got {temperature} (use greedy=True for "
-                "argmax decoding)"
+                f"temperature must be finite and > 0 (in float32); got {temperature} (use "
+                "greedy=True for argmax decoding; an infinite one drew tokens uniformly)"
             )
     check_top_k(top_k, int(vocab_size) if vocab_size else None)  # the logits recheck it
     rng = jax.random.key(0) if rng is None else rng
