@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -164,15 +165,22 @@ def check_cache_dir(cache_dir: str | Path) -> None:
     )
 
 
-OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+OUT_OF_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+TENSORSTORE_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
 
 
-def _is_out_of_space(error: Exception) -> bool:
-    # numpy's tofile (np.save of a large array) reports a short write without an errno, and
-    # tfds's writer a RuntimeError quoting the OSError.
-    if isinstance(error, OSError) and error.errno in OUT_OF_SPACE:
-        return True
+def is_out_of_space(error: BaseException) -> bool:
+    """Whether ``error`` is a write that failed for lack of space or quota: an OSError with
+    ENOSPC / EDQUOT; TensorStore's error for one (Orbax writes arrays through TensorStore,
+    whose failures reach Python as a ValueError ending ``[os_error_code='28']``); tfds's
+    writer's RuntimeError quoting the OSError; numpy's short write (``np.save`` of a large
+    array: an OSError without an errno, ``N requested and M written``)."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno in OUT_OF_SPACE_ERRNOS
     text = str(error)
+    code = TENSORSTORE_OS_ERROR.search(text)
+    if code is not None:
+        return int(code.group(1)) in OUT_OF_SPACE_ERRNOS
     return os.strerror(errno.ENOSPC) in text or ("requested and" in text and "written" in text)
 
 
@@ -202,7 +210,7 @@ def naming_the_cache_dir(cache_dir: str | Path, key: str = "cache_dir") -> Itera
         yield
     except (OSError, RuntimeError) as error:
         shown, key = _SHOWN_AS.get() or (str(cache_dir), key)
-        if _is_out_of_space(error):
+        if is_out_of_space(error):
             try:
                 free = f"{shutil.disk_usage(cache_dir).free / 2**20:.1f} MiB free"
             except OSError:
@@ -230,8 +238,7 @@ def _under(filename: Any, folder: str | Path) -> bool:
     """Whether an OSError's ``filename`` (None: not known, taken as inside) lies in ``folder``."""
     if filename is None:
         return True
-    inside = os.path.abspath(os.fsdecode(filename))
-    return os.path.commonpath([inside, os.path.abspath(folder)]) == os.path.abspath(folder)
+    return Path(os.path.abspath(os.fsdecode(filename))).is_relative_to(os.path.abspath(folder))
 
 
 def writable_memmap(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:

@@ -45,6 +45,7 @@ import jax
 import numpy as np
 
 from hgrn_jax import sharding
+from hgrn_jax.data.loader import is_out_of_space
 from hgrn_jax.tasks.protocol import Task
 from hgrn_jax.training import agreement, loss_scale, optim, podlog, preemption, preflight, watchdog
 from hgrn_jax.training.checkpoint import (
@@ -91,7 +92,6 @@ from hgrn_jax.training.workdir import (
     WorkdirLock,
     check_resume,
     has_checkpoint,
-    is_out_of_space,
     not_writable,
     out_of_space,
     resume_choice,

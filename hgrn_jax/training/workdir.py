@@ -57,7 +57,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hgrn_jax.data.loader import file_in_the_way
+from hgrn_jax.data.loader import TENSORSTORE_OS_ERROR, file_in_the_way
 from hgrn_jax.training.logging import jsonable, write_json
 
 LOCK_NAME = "run.lock"
@@ -144,19 +144,7 @@ class WorkdirFullError(WorkdirError):
 
 # What link() fails with on a file system without hard links (some FUSE and network ones).
 NO_HARD_LINK_ERRNOS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
-OUT_OF_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-_TENSORSTORE_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
 _TENSORSTORE_FILE = re.compile(r'Failed writing: "([^"]+)"')
-
-
-def is_out_of_space(error: BaseException) -> bool:
-    """Whether ``error`` is a write that failed for lack of space or quota: an OSError with
-    ENOSPC / EDQUOT, or TensorStore's error for one (Orbax writes arrays through TensorStore,
-    whose failures reach Python as a ValueError ending ``[os_error_code='28']``)."""
-    if isinstance(error, OSError):
-        return error.errno in OUT_OF_SPACE_ERRNOS
-    code = _TENSORSTORE_OS_ERROR.search(str(error))
-    return code is not None and int(code.group(1)) in OUT_OF_SPACE_ERRNOS
 
 
 class ConfigChangedError(WorkdirError):
@@ -859,15 +847,15 @@ def out_of_space(
     workdir: str | Path, error: BaseException, resume_hint: str, keep: int
 ) -> WorkdirFullError:
     """The one-line error for a run whose writes into ``workdir`` failed for lack of space
-    (:func:`is_out_of_space`): where, how much is free, which checkpoint is the last complete
-    one and its size (each of the ``keep`` kept checkpoints takes as much), and how to go on
-    (``resume_hint``). Reads only."""
+    (:func:`hgrn_jax.data.loader.is_out_of_space`): where, how much is free, which checkpoint
+    is the last complete one and its size (each of the ``keep`` kept checkpoints takes as
+    much), and how to go on (``resume_hint``). Reads only."""
     workdir = Path(workdir)
     if isinstance(error, OSError):
         filename, reason = error.filename, error.strerror or str(error)
     else:
         written = _TENSORSTORE_FILE.search(str(error))
-        code = _TENSORSTORE_OS_ERROR.search(str(error))
+        code = TENSORSTORE_OS_ERROR.search(str(error))
         filename = written and written.group(1)
         reason = os.strerror(int(code.group(1)) if code else errno.ENOSPC)
     writing = f" writing {filename}" if filename else ""
