@@ -45,6 +45,17 @@ def test_missing_release_names_what_to_put_where(tmp_path):
         tasks.get_task(config)
 
 
+def test_lra_dir_set_one_task_folder_too_deep_names_the_release_folder(tmp_path):
+    root = tmp_path / "lra_release"
+    fx.write_aan(root)
+    (root / "listops-1000").mkdir()
+    with pytest.raises(
+        errors.DatasetMissingError,
+        match=rf"lies inside the release: .*set --config.data.lra_dir={root}$",
+    ):
+        retrieval.find_file(str(root / "listops-1000"), "train")
+
+
 # ----------------------------------------------------------------------------- ListOps
 
 

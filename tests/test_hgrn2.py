@@ -328,6 +328,10 @@ def test_mixer_config_errors_name_the_fix():
         HGRN2(16, expand_ratio=5, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"expand_ratio=128 \(the key width of a head\)"):
         FlaHGRN2Attention(32, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"^HGRN2D\(\) got .* 'expand_rato'; did you mean 'exp"):
+        HGRN2D(16, expand_rato=2, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"^HGRN2D\(\) sets bidirectional itself"):
+        HGRN2D(16, bidirectional=False, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"ClassifierConfig.mixer.expand is not a MixerConfig"):
         ClassifierConfig(vocab_size=5, mixer={"kind": "hgrn2", "expand": 4})
     with pytest.raises(ValueError, match="causal only"):

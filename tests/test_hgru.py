@@ -453,6 +453,24 @@ def test_lower_bounds_scheme_errors():
 
 
 @pytest.mark.parametrize(
+    "make,keywords,message",
+    [
+        (
+            HGRU,
+            {"bidirectinal": True},
+            r"^HGRU\(\) got .* 'bidirectinal'; did you mean 'bidirectional'",
+        ),
+        (HGRU2D, {"causl": True}, r"^HGRU2D\(\) got .* 'causl'; did you mean 'causal'\?"),
+        (HGRU, {"num_phases": 2}, r"^HGRU\(\) sets num_phases itself"),
+    ],
+)
+def test_a_keyword_typo_names_the_public_class_and_the_nearest_keyword(make, keywords, message):
+    """The keywords a public class forwards to its private base were refused as the base's."""
+    with pytest.raises(TypeError, match=message):
+        make(D, rngs=nnx.Rngs(0), **keywords)
+
+
+@pytest.mark.parametrize(
     "make,shape,use_forget_gate",
     [(HGRU, SEQ, True), (HGRU2D, GRID, True), (HGRU, SEQ, False)],
     ids=["hgru", "hgru2d", "hgru_without_forget_gate"],

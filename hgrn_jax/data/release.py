@@ -35,8 +35,24 @@ def find_release_path(lra_dir: str | Path, relative: str, *, what: str) -> Path:
     for path in tried:
         if path.exists():
             return path
+    above = release_root_above(lra_dir, relative)
+    if above is not None:
+        raise DatasetMissingError(
+            f"{what} not found in data.lra_dir={lra_dir}, which lies inside the release: "
+            f"{above / relative} exists; set --config.data.lra_dir={above}"
+        )
     raise DatasetMissingError(
         f"{what} not found: looked for {', '.join(str(p) for p in tried)}. Unpack the LRA "
         f"release (lra_release.gz) so that {relative} is inside data.lra_dir={lra_dir}, or set "
         f"--config.data.lra_dir to the folder that holds it"
     )
+
+
+def release_root_above(lra_dir: str | Path, relative: str, levels: int = 3) -> Path | None:
+    """The nearest of the ``levels`` parents of ``lra_dir`` that holds ``relative``: a
+    ``lra_dir`` set to one task's folder of the release (``.../lra_release/listops-1000`` for
+    Pathfinder), one level too deep."""
+    for parent in list(Path(lra_dir).absolute().parents)[:levels]:
+        if (parent / relative).exists():
+            return parent
+    return None

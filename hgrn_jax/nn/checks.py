@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import difflib
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -100,6 +102,39 @@ def check_width(features: Any, layer: str, name: str = "features") -> None:
     a ZeroDivisionError inside Flax's initializer)."""
     if isinstance(features, bool) or not isinstance(features, (int, np.integer)) or features < 1:
         raise ValueError(f"{layer}: {name} must be a positive integer; got {features!r}")
+
+
+def check_keywords(
+    kwargs: dict[str, Any],
+    base: Any,
+    layer: str,
+    *,
+    own: tuple[str, ...] = (),
+    fixed: tuple[str, ...] = (),
+) -> None:
+    """Raise TypeError naming ``layer`` (the public class) for a keyword in ``kwargs`` that
+    ``base`` (the shared base's ``__init__``, which gets the rest) does not take, with the
+    nearest valid name; a typo was reported against the private base class.
+
+    ``own``: the keywords the public class takes itself; ``fixed``: the base's keywords that the
+    public class sets itself.
+    """
+    accepted = [
+        name
+        for name, parameter in inspect.signature(base).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in fixed
+    ]
+    valid = sorted({*accepted, *own})
+    for name in kwargs:
+        if name in fixed:
+            raise TypeError(f"{layer}() sets {name} itself; leave the argument {name!r} out")
+        if name not in accepted:
+            near = difflib.get_close_matches(name, valid, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise TypeError(
+                f"{layer}() got an unexpected keyword argument {name!r}{hint} "
+                f"(it takes {', '.join(valid)})"
+            )
 
 
 def check_activations(x: Any, features: int | None, layout: str, layer: str) -> None:

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hgrn_jax.nn.checks import (
+    check_keywords,
     check_layer_input,
     check_mask,
     check_method,
@@ -373,6 +374,7 @@ class HGRN2D(HGRN2):
     """
 
     def __init__(self, features: int, **kwargs):
+        check_keywords(kwargs, HGRN2.__init__, "HGRN2D", fixed=("bidirectional",))
         super().__init__(features, bidirectional=True, **kwargs)
 
     def __call__(

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hgrn_jax.nn.checks import (
+    check_keywords,
     check_layer_input,
     check_mask,
     check_method,
@@ -87,6 +88,9 @@ def _fused_dense(layers: list[Linear], x: jax.Array) -> list[jax.Array]:
     y = first.project(x, kernel, bias)
     ends = list(itertools.accumulate(layer.out_features for layer in layers))
     return [y[..., start:end] for start, end in zip([0] + ends[:-1], ends)]
+
+
+FIXED = ("num_phases",)  # set by HGRU and HGRU2D from their own arguments
 
 
 class _HGRUBase(nnx.Module):
@@ -342,6 +346,8 @@ class HGRU(_HGRUBase):
         **kwargs,
     ):
         num_phases = 2 if bidirectional and separate_phases else 1
+        own = ("bidirectional", "separate_phases")
+        check_keywords(kwargs, _HGRUBase.__init__, type(self).__name__, own=own, fixed=FIXED)
         super().__init__(features, num_phases=num_phases, rngs=rngs, **kwargs)
         self.bidirectional = bidirectional
 
@@ -456,6 +462,8 @@ class HGRU2D(_HGRUBase):
         **kwargs,
     ):
         num_phases = 2 if not causal and separate_phases else 1
+        own = ("causal", "separate_phases")
+        check_keywords(kwargs, _HGRUBase.__init__, type(self).__name__, own=own, fixed=FIXED)
         super().__init__(features, num_phases=num_phases, rngs=rngs, **kwargs)
         self.causal = causal
 
