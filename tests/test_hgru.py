@@ -301,6 +301,33 @@ def test_step_streaming_equals_the_full_call(complex_valued):
     )
 
 
+def test_a_block_streams_with_batch_norm_running_statistics_in_either_mode():
+    """A BatchNorm block's step in training mode took one step's batch statistics (not the
+    sequence's) and moved the running ones; it now streams as in evaluation, touching nothing."""
+    from hgrn_jax.nn.blocks import ResidualBlock
+    from hgrn_jax.nn.norms import make_norm
+
+    rngs = nnx.Rngs(0)
+    block = ResidualBlock(
+        HGRU(D, rngs=rngs),
+        GLU(D, 2 * D, rngs=rngs),
+        make_norm("batch", D, rngs=rngs),
+        make_norm("batch", D, rngs=rngs),
+        rngs=rngs,
+    )
+    block.norm1.mean[...] = jnp.full((D,), 0.5)
+    block.norm1.var[...] = jnp.full((D,), 2.0)
+    x, state = inputs(SEQ, seed=2), jnp.zeros((3, D), jnp.complex64)
+    block.eval()
+    expected, expected_state = block.step(x, state)
+    block.train()
+    got, got_state = block.step(x, state)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got_state, expected_state)
+    np.testing.assert_array_equal(block.norm1.mean[...], jnp.full((D,), 0.5))
+    np.testing.assert_array_equal(block.norm2.var[...], jnp.ones((D,)))
+
+
 def test_fla_hgrn_skips_padding_anywhere_in_a_pass_and_a_step():
     """fla's HGRN layer zeroed only the input at padded steps, so its state still decayed over
     padding between real tokens (0.29 off the unpadded outputs after a 3-step gap, user review),

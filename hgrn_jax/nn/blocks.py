@@ -11,7 +11,7 @@ from flax import nnx
 from hgrn_jax.nn.checks import check_activations
 from hgrn_jax.nn.glu import GLU, glu_width
 from hgrn_jax.nn.mixers import MixerConfig, make_mixer
-from hgrn_jax.nn.norms import apply_norm, make_norm
+from hgrn_jax.nn.norms import apply_norm, inference_norm, make_norm
 from hgrn_jax.nn.remat import RematModule, with_remat
 
 
@@ -66,18 +66,19 @@ class ResidualBlock(RematModule):
         """Causal streaming through the block: ``x`` (B, T, d) -> (B, T, d) and the mixer's new
         recurrent ``state``. ``mask`` (B, T), or longer along time (its last T steps are used),
         goes to the mixer's ``step`` when given: padded positions leave the state as the mixer
-        defines (see its ``step``) and their outputs are not meaningful."""
+        defines (see its ``step``) and their outputs are not meaningful. A BatchNorm uses its
+        running statistics here in either mode (:func:`~hgrn_jax.nn.norms.inference_norm`)."""
         check_activations(
             x, getattr(self.mixer, "features", None), "(batch, T, d)", "ResidualBlock.step"
         )
-        normed = self.norm1(x)
+        normed = inference_norm(self.norm1, x)
         y, state = (
             self.mixer.step(normed, state, lower_bound)
             if mask is None
             else self.mixer.step(normed, state, lower_bound, mask=mask)
         )
         x = x + self.dropout(y)
-        return x + self.dropout(self.mlp(self.norm2(x))), state
+        return x + self.dropout(self.mlp(inference_norm(self.norm2, x))), state
 
 
 class StackConfig(Protocol):

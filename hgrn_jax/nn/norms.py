@@ -127,3 +127,11 @@ def apply_norm(norm: nnx.Module, x: jax.Array, mask: jax.Array | None = None) ->
     if mask is not None and isinstance(norm, nnx.BatchNorm):
         return norm(x, mask=jnp.broadcast_to(mask.astype(bool)[..., None], x.shape))
     return norm(x)
+
+
+def inference_norm(norm: nnx.Module, x: jax.Array) -> jax.Array:
+    """``norm(x)`` with BatchNorm's running statistics, in either mode: statistics of one
+    streamed step's batch are not those of the whole sequence, and would move the running ones."""
+    if isinstance(norm, nnx.BatchNorm):
+        return norm(x, use_running_average=True)
+    return norm(x)
