@@ -29,7 +29,8 @@ tables:
   paper's setting.
 - Runs without results: run folders without results.json (in progress, preempted, killed,
   failed) or with one that cannot be read (state ``results.json unreadable``), with the last step logged of ``num_train_steps``, the last checkpoint, the best
-  validation so far (metrics.jsonl) and the state (:func:`~experiments.runs._state`). They never enter the paper
+  validation so far (metrics.jsonl) and the state (:func:`~experiments.runs._state`; a
+  stopped run's says why: :func:`~experiments.runs.stopped_state`). They never enter the paper
   tables; a folder of such runs only prints this table.
 
 It also writes the runs' loss and accuracy/perplexity against step, or with ``--x time`` against

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hgrn_jax.training.logging import EVENTS_FILE
 from hgrn_jax.training.workdir import (
     LOCK_NAME,
     RUN_FILES,
@@ -309,14 +310,13 @@ def _results_unreadable(run_dir: Path) -> bool:
     return False
 
 
-def _state(run_dir: Path) -> str:
+def _state(run_dir: Path, events: list[dict[str, Any]]) -> str:
     """``running`` (its run.lock is held by a live process of this host), ``suspended`` (by
     a process of this host stopped by Ctrl-Z or SIGSTOP), ``locked by HOST``
     (a lock from another host: how long ago its holder last refreshed it, by this machine's
     clock, when it refreshes it at all), ``set aside`` (a ``previous-<time>/`` folder that
-    ``--config.resume=restart`` kept), or ``stopped`` (no live lock: preempted, killed or failed
-    alike, since nothing in the folder records a failure: a NaN loss stops the run before it is
-    logged)."""
+    ``--config.resume=restart`` kept), or ``stopped`` (no live lock), with the reason the run
+    recorded in ``events``, its events.jsonl (:func:`stopped_state`)."""
     if is_set_aside(run_dir):
         return "set aside (--config.resume=restart)"
     lock, holder = lock_state(run_dir)
@@ -340,7 +340,24 @@ def _state(run_dir: Path) -> str:
             f"locked by {host}, not refreshed for {_duration(age)} (its run is gone; the next "
             "run takes the lock over)"
         )
-    return "stopped"
+    return stopped_state(events)
+
+
+def stopped_state(events: list[dict[str, Any]]) -> str:
+    """Why a run without a live lock stopped, from the last record of its events.jsonl:
+    ``stopped at TIME: REASON`` (an error or signal the run saw, a NaN loss included);
+    ``stopped (killed, crashed or lost: ...)`` when its last start recorded no stop (SIGKILL, a
+    lost host, the watchdog's exit 3); plain ``stopped`` for runs older than these records."""
+    events = [r for r in events if isinstance(r, dict) and isinstance(r.get("event"), str)]
+    if not events:
+        return "stopped"
+    last = events[-1]
+    if last["event"] == "stopped":
+        return f"stopped at {last.get('time', '?')}: {last.get('reason', '?')}"
+    return (
+        f"stopped (killed, crashed or lost: the start at {last.get('time', '?')} recorded no "
+        "stop; its log says more)"
+    )
 
 
 def _duration(seconds: float) -> str:
@@ -372,24 +389,29 @@ def find_unfinished(folders: list[str | Path]) -> list[Unfinished]:
             print(f"warning: skipping {run_dir}: {error}", file=sys.stderr)
             continue
         records = _read_records(run_dir / "metrics.jsonl")
-        if not is_run_config(config) or not _written_by_a_run(run_dir, records):
+        events = _read_records(run_dir / EVENTS_FILE)
+        if not is_run_config(config) or not _written_by_a_run(run_dir, records + events):
             continue
         steps = checkpoint_steps(run_dir)
         checkpoint = steps[-1] if steps else None
-        state = "results.json unreadable (see the warning)" if unreadable else _state(run_dir)
+        state = (
+            "results.json unreadable (see the warning)" if unreadable else _state(run_dir, events)
+        )
         found.append(Unfinished(run_dir, config, records, state, checkpoint))
     return sorted(found, key=lambda run: str(run.path))
 
 
 def _written_by_a_run(run_dir: Path, records: list[dict[str, Any]]) -> bool:
     """Whether ``run_dir``'s files are a run's of this program: its lock, checkpoint folders,
-    or metrics records with a ``split`` (another program's folder with a config.json naming a
-    task and a model, and a metrics.jsonl of its own, was listed as a stopped run)."""
+    or ``records`` (of metrics.jsonl and events.jsonl) with a ``split`` or a start (another
+    program's folder with a config.json naming a task and a model, and a metrics.jsonl of its
+    own, was listed as a stopped run)."""
     if (run_dir / LOCK_NAME).exists() or any(
         (run_dir / name).is_dir() for name in ("checkpoints", "checkpoints.damaged")
     ):
         return True
     return any(
-        isinstance(record, dict) and record.get("split") in ("train", "val", "test")
+        isinstance(record, dict)
+        and (record.get("split") in ("train", "val", "test") or record.get("event") == "started")
         for record in records
     )

@@ -498,11 +498,100 @@ def test_a_run_whose_checkpoints_were_deleted_is_not_trained_again_over_its_hist
         _run(_config(), run)
     (run / "results.json").unlink()  # a run stopped before its end: its metrics tell
     kept = _tree_digest(run)
-    with pytest.raises(WorkdirError, match=r"holds metrics logged up to step 12 \(it checkpoints"):
+    with pytest.raises(WorkdirError, match=r"holds metrics logged up to step 12 \(its first"):
         _run(_config(resume="force"), run)
     assert _tree_digest(run) == kept
     assert _run(_config(resume="restart"), run)["steps"] == 12
     assert _tree_digest(next(run.glob("previous-*"))) == kept
+
+
+def test_deleted_checkpoints_are_noticed_when_evaluations_checkpoint_before_checkpoint_every(
+    tmp_path,
+):
+    """The first checkpoint was taken to be at checkpoint_every, but every evaluation saves
+    one too: with checkpoint_every past the last step, a run whose checkpoints were deleted
+    was trained again from step 0 and its metrics.jsonl emptied (a review reproduced it)."""
+    from hgrn_jax.training.workdir import WorkdirError
+
+    config = _config(checkpoint_every=100)  # evaluations (every 6 steps) still checkpoint
+    _run(config, tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints")
+    (tmp_path / "results.json").unlink()
+    kept = _tree_digest(tmp_path)
+    with pytest.raises(WorkdirError, match=r"up to step 12 \(its first checkpoint is at step 6\)"):
+        _run(config, tmp_path)
+    assert _tree_digest(tmp_path) == kept
+
+
+def test_a_checkpoint_past_fewer_steps_of_an_unfinished_run_is_refused(copy_of_finished):
+    """A run stopped at step 12 resumed with num_train_steps=6 logged "resuming from step 12
+    of 6", trained nothing and wrote results.json as a finished run (a review reproduced it)."""
+    from hgrn_jax.training.workdir import ConfigChangedError
+
+    run = copy_of_finished
+    (run / "results.json").unlink()  # killed after its last checkpoint, before its test
+    kept = _tree_digest(run)
+    message = (
+        rf"^the latest checkpoint in {run}/checkpoints is at step 12, past "
+        r"--config.num_train_steps=6, of a run that has not finished; nothing was changed\. "
+        r"Set num_train_steps to 12 or more"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)  # the new value, listed
+        with pytest.raises(ConfigChangedError, match=message):
+            _run(_config(num_train_steps=6), run)
+    assert _tree_digest(run) == kept
+    assert _run(_config(), run)["steps"] == 12
+
+
+def test_a_changed_seed_is_refused_as_a_change_of_the_data_order(copy_of_finished):
+    """A new seed was resumed with a warning, then the input pipeline refused its state
+    without naming the seed (a review reproduced it): it reorders the examples of every step."""
+    from hgrn_jax.training.workdir import ConfigChangedError
+
+    run = copy_of_finished
+    kept = _tree_digest(run)
+    with pytest.raises(ConfigChangedError, match=r"new values \(seed: 0 -> 1\)"):
+        _run(_config(seed=1), run)
+    assert _tree_digest(run) == kept
+
+
+def test_a_damaged_line_inside_metrics_jsonl_stops_the_resume_naming_it(copy_of_finished):
+    """Rewinding metrics.jsonl on a resume dropped every line that was not JSON, wherever it
+    stood (a review reproduced it): only a last line cut short by a kill is dropped; any other
+    stops the run, naming the file and line, before anything changes."""
+    run = copy_of_finished
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([*lines[:2], "{not json", *lines[2:]]) + "\n")
+    kept = _tree_digest(run)
+    with pytest.raises(ValueError, match=rf"^{metrics}:3 is not a JSON record .*Mend or delete"):
+        _run(_config(), run)
+    assert _tree_digest(run) == kept
+
+    metrics.write_bytes(b'{"step": 1, "split": "train", "loss": 1.0}\n\xff\xfe\n')
+    with pytest.raises(ValueError, match=rf"^{metrics} is not UTF-8 text"):
+        _run(_config(), run)
+
+    metrics.write_text("\n".join(lines) + '\n{"step": 12, "spl')  # a write cut short
+    assert _run(_config(), run)["steps"] == 12
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r for r in records if r["split"] != "test"] == [
+        json.loads(line) for line in lines if json.loads(line)["split"] != "test"
+    ]
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [{"files": []}, {"files": {"a": {"size": "3", "sha256": "00"}}}, {"files": {"a": 3}}, [1]],
+)
+def test_an_integrity_manifest_of_the_wrong_shape_is_a_damaged_checkpoint(tmp_path, manifest):
+    from hgrn_jax.training import integrity
+
+    (tmp_path / "a").write_bytes(b"abc")
+    (tmp_path / integrity.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(integrity.DamagedCheckpointError, match=r"integrity\.json is unreadable"):
+        integrity.verify(tmp_path)
 
 
 @pytest.mark.parametrize("damage", ["cut_short", "deleted"])
@@ -712,11 +801,11 @@ def test_a_resume_refused_by_the_input_pipeline_leaves_config_json(tmp_path):
     the pipeline refused (batch size changed with resume=force) left the new settings in it,
     and the original command was then refused as a config change (a review reproduced it)."""
     _run(_config(num_train_steps=6, **{"data.grain": True}), tmp_path)
-    saved = (tmp_path / "config.json").read_bytes()
+    saved = _tree_digest(tmp_path)
     changed = _config(num_train_steps=12, batch_size=16, resume="force", **{"data.grain": True})
     with pytest.raises(ValueError, match="cannot resume the input pipeline at step 6"):
         _run(changed, tmp_path)
-    assert (tmp_path / "config.json").read_bytes() == saved
+    assert _tree_digest(tmp_path) == saved  # config.json, and metrics.jsonl's test records
     assert _run(_config(num_train_steps=9, **{"data.grain": True}), tmp_path)["steps"] == 9
 
 

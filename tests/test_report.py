@@ -517,6 +517,36 @@ def test_runs_without_results_get_their_own_table(tmp_path, capsys):
     assert labels["stopped"] == f"{stopped} (unfinished)"
 
 
+def test_a_stopped_run_says_why_when_it_recorded_a_reason(tmp_path, capsys):
+    """The state of every stopped run was plain "stopped" (a NaN loss stops a run before its
+    step is logged). A run records its starts and the error or signal that stopped it in
+    events.jsonl: the report shows the reason, or that the last start recorded none (killed)."""
+
+    def add_events(folder: Path, *events: dict[str, str]) -> None:
+        with open(folder / "events.jsonl", "a") as f:
+            f.writelines(json.dumps(e) + "\n" for e in events)
+
+    started = {"event": "started", "time": "2026-12-01T10:00:00+0000"}
+    nan = make_unfinished(tmp_path / "nan", "listops", 40, lock_pid=dead_pid())
+    reason = "NonFiniteLossError: the training loss is nan at step 47"
+    add_events(
+        nan, started, {"event": "stopped", "time": "2026-12-01T11:00:00+0000", "reason": reason}
+    )
+    killed = make_unfinished(tmp_path / "killed", "listops", 40)
+    add_events(killed, started, {"event": "stopped", "time": "x", "reason": "old"}, started)
+    old = make_unfinished(tmp_path / "old", "listops", 40)
+    assert report.main([str(tmp_path), "--png", str(tmp_path / "c.png")]) == 0
+    table = section(capsys.readouterr().out, "Runs without results")
+    states = {r[0]: r[-1] for r in body_rows(table)}
+    assert states == {
+        str(nan): f"stopped at 2026-12-01T11:00:00+0000: {reason}",
+        str(killed): "stopped (killed, crashed or lost: the start at 2026-12-01T10:00:00+0000 "
+        "recorded no stop; its log says more)",
+        str(old): "stopped",
+    }
+    assert [r[3:5] for r in body_rows(table)][0] == ["40 / 5000", "41"]
+
+
 def test_a_suspended_run_is_reported_as_such(tmp_path, capsys):
     """A run stopped by Ctrl-Z was "running" (its pid is alive), or "stopped" once its lock had
     not been refreshed for 20 s (judged a reused pid). A lock of this machine records its

@@ -1064,6 +1064,11 @@ def test_nan_loss_stops_with_the_step_and_writes_no_nan_checkpoint(tmp_path):
     for step in steps:
         assert all(np.isfinite(x).all() for x in _checkpoint_params(tmp_path, step))
     assert not (tmp_path / "results.json").exists()
+    # The stop is recorded: the report said only "stopped" (and a NaN step is never logged).
+    from experiments import runs
+
+    (unfinished,) = runs.find_unfinished([tmp_path])
+    assert re.fullmatch(r"stopped at \S+: NonFiniteLossError: .*at step 7.*", unfinished.state)
 
 
 def test_time_budget_ends_the_run_like_its_last_step_and_a_rerun_trains_no_more(tmp_path):

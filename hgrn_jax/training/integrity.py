@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 MANIFEST = "integrity.json"
 _CHUNK = 1 << 22
@@ -131,6 +132,22 @@ def has_manifest(folder: str | Path) -> bool:
     return (Path(folder) / MANIFEST).is_file()
 
 
+def _manifest_files(manifest: Any) -> dict[str, dict[str, Any]]:
+    """The ``files`` of a parsed manifest, each ``{"size": int, "sha256": str}``; TypeError or
+    KeyError for anything else (a manifest edited or written by something else)."""
+    files = manifest["files"]
+    if not isinstance(files, dict):
+        raise TypeError(f"'files' is a {type(files).__name__}, not an object")
+    for relative, record in files.items():
+        if not (
+            isinstance(record, dict)
+            and type(record.get("size")) is int
+            and isinstance(record.get("sha256"), str)
+        ):
+            raise TypeError(f"the record of {relative!r} is not {{'size': int, 'sha256': str}}")
+    return files
+
+
 def verify(folder: str | Path) -> Verified | Unverified:
     """Check every file under ``folder`` against its manifest.
 
@@ -153,8 +170,7 @@ def verify(folder: str | Path) -> Verified | Unverified:
                 "or the run stopped right after saving it)"
             )
         try:
-            manifest = json.loads(manifest_path.read_text())
-            expected = manifest["files"]
+            expected = _manifest_files(json.loads(manifest_path.read_text()))
         except (ValueError, KeyError, TypeError) as error:
             raise DamagedCheckpointError(f"{manifest_path} is unreadable ({error})") from None
         for relative, record in sorted(expected.items()):

@@ -6,6 +6,9 @@ Files in the workdir:
   metrics.jsonl   one JSON object per logged train step and per evaluation:
                   {"step", "split": "train" | "val" | "test", "loss", "accuracy" | "perplexity",
                    "lr", "steps_per_sec", ...}
+  events.jsonl    one JSON object per start of the run and per stop by an error or signal
+                  it saw (:meth:`MetricsWriter.event`): {"event": "started" | "stopped",
+                  "time", "reason" (stopped)}
   tensorboard/    event files (tag "<split>/<metric>")
   results.json    the final numbers (see :func:`write_results`)
 """
@@ -16,6 +19,7 @@ import json
 import math
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +48,40 @@ def write_json(path: str | Path, obj: Any) -> None:
     replace_synced(Path(path), json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n")
 
 
+EVENTS_FILE = "events.jsonl"
+
+
+def read_metric_lines(path: Path) -> list[tuple[dict[str, Any], str]]:
+    """The records of a ``metrics.jsonl`` with their lines. A last line without its newline
+    that is not JSON was cut short by a kill and is dropped; any other line that is not a JSON
+    object raises ValueError naming ``path`` and the line (rewinding would delete it)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as failure:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {failure.start}); nothing was changed. Move it "
+            "aside to resume this run, or use a new --workdir"
+        ) from None
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: a write cut short by a kill
+                continue
+            record = None
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{path}:{number} is not a JSON record ({line[:60]!r}); nothing was changed. "
+                "Mend or delete that line to resume this run"
+            )
+        records.append((record, line))
+    return records
+
+
 class MetricsWriter:
     """Appends metrics to ``metrics.jsonl`` and TensorBoard; a no-op unless ``enabled``."""
 
@@ -56,6 +94,12 @@ class MetricsWriter:
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
 
+    def check(self) -> None:
+        """Raise ValueError, before anything is changed, when :meth:`rewind` could not read
+        ``metrics.jsonl`` (:func:`read_metric_lines`)."""
+        if self.enabled:
+            read_metric_lines(self.workdir / "metrics.jsonl")
+
     def rewind(self, step: int) -> None:
         """Forget records after ``step`` (written by a run that died before its next checkpoint
         and is now resumed from ``step``) and the final test records (written again at the end)."""
@@ -63,14 +107,11 @@ class MetricsWriter:
             return
         path = self.workdir / "metrics.jsonl"
         self._jsonl.close()
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if record.get("step", 0) <= step and record.get("split") != "test":
-                kept.append(line)
+        kept = [
+            line
+            for record, line in read_metric_lines(path)
+            if record.get("step", 0) <= step and record.get("split") != "test"
+        ]
         replace_synced(path, "".join(line + "\n" for line in kept))
         self._jsonl = open(path, "a", encoding="utf-8")
 
@@ -89,6 +130,15 @@ class MetricsWriter:
             if isinstance(value, (int, float, np.generic)) and math.isfinite(float(value)):
                 self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
         self._tb.flush()
+
+    def event(self, event: str, **fields: Any) -> None:
+        """Append a record of ``event`` (``"started"``, ``"stopped"``) at this time to
+        ``events.jsonl`` (never rewound: the run's history of starts and stops)."""
+        if not self.enabled:
+            return
+        record = {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
+        with open(self.workdir / EVENTS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
 
     def close(self) -> None:
         if self.enabled:

@@ -87,6 +87,7 @@ from hgrn_jax.training.task_choice import (
     resolve_task,
 )
 from hgrn_jax.training.workdir import (
+    ConfigChangedError,
     ConfigChangeWarning,
     WorkdirError,
     WorkdirLock,
@@ -104,6 +105,19 @@ class InputStateWarning(UserWarning):
 
 class NonFiniteLossError(RuntimeError):
     """The training loss or gradient became NaN or infinite."""
+
+
+def stop_reason(error: BaseException, limit: int = 400) -> str:
+    """What stopped a run, in one line for its ``metrics.jsonl`` (``experiments.report`` shows
+    it): ``Type: first line of the message``, cut at ``limit`` characters."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (SIGINT) at once"
+    text = str(error).strip().splitlines()
+    if isinstance(error, Preempted):  # its message starts "preempted (SIGTERM): ..."
+        line = text[0]
+    else:
+        line = f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,6 +214,15 @@ class Run:
             jax.eval_shape(lambda s: s, self.state), self.shardings
         )
         self.writer = MetricsWriter(self.workdir, enabled=self.primary)
+        self.started = False  # set by :meth:`start`: a run refused before it records no stop
+
+    def start(self, step: int) -> None:
+        """Record that training (re)starts at ``step``, after every check that may refuse the
+        run: forget the records a killed run wrote after ``step`` and note the start in
+        ``events.jsonl``."""
+        self.writer.rewind(step)
+        self.writer.event("started", step=step)
+        self.started = True
 
     def close(self) -> None:
         """Close ``metrics.jsonl``, the TensorBoard writer and the checkpoint manager (after
@@ -217,6 +240,11 @@ class Run:
         if error is None:
             self.close()
             return
+        if self.started:
+            try:
+                self.writer.event("stopped", reason=stop_reason(error))
+            except OSError:
+                pass  # a full disk: the error itself says so
         try:
             self.close()
         except Exception as also:
@@ -325,14 +353,21 @@ class Run:
             config=config_as_json(self.config),
         )
 
-    @staticmethod
-    def check_finite(state: TrainState) -> None:
+    def check_finite(self, state: TrainState) -> None:
+        """Raise :class:`NonFiniteLossError` once the loss or a gradient was not finite."""
         bad = int(jax.device_get(state.nonfinite_step))
         if bad >= 0:
+            kept = (
+                "the last checkpoint before it is kept"
+                if has_checkpoint(self.workdir)
+                else "no checkpoint was saved before it"
+            )
+            fixes = "Lower optimizer.learning_rate or enable optimizer.grad_clip_norm"
+            if getattr(self.config, "dtype", "float32") != "float32":
+                fixes = fixes.replace(" or ", ", ") + ", or use dtype='float32'"
             raise NonFiniteLossError(
-                f"the training loss or gradient became NaN/inf at step {bad}; stopping (the last "
-                "checkpoint before it is kept). Lower optimizer.learning_rate, enable "
-                "optimizer.grad_clip_norm, or use dtype='float32'"
+                f"the training loss or gradient became NaN/inf at step {bad}; stopping ({kept}). "
+                + fixes
             )
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -545,7 +580,14 @@ def _train_validate_and_test(
         release_buffers(run.state)  # the fresh initial state is not needed: free its memory
         input_state = run.checkpoints.input_state(int(meta["step"]))
     start = int(meta["step"])
-    run.writer.rewind(start)
+    if start > total_steps and not (workdir / "results.json").exists():
+        # (A finished run rerun with fewer steps trains nothing and is tested again.)
+        raise ConfigChangedError(
+            f"the latest checkpoint in {workdir / 'checkpoints'} is at step {start}, past "
+            f"--config.num_train_steps={total_steps}, of a run that has not finished; nothing "
+            f"was changed. Set num_train_steps to {start} or more to continue that run ({start} "
+            "tests it as it is), or use a new --workdir"
+        )
     wall_before = float(meta.get("wall_time_s", 0.0))
     bar = podlog.progress(total_steps, start, enabled=run.primary)
     if run.primary:
@@ -553,10 +595,12 @@ def _train_validate_and_test(
             bar.write(line)
     batches, error = None, None
     try:
+        run.writer.check()
         batches = preflight.open_splits(run.task, config, start, input_state, run.eval_check)
     except Exception as failure:  # one process's data files: every process stops
         error = failure
     agreement.share_failures(error, "opening and checking the data splits")
+    run.start(start)
     if restored is None or start < total_steps:  # a finished run trains nothing of config
         commit_config(workdir, config)  # after the input resumed: a refusal leaves config.json
     if restored is not None and input_state is None and batches.stateful:

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from hgrn_jax.data.loader import TENSORSTORE_OS_ERROR, file_in_the_way
-from hgrn_jax.training.logging import jsonable, write_json
+from hgrn_jax.training.logging import EVENTS_FILE, jsonable, write_json
 
 LOCK_NAME = "run.lock"
 LOCK_HEARTBEAT_S = 5.0
@@ -105,6 +105,7 @@ MODEL_HARMLESS = (
 # state's structure. Every other model.* key counts too.
 STRUCTURAL_KEYS = (
     "task",
+    "seed",  # the shuffled order: which examples each step reads
     "batch_size",
     "data.source",
     "data.seq_len",
@@ -888,6 +889,7 @@ RUN_FILES = (
     "checkpoints",
     "checkpoints.damaged",
     "metrics.jsonl",
+    EVENTS_FILE,
     "tensorboard",
     "results.json",
     "curves.png",
@@ -937,20 +939,28 @@ def _last_logged_step(metrics: Path) -> int:
     return last
 
 
+def _first_checkpoint_step(saved: dict[str, Any]) -> int | None:
+    """The step of a run's first periodic checkpoint by its saved config: the loop checkpoints
+    every ``checkpoint_every`` steps and after each evaluation (every ``eval_every``); both
+    default to ``num_train_steps``. None when the config gives no step count."""
+    steps = [
+        value
+        for key in ("checkpoint_every", "eval_every", "num_train_steps")
+        if isinstance(value := saved.get(key), int) and not isinstance(value, bool) and value > 0
+    ]
+    return min(steps) if steps else None
+
+
 def _refuse_history_without_checkpoints(workdir: Path, saved: dict[str, Any]) -> None:
     """Raise :class:`WorkdirError` when ``workdir`` has no checkpoint but a finished run's
     ``results.json``, or metrics logged past the step of its first checkpoint: its checkpoints
     were deleted, and a rerun would train from step 0 over its history. (An attempt that
     stopped before its first checkpoint is rerun as before.)"""
-    first = saved.get("checkpoint_every") or saved.get("eval_every") or saved.get("num_train_steps")
+    first = _first_checkpoint_step(saved)
     if (workdir / "results.json").exists():
         what = "a finished run's results.json"
-    elif (
-        isinstance(first, int)
-        and first > 0
-        and (logged := _last_logged_step(workdir / "metrics.jsonl")) > first
-    ):
-        what = f"metrics logged up to step {logged} (it checkpoints every {first} steps)"
+    elif first is not None and (logged := _last_logged_step(workdir / "metrics.jsonl")) > first:
+        what = f"metrics logged up to step {logged} (its first checkpoint is at step {first})"
     else:
         return
     raise WorkdirError(
