@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hgrn_jax.nn.checks import check_activations
+from hgrn_jax.nn.checks import check_activations, check_config_values
 from hgrn_jax.nn.glu import GLU, glu_width
 from hgrn_jax.nn.mixers import MixerConfig, make_mixer
 from hgrn_jax.nn.norms import apply_norm, inference_norm, make_norm
-from hgrn_jax.nn.remat import RematModule, with_remat
+from hgrn_jax.nn.remat import RematModule, resolve_policy, with_remat
 
 
 class ResidualBlock(RematModule):
@@ -97,6 +97,24 @@ class StackConfig(Protocol):
     norm_epsilon: float
     dropout: float
     remat: str | None
+
+
+def check_stack_config(config: StackConfig) -> None:
+    """Raise a one-line ValueError naming the field for a :class:`StackConfig` value out of
+    range (a model config's ``__post_init__`` calls it): ``features`` and ``num_layers``
+    positive integers, ``dropout`` in [0, 1), ``glu_expand`` and ``norm_epsilon`` above 0,
+    ``remat`` a known policy."""
+    check_config_values(
+        config,
+        counts=("features", "num_layers"),
+        rates=("dropout",),
+        positives=("glu_expand", "norm_epsilon"),
+    )
+    if config.remat is not None:
+        try:
+            resolve_policy(config.remat)
+        except ValueError as error:
+            raise ValueError(f"{type(config).__name__}(remat={config.remat!r}): {error}") from None
 
 
 def residual_stack(

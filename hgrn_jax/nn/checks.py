@@ -89,6 +89,62 @@ def check_token_ids(ids: jax.Array, vocab_size: int, name: str = "ids") -> None:
         )
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
+def check_config_values(
+    config: Any,
+    *,
+    counts: tuple[str, ...] = (),
+    rates: tuple[str, ...] = (),
+    positives: tuple[str, ...] = (),
+) -> None:
+    """Raise a one-line ValueError naming ``Class(field=value)`` and the fix when a field of the
+    dataclass ``config`` is out of range: ``counts`` positive integers (None passes: unset),
+    ``rates`` probabilities in [0, 1) (dropout), ``positives`` finite numbers above 0 (widths,
+    epsilons). Otherwise these fail deep inside a layer or, worse, silently change the model:
+    ``dropout=1.5`` scaled activations by -2, ``glu_expand=0`` built a 1-unit GLU, a negative
+    norm epsilon gave NaN."""
+    owner = type(config).__name__
+
+    def refuse(name: str, value: Any, needs: str) -> None:
+        raise ValueError(f"{owner}({name}={value!r}): {name} must be {needs}")
+
+    for name in counts:
+        value = getattr(config, name)
+        if value is not None and not _is_count(value):
+            refuse(name, value, "a positive integer")
+    for name in rates:
+        value = getattr(config, name)
+        if not (_is_number(value) and 0.0 <= value < 1.0):
+            refuse(name, value, "a probability in [0, 1) (0 turns it off)")
+    for name in positives:
+        value = getattr(config, name)
+        if not (_is_number(value) and 0.0 < value < float("inf")):
+            refuse(name, value, "a finite number above 0")
+
+
+def check_counts(owner: str, *, none_passes: bool = True, **counts: Any) -> None:
+    """Raise a one-line ValueError naming ``owner(name=value)`` for a count (a width ratio, a
+    number of heads) that is not a positive integer; None passes (unset) if ``none_passes``."""
+    for name, value in counts.items():
+        if not (value is None and none_passes) and not _is_count(value):
+            raise ValueError(f"{owner}({name}={value!r}): {name} must be a positive integer")
+
+
+def check_flags(owner: str, **flags: Any) -> None:
+    """Raise a one-line ValueError naming ``owner(name=value)`` for a flag that is not a bool:
+    ``bidirectional="no"`` is truthy, and would silently build the other layer."""
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{owner}({name}={value!r}): {name} must be True or False")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def check_length(shape: tuple[int, ...], expected: str, name: str = "inputs") -> None:
     """Raise ValueError for an empty sequence axis (axis 1) of an input of ``shape``."""
     if len(shape) >= 2 and shape[1] == 0:

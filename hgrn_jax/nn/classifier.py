@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hgrn_jax.deprecation import HGRNDeprecationWarning
-from hgrn_jax.nn.blocks import residual_stack
-from hgrn_jax.nn.checks import check_length, check_token_ids
+from hgrn_jax.nn.blocks import check_stack_config, residual_stack
+from hgrn_jax.nn.checks import check_config_values, check_length, check_token_ids
 from hgrn_jax.nn.embeddings import Embed, sinusoidal_positions
 from hgrn_jax.nn.initializers import dense, logical
 from hgrn_jax.nn.lower_bounds import LowerBounds
@@ -117,6 +117,17 @@ class ClassifierConfig:
         object.__setattr__(
             self, "mixer", fold_legacy_fields(self, LEGACY_MIXER_FIELDS, "ClassifierConfig")
         )
+        check_stack_config(self)
+        check_config_values(
+            self,
+            counts=("num_classes", "vocab_size", "input_channels"),
+            rates=("position_dropout",),
+        )
+        if self.grid_shape is not None and not all(n >= 1 for n in self.grid_shape):
+            raise ValueError(
+                f"ClassifierConfig(grid_shape={self.grid_shape}): grid_shape must be (H, W) of "
+                "positive integers"
+            )
         self.mixer.check_model(self.features, self.use_lower_bound, "ClassifierConfig")
         if self.encoder == "embed" and not self.vocab_size:
             raise ValueError("encoder='embed' needs vocab_size (the number of token ids)")

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hgrn_jax.nn.checks import (
+    check_counts,
+    check_flags,
     check_layer_input,
     check_mask,
     check_method,
@@ -67,6 +69,8 @@ class FlaHGRNAttention(nnx.Module):
         rngs: nnx.Rngs,
     ):
         check_width(features, type(self).__name__)
+        check_counts(type(self).__name__, expand_ratio=expand_ratio)
+        check_flags(type(self).__name__, use_lower_bound=use_lower_bound)
         width = features * expand_ratio
         self.features, self.width = features, width
         self.use_lower_bound = use_lower_bound

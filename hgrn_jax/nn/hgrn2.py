@@ -52,6 +52,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hgrn_jax.nn.checks import (
+    check_counts,
+    check_flags,
     check_keywords,
     check_layer_input,
     check_mask,
@@ -236,7 +238,9 @@ class HGRN2(_MatrixMixer):
         rngs: nnx.Rngs,
     ):
         check_width(features, "HGRN2")
-        if expand_ratio < 1 or features % expand_ratio:
+        check_counts("HGRN2", none_passes=False, expand_ratio=expand_ratio)
+        check_flags("HGRN2", bidirectional=bidirectional, use_bias=use_bias)
+        if features % expand_ratio:
             raise ValueError(
                 f"HGRN2: features {features} must be a multiple of expand_ratio "
                 f"{expand_ratio} (the head width)"
@@ -303,6 +307,10 @@ class FlaHGRN2Attention(_MatrixMixer):
         rngs: nnx.Rngs,
     ):
         check_width(features, "FlaHGRN2Attention")
+        check_counts("FlaHGRN2Attention", expand_ratio=expand_ratio, num_heads=num_heads)
+        check_flags(
+            "FlaHGRN2Attention", use_lower_bound=use_lower_bound, bidirectional=bidirectional
+        )
         if expand_ratio is None:
             if not num_heads:
                 raise ValueError("FlaHGRN2Attention needs expand_ratio or num_heads")

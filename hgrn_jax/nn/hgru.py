@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hgrn_jax.nn.checks import (
+    check_flags,
     check_keywords,
     check_layer_input,
     check_mask,
@@ -131,6 +132,13 @@ class _HGRUBase(nnx.Module):
         rngs: nnx.Rngs,
     ):
         check_width(features, type(self).__name__)
+        check_flags(
+            type(self).__name__,
+            complex_valued=complex_valued,
+            norm_before_gate=norm_before_gate,
+            use_forget_gate=use_forget_gate,
+            use_bias=use_bias,
+        )
         self.features = features
         self.complex_valued = complex_valued
         self.norm_before_gate = norm_before_gate
@@ -229,7 +237,8 @@ class _HGRUBase(nnx.Module):
         else:
             shape = x.shape[:-1] + (self.features,)
             check_lower_bound(lower_bound, shape)
-            lam = jnp.broadcast_to(jnp.asarray(lower_bound, acc), shape)
+            bound = 0.0 if lower_bound is None else lower_bound  # None: no bound, as above
+            lam = jnp.broadcast_to(jnp.asarray(bound, acc), shape)
         return lam, (1.0 - lam) * c
 
     @staticmethod
@@ -345,6 +354,9 @@ class HGRU(_HGRUBase):
         separate_phases: bool = True,
         **kwargs,
     ):
+        check_flags(
+            type(self).__name__, bidirectional=bidirectional, separate_phases=separate_phases
+        )
         num_phases = 2 if bidirectional and separate_phases else 1
         own = ("bidirectional", "separate_phases")
         check_keywords(kwargs, _HGRUBase.__init__, type(self).__name__, own=own, fixed=FIXED)

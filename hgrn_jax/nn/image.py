@@ -11,6 +11,7 @@ paper's 6,107,560 (Tiny) and 23,715,688 (Small) parameters.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import warnings
 
 import jax
@@ -18,7 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hgrn_jax.deprecation import HGRNDeprecationWarning
-from hgrn_jax.nn.blocks import residual_stack
+from hgrn_jax.nn.blocks import check_stack_config, residual_stack
+from hgrn_jax.nn.checks import check_config_values
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import LowerBounds
 from hgrn_jax.nn.mixers import LEGACY_MIXER_FIELDS, MixerConfig, fold_legacy_fields
@@ -68,7 +70,18 @@ class ImageConfig:
     sequence_axis: str | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "image_size", tuple(int(n) for n in self.image_size))
+        size = self.image_size
+        try:  # 28 stands for (28, 28); lists from a config file become a hashable tuple
+            size = (operator.index(size),) * 2 if not hasattr(size, "__len__") else size
+            size = tuple(operator.index(n) for n in size)
+        except TypeError:
+            size = ()
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(
+                f"ImageConfig(image_size={self.image_size!r}): image_size must be (H, W) of "
+                "positive integers, or one for a square image"
+            )
+        object.__setattr__(self, "image_size", size)
         if self.in_channels is not None:
             warnings.warn(
                 "ImageConfig(in_channels=...) is deprecated; use input_channels "
@@ -81,6 +94,12 @@ class ImageConfig:
         object.__setattr__(self, "mixer", MixerConfig.coerce(self.mixer, "ImageConfig"))
         object.__setattr__(
             self, "mixer", fold_legacy_fields(self, LEGACY_MIXER_FIELDS, "ImageConfig")
+        )
+        check_stack_config(self)
+        check_config_values(
+            self,
+            counts=("num_classes", "patch_size", "input_channels"),
+            positives=("head_norm_epsilon",),
         )
         self.mixer.check_model(self.features, self.use_lower_bound, "ImageConfig")
         if self.mixer.scan != "1d":

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hgrn_jax.deprecation import HGRNDeprecationWarning
-from hgrn_jax.nn.blocks import residual_stack
-from hgrn_jax.nn.checks import check_length, check_token_ids
+from hgrn_jax.nn.blocks import check_stack_config, residual_stack
+from hgrn_jax.nn.checks import check_config_values, check_length, check_token_ids
 from hgrn_jax.nn.embeddings import Embed, sinusoidal_positions
 from hgrn_jax.nn.initializers import dense, logical
 from hgrn_jax.nn.lower_bounds import LowerBounds
@@ -110,6 +110,18 @@ class LMConfig:
         )
         if self.mixer.scan != "1d":
             raise ValueError(f"the LM is 1-D: mixer scan must be '1d'; got {self.mixer.scan!r}")
+        check_stack_config(self)
+        check_config_values(self, counts=("vocab_size",))
+        if self.lower_bound_dtype is not None:
+            try:
+                floating = jnp.issubdtype(jnp.dtype(self.lower_bound_dtype), jnp.floating)
+            except TypeError:
+                floating = False
+            if not floating:
+                raise ValueError(
+                    f"LMConfig(lower_bound_dtype={self.lower_bound_dtype!r}): use a float dtype "
+                    "such as 'float32', or None for the activations' dtype"
+                )
         self.mixer.check_model(self.features, self.use_lower_bound, "LMConfig")
 
     @classmethod

@@ -32,6 +32,7 @@ from flax import nnx
 
 from hgrn_jax.deprecation import HGRNDeprecationWarning
 from hgrn_jax.nn.attention import SoftmaxAttention
+from hgrn_jax.nn.checks import check_config_values
 from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
 from hgrn_jax.nn.hgrn2 import HGRN2, HGRN2D, FlaHGRN2Attention
 from hgrn_jax.nn.hgru import HGRU, HGRU2D
@@ -137,8 +138,7 @@ class MixerConfig:
                 f"mixer.expand_ratio={self.expand_ratio} is an HGRN2 / fla option; "
                 "kind='attention' has none: set mixer.num_heads instead"
             )
-        if self.expand_ratio is not None and self.expand_ratio < 1:
-            raise ValueError(f"expand_ratio must be >= 1 or None; got {self.expand_ratio}")
+        check_config_values(self, counts=("expand_ratio", "num_heads"), positives=("norm_epsilon",))
         if (self.kind, self.layout) == ("hgrn", "official") and self.expand_ratio not in (None, 1):
             raise ValueError(
                 "expand_ratio is an HGRN2 / fla option; HGRN official has none "
@@ -173,6 +173,16 @@ class MixerConfig:
         (:meth:`check_width`), or lower bounds on attention, which has no forget gate to bound
         (the model made bound parameters that nothing read)."""
         self.check_width(features, where)
+        if use_lower_bound and self.layout == "fla":
+            k = self.resolved_expand_ratio
+            forget = features * k if self.kind == "hgrn" else (features // k) * k
+            if forget != features:
+                fix = "1" if self.kind == "hgrn" else f"a divisor of {features}"
+                raise ValueError(
+                    f"{where}: the lower bounds (one per channel of features={features}) do not "
+                    f"fit fla {self.kind}'s forget gate of width {forget} (mixer.expand_ratio="
+                    f"{k}); set mixer.expand_ratio to {fix}, or use_lower_bound=False"
+                )
         if self.kind == "attention" and use_lower_bound:
             raise ValueError(
                 f"{where}: use_lower_bound=True bounds the forget gates of a recurrent mixer; "
