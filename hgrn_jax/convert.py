@@ -319,6 +319,15 @@ def _integer(value: Any, key: str, what: str) -> int:
     return number
 
 
+def _flag(constructor: Mapping[str, Any], key: str, default: bool, what: str) -> bool:
+    """``constructor[key]`` as a bool (``default`` when absent): True, False, 1 or 0; anything
+    else (the string ``"False"``, which ``bool`` reads as True) is an error."""
+    value = constructor.get(key, default)
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise ConversionError(f"{what}: {key}={value!r} is not a boolean (True or False)")
+
+
 def _refuse_unknown(
     given: Iterable[str],
     accepted: Sequence[str],
@@ -448,9 +457,9 @@ def _fla_lm_settings(config: Mapping[str, Any], what: str) -> dict[str, Any]:
         num_layers=_features(config, "num_hidden_layers", what),
         glu_expand=_fla_glu_expand(config, d),
         glu_activation=str(config.get("hidden_act", "swish")),
-        use_lower_bound=bool(config.get("use_lower_bound", True)),
+        use_lower_bound=_flag(config, "use_lower_bound", True, what),
         norm_epsilon=float(config.get("norm_eps", 1e-6)),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        tie_embeddings=_flag(config, "tie_word_embeddings", False, what),
     )
 
 
@@ -481,8 +490,8 @@ def from_hgru_pytorch(
     _check_class(class_name, HGRU_CLASSES, "hgru-pytorch", constructor)
     d = _features(constructor, "embed_dim", class_name)
     _require(constructor, "act_fun", ("silu", "swish"), class_name)
-    causal = bool(constructor.get("causal", True))  # the reference's default
-    bias = bool(constructor.get("bias", True)) if class_name == "Hgru1d" else True
+    causal = _flag(constructor, "causal", True, class_name)  # the reference's default
+    bias = _flag(constructor, "bias", True, class_name) if class_name == "Hgru1d" else True
     rngs = nnx.Rngs(0)
     common = dict(use_bias=bias, param_dtype=dtype, rngs=rngs)
     if class_name == "Hgru1d":
@@ -677,7 +686,7 @@ def from_hgru2_pytorch(
         raise ConversionError(
             f"{class_name}: embed_dim={d} is not a multiple of expand_ratio={expand_ratio}"
         )
-    bias = bool(constructor.get("bias", True))
+    bias = _flag(constructor, "bias", True, class_name)
     common = dict(expand_ratio=expand_ratio, use_bias=bias, param_dtype=dtype, rngs=nnx.Rngs(0))
     if class_name == "Hgru2_2d_parallel":
         module = HGRN2D(d, **common)

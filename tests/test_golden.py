@@ -290,6 +290,20 @@ def test_the_transpose_hint_only_for_a_weight_whose_transpose_fits(golden):
         convert.from_hgru_pytorch(cls, ctor, transposed)
 
 
+def test_a_flag_that_is_not_a_boolean_is_named(golden):
+    """``causal="False"`` and ``tie_word_embeddings="false"`` were read with ``bool()``: a
+    non-empty string is True, so the converted layer silently ran the other way."""
+    cls, ctor, params = _hgru_case(golden)
+    with pytest.raises(
+        convert.ConversionError, match=r"^Hgru1d: causal='False' is not a boolean \(True or"
+    ):
+        convert.from_hgru_pytorch(cls, dict(ctor, causal="False"), params)
+    assert convert.from_hgru_pytorch(cls, dict(ctor, causal=0), params).bidirectional
+    config = dict(vocab_size=32, hidden_size=16, num_hidden_layers=1, tie_word_embeddings="false")
+    with pytest.raises(convert.ConversionError, match=r"tie_word_embeddings='false' is not a"):
+        convert.fla_lm_config(config)
+
+
 def test_a_width_that_is_not_an_integer_is_named(golden):
     """``embed_dim="sixteen"`` was a bare 'invalid literal for int() with base 10'."""
     cls, ctor, params = _hgru_case(golden)
