@@ -130,7 +130,9 @@ class MeshConfig:
         elif known != num_devices:
             raise MeshSizeError(
                 f"{needs} but this run has {devices}",
-                f"set one axis to -1 to use the rest, or pass devices={simulate}",
+                "set one axis to -1 to use the rest"
+                + (f", or pass {known} of them as devices=" if known < num_devices else "")
+                + simulate,
             )
         return sizes  # type: ignore[return-value]
 

@@ -89,10 +89,16 @@ def check_mesh_and_batches(
     try:
         sizes = mesh_config(config).axis_sizes(num_devices)
     except sharding.MeshSizeError as error:
+        simulate = (
+            "; on CPUs, HGRN_NUM_CPU_DEVICES=N before the command simulates N devices"
+            if jax.default_backend() == "cpu"
+            else ""
+        )
         raise ValueError(
             f"config.{error.problem} ({processes} process{'es' if processes > 1 else ''}); "
             "set --config.mesh.data, --config.mesh.fsdp and --config.mesh.model so that "
             f"their product is {num_devices} (one of them -1: the devices the others leave)"
+            + simulate
         ) from None
     if num_slices > 1:
         per_slice = num_devices // num_slices

@@ -117,7 +117,8 @@ def startup_summary(
         f"task {task}" + (f": data source {source!r}" if source is not None else "") + split_sizes,
         f"model: {num_params:,} parameters; mesh {mesh}",
         f"{process_count} process{'es' if process_count > 1 else ''} x {local_device_count} "
-        f"{platform} devices = {device_count} devices",
+        f"{platform} device{'s' if local_device_count != 1 else ''} = {device_count} "
+        f"device{'s' if device_count != 1 else ''}",
         f"{resume} of {total_steps} in {workdir}",
     ]
 
