@@ -255,6 +255,23 @@ def test_bfloat16_accumulates_in_float32():
         np.testing.assert_allclose(wide, expected, **F32_TOL, err_msg=key)
 
 
+def test_the_last_state_of_bfloat16_inputs_is_float32_accurate():
+    """The streamed state is the accumulator (float32), as matrix_recurrence's: it was rounded
+    to the bf16 output, so each chunk of a stream started from a state off by up to 2^-8."""
+    a, x, h0 = random_inputs((2, 40, 3), dtype=jnp.bfloat16, with_h0=True)
+    results = jax.jit(
+        lambda a, x, h0: run_all(
+            lambda m, r: linear_recurrence(a, x, h0, reverse=r, method=m, return_last_state=True),
+            methods=CORE_METHODS + ("pallas",),
+        )
+    )(a, x, h0)
+    for key, (out, last) in results.items():
+        reverse = key_reverse(key)
+        expected = loop_reference(*(np.asarray(t, np.float64) for t in (a, x, h0)), reverse)
+        chex.assert_type([out, last], [jnp.bfloat16, jnp.float32])
+        np.testing.assert_allclose(last, expected[:, 0 if reverse else -1], **F32_TOL, err_msg=key)
+
+
 def test_output_dtypes():
     a, x, _ = random_inputs((2, 5, 3))
     f16, c64, bf16 = jax.jit(

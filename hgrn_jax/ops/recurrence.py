@@ -121,7 +121,9 @@ def linear_recurrence(
         ``"pallas"`` (a one-pass Pallas kernel, :mod:`hgrn_jax.ops.pallas_recurrence`;
         interpreted on CPU) or ``"auto"`` (see :func:`default_method`).
       return_last_state: also return the final state ``(..., C)`` (``h_{L-1}``, or ``h_0`` when
-        ``reverse``), for streaming.
+        ``reverse``), for streaming, in the accumulation dtype (float32 for 16-bit inputs, or
+        ``out_dtype`` if wider), as :func:`~hgrn_jax.ops.matrix_recurrence` returns its state:
+        a state rounded to bfloat16 between chunks drifts from one long pass.
       chunk_size: chunk length of the chunked method.
       out_dtype: dtype of the result; the promoted input dtype by default. Complex inputs need
         a complex ``out_dtype`` (every method raises rather than drop the imaginary part).
@@ -135,6 +137,7 @@ def linear_recurrence(
     a, x, dtype = check_inputs(a, x, h0, axis)
     out_dtype = resolve_out_dtype(dtype, out_dtype)
     acc = accumulation_dtype(dtype)
+    state_dtype = jnp.promote_types(acc, out_dtype)
     time_axis = axis % x.ndim
     if method == "auto":
         method = default_method(x.shape[time_axis])
@@ -165,7 +168,9 @@ def linear_recurrence(
         h0 = None if h0 is None else jnp.asarray(h0).astype(acc)
         if jax.default_backend() == "cpu":  # the Pallas interpreter is slow on 16-bit refs
             a, x = jnp.asarray(a).astype(acc), x.astype(acc)
-        h = pallas_linear_recurrence(a, x, h0, reverse=reverse, out_dtype=out_dtype)
+        # The last state is read off h: written in float32 when it is asked for.
+        kernel_dtype = state_dtype if return_last_state else out_dtype
+        h = pallas_linear_recurrence(a, x, h0, reverse=reverse, out_dtype=kernel_dtype)
     else:
         # Converted up front, measured: on CPU a 16-bit state buffer is not updated in place
         # inside the sequential loop (quadratic time: 1.8 s instead of 14 ms at L=1k), and
@@ -180,7 +185,7 @@ def linear_recurrence(
     out = h.astype(out_dtype)
     if return_last_state:
         last = _at(h, 0 if reverse else x.shape[time_axis] - 1, time_axis)
-        return out, last.astype(out_dtype)
+        return out, last.astype(state_dtype)
     return out
 
 

@@ -169,7 +169,7 @@ def sharded_linear_recurrence(
 
     Returns:
       ``h`` with ``x``'s shape (time still sharded over ``axis_name``), and the final state
-      ``(..., C)`` when ``return_last_state``.
+      ``(..., C)`` (float32 or wider) when ``return_last_state``.
     """
     mesh = _resolve_mesh(mesh, axis_name)
     a, x, dtype = check_inputs(a, x, h0)
@@ -223,8 +223,8 @@ def sharded_linear_recurrence(
         # (JAX 0.10). Gradients, the replicated final state's included, are tested.
         check_vma=False,
     )(a, x, h0)
-    if return_last_state:
-        return h, last.astype(out_dtype)
+    if return_last_state:  # in the accumulation dtype, as linear_recurrence's
+        return h, last.astype(jnp.promote_types(acc, out_dtype))
     return h
 
 
