@@ -1571,6 +1571,53 @@ def test_an_unwritable_workdir_is_named(shared_tmp, monkeypatch):
         WorkdirLock(shared_tmp / "elsewhere").acquire()
 
 
+def test_unwritable_checkpoints_are_named_before_training(shared_tmp):
+    """A checkpoints/ folder this user cannot write (owned by another user, a read-only mount)
+    was found at the first save, after checkpoint_every steps of training were lost."""
+    from hgrn_jax.training.workdir import check_checkpoints_writable
+
+    workdir = shared_tmp / "run"
+    (workdir / "checkpoints" / "6").mkdir(parents=True)
+    os.chmod(workdir / "checkpoints", 0o555)
+    outcome = _as_unprivileged(lambda: check_checkpoints_writable(workdir))
+    assert outcome == (
+        f"WorkdirNotWritableError: cannot write new checkpoints into {workdir}/checkpoints "
+        "(Permission denied); nothing was changed. Give this user write access to it (and to "
+        "the workdir), or copy the run to a writable --workdir and run there"
+    )
+    os.chmod(workdir / "checkpoints", 0o777)  # writable by all: the probe leaves nothing
+    assert _as_unprivileged(lambda: check_checkpoints_writable(workdir)) == "ok"
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["6"]
+
+
+@pytest.mark.parametrize("errno_code", [errno.EROFS, errno.ENOSPC], ids=["read_only", "full"])
+def test_a_resume_into_unwritable_checkpoints_stops_before_training(
+    copy_of_finished, monkeypatch, errno_code
+):
+    """The whole run, as root (whom permissions do not bind): the probe's folder cannot be
+    made. The run stops before its first step, naming the folder (or the full file system),
+    and leaves every file as it was."""
+    from hgrn_jax.training.workdir import WorkdirFullError, WorkdirNotWritableError
+
+    before = _tree_digest(copy_of_finished)
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.name.startswith(".write-check-"):
+            raise OSError(errno_code, os.strerror(errno_code), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    if errno_code == errno.EROFS:
+        expected = (WorkdirNotWritableError, "cannot write new checkpoints into .*checkpoints")
+    else:
+        expected = (WorkdirFullError, "No space left on device on the file system of .*step 12")
+    with pytest.raises(expected[0], match=expected[1]):
+        _run(_config(num_train_steps=15), copy_of_finished)
+    assert _tree_digest(copy_of_finished) == before
+    assert not (copy_of_finished / "run.lock").exists()
+
+
 def test_a_workdir_that_is_a_file_is_named_so(tmp_path):
     """A --workdir that is a file, or below one, is named as a file (the OSError said only
     'File exists' or 'Not a directory' and the fix was to mend permissions)."""

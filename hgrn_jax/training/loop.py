@@ -91,6 +91,7 @@ from hgrn_jax.training.workdir import (
     ConfigChangeWarning,
     WorkdirError,
     WorkdirLock,
+    check_checkpoints_writable,
     check_resume,
     has_checkpoint,
     not_writable,
@@ -439,6 +440,14 @@ def prepare_workdir(workdir: Path, config: Any) -> WorkdirLock:
 
             for line in check_resume(workdir, config, model_defaults(config)):
                 warnings.warn(line, ConfigChangeWarning, stacklevel=3)
+            try:
+                check_checkpoints_writable(workdir)
+            except OSError as full:
+                if not is_out_of_space(full):
+                    raise
+                hint = how_to_resume(resume_choice(config))
+                keep = config_int(config, "keep_checkpoints", 2)
+                raise out_of_space(workdir, full, hint, keep) from None
             if not has_checkpoint(workdir):
                 _write_config(workdir, config)
         except (WorkdirError, ValueError, OSError) as failure:

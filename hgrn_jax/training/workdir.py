@@ -195,6 +195,31 @@ def not_writable(path: str | Path, error: OSError) -> WorkdirNotWritableError:
     )
 
 
+def check_checkpoints_writable(workdir: str | Path) -> None:
+    """Raise :class:`WorkdirNotWritableError` (or OSError for lack of space, which the caller
+    words) when a run's existing ``workdir/checkpoints`` folder cannot take a new checkpoint:
+    a folder owned by another user or on a read-only mount was found only at the first save,
+    after ``checkpoint_every`` steps of training were lost. Makes and removes one empty folder,
+    ``.write-check-<pid>``, beside the step folders (Orbax lists only numbered ones)."""
+    folder = Path(workdir) / "checkpoints"
+    if not folder.is_dir():
+        return  # made by the first save, in the workdir the lock was just written to
+    probe = folder / f".write-check-{os.getpid()}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except FileExistsError:
+        return  # left by a killed run of this pid number: the folder takes new entries
+    except OSError as error:
+        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise WorkdirNotWritableError(
+                f"cannot write new checkpoints into {folder} ({error.strerror}); nothing was "
+                "changed. Give this user write access to it (and to the workdir), or copy "
+                "the run to a writable --workdir and run there"
+            ) from None
+        raise
+
+
 # ----------------------------------------------------------------------------- the lock
 
 
