@@ -31,6 +31,7 @@ from hgrn_jax.nn.norms import make_norm
 class ImageConfig:
     """Everything that defines an :class:`HGRNImageClassifier`; presets :meth:`tiny`, :meth:`small`.
 
+    ``image_size``: ``(H, W)``, or one int for a square image; a multiple of ``patch_size``.
     ``mixer``: the token mixer (:class:`~hgrn_jax.nn.MixerConfig` or a dict of its fields; 1-D,
     run in both directions over the patches in raster order). ``glu_expand``: GLU hidden width
     ``round(glu_expand * features)``. ``head_norm_epsilon``: the reference divides by
@@ -44,7 +45,7 @@ class ImageConfig:
     """
 
     num_classes: int = 1000
-    image_size: tuple[int, int] = (224, 224)
+    image_size: tuple[int, int] = (224, 224)  # an int is read as (n, n)
     patch_size: int = 14
     input_channels: int = 3
     features: int = 192
