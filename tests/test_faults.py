@@ -15,6 +15,7 @@ own rather than the whole module failing to import.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import hashlib
@@ -166,6 +167,10 @@ def _as_unprivileged(action) -> str:
 
     if os.geteuid() != 0:
         return outcome()
+    # The child cannot import what the parent has not (the interpreter may live under root's
+    # 0700 home): secrets.token_hex's decode("ascii") failed with "unknown encoding" when this
+    # test ran alone.
+    codecs.lookup("ascii")
     read, write = os.pipe()
     with warnings.catch_warnings():  # the child runs no JAX code: fork's caveat does not apply
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -425,6 +425,15 @@ def _write_config(workdir: Path, config: Any) -> None:
         raise not_writable(workdir / "config.json", os_error) from None
 
 
+def _full_disk_error(workdir: Path, config: Any, error: BaseException) -> WorkdirError | None:
+    """The one-line :func:`~hgrn_jax.training.workdir.out_of_space` error for ``error`` when it
+    is a write that failed for lack of space (:func:`is_out_of_space`), else None."""
+    if not is_out_of_space(error):
+        return None
+    hint = how_to_resume(resume_choice(config))
+    return out_of_space(workdir, error, hint, config_int(config, "keep_checkpoints", 2))
+
+
 def prepare_workdir(workdir: Path, config: Any) -> WorkdirLock:
     """Lock ``workdir`` (process 0, before anything is written) and check that its run may
     continue with ``config``; the other processes learn the outcome.
@@ -442,12 +451,8 @@ def prepare_workdir(workdir: Path, config: Any) -> WorkdirLock:
                 warnings.warn(line, ConfigChangeWarning, stacklevel=3)
             try:
                 check_checkpoints_writable(workdir)
-            except OSError as full:
-                if not is_out_of_space(full):
-                    raise
-                hint = how_to_resume(resume_choice(config))
-                keep = config_int(config, "keep_checkpoints", 2)
-                raise out_of_space(workdir, full, hint, keep) from None
+            except OSError as failure:
+                raise _full_disk_error(workdir, config, failure) or failure from None
             if not has_checkpoint(workdir):
                 _write_config(workdir, config)
         except (WorkdirError, ValueError, OSError) as failure:
@@ -536,11 +541,10 @@ def train_and_evaluate(
         try:
             return _train_and_evaluate(config, workdir, task, stop_signals, step_timeout_s, lock)
         except Exception as error:
-            if not is_out_of_space(error):
+            full = _full_disk_error(workdir, config, error)
+            if full is None:
                 raise
-            hint = how_to_resume(resume_choice(config))
-            keep = config_int(config, "keep_checkpoints", 2)
-            raise out_of_space(workdir, error, hint, keep) from error
+            raise full from error
         finally:
             lock.release()
 
