@@ -135,6 +135,21 @@ def test_padding_is_skipped_like_fla_unpadding(layout, bidirectional):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_mask_as_nested_lists_and_an_empty_batch(layout):
+    """A mask given as Python lists failed with "list indices must be integers" (the layers
+    take x as lists); a batch of 0 rows failed with ZeroDivisionError in a reshape."""
+    layer = LAYOUTS[layout]()
+    mask = [[1] * L, [0] * 3 + [1] * (L - 3)]
+    np.testing.assert_array_equal(
+        layer(_x(), BOUND, mask=mask), layer(_x(), BOUND, mask=jnp.asarray(mask))
+    )
+    state = layer.init_state(B)
+    streamed = layer.step(_x(), state, BOUND, mask=mask)
+    np.testing.assert_array_equal(streamed[1], layer.step(_x(), state, BOUND, jnp.asarray(mask))[1])
+    assert layer(jnp.ones((0, L, D)), BOUND).shape == (0, L, D)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("method", ["sequential", "chunked"])
 def test_non_finite_padding_is_skipped(layout, method):
     """nan at 3 left- and 3 right-padded steps gives exactly the outputs of finite padding (and
@@ -324,6 +339,9 @@ def test_mixer_config_errors_name_the_fix():
         ClassifierConfig(vocab_size=5, mixer={"kind": "hgrn2", "scan": "2d"})
     with pytest.raises(ValueError, match="expand_ratio is an HGRN2 / fla option"):
         MixerConfig(expand_ratio=4)
+    # In the config, not when the model is built (an LMConfig took it).
+    with pytest.raises(ValueError, match="MixerConfig: unknown method 'associative'; choose one"):
+        LMConfig(vocab_size=5, mixer={"kind": "hgrn2", "method": "associative"})
     with pytest.raises(ValueError, match="features 16 must be a multiple of expand_ratio 5"):
         HGRN2(16, expand_ratio=5, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"expand_ratio=128 \(the key width of a head\)"):

@@ -444,6 +444,70 @@ def test_an_empty_sequence_is_an_error_as_in_linear_recurrence(method):
         matrix_recurrence(q, q, v, q, method=method)
 
 
+@pytest.mark.parametrize("hard", [-1e6, float(np.finfo(np.float32).min), -np.inf])
+def test_decays_of_any_negative_size_match_the_sequential_method(hard):
+    """Forget gates that close completely (log decay -1e6, float32's most negative number,
+    -inf) for steps 5..29. The chunked method was off by 6 at -1e6 and nan at finfo.min (the
+    cumulative sums of the chunk lost every digit, then overflowed), as were the Pallas
+    method's gradients (its backward is the chunked one); the docstring promised "very
+    negative values are fine".
+
+    Tolerance: 2e-3 absolute on outputs of size ~5 and gradients of size ~20: after the clamp
+    at -104.3 the chunk's cumulative decay reaches |b| ~ 2.6e3, whose float32 rounding
+    (|b| * 2^-24 ~ 1.6e-4) is the relative error of each factor exp(b_i - b_j) (measured:
+    8e-4 on outputs, 1.5e-3 on gradients); a wrong term is off by O(1)."""
+    q, k, v, g, _ = (np.asarray(t, np.float32) for t in make_inputs((1,), 64, 1, 4, 4, seed=5))
+    g[:, 5:30] = hard
+    w = np.random.default_rng(6).normal(size=v.shape).astype(np.float32)
+
+    def loss(method, q, k, v, g):
+        o = matrix_recurrence(q, k, v, g, method=method)
+        return jnp.sum(o * w), o
+
+    results = {}
+    for method in MATRIX_METHODS:
+        (_, o), grads = value_and_grads(functools.partial(loss, method), q, k, v, g, has_aux=True)
+        results[method] = (o,) + grads[:3]  # dlog_decay is 0 where exp(g) is: not compared
+    want = loop_reference(q, k, v, np.maximum(g, -1e4), np.zeros((1, 1, 4, 4)), 1.0)[0]
+    np.testing.assert_allclose(results["sequential"][0], want, rtol=1e-5, atol=1e-5)
+    for method in ("chunked", "pallas"):
+        for name, got, sequential in zip(
+            ("o", "dq", "dk", "dv"), results[method], results["sequential"], strict=True
+        ):
+            assert np.isfinite(np.asarray(got)).all(), (method, name)
+            np.testing.assert_allclose(got, sequential, rtol=0, atol=2e-3, err_msg=method + name)
+
+
+def test_empty_batches_and_widths_give_empty_or_zero_results():
+    """A batch of 0 rows (or 0 heads) gave ZeroDivisionError from a reshape; with key_dim 0 the
+    state is empty and every output 0, as in ``linear_recurrence``'s empty batch."""
+    for batch, heads, key_dim, value_dim in ((0, 2, 3, 4), (2, 0, 3, 4), (2, 2, 0, 4)):
+        q = jnp.ones((batch, 5, heads, key_dim))
+        v = jnp.ones((batch, 5, heads, value_dim))
+        o, last = matrix_recurrence(q, q, v, -q, return_last_state=True)
+        assert o.shape == (batch, 5, heads, value_dim) and not np.asarray(o).any()
+        assert last.shape == (batch, heads, key_dim, value_dim) and last.dtype == jnp.float32
+
+
+def test_h0_takes_part_in_the_dtype_and_integers_become_float32():
+    """A complex (or wider) h0 was cast to the inputs' real dtype, dropping its imaginary part
+    with only a ComplexWarning; integer inputs came back as truncated integers."""
+    q, k, v, g, _ = (np.asarray(t, np.float32) for t in make_inputs((1,), 6, 1, 2, 2))
+    h0 = np.full((1, 1, 2, 2), 1j, np.complex64)
+    o, last = matrix_recurrence(q, k, v, g, h0, return_last_state=True, method="sequential")
+    want_o, want_last, _ = loop_reference(q, k, v, g, h0.imag, 1.0)  # linear in the state
+    without_h0 = loop_reference(q, k, v, g, np.zeros((1, 1, 2, 2)), 1.0)
+    assert o.dtype == last.dtype == jnp.complex64
+    np.testing.assert_allclose(o.imag, want_o - without_h0[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(last.imag, want_last - without_h0[1], rtol=1e-5, atol=1e-5)
+    ints = (np.ones((1, 3, 1, 2), np.int32),) * 3 + (np.zeros((1, 3, 1, 2), np.int32),)
+    from_ints = matrix_recurrence(*ints)
+    assert from_ints.dtype == jnp.float32
+    np.testing.assert_array_equal(from_ints, loop_reference(*ints, np.zeros((1, 1, 2, 2)), 1.0)[0])
+    with pytest.raises(ValueError, match="out_dtype=int32 would truncate the states"):
+        matrix_recurrence(q, k, v, g, out_dtype=jnp.int32)
+
+
 NAN_STEP = 20  # inside the second chunk of 16 steps (L = 40): steps 16..19 come before it
 
 

@@ -99,7 +99,7 @@ class FlaHGRNAttention(nnx.Module):
         a = jnp.exp(f)
         i = nnx.silu(self.i_proj(x).astype(acc)) * (1.0 - a)
         if mask is not None:  # padded steps are identity steps: decay 1, no input
-            real = mask[..., -i.shape[-2] :, None].astype(bool)
+            real = jnp.asarray(mask)[..., -i.shape[-2] :, None].astype(bool)
             a, i = jnp.where(real, a, 1.0), jnp.where(real, i, 0.0)
         return a, i
 

@@ -81,7 +81,7 @@ def _heads(x: jax.Array, width: int) -> jax.Array:
 
 def _valid(mask: jax.Array, length: int) -> jax.Array:
     """The last ``length`` steps of ``mask`` (B, T) as booleans (B, length, 1, 1)."""
-    return mask[..., -length:].astype(bool)[..., None, None]
+    return jnp.asarray(mask)[..., -length:].astype(bool)[..., None, None]
 
 
 class _MatrixMixer(nnx.Module):
@@ -157,7 +157,8 @@ class _MatrixMixer(nnx.Module):
         return cut_time(o, length, self.sequence_axis, time_axis=-3)
 
     def _finish(self, o: jax.Array, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        y = self.output(o.reshape(o.shape[:-2] + (-1,)).astype(self.dtype or x.dtype), x)
+        heads_joined = o.reshape(o.shape[:-2] + (o.shape[-2] * o.shape[-1],))  # (.., H * V)
+        y = self.output(heads_joined.astype(self.dtype or x.dtype), x)
         if mask is None:
             return y
         return jnp.where(_valid(mask, x.shape[-2])[..., 0], y, jnp.zeros_like(y))

@@ -32,10 +32,11 @@ from flax import nnx
 
 from hgrn_jax.deprecation import HGRNDeprecationWarning
 from hgrn_jax.nn.attention import SoftmaxAttention
-from hgrn_jax.nn.checks import check_config_values
+from hgrn_jax.nn.checks import check_config_values, check_method
 from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
 from hgrn_jax.nn.hgrn2 import HGRN2, HGRN2D, FlaHGRN2Attention
 from hgrn_jax.nn.hgru import HGRU, HGRU2D
+from hgrn_jax.ops import MATRIX_METHODS, METHODS
 
 KINDS = ("hgrn", "hgrn2", "attention")
 # HGRN official's switches (the paper's ablations). None (their default) is the layer's own
@@ -127,6 +128,10 @@ class MixerConfig:
                 "unset"
             )
         check_options(vars(self))
+        if self.kind != "attention":  # refused now, not when the model is built
+            check_method(
+                self.method, MATRIX_METHODS if self.kind == "hgrn2" else METHODS, "MixerConfig"
+            )
         if self.num_heads is not None and self.kind != "attention":
             raise ValueError(
                 f"mixer.num_heads={self.num_heads} is for kind='attention'; kind={self.kind!r} "

@@ -65,12 +65,21 @@ def broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
 
 
 def resolve_out_dtype(dtype: jnp.dtype, out_dtype: jnp.dtype | None) -> jnp.dtype:
-    """``out_dtype``, or the promoted input ``dtype`` when None.
+    """``out_dtype``, or the promoted input ``dtype`` when None (float32 for integer or bool
+    inputs, whose states are not whole numbers).
 
     Raises ``ValueError`` for a real ``out_dtype`` with complex inputs: casting the states
-    would drop their imaginary parts (silently, by ``astype``).
+    would drop their imaginary parts (silently, by ``astype``); likewise for an integer or bool
+    ``out_dtype``, which would truncate them.
     """
+    if out_dtype is None and not jnp.issubdtype(dtype, jnp.inexact):
+        dtype = accumulation_dtype(dtype)
     out = jnp.dtype(dtype if out_dtype is None else out_dtype)
+    if not jnp.issubdtype(out, jnp.inexact):
+        raise ValueError(
+            f"out_dtype={out} would truncate the states to whole numbers; pass a floating or "
+            "complex out_dtype (e.g. float32) or None"
+        )
     if jnp.issubdtype(dtype, jnp.complexfloating) and not jnp.issubdtype(out, jnp.complexfloating):
         raise ValueError(
             f"out_dtype={out} would drop the imaginary part of the {jnp.dtype(dtype)} states; "

@@ -69,6 +69,7 @@ nothing cancels over long sequences.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Literal, NamedTuple
 
 import jax
@@ -167,9 +168,12 @@ def matrix_recurrence(
         ``ValueError``, as in :func:`~hgrn_jax.ops.linear_recurrence`).
       k: keys ``(..., L, H, K)`` (HGRN2's ``1 - lambda``).
       v: values ``(..., L, H, V)`` (HGRN2's input).
-      log_decay: log forget gates ``(..., L, H, K)``, finite and ``<= 0`` (the chunked form
-        relies on it for its stability; very negative values are fine).
-      h0: initial state ``(..., H, K, V)``; zeros when omitted.
+      log_decay: log forget gates ``(..., L, H, K)``, ``<= 0`` and not nan (the chunked form
+        relies on it for its stability); very negative values and ``-inf`` are fine: below
+        the log of the smallest subnormal (-104 in float32) a decay is 0, as ``exp`` makes it.
+      h0: initial state ``(..., H, K, V)``; zeros when omitted. A complex one, or one wider
+        than the states' accumulation dtype (float64 with float32 inputs), promotes the
+        computation and the outputs to its dtype.
       scale: the constant ``c`` in ``o_t = c * q_t S_t`` (1 for hgru2-pytorch, ``1/sqrt(K)`` for
         fla); a number or a scalar array (differentiable).
       method: ``"sequential"``, ``"chunked"``, ``"pallas"`` (see the module docstring) or
@@ -186,8 +190,13 @@ def matrix_recurrence(
       ``return_last_state``.
     """
     q, k, v, log_decay = (jnp.asarray(t) for t in (q, k, v, log_decay))
+    h0 = None if h0 is None else jnp.asarray(h0)
     state_shape = _check_shapes(q, k, v, log_decay, h0)
     dtype = jnp.result_type(q, k, v, log_decay)
+    if h0 is not None and jnp.promote_types(accumulation_dtype(dtype), h0.dtype) != (
+        accumulation_dtype(dtype)
+    ):  # a complex or wider state is not cast down (a float32 one is the usual, any inputs)
+        dtype = jnp.result_type(dtype, h0)
     out_dtype = resolve_out_dtype(dtype, out_dtype)
     acc = accumulation_dtype(dtype)
     if method == "auto":
@@ -203,6 +212,10 @@ def matrix_recurrence(
     batch_shape = q.shape[:-3]
     length, heads, key_dim = q.shape[-3:]
     value_dim = v.shape[-1]
+    if 0 in batch_shape + (heads, key_dim, value_dim):  # nothing to carry: no rows to reshape
+        o = jnp.zeros(batch_shape + (length, heads, value_dim), out_dtype)
+        last = jnp.zeros(state_shape, acc) if h0 is None else h0.astype(acc)
+        return (o, last) if return_last_state else o
     if chunk_size <= _SUB_CHUNK or length <= _SUB_CHUNK:
         chunk = min(chunk_size, length)
     else:  # a short sequence is one chunk, padded to whole sub-chunks
@@ -425,7 +438,10 @@ def _decays(g: jax.Array) -> _Decays:
     chunk = g.shape[-2]
     sub = min(chunk, _SUB_CHUNK)
     num_sub = chunk // sub
-    b = jnp.cumsum(g, axis=-2)
+    # Below this exp(g) rounds to 0 anyway; bounding g keeps the cumulative sums b finite and
+    # their differences meaningful (a decay of -1e6 left errors of order 1 in b_i - b_j, and
+    # finfo.min summed to -inf, then nan).
+    b = jnp.cumsum(jnp.maximum(g, _exp_underflow(g.dtype)), axis=-2)
     b_sub = _split(b, num_sub)
     ref = jnp.concatenate([jnp.zeros_like(b[..., :1, :]), b[..., sub - 1 : -1 : sub, :]], axis=-2)
     key_pos = jnp.arange(chunk)
@@ -444,6 +460,12 @@ def _decays(g: jax.Array) -> _Decays:
         before=before,
         causal=causal,
     )
+
+
+def _exp_underflow(dtype: jnp.dtype) -> float:
+    """A log value ``x`` with ``exp(x) == 0`` in ``dtype``: below its smallest subnormal's log
+    (-104.3 for float32, -745.1 for float64)."""
+    return math.log(float(jnp.finfo(dtype).smallest_subnormal)) - 1.0
 
 
 def _earlier_keys(y: jax.Array, d: _Decays) -> jax.Array:
