@@ -347,13 +347,17 @@ def stopped_state(events: list[dict[str, Any]]) -> str:
     """Why a run without a live lock stopped, from the last record of its events.jsonl:
     ``stopped at TIME: REASON`` (an error or signal the run saw, a NaN loss included);
     ``stopped (killed, crashed or lost: ...)`` when its last start recorded no stop (SIGKILL, a
-    lost host, the watchdog's exit 3); plain ``stopped`` for runs older than these records."""
+    lost host, the watchdog's exit 3); ``finished at TIME, but its results.json is gone`` (a
+    run ended normally whose results were deleted); plain ``stopped`` for runs older than these
+    records."""
     events = [r for r in events if isinstance(r, dict) and isinstance(r.get("event"), str)]
     if not events:
         return "stopped"
     last = events[-1]
     if last["event"] == "stopped":
         return f"stopped at {last.get('time', '?')}: {last.get('reason', '?')}"
+    if last["event"] == "finished":
+        return f"finished at {last.get('time', '?')}, but its results.json is gone"
     return (
         f"stopped (killed, crashed or lost: the start at {last.get('time', '?')} recorded no "
         "stop; its log says more)"

@@ -535,6 +535,8 @@ def test_a_stopped_run_says_why_when_it_recorded_a_reason(tmp_path, capsys):
     killed = make_unfinished(tmp_path / "killed", "listops", 40)
     add_events(killed, started, {"event": "stopped", "time": "x", "reason": "old"}, started)
     old = make_unfinished(tmp_path / "old", "listops", 40)
+    ended = make_unfinished(tmp_path / "ended", "listops", 40)  # results.json deleted
+    add_events(ended, started, {"event": "finished", "time": "2026-12-01T12:00:00+0000"})
     assert report.main([str(tmp_path), "--png", str(tmp_path / "c.png")]) == 0
     table = section(capsys.readouterr().out, "Runs without results")
     states = {r[0]: r[-1] for r in body_rows(table)}
@@ -543,6 +545,7 @@ def test_a_stopped_run_says_why_when_it_recorded_a_reason(tmp_path, capsys):
         str(killed): "stopped (killed, crashed or lost: the start at 2026-12-01T10:00:00+0000 "
         "recorded no stop; its log says more)",
         str(old): "stopped",
+        str(ended): "finished at 2026-12-01T12:00:00+0000, but its results.json is gone",
     }
     assert [r[3:5] for r in body_rows(table)][0] == ["40 / 5000", "41"]
 

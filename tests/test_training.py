@@ -1514,6 +1514,16 @@ def test_sigterm_and_ctrl_c_then_rerun_give_bitwise_the_uninterrupted_parameters
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["test"] == uninterrupted[1]["test"]
     assert _logged_steps(tmp_path) == _logged_steps(uninterrupted[0])
+    # events.jsonl holds the run's history: each start, each stop with its reason, the end.
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [(e["event"], e.get("reason", "")[:21]) for e in events] == [
+        ("started", ""),
+        ("stopped", "preempted (SIGTERM): "),
+        ("started", ""),
+        ("stopped", "interrupted (SIGINT):"),
+        ("started", ""),
+        ("finished", ""),
+    ]
 
 
 @pytest.mark.slow  # two runs of the toy task through the command line: ~15 s

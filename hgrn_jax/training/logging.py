@@ -6,9 +6,9 @@ Files in the workdir:
   metrics.jsonl   one JSON object per logged train step and per evaluation:
                   {"step", "split": "train" | "val" | "test", "loss", "accuracy" | "perplexity",
                    "lr", "steps_per_sec", ...}
-  events.jsonl    one JSON object per start of the run and per stop by an error or signal
-                  it saw (:meth:`MetricsWriter.event`): {"event": "started" | "stopped",
-                  "time", "reason" (stopped)}
+  events.jsonl    one JSON object per start of the run, per stop by an error or signal it
+                  saw, and per normal end (:meth:`MetricsWriter.event`): {"event": "started"
+                  | "stopped" | "finished", "time", "step" (started), "reason" (stopped)}
   tensorboard/    event files (tag "<split>/<metric>")
   results.json    the final numbers (see :func:`write_results`)
 """
@@ -132,7 +132,7 @@ class MetricsWriter:
         self._tb.flush()
 
     def event(self, event: str, **fields: Any) -> None:
-        """Append a record of ``event`` (``"started"``, ``"stopped"``) at this time to
+        """Append a record of ``event`` (``"started"``, ``"stopped"``, ``"finished"``) to
         ``events.jsonl`` (never rewound: the run's history of starts and stops)."""
         if not self.enabled:
             return

@@ -238,14 +238,17 @@ class Run:
         """Closes the run however its block ends, so that a script or notebook that goes on
         after an error keeps no open file or checkpoint manager of it. After an error, that
         error stays the one raised; a failure to close is added to it as a note."""
+        if self.started:
+            try:
+                if error is None:
+                    self.writer.event("finished")
+                else:
+                    self.writer.event("stopped", reason=stop_reason(error))
+            except OSError:
+                pass  # a full disk: the error says so, or results.json holds the end
         if error is None:
             self.close()
             return
-        if self.started:
-            try:
-                self.writer.event("stopped", reason=stop_reason(error))
-            except OSError:
-                pass  # a full disk: the error itself says so
         try:
             self.close()
         except Exception as also:
