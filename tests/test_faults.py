@@ -503,7 +503,7 @@ def test_a_run_whose_checkpoints_were_deleted_is_not_trained_again_over_its_hist
         _run(_config(), run)
     (run / "results.json").unlink()  # a run stopped before its end: its metrics tell
     kept = _tree_digest(run)
-    with pytest.raises(WorkdirError, match=r"holds metrics logged up to step 12 \(its first"):
+    with pytest.raises(WorkdirError, match=r"up to step 12 \(its second checkpoint is at step 6"):
         _run(_config(resume="force"), run)
     assert _tree_digest(run) == kept
     assert _run(_config(resume="restart"), run)["steps"] == 12
@@ -513,17 +513,18 @@ def test_a_run_whose_checkpoints_were_deleted_is_not_trained_again_over_its_hist
 def test_deleted_checkpoints_are_noticed_when_evaluations_checkpoint_before_checkpoint_every(
     tmp_path,
 ):
-    """The first checkpoint was taken to be at checkpoint_every, but every evaluation saves
-    one too: with checkpoint_every past the last step, a run whose checkpoints were deleted
-    was trained again from step 0 and its metrics.jsonl emptied (a review reproduced it)."""
+    """The checkpoints were taken to be every checkpoint_every steps, but every evaluation
+    saves one too: with checkpoint_every past the last step, a run whose checkpoints were
+    deleted was trained again from step 0 and its metrics.jsonl emptied (a review reproduced
+    it). Metrics past the second save (step 8) prove that the first one had completed."""
     from hgrn_jax.training.workdir import WorkdirError
 
-    config = _config(checkpoint_every=100)  # evaluations (every 6 steps) still checkpoint
+    config = _config(checkpoint_every=100, eval_every=4)  # evaluations still checkpoint
     _run(config, tmp_path)
     shutil.rmtree(tmp_path / "checkpoints")
     (tmp_path / "results.json").unlink()
     kept = _tree_digest(tmp_path)
-    with pytest.raises(WorkdirError, match=r"up to step 12 \(its first checkpoint is at step 6\)"):
+    with pytest.raises(WorkdirError, match=r"up to step 12 \(its second checkpoint is at step 8\)"):
         _run(config, tmp_path)
     assert _tree_digest(tmp_path) == kept
 

@@ -964,28 +964,39 @@ def _last_logged_step(metrics: Path) -> int:
     return last
 
 
-def _first_checkpoint_step(saved: dict[str, Any]) -> int | None:
-    """The step of a run's first periodic checkpoint by its saved config: the loop checkpoints
-    every ``checkpoint_every`` steps and after each evaluation (every ``eval_every``); both
-    default to ``num_train_steps``. None when the config gives no step count."""
-    steps = [
-        value
-        for key in ("checkpoint_every", "eval_every", "num_train_steps")
-        if isinstance(value := saved.get(key), int) and not isinstance(value, bool) and value > 0
-    ]
-    return min(steps) if steps else None
+def _second_checkpoint_step(saved: dict[str, Any]) -> int | None:
+    """The step of a run's second checkpoint by its saved config (None when it saves once, or
+    the config gives no step count). The loop saves after each evaluation (every
+    ``eval_every`` steps, default ``num_train_steps``), every ``checkpoint_every`` steps
+    (default ``eval_every``) and at the last step. Saves run in the background and each waits
+    for the one before, so only a run that logged past its second save had surely completed its
+    first: a kill during that first save leaves metrics up to the second save's step and no
+    checkpoint."""
+
+    def count(key: str) -> int | None:
+        value = saved.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    total = count("num_train_steps")
+    if total is None or total < 1:
+        return None
+    evaluate = max(count("eval_every") or total, 1)
+    save = max(count("checkpoint_every") or evaluate, 1)
+    steps = sorted({m for every in (evaluate, save) for m in (every, 2 * every) if m < total})
+    return (steps + [total])[1] if steps else None
 
 
 def _refuse_history_without_checkpoints(workdir: Path, saved: dict[str, Any]) -> None:
     """Raise :class:`WorkdirError` when ``workdir`` has no checkpoint but a finished run's
-    ``results.json``, or metrics logged past the step of its first checkpoint: its checkpoints
-    were deleted, and a rerun would train from step 0 over its history. (An attempt that
-    stopped before its first checkpoint is rerun as before.)"""
-    first = _first_checkpoint_step(saved)
+    ``results.json``, or metrics logged past the step of its second checkpoint (by then its
+    first had completed, :func:`_second_checkpoint_step`): its checkpoints were deleted, and a
+    rerun would train from step 0 over its history. (An attempt that stopped before it
+    completed a checkpoint is rerun as before.)"""
+    second = _second_checkpoint_step(saved)
     if (workdir / "results.json").exists():
         what = "a finished run's results.json"
-    elif first is not None and (logged := _last_logged_step(workdir / "metrics.jsonl")) > first:
-        what = f"metrics logged up to step {logged} (its first checkpoint is at step {first})"
+    elif second is not None and (logged := _last_logged_step(workdir / "metrics.jsonl")) > second:
+        what = f"metrics logged up to step {logged} (its second checkpoint is at step {second})"
     else:
         return
     raise WorkdirError(
