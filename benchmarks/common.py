@@ -25,6 +25,14 @@ import jax
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS_DIR.parents[1]
+RESULTS_DIR_VARIABLE = "HGRN_BENCH_RESULTS"
+_LOAD_AT_START = os.getloadavg()  # when a benchmark imports this module, before it measures
+
+
+def results_dir() -> Path:
+    """Where :func:`write_results` writes: ``$HGRN_BENCH_RESULTS`` when set (a trial run that
+    must not replace the committed numbers), else ``benchmarks/results/``."""
+    return Path(os.environ.get(RESULTS_DIR_VARIABLE) or RESULTS_DIR)
 
 
 def time_fn(
@@ -140,6 +148,9 @@ def machine_info() -> dict[str, Any]:
         # glibc.malloc.hugetlb=1 changes CPU timings a lot (page faults of fresh arrays).
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        # 1, 5 and 15-minute load averages: on a shared machine, how quiet the run was.
+        "load_average_at_start": [round(x, 2) for x in _LOAD_AT_START],
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -166,10 +177,11 @@ def write_results(
     name: str, rows: list[dict[str, Any]], meta: dict[str, Any] | None = None
 ) -> Path:
     """Write ``{"machine": ..., "meta": meta, "rows": rows}`` to
-    ``benchmarks/results/<name>_<platform>.json`` and return the path."""
+    ``<results_dir()>/<name>_<platform>.json`` and return the path."""
     machine = machine_info()
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}_{machine['platform']}.json"
+    folder = results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}_{machine['platform']}.json"
     payload = {"machine": machine, "meta": meta or {}, "rows": rows}
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return path

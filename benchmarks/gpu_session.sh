@@ -10,6 +10,13 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 log() { echo "=== $(date +%T) $*"; }
 
+# A GPU session on a CPU would run the kernels in Pallas's interpreter and train the 8-minute
+# time-to-accuracy runs on the CPU, and overwrite the *_cpu.json results: stop at once instead.
+if [ "${ALLOW_CPU:-0}" != 1 ] && ! $PY -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')"; then
+  echo "gpu_session.sh: JAX sees no GPU here; run it on a GPU machine (ALLOW_CPU=1 runs it anyway)" >&2
+  exit 2
+fi
+
 log environment
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 # Wheels put in .whl/ (carried; ignored by git): the packages of requirements.txt that the image
@@ -25,7 +32,8 @@ smoke='from flax import nnx; from hgrn_jax.nn import HGRNLM, LMConfig
 HGRNLM(LMConfig(vocab_size=16, features=16, num_layers=1, glu_expand=1), rngs=nnx.Rngs(0))'
 $PY -c "$smoke" || log "our modules cannot be built with these packages (see above)"
 $PY -c "import jax, flax, sys; print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
-$PY -c "import torch, triton, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', getattr(fla, '__version__', '?'))"
+$PY -c "import torch, triton, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', getattr(fla, '__version__', '?'))" 2>/dev/null \
+  || log "torch, triton or fla is not installed: peers_gpu.py times our kernels without fla's"
 
 step() {
   local name=$1 limit=$2; shift 2

@@ -201,6 +201,10 @@ def main() -> None:
                 except RuntimeError as error:
                     print(f"  failed: {error}", flush=True)
                     failed.append(str(error))
+    if not rows:  # no compiler here (the CUDA plugin is missing): keep the committed results
+        sys.exit(
+            f"mosaic_ptx.py: no case compiled ({len(failed)} failed, listed above); wrote nothing"
+        )
     print(format_table(rows, COLUMNS))
     meta = {
         "target": "NVIDIA H200 (sm_90a), deviceless: compiled by ptxas, not run",

@@ -283,12 +283,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds after which no new sweep variant is started",
     )
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
+    parser.add_argument(
+        "--allow-interpret",
+        action="store_true",
+        help="run without a GPU, in Pallas's interpreter (slow; checks only, not timings)",
+    )
     return parser
 
 
 def main() -> None:
     parser = build_parser()
     args = parser.parse_args()
+    if jax.default_backend() != "gpu" and not args.allow_interpret:
+        parser.exit(
+            2,
+            f"pallas_gpu.py: JAX sees no GPU (backend {jax.default_backend()!r}); run it on a GPU, "
+            "or pass --allow-interpret for Pallas's (slow) interpreter\n",
+        )
     started = time.perf_counter()
     print("devices:", jax.devices(), flush=True)
     checks = [

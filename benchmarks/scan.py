@@ -34,7 +34,8 @@ the page-fault cost too; ``machine.glibc_tunables`` in the JSON records it
 
 Also reported: the temporary memory XLA allocates for the forward+backward step
 (``compile().memory_analysis().temp_size_in_bytes``; inputs and outputs excluded). Results go to
-``benchmarks/results/scan_<platform>.json`` (``scan_<kind>_<platform>.json`` when one kind).
+``benchmarks/results/scan_<platform>.json`` (``scan_<kind>_<platform>.json`` when one kind other
+than float32; ``_donated`` follows the kind with ``--donate``, then ``--tag``).
 """
 
 from __future__ import annotations
@@ -426,6 +427,7 @@ def main(argv: list[str] | None = None) -> None:
             load_average_after=os.getloadavg() if hasattr(os, "getloadavg") else None,
         )
         suffix = "" if len(kinds) > 1 or kinds == ["float32"] else f"_{kinds[0]}"
+        suffix += "_donated" if args.donate else ""  # not over the fresh-memory numbers
         path = write_results(f"scan{suffix}{args.tag}", rows, meta)
         print(f"wrote {path}")
 

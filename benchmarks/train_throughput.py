@@ -17,8 +17,9 @@ whose fixed cost weighs on short steps (per opcode in the JSON's ``meta.step_ops
 
 Sizes: the default is a small CPU model (d 128, 2 layers, vocab 1024, L 512-4096); ``--full`` is
 the WikiText-103 model (d 512, 6 layers, vocab 50264, GLU 1024, L 512-16384), meant for a GPU.
-``--task lra``: the LRA Text classifier (1-D bidirectional complex HGRU, BatchNorm, d 128, 4 layers,
-vocabulary 135, 2 classes, mean pooling; batch 8) against a Transformer encoder of the same width
+``--task lra``: the LRA Text classifier (1-D bidirectional complex HGRU, BatchNorm, vocabulary
+135, 2 classes, mean pooling; batch 8; d 32 and 2 layers on CPU, d 128 and 4 layers with
+``--full``) against a Transformer encoder of the same width
 and depth (non-causal attention, LayerNorm, the same GLU, mean pooling); the loss is the
 classification cross-entropy. ``--scan 2d`` (LRA only) gives the classifier the 2-D mixer (four
 scans over a sqrt(L) x sqrt(L) grid, LRA Image / Pathfinder; L must be a square). ``--methods``

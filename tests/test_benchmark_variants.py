@@ -1,9 +1,12 @@
 """benchmarks/train_throughput.py's variant rows: which rows a run makes, and that a variant's
-change is in force while a step is traced and undone afterwards."""
+change is in force while a step is traced and undone afterwards; where results are written."""
 
 from __future__ import annotations
 
 import argparse
+import json
+
+import jax
 
 from benchmarks.train_throughput import TIMED_ON_H200, VARIANTS, row_names, undone
 from hgrn_jax.nn import hgru
@@ -112,3 +115,19 @@ def test_the_h200_variant_undoes_every_change_since_and_is_a_row_of_every_method
     assert hgru.MERGE_DIRECTIONS is None and norms.CLOSED_FORM_BATCH_NORM_GRADIENT is True
     assert active_streaming_options().loads_ahead is True
     assert hgru._HGRUBase.decay is decay
+
+
+def test_results_go_where_hgrn_bench_results_says_with_the_load_averages(tmp_path, monkeypatch):
+    """A trial run of a benchmark replaced the committed numbers in benchmarks/results (only
+    four scripts had --no-write), and most files recorded no load average although the
+    benchmarks README said every one did."""
+    from benchmarks import common
+
+    monkeypatch.setenv(common.RESULTS_DIR_VARIABLE, str(tmp_path / "trial"))
+    path = common.write_results("probe", [{"x": 1.0}], {"what": "a test"})
+    assert path == tmp_path / "trial" / f"probe_{jax.default_backend()}.json"
+    written = json.loads(path.read_text())
+    assert written["rows"] == [{"x": 1.0}] and written["meta"] == {"what": "a test"}
+    for key in ("load_average_at_start", "load_average_at_end"):
+        assert len(written["machine"][key]) == 3 and min(written["machine"][key]) >= 0
+    assert not (common.RESULTS_DIR / path.name).exists()
