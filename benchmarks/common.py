@@ -26,7 +26,14 @@ import jax
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS_DIR.parents[1]
 RESULTS_DIR_VARIABLE = "HGRN_BENCH_RESULTS"
-_LOAD_AT_START = os.getloadavg()  # when a benchmark imports this module, before it measures
+
+
+def _load_averages() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the OS has none: Windows)."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+_LOAD_AT_START = _load_averages()  # when a benchmark imports this module, before it measures
 
 
 def results_dir() -> Path:
@@ -149,8 +156,8 @@ def machine_info() -> dict[str, Any]:
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         # 1, 5 and 15-minute load averages: on a shared machine, how quiet the run was.
-        "load_average_at_start": [round(x, 2) for x in _LOAD_AT_START],
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "load_average_at_start": _LOAD_AT_START,
+        "load_average_at_end": _load_averages(),
     }
 
 

@@ -76,9 +76,10 @@ class MeshSizeError(ValueError):
     to change), so that a caller with its own settings (the runner's ``config.mesh``) can name
     its own fix."""
 
-    def __init__(self, problem: str, fix: str):
+    def __init__(self, problem: str, fix: str, *, needs_more_devices: bool = False):
         super().__init__(f"{problem}; {fix}")
         self.problem, self.fix = problem, fix
+        self.needs_more_devices = needs_more_devices  # than the run has
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +125,7 @@ class MeshConfig:
             raise MeshSizeError(
                 f"{needs} but this run has {devices}",
                 f"choose axis sizes whose product divides {num_devices}{simulate}",
+                needs_more_devices=known > num_devices,
             )
         if rest:
             sizes = tuple(num_devices // known if s == -1 else s for s in sizes)
@@ -133,6 +135,7 @@ class MeshConfig:
                 "set one axis to -1 to use the rest"
                 + (f", or pass {known} of them as devices=" if known < num_devices else "")
                 + simulate,
+                needs_more_devices=known > num_devices,
             )
         return sizes  # type: ignore[return-value]
 

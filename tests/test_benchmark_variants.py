@@ -130,4 +130,3 @@ def test_results_go_where_hgrn_bench_results_says_with_the_load_averages(tmp_pat
     assert written["rows"] == [{"x": 1.0}] and written["meta"] == {"what": "a test"}
     for key in ("load_average_at_start", "load_average_at_end"):
         assert len(written["machine"][key]) == 3 and min(written["machine"][key]) >= 0
-    assert not (common.RESULTS_DIR / path.name).exists()

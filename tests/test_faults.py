@@ -503,7 +503,7 @@ def test_a_run_whose_checkpoints_were_deleted_is_not_trained_again_over_its_hist
         _run(_config(), run)
     (run / "results.json").unlink()  # a run stopped before its end: its metrics tell
     kept = _tree_digest(run)
-    with pytest.raises(WorkdirError, match=r"up to step 12 \(its second checkpoint is at step 6"):
+    with pytest.raises(WorkdirError, match=r"up to step 12 \(its first checkpoint is at step 3\)"):
         _run(_config(resume="force"), run)
     assert _tree_digest(run) == kept
     assert _run(_config(resume="restart"), run)["steps"] == 12
@@ -524,9 +524,27 @@ def test_deleted_checkpoints_are_noticed_when_evaluations_checkpoint_before_chec
     shutil.rmtree(tmp_path / "checkpoints")
     (tmp_path / "results.json").unlink()
     kept = _tree_digest(tmp_path)
-    with pytest.raises(WorkdirError, match=r"up to step 12 \(its second checkpoint is at step 8\)"):
+    with pytest.raises(WorkdirError, match=r"up to step 12 \(its first checkpoint is at step 4\)"):
         _run(config, tmp_path)
     assert _tree_digest(tmp_path) == kept
+
+
+def test_a_run_killed_during_its_first_save_is_not_taken_for_deleted_checkpoints(tmp_path):
+    """Saves run in the background, each waiting for the one before: a run killed during its
+    first save (checkpoints/ holds Orbax's temporary folder) has logged up to its second. That
+    resume was refused as a run whose checkpoints were deleted (test_kill_resume hit it);
+    without a checkpoints/ folder at all, metrics past the first save still refuse."""
+    from hgrn_jax.training.workdir import WorkdirError, _refuse_history_without_checkpoints
+
+    saved = {"num_train_steps": 12, "checkpoint_every": 1, "eval_every": 4}
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "split": "train", "loss": 1.0}) + "\n" for s in (1, 2))
+    )
+    (tmp_path / "checkpoints" / "1.orbax-checkpoint-tmp-17").mkdir(parents=True)
+    _refuse_history_without_checkpoints(tmp_path, saved)
+    shutil.rmtree(tmp_path / "checkpoints")
+    with pytest.raises(WorkdirError, match=r"up to step 2 \(its first checkpoint is at step 1\)"):
+        _refuse_history_without_checkpoints(tmp_path, saved)
 
 
 def test_a_checkpoint_past_fewer_steps_of_an_unfinished_run_is_refused(copy_of_finished):

@@ -550,6 +550,24 @@ def test_a_stopped_run_says_why_when_it_recorded_a_reason(tmp_path, capsys):
     assert [r[3:5] for r in body_rows(table)][0] == ["40 / 5000", "41"]
 
 
+def test_an_event_after_a_line_cut_short_by_a_kill_gets_its_own_line(tmp_path):
+    """events.jsonl is never rewound: a record appended to a line a kill cut short was glued
+    to it and lost, and the report named the older start."""
+    from experiments import runs
+    from hgrn_jax.training.logging import MetricsWriter
+
+    (tmp_path / "events.jsonl").write_text('{"event": "started", "time": "t1"}\n{"event": "sto')
+    writer = MetricsWriter(tmp_path, enabled=True)
+    writer.event("started", step=3)
+    writer.close()
+    lines = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert lines[1] == '{"event": "sto' and json.loads(lines[2])["step"] == 3
+    records = [json.loads(line) for line in lines if line.endswith("}")]
+    assert runs.stopped_state(records).startswith(
+        f"stopped (killed, crashed or lost: the start at {records[-1]['time']} recorded"
+    )
+
+
 def test_a_suspended_run_is_reported_as_such(tmp_path, capsys):
     """A run stopped by Ctrl-Z was "running" (its pid is alive), or "stopped" once its lock had
     not been refreshed for 20 s (judged a reused pid). A lock of this machine records its

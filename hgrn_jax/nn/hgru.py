@@ -473,6 +473,7 @@ class HGRU2D(_HGRUBase):
         separate_phases: bool = True,
         **kwargs,
     ):
+        check_flags(type(self).__name__, causal=causal, separate_phases=separate_phases)
         num_phases = 2 if not causal and separate_phases else 1
         own = ("causal", "separate_phases")
         check_keywords(kwargs, _HGRUBase.__init__, type(self).__name__, own=own, fixed=FIXED)

@@ -91,7 +91,7 @@ def check_mesh_and_batches(
     except sharding.MeshSizeError as error:
         simulate = (
             "; on CPUs, HGRN_NUM_CPU_DEVICES=N before the command simulates N devices"
-            if jax.default_backend() == "cpu"
+            if jax.default_backend() == "cpu" and error.needs_more_devices
             else ""
         )
         raise ValueError(

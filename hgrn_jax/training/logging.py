@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -137,8 +138,14 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
-        with open(self.workdir / EVENTS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        path = self.workdir / EVENTS_FILE
+        with open(path, "ab+") as f:
+            f.seek(0, os.SEEK_END)
+            cut_short = f.tell() > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n"
+            # A record cut short by a kill keeps its own line, so this one stays readable.
+            f.write(
+                (b"\n" if cut_short else b"") + json.dumps(record, sort_keys=True).encode() + b"\n"
+            )
 
     def close(self) -> None:
         if self.enabled:

@@ -109,7 +109,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def stop_reason(error: BaseException, limit: int = 400) -> str:
-    """What stopped a run, in one line for its ``metrics.jsonl`` (``experiments.report`` shows
+    """What stopped a run, in one line for its ``events.jsonl`` (``experiments.report`` shows
     it): ``Type: first line of the message``, cut at ``limit`` characters."""
     if isinstance(error, KeyboardInterrupt):
         return "interrupted (SIGINT) at once"

@@ -200,16 +200,16 @@ def check_checkpoints_writable(workdir: str | Path) -> None:
     words) when a run's existing ``workdir/checkpoints`` folder cannot take a new checkpoint:
     a folder owned by another user or on a read-only mount was found only at the first save,
     after ``checkpoint_every`` steps of training were lost. Makes and removes one empty folder,
-    ``.write-check-<pid>``, beside the step folders (Orbax lists only numbered ones)."""
+    ``.write-check-<pid>-<random>``, beside the step folders (Orbax lists only numbered ones;
+    a unique name, since ``mkdir`` of an existing one says "File exists" before it checks the
+    permissions)."""
     folder = Path(workdir) / "checkpoints"
     if not folder.is_dir():
         return  # made by the first save, in the workdir the lock was just written to
-    probe = folder / f".write-check-{os.getpid()}"
+    probe = folder / f".write-check-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         probe.mkdir()
         probe.rmdir()
-    except FileExistsError:
-        return  # left by a killed run of this pid number: the folder takes new entries
     except OSError as error:
         if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise WorkdirNotWritableError(
@@ -964,14 +964,11 @@ def _last_logged_step(metrics: Path) -> int:
     return last
 
 
-def _second_checkpoint_step(saved: dict[str, Any]) -> int | None:
-    """The step of a run's second checkpoint by its saved config (None when it saves once, or
-    the config gives no step count). The loop saves after each evaluation (every
-    ``eval_every`` steps, default ``num_train_steps``), every ``checkpoint_every`` steps
-    (default ``eval_every``) and at the last step. Saves run in the background and each waits
-    for the one before, so only a run that logged past its second save had surely completed its
-    first: a kill during that first save leaves metrics up to the second save's step and no
-    checkpoint."""
+def _first_two_saves(saved: dict[str, Any]) -> list[int]:
+    """The steps of a run's first two checkpoints by its saved config (fewer when it saves
+    fewer times; none when the config gives no step count). The loop saves after each
+    evaluation (every ``eval_every`` steps, default ``num_train_steps``), every
+    ``checkpoint_every`` steps (default ``eval_every``) and at the last step."""
 
     def count(key: str) -> int | None:
         value = saved.get(key)
@@ -979,24 +976,30 @@ def _second_checkpoint_step(saved: dict[str, Any]) -> int | None:
 
     total = count("num_train_steps")
     if total is None or total < 1:
-        return None
+        return []
     evaluate = max(count("eval_every") or total, 1)
     save = max(count("checkpoint_every") or evaluate, 1)
-    steps = sorted({m for every in (evaluate, save) for m in (every, 2 * every) if m < total})
-    return (steps + [total])[1] if steps else None
+    steps = {m for every in (evaluate, save) for m in (every, 2 * every) if m < total}
+    return sorted(steps | {total})[:2]
 
 
 def _refuse_history_without_checkpoints(workdir: Path, saved: dict[str, Any]) -> None:
     """Raise :class:`WorkdirError` when ``workdir`` has no checkpoint but a finished run's
-    ``results.json``, or metrics logged past the step of its second checkpoint (by then its
-    first had completed, :func:`_second_checkpoint_step`): its checkpoints were deleted, and a
-    rerun would train from step 0 over its history. (An attempt that stopped before it
-    completed a checkpoint is rerun as before.)"""
-    second = _second_checkpoint_step(saved)
+    ``results.json``, or metrics logged past a save that must have completed: its checkpoints
+    were deleted, and a rerun would train from step 0 over its history. (An attempt that
+    stopped before it completed a checkpoint is rerun as before.)
+
+    Which save: without a ``checkpoints/`` folder (the run makes it as it starts, so it was
+    deleted), the first. With one, the second: saves run in the background, each waiting for
+    the one before, so a run killed during its first save has logged up to its second."""
+    saves = _first_two_saves(saved)
+    if (workdir / "checkpoints").is_dir():
+        saves = saves[1:]
     if (workdir / "results.json").exists():
         what = "a finished run's results.json"
-    elif second is not None and (logged := _last_logged_step(workdir / "metrics.jsonl")) > second:
-        what = f"metrics logged up to step {logged} (its second checkpoint is at step {second})"
+    elif saves and (logged := _last_logged_step(workdir / "metrics.jsonl")) > saves[0]:
+        which = "second" if (workdir / "checkpoints").is_dir() else "first"
+        what = f"metrics logged up to step {logged} (its {which} checkpoint is at step {saves[0]})"
     else:
         return
     raise WorkdirError(
