@@ -193,10 +193,9 @@ def matrix_recurrence(
     h0 = None if h0 is None else jnp.asarray(h0)
     state_shape = _check_shapes(q, k, v, log_decay, h0)
     dtype = jnp.result_type(q, k, v, log_decay)
-    if h0 is not None and jnp.promote_types(accumulation_dtype(dtype), h0.dtype) != (
-        accumulation_dtype(dtype)
-    ):  # a complex or wider state is not cast down (a float32 one is the usual, any inputs)
-        dtype = jnp.result_type(dtype, h0)
+    inputs_acc = accumulation_dtype(dtype)
+    if h0 is not None and jnp.promote_types(inputs_acc, h0.dtype) != inputs_acc:
+        dtype = jnp.result_type(dtype, h0)  # a complex or wider state is not cast down
     out_dtype = resolve_out_dtype(dtype, out_dtype)
     acc = accumulation_dtype(dtype)
     if method == "auto":

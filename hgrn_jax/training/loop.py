@@ -366,9 +366,12 @@ class Run:
                 if has_checkpoint(self.workdir)
                 else "no checkpoint was saved before it"
             )
-            fixes = "Lower optimizer.learning_rate or enable optimizer.grad_clip_norm"
-            if getattr(self.config, "dtype", "float32") != "float32":
-                fixes = fixes.replace(" or ", ", ") + ", or use dtype='float32'"
+            fixes = (
+                "Lower optimizer.learning_rate or enable optimizer.grad_clip_norm"
+                if getattr(self.config, "dtype", "float32") == "float32"
+                else "Lower optimizer.learning_rate, enable optimizer.grad_clip_norm, or use "
+                "dtype='float32'"
+            )
             raise NonFiniteLossError(
                 f"the training loss or gradient became NaN/inf at step {bad}; stopping ({kept}). "
                 + fixes

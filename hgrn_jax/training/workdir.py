@@ -992,13 +992,12 @@ def _refuse_history_without_checkpoints(workdir: Path, saved: dict[str, Any]) ->
     Which save: without a ``checkpoints/`` folder (the run makes it as it starts, so it was
     deleted), the first. With one, the second: saves run in the background, each waiting for
     the one before, so a run killed during its first save has logged up to its second."""
-    saves = _first_two_saves(saved)
+    saves, which = _first_two_saves(saved), "first"
     if (workdir / "checkpoints").is_dir():
-        saves = saves[1:]
+        saves, which = saves[1:], "second"
     if (workdir / "results.json").exists():
         what = "a finished run's results.json"
     elif saves and (logged := _last_logged_step(workdir / "metrics.jsonl")) > saves[0]:
-        which = "second" if (workdir / "checkpoints").is_dir() else "first"
         what = f"metrics logged up to step {logged} (its {which} checkpoint is at step {saves[0]})"
     else:
         return
