@@ -702,9 +702,11 @@ def from_hgru2_pytorch(
 def _fla_hgrn2_heads(config: Mapping[str, Any], d: int, what: str) -> int:
     """fla's key width K: ``expand_ratio`` when not None (it wins), else ``d // num_heads``.
 
-    No parameter shape reveals K (``q_proj`` and ``f_proj`` are (d, d) whenever K divides d),
-    so ``expand_ratio`` must be given rather than left at fla's default of 128, and a
-    ``num_heads`` other than ``d // K`` (a saved config holds both) is refused."""
+    fla builds H = d // K heads of value width d // H, so K need not divide d (d = 96, K = 64
+    is one head), but H must. No parameter shape reveals K (``q_proj`` and ``f_proj`` are
+    (d, d) whenever K divides d), so ``expand_ratio`` must be given rather than left at fla's
+    default of 128, and a ``num_heads`` other than ``d // K`` (a saved config holds both) is
+    refused."""
     if "expand_ratio" not in config:
         raise ConversionError(
             f"{what}: needs 'expand_ratio' (the key width of a head; fla's default is 128, None "
@@ -716,12 +718,19 @@ def _fla_hgrn2_heads(config: Mapping[str, Any], d: int, what: str) -> int:
     if expand_ratio is None:
         if heads is None or heads < 1:
             raise ConversionError(f"{what}: one of expand_ratio or num_heads must be given")
+        if d % heads:
+            raise ConversionError(
+                f"{what}: num_heads={heads} does not split hidden_size={d}: give the fla "
+                "model's num_heads"
+            )
         expand_ratio = d // heads
     expand_ratio = _integer(expand_ratio, "expand_ratio", what)
-    if expand_ratio < 1 or d % expand_ratio:
+    heads_of_width = d // expand_ratio if expand_ratio >= 1 else 0
+    if heads_of_width < 1 or d % heads_of_width:
         raise ConversionError(
-            f"{what}: hidden_size={d} is not a multiple of "
-            f"expand_ratio={expand_ratio} (the key width of a head)"
+            f"{what}: expand_ratio={expand_ratio} (the key width of a head) gives "
+            f"hidden_size // expand_ratio = {heads_of_width} heads, which do not split "
+            f"hidden_size={d}: give the fla model's expand_ratio"
         )
     if heads is not None and heads != d // expand_ratio:
         raise ConversionError(

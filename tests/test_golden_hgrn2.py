@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from golden_helpers import FLA_LM_F64, check_fla_lm, check_fla_mixer, to_batch_major, to_time_major
 
 from hgrn_jax import convert
-from hgrn_jax.nn import HGRN2, HGRN2D
+from hgrn_jax.nn import HGRN2, HGRN2D, FlaHGRN2Attention
 
 
 def _fla_layout(state) -> np.ndarray:
@@ -122,9 +123,19 @@ def test_fla_hgrn2_converter_errors(golden):
         convert.from_fla_hgrn2_attention(
             ctor, dict(params, **{"g_proj.weight": params["q_proj.weight"]})
         )
-    # A different head split changes q_proj / f_proj widths only when H * K != d; K must divide d.
-    with pytest.raises(convert.ConversionError, match="not a multiple of expand_ratio"):
-        convert.from_fla_hgrn2_attention(dict(ctor, expand_ratio=ctor["hidden_size"] + 1), params)
+    # A different head split changes q_proj / f_proj widths only when H * K != d; the
+    # H = d // K heads must split d.
+    d = ctor["hidden_size"]
+    with pytest.raises(
+        convert.ConversionError,
+        match=rf"^HGRN2Attention: expand_ratio={d + 1} \(the key width of a head\) gives "
+        rf"hidden_size // expand_ratio = 0 heads, which do not split hidden_size={d}",
+    ):
+        convert.from_fla_hgrn2_attention(dict(ctor, expand_ratio=d + 1), params)
+    with pytest.raises(
+        convert.ConversionError, match=r"^HGRN2Attention: num_heads=5 does not split hidden_size="
+    ):
+        convert.from_fla_hgrn2_attention(dict(ctor, expand_ratio=None, num_heads=5), params)
 
     lm_case = golden("fla_hgrn2_lm")
     lm_ctor, lm_params = lm_case.meta["constructor"]["HGRN2Config"], dict(lm_case.params)
@@ -191,3 +202,23 @@ def test_fla_hgrn2_converters_refuse_unknown_keywords(golden):
         match=r"^HGRN2Config: unknown config key\(s\) 'num_head'; did you mean 'num_heads'\?",
     ):
         convert.fla_hgrn2_lm_config(kwargs)
+
+
+def test_fla_hgrn2_key_width_need_not_divide_the_width():
+    """fla builds H = d // K heads of value width d // H, so d = 96 with K = 64 is one head of
+    key width 64 and value width 96 (q_proj and f_proj (64, 96)). The converter refused it
+    (it asked K to divide d) although fla and our layer both build it; it now loads it, and the
+    loaded layer is our layer exactly."""
+    d, k = 96, 64
+    ours = FlaHGRN2Attention(d, expand_ratio=k, rngs=nnx.Rngs(3))
+    assert (ours.num_heads, ours.key_dim, ours.value_dim) == (1, k, d)
+    torch_names = {"q_proj": ours.q_proj, "f_proj": ours.f_proj, "i_proj": ours.i_proj}
+    torch_names["o_proj"] = ours.o_proj
+    state = {f"{n}.weight": np.asarray(m.kernel[...]).T for n, m in torch_names.items()}
+    state["g_norm.weight"] = np.asarray(ours.g_norm.scale[...])
+    loaded = convert.from_fla_hgrn2_attention(
+        {"hidden_size": d, "expand_ratio": k, "layer_idx": 1}, state
+    )
+    assert (loaded.num_heads, loaded.key_dim, loaded.value_dim) == (1, k, d)
+    x = jax.random.normal(jax.random.key(0), (2, 9, d))
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(ours(x)))
