@@ -1253,6 +1253,47 @@ def test_preemption_message_says_how_to_resume_a_run_started_with_restart(tmp_pa
     assert not list(tmp_path.glob("previous-*"))
 
 
+def _train_records(workdir: Path) -> list[dict]:
+    """The train records of ``workdir``'s metrics.jsonl without their timings."""
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    timings = ("steps_per_sec", "wall_time_s")
+    return [
+        {k: v for k, v in r.items() if k not in timings} for r in records if r["split"] == "train"
+    ]
+
+
+def test_a_train_record_after_a_resume_averages_the_steps_before_the_stop(tmp_path, monkeypatch):
+    """A record averages the steps since the one before (log_every=2: steps 3 and 4 for the
+    record at 4). A run preempted at step 3 resumed with step 3 forgotten: its record at 4 was
+    step 4's loss and accuracy alone. The checkpoint now keeps the window (step 3's float32
+    loss and counts), and every train record equals the uninterrupted run's, bit for bit."""
+    from hgrn_jax.training import preemption
+
+    config = toy_config()
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    train_and_evaluate(config, reference, task=ToyTask(config))
+    real = preemption.stop_requests
+    monkeypatch.setattr(preemption, "stop_requests", lambda done, p, o: real(done, done == 3, o))
+    with pytest.raises(preemption.Preempted, match="saved a checkpoint at step 3"):
+        train_and_evaluate(config, run, task=ToyTask(config))
+    meta = json.loads((run / "checkpoints" / "3" / "meta" / "metadata").read_text())
+    assert [sorted(m) for m in meta["train_window"]["steps"]] == [["correct", "loss", "weight"]]
+    monkeypatch.setattr(preemption, "stop_requests", real)
+    train_and_evaluate(config, run, task=ToyTask(config))
+    expected = _train_records(reference)
+    assert [r["step"] for r in expected] == [2, 4, 6, 8, 10, 12]
+    assert _train_records(run) == expected
+
+
+def test_a_malformed_train_window_in_a_checkpoint_is_named():
+    from hgrn_jax.training.integrity import CheckpointError
+    from hgrn_jax.training.train_window import TrainWindow
+
+    assert TrainWindow.from_meta({"step": 3}, "ckpt/3").steps == []
+    with pytest.raises(CheckpointError, match=r"^ckpt/3: its meta's 'train_window' is malformed"):
+        TrainWindow.from_meta({"train_window": {"steps": [{"loss": 1.0}]}}, "ckpt/3")
+
+
 def test_training_wall_time_starts_once_the_input_is_open(tmp_path, monkeypatch):
     """Opening the data (tokenising a set afresh, or reading one an earlier run prepared) is
     not training time: a 1000 s open leaves the budget and the records' wall times alone."""
@@ -1306,8 +1347,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, unin
     _assert_same_final_params(run, reference)
     assert results["test"] == reference_results["test"]
     assert results["best_val"] == reference_results["best_val"]
-    # Records of the lost steps were replaced, not duplicated.
+    # Records of the lost steps were replaced, not duplicated; the record at 10 averages steps
+    # 9 (kept in checkpoint 9) and 10, as the reference's does.
     assert _logged_steps(run) == _logged_steps(reference)
+    assert _train_records(run) == _train_records(reference)
 
 
 def test_a_float16_run_checkpoints_its_loss_scale_and_resumes_to_the_same_parameters(tmp_path):

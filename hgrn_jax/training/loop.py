@@ -86,6 +86,7 @@ from hgrn_jax.training.task_choice import (
     quoted_paper_number,
     resolve_task,
 )
+from hgrn_jax.training.train_window import TrainWindow
 from hgrn_jax.training.workdir import (
     ConfigChangedError,
     ConfigChangeWarning,
@@ -599,6 +600,7 @@ def _train_validate_and_test(
         release_buffers(run.state)  # the fresh initial state is not needed: free its memory
         input_state = run.checkpoints.input_state(int(meta["step"]))
     start = int(meta["step"])
+    window = TrainWindow.from_meta(meta, str(run.checkpoints.step_folder(start)))
     if start > total_steps and not (workdir / "results.json").exists():
         # (A finished run rerun with fewer steps trains nothing and is tested again.)
         raise ConfigChangedError(
@@ -649,11 +651,10 @@ def _train_validate_and_test(
 
     def save(state: TrainState, done: int, metrics: dict | None = None) -> None:
         nonlocal saved_wall
-        meta = bookkeeping(done)
+        meta = bookkeeping(done) | window.to_meta()
         run.save(state, meta, metrics, batches.get_state())
         saved_wall = meta["wall_time_s"]
 
-    pending: list[dict] = []
     t_log, steps_since_log = time.time(), 0
     done = start
     # A run that already spent its time budget (resumed after stopping on it) trains no more;
@@ -679,7 +680,7 @@ def _train_validate_and_test(
                 state, metrics = run.train_step(state, batch)
                 guard.beat(step + 1)
                 run.checkpoints.record_finished()
-                pending.append(metrics)
+                window.add(metrics)
                 done, steps_since_log = step + 1, steps_since_log + 1
                 preempted, out_of_time = preemption.stop_requests(
                     done, stop_signals.requested, budget > 0 and wall_time() >= budget
@@ -688,25 +689,12 @@ def _train_validate_and_test(
 
                 if done % log_every == 0 or last:
                     run.check_finite(state)
-                    host = jax.device_get(pending)
-                    rate = steps_since_log / max(time.time() - t_log, 1e-9)
-                    record = {
-                        "loss": float(np.mean([m["loss"] for m in host])),
-                        "lr": float(host[-1]["lr"]),
-                        "grad_norm": float(host[-1]["grad_norm"]),
-                        "steps_per_sec": rate,
-                        "wall_time_s": wall_time(),
-                    }
-                    if "loss_scale" in host[-1]:
-                        record["loss_scale"] = float(host[-1]["loss_scale"])
-                    if run.metric == "accuracy" and "correct" in host[-1]:
-                        weight = sum(float(m["weight"]) for m in host)
-                        record["accuracy"] = (
-                            100.0 * sum(float(m["correct"]) for m in host) / max(weight, 1e-9)
-                        )
+                    record = window.record(with_accuracy=run.metric == "accuracy")
+                    record["steps_per_sec"] = steps_since_log / max(time.time() - t_log, 1e-9)
+                    record["wall_time_s"] = wall_time()
                     run.writer.write(done, "train", record)
                     bar.update(steps_since_log, loss=record["loss"], lr=record["lr"])
-                    pending, t_log, steps_since_log = [], time.time(), 0
+                    t_log, steps_since_log = time.time(), 0
 
                 if done % eval_every == 0 or last:
                     run.check_finite(state)
