@@ -14,11 +14,11 @@ from hgrn_jax.training.workdir import (
     LOCK_NAME,
     RUN_FILES,
     checkpoint_steps,
-    config_copy,
     is_run_config,
     lock_refresh_age,
     lock_state,
     mixer_kind,
+    readable_run_config,
 )
 
 
@@ -152,24 +152,19 @@ def _config_of(run_dir: Path) -> tuple[Path, Any]:
     stderr). A run with neither raises BrokenRunError: its model cannot be told (it used to
     be reported as HGRN's, beside HGRN's paper number)."""
     config_path = run_dir / "config.json"
-    problem = "not found"
-    if config_path.is_file():
-        try:
-            return config_path, json.loads(config_path.read_text())
-        except json.JSONDecodeError as error:
-            problem = f"is not valid JSON ({error})"
-    copy = config_copy(run_dir)
-    if copy is None:
+    source, config, problem = readable_run_config(run_dir)
+    if config is None:
         raise BrokenRunError(
             f"{config_path} {problem} and no checkpoint holds a copy of the run's config, so "
             "its model cannot be told; put back the config.json the run wrote",
             config_path,
         )
-    print(
-        f"warning: {config_path} {problem}; using the copy of the run's config in {copy[0]}",
-        file=sys.stderr,
-    )
-    return copy
+    if problem:
+        print(
+            f"warning: {config_path} {problem}; using the copy of the run's config in {source}",
+            file=sys.stderr,
+        )
+    return source, config
 
 
 def _read_results(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -506,6 +506,16 @@ def test_a_run_whose_checkpoints_were_deleted_is_not_trained_again_over_its_hist
     with pytest.raises(WorkdirError, match=r"up to step 12 \(its first checkpoint is at step 3\)"):
         _run(_config(resume="force"), run)
     assert _tree_digest(run) == kept
+    # A damaged line among the metrics that tell is named; it used to be skipped there (and
+    # the last logged step taken from the others).
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    damaged = _tree_digest(run)
+    with pytest.raises(ValueError, match=rf"^{metrics}:2 is not a JSON record"):
+        _run(_config(), run)
+    assert _tree_digest(run) == damaged
+    metrics.write_text("\n".join(lines) + "\n")
     assert _run(_config(resume="restart"), run)["steps"] == 12
     assert _tree_digest(next(run.glob("previous-*"))) == kept
 

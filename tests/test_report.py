@@ -736,6 +736,10 @@ def test_a_run_without_its_config_json_is_read_from_its_checkpoint_s_copy_or_lef
     (hgrn2 / "config.json").rename(copy / "metadata")
     lost = make_run(tmp_path / "runs" / "lost", "listops", 20.0, mixer="attention")
     (lost / "config.json").unlink()
+    # Not UTF-8 (a disk error, another program's file): the report named no file ("'utf-8'
+    # codec can't decode byte 0xff") and stopped with status 2.
+    binary = make_run(tmp_path / "runs" / "binary", "listops", 21.0, mixer="attention")
+    (binary / "config.json").write_bytes(b"\xff\xfe{")
     assert report.main([str(tmp_path / "runs")]) == 0
     captured = capsys.readouterr()
     (row_hgrn2,) = row(section(captured.out, HGRN2_LRA), "ListOps")
@@ -746,6 +750,9 @@ def test_a_run_without_its_config_json_is_read_from_its_checkpoint_s_copy_or_lef
     assert (
         f"warning: skipping {lost}: {lost / 'config.json'} not found and no checkpoint holds a "
         "copy of the run's config, so its model cannot be told" in captured.err
+    )
+    assert f"warning: skipping {binary}: {binary / 'config.json'} is not valid JSON (" in (
+        captured.err
     )
 
 

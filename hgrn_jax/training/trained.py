@@ -28,7 +28,7 @@ from hgrn_jax.training.state import (
     merge_model,
     split_model,
 )
-from hgrn_jax.training.workdir import checkpoint_steps, config_copy, is_run_config
+from hgrn_jax.training.workdir import checkpoint_steps, readable_run_config
 
 CHECKPOINT_CHOICES = ("best", "latest")
 
@@ -178,25 +178,16 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
     """The run's ``config.json`` as a ConfigDict; FileNotFoundError when ``workdir`` is not a
     run folder, ValueError when the file holds no config."""
     path = Path(workdir) / "config.json"
-    saved, problem = None, "not found"
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as error:
-            problem = f"is not valid JSON ({error})"
-        if saved is not None and not is_run_config(saved):
-            saved, problem = None, "holds no run config (a JSON object with task and model)"
+    source, saved, problem = readable_run_config(workdir)
     if saved is not None:
+        if problem:
+            warnings.warn(
+                f"{path} {problem}; using the copy of the run's config in {source} (running "
+                "the run's training command again rebuilds config.json from it)",
+                RuntimeWarning,
+                stacklevel=3,  # the caller of load_trained_model
+            )
         return ml_collections.ConfigDict(saved)
-    copy = config_copy(workdir)
-    if copy is not None:
-        warnings.warn(
-            f"{path} {problem}; using the copy of the run's config in {copy[0]} (running "
-            "the run's training command again rebuilds config.json from it)",
-            RuntimeWarning,
-            stacklevel=3,  # the caller of load_trained_model
-        )
-        return ml_collections.ConfigDict(copy[1])
     if problem == "not found":
         raise FileNotFoundError(
             f"{path} not found: {workdir} is not a run folder; pass the --workdir of an "

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from hgrn_jax.data.loader import TENSORSTORE_OS_ERROR, file_in_the_way
-from hgrn_jax.training.logging import EVENTS_FILE, jsonable, write_json
+from hgrn_jax.training.logging import EVENTS_FILE, jsonable, read_metric_lines, write_json
 
 LOCK_NAME = "run.lock"
 LOCK_HEARTBEAT_S = 5.0
@@ -808,6 +808,32 @@ def config_copy(workdir: str | Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
+def readable_run_config(workdir: str | Path) -> tuple[Path, dict[str, Any] | None, str]:
+    """``(file, config, problem)`` for readers that change nothing (a trained model's loader,
+    the report): ``config.json``'s run config, with ``problem`` ""; where that file is missing,
+    unreadable, not JSON or not a run's config, the copy in the newest checkpoint holding one
+    (:func:`config_copy`; ``file`` is the copy's), with ``problem`` saying what is wrong with
+    ``config.json`` (``"not found"``, ``"is not valid JSON (...)"``, ...); ``(config.json,
+    None, problem)`` when there is neither."""
+    path = Path(workdir) / "config.json"
+    problem = "not found"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as error:
+            problem = f"cannot be read ({error})"
+        except ValueError as error:
+            problem = f"is not valid JSON ({error})"
+        else:
+            if is_run_config(saved):
+                return path, saved, ""
+            problem = "holds no run config (a JSON object with task and model)"
+    copy = config_copy(workdir)
+    if copy is None:
+        return path, None, problem
+    return copy[0], copy[1], problem
+
+
 def _rebuild_config(workdir: Path, copy: tuple[Path, dict[str, Any]]) -> str:
     """Write ``config.json`` from a checkpoint's ``copy`` (:func:`config_copy`), moving a
     ``config.json`` that is there aside first (never over another file). Returns where it was
@@ -948,20 +974,12 @@ first attempt with another config file changes dozens of keys)."""
 
 
 def _last_logged_step(metrics: Path) -> int:
-    """The largest ``step`` in a ``metrics.jsonl`` (0 without one; unreadable lines skipped)."""
-    last = 0
-    try:
-        lines = metrics.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
+    """The largest ``step`` in a ``metrics.jsonl`` (0 without one); a damaged line raises
+    ValueError naming it (:func:`~hgrn_jax.training.logging.read_metric_lines`)."""
+    if not metrics.is_file():
         return 0
-    for line in lines:
-        try:
-            step = json.loads(line).get("step", 0)
-        except (ValueError, AttributeError):
-            continue
-        if isinstance(step, int):
-            last = max(last, step)
-    return last
+    steps = (record.get("step") for record, _ in read_metric_lines(metrics))
+    return max((s for s in steps if isinstance(s, int) and not isinstance(s, bool)), default=0)
 
 
 def _first_two_saves(saved: dict[str, Any]) -> list[int]:
