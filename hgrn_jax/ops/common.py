@@ -89,6 +89,13 @@ def resolve_out_dtype(dtype: jnp.dtype, out_dtype: jnp.dtype | None) -> jnp.dtyp
     return out
 
 
+def last_state_dtype(dtype: jnp.dtype, out_dtype: jnp.dtype) -> jnp.dtype:
+    """The dtype of a returned last state: the accumulation dtype of the inputs' ``dtype``, or
+    ``out_dtype`` where that is wider (a bfloat16 chain's state stays float32, so that decoding
+    continues it without a rounding at every call)."""
+    return jnp.promote_types(accumulation_dtype(dtype), out_dtype)
+
+
 def state_shape(x: jax.Array, axis: int = -2) -> tuple[int, ...]:
     """The shape of one state of ``x``: its shape without the time ``axis`` (``(..., C)`` for
     ``x`` ``(..., L, C)``)."""

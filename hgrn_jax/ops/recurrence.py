@@ -32,6 +32,7 @@ from hgrn_jax.ops.common import (
     accumulation_dtype,
     chain_carries,
     check_inputs,
+    last_state_dtype,
     resolve_out_dtype,
     shifted_backward,
 )
@@ -137,7 +138,7 @@ def linear_recurrence(
     a, x, dtype = check_inputs(a, x, h0, axis)
     out_dtype = resolve_out_dtype(dtype, out_dtype)
     acc = accumulation_dtype(dtype)
-    state_dtype = jnp.promote_types(acc, out_dtype)
+    state_dtype = last_state_dtype(dtype, out_dtype)
     time_axis = axis % x.ndim
     if method == "auto":
         method = default_method(x.shape[time_axis])

@@ -41,6 +41,7 @@ from hgrn_jax.ops.common import (
     accumulation_dtype,
     chain_carries,
     check_inputs,
+    last_state_dtype,
     resolve_out_dtype,
     state_shape,
 )
@@ -223,8 +224,8 @@ def sharded_linear_recurrence(
         # (JAX 0.10). Gradients, the replicated final state's included, are tested.
         check_vma=False,
     )(a, x, h0)
-    if return_last_state:  # in the accumulation dtype, as linear_recurrence's
-        return h, last.astype(jnp.promote_types(acc, out_dtype))
+    if return_last_state:
+        return h, last.astype(last_state_dtype(dtype, out_dtype))
     return h
 
 
