@@ -2272,9 +2272,31 @@ def test_a_full_disk_stops_the_run_naming_the_last_checkpoint_and_a_rerun_resume
         rf"No space left on device on the file system of {re.escape(str(run))}"
         rf"{writing} \(\d+\.\d MiB free\): the run stopped; its checkpoints are kept, the last complete "
         r"one at step 6 \(\d+\.\d MiB; config.keep_checkpoints=3 of them are kept, plus the one "
-        r"being written\); free space there, then run the same command again to resume",
+        r"being written\); free space \(or inodes: delete files\) there, then run the same command "
+        r"again to resume",
         message,
     ), message
     assert _steps(run) == [3, 6] and not (run / "run.lock").exists()
     results = _run(_config(), run)
     assert results["test"] == finished[1]["test"] and results["steps"] == 12
+
+
+def test_a_file_system_out_of_inodes_is_named_as_such(monkeypatch, tmp_path):
+    """Out of inodes, writes fail with "No space left on device" while megabytes are free: the
+    message said "(62.4 MiB free)" and nothing else (seen on a tmpfs with nr_inodes=400, the
+    run stopping at its 11th checkpoint). It now says that no new file can be made."""
+    from hgrn_jax.data import disk_space
+
+    def statvfs(files, favail):
+        return lambda path: os.statvfs_result(
+            (4096, 4096, 16384, 16000, 16000, files, 0, favail, 0, 255)
+        )
+
+    monkeypatch.setattr(disk_space.os, "statvfs", statvfs(400, 0))
+    assert disk_space.describe_free_space(tmp_path) == (
+        "62.5 MiB free, but 0 of 400 inodes: no new file can be made"
+    )
+    monkeypatch.setattr(disk_space.os, "statvfs", statvfs(400, 3))
+    assert disk_space.describe_free_space(tmp_path) == "62.5 MiB free"
+    monkeypatch.setattr(disk_space.os, "statvfs", statvfs(0, 0))  # btrfs: no inode count
+    assert disk_space.describe_free_space(tmp_path) == "62.5 MiB free"

@@ -47,7 +47,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import socket
 import sys
 import threading
@@ -57,6 +56,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hgrn_jax.data.disk_space import describe_free_space
 from hgrn_jax.data.loader import TENSORSTORE_OS_ERROR, file_in_the_way
 from hgrn_jax.training.logging import EVENTS_FILE, jsonable, read_metric_lines, write_json
 
@@ -911,10 +911,7 @@ def out_of_space(
         filename = written and written.group(1)
         reason = os.strerror(int(code.group(1)) if code else errno.ENOSPC)
     writing = f" writing {filename}" if filename else ""
-    try:
-        free = f"{shutil.disk_usage(workdir).free / 2**20:.1f} MiB free"
-    except OSError:
-        free = "free space unknown"
+    free = describe_free_space(workdir)
     steps = checkpoint_steps(workdir)
     if steps:
         size = _mebibytes(workdir / "checkpoints" / str(steps[-1]))
@@ -927,7 +924,7 @@ def out_of_space(
         kept = "the run stopped before it completed a checkpoint"
     return WorkdirFullError(
         f"{reason} on the file system of {workdir}{writing} ({free}): {kept}; free space "
-        f"there, then {resume_hint}"
+        f"(or inodes: delete files) there, then {resume_hint}"
     )
 
 
