@@ -39,6 +39,36 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
     sys.exit(code)
 
 
+def exit_past_stuck_threads(code: int, grace_s: float = 5.0) -> None:
+    """Exit with ``code`` now when threads other than the main one are still running
+    ``grace_s`` seconds after a failure was reported; return when there are none.
+
+    A checkpoint save that fails early (its folder cannot be made: the file system is out of
+    space or inodes, or read-only) leaves Orbax's signalling threads waiting 300 s for the
+    folder, and Python waits for them at exit: the run said why it stopped, then hung five
+    minutes. The exit handlers (JAX's distributed shutdown among them) still run; the threads
+    are not waited for. Only after a failure: every save the run completed was awaited
+    before it was reported."""
+    import atexit
+    import threading
+    import time
+
+    def waited_for() -> list[threading.Thread]:
+        main = threading.main_thread()
+        return [t for t in threading.enumerate() if t is not main and not t.daemon]
+
+    # Polled, not joined: Orbax's threads raise TimeoutError from join(timeout).
+    deadline = time.monotonic() + grace_s
+    while waited_for() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not waited_for():
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def where_raised(error: BaseException) -> str:
     """`` (raised in FILE:LINE in FUNCTION)``: the innermost frame of ``error``'s traceback in
     the user's own code (a task module's ``loss_fn``, say), that is in a file outside the

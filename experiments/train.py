@@ -236,6 +236,10 @@ def run() -> None:
     signal.signal(signal.SIGTERM, _terminated_at_once)
     try:
         app.run(main, flags_parser=cli.parse_flags)
+    except SystemExit as exiting:
+        if isinstance(exiting.code, int) and exiting.code != 0:
+            cli.exit_past_stuck_threads(exiting.code)
+        raise
     except KeyboardInterrupt:
         if _wants_traceback():
             raise

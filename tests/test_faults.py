@@ -2300,3 +2300,39 @@ def test_a_file_system_out_of_inodes_is_named_as_such(monkeypatch, tmp_path):
     assert disk_space.describe_free_space(tmp_path) == "62.5 MiB free"
     monkeypatch.setattr(disk_space.os, "statvfs", statvfs(0, 0))  # btrfs: no inode count
     assert disk_space.describe_free_space(tmp_path) == "62.5 MiB free"
+
+
+_SAVE_FOLDER_FULL = """
+import errno, os, runpy, sys
+real_makedirs = os.makedirs
+
+def makedirs(path, *args, **kwargs):  # the file system runs out of inodes at step 6's save
+    if "6.orbax-checkpoint-tmp" in str(path) and str(path).endswith("config.orbax-checkpoint-tmp"):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return real_makedirs(path, *args, **kwargs)
+
+os.makedirs = makedirs
+sys.argv = ["experiments.train", *sys.argv[1:]]
+runpy.run_module("experiments.train", run_name="__main__")
+"""
+
+
+@pytest.mark.slow  # end-to-end: a training run in a subprocess
+def test_a_save_whose_folder_cannot_be_made_does_not_hang_the_exit(tmp_path):
+    """Out of inodes (a tmpfs with nr_inodes=40), a save failed making its item folder: the
+    run printed its one-line error, then Python waited 300 s at exit for Orbax's threads,
+    which wait that long for the folder (5 min 13 s in all). It now exits with status 2 once
+    the error is out, the exit handlers run, the checkpoints kept."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-c", _SAVE_FOLDER_FULL, f"--config={REPO}/tests/toy_task.py"]
+    command += [f"--workdir={run}"]
+    done = subprocess.run(
+        command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=200
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"error: WorkdirFullError: No space left on device on the file system of {run} writing "
+        f"{run}/checkpoints/6.orbax-checkpoint-tmp/config.orbax-checkpoint-tmp ("
+    ), last
+    assert _steps(run) == [3]
