@@ -372,6 +372,23 @@ class TrainBatches:
         return train_batch(self.spec, batch["rows"], step, thread_pool(self.threads))
 
 
+def stand_in_for_bad_rows(
+    images: np.ndarray, labels: np.ndarray, valid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """A mixing group's images (G, S, S, 3) and labels (G,) with each bad row (``valid`` false)
+    replaced by its mirror partner's, the row :func:`mixup_cutmix` mixes it with: mixing then
+    blends the partner with itself, where the bad row's zero image and label 0 leaked into it (a
+    target with mass on class 0). Rows whose partner is bad too keep their zeros; a group with
+    no bad row is returned as it is (the same arrays)."""
+    stand_in = ~valid & valid[::-1]
+    if not stand_in.any():
+        return images, labels
+    images, labels = images.copy(), labels.copy()
+    images[stand_in] = images[::-1][stand_in]
+    labels[stand_in] = labels[::-1][stand_in]
+    return images, labels
+
+
 def train_batch(
     spec: BatchSpec, rows: np.ndarray, step: int, pool: Executor | None = None
 ) -> dict[str, np.ndarray]:
@@ -380,7 +397,9 @@ def train_batch(
     function of (spec, rows, step).
 
     Keys: ``images`` (B/P, S, S, 3) float32, ``labels`` (B/P,) int32, ``targets`` (B/P, 1000)
-    float32 (Mixup/CutMix and label smoothing), ``weight`` (B/P,) float32 (0 for bad records).
+    float32 (Mixup/CutMix and label smoothing), ``weight`` (B/P,) float32 (0 for bad records,
+    skipped with ``spec.skip_bad_rows``: label 0, and image and target those of the row they
+    are mixed with, so that they change no other row: :func:`stand_in_for_bad_rows`).
     """
     local = loader.process_slice(spec.batch_size, spec.process_index, spec.process_count)
     rng = loader.batch_rng(spec.seed, step)
@@ -403,9 +422,12 @@ def train_batch(
         members = slice(start, start + group)
         group_index = (local.start + start) // group
         group_rng = loader.batch_rng(spec.seed, step, _MIXUP_STREAM + group_index)
+        group_images, group_labels = stand_in_for_bad_rows(
+            images[members], labels[members], valid[members]
+        )
         images[members], targets[members] = mixup_cutmix(
-            images[members],
-            labels[members],
+            group_images,
+            group_labels,
             group_rng,
             num_classes=spec.num_classes,
             mixup_alpha=spec.mixup,

@@ -35,9 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from hgrn_jax.data.errors import SkippedExamplesWarning
+from hgrn_jax.data.errors import BadDataError, SkippedExamplesWarning
 
 DONE = "DONE"
+"""In a prepared folder, written last: JSON ``{"sizes": {file: bytes}}`` of every other file
+(empty in folders prepared before sizes were recorded: those are opened unchecked)."""
 SKIPPED = "skipped.txt"
 """In a prepared folder: the bad examples its build left out (``data.skip_bad_rows=True``)."""
 PROGRESS_EVERY_S = 10.0
@@ -276,10 +278,14 @@ def prepared(
     place, so a crash never leaves a half-prepared cache and several processes may race safely.
     Bad examples the build skipped (its :class:`~hgrn_jax.data.errors.SkippedExamplesWarning`)
     are recorded there and warned of again each time the folder is reused: its key (file sizes
-    and times, or a metadata file) may not change when the skipped files are mended.
+    and times, or a metadata file) may not change when the skipped files are mended. A folder
+    is reused only whole: a file missing or of another size than its DONE records (a copy to
+    another host cut short) is a :class:`~hgrn_jax.data.errors.BadDataError` naming the file and
+    the fix (:func:`check_complete`).
     """
     folder = cache_folder(cache_dir, name, key)
     if (folder / DONE).is_file():
+        check_complete(folder)
         if folder not in _BUILT_HERE:  # this process warned of its skipped examples as it built
             _warn_of_skipped(folder)
         return folder
@@ -305,7 +311,7 @@ def prepared(
         if failure is not None:
             raise failure
         (tmp / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True, default=str))
-        (tmp / DONE).write_text("")
+        (tmp / DONE).write_text(json.dumps({"sizes": file_sizes(tmp)}, indent=0, sort_keys=True))
         _BUILT_HERE.add(folder)
         try:
             os.rename(tmp, folder)
@@ -317,6 +323,47 @@ def prepared(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def damaged(file: str | Path, folder: str | Path, problem: str) -> BadDataError:
+    """The one-line error for a file of a prepared folder that is missing, short or unreadable
+    (an interrupted copy of the cache to another host, say): it names the file and the fix."""
+    problem = " ".join(str(problem).split())
+    return BadDataError(
+        f"{file} of the prepared data is damaged ({problem}): remove {folder} to prepare it "
+        "again, or copy it completely"
+    )
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    """``{path relative to folder: size in bytes}`` of every file in ``folder`` but DONE."""
+    return {
+        path.relative_to(folder).as_posix(): path.stat().st_size
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != DONE
+    }
+
+
+def check_complete(folder: Path) -> None:
+    """Raise :func:`damaged` for a file of a prepared ``folder`` that is missing or has another
+    size than its DONE records (copied in part); a DONE without sizes (older code) passes."""
+    done = folder / DONE
+    try:
+        text = done.read_text()
+        if not text.strip():
+            return
+        expected = {str(name): int(size) for name, size in json.loads(text)["sizes"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSON, UTF-8: ValueErrors
+        reason = f"no readable list of the file sizes: {type(error).__name__}: {error}"
+        raise damaged(done, folder, reason) from None
+    for name, size in expected.items():
+        path = folder / name
+        try:
+            actual = path.stat().st_size
+        except FileNotFoundError:
+            raise damaged(path, folder, "missing") from None
+        if actual != size:
+            raise damaged(path, folder, f"{actual} bytes where {size} were prepared") from None
 
 
 def _warn_of_skipped(folder: Path) -> None:
@@ -340,8 +387,18 @@ def save_arrays(folder: Path, prefix: str, arrays: dict[str, np.ndarray]) -> Non
 
 
 def load_arrays(folder: Path, prefix: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Memory-mapped arrays ``folder/prefix.<key>.npy`` (read-only)."""
-    return {key: np.load(folder / f"{prefix}.{key}.npy", mmap_mode="r") for key in keys}
+    """Memory-mapped arrays ``folder/prefix.<key>.npy`` (read-only); a missing, short or
+    malformed file is :func:`damaged` (other OSErrors, e.g. a forbidden file, name the file)."""
+    arrays = {}
+    for key in keys:
+        path = folder / f"{prefix}.{key}.npy"
+        try:
+            arrays[key] = np.load(path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise damaged(path, folder, "missing") from None
+        except (ValueError, EOFError) as error:  # a short file: mmap's, numpy's header reader's
+            raise damaged(path, folder, f"{type(error).__name__}: {error}") from None
+    return arrays
 
 
 class Progress:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hgrn_jax.data import loader
+
 SPECIALS = ("<pad>", "<unk>", "<eos>")
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
 _CHUNK_CHARS = 1 << 24  # code points counted per np.bincount call
@@ -98,7 +100,16 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
-        return cls(json.loads(Path(path).read_text(encoding="utf-8"))["tokens"])
+        """The vocabulary :meth:`save` wrote to ``path`` (a prepared folder's ``vocab.json``); a
+        missing, cut or malformed file is a :class:`~hgrn_jax.data.errors.BadDataError` naming
+        it and its folder to remove (other OSErrors, e.g. a forbidden file, name the file)."""
+        path = Path(path)
+        try:
+            return cls(json.loads(path.read_text(encoding="utf-8"))["tokens"])
+        except FileNotFoundError:
+            raise loader.damaged(path, path.parent, "missing") from None
+        except (ValueError, KeyError, TypeError) as error:  # cut JSON or UTF-8; no token list
+            raise loader.damaged(path, path.parent, f"{type(error).__name__}: {error}") from None
 
 
 def count_tokens(token_lists: Iterable[Sequence[str]], max_tokens: int) -> collections.Counter:
