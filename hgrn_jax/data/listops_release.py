@@ -4,13 +4,15 @@
 are tokenised by :class:`hgrn_jax.data.listops.ListOpsTokenizer` (the reference's tokenisation)
 with the vocabulary of the training file's good rows. With a ``cache_dir`` the vocabulary
 (``listops-vocab-<hash>/vocab.json``) and each split's ids (``listops-<hash>/``, keyed on the file
-and the vocabulary's fingerprint, with a copy of ``vocab.json``) are prepared once.
+and the vocabulary's fingerprint, with a copy of ``vocab.json``) are prepared once. A carriage
+return inside a row is a bad row like the others; an old Mac file (rows joined by them) stops.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,26 @@ def find_file(lra_dir: str, split: str) -> Path:
     return path
 
 
+def _unreadable(text: str, error: csv.Error, what: str = "row") -> tuple[str, bool]:
+    """Why the csv reader could not split the line ``text``, and whether skipping it mends that.
+
+    The reader ends a row at a carriage return (``\\r``) and fails on whatever follows it in the
+    line: a stray one inside a row (skippable), or the line ends of an old Mac file, whose rows
+    are then one line (not skippable: skipping it would drop them all)."""
+    body = text.rstrip("\r\n")
+    if "\r" not in body:
+        return f"unreadable {what} ({error})", True
+    rows = sum("\t" in piece for piece in body.split("\r"))
+    if rows > 1:
+        return (
+            f"{rows} lines joined into one by carriage returns (\\r, old Mac line endings); "
+            "convert them to newlines (tr '\\r' '\\n' < FILE > FIXED)",
+            False,
+        )
+    column = body.index("\r") + 1
+    return f"carriage return (\\r) inside the {what} at column {column}; delete it", True
+
+
 def read_rows(path: Path, report: BadDataReport) -> tuple[list[str], np.ndarray]:
     """Sources and labels (int32, 0-9) of the good rows; bad ones go to ``report``."""
     sources, labels = [], []
@@ -45,9 +67,21 @@ def read_rows(path: Path, report: BadDataReport) -> tuple[list[str], np.ndarray]
     def bad_bytes(line: int, error: UnicodeDecodeError) -> None:
         report.add(path, line, undecodable(path, line, error).split(": ", 1)[1])
 
+    last = [""]  # the line the reader took last: the one it failed on, if it fails
+
+    def lines() -> Iterator[str]:
+        for text in decoded_lines(path, bad_bytes):
+            last[0] = text
+            yield text
+
     # One reader over the decoded lines: a BOM dropped, bad bytes reported by line.
-    reader = csv.reader(decoded_lines(path, bad_bytes), delimiter="\t", quoting=csv.QUOTE_NONE)
-    header = next(reader, None)
+    reader = csv.reader(lines(), delimiter="\t", quoting=csv.QUOTE_NONE)
+    try:
+        header = next(reader, None)
+    except csv.Error as error:
+        reason, _ = _unreadable(last[0], error, "header")
+        report.add(path, reader.line_num, reason, skippable=False)
+        return [], np.zeros(0, np.int32)
     if header is None:
         report.add(path, 1, "empty file (it should start with Source<TAB>Target)", skippable=False)
         return [], np.zeros(0, np.int32)
@@ -57,7 +91,15 @@ def read_rows(path: Path, report: BadDataReport) -> tuple[list[str], np.ndarray]
         )
         return [], np.zeros(0, np.int32)
     src, tgt = header.index("Source"), header.index("Target")
-    for fields in reader:
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as error:  # not a ValueError: it named no file or line
+            reason, skippable = _unreadable(last[0], error)
+            report.add(path, reader.line_num, reason, skippable=skippable)
+            continue  # QUOTE_NONE: a row is one line, and the reader goes on at the next
         line = reader.line_num
         if not fields:
             continue
