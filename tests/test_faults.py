@@ -2100,21 +2100,30 @@ def test_report_skips_runs_whose_fields_have_the_wrong_types(tmp_path, capsys):
     from experiments import report
 
     good = {"task": "listops", "metric": "accuracy", "best_val": 51.0, "test": 50.0, "steps": 40}
+    config = {"task": "listops", "model": {}}
     broken = {
-        "a_params": (dict(good, task="imagenet", num_params=None), {}),
-        "b_test": (dict(good, test="n/a"), {}),
-        "c_data": (good, {"data": None}),
-        "d_model": (good, {"model": "hgrn"}),
-        "e_mixer": (good, {"model": {"mixer": "hgrn2"}}),
+        "a_params": (dict(good, task="imagenet", num_params=None), config),
+        "b_test": (dict(good, test="n/a"), config),
+        "c_data": (good, dict(config, data=None)),
+        "e_mixer": (good, dict(config, model={"mixer": "hgrn2"})),
     }
-    for name, (results, config) in broken.items():
+    # A config.json that is no run's config (no task, or a model that is not an object) is
+    # left out as a missing one is: its model cannot be told.
+    foreign = {"d_model": (good, dict(config, model="hgrn")), "f_empty": (good, {})}
+    for name, (results, saved) in (broken | foreign).items():
         _results(tmp_path / name, json.dumps(results))
-        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        (tmp_path / name / "config.json").write_text(json.dumps(saved))
     _results(tmp_path / "z_good", json.dumps(dict(good, paper=59.95)))
     assert report.main([str(tmp_path), "--png", str(tmp_path / "curves.png")]) == 0
     captured = capsys.readouterr()
-    for name, key in zip(broken, ("num_params", "test", "data", "model", "model.mixer")):
+    for name, key in zip(broken, ("num_params", "test", "data", "model.mixer")):
         assert re.search(rf"warning: skipping .*{name}.*: {key} should be", captured.err), name
+    for name in foreign:
+        assert re.search(
+            rf"warning: skipping .*{name}: .*{name}/config.json holds no run config \(a JSON "
+            r"object with task and model\) and no checkpoint holds a copy",
+            captured.err,
+        ), name
     assert "| ListOps | 59.95 | 50.00 | 51.00 | 40 |" in captured.out
 
 
