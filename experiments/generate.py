@@ -104,7 +104,8 @@ def tokenizer_of(config, workdir: str, tokenizer_path: str | None = None):
             else f"data.tokenizer_path={path!r} of {Path(workdir) / 'config.json'}"
         )
         if not isinstance(error, errors.DatasetMissingError):
-            why = "it is no tokenizer the `tokenizers` package can load"
+            # What is wrong with the files (not loadable, or losing text), without the key.
+            why = str(error).split(": ", 1)[-1]
         elif Path(path).is_absolute():
             why = "no tokenizer is there"
         else:

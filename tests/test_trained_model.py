@@ -646,3 +646,25 @@ def test_an_hgrn2_lm_run_loads_and_generates_what_its_full_pass_predicts(tmp_pat
     out = np.asarray(generate(model, prompt, 8, greedy=True))
     logits = np.asarray(forward(model, jnp.asarray(out[:, :-1])))
     np.testing.assert_array_equal(out[:, 3:], np.argmax(logits[:, 2:], axis=-1))
+
+
+def test_generate_names_what_is_wrong_with_a_tokenizer_that_loses_text(tmp_path):
+    """A BPE without GPT-2's byte symbols is refused as it loads (it dropped most text); the
+    generate command said only "it is no tokenizer the `tokenizers` package can load", which
+    misdescribed it. It now passes on what is wrong, with --tokenizer_path as the fix."""
+    from experiments.generate import tokenizer_of
+
+    (tmp_path / "encoder.json").write_text(json.dumps({"h": 0, "<|endoftext|>": 1}))
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\n")
+    config = ml_collections.ConfigDict({"data": {"tokenizer_path": str(tmp_path)}})
+    with pytest.raises(ValueError) as raised:
+        tokenizer_of(config, "runs/x")
+    message = str(raised.value)
+    assert message.startswith(
+        f"the run's tokenizer does not load from data.tokenizer_path={str(tmp_path)!r} of "
+        f"runs/x/config.json: {tmp_path}/encoder.json + {tmp_path}/vocab.bpe loses text: 242 of "
+        "the 243 characters"
+    ), message
+    assert message.endswith(
+        "pass the tokenizer the run was trained with, e.g. --tokenizer_path=/path/to/tokenizer.json"
+    )
