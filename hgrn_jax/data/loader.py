@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from hgrn_jax.data.disk_space import describe_free_space
 from hgrn_jax.data.errors import BadDataError, SkippedExamplesWarning
 
 DONE = "DONE"
@@ -213,10 +214,7 @@ def naming_the_cache_dir(cache_dir: str | Path, key: str = "cache_dir") -> Itera
     except (OSError, RuntimeError) as error:
         shown, key = _SHOWN_AS.get() or (str(cache_dir), key)
         if is_out_of_space(error):
-            try:
-                free = f"{shutil.disk_usage(cache_dir).free / 2**20:.1f} MiB free"
-            except OSError:
-                free = "free space unknown"
+            free = describe_free_space(cache_dir)
             raise ValueError(
                 f"config.data.{key}={shown!r} is full ({os.strerror(errno.ENOSPC)}"
                 f" preparing the data; {free}): free space there, or set "
