@@ -197,6 +197,12 @@ def test_memory_mapped_arrays_travel_to_workers_as_file_names(tmp_path):
     copy = pickle.loads(pickled)
     assert isinstance(copy.arrays["x"], np.memmap)
     np.testing.assert_array_equal(copy.read(np.array([5, 1]))["x"], [[15, 16, 17], [3, 4, 5]])
+    # A slice of the memmap is a memmap of the same file too: sent as the file name, a worker
+    # read the whole file's rows (row 0 of the slice was the file's row 0, not row 4).
+    part = grain_pipeline.ArraySource({"x": np.load(tmp_path / "x.npy", mmap_mode="r")[4:]})
+    copy = pickle.loads(pickle.dumps(part))
+    assert len(copy) == N - 4
+    np.testing.assert_array_equal(copy.read(np.array([0, 1]))["x"], [[12, 13, 14], [15, 16, 17]])
 
 
 class BadAtStep2:

@@ -170,7 +170,8 @@ class ArraySource:
 
     ``name`` (e.g. the prepared folder) identifies the data in ``repr``, which is compared with
     a saved iterator state's when resuming. Memory-mapped ``.npy`` arrays are pickled as their
-    file names (a worker process maps the file again instead of receiving a copy).
+    file names (a worker process maps the file again instead of receiving a copy); a slice of
+    one travels by value (:func:`~hgrn_jax.data.loader.npy_file_of`).
     """
 
     def __init__(self, arrays: Mapping[str, Any], name: str = ""):
@@ -206,9 +207,7 @@ class ArraySource:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["arrays"] = {
-            key: ("npy-file", value.filename)
-            if isinstance(value, np.memmap) and getattr(value, "filename", None)
-            else value
+            key: ("npy-file", file) if (file := loader.npy_file_of(value)) else value
             for key, value in self.arrays.items()
         }
         return state

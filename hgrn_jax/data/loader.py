@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -397,6 +398,16 @@ def load_arrays(folder: Path, prefix: str, keys: tuple[str, ...]) -> dict[str, n
         except (ValueError, EOFError) as error:  # a short file: mmap's, numpy's header reader's
             raise damaged(path, folder, f"{type(error).__name__}: {error}") from None
     return arrays
+
+
+def npy_file_of(array: Any) -> str | None:
+    """The ``.npy`` file that ``array`` maps whole (as :func:`load_arrays` gives it), or None.
+
+    A slice of such a memmap is a memmap with the same file name, whose rows the name alone
+    does not give: only the array ``np.load`` returned sits directly on the file's mmap."""
+    if isinstance(array, np.memmap) and array.filename and isinstance(array.base, mmap.mmap):
+        return array.filename
+    return None
 
 
 class Progress:

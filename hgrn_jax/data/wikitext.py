@@ -21,7 +21,6 @@ Token streams are prepared once into ``cache_dir/wikitext-<hash>/``.
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -309,11 +308,8 @@ class TokenBlocks:
         return f"TokenBlocks({size}, stride {self.seq_len}, {where})"
 
     def __getstate__(self) -> dict[str, Any]:
-        tokens: Any = self.tokens
-        # The file's whole array only (np.load's memmap sits on the mmap): a slice of it is a
-        # memmap with the same file name too, whose rows the file name alone would not give.
-        if isinstance(tokens, np.memmap) and tokens.filename and isinstance(tokens.base, mmap.mmap):
-            tokens = ("npy-file", tokens.filename)
+        file = loader.npy_file_of(self.tokens)
+        tokens: Any = ("npy-file", file) if file else self.tokens
         return {"tokens": tokens, "seq_len": self.seq_len, "num": self.num}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
