@@ -695,7 +695,7 @@ def test_a_tiny_temperature_samples_the_argmax(untied_lm):
     np.testing.assert_array_equal(cold, greedy)
     for bad in (1e-46, float("inf"), float("nan")):  # inf drew tokens uniformly
         with pytest.raises(
-            ValueError, match=rf"temperature must be finite and > 0 \(in float32\); got {bad}"
+            ValueError, match=rf"temperature must be a finite number > 0 \(in float32\); got {bad}"
         ):
             generate(untied_lm, PROMPT, 4, rng=jax.random.key(0), temperature=bad)
 

@@ -244,7 +244,7 @@ def check_mask(
     """
     if mask is None:
         return
-    want, got = tuple(x_shape[:-1]), tuple(jnp.shape(mask))
+    want, got = tuple(x_shape[:-1]), tuple(np.shape(mask))  # lists too
     longer_ok = streaming and len(got) == len(want) and got[:-1] == want[:-1]
     if got != want and not (longer_ok and got[-1] >= want[-1]):
         extra = " (or longer along time: its last steps are used)" if streaming else ""
@@ -254,15 +254,27 @@ def check_mask(
         )
 
 
-def check_state(state: jax.Array, want: tuple[int, ...], layer: str) -> None:
-    """Raise ValueError naming both shapes and the fix unless a streaming ``state`` has the shape
-    ``want`` of the layer's ``init_state(B)`` for the batch ``B = want[0]`` of its input."""
-    got = tuple(jnp.shape(state))
+def check_state(state: jax.Array, want: tuple[int, ...], dtype: jnp.dtype, layer: str) -> None:
+    """Raise ValueError naming both and the fix unless a streaming ``state`` has the shape
+    ``want`` of the layer's ``init_state(B)`` for the batch ``B = want[0]`` of its input, and is
+    complex where that state's ``dtype`` is and real where it is real (a complex state in a real
+    mixer lost its imaginary part without a word; an integer one is no state)."""
+    got = tuple(np.shape(state))
+    fix = f"start from layer.init_state({want[0]}) (or the state the previous step returned)"
     if got != tuple(want):
         raise ValueError(
             f"{layer}.step: state has shape {got}; for x of batch {want[0]} it must be "
-            f"{tuple(want)}: start from layer.init_state({want[0]}) (or the state the previous "
-            "step returned)"
+            f"{tuple(want)}: {fix}"
+        )
+    got_dtype = jnp.result_type(state)
+    complex_wanted = jnp.issubdtype(dtype, jnp.complexfloating)
+    if not jnp.issubdtype(got_dtype, jnp.inexact) or (
+        jnp.issubdtype(got_dtype, jnp.complexfloating) != complex_wanted
+    ):
+        kind = "complex" if complex_wanted else "real floating"
+        raise ValueError(
+            f"{layer}.step: state has dtype {got_dtype}; this layer's state is {kind} "
+            f"({jnp.dtype(dtype)}): {fix}"
         )
 
 

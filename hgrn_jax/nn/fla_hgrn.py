@@ -41,8 +41,8 @@ from hgrn_jax.nn.checks import (
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import apply_log_lower_bound
 from hgrn_jax.nn.norms import make_norm
+from hgrn_jax.nn.recurrent_state import carried, gate_dtype, layer_state_dtype, zero_state
 from hgrn_jax.ops import METHODS, linear_recurrence
-from hgrn_jax.ops.common import accumulation_dtype
 from hgrn_jax.ops.sequence_parallel import padded_sharded_linear_recurrence
 
 
@@ -92,7 +92,7 @@ class FlaHGRNAttention(nnx.Module):
         self, x: jax.Array, lower_bound: jax.Array | float | None, mask: jax.Array | None
     ) -> tuple[jax.Array, jax.Array]:
         """``exp(f)`` and the gated input ``i`` (B, T, width) in the accumulation dtype."""
-        acc = accumulation_dtype(x.dtype)
+        acc = gate_dtype(x.dtype, self.dtype, self.param_dtype)
         f = jax.nn.log_sigmoid(self.f_proj(x).astype(acc))
         if self.use_lower_bound:
             f = apply_log_lower_bound(f, lower_bound)
@@ -140,17 +140,21 @@ class FlaHGRNAttention(nnx.Module):
         """Streaming: ``x`` (B, T, d) from ``state`` (B, width); returns outputs and the last state.
         ``mask`` (B, T) or longer along time (its last T steps are used)."""
         self.check_input(x, mask, streaming=True)
-        check_state(state, self.state_shape(x.shape[0]), type(self).__name__)
+        check_state(state, self.state_shape(x.shape[0]), self.state_dtype, type(self).__name__)
         a, i = self.decay_and_input(x, lower_bound, mask)
         h, last = linear_recurrence(a, i, state, method=self.method, return_last_state=True)
-        return self.output(h, x), last
+        return self.output(h, x), carried(last, state, self.state_dtype)
 
     def state_shape(self, batch_size: int) -> tuple[int, ...]:
         """The recurrent state's shape (B, width)."""
         return (batch_size, self.width)
 
+    @property
+    def state_dtype(self) -> jnp.dtype:
+        """float32 (float64 for a float64 layer)."""
+        return layer_state_dtype(self.dtype, self.param_dtype)
+
     def init_state(self, batch_size: int) -> jax.Array:
-        """The zero recurrent state (B, width) for :meth:`step`, in the dtype :meth:`step`
-        returns (float32; float64 for a float64 layer)."""
-        dtype = accumulation_dtype(self.dtype or self.param_dtype)
-        return jnp.zeros(self.state_shape(batch_size), dtype)
+        """The zero recurrent state (B, width) for :meth:`step`, in :attr:`state_dtype`, which
+        :meth:`step` returns (for inputs of any dtype: the state is a ``lax.scan`` carry)."""
+        return zero_state(self.state_shape(batch_size), self.state_dtype, type(self).__name__)

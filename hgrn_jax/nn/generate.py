@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import functools
 import operator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hgrn_jax.nn.checks import check_token_ids
+from hgrn_jax.nn.checks import check_flags, check_token_ids
 
 
 def check_top_k(top_k: int | None, vocab_size: int | None) -> None:
@@ -249,6 +250,22 @@ def _generate(
     return jnp.concatenate([prompt_ids.astype(jnp.int32), new], axis=1)
 
 
+def check_temperature(temperature: Any) -> None:
+    """ValueError naming ``temperature`` unless it is one finite number > 0 in float32 (what
+    sampling divides by; a string or a per-row array gave NumPy's errors, naming nothing)."""
+    ok = not isinstance(temperature, (str, bytes, bool, np.bool_)) and np.ndim(temperature) == 0
+    if ok:
+        try:
+            ok = bool(0 < np.float32(temperature) < np.inf)
+        except (TypeError, ValueError):
+            ok = False
+    if not ok:
+        raise ValueError(
+            f"temperature must be a finite number > 0 (in float32); got {temperature!r} (use "
+            "greedy=True for argmax decoding; an infinite one drew tokens uniformly)"
+        )
+
+
 def generate(
     model: nnx.Module,
     prompt_ids: jax.Array,
@@ -307,21 +324,19 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
     if prompt_mask is not None:
         prompt_mask = check_prompt_mask(prompt_mask, prompt_ids.shape)
+    check_flags("generate", greedy=greedy)  # greedy="False" is truthy: it decoded greedily
     check_top_p(top_p)
     if greedy:
         check_greedy_options(temperature, top_k, top_p)
+    else:  # checked for max_new_tokens=0 too, which needs no key
+        if rng is None and max_new_tokens:
+            raise ValueError("sampling needs rng=jax.random.key(seed) (or pass greedy=True)")
+        if rng is not None:
+            check_rng(rng)
+        check_temperature(temperature)
+    check_top_k(top_k, int(vocab_size) if vocab_size else None)  # the logits recheck it
     if max_new_tokens == 0:
         return prompt_ids.astype(jnp.int32)
-    if not greedy:
-        if rng is None:
-            raise ValueError("sampling needs rng=jax.random.key(seed) (or pass greedy=True)")
-        check_rng(rng)
-        if not 0 < np.float32(temperature) < np.inf:  # what _generate divides by
-            raise ValueError(
-                f"temperature must be finite and > 0 (in float32); got {temperature} (use "
-                "greedy=True for argmax decoding; an infinite one drew tokens uniformly)"
-            )
-    check_top_k(top_k, int(vocab_size) if vocab_size else None)  # the logits recheck it
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
     return _generate(

@@ -64,8 +64,8 @@ from hgrn_jax.nn.checks import (
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import apply_log_lower_bound, bounded_decay_and_log
 from hgrn_jax.nn.norms import make_norm
+from hgrn_jax.nn.recurrent_state import carried, gate_dtype, layer_state_dtype, zero_state
 from hgrn_jax.ops import MATRIX_METHODS, matrix_recurrence
-from hgrn_jax.ops.common import accumulation_dtype
 from hgrn_jax.ops.sequence_parallel import (
     cut_time,
     mesh_axis_size,
@@ -192,21 +192,25 @@ class _MatrixMixer(nnx.Module):
         if self.bidirectional:
             raise ValueError("step() needs a causal mixer (bidirectional=False)")
         self.check_input(x, mask, streaming=True)
-        check_state(state, self.state_shape(x.shape[0]), type(self).__name__)
+        check_state(state, self.state_shape(x.shape[0]), self.state_dtype, type(self).__name__)
         q, k, v, g = self._inputs(x, lower_bound, mask)
         o, last = self._scan(q, k, v, g, h0=state, return_last_state=True)
-        return self._finish(o, x, mask), last
+        return self._finish(o, x, mask), carried(last, state, self.state_dtype)
 
     def state_shape(self, batch_size: int) -> tuple[int, ...]:
         """The recurrent state's shape (B, H, K, V)."""
         return (batch_size, self.num_heads, self.key_dim, self.value_dim)
 
+    @property
+    def state_dtype(self) -> jnp.dtype:
+        """float32 (float64 for a float64 layer)."""
+        return layer_state_dtype(self.dtype, self.param_dtype)
+
     def init_state(self, batch_size: int) -> jax.Array:
-        """The zero recurrent state (B, H, K, V) for :meth:`step`, in the dtype :meth:`step`
-        returns (float32; float64 for a float64 layer)."""
-        return jnp.zeros(
-            self.state_shape(batch_size), accumulation_dtype(self.dtype or self.param_dtype)
-        )
+        """The zero recurrent state (B, H, K, V) for :meth:`step`, in :attr:`state_dtype`,
+        which :meth:`step` returns (for inputs of any dtype: the state is a ``lax.scan``
+        carry)."""
+        return zero_state(self.state_shape(batch_size), self.state_dtype, type(self).__name__)
 
 
 class HGRN2(_MatrixMixer):
@@ -263,7 +267,7 @@ class HGRN2(_MatrixMixer):
         self.norm = make_norm("layer", features, epsilon=norm_epsilon, axis="rnn", **layer)
 
     def gates(self, x, lower_bound):
-        acc = accumulation_dtype(x.dtype)
+        acc = gate_dtype(x.dtype, self.dtype, self.param_dtype)
         u, a, f = jnp.split(self.in_proj(x).astype(acc), 3, axis=-1)
         lam, log_lam = bounded_decay_and_log(f, lower_bound)
         return (
@@ -356,7 +360,7 @@ class FlaHGRN2Attention(_MatrixMixer):
         self.g_norm = make_norm("rms", features, epsilon=norm_epsilon, axis="rnn", **layer)
 
     def gates(self, x, lower_bound):
-        acc = accumulation_dtype(x.dtype)
+        acc = gate_dtype(x.dtype, self.dtype, self.param_dtype)
         g = jax.nn.log_sigmoid(self.f_proj(x).astype(acc))
         if self.use_lower_bound:
             g = apply_log_lower_bound(g, lower_bound)

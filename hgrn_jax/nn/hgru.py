@@ -35,8 +35,8 @@ from hgrn_jax.nn.checks import (
 from hgrn_jax.nn.initializers import axes_metadata, dense, logical, phase_init
 from hgrn_jax.nn.linear import Linear
 from hgrn_jax.nn.lower_bounds import apply_lower_bound, check_lower_bound
+from hgrn_jax.nn.recurrent_state import carried, gate_dtype, layer_state_dtype, zero_state
 from hgrn_jax.ops import METHODS, default_method, linear_recurrence
-from hgrn_jax.ops.common import accumulation_dtype
 from hgrn_jax.ops.sequence_parallel import padded_sharded_linear_recurrence
 
 Direction = Literal["forward", "reverse"]
@@ -224,7 +224,7 @@ class _HGRUBase(nnx.Module):
         gate (the ablation), ``lam`` is the lower bound alone and the input gate stays ``1 - lam``.
         ``projected``: :meth:`projections` of ``x`` when the caller has them already.
         """
-        acc = accumulation_dtype(x.dtype)
+        acc = gate_dtype(x.dtype, self.dtype, self.param_dtype)
         u, mu, _ = self.projections(x) if projected is None else projected
         u = nnx.silu(u).astype(acc)
         if self.complex_valued:
@@ -251,7 +251,7 @@ class _HGRUBase(nnx.Module):
         check it: :meth:`check_input`)."""
         if mask is None:
             return a, b
-        valid = mask.astype(bool)[..., None]
+        valid = jnp.asarray(mask).astype(bool)[..., None]  # NumPy arrays and lists too
         return jnp.where(valid, a, jnp.ones_like(a)), jnp.where(valid, b, jnp.zeros_like(b))
 
     def decay(self, lam: jax.Array, direction: Direction) -> jax.Array:
@@ -428,22 +428,24 @@ class HGRU(_HGRUBase):
         if self.bidirectional:
             raise ValueError("step() needs a causal HGRU (bidirectional=False)")
         self.check_input(x, "(batch, length, d)", mask, streaming=True)
-        check_state(state, self.state_shape(x.shape[0]), type(self).__name__)
+        check_state(state, self.state_shape(x.shape[0]), self.state_dtype, type(self).__name__)
         if mask is not None:
             mask = jnp.asarray(mask)[..., -x.shape[-2] :]
         projected = self.projections(x)
         lam, b = self.decay_and_input(x, lower_bound, projected)
         a, b = self.identity_at_padding(self.decay(lam, "forward"), b, mask)
         h, last = self.scan(a, b, "forward", h0=state, return_last_state=True)
-        return self.output(h, x, gate=projected[2]), last
+        return self.output(h, x, gate=projected[2]), carried(last, state, self.state_dtype)
+
+    @property
+    def state_dtype(self) -> jnp.dtype:
+        """complex64 or float32 (complex128 or float64 for a float64 layer)."""
+        return layer_state_dtype(self.dtype, self.param_dtype, self.complex_valued)
 
     def init_state(self, batch_size: int) -> jax.Array:
-        """The zero recurrent state (B, d) for :meth:`step`, in the dtype :meth:`step` returns
-        (complex64 or float32; complex128 or float64 for a float64 layer)."""
-        dtype = accumulation_dtype(self.dtype or self.param_dtype)
-        if self.complex_valued:
-            dtype = jnp.promote_types(dtype, jnp.complex64)
-        return jnp.zeros(self.state_shape(batch_size), dtype)
+        """The zero recurrent state (B, d) for :meth:`step`, in :attr:`state_dtype`, which
+        :meth:`step` returns (for inputs of any dtype: the state is a ``lax.scan`` carry)."""
+        return zero_state(self.state_shape(batch_size), self.state_dtype, type(self).__name__)
 
     def state_shape(self, batch_size: int) -> tuple[int, ...]:
         """The recurrent state's shape (B, d)."""

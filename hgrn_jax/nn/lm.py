@@ -290,4 +290,5 @@ class HGRNLM(nnx.Module):
         for k, block in enumerate(self.blocks):
             x, state = block.step(x, cache[k], bounds[k], mask)
             new_cache.append(state)
-        return self._logits(x), tuple(new_cache)
+        # The cache's own type (a list given, a list returned), as a lax.scan carry must be.
+        return self._logits(x), new_cache if isinstance(cache, list) else tuple(new_cache)
