@@ -668,3 +668,31 @@ def test_generate_names_what_is_wrong_with_a_tokenizer_that_loses_text(tmp_path)
     assert message.endswith(
         "pass the tokenizer the run was trained with, e.g. --tokenizer_path=/path/to/tokenizer.json"
     )
+
+
+def test_a_run_trained_with_sequence_parallelism_loads_as_a_one_device_model(listops_run, tmp_path):
+    """model.mixer.sequence_axis (the sequence split over a mesh axis) changes no parameter,
+    but the loaded model kept it: its first call asked for a mesh with that axis ("needs a
+    mesh with that axis; the mesh in use has axes ()"). It loads to run on one device."""
+    copy = tmp_path / "run"
+    shutil.copytree(listops_run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["model"]["mixer"]["sequence_axis"] = "model"
+    (copy / "config.json").write_text(json.dumps(config))
+    model, loaded_config = load_trained_model(copy, "latest")
+    assert loaded_config.model.mixer.sequence_axis == "model"  # the run's config, as it was
+    want, _ = load_trained_model(listops_run, "latest")
+    ids = jnp.ones((2, 16), jnp.int32)
+    np.testing.assert_array_equal(model(ids), want(ids))
+
+
+@pytest.mark.slow  # end-to-end: a training run
+def test_a_pixel_task_run_loads(tmp_path):
+    """A Pathfinder run (linear pixel encoder, no vocabulary) was refused: "leaves
+    model.vocab_size to the data (0) and the checkpoint's arrays do not say it"."""
+    config = _config("lra.pathfinder", tmp_path / "cache")
+    config.num_train_steps, config.eval_every, config.checkpoint_every = 2, 2, 2
+    train_and_evaluate(config, tmp_path / "run")
+    model, _ = load_trained_model(tmp_path / "run")
+    height, width = model.config.grid_shape  # from the data, as the run found it
+    assert model(jnp.zeros((1, height * width, 1))).shape == (1, 2)

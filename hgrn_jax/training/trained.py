@@ -129,8 +129,11 @@ def _model_builder(
     entry = factory if factory is not None else registry.dataset(config)
     model_settings.check_model_sizes(config.model, model_settings.SIZES_FROM_THE_DATA)
     derived = entry.derive(config)
+    _run_unsplit(derived.model)
     has_vocabulary = any(f.name == "vocab_size" for f in dataclasses.fields(entry.model.config_cls))
-    if has_vocabulary and not derived.model.get("vocab_size", 0):
+    # A linear encoder (pixels) has no vocabulary to find, whatever its config class allows.
+    embeds = derived.model.get("encoder", "embed") == "embed"
+    if has_vocabulary and embeds and not derived.model.get("vocab_size", 0):
         # Settled from the data files (a tokenizer, prepared data) when the run started; the
         # checkpoint's arrays hold it.
         derived.model.vocab_size = _VOCAB_PROBE
@@ -154,6 +157,15 @@ def _model_builder(
             )
         derived.model.vocab_size = sizes.pop()
     return lambda rngs: model_settings.build_model(derived, entry.model, rngs)
+
+
+def _run_unsplit(model: ml_collections.ConfigDict) -> None:
+    """Drop ``sequence_axis`` (sequence parallelism, which changes no parameter) from a model
+    config: the loaded model runs on the default device, where a call of a run trained with
+    ``model.mixer.sequence_axis=model`` asked for a mesh with that axis."""
+    for where in (model, model.get("mixer")):
+        if where is not None and where.get("sequence_axis") is not None:
+            where["sequence_axis"] = None
 
 
 def _other_steps_hint(workdir: Path, step: int) -> str:
