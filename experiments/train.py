@@ -70,14 +70,14 @@ def _configure_jax() -> None:
     """Settings that must precede JAX's backend initialisation."""
     import jax
 
-    num_cpu = os.environ.get("HGRN_NUM_CPU_DEVICES")
-    if num_cpu:
-        jax.config.update("jax_num_cpu_devices", int(num_cpu))
-    multi_process = (_NUM_PROCESSES.value or int(os.environ.get("JAX_NUM_PROCESSES", "1"))) > 1
-    if multi_process and os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-
     from hgrn_jax import sharding
+
+    num_cpu = sharding.env_whole_number("HGRN_NUM_CPU_DEVICES", 1)
+    if num_cpu:
+        jax.config.update("jax_num_cpu_devices", num_cpu)
+    processes = _NUM_PROCESSES.value or sharding.env_whole_number("JAX_NUM_PROCESSES", 1) or 1
+    if processes > 1 and os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
     sharding.maybe_initialize_distributed(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
@@ -144,7 +144,10 @@ def main(argv: list[str]) -> None:
         from absl import logging as absl_logging
 
         absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
-    _configure_jax()
+    try:
+        _configure_jax()
+    except ValueError as error:  # a malformed environment variable, named
+        cli.fail(str(error))
     import jax
 
     from hgrn_jax.training import podlog

@@ -461,6 +461,22 @@ def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
+def env_whole_number(name: str, minimum: int, env: Mapping[str, str] | None = None) -> int | None:
+    """The environment variable ``name`` as a whole number >= ``minimum``, None when unset or
+    empty; ValueError naming it otherwise (``JAX_NUM_PROCESSES=two`` was an ``int()``
+    traceback, ``HGRN_NUM_CPU_DEVICES=0`` an XLA error about process indices)."""
+    text = (os.environ if env is None else env).get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(f"{name}={text!r} must be a whole number >= {minimum} (or unset)")
+    return value
+
+
 def maybe_initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -489,20 +505,20 @@ def maybe_initialize_distributed(
     if jax.distributed.is_initialized():
         return True
     coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
-    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
-        num_processes = int(env["JAX_NUM_PROCESSES"])
-    if process_id is None and env.get("JAX_PROCESS_ID"):
-        process_id = int(env["JAX_PROCESS_ID"])
+    if num_processes is None:
+        num_processes = env_whole_number("JAX_NUM_PROCESSES", 1, env)
+    if process_id is None:
+        process_id = env_whole_number("JAX_PROCESS_ID", 0, env)
     auto = auto or env.get("HGRN_DISTRIBUTED", "").lower() in ("1", "true", "yes", "auto")
     if coordinator_address is None and num_processes is None and process_id is None and not auto:
         return False
     if num_processes == 1:
         return False
     timeouts = {}
-    heartbeat = heartbeat_timeout_s or int(env.get("HGRN_HEARTBEAT_TIMEOUT_S", 0) or 0)
+    heartbeat = heartbeat_timeout_s or env_whole_number("HGRN_HEARTBEAT_TIMEOUT_S", 0, env)
     if heartbeat:
         timeouts["heartbeat_timeout_seconds"] = heartbeat
-    shutdown = shutdown_timeout_s or int(env.get("HGRN_SHUTDOWN_TIMEOUT_S", 0) or 0)
+    shutdown = shutdown_timeout_s or env_whole_number("HGRN_SHUTDOWN_TIMEOUT_S", 0, env)
     if shutdown:
         timeouts["shutdown_timeout_seconds"] = shutdown
     jax.distributed.initialize(

@@ -2345,3 +2345,26 @@ def test_a_save_whose_folder_cannot_be_made_does_not_hang_the_exit(tmp_path):
         f"{run}/checkpoints/6.orbax-checkpoint-tmp/config.orbax-checkpoint-tmp ("
     ), last
     assert _steps(run) == [3]
+
+
+@pytest.mark.parametrize(
+    "variable, value, minimum",
+    [
+        ("HGRN_NUM_CPU_DEVICES", "abc", 1),
+        ("HGRN_NUM_CPU_DEVICES", "0", 1),
+        ("HGRN_NUM_CPU_DEVICES", "-2", 1),
+        ("JAX_NUM_PROCESSES", "two", 1),
+        ("JAX_PROCESS_ID", "x", 0),
+    ],
+)
+def test_a_malformed_device_or_process_variable_is_one_line(tmp_path, variable, value, minimum):
+    """These gave an int() traceback (abc, two, x), an XLA error about process indices (0),
+    or nothing at all (-2); now one line naming the variable, exit 2, nothing made."""
+    command = [sys.executable, "-m", "experiments.train", f"--config={TOY_CONFIG}"]
+    command += [f"--workdir={tmp_path / 'run'}"]
+    env = dict(cli_env(), **{variable: value})
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    _assert_one_line_usage_error(
+        proc, rf"^error: (process \S+: )?{variable}='{value}' must be a whole number >= {minimum}"
+    )
+    assert not (tmp_path / "run").exists()
