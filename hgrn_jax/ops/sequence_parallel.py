@@ -35,6 +35,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hgrn_jax.ops.common import (
@@ -67,12 +68,38 @@ def _explicit_axes(mesh) -> set[str]:
     }
 
 
-def _time_sharded_spec(x: jax.Array, axis_name: str, time_axis: int = -2) -> list:
-    """``x``'s partition spec (its Explicit axes) with the time axis on ``axis_name``."""
-    spec = list(jax.typeof(x).sharding.spec) + [None] * x.ndim
-    spec = [None if s == axis_name else s for s in spec[: x.ndim]]
-    spec[time_axis] = axis_name
-    return spec
+def _without_axis(entry, axis_name: str):
+    """One entry of a partition spec without mesh axis ``axis_name`` (a tuple of axes keeps its
+    others: ``("data", "seq")`` -> ``"data"``)."""
+    if isinstance(entry, tuple) and axis_name in entry:
+        rest = tuple(name for name in entry if name != axis_name)
+        return rest[0] if len(rest) == 1 else (rest or None)
+    return None if entry == axis_name else entry
+
+
+def _spec(x: jax.Array) -> list:
+    """``x``'s partition spec (its Explicit axes), one entry per axis."""
+    return (list(jax.typeof(x).sharding.spec) + [None] * x.ndim)[: x.ndim]
+
+
+def _time_sharded_spec(x: jax.Array, axis_name: str, time_axis: int = -2) -> tuple[list, bool]:
+    """``x``'s partition spec (its Explicit axes) with the time axis on ``axis_name``, and
+    whether another of ``x``'s axes was sharded over ``axis_name`` (a batch over
+    ``("data", axis_name)``): it is taken off them, as one mesh axis shards one array axis."""
+    spec = _spec(x)
+    time_axis %= x.ndim
+    moved = [_without_axis(s, axis_name) if i != time_axis else s for i, s in enumerate(spec)]
+    elsewhere = moved != spec
+    moved[time_axis] = axis_name
+    return moved, elsewhere
+
+
+def _resharder(mesh):
+    """``reshard(t, spec)`` on ``mesh``: a ``NamedSharding`` on a concrete mesh passed as
+    ``mesh=`` (a bare spec needs ``jax.set_mesh``), the spec itself on the abstract mesh in use."""
+    if isinstance(mesh, jax.sharding.Mesh):
+        return lambda t, spec: jax.sharding.reshard(t, NamedSharding(mesh, spec))
+    return jax.sharding.reshard
 
 
 def mesh_axis_size(axis_name: str) -> int:
@@ -122,6 +149,9 @@ def _chain_carries_recomputed(decays, finals, h0, reverse):
 
 def _local(a, x, h0, *, axis_name, reverse, method, chunk_size, out_dtype):
     acc = h0.dtype
+    # In the accumulation dtype once (as in _local_matrix), so that the gradients of 16-bit
+    # inputs from the two scans and the decay product add up before their one rounding.
+    a, x = a.astype(acc), x.astype(acc)
     _, final = linear_recurrence(
         a,
         x,
@@ -131,7 +161,7 @@ def _local(a, x, h0, *, axis_name, reverse, method, chunk_size, out_dtype):
         return_last_state=True,
         out_dtype=acc,
     )
-    decay = jnp.prod(a.astype(acc), axis=-2)
+    decay = jnp.prod(a, axis=-2)
     # Every shard gets all pairs and computes the same carries and final state.
     decays = jax.lax.all_gather(decay, axis_name, to="varying")
     finals = jax.lax.all_gather(final, axis_name, to="varying")
@@ -163,14 +193,18 @@ def sharded_linear_recurrence(
       x: inputs ``(..., L, C)``; ``L`` must be a multiple of the size of ``axis_name``.
       h0: initial state ``(..., C)`` (after the last step when ``reverse``); zeros if omitted.
       axis_name: the mesh axis the time axis is sharded over. Other axes keep their sharding
-        (e.g. a batch axis over ``data``).
-      mesh: the mesh; the one set by ``jax.set_mesh`` when omitted.
+        (e.g. a batch axis over ``data``); one sharded over ``axis_name`` too (a batch over
+        ``("data", axis_name)``) keeps the rest of it (``data``) inside the split.
+      mesh: the mesh; the one set by ``jax.set_mesh`` when omitted (a ``Mesh`` passed here
+        needs no ``jax.set_mesh``).
       reverse, method, chunk_size, return_last_state, out_dtype: as in
         :func:`linear_recurrence` (``method`` is each shard's local scan).
 
     Returns:
       ``h`` with ``x``'s shape (time still sharded over ``axis_name``), and the final state
-      ``(..., C)`` (float32 or wider) when ``return_last_state``.
+      ``(..., C)`` (float32 or wider) when ``return_last_state``. Where ``x``'s other axes were
+      sharded over ``axis_name`` (Explicit meshes), both come back in ``x``'s own sharding
+      instead, so that they combine with arrays laid out like ``x``.
     """
     mesh = _resolve_mesh(mesh, axis_name)
     a, x, dtype = check_inputs(a, x, h0)
@@ -200,12 +234,14 @@ def sharded_linear_recurrence(
     # Explicit mesh axes are made manual too, with the inputs' own specs (a batch sharded over
     # `data` stays so); Auto axes stay automatic.
     explicit = _explicit_axes(mesh)
-    x_spec = _time_sharded_spec(x, axis_name)
+    given_spec = _spec(x)
+    x_spec, elsewhere = _time_sharded_spec(x, axis_name)
     state_spec = P(*x_spec[:-2], x_spec[-1])
     x_spec = P(*x_spec)
+    reshard = _resharder(mesh)
     if explicit:
-        a, x = jax.sharding.reshard(a, x_spec), jax.sharding.reshard(x, x_spec)
-        h0 = jax.sharding.reshard(h0, state_spec)
+        a, x = reshard(a, x_spec), reshard(x, x_spec)
+        h0 = reshard(h0, state_spec)
     body = functools.partial(
         _local,
         axis_name=axis_name,
@@ -224,6 +260,9 @@ def sharded_linear_recurrence(
         # (JAX 0.10). Gradients, the replicated final state's included, are tested.
         check_vma=False,
     )(a, x, h0)
+    if explicit and elsewhere:  # back to x's own layout, to combine with arrays in it
+        h = reshard(h, P(*given_spec))
+        last = reshard(last, P(*given_spec[:-2], given_spec[-1]))
     if return_last_state:
         return h, last.astype(last_state_dtype(dtype, out_dtype))
     return h
@@ -321,10 +360,15 @@ def sharded_matrix_recurrence(
     Args:
       q, k, log_decay: ``(..., L, H, K)``; ``L`` must be a multiple of the size of ``axis_name``.
       v: ``(..., L, H, V)``.
-      h0: initial state ``(..., H, K, V)``; zeros if omitted.
+      h0: initial state ``(..., H, K, V)``; zeros if omitted. A complex one, or one wider
+        than the states' accumulation dtype, promotes the computation and the outputs to its
+        dtype, as in :func:`~hgrn_jax.ops.matrix_recurrence`.
       axis_name: the mesh axis the time axis is sharded over. The leading (batch) and head axes
-        keep their Explicit sharding; the key and value axes are gathered inside each shard.
-      mesh: the mesh; the one set by ``jax.set_mesh`` when omitted.
+        keep their Explicit sharding (less ``axis_name`` where they use it too, as in
+        :func:`sharded_linear_recurrence`); the key and value axes are gathered inside each
+        shard.
+      mesh: the mesh; the one set by ``jax.set_mesh`` when omitted (a ``Mesh`` passed here
+        needs no ``jax.set_mesh``).
       scale, method, return_last_state, out_dtype, chunk_size: as in
         :func:`~hgrn_jax.ops.matrix_recurrence` (``method`` is each shard's local scan, run
         once per shard: the state carried in from the earlier shards enters the outputs by
@@ -332,7 +376,9 @@ def sharded_matrix_recurrence(
 
     Returns:
       ``o`` with ``v``'s shape (time still sharded over ``axis_name``), and the final state
-      ``(..., H, K, V)`` (float32 or wider) when ``return_last_state``.
+      ``(..., H, K, V)`` (float32 or wider) when ``return_last_state``. Where ``q``'s or
+      ``v``'s other axes were sharded over ``axis_name`` (Explicit meshes), both come back in
+      ``v``'s own sharding instead (as in :func:`sharded_linear_recurrence`).
     """
     mesh = _resolve_mesh(mesh, axis_name)
     q, k, v, log_decay = (jnp.asarray(t) for t in (q, k, v, log_decay))
@@ -349,23 +395,30 @@ def sharded_matrix_recurrence(
             q, k, v, log_decay, h0, scale=scale, return_last_state=return_last_state, **kwargs
         )
     dtype = jnp.result_type(q, k, v, log_decay)
+    h0 = None if h0 is None else jnp.asarray(h0)
+    inputs_acc = accumulation_dtype(dtype)
+    if h0 is not None and jnp.promote_types(inputs_acc, h0.dtype) != inputs_acc:
+        dtype = jnp.result_type(dtype, h0)  # as in matrix_recurrence: not cast down
     acc = accumulation_dtype(dtype)
     out_dtype = resolve_out_dtype(dtype, out_dtype)
-    h0 = jnp.zeros(state, acc) if h0 is None else jnp.asarray(h0).astype(acc)
+    h0 = jnp.zeros(state, acc) if h0 is None else h0.astype(acc)
     scale = jnp.asarray(scale, acc)
     # Batch and head axes keep q's Explicit sharding (v takes the same); the key and value axes
     # are whole inside a shard (the readout sums over the key axis).
-    qk_spec = _time_sharded_spec(q, axis_name, time_axis=-3)
+    given_spec = _spec(v)
+    qk_spec, elsewhere = _time_sharded_spec(q, axis_name, time_axis=-3)
+    elsewhere = elsewhere or _time_sharded_spec(v, axis_name, time_axis=-3)[1]
     qk_spec[-1] = None
     qk_spec = P(*qk_spec)
     v_spec = P(*qk_spec[:-1], None)
     state_spec = P(*qk_spec[:-3], qk_spec[-2], None, None)
     explicit = _explicit_axes(mesh)
+    reshard = _resharder(mesh)
     if explicit:
-        q, k, log_decay = (jax.sharding.reshard(t, qk_spec) for t in (q, k, log_decay))
-        v = jax.sharding.reshard(v, v_spec)
-        h0 = jax.sharding.reshard(h0, state_spec)
-        scale = jax.sharding.reshard(scale, P())
+        q, k, log_decay = (reshard(t, qk_spec) for t in (q, k, log_decay))
+        v = reshard(v, v_spec)
+        h0 = reshard(h0, state_spec)
+        scale = reshard(scale, P())
     body = functools.partial(
         _local_matrix,
         axis_name=axis_name,
@@ -381,6 +434,9 @@ def sharded_matrix_recurrence(
         axis_names={axis_name} | explicit,
         check_vma=False,  # as in sharded_linear_recurrence
     )(q, k, v, log_decay, h0, scale)
+    if explicit and elsewhere:  # back to v's own layout, as in sharded_linear_recurrence
+        o = reshard(o, P(*given_spec))
+        last = reshard(last, P(*given_spec[:-3], given_spec[-2], None, None))
     if return_last_state:
         return o, last
     return o
