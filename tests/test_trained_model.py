@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -696,3 +697,83 @@ def test_a_pixel_task_run_loads(tmp_path):
     model, _ = load_trained_model(tmp_path / "run")
     height, width = model.config.grid_shape  # from the data, as the run found it
     assert model(jnp.zeros((1, height * width, 1))).shape == (1, 2)
+
+
+_OWN_MODEL_TASK = '''
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from hgrn_jax.nn import HGRU
+from hgrn_jax.tasks import models
+from hgrn_jax.tasks.array_task import TokenTask
+from hgrn_jax.tasks.dataset_entry import Dataset
+from hgrn_jax.tasks.settings import check_vocab_size, settle
+
+
+class FirstToken(TokenTask):
+    """The label is the first token: a long-range dependency, generated."""
+
+    model_kind = models.CLASSIFIER
+
+    @classmethod
+    def derive(cls, config):
+        config = super().derive(config)
+        check_vocab_size(config, 5, "the symbols'")
+        settle(config, "model.num_classes", 4, "the classes")
+        return config
+
+    def _load(self, split):
+        rng = np.random.default_rng(self._split_seed(split))
+        n, length = self._split_size(split), int(self.config.data.seq_len)
+        tokens = rng.integers(0, 4, (n, length))
+        return {
+            "inputs": (tokens + 1).astype(np.int32),
+            "lengths": np.full(n, length, np.int32),
+            "labels": tokens[:, 0].astype(np.int32),
+        }
+
+
+class OwnClassifier(nnx.Module):
+    def __init__(self, vocab, d, classes, *, rngs):
+        self.embed = nnx.Embed(vocab, d, rngs=rngs)
+        self.mix = HGRU(d, bidirectional=True, rngs=rngs)
+        self.head = nnx.Linear(d, classes, rngs=rngs)
+
+    def __call__(self, ids, mask):
+        x = self.embed(ids)
+        x = x + self.mix(x, 0.0, mask)
+        m = mask[..., None].astype(x.dtype)
+        return self.head((x * m).sum(1) / jnp.maximum(m.sum(1), 1))
+
+
+class WithOwnModel(FirstToken):
+    def build_model(self, rngs):
+        c = self.config.model
+        return OwnClassifier(c.vocab_size, c.features, c.num_classes, rngs=rngs)
+
+
+DATASET = Dataset("first_token_own", models.CLASSIFIER, sources={"synthetic": WithOwnModel})
+'''
+
+
+@pytest.mark.slow  # end-to-end: a training run
+def test_a_dataset_source_with_its_own_model_loads_that_model(tmp_path, monkeypatch):
+    """A registry-style Dataset whose source class builds its own model (docs/tasks.md) trained
+    it, but load_trained_model rebuilt the package's classifier and refused the checkpoint as
+    holding "other arrays than the model config.json describes"."""
+    (tmp_path / "own_model_task.py").write_text(_OWN_MODEL_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = _config("lra.listops", tmp_path / "cache")
+    config.task, config.data.source = "own_model_task:DATASET", "synthetic"
+    config.model.vocab_size, config.model.num_classes, config.paper.value = 0, 0, 0
+    config.model.features, config.data.seq_len = 16, 32
+    config.data.train_examples, config.data.val_examples, config.data.test_examples = 64, 16, 16
+    train_and_evaluate(config, tmp_path / "run")
+    model, _ = load_trained_model(tmp_path / "run", "latest")
+    assert type(model).__name__ == "OwnClassifier"
+    saved = ocp.StandardCheckpointer().restore(tmp_path / "run" / "checkpoints" / "4" / "state")
+    np.testing.assert_array_equal(
+        model.head.kernel[...], saved["params"]["head"]["kernel"]["value"]
+    )

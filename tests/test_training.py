@@ -1071,6 +1071,20 @@ def test_nan_loss_stops_with_the_step_and_writes_no_nan_checkpoint(tmp_path):
     assert re.fullmatch(r"stopped at \S+: NonFiniteLossError: .*at step 7.*", unfinished.state)
 
 
+def test_a_nan_loss_before_any_update_blames_the_task_not_the_learning_rate(tmp_path):
+    """At step 0 no update has been made: the loss of the initial parameters is NaN, so the
+    task's loss_fn or its data give it. The message said to lower the learning rate."""
+    config = toy_config()
+    config.data.nan_at_step = 0
+    with pytest.raises(NonFiniteLossError) as raised:
+        train_and_evaluate(config, tmp_path, task=ToyTask(config))
+    assert str(raised.value) == (
+        "the training loss or gradient was NaN/inf at step 0, before any update; stopping (no "
+        "checkpoint was saved before it). The task's loss_fn or its data give it (a NaN or inf "
+        "in the inputs, a log of 0, a division by 0), not the learning rate"
+    )
+
+
 def test_time_budget_ends_the_run_like_its_last_step_and_a_rerun_trains_no_more(tmp_path):
     config = toy_config()
     config.data.sleep_per_step = 0.2

@@ -373,6 +373,12 @@ class Run:
                 else "Lower optimizer.learning_rate, enable optimizer.grad_clip_norm, or use "
                 "dtype='float32'"
             )
+            if bad == 0:  # no update yet: the initial parameters' loss
+                raise NonFiniteLossError(
+                    "the training loss or gradient was NaN/inf at step 0, before any update; "
+                    f"stopping ({kept}). The task's loss_fn or its data give it (a NaN or inf "
+                    "in the inputs, a log of 0, a division by 0), not the learning rate"
+                )
             raise NonFiniteLossError(
                 f"the training loss or gradient became NaN/inf at step {bad}; stopping ({kept}). "
                 + fixes

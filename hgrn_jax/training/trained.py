@@ -116,6 +116,7 @@ def _model_builder(
     task of the registry (a vocabulary the config leaves to the data is read off the stored
     arrays); a task of the user's own is made by its factory."""
     from hgrn_jax.tasks import model_settings, registry
+    from hgrn_jax.tasks.array_task import ArrayTask
     from hgrn_jax.tasks.dataset_entry import Dataset
     from hgrn_jax.training.task_choice import task_factory
 
@@ -127,6 +128,10 @@ def _model_builder(
         task = factory(config)  # a task of the user's own may need its data to build a model
         return task.build_model
     entry = factory if factory is not None else registry.dataset(config)
+    source = entry.source(config)
+    if isinstance(source, type) and source.build_model is not ArrayTask.build_model:
+        # A source of the user's own with its own model: the run trained that model.
+        return entry.task(config).build_model
     model_settings.check_model_sizes(config.model, model_settings.SIZES_FROM_THE_DATA)
     derived = entry.derive(config)
     _run_unsplit(derived.model)
