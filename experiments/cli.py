@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
@@ -137,6 +138,35 @@ def check_config_file(path: str | None = None) -> None:
             "--config=path/to/config.py[:PRESET], e.g. experiments/configs/lra/listops.py:tiny",
             EXIT_USAGE,
         )
+
+
+RUN_CONFIG_KEYS = ("task", "data", "model", "batch_size", "num_train_steps")
+"""Top-level keys a run cannot do without (the shipped configs hold them all)."""
+
+
+def config_shape_error(
+    config: Any, path: str, keys: tuple[str, ...] = RUN_CONFIG_KEYS
+) -> str | None:
+    """The one-line error for a config file whose ``get_config`` returned something else than
+    an ``ml_collections.ConfigDict`` (a dict was ``AttributeError: 'dict' object has no
+    attribute 'task'``) or a config without one of ``keys`` (``AttributeError: "'data'"``,
+    naming neither the file nor the key); None for a usable one."""
+    start = (
+        "start from a shipped config (e.g. experiments/configs/lra/listops.py) and change it, "
+        "as docs/tasks.md does"
+    )
+    if not isinstance(config, ml_collections.ConfigDict):
+        return (
+            f"config file {path}: get_config returned a {type(config).__name__}, not an "
+            f"ml_collections.ConfigDict; return one ({start})"
+        )
+    missing = [key for key in keys if key not in config]
+    if missing:
+        return (
+            f"config file {path}: the config has no {', '.join(map(repr, missing))}; "
+            f"a run needs {', '.join(keys)} ({start})"
+        )
+    return None
 
 
 def unread_override(overrides: Mapping[str, Any]) -> str | None:
@@ -293,6 +323,8 @@ def config_file_error(error: BaseException, argv: list[str]) -> str | None:
         if not lines:
             return None
         line = lines[-1]
+    if "cannot be added since the config is locked" in text:  # a preset's locked config
+        text += " Add new keys inside `with config.unlocked():` (docs/tasks.md)"
     return f"config file {path}, line {line}: {type(error).__name__}: {text}; fix the file"
 
 

@@ -92,6 +92,10 @@ def main(argv) -> None:
         cli.fail(f"unexpected arguments {argv[1:]}; options look like --config.key=value")
     cli.check_config_file()
     config = _CONFIG.value
+    path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]
+    shape_error = cli.config_shape_error(config, path, ("task", "data", "model"))
+    if shape_error:
+        cli.fail(shape_error)
     try:
         print(prepare_and_describe(config))
     except USER_ERRORS as error:

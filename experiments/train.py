@@ -140,6 +140,11 @@ def main(argv: list[str]) -> None:
         cli.fail(f"unexpected arguments {argv[1:]}; options look like --config.key=value")
     cli.check_config_file()
     cli.check_overrides()
+    shape_error = cli.config_shape_error(
+        _CONFIG.value, config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]
+    )
+    if shape_error:
+        cli.fail(shape_error)
     if not flags.FLAGS["verbosity"].present:
         from absl import logging as absl_logging
 

@@ -2233,6 +2233,39 @@ def test_a_config_file_s_own_errors_are_one_line_naming_the_file(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        (
+            "def get_config(preset=None):\n    return {'task': 'listops'}\n",
+            r"config file \S+/user\.py: get_config returned a dict, not an "
+            r"ml_collections\.ConfigDict; return one \(start from a shipped config",
+        ),
+        (
+            "import ml_collections\n\ndef get_config(preset=None):\n"
+            "    return ml_collections.ConfigDict(dict(task='listops', batch_size=8))\n",
+            r"config file \S+/user\.py: the config has no 'data', 'model', 'num_train_steps'; a "
+            r"run needs task, data, model, batch_size, num_train_steps \(start from a shipped",
+        ),
+        (
+            "from toy_task import toy_config\n\ndef get_config(preset=None):\n"
+            "    c = toy_config()\n    c.lock()\n    c.data.num_symbols = 4\n    return c\n",
+            r"user\.py, line 6: AttributeError: Key \"num_symbols\" does not exist and cannot be "
+            r"added since the config is locked\..* Add new keys inside `with config\.unlocked\(\):`",
+        ),
+    ],
+)
+def test_a_config_that_is_no_run_config_is_one_line_naming_the_file(tmp_path, source, expected):
+    """A get_config returning a dict ("AttributeError: 'dict' object has no attribute
+    'task'"), a config without a data section (AttributeError: "'data'") and a new key in a
+    locked preset (no word of config.unlocked(), the fix docs/tasks.md gives)."""
+    path = tmp_path / "user.py"
+    path.write_text(source)
+    proc = _train(path, tmp_path / "run")
+    _assert_one_line_usage_error(proc, expected)
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # A full disk
 # ----------------------------------------------------------------------------------------------
