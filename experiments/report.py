@@ -47,6 +47,17 @@ the temporary folder instead, and the message says where. A folder without any r
 Runs on generated or synthetic data (the ``tiny`` presets) are marked as such, ``(generated
 data)`` or ``(synthetic data)``: their numbers show that the pipeline works, not how the model
 compares with the paper.
+
+A run's model is HGRN, HGRN2 or the Transformer baseline only where its config.json says so
+(``model.mixer.kind``, or a task of the registry, whose models default to HGRN): a task of one's
+own (``module:factory``) without ``model.mixer`` trained a model of its own, listed under "Other
+runs" as ``own model (KEY=VALUE, ...)`` (its ``config.model`` settings) whatever its task's name,
+never beside a paper's rows. "Other runs" names the task ``NAME (module:factory)`` (the task's
+own name, then ``config.task``), runs without results by ``config.task``. A diverged run's
+non-finite numbers, which experiments.train writes as the strings ``"nan"``, ``"inf"`` and
+``"-inf"`` (in results.json and metrics.jsonl), are read as those numbers: the run keeps its
+rows, showing ``nan`` or ``inf``, with a warning; choosing the run an LRA average takes, a NaN
+best validation accuracy ranks below any other.
 """
 
 from __future__ import annotations

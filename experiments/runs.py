@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -71,10 +73,67 @@ class Run:
         return self.config.get("model", {}).get("features")
 
     @property
-    def mixer(self) -> str:
+    def mixer(self) -> str | None:
         """The token mixer's kind: ``"hgrn"`` (the paper's model), ``"hgrn2"`` or ``"attention"``
-        (the Transformer baseline)."""
-        return mixer_kind(self.config)
+        (the Transformer baseline); None for a model of the task's own (:func:`model_kind`)."""
+        return model_kind(self.config)
+
+    @property
+    def task_label(self) -> str:
+        """The task as the tables name it: the name its task gave itself (results.json's
+        ``task``) followed, where it differs, by ``config.task``, the ``module:factory`` the run
+        was started with, which the table of runs without results names them by."""
+        configured = self.config.get("task")
+        if isinstance(configured, str) and configured != self.task:
+            return f"{self.task} ({configured})"
+        return self.task
+
+    def non_finite(self) -> list[str]:
+        """``KEY = VALUE`` of the numbers the tables read that are not finite (NaN or inf:
+        a diverged run), results.json order."""
+        return [
+            f"{key} = {value}"
+            for key, value in self.results.items()
+            if key in TABLE_NUMBERS and is_number(value) and not math.isfinite(value)
+        ]
+
+
+def _registry_mixer(task: str) -> str:
+    """The ``model.mixer.kind`` a run of registry task ``task`` without ``model.mixer`` in its
+    config built: its model config class's default (:func:`_registry_mixers`); HGRN's for a
+    name this checkout's registry lacks (a run of a registry extended as docs/tasks.md shows,
+    whose models are the package's: experiments.train takes no other name without ``:``)."""
+    return _registry_mixers().get(task, "hgrn")
+
+
+@functools.cache
+def _registry_mixers() -> dict[str, str]:
+    """Each registry task's default ``model.mixer.kind`` (HGRN for all of them); imported when
+    first needed, as it loads the models (JAX)."""
+    try:
+        from hgrn_jax.tasks.registry import TASKS, model_defaults
+    except ImportError:  # the models cannot be loaded here: their default is HGRN's
+        return {}
+    return {task: mixer_kind(model_defaults({"task": task})) for task in TASKS}
+
+
+def model_kind(config: Any) -> str | None:
+    """The token mixer's kind of a run's config (config.json): its ``model.mixer.kind``
+    (:func:`~hgrn_jax.training.workdir.mixer_kind`: HGRN's where ``model.mixer`` names none);
+    without a ``model.mixer``, the default of the model of its task where ``config.task`` is a
+    name of the registry (:func:`_registry_mixer`); None otherwise: a ``module:factory`` (or
+    ``module:DATASET``) task without ``model.mixer`` builds a model the report cannot tell
+    (tests/toy_task.py's has no HGRN layer; it was labelled HGRN and set beside HGRN's paper
+    rows)."""
+    if not isinstance(config, dict):
+        return None
+    model = config.get("model")
+    if isinstance(model, dict) and isinstance(model.get("mixer"), dict):
+        return mixer_kind(config)
+    task = config.get("task")
+    if not isinstance(task, str) or not task or ":" in task:
+        return None
+    return _registry_mixer(task)
 
 
 class BrokenRunError(ValueError):
@@ -95,7 +154,8 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl records; a truncated last line (a killed run) is skipped."""
+    """The JSON records of a metrics.jsonl or events.jsonl; a truncated last line (a killed
+    run) is skipped."""
     if not path.is_file():
         return []
     records = []
@@ -109,7 +169,38 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl records (:func:`_read_records`), a non-finite number written as a string
+    read as the float it is (:func:`with_numbers`)."""
+    return [
+        with_numbers(record, ("split",)) if isinstance(record, dict) else record
+        for record in _read_records(path)
+    ]
+
+
 REQUIRED_RESULTS = ("task", "metric", "test")
+
+# The strings experiments.train writes for non-finite floats (hgrn_jax.training.logging.jsonable:
+# ``str(value)``), JSON having no NaN or infinity.
+NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+# results.json's fields that hold text (write_results), never read as numbers.
+TEXT_RESULTS = ("task", "metric", "data_source", "stopped_by")
+
+# results.json's numbers that the tables show or choose runs by.
+TABLE_NUMBERS = ("test", "best_val", "num_params", "steps")
+
+
+def with_numbers(record: dict[str, Any], text_keys: tuple[str, ...]) -> dict[str, Any]:
+    """``record`` with each value that is one of the strings experiments.train writes for a
+    non-finite float (``"nan"``, ``"inf"``, ``"-inf"``: :data:`NON_FINITE`) as that float, but
+    for ``text_keys``; any other string stays as it is."""
+    return {
+        key: NON_FINITE[value]
+        if key not in text_keys and isinstance(value, str) and value in NON_FINITE
+        else value
+        for key, value in record.items()
+    }
 
 
 def is_number(value: Any) -> bool:
@@ -187,13 +278,14 @@ def _read_results(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         )
     if not isinstance(config, dict):
         raise BrokenRunError(f"{config_path} does not hold a config (a JSON object)", config_path)
+    results = with_numbers(results, TEXT_RESULTS)  # a diverged run's "test": "nan"
     _check_types(results_path, results, config_path, config)
     return results, config
 
 
 def _read_run(run_dir: Path) -> Run:
     results, config = _read_results(run_dir)
-    return Run(run_dir, results, config, _read_records(run_dir / "metrics.jsonl"))
+    return Run(run_dir, results, config, _read_metrics(run_dir / "metrics.jsonl"))
 
 
 def folders_holding(folders: list[str | Path], name: str) -> list[Path]:
@@ -231,11 +323,19 @@ def find_runs(folders: list[str | Path], *, skip_broken: bool = False) -> list[R
             )
     for run_dir in folders_holding(folders, "results.json"):
         try:
-            runs.append(_read_run(run_dir))
+            run = _read_run(run_dir)
         except ValueError as error:
             if not skip_broken:
                 raise
             print(f"warning: skipping {run_dir}: {error}", file=sys.stderr)
+            continue
+        runs.append(run)
+        if run.non_finite():
+            print(
+                f"warning: {run_dir}: results.json's {', '.join(run.non_finite())} (not "
+                "finite: did the run diverge?); shown as such in the tables",
+                file=sys.stderr,
+            )
     return sorted(runs, key=lambda r: str(r.path))
 
 
@@ -281,7 +381,10 @@ class Unfinished:
         found = [
             (float(r[self.metric]), r["step"])
             for r in self.records
-            if r.get("split") == "val" and is_number(r.get(self.metric)) and "step" in r
+            if r.get("split") == "val"
+            and is_number(r.get(self.metric))
+            and math.isfinite(r[self.metric])
+            and "step" in r
         ]
         if not found:
             return None
@@ -387,7 +490,7 @@ def find_unfinished(folders: list[str | Path]) -> list[Unfinished]:
         except (OSError, ValueError) as error:
             print(f"warning: skipping {run_dir}: {error}", file=sys.stderr)
             continue
-        records = _read_records(run_dir / "metrics.jsonl")
+        records = _read_metrics(run_dir / "metrics.jsonl")
         events = _read_records(run_dir / EVENTS_FILE)
         if not is_run_config(config) or not _written_by_a_run(run_dir, records + events):
             continue

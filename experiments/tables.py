@@ -16,8 +16,7 @@ from experiments.papers import (
     lra_tasks_of,
     paper_numbers,
 )
-from experiments.runs import Run, Unfinished, is_number
-from hgrn_jax.training.workdir import mixer_kind
+from experiments.runs import Run, Unfinished, is_number, model_kind
 
 LRA_NAMES = {
     "listops": "ListOps",
@@ -46,6 +45,19 @@ def _model_name(kind: str) -> str:
     return MIXER_NAMES.get(kind, kind)
 
 
+OWN_MODEL = "own model"
+"""The label of a run whose model the report cannot tell (:func:`~experiments.runs.model_kind`:
+a ``module:factory`` task without ``model.mixer``), never a paper model's."""
+
+PAPER_TASKS = (*LRA_TASKS, "imagenet", "wikitext103")
+
+
+def _in_paper_tables(run: Run) -> bool:
+    """Whether ``run`` goes into a paper's table: a task of the papers with a model the report
+    can tell (HGRN, HGRN2, the Transformer baseline); the others go under "Other runs"."""
+    return run.task in PAPER_TASKS and run.mixer is not None
+
+
 # Data made up by the package (docs/data.md): "generated" is ListOps's set of LRA's
 # specification, "synthetic" the small stand-ins of the tiny presets. Their numbers show that the
 # pipeline works, not how the model compares with the paper.
@@ -58,7 +70,7 @@ SET_ASIDE = "set aside by --config.resume=restart"
 def _note(run: Run) -> str:
     """The run's folder, marked when its data were generated or synthetic, its model is not
     HGRN, or it was set aside by ``--config.resume=restart`` (replaced by a newer run)."""
-    marks = [_model_name(run.mixer)] if run.mixer != "hgrn" else []
+    marks = [_model_name(run.mixer)] if run.mixer not in ("hgrn", None) else []
     marks += [f"{run.data_source} data"] if run.data_source in STAND_IN_SOURCES else []
     marks += [SET_ASIDE] if run.set_aside else []
     return f"{run.label}" + "".join(f" ({mark})" for mark in marks)
@@ -104,8 +116,9 @@ def _is_paper_setting(run: Run) -> bool:
 
 
 def _best_val(run: Run) -> float:
+    """The run's best validation accuracy; -inf without one or for a NaN (a diverged run)."""
     value = run.results.get("best_val")
-    return float(value) if is_number(value) else -math.inf
+    return float(value) if is_number(value) and not math.isnan(value) else -math.inf
 
 
 def average_run(task_runs: list[Run]) -> Run | None:
@@ -307,13 +320,14 @@ def wikitext_table(runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
 
 
 def other_table(runs: list[Run]) -> str | None:
-    known = set(LRA_TASKS) | {"imagenet", "wikitext103"}
-    others = [r for r in runs if r.task not in known]
+    """The runs outside the paper tables (:func:`_in_paper_tables`): tasks of the user's own,
+    and any run of a model the report cannot tell."""
+    others = [r for r in runs if not _in_paper_tables(r)]
     if not others:
         return None
     rows = [
         [
-            r.task,
+            r.task_label,
             _model_size(r.config) if r.config else "—",
             str(r.results.get("metric")),
             _fmt(r.results.get("test")),
@@ -328,9 +342,32 @@ def other_table(runs: list[Run]) -> str | None:
 
 
 def _model_size(config: dict[str, Any]) -> str:
+    """``HGRN (L layers, d D)`` (or HGRN2's, the Transformer baseline's) where the config says
+    which model the run trained (:func:`~experiments.runs.model_kind`); otherwise ``own model``
+    with the config's ``model`` settings (:func:`_own_model`), never a paper model's name."""
     model = config.get("model", {})
+    kind = model_kind(config)
+    if kind is None:
+        return _own_model(model)
     size = f"{model.get('num_layers', '?')} layers, d {model.get('features', '?')}"
-    return f"{_model_name(mixer_kind(config))} ({size})"
+    return f"{_model_name(kind)} ({size})"
+
+
+def _own_model(model: Any, shown: int = 4) -> str:
+    """``own model (KEY=VALUE, ...)``: the first ``shown`` numbers, strings and booleans of a
+    task's own ``config.model`` in key order (what tells two runs of the task apart), no
+    meaning read into them."""
+    if not isinstance(model, dict):
+        return OWN_MODEL
+    settings = [
+        f"{key}={value}"
+        for key, value in sorted(model.items())
+        if isinstance(value, (bool, int, float, str))
+    ]
+    if not settings:
+        return OWN_MODEL
+    more = ", …" if len(settings) > shown else ""
+    return f"{OWN_MODEL} ({', '.join(settings[:shown])}{more})"
 
 
 def unfinished_table(runs: list[Unfinished]) -> str | None:
@@ -371,7 +408,8 @@ def markdown_report(runs: list[Run], unfinished: list[Unfinished] | None = None)
     parts = []
     if runs:
         paper = paper_numbers()
-        parts += [lra_tables(runs, paper), imagenet_table(runs, paper), wikitext_table(runs, paper)]
+        ours = [run for run in runs if _in_paper_tables(run)]
+        parts += [lra_tables(ours, paper), imagenet_table(ours, paper), wikitext_table(ours, paper)]
         parts.append(other_table(runs))
     parts.append(unfinished_table(unfinished or []))
     return "\n\n".join(part for part in parts if part) + "\n"
