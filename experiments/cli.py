@@ -388,6 +388,25 @@ def _fail_on_file_error_or_unknown_key(error: BaseException | None, argv: list[s
         fail(message, EXIT_USAGE)
 
 
+_NOT_A = {
+    "invalid literal for int()": "a whole number",
+    "could not convert string to float": "a number",
+}
+
+
+def _typed_value_hint(text: str) -> str:
+    """absl's ``flag --config.batch_size=abc: invalid literal for int() with base 10: 'abc'``
+    with what the key takes said plainly: ``... must be a whole number, as the config file's
+    value is``."""
+    for python_says, wanted in _NOT_A.items():
+        if python_says in text and text.startswith("flag --config."):
+            flag = text.split(": ", 1)[0].removeprefix("flag ")
+            return (
+                f"{flag}: {flag.split('=', 1)[0]} must be {wanted}, as the config file's value is"
+            )
+    return text
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with config-override errors as one line naming the key and errors
     of the config file itself as one line naming the file (:func:`config_file_error`)."""
@@ -408,7 +427,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         cause = next(
             (line.strip() for line in reversed(text.splitlines()) if "Error: " in line), None
         )
-        fail(f"{cause or text} (pass --helpshort to see the flags)", EXIT_USAGE)
+        fail(f"{_typed_value_hint(cause or text)} (pass --helpshort to see the flags)", EXIT_USAGE)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         _fail_on_file_error_or_unknown_key(error, argv)
         # ml_collections reports an unknown --config.key as an AttributeError/KeyError whose

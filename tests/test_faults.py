@@ -2166,6 +2166,10 @@ def test_command_line_user_errors_are_one_line_with_exit_code_2(tmp_path, finish
             (listops_tiny, tmp_path / "w3", "--config.num_train_steps=0"),
             [r"config\.num_train_steps=0 must be at least 1"],
         ),
+        (  # was "invalid literal for int() with base 10: 'abc'"
+            (listops_tiny, tmp_path / "w5", "--config.batch_size=abc"),
+            [r"--config\.batch_size=abc: --config\.batch_size must be a whole number, as the "],
+        ),
         (
             (listops_tiny, a_file / "run"),
             [rf"{re.escape(str(a_file))} is a file, not a folder", "parents are folders"],
