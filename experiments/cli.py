@@ -397,7 +397,10 @@ _NOT_A = {
 def _typed_value_hint(text: str) -> str:
     """absl's ``flag --config.batch_size=abc: invalid literal for int() with base 10: 'abc'``
     with what the key takes said plainly: ``... must be a whole number, as the config file's
-    value is``."""
+    value is``; its ``Flag --x must have a value other than None`` as ``--x is required``."""
+    missing = re.match(r"flag (--\w+)=None: Flag --\w+ must have a value other than None", text)
+    if missing:
+        return f"{missing.group(1)} is required: pass {missing.group(1)}=..."
     for python_says, wanted in _NOT_A.items():
         if python_says in text and text.startswith("flag --config."):
             flag = text.split(": ", 1)[0].removeprefix("flag ")

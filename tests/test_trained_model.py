@@ -777,3 +777,13 @@ def test_a_dataset_source_with_its_own_model_loads_that_model(tmp_path, monkeypa
     np.testing.assert_array_equal(
         model.head.kernel[...], saved["params"]["head"]["kernel"]["value"]
     )
+
+
+def test_a_missing_required_flag_is_named_as_required(tmp_path):
+    """absl said "Flag --max_new_tokens must have a value other than None"."""
+    done = _cli(f"--workdir={tmp_path}", "--prompt_ids=1")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: --max_new_tokens is required: pass --max_new_tokens=... (pass --helpshort to "
+        "see the flags)"
+    )
