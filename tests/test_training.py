@@ -670,6 +670,49 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
         checkpoints.close()
 
 
+def test_a_nan_evaluation_is_never_the_best_checkpoint(tmp_path):
+    """A NaN at the first evaluation (a diverged evaluation) stayed the best: no comparison
+    with NaN is true, so max() kept it, and Orbax's BestN kept it over the good ones. It now
+    ranks last in either mode; an all-NaN run's best is its latest."""
+    tree = {"w": jnp.arange(3.0)}
+    nan = float("nan")
+    for mode, values, best in (
+        ("max", [nan, 0.4, 0.9, 0.1], 3),
+        ("min", [nan, 3.0, 2.0, 5.0], 3),
+        ("max", [nan, nan], 2),
+    ):
+        for keep in (len(values), 1):  # every checkpoint kept, or the latest and the best
+            folder = tmp_path / f"{mode}{len(values)}-{keep}"
+            checkpoints = Checkpoints(folder, keep=keep, best_metric="val_accuracy", best_mode=mode)
+            for step, value in enumerate(values, 1):
+                checkpoints.save(step, tree, {"step": step}, {"val_accuracy": value})
+            checkpoints.wait()
+            assert checkpoints.best_step() == best, (mode, values, keep)
+            kept = range(1, len(values) + 1) if keep > 1 else {best, len(values)}
+            assert checkpoints.all_steps() == sorted(kept), (mode, values, keep)
+            checkpoints.close()
+
+
+def test_a_nan_validation_metric_is_warned_of_and_not_taken_as_the_best(tmp_path, monkeypatch):
+    """A NaN evaluation at step 6 of a run (finite training loss) ended without a word, and
+    step 6 could be taken as the best checkpoint: it is warned of and ranked last."""
+    from hgrn_jax.training.loop import NonFiniteValidationWarning
+
+    real = Run.evaluate
+
+    def evaluate(self, state, split):
+        result = real(self, state, split)
+        if split == "val" and int(jax.device_get(state.step)) == 6:
+            result = dict(result, accuracy=float("nan"))
+        return result
+
+    monkeypatch.setattr(Run, "evaluate", evaluate)
+    config = toy_config()
+    with pytest.warns(NonFiniteValidationWarning, match=r"^step 6: the validation accuracy is nan"):
+        results = train_and_evaluate(config, tmp_path, task=ToyTask(config))
+    assert results["best_step"] == 12
+
+
 @pytest.mark.slow
 def test_evaluation_is_exact_whatever_the_eval_batch_size(tmp_path):
     """20 examples in batches of 8 or 24 (padded, masked rows) give the numbers of one

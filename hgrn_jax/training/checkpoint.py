@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -169,8 +170,17 @@ def best_of(
     ]
     if not scored:
         return None
-    sign = 1.0 if mode == "max" else -1.0
-    return max(scored, key=lambda item: (sign * item[1], item[0]))[0]
+    return max(scored, key=lambda item: (ranking_score(item[1], mode), item[0]))[0]
+
+
+def ranking_score(value: float, mode: str) -> float:
+    """``value`` as a score to maximise (``mode`` "max" or "min"), a NaN (a diverged
+    evaluation) the worst of all: compared as it is, a NaN at the first evaluation stayed the
+    best checkpoint whatever came after (no comparison with it is true)."""
+    value = float(value)
+    if math.isnan(value):
+        return -math.inf
+    return value if mode == "max" else -value
 
 
 def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
@@ -249,8 +259,9 @@ class Checkpoints:
         if best_metric is not None:
             keep_policies.append(
                 policies.BestN(
-                    get_metric_fn=lambda metrics: metrics[best_metric],
-                    reverse=best_mode == "min",
+                    # Largest is best: a NaN ranks last for either mode (ranking_score).
+                    get_metric_fn=lambda metrics: ranking_score(metrics[best_metric], best_mode),
+                    reverse=False,
                     n=1,
                     keep_checkpoints_without_metrics=False,
                 )

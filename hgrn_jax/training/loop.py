@@ -105,6 +105,10 @@ class InputStateWarning(UserWarning):
     """A checkpoint without the input pipeline's state: the input resumes at its step."""
 
 
+class NonFiniteValidationWarning(RuntimeWarning):
+    """An evaluation's metric was NaN or infinite while the training loss was finite."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss or gradient became NaN or infinite."""
 
@@ -711,6 +715,13 @@ def _train_validate_and_test(
                     bar.write(
                         f"step {done}: val " + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
                     )
+                    if not math.isfinite(val[run.metric]):
+                        warnings.warn(
+                            f"step {done}: the validation {run.metric} is {val[run.metric]} (a "
+                            "diverged evaluation); its checkpoint is kept, never as the best",
+                            NonFiniteValidationWarning,
+                            stacklevel=2,
+                        )
                     save(state, done, {run.best_key: val[run.metric]})
                 elif done % ckpt_every == 0:
                     save(state, done)
