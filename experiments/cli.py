@@ -56,7 +56,11 @@ def exit_past_stuck_threads(code: int, grace_s: float = 5.0) -> None:
 
     def waited_for() -> list[threading.Thread]:
         main = threading.main_thread()
-        return [t for t in threading.enumerate() if t is not main and not t.daemon]
+        return [
+            t
+            for t in threading.enumerate()
+            if t is not main and not t.daemon and not _is_pool_worker(t)
+        ]
 
     # Polled, not joined: Orbax's threads raise TimeoutError from join(timeout).
     deadline = time.monotonic() + grace_s
@@ -68,6 +72,13 @@ def exit_past_stuck_threads(code: int, grace_s: float = 5.0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _is_pool_worker(thread: Any) -> bool:
+    """Whether ``thread`` is an idle-able ``concurrent.futures`` pool worker (the ImageNet
+    decoders'), which the interpreter's exit stops at once, unlike a stuck save's thread."""
+    target = getattr(thread, "_target", None)
+    return getattr(target, "__module__", "") == "concurrent.futures.thread"
 
 
 def where_raised(error: BaseException) -> str:
@@ -394,13 +405,21 @@ _NOT_A = {
 }
 
 
-def _typed_value_hint(text: str) -> str:
+def _typed_value_hint(text: str, argv: list[str]) -> str:
     """absl's ``flag --config.batch_size=abc: invalid literal for int() with base 10: 'abc'``
     with what the key takes said plainly: ``... must be a whole number, as the config file's
-    value is``; its ``Flag --x must have a value other than None`` as ``--x is required``."""
+    value is``; its ``Flag --x must have a value other than None`` as ``--x is required`` when
+    ``argv`` lacks it, and for a ``--config`` given, as its file's ``get_config`` returning
+    None."""
     missing = re.match(r"flag (--\w+)=None: Flag --\w+ must have a value other than None", text)
     if missing:
-        return f"{missing.group(1)} is required: pass {missing.group(1)}=..."
+        flag = missing.group(1)
+        given = [a for a in argv[1:] if a == flag or a.startswith(flag + "=")]
+        if not given:
+            return f"{flag} is required: pass {flag}=..."
+        if flag == "--config":
+            path = (_config_arg(argv) or "").partition(":")[0]
+            return f"config file {path}: get_config returned None (no `return config` at its end?)"
     for python_says, wanted in _NOT_A.items():
         if python_says in text and text.startswith("flag --config."):
             flag = text.split(": ", 1)[0].removeprefix("flag ")
@@ -430,7 +449,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         cause = next(
             (line.strip() for line in reversed(text.splitlines()) if "Error: " in line), None
         )
-        fail(f"{_typed_value_hint(cause or text)} (pass --helpshort to see the flags)", EXIT_USAGE)
+        hint = _typed_value_hint(cause or text, argv)
+        fail(f"{hint} (pass --helpshort to see the flags)", EXIT_USAGE)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         _fail_on_file_error_or_unknown_key(error, argv)
         # ml_collections reports an unknown --config.key as an AttributeError/KeyError whose

@@ -105,7 +105,14 @@ def tokenizer_of(config, workdir: str, tokenizer_path: str | None = None):
         )
         if not isinstance(error, errors.DatasetMissingError):
             # What is wrong with the files (not loadable, or losing text), without the key.
-            why = str(error).split(": ", 1)[-1]
+            why = (
+                str(error)
+                .split(": ", 1)[-1]
+                .replace(
+                    "--config.data.tokenizer_path=",
+                    "--tokenizer_path=",  # this command's flag
+                )
+            )
         elif Path(path).is_absolute():
             why = "no tokenizer is there"
         else:

@@ -253,6 +253,12 @@ def run() -> None:
             raise
         print(STOPPED_AT_ONCE.format("interrupted (SIGINT)"), file=sys.stderr, flush=True)
         _end_by_sigint()
+    except Exception as error:  # --traceback, or an error no one-line message covers
+        import traceback
+
+        traceback.print_exception(error)
+        cli.exit_past_stuck_threads(1)  # a failed save's threads would hold the exit 5 min
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -2251,6 +2251,10 @@ def test_a_config_file_s_own_errors_are_one_line_naming_the_file(
             r"config file \S+/user\.py: the config has no 'data', 'model', 'num_train_steps'; a "
             r"run needs task, data, model, batch_size, num_train_steps \(start from a shipped",
         ),
+        (  # absl: "Flag --config must have a value other than None" (said "is required" too)
+            "def get_config(preset=None):\n    config = None\n",
+            r"config file \S+/user\.py: get_config returned None \(no `return config` at its end",
+        ),
         (
             "from toy_task import toy_config\n\ndef get_config(preset=None):\n"
             "    c = toy_config()\n    c.lock()\n    c.data.num_symbols = 4\n    return c\n",
@@ -2382,6 +2386,51 @@ def test_a_save_whose_folder_cannot_be_made_does_not_hang_the_exit(tmp_path):
         f"{run}/checkpoints/6.orbax-checkpoint-tmp/config.orbax-checkpoint-tmp ("
     ), last
     assert _steps(run) == [3]
+    # With --traceback (what every one-line error suggests) the error is raised, not reported:
+    # that path hung as long.
+    done = subprocess.run(
+        [*command, "--traceback"],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" in done.stderr and "WorkdirFullError" in done.stderr
+
+
+_EXIT_WITH = """
+import atexit, concurrent.futures, sys, threading, time
+from experiments import cli
+
+atexit.register(lambda: print("exit handlers ran", flush=True))
+pool = concurrent.futures.ThreadPoolExecutor(2)
+pool.submit(lambda: 0).result()  # an idle pool worker: the interpreter's exit stops it
+if sys.argv[1] == "stuck":
+    threading.Thread(target=time.sleep, args=(600,)).start()  # as a failed save's
+cli.exit_past_stuck_threads(3, grace_s=0.5)
+print("returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize("threads", ["stuck", "idle pool"])
+def test_the_exit_after_a_failure_waits_for_no_stuck_thread(threads):
+    """A thread stuck 10 minutes: exit 3 once the grace is over, the exit handlers run. An
+    idle thread pool's workers alone (the ImageNet decoders') are no reason to cut the exit
+    short: it returns, and the interpreter ends them as usual."""
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_WITH, threads],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if threads == "stuck":
+        assert (done.returncode, done.stdout) == (3, "exit handlers ran\n"), done.stderr
+    else:
+        assert (done.returncode, done.stdout) == (0, "returned\nexit handlers ran\n"), done.stderr
 
 
 @pytest.mark.parametrize(

@@ -669,6 +669,8 @@ def test_generate_names_what_is_wrong_with_a_tokenizer_that_loses_text(tmp_path)
     assert message.endswith(
         "pass the tokenizer the run was trained with, e.g. --tokenizer_path=/path/to/tokenizer.json"
     )
+    # This command's flag, not the training config's key.
+    assert "--tokenizer_path=bytes" in message and "--config." not in message
 
 
 def test_a_run_trained_with_sequence_parallelism_loads_as_a_one_device_model(listops_run, tmp_path):
