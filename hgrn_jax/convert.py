@@ -448,6 +448,19 @@ def _config_mapping(config: Mapping[str, Any] | Any, what: str) -> Mapping[str, 
     )
 
 
+def _fla_hidden_act(config: Mapping[str, Any], what: str) -> str:
+    """fla's GLU activation: its GatedMLP takes ``swish`` alone (``silu`` is the same
+    function); any other ``hidden_act`` loaded without a word and built another model (gelu:
+    logits 1.8 off)."""
+    act = config.get("hidden_act", "swish")
+    if act not in ("swish", "silu"):
+        raise ConversionError(
+            f"{what}: hidden_act={act!r} is not supported (fla's GatedMLP takes 'swish' only); "
+            "give the fla model's config"
+        )
+    return str(act)
+
+
 def _fla_lm_settings(config: Mapping[str, Any], what: str) -> dict[str, Any]:
     """The :meth:`LMConfig.fla` arguments that fla's ``HGRNConfig`` and ``HGRN2Config`` share."""
     d = _features(config, "hidden_size", what)
@@ -456,7 +469,7 @@ def _fla_lm_settings(config: Mapping[str, Any], what: str) -> dict[str, Any]:
         features=d,
         num_layers=_features(config, "num_hidden_layers", what),
         glu_expand=_fla_glu_expand(config, d),
-        glu_activation=str(config.get("hidden_act", "swish")),
+        glu_activation=_fla_hidden_act(config, what),
         use_lower_bound=_flag(config, "use_lower_bound", True, what),
         norm_epsilon=float(config.get("norm_eps", 1e-6)),
         tie_embeddings=_flag(config, "tie_word_embeddings", False, what),

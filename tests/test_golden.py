@@ -177,6 +177,18 @@ def test_fla_lm_converter_names_bad_layer_parameter(golden):
         convert.from_fla_hgrn_lm(case.meta["constructor"]["HGRNConfig"], params)
 
 
+@pytest.mark.parametrize("act", ["gelu", "relu", None])
+def test_fla_lm_converter_refuses_an_activation_fla_does_not_build(golden, act):
+    """fla's GatedMLP takes hidden_act='swish' only; 'gelu' loaded and built another model
+    (logits 1.8 off the golden) without a word, None failed later naming no key."""
+    case = golden("fla_hgrn_lm")
+    config = dict(case.meta["constructor"]["HGRNConfig"], hidden_act=act)
+    with pytest.raises(
+        convert.ConversionError, match=rf"^HGRNConfig: hidden_act={act!r} is not supported"
+    ):
+        convert.from_fla_hgrn_lm(config, case.params)
+
+
 def test_fla_converters_refuse_unknown_keywords_naming_the_closest(golden):
     """A misspelt fla keyword was ignored: ``layer_index=1`` loaded layer 0's behaviour (the
     lower bound dropped, relative error 0.36 against the golden) without a word; a config key

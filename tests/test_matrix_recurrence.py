@@ -555,3 +555,23 @@ def test_a_nan_input_leaves_the_gradients_of_earlier_outputs_finite(name):
             np.testing.assert_allclose(
                 np.asarray(got[:, :until]), np.asarray(clean[:, :until]), rtol=1e-6, err_msg=method
             )
+
+
+@pytest.mark.parametrize("chunk_size", [True, 2.5, "64", 0])
+def test_a_chunk_size_that_is_no_whole_number_is_named(chunk_size):
+    """True ran as 1 (sequential) or was "iota does not accept dtype bool" (chunked); 2.5 and
+    "64" were TypeErrors from inside the scans. linear_recurrence already refused them."""
+    q = jnp.ones((1, 4, 1, 2))
+    for method in ("sequential", "chunked"):
+        with pytest.raises(ValueError, match=r"^chunk_size must be a whole number >= 1; got"):
+            matrix_recurrence(q, q, q, -q, method=method, chunk_size=chunk_size)
+
+
+def test_pallas_names_complex_states_it_does_not_run():
+    """A complex h0 (or inputs) with method='pallas' was NotImplementedError: complex64 from
+    inside the Pallas interpreter; sequential and chunked run them."""
+    q = jnp.ones((1, 3, 1, 2))
+    h0 = jnp.full((1, 1, 2, 2), 1j, jnp.complex64)
+    with pytest.raises(ValueError, match=r"^method='pallas' runs real states only; these are "):
+        matrix_recurrence(q, q, q, -q, h0, method="pallas")
+    assert matrix_recurrence(q, q, q, -q, h0, method="chunked").dtype == jnp.complex64

@@ -653,3 +653,14 @@ def test_bad_decay_shapes_and_empty_sequences_name_the_argument(method):
     )(jnp.full((3,), 0.5), jnp.full((2, 1, 3), 0.5))
     for out in (per_channel, per_row):
         np.testing.assert_allclose(out[:, 0], 1.0)
+
+
+@pytest.mark.parametrize("shape", [(0, 7, 5), (3, 7, 0)])
+def test_pallas_takes_an_empty_batch_or_no_channels(shape):
+    """method='pallas' (auto's choice on TPU, and on GPU from L = 2048) crashed with a slice
+    TypeError (no rows) or a ZeroDivisionError (no channels); the others return empty states."""
+    a, x = jnp.full(shape, 0.5), jnp.ones(shape)
+    h, last = linear_recurrence(a, x, method="pallas", return_last_state=True)
+    assert h.shape == shape and last.shape == (shape[0], shape[2])
+    grads = jax.grad(lambda a, x: linear_recurrence(a, x, method="pallas").sum(), (0, 1))(a, x)
+    assert [g.shape for g in grads] == [shape, shape]

@@ -7,7 +7,9 @@ Imports nothing else of ``hgrn_jax``, so every recurrence module can import it.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +89,17 @@ def resolve_out_dtype(dtype: jnp.dtype, out_dtype: jnp.dtype | None) -> jnp.dtyp
             "yourself if that is what you want"
         )
     return out
+
+
+def check_chunk_size(chunk_size: Any) -> None:
+    """ValueError unless ``chunk_size`` is a whole number >= 1 (``True``, ``2.5`` or ``"64"``
+    gave TypeErrors from inside the scans, or ran as 1)."""
+    if (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, numbers.Integral)
+        or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a whole number >= 1; got {chunk_size!r}")
 
 
 def last_state_dtype(dtype: jnp.dtype, out_dtype: jnp.dtype) -> jnp.dtype:

@@ -22,7 +22,6 @@ appear for complex inputs.
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Literal
 
 import jax
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 from hgrn_jax.ops.common import (
     accumulation_dtype,
     chain_carries,
+    check_chunk_size,
     check_inputs,
     last_state_dtype,
     resolve_out_dtype,
@@ -144,12 +144,9 @@ def linear_recurrence(
         method = default_method(x.shape[time_axis])
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {('auto',) + METHODS}")
-    if (
-        isinstance(chunk_size, bool)
-        or not isinstance(chunk_size, numbers.Integral)
-        or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a whole number >= 1; got {chunk_size!r}")
+    check_chunk_size(chunk_size)
+    if method == "pallas" and x.size == 0:  # no rows or channels: no kernel grid to run
+        method = "sequential"
     if time_axis != x.ndim - 2 and method != "sequential":
         moved = linear_recurrence(
             jnp.moveaxis(jnp.broadcast_to(a, x.shape), time_axis, -2),
