@@ -314,8 +314,22 @@ def _integer(value: Any, key: str, what: str) -> int:
         number = int(value)
     except (TypeError, ValueError):
         number = None
-    if number is None or isinstance(value, bool) or (isinstance(value, float) and number != value):
+    fractional = isinstance(value, (float, np.floating)) and number != value  # np.float32(16.5)
+    if number is None or isinstance(value, (bool, np.bool_)) or fractional:
         raise ConversionError(f"{what}: {key}={value!r} is not an integer")
+    return number
+
+
+def _positive_number(config: Mapping[str, Any], key: str, default: float, what: str) -> float:
+    """``config[key]`` (``default`` when absent) as a float > 0; a ConversionError naming the
+    key otherwise (``norm_eps=None`` was a bare TypeError)."""
+    value = config.get(key, default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not number > 0:
+        raise ConversionError(f"{what}: {key}={value!r} is not a number > 0")
     return number
 
 
@@ -468,10 +482,10 @@ def _fla_lm_settings(config: Mapping[str, Any], what: str) -> dict[str, Any]:
         vocab_size=_features(config, "vocab_size", what),
         features=d,
         num_layers=_features(config, "num_hidden_layers", what),
-        glu_expand=_fla_glu_expand(config, d),
+        glu_expand=_fla_glu_expand(config, d, what),
         glu_activation=_fla_hidden_act(config, what),
         use_lower_bound=_flag(config, "use_lower_bound", True, what),
-        norm_epsilon=float(config.get("norm_eps", 1e-6)),
+        norm_epsilon=_positive_number(config, "norm_eps", 1e-6, what),
         tie_embeddings=_flag(config, "tie_word_embeddings", False, what),
     )
 
@@ -550,23 +564,24 @@ def from_fla_hgrn_attention(
         d,
         expand_ratio=_integer(constructor.get("expand_ratio", 1), "expand_ratio", what),
         use_lower_bound=_fla_uses_lower_bound(constructor, what),
-        norm_epsilon=float(constructor.get("norm_eps", 1e-5)),
+        norm_epsilon=_positive_number(constructor, "norm_eps", 1e-5, what),
         param_dtype=dtype,
         rngs=nnx.Rngs(0),
     )
     return _load(module, _fla_attention_mapping((), ""), state_dict, dtype)
 
 
-def _fla_glu_expand(config: Mapping[str, Any], d: int) -> float:
+def _fla_glu_expand(config: Mapping[str, Any], d: int, what: str) -> float:
     """GLU hidden / d of an fla config: ``intermediate_size``, or fla's default of 2/3 of
     ``hidden_ratio * d`` rounded up to a multiple of 256 (``hidden_ratio`` None or absent: 4, as
     fla's ``GatedMLP``)."""
     hidden = config.get("intermediate_size")
     if hidden is None:
         ratio = config.get("hidden_ratio")
-        hidden = int(d * (4 if ratio is None else ratio) * 2 / 3)
+        ratio = 4.0 if ratio is None else _positive_number(config, "hidden_ratio", 4.0, what)
+        hidden = int(d * ratio * 2 / 3)
         hidden = 256 * ((hidden + 255) // 256)
-    return int(hidden) / d
+    return _integer(hidden, "intermediate_size", what) / d
 
 
 def fla_lm_config(config: Mapping[str, Any] | Any) -> LMConfig:

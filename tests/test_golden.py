@@ -189,6 +189,21 @@ def test_fla_lm_converter_refuses_an_activation_fla_does_not_build(golden, act):
         convert.from_fla_hgrn_lm(config, case.params)
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"norm_eps": None}, r"norm_eps=None is not a number > 0"),  # was a bare TypeError
+        ({"intermediate_size": 64.5}, r"intermediate_size=64\.5 is not an integer"),  # was 64
+        ({"hidden_size": np.float32(16.5)}, r"hidden_size=np\.float32\(16\.5\) is not an"),
+    ],
+)
+def test_fla_lm_converter_names_malformed_numbers(golden, change, message):
+    case = golden("fla_hgrn_lm")
+    config = dict(case.meta["constructor"]["HGRNConfig"], **change)
+    with pytest.raises(convert.ConversionError, match=rf"^HGRNConfig: {message}"):
+        convert.from_fla_hgrn_lm(config, case.params)
+
+
 def test_fla_converters_refuse_unknown_keywords_naming_the_closest(golden):
     """A misspelt fla keyword was ignored: ``layer_index=1`` loaded layer 0's behaviour (the
     lower bound dropped, relative error 0.36 against the golden) without a word; a config key
