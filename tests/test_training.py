@@ -1752,7 +1752,10 @@ def test_an_input_worker_that_hangs_again_after_its_restart_stops_the_run(tmp_pa
             r"unknown config key --config\.optimizer\.lr: config\.optimizer has no 'lr'; its keys "
             r"are .*learning_rate",
         ),
-        ("--config.batch_size=abc", r"--config.batch_size=abc: invalid literal for int"),
+        (
+            "--config.batch_size=abc",
+            r"--config.batch_size=abc: --config.batch_size must be a whole number",
+        ),
         ("--config.epochs=3", r"--config.epochs=3 does not change the run: .*num_train_steps"),
     ],
 )
