@@ -2433,19 +2433,24 @@ def test_the_exit_after_a_failure_waits_for_no_stuck_thread(threads):
         assert (done.returncode, done.stdout) == (0, "returned\nexit handlers ran\n"), done.stderr
 
 
+def test_device_and_process_variables_are_whole_numbers():
+    from hgrn_jax.sharding import env_whole_number
+
+    assert env_whole_number("N", 1, {}) is None and env_whole_number("N", 1, {"N": " "}) is None
+    assert env_whole_number("N", 0, {"N": "0"}) == 0 and env_whole_number("N", 1, {"N": "8"}) == 8
+    for text, minimum in (("abc", 1), ("0", 1), ("-2", 1), ("two", 1), ("x", 0), ("1.5", 0)):
+        with pytest.raises(ValueError, match=rf"^N='{re.escape(text)}' must be a whole number >= "):
+            env_whole_number("N", minimum, {"N": text})
+
+
 @pytest.mark.parametrize(
     "variable, value, minimum",
-    [
-        ("HGRN_NUM_CPU_DEVICES", "abc", 1),
-        ("HGRN_NUM_CPU_DEVICES", "0", 1),
-        ("HGRN_NUM_CPU_DEVICES", "-2", 1),
-        ("JAX_NUM_PROCESSES", "two", 1),
-        ("JAX_PROCESS_ID", "x", 0),
-    ],
+    [("HGRN_NUM_CPU_DEVICES", "0", 1), ("JAX_NUM_PROCESSES", "two", 1)],
 )
 def test_a_malformed_device_or_process_variable_is_one_line(tmp_path, variable, value, minimum):
-    """These gave an int() traceback (abc, two, x), an XLA error about process indices (0),
-    or nothing at all (-2); now one line naming the variable, exit 2, nothing made."""
+    """These gave an XLA error about process indices (0) or an int() traceback (two; also
+    JAX_PROCESS_ID=x), and HGRN_NUM_CPU_DEVICES=-2 was taken; now one line naming the
+    variable, exit 2, nothing made (the rule itself: the test above)."""
     command = [sys.executable, "-m", "experiments.train", f"--config={TOY_CONFIG}"]
     command += [f"--workdir={tmp_path / 'run'}"]
     env = dict(cli_env(), **{variable: value})
