@@ -245,7 +245,7 @@ def _load(
             raise AssertionError(
                 f"converter bug: module has no parameter {'.'.join(map(str, path))}"
             )
-        given = np.asarray(state_dict[theirs])
+        given = _weight(state_dict[theirs], theirs)
         try:
             value = transform(given)
         except ValueError as error:
@@ -263,6 +263,23 @@ def _load(
     if unset:
         raise AssertionError(f"converter bug: parameters left at their initial values: {unset}")
     return module
+
+
+def _weight(value: Any, name: str) -> np.ndarray:
+    """``state_dict[name]`` as a real NumPy array; a ConversionError naming ``name`` for a
+    ragged nested list (numpy's error named no key) or complex values (cast to the real
+    parameters, their imaginary parts dropped with only numpy's ComplexWarning)."""
+    try:
+        array = np.asarray(value)
+    except ValueError as error:
+        raise ConversionError(f"parameter {name} is not an array ({error})") from None
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype.name == "bfloat16"):
+        raise ConversionError(f"parameter {name} has dtype {array.dtype}, not numbers")
+    if np.iscomplexobj(array):
+        raise ConversionError(
+            f"parameter {name} is complex ({array.dtype}); the reference's parameters are real"
+        )
+    return array
 
 
 def _listed(names: Sequence[str]) -> str:

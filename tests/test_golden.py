@@ -204,6 +204,20 @@ def test_fla_lm_converter_names_malformed_numbers(golden, change, message):
         convert.from_fla_hgrn_lm(config, case.params)
 
 
+def test_a_weight_that_is_no_real_array_is_named(golden):
+    """A complex weight lost its imaginary part with only numpy's ComplexWarning; a ragged
+    nested list was numpy's "inhomogeneous shape" error naming no key."""
+    case = golden("fla_hgrn_attention")
+    ctor, params = case.meta["constructor"], dict(case.params)
+    name = "i_proj.weight"
+    weight = np.asarray(params[name])
+    with pytest.raises(convert.ConversionError, match=rf"^parameter {name} is complex"):
+        convert.from_fla_hgrn_attention(ctor, dict(params, **{name: weight * (1 + 1j)}))
+    ragged = [list(weight[0]), list(weight[1][:-1])]
+    with pytest.raises(convert.ConversionError, match=rf"^parameter {name} is not an array"):
+        convert.from_fla_hgrn_attention(ctor, dict(params, **{name: ragged}))
+
+
 def test_fla_converters_refuse_unknown_keywords_naming_the_closest(golden):
     """A misspelt fla keyword was ignored: ``layer_index=1`` loaded layer 0's behaviour (the
     lower bound dropped, relative error 0.36 against the golden) without a word; a config key
