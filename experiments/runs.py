@@ -330,9 +330,9 @@ def find_runs(folders: list[str | Path], *, skip_broken: bool = False) -> list[R
             print(f"warning: skipping {run_dir}: {error}", file=sys.stderr)
             continue
         runs.append(run)
-        if run.non_finite():
+        if non_finite := run.non_finite():
             print(
-                f"warning: {run_dir}: results.json's {', '.join(run.non_finite())} (not "
+                f"warning: {run_dir}: results.json's {', '.join(non_finite)} (not "
                 "finite: did the run diverge?); shown as such in the tables",
                 file=sys.stderr,
             )

@@ -102,6 +102,16 @@ def check_chunk_size(chunk_size: Any) -> None:
         raise ValueError(f"chunk_size must be a whole number >= 1; got {chunk_size!r}")
 
 
+def matrix_inputs_dtype(dtype: jnp.dtype, h0: jax.Array | None) -> jnp.dtype:
+    """The dtype a matrix recurrence computes in: its inputs' ``dtype``, promoted with ``h0``'s
+    where the initial state is complex or wider than their accumulation dtype (a state is never
+    cast down)."""
+    inputs_acc = accumulation_dtype(dtype)
+    if h0 is not None and jnp.promote_types(inputs_acc, h0.dtype) != inputs_acc:
+        return jnp.result_type(dtype, h0)
+    return dtype
+
+
 def last_state_dtype(dtype: jnp.dtype, out_dtype: jnp.dtype) -> jnp.dtype:
     """The dtype of a returned last state: the accumulation dtype of the inputs' ``dtype``, or
     ``out_dtype`` where that is wider (a bfloat16 chain's state stays float32, so that decoding

@@ -78,7 +78,12 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hgrn_jax.ops.common import accumulation_dtype, check_chunk_size, resolve_out_dtype
+from hgrn_jax.ops.common import (
+    accumulation_dtype,
+    check_chunk_size,
+    matrix_inputs_dtype,
+    resolve_out_dtype,
+)
 
 MatrixMethod = Literal["auto", "sequential", "chunked", "pallas"]
 MATRIX_METHODS: tuple[str, ...] = ("sequential", "chunked", "pallas")
@@ -195,10 +200,7 @@ def matrix_recurrence(
     q, k, v, log_decay = (jnp.asarray(t) for t in (q, k, v, log_decay))
     h0 = None if h0 is None else jnp.asarray(h0)
     state_shape = _check_shapes(q, k, v, log_decay, h0)
-    dtype = jnp.result_type(q, k, v, log_decay)
-    inputs_acc = accumulation_dtype(dtype)
-    if h0 is not None and jnp.promote_types(inputs_acc, h0.dtype) != inputs_acc:
-        dtype = jnp.result_type(dtype, h0)  # a complex or wider state is not cast down
+    dtype = matrix_inputs_dtype(jnp.result_type(q, k, v, log_decay), h0)
     out_dtype = resolve_out_dtype(dtype, out_dtype)
     acc = accumulation_dtype(dtype)
     if method == "auto":

@@ -43,6 +43,7 @@ from hgrn_jax.ops.common import (
     chain_carries,
     check_inputs,
     last_state_dtype,
+    matrix_inputs_dtype,
     resolve_out_dtype,
     state_shape,
 )
@@ -394,11 +395,8 @@ def sharded_matrix_recurrence(
         return matrix_recurrence(
             q, k, v, log_decay, h0, scale=scale, return_last_state=return_last_state, **kwargs
         )
-    dtype = jnp.result_type(q, k, v, log_decay)
     h0 = None if h0 is None else jnp.asarray(h0)
-    inputs_acc = accumulation_dtype(dtype)
-    if h0 is not None and jnp.promote_types(inputs_acc, h0.dtype) != inputs_acc:
-        dtype = jnp.result_type(dtype, h0)  # as in matrix_recurrence: not cast down
+    dtype = matrix_inputs_dtype(jnp.result_type(q, k, v, log_decay), h0)
     acc = accumulation_dtype(dtype)
     out_dtype = resolve_out_dtype(dtype, out_dtype)
     h0 = jnp.zeros(state, acc) if h0 is None else h0.astype(acc)
