@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hgrn_jax.training.logging import EVENTS_FILE
+from hgrn_jax.training.logging import EVENTS_FILE, read_metric_lines
 from hgrn_jax.training.workdir import (
     LOCK_NAME,
     RUN_FILES,
@@ -154,28 +154,20 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
-    """The JSON records of a metrics.jsonl or events.jsonl; a truncated last line (a killed
-    run) is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    """The JSON records of a metrics.jsonl or events.jsonl (a truncated last line, from a
+    killed run, is skipped); a damaged line is left out with a warning naming it, so that one
+    bad line does not hide the run (:func:`~hgrn_jax.training.logging.read_metric_lines`)."""
+    return [record for record, _ in read_metric_lines(path, on_damaged=_warn)]
+
+
+def _warn(problem: str) -> None:
+    print(f"warning: {problem}", file=sys.stderr)
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
     """metrics.jsonl records (:func:`_read_records`), a non-finite number written as a string
     read as the float it is (:func:`with_numbers`)."""
-    return [
-        with_numbers(record, ("split",)) if isinstance(record, dict) else record
-        for record in _read_records(path)
-    ]
+    return [with_numbers(record, ("split",)) for record in _read_records(path)]
 
 
 REQUIRED_RESULTS = ("task", "metric", "test")
@@ -448,7 +440,7 @@ def stopped_state(events: list[dict[str, Any]]) -> str:
     lost host, the watchdog's exit 3); ``finished at TIME, but its results.json is gone`` (a
     run ended normally whose results were deleted); plain ``stopped`` for runs older than these
     records."""
-    events = [r for r in events if isinstance(r, dict) and isinstance(r.get("event"), str)]
+    events = [r for r in events if isinstance(r.get("event"), str)]
     if not events:
         return "stopped"
     last = events[-1]
@@ -513,7 +505,6 @@ def _written_by_a_run(run_dir: Path, records: list[dict[str, Any]]) -> bool:
     ):
         return True
     return any(
-        isinstance(record, dict)
-        and (record.get("split") in ("train", "val", "test") or record.get("event") == "started")
+        record.get("split") in ("train", "val", "test") or record.get("event") == "started"
         for record in records
     )

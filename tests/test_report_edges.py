@@ -165,6 +165,27 @@ def test_nan_strings_in_metrics_jsonl_are_read_as_numbers(tmp_path, capsys):
     assert (tmp_path / "c.png").stat().st_size > 1000
 
 
+def test_a_damaged_metrics_line_is_named_and_the_rest_still_read(tmp_path, capsys):
+    """A line of metrics.jsonl that is not a JSON record (a disk error, a hand edit) is left out
+    with a warning naming FILE:LINE; the report reads the records around it. Bytes that are not
+    UTF-8 stopped the whole report with a UnicodeDecodeError (it read the file as text)."""
+    runs = tmp_path / "runs"
+    done = write_run(
+        runs / "done", lra_config(), results_of("listops", 50.0, 51.0), records_of([40.0, 45.0])
+    )
+    lines = (done / "metrics.jsonl").read_bytes().split(b"\n")
+    lines[2] = b'{"step": 20, "split": "val", "accur'  # the first val record, cut short
+    lines[3] = b"\xff\xfe garbage"
+    (done / "metrics.jsonl").write_bytes(b"\n".join(lines))
+    (run,) = find_runs([runs])
+    assert curves.curve_points(run, "val", "accuracy") == [(40, 45.0)]
+    out, err = run_report(tmp_path, capsys)
+    metrics = done / "metrics.jsonl"
+    assert f"warning: {metrics}:3 is not a JSON record" in err
+    assert f"warning: {metrics} is not UTF-8 text (byte " in err and "line 4)" in err
+    assert "50.00" in out
+
+
 # -- Bug 2: models the report cannot tell ------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,34 +53,50 @@ def write_json(path: str | Path, obj: Any) -> None:
 EVENTS_FILE = "events.jsonl"
 
 
-def read_metric_lines(path: Path) -> list[tuple[dict[str, Any], str]]:
-    """The records of a ``metrics.jsonl`` with their lines. A last line without its newline
-    that is not JSON was cut short by a kill and is dropped; any other line that is not a JSON
-    object raises ValueError naming ``path`` and the line (rewinding would delete it)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as failure:
-        raise ValueError(
-            f"{path} is not UTF-8 text (byte {failure.start}); nothing was changed. Move it "
-            "aside to resume this run, or use a new --workdir"
-        ) from None
-    lines = text.split("\n")
+def read_metric_lines(
+    path: Path, *, on_damaged: Callable[[str], None] | None = None
+) -> list[tuple[dict[str, Any], str]]:
+    """The records of a ``metrics.jsonl`` (or ``events.jsonl``) with their lines. A last line
+    without its newline that is not JSON was cut short by a kill and is dropped.
+
+    Any other line that is not a JSON object (or not UTF-8 text) raises ValueError naming
+    ``path`` and the line (rewinding would delete it), unless ``on_damaged`` is given: then
+    that line is left out and ``on_damaged`` gets a one-line description of it, for readers
+    that must go on (the report). A missing file has no records.
+    """
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().split(b"\n")
     records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    offset = 0
+    for number, raw in enumerate(lines, 1):
+        start, offset = offset, offset + len(raw) + 1
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):  # no newline after it: a write cut short by a kill
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as failure:
+            problem = (
+                f"{path} is not UTF-8 text (byte {start + failure.start}, line {number}); "
+                "nothing was changed. Move it aside to resume this run, or use a new --workdir"
+            )
+        else:
+            if not line.strip():
                 continue
-            record = None
-        if not isinstance(record, dict):
-            raise ValueError(
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # no newline after it: a write cut short by a kill
+                    continue
+                record = None
+            if isinstance(record, dict):
+                records.append((record, line))
+                continue
+            problem = (
                 f"{path}:{number} is not a JSON record ({line[:60]!r}); nothing was changed. "
                 "Mend or delete that line to resume this run"
             )
-        records.append((record, line))
+        if on_damaged is None:
+            raise ValueError(problem)
+        on_damaged(problem.split(";")[0] + "; that line is left out")
     return records
 
 
