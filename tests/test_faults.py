@@ -1445,6 +1445,9 @@ def test_two_runs_at_once_the_second_fails_naming_the_holder(tmp_path):
             f"--config={TOY_CONFIG}",
             f"--workdir={tmp_path}",
             "--config.data.sleep_per_step=0.3",
+            # Ended by SIGTERM below; enough steps to outlive the second run's start on a busy
+            # machine (12 steps, 3.6 s, ended first once, and the second resumed its run).
+            "--config.num_train_steps=2000",
         ],
         cwd=REPO,
         env=cli_env(),
@@ -1459,6 +1462,7 @@ def test_two_runs_at_once_the_second_fails_naming_the_holder(tmp_path):
             assert time.time() < deadline, "the first run never took the lock"
             time.sleep(0.05)
         second = _train(TOY_CONFIG, tmp_path, "--config.optimizer.learning_rate=0.5")
+        assert first.poll() is None, "the first run ended before the second started"
         _assert_one_line_usage_error(second, rf"in use by another run .*pid {first.pid}")
     finally:
         first.send_signal(signal.SIGTERM)
