@@ -66,6 +66,25 @@ def test_a_float64_layer_computes_float32_inputs_in_float64():
             )
 
 
+def test_a_float32_layer_computes_bfloat16_inputs_in_float32_to_its_end():
+    """With ``dtype=None`` a layer computes in its inputs and parameters promoted (Flax's rule),
+    but the recurrence's output was cast to the inputs' dtype before the norm: a float32 layer
+    fed bfloat16 activations rounded it to bfloat16 there (3e-3 off the same values given in
+    float32), a float64 layer (float64 parameters) fed float32 ones to float32 (7e-8). Now
+    both equal the wider inputs' run bit for bit."""
+    x = jax.random.normal(jax.random.key(3), (2, 5, D), jnp.float32).astype(jnp.bfloat16)
+    for name, layer in _mixers().items():
+        y = layer(x)
+        assert y.dtype == jnp.float32, name
+        np.testing.assert_array_equal(y, layer(x.astype(jnp.float32)), err_msg=name)
+    with jax.enable_x64(True):
+        x = x.astype(jnp.float32)
+        for name, layer in _mixers(None, jnp.float64).items():
+            y = layer(x)
+            assert y.dtype == jnp.float64, name
+            np.testing.assert_array_equal(y, layer(x.astype(jnp.float64)), err_msg=name)
+
+
 @pytest.mark.parametrize("name", ["FlaHGRNAttention", "HGRN2", "FlaHGRN2Attention"])
 def test_a_complex_state_in_a_real_mixer_is_refused(name):
     """An HGRU's complex state handed to a real mixer ran, its imaginary part dropped."""
@@ -80,6 +99,21 @@ def test_a_complex_state_in_a_real_mixer_is_refused(name):
         layer.step(x, state.astype(jnp.complex64))
     with pytest.raises(ValueError, match=rf"^{name}\.step: state has dtype int32"):
         layer.step(x, state.astype(jnp.int32))
+
+
+@pytest.mark.parametrize("name", ["FlaHGRNAttention", "HGRN2", "FlaHGRN2Attention"])
+def test_a_state_narrower_than_the_layer_s_is_refused(name):
+    """A bfloat16 state (a cache cast down to save memory) was taken and a float32 one given
+    back, so a lax.scan decoding loop failed on its carry with JAX's message naming no layer.
+    (The complex HGRU refuses any real state: test_a_real_state_in_the_complex_hgru_is_refused.)"""
+    layer = _mixers()[name]
+    state = layer.init_state(1)
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name}\.step: state has dtype bfloat16, narrower than this layer's state "
+        r"\(float32\).*start from layer\.init_state\(1\).*cast it with \.astype",
+    ):
+        layer.step(jnp.ones((1, 2, D)), state.astype(jnp.bfloat16))
 
 
 def test_a_real_state_in_the_complex_hgru_is_refused():

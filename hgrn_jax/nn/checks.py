@@ -258,7 +258,8 @@ def check_state(state: jax.Array, want: tuple[int, ...], dtype: jnp.dtype, layer
     """Raise ValueError naming both and the fix unless a streaming ``state`` has the shape
     ``want`` of the layer's ``init_state(B)`` for the batch ``B = want[0]`` of its input, and is
     complex where that state's ``dtype`` is and real where it is real (a complex state in a real
-    mixer lost its imaginary part without a word; an integer one is no state)."""
+    mixer lost its imaginary part without a word; an integer one is no state), and is at least
+    as wide as ``dtype`` (a bfloat16 state came back float32, and a scan refused the carry)."""
     got = tuple(np.shape(state))
     fix = f"start from layer.init_state({want[0]}) (or the state the previous step returned)"
     if got != tuple(want):
@@ -275,6 +276,12 @@ def check_state(state: jax.Array, want: tuple[int, ...], dtype: jnp.dtype, layer
         raise ValueError(
             f"{layer}.step: state has dtype {got_dtype}; this layer's state is {kind} "
             f"({jnp.dtype(dtype)}): {fix}"
+        )
+    if jnp.promote_types(dtype, got_dtype) != got_dtype:
+        raise ValueError(
+            f"{layer}.step: state has dtype {got_dtype}, narrower than this layer's state "
+            f"({jnp.dtype(dtype)}), which a step would return (a lax.scan carry must keep its "
+            f"type): {fix}, or cast it with .astype(layer.state_dtype)"
         )
 
 

@@ -41,7 +41,13 @@ from hgrn_jax.nn.checks import (
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import apply_log_lower_bound
 from hgrn_jax.nn.norms import make_norm
-from hgrn_jax.nn.recurrent_state import carried, gate_dtype, layer_state_dtype, zero_state
+from hgrn_jax.nn.recurrent_state import (
+    carried,
+    compute_dtype,
+    gate_dtype,
+    layer_state_dtype,
+    zero_state,
+)
 from hgrn_jax.ops import METHODS, linear_recurrence
 from hgrn_jax.ops.sequence_parallel import padded_sharded_linear_recurrence
 
@@ -110,7 +116,7 @@ class FlaHGRNAttention(nnx.Module):
         check_mask(mask, x.shape, type(self).__name__, streaming=streaming)
 
     def output(self, h: jax.Array, x: jax.Array) -> jax.Array:
-        h = h.astype(self.dtype or x.dtype)
+        h = h.astype(compute_dtype(x.dtype, self.dtype, self.param_dtype))
         return self.o_proj(self.g_norm(h) * nnx.silu(self.g_proj(x)))
 
     def __call__(

@@ -64,7 +64,13 @@ from hgrn_jax.nn.checks import (
 from hgrn_jax.nn.initializers import dense
 from hgrn_jax.nn.lower_bounds import apply_log_lower_bound, bounded_decay_and_log
 from hgrn_jax.nn.norms import make_norm
-from hgrn_jax.nn.recurrent_state import carried, gate_dtype, layer_state_dtype, zero_state
+from hgrn_jax.nn.recurrent_state import (
+    carried,
+    compute_dtype,
+    gate_dtype,
+    layer_state_dtype,
+    zero_state,
+)
 from hgrn_jax.ops import MATRIX_METHODS, matrix_recurrence
 from hgrn_jax.ops.sequence_parallel import (
     cut_time,
@@ -158,7 +164,9 @@ class _MatrixMixer(nnx.Module):
 
     def _finish(self, o: jax.Array, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         heads_joined = o.reshape(o.shape[:-2] + (o.shape[-2] * o.shape[-1],))  # (.., H * V)
-        y = self.output(heads_joined.astype(self.dtype or x.dtype), x)
+        y = self.output(
+            heads_joined.astype(compute_dtype(x.dtype, self.dtype, self.param_dtype)), x
+        )
         if mask is None:
             return y
         return jnp.where(_valid(mask, x.shape[-2])[..., 0], y, jnp.zeros_like(y))

@@ -35,7 +35,13 @@ from hgrn_jax.nn.checks import (
 from hgrn_jax.nn.initializers import axes_metadata, dense, logical, phase_init
 from hgrn_jax.nn.linear import Linear
 from hgrn_jax.nn.lower_bounds import apply_lower_bound, check_lower_bound
-from hgrn_jax.nn.recurrent_state import carried, gate_dtype, layer_state_dtype, zero_state
+from hgrn_jax.nn.recurrent_state import (
+    carried,
+    compute_dtype,
+    gate_dtype,
+    layer_state_dtype,
+    zero_state,
+)
 from hgrn_jax.ops import METHODS, default_method, linear_recurrence
 from hgrn_jax.ops.sequence_parallel import padded_sharded_linear_recurrence
 
@@ -319,7 +325,7 @@ class _HGRUBase(nnx.Module):
         """Norm, output gate and projection of the summed states ``h`` (..., d); ``gate`` is
         ``self.gate(x)`` when the caller has it already (from :meth:`projections`)."""
         feats = jnp.concatenate([h.real, h.imag], axis=-1) if self.complex_valued else h
-        feats = feats.astype(self.dtype or x.dtype)
+        feats = feats.astype(compute_dtype(x.dtype, self.dtype, self.param_dtype))
         gate = nnx.silu(self.gate(x) if gate is None else gate)
         if self.norm_before_gate:
             y = self.norm(feats) * gate

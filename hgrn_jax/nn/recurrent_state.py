@@ -24,6 +24,14 @@ def gate_dtype(x_dtype: jnp.dtype, dtype: jnp.dtype | None, param_dtype: jnp.dty
     return accumulation_dtype(jnp.result_type(x_dtype, dtype or param_dtype))
 
 
+def compute_dtype(x_dtype: jnp.dtype, dtype: jnp.dtype | None, param_dtype: jnp.dtype) -> jnp.dtype:
+    """The dtype a layer's projections and norms compute in (Flax's rule: ``dtype``, or the
+    inputs and parameters promoted); a recurrence's output is cast to it, not to the inputs'
+    dtype, so that a float32 layer fed bfloat16 activations does not round its states'
+    readout to bfloat16 before the norm."""
+    return jnp.dtype(dtype) if dtype is not None else jnp.result_type(x_dtype, param_dtype)
+
+
 def layer_state_dtype(
     dtype: jnp.dtype | None, param_dtype: jnp.dtype, complex_valued: bool = False
 ) -> jnp.dtype:
