@@ -573,3 +573,33 @@ def test_hgrn2_with_underflowing_forget_gates_has_finite_outputs_and_gradients(m
     assert bool(jnp.isfinite(value))
     for leaf in jax.tree.leaves(grads):
         assert bool(jnp.all(jnp.isfinite(leaf))), leaf
+
+
+def test_fla_log_bound_has_the_float64_formula_s_gradients_at_gamma_0_and_1():
+    """fla's log-space bound ``logaddexp(log gamma, log1p(-gamma) + log f)`` (FlaHGRN2Attention,
+    FlaHGRNAttention) gave nan gradients at gamma = 0 and 1, both legal bounds (-inf times a
+    zero weight); the formula ``log(gamma + (1 - gamma) f)`` has finite ones there. Values and
+    gradients against it in float64 at gamma 0, 0.3 and 1 (rtol 1e-12: the forms differ in a
+    few roundings); the values at the edges are fla's exactly (log f and 0)."""
+    from hgrn_jax.nn.lower_bounds import apply_log_lower_bound
+
+    with jax.enable_x64(True):
+        gamma = jnp.asarray([0.0, 0.3, 1.0, 0.0, 0.3, 1.0])
+        log_forget = jnp.asarray([-0.1, -0.1, -0.1, -3.0, -3.0, -3.0])
+
+        def formula(g, lf):
+            return jnp.log(g + (1.0 - g) * jnp.exp(lf))
+
+        for argnum in (0, 1):
+            ours = jax.grad(lambda *a: jnp.sum(apply_log_lower_bound(a[1], a[0])), argnum)
+            want = jax.grad(lambda *a: jnp.sum(formula(*a)), argnum)(gamma, log_forget)
+            got = ours(gamma, log_forget)
+            assert bool(jnp.all(jnp.isfinite(got))), (argnum, got)
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+        value = apply_log_lower_bound(log_forget, gamma)
+        np.testing.assert_allclose(value, formula(gamma, log_forget), rtol=1e-12)
+        np.testing.assert_array_equal(value[::3], log_forget[::3])
+        np.testing.assert_array_equal(value[2::3], 0.0)
+    # float32, a log forget gate far below the exp range: the value stays log f at gamma 0.
+    far = apply_log_lower_bound(jnp.asarray([-200.0]), 0.0)
+    np.testing.assert_array_equal(far, [-200.0])

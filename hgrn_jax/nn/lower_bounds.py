@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import jax
@@ -102,13 +103,27 @@ def apply_log_lower_bound(
 
     Like fla, ``log gamma`` and ``log1p(-gamma)`` are evaluated in the bound's own dtype (float32
     in its LMs) and then promoted to ``log_forget``'s: that keeps the last bits.
+
+    At ``gamma`` 0 and 1, where one of those logs is -inf, the values are fla's (``log_forget``
+    and 0) but come from forms whose gradients are finite: ``log_forget + log1p(gamma *
+    expm1(-log_forget))`` and ``log1p((gamma - 1) * -expm1(log_forget))`` (fla's form gives a
+    nan gradient with respect to ``gamma`` there, and to ``log_forget`` at 1).
     """
     if lower_bound is None:
         return log_forget
     check_lower_bound(lower_bound, log_forget.shape)
     gamma = jnp.asarray(lower_bound)
     acc = log_forget.dtype
-    return jnp.logaddexp(jnp.log(gamma).astype(acc), jnp.log1p(-gamma).astype(acc) + log_forget)
+    at_zero, at_one = gamma == 0, gamma == 1
+    inner = jnp.where(at_zero | at_one, 0.5, gamma)
+    value = jnp.logaddexp(jnp.log(inner).astype(acc), jnp.log1p(-inner).astype(acc) + log_forget)
+    zero = jnp.where(at_zero, gamma, 0.0).astype(acc)
+    # exp(-log_forget) overflows below this; the gradient there, ~1/forget, overflows anyway.
+    far = jnp.maximum(log_forget, math.log(jnp.finfo(acc).tiny))
+    from_zero = log_forget + jnp.log1p(zero * jnp.expm1(-far))
+    one = jnp.where(at_one, gamma, 1.0).astype(acc)
+    from_one = jnp.log1p((one - 1.0) * -jnp.expm1(log_forget))
+    return jnp.where(at_zero, from_zero, jnp.where(at_one, from_one, value))
 
 
 class LowerBounds(nnx.Module):
