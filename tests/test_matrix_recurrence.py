@@ -575,3 +575,25 @@ def test_pallas_names_complex_states_it_does_not_run():
     with pytest.raises(ValueError, match=r"^method='pallas' runs real states only; these are "):
         matrix_recurrence(q, q, q, -q, h0, method="pallas")
     assert matrix_recurrence(q, q, q, -q, h0, method="chunked").dtype == jnp.complex64
+
+
+@pytest.mark.parametrize("method", MATRIX_METHODS)
+def test_second_derivatives_match_the_scan_s(method):
+    """A Hessian-vector product (grad of grad) against JAX's autodiff of a plain scan, in
+    float64: the backward pass is differentiated again, through the boundary states the forward
+    kept. ``"pallas"`` failed there ("Linearization failed": JAX cannot linearize a
+    ``pallas_call``); its forward now takes the chunked form's tangents. rtol 1e-10: float64
+    sums in another order."""
+    with jax.enable_x64(True):
+        q, k, v, g, h0 = (jnp.asarray(t) for t in make_inputs((1,), 19, 1, 3, 2, seed=4))
+        direction = jnp.asarray(np.random.default_rng(5).normal(size=v.shape))
+
+        def hvp(recurrence):
+            def loss(v):
+                return jnp.sum(jnp.sin(recurrence(v)))
+
+            return jax.jit(jax.grad(lambda v: jnp.vdot(jax.grad(loss)(v), direction)))(v)
+
+        got = hvp(lambda v: matrix_recurrence(q, k, v, g, h0, method=method, chunk_size=16))
+        want = hvp(lambda v: scan_reference(q, k, v, g, h0, 1.0)[0])
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)

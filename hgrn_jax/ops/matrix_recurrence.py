@@ -265,7 +265,21 @@ def _forward(q, k, v, g, h0, scale, method, chunk):
         return _sequential(q, k, v, g, h0, scale, chunk)
     if method == "chunked":
         return _chunked(q, k, v, g, h0, scale, chunk)
+    return _pallas_with_chunked_jvp(q, k, v, g, h0, scale, chunk)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
+def _pallas_with_chunked_jvp(q, k, v, g, h0, scale, chunk):
+    """:func:`_pallas`, whose tangents are the chunked form's (the same function): JAX cannot
+    linearize a ``pallas_call``, and second derivatives differentiate the boundary states the
+    backward pass keeps (``jax.hessian`` failed with "Linearization failed")."""
     return _pallas(q, k, v, g, h0, scale, chunk)
+
+
+@_pallas_with_chunked_jvp.defjvp
+def _pallas_jvp(scale, chunk, primals, tangents):
+    _, tangents_out = jax.jvp(lambda *a: _chunked(*a, scale, chunk), primals, tangents)
+    return _pallas(*primals, scale, chunk), tangents_out
 
 
 def _matrix_recurrence_fwd(q, k, v, g, h0, scale, method, chunk):
