@@ -73,3 +73,30 @@ def test_type_handlers_follow_orbax_defaults_except_the_replica_parallel_thresho
             assert type(array[name]) is type(value)
         elif name not in ("_dispatcher", "_callback"):
             assert array[name] == value, name
+
+
+def test_a_numbered_folder_that_is_no_checkpoint_stops_the_run_untouched(tmp_path):
+    """Orbax takes every numbered folder in checkpoints/ for a step, and its keep policy deleted
+    a user's checkpoints/1/notes.txt (with the folder) at the run's next save. A numbered folder
+    holding anything a checkpoint does not is refused, naming it; one left partly deleted by a
+    kill (some items gone, or none) or with a checksum file cut short is still taken."""
+    import pytest
+
+    from hgrn_jax.training.checkpoint import CheckpointError
+
+    directory = tmp_path / "checkpoints"
+    Checkpoints(directory, async_save=False).save(4, {"w": jnp.ones(3)}, {"step": 4})
+    (directory / "1").mkdir()  # emptied by a deletion the kill cut short
+    (directory / "2" / "state").mkdir(parents=True)
+    (directory / "2" / "integrity.json.tmp").write_text("{")
+    Checkpoints(directory)
+    (directory / "3").mkdir()
+    (directory / "3" / "notes.txt").write_text("mine")
+    (directory / "3" / "model.pt").write_text("weights")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^{directory / '3'} holds model\.pt, notes\.txt, which no checkpoint of a run "
+        rf"writes.*nothing was changed\. Move that folder out of {directory} and run again$",
+    ):
+        Checkpoints(directory)
+    assert (directory / "3" / "notes.txt").read_text() == "mine"

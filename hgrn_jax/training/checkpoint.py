@@ -44,6 +44,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from hgrn_jax.training import agreement, integrity
 from hgrn_jax.training.integrity import (
+    MANIFEST,
     CheckpointError,
     CheckpointUnreadableError,
     DamagedCheckpointError,
@@ -229,6 +230,49 @@ class _StateRestore(ocp.args.StandardRestore):
     pass
 
 
+# Every entry Orbax and this module write at the top of a step folder (the items, Orbax's
+# metadata and commit marker, the checksums).
+CHECKPOINT_ENTRIES = frozenset(
+    {
+        "_CHECKPOINT_METADATA",
+        "commit_success.txt",
+        "descriptor",
+        "metrics",
+        "state",
+        "meta",
+        CONFIG_ITEM,
+        INPUT_ITEM,
+        MANIFEST,
+    }
+)
+
+
+def check_step_folders(directory: Path) -> None:
+    """CheckpointError unless every step-numbered folder in ``directory`` holds only what a
+    checkpoint of a run writes (:data:`CHECKPOINT_ENTRIES`; an empty or partly deleted one is
+    a checkpoint the keep policy was removing). Orbax takes any numbered folder for a step, and
+    its keep policy deletes it whole: a user's ``checkpoints/1/notes.txt`` was deleted at the
+    run's next save."""
+    if not directory.is_dir():
+        return
+    for folder in sorted(directory.iterdir()):
+        if not (folder.name.isdigit() and folder.is_dir()):
+            continue
+        foreign = sorted(
+            entry.name
+            for entry in folder.iterdir()
+            # integrity.json.tmp: a checksum file whose writing was cut short
+            if entry.name not in CHECKPOINT_ENTRIES and not entry.name.startswith(MANIFEST)
+        )
+        if foreign:
+            raise CheckpointError(
+                f"{folder} holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, "
+                "which no checkpoint of a run writes, and the keep policy would delete it with "
+                "the folder; nothing was changed. Move that folder out of "
+                f"{directory} and run again"
+            )
+
+
 class Checkpoints:
     """A run's checkpoint folder.
 
@@ -254,6 +298,7 @@ class Checkpoints:
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', not {best_mode!r}")
         self.directory = Path(directory).absolute()
+        check_step_folders(self.directory)
         self.best_metric, self.best_mode = best_metric, best_mode
         keep_policies: list[Any] = [policies.LatestN(n=max(int(keep), 1))]
         if best_metric is not None:
