@@ -111,6 +111,27 @@ def test_a_damaged_cache_names_the_file_and_the_fix(tmp_path, older_code, damage
         np.testing.assert_array_equal(again[key], value)
 
 
+def test_a_cache_folder_without_done_is_never_deleted(tmp_path):
+    """A cache folder without DONE is not one this code left (it renames a finished build into
+    place, DONE included): a copy from another host still in progress, say. It was deleted
+    with whatever it held and built again, in silence; now the run stops naming it, and the
+    folder and the build are left alone."""
+    cache = tmp_path / "cache"
+    key = {"what": "numbers"}
+    folder = loader.cache_folder(cache, "numbers", key)
+    folder.mkdir(parents=True)
+    (folder / "data.inputs.npy").write_bytes(b"being copied")
+    built = []
+    with pytest.raises(
+        BadDataError,
+        match=rf"^{re.escape(str(folder))} exists but holds no DONE file .*nothing was changed\. "
+        "Finish the copy, or remove the folder to prepare it again$",
+    ):
+        loader.prepared(cache, "numbers", key, built.append)
+    assert built == [] and [p.name for p in folder.iterdir()] == ["data.inputs.npy"]
+    assert sorted(p.name for p in cache.iterdir()) == [folder.name]  # no temporary folder left
+
+
 def test_a_cut_done_is_named_too(tmp_path):
     _, ids, _ = _prepare(tmp_path)
     _cut(ids / loader.DONE)

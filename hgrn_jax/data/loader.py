@@ -288,6 +288,8 @@ def prepared(
         if folder not in _BUILT_HERE:  # this process warned of its skipped examples as it built
             _warn_of_skipped(folder)
         return folder
+    if os.path.lexists(folder):
+        raise _not_ours(folder)
     check_cache_dir(cache_dir)
     with naming_the_cache_dir(cache_dir):
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -314,14 +316,24 @@ def prepared(
         _BUILT_HERE.add(folder)
         try:
             os.rename(tmp, folder)
-        except OSError:  # another process finished first (or a stale, unfinished folder)
+        except OSError:  # another process finished first (or made the folder otherwise)
             if not (folder / DONE).is_file():
-                shutil.rmtree(folder, ignore_errors=True)
-                os.rename(tmp, folder)
+                raise _not_ours(folder) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _not_ours(folder: Path) -> BadDataError:
+    """The error for a cache folder without DONE: this module renames a finished build into
+    place, DONE included, so it is someone's copy, perhaps still in progress (such a folder
+    was deleted and built again, a user's files in it with it)."""
+    return BadDataError(
+        f"{folder} exists but holds no {DONE} file (a copy of a prepared cache still in "
+        "progress, or cut short?); nothing was changed. Finish the copy, or remove the folder "
+        "to prepare it again"
+    )
 
 
 def damaged(file: str | Path, folder: str | Path, problem: str) -> BadDataError:
