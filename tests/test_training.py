@@ -2079,3 +2079,29 @@ def test_an_unguarded_script_s_workers_say_to_guard_it(tmp_path):
         r"`if __name__ == '__main__':`, or set config.data.workers=0",
         error,
     ), error
+
+
+def test_a_finished_run_trained_further_keeps_its_results_and_test_record(tmp_path, capsys):
+    """Raising num_train_steps of a finished run continues it; the run deleted its test record
+    from metrics.jsonl (rewinding drops the test records: they are written again at the end)
+    and overwrote its results.json, so the score at the old end was lost. Both are kept now:
+    results-step12.json and the step-12 test record; a plain rerun of a finished run still
+    rewrites its last test record instead of adding one."""
+    config = toy_config()
+    first = train_and_evaluate(config, tmp_path, task=ToyTask(config))
+    first_text = (tmp_path / "results.json").read_text()
+    config.num_train_steps = config.schedule.decay_steps = 18
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigChangeWarning)
+        second = train_and_evaluate(config, tmp_path, task=ToyTask(config))
+        assert second["steps"] == 18 and first["steps"] == 12
+        assert (tmp_path / "results-step12.json").read_text() == first_text
+        assert "its results.json is now results-step12.json" in capsys.readouterr().err
+        train_and_evaluate(config, tmp_path, task=ToyTask(config))  # finished: tested again
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    tests = [(r["step"], r["accuracy"]) for r in records if r["split"] == "test"]
+    assert tests == [(12, first["test"]), (18, second["test"])]
+    assert sorted(p.name for p in tmp_path.glob("results*.json")) == [
+        "results-step12.json",
+        "results.json",
+    ]

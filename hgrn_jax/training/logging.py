@@ -52,6 +52,10 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 EVENTS_FILE = "events.jsonl"
 
+KEPT_RESULTS = "results-step"
+"""The name's start of a finished run's ``results.json`` kept when it trains further
+(``results-step<step>.json``: :meth:`MetricsWriter.rewind`)."""
+
 
 def read_metric_lines(
     path: Path, *, on_damaged: Callable[[str], None] | None = None
@@ -100,6 +104,15 @@ def read_metric_lines(
     return records
 
 
+def _free_name(folder: Path, stem: str, suffix: str) -> Path:
+    """``folder/stem+suffix``, or ``stem-2``, ``stem-3``, ... : the first that does not exist."""
+    path, number = folder / f"{stem}{suffix}", 1
+    while os.path.lexists(path):
+        number += 1
+        path = folder / f"{stem}-{number}{suffix}"
+    return path
+
+
 class MetricsWriter:
     """Appends metrics to ``metrics.jsonl`` and TensorBoard; a no-op unless ``enabled``."""
 
@@ -118,20 +131,32 @@ class MetricsWriter:
         if self.enabled:
             read_metric_lines(self.workdir / "metrics.jsonl")
 
-    def rewind(self, step: int) -> None:
+    def rewind(self, step: int, total_steps: int) -> Path | None:
         """Forget records after ``step`` (written by a run that died before its next checkpoint
-        and is now resumed from ``step``) and the final test records (written again at the end)."""
+        and is now resumed from ``step``) and the test records of a run that ends at
+        ``total_steps`` or sooner (written again at the end).
+
+        A finished run trained further (``step < total_steps``, its ``results.json`` present)
+        keeps its test record, and its ``results.json`` is renamed ``results-step<step>.json``
+        (the next free name): the end writes a new one. Returns that path, if any."""
         if not self.enabled:
-            return
+            return None
         path = self.workdir / "metrics.jsonl"
         self._jsonl.close()
         kept = [
             line
             for record, line in read_metric_lines(path)
-            if record.get("step", 0) <= step and record.get("split") != "test"
+            if record.get("step", 0) <= step
+            and not (record.get("split") == "test" and record.get("step", 0) >= total_steps)
         ]
+        kept_results = None
+        results = self.workdir / "results.json"
+        if step < total_steps and results.is_file():
+            kept_results = _free_name(self.workdir, f"{KEPT_RESULTS}{step}", ".json")
+            os.rename(results, kept_results)
         replace_synced(path, "".join(line + "\n" for line in kept))
         self._jsonl = open(path, "a", encoding="utf-8")
+        return kept_results
 
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
         """One record: ``{"step": step, "split": split, **metrics}``."""

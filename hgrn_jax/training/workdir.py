@@ -58,7 +58,13 @@ from typing import Any
 
 from hgrn_jax.data.disk_space import describe_free_space
 from hgrn_jax.data.loader import TENSORSTORE_OS_ERROR, file_in_the_way
-from hgrn_jax.training.logging import EVENTS_FILE, jsonable, read_metric_lines, write_json
+from hgrn_jax.training.logging import (
+    EVENTS_FILE,
+    KEPT_RESULTS,
+    jsonable,
+    read_metric_lines,
+    write_json,
+)
 
 LOCK_NAME = "run.lock"
 LOCK_HEARTBEAT_S = 5.0
@@ -959,7 +965,8 @@ def archive_previous_run(workdir: str | Path) -> Path:
         suffix += 1
         folder = workdir / f"previous-{stamp}-{suffix}"
     folder.mkdir()
-    for name in (*RUN_FILES, "config.json"):
+    kept_results = sorted(path.name for path in workdir.glob(f"{KEPT_RESULTS}*.json"))
+    for name in (*RUN_FILES, *kept_results, "config.json"):
         if (workdir / name).exists():
             os.rename(workdir / name, folder / name)
     return folder
