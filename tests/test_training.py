@@ -1148,6 +1148,8 @@ def test_time_budget_ends_the_run_like_its_last_step_and_a_rerun_trains_no_more(
     assert again["steps"] == done and again["test"] == results["test"]
     assert again["best_val"] == results["best_val"]
     assert _logged_steps(tmp_path)["train"] == [r["step"] for r in records if r["split"] == "train"]
+    assert _logged_steps(tmp_path)["test"] == [done]  # tested again in place
+    assert not list(tmp_path.glob("results-step*"))
     with pytest.raises(ValueError, match=r"config.max_train_time_s=-1.0 must be 0"):
         config.max_train_time_s = -1.0
         check_run_lengths(config)
@@ -2096,7 +2098,7 @@ def test_a_finished_run_trained_further_keeps_its_results_and_test_record(tmp_pa
         second = train_and_evaluate(config, tmp_path, task=ToyTask(config))
         assert second["steps"] == 18 and first["steps"] == 12
         assert (tmp_path / "results-step12.json").read_text() == first_text
-        assert "its results.json is now results-step12.json" in capsys.readouterr().err
+        assert "earlier end is kept as results-step12.json" in capsys.readouterr().err
         train_and_evaluate(config, tmp_path, task=ToyTask(config))  # finished: tested again
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     tests = [(r["step"], r["accuracy"]) for r in records if r["split"] == "test"]

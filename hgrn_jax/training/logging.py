@@ -131,32 +131,41 @@ class MetricsWriter:
         if self.enabled:
             read_metric_lines(self.workdir / "metrics.jsonl")
 
-    def rewind(self, step: int, total_steps: int) -> Path | None:
-        """Forget records after ``step`` (written by a run that died before its next checkpoint
-        and is now resumed from ``step``) and the test records of a run that ends at
-        ``total_steps`` or sooner (written again at the end).
+    def rewind(self, step: int) -> None:
+        """Forget records after ``step``, written by a run that died before its next checkpoint
+        and is now resumed from ``step``."""
+        self._keep_records(lambda record: record.get("step", 0) <= step)
 
-        A finished run trained further (``step < total_steps``, its ``results.json`` present)
-        keeps its test record, and its ``results.json`` is renamed ``results-step<step>.json``
-        (the next free name): the end writes a new one. Returns that path, if any."""
+    def end(self, step: int) -> Path | None:
+        """Before the final records of a run that ends at ``step``: forget a test record of
+        that step (a run rerun after it finished, or killed before its ``results.json``, is
+        tested again), and keep the ``results.json`` of an earlier end (a finished run given
+        more steps) as ``results-step<its steps>.json`` (the next free name), which this
+        returns; its test record stays in ``metrics.jsonl``."""
         if not self.enabled:
             return None
+        self._keep_records(lambda r: not (r.get("split") == "test" and r.get("step") == step))
+        results = self.workdir / "results.json"
+        if not results.is_file():
+            return None
+        try:
+            ended = json.loads(results.read_text(encoding="utf-8")).get("steps")
+        except (ValueError, AttributeError):
+            ended = "unknown"
+        if ended == step:
+            return None
+        kept = _free_name(self.workdir, f"{KEPT_RESULTS}{ended}", ".json")
+        os.rename(results, kept)
+        return kept
+
+    def _keep_records(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        if not self.enabled:
+            return
         path = self.workdir / "metrics.jsonl"
         self._jsonl.close()
-        kept = [
-            line
-            for record, line in read_metric_lines(path)
-            if record.get("step", 0) <= step
-            and not (record.get("split") == "test" and record.get("step", 0) >= total_steps)
-        ]
-        kept_results = None
-        results = self.workdir / "results.json"
-        if step < total_steps and results.is_file():
-            kept_results = _free_name(self.workdir, f"{KEPT_RESULTS}{step}", ".json")
-            os.rename(results, kept_results)
+        kept = [line for record, line in read_metric_lines(path) if keep(record)]
         replace_synced(path, "".join(line + "\n" for line in kept))
         self._jsonl = open(path, "a", encoding="utf-8")
-        return kept_results
 
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
         """One record: ``{"step": step, "split": split, **metrics}``."""

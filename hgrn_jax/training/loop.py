@@ -35,6 +35,7 @@ Accuracy is reported in percent (as the paper's tables); perplexity as exp(mean 
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -222,15 +223,13 @@ class Run:
         self.writer = MetricsWriter(self.workdir, enabled=self.primary)
         self.started = False  # set by :meth:`start`: a run refused before it records no stop
 
-    def start(self, step: int, total_steps: int) -> Path | None:
+    def start(self, step: int) -> None:
         """Record that training (re)starts at ``step``, after every check that may refuse the
         run: forget the records a killed run wrote after ``step`` and note the start in
-        ``events.jsonl``. Returns where a finished run's results.json was kept when it trains
-        further (:meth:`MetricsWriter.rewind`)."""
-        kept_results = self.writer.rewind(step, total_steps)
+        ``events.jsonl``."""
+        self.writer.rewind(step)
         self.writer.event("started", step=step)
         self.started = True
-        return kept_results
 
     def close(self) -> None:
         """Close ``metrics.jsonl``, the TensorBoard writer and the checkpoint manager (after
@@ -633,12 +632,7 @@ def _train_validate_and_test(
     except Exception as failure:  # one process's data files: every process stops
         error = failure
     agreement.share_failures(error, "opening and checking the data splits")
-    kept_results = run.start(start, total_steps)
-    if kept_results is not None:
-        bar.write(
-            f"the run had finished at step {start}: its results.json is now {kept_results.name}, "
-            f"and its test record stays in metrics.jsonl; training on to step {total_steps}"
-        )
+    run.start(start)
     if restored is None or start < total_steps:  # a finished run trains nothing of config
         commit_config(workdir, config)  # after the input resumed: a refusal leaves config.json
     if restored is not None and input_state is None and batches.stateful:
@@ -754,6 +748,13 @@ def _train_validate_and_test(
     best_step, best_state = _restore_best(run, workdir)
     best_val = run.checkpoints.metrics(best_step)[run.best_key]
     test = run.evaluate(best_state, "test")
+    kept_results = run.writer.end(done)
+    if kept_results is not None:
+        print(
+            f"the results.json of this run's earlier end is kept as {kept_results.name} (its "
+            "test record stays in metrics.jsonl)",
+            file=sys.stderr,
+        )
     run.writer.write(done, "test", {**test, "best_step": best_step})
     results = {
         "task": run.task.name,
