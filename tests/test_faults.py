@@ -2463,3 +2463,47 @@ def test_a_malformed_device_or_process_variable_is_one_line(tmp_path, variable, 
         proc, rf"^error: (process \S+: )?{variable}='{value}' must be a whole number >= {minimum}"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_checkpoint_behind_a_link_to_another_file_system_is_set_aside_there(
+    tmp_path, monkeypatch
+):
+    """checkpoints/ a link to another file system (a larger disk): moving a damaged checkpoint
+    to checkpoints.damaged/ beside the link failed with EXDEV ("Invalid cross-device link"), and
+    every rerun stopped there instead of falling back. It goes to checkpoints/damaged/ then, on
+    the checkpoints' own file system, which Orbax does not take for a step. (The two file
+    systems are simulated: st_dev of the link differs from its parent's.)"""
+    from hgrn_jax.training import checkpoint as checkpoint_module
+    from hgrn_jax.training.checkpoint import CheckpointFallbackWarning, Checkpoints
+    from hgrn_jax.training.workdir import has_checkpoint
+
+    elsewhere = tmp_path / "big_disk" / "ckpts"
+    run = tmp_path / "run"
+    run.mkdir()
+    elsewhere.mkdir(parents=True)
+    (run / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    tree = {"w": jnp.arange(100_000.0)}
+    earlier = Checkpoints(run / "checkpoints", keep=3, async_save=False)
+    earlier.save(1, tree, {"step": 1})
+    earlier.save(2, jax.tree.map(lambda x: 2 * x, tree), {"step": 2})
+    earlier.close()
+    data = max(
+        (elsewhere / "2" / "state").glob("ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size
+    )
+    data.write_bytes(data.read_bytes()[:1000])
+
+    real_device = checkpoint_module._device
+    monkeypatch.setattr(
+        checkpoint_module,
+        "_device",
+        lambda path: real_device(path) + (Path(path) == run / "checkpoints"),
+    )
+    checkpoints = Checkpoints(run / "checkpoints", keep=3)
+    with pytest.warns(CheckpointFallbackWarning, match=r"moved it to .*checkpoints/damaged/2"):
+        step, _, _ = checkpoints.restore_latest(jax.eval_shape(lambda: tree))
+    checkpoints.close()
+    assert step == 1 and (elsewhere / "damaged" / "2" / "state").is_dir()
+    assert not (run / "checkpoints.damaged").exists()
+    assert Checkpoints(run / "checkpoints").all_steps() == [1]  # "damaged" is no step
+    shutil.rmtree(elsewhere / "1")
+    assert has_checkpoint(run)  # the damaged one still marks a run that checkpointed

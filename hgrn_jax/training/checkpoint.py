@@ -230,6 +230,16 @@ class _StateRestore(ocp.args.StandardRestore):
     pass
 
 
+DAMAGED_INSIDE = "damaged"
+"""The folder inside ``checkpoints/`` for damaged checkpoints where ``checkpoints.damaged/``
+would be on another file system (:attr:`Checkpoints.damaged_directory`)."""
+
+
+def _device(path: Path) -> int:
+    """The file system ``path`` (followed if a link) lies on."""
+    return os.stat(path).st_dev
+
+
 # Every entry Orbax and this module write at the top of a step folder (the items, Orbax's
 # metadata and commit marker, the checksums).
 CHECKPOINT_ENTRIES = frozenset(
@@ -525,11 +535,19 @@ class Checkpoints:
 
     @property
     def damaged_directory(self) -> Path:
-        """Where damaged checkpoints are moved: ``<directory>.damaged/``."""
-        return self.directory.with_name(self.directory.name + ".damaged")
+        """Where damaged checkpoints are moved: ``<directory>.damaged/``, or
+        ``<directory>/damaged/`` when ``<directory>`` is a link to another file system (a
+        rename cannot cross it; Orbax takes no non-numbered folder for a step)."""
+        beside = self.directory.with_name(self.directory.name + ".damaged")
+        inside = self.directory / DAMAGED_INSIDE
+        if inside.is_dir() or (
+            self.directory.is_symlink() and _device(self.directory) != _device(beside.parent)
+        ):
+            return inside
+        return beside
 
     def move_aside(self, step: int) -> Path:
-        """Rename checkpoint ``step`` into ``<directory>.damaged/`` (process 0) and forget it.
+        """Rename checkpoint ``step`` into :attr:`damaged_directory` (process 0) and forget it.
         Returns the new folder."""
         aside = self.damaged_directory
         destination = aside / str(step)

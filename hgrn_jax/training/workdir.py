@@ -890,11 +890,13 @@ def _saved_or_rebuilt_config(workdir: Path) -> tuple[dict[str, Any] | None, list
 
 def has_checkpoint(workdir: str | Path) -> bool:
     """Whether the run in ``workdir`` has checkpointed: ``checkpoints/`` holds a committed
-    checkpoint, or ``checkpoints.damaged/`` one moved aside as damaged. Either way its
-    ``config.json`` describes them, and a new config is checked against it rather than written
-    over it (a run whose every checkpoint is damaged stops: ``NoUsableCheckpointError``)."""
-    damaged = Path(workdir) / "checkpoints.damaged"
-    return bool(checkpoint_steps(workdir)) or (damaged.is_dir() and any(damaged.iterdir()))
+    checkpoint, or ``checkpoints.damaged/`` (``checkpoints/damaged/`` where that is a link to
+    another file system) one moved aside as damaged. Either way its ``config.json`` describes
+    them, and a new config is checked against it rather than written over it (a run whose every
+    checkpoint is damaged stops: ``NoUsableCheckpointError``)."""
+    workdir = Path(workdir)
+    damaged = (workdir / "checkpoints.damaged", workdir / "checkpoints" / "damaged")
+    return bool(checkpoint_steps(workdir)) or any(d.is_dir() and any(d.iterdir()) for d in damaged)
 
 
 def _mebibytes(folder: Path) -> float:
