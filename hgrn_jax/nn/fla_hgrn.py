@@ -56,7 +56,9 @@ class FlaHGRNAttention(nnx.Module):
     """fla's HGRN mixer: ``layer(x, lower_bound=None, mask=None)`` on (B, T, d) inputs.
 
     ``mask`` (B, T) marks real tokens with 1 and padding with 0; padded steps are identity steps
-    (decay 1, no input), wherever the padding sits.
+    (decay 1, no input), wherever the padding sits. Outputs at padded steps are not zeros (the
+    HGRN2 layers' are): they are fla's, the norm, gate and projection of the state carried
+    through the padding; leave them out of pooling and losses (the models here do).
     ``sequence_axis``: a mesh axis to split the sequence over in ``__call__`` (see the module
     docstring); None: unsplit.
     """

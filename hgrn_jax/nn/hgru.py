@@ -375,7 +375,9 @@ class HGRU(_HGRUBase):
         """``x`` (B, L, d), ``mask`` (B, L) with 1 for real tokens (None: no padding) -> (B, L, d).
 
         Padded steps are identity steps of every scan: real positions see exactly the unpadded
-        sequence, wherever the padding sits."""
+        sequence, wherever the padding sits. Outputs at padded steps are not zeros (the HGRN2
+        layers' are) but the readout of the state carried there: leave them out of pooling and
+        losses (the classifiers and the LM do)."""
         self.check_input(x, "(batch, length, d)", mask)
         projected = self.projections(x)
         lam, b = self.decay_and_input(x, lower_bound, projected)
@@ -491,7 +493,10 @@ class HGRU2D(_HGRUBase):
     def __call__(
         self, x: jax.Array, lower_bound: jax.Array | float = 0.0, mask: jax.Array | None = None
     ) -> jax.Array:
-        """``x`` (B, H, W, d), ``mask`` (B, H, W) with 1 for real cells -> (B, H, W, d)."""
+        """``x`` (B, H, W, d), ``mask`` (B, H, W) with 1 for real cells -> (B, H, W, d).
+
+        Padded cells are identity steps of every scan, and their outputs are not zeros, as in
+        :meth:`HGRU.__call__`."""
         self.check_input(x, "(batch, H, W, d)", mask)
         projected = self.projections(x)
         lam, b = self.decay_and_input(x, lower_bound, projected)
