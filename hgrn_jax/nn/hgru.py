@@ -349,6 +349,12 @@ class HGRU(_HGRUBase):
     ``use_forget_gate``, ``use_bias``, ``norm_epsilon``, ``method``, ``sequence_axis``, ``dtype``,
     ``param_dtype``) are those of the shared base, listed with their meaning under
     ``_HGRUBase``.
+
+    Under your own ``jax.checkpoint``/``nnx.remat``, a policy that saves the scans' complex
+    intermediates (``everything_saveable``, ``save_anything_except_these_names``) fails with
+    ``reduce_precision does not accept dtype complex64`` (a JAX bug): use the default policy,
+    ``dots_saveable`` or ``nothing_saveable``, ``complex_valued=False``, or
+    :class:`~hgrn_jax.nn.ResidualBlock`'s ``remat`` (:mod:`hgrn_jax.nn.remat`).
     """
 
     def __init__(
