@@ -183,3 +183,14 @@ def test_generate_checks_its_options_whatever_it_generates(lm):
         generate(lm, prompt, 0, rng="not a key")
     np.testing.assert_array_equal(generate(lm, prompt, 0), prompt)  # no key needed for none
     np.testing.assert_array_equal(generate(lm, prompt, 0, greedy=True), prompt)
+
+
+@pytest.mark.parametrize("cls", [HGRU, FlaHGRNAttention, HGRN2, FlaHGRN2Attention])
+@pytest.mark.parametrize("rngs", [None, 0])
+def test_rngs_that_is_no_nnx_rngs_is_named(cls, rngs):
+    """``rngs=None`` or a seed failed inside Flax's initializers ("'NoneType' object has no
+    attribute 'params'"), naming no layer."""
+    with pytest.raises(
+        ValueError, match=rf"^{cls.__name__}: rngs must be an nnx\.Rngs, e\.g\. rngs=nnx\.Rngs\(0\)"
+    ):
+        cls(D, rngs=rngs)

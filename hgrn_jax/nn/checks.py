@@ -35,6 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 _CHECKED = contextvars.ContextVar("hgrn_checked_token_ids", default=False)
 
@@ -158,6 +159,15 @@ def check_width(features: Any, layer: str, name: str = "features") -> None:
     a ZeroDivisionError inside Flax's initializer)."""
     if isinstance(features, bool) or not isinstance(features, (int, np.integer)) or features < 1:
         raise ValueError(f"{layer}: {name} must be a positive integer; got {features!r}")
+
+
+def check_rngs(rngs: Any, layer: str) -> None:
+    """Raise ValueError unless ``rngs`` is an ``nnx.Rngs`` (None or a seed failed inside Flax's
+    initializers with an AttributeError naming no layer)."""
+    if not isinstance(rngs, nnx.Rngs):
+        raise ValueError(
+            f"{layer}: rngs must be an nnx.Rngs, e.g. rngs=nnx.Rngs(0); got {rngs!r}"[:200]
+        )
 
 
 def check_keywords(

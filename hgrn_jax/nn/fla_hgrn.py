@@ -35,6 +35,7 @@ from hgrn_jax.nn.checks import (
     check_layer_input,
     check_mask,
     check_method,
+    check_rngs,
     check_state,
     check_width,
 )
@@ -77,6 +78,7 @@ class FlaHGRNAttention(nnx.Module):
         rngs: nnx.Rngs,
     ):
         check_width(features, type(self).__name__)
+        check_rngs(rngs, type(self).__name__)
         check_counts(type(self).__name__, expand_ratio=expand_ratio)
         check_flags(type(self).__name__, use_lower_bound=use_lower_bound)
         width = features * expand_ratio

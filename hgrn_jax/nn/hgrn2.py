@@ -58,6 +58,7 @@ from hgrn_jax.nn.checks import (
     check_layer_input,
     check_mask,
     check_method,
+    check_rngs,
     check_state,
     check_width,
 )
@@ -251,6 +252,7 @@ class HGRN2(_MatrixMixer):
         rngs: nnx.Rngs,
     ):
         check_width(features, "HGRN2")
+        check_rngs(rngs, "HGRN2")
         check_counts("HGRN2", none_passes=False, expand_ratio=expand_ratio)
         check_flags("HGRN2", bidirectional=bidirectional, use_bias=use_bias)
         if features % expand_ratio:
@@ -320,6 +322,7 @@ class FlaHGRN2Attention(_MatrixMixer):
         rngs: nnx.Rngs,
     ):
         check_width(features, "FlaHGRN2Attention")
+        check_rngs(rngs, "FlaHGRN2Attention")
         check_counts("FlaHGRN2Attention", expand_ratio=expand_ratio, num_heads=num_heads)
         check_flags(
             "FlaHGRN2Attention", use_lower_bound=use_lower_bound, bidirectional=bidirectional

@@ -29,6 +29,7 @@ from hgrn_jax.nn.checks import (
     check_layer_input,
     check_mask,
     check_method,
+    check_rngs,
     check_state,
     check_width,
 )
@@ -138,6 +139,7 @@ class _HGRUBase(nnx.Module):
         rngs: nnx.Rngs,
     ):
         check_width(features, type(self).__name__)
+        check_rngs(rngs, type(self).__name__)
         check_flags(
             type(self).__name__,
             complex_valued=complex_valued,
