@@ -2507,3 +2507,38 @@ def test_a_damaged_checkpoint_behind_a_link_to_another_file_system_is_set_aside_
     assert Checkpoints(run / "checkpoints").all_steps() == [1]  # "damaged" is no step
     shutil.rmtree(elsewhere / "1")
     assert has_checkpoint(run)  # the damaged one still marks a run that checkpointed
+
+
+@pytest.mark.parametrize("hard_links", [True, False], ids=["hard_link", "no_hard_links"])
+def test_a_full_disk_while_locking_leaves_no_file_and_says_it_is_full(
+    tmp_path, monkeypatch, hard_links
+):
+    """A resumed run on a full disk stopped with "cannot write to W (No space left on device);
+    ... fix its permissions", and left an empty lock record (run.lock.HOST.PID.tmp); on a file
+    system without hard links an empty run.lock, which names no holder and stops every later
+    run. The message now says the file system is full, and nothing is left."""
+    import errno as errno_module
+
+    from hgrn_jax.training import workdir as workdir_module
+    from hgrn_jax.training.workdir import WorkdirLock, WorkdirNotWritableError
+
+    synced = []
+
+    def fsync(fd):  # without hard links the record is written, then the lock fails
+        synced.append(fd)
+        if hard_links or len(synced) > 1:
+            raise OSError(errno_module.ENOSPC, "No space left on device")
+
+    def no_link(source, target):
+        raise OSError(errno_module.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(workdir_module.os, "fsync", fsync)
+    if not hard_links:
+        monkeypatch.setattr(workdir_module.os, "link", no_link)
+    with pytest.raises(
+        WorkdirNotWritableError,
+        match=rf"^cannot write to {tmp_path}: its file system is full \(.* MiB free.*\); nothing "
+        r"was changed\. Free space there and run again, or choose another --workdir$",
+    ):
+        WorkdirLock(tmp_path).acquire()
+    assert list(tmp_path.iterdir()) == []

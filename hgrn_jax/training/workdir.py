@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from hgrn_jax.data.disk_space import describe_free_space
-from hgrn_jax.data.loader import TENSORSTORE_OS_ERROR, file_in_the_way
+from hgrn_jax.data.loader import TENSORSTORE_OS_ERROR, file_in_the_way, is_out_of_space
 from hgrn_jax.training.logging import (
     EVENTS_FILE,
     KEPT_RESULTS,
@@ -196,6 +196,12 @@ def not_writable(path: str | Path, error: OSError) -> WorkdirNotWritableError:
             "--workdir whose parents are folders"
         )
     reason = error.strerror or type(error).__name__
+    if is_out_of_space(error):
+        folder = path if path.is_dir() else path.parent
+        return WorkdirNotWritableError(
+            f"cannot write to {path}: its file system is full ({describe_free_space(folder)}); "
+            "nothing was changed. Free space there and run again, or choose another --workdir"
+        )
     return WorkdirNotWritableError(
         f"cannot write to {path} ({reason}); choose a writable --workdir or fix its permissions"
     )
@@ -294,11 +300,18 @@ def _judged_here(holder: dict[str, Any]) -> str | None:
 
 
 def _write_synced(path: Path, flags: int, data: bytes) -> None:
+    """Write ``data`` to ``path`` opened with ``flags``, synced; a file this call created is
+    removed again when the write fails (a full disk), so that no empty file is left."""
     fd = os.open(path, flags, 0o666)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        if flags & os.O_EXCL or flags & os.O_TRUNC:  # created (or emptied) by this call
+            path.unlink(missing_ok=True)
+        raise
 
 
 def _holder_in(data: bytes) -> dict[str, Any]:
