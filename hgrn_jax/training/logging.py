@@ -54,7 +54,7 @@ EVENTS_FILE = "events.jsonl"
 
 KEPT_RESULTS = "results-step"
 """The name's start of a finished run's ``results.json`` kept when it trains further
-(``results-step<step>.json``: :meth:`MetricsWriter.rewind`)."""
+(``results-step<step>.json``: :meth:`MetricsWriter.end`)."""
 
 
 def read_metric_lines(
@@ -150,10 +150,12 @@ class MetricsWriter:
             return None
         try:
             ended = json.loads(results.read_text(encoding="utf-8")).get("steps")
-        except (ValueError, AttributeError):
-            ended = "unknown"
+        except (ValueError, AttributeError):  # not JSON, or not an object: kept all the same
+            ended = None
         if ended == step:
             return None
+        if isinstance(ended, bool) or not isinstance(ended, int):
+            ended = "-unknown"
         kept = _free_name(self.workdir, f"{KEPT_RESULTS}{ended}", ".json")
         os.rename(results, kept)
         return kept
