@@ -192,6 +192,9 @@ def test_wikitext103_config_follows_the_paper():
     assert c.optimizer.weight_decay == pytest.approx(0.2)
     assert c.optimizer.learning_rate == pytest.approx(5e-4)
     assert (c.schedule.name, c.schedule.warmup_steps) == ("inverse_sqrt", 8_000)
+    # train_alm.sh: --dropout 0.1, and no --fp16 / --bf16 (fairseq's float32)
+    assert (m.dropout, c.dtype) == (0.1, "float32")
+    assert load("lm.wikitext103", "tiny").model.dropout == 0.0
     assert c.paper.metric == "perplexity"
     assert (c.paper.value, c.paper.val_value) == (24.82, 24.14)
     assert paper_params("lm.wikitext103") == pytest.approx(46.25e6, rel=1e-3)
