@@ -162,10 +162,13 @@ def main(argv: list[str]) -> None:
 
     from hgrn_jax.data.grain_pipeline import InputWorkerLost
     from hgrn_jax.training.agreement import StoppedByAnotherProcess
-    from hgrn_jax.training.checkpoint import CheckpointError
+    from hgrn_jax.training.checkpoint import CheckpointError, quiet_echoes_of_a_full_disk
     from hgrn_jax.training.loop import NonFiniteLossError, train_and_evaluate
     from hgrn_jax.training.preemption import PREEMPTED_EXIT_CODE, Preempted
     from hgrn_jax.training.workdir import WorkdirError
+
+    if not _TRACEBACK.value:
+        quiet_echoes_of_a_full_disk()
 
     user_errors = (
         ValueError,

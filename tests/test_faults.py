@@ -20,6 +20,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -2389,6 +2391,11 @@ def test_a_save_whose_folder_cannot_be_made_does_not_hang_the_exit(tmp_path):
         f"error: WorkdirFullError: No space left on device on the file system of {run} writing "
         f"{run}/checkpoints/6.orbax-checkpoint-tmp/config.orbax-checkpoint-tmp ("
     ), last
+    # Orbax's logs of the same failure (209 lines, 3 tracebacks, before the one line) are left
+    # out: quiet_echoes_of_a_full_disk.
+    assert "Traceback" not in done.stderr and "orbax" not in done.stderr.replace(last, ""), (
+        done.stderr[-3000:]
+    )
     assert _steps(run) == [3]
     # With --traceback (what every one-line error suggests) the error is raised, not reported:
     # that path hung as long.
@@ -2402,6 +2409,125 @@ def test_a_save_whose_folder_cannot_be_made_does_not_hang_the_exit(tmp_path):
     )
     assert done.returncode == 1, done.stderr[-2000:]
     assert "Traceback" in done.stderr and "WorkdirFullError" in done.stderr
+
+
+def _record(logger: str, level: int, message: str, pathname: str, error=None):
+    exc_info = (type(error), error, error.__traceback__) if error else None
+    return logging.getLogger(logger).makeRecord(logger, level, pathname, 1, message, (), exc_info)
+
+
+def _raised(error: BaseException, cause: BaseException | None = None) -> BaseException:
+    try:
+        raise error from cause
+    except BaseException as caught:
+        return caught
+
+
+ORBAX_FILE = "/venv/site-packages/orbax/checkpoint/_src/futures/future.py"
+
+
+@pytest.mark.parametrize(
+    "logger, level, message, pathname, error, dropped",
+    [
+        # Orbax's threads log a save that failed for lack of space, each with its traceback
+        (
+            "absl",
+            logging.ERROR,
+            "_SignalingThread.run() raised",
+            ORBAX_FILE,
+            _raised(ValueError(TENSORSTORE_FULL.format(run="/r"))),
+            True,
+        ),
+        (
+            "absl",
+            logging.ERROR,
+            "Failed to run 6 Handler Commit operations",
+            ORBAX_FILE,
+            _raised(
+                RuntimeError("commit failed"), OSError(errno.ENOSPC, "No space left on device")
+            ),
+            True,
+        ),
+        ("absl", logging.ERROR, "Error writing: No space left on device", ORBAX_FILE, None, True),
+        # asyncio: an Orbax write's future, its exception never retrieved
+        (
+            "asyncio",
+            logging.ERROR,
+            "_GatheringFuture exception was never retrieved",
+            "/python/asyncio/base_events.py",
+            _raised(ValueError(TENSORSTORE_FULL.format(run="/r"))),
+            True,
+        ),
+        # kept: Orbax's other errors, its warnings, anyone else's errors
+        (
+            "absl",
+            logging.ERROR,
+            "_SignalingThread.run() raised",
+            ORBAX_FILE,
+            _raised(ValueError("RESOURCE_EXHAUSTED: out of memory")),
+            False,
+        ),
+        ("absl", logging.WARNING, "No space left on device", ORBAX_FILE, None, False),
+        ("absl", logging.ERROR, "No space left on device", "/work/my_code.py", None, False),
+        (
+            "asyncio",
+            logging.ERROR,
+            "Task exception was never retrieved",
+            "/python/asyncio/base_events.py",
+            _raised(KeyError("k")),
+            False,
+        ),
+    ],
+)
+def test_the_runner_leaves_out_orbax_echoes_of_a_full_disk_and_nothing_else(
+    logger, level, message, pathname, error, dropped
+):
+    """On a 2 MB tmpfs filled at a save, the run printed 1,079 lines (Orbax's error logs of the
+    failure from each thread, with tracebacks; asyncio's unretrieved futures; ``Event loop is
+    closed``) around its one-line error. The runner's filter drops those records only."""
+    from hgrn_jax.training.checkpoint import _is_echo_of_a_full_disk
+
+    record = _record(logger, level, message, pathname, error)
+    assert _is_echo_of_a_full_disk(record) is dropped
+
+
+def test_the_runner_leaves_out_event_loop_is_closed_and_shows_other_unraisables(monkeypatch):
+    """A write finishing after the failed save's event loop closed raised ``RuntimeError: Event
+    loop is closed`` in asyncio's ``call_soon_threadsafe`` as an unraisable exception (57 such
+    tracebacks on the full tmpfs); any other unraisable exception is still shown."""
+    import asyncio
+
+    from hgrn_jax.training import checkpoint
+
+    shown = []
+    monkeypatch.setattr(sys, "unraisablehook", shown.append)
+    monkeypatch.setattr(logging.getLogger("absl"), "filters", [])
+    monkeypatch.setattr(logging.getLogger("asyncio"), "filters", [])
+    checkpoint.quiet_echoes_of_a_full_disk()
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as closed:
+        late_write = closed
+    other = _raised(RuntimeError("Event loop is closed"))  # not asyncio's: shown
+
+    def unraisable(error):
+        return types.SimpleNamespace(
+            exc_type=type(error),
+            exc_value=error,
+            exc_traceback=error.__traceback__,
+            err_msg=None,
+            object=None,
+        )
+
+    for error in (late_write, other, _raised(ValueError("x"))):
+        sys.unraisablehook(unraisable(error))
+    assert [u.exc_value for u in shown] == [other, shown[1].exc_value]
+    assert isinstance(shown[1].exc_value, ValueError)
+    full = _record("absl", logging.ERROR, "No space left on device", ORBAX_FILE)
+    assert not logging.getLogger("absl").filter(full)
+    assert logging.getLogger("absl").filter(_record("absl", logging.ERROR, "x", ORBAX_FILE))
 
 
 _EXIT_WITH = """

@@ -32,6 +32,8 @@ import json
 import logging
 import math
 import os
+import sys
+import traceback
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,6 +44,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from hgrn_jax.data.loader import is_out_of_space
 from hgrn_jax.training import agreement, integrity
 from hgrn_jax.training.integrity import (
     MANIFEST,
@@ -70,6 +73,55 @@ def _drop_untracked_metric_notice(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("absl").addFilter(_drop_untracked_metric_notice)
+
+
+def _out_of_space_somewhere(error: BaseException | None) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if is_out_of_space(error):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _is_echo_of_a_full_disk(record: logging.LogRecord) -> bool:
+    """An error record of Orbax's, or of asyncio's (an Orbax write's future, its exception
+    never retrieved), about a write that failed for lack of space (in its message, the
+    exception it logs, or one that exception was raised from)."""
+    ours = record.name == "asyncio" or "orbax" in Path(record.pathname).parts
+    if record.levelno < logging.ERROR or not ours:
+        return False
+    logged = record.exc_info[1] if record.exc_info else None
+    return _out_of_space_somewhere(logged) or is_out_of_space(RuntimeError(record.getMessage()))
+
+
+def _is_closed_loop_callback(unraisable) -> bool:
+    """asyncio's ``RuntimeError: Event loop is closed`` from ``call_soon_threadsafe``: a write
+    finishing after the event loop of a save that failed had closed."""
+    error, frames = unraisable.exc_value, traceback.extract_tb(unraisable.exc_traceback)
+    return (
+        isinstance(error, RuntimeError)
+        and str(error) == "Event loop is closed"
+        and any(f.name == "call_soon_threadsafe" and "asyncio" in f.filename for f in frames)
+    )
+
+
+def quiet_echoes_of_a_full_disk() -> None:
+    """For a command that reports a save that failed for lack of space in one line
+    (:func:`hgrn_jax.training.workdir.out_of_space`): Orbax's error logs of the same failure
+    (each thread of the save logs it with a traceback) and asyncio's ``Event loop is closed``
+    from its writes still finishing are left out. A 2 MB tmpfs filled at a save printed 1,079
+    lines above the one-line error. Other Orbax errors, and everything else, are shown."""
+    for logger in ("absl", "asyncio"):
+        logging.getLogger(logger).addFilter(lambda record: not _is_echo_of_a_full_disk(record))
+    shown = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not _is_closed_loop_callback(unraisable):
+            shown(unraisable)
+
+    sys.unraisablehook = hook
 
 
 INPUT_ITEM = "input"
