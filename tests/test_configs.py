@@ -164,15 +164,56 @@ def test_imagenet_configs_follow_deit(size):
     assert c.num_train_steps == 300 * (1_281_167 // 2048)
     assert c.optimizer.name == "adamw" and c.optimizer.learning_rate == pytest.approx(2e-3)
     assert c.optimizer.weight_decay == pytest.approx(0.05)
-    assert c.optimizer.weight_decay_mask == "no_bias_norm"
+    assert c.optimizer.weight_decay_mask == "timm"  # test_imagenet_weight_decay_is_timms
     assert c.optimizer.grad_clip_norm == 5.0
-    assert c.schedule.name == "cosine" and c.schedule.decay_steps == c.num_train_steps
+    # OpenNLPLab/HGRN's script_im.sh (warmup_epochs=10) and im's main.py defaults; the
+    # schedule's values: test_training's test_timm_cosine_schedule_is_deits_per_epoch.
+    assert c.schedule.name == "timm_cosine" and c.schedule.decay_steps == c.num_train_steps
+    assert c.schedule.warmup_steps == 10 * c.schedule.steps_per_epoch == 10 * 625
+    assert (c.schedule.warmup_lr, c.schedule.min_lr) == (1e-6, 1e-5)
+    assert c.data.repeated_augmentation == 3  # main.py's repeated_aug=True (RASampler)
+    assert c.dtype == "float32"  # train_im.sh's --fp32-resume: no autocast
     assert c.label_smoothing == pytest.approx(0.1)
     aug = c.data.augment
     assert (aug.mixup, aug.cutmix, aug.random_erasing) == (0.8, 1.0, 0.25)
     assert aug.randaugment.startswith("rand-m9")
     assert c.paper.value == pytest.approx(top1) and c.paper.num_params == params
     assert paper_params(f"imagenet.{size}") == params  # the paper's exact parameter count
+
+
+def _timm_decayed(num_layers: int) -> set[str]:
+    """What timm's create_optimizer (weight decay on all but 1-D parameters and biases) decays
+    of OpenNLPLab/im's hgrn1d_vit (BiHgru1d blocks), named as our parameters: every Linear
+    weight, both HGRU phases ((1, 1, d) in hgru-pytorch) and lower_bounds (depth, d); not the
+    biases nor the LayerNorm weights."""
+    names = {"patch_embed/kernel", "head/kernel", "lower_bounds/param"}
+    for i in range(num_layers):
+        mixer, mlp = f"blocks/{i}/mixer", f"blocks/{i}/mlp"
+        names |= {f"{mixer}/{p}/kernel" for p in ("input_proj", "lambda_proj", "gate", "out_proj")}
+        names |= {f"{mixer}/theta", f"{mixer}/theta_reverse"}
+        names |= {f"{mlp}/{p}/kernel" for p in ("gate_proj", "up_proj", "down_proj")}
+    return names
+
+
+@pytest.mark.parametrize("preset", [None, "tiny"])
+def test_imagenet_weight_decay_is_timms(preset):
+    """The ImageNet configs decay exactly the parameters the reference run decays (the
+    lower-bound matrix and the phases too, which no_bias_norm left out), for the paper's
+    12-layer model (abstract shapes) and the tiny preset's."""
+    from hgrn_jax.training import optim
+
+    c = load("imagenet.tiny", preset)
+    model = nnx.eval_shape(lambda: tasks.build_model(c, nnx.Rngs(0)))
+    mask = optim.weight_decay_mask(nnx.state(model, nnx.Param), c.optimizer.weight_decay_mask)
+    decides = {
+        "/".join(n for n in optim._path_names(path) if n != "value"): bool(decayed)
+        for path, decayed in jax.tree_util.tree_leaves_with_path(mask)
+    }
+    assert {name for name, decayed in decides.items() if decayed} == _timm_decayed(
+        c.model.num_layers
+    )
+    kept = {name.rsplit("/", 1)[-1] for name, decayed in decides.items() if not decayed}
+    assert kept == {"bias", "scale"}
 
 
 def test_wikitext103_config_follows_the_paper():

@@ -10,7 +10,7 @@ from data_fixtures import assert_batch_lists_equal, cifar_config, imagenet_confi
 from data_fixtures import tfds_config as config_of
 
 from hgrn_jax import tasks
-from hgrn_jax.data import cifar, errors, imagenet
+from hgrn_jax.data import cifar, errors, imagenet, loader
 from hgrn_jax.tasks import image as image_task
 from hgrn_jax.tasks import imagenet as imagenet_task
 from hgrn_jax.tasks import text as text_task
@@ -206,6 +206,28 @@ def test_imagenet_batches_shapes_targets_and_resume(tmp_path, mock):
     assert eval_coverage(task, "val") == MOCK_EXAMPLES
     eval_batch = next(task.eval_batches("val", 0, 1))
     assert "targets" not in eval_batch and eval_batch["images"].shape == (4, size, size, 3)
+
+
+def test_imagenet_repeated_augmentation_copies_differ_and_resume(tmp_path, mock):
+    """data.repeated_augmentation 3 (the configs', DeiT's RASampler): each record three times
+    in a row, each copy with its own crop, flip, RandAugment and erasing; resuming at an epoch
+    boundary is exact; 0 is refused naming the key."""
+    config = imagenet_config(tmp_path)
+    assert config.data.repeated_augmentation == 3
+    config.data.augment.mixup = config.data.augment.cutmix = 0.0  # the copies themselves
+    task = tasks.get_task(config)
+    per_epoch = MOCK_EXAMPLES // config.batch_size
+    batches = take(task.train_batches(0, 0, 1), per_epoch + 2)
+    rows = loader.train_rows(config.seed, 0, MOCK_EXAMPLES, config.batch_size, repeats=3)
+    assert rows[0] == rows[1] == rows[2] != rows[3]
+    first = batches[0]
+    assert first["labels"][0] == first["labels"][1] == first["labels"][2]
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert not np.allclose(first["images"][a], first["images"][b]), (a, b)
+    assert_batch_lists_equal(batches[per_epoch:], take(task.train_batches(per_epoch, 0, 1), 2))
+    config.data.repeated_augmentation = 0
+    with pytest.raises(ValueError, match=r"config.data.repeated_augmentation=0 must be a whole"):
+        tasks.get_task(config)
 
 
 def test_imagenet_mixup_groups_ignore_the_process_count(tmp_path, mock):

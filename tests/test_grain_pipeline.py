@@ -80,6 +80,58 @@ def test_every_example_once_per_epoch_over_all_processes():
     )
 
 
+def test_repeated_augmentation_order_repeats_each_record_in_a_row_within_epochs():
+    """repeats=3 (DeiT's RASampler): an epoch is its permutation with each record three times
+    in a row, cut to N // BATCH batches (N / 3 distinct records); the next epoch has another
+    permutation; processes read their shares of the same global batches; resuming from a
+    saved state (a state of the unrepeated order is refused) gives the same batches."""
+    steps = N // BATCH
+    per_process = [batches(p, 2 * steps + 1, repeats=3) for p in range(PROCESSES)]
+    stream = np.concatenate(
+        [b["labels"] for s in range(2 * steps) for b in (per_process[0][s], per_process[1][s])]
+    )
+    for epoch in range(2):
+        order = loader.epoch_order(7, epoch, N)
+        got = stream[epoch * N : (epoch + 1) * N]
+        np.testing.assert_array_equal(got, np.repeat(order, 3)[:N])
+        assert (got.reshape(-1, 3) == got[::3, None]).all()  # [a, a, a, b, b, b, ...]
+        assert len(np.unique(got)) == N // 3
+    assert stream[:N].tolist() != stream[N:].tolist()
+    # An epoch cut mid-triple starts the next with a triple of the next permutation.
+    np.testing.assert_array_equal(
+        np.concatenate(
+            [b["labels"] for b in (per_process[0][2 * steps], per_process[1][2 * steps])]
+        ),
+        np.repeat(loader.epoch_order(7, 2, N), 3)[:BATCH],
+    )
+
+    def fresh():
+        return grain_pipeline.train_loader(
+            source(),
+            seed=7,
+            batch_size=BATCH,
+            process_index=1,
+            process_count=PROCESSES,
+            repeats=3,
+        )
+
+    iterator = iter(fresh())
+    for _ in range(steps - 1):
+        next(iterator)
+    state = json.loads(json.dumps(iterator.get_state()))
+    resumed = iter(fresh())
+    resumed.set_state(state)
+    for step in range(steps - 1, 2 * steps + 1):
+        np.testing.assert_array_equal(next(resumed)["labels"], per_process[1][step]["labels"])
+    unrepeated = grain_pipeline.train_loader(
+        source(), seed=7, batch_size=BATCH, process_index=1, process_count=PROCESSES
+    )
+    with pytest.raises(ValueError, match="belongs to other data or settings.*3 times"):
+        iter(unrepeated).set_state(state)
+    with pytest.raises(ValueError, match="repeats 0 must be a whole number >= 1"):
+        grain_pipeline.train_loader(source(), seed=7, batch_size=BATCH, repeats=0)
+
+
 def test_resuming_from_the_saved_state_continues_exactly():
     def fresh():
         return grain_pipeline.train_loader(

@@ -142,6 +142,35 @@ def test_a_cosine_run_past_decay_steps_is_warned_of_as_it_starts():
     assert "rises again after it (0.000819 at the last step)" in ours[0]
 
 
+def test_a_timm_cosine_epoch_that_is_not_the_datas_is_warned_of():
+    """ImageNet's per-epoch schedule keeps its own epoch length (625 steps at batch 2048):
+    after --config.batch_size=1024 the rate still changed every 625 steps, half an epoch,
+    with nothing said. An ImageNet run cut inside its warmup names the last step's rate from
+    warmup_lr, as the schedule gives it."""
+    from hgrn_jax.training.config_checks import run_length_warnings
+    from hgrn_jax.training.optim import make_schedule
+
+    assert run_length_warnings(_paper_config("imagenet.tiny")) == []  # HGRN-Tiny, 224 x 224
+    imagenet = importlib.import_module("experiments.configs.imagenet.tiny").get_config("tiny")
+    assert run_length_warnings(imagenet) == []
+    imagenet.batch_size = 16  # 320 // 16 = 20 steps an epoch; the schedule's are 10
+    lines = run_length_warnings(imagenet)
+    assert (
+        "config.schedule.steps_per_epoch=10 is not an epoch of the data (config.data."
+        "train_examples=320 // config.batch_size=16 = 20 steps): timm_cosine changes the learning "
+        "rate every 10 steps; set --config.schedule.steps_per_epoch=20"
+    ) in "".join(lines)
+    imagenet = _paper_config("imagenet.small")
+    imagenet.num_train_steps = 3 * 625
+    warmup = run_length_warnings(imagenet)[0]
+    last = float(make_schedule(imagenet.schedule, 2e-3)(3 * 625 - 1))
+    assert last == pytest.approx(1e-6 + 1 * (2e-3 - 1e-6) / 10, rel=1e-6)  # epoch 2: timm's t=1
+    assert warmup.startswith(
+        "config.num_train_steps=1875 ends within config.schedule.warmup_steps=6250: the learning "
+        f"rate never reaches its peak 0.002 (the last step's is {last / 2e-3:.2%} of it, {last:.3g})"
+    ), warmup
+
+
 def test_a_shortened_paper_run_is_warned_of_not_refused():
     """Shrinking a paper run kept its warmup and epochs without a word: ListOps at 20 steps kept
     5,000 warmup steps (the last update at 1.9e-6 of a 5e-4 peak) and its 50 epochs in
@@ -183,6 +212,96 @@ def test_a_shortened_paper_run_is_warned_of_not_refused():
     wide.num_train_steps = 10
     assert run_length_warnings(wide) == [run_length_warnings(wide)[0]]
     assert run_length_warnings(wide)[0].startswith("config.num_train_steps=10 ends within")
+
+
+def _deit_epoch_lrs(lr, warmup_epochs, epochs, warmup_lr, min_lr) -> list[float]:
+    """The learning rate of each epoch of the reference ImageNet run, in float64: timm's
+    CosineLRScheduler._get_lr (timm 0.4.12; cycle_limit 1, warmup_prefix False, t from 0), set
+    for t = 0 when the scheduler is made and stepped with step(epoch) after each epoch, as
+    OpenNLPLab/im's main.py does. Written from those sources, not from ours."""
+
+    def get_lr(t):
+        if t < warmup_epochs:
+            return warmup_lr + t * (lr - warmup_lr) / warmup_epochs
+        i = t // epochs
+        if i >= 1:  # past the one cycle
+            return min_lr
+        return min_lr + 0.5 * (lr - min_lr) * (1 + np.cos(np.pi * (t - epochs * i) / epochs))
+
+    current, trained = get_lr(0), []
+    for epoch in range(epochs + 3):
+        trained.append(current)
+        current = get_lr(epoch)  # lr_scheduler.step(epoch) at the end of the epoch
+    return trained
+
+
+def test_timm_cosine_schedule_is_deits_per_epoch():
+    """The ImageNet config's schedule: timm's per-epoch cosine from warmup_lr 1e-6 over 10
+    warmup epochs to min_lr 1e-5 at 300, counted from epoch 0, one epoch behind timm's t (DeiT
+    steps it with the epoch just trained), constant within each epoch of 625 steps."""
+    c = _paper_config("imagenet.tiny")
+    per_epoch = c.schedule.steps_per_epoch
+    assert (c.schedule.name, per_epoch) == ("timm_cosine", 1_281_167 // 2048)
+    assert (c.schedule.warmup_steps, c.schedule.decay_steps) == (10 * 625, 300 * 625)
+    schedule = optim.make_schedule(c.schedule, c.optimizer.learning_rate)
+    expected = _deit_epoch_lrs(2e-3, 10, 300, 1e-6, 1e-5)
+    epochs = [0, 1, 2, 5, 10, 11, 12, 150, 298, 299, 300, 301, 302]
+    for inside in (0, 1, 312, per_epoch - 1):
+        steps = [e * per_epoch + inside for e in epochs]
+        got = _values(schedule, steps)
+        np.testing.assert_allclose(got, [expected[e] for e in epochs], rtol=1e-6, atol=0)
+    assert float(schedule(0)) == float(schedule(2 * per_epoch - 1)) == np.float32(1e-6)
+    jitted = jax.jit(schedule)
+    np.testing.assert_allclose(float(jitted(7 * per_epoch + 5)), expected[7], rtol=1e-6)
+    # Without warmup, epoch 0 trains at the peak, as the scheduler made with warmup_t 0 does.
+    plain = optim.timm_cosine(
+        1.0, steps_per_epoch=3, warmup_epochs=0, epochs=4, warmup_lr=0.0, min_lr=0.0
+    )
+    np.testing.assert_allclose(
+        _values(plain, range(0, 21, 3)), _deit_epoch_lrs(1.0, 0, 4, 0.0, 0.0)[:7], atol=1e-7
+    )
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        (
+            dict(steps_per_epoch=0),
+            r"config.schedule.steps_per_epoch=0 must be an integer >= 1 with "
+            r"schedule.name='timm_cosine'; set --config.schedule.steps_per_epoch",
+        ),
+        (
+            dict(warmup_steps=15),
+            r"config.schedule.warmup_steps=15 must be a whole number of epochs of "
+            r"schedule.steps_per_epoch=10 steps with schedule.name='timm_cosine'; set "
+            r"--config.schedule.warmup_steps to a multiple of 10",
+        ),
+        (
+            dict(decay_steps=0),
+            r"config.schedule.decay_steps=0 must be a whole number of epochs .* \(at least one\)",
+        ),
+        (
+            dict(warmup_lr=-1.0),
+            r"config.schedule.warmup_lr=-1.0 must be a finite number >= 0",
+        ),
+        (
+            dict(name="cosine"),
+            r"config.schedule.warmup_lr=1e-06 does nothing with schedule.name='cosine' .*set "
+            r"--config.schedule.warmup_lr=0 or --config.schedule.name=timm_cosine",
+        ),
+    ],
+)
+def test_timm_cosine_settings_are_checked_naming_the_key(settings, expected):
+    config = toy_config()
+    config.schedule.update(
+        name="timm_cosine", steps_per_epoch=10, warmup_steps=10, decay_steps=120, warmup_lr=1e-6
+    )
+    optim.check_optimizer_config(config)
+    config.schedule.update(settings)
+    with pytest.raises(ValueError, match=expected):
+        optim.check_optimizer_config(config)
+    with pytest.raises(ValueError, match=expected):
+        optim.make_optimizer(config, {"w": nnx.Param(jnp.ones((2, 2)))})
 
 
 def test_inverse_sqrt_schedule_is_fairseqs():
@@ -289,6 +408,8 @@ def test_optimizer_settings_at_their_defaults_pass_with_any_choice():
         config.optimizer.update(name=name, b2=0.999, weight_decay=0.0)
         for schedule in optim.SCHEDULES:
             config.schedule.update(name=schedule, warmup_steps=2, decay_steps=12)
+            if schedule == "timm_cosine":
+                config.schedule.steps_per_epoch = 2  # it has no default
             optim.check_optimizer_config(config)
 
 
@@ -296,8 +417,8 @@ def test_optimizer_settings_at_their_defaults_pass_with_any_choice():
     "key, value, choices",
     [
         ("optimizer.name", "sgdd", "adamw, adam, sgd, lamb"),
-        ("optimizer.weight_decay_mask", "no_bias", "all, no_bias_norm"),
-        ("schedule.name", "cosin", "cosine, inverse_sqrt, constant"),
+        ("optimizer.weight_decay_mask", "no_bias", "all, no_bias_norm, timm"),
+        ("schedule.name", "cosin", "cosine, inverse_sqrt, constant, timm_cosine"),
     ],
 )
 def test_an_unknown_optimizer_or_schedule_stops_the_run_before_writing(

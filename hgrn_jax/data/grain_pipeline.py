@@ -12,6 +12,8 @@ records in the order ``np.random.default_rng((seed, e)).permutation(n)``; step `
 global batch ``s mod (n // B)`` of epoch ``s // (n // B)`` (the last partial batch of an epoch is
 dropped), and process ``p`` of ``P`` reads only its ``B / P`` records of it, so every example is
 read exactly once per epoch over all processes and the global batch does not depend on ``P``.
+With ``repeats`` k > 1 (repeated augmentation) the epoch's permutation is read with each record
+k times in a row, still ``n // B`` batches an epoch (:func:`hgrn_jax.data.loader.train_rows`).
 The order is computed for a whole batch at once (one permutation per epoch) rather than with
 grain's per-record index shuffle, which costs about 50 us per record in Python (measured:
 ``benchmarks/input.py``), ten times the rest of an LRA batch.
@@ -234,10 +236,12 @@ class _StepBatch:
         process_count: int,
         transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None,
         batch_transform: Callable[[dict[str, Any], int], dict[str, Any]] | None,
+        repeats: int = 1,
     ):
         self.source, self.seed, self.batch_size = source, seed, batch_size
         self.process_index, self.process_count = process_index, process_count
         self.transform, self.batch_transform = transform, batch_transform
+        self.repeats = repeats
 
     def __call__(self, step: int) -> dict[str, Any]:
         step = int(step)
@@ -248,6 +252,7 @@ class _StepBatch:
             self.batch_size,
             self.process_index,
             self.process_count,
+            self.repeats,
         )
         batch = self.source.read(rows)
         if self.transform is not None:
@@ -358,6 +363,7 @@ class TrainLoader:
         transform: Callable | None = None,
         batch_transform: Callable | None = None,
         worker_buffer_size: int = 1,
+        repeats: int = 1,
     ):
         loader.process_slice(batch_size, process_index, process_count)  # validates
         if len(source) < batch_size:
@@ -367,7 +373,10 @@ class TrainLoader:
             )
         if worker_count < 0:
             raise ValueError(f"worker_count {worker_count} must be >= 0 (0: no worker processes)")
+        if isinstance(repeats, bool) or int(repeats) != repeats or repeats < 1:
+            raise ValueError(f"repeats {repeats} must be a whole number >= 1 (1: no repeats)")
         self.source = source
+        self.repeats = int(repeats)
         self.seed, self.batch_size = int(seed), int(batch_size)
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.worker_count = int(worker_count)
@@ -380,12 +389,14 @@ class TrainLoader:
             self.process_count,
             transform,
             batch_transform,
+            self.repeats,
         )
 
     def describe(self) -> str:
         """What a saved state must match: the data, the order and this process's share."""
+        repeats = f", each record {self.repeats} times" if self.repeats > 1 else ""
         return (
-            f"{self.source!r}; seed {self.seed}, batch_size {self.batch_size}, process "
+            f"{self.source!r}; seed {self.seed}, batch_size {self.batch_size}{repeats}, process "
             f"{self.process_index} of {self.process_count}"
         )
 
@@ -570,6 +581,7 @@ def train_loader(
     transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
     batch_transform: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
     worker_buffer_size: int = 1,
+    repeats: int = 1,
 ) -> TrainLoader:
     """The endless process-local training batches of ``source`` (see the module docstring).
 
@@ -583,7 +595,10 @@ def train_loader(
     as many again, so up to about ``2 * worker_count * (worker_buffer_size + 1)`` batches sit
     in shared memory (measured: 4.1 batches with 1 worker, 8.2 with 2, for a slow consumer;
     grain's default buffer of 1: a buffer only absorbs pauses of the consumer).
-    ``iter(loader)`` starts at step 0, ``loader.iterator(s)`` at step ``s``.
+    ``repeats`` > 1 reads each record of an epoch's order that many times in a row (repeated
+    augmentation: the copies sit at different positions of the batches, so ``batch_transform``
+    draws their augmentations apart). ``iter(loader)`` starts at step 0, ``loader.iterator(s)``
+    at step ``s``.
     """
     return TrainLoader(
         source,
@@ -595,6 +610,7 @@ def train_loader(
         transform=transform,
         batch_transform=batch_transform,
         worker_buffer_size=worker_buffer_size,
+        repeats=repeats,
     )
 
 

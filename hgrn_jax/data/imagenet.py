@@ -253,7 +253,8 @@ class ImageNetSource:
 # ----------------------------------------------------------------------------- batches
 
 
-# DeiT's per-GPU batch (1,024 over 8 GPUs): the reference mixes each GPU's batch with its mirror.
+# DeiT's per-GPU batch (1,024 over 8 GPUs; the paper's run had 1,024 on each of 2): the
+# reference mixes each GPU's batch with its mirror.
 MIXUP_GROUP_SIZE = 128
 _MIXUP_STREAM = 1 << 20  # batch_rng streams of the mixing groups (0 is the per-image seeds')
 

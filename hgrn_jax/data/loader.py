@@ -7,7 +7,10 @@ reads records by index from tfds's random-access data source instead.
 
 The order (every task of ``hgrn_jax.tasks`` uses it): epoch ``e`` visits the training rows in
 ``default_rng((seed, e)).permutation(n)``; step ``s`` takes global batch ``s mod (n // B)`` of
-epoch ``s // (n // B)``, and process ``p`` of ``P`` takes its ``B / P`` rows of it. The loader's
+epoch ``s // (n // B)``, and process ``p`` of ``P`` takes its ``B / P`` rows of it. With
+repeated augmentation (``repeats`` k > 1, ImageNet's) each row of the permutation comes k times
+in a row and an epoch is still ``n // B`` batches: the first ``(n // B) * B`` entries of that
+stream, about ``n / k`` distinct rows. The loader's
 whole position is therefore the step, which the training loop saves in every checkpoint:
 ``train_batches(start_step=s)`` after a restart yields exactly what an uninterrupted run yields.
 Random augmentations draw from :func:`batch_rng` ``(seed, step)`` for the *global* batch and keep
@@ -74,16 +77,23 @@ def train_rows(
     batch_size: int,
     process_index: int = 0,
     process_count: int = 1,
+    repeats: int = 1,
 ) -> np.ndarray:
-    """Indices (B / P,) of the training examples process ``p`` reads at ``step``."""
+    """Indices (B / P,) of the training examples process ``p`` reads at ``step``.
+
+    ``repeats`` k: the epoch's permutation with each index k times in a row
+    (``[a, a, a, b, b, b, ...]`` for 3), cut to ``n // B`` batches: DeiT's repeated augmentation
+    (its ``RASampler``, whose epoch of ``n // 256 * 256`` entries gives the same batches when
+    ``B`` is a multiple of 256)."""
     per_epoch = num_examples // batch_size
     if per_epoch < 1:
         raise ValueError(f"{num_examples} training examples are fewer than batch size {batch_size}")
+    if repeats < 1:
+        raise ValueError(f"repeats {repeats} must be >= 1 (1: each example once per epoch)")
     epoch, k = divmod(step, per_epoch)
     order = epoch_order(seed, epoch, num_examples)
-    return order[k * batch_size : (k + 1) * batch_size][
-        process_slice(batch_size, process_index, process_count)
-    ]
+    positions = np.arange(k * batch_size, (k + 1) * batch_size)
+    return order[positions[process_slice(batch_size, process_index, process_count)] // repeats]
 
 
 @functools.lru_cache(maxsize=2)

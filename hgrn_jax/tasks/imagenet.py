@@ -10,10 +10,16 @@ source         data                                                  reads
 
 ``model.image_size`` and ``data.seq_len`` (patches per image) follow from ``data.image_size``;
 ``model.num_classes`` 0 takes the source's (1000; 10 for the stand-in).
+
+``data.repeated_augmentation`` k (the configs' 3, DeiT's ``RASampler``; 1: off) reads each
+image of an epoch's order k times in a row, each copy with its own augmentations, for the same
+``n // batch_size`` steps an epoch: about ``n / k`` distinct images an epoch
+(:func:`hgrn_jax.data.loader.train_rows`).
 """
 
 from __future__ import annotations
 
+import numbers
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -53,7 +59,16 @@ class ImageNetTask(ArrayTask):
         )
         classes = cls.classes(config)
         settle(config, "model.num_classes", classes, f"the {classes} classes of the data")
+        repeats = config.data.get("repeated_augmentation", 1)
+        if isinstance(repeats, bool) or not isinstance(repeats, numbers.Integral) or repeats < 1:
+            raise ValueError(
+                f"config.data.repeated_augmentation={repeats!r} must be a whole number >= 1; "
+                "set --config.data.repeated_augmentation (3: DeiT's repeated augmentation, 1: off)"
+            )
         return config
+
+    def train_repeats(self) -> int:
+        return int(self.config.data.get("repeated_augmentation", 1))
 
     def _forward(self, model, batch):
         return model(batch["images"])
@@ -160,6 +175,7 @@ class ImageNetTfds(ImageNetTask):
             process_count=process_count,
             worker_count=workers,
             batch_transform=source,
+            repeats=self.train_repeats(),
         ).iterator(start_step)
 
     def loss_fn(self, model, batch, *, train):

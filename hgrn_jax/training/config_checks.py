@@ -325,7 +325,8 @@ def run_length_warnings(config: Any) -> list[str]:
     decay = int(schedule.get("decay_steps", 0) or 0)
     peak = float(_section(config, "optimizer").get("learning_rate", 0.0))
     if 0 < warmup and steps <= warmup:
-        fraction = (steps - 1) / warmup
+        last_rate = float(optim.make_schedule(schedule, peak)(steps - 1))
+        fraction = last_rate / peak if peak > 0 else (steps - 1) / warmup
         lines.append(
             f"config.num_train_steps={steps} ends within config.schedule.warmup_steps={warmup}: "
             f"the learning rate never reaches its peak {peak:g} (the last step's is "
@@ -348,6 +349,15 @@ def run_length_warnings(config: Any) -> list[str]:
     epochs, batch_size = config_int(config, "epochs", 0), config_int(config, "batch_size", 0)
     examples = int(_section(config, "data").get("train_examples", 0) or 0)
     per_epoch = examples // batch_size if batch_size > 0 else 0
+    schedule_epoch = int(schedule.get("steps_per_epoch", 0) or 0)
+    if name == "timm_cosine" and per_epoch > 0 and schedule_epoch != per_epoch:
+        lines.append(
+            f"config.schedule.steps_per_epoch={schedule_epoch} is not an epoch of the data "
+            f"(config.data.train_examples={examples} // config.batch_size={batch_size} = "
+            f"{per_epoch} steps): timm_cosine changes the learning rate every {schedule_epoch} "
+            f"steps; set --config.schedule.steps_per_epoch={per_epoch} (and "
+            f"--config.schedule.warmup_steps, --config.schedule.decay_steps to whole epochs of it)"
+        )
     if epochs > 0 and per_epoch > 0 and steps != epochs * per_epoch:
         trained = steps / per_epoch
         record = (

@@ -13,9 +13,13 @@ return the learning rate of the next update:
   :func:`hgrn_jax.training.config_checks.run_length_warnings`).
 - ``inverse_sqrt``: fairseq's ``lr * min(step / warmup, sqrt(warmup / step))``.
 - ``constant``: ``lr`` (after an optional linear warmup).
+- ``timm_cosine``: the reference ImageNet trainer's (DeiT's ``main.py`` with timm's
+  ``CosineLRScheduler``), constant within each epoch of ``schedule.steps_per_epoch`` steps:
+  :func:`timm_cosine`.
 
-``schedule.min_lr`` is cosine's alone (another schedule refuses a value > 0);
-``schedule.decay_steps`` too (the others ignore it).
+``schedule.min_lr`` is cosine's and timm_cosine's alone (another schedule refuses a value > 0),
+``schedule.warmup_lr`` timm_cosine's alone (likewise); ``schedule.decay_steps`` is theirs too and
+``schedule.steps_per_epoch`` timm_cosine's (the other schedules ignore them).
 """
 
 from __future__ import annotations
@@ -32,13 +36,17 @@ from hgrn_jax.training.loss_scale import dynamic_loss_scale
 
 Schedule = Callable[[jax.Array | int], jax.Array]
 
-SCHEDULES = ("cosine", "inverse_sqrt", "constant")
+SCHEDULES = ("cosine", "inverse_sqrt", "constant", "timm_cosine")
 OPTIMIZERS = ("adamw", "adam", "sgd", "lamb")
-WEIGHT_DECAY_MASKS = ("all", "no_bias_norm")
+WEIGHT_DECAY_MASKS = ("all", "no_bias_norm", "timm")
 
 # Parameters whose path contains one of these names are "norm-like" and never decayed under
 # ``no_bias_norm``: biases, norm scales, HGRU's phase and the lower-bound matrix.
 _NO_DECAY_NAMES = ("bias", "scale", "theta", "lower_bounds")
+
+# HGRU's phases: (d,) here, (1, 1, d) in hgru-pytorch (Hgru1d.theta, BiHgru1d.theta_forward and
+# theta_reverse), so not 1-D to timm's weight-decay rule.
+_NOT_1D_IN_THE_REFERENCE = ("theta", "theta_reverse")
 
 
 def _warmup_factor(step: jax.Array, warmup_steps: int) -> jax.Array:
@@ -93,11 +101,100 @@ def constant(learning_rate: float, warmup_steps: int = 0) -> Schedule:
     return schedule
 
 
+def timm_cosine(
+    learning_rate: float,
+    *,
+    steps_per_epoch: int,
+    warmup_epochs: int,
+    epochs: int,
+    warmup_lr: float,
+    min_lr: float,
+) -> Schedule:
+    """The learning rate of the reference ImageNet run: timm's ``CosineLRScheduler`` (timm 0.3
+    to 0.5) as DeiT's ``main.py`` makes and steps it, per epoch of ``steps_per_epoch`` steps.
+
+    timm's rate for epoch ``t`` (``t_in_epochs``, ``warmup_prefix`` False, ``cycle_limit`` 1,
+    ``t_initial = epochs``) is ``warmup_lr + t * (learning_rate - warmup_lr) / warmup_epochs``
+    for ``t < warmup_epochs``, ``min_lr + (learning_rate - min_lr) * (1 + cos(pi * t /
+    epochs)) / 2`` for ``warmup_epochs <= t < epochs`` (``t`` counted from 0, not from the end of
+    the warmup) and ``min_lr`` after. The scheduler sets timm's rate for ``t = 0`` when it is
+    made and ``main.py`` calls ``lr_scheduler.step(epoch)`` at the end of each epoch, so epoch
+    ``e`` trains at timm's rate for ``t = max(e - 1, 0)`` (timm's own ``train.py`` steps with
+    ``epoch + 1``): epochs 0 and 1 both at ``warmup_lr``. The rates are computed per epoch in
+    float64 and looked up, so the float32 result is the rounded float64 value (a float32
+    cosine near the end of the run is 1e-5 off, relative).
+    """
+    if steps_per_epoch < 1 or epochs < 1:
+        raise ValueError(
+            f"timm_cosine needs steps_per_epoch ({steps_per_epoch}) and epochs ({epochs}) >= 1"
+        )
+    rates = jnp.asarray(
+        [
+            _timm_epoch_rate(t, learning_rate, warmup_epochs, epochs, warmup_lr, min_lr)
+            for t in range(epochs + 1)
+        ],
+        jnp.float32,
+    )
+
+    def schedule(step):
+        epoch = jnp.asarray(step).astype(jnp.int32) // steps_per_epoch
+        return rates[jnp.clip(epoch - 1, 0, epochs)]
+
+    return schedule
+
+
+def _timm_epoch_rate(
+    t: int, learning_rate: float, warmup_epochs: int, epochs: int, warmup_lr: float, min_lr: float
+) -> float:
+    """timm's ``CosineLRScheduler._get_lr(t)`` with DeiT's settings (see :func:`timm_cosine`)."""
+    if t < warmup_epochs:
+        return warmup_lr + t * (learning_rate - warmup_lr) / warmup_epochs
+    if t >= epochs:
+        return min_lr
+    return min_lr + 0.5 * (learning_rate - min_lr) * (1 + math.cos(math.pi * t / epochs))
+
+
+def _timm_cosine_from_config(cfg: Mapping[str, Any], learning_rate: float) -> Schedule:
+    """:func:`timm_cosine` of ``schedule.steps_per_epoch``, with ``schedule.warmup_steps`` and
+    ``schedule.decay_steps`` (timm's ``t_initial``) whole numbers of its epochs."""
+    per_epoch = cfg.get("steps_per_epoch", 0)
+    if not _whole_non_negative(per_epoch) or int(per_epoch) < 1:
+        raise ValueError(
+            f"config.schedule.steps_per_epoch={per_epoch} must be an integer >= 1 with "
+            "schedule.name='timm_cosine'; set --config.schedule.steps_per_epoch to the steps of "
+            "an epoch (data.train_examples // batch_size)"
+        )
+    per_epoch = int(per_epoch)
+    epochs = {}
+    for key in ("warmup_steps", "decay_steps"):
+        steps = cfg.get(key, 0)
+        least = per_epoch if key == "decay_steps" else 0
+        if not _whole_non_negative(steps) or int(steps) % per_epoch or int(steps) < least:
+            raise ValueError(
+                f"config.schedule.{key}={steps} must be a whole number of epochs of "
+                f"schedule.steps_per_epoch={per_epoch} steps"
+                + (" (at least one)" if key == "decay_steps" else "")
+                + f" with schedule.name='timm_cosine'; set --config.schedule.{key} to a "
+                f"multiple of {per_epoch}"
+            )
+        epochs[key] = int(steps) // per_epoch
+    return timm_cosine(
+        learning_rate,
+        steps_per_epoch=per_epoch,
+        warmup_epochs=epochs["warmup_steps"],
+        epochs=epochs["decay_steps"],
+        warmup_lr=float(cfg.get("warmup_lr", 0.0)),
+        min_lr=float(cfg.get("min_lr", 0.0)),
+    )
+
+
 def make_schedule(schedule_config: Any, learning_rate: float) -> Schedule:
     """The schedule named by ``schedule_config.name`` (a ConfigDict or dict)."""
     cfg = dict(schedule_config)
     name = cfg.get("name", "constant")
     warmup = int(cfg.get("warmup_steps", 0))
+    if name == "timm_cosine":
+        return _timm_cosine_from_config(cfg, learning_rate)
     if name == "cosine":
         return cosine_with_warmup(
             learning_rate, warmup, int(cfg["decay_steps"]), float(cfg.get("min_lr", 0.0))
@@ -162,6 +259,7 @@ def check_optimizer_config(config: Any) -> None:
     for key, value in (
         ("optimizer.weight_decay", opt.get("weight_decay")),
         ("schedule.min_lr", schedule.get("min_lr")),
+        ("schedule.warmup_lr", schedule.get("warmup_lr")),
     ):
         if value is not None:
             _check_number(key, value, positive=False, example="0")
@@ -172,6 +270,8 @@ def check_optimizer_config(config: Any) -> None:
             "--config.schedule.warmup_steps (0: no warmup)"
         )
     check_unused_settings(opt, schedule)
+    if schedule.get("name") == "timm_cosine":
+        _timm_cosine_from_config(schedule, 1.0)  # its steps_per_epoch and whole epochs
 
 
 # Adam's settings, which optimizer.name="sgd" does not have, at their defaults.
@@ -182,8 +282,10 @@ def check_unused_settings(opt: Mapping[str, Any], schedule: Mapping[str, Any]) -
     """Raise ValueError naming the key for a setting the chosen optimizer or schedule would
     ignore: ``weight_decay`` with ``adam`` (no decay; adamw has it), Adam's ``b1``, ``b2``,
     ``eps`` with ``sgd`` other than their defaults (sgd's momentum is ``optimizer.momentum``),
-    and ``schedule.min_lr`` with a schedule other than ``cosine`` (the only one that decays to
-    it). ``schedule.decay_steps`` is cosine's too; the other schedules ignore it."""
+    ``schedule.min_lr`` with a schedule other than ``cosine`` and ``timm_cosine`` (the ones that
+    decay to it) and ``schedule.warmup_lr`` with one other than ``timm_cosine`` (the one that
+    warms up from it). ``schedule.decay_steps`` is theirs too, and ``schedule.steps_per_epoch``
+    timm_cosine's; the other schedules ignore them."""
     name = opt.get("name", "adamw")
     decay = opt.get("weight_decay", 0.0)
     if name == "adam" and _is_number(decay) and float(decay) > 0:
@@ -203,11 +305,18 @@ def check_unused_settings(opt: Mapping[str, Any], schedule: Mapping[str, Any]) -
                     "use adamw, adam or lamb"
                 )
     min_lr, kind = schedule.get("min_lr", 0.0), schedule.get("name", "constant")
-    if kind != "cosine" and _is_number(min_lr) and float(min_lr) > 0:
+    if kind not in ("cosine", "timm_cosine") and _is_number(min_lr) and float(min_lr) > 0:
         raise ValueError(
             f"config.schedule.min_lr={min_lr} does nothing with schedule.name={kind!r} (only "
-            "cosine decays to a minimum); set --config.schedule.min_lr=0 or "
+            "cosine and timm_cosine decay to a minimum); set --config.schedule.min_lr=0 or "
             "--config.schedule.name=cosine"
+        )
+    warmup_lr = schedule.get("warmup_lr", 0.0)
+    if kind != "timm_cosine" and _is_number(warmup_lr) and float(warmup_lr) > 0:
+        raise ValueError(
+            f"config.schedule.warmup_lr={warmup_lr} does nothing with schedule.name={kind!r} "
+            "(only timm_cosine warms up from it; the others from 0); set "
+            "--config.schedule.warmup_lr=0 or --config.schedule.name=timm_cosine"
         )
 
 
@@ -228,16 +337,32 @@ def _path_names(path: tuple) -> list[str]:
     return names
 
 
+def _timm_decays(path: tuple, leaf: Any) -> bool:
+    """timm's ``add_weight_decay`` rule for the parameter at ``path``: decayed unless 1-D in
+    the reference model or a bias (the reference ImageNet model's ``no_weight_decay()`` list,
+    position embeddings and class token, names nothing this model has)."""
+    names = [n for n in _path_names(path) if n != "value"]
+    name = names[-1] if names else ""
+    ndim = 3 if name in _NOT_1D_IN_THE_REFERENCE else jnp.ndim(leaf)
+    return not (ndim == 1 or name == "bias")
+
+
 def weight_decay_mask(params: Any, mode: str = "all") -> Any:
     """A pytree of bools like ``params``: True where weight decay applies.
 
-    ``"all"`` decays every parameter (the paper's LRA and LM recipes); ``"no_bias_norm"`` leaves
-    out biases, norm scales, every parameter with fewer than 2 dimensions (HGRU's theta) and the
-    lower-bound matrix (DeiT's recipe for ImageNet). With ``weight_decay`` 0 (or ``adam``, which
-    refuses a decay) the mask selects what a decay of 0 applies to: nothing changes either way.
+    ``"all"`` decays every parameter (the paper's LRA and LM recipes). ``"timm"`` decays what
+    the reference ImageNet run (timm's ``create_optimizer``) decays: every parameter but the
+    biases and the ones that are 1-D in the reference model (norm scales), so the kernels,
+    HGRU's phases (``(1, 1, d)`` there) and the lower-bound matrix (depth, d) are decayed.
+    ``"no_bias_norm"`` leaves out biases, norm scales, every parameter with fewer than 2
+    dimensions (HGRU's theta) and the lower-bound matrix. With ``weight_decay`` 0 (or
+    ``adam``, which refuses a decay) the mask selects what a decay of 0 applies to: nothing
+    changes either way.
     """
     if mode == "all":
         return jax.tree.map(lambda _: True, params)
+    if mode == "timm":
+        return jax.tree_util.tree_map_with_path(_timm_decays, params)
     if mode != "no_bias_norm":
         raise ValueError(
             f"unknown optimizer.weight_decay_mask {mode!r}; choose one of "
