@@ -88,11 +88,17 @@ WIKI_LINES = [
 ]
 
 
-def write_wikitext(folder: Path, repeats: int = 20) -> Path:
+def write_wikitext(folder: Path, repeats: int = 20, release: str = "raw") -> Path:
+    """``folder/wiki.{train,valid,test}.raw`` (``release="tokens"``: ``.tokens``, whose rare
+    words are ``<unk>``), as the release's zip unpacks them into ``wikitext-103-raw/``
+    (``wikitext-103/``)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("train", "valid", "test"):
         lines = WIKI_LINES * (repeats if name == "train" else max(repeats // 4, 2))
-        (folder / f"wiki.{name}.tokens").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        if release == "raw":
+            lines = [line.replace("<unk>", "Unrecorded") for line in lines]
+        text = "\n".join(lines) + "\n"
+        (folder / f"wiki.{name}.{release}").write_text(text, encoding="utf-8")
     return folder
 
 

@@ -367,7 +367,7 @@ def test_pathx_reads_128_pixel_images(tmp_path):
 
 
 def test_wikitext_bpe_blocks_and_line_ends(tmp_path):
-    folder = fx.write_wikitext(tmp_path / "wikitext-103")
+    folder = fx.write_wikitext(tmp_path / "wikitext-103-raw")
     tokenizer_path = fx.write_bpe_tokenizer(tmp_path / "tokenizer.json")
     config = config_of(
         "lm.wikitext103",
@@ -385,12 +385,12 @@ def test_wikitext_bpe_blocks_and_line_ends(tmp_path):
     tok = Tokenizer.from_file(str(tokenizer_path))
     eos = tok.token_to_id("<|endoftext|>")
     expected = []
-    for line in (folder / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines():
+    for line in (folder / "wiki.valid.raw").read_text(encoding="utf-8").splitlines():
         expected += tok.encode(line.strip()).ids + [eos]
     blocks = task.examples("val")["ids"]
-    num = (len(expected) - 1) // 16
+    num = -(-len(expected) // 16)  # every token a target once: the first block's input is eos
     assert blocks.shape == (num, 17)
-    np.testing.assert_array_equal(blocks[1], expected[16:33])
+    np.testing.assert_array_equal(blocks[1], expected[15:32])
     batch = next(task.eval_batches("val", 0, 1))
     assert batch["ids"].dtype == np.int32 and batch["ids"].shape == (config.batch_size, 17)
     assert batch["ids"].max() < 320
@@ -424,15 +424,15 @@ def test_wikitext_half_a_tokenizer_and_a_too_short_split_name_the_file(tmp_path)
         r"\+ vocab\.bpe\); put vocab\.bpe there",
     ):
         wikitext.tokenizer_files(str(gpt2))
-    folder = fx.write_wikitext(tmp_path / "wikitext-103")
-    (folder / "wiki.test.tokens").write_text("\n")
+    folder = fx.write_wikitext(tmp_path / "wikitext-103-raw")
+    (folder / "wiki.train.raw").write_text("\n")
     config = byte_wikitext_config(tmp_path, seq_len=16)
     with pytest.raises(
         ValueError,
-        match=rf"^1 tokens in the test split \({folder / 'wiki.test.tokens'}\) are fewer than "
+        match=rf"^1 tokens in the train split \({folder / 'wiki.train.raw'}\) are fewer than "
         r"data\.seq_len \+ 1 = 17: give a longer file, or a smaller --config\.data\.seq_len$",
     ):
-        tasks.get_task(config).examples("test")
+        tasks.get_task(config).examples("train")
 
 
 def test_wikitext_byte_tokenizer_needs_no_file(tmp_path):
@@ -442,7 +442,7 @@ def test_wikitext_byte_tokenizer_needs_no_file(tmp_path):
     )
     text = "".join(
         line.strip() + "\n"
-        for line in (folder / "wiki.test.tokens").read_text(encoding="utf-8").splitlines()
+        for line in (folder / "wiki.test.raw").read_text(encoding="utf-8").splitlines()
     )
     assert tokenizer.vocab_size == 256
     assert bytes(np.asarray(tokens, np.uint8)) == text.encode("utf-8")
@@ -477,7 +477,7 @@ def test_long_preparations_log_their_progress(tmp_path, monkeypatch, caplog):
     root = tmp_path / "pathfinder32" / "curv_contour_length_14"
     for done in (1, 4):
         assert f"{root}: decoding: {done}/4 images (0 s)" in messages
-    tokens_file = folder / "wiki.test.tokens"
+    tokens_file = folder / "wiki.test.raw"
     assert [m for m in messages if m.startswith(f"{tokens_file}: tokenising")] == [
         f"{tokens_file}: tokenising: 10 lines (0 s)",
         f"{tokens_file}: tokenising: 10 lines (0 s)",
@@ -489,9 +489,9 @@ def test_wikitext_text_that_is_not_utf8_names_its_line(tmp_path):
     line 5001 (and 'after line 0' for one on line 1)."""
     folder = fx.write_wikitext(tmp_path)
     lines = b"hello world line\n" * 5000
-    (folder / "wiki.train.tokens").write_bytes(lines + b"caf\xe9\n" + lines)
+    (folder / "wiki.train.raw").write_bytes(lines + b"caf\xe9\n" + lines)
     with pytest.raises(
-        errors.BadDataError, match=r"wiki\.train\.tokens:5001: not valid UTF-8 at byte 4"
+        errors.BadDataError, match=r"wiki\.train\.raw:5001: not valid UTF-8 at byte 4"
     ):
         wikitext.load_tokens(
             "train",

@@ -39,9 +39,16 @@ def release_and_tfds_tasks(config):
     return from_tfds, from_npy
 
 
-def assert_same_examples(from_tfds, from_npy, shapes: dict[str, tuple]) -> None:
+def assert_same_examples(
+    from_tfds, from_npy, shapes: dict[str, tuple], implied: dict[str, int] | None = None
+) -> None:
+    """The splits' arrays are equal; ``implied``: a column the ``.npy`` examples may leave out
+    (WikiText's training ``num_targets``), and its value in every row."""
     for split in ("train", "val", "test"):
-        expected = from_npy.examples(split)
+        expected = dict(from_npy.examples(split))
+        rows = len(next(iter(expected.values())))
+        for key, value in (implied or {}).items():
+            expected.setdefault(key, np.full(rows, value, np.int32))
         got = from_tfds.examples(split)
         assert got.keys() == expected.keys()
         for key, array in expected.items():
@@ -73,7 +80,7 @@ def listops_config(tmp_path: Path, rows: int = 8):
 
 
 def wikitext_config(tmp_path: Path, tokenizer: str):
-    fx.write_wikitext(tmp_path / "wiki" / "wikitext-103")
+    fx.write_wikitext(tmp_path / "wiki" / "wikitext-103-raw")
     if tokenizer != "bytes":
         tokenizer = str(fx.write_bpe_tokenizer(tmp_path / "tokenizer.json"))
     config = fx.tiny_config(
@@ -168,8 +175,10 @@ def test_wikitext_blocks_read_back_like_the_release(tmp_path, tokenizer):
     from_tfds, from_npy = release_and_tfds_tasks(config)
     assert isinstance(from_tfds, wikitext_task.WikiTextPrepared)
     name = "bytes_block16" if tokenizer == "bytes" else "gpt2_block16"
-    assert (tmp_path / "tfds" / "wikitext103" / name / "1.0.0").is_dir()
-    assert_same_examples(from_tfds, from_npy, {"ids": (17,)})
+    assert (tmp_path / "tfds" / "wikitext103" / name / "1.1.0").is_dir()
+    assert_same_examples(
+        from_tfds, from_npy, {"ids": (17,), "num_targets": ()}, implied={"num_targets": 16}
+    )
     meta = tasks.tfds_release(config).metadata(config)
     assert meta["vocab_size"] == (256 if tokenizer == "bytes" else 320)
     assert list(meta["tokenizer_files"]) == ([] if tokenizer == "bytes" else ["tokenizer.json"])
@@ -177,6 +186,17 @@ def test_wikitext_blocks_read_back_like_the_release(tmp_path, tokenizer):
         config.model.vocab_size = 256
         with pytest.raises(ValueError, match=r"vocab_size 256 is smaller .* \(320 ids\)"):
             tasks.get_task(config)
+
+
+def test_wikitext_prepared_by_the_old_builder_is_not_read(tmp_path):
+    """Version 1.0.0 held evaluation blocks that skipped each split's first token and tail, and
+    no num_targets: such a folder is not prepared data of this builder (old code: read)."""
+    config = wikitext_config(tmp_path, "bytes")
+    prepare.prepare(config)
+    folder = tmp_path / "tfds" / "wikitext103" / "bytes_block16"
+    (folder / "1.1.0").rename(folder / "1.0.0")
+    assert not tasks.tfds_release(config).is_prepared(config)
+    assert isinstance(tasks.get_task(config), wikitext_task.WikiTextRelease)
 
 
 # ----------------------------------------------------------------------------- which task

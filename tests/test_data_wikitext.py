@@ -233,7 +233,7 @@ def wikitext_task(tmp_path: Path, seq_len: int):
     """The WikiText release task on a byte-tokenised train split of about 100k tokens."""
     folder = fx.write_wikitext(tmp_path / "wiki")
     line = "The quick brown fox jumps over the lazy dog, " * 2
-    (folder / "wiki.train.tokens").write_text((line + "\n") * 1_100, encoding="utf-8")
+    (folder / "wiki.train.raw").write_text((line + "\n") * 1_100, encoding="utf-8")
     config = config_of(
         "lm.wikitext103",
         source="release",
@@ -293,3 +293,190 @@ def test_blocks_read_in_a_worker_process_are_the_same(tmp_path):
         rows = loader.train_rows(3, step, len(source), 16, 0, 1)
         np.testing.assert_array_equal(a, direct_blocks(tokens, SEQ_LEN, rows))
         np.testing.assert_array_equal(b, a)
+
+
+# ----------------------------------------------------------------------------- releases
+
+
+def release_config(folder: Path, tmp_path: Path, **data):
+    """The tiny LM config reading the byte-tokenised release in ``folder`` (blocks of 8)."""
+    return config_of(
+        "lm.wikitext103",
+        source="release",
+        wikitext_dir=str(folder),
+        tokenizer_path="bytes",
+        cache_dir=str(tmp_path / "cache"),
+        seq_len=8,
+        **data,
+    )
+
+
+def test_the_raw_release_is_read_from_its_subfolder(tmp_path):
+    """The paper's files: ``wikitext-103-raw/wiki.*.raw`` (old code: it looked for
+    ``wiki.*.tokens`` only, so DatasetMissingError)."""
+    folder = fx.write_wikitext(tmp_path / "wikitext-103-raw")
+    task = tasks.get_task(release_config(tmp_path, tmp_path))
+    tokens, _ = wikitext.load_tokens(
+        "test", wikitext_dir=str(tmp_path), tokenizer_path="bytes", cache_dir=str(tmp_path / "c")
+    )
+    text = (folder / "wiki.test.raw").read_text(encoding="utf-8")
+    assert "Unrecorded" in text and "<unk>" not in text
+    assert bytes(np.asarray(tokens, np.uint8)).decode() == "".join(
+        line.strip() + "\n" for line in text.splitlines()
+    )
+    assert task.num_examples("test") == -(-len(tokens) // 8)
+
+
+def test_only_the_tokens_release_stops_with_the_reason_and_the_opt_in(tmp_path):
+    """wiki.*.tokens replace rare words by <unk>: their perplexity is not the paper's (old code:
+    read without a word)."""
+    folder = fx.write_wikitext(tmp_path / "wikitext-103", release="tokens")
+    with pytest.raises(errors.DatasetMissingError) as caught:
+        tasks.get_task(release_config(tmp_path, tmp_path))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"WikiText-103 wiki.train.raw not found (looked for {tmp_path / 'wiki.train.raw'}, "
+        f"{tmp_path / 'wikitext-103-raw' / 'wiki.train.raw'}); "
+        f"{folder / 'wiki.train.tokens'} is of the other release, wikitext-103-v1.zip, whose "
+        "rare words are <unk> (which GPT-2's BPE splits into easy pieces), so its perplexity is "
+        f"not comparable with the paper's, which BPE-encodes the raw release: unpack "
+        f"{wikitext.RAW_URL} into data.wikitext_dir={tmp_path}, or set "
+        "--config.data.wikitext_release=tokens to read the .tokens files anyway"
+    )
+
+
+def test_the_tokens_release_is_an_opt_in_with_a_warning_and_its_own_cache(tmp_path):
+    """With both releases in one folder, each reads its own files into its own cache (the key
+    holds the file's path), and the tokens one warns that its perplexity is not the paper's."""
+    fx.write_wikitext(tmp_path, release="tokens")
+    fx.write_wikitext(tmp_path, release="raw")
+    with pytest.warns(wikitext.NotThePapersDataWarning, match=r"not comparable with the paper"):
+        task = tasks.get_task(release_config(tmp_path, tmp_path, wikitext_release="tokens"))
+    for release in ("raw", "tokens"):
+        tokens, _ = wikitext.load_tokens(
+            "val",
+            wikitext_dir=str(tmp_path),
+            tokenizer_path="bytes",
+            cache_dir=str(tmp_path / "cache"),
+            release=release,
+        )
+        text = (tmp_path / f"wiki.valid.{release}").read_text(encoding="utf-8")
+        expected = "".join(line.strip() + "\n" for line in text.splitlines())
+        assert bytes(np.asarray(tokens, np.uint8)).decode() == expected
+    assert ("<unk>" in expected) and len(list((tmp_path / "cache").glob("wikitext-*"))) == 2
+    assert task.num_examples("val") == -(-len(tokens) // 8)
+
+
+def test_a_bad_release_or_one_a_source_does_not_read_names_the_key(tmp_path):
+    fx.write_wikitext(tmp_path)
+    with pytest.raises(ValueError, match=r"^data\.wikitext_release='bpe' is no WikiText-103 rel"):
+        tasks.get_task(release_config(tmp_path, tmp_path, wikitext_release="bpe"))
+    config = config_of("lm.wikitext103", wikitext_release="tokens")
+    with pytest.raises(
+        ValueError,
+        match=r"^config\.data\.wikitext_release='tokens' is not read by task 'wikitext103' with "
+        r"data\.source='synthetic'; remove --config\.data\.wikitext_release \(its default is "
+        r"'raw'\)",
+    ):
+        tasks.get_task(config)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_eval_blocks_score_each_token_once_after_an_eos(tmp_path):
+    """fairseq's blocks (--sample-break-mode none): ceil(N / L) blocks of L targets, the last
+    shorter, the first input eos. The old blocks (tokens[i L : (i + 1) L + 1], tail dropped)
+    never scored the first token nor the last ones (old code: no eval_blocks)."""
+    seq_len, eos = 8, 7
+    tokens = (np.arange(2 * seq_len + 3) * 5 % 251).astype(np.uint16)
+    blocks = wikitext.eval_blocks(tokens, seq_len, eos)
+    ids, num_targets = np.asarray(blocks["ids"]), blocks["num_targets"]
+    assert ids.shape == (3, seq_len + 1) and num_targets.tolist() == [8, 8, 3]
+    targets = np.concatenate([ids[i, 1 : 1 + n] for i, n in enumerate(num_targets)])
+    inputs = np.concatenate([ids[i, :n] for i, n in enumerate(num_targets)])
+    np.testing.assert_array_equal(targets, tokens)
+    np.testing.assert_array_equal(inputs, np.concatenate([[eos], tokens[:-1]]))
+    with pytest.raises(ValueError, match=r"^no tokens in the test split \(f\): give a file"):
+        wikitext.eval_blocks(tokens[:0], seq_len, eos, "the test split (f)")
+
+
+def tiny_lm_task(tmp_path: Path, val_text: str):
+    """The release task (bytes, blocks of 8, eval batches of 2) with ``val_text`` as
+    ``wiki.valid.raw``, and a 1-layer model of width 16."""
+    fx.write_wikitext(tmp_path)
+    (tmp_path / "wiki.valid.raw").write_text(val_text, encoding="utf-8")
+    config = release_config(tmp_path, tmp_path)
+    config.model.features, config.model.num_layers = 16, 1
+    config.batch_size = config.eval_batch_size = 2
+    return tasks.get_task(config)
+
+
+def test_the_eval_perplexity_is_over_every_token_of_the_split(tmp_path):
+    """exp(sum of the loss sums / sum of the weights) over the eval batches is exp(mean NLL)
+    of every token of the split, computed block by block without padding; the weights count
+    the split's N tokens (old code: N - 1 - its tail, 16 of 19 here)."""
+    import jax
+    from flax import nnx
+
+    task = tiny_lm_task(tmp_path, "hello world\nab\n\nxy\n")  # N = 19 = 2 * 8 + 3
+    stream = np.frombuffer(b"hello world\nab\n\nxy\n", np.uint8).astype(np.int32)
+    model = task.build_model(nnx.Rngs(0))
+    sums = {"loss_sum": 0.0, "weight": 0.0}
+    batches = list(task.eval_batches("val", 0, 1))
+    assert len(batches) == 2 and batches[1]["weight"].tolist() == [1.0, 0.0]  # a padding row
+    for batch in batches:
+        _, metrics = task.loss_fn(
+            model, {k: jax.numpy.asarray(v) for k, v in batch.items()}, train=False
+        )
+        for key in sums:
+            sums[key] += float(metrics[key])
+    assert sums["weight"] == len(stream) == 19
+    nll = []
+    inputs = np.concatenate([[ord("\n")], stream])  # the first block's input starts with eos
+    for start in range(0, len(stream), 8):
+        stop = min(start + 8, len(stream))
+        logits = np.asarray(model(jax.numpy.asarray(inputs[None, start:stop])), np.float64)[0]
+        top = logits.max(-1, keepdims=True)
+        log_probs = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        nll.extend(-log_probs[np.arange(stop - start), stream[start:stop]])
+    assert len(nll) == 19
+    np.testing.assert_allclose(
+        np.exp(sums["loss_sum"] / sums["weight"]), np.exp(np.mean(nll)), rtol=1e-5
+    )
+
+
+def test_a_token_cache_of_the_old_code_is_read_as_the_stream_it_is(tmp_path, monkeypatch):
+    """The cache holds the split's token stream only (keyed by the file and the tokenizer, as
+    before); the blocks are cut as it loads, so a cache the old code built is reused, not
+    tokenised again, and evaluation cuts the new blocks from it."""
+    fx.write_wikitext(tmp_path, release="tokens")
+    options = dict(
+        wikitext_dir=str(tmp_path), tokenizer_path="bytes", cache_dir=str(tmp_path / "c")
+    )
+    path = tmp_path / "wiki.valid.tokens"
+    old_key = {
+        "dataset": "wikitext103",
+        "file": loader.fingerprint([path.resolve()]),
+        "tokenizer": "bytes",
+    }
+    text = path.read_text(encoding="utf-8")
+    stream = np.frombuffer(
+        "".join(line.strip() + "\n" for line in text.splitlines()).encode(), np.uint8
+    )
+    loader.prepared(
+        str(tmp_path / "c"),
+        "wikitext",
+        old_key,
+        lambda f: loader.save_arrays(f, "data", {"tokens": stream.astype(np.uint16)}),
+    )
+
+    def no_build(*args):
+        raise AssertionError("tokenised again")
+
+    monkeypatch.setattr(wikitext, "_build", no_build)
+    tokens, _ = wikitext.load_tokens("val", release="tokens", **options)
+    np.testing.assert_array_equal(tokens, stream)
+    blocks = wikitext.eval_blocks(tokens, 8, ord("\n"))
+    assert int(blocks["num_targets"].sum()) == len(stream)

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from hgrn_jax import tasks
-from hgrn_jax.data import listops
+from hgrn_jax.data import listops, loader
 from hgrn_jax.tasks import model_settings
 
 CONFIGS = [
@@ -40,7 +40,7 @@ LAYOUTS = {
     "lra.pathfinder": {"inputs": ((144, 1), np.float32)},
     "lra.pathx": {"inputs": ((144, 1), np.float32)},
     "imagenet.tiny": {"images": ((28, 28, 3), np.float32)},
-    "lm.wikitext103": {"ids": ((65,), np.int32)},
+    "lm.wikitext103": {"ids": ((65,), np.int32), "num_targets": ((), np.int32)},
 }
 NUM_CLASSES = {
     "lra.listops": 10,
@@ -150,6 +150,22 @@ def test_train_batches_resume_exactly_across_epochs(name, task_of, cache_dir):
     key = "ids" if "ids" in first else "inputs"
     assert not np.array_equal(first[key], second[key])
     assert len(np.unique(first[key], axis=0)) == len(first[key])
+
+
+def test_imagenet_stand_in_reads_each_image_three_times_in_a_row(task_of):
+    """The generated ImageNet stand-in (the tiny preset) trains in the repeated-augmentation
+    order of the configs (data.repeated_augmentation 3), at an epoch boundary too."""
+    task = task_of("imagenet.tiny")
+    config = task.config
+    assert config.data.repeated_augmentation == 3
+    n, size = task.num_examples("train"), config.batch_size
+    step = task.steps_per_epoch()
+    batch = next(task.train_batches(step, 0, 1))
+    rows = loader.train_rows(config.seed, step, n, size, repeats=3)
+    np.testing.assert_array_equal(rows[: size // 3 * 3 : 3], rows[1 : size // 3 * 3 : 3])
+    expected = task._batch(task.examples("train"), rows)
+    for key in expected:
+        np.testing.assert_array_equal(batch[key], expected[key], err_msg=key)
 
 
 def test_train_batches_depend_on_the_seed(task_of, cache_dir):

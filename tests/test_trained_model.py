@@ -78,7 +78,7 @@ def bpe_run(tmp_path_factory) -> Path:
     """A 4-step WikiText-103 LM run on a release-layout folder with a GPT-2-kind BPE tokenizer
     of 320 tokens (tests/data_fixtures.py), its tokenizer at ``bpe/tokenizer.json``."""
     folder = tmp_path_factory.mktemp("bpe")
-    fx.write_wikitext(folder / "wikitext-103", repeats=4)
+    fx.write_wikitext(folder / "wikitext-103-raw", repeats=4)
     config = _config(
         "lm.wikitext103",
         folder / "cache",

@@ -37,7 +37,8 @@ DATA_DEFAULTS = dict(
     lra_dir="",  # the LRA release (lra_release/): listops-1000/, tsv_data/, pathfinder*/
     tfds_dir="",  # tfds data_dir with prepared datasets (IMDB, CIFAR-10, ImageNet)
     manual_dir="",  # tfds manual_dir (ImageNet's tar files)
-    wikitext_dir="",  # the WikiText-103 release (wiki.train.tokens, ...)
+    wikitext_dir="",  # the WikiText-103 release (wiki.train.raw, ...)
+    wikitext_release="raw",  # its files: raw (the paper's) or tokens (<unk> for rare words)
     tokenizer_path="",  # the LM's GPT-2 BPE files
     cache_dir="cache",  # generated data (ListOps TSV files) live here
     generator_seed=0,  # generated/synthetic data depend on this seed only
@@ -295,23 +296,27 @@ def imagenet_config(
         )
     )
     c.data.workers = -1  # grain worker processes for ImageNet (-1: one per CPU; 0: threads)
+    c.data.repeated_augmentation = 3  # im's main.py: repeated_aug=True (RASampler), 1: off
     c.batch_size = 2048
     c.epochs = 300
     steps_per_epoch = IMAGENET_TRAIN_EXAMPLES // c.batch_size
     c.num_train_steps = c.epochs * steps_per_epoch
     c.label_smoothing = 0.1
-    c.optimizer.learning_rate = 2e-3
+    c.optimizer.learning_rate = 2e-3  # script_im.sh's lr 5e-4 x 2048 / 512 (main.py's scaling)
     c.optimizer.weight_decay = 0.05
-    c.optimizer.weight_decay_mask = "no_bias_norm"
+    c.optimizer.weight_decay_mask = "timm"  # timm's create_optimizer: not biases, 1-D params
     c.optimizer.grad_clip_norm = 5.0
-    c.schedule.name = "cosine"
-    c.schedule.warmup_steps = 5 * steps_per_epoch  # DeiT: 5 warmup epochs
-    c.schedule.decay_steps = c.num_train_steps
-    c.schedule.min_lr = 1e-5  # DeiT's min_lr
+    c.schedule.name = "timm_cosine"  # timm's CosineLRScheduler, stepped per epoch by main.py
+    c.schedule.steps_per_epoch = steps_per_epoch
+    c.schedule.warmup_steps = 10 * steps_per_epoch  # script_im.sh: warmup_epochs=10
+    c.schedule.decay_steps = c.num_train_steps  # timm's t_initial: --epochs 300
+    c.schedule.warmup_lr = 1e-6  # main.py's --warmup-lr
+    c.schedule.min_lr = 1e-5  # main.py's --min-lr
     c.eval_every = steps_per_epoch
     c.checkpoint_every = 1000
     c.log_every = 100
-    c.dtype = "bfloat16"  # DeiT trains with mixed precision; the recurrence stays float32
+    # train_im.sh passes --fp32-resume: no autocast and no GradScaler (utils/engine.py).
+    c.dtype = "float32"
     c.paper = paper_numbers(
         "imagenet", metric="accuracy", value=paper_top1, num_params=paper_params
     )
@@ -328,11 +333,12 @@ def imagenet_tiny(c: ml_collections.ConfigDict) -> None:
     c.data.source = "synthetic"
     c.data.image_size = 28
     c.data.seq_len = 4
-    c.data.train_examples = 2_000
+    c.data.train_examples = 320  # epochs of 10 steps: the per-epoch schedule gets 12
     c.data.val_examples = 256
     c.data.test_examples = 256
     c.dtype = "float32"
     tiny_schedule(c, steps=120, batch_size=32, learning_rate=3e-3)
+    c.schedule.steps_per_epoch = 10
     c.schedule.min_lr = 0.0
     c.data.augment.mixup_group_size = 2  # divides any per-host share of a small batch
     c.paper.value = 0.0

@@ -18,7 +18,9 @@ name               configs                     features
 ``lra_retrieval``  ``len<seq_len>``            ``inputs``, ``inputs2`` (L,) uint16, ``lengths``,
                                                ``lengths2`` (), ``labels`` 2 classes
 ``lra_pathfinder`` ``res32``, ``res128``       ``pixels`` (R, R, 1) uint8, ``labels`` 2 classes
-``wikitext103``    ``{gpt2,bytes}_block<L>``   ``ids`` (L + 1,) uint16 (blocks with stride L)
+``wikitext103``    ``{gpt2,bytes}_block<L>``   ``ids`` (L + 1,) uint16, ``num_targets`` ():
+                   (``_tokens``: the tokens    blocks with stride L (train), every token scored
+                   release)                    once (validation, test: :func:`wikitext.eval_blocks`)
 =================  ==========================  ===================================================
 
 The metadata (``metadata.json``) records the vocabulary the ids were encoded with (ListOps,
@@ -59,11 +61,13 @@ the manual folder (data.lra_dir; the lra_release/ level may be doubled or absent
   lra_release/pathfinder128/curv_contour_length_14/{imgs,metadata}
 """
 WIKITEXT_LAYOUT = """\
-Unpack wikitext-103-v1.zip and pass the folder holding wiki.{train,valid,test}.tokens (or its \
-parent with wikitext-103/) as the manual folder (data.wikitext_dir); the GPT-2 BPE tokenizer is a \
-local file (data.tokenizer_path: tokenizer.json, or a folder with encoder.json + vocab.bpe or \
-vocab.json + merges.txt), or `bytes`.
+Unpack wikitext-103-raw-v1.zip and pass the folder holding wiki.{train,valid,test}.raw (or its \
+parent with wikitext-103-raw/) as the manual folder (data.wikitext_dir; with \
+data.wikitext_release=tokens: wiki.*.tokens of wikitext-103-v1.zip, or wikitext-103/); the GPT-2 \
+BPE tokenizer is a local file (data.tokenizer_path: tokenizer.json, or a folder with encoder.json \
++ vocab.bpe or vocab.json + merges.txt), or `bytes`.
 """
+WIKITEXT_VERSION = "1.1.0"
 
 
 @dataclasses.dataclass(eq=False)
@@ -73,6 +77,7 @@ class SourceConfig(tfds.core.BuilderConfig):
     seq_len: int = 0  # ListOps / Retrieval: ids per document; WikiText: block
     resolution: int = 0  # Pathfinder: 32 or 128
     tokenizer: str = ""  # WikiText: "gpt2" or "bytes"
+    release: str = wikitext.DEFAULT_RELEASE  # WikiText: data.wikitext_release
     skip_bad_rows: bool = False
 
 
@@ -296,9 +301,17 @@ class LraPathfinder(_SourceBuilder):
 
 
 class Wikitext103(_SourceBuilder):
-    """WikiText-103 in blocks of ``seq_len + 1`` tokens with stride ``seq_len`` (GPT-2 BPE or
-    bytes); the tokenizer's vocabulary size, end-of-line id and file hashes are in the metadata."""
+    """WikiText-103 (GPT-2 BPE or bytes): training blocks of ``seq_len + 1`` tokens with stride
+    ``seq_len``, evaluation blocks scoring every token once (:func:`wikitext.eval_blocks`), each
+    with its ``num_targets``; the tokenizer's vocabulary size, end-of-line id and file hashes
+    are in the metadata. Version 1.0.0 (blocks without ``num_targets``, the evaluation splits'
+    first token and tail unscored) is not read: a folder of it is not prepared data."""
 
+    VERSION = tfds.core.Version(WIKITEXT_VERSION)
+    RELEASE_NOTES = {
+        **RELEASE_NOTES,
+        WIKITEXT_VERSION: "num_targets; validation and test blocks score every token once.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = WIKITEXT_LAYOUT
     BUILDER_CONFIGS = [
         _named(f"{t}_block512", False, seq_len=512, tokenizer=t) for t in ("gpt2", "bytes")
@@ -306,15 +319,17 @@ class Wikitext103(_SourceBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self._dataset_info(
-            {"ids": _ids((self.builder_config.seq_len + 1,), np.uint16)},
+            {"ids": _ids((self.builder_config.seq_len + 1,), np.uint16), "num_targets": _scalar()},
             "WikiText-103: each line stripped, tokenised and closed by an end-of-line token; "
-            "the split's token stream cut into blocks of seq_len + 1 with stride seq_len.",
+            "the train split's token stream cut into blocks of seq_len + 1 with stride seq_len, "
+            "the validation and test splits' into blocks whose num_targets targets cover each "
+            "token once (the first block's input starts with the end-of-line token).",
             "https://blog.salesforceairesearch.com/the-wikitext-long-term-dependency-"
             "language-modeling-dataset/",
         )
 
     def sources(self, manual_dir, split):
-        return [wikitext.find_file(manual_dir, split)]
+        return [wikitext.find_file(manual_dir, split, self.builder_config.release)]
 
     def _load(self, manual_dir, split):
         c = self.builder_config
@@ -323,6 +338,7 @@ class Wikitext103(_SourceBuilder):
             wikitext_dir=manual_dir,
             tokenizer_path=self.tokenizer_path,
             cache_dir=str(self._scratch),
+            release=c.release,
         )
         if tokenizer.dtype != np.uint16:
             raise ValueError(
@@ -330,7 +346,10 @@ class Wikitext103(_SourceBuilder):
                 "ids, more than the uint16 blocks of this builder hold"
             )
         self.info.metadata.update(tokenizer_metadata(tokenizer))
-        return {"ids": wikitext.blocks(tokens, c.seq_len)}
+        if split == "train":
+            ids = wikitext.blocks(tokens, c.seq_len)
+            return {"ids": ids, "num_targets": np.full(len(ids), c.seq_len, np.int32)}
+        return wikitext.eval_blocks(tokens, c.seq_len, tokenizer.eos_id)
 
 
 BUILDERS: dict[str, type[_SourceBuilder]] = {
@@ -434,19 +453,27 @@ def source_config(
     seq_len: int = 0,
     resolution: int = 0,
     tokenizer_path: str = "",
+    wikitext_release: str = wikitext.DEFAULT_RELEASE,
     skip_bad_rows: bool = False,
 ) -> SourceConfig:
     """The builder config of ``dataset`` for these settings: ``seq_len`` (ListOps, Retrieval:
     ids per document; WikiText-103: block length), ``resolution`` (Pathfinder: 32 or 128),
-    ``tokenizer_path`` (WikiText-103: ``bytes`` or GPT-2 BPE files)."""
+    ``tokenizer_path`` (WikiText-103: ``bytes`` or GPT-2 BPE files), ``wikitext_release``
+    (WikiText-103: ``raw``, or ``tokens``, whose configs end in ``_tokens``)."""
     if dataset in ("listops", "retrieval"):
         wanted = _named(f"len{int(seq_len)}", skip_bad_rows, seq_len=int(seq_len))
     elif dataset == "pathfinder":
         wanted = _named(f"res{int(resolution)}", skip_bad_rows, resolution=int(resolution))
     else:
         kind = wikitext.BYTES if tokenizer_path == wikitext.BYTES else "gpt2"
+        wikitext.release_of(wikitext_release)
+        suffix = "" if wikitext_release == wikitext.DEFAULT_RELEASE else f"_{wikitext_release}"
         wanted = _named(
-            f"{kind}_block{int(seq_len)}", skip_bad_rows, seq_len=int(seq_len), tokenizer=kind
+            f"{kind}_block{int(seq_len)}{suffix}",
+            skip_bad_rows,
+            seq_len=int(seq_len),
+            tokenizer=kind,
+            release=wikitext_release,
         )
     for known in _known(dataset).BUILDER_CONFIGS:
         if known.name == wanted.name:  # tfds refuses a second config object of a known name
@@ -488,14 +515,18 @@ def builder(
 
 
 def check_sources(
-    dataset: str, manual_dir: str, *, resolution: int = 0, tokenizer_path: str = ""
+    dataset: str,
+    manual_dir: str,
+    *,
+    resolution: int = 0,
+    tokenizer_path: str = "",
+    wikitext_release: str = wikitext.DEFAULT_RELEASE,
 ) -> None:
     """Raise :class:`DatasetMissingError` (layout included) before tfds starts when the manual
     folder lacks a split's file."""
     try:
         if dataset == "wikitext103":
-            for split in TFDS_SPLITS:
-                wikitext.find_file(manual_dir, split)
+            wikitext.find_files(manual_dir, wikitext_release)
             wikitext.LineTokenizer(tokenizer_path)
         elif dataset == "listops":
             for split in TFDS_SPLITS:

@@ -1,10 +1,19 @@
-"""WikiText-103 for language modelling: token files, a local tokenizer, 512-token blocks.
+"""WikiText-103 for language modelling: the release files, a local tokenizer, 512-token blocks.
 
-Files: ``wiki.{train,valid,test}.tokens`` in ``data.wikitext_dir`` (or its ``wikitext-103/``
-subfolder), as unpacked from ``wikitext-103-v1.zip``. Each line is stripped, tokenised, and
-closed by an end-of-line token (fairseq's preprocessing: every line, empty ones included, ends
-with ``</s>``); the whole split is one token stream cut into blocks of ``seq_len + 1`` tokens
-with stride ``seq_len`` (the model predicts tokens 1..seq_len of each block).
+Files (``data.wikitext_release``):
+- ``raw`` (the default, the paper's): ``wiki.{train,valid,test}.raw`` in ``data.wikitext_dir`` (or
+  its ``wikitext-103-raw/`` subfolder), as unpacked from ``wikitext-103-raw-v1.zip``, which the
+  reference (``OpenNLPLab/HGRN`` README, "Preprocess the data") BPE-encodes;
+- ``tokens``: ``wiki.{train,valid,test}.tokens`` (or ``wikitext-103/...``) of
+  ``wikitext-103-v1.zip``, whose rare words are ``<unk>``: GPT-2's BPE splits it into easy
+  pieces, so its perplexity is not comparable with the paper's (a warning says so).
+
+Each line is stripped, tokenised, and closed by an end-of-line token (fairseq's preprocessing:
+``multiprocessing_bpe_encoder --keep-empty`` strips every line, ``fairseq-preprocess`` closes
+each, empty ones included, with ``</s>``); the whole split is one token stream of N tokens.
+Training reads blocks of ``seq_len + 1`` tokens with stride ``seq_len`` (:func:`blocks`);
+evaluation scores every token once, as fairseq's ``language_modeling`` task with
+``--sample-break-mode none`` (:func:`eval_blocks`).
 
 Tokenizers (``data.tokenizer_path``), never downloaded:
 - a ``tokenizer.json`` file (or a folder holding one) loadable by the ``tokenizers`` package, e.g.
@@ -16,11 +25,14 @@ An empty ``data.tokenizer_path`` (the default) names no tokenizer: it is an erro
 current folder. A BPE tokenizer must be byte-level (GPT-2's): one that cannot encode some byte of
 UTF-8 text (a vocabulary without GPT-2's 256 byte symbols drops such text without a word) is
 refused as it loads (:func:`check_lossless`).
-Token streams are prepared once into ``cache_dir/wikitext-<hash>/``.
+Token streams are prepared once into ``cache_dir/wikitext-<hash>/`` (the hash covers the text
+file's path, size and time and the tokenizer's: a raw and a tokens stream never share one).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,25 +42,96 @@ import numpy as np
 from hgrn_jax.data import loader
 from hgrn_jax.data.errors import BadDataError, DatasetMissingError
 
-FILES = {"train": "wiki.train.tokens", "val": "wiki.valid.tokens", "test": "wiki.test.tokens"}
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """A WikiText-103 release: its split files, the folder its zip unpacks to, the zip."""
+
+    suffix: str
+    folder: str
+    archive: str
+
+    def file(self, split: str) -> str:
+        return f"wiki.{SPLIT_NAMES[split]}.{self.suffix}"
+
+
+SPLIT_NAMES = {"train": "train", "val": "valid", "test": "test"}
+RAW_URL = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-raw-v1.zip"
+RELEASES = {
+    "raw": Release("raw", "wikitext-103-raw", "wikitext-103-raw-v1.zip"),
+    "tokens": Release("tokens", "wikitext-103", "wikitext-103-v1.zip"),
+}
+"""``data.wikitext_release`` -> its files: ``raw`` is the paper's."""
+DEFAULT_RELEASE = "raw"
 BYTES = "bytes"
 EOS_TOKEN = "<|endoftext|>"
 CHUNK_LINES = 20_000
 
 
-def find_file(wikitext_dir: str, split: str) -> Path:
-    name = FILES[split]
+class NotThePapersDataWarning(UserWarning):
+    """The data differ from the paper's: its numbers are no yardstick for this run."""
+
+
+def release_of(release: str) -> Release:
+    """The :class:`Release` named by ``data.wikitext_release``; ValueError naming the key."""
+    if release not in RELEASES:
+        raise ValueError(
+            f"data.wikitext_release={release!r} is no WikiText-103 release; use 'raw' "
+            "(wikitext-103-raw-v1.zip, the paper's) or 'tokens' (wikitext-103-v1.zip, rare words "
+            "as <unk>)"
+        )
+    return RELEASES[release]
+
+
+def _candidates(base: Path, release: Release, split: str) -> list[Path]:
+    name = release.file(split)
+    return [base / name, base / release.folder / name]
+
+
+def find_file(wikitext_dir: str, split: str, release: str = DEFAULT_RELEASE) -> Path:
+    """The ``split`` file of ``release`` in ``wikitext_dir`` or its release subfolder;
+    :class:`DatasetMissingError` naming what was looked for, and (for ``raw``) saying so when
+    only the ``tokens`` release is there."""
+    chosen = release_of(release)
     base = Path(wikitext_dir) if wikitext_dir else None
-    tried = [base / name, base / "wikitext-103" / name] if base else []
+    tried = _candidates(base, chosen, split) if base else []
     for path in tried:
         if path.is_file():
             return path
     looked = ", ".join(map(str, tried)) or "nowhere: data.wikitext_dir is empty"
+    name = chosen.file(split)
+    if base and release == "raw":
+        found = [p for p in _candidates(base, RELEASES["tokens"], split) if p.is_file()]
+        if found:
+            raise DatasetMissingError(
+                f"WikiText-103 {name} not found (looked for {looked}); {found[0]} is of the "
+                "other release, wikitext-103-v1.zip, whose rare words are <unk> (which GPT-2's "
+                "BPE splits into easy pieces), so its perplexity is not comparable with the "
+                f"paper's, which BPE-encodes the raw release: unpack {RAW_URL} into "
+                f"data.wikitext_dir={wikitext_dir}, or set "
+                "--config.data.wikitext_release=tokens to read the .tokens files anyway"
+            )
+    files = ", ".join(chosen.file(s) for s in SPLIT_NAMES)
     raise DatasetMissingError(
-        f"WikiText-103 {name} not found (looked for {looked}): unpack wikitext-103-v1.zip and set "
-        f"--config.data.wikitext_dir=FOLDER to the folder holding wiki.train.tokens, "
-        f"wiki.valid.tokens and wiki.test.tokens"
+        f"WikiText-103 {name} not found (looked for {looked}): unpack {chosen.archive} and set "
+        f"--config.data.wikitext_dir=FOLDER to the folder holding {files}"
     )
+
+
+def find_files(wikitext_dir: str, release: str = DEFAULT_RELEASE) -> dict[str, Path]:
+    """Every split's file (:func:`find_file`), warning (:class:`NotThePapersDataWarning`) when
+    ``release`` is ``tokens``: the check to run once, as a run or a preparation starts."""
+    files = {split: find_file(wikitext_dir, split, release) for split in SPLIT_NAMES}
+    if release != DEFAULT_RELEASE:
+        warnings.warn(
+            f"data.wikitext_release={release!r}: reading {files['train'].parent}/wiki.*.tokens "
+            "of wikitext-103-v1.zip, whose rare words are <unk>; the perplexity is not "
+            "comparable with the paper's (24.14 / 24.82, on the raw release "
+            "wikitext-103-raw-v1.zip: --config.data.wikitext_release=raw)",
+            NotThePapersDataWarning,
+            stacklevel=2,
+        )
+    return files
 
 
 _POINT_AT_A_TOKENIZER = (
@@ -244,10 +327,15 @@ def _build(folder: Path, path: Path, tokenizer: LineTokenizer) -> None:
 
 
 def load_tokens(
-    split: str, *, wikitext_dir: str, tokenizer_path: str, cache_dir: str
+    split: str,
+    *,
+    wikitext_dir: str,
+    tokenizer_path: str,
+    cache_dir: str,
+    release: str = DEFAULT_RELEASE,
 ) -> tuple[np.ndarray, LineTokenizer]:
-    """The split's token stream (T,) (uint16 or int32, memory-mapped) and its tokenizer."""
-    path = find_file(wikitext_dir, split)
+    """The split's token stream (N,) (uint16 or int32, memory-mapped) and its tokenizer."""
+    path = find_file(wikitext_dir, split, release)
     tokenizer = LineTokenizer(tokenizer_path)
     key = {
         "dataset": "wikitext103",
@@ -320,11 +408,17 @@ class TokenBlocks:
 
 
 def blocks(tokens: np.ndarray, seq_len: int, where: str = "") -> TokenBlocks:
-    """Blocks (N, seq_len + 1) of the stream with stride ``seq_len`` (:class:`TokenBlocks`: a
-    view, no copy, that pickles a memory-mapped stream as its file name).
+    """Training blocks (M, seq_len + 1), M = (N - 1) // seq_len, of the stream (N,) with stride
+    ``seq_len`` (:class:`TokenBlocks`: a view, no copy, that pickles a memory-mapped stream as
+    its file name).
 
     Block ``i`` is ``tokens[i * seq_len : (i + 1) * seq_len + 1]``; the tail shorter than a block
-    is dropped. ``where`` names the tokens' file in the error for too few of them.
+    is dropped. fairseq's training samples are :func:`eval_blocks`'s (the first starting at an
+    added end-of-line token, the last shorter): these are the same windows one token later, all
+    full, which is why training keeps them (its 100k updates sample the split's blocks at
+    random, so neither the one token nor the short tail matter; evaluation, which must score
+    each token once, does not use them). ``where`` names the tokens' file in the error for too
+    few of them.
     """
     num = (len(tokens) - 1) // seq_len
     if num < 1:
@@ -334,3 +428,34 @@ def blocks(tokens: np.ndarray, seq_len: int, where: str = "") -> TokenBlocks:
             "--config.data.seq_len"
         )
     return TokenBlocks(tokens, seq_len, num)
+
+
+def eval_blocks(
+    tokens: np.ndarray, seq_len: int, eos_id: int, where: str = ""
+) -> dict[str, np.ndarray]:
+    """The evaluation blocks of the stream (N,), which score each of its tokens exactly once, as
+    fairseq's ``language_modeling`` task with ``--sample-break-mode none``:
+
+    - ``ids`` (M, seq_len + 1), M = ceil(N / seq_len): row ``i`` is ``s[i * seq_len : (i + 1) *
+      seq_len + 1]`` of ``s = [eos_id] + tokens`` (padded with ``eos_id`` past its end), so its
+      targets ``ids[i, 1:]`` are ``tokens[i * seq_len : (i + 1) * seq_len]`` and its inputs
+      ``ids[i, :-1]`` the tokens before them, the first block's starting at ``eos_id``
+      (fairseq's ``TokenBlockDataset(include_targets=True)`` prepends its ``</s>`` there; every
+      later block starts after a token of the stream, an end-of-line one at a line's start);
+    - ``num_targets`` (M,) int32: the targets of each row, ``seq_len`` but for the last one's
+      ``N - (M - 1) * seq_len``; the targets past them are padding, not scored.
+
+    ``where`` names the tokens' file in the error for an empty stream.
+    """
+    seq_len, count = int(seq_len), len(tokens)
+    if count < 1:
+        raise ValueError(
+            f"no tokens{f' in {where}' if where else ''}: give a file with at least one line"
+        )
+    num = -(-count // seq_len)
+    stream = np.full(num * seq_len + 1, eos_id, dtype=tokens.dtype)
+    stream[1 : count + 1] = tokens
+    ids = np.lib.stride_tricks.sliding_window_view(stream, seq_len + 1)[::seq_len]
+    num_targets = np.full(num, seq_len, np.int32)
+    num_targets[-1] = count - (num - 1) * seq_len
+    return {"ids": ids, "num_targets": num_targets}

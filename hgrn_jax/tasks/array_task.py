@@ -22,7 +22,8 @@ exactly once over all processes, the last batch padded with rows of ``weight`` 0
 
 Batch keys: ``inputs`` (B, L) int32 token ids or (B, L, C) float32 pixels, ``mask`` (B, L) bool
 (token tasks), ``inputs2``/``mask2`` (Retrieval's second document), ``images`` (B, H, W, 3)
-float32 (ImageNet), ``ids`` (B, T + 1) int32 (LM), ``labels`` (B,) int32, ``weight`` (B,) float32.
+float32 (ImageNet), ``ids`` (B, T + 1) int32 and ``num_targets`` (B,) int32 (LM: the scored
+targets of each row), ``labels`` (B,) int32, ``weight`` (B,) float32.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
 EVAL_SPLITS = ("val", "test")
 FOLDER_KEYS = ("lra_dir", "tfds_dir", "manual_dir", "wikitext_dir", "tokenizer_path")
 """Data settings that point at files: each source reads some of them and rejects the others."""
+CHOICE_KEYS = {"wikitext_release": "raw"}
+"""Data settings (and their defaults) that some sources read: another value is an error for the
+others, as an unread folder is."""
 
 
 def token_batch(ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +68,7 @@ class ArrayTask:
 
     metric: ClassVar[str] = "accuracy"
     reads: ClassVar[frozenset[str]] = frozenset()
-    """The :data:`FOLDER_KEYS` this source reads."""
+    """The :data:`FOLDER_KEYS` and :data:`CHOICE_KEYS` this source reads."""
     model_kind: ClassVar[ModelKind]
     stand_in: ClassVar[str] = "synthetic"
     """The source that needs no download (named in missing-data errors)."""
@@ -130,6 +134,14 @@ class ArrayTask:
                     + (f" (it reads {readers})" if readers else " (it reads no data folder)")
                     + f"; remove --config.data.{key}, or choose the source that reads it"
                 )
+        for key, default in CHOICE_KEYS.items():
+            value = config.data.get(key, default)
+            if value != default and key not in cls.reads:
+                raise ValueError(
+                    f"config.data.{key}={value!r} is not read by task {config.task!r} with "
+                    f"data.source={source!r}; remove --config.data.{key} (its default is "
+                    f"{default!r}), or choose a source that reads it"
+                )
 
     # -- what subclasses provide
 
@@ -181,7 +193,13 @@ class ArrayTask:
             process_count=process_count,
             worker_count=self.worker_count(),
             batch_transform=source,
+            repeats=self.train_repeats(),
         ).iterator(start_step)
+
+    def train_repeats(self) -> int:
+        """Times each example of an epoch's order is read in a row (repeated augmentation,
+        :func:`hgrn_jax.data.loader.train_rows`): 1, each once; ImageNet's reads its config."""
+        return 1
 
     def worker_count(self) -> int:
         """Input worker processes: ``data.workers`` (-1: one per CPU; default 0, in process)."""

@@ -132,6 +132,7 @@ class TfdsRelease:
             self.manual_dir(config),
             resolution=options.get("resolution", 0),
             tokenizer_path=options.get("tokenizer_path", ""),
+            **{k: v for k, v in options.items() if k == "wikitext_release"},
         )
         from hgrn_jax.data.loader import naming_the_cache_dir
 

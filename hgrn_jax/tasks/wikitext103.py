@@ -3,14 +3,18 @@
 =============  =================================================================  ==============
 source         data                                                               reads
 =============  =================================================================  ==============
-``release``    ``wiki.{train,valid,test}.tokens`` in ``data.wikitext_dir``,       ``wikitext_dir``
+``release``    ``wiki.{train,valid,test}.raw`` in ``data.wikitext_dir``           ``wikitext_dir``
+               (``.tokens`` with ``data.wikitext_release=tokens``),
                GPT-2 BPE files (or ``bytes``) at ``data.tokenizer_path``           ``tokenizer_path``
                (prepared tfds data when in ``data.tfds_dir``)                     ``tfds_dir``
-``prepared``   the tfds dataset ``wikitext103`` (``{gpt2,bytes}_block<L>``)       ``tfds_dir``
+``prepared``   the tfds dataset ``wikitext103`` (``{gpt2,bytes}_block<L>``,        ``tfds_dir``
+               ``_tokens`` with ``data.wikitext_release=tokens``)
 ``synthetic``  a generated arithmetic corpus of bytes                             (none)
 =============  =================================================================  ==============
 
-``model.vocab_size`` 0 takes the tokenizer's vocabulary (256 for the synthetic bytes).
+``model.vocab_size`` 0 takes the tokenizer's vocabulary (256 for the synthetic bytes). The
+release's validation and test perplexities score every token of the split once, as fairseq's
+(:func:`hgrn_jax.data.wikitext.eval_blocks`): exp(total NLL / N) over its N tokens.
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ from hgrn_jax.tasks.prepared_tfds import PreparedTfds, ReleaseOrPrepared, TfdsRe
 
 
 class LanguageModelTask(ArrayTask):
-    """Next-token prediction on consecutive windows of ``seq_len + 1`` tokens (``ids``)."""
+    """Next-token prediction on windows of ``seq_len + 1`` tokens (``ids``): the model reads
+    ``ids[:, :-1]`` and predicts ``ids[:, 1:]``, of which the first ``num_targets`` count.
+
+    Examples: ``ids`` (M, seq_len + 1) and, optionally, ``num_targets`` (M,), the scored targets
+    of each row (evaluation's last, shorter block); without it every target counts. Batches:
+    ``ids`` (B, seq_len + 1) int32, ``num_targets`` (B,) int32 and ``weight`` (B,).
+    """
 
     metric = "perplexity"
     model_kind = models.LM
@@ -37,24 +47,34 @@ class LanguageModelTask(ArrayTask):
     label_smoothing = False  # the perplexity is of the plain next-token cross-entropy
 
     def _batch(self, examples, rows):
-        return {"ids": np.asarray(examples["ids"][rows]).astype(np.int32)}
+        ids = np.asarray(examples["ids"][rows]).astype(np.int32)
+        scored = examples.get("num_targets")
+        if scored is None:
+            num_targets = np.full(len(ids), ids.shape[1] - 1, np.int32)
+        else:
+            num_targets = np.asarray(scored[rows]).astype(np.int32)
+        return {"ids": ids, "num_targets": num_targets}
 
     def loss_fn(self, model, batch, *, train):
         ids = batch["ids"]
+        targets = ids[:, 1:]
         logits = mode(model, train)(ids[:, :-1])
-        weight = jnp.broadcast_to(batch["weight"][:, None], ids[:, 1:].shape)
-        return next_token_loss(logits, ids[:, 1:], weight)
+        scored = jnp.arange(targets.shape[1])[None, :] < batch["num_targets"][:, None]
+        weight = batch["weight"][:, None] * scored
+        return next_token_loss(logits, targets, weight)
 
 
 class WikiTextRelease(LanguageModelTask):
-    """The release's token files, tokenised once into ``data.cache_dir``."""
+    """The release's text files (``data.wikitext_release``), tokenised once into
+    ``data.cache_dir``: training blocks (:func:`~hgrn_jax.data.wikitext.blocks`) for ``train``,
+    blocks scoring every token (:func:`~hgrn_jax.data.wikitext.eval_blocks`) for ``val`` and
+    ``test``."""
 
-    reads = frozenset({"wikitext_dir", "tokenizer_path", "tfds_dir"})
+    reads = frozenset({"wikitext_dir", "tokenizer_path", "tfds_dir", "wikitext_release"})
 
     def _check_source(self) -> None:
         data = self.config.data
-        for split in ("train", "val", "test"):
-            wikitext.find_file(data.wikitext_dir, split)
+        wikitext.find_files(data.wikitext_dir, release(self.config))
         tokenizer = wikitext.LineTokenizer(data.tokenizer_path)
         if not self.config.model.vocab_size:
             self.config.model.vocab_size = tokenizer.vocab_size
@@ -67,14 +87,23 @@ class WikiTextRelease(LanguageModelTask):
 
     def _load(self, split):
         data = self.config.data
-        tokens, _ = wikitext.load_tokens(
+        tokens, tokenizer = wikitext.load_tokens(
             split,
             wikitext_dir=data.wikitext_dir,
             tokenizer_path=data.tokenizer_path,
             cache_dir=data.cache_dir,
+            release=release(self.config),
         )
-        where = f"the {split} split ({wikitext.find_file(data.wikitext_dir, split)})"
-        return {"ids": wikitext.blocks(tokens, int(data.seq_len), where)}
+        path = wikitext.find_file(data.wikitext_dir, split, release(self.config))
+        where = f"the {split} split ({path})"
+        if split == "train":
+            return {"ids": wikitext.blocks(tokens, int(data.seq_len), where)}
+        return wikitext.eval_blocks(tokens, int(data.seq_len), tokenizer.eos_id, where)
+
+
+def release(config) -> str:
+    """``config.data.wikitext_release`` (``raw`` where a config predates the key)."""
+    return str(config.data.get("wikitext_release", wikitext.DEFAULT_RELEASE))
 
 
 TFDS = TfdsRelease(
@@ -83,6 +112,11 @@ TFDS = TfdsRelease(
     lambda config: {
         "seq_len": int(config.data.seq_len),
         "tokenizer_path": str(config.data.tokenizer_path),
+        **(
+            {}
+            if release(config) == wikitext.DEFAULT_RELEASE
+            else {"wikitext_release": release(config)}
+        ),
     },
     "experiments/configs/lm/wikitext103.py",
 )
@@ -92,7 +126,7 @@ class WikiTextPrepared(PreparedTfds, LanguageModelTask):
     """The tfds dataset ``wikitext103`` (``{gpt2,bytes}_block<seq_len>``)."""
 
     tfds_release = TFDS
-    reads = frozenset({"tfds_dir", "wikitext_dir", "tokenizer_path"})
+    reads = frozenset({"tfds_dir", "wikitext_dir", "tokenizer_path", "wikitext_release"})
 
 
 class WikiTextSynthetic(LanguageModelTask):
