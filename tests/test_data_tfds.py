@@ -257,6 +257,16 @@ def test_imagenet_image_transforms():
     image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
     assert imagenet.random_resized_crop(image, 16, rng).shape == (16, 16, 3)
     assert imagenet.centre_crop(image, 16).shape == (16, 16, 3)
+    # torchvision's Resize(18) then CenterCrop(16), as DeiT evaluates: 300 x 459 -> 18 x 27
+    # (int(18 * 459 / 300) = int(27.54), not round's 28), left offset round(5.5) = 6 (not 5).
+    from PIL import Image
+
+    wide = rng.integers(0, 256, (300, 459, 3), dtype=np.uint8)
+    resized = np.asarray(Image.fromarray(wide).resize((27, 18), Image.BICUBIC))
+    np.testing.assert_array_equal(imagenet.centre_crop(wide, 16), resized[1:17, 6:22])
+    tall = np.ascontiguousarray(wide.transpose(1, 0, 2))
+    resized = np.asarray(Image.fromarray(tall).resize((18, 27), Image.BICUBIC))
+    np.testing.assert_array_equal(imagenet.centre_crop(tall, 16), resized[6:22, 1:17])
     flat = np.full((300, 200, 3), 128, np.uint8)
     np.testing.assert_allclose(
         imagenet.eval_image(flat, 224),

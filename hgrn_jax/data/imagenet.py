@@ -94,15 +94,18 @@ def random_resized_crop(
 
 
 def centre_crop(image: np.ndarray, size: int, crop_pct: float = CROP_PCT) -> np.ndarray:
-    """Resize the short side to ``size / crop_pct`` (bicubic), then the central size x size."""
+    """Resize the short side to ``size / crop_pct`` (bicubic), then the central size x size,
+    as torchvision's ``Resize(short)`` and ``CenterCrop(size)`` in DeiT's evaluation: the long
+    side ``int(short * long / short_side)`` (truncated), the crop's offsets
+    ``int(round((side - size) / 2))`` (Python's round: half to even)."""
     h, w = image.shape[:2]
     short = int(math.floor(size / crop_pct))
     if h <= w:
-        nh, nw = short, max(int(round(w * short / h)), short)
+        nh, nw = short, int(short * w / h)
     else:
-        nw, nh = short, max(int(round(h * short / w)), short)
+        nw, nh = short, int(short * h / w)
     resized = _resize(image, nw, nh)
-    top, left = (nh - size) // 2, (nw - size) // 2
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
     return resized[top : top + size, left : left + size]
 
 
