@@ -9,6 +9,7 @@ Use from a script in ``benchmarks/`` (run as ``python benchmarks/<name>.py``)::
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import platform as py_platform
@@ -141,8 +142,22 @@ def _cpu_model() -> str:
     return py_platform.processor() or "unknown"
 
 
+def _version(package: str) -> str | None:
+    """The version of ``package``: the imported module's where it is imported (a lent machine
+    may import another copy than the one installed), else the installed one's; None where it is
+    not installed."""
+    module = sys.modules.get(package)
+    if getattr(module, "__version__", None):
+        return str(module.__version__)
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def machine_info() -> dict[str, Any]:
-    """Where the numbers were measured: platform, device kind and count, CPU, versions, date."""
+    """Where the numbers were measured: platform, device kind and count, CPU, versions (jax,
+    jaxlib, flax, optax: a lent machine's image has its own), date."""
     device = jax.devices()[0]
     return {
         "platform": device.platform,
@@ -151,6 +166,9 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu_model": _cpu_model(),
         "jax_version": jax.__version__,
+        "jaxlib_version": _version("jaxlib"),
+        "flax_version": _version("flax"),
+        "optax_version": _version("optax"),
         "python_version": py_platform.python_version(),
         # glibc.malloc.hugetlb=1 changes CPU timings a lot (page faults of fresh arrays).
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),

@@ -12,7 +12,9 @@ time. ``busy`` = device time / step time: well under 1 means the device waits be
 the kernels themselves must get faster. The largest kernels by total time are listed too.
 
 Without device events (a CPU, or a GPU whose profiler cannot read them) the rows say so and
-give the step time alone. Results: ``benchmarks/results/device_time[TAG]_<platform>.json``.
+give the step time alone. A row that fails to compile or run is named in the JSON's
+``meta.failed`` and left out, the others go on, and the script exits with an error at the end.
+Results (rewritten after every row): ``benchmarks/results/device_time[TAG]_<platform>.json``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from benchmarks.train_throughput import (
     train_step_fn,
     undone,
 )
+from hgrn_jax.ops import METHODS
 
 DEVICE_MARKERS = ("/device:GPU", "/device:TPU", "GPU:", "TPU:")
 
@@ -97,21 +100,33 @@ def traced_events(fn, steps: int) -> list[dict]:
             return json.load(f)["traceEvents"]
 
 
-def measure(args, length: int) -> list[dict[str, Any]]:
+def measure(args, length: int, on_row=None, failed: list[str] | None = None) -> list[dict]:
+    """The rows at ``length``, each passed to ``on_row`` as soon as it is measured (the JSON is
+    rewritten after every row). A row whose step fails to compile or run (out of memory, a
+    kernel this GPU refuses) is reported, named in ``failed`` and left out; the others go on."""
     args.length = length
     models, _, loss, vocab_size = builders(args, None)
     ids = random_tokens(args.batch, length, vocab_size)
     rows = []
     for row_name, model_name, variant in row_names(args):
-        step, state = train_step_fn(models[model_name](), loss)
-        with undone(VARIANTS[variant]):
-            executable = step.lower(*state, ids).compile()
+        try:
+            step, state = train_step_fn(models[model_name](), loss)
+            with undone(VARIANTS[variant]):
+                executable = step.lower(*state, ids).compile()
 
-        def run(executable=executable, state=state):
-            return executable(*state, ids)
+            def run(executable=executable, state=state):
+                return executable(*state, ids)
 
-        step_s = time_fn(run, reps=1, calls_per_rep=args.steps)["median"]
-        activity = device_activity(traced_events(run, args.steps))
+            step_s = time_fn(run, reps=1, calls_per_rep=args.steps)["median"]
+            activity = device_activity(traced_events(run, args.steps))
+        except Exception as error:  # e.g. out of memory: report it and go on
+            message = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+            print(f"{row_name} L={length}: FAILED {message[:1000]}", file=sys.stderr, flush=True)
+            if failed is not None:
+                failed.append(f"{row_name} L={length}: {message[:300]}")
+            if on_row is not None:
+                on_row(None)
+            continue
         row = {"model": row_name, "length": length, "step_ms": step_s * 1e3}
         if activity is None:
             row.update(kernels_per_step=None, device_ms=None, busy=None, top_kernels=None)
@@ -126,6 +141,8 @@ def measure(args, length: int) -> list[dict[str, Any]]:
             )
         rows.append(row)
         print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+        if on_row is not None:
+            on_row(row)
     return rows
 
 
@@ -140,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--full", action="store_true", help="the paper's model size")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024])
-    parser.add_argument("--methods", nargs="+", default=["auto"])
+    parser.add_argument("--methods", nargs="+", choices=["auto", *METHODS], default=["auto"])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["after"])
     parser.add_argument("--steps", type=int, default=5, help="steps timed, then traced")
     parser.add_argument("--top", type=int, default=8, help="largest kernels kept per row")
@@ -161,16 +178,26 @@ def main() -> None:
         "busy": "union of the device's kernel intervals per step / step time (steps back to back)",
     }
     rows: list[dict[str, Any]] = []
+    failed = meta["failed"] = []
+    name = "device_time" + args.tag
+
+    def on_row(row: dict | None) -> None:
+        """A measured row (None: a failed one, named in meta["failed"]): the JSON rewritten."""
+        if row is not None:
+            rows.append(row)
+        write_results(name, rows, meta)
+
     for length in args.lengths:
-        rows += measure(args, length)
-        write_results("device_time" + args.tag, rows, meta)
+        measure(args, length, on_row, failed)
     print(format_table(rows, COLUMNS))
     for row in rows:
         if row["top_kernels"]:
             print(f"{row['model']} L={row['length']}, largest kernels (ms per step):")
-            for name, ms in row["top_kernels"].items():
-                print(f"  {ms:8.3f}  {name[:100]}")
-    print("wrote", write_results("device_time" + args.tag, rows, meta))
+            for kernel, ms in row["top_kernels"].items():
+                print(f"  {ms:8.3f}  {kernel[:100]}")
+    print("wrote", write_results(name, rows, meta))
+    if failed:
+        raise SystemExit(f"device_time: {len(failed)} rows failed: {'; '.join(failed)}")
 
 
 if __name__ == "__main__":

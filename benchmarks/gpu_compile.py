@@ -274,6 +274,9 @@ TIMED_BEFORE_CONFIGURATIONS = {
     "loads_ahead": False,
     "chain_in_kernel": False,
 }
+# The Pallas kernel's back-end, recorded in a row's configuration since 2026-12-06: the rows
+# timed before ran the Triton kernels.
+RECORDED_BEFORE_BACKEND = {"backend": "triton"}
 
 
 def _match_key(kind: str, length: int, config: dict) -> tuple:
@@ -284,8 +287,9 @@ def add_measured(rows: list[dict], path: Path, task: str) -> dict | None:
     """Each row's measured step time from ``path``, and the fit (:func:`fit_step_times`); None
     where ``path`` is missing or too few rows were timed. A row takes the time of a measured row
     of the same length that ran the same step: the same configuration
-    (``train_throughput.configuration``: the method, the directions, the kernel's options;
-    ``TIMED_BEFORE_CONFIGURATIONS`` where the measured JSON does not record it), and no change
+    (``train_throughput.configuration``: the method, the directions, the kernel's back-end and
+    options; ``TIMED_BEFORE_CONFIGURATIONS`` where the measured JSON does not record it, and
+    ``RECORDED_BEFORE_BACKEND`` where it records no back-end), and no change
     other than those (a row of, say, separate projections is never matched)."""
     if not path.is_file():
         print(f"no measured step times: {path} is not there", file=sys.stderr)
@@ -300,6 +304,9 @@ def add_measured(rows: list[dict], path: Path, task: str) -> dict | None:
             with traced_for_gpu():
                 config = throughput.configuration(task, model, "after", timed["length"])
             config |= {k: v for k, v in TIMED_BEFORE_CONFIGURATIONS.items() if k in config}
+            config |= {k: v for k, v in RECORDED_BEFORE_BACKEND.items() if k in config}
+        elif config.get("method") == "pallas" and "backend" not in config:
+            config = RECORDED_BEFORE_BACKEND | config
         kind = "transformer" if model == "transformer" else "hgrn"
         measured[_match_key(kind, timed["length"], config)] = timed["step_ms"]
     for row in rows:

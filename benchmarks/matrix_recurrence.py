@@ -1,7 +1,8 @@
 """HGRN2's matrix recurrence per method against HGRN's recurrence and softmax attention.
 
     python benchmarks/matrix_recurrence.py [--sizes 2x1024x4x32x32 ...] [--methods ...]
-                                           [--dtype float32] [--reps 5] [--no-fla]
+                                           [--dtype float32|bfloat16] [--reps 5] [--no-fla]
+                                           [--tag _h200]
 
 For each size ``BxLxHxKxV`` it times (median of ``--reps`` after a warm-up, jitted) the forward
 pass and the forward+backward pass (a VJP with a fixed cotangent, gradients for every input) of
@@ -19,7 +20,8 @@ pass and the forward+backward pass (a VJP with a fixed cotangent, gradients for 
 load only ever adds time, so the minimum is the steadiest estimate. ``x_attention`` and ``x_hgrn``
 are each row's ``ms`` divided by the attention or HGRN ``ms`` at the same size and pass, measured
 in the same run. Results (rewritten after every size):
-``benchmarks/results/matrix_recurrence_<platform>.json``.
+``benchmarks/results/matrix_recurrence[TAG]_<platform>.json`` (``--tag``, e.g. ``_h200``, so that
+one machine's run leaves another's file as it is; the same for the modes below).
 
 ``--sequence-parallel`` times :func:`~hgrn_jax.ops.sequence_parallel.sharded_matrix_recurrence`
 instead, the time axis split over ``--shards`` devices (on CPU run it with
@@ -31,7 +33,7 @@ correction ``scale * (q_t * exp(G_t)) . S_in``) and ``two scans`` (the shard bod
 from the carried-in state). ``x_two_scans`` is each row's ``ms`` over the two-scan row's;
 ``max_error`` is the largest difference of the outputs and the gradients of q, k, v and the log
 decays from the float64 unsharded recurrence, over each array's largest magnitude. Results:
-``benchmarks/results/matrix_recurrence_sequence_parallel_<platform>.json``.
+``benchmarks/results/matrix_recurrence_sequence_parallel[TAG]_<platform>.json``.
 
 ``--sequential-before`` times the ``"sequential"`` method against its loops before 2026-12-02
 (kept here as the baseline ``sequential (before)``: states carried ``(N, K, V)`` with ``exp(g)``
@@ -40,7 +42,7 @@ call in turn (``time_in_turn``), forward and forward+backward, at ``--sizes`` (d
 2x1024x4x32x32, 2x4096x4x32x32, 2x1024x4x64x64, 2x4096x4x64x64, and 2x1024x4x16x64, where the
 library keeps states ``(K, V)``). ``x_before`` is each row's
 ``ms`` over the baseline's; ``max_error`` as for ``--sequence-parallel``. Results:
-``benchmarks/results/matrix_recurrence_sequential_<platform>.json``.
+``benchmarks/results/matrix_recurrence_sequential[TAG]_<platform>.json``.
 """
 
 from __future__ import annotations
@@ -373,10 +375,10 @@ def sequence_parallel_main(args) -> None:
                 rows_against(timings, errors, size, "two scans", "x_two_scans", method=method)
             )
             meta["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-            write_results("matrix_recurrence_sequence_parallel", rows, meta)
+            write_results("matrix_recurrence_sequence_parallel" + args.tag, rows, meta)
     columns = ["size", "method", "variant", "pass", "ms", "median_ms", "x_two_scans", "max_error"]
     print(format_table(rows, columns))
-    print("wrote", write_results("matrix_recurrence_sequence_parallel", rows, meta))
+    print("wrote", write_results("matrix_recurrence_sequence_parallel" + args.tag, rows, meta))
 
 
 # --- the sequential loops before 2026-12-02 (the baseline of --sequential-before)
@@ -514,10 +516,10 @@ def sequential_before_main(args) -> None:
             print(format_table([row], list(row)).splitlines()[-1], flush=True)
         rows.extend(size_rows)
         meta["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-        write_results("matrix_recurrence_sequential", rows, meta)
+        write_results("matrix_recurrence_sequential" + args.tag, rows, meta)
     columns = ["size", "variant", "pass", "ms", "median_ms", "x_before", "max_error"]
     print(format_table(rows, columns))
-    print("wrote", write_results("matrix_recurrence_sequential", rows, meta))
+    print("wrote", write_results("matrix_recurrence_sequential" + args.tag, rows, meta))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -528,9 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods", nargs="+", default=list(MATRIX_METHODS), choices=list(MATRIX_METHODS)
     )
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-fla", action="store_true")
+    parser.add_argument("--tag", default="", help="suffix of the JSON file name, e.g. '_h200'")
     parser.add_argument(
         "--sequence-parallel",
         action="store_true",
@@ -634,11 +637,12 @@ def main() -> None:
         for row in size_rows:
             row["auto"] = default_matrix_method(length) if row["method"] in MATRIX_METHODS else None
         rows.extend(size_rows)
-        write_results("matrix_recurrence", rows, meta)  # a run stopped early keeps its sizes
+        # A run stopped early keeps its sizes.
+        write_results("matrix_recurrence" + args.tag, rows, meta)
 
     columns = ["size", "method", "pass", "ms", "median_ms", "x_attention", "x_hgrn"]
     print(format_table(rows, columns))
-    print("wrote", write_results("matrix_recurrence", rows, meta))
+    print("wrote", write_results("matrix_recurrence" + args.tag, rows, meta))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,10 @@ Sweep: forward+backward at ``--sweep-lengths`` in each of ``--sweep-dtypes``, on
 at a time from ``--sweep-base`` (chunk length, shortest chunk, chains aimed for, channels per
 program, unroll; from ``mosaic_gpu``: rows per block, blocks in flight, shortest chunk, chains
 aimed for); ``--deadline`` stops starting new variants after that many seconds.
+Failures: a check, timing or trace that raises (a variant that does not compile here, say) is
+recorded with its ``error`` (a failed check: ``ok`` false; a row or trace with ``error``) and the
+rest go on; a variant and dtype whose check raised is not timed. The script exits with an error
+at the end, naming what failed.
 Results (rewritten after every row): ``benchmarks/results/pallas_sweep[TAG]_<platform>.json``.
 """
 
@@ -152,6 +156,32 @@ def check(
     return row
 
 
+def error_message(error: BaseException) -> str:
+    """``"<type>: <message>"`` of ``error`` in one line (a Triton or Mosaic GPU compile error can
+    be pages long: its first line and at most 300 characters)."""
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0][:300]}"
+
+
+def guarded_check(
+    dtype_name: str, reverse: bool, chunk_length: int | None, variant: str
+) -> dict[str, Any]:
+    """:func:`check`, or a failed check's row (``ok`` false, ``error``) if it raises."""
+    try:
+        return check(dtype_name, reverse, chunk_length, variant)
+    except Exception as error:  # e.g. a variant that does not compile on this GPU
+        row = {
+            "variant": variant,
+            "dtype": dtype_name,
+            "reverse": reverse,
+            "chunk_length": chunk_length or "default",
+            "ok": False,
+            "error": error_message(error),
+        }
+        print(f"check {variant!r} {dtype_name}: FAILED {row['error']}", flush=True)
+        return row
+
+
 def _inputs(length: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Decays in [0.9, 1), inputs and a cotangent, (BATCH, length, CHANNELS) in ``dtype``."""
     keys = jax.random.split(jax.random.key(length), 3)
@@ -217,6 +247,17 @@ def time_pallas(
 
 
 TRACE_COLUMNS = ["variant", "dtype", "length", "call_ms", "kernels_per_call", "device_ms", "busy"]
+ROW_COLUMNS = [
+    "variant",
+    "sweep",
+    "dtype",
+    "length",
+    "chunk_length",
+    "chunks",
+    "pass",
+    "ms",
+    "x_floor",
+]
 
 
 def trace_pallas(length: int, dtype_name: str, variant: str, calls: int) -> dict[str, Any]:
@@ -252,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     benchmarks/gpu_session.sh's flags against it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=list(TOLERANCE), default=["float32", "bfloat16"]
+    )
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
     parser.add_argument(
         "--sweep-lengths",
@@ -261,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[4096, 65536],
         help="lengths of the sweep (none: no sweep)",
     )
-    parser.add_argument("--sweep-dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument(
+        "--sweep-dtypes", nargs="+", choices=list(TOLERANCE), default=["float32", "bfloat16"]
+    )
     parser.add_argument(
         "--sweep-base",
         choices=list(VARIANTS),
@@ -302,39 +347,73 @@ def main() -> None:
         )
     started = time.perf_counter()
     print("devices:", jax.devices(), flush=True)
+    name = "pallas_sweep" + args.tag
     checks = [
-        check(d, r, c, v)
+        guarded_check(d, r, c, v)
         for v in dict.fromkeys([*args.variants, args.sweep_base])
         for d in ("float32", "complex64", "bfloat16")
         for r in (False, True)
         for c in (None, 96)
     ]
-    bandwidth = copy_bandwidth(args.reps, calls_per_rep=CALLS_PER_REP)
-    print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s", flush=True)
-    meta = {
+    # A variant and dtype whose check raised would raise again when timed: not timed.
+    broken = {(c["variant"], c["dtype"]): c["error"] for c in checks if "error" in c}
+    meta: dict[str, Any] = {
         "batch": BATCH,
         "channels": CHANNELS,
+        "defaults": dataclasses.asdict(StreamingOptions()),
+        "checks": checks,
+    }
+    rows: list[dict[str, Any]] = []
+    write_results(name, rows, meta)
+    bandwidth = copy_bandwidth(args.reps, calls_per_rep=CALLS_PER_REP)
+    print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s", flush=True)
+    meta |= {
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "floor": "arrays moved (forward 3: a, x, h; forward+backward 8: + dh read, da, dx "
         "written, h read) x B*L*D x itemsize / copy bandwidth",
         "timing": f"median of {args.reps} repetitions of {CALLS_PER_REP} calls back to back",
-        "defaults": dataclasses.asdict(StreamingOptions()),
-        "checks": checks,
     }
-    name = "pallas_sweep" + args.tag
-    rows: list[dict[str, Any]] = []
+
+    def timed(length: int, dtype_name: str, passes: tuple[str, ...], variant: str, **options):
+        """:func:`time_pallas`'s rows, or one row with the ``error`` if it raises."""
+        failed = {
+            "variant": variant,
+            "sweep": ", ".join(f"{k}={v}" for k, v in options.items()) or "-",
+            "dtype": dtype_name,
+            "length": length,
+        }
+        if (variant, dtype_name) in broken:
+            print(f"{variant!r} {dtype_name}: not timed, its check raised", flush=True)
+            return [
+                failed | {"error": f"not timed: its check raised {broken[variant, dtype_name]}"}
+            ]
+        try:
+            return time_pallas(length, dtype_name, passes, args.reps, bandwidth, variant, **options)
+        except Exception as error:  # e.g. out of memory at 64k, a launch parameter refused
+            failed["error"] = error_message(error)
+            print(f"{variant!r} {dtype_name} L={length}: FAILED {failed['error']}", flush=True)
+            return [failed]
+
     for length in args.lengths:
         for dtype_name in args.dtypes:
             for variant in args.variants:
-                rows += time_pallas(
-                    length, dtype_name, tuple(PASS_ARRAYS), args.reps, bandwidth, variant
-                )
+                rows += timed(length, dtype_name, tuple(PASS_ARRAYS), variant)
                 write_results(name, rows, meta)
     traces = meta["traces"] = []
     for length in args.trace_lengths:
         for dtype_name in args.dtypes:
             for variant in args.variants:
-                traces.append(trace_pallas(length, dtype_name, variant, CALLS_PER_REP))
+                if (variant, dtype_name) in broken:
+                    continue
+                try:
+                    traces.append(trace_pallas(length, dtype_name, variant, CALLS_PER_REP))
+                except Exception as error:
+                    message = error_message(error)
+                    print(f"trace {variant!r} {dtype_name} L={length}: FAILED {message}")
+                    traces.append(
+                        {"variant": variant, "dtype": dtype_name, "length": length}
+                        | {"kernels": None, "error": message}
+                    )
                 print(format_table(traces[-1:], TRACE_COLUMNS).splitlines()[-1], flush=True)
                 write_results(name, rows, meta)
     for trace in traces:
@@ -347,20 +426,21 @@ def main() -> None:
                 if time.perf_counter() - started > args.deadline:
                     print(f"deadline ({args.deadline:.0f} s): sweep stopped", flush=True)
                     break
-                rows += time_pallas(
-                    length,
-                    dtype_name,
-                    ("forward+backward",),
-                    args.reps,
-                    bandwidth,
-                    args.sweep_base,
-                    **overrides,
+                rows += timed(
+                    length, dtype_name, ("forward+backward",), args.sweep_base, **overrides
                 )
                 write_results(name, rows, meta)
-    print(format_table(rows, list(rows[0])))
+    errors = [r for r in [*rows, *traces] if "error" in r]
+    print(format_table(rows, ROW_COLUMNS + (["error"] if errors else [])))
     print("wrote", write_results(name, rows, meta))
-    if not all(c["ok"] for c in checks):
-        raise SystemExit("pallas_gpu: a correctness check failed (see the 'ok' column)")
+    failed_checks = sum(not c["ok"] for c in checks)
+    untimed = sum(r["error"].startswith("not timed") for r in errors)
+    if failed_checks or errors:
+        raise SystemExit(
+            f"pallas_gpu: {failed_checks} correctness checks failed (the 'ok' column; 'error' "
+            f"where one raised), {len(errors) - untimed} timings or traces raised, {untimed} "
+            "rows not timed as their check raised (their 'error'); the rest were measured"
+        )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
                                    [--methods sequential associative chunked pallas]
                                    [--layer-lengths 1024 4096 16384] [--reps 5]
                                    [--layer-methods pallas chunked] [--deadline SECONDS]
-                                   [--max-sequential-length 16384]
+                                   [--max-sequential-length 16384] [--tag _h200]
     python benchmarks/peers_gpu.py --dry-run-jax             # our side only, tiny L, any backend
 
 Kernels, (B, L, D) = (8, L, 512), the same data on both sides (fla takes the log gate g = log a):
@@ -20,7 +20,8 @@ Layer: our ``FlaHGRNAttention`` (weights converted from fla's) against ``fla.lay
 (hidden 1024, batch 8), forward+backward with respect to the input and every weight.
 Before timing, outputs of both sides are compared on one shape (max relative error printed).
 Results (rewritten after every row, so a run stopped early keeps what it measured):
-``benchmarks/results/peers_gpu.json``. ``--deadline`` stops starting new shapes after that many
+``benchmarks/results/peers[TAG]_gpu.json`` (``--tag``, e.g. ``_h200``, keeps other machines' files).
+``--deadline`` stops starting new shapes after that many
 seconds; ``"sequential"`` (one step per loop iteration, a launch-bound loop on a GPU) is only
 timed up to ``--max-sequential-length``.
 """
@@ -273,11 +274,15 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         row["x_fla_best"] = row["ms"] / best[key] if key in best else None
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also read by tests/test_gpu_session.py, which checks
+    benchmarks/gpu_session.sh's flags against it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     parser.add_argument("--layer-lengths", type=int, nargs="+", default=list(LAYER_LENGTHS))
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"]
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument(
         "--layer-methods", nargs="+", default=["pallas", "chunked"], choices=list(METHODS)
@@ -301,7 +306,12 @@ def main() -> None:
         action="store_true",
         help="time only our side at tiny lengths on any backend; write nothing",
     )
-    args = parser.parse_args()
+    parser.add_argument("--tag", default="", help="suffix of the JSON file name, e.g. '_h200'")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     with_peers = not args.dry_run_jax
     if with_peers and (missing := missing_requirements()):
         print(f"peers_gpu: skipped, missing {'; '.join(missing)}. To measure, {HOW_TO_RUN}")
@@ -353,7 +363,7 @@ def main() -> None:
         print(format_table([row], list(row)).splitlines()[-1], flush=True)
         if with_peers:
             add_ratios(rows)
-            write_results("peers", rows, meta)
+            write_results("peers" + args.tag, rows, meta)
 
     meta = {
         "batch": BATCH,
@@ -465,7 +475,7 @@ def main() -> None:
     if args.dry_run_jax:
         print("dry run: nothing written")
         return
-    print("wrote", write_results("peers", rows, meta))
+    print("wrote", write_results("peers" + args.tag, rows, meta))
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ from hgrn_jax.nn import hgru as hgru_module
 from hgrn_jax.nn import norms as norms_module
 from hgrn_jax.nn.classifier import ClassifierConfig, HGRNClassifier
 from hgrn_jax.nn.glu import glu_width
-from hgrn_jax.ops import default_method, linear_recurrence
+from hgrn_jax.ops import METHODS, default_method, linear_recurrence, pallas_recurrence
 from hgrn_jax.ops.pallas_recurrence import streaming_options
 
 SMALL = dict(vocab_size=1024, features=128, num_layers=2, glu_expand=2)
@@ -444,7 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument(
-        "--methods", nargs="+", default=["auto"], help="recurrence methods: one HGRN row each"
+        "--methods",
+        nargs="+",
+        choices=["auto", *METHODS],
+        default=["auto"],
+        help="recurrence methods: one HGRN row each",
     )
     parser.add_argument(
         "--variants",
@@ -565,7 +569,8 @@ def configuration(task: str, model: str, variant: str, length: int) -> dict:
     matched with one timed before a default changed: the recurrence method ``auto`` resolves
     to (on this backend), how the complex decay's phases are computed, whether the
     bidirectional mixer merges its directions and how BatchNorm's gradient is computed (LRA
-    only) and, for the Pallas kernel, its streaming options. ``{}`` for the Transformer."""
+    only) and, for the Pallas kernel, its back-end (Triton or Mosaic GPU) and streaming options.
+    ``{}`` for the Transformer."""
     if model == "transformer":
         return {}
     method = method_of(model)
@@ -580,6 +585,11 @@ def configuration(task: str, model: str, variant: str, length: int) -> dict:
                 "closed form" if norms_module.CLOSED_FORM_BATCH_NORM_GRADIENT else "autodiff"
             )
         if resolved == "pallas":
+            # The back-end too: a Mosaic GPU row must not be matched with a Triton one
+            # (gpu_compile.add_measured; rows timed before it was recorded ran Triton). A JAX
+            # without Pallas's Triton back-end runs the Triton options on Mosaic GPU.
+            triton = options.backend == "triton" and pallas_recurrence._triton_available()
+            config["backend"] = "triton" if triton else "mosaic_gpu"
             config["loads_ahead"] = options.loads_ahead
             config["chain_in_kernel"] = options.chain_in_kernel
     return config

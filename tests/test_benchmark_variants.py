@@ -130,3 +130,19 @@ def test_results_go_where_hgrn_bench_results_says_with_the_load_averages(tmp_pat
     assert written["rows"] == [{"x": 1.0}] and written["meta"] == {"what": "a test"}
     for key in ("load_average_at_start", "load_average_at_end"):
         assert len(written["machine"][key]) == 3 and min(written["machine"][key]) >= 0
+
+
+def test_results_record_the_versions_that_ran():
+    """A lent machine's image has its own jax, jaxlib, flax and optax (the pinned flax did not
+    import there): each JSON records the versions that ran, not only jax's."""
+    import flax
+    import jaxlib
+    import optax
+
+    from benchmarks import common
+
+    machine = common.machine_info()
+    assert machine["jax_version"] == jax.__version__
+    assert machine["jaxlib_version"] == jaxlib.__version__
+    assert machine["flax_version"] == flax.__version__
+    assert machine["optax_version"] == optax.__version__

@@ -88,6 +88,40 @@ def test_rows_take_the_time_of_the_same_step_not_of_the_same_name(tmp_path):
     assert measured == [None, None, 9.08, 9.08, None, None, None, 9.87, None, 8.82]
 
 
+def test_a_mosaic_gpu_row_is_not_matched_with_the_triton_rows_time(tmp_path):
+    """A Mosaic GPU row recorded the same configuration as the Triton row, so the two timings
+    overwrote each other in add_measured. The back-end is recorded now; a row of a JSON written
+    before that (no back-end) ran Triton."""
+    triton = _compiled_row("hgrn[pallas]", "after")
+    mosaic = _compiled_row("hgrn[pallas]", "mosaic_gpu kernel")
+    assert triton["configuration"]["backend"] == "triton"
+    assert mosaic["configuration"]["backend"] == "mosaic_gpu"
+    assert {k: v for k, v in triton["configuration"].items() if k != "backend"} == {
+        k: v for k, v in mosaic["configuration"].items() if k != "backend"
+    }
+    older = {k: v for k, v in triton["configuration"].items() if k != "backend"}
+    timed = [
+        {"model": "hgrn[pallas]", "length": 1024, "step_ms": 5.0, "configuration": older},
+        {
+            "model": "hgrn[pallas] (mosaic_gpu kernel)",
+            "length": 1024,
+            "step_ms": 4.0,
+            "configuration": mosaic["configuration"],
+        },
+    ]
+    path = tmp_path / "timed.json"
+    path.write_text(json.dumps({"rows": timed}))
+    add_measured([triton, mosaic], path, "lra")
+    assert (triton["measured_ms"], mosaic["measured_ms"]) == (5.0, 4.0)
+    # Rows timed before configurations were recorded (the H200's) match the Triton row too.
+    path.write_text(
+        json.dumps({"rows": [{"model": "hgrn[pallas]", "length": 1024, "step_ms": 6.0}]})
+    )
+    rows = [_compiled_row("hgrn[pallas]", "as timed on the H200"), mosaic]
+    add_measured(rows, path, "lra")
+    assert [r["measured_ms"] for r in rows] == [6.0, None]
+
+
 def test_runner_step_is_the_training_step_of_the_runner():
     """--step runner compiles hgrn_jax.training's step (gradient norm, clipping, non-finite
     guard) for train_throughput's models and losses; here it runs on the CPU: one update."""
