@@ -346,6 +346,12 @@ def test_fla_hgrn_skips_padding_anywhere_in_a_pass_and_a_step():
         alone = x[row : row + 1, real]
         np.testing.assert_allclose(y[row, real], run(layer, alone)[0], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(state[row], step(layer, alone)[1][0], rtol=1e-5, atol=1e-6)
+    # A step's mask longer along time (the whole sequence's) is read by its last steps.
+    chunk, state0 = x[:, 9:], layer.init_state(2)
+    later = nnx.jit(lambda layer, x, mask: layer.step(x, state0, 0.2, mask=mask))
+    got, want = later(layer, chunk, mask), later(layer, chunk, mask[:, 9:])
+    for got_part, want_part in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(got_part, want_part)
 
 
 @pytest.mark.parametrize("complex_valued", [True, False], ids=["complex", "real"])

@@ -191,6 +191,27 @@ def test_image_classifier_shapes_dtypes_and_bf16():
     assert _rel_err(logits16, logits) < BF16_RTOL
 
 
+def test_image_classifier_head_is_the_patches_mean_rms_normed_then_linear():
+    """The head of the reference's Hgrn1dVit: the mean over patches, a parameter-free RMS norm
+    over channels, a linear layer, checked in float64 on the blocks' own output (only shapes,
+    dtypes and bf16 against float32 were checked: pooling the first patch passed them). rtol
+    1e-5: the float32 head's own rounding, on the same block outputs."""
+    from hgrn_jax.nn.image import patchify
+
+    model = HGRNImageClassifier(_imagenet_config(), rngs=nnx.Rngs(0))
+    model.eval()
+    images = jax.random.normal(jax.random.key(5), (2, 28, 42, 3))
+    x = model.patch_embed(patchify(images, 14))
+    bounds = model.lower_bounds()
+    for k, block in enumerate(model.blocks):
+        x = block(x, bounds[k])
+    pooled = np.asarray(x, np.float64).mean(axis=1)
+    epsilon = model.config.head_norm_epsilon
+    normed = pooled / np.sqrt((pooled**2).mean(-1, keepdims=True) + epsilon)
+    kernel, bias = (np.asarray(p[...], np.float64) for p in (model.head.kernel, model.head.bias))
+    np.testing.assert_allclose(model(images), normed @ kernel + bias, rtol=1e-5, atol=1e-6)
+
+
 def test_patch_embedding_is_a_stride_14_convolution():
     model = HGRNImageClassifier(_imagenet_config(), rngs=nnx.Rngs(0))
     images = jax.random.normal(jax.random.key(22), (2, 28, 42, 3))

@@ -299,3 +299,17 @@ def test_layer_batch_sharded_over_the_sequence_axis(
     assert_close_to_scale(y, want)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
         assert_close_to_scale(g, w)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_a_padded_sharded_scan_passes_its_initial_state_through_the_padding(reverse):
+    """A length (13) that the axis (8) does not divide is padded with identity steps: a reverse
+    scan enters its initial state through them unchanged. (The layers call this with no initial
+    state; a user's call with one was untested.)"""
+    from hgrn_jax.ops.sequence_parallel import padded_sharded_linear_recurrence
+
+    (a, x, h0), _ = linear_inputs(shape=(2, 13, 3))
+    with jax.set_mesh(jax.make_mesh((8,), ("seq",))):
+        got = padded_sharded_linear_recurrence(a, x, h0, axis_name="seq", reverse=reverse)
+    want = linear_recurrence(a, x, h0, reverse=reverse)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

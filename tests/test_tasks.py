@@ -295,6 +295,27 @@ def test_classification_loss_matches_a_direct_computation():
         jax.jit(tasks.classification_loss)(logits, labels[:, None], weight)  # correct: 3 of 2
     with pytest.raises(ValueError, match=r"^labels of dtype float32 and shape \(2,\) for"):
         tasks.classification_loss(logits, labels + 0.5, weight)
+    # A padding row (weight 0), right or not, counts in neither the loss nor the accuracy.
+    for padding_label in (1, 2):
+        loss, sums = tasks.classification_loss(
+            logits, jnp.array([0, padding_label]), jnp.array([1.0, 0.0])
+        )
+        np.testing.assert_allclose(loss, -log_p[0, 0], rtol=1e-6)
+        assert (float(sums["correct"]), float(sums["weight"])) == (1.0, 1.0)
+
+
+def test_next_token_loss_counts_only_weighted_tokens():
+    """Perplexity = exp(loss_sum / weight) over the weighted tokens: padding tokens (weight 0)
+    add to neither sum."""
+    logits = jnp.array([[[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]], [[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]]])
+    targets = jnp.array([[0, 1], [2, 0]])
+    weight = jnp.array([[1.0, 1.0], [1.0, 0.0]])
+    log_p = np.asarray(jax.nn.log_softmax(logits), np.float64)
+    nll = -(log_p[0, 0, 0] + log_p[0, 1, 1] + log_p[1, 0, 2])
+    loss, sums = tasks.next_token_loss(logits, targets, weight)
+    np.testing.assert_allclose(float(sums["loss_sum"]), nll, rtol=1e-6)
+    assert float(sums["weight"]) == 3.0
+    np.testing.assert_allclose(float(loss), nll / 3, rtol=1e-6)
 
 
 def test_listops_release_source_reads_the_tsv_layout(tmp_path, cache_dir):

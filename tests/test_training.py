@@ -1442,6 +1442,22 @@ def _train_records(workdir: Path) -> list[dict]:
     ]
 
 
+def test_a_train_record_is_the_steps_mean_loss_and_their_pooled_accuracy():
+    """A record's loss is the mean of its steps' losses, its accuracy the steps' correct rows
+    over their weighted rows (not each step's accuracy averaged), its rate and gradient norm
+    the last step's. (The resume test below compares a run with itself: it cannot see a wrong
+    formula.)"""
+    from hgrn_jax.training.train_window import TrainWindow
+
+    window = TrainWindow()
+    for loss, lr, correct, weight in ((1.0, 0.1, 3, 4), (3.0, 0.2, 1, 1)):
+        step = dict(loss=loss, lr=lr, grad_norm=10 * lr, correct=correct, weight=weight)
+        window.add({k: np.float32(v) for k, v in step.items()})
+    record = window.record(with_accuracy=True)
+    assert record == pytest.approx(dict(loss=2.0, lr=0.2, grad_norm=2.0, accuracy=80.0))
+    assert window.steps == []
+
+
 def test_a_train_record_after_a_resume_averages_the_steps_before_the_stop(tmp_path, monkeypatch):
     """A record averages the steps since the one before (log_every=2: steps 3 and 4 for the
     record at 4). A run preempted at step 3 resumed with step 3 forgotten: its record at 4 was
