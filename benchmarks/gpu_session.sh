@@ -103,10 +103,15 @@ pack() {
   files=("$RESULTS"/*_gpu.json "$RESULTS"/*_gpu.png "$LOG_DIR")
   shopt -u nullglob
   [ -d "$TTA_DIR" ] && files+=("$TTA_DIR")
-  if tar czf "$part" "${files[@]}" 2>/dev/null; then
+  # GNU tar exits 1 when a file changed while read (a log still written by a step in the
+  # background): the archive is whole, with that file as it was.
+  local rc=0
+  tar -czf "$part" "${files[@]}" 2>/dev/null || rc=$?
+  if [ "$rc" -le 1 ]; then
     mv -f "$part" "$OUT/results.tar.gz"
   else
-    log "results.tar.gz could not be rebuilt (tar failed); the previous one stays"
+    log "results.tar.gz could not be rebuilt (tar exit $rc); the previous one stays"
+    FAILED+=("packing (tar exit $rc)")
     rm -f "$part"
   fi
 }

@@ -321,6 +321,30 @@ def test_the_tarball_is_rebuilt_after_every_step(tmp_path):
     assert any(name.endswith("/lm.log") for name in final)
 
 
+@pytest.mark.parametrize("tar_rc", [1, 2])
+def test_a_file_changed_while_packing_keeps_the_tarball(tmp_path, tar_rc):
+    """GNU tar exits 1 when a file changed while it was read (a log still written by the data
+    step in the background): the archive is whole, but the script took it for a failure,
+    dropped it and kept the previous one, and still exited 0. Exit 1 now keeps it; a real
+    failure (2) keeps the previous tarball and fails the command, naming the packing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    real_tar = subprocess.run(
+        ["bash", "-c", "command -v tar"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    fake_tar = bin_dir / "tar"
+    fake_tar.write_text(f'#!/usr/bin/env bash\n"{real_tar}" "$@" || exit $?\nexit {tar_rc}\n')
+    fake_tar.chmod(0o755)
+    done = _run(tmp_path, STEPS="pallas", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    packed = (tmp_path / "out" / "results.tar.gz").exists()
+    if tar_rc == 1:
+        assert done.returncode == 0 and packed, done.stdout[-2000:]
+        assert any(name.endswith("pallas_gpu_gpu.json") for name in _tarball(tmp_path))
+    else:
+        assert done.returncode == 1 and not packed
+        assert "packing (tar exit 2)" in _last_line(done)
+
+
 def test_step_limits_are_cut_to_what_is_left_of_the_command(tmp_path):
     """A time-to-accuracy step's limit was its budget + 240 s (720 s at 8 minutes) against a
     lent machine's 600 s per command: each limit is now cut to what is left of SESSION_LIMIT_S,
