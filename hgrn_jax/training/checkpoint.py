@@ -28,6 +28,7 @@ classified:
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -107,21 +108,50 @@ def _is_closed_loop_callback(unraisable) -> bool:
     )
 
 
+class _FullDiskEchoes:
+    """The state of :func:`quiet_echoes_of_a_full_disk`: whether an echo of a full disk was
+    seen, and the ``Event loop is closed`` errors held until the process ends (they come
+    before Orbax's logs say why the save failed)."""
+
+    HELD_AT_MOST = 100
+
+    def __init__(self, shown: Any):
+        self.shown = shown  # the unraisable hook before ours
+        self.full_disk = False
+        self.held: list[Any] = []
+
+    def keep_record(self, record: logging.LogRecord) -> bool:
+        if _is_echo_of_a_full_disk(record):
+            self.full_disk = True
+            return False
+        return True
+
+    def unraisable(self, unraisable: Any) -> None:
+        if not _is_closed_loop_callback(unraisable):
+            self.shown(unraisable)
+        elif len(self.held) < self.HELD_AT_MOST:
+            self.held.append(unraisable)
+
+    def at_exit(self) -> None:
+        """Shows the held errors unless a full disk explains them."""
+        if not self.full_disk:
+            for unraisable in self.held:
+                self.shown(unraisable)
+        self.held = []
+
+
 def quiet_echoes_of_a_full_disk() -> None:
     """For a command that reports a save that failed for lack of space in one line
     (:func:`hgrn_jax.training.workdir.out_of_space`): Orbax's error logs of the same failure
     (each thread of the save logs it with a traceback) and asyncio's ``Event loop is closed``
     from its writes still finishing are left out. A 2 MB tmpfs filled at a save printed 1,079
-    lines above the one-line error. Other Orbax errors, and everything else, are shown."""
+    lines above the one-line error. Other Orbax errors are shown, and so are the ``Event loop
+    is closed`` errors (at exit) of a process that saw no full disk."""
+    echoes = _FullDiskEchoes(sys.unraisablehook)
     for logger in ("absl", "asyncio"):
-        logging.getLogger(logger).addFilter(lambda record: not _is_echo_of_a_full_disk(record))
-    shown = sys.unraisablehook
-
-    def hook(unraisable) -> None:
-        if not _is_closed_loop_callback(unraisable):
-            shown(unraisable)
-
-    sys.unraisablehook = hook
+        logging.getLogger(logger).addFilter(echoes.keep_record)
+    sys.unraisablehook = echoes.unraisable
+    atexit.register(echoes.at_exit)
 
 
 INPUT_ITEM = "input"

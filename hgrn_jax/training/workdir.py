@@ -128,7 +128,17 @@ STRUCTURAL_KEYS = (
     "optimizer.name",
     "optimizer.accumulate_steps",
     "optimizer.weight_decay_mask",
+    "data.repeated_augmentation",
+    "data.wikitext_release",
 )
+# What a key added since stands for in a task's run saved before the key existed: the data
+# that run read (its task alone: a key in every config, like wikitext_release, means nothing
+# to another task's run).
+OLDER_RUNS_READ = {
+    "imagenet": {"data.repeated_augmentation": 1},
+    "wikitext103": {"data.wikitext_release": "tokens"},
+}
+_ADDED_DATA_KEYS = frozenset(key for keys in OLDER_RUNS_READ.values() for key in keys)
 # Keys whose structure matters only when they switch between zero and non-zero.
 ZERO_SWITCH_KEYS = ("optimizer.grad_clip_norm",)
 
@@ -722,21 +732,32 @@ def compare_configs(
     ``defaults`` (nested as a config, e.g. :func:`hgrn_jax.tasks.model_defaults`) says what a
     key absent from one side stands for: a run saved before a model field existed was built
     with its default, so the new config's default value is no change (listed as harmless, as
-    ``"key: absent (default v) -> v"``), while any other value still is."""
+    ``"key: absent (default v) -> v"``), while any other value still is. A data key added
+    since stands, in an older run of its task, for the data that run read
+    (:data:`OLDER_RUNS_READ`): an ImageNet run saved before ``data.repeated_augmentation``
+    read each image once an epoch, an LM run before ``data.wikitext_release`` the ``tokens``
+    release."""
     old_flat, new_flat = flatten_keys(old), flatten_keys(_plain(new))
     implied = flatten_keys(_plain(defaults or {}))
+    older = OLDER_RUNS_READ.get(str(old.get("task")), {})
 
     def shown(flat: dict[str, Any], key: str) -> str:
         if key in flat:
             return repr(flat[key])
+        if flat is old_flat and key in older:
+            return f"absent (saved before the key: {older[key]!r})"
         return f"absent (default {implied[key]!r})" if key in implied else "absent"
 
     structural, harmless, other = [], [], []
     for key in sorted(set(old_flat) | set(new_flat)):
-        before, after = old_flat.get(key, implied.get(key)), new_flat.get(key, implied.get(key))
+        before = old_flat.get(key, older.get(key, implied.get(key)))
+        after = new_flat.get(key, implied.get(key))
         line = f"{key}: {shown(old_flat, key)} -> {shown(new_flat, key)}"
+        if key in _ADDED_DATA_KEYS and key not in old_flat and key not in older:
+            harmless.append(line)  # an older run of a task that does not read it
+            continue
         if before == after:
-            if key in implied and (key not in old_flat or key not in new_flat):
+            if (key in implied or key in older) and (key not in old_flat or key not in new_flat):
                 harmless.append(line)
             continue
         if is_harmless(key):
