@@ -23,16 +23,19 @@ FEATURES = 16
 SHAPE = (4, 37, FEATURES)
 
 
-def _pair(dtype=None, cls=BatchNorm, **kwargs):
-    """A BatchNorm of ``cls`` and an nnx.BatchNorm, both with the same non-trivial parameters."""
+def _pair(dtype=None, cls=BatchNorm, groups=None, **kwargs):
+    """A BatchNorm of ``cls`` (with ``groups`` when given) and an nnx.BatchNorm, both with the
+    same non-trivial parameters."""
     layers = []
     for layer_cls in (cls, nnx.BatchNorm):
+        own = {} if groups is None or layer_cls is nnx.BatchNorm else dict(groups=groups)
         layer = layer_cls(
             FEATURES,
             momentum=0.9,
             use_fast_variance=False,
             dtype=dtype,
             rngs=nnx.Rngs(0),
+            **own,
             **kwargs,
         )
         param_dtype = layer.param_dtype
@@ -210,3 +213,69 @@ def test_bad_arguments_are_named(kwargs, message):
         batch_norm_train(
             args["x"], args["scale"], args["bias"], epsilon=1e-5, mask=kwargs.get("mask")
         )
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_groups_normalise_each_slice_of_the_batch_as_one_device_would(masked):
+    """``groups=2`` is two devices' unsynchronised BatchNorms (HGRN2's Pathfinder ran 8): each
+    half of the batch gets the outputs and gradients of a BatchNorm over that half alone, bit
+    for bit, and the running statistics are the first half's (DDP broadcasts rank 0's)."""
+    x, mask, weights = _inputs(masked=masked)
+    grouped, _ = _pair(groups=2)
+    halves = [_pair()[0] for _ in range(2)]
+    y = grouped(x, mask=mask)
+    for k, layer in enumerate(halves):
+        rows = slice(2 * k, 2 * k + 2)
+        half_mask = None if mask is None else mask[rows]
+        np.testing.assert_array_equal(y[rows], layer(x[rows], mask=half_mask))
+    np.testing.assert_array_equal(grouped.mean[...], halves[0].mean[...])
+    np.testing.assert_array_equal(grouped.var[...], halves[0].var[...])
+    assert not np.allclose(halves[0].mean[...], halves[1].mean[...])
+
+    grouped, _ = _pair(groups=2)
+    grad_x, grad_scale, grad_bias = _gradients(grouped, x, mask, weights)
+    for k in range(2):
+        rows = slice(2 * k, 2 * k + 2)
+        half_mask = None if mask is None else mask[rows]
+        want = _gradients(_pair()[0], x[rows], half_mask, weights[rows])
+        np.testing.assert_array_equal(grad_x[rows], want[0])
+        if k == 0:
+            scale_sum, bias_sum = want[1], want[2]
+        else:
+            scale_sum, bias_sum = scale_sum + want[1], bias_sum + want[2]
+    np.testing.assert_allclose(grad_scale, scale_sum, rtol=1e-6)
+    np.testing.assert_allclose(grad_bias, bias_sum, rtol=1e-6)
+    # Evaluation: the running statistics, as without groups.
+    grouped, plain = _pair(groups=2)[0], _pair()[0]
+    grouped.eval()
+    plain.eval()
+    np.testing.assert_array_equal(grouped(x), plain(x))
+
+
+def test_groups_are_checked():
+    with pytest.raises(ValueError, match=r"BatchNorm\(groups=3\) normalises 3 equal slices of "):
+        _pair(groups=3)[0](_inputs()[0])  # 4 rows
+    with pytest.raises(ValueError, match=r"groups must be an integer >= 1"):
+        _pair(groups=0)
+    with pytest.raises(ValueError, match=r"a synchronised one \(axis_name='data'\)"):
+        BatchNorm(FEATURES, groups=2, axis_name="data", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"batch_norm_groups=2 is for norm='batch'"):
+        make_norm("sync_batch", FEATURES, batch_norm_groups=2, rngs=nnx.Rngs(0))
+    from hgrn_jax.nn import ClassifierConfig
+
+    with pytest.raises(ValueError, match=r"ClassifierConfig\(batch_norm_groups=2\) is for"):
+        ClassifierConfig(vocab_size=8, norm="layer", batch_norm_groups=2)
+    # A run's batch that the groups do not divide stops before the workdir is touched.
+    from experiments.configs.hgrn2 import pathfinder
+    from hgrn_jax.training.config_checks import check_config_values
+
+    config = pathfinder.get_config("tiny")  # batch 32
+    config.model.batch_norm_groups = 3
+    with pytest.raises(
+        ValueError,
+        match=r"^config\.model\.batch_norm_groups=3 does not divide config\.batch_size=32 into ",
+    ):
+        check_config_values(config)
+    config.model.batch_norm_groups, config.optimizer.accumulate_steps = 32, 2
+    with pytest.raises(ValueError, match=r"batch_size=32 \(micro-batches of 16\)"):
+        check_config_values(config)

@@ -79,6 +79,8 @@ def test_hgrn2_lra_configs_follow_run_lra(task):
         dropout,
     )
     assert m.position_encoding is positions and m.use_lower_bound is True
+    # run_lra's unsynchronised "batch" norm normalised each of its 8 GPUs' 16 examples
+    assert m.batch_norm_groups == (8 if norm == "batch" else 1)
     assert (c.batch_size, c.epochs) == (batch, epochs)
     assert c.num_train_steps == epochs * (TRAIN_SIZES[task] // batch)
     assert c.optimizer.learning_rate == pytest.approx(lr)
@@ -90,6 +92,8 @@ def test_hgrn2_lra_configs_follow_run_lra(task):
     )
     assert c.dtype == "bfloat16" and c.paper.value == pytest.approx(accuracy)
     model = nnx.eval_shape(lambda: tasks.build_model(c, nnx.Rngs(0)))
+    if norm == "batch":
+        assert {model.final_norm.groups, model.blocks[0].norm1.groups} == {8}
     mixer = model.blocks[0].mixer
     assert isinstance(mixer, HGRN2D if scan == "2d" else HGRN2) and mixer.bidirectional
     assert (mixer.num_heads, mixer.key_dim) == (d // expand, expand)

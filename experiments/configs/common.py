@@ -188,6 +188,7 @@ def lra_config(
             glu_expand=glu_expand,
             mixer=hgrn_mixer(scan),
             norm=norm,
+            batch_norm_groups=1,  # norm="batch" per slice of the batch (per GPU), 1: all of it
             dropout=dropout,
             position_encoding=position_encoding,
             position_dropout=0.1,

@@ -137,7 +137,15 @@ def residual_stack(
     common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def norm() -> nnx.Module:
-        return make_norm(c.norm, d, epsilon=c.norm_epsilon, axis_name=axis_name, **common)
+        groups = getattr(c, "batch_norm_groups", 1)
+        return make_norm(
+            c.norm,
+            d,
+            epsilon=c.norm_epsilon,
+            axis_name=axis_name,
+            batch_norm_groups=groups,
+            **common,
+        )
 
     # Built in this order (mixer, GLU, norms, block) so that seeded initialisations stay as they were.
     return nnx.List(

@@ -57,7 +57,10 @@ class ClassifierConfig:
     use_lower_bound: the per-layer forget-gate lower bounds (off: the paper's ablation).
     norm: ``"layer"``, ``"batch"`` or ``"sync_batch"`` (``axis_name`` names the replica axis
       inside ``shard_map``, and only there; under ``jax.jit`` over a global batch, BatchNorm is
-      already global; another norm refuses it).
+      already global; another norm refuses it). ``batch_norm_groups`` > 1 (``norm="batch"``
+      only): each of that many equal slices of the batch is normalised by its own statistics in
+      training, as an unsynchronised BatchNorm on that many data-parallel GPUs
+      (:class:`~hgrn_jax.nn.norms.BatchNorm`'s ``groups``; HGRN2's Pathfinder: 8).
     glu_expand: GLU hidden width = ``round(glu_expand * features)``.
     dropout: residual dropout; ``position_dropout`` follows the position encoding (without one,
       a value other than its default or 0 is refused).
@@ -83,6 +86,7 @@ class ClassifierConfig:
     use_lower_bound: bool = True
     norm: Literal["layer", "batch", "sync_batch"] = "batch"
     norm_epsilon: float = 1e-5
+    batch_norm_groups: int = 1
     axis_name: str | None = None
     dropout: float = 0.0
     position_encoding: bool = False
@@ -120,9 +124,14 @@ class ClassifierConfig:
         check_stack_config(self)
         check_config_values(
             self,
-            counts=("num_classes", "vocab_size", "input_channels"),
+            counts=("num_classes", "vocab_size", "input_channels", "batch_norm_groups"),
             rates=("position_dropout",),
         )
+        if self.batch_norm_groups != 1 and self.norm != "batch":
+            raise ValueError(
+                f"ClassifierConfig(batch_norm_groups={self.batch_norm_groups}) is for "
+                f"norm='batch'; norm={self.norm!r} has no batch groups: set batch_norm_groups=1"
+            )
         if self.grid_shape is not None and not all(n >= 1 for n in self.grid_shape):
             raise ValueError(
                 f"ClassifierConfig(grid_shape={self.grid_shape}): grid_shape must be (H, W) of "
@@ -218,7 +227,12 @@ class HGRNClassifier(nnx.Module):
         )
         self.blocks = residual_stack(c, causal=False, axis_name=c.axis_name, **common)
         self.final_norm = make_norm(
-            c.norm, d, epsilon=c.norm_epsilon, axis_name=c.axis_name, **common
+            c.norm,
+            d,
+            epsilon=c.norm_epsilon,
+            axis_name=c.axis_name,
+            batch_norm_groups=c.batch_norm_groups,
+            **common,
         )
         if c.dual:
             self.pair_proj = dense(4 * d, d, ("mlp", "embed"), **common)

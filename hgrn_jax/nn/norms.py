@@ -27,7 +27,23 @@ class BatchNorm(nnx.BatchNorm):
     fewer passes over the activations. It applies to real inputs normalised over every axis but
     the last, two-pass statistics, a scale and a bias, without ``axis_name``. Other uses, and
     evaluation with the running statistics, are ``nnx.BatchNorm``'s own code.
+
+    ``groups`` > 1 normalises each of ``groups`` equal slices of the batch (axis 0) by its own
+    statistics in training, as an unsynchronised BatchNorm does on each of ``groups`` data-
+    parallel devices (PyTorch's ``nn.BatchNorm`` under DDP); the running statistics follow
+    the first slice's, as DDP's default ``broadcast_buffers`` makes every device's rank 0's.
     """
+
+    def __init__(self, num_features: int, *, groups: int = 1, **kwargs):
+        super().__init__(num_features, **kwargs)
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"BatchNorm(groups={groups!r}): groups must be an integer >= 1")
+        if groups > 1 and self.axis_name is not None:
+            raise ValueError(
+                f"BatchNorm(groups={groups}) normalises slices of the batch; a synchronised "
+                f"one (axis_name={self.axis_name!r}) normalises all of it: choose one"
+            )
+        self.groups = groups
 
     def __call__(
         self,
@@ -39,27 +55,58 @@ class BatchNorm(nnx.BatchNorm):
         """``x`` (..., d) -> (..., d); ``mask`` (bool, ``x``'s shape): positions counted by the
         batch statistics."""
         running = self.use_running_average if use_running_average is None else use_running_average
-        if running or not self._closed_form_applies(x):
+        grouped = self.groups > 1 and not running
+        if grouped and not self._closed_form_applies(x, ignore_switch=True):
+            raise ValueError(
+                f"BatchNorm(groups={self.groups}) takes real inputs normalised over every axis "
+                "but the last, with a scale and a bias"
+            )
+        if not grouped and (running or not self._closed_form_applies(x)):
             return super().__call__(x, use_running_average, mask=mask)
         x, _, _, scale, bias = self.promote_dtype(
             (x, self.mean[...], self.var[...], self.scale[...], self.bias[...]), dtype=self.dtype
         )
-        y, mean, var = batch_norm_train(
-            x,
-            scale,
-            bias,
-            epsilon=self.epsilon,
-            mask=None if mask is None else jnp.broadcast_to(mask, x.shape),
-            out_dtype=flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype),
-        )
+        out_dtype = flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+        mask = None if mask is None else jnp.broadcast_to(mask, x.shape)
+        if grouped:
+            y, mean, var = self._grouped(x, scale, bias, mask, out_dtype)
+        else:
+            y, mean, var = batch_norm_train(
+                x, scale, bias, epsilon=self.epsilon, mask=mask, out_dtype=out_dtype
+            )
         mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
         self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * mean
         self.var[...] = self.momentum * self.var[...] + (1 - self.momentum) * var
         return y
 
-    def _closed_form_applies(self, x: jax.Array) -> bool:
+    def _grouped(self, x, scale, bias, mask, out_dtype):
+        """``x`` (B, ..., d) normalised per slice of B / groups rows: ``y`` (B, ..., d) and the
+        first slice's mean and variance (d,)."""
+        groups, rows = self.groups, x.shape[0]
+        if rows % groups:
+            raise ValueError(
+                f"BatchNorm(groups={groups}) normalises {groups} equal slices of the batch; "
+                f"got {rows} rows: make the batch (per micro-batch with gradient accumulation) "
+                f"a multiple of {groups}"
+            )
+
+        def split(t: jax.Array) -> jax.Array:
+            return t.reshape(groups, rows // groups, *t.shape[1:])
+
+        def one(x_slice, mask_slice):
+            return batch_norm_train(
+                x_slice, scale, bias, epsilon=self.epsilon, mask=mask_slice, out_dtype=out_dtype
+            )
+
+        if mask is None:
+            y, mean, var = jax.vmap(lambda x_slice: one(x_slice, None))(split(x))
+        else:
+            y, mean, var = jax.vmap(one)(split(x), split(mask))
+        return y.reshape(x.shape), mean[0], var[0]
+
+    def _closed_form_applies(self, x: jax.Array, ignore_switch: bool = False) -> bool:
         return (
-            CLOSED_FORM_BATCH_NORM_GRADIENT
+            (CLOSED_FORM_BATCH_NORM_GRADIENT or ignore_switch)
             and self.axis in (-1, x.ndim - 1)
             and self.axis_name is None
             and not self.use_fast_variance
@@ -90,6 +137,7 @@ def make_norm(
     param_dtype: jnp.dtype = jnp.float32,
     axis_name: str | None = None,
     axis: str = "embed",
+    batch_norm_groups: int = 1,
     rngs: nnx.Rngs,
 ) -> nnx.Module:
     """A norm over the last axis of (..., features) activations, whose parameters carry the
@@ -98,7 +146,13 @@ def make_norm(
     ``"batch"`` and ``"sync_batch"`` are BatchNorm over every axis but the last. Under ``jax.jit``
     over a global (sharded) batch the statistics are global already, so ``"sync_batch"`` differs
     from ``"batch"`` only inside ``shard_map``/``pmap``, where ``axis_name`` names the replica axis.
+    ``batch_norm_groups`` > 1 (``"batch"`` only): :class:`BatchNorm`'s ``groups``.
     """
+    if batch_norm_groups != 1 and kind != "batch":
+        raise ValueError(
+            f"batch_norm_groups={batch_norm_groups} is for norm='batch' (statistics per slice of "
+            f"the batch); norm={kind!r} has no batch groups: set batch_norm_groups=1"
+        )
     meta = dict(scale_metadata=axes_metadata((axis,)), bias_metadata=axes_metadata((axis,)))
     common = dict(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if kind == "layer":
@@ -108,6 +162,7 @@ def make_norm(
     if kind in ("batch", "sync_batch"):
         return BatchNorm(
             features,
+            groups=batch_norm_groups,
             momentum=0.9,
             use_fast_variance=False,
             axis_name=axis_name if kind == "sync_batch" else None,

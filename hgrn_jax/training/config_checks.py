@@ -149,6 +149,16 @@ def check_mesh_and_batches(
             f"{batch_size // shards} (the rows of one batch shard), or change --config.mesh.*"
         )
     model = get("model", None)
+    groups = model.get("batch_norm_groups", 1) if hasattr(model, "get") else 1
+    rows = batch_size // max(accumulate, 1) if is_whole(batch_size) else None
+    if is_whole(groups) and groups > 1 and rows is not None and rows % groups:
+        micro = f" (micro-batches of {rows})" if accumulate > 1 else ""
+        raise ValueError(
+            f"config.model.batch_norm_groups={groups} does not divide "
+            f"config.batch_size={batch_size}{micro} into equal slices for BatchNorm's "
+            "statistics; set --config.model.batch_norm_groups to a divisor of "
+            f"{rows}, or change --config.batch_size"
+        )
     mixer = model.get("mixer", None) if hasattr(model, "get") else None
     for key, section in (("model.mixer", mixer), ("model", model)):
         axis = section.get("sequence_axis", None) if hasattr(section, "get") else None

@@ -49,6 +49,9 @@ RUN_LRA: dict[str, tuple[Any, ...]] = {
     "pathfinder": (128, 128, 6, "batch",      2e-3, 0.0, 0.0, 50000, 500000, 1, 2, 100, False, 0.0),
 }
 # fmt: on
+# [run_lra] GPUs per task: an unsynchronised "batch" norm normalised each GPU's share of the
+# batch (Pathfinder: 128 / 8 = 16 examples), model.batch_norm_groups here.
+RUN_LRA_GPUS = {"listops": 8, "text": 2, "retrieval": 8, "image": 8, "pathfinder": 8}
 # [lra_fig] the paper's accuracy.
 PAPER_ACCURACY = {
     "listops": 60.52,
@@ -76,6 +79,7 @@ def hgrn2_lra_config(task: str, preset: str | None, path: str) -> ml_collections
     def paper(c: ml_collections.ConfigDict) -> None:
         m = c.model
         m.features, m.num_layers, m.norm = s["features"], s["num_layers"], s["norm"]
+        m.batch_norm_groups = RUN_LRA_GPUS[task] if s["norm"] == "batch" else 1
         m.glu_expand, m.dropout = s["glu_expand"], s["dropout"]
         m.position_encoding = s["position_encoding"]
         c.batch_size = s["batch_size"]
