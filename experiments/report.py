@@ -31,7 +31,10 @@ tables:
   failed) or with one that cannot be read (state ``results.json unreadable``), with the last step logged of ``num_train_steps``, the last checkpoint, the best
   validation so far (metrics.jsonl) and the state (:func:`~experiments.runs._state`; a
   stopped run's says why: :func:`~experiments.runs.stopped_state`). They never enter the paper
-  tables; a folder of such runs only prints this table.
+  tables; a folder of such runs only prints this table. So does a finished run while it is
+  trained further (started again with more ``num_train_steps``: running, or stopped before
+  its new end), its state saying so: its results.json is of the old end
+  (:func:`~experiments.runs.extended_from`).
 
 It also writes the runs' loss and accuracy/perplexity against step, or with ``--x time`` against
 training wall time (time-to-accuracy: runs of different models side by side), from each
@@ -42,7 +45,9 @@ A run whose results.json is corrupt or incomplete is left out of the paper table
 (and listed under runs without results when its config.json is a run's); the others are
 reported; when the default PNG place cannot be written (a read-only run folder) the curves go to
 the temporary folder instead, and the message says where. A folder without any run is an error
-(exit code 2).
+(exit code 2). So is an existing ``--markdown`` file or figure that this command did not write
+(a file without its first line, a figure not by matplotlib): it is left as it is. Numbers are
+rounded half up, as the papers' tables are.
 
 Runs on generated or synthetic data (the ``tiny`` presets) are marked as such, ``(generated
 data)`` or ``(synthetic data)``: their numbers show that the pipeline works, not how the model
@@ -96,6 +101,33 @@ def _png_path(arg: str | None, first_dir: str) -> Path:
     return path
 
 
+REPORT_MARK = (
+    "<!-- tables written by python -m experiments.report, which replaces this file when run "
+    "again -->"
+)
+"""The first line of a ``--markdown`` file: a file without it is not replaced."""
+
+
+def _not_ours(path: Path, flag: str) -> str | None:
+    """The error for an existing ``path`` that this command did not write (a ``--markdown``
+    file without :data:`REPORT_MARK`, a figure that matplotlib did not write), else None:
+    a user's file is never written over."""
+    if not path.is_file():
+        return None
+    try:
+        with path.open("rb") as file:
+            head = file.read(4096)
+    except OSError as error:
+        return f"cannot read {flag} {path} ({error.strerror}); choose another path"
+    ours = head.startswith(REPORT_MARK.encode()) if flag == "--markdown" else b"atplotlib" in head
+    if ours:
+        return None
+    return (
+        f"{flag} {path} exists and was not written by this command; nothing was changed: "
+        f"choose another path{' with --png' if flag == 'the curves' else ''}, or move it away"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.report",
@@ -119,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    taken = _not_ours(png, "--png" if args.png else "the curves") or (
+        _not_ours(Path(args.markdown), "--markdown") if args.markdown else None
+    )
+    if taken:
+        print(f"error: {taken}", file=sys.stderr)
+        return 2
     try:
         runs = find_runs(args.dirs, skip_broken=True)
         unfinished = find_unfinished(args.dirs)
@@ -138,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         try:
             Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.markdown).write_text(report)
+            Path(args.markdown).write_text(f"{REPORT_MARK}\n{report}")
         except OSError as error:
             print(
                 f"error: cannot write --markdown {args.markdown} ({error.strerror}); choose a "
@@ -170,4 +208,8 @@ if __name__ == "__main__":
     from experiments import cli
 
     cli.show_warnings_on_one_line()
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # the reader went away (| head): the rest is not wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

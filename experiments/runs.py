@@ -229,7 +229,7 @@ def _check_types(
         )
 
 
-def _config_of(run_dir: Path) -> tuple[Path, Any]:
+def _config_of(run_dir: Path, quiet: bool = False) -> tuple[Path, Any]:
     """``(file, config)``: the run's config.json or, where it is lost or not JSON, the copy in
     its newest checkpoint (:func:`~hgrn_jax.training.workdir.config_copy`; a warning on
     stderr). A run with neither raises BrokenRunError: its model cannot be told (it used to
@@ -242,7 +242,7 @@ def _config_of(run_dir: Path) -> tuple[Path, Any]:
             "its model cannot be told; put back the config.json the run wrote",
             config_path,
         )
-    if problem:
+    if problem and not quiet:
         print(
             f"warning: {config_path} {problem}; using the copy of the run's config in {source}",
             file=sys.stderr,
@@ -250,13 +250,14 @@ def _config_of(run_dir: Path) -> tuple[Path, Any]:
     return source, config
 
 
-def _read_results(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The run's results.json and config (:func:`_config_of`), checked for the fields the
-    tables read; BrokenRunError naming the file otherwise."""
+def _read_results(run_dir: Path, quiet: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's results.json and config (:func:`_config_of`, its warning left out when
+    ``quiet``), checked for the fields the tables read; BrokenRunError naming the file
+    otherwise."""
     results_path = run_dir / "results.json"
     try:
         results = _read_json(results_path)
-        config_path, config = _config_of(run_dir)
+        config_path, config = _config_of(run_dir, quiet)
     except OSError as error:
         raise BrokenRunError(
             f"{error.filename or run_dir} cannot be read ({error.strerror})",
@@ -275,9 +276,22 @@ def _read_results(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return results, config
 
 
-def _read_run(run_dir: Path) -> Run:
-    results, config = _read_results(run_dir)
-    return Run(run_dir, results, config, _read_metrics(run_dir / "metrics.jsonl"))
+def extended_from(run_dir: Path, results: dict[str, Any], config: dict[str, Any]) -> int | None:
+    """The steps of a finished run's results.json while the run is trained further (started
+    again after it finished, with more ``num_train_steps`` in its config.json; running now or
+    stopped before its new end), else None. Its results.json stays until the new end, which
+    keeps it as ``results-step<N>.json``: until then the run has no final results."""
+    events = [
+        record.get("event")
+        for record, _ in read_metric_lines(run_dir / EVENTS_FILE, on_damaged=lambda _: None)
+    ]
+    if "finished" not in events:
+        return None
+    after_the_end = events[len(events) - events[::-1].index("finished") :]
+    steps, target = results.get("steps"), config.get("num_train_steps")
+    if "started" in after_the_end and is_number(steps) and is_number(target) and target > steps:
+        return int(steps)
+    return None
 
 
 def folders_holding(folders: list[str | Path], name: str) -> list[Path]:
@@ -315,12 +329,15 @@ def find_runs(folders: list[str | Path], *, skip_broken: bool = False) -> list[R
             )
     for run_dir in folders_holding(folders, "results.json"):
         try:
-            run = _read_run(run_dir)
+            results, config = _read_results(run_dir)
         except ValueError as error:
             if not skip_broken:
                 raise
             print(f"warning: skipping {run_dir}: {error}", file=sys.stderr)
             continue
+        if extended_from(run_dir, results, config) is not None:
+            continue  # being trained further: find_unfinished lists it
+        run = Run(run_dir, results, config, _read_metrics(run_dir / "metrics.jsonl"))
         runs.append(run)
         if non_finite := run.non_finite():
             print(
@@ -394,10 +411,19 @@ def _results_unreadable(run_dir: Path) -> bool:
     """Whether the run's results.json is there but cannot be used (corrupt, incomplete, fields of
     the wrong type); :func:`find_runs` warns about it."""
     try:
-        _read_results(run_dir)
+        _read_results(run_dir, quiet=True)
     except BrokenRunError as error:
         return error.path == run_dir / "results.json"
     return False
+
+
+def _extended_steps(run_dir: Path) -> int | None:
+    """:func:`extended_from` of a run whose results.json can be read, else None."""
+    try:
+        results, config = _read_results(run_dir, quiet=True)
+    except BrokenRunError:
+        return None
+    return extended_from(run_dir, results, config)
 
 
 def _state(run_dir: Path, events: list[dict[str, Any]]) -> str:
@@ -473,7 +499,8 @@ def find_unfinished(folders: list[str | Path]) -> list[Unfinished]:
         config_path = run_dir / "config.json"
         has_results = (run_dir / "results.json").exists()
         unreadable = has_results and _results_unreadable(run_dir)
-        if (has_results and not unreadable) or not any(
+        extended = _extended_steps(run_dir) if has_results and not unreadable else None
+        if (has_results and not unreadable and extended is None) or not any(
             (run_dir / name).exists() for name in (*RUN_FILES, LOCK_NAME)
         ):
             continue
@@ -491,6 +518,11 @@ def find_unfinished(folders: list[str | Path]) -> list[Unfinished]:
         state = (
             "results.json unreadable (see the warning)" if unreadable else _state(run_dir, events)
         )
+        if extended is not None:
+            state = (
+                f"{state}; trained further from its finished {extended} steps to "
+                f"{config.get('num_train_steps')} (their results.json is kept)"
+            )
         found.append(Unfinished(run_dir, config, records, state, checkpoint))
     return sorted(found, key=lambda run: str(run.path))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import math
 from typing import Any
 
@@ -35,7 +36,14 @@ def _fmt(value: Any, digits: int = 2) -> str:
         value = float(value)
     except (TypeError, ValueError):
         return str(value)
-    return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+    if not math.isfinite(value):
+        return str(value)
+    # Half up, as papers round (28.125 -> 28.13; format's half-to-even gave 28.12), of the
+    # shortest decimal that reads back as the float (2.675 -> 2.68).
+    rounded = decimal.Decimal(repr(value)).quantize(
+        decimal.Decimal(1).scaleb(-digits), rounding=decimal.ROUND_HALF_UP
+    )
+    return f"{rounded:.{digits}f}"
 
 
 MIXER_NAMES = {"hgrn": "HGRN", "hgrn2": "HGRN2", "attention": "Transformer baseline"}

@@ -137,7 +137,8 @@ def test_tables_put_our_numbers_beside_the_paper(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert out.startswith("### Long Range Arena")
-    assert (tmp_path / "report.md").read_text() in out
+    mark, written = (tmp_path / "report.md").read_text().split("\n", 1)
+    assert mark == report.REPORT_MARK and written in out
 
     (listops_row,) = row(out, "ListOps")
     assert listops_row[1:5] == ["59.95", "50.00", "51.00", "40"]
@@ -746,7 +747,7 @@ def test_a_run_without_its_config_json_is_read_from_its_checkpoint_s_copy_or_lef
     assert row_hgrn2[1:3] == ["60.52", "17.58"]
     (row_hgrn,) = row(section(captured.out, HGRN_LRA), "ListOps")
     assert row_hgrn[1:3] == ["59.95", "—"]  # neither run is HGRN's
-    assert f"warning: {hgrn2 / 'config.json'} not found; using the copy" in captured.err
+    assert captured.err.count(f"warning: {hgrn2 / 'config.json'} not found; using the copy") == 1
     assert (
         f"warning: skipping {lost}: {lost / 'config.json'} not found and no checkpoint holds a "
         "copy of the run's config, so its model cannot be told" in captured.err
@@ -804,4 +805,91 @@ def test_png_and_markdown_paths_are_what_the_report_writes(tmp_path, capsys):
     )
     markdown = tmp_path / "new" / "folder" / "tables.md"
     assert report.main([runs, "--markdown", str(markdown)]) == 0
-    assert markdown.read_text().startswith("#")
+    first, tables = markdown.read_text().split("\n", 1)
+    assert first == report.REPORT_MARK and tables.startswith("#")
+
+
+def test_a_users_file_at_the_report_s_paths_is_never_written_over(tmp_path, capsys):
+    """--markdown replaced whatever file it named (a user's notes.md) and the curves any
+    figure, with nothing said. A file this command did not write (a --markdown file without
+    its first line, a figure matplotlib did not write) now stops it before anything is printed
+    or written; its own earlier files are replaced."""
+    make_run(tmp_path / "runs" / "a", "listops", 50.0)
+    runs = str(tmp_path / "runs")
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes\n")
+    assert report.main([runs, "--markdown", str(notes)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and notes.read_text() == "my notes\n"
+    assert captured.err == (
+        f"error: --markdown {notes} exists and was not written by this command; nothing was "
+        "changed: choose another path, or move it away\n"
+    )
+    photo = tmp_path / "runs" / "curves.png"
+    photo.write_bytes(b"\x89PNG\r\n\x1a\n a photo")
+    assert report.main([runs]) == 2
+    assert "error: the curves " in capsys.readouterr().err and photo.read_bytes().endswith(b"photo")
+    assert report.main([runs, "--png", str(photo)]) == 2
+    assert f"error: --png {photo} exists and was not written" in capsys.readouterr().err
+    photo.unlink()
+    ours = tmp_path / "tables.md"
+    for _ in range(2):  # the second run replaces the first's files
+        assert report.main([runs, "--markdown", str(ours)]) == 0
+    assert ours.read_text().startswith(report.REPORT_MARK) and photo.is_file()
+
+
+def test_a_finished_run_trained_further_leaves_the_paper_tables_until_its_new_end(tmp_path, capsys):
+    """A finished run started again with more steps showed its old results in the paper
+    tables as final, while running and after being stopped. It is a run without results
+    until its new end, its state saying so."""
+    run = make_run(tmp_path / "runs" / "a", "listops", 50.0, config_fields={"num_train_steps": 100})
+    events = [
+        {"event": "started", "time": "t0", "step": 0},
+        {"event": "finished", "time": "t1"},
+        {"event": "started", "time": "t2", "step": 40},
+        {"event": "stopped", "time": "t3", "reason": "terminated (SIGTERM)"},
+    ]
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert report.main([str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "### Long Range Arena" not in out
+    (entry,) = row(out, str(run))
+    assert entry[-1] == (
+        "stopped at t3: terminated (SIGTERM); trained further from its finished 40 steps to 100 "
+        "(their results.json is kept)"
+    )
+    # Finished again (or a rerun that ended where it had): the paper tables take it back.
+    events += [{"event": "started", "time": "t4", "step": 40}, {"event": "finished", "time": "t5"}]
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert [r.path for r in find_runs([tmp_path / "runs"])] == [run]
+    assert find_unfinished([tmp_path / "runs"]) == []
+
+
+def test_numbers_are_rounded_half_up_as_the_papers_are():
+    """28.125 (an accuracy over 256 examples) showed as 28.12: format rounds half to even."""
+    assert [tables._fmt(v) for v in (28.125, 96.875, 2.675, 59.95, -0.125)] == [
+        "28.13",
+        "96.88",
+        "2.68",
+        "59.95",
+        "-0.13",
+    ]
+
+
+def test_a_reader_that_goes_away_ends_the_report_quietly(tmp_path):
+    """``report ... | head -1`` ended in a BrokenPipeError traceback and exit status 1."""
+    make_run(tmp_path / "runs" / "a", "listops", 50.0)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "experiments.report", str(tmp_path / "runs")],
+            cwd=Path(__file__).resolve().parents[1],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
