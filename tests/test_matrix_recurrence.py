@@ -104,7 +104,6 @@ CHUNKINGS = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method,chunk_size,length", CHUNKINGS)
 def test_values_match_float64_loop(method, chunk_size, length):
     """Two leading axes, 3 heads, K = 5 != V = 7, h0 and the last state."""
@@ -145,7 +144,6 @@ def gradient_references(seed: int) -> tuple[tuple, tuple, tuple, list]:
     return (q, k, v, g, h0), (do, dlast), adjoint, [np.asarray(t) for t in autodiff]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", MATRIX_METHODS)
 def test_gradients_match_float64_adjoint_and_autodiff(method, chunk_size=32):
     """Gradients for q, k, v, log_decay and h0 of a loss on o and on the last state (45 steps:
@@ -205,7 +203,6 @@ def test_sequential_at_chunk_edges(chunk_size, length, key_dim, value_dim):
         )
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", MATRIX_METHODS)
 def test_without_h0_or_last_state_float32(method):
     """Defaults: zero h0, no last state, float32 in and out, the scale; float32 accumulation over
@@ -220,7 +217,6 @@ def test_without_h0_or_last_state_float32(method):
     np.testing.assert_allclose(np.asarray(o), want, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", MATRIX_METHODS)
 def test_bf16_inputs_accumulate_in_float32(method):
     """bf16 in: outputs in bf16 by default, states and gradients accumulated in float32."""
@@ -291,7 +287,6 @@ def long_inputs(length=4096, seed=11):
     return tuple(t.astype(np.float32) for t in (q, k, v, g))
 
 
-@pytest.mark.slow
 def test_long_sequence_chunked_matches_sequential_where_cumulative_decay_underflows():
     """L = 4096: the chunked method's values and gradients equal the sequential scan's (and the
     float64 loop's) to float32 precision, although the naive factors exp(+-cumsum g) are 0 / inf.
