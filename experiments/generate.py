@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from absl import app, flags
@@ -215,6 +215,8 @@ def continue_prompt(
             "or --prompt='text'"
         )
     check_flags(max_new_tokens, greedy, temperature, top_k, top_p)
+    if not -(2**63) <= seed < 2**63:
+        raise ValueError(f"--seed={seed} is outside the 64-bit integers; pass e.g. --seed=0")
     config = read_config(workdir)
     tokenizer = tokenizer_of(config, workdir, tokenizer_path) if prompt is not None else None
     if prompt is not None and tokenizer is not None:
@@ -245,6 +247,8 @@ def continue_prompt(
             + bytes_hint
         )
     check_flags(max_new_tokens, greedy, temperature, top_k, top_p, vocab_size, prompt_ids)
+    if tokenizer is not None and (problem := _bytes_mismatch(tokenizer, vocab_size)):
+        raise ValueError(f"{problem}, or the prompt as --prompt_ids")
     if tokenizer is not None and vocab_size and tokenizer.vocab_size > vocab_size:
         raise ValueError(
             f"the tokenizer at {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the "
@@ -268,13 +272,31 @@ def continue_prompt(
         except (ValueError, OSError) as error:  # ids without their text still answer
             print(f"warning: no decoded text: {cli.one_line(str(error))}", file=sys.stderr)
         else:
-            if tokenizer is None and vocab_size == 256:
+            if tokenizer is not None and (problem := _bytes_mismatch(tokenizer, vocab_size)):
+                print(f"warning: no decoded text: {problem}", file=sys.stderr)
+                tokenizer = None
+            elif tokenizer is None and vocab_size == 256:
                 print(
                     "note: no decoded text: the run names no tokenizer; if it was trained on "
                     "bytes (the synthetic corpus), --tokenizer_path=bytes decodes them",
                     file=sys.stderr,
                 )
     return Continuation(ids, tokenizer.decode(ids) if tokenizer is not None else None, step)
+
+
+def _bytes_mismatch(tokenizer: Any, vocab_size: int | None) -> str | None:
+    """Why the byte tokenizer cannot stand for a model of ``vocab_size`` tokens, else None: it
+    reads and writes 256 byte values (a BPE model's prompt was fed as bytes, and its ids from
+    256 up failed to decode, losing the generated ids)."""
+    from hgrn_jax.data.wikitext import BYTES
+
+    if tokenizer.path != BYTES or not vocab_size or vocab_size == 256:
+        return None
+    return (
+        f"--tokenizer_path={BYTES} reads and writes the 256 byte values, but the run's model has "
+        f"{vocab_size} tokens (it was trained with another tokenizer); pass that one as "
+        "--tokenizer_path"
+    )
 
 
 def as_flags(message: str) -> str:

@@ -155,7 +155,7 @@ def test_best_listops_checkpoint_loads_bit_for_bit_and_reproduces_the_test_accur
 
 
 @pytest.mark.slow  # end-to-end: a training run
-def test_latest_and_a_step_number_load_those_checkpoints(listops_run, tmp_path):
+def test_latest_and_a_step_number_load_those_checkpoints(listops_run, tmp_path, monkeypatch):
     runner, state = _runner_state(listops_run, tmp_path, 2)
     for choice in (2, "2"):
         model, _ = load_trained_model(listops_run, choice)
@@ -173,6 +173,17 @@ def test_latest_and_a_step_number_load_those_checkpoints(listops_run, tmp_path):
     with pytest.warns(CheckpointUnverifiedWarning, match="loading it unverified"):
         best, _, best_at = load_trained_model(copy, "best", return_step=True)
     assert best_at == 2
+    # A run still training writes a checkpoint's checksums after its commit: the warning said
+    # it was saved by older code or that its run had stopped.
+    from hgrn_jax.training import trained
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trained, "lock_state", lambda workdir: ("live", {"pid": 1}))
+        with pytest.warns(
+            CheckpointUnverifiedWarning,
+            match=r"integrity\.json yet: its run, still training, writes it; loading it unverified",
+        ):
+            load_trained_model(copy, "best")
     for got, want in zip(_plain(nnx.state(best, nnx.Param)), _plain(state.params), strict=True):
         np.testing.assert_array_equal(got, want)
     latest, _, latest_at = load_trained_model(listops_run, "latest", return_step=True)
@@ -591,6 +602,10 @@ def test_generate_encodes_a_text_prompt_with_the_run_s_bpe_tokenizer(
             r"--greedy to sample$",
         ),
         (
+            {"seed": 2**63},  # an OverflowError traceback after the model had loaded
+            r"^--seed=9223372036854775808 is outside the 64-bit integers; pass e\.g\. --seed=0$",
+        ),
+        (
             {"greedy": True, "temperature": 0.5, "top_p": 0.9},
             r"^--greedy takes the argmax and would ignore --temperature=0\.5 --top_p=0\.9; leave "
             r"them out",
@@ -605,6 +620,21 @@ def test_generate_flags_are_refused_naming_the_flag_before_loading(tmp_path, cha
     given = {"prompt_ids": [1, 2], "prompt": None, "max_new_tokens": 2, **change}
     with pytest.raises(ValueError, match=message):
         continue_prompt(str(tmp_path), **given)
+
+
+def test_the_byte_tokenizer_is_refused_for_a_model_of_another_vocabulary():
+    """--tokenizer_path=bytes on a BPE run fed the prompt's bytes to the BPE model in silence,
+    and its generated ids from 256 up failed to decode (``bytes must be in range(0, 256)``,
+    the ids lost). A model of 256 tokens, or of unknown size, takes it."""
+    from experiments.generate import _bytes_mismatch
+    from hgrn_jax.data.wikitext import LineTokenizer
+
+    byte_level = LineTokenizer("bytes")
+    assert _bytes_mismatch(byte_level, 256) is None and _bytes_mismatch(byte_level, None) is None
+    assert _bytes_mismatch(byte_level, 320) == (
+        "--tokenizer_path=bytes reads and writes the 256 byte values, but the run's model has "
+        "320 tokens (it was trained with another tokenizer); pass that one as --tokenizer_path"
+    )
 
 
 @pytest.mark.slow  # end-to-end: a training run

@@ -28,7 +28,7 @@ from hgrn_jax.training.state import (
     merge_model,
     split_model,
 )
-from hgrn_jax.training.workdir import checkpoint_steps, readable_run_config
+from hgrn_jax.training.workdir import checkpoint_steps, lock_state, readable_run_config
 
 CHECKPOINT_CHOICES = ("best", "latest")
 
@@ -279,8 +279,11 @@ def _load_step(workdir: Path, config: ml_collections.ConfigDict, step: int) -> n
             f"checkpoint {folder} is damaged ({error}); {_other_steps_hint(workdir, step)}"
         ) from None
     if isinstance(checked, integrity.Unverified):
+        reason = checked.reason
+        if lock_state(workdir)[0] == "live":  # the newest step's, written after its commit
+            reason = f"{folder} has no {integrity.MANIFEST} yet: its run, still training, writes it"
         warnings.warn(
-            f"checkpoint at step {step}: {checked.reason}; loading it unverified",
+            f"checkpoint at step {step}: {reason}; loading it unverified",
             CheckpointUnverifiedWarning,
             stacklevel=3,
         )
