@@ -294,8 +294,8 @@ def _prefix_hint(expected: set[str], given: set[str]) -> str:
     name; "" when there is none. The prefix is not stripped here: the caller says which keys."""
     counts: dict[str, int] = {}
     for name in given:
-        for i, char in enumerate(name):
-            if char == "." and name[i + 1 :] in expected:
+        for i, char in enumerate(name):  # "module." (DDP), "param/" (an npz of a tree)
+            if char in "./" and name[i + 1 :] in expected:
                 counts[name[: i + 1]] = counts.get(name[: i + 1], 0) + 1
     for prefix, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
         if count >= len(expected) and expected <= {
@@ -398,6 +398,32 @@ def _features(constructor: Mapping[str, Any], key: str, what: str, why: str = ""
     if key not in constructor:
         raise ConversionError(f"{what}: constructor needs {key!r}{why}")
     return _integer(constructor[key], key, what)
+
+
+_NO_CONSTRUCTOR = object()
+
+
+def _check_arguments(state_dict: Any, dtype: Any, constructor: Any = _NO_CONSTRUCTOR) -> None:
+    """ConversionError for a ``state_dict`` that is no mapping (a file's path was read as its
+    characters, the parameter names), a ``constructor`` that is no mapping (None was a
+    TypeError) and a ``dtype`` that is none (numpy's TypeError named no argument)."""
+    if not isinstance(state_dict, Mapping):
+        raise ConversionError(
+            f"state_dict is a {type(state_dict).__name__}, not a mapping of parameter name to "
+            "array; load the file first (np.load, torch.load, safetensors' load_file) and pass "
+            "what it holds"
+        )
+    if constructor is not _NO_CONSTRUCTOR and not isinstance(constructor, Mapping):
+        raise ConversionError(
+            f"the constructor arguments are a {type(constructor).__name__}, not a mapping of "
+            "keyword to value; pass e.g. {'embed_dim': 512}"
+        )
+    try:
+        jnp.dtype(dtype)
+    except TypeError:
+        raise ConversionError(
+            f"dtype {dtype!r} is not a dtype; pass e.g. jnp.float32 or 'bfloat16'"
+        ) from None
 
 
 def _check_class(
@@ -531,6 +557,7 @@ def from_hgru_pytorch(
       A module called as ``module(x, lower_bound)`` with batch-major ``x``: (B, L, d) for the 1-D
       classes, (B, H, W, d) for the 2-D ones.
     """
+    _check_arguments(state_dict, dtype, constructor)
     _check_class(class_name, HGRU_CLASSES, "hgru-pytorch", constructor)
     d = _features(constructor, "embed_dim", class_name)
     _require(constructor, "act_fun", ("silu", "swish"), class_name)
@@ -573,6 +600,7 @@ def from_fla_hgrn_attention(
     ``o_proj.weight`` (d, e·d) and ``g_norm.weight`` (e·d), e = ``expand_ratio``. The module is
     called as ``module(x, lower_bound=None, mask=None)`` on (B, T, d) inputs.
     """
+    _check_arguments(state_dict, dtype, constructor)
     what = "HGRNAttention"
     _refuse_unknown(constructor, CONSTRUCTOR_ARGUMENTS[what], what, f"fla's {what}")
     d = _features(constructor, "hidden_size", what)
@@ -640,6 +668,7 @@ def from_fla_hgrn_lm(
     called as ``lm(ids)`` (ids (B, T) -> logits (B, T, V)) and decodes with
     ``lm.init_cache(B)`` / ``lm.step``.
     """
+    _check_arguments(state_dict, dtype)
     return _load_fla_lm(fla_lm_config(config), _fla_attention_mapping, state_dict, dtype)
 
 
@@ -707,6 +736,7 @@ def from_hgru2_pytorch(
     (``Hgru2_1d``, and ``BiHgru2_1d`` in training), or, for ``BiHgru2_1d`` in eval, a recurrent
     one in float32. ``Hgru2_2d_parallel`` runs the exact scan at every ``expand_ratio``.
     """
+    _check_arguments(state_dict, dtype, constructor)
     _check_class(class_name, HGRU2_CLASSES, "hgru2-pytorch", constructor)
     d = _features(constructor, "embed_dim", class_name)
     expand_ratio = _features(
@@ -801,6 +831,7 @@ def from_fla_hgrn2_attention(
     module is called as ``module(x, lower_bound=None, mask=None)`` on (B, T, d)
     inputs; its recurrent state is (B, H, K, V), the transpose of fla's cache entry.
     """
+    _check_arguments(state_dict, dtype, constructor)
     what = "HGRN2Attention"
     _refuse_unknown(constructor, CONSTRUCTOR_ARGUMENTS[what], what, f"fla's {what}")
     d = _features(constructor, "hidden_size", what)
@@ -847,6 +878,7 @@ def from_fla_hgrn2_lm(
     (B, T, V)) and decodes with ``lm.init_cache(B)`` / ``lm.step(ids, cache)``; each layer's
     cache entry is (B, H, K, V), the transpose of fla's.
     """
+    _check_arguments(state_dict, dtype)
     return _load_fla_lm(
         fla_hgrn2_lm_config(config), _fla_hgrn2_attention_mapping, state_dict, dtype
     )

@@ -317,6 +317,31 @@ def test_a_prefixed_state_dict_gets_the_prefix_to_strip(golden):
     )
 
 
+def test_a_path_a_none_or_a_tree_s_names_are_named_as_such(golden, tmp_path):
+    """A file's path passed as the state_dict was read as its characters ("unexpected
+    parameter(s): ., /, 1, _, a, ..."), a constructor of None was a TypeError, a misspelt
+    dtype numpy's TypeError, and names under a tree's ``param/`` got no prefix hint."""
+    cls, ctor, params = _hgru_case(golden)
+    path = tmp_path / "weights.npz"
+    np.savez(path, **params)
+    for state_dict in (str(path), path):
+        with pytest.raises(
+            convert.ConversionError,
+            match=r"^state_dict is a (str|PosixPath), not a mapping of parameter name to array; "
+            r"load the file first \(np\.load",
+        ):
+            convert.from_hgru_pytorch(cls, ctor, state_dict)
+    with pytest.raises(convert.ConversionError, match=r"constructor arguments are a NoneType"):
+        convert.from_hgru_pytorch(cls, None, params)
+    with pytest.raises(convert.ConversionError, match=r"^dtype 'float33' is not a dtype"):
+        convert.from_hgru_pytorch(cls, ctor, params, dtype="float33")
+    with pytest.raises(convert.ConversionError, match=r"carry the prefix 'param/': strip it"):
+        convert.from_hgru_pytorch(cls, ctor, {f"param/{k}": v for k, v in params.items()})
+    lm_case = golden("fla_hgrn_lm")
+    with pytest.raises(convert.ConversionError, match=r"^state_dict is a str"):
+        convert.from_fla_hgrn_lm(lm_case.meta["constructor"]["HGRNConfig"], str(path))
+
+
 def test_the_transpose_hint_only_for_a_weight_whose_transpose_fits(golden):
     """A phase of the wrong width got 'PyTorch Linear weights are (out, in)', which cannot be
     its cause; a transposed Linear weight still gets it."""

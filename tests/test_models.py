@@ -670,6 +670,9 @@ def test_sampling_stays_in_vocab_and_in_the_top_k(untied_lm):
 
 
 def test_generate_errors_name_the_fix(untied_lm):
+    classifier = HGRNImageClassifier(_imagenet_config(), rngs=nnx.Rngs(0))  # was AttributeError
+    with pytest.raises(ValueError, match=r"language model .*; got a HGRNImageClassifier$"):
+        generate(classifier, PROMPT, 3, greedy=True)
     with pytest.raises(ValueError, match="BOS"):
         generate(untied_lm, jnp.zeros((1, 0), jnp.int32), 3, greedy=True)
     with pytest.raises(ValueError, match="needs rng"):

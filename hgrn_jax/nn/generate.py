@@ -301,6 +301,11 @@ def generate(
     Compiled once per model structure, prompt shape, ``max_new_tokens``, ``top_k``, ``greedy``,
     whether there is a ``prompt_mask`` and whether ``top_p`` is on (not its value).
     """
+    if not (hasattr(model, "init_cache") and hasattr(model, "step")):
+        raise ValueError(
+            f"generate continues prompts of a language model (an HGRNLM: init_cache and step); "
+            f"got a {type(model).__name__}"
+        )
     prompt_ids = jnp.asarray(prompt_ids)
     if prompt_ids.ndim != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(
