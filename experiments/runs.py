@@ -407,23 +407,15 @@ def is_set_aside(run_dir: Path) -> bool:
     return run_dir.name.startswith("previous-") and (run_dir.parent / "config.json").is_file()
 
 
-def _results_unreadable(run_dir: Path) -> bool:
-    """Whether the run's results.json is there but cannot be used (corrupt, incomplete, fields of
-    the wrong type); :func:`find_runs` warns about it."""
-    try:
-        _read_results(run_dir, quiet=True)
-    except BrokenRunError as error:
-        return error.path == run_dir / "results.json"
-    return False
-
-
-def _extended_steps(run_dir: Path) -> int | None:
-    """:func:`extended_from` of a run whose results.json can be read, else None."""
+def _results_state(run_dir: Path) -> tuple[bool, int | None]:
+    """For a run folder with a results.json, read once: whether it is there but cannot be used
+    (corrupt, incomplete, fields of the wrong type; :func:`find_runs` warns about it), and
+    :func:`extended_from` of one that can."""
     try:
         results, config = _read_results(run_dir, quiet=True)
-    except BrokenRunError:
-        return None
-    return extended_from(run_dir, results, config)
+    except BrokenRunError as error:
+        return error.path == run_dir / "results.json", None
+    return False, extended_from(run_dir, results, config)
 
 
 def _state(run_dir: Path, events: list[dict[str, Any]]) -> str:
@@ -498,8 +490,7 @@ def find_unfinished(folders: list[str | Path]) -> list[Unfinished]:
     for run_dir in folders_holding(folders, "config.json"):
         config_path = run_dir / "config.json"
         has_results = (run_dir / "results.json").exists()
-        unreadable = has_results and _results_unreadable(run_dir)
-        extended = _extended_steps(run_dir) if has_results and not unreadable else None
+        unreadable, extended = _results_state(run_dir) if has_results else (False, None)
         if (has_results and not unreadable and extended is None) or not any(
             (run_dir / name).exists() for name in (*RUN_FILES, LOCK_NAME)
         ):
