@@ -191,7 +191,13 @@ def is_out_of_space(error: BaseException) -> bool:
     array: an OSError without an errno, ``N requested and M written``)."""
     if isinstance(error, OSError) and error.errno is not None:
         return error.errno in OUT_OF_SPACE_ERRNOS
-    text = str(error)
+    return says_out_of_space(str(error))
+
+
+def says_out_of_space(text: str) -> bool:
+    """Whether an error's ``text`` (or a log message quoting one) is a write that failed for
+    lack of space: TensorStore's ``[os_error_code='28']``, the OS's message, numpy's short
+    write (see :func:`is_out_of_space`)."""
     code = TENSORSTORE_OS_ERROR.search(text)
     if code is not None:
         return int(code.group(1)) in OUT_OF_SPACE_ERRNOS

@@ -45,7 +45,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from hgrn_jax.data.loader import is_out_of_space
+from hgrn_jax.data.loader import is_out_of_space, says_out_of_space
 from hgrn_jax.training import agreement, integrity
 from hgrn_jax.training.integrity import (
     MANIFEST,
@@ -94,7 +94,7 @@ def _is_echo_of_a_full_disk(record: logging.LogRecord) -> bool:
     if record.levelno < logging.ERROR or not ours:
         return False
     logged = record.exc_info[1] if record.exc_info else None
-    return _out_of_space_somewhere(logged) or is_out_of_space(RuntimeError(record.getMessage()))
+    return _out_of_space_somewhere(logged) or says_out_of_space(record.getMessage())
 
 
 def _is_closed_loop_callback(unraisable) -> bool:
