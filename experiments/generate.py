@@ -205,6 +205,7 @@ def continue_prompt(
     import jax
 
     from hgrn_jax.nn import generate
+    from hgrn_jax.nn.generate import is_language_model
     from hgrn_jax.training import load_trained_model
     from hgrn_jax.training.trained import read_config
 
@@ -224,7 +225,7 @@ def continue_prompt(
         if not prompt_ids:
             raise ValueError("--prompt='' has no tokens; pass some text or --prompt_ids")
     model, config, step = load_trained_model(workdir, checkpoint, return_step=True)
-    if not (hasattr(model, "init_cache") and hasattr(model, "step")):
+    if not is_language_model(model):
         raise ValueError(
             f"{workdir} is a run of task {config.task!r}, whose {type(model).__name__} is no "
             "language model; experiments.generate continues the prompts of LM runs (e.g. "

@@ -266,6 +266,12 @@ def check_temperature(temperature: Any) -> None:
         )
 
 
+def is_language_model(model: Any) -> bool:
+    """Whether :func:`generate` can continue prompts of ``model``: it has ``init_cache(B)`` and
+    ``step`` (an :class:`~hgrn_jax.nn.HGRNLM`)."""
+    return hasattr(model, "init_cache") and hasattr(model, "step")
+
+
 def generate(
     model: nnx.Module,
     prompt_ids: jax.Array,
@@ -301,7 +307,7 @@ def generate(
     Compiled once per model structure, prompt shape, ``max_new_tokens``, ``top_k``, ``greedy``,
     whether there is a ``prompt_mask`` and whether ``top_p`` is on (not its value).
     """
-    if not (hasattr(model, "init_cache") and hasattr(model, "step")):
+    if not is_language_model(model):
         raise ValueError(
             f"generate continues prompts of a language model (an HGRNLM: init_cache and step); "
             f"got a {type(model).__name__}"

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from hgrn_jax.data import grain_pipeline, loader
+from hgrn_jax.data import grain_pipeline, loader, wikitext
 from hgrn_jax.data.errors import DatasetMissingError
 from hgrn_jax.tasks.data_checks import check_labels, check_same_length, check_token_column
 from hgrn_jax.tasks.losses import classification_loss
@@ -47,7 +47,7 @@ SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
 EVAL_SPLITS = ("val", "test")
 FOLDER_KEYS = ("lra_dir", "tfds_dir", "manual_dir", "wikitext_dir", "tokenizer_path")
 """Data settings that point at files: each source reads some of them and rejects the others."""
-CHOICE_KEYS = {"wikitext_release": "raw"}
+CHOICE_KEYS = {"wikitext_release": wikitext.DEFAULT_RELEASE}
 """Data settings (and their defaults) that some sources read: another value is an error for the
 others, as an unread folder is."""
 
