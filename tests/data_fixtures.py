@@ -243,3 +243,17 @@ def assert_batch_lists_equal(a: list[dict], b: list[dict]) -> None:
         assert x.keys() == y.keys()
         for key in x:
             np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def byte_wikitext_config(folder: Path, seq_len: int, **data):
+    """The tiny LM config reading the WikiText-103 release layout under ``folder`` as bytes,
+    in blocks of ``seq_len``, its token cache in ``folder/cache`` unless ``data`` names one."""
+    settings = {"cache_dir": str(folder / "cache"), **data}
+    return tiny_config(
+        "lm.wikitext103",
+        source="release",
+        wikitext_dir=str(folder),
+        tokenizer_path="bytes",
+        seq_len=seq_len,
+        **settings,
+    )

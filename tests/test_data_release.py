@@ -399,18 +399,6 @@ def test_wikitext_bpe_blocks_and_line_ends(tmp_path):
         tasks.get_task(config)
 
 
-def byte_wikitext_config(tmp_path, seq_len: int):
-    """The tiny LM config reading the WikiText-103 release layout under ``tmp_path`` as bytes."""
-    return config_of(
-        "lm.wikitext103",
-        source="release",
-        wikitext_dir=str(tmp_path),
-        tokenizer_path="bytes",
-        cache_dir=str(tmp_path / "cache"),
-        seq_len=seq_len,
-    )
-
-
 def test_wikitext_half_a_tokenizer_and_a_too_short_split_name_the_file(tmp_path):
     """A tokenizer folder with encoder.json but no vocab.bpe said only "no tokenizer at ...";
     a split shorter than a block said "0 tokens are fewer than data.seq_len + 1", naming
@@ -426,7 +414,7 @@ def test_wikitext_half_a_tokenizer_and_a_too_short_split_name_the_file(tmp_path)
         wikitext.tokenizer_files(str(gpt2))
     folder = fx.write_wikitext(tmp_path / "wikitext-103-raw")
     (folder / "wiki.train.raw").write_text("\n")
-    config = byte_wikitext_config(tmp_path, seq_len=16)
+    config = fx.byte_wikitext_config(tmp_path, seq_len=16)
     with pytest.raises(
         ValueError,
         match=rf"^1 tokens in the train split \({folder / 'wiki.train.raw'}\) are fewer than "
@@ -535,7 +523,7 @@ def fixture_config(what: str, tmp_path):
         config = pathfinder_config(tmp_path)
     else:
         fx.write_wikitext(tmp_path)
-        config = byte_wikitext_config(tmp_path, seq_len=32)
+        config = fx.byte_wikitext_config(tmp_path, seq_len=32)
     return config
 
 

@@ -234,14 +234,7 @@ def wikitext_task(tmp_path: Path, seq_len: int):
     folder = fx.write_wikitext(tmp_path / "wiki")
     line = "The quick brown fox jumps over the lazy dog, " * 2
     (folder / "wiki.train.raw").write_text((line + "\n") * 1_100, encoding="utf-8")
-    config = config_of(
-        "lm.wikitext103",
-        source="release",
-        wikitext_dir=str(folder),
-        tokenizer_path="bytes",
-        cache_dir=str(tmp_path / "cache"),
-        seq_len=seq_len,
-    )
+    config = fx.byte_wikitext_config(folder, seq_len, cache_dir=str(tmp_path / "cache"))
     config.batch_size = 8
     return tasks.get_task(config), folder
 
@@ -298,24 +291,11 @@ def test_blocks_read_in_a_worker_process_are_the_same(tmp_path):
 # ----------------------------------------------------------------------------- releases
 
 
-def release_config(folder: Path, tmp_path: Path, **data):
-    """The tiny LM config reading the byte-tokenised release in ``folder`` (blocks of 8)."""
-    return config_of(
-        "lm.wikitext103",
-        source="release",
-        wikitext_dir=str(folder),
-        tokenizer_path="bytes",
-        cache_dir=str(tmp_path / "cache"),
-        seq_len=8,
-        **data,
-    )
-
-
 def test_the_raw_release_is_read_from_its_subfolder(tmp_path):
     """The paper's files: ``wikitext-103-raw/wiki.*.raw`` (old code: it looked for
     ``wiki.*.tokens`` only, so DatasetMissingError)."""
     folder = fx.write_wikitext(tmp_path / "wikitext-103-raw")
-    task = tasks.get_task(release_config(tmp_path, tmp_path))
+    task = tasks.get_task(fx.byte_wikitext_config(tmp_path, 8))
     tokens, _ = wikitext.load_tokens(
         "test", wikitext_dir=str(tmp_path), tokenizer_path="bytes", cache_dir=str(tmp_path / "c")
     )
@@ -332,7 +312,7 @@ def test_only_the_tokens_release_stops_with_the_reason_and_the_opt_in(tmp_path):
     read without a word)."""
     folder = fx.write_wikitext(tmp_path / "wikitext-103", release="tokens")
     with pytest.raises(errors.DatasetMissingError) as caught:
-        tasks.get_task(release_config(tmp_path, tmp_path))
+        tasks.get_task(fx.byte_wikitext_config(tmp_path, 8))
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith(
@@ -352,7 +332,7 @@ def test_the_tokens_release_is_an_opt_in_with_a_warning_and_its_own_cache(tmp_pa
     fx.write_wikitext(tmp_path, release="tokens")
     fx.write_wikitext(tmp_path, release="raw")
     with pytest.warns(wikitext.NotThePapersDataWarning, match=r"not comparable with the paper"):
-        task = tasks.get_task(release_config(tmp_path, tmp_path, wikitext_release="tokens"))
+        task = tasks.get_task(fx.byte_wikitext_config(tmp_path, 8, wikitext_release="tokens"))
     for release in ("raw", "tokens"):
         tokens, _ = wikitext.load_tokens(
             "val",
@@ -371,7 +351,7 @@ def test_the_tokens_release_is_an_opt_in_with_a_warning_and_its_own_cache(tmp_pa
 def test_a_bad_release_or_one_a_source_does_not_read_names_the_key(tmp_path):
     fx.write_wikitext(tmp_path)
     with pytest.raises(ValueError, match=r"^data\.wikitext_release='bpe' is no WikiText-103 rel"):
-        tasks.get_task(release_config(tmp_path, tmp_path, wikitext_release="bpe"))
+        tasks.get_task(fx.byte_wikitext_config(tmp_path, 8, wikitext_release="bpe"))
     config = config_of("lm.wikitext103", wikitext_release="tokens")
     with pytest.raises(
         ValueError,
@@ -407,7 +387,7 @@ def tiny_lm_task(tmp_path: Path, val_text: str):
     ``wiki.valid.raw``, and a 1-layer model of width 16."""
     fx.write_wikitext(tmp_path)
     (tmp_path / "wiki.valid.raw").write_text(val_text, encoding="utf-8")
-    config = release_config(tmp_path, tmp_path)
+    config = fx.byte_wikitext_config(tmp_path, 8)
     config.model.features, config.model.num_layers = 16, 1
     config.batch_size = config.eval_batch_size = 2
     return tasks.get_task(config)
