@@ -460,3 +460,23 @@ def test_a_token_cache_of_the_old_code_is_read_as_the_stream_it_is(tmp_path, mon
     np.testing.assert_array_equal(tokens, stream)
     blocks = wikitext.eval_blocks(tokens, 8, ord("\n"))
     assert int(blocks["num_targets"].sum()) == len(stream)
+
+
+def test_the_synthetic_evaluation_scores_every_generated_byte_once():
+    """The generated stand-in's val split is the release's evaluation blocks of its corpus: every
+    byte a target once, the first after an end of line (old code: training windows, the first
+    byte and a tail of up to seq_len unscored)."""
+    from hgrn_jax.data import synthetic
+
+    config = fx.tiny_config("lm.wikitext103", source="synthetic", eval_bytes=1000, seq_len=64)
+    task = tasks.get_task(config)
+    blocks = task._load("val")
+    corpus = synthetic.arithmetic_corpus(1000, seed=task._split_seed("val"))
+    expected = wikitext.eval_blocks(corpus, 64, ord("\n"))
+    assert blocks["num_targets"].tolist() == [64] * 15 + [40]
+    np.testing.assert_array_equal(blocks["ids"], expected["ids"])
+    weights = sum(float(b["weight"].sum()) for b in task.eval_batches("val", 0, 1))
+    targets = sum(
+        float(np.sum(b["weight"] * b["num_targets"])) for b in task.eval_batches("val", 0, 1)
+    )
+    assert (weights, targets) == (16, 1000)

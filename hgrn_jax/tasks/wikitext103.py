@@ -13,8 +13,8 @@ source         data                                                             
 =============  =================================================================  ==============
 
 ``model.vocab_size`` 0 takes the tokenizer's vocabulary (256 for the synthetic bytes). The
-release's validation and test perplexities score every token of the split once, as fairseq's
-(:func:`hgrn_jax.data.wikitext.eval_blocks`): exp(total NLL / N) over its N tokens.
+validation and test perplexities (of every source) score every token of the split once, as
+fairseq's (:func:`hgrn_jax.data.wikitext.eval_blocks`): exp(total NLL / N) over its N tokens.
 """
 
 from __future__ import annotations
@@ -129,8 +129,14 @@ class WikiTextPrepared(PreparedTfds, LanguageModelTask):
     reads = frozenset({"tfds_dir", "wikitext_dir", "tokenizer_path", "wikitext_release"})
 
 
+SYNTHETIC_EOS = ord("\n")  # the bytes tokenizer's end of line, which ends each generated sum
+
+
 class WikiTextSynthetic(LanguageModelTask):
-    """A generated arithmetic corpus of bytes (``data.train_bytes`` / ``data.eval_bytes``)."""
+    """A generated arithmetic corpus of bytes (``data.train_bytes`` / ``data.eval_bytes``):
+    training blocks of ``seq_len + 1`` bytes for ``train``; for ``val`` and ``test`` blocks
+    scoring every byte of the corpus once, as the release's (:func:`~hgrn_jax.data.wikitext.
+    eval_blocks`, the first block starting at an end of line)."""
 
     @classmethod
     def derive(cls, config):
@@ -149,6 +155,9 @@ class WikiTextSynthetic(LanguageModelTask):
                 "small for a byte corpus; use 256"
             )
         t = int(data.seq_len)
+        if split != "train":
+            where = f"the generated {split} corpus (data.eval_bytes={size})"
+            return wikitext.eval_blocks(corpus, t, SYNTHETIC_EOS, where)
         num = (len(corpus) - 1) // t
         if num < 1:
             raise ValueError(
