@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -113,6 +114,15 @@ def _free_name(folder: Path, stem: str, suffix: str) -> Path:
     return path
 
 
+def _new_event_file_suffix(folder: Path) -> str:
+    """``""``, or ``"-2"``, ``"-3"``, ...: what keeps the name of a TensorBoard event file made
+    now in ``folder`` new. tensorboardX names it by the second and the host and opens it with
+    ``"wb"``: a writer made in the same second as the one before (a run resumed in the same
+    process) emptied that one's file."""
+    stem = f"events.out.tfevents.{str(time.time())[:10]}.{socket.gethostname()}"
+    return _free_name(folder, stem, "").name[len(stem) :]
+
+
 class MetricsWriter:
     """Appends metrics to ``metrics.jsonl`` and TensorBoard; a no-op unless ``enabled``."""
 
@@ -120,6 +130,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.workdir = Path(workdir)
         self._tb = None
+        self._purge_step: int | None = None  # TensorBoard's: see rewind
         self._jsonl = None
         if enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -133,8 +144,12 @@ class MetricsWriter:
 
     def rewind(self, step: int) -> None:
         """Forget records after ``step``, written by a run that died before its next checkpoint
-        and is now resumed from ``step``."""
+        and is now resumed from ``step``. TensorBoard's event files are append-only: the new
+        one starts with a purge marker (a ``SessionLog.START`` at ``step + 1``), so that
+        TensorBoard hides the dead run's points from ``step + 1`` on, which the resumed run
+        writes again (each such step showed twice on every curve)."""
         self._keep_records(lambda record: record.get("step", 0) <= step)
+        self._purge_step = step + 1
 
     def end(self, step: int) -> Path | None:
         """Before the final records of a run that ends at ``step``: forget a test record of
@@ -179,7 +194,12 @@ class MetricsWriter:
         if self._tb is None:  # created at the first record: a run that stops early adds no file
             from tensorboardX import SummaryWriter  # heavy import, only on the writing process
 
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            folder = self.workdir / "tensorboard"
+            self._tb = SummaryWriter(
+                str(folder),
+                purge_step=self._purge_step,
+                filename_suffix=_new_event_file_suffix(folder),
+            )
         for name, value in metrics.items():
             if isinstance(value, (int, float, np.generic)) and math.isfinite(float(value)):
                 self._tb.add_scalar(f"{split}/{name}", float(value), int(step))

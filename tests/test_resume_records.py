@@ -1,0 +1,62 @@
+"""What a resumed run's records say: TensorBoard's curves after a resume from a checkpoint older
+than the last records, and the config changes a resume accepted (fast, no training)."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from tensorboardX.proto import event_pb2
+
+from hgrn_jax.training.logging import MetricsWriter
+
+
+def _events(path: Path) -> list[event_pb2.Event]:
+    """The events of one TensorBoard event file (TFRecord frames: length, its CRC, the
+    serialized Event, its CRC)."""
+    data, offset, events = path.read_bytes(), 0, []
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        event = event_pb2.Event()
+        event.ParseFromString(data[offset + 12 : offset + 12 + length])
+        events.append(event)
+        offset += 12 + length + 4
+    return events
+
+
+def shown_by_tensorboard(folder: Path) -> dict[str, list[int]]:
+    """The steps of each scalar tag as TensorBoard shows them: the event files in their order,
+    a ``SessionLog.START`` purging every point at or after its step."""
+    shown: dict[str, list[int]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for event in _events(path):
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                shown = {tag: [s for s in steps if s < event.step] for tag, steps in shown.items()}
+            for value in event.summary.value:
+                shown.setdefault(value.tag, []).append(event.step)
+    return shown
+
+
+def test_tensorboard_hides_the_points_a_resumed_run_writes_again(tmp_path):
+    """A run killed at step 5 after its checkpoint at step 3 resumes from 3 and writes steps
+    4 and 5 again: metrics.jsonl was rewound, but TensorBoard's append-only event files kept
+    the dead run's 4 and 5, and every curve showed those steps twice."""
+    killed = MetricsWriter(tmp_path)
+    killed.rewind(0)
+    for step in range(1, 6):
+        killed.write(step, "train", {"loss": 1.0 / step})
+    killed.write(3, "val", {"loss": 0.5})
+    killed.write(5, "val", {"loss": 0.4})  # an evaluation whose checkpoint did not commit
+    killed.close()
+
+    resumed = MetricsWriter(tmp_path)
+    resumed.rewind(3)
+    for step in range(4, 7):
+        resumed.write(step, "train", {"loss": 2.0 / step})
+    resumed.write(6, "val", {"loss": 0.3})
+    resumed.close()
+
+    assert shown_by_tensorboard(tmp_path / "tensorboard") == {
+        "train/loss": [1, 2, 3, 4, 5, 6],
+        "val/loss": [3, 6],
+    }
