@@ -1,6 +1,9 @@
-"""BatchNorm's closed-form training gradient (hgrn_jax.ops.batch_norm, hgrn_jax.nn.BatchNorm).
+"""BatchNorm's closed-form training gradient (hgrn_jax.ops.batch_norm, hgrn_jax.nn.BatchNorm)
+and its running variance (PyTorch's unbiased one).
 
-The forward must be nnx.BatchNorm's bit for bit (outputs and running statistics). The gradient
+The forward must be nnx.BatchNorm's bit for bit (outputs and running mean; the running variance
+too with ``unbiased_running_variance=False``); the running variance otherwise follows PyTorch's
+update, computed in float64 (the tests at the end). The gradient
 is compared with the float64 gradient of nnx.BatchNorm by autodiff. Float32 gets a relative
 error budget of 2e-6: about 16 float32 epsilons (1.2e-7), for sums over a few hundred positions
 that cancel; float32 autodiff lands at the same order (its error is printed in the assertion).
@@ -23,21 +26,17 @@ FEATURES = 16
 SHAPE = (4, 37, FEATURES)
 
 
-def _pair(dtype=None, cls=BatchNorm, groups=None, **kwargs):
-    """A BatchNorm of ``cls`` (with ``groups`` when given) and an nnx.BatchNorm, both with the
-    same non-trivial parameters."""
+def _pair(dtype=None, cls=BatchNorm, groups=None, unbiased=None, **kwargs):
+    """A BatchNorm of ``cls`` (with ``groups`` and ``unbiased_running_variance=unbiased`` when
+    given) and an nnx.BatchNorm, both with the same non-trivial parameters."""
+    kwargs = dict(momentum=0.9, use_fast_variance=False) | kwargs
     layers = []
     for layer_cls in (cls, nnx.BatchNorm):
-        own = {} if groups is None or layer_cls is nnx.BatchNorm else dict(groups=groups)
-        layer = layer_cls(
-            FEATURES,
-            momentum=0.9,
-            use_fast_variance=False,
-            dtype=dtype,
-            rngs=nnx.Rngs(0),
-            **own,
-            **kwargs,
-        )
+        own = {}
+        if layer_cls is not nnx.BatchNorm:
+            own |= {} if groups is None else dict(groups=groups)
+            own |= {} if unbiased is None else dict(unbiased_running_variance=unbiased)
+        layer = layer_cls(FEATURES, dtype=dtype, rngs=nnx.Rngs(0), **own, **kwargs)
         param_dtype = layer.param_dtype
         layer.scale[...] = jnp.linspace(0.5, 2.0, FEATURES, dtype=param_dtype)
         layer.bias[...] = jnp.linspace(-1.0, 1.0, FEATURES, dtype=param_dtype)
@@ -76,13 +75,21 @@ def _relative_error(value, reference) -> float:
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_forward_and_running_statistics_are_flax_s_bit_for_bit(masked, dtype):
-    ours, flax_layer = _pair(dtype)
+    """Outputs and the running mean always; the running variance with
+    ``unbiased_running_variance=False`` (Flax's biased one)."""
+    ours, flax_layer = _pair(dtype, unbiased=False)
     x, mask, _ = _inputs(dtype or jnp.float32, masked)
     y, expected = ours(x, mask=mask), flax_layer(x, mask=mask)
     assert y.dtype == expected.dtype
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(expected, np.float32))
     np.testing.assert_array_equal(ours.mean[...], flax_layer.mean[...])
     np.testing.assert_array_equal(ours.var[...], flax_layer.var[...])
+    # The default (PyTorch's running variance) changes neither the outputs nor the mean.
+    unbiased, _ = _pair(dtype)
+    np.testing.assert_array_equal(
+        np.asarray(unbiased(x, mask=mask), np.float32), np.asarray(expected, np.float32)
+    )
+    np.testing.assert_array_equal(unbiased.mean[...], flax_layer.mean[...])
     # Evaluation uses the running statistics, through nnx.BatchNorm's own code.
     ours.eval()
     flax_layer.eval()
@@ -257,6 +264,8 @@ def test_groups_are_checked():
         _pair(groups=3)[0](_inputs()[0])  # 4 rows
     with pytest.raises(ValueError, match=r"groups must be an integer >= 1"):
         _pair(groups=0)
+    with pytest.raises(ValueError, match=r"unbiased_running_variance='no'\): give True"):
+        BatchNorm(FEATURES, unbiased_running_variance="no", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"a synchronised one \(axis_name='data'\)"):
         BatchNorm(FEATURES, groups=2, axis_name="data", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"batch_norm_groups=2 is for norm='batch'"):
@@ -279,3 +288,140 @@ def test_groups_are_checked():
     config.model.batch_norm_groups, config.optimizer.accumulate_steps = 32, 2
     with pytest.raises(ValueError, match=r"batch_size=32 \(micro-batches of 16\)"):
         check_config_values(config)
+
+
+# The running variance is PyTorch's: running_var <- (1 - m) running_var + m * unbiased variance
+# (m = PyTorch's momentum, Flax's 1 - momentum; n / (n - 1) over the n positions counted).
+# Compared with that formula in float64 to rtol 2e-6, this file's float32 budget (16 float32
+# epsilons): the float32 batch variance and the update round a few times (measured: at most
+# 1.9e-7 over these cases). Flax's biased variance is off by 1 / (n - 1) >= 6.8e-3 of the batch
+# term, 3e-3 of the running variance or more here.
+RUNNING_VAR_RTOL = 2e-6
+STEPS = 3
+
+
+def _pytorch_running_variance(xs, masks, groups: int = 1, start: float = 1.5) -> list:
+    """float64 numpy, one (FEATURES,) running variance after each step: PyTorch's update with
+    momentum 0.1 (Flax's 0.9), each feature's unbiased variance over its real positions; with
+    ``groups``, over the first of ``groups`` slices of the batch."""
+    running, history = np.full(FEATURES, start), []
+    for x, mask in zip(xs, masks, strict=True):
+        x = np.asarray(x, np.float64)
+        mask = np.ones(x.shape, bool) if mask is None else np.asarray(mask)
+        x, mask = x[: len(x) // groups], mask[: len(x) // groups]
+        for c in range(FEATURES):
+            values = x[..., c][mask[..., c]]
+            running[c] = 0.9 * running[c] + 0.1 * (
+                values.var(ddof=1) if values.size > 1 else np.nan
+            )
+        history.append(running.copy())
+    return history
+
+
+def _steps_inputs(mask_kind: str) -> tuple[list, list]:
+    """``STEPS`` batches of SHAPE and their masks: none, whole positions, or per feature."""
+    xs, masks = [], []
+    for step in range(STEPS):
+        key = jax.random.key(100 + step)
+        xs.append(jax.random.normal(key, SHAPE) * (3.0 + step) + 1.0)
+        if mask_kind == "none":
+            masks.append(None)
+        elif mask_kind == "rows":
+            rows = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.7, SHAPE[:-1])
+            masks.append(jnp.broadcast_to(rows[..., None], SHAPE))
+        else:
+            masks.append(jax.random.bernoulli(jax.random.fold_in(key, 1), 0.6, SHAPE))
+    return xs, masks
+
+
+@pytest.mark.parametrize(
+    "mask_kind, kwargs, switch",
+    [
+        ("none", {}, True),
+        ("rows", {}, True),
+        ("ragged", {}, True),
+        ("ragged", dict(groups=2), True),
+        ("rows", dict(groups=4), True),
+        ("ragged", dict(use_fast_variance=True), True),
+        ("ragged", {}, False),
+    ],
+    ids=[
+        "unmasked",
+        "rows-masked",
+        "ragged-per-feature",
+        "groups2-ragged",
+        "groups4-rows",
+        "fast-variance-fallback",
+        "switch-off-fallback",
+    ],
+)
+def test_running_variance_is_pytorch_s_unbiased_one(mask_kind, kwargs, switch, monkeypatch):
+    """After one and after several training steps the running variance is PyTorch's
+    (n / (n - 1), n counted from the mask per feature, the first slice's with groups) on the
+    closed-form path and on nnx's code (fast variance, the switch off); where nnx's code runs,
+    the outputs and the running mean are still nnx.BatchNorm's bit for bit."""
+    monkeypatch.setattr(norms, "CLOSED_FORM_BATCH_NORM_GRADIENT", switch)
+    groups = kwargs.pop("groups", None)
+    ours, flax_layer = _pair(groups=groups, **kwargs)
+    assert ours._closed_form_applies(jnp.ones(SHAPE)) == (switch and not kwargs)
+    xs, masks = _steps_inputs(mask_kind)
+    expected = _pytorch_running_variance(xs, masks, groups or 1)
+    for step, (x, mask) in enumerate(zip(xs, masks, strict=True)):
+        y = ours(x, mask=mask)
+        np.testing.assert_allclose(
+            ours.var[...], expected[step], rtol=RUNNING_VAR_RTOL, err_msg=f"step {step}"
+        )
+        if groups is None:
+            np.testing.assert_array_equal(y, flax_layer(x, mask=mask))
+            np.testing.assert_array_equal(ours.mean[...], flax_layer.mean[...])
+    biased = _pair(groups=groups, unbiased=False, **kwargs)[0]
+    for x, mask in zip(xs, masks, strict=True):
+        biased(x, mask=mask)
+    assert not np.allclose(biased.var[...], expected[-1], rtol=1e-3)  # Flax's convention
+
+
+def test_synchronised_running_variance_counts_every_replica_s_positions():
+    """``axis_name`` (sync_batch inside shard_map/pmap, here a named vmap of 2 replicas of 2
+    rows): nnx's synchronised statistics and outputs, and PyTorch's SyncBatchNorm running
+    variance, n the positions of all replicas (148, not each replica's 74)."""
+    x = _steps_inputs("none")[0][0]
+    replicas = x.reshape(2, SHAPE[0] // 2, *SHAPE[1:])
+
+    def synchronised(layer):
+        graphdef, state = nnx.split(layer)
+
+        def step(state, x):
+            layer = nnx.merge(graphdef, state)
+            return layer(x), nnx.state(layer, nnx.BatchStat)
+
+        return jax.vmap(step, in_axes=(None, 0), axis_name="replicas")(state, replicas)
+
+    ours, flax_layer = _pair(axis_name="replicas")
+    (y, stats), (want_y, want_stats) = synchronised(ours), synchronised(flax_layer)
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(stats["mean"][...], want_stats["mean"][...])
+    for replica in range(2):
+        np.testing.assert_allclose(
+            stats["var"][...][replica],
+            _pytorch_running_variance([x], [None])[0],
+            rtol=RUNNING_VAR_RTOL,
+        )
+
+
+def test_one_counted_position_keeps_the_biased_variance():
+    """PyTorch refuses one value per channel in training; a mask's count is known only inside
+    the trace, so a feature with one real position (or a batch of one position) keeps the
+    biased variance, 0, rather than 0 / 0."""
+    x, _, _ = _inputs()
+    mask = np.ones(SHAPE, bool)
+    mask[..., 0] = False
+    mask[1, 5, 0] = True  # feature 0: one real position
+    ours, _ = _pair()
+    ours(x, mask=jnp.asarray(mask))
+    assert float(ours.var[0]) == pytest.approx(0.9 * 1.5, rel=1e-7)
+    np.testing.assert_allclose(
+        ours.var[1:], _pytorch_running_variance([x], [mask])[0][1:], rtol=RUNNING_VAR_RTOL
+    )
+    single, _ = _pair()
+    single(x[:1, :1])
+    np.testing.assert_allclose(single.var[...], np.full(FEATURES, 0.9 * 1.5), rtol=1e-7)
