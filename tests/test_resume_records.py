@@ -60,3 +60,37 @@ def test_tensorboard_hides_the_points_a_resumed_run_writes_again(tmp_path):
         "train/loss": [1, 2, 3, 4, 5, 6],
         "val/loss": [3, 6],
     }
+
+
+def test_the_config_changes_a_resume_accepted_are_recorded_with_its_start(tmp_path):
+    """A resume with a new learning rate and weight decay rewrites config.json with them; the
+    old values lived on only in the checkpoints, which the keep policy deletes, and in the
+    warning on stderr: nothing in the run's folder said which steps trained with what. The
+    start record in events.jsonl now keeps the lines the check printed."""
+    import json
+    import types
+
+    import pytest
+    from toy_task import toy_config
+
+    from hgrn_jax.training.logging import write_config
+    from hgrn_jax.training.loop import Run, prepare_workdir
+    from hgrn_jax.training.workdir import ConfigChangeWarning
+
+    config = toy_config()
+    write_config(tmp_path, config)
+    (tmp_path / "checkpoints" / "30").mkdir(parents=True)  # a committed checkpoint's folder
+    config.optimizer.learning_rate = 0.005
+    config.num_train_steps = 40
+    with pytest.warns(ConfigChangeWarning) as caught:
+        lock = prepare_workdir(tmp_path, config)
+    try:
+        run = types.SimpleNamespace(writer=MetricsWriter(tmp_path), lock=lock, started=False)
+        Run.start(run, 30)
+        run.writer.close()
+    finally:
+        lock.release()
+    (started,) = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert started["event"] == "started" and started["step"] == 30
+    assert started["notes"] == [str(w.message) for w in caught]
+    assert "optimizer.learning_rate: 0.01 -> 0.005" in started["notes"][0]

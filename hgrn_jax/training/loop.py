@@ -226,9 +226,12 @@ class Run:
     def start(self, step: int) -> None:
         """Record that training (re)starts at ``step``, after every check that may refuse the
         run: forget the records a killed run wrote after ``step`` and note the start in
-        ``events.jsonl``."""
+        ``events.jsonl``, with what the workdir's check said (``"notes"``: the config changes
+        a resume accepted, a rebuilt ``config.json``), which ``config.json``, rewritten with
+        the new values, no longer shows."""
         self.writer.rewind(step)
-        self.writer.event("started", step=step)
+        notes = self.lock.resume_notes if self.lock is not None else []
+        self.writer.event("started", step=step, **({"notes": notes} if notes else {}))
         self.started = True
 
     def close(self) -> None:
@@ -465,7 +468,8 @@ def prepare_workdir(workdir: Path, config: Any) -> WorkdirLock:
             lock.acquire()
             from hgrn_jax.tasks import model_defaults
 
-            for line in check_resume(workdir, config, model_defaults(config)):
+            lock.resume_notes = check_resume(workdir, config, model_defaults(config))
+            for line in lock.resume_notes:
                 warnings.warn(line, ConfigChangeWarning, stacklevel=3)
             try:
                 check_checkpoints_writable(workdir)

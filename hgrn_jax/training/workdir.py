@@ -422,6 +422,8 @@ class WorkdirLock:
         self.token = secrets.token_hex(8)
         self.held = False
         self.lost: str | None = None  # why the lock no longer names this run, once it does not
+        # What check_resume said as the lock was taken (process 0), for the run's start record.
+        self.resume_notes: list[str] = []
         self._stop_beating = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
