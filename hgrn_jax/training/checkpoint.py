@@ -36,7 +36,7 @@ import os
 import sys
 import traceback
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,29 +77,39 @@ logging.getLogger("absl").addFilter(_drop_untracked_metric_notice)
 
 
 def _out_of_space_somewhere(error: BaseException | None) -> bool:
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if is_out_of_space(error):
-            return True
-        seen.add(id(error))
+    return any(is_out_of_space(e) for e in error_chain(error))
+
+
+def error_chain(error: BaseException | None) -> list[BaseException]:
+    """``error`` and those it was raised from or while handling, outermost first."""
+    chain: list[BaseException] = []
+    while error is not None and all(error is not seen for seen in chain):
+        chain.append(error)
         error = error.__cause__ or error.__context__
-    return False
+    return chain
+
+
+def _from_orbax_or_asyncio(record: logging.LogRecord) -> bool:
+    """An error record of Orbax's, or of asyncio's (an Orbax read's or write's future, its
+    exception never retrieved)."""
+    ours = record.name == "asyncio" or "orbax" in Path(record.pathname).parts
+    return record.levelno >= logging.ERROR and ours
 
 
 def _is_echo_of_a_full_disk(record: logging.LogRecord) -> bool:
-    """An error record of Orbax's, or of asyncio's (an Orbax write's future, its exception
-    never retrieved), about a write that failed for lack of space (in its message, the
-    exception it logs, or one that exception was raised from)."""
-    ours = record.name == "asyncio" or "orbax" in Path(record.pathname).parts
-    if record.levelno < logging.ERROR or not ours:
-        return False
+    """An error record of Orbax's or asyncio's about a write that failed for lack of space (in
+    its message, the exception it logs, or one that exception was raised from)."""
     logged = record.exc_info[1] if record.exc_info else None
-    return _out_of_space_somewhere(logged) or says_out_of_space(record.getMessage())
+    return _from_orbax_or_asyncio(record) and bool(_of_a_full_disk(logged, record.getMessage()))
+
+
+def _of_a_full_disk(error: BaseException | None, text: str) -> bool | None:
+    return _out_of_space_somewhere(error) or says_out_of_space(text) or None
 
 
 def _is_closed_loop_callback(unraisable) -> bool:
-    """asyncio's ``RuntimeError: Event loop is closed`` from ``call_soon_threadsafe``: a write
-    finishing after the event loop of a save that failed had closed."""
+    """asyncio's ``RuntimeError: Event loop is closed`` from ``call_soon_threadsafe``: a read or
+    write finishing after the event loop of the operation that failed had closed."""
     error, frames = unraisable.exc_value, traceback.extract_tb(unraisable.exc_traceback)
     return (
         isinstance(error, RuntimeError)
@@ -108,50 +118,96 @@ def _is_closed_loop_callback(unraisable) -> bool:
     )
 
 
-class _FullDiskEchoes:
-    """The state of :func:`quiet_echoes_of_a_full_disk`: whether an echo of a full disk was
-    seen, and the ``Event loop is closed`` errors held until the process ends (they come
-    before Orbax's logs say why the save failed)."""
+LATE_CALLBACK = "late callback"
+"""What :class:`Echoes` holds an ``Event loop is closed`` error (:func:`_is_closed_loop_callback`)
+as: it names no file, so whatever explains the failed operation explains it."""
+
+
+class Echoes:
+    """A filter for the echoes of a failure that a command reports in one line of its own:
+    Orbax's and asyncio's error records (each thread of a failed read or write logs it, with a
+    traceback) and unraisable errors (its coroutines' and futures' exceptions, never retrieved)
+    that ``echo_of(error, text)`` names (``error``: the exception logged, if any; ``text``: the
+    message), and asyncio's ``Event loop is closed`` errors (:data:`LATE_CALLBACK`, from reads
+    or writes finishing after the failed operation's event loop closed).
+
+    ``echo_of`` returns what explains the echo (e.g. the checkpoint being read), or None for
+    any other record, which passes. With ``conclusive`` the echoes ``echo_of`` names are
+    dropped at once (the failure explains itself); otherwise they are held, with the late
+    callbacks, until :meth:`release` says which are explained: those are left out, the others
+    shown as they would have been. Active between :meth:`install` and :meth:`uninstall`."""
 
     HELD_AT_MOST = 100
 
-    def __init__(self, shown: Any):
-        self.shown = shown  # the unraisable hook before ours
-        self.full_disk = False
-        self.held: list[Any] = []
+    def __init__(
+        self, echo_of: Callable[[BaseException | None, str], Hashable | None], conclusive: bool
+    ):
+        self.echo_of = echo_of
+        self.conclusive = conclusive
+        self.seen = False  # whether echo_of named an echo
+        self.held: list[tuple[Hashable, logging.LogRecord | Any]] = []
+        self.shown: Any = None  # the unraisable hook before ours
+
+    def install(self) -> None:
+        for logger in ("absl", "asyncio"):
+            logging.getLogger(logger).addFilter(self.keep_record)
+        self.shown = sys.unraisablehook
+        sys.unraisablehook = self.unraisable
+
+    def uninstall(self) -> None:
+        for logger in ("absl", "asyncio"):
+            logging.getLogger(logger).removeFilter(self.keep_record)
+        if sys.unraisablehook == self.unraisable:
+            sys.unraisablehook = self.shown
 
     def keep_record(self, record: logging.LogRecord) -> bool:
-        if _is_echo_of_a_full_disk(record):
-            self.full_disk = True
-            return False
-        return True
+        logged = record.exc_info[1] if record.exc_info else None
+        what = self.echo_of(logged, record.getMessage()) if _from_orbax_or_asyncio(record) else None
+        if what is None:
+            return True
+        self._hold(what, record)
+        return False
 
     def unraisable(self, unraisable: Any) -> None:
-        if not _is_closed_loop_callback(unraisable):
+        what = self.echo_of(unraisable.exc_value, unraisable.err_msg or "")
+        if what is None and _is_closed_loop_callback(unraisable):
+            what = LATE_CALLBACK
+        if what is None:
             self.shown(unraisable)
-        elif len(self.held) < self.HELD_AT_MOST:
-            self.held.append(unraisable)
+        else:
+            self._hold(what, unraisable)
 
-    def at_exit(self) -> None:
-        """Shows the held errors unless a full disk explains them."""
-        if not self.full_disk:
-            for unraisable in self.held:
-                self.shown(unraisable)
-        self.held = []
+    def _hold(self, what: Hashable, echo: logging.LogRecord | Any) -> None:
+        if what != LATE_CALLBACK:
+            self.seen = True
+            if self.conclusive:
+                return
+        if len(self.held) < self.HELD_AT_MOST:
+            self.held.append((what, echo))
+
+    def release(self, explained: Callable[[Hashable], bool]) -> None:
+        """Leave out the held echoes whose cause is ``explained``; show the others (a record
+        to its logger's handlers, an unraisable error to the hook before ours)."""
+        held, self.held = self.held, []
+        for what, echo in held:
+            if explained(what):
+                continue
+            if isinstance(echo, logging.LogRecord):
+                logging.getLogger(echo.name).callHandlers(echo)
+            else:
+                self.shown(echo)
 
 
 def quiet_echoes_of_a_full_disk() -> None:
     """For a command that reports a save that failed for lack of space in one line
     (:func:`hgrn_jax.training.workdir.out_of_space`): Orbax's error logs of the same failure
     (each thread of the save logs it with a traceback) and asyncio's ``Event loop is closed``
-    from its writes still finishing are left out. A 2 MB tmpfs filled at a save printed 1,079
-    lines above the one-line error. Other Orbax errors are shown, and so are the ``Event loop
-    is closed`` errors (at exit) of a process that saw no full disk."""
-    echoes = _FullDiskEchoes(sys.unraisablehook)
-    for logger in ("absl", "asyncio"):
-        logging.getLogger(logger).addFilter(echoes.keep_record)
-    sys.unraisablehook = echoes.unraisable
-    atexit.register(echoes.at_exit)
+    from its writes still finishing are left out (:class:`Echoes`). A 2 MB tmpfs filled at a
+    save printed 1,079 lines above the one-line error. Other Orbax errors are shown, and so are
+    the ``Event loop is closed`` errors (at exit) of a process that saw no full disk."""
+    echoes = Echoes(_of_a_full_disk, conclusive=True)
+    echoes.install()
+    atexit.register(lambda: echoes.release(lambda what: echoes.seen))
 
 
 INPUT_ITEM = "input"
