@@ -10,13 +10,18 @@ folder with a BPE tokenizer.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import hashlib
 import importlib
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import types
+from collections.abc import Coroutine
 from pathlib import Path
 
 import data_fixtures as fx
@@ -819,3 +824,237 @@ def test_a_missing_required_flag_is_named_as_required(tmp_path):
         "error: --max_new_tokens is required: pass --max_new_tokens=... (pass --helpshort to "
         "see the flags)"
     )
+
+
+class _Pending:
+    """An awaitable that suspends a coroutine once (as a TensorStore read in flight)."""
+
+    def __await__(self):
+        yield
+
+
+def _orbax_read_echoes(folder: Path) -> None:
+    """What Orbax, TensorStore and asyncio printed of a read of ``folder`` that a run still
+    training deleted meanwhile (measured: 19 tracebacks and 190 lines per such load, 62 to
+    3,948 lines with a checkpoint every 2 steps), each through its own channel: a task whose
+    exception was never retrieved (asyncio's log), a future finishing after its event loop
+    closed (``Event loop is closed``) and an error record of Orbax's through absl; and
+    :func:`_suspended_read`."""
+
+    async def deserialize():
+        raise FileNotFoundError(2, "No such file or directory", f"{folder}/state/manifest.ocdbt")
+
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(deserialize())
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as closed:
+        sys.unraisablehook(_unraisable(closed))
+    del task
+    gc.collect()  # asyncio logs 'Task exception was never retrieved'
+    absl = logging.getLogger("absl")
+    absl.handle(
+        absl.makeRecord(
+            "absl",
+            logging.ERROR,
+            "/venv/site-packages/orbax/checkpoint/_src/handlers/base_pytree_checkpoint_handler.py",
+            1,
+            f"Requested directory for restore does not exist at {folder}/state.",
+            (),
+            None,
+        )
+    )
+
+
+def _suspended_read(folder: Path) -> Coroutine:
+    """An Orbax read coroutine of ``folder`` suspended in TensorStore: once collected (the
+    failed read's error holds it), ``Exception ignored in: <coroutine ...>`` with the
+    TensorStore spec naming ``folder``."""
+
+    async def read_array_index():
+        try:
+            await _Pending()
+        except BaseException as error:
+            raise Exception(  # as Orbax's serialization does
+                "Encountered error while reading array index: (slice(0, 32, 1),). See full "
+                f"TensorStore details: {{'path': '{folder}/state/'}}."
+            ) from error
+
+    coroutine = read_array_index()
+    coroutine.send(None)
+    return coroutine
+
+
+def _unraisable(error: BaseException) -> types.SimpleNamespace:
+    return types.SimpleNamespace(
+        exc_type=type(error),
+        exc_value=error,
+        exc_traceback=error.__traceback__,
+        err_msg=None,
+        object=None,
+    )
+
+
+@pytest.fixture
+def training_run(tmp_path, monkeypatch):
+    """``(workdir, reads, shown)``: a run folder with checkpoints 4 and 6 whose reads are
+    simulated (``trained._load_step``, no JAX): ``reads`` maps a step to what its read does
+    (``"vanish"``: the run saves the next even step and deletes this one while it is read,
+    with Orbax's echoes; ``"corrupt"``: the read fails with the same echoes, the folder stays;
+    absent: the read returns ``("model", step)``); ``shown`` collects the unraisable errors
+    that reach the hook."""
+    from hgrn_jax.training import trained
+
+    workdir = tmp_path / "run"
+    for step in (4, 6):
+        (workdir / "checkpoints" / str(step) / "state").mkdir(parents=True)
+    reads: dict[int, str] = {}
+
+    def load_step(workdir, config, step):
+        folder = workdir / "checkpoints" / str(step)
+        if step in reads:
+            if reads[step] == "vanish":
+                (folder.parent / str(step + 2) / "state").mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(folder)
+            read = _suspended_read(folder)
+            _orbax_read_echoes(folder)
+            try:
+                raise FileNotFoundError(2, "No such file or directory", f"{folder}/state")
+            except FileNotFoundError as missing:
+                missing.read = read  # freed with this error, as Orbax's holds its coroutines
+                del read
+                raise trained._unrestorable(workdir, step, missing) from None
+        return ("model", step)
+
+    shown: list = []
+    monkeypatch.setattr(sys, "unraisablehook", shown.append)
+    monkeypatch.setattr(trained, "read_config", lambda workdir: ml_collections.ConfigDict())
+    monkeypatch.setattr(trained, "_load_step", load_step)
+    return workdir, reads, shown
+
+
+def _echoes_seen(caplog, shown) -> list[str]:
+    return [r.getMessage()[:80] for r in caplog.records if r.levelno >= logging.ERROR] + [
+        f"{type(u.exc_value).__name__}: {str(u.exc_value)[:80]}" for u in shown
+    ]
+
+
+def test_a_checkpoint_deleted_while_it_is_read_leaves_no_echoes_and_loads_the_next(
+    training_run, caplog, capsys
+):
+    """'latest' (6) vanishes while it is read, with Orbax's and asyncio's tracebacks of the
+    failed read: the load returns step 8 and none of them is shown (every one of them was)."""
+    workdir, reads, shown = training_run
+    reads[6] = "vanish"
+    caplog.set_level(logging.INFO)
+    model, _, step = load_trained_model(workdir, "latest", return_step=True)
+    assert (model, step) == (("model", 8), 8)
+    assert _echoes_seen(caplog, shown) == []
+    assert capsys.readouterr().err == ""
+
+
+def test_a_checkpoint_that_stays_shows_its_errors_and_other_errors_are_shown(
+    training_run, caplog, monkeypatch
+):
+    """A checkpoint that fails to read and is still there (corrupt, unreadable) is a genuine
+    error: the load raises it and Orbax's tracebacks of it are shown; an error that names no
+    checkpoint read is shown even when the one read vanished."""
+    workdir, reads, shown = training_run
+    reads[6] = "corrupt"
+    caplog.set_level(logging.INFO)
+    with pytest.raises(ValueError, match=r"checkpoints/6 does not restore \(FileNotFoundError"):
+        load_trained_model(workdir, "latest")
+    seen = _echoes_seen(caplog, shown)
+    assert any("Task exception was never retrieved" in line for line in seen), seen
+    assert any("Requested directory for restore does not exist" in line for line in seen)
+    assert any(line.startswith("Exception: Encountered error while reading") for line in seen)
+    assert "RuntimeError: Event loop is closed" in seen
+    caplog.clear()
+    shown.clear()
+
+    reads[6] = "vanish"
+    other = _raised_in_read(ValueError("PERMISSION_DENIED: /elsewhere/data"))
+    from hgrn_jax.training import trained
+
+    vanish_with_another_error = trained._load_step
+
+    def load_step(workdir, config, step):
+        if step == 6:
+            sys.unraisablehook(_unraisable(other))
+            logging.getLogger("absl").handle(
+                logging.getLogger("absl").makeRecord(
+                    "absl",
+                    logging.ERROR,
+                    "/x/orbax/checkpoint/y.py",
+                    1,
+                    "RESOURCE_EXHAUSTED",
+                    (),
+                    None,
+                )
+            )
+        return vanish_with_another_error(workdir, config, step)
+
+    monkeypatch.setattr(trained, "_load_step", load_step)
+    model, _ = load_trained_model(workdir, "latest")
+    assert model == ("model", 8)
+    assert _echoes_seen(caplog, shown) == [
+        "RESOURCE_EXHAUSTED",
+        "ValueError: PERMISSION_DENIED: /elsewhere/data",
+    ]
+
+
+def _raised_in_read(error: BaseException) -> BaseException:
+    try:
+        raise error
+    except BaseException as caught:
+        return caught
+
+
+def test_a_run_that_deletes_every_checkpoint_read_fails_in_one_line_without_echoes(
+    training_run, caplog
+):
+    """Five reads in a row overtaken by the run's saves: one line naming the run folder and
+    what to do (it was the last read's 'does not restore (FileNotFoundError ...)' naming a
+    step to load that the run deletes next), and no echo; a step asked for by number that
+    vanishes says so, without echoes either."""
+    workdir, reads, shown = training_run
+    reads.update({step: "vanish" for step in range(6, 16, 2)})
+    caplog.set_level(logging.INFO)
+    with pytest.raises(
+        ValueError,
+        match=rf"^run {workdir} is still training and deleted the checkpoint 'latest' named "
+        r"each time it was read \(5 tries: steps 6, 8, 10, 12, 14\); load it again, or once",
+    ):
+        load_trained_model(workdir, "latest")
+    gc.collect()  # the error raised no longer holds the last read's coroutine
+    assert _echoes_seen(caplog, shown) == []
+    reads[4] = "vanish"
+    with pytest.raises(ValueError, match=r"checkpoints/4 was deleted while it was read"):
+        load_trained_model(workdir, 4)
+    gc.collect()
+    assert _echoes_seen(caplog, shown) == []
+
+
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("TensorStore {'path': '{c}/4/state/'}", "4"),
+        ("No such file or directory: '{c}/4'", "4"),
+        ("does not exist at {c}/4.", "4"),
+        ("reading {c}/40/state/d/0", None),
+        ("writing {c}/4.orbax-checkpoint-tmp-17/state", None),
+        ("Event loop is closed", None),
+    ],
+)
+def test_an_echo_is_of_the_step_whose_path_it_names(text, named):
+    from hgrn_jax.training.trained import _Reads
+
+    checkpoints = Path("/runs/a/checkpoints")
+    reads = _Reads()
+    reads.folders.append(checkpoints / "4")
+    message = text.replace("{c}", str(checkpoints))
+    got = reads.named(None, message)
+    assert got == (checkpoints / named if named else None)
+    assert reads.named(_raised_in_read(RuntimeError(message)), "x") == got

@@ -9,9 +9,11 @@ still training can be loaded (its newest checkpoint once Orbax has committed it)
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
+import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from hgrn_jax.training import integrity
-from hgrn_jax.training.checkpoint import CheckpointUnverifiedWarning, array_shapes, best_of
+from hgrn_jax.training.checkpoint import (
+    LATE_CALLBACK,
+    CheckpointUnverifiedWarning,
+    Echoes,
+    array_shapes,
+    best_of,
+    error_chain,
+)
 from hgrn_jax.training.state import (
     abstract_checkpoint_tree,
     is_prng_key,
@@ -238,35 +247,110 @@ def load_trained_model(
     The checkpoint's files are checked against their recorded SHA-256 checksums (a
     :class:`~hgrn_jax.training.checkpoint.CheckpointUnverifiedWarning` when it has none). The
     run folder is only read; while the run still trains, ``"best"`` and ``"latest"`` load the
-    one the run has then, a step the run deletes meanwhile is read again from the new one.
+    one the run has then, a step the run deletes meanwhile is read again from the new one (up
+    to five times), and what Orbax, TensorStore and asyncio print of the read that failed is
+    left out (:class:`_Reads`); what they print of a checkpoint still there is shown.
     Errors (one line naming the path or value and the fix):
     FileNotFoundError for a folder without ``config.json`` or without checkpoints; ValueError
     for an unknown step (the steps there are listed), ``"best"`` before any evaluation, a
-    failed checksum, or a ``config.task`` of the user's own that cannot be imported.
+    failed checksum, a ``config.task`` of the user's own that cannot be imported, or a run
+    that deleted each checkpoint read, five times in a row (or a step asked for by number).
     """
     workdir = Path(workdir).absolute()  # Orbax reads absolute paths only
     config = read_config(workdir)
+    reads = _Reads()
+    echoes = Echoes(reads.named, conclusive=False)
+    echoes.install()
+    succeeded = False
+    try:
+        found = _load_choice(workdir, config, checkpoint, reads)
+        succeeded = True
+        return found if return_step else found[:2]
+    finally:
+        reads.finish(succeeded)
+        if len(reads.folders) > 1 or not succeeded:
+            # A failed read's coroutines and futures report their errors when collected, and
+            # the echoes held refer to some of them.
+            echoes.release(reads.explained)
+            gc.collect()
+        echoes.uninstall()
+        echoes.release(reads.explained)
+
+
+class _Reads:
+    """The step folders one :func:`load_trained_model` read, and which of them a run still
+    training deleted meanwhile: the errors Orbax, TensorStore and asyncio print of such a read
+    (hundreds of lines of tracebacks for a tiny model; the load reads the run's next checkpoint
+    instead) are echoes to leave out (:class:`~hgrn_jax.training.checkpoint.Echoes`)."""
+
+    def __init__(self):
+        self.folders: list[Path] = []
+        self.retried: set[Path] = set()  # gone, or still there but 'best' / 'latest' moved on
+        self.gone: set[Path] = set()  # set by finish: the folders whose echoes are explained
+        self.explains_late_callbacks = False
+
+    def named(self, error: BaseException | None, text: str) -> Path | None:
+        """The folder read whose path the echo ``text`` or ``error`` (or one it was raised
+        from) names, or None."""
+        texts = [text, *(str(e) for e in error_chain(error))]
+        for folder in self.folders:
+            path = re.compile(re.escape(str(folder)) + r"(?![\w-]|\.\w)")  # not 40/, 4.tmp/
+            if any(path.search(t) for t in texts):
+                return folder
+        return None
+
+    def finish(self, succeeded: bool) -> None:
+        """The load is over: the echoes of a read are explained when its step folder is gone
+        now, or when the load moved on from it and then succeeded; asyncio's late callbacks,
+        which name no folder, when every read but a successful last one is explained."""
+        self.gone = {f for f in self.retried if succeeded or not f.is_dir()}
+        rest = set(self.folders[:-1] if succeeded else self.folders) - self.gone
+        self.explains_late_callbacks = bool(self.gone) and not rest
+
+    def explained(self, what: Hashable) -> bool:
+        if what == LATE_CALLBACK:
+            return self.explains_late_callbacks
+        return what in self.gone
+
+
+def _load_choice(
+    workdir: Path, config: ml_collections.ConfigDict, checkpoint: str | int, reads: _Reads
+) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
+    """:func:`load_trained_model`'s ``(model, config, step)``, each step folder read recorded
+    in ``reads``."""
     for attempt in range(_ATTEMPTS):
         step = _choose_step(workdir, checkpoint)
+        folder = workdir / "checkpoints" / str(step)
+        reads.folders.append(folder)
         try:
-            model = _load_step(workdir, config, step)
-            return (model, config, step) if return_step else (model, config)
-        except ValueError:
+            return _load_step(workdir, config, step), config, step
+        except ValueError as error:
+            # Its context, not shown (raised from None), holds the failed read's coroutines,
+            # whose errors are echoes: they go now, not when the caller drops this error.
+            error.__context__ = None
             # A run still training deletes its older checkpoints (and a former best) as it
             # saves new ones; one may go while it is read. 'best' / 'latest' then name another.
-            if (workdir / "checkpoints" / str(step)).is_dir() and (
+            if folder.is_dir() and (
                 checkpoint not in CHECKPOINT_CHOICES or _choose_step(workdir, checkpoint) == step
             ):
                 raise
+            reads.retried.add(folder)
             if checkpoint not in CHECKPOINT_CHOICES:
                 raise ValueError(
-                    f"checkpoint {workdir / 'checkpoints' / str(step)} was deleted while it was "
-                    "read (a run still training keeps only its newest checkpoints and its best); "
-                    "pass checkpoint='latest' or 'best', or one of the steps there: "
+                    f"checkpoint {folder} was deleted while it was read (a run still training "
+                    "keeps only its newest checkpoints and its best); pass "
+                    "checkpoint='latest' or 'best', or one of the steps there: "
                     f"{', '.join(map(str, checkpoint_steps(workdir)))}"
                 ) from None
             if attempt == _ATTEMPTS - 1:
-                raise
+                tried = ", ".join(f.name for f in reads.folders)
+                raise ValueError(
+                    f"run {workdir} is still training and deleted the checkpoint "
+                    f"{checkpoint!r} named each time it was read ({_ATTEMPTS} tries: steps "
+                    f"{tried}); load it again, or once the run has finished (a run with a "
+                    "larger config.checkpoint_every or keep_checkpoints keeps each one longer)"
+                ) from None
+    raise AssertionError("unreachable")
 
 
 def _load_step(workdir: Path, config: ml_collections.ConfigDict, step: int) -> nnx.Module:
