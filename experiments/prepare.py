@@ -45,6 +45,7 @@ def prepare(config) -> dict[str, int]:
     """Examples per split after preparing every split of ``config``'s dataset."""
     from hgrn_jax import tasks
 
+    tasks.dataset(config)  # a module:factory task has no sources to prepare: one line says so
     if _into_tfds(config):
         tasks.tfds_release(config).prepare(config)
     task = tasks.get_task(config)

@@ -388,8 +388,8 @@ def test_config_errors_name_the_key(cache_dir):
     config.task = "cifar"
     with pytest.raises(ValueError, match="unknown config.task 'cifar'"):
         tasks.get_task(config)
-    config.task = "mine:make_task"  # e.g. experiments.prepare, which suggested module:factory
-    with pytest.raises(ValueError, match=r"'mine:make_task' is a task of your own, which only"):
+    config.task = "mine:make_task"  # a module of one's own that is not on PYTHONPATH
+    with pytest.raises(ValueError, match=r"no module named 'mine' in any folder on PYTHONPATH"):
         tasks.get_task(config)
     config = tiny_config("lra.listops", cache_dir)
     config.batch_size = 30
@@ -898,3 +898,82 @@ def test_every_lra_source_settles_its_class_count(name, source):
     config.model.num_classes = 3  # no LRA task's
     with pytest.raises(ValueError, match=rf"num_classes=3 disagrees with the {classes} classes"):
         tasks.dataset(config).derive(config)
+
+
+def _own_module(monkeypatch, name: str = "own_tasks", **members):
+    """A module ``name`` holding ``members``, importable for ``config.task`` (as a user's
+    module on PYTHONPATH is)."""
+    import sys
+    import types
+
+    module = types.ModuleType(name)
+    module.__dict__.update(members)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+def test_get_task_takes_a_task_of_ones_own_as_the_runner_does(monkeypatch, cache_dir):
+    """tasks.get_task, docs/tasks.md's way to a task from Python, refused ``module:factory`` and
+    ``module:DATASET`` (``only experiments.train loads`` one), so a run of one's own task could
+    not be evaluated from Python without an undocumented function of hgrn_jax.training."""
+    config = tiny_config("lra.listops", cache_dir)
+    entry = tasks.DATASETS["listops"]
+
+    def make_task(config):
+        return entry.task(config)
+
+    _own_module(monkeypatch, DATASET=entry, make_task=make_task)
+    config.task = "own_tasks:DATASET"
+    assert tasks.dataset(config) is entry
+    assert tasks.get_task(config).name == "listops"
+    assert isinstance(tasks.build_model(config, nnx.Rngs(0)), nnx.Module)
+    config.task = "own_tasks:make_task"
+    assert tasks.get_task(config).name == "listops"
+    with pytest.raises(ValueError, match=r"'own_tasks:make_task' names a function, not a Data"):
+        tasks.dataset(config)  # no sources or model family to look up
+
+
+def test_experiments_prepare_says_a_factory_task_has_nothing_to_prepare(monkeypatch, cache_dir):
+    from experiments.prepare import prepare
+
+    config = tiny_config("lra.listops", cache_dir)
+    _own_module(monkeypatch, make_task=lambda config: None)
+    config.task = "own_tasks:make_task"
+    with pytest.raises(ValueError, match=r"names a function, not a Dataset: its task is made"):
+        prepare(config)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        (  # a file given for the module
+            "/home/me/tasks/parity.py:DATASET",
+            r"not its file: --config.task=parity:DATASET with the folder holding parity\.py on "
+            r"PYTHONPATH \(PYTHONPATH=/home/me/tasks\)",
+        ),
+        ("parity.py:DATASET", r"not its file: --config.task=parity:DATASET .*PYTHONPATH=\.\)"),
+        ("no_such_module:make_task", r"no module named 'no_such_module' in any folder on PYTH"),
+        ("own_tasks:DATASETS", r"has no 'DATASETS' \(did you mean 'DATASET'\?\); name its"),
+        ("own_tasks:make", r"has no 'make' \(did you mean 'make_task'\?\).*defines DATASET, m"),
+        ("broken_own_tasks:make_task", r"the module was found but importing it failed \(No mo"),
+    ],
+)
+def test_a_task_module_that_cannot_be_imported_says_which_fix(
+    monkeypatch, tmp_path, name, expected
+):
+    """Each said ``cannot import ... (No module named ...); use a task name or 'module:factory'
+    with the module's folder on PYTHONPATH``: for a file path given as the module, a misspelt
+    name in a module that was found, and a module whose own import failed (which PYTHONPATH
+    does not mend)."""
+
+    def make_task(config):
+        return tasks.DATASETS["listops"].task(config)
+
+    make_task.__module__ = "own_tasks"  # defined there, as a user's module defines it
+    _own_module(monkeypatch, DATASET=tasks.DATASETS["listops"], make_task=make_task)
+    (tmp_path / "broken_own_tasks.py").write_text("import no_such_dependency_of_mine\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tiny_config("lra.listops")
+    config.task = name
+    with pytest.raises(ValueError, match=expected):
+        tasks.get_task(config)

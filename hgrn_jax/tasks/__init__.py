@@ -3,7 +3,7 @@
 One module per dataset (``listops``, ``text``, ``retrieval``, ``image``, ``pathfinder`` with
 Path-X, ``imagenet``, ``wikitext103``), each with a table of its data sources; one registry
 (:mod:`hgrn_jax.tasks.registry`). ``get_task(config)`` returns the task of ``config.task``
-reading ``config.data.source``.
+reading ``config.data.source``, a task of the user's own (``"module:factory"``) included.
 """
 
 from hgrn_jax.data.errors import DatasetMissingError

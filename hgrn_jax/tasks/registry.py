@@ -1,13 +1,17 @@
 """The registry: ``config.task`` -> its :class:`~hgrn_jax.tasks.dataset_entry.Dataset` (one line
-each).
+each), or a task of the user's own, ``"package.module:factory"``.
 
 The only place where task names are looked up. Adding a dataset is one module defining its
-``Dataset`` and one line here (docs/tasks.md walks through an example).
+``Dataset`` and one line here (docs/tasks.md walks through an example); a module outside the
+package is named ``module:DATASET`` (its ``Dataset``) or ``module:factory`` (a function
+``factory(config) -> Task``) instead, with its folder on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
+import inspect
 import warnings
 from typing import Any
 
@@ -23,9 +27,9 @@ from hgrn_jax.tasks import (
     text,
     wikitext103,
 )
-from hgrn_jax.tasks.array_task import ArrayTask
 from hgrn_jax.tasks.dataset_entry import Dataset
 from hgrn_jax.tasks.prepared_tfds import TfdsRelease
+from hgrn_jax.tasks.protocol import Task, a_type_name, check_task
 
 DATASETS: dict[str, Dataset] = {
     d.name: d
@@ -43,12 +47,77 @@ DATASETS: dict[str, Dataset] = {
 TASKS = tuple(DATASETS)
 
 
-def dataset(config) -> Dataset:
-    """The registry entry of ``config.task``; an unknown name lists the known ones."""
-    if config.task not in DATASETS and ":" in str(config.task):
+def task_factory(config) -> Any:
+    """What ``config.task = "package.module:factory"`` names, imported: a function
+    ``factory(config) -> Task``, or a :class:`Dataset` such as a dataset module's ``DATASET``;
+    None for a name without a colon (the registry's). A ValueError naming ``config.task`` and
+    the fix when the module or the name in it cannot be found."""
+    name = str(config.task)
+    if ":" not in name:
+        return None
+    module_name, _, attr = name.partition(":")
+    where = f"config.task={name!r}: cannot import {attr!r} from {module_name!r}"
+    folder, _, file = module_name.replace("\\", "/").rpartition("/")
+    not_a_file = (
+        f"{where}: name the module as Python imports it, not its file: "
+        f"--config.task={file.removesuffix('.py')}:{attr} with the folder holding "
+        f"{file.removesuffix('.py')}.py on PYTHONPATH (PYTHONPATH={folder or '.'})"
+    )
+    if "/" in module_name or "\\" in module_name or module_name.startswith("."):
+        raise ValueError(not_a_file)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        missing = getattr(error, "name", None) or ""
+        if module_name.endswith(".py"):
+            raise ValueError(not_a_file) from error
+        if isinstance(error, ModuleNotFoundError) and (
+            module_name == missing or module_name.startswith(missing + ".")
+        ):
+            raise ValueError(
+                f"{where}: no module named {missing!r} in any folder on PYTHONPATH; add the "
+                f"folder holding {missing.replace('.', '/')}.py (or that package) to it"
+            ) from error
         raise ValueError(
-            f"config.task={config.task!r} is a task of your own, which only experiments.train "
-            f"loads; here set --config.task to a registered one: {', '.join(TASKS)}"
+            f"{where}: the module was found but importing it failed ({error}); "
+            "rerun with --traceback to see the import that failed"
+        ) from error
+    if not hasattr(module, attr):
+        offers = [
+            key
+            for key, value in vars(module).items()
+            if not key.startswith("_")
+            and (
+                isinstance(value, Dataset)
+                or (inspect.isfunction(value) and value.__module__ == module.__name__)
+            )
+        ]
+        close = difflib.get_close_matches(attr, offers, n=1)
+        raise ValueError(
+            f"{where}: {module_name!r}"
+            + (f" ({module.__file__})" if getattr(module, "__file__", None) else "")
+            + f" has no {attr!r}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + "; name its Dataset (module:DATASET) or a function factory(config) -> Task"
+            + (f"; it defines {', '.join(offers)}" if offers else "")
+        )
+    return getattr(module, attr)
+
+
+def dataset(config) -> Dataset:
+    """The registry entry of ``config.task``, or the :class:`Dataset` a ``module:DATASET``
+    names; an unknown name lists the known ones, and a ``module:factory`` (a function, which
+    has no sources or model family to look up) is a ValueError saying what takes it."""
+    factory = task_factory(config)
+    if isinstance(factory, Dataset):
+        return factory
+    if factory is not None:
+        raise ValueError(
+            f"config.task={config.task!r} names {a_type_name(factory)}, not a Dataset: its "
+            "task is made by calling it (hgrn_jax.tasks.get_task(config), experiments.train), "
+            "and it has no data sources, model family or tfds release to look up here; name "
+            "a dataset module's Dataset (module:DATASET) or a task of the registry: "
+            f"{', '.join(TASKS)}"
         )
     if config.task not in DATASETS:
         close = difflib.get_close_matches(str(config.task), TASKS, n=1)
@@ -62,9 +131,31 @@ def dataset(config) -> Dataset:
     return DATASETS[config.task]
 
 
-def get_task(config) -> ArrayTask:
-    """The task of ``config.task`` reading ``config.data.source``; errors name the key to fix."""
-    return dataset(config).task(config)
+def get_task(config) -> Task:
+    """The task of ``config.task`` reading ``config.data.source``: a name of the registry, or
+    ``"package.module:factory"`` for a task of the user's own (``factory(config) -> Task``, or
+    a dataset module's :class:`Dataset`, ``module:DATASET``), its folder on ``PYTHONPATH``.
+    Errors name the key to fix: a factory that cannot be called with the config alone, or
+    whose task lacks a member of the :class:`~hgrn_jax.tasks.protocol.Task` protocol."""
+    factory = task_factory(config)
+    if factory is None:
+        return dataset(config).task(config)
+    where = f"config.task={str(config.task)!r}"
+    if isinstance(factory, Dataset):
+        return check_task(factory.task(config), where)
+    try:
+        takes_config = callable(factory) and bool(inspect.signature(factory).bind(config))
+    except TypeError:
+        takes_config = False
+    except ValueError:  # no signature to inspect (some builtins): let the call tell
+        takes_config = True
+    if not takes_config:
+        raise ValueError(
+            f"{where} is {a_type_name(factory)} that cannot be called with the config "
+            "alone; name a function factory(config) -> Task, or a dataset module's Dataset "
+            "(e.g. module:DATASET)"
+        )
+    return check_task(factory(config), where)
 
 
 def model_config(config) -> Any:

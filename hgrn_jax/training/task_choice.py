@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
-from hgrn_jax.tasks.protocol import Task, a_type_name
+from hgrn_jax.tasks.registry import get_task, task_factory
 from hgrn_jax.training.workdir import mixer_kind
 
-
-def task_factory(config: Any) -> Any:
-    """What ``config.task = "package.module:factory"`` names, imported (a ``factory(config) ->
-    Task``, or a :class:`~hgrn_jax.tasks.dataset_entry.Dataset` such as a dataset module's
-    ``DATASET``); None for a task name of the registry. ValueError naming ``config.task`` when
-    it cannot be imported."""
-    name = str(config.task)
-    if ":" not in name:
-        return None
-    import importlib
-
-    module_name, _, attr = name.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(
-            f"config.task={name!r}: cannot import {attr!r} from {module_name!r} ({error}); "
-            "use a task name or 'module:factory' with the module's folder on PYTHONPATH"
-        ) from error
+resolve_task = get_task
+"""The task of ``config.task`` (:func:`hgrn_jax.tasks.get_task`): the loop's name for it."""
 
 
 def check_task_name(config: Any) -> None:
@@ -85,34 +67,3 @@ def quoted_paper_number(config: Any) -> float | None:
     if (paper.get("task", task), paper.get("mixer", kind)) != (task, kind):
         return None
     return paper.get("value", None) or None
-
-
-def resolve_task(config: Any) -> Task:
-    """The task of ``config.task``: a name in :data:`hgrn_jax.tasks.registry.DATASETS`, or
-    ``"package.module:factory"`` for a user-defined task (``factory(config) -> Task``, or a
-    :class:`~hgrn_jax.tasks.dataset_entry.Dataset`). ValueError naming ``config.task`` when the
-    factory cannot be called with the config or its task lacks a member of the Task protocol."""
-    factory = task_factory(config)
-    if factory is None:
-        from hgrn_jax.tasks import get_task
-
-        return get_task(config)
-    from hgrn_jax.tasks.dataset_entry import Dataset
-    from hgrn_jax.tasks.protocol import check_task
-
-    where = f"config.task={str(config.task)!r}"
-    if isinstance(factory, Dataset):
-        return check_task(factory.task(config), where)
-    try:
-        takes_config = callable(factory) and bool(inspect.signature(factory).bind(config))
-    except TypeError:
-        takes_config = False
-    except ValueError:  # no signature to inspect (some builtins): let the call tell
-        takes_config = True
-    if not takes_config:
-        raise ValueError(
-            f"{where} is {a_type_name(factory)} that cannot be called with the config "
-            "alone; name a function factory(config) -> Task, or a dataset module's Dataset "
-            "(e.g. module:DATASET)"
-        )
-    return check_task(factory(config), where)
