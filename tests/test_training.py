@@ -955,6 +955,37 @@ def test_the_worked_example_of_docs_tasks_md_loads_as_module_dataset(monkeypatch
     assert np.array_equal(batch["labels"], (batch["inputs"] == 2).sum(axis=1) % 2)
 
 
+@pytest.mark.slow  # two runs and an evaluation: 6.5 s on 2 loaded cores
+def test_the_own_task_example_of_docs_tasks_md_trains_resumes_and_evaluates(monkeypatch, tmp_path):
+    """docs/tasks.md's task without a Dataset (``my_parity_task``, its config included) as a
+    user runs it: trained, resumed for more steps, then its best checkpoint evaluated from
+    Python as the doc's "From Python" says, through ``tasks.get_task`` (which refused a
+    ``module:factory`` task) and ``load_trained_model``, giving results.json's test accuracy."""
+    from hgrn_jax import tasks
+    from hgrn_jax.training import load_trained_model
+
+    doc = (REPO / "docs" / "tasks.md").read_text()
+    code = re.search(r"```python\n(# my_parity_task\.py: .*?)```", doc, re.S).group(1)
+    module = types.ModuleType("my_parity_task")
+    monkeypatch.setitem(sys.modules, "my_parity_task", module)
+    exec(compile(code, "docs/tasks.md", "exec"), module.__dict__)
+    config = module.get_config()
+    config.batch_size, config.data.seq_len, config.model.num_layers = 8, 16, 1
+    config.num_train_steps = config.eval_every = config.checkpoint_every = 2
+    config.schedule.warmup_steps, config.schedule.decay_steps, config.epochs = 1, 4, 0
+    train_and_evaluate(config, tmp_path / "run")
+    config.num_train_steps = 4
+    with pytest.warns(ConfigChangeWarning, match="num_train_steps: 2 -> 4"):
+        result = train_and_evaluate(config, tmp_path / "run")
+    assert result["steps"] == 4
+    report = json.loads((tmp_path / "run" / "results.json").read_text())
+    model, saved = load_trained_model(tmp_path / "run")
+    task = tasks.get_task(saved)
+    sums = [task.loss_fn(model, batch, train=False)[1] for batch in task.eval_batches("test")]
+    accuracy = 100 * sum(s["correct"] for s in sums) / sum(s["weight"] for s in sums)
+    assert float(accuracy) == pytest.approx(report["test"])
+
+
 def test_a_module_dataset_tasks_model_rules_are_checked_before_the_workdir_is_written(
     monkeypatch, tmp_path
 ):

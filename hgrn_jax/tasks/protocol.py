@@ -3,7 +3,8 @@
 A task owns its data, model and loss. The loop (:mod:`hgrn_jax.training.loop`) uses only the
 members below, so any object with them trains (``config.task="package.module:factory"`` loads
 one, made by ``factory(config)`` or by a :class:`~hgrn_jax.tasks.dataset_entry.Dataset`;
-:func:`check_task` checks it; ``tests/toy_task.py`` is a minimal example). Optional:
+:func:`check_task` checks it; docs/tasks.md, "A task of your own, without a Dataset", has a
+minimal one, trained by a test). Optional:
 ``data_source``, a string that the start-up line and results.json name as the task's data source
 (a task from a factory otherwise names none: ``config.data.source`` is what the package's own
 tasks read).
@@ -93,7 +94,7 @@ def check_task(task: Any, where: str) -> Task:
         raise ValueError(
             f"{where} gave {a_type_name(task)} without {', '.join(missing)}; a task needs "
             f"name, metric and the methods {', '.join(METHODS)} (the Task protocol of "
-            "hgrn_jax/tasks/protocol.py; tests/toy_task.py is a minimal one)"
+            "hgrn_jax/tasks/protocol.py; docs/tasks.md has a minimal one)"
         )
     if task.metric not in METRICS:
         raise ValueError(
