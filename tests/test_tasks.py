@@ -977,3 +977,29 @@ def test_a_task_module_that_cannot_be_imported_says_which_fix(
     config.task = name
     with pytest.raises(ValueError, match=expected):
         tasks.get_task(config)
+
+
+def test_the_model_of_ones_own_example_of_docs_tasks_md_wraps_listops(monkeypatch, cache_dir):
+    """docs/tasks.md's factory that keeps ListOps's task and replaces its model: the task
+    builds that model, its loss runs, and the data source it read is named (a factory's task
+    named none, so a run on generated ListOps counted as one on real data in the report)."""
+    import sys
+    import types
+    from pathlib import Path
+
+    from hgrn_jax.training.task_choice import data_source
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "tasks.md").read_text()
+    code = re.search(r"```python\n(# listops_mlp\.py: .*?)```", doc, re.S).group(1)
+    module = types.ModuleType("listops_mlp")
+    monkeypatch.setitem(sys.modules, "listops_mlp", module)
+    exec(compile(code, "docs/tasks.md", "exec"), module.__dict__)
+    config = module.get_config()
+    config.data.cache_dir = str(cache_dir)
+    assert "mixer" not in config.model
+    task = tasks.get_task(config)
+    model = task.build_model(nnx.Rngs(0))
+    assert isinstance(model, module.MeanMLP)
+    loss, sums = task.loss_fn(model, next(iter(task.eval_batches("val"))), train=False)
+    assert np.isfinite(loss) and float(sums["weight"]) > 0
+    assert data_source(config, task) == "generated"

@@ -159,6 +159,13 @@ class ArrayTask:
 
     # -- the Task protocol
 
+    @property
+    def data_source(self) -> str:
+        """The ``config.data.source`` this task reads, which the start-up line and results.json
+        name, also where a factory of the user's own returns the task (a package task's data
+        wrapped around a model of one's own: generated data were reported as real)."""
+        return str(self.config.data.source)
+
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         if "vocab_size" in self.config.model and not self.config.model.vocab_size:
             self.examples("train")  # reading the data settles the vocabulary size
