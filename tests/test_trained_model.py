@@ -816,6 +816,32 @@ def test_a_dataset_source_with_its_own_model_loads_that_model(tmp_path, monkeypa
     )
 
 
+def test_a_release_source_of_ones_own_with_its_own_model_builds_that_model(tmp_path, monkeypatch):
+    """A Dataset whose ``release`` source is a ReleaseOrPrepared of the user's classes with their
+    own model: the loader rebuilt the package's classifier (it looked for a class, and the pair
+    is not one), so the checkpoint was refused as holding other arrays."""
+    from hgrn_jax.training.trained import _model_builder
+
+    module = _OWN_MODEL_TASK + (
+        "\nfrom hgrn_jax.tasks.prepared_tfds import ReleaseOrPrepared\n"
+        "RELEASE = Dataset('first_token_release', models.CLASSIFIER,\n"
+        "                  sources={'release': ReleaseOrPrepared(WithOwnModel, WithOwnModel)})\n"
+    )
+    (tmp_path / "own_release_task.py").write_text(module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = _config("lra.listops", tmp_path / "cache")
+    config.task, config.data.source, config.data.tfds_dir = (
+        "own_release_task:RELEASE",
+        "release",
+        "",
+    )
+    config.model.vocab_size, config.model.num_classes, config.paper.value = 0, 0, 0
+    config.model.features, config.data.seq_len = 16, 32
+    config.data.train_examples, config.data.val_examples, config.data.test_examples = 64, 16, 16
+    build = _model_builder(tmp_path, config, {})
+    assert type(build(nnx.Rngs(0))).__name__ == "OwnClassifier"
+
+
 def test_a_missing_required_flag_is_named_as_required(tmp_path):
     """absl said "Flag --max_new_tokens must have a value other than None"."""
     done = _cli(f"--workdir={tmp_path}", "--prompt_ids=1")

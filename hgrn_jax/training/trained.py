@@ -127,6 +127,7 @@ def _model_builder(
     from hgrn_jax.tasks import model_settings, registry
     from hgrn_jax.tasks.array_task import ArrayTask
     from hgrn_jax.tasks.dataset_entry import Dataset
+    from hgrn_jax.tasks.prepared_tfds import ReleaseOrPrepared
     from hgrn_jax.training.task_choice import task_factory
 
     try:
@@ -138,7 +139,11 @@ def _model_builder(
         return task.build_model
     entry = factory if factory is not None else registry.dataset(config)
     source = entry.source(config)
-    if isinstance(source, type) and source.build_model is not ArrayTask.build_model:
+    # A release read from its files or its prepared tfds data is one of two classes.
+    classes = (
+        (source.files, source.prepared) if isinstance(source, ReleaseOrPrepared) else (source,)
+    )
+    if any(isinstance(c, type) and c.build_model is not ArrayTask.build_model for c in classes):
         # A source of the user's own with its own model: the run trained that model.
         return entry.task(config).build_model
     model_settings.check_model_sizes(config.model, model_settings.SIZES_FROM_THE_DATA)
