@@ -53,9 +53,12 @@ Runs on generated or synthetic data (the ``tiny`` presets) are marked as such, `
 data)`` or ``(synthetic data)``: their numbers show that the pipeline works, not how the model
 compares with the paper.
 
-A run's model is HGRN, HGRN2 or the Transformer baseline only where its config.json says so
-(``model.mixer.kind``, or a task of the registry, whose models default to HGRN): a task of one's
-own (``module:factory``) without ``model.mixer`` trained a model of its own, listed under "Other
+A run's model is HGRN, HGRN2 or the Transformer baseline only where it trained one of the
+package's models (results.json's ``model_class``, under ``hgrn_jax.``) and its config.json says
+which (``model.mixer.kind``, or a task of the registry, whose models default to HGRN): a task of
+one's own (``module:factory``) whose model is its own class (whatever its ``config.model``
+says), or which has no ``model.mixer`` (a run older than ``model_class``) trained a model of
+its own, listed under "Other
 runs" as ``own model (KEY=VALUE, ...)`` (its ``config.model`` settings) whatever its task's name,
 never beside a paper's rows. "Other runs" names the task ``NAME (module:factory)`` (the task's
 own name, then ``config.task``), runs without results by ``config.task``. A diverged run's

@@ -75,7 +75,13 @@ class Run:
     @property
     def mixer(self) -> str | None:
         """The token mixer's kind: ``"hgrn"`` (the paper's model), ``"hgrn2"`` or ``"attention"``
-        (the Transformer baseline); None for a model of the task's own (:func:`model_kind`)."""
+        (the Transformer baseline); None for a model of the task's own: results.json's
+        ``model_class`` is not one of the package's (a model of the user's own, whatever its
+        config's ``model.mixer`` says), or, for a run older than that field or without results,
+        as its config tells (:func:`model_kind`)."""
+        model_class = self.results.get("model_class")
+        if isinstance(model_class, str) and not model_class.startswith(PACKAGE_MODELS):
+            return None
         return model_kind(self.config)
 
     @property
@@ -172,12 +178,15 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
 
 REQUIRED_RESULTS = ("task", "metric", "test")
 
+# Where the package's models live: a results.json ``model_class`` elsewhere is a user's model.
+PACKAGE_MODELS = "hgrn_jax."
+
 # The strings experiments.train writes for non-finite floats (hgrn_jax.training.logging.jsonable:
 # ``str(value)``), JSON having no NaN or infinity.
 NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 # results.json's fields that hold text (write_results), never read as numbers.
-TEXT_RESULTS = ("task", "metric", "data_source", "stopped_by")
+TEXT_RESULTS = ("task", "metric", "data_source", "stopped_by", "model_class")
 
 # results.json's numbers that the tables show or choose runs by.
 TABLE_NUMBERS = ("test", "best_val", "num_params", "steps")

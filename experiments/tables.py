@@ -336,7 +336,7 @@ def other_table(runs: list[Run]) -> str | None:
     rows = [
         [
             r.task_label,
-            _model_size(r.config) if r.config else "—",
+            _model_size(r.config, r.mixer) if r.config else "—",
             str(r.results.get("metric")),
             _fmt(r.results.get("test")),
             _fmt(r.results.get("best_val")),
@@ -349,12 +349,11 @@ def other_table(runs: list[Run]) -> str | None:
     return "### Other runs\n\n" + _table(header, rows)
 
 
-def _model_size(config: dict[str, Any]) -> str:
-    """``HGRN (L layers, d D)`` (or HGRN2's, the Transformer baseline's) where the config says
-    which model the run trained (:func:`~experiments.runs.model_kind`); otherwise ``own model``
-    with the config's ``model`` settings (:func:`_own_model`), never a paper model's name."""
+def _model_size(config: dict[str, Any], kind: str | None) -> str:
+    """``HGRN (L layers, d D)`` (or HGRN2's, the Transformer baseline's) for the mixer ``kind``
+    a run trained (:attr:`~experiments.runs.Run.mixer`); for None, ``own model`` with the
+    config's ``model`` settings (:func:`_own_model`), never a paper model's name."""
     model = config.get("model", {})
-    kind = model_kind(config)
     if kind is None:
         return _own_model(model)
     size = f"{model.get('num_layers', '?')} layers, d {model.get('features', '?')}"
@@ -400,7 +399,7 @@ def unfinished_table(runs: list[Unfinished]) -> str | None:
             [
                 run.label,
                 run.task,
-                _model_size(run.config),
+                _model_size(run.config, model_kind(run.config)),
                 f"{last} / {total}",
                 "—" if run.checkpoint is None else str(run.checkpoint),
                 "—" if best is None else f"{_fmt(best[0])} {run.metric} (step {best[1]})",

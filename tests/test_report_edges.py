@@ -222,6 +222,26 @@ def test_a_task_s_own_model_is_not_labelled_hgrn(tmp_path, capsys):
     assert "HGRN (" not in out.split("### Other runs", 1)[1]
 
 
+def test_a_factory_s_own_model_class_is_not_hgrn_whatever_its_config_says(tmp_path, capsys):
+    """A ``module:factory`` task that kept a preset's config.model (a ``model.mixer`` of HGRN)
+    but built a model class of its own was labelled HGRN and set beside HGRN's paper ListOps
+    row; results.json's ``model_class`` tells: outside the package, an own model in "Other
+    runs"; the package's classifier (a factory wrapping the package's task) keeps the row."""
+    runs = tmp_path / "runs"
+    preset = config_as_json(listops.get_config("tiny"))
+    preset["task"], preset["data"]["source"] = "mine:make_task", "release"
+    own = results_of("listops", 99.0, 99.5, model_class="mine.OwnClassifier")
+    write_run(runs / "own", preset, own, records_of([]))
+    package = results_of("listops", 50.0, 51.0, model_class="hgrn_jax.nn.HGRNClassifier")
+    write_run(runs / "package", preset, package, records_of([]))
+    out, _ = run_report(tmp_path, capsys)
+    (other,) = rows_of(out, "Other runs")
+    assert other[0] == "listops (mine:make_task)" and other[1].startswith("own model (")
+    assert Path(other[-1]).name == "own"
+    rows = [r for r in rows_of(out, "Long Range Arena (accuracy)") if r[0] == "ListOps"]
+    assert [Path(r[-1]).name for r in rows] == ["package"] and rows[0][2] == "50.00"
+
+
 def test_the_package_s_models_keep_their_labels_and_tables(tmp_path, capsys):
     """Runs of the package's configs (ListOps's HGRN, HGRN2 through model.mixer.kind, the
     Transformer baseline) keep their paper tables and labels; so does a task of one's own whose

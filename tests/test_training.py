@@ -1656,6 +1656,7 @@ def test_run_writes_the_contract_files(uninterrupted):
     assert results["steps"] == 12 and results["devices"] == 8 and results["process_count"] == 1
     assert results["paper"] == 50.0 and results["metric"] == "accuracy"
     assert results["data_source"] is None  # a factory's task: it names none
+    assert results["model_class"] == "toy_task.ToyModel"  # the report's own-model test
     config = json.loads((workdir / "config.json").read_text())
     assert config["num_train_steps"] == 12 and config["optimizer"]["name"] == "adamw"
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -277,6 +277,6 @@ def write_config(workdir: str | Path, config: Any) -> None:
 
 def write_results(workdir: str | Path, results: dict[str, Any]) -> None:
     """``results.json``: task, metric, best_val, test, paper, data_source (None for a task that
-    names none), steps, wall_time_s, num_params, devices, process_count (and anything else in
-    ``results``)."""
+    names none), steps, wall_time_s, num_params, model_class (``module.Class`` of the model
+    trained), devices, process_count (and anything else in ``results``)."""
     write_json(Path(workdir) / "results.json", results)

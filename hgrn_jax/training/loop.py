@@ -71,6 +71,7 @@ from hgrn_jax.training.state import (
     count_params,
     create_train_state,
     from_checkpoint_tree,
+    model_class_name,
     release_buffers,
     to_checkpoint_tree,
 )
@@ -773,6 +774,7 @@ def _train_validate_and_test(
         "stopped_by": "time budget" if done < total_steps else "num_train_steps",
         "wall_time_s": saved_wall,  # the last checkpoint's: a rerun reports the same
         "num_params": run.num_params,
+        "model_class": model_class_name(run.graphdef),
         "devices": jax.device_count(),
         "process_count": jax.process_count(),
     }

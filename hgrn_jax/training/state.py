@@ -67,6 +67,13 @@ def initial_train_state(
     )
 
 
+def model_class_name(graphdef: nnx.GraphDef) -> str:
+    """``module.QualifiedName`` of the model class whose ``graphdef`` this is (results.json's
+    ``model_class``: the report sets only the package's models beside the papers' rows)."""
+    cls = graphdef.nodes[0].type
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def create_train_state(
     build_model: Callable[[nnx.Rngs], nnx.Module],
     make_tx: Callable[[Any], optax.GradientTransformation],
