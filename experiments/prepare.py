@@ -17,9 +17,10 @@ User errors (a bad flag or config file, a missing folder or file, malformed data
 naming the file or key and the fix, exit code 2 (as ``experiments.train``); ``--traceback`` shows
 the full traceback instead.
 
-The closing line says ``prepared in DIR`` when the run wrote there, and ``already prepared in
+The closing line says ``prepared in DIR`` when the run wrote there, ``already prepared in
 DIR`` when it found every split there already and wrote nothing (judged by the folder's files,
-their sizes and modification times, before and after).
+their sizes and modification times, before and after), and ``nothing to prepare`` for a source
+that writes no files (WikiText-103's ``synthetic`` bytes, made in memory as each run starts).
 """
 
 from __future__ import annotations
@@ -82,10 +83,15 @@ def prepare_and_describe(config) -> str:
     start = time.perf_counter()
     sizes = prepare(config)
     seconds = time.perf_counter() - start
-    done = "already prepared" if before and _files(where) == before else "prepared"
-    return f"{config.task} ({config.data.source}) {done} in {where} in {seconds:.1f} s: " + (
-        ", ".join(f"{n} {split}" for split, n in sizes.items())
-    )
+    after = _files(where)
+    counts = ", ".join(f"{n} {split}" for split, n in sizes.items())
+    if not before and not after:
+        return (
+            f"{config.task} ({config.data.source}) has nothing to prepare: it writes no files, "
+            f"its data are made in memory as each run starts ({seconds:.1f} s here): {counts}"
+        )
+    done = "already prepared" if before and after == before else "prepared"
+    return f"{config.task} ({config.data.source}) {done} in {where} in {seconds:.1f} s: {counts}"
 
 
 def main(argv) -> None:

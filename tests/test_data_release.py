@@ -591,6 +591,21 @@ def test_prepare_command_says_when_the_data_were_already_prepared(tmp_path):
     assert second.startswith(f"retrieval (release) already prepared in {cache} in ")
 
 
+def test_prepare_command_says_a_source_writing_no_files_has_nothing_to_prepare(tmp_path):
+    """WikiText-103's synthetic bytes are made in memory as each run starts: the command said
+    "prepared in CACHE" of a folder it never wrote."""
+    from experiments import prepare
+
+    cache = tmp_path / "cache"
+    config = config_of("lm.wikitext103", source="synthetic", cache_dir=str(cache))
+    line = prepare.prepare_and_describe(config)
+    assert line.startswith(
+        "wikitext103 (synthetic) has nothing to prepare: it writes no files, its data are made "
+        "in memory as each run starts ("
+    )
+    assert " prepared in " not in line and not cache.exists()
+
+
 def test_gpt2_vocab_and_merges_files_tokenize_like_tokenizer_json(tmp_path):
     from tokenizers import Tokenizer
 
