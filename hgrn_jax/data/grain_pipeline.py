@@ -316,7 +316,8 @@ def _worker_start(parent_pid: int, worker_index: int, worker_count: int) -> None
 
     A Ctrl-C at a terminal reaches the whole process group, and the training process decides
     when its workers stop (after the step and its checkpoint), so a worker ignores SIGINT (it
-    used to die with a KeyboardInterrupt traceback).
+    used to die with a KeyboardInterrupt traceback); so is SIGHUP, which a shell sends to its
+    jobs when its terminal closes (the training process saves and stops).
 
     A worker also ends by itself (``os._exit``) within :data:`_PARENT_POLL_S` of the training
     process's death. The kernel's out-of-memory killer kills one process, not its group: a
@@ -332,6 +333,7 @@ def _worker_start(parent_pid: int, worker_index: int, worker_count: int) -> None
     """
     del worker_index, worker_count
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if os.getppid() != parent_pid:  # gone before this worker got this far
         os._exit(1)
 

@@ -1,6 +1,7 @@
-"""Stopping a run between steps: SIGTERM (preemption) and Ctrl-C, agreed across processes.
+"""Stopping a run between steps: SIGTERM (preemption), SIGHUP (its terminal closed) and
+Ctrl-C, agreed across processes.
 
-:class:`StopSignals` notes a SIGTERM, or a first Ctrl-C while the training loop runs;
+:class:`StopSignals` notes a SIGTERM or SIGHUP, or a first Ctrl-C while the training loop runs;
 :func:`stop_requests` makes every process of a pod stop at the same step; the loop then writes a
 checkpoint and raises :class:`Preempted`, whose message says how to resume
 (:func:`how_to_resume`).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ class Preempted(Exception):
     ):
         self.step, self.workdir, self.resume = step, workdir, resume
         self.signal_name = signal_name
-        how = "interrupted" if signal_name == "SIGINT" else "preempted"
+        how = {"SIGINT": "interrupted", "SIGHUP": "hung up"}.get(signal_name, "preempted")
         saved = f"{how} ({signal_name}): saved a checkpoint at step {step} in {workdir}; "
         super().__init__(saved + how_to_resume(resume))
 
@@ -61,9 +63,17 @@ def how_to_resume(resume: str) -> str:
 
 
 class StopSignals:
-    """Sets ``requested`` on SIGTERM, or on a first SIGINT (Ctrl-C) while the training loop
-    runs, while it is entered (from the main thread only); restores the previous handlers on
-    exit.
+    """Sets ``requested`` on SIGTERM or SIGHUP, or on a first SIGINT (Ctrl-C) while the
+    training loop runs, while it is entered (from the main thread only); restores the previous
+    handlers on exit.
+
+    SIGHUP: the terminal that started the run closed (an ssh connection lost, a terminal
+    window shut, without ``nohup`` or ``tmux``). Its default action ended the run at once,
+    losing every step since the last checkpoint; it is now a stop after the step with a
+    checkpoint, as SIGTERM, and the hung-up terminal's stdout and stderr are pointed at
+    ``/dev/null`` first (:func:`_leave_the_terminal`: writing to it fails with EIO, which
+    would stop the run before it saved). A run started under ``nohup`` ignores SIGHUP and
+    still does.
 
     A first Ctrl-C in the training loop (:meth:`training`) says at once that the run will stop
     after the step and save; a second one, or one before the loop (building, preparing data:
@@ -72,7 +82,7 @@ class StopSignals:
     the run at its first step).
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self):
         self.requested = False
@@ -83,8 +93,8 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
-                if signum == signal.SIGINT and signal.getsignal(signum) == signal.SIG_IGN:
-                    continue  # started ignoring Ctrl-C (a script's background job): keep it so
+                if signum != signal.SIGTERM and signal.getsignal(signum) == signal.SIG_IGN:
+                    continue  # ignored Ctrl-C (a script's background job), nohup: kept so
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -97,6 +107,8 @@ class StopSignals:
         interrupt = signum == signal.SIGINT
         if interrupt and (not self._training or self.signal_name == "SIGINT"):
             raise KeyboardInterrupt
+        if signum == signal.SIGHUP:
+            _leave_the_terminal()
         if interrupt:
             # os.write: the main thread, which runs this handler, may be inside a print.
             os.write(
@@ -110,6 +122,25 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
+
+
+def _leave_the_terminal() -> None:
+    """Point stdout and stderr at ``/dev/null`` where they are a terminal (a character device
+    other than ``/dev/null``; ``isatty`` fails on a terminal that hung up), so that the run's
+    last lines, the checkpoint's included, do not fail with EIO. A file or pipe they were
+    redirected to keeps them."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        null_device = os.fstat(null).st_rdev
+        for fd in (1, 2):
+            try:
+                mode = os.fstat(fd)
+            except OSError:
+                continue
+            if stat.S_ISCHR(mode.st_mode) and mode.st_rdev != null_device:
+                os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def stop_requests(step: int, preempted: bool, out_of_time: bool) -> tuple[bool, bool]:
