@@ -94,3 +94,39 @@ def test_the_config_changes_a_resume_accepted_are_recorded_with_its_start(tmp_pa
     assert started["event"] == "started" and started["step"] == 30
     assert started["notes"] == [str(w.message) for w in caught]
     assert "optimizer.learning_rate: 0.01 -> 0.005" in started["notes"][0]
+
+
+def test_a_config_json_edited_after_the_last_save_is_named_as_such(tmp_path):
+    """A user changes model.features in a run's config.json and reruns the run's command. The
+    refusal blamed the command's values ("checkpoints cannot continue with the new values
+    (model.features: 32 -> 16)": they can, they were saved with 16) and offered restart
+    first, which sets the run aside. It now says config.json was edited after the newest
+    checkpoint's save, which the command matches, and how to resume that checkpoint."""
+    import json
+
+    import pytest
+    from toy_task import toy_config
+
+    from hgrn_jax.training.logging import config_as_json, write_config
+    from hgrn_jax.training.workdir import ConfigChangedError, check_resume
+
+    config = toy_config()
+    copy = tmp_path / "checkpoints" / "30" / "config" / "metadata"
+    copy.parent.mkdir(parents=True)
+    copy.write_text(json.dumps(config_as_json(config)))
+    edited = config_as_json(config)
+    edited["model"]["features"] = 32
+    write_config(tmp_path, edited)
+    before = (tmp_path / "config.json").read_bytes()
+    with pytest.raises(
+        ConfigChangedError,
+        match=rf"config\.json differs from the config its newest checkpoint was saved with "
+        rf"\({copy}\), which the new config matches \(model\.features: 32 -> 16\): config\.json "
+        r"was edited after that save .* rerun with --config\.resume=force",
+    ):
+        check_resume(tmp_path, config)
+    assert (tmp_path / "config.json").read_bytes() == before
+
+    config.model.features = 24  # a new value: neither config.json's nor the checkpoint's
+    with pytest.raises(ConfigChangedError, match="checkpoints cannot continue with the new"):
+        check_resume(tmp_path, config)

@@ -1069,6 +1069,31 @@ def _refuse_history_without_checkpoints(workdir: Path, saved: dict[str, Any]) ->
     )
 
 
+def _refuse_an_edited_config(
+    workdir: Path, config: Any, defaults: Mapping[str, Any] | None, structural: list[str]
+) -> None:
+    """Raise :class:`ConfigChangedError` saying so when ``config.json`` was changed after the
+    run's newest checkpoint was saved and the new ``config`` matches that checkpoint's copy
+    (:func:`config_copy`) in the ``structural`` keys it changes: ``config.json`` was edited by
+    hand (or a forced resume stopped before its first checkpoint). The general refusal blamed
+    the new config and offered ``restart`` first, which would set a run aside that its
+    command still fits."""
+    copy = config_copy(workdir)
+    if copy is None:
+        return
+    changed = {line.split(":", 1)[0] for line in structural}
+    against_copy, _, _ = compare_configs(copy[1], config, defaults)
+    if changed & {line.split(":", 1)[0] for line in against_copy}:
+        return
+    raise ConfigChangedError(
+        f"{workdir / 'config.json'} differs from the config its newest checkpoint was saved "
+        f"with ({copy[0]}), which the new config matches ({'; '.join(structural)}): "
+        "config.json was edited after that save (or a --config.resume=force resume stopped "
+        "before its first checkpoint); nothing was changed. To resume the checkpoints as "
+        "saved, rerun with --config.resume=force (config.json then takes the new config)"
+    )
+
+
 def check_resume(
     workdir: str | Path, config: Any, defaults: Mapping[str, Any] | None = None
 ) -> list[str]:
@@ -1112,6 +1137,7 @@ def check_resume(
             f"the new config ({shown})"
         ]
     if structural and choice == "auto":
+        _refuse_an_edited_config(workdir, config, defaults, structural)
         raise ConfigChangedError(
             f"{workdir / 'config.json'} holds a run whose checkpoints cannot continue with the "
             f"new values ({', '.join(structural)}); nothing was changed. Use a new --workdir, "
