@@ -38,6 +38,8 @@ import time
 from collections.abc import Sequence
 from typing import IO
 
+from hgrn_jax.training.terminal import leave_the_terminal
+
 LOST_PEER_GRACE_S = 60.0
 """How long the surviving processes get to exit on their own after one fails."""
 
@@ -310,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def forward(signum, frame):
         del frame
+        if signum == signal.SIGHUP:
+            leave_the_terminal()  # the processes' lines then go nowhere, not into EIO errors
         if pod is None:
             early.append(signum)
         else:
@@ -317,6 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # not under nohup
+        # The terminal closed: by SIGHUP's default action this launcher died, and the
+        # processes (sessions of their own) died at their next line into its pipes, unsaved.
+        signal.signal(signal.SIGHUP, forward)
     try:
         pod = Pod(train_command(rest), args.num_processes, args.devices_per_process)
     except LaunchError as error:

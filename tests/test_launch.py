@@ -89,6 +89,7 @@ def stop(signum, frame):
     sys.exit(0)
 signal.signal(signal.SIGTERM, stop)
 signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGHUP, stop)
 print(f"hello from {me} of {os.environ['JAX_NUM_PROCESSES']}", flush=True)
 print(f"devices {os.environ['JAX_NUM_CPU_DEVICES']}", file=sys.stderr, flush=True)
 if me == int(os.environ.get("FAIL", -1)):
@@ -171,6 +172,16 @@ def test_the_launcher_forwards_sigterm_and_exits_0_when_all_do(tmp_path):
     assert code == 0, err
     assert "[launch] forwarding SIGTERM to every process" in err
     assert {"[0] got SIGTERM", "[1] got SIGTERM"} <= set(out.split("\n"))
+
+
+def test_the_launcher_forwards_a_hangup_instead_of_dying_by_it(tmp_path):
+    """Its terminal closed: by SIGHUP's default action the launcher died, and its processes
+    (in sessions of their own, out of the terminal's reach) died at their next line into its
+    pipes, without saving. experiments.train saves and exits 0 after a SIGHUP."""
+    code, out, err = _launch_and_signal(tmp_path, signal.SIGHUP)
+    assert code == 0, err
+    assert "[launch] forwarding SIGHUP to every process" in err
+    assert {"[0] got SIGHUP", "[1] got SIGHUP"} <= set(out.split("\n"))
 
 
 def test_a_forwarded_ctrl_c_that_ends_every_process_is_no_failure(tmp_path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import jax
 
 from hgrn_jax.training import agreement, watchdog
+from hgrn_jax.training.terminal import leave_the_terminal
 
 PREEMPTED_EXIT_CODE = 0
 """Exit code of ``experiments.train`` after a SIGTERM: the checkpoint is safe; rerun to resume.
@@ -71,9 +71,9 @@ class StopSignals:
     window shut, without ``nohup`` or ``tmux``). Its default action ended the run at once,
     losing every step since the last checkpoint; it is now a stop after the step with a
     checkpoint, as SIGTERM, and the hung-up terminal's stdout and stderr are pointed at
-    ``/dev/null`` first (:func:`_leave_the_terminal`: writing to it fails with EIO, which
-    would stop the run before it saved). A run started under ``nohup`` ignores SIGHUP and
-    still does.
+    ``/dev/null`` first (:func:`~hgrn_jax.training.terminal.leave_the_terminal`: writing to
+    it fails with EIO, which would stop the run before it saved). A run started under
+    ``nohup`` ignores SIGHUP and still does.
 
     A first Ctrl-C in the training loop (:meth:`training`) says at once that the run will stop
     after the step and save; a second one, or one before the loop (building, preparing data:
@@ -108,7 +108,7 @@ class StopSignals:
         if interrupt and (not self._training or self.signal_name == "SIGINT"):
             raise KeyboardInterrupt
         if signum == signal.SIGHUP:
-            _leave_the_terminal()
+            leave_the_terminal()
         if interrupt:
             # os.write: the main thread, which runs this handler, may be inside a print.
             os.write(
@@ -122,25 +122,6 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
-
-
-def _leave_the_terminal() -> None:
-    """Point stdout and stderr at ``/dev/null`` where they are a terminal (a character device
-    other than ``/dev/null``; ``isatty`` fails on a terminal that hung up), so that the run's
-    last lines, the checkpoint's included, do not fail with EIO. A file or pipe they were
-    redirected to keeps them."""
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        null_device = os.fstat(null).st_rdev
-        for fd in (1, 2):
-            try:
-                mode = os.fstat(fd)
-            except OSError:
-                continue
-            if stat.S_ISCHR(mode.st_mode) and mode.st_rdev != null_device:
-                os.dup2(null, fd)
-    finally:
-        os.close(null)
 
 
 def stop_requests(step: int, preempted: bool, out_of_time: bool) -> tuple[bool, bool]:
