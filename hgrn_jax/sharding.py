@@ -292,8 +292,9 @@ def logical_to_mesh_spec(
             continue
         if name not in table:
             raise ValueError(
-                f"logical axis {name!r} has no rule; add it to "
-                f"hgrn_jax.sharding.LOGICAL_AXIS_RULES (known: {sorted(table)})"
+                f"logical axis {name!r} has no rule (known: {sorted(table)}); pass rules= "
+                f"with a ({name!r}, mesh axes or None) entry added to "
+                "hgrn_jax.sharding.LOGICAL_AXIS_RULES or to your own rules"
             )
         axes = tuple(a for a in _mesh_axes_tuple(table[name]) if a not in used)
         if mesh is not None:
@@ -302,8 +303,9 @@ def logical_to_mesh_spec(
                 raise ValueError(
                     f"rule {name!r} -> {unknown} names axes the mesh lacks "
                     f"(mesh axes: {tuple(mesh.axis_names)}); pass rules= mapping the logical "
-                    "axes to your mesh's axes (hgrn_jax.sharding.LOGICAL_AXIS_RULES is the "
-                    "default, for a data x fsdp x model mesh)"
+                    "axes to your mesh's axes to create_sharded / state_shardings "
+                    "(hgrn_jax.sharding.LOGICAL_AXIS_RULES is the default, for a data x fsdp x "
+                    "model mesh)"
                 )
             if shape is not None and shape[dim] % math.prod(mesh.shape[a] for a in axes) != 0:
                 axes = ()
@@ -361,29 +363,42 @@ def abstract_with_shardings(state: Any, mesh: Mesh) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
-def init_sharded(init: Callable[[], Any], mesh: Mesh) -> tuple[Any, Any]:
+def init_sharded(
+    init: Callable[[], Any],
+    mesh: Mesh,
+    rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES,
+) -> tuple[Any, Any]:
     """``(init(), shardings)`` with ``init()``'s pytree created directly in its shards.
 
     ``jax.eval_shape`` gives the pytree's shapes without allocating, :func:`state_shardings` its
     shardings; one ``jax.jit`` with those ``out_shardings`` then creates the values, so every
     device only ever holds its own shards. ``init`` takes no arguments and must be deterministic,
     since it runs once abstractly and once under jit. Both runs are under ``jax.set_mesh(mesh)``,
-    so a mesh the caller has set (``mesh`` or another) changes nothing.
+    so a mesh the caller has set (``mesh`` or another) changes nothing. ``rules`` maps the
+    parameters' logical axis names to ``mesh``'s axes (:data:`LOGICAL_AXIS_RULES`, for a
+    ``data x fsdp x model`` mesh, by default; a mesh with other axis names needs its own).
     """
     with jax.set_mesh(mesh):
-        shardings = state_shardings(jax.eval_shape(init), mesh)
+        shardings = state_shardings(jax.eval_shape(init), mesh, rules)
         return jax.jit(init, out_shardings=shardings)(), shardings
 
 
-def create_sharded(factory: Callable[[], Any], mesh: Mesh) -> Any:
+def create_sharded(
+    factory: Callable[[], Any],
+    mesh: Mesh,
+    rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES,
+) -> Any:
     """Build ``factory()`` (a module, or e.g. a ``(model, optimizer)`` tuple) directly sharded.
 
     ``factory`` takes no arguments and must be deterministic (create its ``nnx.Rngs`` from a
     fixed seed inside); see :func:`init_sharded`. Works the same inside and outside a
-    ``jax.set_mesh`` context, whichever mesh it sets.
+    ``jax.set_mesh`` context, whichever mesh it sets. ``rules``: logical axis name -> mesh
+    axes, for a mesh whose axes are not ``data``, ``fsdp``, ``model`` (e.g. ``(("embed",
+    None), ("rnn", "tp"), ("mlp", "tp"), ...)`` on a ``("dp", "tp")`` mesh; a name missing
+    from the rules is a ValueError listing the known ones).
     """
     # Not nnx.eval_shape: under a set mesh it reads the logical axis names as mesh axes.
-    (graphdef, state), _ = init_sharded(lambda: nnx.split(factory()), mesh)
+    (graphdef, state), _ = init_sharded(lambda: nnx.split(factory()), mesh, rules)
     return nnx.merge(graphdef, state)
 
 

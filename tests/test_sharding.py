@@ -286,7 +286,7 @@ def test_rules_fall_back_to_replicated_when_a_size_does_not_divide():
     )  # 6 rows do not split 4 ways
     assert sh.logical_to_mesh_spec(("batch", None), (8, 3), mesh) == P(("data", "fsdp"), None)
     assert sh.logical_to_mesh_spec(("layers", "classes"), (2, 2), mesh) == P(None, None)
-    with pytest.raises(ValueError, match="add it to hgrn_jax.sharding.LOGICAL_AXIS_RULES"):
+    with pytest.raises(ValueError, match=r"'heads' has no rule .*pass rules= with a \('heads', "):
         sh.logical_to_mesh_spec(("heads",), (4,), mesh)
     with pytest.raises(ValueError, match="name 2 dimensions but the array has shape"):
         sh.logical_to_mesh_spec(("embed", "mlp"), (8,), mesh)
@@ -299,6 +299,20 @@ def test_rules_fall_back_to_replicated_when_a_size_does_not_divide():
         sh.logical_to_mesh_spec(("embed",), (8,), users)
     mine = [(name, "tensor" if axes == "model" else None) for name, axes in sh.LOGICAL_AXIS_RULES]
     assert sh.logical_to_mesh_spec(("embed", "mlp"), (8, 16), users, mine) == P(None, "tensor")
+
+
+def test_create_sharded_takes_the_rules_of_a_mesh_with_other_axis_names():
+    from hgrn_jax.nn import HGRU
+
+    users = jax.make_mesh((4, 2), ("dp", "tp"))
+    factory = lambda: HGRU(8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"names axes the mesh lacks .*pass rules= .*create_shard"):
+        sh.create_sharded(factory, users)
+    mine = [(name, "tp" if axes == "model" else None) for name, axes in sh.LOGICAL_AXIS_RULES]
+    layer = sh.create_sharded(factory, users, rules=mine)
+    assert layer.input_proj.kernel[...].sharding.spec == P(None, "tp")  # ("embed", "rnn")
+    assert layer.theta[...].sharding.spec == P("tp")
+    np.testing.assert_array_equal(layer.input_proj.kernel[...], factory().input_proj.kernel[...])
 
 
 def test_make_mesh_resolves_the_rest_and_explains_bad_sizes():
