@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec
 
 from hgrn_jax.nn import (
     GLU,
+    HGRN2,
     HGRNLM,
     HGRU,
     HGRU2D,
@@ -621,6 +622,9 @@ def test_wrong_shapes_name_the_argument():
         r"\(2, 5, 8\); pass a scalar or one bound per channel, \(8,\)",
     ):
         layer(x, jnp.full((5,), 0.5))
+    for mixer in (layer, HGRN2(D, expand_ratio=4, rngs=nnx.Rngs(0))):
+        with pytest.raises(ValueError, match=r"\(8,\) \(a padding mask goes as mask=\.\.\., after"):
+            mixer(x, jnp.ones((2, 5), bool))  # the mask passed where the bound goes
     for bound, got in ((1.5, "1.5"), (np.linspace(-0.5, 0.5, D), "values from -0.5 to 0.5")):
         with pytest.raises(ValueError, match=rf"^lower_bound must lie in \[0, 1\] .*; got {got}$"):
             layer(x, bound)  # decays above 1 (or of the wrong sign) ran without a word

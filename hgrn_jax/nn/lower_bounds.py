@@ -45,9 +45,15 @@ def check_lower_bound(lower_bound: jax.Array | float | None, shape: tuple[int, .
         return
     got = tuple(jnp.shape(lower_bound))
     if not broadcasts_to(got, shape):
+        # layer(x, mask) puts a (B, L) padding mask where the bound goes.
+        hint = (
+            " (a padding mask goes as mask=..., after the bound)"
+            if len(shape) > 1 and got == tuple(shape[:-1])
+            else ""
+        )
         raise ValueError(
             f"lower_bound of shape {got} does not broadcast to the forget gate's shape "
-            f"{tuple(shape)}; pass a scalar or one bound per channel, ({shape[-1]},)"
+            f"{tuple(shape)}; pass a scalar or one bound per channel, ({shape[-1]},){hint}"
         )
     if isinstance(lower_bound, (int, float, np.number, np.ndarray)):
         values = np.asarray(lower_bound, np.float64)
