@@ -664,3 +664,29 @@ def test_pallas_takes_an_empty_batch_or_no_channels(shape):
     assert h.shape == shape and last.shape == (shape[0], shape[2])
     grads = jax.grad(lambda a, x: linear_recurrence(a, x, method="pallas").sum(), (0, 1))(a, x)
     assert [g.shape for g in grads] == [shape, shape]
+
+
+def test_an_eager_call_is_compiled_once_per_shape_and_setting(monkeypatch):
+    """Called eagerly (no jit, grad or vmap around it), the recurrence runs a compiled copy of
+    itself: its loops were traced and compiled anew at every call before (about 50 ms on CPU
+    even for one step, so an eager ``step()`` loop crawled)."""
+    from hgrn_jax.ops import recurrence
+
+    traced = []
+    scan = recurrence._scan
+    monkeypatch.setattr(recurrence, "_scan", lambda *args: traced.append(1) or scan(*args))
+    a = jnp.full((3, 7, 5), 0.5)  # a shape no other test uses, so nothing is cached yet
+    x = jnp.arange(3 * 7 * 5, dtype=jnp.float32).reshape(3, 7, 5)
+    h0 = jnp.ones((3, 5))
+    first = linear_recurrence(a, x, h0, return_last_state=True)
+    for _ in range(2):
+        again = linear_recurrence(a, x, h0, return_last_state=True)
+    assert len(traced) == 1
+    want = jax.jit(lambda a, x, h0: linear_recurrence(a, x, h0, return_last_state=True))(a, x, h0)
+    for got, ref in zip((*first, *again), (*want, *want)):
+        np.testing.assert_array_equal(got, ref)
+    traced.clear()
+    linear_recurrence(0.5, x, reverse=True)  # a Python decay and other settings: compiled anew
+    assert len(traced) == 1
+    with pytest.raises(ValueError, match=r"^h0 must have shape \(3, 5\); got \(5,\)$"):
+        linear_recurrence(a, x, jnp.ones(5))  # the checks still speak as before

@@ -17,6 +17,16 @@ import jax.numpy as jnp
 Parts = tuple[jax.Array, ...]  # a real value (1-tuple) or a complex one as (real, imag)
 
 
+def outside_transforms(*args: Any) -> bool:
+    """Whether no leaf of ``args`` is a tracer: the call runs eagerly, outside ``jax.jit``,
+    ``jax.grad``, ``jax.vmap`` and the like.
+
+    The recurrences then run through a compiled copy of themselves: called op by op, their
+    time loops were traced and compiled anew at every call (about 50 ms on CPU, even for one
+    token), which made an eager ``step()`` loop or a notebook slow."""
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args))
+
+
 def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
     """The dtype states are accumulated in: float32 (complex64 for complex inputs) or the
     input dtype when wider (float64, complex128)."""

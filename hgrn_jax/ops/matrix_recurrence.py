@@ -82,6 +82,7 @@ from hgrn_jax.ops.common import (
     accumulation_dtype,
     check_chunk_size,
     matrix_inputs_dtype,
+    outside_transforms,
     resolve_out_dtype,
 )
 
@@ -218,6 +219,19 @@ def matrix_recurrence(
             f"chunk_size must be a multiple of {_SUB_CHUNK} or at most "
             f"{_SUB_CHUNK}; got {chunk_size}"
         )
+    if outside_transforms(q, k, v, log_decay, h0, scale):  # checked above, as in the caller's
+        return _compiled_matrix_recurrence(
+            q,
+            k,
+            v,
+            log_decay,
+            h0,
+            scale=scale,
+            method=method,
+            return_last_state=return_last_state,
+            out_dtype=out_dtype,
+            chunk_size=chunk_size,
+        )
 
     batch_shape = q.shape[:-3]
     length, heads, key_dim = q.shape[-3:]
@@ -248,6 +262,13 @@ def matrix_recurrence(
     o = (jnp.moveaxis(o, -3, -2) * jnp.asarray(scale, acc)).astype(out_dtype)
     last = last.reshape(state_shape)
     return (o, last) if return_last_state else o
+
+
+# An eager call's compiled copy (see common.outside_transforms); under it the inputs are tracers.
+_compiled_matrix_recurrence = jax.jit(
+    matrix_recurrence,
+    static_argnames=("method", "return_last_state", "out_dtype", "chunk_size"),
+)
 
 
 # --- the differentiable core on rows: q, k, g (N, T, K), v (N, T, V), h0 (N, K, V), T = chunks * C

@@ -33,6 +33,7 @@ from hgrn_jax.ops.common import (
     check_chunk_size,
     check_inputs,
     last_state_dtype,
+    outside_transforms,
     resolve_out_dtype,
     shifted_backward,
 )
@@ -145,6 +146,18 @@ def linear_recurrence(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {('auto',) + METHODS}")
     check_chunk_size(chunk_size)
+    if outside_transforms(a, x, h0):  # checked above, so errors name the caller's arguments
+        return _compiled_linear_recurrence(
+            a,
+            x,
+            h0,
+            reverse=reverse,
+            method=method,
+            return_last_state=return_last_state,
+            chunk_size=chunk_size,
+            out_dtype=out_dtype,
+            axis=axis,
+        )
     if method == "pallas" and x.size == 0:  # no rows or channels: no kernel grid to run
         method = "sequential"
     if time_axis != x.ndim - 2 and method != "sequential":
@@ -185,6 +198,20 @@ def linear_recurrence(
         last = _at(h, 0 if reverse else x.shape[time_axis] - 1, time_axis)
         return out, last.astype(state_dtype)
     return out
+
+
+# An eager call's compiled copy (see common.outside_transforms); under it the inputs are tracers.
+_compiled_linear_recurrence = jax.jit(
+    linear_recurrence,
+    static_argnames=(
+        "reverse",
+        "method",
+        "return_last_state",
+        "chunk_size",
+        "out_dtype",
+        "axis",
+    ),
+)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
