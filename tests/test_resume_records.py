@@ -130,3 +130,41 @@ def test_a_config_json_edited_after_the_last_save_is_named_as_such(tmp_path):
     config.model.features = 24  # a new value: neither config.json's nor the checkpoint's
     with pytest.raises(ConfigChangedError, match="checkpoints cannot continue with the new"):
         check_resume(tmp_path, config)
+
+
+def test_a_tensorboard_write_that_fails_stops_the_run_instead_of_hanging_it(tmp_path, monkeypatch):
+    """A full disk (or quota) under tensorboard/: tensorboardX's writer thread died with a
+    traceback, its queue filled, and the run hung in its next record until the step watchdog
+    ended it 30 minutes later, saving nothing. The failed write now raises in the run's own
+    thread (which stops the run naming the full disk); the records before it are kept."""
+    import errno
+    import threading
+
+    from tensorboardX import event_file_writer
+
+    real = event_file_writer.EventsWriter.write_event
+    written = []
+
+    def write_event(self, event):
+        if len(written) >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(event.step)
+        return real(self, event)
+
+    monkeypatch.setattr(event_file_writer.EventsWriter, "write_event", write_event)
+    writer, outcome = MetricsWriter(tmp_path), []
+
+    def log() -> None:
+        try:
+            for step in range(1, 40):
+                writer.write(step, "train", {"loss": 1.0})
+        except OSError as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=log, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "the run hung in MetricsWriter.write"
+    assert [error.errno for error in outcome] == [errno.ENOSPC]
+    assert shown_by_tensorboard(tmp_path / "tensorboard") == {"train/loss": [1, 2, 3]}
+    writer.close()

@@ -193,18 +193,28 @@ class MetricsWriter:
         record = {"step": int(step), "split": split, **jsonable(metrics)}
         self._jsonl.write(json.dumps(record, sort_keys=True) + "\n")
         self._jsonl.flush()
-        if self._tb is None:  # created at the first record: a run that stops early adds no file
-            from tensorboardX import SummaryWriter  # heavy import, only on the writing process
+        # TensorBoard's events are written here, in this thread: tensorboardX's SummaryWriter
+        # writes from a thread of its own, which a failed write (a full disk or quota) ended
+        # with a traceback; its queue then filled and the run hung in the next record until
+        # the step watchdog ended it (HGRN_STEP_TIMEOUT_S, 30 min), saving nothing. A failed
+        # write now raises here, and the run stops naming the full disk.
+        from tensorboardX.event_file_writer import EventsWriter  # heavy: the writing process
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.summary import scalar
 
+        if self._tb is None:  # created at the first record: a run that stops early adds no file
             folder = self.workdir / "tensorboard"
-            self._tb = SummaryWriter(
-                str(folder),
-                purge_step=self._purge_step,
-                filename_suffix=_new_event_file_suffix(folder),
-            )
+            folder.mkdir(exist_ok=True)
+            self._tb = EventsWriter(str(folder / "events"), _new_event_file_suffix(folder))
+            if self._purge_step is not None:
+                start = SessionLog(status=SessionLog.START)
+                self._tb.write_event(
+                    Event(wall_time=time.time(), step=self._purge_step, session_log=start)
+                )
         for name, value in metrics.items():
             if isinstance(value, (int, float, np.generic)) and math.isfinite(float(value)):
-                self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
+                summary = scalar(f"{split}/{name}", float(value))
+                self._tb.write_event(Event(wall_time=time.time(), step=int(step), summary=summary))
         self._tb.flush()
 
     def event(self, event: str, **fields: Any) -> None:
