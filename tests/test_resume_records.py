@@ -70,6 +70,7 @@ def test_the_config_changes_a_resume_accepted_are_recorded_with_its_start(tmp_pa
     import json
     import types
 
+    import jax
     import pytest
     from toy_task import toy_config
 
@@ -92,6 +93,7 @@ def test_the_config_changes_a_resume_accepted_are_recorded_with_its_start(tmp_pa
         lock.release()
     (started,) = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert started["event"] == "started" and started["step"] == 30
+    assert (started["devices"], started["processes"]) == (jax.device_count(), 1)
     assert started["notes"] == [str(w.message) for w in caught]
     assert "optimizer.learning_rate: 0.01 -> 0.005" in started["notes"][0]
 

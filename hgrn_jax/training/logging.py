@@ -8,9 +8,9 @@ Files in the workdir:
                    "lr", "steps_per_sec", ...}
   events.jsonl    one JSON object per start of the run, per stop by an error or signal it
                   saw, and per normal end (:meth:`MetricsWriter.event`): {"event": "started"
-                  | "stopped" | "finished", "time", "step" (started), "notes" (started: what the
-                  workdir's check said, as the config changes a resume accepted), "reason"
-                  (stopped)}
+                  | "stopped" | "finished", "time", "step", "devices", "processes" (started),
+                  "notes" (started: what the workdir's check said, as the config changes a
+                  resume accepted), "reason" (stopped)}
   tensorboard/    event files (tag "<split>/<metric>")
   results.json    the final numbers (see :func:`write_results`)
 """

@@ -227,12 +227,19 @@ class Run:
     def start(self, step: int) -> None:
         """Record that training (re)starts at ``step``, after every check that may refuse the
         run: forget the records a killed run wrote after ``step`` and note the start in
-        ``events.jsonl``, with what the workdir's check said (``"notes"``: the config changes
-        a resume accepted, a rebuilt ``config.json``), which ``config.json``, rewritten with
-        the new values, no longer shows."""
+        ``events.jsonl``, with the devices and processes it runs on (a resume may change
+        them; results.json gives only the last) and what the workdir's check said
+        (``"notes"``: the config changes a resume accepted, a rebuilt ``config.json``), which
+        ``config.json``, rewritten with the new values, no longer shows."""
         self.writer.rewind(step)
         notes = self.lock.resume_notes if self.lock is not None else []
-        self.writer.event("started", step=step, **({"notes": notes} if notes else {}))
+        self.writer.event(
+            "started",
+            step=step,
+            devices=jax.device_count(),
+            processes=jax.process_count(),
+            **({"notes": notes} if notes else {}),
+        )
         self.started = True
 
     def close(self) -> None:
