@@ -25,6 +25,12 @@ with a hint when a prefix such as ``module.`` hides the names), a wrongly shaped
 PyTorch's ``Linear.weight`` is (out, in); our kernels are (in, out). The reference layers are
 time-major; ours are batch-major: transpose inputs with ``x.transpose(1, 0, 2)`` (1-D) or
 ``x.transpose(2, 0, 1, 3)`` (2-D grids (H, W, B, d) -> (B, H, W, d)).
+
+Every route's ``dtype`` is the parameters' dtype (``param_dtype``); the module it builds
+computes in the inputs' dtype promoted with it, with the default scan method. For bfloat16
+activations over float32 parameters (or another ``method``), build the layer you want with the
+same shapes and copy the weights in: ``nnx.update(mine, nnx.state(converted, nnx.Param))``
+(docs/library.md, "Reference weights in a layer of your own").
 """
 
 from __future__ import annotations
@@ -551,7 +557,8 @@ def from_hgru_pytorch(
         and ``out_proj`` (``.weight`` and, with biases, ``.bias``), ``norm.weight``,
         ``norm.bias``, and the phase ``theta`` (1, 1, d), or ``theta_forward`` and
         ``theta_reverse`` for the ``Bi`` classes.
-      dtype: parameter dtype (float64 needs ``jax_enable_x64``).
+      dtype: parameter dtype (float64 needs ``jax_enable_x64``); not the activations' (see the
+        module docstring).
 
     Returns:
       A module called as ``module(x, lower_bound)`` with batch-major ``x``: (B, L, d) for the 1-D
@@ -722,7 +729,8 @@ def from_hgru2_pytorch(
       state_dict: reference parameter name -> array: ``in_proj.weight`` (3d, d),
         ``out_proj.weight`` (d, d), ``norm.weight`` and ``norm.bias`` (d), and with ``bias``
         ``in_proj.bias`` (3d) and ``out_proj.bias`` (d).
-      dtype: parameter dtype (float64 needs ``jax_enable_x64``).
+      dtype: parameter dtype (float64 needs ``jax_enable_x64``); not the activations' (see the
+        module docstring).
 
     Returns:
       A module called as ``module(x, lower_bound)`` with batch-major ``x`` (B, L, d) (the

@@ -102,25 +102,9 @@ FIXED = ("num_phases",)  # set by HGRU and HGRU2D from their own arguments
 
 
 class _HGRUBase(nnx.Module):
-    """Projections, gates, norm and output shared by the 1-D and 2-D mixers.
-
-    Args:
-      features: model width d.
-      num_phases: 1 for a shared theta, 2 for separate forward/reverse thetas (``theta``,
-        ``theta_reverse``).
-      complex_valued: the paper's complex recurrence (True) or the real-valued ablation.
-      norm_before_gate: the reference code's order (True) or the paper's text (gate, then norm).
-      use_forget_gate: False gives the ablation without a data-dependent forget gate: lam is
-        the lower bound alone (see :meth:`decay_and_input`).
-      use_bias: biases on the four projections (the LayerNorm always has one).
-      method: the :func:`hgrn_jax.ops.linear_recurrence` method.
-      sequence_axis: a mesh axis to split the sequence over (sequence parallelism, see
-        :mod:`hgrn_jax.ops.sequence_parallel`): scans along array axis 1 (time for ``HGRU``, rows
-        for ``HGRU2D``) then run sharded over that axis of the mesh set by ``jax.set_mesh``. A
-        length that is not a multiple of the axis size is padded with identity steps (decay 1,
-        input 0) at the end, which leave every real step's state exact in both directions.
-        ``step()`` decoding stays unsharded.
-    """
+    """Projections, gates, norm and output shared by the 1-D and 2-D mixers; the arguments are
+    listed under :class:`HGRU` (``num_phases``: 1 for a shared theta, 2 for separate forward /
+    reverse thetas, ``theta`` and ``theta_reverse``)."""
 
     def __init__(
         self,
@@ -344,13 +328,32 @@ class HGRU(_HGRUBase):
     ``separate_phases=True`` the reverse scan has its own theta (``BiHgru1d``, the paper's LRA and
     ImageNet runs), otherwise both share one (``Hgru1d(causal=False)``).
 
-    Call ``layer(x, lower_bound)`` with ``x`` (B, L, d) and ``lower_bound`` a scalar or (d,);
-    returns (B, L, d).
+    Call ``layer(x, lower_bound, mask=None)`` with ``x`` (B, L, d) and ``lower_bound`` a scalar
+    or (d,) in [0, 1] (the least decay; 0: none); returns (B, L, d). ``step`` / ``init_state``
+    stream a causal layer (docs/library.md).
 
-    The other keyword arguments (``rngs`` required; ``complex_valued``, ``norm_before_gate``,
-    ``use_forget_gate``, ``use_bias``, ``norm_epsilon``, ``method``, ``sequence_axis``, ``dtype``,
-    ``param_dtype``) are those of the shared base, listed with their meaning under
-    ``_HGRUBase``.
+    Args:
+      features: model width d.
+      rngs: the ``nnx.Rngs`` to initialise from (required).
+      bidirectional: add a reverse scan (above); False is causal.
+      separate_phases: a bidirectional layer's reverse scan has its own theta (above).
+      complex_valued: the paper's complex recurrence (True) or the real-valued ablation.
+      norm_before_gate: the reference code's order (True) or the paper's text (gate, then norm).
+      use_forget_gate: False gives the ablation without a data-dependent forget gate: lam is
+        the lower bound alone (see :meth:`decay_and_input`).
+      use_bias: biases on the four projections (the LayerNorm always has one).
+      norm_epsilon: epsilon of the LayerNorm over the 2d state features.
+      method: the :func:`hgrn_jax.ops.linear_recurrence` method (``"auto"``: the fastest
+        measured for the platform and length).
+      sequence_axis: a mesh axis to split the sequence over (sequence parallelism, see
+        :mod:`hgrn_jax.ops.sequence_parallel`): scans along array axis 1 (time for ``HGRU``, rows
+        for ``HGRU2D``) then run sharded over that axis of the mesh set by ``jax.set_mesh``. A
+        length that is not a multiple of the axis size is padded with identity steps (decay 1,
+        input 0) at the end, which leave every real step's state exact in both directions.
+        ``step()`` decoding stays unsharded.
+      dtype: the activations' dtype (None: the inputs' promoted with the parameters'); the scan
+        accumulates in float32 (complex64) or wider whatever it is.
+      param_dtype: the parameters' dtype.
 
     Under your own ``jax.checkpoint``/``nnx.remat``, a policy that saves the scans' complex
     intermediates (``everything_saveable``, ``save_anything_except_these_names``) fails with
@@ -477,9 +480,9 @@ class HGRU2D(_HGRUBase):
     and the reverse scans ``theta_reverse`` (``BiHgru2d``, the paper's LRA runs), otherwise all four
     share ``theta`` (``Hgru2d(causal=False)``).
 
-    Call ``layer(x, lower_bound)``; returns (B, H, W, d). The other keyword arguments are
-    :class:`HGRU`'s (``rngs``, ``complex_valued``, ``use_bias``, ``method``, ...; see
-    ``_HGRUBase``).
+    Call ``layer(x, lower_bound, mask=None)``; returns (B, H, W, d). The other keyword
+    arguments are :class:`HGRU`'s, with the same meanings (``rngs``, ``complex_valued``,
+    ``use_bias``, ``method``, ``dtype``, ...: ``help(HGRU)``).
     """
 
     def __init__(
