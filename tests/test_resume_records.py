@@ -170,3 +170,28 @@ def test_a_tensorboard_write_that_fails_stops_the_run_instead_of_hanging_it(tmp_
     assert [error.errno for error in outcome] == [errno.ENOSPC]
     assert shown_by_tensorboard(tmp_path / "tensorboard") == {"train/loss": [1, 2, 3]}
     writer.close()
+
+
+def test_a_run_whose_writers_fail_to_close_still_finishes_its_checkpoint_saves():
+    """TensorBoard's events are written in the run's thread, so closing them can fail (a full
+    disk, an I/O error on a network file system); the checkpoint manager, whose close waits for
+    the save in flight, was then never closed, and the process exited past that save."""
+    import errno
+    import types
+
+    import pytest
+
+    from hgrn_jax.training.loop import Run
+
+    closed = []
+
+    def fail() -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    run = types.SimpleNamespace(
+        writer=types.SimpleNamespace(close=fail),
+        checkpoints=types.SimpleNamespace(close=lambda: closed.append("checkpoints")),
+    )
+    with pytest.raises(OSError, match="Input/output error"):
+        Run.close(run)
+    assert closed == ["checkpoints"]

@@ -244,9 +244,12 @@ class Run:
 
     def close(self) -> None:
         """Close ``metrics.jsonl``, the TensorBoard writer and the checkpoint manager (after
-        the saves in flight are written)."""
-        self.writer.close()
-        self.checkpoints.close()
+        the saves in flight are written), the manager also when closing the writers fails (a
+        full disk, or an I/O error on their files): a save in flight was left unfinished."""
+        try:
+            self.writer.close()
+        finally:
+            self.checkpoints.close()
 
     def __enter__(self) -> Run:
         return self
