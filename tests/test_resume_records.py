@@ -135,8 +135,9 @@ def test_a_config_json_edited_after_the_last_save_is_named_as_such(tmp_path):
 
 
 def test_a_tensorboard_write_that_fails_stops_the_run_instead_of_hanging_it(tmp_path, monkeypatch):
-    """A full disk (or quota) under tensorboard/: tensorboardX's writer thread died with a
-    traceback, its queue filled, and the run hung in its next record until the step watchdog
+    """A full disk (or quota) met by tensorboardX's writer thread (its timed flush; the flush
+    after each record, in the run's thread, mostly met it first): the thread died with a
+    traceback, its queue filled, and the run hung in a later record until the step watchdog
     ended it 30 minutes later, saving nothing. The failed write now raises in the run's own
     thread (which stops the run naming the full disk); the records before it are kept."""
     import errno

@@ -194,10 +194,10 @@ class MetricsWriter:
         self._jsonl.write(json.dumps(record, sort_keys=True) + "\n")
         self._jsonl.flush()
         # TensorBoard's events are written here, in this thread: tensorboardX's SummaryWriter
-        # writes from a thread of its own, which a failed write (a full disk or quota) ended
-        # with a traceback; its queue then filled and the run hung in the next record until
-        # the step watchdog ended it (HGRN_STEP_TIMEOUT_S, 30 min), saving nothing. A failed
-        # write now raises here, and the run stops naming the full disk.
+        # writes from a thread of its own. The flush after each record mostly met a full disk
+        # here first, but a write that failed in that thread (its own timed flush) ended it
+        # with a traceback; its queue then filled and the run hung in a later record until the
+        # step watchdog ended it (HGRN_STEP_TIMEOUT_S, 30 min), saving nothing.
         from tensorboardX.event_file_writer import EventsWriter  # heavy: the writing process
         from tensorboardX.proto.event_pb2 import Event, SessionLog
         from tensorboardX.summary import scalar
