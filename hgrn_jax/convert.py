@@ -6,7 +6,8 @@ Sources:
   ``Hgru1d``, ``BiHgru1d``, ``Hgru2d`` and ``BiHgru2d``.
 - ``flash-linear-attention`` (fla): :func:`from_fla_hgrn_attention` for ``HGRNAttention`` and
   :func:`from_fla_hgrn_lm` for ``HGRNForCausalLM``.
-- HGRN2: :func:`from_hgru2_pytorch` for hgru2-pytorch's ``Hgru2_1d`` / ``BiHgru2_1d``,
+- HGRN2: :func:`from_hgru2_pytorch` for hgru2-pytorch's ``Hgru2_1d`` / ``BiHgru2_1d`` and the
+  2-D ``Hgru2_2d_parallel`` / ``Hgru2_2d_series``,
   :func:`from_fla_hgrn2_attention` for fla's ``HGRN2Attention`` and :func:`from_fla_hgrn2_lm` for
   ``HGRN2ForCausalLM``. Recurrent states are (B, H, K, V), key index first; fla's cache stores
   (B, H, V, K): transpose the last two axes to compare.
@@ -44,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
-from hgrn_jax.nn.hgrn2 import HGRN2, HGRN2D, FlaHGRN2Attention
+from hgrn_jax.nn.hgrn2 import HGRN2, HGRN2D, FlaHGRN2Attention, HGRN2DSeries
 from hgrn_jax.nn.hgru import HGRU, HGRU2D
 from hgrn_jax.nn.lm import HGRNLM, LMConfig
 from hgrn_jax.nn.mixers import MixerConfig
@@ -54,9 +55,10 @@ Transform = Callable[[np.ndarray], np.ndarray]
 Mapping_ = dict[tuple[Any, ...], tuple[str, Transform]]
 
 HGRU_CLASSES = ("Hgru1d", "BiHgru1d", "Hgru2d", "BiHgru2d")
-HGRU2_CLASSES = ("Hgru2_1d", "BiHgru2_1d", "Hgru2_2d_parallel")
+HGRU2_CLASSES = ("Hgru2_1d", "BiHgru2_1d", "Hgru2_2d_parallel", "Hgru2_2d_series")
 # The keyword arguments of each reference class's constructor (hgru-pytorch, hgru2-pytorch).
-# ``Hgru2_2d_parallel`` also takes and ignores any other keyword (``**kwargs``): None.
+# ``Hgru2_2d_parallel`` and ``Hgru2_2d_series`` also take and ignore any other keyword
+# (``**kwargs``): None.
 _HGRU2_ARGUMENTS = ("embed_dim", "expand_ratio", "act_fun", "uv_act_fun", "use_norm", "bias")
 # The keyword arguments of fla's layers (flash-linear-attention) that both share.
 _FLA_LAYER_ARGUMENTS = (
@@ -80,6 +82,7 @@ CONSTRUCTOR_ARGUMENTS: dict[str, tuple[str, ...] | None] = {
     "Hgru2_1d": _HGRU2_ARGUMENTS + ("norm_type", "use_fla", "chunk_size"),
     "BiHgru2_1d": _HGRU2_ARGUMENTS + ("norm_type", "chunk_size"),
     "Hgru2_2d_parallel": None,
+    "Hgru2_2d_series": None,
     # fla's layers (flash-linear-attention): HGRNAttention, HGRN2Attention.
     "HGRNAttention": _FLA_LAYER_ARGUMENTS,
     "HGRN2Attention": _FLA_LAYER_ARGUMENTS + ("num_heads",),
@@ -714,18 +717,20 @@ def from_hgru2_pytorch(
     constructor: Mapping[str, Any],
     state_dict: Mapping[str, Any],
     dtype: jnp.dtype = jnp.float32,
-) -> HGRN2 | HGRN2D:
-    """An :class:`HGRN2` (:class:`HGRN2D` for grids) holding the weights of an hgru2-pytorch layer.
+) -> HGRN2 | HGRN2D | HGRN2DSeries:
+    """An :class:`HGRN2` (:class:`HGRN2D` or :class:`HGRN2DSeries` for grids) holding the weights
+    of an hgru2-pytorch layer.
 
     Args:
-      class_name: ``"Hgru2_1d"`` (causal), ``"BiHgru2_1d"`` (forward + reverse scans) or
-        ``"Hgru2_2d_parallel"`` (four scans over a grid).
+      class_name: ``"Hgru2_1d"`` (causal), ``"BiHgru2_1d"`` (forward + reverse scans),
+        ``"Hgru2_2d_parallel"`` (four scans over a grid) or ``"Hgru2_2d_series"`` (the
+        bidirectional layer along H, then again along W on its output).
       constructor: the reference constructor's keyword arguments (``embed_dim``,
         ``expand_ratio``, ``act_fun``, ``uv_act_fun``, ``use_norm``, ``bias``, ``norm_type``,
         ``use_fla``; ``chunk_size`` is ignored). ``expand_ratio`` (the head width) is required
         and must be the PyTorch model's: no parameter shape reveals it, and another value loads
         without error into a layer that computes something else. A keyword the reference class
-        does not take is an error (``Hgru2_2d_parallel`` takes any, as the reference does).
+        does not take is an error (the 2-D classes take any, as the reference does).
       state_dict: reference parameter name -> array: ``in_proj.weight`` (3d, d),
         ``out_proj.weight`` (d, d), ``norm.weight`` and ``norm.bias`` (d), and with ``bias``
         ``in_proj.bias`` (3d) and ``out_proj.bias`` (d).
@@ -734,15 +739,16 @@ def from_hgru2_pytorch(
 
     Returns:
       A module called as ``module(x, lower_bound)`` with batch-major ``x`` (B, L, d) (the
-      reference is time-major: ``x.transpose(1, 0, 2)``), or (B, H, W, d) for the 2-D class
+      reference is time-major: ``x.transpose(1, 0, 2)``), or (B, H, W, d) for the 2-D classes
       (the reference's (H, W, B, d): ``x.transpose(2, 0, 1, 3)``), and ``lower_bound`` (d,) or a
-      scalar.
+      scalar. (``Hgru2_2d_series``'s own default bound, python 0, fails to broadcast in the
+      reference for most grids; ours is 0 everywhere, as a zero (d,) tensor gives there.)
 
     For the 1-D classes only ``expand_ratio < 16`` is supported: there the reference runs an
     exact scan. From 16 on it runs Triton kernels, never checked against ours: chunked ones that
     clamp the per-step log forget gate at -3 and need the length to be a multiple of the chunk
     (``Hgru2_1d``, and ``BiHgru2_1d`` in training), or, for ``BiHgru2_1d`` in eval, a recurrent
-    one in float32. ``Hgru2_2d_parallel`` runs the exact scan at every ``expand_ratio``.
+    one in float32. The 2-D classes run the exact scan at every ``expand_ratio``.
     """
     _check_arguments(state_dict, dtype, constructor)
     _check_class(class_name, HGRU2_CLASSES, "hgru2-pytorch", constructor)
@@ -759,7 +765,7 @@ def from_hgru2_pytorch(
     _require(constructor, "use_norm", (True,), class_name)
     _require(constructor, "norm_type", ("layernorm",), class_name)
     _require(constructor, "use_fla", (False,), class_name)
-    if expand_ratio < 1 or (expand_ratio >= 16 and class_name != "Hgru2_2d_parallel"):
+    if expand_ratio < 1 or (expand_ratio >= 16 and not class_name.startswith("Hgru2_2d")):
         raise ConversionError(
             f"{class_name}: expand_ratio={expand_ratio} is not supported (supported: 1 to 15, "
             "where the reference runs its exact scan; from 16 on it runs chunked Triton kernels "
@@ -773,6 +779,8 @@ def from_hgru2_pytorch(
     common = dict(expand_ratio=expand_ratio, use_bias=bias, param_dtype=dtype, rngs=nnx.Rngs(0))
     if class_name == "Hgru2_2d_parallel":
         module = HGRN2D(d, **common)
+    elif class_name == "Hgru2_2d_series":
+        module = HGRN2DSeries(d, **common)
     else:
         module = HGRN2(d, bidirectional=class_name == "BiHgru2_1d", **common)
     mapping: Mapping_ = {}

@@ -23,6 +23,7 @@ from hgrn_jax.nn import (
     HGRNLM,
     ClassifierConfig,
     FlaHGRN2Attention,
+    HGRN2DSeries,
     HGRNClassifier,
     HGRNImageClassifier,
     ImageConfig,
@@ -30,6 +31,7 @@ from hgrn_jax.nn import (
     MixerConfig,
     generate,
     lower_bounds,
+    make_mixer,
 )
 from hgrn_jax.nn import remat as remat_module
 from hgrn_jax.ops import MATRIX_METHODS
@@ -202,6 +204,55 @@ def test_grid_mixer_reaches_exactly_the_row_and_column_and_skips_padding():
     got = mix(layer, padded, jnp.asarray(mask))
     np.testing.assert_allclose(got[:, :, :7], unpadded, **TOL)
     np.testing.assert_array_equal(got[:, :, 7], 0.0)
+
+
+def test_series_grid_mixer_pads_like_the_unpadded_grid():
+    """HGRN2DSeries (Hgru2_2d_series) with a masked last row and column: each pass skips them, so
+    the real cells are the unpadded grid's, the padded ones 0, whatever they held (nan too)."""
+    layer = HGRN2DSeries(D, expand_ratio=4, rngs=nnx.Rngs(0))
+    grid = jax.random.normal(jax.random.key(4), (B, 3, 4, D))
+    mask = np.ones((B, 4, 5), bool)
+    mask[:, -1, :] = mask[:, :, -1] = False
+    pad = lambda value: jnp.pad(grid, ((0, 0), (0, 1), (0, 1), (0, 0)), constant_values=value)
+    got = mix(layer, pad(jnp.nan), jnp.asarray(mask))
+    np.testing.assert_array_equal(got, mix(layer, pad(1.0), jnp.asarray(mask)))
+    np.testing.assert_allclose(got[:, :3, :4], mix(layer, grid, None), **TOL)
+    np.testing.assert_array_equal(got[:, -1], 0.0)
+    np.testing.assert_array_equal(got[:, :, -1], 0.0)
+
+
+def test_series_grid_mixer_from_the_config_sees_the_whole_grid_and_runs_h_first():
+    layer = make_mixer(
+        MixerConfig(kind="hgrn2", scan="2d_series", expand_ratio=4),
+        D,
+        causal=False,
+        use_lower_bound=True,
+        rngs=nnx.Rngs(0),
+    )
+    assert type(layer) is HGRN2DSeries and layer.bidirectional
+    grid = jax.random.normal(jax.random.key(5), (B, 3, 3, D))
+    out = mix(layer, grid, None)
+    # One cell reaches every cell (its column, then every row), unlike HGRN2D's row and column.
+    assert bool(jnp.all(jnp.abs(mix(layer, grid.at[:, 1, 2].add(1.0), None) - out).max(-1) > 0))
+    # H first, then W: a transposed grid does not give the transposed output.
+    swapped = jnp.swapaxes(mix(layer, jnp.swapaxes(grid, 1, 2), None), 1, 2)
+    assert float(jnp.abs(swapped - out).max()) > 1e-2
+    with pytest.raises(ValueError, match="HGRN2DSeries is bidirectional over a grid"):
+        layer.step(grid[:, 0], layer.init_state(B))
+    with pytest.raises(ValueError, match="scan='2d_series' is bidirectional only.*Hgru2_2d_series"):
+        make_mixer(
+            MixerConfig(kind="hgrn2", scan="2d_series"),
+            D,
+            causal=True,
+            use_lower_bound=True,
+            rngs=nnx.Rngs(0),
+        )
+    with pytest.raises(ValueError, match="scan='2d_series' is HGRN2's.*use kind='hgrn2'"):
+        MixerConfig(kind="hgrn", scan="2d_series")
+    with pytest.raises(ValueError, match="scan='2d_series' needs layout='official'"):
+        MixerConfig(kind="hgrn2", layout="fla", scan="2d_series")
+    with pytest.raises(TypeError, match=r"HGRN2DSeries\(\) sets bidirectional itself"):
+        HGRN2DSeries(D, bidirectional=False, rngs=nnx.Rngs(0))
 
 
 def test_one_wide_heads_are_hgrns_real_scan():

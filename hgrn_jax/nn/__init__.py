@@ -8,7 +8,7 @@ from hgrn_jax.nn.embeddings import sinusoidal_positions
 from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
 from hgrn_jax.nn.generate import generate, sample_token
 from hgrn_jax.nn.glu import GLU
-from hgrn_jax.nn.hgrn2 import HGRN2, HGRN2D, FlaHGRN2Attention
+from hgrn_jax.nn.hgrn2 import HGRN2, HGRN2D, FlaHGRN2Attention, HGRN2DSeries
 from hgrn_jax.nn.hgru import HGRU, HGRU2D
 from hgrn_jax.nn.image import HGRNImageClassifier, ImageConfig
 from hgrn_jax.nn.lm import HGRNLM, LMConfig
@@ -31,6 +31,7 @@ __all__ = [
     "GLU",
     "HGRN2",
     "HGRN2D",
+    "HGRN2DSeries",
     "HGRNLM",
     "HGRU",
     "HGRU2D",

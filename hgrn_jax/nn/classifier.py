@@ -50,10 +50,11 @@ class ClassifierConfig:
     encoder: ``"embed"`` for token ids (needs ``vocab_size``) or ``"linear"`` for float inputs
       with ``input_channels`` channels.
     mixer: the token mixer (:class:`~hgrn_jax.nn.MixerConfig`, or its fields as a dict), run in
-      both directions. ``MixerConfig(scan="2d")`` scans the ``grid_shape`` = (H, W) grid (inputs in
-      raster order, L = H * W); ``MixerConfig(kind="hgrn2", expand_ratio=...)`` is HGRN2. A 1-D
-      mixer does not read ``grid_shape`` (it scans the same inputs in raster order; the image
-      tasks fill it in whatever the scan, so it is not refused).
+      both directions. ``MixerConfig(scan="2d")`` (or HGRN2's ``"2d_series"``) scans the
+      ``grid_shape`` = (H, W) grid (inputs in raster order, L = H * W);
+      ``MixerConfig(kind="hgrn2", expand_ratio=...)`` is HGRN2. A 1-D mixer does not read
+      ``grid_shape`` (it scans the same inputs in raster order; the image tasks fill it in
+      whatever the scan, so it is not refused).
     use_lower_bound: the per-layer forget-gate lower bounds (off: the paper's ablation).
     norm: ``"layer"``, ``"batch"`` or ``"sync_batch"`` (``axis_name`` names the replica axis
       inside ``shard_map``, and only there; under ``jax.jit`` over a global batch, BatchNorm is
@@ -144,9 +145,10 @@ class ClassifierConfig:
             raise ValueError("encoder='linear' needs input_channels (e.g. 1 for grey, 3 for RGB)")
         if self.encoder not in ("embed", "linear"):
             raise ValueError(f"unknown encoder {self.encoder!r}; use 'embed' or 'linear'")
-        if self.mixer.scan == "2d" and (self.grid_shape is None or len(self.grid_shape) != 2):
+        if self.mixer.grid and (self.grid_shape is None or len(self.grid_shape) != 2):
             raise ValueError(
-                "mixer scan='2d' needs grid_shape=(H, W), e.g. (32, 32) for LRA Image; a 1-D "
+                f"mixer scan={self.mixer.scan!r} needs grid_shape=(H, W), e.g. (32, 32) for "
+                "LRA Image; a 1-D "
                 "task (no grid: ListOps, Text, Retrieval) takes mixer.scan='1d'"
             )
         if self.norm not in ("layer", "batch", "sync_batch"):
@@ -259,7 +261,7 @@ class HGRNClassifier(nnx.Module):
                     f"{c.input_channels}); got shape {inputs.shape}"
                 )
             check_length(inputs.shape, f"floats (batch, length, {c.input_channels})", name)
-        if c.mixer.scan == "2d" and inputs.shape[1] != c.grid_shape[0] * c.grid_shape[1]:
+        if c.mixer.grid and inputs.shape[1] != c.grid_shape[0] * c.grid_shape[1]:
             raise ValueError(
                 f"{name}: length {inputs.shape[1]} is not H * W for grid_shape "
                 f"{c.grid_shape}; pass inputs in raster order of that grid"
@@ -282,7 +284,7 @@ class HGRNClassifier(nnx.Module):
         if c.position_encoding:
             x = x + sinusoidal_positions(x.shape[1], c.features, x.dtype)
             x = self.position_dropout(x)
-        if c.mixer.scan == "2d":
+        if c.mixer.grid:
             grid = (x.shape[0], *c.grid_shape)
             x = x.reshape(*grid, c.features)
             mask = None if mask is None else mask.reshape(grid)

@@ -10,7 +10,8 @@ Per head, with key width K, value width V and the layer's lower bound gamma on t
 minus the forget gate the key, the input the value. Channels are split into heads in contiguous
 blocks (head-major): channel ``c`` of q, k and lambda is head ``c // K``, key index ``c % K``.
 
-Two layouts of the same recurrence:
+Two layouts of the same recurrence (and two 2-D forms of :class:`HGRN2`, :class:`HGRN2D` and
+:class:`HGRN2DSeries`):
 
 - :class:`HGRN2` is hgru2-pytorch's ``Hgru2_1d`` / ``BiHgru2_1d``: one fused input projection
   d -> 3d in blocks ``[u | output gate | forget gate]``, value ``silu(u)``, query
@@ -181,11 +182,16 @@ class _MatrixMixer(nnx.Module):
         """``x`` (B, L, d), ``lower_bound`` a scalar or (H * K,), ``mask`` (B, L) with 1 for real
         tokens (None: no padding) -> (B, L, d). Wrong shapes are a ValueError naming them."""
         self.check_input(x, mask)
+        return self._mix(x, lower_bound, mask, self._sequence_scan)
+
+    def _mix(self, x, lower_bound, mask, scan) -> jax.Array:
+        """The layer over lines ``x`` (B, L, d) with ``mask`` (B, L) or None, each direction's
+        recurrence run by ``scan`` (:meth:`_sequence_scan` or :meth:`_scan`) -> (B, L, d)."""
         q, k, v, g = self._inputs(x, lower_bound, mask)
-        o = self._sequence_scan(q, k, v, g)
+        o = scan(q, k, v, g)
         if self.bidirectional:
             flip = lambda t: jnp.flip(t, axis=-3)
-            o = o + flip(self._sequence_scan(flip(q), flip(k), flip(v), flip(g)))
+            o = o + flip(scan(flip(q), flip(k), flip(v), flip(g)))
         return self._finish(o, x, mask)
 
     def step(
@@ -423,4 +429,50 @@ class HGRN2D(HGRN2):
         raise ValueError("HGRN2D is bidirectional over a grid; step() needs a causal 1-D mixer")
 
 
-__all__ = ["HGRN2", "HGRN2D", "FlaHGRN2Attention"]
+class HGRN2DSeries(HGRN2):
+    """hgru2-pytorch's ``Hgru2_2d_series`` over (B, H, W, d) grids (the LRA Path-X layer of the
+    HGRN2 runs, ``use_series=True``): the whole bidirectional :class:`HGRN2` layer (gates, forward
+    and reverse scans, norm, ``out_proj``) run down each column (along H), then the same layer,
+    with the same parameters and lower bound, along each row (along W) of the first pass's output.
+    Unlike :class:`HGRN2D`, whose four scans share one set of gates and one norm, the second pass
+    reads the first one's projected output, so every cell sees the whole grid.
+
+    The reference's ``compute`` is ``BiHgru2_1d``'s ``forward_lesshead`` line for line, so each
+    pass is this class's 1-D bidirectional forward. Lower bound: a scalar or (d,), as for
+    :class:`HGRN2` (None or 0: none). The reference's default (python ``0``) builds
+    ``zeros_like(x)`` of shape (H, W, B, d), which does not broadcast against a pass's
+    (H, W * B, d) gates unless B = 1 and H = W (and then gives the wrong shape); its LRA models pass
+    (d,) tensors, the first layer's all zero. Always bidirectional. ``mask`` (B, H, W) (Path-X's
+    images have none): each pass skips padded cells and zeroes their outputs, as :class:`HGRN2`
+    does along a line. ``sequence_axis`` splits the first pass's scans along H.
+    """
+
+    def __init__(self, features: int, **kwargs):
+        check_keywords(kwargs, HGRN2.__init__, "HGRN2DSeries", fixed=("bidirectional",))
+        super().__init__(features, bidirectional=True, **kwargs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        lower_bound: jax.Array | float | None = None,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """``x`` (B, H, W, d), ``lower_bound`` a scalar or (d,), ``mask`` (B, H, W) with 1 for
+        real cells or None -> (B, H, W, d)."""
+        self.check_input(x, mask, "(batch, H, W, d)")
+        b, h, w, d = x.shape
+        cols = lambda t: jnp.swapaxes(t, 1, 2).reshape((b * w, h) + t.shape[3:])  # (B W, H, ..)
+        col_mask = None if mask is None else cols(jnp.asarray(mask))
+        y = self._mix(cols(x), lower_bound, col_mask, self._sequence_scan)
+        y = jnp.swapaxes(y.reshape(b, w, h, d), 1, 2)  # back to (B, H, W, d)
+        row_mask = None if mask is None else jnp.asarray(mask).reshape(b * h, w)
+        y = self._mix(y.reshape(b * h, w, d), lower_bound, row_mask, self._scan)
+        return y.reshape(b, h, w, d)
+
+    def step(self, *args, **kwargs):
+        raise ValueError(
+            "HGRN2DSeries is bidirectional over a grid; step() needs a causal 1-D mixer"
+        )
+
+
+__all__ = ["HGRN2", "HGRN2D", "HGRN2DSeries", "FlaHGRN2Attention"]

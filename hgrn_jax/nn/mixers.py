@@ -13,6 +13,7 @@ kind        layout      scan  module
 ``hgrn``    official    1d    :class:`~hgrn_jax.nn.HGRU` (hgru-pytorch ``Hgru1d``/``BiHgru1d``)
 ``hgrn``    official    2d    :class:`~hgrn_jax.nn.HGRU2D` (``Hgru2d``/``BiHgru2d``)
 ``hgrn2``   official    2d    :class:`~hgrn_jax.nn.HGRN2D` (``Hgru2_2d_parallel``, bidirectional)
+``hgrn2``   official    2d_series :class:`~hgrn_jax.nn.HGRN2DSeries` (``Hgru2_2d_series``, bidir.)
 ``hgrn``    fla         1d    :class:`~hgrn_jax.nn.FlaHGRNAttention` (causal only)
 ``hgrn2``   official    1d    :class:`~hgrn_jax.nn.HGRN2` (hgru2-pytorch ``Hgru2_1d``/``BiHgru2_1d``)
 ``hgrn2``   fla         1d    :class:`~hgrn_jax.nn.FlaHGRN2Attention` (fla ``HGRN2Attention``)
@@ -34,7 +35,7 @@ from hgrn_jax.deprecation import HGRNDeprecationWarning
 from hgrn_jax.nn.attention import SoftmaxAttention
 from hgrn_jax.nn.checks import check_config_values, check_method
 from hgrn_jax.nn.fla_hgrn import FlaHGRNAttention
-from hgrn_jax.nn.hgrn2 import HGRN2, HGRN2D, FlaHGRN2Attention
+from hgrn_jax.nn.hgrn2 import HGRN2, HGRN2D, FlaHGRN2Attention, HGRN2DSeries
 from hgrn_jax.nn.hgru import HGRU, HGRU2D
 from hgrn_jax.ops import MATRIX_METHODS, METHODS
 
@@ -50,7 +51,7 @@ FLA_HGRN_DOES = {
     "norm_before_gate": (True, "it normalises, then gates"),
 }
 LAYOUTS = ("official", "fla")
-SCANS = ("1d", "2d")
+SCANS = ("1d", "2d", "2d_series")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,10 @@ class MixerConfig:
       official layout, 1-D; give the classifier or LM ``position_encoding=True``).
     layout: ``"official"`` (the authors' hgru-pytorch / hgru2-pytorch layers) or ``"fla"`` (the
       flash-linear-attention layers): parameter names, activations, scale and norm differ.
-    scan: ``"1d"`` over the sequence or ``"2d"`` over an (H, W) grid (official layouts only).
+    scan: ``"1d"`` over the sequence or ``"2d"`` over an (H, W) grid (official layouts only;
+      HGRN2's four scans sharing one set of gates), or ``"2d_series"`` (HGRN2 only: the whole
+      bidirectional layer along H, then again, same weights, along W on its output; hgru2-pytorch's
+      ``Hgru2_2d_series``, the Path-X layer). :attr:`grid` says whether a scan is 2-D.
     expand_ratio: HGRN2's head width K (d / K heads with K x V states); fla HGRN's width
       multiplier. None: hgrn 1, hgrn2 official 2 (hgru2-pytorch's default), hgrn2 fla 128 (fla's).
     complex_valued, separate_phases, use_forget_gate, norm_before_gate: HGRN official's options
@@ -88,7 +92,7 @@ class MixerConfig:
 
     kind: Literal["hgrn", "hgrn2", "attention"] = "hgrn"
     layout: Literal["official", "fla"] = "official"
-    scan: Literal["1d", "2d"] = "1d"
+    scan: Literal["1d", "2d", "2d_series"] = "1d"
     expand_ratio: int | None = None
     complex_valued: bool | None = None
     separate_phases: bool | None = None
@@ -115,10 +119,15 @@ class MixerConfig:
                 "kind='attention' is 1-D with the official layout (a 2-D task's grid is its "
                 f"sequence in raster order); got layout={self.layout!r}, scan={self.scan!r}"
             )
-        if self.scan == "2d" and self.layout != "official":
+        if self.grid and self.layout != "official":
             raise ValueError(
-                f"scan='2d' needs layout='official'; got kind={self.kind!r}, "
+                f"scan={self.scan!r} needs layout='official'; got kind={self.kind!r}, "
                 f"layout={self.layout!r} (fla's mixers are 1-D)"
+            )
+        if self.scan == "2d_series" and self.kind != "hgrn2":
+            raise ValueError(
+                f"scan='2d_series' is HGRN2's (hgru2-pytorch's Hgru2_2d_series); got kind="
+                f"{self.kind!r}: use kind='hgrn2', or scan='2d' for HGRN's 2-D scan"
             )
         if self.sequence_axis is not None and self.kind == "attention":
             raise ValueError(
@@ -149,6 +158,11 @@ class MixerConfig:
                 "expand_ratio is an HGRN2 / fla option; HGRN official has none "
                 f"(got {self.expand_ratio})"
             )
+
+    @property
+    def grid(self) -> bool:
+        """Whether the mixer scans an (H, W) grid (``scan`` ``"2d"`` or ``"2d_series"``)."""
+        return self.scan != "1d"
 
     def check_width(self, features: int, where: str) -> None:
         """Raise if this mixer cannot run at width ``features`` (its heads must split it)."""
@@ -305,10 +319,11 @@ def check_direction(options: Mapping[str, Any], *, causal: bool, key: str = "") 
             f"use {use('layout', 'official')} or {use('kind', 'hgrn2')} for a bidirectional "
             "mixer"
         )
-    if (kind, layout, scan) == ("hgrn2", "official", "2d") and causal:
+    if (kind, layout) == ("hgrn2", "official") and scan in ("2d", "2d_series") and causal:
+        reference = "Hgru2_2d_parallel" if scan == "2d" else "Hgru2_2d_series"
         raise ValueError(
-            f"{where}kind='hgrn2' with scan='2d' is bidirectional only "
-            f"(hgru2-pytorch's Hgru2_2d_parallel); use {use('scan', '1d')} for a causal mixer"
+            f"{where}kind='hgrn2' with scan={scan!r} is bidirectional only "
+            f"(hgru2-pytorch's {reference}); use {use('scan', '1d')} for a causal mixer"
         )
 
 
@@ -370,9 +385,10 @@ def make_mixer(
             sequence_axis=config.sequence_axis,
             **common,
         )
-        if config.scan == "2d":
+        if config.grid:
             check_direction(vars(config), causal=causal)
-            return HGRN2D(features, **options)
+            layer = HGRN2D if config.scan == "2d" else HGRN2DSeries
+            return layer(features, **options)
         return HGRN2(features, bidirectional=not causal, **options)
     return FlaHGRN2Attention(
         features,

@@ -1,11 +1,16 @@
-"""Make the golden cases ``official_hgrn2_bi1d`` and ``official_hgrn2_2d`` (README.md, "HGRN2 cases").
+"""Make the golden cases ``official_hgrn2_bi1d``, ``official_hgrn2_2d`` and
+``official_hgrn2_2d_series`` (README.md, "HGRN2 cases").
 
-They run hgru2-pytorch's ``BiHgru2_1d`` and ``Hgru2_2d_parallel`` unmodified, on CPU, in float64,
-from a checkout of the repository given on the command line (nothing of it is copied here):
+They run hgru2-pytorch's ``BiHgru2_1d``, ``Hgru2_2d_parallel`` and ``Hgru2_2d_series`` unmodified,
+on CPU, in float64, from a checkout of the repository given on the command line (nothing of it is
+copied here):
 
     git clone https://github.com/Doraemonzzz/hgru2-pytorch /tmp/hgru2-pytorch
     git -C /tmp/hgru2-pytorch checkout caf92f0d8f31
     python tests/golden/generate_hgrn2_bi2d.py /tmp/hgru2-pytorch --commit caf92f0d8f31...
+
+``--cases`` makes only the named cases (``official_hgrn2_2d_series`` was added later, by
+``--cases official_hgrn2_2d_series``, leaving the other two files as they were).
 
 Needs torch, einops, numpy and triton (imported by the package's modules; no Triton kernel runs).
 This is no part of the project's environment: run it from a separate one.
@@ -37,6 +42,22 @@ import torch
 SEED = 20240925
 D, EXPAND, LENGTH, GRID, BATCH = 32, 8, 37, (5, 7), 2
 SCAN_CALLS: list[tuple[tuple[int, ...], str]] = []
+CONSTRUCTOR = dict(
+    embed_dim=D,
+    expand_ratio=EXPAND,
+    act_fun="silu",
+    uv_act_fun="sigmoid",
+    use_norm=True,
+    bias=True,
+    norm_type="layernorm",
+)
+SERIES_COMPUTES = (
+    "compute() is BiHgru2_1d.forward_lesshead line for line (parameters and gates of Hgru2_1d: "
+    "v = silu(u), q = sigmoid(o), lam = lb + (1-lb)*sigmoid(f), k = 1-lam; a forward and a "
+    "reverse scan, states summed, read out with q, out_proj(LayerNorm(.))). forward() runs it "
+    "along H on (H, W*B, d) (each column), rearranges its output to (W, H*B, d) and runs the same "
+    "compute, same weights and lower bound, along W (each row): y = L_W(L_H(x))."
+)
 
 
 def real_scan(x: torch.Tensor, lambda_: torch.Tensor) -> torch.Tensor:
@@ -115,6 +136,23 @@ def numpy_reference(params: dict, x: np.ndarray, bound: np.ndarray, axes: tuple[
     return o @ params["out_proj.weight"].T + params["out_proj.bias"]
 
 
+def numpy_series(params: dict, x: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """``Hgru2_2d_series`` from README.md's maths: the 1-D bidirectional layer along H (axis 0),
+    then the same layer along W (axis 1) on its output."""
+    return numpy_reference(params, numpy_reference(params, x, bound, (0,)), bound, (1,))
+
+
+def bihgru2_1d_twice(modules, module: torch.nn.Module, x: torch.Tensor, bound) -> torch.Tensor:
+    """``BiHgru2_1d`` holding ``module``'s weights, run along H on (H, W*B, d), then along W on
+    (W, H*B, d): what ``Hgru2_2d_series`` should be if its ``compute`` is ``forward_lesshead``."""
+    h, w, b, d = x.shape
+    one = modules.BiHgru2_1d(**CONSTRUCTOR).double().eval()
+    one.load_state_dict(module.state_dict())
+    y = one(x.reshape(h, w * b, d), bound).reshape(h, w, b, d)
+    y = one(y.transpose(0, 1).reshape(w, h * b, d).contiguous(), bound)
+    return y.reshape(w, h, b, d).transpose(0, 1)
+
+
 # ---------------------------------------------------------------- one case
 
 
@@ -125,13 +163,22 @@ def make_case(modules, class_name: str, constructor: dict, shape: tuple, seed: i
     x = torch.randn(shape, generator=generator, dtype=torch.float64)
     bound = 0.05 + 0.85 * torch.rand(D, generator=generator, dtype=torch.float64)
     grid = len(shape) == 4
+    series = class_name == "Hgru2_2d_series"
     scans = 4 if grid else 2
 
     with torch.no_grad():
         SCAN_CALLS.clear()
         output = module(x, bound)
         calls = list(SCAN_CALLS)
-        lb0 = module(x)
+        default_bound_error = None
+        if series:  # its default bound, python 0, becomes zeros_like(x) (H, W, B, d)
+            try:
+                module(x)
+            except RuntimeError as error:
+                default_bound_error = f"{type(error).__name__}: {error}"
+            lb0 = module(x, torch.zeros(D, dtype=torch.float64))
+        else:
+            lb0 = module(x)
         params = {k: v.numpy().copy() for k, v in module.state_dict().items()}
         arrays = {"input": x.numpy(), "lower_bound": bound.numpy()}
         arrays |= {f"param/{k}": v for k, v in params.items()}
@@ -139,15 +186,15 @@ def make_case(modules, class_name: str, constructor: dict, shape: tuple, seed: i
 
         axes = (0, 1) if grid else (0,)
         xs, bs = x.numpy(), bound.numpy()
+        if series:
+            ours = lambda b: numpy_series(params, xs, b)
+        else:
+            ours = lambda b: numpy_reference(params, xs, b, axes)
         sanity: dict = {
             "scan_calls_per_forward": len(calls),
             "scan_calls": calls,
-            "numpy_reference_maxabs": float(
-                np.abs(numpy_reference(params, xs, bs, axes) - arrays["output"]).max()
-            ),
-            "numpy_reference_lb0_maxabs": float(
-                np.abs(numpy_reference(params, xs, 0.0, axes) - arrays["output/lb0"]).max()
-            ),
+            "numpy_reference_maxabs": float(np.abs(ours(bs) - arrays["output"]).max()),
+            "numpy_reference_lb0_maxabs": float(np.abs(ours(0.0) - arrays["output/lb0"]).max()),
             "output_maxabs": float(output.abs().max()),
             "lb_effect_maxabs": float((output - lb0).abs().max()),
         }
@@ -167,17 +214,32 @@ def make_case(modules, class_name: str, constructor: dict, shape: tuple, seed: i
             moved = x.clone()
             moved[cell] += 1.0
             changed = (module(moved, bound) - output).abs().amax(dim=(2, 3)) > 0
-            expected = torch.zeros_like(changed)
-            expected[cell[0], :] = expected[:, cell[1]] = True
-            sanity["perturb_cell"] = {
-                "cell": list(cell),
-                "changed_cells": changed.nonzero().tolist(),
-                "matches_expected_cross_pattern": bool(torch.equal(changed, expected)),
-            }
-            # The four scans treat H and W alike, so a transposed grid gives the transposed output:
-            # only the non-square shape can catch swapped axes.
+            if series:  # the column, then every row through it: the whole grid
+                sanity["perturb_cell"] = {
+                    "cell": list(cell),
+                    "changed_cells_count": int(changed.sum()),
+                    "every_cell_changed": bool(changed.all()),
+                }
+            else:
+                expected = torch.zeros_like(changed)
+                expected[cell[0], :] = expected[:, cell[1]] = True
+                sanity["perturb_cell"] = {
+                    "cell": list(cell),
+                    "changed_cells": changed.nonzero().tolist(),
+                    "matches_expected_cross_pattern": bool(torch.equal(changed, expected)),
+                }
+            # Hgru2_2d_parallel's four scans treat H and W alike, so a transposed grid gives the
+            # transposed output: only the non-square shape can catch swapped axes. The series
+            # layer runs H first, so transposing changes its output.
             swapped = module(x.transpose(0, 1).contiguous(), bound).transpose(0, 1)
             sanity["transposed_grid_maxabs_change"] = float((swapped - output).abs().max())
+            if series:
+                sanity["default_lower_bound_error"] = default_bound_error
+                sanity["cross_checks"] = {
+                    "maxabs_vs_BiHgru2_1d_along_H_then_W_same_weights": float(
+                        (bihgru2_1d_twice(modules, module, x, bound) - output).abs().max()
+                    )
+                }
         else:
             t0 = shape[0] // 2
             later = x.clone()
@@ -201,7 +263,11 @@ def make_case(modules, class_name: str, constructor: dict, shape: tuple, seed: i
         sanity["batch0_change_when_batch1_perturbed"] = float(change[..., 0, :].max())
         sanity["batch1_change_when_batch1_perturbed"] = float(change[..., 1, :].max())
 
-    file = {"BiHgru2_1d": "bihgru2_1d", "Hgru2_2d_parallel": "hgru2_2d_parallel"}[class_name]
+    file = {
+        "BiHgru2_1d": "bihgru2_1d",
+        "Hgru2_2d_parallel": "hgru2_2d_parallel",
+        "Hgru2_2d_series": "hgru2_2d_series",
+    }[class_name]
     layout = (
         "grid-major (H, W, b, d): input[row, col, batch, channel]; axis 0 = H (rows), axis 1 = W"
         if grid
@@ -235,9 +301,17 @@ def make_case(modules, class_name: str, constructor: dict, shape: tuple, seed: i
             "num_heads": D // EXPAND,
             "head_k_dim": EXPAND,
             "head_v_dim": EXPAND,
-            "scans": ("H forward, H reverse, W forward, W reverse" if grid else "forward, reverse"),
+            "scans": (
+                "pass 1 along H: forward, reverse; pass 2 along W: forward, reverse"
+                if series
+                else "H forward, H reverse, W forward, W reverse"
+                if grid
+                else "forward, reverse"
+            ),
         },
-        "computes": (
+        "computes": SERIES_COMPUTES
+        if series
+        else (
             "HGRN2 with the parameters and gates of Hgru2_1d (official_hgrn2_1d): v = silu(u), "
             "q = sigmoid(o), lam = lb + (1-lb)*sigmoid(f), k = 1-lam; the same q, k, v, lam feed "
             + (
@@ -249,8 +323,14 @@ def make_case(modules, class_name: str, constructor: dict, shape: tuple, seed: i
             + "; their states are summed (both include the current token), read out with q, "
             "then out_proj(LayerNorm(.))."
         ),
-        "call": "output = module(input, lower_bound); output/lb0 = module(input) (lower_bound "
-        "defaults to python 0 -> zeros_like(input))",
+        "call": (
+            "output = module(input, lower_bound); output/lb0 = module(input, torch.zeros(d)) "
+            "(the default, python 0 -> zeros_like(input) (H, W, B, d), does not broadcast "
+            "against compute's (H, W*B, ...) gates: sanity.default_lower_bound_error)"
+            if series
+            else "output = module(input, lower_bound); output/lb0 = module(input) (lower_bound "
+            "defaults to python 0 -> zeros_like(input))"
+        ),
         "lower_bound": "per-channel float64 vector (d,), values 0.05 + 0.85*U(0,1); applied to "
         "the forget gate (key) channels",
         "input_layout": layout,
@@ -263,6 +343,7 @@ def make_case(modules, class_name: str, constructor: dict, shape: tuple, seed: i
         "1+0.3N, norm.bias ~ 0.2N, other biases ~ 0.3N, weights ~ N(0,1)*1.5/sqrt(fan_in)",
         "extra_outputs": {
             "output/lb0": "same weights and input, no lower bound (lam = sigmoid(f))"
+            + (", given as a zero (d,) tensor" if series else "")
         },
         "sanity": sanity,
         "suggested_tolerance": "float64 port: atol 1e-10; float32 port: atol 5e-5, rtol 1e-5",
@@ -286,8 +367,12 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument(
-        "--seed", type=int, default=SEED, help="another seed makes another set (2-D: seed + 1)"
+        "--seed",
+        type=int,
+        default=SEED,
+        help="another seed makes another set (2-D: seed + 1, series: seed + 2)",
     )
+    parser.add_argument("--cases", nargs="+", help="make only these cases (default: all)")
     args = parser.parse_args()
     commit = (
         args.commit
@@ -300,21 +385,18 @@ def main() -> None:
     )
     torch.set_num_threads(1)
     modules = load_reference(args.checkout.resolve())
-    constructor = dict(
-        embed_dim=D,
-        expand_ratio=EXPAND,
-        act_fun="silu",
-        uv_act_fun="sigmoid",
-        use_norm=True,
-        bias=True,
-        norm_type="layernorm",
-    )
     cases = {
         "official_hgrn2_bi1d": ("BiHgru2_1d", (LENGTH, BATCH, D), args.seed),
         "official_hgrn2_2d": ("Hgru2_2d_parallel", (*GRID, BATCH, D), args.seed + 1),
+        "official_hgrn2_2d_series": ("Hgru2_2d_series", (*GRID, BATCH, D), args.seed + 2),
     }
+    unknown = sorted(set(args.cases or ()) - set(cases))
+    if unknown:
+        parser.error(f"unknown case {unknown[0]!r}; choose from {', '.join(cases)}")
     for name, (class_name, shape, seed) in cases.items():
-        arrays, meta = make_case(modules, class_name, constructor, shape, seed, commit)
+        if args.cases and name not in args.cases:
+            continue
+        arrays, meta = make_case(modules, class_name, CONSTRUCTOR, shape, seed, commit)
         meta["case"] = name
         np.savez(args.out / f"{name}.npz", **arrays)
         (args.out / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
