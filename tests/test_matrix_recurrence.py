@@ -604,6 +604,7 @@ def test_an_eager_call_is_compiled_once_per_shape_and_setting(monkeypatch):
     traced = []
     forward = module._forward
     monkeypatch.setattr(module, "_forward", lambda *args: traced.append(1) or forward(*args))
+    module._compiled_matrix_recurrence.clear_cache()
     q = jax.random.normal(jax.random.key(0), (2, 7, 3, 5))  # shapes no other test uses
     v = jax.random.normal(jax.random.key(1), (2, 7, 3, 4))
     g = -jnp.abs(q)
@@ -612,3 +613,13 @@ def test_an_eager_call_is_compiled_once_per_shape_and_setting(monkeypatch):
     assert len(traced) == 1  # scale is an array argument, not a setting
     np.testing.assert_allclose(again[0], first[0] / 2, rtol=1e-6)
     np.testing.assert_array_equal(again[1], first[1])
+
+
+def test_an_eager_call_under_disable_jit_runs_op_by_op():
+    """Under ``jax.disable_jit()`` the compiled copy called itself without end (RecursionError)."""
+    q = jax.random.normal(jax.random.key(0), (1, 5, 2, 4))
+    g = -jnp.abs(q)
+    want = jax.jit(matrix_recurrence)(q, q, q, g)
+    with jax.disable_jit():
+        got = matrix_recurrence(q, q, q, g)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # op by op: other rounding

@@ -675,7 +675,8 @@ def test_an_eager_call_is_compiled_once_per_shape_and_setting(monkeypatch):
     traced = []
     scan = recurrence._scan
     monkeypatch.setattr(recurrence, "_scan", lambda *args: traced.append(1) or scan(*args))
-    a = jnp.full((3, 7, 5), 0.5)  # a shape no other test uses, so nothing is cached yet
+    recurrence._compiled_linear_recurrence.clear_cache()
+    a = jnp.full((3, 7, 5), 0.5)
     x = jnp.arange(3 * 7 * 5, dtype=jnp.float32).reshape(3, 7, 5)
     h0 = jnp.ones((3, 5))
     first = linear_recurrence(a, x, h0, return_last_state=True)
@@ -690,3 +691,17 @@ def test_an_eager_call_is_compiled_once_per_shape_and_setting(monkeypatch):
     assert len(traced) == 1
     with pytest.raises(ValueError, match=r"^h0 must have shape \(3, 5\); got \(5,\)$"):
         linear_recurrence(a, x, jnp.ones(5))  # the checks still speak as before
+
+
+def test_an_eager_call_under_disable_jit_or_debug_nans_runs_op_by_op():
+    """Under ``jax.disable_jit()`` the compiled copy ran the function eagerly, whose inputs were
+    concrete again, so it called its copy without end (RecursionError); under
+    ``jax_debug_nans`` the rerun of a call that made a NaN did the same, instead of raising
+    FloatingPointError."""
+    x = jnp.arange(10.0).reshape(2, 5, 1)
+    want = np.cumsum(np.asarray(x), axis=1)
+    with jax.disable_jit():
+        np.testing.assert_array_equal(linear_recurrence(jnp.ones_like(x), x), want)
+    bad = x.at[0, 2, 0].set(jnp.inf)  # 0 * inf at the next step: a NaN made inside the scan
+    with jax.debug_nans(True), pytest.raises(FloatingPointError):
+        linear_recurrence(jnp.zeros_like(x), bad)

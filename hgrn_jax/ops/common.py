@@ -7,8 +7,10 @@ Imports nothing else of ``hgrn_jax``, so every recurrence module can import it.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -17,14 +19,37 @@ import jax.numpy as jnp
 Parts = tuple[jax.Array, ...]  # a real value (1-tuple) or a complex one as (real, imag)
 
 
+# True inside a compiled copy's own call: under ``jax.disable_jit()`` (and in the rerun that
+# ``jax_debug_nans`` makes of a call that gave a NaN) its inputs are concrete again, and the
+# copy would call itself without end.
+_IN_COMPILED_COPY = contextvars.ContextVar("hgrn_jax_in_compiled_copy", default=False)
+
+
 def outside_transforms(*args: Any) -> bool:
-    """Whether no leaf of ``args`` is a tracer: the call runs eagerly, outside ``jax.jit``,
-    ``jax.grad``, ``jax.vmap`` and the like.
+    """Whether the call runs eagerly, outside ``jax.jit``, ``jax.grad``, ``jax.vmap`` and the
+    like (no leaf of ``args`` is a tracer), and not already inside a :func:`compiled_copy`.
 
     The recurrences then run through a compiled copy of themselves: called op by op, their
     time loops were traced and compiled anew at every call (about 50 ms on CPU, even for one
     token), which made an eager ``step()`` loop or a notebook slow."""
+    if _IN_COMPILED_COPY.get():
+        return False
     return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args))
+
+
+def compiled_copy(function: Callable[..., Any], static_argnames: Sequence[str]) -> Callable:
+    """``jax.jit(function)`` whose calls :func:`outside_transforms` sees as inside it, even
+    where they run op by op (``jax.disable_jit()``, ``jax_debug_nans``'s rerun)."""
+
+    @functools.wraps(function)
+    def marked(*args: Any, **kwargs: Any) -> Any:
+        token = _IN_COMPILED_COPY.set(True)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            _IN_COMPILED_COPY.reset(token)
+
+    return jax.jit(marked, static_argnames=tuple(static_argnames))
 
 
 def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:

@@ -81,6 +81,7 @@ import jax.numpy as jnp
 from hgrn_jax.ops.common import (
     accumulation_dtype,
     check_chunk_size,
+    compiled_copy,
     matrix_inputs_dtype,
     outside_transforms,
     resolve_out_dtype,
@@ -265,9 +266,8 @@ def matrix_recurrence(
 
 
 # An eager call's compiled copy (see common.outside_transforms); under it the inputs are tracers.
-_compiled_matrix_recurrence = jax.jit(
-    matrix_recurrence,
-    static_argnames=("method", "return_last_state", "out_dtype", "chunk_size"),
+_compiled_matrix_recurrence = compiled_copy(
+    matrix_recurrence, ("method", "return_last_state", "out_dtype", "chunk_size")
 )
 
 

@@ -32,6 +32,7 @@ from hgrn_jax.ops.common import (
     chain_carries,
     check_chunk_size,
     check_inputs,
+    compiled_copy,
     last_state_dtype,
     outside_transforms,
     resolve_out_dtype,
@@ -201,16 +202,9 @@ def linear_recurrence(
 
 
 # An eager call's compiled copy (see common.outside_transforms); under it the inputs are tracers.
-_compiled_linear_recurrence = jax.jit(
+_compiled_linear_recurrence = compiled_copy(
     linear_recurrence,
-    static_argnames=(
-        "reverse",
-        "method",
-        "return_last_state",
-        "chunk_size",
-        "out_dtype",
-        "axis",
-    ),
+    ("reverse", "method", "return_last_state", "chunk_size", "out_dtype", "axis"),
 )
 
 
