@@ -9,8 +9,8 @@ import importlib
 from typing import Any
 
 LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
-# HGRN2's Path-X (98.12 in its paper) runs Hgru2_2d_series, which we do not have: no config.
-HGRN2_LRA_TASKS = LRA_TASKS[:-1]
+# HGRN2's six rows, Path-X (98.12 in its paper, Hgru2_2d_series: our HGRN2DSeries) included.
+HGRN2_LRA_TASKS = LRA_TASKS
 IMAGENET_SIZES = {192: "HGRN-Tiny", 384: "HGRN-Small"}
 PAPER_LM = ("hgrn", 6, 512, "GPT-2 BPE")
 """The paper's WikiText-103 setting (:func:`lm_setting`): mixer kind, layers, width, vocabulary.
@@ -28,7 +28,7 @@ def _paper(module: str) -> dict[str, Any]:
 @functools.cache
 def paper_numbers() -> dict[str, dict[str, Any]]:
     """The paper's numbers (each config's ``paper`` fields): HGRN's by task name (ImageNet's as
-    ``imagenet-tiny`` and ``imagenet-small``), and HGRN2's LRA rows (no Path-X) under
+    ``imagenet-tiny`` and ``imagenet-small``), and HGRN2's six LRA rows under
     ``"hgrn2"``. Do not modify the returned dicts (they are cached)."""
     numbers = {task: _paper(f"lra.{task}") for task in LRA_TASKS}
     numbers["imagenet-tiny"] = _paper("imagenet.tiny")
@@ -40,7 +40,7 @@ def paper_numbers() -> dict[str, dict[str, Any]]:
 
 def lra_paper_accuracy(paper: dict[str, dict[str, Any]], kind: str, task: str) -> float | None:
     """The paper's LRA accuracy of the model with mixer ``kind`` on ``task``; None where there
-    is none (the Transformer baseline at our settings; HGRN2's Path-X, which we cannot run)."""
+    is none (the Transformer baseline at our settings)."""
     if kind == "hgrn":
         return paper[task]["value"]
     if kind == "hgrn2" and task in paper["hgrn2"]:
@@ -50,8 +50,8 @@ def lra_paper_accuracy(paper: dict[str, dict[str, Any]], kind: str, task: str) -
 
 def lra_paper_average(kind: str) -> tuple[float, int] | None:
     """The average accuracy the paper of the model with mixer ``kind`` reports, and over how
-    many tasks: HGRN's 86.91 over six, HGRN2's 87.66 over six (Path-X included, for which we
-    have no config, so it is not the mean of its five rows here); None for the baseline."""
+    many tasks: HGRN's 86.91 over six, HGRN2's 87.66 over six (its figure's, which the mean of its
+    six two-decimal rows rounds to); None for the baseline."""
     if kind == "hgrn":
         return sum(paper_numbers()[task]["value"] for task in LRA_TASKS) / len(LRA_TASKS), 6
     if kind == "hgrn2":
@@ -65,7 +65,7 @@ def lra_paper_average(kind: str) -> tuple[float, int] | None:
 def lra_paper_steps(kind: str, task: str) -> int | None:
     """``num_train_steps`` of the paper's setting of the model with mixer ``kind`` on LRA
     ``task`` (its config file without a preset; the Transformer baseline keeps HGRN's schedule,
-    ``common.use_attention``); None where there is no config (HGRN2's Path-X)."""
+    ``common.use_attention``); None where there is no config."""
     if kind == "hgrn2" and task not in HGRN2_LRA_TASKS:
         return None
     module = f"experiments.configs.{'hgrn2' if kind == 'hgrn2' else 'lra'}.{task}"
@@ -73,7 +73,7 @@ def lra_paper_steps(kind: str, task: str) -> int | None:
 
 
 def lra_tasks_of(kind: str) -> tuple[str, ...]:
-    """The LRA tasks a model's average is taken over: HGRN2 has no Path-X config."""
+    """The LRA tasks a model's average is taken over: all six, for every model."""
     return HGRN2_LRA_TASKS if kind == "hgrn2" else LRA_TASKS
 
 

@@ -257,7 +257,8 @@ def test_other_models_are_marked_and_averaged_apart(tmp_path, capsys):
     assert text[1:3] == ["88.97", "60.00"] and text[-1].endswith("text (HGRN2) (generated data)")
     assert [r[1:3] for r in row(hgrn2, "ListOps")] == [["60.52", "—"]]  # HGRN2's paper, no run
     assert row(hgrn, "Text")[0][1:3] == ["88.14", "80.00"]  # HGRN's
-    assert row(hgrn2, "Path-X") == row(baseline, "Text") == []  # no paper number, no run
+    assert row(hgrn2, "Path-X") == [["Path-X", "98.12", "—", "—", "—", "—"]]  # HGRN2's paper
+    assert row(baseline, "Text") == []  # no paper number, no run
     averages = {
         r[0]: r[1:3]
         for table in (hgrn, hgrn2, baseline)
@@ -269,7 +270,7 @@ def test_other_models_are_marked_and_averaged_apart(tmp_path, capsys):
             "85.57 (mean of the paper's 5 rows above)",
             "— (0/5 tasks with real-data runs)",  # its one run read generated data
         ],
-        "**Paper's average** (HGRN2, 6 tasks)": ["87.66", "— (no config for Path-X)"],
+        "**Paper's average** (HGRN2, 6 tasks)": ["87.66", "— (no real-data Path-X run)"],
         "**Average** (Transformer baseline)": ["—", "— (1/6 tasks with real-data runs)"],
     }
 
@@ -311,8 +312,9 @@ def test_the_data_marks_say_what_the_task_read(tmp_path, capsys):
 
 
 def test_hgrn2_runs_are_compared_with_the_hgrn2_paper(tmp_path, capsys):
-    """HGRN2's paper numbers (arXiv 2404.07904, its LRA figure) beside HGRN2 runs, and HGRN2's
-    average over its five tasks: HGRN's numbers and a six-task average had been used."""
+    """HGRN2's paper numbers (arXiv 2404.07904, its LRA figure) beside HGRN2 runs, and, without
+    a Path-X run, HGRN2's average over its other five tasks: HGRN's numbers and a six-task
+    average had been used."""
     hgrn2_paper = {"listops": 60.52, "text": 88.97, "retrieval": 95.07, "image": 89.33}
     hgrn2_paper["pathfinder"] = 93.95
     for task in hgrn2_paper:
@@ -328,17 +330,17 @@ def test_hgrn2_runs_are_compared_with_the_hgrn2_paper(tmp_path, capsys):
         assert row(hgrn, tables.LRA_NAMES[task])[0][2] == "—"  # HGRN's paper row, no run
     (pathx_row,) = row(hgrn, "Path-X")
     assert pathx_row[1:3] == ["97.50", "—"]
-    assert row(hgrn2, "Path-X") == []
+    assert row(hgrn2, "Path-X") == [["Path-X", "98.12", "—", "—", "—", "—"]]
     averages = {r[0]: r[1:3] for r in row(out, "**Average**") + row(out, "**Paper's average**")}
     expected_ours = sum(LRA_TEST[t] for t in hgrn2_paper) / 5
-    # The paper's own average is over six tasks, Path-X (98.12) included, which has no config:
+    # The paper's own average is over six tasks, Path-X (98.12) included, which has no run here:
     # the mean of its five rows is given, labelled as such, beside its own six-task average.
     assert averages["**Average** (HGRN2, 5 tasks without Path-X)"] == [
         f"{sum(hgrn2_paper.values()) / 5:.2f} (mean of the paper's 5 rows above)",
         f"{expected_ours:.2f}",
     ]
     paper_average = averages["**Paper's average** (HGRN2, 6 tasks)"]
-    assert paper_average == ["87.66", "— (no config for Path-X)"]
+    assert paper_average == ["87.66", "— (no real-data Path-X run)"]
     # The paper's two-decimal figures: its five rows and Path-X make its six-task average.
     assert sum(hgrn2_paper.values()) + 98.12 == pytest.approx(6 * 87.66, abs=0.005)
     assert averages["**Average**"] == ["86.91", "— (0/6 tasks with real-data runs)"]
@@ -351,6 +353,38 @@ def test_hgrn2_runs_are_compared_with_the_hgrn2_paper(tmp_path, capsys):
     assert tiny_row[3] == "—"
     (baseline,) = row(out, "Transformer baseline (d=192)")
     assert baseline[1:3] == ["—", "—"] and baseline[4] == "70.00"
+
+
+def test_hgrn2_with_a_path_x_run_is_averaged_over_six_tasks_as_hgrn(tmp_path, capsys):
+    """With Path-X (Hgru2_2d_series, experiments/configs/hgrn2/pathx.py) HGRN2's average is over
+    the six tasks its paper's 87.66 is over, in one row as HGRN's: no five-task rows."""
+    for task, accuracy in LRA_TEST.items():
+        make_run(tmp_path / "hgrn2" / task, task, accuracy, mixer="hgrn2")
+    assert report.main([str(tmp_path), "--png", str(tmp_path / "c.png")]) == 0
+    hgrn2 = section(capsys.readouterr().out, HGRN2_LRA)
+    (pathx,) = row(hgrn2, "Path-X")
+    assert pathx[1:3] == ["98.12", f"{LRA_TEST['pathx']:.2f}"] and pathx[-1].endswith("(HGRN2)")
+    averages = {r[0]: r[1:3] for r in row(hgrn2, "**Average**") + row(hgrn2, "**Paper's")}
+    assert averages == {"**Average** (HGRN2)": ["87.66", f"{sum(LRA_TEST.values()) / 6:.2f}"]}
+    # Path-X on generated data only: not in the average, which then lacks a task (as HGRN's).
+    other = tmp_path / "other"
+    for task, accuracy in LRA_TEST.items():
+        source = "synthetic" if task == "pathx" else "release"
+        make_run(other / task, task, accuracy, mixer="hgrn2", source=source)
+    assert report.main([str(other), "--png", str(tmp_path / "d.png")]) == 0
+    out = capsys.readouterr().out
+    hgrn2 = section(out, HGRN2_LRA)
+    averages = {r[0]: r[1:3] for r in row(hgrn2, "**Average**") + row(hgrn2, "**Paper's")}
+    five = [a for t, a in LRA_TEST.items() if t != "pathx"]
+    assert averages == {
+        "**Average** (HGRN2, 5 tasks without Path-X)": [
+            "85.57 (mean of the paper's 5 rows above)",
+            f"{sum(five) / 5:.2f}",
+        ],
+        "**Paper's average** (HGRN2, 6 tasks)": ["87.66", "— (no real-data Path-X run)"],
+    }
+    notes = out.split(f"### {HGRN2_LRA}\n\n", 1)[1].split("\n\n")[1]
+    assert "- Not in the average (generated or synthetic data only): Path-X" in notes
 
 
 def paper_steps(task: str) -> dict:
