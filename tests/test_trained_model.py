@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import types
 from collections.abc import Coroutine
 from pathlib import Path
@@ -923,12 +924,32 @@ def _unraisable(error: BaseException) -> types.SimpleNamespace:
     )
 
 
+def test_echoes_ended_in_another_order_than_begun_pass_later_errors_on(monkeypatch):
+    """Two loads in two threads: A's filter installed, then B's over it, A ended, then B. B put
+    back the hook before it, A's, which went on holding (never showing) every later unraisable
+    error naming A's folders, and every ``Event loop is closed``, for the process's life."""
+    from hgrn_jax.training.checkpoint import Echoes
+
+    shown = []
+    monkeypatch.setattr(sys, "unraisablehook", shown.append)
+    first = Echoes(lambda error, text: "a" if "folder-a" in str(error) else None, False)
+    second = Echoes(lambda error, text: "b" if "folder-b" in str(error) else None, False)
+    first.install()
+    second.install()
+    first.uninstall()
+    second.uninstall()
+    later = _unraisable(RuntimeError("reading folder-a failed"))
+    sys.unraisablehook(later)
+    assert shown == [later] and not first.held
+
+
 @pytest.fixture
 def training_run(tmp_path, monkeypatch):
     """``(workdir, reads, shown)``: a run folder with checkpoints 4 and 6 whose reads are
     simulated (``trained._load_step``, no JAX): ``reads`` maps a step to what its read does
     (``"vanish"``: the run saves the next even step and deletes this one while it is read,
     with Orbax's echoes; ``"corrupt"``: the read fails with the same echoes, the folder stays;
+    ``"corrupt, then saved"``: so, and the run saves the next even step meanwhile;
     absent: the read returns ``("model", step)``); ``shown`` collects the unraisable errors
     that reach the hook."""
     from hgrn_jax.training import trained
@@ -941,8 +962,9 @@ def training_run(tmp_path, monkeypatch):
     def load_step(workdir, config, step):
         folder = workdir / "checkpoints" / str(step)
         if step in reads:
-            if reads[step] == "vanish":
+            if reads[step] != "corrupt":
                 (folder.parent / str(step + 2) / "state").mkdir(parents=True, exist_ok=True)
+            if reads[step] == "vanish":
                 shutil.rmtree(folder)
             read = _suspended_read(folder)
             _orbax_read_echoes(folder)
@@ -1029,6 +1051,41 @@ def test_a_checkpoint_that_stays_shows_its_errors_and_other_errors_are_shown(
         "RESOURCE_EXHAUSTED",
         "ValueError: PERMISSION_DENIED: /elsewhere/data",
     ]
+
+
+def test_a_damaged_checkpoint_passed_over_for_a_newer_one_shows_its_errors(
+    training_run, caplog, monkeypatch
+):
+    """'latest' (6) fails to read and stays on disk while the run saves 8: the load returns 8,
+    and the errors of 6, which is damaged, not deleted, are shown (they were dropped, since the
+    load succeeded); a step the run is still deleting is waited for, then its echoes dropped."""
+    from hgrn_jax.training import trained
+
+    monkeypatch.setattr(trained, "_DELETION_WAIT_S", 0.2)
+    workdir, reads, shown = training_run
+    reads[6] = "corrupt, then saved"
+    caplog.set_level(logging.INFO)
+    model, _, step = load_trained_model(workdir, "latest", return_step=True)
+    assert (model, step) == (("model", 8), 8)
+    seen = _echoes_seen(caplog, shown)
+    assert any("Requested directory for restore does not exist" in line for line in seen), seen
+    caplog.clear()
+    shown.clear()
+
+    reads.clear()
+    reads[8] = "corrupt, then saved"  # the run's deletion of 8 ends after the load moved on
+    late_delete = threading.Timer(0.05, shutil.rmtree, [workdir / "checkpoints" / "8"])
+    monkeypatch.setattr(trained, "_DELETION_WAIT_S", 5.0)
+    real_load = trained._load_step
+
+    def load_step(workdir, config, step):
+        if step == 8:
+            late_delete.start()
+        return real_load(workdir, config, step)
+
+    monkeypatch.setattr(trained, "_load_step", load_step)
+    assert load_trained_model(workdir, "latest")[0] == ("model", 10)
+    assert _echoes_seen(caplog, shown) == []
 
 
 def _raised_in_read(error: BaseException) -> BaseException:

@@ -147,14 +147,20 @@ class Echoes:
         self.seen = False  # whether echo_of named an echo
         self.held: list[tuple[Hashable, logging.LogRecord | Any]] = []
         self.shown: Any = None  # the unraisable hook before ours
+        self.active = False
 
     def install(self) -> None:
         for logger in ("absl", "asyncio"):
             logging.getLogger(logger).addFilter(self.keep_record)
         self.shown = sys.unraisablehook
         sys.unraisablehook = self.unraisable
+        self.active = True
 
     def uninstall(self) -> None:
+        """Stop filtering. The unraisable hook before ours is put back where ours is still the
+        hook; where another was installed over it since (two loads in two threads, ended in
+        the order they began), ours stays in that chain but passes everything on."""
+        self.active = False
         for logger in ("absl", "asyncio"):
             logging.getLogger(logger).removeFilter(self.keep_record)
         if sys.unraisablehook == self.unraisable:
@@ -169,6 +175,9 @@ class Echoes:
         return False
 
     def unraisable(self, unraisable: Any) -> None:
+        if not self.active:
+            self.shown(unraisable)
+            return
         what = self.echo_of(unraisable.exc_value, unraisable.err_msg or "")
         if what is None and _is_closed_loop_callback(unraisable):
             what = LATE_CALLBACK

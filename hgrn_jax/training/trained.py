@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import json
 import re
+import time
 import warnings
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -43,6 +44,11 @@ CHECKPOINT_CHOICES = ("best", "latest")
 
 _ATTEMPTS = 5
 """Loads of 'best' / 'latest' tried while a training run deletes the checkpoint being read."""
+
+_DELETION_WAIT_S = 2.0
+"""How long a load that moved on from a step it failed to read waits for that step's folder
+to go (the run deleting it) before taking the failure for a checkpoint's own and showing its
+errors."""
 
 _VOCAB_PROBE = 1_000_003
 """A vocabulary size no other axis of a model has: the axes of this size are the vocabulary's."""
@@ -305,10 +311,17 @@ class _Reads:
         return None
 
     def finish(self, succeeded: bool) -> None:
-        """The load is over: the echoes of a read are explained when its step folder is gone
-        now, or when the load moved on from it and then succeeded; asyncio's late callbacks,
-        which name no folder, when every read but a successful last one is explained."""
-        self.gone = {f for f in self.retried if succeeded or not f.is_dir()}
+        """The load is over: the echoes of a read it moved on from are explained when that step
+        folder is gone (after a successful load, once the run has had
+        :data:`_DELETION_WAIT_S` to finish deleting it: a step still there failed to read on
+        its own, damaged, and its errors are shown); asyncio's late callbacks, which name no
+        folder, when every read but a successful last one is explained."""
+        deadline = time.monotonic() + _DELETION_WAIT_S
+        while succeeded and any(f.is_dir() for f in self.retried):
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        self.gone = {f for f in self.retried if not f.is_dir()}
         rest = set(self.folders[:-1] if succeeded else self.folders) - self.gone
         self.explains_late_callbacks = bool(self.gone) and not rest
 
