@@ -1,4 +1,4 @@
-"""HGRN2 experiment configs (arXiv 2404.07904): five LRA rows and WikiText-103.
+"""HGRN2 experiment configs (arXiv 2404.07904): the six LRA rows and WikiText-103.
 
 Sources, cited per value in each file:
 
@@ -6,7 +6,8 @@ Sources, cited per value in each file:
   ``batches``, ``gpus``, ``d_model_dict``, ``n_layers_dict``, ``norm_dict``, ``lr_dict``,
   ``wd_dict``, ``dropout_dict``, ``warmup_steps_dict``, ``training_steps_dict``,
   ``expand_ratio_glu_dict``, ``expand_ratio_dict``, ``training_epochs_dict``, ``encoder_dict``,
-  ``gradient_clip_dict``) and ``script_lra_others.sh`` (bf16, seed 2222, pool decoder). The total
+  ``use_series_dict``, ``gradient_clip_dict``; Path-X is its ``pathfinderx``) and
+  ``script_lra_others.sh`` (bf16, seed 2222, pool decoder). The total
   batch is ``batches[task]``; the script divides it over ``gpus[task]`` devices.
 - [lra_fig] ``figures/lra.png`` of the same repo (the paper's LRA table): HGRN2 ListOps 60.52,
   Text 88.97, Retrieval 95.07, Image 89.33, Pathfinder 93.95, Path-X 98.12, average 87.66.
@@ -21,6 +22,8 @@ sinusoidal positions (``"id"``: none) are inferences, from the release branch's 
 (``"position"``: ``PositionalEncoder``, ``"id"``: identity) and from the HGRN1 runs. The HGRN2
 WikiText-103 architectures (``hgrn2_lm_outproduct_*`` in ``OpenNLPLab/fairseq-evo``) and the
 paper's WikiText-103 perplexity could not be read either. Path-X runs ``Hgru2_2d_series``
-(``use_series=True``), which we do not have, so it has no config; Image and Pathfinder use
-``Hgru2_2d_parallel`` (our ``HGRN2D``, checked by the golden case ``official_hgrn2_2d``).
+(``use_series=True``; our ``HGRN2DSeries``, ``mixer.scan="2d_series"``, checked by the golden case
+``official_hgrn2_2d_series``); Image and Pathfinder use ``Hgru2_2d_parallel`` (our ``HGRN2D``,
+checked by ``official_hgrn2_2d``). Which class ``use_series`` picks is, for want of the glue, read
+from the names (hgru2-pytorch has exactly these two 2-D classes).
 """
