@@ -22,6 +22,7 @@ from hgrn_jax.nn import (
     HGRU2D,
     FlaHGRN2Attention,
     FlaHGRNAttention,
+    HGRN2DSeries,
     MixerConfig,
     make_mixer,
 )
@@ -553,8 +554,9 @@ def test_hgrn2_layer_with_sequence_axis_and_padding_mask():
 
 
 @pytest.mark.slow
-def test_hgrn2d_rows_sharded_equals_unsharded():
-    layer = HGRN2D(4, method="sequential", rngs=nnx.Rngs(2))
+@pytest.mark.parametrize("layer_class", [HGRN2D, HGRN2DSeries])
+def test_hgrn2d_rows_sharded_equals_unsharded(layer_class):
+    layer = layer_class(4, method="sequential", rngs=nnx.Rngs(2))
     x = jax.random.normal(jax.random.key(3), (1, 6, 3, 4))  # 6 rows padded to 8
     assert_layer_matches(layer, x, "8-auto")
 
