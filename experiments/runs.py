@@ -79,10 +79,7 @@ class Run:
         ``model_class`` is not one of the package's (a model of the user's own, whatever its
         config's ``model.mixer`` says), or, for a run older than that field or without results,
         as its config tells (:func:`model_kind`)."""
-        model_class = self.results.get("model_class")
-        if isinstance(model_class, str) and not model_class.startswith(PACKAGE_MODELS):
-            return None
-        return model_kind(self.config)
+        return mixer_of(self.results.get("model_class"), self.config)
 
     @property
     def task_label(self) -> str:
@@ -121,6 +118,16 @@ def _registry_mixers() -> dict[str, str]:
     except ImportError:  # the models cannot be loaded here: their default is HGRN's
         return {}
     return {task: mixer_kind(model_defaults({"task": task})) for task in TASKS}
+
+
+def mixer_of(model_class: Any, config: Any) -> str | None:
+    """The token mixer's kind of a run that trained ``model_class`` (``module.Class``, as
+    results.json and the start records say it; None where they do not) with ``config``: None
+    for a class outside the package (a model of the user's own, whatever ``config.model``
+    says), else as the config tells (:func:`model_kind`)."""
+    if isinstance(model_class, str) and not model_class.startswith(PACKAGE_MODELS):
+        return None
+    return model_kind(config)
 
 
 def model_kind(config: Any) -> str | None:
@@ -368,6 +375,7 @@ class Unfinished:
     records: list[dict[str, Any]]
     state: str
     checkpoint: int | None
+    model_class: str | None = None  # events.jsonl's newest start's (None before that field)
 
     @property
     def task(self) -> str:
@@ -387,6 +395,11 @@ class Unfinished:
         if any("perplexity" in record for record in self.records):
             return "perplexity"
         return "perplexity" if self.task == "wikitext103" else "accuracy"
+
+    @property
+    def mixer(self) -> str | None:
+        """As :attr:`Run.mixer`, from the model class its newest start recorded."""
+        return mixer_of(self.model_class, self.config)
 
     @property
     def last_step(self) -> int | None:
@@ -523,7 +536,9 @@ def find_unfinished(folders: list[str | Path]) -> list[Unfinished]:
                 f"{state}; trained further from its finished {extended} steps to "
                 f"{config.get('num_train_steps')} (their results.json is kept)"
             )
-        found.append(Unfinished(run_dir, config, records, state, checkpoint))
+        starts = [e for e in events if e.get("event") == "started"]
+        model_class = starts[-1].get("model_class") if starts else None
+        found.append(Unfinished(run_dir, config, records, state, checkpoint, model_class))
     return sorted(found, key=lambda run: str(run.path))
 
 

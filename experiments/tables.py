@@ -17,7 +17,7 @@ from experiments.papers import (
     lra_tasks_of,
     paper_numbers,
 )
-from experiments.runs import Run, Unfinished, is_number, model_kind
+from experiments.runs import Run, Unfinished, is_number
 
 LRA_NAMES = {
     "listops": "ListOps",
@@ -409,7 +409,7 @@ def unfinished_table(runs: list[Unfinished]) -> str | None:
             [
                 run.label,
                 run.task,
-                _model_size(run.config, model_kind(run.config)),
+                _model_size(run.config, run.mixer),
                 f"{last} / {total}",
                 "—" if run.checkpoint is None else str(run.checkpoint),
                 "—" if best is None else f"{_fmt(best[0])} {run.metric} (step {best[1]})",

@@ -234,12 +234,19 @@ def test_a_factory_s_own_model_class_is_not_hgrn_whatever_its_config_says(tmp_pa
     write_run(runs / "own", preset, own, records_of([]))
     package = results_of("listops", 50.0, 51.0, model_class="hgrn_jax.nn.HGRNClassifier")
     write_run(runs / "package", preset, package, records_of([]))
+    for name, model_class in (("own_unfinished", "mine.OwnClassifier"), ("hgrn_unfinished", None)):
+        folder = write_run(runs / name, preset, None, records_of([30.0]))
+        start = {"event": "started", "step": 0, "model_class": model_class}
+        (folder / "events.jsonl").write_text(json.dumps(start) + "\n")
     out, _ = run_report(tmp_path, capsys)
     (other,) = rows_of(out, "Other runs")
     assert other[0] == "listops (mine:make_task)" and other[1].startswith("own model (")
     assert Path(other[-1]).name == "own"
     rows = [r for r in rows_of(out, "Long Range Arena (accuracy)") if r[0] == "ListOps"]
     assert [Path(r[-1]).name for r in rows] == ["package"] and rows[0][2] == "50.00"
+    unfinished = {Path(r[0]).name: r[2] for r in rows_of(out, "Runs without results")}
+    assert unfinished["own_unfinished"].startswith("own model (")
+    assert unfinished["hgrn_unfinished"] == "HGRN (2 layers, d 32)"  # a start without the field
 
 
 def test_the_package_s_models_keep_their_labels_and_tables(tmp_path, capsys):

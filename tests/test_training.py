@@ -2276,3 +2276,20 @@ def test_a_finished_run_trained_further_keeps_its_results_and_test_record(tmp_pa
         "results-step12.json",
         "results.json",
     ]
+
+
+def test_the_model_class_is_named_by_module_and_qualified_name():
+    """results.json's and the start records' ``model_class`` (the report sets only the
+    package's classes beside the papers' rows), read off the GraphDef without building the
+    model; None, not an error at the end of a run, where Flax's GraphDef says it otherwise."""
+    from hgrn_jax.nn import ClassifierConfig, HGRNClassifier
+    from hgrn_jax.training.state import model_class_name
+
+    config = ClassifierConfig(num_classes=2, vocab_size=3, features=8, num_layers=1)
+    graphdef, _ = nnx.split(HGRNClassifier(config, rngs=nnx.Rngs(0)))
+    assert model_class_name(graphdef) == "hgrn_jax.nn.classifier.HGRNClassifier"
+    from toy_task import ToyModel
+
+    graphdef, _ = nnx.split(ToyModel(8, 0.0, rngs=nnx.Rngs(0)))
+    assert model_class_name(graphdef) == "toy_task.ToyModel"
+    assert model_class_name(object()) is None

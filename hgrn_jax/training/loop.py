@@ -230,7 +230,8 @@ class Run:
         ``events.jsonl``, with the devices and processes it runs on (a resume may change
         them; results.json gives only the last) and what the workdir's check said
         (``"notes"``: the config changes a resume accepted, a rebuilt ``config.json``), which
-        ``config.json``, rewritten with the new values, no longer shows."""
+        ``config.json``, rewritten with the new values, no longer shows), and the model's class
+        (the report's label of a run without results)."""
         self.writer.rewind(step)
         notes = self.lock.resume_notes if self.lock is not None else []
         self.writer.event(
@@ -238,6 +239,7 @@ class Run:
             step=step,
             devices=jax.device_count(),
             processes=jax.process_count(),
+            model_class=model_class_name(self.graphdef),
             **({"notes": notes} if notes else {}),
         )
         self.started = True

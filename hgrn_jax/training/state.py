@@ -67,11 +67,13 @@ def initial_train_state(
     )
 
 
-def model_class_name(graphdef: nnx.GraphDef) -> str:
+def model_class_name(graphdef: nnx.GraphDef) -> str | None:
     """``module.QualifiedName`` of the model class whose ``graphdef`` this is (results.json's
-    ``model_class``: the report sets only the package's models beside the papers' rows)."""
-    cls = graphdef.nodes[0].type
-    return f"{cls.__module__}.{cls.__qualname__}"
+    ``model_class``: the report sets only the package's models beside the papers' rows), or
+    None where Flax's GraphDef no longer says it the same way (a run must not fail over it)."""
+    nodes = getattr(graphdef, "nodes", None)
+    cls = getattr(nodes[0], "type", None) if nodes else None
+    return f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else None
 
 
 def create_train_state(
