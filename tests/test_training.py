@@ -2061,7 +2061,7 @@ def test_results_quote_no_paper_number_marked_as_another_run_s():
 @pytest.mark.parametrize(
     "module",
     ["lra.listops", "lra.pathx", "imagenet.tiny", "imagenet.small", "lm.wikitext103"]
-    + [f"hgrn2.{task}" for task in ("listops", "image", "wikitext103")],
+    + [f"hgrn2.{task}" for task in ("listops", "image", "pathx", "wikitext103")],
 )
 def test_every_shipped_preset_quotes_its_own_paper_number(module):
     """The configs' own numbers agree with the rule, so that a run of a shipped preset gets no
