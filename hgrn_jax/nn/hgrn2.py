@@ -441,8 +441,9 @@ class HGRN2DSeries(HGRN2):
     pass is this class's 1-D bidirectional forward. Lower bound: a scalar or (d,), as for
     :class:`HGRN2` (None or 0: none). The reference's default (python ``0``) builds
     ``zeros_like(x)`` of shape (H, W, B, d), which does not broadcast against a pass's
-    (H, W * B, d) gates unless B = 1 and H = W (and then gives the wrong shape); its LRA models pass
-    (d,) tensors, the first layer's all zero. Always bidirectional. ``mask`` (B, H, W) (Path-X's
+    (H, W * B, d) gates unless B = 1 and H = W (and then hands its scan a 4-D (H, H, W, ...)
+    input); (d,) bounds, as HGRN's LRA models give each layer (the first one's all zero), work
+    there. Always bidirectional. ``mask`` (B, H, W) (Path-X's
     images have none): each pass skips padded cells and zeroes their outputs, as :class:`HGRN2`
     does along a line. ``sequence_axis`` splits the first pass's scans along H.
     """
