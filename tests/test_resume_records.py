@@ -72,6 +72,7 @@ def test_the_config_changes_a_resume_accepted_are_recorded_with_its_start(tmp_pa
 
     import jax
     import pytest
+    from flax import nnx
     from toy_task import toy_config
 
     from hgrn_jax.training.logging import write_config
@@ -86,7 +87,10 @@ def test_the_config_changes_a_resume_accepted_are_recorded_with_its_start(tmp_pa
     with pytest.warns(ConfigChangeWarning) as caught:
         lock = prepare_workdir(tmp_path, config)
     try:
-        run = types.SimpleNamespace(writer=MetricsWriter(tmp_path), lock=lock, started=False)
+        graphdef, _ = nnx.split(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+        run = types.SimpleNamespace(
+            writer=MetricsWriter(tmp_path), lock=lock, started=False, graphdef=graphdef
+        )
         Run.start(run, 30)
         run.writer.close()
     finally:
@@ -94,6 +98,7 @@ def test_the_config_changes_a_resume_accepted_are_recorded_with_its_start(tmp_pa
     (started,) = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert started["event"] == "started" and started["step"] == 30
     assert (started["devices"], started["processes"]) == (jax.device_count(), 1)
+    assert started["model_class"] == "flax.nnx.nn.linear.Linear"
     assert started["notes"] == [str(w.message) for w in caught]
     assert "optimizer.learning_rate: 0.01 -> 0.005" in started["notes"][0]
 
