@@ -152,19 +152,20 @@ class Echoes:
     def install(self) -> None:
         for logger in ("absl", "asyncio"):
             logging.getLogger(logger).addFilter(self.keep_record)
-        self.shown = sys.unraisablehook
+        self.shown = _past_ended_filters(sys.unraisablehook)
         sys.unraisablehook = self.unraisable
         self.active = True
 
     def uninstall(self) -> None:
         """Stop filtering. The unraisable hook before ours is put back where ours is still the
         hook; where another was installed over it since (two loads in two threads, ended in
-        the order they began), ours stays in that chain but passes everything on."""
+        the order they began), ours stays in that chain, passing everything on, until the
+        filter over it ends and puts back the hook before both."""
         self.active = False
         for logger in ("absl", "asyncio"):
             logging.getLogger(logger).removeFilter(self.keep_record)
         if sys.unraisablehook == self.unraisable:
-            sys.unraisablehook = self.shown
+            sys.unraisablehook = _past_ended_filters(self.shown)
 
     def keep_record(self, record: logging.LogRecord) -> bool:
         logged = record.exc_info[1] if record.exc_info else None
@@ -205,6 +206,13 @@ class Echoes:
                 logging.getLogger(echo.name).callHandlers(echo)
             else:
                 self.shown(echo)
+
+
+def _past_ended_filters(hook: Any) -> Any:
+    """``hook``, or the first hook chained below it that is not an ended :class:`Echoes`'s."""
+    while isinstance(owner := getattr(hook, "__self__", None), Echoes) and not owner.active:
+        hook = owner.shown
+    return hook
 
 
 def quiet_echoes_of_a_full_disk() -> None:
