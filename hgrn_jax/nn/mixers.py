@@ -7,18 +7,18 @@ nested dict, e.g. ``--config.model.mixer.kind=hgrn2 --config.model.mixer.expand_
 
 Which module each choice builds:
 
-==========  ==========  ====  ==========================================================
-kind        layout      scan  module
-==========  ==========  ====  ==========================================================
-``hgrn``    official    1d    :class:`~hgrn_jax.nn.HGRU` (hgru-pytorch ``Hgru1d``/``BiHgru1d``)
-``hgrn``    official    2d    :class:`~hgrn_jax.nn.HGRU2D` (``Hgru2d``/``BiHgru2d``)
-``hgrn2``   official    2d    :class:`~hgrn_jax.nn.HGRN2D` (``Hgru2_2d_parallel``, bidirectional)
-``hgrn2``   official    2d_series :class:`~hgrn_jax.nn.HGRN2DSeries` (``Hgru2_2d_series``, bidir.)
-``hgrn``    fla         1d    :class:`~hgrn_jax.nn.FlaHGRNAttention` (causal only)
-``hgrn2``   official    1d    :class:`~hgrn_jax.nn.HGRN2` (hgru2-pytorch ``Hgru2_1d``/``BiHgru2_1d``)
-``hgrn2``   fla         1d    :class:`~hgrn_jax.nn.FlaHGRN2Attention` (fla ``HGRN2Attention``)
-attention   official    1d    :class:`~hgrn_jax.nn.SoftmaxAttention` (the Transformer baseline)
-==========  ==========  ====  ==========================================================
+==========  ==========  =========  ==========================================================
+kind        layout      scan       module
+==========  ==========  =========  ==========================================================
+``hgrn``    official    1d         :class:`~hgrn_jax.nn.HGRU` (hgru-pytorch ``Hgru1d``/``BiHgru1d``)
+``hgrn``    official    2d         :class:`~hgrn_jax.nn.HGRU2D` (``Hgru2d``/``BiHgru2d``)
+``hgrn2``   official    2d         :class:`~hgrn_jax.nn.HGRN2D` (``Hgru2_2d_parallel``, bidir.)
+``hgrn2``   official    2d_series  :class:`~hgrn_jax.nn.HGRN2DSeries` (``Hgru2_2d_series``, bidir.)
+``hgrn``    fla         1d         :class:`~hgrn_jax.nn.FlaHGRNAttention` (causal only)
+``hgrn2``   official    1d         :class:`~hgrn_jax.nn.HGRN2` (``Hgru2_1d``/``BiHgru2_1d``)
+``hgrn2``   fla         1d         :class:`~hgrn_jax.nn.FlaHGRN2Attention` (fla ``HGRN2Attention``)
+attention   official    1d         :class:`~hgrn_jax.nn.SoftmaxAttention` (Transformer baseline)
+==========  ==========  =========  ==========================================================
 """
 
 from __future__ import annotations
