@@ -9,8 +9,7 @@ import importlib
 from typing import Any
 
 LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
-# HGRN2's six rows, Path-X (98.12 in its paper, Hgru2_2d_series: our HGRN2DSeries) included.
-HGRN2_LRA_TASKS = LRA_TASKS
+"""HGRN's and HGRN2's LRA rows alike (HGRN2's Path-X: 98.12, Hgru2_2d_series, our HGRN2DSeries)."""
 IMAGENET_SIZES = {192: "HGRN-Tiny", 384: "HGRN-Small"}
 PAPER_LM = ("hgrn", 6, 512, "GPT-2 BPE")
 """The paper's WikiText-103 setting (:func:`lm_setting`): mixer kind, layers, width, vocabulary.
@@ -34,7 +33,7 @@ def paper_numbers() -> dict[str, dict[str, Any]]:
     numbers["imagenet-tiny"] = _paper("imagenet.tiny")
     numbers["imagenet-small"] = _paper("imagenet.small")
     numbers["wikitext103"] = _paper("lm.wikitext103")
-    numbers["hgrn2"] = {task: _paper(f"hgrn2.{task}") for task in HGRN2_LRA_TASKS}
+    numbers["hgrn2"] = {task: _paper(f"hgrn2.{task}") for task in LRA_TASKS}
     return numbers
 
 
@@ -62,19 +61,17 @@ def lra_paper_average(kind: str) -> tuple[float, int] | None:
 
 
 @functools.cache
-def lra_paper_steps(kind: str, task: str) -> int | None:
+def lra_paper_steps(kind: str, task: str) -> int:
     """``num_train_steps`` of the paper's setting of the model with mixer ``kind`` on LRA
-    ``task`` (its config file without a preset; the Transformer baseline keeps HGRN's schedule,
-    ``common.use_attention``); None where there is no config."""
-    if kind == "hgrn2" and task not in HGRN2_LRA_TASKS:
-        return None
+    ``task`` (one of :data:`LRA_TASKS`; its config file without a preset; the Transformer
+    baseline keeps HGRN's schedule, ``common.use_attention``)."""
     module = f"experiments.configs.{'hgrn2' if kind == 'hgrn2' else 'lra'}.{task}"
     return int(importlib.import_module(module).get_config().num_train_steps)
 
 
 def lra_tasks_of(kind: str) -> tuple[str, ...]:
     """The LRA tasks a model's average is taken over: all six, for every model."""
-    return HGRN2_LRA_TASKS if kind == "hgrn2" else LRA_TASKS
+    return LRA_TASKS
 
 
 def lm_tokenizer(source: str | None, tokenizer_path: str | None) -> str:
