@@ -12,7 +12,15 @@ tables:
   included, for which we have no config), so its table gives the mean of the paper's five rows
   and the paper's average apart; the baseline has no paper numbers. Which paper number
   a run is set beside follows from its config.json (task, mixer kind, width; for WikiText-103
-  also layers and vocabulary), never from the ``paper`` field of its results.json. WikiText-103
+  also layers and vocabulary), never from the ``paper`` field of its results.json. A run
+  beside a paper number whose model is not that row's (its config.json's ``model`` keys that
+  define the model, :data:`~experiments.tables.MODEL_KEYS`, against the paper config's: the
+  layer, depth, width, norm, GLU, encoder, positions, lower bounds, ...; not dropout, remat,
+  the recurrence's ``method``, sharding or dtype, which leave the model as it is) is marked
+  ``(model differs from the paper's: model.mixer.scan '2d' vs '2d_series', model.num_layers 2
+  vs 6)`` (at most three, keys as overridden); a key its config.json lacks (a run of older
+  code) is no difference (:func:`~experiments.tables.model_differences`), and a run on
+  generated or synthetic data, marked as such, is not compared. WikiText-103
   rows are labelled by each run's size and vocabulary (``bytes`` or ``GPT-2 BPE``): the paper's
   perplexity stands only beside runs of its setting, and per-byte perplexity is marked as not
   comparable with it.
@@ -20,13 +28,16 @@ tables:
   synthetic data runs is named under the table, and the average is then not given. A finished
   run that ``--config.resume=restart`` moved into a ``previous-<time>/`` folder keeps its row,
   marked ``(set aside by --config.resume=restart)``, and never enters an average. Where a task
-  has several runs it takes (:func:`~experiments.tables.average_run`) a run of the paper's setting (its config's
-  ``num_train_steps`` the paper config's, all done) over a shorter one, then the highest best
-  validation accuracy, then the first in path order: selection on validation, as the paper's
-  protocol selects checkpoints, never on the test score (which would flatter the average), and
-  not the newest run (file times change when folders are copied). Lines under the table name
-  the run it used for each task when a task has several, and the used runs shorter than the
-  paper's setting.
+  has several runs it takes (:func:`~experiments.tables.average_run`) a run of the paper's
+  model (no difference above) over one of another, then one of the paper's setting (its
+  config's ``num_train_steps`` the paper config's, all done) over a shorter one, then the
+  highest best validation accuracy, then the first in path order: selection on validation, as
+  the paper's protocol selects checkpoints, never on the test score (which would flatter the
+  average), and not the newest run (file times change when folders are copied). Lines under
+  the table name the run it used for each task when a task has several, the used runs shorter
+  than the paper's setting, and the used runs of another model than the paper's (a task with no
+  real-data run of it), which the average's cell names too: ``76.67 (model differs from the
+  paper's for Path-X)``.
 - Runs without results: run folders without results.json (in progress, preempted, killed,
   failed) or with one that cannot be read (state ``results.json unreadable``), with the last step logged of ``num_train_steps``, the last checkpoint, the best
   validation so far (metrics.jsonl) and the state (:func:`~experiments.runs._state`; a

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import decimal
+import functools
+import importlib
+import json
 import math
 from typing import Any
 
@@ -77,11 +80,178 @@ SET_ASIDE = "set aside by --config.resume=restart"
 
 def _note(run: Run) -> str:
     """The run's folder, marked when its data were generated or synthetic, its model is not
-    HGRN, or it was set aside by ``--config.resume=restart`` (replaced by a newer run)."""
+    HGRN, it was set aside by ``--config.resume=restart`` (replaced by a newer run), or its
+    model is not the one of the paper's row it is set beside (:func:`model_differences`)."""
     marks = [_model_name(run.mixer)] if run.mixer not in ("hgrn", None) else []
     marks += [f"{run.data_source} data"] if run.data_source in STAND_IN_SOURCES else []
     marks += [SET_ASIDE] if run.set_aside else []
+    if differences := model_differences(run):
+        marks.append(f"{MODEL_DIFFERS}: {_differences_text(differences)}")
     return f"{run.label}" + "".join(f" ({mark})" for mark in marks)
+
+
+MODEL_DIFFERS = "model differs from the paper's"
+
+# The keys under ``config.model`` that define the model a paper's row is of (the fields of
+# ClassifierConfig, ImageConfig, LMConfig and MixerConfig), in the order a difference is named:
+# the mixer and the size first. A run's config.json and the paper config are compared on these.
+MODEL_KEYS = (
+    "mixer.kind",
+    "mixer.layout",
+    "mixer.scan",
+    "mixer.expand_ratio",
+    "num_layers",
+    "features",
+    "mixer.num_heads",
+    "mixer.complex_valued",
+    "mixer.separate_phases",
+    "mixer.use_forget_gate",
+    "mixer.norm_before_gate",
+    "mixer.use_bias",
+    "mixer.norm_epsilon",
+    "use_lower_bound",
+    "norm",
+    # norm="batch" per slice of the batch: what BatchNorm normalises over in training (HGRN2's
+    # Pathfinder and Path-X: 8 slices, as its 8 unsynchronised GPUs did), as "sync_batch" does.
+    "batch_norm_groups",
+    "norm_epsilon",
+    "glu_expand",
+    "glu_activation",
+    "glu_bias",
+    "encoder",
+    "position_encoding",
+    "pooling",
+    "dual",
+    "scale_embeddings",
+    "tie_embeddings",
+    "head_norm_epsilon",
+    "patch_size",
+    "image_size",
+    # The data's shape; 0 or unset (the data settle them) is no difference: DATA_SETTLED.
+    "vocab_size",
+    "num_classes",
+    "input_channels",
+    "grid_shape",
+)
+DATA_SETTLED = ("vocab_size", "num_classes", "input_channels", "grid_shape")
+"""MODEL_KEYS that a task fills in from its data where the config leaves them at 0 or unset
+(:func:`hgrn_jax.tasks.settings.settle`, ``check_vocab_size``): such a value is not compared."""
+NOT_MODEL_KEYS = {
+    # Regularisation in training, like the optimizer's weight decay (which the report does not
+    # compare either): the same parameters and the same function at evaluation.
+    "dropout": "training regularisation",
+    "position_dropout": "training regularisation",
+    # How the same function is computed: recomputation in the backward pass, the recurrence's
+    # algorithm (every method computes the same scan), sharding over a mesh, precision.
+    "remat": "recomputation",
+    "mixer.method": "the recurrence's algorithm",
+    "mixer.sequence_axis": "sharding",
+    "axis_name": "sharding",
+    "lower_bound_dtype": "precision (as config.dtype, which is not under model)",
+}
+"""Model config fields that do not change the model, never compared. The deprecated flat
+aliases (``model.complex_valued``, ``model.method``, ...; LEGACY_MIXER_FIELDS) are not
+compared either: the paper configs have none (they use ``model.mixer``)."""
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"mixer.scan": "2d", "num_layers": 6, ...}`` of a config's ``model`` (a dict)."""
+    if not isinstance(tree, dict):
+        return {}
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _resolved(model: dict[str, Any]) -> dict[str, Any]:
+    """``model`` (:func:`_flat`) with the None that the mixer reads as its default replaced by
+    that default (MixerConfig.resolved_expand_ratio and .resolved): a config that leaves
+    HGRN2's head width unset has the official layout's 2, as one that sets 2."""
+    resolved = dict(model)
+    if "mixer.expand_ratio" in model and model["mixer.expand_ratio"] is None:
+        kind, layout = model.get("mixer.kind", "hgrn"), model.get("mixer.layout", "official")
+        default = (2 if layout == "official" else 128) if kind == "hgrn2" else 1
+        resolved["mixer.expand_ratio"] = default
+    for name in ("complex_valued", "separate_phases", "use_forget_gate", "norm_before_gate"):
+        if f"mixer.{name}" in model and model[f"mixer.{name}"] is None:
+            resolved[f"mixer.{name}"] = True
+    if "mixer.use_bias" in model and model["mixer.use_bias"] is None:
+        resolved["mixer.use_bias"] = True
+    return resolved
+
+
+def paper_config_name(run: Run) -> str | None:
+    """The config module (under ``experiments.configs``) whose paper numbers the run is set
+    beside, as :func:`~experiments.papers.paper_numbers` reads them: ``lra.TASK`` (HGRN),
+    ``hgrn2.TASK``, ``imagenet.tiny`` / ``imagenet.small`` (HGRN at the width of either),
+    ``lm.wikitext103`` (a run of :data:`PAPER_LM`); None for a run beside no paper number (the
+    Transformer baseline, other widths and settings, tasks of one's own)."""
+    kind, task = run.mixer, run.task
+    if task in LRA_TASKS:
+        return {"hgrn": f"lra.{task}", "hgrn2": f"hgrn2.{task}"}.get(kind or "")
+    if _is_paper_imagenet_run(run) and run.model_width in IMAGENET_SIZES:
+        return f"imagenet.{IMAGENET_SIZES[run.model_width].split('-')[1].lower()}"
+    if task == "wikitext103" and _lm_setting(run) == PAPER_LM:
+        return "lm.wikitext103"
+    return None
+
+
+@functools.cache
+def _paper_model(name: str) -> dict[str, Any]:
+    """The paper config ``name``'s model (:func:`_flat`, through JSON as config.json is: lists
+    for tuples). Do not modify it (cached)."""
+    config = importlib.import_module(f"experiments.configs.{name}").get_config()
+    return _resolved(_flat(json.loads(json.dumps(config.model.to_dict()))))
+
+
+def model_differences(run: Run) -> list[tuple[str, str, str]]:
+    """``(key, run's value, paper's value)`` of each :data:`MODEL_KEYS` key on which the run's
+    config.json and the config of the paper's row it is set beside (:func:`paper_config_name`)
+    differ, in that order, the values as the tables show them (``'2d'``, ``6``, ``unset (2)``:
+    a None that the mixer reads as its default, :func:`_resolved`, compared as that default);
+    [] for a run beside no paper number, and for a run on generated or synthetic data (the tiny
+    presets' smaller models): its row already says that its numbers do not compare with the
+    paper's, and no average takes it. A key that either lacks (a run of older code, a config of
+    one's own) is no difference, nor a :data:`DATA_SETTLED` one that either leaves to the
+    data."""
+    name = paper_config_name(run)
+    if name is None or not _is_real_data(run):
+        return []
+    raw = _flat(run.config.get("model"))
+    paper, ours = _paper_model(name), _resolved(raw)
+    differences = []
+    for key in MODEL_KEYS:
+        if key not in paper or key not in ours:
+            continue
+        if key in DATA_SETTLED and any(v in (None, 0, "", []) for v in (ours[key], paper[key])):
+            continue
+        if ours[key] != paper[key]:
+            shown = _value_text(ours[key])
+            if raw[key] is None and ours[key] is not None:
+                shown = f"unset ({shown})"
+            differences.append((f"model.{key}", shown, _value_text(paper[key])))
+    return differences
+
+
+def _value_text(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else json.dumps(value)
+
+
+def _differences_text(differences: list[tuple[str, str, str]], shown: int = 3) -> str:
+    """``model.mixer.scan '2d' vs '2d_series', model.num_layers 2 vs 6`` (the run's value, then
+    the paper's), the first ``shown`` of them and how many more."""
+    text = ", ".join(f"{key} {ours} vs {paper}" for key, ours, paper in differences[:shown])
+    more = len(differences) - shown
+    return text + (f" and {more} more" if more > 0 else "")
+
+
+def _is_paper_model(run: Run) -> bool:
+    """Whether the run's model is its paper row's (:func:`model_differences` finds none)."""
+    return not model_differences(run)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -132,20 +302,24 @@ def _best_val(run: Run) -> float:
 def average_run(task_runs: list[Run]) -> Run | None:
     """The run of one LRA task that its model's average takes: of the runs on real data that
     were not set aside by ``--config.resume=restart`` (None without one), those of the paper's
-    setting (:func:`_is_paper_setting`) before shorter ones, then the highest best validation
-    accuracy, then the first in path order. Never the test score: picking by it would flatter
-    the average."""
+    model (:func:`_is_paper_model`) before those of another, then those of the paper's setting
+    (:func:`_is_paper_setting`) before shorter ones, then the highest best validation accuracy,
+    then the first in path order. Never the test score: picking by it would flatter the
+    average."""
     real = [run for run in task_runs if _is_real_data(run) and not run.set_aside]
     if not real:
         return None
-    return max(real, key=lambda run: (_is_paper_setting(run), _best_val(run)))
+    return max(real, key=lambda run: (_is_paper_model(run), _is_paper_setting(run), _best_val(run)))
 
 
 def _our_average(tasks: tuple[str, ...], used: dict[str, Run]) -> str:
-    """The mean test accuracy of the runs ``used`` for ``tasks``, or how many tasks have one."""
-    if all(t in used for t in tasks):
-        return _fmt(sum(float(used[t].results["test"]) for t in tasks) / len(tasks))
-    return f"— ({sum(t in used for t in tasks)}/{len(tasks)} tasks with real-data runs)"
+    """The mean test accuracy of the runs ``used`` for ``tasks``, or how many tasks have one;
+    marked where a run it takes is of another model than the paper's (:func:`_is_paper_model`)."""
+    if not all(t in used for t in tasks):
+        return f"— ({sum(t in used for t in tasks)}/{len(tasks)} tasks with real-data runs)"
+    average = _fmt(sum(float(used[t].results["test"]) for t in tasks) / len(tasks))
+    other = [LRA_NAMES[t] for t in tasks if not _is_paper_model(used[t])]
+    return average + (f" ({MODEL_DIFFERS} for {', '.join(other)})" if other else "")
 
 
 def _lra_table(kind: str, runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
@@ -153,7 +327,9 @@ def _lra_table(kind: str, runs: list[Run], paper: dict[str, dict[str, Any]]) -> 
     and each of ``runs``'s test/val accuracy; a task without runs has its paper row, if any.
     The average is of one real-data run per task (:func:`average_run`); lines under the table
     say which runs it used where a task has several, which of them are shorter than the paper's
-    setting, and which tasks it leaves out for having only generated or synthetic data runs.
+    setting or of another model than the paper's (:func:`model_differences`; the average's cell
+    names their tasks too), and which tasks it leaves out for having only generated or synthetic
+    data runs.
     HGRN2 without a real-data Path-X run (as before its Path-X config, ``Hgru2_2d_series``) gets
     the average of its other five tasks beside the mean of the paper's five rows, and the paper's
     six-task average on a row of its own."""
@@ -216,8 +392,17 @@ def _lra_table(kind: str, runs: list[Run], paper: dict[str, dict[str, Any]]) -> 
         notes.append(
             "Average of: "
             + "; ".join(f"{LRA_NAMES[t]} {used[t].label}" for t in tasks if t in used)
-            + " (per task: real data; the paper's number of steps; the best validation "
-            "accuracy, never the test score)"
+            + " (per task: real data; the paper's model; the paper's number of steps; the best "
+            "validation accuracy, never the test score)"
+        )
+    other_model = [t for t in tasks if t in used and not _is_paper_model(used[t])]
+    if other_model:
+        notes.append(
+            "Not the paper's model (no real-data run of it): "
+            + "; ".join(
+                f"{LRA_NAMES[t]} {used[t].label} ({_differences_text(model_differences(used[t]))})"
+                for t in other_model
+            )
         )
     short = [t for t in tasks if t in used and not _is_paper_setting(used[t])]
     if short:

@@ -36,7 +36,7 @@ def make_run(
     *,
     metric: str = "accuracy",
     source: str = "release",
-    features: int = 32,
+    features: int | None = None,
     truncated: bool = False,
     mixer: str | None = None,
     config_task: str | None = None,
@@ -62,7 +62,11 @@ def make_run(
     config = {
         "task": config_task or task,
         "data": {"source": source},
-        "model": {"features": features, **({"mixer": {"kind": mixer}} if mixer else {})},
+        "model": {
+            # Without features (as without other model keys) the run's model is the paper's.
+            **({"features": features} if features is not None else {}),
+            **({"mixer": {"kind": mixer}} if mixer else {}),
+        },
     }
     for key, value in (config_fields or {}).items():  # dotted keys: "model.num_layers"
         *parents, name = key.split(".")
@@ -656,6 +660,7 @@ def test_wikitext_rows_say_each_runs_size_and_vocabulary(tmp_path, capsys):
         6.61,
         metric="perplexity",
         source="synthetic",
+        features=32,
         config_fields=tiny,
         data_source="synthetic",
     )

@@ -5,20 +5,26 @@ never be labelled HGRN nor set beside a paper's rows."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from experiments import curves, report
+from experiments import curves, report, tables
 from experiments.configs.hgrn2 import listops as hgrn2_listops
-from experiments.configs.lra import listops
+from experiments.configs.hgrn2 import pathx as hgrn2_pathx
+from experiments.configs.imagenet import tiny as imagenet_tiny
+from experiments.configs.lm import wikitext103
+from experiments.configs.lra import listops, pathx
 from experiments.runs import find_runs, find_unfinished
 from hgrn_jax.training.logging import config_as_json, jsonable
 
 # What tests/toy_task.py's config.json holds of the model: no mixer, no layers.
 TOY_MODEL = {"features": 16, "dropout": 0.1}
 TOY_LABEL = "own model (dropout=0.1, features=16)"
+HGRN_LRA, HGRN2_LRA = "Long Range Arena (accuracy)", "Long Range Arena, HGRN2 (accuracy)"
 
 
 def write_run(
@@ -243,7 +249,8 @@ def test_a_factory_s_own_model_class_is_not_hgrn_whatever_its_config_says(tmp_pa
     assert other[0] == "listops (mine:make_task)" and other[1].startswith("own model (")
     assert Path(other[-1]).name == "own"
     rows = [r for r in rows_of(out, "Long Range Arena (accuracy)") if r[0] == "ListOps"]
-    assert [Path(r[-1]).name for r in rows] == ["package"] and rows[0][2] == "50.00"
+    assert [Path(r[-1].split(" (")[0]).name for r in rows] == ["package"]
+    assert rows[0][2] == "50.00"
     unfinished = {Path(r[0]).name: r[2] for r in rows_of(out, "Runs without results")}
     assert unfinished["own_unfinished"].startswith("own model (")
     assert unfinished["hgrn_unfinished"] == "HGRN (2 layers, d 32)"  # a start without the field
@@ -290,3 +297,125 @@ def test_the_package_s_models_keep_their_labels_and_tables(tmp_path, capsys):
     assert parity[:2] == ["parity (parity:DATASET)", f"HGRN2 ({layers} layers, d {width})"]
     (entry,) = rows_of(out, "Runs without results")
     assert entry[1:3] == ["listops", f"HGRN2 ({layers} layers, d {width})"]
+
+
+# -- A run whose model is not the paper's row's ------------------------------------------------
+
+
+def hgrn2_runs(runs: Path) -> None:
+    """Real-data runs of HGRN2's paper configs on the five tasks other than Path-X."""
+    for task in ("listops", "text", "retrieval", "image", "pathfinder"):
+        config = config_as_json(
+            importlib.import_module(f"experiments.configs.hgrn2.{task}").get_config()
+        )
+        steps = {"steps": config["num_train_steps"]}
+        write_run(runs / task, config, results_of(task, 80.0, 81.0, **steps), records_of([]))
+
+
+def test_an_hgrn2_path_x_run_of_another_layer_is_marked_and_not_averaged(tmp_path, capsys):
+    """HGRN2's Path-X row is of the series layer (experiments/configs/hgrn2/pathx.py,
+    model.mixer.scan="2d_series"); a run of ``lra/pathx.py --config.model.mixer.kind=hgrn2`` (the
+    four-scan "2d" layer at HGRN's width) was set beside its 98.12 without a word, and with the
+    higher validation accuracy it was the run HGRN2's six-task average took. The average takes
+    the paper's layer; the other run is marked with how its model differs; with it alone, the
+    average and a line under the table say that its model is not the paper's."""
+    runs = tmp_path / "runs"
+    hgrn2_runs(runs)
+    series = config_as_json(hgrn2_pathx.get_config())
+    steps = series["num_train_steps"]  # both runs of the paper's length: only the model differs
+    four_scans = config_as_json(pathx.get_config())
+    four_scans["model"]["mixer"]["kind"] = "hgrn2"
+    four_scans["num_train_steps"] = steps
+    write_run(runs / "pathx_2d", four_scans, results_of("pathx", 60.0, 99.0, steps=steps), [])
+    write_run(runs / "pathx_series", series, results_of("pathx", 92.0, 93.0, steps=steps), [])
+    out, _ = run_report(tmp_path, capsys)
+    rows = {r[-1].split(" (")[0]: r for r in rows_of(out, HGRN2_LRA) if r[0] == "Path-X"}
+    assert rows[str(runs / "pathx_series")][-1] == f"{runs / 'pathx_series'} (HGRN2)"
+    differs = (
+        "model differs from the paper's: model.mixer.scan '2d' vs '2d_series', "
+        "model.mixer.expand_ratio unset (2) vs 1, model.features 64 vs 32 and 3 more"
+    )
+    assert rows[str(runs / "pathx_2d")][-1] == f"{runs / 'pathx_2d'} (HGRN2) ({differs})"
+    (average,) = [r for r in rows_of(out, HGRN2_LRA) if r[0] == "**Average** (HGRN2)"]
+    assert average[1:3] == ["87.66", f"{(5 * 80.0 + 92.0) / 6:.2f}"]  # the series run's 92
+    assert f"Path-X {runs / 'pathx_series'}" in out and "Not the paper's model" not in out
+
+    (runs / "pathx_series" / "results.json").unlink()  # the "2d" run alone: marked
+    out, _ = run_report(tmp_path, capsys)
+    (average,) = [r for r in rows_of(out, HGRN2_LRA) if r[0] == "**Average** (HGRN2)"]
+    mean = f"{(5 * 80.0 + 60.0) / 6:.2f}"
+    assert average[2] == f"{mean} (model differs from the paper's for Path-X)"
+    assert (
+        f"- Not the paper's model (no real-data run of it): Path-X {runs / 'pathx_2d'} "
+        f"({differs.split(': ', 1)[1]})"
+    ) in out
+
+
+def test_a_run_of_another_model_than_the_paper_s_row_is_marked(tmp_path, capsys):
+    """A ListOps run with ``--config.model.num_layers=2`` sat beside the paper's 6-layer 59.95
+    unmarked; so did an ImageNet run of HGRN-Tiny's width at another depth and a WikiText-103
+    run of the paper's size with fla's layer. Each is marked with its differences, keys named as
+    they are overridden; a run of the paper config (other dropout, recurrence method, remat or
+    dtype included: they do not change the model), a run whose config.json predates keys (a key
+    it lacks is no difference) and a tiny run on generated data (marked as such) are not."""
+    runs = tmp_path / "runs"
+    shallow = lra_config()
+    shallow["model"]["num_layers"] = 2
+    write_run(runs / "shallow", shallow, results_of("listops", 50.0, 51.0), [])
+    same = lra_config()
+    same["model"]["dropout"], same["model"]["remat"] = 0.1, "full"
+    same["model"]["mixer"]["method"], same["dtype"] = "sequential", "bfloat16"
+    write_run(runs / "same", same, results_of("listops", 50.0, 51.0), [])
+    old = {"task": "listops", "data": {"source": "release"}, "model": {"features": 32}}
+    write_run(runs / "old", old, results_of("listops", 50.0, 51.0), [])
+    tiny = config_as_json(listops.get_config("tiny"))  # generated data: already marked so
+    write_run(runs / "tiny", tiny, results_of("listops", 30.0, 31.0, data_source="generated"), [])
+    hgrn2_old = {"task": "pathx", "model": {"features": 32, "mixer": {"kind": "hgrn2"}}}
+    write_run(runs / "hgrn2_old", hgrn2_old, results_of("pathx", 90.0, 91.0), [])
+    imagenet = config_as_json(imagenet_tiny.get_config())
+    imagenet["model"]["num_layers"] = 6
+    write_run(runs / "imagenet", imagenet, results_of("imagenet", 70.0, 71.0), [])
+    lm = config_as_json(wikitext103.get_config())
+    lm["model"]["mixer"]["layout"], lm["data"]["tokenizer_path"] = "fla", "/data/gpt2"
+    lm_results = results_of("wikitext103", 25.0, 26.0, metric="perplexity")
+    write_run(runs / "lm", lm, lm_results, [])
+    out, _ = run_report(tmp_path, capsys)
+    listops_runs = {Path(r[-1].split(" (")[0]).name: r[-1] for r in rows_of(out, HGRN_LRA)}
+    assert listops_runs["shallow"] == (
+        f"{runs / 'shallow'} (model differs from the paper's: model.num_layers 2 vs 6)"
+    )
+    assert listops_runs["same"] == str(runs / "same")
+    assert listops_runs["old"] == str(runs / "old")
+    assert listops_runs["tiny"] == f"{runs / 'tiny'} (generated data)"
+    (pathx_row,) = [r for r in rows_of(out, HGRN2_LRA) if r[0] == "Path-X"]
+    assert pathx_row[-1] == f"{runs / 'hgrn2_old'} (HGRN2)"
+    (tiny_row,) = [r for r in rows_of(out, "ImageNet-1k (top-1 accuracy)") if r[0] == "HGRN-Tiny"]
+    assert tiny_row[-1].endswith("(model differs from the paper's: model.num_layers 6 vs 12)")
+    (lm_row,) = rows_of(out, "WikiText-103 (perplexity, lower is better)")
+    assert lm_row[1] == "24.14"  # beside the paper's numbers: its setting's size and vocabulary
+    assert lm_row[-1] == (
+        f"{runs / 'lm'} (model differs from the paper's: model.mixer.layout 'fla' vs 'official')"
+    )
+
+
+def test_every_model_config_field_is_compared_or_said_not_to_define_the_model():
+    """The report compares a run's model with its paper config's on tables.MODEL_KEYS; every
+    field of the model config classes (and every model key of the paper configs) is either
+    there or in tables.NOT_MODEL_KEYS, so that a new field is decided on, not passed over; and
+    the mixer's defaults the report fills in are MixerConfig's."""
+    from hgrn_jax.nn import ClassifierConfig, ImageConfig, LMConfig, MixerConfig
+    from hgrn_jax.nn.mixers import LEGACY_MIXER_FIELDS
+
+    decided = set(tables.MODEL_KEYS) | set(tables.NOT_MODEL_KEYS)
+    assert not set(tables.MODEL_KEYS) & set(tables.NOT_MODEL_KEYS)
+    legacy = {*LEGACY_MIXER_FIELDS, "in_channels", "glu_hidden", "mixer_norm_epsilon"}
+    fields = {f"mixer.{f.name}" for f in dataclasses.fields(MixerConfig)}
+    for cls in (ClassifierConfig, ImageConfig, LMConfig):
+        fields |= {f.name for f in dataclasses.fields(cls)} - legacy - {"mixer"}
+    assert fields - decided == set()
+    for name in ("lra.pathx", "hgrn2.pathx", "imagenet.small", "lm.wikitext103", "lra.retrieval"):
+        assert set(tables._paper_model(name)) - decided == set()
+    for kind, layout in (("hgrn", "official"), ("hgrn2", "official"), ("hgrn2", "fla")):
+        model = {"mixer.kind": kind, "mixer.layout": layout, "mixer.expand_ratio": None}
+        resolved = MixerConfig(kind=kind, layout=layout).resolved_expand_ratio
+        assert tables._resolved(model)["mixer.expand_ratio"] == resolved
