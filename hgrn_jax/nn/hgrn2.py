@@ -440,9 +440,10 @@ class HGRN2DSeries(HGRN2):
     The reference's ``compute`` is ``BiHgru2_1d``'s ``forward_lesshead`` line for line, so each
     pass is this class's 1-D bidirectional forward. Lower bound: a scalar or (d,), as for
     :class:`HGRN2` (None or 0: none). The reference's default (python ``0``) builds
-    ``zeros_like(x)`` of shape (H, W, B, d), which does not broadcast against a pass's
-    (H, W * B, d) gates unless B = 1 and H = W (and then hands its scan a 4-D (H, H, W, ...)
-    input); (d,) bounds, as HGRN's LRA models give each layer (the first one's all zero), work
+    ``zeros_like(x)`` of shape (H, W, B, d), which broadcasts against the first pass's
+    (H, W * B, d) gates only when W = 1, or B = 1 and H is W or 1, and even then the result has an
+    extra leading axis, (H, max(H, W), W * B, d), that the second pass cannot take: it runs on no
+    grid. (d,) bounds, as HGRN's LRA models give each layer (the first one's all zero), work
     there. Always bidirectional. ``mask`` (B, H, W) (Path-X's
     images have none): each pass skips padded cells and zeroes their outputs, as :class:`HGRN2`
     does along a line. ``sequence_axis`` splits the first pass's scans along H.
