@@ -69,11 +69,6 @@ def lra_paper_steps(kind: str, task: str) -> int:
     return int(importlib.import_module(module).get_config().num_train_steps)
 
 
-def lra_tasks_of(kind: str) -> tuple[str, ...]:
-    """The LRA tasks a model's average is taken over: all six, for every model."""
-    return LRA_TASKS
-
-
 def lm_tokenizer(source: str | None, tokenizer_path: str | None) -> str:
     """An LM run's vocabulary: ``bytes`` (the synthetic corpus, or ``data.tokenizer_path=bytes``),
     ``GPT-2 BPE`` (the BPE files at ``data.tokenizer_path``, the paper's), or ``tokenizer

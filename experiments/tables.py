@@ -17,7 +17,6 @@ from experiments.papers import (
     lra_paper_accuracy,
     lra_paper_average,
     lra_paper_steps,
-    lra_tasks_of,
     paper_numbers,
 )
 from experiments.runs import Run, Unfinished, is_number
@@ -351,7 +350,7 @@ def _lra_table(kind: str, runs: list[Run], paper: dict[str, dict[str, Any]]) -> 
                     _note(run),
                 ]
             )
-    tasks = lra_tasks_of(kind)
+    tasks = LRA_TASKS
     by_task = {t: [r for r in runs if r.task == t] for t in tasks}
     used = {t: chosen for t in tasks if (chosen := average_run(by_task[t])) is not None}
     model = "" if kind == "hgrn" else f", {_model_name(kind)}"
