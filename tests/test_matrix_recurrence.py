@@ -615,6 +615,17 @@ def test_an_eager_call_is_compiled_once_per_shape_and_setting(monkeypatch):
     np.testing.assert_array_equal(again[1], first[1])
 
 
+def test_an_eager_call_keeps_out_dtype():
+    """The compiled copy of an eager call is given the caller's ``out_dtype``: the outputs are
+    what the same call under ``jax.jit`` gives, bfloat16 from float32 inputs."""
+    q = jax.random.normal(jax.random.key(2), (1, 3, 2, 4))
+    g = -jnp.abs(q)
+    got = matrix_recurrence(q, q, q, g, out_dtype=jnp.bfloat16)
+    want = jax.jit(lambda q, g: matrix_recurrence(q, q, q, g, out_dtype=jnp.bfloat16))(q, g)
+    assert got.dtype == want.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(got, want)
+
+
 def test_an_eager_call_under_disable_jit_runs_op_by_op():
     """Under ``jax.disable_jit()`` the compiled copy called itself without end (RecursionError)."""
     q = jax.random.normal(jax.random.key(0), (1, 5, 2, 4))

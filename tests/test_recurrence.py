@@ -693,6 +693,21 @@ def test_an_eager_call_is_compiled_once_per_shape_and_setting(monkeypatch):
         linear_recurrence(a, x, jnp.ones(5))  # the checks still speak as before
 
 
+def test_an_eager_call_keeps_every_setting():
+    """The compiled copy of an eager call is given the caller's settings: ``axis=`` (the time
+    axis) and ``out_dtype=`` give what the same call under ``jax.jit`` gives, dtype included
+    (a copy that dropped one ran along axis -2 or returned the inputs' dtype)."""
+    a = jnp.full((4, 3, 2), 0.5)
+    x = jnp.arange(24, dtype=jnp.float32).reshape(4, 3, 2)
+    settings = dict(axis=0, reverse=True, out_dtype=jnp.bfloat16, return_last_state=True)
+    got = linear_recurrence(a, x, **settings)
+    want = jax.jit(lambda a, x: linear_recurrence(a, x, **settings))(a, x)
+    assert got[0].dtype == jnp.bfloat16
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_array_equal(g, w)
+
+
 def test_an_eager_call_under_disable_jit_or_debug_nans_runs_op_by_op():
     """Under ``jax.disable_jit()`` the compiled copy ran the function eagerly, whose inputs were
     concrete again, so it called its copy without end (RecursionError); under
