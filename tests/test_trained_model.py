@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import types
 from collections.abc import Coroutine
 from pathlib import Path
@@ -942,6 +943,73 @@ def test_echoes_ended_in_another_order_than_begun_pass_later_errors_on(monkeypat
     sys.unraisablehook(later)
     assert shown == [later] and not first.held
     assert sys.unraisablehook == shown.append  # the ended filters leave no chain behind
+
+
+def test_echoes_hold_while_active_and_pass_on_once_ended(monkeypatch):
+    """Two loads at once: while both filters are on, an echo of the first's read is held by
+    the first (the second chains below it, not past it); once the first has ended, though
+    still in the chain under the second, an echo naming its folder is shown. A hook put back
+    over an ended filter (by code other than ours) is skipped by the next filter chained."""
+    from hgrn_jax.training.checkpoint import Echoes
+
+    shown = []
+    monkeypatch.setattr(sys, "unraisablehook", shown.append)
+    first = Echoes(lambda error, text: "a" if "folder-a" in str(error) else None, False)
+    second = Echoes(lambda error, text: "b" if "folder-b" in str(error) else None, False)
+    first.install()
+    second.install()
+    echo = _unraisable(RuntimeError("reading folder-a failed"))
+    sys.unraisablehook(echo)
+    assert shown == [] and [what for what, _ in first.held] == ["a"]
+    first.uninstall()
+    later = _unraisable(RuntimeError("reading folder-a failed again"))
+    sys.unraisablehook(later)
+    assert shown == [later] and len(first.held) == 1
+    second.uninstall()
+    assert sys.unraisablehook == shown.append
+
+    third = Echoes(lambda error, text: None, False)
+    third.install()
+    foreign = third.unraisable  # e.g. a test harness's hook, restored after ours ended
+    third.uninstall()
+    sys.unraisablehook = foreign
+    fourth = Echoes(lambda error, text: None, False)
+    fourth.install()
+    assert fourth.shown == shown.append  # not the ended filter's hook
+    fourth.uninstall()
+
+
+def test_late_callbacks_are_explained_only_when_every_other_read_is(tmp_path, monkeypatch):
+    """asyncio's ``Event loop is closed`` names no folder: it is left out only when some read
+    was overtaken by the run's deletion and every read but a successful last one is explained.
+    A load that succeeded at its first read, or failed at a step that is still there, shows it;
+    a step the run deletes shortly after the load moved on is waited for, not the whole wait."""
+    from hgrn_jax.training import trained
+    from hgrn_jax.training.checkpoint import LATE_CALLBACK
+
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "6").mkdir(parents=True)
+    once = trained._Reads()
+    once.folders.append(checkpoints / "6")
+    once.finish(succeeded=True)
+    assert not once.explained(LATE_CALLBACK)
+
+    failed = trained._Reads()
+    failed.folders += [checkpoints / "4", checkpoints / "6"]  # 4 deleted, 6 damaged
+    failed.retried.add(checkpoints / "4")
+    failed.finish(succeeded=False)
+    assert failed.explained(checkpoints / "4") and not failed.explained(LATE_CALLBACK)
+
+    (checkpoints / "8").mkdir()
+    monkeypatch.setattr(trained, "_DELETION_WAIT_S", 30.0)
+    moved_on = trained._Reads()
+    moved_on.folders += [checkpoints / "8", checkpoints / "10"]
+    moved_on.retried.add(checkpoints / "8")
+    threading.Timer(0.05, shutil.rmtree, [checkpoints / "8"]).start()
+    began = time.monotonic()
+    moved_on.finish(succeeded=True)
+    assert time.monotonic() - began < 5.0
+    assert moved_on.explained(checkpoints / "8") and moved_on.explained(LATE_CALLBACK)
 
 
 @pytest.fixture
