@@ -70,3 +70,23 @@ def test_an_input_worker_ignores_a_hangup():
         """
     )
     assert done.stdout == "alive\n", f"{done.returncode}: {done.stderr}"
+
+
+def test_a_hung_up_stdout_is_left_too_and_a_piped_stderr_kept():
+    """stdout on the terminal that hung up goes to /dev/null as stderr does (a print after the
+    hangup failed with EIO); stderr, a pipe here, keeps its pipe."""
+    done = _python(
+        """
+        import os, pty, sys
+        from hgrn_jax.training.terminal import leave_the_terminal
+
+        master, terminal = pty.openpty()
+        os.dup2(terminal, 1)
+        os.close(master)  # the terminal hangs up
+        leave_the_terminal()
+        print("a line after the hangup", flush=True)
+        print("stderr kept", file=sys.stderr, flush=True)
+        """
+    )
+    assert done.returncode == 0, done.stderr or f"exit status {done.returncode}"
+    assert done.stderr == "stderr kept\n"
