@@ -256,6 +256,20 @@ def test_a_factory_s_own_model_class_is_not_hgrn_whatever_its_config_says(tmp_pa
     assert unfinished["hgrn_unfinished"] == "HGRN (2 layers, d 32)"  # a start without the field
 
 
+def test_an_unfinished_run_is_labelled_by_its_newest_start_s_model_class(tmp_path):
+    """A run started before the start records had ``model_class`` and resumed since: its newest
+    start's class labels it (the first start's, absent, left an own model labelled HGRN)."""
+    preset = config_as_json(listops.get_config("tiny"))
+    preset["task"], preset["data"]["source"] = "mine:make_task", "release"
+    folder = write_run(tmp_path / "runs" / "resumed", preset, None, records_of([30.0]))
+    starts = [{"event": "started", "step": 0}, {"event": "stopped", "reason": "SIGTERM"}]
+    starts.append({"event": "started", "step": 20, "model_class": "mine.OwnClassifier"})
+    (folder / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in starts))
+    (unfinished,) = find_unfinished([tmp_path / "runs"])
+    assert unfinished.model_class == "mine.OwnClassifier"
+    assert unfinished.mixer is None
+
+
 def test_the_package_s_models_keep_their_labels_and_tables(tmp_path, capsys):
     """Runs of the package's configs (ListOps's HGRN, HGRN2 through model.mixer.kind, the
     Transformer baseline) keep their paper tables and labels; so does a task of one's own whose
