@@ -412,6 +412,30 @@ def test_a_run_of_another_model_than_the_paper_s_row_is_marked(tmp_path, capsys)
     )
 
 
+def test_defaults_left_unset_are_the_paper_s_model_and_the_average_takes_it_first(tmp_path, capsys):
+    """A run whose config leaves to the mixer a default the paper config spells out
+    (``complex_valued=None``, read as True) or leaves the vocabulary to the data (0) has the
+    paper's model, unmarked. For a task's average a run of the paper's model is taken before
+    one of another model, even one of the paper's setting (all its steps) with a higher
+    validation accuracy."""
+    runs = tmp_path / "runs"
+    unset = lra_config()
+    unset["model"]["mixer"]["complex_valued"], unset["model"]["vocab_size"] = None, 0
+    unset["num_train_steps"] = 40  # shorter than the paper's: not the paper's setting
+    write_run(runs / "unset", unset, results_of("listops", 50.0, 51.0, steps=40), [])
+    shallow = lra_config()
+    shallow["model"]["num_layers"] = 2
+    steps = shallow["num_train_steps"]
+    write_run(runs / "shallow", shallow, results_of("listops", 60.0, 99.0, steps=steps), [])
+    out, _ = run_report(tmp_path, capsys)
+    listops_runs = {Path(r[-1].split(" (")[0]).name: r[-1] for r in rows_of(out, HGRN_LRA)}
+    assert listops_runs["unset"] == str(runs / "unset")
+    assert listops_runs["shallow"].endswith(
+        "(model differs from the paper's: model.num_layers 2 vs 6)"
+    )
+    assert "Not the paper's model" not in out
+
+
 def test_every_model_config_field_is_compared_or_said_not_to_define_the_model():
     """The report compares a run's model with its paper config's on tables.MODEL_KEYS; every
     field of the model config classes (and every model key of the paper configs) is either
