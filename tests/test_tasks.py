@@ -953,6 +953,12 @@ def test_experiments_prepare_says_a_factory_task_has_nothing_to_prepare(monkeypa
         ),
         ("parity.py:DATASET", r"not its file: --config.task=parity:DATASET .*PYTHONPATH=\.\)"),
         ("no_such_module:make_task", r"no module named 'no_such_module' in any folder on PYTH"),
+        (  # a module of a package that is missing: the package is named
+            "no_such_package.tasks:make_task",
+            r"no module named 'no_such_package' in any folder on PYTHONPATH; add the folder",
+        ),
+        ("me/tasks/parity:DATASET", r"not its file: --config\.task=parity:DATASET .*=me/tasks\)"),
+        (".own_tasks:make_task", r"cannot import 'make_task' from '\.own_tasks': name the mod"),
         ("own_tasks:DATASETS", r"has no 'DATASETS' \(did you mean 'DATASET'\?\); name its"),
         ("own_tasks:make", r"has no 'make' \(did you mean 'make_task'\?\).*defines DATASET, m"),
         ("broken_own_tasks:make_task", r"the module was found but importing it failed \(No mo"),
