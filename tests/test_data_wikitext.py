@@ -480,3 +480,18 @@ def test_the_synthetic_evaluation_scores_every_generated_byte_once():
         float(np.sum(b["weight"] * b["num_targets"])) for b in task.eval_batches("val", 0, 1)
     )
     assert (weights, targets) == (16, 1000)
+
+
+def test_the_synthetic_test_split_is_evaluation_blocks_too():
+    """The generated stand-in's test split is scored as its val split: the release's evaluation
+    blocks of its own corpus (test, not only val, read training windows before)."""
+    from hgrn_jax.data import synthetic
+
+    config = fx.tiny_config("lm.wikitext103", source="synthetic", eval_bytes=500, seq_len=64)
+    task = tasks.get_task(config)
+    corpus = synthetic.arithmetic_corpus(500, seed=task._split_seed("test"))
+    expected = wikitext.eval_blocks(corpus, 64, ord("\n"))
+    blocks = task._load("test")
+    assert set(blocks) == set(expected)
+    for key in expected:
+        np.testing.assert_array_equal(blocks[key], expected[key], err_msg=key)
