@@ -958,7 +958,11 @@ def test_experiments_prepare_says_a_factory_task_has_nothing_to_prepare(monkeypa
             r"no module named 'no_such_package' in any folder on PYTHONPATH; add the folder",
         ),
         ("me/tasks/parity:DATASET", r"not its file: --config\.task=parity:DATASET .*=me/tasks\)"),
-        (".own_tasks:make_task", r"cannot import 'make_task' from '\.own_tasks': name the mod"),
+        (  # relative: the fix names the module without its dot
+            ".own_tasks:make_task",
+            r"from '\.own_tasks': name the module .*--config\.task=own_tasks:make_task with the "
+            r"folder holding own_tasks\.py on",
+        ),
         ("own_tasks:DATASETS", r"has no 'DATASETS' \(did you mean 'DATASET'\?\); name its"),
         ("own_tasks:make", r"has no 'make' \(did you mean 'make_task'\?\).*defines DATASET, m"),
         ("broken_own_tasks:make_task", r"the module was found but importing it failed \(No mo"),

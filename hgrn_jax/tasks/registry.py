@@ -58,10 +58,11 @@ def task_factory(config) -> Any:
     module_name, _, attr = name.partition(":")
     where = f"config.task={name!r}: cannot import {attr!r} from {module_name!r}"
     folder, _, file = module_name.replace("\\", "/").rpartition("/")
+    stem = file.removesuffix(".py").lstrip(".")  # '.own_tasks' is relative: no package here
     not_a_file = (
         f"{where}: name the module as Python imports it, not its file: "
-        f"--config.task={file.removesuffix('.py')}:{attr} with the folder holding "
-        f"{file.removesuffix('.py')}.py on PYTHONPATH (PYTHONPATH={folder or '.'})"
+        f"--config.task={stem}:{attr} with the folder holding "
+        f"{stem.replace('.', '/')}.py on PYTHONPATH (PYTHONPATH={folder or '.'})"
     )
     if "/" in module_name or "\\" in module_name or module_name.startswith("."):
         raise ValueError(not_a_file)
