@@ -843,6 +843,16 @@ def test_a_release_source_of_ones_own_with_its_own_model_builds_that_model(tmp_p
     build = _model_builder(tmp_path, config, {})
     assert type(build(nnx.Rngs(0))).__name__ == "OwnClassifier"
 
+    # Only the prepared data's class has a model of its own, and the run read prepared data.
+    from hgrn_jax.tasks.prepared_tfds import ReleaseOrPrepared
+
+    own = sys.modules["own_release_task"]
+    pair = ReleaseOrPrepared(own.FirstToken, own.WithOwnModel)
+    monkeypatch.setitem(own.RELEASE.sources, "release", pair)
+    monkeypatch.setattr(ReleaseOrPrepared, "pick", lambda self, config: self.prepared)
+    build = _model_builder(tmp_path, config, {})
+    assert type(build(nnx.Rngs(0))).__name__ == "OwnClassifier"
+
 
 def test_a_missing_required_flag_is_named_as_required(tmp_path):
     """absl said "Flag --max_new_tokens must have a value other than None"."""
