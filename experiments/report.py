@@ -20,7 +20,17 @@ tables:
   ``(model differs from the paper's: model.mixer.scan '2d' vs '2d_series', model.num_layers 2
   vs 6)`` (at most three, keys as overridden); a key its config.json lacks (a run of older
   code) is no difference (:func:`~experiments.tables.model_differences`), and a run on
-  generated or synthetic data, marked as such, is not compared. WikiText-103
+  generated or synthetic data, marked as such, is not compared. A run trained with another
+  recipe than that row's (:data:`~experiments.tables.RECIPE_KEYS`: batch size, the optimizer's
+  learning rate, weight decay, betas, eps, clipping and decay mask, the schedule, label
+  smoothing, dropout, dtype, the data's length and the augmentation) is marked likewise,
+  ``(setting differs from the paper's: optimizer.learning_rate 0.01 vs 0.0005, batch_size 16
+  vs 128)`` (:func:`~experiments.tables.recipe_differences`); keys that do not change training
+  (:data:`~experiments.tables.NOT_RECIPE_KEYS`: evaluation, logging, checkpoints, sharding, data
+  folders and workers, resumption, the seed, which is another draw of the same recipe, and
+  ``optimizer.accumulate_steps``, the same batch in micro-batches) are not compared, a key
+  either side lacks or leaves None is no difference, and the run length has its own note
+  below. WikiText-103
   rows are labelled by each run's size and vocabulary (``bytes`` or ``GPT-2 BPE``): the paper's
   perplexity stands only beside runs of its setting, and per-byte perplexity is marked as not
   comparable with it.
@@ -30,14 +40,16 @@ tables:
   marked ``(set aside by --config.resume=restart)``, and never enters an average. Where a task
   has several runs it takes (:func:`~experiments.tables.average_run`) a run of the paper's
   model (no difference above) over one of another, then one of the paper's setting (its
-  config's ``num_train_steps`` the paper config's, all done) over a shorter one, then the
+  recipe, no difference above, and its length: its config's ``num_train_steps`` the paper
+  config's, all done) over one of another recipe or a shorter one, then the
   highest best validation accuracy, then the first in path order: selection on validation, as
   the paper's protocol selects checkpoints, never on the test score (which would flatter the
   average), and not the newest run (file times change when folders are copied). Lines under
   the table name the run it used for each task when a task has several, the used runs shorter
-  than the paper's setting, and the used runs of another model than the paper's (a task with no
-  real-data run of it), which the average's cell names too: ``76.67 (model differs from the
-  paper's for Path-X)``.
+  than the paper's setting, the used runs of another model than the paper's (a task with no
+  real-data run of it) and those of another recipe, which the average's cell names too:
+  ``76.67 (model differs from the paper's for Path-X)``, ``(setting differs from the paper's
+  for ListOps)``.
 - Runs without results: run folders without results.json (in progress, preempted, killed,
   failed) or with one that cannot be read (state ``results.json unreadable``), with the last step logged of ``num_train_steps``, the last checkpoint, the best
   validation so far (metrics.jsonl) and the state (:func:`~experiments.runs._state`; a

@@ -79,13 +79,16 @@ SET_ASIDE = "set aside by --config.resume=restart"
 
 def _note(run: Run) -> str:
     """The run's folder, marked when its data were generated or synthetic, its model is not
-    HGRN, it was set aside by ``--config.resume=restart`` (replaced by a newer run), or its
-    model is not the one of the paper's row it is set beside (:func:`model_differences`)."""
+    HGRN, it was set aside by ``--config.resume=restart`` (replaced by a newer run), its
+    model is not the one of the paper's row it is set beside (:func:`model_differences`), or it
+    trained with another recipe than that row's (:func:`recipe_differences`)."""
     marks = [_model_name(run.mixer)] if run.mixer not in ("hgrn", None) else []
     marks += [f"{run.data_source} data"] if run.data_source in STAND_IN_SOURCES else []
     marks += [SET_ASIDE] if run.set_aside else []
     if differences := model_differences(run):
         marks.append(f"{MODEL_DIFFERS}: {_differences_text(differences)}")
+    if differences := recipe_differences(run):
+        marks.append(f"{SETTING_DIFFERS}: {_differences_text(differences)}")
     return f"{run.label}" + "".join(f" ({mark})" for mark in marks)
 
 
@@ -136,17 +139,17 @@ DATA_SETTLED = ("vocab_size", "num_classes", "input_channels", "grid_shape")
 """MODEL_KEYS that a task fills in from its data where the config leaves them at 0 or unset
 (:func:`hgrn_jax.tasks.settings.settle`, ``check_vocab_size``): such a value is not compared."""
 NOT_MODEL_KEYS = {
-    # Regularisation in training, like the optimizer's weight decay (which the report does not
-    # compare either): the same parameters and the same function at evaluation.
-    "dropout": "training regularisation",
-    "position_dropout": "training regularisation",
+    # Regularisation in training, like the optimizer's weight decay: the same parameters and the
+    # same function at evaluation. Compared as the recipe (RECIPE_KEYS), not as the model.
+    "dropout": "training regularisation (a RECIPE_KEYS key)",
+    "position_dropout": "training regularisation (a RECIPE_KEYS key)",
     # How the same function is computed: recomputation in the backward pass, the recurrence's
     # algorithm (every method computes the same scan), sharding over a mesh, precision.
     "remat": "recomputation",
     "mixer.method": "the recurrence's algorithm",
     "mixer.sequence_axis": "sharding",
     "axis_name": "sharding",
-    "lower_bound_dtype": "precision (as config.dtype, which is not under model)",
+    "lower_bound_dtype": "precision (a RECIPE_KEYS key, as config.dtype)",
 }
 """Model config fields that do not change the model, never compared. The deprecated flat
 aliases (``model.complex_valued``, ``model.method``, ...; LEGACY_MIXER_FIELDS) are not
@@ -236,6 +239,137 @@ def model_differences(run: Run) -> list[tuple[str, str, str]]:
     return differences
 
 
+SETTING_DIFFERS = "setting differs from the paper's"
+
+# The keys of a config (outside the model's MODEL_KEYS) that define how a paper's row trained:
+# the recipe, in the order a difference is named (the learning rate and the batch first), keys
+# as the user overrides them. The run length (num_train_steps) is compared apart
+# (:func:`_is_paper_length`), with its own note.
+RECIPE_KEYS = (
+    "optimizer.learning_rate",
+    "batch_size",
+    "optimizer.weight_decay",
+    "optimizer.name",
+    "optimizer.b1",
+    "optimizer.b2",
+    "optimizer.eps",
+    "optimizer.grad_clip_norm",
+    "optimizer.weight_decay_mask",
+    "schedule.name",
+    "schedule.warmup_steps",
+    "schedule.decay_steps",
+    "schedule.min_lr",
+    "schedule.warmup_lr",
+    "schedule.steps_per_epoch",
+    "label_smoothing",
+    "model.dropout",
+    "model.position_dropout",
+    "dtype",
+    "model.lower_bound_dtype",
+    # The data a step reads: its length and size, and the augmentation of the image tasks.
+    "data.seq_len",
+    "data.image_size",
+    "data.grayscale",
+    "data.wikitext_release",
+    "data.augment",
+    "data.augment.randaugment",
+    "data.augment.color_jitter",
+    "data.augment.interpolation",
+    "data.augment.mixup",
+    "data.augment.cutmix",
+    "data.augment.mixup_switch_prob",
+    "data.augment.mixup_group_size",
+    "data.augment.random_erasing",
+    "data.repeated_augmentation",
+)
+NOT_RECIPE_KEYS = {
+    # Compared elsewhere: the task is the table's row, the model MODEL_KEYS, the length
+    # _is_paper_length (epochs is what num_train_steps is derived from).
+    "task": "the row itself",
+    "num_train_steps": "the run length, compared apart",
+    "epochs": "the run length (num_train_steps is derived from it)",
+    "max_train_time_s": "the run length (a run it stopped has fewer steps than the paper's)",
+    "data.train_examples": "the run length's epochs (num_train_steps is derived from it)",
+    # Another draw of the same recipe, not another recipe: the paper reports one seed of it.
+    "seed": "another draw of the same recipe",
+    # The same batch of batch_size examples a step, split into micro-batches whose gradients
+    # are averaged: the same update (BatchNorm's statistics per micro-batch aside: a model of
+    # norm="batch" should keep 1, as batch_norm_groups, which MODEL_KEYS compares, says).
+    "optimizer.accumulate_steps": "the same batch in micro-batches",
+    # Not training: evaluation, logging, checkpoints, resumption, sharding, the paper's numbers.
+    "eval_batch_size": "evaluation",
+    "eval_every": "evaluation",
+    "log_every": "logging",
+    "checkpoint_every": "checkpoints",
+    "keep_checkpoints": "checkpoints",
+    "resume": "resumption",
+    "mesh.data": "sharding",
+    "mesh.fsdp": "sharding",
+    "mesh.model": "sharding",
+    "model.remat": "recomputation",
+    "model.mixer.method": "the recurrence's algorithm",
+    "model.mixer.sequence_axis": "sharding",
+    "model.axis_name": "sharding",
+    "paper.metric": "the paper's numbers",
+    "paper.value": "the paper's numbers",
+    "paper.val_value": "the paper's numbers",
+    "paper.num_params": "the paper's numbers",
+    "paper.task": "the paper's numbers",
+    "paper.mixer": "the paper's numbers",
+    # Where the real data are read from and how: the same examples.
+    "data.source": "where the data are read from",
+    "data.lra_dir": "a data folder",
+    "data.tfds_dir": "a data folder",
+    "data.manual_dir": "a data folder",
+    "data.wikitext_dir": "a data folder",
+    "data.tokenizer_path": "a data folder",
+    "data.cache_dir": "a data folder",
+    "data.workers": "data loading",
+    "data.skip_bad_rows": "data loading (the releases have no bad rows)",
+    # Generated or synthetic data only, whose runs are not compared.
+    "data.generator_seed": "generated data",
+    "data.min_length": "generated data",
+    "data.max_length": "generated data",
+    "data.max_depth": "generated data",
+    "data.max_args": "generated data",
+    "data.path_length": "generated data",
+    "data.val_examples": "generated data",
+    "data.test_examples": "generated data",
+    "data.train_bytes": "synthetic data",
+    "data.eval_bytes": "synthetic data",
+}
+"""Config keys that do not change how a paper's row trains, never compared as the recipe; every
+key of the paper configs outside ``model`` (and ``model``'s NOT_MODEL_KEYS) is here or in
+RECIPE_KEYS."""
+
+
+@functools.cache
+def _paper_config(name: str) -> dict[str, Any]:
+    """The paper config ``name`` (:func:`_flat`, through JSON as config.json is). Do not modify
+    it (cached)."""
+    config = importlib.import_module(f"experiments.configs.{name}").get_config()
+    return _flat(json.loads(json.dumps(config.to_dict())))
+
+
+def recipe_differences(run: Run) -> list[tuple[str, str, str]]:
+    """``(key, run's value, paper's value)`` of each :data:`RECIPE_KEYS` key on which the run's
+    config.json and the config of the paper's row it is set beside (:func:`paper_config_name`)
+    differ, in that order, the values as the tables show them; [] for a run beside no paper
+    number or on generated or synthetic data (as :func:`model_differences`). A key that either
+    lacks (a run of older code) or leaves unset (None: the code's default) is no difference."""
+    name = paper_config_name(run)
+    if name is None or not _is_real_data(run):
+        return []
+    paper, ours = _paper_config(name), _flat(run.config)
+    differences = []
+    for key in RECIPE_KEYS:
+        if key not in paper or key not in ours or None in (paper[key], ours[key]):
+            continue
+        if ours[key] != paper[key]:
+            differences.append((key, _value_text(ours[key]), _value_text(paper[key])))
+    return differences
+
+
 def _value_text(value: Any) -> str:
     return repr(value) if isinstance(value, str) else json.dumps(value)
 
@@ -280,6 +414,12 @@ def _paper_steps(run: Run) -> int | None:
 
 
 def _is_paper_setting(run: Run) -> bool:
+    """Whether the LRA run trained in the paper's setting: as long (:func:`_is_paper_length`)
+    and with its recipe (:func:`recipe_differences` finds none)."""
+    return _is_paper_length(run) and not recipe_differences(run)
+
+
+def _is_paper_length(run: Run) -> bool:
     """Whether the LRA run trained as long as the paper's setting: its config.json's
     ``num_train_steps`` is the paper config's, and it did them all (not stopped by a time
     budget)."""
@@ -302,7 +442,7 @@ def average_run(task_runs: list[Run]) -> Run | None:
     """The run of one LRA task that its model's average takes: of the runs on real data that
     were not set aside by ``--config.resume=restart`` (None without one), those of the paper's
     model (:func:`_is_paper_model`) before those of another, then those of the paper's setting
-    (:func:`_is_paper_setting`) before shorter ones, then the highest best validation accuracy,
+    (:func:`_is_paper_setting`: its recipe and length) before the others, then the highest best validation accuracy,
     then the first in path order. Never the test score: picking by it would flatter the
     average."""
     real = [run for run in task_runs if _is_real_data(run) and not run.set_aside]
@@ -313,12 +453,16 @@ def average_run(task_runs: list[Run]) -> Run | None:
 
 def _our_average(tasks: tuple[str, ...], used: dict[str, Run]) -> str:
     """The mean test accuracy of the runs ``used`` for ``tasks``, or how many tasks have one;
-    marked where a run it takes is of another model than the paper's (:func:`_is_paper_model`)."""
+    marked where a run it takes is of another model than the paper's (:func:`_is_paper_model`)
+    or of another recipe (:func:`recipe_differences`)."""
     if not all(t in used for t in tasks):
         return f"— ({sum(t in used for t in tasks)}/{len(tasks)} tasks with real-data runs)"
     average = _fmt(sum(float(used[t].results["test"]) for t in tasks) / len(tasks))
     other = [LRA_NAMES[t] for t in tasks if not _is_paper_model(used[t])]
-    return average + (f" ({MODEL_DIFFERS} for {', '.join(other)})" if other else "")
+    recipe = [LRA_NAMES[t] for t in tasks if recipe_differences(used[t])]
+    marks = [f"{MODEL_DIFFERS} for {', '.join(other)}"] if other else []
+    marks += [f"{SETTING_DIFFERS} for {', '.join(recipe)}"] if recipe else []
+    return average + "".join(f" ({mark})" for mark in marks)
 
 
 def _lra_table(kind: str, runs: list[Run], paper: dict[str, dict[str, Any]]) -> str:
@@ -326,8 +470,8 @@ def _lra_table(kind: str, runs: list[Run], paper: dict[str, dict[str, Any]]) -> 
     and each of ``runs``'s test/val accuracy; a task without runs has its paper row, if any.
     The average is of one real-data run per task (:func:`average_run`); lines under the table
     say which runs it used where a task has several, which of them are shorter than the paper's
-    setting or of another model than the paper's (:func:`model_differences`; the average's cell
-    names their tasks too), and which tasks it leaves out for having only generated or synthetic
+    setting, of another model than the paper's (:func:`model_differences`) or of another recipe
+    (:func:`recipe_differences`; the average's cell names the tasks of these two), and which tasks it leaves out for having only generated or synthetic
     data runs.
     HGRN2 without a real-data Path-X run (as before its Path-X config, ``Hgru2_2d_series``) gets
     the average of its other five tasks beside the mean of the paper's five rows, and the paper's
@@ -391,8 +535,8 @@ def _lra_table(kind: str, runs: list[Run], paper: dict[str, dict[str, Any]]) -> 
         notes.append(
             "Average of: "
             + "; ".join(f"{LRA_NAMES[t]} {used[t].label}" for t in tasks if t in used)
-            + " (per task: real data; the paper's model; the paper's number of steps; the best "
-            "validation accuracy, never the test score)"
+            + " (per task: real data; the paper's model; the paper's setting (recipe and number "
+            "of steps); the best validation accuracy, never the test score)"
         )
     other_model = [t for t in tasks if t in used and not _is_paper_model(used[t])]
     if other_model:
@@ -403,7 +547,16 @@ def _lra_table(kind: str, runs: list[Run], paper: dict[str, dict[str, Any]]) -> 
                 for t in other_model
             )
         )
-    short = [t for t in tasks if t in used and not _is_paper_setting(used[t])]
+    other_recipe = [t for t in tasks if t in used and recipe_differences(used[t])]
+    if other_recipe:
+        notes.append(
+            "Not the paper's recipe: "
+            + "; ".join(
+                f"{LRA_NAMES[t]} {used[t].label} ({_differences_text(recipe_differences(used[t]))})"
+                for t in other_recipe
+            )
+        )
+    short = [t for t in tasks if t in used and not _is_paper_length(used[t])]
     if short:
         notes.append(
             "Shorter than the paper's setting: "

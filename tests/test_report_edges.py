@@ -337,9 +337,9 @@ def test_an_hgrn2_path_x_run_of_another_layer_is_marked_and_not_averaged(tmp_pat
     hgrn2_runs(runs)
     series = config_as_json(hgrn2_pathx.get_config())
     steps = series["num_train_steps"]  # both runs of the paper's length: only the model differs
-    four_scans = config_as_json(pathx.get_config())
+    four_scans = json.loads(json.dumps(series))  # HGRN2's recipe, HGRN's model at kind hgrn2
+    four_scans["model"] = config_as_json(pathx.get_config())["model"]
     four_scans["model"]["mixer"]["kind"] = "hgrn2"
-    four_scans["num_train_steps"] = steps
     write_run(runs / "pathx_2d", four_scans, results_of("pathx", 60.0, 99.0, steps=steps), [])
     write_run(runs / "pathx_series", series, results_of("pathx", 92.0, 93.0, steps=steps), [])
     out, _ = run_report(tmp_path, capsys)
@@ -369,9 +369,10 @@ def test_a_run_of_another_model_than_the_paper_s_row_is_marked(tmp_path, capsys)
     """A ListOps run with ``--config.model.num_layers=2`` sat beside the paper's 6-layer 59.95
     unmarked; so did an ImageNet run of HGRN-Tiny's width at another depth and a WikiText-103
     run of the paper's size with fla's layer. Each is marked with its differences, keys named as
-    they are overridden; a run of the paper config (other dropout, recurrence method, remat or
-    dtype included: they do not change the model), a run whose config.json predates keys (a key
-    it lacks is no difference) and a tiny run on generated data (marked as such) are not."""
+    they are overridden; a run of the paper's model (other dropout, recurrence method, remat or
+    dtype included: they do not change the model; dropout and dtype are marked as the recipe's),
+    a run whose config.json predates keys (a key it lacks is no difference) and a tiny run on
+    generated data (marked as such) are not."""
     runs = tmp_path / "runs"
     shallow = lra_config()
     shallow["model"]["num_layers"] = 2
@@ -398,7 +399,10 @@ def test_a_run_of_another_model_than_the_paper_s_row_is_marked(tmp_path, capsys)
     assert listops_runs["shallow"] == (
         f"{runs / 'shallow'} (model differs from the paper's: model.num_layers 2 vs 6)"
     )
-    assert listops_runs["same"] == str(runs / "same")
+    assert listops_runs["same"] == (  # dropout and dtype: the recipe's, not the model's
+        f"{runs / 'same'} (setting differs from the paper's: model.dropout 0.1 vs 0.0, "
+        "dtype 'bfloat16' vs 'float32')"
+    )
     assert listops_runs["old"] == str(runs / "old")
     assert listops_runs["tiny"] == f"{runs / 'tiny'} (generated data)"
     (pathx_row,) = [r for r in rows_of(out, HGRN2_LRA) if r[0] == "Path-X"]
@@ -457,3 +461,93 @@ def test_every_model_config_field_is_compared_or_said_not_to_define_the_model():
         model = {"mixer.kind": kind, "mixer.layout": layout, "mixer.expand_ratio": None}
         resolved = MixerConfig(kind=kind, layout=layout).resolved_expand_ratio
         assert tables._resolved(model)["mixer.expand_ratio"] == resolved
+
+
+PAPER_CONFIGS = (
+    *(f"{paper}.{task}" for paper in ("lra", "hgrn2") for task in tables.LRA_TASKS),
+    "imagenet.tiny",
+    "imagenet.small",
+    "lm.wikitext103",
+)
+
+
+def hgrn_runs(runs: Path, tasks: tuple[str, ...]) -> None:
+    """Real-data runs of HGRN's paper configs on ``tasks``, each of the paper's length."""
+    for task in tasks:
+        config = config_as_json(
+            importlib.import_module(f"experiments.configs.lra.{task}").get_config()
+        )
+        steps = {"steps": config["num_train_steps"]}
+        write_run(runs / task, config, results_of(task, 80.0, 81.0, **steps), records_of([]))
+
+
+def test_a_listops_run_of_another_recipe_is_marked_and_not_averaged(tmp_path, capsys):
+    """A ListOps run with ``--config.optimizer.learning_rate=1e-2 --config.batch_size=16`` sat
+    beside the paper's 59.95 as the paper's setting, and with its higher validation accuracy the
+    average took it over a run of the paper's recipe. It is marked with the keys that differ;
+    the average takes the paper's recipe; with the other run alone, the average and a line under
+    the table say that its setting is not the paper's."""
+    runs = tmp_path / "runs"
+    hgrn_runs(runs, tuple(t for t in tables.LRA_TASKS if t != "listops"))
+    paper = lra_config()
+    steps = {"steps": paper["num_train_steps"]}  # both of the paper's length: the recipe differs
+    other = lra_config()
+    other["optimizer"]["learning_rate"], other["batch_size"] = 1e-2, 16
+    write_run(runs / "lr", other, results_of("listops", 70.0, 90.0, **steps), [])
+    write_run(runs / "paper", paper, results_of("listops", 50.0, 51.0, **steps), [])
+    out, _ = run_report(tmp_path, capsys)
+    rows = {Path(r[-1].split(" (")[0]).name: r for r in rows_of(out, HGRN_LRA) if r[0] == "ListOps"}
+    differs = "optimizer.learning_rate 0.01 vs 0.0005, batch_size 16 vs 128"
+    assert rows["lr"][-1] == f"{runs / 'lr'} (setting differs from the paper's: {differs})"
+    assert rows["paper"][-1] == str(runs / "paper")
+    (average,) = [r for r in rows_of(out, HGRN_LRA) if r[0] == "**Average**"]
+    assert average[2] == f"{(5 * 80.0 + 50.0) / 6:.2f}"  # the paper recipe's 50
+    assert f"ListOps {runs / 'paper'}" in out and "Not the paper's recipe" not in out
+
+    (runs / "paper" / "results.json").unlink()  # the other recipe alone: marked
+    out, _ = run_report(tmp_path, capsys)
+    (average,) = [r for r in rows_of(out, HGRN_LRA) if r[0] == "**Average**"]
+    mean = f"{(5 * 80.0 + 70.0) / 6:.2f}"
+    assert average[2] == f"{mean} (setting differs from the paper's for ListOps)"
+    assert f"- Not the paper's recipe: ListOps {runs / 'lr'} ({differs})" in out
+
+
+def test_a_run_differing_only_in_keys_that_do_not_change_training_is_unmarked(tmp_path, capsys):
+    """Evaluation, logging, checkpoints, sharding, data folders and workers, resumption, the
+    seed (another draw of the recipe), micro-batches of the same batch and the paper's numbers
+    are not the recipe; a config.json of older code without the recipe keys is no difference."""
+    runs = tmp_path / "runs"
+    same = lra_config()
+    same.update(eval_every=7, log_every=3, checkpoint_every=9, keep_checkpoints=5, seed=4)
+    same.update(resume="restart", eval_batch_size=8, max_train_time_s=0.0)
+    same["mesh"]["data"], same["mesh"]["fsdp"] = 2, 2
+    same["data"].update(lra_dir="/data/lra", cache_dir="/tmp/c", workers=4, skip_bad_rows=True)
+    same["optimizer"]["accumulate_steps"] = 4
+    same["model"]["remat"], same["paper"]["value"] = "full", 1.0
+    write_run(runs / "same", same, results_of("listops", 50.0, 51.0), [])
+    old = {"task": "listops", "data": {"source": "release"}, "model": {"features": 32}}
+    old["optimizer"] = {"name": "adamw"}  # before learning_rate and the others were kept
+    write_run(runs / "old", old, results_of("listops", 50.0, 51.0), [])
+    out, _ = run_report(tmp_path, capsys)
+    labels = sorted(r[-1] for r in rows_of(out, HGRN_LRA) if r[0] == "ListOps")
+    assert labels == [str(runs / "old"), str(runs / "same")]
+
+
+def test_every_paper_config_key_is_compared_as_the_recipe_or_said_not_to_change_training():
+    """Every key of the paper configs outside the model's MODEL_KEYS is in tables.RECIPE_KEYS or
+    tables.NOT_RECIPE_KEYS (so that a new key is decided on, not passed over), never in both,
+    the model keys that are not the model (dropout, ...) included; each RECIPE_KEYS key is one
+    that a paper config or a model config class has (no misspelt key that never compares)."""
+    from hgrn_jax.nn import LMConfig
+
+    recipe, not_recipe = set(tables.RECIPE_KEYS), set(tables.NOT_RECIPE_KEYS)
+    assert not recipe & not_recipe and len(recipe) == len(tables.RECIPE_KEYS)
+    model_keys = {f"model.{key}" for key in tables.MODEL_KEYS}
+    assert {f"model.{key}" for key in tables.NOT_MODEL_KEYS} - recipe - not_recipe == set()
+    seen = set()
+    for name in PAPER_CONFIGS:
+        keys = set(tables._paper_config(name))
+        seen |= keys
+        assert keys - model_keys - recipe - not_recipe == set(), name
+    lm_fields = {f"model.{f.name}" for f in dataclasses.fields(LMConfig)}
+    assert recipe - seen - lm_fields == set()
