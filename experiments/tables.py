@@ -204,10 +204,12 @@ def paper_config_name(run: Run) -> str | None:
 
 @functools.cache
 def _paper_model(name: str) -> dict[str, Any]:
-    """The paper config ``name``'s model (:func:`_flat`, through JSON as config.json is: lists
-    for tuples). Do not modify it (cached)."""
-    config = importlib.import_module(f"experiments.configs.{name}").get_config()
-    return _resolved(_flat(json.loads(json.dumps(config.model.to_dict()))))
+    """The paper config ``name``'s model (:func:`_paper_config`'s ``model.`` keys without that
+    prefix, :func:`_resolved`). Do not modify it (cached)."""
+    model = {
+        k[len("model.") :]: v for k, v in _paper_config(name).items() if k.startswith("model.")
+    }
+    return _resolved(model)
 
 
 def model_differences(run: Run) -> list[tuple[str, str, str]]:
@@ -538,24 +540,19 @@ def _lra_table(kind: str, runs: list[Run], paper: dict[str, dict[str, Any]]) -> 
             + " (per task: real data; the paper's model; the paper's setting (recipe and number "
             "of steps); the best validation accuracy, never the test score)"
         )
-    other_model = [t for t in tasks if t in used and not _is_paper_model(used[t])]
-    if other_model:
-        notes.append(
-            "Not the paper's model (no real-data run of it): "
-            + "; ".join(
-                f"{LRA_NAMES[t]} {used[t].label} ({_differences_text(model_differences(used[t]))})"
-                for t in other_model
+    for title, differences_of in (
+        ("Not the paper's model (no real-data run of it)", model_differences),
+        ("Not the paper's recipe", recipe_differences),
+    ):
+        differing = {t: d for t in tasks if t in used and (d := differences_of(used[t]))}
+        if differing:
+            notes.append(
+                f"{title}: "
+                + "; ".join(
+                    f"{LRA_NAMES[t]} {used[t].label} ({_differences_text(d)})"
+                    for t, d in differing.items()
+                )
             )
-        )
-    other_recipe = [t for t in tasks if t in used and recipe_differences(used[t])]
-    if other_recipe:
-        notes.append(
-            "Not the paper's recipe: "
-            + "; ".join(
-                f"{LRA_NAMES[t]} {used[t].label} ({_differences_text(recipe_differences(used[t]))})"
-                for t in other_recipe
-            )
-        )
     short = [t for t in tasks if t in used and not _is_paper_length(used[t])]
     if short:
         notes.append(
