@@ -395,17 +395,27 @@ class FlaHGRN2Attention(_MatrixMixer):
         return self.o_proj(self.g_norm(o))
 
 
-class HGRN2D(HGRN2):
+class _GridHGRN2(HGRN2):
+    """An :class:`HGRN2` over (B, H, W, d) grids, always bidirectional, without ``step()``."""
+
+    def __init__(self, features: int, **kwargs):
+        layer = type(self).__name__
+        check_keywords(kwargs, HGRN2.__init__, layer, fixed=("bidirectional",))
+        super().__init__(features, bidirectional=True, **kwargs)
+
+    def step(self, *args, **kwargs):
+        raise ValueError(
+            f"{type(self).__name__} is bidirectional over a grid; step() needs a causal 1-D mixer"
+        )
+
+
+class HGRN2D(_GridHGRN2):
     """hgru2-pytorch's ``Hgru2_2d_parallel`` over (B, H, W, d) grids (the LRA Image and
     Pathfinder layer of the HGRN2 runs): the parameters, gates and readout of :class:`HGRN2`,
     with four scans sharing q, k, v and lambda (down and up each column, right and left along
     each row) whose outputs are summed before the norm, as the reference sums their states.
     Always bidirectional; ``mask`` (B, H, W) skips padded cells and zeroes their outputs.
     """
-
-    def __init__(self, features: int, **kwargs):
-        check_keywords(kwargs, HGRN2.__init__, "HGRN2D", fixed=("bidirectional",))
-        super().__init__(features, bidirectional=True, **kwargs)
 
     def __call__(
         self,
@@ -425,11 +435,8 @@ class HGRN2D(HGRN2):
             o = o + jnp.moveaxis(both, -3, axis)
         return self._finish(o, x, mask)
 
-    def step(self, *args, **kwargs):
-        raise ValueError("HGRN2D is bidirectional over a grid; step() needs a causal 1-D mixer")
 
-
-class HGRN2DSeries(HGRN2):
+class HGRN2DSeries(_GridHGRN2):
     """hgru2-pytorch's ``Hgru2_2d_series`` over (B, H, W, d) grids (the LRA Path-X layer of the
     HGRN2 runs, ``use_series=True``): the whole bidirectional :class:`HGRN2` layer (gates, forward
     and reverse scans, norm, ``out_proj``) run down each column (along H), then the same layer,
@@ -449,10 +456,6 @@ class HGRN2DSeries(HGRN2):
     does along a line. ``sequence_axis`` splits the first pass's scans along H.
     """
 
-    def __init__(self, features: int, **kwargs):
-        check_keywords(kwargs, HGRN2.__init__, "HGRN2DSeries", fixed=("bidirectional",))
-        super().__init__(features, bidirectional=True, **kwargs)
-
     def __call__(
         self,
         x: jax.Array,
@@ -470,11 +473,6 @@ class HGRN2DSeries(HGRN2):
         row_mask = None if mask is None else jnp.asarray(mask).reshape(b * h, w)
         y = self._mix(y.reshape(b * h, w, d), lower_bound, row_mask, self._scan)
         return y.reshape(b, h, w, d)
-
-    def step(self, *args, **kwargs):
-        raise ValueError(
-            "HGRN2DSeries is bidirectional over a grid; step() needs a causal 1-D mixer"
-        )
 
 
 __all__ = ["HGRN2", "HGRN2D", "HGRN2DSeries", "FlaHGRN2Attention"]
