@@ -935,16 +935,23 @@ def _unraisable(error: BaseException) -> types.SimpleNamespace:
     )
 
 
+def _two_load_filters(monkeypatch) -> tuple[list, object, object]:
+    """``(shown, first, second)``: the unraisable errors that reach the hook, and the filters
+    of two loads, of folder-a's and folder-b's reads (not installed)."""
+    from hgrn_jax.training.checkpoint import Echoes
+
+    shown: list = []
+    monkeypatch.setattr(sys, "unraisablehook", shown.append)
+    first = Echoes(lambda error, text: "a" if "folder-a" in str(error) else None, False)
+    second = Echoes(lambda error, text: "b" if "folder-b" in str(error) else None, False)
+    return shown, first, second
+
+
 def test_echoes_ended_in_another_order_than_begun_pass_later_errors_on(monkeypatch):
     """Two loads in two threads: A's filter installed, then B's over it, A ended, then B. B put
     back the hook before it, A's, which went on holding (never showing) every later unraisable
     error naming A's folders, and every ``Event loop is closed``, for the process's life."""
-    from hgrn_jax.training.checkpoint import Echoes
-
-    shown = []
-    monkeypatch.setattr(sys, "unraisablehook", shown.append)
-    first = Echoes(lambda error, text: "a" if "folder-a" in str(error) else None, False)
-    second = Echoes(lambda error, text: "b" if "folder-b" in str(error) else None, False)
+    shown, first, second = _two_load_filters(monkeypatch)
     first.install()
     second.install()
     first.uninstall()
@@ -960,12 +967,7 @@ def test_echoes_hold_while_active_and_pass_on_once_ended(monkeypatch):
     the first (the second chains below it, not past it); once the first has ended, though
     still in the chain under the second, an echo naming its folder is shown. A hook put back
     over an ended filter (by code other than ours) is skipped by the next filter chained."""
-    from hgrn_jax.training.checkpoint import Echoes
-
-    shown = []
-    monkeypatch.setattr(sys, "unraisablehook", shown.append)
-    first = Echoes(lambda error, text: "a" if "folder-a" in str(error) else None, False)
-    second = Echoes(lambda error, text: "b" if "folder-b" in str(error) else None, False)
+    shown, first, second = _two_load_filters(monkeypatch)
     first.install()
     second.install()
     echo = _unraisable(RuntimeError("reading folder-a failed"))
@@ -977,6 +979,8 @@ def test_echoes_hold_while_active_and_pass_on_once_ended(monkeypatch):
     assert shown == [later] and len(first.held) == 1
     second.uninstall()
     assert sys.unraisablehook == shown.append
+
+    from hgrn_jax.training.checkpoint import Echoes
 
     third = Echoes(lambda error, text: None, False)
     third.install()
