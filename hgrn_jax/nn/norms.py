@@ -177,10 +177,8 @@ class BatchNorm(nnx.BatchNorm):
             y, mean, var = jax.vmap(lambda x_slice: one(x_slice, None))(split(x))
         else:
             y, mean, var = jax.vmap(one)(split(x), split(mask))
-        if mask is None:
-            count = math.prod(split(x).shape[1:-1])
-        else:
-            count = jnp.sum(split(mask), tuple(range(1, x.ndim)), dtype=var.dtype)[0]
+        first_mask = None if mask is None else split(mask)[0]
+        count = _count(split(x)[0], tuple(range(x.ndim - 1)), first_mask, var.dtype)
         return y.reshape(x.shape), mean[0], var[0], count
 
     def _closed_form_applies(self, x: jax.Array, ignore_switch: bool = False) -> bool:
